@@ -1,0 +1,125 @@
+//! A driver's view of its device: windows (mapped registers and memory),
+//! doorbells (writes the host receives as eventfd signals) and interrupt
+//! lines.
+
+use guest_abi::{DoorbellInfo, IrqInfo, WindowInfo, DOORBELL_MMIO, DOORBELL_PORT, NAME_LEN, WINDOW_READ_ONLY};
+
+use crate::arch;
+
+/// A mapped window.
+#[derive(Clone, Copy, Debug)]
+pub struct Window {
+    info: WindowInfo,
+}
+
+impl Window {
+    pub(crate) fn from_info(info: &WindowInfo) -> Self {
+        Window { info: *info }
+    }
+
+    /// Name given on the command line ("" if none).
+    pub fn name(&self) -> &str {
+        let end = self.info.name.iter().position(|&b| b == 0).unwrap_or(NAME_LEN);
+        core::str::from_utf8(&self.info.name[..end]).unwrap_or("")
+    }
+
+    /// Guest physical address (identity mapped).
+    pub fn addr(&self) -> u64 {
+        self.info.gpa
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.info.size
+    }
+
+    /// Whether writes fault.
+    pub fn read_only(&self) -> bool {
+        self.info.flags & WINDOW_READ_ONLY != 0
+    }
+
+    /// The window's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the vmm maps `size` bytes at `gpa` for the VM's lifetime.
+        // Device memory may change under us; callers that care read it with
+        // volatile accesses through `as_ptr`.
+        unsafe { core::slice::from_raw_parts(self.info.gpa as *const u8, self.info.size as usize) }
+    }
+
+    /// The window's bytes, writable. Writing to a read-only window faults.
+    #[allow(clippy::mut_from_ref)]
+    pub fn as_mut_slice(&self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; the window is device memory owned by this
+        // driver, which is single-threaded.
+        unsafe { core::slice::from_raw_parts_mut(self.info.gpa as *mut u8, self.info.size as usize) }
+    }
+
+    /// Base pointer for volatile register access.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.info.gpa as *mut u8
+    }
+}
+
+/// A doorbell.
+#[derive(Clone, Copy, Debug)]
+pub struct Doorbell {
+    info: DoorbellInfo,
+}
+
+impl Doorbell {
+    pub(crate) fn from_info(info: &DoorbellInfo) -> Option<Self> {
+        matches!(info.kind, DOORBELL_MMIO | DOORBELL_PORT).then_some(Doorbell { info: *info })
+    }
+
+    /// Rings the doorbell with `value` (truncated to the doorbell's width).
+    pub fn ring(&self, value: u64) {
+        match (self.info.kind, self.info.len) {
+            (DOORBELL_PORT, 1) => arch::outb(self.info.addr as u16, value as u8),
+            (DOORBELL_PORT, 2) => arch::outw(self.info.addr as u16, value as u16),
+            (DOORBELL_PORT, _) => arch::outl(self.info.addr as u16, value as u32),
+            // SAFETY (all MMIO arms): the vmm maps the doorbell page at
+            // `addr`; a write there is caught by KVM's ioeventfd.
+            (DOORBELL_MMIO, 1) => unsafe { (self.info.addr as *mut u8).write_volatile(value as u8) },
+            (DOORBELL_MMIO, 2) => unsafe { (self.info.addr as *mut u16).write_volatile(value as u16) },
+            (DOORBELL_MMIO, 8) => unsafe { (self.info.addr as *mut u64).write_volatile(value) },
+            (DOORBELL_MMIO, _) => unsafe { (self.info.addr as *mut u32).write_volatile(value as u32) },
+            _ => {}
+        }
+    }
+}
+
+/// An interrupt line.
+#[derive(Clone, Copy, Debug)]
+pub struct InterruptLine {
+    info: IrqInfo,
+}
+
+impl InterruptLine {
+    pub(crate) fn from_info(info: &IrqInfo) -> Self {
+        InterruptLine { info: *info }
+    }
+
+    /// The bit this line sets in [`arch::take_interrupts`]'s result.
+    pub fn mask(&self) -> u64 {
+        let bit = self.info.vector.wrapping_sub(guest_abi::IRQ_VECTOR_BASE as u32);
+        if bit < 64 {
+            1 << bit
+        } else {
+            0
+        }
+    }
+
+    /// Sleeps until this line fires (returns at once if it already has),
+    /// and consumes its pending bit. Other lines stay pending; while one is,
+    /// this polls instead of sleeping, so a driver with several lines should
+    /// use [`arch::take_interrupts`] instead.
+    pub fn wait(&self) {
+        let mask = self.mask();
+        if mask == 0 {
+            return;
+        }
+        while arch::IRQ_PENDING.fetch_and(!mask, core::sync::atomic::Ordering::AcqRel) & mask == 0 {
+            arch::wait_for_interrupt();
+        }
+    }
+}

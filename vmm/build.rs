@@ -1,0 +1,97 @@
+//! Builds the driver VM images (the `driver-vm` workspace) and embeds them in
+//! the `vmm` binary, so that one `cargo build --release` at the root builds
+//! host binaries and images alike, and `vmm run --image hello` works from any
+//! directory.
+//!
+//! The images are built by a nested `cargo build` in their own workspace and
+//! target directory (`target/guest`): they need bare-metal flags that must not
+//! reach the host crates, and a separate target directory keeps the nested
+//! build from waiting on the outer build's lock.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The guest target: the host architecture, freestanding (see
+/// driver-vm/.cargo/config.toml for why it is named explicitly).
+const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Environment the outer cargo sets for build scripts that would change how
+/// the nested build compiles (flags, wrappers such as clippy-driver, targets).
+const SCRUBBED_ENV: &[&str] = &[
+    "RUSTFLAGS",
+    "CARGO_ENCODED_RUSTFLAGS",
+    "CARGO_BUILD_RUSTFLAGS",
+    "RUSTC_WRAPPER",
+    "RUSTC_WORKSPACE_WRAPPER",
+    "CARGO_BUILD_TARGET",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET_DIR",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_MAKEFLAGS",
+    "MAKEFLAGS",
+    "MFLAGS",
+];
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().expect("vmm/ sits in the workspace root").to_path_buf();
+    let driver_dir = root.join("driver-vm");
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("guest");
+
+    for watched in [
+        "driver-vm/src",
+        "driver-vm/Cargo.toml",
+        "driver-vm/Cargo.lock",
+        "driver-vm/build.rs",
+        "driver-vm/.cargo/config.toml",
+        "guest-kernel/src",
+        "guest-kernel/Cargo.toml",
+        "guest-kernel/link.ld",
+        "guest-kernel/abi/src",
+        "guest-kernel/abi/Cargo.toml",
+    ] {
+        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+    }
+
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(&driver_dir)
+        .args(["build", "--release", "--bins", "--target", GUEST_TARGET, "--target-dir"])
+        .arg(&target_dir);
+    for var in SCRUBBED_ENV {
+        command.env_remove(var);
+    }
+    let output = command.output().expect("failed to run cargo for the driver VM images");
+    if !output.status.success() {
+        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+        panic!("building the driver VM images in {} failed (output above)", driver_dir.display());
+    }
+
+    let image_dir = target_dir.join(GUEST_TARGET).join("release");
+    let mut names = image_names(&driver_dir.join("src/bin"));
+    names.sort();
+    let mut table = String::from("/// Built-in images: (name, ELF bytes).\npub static BUILT_IN: &[(&str, &[u8])] = &[\n");
+    for name in &names {
+        let path = image_dir.join(name);
+        assert!(path.is_file(), "image {} was not built", path.display());
+        writeln!(table, "    ({name:?}, include_bytes!({:?})),", path.display().to_string()).expect("write to String");
+    }
+    table.push_str("];\n");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("images.rs");
+    fs::write(&out, table).expect("write images.rs");
+}
+
+/// One image per file in driver-vm/src/bin.
+fn image_names(bin_dir: &Path) -> Vec<String> {
+    fs::read_dir(bin_dir)
+        .expect("read driver-vm/src/bin")
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            (path.extension()? == "rs").then(|| path.file_stem()?.to_str().map(str::to_owned))?
+        })
+        .collect()
+}

@@ -1,0 +1,478 @@
+//! What a VM is made of, parsed from the command line and checked before any
+//! KVM call: RAM, windows, doorbells, interrupt lines, command line.
+//!
+//! The checks here are the ones that need no file and no KVM: sizes,
+//! alignment, overlaps, limits. `memory.rs` checks the window files and
+//! `image.rs` the image.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use guest_abi::{self as abi, port};
+
+use crate::error::{Error, Result};
+
+/// Page size of the guest and of every mapping.
+pub const PAGE_SIZE: u64 = 4096;
+/// Default guest RAM. Pages are mapped lazily, so unused RAM costs nothing;
+/// 16 MiB leaves a driver megabytes of heap.
+pub const DEFAULT_MEMORY: u64 = 16 << 20;
+/// Smallest RAM: the fixed areas below the image (1 MiB), the image and the
+/// ring-3 stack.
+pub const MIN_MEMORY: u64 = 2 << 20;
+/// Largest RAM: it must end below the 32-bit MMIO hole where the APICs live.
+pub const MAX_MEMORY: u64 = 3 << 30;
+
+/// A VM description.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Name used in console prefixes and reports.
+    pub name: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Windows, in command-line order.
+    pub windows: Vec<WindowConfig>,
+    /// Doorbells, in command-line order.
+    pub doorbells: Vec<DoorbellConfig>,
+    /// Interrupt lines, in command-line order.
+    pub irqs: Vec<IrqConfig>,
+    /// Command line handed to the guest.
+    pub cmdline: String,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            name: "vm".into(),
+            memory: DEFAULT_MEMORY,
+            windows: Vec::new(),
+            doorbells: Vec::new(),
+            irqs: Vec::new(),
+            cmdline: String::new(),
+        }
+    }
+}
+
+/// A file mapped into guest physical memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowConfig {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The file: a regular file, a memfd (`/proc/PID/fd/N`), a sysfs PCI
+    /// `resourceN` file.
+    pub path: PathBuf,
+    /// Offset into the file.
+    pub offset: u64,
+    /// Map read-only (guest writes fault).
+    pub read_only: bool,
+    /// Name the guest sees.
+    pub name: String,
+}
+
+/// Where a doorbell sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DoorbellAddress {
+    /// A guest physical address.
+    Mmio(u64),
+    /// An I/O port.
+    Port(u16),
+}
+
+/// A doorbell: guest writes to `address` signal the eventfd `fd` in KVM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DoorbellConfig {
+    /// Where the guest writes.
+    pub address: DoorbellAddress,
+    /// Width of the write in bytes.
+    pub len: u32,
+    /// Only writes of this value signal (KVM datamatch).
+    pub datamatch: Option<u64>,
+    /// An eventfd inherited from the parent.
+    pub fd: RawFd,
+}
+
+/// An interrupt line: signalling the eventfd `fd` raises it (KVM irqfd).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqConfig {
+    /// An eventfd inherited from the parent.
+    pub fd: RawFd,
+}
+
+/// Parses a number: decimal or `0x` hexadecimal, with an optional binary
+/// suffix K, M or G (KiB, MiB, GiB).
+pub fn parse_number(what: &str, text: &str) -> Result<u64> {
+    let invalid = |reason: &str| Error::invalid(what, format!("{text:?}: {reason}"));
+    let trimmed = text.trim();
+    let (digits, shift) = match trimmed.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&trimmed[..i], 10),
+        Some((i, 'm' | 'M')) => (&trimmed[..i], 20),
+        Some((i, 'g' | 'G')) => (&trimmed[..i], 30),
+        _ => (trimmed, 0),
+    };
+    let digits = digits.replace('_', "");
+    let value = match digits.strip_prefix("0x").or_else(|| digits.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => digits.parse::<u64>(),
+    }
+    .map_err(|_| invalid("expected a number such as 4096, 0x1000, 16M or 1G"))?;
+    value.checked_mul(1u64 << shift).ok_or_else(|| invalid("too large"))
+}
+
+fn parse_fd(what: &str, text: &str) -> Result<RawFd> {
+    let fd = parse_number(what, text)?;
+    RawFd::try_from(fd).ok().filter(|fd| *fd > 2).ok_or_else(|| {
+        Error::invalid(what, format!("{text:?}: expected an inherited file descriptor number above 2"))
+    })
+}
+
+/// Splits `key=value` (or a bare flag, returned with an empty value).
+fn key_value(item: &str) -> (&str, &str) {
+    item.split_once('=').unwrap_or((item, ""))
+}
+
+impl WindowConfig {
+    /// Parses `GPA,SIZE,PATH[,offset=N][,ro][,name=NAME]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let what = "--window";
+        let mut parts = spec.split(',');
+        let (Some(gpa), Some(size), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::invalid(what, format!("{spec:?}: expected GPA,SIZE,PATH[,offset=N][,ro][,name=NAME]")));
+        };
+        if path.is_empty() {
+            return Err(Error::invalid(what, format!("{spec:?}: the path is empty")));
+        }
+        let mut window = WindowConfig {
+            gpa: parse_number("--window address", gpa)?,
+            size: parse_number("--window size", size)?,
+            path: PathBuf::from(path),
+            offset: 0,
+            read_only: false,
+            name: String::new(),
+        };
+        for item in parts {
+            match key_value(item) {
+                ("offset", value) => window.offset = parse_number("--window offset", value)?,
+                ("ro", "") | ("readonly", "on") => window.read_only = true,
+                ("name", value) => window.name = value.to_owned(),
+                _ => {
+                    return Err(Error::invalid(
+                        what,
+                        format!("{spec:?}: unknown option {item:?} (known: offset=N, ro, name=NAME)"),
+                    ))
+                }
+            }
+        }
+        Ok(window)
+    }
+
+    /// End (exclusive) of the window in guest physical memory.
+    pub fn end(&self) -> u64 {
+        self.gpa.saturating_add(self.size)
+    }
+}
+
+impl DoorbellConfig {
+    /// Parses `mmio=GPA,fd=N[,len=4][,datamatch=V]` or
+    /// `port=PORT,fd=N[,len=4][,datamatch=V]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let what = "--doorbell";
+        let (mut address, mut fd, mut len, mut datamatch) = (None, None, 4u32, None);
+        for item in spec.split(',') {
+            match key_value(item) {
+                ("mmio", value) => address = Some(DoorbellAddress::Mmio(parse_number("--doorbell mmio", value)?)),
+                ("port", value) => {
+                    let port = parse_number("--doorbell port", value)?;
+                    let port = u16::try_from(port)
+                        .map_err(|_| Error::invalid("--doorbell port", format!("{value:?}: ports are 0 to 0xffff")))?;
+                    address = Some(DoorbellAddress::Port(port));
+                }
+                ("fd", value) => fd = Some(parse_fd("--doorbell fd", value)?),
+                ("len", value) => {
+                    len = u32::try_from(parse_number("--doorbell len", value)?).unwrap_or(0);
+                }
+                ("datamatch", value) => datamatch = Some(parse_number("--doorbell datamatch", value)?),
+                _ => {
+                    return Err(Error::invalid(
+                        what,
+                        format!("{spec:?}: unknown option {item:?} (known: mmio=GPA, port=PORT, fd=N, len=N, datamatch=V)"),
+                    ))
+                }
+            }
+        }
+        let address = address.ok_or_else(|| Error::invalid(what, format!("{spec:?}: give mmio=GPA or port=PORT")))?;
+        let fd = fd.ok_or_else(|| Error::invalid(what, format!("{spec:?}: give fd=N, an inherited eventfd")))?;
+        let widths: &[u32] = match address {
+            DoorbellAddress::Mmio(_) => &[1, 2, 4, 8],
+            DoorbellAddress::Port(_) => &[1, 2, 4],
+        };
+        if !widths.contains(&len) {
+            return Err(Error::invalid("--doorbell len", format!("{len}: must be one of {widths:?}")));
+        }
+        Ok(DoorbellConfig { address, len, datamatch, fd })
+    }
+}
+
+impl IrqConfig {
+    /// Parses `fd=N`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        match key_value(spec) {
+            ("fd", value) => Ok(IrqConfig { fd: parse_fd("--irq fd", value)? }),
+            _ => Err(Error::invalid("--irq", format!("{spec:?}: expected fd=N, an inherited eventfd"))),
+        }
+    }
+}
+
+/// A named range for overlap checks.
+struct Range {
+    what: String,
+    start: u64,
+    end: u64,
+}
+
+fn check_aligned(what: impl Into<String>, value: u64, align: u64) -> Result<()> {
+    if value % align != 0 {
+        return Err(Error::Unaligned { what: what.into(), value, align });
+    }
+    Ok(())
+}
+
+fn check_no_overlap(ranges: &[Range], new: &Range) -> Result<()> {
+    match ranges.iter().find(|r| new.start < r.end && r.start < new.end) {
+        Some(other) => Err(Error::Overlap {
+            what: new.what.clone(),
+            start: new.start,
+            end: new.end,
+            other: format!("{} [{:#x}, {:#x})", other.what, other.start, other.end),
+        }),
+        None => Ok(()),
+    }
+}
+
+impl VmConfig {
+    /// Checks sizes, alignment, limits and overlaps.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_memory()?;
+        let mut ranges = vec![
+            Range { what: "guest RAM".into(), start: 0, end: self.memory },
+            Range { what: "the APIC MMIO range".into(), start: abi::APIC_MMIO_RANGE.0, end: abi::APIC_MMIO_RANGE.1 },
+        ];
+        self.validate_windows(&mut ranges)?;
+        self.validate_doorbells(&ranges)?;
+        if self.irqs.len() > abi::MAX_IRQS {
+            return Err(Error::invalid("--irq", format!("{} lines given, at most {}", self.irqs.len(), abi::MAX_IRQS)));
+        }
+        if self.cmdline.len() > abi::CMDLINE_MAX {
+            return Err(Error::invalid(
+                "--cmdline",
+                format!("{} bytes, at most {}", self.cmdline.len(), abi::CMDLINE_MAX),
+            ));
+        }
+        let mut fds: Vec<RawFd> = self.doorbells.iter().map(|d| d.fd).chain(self.irqs.iter().map(|i| i.fd)).collect();
+        fds.sort_unstable();
+        if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(Error::invalid("fd", format!("{} is used twice; give each doorbell and line its own eventfd", pair[0])));
+        }
+        Ok(())
+    }
+
+    fn validate_memory(&self) -> Result<()> {
+        check_aligned("--memory", self.memory, PAGE_SIZE)?;
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&self.memory) {
+            return Err(Error::invalid(
+                "--memory",
+                format!("{} bytes: must be between {}M and {}M", self.memory, MIN_MEMORY >> 20, MAX_MEMORY >> 20),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_windows(&self, ranges: &mut Vec<Range>) -> Result<()> {
+        if self.windows.len() > abi::MAX_WINDOWS {
+            return Err(Error::invalid("--window", format!("{} given, at most {}", self.windows.len(), abi::MAX_WINDOWS)));
+        }
+        for (i, window) in self.windows.iter().enumerate() {
+            let label = format!("window {i} ({})", window.path.display());
+            if window.size == 0 {
+                return Err(Error::invalid("--window size", format!("{label}: size is zero")));
+            }
+            check_aligned(format!("{label} address"), window.gpa, PAGE_SIZE)?;
+            check_aligned(format!("{label} size"), window.size, PAGE_SIZE)?;
+            check_aligned(format!("{label} offset"), window.offset, PAGE_SIZE)?;
+            if window.gpa.checked_add(window.size).is_none_or(|end| end > abi::GPA_LIMIT) {
+                return Err(Error::invalid(
+                    "--window",
+                    format!("{label} ends beyond the guest physical address limit {:#x}", abi::GPA_LIMIT),
+                ));
+            }
+            if window.name.len() >= abi::NAME_LEN || window.name.contains('\0') {
+                return Err(Error::invalid(
+                    "--window name",
+                    format!("{:?}: at most {} bytes, no NUL", window.name, abi::NAME_LEN - 1),
+                ));
+            }
+            let range = Range { what: label, start: window.gpa, end: window.end() };
+            check_no_overlap(ranges, &range)?;
+            ranges.push(range);
+        }
+        Ok(())
+    }
+
+    fn validate_doorbells(&self, memory: &[Range]) -> Result<()> {
+        if self.doorbells.len() > abi::MAX_DOORBELLS {
+            return Err(Error::invalid(
+                "--doorbell",
+                format!("{} given, at most {}", self.doorbells.len(), abi::MAX_DOORBELLS),
+            ));
+        }
+        let mut mmio = Vec::new();
+        let mut ports = vec![
+            Range { what: "the console ports".into(), start: port::CONSOLE_BLOCK.0.into(), end: u64::from(port::CONSOLE_BLOCK.1) + 1 },
+            Range { what: "the hypercall ports".into(), start: port::RESERVED.0.into(), end: u64::from(port::RESERVED.1) + 1 },
+        ];
+        for (i, doorbell) in self.doorbells.iter().enumerate() {
+            let len = u64::from(doorbell.len);
+            match doorbell.address {
+                DoorbellAddress::Mmio(gpa) => {
+                    check_aligned(format!("doorbell {i} address"), gpa, len)?;
+                    if gpa.checked_add(len).is_none_or(|end| end > abi::GPA_LIMIT) {
+                        return Err(Error::invalid("--doorbell mmio", format!("{gpa:#x} is beyond {:#x}", abi::GPA_LIMIT)));
+                    }
+                    // The doorbell's whole page is mapped for it, so only
+                    // other doorbells may share that page.
+                    let page = gpa & !(PAGE_SIZE - 1);
+                    check_no_overlap(memory, &Range { what: format!("doorbell {i} page"), start: page, end: page + PAGE_SIZE })?;
+                    let exact = Range { what: format!("doorbell {i}"), start: gpa, end: gpa + len };
+                    check_no_overlap(&mmio, &exact)?;
+                    mmio.push(exact);
+                }
+                DoorbellAddress::Port(number) => {
+                    let range = Range { what: format!("doorbell {i} port"), start: number.into(), end: u64::from(number) + len };
+                    if range.end > 0x1_0000 {
+                        return Err(Error::invalid("--doorbell port", format!("{number:#x} + {len} bytes is beyond port 0xffff")));
+                    }
+                    check_no_overlap(&ports, &range)?;
+                    ports.push(range);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(gpa: u64, size: u64) -> WindowConfig {
+        WindowConfig { gpa, size, path: "/dev/null".into(), offset: 0, read_only: false, name: String::new() }
+    }
+
+    fn config_with(windows: Vec<WindowConfig>) -> VmConfig {
+        VmConfig { windows, ..VmConfig::default() }
+    }
+
+    #[test]
+    fn numbers_with_suffixes_and_hex() {
+        assert_eq!(parse_number("x", "4096").unwrap(), 4096);
+        assert_eq!(parse_number("x", "0x1000").unwrap(), 4096);
+        assert_eq!(parse_number("x", "16M").unwrap(), 16 << 20);
+        assert_eq!(parse_number("x", "2g").unwrap(), 2 << 30);
+        assert_eq!(parse_number("x", "4k").unwrap(), 4096);
+        assert_eq!(parse_number("x", "0x10_0000").unwrap(), 1 << 20);
+        assert!(parse_number("x", "").is_err());
+        assert!(parse_number("x", "12Q").is_err());
+        assert!(parse_number("x", "-1").is_err());
+        assert!(parse_number("x", "99999999999999999999").is_err());
+        assert!(parse_number("x", "0xffffffffffffffffG").is_err());
+    }
+
+    #[test]
+    fn window_spec_parses_options() {
+        let w = WindowConfig::parse("0x40000000,8K,/tmp/bar,offset=0x1000,ro,name=regs").unwrap();
+        assert_eq!(w.gpa, 0x4000_0000);
+        assert_eq!(w.size, 8192);
+        assert_eq!(w.offset, 0x1000);
+        assert!(w.read_only);
+        assert_eq!(w.name, "regs");
+        assert!(WindowConfig::parse("0x40000000,8K").is_err());
+        assert!(WindowConfig::parse("0x40000000,8K,").is_err());
+        assert!(WindowConfig::parse("0x40000000,8K,/x,bogus").is_err());
+    }
+
+    #[test]
+    fn doorbell_and_irq_specs() {
+        let d = DoorbellConfig::parse("mmio=0x50000000,fd=7,len=8,datamatch=3").unwrap();
+        assert_eq!(d, DoorbellConfig { address: DoorbellAddress::Mmio(0x5000_0000), len: 8, datamatch: Some(3), fd: 7 });
+        let p = DoorbellConfig::parse("port=0x600,fd=5").unwrap();
+        assert_eq!(p.address, DoorbellAddress::Port(0x600));
+        assert_eq!(p.len, 4);
+        assert!(DoorbellConfig::parse("port=0x600,fd=5,len=8").is_err());
+        assert!(DoorbellConfig::parse("port=0x10000,fd=5").is_err());
+        assert!(DoorbellConfig::parse("mmio=0x1000").is_err());
+        assert!(DoorbellConfig::parse("fd=9").is_err());
+        assert!(DoorbellConfig::parse("mmio=0x1000,fd=1").is_err());
+        assert_eq!(IrqConfig::parse("fd=9").unwrap(), IrqConfig { fd: 9 });
+        assert!(IrqConfig::parse("gsi=9").is_err());
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert!(VmConfig::default().validate().is_ok());
+        let small = VmConfig { memory: 1 << 20, ..VmConfig::default() };
+        assert!(matches!(small.validate(), Err(Error::InvalidValue { .. })));
+        let odd = VmConfig { memory: (16 << 20) + 1, ..VmConfig::default() };
+        assert!(matches!(odd.validate(), Err(Error::Unaligned { .. })));
+        let huge = VmConfig { memory: 64 << 30, ..VmConfig::default() };
+        assert!(matches!(huge.validate(), Err(Error::InvalidValue { .. })));
+    }
+
+    #[test]
+    fn window_checks() {
+        assert!(config_with(vec![window(1 << 30, 1 << 20)]).validate().is_ok());
+        let over_ram = config_with(vec![window(0x80_0000, 4096)]);
+        assert!(matches!(over_ram.validate(), Err(Error::Overlap { .. })));
+        let pair = config_with(vec![window(1 << 30, 1 << 20), window((1 << 30) + 4096, 4096)]);
+        assert!(matches!(pair.validate(), Err(Error::Overlap { .. })));
+        let apic = config_with(vec![window(0xfee0_0000, 4096)]);
+        assert!(matches!(apic.validate(), Err(Error::Overlap { .. })));
+        let unaligned = config_with(vec![window((1 << 30) + 12, 4096)]);
+        assert!(matches!(unaligned.validate(), Err(Error::Unaligned { .. })));
+        let unaligned_size = config_with(vec![window(1 << 30, 100)]);
+        assert!(matches!(unaligned_size.validate(), Err(Error::Unaligned { .. })));
+        let empty = config_with(vec![window(1 << 30, 0)]);
+        assert!(matches!(empty.validate(), Err(Error::InvalidValue { .. })));
+        let wraps = config_with(vec![window(u64::MAX - 4095, 8192)]);
+        assert!(matches!(wraps.validate(), Err(Error::InvalidValue { .. })));
+    }
+
+    #[test]
+    fn doorbell_checks() {
+        let bell = |spec: &str| DoorbellConfig::parse(spec).unwrap();
+        let ok = VmConfig {
+            doorbells: vec![bell("mmio=0x50000000,fd=3"), bell("mmio=0x50000004,fd=4"), bell("port=0x600,fd=5")],
+            irqs: vec![IrqConfig { fd: 6 }],
+            ..VmConfig::default()
+        };
+        assert!(ok.validate().is_ok());
+        let in_ram = VmConfig { doorbells: vec![bell("mmio=0x1000,fd=3")], ..VmConfig::default() };
+        assert!(matches!(in_ram.validate(), Err(Error::Overlap { .. })));
+        let in_window = VmConfig {
+            windows: vec![window(0x5000_0000, 4096)],
+            doorbells: vec![bell("mmio=0x50000800,fd=3")],
+            ..VmConfig::default()
+        };
+        assert!(matches!(in_window.validate(), Err(Error::Overlap { .. })));
+        let same = VmConfig { doorbells: vec![bell("port=0x600,fd=3"), bell("port=0x602,fd=4")], ..VmConfig::default() };
+        assert!(matches!(same.validate(), Err(Error::Overlap { .. })));
+        let console = VmConfig { doorbells: vec![bell("port=0x3f8,fd=3,len=1")], ..VmConfig::default() };
+        assert!(matches!(console.validate(), Err(Error::Overlap { .. })));
+        let unaligned = VmConfig { doorbells: vec![bell("mmio=0x50000002,fd=3")], ..VmConfig::default() };
+        assert!(matches!(unaligned.validate(), Err(Error::Unaligned { .. })));
+        let shared_fd = VmConfig { doorbells: vec![bell("port=0x600,fd=3")], irqs: vec![IrqConfig { fd: 3 }], ..VmConfig::default() };
+        assert!(matches!(shared_fd.validate(), Err(Error::InvalidValue { .. })));
+        let many_irqs = VmConfig { irqs: (3..20).map(|fd| IrqConfig { fd }).collect(), ..VmConfig::default() };
+        assert!(matches!(many_irqs.validate(), Err(Error::InvalidValue { .. })));
+    }
+}

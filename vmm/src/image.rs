@@ -1,0 +1,237 @@
+//! Driver VM images: built-in ones (embedded by build.rs) or files.
+//!
+//! An image is an x86-64 ELF executable linked at `IMAGE_BASE` with an
+//! [`ImageHeader`] there. [`parse_elf`] checks the ELF headers before
+//! anything is loaded, so a bad file gets a precise error instead of a
+//! half-loaded guest; linux-loader then loads the segments, and
+//! [`check_header`] validates the image header in guest memory.
+
+use std::borrow::Cow;
+use std::io::Cursor;
+use std::path::Path;
+
+use guest_abi::{self as abi, ImageHeader, Plain};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::config::PAGE_SIZE;
+use crate::error::{Error, Result};
+
+include!(concat!(env!("OUT_DIR"), "/images.rs"));
+
+/// Heap an image gets at least, beyond its own size and the ring-3 stack.
+pub const MIN_HEAP: u64 = 64 * 1024;
+
+/// Most program headers accepted; the linker script produces five.
+const MAX_PROGRAM_HEADERS: u16 = 64;
+
+/// Where an image's loadable segments go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ElfLayout {
+    /// Entry point.
+    pub entry: u64,
+    /// Lowest loaded address (always `IMAGE_BASE`).
+    pub start: u64,
+    /// End (exclusive) of the highest segment, including its bss.
+    pub end: u64,
+}
+
+/// An image ready to load.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Built-in name or path, for messages.
+    pub name: String,
+    bytes: Cow<'static, [u8]>,
+    /// Where it loads.
+    pub layout: ElfLayout,
+}
+
+/// The names of the built-in images.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILT_IN.iter().map(|(name, _)| *name)
+}
+
+impl Image {
+    /// Resolves `--image`: a built-in name, else a path. A name containing a
+    /// `/` is always a path.
+    pub fn resolve(arg: &str) -> Result<Image> {
+        if !arg.contains('/') {
+            if let Some((name, bytes)) = BUILT_IN.iter().find(|(name, _)| *name == arg) {
+                return Image::from_bytes(name.to_string(), Cow::Borrowed(bytes));
+            }
+        }
+        let path = Path::new(arg);
+        if !path.exists() {
+            return Err(Error::ImageNotFound { name: arg.into(), builtins: builtin_names().collect::<Vec<_>>().join(", ") });
+        }
+        let bytes = std::fs::read(path).map_err(|source| Error::ImageRead { path: path.into(), source })?;
+        Image::from_bytes(arg.into(), Cow::Owned(bytes))
+    }
+
+    /// Checks `bytes` as an image.
+    pub fn from_bytes(name: String, bytes: Cow<'static, [u8]>) -> Result<Image> {
+        let layout = parse_elf(&bytes).map_err(|reason| Error::ImageInvalid { image: name.clone(), reason })?;
+        Ok(Image { name, bytes, layout })
+    }
+
+    /// Guest RAM this image needs: itself, a minimal heap and the stack.
+    pub fn ram_needed(&self) -> u64 {
+        self.layout.end.next_multiple_of(PAGE_SIZE) + MIN_HEAP + abi::RING3_STACK_SIZE
+    }
+
+    /// Loads the segments into `memory` and validates the image header.
+    pub fn load(&self, memory: &GuestMemoryMmap) -> Result<ImageHeader> {
+        let invalid = |reason: String| Error::ImageInvalid { image: self.name.clone(), reason };
+        Elf::load(memory, None, &mut Cursor::new(&self.bytes[..]), None)
+            .map_err(|e| invalid(format!("loading its segments failed: {e}")))?;
+        let mut raw = [0u8; std::mem::size_of::<ImageHeader>()];
+        memory.read_slice(&mut raw, GuestAddress(abi::IMAGE_BASE)).map_err(|e| invalid(format!("reading its header failed: {e}")))?;
+        check_header(&raw, &self.layout).map_err(invalid)
+    }
+}
+
+fn u16_at(bytes: &[u8], offset: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(bytes.get(offset..offset.checked_add(2)?)?.try_into().ok()?))
+}
+
+fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(offset..offset.checked_add(4)?)?.try_into().ok()?))
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(offset..offset.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// Checks the ELF file header and program headers of an image and returns
+/// where it loads. Input is untrusted: every offset and size is checked.
+pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
+    const PT_LOAD: u32 = 1;
+    const PHDR_SIZE: usize = 56;
+    if bytes.len() < 64 || bytes[..4] != *b"\x7fELF" {
+        return Err("not an ELF file (no ELF magic)".into());
+    }
+    if bytes[4] != 2 || bytes[5] != 1 {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let short = || "truncated ELF header".to_string();
+    let (e_type, machine) = (u16_at(bytes, 16).ok_or_else(short)?, u16_at(bytes, 18).ok_or_else(short)?);
+    if e_type != 2 || machine != 62 {
+        return Err(format!("not an x86-64 executable (type {e_type}, machine {machine})"));
+    }
+    let entry = u64_at(bytes, 24).ok_or_else(short)?;
+    let phoff = usize::try_from(u64_at(bytes, 32).ok_or_else(short)?).map_err(|_| "program header offset too large")?;
+    let (phentsize, phnum) = (u16_at(bytes, 54).ok_or_else(short)?, u16_at(bytes, 56).ok_or_else(short)?);
+    if usize::from(phentsize) != PHDR_SIZE || phnum == 0 || phnum > MAX_PROGRAM_HEADERS {
+        return Err(format!("unexpected program headers ({phnum} of {phentsize} bytes)"));
+    }
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    for index in 0..usize::from(phnum) {
+        let base = phoff
+            .checked_add(index * PHDR_SIZE)
+            .filter(|base| base + PHDR_SIZE <= bytes.len())
+            .ok_or_else(|| format!("program header {index} lies beyond the end of the file"))?;
+        let field = |offset| u64_at(bytes, base + offset).unwrap_or(u64::MAX);
+        if u32_at(bytes, base) != Some(PT_LOAD) {
+            continue;
+        }
+        let (offset, paddr, filesz, memsz) = (field(8), field(24), field(32), field(40));
+        if filesz > memsz {
+            return Err(format!("segment {index}: file size {filesz} exceeds memory size {memsz}"));
+        }
+        if offset.checked_add(filesz).is_none_or(|e| e > bytes.len() as u64) {
+            return Err(format!("segment {index} lies beyond the end of the file"));
+        }
+        let segment_end = paddr.checked_add(memsz).ok_or_else(|| format!("segment {index} wraps around"))?;
+        if paddr < abi::IMAGE_BASE || segment_end > abi::GPA_LIMIT {
+            return Err(format!("segment {index} at {paddr:#x} is outside [{:#x}, {:#x})", abi::IMAGE_BASE, abi::GPA_LIMIT));
+        }
+        start = start.min(paddr);
+        end = end.max(segment_end);
+    }
+    if start != abi::IMAGE_BASE {
+        return Err(format!("no loadable segment at {:#x} (link it with guest-kernel/link.ld)", abi::IMAGE_BASE));
+    }
+    if !(start..end).contains(&entry) {
+        return Err(format!("entry point {entry:#x} is outside the image [{start:#x}, {end:#x})"));
+    }
+    Ok(ElfLayout { entry, start, end })
+}
+
+/// Checks the image header read from `IMAGE_BASE`.
+pub fn check_header(raw: &[u8], layout: &ElfLayout) -> std::result::Result<ImageHeader, String> {
+    let header = ImageHeader::from_bytes(raw).ok_or("image header truncated")?;
+    if header.magic != abi::IMAGE_MAGIC {
+        return Err(format!("no image header at {:#x} (is it built with guest-kernel?)", abi::IMAGE_BASE));
+    }
+    if header.abi_version != abi::ABI_VERSION {
+        return Err(format!("built for ABI version {}, this vmm speaks {}: rebuild it", header.abi_version, abi::ABI_VERSION));
+    }
+    if header.header_size as usize != std::mem::size_of::<ImageHeader>() {
+        return Err(format!("image header is {} bytes, expected {}", header.header_size, std::mem::size_of::<ImageHeader>()));
+    }
+    let stubs_end = header.isr_stubs.checked_add(abi::ISR_COUNT * abi::ISR_STUB_STRIDE);
+    if header.isr_stubs < layout.start || stubs_end.is_none_or(|end| end > layout.end) {
+        return Err(format!("interrupt stubs at {:#x} are outside the image", header.isr_stubs));
+    }
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> &'static [u8] {
+        BUILT_IN.iter().find(|(name, _)| *name == "hello").map(|(_, bytes)| *bytes).expect("hello is built in")
+    }
+
+    #[test]
+    fn builtin_images_parse() {
+        for (name, bytes) in BUILT_IN {
+            let layout = parse_elf(bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(layout.start, abi::IMAGE_BASE);
+            assert!(layout.end > layout.entry);
+        }
+    }
+
+    #[test]
+    fn rejects_non_elf_and_truncation() {
+        assert!(parse_elf(b"hello world").unwrap_err().contains("not an ELF"));
+        let image = hello();
+        assert!(parse_elf(&image[..63]).is_err());
+        // Cut inside the segments: the headers now point beyond the end.
+        let cut = &image[..image.len() / 2];
+        assert!(parse_elf(cut).unwrap_err().contains("beyond the end"));
+    }
+
+    #[test]
+    fn rejects_wrong_machine_and_bad_headers() {
+        let mut image = hello().to_vec();
+        image[18] = 0xb7; // aarch64
+        assert!(parse_elf(&image).unwrap_err().contains("not an x86-64"));
+        let mut image = hello().to_vec();
+        image[56] = 0xff; // e_phnum
+        image[57] = 0xff;
+        assert!(parse_elf(&image).is_err());
+        let mut image = hello().to_vec();
+        image[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // e_phoff
+        assert!(parse_elf(&image).is_err());
+    }
+
+    #[test]
+    fn header_checks() {
+        let layout = parse_elf(hello()).unwrap();
+        let good = ImageHeader {
+            magic: abi::IMAGE_MAGIC,
+            abi_version: abi::ABI_VERSION,
+            header_size: 24,
+            isr_stubs: layout.start + 0x30,
+        };
+        assert!(check_header(good.as_bytes(), &layout).is_ok());
+        let bad_magic = ImageHeader { magic: *b"XXXXXXXX", ..good };
+        assert!(check_header(bad_magic.as_bytes(), &layout).is_err());
+        let bad_version = ImageHeader { abi_version: 99, ..good };
+        assert!(check_header(bad_version.as_bytes(), &layout).unwrap_err().contains("ABI"));
+        let bad_stubs = ImageHeader { isr_stubs: u64::MAX - 8, ..good };
+        assert!(check_header(bad_stubs.as_bytes(), &layout).is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! `vmm`: a small KVM VMM that boots one driver VM image and reports how it
+//! ended.
+//!
+//! A driver VM is given RAM, the windows of its device (files mapped at
+//! guest physical addresses), doorbells (KVM ioeventfd) and interrupt lines
+//! (KVM irqfd), and nothing else. Its vCPU starts in guest ring 3 (see
+//! DESIGN.md for why). The vmm is on the data path only for console output
+//! and the guest's final hypercall: doorbells and interrupts connect the
+//! guest to its supervisor directly through KVM.
+//!
+//! What it is not: a general-purpose VMM. There are no emulated devices, no
+//! firmware, no SMP; an image must be built with `guest-kernel`.
+//!
+//! What it trusts: nothing the guest writes. Exits, hypercall arguments,
+//! panic messages and exception frames are read with bounds checks and
+//! reported as untrusted data.
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod config;
+pub mod console;
+pub mod error;
+pub mod image;
+pub mod memory;
+pub mod outcome;
+pub mod runner;
+pub mod vcpu;
+pub mod vm;
+pub mod x86;
+
+pub use config::VmConfig;
+pub use error::{Error, Result};
+pub use image::Image;
+pub use outcome::{Outcome, Report};
+pub use vm::Vm;

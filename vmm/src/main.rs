@@ -1,0 +1,216 @@
+//! The `vmm` command line.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use kvm_ioctls::Kvm;
+
+use vmm::config::{parse_number, DoorbellConfig, IrqConfig, VmConfig, WindowConfig, DEFAULT_MEMORY};
+use vmm::console::{Console, ConsoleSink};
+use vmm::error::status;
+use vmm::outcome::{ErrorReport, Report};
+use vmm::runner::{self, RunOptions};
+use vmm::{bench, image, Error, Image, Vm};
+
+const RUN_EXAMPLES: &str = "\
+Examples:
+  vmm run --image hello
+  vmm run --image faulty --cmdline page-fault --json
+  vmm run --image ./my-driver.elf --memory 32M --timeout 2s \\
+      --window 0x40000000,64K,/sys/bus/pci/devices/0000:01:00.0/resource0,name=regs \\
+      --window 0x40100000,1M,/dev/shm/channel,name=channel \\
+      --doorbell mmio=0x40200000,fd=5 --irq fd=6 --ready-fd 7
+
+Exit status:
+  0   the guest exited with code 0          10  the guest panicked
+  1   the guest exited with another code    11  the guest took an exception
+  2   command-line syntax error             12  the guest triple-faulted
+                                            13  KVM internal error
+                                            14  timeout (or halted for good)
+                                            15  invalid access (address or port not given)
+  20  image not found        21  not a valid image      22  image larger than RAM
+  23  overlapping ranges     24  unaligned value        25  window file unusable
+  26  invalid value          27  KVM unavailable/error  28  other I/O error
+
+With --json, one line on stdout reports the outcome: {\"outcome\": \"exit\" | \"panic\" |
+\"exception\" | \"triple_fault\" | \"internal_error\" | \"timeout\" | \"invalid_access\" |
+\"halted\" | \"setup_error\", ...}.";
+
+/// A small KVM VMM for driver VMs.
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a driver VM image and report how it ended.
+    #[command(after_help = RUN_EXAMPLES)]
+    Run(RunArgs),
+    /// List the built-in images.
+    Images,
+    /// Measure boot times: process spawn to guest ready, and in-process VM re-create.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Built-in image name (see `vmm images`) or path to an image ELF file.
+    /// Example: --image hello
+    #[arg(long, value_name = "NAME|PATH")]
+    image: String,
+    /// Guest RAM, with optional K/M/G suffix; pages are only allocated when
+    /// touched. Example: --memory 32M
+    #[arg(long, value_name = "SIZE", default_value_t = format!("{}M", DEFAULT_MEMORY >> 20))]
+    memory: String,
+    /// Map a file at a guest physical address: GPA,SIZE,PATH[,offset=N][,ro][,name=NAME].
+    /// Page-aligned, outside RAM. Repeatable.
+    /// Example: --window 0x40000000,64K,/dev/shm/regs,name=regs
+    #[arg(long, value_name = "SPEC")]
+    window: Vec<String>,
+    /// Bind an MMIO address or I/O port to an inherited eventfd (KVM
+    /// ioeventfd): mmio=GPA|port=PORT,fd=N[,len=1|2|4|8][,datamatch=V]. Repeatable.
+    /// Example: --doorbell mmio=0x40200000,fd=5
+    #[arg(long, value_name = "SPEC")]
+    doorbell: Vec<String>,
+    /// Add an interrupt line raised by writing an inherited eventfd (KVM
+    /// irqfd): fd=N. The guest sees lines in the order given. Repeatable.
+    /// Example: --irq fd=6
+    #[arg(long, value_name = "SPEC")]
+    irq: Vec<String>,
+    /// Command line handed to the guest. Example: --cmdline page-fault
+    #[arg(long, value_name = "STRING", default_value = "")]
+    cmdline: String,
+    /// Name used as the console prefix and in reports (default: the image name).
+    /// Example: --name blk0
+    #[arg(long)]
+    name: Option<String>,
+    /// Stop the guest after this long: 500ms, 2s, 1.5s or seconds.
+    /// Example: --timeout 2s
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Where the guest console goes: stderr, none, or a file path.
+    /// Example: --console /tmp/vm.log
+    #[arg(long, value_name = "stderr|none|PATH", default_value = "stderr")]
+    console: String,
+    /// Print one JSON line with the outcome on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Inherited eventfd or pipe written (8 bytes) when the guest is ready.
+    /// Example: --ready-fd 7
+    #[arg(long, value_name = "FD")]
+    ready_fd: Option<i32>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("{text:?}: expected a duration such as 500ms, 2s or 1.5");
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else {
+        (text.strip_suffix('s').unwrap_or(text), 1.0)
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    if !value.is_finite() || value <= 0.0 || value * scale > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(value * scale))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return ExitCode::from(if error.use_stderr() { status::USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Images => {
+            for name in image::builtin_names() {
+                println!("{name}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Bench(args) => bench::main(args),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let name = args.name.clone().unwrap_or_else(|| {
+        let base = args.image.rsplit('/').next().unwrap_or(&args.image);
+        base.strip_suffix(".elf").unwrap_or(base).to_string()
+    });
+    let json = args.json;
+    let start = Instant::now();
+    let result = setup_and_run(&name, args, start);
+    match result {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                eprintln!("vmm: {} {}", report.name, report.outcome.describe());
+            }
+            ExitCode::from(report.outcome.exit_status())
+        }
+        Err(error) => {
+            eprintln!("vmm: {error}");
+            if json {
+                println!("{}", serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
+            }
+            ExitCode::from(error.exit_status())
+        }
+    }
+}
+
+fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
+    let config = VmConfig {
+        name: name.to_owned(),
+        memory: parse_number("--memory", &args.memory)?,
+        windows: args.window.iter().map(|s| WindowConfig::parse(s)).collect::<Result<_, _>>()?,
+        doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
+        irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
+        cmdline: args.cmdline,
+    };
+    config.validate()?;
+    let image = Image::resolve(&args.image)?;
+    let sink = match args.console.as_str() {
+        "stderr" => ConsoleSink::Stderr,
+        "none" => ConsoleSink::Discard,
+        path => ConsoleSink::File(
+            File::create(PathBuf::from(path)).map_err(|source| Error::Io { operation: format!("creating console file {path}"), source })?,
+        ),
+    };
+    let ready_file = args.ready_fd.map(ready_file).transpose()?;
+    let kvm = Kvm::new().map_err(|source| Error::Kvm { operation: "opening /dev/kvm (is KVM available and accessible?)", source })?;
+    let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
+    let result = runner::run(vm, RunOptions { timeout: args.timeout, ready_file })?;
+    Ok(Report {
+        name: name.to_owned(),
+        outcome: result.outcome,
+        ready_us: result.ready_at.map(|t| t.duration_since(start).as_micros() as u64),
+        elapsed_us: start.elapsed().as_micros() as u64,
+    })
+}
+
+fn ready_file(fd: i32) -> vmm::Result<File> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::invalid("--ready-fd", format!("{fd} is not an open inherited file descriptor above 2")));
+    }
+    // SAFETY: the descriptor is open and inherited for this purpose; the vmm
+    // takes ownership of it and nothing else in the process uses it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}

@@ -1,0 +1,164 @@
+//! Running a VM to its end: the vCPU on its own thread, and an event loop
+//! (event-manager) on the calling thread that waits for the vCPU to finish
+//! or for the watchdog to expire.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::error::{Error, Result};
+use crate::outcome::Outcome;
+use crate::vcpu::{self, RunUntil, VcpuStop};
+use crate::vm::Vm;
+
+/// How to run.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Stop the guest after this long (outcome `timeout`).
+    pub timeout: Option<Duration>,
+    /// Written with an 8-byte 1 when the guest signals ready (an eventfd or
+    /// a pipe), for supervisors.
+    pub ready_file: Option<File>,
+}
+
+/// What happened.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    /// How the guest ended.
+    pub outcome: Outcome,
+    /// When the guest signalled ready.
+    pub ready_at: Option<Instant>,
+}
+
+/// Signals the event loop when the vCPU thread is done.
+struct VcpuDone {
+    event: EventFd,
+    finished: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for VcpuDone {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.event.read();
+        self.finished.store(true, Ordering::Release);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(error) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            tracing::error!(?error, "cannot watch the vCPU thread; the VM will run without supervision");
+        }
+    }
+}
+
+/// Stops the vCPU when the timer expires.
+struct Watchdog {
+    timer: TimerFd,
+    stop: Arc<AtomicBool>,
+    expired: Arc<AtomicBool>,
+    vcpu_thread: libc::pthread_t,
+}
+
+impl MutEventSubscriber for Watchdog {
+    fn process(&mut self, _events: Events, ops: &mut EventOps) {
+        let _ = self.timer.wait();
+        self.expired.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        // SAFETY: the vCPU thread has not been joined yet (the event loop
+        // joins it only after it finishes), so its pthread_t is valid.
+        unsafe { libc::pthread_kill(self.vcpu_thread, vcpu::kick_signal()) };
+        let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(error) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            tracing::error!(?error, "cannot arm the watchdog; --timeout will not be enforced");
+        }
+    }
+}
+
+fn io_error(operation: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { operation: operation.into(), source }
+}
+
+fn errno_error(operation: &str) -> impl FnOnce(vmm_sys_util::errno::Error) -> Error + '_ {
+    move |e| Error::Io { operation: operation.into(), source: std::io::Error::from_raw_os_error(e.errno()) }
+}
+
+/// Runs `vm` until the guest ends or the timeout expires.
+pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
+    vcpu::install_kick_handler().map_err(io_error("installing the vCPU kick signal handler"))?;
+    let Vm { name, vm_fd, mut vcpu, eventfds } = vm;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = EventFd::new(EFD_NONBLOCK).map_err(io_error("creating an eventfd"))?;
+    let done_signal = done.try_clone().map_err(io_error("duplicating an eventfd"))?;
+    let thread_stop = stop.clone();
+    let mut ready_file = options.ready_file;
+    let handle = thread::Builder::new()
+        .name(format!("{name}-vcpu"))
+        .spawn(move || {
+            let mut ready_at = None;
+            let stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
+                ready_at = Some(Instant::now());
+                if let Some(file) = ready_file.as_mut() {
+                    if let Err(error) = file.write_all(&1u64.to_ne_bytes()) {
+                        tracing::warn!(%error, "cannot signal readiness on --ready-fd");
+                    }
+                }
+            });
+            let _ = done_signal.write(1);
+            (stop_reason, ready_at, vcpu)
+        })
+        .map_err(io_error("starting the vCPU thread"))?;
+
+    let finished = Arc::new(AtomicBool::new(false));
+    let expired = Arc::new(AtomicBool::new(false));
+    let mut manager: EventManager<Box<dyn MutEventSubscriber>> =
+        EventManager::new().map_err(|e| Error::Io { operation: "creating the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+    manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
+    if let Some(timeout) = options.timeout {
+        let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;
+        timer.reset(timeout, None).map_err(errno_error("arming the watchdog timer"))?;
+        manager.add_subscriber(Box::new(Watchdog { timer, stop: stop.clone(), expired: expired.clone(), vcpu_thread: handle.as_pthread_t() }));
+    }
+    while !finished.load(Ordering::Acquire) {
+        manager.run().map_err(|e| Error::Io { operation: "running the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+    }
+    let (stop_reason, ready_at, vcpu) = handle
+        .join()
+        .map_err(|_| Error::Io { operation: "joining the vCPU thread".into(), source: std::io::Error::other("the vCPU thread panicked") })?;
+    let outcome = match stop_reason {
+        VcpuStop::Ended(outcome) => outcome,
+        VcpuStop::Stopped | VcpuStop::Ready if expired.load(Ordering::Acquire) => {
+            Outcome::Timeout { after_ms: options.timeout.unwrap_or_default().as_millis() as u64 }
+        }
+        VcpuStop::Stopped | VcpuStop::Ready => Outcome::InternalError { reason: "the vCPU stopped without a reason".into() },
+    };
+    let outcome = match outcome {
+        // Without an interrupt line nothing can wake a halted guest: it
+        // hangs, and the watchdog (if any) decides when to give up.
+        Outcome::Halted => wait_for_watchdog(&mut manager, &expired, &options.timeout)?,
+        other => other,
+    };
+    drop((vcpu, eventfds, vm_fd));
+    Ok(RunResult { outcome, ready_at })
+}
+
+fn wait_for_watchdog(
+    manager: &mut EventManager<Box<dyn MutEventSubscriber>>,
+    expired: &AtomicBool,
+    timeout: &Option<Duration>,
+) -> Result<Outcome> {
+    let Some(timeout) = timeout else { return Ok(Outcome::Halted) };
+    while !expired.load(Ordering::Acquire) {
+        manager.run().map_err(|e| Error::Io { operation: "running the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+    }
+    Ok(Outcome::Timeout { after_ms: timeout.as_millis() as u64 })
+}

@@ -1,0 +1,231 @@
+//! The vCPU run loop: the one place that interprets what the guest does when
+//! it exits to the vmm (hypercalls, console, faults) and turns it into an
+//! [`Outcome`].
+//!
+//! Everything read here comes from the guest and is untrusted: lengths are
+//! clamped, guest memory reads are bounds-checked by vm-memory, and text is
+//! sanitised.
+//!
+//! Stopping a running vCPU from another thread ([`Kicker`]) uses a signal
+//! whose handler sets `immediate_exit` in the vCPU's `kvm_run`, so a kick
+//! that lands just before `KVM_RUN` is not lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use guest_abi::{self as abi, port, ExceptionFrame, Plain};
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::console::Console;
+use crate::outcome::{sanitize, Outcome};
+
+/// COM1 line status: transmitter holding register and shift register empty.
+const LSR_TX_EMPTY: u8 = 0x60;
+
+thread_local! {
+    /// The `kvm_run` of the vCPU this thread runs, for the kick handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's vCPU `kvm_run` mapping, set
+        // for exactly as long as the vCPU runs on this thread; a single byte
+        // store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (once per process).
+pub fn install_kick_handler() -> std::io::Result<()> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+    });
+    result
+}
+
+/// Where to stop running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunUntil {
+    /// Return when the guest signals ready (benchmarks, warm spares).
+    Ready,
+    /// Run until the guest ends.
+    End,
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest ended.
+    Ended(Outcome),
+    /// The guest signalled ready and `RunUntil::Ready` was asked.
+    Ready,
+    /// The stop flag was raised (watchdog or supervisor).
+    Stopped,
+}
+
+/// A vCPU with what it needs to handle exits.
+pub struct Vcpu {
+    fd: VcpuFd,
+    memory: GuestMemoryMmap,
+    console: Console,
+}
+
+/// An exit copied out of `kvm_run`, so that handling it may use the vCPU.
+enum Exit {
+    PortWrite(u16, Vec<u8>),
+    Handled,
+    Ended(Outcome),
+}
+
+impl Vcpu {
+    /// Wraps a configured vCPU.
+    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console) -> Self {
+        Vcpu { fd, memory, console }
+    }
+
+    /// Runs until the guest ends, signals ready (if asked), or `stop` is set.
+    /// `on_ready` is called when the guest signals ready.
+    pub fn run(&mut self, until: RunUntil, stop: &AtomicBool, on_ready: &mut dyn FnMut()) -> VcpuStop {
+        KVM_RUN.with(|cell| cell.set(self.fd.get_kvm_run()));
+        let result = self.run_loop(until, stop, on_ready);
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+        self.console.flush();
+        result
+    }
+
+    fn run_loop(&mut self, until: RunUntil, stop: &AtomicBool, on_ready: &mut dyn FnMut()) -> VcpuStop {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return VcpuStop::Stopped;
+            }
+            match self.next_exit() {
+                Exit::Handled => {}
+                Exit::Ended(outcome) => return VcpuStop::Ended(outcome),
+                Exit::PortWrite(port::READY, _) => {
+                    on_ready();
+                    if until == RunUntil::Ready {
+                        return VcpuStop::Ready;
+                    }
+                }
+                Exit::PortWrite(port, data) => {
+                    if let Some(outcome) = self.port_write(port, &data) {
+                        return VcpuStop::Ended(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_exit(&mut self) -> Exit {
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return Exit::Handled;
+            }
+            Err(error) => return Exit::Ended(Outcome::InternalError { reason: format!("KVM_RUN failed: {error}") }),
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => Exit::PortWrite(port, data.to_vec()),
+            VcpuExit::IoIn(port, data) if (port::CONSOLE_BLOCK.0..=port::CONSOLE_BLOCK.1).contains(&port) => {
+                data.fill(0);
+                if port == port::CONSOLE_LSR {
+                    data[0] = LSR_TX_EMPTY;
+                }
+                Exit::Handled
+            }
+            VcpuExit::IoIn(port, data) => Exit::Ended(invalid("port_read", port.into(), data.len())),
+            VcpuExit::MmioRead(address, data) => Exit::Ended(invalid("mmio_read", address, data.len())),
+            VcpuExit::MmioWrite(address, data) => Exit::Ended(invalid("mmio_write", address, data.len())),
+            VcpuExit::Hlt => Exit::Ended(Outcome::Halted),
+            VcpuExit::Shutdown => Exit::Ended(Outcome::TripleFault),
+            VcpuExit::InternalError => Exit::Ended(self.internal_error()),
+            VcpuExit::FailEntry(reason, _) => Exit::Ended(Outcome::InternalError {
+                reason: format!("KVM could not enter the guest (hardware entry failure reason {reason:#x})"),
+            }),
+            VcpuExit::Intr => Exit::Handled,
+            other => Exit::Ended(Outcome::InternalError { reason: format!("unexpected exit {other:?}") }),
+        }
+    }
+
+    /// Handles an `out`; returns the outcome if the guest ended.
+    fn port_write(&mut self, port: u16, data: &[u8]) -> Option<Outcome> {
+        let mut word = [0u8; 4];
+        let n = data.len().min(4);
+        word[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(word);
+        match port {
+            port::CONSOLE => {
+                self.console.write(data);
+                None
+            }
+            port::EXIT => Some(Outcome::Exit { code: value }),
+            port::PANIC => Some(self.panic(value)),
+            port::EXCEPTION => Some(self.exception()),
+            _ if (port::CONSOLE_BLOCK.0..=port::CONSOLE_BLOCK.1).contains(&port) => None,
+            _ => Some(invalid("port_write", port.into(), data.len())),
+        }
+    }
+
+    fn panic(&self, length: u32) -> Outcome {
+        let length = (length as usize).min(abi::PANIC_BUF_LEN);
+        let mut message = vec![0u8; length];
+        if self.memory.read_slice(&mut message, GuestAddress(abi::PANIC_BUF_GPA)).is_err() {
+            message.clear();
+        }
+        Outcome::Panic { message: sanitize(&message) }
+    }
+
+    /// Reads the frame the exception stub left on the ring-0 stack.
+    fn exception(&self) -> Outcome {
+        let rsp = self.fd.get_regs().map(|regs| regs.rsp).unwrap_or(0);
+        let mut raw = [0u8; std::mem::size_of::<ExceptionFrame>()];
+        let frame = match self.memory.read_slice(&mut raw, GuestAddress(rsp)) {
+            Ok(()) => ExceptionFrame::from_bytes(&raw).unwrap_or_default(),
+            Err(_) => {
+                return Outcome::InternalError { reason: format!("exception reported with an unreadable stack at {rsp:#x}") }
+            }
+        };
+        let fault_address = (frame.vector == 14).then(|| self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0));
+        Outcome::Exception {
+            vector: frame.vector,
+            name: abi::exception_name(frame.vector).into(),
+            rip: frame.rip,
+            error_code: frame.error_code,
+            fault_address,
+            ring: (frame.cs & 3) as u8,
+        }
+    }
+
+    fn internal_error(&mut self) -> Outcome {
+        // SAFETY: after a KVM_EXIT_INTERNAL_ERROR exit, `internal` is the
+        // active member of the exit union.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let rip = self.fd.get_regs().map(|regs| regs.rip).unwrap_or(0);
+        let kind = match internal.suberror {
+            1 => "instruction emulation failed",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failed",
+            4 => "unexpected exit reason",
+            _ => "unknown",
+        };
+        Outcome::InternalError { reason: format!("{kind} (suberror {}) at rip {rip:#x}", internal.suberror) }
+    }
+}
+
+fn invalid(access: &'static str, address: u64, size: usize) -> Outcome {
+    Outcome::InvalidAccess { access, address, size }
+}

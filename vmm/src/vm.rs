@@ -1,0 +1,244 @@
+//! Assembling a driver VM: memory slots, interrupt controller, doorbells,
+//! the image, the system tables, the boot information and the vCPU.
+//!
+//! Everything a VM is given is listed in its [`VmConfig`]; nothing else
+//! enters its guest physical address space (invariant 1 in DESIGN.md).
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+
+use guest_abi::{self as abi, BootInfo, DoorbellInfo, IrqInfo, Plain, WindowInfo};
+use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{DoorbellAddress, DoorbellConfig, VmConfig, PAGE_SIZE};
+use crate::console::Console;
+use crate::error::{Error, Result};
+use crate::image::Image;
+use crate::memory::{self, GuestMemory};
+use crate::vcpu::Vcpu;
+use crate::x86::{self, PageTables};
+
+/// PIC lines handed out to `--irq` lines, in order. Skipped: 0 (timer),
+/// 1 (keyboard), 2 (cascade), 3 and 4 (serial), 8 (RTC), 13 (FPU), so a
+/// reader of a trace sees no familiar line used for something else.
+const FREE_PIC_LINES: [u32; abi::MAX_IRQS] = [5, 6, 7, 9, 10, 11, 12, 14];
+/// The slave PIC is wired to line 2 of the master.
+const PIC_CASCADE_LINE: u32 = 2;
+/// Local APIC LVT registers and delivery modes (Intel SDM vol. 3, 11.5.1).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7 << 8;
+const APIC_MODE_NMI: u32 = 0x4 << 8;
+
+/// A VM ready to run: its KVM handles, memory and vCPU.
+pub struct Vm {
+    /// Name for logs and reports.
+    pub name: String,
+    /// Kept open for the VM's lifetime; dropping it destroys the VM.
+    pub vm_fd: VmFd,
+    /// The one vCPU.
+    pub vcpu: Vcpu,
+    /// Doorbell and interrupt eventfds (KVM holds its own references; these
+    /// keep the registrations' fds alive for symmetry with teardown).
+    pub eventfds: Vec<EventFd>,
+}
+
+impl Vm {
+    /// Creates and fully sets up a VM; the guest has not run yet.
+    pub fn create(kvm: &Kvm, config: &VmConfig, image: &Image, console: Console) -> Result<Vm> {
+        config.validate()?;
+        let needed = image.ram_needed();
+        if needed > config.memory {
+            return Err(Error::ImageTooLarge { image: image.name.clone(), needed, available: config.memory });
+        }
+        let guest = memory::build(config)?;
+        let vm_fd = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
+        register_slots(&vm_fd, &guest)?;
+        let gsis: Vec<u32> = FREE_PIC_LINES[..config.irqs.len()].to_vec();
+        let mut eventfds = Vec::new();
+        if !config.irqs.is_empty() {
+            // Only VMs with interrupt lines get an irqchip: destroying one
+            // costs about 15 ms (an RCU wait, DESIGN.md).
+            setup_pic(&vm_fd, &gsis)?;
+            for (irq, gsi) in config.irqs.iter().zip(&gsis) {
+                let eventfd = take_eventfd(irq.fd, "--irq fd")?;
+                vm_fd.register_irqfd(&eventfd, *gsi).map_err(Error::kvm("registering an irqfd"))?;
+                eventfds.push(eventfd);
+            }
+        }
+        for doorbell in &config.doorbells {
+            let eventfd = take_eventfd(doorbell.fd, "--doorbell fd")?;
+            register_doorbell(&vm_fd, doorbell, &eventfd)?;
+            eventfds.push(eventfd);
+        }
+        let header = image.load(&guest.memory)?;
+        x86::write_system_tables(&guest.memory, header.isr_stubs)?;
+        let cr3 = build_page_tables(&guest.memory, config)?;
+        let vcpu_fd = vm_fd.create_vcpu(0).map_err(Error::kvm("creating the vCPU"))?;
+        if !config.irqs.is_empty() {
+            route_pic_to_vcpu(&vcpu_fd)?;
+        }
+        let tsc_khz = vcpu_fd.get_tsc_khz().map_err(Error::kvm("reading the TSC frequency"))?;
+        let boot = boot_info(config, image, u64::from(tsc_khz), &gsis);
+        guest
+            .memory
+            .write_slice(boot.as_bytes(), GuestAddress(abi::BOOT_INFO_GPA))
+            .and_then(|_| guest.memory.write_slice(config.cmdline.as_bytes(), GuestAddress(abi::CMDLINE_GPA)))
+            .map_err(|e| Error::invalid("guest memory", format!("writing the boot information: {e}")))?;
+        let sregs = vcpu_fd.get_sregs().map_err(Error::kvm("reading special registers"))?;
+        vcpu_fd.set_sregs(&x86::sregs(sregs, cr3)).map_err(Error::kvm("setting special registers"))?;
+        vcpu_fd.set_regs(&x86::regs(image.layout.entry, boot.stack_top)).map_err(Error::kvm("setting registers"))?;
+        Ok(Vm { name: config.name.clone(), vm_fd, vcpu: Vcpu::new(vcpu_fd, guest.memory, console), eventfds })
+    }
+}
+
+fn register_slots(vm_fd: &VmFd, guest: &GuestMemory) -> Result<()> {
+    for (slot, region) in guest.slots.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: if region.read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: region.gpa,
+            memory_size: region.size,
+            userspace_addr: region.host_addr,
+        };
+        // SAFETY: the host range is a live mapping owned by `guest.memory`,
+        // which the `Vcpu` keeps alive at least as long as the VM fd is used
+        // to run the guest.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(Error::kvm("registering guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Duplicates an inherited eventfd after checking that it is one.
+fn take_eventfd(fd: RawFd, what: &str) -> Result<EventFd> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|_| Error::invalid(what, format!("file descriptor {fd} is not open in the vmm: pass it open (without CLOEXEC)")))?;
+    if link != PathBuf::from("anon_inode:[eventfd]") {
+        return Err(Error::invalid(what, format!("file descriptor {fd} is {}, not an eventfd", link.display())));
+    }
+    // SAFETY: fcntl on an fd we just checked is open; F_DUPFD_CLOEXEC creates
+    // a new descriptor that we own.
+    let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if duplicate < 0 {
+        return Err(Error::Io { operation: format!("duplicating file descriptor {fd}"), source: std::io::Error::last_os_error() });
+    }
+    // SAFETY: `duplicate` is a fresh eventfd descriptor owned by nothing else.
+    Ok(unsafe { EventFd::from_raw_fd(duplicate) })
+}
+
+fn register_doorbell(vm_fd: &VmFd, doorbell: &DoorbellConfig, eventfd: &EventFd) -> Result<()> {
+    let address = match doorbell.address {
+        DoorbellAddress::Mmio(gpa) => IoEventAddress::Mmio(gpa),
+        DoorbellAddress::Port(port) => IoEventAddress::Pio(port.into()),
+    };
+    let result = match (doorbell.datamatch, doorbell.len) {
+        (None, _) => vm_fd.register_ioevent(eventfd, &address, NoDatamatch),
+        (Some(value), 1) => vm_fd.register_ioevent(eventfd, &address, value as u8),
+        (Some(value), 2) => vm_fd.register_ioevent(eventfd, &address, value as u16),
+        (Some(value), 4) => vm_fd.register_ioevent(eventfd, &address, value as u32),
+        (Some(value), _) => vm_fd.register_ioevent(eventfd, &address, value),
+    };
+    result.map_err(Error::kvm("registering a doorbell (ioeventfd)"))
+}
+
+/// Creates the in-kernel irqchip and programs the two 8259 PICs: vectors
+/// from `IRQ_VECTOR_BASE`, auto-EOI (so the guest's ring-0 handler needs no
+/// EOI write), and only the lines in use unmasked.
+fn setup_pic(vm_fd: &VmFd, gsis: &[u32]) -> Result<()> {
+    vm_fd.create_irq_chip().map_err(Error::kvm("creating the interrupt controller"))?;
+    let mut unmasked: u16 = gsis.iter().fold(0, |mask, gsi| mask | 1 << gsi);
+    if gsis.iter().any(|gsi| *gsi >= 8) {
+        unmasked |= 1 << PIC_CASCADE_LINE;
+    }
+    for (chip_id, base, lines) in [(0u32, abi::IRQ_VECTOR_BASE, unmasked as u8), (1, abi::IRQ_VECTOR_BASE + 8, (unmasked >> 8) as u8)] {
+        let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+        vm_fd.get_irqchip(&mut chip).map_err(Error::kvm("reading the PIC state"))?;
+        // SAFETY: chip ids 0 and 1 are the master and slave PIC, so `pic` is
+        // the active member of the union.
+        let pic = unsafe { &mut chip.chip.pic };
+        pic.irq_base = base;
+        pic.imr = !lines;
+        pic.auto_eoi = 1;
+        pic.init4 = 1;
+        pic.init_state = 0;
+        vm_fd.set_irqchip(&chip).map_err(Error::kvm("programming the PIC"))?;
+    }
+    Ok(())
+}
+
+/// Routes the PIC's output through LINT0 of the local APIC (ExtINT), as on
+/// a PC at reset.
+fn route_pic_to_vcpu(vcpu_fd: &VcpuFd) -> Result<()> {
+    let mut lapic = vcpu_fd.get_lapic().map_err(Error::kvm("reading the local APIC"))?;
+    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        for (i, byte) in mode.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *byte as libc::c_char;
+        }
+    }
+    vcpu_fd.set_lapic(&lapic).map_err(Error::kvm("programming the local APIC"))
+}
+
+/// Maps RAM (except the null page), windows and doorbell pages; nothing else.
+fn build_page_tables(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64> {
+    let mut tables = PageTables::new(memory);
+    tables.map(PAGE_SIZE, config.memory, false)?;
+    for window in &config.windows {
+        tables.map(window.gpa, window.end(), window.read_only)?;
+    }
+    let mut pages: Vec<u64> = config
+        .doorbells
+        .iter()
+        .filter_map(|d| match d.address {
+            DoorbellAddress::Mmio(gpa) => Some(gpa & !(PAGE_SIZE - 1)),
+            DoorbellAddress::Port(_) => None,
+        })
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    for page in pages {
+        tables.map(page, page + PAGE_SIZE, false)?;
+    }
+    Ok(tables.root())
+}
+
+fn boot_info(config: &VmConfig, image: &Image, tsc_khz: u64, gsis: &[u32]) -> BootInfo {
+    let mut boot = BootInfo {
+        magic: abi::BOOT_MAGIC,
+        abi_version: abi::ABI_VERSION,
+        window_count: config.windows.len() as u32,
+        doorbell_count: config.doorbells.len() as u32,
+        irq_count: config.irqs.len() as u32,
+        ram_size: config.memory,
+        image_end: image.layout.end,
+        heap_start: image.layout.end.next_multiple_of(PAGE_SIZE),
+        heap_end: config.memory - abi::RING3_STACK_SIZE,
+        stack_top: config.memory,
+        tsc_khz,
+        cmdline_len: config.cmdline.len() as u64,
+        ..Default::default()
+    };
+    for (slot, window) in boot.windows.iter_mut().zip(&config.windows) {
+        let mut name = [0u8; abi::NAME_LEN];
+        name[..window.name.len()].copy_from_slice(window.name.as_bytes());
+        *slot = WindowInfo {
+            gpa: window.gpa,
+            size: window.size,
+            flags: if window.read_only { abi::WINDOW_READ_ONLY } else { 0 },
+            reserved: 0,
+            name,
+        };
+    }
+    for (slot, doorbell) in boot.doorbells.iter_mut().zip(&config.doorbells) {
+        *slot = match doorbell.address {
+            DoorbellAddress::Mmio(gpa) => DoorbellInfo { kind: abi::DOORBELL_MMIO, len: doorbell.len, addr: gpa },
+            DoorbellAddress::Port(port) => DoorbellInfo { kind: abi::DOORBELL_PORT, len: doorbell.len, addr: port.into() },
+        };
+    }
+    for (slot, gsi) in boot.irqs.iter_mut().zip(gsis) {
+        *slot = IrqInfo { gsi: *gsi, vector: u32::from(abi::IRQ_VECTOR_BASE) + gsi };
+    }
+    boot
+}
