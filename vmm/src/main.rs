@@ -186,6 +186,9 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     };
     config.validate()?;
     let image = Image::resolve(&args.image)?;
+    if image.ram_needed() > config.memory {
+        return Err(Error::ImageTooLarge { image: image.name.clone(), needed: image.ram_needed(), available: config.memory });
+    }
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
         "none" => ConsoleSink::Discard,

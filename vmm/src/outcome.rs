@@ -99,6 +99,7 @@ impl Outcome {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     /// The VM's name.
+    #[serde(rename = "vm")]
     pub name: String,
     /// How it ended.
     #[serde(flatten)]
@@ -114,6 +115,7 @@ pub struct Report {
 #[derive(Clone, Debug, Serialize)]
 pub struct ErrorReport {
     /// The VM's name.
+    #[serde(rename = "vm")]
     pub name: String,
     /// Always `setup_error`.
     pub outcome: &'static str,
@@ -166,7 +168,8 @@ mod tests {
         assert_eq!(json["outcome"], "exception");
         assert_eq!(json["vector"], 14);
         assert_eq!(json["fault_address"], 0xdead_0000u64);
-        assert_eq!(json["name"], "vm0");
+        assert_eq!(json["vm"], "vm0");
+        assert_eq!(json["name"], "page_fault");
         let exit = serde_json::to_value(Outcome::Exit { code: 3 }).unwrap();
         assert_eq!(exit, serde_json::json!({"outcome": "exit", "code": 3}));
         assert_eq!(serde_json::to_value(Outcome::TripleFault).unwrap(), serde_json::json!({"outcome": "triple_fault"}));
