@@ -39,7 +39,8 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir.parent().expect("vmm/ sits in the workspace root").to_path_buf();
     let driver_dir = root.join("driver-vm");
-    let target_dir = env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("guest");
+    let target_dir =
+        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("guest");
 
     for watched in [
         "driver-vm/src",
@@ -74,7 +75,8 @@ fn main() {
     let image_dir = target_dir.join(GUEST_TARGET).join("release");
     let mut names = image_names(&driver_dir.join("src/bin"));
     names.sort();
-    let mut table = String::from("/// Built-in images: (name, ELF bytes).\npub static BUILT_IN: &[(&str, &[u8])] = &[\n");
+    let mut table =
+        String::from("/// Built-in images: (name, ELF bytes).\npub static BUILT_IN: &[(&str, &[u8])] = &[\n");
     for name in &names {
         let path = image_dir.join(name);
         assert!(path.is_file(), "image {} was not built", path.display());

@@ -18,13 +18,7 @@ impl Write for PanicBuffer {
         let take = s.len().min(PANIC_BUF_LEN - self.len);
         // SAFETY: the vmm maps PANIC_BUF_LEN bytes at PANIC_BUF_GPA for this
         // purpose, and `len + take <= PANIC_BUF_LEN`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                s.as_ptr(),
-                (PANIC_BUF_GPA as *mut u8).add(self.len),
-                take,
-            )
-        };
+        unsafe { core::ptr::copy_nonoverlapping(s.as_ptr(), (PANIC_BUF_GPA as *mut u8).add(self.len), take) };
         self.len += take;
         Ok(())
     }

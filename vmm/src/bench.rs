@@ -105,10 +105,20 @@ fn fmt(d: Duration) -> String {
 }
 
 fn print_row(label: &str, stats: &Stats) {
-    println!("{label:<40} {:>10} {:>10} {:>10} {:>10}", fmt(stats.median), fmt(stats.p99), fmt(stats.min), fmt(stats.max));
+    println!(
+        "{label:<40} {:>10} {:>10} {:>10} {:>10}",
+        fmt(stats.median),
+        fmt(stats.p99),
+        fmt(stats.min),
+        fmt(stats.max)
+    );
 }
 
-fn measure(label: &str, iterations: usize, mut once: impl FnMut() -> Result<Duration, String>) -> Result<Stats, String> {
+fn measure(
+    label: &str,
+    iterations: usize,
+    mut once: impl FnMut() -> Result<Duration, String>,
+) -> Result<Stats, String> {
     eprint!("{label}: ");
     let mut samples = Vec::with_capacity(iterations);
     for i in 0..iterations {
@@ -163,7 +173,8 @@ fn spawn_to_ready(image: &str) -> Result<Duration, String> {
 fn recreate_to_ready(kvm: &Kvm, image: &Image) -> Result<(Duration, Duration, Vm), String> {
     let config = VmConfig { name: "bench".into(), ..VmConfig::default() };
     let start = Instant::now();
-    let mut vm = Vm::create(kvm, &config, image, Console::new("bench", ConsoleSink::Discard)).map_err(|e| e.to_string())?;
+    let mut vm =
+        Vm::create(kvm, &config, image, Console::new("bench", ConsoleSink::Discard)).map_err(|e| e.to_string())?;
     let setup = start.elapsed();
     match vm.vcpu.run(RunUntil::Ready, &AtomicBool::new(false), &mut || {}) {
         VcpuStop::Ready => Ok((start.elapsed(), setup, vm)),

@@ -122,9 +122,10 @@ pub fn parse_number(what: &str, text: &str) -> Result<u64> {
 
 fn parse_fd(what: &str, text: &str) -> Result<RawFd> {
     let fd = parse_number(what, text)?;
-    RawFd::try_from(fd).ok().filter(|fd| *fd > 2).ok_or_else(|| {
-        Error::invalid(what, format!("{text:?}: expected an inherited file descriptor number above 2"))
-    })
+    RawFd::try_from(fd)
+        .ok()
+        .filter(|fd| *fd > 2)
+        .ok_or_else(|| Error::invalid(what, format!("{text:?}: expected an inherited file descriptor number above 2")))
 }
 
 /// Splits `key=value` (or a bare flag, returned with an empty value).
@@ -196,7 +197,9 @@ impl DoorbellConfig {
                 _ => {
                     return Err(Error::invalid(
                         what,
-                        format!("{spec:?}: unknown option {item:?} (known: mmio=GPA, port=PORT, fd=N, len=N, datamatch=V)"),
+                        format!(
+                            "{spec:?}: unknown option {item:?} (known: mmio=GPA, port=PORT, fd=N, len=N, datamatch=V)"
+                        ),
                     ))
                 }
             }
@@ -272,7 +275,10 @@ impl VmConfig {
         let mut fds: Vec<RawFd> = self.doorbells.iter().map(|d| d.fd).chain(self.irqs.iter().map(|i| i.fd)).collect();
         fds.sort_unstable();
         if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(Error::invalid("fd", format!("{} is used twice; give each doorbell and line its own eventfd", pair[0])));
+            return Err(Error::invalid(
+                "fd",
+                format!("{} is used twice; give each doorbell and line its own eventfd", pair[0]),
+            ));
         }
         Ok(())
     }
@@ -290,7 +296,10 @@ impl VmConfig {
 
     fn validate_windows(&self, ranges: &mut Vec<Range>) -> Result<()> {
         if self.windows.len() > abi::MAX_WINDOWS {
-            return Err(Error::invalid("--window", format!("{} given, at most {}", self.windows.len(), abi::MAX_WINDOWS)));
+            return Err(Error::invalid(
+                "--window",
+                format!("{} given, at most {}", self.windows.len(), abi::MAX_WINDOWS),
+            ));
         }
         for (i, window) in self.windows.iter().enumerate() {
             let label = format!("window {i} ({})", window.path.display());
@@ -328,8 +337,16 @@ impl VmConfig {
         }
         let mut mmio = Vec::new();
         let mut ports = vec![
-            Range { what: "the console ports".into(), start: port::CONSOLE_BLOCK.0.into(), end: u64::from(port::CONSOLE_BLOCK.1) + 1 },
-            Range { what: "the hypercall ports".into(), start: port::RESERVED.0.into(), end: u64::from(port::RESERVED.1) + 1 },
+            Range {
+                what: "the console ports".into(),
+                start: port::CONSOLE_BLOCK.0.into(),
+                end: u64::from(port::CONSOLE_BLOCK.1) + 1,
+            },
+            Range {
+                what: "the hypercall ports".into(),
+                start: port::RESERVED.0.into(),
+                end: u64::from(port::RESERVED.1) + 1,
+            },
         ];
         for (i, doorbell) in self.doorbells.iter().enumerate() {
             let len = u64::from(doorbell.len);
@@ -337,20 +354,33 @@ impl VmConfig {
                 DoorbellAddress::Mmio(gpa) => {
                     check_aligned(format!("doorbell {i} address"), gpa, len)?;
                     if gpa.checked_add(len).is_none_or(|end| end > abi::GPA_LIMIT) {
-                        return Err(Error::invalid("--doorbell mmio", format!("{gpa:#x} is beyond {:#x}", abi::GPA_LIMIT)));
+                        return Err(Error::invalid(
+                            "--doorbell mmio",
+                            format!("{gpa:#x} is beyond {:#x}", abi::GPA_LIMIT),
+                        ));
                     }
                     // The doorbell's whole page is mapped for it, so only
                     // other doorbells may share that page.
                     let page = gpa & !(PAGE_SIZE - 1);
-                    check_no_overlap(memory, &Range { what: format!("doorbell {i} page"), start: page, end: page + PAGE_SIZE })?;
+                    check_no_overlap(
+                        memory,
+                        &Range { what: format!("doorbell {i} page"), start: page, end: page + PAGE_SIZE },
+                    )?;
                     let exact = Range { what: format!("doorbell {i}"), start: gpa, end: gpa + len };
                     check_no_overlap(&mmio, &exact)?;
                     mmio.push(exact);
                 }
                 DoorbellAddress::Port(number) => {
-                    let range = Range { what: format!("doorbell {i} port"), start: number.into(), end: u64::from(number) + len };
+                    let range = Range {
+                        what: format!("doorbell {i} port"),
+                        start: number.into(),
+                        end: u64::from(number) + len,
+                    };
                     if range.end > 0x1_0000 {
-                        return Err(Error::invalid("--doorbell port", format!("{number:#x} + {len} bytes is beyond port 0xffff")));
+                        return Err(Error::invalid(
+                            "--doorbell port",
+                            format!("{number:#x} + {len} bytes is beyond port 0xffff"),
+                        ));
                     }
                     check_no_overlap(&ports, &range)?;
                     ports.push(range);
@@ -404,7 +434,10 @@ mod tests {
     #[test]
     fn doorbell_and_irq_specs() {
         let d = DoorbellConfig::parse("mmio=0x50000000,fd=7,len=8,datamatch=3").unwrap();
-        assert_eq!(d, DoorbellConfig { address: DoorbellAddress::Mmio(0x5000_0000), len: 8, datamatch: Some(3), fd: 7 });
+        assert_eq!(
+            d,
+            DoorbellConfig { address: DoorbellAddress::Mmio(0x5000_0000), len: 8, datamatch: Some(3), fd: 7 }
+        );
         let p = DoorbellConfig::parse("port=0x600,fd=5").unwrap();
         assert_eq!(p.address, DoorbellAddress::Port(0x600));
         assert_eq!(p.len, 4);
@@ -464,13 +497,18 @@ mod tests {
             ..VmConfig::default()
         };
         assert!(matches!(in_window.validate(), Err(Error::Overlap { .. })));
-        let same = VmConfig { doorbells: vec![bell("port=0x600,fd=3"), bell("port=0x602,fd=4")], ..VmConfig::default() };
+        let same =
+            VmConfig { doorbells: vec![bell("port=0x600,fd=3"), bell("port=0x602,fd=4")], ..VmConfig::default() };
         assert!(matches!(same.validate(), Err(Error::Overlap { .. })));
         let console = VmConfig { doorbells: vec![bell("port=0x3f8,fd=3,len=1")], ..VmConfig::default() };
         assert!(matches!(console.validate(), Err(Error::Overlap { .. })));
         let unaligned = VmConfig { doorbells: vec![bell("mmio=0x50000002,fd=3")], ..VmConfig::default() };
         assert!(matches!(unaligned.validate(), Err(Error::Unaligned { .. })));
-        let shared_fd = VmConfig { doorbells: vec![bell("port=0x600,fd=3")], irqs: vec![IrqConfig { fd: 3 }], ..VmConfig::default() };
+        let shared_fd = VmConfig {
+            doorbells: vec![bell("port=0x600,fd=3")],
+            irqs: vec![IrqConfig { fd: 3 }],
+            ..VmConfig::default()
+        };
         assert!(matches!(shared_fd.validate(), Err(Error::InvalidValue { .. })));
         let many_irqs = VmConfig { irqs: (3..20).map(|fd| IrqConfig { fd }).collect(), ..VmConfig::default() };
         assert!(matches!(many_irqs.validate(), Err(Error::InvalidValue { .. })));

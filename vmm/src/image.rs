@@ -62,7 +62,10 @@ impl Image {
         }
         let path = Path::new(arg);
         if !path.exists() {
-            return Err(Error::ImageNotFound { name: arg.into(), builtins: builtin_names().collect::<Vec<_>>().join(", ") });
+            return Err(Error::ImageNotFound {
+                name: arg.into(),
+                builtins: builtin_names().collect::<Vec<_>>().join(", "),
+            });
         }
         let bytes = std::fs::read(path).map_err(|source| Error::ImageRead { path: path.into(), source })?;
         Image::from_bytes(arg.into(), Cow::Owned(bytes))
@@ -85,7 +88,9 @@ impl Image {
         Elf::load(memory, None, &mut Cursor::new(&self.bytes[..]), None)
             .map_err(|e| invalid(format!("loading its segments failed: {e}")))?;
         let mut raw = [0u8; std::mem::size_of::<ImageHeader>()];
-        memory.read_slice(&mut raw, GuestAddress(abi::IMAGE_BASE)).map_err(|e| invalid(format!("reading its header failed: {e}")))?;
+        memory
+            .read_slice(&mut raw, GuestAddress(abi::IMAGE_BASE))
+            .map_err(|e| invalid(format!("reading its header failed: {e}")))?;
         check_header(&raw, &self.layout).map_err(invalid)
     }
 }
@@ -143,7 +148,11 @@ pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
         }
         let segment_end = paddr.checked_add(memsz).ok_or_else(|| format!("segment {index} wraps around"))?;
         if paddr < abi::IMAGE_BASE || segment_end > abi::GPA_LIMIT {
-            return Err(format!("segment {index} at {paddr:#x} is outside [{:#x}, {:#x})", abi::IMAGE_BASE, abi::GPA_LIMIT));
+            return Err(format!(
+                "segment {index} at {paddr:#x} is outside [{:#x}, {:#x})",
+                abi::IMAGE_BASE,
+                abi::GPA_LIMIT
+            ));
         }
         start = start.min(paddr);
         end = end.max(segment_end);
@@ -164,10 +173,18 @@ pub fn check_header(raw: &[u8], layout: &ElfLayout) -> std::result::Result<Image
         return Err(format!("no image header at {:#x} (is it built with guest-kernel?)", abi::IMAGE_BASE));
     }
     if header.abi_version != abi::ABI_VERSION {
-        return Err(format!("built for ABI version {}, this vmm speaks {}: rebuild it", header.abi_version, abi::ABI_VERSION));
+        return Err(format!(
+            "built for ABI version {}, this vmm speaks {}: rebuild it",
+            header.abi_version,
+            abi::ABI_VERSION
+        ));
     }
     if header.header_size as usize != std::mem::size_of::<ImageHeader>() {
-        return Err(format!("image header is {} bytes, expected {}", header.header_size, std::mem::size_of::<ImageHeader>()));
+        return Err(format!(
+            "image header is {} bytes, expected {}",
+            header.header_size,
+            std::mem::size_of::<ImageHeader>()
+        ));
     }
     let stubs_end = header.isr_stubs.checked_add(abi::ISR_COUNT * abi::ISR_STUB_STRIDE);
     if header.isr_stubs < layout.start || stubs_end.is_none_or(|end| end > layout.end) {

@@ -110,11 +110,8 @@ struct RunArgs {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?}: expected a duration such as 500ms, 2s or 1.5");
-    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
-        (ms, 1e-3)
-    } else {
-        (text.strip_suffix('s').unwrap_or(text), 1.0)
-    };
+    let (number, scale) =
+        if let Some(ms) = text.strip_suffix("ms") { (ms, 1e-3) } else { (text.strip_suffix('s').unwrap_or(text), 1.0) };
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
     if !value.is_finite() || value <= 0.0 || value * scale > 1e9 {
         return Err(bad());
@@ -126,7 +123,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     let cli = match Cli::try_parse() {
@@ -187,17 +185,23 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     config.validate()?;
     let image = Image::resolve(&args.image)?;
     if image.ram_needed() > config.memory {
-        return Err(Error::ImageTooLarge { image: image.name.clone(), needed: image.ram_needed(), available: config.memory });
+        return Err(Error::ImageTooLarge {
+            image: image.name.clone(),
+            needed: image.ram_needed(),
+            available: config.memory,
+        });
     }
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
         "none" => ConsoleSink::Discard,
         path => ConsoleSink::File(
-            File::create(PathBuf::from(path)).map_err(|source| Error::Io { operation: format!("creating console file {path}"), source })?,
+            File::create(PathBuf::from(path))
+                .map_err(|source| Error::Io { operation: format!("creating console file {path}"), source })?,
         ),
     };
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
-    let kvm = Kvm::new().map_err(|source| Error::Kvm { operation: "opening /dev/kvm (is KVM available and accessible?)", source })?;
+    let kvm = Kvm::new()
+        .map_err(|source| Error::Kvm { operation: "opening /dev/kvm (is KVM available and accessible?)", source })?;
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
     let result = runner::run(vm, RunOptions { timeout: args.timeout, ready_file })?;
     Ok(Report {

@@ -37,8 +37,10 @@ pub struct GuestMemory {
 
 /// Maps RAM and every window of `config`.
 pub fn build(config: &VmConfig) -> Result<GuestMemory> {
-    let ram = GuestRegionMmap::from_range(GuestAddress(0), config.memory as usize, None)
-        .map_err(|e| Error::Io { operation: format!("allocating {} bytes of guest RAM", config.memory), source: std::io::Error::other(e) })?;
+    let ram = GuestRegionMmap::from_range(GuestAddress(0), config.memory as usize, None).map_err(|e| Error::Io {
+        operation: format!("allocating {} bytes of guest RAM", config.memory),
+        source: std::io::Error::other(e),
+    })?;
     let mut regions = vec![(ram, false)];
     let mut windows: Vec<&WindowConfig> = config.windows.iter().collect();
     windows.sort_by_key(|w| w.gpa);
@@ -64,11 +66,19 @@ fn window_error(window: &WindowConfig, reason: impl Into<String>) -> Error {
 }
 
 fn open_window_file(window: &WindowConfig) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!window.read_only)
-        .open(&window.path)
-        .map_err(|e| window_error(window, format!("cannot open it {}: {e}", if window.read_only { "for reading" } else { "for reading and writing (add ,ro for a read-only window)" })))?;
+    let file = OpenOptions::new().read(true).write(!window.read_only).open(&window.path).map_err(|e| {
+        window_error(
+            window,
+            format!(
+                "cannot open it {}: {e}",
+                if window.read_only {
+                    "for reading"
+                } else {
+                    "for reading and writing (add ,ro for a read-only window)"
+                }
+            ),
+        )
+    })?;
     let metadata = file.metadata().map_err(|e| window_error(window, format!("cannot stat it: {e}")))?;
     let kind = metadata.file_type();
     let needed = window.offset.saturating_add(window.size);
@@ -78,7 +88,12 @@ fn open_window_file(window: &WindowConfig) -> Result<File> {
         if metadata.len() < needed {
             return Err(window_error(
                 window,
-                format!("it is {} bytes but the window needs offset {:#x} + size {:#x} = {needed} bytes", metadata.len(), window.offset, window.size),
+                format!(
+                    "it is {} bytes but the window needs offset {:#x} + size {:#x} = {needed} bytes",
+                    metadata.len(),
+                    window.offset,
+                    window.size
+                ),
             ));
         }
     } else if !kind.is_char_device() && !kind.is_block_device() {
@@ -96,5 +111,6 @@ fn map_window(window: &WindowConfig) -> Result<GuestRegionMmap> {
         .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
         .build()
         .map_err(|e| window_error(window, format!("cannot map it: {e}")))?;
-    GuestRegionMmap::new(region, GuestAddress(window.gpa)).ok_or_else(|| window_error(window, "the window wraps around the address space"))
+    GuestRegionMmap::new(region, GuestAddress(window.gpa))
+        .ok_or_else(|| window_error(window, "the window wraps around the address space"))
 }

@@ -120,26 +120,39 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
 
     let finished = Arc::new(AtomicBool::new(false));
     let expired = Arc::new(AtomicBool::new(false));
-    let mut manager: EventManager<Box<dyn MutEventSubscriber>> =
-        EventManager::new().map_err(|e| Error::Io { operation: "creating the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+    let mut manager: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(|e| Error::Io {
+        operation: "creating the event loop".into(),
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
     manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
     if let Some(timeout) = options.timeout {
         let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;
         timer.reset(timeout, None).map_err(errno_error("arming the watchdog timer"))?;
-        manager.add_subscriber(Box::new(Watchdog { timer, stop: stop.clone(), expired: expired.clone(), vcpu_thread: handle.as_pthread_t() }));
+        manager.add_subscriber(Box::new(Watchdog {
+            timer,
+            stop: stop.clone(),
+            expired: expired.clone(),
+            vcpu_thread: handle.as_pthread_t(),
+        }));
     }
     while !finished.load(Ordering::Acquire) {
-        manager.run().map_err(|e| Error::Io { operation: "running the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+        manager.run().map_err(|e| Error::Io {
+            operation: "running the event loop".into(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
     }
-    let (stop_reason, ready_at, vcpu) = handle
-        .join()
-        .map_err(|_| Error::Io { operation: "joining the vCPU thread".into(), source: std::io::Error::other("the vCPU thread panicked") })?;
+    let (stop_reason, ready_at, vcpu) = handle.join().map_err(|_| Error::Io {
+        operation: "joining the vCPU thread".into(),
+        source: std::io::Error::other("the vCPU thread panicked"),
+    })?;
     let outcome = match stop_reason {
         VcpuStop::Ended(outcome) => outcome,
         VcpuStop::Stopped | VcpuStop::Ready if expired.load(Ordering::Acquire) => {
             Outcome::Timeout { after_ms: options.timeout.unwrap_or_default().as_millis() as u64 }
         }
-        VcpuStop::Stopped | VcpuStop::Ready => Outcome::InternalError { reason: "the vCPU stopped without a reason".into() },
+        VcpuStop::Stopped | VcpuStop::Ready => {
+            Outcome::InternalError { reason: "the vCPU stopped without a reason".into() }
+        }
     };
     let outcome = match outcome {
         // Without an interrupt line nothing can wake a halted guest: it
@@ -158,7 +171,10 @@ fn wait_for_watchdog(
 ) -> Result<Outcome> {
     let Some(timeout) = timeout else { return Ok(Outcome::Halted) };
     while !expired.load(Ordering::Acquire) {
-        manager.run().map_err(|e| Error::Io { operation: "running the event loop".into(), source: std::io::Error::other(format!("{e:?}")) })?;
+        manager.run().map_err(|e| Error::Io {
+            operation: "running the event loop".into(),
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
     }
     Ok(Outcome::Timeout { after_ms: timeout.as_millis() as u64 })
 }

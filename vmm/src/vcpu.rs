@@ -196,7 +196,9 @@ impl Vcpu {
         let frame = match self.memory.read_slice(&mut raw, GuestAddress(rsp)) {
             Ok(()) => ExceptionFrame::from_bytes(&raw).unwrap_or_default(),
             Err(_) => {
-                return Outcome::InternalError { reason: format!("exception reported with an unreadable stack at {rsp:#x}") }
+                return Outcome::InternalError {
+                    reason: format!("exception reported with an unreadable stack at {rsp:#x}"),
+                }
             }
         };
         let fault_address = (frame.vector == 14).then(|| self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0));

@@ -5,7 +5,6 @@
 //! enters its guest physical address space (invariant 1 in DESIGN.md).
 
 use std::os::fd::{FromRawFd, RawFd};
-use std::path::PathBuf;
 
 use guest_abi::{self as abi, BootInfo, DoorbellInfo, IrqInfo, Plain, WindowInfo};
 use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, KVM_MEM_READONLY};
@@ -114,16 +113,20 @@ fn register_slots(vm_fd: &VmFd, guest: &GuestMemory) -> Result<()> {
 
 /// Duplicates an inherited eventfd after checking that it is one.
 fn take_eventfd(fd: RawFd, what: &str) -> Result<EventFd> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|_| Error::invalid(what, format!("file descriptor {fd} is not open in the vmm: pass it open (without CLOEXEC)")))?;
-    if link != PathBuf::from("anon_inode:[eventfd]") {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|_| {
+        Error::invalid(what, format!("file descriptor {fd} is not open in the vmm: pass it open (without CLOEXEC)"))
+    })?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
         return Err(Error::invalid(what, format!("file descriptor {fd} is {}, not an eventfd", link.display())));
     }
     // SAFETY: fcntl on an fd we just checked is open; F_DUPFD_CLOEXEC creates
     // a new descriptor that we own.
     let duplicate = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
     if duplicate < 0 {
-        return Err(Error::Io { operation: format!("duplicating file descriptor {fd}"), source: std::io::Error::last_os_error() });
+        return Err(Error::Io {
+            operation: format!("duplicating file descriptor {fd}"),
+            source: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: `duplicate` is a fresh eventfd descriptor owned by nothing else.
     Ok(unsafe { EventFd::from_raw_fd(duplicate) })
@@ -153,7 +156,9 @@ fn setup_pic(vm_fd: &VmFd, gsis: &[u32]) -> Result<()> {
     if gsis.iter().any(|gsi| *gsi >= 8) {
         unmasked |= 1 << PIC_CASCADE_LINE;
     }
-    for (chip_id, base, lines) in [(0u32, abi::IRQ_VECTOR_BASE, unmasked as u8), (1, abi::IRQ_VECTOR_BASE + 8, (unmasked >> 8) as u8)] {
+    for (chip_id, base, lines) in
+        [(0u32, abi::IRQ_VECTOR_BASE, unmasked as u8), (1, abi::IRQ_VECTOR_BASE + 8, (unmasked >> 8) as u8)]
+    {
         let mut chip = kvm_irqchip { chip_id, ..Default::default() };
         vm_fd.get_irqchip(&mut chip).map_err(Error::kvm("reading the PIC state"))?;
         // SAFETY: chip ids 0 and 1 are the master and slave PIC, so `pic` is
@@ -234,7 +239,9 @@ fn boot_info(config: &VmConfig, image: &Image, tsc_khz: u64, gsis: &[u32]) -> Bo
     for (slot, doorbell) in boot.doorbells.iter_mut().zip(&config.doorbells) {
         *slot = match doorbell.address {
             DoorbellAddress::Mmio(gpa) => DoorbellInfo { kind: abi::DOORBELL_MMIO, len: doorbell.len, addr: gpa },
-            DoorbellAddress::Port(port) => DoorbellInfo { kind: abi::DOORBELL_PORT, len: doorbell.len, addr: port.into() },
+            DoorbellAddress::Port(port) => {
+                DoorbellInfo { kind: abi::DOORBELL_PORT, len: doorbell.len, addr: port.into() }
+            }
         };
     }
     for (slot, gsi) in boot.irqs.iter_mut().zip(gsis) {

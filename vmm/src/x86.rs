@@ -43,12 +43,16 @@ const HUGE_PAGE: u64 = 2 << 20;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 fn write_u64(memory: &GuestMemoryMmap, gpa: u64, value: u64) -> Result<()> {
-    memory.write_slice(&value.to_le_bytes(), GuestAddress(gpa)).map_err(|e| Error::invalid("guest memory", format!("writing at {gpa:#x}: {e}")))
+    memory
+        .write_slice(&value.to_le_bytes(), GuestAddress(gpa))
+        .map_err(|e| Error::invalid("guest memory", format!("writing at {gpa:#x}: {e}")))
 }
 
 fn read_u64(memory: &GuestMemoryMmap, gpa: u64) -> Result<u64> {
     let mut raw = [0u8; 8];
-    memory.read_slice(&mut raw, GuestAddress(gpa)).map_err(|e| Error::invalid("guest memory", format!("reading at {gpa:#x}: {e}")))?;
+    memory
+        .read_slice(&mut raw, GuestAddress(gpa))
+        .map_err(|e| Error::invalid("guest memory", format!("reading at {gpa:#x}: {e}")))?;
     Ok(u64::from_le_bytes(raw))
 }
 

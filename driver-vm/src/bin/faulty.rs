@@ -57,11 +57,11 @@ impl Driver for Faulty {
     fn run(self, kernel: &Kernel) -> Result<u32, Error> {
         match self.failure {
             Failure::Panic => panic!("faulty driver: panic requested"),
-            // SAFETY (this arm): deliberately invalid; the fault ends the VM.
             Failure::PageFault => {
+                // SAFETY: deliberately invalid; the page fault ends the VM.
                 let _ = unsafe { (UNMAPPED_ADDRESS as *const u64).read_volatile() };
             }
-            // SAFETY (this arm): ud2 raises #UD, which ends the VM.
+            // SAFETY: ud2 raises #UD, which ends the VM.
             Failure::Illegal => unsafe { core::arch::asm!("ud2") },
             Failure::TripleFault => triple_fault(),
             Failure::Hang => loop {

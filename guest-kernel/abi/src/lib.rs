@@ -283,8 +283,9 @@ pub unsafe trait Plain: Copy + Default {
     }
 }
 
-// SAFETY (all impls below): repr(C) structs of integers and byte arrays whose
-// sizes equal the sum of their fields (asserted below), so no padding.
+// SAFETY: this and the impls below are for repr(C) structs of integers and
+// byte arrays whose sizes equal the sum of their fields (asserted below), so
+// they have no padding and every bit pattern is valid.
 unsafe impl Plain for ExceptionFrame {}
 // SAFETY: see above.
 unsafe impl Plain for ImageHeader {}
@@ -299,6 +300,10 @@ unsafe impl Plain for BootInfo {}
 
 const _: () = {
     use core::mem::size_of;
+    // Each stub is push imm8 (2 bytes) + push imm32 (5) + jmp rel32 (5).
+    assert!(2 + 5 + 5 <= ISR_STUB_STRIDE);
+    assert!(PAGE_TABLES_END <= IMAGE_BASE);
+    assert!(size_of::<BootInfo>() <= 0x1000);
     assert!(size_of::<ExceptionFrame>() == 7 * 8);
     assert!(size_of::<ImageHeader>() == 8 + 4 + 4 + 8);
     assert!(size_of::<WindowInfo>() == 8 + 8 + 4 + 4 + NAME_LEN);
@@ -306,7 +311,8 @@ const _: () = {
     assert!(size_of::<IrqInfo>() == 4 + 4);
     assert!(
         size_of::<BootInfo>()
-            == 8 + 4 * 4 + 8 * 7
+            == 8 + 4 * 4
+                + 8 * 7
                 + MAX_WINDOWS * size_of::<WindowInfo>()
                 + MAX_DOORBELLS * size_of::<DoorbellInfo>()
                 + MAX_IRQS * size_of::<IrqInfo>()
@@ -377,14 +383,6 @@ mod tests {
             assert!(pair[0].0 < pair[0].1, "empty area {:x?}", pair[0]);
             assert!(pair[0].1 <= pair[1].0, "{:x?} overlaps {:x?}", pair[0], pair[1]);
         }
-        assert!(PAGE_TABLES_END <= IMAGE_BASE);
-        assert!(size_of::<BootInfo>() <= 0x1000);
-    }
-
-    #[test]
-    fn stubs_fit_their_stride() {
-        // push imm8 (2) + push imm32 (5) + jmp rel32 (5)
-        assert!(2 + 5 + 5 <= ISR_STUB_STRIDE);
     }
 
     #[test]

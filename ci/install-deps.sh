@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh machine. The boot path needs only
+# the Rust toolchain (cargo, rustfmt, clippy) and /dev/kvm.
+set -euo pipefail
+
+missing=()
+command -v cargo >/dev/null || missing+=(cargo)
+cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+if ((${#missing[@]})); then
+    echo "install-deps: missing ${missing[*]}: install the Rust toolchain with rustfmt and clippy" >&2
+    exit 1
+fi
+if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+    echo "install-deps: /dev/kvm is usable"
+else
+    echo "install-deps: WARNING: /dev/kvm is not usable; KVM tests will skip (or fail under CI)" >&2
+fi

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (see README.md): formatting, lints, build and
+# every test, for the host workspace and the driver VM images.
+# KVM tests skip loudly without /dev/kvm, and fail instead when CI is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check (host workspace, then driver VM images)"
+cargo fmt --all -- --check
+(cd driver-vm && cargo fmt --all -- --check)
+
+step "cargo clippy -D warnings (host workspace: builds the images too)"
+timeout 1500 cargo clippy --release --all-targets --locked -- -D warnings
+
+step "cargo clippy -D warnings (driver VM images)"
+(cd driver-vm && timeout 600 cargo clippy --release --locked --target-dir ../target/guest -- -D warnings)
+
+step "cargo build --release"
+timeout 1500 cargo build --release --locked
+
+step "cargo test --release"
+timeout 1800 cargo test --release --locked

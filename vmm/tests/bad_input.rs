@@ -1,0 +1,159 @@
+//! Bad input gets one clear line on stderr and a distinct exit status, and
+//! never a panic. Cases that fail before KVM is opened run everywhere; the
+//! rest need /dev/kvm.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{inheritable_eventfd, kvm_available, output, vmm, TempDir};
+use std::os::fd::AsRawFd;
+
+/// Runs `vmm ARGS`, checks the exit status and that stderr is one line
+/// mentioning `needle`.
+fn rejects(args: &[&str], status: i32, needle: &str) {
+    let out = output(vmm().args(args));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(status), "vmm {args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "vmm {args:?}: expected one line, got {stderr}");
+    assert!(lines[0].starts_with("vmm: "), "{stderr}");
+    assert!(stderr.contains(needle), "vmm {args:?}: {stderr:?} does not mention {needle:?}");
+}
+
+#[test]
+fn missing_image() {
+    rejects(&["run", "--image", "no-such-image"], 20, "not a built-in image");
+    rejects(&["run", "--image", "/no/such/file.elf"], 20, "no such file");
+}
+
+#[test]
+fn not_an_elf() {
+    let dir = TempDir::new("not-elf");
+    let path = dir.file("text.elf", b"this is not an ELF file at all, just text....................................");
+    rejects(&["run", "--image", path.to_str().unwrap()], 21, "not an ELF");
+    let empty = dir.file("empty.elf", b"");
+    rejects(&["run", "--image", empty.to_str().unwrap()], 21, "not an ELF");
+}
+
+#[test]
+fn a_non_image_elf_is_rejected() {
+    // A host executable is an ELF, but not linked at the image base.
+    rejects(&["run", "--image", env!("CARGO_BIN_EXE_vmm")], 21, "not a valid driver VM image");
+}
+
+/// The hello image with 64 MiB added to the bss of its last segment.
+fn oversized_image() -> Vec<u8> {
+    let mut image = vmm::image::BUILT_IN.iter().find(|(name, _)| *name == "hello").unwrap().1.to_vec();
+    let u64_at = |image: &[u8], at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+    let phoff = u64_at(&image, 32) as usize;
+    let phnum = u16::from_le_bytes([image[56], image[57]]) as usize;
+    let last_load = (0..phnum).map(|i| phoff + i * 56).rfind(|at| image[*at] == 1).unwrap();
+    let memsz = u64_at(&image, last_load + 40) + (64 << 20);
+    image[last_load + 40..last_load + 48].copy_from_slice(&memsz.to_le_bytes());
+    image
+}
+
+#[test]
+fn image_larger_than_ram() {
+    let dir = TempDir::new("too-large");
+    let path = dir.file("big.elf", &oversized_image());
+    rejects(&["run", "--image", path.to_str().unwrap(), "--memory", "16M"], 22, "raise --memory");
+}
+
+#[test]
+fn invalid_sizes_and_numbers() {
+    rejects(&["run", "--image", "hello", "--memory", "12Q"], 26, "--memory");
+    rejects(&["run", "--image", "hello", "--memory", "1M"], 26, "between");
+    rejects(&["run", "--image", "hello", "--memory", "99999999999G"], 26, "too large");
+    rejects(&["run", "--image", "hello", "--memory", "5000"], 24, "not a multiple");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,0,/dev/null"], 26, "size is zero");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,4K"], 26, "GPA,SIZE,PATH");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,4K,/dev/null,colour=red"], 26, "unknown option");
+    rejects(&["run", "--image", "hello", "--cmdline", &"x".repeat(5000)], 26, "--cmdline");
+    rejects(&["run", "--image", "hello", "--doorbell", "mmio=0x50000000"], 26, "fd=N");
+    rejects(&["run", "--image", "hello", "--irq", "fd=2"], 26, "above 2");
+}
+
+#[test]
+fn window_overlapping_ram_or_another_window() {
+    rejects(&["run", "--image", "hello", "--window", "0x100000,4K,/dev/null"], 23, "overlaps guest RAM");
+    rejects(
+        &["run", "--image", "hello", "--window", "0x40000000,8K,/dev/null", "--window", "0x40001000,4K,/dev/null"],
+        23,
+        "overlaps window 0",
+    );
+    rejects(&["run", "--image", "hello", "--window", "0xfee00000,4K,/dev/null"], 23, "APIC");
+}
+
+#[test]
+fn unaligned_window() {
+    rejects(&["run", "--image", "hello", "--window", "0x40000100,4K,/dev/null"], 24, "address");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,100,/dev/null"], 24, "size");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,4K,/dev/null,offset=12"], 24, "offset");
+}
+
+#[test]
+fn usage_errors_are_status_2() {
+    let out = output(vmm().args(["run", "--image", "hello", "--no-such-flag"]));
+    assert_eq!(out.status.code(), Some(2));
+    let out = output(vmm().args(["run"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
+}
+
+#[test]
+fn help_documents_every_option_with_an_example() {
+    let out = output(vmm().args(["run", "--help"]));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for option in [
+        "--image",
+        "--memory",
+        "--window",
+        "--doorbell",
+        "--irq",
+        "--cmdline",
+        "--timeout",
+        "--console",
+        "--json",
+        "--ready-fd",
+    ] {
+        assert!(help.contains(option), "{option} missing from --help");
+    }
+    assert!(help.contains("Example: --window"), "{help}");
+    assert!(help.contains("Exit status"), "{help}");
+}
+
+// The cases below open window files and eventfds after KVM is opened.
+
+#[test]
+fn unreadable_or_unsuitable_window_file() {
+    if !kvm_available("unreadable_or_unsuitable_window_file") {
+        return;
+    }
+    let dir = TempDir::new("window-file");
+    rejects(&["run", "--image", "hello", "--window", "0x40000000,4K,/no/such/file"], 25, "cannot open");
+    let small = dir.file("small", &[0u8; 4096]);
+    let spec = format!("0x40000000,8K,{}", small.display());
+    rejects(&["run", "--image", "hello", "--window", &spec], 25, "needs");
+    let spec = format!("0x40000000,4K,{}", dir.path().display());
+    rejects(&["run", "--image", "hello", "--window", &spec], 25, "window file");
+}
+
+#[test]
+fn doorbell_fd_must_be_an_open_eventfd() {
+    if !kvm_available("doorbell_fd_must_be_an_open_eventfd") {
+        return;
+    }
+    rejects(&["run", "--image", "hello", "--doorbell", "mmio=0x50000000,fd=987"], 26, "not open");
+    let dir = TempDir::new("not-eventfd");
+    let file = std::fs::File::open(dir.file("plain", b"x")).unwrap();
+    let fd = file.as_raw_fd();
+    // Make it inheritable for the child.
+    // SAFETY: fcntl on an fd we own.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    rejects(&["run", "--image", "hello", "--irq", &format!("fd={fd}")], 26, "not an eventfd");
+    let eventfd = inheritable_eventfd();
+    let spec = format!("fd={}", eventfd.as_raw_fd());
+    rejects(&["run", "--image", "hello", "--irq", &spec, "--irq", &spec], 26, "used twice");
+}

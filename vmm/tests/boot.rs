@@ -1,0 +1,184 @@
+//! Boots every built-in image in a real KVM guest and checks the reported
+//! outcome of each way a guest can end.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{kvm_available, output, run_json, vmm, TempDir};
+
+/// Where `faulty page-fault` reads (driver-vm/src/bin/faulty.rs).
+const FAULTY_UNMAPPED_ADDRESS: u64 = 0x7f00_dead_0000;
+
+#[test]
+fn hello_prints_its_command_line_and_exits_zero() {
+    if !kvm_available("hello_prints_its_command_line_and_exits_zero") {
+        return;
+    }
+    let dir = TempDir::new("hello");
+    let console = dir.path().join("console.log");
+    let (status, report) = run_json(&[
+        "--image",
+        "hello",
+        "--cmdline",
+        "alpha beta",
+        "--name",
+        "greeter",
+        "--console",
+        console.to_str().unwrap(),
+    ]);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["outcome"], "exit");
+    assert_eq!(report["code"], 0);
+    assert_eq!(report["vm"], "greeter");
+    assert!(report["ready_us"].as_u64().is_some(), "the guest must signal ready: {report}");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("[greeter] hello from a driver VM (16 MiB RAM)"), "{text}");
+    assert!(text.contains("[greeter] command line: alpha beta"), "{text}");
+}
+
+#[test]
+fn console_goes_to_stderr_with_the_vm_name() {
+    if !kvm_available("console_goes_to_stderr_with_the_vm_name") {
+        return;
+    }
+    let out = output(vmm().args(["run", "--image", "hello", "--memory", "4M"]));
+    assert_eq!(out.status.code(), Some(0));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("[hello] hello from a driver VM (4 MiB RAM)"), "{stderr}");
+    assert!(stderr.contains("vmm: hello exited with code 0"), "{stderr}");
+}
+
+#[test]
+fn panic_is_reported_with_its_message() {
+    if !kvm_available("panic_is_reported_with_its_message") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "panic"]);
+    assert_eq!(status, 10, "{report}");
+    assert_eq!(report["outcome"], "panic");
+    let message = report["message"].as_str().unwrap();
+    assert!(message.contains("faulty driver: panic requested"), "{message}");
+    assert!(message.contains("faulty.rs"), "the location is part of the message: {message}");
+}
+
+#[test]
+fn page_fault_reports_vector_address_and_ring() {
+    if !kvm_available("page_fault_reports_vector_address_and_ring") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "page-fault"]);
+    assert_eq!(status, 11, "{report}");
+    assert_eq!(report["outcome"], "exception");
+    assert_eq!(report["vector"], 14);
+    assert_eq!(report["name"], "page_fault");
+    assert_eq!(report["fault_address"], FAULTY_UNMAPPED_ADDRESS);
+    assert_eq!(report["ring"], 3);
+    let error_code = report["error_code"].as_u64().unwrap();
+    assert_eq!(error_code & 0b101, 0b100, "a user-mode read of a non-present page: {error_code:#x}");
+    let rip = report["rip"].as_u64().unwrap();
+    assert!((0x10_0000..0x20_0000).contains(&rip), "rip {rip:#x} must be inside the image");
+}
+
+#[test]
+fn invalid_instruction_is_reported() {
+    if !kvm_available("invalid_instruction_is_reported") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "illegal"]);
+    assert_eq!(status, 11, "{report}");
+    assert_eq!(report["outcome"], "exception");
+    assert_eq!(report["vector"], 6);
+    assert_eq!(report["name"], "invalid_opcode");
+    assert!(report.get("fault_address").is_none());
+}
+
+#[test]
+fn triple_fault_is_reported() {
+    if !kvm_available("triple_fault_is_reported") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "triple-fault"]);
+    assert_eq!(status, 12, "{report}");
+    assert_eq!(report["outcome"], "triple_fault");
+}
+
+#[test]
+fn hang_is_stopped_by_the_watchdog() {
+    if !kvm_available("hang_is_stopped_by_the_watchdog") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "hang", "--timeout", "300ms"]);
+    assert_eq!(status, 14, "{report}");
+    assert_eq!(report["outcome"], "timeout");
+    assert_eq!(report["after_ms"], 300);
+}
+
+#[test]
+fn exit_code_is_passed_through() {
+    if !kvm_available("exit_code_is_passed_through") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "exit=42"]);
+    assert_eq!(status, 1, "{report}");
+    assert_eq!(report["outcome"], "exit");
+    assert_eq!(report["code"], 42);
+}
+
+#[test]
+fn driver_probe_failure_is_an_exit_with_the_kernel_code() {
+    if !kvm_available("driver_probe_failure_is_an_exit_with_the_kernel_code") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "no-such-failure"]);
+    assert_eq!(status, 1, "{report}");
+    assert_eq!(report["code"], guest_abi::exit_code::DRIVER_FAILED);
+}
+
+#[test]
+fn an_image_file_path_works_like_a_builtin_name() {
+    if !kvm_available("an_image_file_path_works_like_a_builtin_name") {
+        return;
+    }
+    let dir = TempDir::new("image-path");
+    let builtin = vmm::image::BUILT_IN.iter().find(|(name, _)| *name == "hello").unwrap().1;
+    let path = dir.file("hello.elf", builtin);
+    let (status, report) = run_json(&["--image", path.to_str().unwrap()]);
+    assert_eq!(status, 0, "{report}");
+    assert_eq!(report["vm"], "hello");
+}
+
+#[test]
+fn every_builtin_image_is_listed() {
+    let out = output(vmm().arg("images"));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    for name in ["hello", "faulty", "pingpong", "mirror"] {
+        assert!(listed.lines().any(|line| line == name), "{name} missing from `vmm images`: {listed}");
+    }
+}
+
+#[test]
+fn vms_can_be_recreated_in_process_without_leaking() {
+    use std::sync::atomic::AtomicBool;
+    use vmm::console::{Console, ConsoleSink};
+    use vmm::vcpu::{RunUntil, VcpuStop};
+    if !kvm_available("vms_can_be_recreated_in_process_without_leaking") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let image = vmm::Image::resolve("hello").unwrap();
+    let config = vmm::VmConfig::default();
+    let open_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let mut baseline = None;
+    for round in 0..20 {
+        let mut vm = vmm::Vm::create(&kvm, &config, &image, Console::new("t", ConsoleSink::Discard)).unwrap();
+        let stop = vm.vcpu.run(RunUntil::Ready, &AtomicBool::new(false), &mut || {});
+        assert_eq!(stop, VcpuStop::Ready, "round {round}");
+        drop(vm);
+        let fds = open_fds();
+        // Other tests run in parallel and open files; allow a margin but
+        // catch a per-VM leak (20 rounds x at least 3 fds each).
+        let base = *baseline.get_or_insert(fds);
+        assert!(fds < base + 20, "round {round}: {fds} fds open, {base} after the first VM");
+    }
+}

@@ -1,0 +1,116 @@
+//! Doorbells (ioeventfd), interrupt lines (irqfd) and windows (file
+//! mappings) in real KVM guests.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::fd::AsRawFd;
+
+use common::{inheritable_eventfd, kvm_available, output, report, signal_eventfd, vmm, wait_eventfd, TempDir};
+
+/// Plays the device side of `pingpong`: answers each doorbell with an
+/// interrupt. Returns the rounds seen and the report.
+fn ping_pong(doorbell_spec: &str, rounds: u32) -> (u32, serde_json::Value) {
+    let doorbell = inheritable_eventfd();
+    let interrupt = inheritable_eventfd();
+    let doorbell_arg = format!("{doorbell_spec},fd={}", doorbell.as_raw_fd());
+    let irq_arg = format!("fd={}", interrupt.as_raw_fd());
+    let child = vmm()
+        .args(["run", "--json", "--image", "pingpong", "--timeout", "60s", "--cmdline", &rounds.to_string()])
+        .args(["--doorbell", &doorbell_arg, "--irq", &irq_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let mut seen = 0;
+    // 30 s per doorbell is a hang guard only.
+    while seen < rounds {
+        match wait_eventfd(&doorbell, 30_000) {
+            Some(count) => {
+                assert_eq!(count, 1, "the guest rang twice without waiting for the interrupt");
+                seen += 1;
+                signal_eventfd(&interrupt);
+            }
+            None => break,
+        }
+    }
+    let out = child.wait_with_output().expect("wait for vmm");
+    (seen, report(&out))
+}
+
+#[test]
+fn mmio_doorbell_and_interrupt_line_round_trip() {
+    if !kvm_available("mmio_doorbell_and_interrupt_line_round_trip") {
+        return;
+    }
+    let (seen, report) = ping_pong("mmio=0x50000000", 200);
+    assert_eq!(seen, 200, "{report}");
+    assert_eq!(report["outcome"], "exit", "{report}");
+    assert_eq!(report["code"], 0);
+}
+
+#[test]
+fn port_doorbell_round_trips() {
+    if !kvm_available("port_doorbell_round_trips") {
+        return;
+    }
+    let (seen, report) = ping_pong("port=0x600,len=4", 50);
+    assert_eq!(seen, 50, "{report}");
+    assert_eq!(report["outcome"], "exit", "{report}");
+}
+
+#[test]
+fn without_interrupt_line_the_driver_reports_what_is_missing() {
+    if !kvm_available("without_interrupt_line_the_driver_reports_what_is_missing") {
+        return;
+    }
+    let doorbell = inheritable_eventfd();
+    let spec = format!("mmio=0x50000000,fd={}", doorbell.as_raw_fd());
+    let out = output(vmm().args(["run", "--json", "--image", "pingpong", "--doorbell", &spec]));
+    assert_eq!(report(&out)["code"], guest_abi::exit_code::DRIVER_FAILED);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupt line 0 missing"));
+}
+
+#[test]
+fn windows_map_files_both_ways() {
+    if !kvm_available("windows_map_files_both_ways") {
+        return;
+    }
+    let dir = TempDir::new("mirror");
+    let input: Vec<u8> = (0..16384u32).map(|i| (i * 7 + i / 256) as u8).collect();
+    let input_path = dir.file("in", &input);
+    let output_path = dir.file("out", &[0u8; 16384]);
+    let in_spec = format!("0x40000000,16K,{},ro,name=in", input_path.display());
+    // An offset into the output file, to check offsets too.
+    let out_spec = format!("0x40200000,8K,{},offset=8K,name=out", output_path.display());
+    let out = output(vmm().args(["run", "--json", "--image", "mirror", "--window", &in_spec, "--window", &out_spec]));
+    assert_eq!(report(&out)["outcome"], "exit", "{}", String::from_utf8_lossy(&out.stderr));
+    let written = std::fs::read(&output_path).unwrap();
+    assert_eq!(&written[..8192], &[0u8; 8192][..], "bytes before the offset must be untouched");
+    assert_eq!(&written[8192..], &input[..8192], "the guest's copy must reach the file");
+}
+
+#[test]
+fn writing_a_read_only_window_faults() {
+    if !kvm_available("writing_a_read_only_window_faults") {
+        return;
+    }
+    let dir = TempDir::new("ro");
+    let path = dir.file("regs", &[0x11u8; 4096]);
+    let spec = format!("0x40000000,4K,{},ro", path.display());
+    let out =
+        output(vmm().args(["run", "--json", "--image", "faulty", "--cmdline", "write-window", "--window", &spec]));
+    let report = report(&out);
+    assert_eq!(report["outcome"], "exception", "{report}");
+    assert_eq!(report["vector"], 14);
+    assert_eq!(report["fault_address"], 0x4000_0000u64);
+    assert_eq!(report["error_code"].as_u64().unwrap() & 0b111, 0b111, "a user write to a present page");
+    assert_eq!(std::fs::read(&path).unwrap(), vec![0x11u8; 4096], "the file must be unchanged");
+
+    let writable = format!("0x40000000,4K,{}", path.display());
+    let out =
+        output(vmm().args(["run", "--json", "--image", "faulty", "--cmdline", "write-window", "--window", &writable]));
+    assert_eq!(common::report(&out)["outcome"], "exit");
+    assert_eq!(std::fs::read(&path).unwrap()[0], 0x5a, "a writable window's write reaches the file");
+}
