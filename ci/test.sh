@@ -21,4 +21,9 @@ step "cargo build --release"
 timeout 1500 cargo build --release --locked
 
 step "cargo test --release"
-timeout 1800 cargo test --release --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+timeout 1800 cargo test --release --locked 2>&1 | tee "$log"
+# One closing line with the totals over every test binary.
+awk '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "\ntests: %d passed, %d failed, %d skipped\n", passed, failed, ignored }' "$log"

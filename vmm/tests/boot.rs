@@ -35,6 +35,9 @@ fn hello_prints_its_command_line_and_exits_zero() {
     let text = std::fs::read_to_string(&console).unwrap();
     assert!(text.contains("[greeter] hello from a driver VM (16 MiB RAM)"), "{text}");
     assert!(text.contains("[greeter] command line: alpha beta"), "{text}");
+    let sum: u64 = (0..8192u64).map(|i| i * i).sum();
+    assert!(text.contains(&format!("[greeter] heap: 8192 values, sum {sum}")), "{text}");
+    assert!(text.contains("[greeter] sse: 1/3 = 0.333333"), "{text}");
 }
 
 #[test]

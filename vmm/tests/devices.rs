@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use common::{inheritable_eventfd, kvm_available, output, report, signal_eventfd, vmm, wait_eventfd, TempDir};
 
@@ -113,4 +113,27 @@ fn writing_a_read_only_window_faults() {
         output(vmm().args(["run", "--json", "--image", "faulty", "--cmdline", "write-window", "--window", &writable]));
     assert_eq!(common::report(&out)["outcome"], "exit");
     assert_eq!(std::fs::read(&path).unwrap()[0], 0x5a, "a writable window's write reaches the file");
+}
+
+#[test]
+fn a_memfd_window_is_shared_with_its_creator() {
+    if !kvm_available("a_memfd_window_is_shared_with_its_creator") {
+        return;
+    }
+    let dir = TempDir::new("memfd");
+    let input = dir.file("in", &[0xabu8; 4096]);
+    // SAFETY: memfd_create with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"vmm-test-window".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: fresh descriptor we own.
+    let memfd = unsafe { std::fs::File::from(std::os::fd::OwnedFd::from_raw_fd(fd)) };
+    memfd.set_len(4096).unwrap();
+    let out_spec = format!("0x40200000,4K,/proc/{}/fd/{},name=out", std::process::id(), memfd.as_raw_fd());
+    let in_spec = format!("0x40000000,4K,{},ro,name=in", input.display());
+    let out = output(vmm().args(["run", "--json", "--image", "mirror", "--window", &in_spec, "--window", &out_spec]));
+    assert_eq!(report(&out)["outcome"], "exit", "{}", String::from_utf8_lossy(&out.stderr));
+    let mut contents = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Seek::rewind(&mut &memfd).map(|_| &memfd).unwrap(), &mut contents)
+        .unwrap();
+    assert_eq!(contents, vec![0xabu8; 4096], "the guest's writes must be visible through the memfd");
 }
