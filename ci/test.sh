@@ -10,12 +10,14 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check (host workspace, then driver VM images)"
 cargo fmt --all -- --check
 (cd driver-vm && cargo fmt --all -- --check)
+(cd guest-kernel && cargo fmt --all -- --check)
 
 step "cargo clippy -D warnings (host workspace: builds the images too)"
 timeout 1500 cargo clippy --release --all-targets --locked -- -D warnings
 
-step "cargo clippy -D warnings (driver VM images)"
+step "cargo clippy -D warnings (driver VM images and guest-kernel)"
 (cd driver-vm && timeout 600 cargo clippy --release --locked --target-dir ../target/guest -- -D warnings)
+(cd guest-kernel && timeout 600 cargo clippy --release --target-dir ../target/guest-lint -- -D warnings)
 
 step "cargo build --release"
 timeout 1500 cargo build --release --locked

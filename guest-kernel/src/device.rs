@@ -2,7 +2,10 @@
 //! doorbells (writes the host receives as eventfd signals) and interrupt
 //! lines.
 
-use guest_abi::{DoorbellInfo, IrqInfo, WindowInfo, DOORBELL_MMIO, DOORBELL_PORT, NAME_LEN, WINDOW_READ_ONLY};
+use core::mem::size_of;
+use core::sync::atomic::AtomicU32;
+
+use guest_abi::{DoorbellInfo, IrqInfo, Plain, WindowInfo, DOORBELL_MMIO, DOORBELL_PORT, NAME_LEN, WINDOW_READ_ONLY};
 
 use crate::arch;
 
@@ -58,6 +61,32 @@ impl Window {
     pub fn as_ptr(&self) -> *mut u8 {
         self.info.gpa as *mut u8
     }
+
+    /// The 32-bit shared word at `offset`, for fields both sides of a
+    /// shared-memory protocol access. Panics if out of bounds or unaligned.
+    pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset.is_multiple_of(4) && offset + 4 <= self.info.size as usize,
+            "window offset {offset:#x} out of range"
+        );
+        // SAFETY: in bounds and aligned (checked above); the window stays
+        // mapped for the VM's lifetime; AtomicU32 has u32's layout.
+        unsafe { &*(self.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    /// Reads a plain value at `offset` (volatile). Panics if out of bounds.
+    pub fn read<T: Plain>(&self, offset: usize) -> T {
+        assert!(offset + size_of::<T>() <= self.info.size as usize, "window read at {offset:#x} out of range");
+        // SAFETY: in bounds (checked above); `Plain` types accept any bits.
+        unsafe { (self.as_ptr().add(offset) as *const T).read_volatile() }
+    }
+
+    /// Writes a plain value at `offset` (volatile). Panics if out of bounds.
+    pub fn write<T: Plain>(&self, offset: usize, value: T) {
+        assert!(offset + size_of::<T>() <= self.info.size as usize, "window write at {offset:#x} out of range");
+        // SAFETY: in bounds (checked above); the window is this driver's.
+        unsafe { (self.as_ptr().add(offset) as *mut T).write_volatile(value) }
+    }
 }
 
 /// A doorbell.
@@ -73,16 +102,23 @@ impl Doorbell {
 
     /// Rings the doorbell with `value` (truncated to the doorbell's width).
     pub fn ring(&self, value: u64) {
+        let addr = self.info.addr;
         match (self.info.kind, self.info.len) {
-            (DOORBELL_PORT, 1) => arch::outb(self.info.addr as u16, value as u8),
-            (DOORBELL_PORT, 2) => arch::outw(self.info.addr as u16, value as u16),
-            (DOORBELL_PORT, _) => arch::outl(self.info.addr as u16, value as u32),
-            // SAFETY (all MMIO arms): the vmm maps the doorbell page at
-            // `addr`; a write there is caught by KVM's ioeventfd.
-            (DOORBELL_MMIO, 1) => unsafe { (self.info.addr as *mut u8).write_volatile(value as u8) },
-            (DOORBELL_MMIO, 2) => unsafe { (self.info.addr as *mut u16).write_volatile(value as u16) },
-            (DOORBELL_MMIO, 8) => unsafe { (self.info.addr as *mut u64).write_volatile(value) },
-            (DOORBELL_MMIO, _) => unsafe { (self.info.addr as *mut u32).write_volatile(value as u32) },
+            (DOORBELL_PORT, 1) => arch::outb(addr as u16, value as u8),
+            (DOORBELL_PORT, 2) => arch::outw(addr as u16, value as u16),
+            (DOORBELL_PORT, _) => arch::outl(addr as u16, value as u32),
+            (DOORBELL_MMIO, len) => {
+                // SAFETY: the vmm maps the doorbell's page at `addr`, aligned
+                // to its width; KVM's ioeventfd catches the write.
+                unsafe {
+                    match len {
+                        1 => (addr as *mut u8).write_volatile(value as u8),
+                        2 => (addr as *mut u16).write_volatile(value as u16),
+                        8 => (addr as *mut u64).write_volatile(value),
+                        _ => (addr as *mut u32).write_volatile(value as u32),
+                    }
+                }
+            }
             _ => {}
         }
     }

@@ -235,7 +235,7 @@ struct Range {
 }
 
 fn check_aligned(what: impl Into<String>, value: u64, align: u64) -> Result<()> {
-    if value % align != 0 {
+    if !value.is_multiple_of(align) {
         return Err(Error::Unaligned { what: what.into(), value, align });
     }
     Ok(())

@@ -129,7 +129,7 @@ impl<'a> PageTables<'a> {
         while addr < end {
             let pdpt = self.child(self.root(), (addr >> 39) & 0x1ff)?;
             let pd = self.child(pdpt, (addr >> 30) & 0x1ff)?;
-            if addr % HUGE_PAGE == 0 && end - addr >= HUGE_PAGE {
+            if addr.is_multiple_of(HUGE_PAGE) && end - addr >= HUGE_PAGE {
                 write_u64(self.memory, pd + 8 * ((addr >> 21) & 0x1ff), addr | leaf | PTE_HUGE)?;
                 addr += HUGE_PAGE;
             } else {

@@ -1,4 +1,7 @@
-//! The contract between the `vmm` and a driver VM image.
+//! The contracts around a driver VM: between the `vmm` and the image (this
+//! module: memory layout, boot information, image header, hypercalls),
+//! between the reflector and the driver ([`channel`]), and between the
+//! simulated storage controller and its driver ([`storage`]).
 //!
 //! Both sides compile this crate: the host `vmm` (which writes the boot
 //! information and interprets hypercalls) and `guest-kernel` (which reads the
@@ -29,6 +32,9 @@
 //! ```
 #![no_std]
 #![deny(missing_docs)]
+
+pub mod channel;
+pub mod storage;
 
 /// Version of this contract. The image header and the boot information both
 /// carry it; the vmm refuses an image built against another version.
@@ -297,6 +303,22 @@ unsafe impl Plain for DoorbellInfo {}
 unsafe impl Plain for IrqInfo {}
 // SAFETY: see above.
 unsafe impl Plain for BootInfo {}
+// SAFETY: primitive integers have no padding and accept every bit pattern.
+unsafe impl Plain for u8 {}
+// SAFETY: as above.
+unsafe impl Plain for u16 {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+// SAFETY: as above.
+unsafe impl Plain for u64 {}
+// SAFETY: see the struct impls above.
+unsafe impl Plain for channel::RequestEntry {}
+// SAFETY: see above.
+unsafe impl Plain for channel::CompletionEntry {}
+// SAFETY: see above.
+unsafe impl Plain for storage::Command {}
+// SAFETY: see above.
+unsafe impl Plain for storage::Completion {}
 
 const _: () = {
     use core::mem::size_of;

@@ -1,0 +1,161 @@
+//! The channel between the reflector and a driver VM: one shared memory
+//! region (a memfd the reflector creates and the vmm maps as a window) with
+//! a request ring, a completion ring and bounce slots.
+//!
+//! ```text
+//! 0x0000  header: magic, version, generation, geometry, ring indices,
+//!         notification flags (each index on its own 64-byte line)
+//! 0x1000  request ring:    RING_SIZE x RequestEntry    (reflector -> driver)
+//!         completion ring: RING_SIZE x CompletionEntry (driver -> reflector)
+//! BOUNCE_OFFSET  bounce slots: SLOT_COUNT x SLOT_SIZE (the device's DMA region)
+//! ```
+//!
+//! Data never passes through the driver: the reflector copies a write's
+//! payload from client memory into the request's bounce slot; the driver
+//! points the device's DMA at that slot; the reflector copies a read's
+//! payload from the slot to client memory. Each in-flight request owns one
+//! slot, and the slot number is part of its id, so the reflector can check
+//! every completion against its own table.
+//!
+//! Everything the driver writes here is untrusted by the reflector.
+
+/// [`MAGIC`] at offset 0.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"DRVMCHAN");
+/// Layout version.
+pub const VERSION: u32 = 1;
+
+/// Entries in each ring and number of bounce slots: the most requests in
+/// flight in one driver VM. 128 covers QD32 from four queues, and a deeper
+/// queue would only add latency on a 2-core machine.
+pub const RING_SIZE: u32 = 128;
+/// Bytes per bounce slot: the largest request the reflector forwards. The
+/// reflector advertises `seg_max` x `size_max` = SLOT_SIZE to clients.
+pub const SLOT_SIZE: u32 = 128 * 1024;
+/// Number of bounce slots.
+pub const SLOT_COUNT: u32 = RING_SIZE;
+
+/// Header field offsets (bytes from the start of the region).
+pub mod header {
+    /// u64 [`super::MAGIC`].
+    pub const MAGIC: usize = 0x00;
+    /// u32 [`super::VERSION`].
+    pub const VERSION: usize = 0x08;
+    /// u32 generation, bumped by the reflector on every reset; a driver
+    /// works only for the generation it attached to.
+    pub const GENERATION: usize = 0x0c;
+    /// u32 ring size.
+    pub const RING_SIZE: usize = 0x10;
+    /// u32 slot size.
+    pub const SLOT_SIZE: usize = 0x14;
+    /// u32 slot count.
+    pub const SLOT_COUNT: usize = 0x18;
+    /// u32 free-running count of requests published (reflector writes).
+    pub const REQ_PROD: usize = 0x40;
+    /// u32 free-running count of requests taken (driver writes).
+    pub const REQ_CONS: usize = 0x80;
+    /// u32 free-running count of completions published (driver writes).
+    pub const CMP_PROD: usize = 0xc0;
+    /// u32 free-running count of completions taken (reflector writes).
+    pub const CMP_CONS: usize = 0x100;
+    /// u32: nonzero while the driver may sleep; the reflector then raises
+    /// the request interrupt after publishing.
+    pub const DRIVER_SLEEPING: usize = 0x140;
+    /// u32: nonzero while the reflector wants a doorbell after the driver
+    /// publishes completions.
+    pub const HOST_WAITING: usize = 0x180;
+    /// u32 [`super::driver_state`] (driver writes).
+    pub const DRIVER_STATE: usize = 0x1c0;
+    /// u32 generation the driver attached to (driver writes).
+    pub const DRIVER_GENERATION: usize = 0x1c4;
+}
+
+/// Values of [`header::DRIVER_STATE`].
+pub mod driver_state {
+    /// Booting or resetting its device.
+    pub const STARTING: u32 = 0;
+    /// Serving requests of generation `DRIVER_GENERATION`.
+    pub const READY: u32 = 1;
+}
+
+/// Offset of the request ring.
+pub const REQUEST_RING_OFFSET: usize = 0x1000;
+/// Offset of the completion ring.
+pub const COMPLETION_RING_OFFSET: usize = REQUEST_RING_OFFSET + RING_SIZE as usize * REQUEST_ENTRY_SIZE;
+/// Offset of the bounce slots (page aligned).
+pub const BOUNCE_OFFSET: usize =
+    (COMPLETION_RING_OFFSET + RING_SIZE as usize * COMPLETION_ENTRY_SIZE).next_multiple_of(4096);
+/// Total size of the region.
+pub const REGION_SIZE: usize = BOUNCE_OFFSET + SLOT_COUNT as usize * SLOT_SIZE as usize;
+
+/// Request operations (virtio-blk numbering).
+pub mod op {
+    /// Read from the medium into the slot.
+    pub const READ: u32 = 0;
+    /// Write the slot to the medium.
+    pub const WRITE: u32 = 1;
+    /// Make previous writes durable.
+    pub const FLUSH: u32 = 4;
+}
+
+/// Completion status (virtio-blk numbering).
+pub mod status {
+    /// Success.
+    pub const OK: u32 = 0;
+    /// The device failed the request.
+    pub const IO_ERROR: u32 = 1;
+    /// Not supported.
+    pub const UNSUPPORTED: u32 = 2;
+}
+
+/// Size of a [`RequestEntry`].
+pub const REQUEST_ENTRY_SIZE: usize = 32;
+/// Size of a [`CompletionEntry`].
+pub const COMPLETION_ENTRY_SIZE: usize = 16;
+
+/// A request, written by the reflector.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestEntry {
+    /// Request id: `sequence * SLOT_COUNT + slot`.
+    pub id: u64,
+    /// [`op`].
+    pub op: u32,
+    /// Bounce slot holding (or receiving) the data.
+    pub slot: u32,
+    /// First 512-byte sector.
+    pub sector: u64,
+    /// Data length in bytes (0 for flush).
+    pub len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// A completion, written by the driver.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CompletionEntry {
+    /// Id of the request it completes.
+    pub id: u64,
+    /// [`status`].
+    pub status: u32,
+    /// Bytes transferred.
+    pub len: u32,
+}
+
+/// The bounce slot an id refers to.
+pub const fn slot_of(id: u64) -> u32 {
+    (id % SLOT_COUNT as u64) as u32
+}
+
+/// Offset of a bounce slot in the region.
+pub const fn slot_offset(slot: u32) -> usize {
+    BOUNCE_OFFSET + slot as usize * SLOT_SIZE as usize
+}
+
+const _: () = {
+    assert!(RING_SIZE.is_power_of_two());
+    assert!(core::mem::size_of::<RequestEntry>() == REQUEST_ENTRY_SIZE);
+    assert!(core::mem::size_of::<CompletionEntry>() == COMPLETION_ENTRY_SIZE);
+    assert!(header::DRIVER_GENERATION + 4 <= REQUEST_RING_OFFSET);
+    assert!(REGION_SIZE.is_multiple_of(4096));
+};

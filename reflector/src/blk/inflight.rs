@@ -1,0 +1,123 @@
+//! The table of requests handed to a driver VM, one per bounce slot. The
+//! reflector owns it: it is what makes completions checkable and, after a
+//! driver VM dies, replayable.
+
+use guest_abi::channel;
+use vm_memory::GuestAddress;
+
+use super::marshal::BlkRequest;
+
+/// A request in a driver VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    /// Channel id (`sequence * SLOT_COUNT + slot`).
+    pub id: u64,
+    /// Descriptor chain head, to complete it in the client's queue.
+    pub head: u16,
+    /// The parsed request (client addresses, kind, sector).
+    pub request: BlkRequest,
+    /// Payload length.
+    pub data_len: u32,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// Requests in flight, indexed by bounce slot.
+pub struct InFlightTable {
+    slots: Vec<Option<InFlight>>,
+    free: Vec<u32>,
+    sequence: u64,
+}
+
+impl Default for InFlightTable {
+    fn default() -> Self {
+        InFlightTable {
+            slots: vec![None; channel::SLOT_COUNT as usize],
+            free: (0..channel::SLOT_COUNT).rev().collect(),
+            sequence: 0,
+        }
+    }
+}
+
+impl InFlightTable {
+    /// Takes a free slot for `entry` and gives it a fresh id; gives the
+    /// entry back if every slot is taken.
+    pub fn insert(&mut self, mut entry: InFlight) -> Result<(u32, u64), InFlight> {
+        let Some(slot) = self.free.pop() else { return Err(entry) };
+        self.sequence += 1;
+        entry.id = self.sequence * u64::from(channel::SLOT_COUNT) + u64::from(slot);
+        let id = entry.id;
+        self.slots[slot as usize] = Some(entry);
+        Ok((slot, id))
+    }
+
+    /// The request in `slot`.
+    pub fn get(&self, slot: u32) -> Option<&InFlight> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    /// Frees `slot` and returns its request.
+    pub fn remove(&mut self, slot: u32) -> Option<InFlight> {
+        let entry = self.slots.get_mut(slot as usize)?.take()?;
+        self.free.push(slot);
+        Some(entry)
+    }
+
+    /// Number of requests in flight.
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Whether nothing is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes and returns every request, oldest id first.
+    pub fn drain(&mut self) -> Vec<(u32, InFlight)> {
+        let mut all: Vec<(u32, InFlight)> =
+            (0..channel::SLOT_COUNT).filter_map(|slot| Some((slot, self.remove(slot)?))).collect();
+        all.sort_by_key(|(_, entry)| entry.id);
+        all
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::blk::marshal::RequestKind;
+
+    pub(crate) fn request(len: u32) -> InFlight {
+        InFlight {
+            id: 0,
+            head: 0,
+            request: BlkRequest { kind: RequestKind::Read, sector: 0, data: vec![(GuestAddress(0x1000), len)] },
+            data_len: len,
+            status: GuestAddress(0x2000),
+        }
+    }
+
+    #[test]
+    fn slots_are_unique_and_recycled() {
+        let mut table = InFlightTable::default();
+        let mut ids = Vec::new();
+        for _ in 0..channel::SLOT_COUNT {
+            ids.push(table.insert(request(512)).unwrap());
+        }
+        assert_eq!(table.insert(request(1024)).unwrap_err().data_len, 1024, "a full table gives the entry back");
+        let mut slots: Vec<u32> = ids.iter().map(|(slot, _)| *slot).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), channel::SLOT_COUNT as usize);
+        for (slot, id) in &ids {
+            assert_eq!(channel::slot_of(*id), *slot);
+        }
+        let (slot, old_id) = ids[5];
+        table.remove(slot).unwrap();
+        let (new_slot, new_id) = table.insert(request(512)).unwrap();
+        assert_eq!(new_slot, slot);
+        assert_ne!(new_id, old_id, "a recycled slot gets a new id");
+        assert_eq!(table.drain().len(), channel::SLOT_COUNT as usize);
+        assert!(table.is_empty());
+    }
+}

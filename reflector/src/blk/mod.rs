@@ -1,0 +1,9 @@
+//! The block path: a vhost-user-blk device served through a driver VM.
+//!
+//! - `marshal`: the only code that reads or writes client memory;
+//! - `inflight`: the reflector's table of requests handed to a driver VM;
+//! - `device`: the vhost-user backend tying them to the channel.
+
+pub mod device;
+pub mod inflight;
+pub mod marshal;

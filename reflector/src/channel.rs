@@ -1,0 +1,97 @@
+//! The reflector's side of the channel into a driver VM (layout in
+//! `guest_abi::channel`): it publishes requests, takes completions, and
+//! decides when the driver needs an interrupt.
+//!
+//! Completions come out of driver-writable memory: this module only copies
+//! them out and checks the ring indices; `driver_answers` judges them.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use guest_abi::channel::{self, header, CompletionEntry, RequestEntry};
+use vm_memory::VolatileSlice;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::driver_answers::Violation;
+use crate::shm::SharedMemory;
+
+/// The channel region and the reflector's private indices.
+pub struct Channel {
+    memory: Arc<SharedMemory>,
+    req_prod: u32,
+    cmp_cons: u32,
+}
+
+impl Channel {
+    /// Creates the region for driver VM `name`, with the header filled in.
+    pub fn new(name: &str) -> std::io::Result<Channel> {
+        let memory = Arc::new(SharedMemory::new(&format!("{name}-channel"), channel::REGION_SIZE)?);
+        memory.write(header::MAGIC, channel::MAGIC);
+        memory.write(header::VERSION, channel::VERSION);
+        memory.write(header::RING_SIZE, channel::RING_SIZE);
+        memory.write(header::SLOT_SIZE, channel::SLOT_SIZE);
+        memory.write(header::SLOT_COUNT, channel::SLOT_COUNT);
+        memory.atomic_u32(header::GENERATION).store(1, Ordering::Release);
+        // The reflector always wants to hear about completions: its worker
+        // sleeps in epoll between events.
+        memory.atomic_u32(header::HOST_WAITING).store(1, Ordering::Release);
+        Ok(Channel { memory, req_prod: 0, cmp_cons: 0 })
+    }
+
+    /// The shared region (mapped into the driver VM as window `channel`).
+    pub fn memory(&self) -> &Arc<SharedMemory> {
+        &self.memory
+    }
+
+    /// Requests published but not yet completed, as the ring sees them.
+    pub fn queued(&self) -> u32 {
+        self.req_prod.wrapping_sub(self.cmp_cons)
+    }
+
+    /// The bounce slot for `slot`.
+    pub fn slot(&self, slot: u32, len: usize) -> Option<VolatileSlice<'_>> {
+        if slot >= channel::SLOT_COUNT || len > channel::SLOT_SIZE as usize {
+            return None;
+        }
+        self.memory.slice(channel::slot_offset(slot), len)
+    }
+
+    /// Writes a request into the ring (visible to the driver after `publish`).
+    /// The caller keeps at most RING_SIZE requests outstanding (one per slot).
+    pub fn push(&mut self, request: RequestEntry) {
+        let at =
+            channel::REQUEST_RING_OFFSET + (self.req_prod % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
+        self.memory.write(at, request);
+        self.req_prod = self.req_prod.wrapping_add(1);
+    }
+
+    /// Makes pushed requests visible and interrupts the driver if it may be
+    /// asleep.
+    pub fn publish(&self, interrupt: &EventFd) {
+        self.memory.atomic_u32(header::REQ_PROD).store(self.req_prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.memory.atomic_u32(header::DRIVER_SLEEPING).load(Ordering::Acquire) != 0 {
+            if let Err(error) = interrupt.write(1) {
+                tracing::warn!(%error, "cannot interrupt the driver VM");
+            }
+        }
+    }
+
+    /// Copies out every completion the driver published since the last call.
+    pub fn take_completions(&mut self) -> Result<Vec<CompletionEntry>, Violation> {
+        let produced = self.memory.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
+        let available = produced.wrapping_sub(self.cmp_cons);
+        if available > self.req_prod.wrapping_sub(self.cmp_cons) {
+            return Err(Violation::RingIndex { produced, consumed: self.cmp_cons, published: self.req_prod });
+        }
+        let mut completions = Vec::with_capacity(available as usize);
+        while self.cmp_cons != produced {
+            let at = channel::COMPLETION_RING_OFFSET
+                + (self.cmp_cons % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
+            completions.push(self.memory.read(at).unwrap_or_default());
+            self.cmp_cons = self.cmp_cons.wrapping_add(1);
+        }
+        self.memory.atomic_u32(header::CMP_CONS).store(self.cmp_cons, Ordering::Release);
+        Ok(completions)
+    }
+}

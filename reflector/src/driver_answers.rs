@@ -1,0 +1,96 @@
+//! The one place that judges what a driver VM answers. A driver is
+//! untrusted (DESIGN.md, invariant 2): a completion with an unknown or
+//! already-completed id, an invalid status, a length that does not match the
+//! request, or ring indices out of range is a protocol violation, and the
+//! driver VM is treated as faulty.
+
+use guest_abi::channel::{self, CompletionEntry};
+
+use crate::blk::inflight::InFlightTable;
+
+/// A driver broke the channel protocol.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// The completion ring index moved beyond what was published.
+    #[error("completion index {produced} is out of range (consumed {consumed}, published {published})")]
+    RingIndex {
+        /// Driver's producer index.
+        produced: u32,
+        /// Reflector's consumer index.
+        consumed: u32,
+        /// Reflector's request producer index.
+        published: u32,
+    },
+    /// No request with this id is in flight (never sent, or already completed).
+    #[error("completion for unknown or already completed request id {0}")]
+    UnknownId(u64),
+    /// The status is not one the protocol defines.
+    #[error("invalid status {status} for request id {id}")]
+    BadStatus {
+        /// Request id.
+        id: u64,
+        /// The status.
+        status: u32,
+    },
+    /// A successful completion whose length is not the request's.
+    #[error("request id {id} completed with length {len}, expected {expected}")]
+    BadLength {
+        /// Request id.
+        id: u64,
+        /// Length reported.
+        len: u32,
+        /// Length requested.
+        expected: u32,
+    },
+}
+
+/// A completion that passed every check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The bounce slot (and in-flight table index) of the request.
+    pub slot: u32,
+    /// `channel::status::*`.
+    pub status: u32,
+}
+
+/// Checks one completion against the in-flight table.
+pub fn check(completion: &CompletionEntry, in_flight: &InFlightTable) -> Result<Answer, Violation> {
+    let slot = channel::slot_of(completion.id);
+    let request = in_flight.get(slot).filter(|r| r.id == completion.id).ok_or(Violation::UnknownId(completion.id))?;
+    match completion.status {
+        channel::status::OK if completion.len != request.data_len => {
+            Err(Violation::BadLength { id: completion.id, len: completion.len, expected: request.data_len })
+        }
+        channel::status::OK | channel::status::IO_ERROR | channel::status::UNSUPPORTED => {
+            Ok(Answer { slot, status: completion.status })
+        }
+        status => Err(Violation::BadStatus { id: completion.id, status }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blk::inflight::tests::request;
+
+    #[test]
+    fn only_matching_well_formed_answers_pass() {
+        let mut table = InFlightTable::default();
+        let (slot, id) = table.insert(request(4096)).unwrap();
+        let ok = CompletionEntry { id, status: channel::status::OK, len: 4096 };
+        assert_eq!(check(&ok, &table), Ok(Answer { slot, status: channel::status::OK }));
+        assert_eq!(check(&CompletionEntry { id: id + 1, ..ok }, &table), Err(Violation::UnknownId(id + 1)));
+        let other_generation = id + u64::from(channel::SLOT_COUNT);
+        assert_eq!(
+            check(&CompletionEntry { id: other_generation, ..ok }, &table),
+            Err(Violation::UnknownId(other_generation))
+        );
+        assert!(matches!(check(&CompletionEntry { len: 8192, ..ok }, &table), Err(Violation::BadLength { .. })));
+        assert!(matches!(check(&CompletionEntry { len: 0, ..ok }, &table), Err(Violation::BadLength { .. })));
+        assert!(matches!(check(&CompletionEntry { status: 7, ..ok }, &table), Err(Violation::BadStatus { .. })));
+        let error = CompletionEntry { status: channel::status::IO_ERROR, len: 0, ..ok };
+        assert!(check(&error, &table).is_ok());
+        table.remove(slot);
+        assert_eq!(check(&ok, &table), Err(Violation::UnknownId(id)), "a second completion of the same id");
+    }
+}

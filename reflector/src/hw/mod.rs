@@ -1,0 +1,74 @@
+//! Hardware a driver VM drives: what the reflector needs from a device to
+//! wire it to a driver VM. The simulated storage controller implements it
+//! today; a VFIO device (a BAR as a window, its interrupt as an eventfd)
+//! would implement the same trait.
+
+pub mod sim_storage;
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::shm::SharedMemory;
+
+/// A window of the device mapped into the driver VM.
+pub struct HardwareWindow<'a> {
+    /// Name the driver looks it up by.
+    pub name: &'static str,
+    /// The memory behind it.
+    pub memory: &'a SharedMemory,
+}
+
+/// A block device as a driver VM sees it.
+pub trait BlockHardware: Send {
+    /// Windows to map into the driver VM.
+    fn windows(&self) -> Vec<HardwareWindow<'_>>;
+    /// Written by the driver VM (KVM ioeventfd) to notify the device.
+    fn doorbell(&self) -> &EventFd;
+    /// Written by the device to interrupt the driver VM (KVM irqfd).
+    fn interrupt(&self) -> &EventFd;
+    /// Size of the medium in 512-byte sectors.
+    fn capacity_sectors(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
+}
+
+/// The memory a device may DMA into: part of a shared region, at a driver
+/// guest-physical address (the analogue of an IOMMU mapping).
+#[derive(Clone)]
+pub struct DmaRegion {
+    /// The shared region.
+    pub memory: Arc<SharedMemory>,
+    /// Offset of the DMA range in the region.
+    pub offset: usize,
+    /// Length of the DMA range.
+    pub len: usize,
+    /// Driver guest-physical address of the DMA range.
+    pub gpa: u64,
+}
+
+impl DmaRegion {
+    /// The region offset for `len` bytes at driver address `address`, if the
+    /// whole range is inside the DMA range.
+    pub fn translate(&self, address: u64, len: u32) -> Option<usize> {
+        let start = address.checked_sub(self.gpa)?;
+        let end = start.checked_add(u64::from(len))?;
+        (end <= self.len as u64).then(|| self.offset + start as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dma_translation_is_bounded() {
+        let memory = Arc::new(SharedMemory::new("dma", 8192).unwrap());
+        let region = DmaRegion { memory, offset: 4096, len: 4096, gpa: 0x1000_0000 };
+        assert_eq!(region.translate(0x1000_0000, 4096), Some(4096));
+        assert_eq!(region.translate(0x1000_0200, 512), Some(4096 + 512));
+        assert_eq!(region.translate(0x1000_0200, 4096), None);
+        assert_eq!(region.translate(0x0fff_ffff, 1), None);
+        assert_eq!(region.translate(u64::MAX, 4096), None);
+    }
+}

@@ -1,0 +1,146 @@
+//! Wiring one block device end to end and serving it: disk image, channel,
+//! simulated controller, driver VM process, vhost-user socket. The socket is
+//! served again after a client disconnects (QEMU restarted).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use guest_abi::channel;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::blk::device::{BlkDevice, BlkWiring, Metrics};
+use crate::channel::Channel;
+use crate::config::BlkConfig;
+use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
+use crate::hw::{BlockHardware, DmaRegion};
+use crate::supervisor::{DriverVm, DriverVmSpec, Window};
+
+/// Driver guest-physical address of the controller's window.
+pub const REGS_GPA: u64 = 0x2000_0000;
+/// Driver guest-physical address of the doorbell page: +0 tells the
+/// reflector about completions, +8 is the controller's doorbell.
+pub const DOORBELL_GPA: u64 = 0x3000_0000;
+/// Driver guest-physical address of the channel.
+pub const CHANNEL_GPA: u64 = 0x4000_0000;
+
+/// A block device being served.
+pub struct BlkService {
+    /// Its configuration.
+    pub config: BlkConfig,
+    device: Arc<RwLock<BlkDevice>>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The driver VM process.
+    pub driver_vm: DriverVm,
+    _hardware: SimStorage,
+}
+
+fn io(context: String) -> impl FnOnce(std::io::Error) -> String {
+    move |e| format!("{context}: {e}")
+}
+
+/// Creates the disk image if it is missing (and a size was given); checks it.
+pub fn prepare_image(config: &BlkConfig) -> Result<u64, String> {
+    let path = &config.image;
+    if !path.exists() {
+        let size = config
+            .size
+            .ok_or_else(|| format!("disk image {} does not exist: add size=SIZE to create it", path.display()))?;
+        let file = std::fs::File::create_new(path).map_err(io(format!("creating disk image {}", path.display())))?;
+        file.set_len(size).map_err(io(format!("sizing disk image {}", path.display())))?;
+        tracing::info!(image = %path.display(), size, "created disk image");
+    }
+    let metadata = std::fs::metadata(path).map_err(io(format!("disk image {}", path.display())))?;
+    if !metadata.is_file() {
+        return Err(format!("disk image {} is not a regular file", path.display()));
+    }
+    if metadata.len() < 512 {
+        return Err(format!("disk image {} is smaller than one sector", path.display()));
+    }
+    Ok(metadata.len())
+}
+
+/// Starts everything behind one block device (not yet its socket).
+pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
+    prepare_image(config)?;
+    let name = &config.name;
+    let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
+    let dma = DmaRegion {
+        memory: channel.memory().clone(),
+        offset: channel::BOUNCE_OFFSET,
+        len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
+        gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
+    };
+    let hardware_config =
+        SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
+    let hardware = SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?;
+    let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io(format!("{name}: creating an eventfd")));
+    let (driver_interrupt, completion_doorbell, driver_exited) = (eventfd()?, eventfd()?, eventfd()?);
+    let spec = DriverVmSpec {
+        name: name.clone(),
+        vmm: vmm.to_owned(),
+        image: config.driver.clone(),
+        memory: config.driver_memory.clone(),
+    };
+    let mut windows: Vec<Window> =
+        hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
+    windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory(), name: "channel" });
+    let doorbells = [(DOORBELL_GPA, &completion_doorbell), (DOORBELL_GPA + 8, hardware.doorbell())];
+    let interrupts = [&driver_interrupt, hardware.interrupt()];
+    let exited = driver_exited.try_clone().map_err(io(format!("{name}: duplicating an eventfd")))?;
+    let driver_vm = DriverVm::spawn(&spec, &windows, &doorbells, &interrupts, exited)
+        .map_err(io(format!("{name}: starting the driver VM")))?;
+    let wiring = BlkWiring { channel, driver_interrupt, completion_doorbell, driver_exited };
+    let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring);
+    let metrics = device.metrics();
+    Ok(BlkService {
+        config: config.clone(),
+        device: Arc::new(RwLock::new(device)),
+        metrics,
+        driver_vm,
+        _hardware: hardware,
+    })
+}
+
+impl BlkService {
+    /// Serves the socket until the process ends, one client at a time.
+    pub fn serve(&self) -> Result<(), String> {
+        let socket: &PathBuf = &self.config.socket;
+        let name = &self.config.name;
+        let mut listener =
+            Listener::new(socket, true).map_err(|e| format!("{name}: listening on {}: {e}", socket.display()))?;
+        tracing::info!(device = %name, socket = %socket.display(), "serving vhost-user-blk");
+        loop {
+            let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let mut daemon = VhostUserDaemon::new(name.clone(), self.device.clone(), memory)
+                .map_err(|e| format!("{name}: creating the vhost-user daemon: {e}"))?;
+            {
+                let handlers = daemon.get_epoll_handlers();
+                let handler = handlers.first().ok_or_else(|| format!("{name}: no vhost-user worker"))?;
+                let device = self.device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
+                for (fd, event) in device.listeners() {
+                    handler
+                        .register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(event))
+                        .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
+                }
+            }
+            daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
+            tracing::info!(device = %name, "client connected");
+            if let Err(error) = daemon.wait() {
+                tracing::warn!(device = %name, %error, "client connection ended with an error");
+            }
+            for handler in daemon.get_epoll_handlers() {
+                handler.send_exit_event();
+            }
+            if let Ok(mut device) = self.device.write() {
+                device.client_gone();
+            }
+            tracing::info!(device = %name, "client disconnected; waiting for the next one");
+        }
+    }
+}

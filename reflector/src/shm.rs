@@ -1,0 +1,206 @@
+//! Shared memory regions: a memfd mapped `MAP_SHARED` into the reflector and
+//! (as a window, by path) into a driver VM. The reflector creates them and
+//! holds the only mapping on the host side.
+//!
+//! The other side of every region is untrusted and runs concurrently, so all
+//! access goes through atomics or volatile copies, with bounds checks.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
+
+use guest_abi::Plain;
+use vm_memory::VolatileSlice;
+
+/// A memfd-backed shared mapping.
+pub struct SharedMemory {
+    file: File,
+    base: NonNull<u8>,
+    size: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics
+// and volatile copies; nothing in it is tied to a thread.
+unsafe impl Send for SharedMemory {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMemory {}
+
+impl SharedMemory {
+    /// Creates a zeroed region of `size` bytes named `name` (for /proc).
+    pub fn new(name: &str, size: usize) -> std::io::Result<Self> {
+        let cname = std::ffi::CString::new(name).map_err(|_| std::io::Error::other("NUL in memfd name"))?;
+        // SAFETY: memfd_create with a valid C string; returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64)?;
+        // SAFETY: maps `size` bytes of the memfd we just sized; the kernel
+        // picks the address. Checked for MAP_FAILED below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = NonNull::new(base as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(SharedMemory { file, base, size })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// A path another process can open to map the same memory.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()))
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Option<()> {
+        (offset.checked_add(len)? <= self.size).then_some(())
+    }
+
+    /// The shared 32-bit word at `offset`. Panics if out of bounds or
+    /// unaligned: offsets come from the layout constants, never from input.
+    pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset.is_multiple_of(4) && self.check(offset, 4).is_some(), "shared word {offset:#x} out of range");
+        // SAFETY: in bounds and 4-aligned (the mapping is page aligned);
+        // AtomicU32 has the layout of u32; the mapping lives as long as self.
+        unsafe { &*(self.base.as_ptr().add(offset) as *const AtomicU32) }
+    }
+
+    /// Reads a plain value at `offset` (a volatile copy); None if out of bounds.
+    pub fn read<T: Plain>(&self, offset: usize) -> Option<T> {
+        self.check(offset, size_of::<T>())?;
+        // SAFETY: in bounds (checked); `Plain` accepts any bits; unaligned read.
+        Some(unsafe { std::ptr::read_volatile(self.base.as_ptr().add(offset) as *const T) })
+    }
+
+    /// Writes a plain value at `offset` (volatile); false if out of bounds.
+    pub fn write<T: Plain>(&self, offset: usize, value: T) -> bool {
+        if self.check(offset, size_of::<T>()).is_none() {
+            return false;
+        }
+        // SAFETY: in bounds (checked); the mapping is writable.
+        unsafe { std::ptr::write_volatile(self.base.as_ptr().add(offset) as *mut T, value) };
+        true
+    }
+
+    /// `[offset, offset + len)` as a volatile slice; None if out of bounds.
+    pub fn slice(&self, offset: usize, len: usize) -> Option<VolatileSlice<'_>> {
+        self.check(offset, len)?;
+        // SAFETY: in bounds (checked) of a mapping that lives as long as the
+        // returned borrow; volatile slices tolerate concurrent access.
+        Some(unsafe { VolatileSlice::new(self.base.as_ptr().add(offset), len) })
+    }
+
+    /// Fills `[offset, offset + len)` from `file` at `file_offset` (pread).
+    pub fn read_from_file(&self, file: &File, file_offset: u64, offset: usize, len: usize) -> std::io::Result<()> {
+        self.check(offset, len).ok_or_else(|| std::io::Error::other("range outside the shared region"))?;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the destination range is inside the mapping (checked).
+            let n = unsafe {
+                libc::pread(
+                    file.as_raw_fd(),
+                    self.base.as_ptr().add(offset + done) as *mut libc::c_void,
+                    len - done,
+                    (file_offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 => {
+                    // Past the end of the file: the medium reads as zeros.
+                    if let Some(rest) = self.slice(offset + done, len - done) {
+                        rest.copy_from(&vec![0u8; len - done]);
+                    }
+                    return Ok(());
+                }
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `[offset, offset + len)` to `file` at `file_offset` (pwrite).
+    pub fn write_to_file(&self, file: &File, file_offset: u64, offset: usize, len: usize) -> std::io::Result<()> {
+        self.check(offset, len).ok_or_else(|| std::io::Error::other("range outside the shared region"))?;
+        let mut done = 0;
+        while done < len {
+            // SAFETY: the source range is inside the mapping (checked).
+            let n = unsafe {
+                libc::pwrite(
+                    file.as_raw_fd(),
+                    self.base.as_ptr().add(offset + done) as *const libc::c_void,
+                    len - done,
+                    (file_offset + done as u64) as libc::off_t,
+                )
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`; no references
+        // into it outlive `self` (they all borrow it).
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.size) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn accessors_check_bounds() {
+        let shm = SharedMemory::new("test", 8192).unwrap();
+        shm.atomic_u32(4096).store(7, Ordering::SeqCst);
+        assert_eq!(shm.read::<u32>(4096), Some(7));
+        assert!(shm.write::<u64>(8184, 1));
+        assert!(!shm.write::<u64>(8188, 1));
+        assert_eq!(shm.read::<u64>(8190), None);
+        assert!(shm.slice(8000, 193).is_none());
+        assert!(shm.slice(usize::MAX, 2).is_none());
+        let reopened = std::fs::read(shm.path()).unwrap();
+        assert_eq!(reopened.len(), 8192);
+        assert_eq!(reopened[4096], 7);
+    }
+
+    #[test]
+    fn file_transfers_round_trip() {
+        let shm = SharedMemory::new("test", 8192).unwrap();
+        let path = std::env::temp_dir().join(format!("reflector-shm-test-{}", std::process::id()));
+        let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        shm.slice(0, 4096).unwrap().copy_from(&[0xa5u8; 4096]);
+        shm.write_to_file(&file, 512, 0, 4096).unwrap();
+        shm.read_from_file(&file, 512, 4096, 4096).unwrap();
+        assert_eq!(shm.read::<u64>(4096 + 4088), Some(0xa5a5_a5a5_a5a5_a5a5));
+        // Reading past the end of the file gives zeros.
+        shm.read_from_file(&file, 1 << 20, 0, 512).unwrap();
+        assert_eq!(shm.read::<u64>(0), Some(0));
+        assert!(shm.read_from_file(&file, 0, 8000, 512).is_err());
+    }
+}
