@@ -24,11 +24,12 @@ use crate::shm::SharedMemory;
 
 /// How long the device keeps polling its submission queue after the last
 /// command before it sleeps on the doorbell. A doorbell costs the driver
-/// about 23 us and waking this thread about 35 us (DESIGN.md), so polling
-/// for one wake-up's worth lets back-to-back commands skip both; shorter
-/// than the driver's window because this thread competes with QEMU for the
-/// two cores.
-const POLL_WINDOW: Duration = Duration::from_micros(30);
+/// about 23 us and waking this thread about 35 us (DESIGN.md); with blk-load
+/// at 4k QD1, 100 us lets most back-to-back commands skip both (30 us did
+/// not), and stays well below the driver's window because this thread
+/// competes with the client and the driver VM for the two cores (a reflector
+/// that also polled made QD1 four times slower).
+const POLL_WINDOW: Duration = Duration::from_micros(100);
 /// Most commands executed before the device publishes completions, so that
 /// completions of a deep queue reach the driver while the rest run.
 const BATCH: u32 = 16;
