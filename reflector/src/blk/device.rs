@@ -23,6 +23,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::inflight::{InFlight, InFlightTable};
@@ -408,6 +409,18 @@ impl VhostUserBackendMut for BlkDevice {
         let mut bytes = self.config[start..end].to_vec();
         bytes.resize(size as usize, 0);
         bytes
+    }
+
+    /// Each vhost-user worker gets an exit event, so that when a client
+    /// disconnects the worker can be stopped and a new connection served.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(error) => {
+                tracing::error!(device = %self.name, %error, "cannot create a worker exit event");
+                None
+            }
+        }
     }
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
