@@ -23,12 +23,14 @@ pub enum Error {
         source: io::Error,
     },
     /// A vhost-user control message got no answer in time.
-    #[error("backend did not answer {op} within {} s", .timeout.as_secs_f64())]
+    #[error("backend did not answer {op} within {} s{hint}", .timeout.as_secs_f64())]
     ControlTimeout {
         /// The message that was being exchanged.
         op: &'static str,
         /// The configured timeout.
         timeout: Duration,
+        /// What may be going on (may be empty).
+        hint: &'static str,
     },
     /// The backend closed the control socket.
     #[error("backend closed the connection during {op}")]

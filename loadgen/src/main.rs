@@ -206,6 +206,9 @@ fn run(cli: &Cli) -> Result<bool, Error> {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64 ^ u64::from(std::process::id()) << 32
     });
+    if cli.verify {
+        eprintln!("blk-load: verification seed {seed} (pass --seed {seed} to reproduce)");
+    }
     let duration = match (cli.seconds, cli.ios) {
         (Some(s), _) => Some(Duration::from_secs_f64(s)),
         (None, Some(_)) => None,

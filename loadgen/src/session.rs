@@ -156,7 +156,9 @@ fn connect_bounded(path: &Path, timeout: Duration) -> Result<UnixStream> {
     if rc < 0 {
         let e = io::Error::last_os_error();
         return Err(match e.raw_os_error() {
-            Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => Error::ControlTimeout { op: "connect", timeout },
+            Some(libc::EAGAIN) | Some(libc::ETIMEDOUT) => {
+                Error::ControlTimeout { op: "connect", timeout, hint: " (its listen backlog is full)" }
+            }
             Some(libc::ECONNREFUSED) => conn_err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 "connection refused (stale socket file, no backend listening?)",
@@ -199,6 +201,7 @@ pub struct Session {
     sock: UnixStream,
     timeout: Duration,
     first_reply_seen: bool,
+    reply_ack: bool,
 }
 
 impl Session {
@@ -209,7 +212,7 @@ impl Session {
         let poll_sock = sock.try_clone().map_err(|e| Error::sys("cloning the control socket", e))?;
         let watchdog = Watchdog::new(wd_sock)?;
         let fe = Frontend::from_stream(sock, 1);
-        Ok(Session { watchdog, fe, sock: poll_sock, timeout, first_reply_seen: false })
+        Ok(Session { watchdog, fe, sock: poll_sock, timeout, first_reply_seen: false, reply_ack: false })
     }
 
     /// The control socket (to watch for the backend hanging up while I/O runs).
@@ -218,21 +221,25 @@ impl Session {
     }
 
     fn call<T>(&mut self, op: &'static str, f: impl FnOnce(&mut Frontend) -> vhost::Result<T>) -> Result<T> {
+        // Without REPLY_ACK, SET_* messages return as soon as they are sent.
+        let expects_reply = op.starts_with("GET_") || self.reply_ack;
         self.watchdog.arm(self.timeout);
         let r = f(&mut self.fe);
         let fired = self.watchdog.disarm();
         match r {
             Ok(v) if !fired => {
-                self.first_reply_seen = true;
+                self.first_reply_seen |= expects_reply;
                 Ok(v)
             }
             _ if fired => {
-                if !self.first_reply_seen {
-                    // The very first exchange never answered: typical of a backend that serves
-                    // one frontend at a time and is busy with another.
-                    eprintln!("blk-load: hint: the backend accepted the connection but never answered; is another frontend connected to it?");
-                }
-                Err(Error::ControlTimeout { op, timeout: self.timeout })
+                // The very first exchange never answered: typical of a backend that serves one
+                // frontend at a time and is busy with another.
+                let hint = if self.first_reply_seen {
+                    ""
+                } else {
+                    " (it accepted the connection but never answered: is another frontend connected to it?)"
+                };
+                Err(Error::ControlTimeout { op, timeout: self.timeout, hint })
             }
             Ok(_) => unreachable!("handled above"),
             Err(e) => Err(map_vhost_err(op, e)),
@@ -274,6 +281,7 @@ impl Session {
                 // Every later message is acknowledged: failures are reported where they happen,
                 // and the backend has processed the setup before our first kick.
                 self.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+                self.reply_ack = true;
             }
             if protocol.contains(VhostUserProtocolFeatures::MQ) {
                 queues = self.call("GET_QUEUE_NUM", |fe| fe.get_queue_num())?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use guest_abi::channel;
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -131,8 +131,9 @@ impl BlkService {
             }
             daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
             tracing::info!(device = %name, "client connected");
-            if let Err(error) = daemon.wait() {
-                tracing::warn!(device = %name, %error, "client connection ended with an error");
+            match daemon.wait() {
+                Ok(()) | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {}
+                Err(error) => tracing::warn!(device = %name, %error, "client connection ended with an error"),
             }
             for handler in daemon.get_epoll_handlers() {
                 handler.send_exit_event();
