@@ -151,6 +151,19 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     for service in services {
         service.driver_vm.kill();
         let _ = std::fs::remove_file(&service.config.socket);
+        let m = &service.metrics;
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            device = %service.config.name,
+            requests = count(&m.requests),
+            completed = count(&m.completed),
+            malformed = count(&m.malformed),
+            errors = count(&m.errors),
+            violations = count(&m.violations),
+            bytes_read = count(&m.bytes_read),
+            bytes_written = count(&m.bytes_written),
+            "device counters"
+        );
     }
     Ok(())
 }
