@@ -54,12 +54,11 @@ timeout 30 qemu-img create -q -f raw "$img" "${img_mib}M" || die "qemu-img creat
 start_qsd() {
     rm -f "$sock" "$tmp/qsd.pid"
     # timeout(1) bounds qsd should this script die; qsd's own pid is in qsd.pid.
-    # (The subshell keeps bash from reporting "Killed" when qsd is killed.)
-    (timeout -k 5 $((tmo * 4 + 120)) qemu-storage-daemon \
+    timeout -k 5 $((tmo * 4 + 120)) qemu-storage-daemon \
         --blockdev "driver=file,node-name=f0,filename=$img,aio=threads,cache.direct=off" \
         --blockdev driver=raw,node-name=d0,file=f0 \
         --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-        --pidfile "$tmp/qsd.pid" >>"$tmp/qsd.log" 2>&1 || exit $?) 2>/dev/null &
+        --pidfile "$tmp/qsd.pid" >>"$tmp/qsd.log" 2>&1 &
     qsd_wrapper=$!
     for ((i = 0; i < 100; i++)); do
         [[ -S $sock && -s $tmp/qsd.pid ]] && break
@@ -72,23 +71,38 @@ start_qsd() {
 }
 stop_qsd() { # stop_qsd [SIGNAL]
     [[ -n $qsd_wrapper ]] || return 0
-    kill -"${1:-TERM}" "$qsd_pid" 2>/dev/null || true
+    # qsd's pid: from its pidfile, or the child of the timeout(1) wrapper.
+    [[ -n $qsd_pid ]] || qsd_pid=$(cat "$tmp/qsd.pid" 2>/dev/null || pgrep -P "$qsd_wrapper" | head -1 || true)
+    kill -"${1:-TERM}" "${qsd_pid:-$qsd_wrapper}" 2>/dev/null || true
     for ((i = 0; i < 100; i++)); do
         kill -0 "$qsd_wrapper" 2>/dev/null || break
         sleep 0.1
     done
     if kill -0 "$qsd_wrapper" 2>/dev/null; then
         log "qemu-storage-daemon (pid $qsd_pid) ignored SIG${1:-TERM} for 10s: killing it"
-        kill -KILL "$qsd_pid" "$qsd_wrapper" 2>/dev/null || true
+        kill -KILL ${qsd_pid:+"$qsd_pid"} "$qsd_wrapper" 2>/dev/null || true
     fi
-    wait "$qsd_wrapper" 2>/dev/null || true
+    wait "$qsd_wrapper" 2>/dev/null || true # (2>/dev/null: no "Killed" notice from bash)
     qsd_wrapper='' qsd_pid=''
 }
-run3=''
+# Guest runs go in the background and are waited for, so that a signal to this
+# script is handled at once; cleanup then stops the run (qemu-blk-fio.sh stops
+# its QEMU on SIGTERM). qemu-blk-fio.sh bounds its own run time.
+child=''
+run_child() { # run_child OUTFILE COMMAND...
+    local o=$1 rc=0
+    shift
+    "$@" >"$o" &
+    child=$!
+    wait "$child" || rc=$?
+    child=''
+    return "$rc"
+}
 cleanup() {
-    if [[ -n $run3 ]] && kill -0 "$run3" 2>/dev/null; then
-        kill -TERM "$run3" 2>/dev/null || true # qemu-blk-fio.sh stops its QEMU
-        wait "$run3" 2>/dev/null || true
+    trap '' INT TERM # a further signal must not cut the cleanup short
+    if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
+        kill -TERM "$child" 2>/dev/null || true
+        wait "$child" 2>/dev/null || true
     fi
     stop_qsd
     if ((ok && !keep)); then
@@ -98,7 +112,13 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Signals: exit once (cleanup runs from the EXIT trap); a repeated signal,
+# e.g. timeout(1) signalling the process and then its group, is ignored.
+on_signal() {
+    trap '' INT TERM
+    exit 130
+}
+trap on_signal INT TERM
 
 seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 start_qsd
@@ -106,16 +126,17 @@ start_qsd
 # 2. fio with verify, host check while the backend runs.
 log "run 1: fio-verify (seed $seed)"
 t1=$(now)
-summary1=$(timeout $((tmo + 120)) "$here/qemu-blk-fio.sh" --socket "$sock" --image-file "$img" --job fio-verify \
-    --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-fio-verify.log") ||
+run_child "$tmp/run1.summary" "$here/qemu-blk-fio.sh" --socket "$sock" --image-file "$img" --job fio-verify \
+    --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-fio-verify.log" ||
     die "run 1 (fio-verify) failed: see above and $tmp/console-fio-verify.log"
+summary1=$(cat "$tmp/run1.summary")
 t1e=$(now)
 
 if ((!quick)); then
     # 3. A second boot reads the same data back through the backend.
     log "run 2: verify-only (seed $seed): a fresh guest re-reads and verifies the data"
-    timeout $((tmo + 120)) "$here/qemu-blk-fio.sh" --socket "$sock" --job verify-only \
-        --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-verify-only.log" >/dev/null ||
+    run_child /dev/null "$here/qemu-blk-fio.sh" --socket "$sock" --job verify-only \
+        --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-verify-only.log" ||
         die "run 2 (verify-only) failed: see above and $tmp/console-verify-only.log"
 
     # 4. Backend restart under I/O with reconnect-ms=1000.
@@ -124,24 +145,24 @@ if ((!quick)); then
     # Twice the fio region, so the kill lands while fio is writing.
     fiosize3=$((fiosize * 2))
     log "run 3: fio-verify (seed $seed2, ${fiosize3}MiB) with reconnect-ms=1000; qsd is killed and restarted during fio"
-    timeout $((tmo + 120)) "$here/qemu-blk-fio.sh" --socket "$sock" --image-file "$img" --job fio-verify \
+    "$here/qemu-blk-fio.sh" --socket "$sock" --image-file "$img" --job fio-verify \
         --seed "$seed2" --fiosize "$fiosize3" --timeout "$tmo" --log "$clog" --reconnect-ms 1000 \
-        >"$tmp/restart.summary" &
-    run3=$!
+        >"$tmp/run3.summary" &
+    child=$!
     for ((i = 0; i < tmo * 10; i++)); do
         grep -q 'E2E-TIME: fio start' "$clog" 2>/dev/null && break
-        kill -0 "$run3" 2>/dev/null || break
+        kill -0 "$child" 2>/dev/null || break
         sleep 0.1
     done
-    grep -q 'E2E-TIME: fio start' "$clog" 2>/dev/null || { wait "$run3" || true; die "run 3: the guest never started fio (see $clog)"; }
+    grep -q 'E2E-TIME: fio start' "$clog" 2>/dev/null || die "run 3: the guest never started fio (see $clog)"
     sleep 1
     log "run 3: killing qemu-storage-daemon (pid $qsd_pid) under I/O"
     stop_qsd KILL
     sleep 1
     start_qsd
     r3=0
-    wait "$run3" || r3=$?
-    run3=''
+    wait "$child" || r3=$?
+    child=''
     ((r3 == 0)) || die "run 3 (backend restart with reconnect-ms=1000) failed: see above and $clog"
     grep -q 'E2E-TIME: fio end' "$clog" || die "run 3: fio did not run"
     log "run 3: passed across the backend restart"

@@ -104,11 +104,16 @@ else
 fi
 qpidf=$(mktemp /tmp/qemu-blk-fio.XXXXXX.pid)
 qpid=''
-stop_qemu() { # SIGTERM to QEMU, SIGKILL after 5s (a stuck backend can block its exit)
-    local p i
+qemu_pid() { # QEMU's own pid: the child of our timeout(1) wrapper $qpid
+    local p
     p=$(cat "$qpidf" 2>/dev/null || true)
     # Only a QEMU started with our pidfile (guards against a reused pid).
-    [[ -n $p ]] && ! grep -qF -- "$qpidf" "/proc/$p/cmdline" 2>/dev/null && p=''
+    [[ -n $p ]] && grep -qF -- "$qpidf" "/proc/$p/cmdline" 2>/dev/null && { echo "$p"; return; }
+    pgrep -P "$qpid" | head -1 || true
+}
+stop_qemu() { # SIGTERM to QEMU, SIGKILL after 5s (a stuck backend can block its exit)
+    local p i
+    p=$(qemu_pid)
     kill -TERM "${p:-$qpid}" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
         kill -0 "$qpid" 2>/dev/null || break
@@ -116,10 +121,12 @@ stop_qemu() { # SIGTERM to QEMU, SIGKILL after 5s (a stuck backend can block its
     done
     if kill -0 "$qpid" 2>/dev/null; then
         log "QEMU ignored SIGTERM for 5s (blocked on the vhost-user backend?): SIGKILL"
-        kill -KILL "${p:-$qpid}" 2>/dev/null || true
+        p=$(qemu_pid)
+        kill -KILL ${p:+"$p"} "$qpid" 2>/dev/null || true
     fi
 }
 cleanup() {
+    trap '' INT TERM # a further signal must not cut the cleanup short
     if [[ -n $qpid ]] && kill -0 "$qpid" 2>/dev/null; then
         stop_qemu
         wait "$qpid" 2>/dev/null || true
@@ -127,7 +134,13 @@ cleanup() {
     rm -f "$qpidf"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+# Signals: exit once (cleanup runs from the EXIT trap); a repeated signal,
+# e.g. timeout(1) signalling the process and then its group, is ignored.
+on_signal() {
+    trap '' INT TERM
+    exit 130
+}
+trap on_signal INT TERM
 
 # The guest's own fio bound leaves time to report and power off.
 fiotimeout=$((tmo > 120 ? tmo - 60 : tmo / 2))
@@ -146,9 +159,8 @@ args=(
 [[ -n ${E2E_QEMU_EXTRA:-} ]] && args+=($E2E_QEMU_EXTRA)
 log "job=$job seed=$seed socket=$sock${reconnect:+ reconnect-ms=$reconnect} timeout=${tmo}s log=$logf"
 t_start=$(now)
-# timeout(1) is a second bound should this script be killed. (The subshell
-# keeps bash from reporting "Killed" when QEMU has to be killed.)
-(timeout -k 10 $((tmo + 30)) "$qemu" "${args[@]}" 2>&3 || exit $?) 3>&2 2>/dev/null &
+# timeout(1) is a second bound should this script be killed.
+timeout -k 10 $((tmo + 30)) "$qemu" "${args[@]}" &
 qpid=$!
 
 t_init='' t_result='' status=''
@@ -176,7 +188,7 @@ while kill -0 "$qpid" 2>/dev/null; do
     sleep 0.2
 done
 qrc=0
-wait "$qpid" || qrc=$?
+wait "$qpid" 2>/dev/null || qrc=$? # (2>/dev/null: no "Killed" notice from bash)
 qpid=''
 t_end=$(now)
 

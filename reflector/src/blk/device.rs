@@ -33,8 +33,10 @@ use crate::driver_answers;
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
-/// Descriptors per queue.
-pub const QUEUE_SIZE: usize = 256;
+/// Largest queue a client may set up: QEMU's limit for vhost-user-blk. A
+/// request uses up to SEG_MAX + 2 descriptors, so deep queues of large
+/// requests need this many.
+pub const QUEUE_SIZE: usize = 1024;
 /// Epoll data for the driver VM's completion doorbell (ids up to
 /// NUM_QUEUES are the library's).
 pub const COMPLETION_EVENT: u16 = NUM_QUEUES as u16 + 1;
