@@ -18,6 +18,7 @@ use crate::shm::SharedMemory;
 /// The channel region and the reflector's private indices.
 pub struct Channel {
     memory: Arc<SharedMemory>,
+    generation: u32,
     req_prod: u32,
     cmp_cons: u32,
 }
@@ -35,7 +36,22 @@ impl Channel {
         // The reflector always wants to hear about completions: its worker
         // sleeps in epoll between events.
         memory.atomic_u32(header::HOST_WAITING).store(1, Ordering::Release);
-        Ok(Channel { memory, req_prod: 0, cmp_cons: 0 })
+        Ok(Channel { memory, generation: 1, req_prod: 0, cmp_cons: 0 })
+    }
+
+    /// Starts a new generation for a new driver VM: empty rings, a new
+    /// generation number (so a driver of another generation is detectable).
+    /// Only call it once the previous driver VM is dead.
+    pub fn reset(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        for offset in [header::REQ_PROD, header::REQ_CONS, header::CMP_PROD, header::CMP_CONS, header::DRIVER_SLEEPING]
+        {
+            self.memory.atomic_u32(offset).store(0, Ordering::Release);
+        }
+        self.memory.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::STARTING, Ordering::Release);
+        self.memory.atomic_u32(header::GENERATION).store(self.generation, Ordering::Release);
+        (self.req_prod, self.cmp_cons) = (0, 0);
+        self.generation
     }
 
     /// The shared region (mapped into the driver VM as window `channel`).

@@ -34,6 +34,8 @@ pub struct BlkConfig {
     pub driver_memory: String,
     /// Refuse writes.
     pub read_only: bool,
+    /// Pending requests with no progress for this long mean a hung driver VM.
+    pub hang_deadline: std::time::Duration,
 }
 
 /// Everything the reflector serves.
@@ -63,6 +65,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+fn parse_millis(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<u64>() {
+        Ok(ms) if (10..=600_000).contains(&ms) => Ok(std::time::Duration::from_millis(ms)),
+        _ => Err(format!("{text:?}: expected milliseconds between 10 and 600000")),
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "yes" | "" => Ok(true),
@@ -83,6 +92,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         driver: DEFAULT_BLK_DRIVER.into(),
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         read_only: false,
+        hang_deadline: crate::blk::device::DEFAULT_HANG_DEADLINE,
     };
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
@@ -94,9 +104,10 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
+            "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly)"
+                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, hang_ms)"
                 )))
             }
         }
@@ -140,6 +151,7 @@ struct FileBlk {
     driver_memory: Option<String>,
     #[serde(default)]
     readonly: bool,
+    hang_ms: Option<toml::Spanned<u64>>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -169,7 +181,14 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             })?),
             None => None,
         };
+        let hang_deadline = match blk.hang_ms {
+            Some(ms) => parse_millis(&ms.get_ref().to_string()).map_err(|e| {
+                ConfigError(format!("{origin}, line {}: [[blk]] key `hang_ms`: {e}", line_of(text, ms.span().start)))
+            })?,
+            None => crate::blk::device::DEFAULT_HANG_DEADLINE,
+        };
         let device = BlkConfig {
+            hang_deadline,
             name: blk.name.unwrap_or_else(|| format!("blk{index}")),
             socket: blk.socket,
             image: blk.image,

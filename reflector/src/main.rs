@@ -23,7 +23,8 @@ Examples:
 
 --blk keys: socket=PATH (required), image=PATH (required), size=SIZE (create the image
 if missing), readonly=on, name=NAME, driver=IMAGE (default blk), memory=SIZE (driver VM RAM,
-default 16M).
+default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
+driver VM, which is replaced; default 500).
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
@@ -35,7 +36,12 @@ Configuration file (TOML):
   size = \"1G\"                   # create the image if missing
   readonly = false
   driver = \"blk\"                # driver VM image: built-in name or path
-  driver_memory = \"16M\"";
+  driver_memory = \"16M\"
+  hang_ms = 500                 # replace a driver VM that makes no progress this long
+
+A driver VM that exits, hangs or breaks the channel protocol is replaced and the
+requests it had are replayed; the client sees a stall, not an error. After more than
+20 faults in 10 s the device fails its requests for a 10 s cool-down, then tries again.";
 
 /// Serves vhost-user block devices whose drivers run isolated in driver VMs.
 #[derive(Parser, Debug)]
@@ -149,7 +155,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     unsafe { libc::sigwait(&signals, &mut signal) };
     tracing::info!(signal, "stopping");
     for service in services {
-        service.driver_vm.kill();
+        service.shutdown();
         let _ = std::fs::remove_file(&service.config.socket);
         let m = &service.metrics;
         let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
@@ -160,6 +166,12 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
             malformed = count(&m.malformed),
             errors = count(&m.errors),
             violations = count(&m.violations),
+            faults = count(&m.faults),
+            restarts = count(&m.restarts),
+            replayed = count(&m.replayed),
+            stall_p50_us = m.stall_percentiles().map(|s| s.0).unwrap_or(0),
+            stall_p99_us = m.stall_percentiles().map(|s| s.1).unwrap_or(0),
+            stall_max_us = m.stall_percentiles().map(|s| s.2).unwrap_or(0),
             bytes_read = count(&m.bytes_read),
             bytes_written = count(&m.bytes_written),
             "device counters"

@@ -2,7 +2,6 @@
 //! simulated controller, driver VM process, vhost-user socket. The socket is
 //! served again after a client disconnects (QEMU restarted).
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -13,12 +12,12 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::device::{BlkDevice, BlkWiring, Metrics};
+use crate::blk::device::{BlkDevice, BlkWiring, Metrics, RecoveryConfig};
 use crate::channel::Channel;
 use crate::config::BlkConfig;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::{BlockHardware, DmaRegion};
-use crate::supervisor::{DriverVm, DriverVmSpec, Window};
+use crate::supervisor::{DriverLauncher, DriverVmSpec, Window};
 
 /// Driver guest-physical address of the controller's window.
 pub const REGS_GPA: u64 = 0x2000_0000;
@@ -35,8 +34,6 @@ pub struct BlkService {
     device: Arc<RwLock<BlkDevice>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// The driver VM process.
-    pub driver_vm: DriverVm,
     _hardware: SimStorage,
 }
 
@@ -87,27 +84,34 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         image: config.driver.clone(),
         memory: config.driver_memory.clone(),
     };
+    let dup = |fd: &EventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
     let mut windows: Vec<Window> =
         hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
-    windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory(), name: "channel" });
-    let doorbells = [(DOORBELL_GPA, &completion_doorbell), (DOORBELL_GPA + 8, hardware.doorbell())];
-    let interrupts = [&driver_interrupt, hardware.interrupt()];
-    let exited = driver_exited.try_clone().map_err(io(format!("{name}: duplicating an eventfd")))?;
-    let driver_vm = DriverVm::spawn(&spec, &windows, &doorbells, &interrupts, exited)
+    windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
+    let doorbells = vec![(DOORBELL_GPA, dup(&completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
+    let interrupts = vec![dup(&driver_interrupt)?, dup(hardware.interrupt())?];
+    let launcher = DriverLauncher::new(spec, windows, doorbells, interrupts, dup(&driver_exited)?);
+    let wiring = BlkWiring { channel, driver_interrupt, completion_doorbell, driver_exited, launcher };
+    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, ..RecoveryConfig::default() };
+    let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)
         .map_err(io(format!("{name}: starting the driver VM")))?;
-    let wiring = BlkWiring { channel, driver_interrupt, completion_doorbell, driver_exited };
-    let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring);
     let metrics = device.metrics();
-    Ok(BlkService {
-        config: config.clone(),
-        device: Arc::new(RwLock::new(device)),
-        metrics,
-        driver_vm,
-        _hardware: hardware,
-    })
+    Ok(BlkService { config: config.clone(), device: Arc::new(RwLock::new(device)), metrics, _hardware: hardware })
 }
 
 impl BlkService {
+    /// Kills the driver VM for good.
+    pub fn shutdown(&self) {
+        if let Ok(mut device) = self.device.write() {
+            device.shutdown();
+        }
+    }
+
+    /// The current driver VM's pid.
+    pub fn driver_pid(&self) -> Option<libc::pid_t> {
+        self.device.read().ok().and_then(|device| device.driver_pid())
+    }
+
     /// Serves the socket until the process ends, one client at a time.
     pub fn serve(&self) -> Result<(), String> {
         let socket: &PathBuf = &self.config.socket;
@@ -125,7 +129,7 @@ impl BlkService {
                 let device = self.device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
                 for (fd, event) in device.listeners() {
                     handler
-                        .register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(event))
+                        .register_listener(fd, EventSet::IN, u64::from(event))
                         .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
                 }
             }

@@ -5,7 +5,7 @@
 //! the device.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,20 +33,34 @@ pub struct DriverVmSpec {
 }
 
 /// A window to map: guest address, memory, name.
-pub struct Window<'a> {
+#[derive(Clone)]
+pub struct Window {
     /// Driver guest-physical address.
     pub gpa: u64,
     /// The memory.
-    pub memory: &'a SharedMemory,
+    pub memory: Arc<SharedMemory>,
     /// Name the driver looks up.
-    pub name: &'a str,
+    pub name: &'static str,
+}
+
+/// Starts driver VMs for one device, always wired the same way, so that a
+/// replacement sees exactly what its predecessor saw.
+pub struct DriverLauncher {
+    spec: DriverVmSpec,
+    windows: Vec<Window>,
+    doorbells: Vec<(u64, EventFd)>,
+    interrupts: Vec<EventFd>,
+    exited: EventFd,
 }
 
 /// A running driver VM process.
 pub struct DriverVm {
     name: String,
     pid: libc::pid_t,
+    pidfd: Option<OwnedFd>,
+    gone: Arc<AtomicBool>,
     reaped: Arc<AtomicBool>,
+    report: Arc<Mutex<String>>,
 }
 
 fn set_inheritable(fd: &EventFd, inheritable: bool) -> std::io::Result<()> {
@@ -58,30 +72,41 @@ fn set_inheritable(fd: &EventFd, inheritable: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-impl DriverVm {
-    /// Starts `vmm run` for `spec`. `exited` is signalled when it exits.
-    pub fn spawn(
-        spec: &DriverVmSpec,
-        windows: &[Window],
-        doorbells: &[(u64, &EventFd)],
-        interrupts: &[&EventFd],
+impl DriverLauncher {
+    /// A launcher; `exited` is signalled whenever one of its VMs exits.
+    pub fn new(
+        spec: DriverVmSpec,
+        windows: Vec<Window>,
+        doorbells: Vec<(u64, EventFd)>,
+        interrupts: Vec<EventFd>,
         exited: EventFd,
-    ) -> std::io::Result<DriverVm> {
+    ) -> Self {
+        DriverLauncher { spec, windows, doorbells, interrupts, exited }
+    }
+
+    /// The driver VM's name.
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// Starts a driver VM (`vmm run`).
+    pub fn launch(&self) -> std::io::Result<DriverVm> {
+        let spec = &self.spec;
         let mut command = Command::new(&spec.vmm);
         command.args(["run", "--json", "--image", &spec.image, "--name", &spec.name, "--memory", &spec.memory]);
-        for window in windows {
+        for window in &self.windows {
             let path = window.memory.path();
-            let spec = format!("{:#x},{},{},name={}", window.gpa, window.memory.size(), path.display(), window.name);
-            command.arg("--window").arg(spec);
+            let arg = format!("{:#x},{},{},name={}", window.gpa, window.memory.size(), path.display(), window.name);
+            command.arg("--window").arg(arg);
         }
-        for (gpa, fd) in doorbells {
+        for (gpa, fd) in &self.doorbells {
             command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={}", fd.as_raw_fd()));
         }
-        for fd in interrupts {
+        for fd in &self.interrupts {
             command.arg("--irq").arg(format!("fd={}", fd.as_raw_fd()));
         }
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let inherited: Vec<&EventFd> = doorbells.iter().map(|(_, fd)| *fd).chain(interrupts.iter().copied()).collect();
+        let inherited: Vec<&EventFd> = self.doorbells.iter().map(|(_, fd)| fd).chain(&self.interrupts).collect();
         let child = {
             let _guard = SPAWN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             inherited.iter().try_for_each(|fd| set_inheritable(fd, true))?;
@@ -90,44 +115,93 @@ impl DriverVm {
             child.map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?
         };
         let pid = child.id() as libc::pid_t;
+        // SAFETY: pidfd_open on our own, not yet reaped child; returns a new
+        // descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+        // SAFETY: a fresh descriptor we own when non-negative.
+        let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
+        let gone = Arc::new(AtomicBool::new(false));
         let reaped = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(String::new()));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, "driver VM started");
-        let (name, flag) = (spec.name.clone(), reaped.clone());
-        std::thread::Builder::new()
-            .name(format!("{}-watch", spec.name))
-            .spawn(move || watch(child, &name, &flag, &exited))?;
-        Ok(DriverVm { name: spec.name.clone(), pid, reaped })
+        let watcher = Watcher {
+            name: spec.name.clone(),
+            gone: gone.clone(),
+            reaped: reaped.clone(),
+            report: report.clone(),
+            exited: self.exited.try_clone()?,
+        };
+        std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
+        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, gone, reaped, report })
     }
+}
 
+impl DriverVm {
     /// The process id.
     pub fn pid(&self) -> libc::pid_t {
         self.pid
     }
 
-    /// Kills the process (SIGKILL) if it is still running.
+    /// The vmm's JSON report, once the process has gone (its guest can no
+    /// longer run).
+    pub fn exit_report(&self) -> Option<String> {
+        self.gone.load(Ordering::Acquire).then(|| self.report.lock().map(|r| r.clone()).unwrap_or_default())
+    }
+
+    /// Kills the process (SIGKILL) if it is still running. Through a pidfd,
+    /// so a pid reused after reaping is never hit.
     pub fn kill(&self) {
-        if !self.reaped.load(Ordering::Acquire) {
-            // SAFETY: kill(2) on our own child, which is not reaped yet, so
-            // the pid still names it.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
-            tracing::info!(driver_vm = %self.name, pid = self.pid, "driver VM killed");
+        if self.reaped.load(Ordering::Acquire) {
+            return;
         }
+        match &self.pidfd {
+            // SAFETY: pidfd_send_signal on a pidfd we own.
+            Some(pidfd) => unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+            },
+            // SAFETY: kill(2) on our own child, not reaped yet (checked above).
+            None => unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+            },
+        }
+        tracing::debug!(driver_vm = %self.name, pid = self.pid, "driver VM killed");
     }
 }
 
-fn watch(mut child: Child, name: &str, reaped: &AtomicBool, exited: &EventFd) {
-    let mut report = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut report);
+/// Follows one driver VM process to its end.
+struct Watcher {
+    name: String,
+    gone: Arc<AtomicBool>,
+    reaped: Arc<AtomicBool>,
+    report: Arc<Mutex<String>>,
+    exited: EventFd,
+}
+
+impl Watcher {
+    /// Reports the process gone as soon as its stdout closes, then reaps it.
+    ///
+    /// Why not wait for the reap: a dying vmm closes its files only after
+    /// its last thread (the vCPU included) has exited, so the guest can no
+    /// longer run; but the process becomes reapable only after its VM is
+    /// destroyed, which blocks about 15 ms (DESIGN.md). Recovery must not
+    /// wait for that.
+    fn watch(self, mut child: Child) {
+        let mut output = String::new();
+        if let Some(mut stdout) = child.stdout.take() {
+            let _ = stdout.read_to_string(&mut output);
+        }
+        let report = output.lines().last().unwrap_or("").trim().to_owned();
+        if let Ok(mut text) = self.report.lock() {
+            *text = report.clone();
+        }
+        self.gone.store(true, Ordering::Release);
+        let _ = self.exited.write(1);
+        match child.wait() {
+            Ok(status) => tracing::info!(driver_vm = %self.name, %status, report = %report, "driver VM exited"),
+            Err(error) => tracing::error!(driver_vm = %self.name, %error, "cannot wait for the driver VM"),
+        }
+        self.reaped.store(true, Ordering::Release);
     }
-    let status = child.wait();
-    reaped.store(true, Ordering::Release);
-    let report = report.lines().last().unwrap_or("").trim().to_owned();
-    match status {
-        Ok(status) => tracing::warn!(driver_vm = %name, %status, report = %report, "driver VM exited"),
-        Err(error) => tracing::error!(driver_vm = %name, %error, "cannot wait for the driver VM"),
-    }
-    let _ = exited.write(1);
 }
 
 /// The `vmm` binary: `explicit` if given, else the one next to this

@@ -1,5 +1,5 @@
 //! The vhost-user-blk device: a `VhostUserBackendMut` whose requests are
-//! served by a driver VM.
+//! served by a driver VM, which it replaces transparently when it fails.
 //!
 //! Flow: the client kicks queue 0 → chains are parsed (`marshal`) → each
 //! well-formed request takes a bounce slot and an id (`inflight`), a write's
@@ -7,10 +7,18 @@
 //! driver VM's doorbell wakes the worker → completions are judged
 //! (`driver_answers`), a read's payload is copied out, and the chain is
 //! completed in the client's used ring.
+//!
+//! Recovery (DESIGN.md, restart protocol): on a fault (the vmm exited, a
+//! protocol violation, no progress within the hang deadline) the driver VM
+//! is killed, completions that pass every check are kept, the channel starts
+//! a new generation, a new driver VM is started (it resets the controller),
+//! and every request still in flight is replayed in order, its payload
+//! copied again from client memory. The client sees a stall, not an error.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use guest_abi::channel::{self, RequestEntry};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -25,11 +33,14 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryM
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::inflight::{InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
+use super::recovery::{Decision, Fault, RestartPolicy, RestartTracker};
 use crate::channel::Channel;
 use crate::driver_answers;
+use crate::supervisor::{DriverLauncher, DriverVm};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -37,16 +48,27 @@ pub const NUM_QUEUES: usize = 1;
 /// request uses up to SEG_MAX + 2 descriptors, so deep queues of large
 /// requests need this many.
 pub const QUEUE_SIZE: usize = 1024;
-/// Epoll data for the driver VM's completion doorbell (ids up to
-/// NUM_QUEUES are the library's).
+/// Epoll data of the driver VM's completion doorbell (ids up to NUM_QUEUES
+/// are the library's).
 pub const COMPLETION_EVENT: u16 = NUM_QUEUES as u16 + 1;
-/// Epoll data for "the driver VM exited".
+/// Epoll data of "a driver VM exited".
 pub const DRIVER_EXIT_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// Epoll data of the hang watchdog timer.
+pub const HANG_EVENT: u16 = NUM_QUEUES as u16 + 3;
+/// Epoll data of the delayed-restart (and cool-down) timer.
+pub const RESTART_EVENT: u16 = NUM_QUEUES as u16 + 4;
+/// Default hang deadline: pending requests with no completion for this long
+/// mean a hung driver VM. A 128 KiB request takes well under a millisecond
+/// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
+/// stall even with QEMU's TCG guest competing for the two cores.
+pub const DEFAULT_HANG_DEADLINE: Duration = Duration::from_millis(500);
 /// Largest data segment advertised (size_max): one page, so that
 /// `SEG_MAX` segments always fit one bounce slot.
 const SIZE_MAX: u32 = 4096;
 /// Most data segments per request (seg_max).
 const SEG_MAX: u32 = channel::SLOT_SIZE / SIZE_MAX;
+/// Recovery stalls kept for percentiles (the most recent ones).
+const STALL_HISTORY: usize = 4096;
 
 /// Counters, readable while the device runs.
 #[derive(Debug, Default)]
@@ -61,17 +83,51 @@ pub struct Metrics {
     pub errors: AtomicU64,
     /// Driver protocol violations seen.
     pub violations: AtomicU64,
+    /// Driver VM faults of any kind.
+    pub faults: AtomicU64,
+    /// Driver VMs started after a fault.
+    pub restarts: AtomicU64,
+    /// Requests sent again to a new driver VM.
+    pub replayed: AtomicU64,
     /// Bytes read for the client.
     pub bytes_read: AtomicU64,
     /// Bytes written for the client.
     pub bytes_written: AtomicU64,
+    /// The last fault, for operators.
+    pub last_fault: Mutex<String>,
+    /// Recovery stalls (fault to the next completion), in microseconds.
+    pub stalls_us: Mutex<VecDeque<u64>>,
 }
 
-/// A request waiting for a free bounce slot.
+impl Metrics {
+    /// Median, p99 and max of the recorded recovery stalls, in microseconds.
+    pub fn stall_percentiles(&self) -> Option<(u64, u64, u64)> {
+        let mut stalls: Vec<u64> = self.stalls_us.lock().ok()?.iter().copied().collect();
+        if stalls.is_empty() {
+            return None;
+        }
+        stalls.sort_unstable();
+        let at = |q: f64| stalls[((q * stalls.len() as f64).ceil() as usize).clamp(1, stalls.len()) - 1];
+        Some((at(0.5), at(0.99), stalls[stalls.len() - 1]))
+    }
+}
+
+/// A request waiting for a free bounce slot or a driver VM.
 struct Waiting {
     head: u16,
     request: BlkRequest,
     status: GuestAddress,
+}
+
+/// Where the device stands with its driver VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DriverState {
+    /// A driver VM serves the channel.
+    Running,
+    /// The driver VM failed; a new one starts when the restart timer fires.
+    AwaitingRestart,
+    /// Too many faults: requests fail until the cool-down ends.
+    Failed,
 }
 
 /// The device.
@@ -79,16 +135,25 @@ pub struct BlkDevice {
     name: String,
     limits: Limits,
     config: Vec<u8>,
-    acked_features: u64,
     event_idx: bool,
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    client: u64,
     channel: Channel,
     in_flight: InFlightTable,
     waiting: VecDeque<Waiting>,
     driver_interrupt: EventFd,
     completion_doorbell: EventFd,
     driver_exited: EventFd,
-    failed: Option<String>,
+    launcher: DriverLauncher,
+    driver: Option<DriverVm>,
+    state: DriverState,
+    tracker: RestartTracker,
+    hang_deadline: Duration,
+    hang_timer: TimerFd,
+    hang_armed: bool,
+    last_progress: Instant,
+    restart_timer: TimerFd,
+    fault_at: Option<Instant>,
     metrics: Arc<Metrics>,
 }
 
@@ -100,31 +165,67 @@ pub struct BlkWiring {
     pub driver_interrupt: EventFd,
     /// Signalled by the driver VM's completion doorbell (its doorbell 0).
     pub completion_doorbell: EventFd,
-    /// Signalled when the driver VM process exits.
+    /// Signalled when a driver VM process exits.
     pub driver_exited: EventFd,
+    /// Starts driver VMs wired to this device.
+    pub launcher: DriverLauncher,
+}
+
+/// How the device handles faults.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryConfig {
+    /// When to give up on a driver VM that makes no progress.
+    pub hang_deadline: Duration,
+    /// Restart budget and backoff.
+    pub policy: RestartPolicy,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default() }
+    }
 }
 
 impl BlkDevice {
-    /// A device of `capacity_sectors` served through `wiring`.
-    pub fn new(name: &str, capacity_sectors: u64, read_only: bool, wiring: BlkWiring) -> Self {
+    /// A device of `capacity_sectors` served through `wiring`; starts its
+    /// first driver VM.
+    pub fn new(
+        name: &str,
+        capacity_sectors: u64,
+        read_only: bool,
+        wiring: BlkWiring,
+        recovery: RecoveryConfig,
+    ) -> std::io::Result<Self> {
         let limits =
             Limits { capacity_sectors, max_data: channel::SLOT_SIZE, max_segments: SEG_MAX as usize, read_only };
-        BlkDevice {
+        let driver = wiring.launcher.launch()?;
+        let mut tracker = RestartTracker::new(recovery.policy);
+        tracker.started(Instant::now());
+        Ok(BlkDevice {
             name: name.to_owned(),
             limits,
             config: virtio_blk_config(capacity_sectors),
-            acked_features: 0,
             event_idx: false,
             memory: None,
+            client: 0,
             channel: wiring.channel,
             in_flight: InFlightTable::default(),
             waiting: VecDeque::new(),
             driver_interrupt: wiring.driver_interrupt,
             completion_doorbell: wiring.completion_doorbell,
             driver_exited: wiring.driver_exited,
-            failed: None,
+            launcher: wiring.launcher,
+            driver: Some(driver),
+            state: DriverState::Running,
+            tracker,
+            hang_deadline: recovery.hang_deadline,
+            hang_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            hang_armed: false,
+            last_progress: Instant::now(),
+            restart_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            fault_at: None,
             metrics: Arc::new(Metrics::default()),
-        }
+        })
     }
 
     /// The device's counters.
@@ -132,9 +233,28 @@ impl BlkDevice {
         self.metrics.clone()
     }
 
-    /// The eventfds the vhost-user worker must watch, with their event ids.
-    pub fn listeners(&self) -> [(&EventFd, u16); 2] {
-        [(&self.completion_doorbell, COMPLETION_EVENT), (&self.driver_exited, DRIVER_EXIT_EVENT)]
+    /// The current driver VM's pid, if one runs.
+    pub fn driver_pid(&self) -> Option<libc::pid_t> {
+        self.driver.as_ref().map(DriverVm::pid)
+    }
+
+    /// Kills the driver VM for good (the reflector is stopping).
+    pub fn shutdown(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            driver.kill();
+        }
+    }
+
+    /// The file descriptors the vhost-user worker must watch, with their
+    /// event ids.
+    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 4] {
+        use std::os::fd::AsRawFd;
+        [
+            (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
+            (self.driver_exited.as_raw_fd(), DRIVER_EXIT_EVENT),
+            (self.hang_timer.as_raw_fd(), HANG_EVENT),
+            (self.restart_timer.as_raw_fd(), RESTART_EVENT),
+        ]
     }
 
     /// Forgets a client that went away: its queues are gone, so requests
@@ -142,6 +262,7 @@ impl BlkDevice {
     pub fn client_gone(&mut self) {
         self.waiting.clear();
         self.memory = None;
+        self.client += 1;
     }
 
     fn process_queue(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
@@ -172,6 +293,7 @@ impl BlkDevice {
             }
         }
         self.channel.publish(&self.driver_interrupt);
+        self.arm_hang_watch();
         signal_used(vring)
     }
 
@@ -196,7 +318,7 @@ impl BlkDevice {
                 };
                 self.complete(vring, memory, head, Some(status), code, written);
             }
-            _ if self.failed.is_some() => {
+            _ if self.state == DriverState::Failed => {
                 self.complete(vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
             }
             _ => {
@@ -206,58 +328,70 @@ impl BlkDevice {
         }
     }
 
-    /// Moves waiting requests into free bounce slots and the channel.
+    /// Moves waiting requests into free bounce slots and the channel, while
+    /// a driver VM runs.
     fn submit_waiting(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap) {
-        while let Some(waiting) = self.waiting.pop_front() {
+        while self.state == DriverState::Running {
+            let Some(waiting) = self.waiting.pop_front() else { return };
             let data_len = waiting.request.data_len();
-            let entry =
-                InFlight { id: 0, head: waiting.head, request: waiting.request, data_len, status: waiting.status };
-            let (slot, id) = match self.in_flight.insert(entry) {
+            let entry = InFlight {
+                id: 0,
+                head: waiting.head,
+                request: waiting.request,
+                data_len,
+                status: waiting.status,
+                client: self.client,
+            };
+            let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
                 Err(InFlight { head, request, status, .. }) => {
                     self.waiting.push_front(Waiting { head, request, status });
                     return;
                 }
             };
-            let Some(entry) = self.in_flight.get(slot) else { continue };
-            let request = &entry.request;
-            let op = match request.kind {
-                RequestKind::Read => channel::op::READ,
-                RequestKind::Write => channel::op::WRITE,
-                _ => channel::op::FLUSH,
-            };
-            if request.kind == RequestKind::Write {
-                let copied = self
-                    .channel
-                    .slot(slot, data_len as usize)
-                    .map(|bounce| marshal::copy_to_slot(memory, request, &bounce));
-                if !matches!(copied, Some(Ok(()))) {
-                    if let Some(entry) = self.in_flight.remove(slot) {
-                        self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
-                    }
-                    continue;
+            if !self.send(memory, slot) {
+                if let Some(entry) = self.in_flight.remove(slot) {
+                    self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
                 }
             }
-            let sector = request.sector;
-            self.channel.push(RequestEntry { id, op, slot, sector, len: data_len, reserved: 0 });
         }
     }
 
-    fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
-        let Some(atomic) = self.memory.clone() else {
-            // No client: drop whatever the driver finished.
-            if let Ok(completions) = self.channel.take_completions() {
-                for completion in completions {
-                    self.in_flight.remove(channel::slot_of(completion.id));
-                }
-            }
-            return Ok(());
+    /// Pushes the request in `slot` into the channel, copying a write's
+    /// payload from client memory first. False if client memory failed.
+    fn send(&mut self, memory: &GuestMemoryMmap, slot: u32) -> bool {
+        let Some(entry) = self.in_flight.get(slot) else { return false };
+        let request = &entry.request;
+        let op = match request.kind {
+            RequestKind::Read => channel::op::READ,
+            RequestKind::Write => channel::op::WRITE,
+            _ => channel::op::FLUSH,
         };
-        let memory = atomic.memory();
+        if request.kind == RequestKind::Write {
+            let copied = self
+                .channel
+                .slot(slot, entry.data_len as usize)
+                .map(|bounce| marshal::copy_to_slot(memory, request, &bounce));
+            if !matches!(copied, Some(Ok(()))) {
+                return false;
+            }
+        }
+        let (id, sector, len) = (entry.id, request.sector, entry.data_len);
+        self.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
+        true
+    }
+
+    fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
+        if self.state != DriverState::Running {
+            return Ok(());
+        }
+        let atomic = self.memory.clone();
+        let memory = atomic.as_ref().map(|m| m.memory());
         let completions = match self.channel.take_completions() {
             Ok(completions) => completions,
             Err(violation) => {
-                self.driver_faulted(vring, &memory, violation.to_string());
+                self.metrics.violations.fetch_add(1, Ordering::Relaxed);
+                self.fault(vring, Fault::Violation(violation.to_string()));
                 return signal_used(vring);
             }
         };
@@ -265,19 +399,40 @@ impl BlkDevice {
             match driver_answers::check(&completion, &self.in_flight) {
                 Ok(answer) => {
                     if let Some(entry) = self.in_flight.remove(answer.slot) {
-                        self.finish(vring, &memory, answer.slot, entry, answer.status);
+                        self.progress();
+                        if let (Some(memory), true) = (memory.as_deref(), entry.client == self.client) {
+                            self.finish(vring, memory, answer.slot, entry, answer.status);
+                        }
                     }
                 }
                 Err(violation) => {
                     self.metrics.violations.fetch_add(1, Ordering::Relaxed);
-                    self.driver_faulted(vring, &memory, violation.to_string());
+                    self.fault(vring, Fault::Violation(violation.to_string()));
                     return signal_used(vring);
                 }
             }
         }
-        self.submit_waiting(vring, &memory);
+        if let Some(memory) = memory.as_deref() {
+            self.submit_waiting(vring, memory);
+        }
         self.channel.publish(&self.driver_interrupt);
         signal_used(vring)
+    }
+
+    /// A request completed: the driver VM is alive and making progress.
+    fn progress(&mut self) {
+        let now = Instant::now();
+        self.last_progress = now;
+        if let Some(fault_at) = self.fault_at.take() {
+            let stall = now.duration_since(fault_at).as_micros() as u64;
+            if let Ok(mut stalls) = self.metrics.stalls_us.lock() {
+                if stalls.len() == STALL_HISTORY {
+                    stalls.pop_front();
+                }
+                stalls.push_back(stall);
+            }
+            tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
+        }
     }
 
     fn finish(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap, slot: u32, entry: InFlight, status: u32) {
@@ -333,17 +488,174 @@ impl BlkDevice {
         }
     }
 
-    /// The driver VM can no longer be trusted with this device's requests.
-    /// Until restarts exist, the device fails: every pending and later
-    /// request completes with an I/O error, so no client ever hangs.
-    fn driver_faulted(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap, reason: String) {
-        tracing::error!(device = %self.name, %reason, "driver VM fault: failing the device's requests");
-        self.failed = Some(reason);
+    /// Handles a driver VM fault: kill it, keep what it finished correctly,
+    /// then restart now, later, or fail, as the policy says.
+    fn fault(&mut self, vring: &VringRwLock, fault: Fault) {
+        if self.state != DriverState::Running {
+            return;
+        }
+        let pid = self.driver.as_ref().map(DriverVm::pid);
+        tracing::warn!(device = %self.name, driver_vm = %self.launcher.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
+        self.metrics.faults.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.metrics.last_fault.lock() {
+            *last = format!("{}: {fault}", fault.kind());
+        }
+        if let Some(driver) = self.driver.take() {
+            driver.kill();
+        }
+        self.salvage(vring);
+        self.disarm_hang_watch();
+        self.fault_at.get_or_insert_with(Instant::now);
+        match self.tracker.on_fault(Instant::now()) {
+            Decision::Restart(delay) if delay.is_zero() => self.restart(vring),
+            Decision::Restart(delay) => {
+                tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
+                self.state = DriverState::AwaitingRestart;
+                self.arm_restart_timer(delay);
+            }
+            Decision::Fail => {
+                let cool_down = self.tracker.policy().cool_down;
+                tracing::error!(device = %self.name, cool_down_s = cool_down.as_secs(), "too many driver VM faults: the device fails its requests until the cool-down ends");
+                self.state = DriverState::Failed;
+                self.fail_pending(vring);
+                self.arm_restart_timer(cool_down);
+            }
+        }
+    }
+
+    /// Completes what the dead driver finished and answered correctly; stops
+    /// at the first answer that fails a check.
+    fn salvage(&mut self, vring: &VringRwLock) {
+        let Ok(completions) = self.channel.take_completions() else { return };
+        let atomic = self.memory.clone();
+        let memory = atomic.as_ref().map(|m| m.memory());
+        for completion in completions {
+            let Ok(answer) = driver_answers::check(&completion, &self.in_flight) else { return };
+            if let Some(entry) = self.in_flight.remove(answer.slot) {
+                if let (Some(memory), true) = (memory.as_deref(), entry.client == self.client) {
+                    self.finish(vring, memory, answer.slot, entry, answer.status);
+                }
+            }
+        }
+    }
+
+    /// Starts a new driver VM on a new channel generation and replays every
+    /// request still in flight, oldest first.
+    fn restart(&mut self, vring: &VringRwLock) {
+        let generation = self.channel.reset();
+        match self.launcher.launch() {
+            Ok(driver) => {
+                tracing::info!(device = %self.name, pid = driver.pid(), generation, "driver VM restarted");
+                self.driver = Some(driver);
+                self.tracker.started(Instant::now());
+                self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                self.state = DriverState::Running;
+            }
+            Err(error) => {
+                tracing::error!(device = %self.name, %error, "cannot start a driver VM");
+                self.state = DriverState::AwaitingRestart;
+                self.arm_restart_timer(self.tracker.policy().backoff_max);
+                return;
+            }
+        }
+        let atomic = self.memory.clone();
+        let memory = atomic.as_ref().map(|m| m.memory());
+        for (slot, entry) in self.in_flight.drain() {
+            let Some(memory) = memory.as_deref().filter(|_| entry.client == self.client) else { continue };
+            let head = entry.head;
+            let status = entry.status;
+            // Same slot, new id: answers of the dead driver cannot match.
+            if !self.in_flight.insert_at(slot, entry) {
+                continue;
+            }
+            if self.send(memory, slot) {
+                self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.in_flight.remove(slot);
+                self.complete(vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+        if let Some(memory) = memory.as_deref() {
+            self.submit_waiting(vring, memory);
+        }
+        self.channel.publish(&self.driver_interrupt);
+        self.last_progress = Instant::now();
+        self.arm_hang_watch();
+        let _ = signal_used(vring);
+    }
+
+    /// Fails every pending request (the device is declared failed).
+    fn fail_pending(&mut self, vring: &VringRwLock) {
+        let atomic = self.memory.clone();
+        let memory = atomic.as_ref().map(|m| m.memory());
+        let client = self.client;
         for (_, entry) in self.in_flight.drain() {
-            self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            if let (Some(memory), true) = (memory.as_deref(), entry.client == client) {
+                self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
         }
         while let Some(waiting) = self.waiting.pop_front() {
-            self.complete(vring, memory, waiting.head, Some(waiting.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            if let Some(memory) = memory.as_deref() {
+                self.complete(vring, memory, waiting.head, Some(waiting.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+        let _ = signal_used(vring);
+    }
+
+    fn arm_hang_watch(&mut self) {
+        if self.hang_armed || self.in_flight.is_empty() || self.state != DriverState::Running {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let period = self.hang_deadline / 4;
+        if self.hang_timer.reset(period, Some(period)).is_ok() {
+            self.hang_armed = true;
+        }
+    }
+
+    fn disarm_hang_watch(&mut self) {
+        if self.hang_armed {
+            let _ = self.hang_timer.clear();
+            self.hang_armed = false;
+        }
+    }
+
+    fn check_hang(&mut self, vring: &VringRwLock) {
+        let _ = self.hang_timer.wait();
+        if self.in_flight.is_empty() || self.state != DriverState::Running {
+            self.disarm_hang_watch();
+            return;
+        }
+        if self.last_progress.elapsed() >= self.hang_deadline {
+            self.fault(vring, Fault::Hang(self.hang_deadline));
+        }
+    }
+
+    fn arm_restart_timer(&mut self, delay: Duration) {
+        if let Err(error) = self.restart_timer.reset(delay.max(Duration::from_micros(1)), None) {
+            tracing::error!(device = %self.name, %error, "cannot arm the restart timer");
+        }
+    }
+
+    fn restart_timer_fired(&mut self, vring: &VringRwLock) {
+        let _ = self.restart_timer.wait();
+        match self.state {
+            DriverState::Running => {}
+            DriverState::AwaitingRestart => self.restart(vring),
+            DriverState::Failed => {
+                tracing::info!(device = %self.name, "cool-down over: trying a new driver VM");
+                self.tracker.reset();
+                self.restart(vring);
+            }
+        }
+    }
+
+    fn driver_exited(&mut self, vring: &VringRwLock) {
+        let _ = self.driver_exited.read();
+        // Exits of driver VMs killed on purpose arrive here too: only the
+        // current one's exit is a fault.
+        if let Some(report) = self.driver.as_ref().and_then(DriverVm::exit_report) {
+            self.fault(vring, Fault::Exited(report));
         }
     }
 }
@@ -393,10 +705,6 @@ impl VhostUserBackendMut for BlkDevice {
         features
     }
 
-    fn acked_features(&mut self, features: u64) {
-        self.acked_features = features;
-    }
-
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         VhostUserProtocolFeatures::CONFIG
     }
@@ -439,21 +747,23 @@ impl VhostUserBackendMut for BlkDevice {
     ) -> std::io::Result<()> {
         let Some(vring) = vrings.first() else { return Ok(()) };
         match device_event {
+            0 => self.process_queue(vring),
             COMPLETION_EVENT => {
                 let _ = self.completion_doorbell.read();
                 self.process_completions(vring)
             }
             DRIVER_EXIT_EVENT => {
-                let _ = self.driver_exited.read();
-                if let Some(atomic) = self.memory.clone() {
-                    self.driver_faulted(vring, &atomic.memory(), "the driver VM exited".into());
-                    signal_used(vring)?;
-                } else {
-                    self.failed = Some("the driver VM exited".into());
-                }
-                Ok(())
+                self.driver_exited(vring);
+                signal_used(vring)
             }
-            0 => self.process_queue(vring),
+            HANG_EVENT => {
+                self.check_hang(vring);
+                signal_used(vring)
+            }
+            RESTART_EVENT => {
+                self.restart_timer_fired(vring);
+                signal_used(vring)
+            }
             _ => Ok(()),
         }
     }

@@ -20,6 +20,9 @@ pub struct InFlight {
     pub data_len: u32,
     /// Where the status byte goes.
     pub status: GuestAddress,
+    /// The client connection it came from; a completion for an earlier
+    /// connection is dropped instead of written into the new client's memory.
+    pub client: u64,
 }
 
 /// Requests in flight, indexed by bounce slot.
@@ -49,6 +52,18 @@ impl InFlightTable {
         let id = entry.id;
         self.slots[slot as usize] = Some(entry);
         Ok((slot, id))
+    }
+
+    /// Puts `entry` back into `slot` (free, after `drain`) with a fresh id:
+    /// a replayed request keeps its bounce slot, and answers from the driver
+    /// VM that had it cannot match its new id. False if the slot is taken.
+    pub fn insert_at(&mut self, slot: u32, mut entry: InFlight) -> bool {
+        let Some(position) = self.free.iter().position(|free| *free == slot) else { return false };
+        self.free.swap_remove(position);
+        self.sequence += 1;
+        entry.id = self.sequence * u64::from(channel::SLOT_COUNT) + u64::from(slot);
+        self.slots[slot as usize] = Some(entry);
+        true
     }
 
     /// The request in `slot`.
@@ -94,6 +109,7 @@ pub(crate) mod tests {
             request: BlkRequest { kind: RequestKind::Read, sector: 0, data: vec![(GuestAddress(0x1000), len)] },
             data_len: len,
             status: GuestAddress(0x2000),
+            client: 0,
         }
     }
 
@@ -117,7 +133,15 @@ pub(crate) mod tests {
         let (new_slot, new_id) = table.insert(request(512)).unwrap();
         assert_eq!(new_slot, slot);
         assert_ne!(new_id, old_id, "a recycled slot gets a new id");
-        assert_eq!(table.drain().len(), channel::SLOT_COUNT as usize);
+        let drained = table.drain();
+        assert_eq!(drained.len(), channel::SLOT_COUNT as usize);
+        assert!(drained.windows(2).all(|pair| pair[0].1.id < pair[1].1.id), "oldest first");
         assert!(table.is_empty());
+        let (slot, old) = (drained[3].0, drained[3].1.clone());
+        assert!(table.insert_at(slot, old.clone()));
+        assert!(!table.insert_at(slot, old.clone()), "a slot holds one request");
+        let replayed = table.get(slot).unwrap();
+        assert_ne!(replayed.id, old.id, "a replayed request gets a new id");
+        assert_eq!(channel::slot_of(replayed.id), slot);
     }
 }

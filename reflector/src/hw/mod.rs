@@ -12,17 +12,17 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::shm::SharedMemory;
 
 /// A window of the device mapped into the driver VM.
-pub struct HardwareWindow<'a> {
+pub struct HardwareWindow {
     /// Name the driver looks it up by.
     pub name: &'static str,
     /// The memory behind it.
-    pub memory: &'a SharedMemory,
+    pub memory: Arc<SharedMemory>,
 }
 
 /// A block device as a driver VM sees it.
 pub trait BlockHardware: Send {
     /// Windows to map into the driver VM.
-    fn windows(&self) -> Vec<HardwareWindow<'_>>;
+    fn windows(&self) -> Vec<HardwareWindow>;
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
     fn doorbell(&self) -> &EventFd;
     /// Written by the device to interrupt the driver VM (KVM irqfd).

@@ -101,8 +101,8 @@ impl SimStorage {
 }
 
 impl BlockHardware for SimStorage {
-    fn windows(&self) -> Vec<HardwareWindow<'_>> {
-        vec![HardwareWindow { name: "regs", memory: &self.regs }]
+    fn windows(&self) -> Vec<HardwareWindow> {
+        vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
     }
 
     fn doorbell(&self) -> &EventFd {

@@ -1,0 +1,209 @@
+//! Driver VM faults and the restart policy (DESIGN.md, restart protocol).
+//!
+//! The policy is pure logic over timestamps so that it can be tested without
+//! clocks: the device asks it what to do about each fault and when a failed
+//! device may try again.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+/// Why a driver VM was replaced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The vmm process exited (killed, guest panic, exception, triple fault,
+    /// internal error): its report, if it gave one.
+    Exited(String),
+    /// Pending requests made no progress within the deadline.
+    Hang(Duration),
+    /// An answer broke the channel protocol.
+    Violation(String),
+}
+
+impl Fault {
+    /// A short name for counters and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Exited(_) => "exited",
+            Fault::Hang(_) => "hang",
+            Fault::Violation(_) => "violation",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Exited(report) if report.is_empty() => write!(f, "the driver VM exited"),
+            Fault::Exited(report) => write!(f, "the driver VM exited: {report}"),
+            Fault::Hang(deadline) => write!(f, "no progress on pending requests for {} ms", deadline.as_millis()),
+            Fault::Violation(what) => write!(f, "protocol violation: {what}"),
+        }
+    }
+}
+
+/// The numbers of the policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Most faults tolerated within `window`; one more fails the device.
+    pub budget: u32,
+    /// The window faults are counted in.
+    pub window: Duration,
+    /// Delay before the second restart in a row; doubles with each further
+    /// fault that comes before the driver VM has stayed up for `stable_after`.
+    pub backoff_start: Duration,
+    /// Longest delay between restarts.
+    pub backoff_max: Duration,
+    /// A driver VM that stayed up this long resets the backoff.
+    pub stable_after: Duration,
+    /// How long a failed device waits before it tries again.
+    pub cool_down: Duration,
+}
+
+impl Default for RestartPolicy {
+    /// 20 faults per 10 s: one fault per second, forever, never fails the
+    /// device, while a driver that dies at once on every boot (hundreds of
+    /// faults a second) is given up on within a second. A restart is
+    /// immediate (the stall is what the client sees) unless the previous
+    /// driver VM died within 100 ms of starting (about 30 boots' worth: a
+    /// crash loop, not a driver that served and then failed); those back off
+    /// from 5 ms (about two driver VM boots) to 1 s.
+    fn default() -> Self {
+        RestartPolicy {
+            budget: 20,
+            window: Duration::from_secs(10),
+            backoff_start: Duration::from_millis(5),
+            backoff_max: Duration::from_secs(1),
+            stable_after: Duration::from_millis(100),
+            cool_down: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What to do about a fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a new driver VM after this delay (zero: now).
+    Restart(Duration),
+    /// Too many faults: fail the device until the cool-down ends.
+    Fail,
+}
+
+/// The policy's memory of recent faults.
+#[derive(Clone, Debug)]
+pub struct RestartTracker {
+    policy: RestartPolicy,
+    faults: VecDeque<Instant>,
+    last_start: Option<Instant>,
+    consecutive: u32,
+}
+
+impl RestartTracker {
+    /// A tracker for `policy`.
+    pub fn new(policy: RestartPolicy) -> Self {
+        RestartTracker { policy, faults: VecDeque::new(), last_start: None, consecutive: 0 }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RestartPolicy {
+        &self.policy
+    }
+
+    /// Records that a driver VM started at `now`.
+    pub fn started(&mut self, now: Instant) {
+        self.last_start = Some(now);
+    }
+
+    /// Decides what to do about a fault at `now`.
+    pub fn on_fault(&mut self, now: Instant) -> Decision {
+        while self.faults.front().is_some_and(|t| now.duration_since(*t) > self.policy.window) {
+            self.faults.pop_front();
+        }
+        self.faults.push_back(now);
+        if self.faults.len() > self.policy.budget as usize {
+            return Decision::Fail;
+        }
+        let stable = self.last_start.is_none_or(|start| now.duration_since(start) >= self.policy.stable_after);
+        self.consecutive = if stable { 0 } else { self.consecutive + 1 };
+        if self.consecutive == 0 {
+            return Decision::Restart(Duration::ZERO);
+        }
+        let factor = 1u32.checked_shl(self.consecutive - 1).unwrap_or(u32::MAX);
+        Decision::Restart(self.policy.backoff_start.saturating_mul(factor).min(self.policy.backoff_max))
+    }
+
+    /// Forgets past faults: after a cool-down, or when an operator asks.
+    pub fn reset(&mut self) {
+        self.faults.clear();
+        self.consecutive = 0;
+        self.last_start = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn one_fault_per_second_restarts_at_once_forever() {
+        let mut tracker = RestartTracker::new(RestartPolicy::default());
+        let t0 = Instant::now();
+        for second in 0..1000u64 {
+            let now = t0 + Duration::from_secs(second);
+            assert_eq!(tracker.on_fault(now), Decision::Restart(Duration::ZERO), "fault {second}");
+            tracker.started(now);
+        }
+    }
+
+    #[test]
+    fn quick_repeated_faults_back_off_exponentially_up_to_the_cap() {
+        let policy = RestartPolicy { budget: 1000, ..RestartPolicy::default() };
+        let mut tracker = RestartTracker::new(policy);
+        let mut now = Instant::now();
+        let mut delays = Vec::new();
+        for _ in 0..12 {
+            match tracker.on_fault(now) {
+                Decision::Restart(delay) => {
+                    delays.push(delay);
+                    now += delay;
+                    tracker.started(now);
+                    now += ms(1);
+                }
+                Decision::Fail => panic!("budget is large"),
+            }
+        }
+        assert_eq!(&delays[..5], &[ms(0), ms(5), ms(10), ms(20), ms(40)]);
+        assert_eq!(*delays.last().unwrap(), ms(1000));
+        // A driver VM that stays up resets the backoff.
+        now += Duration::from_millis(150);
+        assert_eq!(tracker.on_fault(now), Decision::Restart(Duration::ZERO));
+    }
+
+    #[test]
+    fn exhausting_the_budget_fails_until_reset() {
+        let policy = RestartPolicy { budget: 3, window: Duration::from_secs(10), ..RestartPolicy::default() };
+        let mut tracker = RestartTracker::new(policy);
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert!(matches!(tracker.on_fault(t0 + ms(i)), Decision::Restart(_)));
+        }
+        assert_eq!(tracker.on_fault(t0 + ms(3)), Decision::Fail);
+        // Faults age out of the window.
+        assert!(matches!(tracker.on_fault(t0 + Duration::from_secs(30)), Decision::Restart(_)));
+        tracker.reset();
+        for i in 0..3 {
+            assert!(matches!(tracker.on_fault(t0 + Duration::from_secs(31) + ms(i)), Decision::Restart(_)));
+        }
+    }
+
+    #[test]
+    fn faults_describe_themselves() {
+        assert_eq!(Fault::Hang(ms(500)).to_string(), "no progress on pending requests for 500 ms");
+        assert_eq!(Fault::Exited(String::new()).kind(), "exited");
+        assert!(Fault::Violation("bad id".into()).to_string().contains("bad id"));
+    }
+}
