@@ -33,6 +33,7 @@ while (($#)); do
 done
 [[ -n $image && -n $seed ]] || die "usage: $0 --image-file IMG --seed N [--fiosize MIB] [--job JOB]"
 [[ -f $image || -b $image ]] || die "$image does not exist"
+image=$(realpath "$image")
 [[ $seed =~ ^[0-9]+$ && $fiosize =~ ^[0-9]+$ ]] || die "--seed and --fiosize must be numbers"
 case $job in fio-verify | verify-only | write-pattern) ;; *) die "nothing to check for job '$job'" ;; esac
 
@@ -51,11 +52,13 @@ log "stamp of seed $seed found at ${stamp_mib}MiB"
 if [[ $job != write-pattern ]]; then
     command -v fio >/dev/null || die "fio not found on the host: run ci/install-e2e-deps.sh"
     fout=$(mktemp /tmp/check-image.XXXXXX.fio)
-    trap 'rm -f "$fout"' EXIT
+    trap 'rm -f "$fout" "$fout.err"' EXIT
     # shellcheck disable=SC2046
-    if ! timeout 300 fio $(e2e_fio_args "$fiosize" "$seed") --filename="$image" --ioengine=psync \
-        --verify_only=1 --eta=never --output="$fout" >/dev/null 2>&1; then
-        grep -E 'verify failed|bad magic|Expected CRC|Received CRC' "$fout" | head -5 | sed 's/^/  fio: /' >&2 || true
+    # (From /tmp and with verify_state_save=0: fio would otherwise leave a
+    # local-*-verify.state file in the current directory.)
+    if ! (cd /tmp && timeout 300 fio $(e2e_fio_args "$fiosize" "$seed") --filename="$image" --ioengine=psync \
+        --verify_only=1 --verify_state_save=0 --eta=never --output="$fout" >/dev/null 2>"$fout.err"); then
+        cat "$fout.err" "$fout" | grep -E 'verify failed|bad magic|Expected CRC|Received CRC|fio: ' | head -5 | sed 's/^/  fio: /' >&2 || true
         die "fio --verify_only found blocks in [0, ${fiosize}MiB) of $image that are not what the guest wrote"
     fi
     reads=$(sed -n 's/.*issued rwts: total=\([0-9]*\),.*/\1/p' "$fout" | head -1)

@@ -15,12 +15,12 @@
 # Usage: ci/e2e-qsd.sh [--quick] [--keep] [--timeout SEC] [--fiosize MIB]
 #   --timeout SEC   bound for each guest run (default 300)
 set -euo pipefail
+export LC_ALL=C # also makes $EPOCHREALTIME use a decimal point
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
 log() { printf 'e2e-qsd: %s\n' "$*" >&2; }
 die() { printf 'e2e-qsd: FAIL: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
 dt() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
 quick=0 keep=0 tmo=300 fiosize=48
@@ -40,11 +40,11 @@ for t in qemu-storage-daemon qemu-system-x86_64 qemu-img fio; do
     command -v "$t" >/dev/null || die "$t not found: run ci/install-e2e-deps.sh (as root) first"
 done
 
-t0=$(now)
+t0=$EPOCHREALTIME
 guest=$repo/target/e2e-guest
 log "building the guest in $guest (cached)"
 timeout 900 "$here/build-guest.sh" "$guest" || die "ci/build-guest.sh failed (see above)"
-t_built=$(now)
+t_built=$EPOCHREALTIME
 
 tmp=$(mktemp -d /tmp/e2e-qsd.XXXXXX)
 img=$tmp/disk.img sock=$tmp/vhost-blk.sock qsd_wrapper='' qsd_pid='' ok=0
@@ -99,7 +99,8 @@ run_child() { # run_child OUTFILE COMMAND...
     return "$rc"
 }
 cleanup() {
-    trap '' INT TERM # a further signal must not cut the cleanup short
+    in_cleanup=1
+    set +e # best effort from here on; never stop half-way
     if [[ -n $child ]] && kill -0 "$child" 2>/dev/null; then
         kill -TERM "$child" 2>/dev/null || true
         wait "$child" 2>/dev/null || true
@@ -112,10 +113,15 @@ cleanup() {
     fi
 }
 trap cleanup EXIT
-# Signals: exit once (cleanup runs from the EXIT trap); a repeated signal,
-# e.g. timeout(1) signalling the process and then its group, is ignored.
+# Signals: exit once (cleanup runs from the EXIT trap). A repeated signal,
+# e.g. timeout(1) signalling the process and then its group, may still be
+# pending when cleanup starts: it must not cut the cleanup short.
+in_cleanup=0
 on_signal() {
-    trap '' INT TERM
+    # Subshells ($(...)) inherit this trap: only the main shell acts.
+    [[ $BASHPID == "$$" ]] || return 0
+    ((in_cleanup)) && return 0
+    log "interrupted by a signal: stopping the guest run and qemu-storage-daemon"
     exit 130
 }
 trap on_signal INT TERM
@@ -125,12 +131,12 @@ start_qsd
 
 # 2. fio with verify, host check while the backend runs.
 log "run 1: fio-verify (seed $seed)"
-t1=$(now)
+t1=$EPOCHREALTIME
 run_child "$tmp/run1.summary" "$here/qemu-blk-fio.sh" --socket "$sock" --image-file "$img" --job fio-verify \
     --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-fio-verify.log" ||
     die "run 1 (fio-verify) failed: see above and $tmp/console-fio-verify.log"
 summary1=$(cat "$tmp/run1.summary")
-t1e=$(now)
+t1e=$EPOCHREALTIME
 
 if ((!quick)); then
     # 3. A second boot reads the same data back through the backend.
@@ -177,7 +183,7 @@ log "qemu-storage-daemon stopped; checking the image with no backend running"
     die "the image does not hold the guest's data after the backend exited"
 
 ok=1
-t_end=$(now)
+t_end=$EPOCHREALTIME
 summary1=${summary1#E2E-SUMMARY: }
 log "run 1: ${summary1% log=*}"
 log "PASS: guest build/cache $(dt "$t0" "$t_built")s, fio-verify run $(dt "$t1" "$t1e")s, total $(dt "$t0" "$t_end")s"

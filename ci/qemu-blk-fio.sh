@@ -35,6 +35,7 @@
 # Progress and the guest's markers go to stderr; on success one line
 # "E2E-SUMMARY: result=pass job=... boot_to_init_s=... write_iops=..." goes to stdout.
 set -euo pipefail
+export LC_ALL=C # also makes $EPOCHREALTIME use a decimal point
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -42,7 +43,6 @@ repo=$(cd "$here/.." && pwd)
 
 log() { printf 'qemu-blk-fio: %s\n' "$*" >&2; }
 die() { printf 'qemu-blk-fio: ERROR: %s\n' "$*" >&2; exit 1; }
-now() { date +%s.%N; }
 dt() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
 sock='' image='' job=fio-verify tmo=600 logf='' seed='' fiosize=$E2E_FIO_DEFAULT_MIB iodepth=32
@@ -108,7 +108,7 @@ qemu_pid() { # QEMU's own pid: the child of our timeout(1) wrapper $qpid
     local p
     p=$(cat "$qpidf" 2>/dev/null || true)
     # Only a QEMU started with our pidfile (guards against a reused pid).
-    [[ -n $p ]] && grep -qF -- "$qpidf" "/proc/$p/cmdline" 2>/dev/null && { echo "$p"; return; }
+    [[ -n $p ]] && grep -qF -- "$qpidf" "/proc/$p/cmdline" 2>/dev/null && { echo "$p"; return 0; }
     pgrep -P "$qpid" | head -1 || true
 }
 stop_qemu() { # SIGTERM to QEMU, SIGKILL after 5s (a stuck backend can block its exit)
@@ -126,7 +126,8 @@ stop_qemu() { # SIGTERM to QEMU, SIGKILL after 5s (a stuck backend can block its
     fi
 }
 cleanup() {
-    trap '' INT TERM # a further signal must not cut the cleanup short
+    in_cleanup=1
+    set +e # best effort from here on; never stop half-way
     if [[ -n $qpid ]] && kill -0 "$qpid" 2>/dev/null; then
         stop_qemu
         wait "$qpid" 2>/dev/null || true
@@ -134,10 +135,15 @@ cleanup() {
     rm -f "$qpidf"
 }
 trap cleanup EXIT
-# Signals: exit once (cleanup runs from the EXIT trap); a repeated signal,
-# e.g. timeout(1) signalling the process and then its group, is ignored.
+# Signals: exit once (cleanup runs from the EXIT trap). A repeated signal,
+# e.g. timeout(1) signalling the process and then its group, may still be
+# pending when cleanup starts: it must not cut the cleanup short.
+in_cleanup=0
 on_signal() {
-    trap '' INT TERM
+    # Subshells ($(...)) inherit this trap: only the main shell acts.
+    [[ $BASHPID == "$$" ]] || return 0
+    ((in_cleanup)) && return 0
+    log "interrupted by a signal: stopping QEMU${logf:+ (console log kept: $logf)}"
     exit 130
 }
 trap on_signal INT TERM
@@ -158,7 +164,7 @@ args=(
 # shellcheck disable=SC2206
 [[ -n ${E2E_QEMU_EXTRA:-} ]] && args+=($E2E_QEMU_EXTRA)
 log "job=$job seed=$seed socket=$sock${reconnect:+ reconnect-ms=$reconnect} timeout=${tmo}s log=$logf"
-t_start=$(now)
+t_start=$EPOCHREALTIME
 # timeout(1) is a second bound should this script be killed.
 timeout -k 10 $((tmo + 30)) "$qemu" "${args[@]}" &
 qpid=$!
@@ -167,15 +173,15 @@ t_init='' t_result='' status=''
 deadline=$(awk -v s="$t_start" -v t="$tmo" 'BEGIN { printf "%d", s + t }')
 while kill -0 "$qpid" 2>/dev/null; do
     if [[ -z $t_init ]] && grep -q '^E2E-INIT:' "$logf" 2>/dev/null; then
-        t_init=$(now)
+        t_init=$EPOCHREALTIME
         log "guest /init reached after $(dt "$t_start" "$t_init")s"
     fi
     if [[ -z $t_result ]] && grep -q '^E2E-RESULT:' "$logf" 2>/dev/null; then
-        t_result=$(now)
+        t_result=$EPOCHREALTIME
         # The guest powers off right after; give it a bounded grace period.
-        deadline=$(($(date +%s) + 30))
+        deadline=$((EPOCHSECONDS + 30))
     fi
-    if (($(date +%s) >= deadline)); then
+    if ((EPOCHSECONDS >= deadline)); then
         if [[ -z $t_result ]]; then
             log "TIMEOUT: no result after ${tmo}s: stopping QEMU"
             status=timeout
@@ -190,7 +196,7 @@ done
 qrc=0
 wait "$qpid" 2>/dev/null || qrc=$? # (2>/dev/null: no "Killed" notice from bash)
 qpid=''
-t_end=$(now)
+t_end=$EPOCHREALTIME
 
 # Polling can miss a marker when QEMU exits within one poll interval.
 [[ -z $t_init ]] && grep -q '^E2E-INIT:' "$logf" && t_init=$t_end
@@ -229,7 +235,7 @@ if [[ -n $image && $job != shell-exit ]]; then
     "$here/check-image.sh" --image-file "$image" --seed "$seed" --fiosize "$fiosize" --job "$job" ||
         fail "host check: $image does not hold what the guest wrote (see check-image above)"
 fi
-t_done=$(now)
+t_done=$EPOCHREALTIME
 log "PASS: job=$job seed=$seed total $(dt "$t_start" "$t_done")s"
 # One machine-readable line on stdout.
 fio_field() { # fio_field write|read IOPS|BW

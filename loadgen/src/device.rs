@@ -11,7 +11,7 @@ use crate::blk::{self, features::*, BlkConfig};
 use crate::error::{Error, Result};
 use crate::mem::GuestMem;
 use crate::session::{Negotiated, Session};
-use crate::vring::{DriverRing, RingLayout, Segment, MAX_QUEUE_SIZE};
+use crate::vring::{DriverRing, RawDesc, RingLayout, Segment, MAX_QUEUE_SIZE};
 
 /// How to set the device up.
 #[derive(Clone, Debug)]
@@ -32,6 +32,10 @@ pub struct DeviceOptions {
     /// Longest time to poll the used ring before sleeping on the call eventfd. The window in
     /// use adapts between 0 and this (see [`BlkDevice::wait`]).
     pub spin: Duration,
+    /// Bytes of extra shared memory after the slots' buffers that no request of
+    /// [`BlkDevice::submit`] touches: room for hand-made chains ([`BlkDevice::submit_raw`]).
+    /// Rounded up to a page; 0 for none.
+    pub scratch: usize,
 }
 
 /// What a request does.
@@ -96,6 +100,8 @@ pub struct BlkDevice {
     spin_cur: Duration,
     stats: NotifyStats,
     segs: Vec<Segment>,
+    scratch_off: usize,
+    scratch_len: usize,
 }
 
 impl BlkDevice {
@@ -154,7 +160,9 @@ impl BlkDevice {
         let hdr_base = layout.total;
         let data_base = (hdr_base + opts.slots * SLOT_HDR_STRIDE).next_multiple_of(4096);
         let buf_stride = opts.buf_size.next_multiple_of(4096);
-        let total = data_base + opts.slots * buf_stride;
+        let scratch_off = data_base + opts.slots * buf_stride;
+        let scratch_len = opts.scratch.next_multiple_of(4096);
+        let total = scratch_off + scratch_len;
         let mut mem = GuestMem::new(total.next_multiple_of(1 << 20))?;
         let slots = (0..opts.slots)
             .map(|i| SlotMem {
@@ -197,6 +205,8 @@ impl BlkDevice {
             spin_cur: opts.spin,
             stats: NotifyStats::default(),
             segs: Vec::with_capacity(descs_per_slot),
+            scratch_off,
+            scratch_len,
         };
         dev.ring.disable_notify();
         Ok(dev)
@@ -263,6 +273,93 @@ impl BlkDevice {
         assert!(len <= self.buf_size && !self.inflight[slot], "buffer access to a busy slot or past its end");
         let off = self.slots[slot].data_off;
         self.mem.slice_mut(off, len)
+    }
+
+    /// Guest physical addresses `start..end` of all the memory shared with the backend (an
+    /// address outside this range is outside the client's memory as the backend knows it).
+    pub fn mem_gpa_range(&self) -> std::ops::Range<u64> {
+        self.mem.gpa(0)..self.mem.gpa(self.mem.len())
+    }
+
+    /// Guest physical address of the scratch area ([`DeviceOptions::scratch`]).
+    pub fn scratch_gpa(&self) -> u64 {
+        self.mem.gpa(self.scratch_off)
+    }
+
+    /// Bytes of the scratch area.
+    pub fn scratch_len(&self) -> usize {
+        self.scratch_len
+    }
+
+    /// The scratch bytes `off..off + len`. Only while nothing is outstanding: a chain in
+    /// flight may point into the scratch area.
+    pub fn scratch(&self, off: usize, len: usize) -> &[u8] {
+        assert!(self.outstanding == 0, "scratch access while a request is outstanding");
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.scratch_len), "scratch range out of bounds");
+        self.mem.slice(self.scratch_off + off, len)
+    }
+
+    /// The scratch bytes `off..off + len`, to fill (same rule as [`Self::scratch`]).
+    pub fn scratch_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+        assert!(self.outstanding == 0, "scratch access while a request is outstanding");
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.scratch_len), "scratch range out of bounds");
+        self.mem.slice_mut(self.scratch_off + off, len)
+    }
+
+    /// Queues a hand-made descriptor chain, written exactly as given (see [`RawDesc`]): for
+    /// malformed requests. Not yet visible to the device (see [`Self::kick`]). The chain starts
+    /// at descriptor 0 and may use the whole table, so nothing may be outstanding; it is then
+    /// outstanding as slot 0's request, and [`Self::reap`] returns its completion as slot 0's
+    /// (whose `status` field is meaningless unless the chain's status is slot 0's).
+    pub fn submit_raw(&mut self, descs: &[RawDesc]) -> Result<()> {
+        if self.outstanding != 0 {
+            return Err(Error::InvalidJob(format!(
+                "a raw chain needs an idle queue, {} request(s) are outstanding",
+                self.outstanding
+            )));
+        }
+        if descs.is_empty() || descs.len() > usize::from(self.ring.size()) {
+            return Err(Error::InvalidJob(format!(
+                "a raw chain of {} descriptors does not fit the queue of {}",
+                descs.len(),
+                self.ring.size()
+            )));
+        }
+        self.mem.slice_mut(self.slots[0].status_off, 1)[0] = STATUS_UNSET;
+        self.ring.push_raw_chain(0, descs);
+        self.inflight[0] = true;
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    /// Submits a raw chain ([`Self::submit_raw`]) and waits (bounded by the timeout) for its
+    /// completion; returns the used length the device reported.
+    pub fn run_raw(&mut self, descs: &[RawDesc]) -> Result<u32> {
+        self.submit_raw(descs)?;
+        self.kick()?;
+        let mut out = Vec::with_capacity(1);
+        loop {
+            if self.reap(&mut out)? > 0 {
+                return Ok(out[0].used_len);
+            }
+            self.wait()?;
+        }
+    }
+
+    /// Checks, without blocking, that the backend has not hung up the control socket (or sent
+    /// something unexpected on it).
+    pub fn check_connection(&self) -> Result<()> {
+        let mut fd =
+            libc::pollfd { fd: self.session.socket().as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: `fd` is one valid pollfd for the duration of the call; timeout 0 never blocks.
+        let rc = unsafe { libc::poll(&mut fd, 1, 0) };
+        if rc < 0 {
+            return Err(Error::last_os("poll on the control socket"));
+        }
+        if fd.revents != 0 {
+            return Err(self.socket_event());
+        }
+        Ok(())
     }
 
     /// Queues a request in `slot` (not yet visible to the device: see [`Self::kick`]).

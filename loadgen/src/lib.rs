@@ -7,6 +7,7 @@
 //! - [`device`]: request slots, submission with notification suppression, completion, and a
 //!   bounded poll-then-sleep wait.
 //! - [`job`]: workloads (random/sequential, read/write), verification and measurements.
+//! - [`malformed`]: the malformed-request probe (`blk-load --malformed`).
 //! - [`pattern`]: self-describing verification patterns.
 //! - [`stats`]: latency histogram.
 
@@ -14,6 +15,7 @@ pub mod blk;
 pub mod device;
 pub mod error;
 pub mod job;
+pub mod malformed;
 pub mod mem;
 pub mod pattern;
 pub mod session;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use loadgen::blk::features;
 use loadgen::job::gcd;
+use loadgen::malformed::Probe;
 use loadgen::{BlkDevice, DeviceOptions, Error, JobKind, JobResult, JobSpec, Region, Runner};
 
 /// Drive a vhost-user-blk backend with virtio-blk requests and measure it (the frontend side
@@ -20,6 +21,9 @@ use loadgen::{BlkDevice, DeviceOptions, Error, JobKind, JobResult, JobSpec, Regi
 ///
 /// Exit status: 0 all requests succeeded (and verified, with --verify); 1 some request failed
 /// or some data did not verify; 2 the run could not be done (connection, setup, timeout).
+///
+/// With --malformed, no jobs run: a series of deliberately malformed requests probes how the
+/// backend refuses them (see --malformed); exit status 0 only if every case passed.
 #[derive(Parser, Debug)]
 #[command(name = "blk-load", version)]
 struct Cli {
@@ -102,6 +106,26 @@ struct Cli {
     /// Seed for offsets and patterns (default: from the clock).
     #[arg(long)]
     seed: Option<u64>,
+
+    /// Instead of jobs, probe the backend with malformed requests: one at a time, over one
+    /// connection, deliberately malformed virtio-blk chains (short or device-writable header,
+    /// data in the wrong direction, zero-length or unaligned data, sectors beyond the capacity,
+    /// addresses outside the shared memory, more than seg_max segments or seg_max x size_max
+    /// bytes, an unknown request type, a write to a read-only device, a read-only status
+    /// byte). Each must complete with VIRTIO_BLK_S_IOERR (UNSUPP for the unknown type) and used
+    /// length 1, no data written; the chain with a read-only status byte with used length 0 and
+    /// no status. Each wait is bounded by --timeout. Then a normal 4k write and read-back must
+    /// still work. One line per case (case, expected, got, pass/fail/skip), or one JSON object
+    /// with --json. Uses --timeout, --queue-size (default 256), --no-event-idx, --spin-us and
+    /// --seed; job options do not apply. Example: blk-load --socket /tmp/vhost.sock --malformed
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "job", "bs", "qd", "seconds", "ios", "size", "offset", "verify", "assume_filled", "flush", "get_id",
+            "seg_size",
+        ]
+    )]
+    malformed: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -129,6 +153,9 @@ fn human_size(b: u64) -> String {
 }
 
 fn run(cli: &Cli) -> Result<bool, Error> {
+    if cli.malformed {
+        return run_malformed(cli);
+    }
     if cli.bs.is_empty() || cli.qd.is_empty() || cli.job.is_empty() {
         return Err(Error::InvalidJob("--job, --bs and --qd need at least one value".into()));
     }
@@ -140,9 +167,7 @@ fn run(cli: &Cli) -> Result<bool, Error> {
     if cli.qd.contains(&0) {
         return Err(Error::InvalidJob("queue depth must be at least 1".into()));
     }
-    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
-        return Err(Error::InvalidJob("--timeout must be a positive number of seconds".into()));
-    }
+    let timeout = timeout(cli)?;
     if let Some(s) = cli.seconds {
         if !(s > 0.0 && s.is_finite()) {
             return Err(Error::InvalidJob("--seconds must be positive".into()));
@@ -154,13 +179,14 @@ fn run(cli: &Cli) -> Result<bool, Error> {
     // Verification fills and reads back in chunks of up to 128 KiB.
     let buf_size = if cli.verify { max_bs.max(128 << 10) / granule * granule } else { max_bs };
     let opts = DeviceOptions {
-        timeout: Duration::from_secs_f64(cli.timeout),
+        timeout,
         event_idx: !cli.no_event_idx,
         slots: max_qd,
         buf_size: buf_size as usize,
         seg_size: cli.seg_size.map(|s| s as usize),
         queue_size: cli.queue_size,
         spin: Duration::from_micros(cli.spin_us),
+        scratch: 0,
     };
     let mut dev = BlkDevice::connect(&cli.socket, &opts)?;
     let cfg = *dev.config();
@@ -250,6 +276,68 @@ fn run(cli: &Cli) -> Result<bool, Error> {
     Ok(clean)
 }
 
+fn timeout(cli: &Cli) -> Result<Duration, Error> {
+    if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
+        return Err(Error::InvalidJob("--timeout must be a positive number of seconds".into()));
+    }
+    Ok(Duration::from_secs_f64(cli.timeout))
+}
+
+fn run_malformed(cli: &Cli) -> Result<bool, Error> {
+    let opts = DeviceOptions {
+        timeout: timeout(cli)?,
+        event_idx: !cli.no_event_idx,
+        slots: 1,
+        buf_size: 4096,
+        seg_size: None,
+        queue_size: cli.queue_size,
+        spin: Duration::from_micros(cli.spin_us),
+        scratch: 0,
+    };
+    let seed = cli.seed.unwrap_or_else(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        t.as_nanos() as u64
+    });
+    let mut probe = Probe::connect(&cli.socket, opts, seed)?;
+    let t = probe.target().clone();
+    let neg = probe.device().map(|d| d.negotiated().acked).unwrap_or_default();
+    eprintln!(
+        "blk-load: {}: malformed-request probe; {} sectors, seg_max {}, size_max {}{}; features [{}]; queue size {}, shared memory {:#x}..{:#x}",
+        cli.socket.display(),
+        t.capacity,
+        t.seg_max,
+        t.size_max,
+        if t.read_only { ", read-only" } else { "" },
+        features::names(neg).join(" "),
+        t.queue_size,
+        t.mem.start,
+        t.mem.end
+    );
+    if !cli.json {
+        println!("{:<40} {:<24} {:<40} result", "case", "expected", "got");
+    }
+    let results = probe.run(|r| {
+        if cli.json {
+            match serde_json::to_string(r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("blk-load: cannot encode the result as JSON: {e}"),
+            }
+        } else {
+            println!("{:<40} {:<24} {:<40} {}", r.case, r.expected, r.got, r.result);
+        }
+    });
+    let count = |what: &str| results.iter().filter(|r| r.result == what).count();
+    let sent = results.iter().filter(|r| r.malformed && r.sent).count();
+    eprintln!(
+        "blk-load: malformed probe: {} passed, {} failed, {} skipped; {sent} malformed chain(s) sent; {} reconnect(s)",
+        count("pass"),
+        count("fail"),
+        count("skip"),
+        probe.reconnects()
+    );
+    Ok(results.iter().all(|r| r.ok()))
+}
+
 fn print_result(r: &JobResult, json: bool) {
     if json {
         match serde_json::to_string(r) {
@@ -276,6 +364,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
+        Ok(false) if cli.malformed => {
+            eprintln!("blk-load: FAILED: some malformed-request cases did not complete as expected (see above)");
+            ExitCode::from(1)
+        }
         Ok(false) => {
             eprintln!("blk-load: FAILED: some requests failed or did not verify (see above)");
             ExitCode::from(1)
@@ -323,5 +415,16 @@ mod tests {
         assert_eq!(c.bs, vec![4096, 131072]);
         assert_eq!(c.qd, vec![1, 32]);
         assert!(Cli::try_parse_from(["blk-load", "--socket", "/x", "--job", "bogus"]).is_err());
+        assert!(!c.malformed);
+    }
+
+    #[test]
+    fn malformed_cli() {
+        let c = Cli::try_parse_from(["blk-load", "-s", "/x", "--malformed", "--json", "--timeout", "5"]).unwrap();
+        assert!(c.malformed && c.json);
+        assert!(Cli::try_parse_from(["blk-load", "-s", "/x", "--malformed", "--queue-size", "1024"]).is_ok());
+        // Job options make no sense with the probe.
+        assert!(Cli::try_parse_from(["blk-load", "-s", "/x", "--malformed", "--job", "read"]).is_err());
+        assert!(Cli::try_parse_from(["blk-load", "-s", "/x", "--malformed", "--verify"]).is_err());
     }
 }

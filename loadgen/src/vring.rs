@@ -82,6 +82,32 @@ pub struct Segment {
     pub write: bool,
 }
 
+/// One descriptor of a raw chain, as the table entry will hold it except for chaining: the
+/// `VRING_DESC_F_NEXT` flag and the `next` field are set from the position in the chain (a
+/// caller's `NEXT` bit is ignored, so a raw chain can never loop or run into other chains).
+/// Everything else is written as given, however wrong: this is how malformed requests are made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDesc {
+    /// Guest physical address (not checked against the shared memory).
+    pub addr: u64,
+    /// Length in bytes (may be zero).
+    pub len: u32,
+    /// Flags, e.g. [`VRING_DESC_F_WRITE`] (any bit but `NEXT` is passed through).
+    pub flags: u16,
+}
+
+impl RawDesc {
+    /// A buffer the device reads.
+    pub fn readable(addr: u64, len: u32) -> Self {
+        RawDesc { addr, len, flags: 0 }
+    }
+
+    /// A buffer the device writes.
+    pub fn writable(addr: u64, len: u32) -> Self {
+        RawDesc { addr, len, flags: VRING_DESC_F_WRITE }
+    }
+}
+
 /// One entry taken from the used ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UsedElem {
@@ -160,19 +186,36 @@ impl DriverRing {
     /// Writes `segs` into descriptors `head, head + 1, ...` chained in that order, and places
     /// `head` in the next avail slot. Nothing is visible to the device before [`Self::publish`].
     pub fn push_chain(&mut self, head: u16, segs: &[Segment]) {
-        assert!(!segs.is_empty(), "empty descriptor chain");
-        let last = usize::from(head) + segs.len() - 1;
+        self.push_descs(head, segs.len(), |i| {
+            let seg = segs[i];
+            (seg.addr, seg.len, if seg.write { VRING_DESC_F_WRITE } else { 0 })
+        });
+    }
+
+    /// Like [`Self::push_chain`], but the descriptors are written exactly as given (addresses,
+    /// lengths and flags unchecked; only the chaining is ours): for malformed requests.
+    pub fn push_raw_chain(&mut self, head: u16, descs: &[RawDesc]) {
+        self.push_descs(head, descs.len(), |i| {
+            let d = descs[i];
+            (d.addr, d.len, d.flags & !VRING_DESC_F_NEXT)
+        });
+    }
+
+    /// Writes `n` descriptors `head..head + n`, the `i`th being `desc(i)` = (addr, len, flags
+    /// without NEXT), chains them in that order and places `head` in the next avail slot.
+    fn push_descs(&mut self, head: u16, n: usize, desc: impl Fn(usize) -> (u64, u32, u16)) {
+        assert!(n > 0, "empty descriptor chain");
+        let last = usize::from(head) + n - 1;
         assert!(last < usize::from(self.layout.size), "descriptor chain runs past the table");
-        for (i, seg) in segs.iter().enumerate() {
+        for i in 0..n {
             let idx = head + i as u16;
-            let more = i + 1 < segs.len();
-            let mut flags = if seg.write { VRING_DESC_F_WRITE } else { 0 };
+            let (addr, len, mut flags) = desc(i);
             let mut next = 0;
-            if more {
+            if i + 1 < n {
                 flags |= VRING_DESC_F_NEXT;
                 next = idx + 1;
             }
-            self.write_desc(idx, seg.addr, seg.len, flags, next);
+            self.write_desc(idx, addr, len, flags, next);
         }
         let slot = usize::from(self.avail_shadow & (self.layout.size - 1));
         let off = self.layout.avail + 4 + 2 * slot;
@@ -452,6 +495,64 @@ mod tests {
         assert_eq!(head, 6);
         assert_eq!(segs, vec![(0x4000, 16, VRING_DESC_F_NEXT), (0x5000, 1, VRING_DESC_F_WRITE)]);
         assert!(dev.pop().is_none());
+    }
+
+    #[test]
+    fn raw_chains_keep_their_flags_and_lengths() {
+        let layout = RingLayout::new(16).unwrap();
+        let mut mem = Mem::new(layout);
+        // SAFETY: mem holds layout.total bytes, 16-aligned, alive for the test.
+        let mut ring = unsafe { DriverRing::new(mem.ptr(), layout, false) };
+        // SAFETY: same memory.
+        let mut dev = unsafe { SimDevice::new(mem.ptr(), layout, false) };
+        // A writable header, a zero-length buffer, an address past any memory, a readable
+        // status, and a NEXT bit on the last descriptor that must not make the chain go on.
+        ring.push_raw_chain(
+            0,
+            &[
+                RawDesc::writable(0x1000, 8),
+                RawDesc::readable(0x2000, 0),
+                RawDesc { addr: u64::MAX - 10, len: 512, flags: VRING_DESC_F_WRITE | 0x40 },
+                RawDesc { addr: 0x3000, len: 1, flags: VRING_DESC_F_NEXT },
+            ],
+        );
+        // A single-descriptor chain right after it.
+        ring.push_raw_chain(4, &[RawDesc::readable(0x4000, 16)]);
+        assert!(ring.publish());
+        let (head, segs) = dev.pop().unwrap();
+        assert_eq!(head, 0);
+        assert_eq!(
+            segs,
+            vec![
+                (0x1000, 8, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE),
+                (0x2000, 0, VRING_DESC_F_NEXT),
+                (u64::MAX - 10, 512, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE | 0x40),
+                (0x3000, 1, 0),
+            ]
+        );
+        assert_eq!(ring.read_desc(3), (0x3000, 1, 0, 0), "the last descriptor ends the chain");
+        assert_eq!(dev.pop().unwrap(), (4, vec![(0x4000, 16, 0)]));
+        assert!(dev.pop().is_none());
+        // The same buffers through push_chain and push_raw_chain give the same table entries.
+        ring.push_chain(8, &[seg(0x5000, 16, false), seg(0x6000, 512, true), seg(0x7000, 1, true)]);
+        ring.push_raw_chain(
+            12,
+            &[RawDesc::readable(0x5000, 16), RawDesc::writable(0x6000, 512), RawDesc::writable(0x7000, 1)],
+        );
+        for i in 0..3 {
+            let (a, b) = (ring.read_desc(8 + i), ring.read_desc(12 + i));
+            assert_eq!((a.0, a.1, a.2), (b.0, b.1, b.2));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past the table")]
+    fn raw_chain_past_table_end_panics() {
+        let layout = RingLayout::new(4).unwrap();
+        let mut mem = Mem::new(layout);
+        // SAFETY: mem holds layout.total bytes, 16-aligned, alive for the test.
+        let mut ring = unsafe { DriverRing::new(mem.ptr(), layout, false) };
+        ring.push_raw_chain(0, &[RawDesc::readable(0, 1); 5]);
     }
 
     #[test]

@@ -264,3 +264,31 @@ fn missing_socket_is_a_clear_error() {
     assert_eq!(r.status.code(), Some(2));
     assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
 }
+
+#[test]
+fn malformed_probe_reports_every_case_and_survives_hangups() {
+    let Some(bin) = qsd_or_skip("malformed_probe_reports_every_case_and_survives_hangups") else { return };
+    let q = Qsd::start(&bin, "malformed", 16 << 20);
+    let sock = q.sock.to_str().expect("utf-8 path");
+    // qemu-storage-daemon answers some malformed chains differently from the spec, drops the
+    // connection on others (libvhost-user's vu_panic) and, in some versions, never completes a
+    // few: whatever it does, the probe must report every case, reconnect when needed, never
+    // hang, and find the daemon still serving normal I/O at the end.
+    let r = blk_load_with(&["-s", sock, "--malformed", "--json", "--timeout", "2"], Duration::from_secs(120), || {});
+    assert!(matches!(r.status.code(), Some(0 | 1)), "the probe could not run: {}", r.stderr);
+    let lines = json_lines(&r.stdout);
+    assert!(lines.len() > 20, "one JSON line per case");
+    let mut names: Vec<&str> = lines.iter().filter_map(|l| l["case"].as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), lines.len(), "every case once");
+    for l in &lines {
+        assert!(["pass", "fail", "skip"].contains(&l["result"].as_str().unwrap_or("")), "{l}");
+    }
+    let unknown = lines.iter().find(|l| l["case"] == "unknown-request-type").expect("unknown-request-type case");
+    assert_eq!(unknown["result"], "pass", "qemu-storage-daemon answers UNSUPP: {unknown}");
+    let last = lines.last().expect("lines");
+    assert_eq!((last["case"].as_str(), last["result"].as_str()), (Some("healthy-after-malformed"), Some("pass")));
+    assert_eq!(r.status.code() == Some(0), lines.iter().all(|l| l["result"] != "fail"), "exit status");
+    assert!(r.stderr.contains("malformed probe:"), "{}", r.stderr);
+}

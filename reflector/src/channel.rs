@@ -44,8 +44,15 @@ impl Channel {
     /// Only call it once the previous driver VM is dead.
     pub fn reset(&mut self) -> u32 {
         self.generation = self.generation.wrapping_add(1);
-        for offset in [header::REQ_PROD, header::REQ_CONS, header::CMP_PROD, header::CMP_CONS, header::DRIVER_SLEEPING]
-        {
+        for offset in [
+            header::REQ_PROD,
+            header::REQ_CONS,
+            header::CMP_PROD,
+            header::CMP_CONS,
+            header::DRIVER_SLEEPING,
+            header::INJECT_KIND,
+            header::INJECT_AFTER,
+        ] {
             self.memory.atomic_u32(offset).store(0, Ordering::Release);
         }
         self.memory.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::STARTING, Ordering::Release);
@@ -57,11 +64,6 @@ impl Channel {
     /// The shared region (mapped into the driver VM as window `channel`).
     pub fn memory(&self) -> &Arc<SharedMemory> {
         &self.memory
-    }
-
-    /// Requests published but not yet completed, as the ring sees them.
-    pub fn queued(&self) -> u32 {
-        self.req_prod.wrapping_sub(self.cmp_cons)
     }
 
     /// The bounce slot for `slot`.
@@ -91,6 +93,13 @@ impl Channel {
                 tracing::warn!(%error, "cannot interrupt the driver VM");
             }
         }
+    }
+
+    /// Asks the driver to commit fault `kind` after `after` more requests
+    /// (tests and the chaos command).
+    pub fn inject(memory: &SharedMemory, kind: u32, after: u32) {
+        memory.atomic_u32(header::INJECT_AFTER).store(after, Ordering::Release);
+        memory.atomic_u32(header::INJECT_KIND).store(kind, Ordering::Release);
     }
 
     /// Copies out every completion the driver published since the last call.

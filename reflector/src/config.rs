@@ -36,6 +36,8 @@ pub struct BlkConfig {
     pub read_only: bool,
     /// Pending requests with no progress for this long mean a hung driver VM.
     pub hang_deadline: std::time::Duration,
+    /// Driver VM faults tolerated per 10 s before the device fails.
+    pub fault_budget: u32,
 }
 
 /// Everything the reflector serves.
@@ -93,6 +95,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         read_only: false,
         hang_deadline: crate::blk::device::DEFAULT_HANG_DEADLINE,
+        fault_budget: crate::blk::recovery::RestartPolicy::default().budget,
     };
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
@@ -105,9 +108,16 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
+            "fault_budget" => {
+                config.fault_budget = value
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| error(format!("fault_budget={value}: expected a positive number")))?
+            }
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, hang_ms)"
+                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, hang_ms, fault_budget)"
                 )))
             }
         }
@@ -152,6 +162,7 @@ struct FileBlk {
     #[serde(default)]
     readonly: bool,
     hang_ms: Option<toml::Spanned<u64>>,
+    fault_budget: Option<u32>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -189,6 +200,10 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         };
         let device = BlkConfig {
             hang_deadline,
+            fault_budget: blk
+                .fault_budget
+                .filter(|n| *n > 0)
+                .unwrap_or(crate::blk::recovery::RestartPolicy::default().budget),
             name: blk.name.unwrap_or_else(|| format!("blk{index}")),
             socket: blk.socket,
             image: blk.image,

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use reflector::chaos;
 use reflector::config::{self, Config};
+use reflector::control;
 use reflector::serve::{self, BlkService};
 use reflector::supervisor;
 
@@ -24,7 +26,8 @@ Examples:
 --blk keys: socket=PATH (required), image=PATH (required), size=SIZE (create the image
 if missing), readonly=on, name=NAME, driver=IMAGE (default blk), memory=SIZE (driver VM RAM,
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
-driver VM, which is replaced; default 500).
+driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
+10 s before the device fails its requests for a 10 s cool-down; default 20).
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
@@ -38,6 +41,7 @@ Configuration file (TOML):
   driver = \"blk\"                # driver VM image: built-in name or path
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long
+  fault_budget = 20             # faults per 10 s before the device is declared failed
 
 A driver VM that exits, hangs or breaks the channel protocol is replaced and the
 requests it had are replayed; the client sees a stall, not an error. After more than
@@ -56,6 +60,95 @@ enum Command {
     /// Serve devices until SIGINT or SIGTERM.
     #[command(after_help = SERVE_EXAMPLES)]
     Serve(ServeArgs),
+    /// Show each device: state, driver VM pid, restarts, last fault, recovery stalls, requests in flight.
+    /// Example: reflector status --control /tmp/reflector.ctl
+    Status(StatusArgs),
+    /// Print the counters in Prometheus text format. Example: reflector metrics --control /tmp/reflector.ctl
+    Metrics(ControlArg),
+    /// Make a failed device try a new driver VM now. Example: reflector recover --control /tmp/r.ctl disk0
+    Recover(DeviceArgs),
+    /// SIGKILL a device's driver VM (testing). Example: reflector kill --control /tmp/r.ctl disk0
+    Kill(DeviceArgs),
+    /// Make a device's driver commit a fault (testing): panic, page-fault, illegal, hang, lie or stop.
+    /// Example: reflector inject --control /tmp/r.ctl disk0 panic --after 100
+    Inject(InjectArgs),
+    /// Kill driver VMs and inject driver faults at random while verified load runs; report.
+    #[command(after_help = CHAOS_EXAMPLES)]
+    Chaos(ChaosArgs),
+}
+
+const CHAOS_EXAMPLES: &str = "\
+Example:
+  reflector serve --control /tmp/r.ctl --blk socket=/tmp/d0.sock,image=/tmp/d0.img,size=256M,name=disk0 &
+  reflector chaos --control /tmp/r.ctl --device disk0 --socket /tmp/d0.sock --faults 200 --seed 7
+
+Exit status: 0 when the load saw no error and no mismatch and every fault was recovered.";
+
+#[derive(Args, Debug)]
+struct ControlArg {
+    /// The reflector's control socket (reflector serve --control).
+    #[arg(long, value_name = "PATH")]
+    control: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// The raw JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DeviceArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Device name.
+    device: String,
+}
+
+#[derive(Args, Debug)]
+struct InjectArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Device name.
+    device: String,
+    /// panic, page-fault, illegal, hang, lie or stop.
+    fault: String,
+    /// Requests to serve first.
+    #[arg(long, default_value_t = 0)]
+    after: u32,
+}
+
+#[derive(Args, Debug)]
+struct ChaosArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Device name.
+    #[arg(long)]
+    device: String,
+    /// The device's vhost-user socket: verified load (blk-load) runs on it during the chaos.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Number of faults.
+    #[arg(long, default_value_t = 200)]
+    faults: u32,
+    /// Fault kinds to pick from (comma separated): kill, panic, page-fault, illegal, hang, lie, stop.
+    #[arg(long, value_delimiter = ',', default_values_t = chaos::ALL_KINDS.map(String::from))]
+    kinds: Vec<String>,
+    /// Seed of the random choices (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Shortest pause between faults, ms.
+    #[arg(long, default_value_t = 10)]
+    min_gap_ms: u64,
+    /// Longest pause between faults, ms.
+    #[arg(long, default_value_t = 100)]
+    max_gap_ms: u64,
+    /// Longest wait for a recovery, s.
+    #[arg(long, default_value_t = 20)]
+    recovery_timeout_s: u64,
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +163,10 @@ struct ServeArgs {
     /// The vmm binary (default: next to the reflector). Example: --vmm target/release/vmm
     #[arg(long, value_name = "PATH")]
     vmm: Option<PathBuf>,
+    /// Serve a control socket here (reflector status, metrics, recover, chaos).
+    /// Example: --control /tmp/reflector.ctl
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -88,12 +185,97 @@ fn main() -> ExitCode {
             return ExitCode::from(if error.use_stderr() { 2 } else { 0 });
         }
     };
-    let Command::Serve(args) = cli.command;
-    match serve_devices(args) {
+    let result = match cli.command {
+        Command::Serve(args) => serve_devices(args),
+        Command::Status(args) => show_status(&args),
+        Command::Metrics(args) => control::request(&args.control, "metrics").map(|text| println!("{text}")),
+        Command::Recover(args) => control_command(&args.control.control, &format!("recover {}", args.device)),
+        Command::Kill(args) => control_command(&args.control.control, &format!("kill {}", args.device)),
+        Command::Inject(args) => {
+            control_command(&args.control.control, &format!("inject {} {} {}", args.device, args.fault, args.after))
+        }
+        Command::Chaos(args) => return run_chaos(args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("reflector: {message}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn control_command(path: &std::path::Path, line: &str) -> Result<(), String> {
+    control::request(path, line).map(|reply| println!("{reply}"))
+}
+
+fn show_status(args: &StatusArgs) -> Result<(), String> {
+    let reply = control::request(&args.control.control, "status")?;
+    if args.json {
+        println!("{reply}");
+        return Ok(());
+    }
+    let devices: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("bad status reply: {e}"))?;
+    println!(
+        "{:<10} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
+        "device", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
+    );
+    for d in devices.as_array().into_iter().flatten() {
+        let ms = |field: &str| format!("{:.2}ms", d[field].as_u64().unwrap_or(0) as f64 / 1000.0);
+        println!(
+            "{:<10} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  {}",
+            d["device"].as_str().unwrap_or("?"),
+            d["state"].as_str().unwrap_or("?"),
+            d["driver_pid"],
+            d["in_flight"],
+            d["faults"],
+            d["restarts"],
+            ms("stall_p50_us"),
+            ms("stall_p99_us"),
+            ms("stall_max_us"),
+            d["last_fault"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn run_chaos(args: ChaosArgs) -> ExitCode {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    let blk_load = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name("blk-load"),
+        Err(error) => {
+            eprintln!("reflector: cannot find blk-load: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = chaos::ChaosOptions {
+        control: args.control.control,
+        device: args.device,
+        socket: args.socket,
+        faults: args.faults,
+        kinds: args.kinds,
+        seed,
+        gap: (
+            std::time::Duration::from_millis(args.min_gap_ms),
+            std::time::Duration::from_millis(args.max_gap_ms.max(args.min_gap_ms)),
+        ),
+        recovery_timeout: std::time::Duration::from_secs(args.recovery_timeout_s),
+        blk_load,
+    };
+    match chaos::run(&options) {
+        Ok(report) => {
+            chaos::print(&options, &report);
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(message) => {
+            eprintln!("reflector chaos: {message}");
+            ExitCode::from(2)
         }
     }
 }
@@ -137,10 +319,12 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         serve::prepare_image(blk)?;
     }
     let mut services: Vec<&'static BlkService> = Vec::new();
+    let mut targets = Vec::new();
     for blk in &config.blk {
         // Services live until the process exits.
         let service: &'static BlkService = Box::leak(Box::new(serve::start_blk(blk, &vmm)?));
         services.push(service);
+        targets.push(service.control_target()?);
         std::thread::Builder::new()
             .name(format!("{}-serve", blk.name))
             .spawn(move || {
@@ -150,10 +334,17 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
             })
             .map_err(|e| format!("starting a thread: {e}"))?;
     }
+    if let Some(path) = &args.control {
+        control::serve(path, targets).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        tracing::info!(control = %path.display(), "control socket ready");
+    }
     let mut signal = 0;
     // SAFETY: sigwait on the set blocked above.
     unsafe { libc::sigwait(&signals, &mut signal) };
     tracing::info!(signal, "stopping");
+    if let Some(path) = &args.control {
+        let _ = std::fs::remove_file(path);
+    }
     for service in services {
         service.shutdown();
         let _ = std::fs::remove_file(&service.config.socket);

@@ -13,10 +13,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{BlkDevice, BlkWiring, Metrics, RecoveryConfig};
+use crate::blk::recovery::RestartPolicy;
 use crate::channel::Channel;
 use crate::config::BlkConfig;
+use crate::control::ControlTarget;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::{BlockHardware, DmaRegion};
+use crate::shm::SharedMemory;
 use crate::supervisor::{DriverLauncher, DriverVmSpec, Window};
 
 /// Driver guest-physical address of the controller's window.
@@ -34,6 +37,7 @@ pub struct BlkService {
     device: Arc<RwLock<BlkDevice>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    channel_memory: Arc<SharedMemory>,
     _hardware: SimStorage,
 }
 
@@ -91,12 +95,20 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     let doorbells = vec![(DOORBELL_GPA, dup(&completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
     let interrupts = vec![dup(&driver_interrupt)?, dup(hardware.interrupt())?];
     let launcher = DriverLauncher::new(spec, windows, doorbells, interrupts, dup(&driver_exited)?);
+    let channel_memory = channel.memory().clone();
     let wiring = BlkWiring { channel, driver_interrupt, completion_doorbell, driver_exited, launcher };
-    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, ..RecoveryConfig::default() };
+    let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
+    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy };
     let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)
         .map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
-    Ok(BlkService { config: config.clone(), device: Arc::new(RwLock::new(device)), metrics, _hardware: hardware })
+    Ok(BlkService {
+        config: config.clone(),
+        device: Arc::new(RwLock::new(device)),
+        metrics,
+        channel_memory,
+        _hardware: hardware,
+    })
 }
 
 impl BlkService {
@@ -105,6 +117,22 @@ impl BlkService {
         if let Ok(mut device) = self.device.write() {
             device.shutdown();
         }
+    }
+
+    /// What the control socket may reach of this device.
+    pub fn control_target(&self) -> Result<ControlTarget, String> {
+        let recover = self
+            .device
+            .read()
+            .map_err(|_| "device lock poisoned".to_string())?
+            .recover_trigger()
+            .map_err(|e| format!("{}: {e}", self.config.name))?;
+        Ok(ControlTarget {
+            name: self.config.name.clone(),
+            metrics: self.metrics.clone(),
+            channel: self.channel_memory.clone(),
+            recover,
+        })
     }
 
     /// The current driver VM's pid.

@@ -18,7 +18,7 @@
 
 use core::sync::atomic::{fence, Ordering};
 
-use driver_vm::kernel::abi::channel::{self, header, CompletionEntry, RequestEntry};
+use driver_vm::kernel::abi::channel::{self, header, inject, CompletionEntry, RequestEntry};
 use driver_vm::kernel::abi::storage::{self, reg, Command, Completion};
 use driver_vm::kernel::device::{Doorbell, InterruptLine, Window};
 use driver_vm::kernel::{arch, time};
@@ -193,6 +193,9 @@ impl Blk {
                 + (self.req_cons % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
             let request: RequestEntry = self.channel.read(at);
             self.req_cons = self.req_cons.wrapping_add(1);
+            if self.injected_fault_due() {
+                self.commit_injected_fault(&request);
+            }
             match self.command_for(&request) {
                 Some(command) => {
                     self.in_flight[request.slot as usize] = Some(request.id);
@@ -233,6 +236,43 @@ impl Blk {
             dma: self.channel.addr() + channel::slot_offset(request.slot) as u64,
             reserved: 0,
         })
+    }
+
+    /// Whether the reflector asked for a fault and this request is the one.
+    fn injected_fault_due(&self) -> bool {
+        if self.channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire) == inject::NONE {
+            return false;
+        }
+        let after = self.channel.atomic_u32(header::INJECT_AFTER);
+        match after.load(Ordering::Acquire) {
+            0 => true,
+            n => {
+                after.store(n - 1, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    /// Commits the fault the reflector asked for (tests and chaos only).
+    fn commit_injected_fault(&mut self, request: &RequestEntry) {
+        let kind = self.channel.atomic_u32(header::INJECT_KIND).swap(inject::NONE, Ordering::AcqRel);
+        println!("blk: committing injected fault {kind}");
+        match kind {
+            inject::PANIC => panic!("injected fault: panic"),
+            // SAFETY: deliberately unmapped (beyond the vmm's address limit):
+            // the page fault ends the VM, which is the point.
+            inject::PAGE_FAULT => unsafe {
+                let _ = (0x7f00_dead_0000 as *const u64).read_volatile();
+            },
+            // SAFETY: ud2 raises #UD, which ends the VM.
+            inject::ILLEGAL => unsafe { core::arch::asm!("ud2") },
+            inject::HANG => loop {
+                core::hint::spin_loop();
+            },
+            inject::LIE => self.complete(request.id, channel::status::OK, request.len + storage::SECTOR_SIZE),
+            inject::STOP => driver_vm::kernel::exit(0),
+            _ => {}
+        }
     }
 
     /// Moves controller completions into the channel's completion ring.

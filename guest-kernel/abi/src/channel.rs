@@ -67,6 +67,31 @@ pub mod header {
     pub const DRIVER_STATE: usize = 0x1c0;
     /// u32 generation the driver attached to (driver writes).
     pub const DRIVER_GENERATION: usize = 0x1c4;
+    /// u32 fault the driver must commit, for tests ([`super::inject`]);
+    /// written by the reflector, cleared when the channel is reset.
+    pub const INJECT_KIND: usize = 0x200;
+    /// u32 requests the driver serves before committing the fault
+    /// (it counts them down).
+    pub const INJECT_AFTER: usize = 0x204;
+}
+
+/// Faults a driver commits on request ([`header::INJECT_KIND`]), so that
+/// tests and the chaos command can exercise every recovery path.
+pub mod inject {
+    /// Nothing to do.
+    pub const NONE: u32 = 0;
+    /// Panic.
+    pub const PANIC: u32 = 1;
+    /// Read an unmapped address (page fault).
+    pub const PAGE_FAULT: u32 = 2;
+    /// Execute an invalid instruction.
+    pub const ILLEGAL: u32 = 3;
+    /// Stop serving and spin forever.
+    pub const HANG: u32 = 4;
+    /// Complete a request with a length it did not have.
+    pub const LIE: u32 = 5;
+    /// Exit cleanly, as if the driver decided to stop.
+    pub const STOP: u32 = 6;
 }
 
 /// Values of [`header::DRIVER_STATE`].
@@ -156,6 +181,6 @@ const _: () = {
     assert!(RING_SIZE.is_power_of_two());
     assert!(core::mem::size_of::<RequestEntry>() == REQUEST_ENTRY_SIZE);
     assert!(core::mem::size_of::<CompletionEntry>() == COMPLETION_ENTRY_SIZE);
-    assert!(header::DRIVER_GENERATION + 4 <= REQUEST_RING_OFFSET);
+    assert!(header::INJECT_AFTER + 4 <= REQUEST_RING_OFFSET);
     assert!(REGION_SIZE.is_multiple_of(4096));
 };

@@ -57,6 +57,8 @@ pub const DRIVER_EXIT_EVENT: u16 = NUM_QUEUES as u16 + 2;
 pub const HANG_EVENT: u16 = NUM_QUEUES as u16 + 3;
 /// Epoll data of the delayed-restart (and cool-down) timer.
 pub const RESTART_EVENT: u16 = NUM_QUEUES as u16 + 4;
+/// Epoll data of "an operator asked to recover a failed device".
+pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
 /// Default hang deadline: pending requests with no completion for this long
 /// mean a hung driver VM. A 128 KiB request takes well under a millisecond
 /// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
@@ -93,11 +95,20 @@ pub struct Metrics {
     pub bytes_read: AtomicU64,
     /// Bytes written for the client.
     pub bytes_written: AtomicU64,
+    /// Requests handed to the driver VM and not yet completed.
+    pub in_flight: AtomicU64,
+    /// The current driver VM's pid (0 while none runs).
+    pub driver_pid: AtomicU64,
+    /// `state_name` index of the device's driver state.
+    pub state: AtomicU64,
     /// The last fault, for operators.
     pub last_fault: Mutex<String>,
     /// Recovery stalls (fault to the next completion), in microseconds.
     pub stalls_us: Mutex<VecDeque<u64>>,
 }
+
+/// Names of the driver states, indexed by `Metrics::state`.
+pub const STATE_NAMES: [&str; 3] = ["running", "awaiting_restart", "failed"];
 
 impl Metrics {
     /// Median, p99 and max of the recorded recovery stalls, in microseconds.
@@ -153,6 +164,7 @@ pub struct BlkDevice {
     hang_armed: bool,
     last_progress: Instant,
     restart_timer: TimerFd,
+    recover: EventFd,
     fault_at: Option<Instant>,
     metrics: Arc<Metrics>,
 }
@@ -223,9 +235,34 @@ impl BlkDevice {
             hang_armed: false,
             last_progress: Instant::now(),
             restart_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
             fault_at: None,
             metrics: Arc::new(Metrics::default()),
-        })
+        }
+        .with_published_state())
+    }
+
+    fn with_published_state(self) -> Self {
+        self.publish_state();
+        self
+    }
+
+    /// Mirrors the state operators see (`reflector status`).
+    fn publish_state(&self) {
+        let state = match self.state {
+            DriverState::Running => 0,
+            DriverState::AwaitingRestart => 1,
+            DriverState::Failed => 2,
+        };
+        self.metrics.state.store(state, Ordering::Relaxed);
+        self.metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        self.metrics.in_flight.store(self.in_flight.len() as u64, Ordering::Relaxed);
+    }
+
+    /// An eventfd that, when written, makes a failed device try a new
+    /// driver VM at once (`reflector recover`).
+    pub fn recover_trigger(&self) -> std::io::Result<EventFd> {
+        self.recover.try_clone()
     }
 
     /// The device's counters.
@@ -247,13 +284,14 @@ impl BlkDevice {
 
     /// The file descriptors the vhost-user worker must watch, with their
     /// event ids.
-    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 4] {
+    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 5] {
         use std::os::fd::AsRawFd;
         [
             (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
             (self.driver_exited.as_raw_fd(), DRIVER_EXIT_EVENT),
             (self.hang_timer.as_raw_fd(), HANG_EVENT),
             (self.restart_timer.as_raw_fd(), RESTART_EVENT),
+            (self.recover.as_raw_fd(), RECOVER_EVENT),
         ]
     }
 
@@ -746,7 +784,7 @@ impl VhostUserBackendMut for BlkDevice {
         _thread_id: usize,
     ) -> std::io::Result<()> {
         let Some(vring) = vrings.first() else { return Ok(()) };
-        match device_event {
+        let result = match device_event {
             0 => self.process_queue(vring),
             COMPLETION_EVENT => {
                 let _ = self.completion_doorbell.read();
@@ -764,7 +802,18 @@ impl VhostUserBackendMut for BlkDevice {
                 self.restart_timer_fired(vring);
                 signal_used(vring)
             }
+            RECOVER_EVENT => {
+                let _ = self.recover.read();
+                if self.state == DriverState::Failed {
+                    tracing::info!(device = %self.name, "recovery requested by an operator");
+                    self.tracker.reset();
+                    self.restart(vring);
+                }
+                signal_used(vring)
+            }
             _ => Ok(()),
-        }
+        };
+        self.publish_state();
+        result
     }
 }

@@ -1,0 +1,254 @@
+//! `reflector chaos`: while verified load runs against a device, kill its
+//! driver VM and make it commit guest-side faults at random (seeded,
+//! reproducible) intervals; wait for each recovery; report what happened.
+//!
+//! The load is the project's frontend, `blk-load --verify`, run in a loop
+//! next to the chaos; its errors and verification mismatches are what a
+//! client would have seen.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::control;
+
+/// Every fault the chaos command can cause.
+pub const ALL_KINDS: [&str; 7] = ["kill", "panic", "page-fault", "illegal", "hang", "lie", "stop"];
+
+/// What to do.
+#[derive(Clone, Debug)]
+pub struct ChaosOptions {
+    /// The reflector's control socket.
+    pub control: PathBuf,
+    /// The device to torment.
+    pub device: String,
+    /// Its vhost-user socket, to run verified load on (needed for every
+    /// kind but `kill`: injected faults trigger on a request).
+    pub socket: Option<PathBuf>,
+    /// How many faults.
+    pub faults: u32,
+    /// Which kinds, chosen at random.
+    pub kinds: Vec<String>,
+    /// Seed of the random choices.
+    pub seed: u64,
+    /// Shortest and longest pause between a recovery and the next fault.
+    pub gap: (Duration, Duration),
+    /// Longest wait for a recovery before the run fails.
+    pub recovery_timeout: Duration,
+    /// The `blk-load` binary.
+    pub blk_load: PathBuf,
+}
+
+/// What happened.
+#[derive(Debug, Default)]
+pub struct ChaosReport {
+    /// Faults caused, by kind.
+    pub by_kind: BTreeMap<String, u32>,
+    /// Faults after which no recovery was seen in time.
+    pub unrecovered: u32,
+    /// Restarts the device counted during the run.
+    pub restarts: u64,
+    /// Requests the device completed with an error during the run.
+    pub device_errors: u64,
+    /// Recovery stall percentiles from the device (p50, p99, max), µs.
+    pub stall_us: (u64, u64, u64),
+    /// Load runs completed.
+    pub load_runs: u32,
+    /// I/O errors the load saw.
+    pub load_errors: u64,
+    /// Verification mismatches the load saw.
+    pub load_mismatches: u64,
+    /// Load runs that could not run at all.
+    pub load_failures: u32,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl ChaosReport {
+    /// Whether a client saw nothing but stalls.
+    pub fn passed(&self) -> bool {
+        self.unrecovered == 0
+            && self.device_errors == 0
+            && self.load_errors == 0
+            && self.load_mismatches == 0
+            && self.load_failures == 0
+    }
+}
+
+/// A small seeded generator (xorshift64*): reproducible runs need no more.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn device_status(options: &ChaosOptions) -> Result<serde_json::Value, String> {
+    let reply = control::request(&options.control, "status")?;
+    let all: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("bad status reply: {e}"))?;
+    all.as_array()
+        .and_then(|devices| devices.iter().find(|d| d["device"] == options.device.as_str()).cloned())
+        .ok_or_else(|| format!("the reflector has no device named {:?}", options.device))
+}
+
+fn counter(status: &serde_json::Value, field: &str) -> u64 {
+    status[field].as_u64().unwrap_or(0)
+}
+
+/// Runs `blk-load --verify` in a loop until `stop`; returns (runs, errors,
+/// mismatches, failures).
+fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>) -> (u32, u64, u64, u32) {
+    let (mut runs, mut errors, mut mismatches, mut failures) = (0, 0, 0, 0);
+    while !stop.load(Ordering::Acquire) {
+        let output = Command::new(&options.blk_load)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--json", "--verify", "--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread"])
+            .args(["--bs", "4k,64k", "--qd", "8", "--seconds", "2", "--size", "32M"])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        let Ok(output) = output else {
+            failures += 1;
+            break;
+        };
+        runs += 1;
+        for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
+            if let Ok(job) = serde_json::from_str::<serde_json::Value>(line) {
+                errors += job["errors"].as_u64().unwrap_or(0);
+                mismatches += job["mismatches"].as_u64().unwrap_or(0);
+            }
+        }
+        if output.status.code() == Some(2) {
+            failures += 1;
+            tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load could not run");
+        } else if !output.status.success() {
+            tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load saw errors");
+        }
+    }
+    (runs, errors, mismatches, failures)
+}
+
+/// Runs the chaos.
+pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
+    for kind in &options.kinds {
+        if !ALL_KINDS.contains(&kind.as_str()) {
+            return Err(format!("unknown fault kind {kind:?} (known: {})", ALL_KINDS.join(", ")));
+        }
+        if kind != "kill" && options.socket.is_none() {
+            return Err(format!("fault kind {kind:?} triggers on a request: give --socket so that load runs"));
+        }
+    }
+    if options.kinds.is_empty() {
+        return Err("no fault kinds given".into());
+    }
+    let start_status = device_status(options)?;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = options.socket.clone().map(|socket| {
+        let (options, stop) = (options.clone(), stop.clone());
+        std::thread::spawn(move || run_load(&options, socket, stop))
+    });
+    let mut rng = Rng(options.seed | 1);
+    let mut report = ChaosReport::default();
+    let result = (|| -> Result<(), String> {
+        for i in 0..options.faults {
+            let (low, high) = (options.gap.0.as_micros() as u64, options.gap.1.as_micros() as u64);
+            std::thread::sleep(Duration::from_micros(low + rng.below(high.saturating_sub(low) + 1)));
+            let kind = &options.kinds[rng.below(options.kinds.len() as u64) as usize];
+            let before = counter(&device_status(options)?, "restarts");
+            match kind.as_str() {
+                "kill" => control::request(&options.control, &format!("kill {}", options.device))?,
+                other => control::request(&options.control, &format!("inject {} {other} 0", options.device))?,
+            };
+            *report.by_kind.entry(kind.clone()).or_default() += 1;
+            let deadline = Instant::now() + options.recovery_timeout;
+            loop {
+                let status = device_status(options)?;
+                if counter(&status, "restarts") > before && status["state"] == "running" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    report.unrecovered += 1;
+                    tracing::error!(fault = i, kind = %kind, status = %status, "no recovery in time");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if (i + 1) % 20 == 0 {
+                eprintln!("chaos: {} faults", i + 1);
+            }
+        }
+        Ok(())
+    })();
+    stop.store(true, Ordering::Release);
+    if let Some(load) = load {
+        let (runs, errors, mismatches, failures) = load.join().unwrap_or((0, 0, 0, 1));
+        (report.load_runs, report.load_errors, report.load_mismatches, report.load_failures) =
+            (runs, errors, mismatches, failures);
+    }
+    result?;
+    let end_status = device_status(options)?;
+    report.restarts = counter(&end_status, "restarts") - counter(&start_status, "restarts");
+    report.device_errors = counter(&end_status, "errors") - counter(&start_status, "errors");
+    report.stall_us = (
+        counter(&end_status, "stall_p50_us"),
+        counter(&end_status, "stall_p99_us"),
+        counter(&end_status, "stall_max_us"),
+    );
+    report.elapsed = start.elapsed();
+    Ok(report)
+}
+
+/// Prints the report.
+pub fn print(options: &ChaosOptions, report: &ChaosReport) {
+    let total: u32 = report.by_kind.values().sum();
+    println!(
+        "chaos on device {}: {total} faults in {:.1} s (seed {})",
+        options.device,
+        report.elapsed.as_secs_f64(),
+        options.seed
+    );
+    let kinds: Vec<String> = report.by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    println!("  faults by kind: {}", kinds.join(", "));
+    println!("  restarts: {}, faults without a recovery in time: {}", report.restarts, report.unrecovered);
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "  recovery stall (fault detected -> next completion): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(report.stall_us.0),
+        ms(report.stall_us.1),
+        ms(report.stall_us.2)
+    );
+    println!(
+        "  client errors: {} (device), load: {} runs, {} I/O errors, {} verification mismatches, {} failed runs",
+        report.device_errors, report.load_runs, report.load_errors, report.load_mismatches, report.load_failures
+    );
+    println!("result: {}", if report.passed() { "PASS" } else { "FAIL" });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generator_is_seeded_and_bounded() {
+        let draw = |seed| {
+            let mut rng = Rng(seed);
+            (0..5).map(|_| rng.below(7)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(42), draw(42));
+        assert_ne!(draw(42), draw(43));
+        assert!(draw(9).iter().all(|v| *v < 7));
+    }
+}
