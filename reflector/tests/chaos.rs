@@ -1,0 +1,200 @@
+//! Transparent recovery under chaos: at least 200 faults of every kind
+//! (SIGKILL of the driver VM, guest panic, page fault, invalid instruction,
+//! hang, lying answer, clean stop) while blk-load runs verified random
+//! reads and writes. A client must see no error and no corrupted data.
+//!
+//! Needs /dev/kvm and the workspace's binaries next to the reflector.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(error) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("{test}: /dev/kvm is unusable ({error}) and CI is set");
+            }
+            eprintln!("\n*** SKIPPING {test}: /dev/kvm is unusable ({error}). ***\n");
+            false
+        }
+    }
+}
+
+fn reflector_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_reflector"))
+}
+
+struct Served {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Served {
+    /// Starts `reflector serve` with a control socket; waits (bounded) until
+    /// the control socket answers.
+    fn start(tag: &str, blk_extra: &str) -> Served {
+        let dir = std::env::temp_dir().join(format!("reflector-chaos-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = format!(
+            "socket={},image={},size=64M,name=disk0{blk_extra}",
+            dir.join("d.sock").display(),
+            dir.join("d.img").display()
+        );
+        let log = std::fs::File::create(dir.join("log")).unwrap();
+        let child = Command::new(reflector_bin())
+            .args(["serve", "--blk", &spec, "--control"])
+            .arg(dir.join("ctl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut served = Served { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while served.status().is_none() {
+            assert!(served.child.try_wait().unwrap().is_none(), "the reflector exited: {}", served.log());
+            assert!(Instant::now() < deadline, "the control socket never answered: {}", served.log());
+            std::thread::yield_now();
+        }
+        served
+    }
+
+    fn ctl(&self) -> PathBuf {
+        self.dir.join("ctl")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn status(&self) -> Option<serde_json::Value> {
+        let output =
+            Command::new(reflector_bin()).args(["status", "--json", "--control"]).arg(self.ctl()).output().ok()?;
+        let all: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        all.as_array()?.first().cloned()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn two_hundred_faults_of_every_kind_cost_no_client_error() {
+    if !kvm_available("two_hundred_faults_of_every_kind_cost_no_client_error") {
+        return;
+    }
+    // A large budget: this test injects faults far faster than the default
+    // policy tolerates (that policy has its own test below and unit tests).
+    let served = Served::start("all", ",hang_ms=100,fault_budget=100000");
+    let output = Command::new(reflector_bin())
+        .args(["chaos", "--device", "disk0", "--faults", "210", "--seed", "20261123", "--min-gap-ms", "110"])
+        .args(["--max-gap-ms", "160", "--control"])
+        .arg(served.ctl())
+        .arg("--socket")
+        .arg(served.dir.join("d.sock"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "chaos failed:\n{report}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        served.log()
+    );
+    for kind in ["kill", "panic", "page-fault", "illegal", "hang", "lie", "stop"] {
+        assert!(report.contains(&format!("{kind} ")), "no {kind} fault injected:\n{report}");
+    }
+    assert!(report.contains("faults without a recovery in time: 0"), "{report}");
+    assert!(report.contains("client errors: 0 (device)"), "{report}");
+    assert!(report.contains("0 I/O errors, 0 verification mismatches, 0 failed runs"), "{report}");
+    let status = served.status().unwrap();
+    assert!(status["restarts"].as_u64().unwrap() >= 210, "{status}");
+    assert_eq!(status["errors"], 0, "{status}");
+    assert_eq!(status["state"], "running");
+    assert!(!served.log().contains("panicked"));
+}
+
+#[test]
+fn exhausting_the_fault_budget_fails_requests_then_an_operator_recovers_the_device() {
+    if !kvm_available("exhausting_the_fault_budget_fails_requests_then_an_operator_recovers_the_device") {
+        return;
+    }
+    let served = Served::start("budget", ",fault_budget=3");
+    let wait_for = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = served.status() {
+                if ok(&status) {
+                    return status;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}\n{}", served.status(), served.log());
+            std::thread::yield_now();
+        }
+    };
+    for round in 1..=4u64 {
+        let kill =
+            Command::new(reflector_bin()).args(["kill", "disk0", "--control"]).arg(served.ctl()).output().unwrap();
+        assert!(kill.status.success(), "round {round}: {}", String::from_utf8_lossy(&kill.stderr));
+        let killed = kill_pid(&kill);
+        if round < 4 {
+            // Restarts back off (a driver VM killed right after it started
+            // looks like a crash loop): wait for the new one to run.
+            wait_for("a new driver VM", &|s| {
+                s["faults"].as_u64() == Some(round)
+                    && s["state"] == "running"
+                    && s["driver_pid"].as_u64().unwrap_or(0) != 0
+                    && s["driver_pid"] != killed
+            });
+        }
+    }
+    let failed = wait_for("the failed state", &|s| s["state"] == "failed");
+    assert_eq!(failed["faults"], 4);
+    // A failed device completes requests with an error, at once.
+    let load = Command::new(reflector_bin().with_file_name("blk-load"))
+        .arg("--socket")
+        .arg(served.dir.join("d.sock"))
+        .args(["--job", "randread", "--bs", "4k", "--qd", "1", "--ios", "5", "--json", "--timeout", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(load.status.code(), Some(1), "requests must fail, not hang: {}", String::from_utf8_lossy(&load.stderr));
+    let recover =
+        Command::new(reflector_bin()).args(["recover", "disk0", "--control"]).arg(served.ctl()).output().unwrap();
+    assert!(recover.status.success());
+    wait_for("the recovery", &|s| s["state"] == "running" && s["driver_pid"].as_u64().unwrap_or(0) != 0);
+    let load = Command::new(reflector_bin().with_file_name("blk-load"))
+        .arg("--socket")
+        .arg(served.dir.join("d.sock"))
+        .args([
+            "--job",
+            "randwrite",
+            "--bs",
+            "4k",
+            "--qd",
+            "2",
+            "--ios",
+            "200",
+            "--verify",
+            "--json",
+            "--timeout",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(load.status.success(), "after recovery requests succeed: {}", String::from_utf8_lossy(&load.stderr));
+}
+
+fn kill_pid(output: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::Value::from(text.trim().strip_prefix("ok ").and_then(|pid| pid.parse::<u64>().ok()).unwrap_or(0))
+}
