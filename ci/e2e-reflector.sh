@@ -7,7 +7,9 @@
 #      checks the image while the reflector still runs;
 #   3. run 2: QEMU restarted: a fresh guest reconnects and re-verifies the
 #      same data through the reflector;
-#   4. stop the reflector (by pid) and check the image once more on the host.
+#   4. run 3: fio-verify again while the driver VM is SIGKILLed every 0.5 s:
+#      fio must pass and the guest kernel must log no I/O error;
+#   5. stop the reflector (by pid) and check the image once more on the host.
 # Exits 0 when everything passed. Without QEMU or fio it skips loudly, unless
 # CI is set, where it fails. Temporary files live in /tmp/e2e-reflector.*,
 # removed on success and kept (path printed) on failure.
@@ -55,7 +57,8 @@ cleanup() {
 trap cleanup EXIT
 
 log "starting the reflector on $img"
-timeout -k 5 $((tmo * 3 + 120)) "$reflector" serve --blk "socket=$sock,image=$img,size=256M,name=e2e" \
+ctl=$tmp/ctl
+timeout -k 5 $((tmo * 4 + 120)) "$reflector" serve --control "$ctl" --blk "socket=$sock,image=$img,size=256M,name=e2e" \
     >"$tmp/reflector.log" 2>&1 &
 reflector_pid=$!
 for _ in $(seq 300); do
@@ -76,6 +79,26 @@ log "run 2: QEMU restarted; a new guest re-reads and verifies the data through t
 timeout $((tmo + 120)) "$here/qemu-blk-fio.sh" --socket "$sock" --job verify-only \
     --seed "$seed" --fiosize "$fiosize" --timeout "$tmo" --log "$tmp/console-run2.log" >/dev/null ||
     die "run 2 failed: see above and $tmp/console-run2.log"
+
+seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') fiosize=96
+log "run 3: fio-verify (seed $seed, ${fiosize} MiB) while the driver VM is SIGKILLed every 0.5 s"
+"$here/qemu-blk-fio.sh" --socket "$sock" --job fio-verify --seed "$seed" --fiosize "$fiosize" \
+    --timeout "$tmo" --log "$tmp/console-run3.log" >"$tmp/run3.summary" &
+guest_pid=$!
+kills=0
+while kill -0 "$guest_pid" 2>/dev/null; do
+    sleep 0.5
+    if "$reflector" kill --control "$ctl" e2e >/dev/null 2>&1; then kills=$((kills + 1)); fi
+done
+wait "$guest_pid" || die "run 3 failed across $kills driver VM kills: see above and $tmp/console-run3.log"
+if grep -E "E2E-DMESG: .*(I/O error|blk_update_request|critical)" "$tmp/console-run3.log"; then
+    die "the guest kernel logged I/O errors (above) while driver VMs were killed"
+fi
+((kills >= 3)) || die "only $kills kills landed during run 3: the guest finished too fast to test anything"
+status=$("$reflector" status --control "$ctl")
+log "run 3: $(sed 's/^E2E-SUMMARY: //; s/ log=.*//' "$tmp/run3.summary")"
+log "run 3: passed across $kills SIGKILLs of the driver VM; reflector status:"
+printf '%s\n' "$status" >&2
 
 grep -q "client connected" "$tmp/reflector.log" || die "the reflector never logged a client"
 kill "$reflector_pid"

@@ -103,7 +103,8 @@ pub struct Metrics {
     pub state: AtomicU64,
     /// The last fault, for operators.
     pub last_fault: Mutex<String>,
-    /// Recovery stalls (fault to the next completion), in microseconds.
+    /// Recovery stalls, in microseconds: from the fault (or the first request
+    /// after it, if none was pending) to the next completion.
     pub stalls_us: Mutex<VecDeque<u64>>,
 }
 
@@ -165,7 +166,12 @@ pub struct BlkDevice {
     last_progress: Instant,
     restart_timer: TimerFd,
     recover: EventFd,
+    /// When the client started waiting on a recovery: the fault, or the
+    /// first request after it if none was pending at the fault.
     fault_at: Option<Instant>,
+    /// A fault happened with nothing pending; the stall clock starts at the
+    /// next request.
+    fault_idle: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -237,6 +243,7 @@ impl BlkDevice {
             restart_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
             recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
             fault_at: None,
+            fault_idle: false,
             metrics: Arc::new(Metrics::default()),
         }
         .with_published_state())
@@ -360,6 +367,10 @@ impl BlkDevice {
                 self.complete(vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
             }
             _ => {
+                if self.fault_idle {
+                    self.fault_idle = false;
+                    self.fault_at = Some(Instant::now());
+                }
                 self.waiting.push_back(Waiting { head, request, status });
                 self.submit_waiting(vring, memory);
             }
@@ -543,7 +554,10 @@ impl BlkDevice {
         }
         self.salvage(vring);
         self.disarm_hang_watch();
-        self.fault_at.get_or_insert_with(Instant::now);
+        if self.fault_at.is_none() {
+            self.fault_at = Some(Instant::now());
+            self.fault_idle = self.in_flight.is_empty() && self.waiting.is_empty();
+        }
         match self.tracker.on_fault(Instant::now()) {
             Decision::Restart(delay) if delay.is_zero() => self.restart(vring),
             Decision::Restart(delay) => {
