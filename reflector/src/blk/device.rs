@@ -322,11 +322,7 @@ impl BlkDevice {
                 let mut chains = Vec::new();
                 while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(memory.clone()) {
                     let head = chain.head_index();
-                    let segments = chain
-                        .take(SEG_MAX as usize + 3)
-                        .map(|d| Segment { addr: d.addr(), len: d.len(), writable: d.is_write_only() })
-                        .collect();
-                    chains.push((head, segments));
+                    chains.push((head, bounded_segments(chain)));
                 }
                 chains
             };
@@ -710,6 +706,27 @@ impl BlkDevice {
             self.fault(vring, Fault::Exited(report));
         }
     }
+}
+
+/// The descriptors of a chain for `marshal::parse`: the first SEG_MAX + 2
+/// and, if the chain is longer, its true last one (the status descriptor),
+/// so that an over-long chain is refused with its status written where the
+/// client expects it, never into a data buffer. virtio-queue bounds the walk
+/// (by the queue size, or the indirect table's length).
+fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>) -> Vec<Segment> {
+    let keep = SEG_MAX as usize + 2;
+    let mut segments = Vec::with_capacity(keep + 1);
+    let mut last = None;
+    for (index, descriptor) in chain.enumerate() {
+        let segment = Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() };
+        if index < keep {
+            segments.push(segment);
+        } else {
+            last = Some(segment);
+        }
+    }
+    segments.extend(last);
+    segments
 }
 
 fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {

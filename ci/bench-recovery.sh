@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Recovery benchmark (not a test): the distribution of recovery stalls over
+# many SIGKILLs of a driver VM while verified load (blk-load) runs, measured
+# by the reflector from the fault (or the first request after it) to the next
+# completion. Restarts are cold (a fresh vmm process each time).
+# For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
+# seconds when its backend is killed (ci/e2e-qsd.sh measures it).
+#
+# Usage: ci/bench-recovery.sh [--kills N] [--seed S]
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+kills=1000 seed=1
+while (($#)); do
+    case $1 in
+    --kills) kills=${2:?}; shift 2 ;;
+    --seed) seed=${2:?}; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench-recovery: unknown argument '$1'" >&2; exit 2 ;;
+    esac
+done
+bin=$repo/target/release
+tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
+pid=''
+trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
+"$bin/reflector" serve --control "$tmp/ctl" \
+    --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000" 2>"$tmp/log" &
+pid=$!
+for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done
+# Gaps above 100 ms: a driver VM that served that long is not in a crash
+# loop, so every restart is immediate (no backoff), which is what we measure.
+"$bin/reflector" chaos --control "$tmp/ctl" --device bench --socket "$tmp/d.sock" --kinds kill \
+    --faults "$kills" --seed "$seed" --min-gap-ms 110 --max-gap-ms 130
