@@ -3,9 +3,12 @@
 #   1. build the host binaries and the driver VM images;
 #   2. the reflector serves a disk whose driver runs isolated in a driver VM;
 #   3. a QEMU guest attaches it (vhost-user-blk) and runs fio with crc32c
-#      verification (QEMU, fio and a guest kernel are installed first when
-#      missing and this runs as root);
-#   4. the project's own vhost-user frontend measures the same disk;
+#      verification, while the driver VM is SIGKILLed every half second: fio
+#      passes, and `reflector status` shows the restarts and the stalls
+#      (QEMU, fio and a guest kernel are installed first when missing and
+#      this runs as root);
+#   4. chaos: every kind of driver fault under verified load from the
+#      project's own vhost-user frontend;
 #   5. how every kind of driver failure is reported, and the boot time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +34,9 @@ cleanup() {
 trap cleanup EXIT
 
 say "the reflector serves $demo/disk.img; its driver runs in a driver VM (a separate vmm process)"
-"$bin/reflector" serve --blk "socket=$demo/disk.sock,image=$demo/disk.img,size=256M,name=disk0" 2>"$demo/reflector.log" &
+"$bin/reflector" serve --control "$demo/ctl" \
+    --blk "socket=$demo/disk.sock,image=$demo/disk.img,size=256M,name=disk0,hang_ms=100,fault_budget=1000" \
+    2>"$demo/reflector.log" &
 reflector_pid=$!
 for _ in $(seq 300); do
     [[ -S $demo/disk.sock ]] && grep -q "controller ready" "$demo/reflector.log" && break
@@ -40,15 +45,24 @@ done
 cat "$demo/reflector.log"
 
 if have_qemu; then
-    say "a QEMU guest attaches the disk (vhost-user-blk-pci) and runs fio --verify=crc32c on /dev/vda"
-    ci/qemu-blk-fio.sh --socket "$demo/disk.sock" --image-file "$demo/disk.img" --timeout 300
+    say "a QEMU guest runs fio --verify=crc32c on the disk while its driver VM is SIGKILLed every 0.5 s"
+    ci/qemu-blk-fio.sh --socket "$demo/disk.sock" --image-file "$demo/disk.img" --fiosize 96 --timeout 300 &
+    guest=$!
+    kills=0
+    while kill -0 "$guest" 2>/dev/null; do
+        sleep 0.5
+        "$bin/reflector" kill --control "$demo/ctl" disk0 >/dev/null 2>&1 && kills=$((kills + 1))
+    done
+    wait "$guest"
+    say "fio verified every block across $kills driver VM kills; what the reflector saw:"
+    "$bin/reflector" status --control "$demo/ctl"
 else
     say "QEMU or fio is missing (run ci/install-e2e-deps.sh as root): skipping the QEMU guest"
 fi
 
-say "the project's vhost-user frontend (blk-load) drives the same disk, verifying every read"
-"$bin/blk-load" --socket "$demo/disk.sock" --queue-size 256 --job randwrite,randread --bs 4k --qd 1,4 \
-    --seconds 2 --size 64M --verify --get-id --flush
+say "chaos: 70 faults of every kind (kill, panic, page fault, illegal, hang, lie, stop) under verified load"
+"$bin/reflector" chaos --control "$demo/ctl" --device disk0 --socket "$demo/disk.sock" --faults 70 --seed 1 \
+    --min-gap-ms 110 --max-gap-ms 150
 
 kill "$reflector_pid"
 wait "$reflector_pid" 2>/dev/null || true
