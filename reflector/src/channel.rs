@@ -102,8 +102,25 @@ impl Channel {
         memory.atomic_u32(header::INJECT_KIND).store(kind, Ordering::Release);
     }
 
+    /// Checks the fields only the reflector writes; the driver writing them
+    /// is a protocol violation.
+    fn check_reflector_fields(&self) -> Result<(), Violation> {
+        for (field, offset, expected) in [
+            ("request producer index", header::REQ_PROD, self.req_prod),
+            ("completion consumer index", header::CMP_CONS, self.cmp_cons),
+            ("generation", header::GENERATION, self.generation),
+        ] {
+            let found = self.memory.atomic_u32(offset).load(Ordering::Acquire);
+            if found != expected {
+                return Err(Violation::ForeignWrite { field, found, expected });
+            }
+        }
+        Ok(())
+    }
+
     /// Copies out every completion the driver published since the last call.
     pub fn take_completions(&mut self) -> Result<Vec<CompletionEntry>, Violation> {
+        self.check_reflector_fields()?;
         let produced = self.memory.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
         let available = produced.wrapping_sub(self.cmp_cons);
         if available > self.req_prod.wrapping_sub(self.cmp_cons) {
@@ -118,5 +135,58 @@ impl Channel {
         }
         self.memory.atomic_u32(header::CMP_CONS).store(self.cmp_cons, Ordering::Release);
         Ok(completions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(channel: &mut Channel, id: u64) {
+        channel.push(RequestEntry {
+            id,
+            op: channel::op::READ,
+            slot: channel::slot_of(id),
+            sector: 0,
+            len: 512,
+            reserved: 0,
+        });
+        channel.publish(&EventFd::new(0).unwrap());
+    }
+
+    #[test]
+    fn completions_are_copied_out_and_indices_checked() {
+        let mut channel = Channel::new("test").unwrap();
+        publish(&mut channel, 7);
+        let memory = channel.memory().clone();
+        // The driver answers once.
+        memory.write(channel::COMPLETION_RING_OFFSET, CompletionEntry { id: 7, status: 0, len: 512 });
+        memory.atomic_u32(header::CMP_PROD).store(1, Ordering::SeqCst);
+        assert_eq!(channel.take_completions().unwrap(), vec![CompletionEntry { id: 7, status: 0, len: 512 }]);
+        assert!(channel.take_completions().unwrap().is_empty());
+        // More completions than requests published.
+        memory.atomic_u32(header::CMP_PROD).store(5, Ordering::SeqCst);
+        assert!(matches!(channel.take_completions(), Err(Violation::RingIndex { .. })));
+    }
+
+    #[test]
+    fn a_driver_writing_reflector_fields_is_caught_and_reset_starts_clean() {
+        let mut channel = Channel::new("test").unwrap();
+        publish(&mut channel, 3);
+        let memory = channel.memory().clone();
+        memory.atomic_u32(header::REQ_PROD).store(99, Ordering::SeqCst);
+        assert!(matches!(
+            channel.take_completions(),
+            Err(Violation::ForeignWrite { field: "request producer index", .. })
+        ));
+        Channel::inject(&memory, channel::inject::PANIC, 4);
+        let generation = channel.reset();
+        assert_eq!(generation, 2);
+        for offset in [header::REQ_PROD, header::CMP_PROD, header::INJECT_KIND, header::INJECT_AFTER] {
+            assert_eq!(memory.atomic_u32(offset).load(Ordering::SeqCst), 0);
+        }
+        assert!(channel.take_completions().unwrap().is_empty());
+        memory.atomic_u32(header::GENERATION).store(1, Ordering::SeqCst);
+        assert!(matches!(channel.take_completions(), Err(Violation::ForeignWrite { field: "generation", .. })));
     }
 }

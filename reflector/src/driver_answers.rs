@@ -21,6 +21,16 @@ pub enum Violation {
         /// Reflector's request producer index.
         published: u32,
     },
+    /// The driver wrote a channel field only the reflector may write.
+    #[error("the driver overwrote the reflector's {field} ({found}, expected {expected})")]
+    ForeignWrite {
+        /// Which field.
+        field: &'static str,
+        /// What is there now.
+        found: u32,
+        /// What the reflector wrote.
+        expected: u32,
+    },
     /// No request with this id is in flight (never sent, or already completed).
     #[error("completion for unknown or already completed request id {0}")]
     UnknownId(u64),
