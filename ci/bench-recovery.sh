@@ -6,13 +6,17 @@
 # For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #
-# Usage: ci/bench-recovery.sh [--kills N] [--seed S]
+# With --spare, the reflector keeps a warm spare (a booted driver VM waiting),
+# so a restart skips the boot.
+#
+# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-kills=1000 seed=1
+kills=1000 seed=1 spare=off
 while (($#)); do
     case $1 in
+    --spare) spare=on; shift ;;
     --kills) kills=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -24,9 +28,10 @@ tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
 pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
 "$bin/reflector" serve --control "$tmp/ctl" \
-    --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000" 2>"$tmp/log" &
+    --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done
+echo "bench-recovery: $kills SIGKILLs under verified load, warm spare $spare" >&2
 # Gaps above 100 ms: a driver VM that served that long is not in a crash
 # loop, so every restart is immediate (no backoff), which is what we measure.
 "$bin/reflector" chaos --control "$tmp/ctl" --device bench --socket "$tmp/d.sock" --kinds kill \

@@ -38,6 +38,8 @@ pub struct BlkConfig {
     pub hang_deadline: std::time::Duration,
     /// Driver VM faults tolerated per 10 s before the device fails.
     pub fault_budget: u32,
+    /// Keep a booted driver VM waiting to replace a failed one.
+    pub warm_spare: bool,
 }
 
 /// Everything the reflector serves.
@@ -96,6 +98,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         read_only: false,
         hang_deadline: crate::blk::device::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::blk::recovery::RestartPolicy::default().budget,
+        warm_spare: false,
     };
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
@@ -107,6 +110,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
+            "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => {
                 config.fault_budget = value
@@ -117,7 +121,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             }
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, hang_ms, fault_budget)"
+                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, spare, hang_ms, fault_budget)"
                 )))
             }
         }
@@ -163,6 +167,8 @@ struct FileBlk {
     readonly: bool,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
+    #[serde(default)]
+    spare: bool,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -199,6 +205,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             None => crate::blk::device::DEFAULT_HANG_DEADLINE,
         };
         let device = BlkConfig {
+            warm_spare: blk.spare,
             hang_deadline,
             fault_budget: blk
                 .fault_budget

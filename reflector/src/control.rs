@@ -39,6 +39,8 @@ pub struct ControlTarget {
     pub channel: Arc<SharedMemory>,
     /// Makes it recover from the failed state.
     pub recover: EventFd,
+    /// Makes it SIGKILL its driver VM.
+    pub kill: EventFd,
 }
 
 /// One device in `status`.
@@ -47,6 +49,7 @@ struct DeviceStatus<'a> {
     device: &'a str,
     state: &'static str,
     driver_pid: u64,
+    spare_pid: u64,
     requests: u64,
     completed: u64,
     in_flight: u64,
@@ -73,6 +76,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
         device: &target.name,
         state: STATE_NAMES.get(get(&m.state) as usize).copied().unwrap_or("unknown"),
         driver_pid: get(&m.driver_pid),
+        spare_pid: get(&m.spare_pid),
         requests: get(&m.requests),
         completed: get(&m.completed),
         in_flight: get(&m.in_flight),

@@ -27,7 +27,8 @@ Examples:
 if missing), readonly=on, name=NAME, driver=IMAGE (default blk), memory=SIZE (driver VM RAM,
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
-10 s before the device fails its requests for a 10 s cool-down; default 20).
+10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
+booted driver VM waiting, so that a restart skips the boot).
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
@@ -42,6 +43,7 @@ Configuration file (TOML):
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long
   fault_budget = 20             # faults per 10 s before the device is declared failed
+  spare = true                  # keep a booted driver VM waiting (faster recovery)
 
 A driver VM that exits, hangs or breaks the channel protocol is replaced and the
 requests it had are replayed; the client sees a stall, not an error. After more than

@@ -81,7 +81,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
     let hardware = SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?;
     let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io(format!("{name}: creating an eventfd")));
-    let (driver_interrupt, completion_doorbell, driver_exited) = (eventfd()?, eventfd()?, eventfd()?);
+    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
     let spec = DriverVmSpec {
         name: name.clone(),
         vmm: vmm.to_owned(),
@@ -93,12 +93,14 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
     windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
     let doorbells = vec![(DOORBELL_GPA, dup(&completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
-    let interrupts = vec![dup(&driver_interrupt)?, dup(hardware.interrupt())?];
-    let launcher = DriverLauncher::new(spec, windows, doorbells, interrupts, dup(&driver_exited)?);
+    // Line 0: the reflector's "requests published"; line 1: the hardware's
+    // interrupt. Each driver VM gets eventfds of its own for them.
+    let launcher = DriverLauncher::new(spec, windows, doorbells, 2, dup(&driver_exited)?);
     let channel_memory = channel.memory().clone();
-    let wiring = BlkWiring { channel, driver_interrupt, completion_doorbell, driver_exited, launcher };
+    let wiring =
+        BlkWiring { channel, device_interrupt: hardware.interrupt(), completion_doorbell, driver_exited, launcher };
     let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
-    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy };
+    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy, warm_spare: config.warm_spare };
     let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)
         .map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
@@ -121,17 +123,16 @@ impl BlkService {
 
     /// What the control socket may reach of this device.
     pub fn control_target(&self) -> Result<ControlTarget, String> {
-        let recover = self
-            .device
-            .read()
-            .map_err(|_| "device lock poisoned".to_string())?
-            .recover_trigger()
-            .map_err(|e| format!("{}: {e}", self.config.name))?;
+        let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
+        let name = &self.config.name;
+        let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
+        let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
         Ok(ControlTarget {
-            name: self.config.name.clone(),
+            name: name.clone(),
             metrics: self.metrics.clone(),
             channel: self.channel_memory.clone(),
             recover,
+            kill,
         })
     }
 

@@ -49,7 +49,7 @@ pub struct DriverLauncher {
     spec: DriverVmSpec,
     windows: Vec<Window>,
     doorbells: Vec<(u64, EventFd)>,
-    interrupts: Vec<EventFd>,
+    interrupt_lines: usize,
     exited: EventFd,
 }
 
@@ -61,6 +61,10 @@ pub struct DriverVm {
     gone: Arc<AtomicBool>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
+    /// A warm spare's "go" interrupt line.
+    go: Option<EventFd>,
+    /// This VM's interrupt lines, in order.
+    interrupts: Vec<EventFd>,
 }
 
 fn set_inheritable(fd: &EventFd, inheritable: bool) -> std::io::Result<()> {
@@ -73,15 +77,18 @@ fn set_inheritable(fd: &EventFd, inheritable: bool) -> std::io::Result<()> {
 }
 
 impl DriverLauncher {
-    /// A launcher; `exited` is signalled whenever one of its VMs exits.
+    /// A launcher of driver VMs with `interrupt_lines` interrupt lines
+    /// each (every VM gets eventfds of its own: the kernel binds an eventfd
+    /// as an irqfd of one VM at a time); `exited` is signalled whenever one
+    /// of its VMs exits.
     pub fn new(
         spec: DriverVmSpec,
         windows: Vec<Window>,
         doorbells: Vec<(u64, EventFd)>,
-        interrupts: Vec<EventFd>,
+        interrupt_lines: usize,
         exited: EventFd,
     ) -> Self {
-        DriverLauncher { spec, windows, doorbells, interrupts, exited }
+        DriverLauncher { spec, windows, doorbells, interrupt_lines, exited }
     }
 
     /// The driver VM's name.
@@ -89,11 +96,26 @@ impl DriverLauncher {
         &self.spec.name
     }
 
-    /// Starts a driver VM (`vmm run`).
+    /// Starts a driver VM (`vmm run`) that serves at once.
     pub fn launch(&self) -> std::io::Result<DriverVm> {
+        self.start(None)
+    }
+
+    /// Starts a warm spare: a driver VM that boots, then waits until
+    /// [`DriverVm::activate`] before it touches the device or the channel.
+    pub fn launch_spare(&self) -> std::io::Result<DriverVm> {
+        self.start(Some(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+
+    fn start(&self, go: Option<EventFd>) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
+        let interrupts =
+            (0..self.interrupt_lines).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         let mut command = Command::new(&spec.vmm);
         command.args(["run", "--json", "--image", &spec.image, "--name", &spec.name, "--memory", &spec.memory]);
+        if go.is_some() {
+            command.args(["--cmdline", "spare"]);
+        }
         for window in &self.windows {
             let path = window.memory.path();
             let arg = format!("{:#x},{},{},name={}", window.gpa, window.memory.size(), path.display(), window.name);
@@ -102,11 +124,11 @@ impl DriverLauncher {
         for (gpa, fd) in &self.doorbells {
             command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={}", fd.as_raw_fd()));
         }
-        for fd in &self.interrupts {
+        for fd in interrupts.iter().chain(&go) {
             command.arg("--irq").arg(format!("fd={}", fd.as_raw_fd()));
         }
         command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let inherited: Vec<&EventFd> = self.doorbells.iter().map(|(_, fd)| fd).chain(&self.interrupts).collect();
+        let inherited: Vec<&EventFd> = self.doorbells.iter().map(|(_, fd)| fd).chain(&interrupts).chain(&go).collect();
         let child = {
             let _guard = SPAWN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             inherited.iter().try_for_each(|fd| set_inheritable(fd, true))?;
@@ -123,7 +145,7 @@ impl DriverLauncher {
         let gone = Arc::new(AtomicBool::new(false));
         let reaped = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(String::new()));
-        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, "driver VM started");
+        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, spare = go.is_some(), "driver VM started");
         let watcher = Watcher {
             name: spec.name.clone(),
             gone: gone.clone(),
@@ -132,7 +154,7 @@ impl DriverLauncher {
             exited: self.exited.try_clone()?,
         };
         std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
-        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, gone, reaped, report })
+        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, gone, reaped, report, go, interrupts })
     }
 }
 
@@ -140,6 +162,20 @@ impl DriverVm {
     /// The process id.
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// Interrupt line `index` of this VM (an eventfd bound as its irqfd).
+    pub fn interrupt(&self, index: usize) -> Option<&EventFd> {
+        self.interrupts.get(index)
+    }
+
+    /// Lets a warm spare start serving; false if this is not one or the
+    /// interrupt could not be raised.
+    pub fn activate(&mut self) -> bool {
+        match self.go.take() {
+            Some(go) => go.write(1).is_ok(),
+            None => false,
+        }
     }
 
     /// The vmm's JSON report, once the process has gone (its guest can no

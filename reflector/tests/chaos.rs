@@ -198,3 +198,29 @@ fn kill_pid(output: &std::process::Output) -> serde_json::Value {
     let text = String::from_utf8_lossy(&output.stdout);
     serde_json::Value::from(text.trim().strip_prefix("ok ").and_then(|pid| pid.parse::<u64>().ok()).unwrap_or(0))
 }
+
+#[test]
+fn a_warm_spare_takes_over_and_is_replaced() {
+    if !kvm_available("a_warm_spare_takes_over_and_is_replaced") {
+        return;
+    }
+    let served = Served::start("spare", ",spare=on,fault_budget=100000");
+    let first = served.status().unwrap();
+    assert_ne!(first["spare_pid"].as_u64().unwrap_or(0), 0, "a spare must be booted: {first}");
+    let output = Command::new(reflector_bin())
+        .args(["chaos", "--device", "disk0", "--faults", "20", "--seed", "5", "--kinds", "kill,panic,lie"])
+        .args(["--min-gap-ms", "110", "--max-gap-ms", "150", "--control"])
+        .arg(served.ctl())
+        .arg("--socket")
+        .arg(served.dir.join("d.sock"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "chaos failed:\n{report}\n{}", served.log());
+    let log = served.log();
+    let warm = log.lines().filter(|l| l.contains("driver VM restarted") && l.contains("warm=true")).count();
+    assert!(warm >= 15, "most restarts must use the warm spare ({warm} did):\n{log}");
+    let last = served.status().unwrap();
+    assert_ne!(last["spare_pid"].as_u64().unwrap_or(0), 0, "a new spare must be booted: {last}");
+    assert_ne!(last["spare_pid"], first["spare_pid"]);
+}

@@ -8,7 +8,12 @@
 //! - doorbell 0 tells the reflector completions are ready, doorbell 1 is
 //!   the controller's doorbell;
 //! - interrupt line 0: the reflector published requests; line 1: the
-//!   controller completed commands.
+//!   controller completed commands; line 2 (warm spares only): go.
+//!
+//! With `spare` on its command line the driver is a warm spare: it boots,
+//! then sleeps on line 2 without touching the controller or the channel,
+//! which another driver VM is using. When the reflector raises line 2 (the
+//! active driver VM has died), it starts exactly like a fresh driver.
 //!
 //! The driver never touches payloads: it points the controller's DMA at the
 //! request's bounce slot. It polls while busy and sleeps (ring-0 `hlt`, no
@@ -55,6 +60,11 @@ impl Driver for Blk {
     const NAME: &'static str = "blk";
 
     fn probe(kernel: &Kernel) -> Result<Self, Error> {
+        if kernel.cmdline().split_whitespace().any(|word| word == "spare") {
+            let go = kernel.interrupt_line(2).ok_or(Error::MissingInterrupt(2))?;
+            println!("blk: warm spare ready");
+            go.wait();
+        }
         let mut blk = Blk {
             regs: kernel.window("regs").ok_or(Error::MissingWindow("regs"))?,
             channel: kernel.window("channel").ok_or(Error::MissingWindow("channel"))?,

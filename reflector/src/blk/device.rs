@@ -40,6 +40,7 @@ use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use super::recovery::{Decision, Fault, RestartPolicy, RestartTracker};
 use crate::channel::Channel;
 use crate::driver_answers;
+use crate::hw::InterruptRoute;
 use crate::supervisor::{DriverLauncher, DriverVm};
 
 /// Queues offered to the client.
@@ -59,6 +60,10 @@ pub const HANG_EVENT: u16 = NUM_QUEUES as u16 + 3;
 pub const RESTART_EVENT: u16 = NUM_QUEUES as u16 + 4;
 /// Epoll data of "an operator asked to recover a failed device".
 pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
+/// Epoll data of "an operator (or the chaos command) asked to kill the
+/// driver VM". Through the device, which kills by pidfd: a pid read from the
+/// counters may be stale and reused by another process.
+pub const KILL_EVENT: u16 = NUM_QUEUES as u16 + 6;
 /// Default hang deadline: pending requests with no completion for this long
 /// mean a hung driver VM. A 128 KiB request takes well under a millisecond
 /// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
@@ -99,6 +104,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// The current driver VM's pid (0 while none runs).
     pub driver_pid: AtomicU64,
+    /// The warm spare's pid (0 if none).
+    pub spare_pid: AtomicU64,
     /// `state_name` index of the device's driver state.
     pub state: AtomicU64,
     /// The last fault, for operators.
@@ -153,11 +160,16 @@ pub struct BlkDevice {
     channel: Channel,
     in_flight: InFlightTable,
     waiting: VecDeque<Waiting>,
+    /// The current driver VM's request interrupt (its line 0).
     driver_interrupt: EventFd,
+    device_interrupt: Arc<InterruptRoute>,
     completion_doorbell: EventFd,
     driver_exited: EventFd,
     launcher: DriverLauncher,
     driver: Option<DriverVm>,
+    /// A booted driver VM waiting to replace `driver` (when configured).
+    spare: Option<DriverVm>,
+    warm_spare: bool,
     state: DriverState,
     tracker: RestartTracker,
     hang_deadline: Duration,
@@ -166,6 +178,7 @@ pub struct BlkDevice {
     last_progress: Instant,
     restart_timer: TimerFd,
     recover: EventFd,
+    kill: EventFd,
     /// When the client started waiting on a recovery: the fault, or the
     /// first request after it if none was pending at the fault.
     fault_at: Option<Instant>,
@@ -179,8 +192,8 @@ pub struct BlkDevice {
 pub struct BlkWiring {
     /// The channel into the driver VM.
     pub channel: Channel,
-    /// Raises the driver VM's request interrupt (its line 0).
-    pub driver_interrupt: EventFd,
+    /// Where the hardware's interrupt goes (routed to the driver VM's line 1).
+    pub device_interrupt: Arc<InterruptRoute>,
     /// Signalled by the driver VM's completion doorbell (its doorbell 0).
     pub completion_doorbell: EventFd,
     /// Signalled when a driver VM process exits.
@@ -196,11 +209,13 @@ pub struct RecoveryConfig {
     pub hang_deadline: Duration,
     /// Restart budget and backoff.
     pub policy: RestartPolicy,
+    /// Keep a booted driver VM waiting, so a restart skips the boot.
+    pub warm_spare: bool,
 }
 
 impl Default for RecoveryConfig {
     fn default() -> Self {
-        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default() }
+        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default(), warm_spare: false }
     }
 }
 
@@ -217,6 +232,8 @@ impl BlkDevice {
         let limits =
             Limits { capacity_sectors, max_data: channel::SLOT_SIZE, max_segments: SEG_MAX as usize, read_only };
         let driver = wiring.launcher.launch()?;
+        let driver_interrupt = take_over(&driver, &wiring.device_interrupt)?;
+        let spare = if recovery.warm_spare { Some(wiring.launcher.launch_spare()?) } else { None };
         let mut tracker = RestartTracker::new(recovery.policy);
         tracker.started(Instant::now());
         Ok(BlkDevice {
@@ -229,19 +246,23 @@ impl BlkDevice {
             channel: wiring.channel,
             in_flight: InFlightTable::default(),
             waiting: VecDeque::new(),
-            driver_interrupt: wiring.driver_interrupt,
+            driver_interrupt,
+            device_interrupt: wiring.device_interrupt,
             completion_doorbell: wiring.completion_doorbell,
             driver_exited: wiring.driver_exited,
             launcher: wiring.launcher,
             driver: Some(driver),
+            spare,
+            warm_spare: recovery.warm_spare,
             state: DriverState::Running,
             tracker,
             hang_deadline: recovery.hang_deadline,
-            hang_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            hang_timer: nonblocking_timer()?,
             hang_armed: false,
             last_progress: Instant::now(),
-            restart_timer: TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?,
+            restart_timer: nonblocking_timer()?,
             recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
             fault_at: None,
             fault_idle: false,
             metrics: Arc::new(Metrics::default()),
@@ -263,6 +284,7 @@ impl BlkDevice {
         };
         self.metrics.state.store(state, Ordering::Relaxed);
         self.metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        self.metrics.spare_pid.store(self.spare.as_ref().map_or(0, |spare| spare.pid() as u64), Ordering::Relaxed);
         self.metrics.in_flight.store(self.in_flight.len() as u64, Ordering::Relaxed);
     }
 
@@ -270,6 +292,12 @@ impl BlkDevice {
     /// driver VM at once (`reflector recover`).
     pub fn recover_trigger(&self) -> std::io::Result<EventFd> {
         self.recover.try_clone()
+    }
+
+    /// An eventfd that, when written, makes the device SIGKILL its current
+    /// driver VM (`reflector kill`, chaos).
+    pub fn kill_trigger(&self) -> std::io::Result<EventFd> {
+        self.kill.try_clone()
     }
 
     /// The device's counters.
@@ -284,14 +312,14 @@ impl BlkDevice {
 
     /// Kills the driver VM for good (the reflector is stopping).
     pub fn shutdown(&mut self) {
-        if let Some(driver) = self.driver.take() {
+        for driver in [self.driver.take(), self.spare.take()].into_iter().flatten() {
             driver.kill();
         }
     }
 
     /// The file descriptors the vhost-user worker must watch, with their
     /// event ids.
-    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 5] {
+    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 6] {
         use std::os::fd::AsRawFd;
         [
             (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
@@ -299,6 +327,7 @@ impl BlkDevice {
             (self.hang_timer.as_raw_fd(), HANG_EVENT),
             (self.restart_timer.as_raw_fd(), RESTART_EVENT),
             (self.recover.as_raw_fd(), RECOVER_EVENT),
+            (self.kill.as_raw_fd(), KILL_EVENT),
         ]
     }
 
@@ -591,13 +620,31 @@ impl BlkDevice {
     /// request still in flight, oldest first.
     fn restart(&mut self, vring: &VringRwLock) {
         let generation = self.channel.reset();
-        match self.launcher.launch() {
+        let (replacement, warm) = match self.spare.take() {
+            Some(spare) if spare.exit_report().is_none() => (self.activate_spare(spare), true),
+            dead => {
+                if let Some(dead) = dead {
+                    dead.kill();
+                }
+                (self.launch_cold(), false)
+            }
+        };
+        match replacement {
             Ok(driver) => {
-                tracing::info!(device = %self.name, pid = driver.pid(), generation, "driver VM restarted");
+                tracing::info!(device = %self.name, pid = driver.pid(), generation, warm, "driver VM restarted");
                 self.driver = Some(driver);
                 self.tracker.started(Instant::now());
-                self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
                 self.state = DriverState::Running;
+                // Observers that see the new restart count must also see
+                // the new driver VM (the chaos command kills by pid).
+                self.publish_state();
+                self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+                if self.warm_spare {
+                    match self.launcher.launch_spare() {
+                        Ok(spare) => self.spare = Some(spare),
+                        Err(error) => tracing::error!(device = %self.name, %error, "cannot start a warm spare"),
+                    }
+                }
             }
             Err(error) => {
                 tracing::error!(device = %self.name, %error, "cannot start a driver VM");
@@ -630,6 +677,36 @@ impl BlkDevice {
         self.last_progress = Instant::now();
         self.arm_hang_watch();
         let _ = signal_used(vring);
+    }
+
+    /// Routes interrupts to a warm spare, then lets it go; a cold start if
+    /// that fails.
+    fn activate_spare(&mut self, mut spare: DriverVm) -> std::io::Result<DriverVm> {
+        match take_over(&spare, &self.device_interrupt) {
+            Ok(request) if spare.activate() => {
+                self.driver_interrupt = request;
+                Ok(spare)
+            }
+            _ => {
+                spare.kill();
+                self.launch_cold()
+            }
+        }
+    }
+
+    /// Starts a fresh driver VM and routes interrupts to it.
+    fn launch_cold(&mut self) -> std::io::Result<DriverVm> {
+        let driver = self.launcher.launch()?;
+        match take_over(&driver, &self.device_interrupt) {
+            Ok(request) => {
+                self.driver_interrupt = request;
+                Ok(driver)
+            }
+            Err(error) => {
+                driver.kill();
+                Err(error)
+            }
+        }
     }
 
     /// Fails every pending request (the device is declared failed).
@@ -700,12 +777,44 @@ impl BlkDevice {
 
     fn driver_exited(&mut self, vring: &VringRwLock) {
         let _ = self.driver_exited.read();
+        if let Some(report) = self.spare.as_ref().and_then(DriverVm::exit_report) {
+            // The next restart starts cold and boots a new spare.
+            tracing::warn!(device = %self.name, %report, "the warm spare exited");
+            self.spare = None;
+        }
         // Exits of driver VMs killed on purpose arrive here too: only the
         // current one's exit is a fault.
         if let Some(report) = self.driver.as_ref().and_then(DriverVm::exit_report) {
             self.fault(vring, Fault::Exited(report));
         }
     }
+}
+
+/// Makes `driver` the target of the device's interrupt (its line 1);
+/// returns its request interrupt (line 0) for the reflector to raise.
+fn take_over(driver: &DriverVm, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+    let line =
+        |index| driver.interrupt(index).ok_or_else(|| std::io::Error::other("driver VM without interrupt lines"));
+    let request = line(0)?.try_clone()?;
+    device_interrupt.route(line(1)?.try_clone()?);
+    Ok(request)
+}
+
+/// A timerfd whose read never blocks: several events of one epoll batch
+/// may disarm a timer whose expiry is already queued, and a blocking read of
+/// a disarmed timer would stall the worker for good.
+fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    use std::os::fd::AsRawFd;
+    let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: F_GETFL/F_SETFL on the timer's own descriptor.
+    let ok = unsafe {
+        let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
 }
 
 /// The descriptors of a chain for `marshal::parse`: the first SEG_MAX + 2
@@ -841,6 +950,14 @@ impl VhostUserBackendMut for BlkDevice {
                     self.restart(vring);
                 }
                 signal_used(vring)
+            }
+            KILL_EVENT => {
+                let _ = self.kill.read();
+                if let Some(driver) = &self.driver {
+                    tracing::info!(device = %self.name, pid = driver.pid(), "killing the driver VM on request");
+                    driver.kill();
+                }
+                Ok(())
             }
             _ => Ok(()),
         };

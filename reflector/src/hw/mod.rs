@@ -5,7 +5,7 @@
 
 pub mod sim_storage;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -25,12 +25,41 @@ pub trait BlockHardware: Send {
     fn windows(&self) -> Vec<HardwareWindow>;
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
     fn doorbell(&self) -> &EventFd;
-    /// Written by the device to interrupt the driver VM (KVM irqfd).
-    fn interrupt(&self) -> &EventFd;
+    /// Where the device's interrupt goes: the current driver VM's irqfd.
+    fn interrupt(&self) -> Arc<InterruptRoute>;
     /// Size of the medium in 512-byte sectors.
     fn capacity_sectors(&self) -> u64;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+}
+
+/// Where a device's interrupt is delivered, like a programmable MSI: each
+/// driver VM binds its own eventfd as irqfd (the kernel lets an eventfd be
+/// an irqfd of one VM at a time), and the reflector routes the interrupt to
+/// the driver VM that currently owns the device.
+#[derive(Default)]
+pub struct InterruptRoute {
+    target: Mutex<Option<EventFd>>,
+}
+
+impl InterruptRoute {
+    /// Sends future interrupts to `target`.
+    pub fn route(&self, target: EventFd) {
+        if let Ok(mut current) = self.target.lock() {
+            *current = Some(target);
+        }
+    }
+
+    /// Raises the interrupt (dropped if nothing is routed).
+    pub fn raise(&self) {
+        if let Ok(current) = self.target.lock() {
+            if let Some(target) = current.as_ref() {
+                if let Err(error) = target.write(1) {
+                    tracing::warn!(%error, "cannot raise a device interrupt");
+                }
+            }
+        }
+    }
 }
 
 /// The memory a device may DMA into: part of a shared region, at a driver

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use guest_abi::storage::{self, completion, reg, Command, Completion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockHardware, DmaRegion, HardwareWindow};
+use super::{BlockHardware, DmaRegion, HardwareWindow, InterruptRoute};
 use crate::shm::SharedMemory;
 
 /// How long the device keeps polling its submission queue after the last
@@ -49,7 +49,7 @@ pub struct SimStorageConfig {
 pub struct SimStorage {
     regs: Arc<SharedMemory>,
     doorbell: EventFd,
-    interrupt: EventFd,
+    interrupt: Arc<InterruptRoute>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
@@ -71,7 +71,7 @@ impl SimStorage {
         regs.write(reg::FEATURES, if config.read_only { storage::features::READ_ONLY } else { 0 });
         regs.atomic_u32(reg::DEVICE_POLLING).store(1, Ordering::SeqCst);
         let doorbell = EventFd::new(EFD_NONBLOCK)?;
-        let interrupt = EventFd::new(EFD_NONBLOCK)?;
+        let interrupt = Arc::new(InterruptRoute::default());
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let mut engine = Engine {
             regs: regs.clone(),
@@ -79,7 +79,7 @@ impl SimStorage {
             dma,
             read_only: config.read_only,
             capacity_sectors,
-            interrupt: interrupt.try_clone()?,
+            interrupt: interrupt.clone(),
             depth: 0,
             sq_head: 0,
             cq_tail: 0,
@@ -109,8 +109,8 @@ impl BlockHardware for SimStorage {
         &self.doorbell
     }
 
-    fn interrupt(&self) -> &EventFd {
-        &self.interrupt
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
     }
 
     fn capacity_sectors(&self) -> u64 {
@@ -138,7 +138,7 @@ struct Engine {
     dma: DmaRegion,
     read_only: bool,
     capacity_sectors: u64,
-    interrupt: EventFd,
+    interrupt: Arc<InterruptRoute>,
     depth: u32,
     sq_head: u32,
     cq_tail: u32,
@@ -307,9 +307,7 @@ impl Engine {
     }
 
     fn raise_interrupt(&self) {
-        if let Err(error) = self.interrupt.write(1) {
-            tracing::warn!(%error, "cannot raise the controller interrupt");
-        }
+        self.interrupt.raise();
     }
 }
 
@@ -340,6 +338,7 @@ mod tests {
 
     struct Rig {
         device: SimStorage,
+        interrupt: EventFd,
         dma: Arc<SharedMemory>,
         image: std::path::PathBuf,
     }
@@ -352,7 +351,10 @@ mod tests {
         let dma = Arc::new(SharedMemory::new("dma", 64 * 1024).unwrap());
         let region = DmaRegion { memory: dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA };
         let config = SimStorageConfig { name: tag.into(), image: image.clone(), read_only };
-        Rig { device: SimStorage::start(&config, region).unwrap(), dma, image }
+        let device = SimStorage::start(&config, region).unwrap();
+        let interrupt = EventFd::new(EFD_NONBLOCK).unwrap();
+        device.interrupt().route(interrupt.try_clone().unwrap());
+        Rig { device, interrupt, dma, image }
     }
 
     impl Rig {
@@ -363,10 +365,10 @@ mod tests {
         /// Rings the doorbell and waits (bounded) for the interrupt.
         fn ring_and_wait(&self) {
             self.device.doorbell.write(1).unwrap();
-            let mut fd = libc::pollfd { fd: self.device.interrupt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut fd = libc::pollfd { fd: self.interrupt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             assert_eq!(unsafe { libc::poll(&mut fd, 1, 10_000) }, 1, "no interrupt from the device");
-            self.device.interrupt.read().unwrap();
+            self.interrupt.read().unwrap();
         }
 
         fn reset_and_enable(&self, depth: u32) {
