@@ -170,6 +170,8 @@ pub struct BlkDevice {
     /// A booted driver VM waiting to replace `driver` (when configured).
     spare: Option<DriverVm>,
     warm_spare: bool,
+    /// A spare is to be started once the current recovery has completed.
+    spare_wanted: bool,
     state: DriverState,
     tracker: RestartTracker,
     hang_deadline: Duration,
@@ -254,6 +256,7 @@ impl BlkDevice {
             driver: Some(driver),
             spare,
             warm_spare: recovery.warm_spare,
+            spare_wanted: false,
             state: DriverState::Running,
             tracker,
             hang_deadline: recovery.hang_deadline,
@@ -507,6 +510,17 @@ impl BlkDevice {
             }
             tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
         }
+        self.launch_wanted_spare();
+    }
+
+    fn launch_wanted_spare(&mut self) {
+        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
+            return;
+        }
+        match self.launcher.launch_spare() {
+            Ok(spare) => self.spare = Some(spare),
+            Err(error) => tracing::error!(device = %self.name, %error, "cannot start a warm spare"),
+        }
     }
 
     fn finish(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap, slot: u32, entry: InFlight, status: u32) {
@@ -639,12 +653,10 @@ impl BlkDevice {
                 // the new driver VM (the chaos command kills by pid).
                 self.publish_state();
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
-                if self.warm_spare {
-                    match self.launcher.launch_spare() {
-                        Ok(spare) => self.spare = Some(spare),
-                        Err(error) => tracing::error!(device = %self.name, %error, "cannot start a warm spare"),
-                    }
-                }
+                // The next spare boots once this recovery has completed a
+                // request: its boot would otherwise compete for the two
+                // cores with the new driver's reset and the replay.
+                self.spare_wanted = self.warm_spare;
             }
             Err(error) => {
                 tracing::error!(device = %self.name, %error, "cannot start a driver VM");
@@ -676,6 +688,9 @@ impl BlkDevice {
         self.channel.publish(&self.driver_interrupt);
         self.last_progress = Instant::now();
         self.arm_hang_watch();
+        if self.in_flight.is_empty() {
+            self.launch_wanted_spare();
+        }
         let _ = signal_used(vring);
     }
 
