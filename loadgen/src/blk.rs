@@ -2,27 +2,11 @@
 
 use crate::error::{Error, Result};
 
-/// Sector size of the virtio-blk protocol (request offsets are in these units).
-pub const SECTOR_SIZE: u64 = 512;
-
-/// Request type: read.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Request type: write.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Request type: flush.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Request type: get device id (20 bytes).
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-
-/// Status: success.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// Status: I/O error.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// Status: unsupported request.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-
-/// Length of the device ID string answered to GET_ID.
-pub const VIRTIO_BLK_ID_BYTES: u32 = 20;
+pub use virtio::blk::{
+    ID_BYTES as VIRTIO_BLK_ID_BYTES, SECTOR_SIZE, S_IOERR as VIRTIO_BLK_S_IOERR, S_OK as VIRTIO_BLK_S_OK,
+    S_UNSUPP as VIRTIO_BLK_S_UNSUPP, T_FLUSH as VIRTIO_BLK_T_FLUSH, T_GET_ID as VIRTIO_BLK_T_GET_ID,
+    T_IN as VIRTIO_BLK_T_IN, T_OUT as VIRTIO_BLK_T_OUT,
+};
 
 /// Feature bits we may negotiate.
 pub mod features {
@@ -124,11 +108,7 @@ impl BlkConfig {
 
 /// The 16-byte request header (`struct virtio_blk_outhdr`).
 pub fn request_header(req_type: u32, sector: u64) -> [u8; 16] {
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&req_type.to_le_bytes());
-    // bytes 4..8: reserved (ioprio), zero
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    h
+    virtio::blk::header(req_type, sector)
 }
 
 /// Human name of a status byte.

@@ -369,7 +369,7 @@ impl BlkDevice {
             Op::Read => (blk::VIRTIO_BLK_T_IN, len),
             Op::Write => (blk::VIRTIO_BLK_T_OUT, len),
             Op::Flush => (blk::VIRTIO_BLK_T_FLUSH, 0),
-            Op::GetId => (blk::VIRTIO_BLK_T_GET_ID, blk::VIRTIO_BLK_ID_BYTES as usize),
+            Op::GetId => (blk::VIRTIO_BLK_T_GET_ID, blk::VIRTIO_BLK_ID_BYTES),
         };
         assert!(len <= self.buf_size, "request larger than the slot buffer");
         let sm = &self.slots[slot];
@@ -547,11 +547,11 @@ impl BlkDevice {
 
     /// Fetches the device ID (GET_ID); None if the device does not support it.
     pub fn get_id(&mut self) -> Result<Option<String>> {
-        let c = self.run_one(0, Op::GetId, 0, blk::VIRTIO_BLK_ID_BYTES as usize)?;
+        let c = self.run_one(0, Op::GetId, 0, blk::VIRTIO_BLK_ID_BYTES)?;
         if c.status != blk::VIRTIO_BLK_S_OK {
             return Ok(None);
         }
-        let raw = self.data(0, blk::VIRTIO_BLK_ID_BYTES as usize);
+        let raw = self.data(0, blk::VIRTIO_BLK_ID_BYTES);
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
         Ok(Some(String::from_utf8_lossy(&raw[..end]).into_owned()))
     }

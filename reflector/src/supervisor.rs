@@ -96,21 +96,29 @@ impl DriverLauncher {
         &self.spec.name
     }
 
-    /// Starts a driver VM (`vmm run`) that serves at once.
-    pub fn launch(&self) -> std::io::Result<DriverVm> {
-        self.start(None)
+    /// Starts a driver VM (`vmm run`) that serves at once. `route` gets its
+    /// interrupt lines before the VM exists, so that the device's interrupts
+    /// reach it from its first instruction on.
+    pub fn launch(&self, route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>) -> std::io::Result<DriverVm> {
+        self.start(None, route)
     }
 
     /// Starts a warm spare: a driver VM that boots, then waits until
-    /// [`DriverVm::activate`] before it touches the device or the channel.
+    /// [`DriverVm::activate`] before it touches the device or the channel
+    /// (route its interrupts with [`DriverVm::interrupt`] before that).
     pub fn launch_spare(&self) -> std::io::Result<DriverVm> {
-        self.start(Some(EventFd::new(libc::EFD_NONBLOCK)?))
+        self.start(Some(EventFd::new(libc::EFD_NONBLOCK)?), &mut |_| Ok(()))
     }
 
-    fn start(&self, go: Option<EventFd>) -> std::io::Result<DriverVm> {
+    fn start(
+        &self,
+        go: Option<EventFd>,
+        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+    ) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
         let interrupts =
             (0..self.interrupt_lines).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
+        route(&interrupts)?;
         let mut command = Command::new(&spec.vmm);
         command.args(["run", "--json", "--image", &spec.image, "--name", &spec.name, "--memory", &spec.memory]);
         if go.is_some() {

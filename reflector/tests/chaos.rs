@@ -10,18 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(error) => {
-            if std::env::var_os("CI").is_some() {
-                panic!("{test}: /dev/kvm is unusable ({error}) and CI is set");
-            }
-            eprintln!("\n*** SKIPPING {test}: /dev/kvm is unusable ({error}). ***\n");
-            false
-        }
-    }
-}
+mod common;
+
+use common::kvm_available;
 
 fn reflector_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_reflector"))

@@ -1,6 +1,9 @@
-//! `virtio`: virtio device definitions shared by the reflector and the
-//! drivers (request layouts, feature bits, status codes).
+//! `virtio`: virtio device definitions shared by the device side (the
+//! reflector) and the driver side (the project's frontend, `blk-load`), so
+//! that both read the same layouts. Numbers come from `virtio-bindings`
+//! (rust-vmm), typed for use.
 //!
-//! Empty for now: it fills in with the block path, the first user of it.
-#![no_std]
+//! What it is not: a device or a driver; no I/O happens here.
 #![deny(missing_docs)]
+
+pub mod blk;

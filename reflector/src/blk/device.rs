@@ -233,8 +233,7 @@ impl BlkDevice {
     ) -> std::io::Result<Self> {
         let limits =
             Limits { capacity_sectors, max_data: channel::SLOT_SIZE, max_segments: SEG_MAX as usize, read_only };
-        let driver = wiring.launcher.launch()?;
-        let driver_interrupt = take_over(&driver, &wiring.device_interrupt)?;
+        let (driver, driver_interrupt) = launch_routed(&wiring.launcher, &wiring.device_interrupt)?;
         let spare = if recovery.warm_spare { Some(wiring.launcher.launch_spare()?) } else { None };
         let mut tracker = RestartTracker::new(recovery.policy);
         tracker.started(Instant::now());
@@ -337,13 +336,17 @@ impl BlkDevice {
     /// Forgets a client that went away: its queues are gone, so requests
     /// still in the driver VM complete into nothing.
     pub fn client_gone(&mut self) {
+        tracing::trace!(device = %self.name, "client gone");
         self.waiting.clear();
         self.memory = None;
         self.client += 1;
     }
 
     fn process_queue(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
-        let Some(atomic) = self.memory.clone() else { return Ok(()) };
+        let Some(atomic) = self.memory.clone() else {
+            tracing::debug!(device = %self.name, "queue kicked before the client's memory table arrived");
+            return Ok(());
+        };
         let memory = atomic.memory();
         loop {
             if self.event_idx {
@@ -358,6 +361,7 @@ impl BlkDevice {
                 }
                 chains
             };
+            tracing::trace!(device = %self.name, chains = chains.len(), "queue processed");
             for (head, segments) in chains {
                 self.accept(vring, &memory, head, &segments);
             }
@@ -709,19 +713,11 @@ impl BlkDevice {
         }
     }
 
-    /// Starts a fresh driver VM and routes interrupts to it.
+    /// Starts a fresh driver VM, its interrupts routed before it runs.
     fn launch_cold(&mut self) -> std::io::Result<DriverVm> {
-        let driver = self.launcher.launch()?;
-        match take_over(&driver, &self.device_interrupt) {
-            Ok(request) => {
-                self.driver_interrupt = request;
-                Ok(driver)
-            }
-            Err(error) => {
-                driver.kill();
-                Err(error)
-            }
-        }
+        let (driver, request) = launch_routed(&self.launcher, &self.device_interrupt)?;
+        self.driver_interrupt = request;
+        Ok(driver)
     }
 
     /// Fails every pending request (the device is declared failed).
@@ -805,14 +801,32 @@ impl BlkDevice {
     }
 }
 
-/// Makes `driver` the target of the device's interrupt (its line 1);
-/// returns its request interrupt (line 0) for the reflector to raise.
+/// Makes the VM owning `lines` the target of the device's interrupt (its
+/// line 1); returns its request interrupt (line 0) for the reflector to raise.
+fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+    let (Some(request), Some(device)) = (lines.first(), lines.get(1)) else {
+        return Err(std::io::Error::other("driver VM without interrupt lines"));
+    };
+    device_interrupt.route(device.try_clone()?);
+    request.try_clone()
+}
+
+/// Makes a running (warm spare) driver VM the interrupts' target.
 fn take_over(driver: &DriverVm, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
-    let line =
-        |index| driver.interrupt(index).ok_or_else(|| std::io::Error::other("driver VM without interrupt lines"));
-    let request = line(0)?.try_clone()?;
-    device_interrupt.route(line(1)?.try_clone()?);
-    Ok(request)
+    let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
+    route_lines(&lines, device_interrupt)
+}
+
+/// Starts a driver VM whose interrupts are routed before it runs, so that
+/// no device interrupt can be lost between its start and the routing.
+fn launch_routed(launcher: &DriverLauncher, device_interrupt: &InterruptRoute) -> std::io::Result<(DriverVm, EventFd)> {
+    let mut request = None;
+    let driver = launcher.launch(&mut |lines| {
+        request = Some(route_lines(lines, device_interrupt)?);
+        Ok(())
+    })?;
+    let request = request.ok_or_else(|| std::io::Error::other("the launcher did not route interrupts"))?;
+    Ok((driver, request))
 }
 
 /// A timerfd whose read never blocks: several events of one epoll batch
@@ -853,7 +867,12 @@ fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descr
     segments
 }
 
+/// Tells the client about completions, if it asked to be told. Nothing to
+/// do while its queue is not set up (a timer may fire between two clients).
 fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
+    if !vring.get_ref().get_queue().ready() {
+        return Ok(());
+    }
     if vring.needs_notification().map_err(std::io::Error::other)? {
         vring.signal_used_queue()?;
     }
@@ -862,13 +881,14 @@ fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
 
 /// The virtio-blk configuration space (virtio spec 5.2.4), up to num_queues.
 fn virtio_blk_config(capacity_sectors: u64) -> Vec<u8> {
-    let mut config = vec![0u8; 36];
-    config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
-    config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-    config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-    config[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
-    config[34..36].copy_from_slice(&(NUM_QUEUES as u16).to_le_bytes());
-    config
+    use virtio::blk::config;
+    let mut bytes = vec![0u8; config::LEN];
+    bytes[config::CAPACITY..config::CAPACITY + 8].copy_from_slice(&capacity_sectors.to_le_bytes());
+    bytes[config::SIZE_MAX..config::SIZE_MAX + 4].copy_from_slice(&SIZE_MAX.to_le_bytes());
+    bytes[config::SEG_MAX..config::SEG_MAX + 4].copy_from_slice(&SEG_MAX.to_le_bytes());
+    bytes[config::BLK_SIZE..config::BLK_SIZE + 4].copy_from_slice(&(virtio::blk::SECTOR_SIZE as u32).to_le_bytes());
+    bytes[config::NUM_QUEUES..config::NUM_QUEUES + 2].copy_from_slice(&(NUM_QUEUES as u16).to_le_bytes());
+    bytes
 }
 
 impl VhostUserBackendMut for BlkDevice {
@@ -927,6 +947,7 @@ impl VhostUserBackendMut for BlkDevice {
     }
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        tracing::trace!(device = %self.name, "client memory table");
         self.memory = Some(memory);
         Ok(())
     }
@@ -939,6 +960,7 @@ impl VhostUserBackendMut for BlkDevice {
         _thread_id: usize,
     ) -> std::io::Result<()> {
         let Some(vring) = vrings.first() else { return Ok(()) };
+        tracing::trace!(device = %self.name, device_event, memory = self.memory.is_some(), "worker event");
         let result = match device_event {
             0 => self.process_queue(vring),
             COMPLETION_EVENT => {
@@ -977,6 +999,11 @@ impl VhostUserBackendMut for BlkDevice {
             _ => Ok(()),
         };
         self.publish_state();
-        result
+        // An error returned here would end vhost-user-backend's worker loop
+        // for good, and with it the connection's I/O: report it instead.
+        if let Err(error) = result {
+            tracing::warn!(device = %self.name, device_event, %error, "event handling failed");
+        }
+        Ok(())
     }
 }

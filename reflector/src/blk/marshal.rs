@@ -9,25 +9,13 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
-/// virtio-blk request types (virtio spec 5.2.6).
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Write.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Flush.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Device id string.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Status: success.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// Status: I/O error (also malformed requests and writes to read-only devices).
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// Status: unsupported request type.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
-/// Length of the device id a GET_ID request receives.
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
-/// Size of the request header.
-const HEADER_LEN: u32 = 16;
-const SECTOR: u32 = 512;
+use virtio::blk::HEADER_LEN;
+pub use virtio::blk::{
+    ID_BYTES as VIRTIO_BLK_ID_BYTES, S_IOERR as VIRTIO_BLK_S_IOERR, S_OK as VIRTIO_BLK_S_OK,
+    S_UNSUPP as VIRTIO_BLK_S_UNSUPP, T_FLUSH as VIRTIO_BLK_T_FLUSH, T_GET_ID as VIRTIO_BLK_T_GET_ID,
+    T_IN as VIRTIO_BLK_T_IN, T_OUT as VIRTIO_BLK_T_OUT,
+};
+const SECTOR: u32 = virtio::blk::SECTOR_SIZE as u32;
 
 /// One descriptor as the client wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,16 +175,13 @@ fn parse_request(
         return Err(Malformed::BadStatus);
     }
     let header = segments[0];
-    if header.writable || header.len != HEADER_LEN {
+    if header.writable || header.len as usize != HEADER_LEN {
         return Err(Malformed::BadHeader);
     }
     in_memory(memory, &header)?;
-    let mut raw = [0u8; HEADER_LEN as usize];
+    let mut raw = [0u8; HEADER_LEN];
     memory.read_slice(&mut raw, header.addr).map_err(|_| Malformed::BadHeader)?;
-    let request_type = u32::from_le_bytes([raw[0], raw[1], raw[2], raw[3]]);
-    let mut sector_bytes = [0u8; 8];
-    sector_bytes.copy_from_slice(&raw[8..16]);
-    let sector = u64::from_le_bytes(sector_bytes);
+    let (request_type, sector) = virtio::blk::parse_header(&raw);
     let kind = match request_type {
         VIRTIO_BLK_T_IN => RequestKind::Read,
         VIRTIO_BLK_T_OUT => RequestKind::Write,
@@ -313,10 +298,7 @@ mod tests {
     }
 
     fn header(memory: &GuestMemoryMmap, at: u64, kind: u32, sector: u64) -> Segment {
-        let mut raw = [0u8; 16];
-        raw[..4].copy_from_slice(&kind.to_le_bytes());
-        raw[8..].copy_from_slice(&sector.to_le_bytes());
-        memory.write_slice(&raw, GuestAddress(at)).unwrap();
+        memory.write_slice(&virtio::blk::header(kind, sector), GuestAddress(at)).unwrap();
         Segment { addr: GuestAddress(at), len: 16, writable: false }
     }
 

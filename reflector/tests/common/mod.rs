@@ -1,0 +1,124 @@
+//! Helpers shared by the reflector's integration tests: KVM availability,
+//! scratch directories, and a reflector process started and stopped around a
+//! test.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for anything to start (a hang guard, not a timing assertion).
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(error) => {
+            if std::env::var_os("CI").is_some() {
+                panic!("{test}: /dev/kvm is unusable ({error}) and CI is set");
+            }
+            eprintln!("\n*** SKIPPING {test}: /dev/kvm is unusable ({error}). ***\n");
+            false
+        }
+    }
+}
+
+pub fn sibling(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_reflector")).with_file_name(name);
+    assert!(path.is_file(), "{} is missing: build the workspace first (cargo build --release)", path.display());
+    path
+}
+
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("reflector-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Scratch(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running reflector, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Reflector {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Reflector {
+    pub fn start(args: &[String], log: PathBuf, socket: &Path) -> Reflector {
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_reflector"))
+            .arg("serve")
+            .args(args)
+            .env("REFLECTOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut reflector = Reflector { child, log };
+        reflector.wait_for(|r| socket.exists() && r.log_text().contains("controller ready"), "the device to be served");
+        reflector
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a condition on the reflector's observable state (its log,
+    /// its socket), bounded by START_TIMEOUT.
+    pub fn wait_for(&mut self, ready: impl Fn(&Reflector) -> bool, what: &str) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !ready(self) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the reflector exited ({status}) before {what}:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{}", self.log_text());
+            std::thread::yield_now();
+        }
+    }
+
+    /// The driver VM's pid, from the reflector's log.
+    pub fn driver_pid(&self) -> i32 {
+        let log = self.log_text();
+        let line = log.lines().rev().find(|l| l.contains("driver VM started")).expect("driver VM start logged");
+        // The last started driver VM is the current one.
+        let pid = line.split("pid=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap();
+        pid.parse().unwrap()
+    }
+
+    pub fn stop(mut self) -> String {
+        // SAFETY: kill(2) on our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the reflector ignored SIGTERM");
+            std::thread::yield_now();
+        }
+        self.log_text()
+    }
+}
+
+impl Drop for Reflector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `--blk` argument for a device on `socket` and `image`.
+pub fn blk_arg(socket: &Path, image: &Path, extra: &str) -> Vec<String> {
+    vec!["--blk".into(), format!("socket={},image={}{extra}", socket.display(), image.display())]
+}
