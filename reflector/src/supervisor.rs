@@ -120,7 +120,8 @@ impl DriverLauncher {
             (0..self.interrupt_lines).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
         let mut command = Command::new(&spec.vmm);
-        command.args(["run", "--json", "--image", &spec.image, "--name", &spec.name, "--memory", &spec.memory]);
+        command.args(["run", "--json", "--exit-on-stdin-close", "--image", &spec.image, "--name", &spec.name]);
+        command.args(["--memory", &spec.memory]);
         if go.is_some() {
             command.args(["--cmdline", "spare"]);
         }
@@ -135,7 +136,10 @@ impl DriverLauncher {
         for fd in interrupts.iter().chain(&go) {
             command.arg("--irq").arg(format!("fd={}", fd.as_raw_fd()));
         }
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // Standard input is a pipe whose write end only this process holds
+        // (the watcher keeps it): if the reflector dies, even by SIGKILL,
+        // the driver VM ends too.
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let inherited: Vec<&EventFd> = self.doorbells.iter().map(|(_, fd)| fd).chain(&interrupts).chain(&go).collect();
         let child = {
             let _guard = SPAWN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -230,6 +234,7 @@ impl Watcher {
     /// destroyed, which blocks about 15 ms (DESIGN.md). Recovery must not
     /// wait for that.
     fn watch(self, mut child: Child) {
+        let _lifeline = child.stdin.take();
         let mut output = String::new();
         if let Some(mut stdout) = child.stdout.take() {
             let _ = stdout.read_to_string(&mut output);

@@ -166,3 +166,36 @@ fn bad_configuration_names_the_file_line_and_key() {
     assert!(stderr.contains("does not exist: add size=SIZE"), "{stderr}");
     assert!(!stderr.contains("panicked"));
 }
+
+#[test]
+fn driver_vms_never_outlive_a_killed_reflector() {
+    if !kvm_available("driver_vms_never_outlive_a_killed_reflector") {
+        return;
+    }
+    let scratch = Scratch::new("lifeline");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let mut reflector = Reflector::start(&blk_arg(&socket, &image, ",size=8M,spare=on"), scratch.join("log"), &socket);
+    reflector.wait_for(|r| r.log_text().matches("driver VM started").count() >= 2, "the driver VM and its spare");
+    let pids: Vec<i32> = reflector
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("driver VM started"))
+        .filter_map(|l| l.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    reflector.child.kill().unwrap();
+    reflector.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for pid in pids {
+        // Gone, or a zombie waiting for init to reap it.
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        };
+        while alive() {
+            assert!(std::time::Instant::now() < deadline, "driver VM {pid} outlived the reflector");
+            std::thread::yield_now();
+        }
+    }
+}

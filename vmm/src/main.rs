@@ -106,6 +106,10 @@ struct RunArgs {
     /// Example: --ready-fd 7
     #[arg(long, value_name = "FD")]
     ready_fd: Option<i32>,
+    /// End when standard input closes: a supervisor passes a pipe only it
+    /// holds, so the VM never outlives it. Example: --exit-on-stdin-close
+    #[arg(long)]
+    exit_on_stdin_close: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -204,7 +208,8 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     let kvm = Kvm::new()
         .map_err(|source| Error::Kvm { operation: "opening /dev/kvm (is KVM available and accessible?)", source })?;
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
-    let result = runner::run(vm, RunOptions { timeout: args.timeout, ready_file })?;
+    let options = RunOptions { timeout: args.timeout, ready_file, exit_on_stdin_close: args.exit_on_stdin_close };
+    let result = runner::run(vm, options)?;
     Ok(Report {
         name: name.to_owned(),
         outcome: result.outcome,

@@ -28,6 +28,10 @@ pub struct RunOptions {
     /// Written with an 8-byte 1 when the guest signals ready (an eventfd or
     /// a pipe), for supervisors.
     pub ready_file: Option<File>,
+    /// End the process when standard input closes: a supervisor passes a
+    /// pipe it alone holds, so the VM dies with the supervisor even if that
+    /// is SIGKILLed.
+    pub exit_on_stdin_close: bool,
 }
 
 /// What happened.
@@ -54,6 +58,27 @@ impl MutEventSubscriber for VcpuDone {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(error) = ops.add(Events::new(&self.event, EventSet::IN)) {
             tracing::error!(?error, "cannot watch the vCPU thread; the VM will run without supervision");
+        }
+    }
+}
+
+/// Ends the process when standard input reaches end-of-file or hangs up.
+struct Lifeline;
+
+impl MutEventSubscriber for Lifeline {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut byte = [0u8; 64];
+        // SAFETY: read(2) into a local buffer from standard input.
+        let n = unsafe { libc::read(0, byte.as_mut_ptr() as *mut libc::c_void, byte.len()) };
+        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
+            tracing::warn!("the supervisor is gone (standard input closed): stopping");
+            std::process::exit(i32::from(crate::error::status::IO));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(error) = ops.add(Events::new_raw(0, EventSet::IN | EventSet::HANG_UP)) {
+            tracing::error!(?error, "cannot watch standard input; the VM will not end with its supervisor");
         }
     }
 }
@@ -125,6 +150,9 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
         source: std::io::Error::other(format!("{e:?}")),
     })?;
     manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
+    if options.exit_on_stdin_close {
+        manager.add_subscriber(Box::new(Lifeline));
+    }
     if let Some(timeout) = options.timeout {
         let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;
         timer.reset(timeout, None).map_err(errno_error("arming the watchdog timer"))?;
