@@ -136,11 +136,6 @@ impl BlkService {
         })
     }
 
-    /// The current driver VM's pid.
-    pub fn driver_pid(&self) -> Option<libc::pid_t> {
-        self.device.read().ok().and_then(|device| device.driver_pid())
-    }
-
     /// Serves the socket until the process ends, one client at a time.
     pub fn serve(&self) -> Result<(), String> {
         let socket: &PathBuf = &self.config.socket;

@@ -230,32 +230,34 @@ fn parse_request(
     Ok(BlkRequest { kind, sector, data })
 }
 
-/// Copies a write's payload from client memory into its bounce slot.
-pub fn copy_to_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &VolatileSlice) -> Result<(), Malformed> {
+/// Pairs each data segment's client memory with its part of the bounce
+/// slot (segments are laid out back to back in the slot).
+fn for_each_segment<'a>(
+    memory: &'a GuestMemoryMmap,
+    request: &BlkRequest,
+    slot: &VolatileSlice<'a>,
+    mut copy: impl FnMut(VolatileSlice<'a>, VolatileSlice<'a>),
+) -> Result<(), Malformed> {
     let mut offset = 0usize;
     for &(addr, len) in &request.data {
-        let outside = Malformed::OutsideMemory { addr: addr.0, len };
-        let source = memory.get_slice(addr, len as usize).map_err(|_| outside.clone())?;
-        let target =
+        let client =
+            memory.get_slice(addr, len as usize).map_err(|_| Malformed::OutsideMemory { addr: addr.0, len })?;
+        let bounce =
             slot.subslice(offset, len as usize).map_err(|_| Malformed::TooLarge(offset as u64 + u64::from(len)))?;
-        source.copy_to_volatile_slice(target);
+        copy(client, bounce);
         offset += len as usize;
     }
     Ok(())
 }
 
+/// Copies a write's payload from client memory into its bounce slot.
+pub fn copy_to_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &VolatileSlice) -> Result<(), Malformed> {
+    for_each_segment(memory, request, slot, |client, bounce| client.copy_to_volatile_slice(bounce))
+}
+
 /// Copies a read's payload from its bounce slot into client memory.
 pub fn copy_from_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &VolatileSlice) -> Result<(), Malformed> {
-    let mut offset = 0usize;
-    for &(addr, len) in &request.data {
-        let outside = Malformed::OutsideMemory { addr: addr.0, len };
-        let target = memory.get_slice(addr, len as usize).map_err(|_| outside.clone())?;
-        let source =
-            slot.subslice(offset, len as usize).map_err(|_| Malformed::TooLarge(offset as u64 + u64::from(len)))?;
-        source.copy_to_volatile_slice(target);
-        offset += len as usize;
-    }
-    Ok(())
+    for_each_segment(memory, request, slot, |client, bounce| bounce.copy_to_volatile_slice(client))
 }
 
 /// Writes the device id (NUL padded to 20 bytes, truncated to the buffer)
