@@ -1,4 +1,4 @@
-//! Reflector configuration: `--blk` one-liners and the TOML file, both
+//! Reflector configuration: `--blk` and `--net` one-liners and the TOML file, both
 //! checked before anything starts. Errors name the option or the file, line
 //! and key at fault.
 
@@ -8,6 +8,10 @@ use serde::Deserialize;
 
 /// Default driver image for block devices.
 pub const DEFAULT_BLK_DRIVER: &str = "blk";
+/// Default driver image for net devices.
+pub const DEFAULT_NET_DRIVER: &str = "net";
+/// Default switch of net devices: devices that name no switch share one.
+pub const DEFAULT_SWITCH: &str = "default";
 /// Default driver VM RAM: the block driver needs well under a megabyte;
 /// unused pages cost nothing.
 pub const DEFAULT_DRIVER_MEMORY: &str = "16M";
@@ -42,11 +46,36 @@ pub struct BlkConfig {
     pub warm_spare: bool,
 }
 
+/// One net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Name (driver VM name, logs).
+    pub name: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// The card's MAC address (what the client sees in its config space).
+    pub mac: [u8; 6],
+    /// The switch its wire is plugged into (devices on one switch talk).
+    pub switch: String,
+    /// Driver image (built-in name or path).
+    pub driver: String,
+    /// Driver VM RAM.
+    pub driver_memory: String,
+    /// Frames being sent with no progress for this long mean a hung driver VM.
+    pub hang_deadline: std::time::Duration,
+    /// Driver VM faults tolerated per 10 s before the device fails.
+    pub fault_budget: u32,
+    /// Keep a booted driver VM waiting to replace a failed one.
+    pub warm_spare: bool,
+}
+
 /// Everything the reflector serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Block devices.
     pub blk: Vec<BlkConfig>,
+    /// Net devices.
+    pub net: Vec<NetConfig>,
     /// The vmm binary, if not next to the reflector.
     pub vmm: Option<PathBuf>,
 }
@@ -67,6 +96,36 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         return Err(format!("{text:?} must be a nonzero multiple of 512 bytes"));
     }
     Ok(bytes)
+}
+
+/// Parses a unicast MAC address such as 52:54:00:12:34:56.
+pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
+    let octets: Vec<&str> = text.split(':').collect();
+    let mut mac = [0u8; 6];
+    if octets.len() != 6 {
+        return Err(format!("{text:?} is not a MAC address such as 52:54:00:12:34:56"));
+    }
+    for (byte, octet) in mac.iter_mut().zip(&octets) {
+        *byte = match u8::from_str_radix(octet, 16) {
+            Ok(value) if octet.len() == 2 => value,
+            _ => return Err(format!("{text:?} is not a MAC address such as 52:54:00:12:34:56")),
+        };
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{text:?} is a multicast address; a card needs a unicast one"));
+    }
+    Ok(mac)
+}
+
+/// The MAC of net device `index` when none is given: QEMU's prefix
+/// 52:54:00, then 0xd5 ("driver VM") and the index.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    let i = (index as u16).to_be_bytes();
+    [0x52, 0x54, 0x00, 0xd5, i[0], i[1]]
+}
+
+fn parse_budget(value: &str) -> Result<u32, String> {
+    value.parse().ok().filter(|n| *n > 0).ok_or_else(|| format!("fault_budget={value}: expected a positive number"))
 }
 
 fn parse_millis(text: &str) -> Result<std::time::Duration, String> {
@@ -96,8 +155,8 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         driver: DEFAULT_BLK_DRIVER.into(),
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         read_only: false,
-        hang_deadline: crate::blk::device::DEFAULT_HANG_DEADLINE,
-        fault_budget: crate::blk::recovery::RestartPolicy::default().budget,
+        hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
+        fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
     };
     for item in spec.split(',') {
@@ -131,19 +190,69 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
 }
 
 fn check(config: &BlkConfig) -> Result<(), String> {
-    if config.socket.as_os_str().is_empty() {
-        return Err("socket=PATH is required".into());
-    }
     if config.image.as_os_str().is_empty() {
         return Err("image=PATH is required".into());
     }
-    if config.name.is_empty() || !config.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(format!("name {:?}: use letters, digits, - and _", config.name));
+    check_common(&config.name, &config.socket, &config.driver)
+}
+
+fn check_common(name: &str, socket: &Path, driver: &str) -> Result<(), String> {
+    if socket.as_os_str().is_empty() {
+        return Err("socket=PATH is required".into());
     }
-    if config.driver.is_empty() {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("name {name:?}: use letters, digits, - and _"));
+    }
+    if driver.is_empty() {
         return Err("driver must not be empty".into());
     }
     Ok(())
+}
+
+/// Parses `socket=PATH[,mac=MAC][,switch=NAME][,driver=IMAGE][,name=NAME][,memory=SIZE]
+/// [,spare=on][,hang_ms=MS][,fault_budget=N]`; `index` names the device
+/// (and picks its MAC) when none is given.
+pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
+    let error = |reason: String| ConfigError(format!("--net {spec:?}: {reason}"));
+    let mut config = NetConfig {
+        name: format!("net{index}"),
+        socket: PathBuf::new(),
+        mac: default_mac(index),
+        switch: DEFAULT_SWITCH.into(),
+        driver: DEFAULT_NET_DRIVER.into(),
+        driver_memory: DEFAULT_DRIVER_MEMORY.into(),
+        hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
+        fault_budget: crate::recovery::RestartPolicy::default().budget,
+        warm_spare: false,
+    };
+    for item in spec.split(',') {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        match key {
+            "socket" => config.socket = PathBuf::from(value),
+            "mac" => config.mac = parse_mac(value).map_err(|e| error(format!("mac: {e}")))?,
+            "switch" => config.switch = value.into(),
+            "driver" => config.driver = value.into(),
+            "memory" => config.driver_memory = value.into(),
+            "name" => config.name = value.into(),
+            "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
+            "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
+            "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
+            _ => {
+                return Err(error(format!(
+                "unknown key {key:?} (known: socket, mac, switch, driver, memory, name, spare, hang_ms, fault_budget)"
+            )))
+            }
+        }
+    }
+    check_net(&config).map_err(error)?;
+    Ok(config)
+}
+
+fn check_net(config: &NetConfig) -> Result<(), String> {
+    if config.switch.is_empty() {
+        return Err("switch must not be empty".into());
+    }
+    check_common(&config.name, &config.socket, &config.driver)
 }
 
 #[derive(Deserialize)]
@@ -152,6 +261,23 @@ struct FileConfig {
     vmm: Option<PathBuf>,
     #[serde(default)]
     blk: Vec<toml::Spanned<FileBlk>>,
+    #[serde(default)]
+    net: Vec<toml::Spanned<FileNet>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNet {
+    name: Option<String>,
+    socket: PathBuf,
+    mac: Option<toml::Spanned<String>>,
+    switch: Option<String>,
+    driver: Option<String>,
+    driver_memory: Option<String>,
+    hang_ms: Option<toml::Spanned<u64>>,
+    fault_budget: Option<u32>,
+    #[serde(default)]
+    spare: bool,
 }
 
 #[derive(Deserialize)]
@@ -188,7 +314,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let line = e.span().map(|span| format!(", line {}", line_of(text, span.start))).unwrap_or_default();
         ConfigError(format!("{origin}{line}: {}", e.message()))
     })?;
-    let mut config = Config { blk: Vec::new(), vmm: file.vmm };
+    let mut config = Config { blk: Vec::new(), net: Vec::new(), vmm: file.vmm };
     for (index, spanned) in file.blk.into_iter().enumerate() {
         let line = line_of(text, spanned.span().start);
         let blk = spanned.into_inner();
@@ -202,7 +328,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             Some(ms) => parse_millis(&ms.get_ref().to_string()).map_err(|e| {
                 ConfigError(format!("{origin}, line {}: [[blk]] key `hang_ms`: {e}", line_of(text, ms.span().start)))
             })?,
-            None => crate::blk::device::DEFAULT_HANG_DEADLINE,
+            None => crate::recovery::DEFAULT_HANG_DEADLINE,
         };
         let device = BlkConfig {
             warm_spare: blk.spare,
@@ -210,7 +336,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             fault_budget: blk
                 .fault_budget
                 .filter(|n| *n > 0)
-                .unwrap_or(crate::blk::recovery::RestartPolicy::default().budget),
+                .unwrap_or(crate::recovery::RestartPolicy::default().budget),
             name: blk.name.unwrap_or_else(|| format!("blk{index}")),
             socket: blk.socket,
             image: blk.image,
@@ -222,23 +348,73 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         check(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         config.blk.push(device);
     }
+    for (index, spanned) in file.net.into_iter().enumerate() {
+        let line = line_of(text, spanned.span().start);
+        config.net.push(file_net(spanned.into_inner(), index, text, origin, line)?);
+    }
     Ok(config)
+}
+
+fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -> Result<NetConfig, ConfigError> {
+    let key_error = |key: &str, at: usize, e: String| {
+        ConfigError(format!("{origin}, line {}: [[net]] key `{key}`: {e}", line_of(text, at)))
+    };
+    let mac = match net.mac {
+        Some(mac) => parse_mac(mac.get_ref()).map_err(|e| key_error("mac", mac.span().start, e))?,
+        None => default_mac(index),
+    };
+    let hang_deadline = match net.hang_ms {
+        Some(ms) => parse_millis(&ms.get_ref().to_string()).map_err(|e| key_error("hang_ms", ms.span().start, e))?,
+        None => crate::recovery::DEFAULT_HANG_DEADLINE,
+    };
+    let device = NetConfig {
+        name: net.name.unwrap_or_else(|| format!("net{index}")),
+        socket: net.socket,
+        mac,
+        switch: net.switch.unwrap_or_else(|| DEFAULT_SWITCH.into()),
+        driver: net.driver.unwrap_or_else(|| DEFAULT_NET_DRIVER.into()),
+        driver_memory: net.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
+        hang_deadline,
+        fault_budget: net.fault_budget.filter(|n| *n > 0).unwrap_or(crate::recovery::RestartPolicy::default().budget),
+        warm_spare: net.spare,
+    };
+    check_net(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
+    Ok(device)
 }
 
 impl Config {
     /// Checks what no single device can: unique names and sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.blk.is_empty() {
-            return Err(ConfigError("nothing to serve: give --blk or --config (see reflector serve --help)".into()));
+        if self.blk.is_empty() && self.net.is_empty() {
+            return Err(ConfigError(
+                "nothing to serve: give --blk, --net or --config (see reflector serve --help)".into(),
+            ));
         }
-        for (i, a) in self.blk.iter().enumerate() {
-            for b in &self.blk[i + 1..] {
-                if a.name == b.name {
-                    return Err(ConfigError(format!("two devices are named {:?}", a.name)));
+        let devices: Vec<(&str, &Path)> = self
+            .blk
+            .iter()
+            .map(|b| (b.name.as_str(), b.socket.as_path()))
+            .chain(self.net.iter().map(|n| (n.name.as_str(), n.socket.as_path())))
+            .collect();
+        for (i, (name, socket)) in devices.iter().enumerate() {
+            for (other_name, other_socket) in &devices[i + 1..] {
+                if name == other_name {
+                    return Err(ConfigError(format!("two devices are named {name:?}")));
                 }
-                if a.socket == b.socket {
-                    return Err(ConfigError(format!("two devices use socket {}", a.socket.display())));
+                if socket == other_socket {
+                    return Err(ConfigError(format!("two devices use socket {}", socket.display())));
                 }
+            }
+        }
+        for (i, a) in self.net.iter().enumerate() {
+            if let Some(b) = self.net[i + 1..].iter().find(|b| b.mac == a.mac && b.switch == a.switch) {
+                return Err(ConfigError(format!(
+                    "net devices {:?} and {:?} share MAC {} on switch {:?}: give each its own mac=",
+                    a.name,
+                    b.name,
+                    crate::hw::sim_nic::format_mac(&a.mac),
+                    a.switch
+                )));
             }
         }
         Ok(())
@@ -299,12 +475,48 @@ mod tests {
     }
 
     #[test]
+    fn net_one_liner_and_toml() {
+        let n = parse_net("socket=/tmp/n.sock,mac=52:54:00:12:34:56,switch=lan", 0).unwrap();
+        assert_eq!((n.mac, n.switch.as_str(), n.driver.as_str()), ([0x52, 0x54, 0, 0x12, 0x34, 0x56], "lan", "net"));
+        let d = parse_net("socket=/s", 2).unwrap();
+        assert_eq!((d.name.as_str(), d.mac, d.switch.as_str()), ("net2", default_mac(2), "default"));
+        for bad in [
+            "mac=52:54:00:12:34:56",
+            "socket=/s,mac=52:54:00:12:34",
+            "socket=/s,mac=53:54:00:12:34:56",
+            "socket=/s,mac=52:54:00:12:34:5g",
+            "socket=/s,switch=",
+            "socket=/s,colour=red",
+        ] {
+            let error = parse_net(bad, 0).unwrap_err().0;
+            assert!(error.starts_with("--net"), "{error}");
+        }
+        let text =
+            "[[net]]\nsocket = \"/a\"\nswitch = \"lan\"\n\n[[net]]\nsocket = \"/b\"\nmac = \"02:00:00:00:00:01\"\n";
+        let config = parse_file(text, "r.toml").unwrap();
+        assert_eq!(config.net.len(), 2);
+        assert_eq!(config.net[1].mac, [2, 0, 0, 0, 0, 1]);
+        config.validate().unwrap();
+        let bad_mac = "[[net]]\nsocket = \"/a\"\nmac = \"nope\"\n";
+        let error = parse_file(bad_mac, "r.toml").unwrap_err().0;
+        assert!(error.contains("line 3") && error.contains("mac"), "{error}");
+        let same_mac = Config {
+            net: vec![
+                parse_net("socket=/a,mac=02:00:00:00:00:01", 0).unwrap(),
+                parse_net("socket=/b,mac=02:00:00:00:00:01", 1).unwrap(),
+            ],
+            ..Config::default()
+        };
+        assert!(same_mac.validate().unwrap_err().0.contains("share MAC"));
+    }
+
+    #[test]
     fn duplicates_and_emptiness_are_refused() {
         assert!(Config::default().validate().is_err());
         let a = parse_blk("socket=/s,image=/i,name=x", 0).unwrap();
         let b = parse_blk("socket=/t,image=/j,name=x", 1).unwrap();
-        assert!(Config { blk: vec![a.clone(), b], vmm: None }.validate().is_err());
+        assert!(Config { blk: vec![a.clone(), b], ..Config::default() }.validate().is_err());
         let c = parse_blk("socket=/s,image=/j,name=y", 1).unwrap();
-        assert!(Config { blk: vec![a, c], vmm: None }.validate().is_err());
+        assert!(Config { blk: vec![a, c], ..Config::default() }.validate().is_err());
     }
 }

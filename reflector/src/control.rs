@@ -22,8 +22,8 @@ use guest_abi::channel::inject;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::blk::device::{Metrics, STATE_NAMES};
 use crate::channel::Channel;
+use crate::metrics::{Metrics, STATE_NAMES};
 use crate::shm::SharedMemory;
 
 /// Longest request line accepted.
@@ -31,6 +31,8 @@ const MAX_LINE: u64 = 4096;
 
 /// What the control socket can reach of one device.
 pub struct ControlTarget {
+    /// "blk" or "net".
+    pub kind: &'static str,
     /// Device name.
     pub name: String,
     /// Its counters.
@@ -47,6 +49,7 @@ pub struct ControlTarget {
 #[derive(Serialize)]
 struct DeviceStatus<'a> {
     device: &'a str,
+    kind: &'static str,
     state: &'static str,
     driver_pid: u64,
     spare_pid: u64,
@@ -66,6 +69,12 @@ struct DeviceStatus<'a> {
     stalls: usize,
     bytes_read: u64,
     bytes_written: u64,
+    tx_frames: u64,
+    rx_frames: u64,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    tx_lost: u64,
+    rx_dropped: u64,
 }
 
 fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
@@ -74,6 +83,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
     let (p50, p99, max) = m.stall_percentiles().unwrap_or((0, 0, 0));
     DeviceStatus {
         device: &target.name,
+        kind: target.kind,
         state: STATE_NAMES.get(get(&m.state) as usize).copied().unwrap_or("unknown"),
         driver_pid: get(&m.driver_pid),
         spare_pid: get(&m.spare_pid),
@@ -93,6 +103,12 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
         stalls: m.stalls_us.lock().map(|s| s.len()).unwrap_or(0),
         bytes_read: get(&m.bytes_read),
         bytes_written: get(&m.bytes_written),
+        tx_frames: get(&m.tx_frames),
+        rx_frames: get(&m.rx_frames),
+        tx_bytes: get(&m.tx_bytes),
+        rx_bytes: get(&m.rx_bytes),
+        tx_lost: get(&m.tx_lost),
+        rx_dropped: get(&m.rx_dropped),
     }
 }
 
@@ -118,6 +134,12 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("failed", "gauge", "1 while the device fails its requests.", &|s| f64::from(u8::from(s.state == "failed")));
     family("read_bytes_total", "counter", "Bytes read for the client.", &|s| s.bytes_read as f64);
     family("written_bytes_total", "counter", "Bytes written for the client.", &|s| s.bytes_written as f64);
+    family("tx_frames_total", "counter", "Net: frames taken from the client to send.", &|s| s.tx_frames as f64);
+    family("rx_frames_total", "counter", "Net: frames delivered to the client.", &|s| s.rx_frames as f64);
+    family("tx_bytes_total", "counter", "Net: frame bytes sent.", &|s| s.tx_bytes as f64);
+    family("rx_bytes_total", "counter", "Net: frame bytes delivered.", &|s| s.rx_bytes as f64);
+    family("tx_lost_total", "counter", "Net: frames lost in failed driver VMs.", &|s| s.tx_lost as f64);
+    family("rx_dropped_total", "counter", "Net: received frames the reflector dropped.", &|s| s.rx_dropped as f64);
     out.push_str("# HELP reflector_recovery_stall_seconds Fault to next completion, recent faults.\n");
     out.push_str("# TYPE reflector_recovery_stall_seconds summary\n");
     for s in &statuses {

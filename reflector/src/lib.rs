@@ -1,14 +1,19 @@
-//! `reflector`: the trusted host daemon that serves vhost-user block devices
-//! whose drivers run isolated in driver VMs (see DESIGN.md).
+//! `reflector`: the trusted host daemon that serves vhost-user block and net
+//! devices whose drivers run isolated in driver VMs (see DESIGN.md).
 //!
-//! Trust boundaries are modules: `blk::marshal` is the only code that
-//! touches client memory; `driver_answers` is the only code that judges what
-//! a driver VM says; `hw` holds the (simulated) hardware a driver drives.
+//! Trust boundaries are modules: `blk::marshal` and `net::marshal` are the
+//! only code that touches client memory; `driver_answers` is the only code
+//! that judges what a driver VM says; `hw` holds the (simulated) hardware a
+//! driver drives: a storage controller, a network card and the switch that
+//! joins cards.
 //!
 //! A driver VM that exits, hangs or breaks the channel protocol is replaced
-//! and its requests replayed (`blk::recovery`, `blk::device`); the control
-//! socket (`control`) reports state and counters, and `chaos` exercises
-//! recovery under load. What it is not yet: it serves no net devices.
+//! (`recovery` decides when, `driver_vms` how): a block device replays the
+//! requests it had (`blk::device`), a net device loses at most the frames
+//! it was sending and keeps its link up (`net::device`). The control socket
+//! (`control`) reports state and counters, and `chaos` exercises recovery
+//! under load. What it is not: a general switch or router; net devices have
+//! no offloads and one queue pair.
 #![deny(missing_docs)]
 
 pub mod blk;
@@ -17,7 +22,12 @@ pub mod chaos;
 pub mod config;
 pub mod control;
 pub mod driver_answers;
+pub mod driver_vms;
 pub mod hw;
+pub mod metrics;
+pub mod net;
+pub mod recovery;
 pub mod serve;
 pub mod shm;
 pub mod supervisor;
+pub mod worker;

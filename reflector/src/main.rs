@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use reflector::chaos;
 use reflector::config::{self, Config};
 use reflector::control;
-use reflector::serve::{self, BlkService};
+use reflector::hw::switch::Switches;
+use reflector::serve::{self, Service};
 use reflector::supervisor;
 
 const SERVE_EXAMPLES: &str = "\
@@ -20,6 +21,14 @@ Examples:
   qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\
       -chardev socket,id=c0,path=/tmp/disk0.sock -device vhost-user-blk-pci,chardev=c0
 
+  # Two net devices on one switch (their guests share a network):
+  reflector serve --net socket=/tmp/net0.sock,mac=52:54:00:00:00:01,switch=lan \\
+                  --net socket=/tmp/net1.sock,mac=52:54:00:00:00:02,switch=lan
+  # and in QEMU (use the same MAC as the reflector's device):
+  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \\
+      -chardev socket,id=c1,path=/tmp/net0.sock -netdev vhost-user,id=n0,chardev=c1 \\
+      -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01
+
   # Everything in a file:
   reflector serve --config /etc/reflector.toml
 
@@ -29,6 +38,10 @@ default 16M), hang_ms=MS (pending requests with no progress for this long mean a
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
 booted driver VM waiting, so that a restart skips the boot).
+
+--net keys: socket=PATH (required), mac=MAC (default 52:54:00:d5:00:N for the N-th net
+device), switch=NAME (devices on one switch are connected; default \"default\"), name=NAME,
+driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=on (as for --blk).
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
@@ -45,11 +58,18 @@ Configuration file (TOML):
   fault_budget = 20             # faults per 10 s before the device is declared failed
   spare = true                  # keep a booted driver VM waiting (faster recovery)
 
+  [[net]]
+  name = \"net0\"
+  socket = \"/tmp/net0.sock\"
+  mac = \"52:54:00:00:00:01\"
+  switch = \"lan\"                # devices on one switch are connected
+
 A driver VM that exits, hangs or breaks the channel protocol is replaced and the
-requests it had are replayed; the client sees a stall, not an error. After more than
+requests it had are replayed; the client sees a stall, not an error. A net device's link
+stays up through a restart; frames the failed driver VM was sending are lost (at most once). After more than
 20 faults in 10 s the device fails its requests for a 10 s cool-down, then tries again.";
 
-/// Serves vhost-user block devices whose drivers run isolated in driver VMs.
+/// Serves vhost-user block and net devices whose drivers run isolated in driver VMs.
 #[derive(Parser, Debug)]
 #[command(name = "reflector", version, about)]
 struct Cli {
@@ -159,6 +179,10 @@ struct ServeArgs {
     /// Repeatable. Example: --blk socket=/tmp/d0.sock,image=/tmp/d0.img,size=1G
     #[arg(long, value_name = "SPEC")]
     blk: Vec<String>,
+    /// A net device: socket=PATH[,mac=MAC][,switch=NAME][,name=NAME][,driver=IMAGE].
+    /// Repeatable. Example: --net socket=/tmp/n0.sock,mac=52:54:00:00:00:01,switch=lan
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
     /// A TOML configuration file (see below). Example: --config reflector.toml
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -219,14 +243,15 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
     }
     let devices: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("bad status reply: {e}"))?;
     println!(
-        "{:<10} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
-        "device", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
+        "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
+        "device", "kind", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
     );
     for d in devices.as_array().into_iter().flatten() {
         let ms = |field: &str| format!("{:.2}ms", d[field].as_u64().unwrap_or(0) as f64 / 1000.0);
         println!(
-            "{:<10} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  {}",
+            "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  {}",
             d["device"].as_str().unwrap_or("?"),
+            d["kind"].as_str().unwrap_or("?"),
             d["state"].as_str().unwrap_or("?"),
             d["driver_pid"],
             d["in_flight"],
@@ -291,6 +316,10 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     for (i, spec) in args.blk.iter().enumerate() {
         config.blk.push(config::parse_blk(spec, first + i).map_err(|e| e.0)?);
     }
+    let first = config.net.len();
+    for (i, spec) in args.net.iter().enumerate() {
+        config.net.push(config::parse_net(spec, first + i).map_err(|e| e.0)?);
+    }
     if args.vmm.is_some() {
         config.vmm = args.vmm.clone();
     }
@@ -320,18 +349,23 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     for blk in &config.blk {
         serve::prepare_image(blk)?;
     }
-    let mut services: Vec<&'static BlkService> = Vec::new();
-    let mut targets = Vec::new();
+    // Services live until the process exits.
+    let mut services: Vec<&'static dyn Service> = Vec::new();
     for blk in &config.blk {
-        // Services live until the process exits.
-        let service: &'static BlkService = Box::leak(Box::new(serve::start_blk(blk, &vmm)?));
-        services.push(service);
+        services.push(Box::leak(Box::new(serve::start_blk(blk, &vmm)?)));
+    }
+    let switches = Switches::default();
+    for net in &config.net {
+        services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches)?)));
+    }
+    let mut targets = Vec::new();
+    for &service in &services {
         targets.push(service.control_target()?);
         std::thread::Builder::new()
-            .name(format!("{}-serve", blk.name))
+            .name(format!("{}-serve", service.name()))
             .spawn(move || {
                 if let Err(message) = service.serve() {
-                    tracing::error!(device = %service.config.name, %message, "serving stopped");
+                    tracing::error!(device = %service.name(), %message, "serving stopped");
                 }
             })
             .map_err(|e| format!("starting a thread: {e}"))?;
@@ -349,11 +383,11 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     }
     for service in services {
         service.shutdown();
-        let _ = std::fs::remove_file(&service.config.socket);
-        let m = &service.metrics;
+        let _ = std::fs::remove_file(service.socket());
+        let m = service.metrics();
         let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
-            device = %service.config.name,
+            device = %service.name(),
             requests = count(&m.requests),
             completed = count(&m.completed),
             malformed = count(&m.malformed),
@@ -367,6 +401,10 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
             stall_max_us = m.stall_percentiles().map(|s| s.2).unwrap_or(0),
             bytes_read = count(&m.bytes_read),
             bytes_written = count(&m.bytes_written),
+            tx_frames = count(&m.tx_frames),
+            rx_frames = count(&m.rx_frames),
+            tx_lost = count(&m.tx_lost),
+            rx_dropped = count(&m.rx_dropped),
             "device counters"
         );
     }

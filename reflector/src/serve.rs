@@ -1,8 +1,11 @@
-//! Wiring one block device end to end and serving it: disk image, channel,
-//! simulated controller, driver VM process, vhost-user socket. The socket is
-//! served again after a client disconnects (QEMU restarted).
+//! Wiring devices end to end and serving them: for a block device the disk
+//! image, channel, simulated controller, driver VM process and vhost-user
+//! socket; for a net device the same with a simulated card plugged into a
+//! switch. A socket is served again after a client disconnects (QEMU
+//! restarted).
 
-use std::path::{Path, PathBuf};
+use std::os::fd::RawFd;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use guest_abi::channel;
@@ -12,13 +15,17 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::device::{BlkDevice, BlkWiring, Metrics, RecoveryConfig};
-use crate::blk::recovery::RestartPolicy;
+use crate::blk::device::{BlkDevice, BlkWiring};
 use crate::channel::Channel;
-use crate::config::BlkConfig;
+use crate::config::{BlkConfig, NetConfig};
 use crate::control::ControlTarget;
+use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
-use crate::hw::{BlockHardware, DmaRegion};
+use crate::hw::switch::Switches;
+use crate::hw::{BlockHardware, DmaRegion, HardwareWindow, NetHardware};
+use crate::metrics::Metrics;
+use crate::net::device::{NetDevice, NetWiring};
+use crate::recovery::{RecoveryConfig, RestartPolicy};
 use crate::shm::SharedMemory;
 use crate::supervisor::{DriverLauncher, DriverVmSpec, Window};
 
@@ -35,8 +42,7 @@ pub struct BlkService {
     /// Its configuration.
     pub config: BlkConfig,
     device: Arc<RwLock<BlkDevice>>,
-    /// Counters.
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     channel_memory: Arc<SharedMemory>,
     _hardware: SimStorage,
 }
@@ -88,14 +94,8 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         image: config.driver.clone(),
         memory: config.driver_memory.clone(),
     };
-    let dup = |fd: &EventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
-    let mut windows: Vec<Window> =
-        hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
-    windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
-    let doorbells = vec![(DOORBELL_GPA, dup(&completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
-    // Line 0: the reflector's "requests published"; line 1: the hardware's
-    // interrupt. Each driver VM gets eventfds of its own for them.
-    let launcher = DriverLauncher::new(spec, windows, doorbells, 2, dup(&driver_exited)?);
+    let launcher =
+        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
     let channel_memory = channel.memory().clone();
     let wiring =
         BlkWiring { channel, device_interrupt: hardware.interrupt(), completion_doorbell, driver_exited, launcher };
@@ -113,22 +113,33 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     })
 }
 
-impl BlkService {
-    /// Kills the driver VM for good.
-    pub fn shutdown(&self) {
+impl Service for BlkService {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn shutdown(&self) {
         if let Ok(mut device) = self.device.write() {
             device.shutdown();
         }
     }
 
-    /// What the control socket may reach of this device.
-    pub fn control_target(&self) -> Result<ControlTarget, String> {
+    fn control_target(&self) -> Result<ControlTarget, String> {
         let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
         let name = &self.config.name;
         let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
         let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
         Ok(ControlTarget {
             name: name.clone(),
+            kind: "blk",
             metrics: self.metrics.clone(),
             channel: self.channel_memory.clone(),
             recover,
@@ -136,40 +147,204 @@ impl BlkService {
         })
     }
 
+    fn serve(&self) -> Result<(), String> {
+        serve_socket(
+            &self.config.name,
+            &self.config.socket,
+            "vhost-user-blk",
+            &self.device,
+            BlkDevice::listeners,
+            BlkDevice::client_gone,
+        )
+    }
+}
+
+/// A device being served, whatever its kind.
+pub trait Service: Send + Sync {
+    /// Its name.
+    fn name(&self) -> &str;
+    /// Its vhost-user socket.
+    fn socket(&self) -> &Path;
+    /// Its counters.
+    fn metrics(&self) -> &Arc<Metrics>;
+    /// Kills its driver VMs for good.
+    fn shutdown(&self);
+    /// What the control socket may reach of it.
+    fn control_target(&self) -> Result<ControlTarget, String>;
     /// Serves the socket until the process ends, one client at a time.
-    pub fn serve(&self) -> Result<(), String> {
-        let socket: &PathBuf = &self.config.socket;
-        let name = &self.config.name;
-        let mut listener =
-            Listener::new(socket, true).map_err(|e| format!("{name}: listening on {}: {e}", socket.display()))?;
-        tracing::info!(device = %name, socket = %socket.display(), "serving vhost-user-blk");
-        loop {
-            let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let mut daemon = VhostUserDaemon::new(name.clone(), self.device.clone(), memory)
-                .map_err(|e| format!("{name}: creating the vhost-user daemon: {e}"))?;
-            {
-                let handlers = daemon.get_epoll_handlers();
-                let handler = handlers.first().ok_or_else(|| format!("{name}: no vhost-user worker"))?;
-                let device = self.device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
-                for (fd, event) in device.listeners() {
-                    handler
-                        .register_listener(fd, EventSet::IN, u64::from(event))
-                        .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
-                }
+    fn serve(&self) -> Result<(), String>;
+}
+
+/// Serves `socket` with `device`, one client at a time, forever: the
+/// device's own event sources (`listeners`) join the vhost-user worker's
+/// epoll, and `gone` tells the device when a client left.
+fn serve_socket<D>(
+    name: &str,
+    socket: &Path,
+    protocol: &str,
+    device: &Arc<RwLock<D>>,
+    listeners: impl Fn(&D) -> [(RawFd, u16); 6],
+    gone: impl Fn(&mut D),
+) -> Result<(), String>
+where
+    D: vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
+        + Send
+        + Sync
+        + 'static,
+{
+    let mut listener =
+        Listener::new(socket, true).map_err(|e| format!("{name}: listening on {}: {e}", socket.display()))?;
+    tracing::info!(device = %name, socket = %socket.display(), "serving {protocol}");
+    loop {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new(name.to_owned(), device.clone(), memory)
+            .map_err(|e| format!("{name}: creating the vhost-user daemon: {e}"))?;
+        {
+            let handlers = daemon.get_epoll_handlers();
+            let handler = handlers.first().ok_or_else(|| format!("{name}: no vhost-user worker"))?;
+            let device = device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
+            for (fd, event) in listeners(&device) {
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(event))
+                    .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
             }
-            daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
-            tracing::info!(device = %name, "client connected");
-            match daemon.wait() {
-                Ok(()) | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {}
-                Err(error) => tracing::warn!(device = %name, %error, "client connection ended with an error"),
-            }
-            for handler in daemon.get_epoll_handlers() {
-                handler.send_exit_event();
-            }
-            if let Ok(mut device) = self.device.write() {
-                device.client_gone();
-            }
-            tracing::info!(device = %name, "client disconnected; waiting for the next one");
         }
+        daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
+        tracing::info!(device = %name, "client connected");
+        match daemon.wait() {
+            Ok(()) | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {}
+            Err(error) => tracing::warn!(device = %name, %error, "client connection ended with an error"),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        if let Ok(mut device) = device.write() {
+            gone(&mut device);
+        }
+        tracing::info!(device = %name, "client disconnected; waiting for the next one");
+    }
+}
+
+/// A net device being served.
+pub struct NetService {
+    /// Its configuration.
+    pub config: NetConfig,
+    device: Arc<RwLock<NetDevice>>,
+    metrics: Arc<Metrics>,
+    channel_memory: Arc<SharedMemory>,
+    _hardware: Arc<SimNic>,
+}
+
+/// Starts everything behind one net device (not yet its socket): its card
+/// is plugged into the switch of that name in `switches`.
+pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<NetService, String> {
+    let name = &config.name;
+    let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
+    let dma = DmaRegion {
+        memory: channel.memory().clone(),
+        offset: channel::BOUNCE_OFFSET,
+        len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
+        gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
+    };
+    let switch = switches.get(&config.switch);
+    let hardware = Arc::new(
+        SimNic::start(name, config.mac, dma, switch).map_err(io(format!("{name}: starting the network card")))?,
+    );
+    let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io(format!("{name}: creating an eventfd")));
+    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
+    let spec = DriverVmSpec {
+        name: name.clone(),
+        vmm: vmm.to_owned(),
+        image: config.driver.clone(),
+        memory: config.driver_memory.clone(),
+    };
+    let launcher =
+        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
+    let channel_memory = channel.memory().clone();
+    let wiring = NetWiring {
+        channel,
+        hardware: hardware.clone(),
+        device_interrupt: hardware.interrupt(),
+        completion_doorbell,
+        driver_exited,
+        launcher,
+    };
+    let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
+    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy, warm_spare: config.warm_spare };
+    let device = NetDevice::new(name, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
+    let metrics = device.metrics();
+    Ok(NetService {
+        config: config.clone(),
+        device: Arc::new(RwLock::new(device)),
+        metrics,
+        channel_memory,
+        _hardware: hardware,
+    })
+}
+
+/// A launcher wiring driver VMs the way both drivers expect: the hardware's
+/// windows at REGS_GPA, the channel at CHANNEL_GPA, doorbell 0 to the
+/// reflector and doorbell 1 to the hardware, two interrupt lines (0: the
+/// reflector's "requests published", 1: the hardware's interrupt).
+fn launcher_for(
+    spec: DriverVmSpec,
+    hardware_windows: Vec<HardwareWindow>,
+    hardware_doorbell: &EventFd,
+    channel: &Channel,
+    completion_doorbell: &EventFd,
+    driver_exited: &EventFd,
+) -> Result<DriverLauncher, String> {
+    let name = spec.name.clone();
+    let dup = |fd: &EventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
+    let mut windows: Vec<Window> =
+        hardware_windows.into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
+    windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
+    let doorbells = vec![(DOORBELL_GPA, dup(completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware_doorbell)?)];
+    Ok(DriverLauncher::new(spec, windows, doorbells, 2, dup(driver_exited)?))
+}
+
+impl Service for NetService {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn shutdown(&self) {
+        if let Ok(mut device) = self.device.write() {
+            device.shutdown();
+        }
+    }
+
+    fn control_target(&self) -> Result<ControlTarget, String> {
+        let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
+        let name = &self.config.name;
+        let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
+        let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
+        Ok(ControlTarget {
+            name: name.clone(),
+            kind: "net",
+            metrics: self.metrics.clone(),
+            channel: self.channel_memory.clone(),
+            recover,
+            kill,
+        })
+    }
+
+    fn serve(&self) -> Result<(), String> {
+        serve_socket(
+            &self.config.name,
+            &self.config.socket,
+            "vhost-user-net",
+            &self.device,
+            NetDevice::listeners,
+            NetDevice::client_gone,
+        )
     }
 }

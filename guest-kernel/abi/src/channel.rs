@@ -112,14 +112,19 @@ pub const BOUNCE_OFFSET: usize =
 /// Total size of the region.
 pub const REGION_SIZE: usize = BOUNCE_OFFSET + SLOT_COUNT as usize * SLOT_SIZE as usize;
 
-/// Request operations (virtio-blk numbering).
+/// Request operations (block ones in virtio-blk numbering).
 pub mod op {
-    /// Read from the medium into the slot.
+    /// Block: read from the medium into the slot.
     pub const READ: u32 = 0;
-    /// Write the slot to the medium.
+    /// Block: write the slot to the medium.
     pub const WRITE: u32 = 1;
-    /// Make previous writes durable.
+    /// Block: make previous writes durable.
     pub const FLUSH: u32 = 4;
+    /// Net: transmit the frame of `len` bytes in the slot.
+    pub const NET_TX: u32 = 16;
+    /// Net: receive one frame into the slot (up to `len` bytes); the
+    /// completion's `len` is the frame's length.
+    pub const NET_RX: u32 = 17;
 }
 
 /// Completion status (virtio-blk numbering).
@@ -147,9 +152,9 @@ pub struct RequestEntry {
     pub op: u32,
     /// Bounce slot holding (or receiving) the data.
     pub slot: u32,
-    /// First 512-byte sector.
+    /// Block: first 512-byte sector. Net: zero.
     pub sector: u64,
-    /// Data length in bytes (0 for flush).
+    /// Data length in bytes (0 for flush; a net receive's buffer size).
     pub len: u32,
     /// Reserved, zero.
     pub reserved: u32,

@@ -34,6 +34,7 @@
 #![deny(missing_docs)]
 
 pub mod channel;
+pub mod nic;
 pub mod storage;
 
 /// Version of this contract. The image header and the boot information both
@@ -319,6 +320,10 @@ unsafe impl Plain for channel::CompletionEntry {}
 unsafe impl Plain for storage::Command {}
 // SAFETY: see above.
 unsafe impl Plain for storage::Completion {}
+// SAFETY: see above (sizes asserted in `nic`).
+unsafe impl Plain for nic::Descriptor {}
+// SAFETY: see above.
+unsafe impl Plain for nic::Completion {}
 
 const _: () = {
     use core::mem::size_of;

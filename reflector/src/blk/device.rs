@@ -16,8 +16,8 @@
 //! copied again from client memory. The client sees a stall, not an error.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guest_abi::channel::{self, RequestEntry};
@@ -37,11 +37,14 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::inflight::{InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
-use super::recovery::{Decision, Fault, RestartPolicy, RestartTracker};
 use crate::channel::Channel;
 use crate::driver_answers;
+use crate::driver_vms::DriverVms;
 use crate::hw::InterruptRoute;
-use crate::supervisor::{DriverLauncher, DriverVm};
+use crate::metrics::Metrics;
+use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
+use crate::supervisor::DriverLauncher;
+use crate::worker::{nonblocking_timer, signal_used};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -64,72 +67,11 @@ pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
 /// driver VM". Through the device, which kills by pidfd: a pid read from the
 /// counters may be stale and reused by another process.
 pub const KILL_EVENT: u16 = NUM_QUEUES as u16 + 6;
-/// Default hang deadline: pending requests with no completion for this long
-/// mean a hung driver VM. A 128 KiB request takes well under a millisecond
-/// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
-/// stall even with QEMU's TCG guest competing for the two cores.
-pub const DEFAULT_HANG_DEADLINE: Duration = Duration::from_millis(500);
 /// Largest data segment advertised (size_max): one page, so that
 /// `SEG_MAX` segments always fit one bounce slot.
 const SIZE_MAX: u32 = 4096;
 /// Most data segments per request (seg_max).
 const SEG_MAX: u32 = channel::SLOT_SIZE / SIZE_MAX;
-/// Recovery stalls kept for percentiles (the most recent ones).
-const STALL_HISTORY: usize = 4096;
-
-/// Counters, readable while the device runs.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Chains taken from the client.
-    pub requests: AtomicU64,
-    /// Chains completed.
-    pub completed: AtomicU64,
-    /// Chains refused as malformed.
-    pub malformed: AtomicU64,
-    /// Requests completed with an error status.
-    pub errors: AtomicU64,
-    /// Driver protocol violations seen.
-    pub violations: AtomicU64,
-    /// Driver VM faults of any kind.
-    pub faults: AtomicU64,
-    /// Driver VMs started after a fault.
-    pub restarts: AtomicU64,
-    /// Requests sent again to a new driver VM.
-    pub replayed: AtomicU64,
-    /// Bytes read for the client.
-    pub bytes_read: AtomicU64,
-    /// Bytes written for the client.
-    pub bytes_written: AtomicU64,
-    /// Requests handed to the driver VM and not yet completed.
-    pub in_flight: AtomicU64,
-    /// The current driver VM's pid (0 while none runs).
-    pub driver_pid: AtomicU64,
-    /// The warm spare's pid (0 if none).
-    pub spare_pid: AtomicU64,
-    /// `state_name` index of the device's driver state.
-    pub state: AtomicU64,
-    /// The last fault, for operators.
-    pub last_fault: Mutex<String>,
-    /// Recovery stalls, in microseconds: from the fault (or the first request
-    /// after it, if none was pending) to the next completion.
-    pub stalls_us: Mutex<VecDeque<u64>>,
-}
-
-/// Names of the driver states, indexed by `Metrics::state`.
-pub const STATE_NAMES: [&str; 3] = ["running", "awaiting_restart", "failed"];
-
-impl Metrics {
-    /// Median, p99 and max of the recorded recovery stalls, in microseconds.
-    pub fn stall_percentiles(&self) -> Option<(u64, u64, u64)> {
-        let mut stalls: Vec<u64> = self.stalls_us.lock().ok()?.iter().copied().collect();
-        if stalls.is_empty() {
-            return None;
-        }
-        stalls.sort_unstable();
-        let at = |q: f64| stalls[((q * stalls.len() as f64).ceil() as usize).clamp(1, stalls.len()) - 1];
-        Some((at(0.5), at(0.99), stalls[stalls.len() - 1]))
-    }
-}
 
 /// A request waiting for a free bounce slot or a driver VM.
 struct Waiting {
@@ -160,18 +102,9 @@ pub struct BlkDevice {
     channel: Channel,
     in_flight: InFlightTable,
     waiting: VecDeque<Waiting>,
-    /// The current driver VM's request interrupt (its line 0).
-    driver_interrupt: EventFd,
-    device_interrupt: Arc<InterruptRoute>,
     completion_doorbell: EventFd,
     driver_exited: EventFd,
-    launcher: DriverLauncher,
-    driver: Option<DriverVm>,
-    /// A booted driver VM waiting to replace `driver` (when configured).
-    spare: Option<DriverVm>,
-    warm_spare: bool,
-    /// A spare is to be started once the current recovery has completed.
-    spare_wanted: bool,
+    drivers: DriverVms,
     state: DriverState,
     tracker: RestartTracker,
     hang_deadline: Duration,
@@ -204,23 +137,6 @@ pub struct BlkWiring {
     pub launcher: DriverLauncher,
 }
 
-/// How the device handles faults.
-#[derive(Clone, Copy, Debug)]
-pub struct RecoveryConfig {
-    /// When to give up on a driver VM that makes no progress.
-    pub hang_deadline: Duration,
-    /// Restart budget and backoff.
-    pub policy: RestartPolicy,
-    /// Keep a booted driver VM waiting, so a restart skips the boot.
-    pub warm_spare: bool,
-}
-
-impl Default for RecoveryConfig {
-    fn default() -> Self {
-        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default(), warm_spare: false }
-    }
-}
-
 impl BlkDevice {
     /// A device of `capacity_sectors` served through `wiring`; starts its
     /// first driver VM.
@@ -233,8 +149,7 @@ impl BlkDevice {
     ) -> std::io::Result<Self> {
         let limits =
             Limits { capacity_sectors, max_data: channel::SLOT_SIZE, max_segments: SEG_MAX as usize, read_only };
-        let (driver, driver_interrupt) = launch_routed(&wiring.launcher, &wiring.device_interrupt)?;
-        let spare = if recovery.warm_spare { Some(wiring.launcher.launch_spare()?) } else { None };
+        let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
         let mut tracker = RestartTracker::new(recovery.policy);
         tracker.started(Instant::now());
         Ok(BlkDevice {
@@ -247,15 +162,9 @@ impl BlkDevice {
             channel: wiring.channel,
             in_flight: InFlightTable::default(),
             waiting: VecDeque::new(),
-            driver_interrupt,
-            device_interrupt: wiring.device_interrupt,
             completion_doorbell: wiring.completion_doorbell,
             driver_exited: wiring.driver_exited,
-            launcher: wiring.launcher,
-            driver: Some(driver),
-            spare,
-            warm_spare: recovery.warm_spare,
-            spare_wanted: false,
+            drivers,
             state: DriverState::Running,
             tracker,
             hang_deadline: recovery.hang_deadline,
@@ -286,7 +195,7 @@ impl BlkDevice {
         };
         self.metrics.state.store(state, Ordering::Relaxed);
         self.metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
-        self.metrics.spare_pid.store(self.spare.as_ref().map_or(0, |spare| spare.pid() as u64), Ordering::Relaxed);
+        self.metrics.spare_pid.store(self.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
         self.metrics.in_flight.store(self.in_flight.len() as u64, Ordering::Relaxed);
     }
 
@@ -309,14 +218,12 @@ impl BlkDevice {
 
     /// The current driver VM's pid, if one runs.
     pub fn driver_pid(&self) -> Option<libc::pid_t> {
-        self.driver.as_ref().map(DriverVm::pid)
+        self.drivers.current_pid()
     }
 
     /// Kills the driver VM for good (the reflector is stopping).
     pub fn shutdown(&mut self) {
-        for driver in [self.driver.take(), self.spare.take()].into_iter().flatten() {
-            driver.kill();
-        }
+        self.drivers.shutdown();
     }
 
     /// The file descriptors the vhost-user worker must watch, with their
@@ -369,7 +276,7 @@ impl BlkDevice {
                 break;
             }
         }
-        self.channel.publish(&self.driver_interrupt);
+        self.channel.publish(self.drivers.request_interrupt());
         self.arm_hang_watch();
         signal_used(vring)
     }
@@ -496,7 +403,7 @@ impl BlkDevice {
         if let Some(memory) = memory.as_deref() {
             self.submit_waiting(vring, memory);
         }
-        self.channel.publish(&self.driver_interrupt);
+        self.channel.publish(self.drivers.request_interrupt());
         signal_used(vring)
     }
 
@@ -506,25 +413,10 @@ impl BlkDevice {
         self.last_progress = now;
         if let Some(fault_at) = self.fault_at.take() {
             let stall = now.duration_since(fault_at).as_micros() as u64;
-            if let Ok(mut stalls) = self.metrics.stalls_us.lock() {
-                if stalls.len() == STALL_HISTORY {
-                    stalls.pop_front();
-                }
-                stalls.push_back(stall);
-            }
+            self.metrics.record_stall(stall);
             tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
         }
-        self.launch_wanted_spare();
-    }
-
-    fn launch_wanted_spare(&mut self) {
-        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
-            return;
-        }
-        match self.launcher.launch_spare() {
-            Ok(spare) => self.spare = Some(spare),
-            Err(error) => tracing::error!(device = %self.name, %error, "cannot start a warm spare"),
-        }
+        self.drivers.launch_wanted_spare();
     }
 
     fn finish(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap, slot: u32, entry: InFlight, status: u32) {
@@ -586,15 +478,13 @@ impl BlkDevice {
         if self.state != DriverState::Running {
             return;
         }
-        let pid = self.driver.as_ref().map(DriverVm::pid);
-        tracing::warn!(device = %self.name, driver_vm = %self.launcher.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
+        let pid = self.drivers.current_pid();
+        tracing::warn!(device = %self.name, driver_vm = %self.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
         self.metrics.faults.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = self.metrics.last_fault.lock() {
             *last = format!("{}: {fault}", fault.kind());
         }
-        if let Some(driver) = self.driver.take() {
-            driver.kill();
-        }
+        self.drivers.drop_current();
         self.salvage(vring);
         self.disarm_hang_watch();
         if self.fault_at.is_none() {
@@ -638,29 +528,15 @@ impl BlkDevice {
     /// request still in flight, oldest first.
     fn restart(&mut self, vring: &VringRwLock) {
         let generation = self.channel.reset();
-        let (replacement, warm) = match self.spare.take() {
-            Some(spare) if spare.exit_report().is_none() => (self.activate_spare(spare), true),
-            dead => {
-                if let Some(dead) = dead {
-                    dead.kill();
-                }
-                (self.launch_cold(), false)
-            }
-        };
-        match replacement {
-            Ok(driver) => {
-                tracing::info!(device = %self.name, pid = driver.pid(), generation, warm, "driver VM restarted");
-                self.driver = Some(driver);
+        match self.drivers.replace() {
+            Ok((pid, warm)) => {
+                tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");
                 self.tracker.started(Instant::now());
                 self.state = DriverState::Running;
                 // Observers that see the new restart count must also see
                 // the new driver VM (the chaos command kills by pid).
                 self.publish_state();
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
-                // The next spare boots once this recovery has completed a
-                // request: its boot would otherwise compete for the two
-                // cores with the new driver's reset and the replay.
-                self.spare_wanted = self.warm_spare;
             }
             Err(error) => {
                 tracing::error!(device = %self.name, %error, "cannot start a driver VM");
@@ -689,35 +565,13 @@ impl BlkDevice {
         if let Some(memory) = memory.as_deref() {
             self.submit_waiting(vring, memory);
         }
-        self.channel.publish(&self.driver_interrupt);
+        self.channel.publish(self.drivers.request_interrupt());
         self.last_progress = Instant::now();
         self.arm_hang_watch();
         if self.in_flight.is_empty() {
-            self.launch_wanted_spare();
+            self.drivers.launch_wanted_spare();
         }
         let _ = signal_used(vring);
-    }
-
-    /// Routes interrupts to a warm spare, then lets it go; a cold start if
-    /// that fails.
-    fn activate_spare(&mut self, mut spare: DriverVm) -> std::io::Result<DriverVm> {
-        match take_over(&spare, &self.device_interrupt) {
-            Ok(request) if spare.activate() => {
-                self.driver_interrupt = request;
-                Ok(spare)
-            }
-            _ => {
-                spare.kill();
-                self.launch_cold()
-            }
-        }
-    }
-
-    /// Starts a fresh driver VM, its interrupts routed before it runs.
-    fn launch_cold(&mut self) -> std::io::Result<DriverVm> {
-        let (driver, request) = launch_routed(&self.launcher, &self.device_interrupt)?;
-        self.driver_interrupt = request;
-        Ok(driver)
     }
 
     /// Fails every pending request (the device is declared failed).
@@ -788,62 +642,10 @@ impl BlkDevice {
 
     fn driver_exited(&mut self, vring: &VringRwLock) {
         let _ = self.driver_exited.read();
-        if let Some(report) = self.spare.as_ref().and_then(DriverVm::exit_report) {
-            // The next restart starts cold and boots a new spare.
-            tracing::warn!(device = %self.name, %report, "the warm spare exited");
-            self.spare = None;
-        }
-        // Exits of driver VMs killed on purpose arrive here too: only the
-        // current one's exit is a fault.
-        if let Some(report) = self.driver.as_ref().and_then(DriverVm::exit_report) {
+        if let Some(report) = self.drivers.exited() {
             self.fault(vring, Fault::Exited(report));
         }
     }
-}
-
-/// Makes the VM owning `lines` the target of the device's interrupt (its
-/// line 1); returns its request interrupt (line 0) for the reflector to raise.
-fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
-    let (Some(request), Some(device)) = (lines.first(), lines.get(1)) else {
-        return Err(std::io::Error::other("driver VM without interrupt lines"));
-    };
-    device_interrupt.route(device.try_clone()?);
-    request.try_clone()
-}
-
-/// Makes a running (warm spare) driver VM the interrupts' target.
-fn take_over(driver: &DriverVm, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
-    let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
-    route_lines(&lines, device_interrupt)
-}
-
-/// Starts a driver VM whose interrupts are routed before it runs, so that
-/// no device interrupt can be lost between its start and the routing.
-fn launch_routed(launcher: &DriverLauncher, device_interrupt: &InterruptRoute) -> std::io::Result<(DriverVm, EventFd)> {
-    let mut request = None;
-    let driver = launcher.launch(&mut |lines| {
-        request = Some(route_lines(lines, device_interrupt)?);
-        Ok(())
-    })?;
-    let request = request.ok_or_else(|| std::io::Error::other("the launcher did not route interrupts"))?;
-    Ok((driver, request))
-}
-
-/// A timerfd whose read never blocks: several events of one epoll batch
-/// may disarm a timer whose expiry is already queued, and a blocking read of
-/// a disarmed timer would stall the worker for good.
-fn nonblocking_timer() -> std::io::Result<TimerFd> {
-    use std::os::fd::AsRawFd;
-    let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    // SAFETY: F_GETFL/F_SETFL on the timer's own descriptor.
-    let ok = unsafe {
-        let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
-        flags >= 0 && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-    };
-    if !ok {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(timer)
 }
 
 /// The descriptors of a chain for `marshal::parse`: the first SEG_MAX + 2
@@ -865,18 +667,6 @@ fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descr
     }
     segments.extend(last);
     segments
-}
-
-/// Tells the client about completions, if it asked to be told. Nothing to
-/// do while its queue is not set up (a timer may fire between two clients).
-fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
-    if !vring.get_ref().get_queue().ready() {
-        return Ok(());
-    }
-    if vring.needs_notification().map_err(std::io::Error::other)? {
-        vring.signal_used_queue()?;
-    }
-    Ok(())
 }
 
 /// The virtio-blk configuration space (virtio spec 5.2.4), up to num_queues.
@@ -990,10 +780,7 @@ impl VhostUserBackendMut for BlkDevice {
             }
             KILL_EVENT => {
                 let _ = self.kill.read();
-                if let Some(driver) = &self.driver {
-                    tracing::info!(device = %self.name, pid = driver.pid(), "killing the driver VM on request");
-                    driver.kill();
-                }
+                self.drivers.kill_current();
                 Ok(())
             }
             _ => Ok(()),

@@ -1,10 +1,13 @@
 //! Hardware a driver VM drives: what the reflector needs from a device to
-//! wire it to a driver VM. The simulated storage controller implements it
-//! today; a VFIO device (a BAR as a window, its interrupt as an eventfd)
-//! would implement the same trait.
+//! wire it to a driver VM. The simulated storage controller and network
+//! card implement it today; a VFIO device (a BAR as a window, its interrupt
+//! as an eventfd) would implement the same traits.
 
+pub mod sim_nic;
 pub mod sim_storage;
+pub mod switch;
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -31,6 +34,24 @@ pub trait BlockHardware: Send {
     fn capacity_sectors(&self) -> u64;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+}
+
+/// A network card as a driver VM sees it.
+pub trait NetHardware: Send {
+    /// Windows to map into the driver VM.
+    fn windows(&self) -> Vec<HardwareWindow>;
+    /// Written by the driver VM (KVM ioeventfd) to notify the device.
+    fn doorbell(&self) -> &EventFd;
+    /// Where the device's interrupt goes: the current driver VM's irqfd.
+    fn interrupt(&self) -> Arc<InterruptRoute>;
+    /// The card's MAC address.
+    fn mac(&self) -> [u8; 6];
+    /// Whether the wire is connected.
+    fn link_up(&self) -> bool;
+    /// Stops all DMA until the next driver resets the card: the host's
+    /// analogue of disabling bus mastering when a driver VM died, so that
+    /// nothing the dead driver queued can touch memory the reflector reuses.
+    fn quiesce(&self);
 }
 
 /// Where a device's interrupt is delivered, like a programmable MSI: each
@@ -83,6 +104,27 @@ impl DmaRegion {
         let start = address.checked_sub(self.gpa)?;
         let end = start.checked_add(u64::from(len))?;
         (end <= self.len as u64).then(|| self.offset + start as usize)
+    }
+}
+
+/// Sleeps until `doorbell` rings (true) or `stop` is signalled (false): a
+/// simulated device's thread between bursts of work.
+pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
+    let mut fds = [
+        libc::pollfd { fd: doorbell.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: poll on two valid pollfds we own.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        if fds[1].revents != 0 || ready < 0 {
+            return false;
+        }
+        let _ = doorbell.read();
+        return true;
     }
 }
 

@@ -10,7 +10,6 @@
 //! outside the DMA region fails the command instead of touching host memory.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -162,7 +161,7 @@ impl Engine {
             }
             self.reg(reg::DEVICE_POLLING).store(0, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if !self.has_pending_work() && !wait_for(doorbell, stop) {
+            if !self.has_pending_work() && !super::wait_for_doorbell(doorbell, stop) {
                 return;
             }
             self.reg(reg::DEVICE_POLLING).store(1, Ordering::SeqCst);
@@ -311,30 +310,11 @@ impl Engine {
     }
 }
 
-/// Sleeps until the doorbell rings (true) or `stop` is signalled (false).
-fn wait_for(doorbell: &EventFd, stop: &EventFd) -> bool {
-    let mut fds = [
-        libc::pollfd { fd: doorbell.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-    ];
-    loop {
-        // SAFETY: poll on two valid pollfds we own.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-            continue;
-        }
-        if fds[1].revents != 0 || ready < 0 {
-            return false;
-        }
-        let _ = doorbell.read();
-        return true;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use guest_abi::channel;
+    use std::os::fd::AsRawFd;
 
     struct Rig {
         device: SimStorage,

@@ -42,6 +42,28 @@ impl fmt::Display for Fault {
     }
 }
 
+/// Default hang deadline: pending requests with no completion for this long
+/// mean a hung driver VM. A 128 KiB request takes well under a millisecond
+/// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
+/// stall even with QEMU's TCG guest competing for the two cores.
+pub const DEFAULT_HANG_DEADLINE: Duration = Duration::from_millis(500);
+/// How the device handles faults.
+#[derive(Clone, Copy, Debug)]
+pub struct RecoveryConfig {
+    /// When to give up on a driver VM that makes no progress.
+    pub hang_deadline: Duration,
+    /// Restart budget and backoff.
+    pub policy: RestartPolicy,
+    /// Keep a booted driver VM waiting, so a restart skips the boot.
+    pub warm_spare: bool,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default(), warm_spare: false }
+    }
+}
+
 /// The numbers of the policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RestartPolicy {

@@ -1,0 +1,185 @@
+//! The driver VMs behind one device: the one serving it, an optional warm
+//! spare, and the interrupt routing that makes a replacement the device's
+//! new owner. Shared by the block and net devices, which decide *when* to
+//! replace a driver VM (their recovery); this decides *how*.
+//!
+//! Wiring convention (both drivers): interrupt line 0 is the reflector's
+//! "requests published", line 1 the hardware's interrupt.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::hw::InterruptRoute;
+use crate::supervisor::{DriverLauncher, DriverVm};
+
+/// The current driver VM of a device and its spare.
+pub struct DriverVms {
+    launcher: DriverLauncher,
+    device_interrupt: Arc<InterruptRoute>,
+    /// The current driver VM's request interrupt (its line 0).
+    request_interrupt: EventFd,
+    current: Option<DriverVm>,
+    /// A booted driver VM waiting to replace `current` (when configured).
+    spare: Option<DriverVm>,
+    warm_spare: bool,
+    /// A spare is to be started once the current recovery has completed.
+    spare_wanted: bool,
+}
+
+impl DriverVms {
+    /// Starts the first driver VM (and a spare, if `warm_spare`).
+    pub fn start(
+        launcher: DriverLauncher,
+        device_interrupt: Arc<InterruptRoute>,
+        warm_spare: bool,
+    ) -> std::io::Result<Self> {
+        let (current, request_interrupt) = launch_routed(&launcher, &device_interrupt)?;
+        let spare = if warm_spare { Some(launcher.launch_spare()?) } else { None };
+        Ok(DriverVms {
+            launcher,
+            device_interrupt,
+            request_interrupt,
+            current: Some(current),
+            spare,
+            warm_spare,
+            spare_wanted: false,
+        })
+    }
+
+    /// The driver VMs' name.
+    pub fn name(&self) -> &str {
+        self.launcher.name()
+    }
+
+    /// Raised after publishing requests, when the driver may sleep.
+    pub fn request_interrupt(&self) -> &EventFd {
+        &self.request_interrupt
+    }
+
+    /// The current driver VM's pid, if one runs.
+    pub fn current_pid(&self) -> Option<libc::pid_t> {
+        self.current.as_ref().map(DriverVm::pid)
+    }
+
+    /// The warm spare's pid, if one is booted.
+    pub fn spare_pid(&self) -> Option<libc::pid_t> {
+        self.spare.as_ref().map(DriverVm::pid)
+    }
+
+    /// SIGKILLs the current driver VM (an operator or chaos asked); its exit
+    /// then arrives as a fault.
+    pub fn kill_current(&self) {
+        if let Some(driver) = &self.current {
+            tracing::info!(driver_vm = %self.name(), pid = driver.pid(), "killing the driver VM on request");
+            driver.kill();
+        }
+    }
+
+    /// Kills the current driver VM after a fault; none runs until `replace`.
+    pub fn drop_current(&mut self) {
+        if let Some(driver) = self.current.take() {
+            driver.kill();
+        }
+    }
+
+    /// Kills every driver VM for good (the reflector is stopping).
+    pub fn shutdown(&mut self) {
+        for driver in [self.current.take(), self.spare.take()].into_iter().flatten() {
+            driver.kill();
+        }
+    }
+
+    /// Makes a new driver VM current: the warm spare if one is alive, else a
+    /// cold boot. Returns its pid and whether it was warm. The next spare is
+    /// wanted, to be booted by [`DriverVms::launch_wanted_spare`] once the
+    /// recovery has completed a request: its boot would otherwise compete for
+    /// the two cores with the new driver's reset and the replay.
+    pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, bool)> {
+        let (driver, warm) = match self.spare.take() {
+            Some(spare) if spare.exit_report().is_none() => (self.activate_spare(spare)?, true),
+            dead => {
+                if let Some(dead) = dead {
+                    dead.kill();
+                }
+                (self.launch_cold()?, false)
+            }
+        };
+        let pid = driver.pid();
+        self.current = Some(driver);
+        self.spare_wanted = self.warm_spare;
+        Ok((pid, warm))
+    }
+
+    /// Boots the spare that `replace` asked for, if any.
+    pub fn launch_wanted_spare(&mut self) {
+        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
+            return;
+        }
+        match self.launcher.launch_spare() {
+            Ok(spare) => self.spare = Some(spare),
+            Err(error) => tracing::error!(driver_vm = %self.name(), %error, "cannot start a warm spare"),
+        }
+    }
+
+    /// After "a driver VM exited": forgets a dead spare, and returns the
+    /// current driver VM's exit report if it is the one that exited (exits
+    /// of driver VMs killed on purpose arrive too, and are not faults).
+    pub fn exited(&mut self) -> Option<String> {
+        if let Some(report) = self.spare.as_ref().and_then(DriverVm::exit_report) {
+            tracing::warn!(driver_vm = %self.name(), %report, "the warm spare exited");
+            self.spare = None;
+        }
+        self.current.as_ref().and_then(DriverVm::exit_report)
+    }
+
+    /// Routes interrupts to a warm spare, then lets it go; a cold start if
+    /// that fails.
+    fn activate_spare(&mut self, mut spare: DriverVm) -> std::io::Result<DriverVm> {
+        match take_over(&spare, &self.device_interrupt) {
+            Ok(request) if spare.activate() => {
+                self.request_interrupt = request;
+                Ok(spare)
+            }
+            _ => {
+                spare.kill();
+                self.launch_cold()
+            }
+        }
+    }
+
+    /// Starts a fresh driver VM, its interrupts routed before it runs.
+    fn launch_cold(&mut self) -> std::io::Result<DriverVm> {
+        let (driver, request) = launch_routed(&self.launcher, &self.device_interrupt)?;
+        self.request_interrupt = request;
+        Ok(driver)
+    }
+}
+
+/// Makes the VM owning `lines` the target of the device's interrupt (its
+/// line 1); returns its request interrupt (line 0) for the reflector to raise.
+fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+    let (Some(request), Some(device)) = (lines.first(), lines.get(1)) else {
+        return Err(std::io::Error::other("driver VM without interrupt lines"));
+    };
+    device_interrupt.route(device.try_clone()?);
+    request.try_clone()
+}
+
+/// Makes a running (warm spare) driver VM the interrupts' target.
+fn take_over(driver: &DriverVm, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+    let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
+    route_lines(&lines, device_interrupt)
+}
+
+/// Starts a driver VM whose interrupts are routed before it runs, so that
+/// no device interrupt can be lost between its start and the routing.
+fn launch_routed(launcher: &DriverLauncher, device_interrupt: &InterruptRoute) -> std::io::Result<(DriverVm, EventFd)> {
+    let mut request = None;
+    let driver = launcher.launch(&mut |lines| {
+        request = Some(route_lines(lines, device_interrupt)?);
+        Ok(())
+    })?;
+    let request = request.ok_or_else(|| std::io::Error::other("the launcher did not route interrupts"))?;
+    Ok((driver, request))
+}

@@ -1,0 +1,656 @@
+//! A simulated network card, seen by its driver exactly as a passed-through
+//! PCI function would be: a register and ring window (shared memory), a
+//! doorbell and an interrupt (eventfds wired by KVM), and DMA only into the
+//! region it was given. Its wire side is a port of a [`Switch`].
+//!
+//! Its state (the MAC, the link, the port's receive FIFO) outlives any
+//! driver VM; a driver must reset it before use. Everything the driver
+//! writes into the window is untrusted: ring indices are checked (a runaway
+//! index stops the device with FATAL until reset), descriptors are
+//! validated, and a DMA address outside the DMA region fails the descriptor
+//! instead of touching host memory.
+//!
+//! Threads: the device thread sleeps on the doorbell and handles resets,
+//! enabling and transmission; frames from the wire arrive on the sending
+//! port's thread ([`SwitchPort::receive`]). Both go through one lock, so a
+//! [`SimNic::quiesce`] (the host stopping DMA after its driver VM died) is
+//! ordered against every DMA.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+
+use guest_abi::nic::{self, completion, reg, Completion, Descriptor};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::switch::{PortId, Switch, SwitchPort};
+use super::{wait_for_doorbell, DmaRegion, HardwareWindow, InterruptRoute, NetHardware};
+use crate::shm::SharedMemory;
+
+/// Frames the port holds while no RX buffer is posted: about two rings'
+/// worth, enough to ride out a driver VM restart (a few milliseconds) at
+/// the rates two TCG guests produce, small enough (at most ~400 KiB) that a
+/// stuck driver costs little memory. Beyond it frames are dropped, as a real
+/// NIC's FIFO would.
+const RX_FIFO_FRAMES: usize = 256;
+/// Most TX descriptors handled before the device publishes completions and
+/// lets receivers run.
+const TX_BATCH: u32 = 64;
+
+/// Counters of the device.
+#[derive(Debug, Default)]
+pub struct NicCounters {
+    /// Frames sent to the wire.
+    pub tx_frames: AtomicU64,
+    /// Frames written into RX buffers.
+    pub rx_frames: AtomicU64,
+    /// Frames dropped: FIFO full, or arrived while the device was stopped.
+    pub rx_dropped: AtomicU64,
+    /// Descriptors failed (bad length or DMA address).
+    pub bad_descriptors: AtomicU64,
+}
+
+/// The card.
+pub struct SimNic {
+    regs: Arc<SharedMemory>,
+    doorbell: EventFd,
+    interrupt: Arc<InterruptRoute>,
+    port: Arc<NicPort>,
+    switch: Arc<Switch>,
+    port_id: PortId,
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    mac: [u8; 6],
+}
+
+/// The card's wire side and execution state, shared by its thread and the
+/// switch.
+struct NicPort {
+    engine: Mutex<Engine>,
+    counters: Arc<NicCounters>,
+}
+
+impl SimNic {
+    /// Starts a card with address `mac`, DMA into `dma`, wired to `switch`.
+    pub fn start(name: &str, mac: [u8; 6], dma: DmaRegion, switch: Arc<Switch>) -> std::io::Result<SimNic> {
+        let regs = Arc::new(SharedMemory::new(&format!("{name}-regs"), nic::WINDOW_SIZE)?);
+        regs.write(reg::MAGIC, nic::MAGIC);
+        regs.write(reg::VERSION, nic::VERSION);
+        regs.write(reg::MAC, nic::mac_to_register(mac));
+        regs.write(reg::MAX_FRAME, nic::MAX_FRAME);
+        regs.atomic_u32(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
+        let doorbell = EventFd::new(EFD_NONBLOCK)?;
+        let interrupt = Arc::new(InterruptRoute::default());
+        let counters = Arc::new(NicCounters::default());
+        let engine = Engine::new(regs.clone(), dma, interrupt.clone(), counters.clone());
+        let port = Arc::new(NicPort { engine: Mutex::new(engine), counters });
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
+        let port_id = switch.attach(weak);
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let (wake, quit, thread_port, thread_switch) =
+            (doorbell.try_clone()?, stop.try_clone()?, port.clone(), switch.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("{name}-nic"))
+            .spawn(move || thread_port.run(&thread_switch, port_id, &wake, &quit))?;
+        tracing::info!(nic = %name, switch = %switch.name(), mac = %format_mac(&mac), "simulated NIC attached");
+        Ok(SimNic { regs, doorbell, interrupt, port, switch, port_id, stop, thread: Some(thread), mac })
+    }
+
+    /// The device's counters.
+    pub fn counters(&self) -> Arc<NicCounters> {
+        self.port.counters.clone()
+    }
+}
+
+impl NetHardware for SimNic {
+    fn windows(&self) -> Vec<HardwareWindow> {
+        vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
+    }
+
+    fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
+    }
+
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn link_up(&self) -> bool {
+        self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire) & nic::status::LINK_UP != 0
+    }
+
+    fn quiesce(&self) {
+        self.port.lock().quiesce();
+    }
+}
+
+impl Drop for SimNic {
+    fn drop(&mut self) {
+        self.switch.detach(self.port_id);
+        let _ = self.stop.write(1);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl SwitchPort for NicPort {
+    fn receive(&self, frame: &[u8]) {
+        self.lock().receive(frame);
+    }
+}
+
+impl NicPort {
+    fn lock(&self) -> MutexGuard<'_, Engine> {
+        self.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The device thread: sleeps on the doorbell, then works until there is
+    /// nothing left, sending what it transmitted to the switch outside the
+    /// lock.
+    fn run(&self, switch: &Switch, port_id: PortId, doorbell: &EventFd, stop: &EventFd) {
+        while wait_for_doorbell(doorbell, stop) {
+            loop {
+                let (frames, more) = self.lock().step();
+                for frame in &frames {
+                    switch.forward(port_id, frame);
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Ring positions and the receive FIFO.
+struct Engine {
+    regs: Arc<SharedMemory>,
+    dma: DmaRegion,
+    interrupt: Arc<InterruptRoute>,
+    counters: Arc<NicCounters>,
+    ring_size: u32,
+    tx_head: u32,
+    txc_tail: u32,
+    rx_head: u32,
+    rxc_tail: u32,
+    /// The host stopped the device (its driver died): no DMA until the next
+    /// driver resets it.
+    quiesced: bool,
+    fifo: VecDeque<Vec<u8>>,
+}
+
+impl Engine {
+    fn new(
+        regs: Arc<SharedMemory>,
+        dma: DmaRegion,
+        interrupt: Arc<InterruptRoute>,
+        counters: Arc<NicCounters>,
+    ) -> Self {
+        Engine {
+            regs,
+            dma,
+            interrupt,
+            counters,
+            ring_size: 0,
+            tx_head: 0,
+            txc_tail: 0,
+            rx_head: 0,
+            rxc_tail: 0,
+            quiesced: false,
+            fifo: VecDeque::new(),
+        }
+    }
+
+    fn reg(&self, offset: usize) -> &AtomicU32 {
+        self.regs.atomic_u32(offset)
+    }
+
+    fn ready(&self) -> bool {
+        !self.quiesced && self.reg(reg::STATUS).load(Ordering::Acquire) & nic::status::READY != 0
+    }
+
+    /// One round of doorbell work: returns the frames transmitted and
+    /// whether more work may be pending.
+    fn step(&mut self) -> (Vec<Vec<u8>>, bool) {
+        let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
+        if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
+            self.reset(reset_request);
+            return (Vec::new(), true);
+        }
+        if self.quiesced {
+            return (Vec::new(), false);
+        }
+        let status = self.reg(reg::STATUS).load(Ordering::Acquire);
+        if status & (nic::status::READY | nic::status::FATAL) == 0 {
+            if self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0 {
+                self.enable();
+            }
+            return (Vec::new(), false);
+        }
+        if !self.ready() {
+            return (Vec::new(), false);
+        }
+        self.drain_fifo();
+        let frames = self.transmit();
+        let more = frames.len() == TX_BATCH as usize;
+        (frames, more)
+    }
+
+    fn reset(&mut self, request: u32) {
+        for offset in [
+            reg::CONTROL,
+            reg::RING_SIZE,
+            reg::ERROR,
+            reg::TX_TAIL,
+            reg::TX_HEAD,
+            reg::TXC_TAIL,
+            reg::TXC_HEAD,
+            reg::RX_TAIL,
+            reg::RX_HEAD,
+            reg::RXC_TAIL,
+            reg::RXC_HEAD,
+            reg::INTERRUPT_WANTED,
+        ] {
+            self.reg(offset).store(0, Ordering::Release);
+        }
+        // The link is the wire's, not the driver's: a reset keeps it.
+        self.reg(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
+        (self.ring_size, self.tx_head, self.txc_tail, self.rx_head, self.rxc_tail) = (0, 0, 0, 0, 0);
+        self.quiesced = false;
+        self.reg(reg::RESET_DONE).store(request, Ordering::Release);
+        self.interrupt.raise();
+    }
+
+    fn enable(&mut self) {
+        let size = self.reg(reg::RING_SIZE).load(Ordering::Acquire);
+        if size.is_power_of_two() && size <= nic::MAX_RING {
+            self.ring_size = size;
+            self.reg(reg::STATUS).store(nic::status::READY | nic::status::LINK_UP, Ordering::Release);
+        } else {
+            self.fail(nic::error::BAD_RING_SIZE);
+        }
+        self.interrupt.raise();
+    }
+
+    fn quiesce(&mut self) {
+        self.quiesced = true;
+        self.reg(reg::STATUS).fetch_and(!nic::status::READY, Ordering::AcqRel);
+    }
+
+    fn fail(&mut self, error: u32) {
+        tracing::warn!(error, "simulated NIC stopped on a driver error; it needs a reset");
+        self.reg(reg::ERROR).store(error, Ordering::Release);
+        self.reg(reg::STATUS).store(nic::status::FATAL | nic::status::LINK_UP, Ordering::Release);
+        self.interrupt.raise();
+    }
+
+    /// Checks a ring (driver tail ahead of device head by at most a ring)
+    /// and its completion ring (device tail ahead of driver head by at most a
+    /// ring). Returns the ring's tail and the completion head, or fails the
+    /// device.
+    fn checked_indices(
+        &mut self,
+        tail: usize,
+        head: u32,
+        completion_head: usize,
+        completion_tail: u32,
+    ) -> Option<(u32, u32)> {
+        let tail = self.reg(tail).load(Ordering::Acquire);
+        let completion_head = self.reg(completion_head).load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > self.ring_size {
+            self.fail(nic::error::BAD_TAIL);
+            return None;
+        }
+        if completion_tail.wrapping_sub(completion_head) > self.ring_size {
+            self.fail(nic::error::BAD_COMPLETION_HEAD);
+            return None;
+        }
+        Some((tail, completion_head))
+    }
+
+    /// Sends up to TX_BATCH frames; returns them for the switch.
+    fn transmit(&mut self) -> Vec<Vec<u8>> {
+        let Some((tail, completion_head)) =
+            self.checked_indices(reg::TX_TAIL, self.tx_head, reg::TXC_HEAD, self.txc_tail)
+        else {
+            return Vec::new();
+        };
+        let start = self.tx_head;
+        let mut frames = Vec::new();
+        while self.tx_head != tail
+            && self.txc_tail.wrapping_sub(completion_head) < self.ring_size
+            && frames.len() < TX_BATCH as usize
+        {
+            let at = nic::ring_entry(nic::TX_RING_OFFSET, self.tx_head, self.ring_size, size_of::<Descriptor>());
+            let descriptor: Descriptor = self.regs.read(at).unwrap_or_default();
+            self.tx_head = self.tx_head.wrapping_add(1);
+            let status = match self.read_frame(&descriptor) {
+                Ok(frame) => {
+                    frames.push(frame);
+                    completion::SUCCESS
+                }
+                Err(status) => status,
+            };
+            let len = if status == completion::SUCCESS { descriptor.len } else { 0 };
+            self.push_completion(true, Completion { id: descriptor.id, status, len });
+        }
+        if self.tx_head != start {
+            self.reg(reg::TX_HEAD).store(self.tx_head, Ordering::Release);
+            self.publish_completions(true);
+        }
+        self.counters.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
+        frames
+    }
+
+    fn read_frame(&self, descriptor: &Descriptor) -> Result<Vec<u8>, u16> {
+        if !(nic::MIN_FRAME..=nic::MAX_FRAME).contains(&descriptor.len) {
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
+            return Err(completion::BAD_LENGTH);
+        }
+        let slice = self
+            .dma
+            .translate(descriptor.addr, descriptor.len)
+            .and_then(|offset| self.dma.memory.slice(offset, descriptor.len as usize));
+        let Some(slice) = slice else {
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
+            return Err(completion::DMA_ERROR);
+        };
+        let mut frame = vec![0u8; descriptor.len as usize];
+        slice.copy_to(&mut frame[..]);
+        Ok(frame)
+    }
+
+    /// A frame from the wire: into a posted buffer, else into the FIFO.
+    fn receive(&mut self, frame: &[u8]) {
+        self.drain_fifo();
+        if self.fifo.is_empty() && self.deliver(frame) {
+            self.publish_completions(false);
+            return;
+        }
+        if self.fifo.len() < RX_FIFO_FRAMES {
+            self.fifo.push_back(frame.to_vec());
+        } else {
+            self.drop_frame();
+        }
+    }
+
+    /// Delivers FIFO frames into newly posted buffers.
+    fn drain_fifo(&mut self) {
+        let mut delivered = false;
+        while let Some(frame) = self.fifo.pop_front() {
+            if !self.deliver(&frame) {
+                self.fifo.push_front(frame);
+                break;
+            }
+            delivered = true;
+        }
+        if delivered {
+            self.publish_completions(false);
+        }
+    }
+
+    /// Writes a frame into the next posted RX buffer; false if none is
+    /// posted (or the rings are broken).
+    fn deliver(&mut self, frame: &[u8]) -> bool {
+        if !self.ready() {
+            return false;
+        }
+        let Some((tail, completion_head)) =
+            self.checked_indices(reg::RX_TAIL, self.rx_head, reg::RXC_HEAD, self.rxc_tail)
+        else {
+            return false;
+        };
+        while self.rx_head != tail && self.rxc_tail.wrapping_sub(completion_head) < self.ring_size {
+            let at = nic::ring_entry(nic::RX_RING_OFFSET, self.rx_head, self.ring_size, size_of::<Descriptor>());
+            let descriptor: Descriptor = self.regs.read(at).unwrap_or_default();
+            self.rx_head = self.rx_head.wrapping_add(1);
+            self.reg(reg::RX_HEAD).store(self.rx_head, Ordering::Release);
+            match self.write_frame(&descriptor, frame) {
+                Ok(()) => {
+                    self.push_completion(
+                        false,
+                        Completion { id: descriptor.id, status: completion::SUCCESS, len: frame.len() as u32 },
+                    );
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                // A bad buffer is returned failed; the frame tries the next.
+                Err(status) => self.push_completion(false, Completion { id: descriptor.id, status, len: 0 }),
+            }
+        }
+        false
+    }
+
+    fn write_frame(&self, descriptor: &Descriptor, frame: &[u8]) -> Result<(), u16> {
+        if descriptor.len < nic::MAX_FRAME {
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
+            return Err(completion::BAD_LENGTH);
+        }
+        let slice = self
+            .dma
+            .translate(descriptor.addr, frame.len() as u32)
+            .and_then(|offset| self.dma.memory.slice(offset, frame.len()));
+        let Some(slice) = slice else {
+            self.counters.bad_descriptors.fetch_add(1, Ordering::Relaxed);
+            return Err(completion::DMA_ERROR);
+        };
+        slice.copy_from(frame);
+        Ok(())
+    }
+
+    fn drop_frame(&self) {
+        self.counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+        self.reg(reg::RX_DROPPED).fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn push_completion(&mut self, tx: bool, entry: Completion) {
+        let (ring, tail) = if tx {
+            (nic::TX_COMPLETION_OFFSET, &mut self.txc_tail)
+        } else {
+            (nic::RX_COMPLETION_OFFSET, &mut self.rxc_tail)
+        };
+        let at = nic::ring_entry(ring, *tail, self.ring_size, size_of::<Completion>());
+        *tail = tail.wrapping_add(1);
+        self.regs.write(at, entry);
+    }
+
+    /// Makes completions visible and interrupts the driver if it asked.
+    fn publish_completions(&self, tx: bool) {
+        if tx {
+            self.reg(reg::TXC_TAIL).store(self.txc_tail, Ordering::Release);
+        } else {
+            self.reg(reg::RXC_TAIL).store(self.rxc_tail, Ordering::Release);
+        }
+        fence(Ordering::SeqCst);
+        if self.reg(reg::INTERRUPT_WANTED).load(Ordering::Acquire) != 0 {
+            self.interrupt.raise();
+        }
+    }
+}
+
+/// "52:54:00:12:34:56".
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    const DMA_GPA: u64 = 0x4000_0000;
+    const DMA_SIZE: usize = 64 * 1024;
+    const RING: u32 = 16;
+
+    struct Card {
+        nic: SimNic,
+        interrupt: EventFd,
+        dma: Arc<SharedMemory>,
+    }
+
+    fn card(name: &str, mac: u8, switch: &Arc<Switch>) -> Card {
+        let dma = Arc::new(SharedMemory::new(name, DMA_SIZE).unwrap());
+        let region = DmaRegion { memory: dma.clone(), offset: 0, len: DMA_SIZE, gpa: DMA_GPA };
+        let nic = SimNic::start(name, [2, 0, 0, 0, 0, mac], region, switch.clone()).unwrap();
+        let interrupt = EventFd::new(EFD_NONBLOCK).unwrap();
+        nic.interrupt().route(interrupt.try_clone().unwrap());
+        Card { nic, interrupt, dma }
+    }
+
+    impl Card {
+        fn reg(&self, offset: usize) -> &AtomicU32 {
+            self.nic.regs.atomic_u32(offset)
+        }
+
+        /// Waits (bounded) for an interrupt.
+        fn wait_interrupt(&self) {
+            let mut fd = libc::pollfd { fd: self.interrupt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: one valid pollfd.
+            assert_eq!(unsafe { libc::poll(&mut fd, 1, 10_000) }, 1, "no interrupt from the card");
+            self.interrupt.read().unwrap();
+        }
+
+        /// Rings the doorbell, then waits on interrupts until `done`.
+        fn ring_until(&self, done: impl Fn(&Self) -> bool) {
+            self.nic.doorbell.write(1).unwrap();
+            while !done(self) {
+                self.wait_interrupt();
+            }
+        }
+
+        fn status(&self) -> u32 {
+            self.reg(reg::STATUS).load(Ordering::SeqCst)
+        }
+
+        fn reset_and_enable(&self) {
+            let request = self.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst) + 1;
+            self.ring_until(|card| card.reg(reg::RESET_DONE).load(Ordering::SeqCst) == request);
+            self.reg(reg::RING_SIZE).store(RING, Ordering::SeqCst);
+            self.reg(reg::CONTROL).store(nic::control::ENABLE, Ordering::SeqCst);
+            self.ring_until(|card| card.status() & (nic::status::READY | nic::status::FATAL) != 0);
+            self.reg(reg::INTERRUPT_WANTED).store(1, Ordering::SeqCst);
+        }
+
+        fn post(&self, ring: usize, tail_reg: usize, descriptor: Descriptor) {
+            let tail = self.reg(tail_reg).load(Ordering::SeqCst);
+            self.nic.regs.write(nic::ring_entry(ring, tail, RING, 16), descriptor);
+            self.reg(tail_reg).store(tail + 1, Ordering::SeqCst);
+        }
+
+        /// Waits for completion number `index` of a completion ring.
+        fn completion(&self, ring: usize, tail_reg: usize, index: u32) -> Completion {
+            while self.reg(tail_reg).load(Ordering::SeqCst) <= index {
+                self.wait_interrupt();
+            }
+            self.nic.regs.read(nic::ring_entry(ring, index, RING, 8)).unwrap()
+        }
+
+        fn send(&self, frame: &[u8], at: usize, id: u16) {
+            self.dma.slice(at, frame.len()).unwrap().copy_from(frame);
+            let descriptor = Descriptor { addr: DMA_GPA + at as u64, len: frame.len() as u32, id, reserved: 0 };
+            self.post(nic::TX_RING_OFFSET, reg::TX_TAIL, descriptor);
+            self.nic.doorbell.write(1).unwrap();
+        }
+
+        fn post_rx(&self, at: usize, id: u16) {
+            let descriptor = Descriptor { addr: DMA_GPA + at as u64, len: nic::MAX_FRAME, id, reserved: 0 };
+            self.post(nic::RX_RING_OFFSET, reg::RX_TAIL, descriptor);
+            self.nic.doorbell.write(1).unwrap();
+        }
+    }
+
+    fn frame(destination: u8, source: u8, len: usize) -> Vec<u8> {
+        let mut frame: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, destination]);
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, source]);
+        frame
+    }
+
+    #[test]
+    fn a_frame_crosses_the_switch_into_a_posted_buffer() {
+        let switch = Switch::new("t1");
+        let (a, b) = (card("nic-a1", 1, &switch), card("nic-b1", 2, &switch));
+        assert!(a.nic.link_up());
+        assert_eq!(a.nic.mac(), [2, 0, 0, 0, 0, 1]);
+        a.reset_and_enable();
+        b.reset_and_enable();
+        b.post_rx(0x2000, 7);
+        let sent = frame(2, 1, 1000);
+        a.send(&sent, 0x1000, 3);
+        assert_eq!(
+            a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 0),
+            Completion { id: 3, status: 0, len: 1000 }
+        );
+        assert_eq!(
+            b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 0),
+            Completion { id: 7, status: 0, len: 1000 }
+        );
+        let mut received = vec![0u8; 1000];
+        b.dma.slice(0x2000, 1000).unwrap().copy_to(&mut received[..]);
+        assert_eq!(received, sent);
+    }
+
+    #[test]
+    fn frames_wait_in_the_fifo_until_buffers_come_and_quiesce_stops_dma() {
+        let switch = Switch::new("t2");
+        let (a, b) = (card("nic-a2", 1, &switch), card("nic-b2", 2, &switch));
+        a.reset_and_enable();
+        b.reset_and_enable();
+        a.send(&frame(2, 1, 100), 0x1000, 1);
+        a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 0);
+        // No buffer yet: the frame waits; posting one delivers it.
+        b.post_rx(0x3000, 9);
+        assert_eq!(b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 0).len, 100);
+        // A quiesced card takes no frames into buffers, even posted ones.
+        b.post_rx(0x4000, 10);
+        b.nic.quiesce();
+        b.dma.slice(0x4000, 64).unwrap().copy_from(&[0xaau8; 64][..]);
+        a.send(&frame(2, 1, 64), 0x1000, 2);
+        a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 1);
+        b.nic.doorbell.write(1).unwrap();
+        let mut untouched = [0u8; 64];
+        b.dma.slice(0x4000, 64).unwrap().copy_to(&mut untouched[..]);
+        assert_eq!(untouched, [0xaa; 64]);
+        assert_eq!(b.reg(reg::RXC_TAIL).load(Ordering::SeqCst), 1);
+        // After a reset the kept frame reaches the new buffer.
+        b.reset_and_enable();
+        assert!(b.nic.link_up(), "a reset keeps the link");
+        b.post_rx(0x5000, 11);
+        assert_eq!(
+            b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 0),
+            Completion { id: 11, status: 0, len: 64 }
+        );
+    }
+
+    #[test]
+    fn bad_descriptors_fail_and_runaway_indices_are_fatal_until_reset() {
+        let switch = Switch::new("t3");
+        let a = card("nic-a3", 1, &switch);
+        a.reset_and_enable();
+        let outside = Descriptor { addr: DMA_GPA + DMA_SIZE as u64 - 10, len: 100, id: 1, reserved: 0 };
+        a.post(nic::TX_RING_OFFSET, reg::TX_TAIL, outside);
+        let runt = Descriptor { addr: DMA_GPA, len: 10, id: 2, reserved: 0 };
+        a.post(nic::TX_RING_OFFSET, reg::TX_TAIL, runt);
+        a.nic.doorbell.write(1).unwrap();
+        assert_eq!(a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 0).status, completion::DMA_ERROR);
+        assert_eq!(a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 1).status, completion::BAD_LENGTH);
+        assert_eq!(a.nic.counters().bad_descriptors.load(Ordering::SeqCst), 2);
+        a.reg(reg::TX_TAIL).store(2 + RING + 1, Ordering::SeqCst);
+        a.ring_until(|card| card.status() & nic::status::FATAL != 0);
+        assert_eq!(a.reg(reg::ERROR).load(Ordering::SeqCst), nic::error::BAD_TAIL);
+        a.reset_and_enable();
+        assert_eq!(a.status() & nic::status::READY, nic::status::READY);
+        let request = a.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst) + 1;
+        a.ring_until(|card| card.reg(reg::RESET_DONE).load(Ordering::SeqCst) == request);
+        a.reg(reg::RING_SIZE).store(3, Ordering::SeqCst);
+        a.reg(reg::CONTROL).store(nic::control::ENABLE, Ordering::SeqCst);
+        a.ring_until(|card| card.status() & nic::status::FATAL != 0);
+        assert_eq!(a.reg(reg::ERROR).load(Ordering::SeqCst), nic::error::BAD_RING_SIZE);
+    }
+}

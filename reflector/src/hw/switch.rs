@@ -1,0 +1,205 @@
+//! The wire: a learning Ethernet switch joining the simulated NICs (and
+//! optionally a TAP device) that name the same switch. It learns which port
+//! each source MAC lives behind and floods frames for unknown, broadcast and
+//! multicast destinations to every other port.
+//!
+//! Frames are delivered synchronously on the sender's thread, never while
+//! the switch's own lock is held, so a port may transmit from inside its
+//! receive path without deadlocking.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+/// Most MAC addresses remembered; the table starts over when it is full (a
+/// flood of made-up source addresses must not grow the reflector's memory).
+const MAX_LEARNED: usize = 4096;
+
+/// Something attached to a switch port.
+pub trait SwitchPort: Send + Sync {
+    /// Takes one frame from the wire. Must not block for long: it runs on
+    /// the sender's thread.
+    fn receive(&self, frame: &[u8]);
+}
+
+/// A port's number on its switch.
+pub type PortId = u32;
+
+/// A learning switch.
+pub struct Switch {
+    name: String,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: PortId,
+    ports: Vec<(PortId, Weak<dyn SwitchPort>)>,
+    learned: HashMap<[u8; 6], PortId>,
+}
+
+impl Switch {
+    /// A switch with no ports.
+    pub fn new(name: &str) -> Arc<Switch> {
+        Arc::new(Switch { name: name.to_owned(), state: Mutex::new(State::default()) })
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Connects `port`; it stays connected until [`Switch::detach`] or until
+    /// it is dropped.
+    pub fn attach(&self, port: Weak<dyn SwitchPort>) -> PortId {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.ports.push((id, port));
+        id
+    }
+
+    /// Disconnects a port and forgets the addresses learned behind it.
+    pub fn detach(&self, id: PortId) {
+        let mut state = self.lock();
+        state.ports.retain(|(port, _)| *port != id);
+        state.learned.retain(|_, port| *port != id);
+    }
+
+    /// Carries `frame`, sent by port `from`, to its destination port(s).
+    /// Frames too short to hold an Ethernet header are dropped.
+    pub fn forward(&self, from: PortId, frame: &[u8]) {
+        let Some((destination, source)) = addresses(frame) else { return };
+        let targets: Vec<Arc<dyn SwitchPort>> = {
+            let mut state = self.lock();
+            if !is_multicast(&source) {
+                if state.learned.len() >= MAX_LEARNED && !state.learned.contains_key(&source) {
+                    state.learned.clear();
+                }
+                state.learned.insert(source, from);
+            }
+            let known = if is_multicast(&destination) { None } else { state.learned.get(&destination).copied() };
+            state
+                .ports
+                .iter()
+                .filter(|(id, _)| *id != from && known.is_none_or(|target| target == *id))
+                .filter_map(|(_, port)| port.upgrade())
+                .collect()
+        };
+        for target in targets {
+            target.receive(frame);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Destination and source MAC of a frame.
+fn addresses(frame: &[u8]) -> Option<([u8; 6], [u8; 6])> {
+    let destination = frame.get(0..6)?.try_into().ok()?;
+    let source = frame.get(6..12)?.try_into().ok()?;
+    frame.get(12..14)?;
+    Some((destination, source))
+}
+
+/// Group addresses (broadcast included) have the low bit of the first octet set.
+fn is_multicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 != 0
+}
+
+/// The switches of one reflector, by name.
+#[derive(Default)]
+pub struct Switches {
+    by_name: Mutex<HashMap<String, Arc<Switch>>>,
+}
+
+impl Switches {
+    /// The switch called `name`, created on first use.
+    pub fn get(&self, name: &str) -> Arc<Switch> {
+        let mut switches = self.by_name.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        switches.entry(name.to_owned()).or_insert_with(|| Switch::new(name)).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<Vec<u8>>>);
+
+    impl SwitchPort for Recorder {
+        fn receive(&self, frame: &[u8]) {
+            self.0.lock().unwrap().push(frame.to_vec());
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<Vec<u8>> {
+            std::mem::take(&mut self.0.lock().unwrap())
+        }
+    }
+
+    fn frame(destination: u8, source: u8) -> Vec<u8> {
+        let mut frame = vec![0u8; 60];
+        frame[0..6].copy_from_slice(&[2, 0, 0, 0, 0, destination]);
+        frame[6..12].copy_from_slice(&[2, 0, 0, 0, 0, source]);
+        frame
+    }
+
+    fn rig() -> (Arc<Switch>, Vec<(PortId, Arc<Recorder>)>) {
+        let switch = Switch::new("test");
+        let ports = (0..3)
+            .map(|_| {
+                let port = Arc::new(Recorder::default());
+                let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
+                (switch.attach(weak), port)
+            })
+            .collect();
+        (switch, ports)
+    }
+
+    #[test]
+    fn unknown_destinations_flood_then_learned_ones_go_to_one_port() {
+        let (switch, ports) = rig();
+        let (a, b, c) = (&ports[0], &ports[1], &ports[2]);
+        switch.forward(a.0, &frame(0xb, 0xa));
+        assert_eq!(a.1.take().len(), 0, "never back to the sender");
+        assert_eq!(b.1.take().len(), 1);
+        assert_eq!(c.1.take().len(), 1);
+        // b answers a: a's address was learned, so only a gets it.
+        switch.forward(b.0, &frame(0xa, 0xb));
+        assert_eq!((a.1.take().len(), c.1.take().len()), (1, 0));
+        // Now b is known too.
+        switch.forward(a.0, &frame(0xb, 0xa));
+        assert_eq!((b.1.take().len(), c.1.take().len()), (1, 0));
+    }
+
+    #[test]
+    fn broadcast_floods_runts_are_dropped_and_detached_ports_are_forgotten() {
+        let (switch, ports) = rig();
+        let mut broadcast = frame(0, 0xa);
+        broadcast[0..6].copy_from_slice(&[0xff; 6]);
+        switch.forward(ports[0].0, &broadcast);
+        assert_eq!((ports[1].1.take().len(), ports[2].1.take().len()), (1, 1));
+        switch.forward(ports[0].0, &broadcast[..13]);
+        assert!(ports[1].1.take().is_empty());
+        switch.forward(ports[1].0, &frame(0xa, 0xb));
+        switch.detach(ports[0].0);
+        switch.forward(ports[1].0, &frame(0xa, 0xb));
+        assert!(ports[0].1.take().len() == 1, "only the frame before the detach");
+        assert_eq!(ports[2].1.take().len(), 1, "a forgotten address floods again");
+    }
+
+    #[test]
+    fn a_flood_of_source_addresses_is_bounded() {
+        let (switch, ports) = rig();
+        for i in 0..(MAX_LEARNED as u32 + 10) {
+            let mut f = frame(0xb, 0);
+            f[8..12].copy_from_slice(&i.to_be_bytes());
+            switch.forward(ports[0].0, &f);
+        }
+        assert!(switch.lock().learned.len() <= MAX_LEARNED);
+    }
+}

@@ -1,0 +1,87 @@
+//! Counters of a device (block or net), readable while it runs: the control
+//! socket reports them (`reflector status`, `reflector metrics`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+/// Recovery stalls kept for percentiles (the most recent ones).
+const STALL_HISTORY: usize = 4096;
+
+/// Counters, readable while the device runs.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Chains taken from the client.
+    pub requests: AtomicU64,
+    /// Chains completed.
+    pub completed: AtomicU64,
+    /// Chains refused as malformed.
+    pub malformed: AtomicU64,
+    /// Requests completed with an error status.
+    pub errors: AtomicU64,
+    /// Driver protocol violations seen.
+    pub violations: AtomicU64,
+    /// Driver VM faults of any kind.
+    pub faults: AtomicU64,
+    /// Driver VMs started after a fault.
+    pub restarts: AtomicU64,
+    /// Requests sent again to a new driver VM.
+    pub replayed: AtomicU64,
+    /// Bytes read for the client.
+    pub bytes_read: AtomicU64,
+    /// Bytes written for the client.
+    pub bytes_written: AtomicU64,
+    /// Net: frames taken from the client's transmit queue.
+    pub tx_frames: AtomicU64,
+    /// Net: frames delivered into the client's receive queue.
+    pub rx_frames: AtomicU64,
+    /// Net: frame bytes transmitted for the client.
+    pub tx_bytes: AtomicU64,
+    /// Net: frame bytes received for the client.
+    pub rx_bytes: AtomicU64,
+    /// Net: transmitted frames lost in a driver VM that failed (at most
+    /// once: they are never sent again).
+    pub tx_lost: AtomicU64,
+    /// Net: received frames dropped by the reflector (no client buffer could
+    /// hold them, or the device had failed).
+    pub rx_dropped: AtomicU64,
+    /// Requests handed to the driver VM and not yet completed.
+    pub in_flight: AtomicU64,
+    /// The current driver VM's pid (0 while none runs).
+    pub driver_pid: AtomicU64,
+    /// The warm spare's pid (0 if none).
+    pub spare_pid: AtomicU64,
+    /// `state_name` index of the device's driver state.
+    pub state: AtomicU64,
+    /// The last fault, for operators.
+    pub last_fault: Mutex<String>,
+    /// Recovery stalls, in microseconds: from the fault (or the first request
+    /// after it, if none was pending) to the next completion.
+    pub stalls_us: Mutex<VecDeque<u64>>,
+}
+
+/// Names of the driver states, indexed by `Metrics::state`.
+pub const STATE_NAMES: [&str; 3] = ["running", "awaiting_restart", "failed"];
+
+impl Metrics {
+    /// Records one recovery stall, keeping the most recent ones.
+    pub fn record_stall(&self, stall_us: u64) {
+        if let Ok(mut stalls) = self.stalls_us.lock() {
+            if stalls.len() == STALL_HISTORY {
+                stalls.pop_front();
+            }
+            stalls.push_back(stall_us);
+        }
+    }
+
+    /// Median, p99 and max of the recorded recovery stalls, in microseconds.
+    pub fn stall_percentiles(&self) -> Option<(u64, u64, u64)> {
+        let mut stalls: Vec<u64> = self.stalls_us.lock().ok()?.iter().copied().collect();
+        if stalls.is_empty() {
+            return None;
+        }
+        stalls.sort_unstable();
+        let at = |q: f64| stalls[((q * stalls.len() as f64).ceil() as usize).clamp(1, stalls.len()) - 1];
+        Some((at(0.5), at(0.99), stalls[stalls.len() - 1]))
+    }
+}

@@ -1,0 +1,728 @@
+//! The vhost-user-net device: a `VhostUserBackendMut` whose frames are
+//! moved by a driver VM driving a network card, which it replaces
+//! transparently when it fails.
+//!
+//! Transmit: the client kicks the TX queue → each chain is checked and its
+//! frame copied into a free TX slot (`marshal`), the chain is returned to
+//! the client at once, and the frame is pushed into the channel; the driver
+//! hands it to the card. Receive: the reflector keeps its RX slots posted
+//! to the driver as empty buffers; a completed one holds a frame until the
+//! client has receive buffers for it (mergeable buffers let a frame span
+//! several), then is posted again. The client's receive chains are taken
+//! from its queue as soon as it offers them, and wait here for frames.
+//!
+//! Recovery (DESIGN.md, restart protocol) is the block device's, with
+//! network semantics: on a fault the driver VM is killed and the card
+//! quiesced, valid answers are kept, frames the dead driver was sending are
+//! lost (at most once: never sent again), received frames not yet delivered
+//! are kept, and a new driver VM resets the card. The link the client sees
+//! stays up throughout: it is the card's carrier, not the driver's state.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_abi::channel::{self, RequestEntry};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::marshal::{self, Segment};
+use super::slots::{NetSlots, SlotState};
+use crate::channel::Channel;
+use crate::driver_answers::{self, NetAnswer};
+use crate::driver_vms::DriverVms;
+use crate::hw::{InterruptRoute, NetHardware};
+use crate::metrics::Metrics;
+use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
+use crate::supervisor::DriverLauncher;
+use crate::worker::{nonblocking_timer, signal_used};
+
+/// Queues offered to the client: one receive/transmit pair.
+pub const NUM_QUEUES: usize = 2;
+/// Largest queue a client may set up (QEMU's limit for vhost-user-net).
+pub const QUEUE_SIZE: usize = 1024;
+/// Epoll data of the driver VM's completion doorbell (ids up to NUM_QUEUES
+/// are the library's).
+pub const COMPLETION_EVENT: u16 = NUM_QUEUES as u16 + 1;
+/// Epoll data of "a driver VM exited".
+pub const DRIVER_EXIT_EVENT: u16 = NUM_QUEUES as u16 + 2;
+/// Epoll data of the hang watchdog timer.
+pub const HANG_EVENT: u16 = NUM_QUEUES as u16 + 3;
+/// Epoll data of the delayed-restart (and cool-down) timer.
+pub const RESTART_EVENT: u16 = NUM_QUEUES as u16 + 4;
+/// Epoll data of "an operator asked to recover a failed device".
+pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
+/// Epoll data of "kill the driver VM" (operators, chaos).
+pub const KILL_EVENT: u16 = NUM_QUEUES as u16 + 6;
+/// Longest descriptor chain read: a frame of at most MAX_FRAME bytes plus
+/// its header needs no more, whatever the client's buffer sizes.
+const MAX_CHAIN: usize = guest_abi::nic::MAX_FRAME as usize + virtio::net::HEADER_LEN;
+
+/// A client receive chain waiting for a frame.
+struct RxBuffer {
+    head: u16,
+    segments: Vec<Segment>,
+    capacity: u32,
+}
+
+/// Where the device stands with its driver VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DriverState {
+    Running,
+    AwaitingRestart,
+    Failed,
+}
+
+/// What a net device is wired to.
+pub struct NetWiring {
+    /// The channel into the driver VM.
+    pub channel: Channel,
+    /// The card (quiesced on faults; its MAC and link are the client's).
+    pub hardware: Arc<dyn NetHardware + Sync>,
+    /// Where the card's interrupt goes (routed to the driver VM's line 1).
+    pub device_interrupt: Arc<InterruptRoute>,
+    /// Signalled by the driver VM's completion doorbell (its doorbell 0).
+    pub completion_doorbell: EventFd,
+    /// Signalled when a driver VM process exits.
+    pub driver_exited: EventFd,
+    /// Starts driver VMs wired to this device.
+    pub launcher: DriverLauncher,
+}
+
+/// The device.
+pub struct NetDevice {
+    name: String,
+    hardware: Arc<dyn NetHardware + Sync>,
+    event_idx: bool,
+    mergeable: bool,
+    memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    channel: Channel,
+    slots: NetSlots,
+    /// RX slots holding frames, oldest first.
+    held: VecDeque<u32>,
+    /// Client receive chains taken from its queue, oldest first.
+    rx_buffers: VecDeque<RxBuffer>,
+    completion_doorbell: EventFd,
+    driver_exited: EventFd,
+    drivers: DriverVms,
+    state: DriverState,
+    tracker: RestartTracker,
+    hang_deadline: Duration,
+    hang_timer: TimerFd,
+    hang_armed: bool,
+    last_progress: Instant,
+    restart_timer: TimerFd,
+    recover: EventFd,
+    kill: EventFd,
+    fault_at: Option<Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl NetDevice {
+    /// A device served through `wiring`; starts its first driver VM.
+    pub fn new(name: &str, wiring: NetWiring, recovery: RecoveryConfig) -> std::io::Result<Self> {
+        let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
+        let mut tracker = RestartTracker::new(recovery.policy);
+        tracker.started(Instant::now());
+        let mut device = NetDevice {
+            name: name.to_owned(),
+            hardware: wiring.hardware,
+            event_idx: false,
+            mergeable: false,
+            memory: None,
+            channel: wiring.channel,
+            slots: NetSlots::default(),
+            held: VecDeque::new(),
+            rx_buffers: VecDeque::new(),
+            completion_doorbell: wiring.completion_doorbell,
+            driver_exited: wiring.driver_exited,
+            drivers,
+            state: DriverState::Running,
+            tracker,
+            hang_deadline: recovery.hang_deadline,
+            hang_timer: nonblocking_timer()?,
+            hang_armed: false,
+            last_progress: Instant::now(),
+            restart_timer: nonblocking_timer()?,
+            recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            fault_at: None,
+            metrics: Arc::new(Metrics::default()),
+        };
+        device.post_rx_buffers();
+        device.publish_state();
+        Ok(device)
+    }
+
+    /// Mirrors the state operators see (`reflector status`).
+    fn publish_state(&self) {
+        let state = match self.state {
+            DriverState::Running => 0,
+            DriverState::AwaitingRestart => 1,
+            DriverState::Failed => 2,
+        };
+        self.metrics.state.store(state, Ordering::Relaxed);
+        self.metrics.driver_pid.store(self.drivers.current_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        self.metrics.spare_pid.store(self.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        self.metrics.in_flight.store(self.slots.tx_in_flight() as u64, Ordering::Relaxed);
+    }
+
+    /// An eventfd that makes a failed device try a new driver VM at once.
+    pub fn recover_trigger(&self) -> std::io::Result<EventFd> {
+        self.recover.try_clone()
+    }
+
+    /// An eventfd that makes the device SIGKILL its current driver VM.
+    pub fn kill_trigger(&self) -> std::io::Result<EventFd> {
+        self.kill.try_clone()
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Kills the driver VMs for good (the reflector is stopping).
+    pub fn shutdown(&mut self) {
+        self.drivers.shutdown();
+    }
+
+    /// The file descriptors the vhost-user worker must watch, with their ids.
+    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 6] {
+        use std::os::fd::AsRawFd;
+        [
+            (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
+            (self.driver_exited.as_raw_fd(), DRIVER_EXIT_EVENT),
+            (self.hang_timer.as_raw_fd(), HANG_EVENT),
+            (self.restart_timer.as_raw_fd(), RESTART_EVENT),
+            (self.recover.as_raw_fd(), RECOVER_EVENT),
+            (self.kill.as_raw_fd(), KILL_EVENT),
+        ]
+    }
+
+    /// Forgets a client that went away: its buffers are gone, and frames
+    /// received for it are dropped.
+    pub fn client_gone(&mut self) {
+        self.rx_buffers.clear();
+        self.metrics.rx_dropped.fetch_add(self.held.len() as u64, Ordering::Relaxed);
+        for slot in self.held.drain(..) {
+            self.slots.release(slot);
+        }
+        self.memory = None;
+        self.post_rx_buffers();
+    }
+
+    /// Posts every idle RX slot to the driver, while one runs.
+    fn post_rx_buffers(&mut self) {
+        if self.state != DriverState::Running {
+            return;
+        }
+        let posted = self.slots.post_idle_rx();
+        if posted.is_empty() {
+            return;
+        }
+        for (slot, id) in posted {
+            let len = channel::SLOT_SIZE.min(guest_abi::nic::MAX_FRAME);
+            self.channel.push(RequestEntry { id, op: channel::op::NET_RX, slot, sector: 0, len, reserved: 0 });
+        }
+        self.channel.publish(self.drivers.request_interrupt());
+    }
+
+    /// Takes the client's transmit chains while TX slots are free (or drops
+    /// them while the device has failed).
+    fn process_tx(&mut self, tx: &VringRwLock) -> std::io::Result<()> {
+        let Some(atomic) = self.memory.clone() else { return Ok(()) };
+        let memory = atomic.memory();
+        if !tx.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        let mut sent = false;
+        loop {
+            if self.event_idx {
+                tx.disable_notification().map_err(std::io::Error::other)?;
+            }
+            while self.state == DriverState::Failed || (self.state == DriverState::Running && self.slots.tx_available())
+            {
+                let Some((head, segments)) = pop_chain(tx, &memory) else { break };
+                sent |= self.transmit(&memory, head, &segments);
+                if let Err(error) = tx.add_used(head, 0) {
+                    tracing::warn!(device = %self.name, head, %error, "cannot return a transmit chain");
+                }
+            }
+            let blocked = self.state != DriverState::Failed && !self.slots.tx_available();
+            if blocked || !self.event_idx || !tx.enable_notification().map_err(std::io::Error::other)? {
+                break;
+            }
+        }
+        if sent {
+            self.channel.publish(self.drivers.request_interrupt());
+            self.arm_hang_watch();
+        }
+        signal_used(tx)
+    }
+
+    /// Copies one transmit chain's frame into a TX slot and the channel;
+    /// false if it was dropped (malformed, or the device failed).
+    fn transmit(&mut self, memory: &GuestMemoryMmap, head: u16, segments: &[Segment]) -> bool {
+        let len = match marshal::tx_frame_len(memory, segments) {
+            Ok(len) => len,
+            Err(reason) => {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(device = %self.name, head, %reason, "malformed transmit chain dropped");
+                return false;
+            }
+        };
+        if self.state == DriverState::Failed {
+            self.metrics.tx_lost.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let Some((slot, id)) = self.slots.start_tx(len) else { return false };
+        let copied =
+            self.channel.slot(slot, len as usize).map(|bounce| marshal::copy_tx_frame(memory, segments, &bounce));
+        if !matches!(copied, Some(Ok(_))) {
+            self.slots.release(slot);
+            self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.channel.push(RequestEntry { id, op: channel::op::NET_TX, slot, sector: 0, len, reserved: 0 });
+        self.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
+        self.metrics.tx_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+        true
+    }
+
+    /// Takes every receive chain the client offers, then delivers held frames.
+    fn process_rx(&mut self, rx: &VringRwLock) -> std::io::Result<()> {
+        let Some(atomic) = self.memory.clone() else { return Ok(()) };
+        let memory = atomic.memory();
+        if !rx.get_ref().get_queue().ready() {
+            return Ok(());
+        }
+        loop {
+            if self.event_idx {
+                rx.disable_notification().map_err(std::io::Error::other)?;
+            }
+            while let Some((head, segments)) = pop_chain(rx, &memory) {
+                match marshal::rx_capacity(&memory, &segments) {
+                    Ok(capacity) => self.rx_buffers.push_back(RxBuffer { head, segments, capacity }),
+                    Err(reason) => {
+                        self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(device = %self.name, head, %reason, "malformed receive chain returned unused");
+                        let _ = rx.add_used(head, 0);
+                    }
+                }
+            }
+            if !self.event_idx || !rx.enable_notification().map_err(std::io::Error::other)? {
+                break;
+            }
+        }
+        self.deliver_held(rx, &memory);
+        signal_used(rx)
+    }
+
+    /// Writes held frames into the client's receive chains, oldest first,
+    /// and posts the freed slots again.
+    fn deliver_held(&mut self, rx: &VringRwLock, memory: &GuestMemoryMmap) {
+        while let Some(&slot) = self.held.front() {
+            let Some((SlotState::RxHeld(len), _)) = self.slots.get(slot) else {
+                self.held.pop_front();
+                continue;
+            };
+            let needed = virtio::net::HEADER_LEN as u32 + len;
+            let Some(count) = self.buffers_for(needed) else { break };
+            self.held.pop_front();
+            let chains: Vec<RxBuffer> = self.rx_buffers.drain(..count).collect();
+            if count == 0 {
+                // The client's buffers are too small for the frame (no
+                // mergeable buffers negotiated): drop the frame, keep them.
+                self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                self.slots.release(slot);
+                continue;
+            }
+            let segments: Vec<Vec<Segment>> = chains.iter().map(|c| c.segments.clone()).collect();
+            let written =
+                self.channel.slot(slot, len as usize).map(|frame| marshal::write_rx_frame(memory, &segments, &frame));
+            self.slots.release(slot);
+            let used = match written {
+                Some(Ok(used)) => {
+                    self.metrics.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.rx_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
+                    used
+                }
+                _ => {
+                    self.metrics.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    vec![0; chains.len()]
+                }
+            };
+            for (chain, used) in chains.iter().zip(used) {
+                if let Err(error) = rx.add_used(chain.head, used) {
+                    tracing::warn!(device = %self.name, head = chain.head, %error, "cannot return a receive chain");
+                }
+            }
+        }
+        self.post_rx_buffers();
+    }
+
+    /// How many of the waiting receive chains a frame of `needed` bytes
+    /// takes; `Some(0)` if it can never fit, `None` if more are needed.
+    fn buffers_for(&self, needed: u32) -> Option<usize> {
+        if !self.mergeable {
+            let first = self.rx_buffers.front()?;
+            return Some(if first.capacity >= needed { 1 } else { 0 });
+        }
+        let mut total = 0u64;
+        for (index, buffer) in self.rx_buffers.iter().enumerate() {
+            total += u64::from(buffer.capacity);
+            if total >= u64::from(needed) {
+                return Some(index + 1);
+            }
+        }
+        None
+    }
+
+    fn process_completions(&mut self, vrings: &[VringRwLock]) -> std::io::Result<()> {
+        if self.state != DriverState::Running {
+            return Ok(());
+        }
+        let completions = match self.channel.take_completions() {
+            Ok(completions) => completions,
+            Err(violation) => {
+                self.metrics.violations.fetch_add(1, Ordering::Relaxed);
+                self.fault(vrings, Fault::Violation(violation.to_string()));
+                return Ok(());
+            }
+        };
+        for completion in completions {
+            match driver_answers::check_net(&completion, &self.slots) {
+                Ok(answer) => self.take_answer(answer),
+                Err(violation) => {
+                    self.metrics.violations.fetch_add(1, Ordering::Relaxed);
+                    self.fault(vrings, Fault::Violation(violation.to_string()));
+                    return Ok(());
+                }
+            }
+        }
+        self.after_answers(vrings)
+    }
+
+    fn take_answer(&mut self, answer: NetAnswer) {
+        self.progress();
+        match answer {
+            NetAnswer::Sent { slot, sent } => {
+                if !sent {
+                    self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                self.slots.release(slot);
+            }
+            NetAnswer::Received { slot, len: Some(len) } => {
+                self.slots.hold(slot, len);
+                self.held.push_back(slot);
+            }
+            NetAnswer::Received { slot, len: None } => {
+                self.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                self.slots.release(slot);
+            }
+        }
+    }
+
+    /// After answers: deliver frames, send what waited for slots.
+    fn after_answers(&mut self, vrings: &[VringRwLock]) -> std::io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.get(virtio::net::RX_QUEUE), vrings.get(virtio::net::TX_QUEUE)) else {
+            return Ok(());
+        };
+        match self.memory.clone() {
+            Some(atomic) if rx.get_ref().get_queue().ready() => {
+                self.deliver_held(rx, &atomic.memory());
+                signal_used(rx)?;
+            }
+            _ => self.post_rx_buffers(),
+        }
+        self.process_tx(tx)
+    }
+
+    /// A completion arrived: the driver VM is alive and making progress.
+    fn progress(&mut self) {
+        let now = Instant::now();
+        self.last_progress = now;
+        if let Some(fault_at) = self.fault_at.take() {
+            let stall = now.duration_since(fault_at).as_micros() as u64;
+            self.metrics.record_stall(stall);
+            tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
+            self.drivers.launch_wanted_spare();
+        }
+    }
+
+    /// Handles a driver VM fault: kill it, stop the card's DMA, keep what
+    /// it answered correctly, then restart now, later, or fail.
+    fn fault(&mut self, vrings: &[VringRwLock], fault: Fault) {
+        if self.state != DriverState::Running {
+            return;
+        }
+        let pid = self.drivers.current_pid();
+        tracing::warn!(device = %self.name, driver_vm = %self.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
+        self.metrics.faults.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.metrics.last_fault.lock() {
+            *last = format!("{}: {fault}", fault.kind());
+        }
+        self.drivers.drop_current();
+        self.hardware.quiesce();
+        self.salvage();
+        let lost = self.slots.driver_gone();
+        self.metrics.tx_lost.fetch_add(lost, Ordering::Relaxed);
+        self.disarm_hang_watch();
+        self.fault_at.get_or_insert_with(Instant::now);
+        match self.tracker.on_fault(Instant::now()) {
+            Decision::Restart(delay) if delay.is_zero() => self.restart(vrings),
+            Decision::Restart(delay) => {
+                tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
+                self.state = DriverState::AwaitingRestart;
+                self.arm_restart_timer(delay);
+            }
+            Decision::Fail => {
+                let cool_down = self.tracker.policy().cool_down;
+                tracing::error!(device = %self.name, cool_down_s = cool_down.as_secs(), "too many driver VM faults: the device drops frames until the cool-down ends");
+                self.state = DriverState::Failed;
+                self.arm_restart_timer(cool_down);
+                if let Some(tx) = vrings.get(virtio::net::TX_QUEUE) {
+                    let _ = self.process_tx(tx);
+                }
+            }
+        }
+    }
+
+    /// Keeps what the dead driver answered correctly; stops at the first
+    /// answer that fails a check.
+    fn salvage(&mut self) {
+        let Ok(completions) = self.channel.take_completions() else { return };
+        for completion in completions {
+            let Ok(answer) = driver_answers::check_net(&completion, &self.slots) else { return };
+            self.take_answer(answer);
+        }
+    }
+
+    /// Starts a new driver VM on a new channel generation and gives it the
+    /// receive buffers and whatever waited to be sent.
+    fn restart(&mut self, vrings: &[VringRwLock]) {
+        let generation = self.channel.reset();
+        match self.drivers.replace() {
+            Ok((pid, warm)) => {
+                tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");
+                self.tracker.started(Instant::now());
+                self.state = DriverState::Running;
+                self.publish_state();
+                self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(device = %self.name, %error, "cannot start a driver VM");
+                self.state = DriverState::AwaitingRestart;
+                self.arm_restart_timer(self.tracker.policy().backoff_max);
+                return;
+            }
+        }
+        self.last_progress = Instant::now();
+        if let Err(error) = self.after_answers(vrings) {
+            tracing::warn!(device = %self.name, %error, "resuming the queues after a restart failed");
+        }
+        self.channel.publish(self.drivers.request_interrupt());
+    }
+
+    fn arm_hang_watch(&mut self) {
+        if self.hang_armed || self.slots.tx_in_flight() == 0 || self.state != DriverState::Running {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let period = self.hang_deadline / 4;
+        if self.hang_timer.reset(period, Some(period)).is_ok() {
+            self.hang_armed = true;
+        }
+    }
+
+    fn disarm_hang_watch(&mut self) {
+        if self.hang_armed {
+            let _ = self.hang_timer.clear();
+            self.hang_armed = false;
+        }
+    }
+
+    fn check_hang(&mut self, vrings: &[VringRwLock]) {
+        let _ = self.hang_timer.wait();
+        if self.slots.tx_in_flight() == 0 || self.state != DriverState::Running {
+            self.disarm_hang_watch();
+            return;
+        }
+        if self.last_progress.elapsed() >= self.hang_deadline {
+            self.fault(vrings, Fault::Hang(self.hang_deadline));
+        }
+    }
+
+    fn arm_restart_timer(&mut self, delay: Duration) {
+        if let Err(error) = self.restart_timer.reset(delay.max(Duration::from_micros(1)), None) {
+            tracing::error!(device = %self.name, %error, "cannot arm the restart timer");
+        }
+    }
+
+    fn restart_timer_fired(&mut self, vrings: &[VringRwLock]) {
+        let _ = self.restart_timer.wait();
+        match self.state {
+            DriverState::Running => {}
+            DriverState::AwaitingRestart => self.restart(vrings),
+            DriverState::Failed => {
+                tracing::info!(device = %self.name, "cool-down over: trying a new driver VM");
+                self.tracker.reset();
+                self.restart(vrings);
+            }
+        }
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        use virtio::net::config;
+        let mut bytes = vec![0u8; config::LEN];
+        bytes[config::MAC..config::MAC + 6].copy_from_slice(&self.hardware.mac());
+        let status = if self.hardware.link_up() { virtio::net::S_LINK_UP } else { 0 };
+        bytes[config::STATUS..config::STATUS + 2].copy_from_slice(&status.to_le_bytes());
+        bytes[config::MAX_VIRTQUEUE_PAIRS..config::MAX_VIRTQUEUE_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
+        bytes
+    }
+}
+
+/// Pops one chain with its descriptors (at most MAX_CHAIN bytes' worth are
+/// kept: a longer chain is refused by `marshal` for its length anyway).
+fn pop_chain(vring: &VringRwLock, memory: &GuestMemoryMmap) -> Option<(u16, Vec<Segment>)> {
+    let mut state = vring.get_mut();
+    let chain = state.get_queue_mut().pop_descriptor_chain(memory)?;
+    let head = chain.head_index();
+    let mut segments = Vec::new();
+    let mut bytes = 0usize;
+    for descriptor in chain {
+        segments.push(Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() });
+        bytes = bytes.saturating_add(descriptor.len() as usize);
+        if bytes > MAX_CHAIN + virtio::net::HEADER_LEN {
+            break;
+        }
+    }
+    Some((head, segments))
+}
+
+impl VhostUserBackendMut for NetDevice {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self.config_space();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut bytes = config[start..end].to_vec();
+        bytes.resize(size as usize, 0);
+        bytes
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(error) => {
+                tracing::error!(device = %self.name, %error, "cannot create a worker exit event");
+                None
+            }
+        }
+    }
+
+    fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.memory = Some(memory);
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        let (Some(rx), Some(tx)) = (vrings.get(virtio::net::RX_QUEUE), vrings.get(virtio::net::TX_QUEUE)) else {
+            return Ok(());
+        };
+        let result = match device_event {
+            0 => self.process_rx(rx),
+            1 => self.process_tx(tx),
+            COMPLETION_EVENT => {
+                let _ = self.completion_doorbell.read();
+                self.process_completions(vrings)
+            }
+            DRIVER_EXIT_EVENT => {
+                let _ = self.driver_exited.read();
+                if let Some(report) = self.drivers.exited() {
+                    self.fault(vrings, Fault::Exited(report));
+                }
+                Ok(())
+            }
+            HANG_EVENT => {
+                self.check_hang(vrings);
+                Ok(())
+            }
+            RESTART_EVENT => {
+                self.restart_timer_fired(vrings);
+                Ok(())
+            }
+            RECOVER_EVENT => {
+                let _ = self.recover.read();
+                if self.state == DriverState::Failed {
+                    tracing::info!(device = %self.name, "recovery requested by an operator");
+                    self.tracker.reset();
+                    self.restart(vrings);
+                }
+                Ok(())
+            }
+            KILL_EVENT => {
+                let _ = self.kill.read();
+                self.drivers.kill_current();
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        self.publish_state();
+        // An error returned here would end the vhost-user worker for good.
+        if let Err(error) = result {
+            tracing::warn!(device = %self.name, device_event, %error, "event handling failed");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! The net device's bounce slots: a fixed share receives (posted to the
+//! driver as empty buffers, then held with a frame until the client has
+//! room for it), the rest transmits (one frame each until the driver
+//! completes it). Each use of a slot gets a new request id, so an answer
+//! about an earlier use (or an earlier driver VM) never matches.
+
+use guest_abi::channel::SLOT_COUNT;
+
+/// Slots used for receiving: half, so that a burst in one direction never
+/// starves the other.
+pub const RX_SLOTS: u32 = SLOT_COUNT / 2;
+
+/// What a slot is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Not with the driver (a free TX slot; an RX slot between driver VMs).
+    Idle,
+    /// An empty receive buffer the driver holds.
+    RxPosted,
+    /// A received frame of this length, waiting for client buffers.
+    RxHeld(u32),
+    /// A frame of this length the driver is sending.
+    TxSending(u32),
+}
+
+/// The slot table.
+pub struct NetSlots {
+    ids: Vec<u64>,
+    states: Vec<SlotState>,
+    free_tx: Vec<u32>,
+}
+
+impl Default for NetSlots {
+    fn default() -> Self {
+        NetSlots {
+            ids: (0..u64::from(SLOT_COUNT)).collect(),
+            states: vec![SlotState::Idle; SLOT_COUNT as usize],
+            free_tx: (RX_SLOTS..SLOT_COUNT).rev().collect(),
+        }
+    }
+}
+
+impl NetSlots {
+    /// State and current id of `slot`.
+    pub fn get(&self, slot: u32) -> Option<(SlotState, u64)> {
+        Some((*self.states.get(slot as usize)?, *self.ids.get(slot as usize)?))
+    }
+
+    fn next_id(&mut self, slot: u32) -> u64 {
+        let id = &mut self.ids[slot as usize];
+        *id = id.wrapping_add(u64::from(SLOT_COUNT));
+        *id
+    }
+
+    /// Whether a TX slot is free.
+    pub fn tx_available(&self) -> bool {
+        !self.free_tx.is_empty()
+    }
+
+    /// Takes a free TX slot for a frame of `len` bytes: (slot, id).
+    pub fn start_tx(&mut self, len: u32) -> Option<(u32, u64)> {
+        let slot = self.free_tx.pop()?;
+        self.states[slot as usize] = SlotState::TxSending(len);
+        Some((slot, self.next_id(slot)))
+    }
+
+    /// The idle RX slots, to post: marks them posted and returns (slot, id).
+    pub fn post_idle_rx(&mut self) -> Vec<(u32, u64)> {
+        (0..RX_SLOTS)
+            .filter(|&slot| self.states[slot as usize] == SlotState::Idle)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|slot| {
+                self.states[slot as usize] = SlotState::RxPosted;
+                (slot, self.next_id(slot))
+            })
+            .collect()
+    }
+
+    /// A posted RX slot now holds a frame.
+    pub fn hold(&mut self, slot: u32, len: u32) {
+        self.states[slot as usize] = SlotState::RxHeld(len);
+    }
+
+    /// Frees a slot: a TX slot becomes available, an RX slot idle (to be
+    /// posted again).
+    pub fn release(&mut self, slot: u32) {
+        let Some(state) = self.states.get_mut(slot as usize) else { return };
+        let was = std::mem::replace(state, SlotState::Idle);
+        if slot >= RX_SLOTS && was != SlotState::Idle {
+            self.free_tx.push(slot);
+        }
+    }
+
+    /// The driver VM is gone: every slot it held is released (held frames
+    /// stay). Returns the number of frames that were being sent (lost).
+    pub fn driver_gone(&mut self) -> u64 {
+        let mut lost = 0;
+        for slot in 0..SLOT_COUNT {
+            match self.states[slot as usize] {
+                SlotState::TxSending(_) => {
+                    lost += 1;
+                    self.release(slot);
+                }
+                SlotState::RxPosted => self.release(slot),
+                _ => {}
+            }
+        }
+        lost
+    }
+
+    /// Slots the driver holds (TX being sent).
+    pub fn tx_in_flight(&self) -> usize {
+        (SLOT_COUNT - RX_SLOTS) as usize - self.free_tx.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guest_abi::channel::slot_of;
+
+    #[test]
+    fn ids_change_with_every_use_and_tx_slots_run_out() {
+        let mut slots = NetSlots::default();
+        let posted = slots.post_idle_rx();
+        assert_eq!(posted.len(), RX_SLOTS as usize);
+        assert!(posted.iter().all(|&(slot, id)| slot_of(id) == slot && slot < RX_SLOTS));
+        assert!(slots.post_idle_rx().is_empty(), "posted slots are not posted twice");
+        let mut taken = Vec::new();
+        while let Some((slot, id)) = slots.start_tx(60) {
+            assert!(slot >= RX_SLOTS && slot_of(id) == slot);
+            taken.push((slot, id));
+        }
+        assert_eq!(taken.len(), (SLOT_COUNT - RX_SLOTS) as usize);
+        assert!(!slots.tx_available());
+        let (slot, id) = taken[0];
+        slots.release(slot);
+        let (again, new_id) = slots.start_tx(60).unwrap();
+        assert_eq!(again, slot);
+        assert_ne!(new_id, id);
+    }
+
+    #[test]
+    fn a_dead_driver_loses_its_sends_and_returns_its_buffers() {
+        let mut slots = NetSlots::default();
+        slots.post_idle_rx();
+        slots.hold(3, 100);
+        slots.start_tx(60);
+        slots.start_tx(70);
+        assert_eq!(slots.driver_gone(), 2);
+        assert_eq!(slots.tx_in_flight(), 0);
+        assert_eq!(slots.get(3).unwrap().0, SlotState::RxHeld(100), "received frames survive");
+        assert_eq!(slots.post_idle_rx().len(), RX_SLOTS as usize - 1);
+    }
+}

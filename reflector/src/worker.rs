@@ -1,0 +1,34 @@
+//! Small helpers for the vhost-user worker threads of every device.
+
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vmm_sys_util::timerfd::TimerFd;
+
+/// A timerfd whose read never blocks: several events of one epoll batch
+/// may disarm a timer whose expiry is already queued, and a blocking read of
+/// a disarmed timer would stall the worker for good.
+pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
+    use std::os::fd::AsRawFd;
+    let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: F_GETFL/F_SETFL on the timer's own descriptor.
+    let ok = unsafe {
+        let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(timer)
+}
+
+/// Tells the client about used buffers, if it asked to be told. Nothing to
+/// do while its queue is not set up (a timer may fire between two clients).
+pub fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
+    if !vring.get_ref().get_queue().ready() {
+        return Ok(());
+    }
+    if vring.needs_notification().map_err(std::io::Error::other)? {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
+}
