@@ -90,6 +90,7 @@ impl Driver for Net {
         loop {
             let posted = self.forward_requests();
             let completed = self.forward_completions();
+            self.publish_completions();
             let status = self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire);
             if status & nic::status::FATAL != 0 {
                 return Err(Error::Device("the card stopped with a fatal error"));
@@ -278,7 +279,8 @@ impl Net {
             },
             // A completion for a request that was never made.
             inject::LIE => {
-                self.complete(request.id.wrapping_add(u64::from(channel::SLOT_COUNT)), channel::status::OK, 60)
+                self.complete(request.id.wrapping_add(u64::from(channel::SLOT_COUNT)), channel::status::OK, 60);
+                self.publish_completions();
             }
             inject::STOP => driver_vm::kernel::exit(0),
             _ => {}
@@ -321,13 +323,24 @@ impl Net {
         head != start
     }
 
-    /// Publishes one completion to the reflector.
+    /// Writes one completion for the reflector (published by
+    /// `publish_completions`).
     fn complete(&mut self, id: u64, status: u32, len: u32) {
         let at = channel::COMPLETION_RING_OFFSET
             + (self.cmp_prod % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
         self.channel.write(at, CompletionEntry { id, status, len });
         self.cmp_prod = self.cmp_prod.wrapping_add(1);
-        self.channel.atomic_u32(header::CMP_PROD).store(self.cmp_prod, Ordering::Release);
+    }
+
+    /// Makes written completions visible and rings the reflector once for
+    /// all of them: a doorbell is a VM exit, the most expensive thing a
+    /// driver does, so a burst of frames costs one.
+    fn publish_completions(&mut self) {
+        let published = self.channel.atomic_u32(header::CMP_PROD);
+        if published.load(Ordering::Relaxed) == self.cmp_prod {
+            return;
+        }
+        published.store(self.cmp_prod, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.channel.atomic_u32(header::HOST_WAITING).load(Ordering::Acquire) != 0 {
             self.to_reflector.ring(1);
