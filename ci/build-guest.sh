@@ -2,7 +2,8 @@
 # Builds the Linux guest for the end-to-end tests:
 #   OUTDIR/vmlinuz          Debian's linux-image-*-cloud-amd64 6.12 (bookworm-backports)
 #   OUTDIR/vmlinux          the same kernel uncompressed (ELF, PVH entry; boots faster)
-#   OUTDIR/initramfs.cpio   busybox-static + fio + its libraries + virtio_blk + /init
+#   OUTDIR/initramfs.cpio   busybox-static + fio + its libraries + virtio_blk +
+#                           virtio_net (+ net_failover, failover) + /init
 #   OUTDIR/kernel-release   the kernel release string
 # The kernel .deb is fetched with `apt-get download` into OUTDIR/cache and
 # unpacked with dpkg-deb (nothing is installed on the host).
@@ -11,7 +12,8 @@
 #
 # Usage: ci/build-guest.sh OUTDIR
 # Env:   E2E_KERNEL_DEB=PATH   use this kernel .deb instead of downloading one
-#        E2E_GUEST_MODULES="virtio_blk ..."  modules to load in /init (deps added)
+#        E2E_GUEST_MODULES="virtio_blk virtio_net"  modules to load in /init (the
+#                              default; dependencies are added)
 #        E2E_REBUILD=1         rebuild even when the outputs are up to date
 #
 # The guest's /init reads its job from the kernel command line (keys without
@@ -19,6 +21,18 @@
 # seed=N fiosize=MiB iodepth=N fiotimeout=SEC devwait=SEC, and prints markers on
 # the serial console: "E2E-INIT:", "E2E-FIO:", "E2E-DMESG:", "E2E-RESULT: pass"
 # or "E2E-RESULT: fail <reason>", then powers off.
+# Network jobs (see qemu-net-pair.sh; no /dev/vda needed), on eth0 (virtio-net):
+#   job=net-server ip=A peer=B mib=N port=P netwait=SEC xfertimeout=SEC
+#       static address A/24, wait for carrier, receive one TCP connection with
+#       `nc -l` into /tmp/recv: "E2E-NET: received bytes=.. sha256=..".
+#   job=net-client ip=B peer=A mib=N seed=N pings=N port=P netwait=SEC xfertimeout=SEC
+#       ping the peer until it answers ("E2E-PING: first-answer ..."), then
+#       `ping -c PINGS -i 0.2` ("E2E-PING: phase=idle loss=..% rtt_avg_ms=.."),
+#       then N MiB from /dev/urandom sent with nc ("E2E-NET: transfer-start",
+#       "E2E-NET: transfer-end seconds=..", "E2E-NET: sent bytes=.. sha256=..")
+#       while a ping runs ("E2E-PING: phase=during-transfer ...") and eth0's
+#       carrier is sampled every 0.1 s ("E2E-LINK: down_samples=N samples=M").
+#       mib=0: only the ping phases, then an empty connection ends the server.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,7 +44,7 @@ out=$1
 mkdir -p "$out/cache"
 out=$(cd "$out" && pwd)
 cache=$out/cache
-modules=${E2E_GUEST_MODULES:-virtio_blk}
+modules=${E2E_GUEST_MODULES:-virtio_blk virtio_net}
 
 # One build at a time per OUTDIR (parallel test runs share it); a waiter then
 # finds the outputs up to date. Outputs are replaced by rename, so a QEMU
@@ -192,6 +206,7 @@ finish() { # finish pass | finish fail REASON...
 }
 
 job=fio-verify seed=1 fiosize=$E2E_FIO_DEFAULT_MIB iodepth=32 fiotimeout=900 devwait=30
+ip=10.0.0.1 peer=10.0.0.2 mib=32 port=5001 pings=20 netwait=120 xfertimeout=600
 for w in $(cat /proc/cmdline); do
     case "$w" in
     job=*) job=${w#*=} ;;
@@ -200,17 +215,152 @@ for w in $(cat /proc/cmdline); do
     iodepth=*) iodepth=${w#*=} ;;
     fiotimeout=*) fiotimeout=${w#*=} ;;
     devwait=*) devwait=${w#*=} ;;
+    ip=*) ip=${w#*=} ;;
+    peer=*) peer=${w#*=} ;;
+    mib=*) mib=${w#*=} ;;
+    port=*) port=${w#*=} ;;
+    pings=*) pings=${w#*=} ;;
+    netwait=*) netwait=${w#*=} ;;
+    xfertimeout=*) xfertimeout=${w#*=} ;;
     esac
 done
-for v in seed fiosize iodepth fiotimeout devwait; do
+for v in seed fiosize iodepth fiotimeout devwait mib port pings netwait xfertimeout; do
     eval "x=\$$v"
     case "$x" in '' | *[!0-9]*) finish fail "kernel command line: $v=$x is not a number" ;; esac
 done
-echo "E2E-JOB: job=$job seed=$seed fiosize=${fiosize}MiB iodepth=$iodepth"
+for v in ip peer; do
+    eval "x=\$$v"
+    case "$x" in '' | *[!0-9.]* | *..* | .* | *.) finish fail "kernel command line: $v=$x is not an IPv4 address" ;; esac
+done
+case "$job" in
+net-*) echo "E2E-JOB: job=$job ip=$ip peer=$peer mib=$mib seed=$seed port=$port pings=$pings" ;;
+*) echo "E2E-JOB: job=$job seed=$seed fiosize=${fiosize}MiB iodepth=$iodepth" ;;
+esac
 
 for m in $(cat /lib/modules/e2e/order); do
     insmod "/lib/modules/e2e/$m.ko" || finish fail "insmod $m failed (kernel/module mismatch?)"
 done
+
+# ---- network jobs (no block device) ----------------------------------------------
+now() { read -r up _ </proc/uptime && echo "$up"; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+net_up() { # eth0 up with $ip/24, carrier waited for (bounded by netwait)
+    t0=$(now)
+    i=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        i=$((i + 1))
+        [ "$i" -gt $((devwait * 10)) ] && finish fail "no eth0 after ${devwait}s: the virtio-net device did not appear"
+        usleep 100000
+    done
+    ip link set lo up
+    ip addr add "$ip/24" dev eth0 || finish fail "ip addr add $ip/24 dev eth0 failed"
+    ip link set eth0 up || finish fail "ip link set eth0 up failed"
+    i=0
+    while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ]; do
+        i=$((i + 1))
+        [ "$i" -gt $((netwait * 10)) ] && finish fail "eth0 has no carrier after ${netwait}s (vhost-user-net backend not ready?)"
+        usleep 100000
+    done
+    echo "E2E-NET: eth0 up ip=$ip mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu) carrier_after=$(since "$t0")s uptime=$(now)s"
+}
+ping_report() { # ping_report PHASE FILE: "E2E-PING: phase=.. loss=..% rtt_*_ms=.." from busybox ping's summary
+    tx=$(sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p' "$2" | tail -1)
+    rx=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' "$2" | tail -1)
+    loss=$(sed -n 's/.* \([0-9.]*\)% packet loss.*/\1/p' "$2" | tail -1)
+    rtt=$(sed -n 's#.*min/avg/max = \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*#rtt_min_ms=\1 rtt_avg_ms=\2 rtt_max_ms=\3#p' "$2" | tail -1)
+    # Percentiles of the replies' times (TCG has outliers the average hides).
+    pct=$(sed -n 's/.* time=\([0-9.]*\) ms.*/\1/p' "$2" | sort -n | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "rtt_p50_ms=- rtt_p90_ms=-"; exit }
+        a = int((NR + 1) / 2); b = int((NR * 9 + 9) / 10); if (b > NR) b = NR
+        printf "rtt_p50_ms=%s rtt_p90_ms=%s\n", v[a], v[b] }')
+    echo "E2E-PING: phase=$1 sent=${tx:-?} received=${rx:-?} loss=${loss:-?}% ${rtt:-rtt_min_ms=- rtt_avg_ms=- rtt_max_ms=-} $pct"
+}
+net_send() { # net_send FILE: one nc connection to the peer, retried while the server is not listening
+    n=0
+    while :; do
+        n=$((n + 1))
+        timeout "$xfertimeout" nc -w 5 "$peer" "$port" <"$1" >/dev/null 2>/tmp/nc.err
+        rc=$?
+        [ "$rc" = 0 ] && return 0
+        # busybox timeout: 124 or 143 (SIGTERM) when nc had to be stopped.
+        [ "$rc" = 124 ] || [ "$rc" = 143 ] &&
+            finish fail "nc to $peer:$port did not complete the transfer within ${xfertimeout}s (attempt $n): stalled?"
+        # Retry only when nothing was sent: the connection was refused or timed out.
+        grep -q "can't connect" /tmp/nc.err ||
+            finish fail "nc to $peer:$port failed (status $rc, attempt $n): $(cat /tmp/nc.err)"
+        [ "$n" -ge $((netwait * 2)) ] &&
+            finish fail "the server $peer:$port did not accept a connection in $n attempts: $(cat /tmp/nc.err)"
+        usleep 500000
+    done
+}
+case "$job" in
+net-server)
+    net_up
+    # nc copies its stdin to the connection and ends on the first EOF of
+    # either side: a FIFO opened read-write never has EOF.
+    mkfifo /tmp/nc.in || finish fail "mkfifo failed"
+    echo "E2E-NET: listening port=$port uptime=$(now)s"
+    timeout "$xfertimeout" nc -l -p "$port" <>/tmp/nc.in >/tmp/recv 2>/tmp/nc.err
+    rc=$?
+    echo "E2E-NET: recv-end status=$rc uptime=$(now)s"
+    [ "$rc" = 0 ] || finish fail "nc -l -p $port: no complete transfer within ${xfertimeout}s (status $rc, $(wc -c </tmp/recv) bytes received): $(cat /tmp/nc.err)"
+    bytes=$(wc -c </tmp/recv)
+    echo "E2E-NET: received bytes=$bytes sha256=$(sha256sum </tmp/recv | cut -d' ' -f1)"
+    [ "$bytes" = $((mib * 1048576)) ] || finish fail "received $bytes bytes, expected $((mib * 1048576))"
+    finish pass
+    ;;
+net-client)
+    net_up
+    t0=$(now)
+    n=0
+    until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
+        n=$((n + 1))
+        s=$(since "$t0")
+        [ "${s%.*}" -ge "$netwait" ] && finish fail "the peer $peer did not answer a ping within ${netwait}s ($n pings)"
+        usleep 100000 # (ping fails at once while ARP has no answer)
+    done
+    echo "E2E-PING: first-answer after=$(since "$t0")s failed_attempts=$n uptime=$(now)s"
+    ping -c "$pings" -i 0.2 -W 2 "$peer" >/tmp/ping.idle 2>&1
+    ping_report idle /tmp/ping.idle
+    [ "${rx:-0}" = 0 ] && finish fail "no answer to $pings pings after the first answer"
+    if [ "$mib" = 0 ]; then
+        # Ping only: an empty connection lets the server finish.
+        : >/tmp/payload
+        net_send /tmp/payload
+        echo "E2E-NET: sent bytes=0 sha256=$(sha256sum </tmp/payload | cut -d' ' -f1)"
+        finish pass
+    fi
+    t0=$(now)
+    dd if=/dev/urandom of=/tmp/payload bs=1048576 count="$mib" 2>/tmp/dd.err ||
+        finish fail "creating the payload failed: $(cat /tmp/dd.err)"
+    bytes=$(wc -c </tmp/payload)
+    sum=$(sha256sum </tmp/payload | cut -d' ' -f1)
+    echo "E2E-NET: payload bytes=$bytes sha256=$sum made_in=$(since "$t0")s"
+    ping -i 0.2 "$peer" >/tmp/ping.xfer 2>&1 &
+    ping_pid=$!
+    (while :; do
+        read -r c 2>/dev/null </sys/class/net/eth0/carrier || c=0 # (no fork but usleep's)
+        echo "$c"
+        usleep 100000
+    done) >/tmp/carrier &
+    carrier_pid=$!
+    t0=$(now)
+    echo "E2E-NET: transfer-start uptime=${t0}s"
+    net_send /tmp/payload
+    secs=$(since "$t0")
+    echo "E2E-NET: transfer-end seconds=$secs attempts=$n MiB/s=$(awk -v m="$mib" -v s="$secs" 'BEGIN { printf "%.2f", (s > 0 ? m / s : 0) }') uptime=$(now)s"
+    kill "$carrier_pid"
+    kill -INT "$ping_pid" # busybox ping prints its summary on SIGINT
+    wait "$ping_pid" "$carrier_pid"
+    ping_report during-transfer /tmp/ping.xfer
+    echo "E2E-LINK: down_samples=$(grep -c -v '^1$' /tmp/carrier) samples=$(wc -l </tmp/carrier)"
+    echo "E2E-NET: sent bytes=$bytes sha256=$sum seconds=$secs"
+    finish pass
+    ;;
+net-*)
+    finish fail "unknown job '$job' (net-server, net-client)"
+    ;;
+esac
 
 i=0
 while [ ! -b /dev/vda ]; do
@@ -285,7 +435,7 @@ shell-exit)
     finish pass
     ;;
 *)
-    finish fail "unknown job '$job' (fio-verify, verify-only, write-pattern, shell-exit)"
+    finish fail "unknown job '$job' (fio-verify, verify-only, write-pattern, shell-exit, net-server, net-client)"
     ;;
 esac
 INIT

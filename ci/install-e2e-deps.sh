@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the end-to-end tests need (QEMU 10.x from bookworm-backports,
-# qemu-storage-daemon, busybox-static, fio, cpio, xz). Idempotent: when every
+# qemu-storage-daemon, busybox-static, fio, cpio, xz) and the net peer
+# (dpdk-testpmd with its vhost PMD: packages dpdk-dev, librte-net-vhost23). Idempotent: when every
 # tool is already present at the right version it only checks and returns.
 # Must run as root (apt-get). Every apt step is time-bounded.
 #
@@ -35,6 +36,8 @@ have_all() {
     command -v zstd >/dev/null || return 1
     command -v dpkg-deb >/dev/null || return 1
     command -v ldd >/dev/null || return 1
+    command -v dpdk-testpmd >/dev/null || return 1
+    dpkg-query -W -f='${Status}' librte-net-vhost23 2>/dev/null | grep -q 'install ok installed' || return 1
     return 0
 }
 
@@ -66,8 +69,8 @@ timeout 1200 apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends \
     -t bookworm-backports qemu-system-x86 qemu-utils qemu-system-data >&2 ||
     die "apt-get install of QEMU from bookworm-backports failed or timed out (see apt's output above)"
 timeout 600 apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends \
-    busybox-static fio cpio xz-utils zstd >&2 ||
-    die "apt-get install of busybox-static fio cpio xz-utils failed or timed out (see apt's output above)"
+    busybox-static fio cpio xz-utils zstd dpdk-dev librte-net-vhost23 >&2 ||
+    die "apt-get install of busybox-static fio cpio xz-utils zstd dpdk-dev librte-net-vhost23 failed or timed out (see apt's output above)"
 
 have_all || die "installation finished but a tool is still missing or QEMU is older than 10 ($(qemu-system-x86_64 --version 2>&1 | head -1))"
 log "done: $(qemu-system-x86_64 --version | head -1), fio $(fio --version)"

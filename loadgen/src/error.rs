@@ -75,6 +75,24 @@ pub enum Error {
         /// The configured timeout.
         timeout: Duration,
     },
+    /// An error on one of several connections, with the socket it happened on.
+    #[error("{}: {source}", .socket.display())]
+    AtSocket {
+        /// The backend's socket.
+        socket: PathBuf,
+        /// What went wrong.
+        source: Box<Error>,
+    },
+    /// Waiting for a network backend to do something timed out.
+    #[error("{}: {what} within {} s", .socket.display(), .timeout.as_secs_f64())]
+    NetTimeout {
+        /// The backend's socket.
+        socket: PathBuf,
+        /// What did not happen, e.g. "the backend completed no TX frame (4 outstanding)".
+        what: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
     /// A system call failed.
     #[error("{what}: {source}")]
     Sys {
@@ -89,6 +107,17 @@ impl Error {
     /// Wraps the current `errno` as a [`Error::Sys`].
     pub fn last_os(what: &'static str) -> Self {
         Error::Sys { what, source: io::Error::last_os_error() }
+    }
+
+    /// Names the socket the error happened on (once: an error that already names one is kept).
+    pub fn at(self, socket: &std::path::Path) -> Self {
+        match self {
+            e @ (Error::AtSocket { .. }
+            | Error::NetTimeout { .. }
+            | Error::SocketMissing(_)
+            | Error::Connect { .. }) => e,
+            e => Error::AtSocket { socket: socket.to_path_buf(), source: Box::new(e) },
+        }
     }
 
     /// Wraps an `io::Error` as a [`Error::Sys`].

@@ -329,7 +329,7 @@ pub struct Runner<'a> {
     reported_errors: u32,
 }
 
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     // SAFETY: rusage is plain data; all-zero is valid and getrusage fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: `ru` is a valid rusage to write into.

@@ -1,5 +1,6 @@
-//! `loadgen`: a fast vhost-user-blk frontend (the side QEMU normally plays) that drives any
-//! vhost-user-blk backend with virtio-blk requests and measures it.
+//! `loadgen`: fast vhost-user frontends (the side QEMU normally plays): `blk-load` drives any
+//! vhost-user-blk backend with virtio-blk requests and measures it; `net-load` sends Ethernet
+//! frames through vhost-user-net backends and measures rate, loss, integrity and latency.
 //!
 //! - [`session`]: the vhost-user control connection (negotiation, config, memory, vring setup),
 //!   every exchange bounded by a timeout.
@@ -10,6 +11,7 @@
 //! - [`malformed`]: the malformed-request probe (`blk-load --malformed`).
 //! - [`pattern`]: self-describing verification patterns.
 //! - [`stats`]: latency histogram.
+//! - [`net`]: the virtio-net frontend of `net-load` (throughput, loss, integrity, latency).
 
 pub mod blk;
 pub mod device;
@@ -17,6 +19,7 @@ pub mod error;
 pub mod job;
 pub mod malformed;
 pub mod mem;
+pub mod net;
 pub mod pattern;
 pub mod session;
 pub mod stats;

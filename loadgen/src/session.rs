@@ -207,11 +207,17 @@ pub struct Session {
 impl Session {
     /// Connects to the backend at `path`. `timeout` bounds every control exchange.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
+        Self::connect_queues(path, timeout, 1)
+    }
+
+    /// Like [`Self::connect`] for a device with `queues` virtqueues (a virtio-net device has
+    /// two: RX and TX). GET_QUEUE_NUM, if negotiated, replaces the number.
+    pub fn connect_queues(path: &Path, timeout: Duration, queues: u64) -> Result<Self> {
         let sock = connect_bounded(path, timeout)?;
         let wd_sock = sock.try_clone().map_err(|e| Error::sys("cloning the control socket", e))?;
         let poll_sock = sock.try_clone().map_err(|e| Error::sys("cloning the control socket", e))?;
         let watchdog = Watchdog::new(wd_sock)?;
-        let fe = Frontend::from_stream(sock, 1);
+        let fe = Frontend::from_stream(sock, queues.max(1));
         Ok(Session { watchdog, fe, sock: poll_sock, timeout, first_reply_seen: false, reply_ack: false })
     }
 
@@ -246,8 +252,34 @@ impl Session {
         }
     }
 
-    /// SET_OWNER, feature and protocol-feature negotiation, GET_QUEUE_NUM.
+    /// SET_OWNER, feature and protocol-feature negotiation, GET_QUEUE_NUM, for a virtio-blk
+    /// device.
     pub fn negotiate(&mut self, want_event_idx: bool) -> Result<Negotiated> {
+        let mut wanted = VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_RO
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_MQ;
+        if want_event_idx {
+            wanted |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        self.negotiate_features(
+            wanted,
+            VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+        )
+    }
+
+    /// SET_OWNER, then acknowledges VIRTIO_F_VERSION_1 (required), PROTOCOL_FEATURES and those of
+    /// the device-specific and ring features in `wanted` that the backend offers, and those of
+    /// the protocol features in `protocol_wanted` (of which CONFIG, MQ and REPLY_ACK are
+    /// understood here) that it offers; GET_QUEUE_NUM with MQ.
+    pub fn negotiate_features(
+        &mut self,
+        wanted: u64,
+        protocol_wanted: VhostUserProtocolFeatures,
+    ) -> Result<Negotiated> {
         self.call("SET_OWNER", |fe| fe.set_owner())?;
         let offered = self.call("GET_FEATURES", |fe| fe.get_features())?;
         if offered & VIRTIO_F_VERSION_1 == 0 {
@@ -255,24 +287,13 @@ impl Session {
                 "VIRTIO_F_VERSION_1 (offered features {offered:#x}); legacy devices are not driven"
             )));
         }
-        let mut acked = offered
-            & (VIRTIO_F_VERSION_1
-                | VHOST_USER_F_PROTOCOL_FEATURES
-                | VIRTIO_BLK_F_SIZE_MAX
-                | VIRTIO_BLK_F_SEG_MAX
-                | VIRTIO_BLK_F_RO
-                | VIRTIO_BLK_F_BLK_SIZE
-                | VIRTIO_BLK_F_FLUSH
-                | VIRTIO_BLK_F_TOPOLOGY
-                | VIRTIO_BLK_F_MQ);
-        if want_event_idx {
-            acked |= offered & VIRTIO_RING_F_EVENT_IDX;
-        }
+        let acked = offered & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | wanted);
         let mut protocol = VhostUserProtocolFeatures::empty();
         let mut queues = 1;
         if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             let pf = self.call("GET_PROTOCOL_FEATURES", |fe| fe.get_protocol_features())?;
             protocol = pf
+                & protocol_wanted
                 & (VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::REPLY_ACK);
@@ -307,6 +328,17 @@ impl Session {
         BlkConfig::parse(&payload, neg.acked)
     }
 
+    /// Reads `len` bytes of the config space from offset 0 (GET_CONFIG; needs the CONFIG
+    /// protocol feature).
+    pub fn get_config_bytes(&mut self, neg: &Negotiated, len: u32) -> Result<Vec<u8>> {
+        if neg.protocol & VhostUserProtocolFeatures::CONFIG.bits() == 0 {
+            return Err(Error::Unsupported("the CONFIG protocol feature (GET_CONFIG)".into()));
+        }
+        let buf = vec![0u8; len as usize];
+        let (_, payload) = self.call("GET_CONFIG", |fe| fe.get_config(0, len, VhostUserConfigFlags::empty(), &buf))?;
+        Ok(payload)
+    }
+
     /// Shares `mem` with the backend (SET_MEM_TABLE).
     pub fn set_mem_table(&mut self, mem: &GuestMem) -> Result<()> {
         let region = VhostUserMemoryRegionInfo {
@@ -329,6 +361,22 @@ impl Session {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<()> {
+        self.configure_vring(0, mem, ring_off, layout, kick, call)?;
+        self.enable_vring(neg, 0)?;
+        self.sync(neg)
+    }
+
+    /// Sets queue `index` up (size, addresses, base 0, call and kick eventfds) with its ring at
+    /// `ring_off` in `mem`, without enabling it.
+    pub fn configure_vring(
+        &mut self,
+        index: usize,
+        mem: &GuestMem,
+        ring_off: usize,
+        layout: RingLayout,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<()> {
         let cfg = VringConfigData {
             queue_max_size: layout.size,
             queue_size: layout.size,
@@ -338,18 +386,27 @@ impl Session {
             avail_ring_addr: mem.uaddr(ring_off + layout.avail),
             log_addr: None,
         };
-        self.call("SET_VRING_NUM", |fe| fe.set_vring_num(0, layout.size))?;
-        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(0, &cfg))?;
-        self.call("SET_VRING_BASE", |fe| fe.set_vring_base(0, 0))?;
-        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(0, call))?;
-        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(0, kick))?;
+        self.call("SET_VRING_NUM", |fe| fe.set_vring_num(index, layout.size))?;
+        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &cfg))?;
+        self.call("SET_VRING_BASE", |fe| fe.set_vring_base(index, 0))?;
+        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(index, call))?;
+        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(index, kick))?;
+        Ok(())
+    }
+
+    /// Enables queue `index` (SET_VRING_ENABLE) if protocol features were negotiated: rings then
+    /// start disabled. Without them a ring runs once its kick eventfd is set.
+    pub fn enable_vring(&mut self, neg: &Negotiated, index: usize) -> Result<()> {
         if neg.acked & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            // With protocol features, rings start disabled and must be enabled explicitly.
-            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(0, true))?;
+            self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, true))?;
         }
+        Ok(())
+    }
+
+    /// Without REPLY_ACK, makes sure the backend processed every message sent so far (by
+    /// waiting for the reply of a request that has one) before the first kick.
+    pub fn sync(&mut self, neg: &Negotiated) -> Result<()> {
         if neg.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() == 0 {
-            // No acknowledgements: a request that has a reply makes sure the backend processed
-            // everything above before we kick.
             self.call("GET_FEATURES (sync)", |fe| fe.get_features())?;
         }
         Ok(())
@@ -358,7 +415,25 @@ impl Session {
     /// Stops queue 0 (GET_VRING_BASE, as QEMU does when a device stops); returns the backend's
     /// next avail index.
     pub fn stop_vring(&mut self) -> Result<u32> {
-        self.call("GET_VRING_BASE", |fe| fe.get_vring_base(0))
+        self.stop_vring_index(0)
+    }
+
+    /// Stops queue `index` (GET_VRING_BASE); returns the backend's next avail index.
+    pub fn stop_vring_index(&mut self, index: usize) -> Result<u32> {
+        self.call("GET_VRING_BASE", |fe| fe.get_vring_base(index))
+    }
+}
+
+/// The error to report when the control socket became readable or hung up while I/O was
+/// running (a backend sends nothing unasked on it).
+pub fn socket_event_error(sock: &UnixStream) -> Error {
+    let mut b = [0u8; 1];
+    // SAFETY: peeking at most 1 byte into a valid local buffer.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if n > 0 {
+        Error::Protocol("unexpected message from the backend on the control socket during I/O".into())
+    } else {
+        Error::BackendClosed { op: "I/O" }
     }
 }
 

@@ -251,16 +251,16 @@ impl NetDevice {
             if self.event_idx {
                 tx.disable_notification().map_err(std::io::Error::other)?;
             }
-            while self.state == DriverState::Failed || (self.state == DriverState::Running && self.slots.tx_available())
-            {
+            while self.can_take_tx() {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
                 sent |= self.transmit(&memory, head, &segments);
                 if let Err(error) = tx.add_used(head, 0) {
                     tracing::warn!(device = %self.name, head, %error, "cannot return a transmit chain");
                 }
             }
-            let blocked = self.state != DriverState::Failed && !self.slots.tx_available();
-            if blocked || !self.event_idx || !tx.enable_notification().map_err(std::io::Error::other)? {
+            // Chains left while no slot (or no driver VM) can take them wait
+            // for a completion or a restart, not for a kick.
+            if !self.can_take_tx() || !self.event_idx || !tx.enable_notification().map_err(std::io::Error::other)? {
                 break;
             }
         }
@@ -269,6 +269,16 @@ impl NetDevice {
             self.arm_hang_watch();
         }
         signal_used(tx)
+    }
+
+    /// Whether transmit chains can be taken now: into a free TX slot of a
+    /// running driver VM, or dropped while the device has failed.
+    fn can_take_tx(&self) -> bool {
+        match self.state {
+            DriverState::Running => self.slots.tx_available(),
+            DriverState::Failed => true,
+            DriverState::AwaitingRestart => false,
+        }
     }
 
     /// Copies one transmit chain's frame into a TX slot and the channel;
@@ -479,7 +489,10 @@ impl NetDevice {
         let lost = self.slots.driver_gone();
         self.metrics.tx_lost.fetch_add(lost, Ordering::Relaxed);
         self.disarm_hang_watch();
-        self.fault_at.get_or_insert_with(Instant::now);
+        if self.memory.is_some() {
+            // The stall a client sees; with no client there is none.
+            self.fault_at.get_or_insert_with(Instant::now);
+        }
         match self.tracker.on_fault(Instant::now()) {
             Decision::Restart(delay) if delay.is_zero() => self.restart(vrings),
             Decision::Restart(delay) => {
@@ -636,6 +649,7 @@ impl VhostUserBackendMut for NetDevice {
 
     fn acked_features(&mut self, features: u64) {
         self.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        tracing::debug!(device = %self.name, features = format_args!("{features:#x}"), mergeable = self.mergeable, "client features");
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -680,6 +694,7 @@ impl VhostUserBackendMut for NetDevice {
         let (Some(rx), Some(tx)) = (vrings.get(virtio::net::RX_QUEUE), vrings.get(virtio::net::TX_QUEUE)) else {
             return Ok(());
         };
+        tracing::trace!(device = %self.name, device_event, "worker event");
         let result = match device_event {
             0 => self.process_rx(rx),
             1 => self.process_tx(tx),

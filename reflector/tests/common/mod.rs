@@ -58,6 +58,11 @@ pub struct Reflector {
 
 impl Reflector {
     pub fn start(args: &[String], log: PathBuf, socket: &Path) -> Reflector {
+        Reflector::start_with(args, log, socket, "controller ready")
+    }
+
+    /// Starts it and waits for `socket` and for `ready` in its log.
+    pub fn start_with(args: &[String], log: PathBuf, socket: &Path, ready: &str) -> Reflector {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_reflector"))
             .arg("serve")
@@ -69,7 +74,7 @@ impl Reflector {
             .spawn()
             .unwrap();
         let mut reflector = Reflector { child, log };
-        reflector.wait_for(|r| socket.exists() && r.log_text().contains("controller ready"), "the device to be served");
+        reflector.wait_for(|r| socket.exists() && r.log_text().contains(ready), "the device to be served");
         reflector
     }
 
