@@ -16,9 +16,11 @@
 # reflector (cargo build --release); override with NET_LOAD=, REFLECTOR=.
 # DPDK drivers: the newest /usr/lib/*/dpdk/pmds-*, or DPDK_PMDS=DIR.
 #
-# Usage: ci/bench-net.sh [--seconds S] [--rounds N]
+# Usage: ci/bench-net.sh [--seconds S] [--rounds N] [--guests]
 #   --seconds S   seconds per throughput run (default 5)
 #   --rounds N    runs per peer, alternating; medians are reported (default 1)
+#   --guests      also the ping RTT between two QEMU guests (TCG) through each
+#                 peer (ci/qemu-net-pair.sh --ping-only, 50 pings)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,9 +28,10 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'bench-net: %s\n' "$*" >&2; }
 die() { printf 'bench-net: FAIL: %s\n' "$*" >&2; exit 1; }
 
-seconds=5 rounds=1
+seconds=5 rounds=1 guests=0
 while (($#)); do
     case $1 in
+    --guests) guests=1; shift ;;
     --seconds) seconds=${2:?}; shift 2 ;;
     --rounds) rounds=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -148,6 +151,21 @@ for round in $(seq "$rounds"); do
     done
 done
 
+guest_rtt() { # backend: ping RTT between two QEMU guests through it
+    "start_$1"
+    if ! timeout 700 "$here/qemu-net-pair.sh" --sock-a "$sock0" --sock-b "$sock1" --ping-only --pings 50 \
+        --timeout 600 >"$tmp/$1.guests"; then
+        log "WARNING: the guest ping run through $1 failed"
+    fi
+    stop_backend
+}
+if ((guests)); then
+    for backend in "${backends[@]}"; do
+        log "guest ping RTT through $backend (two QEMU guests)"
+        guest_rtt "$backend"
+    done
+fi
+
 python3 - "$tmp" "$rounds" "$with_reflector" "${#failed[@]}" "$contended" <<'PY'
 import json, sys, statistics, pathlib
 tmp, rounds, with_reflector, failed = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
@@ -193,3 +211,11 @@ if contended:
 bad = sum(m["corrupted"] + m["duplicates"] for d in (ours, peer) for m in d.values())
 print(f"\ncorrupted + duplicated frames (medians): {bad:.0f}")
 PY
+if ((guests)); then
+    field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" "$tmp/$1.guests" 2>/dev/null | head -1; }
+    printf '\nping between two QEMU guests (TCG, 50 pings, ms): %-10s %8s %8s %8s %8s\n' peer p50 avg max loss
+    for backend in "${backends[@]}"; do
+        printf '%52s %-10s %8s %8s %8s %8s\n' '' "$backend" "$(field "$backend" ping_rtt_p50_ms)" \
+            "$(field "$backend" ping_rtt_avg_ms)" "$(field "$backend" ping_rtt_max_ms)" "$(field "$backend" ping_loss)"
+    done
+fi

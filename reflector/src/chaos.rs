@@ -154,6 +154,13 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
         return Err("no fault kinds given".into());
     }
     let start_status = device_status(options)?;
+    if start_status["kind"] == "net" && options.socket.is_some() {
+        return Err(format!(
+            "{} is a net device: the chaos load is blk-load (block). Run it without --socket (kills only), \
+             with net-load as the load, or see ci/e2e-net.sh",
+            options.device
+        ));
+    }
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let load = options.socket.clone().map(|socket| {
