@@ -127,9 +127,7 @@ impl Service for BlkService {
     }
 
     fn shutdown(&self) {
-        if let Ok(mut device) = self.device.write() {
-            device.shutdown();
-        }
+        shutdown_device(&self.config.name, &self.device, BlkDevice::shutdown);
     }
 
     fn control_target(&self) -> Result<ControlTarget, String> {
@@ -156,6 +154,16 @@ impl Service for BlkService {
             BlkDevice::listeners,
             BlkDevice::client_gone,
         )
+    }
+}
+
+/// Kills a device's driver VMs, unless its worker holds the device (then
+/// they end with the reflector's process, through their stdin lifeline):
+/// stopping must never wait on a worker.
+fn shutdown_device<D>(name: &str, device: &RwLock<D>, shutdown: impl FnOnce(&mut D)) {
+    match device.try_write() {
+        Ok(mut device) => shutdown(&mut device),
+        Err(_) => tracing::warn!(device = %name, "device busy at shutdown; its driver VMs end with the reflector"),
     }
 }
 
@@ -317,9 +325,7 @@ impl Service for NetService {
     }
 
     fn shutdown(&self) {
-        if let Ok(mut device) = self.device.write() {
-            device.shutdown();
-        }
+        shutdown_device(&self.config.name, &self.device, NetDevice::shutdown);
     }
 
     fn control_target(&self) -> Result<ControlTarget, String> {
