@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 pub const VRING_DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes this buffer (otherwise it reads it).
 pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of descriptors (VIRTIO_RING_F_INDIRECT_DESC).
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
 /// Used-ring flag: the device does not need kicks (without EVENT_IDX).
 pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
 /// Avail-ring flag: the driver does not need interrupts (without EVENT_IDX).
@@ -108,6 +110,36 @@ impl RawDesc {
     }
 }
 
+/// A descriptor table entry exactly as written, `next` and every flag included: for chains no
+/// well-behaved driver makes (loops, `next` out of range, indirect tables), in the ring's table
+/// ([`DriverRing::write_entry`]) or in memory ([`TableEntry::encode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableEntry {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Flags (`NEXT`, `WRITE`, `INDIRECT`, anything).
+    pub flags: u16,
+    /// Index of the next descriptor (meaningful to the device only with `NEXT`).
+    pub next: u16,
+}
+
+impl TableEntry {
+    /// The 16 bytes of the entry (virtio 1.x `struct virtq_desc`, little endian).
+    pub fn encode(&self) -> [u8; DESC_SIZE] {
+        let mut raw = [0u8; DESC_SIZE];
+        raw[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&self.len.to_le_bytes());
+        raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&self.next.to_le_bytes());
+        raw
+    }
+}
+
+/// Bytes of one descriptor table entry.
+pub const DESC_BYTES: usize = DESC_SIZE;
+
 /// One entry taken from the used ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UsedElem {
@@ -165,16 +197,28 @@ impl DriverRing {
 
     /// Writes descriptor `idx`.
     fn write_desc(&mut self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        self.write_entry(idx, TableEntry { addr, len, flags, next });
+    }
+
+    /// Writes descriptor `idx` of the table exactly as given (no check of the address, length,
+    /// flags or `next`): with [`Self::push_head`], chains of any shape, loops included. The
+    /// caller must not overwrite a descriptor the device still holds.
+    pub fn write_entry(&mut self, idx: u16, entry: TableEntry) {
         assert!(idx < self.layout.size, "descriptor index out of range");
         let off = self.layout.desc + DESC_SIZE * usize::from(idx);
-        let mut raw = [0u8; DESC_SIZE];
-        raw[0..8].copy_from_slice(&addr.to_le_bytes());
-        raw[8..12].copy_from_slice(&len.to_le_bytes());
-        raw[12..14].copy_from_slice(&flags.to_le_bytes());
-        raw[14..16].copy_from_slice(&next.to_le_bytes());
         // SAFETY: in bounds (checked above); the device does not read this descriptor until it
         // is published by the Release store in `publish`.
-        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<[u8; DESC_SIZE]>(), raw) };
+        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<[u8; DESC_SIZE]>(), entry.encode()) };
+    }
+
+    /// Places `head` in the next avail slot (visible to the device after [`Self::publish`]),
+    /// whatever its descriptors hold.
+    pub fn push_head(&mut self, head: u16) {
+        assert!(head < self.layout.size, "descriptor index out of range");
+        let slot = usize::from(self.avail_shadow & (self.layout.size - 1));
+        let off = self.layout.avail + 4 + 2 * slot;
+        self.u16_at(off).store(head.to_le(), Ordering::Relaxed);
+        self.avail_shadow = self.avail_shadow.wrapping_add(1);
     }
 
     /// Reads descriptor `idx` back: (addr, len, flags, next). For tests and diagnostics.
@@ -217,10 +261,7 @@ impl DriverRing {
             }
             self.write_desc(idx, addr, len, flags, next);
         }
-        let slot = usize::from(self.avail_shadow & (self.layout.size - 1));
-        let off = self.layout.avail + 4 + 2 * slot;
-        self.u16_at(off).store(head.to_le(), Ordering::Relaxed);
-        self.avail_shadow = self.avail_shadow.wrapping_add(1);
+        self.push_head(head);
     }
 
     /// Number of chains pushed since the last publish.
@@ -543,6 +584,35 @@ mod tests {
             let (a, b) = (ring.read_desc(8 + i), ring.read_desc(12 + i));
             assert_eq!((a.0, a.1, a.2), (b.0, b.1, b.2));
         }
+    }
+
+    #[test]
+    fn table_entries_are_written_exactly_even_when_they_loop() {
+        let layout = RingLayout::new(8).unwrap();
+        let mut mem = Mem::new(layout);
+        // SAFETY: mem holds layout.total bytes, 16-aligned, alive for the test.
+        let mut ring = unsafe { DriverRing::new(mem.ptr(), layout, false) };
+        // A chain 5 -> 6 -> 6 -> ... (a loop) and an indirect descriptor.
+        let a = TableEntry { addr: 0x1000, len: 72, flags: VRING_DESC_F_NEXT, next: 6 };
+        let b = TableEntry { addr: 0x2000, len: 4, flags: VRING_DESC_F_NEXT | 0x80, next: 6 };
+        let ind = TableEntry { addr: 0x3000, len: 48, flags: VRING_DESC_F_INDIRECT, next: 0xffff };
+        ring.write_entry(5, a);
+        ring.write_entry(6, b);
+        ring.write_entry(7, ind);
+        ring.push_head(5);
+        ring.push_head(7);
+        assert_eq!(ring.unpublished(), 2);
+        assert!(ring.publish());
+        assert_eq!(ring.read_desc(5), (0x1000, 72, VRING_DESC_F_NEXT, 6));
+        assert_eq!(ring.read_desc(6), (0x2000, 4, VRING_DESC_F_NEXT | 0x80, 6));
+        assert_eq!(ring.read_desc(7), (0x3000, 48, VRING_DESC_F_INDIRECT, 0xffff));
+        // The avail ring holds the heads in order.
+        let avail = |slot: usize| u16::from_le(ring.u16_at(layout.avail + 4 + 2 * slot).load(Ordering::Relaxed));
+        assert_eq!((avail(0), avail(1)), (5, 7));
+        let raw = ind.encode();
+        assert_eq!(&raw[0..8], &0x3000u64.to_le_bytes());
+        assert_eq!(&raw[8..12], &48u32.to_le_bytes());
+        assert_eq!(&raw[12..16], &[4, 0, 0xff, 0xff]);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::Instant;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 mod common;
 
@@ -91,6 +92,23 @@ fn net_load(tx: &Path, rx: &Path, args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// Waits for a net-load to finish, killing it (by its pid) if it takes longer than `limit`.
+fn finish_within(child: Child, limit: Duration) -> Output {
+    let pid = child.id() as i32;
+    let (done, output) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match output.recv_timeout(limit) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) on our own child process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("net-load did not finish within {limit:?}");
+        }
+    }
+}
+
 /// The JSON result lines of a finished net-load.
 fn results(output: &Output) -> Vec<serde_json::Value> {
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -169,4 +187,65 @@ fn killed_and_faulty_driver_vms_never_duplicate_or_corrupt_a_frame() {
     // After the faults, traffic flows as before.
     let after = net_load(&pair.a, &pair.b, &["--pingpong", "--count", "100"]).wait_with_output().unwrap();
     assert_eq!(assert_clean(&after)[0]["received"], 100);
+}
+
+#[test]
+fn malformed_client_chains_are_dropped_counted_and_harmless() {
+    if !kvm_available("malformed_client_chains_are_dropped_counted_and_harmless") {
+        return;
+    }
+    let pair = Pair::start("net-malformed", "");
+    let output = finish_within(net_load(&pair.a, &pair.b, &["--malformed"]), Duration::from_secs(300));
+    let report = results(&output).into_iter().find(|r| r["mode"] == "malformed");
+    let explain = || {
+        format!(
+            "net-load --malformed ({}):\n{}\n{}\nreflector log:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+            pair.reflector.log_text()
+        )
+    };
+    let Some(report) = report else { panic!("no JSON report: {}", explain()) };
+    let failed: Vec<String> = report["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["result"] == "fail")
+        .map(|c| format!("{}: {}", c["name"], c["detail"]))
+        .collect();
+    assert!(
+        output.status.success() && report["passed"] == true,
+        "the probe failed; failing cases:\n{}\n{}",
+        failed.join("\n"),
+        explain()
+    );
+    // Every case was sent (the reflector offers INDIRECT_DESC: nothing is skipped) and returned.
+    let cases = report["cases"].as_array().unwrap();
+    for case in cases {
+        assert_eq!((case["sent"].as_bool(), case["returned"].as_bool()), (Some(true), Some(true)), "{case}");
+        assert_eq!(case["used_len"], 0, "{case}");
+    }
+    let sent_on = |queue: &str| cases.iter().filter(|c| c["queue"] == queue && c["sent"] == true).count() as u64;
+    let (tx_cases, rx_cases) = (sent_on("tx"), sent_on("rx"));
+    assert_eq!((report["tx_cases"].as_u64(), report["rx_cases"].as_u64()), (Some(tx_cases), Some(rx_cases)));
+    assert!(tx_cases >= 10 && rx_cases >= 2, "too few cases ran: {tx_cases} TX, {rx_cases} RX");
+    assert_eq!(report["good_frames_received"], report["good_frames_sent"], "{report}");
+    assert_eq!(report["leaked_frames"], 0, "{report}");
+    // Each malformed chain was refused and counted by the device it was sent to, and none
+    // reached a driver VM (nothing faulted, nothing restarted).
+    let (a, b) = (pair.status("neta"), pair.status("netb"));
+    assert!(a["malformed"].as_u64().unwrap() >= tx_cases, "TX device counted fewer than {tx_cases} malformed: {a}");
+    assert!(b["malformed"].as_u64().unwrap() >= rx_cases, "RX device counted fewer than {rx_cases} malformed: {b}");
+    for device in [&a, &b] {
+        assert_eq!((device["faults"].as_u64(), device["restarts"].as_u64()), (Some(0), Some(0)), "{device}");
+        assert_eq!(device["state"].as_str(), Some("running"), "{device}");
+    }
+    // And the devices work as before, both ways.
+    let after = finish_within(net_load(&pair.a, &pair.b, &["--pingpong", "--count", "100"]), Duration::from_secs(120));
+    assert_eq!(assert_clean(&after)[0]["received"], 100);
+    let back = finish_within(net_load(&pair.b, &pair.a, &["--pingpong", "--count", "100"]), Duration::from_secs(120));
+    assert_eq!(assert_clean(&back)[0]["received"], 100);
+    let (a, b) = (pair.status("neta"), pair.status("netb"));
+    assert_eq!((a["faults"].as_u64(), b["faults"].as_u64()), (Some(0), Some(0)), "{a} {b}");
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use loadgen::net::device::{NetDevice, NetOptions, Waiter};
 use loadgen::net::frame::{MAX_FRAME, MIN_FRAME};
+use loadgen::net::malformed::{self, Probe};
 use loadgen::net::run::{self, NetPair, PingResult, PingSpec, Progress, ThroughputResult, ThroughputSpec};
 use loadgen::net::{features, format_mac, parse_mac};
 use loadgen::Error;
@@ -23,12 +24,14 @@ use loadgen::Error;
 /// Throughput (default): frames of --size bytes as fast as a window of --window frames in
 /// flight allows, for --seconds; reports Mpps, Gbit/s of frame bytes, loss and one-way latency.
 /// --pingpong: one frame at a time, reports round-trip time p50/p99/mean.
+/// --malformed: sends malformed descriptor chains instead (see that option).
 ///
 /// Example: net-load --tx /tmp/port0.sock --rx /tmp/port1.sock --size 64,1514 --seconds 5
 ///
-/// Exit status: 0 frames arrived, none corrupted or duplicated; 1 nothing arrived, or some
-/// frame arrived corrupted or twice; 2 the run could not be done (connection, setup, timeout,
-/// backend hung up).
+/// Exit status: 0 frames arrived, none corrupted or duplicated (--malformed: every case passed);
+/// 1 nothing arrived, or some frame arrived corrupted or twice (--malformed: a case or a check
+/// failed, or the backend hung up during the probe); 2 the run could not be done (connection,
+/// setup, timeout, backend hung up).
 #[derive(Parser, Debug)]
 #[command(name = "net-load", version)]
 struct Cli {
@@ -122,6 +125,16 @@ struct Cli {
     /// Run id of the first run (default: from the clock); each run and direction uses the next.
     #[arg(long)]
     run_id: Option<u32>,
+
+    /// Probe how the backend refuses malformed descriptor chains instead of measuring: on the TX
+    /// queue of --tx, device-writable, too short, 4000-byte, zero-length and out-of-memory
+    /// chains, garbage, badly sized, nested and looping indirect tables, `next` loops and
+    /// `next` out of range; on the RX queue of --rx, device-readable, 4-byte and out-of-memory
+    /// buffers. Each must come back (RX ones with used length 0, or never filled) without a
+    /// hang, a hang-up, a write into it or a frame of it arriving; well-formed frames sent
+    /// between cases must arrive intact. One line per case, or one JSON object with --json.
+    #[arg(long, conflicts_with_all = ["pingpong", "bidir", "count", "seconds"])]
+    malformed: bool,
 }
 
 fn describe(role: &str, d: &NetDevice) {
@@ -157,6 +170,70 @@ fn progress(quiet: bool, total: Option<f64>) -> impl FnMut(&Progress) {
     }
 }
 
+/// The malformed probe over a connected, warmed-up pair: true if it passed. Errors before the
+/// first case are setup errors; the backend failing during the probe is a failed probe.
+fn run_malformed(cli: &Cli, mut pair: NetPair, waiter: &mut Waiter) -> Result<bool, Error> {
+    let timeout = Duration::from_secs_f64(cli.timeout);
+    let mut probe = Probe::new(&mut pair, waiter, timeout)?;
+    probe.baseline()?;
+    let (json, quiet) = (cli.json, cli.quiet);
+    if !json {
+        println!("{:<34} {:>5} {:>4} {:>8} {:>8}  result", "case", "queue", "sent", "returned", "used len");
+    }
+    let mut report = probe.run(|r, check| {
+        if json {
+            if !quiet {
+                eprintln!("net-load: malformed: {} ({}): {} - {}", r.name, r.queue.name(), r.result, r.detail);
+            }
+        } else {
+            println!(
+                "{:<34} {:>5} {:>4} {:>8} {:>8}  {}: {}",
+                r.name,
+                r.queue.name(),
+                if r.sent { "yes" } else { "no" },
+                if r.returned { "yes" } else { "no" },
+                r.used_len.map_or_else(|| "-".to_string(), |l| l.to_string()),
+                r.result,
+                r.detail
+            );
+        }
+        if let Some(c) = check.filter(|c| !c.passed) {
+            eprintln!(
+                "net-load: malformed: after {}: only {} of {} good frames arrived intact ({} corrupted, {} duplicated)",
+                c.after, c.received, c.sent, c.corrupted, c.duplicates
+            );
+        }
+    });
+    if report.error.is_none() {
+        if let Err(e) = pair.shutdown(waiter) {
+            report.error = Some(format!("stopping the queues after the probe: {e}"));
+            report.passed = false;
+        }
+    }
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "malformed probe: {} case(s) sent ({} TX, {} RX), {} returned, {} failed, {} skipped; good frames {}/{} \
+             intact; leaked frames {}; {}",
+            report.tx_cases + report.rx_cases,
+            report.tx_cases,
+            report.rx_cases,
+            report.returned,
+            report.failed,
+            report.skipped,
+            report.good_frames_received,
+            report.good_frames_sent,
+            report.leaked_frames,
+            if report.passed { "PASSED" } else { "FAILED" }
+        );
+    }
+    if let Some(e) = &report.error {
+        eprintln!("net-load: malformed probe stopped: {e}");
+    }
+    Ok(report.passed)
+}
+
 fn run(cli: &Cli) -> Result<bool, Error> {
     if !(cli.timeout > 0.0 && cli.timeout.is_finite()) {
         return Err(Error::InvalidJob("--timeout must be a positive number of seconds".into()));
@@ -174,13 +251,26 @@ fn run(cli: &Cli) -> Result<bool, Error> {
             return Err(Error::InvalidJob(format!("frame size {s} is not in {MIN_FRAME}..={MAX_FRAME}")));
         }
     }
-    let opts = NetOptions {
+    let mut opts = NetOptions {
         timeout: Duration::from_secs_f64(cli.timeout),
         event_idx: !cli.no_event_idx,
         mrg_rxbuf: !cli.no_mrg_rxbuf,
         queue_size: cli.queue_size,
         rx_buf_size: cli.rx_buf_size,
+        ..NetOptions::default()
     };
+    if cli.malformed {
+        opts.indirect_desc = true;
+        opts.raw_descs = malformed::RAW_DESCS;
+        // Enough for every case the probe may build.
+        opts.scratch = malformed::scratch_bytes(64);
+        if cli.queue_size < 2 * malformed::RAW_DESCS {
+            return Err(Error::InvalidJob(format!(
+                "--malformed needs --queue-size of at least {}",
+                2 * malformed::RAW_DESCS
+            )));
+        }
+    }
     let mut pair = NetPair::connect(&cli.tx, &cli.rx, &opts)?;
     if pair.loopback() {
         describe("tx+rx", pair.a());
@@ -193,6 +283,9 @@ fn run(cli: &Cli) -> Result<bool, Error> {
     let mut waiter = Waiter::new(Duration::from_micros(cli.spin_us));
     let took = pair.warm_up(cli.dst_mac, cli.src_mac, cli.bidir, &mut waiter)?;
     eprintln!("net-load: path up: a warm-up frame came through after {:.1} ms", took.as_secs_f64() * 1e3);
+    if cli.malformed {
+        return run_malformed(cli, pair, &mut waiter);
+    }
     let mut run_id = cli.run_id.unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         (t.as_nanos() as u32) ^ std::process::id().rotate_left(16)
@@ -395,5 +488,8 @@ mod tests {
         assert!(Cli::try_parse_from(["net-load", "--tx", "/a", "--rx", "/b", "--count", "3"]).is_err());
         assert!(Cli::try_parse_from(["net-load", "--tx", "/a", "--rx", "/b", "--pingpong", "--bidir"]).is_err());
         assert!(Cli::try_parse_from(["net-load", "--tx", "/a"]).is_err());
+        let c = Cli::try_parse_from(["net-load", "--tx", "/a", "--rx", "/b", "--malformed", "--json"]).unwrap();
+        assert!(c.malformed && c.json);
+        assert!(Cli::try_parse_from(["net-load", "--tx", "/a", "--rx", "/b", "--malformed", "--pingpong"]).is_err());
     }
 }

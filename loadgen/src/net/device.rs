@@ -3,8 +3,14 @@
 //! poll-then-sleep wait over several devices at once.
 //!
 //! Shared memory (one memfd per device): the RX ring, the TX ring, then the RX buffers, then
-//! the TX slots. Every error names the device's socket.
+//! the TX slots, then (for the malformed probe) a scratch area. Every error names the device's
+//! socket.
+//!
+//! For the malformed probe a device can keep the top [`NetOptions::raw_descs`] descriptors of
+//! each table for raw chains ([`NetDevice::submit_raw`]): any shape, loops and indirect tables
+//! included, told apart from frames when the device returns them.
 
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +25,7 @@ use super::{NetConfig, CONFIG_READ_LEN, HEADER_LEN, RX_QUEUE, TX_QUEUE};
 use crate::error::{Error, Result};
 use crate::mem::GuestMem;
 use crate::session::{socket_event_error, Negotiated, Session};
-use crate::vring::{DriverRing, RingLayout, Segment};
+use crate::vring::{DriverRing, RingLayout, Segment, TableEntry, UsedElem};
 
 /// Bytes per TX slot: the header and the largest frame, rounded up.
 const TX_SLOT: usize = 2048;
@@ -39,6 +45,14 @@ pub struct NetOptions {
     pub queue_size: u16,
     /// Bytes per RX buffer (without MRG_RXBUF at least the header plus the largest frame).
     pub rx_buf_size: usize,
+    /// Negotiate VIRTIO_RING_F_INDIRECT_DESC if offered (frames never use indirect tables; the
+    /// malformed probe sends some).
+    pub indirect_desc: bool,
+    /// Descriptors at the top of each queue's table kept for raw chains
+    /// ([`NetDevice::submit_raw`]) instead of RX buffers and TX slots (less than the queue size).
+    pub raw_descs: u16,
+    /// Bytes of shared memory, after the TX slots, for raw chains' buffers and tables.
+    pub scratch: usize,
 }
 
 impl Default for NetOptions {
@@ -49,6 +63,9 @@ impl Default for NetOptions {
             mrg_rxbuf: true,
             queue_size: 256,
             rx_buf_size: 2048,
+            indirect_desc: false,
+            raw_descs: 0,
+            scratch: 0,
         }
     }
 }
@@ -66,6 +83,65 @@ pub struct NetStats {
     pub tx_kicks: u64,
     /// Kicks of the RX queue (new buffers).
     pub rx_kicks: u64,
+}
+
+/// One of a device's two queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Queue {
+    /// The receive queue (virtqueue 0).
+    Rx,
+    /// The transmit queue (virtqueue 1).
+    Tx,
+}
+
+impl Queue {
+    /// "rx" or "tx".
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Rx => "rx",
+            Queue::Tx => "tx",
+        }
+    }
+}
+
+/// The raw chains of one queue: which reserved descriptors they occupy, which the device holds
+/// and which it has returned.
+#[derive(Debug, Default)]
+struct RawChains {
+    /// First reserved descriptor index.
+    first: u16,
+    /// Per reserved descriptor: part of a chain the device holds.
+    busy: Vec<bool>,
+    /// Chains the device holds: head and descriptor indices.
+    held: Vec<(u16, Vec<u16>)>,
+    /// Chains the device returned, not yet taken.
+    done: Vec<UsedElem>,
+}
+
+impl RawChains {
+    fn new(first: u16, count: u16) -> Self {
+        RawChains { first, busy: vec![false; usize::from(count)], ..Default::default() }
+    }
+
+    /// Records a used element if it returns a raw chain (true), freeing its descriptors.
+    fn complete(&mut self, u: UsedElem) -> bool {
+        let Some(pos) = self.held.iter().position(|(h, _)| u32::from(*h) == u.id) else { return false };
+        let (_, indices) = self.held.swap_remove(pos);
+        for i in indices {
+            self.busy[usize::from(i - self.first)] = false;
+        }
+        self.done.push(u);
+        true
+    }
+
+    /// First index of `n` consecutive free reserved descriptors.
+    fn alloc(&self, n: usize) -> Option<u16> {
+        if n == 0 || n > self.busy.len() {
+            return None;
+        }
+        (0..=self.busy.len() - n).find(|&s| self.busy[s..s + n].iter().all(|b| !b)).map(|s| self.first + s as u16)
+    }
 }
 
 /// A connected, running virtio-net device.
@@ -92,6 +168,10 @@ pub struct NetDevice {
     asm: RxAssembler,
     stats: NetStats,
     timeout: Duration,
+    scratch_off: usize,
+    scratch_len: usize,
+    raw_rx: RawChains,
+    raw_tx: RawChains,
 }
 
 impl NetDevice {
@@ -103,6 +183,12 @@ impl NetDevice {
 
     fn connect_inner(path: &Path, opts: &NetOptions) -> Result<Self> {
         let layout = RingLayout::new(opts.queue_size)?;
+        if opts.raw_descs >= opts.queue_size {
+            return Err(Error::InvalidJob(format!(
+                "{} descriptors kept for raw chains leave none of the {} for frames",
+                opts.raw_descs, opts.queue_size
+            )));
+        }
         let mut session = Session::connect_queues(path, opts.timeout, 2)?;
         let mut wanted = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS;
         if opts.mrg_rxbuf {
@@ -110,6 +196,9 @@ impl NetDevice {
         }
         if opts.event_idx {
             wanted |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        if opts.indirect_desc {
+            wanted |= VIRTIO_RING_F_INDIRECT_DESC;
         }
         // No MQ: one queue pair is all we drive, and GET_QUEUE_NUM's answer (pairs or queues?)
         // would only get in the way.
@@ -144,7 +233,8 @@ impl NetDevice {
         let tx_ring = layout.total;
         let rx_bufs = 2 * layout.total;
         let tx_bufs = (rx_bufs + qsize * opts.rx_buf_size).next_multiple_of(4096);
-        let total = tx_bufs + qsize * TX_SLOT;
+        let scratch_off = (tx_bufs + qsize * TX_SLOT).next_multiple_of(4096);
+        let total = scratch_off + opts.scratch;
         let mem = GuestMem::new(total)?;
         // SAFETY: both rings lie inside `mem` (offsets 0 and layout.total, each layout.total
         // bytes, page-aligned), do not overlap, and move into the same struct as the mapping
@@ -165,6 +255,8 @@ impl NetDevice {
         session.configure_vring(RX_QUEUE, &mem, rx_ring, layout, &rx_kick, &rx_call)?;
         session.configure_vring(TX_QUEUE, &mem, tx_ring, layout, &tx_kick, &tx_call)?;
 
+        // Frames use descriptors (and RX buffers, TX slots) 0..first; raw chains the rest.
+        let first = opts.queue_size - opts.raw_descs;
         let mut dev = NetDevice {
             path: path.to_path_buf(),
             session,
@@ -182,7 +274,7 @@ impl NetDevice {
             rx_buf_size: opts.rx_buf_size,
             rx_posted: vec![false; qsize],
             tx_bufs,
-            tx_free: (0..opts.queue_size).rev().collect(),
+            tx_free: (0..first).rev().collect(),
             tx_inflight: vec![false; qsize],
             tx_outstanding: 0,
             // Frames longer than any we send are received (and counted as foreign) up to a
@@ -190,9 +282,13 @@ impl NetDevice {
             asm: RxAssembler::new(mrg, opts.queue_size, MAX_RX_FRAME.max(opts.rx_buf_size)),
             stats: NetStats::default(),
             timeout: opts.timeout,
+            scratch_off,
+            scratch_len: opts.scratch,
+            raw_rx: RawChains::new(first, opts.raw_descs),
+            raw_tx: RawChains::new(first, opts.raw_descs),
         };
         // Fill the RX queue before the rings start, so the backend has buffers at once.
-        for id in 0..opts.queue_size {
+        for id in 0..first {
             dev.post_rx(id);
         }
         dev.rx.publish();
@@ -299,7 +395,12 @@ impl NetDevice {
     /// Takes back the TX slots the device has completed; returns how many.
     pub fn reap_tx(&mut self) -> Result<usize> {
         let mut n = 0;
-        while let Some(u) = self.tx.pop_used(self.tx_outstanding).map_err(|e| e.at(&self.path))? {
+        while let Some(u) =
+            self.tx.pop_used(self.tx_outstanding + self.raw_tx.held.len()).map_err(|e| e.at(&self.path))?
+        {
+            if self.raw_tx.complete(u) {
+                continue;
+            }
             let id = u.id as usize;
             if id >= self.tx_inflight.len() || !self.tx_inflight[id] {
                 return Err(Error::Protocol(format!(
@@ -343,6 +444,9 @@ impl NetDevice {
         let mut frames = 0;
         while frames < budget {
             let Some(u) = self.rx.pop_used(self.rx_posted.len())? else { break };
+            if self.raw_rx.complete(u) {
+                continue;
+            }
             let id = u.id as usize;
             if id >= self.rx_posted.len() || !self.rx_posted[id] {
                 return Err(Error::Protocol(format!(
@@ -373,6 +477,113 @@ impl NetDevice {
             self.post_rx(id as u16);
         }
         Ok(frames)
+    }
+
+    /// Guest physical addresses of all the shared memory.
+    pub fn mem_gpa_range(&self) -> Range<u64> {
+        self.mem.gpa(0)..self.mem.gpa(self.mem.len())
+    }
+
+    /// Guest physical address of the scratch area ([`NetOptions::scratch`]).
+    pub fn scratch_gpa(&self) -> u64 {
+        self.mem.gpa(self.scratch_off)
+    }
+
+    /// Bytes of the scratch area.
+    pub fn scratch_len(&self) -> usize {
+        self.scratch_len
+    }
+
+    /// Bytes `off..off + len` of the scratch area.
+    pub fn scratch(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.scratch_len), "scratch range out of bounds");
+        self.mem.slice(self.scratch_off + off, len)
+    }
+
+    /// Bytes `off..off + len` of the scratch area, to write.
+    pub fn scratch_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.scratch_len), "scratch range out of bounds");
+        self.mem.slice_mut(self.scratch_off + off, len)
+    }
+
+    fn raw(&mut self, queue: Queue) -> &mut RawChains {
+        match queue {
+            Queue::Rx => &mut self.raw_rx,
+            Queue::Tx => &mut self.raw_tx,
+        }
+    }
+
+    /// The descriptor indices kept for raw chains (the same on both queues).
+    pub fn raw_descs(&self) -> Range<u16> {
+        self.raw_tx.first..self.queue_size()
+    }
+
+    /// First index of `n` consecutive reserved descriptors of `queue` that no held raw chain
+    /// uses (None: not that many free).
+    pub fn alloc_raw(&self, queue: Queue, n: usize) -> Option<u16> {
+        match queue {
+            Queue::Rx => self.raw_rx.alloc(n),
+            Queue::Tx => self.raw_tx.alloc(n),
+        }
+    }
+
+    /// Writes `entries` (index, entry) into `queue`'s descriptor table exactly as given, makes
+    /// `head` available and kicks the queue. Every index must be a free reserved one
+    /// ([`Self::alloc_raw`]); what the entries hold is not checked. The chain comes back through
+    /// [`Self::take_raw`] (reaped by [`Self::reap_tx`] / [`Self::poll_rx`]).
+    pub fn submit_raw(&mut self, queue: Queue, head: u16, entries: &[(u16, TableEntry)]) -> Result<()> {
+        let path = self.path.clone();
+        let raw = self.raw(queue);
+        let first = raw.first;
+        let mut indices: Vec<u16> = entries.iter().map(|(i, _)| *i).collect();
+        indices.push(head);
+        indices.sort_unstable();
+        indices.dedup();
+        for &i in &indices {
+            if i < first || usize::from(i - first) >= raw.busy.len() || raw.busy[usize::from(i - first)] {
+                return Err(Error::InvalidJob(format!(
+                    "descriptor {i} of the {} queue is not a free one kept for raw chains",
+                    queue.name()
+                ))
+                .at(&path));
+            }
+        }
+        for &i in &indices {
+            raw.busy[usize::from(i - first)] = true;
+        }
+        raw.held.push((head, indices));
+        let (ring, kick) = match queue {
+            Queue::Rx => (&mut self.rx, &self.rx_kick),
+            Queue::Tx => (&mut self.tx, &self.tx_kick),
+        };
+        for &(i, entry) in entries {
+            ring.write_entry(i, entry);
+        }
+        ring.push_head(head);
+        ring.publish();
+        // Kicked whether or not the device asked: a probe wants it to look now.
+        kick.write(1).map_err(|e| Error::sys("kicking a queue (eventfd write)", e).at(&path))?;
+        match queue {
+            Queue::Rx => self.stats.rx_kicks += 1,
+            Queue::Tx => self.stats.tx_kicks += 1,
+        }
+        Ok(())
+    }
+
+    /// The used length of raw chain `head` of `queue` if the device has returned it (once; call
+    /// [`Self::reap_tx`] / [`Self::poll_rx`] first to collect completions).
+    pub fn take_raw(&mut self, queue: Queue, head: u16) -> Option<u32> {
+        let raw = self.raw(queue);
+        let pos = raw.done.iter().position(|u| u.id == u32::from(head))?;
+        Some(raw.done.swap_remove(pos).len)
+    }
+
+    /// Raw chains of `queue` the device holds.
+    pub fn raw_held(&self, queue: Queue) -> usize {
+        match queue {
+            Queue::Rx => self.raw_rx.held.len(),
+            Queue::Tx => self.raw_tx.held.len(),
+        }
     }
 
     /// Checks, without blocking, that the backend has not hung up the control socket.

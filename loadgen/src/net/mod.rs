@@ -6,12 +6,14 @@
 //! - [`frame`]: self-checking test frames and the receiver's bookkeeping.
 //! - [`rx`]: reassembly of frames spanning several RX buffers (VIRTIO_NET_F_MRG_RXBUF).
 //! - [`run`]: the throughput and ping-pong workloads.
+//! - [`malformed`]: the malformed-chain probe (`net-load --malformed`).
 //!
 //! The layouts shared with the reflector (queue numbers, header, config offsets) come from the
 //! `virtio` crate.
 
 pub mod device;
 pub mod frame;
+pub mod malformed;
 pub mod run;
 pub mod rx;
 
@@ -32,6 +34,8 @@ pub mod features {
     pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
     /// Several queue pairs.
     pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+    /// Descriptors may point to tables of descriptors (negotiated only for the malformed probe).
+    pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
     /// Names of the bits above, for reports.
     pub fn names(bits: u64) -> Vec<&'static str> {
@@ -41,6 +45,7 @@ pub mod features {
             (VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"),
             (VIRTIO_NET_F_STATUS, "STATUS"),
             (VIRTIO_NET_F_MQ, "MQ"),
+            (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
             (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
             (VHOST_USER_F_PROTOCOL_FEATURES, "PROTOCOL_FEATURES"),
             (VIRTIO_F_VERSION_1, "VERSION_1"),

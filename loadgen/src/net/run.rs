@@ -69,6 +69,17 @@ impl NetPair {
         &self.devs
     }
 
+    /// The devices (one or two), to drive directly: the sending one first, the receiving one
+    /// last ([`Self::rx_index`]).
+    pub fn devices_mut(&mut self) -> &mut [NetDevice] {
+        &mut self.devs
+    }
+
+    /// Index of the receiving device in [`Self::devices_mut`] (0 when one device does both).
+    pub fn rx_index(&self) -> usize {
+        self.b_index()
+    }
+
     /// The MACs of a run from `a` to `b`: (dst, src). `dst`/`src` override; otherwise `b`'s and
     /// `a`'s from their config spaces, else broadcast and [`LOCAL_MAC_A`].
     pub fn macs(&self, dst: Option<[u8; 6]>, src: Option<[u8; 6]>) -> ([u8; 6], [u8; 6]) {

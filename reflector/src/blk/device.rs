@@ -259,7 +259,7 @@ impl BlkDevice {
             if self.event_idx {
                 vring.disable_notification().map_err(std::io::Error::other)?;
             }
-            let chains: Vec<(u16, Vec<Segment>)> = {
+            let chains: Vec<(u16, Option<Vec<Segment>>)> = {
                 let mut state = vring.get_mut();
                 let mut chains = Vec::new();
                 while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(memory.clone()) {
@@ -270,7 +270,16 @@ impl BlkDevice {
             };
             tracing::trace!(device = %self.name, chains = chains.len(), "queue processed");
             for (head, segments) in chains {
-                self.accept(vring, &memory, head, &segments);
+                match segments {
+                    Some(segments) => self.accept(vring, &memory, head, &segments),
+                    None => {
+                        // No status byte can be trusted in a chain that does not end.
+                        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(device = %self.name, head, "malformed request: the chain does not end");
+                        self.complete(vring, &memory, head, None, marshal::VIRTIO_BLK_S_IOERR, 0);
+                    }
+                }
             }
             if !self.event_idx || !vring.enable_notification().map_err(std::io::Error::other)? {
                 break;
@@ -652,12 +661,16 @@ impl BlkDevice {
 /// and, if the chain is longer, its true last one (the status descriptor),
 /// so that an over-long chain is refused with its status written where the
 /// client expects it, never into a data buffer. virtio-queue bounds the walk
-/// (by the queue size, or the indirect table's length).
-fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>) -> Vec<Segment> {
+/// (by the queue size, or the indirect table's length) and ends it without a
+/// word at a loop, a `next` outside the table or a bad indirect table: the
+/// last descriptor then still has NEXT, and the chain is refused (`None`).
+fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>) -> Option<Vec<Segment>> {
     let keep = SEG_MAX as usize + 2;
     let mut segments = Vec::with_capacity(keep + 1);
     let mut last = None;
+    let mut cut_short = false;
     for (index, descriptor) in chain.enumerate() {
+        cut_short = descriptor.has_next();
         let segment = Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() };
         if index < keep {
             segments.push(segment);
@@ -666,7 +679,7 @@ fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descr
         }
     }
     segments.extend(last);
-    segments
+    (!cut_short).then_some(segments)
 }
 
 /// The virtio-blk configuration space (virtio spec 5.2.4), up to num_queues.

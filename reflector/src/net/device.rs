@@ -36,7 +36,7 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::marshal::{self, Segment};
+use super::marshal::{self, Malformed, Segment};
 use super::slots::{NetSlots, SlotState};
 use crate::channel::Channel;
 use crate::driver_answers::{self, NetAnswer};
@@ -253,7 +253,7 @@ impl NetDevice {
             }
             while self.can_take_tx() {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
-                sent |= self.transmit(&memory, head, &segments);
+                sent |= self.transmit(&memory, head, segments.as_deref());
                 if let Err(error) = tx.add_used(head, 0) {
                     tracing::warn!(device = %self.name, head, %error, "cannot return a transmit chain");
                 }
@@ -283,9 +283,10 @@ impl NetDevice {
 
     /// Copies one transmit chain's frame into a TX slot and the channel;
     /// false if it was dropped (malformed, or the device failed).
-    fn transmit(&mut self, memory: &GuestMemoryMmap, head: u16, segments: &[Segment]) -> bool {
-        let len = match marshal::tx_frame_len(memory, segments) {
-            Ok(len) => len,
+    fn transmit(&mut self, memory: &GuestMemoryMmap, head: u16, segments: Result<&[Segment], &Malformed>) -> bool {
+        let checked = segments.map_err(Malformed::clone).and_then(|s| Ok((s, marshal::tx_frame_len(memory, s)?)));
+        let (segments, len) = match checked {
+            Ok(checked) => checked,
             Err(reason) => {
                 self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(device = %self.name, head, %reason, "malformed transmit chain dropped");
@@ -322,8 +323,8 @@ impl NetDevice {
                 rx.disable_notification().map_err(std::io::Error::other)?;
             }
             while let Some((head, segments)) = pop_chain(rx, &memory) {
-                match marshal::rx_capacity(&memory, &segments) {
-                    Ok(capacity) => self.rx_buffers.push_back(RxBuffer { head, segments, capacity }),
+                match segments.and_then(|segments| marshal::rx_capacity(&memory, &segments).map(|c| (segments, c))) {
+                    Ok((segments, capacity)) => self.rx_buffers.push_back(RxBuffer { head, segments, capacity }),
                     Err(reason) => {
                         self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(device = %self.name, head, %reason, "malformed receive chain returned unused");
@@ -609,20 +610,27 @@ impl NetDevice {
 
 /// Pops one chain with its descriptors (at most MAX_CHAIN bytes' worth are
 /// kept: a longer chain is refused by `marshal` for its length anyway).
-fn pop_chain(vring: &VringRwLock, memory: &GuestMemoryMmap) -> Option<(u16, Vec<Segment>)> {
+fn pop_chain(vring: &VringRwLock, memory: &GuestMemoryMmap) -> Option<(u16, Result<Vec<Segment>, Malformed>)> {
     let mut state = vring.get_mut();
     let chain = state.get_queue_mut().pop_descriptor_chain(memory)?;
     let head = chain.head_index();
     let mut segments = Vec::new();
     let mut bytes = 0usize;
+    // virtio-queue ends a walk without a word at a loop (after queue-size descriptors), at a
+    // `next` outside the table, or at an unreadable or invalid indirect table: the last
+    // descriptor it yields then still has NEXT. Such a chain is malformed, not a shorter one.
+    let mut cut_short = false;
     for descriptor in chain {
         segments.push(Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() });
         bytes = bytes.saturating_add(descriptor.len() as usize);
+        cut_short = descriptor.has_next();
         if bytes > MAX_CHAIN + virtio::net::HEADER_LEN {
+            // Too long anyway (marshal says so); the rest is not read.
+            cut_short = false;
             break;
         }
     }
-    Some((head, segments))
+    Some((head, if cut_short { Err(Malformed::BrokenChain) } else { Ok(segments) }))
 }
 
 impl VhostUserBackendMut for NetDevice {

@@ -39,6 +39,10 @@ pub enum Malformed {
     /// A receive chain too small for the header.
     #[error("receive chain of {0} bytes cannot hold the 12-byte virtio-net header")]
     TinyRxBuffer(u64),
+    /// The chain does not end: a `next` loop, a `next` outside the table, or an invalid
+    /// indirect table.
+    #[error("the chain does not end (a next loop, a next outside the table, or an invalid indirect table)")]
+    BrokenChain,
 }
 
 fn in_memory(memory: &GuestMemoryMmap, segment: &Segment) -> Result<(), Malformed> {
