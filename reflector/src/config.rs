@@ -69,6 +69,15 @@ pub struct NetConfig {
     pub warm_spare: bool,
 }
 
+/// A host TAP device bridged into a switch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TapConfig {
+    /// Interface name (created if missing).
+    pub name: String,
+    /// The switch it is plugged into.
+    pub switch: String,
+}
+
 /// Everything the reflector serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -76,6 +85,8 @@ pub struct Config {
     pub blk: Vec<BlkConfig>,
     /// Net devices.
     pub net: Vec<NetConfig>,
+    /// TAP devices bridged into switches.
+    pub tap: Vec<TapConfig>,
     /// The vmm binary, if not next to the reflector.
     pub vmm: Option<PathBuf>,
 }
@@ -248,6 +259,33 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
     Ok(config)
 }
 
+/// Parses `name=IFNAME[,switch=NAME]`.
+pub fn parse_tap(spec: &str) -> Result<TapConfig, ConfigError> {
+    let error = |reason: String| ConfigError(format!("--tap {spec:?}: {reason}"));
+    let mut config = TapConfig { name: String::new(), switch: DEFAULT_SWITCH.into() };
+    for item in spec.split(',') {
+        let (key, value) = item.split_once('=').unwrap_or((item, ""));
+        match key {
+            "name" => config.name = value.into(),
+            "switch" => config.switch = value.into(),
+            _ => return Err(error(format!("unknown key {key:?} (known: name, switch)"))),
+        }
+    }
+    check_tap(&config).map_err(error)?;
+    Ok(config)
+}
+
+fn check_tap(config: &TapConfig) -> Result<(), String> {
+    let name = &config.name;
+    if name.is_empty() || name.len() > 15 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("name {name:?}: an interface name of up to 15 letters, digits, - and _ is required"));
+    }
+    if config.switch.is_empty() {
+        return Err("switch must not be empty".into());
+    }
+    Ok(())
+}
+
 fn check_net(config: &NetConfig) -> Result<(), String> {
     if config.switch.is_empty() {
         return Err("switch must not be empty".into());
@@ -263,6 +301,15 @@ struct FileConfig {
     blk: Vec<toml::Spanned<FileBlk>>,
     #[serde(default)]
     net: Vec<toml::Spanned<FileNet>>,
+    #[serde(default)]
+    tap: Vec<toml::Spanned<FileTap>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTap {
+    name: String,
+    switch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -314,7 +361,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let line = e.span().map(|span| format!(", line {}", line_of(text, span.start))).unwrap_or_default();
         ConfigError(format!("{origin}{line}: {}", e.message()))
     })?;
-    let mut config = Config { blk: Vec::new(), net: Vec::new(), vmm: file.vmm };
+    let mut config = Config { vmm: file.vmm, ..Config::default() };
     for (index, spanned) in file.blk.into_iter().enumerate() {
         let line = line_of(text, spanned.span().start);
         let blk = spanned.into_inner();
@@ -351,6 +398,13 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
     for (index, spanned) in file.net.into_iter().enumerate() {
         let line = line_of(text, spanned.span().start);
         config.net.push(file_net(spanned.into_inner(), index, text, origin, line)?);
+    }
+    for spanned in file.tap {
+        let line = line_of(text, spanned.span().start);
+        let tap = spanned.into_inner();
+        let tap = TapConfig { name: tap.name, switch: tap.switch.unwrap_or_else(|| DEFAULT_SWITCH.into()) };
+        check_tap(&tap).map_err(|e| ConfigError(format!("{origin}, line {line}: [[tap]]: {e}")))?;
+        config.tap.push(tap);
     }
     Ok(config)
 }
@@ -404,6 +458,17 @@ impl Config {
                 if socket == other_socket {
                     return Err(ConfigError(format!("two devices use socket {}", socket.display())));
                 }
+            }
+        }
+        for (i, a) in self.tap.iter().enumerate() {
+            if self.tap[i + 1..].iter().any(|b| b.name == a.name) {
+                return Err(ConfigError(format!("TAP {:?} is given twice", a.name)));
+            }
+            if !self.net.iter().any(|n| n.switch == a.switch) {
+                return Err(ConfigError(format!(
+                    "TAP {:?} is on switch {:?}, which no --net device uses",
+                    a.name, a.switch
+                )));
             }
         }
         for (i, a) in self.net.iter().enumerate() {
@@ -508,6 +573,21 @@ mod tests {
             ..Config::default()
         };
         assert!(same_mac.validate().unwrap_err().0.contains("share MAC"));
+    }
+
+    #[test]
+    fn tap_one_liner_and_toml() {
+        let t = parse_tap("name=tap0,switch=lan").unwrap();
+        assert_eq!((t.name.as_str(), t.switch.as_str()), ("tap0", "lan"));
+        for bad in ["switch=lan", "name=", "name=a-very-long-interface-name", "name=t0,colour=red", "name=t 0"] {
+            assert!(parse_tap(bad).unwrap_err().0.starts_with("--tap"), "{bad}");
+        }
+        let text = "[[net]]\nsocket = \"/a\"\nswitch = \"lan\"\n\n[[tap]]\nname = \"tap0\"\nswitch = \"lan\"\n";
+        let config = parse_file(text, "r.toml").unwrap();
+        assert_eq!(config.tap, vec![TapConfig { name: "tap0".into(), switch: "lan".into() }]);
+        config.validate().unwrap();
+        let orphan = Config { tap: vec![parse_tap("name=tap1,switch=nowhere").unwrap()], ..config.clone() };
+        assert!(orphan.validate().unwrap_err().0.contains("no --net device"));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! Trust boundaries are modules: `blk::marshal` and `net::marshal` are the
 //! only code that touches client memory; `driver_answers` is the only code
 //! that judges what a driver VM says; `hw` holds the (simulated) hardware a
-//! driver drives: a storage controller, a network card and the switch that
-//! joins cards.
+//! driver drives: a storage controller, a network card, the switch that
+//! joins cards and the TAP port that bridges a switch to the host.
 //!
 //! A driver VM that exits, hangs or breaks the channel protocol is replaced
 //! (`recovery` decides when, `driver_vms` how): a block device replays the

@@ -9,6 +9,7 @@ use reflector::chaos;
 use reflector::config::{self, Config};
 use reflector::control;
 use reflector::hw::switch::Switches;
+use reflector::hw::tap::TapPort;
 use reflector::serve::{self, Service};
 use reflector::supervisor;
 
@@ -38,6 +39,10 @@ default 16M), hang_ms=MS (pending requests with no progress for this long mean a
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
 booted driver VM waiting, so that a restart skips the boot).
+
+--tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
+with `ip link set IFNAME up`) into a switch that --net devices use, so their guests reach
+the host.
 
 --net keys: socket=PATH (required), mac=MAC (default 52:54:00:d5:00:N for the N-th net
 device), switch=NAME (devices on one switch are connected; default \"default\"), name=NAME,
@@ -183,6 +188,10 @@ struct ServeArgs {
     /// Repeatable. Example: --net socket=/tmp/n0.sock,mac=52:54:00:00:00:01,switch=lan
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// Bridge a host TAP device (created if missing) into a switch: name=IFNAME[,switch=NAME].
+    /// Repeatable. Example: --tap name=drvm0,switch=lan
+    #[arg(long, value_name = "SPEC")]
+    tap: Vec<String>,
     /// A TOML configuration file (see below). Example: --config reflector.toml
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -320,6 +329,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     for (i, spec) in args.net.iter().enumerate() {
         config.net.push(config::parse_net(spec, first + i).map_err(|e| e.0)?);
     }
+    for spec in &args.tap {
+        config.tap.push(config::parse_tap(spec).map_err(|e| e.0)?);
+    }
     if args.vmm.is_some() {
         config.vmm = args.vmm.clone();
     }
@@ -358,6 +370,12 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     for net in &config.net {
         services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches)?)));
     }
+    let mut taps = Vec::new();
+    for tap in &config.tap {
+        taps.push(
+            TapPort::start(&tap.name, switches.get(&tap.switch)).map_err(|e| format!("--tap {}: {e}", tap.name))?,
+        );
+    }
     let mut targets = Vec::new();
     for &service in &services {
         targets.push(service.control_target()?);
@@ -378,6 +396,10 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     // SAFETY: sigwait on the set blocked above.
     unsafe { libc::sigwait(&signals, &mut signal) };
     tracing::info!(signal, "stopping");
+    for tap in &taps {
+        tracing::debug!(dropped = tap.dropped(), "TAP port");
+    }
+    drop(taps);
     if let Some(path) = &args.control {
         let _ = std::fs::remove_file(path);
     }

@@ -27,6 +27,11 @@ struct Pair {
 
 impl Pair {
     fn start(tag: &str, extra: &str) -> Pair {
+        Pair::start_with(tag, extra, &[])
+    }
+
+    /// Starts it with more `reflector serve` arguments.
+    fn start_with(tag: &str, extra: &str, more: &[String]) -> Pair {
         let scratch = Scratch::new(tag);
         let (a, b, control) = (scratch.join("a.sock"), scratch.join("b.sock"), scratch.join("ctl"));
         let args = vec![
@@ -36,7 +41,10 @@ impl Pair {
             format!("socket={},mac=52:54:00:00:00:0a,switch=lan,name=neta{extra}", a.display()),
             "--net".into(),
             format!("socket={},mac=52:54:00:00:00:0b,switch=lan,name=netb{extra}", b.display()),
-        ];
+        ]
+        .into_iter()
+        .chain(more.iter().cloned())
+        .collect::<Vec<_>>();
         let reflector = Reflector::start_with(&args, scratch.join("log"), &b, "card ready");
         let mut pair = Pair { _scratch: scratch, reflector, a, b, control };
         pair.reflector.wait_for(|r| r.log_text().matches("card ready").count() >= 2, "both driver VMs");
@@ -248,4 +256,52 @@ fn malformed_client_chains_are_dropped_counted_and_harmless() {
     assert_eq!(assert_clean(&back)[0]["received"], 100);
     let (a, b) = (pair.status("neta"), pair.status("netb"));
     assert_eq!((a["faults"].as_u64(), b["faults"].as_u64()), (Some(0), Some(0)), "{a} {b}");
+}
+
+/// Whether TAP devices can be made here (root and /dev/net/tun); with CI set
+/// they must.
+fn tap_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let available = root && Path::new("/dev/net/tun").exists() && Command::new("ip").arg("-V").output().is_ok();
+    if !available {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: TAP devices need root, /dev/net/tun and iproute2, and CI is set"
+        );
+        eprintln!("\n*** SKIPPING {test}: TAP devices need root, /dev/net/tun and iproute2. ***\n");
+    }
+    available
+}
+
+fn tap_counter(name: &str, counter: &str) -> u64 {
+    let path = format!("/sys/class/net/{name}/statistics/{counter}");
+    std::fs::read_to_string(&path).unwrap_or_default().trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn a_tap_port_bridges_the_switch_to_the_host() {
+    let test = "a_tap_port_bridges_the_switch_to_the_host";
+    if !kvm_available(test) || !tap_available(test) {
+        return;
+    }
+    let id = std::process::id();
+    let tap = format!("drvt{}", id % 100_000);
+    let subnet = format!("10.213.{}", id % 250 + 1);
+    let pair = Pair::start_with("net-tap", "", &["--tap".into(), format!("name={tap},switch=lan")]);
+    pair.reflector.log_text().contains("TAP device bridged").then_some(()).expect("the TAP was not bridged");
+    for args in [vec!["addr", "add", &format!("{subnet}.1/24"), "dev", &tap], vec!["link", "set", &tap, "up"]] {
+        let status = Command::new("ip").args(&args).status().unwrap();
+        assert!(status.success(), "ip {args:?} failed");
+    }
+    let load = net_load(&pair.a, &pair.b, &["--size", "128", "--seconds", "4", "--bidir"]);
+    // The host's ARP requests for a peer on the TAP's subnet cross the switch to both devices.
+    // ARP retries about once a second for as long as pings are queued (-w 5).
+    let _ = Command::new("ping").args(["-c", "12", "-i", "0.3", "-w", "5", &format!("{subnet}.2")]).output();
+    let output = load.wait_with_output().unwrap();
+    let runs = assert_clean(&output);
+    let foreign: u64 = runs.iter().map(|r| r["foreign"].as_u64().unwrap_or(0)).sum();
+    assert!(foreign > 0, "no host frame reached the devices through the TAP: {runs:?}");
+    assert!(tap_counter(&tap, "rx_packets") > 0, "no switch frame reached the host through the TAP");
+    assert!(tap_counter(&tap, "tx_packets") > 0, "the host sent nothing on the TAP");
 }

@@ -6,6 +6,7 @@
 pub mod sim_nic;
 pub mod sim_storage;
 pub mod switch;
+pub mod tap;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
