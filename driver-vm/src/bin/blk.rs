@@ -91,6 +91,7 @@ impl Driver for Blk {
         loop {
             let submitted = self.forward_requests();
             let completed = self.forward_completions();
+            self.publish_completions();
             if self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire) & storage::status::FATAL != 0 {
                 return Err(Error::Device("the controller stopped with a fatal error"));
             }
@@ -279,7 +280,10 @@ impl Blk {
             inject::HANG => loop {
                 core::hint::spin_loop();
             },
-            inject::LIE => self.complete(request.id, channel::status::OK, request.len + storage::SECTOR_SIZE),
+            inject::LIE => {
+                self.complete(request.id, channel::status::OK, request.len + storage::SECTOR_SIZE);
+                self.publish_completions();
+            }
             inject::STOP => driver_vm::kernel::exit(0),
             _ => {}
         }
@@ -311,13 +315,23 @@ impl Blk {
         completed
     }
 
-    /// Publishes one completion to the reflector.
+    /// Writes one completion for the reflector (published by
+    /// `publish_completions`).
     fn complete(&mut self, id: u64, status: u32, len: u32) {
         let at = channel::COMPLETION_RING_OFFSET
             + (self.cmp_prod % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
         self.channel.write(at, CompletionEntry { id, status, len });
         self.cmp_prod = self.cmp_prod.wrapping_add(1);
-        self.channel.atomic_u32(header::CMP_PROD).store(self.cmp_prod, Ordering::Release);
+    }
+
+    /// Makes written completions visible and rings the reflector once for
+    /// all of them (a doorbell is a VM exit).
+    fn publish_completions(&mut self) {
+        let published = self.channel.atomic_u32(header::CMP_PROD);
+        if published.load(Ordering::Relaxed) == self.cmp_prod {
+            return;
+        }
+        published.store(self.cmp_prod, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.channel.atomic_u32(header::HOST_WAITING).load(Ordering::Acquire) != 0 {
             self.to_reflector.ring(1);
