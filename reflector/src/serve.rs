@@ -5,7 +5,7 @@
 //! restarted).
 
 use std::os::fd::RawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use guest_abi::channel;
@@ -37,14 +37,124 @@ pub const DOORBELL_GPA: u64 = 0x3000_0000;
 /// Driver guest-physical address of the channel.
 pub const CHANNEL_GPA: u64 = 0x4000_0000;
 
-/// A block device being served.
-pub struct BlkService {
-    /// Its configuration.
-    pub config: BlkConfig,
-    device: Arc<RwLock<BlkDevice>>,
+/// A device being served: its vhost-user backend and what must live as
+/// long as it (the channel, the simulated hardware).
+pub struct DeviceService<D> {
+    name: String,
+    socket: PathBuf,
+    device: Arc<RwLock<D>>,
     metrics: Arc<Metrics>,
     channel_memory: Arc<SharedMemory>,
-    _hardware: SimStorage,
+    _hardware: Box<dyn std::any::Any + Send + Sync>,
+}
+
+/// A block device being served.
+pub type BlkService = DeviceService<BlkDevice>;
+/// A net device being served.
+pub type NetService = DeviceService<NetDevice>;
+
+/// What the serving loop and the control socket need of a device, block or net.
+pub trait ServedDevice:
+    vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + Send + Sync + 'static
+{
+    /// "blk" or "net", for `reflector status`.
+    const KIND: &'static str;
+    /// The protocol, for logs.
+    const PROTOCOL: &'static str;
+    /// The device's own event sources for the vhost-user worker, with their ids.
+    fn listeners(&self) -> [(RawFd, u16); 6];
+    /// The client went away.
+    fn client_gone(&mut self);
+    /// Kills the driver VMs for good.
+    fn shutdown(&mut self);
+    /// An eventfd that makes a failed device try a new driver VM.
+    fn recover_trigger(&self) -> std::io::Result<EventFd>;
+    /// An eventfd that makes the device SIGKILL its driver VM.
+    fn kill_trigger(&self) -> std::io::Result<EventFd>;
+}
+
+impl ServedDevice for BlkDevice {
+    const KIND: &'static str = "blk";
+    const PROTOCOL: &'static str = "vhost-user-blk";
+    fn listeners(&self) -> [(RawFd, u16); 6] {
+        BlkDevice::listeners(self)
+    }
+    fn client_gone(&mut self) {
+        BlkDevice::client_gone(self)
+    }
+    fn shutdown(&mut self) {
+        BlkDevice::shutdown(self)
+    }
+    fn recover_trigger(&self) -> std::io::Result<EventFd> {
+        BlkDevice::recover_trigger(self)
+    }
+    fn kill_trigger(&self) -> std::io::Result<EventFd> {
+        BlkDevice::kill_trigger(self)
+    }
+}
+
+impl ServedDevice for NetDevice {
+    const KIND: &'static str = "net";
+    const PROTOCOL: &'static str = "vhost-user-net";
+    fn listeners(&self) -> [(RawFd, u16); 6] {
+        NetDevice::listeners(self)
+    }
+    fn client_gone(&mut self) {
+        NetDevice::client_gone(self)
+    }
+    fn shutdown(&mut self) {
+        NetDevice::shutdown(self)
+    }
+    fn recover_trigger(&self) -> std::io::Result<EventFd> {
+        NetDevice::recover_trigger(self)
+    }
+    fn kill_trigger(&self) -> std::io::Result<EventFd> {
+        NetDevice::kill_trigger(self)
+    }
+}
+
+impl<D: ServedDevice> Service for DeviceService<D> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn shutdown(&self) {
+        // Stopping must never wait on a worker: if it holds the device, the
+        // driver VMs end with the reflector's process (stdin lifeline).
+        match self.device.try_write() {
+            Ok(mut device) => device.shutdown(),
+            Err(_) => {
+                tracing::warn!(device = %self.name, "device busy at shutdown; its driver VMs end with the reflector")
+            }
+        }
+    }
+
+    fn control_target(&self) -> Result<ControlTarget, String> {
+        let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
+        let name = &self.name;
+        let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
+        let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
+        Ok(ControlTarget {
+            name: name.clone(),
+            kind: D::KIND,
+            metrics: self.metrics.clone(),
+            channel: self.channel_memory.clone(),
+            recover,
+            kill,
+        })
+    }
+
+    fn serve(&self) -> Result<(), String> {
+        serve_socket(&self.name, &self.socket, D::PROTOCOL, &self.device, D::listeners, D::client_gone)
+    }
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> String {
@@ -105,66 +215,13 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         .map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
     Ok(BlkService {
-        config: config.clone(),
+        name: config.name.clone(),
+        socket: config.socket.clone(),
         device: Arc::new(RwLock::new(device)),
         metrics,
         channel_memory,
-        _hardware: hardware,
+        _hardware: Box::new(hardware),
     })
-}
-
-impl Service for BlkService {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn socket(&self) -> &Path {
-        &self.config.socket
-    }
-
-    fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    fn shutdown(&self) {
-        shutdown_device(&self.config.name, &self.device, BlkDevice::shutdown);
-    }
-
-    fn control_target(&self) -> Result<ControlTarget, String> {
-        let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
-        let name = &self.config.name;
-        let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
-        let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
-        Ok(ControlTarget {
-            name: name.clone(),
-            kind: "blk",
-            metrics: self.metrics.clone(),
-            channel: self.channel_memory.clone(),
-            recover,
-            kill,
-        })
-    }
-
-    fn serve(&self) -> Result<(), String> {
-        serve_socket(
-            &self.config.name,
-            &self.config.socket,
-            "vhost-user-blk",
-            &self.device,
-            BlkDevice::listeners,
-            BlkDevice::client_gone,
-        )
-    }
-}
-
-/// Kills a device's driver VMs, unless its worker holds the device (then
-/// they end with the reflector's process, through their stdin lifeline):
-/// stopping must never wait on a worker.
-fn shutdown_device<D>(name: &str, device: &RwLock<D>, shutdown: impl FnOnce(&mut D)) {
-    match device.try_write() {
-        Ok(mut device) => shutdown(&mut device),
-        Err(_) => tracing::warn!(device = %name, "device busy at shutdown; its driver VMs end with the reflector"),
-    }
 }
 
 /// A device being served, whatever its kind.
@@ -233,16 +290,6 @@ where
     }
 }
 
-/// A net device being served.
-pub struct NetService {
-    /// Its configuration.
-    pub config: NetConfig,
-    device: Arc<RwLock<NetDevice>>,
-    metrics: Arc<Metrics>,
-    channel_memory: Arc<SharedMemory>,
-    _hardware: Arc<SimNic>,
-}
-
 /// Starts everything behind one net device (not yet its socket): its card
 /// is plugged into the switch of that name in `switches`.
 pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<NetService, String> {
@@ -282,11 +329,12 @@ pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<
     let device = NetDevice::new(name, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
     Ok(NetService {
-        config: config.clone(),
+        name: config.name.clone(),
+        socket: config.socket.clone(),
         device: Arc::new(RwLock::new(device)),
         metrics,
         channel_memory,
-        _hardware: hardware,
+        _hardware: Box::new(hardware),
     })
 }
 
@@ -309,48 +357,4 @@ fn launcher_for(
     windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
     let doorbells = vec![(DOORBELL_GPA, dup(completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware_doorbell)?)];
     Ok(DriverLauncher::new(spec, windows, doorbells, 2, dup(driver_exited)?))
-}
-
-impl Service for NetService {
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    fn socket(&self) -> &Path {
-        &self.config.socket
-    }
-
-    fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    fn shutdown(&self) {
-        shutdown_device(&self.config.name, &self.device, NetDevice::shutdown);
-    }
-
-    fn control_target(&self) -> Result<ControlTarget, String> {
-        let device = self.device.read().map_err(|_| "device lock poisoned".to_string())?;
-        let name = &self.config.name;
-        let recover = device.recover_trigger().map_err(|e| format!("{name}: {e}"))?;
-        let kill = device.kill_trigger().map_err(|e| format!("{name}: {e}"))?;
-        Ok(ControlTarget {
-            name: name.clone(),
-            kind: "net",
-            metrics: self.metrics.clone(),
-            channel: self.channel_memory.clone(),
-            recover,
-            kill,
-        })
-    }
-
-    fn serve(&self) -> Result<(), String> {
-        serve_socket(
-            &self.config.name,
-            &self.config.socket,
-            "vhost-user-net",
-            &self.device,
-            NetDevice::listeners,
-            NetDevice::client_gone,
-        )
-    }
 }
