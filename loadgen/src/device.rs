@@ -346,6 +346,23 @@ impl BlkDevice {
         }
     }
 
+    /// The memfd behind the shared memory (a hostile client shrinks it).
+    pub fn memory_file(&self) -> &std::fs::File {
+        self.mem.file()
+    }
+
+    /// Offset in the shared memory where the slots' data buffers start (page aligned):
+    /// everything before it is rings and request headers.
+    pub fn data_offset(&self) -> usize {
+        self.slots.first().map_or(self.mem.len(), |slot| slot.data_off)
+    }
+
+    /// Publishes `idx` as the avail index and kicks, whatever was queued: for a hostile client.
+    pub fn force_avail_index(&mut self, idx: u16) -> Result<()> {
+        self.ring.force_avail_index(idx);
+        self.kick.write(1).map_err(|e| Error::sys("kicking the device (eventfd write)", e))
+    }
+
     /// Checks, without blocking, that the backend has not hung up the control socket (or sent
     /// something unexpected on it).
     pub fn check_connection(&self) -> Result<()> {

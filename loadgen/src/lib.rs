@@ -9,6 +9,7 @@
 //!   bounded poll-then-sleep wait.
 //! - [`job`]: workloads (random/sequential, read/write), verification and measurements.
 //! - [`malformed`]: the malformed-request probe (`blk-load --malformed`).
+//! - [`hostile`]: hostile-client actions a backend must survive (`blk-load --hostile`).
 //! - [`pattern`]: self-describing verification patterns.
 //! - [`stats`]: latency histogram.
 //! - [`net`]: the virtio-net frontend of `net-load` (throughput, loss, integrity, latency).
@@ -16,6 +17,7 @@
 pub mod blk;
 pub mod device;
 pub mod error;
+pub mod hostile;
 pub mod job;
 pub mod malformed;
 pub mod mem;

@@ -126,6 +126,16 @@ struct Cli {
         ]
     )]
     malformed: bool,
+
+    /// Instead of jobs, act as a hostile client once, then hold the connection until standard
+    /// input closes (at most --timeout): memory-beyond-file (a memory table region of 64 TiB on a
+    /// 1 MiB memfd), shrink-memory (truncate the memfd under the backend, then submit a write
+    /// whose payload lies past the new end), avail-overrun (an avail index beyond the queue
+    /// size). Prints one line (JSON with --json) saying whether the backend refused. For tests
+    /// that check a backend survives such a client. Example: blk-load -s /tmp/d.sock --hostile
+    /// shrink-memory --timeout 30 < /dev/null
+    #[arg(long, value_name = "CASE", value_parser = loadgen::hostile::Case::parse, conflicts_with = "malformed")]
+    hostile: Option<loadgen::hostile::Case>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -155,6 +165,9 @@ fn human_size(b: u64) -> String {
 fn run(cli: &Cli) -> Result<bool, Error> {
     if cli.malformed {
         return run_malformed(cli);
+    }
+    if let Some(case) = cli.hostile {
+        return run_hostile(cli, case);
     }
     if cli.bs.is_empty() || cli.qd.is_empty() || cli.job.is_empty() {
         return Err(Error::InvalidJob("--job, --bs and --qd need at least one value".into()));
@@ -281,6 +294,30 @@ fn timeout(cli: &Cli) -> Result<Duration, Error> {
         return Err(Error::InvalidJob("--timeout must be a positive number of seconds".into()));
     }
     Ok(Duration::from_secs_f64(cli.timeout))
+}
+
+fn run_hostile(cli: &Cli, case: loadgen::hostile::Case) -> Result<bool, Error> {
+    let opts = DeviceOptions {
+        timeout: timeout(cli)?,
+        event_idx: !cli.no_event_idx,
+        slots: 1,
+        buf_size: 4096,
+        seg_size: None,
+        queue_size: cli.queue_size,
+        spin: Duration::from_micros(cli.spin_us),
+        scratch: 0,
+    };
+    let json = cli.json;
+    loadgen::hostile::run(&cli.socket, case, &opts, |outcome| {
+        if json {
+            println!("{}", serde_json::to_string(outcome).unwrap_or_default());
+        } else {
+            println!("blk-load: hostile {}: refused={} ({})", outcome.case, outcome.refused, outcome.detail);
+        }
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })?;
+    Ok(true)
 }
 
 fn run_malformed(cli: &Cli) -> Result<bool, Error> {

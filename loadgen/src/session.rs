@@ -351,6 +351,19 @@ impl Session {
         self.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&[region])).map(|_| ())
     }
 
+    /// SET_MEM_TABLE with one region of `memory_size` bytes backed by `mem`'s memfd, whatever
+    /// the memfd's size: for a hostile client whose table lies about its memory.
+    pub fn set_mem_table_sized(&mut self, mem: &GuestMem, memory_size: u64) -> Result<()> {
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: mem.gpa(0),
+            memory_size,
+            userspace_addr: mem.uaddr(0),
+            mmap_offset: 0,
+            mmap_handle: mem.file().as_raw_fd(),
+        };
+        self.call("SET_MEM_TABLE", |fe| fe.set_mem_table(&[region])).map(|_| ())
+    }
+
     /// Sets up and enables queue 0 with its ring at `ring_off` in `mem`.
     pub fn setup_vring(
         &mut self,

@@ -292,6 +292,13 @@ impl DriverRing {
         }
     }
 
+    /// Stores `idx` as the avail index, whatever was pushed: for a hostile client that claims
+    /// more entries than the queue holds. Nothing else on this side changes.
+    pub fn force_avail_index(&mut self, idx: u16) {
+        self.u16_at(self.layout.avail + 2).store(idx.to_le(), Ordering::Release);
+        fence(Ordering::SeqCst);
+    }
+
     /// True if the device has completed something we have not consumed yet.
     pub fn has_used(&self) -> bool {
         u16::from_le(self.u16_at(self.layout.used + 2).load(Ordering::Acquire)) != self.last_used

@@ -58,6 +58,7 @@ struct DeviceStatus<'a> {
     in_flight: u64,
     errors: u64,
     malformed: u64,
+    client_memory_faults: u64,
     violations: u64,
     faults: u64,
     restarts: u64,
@@ -92,6 +93,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
         in_flight: get(&m.in_flight),
         errors: get(&m.errors),
         malformed: get(&m.malformed),
+        client_memory_faults: get(&m.client_memory_faults),
         violations: get(&m.violations),
         faults: get(&m.faults),
         restarts: get(&m.restarts),
@@ -126,6 +128,9 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("completed_total", "counter", "Requests completed to the client.", &|s| s.completed as f64);
     family("errors_total", "counter", "Requests completed with an error status.", &|s| s.errors as f64);
     family("malformed_total", "counter", "Malformed client requests refused.", &|s| s.malformed as f64);
+    family("client_memory_faults_total", "counter", "Clients cut off because their memory faulted.", &|s| {
+        s.client_memory_faults as f64
+    });
     family("violations_total", "counter", "Driver protocol violations.", &|s| s.violations as f64);
     family("faults_total", "counter", "Driver VM faults.", &|s| s.faults as f64);
     family("restarts_total", "counter", "Driver VMs started after a fault.", &|s| s.restarts as f64);

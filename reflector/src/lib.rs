@@ -19,6 +19,7 @@
 pub mod blk;
 pub mod channel;
 pub mod chaos;
+pub mod client_memory;
 pub mod config;
 pub mod control;
 pub mod driver_answers;

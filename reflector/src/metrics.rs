@@ -19,6 +19,9 @@ pub struct Metrics {
     pub malformed: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
+    /// Clients cut off because touching their memory faulted (its file
+    /// shrank or ran out of pages).
+    pub client_memory_faults: AtomicU64,
     /// Driver protocol violations seen.
     pub violations: AtomicU64,
     /// Driver VM faults of any kind.

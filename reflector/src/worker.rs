@@ -1,7 +1,11 @@
 //! Small helpers for the vhost-user worker threads of every device.
 
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
+
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 /// A timerfd whose read never blocks: several events of one epoll batch
@@ -31,4 +35,21 @@ pub fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
         vring.signal_used_queue()?;
     }
     Ok(())
+}
+
+/// Whether the client published more available entries than its queue
+/// holds, or an avail index that cannot be read: a broken or hostile
+/// client. virtio-queue then yields no chain, while re-enabling
+/// notifications (EVENT_IDX) keeps reporting more work, so a worker that
+/// did not check would spin forever.
+pub fn avail_overrun(vring: &VringRwLock, memory: &GuestMemoryMmap) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    if !queue.ready() {
+        return false;
+    }
+    match queue.avail_idx(memory, Ordering::Acquire) {
+        Ok(avail) => (avail - Wrapping(queue.next_avail())).0 > queue.size(),
+        Err(_) => true,
+    }
 }

@@ -38,13 +38,14 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::inflight::{InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use crate::channel::Channel;
+use crate::client_memory;
 use crate::driver_answers;
 use crate::driver_vms::DriverVms;
 use crate::hw::InterruptRoute;
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
 use crate::supervisor::DriverLauncher;
-use crate::worker::{nonblocking_timer, signal_used};
+use crate::worker::{avail_overrun, nonblocking_timer, signal_used};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -98,6 +99,9 @@ pub struct BlkDevice {
     config: Vec<u8>,
     event_idx: bool,
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The client's memory table registered with the SIGBUS guard; kept
+    /// after a cut-off, while the mapping may still be touched.
+    memory_guard: Option<client_memory::Registration>,
     client: u64,
     channel: Channel,
     in_flight: InFlightTable,
@@ -158,6 +162,7 @@ impl BlkDevice {
             config: virtio_blk_config(capacity_sectors),
             event_idx: false,
             memory: None,
+            memory_guard: None,
             client: 0,
             channel: wiring.channel,
             in_flight: InFlightTable::default(),
@@ -240,6 +245,27 @@ impl BlkDevice {
         ]
     }
 
+    /// Stops serving the current client for good (it must reconnect):
+    /// its memory faulted, or its queue is broken. Only it suffers.
+    fn cut_off(&mut self, why: &str) {
+        tracing::error!(device = %self.name, why, "no longer serving this client; it must reconnect");
+        self.client_gone();
+    }
+
+    /// Whether touching the client's memory has faulted.
+    fn client_memory_poisoned(&self) -> bool {
+        self.memory_guard.as_ref().is_some_and(client_memory::Registration::poisoned)
+    }
+
+    /// Cuts the client off if touching its memory faulted: it shrank or
+    /// lost the file behind its RAM, and only it may suffer for that.
+    fn check_client_memory(&mut self) {
+        if self.memory.is_some() && self.client_memory_poisoned() {
+            self.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
+            self.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");
+        }
+    }
+
     /// Forgets a client that went away: its queues are gone, so requests
     /// still in the driver VM complete into nothing.
     pub fn client_gone(&mut self) {
@@ -256,6 +282,11 @@ impl BlkDevice {
         };
         let memory = atomic.memory();
         loop {
+            if avail_overrun(vring, &memory) {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                self.cut_off("its queue's avail index runs beyond the queue size");
+                return Ok(());
+            }
             if self.event_idx {
                 vring.disable_notification().map_err(std::io::Error::other)?;
             }
@@ -369,7 +400,8 @@ impl BlkDevice {
                 .channel
                 .slot(slot, entry.data_len as usize)
                 .map(|bounce| marshal::copy_to_slot(memory, request, &bounce));
-            if !matches!(copied, Some(Ok(()))) {
+            // A fault while copying left zeros, not the client's data.
+            if !matches!(copied, Some(Ok(()))) || self.client_memory_poisoned() {
                 return false;
             }
         }
@@ -751,7 +783,14 @@ impl VhostUserBackendMut for BlkDevice {
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         tracing::trace!(device = %self.name, "client memory table");
+        self.memory = None;
+        // Refusing the table ends the connection (vhost-user-backend).
+        let registration = client_memory::guard(&memory.memory()).map_err(|error| {
+            tracing::error!(device = %self.name, %error, "refusing the client's memory table");
+            std::io::Error::other(error)
+        })?;
         self.memory = Some(memory);
+        self.memory_guard = Some(registration);
         Ok(())
     }
 
@@ -798,6 +837,7 @@ impl VhostUserBackendMut for BlkDevice {
             }
             _ => Ok(()),
         };
+        self.check_client_memory();
         self.publish_state();
         // An error returned here would end vhost-user-backend's worker loop
         // for good, and with it the connection's I/O: report it instead.

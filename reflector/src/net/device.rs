@@ -39,13 +39,14 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::marshal::{self, Malformed, Segment};
 use super::slots::{NetSlots, SlotState};
 use crate::channel::Channel;
+use crate::client_memory;
 use crate::driver_answers::{self, NetAnswer};
 use crate::driver_vms::DriverVms;
 use crate::hw::{InterruptRoute, NetHardware};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
 use crate::supervisor::DriverLauncher;
-use crate::worker::{nonblocking_timer, signal_used};
+use crate::worker::{avail_overrun, nonblocking_timer, signal_used};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -106,6 +107,9 @@ pub struct NetDevice {
     event_idx: bool,
     mergeable: bool,
     memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The client's memory table registered with the SIGBUS guard; kept
+    /// after a cut-off, while the mapping may still be touched.
+    memory_guard: Option<client_memory::Registration>,
     channel: Channel,
     slots: NetSlots,
     /// RX slots holding frames, oldest first.
@@ -140,6 +144,7 @@ impl NetDevice {
             event_idx: false,
             mergeable: false,
             memory: None,
+            memory_guard: None,
             channel: wiring.channel,
             slots: NetSlots::default(),
             held: VecDeque::new(),
@@ -210,6 +215,27 @@ impl NetDevice {
         ]
     }
 
+    /// Stops serving the current client for good (it must reconnect):
+    /// its memory faulted, or its queue is broken. Only it suffers.
+    fn cut_off(&mut self, why: &str) {
+        tracing::error!(device = %self.name, why, "no longer serving this client; it must reconnect");
+        self.client_gone();
+    }
+
+    /// Whether touching the client's memory has faulted.
+    fn client_memory_poisoned(&self) -> bool {
+        self.memory_guard.as_ref().is_some_and(client_memory::Registration::poisoned)
+    }
+
+    /// Cuts the client off if touching its memory faulted: it shrank or
+    /// lost the file behind its RAM, and only it may suffer for that.
+    fn check_client_memory(&mut self) {
+        if self.memory.is_some() && self.client_memory_poisoned() {
+            self.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
+            self.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");
+        }
+    }
+
     /// Forgets a client that went away: its buffers are gone, and frames
     /// received for it are dropped.
     pub fn client_gone(&mut self) {
@@ -248,6 +274,11 @@ impl NetDevice {
         }
         let mut sent = false;
         loop {
+            if avail_overrun(tx, &memory) {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                self.cut_off("its TX queue's avail index runs beyond the queue size");
+                return Ok(());
+            }
             if self.event_idx {
                 tx.disable_notification().map_err(std::io::Error::other)?;
             }
@@ -300,7 +331,8 @@ impl NetDevice {
         let Some((slot, id)) = self.slots.start_tx(len) else { return false };
         let copied =
             self.channel.slot(slot, len as usize).map(|bounce| marshal::copy_tx_frame(memory, segments, &bounce));
-        if !matches!(copied, Some(Ok(_))) {
+        // A fault while copying left zeros, not the client's frame.
+        if !matches!(copied, Some(Ok(_))) || self.client_memory_poisoned() {
             self.slots.release(slot);
             self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -319,6 +351,11 @@ impl NetDevice {
             return Ok(());
         }
         loop {
+            if avail_overrun(rx, &memory) {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                self.cut_off("its RX queue's avail index runs beyond the queue size");
+                return Ok(());
+            }
             if self.event_idx {
                 rx.disable_notification().map_err(std::io::Error::other)?;
             }
@@ -688,7 +725,15 @@ impl VhostUserBackendMut for NetDevice {
     }
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        tracing::trace!(device = %self.name, "client memory table");
+        self.memory = None;
+        // Refusing the table ends the connection (vhost-user-backend).
+        let registration = client_memory::guard(&memory.memory()).map_err(|error| {
+            tracing::error!(device = %self.name, %error, "refusing the client's memory table");
+            std::io::Error::other(error)
+        })?;
         self.memory = Some(memory);
+        self.memory_guard = Some(registration);
         Ok(())
     }
 
@@ -741,6 +786,7 @@ impl VhostUserBackendMut for NetDevice {
             }
             _ => Ok(()),
         };
+        self.check_client_memory();
         self.publish_state();
         // An error returned here would end the vhost-user worker for good.
         if let Err(error) = result {

@@ -1,0 +1,136 @@
+//! Hostile-client actions (`blk-load --hostile CASE`): a vhost-user-blk client that breaks the
+//! rules on purpose, so that tests can check a backend survives it and keeps serving its other
+//! clients. Each action is done once; the connection then stays open until standard input
+//! closes (or the timeout passes), so that a test can watch the backend react while the hostile
+//! client is still there.
+//!
+//! - `memory-beyond-file`: a memory table whose region is 64 TiB on a 1 MiB memfd. A backend
+//!   that maps it and later touches an address past the file's end takes SIGBUS. It must refuse
+//!   the table (the connection ends).
+//! - `shrink-memory`: a normal device whose memfd is truncated, after one verified write and
+//!   read, to the start of the data buffers; then a write whose payload lies past the new end is
+//!   submitted. Touching it raises SIGBUS in the backend, which must survive it and stop
+//!   serving this client.
+//! - `avail-overrun`: the avail index is set to the queue size plus 5 past what was consumed
+//!   (with EVENT_IDX if offered). The backend must neither spin nor crash.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::device::{BlkDevice, DeviceOptions, Op};
+use crate::error::{Error, Result};
+use crate::mem::GuestMem;
+use crate::session::Session;
+
+/// The hostile actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    /// A memory region larger than its file.
+    MemoryBeyondFile,
+    /// The memfd shrinks under the backend.
+    ShrinkMemory,
+    /// An avail index beyond the queue size.
+    AvailOverrun,
+}
+
+impl Case {
+    /// Every case's name, for help and errors.
+    pub const NAMES: [&'static str; 3] = ["memory-beyond-file", "shrink-memory", "avail-overrun"];
+
+    /// Parses a case name.
+    pub fn parse(name: &str) -> std::result::Result<Case, String> {
+        match name {
+            "memory-beyond-file" => Ok(Case::MemoryBeyondFile),
+            "shrink-memory" => Ok(Case::ShrinkMemory),
+            "avail-overrun" => Ok(Case::AvailOverrun),
+            other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
+        }
+    }
+}
+
+/// What happened, as far as the client can tell.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Outcome {
+    /// The case's name.
+    pub case: &'static str,
+    /// The backend refused the action (ended the connection or answered an error).
+    pub refused: bool,
+    /// What the client saw.
+    pub detail: String,
+}
+
+/// Does `case` against the backend at `path`; `done` is called with the outcome as soon as the
+/// action is done, then the connection is held until standard input closes or `timeout` passes.
+pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Outcome)) -> Result<Outcome> {
+    let name = Case::NAMES[case as usize];
+    let (outcome, hold): (Outcome, Box<dyn std::any::Any>) = match case {
+        Case::MemoryBeyondFile => {
+            let mut session = Session::connect(path, opts.timeout)?;
+            let negotiated = session.negotiate(opts.event_idx)?;
+            let mem = GuestMem::new(1 << 20)?;
+            let sent = session.set_mem_table_sized(&mem, 64 << 40);
+            // A round trip tells whether the backend kept the connection.
+            let after = sent.and_then(|()| session.get_config(&negotiated).map(|_| ()));
+            let outcome = match after {
+                Ok(()) => Outcome { case: name, refused: false, detail: "the table was accepted".into() },
+                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
+            };
+            (outcome, Box::new((session, mem)))
+        }
+        Case::ShrinkMemory => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            let first = device.run_one(0, Op::Write, 0, 4096)?;
+            let second = device.run_one(0, Op::Read, 0, 4096)?;
+            if first.status != 0 || second.status != 0 {
+                return Err(Error::Protocol(format!(
+                    "the warm-up write/read failed (status {}/{})",
+                    first.status, second.status
+                )));
+            }
+            let keep = device.data_offset() as u64;
+            device.memory_file().set_len(keep).map_err(|e| Error::sys("truncating the guest memory memfd", e))?;
+            device.submit(0, Op::Write, 8, 4096);
+            device.kick()?;
+            let mut completions = Vec::new();
+            let detail = match device.wait().and_then(|()| device.reap(&mut completions)) {
+                Ok(_) => match completions.first() {
+                    Some(c) => format!("the write past the memory's end completed with status {}", c.status),
+                    None => "no completion".into(),
+                },
+                Err(error) => format!("the write past the memory's end did not complete: {error}"),
+            };
+            let refused = completions.first().is_none_or(|c| c.status != 0);
+            (Outcome { case: name, refused, detail }, Box::new(device))
+        }
+        Case::AvailOverrun => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let consumed = 1u16;
+            let bogus = consumed.wrapping_add(device.queue_size()).wrapping_add(5);
+            device.force_avail_index(bogus)?;
+            let refused = device.check_connection().is_err();
+            let detail =
+                format!("avail index set to {bogus} with {consumed} consumed (queue size {})", device.queue_size());
+            (Outcome { case: name, refused, detail }, Box::new(device))
+        }
+    };
+    done(&outcome);
+    hold_until_stdin_closes(opts.timeout);
+    drop(hold);
+    Ok(outcome)
+}
+
+/// Keeps the connection (held by the caller) open until standard input reaches its end, at
+/// most `timeout`.
+fn hold_until_stdin_closes(timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}

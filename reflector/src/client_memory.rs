@@ -1,0 +1,290 @@
+//! The clients' memory tables: checked against their backing files when
+//! they arrive, and guarded while they are used.
+//!
+//! A vhost-user client hands the reflector file descriptors of its guest RAM
+//! and says how much of each to map. Two things can make a touch of that
+//! mapping raise SIGBUS, which would kill the reflector and with it every
+//! device, client and driver VM:
+//! - a region larger than its file (a hostile table: 64 TiB on a 1 MiB
+//!   memfd maps fine, then faults on first touch), refused here by
+//!   [`check_table`] before any queue can point into it;
+//! - a file that shrinks after the table was accepted (a hostile client
+//!   truncating its memfd) or runs out of pages (QEMU's RAM on a full tmpfs
+//!   or hugetlbfs): nothing checked in advance can prevent that, so every
+//!   client mapping is registered with a process-wide SIGBUS handler
+//!   ([`guard`]). A fault inside a registered range is absorbed: the page is
+//!   replaced by a private zero page (the faulting access then completes on
+//!   it) and the range is marked poisoned. The device owning it sees
+//!   [`Registration::poisoned`] and stops serving that client; only the
+//!   client that broke its own memory is affected. A SIGBUS anywhere else is
+//!   a real bug and kills the process as before.
+//!
+//! This module is not the reader of client memory (`blk::marshal`,
+//! `net::marshal` and the virtqueue code are): it only makes their reads
+//! and writes survivable.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Once;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// What is wrong with a client's memory table.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// A region maps past the end of its file.
+    #[error(
+        "memory region {index} (guest address {guest:#x}) maps {size} bytes at file offset {offset}, \
+         but its file holds only {file_size} bytes: the client's memory table is wrong"
+    )]
+    BeyondFile {
+        /// The region's index in the table.
+        index: usize,
+        /// Its guest physical address.
+        guest: u64,
+        /// Its size.
+        size: u64,
+        /// Its offset in the file.
+        offset: u64,
+        /// The file's size.
+        file_size: u64,
+    },
+    /// A region's file cannot be inspected.
+    #[error("memory region {index}: cannot inspect its file: {source}")]
+    Stat {
+        /// The region's index in the table.
+        index: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A region is not backed by a file that can be shared.
+    #[error("memory region {index} is not backed by a regular file or memfd (mode {mode:#o})")]
+    NotAFile {
+        /// The region's index in the table.
+        index: usize,
+        /// The file's mode.
+        mode: u32,
+    },
+    /// Every registration slot of the SIGBUS guard is taken.
+    #[error("too many client memory regions are mapped at once ({REGISTRY_SLOTS}): cannot guard another")]
+    GuardFull,
+}
+
+/// Checks every region of a client's table against its backing file: a
+/// region must lie inside its file, so that touching it cannot fault.
+pub fn check_table(memory: &GuestMemoryMmap) -> Result<(), TableError> {
+    for (index, region) in memory.iter().enumerate() {
+        let Some(file_offset) = region.file_offset() else { continue };
+        let file = file_offset.file();
+        // SAFETY: fstat on a descriptor the region owns, into a zeroed stat.
+        let stat = unsafe {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::fstat(file.as_raw_fd(), &mut stat) != 0 {
+                return Err(TableError::Stat { index, source: std::io::Error::last_os_error() });
+            }
+            stat
+        };
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(TableError::NotAFile { index, mode: stat.st_mode });
+        }
+        let size = region.len();
+        let offset = file_offset.start();
+        let file_size = stat.st_size.max(0) as u64;
+        if offset.checked_add(size).is_none_or(|end| end > file_size) {
+            return Err(TableError::BeyondFile { index, guest: region.start_addr().0, size, offset, file_size });
+        }
+    }
+    Ok(())
+}
+
+/// How many client regions can be guarded at once: vhost-user allows 8
+/// regions per client (we do not offer more memory slots), so this covers
+/// 512 devices whose clients all use every region, with one replacement
+/// table each in flight.
+pub const REGISTRY_SLOTS: usize = 8192;
+
+/// One guarded address range. `end == 0` marks a free slot; a slot is
+/// claimed through `owner` before its range is written.
+struct Slot {
+    owner: AtomicBool,
+    start: AtomicUsize,
+    end: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    owner: AtomicBool::new(false),
+    start: AtomicUsize::new(0),
+    end: AtomicUsize::new(0),
+    poisoned: AtomicBool::new(false),
+};
+
+/// The ranges the SIGBUS handler may absorb faults in. A fixed array of
+/// atomics: the handler can neither lock nor allocate.
+static SLOTS: [Slot; REGISTRY_SLOTS] = [FREE; REGISTRY_SLOTS];
+
+static INSTALL: Once = Once::new();
+
+/// A client's memory table, registered with the SIGBUS guard for as long as
+/// this lives.
+#[derive(Debug)]
+pub struct Registration {
+    slots: Vec<usize>,
+}
+
+impl Registration {
+    /// Whether a touch of this client's memory faulted (its file shrank or
+    /// ran out of pages): the device must stop serving this client.
+    pub fn poisoned(&self) -> bool {
+        self.slots.iter().any(|&i| SLOTS[i].poisoned.load(Ordering::Acquire))
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        for &i in &self.slots {
+            let slot = &SLOTS[i];
+            slot.end.store(0, Ordering::Release);
+            slot.start.store(0, Ordering::Release);
+            slot.poisoned.store(false, Ordering::Release);
+            slot.owner.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Checks a client's table ([`check_table`]) and registers its mappings
+/// with the SIGBUS guard, installing the guard on first use.
+pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {
+    check_table(memory)?;
+    install_handler();
+    let mut registration = Registration { slots: Vec::new() };
+    for region in memory.iter() {
+        let start = region.as_ptr() as usize;
+        let len = region.len() as usize;
+        let index = SLOTS
+            .iter()
+            .position(|slot| slot.owner.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok())
+            .ok_or(TableError::GuardFull)?;
+        registration.slots.push(index);
+        let slot = &SLOTS[index];
+        slot.poisoned.store(false, Ordering::Release);
+        slot.start.store(start, Ordering::Release);
+        slot.end.store(start.saturating_add(len), Ordering::Release);
+    }
+    Ok(registration)
+}
+
+fn install_handler() {
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO, which
+        // `on_sigbus` expects; sigemptyset on its own mask.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigbus as *const () as usize;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
+                tracing::error!(error = %std::io::Error::last_os_error(), "cannot install the client memory SIGBUS guard");
+            }
+        }
+    });
+}
+
+/// The SIGBUS handler. Async-signal-safe: atomics and mmap only.
+extern "C" fn on_sigbus(_signal: libc::c_int, info: *mut libc::siginfo_t, _context: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler;
+    // si_addr is the faulting address for SIGBUS.
+    let address = unsafe { (*info).si_addr() } as usize;
+    // Every slot covering the address (a stale one may overlap a new one).
+    let covering = || {
+        SLOTS.iter().filter(move |slot| {
+            let end = slot.end.load(Ordering::Acquire);
+            end != 0 && address < end && address >= slot.start.load(Ordering::Acquire)
+        })
+    };
+    if covering().next().is_some() {
+        // A hugetlbfs mapping can only be replaced in whole huge pages.
+        for page_size in [4096usize, 2 << 20, 1 << 30] {
+            let page = address & !(page_size - 1);
+            // SAFETY: replaces one page of a client mapping the reflector
+            // registered (never its own memory) with a private zero page,
+            // so the faulting access completes; the device then cuts the
+            // client off (it sees `poisoned`).
+            let mapped = unsafe {
+                libc::mmap(
+                    page as *mut libc::c_void,
+                    page_size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if mapped != libc::MAP_FAILED {
+                covering().for_each(|slot| slot.poisoned.store(true, Ordering::Release));
+                return;
+            }
+        }
+    }
+    // Not a client's memory: a real bug. Let the fault kill the process.
+    // SAFETY: restoring the default action for SIGBUS.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a static name; checked below.
+        let fd = unsafe { libc::memfd_create(c"client-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len).unwrap();
+        file
+    }
+
+    fn table(file: File, size: usize) -> GuestMemoryMmap {
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), size).unwrap();
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(0)).unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn a_region_larger_than_its_file_is_refused() {
+        let memory = table(memfd(1 << 20), 1 << 30);
+        let error = check_table(&memory).unwrap_err();
+        assert!(matches!(error, TableError::BeyondFile { file_size: 1048576, .. }), "{error}");
+        assert!(guard(&memory).is_err());
+        let fine = table(memfd(1 << 20), 1 << 20);
+        check_table(&fine).unwrap();
+    }
+
+    #[test]
+    fn a_shrunk_file_poisons_the_client_instead_of_killing_the_process() {
+        use vm_memory::Bytes;
+        let file = memfd(64 << 10);
+        let memory = table(file.try_clone().unwrap(), 64 << 10);
+        let registration = guard(&memory).unwrap();
+        memory.write_obj(0x1234_5678u32, GuestAddress(0x8000)).unwrap();
+        assert!(!registration.poisoned());
+        file.set_len(4096).unwrap();
+        // Without the guard this read takes SIGBUS and ends the test binary.
+        let value: u32 = memory.read_obj(GuestAddress(0x8000)).unwrap();
+        assert_eq!(value, 0, "the faulting page reads as zeros");
+        assert!(registration.poisoned());
+        // Below the new end the memory is still the client's.
+        memory.write_obj(7u32, GuestAddress(0x10)).unwrap();
+        let mut byte = [0u8; 4];
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut byte, 0x10).unwrap();
+        assert_eq!(u32::from_le_bytes(byte), 7);
+        drop(registration);
+    }
+}

@@ -1,0 +1,118 @@
+//! Hostile vhost-user clients against a reflector serving two disks: one
+//! client breaks the rules (`blk-load --hostile`), and the reflector must
+//! survive it, keep serving the other disk with verified data, and serve
+//! the hostile client's disk again to the next client. Before the fixes
+//! each of these killed the reflector (SIGBUS) or made a worker spin.
+//!
+//! Needs /dev/kvm and the workspace's binaries (`vmm`, `blk-load`).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+mod common;
+
+use common::{kvm_available, sibling, Reflector, Scratch};
+
+/// A hostile client holding its connection until dropped.
+struct Hostile {
+    child: Child,
+    outcome: serde_json::Value,
+}
+
+impl Hostile {
+    fn start(socket: &Path, case: &str) -> Hostile {
+        let mut child = Command::new(sibling("blk-load"))
+            .arg("--socket")
+            .arg(socket)
+            .args(["--hostile", case, "--json", "--timeout", "30", "--queue-size", "256"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "blk-load --hostile {case} printed no outcome: {:?}", child.wait());
+        let outcome = serde_json::from_str(&line).unwrap();
+        Hostile { child, outcome }
+    }
+
+    /// Closes its standard input (it then disconnects) and waits for it.
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the hostile client itself failed: {status}");
+    }
+}
+
+/// A verified job against `socket` that must pass.
+fn verified_io(socket: &Path, what: &str) {
+    let output = Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(socket)
+        .args(["--json", "--queue-size", "256", "--timeout", "20"])
+        .args(["--job", "randwrite,randread", "--bs", "4k", "--qd", "4", "--ios", "200", "--verify", "--size", "4M"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{what}: blk-load failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Starts a reflector with disks d0 (the hostile client's) and d1.
+fn two_disks(scratch: &Scratch) -> Reflector {
+    let mut args = Vec::new();
+    for disk in ["d0", "d1"] {
+        args.push("--blk".to_string());
+        args.push(format!(
+            "socket={},image={},size=8M,name={disk}",
+            scratch.join(&format!("{disk}.sock")).display(),
+            scratch.join(&format!("{disk}.img")).display()
+        ));
+    }
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &scratch.join("d1.sock"));
+    let d0 = scratch.join("d0.sock");
+    reflector.wait_for(|_| d0.exists(), "d0's socket");
+    reflector
+}
+
+/// One hostile case: the reflector logs `signature`, survives, and both
+/// disks serve verified I/O afterwards.
+fn survives(case: &str, signature: &str, expect_refused: bool) {
+    let scratch = Scratch::new(&format!("hostile-{case}"));
+    let mut reflector = two_disks(&scratch);
+    let (d0, d1) = (scratch.join("d0.sock"), scratch.join("d1.sock"));
+    let hostile = Hostile::start(&d0, case);
+    if expect_refused {
+        assert_eq!(hostile.outcome["refused"], true, "{case}: {}", hostile.outcome);
+    }
+    reflector.wait_for(|r| r.log_text().contains(signature), signature);
+    verified_io(&d1, &format!("{case}: the other disk, while the hostile client is connected"));
+    hostile.finish();
+    verified_io(&d0, &format!("{case}: the hostile client's disk, for the next client"));
+    assert!(reflector.child.try_wait().unwrap().is_none(), "{case}: the reflector died:\n{}", reflector.log_text());
+    let log = reflector.stop();
+    assert!(!log.contains("panicked"), "{case}: {log}");
+}
+
+#[test]
+fn a_memory_region_larger_than_its_file_is_refused() {
+    if kvm_available("a_memory_region_larger_than_its_file_is_refused") {
+        survives("memory-beyond-file", "refusing the client's memory table", true);
+    }
+}
+
+#[test]
+fn a_client_shrinking_its_memory_is_cut_off_alone() {
+    if kvm_available("a_client_shrinking_its_memory_is_cut_off_alone") {
+        survives("shrink-memory", "its memory faulted", true);
+    }
+}
+
+#[test]
+fn an_avail_index_beyond_the_queue_cuts_the_client_off_without_spinning() {
+    if kvm_available("an_avail_index_beyond_the_queue_cuts_the_client_off_without_spinning") {
+        survives("avail-overrun", "avail index runs beyond the queue size", false);
+    }
+}
