@@ -13,6 +13,8 @@
 //!   serving this client.
 //! - `avail-overrun`: the avail index is set to the queue size plus 5 past what was consumed
 //!   (with EVENT_IDX if offered). The backend must neither spin nor crash.
+//! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
+//!   tests that need a client connected while they look at something else.
 
 use std::io::Read;
 use std::path::Path;
@@ -32,11 +34,13 @@ pub enum Case {
     ShrinkMemory,
     /// An avail index beyond the queue size.
     AvailOverrun,
+    /// A well-behaved client that stays connected.
+    Idle,
 }
 
 impl Case {
     /// Every case's name, for help and errors.
-    pub const NAMES: [&'static str; 3] = ["memory-beyond-file", "shrink-memory", "avail-overrun"];
+    pub const NAMES: [&'static str; 4] = ["memory-beyond-file", "shrink-memory", "avail-overrun", "idle"];
 
     /// Parses a case name.
     pub fn parse(name: &str) -> std::result::Result<Case, String> {
@@ -44,6 +48,7 @@ impl Case {
             "memory-beyond-file" => Ok(Case::MemoryBeyondFile),
             "shrink-memory" => Ok(Case::ShrinkMemory),
             "avail-overrun" => Ok(Case::AvailOverrun),
+            "idle" => Ok(Case::Idle),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -112,6 +117,13 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let refused = device.check_connection().is_err();
             let detail =
                 format!("avail index set to {bogus} with {consumed} consumed (queue size {})", device.queue_size());
+            (Outcome { case: name, refused, detail }, Box::new(device))
+        }
+        Case::Idle => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            let (write, read) = (device.run_one(0, Op::Write, 0, 4096)?, device.run_one(0, Op::Read, 0, 4096)?);
+            let refused = write.status != 0 || read.status != 0;
+            let detail = format!("write status {}, read status {}", write.status, read.status);
             (Outcome { case: name, refused, detail }, Box::new(device))
         }
     };

@@ -196,7 +196,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     let hardware_config =
         SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
     let hardware = SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?;
-    let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io(format!("{name}: creating an eventfd")));
+    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
     let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
     let spec = DriverVmSpec {
         name: name.clone(),
@@ -305,7 +305,7 @@ pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<
     let hardware = Arc::new(
         SimNic::start(name, config.mac, dma, switch).map_err(io(format!("{name}: starting the network card")))?,
     );
-    let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(io(format!("{name}: creating an eventfd")));
+    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
     let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
     let spec = DriverVmSpec {
         name: name.clone(),

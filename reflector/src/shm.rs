@@ -7,7 +7,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::atomic::AtomicU32;
 
@@ -26,6 +25,13 @@ pub struct SharedMemory {
 unsafe impl Send for SharedMemory {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMemory {}
+
+impl AsRawFd for SharedMemory {
+    /// The memfd, to pass to a driver VM (see `supervisor::ChildFds`).
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
 
 impl SharedMemory {
     /// Creates a zeroed region of `size` bytes named `name` (for /proc).
@@ -61,11 +67,6 @@ impl SharedMemory {
     /// Size in bytes.
     pub fn size(&self) -> usize {
         self.size
-    }
-
-    /// A path another process can open to map the same memory.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), self.file.as_raw_fd()))
     }
 
     fn check(&self, offset: usize, len: usize) -> Option<()> {
@@ -183,7 +184,7 @@ mod tests {
         assert_eq!(shm.read::<u64>(8190), None);
         assert!(shm.slice(8000, 193).is_none());
         assert!(shm.slice(usize::MAX, 2).is_none());
-        let reopened = std::fs::read(shm.path()).unwrap();
+        let reopened = std::fs::read(format!("/proc/self/fd/{}", shm.as_raw_fd())).unwrap();
         assert_eq!(reopened.len(), 8192);
         assert_eq!(reopened[4096], 7);
     }

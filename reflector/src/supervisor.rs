@@ -1,11 +1,20 @@
 //! Driver VM processes: each driver VM is a separate `vmm` child process,
-//! wired to its device and channel by windows (shared memory opened by
-//! path), doorbells and interrupt lines (eventfds inherited by the child).
-//! A watcher thread reaps the child, logs how its guest ended, and signals
-//! the device.
+//! wired to its device and channel by windows (memfds), doorbells and
+//! interrupt lines (eventfds). A watcher thread reaps the child, logs how
+//! its guest ended, and signals the device.
+//!
+//! A `vmm` runs untrusted guest code and must reach only its own VM's
+//! memory, windows and channel (DESIGN.md, invariant 6). So a child gets
+//! exactly the descriptors listed for it, renumbered from 3 in a fixed
+//! order ([`ChildFds`]); every other descriptor it would have inherited
+//! (a client's guest RAM, another device's eventfds, whatever a library
+//! opened without CLOEXEC) is closed at exec, whatever its flags in the
+//! reflector. Windows are opened by the child as `/proc/self/fd/N`: it is
+//! never told a path into the reflector's descriptor table.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +23,6 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
-
-/// Serialises spawns: the eventfds a child inherits are made inheritable
-/// only for the moment of its spawn, so no other child inherits them.
-static SPAWN_LOCK: Mutex<()> = Mutex::new(());
 
 /// What to boot.
 #[derive(Clone, Debug)]
@@ -67,13 +72,86 @@ pub struct DriverVm {
     interrupts: Vec<EventFd>,
 }
 
-fn set_inheritable(fd: &EventFd, inheritable: bool) -> std::io::Result<()> {
-    let flags = if inheritable { 0 } else { libc::FD_CLOEXEC };
-    // SAFETY: F_SETFD on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flags) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// The descriptors a child gets: `sources[i]` becomes its descriptor
+/// `FIRST + i`; nothing else above standard error survives its exec.
+pub struct ChildFds {
+    sources: Vec<RawFd>,
+    /// Scratch for the child: the sources moved out of the way first (so a
+    /// source numbered like a target is not overwritten before it moves).
+    /// Allocated here: the child may not allocate between fork and exec.
+    parked: Vec<RawFd>,
+}
+
+impl ChildFds {
+    /// The child's first passed descriptor (after standard input, output
+    /// and error).
+    pub const FIRST: RawFd = 3;
+
+    /// No descriptors yet.
+    pub fn new() -> Self {
+        ChildFds { sources: Vec::new(), parked: Vec::new() }
     }
-    Ok(())
+
+    /// Passes `fd`; returns its number in the child.
+    pub fn pass(&mut self, fd: RawFd) -> RawFd {
+        self.sources.push(fd);
+        self.parked.push(-1);
+        Self::FIRST + self.sources.len() as RawFd - 1
+    }
+
+    /// Makes `command`'s child receive exactly these descriptors.
+    pub fn apply(self, command: &mut Command) {
+        let mut fds = self;
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only makes async-signal-safe system calls (fcntl, dup2,
+        // close_range) on memory allocated before the fork.
+        unsafe {
+            command.pre_exec(move || fds.install_in_child());
+        }
+    }
+
+    /// In the child: moves the sources to FIRST.. and marks every other
+    /// descriptor above standard error close-on-exec. Closing them here
+    /// would also close the standard library's exec-error pipe.
+    fn install_in_child(&mut self) -> std::io::Result<()> {
+        let count = self.sources.len() as RawFd;
+        let above = self.sources.iter().copied().max().unwrap_or(0).max(Self::FIRST + count);
+        for (source, parked) in self.sources.iter().zip(self.parked.iter_mut()) {
+            // SAFETY: duplicates a descriptor this process holds.
+            *parked = unsafe { libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, above) };
+            if *parked < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        for (i, parked) in self.parked.iter().enumerate() {
+            // SAFETY: dup2 onto a number this child owns; the copy is not
+            // close-on-exec, so it survives the exec.
+            if unsafe { libc::dup2(*parked, Self::FIRST + i as RawFd) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        let first_other = (Self::FIRST + count) as libc::c_uint;
+        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on
+        // descriptors from `first_other` up.
+        let marked =
+            unsafe { libc::syscall(libc::SYS_close_range, first_other, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+        if marked != 0 {
+            // Kernels before 5.11: mark them one by one, up to the limit.
+            // SAFETY: sysconf has no preconditions.
+            let limit = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(1024, 1 << 20) as RawFd;
+            for fd in first_other as RawFd..limit {
+                // SAFETY: F_SETFD on any number; EBADF for unused ones is fine.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for ChildFds {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl DriverLauncher {
@@ -107,7 +185,7 @@ impl DriverLauncher {
     /// [`DriverVm::activate`] before it touches the device or the channel
     /// (route its interrupts with [`DriverVm::interrupt`] before that).
     pub fn launch_spare(&self) -> std::io::Result<DriverVm> {
-        self.start(Some(EventFd::new(libc::EFD_NONBLOCK)?), &mut |_| Ok(()))
+        self.start(Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?), &mut |_| Ok(()))
     }
 
     fn start(
@@ -116,8 +194,9 @@ impl DriverLauncher {
         route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
-        let interrupts =
-            (0..self.interrupt_lines).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
+        let interrupts = (0..self.interrupt_lines)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
         let mut command = Command::new(&spec.vmm);
         command.args(["run", "--json", "--exit-on-stdin-close", "--image", &spec.image, "--name", &spec.name]);
@@ -125,29 +204,28 @@ impl DriverLauncher {
         if go.is_some() {
             command.args(["--cmdline", "spare"]);
         }
+        let mut fds = ChildFds::new();
         for window in &self.windows {
-            let path = window.memory.path();
-            let arg = format!("{:#x},{},{},name={}", window.gpa, window.memory.size(), path.display(), window.name);
+            let fd = fds.pass(window.memory.as_raw_fd());
+            let arg = format!("{:#x},{},/proc/self/fd/{fd},name={}", window.gpa, window.memory.size(), window.name);
             command.arg("--window").arg(arg);
         }
-        for (gpa, fd) in &self.doorbells {
-            command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={}", fd.as_raw_fd()));
+        for (gpa, doorbell) in &self.doorbells {
+            let fd = fds.pass(doorbell.as_raw_fd());
+            command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={fd}"));
         }
-        for fd in interrupts.iter().chain(&go) {
-            command.arg("--irq").arg(format!("fd={}", fd.as_raw_fd()));
+        for line in interrupts.iter().chain(&go) {
+            let fd = fds.pass(line.as_raw_fd());
+            command.arg("--irq").arg(format!("fd={fd}"));
         }
+        fds.apply(&mut command);
         // Standard input is a pipe whose write end only this process holds
         // (the watcher keeps it): if the reflector dies, even by SIGKILL,
         // the driver VM ends too.
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        let inherited: Vec<&EventFd> = self.doorbells.iter().map(|(_, fd)| fd).chain(&interrupts).chain(&go).collect();
-        let child = {
-            let _guard = SPAWN_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            inherited.iter().try_for_each(|fd| set_inheritable(fd, true))?;
-            let child = command.spawn();
-            inherited.iter().try_for_each(|fd| set_inheritable(fd, false))?;
-            child.map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?
-        };
+        let child = command
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let pid = child.id() as libc::pid_t;
         // SAFETY: pidfd_open on our own, not yet reaped child; returns a new
         // descriptor or -1.

@@ -116,3 +116,69 @@ fn an_avail_index_beyond_the_queue_cuts_the_client_off_without_spinning() {
         survives("avail-overrun", "avail index runs beyond the queue size", false);
     }
 }
+
+/// The descriptors of process `pid`: number -> what it points at.
+fn fd_table(pid: i32) -> Vec<(i32, String)> {
+    let mut table: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let number = entry.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            Some((number, target.display().to_string()))
+        })
+        .collect();
+    table.sort();
+    table
+}
+
+#[test]
+fn a_driver_vm_holds_only_its_own_descriptors() {
+    if !kvm_available("a_driver_vm_holds_only_its_own_descriptors") {
+        return;
+    }
+    let scratch = Scratch::new("fds");
+    let control = scratch.join("ctl");
+    let mut args = vec!["--control".to_string(), control.display().to_string()];
+    for disk in ["d0", "d1"] {
+        args.push("--blk".to_string());
+        args.push(format!(
+            "socket={},image={},size=8M,name={disk}",
+            scratch.join(&format!("{disk}.sock")).display(),
+            scratch.join(&format!("{disk}.img")).display()
+        ));
+    }
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &scratch.join("d1.sock"));
+    let d0 = scratch.join("d0.sock");
+    reflector.wait_for(|_| d0.exists(), "d0's socket");
+    // A client holds d0 (its guest RAM and eventfds are in the reflector)
+    // while d1's driver VM is replaced: the new vmm must get none of it.
+    let client = Hostile::start(&d0, "idle");
+    assert_eq!(client.outcome["refused"], false, "{}", client.outcome);
+    let started = |r: &Reflector| r.log_text().lines().filter(|l| l.contains("driver VM started driver_vm=d1")).count();
+    assert_eq!(started(&reflector), 1, "{}", reflector.log_text());
+    let kill = Command::new(env!("CARGO_BIN_EXE_reflector")).args(["kill", "d1", "--control"]).arg(&control).output();
+    assert!(kill.unwrap().status.success());
+    reflector.wait_for(|r| started(r) == 2, "d1's new driver VM");
+    let log = reflector.log_text();
+    let line = log.lines().rfind(|l| l.contains("driver VM started driver_vm=d1")).unwrap();
+    let pid: i32 = line.split("pid=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
+    let table = fd_table(pid);
+    let described = format!("{table:#?}");
+    for (number, target) in &table {
+        assert!(!target.contains("blk-load"), "fd {number} of d1's vmm is the client's memory: {described}");
+        assert!(!target.contains("d0-"), "fd {number} of d1's vmm belongs to d0: {described}");
+    }
+    // What it was given, numbered from 3 in a fixed order.
+    let given: Vec<&str> = table.iter().filter(|(n, _)| (3..=8).contains(n)).map(|(_, t)| t.as_str()).collect();
+    assert_eq!(
+        given,
+        ["/memfd:d1-regs (deleted)", "/memfd:d1-channel (deleted)"]
+            .into_iter()
+            .chain(["anon_inode:[eventfd]"; 4])
+            .collect::<Vec<_>>(),
+        "{described}"
+    );
+    client.finish();
+    reflector.stop();
+}

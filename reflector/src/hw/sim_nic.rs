@@ -80,14 +80,14 @@ impl SimNic {
         regs.write(reg::MAC, nic::mac_to_register(mac));
         regs.write(reg::MAX_FRAME, nic::MAX_FRAME);
         regs.atomic_u32(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
-        let doorbell = EventFd::new(EFD_NONBLOCK)?;
+        let doorbell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let interrupt = Arc::new(InterruptRoute::default());
         let counters = Arc::new(NicCounters::default());
         let engine = Engine::new(regs.clone(), dma, interrupt.clone(), counters.clone());
         let port = Arc::new(NicPort { engine: Mutex::new(engine), counters });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
         let port_id = switch.attach(weak);
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let (wake, quit, thread_port, thread_switch) =
             (doorbell.try_clone()?, stop.try_clone()?, port.clone(), switch.clone());
         let thread = std::thread::Builder::new()
@@ -498,7 +498,7 @@ mod tests {
         let dma = Arc::new(SharedMemory::new(name, DMA_SIZE).unwrap());
         let region = DmaRegion { memory: dma.clone(), offset: 0, len: DMA_SIZE, gpa: DMA_GPA };
         let nic = SimNic::start(name, [2, 0, 0, 0, 0, mac], region, switch.clone()).unwrap();
-        let interrupt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         nic.interrupt().route(interrupt.try_clone().unwrap());
         Card { nic, interrupt, dma }
     }

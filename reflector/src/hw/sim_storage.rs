@@ -69,9 +69,9 @@ impl SimStorage {
         regs.write(reg::MAX_TRANSFER, guest_abi::channel::SLOT_SIZE);
         regs.write(reg::FEATURES, if config.read_only { storage::features::READ_ONLY } else { 0 });
         regs.atomic_u32(reg::DEVICE_POLLING).store(1, Ordering::SeqCst);
-        let doorbell = EventFd::new(EFD_NONBLOCK)?;
+        let doorbell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let interrupt = Arc::new(InterruptRoute::default());
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let mut engine = Engine {
             regs: regs.clone(),
             medium,
@@ -332,7 +332,7 @@ mod tests {
         let region = DmaRegion { memory: dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA };
         let config = SimStorageConfig { name: tag.into(), image: image.clone(), read_only };
         let device = SimStorage::start(&config, region).unwrap();
-        let interrupt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         device.interrupt().route(interrupt.try_clone().unwrap());
         Rig { device, interrupt, dma, image }
     }

@@ -89,7 +89,7 @@ impl TapPort {
         let wire = Arc::new(TapWire { file, dropped: AtomicU64::new(0) });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
         let port_id = switch.attach(weak);
-        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let (quit, thread_switch) = (stop.try_clone()?, switch.clone());
         let thread = std::thread::Builder::new()
             .name(format!("{name}-tap"))

@@ -159,8 +159,8 @@ impl NetDevice {
             hang_armed: false,
             last_progress: Instant::now(),
             restart_timer: nonblocking_timer()?,
-            recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
-            kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?,
+            recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             fault_at: None,
             metrics: Arc::new(Metrics::default()),
         };

@@ -335,6 +335,12 @@ impl<H: MsgHeader> Endpoint<H> {
                     .iter()
                     .take(n)
                     .map(|fd| {
+                        // driver-vms patch: received descriptors (a client's guest RAM, its
+                        // eventfds) are close-on-exec, so no child process inherits them.
+                        // recvmsg here cannot take MSG_CMSG_CLOEXEC (vmm-sys-util passes no
+                        // flags); the window until this fcntl is covered by the reflector
+                        // closing every unlisted descriptor in the children it spawns.
+                        libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC);
                         // Safe because we have the ownership of `fd`.
                         File::from_raw_fd(*fd)
                     })
