@@ -12,7 +12,7 @@
 //! operator can reach it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -219,22 +219,25 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
 }
 
 /// Serves the control socket at `path` on a thread of its own.
-pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> std::io::Result<()> {
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)?;
+pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
+    let (listener, lock) = crate::sockets::claim(path).map_err(|e| e.to_string())?.into_listener();
     let targets = Arc::new(targets);
-    std::thread::Builder::new().name("control".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut line = String::new();
-            if BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line).is_err() {
-                continue;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let _lock = lock;
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut line = String::new();
+                if BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let reply = answer(&targets, line.trim());
+                let _ = (&stream).write_all(reply.as_bytes());
+                let _ = (&stream).write_all(b"\n");
             }
-            let reply = answer(&targets, line.trim());
-            let _ = (&stream).write_all(reply.as_bytes());
-            let _ = (&stream).write_all(b"\n");
-        }
-    })?;
+        })
+        .map_err(|e| format!("starting the control thread: {e}"))?;
     Ok(())
 }
 

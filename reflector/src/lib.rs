@@ -30,5 +30,6 @@ pub mod net;
 pub mod recovery;
 pub mod serve;
 pub mod shm;
+pub mod sockets;
 pub mod supervisor;
 pub mod worker;

@@ -358,6 +358,11 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     let config = load_config(&args)?;
     let vmm = supervisor::find_vmm(config.vmm.as_deref())?;
     let signals = block_termination_signals();
+    reflector::sockets::restrict_umask();
+    match reflector::sockets::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open descriptor limit"),
+    }
     for blk in &config.blk {
         serve::prepare_image(blk)?;
     }
@@ -389,7 +394,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("starting a thread: {e}"))?;
     }
     if let Some(path) = &args.control {
-        control::serve(path, targets).map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        control::serve(path, targets).map_err(|e| format!("control socket: {e}"))?;
         tracing::info!(control = %path.display(), "control socket ready");
     }
     let mut signal = 0;

@@ -42,6 +42,10 @@ pub const CHANNEL_GPA: u64 = 0x4000_0000;
 pub struct DeviceService<D> {
     name: String,
     socket: PathBuf,
+    /// The claimed socket, taken by `serve`.
+    listener: std::sync::Mutex<Option<std::os::unix::net::UnixListener>>,
+    /// Locks held while serving: the socket's, and the disk image's.
+    _locks: Vec<std::fs::File>,
     device: Arc<RwLock<D>>,
     metrics: Arc<Metrics>,
     channel_memory: Arc<SharedMemory>,
@@ -153,7 +157,13 @@ impl<D: ServedDevice> Service for DeviceService<D> {
     }
 
     fn serve(&self) -> Result<(), String> {
-        serve_socket(&self.name, &self.socket, D::PROTOCOL, &self.device, D::listeners, D::client_gone)
+        let listener = self
+            .listener
+            .lock()
+            .map_err(|_| format!("{}: listener lock poisoned", self.name))?
+            .take()
+            .ok_or_else(|| format!("{}: served twice", self.name))?;
+        serve_socket(&self.name, listener, D::PROTOCOL, &self.device, D::listeners, D::client_gone)
     }
 }
 
@@ -169,7 +179,11 @@ pub fn prepare_image(config: &BlkConfig) -> Result<u64, String> {
             .size
             .ok_or_else(|| format!("disk image {} does not exist: add size=SIZE to create it", path.display()))?;
         let file = std::fs::File::create_new(path).map_err(io(format!("creating disk image {}", path.display())))?;
-        file.set_len(size).map_err(io(format!("sizing disk image {}", path.display())))?;
+        if let Err(error) = file.set_len(size) {
+            // Never leave a 0-byte image behind that a retry would accept.
+            let _ = std::fs::remove_file(path);
+            return Err(format!("sizing disk image {} to {size} bytes: {error}", path.display()));
+        }
         tracing::info!(image = %path.display(), size, "created disk image");
     }
     let metadata = std::fs::metadata(path).map_err(io(format!("disk image {}", path.display())))?;
@@ -179,13 +193,50 @@ pub fn prepare_image(config: &BlkConfig) -> Result<u64, String> {
     if metadata.len() < 512 {
         return Err(format!("disk image {} is smaller than one sector", path.display()));
     }
+    if let Some(size) = config.size.filter(|&size| size != metadata.len()) {
+        return Err(format!(
+            "disk image {} exists with {} bytes, but size={size} was given: drop size= to use it as it is, \
+             or resize the image",
+            path.display(),
+            metadata.len()
+        ));
+    }
     Ok(metadata.len())
+}
+
+/// Locks the disk image against every other writer (another reflector,
+/// QEMU, qemu-storage-daemon: QEMU's image locks are open file description
+/// locks too, so each side sees the other's).
+/// A read-only device takes a shared lock: several may read one image, no
+/// one may write it meanwhile.
+fn lock_image(path: &Path, read_only: bool) -> Result<std::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(io(format!("opening disk image {} to lock it", path.display())))?;
+    let locked = if read_only { crate::sockets::lock_shared(&file) } else { crate::sockets::lock_exclusive(&file) };
+    match locked {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(format!(
+            "disk image {} is in use by another process (it holds a lock on it): one writer at a time",
+            path.display()
+        )),
+        Err(error) => Err(format!("locking disk image {}: {error}", path.display())),
+    }
+}
+
+/// Claims a device's socket path (see `sockets`).
+fn claim_socket(name: &str, path: &Path) -> Result<(std::os::unix::net::UnixListener, std::fs::File), String> {
+    crate::sockets::claim(path).map(crate::sockets::ClaimedSocket::into_listener).map_err(|e| format!("{name}: {e}"))
 }
 
 /// Starts everything behind one block device (not yet its socket).
 pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     prepare_image(config)?;
     let name = &config.name;
+    let image_lock = lock_image(&config.image, config.read_only)?;
+    let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let dma = DmaRegion {
         memory: channel.memory().clone(),
@@ -206,6 +257,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     };
     let launcher =
         launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
+    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     let channel_memory = channel.memory().clone();
     let wiring =
         BlkWiring { channel, device_interrupt: hardware.interrupt(), completion_doorbell, driver_exited, launcher };
@@ -217,6 +269,8 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     Ok(BlkService {
         name: config.name.clone(),
         socket: config.socket.clone(),
+        listener: std::sync::Mutex::new(Some(listener)),
+        _locks: vec![socket_lock, image_lock],
         device: Arc::new(RwLock::new(device)),
         metrics,
         channel_memory,
@@ -245,7 +299,7 @@ pub trait Service: Send + Sync {
 /// epoll, and `gone` tells the device when a client left.
 fn serve_socket<D>(
     name: &str,
-    socket: &Path,
+    listener: std::os::unix::net::UnixListener,
     protocol: &str,
     device: &Arc<RwLock<D>>,
     listeners: impl Fn(&D) -> [(RawFd, u16); 6],
@@ -257,9 +311,8 @@ where
         + Sync
         + 'static,
 {
-    let mut listener =
-        Listener::new(socket, true).map_err(|e| format!("{name}: listening on {}: {e}", socket.display()))?;
-    tracing::info!(device = %name, socket = %socket.display(), "serving {protocol}");
+    let mut listener = Listener::from(listener);
+    tracing::info!(device = %name, "serving {protocol}");
     loop {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new(name.to_owned(), device.clone(), memory)
@@ -294,6 +347,7 @@ where
 /// is plugged into the switch of that name in `switches`.
 pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<NetService, String> {
     let name = &config.name;
+    let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let dma = DmaRegion {
         memory: channel.memory().clone(),
@@ -315,6 +369,7 @@ pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<
     };
     let launcher =
         launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
+    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     let channel_memory = channel.memory().clone();
     let wiring = NetWiring {
         channel,
@@ -331,6 +386,8 @@ pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<
     Ok(NetService {
         name: config.name.clone(),
         socket: config.socket.clone(),
+        listener: std::sync::Mutex::new(Some(listener)),
+        _locks: vec![socket_lock],
         device: Arc::new(RwLock::new(device)),
         metrics,
         channel_memory,

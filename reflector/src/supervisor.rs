@@ -188,20 +188,40 @@ impl DriverLauncher {
         self.start(Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?), &mut |_| Ok(()))
     }
 
-    fn start(
-        &self,
-        go: Option<EventFd>,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
-    ) -> std::io::Result<DriverVm> {
-        let spec = &self.spec;
-        let interrupts = (0..self.interrupt_lines)
+    /// Checks that a driver VM of this configuration would start (`vmm run
+    /// --check`: the image exists and is valid, fits the memory, the
+    /// windows fit the address space), without starting one. A bad
+    /// `driver=` or `memory=` fails the device's start instead of becoming
+    /// a restart loop.
+    pub fn check(&self) -> Result<(), String> {
+        let lines = (0..self.interrupt_lines)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
-            .collect::<std::io::Result<Vec<_>>>()?;
-        route(&interrupts)?;
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("creating an eventfd: {e}"))?;
+        let mut command = self.command(&lines.iter().collect::<Vec<_>>(), false);
+        command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
+        let mut message = String::new();
+        // Bounded: the check creates no VM and reads at most one image file.
+        if let Some(stderr) = child.stderr.take() {
+            let _ = stderr.take(64 * 1024).read_to_string(&mut message);
+        }
+        let status = child.wait().map_err(|e| format!("waiting for {}: {e}", self.spec.vmm.display()))?;
+        if status.success() {
+            Ok(())
+        } else {
+            let message = message.trim().trim_start_matches("vmm: ");
+            Err(format!("driver={} memory={}: {message}", self.spec.image, self.spec.memory))
+        }
+    }
+
+    /// The `vmm run` command line of a driver VM, with its descriptors.
+    fn command(&self, lines: &[&EventFd], spare: bool) -> Command {
+        let spec = &self.spec;
         let mut command = Command::new(&spec.vmm);
         command.args(["run", "--json", "--exit-on-stdin-close", "--image", &spec.image, "--name", &spec.name]);
         command.args(["--memory", &spec.memory]);
-        if go.is_some() {
+        if spare {
             command.args(["--cmdline", "spare"]);
         }
         let mut fds = ChildFds::new();
@@ -214,7 +234,7 @@ impl DriverLauncher {
             let fd = fds.pass(doorbell.as_raw_fd());
             command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={fd}"));
         }
-        for line in interrupts.iter().chain(&go) {
+        for line in lines {
             let fd = fds.pass(line.as_raw_fd());
             command.arg("--irq").arg(format!("fd={fd}"));
         }
@@ -223,6 +243,21 @@ impl DriverLauncher {
         // (the watcher keeps it): if the reflector dies, even by SIGKILL,
         // the driver VM ends too.
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        command
+    }
+
+    fn start(
+        &self,
+        go: Option<EventFd>,
+        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+    ) -> std::io::Result<DriverVm> {
+        let spec = &self.spec;
+        let interrupts = (0..self.interrupt_lines)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        route(&interrupts)?;
+        let lines: Vec<&EventFd> = interrupts.iter().chain(&go).collect();
+        let mut command = self.command(&lines, go.is_some());
         let child = command
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;

@@ -110,6 +110,12 @@ struct RunArgs {
     /// holds, so the VM never outlives it. Example: --exit-on-stdin-close
     #[arg(long)]
     exit_on_stdin_close: bool,
+    /// Check the options and the image (it fits the memory, the windows
+    /// fit the address space) and exit: 0 if a run would start, else the
+    /// setup error's status. No VM is created. Supervisors check a driver
+    /// configuration this way before relying on it. Example: --check
+    #[arg(long)]
+    check: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -158,6 +164,21 @@ fn run(args: RunArgs) -> ExitCode {
     });
     let json = args.json;
     let start = Instant::now();
+    if args.check {
+        return match configure(&name, &args) {
+            Ok(_) => {
+                eprintln!("vmm: {name}: the configuration and image are usable");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("vmm: {error}");
+                if json {
+                    println!("{}", serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
+                }
+                ExitCode::from(error.exit_status())
+            }
+        };
+    }
     let result = setup_and_run(&name, args, start);
     match result {
         Ok(report) => {
@@ -178,14 +199,15 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
+/// The VM's configuration and image from the options, checked.
+fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
     let config = VmConfig {
         name: name.to_owned(),
         memory: parse_number("--memory", &args.memory)?,
         windows: args.window.iter().map(|s| WindowConfig::parse(s)).collect::<Result<_, _>>()?,
         doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
         irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
-        cmdline: args.cmdline,
+        cmdline: args.cmdline.clone(),
     };
     config.validate()?;
     let image = Image::resolve(&args.image)?;
@@ -196,6 +218,11 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
             available: config.memory,
         });
     }
+    Ok((config, image))
+}
+
+fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
+    let (config, image) = configure(name, &args)?;
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
         "none" => ConsoleSink::Discard,

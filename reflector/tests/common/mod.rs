@@ -63,8 +63,21 @@ impl Reflector {
 
     /// Starts it and waits for `socket` and for `ready` in its log.
     pub fn start_with(args: &[String], log: PathBuf, socket: &Path, ready: &str) -> Reflector {
+        Reflector::start_configured(args, log, socket, ready, |_| {})
+    }
+
+    /// As `start_with`, with the command adjusted by `configure` first.
+    pub fn start_configured(
+        args: &[String],
+        log: PathBuf,
+        socket: &Path,
+        ready: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Reflector {
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_reflector"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_reflector"));
+        configure(&mut command);
+        let child = command
             .arg("serve")
             .args(args)
             .env("REFLECTOR_LOG", "info")

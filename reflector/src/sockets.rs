@@ -1,0 +1,216 @@
+//! Claiming the paths the reflector listens on (vhost-user sockets, the
+//! control socket) so that a path can never destroy a file or be shared.
+//!
+//! - Only a stale socket is ever replaced: a path naming a regular file (a
+//!   disk image, say), a directory or anything else is refused, and so is a
+//!   socket something still listens on.
+//! - A second reflector cannot take a path over, however it is spelled: the
+//!   owner holds an exclusive open-file-description lock on `PATH.lock`
+//!   for as long as it serves (released by the kernel when it dies).
+//! - Sockets are created owner-only (mode 0600), whatever the caller's umask:
+//!   a vhost-user client gets to hand the reflector its memory, and the
+//!   control socket can kill driver VMs.
+//! - Every failure is an error at start, naming the path and what to do.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Why a path cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Something other than a socket is there.
+    #[error("{path} exists and is not a socket: refusing to replace it (remove it or choose another path)")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// Another process serves the path.
+    #[error("{path} is already served by another process (its lock {lock} is held, or it accepts connections)")]
+    InUse {
+        /// The path.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// A system call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A socket path this process serves: the listener and the lock that
+/// keeps every other process off it.
+#[derive(Debug)]
+pub struct ClaimedSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl ClaimedSocket {
+    /// The listening socket.
+    pub fn into_listener(self) -> (UnixListener, File) {
+        (self.listener, self._lock)
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Takes an exclusive (write) lock on the whole of `file`, which must be
+/// open for writing: an open file description lock, so it belongs to this
+/// open file and conflicts within the process too. False if another holds
+/// a lock on it.
+pub fn lock_exclusive(file: &File) -> std::io::Result<bool> {
+    lock(file, libc::F_WRLCK)
+}
+
+/// Takes a shared (read) lock on the whole of `file`: other readers may
+/// hold one too, no writer. False if a writer holds a lock on it.
+pub fn lock_shared(file: &File) -> std::io::Result<bool> {
+    lock(file, libc::F_RDLCK)
+}
+
+fn lock(file: &File, kind: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: a zeroed flock describing the whole file.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_SETLK with a valid flock on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        return Ok(true);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Ok(false),
+        _ => Err(error),
+    }
+}
+
+/// Claims `path` for listening (see the module doc).
+pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| ClaimError::Io { what, path, source }
+    };
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&lock_path)
+        .map_err(io("creating the lock file", &lock_path))?;
+    if !lock_exclusive(&lock).map_err(io("locking", &lock_path))? {
+        return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            // A socket left by a process that did not hold the lock (an
+            // older reflector, or another program) may still be served.
+            if UnixStream::connect(path).is_ok() {
+                return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
+            }
+            std::fs::remove_file(path).map_err(io("removing the stale socket", path))?;
+        }
+        Ok(_) => return Err(ClaimError::NotASocket { path: path.to_owned() }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(ClaimError::Io { what: "inspecting", path: path.to_owned(), source: error }),
+    }
+    let listener = UnixListener::bind(path).map_err(io("binding a socket at", path))?;
+    // The process umask is 077 (see `restrict_umask`); this also covers a
+    // library that bound with another one.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("restricting", path))?;
+    Ok(ClaimedSocket { listener, path: path.to_owned(), _lock: lock })
+}
+
+/// Makes every file and socket this process creates owner-only.
+pub fn restrict_umask() {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Raises the soft limit on open descriptors to the hard limit: every
+/// device holds a few dozen (eventfds, memfds, a client's memory), and
+/// the default soft limit of 1024 ran out at about 29 devices.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    // SAFETY: getrlimit into a zeroed struct.
+    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit with a soft limit equal to the hard one.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sockets-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_regular_file_is_never_replaced() {
+        let dir = scratch("file");
+        let image = dir.join("disk.img");
+        std::fs::write(&image, b"precious").unwrap();
+        assert!(matches!(claim(&image), Err(ClaimError::NotASocket { .. })));
+        assert_eq!(std::fs::read(&image).unwrap(), b"precious");
+        std::fs::create_dir(dir.join("d")).unwrap();
+        assert!(matches!(claim(&dir.join("d")), Err(ClaimError::NotASocket { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_path_is_claimed_once_however_spelled_and_a_stale_socket_is_replaced() {
+        let dir = scratch("once");
+        let path = dir.join("s.sock");
+        // A stale socket (its listener is gone) is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        let first = claim(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let respelled = dir.join(".").join("s.sock");
+        assert!(matches!(claim(&respelled), Err(ClaimError::InUse { .. })));
+        drop(first);
+        claim(&respelled).unwrap();
+        // A live socket whose owner holds no lock is not taken over.
+        let other = dir.join("live.sock");
+        let _live = UnixListener::bind(&other).unwrap();
+        assert!(matches!(claim(&other), Err(ClaimError::InUse { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error() {
+        let error = claim(Path::new("/nonexistent-dir-for-test/s.sock")).unwrap_err();
+        assert!(error.to_string().contains("/nonexistent-dir-for-test/s.sock.lock"), "{error}");
+    }
+}

@@ -1,0 +1,172 @@
+//! Bad starts are refused at once, with a message naming the cause, and
+//! never destroy or share a file: a socket path naming a regular file, a
+//! socket or image another reflector serves, a socket that cannot be bound,
+//! an unusable driver image or memory size, an image whose size differs
+//! from `size=`. Sockets are owner-only whatever the umask.
+//!
+//! Needs the workspace's binaries (`vmm`) and /dev/kvm for the cases that
+//! start a device.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+mod common;
+
+use common::{kvm_available, Reflector, Scratch, START_TIMEOUT};
+
+/// Runs `reflector serve ARGS`, which must fail by itself (bounded: a
+/// reflector that serves instead is killed and the test fails); returns
+/// its standard error.
+fn refused(args: &[String]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reflector"))
+        .arg("serve")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + START_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!("the reflector served instead of refusing: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(status.code().is_some(), "killed by a signal: {status}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn blk(socket: &Path, image: &Path, extra: &str) -> Vec<String> {
+    vec!["--blk".into(), format!("socket={},image={}{extra}", socket.display(), image.display())]
+}
+
+#[test]
+fn a_socket_path_naming_a_file_never_deletes_it() {
+    let scratch = Scratch::new("refuse-file");
+    let (victim, image) = (scratch.join("precious.img"), scratch.join("d.img"));
+    std::fs::write(&victim, b"the only copy").unwrap();
+    let stderr = refused(&blk(&victim, &image, ",size=1M"));
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"the only copy");
+    // The control socket too.
+    let mut args = blk(&scratch.join("d.sock"), &image, "");
+    args.extend(["--control".to_string(), victim.display().to_string()]);
+    if kvm_available("a_socket_path_naming_a_file_never_deletes_it") {
+        let stderr = refused(&args);
+        assert!(stderr.contains("is not a socket"), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"the only copy");
+}
+
+#[test]
+fn a_socket_that_cannot_be_bound_fails_the_start() {
+    let scratch = Scratch::new("refuse-bind");
+    let image = scratch.join("d.img");
+    let missing = scratch.join("no-such-dir").join("d.sock");
+    let stderr = refused(&blk(&missing, &image, ",size=1M"));
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    let long = scratch.join(&"x".repeat(120));
+    let stderr = refused(&blk(&long, &image, ",size=1M"));
+    assert!(stderr.contains("binding"), "{stderr}");
+}
+
+#[test]
+fn an_unusable_driver_or_memory_fails_the_start() {
+    if !kvm_available("an_unusable_driver_or_memory_fails_the_start") {
+        return;
+    }
+    let scratch = Scratch::new("refuse-driver");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let stderr = refused(&blk(&socket, &image, ",size=1M,driver=no-such-driver"));
+    assert!(stderr.contains("no-such-driver") && stderr.contains("not found"), "{stderr}");
+    let stderr = refused(&blk(&socket, &image, ",memory=600M"));
+    assert!(stderr.contains("memory=600M") && stderr.contains("overlaps"), "{stderr}");
+    let stderr = refused(&["--net".into(), format!("socket={},driver=/dev/null", scratch.join("n.sock").display())]);
+    assert!(stderr.contains("/dev/null"), "{stderr}");
+}
+
+#[test]
+fn an_image_of_another_size_than_asked_is_refused() {
+    let scratch = Scratch::new("refuse-size");
+    let image = scratch.join("d.img");
+    std::fs::write(&image, vec![0u8; 4096]).unwrap();
+    let stderr = refused(&blk(&scratch.join("d.sock"), &image, ",size=1M"));
+    assert!(stderr.contains("exists with 4096 bytes"), "{stderr}");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 4096);
+}
+
+#[test]
+fn a_second_reflector_cannot_take_a_socket_or_an_image() {
+    if !kvm_available("a_second_reflector_cannot_take_a_socket_or_an_image") {
+        return;
+    }
+    let scratch = Scratch::new("refuse-twice");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let control = scratch.join("ctl");
+    let mut args = blk(&socket, &image, ",size=1M");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    // umask 000 must not make the sockets world-writable.
+    // SAFETY: umask cannot fail; the child inherits it.
+    let old = unsafe { libc::umask(0) };
+    let mut first = Reflector::start(&args, scratch.join("log"), &socket);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    first.wait_for(|_| control.exists(), "the control socket");
+    for path in [&socket, &control] {
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    // The same socket, spelled differently, with another image.
+    let respelled = scratch.0.join(".").join("d.sock");
+    let stderr = refused(&blk(&respelled, &scratch.join("other.img"), ",size=1M"));
+    assert!(stderr.contains("already served"), "{stderr}");
+    // The same image behind another socket.
+    let stderr = refused(&blk(&scratch.join("other.sock"), &image, ""));
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    assert!(first.child.try_wait().unwrap().is_none(), "the first reflector must keep serving");
+    first.stop();
+}
+
+#[test]
+fn many_devices_start_under_a_low_descriptor_limit() {
+    if !kvm_available("many_devices_start_under_a_low_descriptor_limit") {
+        return;
+    }
+    let scratch = Scratch::new("fd-limit");
+    let mut args = Vec::new();
+    for i in 0..8 {
+        args.extend(blk(&scratch.join(&format!("d{i}.sock")), &scratch.join(&format!("d{i}.img")), ",size=1M"));
+    }
+    let last = scratch.join("d7.sock");
+    // A soft limit of 64 ran out at about the fourth device before the
+    // reflector raised it to the hard limit.
+    let reflector = Reflector::start_configured(&args, scratch.join("log"), &last, "controller ready", |command| {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setrlimit in the child before exec; async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+                limit.rlim_cur = 64;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                Ok(())
+            });
+        }
+    });
+    let log = reflector.stop();
+    assert_eq!(log.matches("serving vhost-user-blk").count(), 8, "{log}");
+}
