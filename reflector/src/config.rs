@@ -125,6 +125,9 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     if mac[0] & 1 != 0 {
         return Err(format!("{text:?} is a multicast address; a card needs a unicast one"));
     }
+    if mac == [0; 6] {
+        return Err(format!("{text:?} is the all-zero address, which no card may have"));
+    }
     Ok(mac)
 }
 
@@ -550,6 +553,7 @@ mod tests {
             "socket=/s,mac=52:54:00:12:34",
             "socket=/s,mac=53:54:00:12:34:56",
             "socket=/s,mac=52:54:00:12:34:5g",
+            "socket=/s,mac=00:00:00:00:00:00",
             "socket=/s,switch=",
             "socket=/s,colour=red",
         ] {

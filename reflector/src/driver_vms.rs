@@ -13,6 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::hw::InterruptRoute;
 use crate::supervisor::{DriverLauncher, DriverVm};
 
+/// Longest wait for a killed driver VM to stop running. SIGKILL to closed
+/// files takes about a millisecond here; a process that takes longer is
+/// stuck in the kernel, and recovery cannot wait for it forever.
+pub const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The current driver VM of a device and its spare.
 pub struct DriverVms {
     launcher: DriverLauncher,
@@ -76,10 +81,17 @@ impl DriverVms {
         }
     }
 
-    /// Kills the current driver VM after a fault; none runs until `replace`.
+    /// Kills the current driver VM after a fault and waits until it can no
+    /// longer run (bounded by [`EXIT_WAIT`]); none runs until `replace`.
     pub fn drop_current(&mut self) {
         if let Some(driver) = self.current.take() {
-            driver.kill();
+            if !driver.kill_and_wait(EXIT_WAIT) {
+                tracing::error!(
+                    driver_vm = %self.name(),
+                    pid = driver.pid(),
+                    "the killed driver VM has not exited after {EXIT_WAIT:?}; recovering anyway"
+                );
+            }
         }
     }
 

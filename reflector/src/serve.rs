@@ -246,7 +246,8 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     };
     let hardware_config =
         SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
-    let hardware = SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?;
+    let hardware =
+        Arc::new(SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?);
     let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
     let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
     let spec = DriverVmSpec {
@@ -259,8 +260,14 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
     launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     let channel_memory = channel.memory().clone();
-    let wiring =
-        BlkWiring { channel, device_interrupt: hardware.interrupt(), completion_doorbell, driver_exited, launcher };
+    let wiring = BlkWiring {
+        channel,
+        hardware: hardware.clone(),
+        device_interrupt: hardware.interrupt(),
+        completion_doorbell,
+        driver_exited,
+        launcher,
+    };
     let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
     let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy, warm_spare: config.warm_spare };
     let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)

@@ -124,11 +124,12 @@ impl SharedMemory {
             match n {
                 n if n > 0 => done += n as usize,
                 0 => {
-                    // Past the end of the file: the medium reads as zeros.
-                    if let Some(rest) = self.slice(offset + done, len - done) {
-                        rest.copy_from(&vec![0u8; len - done]);
-                    }
-                    return Ok(());
+                    // The file ends inside a range the device said it has:
+                    // it shrank under us. Zeros would be silent data loss.
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the file ends at {} bytes: it shrank", file_offset + done as u64),
+                    ));
                 }
                 _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
                 _ => return Err(std::io::Error::last_os_error()),
@@ -199,9 +200,8 @@ mod tests {
         shm.write_to_file(&file, 512, 0, 4096).unwrap();
         shm.read_from_file(&file, 512, 4096, 4096).unwrap();
         assert_eq!(shm.read::<u64>(4096 + 4088), Some(0xa5a5_a5a5_a5a5_a5a5));
-        // Reading past the end of the file gives zeros.
-        shm.read_from_file(&file, 1 << 20, 0, 512).unwrap();
-        assert_eq!(shm.read::<u64>(0), Some(0));
+        // Reading past the end of the file is an error (it shrank), not zeros.
+        assert!(shm.read_from_file(&file, 1 << 20, 0, 512).is_err());
         assert!(shm.read_from_file(&file, 0, 8000, 512).is_err());
     }
 }

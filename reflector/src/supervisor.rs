@@ -18,7 +18,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -63,13 +64,51 @@ pub struct DriverVm {
     name: String,
     pid: libc::pid_t,
     pidfd: Option<OwnedFd>,
-    gone: Arc<AtomicBool>,
+    gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
     /// A warm spare's "go" interrupt line.
     go: Option<EventFd>,
     /// This VM's interrupt lines, in order.
     interrupts: Vec<EventFd>,
+}
+
+/// Set once a driver VM's process has closed its files: its vCPU can no
+/// longer run.
+#[derive(Default)]
+struct Gone {
+    flag: AtomicBool,
+    lock: Mutex<()>,
+    changed: Condvar,
+}
+
+impl Gone {
+    fn set(&self) {
+        let _guard = self.lock.lock();
+        self.flag.store(true, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Waits until set, at most `bound`; whether it was set.
+    fn wait(&self, bound: Duration) -> bool {
+        let deadline = Instant::now() + bound;
+        let mut guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while !self.is_set() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = match self.changed.wait_timeout(guard, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        true
+    }
 }
 
 /// The descriptors a child gets: `sources[i]` becomes its descriptor
@@ -267,7 +306,7 @@ impl DriverLauncher {
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
         // SAFETY: a fresh descriptor we own when non-negative.
         let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
-        let gone = Arc::new(AtomicBool::new(false));
+        let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(String::new()));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, spare = go.is_some(), "driver VM started");
@@ -306,7 +345,15 @@ impl DriverVm {
     /// The vmm's JSON report, once the process has gone (its guest can no
     /// longer run).
     pub fn exit_report(&self) -> Option<String> {
-        self.gone.load(Ordering::Acquire).then(|| self.report.lock().map(|r| r.clone()).unwrap_or_default())
+        self.gone.is_set().then(|| self.report.lock().map(|r| r.clone()).unwrap_or_default())
+    }
+
+    /// Kills the process and waits, at most `bound`, until its guest can no
+    /// longer run (its files are closed); whether it got there. Then
+    /// nothing it queued can race what the reflector does next.
+    pub fn kill_and_wait(&self, bound: Duration) -> bool {
+        self.kill();
+        self.gone.wait(bound)
     }
 
     /// Kills the process (SIGKILL) if it is still running. Through a pidfd,
@@ -332,7 +379,7 @@ impl DriverVm {
 /// Follows one driver VM process to its end.
 struct Watcher {
     name: String,
-    gone: Arc<AtomicBool>,
+    gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
     exited: EventFd,
@@ -356,7 +403,7 @@ impl Watcher {
         if let Ok(mut text) = self.report.lock() {
             *text = report.clone();
         }
-        self.gone.store(true, Ordering::Release);
+        self.gone.set();
         let _ = self.exited.write(1);
         match child.wait() {
             Ok(status) => tracing::info!(driver_vm = %self.name, %status, report = %report, "driver VM exited"),

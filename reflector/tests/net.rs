@@ -294,7 +294,10 @@ fn a_tap_port_bridges_the_switch_to_the_host() {
         let status = Command::new("ip").args(&args).status().unwrap();
         assert!(status.success(), "ip {args:?} failed");
     }
-    let load = net_load(&pair.a, &pair.b, &["--size", "128", "--seconds", "4", "--bidir"]);
+    // Broadcast: the devices' addresses are pinned to their ports (port
+    // security), so frames between them never flood; broadcasts reach the host.
+    let load =
+        net_load(&pair.a, &pair.b, &["--size", "128", "--seconds", "4", "--bidir", "--dst-mac", "ff:ff:ff:ff:ff:ff"]);
     // The host's ARP requests for a peer on the TAP's subnet cross the switch to both devices.
     // ARP retries about once a second for as long as pings are queued (-w 5).
     let _ = Command::new("ping").args(["-c", "12", "-i", "0.3", "-w", "5", &format!("{subnet}.2")]).output();

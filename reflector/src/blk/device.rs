@@ -41,7 +41,7 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_answers;
 use crate::driver_vms::DriverVms;
-use crate::hw::InterruptRoute;
+use crate::hw::{BlockHardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
 use crate::supervisor::DriverLauncher;
@@ -104,6 +104,7 @@ pub struct BlkDevice {
     memory_guard: Option<client_memory::Registration>,
     client: u64,
     channel: Channel,
+    hardware: Arc<dyn BlockHardware + Sync>,
     in_flight: InFlightTable,
     waiting: VecDeque<Waiting>,
     completion_doorbell: EventFd,
@@ -131,6 +132,8 @@ pub struct BlkDevice {
 pub struct BlkWiring {
     /// The channel into the driver VM.
     pub channel: Channel,
+    /// The storage controller (quiesced on faults).
+    pub hardware: Arc<dyn BlockHardware + Sync>,
     /// Where the hardware's interrupt goes (routed to the driver VM's line 1).
     pub device_interrupt: Arc<InterruptRoute>,
     /// Signalled by the driver VM's completion doorbell (its doorbell 0).
@@ -165,6 +168,7 @@ impl BlkDevice {
             memory_guard: None,
             client: 0,
             channel: wiring.channel,
+            hardware: wiring.hardware,
             in_flight: InFlightTable::default(),
             waiting: VecDeque::new(),
             completion_doorbell: wiring.completion_doorbell,
@@ -526,6 +530,9 @@ impl BlkDevice {
             *last = format!("{}: {fault}", fault.kind());
         }
         self.drivers.drop_current();
+        // Nothing the dead driver queued may run once the replay reuses its
+        // bounce slots.
+        self.hardware.quiesce();
         self.salvage(vring);
         self.disarm_hang_watch();
         if self.fault_at.is_none() {
@@ -569,6 +576,8 @@ impl BlkDevice {
     /// request still in flight, oldest first.
     fn restart(&mut self, vring: &VringRwLock) {
         let generation = self.channel.reset();
+        // The old driver VM can no longer run (`drop_current` waited).
+        self.hardware.resume();
         match self.drivers.replace() {
             Ok((pid, warm)) => {
                 tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");

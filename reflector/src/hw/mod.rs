@@ -35,6 +35,15 @@ pub trait BlockHardware: Send {
     fn capacity_sectors(&self) -> u64;
     /// Whether writes are refused.
     fn read_only(&self) -> bool;
+    /// Stops all DMA, finishing any command under way first, and ignores
+    /// the window (resets included) until [`BlockHardware::resume`]: the
+    /// host's analogue of disabling bus mastering when a driver VM died, so
+    /// that nothing the dead driver queued can run after the reflector
+    /// reused its bounce slots for the replay.
+    fn quiesce(&self);
+    /// Lets the next driver VM (started after the old one can no longer
+    /// run) reset and use the device.
+    fn resume(&self);
 }
 
 /// A network card as a driver VM sees it.
@@ -49,10 +58,14 @@ pub trait NetHardware: Send {
     fn mac(&self) -> [u8; 6];
     /// Whether the wire is connected.
     fn link_up(&self) -> bool;
-    /// Stops all DMA until the next driver resets the card: the host's
+    /// Stops all DMA and ignores the window (resets included) until
+    /// [`NetHardware::resume`]: the host's
     /// analogue of disabling bus mastering when a driver VM died, so that
     /// nothing the dead driver queued can touch memory the reflector reuses.
     fn quiesce(&self);
+    /// Lets the next driver VM (started after the old one can no longer
+    /// run) reset and use the card.
+    fn resume(&self);
 }
 
 /// Where a device's interrupt is delivered, like a programmable MSI: each

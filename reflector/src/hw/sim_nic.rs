@@ -86,7 +86,7 @@ impl SimNic {
         let engine = Engine::new(regs.clone(), dma, interrupt.clone(), counters.clone());
         let port = Arc::new(NicPort { engine: Mutex::new(engine), counters });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
-        let port_id = switch.attach(weak);
+        let port_id = switch.attach(weak, Some(mac)).map_err(std::io::Error::other)?;
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let (wake, quit, thread_port, thread_switch) =
             (doorbell.try_clone()?, stop.try_clone()?, port.clone(), switch.clone());
@@ -126,6 +126,11 @@ impl NetHardware for SimNic {
 
     fn quiesce(&self) {
         self.port.lock().quiesce();
+    }
+
+    fn resume(&self) {
+        self.port.lock().quiesced = false;
+        let _ = self.doorbell.write(1);
     }
 }
 
@@ -218,13 +223,15 @@ impl Engine {
     /// One round of doorbell work: returns the frames transmitted and
     /// whether more work may be pending.
     fn step(&mut self) -> (Vec<Vec<u8>>, bool) {
+        // Quiesced, the card ignores even a reset: a dying driver must not
+        // be able to re-arm it before the reflector resumes it.
+        if self.quiesced {
+            return (Vec::new(), false);
+        }
         let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
         if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
             self.reset(reset_request);
             return (Vec::new(), true);
-        }
-        if self.quiesced {
-            return (Vec::new(), false);
         }
         let status = self.reg(reg::STATUS).load(Ordering::Acquire);
         if status & (nic::status::READY | nic::status::FATAL) == 0 {
@@ -262,7 +269,6 @@ impl Engine {
         // The link is the wire's, not the driver's: a reset keeps it.
         self.reg(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
         (self.ring_size, self.tx_head, self.txc_tail, self.rx_head, self.rxc_tail) = (0, 0, 0, 0, 0);
-        self.quiesced = false;
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
         self.interrupt.raise();
     }
@@ -618,6 +624,14 @@ mod tests {
         b.dma.slice(0x4000, 64).unwrap().copy_to(&mut untouched[..]);
         assert_eq!(untouched, [0xaa; 64]);
         assert_eq!(b.reg(reg::RXC_TAIL).load(Ordering::SeqCst), 1);
+        // The dying driver's own reset does not re-arm it: only the reflector
+        // resumes it (for the next driver VM), whose reset then runs.
+        let done = b.reg(reg::RESET_DONE).load(Ordering::SeqCst);
+        b.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+        b.nic.doorbell.write(1).unwrap();
+        b.nic.port.lock().step();
+        assert_eq!(b.reg(reg::RESET_DONE).load(Ordering::SeqCst), done, "a quiesced card ignores resets");
+        b.nic.resume();
         // After a reset the kept frame reaches the new buffer.
         b.reset_and_enable();
         assert!(b.nic.link_up(), "a reset keeps the link");

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::sync::atomic::{fence, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,8 @@ pub struct SimStorageConfig {
 /// The controller.
 pub struct SimStorage {
     regs: Arc<SharedMemory>,
+    /// True while quiesced; held by the engine while it executes commands.
+    quiesced: Arc<Mutex<bool>>,
     doorbell: EventFd,
     interrupt: Arc<InterruptRoute>,
     stop: EventFd,
@@ -72,8 +74,11 @@ impl SimStorage {
         let doorbell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let interrupt = Arc::new(InterruptRoute::default());
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let quiesced = Arc::new(Mutex::new(false));
         let mut engine = Engine {
             regs: regs.clone(),
+            quiesced: quiesced.clone(),
+            status: 0,
             medium,
             dma,
             read_only: config.read_only,
@@ -89,6 +94,7 @@ impl SimStorage {
             .spawn(move || engine.run(&wake, &quit))?;
         Ok(SimStorage {
             regs,
+            quiesced,
             doorbell,
             interrupt,
             stop,
@@ -119,6 +125,16 @@ impl BlockHardware for SimStorage {
     fn read_only(&self) -> bool {
         self.read_only
     }
+
+    fn quiesce(&self) {
+        // Taking the lock waits for a batch of commands under way.
+        *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+    }
+
+    fn resume(&self) {
+        *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
+        let _ = self.doorbell.write(1);
+    }
 }
 
 impl Drop for SimStorage {
@@ -133,6 +149,11 @@ impl Drop for SimStorage {
 /// The controller's execution state, owned by its thread.
 struct Engine {
     regs: Arc<SharedMemory>,
+    quiesced: Arc<Mutex<bool>>,
+    /// The controller's status (0, READY or FATAL). Kept here and only
+    /// mirrored into the window: a driver writing the STATUS register
+    /// cannot clear FATAL or fake READY.
+    status: u32,
     medium: File,
     dma: DmaRegion,
     read_only: bool,
@@ -170,25 +191,40 @@ impl Engine {
     }
 
     fn has_pending_work(&self) -> bool {
+        if *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            return false;
+        }
         self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire)
-            || self.reg(reg::SQ_TAIL).load(Ordering::Acquire) != self.sq_head
-            || self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0
-                && self.reg(reg::STATUS).load(Ordering::Acquire) == 0
+            || self.status == storage::status::READY && self.reg(reg::SQ_TAIL).load(Ordering::Acquire) != self.sq_head
+            || self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 && self.status == 0
     }
 
     /// Does one round of work; returns whether there was any.
     fn step(&mut self) -> bool {
+        let gate = self.quiesced.clone();
+        // Held while commands run, so that `quiesce` waits for them.
+        let quiesced = gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if *quiesced {
+            // Even a reset waits: a dying driver must not re-arm the device.
+            return false;
+        }
         let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
         if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
             self.reset(reset_request);
             return true;
         }
-        let status = self.reg(reg::STATUS).load(Ordering::Acquire);
-        if status == 0 && self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 {
+        // Whatever the driver wrote there, the status is ours.
+        self.reg(reg::STATUS).store(self.status, Ordering::Release);
+        if self.status == 0 && self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 {
             self.enable();
             return true;
         }
-        status == storage::status::READY && self.process_commands()
+        self.status == storage::status::READY && self.process_commands()
+    }
+
+    fn set_status(&mut self, status: u32) {
+        self.status = status;
+        self.reg(reg::STATUS).store(status, Ordering::Release);
     }
 
     fn reset(&mut self, request: u32) {
@@ -204,7 +240,7 @@ impl Engine {
         ] {
             self.reg(offset).store(0, Ordering::Release);
         }
-        (self.depth, self.sq_head, self.cq_tail) = (0, 0, 0);
+        (self.depth, self.sq_head, self.cq_tail, self.status) = (0, 0, 0, 0);
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
         self.raise_interrupt();
     }
@@ -213,7 +249,7 @@ impl Engine {
         let depth = self.reg(reg::QUEUE_DEPTH).load(Ordering::Acquire);
         if depth.is_power_of_two() && depth <= storage::MAX_QUEUE_DEPTH {
             self.depth = depth;
-            self.reg(reg::STATUS).store(storage::status::READY, Ordering::Release);
+            self.set_status(storage::status::READY);
         } else {
             self.fail(storage::error::BAD_QUEUE_DEPTH);
         }
@@ -223,7 +259,7 @@ impl Engine {
     fn fail(&mut self, error: u32) {
         tracing::warn!(error, "storage controller stopped on a driver error; it needs a reset");
         self.reg(reg::ERROR).store(error, Ordering::Release);
-        self.reg(reg::STATUS).store(storage::status::FATAL, Ordering::Release);
+        self.set_status(storage::status::FATAL);
         self.raise_interrupt();
     }
 
@@ -472,5 +508,75 @@ mod tests {
         rig.reset_and_enable(3);
         assert_eq!(rig.reg(reg::STATUS).load(Ordering::SeqCst), storage::status::FATAL);
         assert_eq!(rig.reg(reg::ERROR).load(Ordering::SeqCst), storage::error::BAD_QUEUE_DEPTH);
+    }
+
+    /// The engine alone, stepped by the test: what it does not do can be
+    /// asserted without waiting.
+    fn engine(rig: &Rig) -> Engine {
+        Engine {
+            regs: rig.device.regs.clone(),
+            quiesced: rig.device.quiesced.clone(),
+            status: rig.reg(reg::STATUS).load(Ordering::SeqCst),
+            medium: File::options().read(true).write(true).open(&rig.image).unwrap(),
+            dma: DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA },
+            read_only: false,
+            capacity_sectors: 2048,
+            interrupt: Arc::new(InterruptRoute::default()),
+            depth: 8,
+            sq_head: rig.reg(reg::SQ_HEAD).load(Ordering::SeqCst),
+            cq_tail: rig.reg(reg::CQ_TAIL).load(Ordering::SeqCst),
+        }
+    }
+
+    #[test]
+    fn a_quiesced_controller_runs_nothing_a_dead_driver_queued_even_after_its_reset() {
+        let rig = rig("quiesce", false);
+        rig.reset_and_enable(8);
+        rig.device.quiesce();
+        // The dying driver queues a write of what is in the bounce slot...
+        rig.dma.slice(0, 4096).unwrap().copy_from(&[0xeeu8; 4096]);
+        let at = storage::SQ_OFFSET + (rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst) % 8) as usize * 32;
+        rig.device.regs.write(at, command(storage::opcode::WRITE, 9, 16, 4096, DMA_GPA));
+        rig.reg(reg::SQ_TAIL).fetch_add(1, Ordering::SeqCst);
+        let mut engine = engine(&rig);
+        assert!(!engine.step(), "a quiesced controller executes nothing");
+        // ... and tries to re-arm the controller with a reset of its own.
+        rig.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+        assert!(!engine.step(), "a quiesced controller ignores resets");
+        assert!(!engine.has_pending_work(), "and sleeps");
+        let medium = std::fs::read(&rig.image).unwrap();
+        assert!(medium[16 * 512..17 * 512].iter().all(|b| *b == 0), "the queued write must not reach the medium");
+        // Resumed (the next driver VM), the reset runs first and wipes the queue.
+        *rig.device.quiesced.lock().unwrap() = false;
+        assert!(engine.step());
+        assert_eq!(engine.sq_head, 0);
+        assert_eq!(rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst), 0);
+        let medium = std::fs::read(&rig.image).unwrap();
+        assert!(medium[16 * 512..17 * 512].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_driver_cannot_clear_fatal_by_writing_the_status_register() {
+        let rig = rig("forge", false);
+        rig.reset_and_enable(4);
+        rig.reg(reg::SQ_TAIL).store(100, Ordering::SeqCst);
+        rig.ring_and_wait();
+        assert_eq!(rig.reg(reg::STATUS).load(Ordering::SeqCst), storage::status::FATAL);
+        let mut engine = engine(&rig);
+        rig.reg(reg::STATUS).store(storage::status::READY, Ordering::SeqCst);
+        rig.reg(reg::SQ_TAIL).store(1, Ordering::SeqCst);
+        engine.sq_head = 0;
+        engine.step();
+        assert_eq!(rig.reg(reg::STATUS).load(Ordering::SeqCst), storage::status::FATAL, "the forged READY is undone");
+        assert_eq!(engine.sq_head, 0, "and no command ran");
+    }
+
+    #[test]
+    fn a_shrunk_image_fails_reads_instead_of_returning_zeros() {
+        let rig = rig("shrunk", false);
+        rig.reset_and_enable(4);
+        std::fs::OpenOptions::new().write(true).open(&rig.image).unwrap().set_len(4096).unwrap();
+        let done = rig.submit(&[command(storage::opcode::READ, 1, 16, 4096, DMA_GPA)]);
+        assert_eq!(done[0].status, completion::MEDIUM_ERROR);
     }
 }

@@ -3,6 +3,14 @@
 //! each source MAC lives behind and floods frames for unknown, broadcast and
 //! multicast destinations to every other port.
 //!
+//! Port security: a card's port is attached with the card's MAC, which is
+//! then pinned to it. Frames from that port with any other source address
+//! are dropped, and no port can claim (by sending with it) an address
+//! pinned to another: a driver cannot spoof another device's MAC to steal
+//! its frames. Ports without an address (a TAP device: the host has many)
+//! learn as usual, but cannot claim a pinned address either. Dropped frames
+//! are counted (`spoofed`).
+//!
 //! Frames are delivered synchronously on the sender's thread, never while
 //! the switch's own lock is held, so a port may transmit from inside its
 //! receive path without deadlocking.
@@ -21,6 +29,9 @@ pub trait SwitchPort: Send + Sync {
     fn receive(&self, frame: &[u8]);
 }
 
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
 /// A port's number on its switch.
 pub type PortId = u32;
 
@@ -33,8 +44,12 @@ pub struct Switch {
 #[derive(Default)]
 struct State {
     next_id: PortId,
-    ports: Vec<(PortId, Weak<dyn SwitchPort>)>,
+    /// Each port with the address pinned to it, if any.
+    ports: Vec<(PortId, Weak<dyn SwitchPort>, Option<Mac>)>,
+    /// Addresses pinned to card ports: never learned, never moved.
+    pinned: HashMap<[u8; 6], PortId>,
     learned: HashMap<[u8; 6], PortId>,
+    spoofed: u64,
 }
 
 impl Switch {
@@ -49,20 +64,39 @@ impl Switch {
     }
 
     /// Connects `port`; it stays connected until [`Switch::detach`] or until
-    /// it is dropped.
-    pub fn attach(&self, port: Weak<dyn SwitchPort>) -> PortId {
+    /// it is dropped. With `mac`, the port may only send from that (unicast)
+    /// address, which is pinned to it; another port may not have it.
+    pub fn attach(&self, port: Weak<dyn SwitchPort>, mac: Option<[u8; 6]>) -> Result<PortId, String> {
         let mut state = self.lock();
+        if let Some(mac) = mac {
+            if is_multicast(&mac) {
+                return Err(format!("switch {}: {} is a group address, not a port's", self.name, format_mac(&mac)));
+            }
+            if state.pinned.contains_key(&mac) {
+                return Err(format!("switch {}: another port has address {}", self.name, format_mac(&mac)));
+            }
+        }
         let id = state.next_id;
         state.next_id += 1;
-        state.ports.push((id, port));
-        id
+        state.ports.push((id, port, mac));
+        if let Some(mac) = mac {
+            state.pinned.insert(mac, id);
+            state.learned.remove(&mac);
+        }
+        Ok(id)
     }
 
     /// Disconnects a port and forgets the addresses learned behind it.
     pub fn detach(&self, id: PortId) {
         let mut state = self.lock();
-        state.ports.retain(|(port, _)| *port != id);
+        state.ports.retain(|(port, _, _)| *port != id);
+        state.pinned.retain(|_, port| *port != id);
         state.learned.retain(|_, port| *port != id);
+    }
+
+    /// Frames dropped because their source address was not their port's.
+    pub fn spoofed(&self) -> u64 {
+        self.lock().spoofed
     }
 
     /// Carries `frame`, sent by port `from`, to its destination port(s).
@@ -71,18 +105,31 @@ impl Switch {
         let Some((destination, source)) = addresses(frame) else { return };
         let targets: Vec<Arc<dyn SwitchPort>> = {
             let mut state = self.lock();
-            if !is_multicast(&source) {
+            let own = state.ports.iter().find(|(id, _, _)| *id == from).and_then(|(_, _, mac)| *mac);
+            let spoofed = match own {
+                Some(mac) => source != mac,
+                None => is_multicast(&source) || state.pinned.get(&source).is_some_and(|owner| *owner != from),
+            };
+            if spoofed {
+                state.spoofed += 1;
+                return;
+            }
+            if own.is_none() {
                 if state.learned.len() >= MAX_LEARNED && !state.learned.contains_key(&source) {
                     state.learned.clear();
                 }
                 state.learned.insert(source, from);
             }
-            let known = if is_multicast(&destination) { None } else { state.learned.get(&destination).copied() };
+            let known = if is_multicast(&destination) {
+                None
+            } else {
+                state.pinned.get(&destination).or_else(|| state.learned.get(&destination)).copied()
+            };
             state
                 .ports
                 .iter()
-                .filter(|(id, _)| *id != from && known.is_none_or(|target| target == *id))
-                .filter_map(|(_, port)| port.upgrade())
+                .filter(|(id, _, _)| *id != from && known.is_none_or(|target| target == *id))
+                .filter_map(|(_, port, _)| port.upgrade())
                 .collect()
         };
         for target in targets {
@@ -101,6 +148,10 @@ fn addresses(frame: &[u8]) -> Option<([u8; 6], [u8; 6])> {
     let source = frame.get(6..12)?.try_into().ok()?;
     frame.get(12..14)?;
     Some((destination, source))
+}
+
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// Group addresses (broadcast included) have the low bit of the first octet set.
@@ -154,7 +205,7 @@ mod tests {
             .map(|_| {
                 let port = Arc::new(Recorder::default());
                 let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
-                (switch.attach(weak), port)
+                (switch.attach(weak, None).unwrap(), port)
             })
             .collect();
         (switch, ports)
@@ -201,5 +252,41 @@ mod tests {
             switch.forward(ports[0].0, &f);
         }
         assert!(switch.lock().learned.len() <= MAX_LEARNED);
+    }
+
+    fn card(switch: &Switch, mac: u8) -> (PortId, Arc<Recorder>) {
+        let port = Arc::new(Recorder::default());
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
+        (switch.attach(weak, Some([2, 0, 0, 0, 0, mac])).unwrap(), port)
+    }
+
+    #[test]
+    fn a_card_cannot_send_with_another_cards_address_or_steal_its_frames() {
+        let switch = Switch::new("secure");
+        let (a, b, c) = (card(&switch, 0xa), card(&switch, 0xb), card(&switch, 0xc));
+        let host = {
+            let port = Arc::new(Recorder::default());
+            let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
+            (switch.attach(weak, None).unwrap(), port)
+        };
+        // c claims to be b: dropped, and b's frames still go to b only.
+        switch.forward(c.0, &frame(0xa, 0xb));
+        assert!(a.1.take().is_empty() && host.1.take().is_empty());
+        switch.forward(a.0, &frame(0xb, 0xa));
+        assert_eq!((b.1.take().len(), c.1.take().len(), host.1.take().len()), (1, 0, 0));
+        // The host port (no pinned address) cannot claim a card's address either.
+        switch.forward(host.0, &frame(0xa, 0xb));
+        assert!(a.1.take().is_empty());
+        // But it learns its own addresses.
+        switch.forward(host.0, &frame(0xa, 0x77));
+        assert_eq!(a.1.take().len(), 1);
+        switch.forward(a.0, &frame(0x77, 0xa));
+        assert_eq!((host.1.take().len(), b.1.take().len()), (1, 0));
+        assert_eq!(switch.spoofed(), 2);
+        // A second port with a pinned address is refused.
+        let port = Arc::new(Recorder::default());
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port as Arc<dyn SwitchPort>));
+        assert!(switch.attach(weak.clone(), Some([2, 0, 0, 0, 0, 0xa])).is_err());
+        assert!(switch.attach(weak, Some([0xff; 6])).is_err());
     }
 }

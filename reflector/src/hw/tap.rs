@@ -88,7 +88,7 @@ impl TapPort {
         let reader = file.try_clone()?;
         let wire = Arc::new(TapWire { file, dropped: AtomicU64::new(0) });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
-        let port_id = switch.attach(weak);
+        let port_id = switch.attach(weak, None).map_err(std::io::Error::other)?;
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let (quit, thread_switch) = (stop.try_clone()?, switch.clone());
         let thread = std::thread::Builder::new()

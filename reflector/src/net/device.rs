@@ -564,6 +564,8 @@ impl NetDevice {
     /// receive buffers and whatever waited to be sent.
     fn restart(&mut self, vrings: &[VringRwLock]) {
         let generation = self.channel.reset();
+        // The old driver VM can no longer run (`drop_current` waited).
+        self.hardware.resume();
         match self.drivers.replace() {
             Ok((pid, warm)) => {
                 tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");
