@@ -353,9 +353,27 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Reads a TOML configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path)
+    let text = read_bounded(path)
         .map_err(|e| ConfigError(format!("cannot read configuration file {}: {e}", path.display())))?;
     parse_file(&text, &path.display().to_string())
+}
+
+/// Largest configuration file read: a file describing hundreds of devices
+/// is tens of kilobytes; `--config /dev/zero` must be an error, not a hang.
+pub const MAX_CONFIG_FILE: u64 = 4 << 20;
+
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_FILE {
+        return Err(std::io::Error::other(format!("larger than {} MiB", MAX_CONFIG_FILE >> 20)));
+    }
+    Ok(text)
 }
 
 /// Parses a TOML configuration; `origin` names it in errors.

@@ -218,6 +218,22 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
     }
 }
 
+/// Control clients served at once; more are told to try again.
+const MAX_CLIENTS: usize = 8;
+
+/// Reads one request line (bounded in size and time) and answers it.
+fn answer_client(stream: &UnixStream, targets: &[ControlTarget]) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    if BufReader::new(stream.take(MAX_LINE)).read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = answer(targets, line.trim());
+    let _ = (&*stream).write_all(reply.as_bytes());
+    let _ = (&*stream).write_all(b"\n");
+}
+
 /// Serves the control socket at `path` on a thread of its own.
 pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
     let (listener, lock) = crate::sockets::claim(path).map_err(|e| e.to_string())?.into_listener();
@@ -226,15 +242,23 @@ pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
         .name("control".into())
         .spawn(move || {
             let _lock = lock;
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for stream in listener.incoming().flatten() {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let mut line = String::new();
-                if BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line).is_err() {
+                // Each client on a thread of its own, so that one that never
+                // sends its line delays nobody else; a bounded number of them.
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    let _ = (&stream).write_all(b"error: too many control clients at once; try again\n");
                     continue;
                 }
-                let reply = answer(&targets, line.trim());
-                let _ = (&stream).write_all(reply.as_bytes());
-                let _ = (&stream).write_all(b"\n");
+                let (targets, done) = (targets.clone(), busy.clone());
+                let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+                    answer_client(&stream, &targets);
+                    done.fetch_sub(1, Ordering::AcqRel);
+                });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         })
         .map_err(|e| format!("starting the control thread: {e}"))?;

@@ -172,3 +172,32 @@ fn many_devices_start_under_a_low_descriptor_limit() {
     let log = reflector.stop();
     assert!(!log.contains("Too many open files"), "{log}");
 }
+
+#[test]
+fn an_endless_configuration_file_is_refused() {
+    let stderr = refused(&["--config".into(), "/dev/zero".into()]);
+    assert!(stderr.contains("/dev/zero") && stderr.contains("not a regular file"), "{stderr}");
+}
+
+#[test]
+fn idle_control_clients_delay_nobody() {
+    if !kvm_available("idle_control_clients_delay_nobody") {
+        return;
+    }
+    let scratch = Scratch::new("control-idle");
+    let (socket, control) = (scratch.join("d.sock"), scratch.join("ctl"));
+    let mut args = blk(&socket, &scratch.join("d.img"), ",size=1M");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &socket);
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    // Three clients that never send a line: served one after the other,
+    // each held the socket for its 5 s read timeout, and `status` (which
+    // gives up after 10 s) failed.
+    let idle: Vec<_> = (0..3).map(|_| std::os::unix::net::UnixStream::connect(&control).unwrap()).collect();
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_reflector")).args(["status", "--json", "--control"]).arg(&control).output();
+    let status = status.unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    drop(idle);
+    reflector.stop();
+}

@@ -52,6 +52,10 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 }
 
 impl Image {
+    /// Largest image file read: driver images are tens of kilobytes, and
+    /// `--image /dev/zero` must end in an error, not in all of memory.
+    pub const MAX_FILE: u64 = 64 << 20;
+
     /// Resolves `--image`: a built-in name, else a path. A name containing a
     /// `/` is always a path.
     pub fn resolve(arg: &str) -> Result<Image> {
@@ -67,7 +71,7 @@ impl Image {
                 builtins: builtin_names().collect::<Vec<_>>().join(", "),
             });
         }
-        let bytes = std::fs::read(path).map_err(|source| Error::ImageRead { path: path.into(), source })?;
+        let bytes = read_bounded(path).map_err(|source| Error::ImageRead { path: path.into(), source })?;
         Image::from_bytes(arg.into(), Cow::Owned(bytes))
     }
 
@@ -191,6 +195,21 @@ pub fn check_header(raw: &[u8], layout: &ElfLayout) -> std::result::Result<Image
         return Err(format!("interrupt stubs at {:#x} are outside the image", header.isr_stubs));
     }
     Ok(header)
+}
+
+/// Reads an image file: a regular file of at most [`Image::MAX_FILE`] bytes.
+fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(Image::MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > Image::MAX_FILE {
+        return Err(std::io::Error::other(format!("larger than {} MiB", Image::MAX_FILE >> 20)));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -118,6 +118,20 @@ struct RunArgs {
     check: bool,
 }
 
+/// Writes a line to standard output. A reader that went away (the
+/// supervisor died) is not an error worth more than the exit status:
+/// `println!` would panic on the broken pipe.
+fn say_out(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Writes a line to standard error, ignoring a closed stream (see `say_out`).
+fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?}: expected a duration such as 500ms, 2s or 1.5");
     let (number, scale) =
@@ -149,7 +163,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Images => {
             for name in image::builtin_names() {
-                println!("{name}");
+                say_out(name);
             }
             ExitCode::SUCCESS
         }
@@ -167,13 +181,13 @@ fn run(args: RunArgs) -> ExitCode {
     if args.check {
         return match configure(&name, &args) {
             Ok(_) => {
-                eprintln!("vmm: {name}: the configuration and image are usable");
+                say_err(&format!("vmm: {name}: the configuration and image are usable"));
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("vmm: {error}");
+                say_err(&format!("vmm: {error}"));
                 if json {
-                    println!("{}", serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
+                    say_out(&serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
                 }
                 ExitCode::from(error.exit_status())
             }
@@ -183,16 +197,16 @@ fn run(args: RunArgs) -> ExitCode {
     match result {
         Ok(report) => {
             if json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+                say_out(&serde_json::to_string(&report).unwrap_or_default());
             } else {
-                eprintln!("vmm: {} {}", report.name, report.outcome.describe());
+                say_err(&format!("vmm: {} {}", report.name, report.outcome.describe()));
             }
             ExitCode::from(report.outcome.exit_status())
         }
         Err(error) => {
-            eprintln!("vmm: {error}");
+            say_err(&format!("vmm: {error}"));
             if json {
-                println!("{}", serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
+                say_out(&serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
             }
             ExitCode::from(error.exit_status())
         }

@@ -157,3 +157,37 @@ fn doorbell_fd_must_be_an_open_eventfd() {
     let spec = format!("fd={}", eventfd.as_raw_fd());
     rejects(&["run", "--image", "hello", "--irq", &spec, "--irq", &spec], 26, "used twice");
 }
+
+#[test]
+fn an_endless_image_file_is_refused_not_read_forever() {
+    // `timeout` bounds the run: before the image read was bounded, this
+    // read /dev/zero until memory ran out.
+    let out = std::process::Command::new("timeout")
+        .args(["60", env!("CARGO_BIN_EXE_vmm"), "run", "--image", "/dev/zero"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(21), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+}
+
+#[test]
+fn a_vanished_supervisor_is_not_a_panic() {
+    if !kvm_available("a_vanished_supervisor_is_not_a_panic") {
+        return;
+    }
+    // Standard output is a pipe nobody reads any more: the supervisor died.
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into a two-element array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors we own.
+    let (read_end, write_end) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(read_end);
+    let out = output(vmm().args(["run", "--image", "hello", "--json"]).stdout(std::process::Stdio::from(write_end)));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
