@@ -38,6 +38,9 @@ pub struct BlkConfig {
     pub driver_memory: String,
     /// Refuse writes.
     pub read_only: bool,
+    /// Keep a checksum of every sector written through the device and check
+    /// reads against it (4 bytes of reflector memory per 512-byte sector).
+    pub checksums: bool,
     /// Pending requests with no progress for this long mean a hung driver VM.
     pub hang_deadline: std::time::Duration,
     /// Driver VM faults tolerated per 10 s before the device fails.
@@ -169,6 +172,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         driver: DEFAULT_BLK_DRIVER.into(),
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         read_only: false,
+        checksums: false,
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
@@ -183,6 +187,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
+            "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => {
@@ -194,7 +199,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             }
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, spare, hang_ms, fault_budget)"
+                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, checksums, spare, hang_ms, fault_budget)"
                 )))
             }
         }
@@ -341,6 +346,8 @@ struct FileBlk {
     driver_memory: Option<String>,
     #[serde(default)]
     readonly: bool,
+    #[serde(default)]
+    checksums: bool,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
     #[serde(default)]
@@ -412,6 +419,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             driver: blk.driver.unwrap_or_else(|| DEFAULT_BLK_DRIVER.into()),
             driver_memory: blk.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
             read_only: blk.readonly,
+            checksums: blk.checksums,
         };
         check(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         config.blk.push(device);

@@ -169,6 +169,8 @@ pub fn fault_kind(name: &str) -> Option<u32> {
         "hang" => inject::HANG,
         "lie" => inject::LIE,
         "stop" => inject::STOP,
+        "corrupt-reads" => inject::CORRUPT_READS,
+        "skip-flushes" => inject::SKIP_FLUSHES,
         _ => return None,
     })
 }
@@ -188,7 +190,7 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
         Some("metrics") => Ok(prometheus(targets)),
         Some("inject") => target(targets, words.next()).and_then(|t| {
             let kind = words.next().and_then(fault_kind).ok_or(
-                "inject DEVICE KIND [AFTER]: KIND is panic, page-fault, illegal, hang, lie or stop".to_string(),
+                "inject DEVICE KIND [AFTER]: KIND is panic, page-fault, illegal, hang, lie, stop, corrupt-reads or skip-flushes".to_string(),
             )?;
             let after = words.next().map(str::parse).transpose().map_err(|_| "AFTER must be a number")?.unwrap_or(0);
             Channel::inject(&t.channel, kind, after);

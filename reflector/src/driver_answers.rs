@@ -8,7 +8,9 @@
 use guest_abi::channel::{self, CompletionEntry};
 use guest_abi::nic::{MAX_FRAME, MIN_FRAME};
 
-use crate::blk::inflight::InFlightTable;
+use crate::blk::inflight::{InFlight, InFlightTable};
+use crate::blk::marshal::RequestKind;
+use crate::hw::FlushCount;
 use crate::net::slots::{NetSlots, SlotState};
 
 /// A driver broke the channel protocol.
@@ -44,6 +46,28 @@ pub enum Violation {
         id: u64,
         /// The status.
         status: u32,
+    },
+    /// A flush acknowledged although no device flush that started after it
+    /// was submitted has finished: its writes may not be on the medium.
+    #[error(
+        "request id {id}: flush acknowledged before the device flushed (flushes finished: {completed}, \
+         needed more than {mark})"
+    )]
+    FlushNotExecuted {
+        /// Request id.
+        id: u64,
+        /// Flushes the device had started when the request was sent.
+        mark: u64,
+        /// Flushes it had finished when the driver acknowledged.
+        completed: u64,
+    },
+    /// A read returned other data than the reflector wrote to a sector.
+    #[error("request id {id}: the data read from sector {sector} is not what was written there")]
+    DataMismatch {
+        /// Request id.
+        id: u64,
+        /// The first sector whose data differs.
+        sector: u64,
     },
     /// A successful completion whose length is not the request's.
     #[error("request id {id} completed with length {len}, expected {expected}")]
@@ -125,6 +149,93 @@ pub fn check(completion: &CompletionEntry, in_flight: &InFlightTable) -> Result<
     }
 }
 
+/// Checksums of what was written through a block device, one per 512-byte
+/// sector (`checksums=on`): the evidence reads are judged against. A sector
+/// has no checksum until a write of it completes with no other write of it
+/// in flight; a write's submission forgets the checksums of its sectors.
+pub struct WrittenSums {
+    /// Per sector: 0 for unknown, else the sector's CRC-32C with bit 0 set.
+    sums: Vec<u32>,
+}
+
+/// Bytes per checksummed sector.
+const SECTOR: usize = 512;
+
+impl WrittenSums {
+    /// No sector known yet, for a medium of `capacity_sectors`.
+    pub fn new(capacity_sectors: u64) -> Self {
+        WrittenSums { sums: vec![0; capacity_sectors as usize] }
+    }
+
+    /// The checksum of each 512-byte sector of `data`.
+    pub fn sums_of(data: &[u8]) -> Vec<u32> {
+        data.chunks(SECTOR).map(|sector| crc32fast::hash(sector) | 1).collect()
+    }
+
+    /// Forgets the sectors `sector..sector + count` (a write of them starts).
+    pub fn forget(&mut self, sector: u64, count: usize) {
+        let start = (sector as usize).min(self.sums.len());
+        let end = start.saturating_add(count).min(self.sums.len());
+        self.sums[start..end].fill(0);
+    }
+
+    /// Records the checksums of a completed write at `sector`, except for
+    /// the sectors `skip` says another write in flight covers.
+    pub fn record(&mut self, sector: u64, sums: &[u32], skip: impl Fn(u64) -> bool) {
+        for (i, sum) in sums.iter().enumerate() {
+            let at = sector + i as u64;
+            if let Some(slot) = self.sums.get_mut(at as usize) {
+                *slot = if skip(at) { 0 } else { *sum };
+            }
+        }
+    }
+
+    /// Checks read `data` of sector `sector` on against the known sums; the
+    /// first sector that differs.
+    fn verify(&self, sector: u64, data: &[u8]) -> Result<(), u64> {
+        for (i, chunk) in data.chunks(SECTOR).enumerate() {
+            let at = sector + i as u64;
+            match self.sums.get(at as usize) {
+                Some(0) | None => {}
+                Some(sum) if crc32fast::hash(chunk) | 1 == *sum => {}
+                Some(_) => return Err(at),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the reflector knows without asking the driver, to judge a
+/// successful completion the protocol checks cannot: a flush must have
+/// reached the device, and a read must return what was written.
+pub struct Evidence<'a> {
+    /// The device's flush counts now.
+    pub flushes: FlushCount,
+    /// Checksums of written sectors, if kept.
+    pub written: Option<&'a WrittenSums>,
+    /// The data a read returned (its bounce slot), if it is to be checked.
+    pub read_data: Option<&'a [u8]>,
+}
+
+/// Judges a successful block completion (`check` passed, status OK)
+/// against the evidence.
+pub fn check_evidence(entry: &InFlight, evidence: &Evidence) -> Result<(), Violation> {
+    match entry.request.kind {
+        RequestKind::Flush if evidence.flushes.completed <= entry.flush_mark => Err(Violation::FlushNotExecuted {
+            id: entry.id,
+            mark: entry.flush_mark,
+            completed: evidence.flushes.completed,
+        }),
+        RequestKind::Read if entry.verifiable => match (evidence.written, evidence.read_data) {
+            (Some(written), Some(data)) => written
+                .verify(entry.request.sector, data)
+                .map_err(|sector| Violation::DataMismatch { id: entry.id, sector }),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +285,51 @@ mod tests {
         assert!(check(&error, &table).is_ok());
         table.remove(slot);
         assert_eq!(check(&ok, &table), Err(Violation::UnknownId(id)), "a second completion of the same id");
+    }
+
+    #[test]
+    fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
+        let mut flush = request(0);
+        flush.request.kind = RequestKind::Flush;
+        flush.flush_mark = 3;
+        let at = |started, completed| Evidence {
+            flushes: FlushCount { started, completed },
+            written: None,
+            read_data: None,
+        };
+        assert!(matches!(check_evidence(&flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
+        assert!(matches!(check_evidence(&flush, &at(4, 3)), Err(Violation::FlushNotExecuted { .. })), "still running");
+        assert!(check_evidence(&flush, &at(4, 4)).is_ok());
+
+        let mut written = WrittenSums::new(64);
+        let data = vec![7u8; 4096];
+        written.record(8, &WrittenSums::sums_of(&data), |_| false);
+        let mut read = request(4096);
+        read.request.kind = RequestKind::Read;
+        read.request.sector = 8;
+        read.verifiable = true;
+        fn with<'a>(written: &'a WrittenSums, data: &'a [u8]) -> Evidence<'a> {
+            Evidence { flushes: FlushCount::default(), written: Some(written), read_data: Some(data) }
+        }
+        assert!(check_evidence(&read, &with(&written, &data)).is_ok());
+        let mut lie = data.clone();
+        lie[1024] ^= 1;
+        assert_eq!(
+            check_evidence(&read, &with(&written, &lie)),
+            Err(Violation::DataMismatch { id: read.id, sector: 10 })
+        );
+        // Unknown sectors (never written here, or overlapped) are not judged.
+        read.request.sector = 16;
+        assert!(check_evidence(&read, &with(&written, &lie)).is_ok());
+        read.request.sector = 8;
+        read.verifiable = false;
+        assert!(check_evidence(&read, &with(&written, &lie)).is_ok());
+        written.forget(10, 1);
+        read.verifiable = true;
+        assert!(check_evidence(&read, &with(&written, &lie)).is_ok(), "a sector being rewritten is unknown");
+        written.record(8, &WrittenSums::sums_of(&data), |sector| sector == 9);
+        let mut other = data.clone();
+        other[600] ^= 1;
+        assert!(check_evidence(&read, &with(&written, &other)).is_ok(), "a sector another write covers is unknown");
     }
 }

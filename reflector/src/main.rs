@@ -38,7 +38,9 @@ if missing), readonly=on, name=NAME, driver=IMAGE (default blk), memory=SIZE (dr
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
-booted driver VM waiting, so that a restart skips the boot).
+booted driver VM waiting, so that a restart skips the boot), checksums=on (remember a checksum
+of every sector written through the device, 4 bytes per 512-byte sector, and treat a read that
+returns other data as a driver lie: the driver VM is replaced and the read replayed).
 
 --tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
 with `ip link set IFNAME up`) into a switch that --net devices use, so their guests reach
@@ -57,6 +59,7 @@ Configuration file (TOML):
   image = \"/var/lib/disk0.img\"
   size = \"1G\"                   # create the image if missing
   readonly = false
+  checksums = false             # check reads against what was written
   driver = \"blk\"                # driver VM image: built-in name or path
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long
@@ -141,7 +144,8 @@ struct InjectArgs {
     control: ControlArg,
     /// Device name.
     device: String,
-    /// panic, page-fault, illegal, hang, lie or stop.
+    /// panic, page-fault, illegal, hang, lie, stop; or lies only evidence
+    /// catches: corrupt-reads (needs checksums=on), skip-flushes.
     fault: String,
     /// Requests to serve first.
     #[arg(long, default_value_t = 0)]

@@ -263,6 +263,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
     let wiring = BlkWiring {
         channel,
         hardware: hardware.clone(),
+        checksums: config.checksums,
         device_interrupt: hardware.interrupt(),
         completion_doorbell,
         driver_exited,

@@ -54,6 +54,11 @@ struct Blk {
     cq_head: u32,
     req_cons: u32,
     cmp_prod: u32,
+    /// Injected lies (tests): corrupt read data, skip flushes.
+    corrupt_reads: bool,
+    skip_flushes: bool,
+    /// The channel op of each command in the device, by command id.
+    ops: [u32; QUEUE_DEPTH as usize],
 }
 
 impl Driver for Blk {
@@ -77,6 +82,9 @@ impl Driver for Blk {
             cq_head: 0,
             req_cons: 0,
             cmp_prod: 0,
+            corrupt_reads: false,
+            skip_flushes: false,
+            ops: [0; QUEUE_DEPTH as usize],
         };
         kernel.interrupt_line(0).ok_or(Error::MissingInterrupt(0))?;
         blk.check_layouts()?;
@@ -207,9 +215,14 @@ impl Blk {
             if self.injected_fault_due() {
                 self.commit_injected_fault(&request);
             }
+            if self.skip_flushes && request.op == channel::op::FLUSH {
+                self.complete(request.id, channel::status::OK, 0);
+                continue;
+            }
             match self.command_for(&request) {
                 Some(command) => {
                     self.in_flight[request.slot as usize] = Some(request.id);
+                    self.ops[request.slot as usize] = request.op;
                     self.in_flight_count += 1;
                     let at = storage::SQ_OFFSET + (self.sq_tail % QUEUE_DEPTH) as usize * 32;
                     self.regs.write(at, command);
@@ -285,6 +298,8 @@ impl Blk {
                 self.publish_completions();
             }
             inject::STOP => driver_vm::kernel::exit(0),
+            inject::CORRUPT_READS => self.corrupt_reads = true,
+            inject::SKIP_FLUSHES => self.skip_flushes = true,
             _ => {}
         }
     }
@@ -306,6 +321,12 @@ impl Blk {
                 storage::completion::INVALID => channel::status::UNSUPPORTED,
                 _ => channel::status::IO_ERROR,
             };
+            let slot = done.cid as usize;
+            if self.corrupt_reads && status == channel::status::OK && self.ops[slot] == channel::op::READ {
+                let at = channel::slot_offset(slot as u32);
+                let byte: u8 = self.channel.read(at);
+                self.channel.write(at, byte ^ 0x01);
+            }
             self.complete(id, status, done.len);
             completed = true;
         }

@@ -92,6 +92,12 @@ pub mod inject {
     pub const LIE: u32 = 5;
     /// Exit cleanly, as if the driver decided to stop.
     pub const STOP: u32 = 6;
+    /// From now on, flip a bit of every read's data before answering OK
+    /// (a driver that lies about data: only checksums catch it).
+    pub const CORRUPT_READS: u32 = 7;
+    /// From now on, answer every flush OK without flushing the device (a
+    /// driver that lies about durability).
+    pub const SKIP_FLUSHES: u32 = 8;
 }
 
 /// Values of [`header::DRIVER_STATE`].

@@ -39,7 +39,7 @@ use super::inflight::{InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use crate::channel::Channel;
 use crate::client_memory;
-use crate::driver_answers;
+use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::driver_vms::DriverVms;
 use crate::hw::{BlockHardware, InterruptRoute};
 use crate::metrics::Metrics;
@@ -105,6 +105,8 @@ pub struct BlkDevice {
     client: u64,
     channel: Channel,
     hardware: Arc<dyn BlockHardware + Sync>,
+    /// Checksums of written sectors (`checksums=on`), to judge reads.
+    written: Option<WrittenSums>,
     in_flight: InFlightTable,
     waiting: VecDeque<Waiting>,
     completion_doorbell: EventFd,
@@ -134,6 +136,8 @@ pub struct BlkWiring {
     pub channel: Channel,
     /// The storage controller (quiesced on faults).
     pub hardware: Arc<dyn BlockHardware + Sync>,
+    /// Keep checksums of written sectors and judge reads by them.
+    pub checksums: bool,
     /// Where the hardware's interrupt goes (routed to the driver VM's line 1).
     pub device_interrupt: Arc<InterruptRoute>,
     /// Signalled by the driver VM's completion doorbell (its doorbell 0).
@@ -169,6 +173,7 @@ impl BlkDevice {
             client: 0,
             channel: wiring.channel,
             hardware: wiring.hardware,
+            written: wiring.checksums.then(|| WrittenSums::new(capacity_sectors)),
             in_flight: InFlightTable::default(),
             waiting: VecDeque::new(),
             completion_doorbell: wiring.completion_doorbell,
@@ -373,6 +378,9 @@ impl BlkDevice {
                 data_len,
                 status: waiting.status,
                 client: self.client,
+                flush_mark: 0,
+                sums: Vec::new(),
+                verifiable: false,
             };
             let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
@@ -409,9 +417,103 @@ impl BlkDevice {
                 return false;
             }
         }
+        self.gather_evidence(slot);
+        let Some(entry) = self.in_flight.get(slot) else { return false };
+        let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
         self.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
         true
+    }
+
+    /// Notes, as the request in `slot` is sent, what its answer will be
+    /// judged against: the device's flush count for a flush; with
+    /// checksums, a write's data sums (its sectors become unknown until it
+    /// completes, and reads of them in flight unverifiable), and whether a
+    /// read can be verified.
+    fn gather_evidence(&mut self, slot: u32) {
+        let Some(entry) = self.in_flight.get(slot) else { return };
+        let (kind, sector, sectors) = (entry.request.kind, entry.request.sector, entry.data_len as u64 / 512);
+        let overlaps = |other: &crate::blk::inflight::InFlight| {
+            other.request.sector < sector + sectors && sector < other.request.sector + u64::from(other.data_len) / 512
+        };
+        let mut sums = Vec::new();
+        let mut verifiable = false;
+        match kind {
+            RequestKind::Flush => {
+                let mark = self.hardware.flushes().started;
+                if let Some(entry) = self.in_flight.get_mut(slot) {
+                    entry.flush_mark = mark;
+                }
+                return;
+            }
+            RequestKind::Write if self.written.is_some() => {
+                let mut data = vec![0u8; entry.data_len as usize];
+                if let Some(bounce) = self.channel.slot(slot, data.len()) {
+                    bounce.copy_to(&mut data[..]);
+                }
+                sums = WrittenSums::sums_of(&data);
+                if let Some(written) = self.written.as_mut() {
+                    written.forget(sector, sectors as usize);
+                }
+                let reads: Vec<u32> = self
+                    .in_flight
+                    .iter()
+                    .filter(|(s, other)| *s != slot && other.request.kind == RequestKind::Read && overlaps(other))
+                    .map(|(s, _)| s)
+                    .collect();
+                for read in reads {
+                    if let Some(read) = self.in_flight.get_mut(read) {
+                        read.verifiable = false;
+                    }
+                }
+            }
+            RequestKind::Read if self.written.is_some() => {
+                verifiable = !self
+                    .in_flight
+                    .iter()
+                    .any(|(s, other)| s != slot && other.request.kind == RequestKind::Write && overlaps(other));
+            }
+            _ => return,
+        }
+        if let Some(entry) = self.in_flight.get_mut(slot) {
+            entry.sums = sums;
+            entry.verifiable = verifiable;
+        }
+    }
+
+    /// Judges a completion that passed the protocol checks against the
+    /// evidence (see `gather_evidence`); records a completed write's sums.
+    fn judge_evidence(&mut self, slot: u32, status: u32) -> Result<(), driver_answers::Violation> {
+        if status != channel::status::OK {
+            return Ok(());
+        }
+        let Some(entry) = self.in_flight.get(slot) else { return Ok(()) };
+        let data = match (&self.written, entry.request.kind, entry.verifiable) {
+            (Some(_), RequestKind::Read, true) => {
+                let mut data = vec![0u8; entry.data_len as usize];
+                if let Some(bounce) = self.channel.slot(slot, data.len()) {
+                    bounce.copy_to(&mut data[..]);
+                }
+                Some(data)
+            }
+            _ => None,
+        };
+        let evidence =
+            Evidence { flushes: self.hardware.flushes(), written: self.written.as_ref(), read_data: data.as_deref() };
+        driver_answers::check_evidence(entry, &evidence)?;
+        if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() {
+            let (sector, sums) = (entry.request.sector, entry.sums.clone());
+            let others: Vec<(u64, u64)> = self
+                .in_flight
+                .iter()
+                .filter(|(s, other)| *s != slot && other.request.kind == RequestKind::Write)
+                .map(|(_, other)| (other.request.sector, other.request.sector + u64::from(other.data_len) / 512))
+                .collect();
+            if let Some(written) = self.written.as_mut() {
+                written.record(sector, &sums, |at| others.iter().any(|(start, end)| (*start..*end).contains(&at)));
+            }
+        }
+        Ok(())
     }
 
     fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
@@ -429,7 +531,9 @@ impl BlkDevice {
             }
         };
         for completion in completions {
-            match driver_answers::check(&completion, &self.in_flight) {
+            let judged = driver_answers::check(&completion, &self.in_flight)
+                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|()| answer));
+            match judged {
                 Ok(answer) => {
                     if let Some(entry) = self.in_flight.remove(answer.slot) {
                         self.progress();
@@ -563,7 +667,9 @@ impl BlkDevice {
         let atomic = self.memory.clone();
         let memory = atomic.as_ref().map(|m| m.memory());
         for completion in completions {
-            let Ok(answer) = driver_answers::check(&completion, &self.in_flight) else { return };
+            let judged = driver_answers::check(&completion, &self.in_flight)
+                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|()| answer));
+            let Ok(answer) = judged else { return };
             if let Some(entry) = self.in_flight.remove(answer.slot) {
                 if let (Some(memory), true) = (memory.as_deref(), entry.client == self.client) {
                     self.finish(vring, memory, answer.slot, entry, answer.status);

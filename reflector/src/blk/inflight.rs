@@ -23,6 +23,13 @@ pub struct InFlight {
     /// The client connection it came from; a completion for an earlier
     /// connection is dropped instead of written into the new client's memory.
     pub client: u64,
+    /// Flush: the device's started-flush count when it was sent.
+    pub flush_mark: u64,
+    /// Write (with checksums): the checksums of the data sent.
+    pub sums: Vec<u32>,
+    /// Read (with checksums): no write of its sectors was in flight since
+    /// it was sent, so its data must match the known checksums.
+    pub verifiable: bool,
 }
 
 /// Requests in flight, indexed by bounce slot.
@@ -66,7 +73,17 @@ impl InFlightTable {
         true
     }
 
-    /// The request in `slot`.
+    /// The request in `slot`, to change.
+    pub fn get_mut(&mut self, slot: u32) -> Option<&mut InFlight> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// Every request in flight, with its slot.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &InFlight)> {
+        self.slots.iter().enumerate().filter_map(|(slot, entry)| Some((slot as u32, entry.as_ref()?)))
+    }
+
+    /// The request in `slot`, if any.
     pub fn get(&self, slot: u32) -> Option<&InFlight> {
         self.slots.get(slot as usize)?.as_ref()
     }
@@ -110,6 +127,9 @@ pub(crate) mod tests {
             data_len: len,
             status: GuestAddress(0x2000),
             client: 0,
+            flush_mark: 0,
+            sums: Vec::new(),
+            verifiable: false,
         }
     }
 

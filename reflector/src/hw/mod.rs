@@ -44,6 +44,22 @@ pub trait BlockHardware: Send {
     /// Lets the next driver VM (started after the old one can no longer
     /// run) reset and use the device.
     fn resume(&self);
+    /// How many cache flushes of the medium the device has started and
+    /// completed, counted by the device itself (never by the driver): the
+    /// reflector's evidence that a flush a driver acknowledges really ran.
+    fn flushes(&self) -> FlushCount;
+}
+
+/// Flushes of a medium, counted by its device. One at a time: a flush
+/// numbered `started` at some moment has completed once `completed`
+/// reaches that number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushCount {
+    /// Flushes begun.
+    pub started: u64,
+    /// Flushes finished (successfully or not: a failed one the driver
+    /// reports as an error).
+    pub completed: u64,
 }
 
 /// A network card as a driver VM sees it.

@@ -10,7 +10,7 @@
 //! outside the DMA region fails the command instead of touching host memory.
 
 use std::fs::File;
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use guest_abi::storage::{self, completion, reg, Command, Completion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockHardware, DmaRegion, HardwareWindow, InterruptRoute};
+use super::{BlockHardware, DmaRegion, FlushCount, HardwareWindow, InterruptRoute};
 use crate::shm::SharedMemory;
 
 /// How long the device keeps polling its submission queue after the last
@@ -44,11 +44,19 @@ pub struct SimStorageConfig {
     pub read_only: bool,
 }
 
+/// Flushes started and completed (see [`FlushCount`]).
+#[derive(Default)]
+struct FlushCounters {
+    started: AtomicU64,
+    completed: AtomicU64,
+}
+
 /// The controller.
 pub struct SimStorage {
     regs: Arc<SharedMemory>,
     /// True while quiesced; held by the engine while it executes commands.
     quiesced: Arc<Mutex<bool>>,
+    flushes: Arc<FlushCounters>,
     doorbell: EventFd,
     interrupt: Arc<InterruptRoute>,
     stop: EventFd,
@@ -75,9 +83,11 @@ impl SimStorage {
         let interrupt = Arc::new(InterruptRoute::default());
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let quiesced = Arc::new(Mutex::new(false));
+        let flushes = Arc::new(FlushCounters::default());
         let mut engine = Engine {
             regs: regs.clone(),
             quiesced: quiesced.clone(),
+            flushes: flushes.clone(),
             status: 0,
             medium,
             dma,
@@ -95,6 +105,7 @@ impl SimStorage {
         Ok(SimStorage {
             regs,
             quiesced,
+            flushes,
             doorbell,
             interrupt,
             stop,
@@ -135,6 +146,12 @@ impl BlockHardware for SimStorage {
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         let _ = self.doorbell.write(1);
     }
+
+    fn flushes(&self) -> FlushCount {
+        // Completed first: a count pair never shows more completed than started.
+        let completed = self.flushes.completed.load(Ordering::Acquire);
+        FlushCount { started: self.flushes.started.load(Ordering::Acquire), completed }
+    }
 }
 
 impl Drop for SimStorage {
@@ -150,6 +167,7 @@ impl Drop for SimStorage {
 struct Engine {
     regs: Arc<SharedMemory>,
     quiesced: Arc<Mutex<bool>>,
+    flushes: Arc<FlushCounters>,
     /// The controller's status (0, READY or FATAL). Kept here and only
     /// mirrored into the window: a driver writing the STATUS register
     /// cannot clear FATAL or fake READY.
@@ -300,13 +318,18 @@ impl Engine {
     /// Runs one command; returns (completion status, bytes transferred).
     fn execute(&mut self, command: &Command) -> (u16, u32) {
         match command.opcode {
-            storage::opcode::FLUSH => match self.medium.sync_data() {
-                Ok(()) => (completion::SUCCESS, 0),
-                Err(error) => {
-                    tracing::warn!(%error, "flush of the medium failed");
-                    (completion::MEDIUM_ERROR, 0)
+            storage::opcode::FLUSH => {
+                self.flushes.started.fetch_add(1, Ordering::AcqRel);
+                let synced = self.medium.sync_data();
+                self.flushes.completed.fetch_add(1, Ordering::AcqRel);
+                match synced {
+                    Ok(()) => (completion::SUCCESS, 0),
+                    Err(error) => {
+                        tracing::warn!(%error, "flush of the medium failed");
+                        (completion::MEDIUM_ERROR, 0)
+                    }
                 }
-            },
+            }
             storage::opcode::READ | storage::opcode::WRITE => self.transfer(command),
             _ => (completion::INVALID, 0),
         }
@@ -516,6 +539,7 @@ mod tests {
         Engine {
             regs: rig.device.regs.clone(),
             quiesced: rig.device.quiesced.clone(),
+            flushes: rig.device.flushes.clone(),
             status: rig.reg(reg::STATUS).load(Ordering::SeqCst),
             medium: File::options().read(true).write(true).open(&rig.image).unwrap(),
             dma: DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA },
