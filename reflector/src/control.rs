@@ -60,6 +60,8 @@ struct DeviceStatus<'a> {
     malformed: u64,
     client_memory_faults: u64,
     violations: u64,
+    abuses: u64,
+    doorbells: u64,
     faults: u64,
     restarts: u64,
     replayed: u64,
@@ -94,6 +96,8 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
         errors: get(&m.errors),
         malformed: get(&m.malformed),
         client_memory_faults: get(&m.client_memory_faults),
+        abuses: get(&m.abuses),
+        doorbells: get(&m.doorbells),
         violations: get(&m.violations),
         faults: get(&m.faults),
         restarts: get(&m.restarts),
@@ -132,6 +136,10 @@ fn prometheus(targets: &[ControlTarget]) -> String {
         s.client_memory_faults as f64
     });
     family("violations_total", "counter", "Driver protocol violations.", &|s| s.violations as f64);
+    family("abuses_total", "counter", "Driver VMs replaced for spinning idle or flooding doorbells.", &|s| {
+        s.abuses as f64
+    });
+    family("doorbells_total", "counter", "Doorbell rings from driver VMs.", &|s| s.doorbells as f64);
     family("faults_total", "counter", "Driver VM faults.", &|s| s.faults as f64);
     family("restarts_total", "counter", "Driver VMs started after a fault.", &|s| s.restarts as f64);
     family("replayed_total", "counter", "Requests replayed to a new driver VM.", &|s| s.replayed as f64);
@@ -169,6 +177,8 @@ pub fn fault_kind(name: &str) -> Option<u32> {
         "hang" => inject::HANG,
         "lie" => inject::LIE,
         "stop" => inject::STOP,
+        "spin" => inject::SPIN,
+        "flood" => inject::FLOOD,
         "corrupt-reads" => inject::CORRUPT_READS,
         "skip-flushes" => inject::SKIP_FLUSHES,
         _ => return None,
@@ -190,7 +200,7 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
         Some("metrics") => Ok(prometheus(targets)),
         Some("inject") => target(targets, words.next()).and_then(|t| {
             let kind = words.next().and_then(fault_kind).ok_or(
-                "inject DEVICE KIND [AFTER]: KIND is panic, page-fault, illegal, hang, lie, stop, corrupt-reads or skip-flushes".to_string(),
+                "inject DEVICE KIND [AFTER]: KIND is panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin or flood".to_string(),
             )?;
             let after = words.next().map(str::parse).transpose().map_err(|_| "AFTER must be a number")?.unwrap_or(0);
             Channel::inject(&t.channel, kind, after);

@@ -24,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod driver_answers;
 pub mod driver_vms;
+pub mod driver_watch;
 pub mod hw;
 pub mod metrics;
 pub mod net;

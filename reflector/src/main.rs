@@ -145,7 +145,8 @@ struct InjectArgs {
     /// Device name.
     device: String,
     /// panic, page-fault, illegal, hang, lie, stop; or lies only evidence
-    /// catches: corrupt-reads (needs checksums=on), skip-flushes.
+    /// catches: corrupt-reads (needs checksums=on), skip-flushes; or costs the
+    /// CPU watch catches: spin (never sleep), flood (ring the doorbell in a loop).
     fault: String,
     /// Requests to serve first.
     #[arg(long, default_value_t = 0)]

@@ -22,6 +22,11 @@ pub struct Metrics {
     /// Clients cut off because touching their memory faulted (its file
     /// shrank or ran out of pages).
     pub client_memory_faults: AtomicU64,
+    /// Doorbell rings from driver VMs.
+    pub doorbells: AtomicU64,
+    /// Driver VMs replaced for taking more than their share (spinning
+    /// while idle, flooding the doorbell).
+    pub abuses: AtomicU64,
     /// Driver protocol violations seen.
     pub violations: AtomicU64,
     /// Driver VM faults of any kind.

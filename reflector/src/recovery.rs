@@ -18,6 +18,8 @@ pub enum Fault {
     Hang(Duration),
     /// An answer broke the channel protocol.
     Violation(String),
+    /// The driver VM took more than its share (see `driver_watch`).
+    Abuse(String),
 }
 
 impl Fault {
@@ -27,6 +29,7 @@ impl Fault {
             Fault::Exited(_) => "exited",
             Fault::Hang(_) => "hang",
             Fault::Violation(_) => "violation",
+            Fault::Abuse(_) => "abuse",
         }
     }
 }
@@ -38,6 +41,7 @@ impl fmt::Display for Fault {
             Fault::Exited(report) => write!(f, "the driver VM exited: {report}"),
             Fault::Hang(deadline) => write!(f, "no progress on pending requests for {} ms", deadline.as_millis()),
             Fault::Violation(what) => write!(f, "protocol violation: {what}"),
+            Fault::Abuse(what) => write!(f, "{what}"),
         }
     }
 }

@@ -66,7 +66,7 @@ pub trait ServedDevice:
     /// The protocol, for logs.
     const PROTOCOL: &'static str;
     /// The device's own event sources for the vhost-user worker, with their ids.
-    fn listeners(&self) -> [(RawFd, u16); 6];
+    fn listeners(&self) -> Vec<(RawFd, u16)>;
     /// The client went away.
     fn client_gone(&mut self);
     /// Kills the driver VMs for good.
@@ -80,7 +80,7 @@ pub trait ServedDevice:
 impl ServedDevice for BlkDevice {
     const KIND: &'static str = "blk";
     const PROTOCOL: &'static str = "vhost-user-blk";
-    fn listeners(&self) -> [(RawFd, u16); 6] {
+    fn listeners(&self) -> Vec<(RawFd, u16)> {
         BlkDevice::listeners(self)
     }
     fn client_gone(&mut self) {
@@ -100,7 +100,7 @@ impl ServedDevice for BlkDevice {
 impl ServedDevice for NetDevice {
     const KIND: &'static str = "net";
     const PROTOCOL: &'static str = "vhost-user-net";
-    fn listeners(&self) -> [(RawFd, u16); 6] {
+    fn listeners(&self) -> Vec<(RawFd, u16)> {
         NetDevice::listeners(self)
     }
     fn client_gone(&mut self) {
@@ -310,7 +310,7 @@ fn serve_socket<D>(
     listener: std::os::unix::net::UnixListener,
     protocol: &str,
     device: &Arc<RwLock<D>>,
-    listeners: impl Fn(&D) -> [(RawFd, u16); 6],
+    listeners: impl Fn(&D) -> Vec<(RawFd, u16)>,
     gone: impl Fn(&mut D),
 ) -> Result<(), String>
 where

@@ -25,6 +25,13 @@ pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
     Ok(timer)
 }
 
+/// A non-blocking timer firing every `period`, from one period from now.
+pub fn periodic_timer(period: std::time::Duration) -> std::io::Result<TimerFd> {
+    let mut timer = nonblocking_timer()?;
+    timer.reset(period, Some(period)).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(timer)
+}
+
 /// Tells the client about used buffers, if it asked to be told. Nothing to
 /// do while its queue is not set up (a timer may fire between two clients).
 pub fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {

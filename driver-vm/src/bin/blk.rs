@@ -57,6 +57,8 @@ struct Blk {
     /// Injected lies (tests): corrupt read data, skip flushes.
     corrupt_reads: bool,
     skip_flushes: bool,
+    spin: bool,
+    flood: bool,
     /// The channel op of each command in the device, by command id.
     ops: [u32; QUEUE_DEPTH as usize],
 }
@@ -84,6 +86,8 @@ impl Driver for Blk {
             cmp_prod: 0,
             corrupt_reads: false,
             skip_flushes: false,
+            spin: false,
+            flood: false,
             ops: [0; QUEUE_DEPTH as usize],
         };
         kernel.interrupt_line(0).ok_or(Error::MissingInterrupt(0))?;
@@ -105,6 +109,10 @@ impl Driver for Blk {
             }
             if submitted || completed {
                 idle_since = time::Instant::now();
+            } else if self.flood {
+                self.to_reflector.ring(1);
+            } else if self.spin {
+                core::hint::spin_loop();
             } else if idle_since.elapsed_us() >= POLL_WINDOW_US {
                 self.sleep();
                 idle_since = time::Instant::now();
@@ -300,6 +308,8 @@ impl Blk {
             inject::STOP => driver_vm::kernel::exit(0),
             inject::CORRUPT_READS => self.corrupt_reads = true,
             inject::SKIP_FLUSHES => self.skip_flushes = true,
+            inject::SPIN => self.spin = true,
+            inject::FLOOD => self.flood = true,
             _ => {}
         }
     }

@@ -98,6 +98,11 @@ pub mod inject {
     /// From now on, answer every flush OK without flushing the device (a
     /// driver that lies about durability).
     pub const SKIP_FLUSHES: u32 = 8;
+    /// From now on, never sleep: keep polling even with nothing to do (a
+    /// driver that takes a core; only the reflector's CPU watch sees it).
+    pub const SPIN: u32 = 9;
+    /// From now on, ring the reflector's doorbell continuously while idle.
+    pub const FLOOD: u32 = 10;
 }
 
 /// Values of [`header::DRIVER_STATE`].

@@ -41,11 +41,12 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::driver_vms::DriverVms;
+use crate::driver_watch::{process_cpu_time, ResourceWatch, WATCH_PERIOD};
 use crate::hw::{BlockHardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
 use crate::supervisor::DriverLauncher;
-use crate::worker::{avail_overrun, nonblocking_timer, signal_used};
+use crate::worker::{avail_overrun, nonblocking_timer, periodic_timer, signal_used};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -68,6 +69,8 @@ pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
 /// driver VM". Through the device, which kills by pidfd: a pid read from the
 /// counters may be stale and reused by another process.
 pub const KILL_EVENT: u16 = NUM_QUEUES as u16 + 6;
+/// Epoll data of the periodic look at the driver VM's costs.
+pub const WATCH_EVENT: u16 = NUM_QUEUES as u16 + 7;
 /// Largest data segment advertised (size_max): one page, so that
 /// `SEG_MAX` segments always fit one bounce slot.
 const SIZE_MAX: u32 = 4096;
@@ -119,6 +122,12 @@ pub struct BlkDevice {
     hang_armed: bool,
     last_progress: Instant,
     restart_timer: TimerFd,
+    /// What the driver VM costs, judged once per `WATCH_PERIOD`.
+    watch: ResourceWatch,
+    watch_timer: TimerFd,
+    /// Doorbell rings and completions from driver VMs, for `watch`.
+    rings: u64,
+    answers: u64,
     recover: EventFd,
     kill: EventFd,
     /// When the client started waiting on a recovery: the fault, or the
@@ -186,6 +195,10 @@ impl BlkDevice {
             hang_armed: false,
             last_progress: Instant::now(),
             restart_timer: nonblocking_timer()?,
+            watch: ResourceWatch::default(),
+            watch_timer: periodic_timer(WATCH_PERIOD)?,
+            rings: 0,
+            answers: 0,
             recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             fault_at: None,
@@ -242,9 +255,10 @@ impl BlkDevice {
 
     /// The file descriptors the vhost-user worker must watch, with their
     /// event ids.
-    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 6] {
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, u16)> {
         use std::os::fd::AsRawFd;
-        [
+        vec![
+            (self.watch_timer.as_raw_fd(), WATCH_EVENT),
             (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
             (self.driver_exited.as_raw_fd(), DRIVER_EXIT_EVENT),
             (self.hang_timer.as_raw_fd(), HANG_EVENT),
@@ -272,6 +286,22 @@ impl BlkDevice {
         if self.memory.is_some() && self.client_memory_poisoned() {
             self.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
             self.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");
+        }
+    }
+
+    /// Judges what the current driver VM cost over the last period.
+    fn watch_driver(&mut self, vring: &VringRwLock) {
+        if self.state != DriverState::Running {
+            return;
+        }
+        let Some(pid) = self.drivers.current_pid() else { return };
+        if !self.in_flight.is_empty() {
+            self.watch.note_busy();
+        }
+        let Ok(cpu) = process_cpu_time(pid) else { return };
+        if let Some(abuse) = self.watch.tick(pid, Instant::now(), cpu, self.rings, self.answers) {
+            self.metrics.abuses.fetch_add(1, Ordering::Relaxed);
+            self.fault(vring, Fault::Abuse(abuse.to_string()));
         }
     }
 
@@ -530,6 +560,10 @@ impl BlkDevice {
                 return signal_used(vring);
             }
         };
+        self.answers = self.answers.wrapping_add(completions.len() as u64);
+        if !completions.is_empty() {
+            self.watch.note_busy();
+        }
         for completion in completions {
             let judged = driver_answers::check(&completion, &self.in_flight)
                 .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|()| answer));
@@ -921,7 +955,10 @@ impl VhostUserBackendMut for BlkDevice {
         let result = match device_event {
             0 => self.process_queue(vring),
             COMPLETION_EVENT => {
-                let _ = self.completion_doorbell.read();
+                if let Ok(rings) = self.completion_doorbell.read() {
+                    self.rings = self.rings.wrapping_add(rings);
+                    self.metrics.doorbells.fetch_add(rings, Ordering::Relaxed);
+                }
                 self.process_completions(vring)
             }
             DRIVER_EXIT_EVENT => {
@@ -944,6 +981,11 @@ impl VhostUserBackendMut for BlkDevice {
                     self.restart(vring);
                 }
                 signal_used(vring)
+            }
+            WATCH_EVENT => {
+                let _ = self.watch_timer.wait();
+                self.watch_driver(vring);
+                Ok(())
             }
             KILL_EVENT => {
                 let _ = self.kill.read();

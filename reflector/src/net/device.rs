@@ -42,11 +42,12 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_answers::{self, NetAnswer};
 use crate::driver_vms::DriverVms;
+use crate::driver_watch::{process_cpu_time, ResourceWatch, WATCH_PERIOD};
 use crate::hw::{InterruptRoute, NetHardware};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
 use crate::supervisor::DriverLauncher;
-use crate::worker::{avail_overrun, nonblocking_timer, signal_used};
+use crate::worker::{avail_overrun, nonblocking_timer, periodic_timer, signal_used};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -65,6 +66,8 @@ pub const RESTART_EVENT: u16 = NUM_QUEUES as u16 + 4;
 pub const RECOVER_EVENT: u16 = NUM_QUEUES as u16 + 5;
 /// Epoll data of "kill the driver VM" (operators, chaos).
 pub const KILL_EVENT: u16 = NUM_QUEUES as u16 + 6;
+/// Epoll data of the periodic look at the driver VM's costs.
+pub const WATCH_EVENT: u16 = NUM_QUEUES as u16 + 7;
 /// Longest descriptor chain read: a frame of at most MAX_FRAME bytes plus
 /// its header needs no more, whatever the client's buffer sizes.
 const MAX_CHAIN: usize = guest_abi::nic::MAX_FRAME as usize + virtio::net::HEADER_LEN;
@@ -126,6 +129,12 @@ pub struct NetDevice {
     hang_armed: bool,
     last_progress: Instant,
     restart_timer: TimerFd,
+    /// What the driver VM costs, judged once per `WATCH_PERIOD`.
+    watch: ResourceWatch,
+    watch_timer: TimerFd,
+    /// Doorbell rings and completions from driver VMs, for `watch`.
+    rings: u64,
+    answers: u64,
     recover: EventFd,
     kill: EventFd,
     fault_at: Option<Instant>,
@@ -159,6 +168,10 @@ impl NetDevice {
             hang_armed: false,
             last_progress: Instant::now(),
             restart_timer: nonblocking_timer()?,
+            watch: ResourceWatch::default(),
+            watch_timer: periodic_timer(WATCH_PERIOD)?,
+            rings: 0,
+            answers: 0,
             recover: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             kill: EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             fault_at: None,
@@ -203,9 +216,10 @@ impl NetDevice {
     }
 
     /// The file descriptors the vhost-user worker must watch, with their ids.
-    pub fn listeners(&self) -> [(std::os::fd::RawFd, u16); 6] {
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, u16)> {
         use std::os::fd::AsRawFd;
-        [
+        vec![
+            (self.watch_timer.as_raw_fd(), WATCH_EVENT),
             (self.completion_doorbell.as_raw_fd(), COMPLETION_EVENT),
             (self.driver_exited.as_raw_fd(), DRIVER_EXIT_EVENT),
             (self.hang_timer.as_raw_fd(), HANG_EVENT),
@@ -233,6 +247,22 @@ impl NetDevice {
         if self.memory.is_some() && self.client_memory_poisoned() {
             self.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
             self.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");
+        }
+    }
+
+    /// Judges what the current driver VM cost over the last period.
+    fn watch_driver(&mut self, vrings: &[VringRwLock]) {
+        if self.state != DriverState::Running {
+            return;
+        }
+        let Some(pid) = self.drivers.current_pid() else { return };
+        if self.slots.tx_in_flight() > 0 {
+            self.watch.note_busy();
+        }
+        let Ok(cpu) = process_cpu_time(pid) else { return };
+        if let Some(abuse) = self.watch.tick(pid, Instant::now(), cpu, self.rings, self.answers) {
+            self.metrics.abuses.fetch_add(1, Ordering::Relaxed);
+            self.fault(vrings, Fault::Abuse(abuse.to_string()));
         }
     }
 
@@ -449,6 +479,10 @@ impl NetDevice {
                 return Ok(());
             }
         };
+        self.answers = self.answers.wrapping_add(completions.len() as u64);
+        if !completions.is_empty() {
+            self.watch.note_busy();
+        }
         for completion in completions {
             match driver_answers::check_net(&completion, &self.slots) {
                 Ok(answer) => self.take_answer(answer),
@@ -754,7 +788,10 @@ impl VhostUserBackendMut for NetDevice {
             0 => self.process_rx(rx),
             1 => self.process_tx(tx),
             COMPLETION_EVENT => {
-                let _ = self.completion_doorbell.read();
+                if let Ok(rings) = self.completion_doorbell.read() {
+                    self.rings = self.rings.wrapping_add(rings);
+                    self.metrics.doorbells.fetch_add(rings, Ordering::Relaxed);
+                }
                 self.process_completions(vrings)
             }
             DRIVER_EXIT_EVENT => {
@@ -779,6 +816,11 @@ impl VhostUserBackendMut for NetDevice {
                     self.tracker.reset();
                     self.restart(vrings);
                 }
+                Ok(())
+            }
+            WATCH_EVENT => {
+                let _ = self.watch_timer.wait();
+                self.watch_driver(vrings);
                 Ok(())
             }
             KILL_EVENT => {

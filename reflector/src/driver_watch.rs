@@ -1,0 +1,171 @@
+//! Judges what a driver VM costs, not what it answers: a driver can be
+//! correct in every answer and still take a core by spinning while it has
+//! nothing to do, or by ringing the reflector's doorbell in a loop (each
+//! ring wakes a reflector worker). Either is a fault like a hang: the
+//! driver VM is replaced, and one that keeps doing it exhausts its fault
+//! budget. A CPU quota per driver VM (its jail) bounds the damage in the
+//! meantime; this makes it visible and ends it.
+//!
+//! Sans-IO: the device feeds [`ResourceWatch::tick`] the numbers (CPU time,
+//! doorbell rings, completions) once per [`WATCH_PERIOD`]; reading them is
+//! the caller's job ([`process_cpu_time`]).
+
+use std::time::{Duration, Instant};
+
+/// How often a device looks at its driver VM's costs. One timer wake-up
+/// per device per second is noise; a hostile driver is stopped within
+/// about two periods.
+pub const WATCH_PERIOD: Duration = Duration::from_secs(1);
+
+/// CPU share above which a driver VM that had nothing to do during a whole
+/// period is spinning. An idle sample driver uses well under 1 % (it polls
+/// 100 us after its last work, then sleeps on an interrupt).
+pub const IDLE_CPU_LIMIT: f64 = 0.5;
+
+/// Doorbell rings per period beyond twice the completions that are a
+/// flood. A well-behaved driver rings at most once per burst of
+/// completions; a looping one rings about 40,000 times a second here
+/// (an ioeventfd exit costs about 23 us).
+pub const SPARE_RINGS: u64 = 1000;
+
+/// What a driver VM was caught doing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Abuse {
+    /// It used this share of a CPU while it had no work.
+    SpinningIdle {
+        /// CPU share over the period (1.0 = one core).
+        cpu: f64,
+    },
+    /// It rang the reflector's doorbell far more often than it completed.
+    DoorbellFlood {
+        /// Rings in the period.
+        rings: u64,
+        /// Completions in the period.
+        completions: u64,
+    },
+}
+
+impl std::fmt::Display for Abuse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Abuse::SpinningIdle { cpu } => {
+                write!(f, "the driver VM used {:.0}% of a CPU with no request to serve", cpu * 100.0)
+            }
+            Abuse::DoorbellFlood { rings, completions } => {
+                write!(f, "the driver VM rang the reflector {rings} times for {completions} completions")
+            }
+        }
+    }
+}
+
+/// The counters at the start of the current period.
+#[derive(Clone, Copy, Debug)]
+struct Mark {
+    at: Instant,
+    cpu: Duration,
+    rings: u64,
+    completions: u64,
+}
+
+/// Watches one device's current driver VM.
+#[derive(Debug, Default)]
+pub struct ResourceWatch {
+    /// The driver VM watched and where its period started.
+    mark: Option<(i32, Mark)>,
+    /// The driver had work at some time during the period.
+    busy: bool,
+}
+
+impl ResourceWatch {
+    /// The driver VM had work (requests in flight): it may spend CPU.
+    pub fn note_busy(&mut self) {
+        self.busy = true;
+    }
+
+    /// Ends a period of driver VM `pid` with its counters now; what it was
+    /// caught doing, if anything. A new pid starts a new period unjudged.
+    pub fn tick(&mut self, pid: i32, now: Instant, cpu: Duration, rings: u64, completions: u64) -> Option<Abuse> {
+        let current = Mark { at: now, cpu, rings, completions };
+        let busy = std::mem::replace(&mut self.busy, false);
+        let previous = match self.mark.replace((pid, current)) {
+            Some((watched, previous)) if watched == pid => previous,
+            _ => return None,
+        };
+        let wall = now.saturating_duration_since(previous.at).as_secs_f64();
+        let rings = rings.saturating_sub(previous.rings);
+        let completions = completions.saturating_sub(previous.completions);
+        if rings > completions.saturating_mul(2).saturating_add(SPARE_RINGS) {
+            return Some(Abuse::DoorbellFlood { rings, completions });
+        }
+        let used = cpu.saturating_sub(previous.cpu).as_secs_f64();
+        if !busy && wall > 0.0 && used / wall > IDLE_CPU_LIMIT {
+            return Some(Abuse::SpinningIdle { cpu: used / wall });
+        }
+        None
+    }
+
+    /// Forgets the driver VM watched (it was replaced).
+    pub fn forget(&mut self) {
+        self.mark = None;
+        self.busy = false;
+    }
+}
+
+/// CPU time (user and system) process `pid` has used, from
+/// `/proc/PID/stat`. Meant for the reflector's own children: a child is
+/// not reaped before its watcher sees it gone, so the pid is still its.
+pub fn process_cpu_time(pid: i32) -> std::io::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // are counted after its closing parenthesis, which is the last one.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| std::io::Error::other("bad stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14, stime field 15.
+    let ticks = |index: usize| fields.get(index - 3).and_then(|f| f.parse::<u64>().ok());
+    let (Some(user), Some(system)) = (ticks(14), ticks(15)) else {
+        return Err(std::io::Error::other("bad stat"));
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos((user + system).saturating_mul(1_000_000_000 / hz)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spinning_while_idle_and_flooding_are_caught_and_work_is_not() {
+        let mut watch = ResourceWatch::default();
+        let start = Instant::now();
+        let s = |secs: f64| start + Duration::from_secs_f64(secs);
+        let cpu = Duration::from_secs_f64;
+        assert_eq!(watch.tick(7, s(0.0), cpu(0.0), 0, 0), None, "the first period starts unjudged");
+        // Idle and quiet.
+        assert_eq!(watch.tick(7, s(1.0), cpu(0.01), 1, 1), None);
+        // Busy: it may use the CPU.
+        watch.note_busy();
+        assert_eq!(watch.tick(7, s(2.0), cpu(0.95), 5000, 4000), None);
+        // Idle, yet a core.
+        let caught = watch.tick(7, s(3.0), cpu(1.9), 5001, 4000);
+        assert!(matches!(caught, Some(Abuse::SpinningIdle { cpu }) if cpu > 0.9), "{caught:?}");
+        // Ringing without completing.
+        let caught = watch.tick(7, s(4.0), cpu(1.95), 45_001, 4010);
+        assert_eq!(caught, Some(Abuse::DoorbellFlood { rings: 40_000, completions: 10 }));
+        // A new driver VM starts unjudged.
+        assert_eq!(watch.tick(8, s(5.0), cpu(0.5), 0, 0), None);
+        watch.forget();
+        assert_eq!(watch.tick(8, s(6.0), cpu(5.0), 0, 0), None);
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time() {
+        let mut spent = 0u64;
+        for i in 0..1_000_000u64 {
+            spent = spent.wrapping_add(std::hint::black_box(i));
+        }
+        std::hint::black_box(spent);
+        assert!(process_cpu_time(std::process::id() as i32).is_ok());
+        assert!(process_cpu_time(-5).is_err());
+    }
+}
