@@ -29,7 +29,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 use vmm_sys_util::eventfd::EventFd;
@@ -437,17 +437,31 @@ impl BlkDevice {
             RequestKind::Write => channel::op::WRITE,
             _ => channel::op::FLUSH,
         };
+        let mut sums = Vec::new();
         if request.kind == RequestKind::Write {
-            let copied = self
-                .channel
-                .slot(slot, entry.data_len as usize)
-                .map(|bounce| marshal::copy_to_slot(memory, request, &bounce));
+            let copied = match self.written.is_some() {
+                // Checksums are taken of what the client wrote, staged here:
+                // the driver can change its bounce slot at any time.
+                true => {
+                    let mut data = vec![0u8; entry.data_len as usize];
+                    let staged = marshal::copy_to_slot(memory, request, &VolatileSlice::from(&mut data[..]));
+                    sums = WrittenSums::sums_of(&data);
+                    staged.ok().and_then(|()| self.channel.slot(slot, data.len())).map(|bounce| {
+                        bounce.copy_from(&data[..]);
+                        Ok(())
+                    })
+                }
+                false => self
+                    .channel
+                    .slot(slot, entry.data_len as usize)
+                    .map(|bounce| marshal::copy_to_slot(memory, request, &bounce)),
+            };
             // A fault while copying left zeros, not the client's data.
             if !matches!(copied, Some(Ok(()))) || self.client_memory_poisoned() {
                 return false;
             }
         }
-        self.gather_evidence(slot);
+        self.gather_evidence(slot, sums);
         let Some(entry) = self.in_flight.get(slot) else { return false };
         let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
@@ -457,10 +471,10 @@ impl BlkDevice {
 
     /// Notes, as the request in `slot` is sent, what its answer will be
     /// judged against: the device's flush count for a flush; with
-    /// checksums, a write's data sums (its sectors become unknown until it
-    /// completes, and reads of them in flight unverifiable), and whether a
-    /// read can be verified.
-    fn gather_evidence(&mut self, slot: u32) {
+    /// checksums, a write's data sums (`write_sums`; its sectors become
+    /// unknown until it completes, and reads of them in flight
+    /// unverifiable), and whether a read can be verified.
+    fn gather_evidence(&mut self, slot: u32, write_sums: Vec<u32>) {
         let Some(entry) = self.in_flight.get(slot) else { return };
         let (kind, sector, sectors) = (entry.request.kind, entry.request.sector, entry.data_len as u64 / 512);
         let overlaps = |other: &crate::blk::inflight::InFlight| {
@@ -477,11 +491,7 @@ impl BlkDevice {
                 return;
             }
             RequestKind::Write if self.written.is_some() => {
-                let mut data = vec![0u8; entry.data_len as usize];
-                if let Some(bounce) = self.channel.slot(slot, data.len()) {
-                    bounce.copy_to(&mut data[..]);
-                }
-                sums = WrittenSums::sums_of(&data);
+                sums = write_sums;
                 if let Some(written) = self.written.as_mut() {
                     written.forget(sector, sectors as usize);
                 }
@@ -513,11 +523,13 @@ impl BlkDevice {
 
     /// Judges a completion that passed the protocol checks against the
     /// evidence (see `gather_evidence`); records a completed write's sums.
-    fn judge_evidence(&mut self, slot: u32, status: u32) -> Result<(), driver_answers::Violation> {
+    /// Returns a verified read's data: the client gets that copy, not the
+    /// bounce slot, which the driver may have changed since.
+    fn judge_evidence(&mut self, slot: u32, status: u32) -> Result<Option<Vec<u8>>, driver_answers::Violation> {
         if status != channel::status::OK {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(entry) = self.in_flight.get(slot) else { return Ok(()) };
+        let Some(entry) = self.in_flight.get(slot) else { return Ok(None) };
         let data = match (&self.written, entry.request.kind, entry.verifiable) {
             (Some(_), RequestKind::Read, true) => {
                 let mut data = vec![0u8; entry.data_len as usize];
@@ -543,7 +555,7 @@ impl BlkDevice {
                 written.record(sector, &sums, |at| others.iter().any(|(start, end)| (*start..*end).contains(&at)));
             }
         }
-        Ok(())
+        Ok(data)
     }
 
     fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
@@ -566,13 +578,13 @@ impl BlkDevice {
         }
         for completion in completions {
             let judged = driver_answers::check(&completion, &self.in_flight)
-                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|()| answer));
+                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|data| (answer, data)));
             match judged {
-                Ok(answer) => {
+                Ok((answer, verified)) => {
                     if let Some(entry) = self.in_flight.remove(answer.slot) {
                         self.progress();
                         if let (Some(memory), true) = (memory.as_deref(), entry.client == self.client) {
-                            self.finish(vring, memory, answer.slot, entry, answer.status);
+                            self.finish(vring, memory, answer.slot, entry, answer.status, verified);
                         }
                     }
                 }
@@ -602,7 +614,17 @@ impl BlkDevice {
         self.drivers.launch_wanted_spare();
     }
 
-    fn finish(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap, slot: u32, entry: InFlight, status: u32) {
+    /// Completes `entry` to the client; a read's data comes from `verified`
+    /// if the judge checked a copy, else from the bounce slot.
+    fn finish(
+        &mut self,
+        vring: &VringRwLock,
+        memory: &GuestMemoryMmap,
+        slot: u32,
+        entry: InFlight,
+        status: u32,
+        verified: Option<Vec<u8>>,
+    ) {
         let code = match status {
             channel::status::OK => marshal::VIRTIO_BLK_S_OK,
             channel::status::UNSUPPORTED => marshal::VIRTIO_BLK_S_UNSUPP,
@@ -611,10 +633,15 @@ impl BlkDevice {
         let mut written = 0;
         let code = match (code, entry.request.kind) {
             (marshal::VIRTIO_BLK_S_OK, RequestKind::Read) => {
-                let copied = self
-                    .channel
-                    .slot(slot, entry.data_len as usize)
-                    .map(|bounce| marshal::copy_from_slot(memory, &entry.request, &bounce));
+                let copied = match verified {
+                    Some(mut data) => {
+                        Some(marshal::copy_from_slot(memory, &entry.request, &VolatileSlice::from(&mut data[..])))
+                    }
+                    None => self
+                        .channel
+                        .slot(slot, entry.data_len as usize)
+                        .map(|bounce| marshal::copy_from_slot(memory, &entry.request, &bounce)),
+                };
                 if matches!(copied, Some(Ok(()))) {
                     written = entry.data_len;
                     self.metrics.bytes_read.fetch_add(u64::from(entry.data_len), Ordering::Relaxed);
@@ -702,11 +729,11 @@ impl BlkDevice {
         let memory = atomic.as_ref().map(|m| m.memory());
         for completion in completions {
             let judged = driver_answers::check(&completion, &self.in_flight)
-                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|()| answer));
-            let Ok(answer) = judged else { return };
+                .and_then(|answer| self.judge_evidence(answer.slot, answer.status).map(|data| (answer, data)));
+            let Ok((answer, verified)) = judged else { return };
             if let Some(entry) = self.in_flight.remove(answer.slot) {
                 if let (Some(memory), true) = (memory.as_deref(), entry.client == self.client) {
-                    self.finish(vring, memory, answer.slot, entry, answer.status);
+                    self.finish(vring, memory, answer.slot, entry, answer.status, verified);
                 }
             }
         }
