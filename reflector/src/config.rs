@@ -92,6 +92,24 @@ pub struct Config {
     pub tap: Vec<TapConfig>,
     /// The vmm binary, if not next to the reflector.
     pub vmm: Option<PathBuf>,
+    /// How driver VMs are jailed.
+    pub jail: JailSettings,
+}
+
+/// How driver VMs are jailed (see `jail`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JailSettings {
+    /// Jail every vmm (needs root). Off only for development.
+    pub enabled: bool,
+    /// Device N's driver VMs run as uid and gid `uid_base + N`; by default
+    /// a range of its own for each running reflector (see `jail`).
+    pub uid_base: Option<u32>,
+}
+
+impl Default for JailSettings {
+    fn default() -> Self {
+        JailSettings { enabled: true, uid_base: None }
+    }
 }
 
 /// Parses a size: bytes, or with a K/M/G/T suffix (binary).
@@ -305,6 +323,8 @@ fn check_net(config: &NetConfig) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     vmm: Option<PathBuf>,
+    jail: Option<bool>,
+    jail_uid_base: Option<u32>,
     #[serde(default)]
     blk: Vec<toml::Spanned<FileBlk>>,
     #[serde(default)]
@@ -389,7 +409,12 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let line = e.span().map(|span| format!(", line {}", line_of(text, span.start))).unwrap_or_default();
         ConfigError(format!("{origin}{line}: {}", e.message()))
     })?;
-    let mut config = Config { vmm: file.vmm, ..Config::default() };
+    let defaults = JailSettings::default();
+    let jail = JailSettings {
+        enabled: file.jail.unwrap_or(defaults.enabled),
+        uid_base: file.jail_uid_base.or(defaults.uid_base),
+    };
+    let mut config = Config { vmm: file.vmm, jail, ..Config::default() };
     for (index, spanned) in file.blk.into_iter().enumerate() {
         let line = line_of(text, spanned.span().start);
         let blk = spanned.into_inner();

@@ -26,6 +26,7 @@ pub mod driver_answers;
 pub mod driver_vms;
 pub mod driver_watch;
 pub mod hw;
+pub mod jail;
 pub mod metrics;
 pub mod net;
 pub mod recovery;

@@ -52,6 +52,8 @@ driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=on (a
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
+  jail = true                   # jail every driver VM (needs root); false for development only
+  jail_uid_base = 2063597568    # device N's driver VMs run as uid/gid BASE + N (default: a range per reflector)
 
   [[blk]]
   name = \"disk0\"
@@ -207,6 +209,16 @@ struct ServeArgs {
     /// Example: --control /tmp/reflector.ctl
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Run driver VMs unjailed: as the reflector's user, with its
+    /// privileges, in the host's namespaces. For development only (the
+    /// jail needs root). Example: --no-jail
+    #[arg(long)]
+    no_jail: bool,
+    /// Device N's driver VMs run as uid and gid BASE + N (default: a range of
+    /// 1000 ids of this reflector's own from 2063597568 up, chosen by its pid).
+    /// Example: --jail-uid-base 3000000
+    #[arg(long, value_name = "BASE")]
+    jail_uid_base: Option<u32>,
 }
 
 fn main() -> ExitCode {
@@ -340,6 +352,12 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     if args.vmm.is_some() {
         config.vmm = args.vmm.clone();
     }
+    if args.no_jail {
+        config.jail.enabled = false;
+    }
+    if let Some(base) = args.jail_uid_base {
+        config.jail.uid_base = Some(base);
+    }
     config.validate().map_err(|e| e.0)?;
     Ok(config)
 }
@@ -373,12 +391,31 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     }
     // Services live until the process exits.
     let mut services: Vec<&'static dyn Service> = Vec::new();
+    if config.jail.enabled {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("jailing driver VMs needs root (namespaces, uids, cgroups): run the reflector as root, \
+                        or pass --no-jail for development"
+                .into());
+        }
+    } else {
+        tracing::warn!(
+            "DRIVER VMS ARE NOT JAILED (--no-jail): a compromised vmm runs with the reflector's user and \
+             privileges in the host's namespaces. For development only."
+        );
+    }
+    if config.jail.enabled {
+        reflector::jail::sweep_stale_cgroups();
+    }
+    let mut index = 0;
     for blk in &config.blk {
-        services.push(Box::leak(Box::new(serve::start_blk(blk, &vmm)?)));
+        services.push(Box::leak(Box::new(serve::start_blk(blk, &vmm, &config.jail, index)?)));
+        index += 1;
     }
     let switches = Switches::default();
     for net in &config.net {
-        services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches)?)));
+        services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches, &config.jail, index)?)));
+        index += 1;
     }
     let mut taps = Vec::new();
     for tap in &config.tap {

@@ -17,12 +17,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{BlkDevice, BlkWiring};
 use crate::channel::Channel;
-use crate::config::{BlkConfig, NetConfig};
+use crate::config::{BlkConfig, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
 use crate::hw::{BlockHardware, DmaRegion, HardwareWindow, NetHardware};
+use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
 use crate::net::device::{NetDevice, NetWiring};
 use crate::recovery::{RecoveryConfig, RestartPolicy};
@@ -226,13 +227,23 @@ fn lock_image(path: &Path, read_only: bool) -> Result<std::fs::File, String> {
     }
 }
 
+/// The jail of device `index`'s driver VMs, unless jailing is off.
+fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<Option<Arc<Jail>>, String> {
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
+    let jail = Jail::prepare(vmm, name, index, base, JailLimits::default()).map_err(|e| format!("{name}: {e}"))?;
+    Ok(Some(Arc::new(jail)))
+}
+
 /// Claims a device's socket path (see `sockets`).
 fn claim_socket(name: &str, path: &Path) -> Result<(std::os::unix::net::UnixListener, std::fs::File), String> {
     crate::sockets::claim(path).map(crate::sockets::ClaimedSocket::into_listener).map_err(|e| format!("{name}: {e}"))
 }
 
 /// Starts everything behind one block device (not yet its socket).
-pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
+pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32) -> Result<BlkService, String> {
     prepare_image(config)?;
     let name = &config.name;
     let image_lock = lock_image(&config.image, config.read_only)?;
@@ -255,6 +266,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path) -> Result<BlkService, String> {
         vmm: vmm.to_owned(),
         image: config.driver.clone(),
         memory: config.driver_memory.clone(),
+        jail: jail_for(vmm, name, index, jail)?,
     };
     let launcher =
         launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
@@ -353,7 +365,13 @@ where
 
 /// Starts everything behind one net device (not yet its socket): its card
 /// is plugged into the switch of that name in `switches`.
-pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<NetService, String> {
+pub fn start_net(
+    config: &NetConfig,
+    vmm: &Path,
+    switches: &Switches,
+    jail: &JailSettings,
+    index: u32,
+) -> Result<NetService, String> {
     let name = &config.name;
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
@@ -374,6 +392,7 @@ pub fn start_net(config: &NetConfig, vmm: &Path, switches: &Switches) -> Result<
         vmm: vmm.to_owned(),
         image: config.driver.clone(),
         memory: config.driver_memory.clone(),
+        jail: jail_for(vmm, name, index, jail)?,
     };
     let launcher =
         launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;

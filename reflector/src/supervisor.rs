@@ -26,7 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::shm::SharedMemory;
 
 /// What to boot.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DriverVmSpec {
     /// Name (console prefix, logs).
     pub name: String,
@@ -36,6 +36,8 @@ pub struct DriverVmSpec {
     pub image: String,
     /// Guest RAM, e.g. "16M".
     pub memory: String,
+    /// The jail its vmms start in; None only for development (`--no-jail`).
+    pub jail: Option<Arc<crate::jail::Jail>>,
 }
 
 /// A window to map: guest address, memory, name.
@@ -53,6 +55,9 @@ pub struct Window {
 /// replacement sees exactly what its predecessor saw.
 pub struct DriverLauncher {
     spec: DriverVmSpec,
+    /// A driver image given as a file, opened once and passed to each vmm
+    /// (a jailed vmm can open no path).
+    image_file: Option<std::fs::File>,
     windows: Vec<Window>,
     doorbells: Vec<(u64, EventFd)>,
     interrupt_lines: usize,
@@ -138,14 +143,21 @@ impl ChildFds {
         Self::FIRST + self.sources.len() as RawFd - 1
     }
 
-    /// Makes `command`'s child receive exactly these descriptors.
-    pub fn apply(self, command: &mut Command) {
+    /// Makes `command`'s child receive exactly these descriptors, then
+    /// enter `jail` if given.
+    pub fn apply(self, command: &mut Command, jail: Option<Arc<crate::jail::Jail>>) {
         let mut fds = self;
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (fcntl, dup2,
-        // close_range) on memory allocated before the fork.
+        // close_range, and the jail's) on memory allocated before the fork.
         unsafe {
-            command.pre_exec(move || fds.install_in_child());
+            command.pre_exec(move || {
+                fds.install_in_child()?;
+                match &jail {
+                    Some(jail) => jail.enter(),
+                    None => Ok(()),
+                }
+            });
         }
     }
 
@@ -205,7 +217,9 @@ impl DriverLauncher {
         interrupt_lines: usize,
         exited: EventFd,
     ) -> Self {
-        DriverLauncher { spec, windows, doorbells, interrupt_lines, exited }
+        // An unreadable file is reported by the start's `check`.
+        let image_file = spec.image.contains('/').then(|| std::fs::File::open(&spec.image).ok()).flatten();
+        DriverLauncher { spec, image_file, windows, doorbells, interrupt_lines, exited }
     }
 
     /// The driver VM's name.
@@ -250,23 +264,44 @@ impl DriverLauncher {
             Ok(())
         } else {
             let message = message.trim().trim_start_matches("vmm: ");
+            let message = if message.is_empty() { format!("the vmm ended with {status}") } else { message.to_owned() };
             Err(format!("driver={} memory={}: {message}", self.spec.image, self.spec.memory))
         }
     }
 
-    /// The `vmm run` command line of a driver VM, with its descriptors.
+    /// The `vmm run` command line of a driver VM, with its descriptors and
+    /// its jail.
     fn command(&self, lines: &[&EventFd], spare: bool) -> Command {
         let spec = &self.spec;
-        let mut command = Command::new(&spec.vmm);
-        command.args(["run", "--json", "--exit-on-stdin-close", "--image", &spec.image, "--name", &spec.name]);
+        let mut command = match &spec.jail {
+            Some(jail) => {
+                let mut command = Command::new(jail.program());
+                // Nothing of the reflector's environment reaches the jail.
+                command.env_clear();
+                if let Some(filter) = std::env::var_os("VMM_LOG") {
+                    command.env("VMM_LOG", filter);
+                }
+                command
+            }
+            None => Command::new(&spec.vmm),
+        };
+        command.args(["run", "--json", "--exit-on-stdin-close", "--seccomp", "--name", &spec.name]);
         command.args(["--memory", &spec.memory]);
         if spare {
             command.args(["--cmdline", "spare"]);
         }
         let mut fds = ChildFds::new();
+        match &self.image_file {
+            Some(file) => command.arg("--image").arg(format!("fd={}", fds.pass(file.as_raw_fd()))),
+            None => command.args(["--image", &spec.image]),
+        };
+        if let Some(jail) = &spec.jail {
+            let fd = fds.pass(jail.kvm());
+            command.arg("--kvm-fd").arg(fd.to_string());
+        }
         for window in &self.windows {
             let fd = fds.pass(window.memory.as_raw_fd());
-            let arg = format!("{:#x},{},/proc/self/fd/{fd},name={}", window.gpa, window.memory.size(), window.name);
+            let arg = format!("{:#x},{},fd={fd},name={}", window.gpa, window.memory.size(), window.name);
             command.arg("--window").arg(arg);
         }
         for (gpa, doorbell) in &self.doorbells {
@@ -277,7 +312,7 @@ impl DriverLauncher {
             let fd = fds.pass(line.as_raw_fd());
             command.arg("--irq").arg(format!("fd={fd}"));
         }
-        fds.apply(&mut command);
+        fds.apply(&mut command, spec.jail.clone());
         // Standard input is a pipe whose write end only this process holds
         // (the watcher keeps it): if the reflector dies, even by SIGKILL,
         // the driver VM ends too.

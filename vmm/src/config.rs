@@ -61,8 +61,11 @@ pub struct WindowConfig {
     /// Size in bytes.
     pub size: u64,
     /// The file: a regular file, a memfd (`/proc/PID/fd/N`), a sysfs PCI
-    /// `resourceN` file.
+    /// `resourceN` file; `fd=N` in the spec (an inherited descriptor, for a
+    /// jailed vmm that can open no path) shows here as `fd=N`.
     pub path: PathBuf,
+    /// The inherited descriptor to map instead of opening `path`.
+    pub fd: Option<RawFd>,
     /// Offset into the file.
     pub offset: u64,
     /// Map read-only (guest writes fault).
@@ -134,7 +137,7 @@ fn key_value(item: &str) -> (&str, &str) {
 }
 
 impl WindowConfig {
-    /// Parses `GPA,SIZE,PATH[,offset=N][,ro][,name=NAME]`.
+    /// Parses `GPA,SIZE,PATH|fd=N[,offset=N][,ro][,name=NAME]`.
     pub fn parse(spec: &str) -> Result<Self> {
         let what = "--window";
         let mut parts = spec.split(',');
@@ -144,10 +147,15 @@ impl WindowConfig {
         if path.is_empty() {
             return Err(Error::invalid(what, format!("{spec:?}: the path is empty")));
         }
+        let fd = match path.strip_prefix("fd=") {
+            Some(number) => Some(parse_fd("--window fd", number)?),
+            None => None,
+        };
         let mut window = WindowConfig {
             gpa: parse_number("--window address", gpa)?,
             size: parse_number("--window size", size)?,
             path: PathBuf::from(path),
+            fd,
             offset: 0,
             read_only: false,
             name: String::new(),
@@ -396,7 +404,7 @@ mod tests {
     use super::*;
 
     fn window(gpa: u64, size: u64) -> WindowConfig {
-        WindowConfig { gpa, size, path: "/dev/null".into(), offset: 0, read_only: false, name: String::new() }
+        WindowConfig { gpa, size, path: "/dev/null".into(), fd: None, offset: 0, read_only: false, name: String::new() }
     }
 
     fn config_with(windows: Vec<WindowConfig>) -> VmConfig {

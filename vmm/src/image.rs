@@ -59,6 +59,13 @@ impl Image {
     /// Resolves `--image`: a built-in name, else a path. A name containing a
     /// `/` is always a path.
     pub fn resolve(arg: &str) -> Result<Image> {
+        if let Some(number) = arg.strip_prefix("fd=") {
+            let fd: std::os::fd::RawFd = number.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                Error::invalid("--image", format!("{arg:?}: expected fd=N, an inherited descriptor above 2"))
+            })?;
+            let bytes = read_inherited(fd).map_err(|source| Error::ImageRead { path: arg.into(), source })?;
+            return Image::from_bytes(arg.into(), Cow::Owned(bytes));
+        }
         if !arg.contains('/') {
             if let Some((name, bytes)) = BUILT_IN.iter().find(|(name, _)| *name == arg) {
                 return Image::from_bytes(name.to_string(), Cow::Borrowed(bytes));
@@ -195,6 +202,31 @@ pub fn check_header(raw: &[u8], layout: &ElfLayout) -> std::result::Result<Image
         return Err(format!("interrupt stubs at {:#x} are outside the image", header.isr_stubs));
     }
     Ok(header)
+}
+
+/// Reads an image from inherited descriptor `fd` (a jailed vmm opens no
+/// path): a regular file of at most [`Image::MAX_FILE`] bytes, read from
+/// its start whatever its offset.
+fn read_inherited(fd: std::os::fd::RawFd) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+    // SAFETY: F_DUPFD_CLOEXEC on a number; fails with EBADF if not open.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor this process owns.
+    let file = unsafe { std::fs::File::from_raw_fd(copy) };
+    let size = file.metadata()?.len();
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if size > Image::MAX_FILE {
+        return Err(std::io::Error::other(format!("larger than {} MiB", Image::MAX_FILE >> 20)));
+    }
+    let mut bytes = vec![0u8; size as usize];
+    file.read_exact_at(&mut bytes, 0)?;
+    Ok(bytes)
 }
 
 /// Reads an image file: a regular file of at most [`Image::MAX_FILE`] bytes.

@@ -24,6 +24,7 @@ pub mod image;
 pub mod memory;
 pub mod outcome;
 pub mod runner;
+pub mod seccomp;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -116,6 +116,16 @@ struct RunArgs {
     /// configuration this way before relying on it. Example: --check
     #[arg(long)]
     check: bool,
+    /// Use this inherited descriptor of /dev/kvm instead of opening it: a
+    /// jailed vmm can open no path. Example: --kvm-fd 3
+    #[arg(long, value_name = "FD")]
+    kvm_fd: Option<i32>,
+    /// Confine the vCPU and main threads with seccomp filters once the VM
+    /// is set up: they can then open, map or create nothing new (any other
+    /// system call kills the process). Supervisors always pass it.
+    /// Example: --seccomp
+    #[arg(long)]
+    seccomp: bool,
 }
 
 /// Writes a line to standard output. A reader that went away (the
@@ -246,10 +256,20 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         ),
     };
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
-    let kvm = Kvm::new()
-        .map_err(|source| Error::Kvm { operation: "opening /dev/kvm (is KVM available and accessible?)", source })?;
+    let kvm = match args.kvm_fd {
+        Some(fd) => inherited_kvm(fd)?,
+        None => Kvm::new().map_err(|source| Error::Kvm {
+            operation: "opening /dev/kvm (is KVM available and accessible?)",
+            source,
+        })?,
+    };
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
-    let options = RunOptions { timeout: args.timeout, ready_file, exit_on_stdin_close: args.exit_on_stdin_close };
+    let options = RunOptions {
+        timeout: args.timeout,
+        ready_file,
+        exit_on_stdin_close: args.exit_on_stdin_close,
+        seccomp: args.seccomp,
+    };
     let result = runner::run(vm, options)?;
     Ok(Report {
         name: name.to_owned(),
@@ -257,6 +277,22 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         ready_us: result.ready_at.map(|t| t.duration_since(start).as_micros() as u64),
         elapsed_us: start.elapsed().as_micros() as u64,
     })
+}
+
+/// /dev/kvm from an inherited descriptor, checked to be one.
+fn inherited_kvm(fd: i32) -> vmm::Result<Kvm> {
+    // SAFETY: F_GETFD only queries the descriptor.
+    if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::invalid("--kvm-fd", format!("{fd} is not an open inherited file descriptor above 2")));
+    }
+    // SAFETY: the descriptor is open and inherited for this purpose; the
+    // vmm takes ownership of it.
+    let kvm = unsafe { <Kvm as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if kvm.get_api_version() != 12 {
+        std::mem::forget(kvm);
+        return Err(Error::invalid("--kvm-fd", format!("{fd} is not /dev/kvm")));
+    }
+    Ok(kvm)
 }
 
 fn ready_file(fd: i32) -> vmm::Result<File> {

@@ -61,12 +61,29 @@ pub fn build(config: &VmConfig) -> Result<GuestMemory> {
     Ok(GuestMemory { memory, slots })
 }
 
+/// A private duplicate of inherited descriptor `fd` (the vmm may be given
+/// the same one for several windows).
+fn inherited_file(fd: std::os::fd::RawFd) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC on a number; fails with EBADF if not open.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor this process owns.
+    Ok(unsafe { File::from_raw_fd(copy) })
+}
+
 fn window_error(window: &WindowConfig, reason: impl Into<String>) -> Error {
     Error::WindowFile { path: window.path.clone(), reason: reason.into() }
 }
 
 fn open_window_file(window: &WindowConfig) -> Result<File> {
-    let file = OpenOptions::new().read(true).write(!window.read_only).open(&window.path).map_err(|e| {
+    let opened = match window.fd {
+        Some(fd) => inherited_file(fd),
+        None => OpenOptions::new().read(true).write(!window.read_only).open(&window.path),
+    };
+    let file = opened.map_err(|e| {
         window_error(
             window,
             format!(

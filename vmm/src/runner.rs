@@ -32,6 +32,9 @@ pub struct RunOptions {
     /// pipe it alone holds, so the VM dies with the supervisor even if that
     /// is SIGKILLed.
     pub exit_on_stdin_close: bool,
+    /// Confine the vCPU and main threads with their seccomp filters once
+    /// the VM is set up (see `seccomp`).
+    pub seccomp: bool,
 }
 
 /// What happened.
@@ -126,9 +129,32 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     let done_signal = done.try_clone().map_err(io_error("duplicating an eventfd"))?;
     let thread_stop = stop.clone();
     let mut ready_file = options.ready_file;
+    // Built before any thread runs guest code; installed by each thread on
+    // itself.
+    let filters = match options.seccomp {
+        true => Some((crate::seccomp::vcpu_filter(), crate::seccomp::main_filter())),
+        false => None,
+    };
+    let (vcpu_filter, main_filter) = match filters {
+        Some((Ok(vcpu), Ok(main))) => (Some(vcpu), Some(main)),
+        Some((Err(error), _)) | Some((_, Err(error))) => {
+            return Err(Error::Io {
+                operation: "building the seccomp filters".into(),
+                source: std::io::Error::other(error),
+            })
+        }
+        None => (None, None),
+    };
     let handle = thread::Builder::new()
         .name(format!("{name}-vcpu"))
         .spawn(move || {
+            if let Some(filter) = vcpu_filter {
+                if let Err(error) = crate::seccomp::apply(&filter) {
+                    let reason = format!("cannot confine the vCPU thread: {error}");
+                    let _ = done_signal.write(1);
+                    return (VcpuStop::Ended(Outcome::InternalError { reason }), None, vcpu);
+                }
+            }
             let mut ready_at = None;
             let stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
                 ready_at = Some(Instant::now());
@@ -162,6 +188,17 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
             expired: expired.clone(),
             vcpu_thread: handle.as_pthread_t(),
         }));
+    }
+    if let Some(filter) = main_filter {
+        if let Err(error) = crate::seccomp::apply(&filter) {
+            stop.store(true, Ordering::Release);
+            // SAFETY: the vCPU thread is not joined yet; its pthread_t is valid.
+            unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+            return Err(Error::Io {
+                operation: "confining the main thread".into(),
+                source: std::io::Error::other(error),
+            });
+        }
     }
     while !finished.load(Ordering::Acquire) {
         manager.run().map_err(|e| Error::Io {

@@ -1,0 +1,152 @@
+//! `hostile-vmm`: stands in for a compromised `vmm` (guest code that took
+//! over the vmm process). The reflector starts it exactly as it starts the
+//! real vmm, jail included; it ignores its arguments and tries, one by one,
+//! what a compromised vmm would: read host files and other devices' images,
+//! reach sockets and the network, trace or signal other processes, gain
+//! privileges, write its root, fork without bound, take more CPU or memory
+//! than its share. It prints one JSON line saying how each attempt ended
+//! (the reflector logs it as the driver VM's report), then tries to take
+//! more memory than its cgroup allows, which should get it killed.
+//!
+//! Not a test by itself: `reflector/tests/jail.rs` runs it and judges the
+//! report. Never installed anywhere a real deployment would use it.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+/// How a system call ended: "ok" or the errno's name.
+fn outcome(result: libc::c_long) -> String {
+    if result >= 0 {
+        return "ok".into();
+    }
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    match errno {
+        libc::ENOENT => "ENOENT".into(),
+        libc::EACCES => "EACCES".into(),
+        libc::EPERM => "EPERM".into(),
+        libc::EROFS => "EROFS".into(),
+        libc::EAGAIN => "EAGAIN".into(),
+        libc::ENETUNREACH => "ENETUNREACH".into(),
+        libc::ECONNREFUSED => "ECONNREFUSED".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::ESRCH => "ESRCH".into(),
+        other => format!("errno {other}"),
+    }
+}
+
+fn open(path: &str) -> String {
+    let Ok(path) = std::ffi::CString::new(path) else { return "bad path".into() };
+    // SAFETY: open(2) of a C string; the descriptor, if any, is left open.
+    outcome(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) } as libc::c_long)
+}
+
+fn connect_tcp(port: u16) -> String {
+    // SAFETY: socket(2), then connect(2) with a local sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return outcome(-1);
+        }
+        let mut address: libc::sockaddr_in = std::mem::zeroed();
+        address.sin_family = libc::AF_INET as libc::sa_family_t;
+        address.sin_port = port.to_be();
+        address.sin_addr.s_addr = u32::from_be_bytes([127, 0, 0, 1]).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        outcome(libc::connect(fd, (&address as *const libc::sockaddr_in).cast(), len) as libc::c_long)
+    }
+}
+
+/// Forks up to `limit` children that wait; how many it got.
+fn fork_many(limit: usize) -> usize {
+    let mut children = Vec::new();
+    for _ in 0..limit {
+        // SAFETY: fork(2); the child only pauses until killed.
+        match unsafe { libc::fork() } {
+            0 => loop {
+                // SAFETY: pause(2) in the child.
+                unsafe { libc::pause() };
+            },
+            pid if pid > 0 => children.push(pid),
+            _ => break,
+        }
+    }
+    let count = children.len();
+    for pid in children {
+        // SAFETY: kill(2) and waitpid(2) of our own children.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+    count
+}
+
+/// Spins for `wall`; the share of a CPU it got.
+fn cpu_share(wall: Duration) -> f64 {
+    let cpu = || {
+        let mut time = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime(2) into a local struct.
+        unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut time) };
+        Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
+    };
+    let (start, cpu_start) = (Instant::now(), cpu());
+    while start.elapsed() < wall {
+        std::hint::spin_loop();
+    }
+    (cpu() - cpu_start).as_secs_f64() / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // It passes the supervisor's start check, as a compromised binary would.
+    if std::env::args().any(|arg| arg == "--check") {
+        return;
+    }
+    let mut report = Map::new();
+    let mut note = |key: &str, value: Value| {
+        report.insert(key.into(), value);
+    };
+    for path in ["/etc/passwd", "/dev/kvm", "/proc/self/status", "/sys/fs/cgroup", "/tmp", "/work", "/root"] {
+        note(&format!("open {path}"), json!(open(path)));
+    }
+    let root: Vec<String> = std::fs::read_dir("/")
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect())
+        .unwrap_or_default();
+    note("root entries", json!(root));
+    let open_fds: Vec<i32> =
+        // SAFETY: F_GETFD only queries a descriptor number.
+        (0..1024).filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0).collect();
+    note("open fds", json!(open_fds));
+    note("tcp 127.0.0.1:22", json!(connect_tcp(22)));
+    note("tcp 127.0.0.1:80", json!(connect_tcp(80)));
+    // SAFETY: getppid(2); ptrace(2) and kill(2) aimed at the parent (the
+    // reflector) and at init: each must fail.
+    unsafe {
+        let parent = libc::getppid();
+        note("parent", json!(parent));
+        note("ptrace parent", json!(outcome(libc::ptrace(libc::PTRACE_ATTACH, parent, 0, 0))));
+        note("signal parent", json!(outcome(libc::kill(parent, 0) as libc::c_long)));
+        note("signal init", json!(outcome(libc::kill(1, 0) as libc::c_long)));
+        note("setuid 0", json!(outcome(libc::setuid(0) as libc::c_long)));
+        note("unshare user", json!(outcome(libc::unshare(libc::CLONE_NEWUSER) as libc::c_long)));
+        note(
+            "mount tmpfs",
+            json!(outcome(
+                libc::mount(c"x".as_ptr(), c"/".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null()) as libc::c_long
+            )),
+        );
+        let created = libc::open(c"/escape".as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o600);
+        note("create /escape", json!(outcome(created as libc::c_long)));
+    }
+    note("forked of 200", json!(fork_many(200)));
+    note("cpu share spinning 1 s", json!(cpu_share(Duration::from_secs(1))));
+    println!("{}", Value::Object(report));
+    let _ = std::io::stdout().flush();
+    // Last: more memory than its cgroup allows (256 MiB); each page touched.
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..64 {
+        hoard.push(vec![1u8; 16 << 20]);
+    }
+    eprintln!("hostile-vmm: took {} MiB and was not stopped", hoard.len() * 16);
+}

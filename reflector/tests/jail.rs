@@ -1,0 +1,132 @@
+//! The jail every driver VM's vmm starts in, tried from the inside: a
+//! hostile vmm substitute (`hostile-vmm`, started by the reflector exactly
+//! as the real vmm, jail included) attempts what a compromised vmm would and
+//! reports how each attempt ended; and every real driver VM of a running
+//! reflector is checked to be confined (seccomp, no_new_privs, no
+//! capabilities, its own uid, an empty root, its own network namespace).
+//!
+//! Needs root, /dev/kvm and the workspace's binaries.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+
+use common::{kvm_available, sibling, Reflector, Scratch};
+
+#[test]
+fn a_hostile_vmm_cannot_escape_its_jail() {
+    if !kvm_available("a_hostile_vmm_cannot_escape_its_jail") {
+        return;
+    }
+    let scratch = Scratch::new("jail-hostile");
+    let socket = scratch.join("d0.sock");
+    let image = scratch.join("d0.img");
+    let args = vec![
+        "--vmm".to_string(),
+        sibling("hostile-vmm").display().to_string(),
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d0", socket.display(), image.display()),
+    ];
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    let exited = |r: &Reflector| {
+        r.log_text().lines().any(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
+    };
+    reflector.wait_for(exited, "the hostile vmm's report");
+    let log = reflector.stop();
+    let line = log.lines().find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
+    let expect = |key: &str, want: &str| assert_eq!(report[key], want, "{key}: {report}");
+    // Host files, devices, /proc, cgroups, images: nothing is there.
+    for path in ["/etc/passwd", "/dev/kvm", "/proc/self/status", "/sys/fs/cgroup", "/tmp", "/work", "/root"] {
+        expect(&format!("open {path}"), "ENOENT");
+    }
+    let mut root: Vec<&str> = report["root entries"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect();
+    root.sort();
+    assert_eq!(root, ["lib", "lib64", "vmm"], "the jail's root holds the vmm and its libraries only");
+    assert!(!Path::new(&image).to_string_lossy().is_empty());
+    // Only its own descriptors: stdio, /dev/kvm, two windows, two doorbells, two interrupt lines.
+    assert_eq!(report["open fds"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), "{report}");
+    // No network (its namespace's loopback is down), no process it may touch.
+    expect("tcp 127.0.0.1:22", "ENETUNREACH");
+    expect("tcp 127.0.0.1:80", "ENETUNREACH");
+    expect("ptrace parent", "EPERM");
+    expect("signal parent", "EPERM");
+    expect("signal init", "EPERM");
+    // No new privileges, no new namespaces, no mounts, a read-only root.
+    expect("setuid 0", "EPERM");
+    expect("unshare user", "EPERM");
+    expect("mount tmpfs", "EPERM");
+    expect("create /escape", "EROFS");
+    // Bounded processes and CPU; more memory than allowed gets it killed.
+    let forked = report["forked of 200"].as_u64().unwrap();
+    assert!(forked < 32, "tasks are limited: it forked {forked}");
+    let share = report["cpu share spinning 1 s"].as_f64().unwrap();
+    assert!(share < 0.75, "its CPU quota is half a core: it got {share:.2}");
+    assert!(line.contains("SIGKILL") && !log.contains("was not stopped"), "the memory limit must stop it: {line}");
+}
+
+fn status_line(pid: u64, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn every_running_driver_vm_is_confined() {
+    if !kvm_available("every_running_driver_vm_is_confined") {
+        return;
+    }
+    let scratch = Scratch::new("jail-status");
+    let control = scratch.join("ctl");
+    let (d0, n0, n1) = (scratch.join("d0.sock"), scratch.join("n0.sock"), scratch.join("n1.sock"));
+    let args = vec![
+        "--control".to_string(),
+        control.display().to_string(),
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d0,spare=on", d0.display(), scratch.join("d0.img").display()),
+        "--net".to_string(),
+        format!("socket={},switch=s,name=n0", n0.display()),
+        "--net".to_string(),
+        format!("socket={},switch=s,name=n1,spare=on", n1.display()),
+    ];
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &n1);
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_reflector")).args(["status", "--json", "--control"]).arg(&control).output();
+    let text = String::from_utf8(output.unwrap().stdout).unwrap();
+    let devices: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let mut pids = Vec::new();
+    for device in devices.as_array().unwrap() {
+        for key in ["driver_pid", "spare_pid"] {
+            if let Some(pid) = device[key].as_u64().filter(|pid| *pid != 0) {
+                pids.push(pid);
+            }
+        }
+    }
+    assert_eq!(pids.len(), 5, "three driver VMs and two spares: {text}\n{}", reflector.log_text());
+    let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    for pid in pids {
+        assert_eq!(status_line(pid, "Seccomp:"), "2", "driver VM {pid}");
+        assert_eq!(status_line(pid, "NoNewPrivs:"), "1", "driver VM {pid}");
+        assert_eq!(status_line(pid, "CapEff:"), "0000000000000000", "driver VM {pid}");
+        assert_eq!(status_line(pid, "CapBnd:"), "0000000000000000", "driver VM {pid}");
+        let uid = status_line(pid, "Uid:");
+        assert!(!uid.split(' ').any(|id| id == "0"), "driver VM {pid} runs as {uid}");
+        assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), my_net, "driver VM {pid}");
+        let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        root.sort();
+        assert_eq!(root, ["lib", "lib64", "vmm"], "driver VM {pid}");
+    }
+    reflector.stop();
+}

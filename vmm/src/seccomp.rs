@@ -1,0 +1,197 @@
+//! Seccomp filters for the two threads that run once a VM is set up: the
+//! vCPU thread (which runs untrusted guest code through KVM_RUN) and the
+//! main thread (which waits for the vCPU, the watchdog and the supervisor's
+//! lifeline, then writes the report).
+//!
+//! Every file, socket and VM object is created before the filters go on,
+//! so neither thread may open, create, map executable code from, or
+//! otherwise reach anything new. Anything not listed kills the process
+//! (SIGSYS): its supervisor sees the exit and replaces the driver VM.
+//!
+//! How the lists were derived: `strace -f` of driver VMs serving block and
+//! net load, killed by their supervisor (stdin closed), and of `vmm run` of
+//! the test images ending in every way (exit, panic, page fault, illegal
+//! instruction, hang and spin under `--timeout`); the syscalls each thread
+//! made after its first KVM_RUN (vCPU) or after starting the vCPU thread
+//! (main), plus what the allocator and the standard library's panic path
+//! may need (mmap without PROT_EXEC, brk, mprotect, madvise, tgkill for
+//! abort). The list is in docs/threat-model.md.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
+
+/// Why a filter could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The filter did not compile.
+    #[error("building the seccomp filter: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    /// The kernel refused it.
+    #[error("installing the seccomp filter: {0}")]
+    Install(#[from] seccompiler::Error),
+}
+
+/// `_IOR(KVMIO, nr, size)`: the KVM ioctls the vCPU thread may issue.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+
+/// KVM_RUN, `_IO(KVMIO, 0x80)`.
+const KVM_RUN: u64 = 0xae80;
+/// KVM_GET_REGS (exception reports).
+const KVM_GET_REGS: u64 = kvm_ior(0x81, size_of::<kvm_bindings::kvm_regs>());
+/// KVM_GET_SREGS (exception reports).
+const KVM_GET_SREGS: u64 = kvm_ior(0x83, size_of::<kvm_bindings::kvm_sregs>());
+/// KVM_GET_VCPU_EVENTS (exception reports).
+const KVM_GET_VCPU_EVENTS: u64 = kvm_ior(0x9f, size_of::<kvm_bindings::kvm_vcpu_events>());
+
+/// Syscalls both threads make: memory, signals, locks, time, ending.
+const COMMON: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_brk,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Only the main thread: its event loop (epoll on the vCPU's done event,
+/// the watchdog timer and standard input).
+const MAIN_ONLY: &[libc::c_long] =
+    &[libc::SYS_epoll_wait, libc::SYS_epoll_pwait, libc::SYS_epoll_ctl, libc::SYS_timerfd_settime];
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
+    Ok(SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)?)
+}
+
+/// mmap and mprotect, never with PROT_EXEC: no new code in a running vmm.
+fn no_exec(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), SeccompError> {
+    let exec = libc::PROT_EXEC as u64;
+    for call in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(call, vec![SeccompRule::new(vec![condition(2, SeccompCmpOp::MaskedEq(exec), 0)?])?]);
+    }
+    Ok(())
+}
+
+fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
+}
+
+/// The vCPU thread's filter: KVM_RUN and reading registers for reports,
+/// console and eventfd writes, and what every thread needs.
+pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|call| (*call, Vec::new())).collect();
+    no_exec(&mut rules)?;
+    let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS]
+        .into_iter()
+        .map(|request| Ok(SeccompRule::new(vec![condition(1, SeccompCmpOp::Eq, request)?])?))
+        .collect::<Result<Vec<_>, SeccompError>>()?;
+    rules.insert(libc::SYS_ioctl, ioctls);
+    compile(rules)
+}
+
+/// The main thread's filter: its event loop and what every thread needs;
+/// no ioctl at all.
+pub fn main_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().chain(MAIN_ONLY).map(|call| (*call, Vec::new())).collect();
+    no_exec(&mut rules)?;
+    compile(rules)
+}
+
+/// Installs `filter` on the calling thread (with no_new_privs).
+pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
+    Ok(seccompiler::apply_filter(filter)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filters_compile() {
+        assert!(!vcpu_filter().unwrap().is_empty());
+        assert!(!main_filter().unwrap().is_empty());
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
+
+    /// Forks a child that installs `filter` and makes `call`; how it ended.
+    fn in_child(filter: &BpfProgram, call: impl Fn()) -> libc::c_int {
+        // SAFETY: fork; the child only makes system calls and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            if apply(filter).is_err() {
+                // SAFETY: ending the child.
+                unsafe { libc::_exit(3) };
+            }
+            call();
+            // SAFETY: ending the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        status
+    }
+
+    #[test]
+    fn a_filtered_thread_is_killed_when_it_opens_a_file_or_maps_code() {
+        let open = || {
+            // SAFETY: openat of "/" with a static C string.
+            unsafe { libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
+        };
+        let map_code = || {
+            // SAFETY: an anonymous mapping request; the filter kills first.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+        };
+        let map_data = || {
+            // SAFETY: as above, without PROT_EXEC: allowed.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+        };
+        for filter in [vcpu_filter().unwrap(), main_filter().unwrap()] {
+            let killed = |status: libc::c_int| libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS;
+            assert!(killed(in_child(&filter, open)), "openat must kill");
+            assert!(killed(in_child(&filter, map_code)), "mmap with PROT_EXEC must kill");
+            let fine = in_child(&filter, map_data);
+            assert!(libc::WIFEXITED(fine) && libc::WEXITSTATUS(fine) == 0, "status {fine:#x}");
+        }
+    }
+}
