@@ -201,3 +201,28 @@ fn idle_control_clients_delay_nobody() {
     drop(idle);
     reflector.stop();
 }
+
+#[test]
+fn a_failed_image_creation_leaves_no_file() {
+    let scratch = Scratch::new("refuse-create");
+    let image = scratch.join("d.img");
+    // The file size limit makes sizing the new image fail (EFBIG; SIGXFSZ
+    // ignored so that the reflector sees the error).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_reflector"));
+    child.arg("serve").args(blk(&scratch.join("d.sock"), &image, ",size=64M"));
+    use std::os::unix::process::CommandExt;
+    // SAFETY: signal(2) and setrlimit(2) in the child before exec.
+    unsafe {
+        child.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: 1 << 20, rlim_max: 1 << 20 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            Ok(())
+        });
+    }
+    let output = child.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("sizing disk image"), "{stderr}");
+    assert!(!image.exists(), "a 0-byte image was left behind");
+}
