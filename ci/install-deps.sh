@@ -16,3 +16,9 @@ if [[ -r /dev/kvm && -w /dev/kvm ]]; then
 else
     echo "install-deps: WARNING: /dev/kvm is not usable; KVM tests will skip (or fail under CI)" >&2
 fi
+# cargo fuzz (libFuzzer) for the fuzz smoke in the test command; built from
+# crates.io once (a few minutes), then found on PATH.
+if ! command -v cargo-fuzz >/dev/null; then
+    echo "install-deps: installing cargo-fuzz from crates.io"
+    timeout 1200 cargo install cargo-fuzz --locked --quiet
+fi

@@ -11,6 +11,7 @@ step "cargo fmt --check (host workspace, then driver VM images)"
 cargo fmt --all -- --check
 (cd driver-vm && cargo fmt --all -- --check)
 (cd guest-kernel && cargo fmt --all -- --check)
+(cd fuzz && cargo fmt --all -- --check)
 
 step "cargo clippy -D warnings (host workspace: builds the images too)"
 timeout 1500 cargo clippy --release --all-targets --locked -- -D warnings
@@ -29,10 +30,16 @@ step "end-to-end: two QEMU guests ping and send a checksummed TCP transfer throu
 timeout 1500 ci/e2e-net.sh
 e2e_passed=$([[ -n $(command -v qemu-system-x86_64) ]] && echo 2 || echo 0)
 
+step "fuzz smoke: every fuzz target for a few seconds with AddressSanitizer (ci/fuzz.sh)"
+fuzz_log=$(mktemp)
+trap 'rm -f "$fuzz_log"' EXIT
+timeout 2400 ci/fuzz.sh --smoke | tee "$fuzz_log"
+fuzz_passed=$(grep -c '^fuzz: .* ok ' "$fuzz_log" || true)
+
 step "cargo test --release"
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$fuzz_log"' EXIT
 timeout 1800 cargo test --release --locked 2>&1 | tee "$log"
 # One closing line with the totals over every test binary.
-awk -v e2e="$e2e_passed" '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
-     END { printf "\ntests: %d passed, %d failed, %d skipped\n", passed + e2e, failed, ignored + 2 - e2e }' "$log"
+awk -v e2e="$e2e_passed" -v fuzz="$fuzz_passed" '/^test result:/ { passed += $4; failed += $6; ignored += $8 }
+     END { printf "\ntests: %d passed, %d failed, %d skipped\n", passed + e2e + fuzz, failed, ignored + 2 - e2e }' "$log"

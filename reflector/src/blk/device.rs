@@ -334,7 +334,7 @@ impl BlkDevice {
                 let mut chains = Vec::new();
                 while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(memory.clone()) {
                     let head = chain.head_index();
-                    chains.push((head, bounded_segments(chain)));
+                    chains.push((head, marshal::chain_segments(chain, SEG_MAX as usize + 2)));
                 }
                 chains
             };
@@ -863,31 +863,6 @@ impl BlkDevice {
             self.fault(vring, Fault::Exited(report));
         }
     }
-}
-
-/// The descriptors of a chain for `marshal::parse`: the first SEG_MAX + 2
-/// and, if the chain is longer, its true last one (the status descriptor),
-/// so that an over-long chain is refused with its status written where the
-/// client expects it, never into a data buffer. virtio-queue bounds the walk
-/// (by the queue size, or the indirect table's length) and ends it without a
-/// word at a loop, a `next` outside the table or a bad indirect table: the
-/// last descriptor then still has NEXT, and the chain is refused (`None`).
-fn bounded_segments(chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>) -> Option<Vec<Segment>> {
-    let keep = SEG_MAX as usize + 2;
-    let mut segments = Vec::with_capacity(keep + 1);
-    let mut last = None;
-    let mut cut_short = false;
-    for (index, descriptor) in chain.enumerate() {
-        cut_short = descriptor.has_next();
-        let segment = Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() };
-        if index < keep {
-            segments.push(segment);
-        } else {
-            last = Some(segment);
-        }
-    }
-    segments.extend(last);
-    (!cut_short).then_some(segments)
 }
 
 /// The virtio-blk configuration space (virtio spec 5.2.4), up to num_queues.

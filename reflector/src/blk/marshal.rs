@@ -250,6 +250,33 @@ fn for_each_segment<'a>(
     Ok(())
 }
 
+/// The descriptors of a chain for [`parse`]: the first `keep` (a device
+/// keeps SEG_MAX + 2) and, if the chain is longer, its true last one (the status descriptor),
+/// so that an over-long chain is refused with its status written where the
+/// client expects it, never into a data buffer. virtio-queue bounds the walk
+/// (by the queue size, or the indirect table's length) and ends it without a
+/// word at a loop, a `next` outside the table or a bad indirect table: the
+/// last descriptor then still has NEXT, and the chain is refused (`None`).
+pub fn chain_segments(
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    keep: usize,
+) -> Option<Vec<Segment>> {
+    let mut segments = Vec::with_capacity(keep + 1);
+    let mut last = None;
+    let mut cut_short = false;
+    for (index, descriptor) in chain.enumerate() {
+        cut_short = descriptor.has_next();
+        let segment = Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() };
+        if index < keep {
+            segments.push(segment);
+        } else {
+            last = Some(segment);
+        }
+    }
+    segments.extend(last);
+    (!cut_short).then_some(segments)
+}
+
 /// Copies a write's payload from client memory into its bounce slot.
 pub fn copy_to_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &VolatileSlice) -> Result<(), Malformed> {
     for_each_segment(memory, request, slot, |client, bounce| client.copy_to_volatile_slice(bounce))

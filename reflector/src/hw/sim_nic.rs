@@ -485,6 +485,44 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
+/// The card's engine without its thread or switch, stepped by the caller:
+/// for fuzzing what a driver can write into the window and what arrives on
+/// the wire (`fuzz/`). Not for serving.
+#[doc(hidden)]
+pub struct EngineHarness {
+    engine: Engine,
+}
+
+impl EngineHarness {
+    /// An engine with its window in `regs` and DMA into `dma`.
+    pub fn new(regs: Arc<SharedMemory>, dma: DmaRegion) -> Self {
+        regs.write(reg::MAGIC, nic::MAGIC);
+        regs.write(reg::VERSION, nic::VERSION);
+        regs.write(reg::MAX_FRAME, nic::MAX_FRAME);
+        let engine = Engine::new(regs, dma, Arc::new(InterruptRoute::default()), Arc::new(NicCounters::default()));
+        EngineHarness { engine }
+    }
+
+    /// One round of doorbell work: the frames it sent, whether more may be pending.
+    pub fn step(&mut self) -> (Vec<Vec<u8>>, bool) {
+        self.engine.step()
+    }
+
+    /// A frame arrives from the wire.
+    pub fn receive(&mut self, frame: &[u8]) {
+        self.engine.receive(frame);
+    }
+
+    /// Quiesces (or resumes) it.
+    pub fn set_quiesced(&mut self, quiesced: bool) {
+        if quiesced {
+            self.engine.quiesce();
+        } else {
+            self.engine.quiesced = false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

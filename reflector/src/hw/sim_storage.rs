@@ -369,6 +369,52 @@ impl Engine {
     }
 }
 
+/// The controller's engine without its thread, stepped by the caller: for
+/// fuzzing what a driver can write into the window (`fuzz/`). Not for
+/// serving.
+#[doc(hidden)]
+pub struct EngineHarness {
+    engine: Engine,
+}
+
+impl EngineHarness {
+    /// An engine over `medium`, its window in `regs`, DMA into `dma`.
+    pub fn new(regs: Arc<SharedMemory>, dma: DmaRegion, medium: File, read_only: bool) -> std::io::Result<Self> {
+        let capacity_sectors = medium.metadata()?.len() / u64::from(storage::SECTOR_SIZE);
+        regs.write(reg::CAPACITY, capacity_sectors);
+        let engine = Engine {
+            regs,
+            quiesced: Arc::new(Mutex::new(false)),
+            flushes: Arc::new(FlushCounters::default()),
+            status: 0,
+            medium,
+            dma,
+            read_only,
+            capacity_sectors,
+            interrupt: Arc::new(InterruptRoute::default()),
+            depth: 0,
+            sq_head: 0,
+            cq_tail: 0,
+        };
+        Ok(EngineHarness { engine })
+    }
+
+    /// One round of work; whether there was any.
+    pub fn step(&mut self) -> bool {
+        self.engine.step()
+    }
+
+    /// Whether it would sleep now.
+    pub fn has_pending_work(&self) -> bool {
+        self.engine.has_pending_work()
+    }
+
+    /// Quiesces or resumes it.
+    pub fn set_quiesced(&self, quiesced: bool) {
+        *self.engine.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = quiesced;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -687,23 +687,7 @@ fn pop_chain(vring: &VringRwLock, memory: &GuestMemoryMmap) -> Option<(u16, Resu
     let mut state = vring.get_mut();
     let chain = state.get_queue_mut().pop_descriptor_chain(memory)?;
     let head = chain.head_index();
-    let mut segments = Vec::new();
-    let mut bytes = 0usize;
-    // virtio-queue ends a walk without a word at a loop (after queue-size descriptors), at a
-    // `next` outside the table, or at an unreadable or invalid indirect table: the last
-    // descriptor it yields then still has NEXT. Such a chain is malformed, not a shorter one.
-    let mut cut_short = false;
-    for descriptor in chain {
-        segments.push(Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() });
-        bytes = bytes.saturating_add(descriptor.len() as usize);
-        cut_short = descriptor.has_next();
-        if bytes > MAX_CHAIN + virtio::net::HEADER_LEN {
-            // Too long anyway (marshal says so); the rest is not read.
-            cut_short = false;
-            break;
-        }
-    }
-    Some((head, if cut_short { Err(Malformed::BrokenChain) } else { Ok(segments) }))
+    Some((head, marshal::chain_segments(chain, MAX_CHAIN + virtio::net::HEADER_LEN)))
 }
 
 impl VhostUserBackendMut for NetDevice {

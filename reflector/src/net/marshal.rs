@@ -52,6 +52,35 @@ fn in_memory(memory: &GuestMemoryMmap, segment: &Segment) -> Result<(), Malforme
         .map_err(|_| Malformed::OutsideMemory { addr: segment.addr.0, len: segment.len })
 }
 
+/// The descriptors of a chain, read until they hold more than `max_bytes`
+/// (then the chain is too long anyway, and the rest is not read).
+/// virtio-queue ends a walk without a word at a loop (after queue-size
+/// descriptors), at a `next` outside the table, or at an unreadable or
+/// invalid indirect table: the last descriptor it yields then still has
+/// NEXT. Such a chain is malformed, not a shorter one.
+pub fn chain_segments(
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    max_bytes: usize,
+) -> Result<Vec<Segment>, Malformed> {
+    let mut segments = Vec::new();
+    let mut bytes = 0usize;
+    let mut cut_short = false;
+    for descriptor in chain {
+        segments.push(Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() });
+        bytes = bytes.saturating_add(descriptor.len() as usize);
+        cut_short = descriptor.has_next();
+        if bytes > max_bytes {
+            cut_short = false;
+            break;
+        }
+    }
+    if cut_short {
+        Err(Malformed::BrokenChain)
+    } else {
+        Ok(segments)
+    }
+}
+
 /// The frame length of a transmit chain (header excluded), once every
 /// descriptor is checked.
 pub fn tx_frame_len(memory: &GuestMemoryMmap, segments: &[Segment]) -> Result<u32, Malformed> {

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Fuzzing (cargo fuzz / libFuzzer) of every parser fed by a client, a driver
+# or an operator: the targets in fuzz/fuzz_targets/.
+#
+#   ci/fuzz.sh --smoke            each target briefly, with AddressSanitizer (the test command runs this)
+#   ci/fuzz.sh --runs 10000000    a long run: that many executions per target, without a sanitizer
+#                                 (about 3x faster); prints executions, coverage and crashes per target
+#   ci/fuzz.sh --runs N TARGET... only these targets
+#
+# cargo fuzz passes nightly compiler flags (-Zsanitizer); the machine has one
+# stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1. Crashes are
+# saved in fuzz/artifacts/TARGET/ and make the script fail.
+set -euo pipefail
+cd "$(dirname "$0")/../fuzz"
+export RUSTC_BOOTSTRAP=1
+
+mode=smoke runs=0
+if [[ ${1:-} == --smoke ]]; then shift
+elif [[ ${1:-} == --runs ]]; then mode=long runs=${2:?--runs needs a number}; shift 2
+else echo "usage: ci/fuzz.sh --smoke | --runs N [TARGET...]" >&2; exit 2
+fi
+command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing: cargo install cargo-fuzz --locked" >&2; exit 1; }
+
+targets=("$@")
+if ((${#targets[@]} == 0)); then
+    mapfile -t targets < <(cargo fuzz list)
+fi
+sanitizer=(-s address)
+[[ $mode == long ]] && sanitizer=(-s none)
+
+echo "fuzz: building ${#targets[@]} targets (${sanitizer[*]})"
+timeout 2400 cargo fuzz build -O "${sanitizer[@]}"
+
+failed=0
+for target in "${targets[@]}"; do
+    mkdir -p "corpus/$target"
+    if [[ $mode == smoke ]]; then
+        limits=(-max_total_time=8)
+    else
+        limits=(-runs="$runs")
+    fi
+    log=$(mktemp)
+    start=$SECONDS
+    if timeout 7200 cargo fuzz run -O "${sanitizer[@]}" "$target" -- "${limits[@]}" -print_final_stats=1 \
+        >"$log" 2>&1; then
+        result=ok
+    else
+        result=CRASH failed=1
+        grep -E "panicked|ERROR|SUMMARY|Test unit written" "$log" | head -8 >&2 || true
+    fi
+    executions=$(grep -oP 'stat::number_of_executed_units: \K[0-9]+' "$log" | tail -1)
+    coverage=$(grep -oP '#[0-9]+\s+\w+\s+cov: \K[0-9]+' "$log" | tail -1)
+    printf 'fuzz: %-16s %-5s executions %-10s coverage %-6s %ss\n' \
+        "$target" "$result" "${executions:-?}" "${coverage:-?}" "$((SECONDS - start))"
+    rm -f "$log"
+done
+exit "$failed"
