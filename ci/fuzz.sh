@@ -31,9 +31,32 @@ sanitizer=(-s address)
 echo "fuzz: building ${#targets[@]} targets (${sanitizer[*]})"
 timeout 2400 cargo fuzz build -O "${sanitizer[@]}"
 
+# Seeds where a random start would rarely get past the first check: real
+# driver VM images for the ELF loader, real lines for the config and the
+# control protocol.
+seed() {
+    local target=$1 dir=corpus/$1
+    [[ -z $(ls -A "$dir" 2>/dev/null) ]] || return 0
+    case $target in
+        elf_image)
+            for image in ../target/guest/x86_64-unknown-linux-gnu/release/{hello,blk,net,faulty,pingpong,mirror}; do
+                [[ -f $image ]] && cp "$image" "$dir/$(basename "$image")"
+            done ;;
+        config)
+            printf '[[blk]]\nname = "d0"\nsocket = "/tmp/d0.sock"\nimage = "/tmp/d0.img"\nsize = "1G"\nchecksums = true\n\n[[net]]\nsocket = "/tmp/n.sock"\nmac = "52:54:00:00:00:01"\nswitch = "lan"\n\n[[tap]]\nname = "tap0"\n' >"$dir/toml"
+            echo 'socket=/tmp/d.sock,image=/tmp/d.img,size=64M,readonly=on,spare=on,hang_ms=200' >"$dir/blk"
+            echo 'socket=/tmp/n.sock,mac=52:54:00:12:34:56,switch=lan,fault_budget=5' >"$dir/net" ;;
+        control)
+            for line in status metrics "inject d0 panic 3" "inject n0 corrupt-reads" "kill d0" "recover n0"; do
+                echo "$line" >"$dir/$(echo "$line" | tr ' ' _)"
+            done ;;
+    esac
+}
+
 failed=0
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target"
+    seed "$target"
     if [[ $mode == smoke ]]; then
         limits=(-max_total_time=8)
     else

@@ -329,6 +329,52 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_name_to_handle_at,
 ];
 
+/// System calls the reflector itself never makes (its children's jails
+/// need mount, unshare, pivot_root and setresuid, so those stay): a
+/// compromised reflector thread cannot use these to reach further.
+const REFLECTOR_DENIED: &[libc::c_long] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_setns,
+];
+
+/// Confines the reflector process (all its threads, and children before
+/// their own jail adds more): [`REFLECTOR_DENIED`] fails with EPERM. Call
+/// once at start, before it starts threads.
+pub fn confine_reflector() -> Result<(), JailError> {
+    let fail = |e: &dyn std::fmt::Display| JailError::Io {
+        what: "confining the reflector with seccomp".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let rules = REFLECTOR_DENIED.iter().map(|call| (*call, Vec::new())).collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(|e| fail(&e))?;
+    let program = seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))?;
+    seccompiler::apply_filter_all_threads(&program).map_err(|e| fail(&e))
+}
+
 /// The outer filters: [`DENIED`] and clone with any namespace flag fail
 /// with EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone. Two filters: the kernel

@@ -381,6 +381,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     let config = load_config(&args)?;
     let vmm = supervisor::find_vmm(config.vmm.as_deref())?;
     let signals = block_termination_signals();
+    reflector::jail::confine_reflector().map_err(|e| e.to_string())?;
     reflector::sockets::restrict_umask();
     match reflector::sockets::raise_fd_limit() {
         Ok(limit) => tracing::debug!(limit, "open descriptor limit"),

@@ -112,6 +112,8 @@ fn every_running_driver_vm_is_confined() {
         }
     }
     assert_eq!(pids.len(), 5, "three driver VMs and two spares: {text}\n{}", reflector.log_text());
+    // The reflector has its own (deny) filter too.
+    assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();
     for pid in pids {
         assert_eq!(status_line(pid, "Seccomp:"), "2", "driver VM {pid}");

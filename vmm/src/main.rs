@@ -264,6 +264,12 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         })?,
     };
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
+    if !args.seccomp {
+        tracing::warn!(
+            "running UNCONFINED (no --seccomp, no jail): guest code that escapes into this process has its \
+             privileges. For development only; the reflector jails every vmm and passes --seccomp."
+        );
+    }
     let options = RunOptions {
         timeout: args.timeout,
         ready_file,
