@@ -33,8 +33,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "the reflector serves $demo/disk.img; its driver runs in a driver VM (a separate vmm process)"
-"$bin/reflector" serve --control "$demo/ctl" \
+say "the reflector serves $demo/disk.img; its driver runs in a driver VM (a separate, jailed vmm process)"
+jail=()
+if [[ $(id -u) != 0 ]]; then
+    say "not root: driver VMs cannot be jailed (namespaces, uids, cgroups need root); running with --no-jail"
+    jail=(--no-jail)
+fi
+"$bin/reflector" serve "${jail[@]}" --control "$demo/ctl" \
     --blk "socket=$demo/disk.sock,image=$demo/disk.img,size=256M,name=disk0,hang_ms=100,fault_budget=1000" \
     2>"$demo/reflector.log" &
 reflector_pid=$!
