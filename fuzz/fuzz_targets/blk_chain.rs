@@ -6,27 +6,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use reflector::blk::marshal::{self, Limits};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
+use virtio_queue::QueueT;
+use vm_memory::VolatileSlice;
 
-/// Guest memory: the input at 0, rings at fixed places inside.
-const MEMORY: usize = 64 << 10;
 const SLOT: usize = 128 << 10;
 
 fuzz_target!(|input: (u8, u8, bool, Vec<u8>)| {
     let (size_log2, segments_kept, read_only, bytes) = input;
-    let Ok(memory) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY)]) else { return };
-    let _ = memory.write_slice(&bytes[..bytes.len().min(MEMORY)], GuestAddress(0));
-    let size = 1u16 << (size_log2 % 9);
-    let Ok(mut queue) = Queue::new(256) else { return };
-    queue.set_size(size);
-    queue.set_desc_table_address(Some(0), Some(0));
-    queue.set_avail_ring_address(Some(0x4000), Some(0));
-    queue.set_used_ring_address(Some(0x8000), Some(0));
-    queue.set_ready(true);
-    if !queue.is_valid(&memory) {
-        return;
-    }
+    let Some((memory, mut queue, size)) = driver_vms_fuzz::client_queue(size_log2, &bytes) else { return };
     let limits = Limits { capacity_sectors: 2048, max_data: SLOT as u32, max_segments: 32, read_only };
     let mut slot = vec![0u8; SLOT];
     for _ in 0..size {

@@ -300,14 +300,10 @@ impl Drop for Jail {
     }
 }
 
-/// System calls no vmm needs and a compromised one would want.
-const DENIED: &[libc::c_long] = &[
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_chroot,
+/// System calls neither the reflector nor a vmm makes, and a compromised
+/// one would want: tracing and reading other processes, BPF, perf,
+/// userfaultfd, keyrings, kernel modules, kexec, reboot, swap, file handles.
+const NEVER: &[libc::c_long] = &[
     libc::SYS_ptrace,
     libc::SYS_process_vm_readv,
     libc::SYS_process_vm_writev,
@@ -327,43 +323,23 @@ const DENIED: &[libc::c_long] = &[
     libc::SYS_swapoff,
     libc::SYS_open_by_handle_at,
     libc::SYS_name_to_handle_at,
+    libc::SYS_setns,
 ];
 
-/// System calls the reflector itself never makes (its children's jails
-/// need mount, unshare, pivot_root and setresuid, so those stay): a
-/// compromised reflector thread cannot use these to reach further.
-const REFLECTOR_DENIED: &[libc::c_long] = &[
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_userfaultfd,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_reboot,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_setns,
-];
+/// What a vmm may not do besides [`NEVER`]: build namespaces and mounts
+/// (the reflector needs these to build jails, so only the jail denies them).
+const JAIL_ONLY: &[libc::c_long] =
+    &[libc::SYS_unshare, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
 
 /// Confines the reflector process (all its threads, and children before
-/// their own jail adds more): [`REFLECTOR_DENIED`] fails with EPERM. Call
+/// their own jail adds more): [`NEVER`] fails with EPERM. Call
 /// once at start, before it starts threads.
 pub fn confine_reflector() -> Result<(), JailError> {
     let fail = |e: &dyn std::fmt::Display| JailError::Io {
         what: "confining the reflector with seccomp".into(),
         source: std::io::Error::other(e.to_string()),
     };
-    let rules = REFLECTOR_DENIED.iter().map(|call| (*call, Vec::new())).collect();
+    let rules = NEVER.iter().map(|call| (*call, Vec::new())).collect();
     let filter = seccompiler::SeccompFilter::new(
         rules,
         seccompiler::SeccompAction::Allow,
@@ -375,7 +351,7 @@ pub fn confine_reflector() -> Result<(), JailError> {
     seccompiler::apply_filter_all_threads(&program).map_err(|e| fail(&e))
 }
 
-/// The outer filters: [`DENIED`] and clone with any namespace flag fail
+/// The outer filters: [`NEVER`], [`JAIL_ONLY`] and clone with any namespace flag fail
 /// with EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone. Two filters: the kernel
 /// runs both and the stricter answer wins.
@@ -396,7 +372,7 @@ fn outer_filters() -> Result<Vec<seccompiler::BpfProgram>, JailError> {
         seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
     };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|call| (*call, Vec::new())).collect();
+        NEVER.iter().chain(JAIL_ONLY).map(|call| (*call, Vec::new())).collect();
     let namespaces = [
         libc::CLONE_NEWNS,
         libc::CLONE_NEWUSER,

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 
 mod common;
 
-use common::{kvm_available, sibling, Reflector, Scratch};
+use common::{kvm_available, serve_disks, sibling, Reflector, Scratch};
 
 /// A hostile client holding its connection until dropped.
 struct Hostile {
@@ -60,28 +60,11 @@ fn verified_io(socket: &Path, what: &str) {
     assert!(output.status.success(), "{what}: blk-load failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
-/// Starts a reflector with disks d0 (the hostile client's) and d1.
-fn two_disks(scratch: &Scratch) -> Reflector {
-    let mut args = Vec::new();
-    for disk in ["d0", "d1"] {
-        args.push("--blk".to_string());
-        args.push(format!(
-            "socket={},image={},size=8M,name={disk}",
-            scratch.join(&format!("{disk}.sock")).display(),
-            scratch.join(&format!("{disk}.img")).display()
-        ));
-    }
-    let mut reflector = Reflector::start(&args, scratch.join("log"), &scratch.join("d1.sock"));
-    let d0 = scratch.join("d0.sock");
-    reflector.wait_for(|_| d0.exists(), "d0's socket");
-    reflector
-}
-
 /// One hostile case: the reflector logs `signature`, survives, and both
 /// disks serve verified I/O afterwards.
 fn survives(case: &str, signature: &str, expect_refused: bool) {
     let scratch = Scratch::new(&format!("hostile-{case}"));
-    let mut reflector = two_disks(&scratch);
+    let mut reflector = serve_disks(&scratch, &["d0", "d1"], false);
     let (d0, d1) = (scratch.join("d0.sock"), scratch.join("d1.sock"));
     let hostile = Hostile::start(&d0, case);
     if expect_refused {
@@ -139,18 +122,8 @@ fn a_driver_vm_holds_only_its_own_descriptors() {
     }
     let scratch = Scratch::new("fds");
     let control = scratch.join("ctl");
-    let mut args = vec!["--control".to_string(), control.display().to_string()];
-    for disk in ["d0", "d1"] {
-        args.push("--blk".to_string());
-        args.push(format!(
-            "socket={},image={},size=8M,name={disk}",
-            scratch.join(&format!("{disk}.sock")).display(),
-            scratch.join(&format!("{disk}.img")).display()
-        ));
-    }
-    let mut reflector = Reflector::start(&args, scratch.join("log"), &scratch.join("d1.sock"));
+    let mut reflector = serve_disks(&scratch, &["d0", "d1"], true);
     let d0 = scratch.join("d0.sock");
-    reflector.wait_for(|_| d0.exists(), "d0's socket");
     // A client holds d0 (its guest RAM and eventfds are in the reflector)
     // while d1's driver VM is replaced: the new vmm must get none of it.
     let client = Hostile::start(&d0, "idle");

@@ -25,7 +25,7 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
-use common::{kvm_available, sibling, Reflector, Scratch, START_TIMEOUT};
+use common::{kvm_available, serve_disks, sibling, Reflector, Scratch, START_TIMEOUT};
 
 fn reflector_command(control: &Path, args: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_reflector")).args(args).arg("--control").arg(control).output();
@@ -151,18 +151,8 @@ fn verified_iops(socket: &Path, seconds: &str) -> f64 {
 fn a_cpu_hog_is_caught(tag: &str, fault: &str) {
     let scratch = Scratch::new(tag);
     let control = scratch.join("ctl");
-    let mut args = vec!["--control".to_string(), control.display().to_string()];
-    for disk in ["d0", "d1"] {
-        args.push("--blk".into());
-        args.push(format!(
-            "socket={},image={},size=4M,name={disk}",
-            scratch.join(&format!("{disk}.sock")).display(),
-            scratch.join(&format!("{disk}.img")).display()
-        ));
-    }
+    let reflector = serve_disks(&scratch, &["d0", "d1"], true);
     let (d0, d1) = (scratch.join("d0.sock"), scratch.join("d1.sock"));
-    let mut reflector = Reflector::start(&args, scratch.join("log"), &d1);
-    reflector.wait_for(|_| control.exists() && d0.exists(), "the control socket and d0");
     let baseline = verified_iops(&d1, "2");
     let injected = reflector_command(&control, &["inject", "d0", fault]);
     assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));

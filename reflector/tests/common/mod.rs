@@ -140,3 +140,27 @@ impl Drop for Reflector {
 pub fn blk_arg(socket: &Path, image: &Path, extra: &str) -> Vec<String> {
     vec!["--blk".into(), format!("socket={},image={}{extra}", socket.display(), image.display())]
 }
+
+/// A reflector serving disks `names` (8 MiB images in `scratch`, sockets
+/// NAME.sock), with a control socket `ctl` if `control`; returns once every
+/// socket (and the control socket) exists.
+pub fn serve_disks(scratch: &Scratch, names: &[&str], control: bool) -> Reflector {
+    let mut args = Vec::new();
+    if control {
+        args.extend(["--control".to_string(), scratch.join("ctl").display().to_string()]);
+    }
+    for disk in names {
+        args.push("--blk".to_string());
+        args.push(format!(
+            "socket={},image={},size=8M,name={disk}",
+            scratch.join(&format!("{disk}.sock")).display(),
+            scratch.join(&format!("{disk}.img")).display()
+        ));
+    }
+    let last = scratch.join(&format!("{}.sock", names.last().expect("a disk")));
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &last);
+    let sockets: Vec<PathBuf> = names.iter().map(|disk| scratch.join(&format!("{disk}.sock"))).collect();
+    let ctl = scratch.join("ctl");
+    reflector.wait_for(|_| sockets.iter().all(|s| s.exists()) && (!control || ctl.exists()), "the sockets");
+    reflector
+}
