@@ -296,8 +296,9 @@ fn timeout(cli: &Cli) -> Result<Duration, Error> {
     Ok(Duration::from_secs_f64(cli.timeout))
 }
 
-fn run_hostile(cli: &Cli, case: loadgen::hostile::Case) -> Result<bool, Error> {
-    let opts = DeviceOptions {
+/// One 4 KiB request slot, for probes that send one chain at a time.
+fn one_slot_options(cli: &Cli) -> Result<DeviceOptions, Error> {
+    Ok(DeviceOptions {
         timeout: timeout(cli)?,
         event_idx: !cli.no_event_idx,
         slots: 1,
@@ -306,7 +307,11 @@ fn run_hostile(cli: &Cli, case: loadgen::hostile::Case) -> Result<bool, Error> {
         queue_size: cli.queue_size,
         spin: Duration::from_micros(cli.spin_us),
         scratch: 0,
-    };
+    })
+}
+
+fn run_hostile(cli: &Cli, case: loadgen::hostile::Case) -> Result<bool, Error> {
+    let opts = one_slot_options(cli)?;
     let json = cli.json;
     loadgen::hostile::run(&cli.socket, case, &opts, |outcome| {
         if json {
@@ -321,16 +326,7 @@ fn run_hostile(cli: &Cli, case: loadgen::hostile::Case) -> Result<bool, Error> {
 }
 
 fn run_malformed(cli: &Cli) -> Result<bool, Error> {
-    let opts = DeviceOptions {
-        timeout: timeout(cli)?,
-        event_idx: !cli.no_event_idx,
-        slots: 1,
-        buf_size: 4096,
-        seg_size: None,
-        queue_size: cli.queue_size,
-        spin: Duration::from_micros(cli.spin_us),
-        scratch: 0,
-    };
+    let opts = one_slot_options(cli)?;
     let seed = cli.seed.unwrap_or_else(|| {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         t.as_nanos() as u64
