@@ -9,14 +9,18 @@
 # With --spare, the reflector keeps a warm spare (a booted driver VM waiting),
 # so a restart skips the boot.
 #
-# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare]
+# With --no-jail, driver VMs are not jailed (to measure what the jail costs:
+# each cold restart builds a new one).
+#
+# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare] [--no-jail]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-kills=1000 seed=1 spare=off
+kills=1000 seed=1 spare=off jail=
 while (($#)); do
     case $1 in
     --spare) spare=on; shift ;;
+    --no-jail) jail=--no-jail; shift ;;
     --kills) kills=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -27,7 +31,7 @@ bin=$repo/target/release
 tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
 pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
-"$bin/reflector" serve --control "$tmp/ctl" \
+"$bin/reflector" serve $jail --control "$tmp/ctl" \
     --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done
