@@ -19,8 +19,10 @@ pub const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
 /// CPU share above which a driver VM that had nothing to do during a whole
 /// period is spinning. An idle sample driver uses well under 1 % (it polls
-/// 100 us after its last work, then sleeps on an interrupt).
-pub const IDLE_CPU_LIMIT: f64 = 0.5;
+/// 100 us after its last work, then sleeps on an interrupt); a spinning one
+/// gets all its jail's CPU quota allows (half a core), so the limit must be
+/// well below that quota.
+pub const IDLE_CPU_LIMIT: f64 = 0.2;
 
 /// Doorbell rings per period beyond twice the completions that are a
 /// flood. A well-behaved driver rings at most once per burst of
@@ -146,9 +148,9 @@ mod tests {
         // Busy: it may use the CPU.
         watch.note_busy();
         assert_eq!(watch.tick(7, s(2.0), cpu(0.95), 5000, 4000), None);
-        // Idle, yet a core.
-        let caught = watch.tick(7, s(3.0), cpu(1.9), 5001, 4000);
-        assert!(matches!(caught, Some(Abuse::SpinningIdle { cpu }) if cpu > 0.9), "{caught:?}");
+        // Idle, yet all its jail allows (under half a core).
+        let caught = watch.tick(7, s(3.0), cpu(1.4), 5001, 4000);
+        assert!(matches!(caught, Some(Abuse::SpinningIdle { cpu }) if cpu > 0.4), "{caught:?}");
         // Ringing without completing.
         let caught = watch.tick(7, s(4.0), cpu(1.95), 45_001, 4010);
         assert_eq!(caught, Some(Abuse::DoorbellFlood { rings: 40_000, completions: 10 }));
