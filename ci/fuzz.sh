@@ -47,22 +47,23 @@ seed() {
             echo 'socket=/tmp/d.sock,image=/tmp/d.img,size=64M,readonly=on,spare=on,hang_ms=200' >"$dir/blk"
             echo 'socket=/tmp/n.sock,mac=52:54:00:12:34:56,switch=lan,fault_budget=5' >"$dir/net" ;;
         blk_chain | net_chain)
-            # A queue of 16 with one chain published: header, data, status
-            # (blk: a 4 KiB read); a 1514-byte frame chain (net).
+            # A queue of 16 with one chain published (fuzz/src/lib.rs has the
+            # layout): header, data, status (blk: a 4 KiB read); a 1514-byte
+            # frame chain (net). Buffers at 0x400 and up.
             python3 - "$dir/one-chain" "$target" <<'PY'
 import struct, sys
 path, target = sys.argv[1], sys.argv[2]
-memory = bytearray(0xc000)
+memory = bytearray(0x1600)
 def desc(i, addr, length, flags, nxt):
     struct.pack_into("<QIHH", memory, i * 16, addr, length, flags, nxt)
 if target == "blk_chain":
-    desc(0, 0x9000, 16, 1, 1); desc(1, 0xa000, 4096, 3, 2); desc(2, 0xb000, 1, 2, 0)
-    struct.pack_into("<IIQ", memory, 0x9000, 0, 0, 8)
+    desc(0, 0x400, 16, 1, 1); desc(1, 0x500, 4096, 3, 2); desc(2, 0x1500, 1, 2, 0)
+    struct.pack_into("<IIQ", memory, 0x400, 0, 0, 8)
     prefix = bytes([4, 34, 0])
 else:
-    desc(0, 0x9000, 12, 1, 1); desc(1, 0xa000, 1514, 0, 0)
+    desc(0, 0x400, 12, 1, 1); desc(1, 0x500, 1514, 0, 0)
     prefix = bytes([4, 0, 0])
-struct.pack_into("<HHH", memory, 0x4000, 0, 1, 0)
+struct.pack_into("<HHH", memory, 0x100, 0, 1, 0)
 open(path, "wb").write(prefix + bytes(memory))
 PY
             ;;

@@ -11,8 +11,8 @@ use vmm::image::Image;
 
 static MEMORY: OnceLock<GuestMemoryMmap> = OnceLock::new();
 
-fuzz_target!(|bytes: Vec<u8>| {
-    let Ok(image) = Image::from_bytes("fuzz".into(), Cow::Owned(bytes)) else { return };
+fuzz_target!(|bytes: &[u8]| {
+    let Ok(image) = Image::from_bytes("fuzz".into(), Cow::Owned(bytes.to_vec())) else { return };
     if image.ram_needed() > 16 << 20 {
         return;
     }
