@@ -142,7 +142,7 @@ impl Jail {
         std::fs::create_dir_all(JAIL_ROOT).map_err(io_error(format!("creating {JAIL_ROOT}")))?;
         let vmm = vmm.canonicalize().map_err(io_error(format!("resolving {}", vmm.display())))?;
         let mut files = vec![(vmm.clone(), PathBuf::from(JAILED_VMM))];
-        for library in libraries(&vmm)? {
+        for library in libraries_of(&vmm)? {
             let source = library.canonicalize().map_err(io_error(format!("resolving {}", library.display())))?;
             files.push((source, library));
         }
@@ -421,6 +421,20 @@ fn c_path(path: &Path) -> Result<CString, JailError> {
         what: format!("{}", path.display()),
         source: std::io::Error::other("NUL in path"),
     })
+}
+
+/// [`libraries`] of `vmm`, asked of its loader once per binary: every
+/// device's jail binds the same files, and starting the loader for each of
+/// hundreds of devices would only repeat the answer.
+fn libraries_of(vmm: &Path) -> Result<Vec<PathBuf>, JailError> {
+    static KNOWN: std::sync::Mutex<Vec<(PathBuf, Vec<PathBuf>)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, found)) = known.iter().find(|(binary, _)| binary == vmm) {
+        return Ok(found.clone());
+    }
+    let found = libraries(vmm)?;
+    known.push((vmm.to_owned(), found.clone()));
+    Ok(found)
 }
 
 /// The shared libraries `vmm` loads, as its dynamic loader resolves them
