@@ -175,6 +175,16 @@ pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {
     Ok(registration)
 }
 
+/// A device accepting `device`'s client's new memory table: [`guard`],
+/// with the refusal logged. Refusing the table ends the connection
+/// (vhost-user-backend).
+pub fn accept(device: &str, memory: &GuestMemoryMmap) -> std::io::Result<Registration> {
+    guard(memory).map_err(|error| {
+        tracing::error!(device, %error, "refusing the client's memory table");
+        std::io::Error::other(error)
+    })
+}
+
 fn install_handler() {
     INSTALL.call_once(|| {
         // SAFETY: a zeroed sigaction with our handler and SA_SIGINFO, which

@@ -106,6 +106,14 @@ impl ResourceWatch {
         None
     }
 
+    /// Ends a period of the running driver VM `pid` (the device's child):
+    /// reads its CPU time and judges it with `rings` and `completions` (see
+    /// [`ResourceWatch::tick`]). Nothing if its CPU time cannot be read.
+    pub fn look(&mut self, pid: i32, rings: u64, completions: u64) -> Option<Abuse> {
+        let cpu = process_cpu_time(pid).ok()?;
+        self.tick(pid, Instant::now(), cpu, rings, completions)
+    }
+
     /// Forgets the driver VM watched (it was replaced).
     pub fn forget(&mut self) {
         self.mark = None;

@@ -41,7 +41,7 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::driver_vms::DriverVms;
-use crate::driver_watch::{process_cpu_time, ResourceWatch, WATCH_PERIOD};
+use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::hw::{BlockHardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
@@ -298,8 +298,7 @@ impl BlkDevice {
         if !self.in_flight.is_empty() {
             self.watch.note_busy();
         }
-        let Ok(cpu) = process_cpu_time(pid) else { return };
-        if let Some(abuse) = self.watch.tick(pid, Instant::now(), cpu, self.rings, self.answers) {
+        if let Some(abuse) = self.watch.look(pid, self.rings, self.answers) {
             self.metrics.abuses.fetch_add(1, Ordering::Relaxed);
             self.fault(vring, Fault::Abuse(abuse.to_string()));
         }
@@ -476,48 +475,42 @@ impl BlkDevice {
     /// unverifiable), and whether a read can be verified.
     fn gather_evidence(&mut self, slot: u32, write_sums: Vec<u32>) {
         let Some(entry) = self.in_flight.get(slot) else { return };
-        let (kind, sector, sectors) = (entry.request.kind, entry.request.sector, entry.data_len as u64 / 512);
-        let overlaps = |other: &crate::blk::inflight::InFlight| {
-            other.request.sector < sector + sectors && sector < other.request.sector + u64::from(other.data_len) / 512
+        let kind = entry.request.kind;
+        let others_of = |wanted: RequestKind| -> Vec<u32> {
+            let in_flight = self.in_flight.iter();
+            in_flight
+                .filter(|(s, other)| *s != slot && other.request.kind == wanted && entry.overlaps(other))
+                .map(|(s, _)| s)
+                .collect()
         };
-        let mut sums = Vec::new();
-        let mut verifiable = false;
         match kind {
             RequestKind::Flush => {
                 let mark = self.hardware.flushes().started;
                 if let Some(entry) = self.in_flight.get_mut(slot) {
                     entry.flush_mark = mark;
                 }
-                return;
             }
             RequestKind::Write if self.written.is_some() => {
-                sums = write_sums;
+                let (sectors, reads) = (entry.sectors(), others_of(RequestKind::Read));
                 if let Some(written) = self.written.as_mut() {
-                    written.forget(sector, sectors as usize);
+                    written.forget(sectors.start, (sectors.end - sectors.start) as usize);
                 }
-                let reads: Vec<u32> = self
-                    .in_flight
-                    .iter()
-                    .filter(|(s, other)| *s != slot && other.request.kind == RequestKind::Read && overlaps(other))
-                    .map(|(s, _)| s)
-                    .collect();
                 for read in reads {
                     if let Some(read) = self.in_flight.get_mut(read) {
                         read.verifiable = false;
                     }
                 }
+                if let Some(entry) = self.in_flight.get_mut(slot) {
+                    entry.sums = write_sums;
+                }
             }
             RequestKind::Read if self.written.is_some() => {
-                verifiable = !self
-                    .in_flight
-                    .iter()
-                    .any(|(s, other)| s != slot && other.request.kind == RequestKind::Write && overlaps(other));
+                let verifiable = others_of(RequestKind::Write).is_empty();
+                if let Some(entry) = self.in_flight.get_mut(slot) {
+                    entry.verifiable = verifiable;
+                }
             }
-            _ => return,
-        }
-        if let Some(entry) = self.in_flight.get_mut(slot) {
-            entry.sums = sums;
-            entry.verifiable = verifiable;
+            _ => {}
         }
     }
 
@@ -545,14 +538,14 @@ impl BlkDevice {
         driver_answers::check_evidence(entry, &evidence)?;
         if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() {
             let (sector, sums) = (entry.request.sector, entry.sums.clone());
-            let others: Vec<(u64, u64)> = self
+            let others: Vec<std::ops::Range<u64>> = self
                 .in_flight
                 .iter()
                 .filter(|(s, other)| *s != slot && other.request.kind == RequestKind::Write)
-                .map(|(_, other)| (other.request.sector, other.request.sector + u64::from(other.data_len) / 512))
+                .map(|(_, other)| other.sectors())
                 .collect();
             if let Some(written) = self.written.as_mut() {
-                written.record(sector, &sums, |at| others.iter().any(|(start, end)| (*start..*end).contains(&at)));
+                written.record(sector, &sums, |at| others.iter().any(|covered| covered.contains(&at)));
             }
         }
         Ok(data)
@@ -935,11 +928,7 @@ impl VhostUserBackendMut for BlkDevice {
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         tracing::trace!(device = %self.name, "client memory table");
         self.memory = None;
-        // Refusing the table ends the connection (vhost-user-backend).
-        let registration = client_memory::guard(&memory.memory()).map_err(|error| {
-            tracing::error!(device = %self.name, %error, "refusing the client's memory table");
-            std::io::Error::other(error)
-        })?;
+        let registration = client_memory::accept(&self.name, &memory.memory())?;
         self.memory = Some(memory);
         self.memory_guard = Some(registration);
         Ok(())

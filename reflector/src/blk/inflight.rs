@@ -32,6 +32,19 @@ pub struct InFlight {
     pub verifiable: bool,
 }
 
+impl InFlight {
+    /// The 512-byte sectors it covers.
+    pub fn sectors(&self) -> std::ops::Range<u64> {
+        self.request.sector..self.request.sector + u64::from(self.data_len) / 512
+    }
+
+    /// Whether it covers a sector `other` covers.
+    pub fn overlaps(&self, other: &InFlight) -> bool {
+        let (mine, theirs) = (self.sectors(), other.sectors());
+        mine.start < theirs.end && theirs.start < mine.end
+    }
+}
+
 /// Requests in flight, indexed by bounce slot.
 pub struct InFlightTable {
     slots: Vec<Option<InFlight>>,

@@ -42,7 +42,7 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_answers::{self, NetAnswer};
 use crate::driver_vms::DriverVms;
-use crate::driver_watch::{process_cpu_time, ResourceWatch, WATCH_PERIOD};
+use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::hw::{InterruptRoute, NetHardware};
 use crate::metrics::Metrics;
 use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
@@ -259,8 +259,7 @@ impl NetDevice {
         if self.slots.tx_in_flight() > 0 {
             self.watch.note_busy();
         }
-        let Ok(cpu) = process_cpu_time(pid) else { return };
-        if let Some(abuse) = self.watch.tick(pid, Instant::now(), cpu, self.rings, self.answers) {
+        if let Some(abuse) = self.watch.look(pid, self.rings, self.answers) {
             self.metrics.abuses.fetch_add(1, Ordering::Relaxed);
             self.fault(vrings, Fault::Abuse(abuse.to_string()));
         }
@@ -747,11 +746,7 @@ impl VhostUserBackendMut for NetDevice {
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         tracing::trace!(device = %self.name, "client memory table");
         self.memory = None;
-        // Refusing the table ends the connection (vhost-user-backend).
-        let registration = client_memory::guard(&memory.memory()).map_err(|error| {
-            tracing::error!(device = %self.name, %error, "refusing the client's memory table");
-            std::io::Error::other(error)
-        })?;
+        let registration = client_memory::accept(&self.name, &memory.memory())?;
         self.memory = Some(memory);
         self.memory_guard = Some(registration);
         Ok(())
