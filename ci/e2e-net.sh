@@ -90,7 +90,11 @@ n=0
 while :; do
     for device in neta netb; do
         sleep 0.5
-        if "$reflector" kill --control "$ctl" "\$device" >/dev/null 2>&1; then n=\$((n + 1)); echo "\$n" >"$tmp/kills"; fi
+        if "$reflector" kill --control "$ctl" "\$device" >/dev/null 2>&1; then
+            # Written aside and renamed: the loop is stopped by a signal at any
+            # moment, and a truncated count would read as no kill at all.
+            n=\$((n + 1)); echo "\$n" >"$tmp/kills.new" && mv "$tmp/kills.new" "$tmp/kills"
+        fi
     done
 done
 EOF
