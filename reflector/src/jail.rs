@@ -201,11 +201,6 @@ impl Jail {
         JAILED_VMM
     }
 
-    /// The uid its vmms run as.
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
-
     /// /dev/kvm, to pass to the child.
     pub fn kvm(&self) -> RawFd {
         self.kvm.as_raw_fd()
