@@ -120,14 +120,27 @@ fn main() {
     note("open fds", json!(open_fds));
     note("tcp 127.0.0.1:22", json!(connect_tcp(22)));
     note("tcp 127.0.0.1:80", json!(connect_tcp(80)));
-    // SAFETY: getppid(2); ptrace(2) and kill(2) aimed at the parent (the
-    // reflector) and at init: each must fail.
+    // SAFETY: getpid(2), getppid(2); ptrace(2) and kill(2) aimed at the
+    // parent (the keeper, or the reflector), and kill(2) probing which
+    // process ids exist: each must fail or find nothing.
     unsafe {
+        let me = libc::getpid();
         let parent = libc::getppid();
+        note("own pid", json!(me));
         note("parent", json!(parent));
         note("ptrace parent", json!(outcome(libc::ptrace(libc::PTRACE_ATTACH, parent, 0, 0))));
-        note("signal parent", json!(outcome(libc::kill(parent, 0) as libc::c_long)));
-        note("signal init", json!(outcome(libc::kill(1, 0) as libc::c_long)));
+        if parent > 0 {
+            note("signal parent", json!(outcome(libc::kill(parent, 0) as libc::c_long)));
+        }
+        // Ids that name a process other than itself (ESRCH: none there).
+        let visible: Vec<i32> = (1..=100_000)
+            .filter(|pid| {
+                *pid != me
+                    && !(libc::kill(*pid, 0) < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH))
+            })
+            .take(20)
+            .collect();
+        note("other processes visible", json!(visible));
         note("setuid 0", json!(outcome(libc::setuid(0) as libc::c_long)));
         note("unshare user", json!(outcome(libc::unshare(libc::CLONE_NEWUSER) as libc::c_long)));
         note(

@@ -94,6 +94,9 @@ pub struct Config {
     pub vmm: Option<PathBuf>,
     /// How driver VMs are jailed.
     pub jail: JailSettings,
+    /// The unprivileged user (name, or uid[:gid]) the reflector becomes
+    /// once it has set up; None: it stays as started.
+    pub user: Option<String>,
 }
 
 /// How driver VMs are jailed (see `jail`).
@@ -104,11 +107,14 @@ pub struct JailSettings {
     /// Device N's driver VMs run as uid and gid `uid_base + N`; by default
     /// a range of its own for each running reflector (see `jail`).
     pub uid_base: Option<u32>,
+    /// The unprivileged user (uid, gid) the reflector becomes once set up
+    /// (`user`, resolved at start); its driver VMs then run as that user.
+    pub user: Option<(u32, u32)>,
 }
 
 impl Default for JailSettings {
     fn default() -> Self {
-        JailSettings { enabled: true, uid_base: None }
+        JailSettings { enabled: true, uid_base: None, user: None }
     }
 }
 
@@ -325,6 +331,7 @@ struct FileConfig {
     vmm: Option<PathBuf>,
     jail: Option<bool>,
     jail_uid_base: Option<u32>,
+    user: Option<String>,
     #[serde(default)]
     blk: Vec<toml::Spanned<FileBlk>>,
     #[serde(default)]
@@ -413,8 +420,9 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let jail = JailSettings {
         enabled: file.jail.unwrap_or(defaults.enabled),
         uid_base: file.jail_uid_base.or(defaults.uid_base),
+        user: None,
     };
-    let mut config = Config { vmm: file.vmm, jail, ..Config::default() };
+    let mut config = Config { vmm: file.vmm, jail, user: file.user, ..Config::default() };
     for (index, spanned) in file.blk.into_iter().enumerate() {
         let line = line_of(text, spanned.span().start);
         let blk = spanned.into_inner();

@@ -29,6 +29,7 @@ pub mod hw;
 pub mod jail;
 pub mod metrics;
 pub mod net;
+pub mod privileges;
 pub mod recovery;
 pub mod serve;
 pub mod shm;

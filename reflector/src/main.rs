@@ -54,6 +54,7 @@ Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
   jail = true                   # jail every driver VM (needs root); false for development only
   jail_uid_base = 2063597568    # device N's driver VMs run as uid/gid BASE + N (default: a range per reflector)
+  user = \"nobody\"               # become this user once set up; driver VMs then run as it too
 
   [[blk]]
   name = \"disk0\"
@@ -219,6 +220,12 @@ struct ServeArgs {
     /// Example: --jail-uid-base 3000000
     #[arg(long, value_name = "BASE")]
     jail_uid_base: Option<u32>,
+    /// Once set up (sockets claimed, images and /dev/kvm opened, cgroups
+    /// made), become this unprivileged user, with no capability left; driver
+    /// VMs then run as this user, each in namespaces of its own. A name or
+    /// UID[:GID]. Example: --user nobody
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -358,6 +365,9 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     if let Some(base) = args.jail_uid_base {
         config.jail.uid_base = Some(base);
     }
+    if args.user.is_some() {
+        config.user = args.user.clone();
+    }
     config.validate().map_err(|e| e.0)?;
     Ok(config)
 }
@@ -378,7 +388,17 @@ fn block_termination_signals() -> libc::sigset_t {
 }
 
 fn serve_devices(args: ServeArgs) -> Result<(), String> {
-    let config = load_config(&args)?;
+    let mut config = load_config(&args)?;
+    if config.user.is_some() && !config.jail.enabled {
+        return Err("--user needs the jail (driver VMs started before the switch would stay root's): \
+                    drop --no-jail, or start the reflector as that user instead"
+            .into());
+    }
+    let user = match &config.user {
+        Some(spec) => Some(reflector::privileges::User::resolve(spec).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    config.jail.user = user.as_ref().map(|user| (user.uid, user.gid));
     let vmm = supervisor::find_vmm(config.vmm.as_deref())?;
     let signals = block_termination_signals();
     reflector::jail::confine_reflector().map_err(|e| e.to_string())?;
@@ -395,8 +415,9 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     if config.jail.enabled {
         // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } != 0 {
-            return Err("jailing driver VMs needs root (namespaces, uids, cgroups): run the reflector as root, \
-                        or pass --no-jail for development"
+            return Err("jailing driver VMs needs root to set up (cgroups, ids, /dev/kvm): start the reflector as \
+                        root (add --user NAME to become an unprivileged user once set up), or pass --no-jail \
+                        for development"
                 .into());
         }
     } else {
@@ -439,6 +460,10 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     if let Some(path) = &args.control {
         control::serve(path, targets).map_err(|e| format!("control socket: {e}"))?;
         tracing::info!(control = %path.display(), "control socket ready");
+    }
+    if let Some(user) = &user {
+        user.become_it().map_err(|e| e.to_string())?;
+        tracing::info!(user = %user, "set up; now running unprivileged");
     }
     let mut signal = 0;
     // SAFETY: sigwait on the set blocked above.

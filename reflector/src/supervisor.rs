@@ -64,11 +64,57 @@ pub struct DriverLauncher {
     exited: EventFd,
 }
 
+/// A `vmm` command line ready to start, with the pipe on which a jailed
+/// one's keeper reports the vmm's pid (read end, write end).
+struct Prepared {
+    command: Command,
+    report: Option<(OwnedFd, OwnedFd)>,
+}
+
+impl Prepared {
+    /// Starts it; returns the child (the vmm, or its keeper when jailed) and
+    /// the vmm's pid.
+    fn spawn(mut self) -> std::io::Result<(Child, libc::pid_t)> {
+        let child = self.command.spawn()?;
+        let Some((read, write)) = self.report else {
+            let pid = child.id() as libc::pid_t;
+            return Ok((child, pid));
+        };
+        // The keeper wrote before the vmm could exec, and spawn returned
+        // after that exec: the pid is there, or the keeper failed.
+        drop(write);
+        let mut pid = [0u8; 4];
+        let mut report = std::fs::File::from(read);
+        match report.read_exact(&mut pid) {
+            Ok(()) => Ok((child, libc::pid_t::from_ne_bytes(pid))),
+            Err(error) => {
+                Err(std::io::Error::other(format!("the jail's keeper did not report the vmm's pid: {error}")))
+            }
+        }
+    }
+}
+
+/// A pipe (read end, write end), close-on-exec.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut ends = [-1; 2];
+    // SAFETY: pipe2(2) into a local array.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: two fresh descriptors this process owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
+}
+
 /// A running driver VM process.
 pub struct DriverVm {
     name: String,
+    /// The vmm's pid (for /proc and status).
     pid: libc::pid_t,
+    /// Our child's pidfd: the vmm's, or its keeper's when jailed (killing
+    /// the keeper kills the vmm).
     pidfd: Option<OwnedFd>,
+    /// Our child's pid (for kill(2) where pidfds are missing).
+    child: libc::pid_t,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
@@ -144,8 +190,9 @@ impl ChildFds {
     }
 
     /// Makes `command`'s child receive exactly these descriptors, then
-    /// enter `jail` if given.
-    pub fn apply(self, command: &mut Command, jail: Option<Arc<crate::jail::Jail>>) {
+    /// enter `jail` if given (its keeper reports the vmm's pid on the
+    /// descriptor given with it).
+    pub fn apply(self, command: &mut Command, jail: Option<(Arc<crate::jail::Jail>, RawFd)>) {
         let mut fds = self;
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (fcntl, dup2,
@@ -154,7 +201,7 @@ impl ChildFds {
             command.pre_exec(move || {
                 fds.install_in_child()?;
                 match &jail {
-                    Some(jail) => jail.enter(),
+                    Some((jail, report)) => jail.enter(*report),
                     None => Ok(()),
                 }
             });
@@ -251,9 +298,10 @@ impl DriverLauncher {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating an eventfd: {e}"))?;
-        let mut command = self.command(&lines.iter().collect::<Vec<_>>(), false);
-        command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = command.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
+        let mut prepared =
+            self.command(&lines.iter().collect::<Vec<_>>(), false).map_err(|e| format!("creating a pipe: {e}"))?;
+        prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
         let mut message = String::new();
         // Bounded: the check creates no VM and reads at most one image file.
         if let Some(stderr) = child.stderr.take() {
@@ -271,7 +319,7 @@ impl DriverLauncher {
 
     /// The `vmm run` command line of a driver VM, with its descriptors and
     /// its jail.
-    fn command(&self, lines: &[&EventFd], spare: bool) -> Command {
+    fn command(&self, lines: &[&EventFd], spare: bool) -> std::io::Result<Prepared> {
         let spec = &self.spec;
         let mut command = match &spec.jail {
             Some(jail) => {
@@ -312,12 +360,22 @@ impl DriverLauncher {
             let fd = fds.pass(line.as_raw_fd());
             command.arg("--irq").arg(format!("fd={fd}"));
         }
-        fds.apply(&mut command, spec.jail.clone());
+        let report = match &spec.jail {
+            Some(jail) => {
+                let (read, write) = pipe()?;
+                fds.apply(&mut command, Some((jail.clone(), write.as_raw_fd())));
+                Some((read, write))
+            }
+            None => {
+                fds.apply(&mut command, None);
+                None
+            }
+        };
         // Standard input is a pipe whose write end only this process holds
         // (the watcher keeps it): if the reflector dies, even by SIGKILL,
         // the driver VM ends too.
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        command
+        Ok(Prepared { command, report })
     }
 
     fn start(
@@ -331,14 +389,14 @@ impl DriverLauncher {
             .collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
         let lines: Vec<&EventFd> = interrupts.iter().chain(&go).collect();
-        let mut command = self.command(&lines, go.is_some());
-        let child = command
+        let (child, pid) = self
+            .command(&lines, go.is_some())?
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
-        let pid = child.id() as libc::pid_t;
-        // SAFETY: pidfd_open on our own, not yet reaped child; returns a new
-        // descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+        let child_pid = child.id() as libc::pid_t;
+        // SAFETY: pidfd_open on our own, not yet reaped child (the vmm, or
+        // its keeper when jailed); returns a new descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid, 0) } as libc::c_int;
         // SAFETY: a fresh descriptor we own when non-negative.
         let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
         let gone = Arc::new(Gone::default());
@@ -353,7 +411,7 @@ impl DriverLauncher {
             exited: self.exited.try_clone()?,
         };
         std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
-        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, gone, reaped, report, go, interrupts })
+        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, child: child_pid, gone, reaped, report, go, interrupts })
     }
 }
 
@@ -404,7 +462,7 @@ impl DriverVm {
             },
             // SAFETY: kill(2) on our own child, not reaped yet (checked above).
             None => unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
+                libc::kill(self.child, libc::SIGKILL);
             },
         }
         tracing::debug!(driver_vm = %self.name, pid = self.pid, "driver VM killed");

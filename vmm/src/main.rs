@@ -263,6 +263,18 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
             source,
         })?,
     };
+    if args.seccomp {
+        // Confined: no process of the same user (other driver VMs, or
+        // anything else running as the reflector's --user) may trace this
+        // one or read its memory, which holds the guest's and the channel's.
+        // SAFETY: prctl(2) with constant arguments.
+        if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+            return Err(Error::Io {
+                operation: "making the process undumpable (PR_SET_DUMPABLE)".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
     if !args.seccomp {
         tracing::warn!(

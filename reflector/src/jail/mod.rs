@@ -1,0 +1,299 @@
+//! The jail every `vmm` starts in. A vmm runs untrusted guest code behind
+//! KVM (here a software KVM); assume it is compromised. The reflector builds
+//! the jail between fork and exec, so even a substituted vmm binary starts
+//! confined:
+//!
+//! - **a keeper and namespaces**: the forked child (the *keeper*) joins the
+//!   device's cgroup and clones the process that becomes the vmm into new
+//!   user, PID, mount, network, IPC and UTS namespaces. The vmm is PID 1 of
+//!   its own PID namespace: it sees no other process, so it can name none
+//!   to signal or trace. The keeper maps the vmm's one id into its user
+//!   namespace, closes every descriptor, waits for the vmm and ends as it
+//!   ended (same exit code or signal), so the reflector's view of "its
+//!   child" is unchanged; if the keeper dies, the vmm is killed
+//!   (PR_SET_PDEATHSIG). See [`Jail::enter`] (module `child`).
+//! - **an empty root**: the mount namespace's root is an empty read-only
+//!   tmpfs holding only the vmm binary and the shared libraries its loader
+//!   needs, bind-mounted read-only: no /proc, no /dev, no images, no
+//!   sockets. The network namespace has only a loopback device, down.
+//! - **credentials**: an unprivileged uid and gid of the device's own
+//!   (`uid_base + device index`; by default each reflector takes a range of
+//!   its own, [`default_uid_base`]), the only id mapped in its user
+//!   namespace, no supplementary groups. When the reflector itself runs as
+//!   an unprivileged user (`--user`), its vmms run as that user instead
+//!   (an unprivileged process can map only its own id), each still in
+//!   namespaces of its own. Every capability is dropped from the bounding,
+//!   permitted and effective sets; no_new_privs.
+//! - **limits**: rlimits (64 descriptors, 32 tasks for its uid, no core
+//!   dumps; not the file size, which would kill it for logging to a
+//!   standard error that is a file), and a cgroup per device with a CPU
+//!   quota, a memory limit and a task limit (cgroup v1 controllers or v2).
+//! - **descriptors**: exactly its windows, doorbells, interrupt lines and
+//!   /dev/kvm (`supervisor::ChildFds`); it opens nothing.
+//! - **an outer seccomp filter** ([`filters`]), installed before exec so
+//!   that it binds whatever binary runs: the calls that widen a process's
+//!   reach (new namespaces, mounts, ptrace and cross-process memory access,
+//!   BPF, perf, userfaultfd, keyrings, kernel modules, kexec, reboot, swap)
+//!   fail with EPERM.
+//!
+//! The vmm then confines its own threads with seccomp allow-lists once its
+//! VM is set up (`vmm run --seccomp`).
+//!
+//! [`Jail::enter`] runs in the forked child and only makes async-signal-safe
+//! system calls on data prepared by [`Jail::prepare`] in the parent.
+
+mod cgroups;
+mod child;
+mod filters;
+mod libraries;
+
+pub use cgroups::sweep_stale_cgroups;
+pub use filters::confine_reflector;
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use cgroups::cgroups_for;
+use filters::outer_filters;
+use libraries::libraries_of;
+
+/// Where the jail's tmpfs is mounted (in each vmm's own mount namespace;
+/// on the host it stays an empty directory).
+pub const JAIL_ROOT: &str = "/run/driver-vms/jail";
+/// The vmm binary inside the jail.
+pub const JAILED_VMM: &str = "/vmm";
+/// First uid (and gid) of driver VM jails. Far above any account a
+/// distribution creates.
+pub const DEFAULT_UID_BASE: u32 = 0x7b00_0000;
+/// Ids each reflector may use: at most this many devices.
+pub const IDS_PER_REFLECTOR: u32 = 1000;
+
+/// The first id of this reflector's range when none is configured: its own
+/// range by its pid, so that the driver VMs of two reflectors never share a
+/// uid (processes of one uid may signal each other).
+pub fn default_uid_base() -> u32 {
+    DEFAULT_UID_BASE + (std::process::id() % 100_000) * IDS_PER_REFLECTOR
+}
+/// Descriptors a jailed vmm may hold: it is given about 10 and opens about
+/// 20 more (KVM objects, eventfd copies, epoll, a timer).
+const MAX_FILES: u64 = 64;
+/// Tasks (processes and threads) its uid may have: two driver VMs (the
+/// current one and a warm spare) of two or three threads each.
+const MAX_TASKS: u64 = 32;
+
+/// Resource limits of a device's driver VMs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct JailLimits {
+    /// CPU share (1.0 = one core) for all driver VMs of the device.
+    pub cpu: f64,
+    /// Memory limit in bytes for all driver VMs of the device.
+    pub memory: u64,
+    /// Task limit for the device's cgroup.
+    pub tasks: u64,
+}
+
+impl Default for JailLimits {
+    /// Half a core (an honest driver VM sleeps when idle and a busy one is
+    /// bounded by its device; measured below 30 % at full load here), and
+    /// 256 MiB for a 16 MiB guest, its windows and the vmm.
+    fn default() -> Self {
+        JailLimits { cpu: 0.5, memory: 256 << 20, tasks: MAX_TASKS }
+    }
+}
+
+/// Why a jail cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A system call or file operation failed.
+    #[error("preparing the driver VM jail: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The vmm's dynamic loader could not list its libraries.
+    #[error("preparing the driver VM jail: cannot list the libraries of {vmm}: {reason}")]
+    Libraries {
+        /// The vmm binary.
+        vmm: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
+    let what = what.into();
+    move |source| JailError::Io { what, source }
+}
+
+/// A bind mount into the jail: host file, path inside (both C strings).
+struct Bind {
+    source: CString,
+    target: CString,
+}
+
+/// Whose ids a device's vmms run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JailIds {
+    /// A uid and gid of the device's own (the reflector is root and may
+    /// map any id).
+    Device {
+        /// uid and gid.
+        id: u32,
+    },
+    /// The unprivileged user the reflector runs as (`--user`): the only id
+    /// an unprivileged process may map into a user namespace.
+    Reflector {
+        /// uid.
+        uid: u32,
+        /// gid.
+        gid: u32,
+    },
+}
+
+/// Everything the child needs to jail itself, prepared in the parent.
+pub struct Jail {
+    root: CString,
+    directories: Vec<CString>,
+    binds: Vec<Bind>,
+    /// `cgroup.procs` of the device's cgroups, written "0" by the child.
+    cgroups: Vec<File>,
+    cgroup_dirs: Vec<PathBuf>,
+    ids: JailIds,
+    /// The device's `/dev/kvm`, handed to each of its vmms.
+    kvm: File,
+    /// The outer seccomp filters (see the module doc), compiled before fork.
+    filters: Vec<seccompiler::BpfProgram>,
+}
+
+impl Jail {
+    /// Prepares the jail for device number `index` named `name`, whose
+    /// driver VMs run `vmm`: the jail directory, the list of files to bind
+    /// (the vmm and its libraries), the device's cgroups with `limits`, and
+    /// /dev/kvm opened for it. `user`: the unprivileged user the reflector
+    /// will run as, if any: its vmms run as that user.
+    pub fn prepare(
+        vmm: &Path,
+        name: &str,
+        index: u32,
+        uid_base: u32,
+        limits: JailLimits,
+        user: Option<(u32, u32)>,
+    ) -> Result<Jail, JailError> {
+        make_searchable_dir(Path::new(JAIL_ROOT))?;
+        let vmm = vmm.canonicalize().map_err(io_error(format!("resolving {}", vmm.display())))?;
+        let mut files = vec![(vmm.clone(), PathBuf::from(JAILED_VMM))];
+        for library in libraries_of(&vmm)? {
+            let source = library.canonicalize().map_err(io_error(format!("resolving {}", library.display())))?;
+            files.push((source, library));
+        }
+        let mut directories = Vec::new();
+        let mut binds = Vec::new();
+        for (source, target) in files {
+            let inside = Path::new(JAIL_ROOT).join(target.strip_prefix("/").unwrap_or(&target));
+            for ancestor in inside.ancestors().skip(1) {
+                if ancestor == Path::new(JAIL_ROOT) {
+                    break;
+                }
+                let directory = c_path(ancestor)?;
+                if !directories.contains(&directory) {
+                    directories.push(directory);
+                }
+            }
+            binds.push(Bind { source: c_path(&source)?, target: c_path(&inside)? });
+        }
+        // Parents before children.
+        directories.sort_by_key(|d| d.as_bytes().len());
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(io_error("opening /dev/kvm for the driver VMs"))?;
+        let (cgroups, cgroup_dirs) = match cgroups_for(name, limits) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(device = name, %error, "no cgroup limits for this device's driver VMs");
+                (Vec::new(), Vec::new())
+            }
+        };
+        if index >= IDS_PER_REFLECTOR {
+            return Err(JailError::Io {
+                what: format!("device {name}"),
+                source: std::io::Error::other(format!("at most {IDS_PER_REFLECTOR} devices can be jailed")),
+            });
+        }
+        let ids = match user {
+            Some((uid, gid)) => JailIds::Reflector { uid, gid },
+            None => JailIds::Device { id: uid_base.saturating_add(index) },
+        };
+        let filters = outer_filters()?;
+        Ok(Jail { root: c_path(Path::new(JAIL_ROOT))?, directories, binds, cgroups, cgroup_dirs, ids, kvm, filters })
+    }
+
+    /// The program to exec once jailed.
+    pub fn program(&self) -> &'static str {
+        JAILED_VMM
+    }
+
+    /// /dev/kvm, to pass to the child.
+    pub fn kvm(&self) -> RawFd {
+        self.kvm.as_raw_fd()
+    }
+
+    /// Whose ids its vmms run with.
+    pub fn ids(&self) -> JailIds {
+        self.ids
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        // Empty once its driver VMs are gone; a busy one stays (harmless).
+        for directory in self.cgroup_dirs.iter().rev() {
+            let _ = std::fs::remove_dir(directory);
+        }
+    }
+}
+
+fn check(result: libc::c_int) -> std::io::Result<()> {
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mount(
+    source: Option<&std::ffi::CStr>,
+    target: &std::ffi::CStr,
+    kind: Option<&std::ffi::CStr>,
+    flags: libc::c_ulong,
+    data: Option<&std::ffi::CStr>,
+) -> std::io::Result<()> {
+    let pointer = |value: Option<&std::ffi::CStr>| value.map_or(std::ptr::null(), |v| v.as_ptr());
+    // SAFETY: mount(2) with C strings that outlive the call (or null).
+    check(unsafe { libc::mount(pointer(source), target.as_ptr(), pointer(kind), flags, pointer(data).cast()) })
+}
+
+/// Creates `path` and its missing parents, each searchable by everyone:
+/// the reflector's umask (077) would leave them closed to a vmm's uid,
+/// which must reach the jail's mount point.
+fn make_searchable_dir(path: &Path) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(io_error(format!("creating {}", path.display())))?;
+    for directory in path.ancestors().take_while(|a| a.starts_with("/run") && *a != Path::new("/run")) {
+        std::fs::set_permissions(directory, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_error(format!("opening {} to driver VM users", directory.display())))?;
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> Result<CString, JailError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Io {
+        what: format!("{}", path.display()),
+        source: std::io::Error::other("NUL in path"),
+    })
+}
