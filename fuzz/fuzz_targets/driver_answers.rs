@@ -52,6 +52,8 @@ fuzz_target!(|steps: Vec<Step>| {
                 let len = if kind == RequestKind::Flush { 0 } else { (u32::from(sectors % 64) + 1) * 512 };
                 let request = BlkRequest { kind, sector: u64::from(sector), data: vec![(GuestAddress(0x1000), len)] };
                 let entry = InFlight {
+                    deaths: 0,
+                    sent: true,
                     id: 0,
                     head: 0,
                     request,

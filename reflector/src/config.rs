@@ -45,6 +45,11 @@ pub struct BlkConfig {
     pub hang_deadline: std::time::Duration,
     /// Driver VM faults tolerated per 10 s before the device fails.
     pub fault_budget: u32,
+    /// A request in flight in this many dying driver VMs in a row completes
+    /// with an error instead of being replayed again.
+    pub poison_deaths: u32,
+    /// Words added to the driver's command line (a driver's parameters).
+    pub driver_args: String,
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
 }
@@ -166,7 +171,25 @@ pub fn default_mac(index: usize) -> [u8; 6] {
 }
 
 fn parse_budget(value: &str) -> Result<u32, String> {
-    value.parse().ok().filter(|n| *n > 0).ok_or_else(|| format!("fault_budget={value}: expected a positive number"))
+    positive("fault_budget", value)
+}
+
+/// `value` of `key` as a positive number: the same rule on the command line
+/// and in the file.
+fn positive(key: &str, value: &str) -> Result<u32, String> {
+    value.parse().ok().filter(|n| *n > 0).ok_or_else(|| format!("{key}={value}: expected a positive number"))
+}
+
+/// A driver's parameters: words of letters, digits and `-=.:_`, which
+/// pass through the vmm's command line unchanged.
+fn check_driver_args(value: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-=.:_ ".contains(c);
+    if value.len() > 200 || !value.chars().all(allowed) {
+        return Err(format!(
+            "driver_args={value:?}: expected at most 200 characters of letters, digits, spaces and -=.:_"
+        ));
+    }
+    Ok(())
 }
 
 fn parse_millis(text: &str) -> Result<std::time::Duration, String> {
@@ -199,6 +222,8 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         checksums: false,
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
+        poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
+        driver_args: String::new(),
         warm_spare: false,
     };
     for item in spec.split(',') {
@@ -206,6 +231,11 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         match key {
             "socket" => config.socket = PathBuf::from(value),
             "image" => config.image = PathBuf::from(value),
+            "poison_deaths" => config.poison_deaths = positive(key, value).map_err(error)?,
+            "driver_args" => {
+                check_driver_args(value).map_err(error)?;
+                config.driver_args = value.into();
+            }
             "size" => config.size = Some(parse_size(value).map_err(|e| error(format!("size: {e}")))?),
             "driver" => config.driver = value.into(),
             "memory" => config.driver_memory = value.into(),
@@ -214,16 +244,10 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
-            "fault_budget" => {
-                config.fault_budget = value
-                    .parse()
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| error(format!("fault_budget={value}: expected a positive number")))?
-            }
+            "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, memory, name, readonly, checksums, spare, hang_ms, fault_budget)"
+                    "unknown key {key:?} (known: socket, image, size, driver, driver_args, memory, name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -377,6 +401,8 @@ struct FileBlk {
     checksums: bool,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
+    poison_deaths: Option<u32>,
+    driver_args: Option<String>,
     #[serde(default)]
     spare: bool,
 }
@@ -438,13 +464,20 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             })?,
             None => crate::recovery::DEFAULT_HANG_DEADLINE,
         };
+        let number = |key: &str, value: Option<u32>, default: u32| match value {
+            Some(value) => positive(key, &value.to_string())
+                .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]] key `{key}`: {e}"))),
+            None => Ok(default),
+        };
+        let driver_args = blk.driver_args.unwrap_or_default();
+        check_driver_args(&driver_args)
+            .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]] key `driver_args`: {e}")))?;
         let device = BlkConfig {
             warm_spare: blk.spare,
             hang_deadline,
-            fault_budget: blk
-                .fault_budget
-                .filter(|n| *n > 0)
-                .unwrap_or(crate::recovery::RestartPolicy::default().budget),
+            fault_budget: number("fault_budget", blk.fault_budget, crate::recovery::RestartPolicy::default().budget)?,
+            poison_deaths: number("poison_deaths", blk.poison_deaths, crate::recovery::DEFAULT_POISON_DEATHS)?,
+            driver_args,
             name: blk.name.unwrap_or_else(|| format!("blk{index}")),
             socket: blk.socket,
             image: blk.image,
@@ -491,7 +524,11 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
         driver: net.driver.unwrap_or_else(|| DEFAULT_NET_DRIVER.into()),
         driver_memory: net.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
         hang_deadline,
-        fault_budget: net.fault_budget.filter(|n| *n > 0).unwrap_or(crate::recovery::RestartPolicy::default().budget),
+        fault_budget: match net.fault_budget {
+            Some(budget) => positive("fault_budget", &budget.to_string())
+                .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]] key `fault_budget`: {e}")))?,
+            None => crate::recovery::RestartPolicy::default().budget,
+        },
         warm_spare: net.spare,
     };
     check_net(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;

@@ -65,7 +65,9 @@ struct DeviceStatus<'a> {
     faults: u64,
     restarts: u64,
     replayed: u64,
+    poisoned: u64,
     last_fault: String,
+    last_poison: String,
     stall_p50_us: u64,
     stall_p99_us: u64,
     stall_max_us: u64,
@@ -102,7 +104,9 @@ fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
         faults: get(&m.faults),
         restarts: get(&m.restarts),
         replayed: get(&m.replayed),
+        poisoned: get(&m.poisoned),
         last_fault: m.last_fault.lock().map(|s| s.clone()).unwrap_or_default(),
+        last_poison: m.last_poison.lock().map(|s| s.clone()).unwrap_or_default(),
         stall_p50_us: p50,
         stall_p99_us: p99,
         stall_max_us: max,
@@ -131,6 +135,9 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("requests_total", "counter", "Requests taken from the client.", &|s| s.requests as f64);
     family("completed_total", "counter", "Requests completed to the client.", &|s| s.completed as f64);
     family("errors_total", "counter", "Requests completed with an error status.", &|s| s.errors as f64);
+    family("poisoned_total", "counter", "Poison requests: failed after killing driver VMs in a row.", &|s| {
+        s.poisoned as f64
+    });
     family("malformed_total", "counter", "Malformed client requests refused.", &|s| s.malformed as f64);
     family("client_memory_faults_total", "counter", "Clients cut off because their memory faulted.", &|s| {
         s.client_memory_faults as f64

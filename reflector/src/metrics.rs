@@ -35,6 +35,11 @@ pub struct Metrics {
     pub restarts: AtomicU64,
     /// Requests sent again to a new driver VM.
     pub replayed: AtomicU64,
+    /// Poison requests: completed with an error after being in
+    /// `poison_deaths` dying driver VMs in a row.
+    pub poisoned: AtomicU64,
+    /// The last poison request, for operators (kind, length, sector).
+    pub last_poison: Mutex<String>,
     /// Bytes read for the client.
     pub bytes_read: AtomicU64,
     /// Bytes written for the client.

@@ -51,6 +51,12 @@ impl fmt::Display for Fault {
 /// and a driver VM boots in about 3 ms, so 500 ms is far above any honest
 /// stall even with QEMU's TCG guest competing for the two cores.
 pub const DEFAULT_HANG_DEADLINE: Duration = Duration::from_millis(500);
+/// Default poison limit: a request that was in this many dying driver VMs
+/// in a row completes with an error. The first death may be anyone's fault
+/// (the request only shared the driver VM); after it, suspects are sent
+/// alone, so two more deaths with the request alone in the driver VM name
+/// it.
+pub const DEFAULT_POISON_DEATHS: u32 = 3;
 /// How the device handles faults.
 #[derive(Clone, Copy, Debug)]
 pub struct RecoveryConfig {
@@ -60,11 +66,19 @@ pub struct RecoveryConfig {
     pub policy: RestartPolicy,
     /// Keep a booted driver VM waiting, so a restart skips the boot.
     pub warm_spare: bool,
+    /// A request in flight in this many dying driver VMs completes with an
+    /// error (block: requests are replayed; net frames never are).
+    pub poison_deaths: u32,
 }
 
 impl Default for RecoveryConfig {
     fn default() -> Self {
-        RecoveryConfig { hang_deadline: DEFAULT_HANG_DEADLINE, policy: RestartPolicy::default(), warm_spare: false }
+        RecoveryConfig {
+            hang_deadline: DEFAULT_HANG_DEADLINE,
+            policy: RestartPolicy::default(),
+            warm_spare: false,
+            poison_deaths: DEFAULT_POISON_DEATHS,
+        }
     }
 }
 
@@ -84,6 +98,9 @@ pub struct RestartPolicy {
     pub stable_after: Duration,
     /// How long a failed device waits before it tries again.
     pub cool_down: Duration,
+    /// Driver VMs in a row that die within `stable_after` of their start
+    /// after which the device fails: its driver never comes up.
+    pub crash_loop_limit: u32,
 }
 
 impl Default for RestartPolicy {
@@ -93,7 +110,11 @@ impl Default for RestartPolicy {
     /// immediate (the stall is what the client sees) unless the previous
     /// driver VM died within 100 ms of starting (about 30 boots' worth: a
     /// crash loop, not a driver that served and then failed); those back off
-    /// from 5 ms (about two driver VM boots) to 1 s.
+    /// from 5 ms (about two driver VM boots) to 1 s. Eight such deaths in a
+    /// row (about 0.7 s of backoff) fail the device: a driver VM boots in
+    /// about 3 ms, so eight that each die within 100 ms are a driver that
+    /// never comes up, not bad luck; without this limit the backoff spaces
+    /// faults so far apart that the budget is never reached.
     fn default() -> Self {
         RestartPolicy {
             budget: 20,
@@ -102,6 +123,7 @@ impl Default for RestartPolicy {
             backoff_max: Duration::from_secs(1),
             stable_after: Duration::from_millis(100),
             cool_down: Duration::from_secs(10),
+            crash_loop_limit: 8,
         }
     }
 }
@@ -151,6 +173,9 @@ impl RestartTracker {
         }
         let stable = self.last_start.is_none_or(|start| now.duration_since(start) >= self.policy.stable_after);
         self.consecutive = if stable { 0 } else { self.consecutive + 1 };
+        if self.consecutive >= self.policy.crash_loop_limit {
+            return Decision::Fail;
+        }
         if self.consecutive == 0 {
             return Decision::Restart(Duration::ZERO);
         }
@@ -187,7 +212,7 @@ mod tests {
 
     #[test]
     fn quick_repeated_faults_back_off_exponentially_up_to_the_cap() {
-        let policy = RestartPolicy { budget: 1000, ..RestartPolicy::default() };
+        let policy = RestartPolicy { budget: 1000, crash_loop_limit: 1000, ..RestartPolicy::default() };
         let mut tracker = RestartTracker::new(policy);
         let mut now = Instant::now();
         let mut delays = Vec::new();
@@ -224,6 +249,32 @@ mod tests {
         for i in 0..3 {
             assert!(matches!(tracker.on_fault(t0 + Duration::from_secs(31) + ms(i)), Decision::Restart(_)));
         }
+    }
+
+    #[test]
+    fn a_driver_that_never_comes_up_fails_the_device_within_a_second() {
+        // Each driver VM dies 2 ms after its start; the restart waits for
+        // the backoff. The budget alone (20 per 10 s) is never reached:
+        // the backoff spaces the faults a second apart.
+        let mut tracker = RestartTracker::new(RestartPolicy::default());
+        let t0 = Instant::now();
+        let mut now = t0;
+        tracker.started(now);
+        let mut faults = 0;
+        loop {
+            now += ms(2);
+            faults += 1;
+            match tracker.on_fault(now) {
+                Decision::Restart(delay) => {
+                    now += delay;
+                    tracker.started(now);
+                }
+                Decision::Fail => break,
+            }
+            assert!(faults < 100, "never failed");
+        }
+        assert_eq!(faults, 8);
+        assert!(now - t0 < Duration::from_secs(1), "failed after {:?}", now - t0);
     }
 
     #[test]

@@ -266,6 +266,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         name: name.clone(),
         vmm: vmm.to_owned(),
         image: config.driver.clone(),
+        args: config.driver_args.clone(),
         memory: config.driver_memory.clone(),
         jail: jail_for(vmm, name, index, jail)?,
     };
@@ -283,7 +284,12 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         launcher,
     };
     let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
-    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy, warm_spare: config.warm_spare };
+    let recovery = RecoveryConfig {
+        hang_deadline: config.hang_deadline,
+        policy,
+        warm_spare: config.warm_spare,
+        poison_deaths: config.poison_deaths,
+    };
     let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)
         .map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
@@ -392,6 +398,7 @@ pub fn start_net(
         name: name.clone(),
         vmm: vmm.to_owned(),
         image: config.driver.clone(),
+        args: String::new(),
         memory: config.driver_memory.clone(),
         jail: jail_for(vmm, name, index, jail)?,
     };
@@ -408,7 +415,12 @@ pub fn start_net(
         launcher,
     };
     let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
-    let recovery = RecoveryConfig { hang_deadline: config.hang_deadline, policy, warm_spare: config.warm_spare };
+    let recovery = RecoveryConfig {
+        hang_deadline: config.hang_deadline,
+        policy,
+        warm_spare: config.warm_spare,
+        ..Default::default()
+    };
     let device = NetDevice::new(name, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
     Ok(NetService {

@@ -34,6 +34,8 @@ pub struct DriverVmSpec {
     pub vmm: PathBuf,
     /// Driver image: built-in name or path.
     pub image: String,
+    /// The driver's parameters: words for its command line.
+    pub args: String,
     /// Guest RAM, e.g. "16M".
     pub memory: String,
     /// The jail its vmms start in; None only for development (`--no-jail`).
@@ -335,8 +337,14 @@ impl DriverLauncher {
         };
         command.args(["run", "--json", "--exit-on-stdin-close", "--seccomp", "--name", &spec.name]);
         command.args(["--memory", &spec.memory]);
-        if spare {
-            command.args(["--cmdline", "spare"]);
+        let cmdline = match (spec.args.is_empty(), spare) {
+            (true, false) => String::new(),
+            (true, true) => "spare".to_owned(),
+            (false, false) => spec.args.clone(),
+            (false, true) => format!("{} spare", spec.args),
+        };
+        if !cmdline.is_empty() {
+            command.args(["--cmdline", &cmdline]);
         }
         let mut fds = ChildFds::new();
         match &self.image_file {

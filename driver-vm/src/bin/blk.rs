@@ -10,6 +10,11 @@
 //! - interrupt line 0: the reflector published requests; line 1: the
 //!   controller completed commands; line 2 (warm spares only): go.
 //!
+//! Parameters (words of its command line, the device's `driver_args`):
+//! `panic-on-sector=N` makes it panic on any request covering sector N, a
+//! stand-in for a driver bug that one request triggers (tests of poison
+//! requests).
+//!
 //! With `spare` on its command line the driver is a warm spare: it boots,
 //! then sleeps on line 2 without touching the controller or the channel,
 //! which another driver VM is using. When the reflector raises line 2 (the
@@ -59,6 +64,8 @@ struct Blk {
     skip_flushes: bool,
     spin: bool,
     flood: bool,
+    /// `panic-on-sector=N`: a bug that one request triggers.
+    panic_sector: Option<u64>,
     /// The channel op of each command in the device, by command id.
     ops: [u32; QUEUE_DEPTH as usize],
 }
@@ -88,6 +95,10 @@ impl Driver for Blk {
             skip_flushes: false,
             spin: false,
             flood: false,
+            panic_sector: kernel
+                .cmdline()
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix("panic-on-sector=")?.parse().ok()),
             ops: [0; QUEUE_DEPTH as usize],
         };
         kernel.interrupt_line(0).ok_or(Error::MissingInterrupt(0))?;
@@ -222,6 +233,12 @@ impl Blk {
             self.req_cons = self.req_cons.wrapping_add(1);
             if self.injected_fault_due() {
                 self.commit_injected_fault(&request);
+            }
+            if let Some(sector) = self.panic_sector {
+                let sectors = request.sector..request.sector + u64::from(request.len).div_ceil(512);
+                if request.op != channel::op::FLUSH && sectors.contains(&sector) {
+                    panic!("blk: the bug on sector {sector}");
+                }
             }
             if self.skip_flushes && request.op == channel::op::FLUSH {
                 self.complete(request.id, channel::status::OK, 0);

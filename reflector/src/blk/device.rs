@@ -118,6 +118,8 @@ pub struct BlkDevice {
     state: DriverState,
     tracker: RestartTracker,
     hang_deadline: Duration,
+    /// Deaths a request may be in before it is a poison request.
+    poison_deaths: u32,
     hang_timer: TimerFd,
     hang_armed: bool,
     last_progress: Instant,
@@ -191,6 +193,7 @@ impl BlkDevice {
             state: DriverState::Running,
             tracker,
             hang_deadline: recovery.hang_deadline,
+            poison_deaths: recovery.poison_deaths,
             hang_timer: nonblocking_timer()?,
             hang_armed: false,
             last_progress: Instant::now(),
@@ -397,7 +400,9 @@ impl BlkDevice {
     /// Moves waiting requests into free bounce slots and the channel, while
     /// a driver VM runs.
     fn submit_waiting(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap) {
-        while self.state == DriverState::Running {
+        // While a request that was in a dying driver VM is pending, requests
+        // go one at a time (`send_held`); new ones wait.
+        while self.state == DriverState::Running && !self.in_flight.serializing() {
             let Some(waiting) = self.waiting.pop_front() else { return };
             let data_len = waiting.request.data_len();
             let entry = InFlight {
@@ -410,6 +415,8 @@ impl BlkDevice {
                 flush_mark: 0,
                 sums: Vec::new(),
                 verifiable: false,
+                deaths: 0,
+                sent: true,
             };
             let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
@@ -589,10 +596,45 @@ impl BlkDevice {
             }
         }
         if let Some(memory) = memory.as_deref() {
+            self.send_held(vring, memory);
             self.submit_waiting(vring, memory);
         }
         self.channel.publish(self.drivers.request_interrupt());
         signal_used(vring)
+    }
+
+    /// Sends the held requests the table releases (one suspect at a time
+    /// after a death, then the rest: `InFlightTable::next_to_send`).
+    fn send_held(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap) {
+        for slot in self.in_flight.next_to_send() {
+            let replayed = self.in_flight.get(slot).is_some_and(|entry| entry.deaths > 0);
+            if self.send(memory, slot) {
+                if replayed {
+                    self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+                }
+            } else if let Some(entry) = self.in_flight.remove(slot) {
+                self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
+    }
+
+    /// Completes with an error every request that was in `poison_deaths`
+    /// dying driver VMs (DESIGN.md, invariant 5), saying what it was.
+    fn fail_poisoned(&mut self, vring: &VringRwLock, memory: Option<&GuestMemoryMmap>) {
+        for (_, entry) in self.in_flight.take_poisoned(self.poison_deaths) {
+            let what = format!(
+                "{:?} of {} bytes at sector {} was in {} dying driver VMs in a row",
+                entry.request.kind, entry.data_len, entry.request.sector, entry.deaths
+            );
+            tracing::error!(device = %self.name, request = %what, "poison request: completed with an I/O error");
+            self.metrics.poisoned.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = self.metrics.last_poison.lock() {
+                *last = what;
+            }
+            if let (Some(memory), true) = (memory, entry.client == self.client) {
+                self.complete(vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
+        }
     }
 
     /// A request completed: the driver VM is alive and making progress.
@@ -692,6 +734,8 @@ impl BlkDevice {
         // bounce slots.
         self.hardware.quiesce();
         self.salvage(vring);
+        // What it still held was in a dying driver VM.
+        self.in_flight.blame_sent();
         self.disarm_hang_watch();
         if self.fault_at.is_none() {
             self.fault_at = Some(Instant::now());
@@ -757,20 +801,17 @@ impl BlkDevice {
         }
         let atomic = self.memory.clone();
         let memory = atomic.as_ref().map(|m| m.memory());
+        self.fail_poisoned(vring, memory.as_deref());
         for (slot, entry) in self.in_flight.drain() {
-            let Some(memory) = memory.as_deref().filter(|_| entry.client == self.client) else { continue };
-            let head = entry.head;
-            let status = entry.status;
-            // Same slot, new id: answers of the dead driver cannot match.
-            if !self.in_flight.insert_at(slot, entry) {
+            if memory.is_none() || entry.client != self.client {
                 continue;
             }
-            if self.send(memory, slot) {
-                self.metrics.replayed.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.in_flight.remove(slot);
-                self.complete(vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
-            }
+            // Same slot, new id: answers of the dead driver cannot match.
+            // Held until `send_held` releases it.
+            self.in_flight.insert_at(slot, entry);
+        }
+        if let Some(memory) = memory.as_deref() {
+            self.send_held(vring, memory);
         }
         if let Some(memory) = memory.as_deref() {
             self.submit_waiting(vring, memory);

@@ -30,6 +30,13 @@ pub struct InFlight {
     /// Read (with checksums): no write of its sectors was in flight since
     /// it was sent, so its data must match the known checksums.
     pub verifiable: bool,
+    /// Driver VMs that died while it was in them: one that reaches the
+    /// poison limit is completed with an error instead of being replayed
+    /// again (DESIGN.md, invariant 5).
+    pub deaths: u32,
+    /// In the current driver VM's channel (false: held back by the
+    /// reflector, see [`InFlightTable::next_to_send`]).
+    pub sent: bool,
 }
 
 impl InFlight {
@@ -118,6 +125,60 @@ impl InFlightTable {
         self.len() == 0
     }
 
+    /// A driver VM died: every request it held gains a death and is held
+    /// back until [`next_to_send`](Self::next_to_send) releases it.
+    pub fn blame_sent(&mut self) {
+        for entry in self.slots.iter_mut().flatten() {
+            if entry.sent {
+                entry.deaths += 1;
+                entry.sent = false;
+            }
+        }
+    }
+
+    /// Removes and returns the requests that were in `limit` or more dying
+    /// driver VMs (poison requests), oldest first.
+    pub fn take_poisoned(&mut self, limit: u32) -> Vec<(u32, InFlight)> {
+        let mut poisoned: Vec<u32> = self.iter().filter(|(_, e)| e.deaths >= limit).map(|(slot, _)| slot).collect();
+        poisoned.sort_by_key(|slot| self.get(*slot).map(|e| e.id));
+        poisoned.into_iter().filter_map(|slot| Some((slot, self.remove(slot)?))).collect()
+    }
+
+    /// Whether a request that was in a dying driver VM is still pending:
+    /// until none is, requests go to the driver VM one at a time.
+    pub fn serializing(&self) -> bool {
+        self.iter().any(|(_, entry)| entry.deaths > 0)
+    }
+
+    /// The held requests to send now, marked sent. While a suspect (a
+    /// request that was in a dying driver VM) is pending, one suspect at a
+    /// time, alone, oldest first: a request that kills every driver VM then
+    /// dies alone and reaches the poison limit, while the requests that
+    /// merely shared a driver VM with it get through. With no suspect left,
+    /// every held request.
+    pub fn next_to_send(&mut self) -> Vec<u32> {
+        if self.iter().any(|(_, entry)| entry.sent && entry.deaths > 0) {
+            return Vec::new();
+        }
+        let suspect = self.iter().filter(|(_, e)| !e.sent && e.deaths > 0).min_by_key(|(_, e)| e.id).map(|(s, _)| s);
+        let chosen: Vec<u32> = match suspect {
+            Some(_) if self.iter().any(|(_, entry)| entry.sent) => Vec::new(),
+            Some(slot) => vec![slot],
+            None => {
+                let mut held: Vec<(u32, u64)> =
+                    self.iter().filter(|(_, e)| !e.sent).map(|(slot, e)| (slot, e.id)).collect();
+                held.sort_by_key(|(_, id)| *id);
+                held.into_iter().map(|(slot, _)| slot).collect()
+            }
+        };
+        for slot in &chosen {
+            if let Some(entry) = self.get_mut(*slot) {
+                entry.sent = true;
+            }
+        }
+        chosen
+    }
+
     /// Removes and returns every request, oldest id first.
     pub fn drain(&mut self) -> Vec<(u32, InFlight)> {
         let mut all: Vec<(u32, InFlight)> =
@@ -143,7 +204,97 @@ pub(crate) mod tests {
             flush_mark: 0,
             sums: Vec::new(),
             verifiable: false,
+            deaths: 0,
+            sent: true,
         }
+    }
+
+    /// A table holding `count` requests sent to a driver VM, oldest first.
+    fn sent(count: usize) -> (InFlightTable, Vec<u32>) {
+        let mut table = InFlightTable::default();
+        let slots = (0..count).map(|_| table.insert(request(512)).unwrap().0).collect();
+        (table, slots)
+    }
+
+    /// Replays after a death as the device does: fresh ids, oldest first.
+    fn restart(table: &mut InFlightTable) {
+        for (slot, entry) in table.drain() {
+            assert!(table.insert_at(slot, entry));
+        }
+    }
+
+    #[test]
+    fn after_a_death_suspects_go_alone_and_a_poison_request_is_found_without_blaming_the_others() {
+        // Three requests in a driver VM; the second kills every driver VM
+        // that gets it.
+        let (mut table, slots) = sent(3);
+        let poison = slots[1];
+        let mut poisoned = Vec::new();
+        let mut completed = Vec::new();
+        for _death in 0..10 {
+            table.blame_sent();
+            poisoned.extend(table.take_poisoned(3).into_iter().map(|(slot, _)| slot));
+            restart(&mut table);
+            // The new driver VM serves what it is given until it gets the
+            // poison request.
+            loop {
+                let batch = table.next_to_send();
+                if batch.is_empty() {
+                    break;
+                }
+                if batch.contains(&poison) {
+                    break;
+                }
+                for slot in batch {
+                    table.remove(slot).unwrap();
+                    completed.push(slot);
+                }
+            }
+            if table.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(poisoned, vec![poison], "only the poison request fails");
+        let mut expected = vec![slots[0], slots[2]];
+        expected.sort_unstable();
+        completed.sort_unstable();
+        assert_eq!(completed, expected, "the others complete");
+        assert!(!table.serializing());
+    }
+
+    #[test]
+    fn suspects_are_released_one_at_a_time_then_everything_held() {
+        let (mut table, slots) = sent(2);
+        table.blame_sent();
+        // A request that arrived after the death: never in a dying driver.
+        let (late, _) = table.insert(request(512)).unwrap();
+        table.get_mut(late).unwrap().sent = false;
+        restart(&mut table);
+        assert!(table.serializing());
+        let first = table.next_to_send();
+        assert_eq!(first.len(), 1);
+        assert!(table.next_to_send().is_empty(), "nothing joins a suspect in the driver VM");
+        table.remove(first[0]);
+        let second = table.next_to_send();
+        assert_eq!(second.len(), 1);
+        assert_ne!(first, second);
+        table.remove(second[0]);
+        assert!(!table.serializing());
+        assert_eq!(table.next_to_send(), vec![late], "then every held request at once");
+        assert!(slots.iter().all(|slot| table.get(*slot).is_none()));
+    }
+
+    #[test]
+    fn only_requests_in_the_dying_driver_vm_are_blamed() {
+        let (mut table, slots) = sent(2);
+        table.get_mut(slots[1]).unwrap().sent = false;
+        table.blame_sent();
+        assert_eq!(table.get(slots[0]).unwrap().deaths, 1);
+        assert_eq!(table.get(slots[1]).unwrap().deaths, 0);
+        table.blame_sent();
+        table.blame_sent();
+        assert_eq!(table.get(slots[0]).unwrap().deaths, 1, "held back, it cannot be blamed again");
+        assert!(table.take_poisoned(1).iter().map(|(s, _)| *s).eq([slots[0]]));
     }
 
     #[test]
