@@ -5,7 +5,7 @@
 //! - `status`: one JSON array, an object per device;
 //! - `metrics`: the counters in Prometheus text format;
 //! - `inject DEVICE KIND [AFTER]`: make the driver commit a fault (tests);
-//! - `kill DEVICE`: SIGKILL the device's driver VM (tests);
+//! - `kill DEVICE`: SIGKILL the device's driver VM, through its pidfd (tests);
 //! - `recover DEVICE`: make a failed device try a new driver VM now.
 //!
 //! The socket is as privileged as the reflector: create it where only the
@@ -217,10 +217,9 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
             target(targets, words.next()).and_then(|t| match t.metrics.driver_pid.load(Ordering::Relaxed) {
                 0 => Err("no driver VM is running".into()),
                 pid => {
-                    // SAFETY: kill(2) on the device's driver VM, our child. It
-                    // may have just exited; then the signal reaches nothing of
-                    // ours (it is not reaped before the device sees it exit).
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    // The device kills it through its pidfd: never a pid
+                    // that was reused after the driver VM was reaped.
+                    t.kill.write(1).map_err(|e| format!("asking the device to kill its driver VM: {e}"))?;
                     Ok(format!("ok {pid}"))
                 }
             })
