@@ -40,7 +40,10 @@ driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tol
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
 booted driver VM waiting, so that a restart skips the boot), checksums=on (remember a checksum
 of every sector written through the device, 4 bytes per 512-byte sector, and treat a read that
-returns other data as a driver lie: the driver VM is replaced and the read replayed).
+returns other data as a driver lie: the driver VM is replaced and the read replayed),
+poison_deaths=N (a request in flight in N dying driver VMs in a row completes with an I/O
+error instead of being replayed again; default 3), driver_args=WORDS (the driver's
+parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests).
 
 --tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
 with `ip link set IFNAME up`) into a switch that --net devices use, so their guests reach
@@ -67,6 +70,8 @@ Configuration file (TOML):
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long
   fault_budget = 20             # faults per 10 s before the device is declared failed
+  poison_deaths = 3             # a request in this many dying driver VMs in a row fails alone
+  driver_args = \"\"              # the driver's parameters
   spare = true                  # keep a booted driver VM waiting (faster recovery)
 
   [[net]]
