@@ -222,11 +222,7 @@ impl VhostUserBackendMut for StandIn {
     fn set_event_idx(&mut self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(size as usize).min(self.config.len());
-        let mut bytes = self.config[start..end].to_vec();
-        bytes.resize(size as usize, 0);
-        bytes
+        reflector::worker::config_read(&self.config, offset, size)
     }
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {

@@ -60,3 +60,14 @@ pub fn avail_overrun(vring: &VringRwLock, memory: &GuestMemoryMmap) -> bool {
         Err(_) => true,
     }
 }
+
+/// The `size` bytes at `offset` of a virtio config space, as a client reads
+/// them: zeros past its end (a read the device cannot answer is not an
+/// error in vhost-user).
+pub fn config_read(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = (offset as usize).min(config.len());
+    let end = start.saturating_add(size as usize).min(config.len());
+    let mut bytes = config[start..end].to_vec();
+    bytes.resize(size as usize, 0);
+    bytes
+}

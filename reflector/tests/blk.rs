@@ -13,22 +13,9 @@ mod common;
 
 use common::{blk_arg, kvm_available, sibling, Reflector, Scratch};
 
-/// Runs blk-load; returns its output and the parsed JSON job lines.
+/// Runs blk-load with this file's queue size and timeout.
 fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
-    let output = Command::new(sibling("blk-load"))
-        .arg("--socket")
-        .arg(socket)
-        .args(["--json", "--queue-size", "256", "--timeout", "20"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let jobs = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (output, jobs)
+    common::blk_load(socket, &[&["--queue-size", "256", "--timeout", "20"], args].concat())
 }
 
 #[test]

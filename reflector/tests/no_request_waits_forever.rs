@@ -8,29 +8,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kvm_available, sibling, Reflector, Scratch};
+use common::{kvm_available, Reflector, Scratch};
 
-/// Runs blk-load; returns its output and the parsed JSON job lines.
+/// Runs blk-load, bounded.
 fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
-    let output = Command::new(sibling("blk-load"))
-        .arg("--socket")
-        .arg(socket)
-        .args(["--json", "--timeout", "30"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let jobs = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    (output, jobs)
+    common::blk_load(socket, &[&["--timeout", "30"], args].concat())
 }
 
 fn status(control: &Path) -> serde_json::Value {

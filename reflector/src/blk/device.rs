@@ -947,11 +947,7 @@ impl VhostUserBackendMut for BlkDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(size as usize).min(self.config.len());
-        let mut bytes = self.config[start..end].to_vec();
-        bytes.resize(size as usize, 0);
-        bytes
+        crate::worker::config_read(&self.config, offset, size)
     }
 
     /// Each vhost-user worker gets an exit event, so that when a client

@@ -725,12 +725,7 @@ impl VhostUserBackendMut for NetDevice {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let config = self.config_space();
-        let start = (offset as usize).min(config.len());
-        let end = start.saturating_add(size as usize).min(config.len());
-        let mut bytes = config[start..end].to_vec();
-        bytes.resize(size as usize, 0);
-        bytes
+        crate::worker::config_read(&self.config_space(), offset, size)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

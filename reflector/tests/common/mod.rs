@@ -164,3 +164,22 @@ pub fn serve_disks(scratch: &Scratch, names: &[&str], control: bool) -> Reflecto
     reflector.wait_for(|_| sockets.iter().all(|s| s.exists()) && (!control || ctl.exists()), "the sockets");
     reflector
 }
+
+/// Runs blk-load with `--json` and `args`; returns its output and the
+/// parsed JSON job lines.
+pub fn blk_load(socket: &Path, args: &[&str]) -> (std::process::Output, Vec<serde_json::Value>) {
+    let output = Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let jobs = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (output, jobs)
+}
