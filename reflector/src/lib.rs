@@ -32,6 +32,7 @@ pub mod net;
 pub mod privileges;
 pub mod recovery;
 pub mod serve;
+pub mod session;
 pub mod shm;
 pub mod sockets;
 pub mod supervisor;

@@ -22,7 +22,7 @@ use crate::control::ControlTarget;
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
-use crate::hw::{BlockHardware, DmaRegion, HardwareWindow, NetHardware};
+use crate::hw::{BlockHardware, DmaRegion, Hardware, HardwareWindow};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
 use crate::net::device::{NetDevice, NetWiring};

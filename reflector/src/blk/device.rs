@@ -44,7 +44,8 @@ use crate::driver_vms::DriverVms;
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::hw::{BlockHardware, InterruptRoute};
 use crate::metrics::Metrics;
-use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
+use crate::recovery::{Fault, RecoveryConfig};
+use crate::session::{Effect, Event, Session};
 use crate::supervisor::DriverLauncher;
 use crate::worker::{avail_overrun, nonblocking_timer, periodic_timer, signal_used};
 
@@ -84,17 +85,6 @@ struct Waiting {
     status: GuestAddress,
 }
 
-/// Where the device stands with its driver VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DriverState {
-    /// A driver VM serves the channel.
-    Running,
-    /// The driver VM failed; a new one starts when the restart timer fires.
-    AwaitingRestart,
-    /// Too many faults: requests fail until the cool-down ends.
-    Failed,
-}
-
 /// The device.
 pub struct BlkDevice {
     name: String,
@@ -115,14 +105,14 @@ pub struct BlkDevice {
     completion_doorbell: EventFd,
     driver_exited: EventFd,
     drivers: DriverVms,
-    state: DriverState,
-    tracker: RestartTracker,
-    hang_deadline: Duration,
+    /// The driver VMs' lifecycle (sans-IO): what to do about each event.
+    session: Session,
+    /// How often the hang watch looks (a quarter of the deadline).
+    hang_period: Duration,
     /// Deaths a request may be in before it is a poison request.
     poison_deaths: u32,
     hang_timer: TimerFd,
     hang_armed: bool,
-    last_progress: Instant,
     restart_timer: TimerFd,
     /// What the driver VM costs, judged once per `WATCH_PERIOD`.
     watch: ResourceWatch,
@@ -172,8 +162,6 @@ impl BlkDevice {
         let limits =
             Limits { capacity_sectors, max_data: channel::SLOT_SIZE, max_segments: SEG_MAX as usize, read_only };
         let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
-        let mut tracker = RestartTracker::new(recovery.policy);
-        tracker.started(Instant::now());
         Ok(BlkDevice {
             name: name.to_owned(),
             limits,
@@ -190,13 +178,11 @@ impl BlkDevice {
             completion_doorbell: wiring.completion_doorbell,
             driver_exited: wiring.driver_exited,
             drivers,
-            state: DriverState::Running,
-            tracker,
-            hang_deadline: recovery.hang_deadline,
+            session: Session::new(recovery.policy, recovery.hang_deadline, Instant::now()),
+            hang_period: recovery.hang_deadline / 4,
             poison_deaths: recovery.poison_deaths,
             hang_timer: nonblocking_timer()?,
             hang_armed: false,
-            last_progress: Instant::now(),
             restart_timer: nonblocking_timer()?,
             watch: ResourceWatch::default(),
             watch_timer: periodic_timer(WATCH_PERIOD)?,
@@ -218,12 +204,7 @@ impl BlkDevice {
 
     /// Mirrors the state operators see (`reflector status`).
     fn publish_state(&self) {
-        let state = match self.state {
-            DriverState::Running => 0,
-            DriverState::AwaitingRestart => 1,
-            DriverState::Failed => 2,
-        };
-        self.metrics.state.store(state, Ordering::Relaxed);
+        self.metrics.state.store(self.session.state().index(), Ordering::Relaxed);
         self.metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
         self.metrics.spare_pid.store(self.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
         self.metrics.in_flight.store(self.in_flight.len() as u64, Ordering::Relaxed);
@@ -294,7 +275,7 @@ impl BlkDevice {
 
     /// Judges what the current driver VM cost over the last period.
     fn watch_driver(&mut self, vring: &VringRwLock) {
-        if self.state != DriverState::Running {
+        if !self.session.running() {
             return;
         }
         let Some(pid) = self.drivers.current_pid() else { return };
@@ -383,7 +364,7 @@ impl BlkDevice {
                 };
                 self.complete(vring, memory, head, Some(status), code, written);
             }
-            _ if self.state == DriverState::Failed => {
+            _ if self.session.failed() => {
                 self.complete(vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
             }
             _ => {
@@ -402,7 +383,7 @@ impl BlkDevice {
     fn submit_waiting(&mut self, vring: &VringRwLock, memory: &GuestMemoryMmap) {
         // While a request that was in a dying driver VM is pending, requests
         // go one at a time (`send_held`); new ones wait.
-        while self.state == DriverState::Running && !self.in_flight.serializing() {
+        while self.session.running() && !self.in_flight.serializing() {
             let Some(waiting) = self.waiting.pop_front() else { return };
             let data_len = waiting.request.data_len();
             let entry = InFlight {
@@ -559,7 +540,7 @@ impl BlkDevice {
     }
 
     fn process_completions(&mut self, vring: &VringRwLock) -> std::io::Result<()> {
-        if self.state != DriverState::Running {
+        if !self.session.running() {
             return Ok(());
         }
         let atomic = self.memory.clone();
@@ -640,7 +621,7 @@ impl BlkDevice {
     /// A request completed: the driver VM is alive and making progress.
     fn progress(&mut self) {
         let now = Instant::now();
-        self.last_progress = now;
+        self.session.progress(now);
         if let Some(fault_at) = self.fault_at.take() {
             let stall = now.duration_since(fault_at).as_micros() as u64;
             self.metrics.record_stall(stall);
@@ -717,12 +698,38 @@ impl BlkDevice {
         }
     }
 
-    /// Handles a driver VM fault: kill it, keep what it finished correctly,
-    /// then restart now, later, or fail, as the policy says.
+    /// Handles a driver VM fault: the session decides (kill it, keep what
+    /// it finished correctly, then restart now, later, or fail).
     fn fault(&mut self, vring: &VringRwLock, fault: Fault) {
-        if self.state != DriverState::Running {
-            return;
+        self.handle(vring, Event::Fault(fault));
+    }
+
+    /// Feeds `event` to the session and carries out its effects, in order.
+    fn handle(&mut self, vring: &VringRwLock, event: Event) {
+        for effect in self.session.on(event, Instant::now()) {
+            match effect {
+                Effect::Retire(fault) => self.retire(vring, &fault),
+                Effect::Launch => self.restart(vring),
+                Effect::ArmTimer(delay) => {
+                    if !self.session.failed() {
+                        tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
+                    }
+                    self.arm_restart_timer(delay);
+                }
+                Effect::FailPending => {
+                    tracing::error!(device = %self.name, "too many driver VM faults: the device fails its requests until the cool-down ends or an operator recovers it");
+                    self.fail_pending(vring);
+                }
+                Effect::Kill => self.drivers.kill_current(),
+            }
         }
+        self.publish_state();
+    }
+
+    /// Kills the faulty driver VM and waits until it cannot run, quiesces
+    /// the hardware, keeps what it finished correctly, and blames it on the
+    /// requests it still held.
+    fn retire(&mut self, vring: &VringRwLock, fault: &Fault) {
         let pid = self.drivers.current_pid();
         tracing::warn!(device = %self.name, driver_vm = %self.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
         self.metrics.faults.fetch_add(1, Ordering::Relaxed);
@@ -735,26 +742,11 @@ impl BlkDevice {
         self.hardware.quiesce();
         self.salvage(vring);
         // What it still held was in a dying driver VM.
-        self.in_flight.blame_sent();
+        self.in_flight.blame_sent(fault.blames_requests());
         self.disarm_hang_watch();
         if self.fault_at.is_none() {
             self.fault_at = Some(Instant::now());
             self.fault_idle = self.in_flight.is_empty() && self.waiting.is_empty();
-        }
-        match self.tracker.on_fault(Instant::now()) {
-            Decision::Restart(delay) if delay.is_zero() => self.restart(vring),
-            Decision::Restart(delay) => {
-                tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
-                self.state = DriverState::AwaitingRestart;
-                self.arm_restart_timer(delay);
-            }
-            Decision::Fail => {
-                let cool_down = self.tracker.policy().cool_down;
-                tracing::error!(device = %self.name, cool_down_s = cool_down.as_secs(), "too many driver VM faults: the device fails its requests until the cool-down ends");
-                self.state = DriverState::Failed;
-                self.fail_pending(vring);
-                self.arm_restart_timer(cool_down);
-            }
         }
     }
 
@@ -785,8 +777,7 @@ impl BlkDevice {
         match self.drivers.replace() {
             Ok((pid, warm)) => {
                 tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");
-                self.tracker.started(Instant::now());
-                self.state = DriverState::Running;
+                self.session.on(Event::Launched, Instant::now());
                 // Observers that see the new restart count must also see
                 // the new driver VM (the chaos command kills by pid).
                 self.publish_state();
@@ -794,8 +785,7 @@ impl BlkDevice {
             }
             Err(error) => {
                 tracing::error!(device = %self.name, %error, "cannot start a driver VM");
-                self.state = DriverState::AwaitingRestart;
-                self.arm_restart_timer(self.tracker.policy().backoff_max);
+                self.handle(vring, Event::LaunchFailed(error.to_string()));
                 return;
             }
         }
@@ -817,7 +807,6 @@ impl BlkDevice {
             self.submit_waiting(vring, memory);
         }
         self.channel.publish(self.drivers.request_interrupt());
-        self.last_progress = Instant::now();
         self.arm_hang_watch();
         if self.in_flight.is_empty() {
             self.drivers.launch_wanted_spare();
@@ -844,11 +833,11 @@ impl BlkDevice {
     }
 
     fn arm_hang_watch(&mut self) {
-        if self.hang_armed || self.in_flight.is_empty() || self.state != DriverState::Running {
+        if self.hang_armed || self.in_flight.is_empty() || !self.session.running() {
             return;
         }
-        self.last_progress = Instant::now();
-        let period = self.hang_deadline / 4;
+        self.session.progress(Instant::now());
+        let period = self.hang_period;
         if self.hang_timer.reset(period, Some(period)).is_ok() {
             self.hang_armed = true;
         }
@@ -863,13 +852,11 @@ impl BlkDevice {
 
     fn check_hang(&mut self, vring: &VringRwLock) {
         let _ = self.hang_timer.wait();
-        if self.in_flight.is_empty() || self.state != DriverState::Running {
+        if self.in_flight.is_empty() || !self.session.running() {
             self.disarm_hang_watch();
             return;
         }
-        if self.last_progress.elapsed() >= self.hang_deadline {
-            self.fault(vring, Fault::Hang(self.hang_deadline));
-        }
+        self.handle(vring, Event::HangCheck { pending: true });
     }
 
     fn arm_restart_timer(&mut self, delay: Duration) {
@@ -880,15 +867,7 @@ impl BlkDevice {
 
     fn restart_timer_fired(&mut self, vring: &VringRwLock) {
         let _ = self.restart_timer.wait();
-        match self.state {
-            DriverState::Running => {}
-            DriverState::AwaitingRestart => self.restart(vring),
-            DriverState::Failed => {
-                tracing::info!(device = %self.name, "cool-down over: trying a new driver VM");
-                self.tracker.reset();
-                self.restart(vring);
-            }
-        }
+        self.handle(vring, Event::TimerFired);
     }
 
     fn driver_exited(&mut self, vring: &VringRwLock) {
@@ -1003,11 +982,8 @@ impl VhostUserBackendMut for BlkDevice {
             }
             RECOVER_EVENT => {
                 let _ = self.recover.read();
-                if self.state == DriverState::Failed {
-                    tracing::info!(device = %self.name, "recovery requested by an operator");
-                    self.tracker.reset();
-                    self.restart(vring);
-                }
+                tracing::info!(device = %self.name, "recovery requested by an operator");
+                self.handle(vring, Event::Recover);
                 signal_used(vring)
             }
             WATCH_EVENT => {
@@ -1017,7 +993,7 @@ impl VhostUserBackendMut for BlkDevice {
             }
             KILL_EVENT => {
                 let _ = self.kill.read();
-                self.drivers.kill_current();
+                self.handle(vring, Event::Kill);
                 Ok(())
             }
             _ => Ok(()),

@@ -125,12 +125,14 @@ impl InFlightTable {
         self.len() == 0
     }
 
-    /// A driver VM died: every request it held gains a death and is held
-    /// back until [`next_to_send`](Self::next_to_send) releases it.
-    pub fn blame_sent(&mut self) {
+    /// A driver VM died: every request it held is held back until
+    /// [`next_to_send`](Self::next_to_send) releases it, and gains a death
+    /// if `blame` (the death may be a request's doing: see
+    /// `Fault::blames_requests`).
+    pub fn blame_sent(&mut self, blame: bool) {
         for entry in self.slots.iter_mut().flatten() {
             if entry.sent {
-                entry.deaths += 1;
+                entry.deaths += u32::from(blame);
                 entry.sent = false;
             }
         }
@@ -232,7 +234,7 @@ pub(crate) mod tests {
         let mut poisoned = Vec::new();
         let mut completed = Vec::new();
         for _death in 0..10 {
-            table.blame_sent();
+            table.blame_sent(true);
             poisoned.extend(table.take_poisoned(3).into_iter().map(|(slot, _)| slot));
             restart(&mut table);
             // The new driver VM serves what it is given until it gets the
@@ -265,7 +267,7 @@ pub(crate) mod tests {
     #[test]
     fn suspects_are_released_one_at_a_time_then_everything_held() {
         let (mut table, slots) = sent(2);
-        table.blame_sent();
+        table.blame_sent(true);
         // A request that arrived after the death: never in a dying driver.
         let (late, _) = table.insert(request(512)).unwrap();
         table.get_mut(late).unwrap().sent = false;
@@ -288,13 +290,26 @@ pub(crate) mod tests {
     fn only_requests_in_the_dying_driver_vm_are_blamed() {
         let (mut table, slots) = sent(2);
         table.get_mut(slots[1]).unwrap().sent = false;
-        table.blame_sent();
+        table.blame_sent(true);
         assert_eq!(table.get(slots[0]).unwrap().deaths, 1);
         assert_eq!(table.get(slots[1]).unwrap().deaths, 0);
-        table.blame_sent();
-        table.blame_sent();
+        table.blame_sent(true);
+        table.blame_sent(true);
         assert_eq!(table.get(slots[0]).unwrap().deaths, 1, "held back, it cannot be blamed again");
         assert!(table.take_poisoned(1).iter().map(|(s, _)| *s).eq([slots[0]]));
+    }
+
+    #[test]
+    fn a_death_that_blames_no_request_only_holds_them_back() {
+        let (mut table, slots) = sent(2);
+        for _ in 0..10 {
+            table.blame_sent(false);
+            assert!(table.take_poisoned(1).is_empty());
+            restart(&mut table);
+            assert!(!table.serializing(), "no suspect: everything goes at once");
+            assert_eq!(table.next_to_send().len(), 2);
+        }
+        assert!(slots.iter().all(|slot| table.get(*slot).is_some_and(|e| e.deaths == 0)));
     }
 
     #[test]

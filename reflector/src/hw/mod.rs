@@ -23,27 +23,32 @@ pub struct HardwareWindow {
     pub memory: Arc<SharedMemory>,
 }
 
-/// A block device as a driver VM sees it.
-pub trait BlockHardware: Send {
+/// A device as a driver VM sees it, whatever its kind: the seam where a
+/// simulated device, a QEMU device model or a VFIO function plugs in.
+pub trait Hardware: Send + Sync {
     /// Windows to map into the driver VM.
     fn windows(&self) -> Vec<HardwareWindow>;
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
     fn doorbell(&self) -> &EventFd;
     /// Where the device's interrupt goes: the current driver VM's irqfd.
     fn interrupt(&self) -> Arc<InterruptRoute>;
-    /// Size of the medium in 512-byte sectors.
-    fn capacity_sectors(&self) -> u64;
-    /// Whether writes are refused.
-    fn read_only(&self) -> bool;
     /// Stops all DMA, finishing any command under way first, and ignores
-    /// the window (resets included) until [`BlockHardware::resume`]: the
-    /// host's analogue of disabling bus mastering when a driver VM died, so
-    /// that nothing the dead driver queued can run after the reflector
-    /// reused its bounce slots for the replay.
+    /// the window (resets included) until [`Hardware::resume`]: the host's
+    /// analogue of disabling bus mastering when a driver VM died, so that
+    /// nothing the dead driver queued can run after the reflector reused
+    /// its bounce slots for the replay.
     fn quiesce(&self);
     /// Lets the next driver VM (started after the old one can no longer
     /// run) reset and use the device.
     fn resume(&self);
+}
+
+/// A block device: its medium.
+pub trait BlockHardware: Hardware {
+    /// Size of the medium in 512-byte sectors.
+    fn capacity_sectors(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool;
     /// How many cache flushes of the medium the device has started and
     /// completed, counted by the device itself (never by the driver): the
     /// reflector's evidence that a flush a driver acknowledges really ran.
@@ -62,26 +67,12 @@ pub struct FlushCount {
     pub completed: u64,
 }
 
-/// A network card as a driver VM sees it.
-pub trait NetHardware: Send {
-    /// Windows to map into the driver VM.
-    fn windows(&self) -> Vec<HardwareWindow>;
-    /// Written by the driver VM (KVM ioeventfd) to notify the device.
-    fn doorbell(&self) -> &EventFd;
-    /// Where the device's interrupt goes: the current driver VM's irqfd.
-    fn interrupt(&self) -> Arc<InterruptRoute>;
+/// A network card: its address and link.
+pub trait NetHardware: Hardware {
     /// The card's MAC address.
     fn mac(&self) -> [u8; 6];
     /// Whether the wire is connected.
     fn link_up(&self) -> bool;
-    /// Stops all DMA and ignores the window (resets included) until
-    /// [`NetHardware::resume`]: the host's
-    /// analogue of disabling bus mastering when a driver VM died, so that
-    /// nothing the dead driver queued can touch memory the reflector reuses.
-    fn quiesce(&self);
-    /// Lets the next driver VM (started after the old one can no longer
-    /// run) reset and use the card.
-    fn resume(&self);
 }
 
 /// Where a device's interrupt is delivered, like a programmable MSI: each

@@ -25,7 +25,7 @@ use guest_abi::nic::{self, completion, reg, Completion, Descriptor};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::switch::{PortId, Switch, SwitchPort};
-use super::{wait_for_doorbell, DmaRegion, HardwareWindow, InterruptRoute, NetHardware};
+use super::{wait_for_doorbell, DmaRegion, Hardware, HardwareWindow, InterruptRoute, NetHardware};
 use crate::shm::SharedMemory;
 
 /// Frames the port holds while no RX buffer is posted: about two rings'
@@ -103,7 +103,7 @@ impl SimNic {
     }
 }
 
-impl NetHardware for SimNic {
+impl Hardware for SimNic {
     fn windows(&self) -> Vec<HardwareWindow> {
         vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
     }
@@ -116,14 +116,6 @@ impl NetHardware for SimNic {
         self.interrupt.clone()
     }
 
-    fn mac(&self) -> [u8; 6] {
-        self.mac
-    }
-
-    fn link_up(&self) -> bool {
-        self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire) & nic::status::LINK_UP != 0
-    }
-
     fn quiesce(&self) {
         self.port.lock().quiesce();
     }
@@ -131,6 +123,16 @@ impl NetHardware for SimNic {
     fn resume(&self) {
         self.port.lock().quiesced = false;
         let _ = self.doorbell.write(1);
+    }
+}
+
+impl NetHardware for SimNic {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn link_up(&self) -> bool {
+        self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire) & nic::status::LINK_UP != 0
     }
 }
 

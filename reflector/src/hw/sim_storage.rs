@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use guest_abi::storage::{self, completion, reg, Command, Completion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockHardware, DmaRegion, FlushCount, HardwareWindow, InterruptRoute};
+use super::{BlockHardware, DmaRegion, FlushCount, Hardware, HardwareWindow, InterruptRoute};
 use crate::shm::SharedMemory;
 
 /// How long the device keeps polling its submission queue after the last
@@ -116,7 +116,7 @@ impl SimStorage {
     }
 }
 
-impl BlockHardware for SimStorage {
+impl Hardware for SimStorage {
     fn windows(&self) -> Vec<HardwareWindow> {
         vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
     }
@@ -129,14 +129,6 @@ impl BlockHardware for SimStorage {
         self.interrupt.clone()
     }
 
-    fn capacity_sectors(&self) -> u64 {
-        self.capacity_sectors
-    }
-
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-
     fn quiesce(&self) {
         // Taking the lock waits for a batch of commands under way.
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
@@ -145,6 +137,16 @@ impl BlockHardware for SimStorage {
     fn resume(&self) {
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         let _ = self.doorbell.write(1);
+    }
+}
+
+impl BlockHardware for SimStorage {
+    fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
     }
 
     fn flushes(&self) -> FlushCount {

@@ -45,7 +45,8 @@ use crate::driver_vms::DriverVms;
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::hw::{InterruptRoute, NetHardware};
 use crate::metrics::Metrics;
-use crate::recovery::{Decision, Fault, RecoveryConfig, RestartTracker};
+use crate::recovery::{Fault, RecoveryConfig};
+use crate::session::{Effect, Event, Lifecycle, Session};
 use crate::supervisor::DriverLauncher;
 use crate::worker::{avail_overrun, nonblocking_timer, periodic_timer, signal_used};
 
@@ -77,14 +78,6 @@ struct RxBuffer {
     head: u16,
     segments: Vec<Segment>,
     capacity: u32,
-}
-
-/// Where the device stands with its driver VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DriverState {
-    Running,
-    AwaitingRestart,
-    Failed,
 }
 
 /// What a net device is wired to.
@@ -122,12 +115,12 @@ pub struct NetDevice {
     completion_doorbell: EventFd,
     driver_exited: EventFd,
     drivers: DriverVms,
-    state: DriverState,
-    tracker: RestartTracker,
-    hang_deadline: Duration,
+    /// The driver VMs' lifecycle (sans-IO): what to do about each event.
+    session: Session,
+    /// How often the hang watch looks (a quarter of the deadline).
+    hang_period: Duration,
     hang_timer: TimerFd,
     hang_armed: bool,
-    last_progress: Instant,
     restart_timer: TimerFd,
     /// What the driver VM costs, judged once per `WATCH_PERIOD`.
     watch: ResourceWatch,
@@ -145,8 +138,6 @@ impl NetDevice {
     /// A device served through `wiring`; starts its first driver VM.
     pub fn new(name: &str, wiring: NetWiring, recovery: RecoveryConfig) -> std::io::Result<Self> {
         let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
-        let mut tracker = RestartTracker::new(recovery.policy);
-        tracker.started(Instant::now());
         let mut device = NetDevice {
             name: name.to_owned(),
             hardware: wiring.hardware,
@@ -161,12 +152,10 @@ impl NetDevice {
             completion_doorbell: wiring.completion_doorbell,
             driver_exited: wiring.driver_exited,
             drivers,
-            state: DriverState::Running,
-            tracker,
-            hang_deadline: recovery.hang_deadline,
+            session: Session::new(recovery.policy, recovery.hang_deadline, Instant::now()),
+            hang_period: recovery.hang_deadline / 4,
             hang_timer: nonblocking_timer()?,
             hang_armed: false,
-            last_progress: Instant::now(),
             restart_timer: nonblocking_timer()?,
             watch: ResourceWatch::default(),
             watch_timer: periodic_timer(WATCH_PERIOD)?,
@@ -184,12 +173,7 @@ impl NetDevice {
 
     /// Mirrors the state operators see (`reflector status`).
     fn publish_state(&self) {
-        let state = match self.state {
-            DriverState::Running => 0,
-            DriverState::AwaitingRestart => 1,
-            DriverState::Failed => 2,
-        };
-        self.metrics.state.store(state, Ordering::Relaxed);
+        self.metrics.state.store(self.session.state().index(), Ordering::Relaxed);
         self.metrics.driver_pid.store(self.drivers.current_pid().unwrap_or(0) as u64, Ordering::Relaxed);
         self.metrics.spare_pid.store(self.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
         self.metrics.in_flight.store(self.slots.tx_in_flight() as u64, Ordering::Relaxed);
@@ -252,7 +236,7 @@ impl NetDevice {
 
     /// Judges what the current driver VM cost over the last period.
     fn watch_driver(&mut self, vrings: &[VringRwLock]) {
-        if self.state != DriverState::Running {
+        if !self.session.running() {
             return;
         }
         let Some(pid) = self.drivers.current_pid() else { return };
@@ -279,7 +263,7 @@ impl NetDevice {
 
     /// Posts every idle RX slot to the driver, while one runs.
     fn post_rx_buffers(&mut self) {
-        if self.state != DriverState::Running {
+        if !self.session.running() {
             return;
         }
         let posted = self.slots.post_idle_rx();
@@ -334,10 +318,10 @@ impl NetDevice {
     /// Whether transmit chains can be taken now: into a free TX slot of a
     /// running driver VM, or dropped while the device has failed.
     fn can_take_tx(&self) -> bool {
-        match self.state {
-            DriverState::Running => self.slots.tx_available(),
-            DriverState::Failed => true,
-            DriverState::AwaitingRestart => false,
+        match self.session.state() {
+            Lifecycle::Running { .. } => self.slots.tx_available(),
+            Lifecycle::Failed { .. } => true,
+            Lifecycle::Restarting { .. } | Lifecycle::BackingOff { .. } => false,
         }
     }
 
@@ -353,7 +337,7 @@ impl NetDevice {
                 return false;
             }
         };
-        if self.state == DriverState::Failed {
+        if self.session.failed() {
             self.metrics.tx_lost.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -467,7 +451,7 @@ impl NetDevice {
     }
 
     fn process_completions(&mut self, vrings: &[VringRwLock]) -> std::io::Result<()> {
-        if self.state != DriverState::Running {
+        if !self.session.running() {
             return Ok(());
         }
         let completions = match self.channel.take_completions() {
@@ -533,7 +517,7 @@ impl NetDevice {
     /// A completion arrived: the driver VM is alive and making progress.
     fn progress(&mut self) {
         let now = Instant::now();
-        self.last_progress = now;
+        self.session.progress(now);
         if let Some(fault_at) = self.fault_at.take() {
             let stall = now.duration_since(fault_at).as_micros() as u64;
             self.metrics.record_stall(stall);
@@ -542,12 +526,41 @@ impl NetDevice {
         }
     }
 
-    /// Handles a driver VM fault: kill it, stop the card's DMA, keep what
-    /// it answered correctly, then restart now, later, or fail.
+    /// Handles a driver VM fault: the session decides (kill it, stop the
+    /// card's DMA, keep what it answered correctly, then restart now,
+    /// later, or fail).
     fn fault(&mut self, vrings: &[VringRwLock], fault: Fault) {
-        if self.state != DriverState::Running {
-            return;
+        self.handle(vrings, Event::Fault(fault));
+    }
+
+    /// Feeds `event` to the session and carries out its effects, in order.
+    fn handle(&mut self, vrings: &[VringRwLock], event: Event) {
+        for effect in self.session.on(event, Instant::now()) {
+            match effect {
+                Effect::Retire(fault) => self.retire(&fault),
+                Effect::Launch => self.restart(vrings),
+                Effect::ArmTimer(delay) => {
+                    if !self.session.failed() {
+                        tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
+                    }
+                    self.arm_restart_timer(delay);
+                }
+                Effect::FailPending => {
+                    tracing::error!(device = %self.name, "too many driver VM faults: the device drops frames until the cool-down ends or an operator recovers it");
+                    if let Some(tx) = vrings.get(virtio::net::TX_QUEUE) {
+                        let _ = self.process_tx(tx);
+                    }
+                }
+                Effect::Kill => self.drivers.kill_current(),
+            }
         }
+        self.publish_state();
+    }
+
+    /// Kills the faulty driver VM and waits until it cannot run, stops the
+    /// card's DMA, keeps what it answered correctly; frames it still held
+    /// are lost (never sent twice).
+    fn retire(&mut self, fault: &Fault) {
         let pid = self.drivers.current_pid();
         tracing::warn!(device = %self.name, driver_vm = %self.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
         self.metrics.faults.fetch_add(1, Ordering::Relaxed);
@@ -563,23 +576,6 @@ impl NetDevice {
         if self.memory.is_some() {
             // The stall a client sees; with no client there is none.
             self.fault_at.get_or_insert_with(Instant::now);
-        }
-        match self.tracker.on_fault(Instant::now()) {
-            Decision::Restart(delay) if delay.is_zero() => self.restart(vrings),
-            Decision::Restart(delay) => {
-                tracing::info!(device = %self.name, delay_ms = delay.as_millis() as u64, "restart delayed (backoff)");
-                self.state = DriverState::AwaitingRestart;
-                self.arm_restart_timer(delay);
-            }
-            Decision::Fail => {
-                let cool_down = self.tracker.policy().cool_down;
-                tracing::error!(device = %self.name, cool_down_s = cool_down.as_secs(), "too many driver VM faults: the device drops frames until the cool-down ends");
-                self.state = DriverState::Failed;
-                self.arm_restart_timer(cool_down);
-                if let Some(tx) = vrings.get(virtio::net::TX_QUEUE) {
-                    let _ = self.process_tx(tx);
-                }
-            }
         }
     }
 
@@ -602,19 +598,16 @@ impl NetDevice {
         match self.drivers.replace() {
             Ok((pid, warm)) => {
                 tracing::info!(device = %self.name, pid, generation, warm, "driver VM restarted");
-                self.tracker.started(Instant::now());
-                self.state = DriverState::Running;
+                self.session.on(Event::Launched, Instant::now());
                 self.publish_state();
                 self.metrics.restarts.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
                 tracing::error!(device = %self.name, %error, "cannot start a driver VM");
-                self.state = DriverState::AwaitingRestart;
-                self.arm_restart_timer(self.tracker.policy().backoff_max);
+                self.handle(vrings, Event::LaunchFailed(error.to_string()));
                 return;
             }
         }
-        self.last_progress = Instant::now();
         if let Err(error) = self.after_answers(vrings) {
             tracing::warn!(device = %self.name, %error, "resuming the queues after a restart failed");
         }
@@ -622,11 +615,11 @@ impl NetDevice {
     }
 
     fn arm_hang_watch(&mut self) {
-        if self.hang_armed || self.slots.tx_in_flight() == 0 || self.state != DriverState::Running {
+        if self.hang_armed || self.slots.tx_in_flight() == 0 || !self.session.running() {
             return;
         }
-        self.last_progress = Instant::now();
-        let period = self.hang_deadline / 4;
+        self.session.progress(Instant::now());
+        let period = self.hang_period;
         if self.hang_timer.reset(period, Some(period)).is_ok() {
             self.hang_armed = true;
         }
@@ -641,13 +634,11 @@ impl NetDevice {
 
     fn check_hang(&mut self, vrings: &[VringRwLock]) {
         let _ = self.hang_timer.wait();
-        if self.slots.tx_in_flight() == 0 || self.state != DriverState::Running {
+        if self.slots.tx_in_flight() == 0 || !self.session.running() {
             self.disarm_hang_watch();
             return;
         }
-        if self.last_progress.elapsed() >= self.hang_deadline {
-            self.fault(vrings, Fault::Hang(self.hang_deadline));
-        }
+        self.handle(vrings, Event::HangCheck { pending: true });
     }
 
     fn arm_restart_timer(&mut self, delay: Duration) {
@@ -658,15 +649,7 @@ impl NetDevice {
 
     fn restart_timer_fired(&mut self, vrings: &[VringRwLock]) {
         let _ = self.restart_timer.wait();
-        match self.state {
-            DriverState::Running => {}
-            DriverState::AwaitingRestart => self.restart(vrings),
-            DriverState::Failed => {
-                tracing::info!(device = %self.name, "cool-down over: trying a new driver VM");
-                self.tracker.reset();
-                self.restart(vrings);
-            }
-        }
+        self.handle(vrings, Event::TimerFired);
     }
 
     fn config_space(&self) -> Vec<u8> {
@@ -785,11 +768,8 @@ impl VhostUserBackendMut for NetDevice {
             }
             RECOVER_EVENT => {
                 let _ = self.recover.read();
-                if self.state == DriverState::Failed {
-                    tracing::info!(device = %self.name, "recovery requested by an operator");
-                    self.tracker.reset();
-                    self.restart(vrings);
-                }
+                tracing::info!(device = %self.name, "recovery requested by an operator");
+                self.handle(vrings, Event::Recover);
                 Ok(())
             }
             WATCH_EVENT => {
@@ -799,7 +779,7 @@ impl VhostUserBackendMut for NetDevice {
             }
             KILL_EVENT => {
                 let _ = self.kill.read();
-                self.drivers.kill_current();
+                self.handle(vrings, Event::Kill);
                 Ok(())
             }
             _ => Ok(()),

@@ -1,0 +1,352 @@
+//! The life of a device's driver VMs as a sans-IO state machine: which
+//! driver VM state the device is in, and what to do about each event. No
+//! clocks, processes or descriptors here: the device feeds events with the
+//! time they happened and carries out the effects returned, in order
+//! (DESIGN.md, restart protocol). Shared by every kind of device.
+//!
+//! ```text
+//!            fault (restart now)            Launched
+//!   Running ───────────────────► Restarting ─────────► Running
+//!      │  fault (backoff d)           ▲
+//!      ├────────────────► BackingOff ─┘ timer
+//!      │  fault (budget or crash loop)
+//!      └────────────────► Failed ──────┘ timer (cool-down) / recover
+//! ```
+
+use std::time::{Duration, Instant};
+
+use crate::recovery::{Decision, Fault, RestartPolicy, RestartTracker};
+
+/// Where a device stands with its driver VM; each state carries its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// A driver VM serves the channel.
+    Running {
+        /// Since when.
+        since: Instant,
+        /// Requests were pending when it last completed one (or started).
+        last_progress: Instant,
+    },
+    /// The driver VM is gone; a new one is being started now.
+    Restarting {
+        /// Why the last one went.
+        why: Fault,
+    },
+    /// The driver VM is gone; a new one starts at `until` (backoff).
+    BackingOff {
+        /// When the restart is due.
+        until: Instant,
+        /// Why the last one went.
+        why: Fault,
+    },
+    /// Too many faults: requests fail until the cool-down ends or an
+    /// operator asks to recover.
+    Failed {
+        /// When the cool-down ends.
+        until: Instant,
+        /// What made it fail.
+        why: Fault,
+    },
+}
+
+impl Lifecycle {
+    /// The name operators see (`reflector status`), an index into
+    /// `metrics::STATE_NAMES`.
+    pub fn index(&self) -> u64 {
+        match self {
+            Lifecycle::Running { .. } => 0,
+            Lifecycle::Restarting { .. } | Lifecycle::BackingOff { .. } => 1,
+            Lifecycle::Failed { .. } => 2,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The driver VM failed (exited, answered wrongly, abused its share).
+    Fault(Fault),
+    /// The periodic hang check: whether requests are pending in the driver
+    /// VM.
+    HangCheck {
+        /// Requests are pending.
+        pending: bool,
+    },
+    /// The restart (or cool-down) timer fired.
+    TimerFired,
+    /// An operator asked a failed (or backing-off) device to try now.
+    Recover,
+    /// An operator asked to kill the driver VM.
+    Kill,
+    /// The driver VM asked for by [`Effect::Launch`] runs.
+    Launched,
+    /// [`Effect::Launch`] could not start one.
+    LaunchFailed(String),
+}
+
+/// What the device must do, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Kill the driver VM and wait until it cannot run; quiesce the
+    /// hardware; keep the answers it gave that pass every check.
+    Retire(Fault),
+    /// Start a new driver VM on a new channel generation (a warm spare if
+    /// one is booted), resume the hardware, and report [`Event::Launched`]
+    /// or [`Event::LaunchFailed`]; then replay.
+    Launch,
+    /// Arm the restart timer for this long.
+    ArmTimer(Duration),
+    /// Complete every pending request with an error (the device failed).
+    FailPending,
+    /// SIGKILL the driver VM (its exit arrives as a fault).
+    Kill,
+}
+
+/// The state machine.
+#[derive(Debug)]
+pub struct Session {
+    state: Lifecycle,
+    tracker: RestartTracker,
+    hang_deadline: Duration,
+}
+
+impl Session {
+    /// A session whose first driver VM started at `now`.
+    pub fn new(policy: RestartPolicy, hang_deadline: Duration, now: Instant) -> Self {
+        let mut tracker = RestartTracker::new(policy);
+        tracker.started(now);
+        Session { state: Lifecycle::Running { since: now, last_progress: now }, tracker, hang_deadline }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &Lifecycle {
+        &self.state
+    }
+
+    /// Whether a driver VM serves the channel.
+    pub fn running(&self) -> bool {
+        matches!(self.state, Lifecycle::Running { .. })
+    }
+
+    /// Whether the device has failed (requests complete with errors).
+    pub fn failed(&self) -> bool {
+        matches!(self.state, Lifecycle::Failed { .. })
+    }
+
+    /// A request completed at `now`, or the first was sent to an idle
+    /// driver VM: the hang deadline counts from here.
+    pub fn progress(&mut self, now: Instant) {
+        if let Lifecycle::Running { last_progress, .. } = &mut self.state {
+            *last_progress = now;
+        }
+    }
+
+    /// Handles `event`, which happened at `now`; returns the effects to
+    /// carry out, in order.
+    pub fn on(&mut self, event: Event, now: Instant) -> Vec<Effect> {
+        match (event, &self.state) {
+            (Event::Fault(fault), Lifecycle::Running { .. }) => self.fault(fault, now),
+            (Event::HangCheck { pending: true }, Lifecycle::Running { last_progress, .. })
+                if now.saturating_duration_since(*last_progress) >= self.hang_deadline =>
+            {
+                self.fault(Fault::Hang(self.hang_deadline), now)
+            }
+            (Event::TimerFired, Lifecycle::BackingOff { until, why }) if now >= *until => {
+                self.state = Lifecycle::Restarting { why: why.clone() };
+                vec![Effect::Launch]
+            }
+            (Event::TimerFired, Lifecycle::Failed { until, why }) if now >= *until => {
+                tracing::info!("cool-down over: trying a new driver VM");
+                self.tracker.reset();
+                self.state = Lifecycle::Restarting { why: why.clone() };
+                vec![Effect::Launch]
+            }
+            (Event::Recover, Lifecycle::Failed { why, .. } | Lifecycle::BackingOff { why, .. }) => {
+                self.tracker.reset();
+                self.state = Lifecycle::Restarting { why: why.clone() };
+                vec![Effect::Launch]
+            }
+            (Event::Kill, Lifecycle::Running { .. }) => vec![Effect::Kill],
+            (Event::Launched, Lifecycle::Restarting { .. }) => {
+                self.tracker.started(now);
+                self.state = Lifecycle::Running { since: now, last_progress: now };
+                Vec::new()
+            }
+            (Event::LaunchFailed(error), Lifecycle::Restarting { .. }) => {
+                // Counts like any fault of a driver VM that died at its
+                // start: a vmm that cannot start at all backs off and ends
+                // the device failed, not retried forever.
+                self.tracker.started(now);
+                self.decide(Fault::Exited(format!("cannot start a driver VM: {error}")), now, Vec::new())
+            }
+            // Everything else changes nothing: a fault of a driver VM that is
+            // already gone, a timer of an earlier state, a recover or kill
+            // while running or restarting.
+            _ => Vec::new(),
+        }
+    }
+
+    fn fault(&mut self, fault: Fault, now: Instant) -> Vec<Effect> {
+        self.decide(fault.clone(), now, vec![Effect::Retire(fault)])
+    }
+
+    /// The policy's answer to a fault at `now`, after `effects`.
+    fn decide(&mut self, why: Fault, now: Instant, mut effects: Vec<Effect>) -> Vec<Effect> {
+        match self.tracker.on_fault(now) {
+            Decision::Restart(delay) if delay.is_zero() => {
+                self.state = Lifecycle::Restarting { why };
+                effects.push(Effect::Launch);
+            }
+            Decision::Restart(delay) => {
+                self.state = Lifecycle::BackingOff { until: now + delay, why };
+                effects.push(Effect::ArmTimer(delay));
+            }
+            Decision::Fail => {
+                let cool_down = self.tracker.policy().cool_down;
+                self.state = Lifecycle::Failed { until: now + cool_down, why };
+                effects.extend([Effect::FailPending, Effect::ArmTimer(cool_down)]);
+            }
+        }
+        effects
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn session(t0: Instant) -> Session {
+        Session::new(RestartPolicy { budget: 3, ..RestartPolicy::default() }, ms(500), t0)
+    }
+
+    fn exited() -> Fault {
+        Fault::Exited("killed".into())
+    }
+
+    /// Runs `session` from a fault at `now` until a driver VM runs again
+    /// (timers fire on time); returns the effects seen.
+    fn launch(session: &mut Session, now: Instant) {
+        assert_eq!(session.on(Event::Launched, now), vec![]);
+        assert!(session.running());
+    }
+
+    #[test]
+    fn a_fault_while_running_retires_the_driver_vm_and_launches_another() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        let t1 = t0 + ms(1000);
+        assert_eq!(session.on(Event::Fault(exited()), t1), vec![Effect::Retire(exited()), Effect::Launch]);
+        assert_eq!(session.state(), &Lifecycle::Restarting { why: exited() });
+        assert_eq!(session.state().index(), 1);
+        launch(&mut session, t1 + ms(3));
+        assert_eq!(session.state(), &Lifecycle::Running { since: t1 + ms(3), last_progress: t1 + ms(3) });
+    }
+
+    #[test]
+    fn a_quick_second_fault_backs_off_then_the_timer_launches() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        session.on(Event::Fault(exited()), t0 + ms(1000));
+        launch(&mut session, t0 + ms(1001));
+        let t2 = t0 + ms(1002);
+        assert_eq!(session.on(Event::Fault(exited()), t2), vec![Effect::Retire(exited()), Effect::ArmTimer(ms(5))]);
+        assert_eq!(session.state(), &Lifecycle::BackingOff { until: t2 + ms(5), why: exited() });
+        assert_eq!(session.on(Event::TimerFired, t2 + ms(4)), vec![], "early: a stale timer");
+        assert_eq!(session.on(Event::TimerFired, t2 + ms(5)), vec![Effect::Launch]);
+        launch(&mut session, t2 + ms(8));
+    }
+
+    #[test]
+    fn exhausting_the_budget_fails_the_device_until_the_cool_down_or_a_recover() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        let mut now = t0;
+        for _ in 0..3 {
+            now += Duration::from_secs(1);
+            assert_eq!(session.on(Event::Fault(exited()), now), vec![Effect::Retire(exited()), Effect::Launch]);
+            launch(&mut session, now);
+        }
+        now += Duration::from_secs(1);
+        let cool_down = RestartPolicy::default().cool_down;
+        assert_eq!(
+            session.on(Event::Fault(exited()), now),
+            vec![Effect::Retire(exited()), Effect::FailPending, Effect::ArmTimer(cool_down)]
+        );
+        assert!(session.failed());
+        assert_eq!(session.state().index(), 2);
+        assert_eq!(session.on(Event::Fault(exited()), now), vec![], "nothing runs to fault");
+        assert_eq!(session.on(Event::Kill, now), vec![], "nothing runs to kill");
+        assert_eq!(session.on(Event::TimerFired, now + ms(1)), vec![], "the cool-down is not over");
+        assert_eq!(session.on(Event::Recover, now + ms(2)), vec![Effect::Launch], "an operator recovers");
+        launch(&mut session, now + ms(5));
+        // The budget starts afresh.
+        assert_eq!(
+            session.on(Event::Fault(exited()), now + Duration::from_secs(1)),
+            vec![Effect::Retire(exited()), Effect::Launch]
+        );
+    }
+
+    #[test]
+    fn the_cool_down_ends_in_a_new_driver_vm() {
+        let t0 = Instant::now();
+        let policy = RestartPolicy { budget: 0, ..RestartPolicy::default() };
+        let mut session = Session::new(policy, ms(500), t0);
+        let effects = session.on(Event::Fault(exited()), t0 + ms(1));
+        assert!(effects.contains(&Effect::FailPending));
+        assert_eq!(session.on(Event::TimerFired, t0 + ms(1) + policy.cool_down), vec![Effect::Launch]);
+        launch(&mut session, t0 + ms(1) + policy.cool_down);
+    }
+
+    #[test]
+    fn a_hang_is_a_fault_only_with_requests_pending_past_the_deadline() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        assert_eq!(session.on(Event::HangCheck { pending: false }, t0 + ms(10_000)), vec![]);
+        session.progress(t0 + ms(10_000));
+        assert_eq!(session.on(Event::HangCheck { pending: true }, t0 + ms(10_499)), vec![]);
+        let hang = Fault::Hang(ms(500));
+        assert_eq!(
+            session.on(Event::HangCheck { pending: true }, t0 + ms(10_500)),
+            vec![Effect::Retire(hang.clone()), Effect::Launch]
+        );
+        assert_eq!(session.state(), &Lifecycle::Restarting { why: hang });
+    }
+
+    #[test]
+    fn a_driver_vm_that_cannot_start_counts_as_a_fault() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        session.on(Event::Fault(exited()), t0 + ms(1000));
+        let effects = session.on(Event::LaunchFailed("no vmm".into()), t0 + ms(1001));
+        assert_eq!(effects, vec![Effect::ArmTimer(ms(5))], "backs off: the last start was just now");
+        assert!(matches!(session.state(), Lifecycle::BackingOff { why: Fault::Exited(w), .. } if w.contains("no vmm")));
+        // Starts that keep failing end the device failed.
+        let mut now = t0 + ms(1001);
+        for _ in 0..20 {
+            if session.failed() {
+                break;
+            }
+            now += Duration::from_secs(1);
+            session.on(Event::TimerFired, now);
+            session.on(Event::LaunchFailed("no vmm".into()), now);
+        }
+        assert!(session.failed(), "{:?}", session.state());
+    }
+
+    #[test]
+    fn kill_and_recover_act_only_where_they_mean_something() {
+        let t0 = Instant::now();
+        let mut session = session(t0);
+        assert_eq!(session.on(Event::Kill, t0), vec![Effect::Kill]);
+        assert_eq!(session.on(Event::Recover, t0), vec![], "a running device needs no recovery");
+        assert_eq!(session.on(Event::TimerFired, t0), vec![], "no timer is armed while running");
+        assert_eq!(session.on(Event::Launched, t0), vec![], "no launch was asked for");
+        session.on(Event::Fault(exited()), t0 + ms(1000));
+        assert_eq!(session.on(Event::Kill, t0 + ms(1000)), vec![], "nothing runs while restarting");
+        assert_eq!(session.on(Event::Fault(exited()), t0 + ms(1000)), vec![], "a gone driver VM cannot fault");
+    }
+}
