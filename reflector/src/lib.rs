@@ -22,6 +22,7 @@ pub mod chaos;
 pub mod client_memory;
 pub mod config;
 pub mod control;
+pub mod device;
 pub mod driver_answers;
 pub mod driver_vms;
 pub mod driver_watch;

@@ -15,17 +15,18 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::blk::device::{BlkDevice, BlkWiring};
+use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
 use crate::config::{BlkConfig, JailSettings, NetConfig};
 use crate::control::ControlTarget;
+use crate::device::{Device, DeviceKind, DeviceWiring};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
-use crate::hw::{BlockHardware, DmaRegion, Hardware, HardwareWindow};
+use crate::hw::{DmaRegion, Hardware, HardwareWindow};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
-use crate::net::device::{NetDevice, NetWiring};
+use crate::net::device::{Net, NetDevice};
 use crate::recovery::{RecoveryConfig, RestartPolicy};
 use crate::shm::SharedMemory;
 use crate::supervisor::{DriverLauncher, DriverVmSpec, Window};
@@ -78,44 +79,42 @@ pub trait ServedDevice:
     fn kill_trigger(&self) -> std::io::Result<EventFd>;
 }
 
-impl ServedDevice for BlkDevice {
-    const KIND: &'static str = "blk";
-    const PROTOCOL: &'static str = "vhost-user-blk";
+impl<K: ServedKind> ServedDevice for Device<K> {
+    const KIND: &'static str = K::KIND;
+    const PROTOCOL: &'static str = K::PROTOCOL;
     fn listeners(&self) -> Vec<(RawFd, u16)> {
-        BlkDevice::listeners(self)
+        Device::listeners(self)
     }
     fn client_gone(&mut self) {
-        BlkDevice::client_gone(self)
+        Device::client_gone(self)
     }
     fn shutdown(&mut self) {
-        BlkDevice::shutdown(self)
+        Device::shutdown(self)
     }
     fn recover_trigger(&self) -> std::io::Result<EventFd> {
-        BlkDevice::recover_trigger(self)
+        Device::recover_trigger(self)
     }
     fn kill_trigger(&self) -> std::io::Result<EventFd> {
-        BlkDevice::kill_trigger(self)
+        Device::kill_trigger(self)
     }
 }
 
-impl ServedDevice for NetDevice {
+/// The names a kind of device is served under.
+pub trait ServedKind: DeviceKind {
+    /// "blk" or "net", for `reflector status`.
+    const KIND: &'static str;
+    /// The protocol, for logs.
+    const PROTOCOL: &'static str;
+}
+
+impl ServedKind for Blk {
+    const KIND: &'static str = "blk";
+    const PROTOCOL: &'static str = "vhost-user-blk";
+}
+
+impl ServedKind for Net {
     const KIND: &'static str = "net";
     const PROTOCOL: &'static str = "vhost-user-net";
-    fn listeners(&self) -> Vec<(RawFd, u16)> {
-        NetDevice::listeners(self)
-    }
-    fn client_gone(&mut self) {
-        NetDevice::client_gone(self)
-    }
-    fn shutdown(&mut self) {
-        NetDevice::shutdown(self)
-    }
-    fn recover_trigger(&self) -> std::io::Result<EventFd> {
-        NetDevice::recover_trigger(self)
-    }
-    fn kill_trigger(&self) -> std::io::Result<EventFd> {
-        NetDevice::kill_trigger(self)
-    }
 }
 
 impl<D: ServedDevice> Service for DeviceService<D> {
@@ -250,48 +249,25 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     let image_lock = lock_image(&config.image, config.read_only)?;
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
-    let dma = DmaRegion {
-        memory: channel.memory().clone(),
-        offset: channel::BOUNCE_OFFSET,
-        len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
-        gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
-    };
     let hardware_config =
         SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
-    let hardware =
-        Arc::new(SimStorage::start(&hardware_config, dma).map_err(io(format!("{name}: starting the controller")))?);
-    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
-    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
-    let spec = DriverVmSpec {
-        name: name.clone(),
-        vmm: vmm.to_owned(),
-        image: config.driver.clone(),
-        args: config.driver_args.clone(),
-        memory: config.driver_memory.clone(),
-        jail: jail_for(vmm, name, index, jail)?,
-    };
-    let launcher =
-        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
-    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
+    let hardware = Arc::new(
+        SimStorage::start(&hardware_config, bounce_dma(&channel))
+            .map_err(io(format!("{name}: starting the controller")))?,
+    );
     let channel_memory = channel.memory().clone();
-    let wiring = BlkWiring {
-        channel,
-        hardware: hardware.clone(),
-        checksums: config.checksums,
-        device_interrupt: hardware.interrupt(),
-        completion_doorbell,
-        driver_exited,
-        launcher,
+    let setup = DriverSetup {
+        vmm,
+        jail,
+        index,
+        driver: &config.driver,
+        args: &config.driver_args,
+        memory: &config.driver_memory,
     };
-    let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
-    let recovery = RecoveryConfig {
-        hang_deadline: config.hang_deadline,
-        policy,
-        warm_spare: config.warm_spare,
-        poison_deaths: config.poison_deaths,
-    };
-    let device = BlkDevice::new(name, hardware.capacity_sectors(), hardware.read_only(), wiring, recovery)
-        .map_err(io(format!("{name}: starting the driver VM")))?;
+    let wiring = wire(name, channel, hardware.clone(), &setup)?;
+    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, config.poison_deaths);
+    let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths);
+    let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
     Ok(BlkService {
         name: config.name.clone(),
@@ -382,46 +358,18 @@ pub fn start_net(
     let name = &config.name;
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
-    let dma = DmaRegion {
-        memory: channel.memory().clone(),
-        offset: channel::BOUNCE_OFFSET,
-        len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
-        gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
-    };
     let switch = switches.get(&config.switch);
     let hardware = Arc::new(
-        SimNic::start(name, config.mac, dma, switch).map_err(io(format!("{name}: starting the network card")))?,
+        SimNic::start(name, config.mac, bounce_dma(&channel), switch)
+            .map_err(io(format!("{name}: starting the network card")))?,
     );
-    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
-    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
-    let spec = DriverVmSpec {
-        name: name.clone(),
-        vmm: vmm.to_owned(),
-        image: config.driver.clone(),
-        args: String::new(),
-        memory: config.driver_memory.clone(),
-        jail: jail_for(vmm, name, index, jail)?,
-    };
-    let launcher =
-        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
-    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     let channel_memory = channel.memory().clone();
-    let wiring = NetWiring {
-        channel,
-        hardware: hardware.clone(),
-        device_interrupt: hardware.interrupt(),
-        completion_doorbell,
-        driver_exited,
-        launcher,
-    };
-    let policy = RestartPolicy { budget: config.fault_budget, ..RestartPolicy::default() };
-    let recovery = RecoveryConfig {
-        hang_deadline: config.hang_deadline,
-        policy,
-        warm_spare: config.warm_spare,
-        ..Default::default()
-    };
-    let device = NetDevice::new(name, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
+    let setup = DriverSetup { vmm, jail, index, driver: &config.driver, args: "", memory: &config.driver_memory };
+    let wiring = wire(name, channel, hardware.clone(), &setup)?;
+    // Frames are never replayed: no poison limit applies.
+    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, u32::MAX);
+    let kind = Net::new(hardware.clone());
+    let device = NetDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     let metrics = device.metrics();
     Ok(NetService {
         name: config.name.clone(),
@@ -433,6 +381,70 @@ pub fn start_net(
         channel_memory,
         _hardware: Box::new(hardware),
     })
+}
+
+/// The memory a device may reach by DMA: the channel's bounce slots (the
+/// IOMMU of this design).
+fn bounce_dma(channel: &Channel) -> DmaRegion {
+    DmaRegion {
+        memory: channel.memory().clone(),
+        offset: channel::BOUNCE_OFFSET,
+        len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
+        gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
+    }
+}
+
+/// What a device's driver VMs start as.
+struct DriverSetup<'a> {
+    vmm: &'a Path,
+    jail: &'a JailSettings,
+    /// The device's index (its jail's ids).
+    index: u32,
+    driver: &'a str,
+    args: &'a str,
+    memory: &'a str,
+}
+
+/// Wires `hardware` and `channel` to driver VMs of `setup`: their eventfds,
+/// their launcher (checked: a bad `driver=` or `memory=` fails the start),
+/// the device's wiring.
+fn wire(
+    name: &str,
+    channel: Channel,
+    hardware: Arc<dyn Hardware>,
+    setup: &DriverSetup,
+) -> Result<DeviceWiring, String> {
+    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
+    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
+    let spec = DriverVmSpec {
+        name: name.to_owned(),
+        vmm: setup.vmm.to_owned(),
+        image: setup.driver.to_owned(),
+        args: setup.args.to_owned(),
+        memory: setup.memory.to_owned(),
+        jail: jail_for(setup.vmm, name, setup.index, setup.jail)?,
+    };
+    let launcher =
+        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
+    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
+    Ok(DeviceWiring {
+        channel,
+        device_interrupt: hardware.interrupt(),
+        hardware,
+        completion_doorbell,
+        driver_exited,
+        launcher,
+    })
+}
+
+fn recovery_config(
+    hang_deadline: std::time::Duration,
+    budget: u32,
+    warm_spare: bool,
+    poison_deaths: u32,
+) -> RecoveryConfig {
+    let policy = RestartPolicy { budget, ..RestartPolicy::default() };
+    RecoveryConfig { hang_deadline, policy, warm_spare, poison_deaths }
 }
 
 /// A launcher wiring driver VMs the way both drivers expect: the hardware's

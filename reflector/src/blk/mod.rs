@@ -2,8 +2,8 @@
 //!
 //! - `marshal`: the only code that reads or writes client memory;
 //! - `inflight`: the reflector's table of requests handed to a driver VM;
-//! - `device`: the vhost-user backend tying them to the channel, and its
-//!   recovery (policy in `crate::recovery`).
+//! - `device`: the block kind of `crate::device` (intake, marshaling into
+//!   the channel, what recovery means for requests: replay, poison).
 
 pub mod device;
 pub mod inflight;

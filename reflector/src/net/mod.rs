@@ -3,8 +3,8 @@
 //!
 //! - `marshal`: the only code that reads or writes client memory for net;
 //! - `slots`: which bounce slot carries which frame;
-//! - `device`: the vhost-user backend tying them to the channel, and its
-//!   recovery (policy in `crate::recovery`).
+//! - `device`: the net kind of `crate::device` (transmit and receive
+//!   paths, what recovery means for frames: lost at most once).
 
 pub mod device;
 pub mod marshal;

@@ -1,0 +1,641 @@
+//! One device served through a driver VM, whatever its kind: the
+//! vhost-user backend and event handler, the driver VMs and their
+//! lifecycle ([`Session`]), recovery, warm spare, hang and cost watches,
+//! the client's memory and the metrics plumbing exist once, here. A kind
+//! ([`DeviceKind`]: block, net) keeps only its intake, its marshaling, its
+//! config space and what recovery means for its requests.
+//!
+//! Not here: reading client memory (each kind's `marshal`) and judging
+//! driver answers (`driver_answers`), the two trust boundaries.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::channel::Channel;
+use crate::client_memory;
+use crate::driver_vms::DriverVms;
+use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
+use crate::hw::{Hardware, InterruptRoute};
+use crate::metrics::Metrics;
+use crate::recovery::{Fault, RecoveryConfig};
+use crate::session::{Effect, Event, Session};
+use crate::supervisor::DriverLauncher;
+use crate::worker::{nonblocking_timer, periodic_timer, signal_used};
+
+/// Epoll data of the device's own event sources, after the client's queues
+/// (ids below a kind's queue count are vhost-user-backend's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Source {
+    /// The driver VM's completion doorbell.
+    Completion = 0,
+    /// A driver VM process exited.
+    DriverExit,
+    /// The hang watchdog timer.
+    Hang,
+    /// The delayed-restart (and cool-down) timer.
+    Restart,
+    /// An operator asked to recover a failed device.
+    Recover,
+    /// An operator (or the chaos command) asked to kill the driver VM:
+    /// through the device, which kills by pidfd (a pid read from the
+    /// counters may be stale and reused by another process).
+    Kill,
+    /// The periodic look at the driver VM's costs.
+    Watch,
+}
+
+const SOURCES: [Source; 7] = [
+    Source::Completion,
+    Source::DriverExit,
+    Source::Hang,
+    Source::Restart,
+    Source::Recover,
+    Source::Kill,
+    Source::Watch,
+];
+
+/// What differs between kinds of device.
+pub trait DeviceKind: Send + Sync + 'static {
+    /// Queues offered to the client.
+    const QUEUES: usize;
+    /// Largest queue a client may set up.
+    const MAX_QUEUE_SIZE: usize;
+    /// Virtio features offered.
+    fn features(&self) -> u64;
+    /// vhost-user protocol features offered.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+    }
+    /// The client acknowledged `features`.
+    fn acked_features(&mut self, _features: u64) {}
+    /// The virtio config space.
+    fn config_space(&self) -> Vec<u8>;
+    /// Requests (or frames) the driver VM holds: what the hang watch waits
+    /// on.
+    fn in_driver(&self) -> usize;
+    /// Nothing at all is pending for the client.
+    fn idle(&self) -> bool;
+    /// The client kicked queue `queue`.
+    fn queue_kicked(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[VringRwLock]) -> std::io::Result<()>;
+    /// The driver VM rang: take its completions (a bad one: `core.fault`).
+    fn completions(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) -> std::io::Result<()>;
+    /// The driver VM was killed for `fault` and can no longer run: keep the
+    /// answers it gave that pass every check, then settle what it still
+    /// held.
+    fn retired(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock], fault: &Fault);
+    /// A new driver VM runs on a new channel generation: give it what it
+    /// must have (replays, receive buffers).
+    fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]);
+    /// The device failed: complete (or drop) everything pending.
+    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]);
+    /// The client went away (or was cut off): forget its requests.
+    fn client_gone(&mut self, core: &mut DeviceCore);
+}
+
+/// What a device is wired to, whatever its kind.
+pub struct DeviceWiring {
+    /// The channel into the driver VM.
+    pub channel: Channel,
+    /// The hardware (quiesced on faults).
+    pub hardware: Arc<dyn Hardware>,
+    /// Where the hardware's interrupt goes (routed to the driver VM's line 1).
+    pub device_interrupt: Arc<InterruptRoute>,
+    /// Signalled by the driver VM's completion doorbell (its doorbell 0).
+    pub completion_doorbell: EventFd,
+    /// Signalled when a driver VM process exits.
+    pub driver_exited: EventFd,
+    /// Starts driver VMs wired to this device.
+    pub launcher: DriverLauncher,
+}
+
+/// What every kind shares: a kind's methods get it alongside their own
+/// state.
+pub struct DeviceCore {
+    /// The device's name.
+    pub name: String,
+    /// The client negotiated VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
+    /// The client's memory, once its table arrived.
+    pub memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// The client's memory table registered with the SIGBUS guard; kept
+    /// after a cut-off, while the mapping may still be touched.
+    memory_guard: Option<client_memory::Registration>,
+    /// Which client connection this is: answers for an earlier one are
+    /// dropped, not written into the new client's memory.
+    pub client: u64,
+    /// The channel into the driver VM.
+    pub channel: Channel,
+    hardware: Arc<dyn Hardware>,
+    /// The current driver VM and its spare.
+    pub drivers: DriverVms,
+    /// The driver VMs' lifecycle (sans-IO): what to do about each event.
+    pub session: Session,
+    /// The device's counters.
+    pub metrics: Arc<Metrics>,
+    completion_doorbell: EventFd,
+    driver_exited: EventFd,
+    hang_timer: TimerFd,
+    hang_armed: bool,
+    /// How often the hang watch looks (a quarter of the deadline).
+    hang_period: Duration,
+    restart_timer: TimerFd,
+    /// What the driver VM costs, judged once per `WATCH_PERIOD`.
+    watch: ResourceWatch,
+    watch_timer: TimerFd,
+    /// Doorbell rings and completions from driver VMs, for `watch`.
+    rings: u64,
+    answers: u64,
+    recover: EventFd,
+    kill: EventFd,
+    /// When the client started waiting on a recovery: the fault, or the
+    /// first request after it if none was pending at the fault.
+    fault_at: Option<Instant>,
+    /// A fault happened with nothing pending; the stall clock starts at the
+    /// next request.
+    fault_idle: bool,
+    /// A fault a kind reported, handled once the kind's method returns.
+    reported: Option<Fault>,
+    /// Why the client is to be cut off, likewise.
+    cut: Option<String>,
+}
+
+impl DeviceCore {
+    /// Reports a driver VM fault; the device handles it when the kind's
+    /// method returns (the kind stops using the driver VM at once).
+    pub fn fault(&mut self, fault: Fault) {
+        self.reported.get_or_insert(fault);
+    }
+
+    /// Stops serving the current client for good (it must reconnect): its
+    /// memory faulted, or its queue is broken. Only it suffers.
+    pub fn cut_off(&mut self, why: &str) {
+        self.cut.get_or_insert_with(|| why.to_owned());
+    }
+
+    /// Whether touching the client's memory has faulted.
+    pub fn client_memory_poisoned(&self) -> bool {
+        self.memory_guard.as_ref().is_some_and(client_memory::Registration::poisoned)
+    }
+
+    /// The driver VM's new completions; None (reported as a fault, unless
+    /// `salvaging` a dead driver VM's) if its completion ring broke the
+    /// protocol.
+    pub fn take_completions(&mut self, salvaging: bool) -> Option<Vec<guest_abi::channel::CompletionEntry>> {
+        match self.channel.take_completions() {
+            Ok(completions) => {
+                if !salvaging {
+                    self.answers = self.answers.wrapping_add(completions.len() as u64);
+                    if !completions.is_empty() {
+                        self.watch.note_busy();
+                    }
+                }
+                Some(completions)
+            }
+            Err(violation) => {
+                if !salvaging {
+                    self.fault(Fault::Violation(violation.to_string()));
+                }
+                None
+            }
+        }
+    }
+
+    /// A request completed: the driver VM is alive and making progress.
+    /// The first completion after a fault ends the client's stall; then
+    /// the spare the recovery used up is replaced.
+    pub fn progress(&mut self) {
+        let now = Instant::now();
+        self.session.progress(now);
+        if let Some(fault_at) = self.fault_at.take() {
+            let stall = now.duration_since(fault_at).as_micros() as u64;
+            self.metrics.record_stall(stall);
+            tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
+        }
+        self.drivers.launch_wanted_spare();
+    }
+
+    /// A client request arrived: if a fault found nothing pending, the
+    /// client's stall starts now.
+    pub fn request_arrived(&mut self) {
+        if std::mem::take(&mut self.fault_idle) {
+            self.fault_at = Some(Instant::now());
+        }
+    }
+
+    /// Publishes new requests to the driver VM (and wakes it if it sleeps).
+    pub fn publish(&self) {
+        self.channel.publish(self.drivers.request_interrupt());
+    }
+
+    /// Watches for a hang while `in_driver` requests are in the driver VM.
+    pub fn arm_hang_watch(&mut self, in_driver: usize) {
+        if self.hang_armed || in_driver == 0 || !self.session.running() {
+            return;
+        }
+        self.session.progress(Instant::now());
+        if self.hang_timer.reset(self.hang_period, Some(self.hang_period)).is_ok() {
+            self.hang_armed = true;
+        }
+    }
+
+    fn disarm_hang_watch(&mut self) {
+        if self.hang_armed {
+            let _ = self.hang_timer.clear();
+            self.hang_armed = false;
+        }
+    }
+
+    fn arm_restart_timer(&mut self, delay: Duration) {
+        if let Err(error) = self.restart_timer.reset(delay.max(Duration::from_micros(1)), None) {
+            tracing::error!(device = %self.name, %error, "cannot arm the restart timer");
+        }
+    }
+}
+
+/// A device of kind `K`.
+pub struct Device<K> {
+    core: DeviceCore,
+    kind: K,
+}
+
+impl<K: DeviceKind> Device<K> {
+    /// A device of `kind` served through `wiring`; starts its first driver
+    /// VM (and a spare, if configured).
+    pub fn new(name: &str, kind: K, wiring: DeviceWiring, recovery: RecoveryConfig) -> std::io::Result<Self> {
+        let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
+        let new_eventfd = || EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC);
+        let core = DeviceCore {
+            name: name.to_owned(),
+            event_idx: false,
+            memory: None,
+            memory_guard: None,
+            client: 0,
+            channel: wiring.channel,
+            hardware: wiring.hardware,
+            drivers,
+            session: Session::new(recovery.policy, recovery.hang_deadline, Instant::now()),
+            metrics: Arc::new(Metrics::default()),
+            completion_doorbell: wiring.completion_doorbell,
+            driver_exited: wiring.driver_exited,
+            hang_timer: nonblocking_timer()?,
+            hang_armed: false,
+            hang_period: recovery.hang_deadline / 4,
+            restart_timer: nonblocking_timer()?,
+            watch: ResourceWatch::default(),
+            watch_timer: periodic_timer(WATCH_PERIOD)?,
+            rings: 0,
+            answers: 0,
+            recover: new_eventfd()?,
+            kill: new_eventfd()?,
+            fault_at: None,
+            fault_idle: false,
+            reported: None,
+            cut: None,
+        };
+        let mut device = Device { core, kind };
+        device.kind.launched(&mut device.core, &[]);
+        device.publish_state();
+        Ok(device)
+    }
+
+    /// The kind's own state.
+    pub fn kind(&self) -> &K {
+        &self.kind
+    }
+
+    /// An eventfd that, when written, makes a failed device try a new
+    /// driver VM at once (`reflector recover`).
+    pub fn recover_trigger(&self) -> std::io::Result<EventFd> {
+        self.core.recover.try_clone()
+    }
+
+    /// An eventfd that, when written, makes the device SIGKILL its current
+    /// driver VM through its pidfd (`reflector kill`, chaos).
+    pub fn kill_trigger(&self) -> std::io::Result<EventFd> {
+        self.core.kill.try_clone()
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.core.metrics.clone()
+    }
+
+    /// The current driver VM's pid, if one runs.
+    pub fn driver_pid(&self) -> Option<libc::pid_t> {
+        self.core.drivers.current_pid()
+    }
+
+    /// Kills the driver VMs for good (the reflector is stopping).
+    pub fn shutdown(&mut self) {
+        self.core.drivers.shutdown();
+    }
+
+    /// The file descriptors the vhost-user worker must watch, with their
+    /// event ids.
+    pub fn listeners(&self) -> Vec<(std::os::fd::RawFd, u16)> {
+        use std::os::fd::AsRawFd;
+        let core = &self.core;
+        SOURCES
+            .iter()
+            .map(|source| {
+                let fd = match source {
+                    Source::Completion => core.completion_doorbell.as_raw_fd(),
+                    Source::DriverExit => core.driver_exited.as_raw_fd(),
+                    Source::Hang => core.hang_timer.as_raw_fd(),
+                    Source::Restart => core.restart_timer.as_raw_fd(),
+                    Source::Recover => core.recover.as_raw_fd(),
+                    Source::Kill => core.kill.as_raw_fd(),
+                    Source::Watch => core.watch_timer.as_raw_fd(),
+                };
+                (fd, Self::event_id(*source))
+            })
+            .collect()
+    }
+
+    /// The epoll data of `source`.
+    pub fn event_id(source: Source) -> u16 {
+        K::QUEUES as u16 + 1 + source as u16
+    }
+
+    fn source_of(event: u16) -> Option<Source> {
+        let index = event.checked_sub(K::QUEUES as u16 + 1)?;
+        SOURCES.get(usize::from(index)).copied()
+    }
+
+    /// Forgets a client that went away: its queues are gone, so what is
+    /// still in the driver VM completes into nothing.
+    pub fn client_gone(&mut self) {
+        tracing::trace!(device = %self.core.name, "client gone");
+        self.core.memory = None;
+        self.core.client += 1;
+        self.kind.client_gone(&mut self.core);
+    }
+
+    /// Mirrors the state operators see (`reflector status`).
+    fn publish_state(&self) {
+        let metrics = &self.core.metrics;
+        metrics.state.store(self.core.session.state().index(), Ordering::Relaxed);
+        metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        metrics.spare_pid.store(self.core.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        metrics.in_flight.store(self.kind.in_driver() as u64, Ordering::Relaxed);
+    }
+
+    /// Feeds `event` to the session and carries out its effects, in order.
+    fn handle(&mut self, vrings: &[VringRwLock], event: Event) {
+        for effect in self.core.session.on(event, Instant::now()) {
+            match effect {
+                Effect::Retire(fault) => self.retire(vrings, &fault),
+                Effect::Launch => self.launch(vrings),
+                Effect::ArmTimer(delay) => {
+                    if !self.core.session.failed() {
+                        let delay_ms = delay.as_millis() as u64;
+                        tracing::info!(device = %self.core.name, delay_ms, "restart delayed (backoff)");
+                    }
+                    self.core.arm_restart_timer(delay);
+                }
+                Effect::FailPending => {
+                    tracing::error!(device = %self.core.name, "too many driver VM faults: the device fails its requests until the cool-down ends or an operator recovers it");
+                    self.kind.fail_pending(&mut self.core, vrings);
+                }
+                Effect::Kill => self.core.drivers.kill_current(),
+            }
+        }
+        self.publish_state();
+    }
+
+    /// Kills the faulty driver VM and waits until it cannot run, quiesces
+    /// the hardware, and lets the kind keep what it finished correctly.
+    fn retire(&mut self, vrings: &[VringRwLock], fault: &Fault) {
+        let core = &mut self.core;
+        let pid = core.drivers.current_pid();
+        tracing::warn!(device = %core.name, driver_vm = %core.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
+        core.metrics.faults.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = core.metrics.last_fault.lock() {
+            *last = format!("{}: {fault}", fault.kind());
+        }
+        core.drivers.drop_current();
+        // Nothing the dead driver queued may run once the replay reuses its
+        // bounce slots.
+        core.hardware.quiesce();
+        core.disarm_hang_watch();
+        // The stall the client sees; with no client there is none.
+        if core.fault_at.is_none() && core.memory.is_some() {
+            if self.kind.idle() {
+                core.fault_idle = true;
+            } else {
+                core.fault_at = Some(Instant::now());
+            }
+        }
+        self.kind.retired(&mut self.core, vrings, fault);
+        // A kind's own fault while salvaging is the same fault.
+        self.core.reported = None;
+    }
+
+    /// Starts a new driver VM on a new channel generation and lets the kind
+    /// give it what it must have.
+    fn launch(&mut self, vrings: &[VringRwLock]) {
+        let core = &mut self.core;
+        let generation = core.channel.reset();
+        // The old driver VM can no longer run (`drop_current` waited).
+        core.hardware.resume();
+        match core.drivers.replace() {
+            Ok((pid, warm)) => {
+                tracing::info!(device = %core.name, pid, generation, warm, "driver VM restarted");
+                core.session.on(Event::Launched, Instant::now());
+                // Observers that see the new restart count must also see
+                // the new driver VM (the chaos command kills by pid).
+                self.publish_state();
+                self.core.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                tracing::error!(device = %core.name, %error, "cannot start a driver VM");
+                self.handle(vrings, Event::LaunchFailed(error.to_string()));
+                return;
+            }
+        }
+        self.kind.launched(&mut self.core, vrings);
+        self.core.publish();
+        self.core.arm_hang_watch(self.kind.in_driver());
+        if self.kind.in_driver() == 0 {
+            self.core.drivers.launch_wanted_spare();
+        }
+    }
+
+    /// Handles what a kind's method reported: a fault, a client to cut off.
+    fn settle(&mut self, vrings: &[VringRwLock]) {
+        if let Some(fault) = self.core.reported.take() {
+            if matches!(fault, Fault::Violation(_)) {
+                self.core.metrics.violations.fetch_add(1, Ordering::Relaxed);
+            }
+            self.handle(vrings, Event::Fault(fault));
+        }
+        if self.core.memory.is_some() && self.core.client_memory_poisoned() {
+            self.core.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
+            self.core.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");
+        }
+        if let Some(why) = self.core.cut.take() {
+            tracing::error!(device = %self.core.name, why, "no longer serving this client; it must reconnect");
+            self.client_gone();
+        }
+    }
+
+    /// Judges what the current driver VM cost over the last period.
+    fn watch_driver(&mut self, vrings: &[VringRwLock]) {
+        let core = &mut self.core;
+        if !core.session.running() {
+            return;
+        }
+        let Some(pid) = core.drivers.current_pid() else { return };
+        if self.kind.in_driver() > 0 {
+            core.watch.note_busy();
+        }
+        if let Some(abuse) = core.watch.look(pid, core.rings, core.answers) {
+            core.metrics.abuses.fetch_add(1, Ordering::Relaxed);
+            self.handle(vrings, Event::Fault(Fault::Abuse(abuse.to_string())));
+        }
+    }
+
+    fn on_source(&mut self, source: Source, vrings: &[VringRwLock]) -> std::io::Result<()> {
+        match source {
+            Source::Completion => {
+                if let Ok(rings) = self.core.completion_doorbell.read() {
+                    self.core.rings = self.core.rings.wrapping_add(rings);
+                    self.core.metrics.doorbells.fetch_add(rings, Ordering::Relaxed);
+                }
+                if !self.core.session.running() {
+                    return Ok(());
+                }
+                self.kind.completions(&mut self.core, vrings)
+            }
+            Source::DriverExit => {
+                let _ = self.core.driver_exited.read();
+                if let Some(report) = self.core.drivers.exited() {
+                    self.handle(vrings, Event::Fault(Fault::Exited(report)));
+                }
+                Ok(())
+            }
+            Source::Hang => {
+                let _ = self.core.hang_timer.wait();
+                if self.kind.in_driver() == 0 || !self.core.session.running() {
+                    self.core.disarm_hang_watch();
+                    return Ok(());
+                }
+                self.handle(vrings, Event::HangCheck { pending: true });
+                Ok(())
+            }
+            Source::Restart => {
+                let _ = self.core.restart_timer.wait();
+                self.handle(vrings, Event::TimerFired);
+                Ok(())
+            }
+            Source::Recover => {
+                let _ = self.core.recover.read();
+                tracing::info!(device = %self.core.name, "recovery requested by an operator");
+                self.handle(vrings, Event::Recover);
+                Ok(())
+            }
+            Source::Kill => {
+                let _ = self.core.kill.read();
+                self.handle(vrings, Event::Kill);
+                Ok(())
+            }
+            Source::Watch => {
+                let _ = self.core.watch_timer.wait();
+                self.watch_driver(vrings);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        K::QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        K::MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        self.kind.features()
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.kind.acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.kind.protocol_features()
+    }
+
+    fn set_event_idx(&mut self, enabled: bool) {
+        self.core.event_idx = enabled;
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        crate::worker::config_read(&self.kind.config_space(), offset, size)
+    }
+
+    /// Each vhost-user worker gets an exit event, so that when a client
+    /// disconnects the worker can be stopped and a new connection served.
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(error) => {
+                tracing::error!(device = %self.core.name, %error, "cannot create a worker exit event");
+                None
+            }
+        }
+    }
+
+    fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        tracing::trace!(device = %self.core.name, "client memory table");
+        self.core.memory = None;
+        let registration = client_memory::accept(&self.core.name, &memory.memory())?;
+        self.core.memory = Some(memory);
+        self.core.memory_guard = Some(registration);
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        tracing::trace!(device = %self.core.name, device_event, memory = self.core.memory.is_some(), "worker event");
+        let result = match Self::source_of(device_event) {
+            _ if usize::from(device_event) < K::QUEUES => {
+                self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings)
+            }
+            Some(source) => self.on_source(source, vrings),
+            None => Ok(()),
+        };
+        self.settle(vrings);
+        self.publish_state();
+        for vring in vrings {
+            let _ = signal_used(vring);
+        }
+        // An error returned here would end vhost-user-backend's worker loop
+        // for good, and with it the connection's I/O: report it instead.
+        if let Err(error) = result {
+            tracing::warn!(device = %self.core.name, device_event, %error, "event handling failed");
+        }
+        Ok(())
+    }
+}
