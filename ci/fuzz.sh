@@ -68,8 +68,13 @@ open(path, "wb").write(prefix + bytes(memory))
 PY
             ;;
         control)
-            for line in status metrics "inject d0 panic 3" "inject n0 corrupt-reads" "kill d0" "recover n0"; do
-                echo "$line" >"$dir/$(echo "$line" | tr ' ' _)"
+            local n=0
+            for line in '{"request":"status"}' '{"request":"metrics"}' \
+                '{"request":"inject","device":"d0","fault":"panic","after":3}' \
+                '{"request":"inject","device":"n0","fault":"corrupt-reads"}' \
+                '{"request":"kill","device":"d0"}' '{"request":"recover","device":"n0"}'; do
+                n=$((n + 1))
+                echo "$line" >"$dir/request-$n"
             done ;;
     esac
 }

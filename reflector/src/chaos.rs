@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control;
+use crate::control::{self, FaultKind, Request};
 
 /// Every fault the chaos command can cause.
 pub const ALL_KINDS: [&str; 7] = ["kill", "panic", "page-fault", "illegal", "hang", "lie", "stop"];
@@ -95,8 +95,7 @@ impl Rng {
 }
 
 fn device_status(options: &ChaosOptions) -> Result<serde_json::Value, String> {
-    let reply = control::request(&options.control, "status")?;
-    let all: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("bad status reply: {e}"))?;
+    let all = serde_json::to_value(control::status(&options.control)?).map_err(|e| e.to_string())?;
     all.as_array()
         .and_then(|devices| devices.iter().find(|d| d["device"] == options.device.as_str()).cloned())
         .ok_or_else(|| format!("the reflector has no device named {:?}", options.device))
@@ -176,8 +175,12 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
             let kind = &options.kinds[rng.below(options.kinds.len() as u64) as usize];
             let before = counter(&device_status(options)?, "restarts");
             match kind.as_str() {
-                "kill" => control::request(&options.control, &format!("kill {}", options.device))?,
-                other => control::request(&options.control, &format!("inject {} {other} 0", options.device))?,
+                "kill" => control::request(&options.control, &Request::Kill { device: options.device.clone() })?,
+                other => {
+                    let fault = FaultKind::parse(other).ok_or_else(|| format!("unknown fault {other:?}"))?;
+                    let inject = Request::Inject { device: options.device.clone(), fault, after: 0 };
+                    control::request(&options.control, &inject)?
+                }
             };
             *report.by_kind.entry(kind.clone()).or_default() += 1;
             let deadline = Instant::now() + options.recovery_timeout;

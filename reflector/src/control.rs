@@ -1,12 +1,14 @@
 //! The control socket: operators (and the chaos command) ask the reflector
-//! about its devices and act on them. One line per request, one answer per
-//! connection:
+//! about its devices and act on them. A typed protocol shared by the server
+//! and its clients: one [`Request`] per connection, one [`Response`], each
+//! a line of JSON (`{"request":"kill","device":"d0"}` →
+//! `{"response":"killed","pid":1234}`):
 //!
-//! - `status`: one JSON array, an object per device;
+//! - `status`: every device's state and counters;
 //! - `metrics`: the counters in Prometheus text format;
-//! - `inject DEVICE KIND [AFTER]`: make the driver commit a fault (tests);
-//! - `kill DEVICE`: SIGKILL the device's driver VM, through its pidfd (tests);
-//! - `recover DEVICE`: make a failed device try a new driver VM now.
+//! - `inject`: make the driver commit a fault (tests);
+//! - `kill`: SIGKILL the device's driver VM, through its pidfd (tests);
+//! - `recover`: make a failed device try a new driver VM now.
 //!
 //! The socket is as privileged as the reflector: create it where only the
 //! operator can reach it.
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_abi::channel::inject;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::Channel;
@@ -46,50 +48,82 @@ pub struct ControlTarget {
 }
 
 /// One device in `status`.
-#[derive(Serialize)]
-struct DeviceStatus<'a> {
-    device: &'a str,
-    kind: &'static str,
-    state: &'static str,
-    driver_pid: u64,
-    spare_pid: u64,
-    requests: u64,
-    completed: u64,
-    in_flight: u64,
-    errors: u64,
-    malformed: u64,
-    client_memory_faults: u64,
-    violations: u64,
-    abuses: u64,
-    doorbells: u64,
-    faults: u64,
-    restarts: u64,
-    replayed: u64,
-    poisoned: u64,
-    last_fault: String,
-    last_poison: String,
-    stall_p50_us: u64,
-    stall_p99_us: u64,
-    stall_max_us: u64,
-    stalls: usize,
-    bytes_read: u64,
-    bytes_written: u64,
-    tx_frames: u64,
-    rx_frames: u64,
-    tx_bytes: u64,
-    rx_bytes: u64,
-    tx_lost: u64,
-    rx_dropped: u64,
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    /// Device name.
+    pub device: String,
+    /// "blk" or "net".
+    pub kind: String,
+    /// running, awaiting_restart or failed.
+    pub state: String,
+    /// The driver VM's pid (0: none runs).
+    pub driver_pid: u64,
+    /// The warm spare's pid (0: none).
+    pub spare_pid: u64,
+    /// Counter `requests` (see `Metrics`).
+    pub requests: u64,
+    /// Counter `completed` (see `Metrics`).
+    pub completed: u64,
+    /// Counter `in_flight` (see `Metrics`).
+    pub in_flight: u64,
+    /// Counter `errors` (see `Metrics`).
+    pub errors: u64,
+    /// Counter `malformed` (see `Metrics`).
+    pub malformed: u64,
+    /// Counter `client_memory_faults` (see `Metrics`).
+    pub client_memory_faults: u64,
+    /// Counter `violations` (see `Metrics`).
+    pub violations: u64,
+    /// Counter `abuses` (see `Metrics`).
+    pub abuses: u64,
+    /// Counter `doorbells` (see `Metrics`).
+    pub doorbells: u64,
+    /// Counter `faults` (see `Metrics`).
+    pub faults: u64,
+    /// Counter `restarts` (see `Metrics`).
+    pub restarts: u64,
+    /// Counter `replayed` (see `Metrics`).
+    pub replayed: u64,
+    /// Counter `poisoned` (see `Metrics`).
+    pub poisoned: u64,
+    /// The last fault.
+    pub last_fault: String,
+    /// The last poison request.
+    pub last_poison: String,
+    /// Counter `stall_p50_us` (see `Metrics`).
+    pub stall_p50_us: u64,
+    /// Counter `stall_p99_us` (see `Metrics`).
+    pub stall_p99_us: u64,
+    /// Counter `stall_max_us` (see `Metrics`).
+    pub stall_max_us: u64,
+    /// Recovery stalls recorded.
+    pub stalls: usize,
+    /// Counter `bytes_read` (see `Metrics`).
+    pub bytes_read: u64,
+    /// Counter `bytes_written` (see `Metrics`).
+    pub bytes_written: u64,
+    /// Counter `tx_frames` (see `Metrics`).
+    pub tx_frames: u64,
+    /// Counter `rx_frames` (see `Metrics`).
+    pub rx_frames: u64,
+    /// Counter `tx_bytes` (see `Metrics`).
+    pub tx_bytes: u64,
+    /// Counter `rx_bytes` (see `Metrics`).
+    pub rx_bytes: u64,
+    /// Counter `tx_lost` (see `Metrics`).
+    pub tx_lost: u64,
+    /// Counter `rx_dropped` (see `Metrics`).
+    pub rx_dropped: u64,
 }
 
-fn status_of(target: &ControlTarget) -> DeviceStatus<'_> {
+fn status_of(target: &ControlTarget) -> DeviceStatus {
     let m = &target.metrics;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let (p50, p99, max) = m.stall_percentiles().unwrap_or((0, 0, 0));
     DeviceStatus {
-        device: &target.name,
-        kind: target.kind,
-        state: STATE_NAMES.get(get(&m.state) as usize).copied().unwrap_or("unknown"),
+        device: target.name.clone(),
+        kind: target.kind.to_owned(),
+        state: STATE_NAMES.get(get(&m.state) as usize).copied().unwrap_or("unknown").to_owned(),
         driver_pid: get(&m.driver_pid),
         spare_pid: get(&m.spare_pid),
         requests: get(&m.requests),
@@ -175,65 +209,162 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     out
 }
 
-/// Parses a fault name.
-pub fn fault_kind(name: &str) -> Option<u32> {
-    Some(match name {
-        "panic" => inject::PANIC,
-        "page-fault" => inject::PAGE_FAULT,
-        "illegal" => inject::ILLEGAL,
-        "hang" => inject::HANG,
-        "lie" => inject::LIE,
-        "stop" => inject::STOP,
-        "spin" => inject::SPIN,
-        "flood" => inject::FLOOD,
-        "corrupt-reads" => inject::CORRUPT_READS,
-        "skip-flushes" => inject::SKIP_FLUSHES,
-        _ => return None,
-    })
+/// A request to the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every device's state and counters.
+    Status,
+    /// The counters in Prometheus text format.
+    Metrics,
+    /// Make `device`'s driver commit `fault` after `after` more requests.
+    Inject {
+        /// The device.
+        device: String,
+        /// The fault.
+        fault: FaultKind,
+        /// Requests to serve first.
+        #[serde(default)]
+        after: u32,
+    },
+    /// SIGKILL `device`'s driver VM.
+    Kill {
+        /// The device.
+        device: String,
+    },
+    /// Make a failed `device` try a new driver VM now.
+    Recover {
+        /// The device.
+        device: String,
+    },
 }
 
-fn target<'a>(targets: &'a [ControlTarget], name: Option<&str>) -> Result<&'a ControlTarget, String> {
-    let name = name.ok_or("name a device")?;
+/// The control socket's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// To `status`.
+    Status {
+        /// One per device.
+        devices: Vec<DeviceStatus>,
+    },
+    /// To `metrics`.
+    Metrics {
+        /// Prometheus text format.
+        text: String,
+    },
+    /// To `kill`: the driver VM asked to die.
+    Killed {
+        /// Its pid.
+        pid: u64,
+    },
+    /// To `inject` and `recover`.
+    Done,
+    /// Any request that could not be done.
+    Error {
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+/// A fault a driver can be asked to commit (`inject`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// Panic.
+    Panic,
+    /// Read an unmapped address.
+    PageFault,
+    /// Execute an invalid instruction.
+    Illegal,
+    /// Stop serving and spin.
+    Hang,
+    /// Complete a request with a wrong length.
+    Lie,
+    /// Exit cleanly.
+    Stop,
+    /// Flip a bit of every read's data from now on.
+    CorruptReads,
+    /// Acknowledge flushes without flushing from now on.
+    SkipFlushes,
+    /// Never sleep from now on.
+    Spin,
+    /// Ring the doorbell continuously from now on.
+    Flood,
+}
+
+impl FaultKind {
+    /// Every kind, by its name (`panic`, `page-fault`, ...).
+    pub const NAMES: &'static str =
+        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin or flood";
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<FaultKind> {
+        serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+    }
+
+    /// Its code in the channel (`guest_abi::channel::inject`).
+    pub fn code(self) -> u32 {
+        match self {
+            FaultKind::Panic => inject::PANIC,
+            FaultKind::PageFault => inject::PAGE_FAULT,
+            FaultKind::Illegal => inject::ILLEGAL,
+            FaultKind::Hang => inject::HANG,
+            FaultKind::Lie => inject::LIE,
+            FaultKind::Stop => inject::STOP,
+            FaultKind::CorruptReads => inject::CORRUPT_READS,
+            FaultKind::SkipFlushes => inject::SKIP_FLUSHES,
+            FaultKind::Spin => inject::SPIN,
+            FaultKind::Flood => inject::FLOOD,
+        }
+    }
+}
+
+fn target<'a>(targets: &'a [ControlTarget], name: &str) -> Result<&'a ControlTarget, String> {
     targets.iter().find(|t| t.name == name).ok_or_else(|| format!("no device named {name:?}"))
 }
 
-/// Answers one request line.
-pub fn answer(targets: &[ControlTarget], line: &str) -> String {
-    let mut words = line.split_whitespace();
-    let result = match words.next() {
-        Some("status") => {
-            serde_json::to_string(&targets.iter().map(status_of).collect::<Vec<_>>()).map_err(|e| e.to_string())
-        }
-        Some("metrics") => Ok(prometheus(targets)),
-        Some("inject") => target(targets, words.next()).and_then(|t| {
-            let kind = words.next().and_then(fault_kind).ok_or(
-                "inject DEVICE KIND [AFTER]: KIND is panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin or flood".to_string(),
-            )?;
-            let after = words.next().map(str::parse).transpose().map_err(|_| "AFTER must be a number")?.unwrap_or(0);
-            Channel::inject(&t.channel, kind, after);
-            Ok("ok".into())
+/// Carries out `request`.
+pub fn respond(targets: &[ControlTarget], request: &Request) -> Response {
+    let result = match request {
+        Request::Status => Ok(Response::Status { devices: targets.iter().map(status_of).collect() }),
+        Request::Metrics => Ok(Response::Metrics { text: prometheus(targets) }),
+        Request::Inject { device, fault, after } => target(targets, device).map(|t| {
+            Channel::inject(&t.channel, fault.code(), *after);
+            Response::Done
         }),
-        Some("kill") => {
-            target(targets, words.next()).and_then(|t| match t.metrics.driver_pid.load(Ordering::Relaxed) {
+        Request::Kill { device } => {
+            target(targets, device).and_then(|t| match t.metrics.driver_pid.load(Ordering::Relaxed) {
                 0 => Err("no driver VM is running".into()),
                 pid => {
                     // The device kills it through its pidfd: never a pid
                     // that was reused after the driver VM was reaped.
                     t.kill.write(1).map_err(|e| format!("asking the device to kill its driver VM: {e}"))?;
-                    Ok(format!("ok {pid}"))
+                    Ok(Response::Killed { pid })
                 }
             })
         }
-        Some("recover") => target(targets, words.next()).and_then(|t| {
+        Request::Recover { device } => target(targets, device).and_then(|t| {
             t.recover.write(1).map_err(|e| e.to_string())?;
-            Ok("ok".into())
+            Ok(Response::Done)
         }),
-        _ => Err("unknown request: use status, metrics, inject, kill or recover".into()),
     };
-    match result {
-        Ok(text) => text,
-        Err(message) => format!("error: {message}"),
-    }
+    result.unwrap_or_else(|message| Response::Error { message })
+}
+
+/// Answers one request line with one response line (JSON both).
+pub fn answer(targets: &[ControlTarget], line: &str) -> String {
+    let response = match serde_json::from_str::<Request>(line) {
+        Ok(request) => respond(targets, &request),
+        Err(error) => Response::Error {
+            message: format!(
+                "not a control request ({error}): send one JSON object such as {{\"request\":\"status\"}}; \
+                 use the reflector's status, metrics, inject, kill and recover commands"
+            ),
+        },
+    };
+    serde_json::to_string(&response)
+        .unwrap_or_else(|e| format!("{{\"response\":\"error\",\"message\":\"cannot encode the answer: {e}\"}}"))
 }
 
 /// Control clients served at once; more are told to try again.
@@ -266,7 +397,9 @@ pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
                 // sends its line delays nobody else; a bounded number of them.
                 if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                     busy.fetch_sub(1, Ordering::AcqRel);
-                    let _ = (&stream).write_all(b"error: too many control clients at once; try again\n");
+                    let busy = Response::Error { message: "too many control clients at once; try again".into() };
+                    let _ = (&stream)
+                        .write_all(format!("{}\n", serde_json::to_string(&busy).unwrap_or_default()).as_bytes());
                     continue;
                 }
                 let (targets, done) = (targets.clone(), busy.clone());
@@ -283,18 +416,88 @@ pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
     Ok(())
 }
 
-/// Sends one request to the control socket at `path`; returns the answer.
-pub fn request(path: &Path, line: &str) -> Result<String, String> {
+/// Sends `request` to the control socket at `path`; returns the answer (an
+/// `Error` response becomes `Err`).
+pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the reflector's control socket {}: {e}", path.display()))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let line = serde_json::to_string(request).map_err(|e| format!("encoding the request: {e}"))?;
     stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("control socket: {e}"))?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut reply = String::new();
-    stream.read_to_string(&mut reply).map_err(|e| format!("control socket: {e}"))?;
-    let reply = reply.trim_end().to_owned();
-    match reply.strip_prefix("error: ") {
-        Some(message) => Err(message.to_owned()),
-        None => Ok(reply),
+    stream.take(64 << 20).read_to_string(&mut reply).map_err(|e| format!("control socket: {e}"))?;
+    match serde_json::from_str::<Response>(reply.trim_end()) {
+        Ok(Response::Error { message }) => Err(message),
+        Ok(response) => Ok(response),
+        Err(error) => Err(format!("bad answer from the control socket ({error}): {}", reply.trim_end())),
+    }
+}
+
+/// Every device's status, from the control socket at `path`.
+pub fn status(path: &Path) -> Result<Vec<DeviceStatus>, String> {
+    match request(path, &Request::Status)? {
+        Response::Status { devices } => Ok(devices),
+        other => Err(format!("unexpected answer to status: {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn targets() -> Vec<ControlTarget> {
+        vec![ControlTarget {
+            kind: "blk",
+            name: "d0".into(),
+            metrics: Arc::new(Metrics::default()),
+            channel: Arc::new(SharedMemory::new("control-test", guest_abi::channel::REGION_SIZE).unwrap()),
+            recover: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        }]
+    }
+
+    fn ask(targets: &[ControlTarget], line: &str) -> Response {
+        serde_json::from_str(&answer(targets, line)).unwrap()
+    }
+
+    #[test]
+    fn requests_and_answers_are_typed_json_lines() {
+        let targets = targets();
+        let Response::Status { devices } = ask(&targets, r#"{"request":"status"}"#) else { panic!("not a status") };
+        assert_eq!((devices.len(), devices[0].device.as_str(), devices[0].state.as_str()), (1, "d0", "running"));
+        assert!(
+            matches!(ask(&targets, r#"{"request":"metrics"}"#), Response::Metrics { text } if text.contains("reflector_requests_total"))
+        );
+        let kill = ask(&targets, r#"{"request":"kill","device":"d0"}"#);
+        assert_eq!(kill, Response::Error { message: "no driver VM is running".into() });
+        targets[0].metrics.driver_pid.store(42, Ordering::Relaxed);
+        assert_eq!(ask(&targets, r#"{"request":"kill","device":"d0"}"#), Response::Killed { pid: 42 });
+        assert_eq!(targets[0].kill.read().unwrap(), 1, "the device was asked, not the pid");
+        let inject = Request::Inject { device: "d0".into(), fault: FaultKind::SkipFlushes, after: 2 };
+        assert_eq!(respond(&targets, &inject), Response::Done);
+        assert_eq!(
+            serde_json::to_string(&inject).unwrap(),
+            r#"{"request":"inject","device":"d0","fault":"skip-flushes","after":2}"#
+        );
+        assert_eq!(ask(&targets, r#"{"request":"recover","device":"d0"}"#), Response::Done);
+    }
+
+    #[test]
+    fn bad_requests_get_errors_that_say_what_to_do() {
+        let targets = targets();
+        for line in
+            ["status", "", "{}", r#"{"request":"kill"}"#, r#"{"request":"inject","device":"d0","fault":"melt"}"#]
+        {
+            match ask(&targets, line) {
+                Response::Error { message } => assert!(message.contains("not a control request"), "{line}: {message}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        assert!(
+            matches!(ask(&targets, r#"{"request":"recover","device":"nope"}"#), Response::Error { message } if message.contains("no device named"))
+        );
+        assert_eq!(FaultKind::parse("page-fault"), Some(FaultKind::PageFault));
+        assert_eq!(FaultKind::parse("melt"), None);
     }
 }

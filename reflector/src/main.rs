@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 
 use reflector::chaos;
 use reflector::config::{self, Config};
-use reflector::control;
+use reflector::control::{self, Request, Response};
 use reflector::hw::switch::Switches;
 use reflector::hw::tap::TapPort;
 use reflector::serve::{self, Service};
@@ -252,12 +252,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve_devices(args),
         Command::Status(args) => show_status(&args),
-        Command::Metrics(args) => control::request(&args.control, "metrics").map(|text| println!("{text}")),
-        Command::Recover(args) => control_command(&args.control.control, &format!("recover {}", args.device)),
-        Command::Kill(args) => control_command(&args.control.control, &format!("kill {}", args.device)),
-        Command::Inject(args) => {
-            control_command(&args.control.control, &format!("inject {} {} {}", args.device, args.fault, args.after))
-        }
+        Command::Metrics(args) => control_command(&args.control, &Request::Metrics),
+        Command::Recover(args) => control_command(&args.control.control, &Request::Recover { device: args.device }),
+        Command::Kill(args) => control_command(&args.control.control, &Request::Kill { device: args.device }),
+        Command::Inject(args) => match control::FaultKind::parse(&args.fault) {
+            Some(fault) => control_command(
+                &args.control.control,
+                &Request::Inject { device: args.device, fault, after: args.after },
+            ),
+            None => Err(format!("inject: unknown fault {:?}: use {}", args.fault, control::FaultKind::NAMES)),
+        },
         Command::Chaos(args) => return run_chaos(args),
     };
     match result {
@@ -269,17 +273,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn control_command(path: &std::path::Path, line: &str) -> Result<(), String> {
-    control::request(path, line).map(|reply| println!("{reply}"))
+/// Sends `request` and prints the answer as the commands always did: the
+/// metrics text, `ok PID` for a kill, `ok` otherwise.
+fn control_command(path: &std::path::Path, request: &Request) -> Result<(), String> {
+    match control::request(path, request)? {
+        Response::Metrics { text } => println!("{text}"),
+        Response::Killed { pid } => println!("ok {pid}"),
+        _ => println!("ok"),
+    }
+    Ok(())
 }
 
 fn show_status(args: &StatusArgs) -> Result<(), String> {
-    let reply = control::request(&args.control.control, "status")?;
+    let statuses = control::status(&args.control.control)?;
     if args.json {
-        println!("{reply}");
+        println!("{}", serde_json::to_string(&statuses).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    let devices: serde_json::Value = serde_json::from_str(&reply).map_err(|e| format!("bad status reply: {e}"))?;
+    let devices = serde_json::to_value(&statuses).map_err(|e| e.to_string())?;
     println!(
         "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
         "device", "kind", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
