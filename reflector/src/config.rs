@@ -238,7 +238,8 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             }
             "size" => config.size = Some(parse_size(value).map_err(|e| error(format!("size: {e}")))?),
             "driver" => config.driver = value.into(),
-            "memory" => config.driver_memory = value.into(),
+            // `driver_memory`, as in the file; `memory` is its short form.
+            "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
@@ -247,7 +248,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, driver_args, memory, name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, image, size, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -299,14 +300,15 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             "mac" => config.mac = parse_mac(value).map_err(|e| error(format!("mac: {e}")))?,
             "switch" => config.switch = value.into(),
             "driver" => config.driver = value.into(),
-            "memory" => config.driver_memory = value.into(),
+            // `driver_memory`, as in the file; `memory` is its short form.
+            "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                "unknown key {key:?} (known: socket, mac, switch, driver, memory, name, spare, hang_ms, fault_budget)"
+                "unknown key {key:?} (known: socket, mac, switch, driver, driver_memory (or memory), name, spare, hang_ms, fault_budget)"
             )))
             }
         }
@@ -379,6 +381,7 @@ struct FileNet {
     mac: Option<toml::Spanned<String>>,
     switch: Option<String>,
     driver: Option<String>,
+    #[serde(alias = "memory")]
     driver_memory: Option<String>,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
@@ -394,6 +397,7 @@ struct FileBlk {
     image: PathBuf,
     size: Option<toml::Spanned<String>>,
     driver: Option<String>,
+    #[serde(alias = "memory")]
     driver_memory: Option<String>,
     #[serde(default)]
     readonly: bool,
@@ -636,6 +640,38 @@ mod tests {
         let wrong_type = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nreadonly = \"yes\"\n";
         let error = parse_file(wrong_type, "r.toml").unwrap_err().0;
         assert!(error.contains("line 4"), "{error}");
+    }
+
+    #[test]
+    fn the_command_line_and_the_file_take_the_same_keys_with_the_same_rules() {
+        let line = parse_blk(
+            "socket=/s,image=/i,driver_memory=32M,fault_budget=5,poison_deaths=2,driver_args=panic-on-sector=8",
+            0,
+        )
+        .unwrap();
+        let file = parse_file(
+            "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\ndriver_memory = \"32M\"\nfault_budget = 5\npoison_deaths = 2\ndriver_args = \"panic-on-sector=8\"\n",
+            "r.toml",
+        )
+        .unwrap();
+        assert_eq!(line, file.blk[0]);
+        assert_eq!((line.driver_memory.as_str(), line.fault_budget, line.poison_deaths), ("32M", 5, 2));
+        // `memory` is the short form of `driver_memory` on both sides.
+        assert_eq!(parse_blk("socket=/s,image=/i,memory=32M", 0).unwrap().driver_memory, "32M");
+        let short = parse_file("[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nmemory = \"32M\"\n", "r.toml").unwrap();
+        assert_eq!(short.blk[0].driver_memory, "32M");
+        // Zero is refused on both sides (the file used to make it 20).
+        for key in ["fault_budget", "poison_deaths"] {
+            let error = parse_blk(&format!("socket=/s,image=/i,{key}=0"), 0).unwrap_err().0;
+            assert!(error.contains(key), "{error}");
+            let text = format!("[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\n{key} = 0\n");
+            let error = parse_file(&text, "r.toml").unwrap_err().0;
+            assert!(error.contains(key) && error.contains("positive"), "{error}");
+        }
+        let error = parse_file("[[net]]\nsocket = \"/n\"\nfault_budget = 0\n", "r.toml").unwrap_err().0;
+        assert!(error.contains("fault_budget"), "{error}");
+        let error = parse_blk("socket=/s,image=/i,driver_args=a;rm", 0).unwrap_err().0;
+        assert!(error.contains("driver_args"), "{error}");
     }
 
     #[test]

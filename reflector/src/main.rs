@@ -34,7 +34,7 @@ Examples:
   reflector serve --config /etc/reflector.toml
 
 --blk keys: socket=PATH (required), image=PATH (required), size=SIZE (create the image
-if missing), readonly=on, name=NAME, driver=IMAGE (default blk), memory=SIZE (driver VM RAM,
+if missing), readonly=on, name=NAME, driver=IMAGE (default blk), driver_memory=SIZE or memory=SIZE (driver VM RAM,
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
