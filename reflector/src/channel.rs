@@ -52,6 +52,7 @@ impl Channel {
             header::DRIVER_SLEEPING,
             header::INJECT_KIND,
             header::INJECT_AFTER,
+            header::DRIVER_INJECTABLE,
         ] {
             self.memory.atomic_u32(offset).store(0, Ordering::Release);
         }

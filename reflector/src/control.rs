@@ -324,14 +324,33 @@ fn target<'a>(targets: &'a [ControlTarget], name: &str) -> Result<&'a ControlTar
     targets.iter().find(|t| t.name == name).ok_or_else(|| format!("no device named {name:?}"))
 }
 
+/// Refuses `fault` if the device's attached driver said it cannot commit
+/// it (`DRIVER_INJECTABLE`); before the driver attaches, the request waits
+/// in the channel as before.
+fn refuse_unknown_fault(target: &ControlTarget, fault: FaultKind) -> Result<(), String> {
+    use guest_abi::channel::{driver_state, header};
+    let read = |offset| target.channel.atomic_u32(offset).load(Ordering::Acquire);
+    let attached = read(header::DRIVER_STATE) == driver_state::READY
+        && read(header::DRIVER_GENERATION) == read(header::GENERATION);
+    if attached && read(header::DRIVER_INJECTABLE) & (1 << fault.code()) == 0 {
+        let name = serde_json::to_value(fault).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        return Err(format!(
+            "the driver of {} cannot commit `{name}` (it implements no such fault); nothing was injected",
+            target.name
+        ));
+    }
+    Ok(())
+}
+
 /// Carries out `request`.
 pub fn respond(targets: &[ControlTarget], request: &Request) -> Response {
     let result = match request {
         Request::Status => Ok(Response::Status { devices: targets.iter().map(status_of).collect() }),
         Request::Metrics => Ok(Response::Metrics { text: prometheus(targets) }),
-        Request::Inject { device, fault, after } => target(targets, device).map(|t| {
+        Request::Inject { device, fault, after } => target(targets, device).and_then(|t| {
+            refuse_unknown_fault(t, *fault)?;
             Channel::inject(&t.channel, fault.code(), *after);
-            Response::Done
+            Ok(Response::Done)
         }),
         Request::Kill { device } => {
             target(targets, device).and_then(|t| match t.metrics.driver_pid.load(Ordering::Relaxed) {
@@ -481,6 +500,26 @@ mod tests {
             r#"{"request":"inject","device":"d0","fault":"skip-flushes","after":2}"#
         );
         assert_eq!(ask(&targets, r#"{"request":"recover","device":"d0"}"#), Response::Done);
+    }
+
+    #[test]
+    fn a_fault_the_attached_driver_cannot_commit_is_refused() {
+        use guest_abi::channel::{driver_state, header, inject, injectable};
+        let targets = targets();
+        let channel = &targets[0].channel;
+        channel.atomic_u32(header::GENERATION).store(3, Ordering::Release);
+        channel.atomic_u32(header::DRIVER_GENERATION).store(3, Ordering::Release);
+        channel.atomic_u32(header::DRIVER_STATE).store(driver_state::READY, Ordering::Release);
+        channel.atomic_u32(header::DRIVER_INJECTABLE).store(injectable(&[inject::PANIC]), Ordering::Release);
+        let refused = Request::Inject { device: "d0".into(), fault: FaultKind::CorruptReads, after: 0 };
+        match respond(&targets, &refused) {
+            Response::Error { message } => assert!(message.contains("cannot commit `corrupt-reads`"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire), inject::NONE);
+        let panic = Request::Inject { device: "d0".into(), fault: FaultKind::Panic, after: 0 };
+        assert_eq!(respond(&targets, &panic), Response::Done);
+        assert_eq!(channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire), inject::PANIC);
     }
 
     #[test]

@@ -195,6 +195,15 @@ fn killed_and_faulty_driver_vms_never_duplicate_or_corrupt_a_frame() {
     // After the faults, traffic flows as before.
     let after = net_load(&pair.a, &pair.b, &["--pingpong", "--count", "100"]).wait_with_output().unwrap();
     assert_eq!(assert_clean(&after)[0]["received"], 100);
+    // A fault the net driver does not implement is refused, not "ok" with
+    // nothing happening.
+    let refused = Command::new(env!("CARGO_BIN_EXE_reflector"))
+        .args(["inject", "neta", "corrupt-reads", "--control"])
+        .arg(&pair.control)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("cannot commit `corrupt-reads`"), "{stderr}");
 }
 
 #[test]

@@ -214,6 +214,19 @@ impl Blk {
         self.cmp_prod = channel.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
         let generation = channel.atomic_u32(header::GENERATION).load(Ordering::Acquire);
         channel.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
+        let every_kind = [
+            inject::PANIC,
+            inject::PAGE_FAULT,
+            inject::ILLEGAL,
+            inject::HANG,
+            inject::LIE,
+            inject::STOP,
+            inject::CORRUPT_READS,
+            inject::SKIP_FLUSHES,
+            inject::SPIN,
+            inject::FLOOD,
+        ];
+        channel.atomic_u32(header::DRIVER_INJECTABLE).store(channel::injectable(&every_kind), Ordering::Release);
         channel.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::READY, Ordering::Release);
         println!("blk: controller ready, {} sectors, serving channel generation {generation}", self.capacity());
     }

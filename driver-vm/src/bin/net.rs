@@ -174,6 +174,10 @@ impl Net {
         self.cmp_prod = channel.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
         let generation = channel.atomic_u32(header::GENERATION).load(Ordering::Acquire);
         channel.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
+        // No lies about data or flushes, no spinning or flooding: a card
+        // has none of those to fake.
+        let kinds = [inject::PANIC, inject::PAGE_FAULT, inject::ILLEGAL, inject::HANG, inject::LIE, inject::STOP];
+        channel.atomic_u32(header::DRIVER_INJECTABLE).store(channel::injectable(&kinds), Ordering::Release);
         channel.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::READY, Ordering::Release);
         let mac = nic::mac_from_register(self.regs.read::<u64>(reg::MAC));
         println!(

@@ -67,6 +67,10 @@ pub mod header {
     pub const DRIVER_STATE: usize = 0x1c0;
     /// u32 generation the driver attached to (driver writes).
     pub const DRIVER_GENERATION: usize = 0x1c4;
+    /// u32 bit mask of the faults ([`super::inject`]) the driver can
+    /// commit: bit `1 << kind` (driver writes at attach). The reflector
+    /// refuses to inject any other kind into an attached driver.
+    pub const DRIVER_INJECTABLE: usize = 0x1c8;
     /// u32 fault the driver must commit, for tests ([`super::inject`]);
     /// written by the reflector, cleared when the channel is reset.
     pub const INJECT_KIND: usize = 0x200;
@@ -103,6 +107,17 @@ pub mod inject {
     pub const SPIN: u32 = 9;
     /// From now on, ring the reflector's doorbell continuously while idle.
     pub const FLOOD: u32 = 10;
+}
+
+/// The [`header::DRIVER_INJECTABLE`] mask of `kinds`.
+pub const fn injectable(kinds: &[u32]) -> u32 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < kinds.len() {
+        mask |= 1 << kinds[i];
+        i += 1;
+    }
+    mask
 }
 
 /// Values of [`header::DRIVER_STATE`].
