@@ -97,20 +97,20 @@ fuzz_target!(|steps: Vec<Step>| {
                     completed: u64::from(flushes_completed),
                 };
                 for completion in completions {
-                    if let Ok(answer) = driver_answers::check(&completion, &table) {
+                    if let Ok(answer) = reflector::blk::inflight::check(&completion, &table) {
                         let entry = table.get(answer.slot).expect("a passed answer names a request in flight");
                         assert_eq!(entry.id, completion.id);
                         let data = vec![0u8; entry.data_len as usize];
                         let evidence = Evidence { flushes, written: Some(&written), read_data: Some(&data) };
-                        let _ = driver_answers::check_evidence(entry, &evidence);
+                        let _ = driver_answers::check_evidence(entry.id, entry.claim(), &evidence);
                         if entry.request.kind == RequestKind::Write {
                             let sums = WrittenSums::sums_of(&data);
                             written.record(entry.request.sector, &sums, |_| false);
                         }
                         table.remove(answer.slot);
                     }
-                    if let Ok(answer) = driver_answers::check_net(&completion, &slots) {
-                        if let driver_answers::NetAnswer::Received { slot, len: Some(len) } = answer {
+                    if let Ok(answer) = reflector::net::slots::check_net(&completion, &slots) {
+                        if let reflector::net::slots::NetAnswer::Received { slot, len: Some(len) } = answer {
                             slots.hold(slot, len);
                             slots.release(slot);
                         }

@@ -5,13 +5,15 @@
 //! indices out of range is a protocol violation, and the driver VM is
 //! treated as faulty.
 
-use guest_abi::channel::{self, CompletionEntry};
-use guest_abi::nic::{MAX_FRAME, MIN_FRAME};
+//!
+//! It knows no kind of device: a kind says what the answer about one of its
+//! slots must look like ([`Expected`]) and what a successful block answer
+//! claims ([`Claim`]); nothing here imports `blk` or `net`, which both
+//! import this.
 
-use crate::blk::inflight::{InFlight, InFlightTable};
-use crate::blk::marshal::RequestKind;
+use guest_abi::channel::{self, CompletionEntry};
+
 use crate::hw::FlushCount;
-use crate::net::slots::{NetSlots, SlotState};
 
 /// A driver broke the channel protocol.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -81,72 +83,70 @@ pub enum Violation {
     },
 }
 
-/// A net completion that passed every check.
+/// What the answer about one slot must look like, as the kind that sent
+/// the request knows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NetAnswer {
-    /// The frame in TX slot `slot` was sent (`sent`) or failed.
-    Sent {
-        /// Slot.
-        slot: u32,
-        /// Whether the driver reports success.
-        sent: bool,
-    },
-    /// RX slot `slot` holds a frame of `len` bytes, or (`None`) came back empty.
-    Received {
-        /// Slot.
-        slot: u32,
-        /// Frame length.
-        len: Option<u32>,
+pub struct Expected {
+    /// The request's id (an answer with another is unknown).
+    pub id: u64,
+    /// A successful answer's length.
+    pub length: Length,
+    /// Whether the driver may refuse the request as unsupported.
+    pub may_be_unsupported: bool,
+}
+
+/// The length a successful answer must give.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    /// Exactly this (a block request's data, a frame being sent).
+    Exactly(u32),
+    /// Within these bounds (a received frame).
+    Within {
+        /// Least.
+        min: u32,
+        /// Most.
+        max: u32,
     },
 }
 
-/// Checks one net completion against the slot table.
-pub fn check_net(completion: &CompletionEntry, slots: &NetSlots) -> Result<NetAnswer, Violation> {
-    let slot = channel::slot_of(completion.id);
-    let state = match slots.get(slot) {
-        Some((state, id)) if id == completion.id => state,
-        _ => return Err(Violation::UnknownId(completion.id)),
-    };
-    let ok = match completion.status {
-        channel::status::OK => true,
-        channel::status::IO_ERROR => false,
-        status => return Err(Violation::BadStatus { id: completion.id, status }),
-    };
-    match state {
-        SlotState::TxSending(len) if ok && completion.len != len => {
-            Err(Violation::BadLength { id: completion.id, len: completion.len, expected: len })
-        }
-        SlotState::TxSending(_) => Ok(NetAnswer::Sent { slot, sent: ok }),
-        SlotState::RxPosted if ok && !(MIN_FRAME..=MAX_FRAME).contains(&completion.len) => {
-            Err(Violation::BadLength { id: completion.id, len: completion.len, expected: MAX_FRAME })
-        }
-        SlotState::RxPosted => Ok(NetAnswer::Received { slot, len: ok.then_some(completion.len) }),
-        SlotState::Idle | SlotState::RxHeld(_) => Err(Violation::UnknownId(completion.id)),
-    }
-}
-
-/// A completion that passed every check.
+/// A completion that passed every protocol check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// The bounce slot (and in-flight table index) of the request.
+    /// The bounce slot of the request.
     pub slot: u32,
     /// `channel::status::*`.
     pub status: u32,
+    /// The length the driver gave.
+    pub len: u32,
 }
 
-/// Checks one completion against the in-flight table.
-pub fn check(completion: &CompletionEntry, in_flight: &InFlightTable) -> Result<Answer, Violation> {
+/// Judges one completion: `expected` says what the answer about its slot
+/// must look like (None: no request there).
+pub fn judge(
+    completion: &CompletionEntry,
+    expected: impl FnOnce(u32) -> Option<Expected>,
+) -> Result<Answer, Violation> {
     let slot = channel::slot_of(completion.id);
-    let request = in_flight.get(slot).filter(|r| r.id == completion.id).ok_or(Violation::UnknownId(completion.id))?;
+    let expected = expected(slot).filter(|e| e.id == completion.id).ok_or(Violation::UnknownId(completion.id))?;
     match completion.status {
-        channel::status::OK if completion.len != request.data_len => {
-            Err(Violation::BadLength { id: completion.id, len: completion.len, expected: request.data_len })
+        channel::status::OK => {
+            let fits = match expected.length {
+                Length::Exactly(len) => completion.len == len,
+                Length::Within { min, max } => (min..=max).contains(&completion.len),
+            };
+            if !fits {
+                let shown = match expected.length {
+                    Length::Exactly(len) => len,
+                    Length::Within { max, .. } => max,
+                };
+                return Err(Violation::BadLength { id: completion.id, len: completion.len, expected: shown });
+            }
         }
-        channel::status::OK | channel::status::IO_ERROR | channel::status::UNSUPPORTED => {
-            Ok(Answer { slot, status: completion.status })
-        }
-        status => Err(Violation::BadStatus { id: completion.id, status }),
+        channel::status::IO_ERROR => {}
+        channel::status::UNSUPPORTED if expected.may_be_unsupported => {}
+        status => return Err(Violation::BadStatus { id: completion.id, status }),
     }
+    Ok(Answer { slot, status: completion.status, len: completion.len })
 }
 
 /// Checksums of what was written through a block device, one per 512-byte
@@ -217,19 +217,37 @@ pub struct Evidence<'a> {
     pub read_data: Option<&'a [u8]>,
 }
 
-/// Judges a successful block completion (`check` passed, status OK)
-/// against the evidence.
-pub fn check_evidence(entry: &InFlight, evidence: &Evidence) -> Result<(), Violation> {
-    match entry.request.kind {
-        RequestKind::Flush if evidence.flushes.completed <= entry.flush_mark => Err(Violation::FlushNotExecuted {
-            id: entry.id,
-            mark: entry.flush_mark,
-            completed: evidence.flushes.completed,
-        }),
-        RequestKind::Read if entry.verifiable => match (evidence.written, evidence.read_data) {
-            (Some(written), Some(data)) => written
-                .verify(entry.request.sector, data)
-                .map_err(|sector| Violation::DataMismatch { id: entry.id, sector }),
+/// What a successful block answer claims, to be judged by the evidence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// A flush sent when the device had started `mark` flushes: done.
+    Flushed {
+        /// The device's started-flush count when the flush was sent.
+        mark: u64,
+    },
+    /// The data of a read from `sector`; `verifiable` if no write of its
+    /// sectors was in flight since it was sent.
+    Read {
+        /// First sector.
+        sector: u64,
+        /// Whether its data must match the known checksums.
+        verifiable: bool,
+    },
+    /// Nothing the evidence can judge.
+    Nothing,
+}
+
+/// Judges a successful block completion (`judge` passed, status OK) of
+/// request `id` against the evidence.
+pub fn check_evidence(id: u64, claim: Claim, evidence: &Evidence) -> Result<(), Violation> {
+    match claim {
+        Claim::Flushed { mark } if evidence.flushes.completed <= mark => {
+            Err(Violation::FlushNotExecuted { id, mark, completed: evidence.flushes.completed })
+        }
+        Claim::Read { sector, verifiable: true } => match (evidence.written, evidence.read_data) {
+            (Some(written), Some(data)) => {
+                written.verify(sector, data).map_err(|sector| Violation::DataMismatch { id, sector })
+            }
             _ => Ok(()),
         },
         _ => Ok(()),
@@ -239,97 +257,80 @@ pub fn check_evidence(entry: &InFlight, evidence: &Evidence) -> Result<(), Viola
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::blk::inflight::tests::request;
 
-    #[test]
-    fn net_answers_must_match_a_slot_in_use_and_its_length() {
-        let mut slots = NetSlots::default();
-        let (rx_slot, rx_id) = slots.post_idle_rx()[0];
-        let (tx_slot, tx_id) = slots.start_tx(60).unwrap();
-        let ok = |id, len| CompletionEntry { id, status: channel::status::OK, len };
-        assert_eq!(check_net(&ok(tx_id, 60), &slots), Ok(NetAnswer::Sent { slot: tx_slot, sent: true }));
-        assert!(matches!(check_net(&ok(tx_id, 61), &slots), Err(Violation::BadLength { .. })));
-        assert_eq!(check_net(&ok(rx_id, 1514), &slots), Ok(NetAnswer::Received { slot: rx_slot, len: Some(1514) }));
-        assert!(matches!(check_net(&ok(rx_id, 13), &slots), Err(Violation::BadLength { .. })));
-        assert!(matches!(check_net(&ok(rx_id, MAX_FRAME + 1), &slots), Err(Violation::BadLength { .. })));
-        let failed = CompletionEntry { id: rx_id, status: channel::status::IO_ERROR, len: 0 };
-        assert_eq!(check_net(&failed, &slots), Ok(NetAnswer::Received { slot: rx_slot, len: None }));
-        assert!(matches!(
-            check_net(&CompletionEntry { status: 9, ..failed }, &slots),
-            Err(Violation::BadStatus { .. })
-        ));
-        let stale = tx_id.wrapping_sub(u64::from(channel::SLOT_COUNT));
-        assert_eq!(check_net(&ok(stale, 60), &slots), Err(Violation::UnknownId(stale)));
-        slots.hold(rx_slot, 100);
-        assert_eq!(check_net(&ok(rx_id, 100), &slots), Err(Violation::UnknownId(rx_id)), "answered twice");
-        let idle = CompletionEntry { id: u64::from(channel::SLOT_COUNT) - 1, ..failed };
-        assert!(check_net(&idle, &slots).is_err());
+    fn expect(id: u64, length: Length) -> impl FnOnce(u32) -> Option<Expected> {
+        move |_| Some(Expected { id, length, may_be_unsupported: false })
     }
 
     #[test]
     fn only_matching_well_formed_answers_pass() {
-        let mut table = InFlightTable::default();
-        let (slot, id) = table.insert(request(4096)).unwrap();
+        let id = 5 * u64::from(channel::SLOT_COUNT) + 3;
         let ok = CompletionEntry { id, status: channel::status::OK, len: 4096 };
-        assert_eq!(check(&ok, &table), Ok(Answer { slot, status: channel::status::OK }));
-        assert_eq!(check(&CompletionEntry { id: id + 1, ..ok }, &table), Err(Violation::UnknownId(id + 1)));
-        let other_generation = id + u64::from(channel::SLOT_COUNT);
         assert_eq!(
-            check(&CompletionEntry { id: other_generation, ..ok }, &table),
-            Err(Violation::UnknownId(other_generation))
+            judge(&ok, expect(id, Length::Exactly(4096))),
+            Ok(Answer { slot: 3, status: channel::status::OK, len: 4096 })
         );
-        assert!(matches!(check(&CompletionEntry { len: 8192, ..ok }, &table), Err(Violation::BadLength { .. })));
-        assert!(matches!(check(&CompletionEntry { len: 0, ..ok }, &table), Err(Violation::BadLength { .. })));
-        assert!(matches!(check(&CompletionEntry { status: 7, ..ok }, &table), Err(Violation::BadStatus { .. })));
+        assert_eq!(judge(&ok, |_| None), Err(Violation::UnknownId(id)), "no request in that slot");
+        assert_eq!(
+            judge(&ok, expect(id + 1, Length::Exactly(4096))),
+            Err(Violation::UnknownId(id)),
+            "another id there"
+        );
+        assert!(matches!(judge(&ok, expect(id, Length::Exactly(8192))), Err(Violation::BadLength { .. })));
+        assert!(matches!(
+            judge(&ok, expect(id, Length::Within { min: 60, max: 1514 })),
+            Err(Violation::BadLength { .. })
+        ));
+        assert!(judge(&CompletionEntry { len: 1514, ..ok }, expect(id, Length::Within { min: 60, max: 1514 })).is_ok());
+        assert!(matches!(
+            judge(&CompletionEntry { status: 7, ..ok }, expect(id, Length::Exactly(4096))),
+            Err(Violation::BadStatus { .. })
+        ));
         let error = CompletionEntry { status: channel::status::IO_ERROR, len: 0, ..ok };
-        assert!(check(&error, &table).is_ok());
-        table.remove(slot);
-        assert_eq!(check(&ok, &table), Err(Violation::UnknownId(id)), "a second completion of the same id");
+        assert!(judge(&error, expect(id, Length::Exactly(4096))).is_ok(), "an error answer carries no length");
+        let unsupported = CompletionEntry { status: channel::status::UNSUPPORTED, ..error };
+        assert!(matches!(judge(&unsupported, expect(id, Length::Exactly(4096))), Err(Violation::BadStatus { .. })));
+        let may = |_| Some(Expected { id, length: Length::Exactly(4096), may_be_unsupported: true });
+        assert!(judge(&unsupported, may).is_ok());
     }
 
     #[test]
     fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
-        let mut flush = request(0);
-        flush.request.kind = RequestKind::Flush;
-        flush.flush_mark = 3;
+        let flush = Claim::Flushed { mark: 3 };
         let at = |started, completed| Evidence {
             flushes: FlushCount { started, completed },
             written: None,
             read_data: None,
         };
-        assert!(matches!(check_evidence(&flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
-        assert!(matches!(check_evidence(&flush, &at(4, 3)), Err(Violation::FlushNotExecuted { .. })), "still running");
-        assert!(check_evidence(&flush, &at(4, 4)).is_ok());
+        assert!(matches!(check_evidence(1, flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
+        assert!(
+            matches!(check_evidence(1, flush, &at(4, 3)), Err(Violation::FlushNotExecuted { .. })),
+            "still running"
+        );
+        assert!(check_evidence(1, flush, &at(4, 4)).is_ok());
 
         let mut written = WrittenSums::new(64);
         let data = vec![7u8; 4096];
         written.record(8, &WrittenSums::sums_of(&data), |_| false);
-        let mut read = request(4096);
-        read.request.kind = RequestKind::Read;
-        read.request.sector = 8;
-        read.verifiable = true;
+        let mut read = Claim::Read { sector: 8, verifiable: true };
         fn with<'a>(written: &'a WrittenSums, data: &'a [u8]) -> Evidence<'a> {
             Evidence { flushes: FlushCount::default(), written: Some(written), read_data: Some(data) }
         }
-        assert!(check_evidence(&read, &with(&written, &data)).is_ok());
+        assert!(check_evidence(2, read, &with(&written, &data)).is_ok());
         let mut lie = data.clone();
         lie[1024] ^= 1;
-        assert_eq!(
-            check_evidence(&read, &with(&written, &lie)),
-            Err(Violation::DataMismatch { id: read.id, sector: 10 })
-        );
+        assert_eq!(check_evidence(2, read, &with(&written, &lie)), Err(Violation::DataMismatch { id: 2, sector: 10 }));
         // Unknown sectors (never written here, or overlapped) are not judged.
-        read.request.sector = 16;
-        assert!(check_evidence(&read, &with(&written, &lie)).is_ok());
-        read.request.sector = 8;
-        read.verifiable = false;
-        assert!(check_evidence(&read, &with(&written, &lie)).is_ok());
+        read = Claim::Read { sector: 16, verifiable: true };
+        assert!(check_evidence(2, read, &with(&written, &lie)).is_ok());
+        read = Claim::Read { sector: 8, verifiable: false };
+        assert!(check_evidence(2, read, &with(&written, &lie)).is_ok());
         written.forget(10, 1);
-        read.verifiable = true;
-        assert!(check_evidence(&read, &with(&written, &lie)).is_ok(), "a sector being rewritten is unknown");
+        read = Claim::Read { sector: 8, verifiable: true };
+        assert!(check_evidence(2, read, &with(&written, &lie)).is_ok(), "a sector being rewritten is unknown");
         written.record(8, &WrittenSums::sums_of(&data), |sector| sector == 9);
         let mut other = data.clone();
         other[600] ^= 1;
-        assert!(check_evidence(&read, &with(&written, &other)).is_ok(), "a sector another write covers is unknown");
+        assert!(check_evidence(2, read, &with(&written, &other)).is_ok(), "a sector another write covers is unknown");
     }
 }

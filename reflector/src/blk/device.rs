@@ -29,7 +29,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, VolatileSlice};
 
-use super::inflight::{InFlight, InFlightTable};
+use super::inflight::{self, InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use crate::channel::Channel;
 use crate::device::{Device, DeviceCore, DeviceKind};
@@ -284,7 +284,7 @@ impl Blk {
         };
         let evidence =
             Evidence { flushes: self.hardware.flushes(), written: self.written.as_ref(), read_data: data.as_deref() };
-        driver_answers::check_evidence(entry, &evidence)?;
+        driver_answers::check_evidence(entry.id, entry.claim(), &evidence)?;
         if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() {
             let (sector, sums) = (entry.request.sector, entry.sums.clone());
             let others: Vec<std::ops::Range<u64>> = self
@@ -341,7 +341,7 @@ impl Blk {
         let memory = atomic.as_ref().map(|m| m.memory());
         let Some(completions) = core.take_completions(salvaging) else { return false };
         for completion in completions {
-            let judged = driver_answers::check(&completion, &self.in_flight).and_then(|answer| {
+            let judged = inflight::check(&completion, &self.in_flight).and_then(|answer| {
                 self.judge_evidence(&core.channel, answer.slot, answer.status).map(|data| (answer, data))
             });
             match judged {

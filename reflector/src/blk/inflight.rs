@@ -2,10 +2,11 @@
 //! reflector owns it: it is what makes completions checkable and, after a
 //! driver VM dies, replayable.
 
-use guest_abi::channel;
+use guest_abi::channel::{self, CompletionEntry};
 use vm_memory::GuestAddress;
 
-use super::marshal::BlkRequest;
+use super::marshal::{BlkRequest, RequestKind};
+use crate::driver_answers::{self, Answer, Claim, Expected, Length, Violation};
 
 /// A request in a driver VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,6 +51,27 @@ impl InFlight {
         let (mine, theirs) = (self.sectors(), other.sectors());
         mine.start < theirs.end && theirs.start < mine.end
     }
+}
+
+impl InFlight {
+    /// What its answer claims, for the evidence (`driver_answers`).
+    pub fn claim(&self) -> Claim {
+        match self.request.kind {
+            RequestKind::Flush => Claim::Flushed { mark: self.flush_mark },
+            RequestKind::Read => Claim::Read { sector: self.request.sector, verifiable: self.verifiable },
+            _ => Claim::Nothing,
+        }
+    }
+}
+
+/// Judges one completion against the table (`driver_answers::judge`): its
+/// id must name a request in flight, and a success must carry the
+/// request's length.
+pub fn check(completion: &CompletionEntry, table: &InFlightTable) -> Result<Answer, Violation> {
+    driver_answers::judge(completion, |slot| {
+        let request = table.get(slot)?;
+        Some(Expected { id: request.id, length: Length::Exactly(request.data_len), may_be_unsupported: true })
+    })
 }
 
 /// Requests in flight, indexed by bounce slot.
@@ -223,6 +245,24 @@ pub(crate) mod tests {
         for (slot, entry) in table.drain() {
             assert!(table.insert_at(slot, entry));
         }
+    }
+
+    #[test]
+    fn only_answers_about_requests_in_flight_with_their_length_pass() {
+        let mut table = InFlightTable::default();
+        let (slot, id) = table.insert(request(4096)).unwrap();
+        let ok = CompletionEntry { id, status: channel::status::OK, len: 4096 };
+        assert_eq!(check(&ok, &table), Ok(Answer { slot, status: channel::status::OK, len: 4096 }));
+        let other_generation = id + u64::from(channel::SLOT_COUNT);
+        assert_eq!(
+            check(&CompletionEntry { id: other_generation, ..ok }, &table),
+            Err(Violation::UnknownId(other_generation))
+        );
+        assert!(matches!(check(&CompletionEntry { len: 0, ..ok }, &table), Err(Violation::BadLength { .. })));
+        let unsupported = CompletionEntry { status: channel::status::UNSUPPORTED, len: 0, ..ok };
+        assert!(check(&unsupported, &table).is_ok(), "a driver may refuse a block request");
+        table.remove(slot);
+        assert_eq!(check(&ok, &table), Err(Violation::UnknownId(id)), "a second completion of the same id");
     }
 
     #[test]

@@ -30,9 +30,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use super::marshal::{self, Malformed, Segment};
-use super::slots::{NetSlots, SlotState};
+use super::slots::{self, NetAnswer, NetSlots, SlotState};
 use crate::device::{Device, DeviceCore, DeviceKind};
-use crate::driver_answers::{self, NetAnswer};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
@@ -303,7 +302,7 @@ impl Net {
     fn take_answers(&mut self, core: &mut DeviceCore, salvaging: bool) -> bool {
         let Some(completions) = core.take_completions(salvaging) else { return false };
         for completion in completions {
-            match driver_answers::check_net(&completion, &self.slots) {
+            match slots::check_net(&completion, &self.slots) {
                 Ok(answer) => self.take_answer(core, answer, salvaging),
                 Err(violation) => {
                     if !salvaging {

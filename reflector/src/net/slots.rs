@@ -4,7 +4,50 @@
 //! completes it). Each use of a slot gets a new request id, so an answer
 //! about an earlier use (or an earlier driver VM) never matches.
 
-use guest_abi::channel::SLOT_COUNT;
+use guest_abi::channel::{self, CompletionEntry, SLOT_COUNT};
+use guest_abi::nic::{MAX_FRAME, MIN_FRAME};
+
+use crate::driver_answers::{self, Expected, Length, Violation};
+
+/// What a net completion means once judged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetAnswer {
+    /// A frame was sent (or failed to be: `sent` false).
+    Sent {
+        /// Slot.
+        slot: u32,
+        /// Whether the card sent it.
+        sent: bool,
+    },
+    /// A frame was received into `slot` (None: the receive failed).
+    Received {
+        /// Slot.
+        slot: u32,
+        /// Frame length.
+        len: Option<u32>,
+    },
+}
+
+/// Judges one completion against the slots (`driver_answers::judge`): a
+/// frame sent must be answered with its length, a frame received must have
+/// a possible length, and only a slot the driver holds can be answered.
+pub fn check_net(completion: &CompletionEntry, slots: &NetSlots) -> Result<NetAnswer, Violation> {
+    let state = |slot| slots.get(slot).map(|(state, _)| state);
+    let answer = driver_answers::judge(completion, |slot| {
+        let (state, id) = slots.get(slot)?;
+        let length = match state {
+            SlotState::TxSending(len) => Length::Exactly(len),
+            SlotState::RxPosted => Length::Within { min: MIN_FRAME, max: MAX_FRAME },
+            SlotState::Idle | SlotState::RxHeld(_) => return None,
+        };
+        Some(Expected { id, length, may_be_unsupported: false })
+    })?;
+    let ok = answer.status == channel::status::OK;
+    Ok(match state(answer.slot) {
+        Some(SlotState::TxSending(_)) => NetAnswer::Sent { slot: answer.slot, sent: ok },
+        _ => NetAnswer::Received { slot: answer.slot, len: ok.then_some(answer.len) },
+    })
+}
 
 /// Slots used for receiving: half, so that a burst in one direction never
 /// starves the other.
@@ -118,6 +161,33 @@ impl NetSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_answers_must_match_a_slot_in_use_and_its_length() {
+        let mut slots = NetSlots::default();
+        let (rx_slot, rx_id) = slots.post_idle_rx()[0];
+        let (tx_slot, tx_id) = slots.start_tx(60).unwrap();
+        let ok = |id, len| CompletionEntry { id, status: channel::status::OK, len };
+        assert_eq!(check_net(&ok(tx_id, 60), &slots), Ok(NetAnswer::Sent { slot: tx_slot, sent: true }));
+        assert!(matches!(check_net(&ok(tx_id, 61), &slots), Err(Violation::BadLength { .. })));
+        assert_eq!(check_net(&ok(rx_id, 1514), &slots), Ok(NetAnswer::Received { slot: rx_slot, len: Some(1514) }));
+        assert!(matches!(check_net(&ok(rx_id, 13), &slots), Err(Violation::BadLength { .. })));
+        assert!(matches!(check_net(&ok(rx_id, MAX_FRAME + 1), &slots), Err(Violation::BadLength { .. })));
+        let failed = CompletionEntry { id: rx_id, status: channel::status::IO_ERROR, len: 0 };
+        assert_eq!(check_net(&failed, &slots), Ok(NetAnswer::Received { slot: rx_slot, len: None }));
+        assert!(matches!(
+            check_net(&CompletionEntry { status: 9, ..failed }, &slots),
+            Err(Violation::BadStatus { .. })
+        ));
+        let unsupported = CompletionEntry { status: channel::status::UNSUPPORTED, ..failed };
+        assert!(matches!(check_net(&unsupported, &slots), Err(Violation::BadStatus { .. })));
+        let stale = tx_id.wrapping_sub(u64::from(channel::SLOT_COUNT));
+        assert_eq!(check_net(&ok(stale, 60), &slots), Err(Violation::UnknownId(stale)));
+        slots.hold(rx_slot, 100);
+        assert_eq!(check_net(&ok(rx_id, 100), &slots), Err(Violation::UnknownId(rx_id)), "answered twice");
+        let idle = CompletionEntry { id: u64::from(channel::SLOT_COUNT) - 1, ..failed };
+        assert!(check_net(&idle, &slots).is_err());
+    }
     use guest_abi::channel::slot_of;
 
     #[test]
