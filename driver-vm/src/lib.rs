@@ -12,6 +12,8 @@
 
 use core::fmt;
 
+pub mod channel;
+
 pub use guest_kernel::{self as kernel, print, println, Kernel};
 
 /// Why a driver could not start or had to stop.
@@ -66,6 +68,24 @@ pub fn run<D: Driver>(kernel: &Kernel) -> u32 {
             kernel::abi::exit_code::DRIVER_FAILED
         }
     }
+}
+
+/// Makes channel driver `$driver` (a [`channel::ChannelDriver`]) the
+/// image's entry point.
+#[macro_export]
+macro_rules! channel_driver_main {
+    ($driver:ty) => {
+        fn __image_main(kernel: &$crate::Kernel) -> u32 {
+            match $crate::channel::run_driver::<$driver>(kernel) {
+                Ok(code) => code,
+                Err(error) => {
+                    $crate::println!("{}: {}", <$driver as $crate::channel::ChannelDriver>::NAME, error);
+                    $crate::kernel::abi::exit_code::DRIVER_FAILED
+                }
+            }
+        }
+        $crate::kernel::entry!(__image_main);
+    };
 }
 
 /// Makes driver `$driver` the image's entry point.

@@ -186,3 +186,20 @@ fn driver_vms_never_outlive_a_killed_reflector() {
         }
     }
 }
+
+#[test]
+fn a_null_driver_of_twenty_five_lines_serves_every_request() {
+    if !kvm_available("a_null_driver_of_twenty_five_lines_serves_every_request") {
+        return;
+    }
+    let scratch = Scratch::new("null");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=4M,driver=null");
+    let reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "null: serving channel generation 1");
+    let (output, jobs) = blk_load(&socket, &["--job", "randwrite,randread", "--qd", "4", "--ios", "200"]);
+    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(jobs.iter().all(|job| job["errors"] == 0 && job["ios"] == 200), "{jobs:?}");
+    let source = include_str!("../../driver-vm/src/bin/null.rs");
+    assert!(source.lines().count() <= 25, "the null driver grew to {} lines", source.lines().count());
+    drop(reflector);
+}

@@ -1,0 +1,350 @@
+//! The driver side of the reflector's channel, so that a driver keeps only
+//! its device logic: the warm-spare handshake, the layout check, attaching
+//! to a generation, request iteration, completion publishing with one
+//! doorbell per burst, the idle sleep, and the faults tests inject.
+//!
+//! A driver opens the channel ([`Channel::open`]), brings its device to a
+//! known state, attaches ([`Channel::attach`]) and hands itself to
+//! [`serve`] as a [`Device`]: `submit` takes each request, `reap` moves
+//! device completions into the channel with [`Channel::complete`].
+//!
+//! Resources, as the reflector wires every driver: window `channel` (rings
+//! and bounce slots, also the device's DMA region), doorbell 0 (completions
+//! published), interrupt line 0 (requests published) and, for a warm spare,
+//! line 2 (go).
+
+use core::sync::atomic::{fence, Ordering};
+
+use guest_kernel::abi::channel::{self, header, inject, CompletionEntry, RequestEntry};
+use guest_kernel::device::{Doorbell, Window};
+use guest_kernel::{arch, time, Kernel};
+
+use crate::{println, Error};
+
+/// The lies a driver tells from now on once asked (tests). This module
+/// tells them all (data of reads flipped, flushes acknowledged unflushed,
+/// spinning, flooding); a driver whose device has reads and flushes offers
+/// the first two to [`Channel::attach`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lies {
+    /// Flip a bit of every read's data before answering OK.
+    pub corrupt_reads: bool,
+    /// Answer flushes OK without flushing.
+    pub skip_flushes: bool,
+    /// Never sleep.
+    pub spin: bool,
+    /// Ring the reflector's doorbell continuously while idle.
+    pub flood: bool,
+}
+
+/// The faults every driver can commit through this module.
+pub const GENERIC_FAULTS: [u32; 8] = [
+    inject::PANIC,
+    inject::PAGE_FAULT,
+    inject::ILLEGAL,
+    inject::HANG,
+    inject::LIE,
+    inject::STOP,
+    inject::SPIN,
+    inject::FLOOD,
+];
+
+/// The channel, as a driver uses it.
+pub struct Channel {
+    window: Window,
+    doorbell: Doorbell,
+    req_cons: u32,
+    cmp_prod: u32,
+    name: &'static str,
+    /// Lies injected so far (tests).
+    pub lies: Lies,
+    /// The op of the request last handed out per slot (for lies about reads).
+    ops: [u32; channel::SLOT_COUNT as usize],
+    /// `panic-on-sector=N` on the command line: a bug one request
+    /// triggers (tests of poison requests).
+    panic_sector: Option<u64>,
+}
+
+impl Channel {
+    /// Finds the channel; as a warm spare (`spare` on the command line),
+    /// first waits on line 2 until the reflector lets it go.
+    pub fn open(kernel: &Kernel, name: &'static str) -> Result<Channel, Error> {
+        if kernel.cmdline().split_whitespace().any(|word| word == "spare") {
+            let go = kernel.interrupt_line(2).ok_or(Error::MissingInterrupt(2))?;
+            println!("{name}: warm spare ready");
+            go.wait();
+        }
+        let window = kernel.window("channel").ok_or(Error::MissingWindow("channel"))?;
+        let doorbell = kernel.doorbell(0).ok_or(Error::MissingDoorbell(0))?;
+        kernel.interrupt_line(0).ok_or(Error::MissingInterrupt(0))?;
+        let known = window.size() >= channel::REGION_SIZE as u64
+            && window.read::<u64>(header::MAGIC) == channel::MAGIC
+            && window.read::<u32>(header::VERSION) == channel::VERSION
+            && window.read::<u32>(header::RING_SIZE) == channel::RING_SIZE
+            && window.read::<u32>(header::SLOT_SIZE) == channel::SLOT_SIZE
+            && window.read::<u32>(header::SLOT_COUNT) == channel::SLOT_COUNT;
+        if !known {
+            return Err(Error::Device("window `channel` has an unknown layout"));
+        }
+        let panic_sector =
+            kernel.cmdline().split_whitespace().find_map(|word| word.strip_prefix("panic-on-sector=")?.parse().ok());
+        let ops = [0; channel::SLOT_COUNT as usize];
+        Ok(Channel { window, doorbell, req_cons: 0, cmp_prod: 0, name, lies: Lies::default(), ops, panic_sector })
+    }
+
+    /// Starts serving the current generation, announcing the faults this
+    /// driver can commit besides [`GENERIC_FAULTS`]; returns the generation.
+    pub fn attach(&mut self, extra_faults: &[u32]) -> u32 {
+        let window = &self.window;
+        self.req_cons = window.atomic_u32(header::REQ_CONS).load(Ordering::Acquire);
+        self.cmp_prod = window.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
+        let generation = window.atomic_u32(header::GENERATION).load(Ordering::Acquire);
+        window.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
+        let faults = channel::injectable(&GENERIC_FAULTS) | channel::injectable(extra_faults);
+        window.atomic_u32(header::DRIVER_INJECTABLE).store(faults, Ordering::Release);
+        window.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::READY, Ordering::Release);
+        generation
+    }
+
+    /// Guest-physical address of bounce slot `slot` (what the device DMAs to).
+    pub fn slot_addr(&self, slot: u32) -> u64 {
+        self.window.addr() + channel::slot_offset(slot) as u64
+    }
+
+    /// The channel's memory (a lying driver changes slots).
+    pub fn window(&self) -> &Window {
+        &self.window
+    }
+
+    /// Whether `request` names a slot it may use: in range, matching its id.
+    pub fn slot_ok(request: &RequestEntry) -> bool {
+        request.slot < channel::SLOT_COUNT && channel::slot_of(request.id) == request.slot
+    }
+
+    /// The next published request, after committing any fault the
+    /// reflector injected for it.
+    pub fn next_request(&mut self) -> Option<RequestEntry> {
+        loop {
+            if self.window.atomic_u32(header::REQ_PROD).load(Ordering::Acquire) == self.req_cons {
+                return None;
+            }
+            let at = channel::REQUEST_RING_OFFSET
+                + (self.req_cons % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
+            let request: RequestEntry = self.window.read(at);
+            self.req_cons = self.req_cons.wrapping_add(1);
+            self.window.atomic_u32(header::REQ_CONS).store(self.req_cons, Ordering::Release);
+            if self.injected_fault_due() && self.commit_injected_fault(&request) {
+                continue;
+            }
+            let sectors = request.sector..request.sector + u64::from(request.len).div_ceil(512);
+            if self.panic_sector.is_some_and(|sector| request.op != channel::op::FLUSH && sectors.contains(&sector)) {
+                panic!("{}: the bug on sector {}", self.name, request.sector);
+            }
+            if self.lies.skip_flushes && request.op == channel::op::FLUSH {
+                self.complete(request.id, channel::status::OK, 0);
+                continue;
+            }
+            if Channel::slot_ok(&request) {
+                self.ops[request.slot as usize] = request.op;
+            }
+            return Some(request);
+        }
+    }
+
+    /// Whether requests wait.
+    pub fn requests_pending(&self) -> bool {
+        self.window.atomic_u32(header::REQ_PROD).load(Ordering::Acquire) != self.req_cons
+    }
+
+    /// Writes one completion (visible after [`Channel::publish`]).
+    pub fn complete(&mut self, id: u64, status: u32, len: u32) {
+        let slot = channel::slot_of(id);
+        let read = self.ops.get(slot as usize) == Some(&channel::op::READ);
+        if self.lies.corrupt_reads && read && status == channel::status::OK {
+            let at = channel::slot_offset(slot);
+            let byte: u8 = self.window.read(at);
+            self.window.write(at, byte ^ 1);
+        }
+        let at = channel::COMPLETION_RING_OFFSET
+            + (self.cmp_prod % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
+        self.window.write(at, CompletionEntry { id, status, len });
+        self.cmp_prod = self.cmp_prod.wrapping_add(1);
+    }
+
+    /// Makes written completions visible and rings the reflector once for
+    /// all of them: a doorbell is a VM exit, the dearest thing a driver does.
+    pub fn publish(&mut self) {
+        let published = self.window.atomic_u32(header::CMP_PROD);
+        if published.load(Ordering::Relaxed) == self.cmp_prod {
+            return;
+        }
+        published.store(self.cmp_prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.window.atomic_u32(header::HOST_WAITING).load(Ordering::Acquire) != 0 {
+            self.doorbell.ring(1);
+        }
+    }
+
+    fn injected_fault_due(&self) -> bool {
+        if self.window.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire) == inject::NONE {
+            return false;
+        }
+        let after = self.window.atomic_u32(header::INJECT_AFTER);
+        match after.load(Ordering::Acquire) {
+            0 => true,
+            n => {
+                after.store(n - 1, Ordering::Release);
+                false
+            }
+        }
+    }
+
+    /// Commits the injected fault (tests and chaos only); true if it
+    /// answered `request` itself.
+    fn commit_injected_fault(&mut self, request: &RequestEntry) -> bool {
+        let kind = self.window.atomic_u32(header::INJECT_KIND).swap(inject::NONE, Ordering::AcqRel);
+        println!("{}: committing injected fault {kind}", self.name);
+        match kind {
+            inject::PANIC => panic!("injected fault: panic"),
+            // SAFETY: deliberately unmapped (beyond the vmm's address limit):
+            // the page fault ends the VM, which is the point.
+            inject::PAGE_FAULT => unsafe {
+                let _ = (0x7f00_dead_0000 as *const u64).read_volatile();
+            },
+            // SAFETY: ud2 raises #UD, which ends the VM.
+            inject::ILLEGAL => unsafe { core::arch::asm!("ud2") },
+            inject::HANG => loop {
+                core::hint::spin_loop();
+            },
+            // A success with a length the request could not have.
+            inject::LIE => {
+                self.complete(request.id, channel::status::OK, request.len.wrapping_add(1));
+                self.publish();
+                return true;
+            }
+            inject::STOP => guest_kernel::exit(0),
+            inject::CORRUPT_READS => self.lies.corrupt_reads = true,
+            inject::SKIP_FLUSHES => self.lies.skip_flushes = true,
+            inject::SPIN => self.lies.spin = true,
+            inject::FLOOD => self.lies.flood = true,
+            _ => {}
+        }
+        false
+    }
+}
+
+/// Waits until `done` holds: polls for `poll_window_us`, then sleeps on
+/// `interrupt` with the device asked to raise it (`want(true)`). The
+/// reflector's hang deadline bounds the wait.
+pub fn wait_until(
+    interrupt: &guest_kernel::device::InterruptLine,
+    want: impl Fn(bool),
+    done: impl Fn() -> bool,
+    poll_window_us: u64,
+) {
+    let start = time::Instant::now();
+    while !done() {
+        if start.elapsed_us() < poll_window_us {
+            core::hint::spin_loop();
+            continue;
+        }
+        want(true);
+        fence(Ordering::SeqCst);
+        if !done() {
+            interrupt.wait();
+        }
+        want(false);
+    }
+}
+
+/// What [`serve`] drives.
+pub trait Device {
+    /// Takes one request: hands it to the device, or completes it at once.
+    fn submit(&mut self, channel: &mut Channel, request: RequestEntry);
+    /// After a burst of `submit`s: tells the device.
+    fn kick(&mut self) {}
+    /// Moves the device's completions into the channel; whether there were
+    /// any. An error stops the driver. (None for a driver that completes
+    /// everything in `submit`.)
+    fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
+        let _ = channel;
+        Ok(false)
+    }
+    /// Before sleeping: asks the device to interrupt when it completes
+    /// something (`armed`), or not; returns whether it has nothing to reap.
+    fn arm(&mut self, armed: bool) -> bool {
+        let _ = armed;
+        true
+    }
+}
+
+/// A driver of a device the reflector serves through the channel: all it
+/// writes is how to bring its device up and how to move requests.
+pub trait ChannelDriver: Device + Sized {
+    /// Name used in console messages.
+    const NAME: &'static str;
+    /// Faults it can commit besides [`GENERIC_FAULTS`] (its lies).
+    const FAULTS: &'static [u32] = &[];
+    /// Polling before sleeping, in microseconds: waking a sleeping driver
+    /// costs a cross-CPU wake-up and the emulated interrupt path; at 4k QD1
+    /// 80 us left the block driver asleep for nearly every request and 300
+    /// us keeps it awake through a busy stream, while an idle one sleeps.
+    const POLL_WINDOW_US: u64 = 300;
+    /// Finds the device among the kernel's resources and brings it to a
+    /// known state: a driver VM that died may have left it in any.
+    fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error>;
+}
+
+/// Opens the channel, probes `D`, attaches and serves until it fails.
+pub fn run_driver<D: ChannelDriver>(kernel: &Kernel) -> Result<u32, Error> {
+    let mut channel = Channel::open(kernel, D::NAME)?;
+    let mut device = D::probe(kernel, &channel)?;
+    let generation = channel.attach(D::FAULTS);
+    println!("{}: serving channel generation {generation}", D::NAME);
+    serve(&mut channel, &mut device, D::POLL_WINDOW_US)
+}
+
+/// Serves the channel with `device` until it fails: polls while busy,
+/// sleeps (ring-0 `hlt`, no exit to the vmm) after `poll_window_us` of
+/// idleness.
+pub fn serve<D: Device>(channel: &mut Channel, device: &mut D, poll_window_us: u64) -> Result<u32, Error> {
+    let mut idle_since = time::Instant::now();
+    loop {
+        let mut submitted = false;
+        while let Some(request) = channel.next_request() {
+            device.submit(channel, request);
+            submitted = true;
+        }
+        if submitted {
+            device.kick();
+        }
+        let reaped = device.reap(channel)?;
+        channel.publish();
+        if submitted || reaped {
+            idle_since = time::Instant::now();
+        } else if channel.lies.flood {
+            channel.doorbell.ring(1);
+        } else if channel.lies.spin || idle_since.elapsed_us() < poll_window_us {
+            core::hint::spin_loop();
+        } else {
+            sleep(channel, device);
+            idle_since = time::Instant::now();
+        }
+    }
+}
+
+/// Sleeps until the reflector or the device has something, after
+/// announcing it (so they interrupt) and re-checking (so a publish that
+/// raced with the announcement is not missed).
+fn sleep<D: Device>(channel: &mut Channel, device: &mut D) {
+    let sleeping = channel.window.atomic_u32(header::DRIVER_SLEEPING);
+    sleeping.store(1, Ordering::SeqCst);
+    let device_quiet = device.arm(true);
+    fence(Ordering::SeqCst);
+    if device_quiet && !channel.requests_pending() {
+        arch::wait_for_interrupt();
+    }
+    sleeping.store(0, Ordering::SeqCst);
+    device.arm(false);
+    arch::take_interrupts();
+}
