@@ -233,30 +233,6 @@ impl Channel {
     }
 }
 
-/// Waits until `done` holds: polls for `poll_window_us`, then sleeps on
-/// `interrupt` with the device asked to raise it (`want(true)`). The
-/// reflector's hang deadline bounds the wait.
-pub fn wait_until(
-    interrupt: &guest_kernel::device::InterruptLine,
-    want: impl Fn(bool),
-    done: impl Fn() -> bool,
-    poll_window_us: u64,
-) {
-    let start = time::Instant::now();
-    while !done() {
-        if start.elapsed_us() < poll_window_us {
-            core::hint::spin_loop();
-            continue;
-        }
-        want(true);
-        fence(Ordering::SeqCst);
-        if !done() {
-            interrupt.wait();
-        }
-        want(false);
-    }
-}
-
 /// What [`serve`] drives.
 pub trait Device {
     /// Takes one request: hands it to the device, or completes it at once.

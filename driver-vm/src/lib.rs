@@ -13,6 +13,7 @@
 use core::fmt;
 
 pub mod channel;
+pub mod registers;
 
 pub use guest_kernel::{self as kernel, print, println, Kernel};
 

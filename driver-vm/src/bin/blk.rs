@@ -9,10 +9,11 @@
 
 use core::sync::atomic::{fence, Ordering};
 
-use driver_vm::channel::{self, Channel, ChannelDriver, Device};
+use driver_vm::channel::{Channel, ChannelDriver, Device};
 use driver_vm::kernel::abi::channel::{inject, op, status, RequestEntry, SLOT_COUNT, SLOT_SIZE};
 use driver_vm::kernel::abi::storage::{self, reg, Command, Completion};
-use driver_vm::kernel::device::{Doorbell, InterruptLine, Window};
+use driver_vm::kernel::device::Doorbell;
+use driver_vm::registers::Registers;
 use driver_vm::{println, Error, Kernel};
 
 /// One controller command per bounce slot.
@@ -20,9 +21,8 @@ const DEPTH: u32 = SLOT_COUNT;
 const _: () = assert!(DEPTH <= storage::MAX_QUEUE_DEPTH && DEPTH.is_power_of_two());
 
 struct Blk {
-    regs: Window,
+    regs: Registers,
     doorbell: Doorbell,
-    interrupt: InterruptLine,
     /// Request id per command id (= bounce slot), while in the device.
     in_flight: [Option<u64>; DEPTH as usize],
     sq_tail: u32,
@@ -35,52 +35,35 @@ impl ChannelDriver for Blk {
 
     fn probe(kernel: &Kernel, _channel: &Channel) -> Result<Self, Error> {
         let blk = Blk {
-            regs: kernel.window("regs").ok_or(Error::MissingWindow("regs"))?,
+            regs: Registers::new(kernel, "regs", 1, reg::INTERRUPT_WANTED)?,
             doorbell: kernel.doorbell(1).ok_or(Error::MissingDoorbell(1))?,
-            interrupt: kernel.interrupt_line(1).ok_or(Error::MissingInterrupt(1))?,
             in_flight: [None; DEPTH as usize],
             sq_tail: 0,
             cq_head: 0,
         };
-        if blk.regs.size() < storage::WINDOW_SIZE as u64
-            || blk.regs.read::<u32>(reg::MAGIC) != storage::MAGIC
-            || blk.regs.read::<u32>(reg::VERSION) != storage::VERSION
+        if blk.regs.window().size() < storage::WINDOW_SIZE as u64
+            || blk.regs.get(reg::MAGIC) != storage::MAGIC
+            || blk.regs.get(reg::VERSION) != storage::VERSION
         {
             return Err(Error::Device("window `regs` is not a storage controller of a known version"));
         }
         // A previous driver VM may have left the controller in any state.
-        let reset = blk.reg(reg::RESET_REQUEST).wrapping_add(1);
-        blk.set(reg::RESET_REQUEST, reset);
+        let reset = blk.regs.get(reg::RESET_REQUEST).wrapping_add(1);
+        blk.regs.set(reg::RESET_REQUEST, reset);
         blk.doorbell.ring(1);
-        blk.wait_for(|blk| blk.reg(reg::RESET_DONE) == reset);
-        if (blk.reg(reg::SQ_TAIL), blk.reg(reg::CQ_HEAD)) != (0, 0) {
+        blk.regs.wait_for(|regs| regs.get(reg::RESET_DONE) == reset);
+        if (blk.regs.get(reg::SQ_TAIL), blk.regs.get(reg::CQ_HEAD)) != (0, 0) {
             return Err(Error::Device("the controller did not clear its queues on reset"));
         }
-        blk.set(reg::QUEUE_DEPTH, DEPTH);
-        blk.set(reg::CONTROL, storage::control::ENABLE);
+        blk.regs.set(reg::QUEUE_DEPTH, DEPTH);
+        blk.regs.set(reg::CONTROL, storage::control::ENABLE);
         blk.doorbell.ring(1);
-        blk.wait_for(|blk| blk.reg(reg::STATUS) & (storage::status::READY | storage::status::FATAL) != 0);
-        if blk.reg(reg::STATUS) & storage::status::FATAL != 0 {
+        blk.regs.wait_for(|regs| regs.get(reg::STATUS) & (storage::status::READY | storage::status::FATAL) != 0);
+        if blk.regs.get(reg::STATUS) & storage::status::FATAL != 0 {
             return Err(Error::Device("the controller refused its configuration"));
         }
         println!("blk: controller ready, {} sectors", blk.regs.read::<u64>(reg::CAPACITY));
         Ok(blk)
-    }
-}
-
-impl Blk {
-    fn reg(&self, offset: usize) -> u32 {
-        self.regs.atomic_u32(offset).load(Ordering::Acquire)
-    }
-
-    fn set(&self, offset: usize, value: u32) {
-        self.regs.atomic_u32(offset).store(value, Ordering::Release);
-    }
-
-    /// Waits until `done`, with the controller's interrupt once polling ends.
-    fn wait_for(&self, done: impl Fn(&Self) -> bool) {
-        let want = |on: bool| self.regs.atomic_u32(reg::INTERRUPT_WANTED).store(u32::from(on), Ordering::SeqCst);
-        channel::wait_until(&self.interrupt, want, || done(self), Self::POLL_WINDOW_US);
     }
 }
 
@@ -105,19 +88,19 @@ impl Device for Blk {
     }
 
     fn kick(&mut self) {
-        self.set(reg::SQ_TAIL, self.sq_tail);
+        self.regs.set(reg::SQ_TAIL, self.sq_tail);
         fence(Ordering::SeqCst);
         // Rung unless the controller polls anyway.
-        if self.reg(reg::DEVICE_POLLING) == 0 {
+        if self.regs.get(reg::DEVICE_POLLING) == 0 {
             self.doorbell.ring(1);
         }
     }
 
     fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
-        if self.reg(reg::STATUS) & storage::status::FATAL != 0 {
+        if self.regs.get(reg::STATUS) & storage::status::FATAL != 0 {
             return Err(Error::Device("the controller stopped with a fatal error"));
         }
-        let (tail, start) = (self.reg(reg::CQ_TAIL), self.cq_head);
+        let (tail, start) = (self.regs.get(reg::CQ_TAIL), self.cq_head);
         while self.cq_head != tail {
             let done: Completion = self.regs.read(storage::CQ_OFFSET + (self.cq_head % DEPTH) as usize * 16);
             self.cq_head = self.cq_head.wrapping_add(1);
@@ -129,15 +112,14 @@ impl Device for Blk {
             };
             channel.complete(id, answer, done.len);
         }
-        self.set(reg::CQ_HEAD, self.cq_head);
+        self.regs.set(reg::CQ_HEAD, self.cq_head);
         Ok(self.cq_head != start)
     }
 
     fn arm(&mut self, armed: bool) -> bool {
         let busy = self.in_flight.iter().any(Option::is_some);
-        self.regs.atomic_u32(reg::INTERRUPT_WANTED).store(u32::from(armed && busy), Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        self.reg(reg::CQ_TAIL) == self.cq_head
+        self.regs.want_interrupt(armed && busy);
+        self.regs.get(reg::CQ_TAIL) == self.cq_head
     }
 }
 

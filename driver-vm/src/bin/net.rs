@@ -9,10 +9,11 @@
 
 use core::sync::atomic::{fence, Ordering};
 
-use driver_vm::channel::{self, Channel, ChannelDriver, Device};
+use driver_vm::channel::{Channel, ChannelDriver, Device};
 use driver_vm::kernel::abi::channel::{op, status, RequestEntry, SLOT_COUNT, SLOT_SIZE};
 use driver_vm::kernel::abi::nic::{self, reg, Completion, Descriptor};
-use driver_vm::kernel::device::{Doorbell, InterruptLine, Window};
+use driver_vm::kernel::device::Doorbell;
+use driver_vm::registers::Registers;
 use driver_vm::{println, Error, Kernel};
 
 /// Entries of each card ring: one per bounce slot, so no ring can overflow
@@ -21,9 +22,8 @@ const RING_SIZE: u32 = SLOT_COUNT;
 const _: () = assert!(RING_SIZE <= nic::MAX_RING && RING_SIZE.is_power_of_two());
 
 struct Net {
-    regs: Window,
+    regs: Registers,
     doorbell: Doorbell,
-    interrupt: InterruptLine,
     /// Request id per descriptor id (= bounce slot), while the card has it.
     in_flight: [Option<u64>; RING_SIZE as usize],
     tx_tail: u32,
@@ -38,9 +38,8 @@ impl ChannelDriver for Net {
 
     fn probe(kernel: &Kernel, _channel: &Channel) -> Result<Self, Error> {
         let net = Net {
-            regs: kernel.window("regs").ok_or(Error::MissingWindow("regs"))?,
+            regs: Registers::new(kernel, "regs", 1, reg::INTERRUPT_WANTED)?,
             doorbell: kernel.doorbell(1).ok_or(Error::MissingDoorbell(1))?,
-            interrupt: kernel.interrupt_line(1).ok_or(Error::MissingInterrupt(1))?,
             in_flight: [None; RING_SIZE as usize],
             tx_tail: 0,
             txc_head: 0,
@@ -48,23 +47,23 @@ impl ChannelDriver for Net {
             rxc_head: 0,
             link_up: false,
         };
-        if net.regs.size() < nic::WINDOW_SIZE as u64
-            || net.reg(reg::MAGIC) != nic::MAGIC
-            || net.reg(reg::VERSION) != nic::VERSION
+        if net.regs.window().size() < nic::WINDOW_SIZE as u64
+            || net.regs.get(reg::MAGIC) != nic::MAGIC
+            || net.regs.get(reg::VERSION) != nic::VERSION
         {
             return Err(Error::Device("window `regs` is not a network card of a known version"));
         }
         // A previous driver VM may have left the card in any state; a reset
         // empties its rings.
-        let reset = net.reg(reg::RESET_REQUEST).wrapping_add(1);
-        net.set(reg::RESET_REQUEST, reset);
+        let reset = net.regs.get(reg::RESET_REQUEST).wrapping_add(1);
+        net.regs.set(reg::RESET_REQUEST, reset);
         net.doorbell.ring(1);
-        net.wait_for(|net| net.reg(reg::RESET_DONE) == reset);
-        net.set(reg::RING_SIZE, RING_SIZE);
-        net.set(reg::CONTROL, nic::control::ENABLE);
+        net.regs.wait_for(|regs| regs.get(reg::RESET_DONE) == reset);
+        net.regs.set(reg::RING_SIZE, RING_SIZE);
+        net.regs.set(reg::CONTROL, nic::control::ENABLE);
         net.doorbell.ring(1);
-        net.wait_for(|net| net.reg(reg::STATUS) & (nic::status::READY | nic::status::FATAL) != 0);
-        if net.reg(reg::STATUS) & nic::status::FATAL != 0 {
+        net.regs.wait_for(|regs| regs.get(reg::STATUS) & (nic::status::READY | nic::status::FATAL) != 0);
+        if net.regs.get(reg::STATUS) & nic::status::FATAL != 0 {
             return Err(Error::Device("the card refused its configuration"));
         }
         let m = nic::mac_from_register(net.regs.read::<u64>(reg::MAC));
@@ -74,23 +73,9 @@ impl ChannelDriver for Net {
 }
 
 impl Net {
-    fn reg(&self, offset: usize) -> u32 {
-        self.regs.atomic_u32(offset).load(Ordering::Acquire)
-    }
-
-    fn set(&self, offset: usize, value: u32) {
-        self.regs.atomic_u32(offset).store(value, Ordering::Release);
-    }
-
-    /// Waits until `done`, with the card's interrupt once polling ends.
-    fn wait_for(&self, done: impl Fn(&Self) -> bool) {
-        let want = |on: bool| self.regs.atomic_u32(reg::INTERRUPT_WANTED).store(u32::from(on), Ordering::SeqCst);
-        channel::wait_until(&self.interrupt, want, || done(self), Self::POLL_WINDOW_US);
-    }
-
     /// Moves one completion ring's entries into the channel; whether any.
     fn drain(&mut self, channel: &mut Channel, ring: usize, tail_reg: usize, head_reg: usize, tx: bool) -> bool {
-        let tail = self.reg(tail_reg);
+        let tail = self.regs.get(tail_reg);
         let start = if tx { self.txc_head } else { self.rxc_head };
         let mut head = start;
         while head != tail {
@@ -104,7 +89,7 @@ impl Net {
         }
         *(if tx { &mut self.txc_head } else { &mut self.rxc_head }) = head;
         // No doorbell: with one ring entry per slot, no completion ring fills.
-        self.set(head_reg, head);
+        self.regs.set(head_reg, head);
         head != start
     }
 }
@@ -132,14 +117,14 @@ impl Device for Net {
     }
 
     fn kick(&mut self) {
-        self.set(reg::TX_TAIL, self.tx_tail);
-        self.set(reg::RX_TAIL, self.rx_tail);
+        self.regs.set(reg::TX_TAIL, self.tx_tail);
+        self.regs.set(reg::RX_TAIL, self.rx_tail);
         fence(Ordering::SeqCst);
         self.doorbell.ring(1);
     }
 
     fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
-        let card = self.reg(reg::STATUS);
+        let card = self.regs.get(reg::STATUS);
         if card & nic::status::FATAL != 0 {
             return Err(Error::Device("the card stopped with a fatal error"));
         }
@@ -154,9 +139,8 @@ impl Device for Net {
     }
 
     fn arm(&mut self, armed: bool) -> bool {
-        self.regs.atomic_u32(reg::INTERRUPT_WANTED).store(u32::from(armed), Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        self.reg(reg::TXC_TAIL) == self.txc_head && self.reg(reg::RXC_TAIL) == self.rxc_head
+        self.regs.want_interrupt(armed);
+        self.regs.get(reg::TXC_TAIL) == self.txc_head && self.regs.get(reg::RXC_TAIL) == self.rxc_head
     }
 }
 
