@@ -331,7 +331,11 @@ fn keep(
         }
     } else {
         say(&[b"reflector: driver VM jail: writing the user namespace's id maps failed\n"]);
-        // Closing the lifeline (below) fails the vmm's start.
+        // The vmm-to-be waits for a byte that will never come: close the
+        // lifeline so that it reads end-of-file and fails its start (until
+        // then it holds every descriptor the reflector had).
+        // SAFETY: close(2) of our end of the lifeline.
+        unsafe { libc::close(lifeline) };
     }
     // The vmm's descriptors, standard streams and the reflector's
     // exec-error pipe are the vmm's business: the keeper holds none of them,
