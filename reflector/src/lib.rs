@@ -26,7 +26,6 @@ pub mod device;
 pub mod driver_answers;
 pub mod driver_vms;
 pub mod driver_watch;
-pub mod hw;
 pub mod jail;
 pub mod metrics;
 pub mod net;
@@ -34,7 +33,11 @@ pub mod privileges;
 pub mod recovery;
 pub mod serve;
 pub mod session;
-pub mod shm;
 pub mod sockets;
 pub mod supervisor;
 pub mod worker;
+
+/// The devices driver VMs drive (the `hardware` crate).
+pub use hardware as hw;
+/// Shared memory regions (the `hardware` crate's).
+pub use hardware::shm;

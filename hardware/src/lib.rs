@@ -1,8 +1,15 @@
-//! Hardware a driver VM drives: what the reflector needs from a device to
-//! wire it to a driver VM. The simulated storage controller and network
-//! card implement it today; a VFIO device (a BAR as a window, its interrupt
-//! as an eventfd) would implement the same traits.
+//! `hardware`: the devices driver VMs drive, behind one trait
+//! ([`Hardware`]: windows, doorbell, interrupt, quiesce and resume, DMA only
+//! into the region it is given), extended by [`BlockHardware`] and
+//! [`NetHardware`]. The simulated storage controller and network card (and
+//! their switch and TAP port) implement it today; QEMU's device models and
+//! VFIO functions plug in at the same seam.
+//!
+//! What it is not: a judge of anything a driver says (the reflector's
+//! `driver_answers`), nor a reader of client memory. It trusts the driver
+//! with nothing: every register a driver writes is checked by the device.
 
+pub mod shm;
 pub mod sim_nic;
 pub mod sim_storage;
 pub mod switch;
