@@ -23,6 +23,25 @@ step "cargo clippy -D warnings (driver VM images and guest-kernel)"
 step "cargo build --release"
 timeout 1500 cargo build --release --locked
 
+step "a production vmm (--no-default-features: no test images, drivers without fault injection) embeds only blk, net and null"
+timeout 1500 cargo build --release --locked -p vmm --no-default-features --target-dir target/production
+production=$(target/production/release/vmm images | tr '\n' ' ')
+[[ $production == "blk net null " ]] || { echo "the production vmm embeds: $production" >&2; exit 1; }
+if [[ -e /dev/kvm ]]; then
+    prod=$(mktemp -d)
+    target/release/reflector serve --vmm target/production/release/vmm --control "$prod/ctl" \
+        --blk "socket=$prod/d.sock,image=$prod/d.img,size=4M,name=d0" 2>"$prod/log" &
+    reflector_pid=$!
+    for _ in $(seq 300); do [[ -S $prod/ctl ]] && grep -q "serving channel generation" "$prod/log" && break; sleep 0.1; done
+    if target/release/reflector inject d0 panic --control "$prod/ctl" 2>"$prod/inject"; then
+        echo "a production driver accepted an injected fault" >&2; kill "$reflector_pid"; exit 1
+    fi
+    grep -q "cannot commit" "$prod/inject" || { cat "$prod/inject" "$prod/log" >&2; kill "$reflector_pid"; exit 1; }
+    kill "$reflector_pid"; wait "$reflector_pid" || true
+    rm -rf "$prod"
+    echo "production: blk net null; inject refused"
+fi
+
 step "end-to-end: a QEMU guest runs fio --verify on a disk served through a driver VM"
 timeout 1500 ci/e2e-reflector.sh
 

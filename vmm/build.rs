@@ -17,6 +17,8 @@ use std::process::Command;
 /// The guest target: the host architecture, freestanding (see
 /// driver-vm/.cargo/config.toml for why it is named explicitly).
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The images a production vmm (without the `test-images` feature) embeds.
+const PRODUCTION_IMAGES: &[&str] = &["blk", "net", "null"];
 
 /// Environment the outer cargo sets for build scripts that would change how
 /// the nested build compiles (flags, wrappers such as clippy-driver, targets).
@@ -39,8 +41,13 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let root = manifest_dir.parent().expect("vmm/ sits in the workspace root").to_path_buf();
     let driver_dir = root.join("driver-vm");
-    let target_dir =
-        env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("guest");
+    // Test images and fault injection only with the `test-images` feature;
+    // the two kinds of build keep their images apart.
+    let testing = env::var_os("CARGO_FEATURE_TEST_IMAGES").is_some();
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join(if testing { "guest" } else { "guest-production" });
 
     for watched in [
         "driver-vm/src",
@@ -63,6 +70,9 @@ fn main() {
         .current_dir(&driver_dir)
         .args(["build", "--release", "--bins", "--target", GUEST_TARGET, "--target-dir"])
         .arg(&target_dir);
+    if testing {
+        command.args(["--features", "fault-injection"]);
+    }
     for var in SCRUBBED_ENV {
         command.env_remove(var);
     }
@@ -74,6 +84,7 @@ fn main() {
 
     let image_dir = target_dir.join(GUEST_TARGET).join("release");
     let mut names = image_names(&driver_dir.join("src/bin"));
+    names.retain(|name| testing || PRODUCTION_IMAGES.contains(&name.as_str()));
     names.sort();
     let mut table =
         String::from("/// Built-in images: (name, ELF bytes).\npub static BUILT_IN: &[(&str, &[u8])] = &[\n");

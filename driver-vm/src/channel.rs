@@ -15,7 +15,9 @@
 
 use core::sync::atomic::{fence, Ordering};
 
-use guest_kernel::abi::channel::{self, header, inject, CompletionEntry, RequestEntry};
+#[cfg(feature = "fault-injection")]
+use guest_kernel::abi::channel::inject;
+use guest_kernel::abi::channel::{self, header, CompletionEntry, RequestEntry};
 use guest_kernel::device::{Doorbell, Window};
 use guest_kernel::{arch, time, Kernel};
 
@@ -37,7 +39,9 @@ pub struct Lies {
     pub flood: bool,
 }
 
-/// The faults every driver can commit through this module.
+/// The faults every driver can commit through this module (none without
+/// the `fault-injection` feature: a production image commits no fault).
+#[cfg(feature = "fault-injection")]
 pub const GENERIC_FAULTS: [u32; 8] = [
     inject::PANIC,
     inject::PAGE_FAULT,
@@ -48,6 +52,10 @@ pub const GENERIC_FAULTS: [u32; 8] = [
     inject::SPIN,
     inject::FLOOD,
 ];
+/// The faults every driver can commit through this module (none without
+/// the `fault-injection` feature: a production image commits no fault).
+#[cfg(not(feature = "fault-injection"))]
+pub const GENERIC_FAULTS: [u32; 0] = [];
 
 /// The channel, as a driver uses it.
 pub struct Channel {
@@ -55,13 +63,16 @@ pub struct Channel {
     doorbell: Doorbell,
     req_cons: u32,
     cmp_prod: u32,
+    /// For console messages (about injected faults).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     name: &'static str,
     /// Lies injected so far (tests).
     pub lies: Lies,
     /// The op of the request last handed out per slot (for lies about reads).
     ops: [u32; channel::SLOT_COUNT as usize],
     /// `panic-on-sector=N` on the command line: a bug one request
-    /// triggers (tests of poison requests).
+    /// triggers (tests of poison requests; `fault-injection` only).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     panic_sector: Option<u64>,
 }
 
@@ -100,7 +111,8 @@ impl Channel {
         self.cmp_prod = window.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
         let generation = window.atomic_u32(header::GENERATION).load(Ordering::Acquire);
         window.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
-        let faults = channel::injectable(&GENERIC_FAULTS) | channel::injectable(extra_faults);
+        let extra = if cfg!(feature = "fault-injection") { channel::injectable(extra_faults) } else { 0 };
+        let faults = channel::injectable(&GENERIC_FAULTS) | extra;
         window.atomic_u32(header::DRIVER_INJECTABLE).store(faults, Ordering::Release);
         window.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::READY, Ordering::Release);
         generation
@@ -133,12 +145,15 @@ impl Channel {
             let request: RequestEntry = self.window.read(at);
             self.req_cons = self.req_cons.wrapping_add(1);
             self.window.atomic_u32(header::REQ_CONS).store(self.req_cons, Ordering::Release);
-            if self.injected_fault_due() && self.commit_injected_fault(&request) {
-                continue;
-            }
-            let sectors = request.sector..request.sector + u64::from(request.len).div_ceil(512);
-            if self.panic_sector.is_some_and(|sector| request.op != channel::op::FLUSH && sectors.contains(&sector)) {
-                panic!("{}: the bug on sector {}", self.name, request.sector);
+            #[cfg(feature = "fault-injection")]
+            {
+                if self.injected_fault_due() && self.commit_injected_fault(&request) {
+                    continue;
+                }
+                let sectors = request.sector..request.sector + u64::from(request.len).div_ceil(512);
+                if self.panic_sector.is_some_and(|s| request.op != channel::op::FLUSH && sectors.contains(&s)) {
+                    panic!("{}: the bug on sector {}", self.name, request.sector);
+                }
             }
             if self.lies.skip_flushes && request.op == channel::op::FLUSH {
                 self.complete(request.id, channel::status::OK, 0);
@@ -185,6 +200,7 @@ impl Channel {
         }
     }
 
+    #[cfg(feature = "fault-injection")]
     fn injected_fault_due(&self) -> bool {
         if self.window.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire) == inject::NONE {
             return false;
@@ -201,6 +217,7 @@ impl Channel {
 
     /// Commits the injected fault (tests and chaos only); true if it
     /// answered `request` itself.
+    #[cfg(feature = "fault-injection")]
     fn commit_injected_fault(&mut self, request: &RequestEntry) -> bool {
         let kind = self.window.atomic_u32(header::INJECT_KIND).swap(inject::NONE, Ordering::AcqRel);
         println!("{}: committing injected fault {kind}", self.name);
