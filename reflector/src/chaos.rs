@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::control::{self, FaultKind, Request};
+use crate::control::{self, DeviceStatus, FaultKind, Request};
 
 /// Every fault the chaos command can cause.
 pub const ALL_KINDS: [&str; 7] = ["kill", "panic", "page-fault", "illegal", "hang", "lie", "stop"];
@@ -94,15 +94,11 @@ impl Rng {
     }
 }
 
-fn device_status(options: &ChaosOptions) -> Result<serde_json::Value, String> {
-    let all = serde_json::to_value(control::status(&options.control)?).map_err(|e| e.to_string())?;
-    all.as_array()
-        .and_then(|devices| devices.iter().find(|d| d["device"] == options.device.as_str()).cloned())
+fn device_status(options: &ChaosOptions) -> Result<DeviceStatus, String> {
+    control::status(&options.control)?
+        .into_iter()
+        .find(|d| d.device == options.device)
         .ok_or_else(|| format!("the reflector has no device named {:?}", options.device))
-}
-
-fn counter(status: &serde_json::Value, field: &str) -> u64 {
-    status[field].as_u64().unwrap_or(0)
 }
 
 /// Runs `blk-load --verify` in a loop until `stop`; returns (runs, errors,
@@ -153,7 +149,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
         return Err("no fault kinds given".into());
     }
     let start_status = device_status(options)?;
-    if start_status["kind"] == "net" && options.socket.is_some() {
+    if start_status.kind == "net" && options.socket.is_some() {
         return Err(format!(
             "{} is a net device: the chaos load is blk-load (block). Run it without --socket (kills only), \
              with net-load as the load, or see ci/e2e-net.sh",
@@ -173,7 +169,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
             let (low, high) = (options.gap.0.as_micros() as u64, options.gap.1.as_micros() as u64);
             std::thread::sleep(Duration::from_micros(low + rng.below(high.saturating_sub(low) + 1)));
             let kind = &options.kinds[rng.below(options.kinds.len() as u64) as usize];
-            let before = counter(&device_status(options)?, "restarts");
+            let before = device_status(options)?.restarts;
             match kind.as_str() {
                 "kill" => control::request(&options.control, &Request::Kill { device: options.device.clone() })?,
                 other => {
@@ -186,12 +182,13 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
             let deadline = Instant::now() + options.recovery_timeout;
             loop {
                 let status = device_status(options)?;
-                if counter(&status, "restarts") > before && status["state"] == "running" {
+                if status.restarts > before && status.state == "running" {
                     break;
                 }
                 if Instant::now() > deadline {
                     report.unrecovered += 1;
-                    tracing::error!(fault = i, kind = %kind, status = %status, "no recovery in time");
+                    let status = serde_json::to_string(&status).unwrap_or_default();
+                    tracing::error!(fault = i, kind = %kind, %status, "no recovery in time");
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -210,13 +207,9 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     }
     result?;
     let end_status = device_status(options)?;
-    report.restarts = counter(&end_status, "restarts") - counter(&start_status, "restarts");
-    report.device_errors = counter(&end_status, "errors") - counter(&start_status, "errors");
-    report.stall_us = (
-        counter(&end_status, "stall_p50_us"),
-        counter(&end_status, "stall_p99_us"),
-        counter(&end_status, "stall_max_us"),
-    );
+    report.restarts = end_status.restarts - start_status.restarts;
+    report.device_errors = end_status.errors - start_status.errors;
+    report.stall_us = (end_status.stall_p50_us, end_status.stall_p99_us, end_status.stall_max_us);
     report.elapsed = start.elapsed();
     Ok(report)
 }

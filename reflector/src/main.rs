@@ -290,26 +290,25 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&statuses).map_err(|e| e.to_string())?);
         return Ok(());
     }
-    let devices = serde_json::to_value(&statuses).map_err(|e| e.to_string())?;
     println!(
         "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
         "device", "kind", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
     );
-    for d in devices.as_array().into_iter().flatten() {
-        let ms = |field: &str| format!("{:.2}ms", d[field].as_u64().unwrap_or(0) as f64 / 1000.0);
+    let ms = |us: u64| format!("{:.2}ms", us as f64 / 1000.0);
+    for d in &statuses {
         println!(
             "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  {}",
-            d["device"].as_str().unwrap_or("?"),
-            d["kind"].as_str().unwrap_or("?"),
-            d["state"].as_str().unwrap_or("?"),
-            d["driver_pid"],
-            d["in_flight"],
-            d["faults"],
-            d["restarts"],
-            ms("stall_p50_us"),
-            ms("stall_p99_us"),
-            ms("stall_max_us"),
-            d["last_fault"].as_str().unwrap_or("")
+            d.device,
+            d.kind,
+            d.state,
+            d.driver_pid,
+            d.in_flight,
+            d.faults,
+            d.restarts,
+            ms(d.stall_p50_us),
+            ms(d.stall_p99_us),
+            ms(d.stall_max_us),
+            d.last_fault
         );
     }
     Ok(())
