@@ -450,15 +450,18 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         index += 1;
     }
     let switches = Switches::default();
-    for net in &config.net {
-        services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches, &config.jail, index)?)));
-        index += 1;
-    }
+    // TAPs are bridged before any card starts, so an operator's TAP error
+    // fails the start before a driver VM runs, and "TAP device bridged" is
+    // logged before any "card ready".
     let mut taps = Vec::new();
     for tap in &config.tap {
         taps.push(
             TapPort::start(&tap.name, switches.get(&tap.switch)).map_err(|e| format!("--tap {}: {e}", tap.name))?,
         );
+    }
+    for net in &config.net {
+        services.push(Box::leak(Box::new(serve::start_net(net, &vmm, &switches, &config.jail, index)?)));
+        index += 1;
     }
     let mut targets = Vec::new();
     for &service in &services {
