@@ -22,14 +22,18 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::channel::Channel;
 use crate::client_memory;
-use crate::driver_vms::DriverVms;
+use crate::driver_vms::{DriverLaunch, DriverVms};
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::hw::{Hardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Fault, RecoveryConfig};
 use crate::session::{Effect, Event, Session};
-use crate::supervisor::DriverLauncher;
 use crate::worker::{nonblocking_timer, periodic_timer, signal_used};
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
 /// Epoll data of the device's own event sources, after the client's queues
 /// (ids below a kind's queue count are vhost-user-backend's).
@@ -115,7 +119,7 @@ pub struct DeviceWiring {
     /// Signalled when a driver VM process exits.
     pub driver_exited: EventFd,
     /// Starts driver VMs wired to this device.
-    pub launcher: DriverLauncher,
+    pub launcher: Box<dyn DriverLaunch>,
 }
 
 /// What every kind shares: a kind's methods get it alongside their own

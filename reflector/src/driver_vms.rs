@@ -11,7 +11,45 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::hw::InterruptRoute;
-use crate::supervisor::{DriverLauncher, DriverVm};
+
+/// Starts the driver VMs of one device: the seam between a device and how
+/// its drivers run. In the reflector a [`crate::supervisor::DriverLauncher`]
+/// starts `vmm` processes; the device's unit tests plug in drivers that run
+/// as threads, so recovery can be tested without KVM.
+pub trait DriverLaunch: Send + Sync {
+    /// The driver VMs' name.
+    fn name(&self) -> &str;
+    /// Starts a driver that serves at once. `route` gets its interrupt
+    /// lines (0: requests published, 1: the hardware's interrupt) before it
+    /// runs, so that no device interrupt can be lost.
+    fn launch(
+        &self,
+        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+    ) -> std::io::Result<Box<dyn DriverProcess>>;
+    /// Starts a warm spare: it boots, then waits for
+    /// [`DriverProcess::activate`] before it touches the device or the
+    /// channel.
+    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>>;
+}
+
+/// One running driver (a driver VM process).
+pub trait DriverProcess: Send + Sync {
+    /// Its process id, for status and the resource watch.
+    fn pid(&self) -> libc::pid_t;
+    /// Its interrupt line `index` (an eventfd).
+    fn interrupt(&self, index: usize) -> Option<&EventFd>;
+    /// Lets a warm spare start serving; false if this is not one or it
+    /// could not be told.
+    fn activate(&mut self) -> bool;
+    /// How it ended (its report, empty if it gave none) once it can no
+    /// longer run; None while it may still run.
+    fn exit_report(&self) -> Option<String>;
+    /// Kills it if it still runs; its end is then reported as an exit.
+    fn kill(&self);
+    /// Kills it and waits, at most `bound`, until it can no longer run;
+    /// whether it got there.
+    fn kill_and_wait(&self, bound: std::time::Duration) -> bool;
+}
 
 /// Longest wait for a killed driver VM to stop running. SIGKILL to closed
 /// files takes about a millisecond here; a process that takes longer is
@@ -20,13 +58,13 @@ pub const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The current driver VM of a device and its spare.
 pub struct DriverVms {
-    launcher: DriverLauncher,
+    launcher: Box<dyn DriverLaunch>,
     device_interrupt: Arc<InterruptRoute>,
     /// The current driver VM's request interrupt (its line 0).
     request_interrupt: EventFd,
-    current: Option<DriverVm>,
+    current: Option<Box<dyn DriverProcess>>,
     /// A booted driver VM waiting to replace `current` (when configured).
-    spare: Option<DriverVm>,
+    spare: Option<Box<dyn DriverProcess>>,
     warm_spare: bool,
     /// A spare is to be started once the current recovery has completed.
     spare_wanted: bool,
@@ -35,11 +73,11 @@ pub struct DriverVms {
 impl DriverVms {
     /// Starts the first driver VM (and a spare, if `warm_spare`).
     pub fn start(
-        launcher: DriverLauncher,
+        launcher: Box<dyn DriverLaunch>,
         device_interrupt: Arc<InterruptRoute>,
         warm_spare: bool,
     ) -> std::io::Result<Self> {
-        let (current, request_interrupt) = launch_routed(&launcher, &device_interrupt)?;
+        let (current, request_interrupt) = launch_routed(launcher.as_ref(), &device_interrupt)?;
         let spare = if warm_spare { Some(launcher.launch_spare()?) } else { None };
         Ok(DriverVms {
             launcher,
@@ -64,12 +102,12 @@ impl DriverVms {
 
     /// The current driver VM's pid, if one runs.
     pub fn current_pid(&self) -> Option<libc::pid_t> {
-        self.current.as_ref().map(DriverVm::pid)
+        self.current.as_ref().map(|driver| driver.pid())
     }
 
     /// The warm spare's pid, if one is booted.
     pub fn spare_pid(&self) -> Option<libc::pid_t> {
-        self.spare.as_ref().map(DriverVm::pid)
+        self.spare.as_ref().map(|driver| driver.pid())
     }
 
     /// SIGKILLs the current driver VM (an operator or chaos asked); its exit
@@ -138,17 +176,17 @@ impl DriverVms {
     /// current driver VM's exit report if it is the one that exited (exits
     /// of driver VMs killed on purpose arrive too, and are not faults).
     pub fn exited(&mut self) -> Option<String> {
-        if let Some(report) = self.spare.as_ref().and_then(DriverVm::exit_report) {
+        if let Some(report) = self.spare.as_ref().and_then(|spare| spare.exit_report()) {
             tracing::warn!(driver_vm = %self.name(), %report, "the warm spare exited");
             self.spare = None;
         }
-        self.current.as_ref().and_then(DriverVm::exit_report)
+        self.current.as_ref().and_then(|driver| driver.exit_report())
     }
 
     /// Routes interrupts to a warm spare, then lets it go; a cold start if
     /// that fails.
-    fn activate_spare(&mut self, mut spare: DriverVm) -> std::io::Result<DriverVm> {
-        match take_over(&spare, &self.device_interrupt) {
+    fn activate_spare(&mut self, mut spare: Box<dyn DriverProcess>) -> std::io::Result<Box<dyn DriverProcess>> {
+        match take_over(spare.as_ref(), &self.device_interrupt) {
             Ok(request) if spare.activate() => {
                 self.request_interrupt = request;
                 Ok(spare)
@@ -161,8 +199,8 @@ impl DriverVms {
     }
 
     /// Starts a fresh driver VM, its interrupts routed before it runs.
-    fn launch_cold(&mut self) -> std::io::Result<DriverVm> {
-        let (driver, request) = launch_routed(&self.launcher, &self.device_interrupt)?;
+    fn launch_cold(&mut self) -> std::io::Result<Box<dyn DriverProcess>> {
+        let (driver, request) = launch_routed(self.launcher.as_ref(), &self.device_interrupt)?;
         self.request_interrupt = request;
         Ok(driver)
     }
@@ -179,14 +217,17 @@ fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io:
 }
 
 /// Makes a running (warm spare) driver VM the interrupts' target.
-fn take_over(driver: &DriverVm, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+fn take_over(driver: &dyn DriverProcess, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
     let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
     route_lines(&lines, device_interrupt)
 }
 
 /// Starts a driver VM whose interrupts are routed before it runs, so that
 /// no device interrupt can be lost between its start and the routing.
-fn launch_routed(launcher: &DriverLauncher, device_interrupt: &InterruptRoute) -> std::io::Result<(DriverVm, EventFd)> {
+fn launch_routed(
+    launcher: &dyn DriverLaunch,
+    device_interrupt: &InterruptRoute,
+) -> std::io::Result<(Box<dyn DriverProcess>, EventFd)> {
     let mut request = None;
     let driver = launcher.launch(&mut |lines| {
         request = Some(route_lines(lines, device_interrupt)?);

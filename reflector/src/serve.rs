@@ -433,7 +433,7 @@ fn wire(
         hardware,
         completion_doorbell,
         driver_exited,
-        launcher,
+        launcher: Box::new(launcher),
     })
 }
 

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::driver_vms::{DriverLaunch, DriverProcess};
 use crate::shm::SharedMemory;
 
 /// What to boot.
@@ -528,5 +529,48 @@ pub fn find_vmm(explicit: Option<&Path>) -> Result<PathBuf, String> {
     match beside {
         Some(path) if path.is_file() => Ok(path),
         _ => Err("cannot find the vmm binary next to the reflector: build both with `cargo build --release`, or pass --vmm PATH".into()),
+    }
+}
+
+impl DriverLaunch for DriverLauncher {
+    fn name(&self) -> &str {
+        DriverLauncher::name(self)
+    }
+
+    fn launch(
+        &self,
+        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+    ) -> std::io::Result<Box<dyn DriverProcess>> {
+        Ok(Box::new(DriverLauncher::launch(self, route)?))
+    }
+
+    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
+        Ok(Box::new(DriverLauncher::launch_spare(self)?))
+    }
+}
+
+impl DriverProcess for DriverVm {
+    fn pid(&self) -> libc::pid_t {
+        DriverVm::pid(self)
+    }
+
+    fn interrupt(&self, index: usize) -> Option<&EventFd> {
+        DriverVm::interrupt(self, index)
+    }
+
+    fn activate(&mut self) -> bool {
+        DriverVm::activate(self)
+    }
+
+    fn exit_report(&self) -> Option<String> {
+        DriverVm::exit_report(self)
+    }
+
+    fn kill(&self) {
+        DriverVm::kill(self)
+    }
+
+    fn kill_and_wait(&self, bound: Duration) -> bool {
+        DriverVm::kill_and_wait(self, bound)
     }
 }

@@ -154,6 +154,7 @@ impl Blk {
                 verifiable: false,
                 deaths: 0,
                 sent: true,
+                orphaned: false,
             };
             let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
@@ -304,7 +305,7 @@ impl Blk {
     /// after a death, then the rest: `InFlightTable::next_to_send`).
     fn send_held(&mut self, core: &mut DeviceCore, vring: &VringRwLock, memory: &GuestMemoryMmap) {
         for slot in self.in_flight.next_to_send() {
-            let replayed = self.in_flight.get(slot).is_some_and(|entry| entry.deaths > 0);
+            let replayed = self.in_flight.get_mut(slot).is_some_and(|entry| std::mem::take(&mut entry.orphaned));
             if self.send(core, memory, slot) {
                 if replayed {
                     core.metrics.replayed.fetch_add(1, Ordering::Relaxed);

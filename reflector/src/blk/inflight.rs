@@ -38,6 +38,9 @@ pub struct InFlight {
     /// In the current driver VM's channel (false: held back by the
     /// reflector, see [`InFlightTable::next_to_send`]).
     pub sent: bool,
+    /// It was in a driver VM that died (blamed or not): its next send is a
+    /// replay.
+    pub orphaned: bool,
 }
 
 impl InFlight {
@@ -156,6 +159,7 @@ impl InFlightTable {
             if entry.sent {
                 entry.deaths += u32::from(blame);
                 entry.sent = false;
+                entry.orphaned = true;
             }
         }
     }
@@ -230,6 +234,7 @@ pub(crate) mod tests {
             verifiable: false,
             deaths: 0,
             sent: true,
+            orphaned: false,
         }
     }
 

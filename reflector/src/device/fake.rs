@@ -1,0 +1,514 @@
+//! Test doubles for the device's unit tests, so that recovery is tested
+//! without KVM: a driver that runs as a thread on the real channel
+//! ([`FakeLaunch`], scripted per start to serve, die, hang or lie), the
+//! block hardware it drives ([`FakeDisk`]: a medium in memory that counts
+//! its own flushes), and a client ([`Client`]: a split virtqueue in test
+//! memory written with virtio-queue's mock, and the event loop
+//! vhost-user-backend would run).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use guest_abi::channel::{self, driver_state, header, op, status, CompletionEntry, RequestEntry};
+use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::driver_vms::{DriverLaunch, DriverProcess};
+use crate::hw::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
+use crate::shm::SharedMemory;
+
+/// What a fake driver does once started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    /// Serves every request correctly.
+    Serve,
+    /// Panics before it attaches (a driver that never comes up).
+    DieAtStart,
+    /// Panics when it takes a request for this sector.
+    PanicOnSector(u64),
+    /// Takes requests and never answers them.
+    Hang,
+    /// Answers every request with a length it did not have.
+    Lie,
+    /// Answers every read OK with a bit of its data flipped.
+    CorruptReads,
+}
+
+/// A fake driver's exit report when it panics: what a vmm reports for a
+/// guest panic (non-empty: the death blames the requests it held).
+const PANIC_REPORT: &str = r#"{"exit":"panic","message":"fake driver panicked"}"#;
+
+/// A pid no process can have (above the kernel's PID_MAX_LIMIT), so the
+/// resource watch finds nothing to read and nothing can be signalled.
+const FIRST_FAKE_PID: libc::pid_t = 4_194_304 + 1;
+
+/// A block medium in memory that counts its flushes, the hardware of the
+/// fake drivers: they read and write it as a driver's DMA would.
+pub struct FakeDisk {
+    sectors: Mutex<Vec<u8>>,
+    flushes: Mutex<FlushCount>,
+    doorbell: EventFd,
+    interrupt: Arc<InterruptRoute>,
+    /// Times the device quiesced its (fake) DMA after a driver's death.
+    pub quiesced: AtomicU32,
+}
+
+impl FakeDisk {
+    /// A zeroed medium of `sectors` 512-byte sectors.
+    pub fn new(sectors: u64) -> Arc<Self> {
+        Arc::new(FakeDisk {
+            sectors: Mutex::new(vec![0; sectors as usize * 512]),
+            flushes: Mutex::new(FlushCount::default()),
+            doorbell: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(InterruptRoute::default()),
+            quiesced: AtomicU32::new(0),
+        })
+    }
+
+    /// The medium's bytes at `sector`.
+    pub fn read(&self, sector: u64, len: usize) -> Vec<u8> {
+        let at = sector as usize * 512;
+        self.sectors.lock().unwrap()[at..at + len].to_vec()
+    }
+
+    /// Serves one request between the medium and its bounce slot; the
+    /// status of the answer.
+    fn serve(&self, memory: &SharedMemory, request: &RequestEntry) -> u32 {
+        let at = request.sector as usize * 512;
+        let mut sectors = self.sectors.lock().unwrap();
+        let Some(bounce) = memory.slice(channel::slot_offset(request.slot), request.len as usize) else {
+            return status::IO_ERROR;
+        };
+        if at + request.len as usize > sectors.len() {
+            return status::IO_ERROR;
+        }
+        match request.op {
+            op::READ => bounce.copy_from(&sectors[at..at + request.len as usize]),
+            op::WRITE => {
+                bounce.copy_to(&mut sectors[at..at + request.len as usize]);
+            }
+            op::FLUSH => {
+                let mut flushes = self.flushes.lock().unwrap();
+                flushes.started += 1;
+                flushes.completed = flushes.started;
+            }
+            _ => return status::UNSUPPORTED,
+        }
+        status::OK
+    }
+}
+
+impl Hardware for FakeDisk {
+    fn windows(&self) -> Vec<HardwareWindow> {
+        Vec::new()
+    }
+
+    fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
+    }
+
+    fn quiesce(&self) {
+        self.quiesced.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {}
+}
+
+impl BlockHardware for FakeDisk {
+    fn capacity_sectors(&self) -> u64 {
+        (self.sectors.lock().unwrap().len() / 512) as u64
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn flushes(&self) -> FlushCount {
+        *self.flushes.lock().unwrap()
+    }
+}
+
+/// Starts fake drivers on a device's channel: the `n`th start follows the
+/// `n`th script given, the last one for every later start.
+pub struct FakeLaunch {
+    channel: Arc<SharedMemory>,
+    completion_doorbell: EventFd,
+    driver_exited: EventFd,
+    disk: Arc<FakeDisk>,
+    scripts: Arc<Mutex<VecDeque<Script>>>,
+    /// Drivers started so far (spares included).
+    pub launches: Arc<AtomicUsize>,
+}
+
+impl FakeLaunch {
+    /// Fake drivers on `channel` driving `disk`, ringing
+    /// `completion_doorbell` and signalling `driver_exited` as a vmm would.
+    pub fn new(
+        channel: Arc<SharedMemory>,
+        completion_doorbell: &EventFd,
+        driver_exited: &EventFd,
+        disk: Arc<FakeDisk>,
+        scripts: &[Script],
+    ) -> Self {
+        FakeLaunch {
+            channel,
+            completion_doorbell: completion_doorbell.try_clone().unwrap(),
+            driver_exited: driver_exited.try_clone().unwrap(),
+            disk,
+            scripts: Arc::new(Mutex::new(scripts.iter().copied().collect())),
+            launches: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// The scripts of later starts, to change them while the device runs.
+    pub fn scripts(&self) -> Arc<Mutex<VecDeque<Script>>> {
+        self.scripts.clone()
+    }
+
+    fn start(&self, spare: bool) -> std::io::Result<FakeDriver> {
+        let number = self.launches.fetch_add(1, Ordering::SeqCst);
+        let script = {
+            let mut scripts = self.scripts.lock().unwrap();
+            match scripts.len() {
+                0 => Script::Serve,
+                1 => scripts[0],
+                _ => scripts.pop_front().unwrap_or(Script::Serve),
+            }
+        };
+        let lines = vec![EventFd::new(libc::EFD_NONBLOCK)?, EventFd::new(libc::EFD_NONBLOCK)?];
+        let state = Arc::new(DriverState::default());
+        let go = Arc::new(AtomicBool::new(!spare));
+        let run = FakeRun {
+            channel: self.channel.clone(),
+            doorbell: self.completion_doorbell.try_clone()?,
+            request_interrupt: lines[0].try_clone()?,
+            disk: self.disk.clone(),
+            script,
+            state: state.clone(),
+            go: go.clone(),
+        };
+        let exited = self.driver_exited.try_clone()?;
+        std::thread::Builder::new().name(format!("fake-driver-{number}")).spawn(move || {
+            let report = run.run();
+            run.state.end(report);
+            exited.write(1).unwrap();
+        })?;
+        Ok(FakeDriver { pid: FIRST_FAKE_PID + number as libc::pid_t, lines, state, go: spare.then_some(go) })
+    }
+}
+
+impl DriverLaunch for FakeLaunch {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn launch(
+        &self,
+        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+    ) -> std::io::Result<Box<dyn DriverProcess>> {
+        let driver = self.start(false)?;
+        route(&driver.lines)?;
+        Ok(Box::new(driver))
+    }
+
+    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
+        Ok(Box::new(self.start(true)?))
+    }
+}
+
+/// How a fake driver's thread and its handle meet.
+#[derive(Default)]
+struct DriverState {
+    killed: AtomicBool,
+    report: Mutex<Option<String>>,
+    ended: Condvar,
+}
+
+impl DriverState {
+    fn end(&self, report: String) {
+        *self.report.lock().unwrap() = Some(report);
+        self.ended.notify_all();
+    }
+}
+
+/// A running fake driver.
+struct FakeDriver {
+    pid: libc::pid_t,
+    lines: Vec<EventFd>,
+    state: Arc<DriverState>,
+    go: Option<Arc<AtomicBool>>,
+}
+
+impl DriverProcess for FakeDriver {
+    fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    fn interrupt(&self, index: usize) -> Option<&EventFd> {
+        self.lines.get(index)
+    }
+
+    fn activate(&mut self) -> bool {
+        self.go.take().map(|go| go.store(true, Ordering::SeqCst)).is_some()
+    }
+
+    fn exit_report(&self) -> Option<String> {
+        self.state.report.lock().unwrap().clone()
+    }
+
+    fn kill(&self) {
+        self.state.killed.store(true, Ordering::SeqCst);
+    }
+
+    fn kill_and_wait(&self, bound: Duration) -> bool {
+        self.kill();
+        let report = self.state.report.lock().unwrap();
+        let (report, _) = self.state.ended.wait_timeout_while(report, bound, |report| report.is_none()).unwrap();
+        report.is_some()
+    }
+}
+
+/// The thread of one fake driver.
+struct FakeRun {
+    channel: Arc<SharedMemory>,
+    doorbell: EventFd,
+    request_interrupt: EventFd,
+    disk: Arc<FakeDisk>,
+    script: Script,
+    state: Arc<DriverState>,
+    go: Arc<AtomicBool>,
+}
+
+impl FakeRun {
+    /// Serves until killed (an empty report, as a vmm killed from outside
+    /// gives) or until its script makes it die (a panic report).
+    fn run(&self) -> String {
+        while !self.go.load(Ordering::SeqCst) {
+            if !self.wait() {
+                return String::new();
+            }
+        }
+        if self.script == Script::DieAtStart {
+            return PANIC_REPORT.into();
+        }
+        let word = |offset| self.channel.atomic_u32(offset);
+        let generation = word(header::GENERATION).load(Ordering::Acquire);
+        word(header::DRIVER_GENERATION).store(generation, Ordering::Release);
+        word(header::DRIVER_STATE).store(driver_state::READY, Ordering::Release);
+        let (mut taken, mut answered) = (0u32, 0u32);
+        loop {
+            let published = word(header::REQ_PROD).load(Ordering::Acquire);
+            while taken != published {
+                let at =
+                    channel::REQUEST_RING_OFFSET + (taken % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
+                let request: RequestEntry = self.channel.read(at).unwrap();
+                taken = taken.wrapping_add(1);
+                word(header::REQ_CONS).store(taken, Ordering::Release);
+                let touches = |sector: u64| {
+                    request.op != op::FLUSH
+                        && (request.sector..request.sector + u64::from(request.len).div_ceil(512)).contains(&sector)
+                };
+                let (status, len) = match self.script {
+                    Script::PanicOnSector(sector) if touches(sector) => return PANIC_REPORT.into(),
+                    Script::Hang => continue,
+                    Script::Lie => (self.disk.serve(&self.channel, &request), request.len + 1),
+                    Script::CorruptReads if request.op == op::READ => {
+                        let status = self.disk.serve(&self.channel, &request);
+                        if let Some(bounce) = self.channel.slice(channel::slot_offset(request.slot), 1) {
+                            let byte: u8 = bounce.read_obj(0).unwrap();
+                            bounce.write_obj(byte ^ 1, 0).unwrap();
+                        }
+                        (status, request.len)
+                    }
+                    _ => (self.disk.serve(&self.channel, &request), request.len),
+                };
+                let at = channel::COMPLETION_RING_OFFSET
+                    + (answered % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
+                self.channel.write(at, CompletionEntry { id: request.id, status, len });
+                answered = answered.wrapping_add(1);
+                word(header::CMP_PROD).store(answered, Ordering::Release);
+                self.doorbell.write(1).unwrap();
+            }
+            if !self.wait() {
+                return String::new();
+            }
+        }
+    }
+
+    /// Waits for the request interrupt, at most a millisecond (the fake
+    /// polls rather than announcing sleep); false once killed.
+    fn wait(&self) -> bool {
+        let mut poll = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.request_interrupt),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one pollfd that lives across the call.
+        unsafe { libc::poll(&mut poll, 1, 1) };
+        let _ = self.request_interrupt.read();
+        !self.state.killed.load(Ordering::SeqCst)
+    }
+}
+
+/// Entries in the client's queue.
+const QUEUE_SIZE: u16 = 256;
+/// Where the client's request buffers start (after the queue).
+const BUFFERS: u64 = 0x10_0000;
+/// Bytes of buffer per request (header, data up to 64 KiB, status).
+const BUFFER_STRIDE: u64 = 0x1_1000;
+/// The client's memory.
+const CLIENT_MEMORY: usize = 0x100_0000;
+
+/// A virtio-blk request as the client wrote it.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent {
+    /// Its descriptor chain's head.
+    pub head: u16,
+    data: GuestAddress,
+    len: u32,
+    status: GuestAddress,
+}
+
+/// The memory of a [`Client`], owned by the test (the client's mock queue
+/// borrows it).
+pub fn client_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), CLIENT_MEMORY)]).unwrap()
+}
+
+/// A client of a device: one queue in its memory, written through
+/// virtio-queue's mock as a guest driver would, and the worker loop.
+///
+/// The mock zeroes a queue's indices when it lays it out, so it is laid out
+/// once; and it does not wrap its avail ring, so a client sends fewer than
+/// half [`QUEUE_SIZE`] requests in its life (the rings would overlap).
+pub struct Client<'a> {
+    memory: &'a GuestMemoryMmap,
+    queue: MockSplitQueue<'a, GuestMemoryMmap>,
+    /// The client's queue as the device sees it.
+    pub vrings: Vec<VringRwLock>,
+    next_descriptor: u16,
+    used_seen: u16,
+}
+
+impl<'a> Client<'a> {
+    /// A client in `memory` with one ready queue of [`QUEUE_SIZE`], its
+    /// memory table given to `device`.
+    pub fn attach<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(
+        memory: &'a GuestMemoryMmap,
+        device: &mut D,
+    ) -> Client<'a> {
+        let atomic = GuestMemoryAtomic::new(memory.clone());
+        let queue = MockSplitQueue::create(memory, GuestAddress(0), QUEUE_SIZE);
+        let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring.set_queue_info(queue.desc_table_addr().0, queue.avail_addr().0, queue.used_addr().0).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        device.update_memory(atomic).unwrap();
+        Client { memory, queue, vrings: vec![vring], next_descriptor: 0, used_seen: 0 }
+    }
+
+    /// Puts a read (`write`: false) or write of `data.len()` bytes at
+    /// `sector` on the queue (not yet kicked); a write carries `data`.
+    pub fn request(&mut self, write: bool, sector: u64, data: &[u8]) -> Sent {
+        let memory = self.memory;
+        assert!(self.queue.avail().idx().load() < QUEUE_SIZE / 2, "the mock's avail ring is full");
+        let index = u64::from(self.next_descriptor / 3);
+        let header = GuestAddress(BUFFERS + index * BUFFER_STRIDE);
+        let data_at = header.unchecked_add(16);
+        let status_at = header.unchecked_add(BUFFER_STRIDE - 16);
+        let kind = if write { virtio::blk::T_OUT } else { virtio::blk::T_IN };
+        memory.write_obj(kind, header).unwrap();
+        memory.write_obj(0u32, header.unchecked_add(4)).unwrap();
+        memory.write_obj(sector, header.unchecked_add(8)).unwrap();
+        memory.write_obj(0xffu8, status_at).unwrap();
+        if write {
+            memory.write_slice(data, data_at).unwrap();
+        }
+        let head = self.next_descriptor;
+        let (next, write_flag) = (virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16, 2u16);
+        let data_flags = next | if write { 0 } else { write_flag };
+        let descriptors = [
+            SplitDescriptor::new(header.0, 16, next, head + 1),
+            SplitDescriptor::new(data_at.0, data.len() as u32, data_flags, head + 2),
+            SplitDescriptor::new(status_at.0, 1, write_flag, 0),
+        ]
+        .map(RawDescriptor::from);
+        self.queue.add_desc_chains(&descriptors, head).unwrap();
+        self.next_descriptor = (self.next_descriptor + 3) % (QUEUE_SIZE - QUEUE_SIZE % 3);
+        Sent { head, data: data_at, len: data.len() as u32, status: status_at }
+    }
+
+    /// The status byte the device wrote for `sent` (0xff: none yet).
+    pub fn status(&self, sent: &Sent) -> u8 {
+        self.memory.read_obj(sent.status).unwrap()
+    }
+
+    /// Fills the status byte and data buffer `sent` uses with 0xee in this
+    /// client's memory, to see whether anything writes there.
+    pub fn scribble(&self, sent: &Sent) {
+        self.memory.write_slice(&vec![0xee; sent.len as usize], sent.data).unwrap();
+        self.memory.write_obj(0xeeu8, sent.status).unwrap();
+    }
+
+    /// The data a read brought.
+    pub fn data(&self, sent: &Sent) -> Vec<u8> {
+        let mut data = vec![0; sent.len as usize];
+        self.memory.read_slice(&mut data, sent.data).unwrap();
+        data
+    }
+
+    /// Chains the device completed since the last call (head, length).
+    pub fn take_used(&mut self) -> Vec<(u16, u32)> {
+        let used = self.queue.used();
+        let mut completed = Vec::new();
+        while self.used_seen != used.idx().load() {
+            let element = used.ring().ref_at(usize::from(self.used_seen % QUEUE_SIZE)).unwrap().load();
+            completed.push((element.id() as u16, element.len()));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        completed
+    }
+
+    /// Runs the worker loop vhost-user-backend would run on `device`'s
+    /// event sources (`listeners`) until `done` holds; panics after
+    /// `bound`, saying `what` it waited for.
+    pub fn run_until<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(
+        &mut self,
+        device: &mut D,
+        listeners: &[(std::os::fd::RawFd, u16)],
+        bound: Duration,
+        what: &dyn Fn() -> String,
+        mut done: impl FnMut(&mut Self, &mut D) -> bool,
+    ) {
+        let deadline = Instant::now() + bound;
+        while !done(self, device) {
+            assert!(Instant::now() < deadline, "{}: not within {bound:?}", what());
+            let mut fds: Vec<libc::pollfd> =
+                listeners.iter().map(|(fd, _)| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+            // SAFETY: poll(2) on a vector of pollfds that lives across the call.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+            assert!(ready >= 0, "poll: {}", std::io::Error::last_os_error());
+            for (pollfd, (_, event)) in fds.iter().zip(listeners) {
+                if pollfd.revents & libc::POLLIN != 0 {
+                    device.handle_event(*event, EventSet::IN, &self.vrings, 0).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Kicks the client's queue.
+    pub fn kick<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(&self, device: &mut D) {
+        device.handle_event(0, EventSet::IN, &self.vrings, 0).unwrap();
+    }
+}

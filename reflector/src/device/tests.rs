@@ -1,0 +1,328 @@
+//! The device with its recovery, driven without KVM: fake drivers on the
+//! real channel ([`super::fake`]), a client queue written with
+//! virtio-queue's mock, and the worker loop run by the test. Each test is a
+//! promise of docs/DESIGN.md's restart protocol, tried against a driver
+//! that dies, hangs, lies or never comes up.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use vm_memory::GuestMemoryMmap;
+
+use super::fake::{client_memory, Client, FakeDisk, FakeLaunch, Script, Sent};
+use super::{Device, DeviceWiring};
+use crate::blk::device::{Blk, BlkDevice};
+use crate::channel::Channel;
+use crate::hw::Hardware;
+use crate::metrics::Metrics;
+use crate::recovery::{RecoveryConfig, RestartPolicy};
+
+/// Longest any test waits for the device (the fake drivers answer in
+/// microseconds; this bounds a broken recovery, it is not a timing claim).
+const BOUND: Duration = Duration::from_secs(30);
+
+const OK: u8 = virtio::blk::S_OK;
+const IOERR: u8 = virtio::blk::S_IOERR;
+
+struct Bench<'a> {
+    device: BlkDevice,
+    client: Client<'a>,
+    disk: Arc<FakeDisk>,
+    launch_count: Arc<std::sync::atomic::AtomicUsize>,
+    scripts: Arc<std::sync::Mutex<std::collections::VecDeque<Script>>>,
+    listeners: Vec<(std::os::fd::RawFd, u16)>,
+    metrics: Arc<Metrics>,
+}
+
+/// A policy that backs off briefly, so a crash loop is given up on in well
+/// under a second.
+fn quick_recovery() -> RecoveryConfig {
+    RecoveryConfig {
+        hang_deadline: Duration::from_millis(100),
+        policy: RestartPolicy {
+            backoff_start: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(10),
+            ..RestartPolicy::default()
+        },
+        ..RecoveryConfig::default()
+    }
+}
+
+impl<'a> Bench<'a> {
+    fn new(memory: &'a GuestMemoryMmap, scripts: &[Script], checksums: bool, recovery: RecoveryConfig) -> Self {
+        let disk = FakeDisk::new(4096);
+        let channel = Channel::new("fake").unwrap();
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
+        let launch =
+            FakeLaunch::new(channel.memory().clone(), &completion_doorbell, &driver_exited, disk.clone(), scripts);
+        let (launch_count, scripts) = (launch.launches.clone(), launch.scripts());
+        let wiring = DeviceWiring {
+            channel,
+            hardware: disk.clone(),
+            device_interrupt: disk.interrupt(),
+            completion_doorbell,
+            driver_exited,
+            launcher: Box::new(launch),
+        };
+        let mut device =
+            Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths), wiring, recovery).unwrap();
+        let client = Client::attach(memory, &mut device);
+        let listeners = device.listeners();
+        let metrics = device.metrics();
+        Bench { device, client, disk, launch_count, scripts, listeners, metrics }
+    }
+
+    fn count(&self, counter: &std::sync::atomic::AtomicU64) -> u64 {
+        counter.load(Ordering::SeqCst)
+    }
+
+    fn launches(&self) -> usize {
+        self.launch_count.load(Ordering::SeqCst)
+    }
+
+    /// Runs the device until `sent` are all completed; each exactly once.
+    fn complete(&mut self, sent: &[Sent], what: &str) {
+        let mut used = Vec::new();
+        let wanted: Vec<u16> = sent.iter().map(|s| s.head).collect();
+        self.run_until(what, |client, _| {
+            used.extend(client.take_used());
+            wanted.iter().all(|head| used.iter().any(|(h, _)| h == head))
+        });
+        for head in wanted {
+            assert_eq!(used.iter().filter(|(h, _)| *h == head).count(), 1, "{what}: head {head} completed twice");
+        }
+    }
+
+    fn run_until(&mut self, what: &str, done: impl FnMut(&mut Client<'a>, &mut BlkDevice) -> bool) {
+        let metrics = self.metrics.clone();
+        let what = || {
+            let count = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::SeqCst);
+            format!(
+                "{what} (requests {}, completed {}, faults {}, restarts {}, state {}, last fault {:?})",
+                count(&metrics.requests),
+                count(&metrics.completed),
+                count(&metrics.faults),
+                count(&metrics.restarts),
+                count(&metrics.state),
+                metrics.last_fault.lock().map(|f| f.clone()).unwrap_or_default()
+            )
+        };
+        self.client.run_until(&mut self.device, &self.listeners, BOUND, &what, done);
+    }
+
+    fn submit(&mut self, requests: &[(bool, u64, Vec<u8>)]) -> Vec<Sent> {
+        let sent = requests.iter().map(|(write, sector, data)| self.client.request(*write, *sector, data)).collect();
+        self.client.kick(&mut self.device);
+        sent
+    }
+
+    fn kill_driver(&mut self) {
+        self.device.kill_trigger().unwrap().write(1).unwrap();
+    }
+
+    fn state(&self) -> &'static str {
+        crate::metrics::STATE_NAMES[self.metrics.state.load(Ordering::SeqCst) as usize]
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+impl Drop for Bench<'_> {
+    fn drop(&mut self) {
+        self.device.shutdown();
+    }
+}
+
+#[test]
+fn requests_pass_through_a_serving_driver() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], true, quick_recovery());
+    let data = pattern(1, 4096);
+    let write = bench.submit(&[(true, 8, data.clone())]);
+    bench.complete(&write, "the write");
+    assert_eq!(bench.client.status(&write[0]), OK);
+    assert_eq!(bench.disk.read(8, 4096), data);
+    let read = bench.submit(&[(false, 8, vec![0; 4096])]);
+    bench.complete(&read, "the read");
+    assert_eq!((bench.client.status(&read[0]), bench.client.data(&read[0])), (OK, data));
+    assert_eq!((bench.count(&bench.metrics.faults), bench.launches()), (0, 1));
+}
+
+#[test]
+fn a_killed_driver_is_replaced_and_what_it_held_is_replayed() {
+    // The first driver takes the requests and never answers; it is killed
+    // (as `reflector kill` does), with no report: nothing is blamed.
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, RecoveryConfig::default());
+    let (a, b) = (pattern(2, 8192), pattern(3, 512));
+    let sent = bench.submit(&[(true, 0, a.clone()), (true, 100, b.clone())]);
+    bench.kill_driver();
+    bench.complete(&sent, "the replayed writes");
+    assert!(sent.iter().all(|s| bench.client.status(s) == OK));
+    assert_eq!((bench.disk.read(0, 8192), bench.disk.read(100, 512)), (a, b));
+    let m = &bench.metrics;
+    assert_eq!((bench.count(&m.faults), bench.count(&m.restarts), bench.count(&m.replayed)), (1, 1, 2));
+    assert_eq!((bench.count(&m.errors), bench.count(&m.poisoned)), (0, 0));
+    assert!(bench.disk.quiesced.load(Ordering::SeqCst) >= 1, "the hardware was not quiesced after the death");
+    assert_eq!(bench.state(), "running");
+}
+
+#[test]
+fn a_hung_driver_is_replaced_after_the_deadline() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, quick_recovery());
+    let data = pattern(4, 1024);
+    let sent = bench.submit(&[(true, 20, data.clone())]);
+    bench.complete(&sent, "the write after the hang");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(20, 1024), data);
+    assert!(bench.metrics.last_fault.lock().unwrap().starts_with("hang"), "{:?}", bench.metrics.last_fault);
+    assert_eq!(bench.launches(), 2);
+}
+
+#[test]
+fn a_lying_driver_is_caught_and_its_request_replayed() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Lie, Script::Serve], false, quick_recovery());
+    let data = pattern(5, 2048);
+    let sent = bench.submit(&[(true, 40, data.clone())]);
+    bench.complete(&sent, "the write after the lie");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(40, 2048), data);
+    assert_eq!(bench.count(&bench.metrics.violations), 1);
+    assert!(bench.metrics.last_fault.lock().unwrap().starts_with("violation"));
+}
+
+#[test]
+fn corrupted_read_data_never_reaches_the_client() {
+    // The first driver serves writes well and flips a bit of every read.
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::CorruptReads, Script::Serve], true, quick_recovery());
+    let data = pattern(6, 4096);
+    let write = bench.submit(&[(true, 64, data.clone())]);
+    bench.complete(&write, "the write");
+    let read = bench.submit(&[(false, 64, vec![0; 4096])]);
+    bench.complete(&read, "the read");
+    assert_eq!((bench.client.status(&read[0]), bench.client.data(&read[0])), (OK, data));
+    assert_eq!((bench.count(&bench.metrics.violations), bench.launches()), (1, 2));
+}
+
+#[test]
+fn a_driver_that_never_comes_up_fails_the_device_and_every_request_then_recover_brings_it_back() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::DieAtStart], false, quick_recovery());
+    let sent = bench.submit(&[(true, 0, pattern(7, 512)), (false, 8, vec![0; 512])]);
+    bench.complete(&sent, "the requests of a device whose driver never comes up");
+    assert!(sent.iter().all(|s| bench.client.status(s) == IOERR), "not failed with an error");
+    // Their errors came from the poison limit or the failure, whichever
+    // first; the device gives up on the driver soon after.
+    bench.run_until("the device to fail", |_, device| device.metrics().state.load(Ordering::SeqCst) == 2);
+    // A request to a failed device fails at once.
+    let late = bench.submit(&[(false, 16, vec![0; 512])]);
+    bench.complete(&late, "a request to the failed device");
+    assert_eq!(bench.client.status(&late[0]), IOERR);
+    // The operator fixes the driver and recovers the device.
+    *bench.scripts.lock().unwrap() = [Script::Serve].into();
+    bench.device.recover_trigger().unwrap().write(1).unwrap();
+    bench.run_until("the recovered device", |_, device| device.metrics().state.load(Ordering::SeqCst) == 0);
+    let data = pattern(8, 512);
+    let sent = bench.submit(&[(true, 24, data.clone())]);
+    bench.complete(&sent, "a write to the recovered device");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(24, 512), data);
+}
+
+#[test]
+fn a_request_that_kills_every_driver_fails_alone_and_the_others_succeed() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::PanicOnSector(64)], false, quick_recovery());
+    let (before, after) = (pattern(9, 512), pattern(10, 4096));
+    let sent = bench.submit(&[(true, 0, before.clone()), (true, 64, pattern(11, 512)), (true, 128, after.clone())]);
+    bench.complete(&sent, "the poison request and its neighbours");
+    let statuses: Vec<u8> = sent.iter().map(|s| bench.client.status(s)).collect();
+    assert_eq!(statuses, [OK, IOERR, OK]);
+    assert_eq!((bench.disk.read(0, 512), bench.disk.read(128, 4096)), (before, after));
+    assert_eq!(bench.disk.read(64, 512), vec![0; 512], "the poison write reached the medium");
+    let m = &bench.metrics;
+    assert_eq!(
+        (bench.count(&m.poisoned), bench.count(&m.faults)),
+        (1, u64::from(crate::recovery::DEFAULT_POISON_DEATHS))
+    );
+    assert!(m.last_poison.lock().unwrap().contains("sector 64"), "{:?}", m.last_poison);
+    // The device serves on.
+    assert_eq!(bench.state(), "running");
+    let next = bench.submit(&[(false, 0, vec![0; 512])]);
+    bench.complete(&next, "a read after the poison request");
+    assert_eq!(bench.client.status(&next[0]), OK);
+}
+
+#[test]
+fn kills_from_outside_never_make_a_request_poison() {
+    // Six drivers in a row hold the request without answering and are
+    // killed (no report: not the request's doing); the seventh serves.
+    let scripts = [[Script::Hang; 6].as_slice(), &[Script::Serve]].concat();
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &scripts, false, RecoveryConfig::default());
+    let data = pattern(12, 512);
+    let sent = bench.submit(&[(true, 200, data.clone())]);
+    for restarts in 1..=6 {
+        bench.kill_driver();
+        bench.run_until("the restart after a kill", |_, device| {
+            device.metrics().restarts.load(Ordering::SeqCst) == restarts
+        });
+    }
+    bench.complete(&sent, "the write held through six kills");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(200, 512), data);
+    assert_eq!((bench.count(&bench.metrics.poisoned), bench.count(&bench.metrics.faults)), (0, 6));
+}
+
+#[test]
+fn a_warm_spare_takes_over_and_is_replaced() {
+    // The first start serves as the current driver VM and hangs; the
+    // second is the spare, which serves.
+    let recovery = RecoveryConfig { warm_spare: true, ..RecoveryConfig::default() };
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, recovery);
+    let spare = bench.device.core.drivers.spare_pid().expect("no warm spare");
+    let data = pattern(13, 512);
+    let sent = bench.submit(&[(true, 300, data.clone())]);
+    bench.kill_driver();
+    bench.complete(&sent, "the write replayed on the spare");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.device.driver_pid(), Some(spare), "the spare did not take over");
+    // Once the recovery completed a request, the next spare boots.
+    bench.run_until("a new spare", |_, device| device.core.drivers.spare_pid().is_some_and(|pid| pid != spare));
+    assert_eq!(bench.launches(), 3);
+}
+
+#[test]
+fn answers_for_a_client_that_left_never_reach_the_next_one() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], false, quick_recovery());
+    let sent = bench.submit(&[(false, 0, vec![0; 4096])]);
+    // The client goes away before the answer is taken; another attaches,
+    // its memory laid out the same way.
+    bench.device.client_gone();
+    let other_memory = client_memory();
+    let mut other = Client::attach(&other_memory, &mut bench.device);
+    other.scribble(&sent[0]);
+    let listeners = bench.listeners.clone();
+    other.run_until(&mut bench.device, &listeners, BOUND, &|| "the answer to be taken".into(), |_, device| {
+        device.metrics().in_flight.load(Ordering::SeqCst) == 0
+    });
+    assert!(other.take_used().is_empty(), "an answer for the old client was completed in the new one's queue");
+    assert_eq!(other.status(&sent[0]), 0xee, "the old client's status was written into the new client's memory");
+    assert_eq!(
+        other.data(&sent[0]),
+        vec![0xee; 4096],
+        "the old client's data was written into the new client's memory"
+    );
+    assert_eq!(bench.count(&bench.metrics.completed), 0);
+}
