@@ -51,19 +51,8 @@ fuzz_target!(|steps: Vec<Step>| {
                 let kind = [RequestKind::Read, RequestKind::Write, RequestKind::Flush][usize::from(kind % 3)];
                 let len = if kind == RequestKind::Flush { 0 } else { (u32::from(sectors % 64) + 1) * 512 };
                 let request = BlkRequest { kind, sector: u64::from(sector), data: vec![(GuestAddress(0x1000), len)] };
-                let entry = InFlight {
-                    deaths: 0,
-                    sent: true,
-                    id: 0,
-                    head: 0,
-                    request,
-                    data_len: len,
-                    status: GuestAddress(0),
-                    client: 0,
-                    flush_mark: 0,
-                    sums: Vec::new(),
-                    verifiable: true,
-                };
+                let mut entry = InFlight::new(0, request, GuestAddress(0), 0);
+                entry.verifiable = true;
                 if let Ok((slot, id)) = table.insert(entry) {
                     let op = match kind {
                         RequestKind::Read => channel::op::READ,

@@ -141,21 +141,7 @@ impl Blk {
         // go one at a time (`send_held`); new ones wait.
         while core.session.running() && !self.in_flight.serializing() {
             let Some(waiting) = self.waiting.pop_front() else { return };
-            let data_len = waiting.request.data_len();
-            let entry = InFlight {
-                id: 0,
-                head: waiting.head,
-                request: waiting.request,
-                data_len,
-                status: waiting.status,
-                client: core.client,
-                flush_mark: 0,
-                sums: Vec::new(),
-                verifiable: false,
-                deaths: 0,
-                sent: true,
-                orphaned: false,
-            };
+            let entry = InFlight::new(waiting.head, waiting.request, waiting.status, core.client);
             let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
                 Err(InFlight { head, request, status, .. }) => {

@@ -44,6 +44,25 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// A request from client connection `client`, chain `head`, about to
+    /// be sent for the first time (its id is given by the table).
+    pub fn new(head: u16, request: BlkRequest, status: GuestAddress, client: u64) -> Self {
+        InFlight {
+            id: 0,
+            head,
+            data_len: request.data_len(),
+            request,
+            status,
+            client,
+            flush_mark: 0,
+            sums: Vec::new(),
+            verifiable: false,
+            deaths: 0,
+            sent: true,
+            orphaned: false,
+        }
+    }
+
     /// The 512-byte sectors it covers.
     pub fn sectors(&self) -> std::ops::Range<u64> {
         self.request.sector..self.request.sector + u64::from(self.data_len) / 512
@@ -222,20 +241,12 @@ pub(crate) mod tests {
     use crate::blk::marshal::RequestKind;
 
     pub(crate) fn request(len: u32) -> InFlight {
-        InFlight {
-            id: 0,
-            head: 0,
-            request: BlkRequest { kind: RequestKind::Read, sector: 0, data: vec![(GuestAddress(0x1000), len)] },
-            data_len: len,
-            status: GuestAddress(0x2000),
-            client: 0,
-            flush_mark: 0,
-            sums: Vec::new(),
-            verifiable: false,
-            deaths: 0,
-            sent: true,
-            orphaned: false,
-        }
+        InFlight::new(
+            0,
+            BlkRequest { kind: RequestKind::Read, sector: 0, data: vec![(GuestAddress(0x1000), len)] },
+            GuestAddress(0x2000),
+            0,
+        )
     }
 
     /// A table holding `count` requests sent to a driver VM, oldest first.
