@@ -1,0 +1,331 @@
+//! Devices nobody here wrote: a QEMU device model (NVMe, e1000e) in a QEMU
+//! process that runs no guest CPU, used as the card a driver VM drives.
+//!
+//! The QEMU process (`-accel tcg -S`: its vCPU never runs) holds one PCI
+//! function. The reflector reaches it over qtest on a socketpair: PCI
+//! configuration through ports 0xcf8/0xcfc (done here, once, never by a
+//! driver), BAR accesses as `readl`/`writel`, interrupts as `IRQ raise`
+//! lines after `irq_intercept_in ioapic`. Its memory is only the DMA
+//! region the reflector gives it, a file QEMU maps as a memory device at
+//! [`DMA_BASE`]: the controller can reach that region and nothing else of
+//! the reflector or the driver VM (the IOMMU of this design).
+//!
+//! Not here: which driver accesses are allowed (the window proxy decides
+//! what of BAR0 a driver VM reaches), and the NVMe protocol (the `nvme`
+//! crate, in the driver).
+
+mod qtest;
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
+
+use crate::shm::SharedMemory;
+use crate::InterruptRoute;
+
+/// Where the device sees its DMA region: QEMU maps it as a memory device
+/// above 4 GiB, clear of the legacy holes below 1 MiB that would swallow
+/// DMA into low RAM.
+pub const DMA_BASE: u64 = 0x1_0000_0000;
+/// Where BAR0 is placed in QEMU's address space (the q35 PCI hole).
+const BAR0_ADDRESS: u64 = 0xfe00_0000;
+/// RAM QEMU needs besides the DMA region (it runs no guest).
+const QEMU_RAM: &str = "2M";
+/// The descriptors the QEMU child gets: its qtest socket and the DMA
+/// region's memfd.
+const QTEST_FD: RawFd = 3;
+const DMA_FD: RawFd = 4;
+
+/// PCI configuration space offsets and bits.
+mod pci {
+    pub const VENDOR: u32 = 0x00;
+    pub const COMMAND: u32 = 0x04;
+    pub const BAR0: u32 = 0x10;
+    pub const BAR1: u32 = 0x14;
+    /// Memory space enable.
+    pub const MEMORY: u32 = 1 << 1;
+    /// Bus master enable: without it the device cannot DMA.
+    pub const BUS_MASTER: u32 = 1 << 2;
+}
+
+/// Which QEMU device model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Model {
+    /// `-device nvme` on a raw image.
+    Nvme {
+        /// The image file.
+        image: PathBuf,
+        /// Refuse writes.
+        read_only: bool,
+    },
+}
+
+impl Model {
+    fn arguments(&self, serial: &str) -> Vec<String> {
+        match self {
+            Model::Nvme { image, read_only } => vec![
+                "-drive".into(),
+                format!(
+                    "file={},if=none,id=disk,format=raw,cache=writeback,read-only={}",
+                    escape(image),
+                    if *read_only { "on" } else { "off" }
+                ),
+                "-device".into(),
+                format!("nvme,serial={serial},drive=disk"),
+            ],
+        }
+    }
+
+    /// The PCI vendor and device id the model answers with.
+    fn pci_id(&self) -> u32 {
+        match self {
+            // Red Hat, QEMU NVMe controller.
+            Model::Nvme { .. } => 0x0010_1b36,
+        }
+    }
+}
+
+/// QEMU's option syntax doubles commas in values.
+fn escape(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
+/// What went wrong starting or driving a QEMU model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// QEMU could not be started.
+    #[error("cannot start {qemu}: {error} (install QEMU, e.g. the Debian package qemu-system-x86)")]
+    Spawn {
+        /// The binary.
+        qemu: String,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// QEMU exited or stopped answering.
+    #[error(transparent)]
+    Qtest(#[from] QtestError),
+    /// QEMU started, but the device is not where it was put.
+    #[error("QEMU started but holds no {model:?} device: {detail}")]
+    NoDevice {
+        /// The model.
+        model: Model,
+        /// What QEMU said, if anything.
+        detail: String,
+    },
+    /// A descriptor or socket could not be made.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A QEMU process holding one device model, its BAR0 mapped, bus mastering
+/// on; killed when dropped.
+pub struct QemuModel {
+    model: Model,
+    child: Mutex<Child>,
+    qtest: Qtest,
+    /// PCI device number on bus 0.
+    slot: u32,
+    bar0_size: u64,
+    /// Bus mastering and BAR accesses are off (the driver VM died).
+    quiesced: AtomicBool,
+}
+
+impl QemuModel {
+    /// Starts `qemu` (a `qemu-system-x86_64`) with `model`, its DMA region
+    /// `dma` (`len` bytes from offset `offset`, page aligned) at
+    /// [`DMA_BASE`]; its interrupt goes to `interrupt`.
+    pub fn start(
+        qemu: &Path,
+        model: Model,
+        serial: &str,
+        dma: &SharedMemory,
+        offset: usize,
+        len: usize,
+        interrupt: Arc<InterruptRoute>,
+    ) -> Result<QemuModel, ModelError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let theirs = OwnedFd::from(theirs);
+        let mut command = Command::new(qemu);
+        let maxmem_mib = 2 + len.div_ceil(1 << 20) + 1;
+        command
+            .args(["-machine", "q35", "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-no-user-config"])
+            .args(["-chardev", &format!("socket,id=qtest,fd={QTEST_FD}"), "-qtest", "chardev:qtest"])
+            .args(["-qtest-log", "none"])
+            .args(["-m", &format!("{QEMU_RAM},slots=1,maxmem={maxmem_mib}M")])
+            .args([
+                "-object",
+                &format!(
+                    "memory-backend-file,id=dma,mem-path=/proc/self/fd/{DMA_FD},offset={offset},size={len},share=on"
+                ),
+                "-device",
+                &format!("pc-dimm,memdev=dma,addr={DMA_BASE:#x}"),
+            ])
+            .args(model.arguments(serial))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let (qtest_source, dma_source) = (theirs.as_raw_fd(), dma.as_raw_fd());
+        // SAFETY: between fork and exec the closure only calls fcntl and
+        // dup2, which are async-signal-safe, on descriptors that stay open
+        // in the parent across the spawn; it allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                // Each source is first copied above every target, so that
+                // placing one cannot overwrite another still to be placed
+                // (a source may be numbered 3 or 4 itself).
+                let mut copies = [0; 2];
+                for (copy, source) in copies.iter_mut().zip([qtest_source, dma_source]) {
+                    *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 10);
+                    if *copy < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (copy, target) in copies.into_iter().zip([QTEST_FD, DMA_FD]) {
+                    // dup2 leaves close-on-exec clear on the target.
+                    if libc::dup2(copy, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
+        drop(theirs);
+        let route = interrupt.clone();
+        let qtest = Qtest::new(ours, move |_line, raised| {
+            if raised {
+                route.raise();
+            }
+        })?;
+        // Built before it is set up, so that an error kills QEMU (Drop).
+        let mut started = QemuModel {
+            model: model.clone(),
+            child: Mutex::new(child),
+            qtest,
+            slot: 0,
+            bar0_size: 0,
+            quiesced: AtomicBool::new(false),
+        };
+        match started.set_up() {
+            Ok(()) => Ok(started),
+            Err(ModelError::Qtest(error)) => Err(ModelError::NoDevice { model, detail: started.exit_detail(&error) }),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Finds the function, maps BAR0 and turns on memory space, bus
+    /// mastering and interrupt interception.
+    fn set_up(&mut self) -> Result<(), ModelError> {
+        self.qtest.command("irq_intercept_in ioapic")?;
+        self.slot = (0..32)
+            .find_map(|slot| match self.config_read(slot, pci::VENDOR) {
+                Ok(id) if id == self.model.pci_id() => Some(Ok(slot)),
+                Ok(_) => None,
+                Err(error) => Some(Err(error)),
+            })
+            .transpose()?
+            .ok_or_else(|| ModelError::NoDevice { model: self.model.clone(), detail: "not on PCI bus 0".into() })?;
+        self.config_write(self.slot, pci::BAR0, 0xffff_ffff)?;
+        let mask = self.config_read(self.slot, pci::BAR0)? & !0xf;
+        self.bar0_size = u64::from((!mask).wrapping_add(1));
+        self.config_write(self.slot, pci::BAR0, BAR0_ADDRESS as u32)?;
+        self.config_write(self.slot, pci::BAR1, (BAR0_ADDRESS >> 32) as u32)?;
+        self.config_write(self.slot, pci::COMMAND, pci::MEMORY | pci::BUS_MASTER)?;
+        tracing::info!(model = ?self.model, slot = self.slot, bar0_size = self.bar0_size, "QEMU device model ready");
+        Ok(())
+    }
+
+    fn config_address(slot: u32, offset: u32) -> u32 {
+        0x8000_0000 | (slot << 11) | (offset & 0xfc)
+    }
+
+    fn config_read(&self, slot: u32, offset: u32) -> Result<u32, QtestError> {
+        self.qtest.outl(0xcf8, Self::config_address(slot, offset))?;
+        self.qtest.inl(0xcfc)
+    }
+
+    fn config_write(&self, slot: u32, offset: u32, value: u32) -> Result<(), QtestError> {
+        self.qtest.outl(0xcf8, Self::config_address(slot, offset))?;
+        self.qtest.outl(0xcfc, value)
+    }
+
+    /// What QEMU said on its way out, for an error.
+    fn exit_detail(&self, error: &QtestError) -> String {
+        let Ok(mut child) = self.child.lock() else { return error.to_string() };
+        let _ = child.kill();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        let _ = child.wait();
+        format!("{error}; QEMU said: {}", stderr.trim())
+    }
+
+    /// Bytes of BAR0.
+    pub fn bar0_size(&self) -> u64 {
+        self.bar0_size
+    }
+
+    /// Reads the BAR0 dword at `offset` (None past its end or while
+    /// quiesced: a read the driver is not allowed answers all ones).
+    pub fn read32(&self, offset: u64) -> Result<Option<u32>, QtestError> {
+        if !self.allowed(offset) {
+            return Ok(None);
+        }
+        self.qtest.readl(BAR0_ADDRESS + offset).map(Some)
+    }
+
+    /// Writes the BAR0 dword at `offset` (dropped past its end or while
+    /// quiesced); whether it was written.
+    pub fn write32(&self, offset: u64, value: u32) -> Result<bool, QtestError> {
+        if !self.allowed(offset) {
+            return Ok(false);
+        }
+        self.qtest.writel(BAR0_ADDRESS + offset, value).map(|()| true)
+    }
+
+    fn allowed(&self, offset: u64) -> bool {
+        offset.is_multiple_of(4) && offset + 4 <= self.bar0_size && !self.quiesced.load(Ordering::Acquire)
+    }
+
+    /// Stops all DMA: bus mastering off, then the controller disabled,
+    /// which QEMU does at once, cancelling or finishing every command it
+    /// held before it answers; BAR accesses are dropped until
+    /// [`QemuModel::resume`].
+    pub fn quiesce(&self) -> Result<(), QtestError> {
+        self.quiesced.store(true, Ordering::Release);
+        self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
+        match self.model {
+            // CC.EN = 0: a controller reset.
+            Model::Nvme { .. } => self.qtest.writel(BAR0_ADDRESS + 0x14, 0),
+        }
+    }
+
+    /// Turns bus mastering back on for the next driver, which resets the
+    /// device itself.
+    pub fn resume(&self) -> Result<(), QtestError> {
+        self.config_write(self.slot, pci::COMMAND, pci::MEMORY | pci::BUS_MASTER)?;
+        self.quiesced.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the QEMU process still runs.
+    pub fn running(&self) -> bool {
+        self.child.lock().is_ok_and(|mut child| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for QemuModel {
+    fn drop(&mut self) {
+        if let Ok(mut child) = self.child.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! QEMU's own NVMe controller as the hardware, driven from the host by the
+//! `nvme` driver core over qtest (the hosted form of the NVMe driver):
+//! bring-up, I/O through PRP lists into the DMA region, the image holding
+//! what was written, quiesce and reset for the next driver, and a driver
+//! that points the controller outside its DMA region.
+//!
+//! Needs `qemu-system-x86_64` (set QEMU to another binary); with CI set it
+//! must be there.
+
+// Test helpers outside #[test] functions unwrap too: a failure is the test's.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hardware::qemu::{Model, QemuModel, DMA_BASE};
+use hardware::shm::SharedMemory;
+use hardware::InterruptRoute;
+use nvme::{Controller, IoCommand, Layout};
+
+/// Bytes of data buffers before the driver's queue area.
+const BUFFERS: usize = 1 << 20;
+const IMAGE_SIZE: u64 = 64 << 20;
+/// Longest wait for a command (QEMU answers in microseconds).
+const BOUND: Duration = Duration::from_secs(20);
+
+fn qemu() -> Option<PathBuf> {
+    let qemu = PathBuf::from(std::env::var_os("QEMU").unwrap_or_else(|| "qemu-system-x86_64".into()));
+    let found = std::process::Command::new(&qemu).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var_os("CI").is_none(), "{} is missing and CI is set", qemu.display());
+        eprintln!("\n*** SKIPPING: {} is missing ***\n", qemu.display());
+    }
+    found.then_some(qemu)
+}
+
+struct Bar<'a>(&'a QemuModel);
+
+impl nvme::Registers for Bar<'_> {
+    fn read32(&self, offset: usize) -> u32 {
+        self.0.read32(offset as u64).expect("QEMU answers").unwrap_or(u32::MAX)
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        self.0.write32(offset as u64, value).expect("QEMU answers");
+    }
+}
+
+/// How far a hostile driver moves the addresses it gives the controller:
+/// its queues' and its data buffers'.
+#[derive(Clone, Copy)]
+struct Shift {
+    queues: u64,
+    data: u64,
+}
+
+const HONEST: Shift = Shift { queues: 0, data: 0 };
+
+/// The DMA region as the driver sees it.
+struct Dma<'a> {
+    memory: &'a SharedMemory,
+    shift: Shift,
+}
+
+impl nvme::DmaMemory for Dma<'_> {
+    fn device_address(&self, offset: usize) -> u64 {
+        let shift = if offset < BUFFERS { self.shift.data } else { self.shift.queues };
+        DMA_BASE + offset as u64 + shift
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        self.memory.slice(offset, bytes.len()).unwrap().copy_from(bytes);
+    }
+
+    fn read(&self, offset: usize, bytes: &mut [u8]) {
+        self.memory.slice(offset, bytes.len()).unwrap().copy_to(bytes);
+    }
+}
+
+struct Clock(Instant);
+
+impl nvme::Clock for Clock {
+    fn now_us(&self) -> u64 {
+        self.0.elapsed().as_micros() as u64
+    }
+}
+
+struct Rig {
+    _dir: tempdir::Dir,
+    image: PathBuf,
+    memory: SharedMemory,
+    model: QemuModel,
+}
+
+mod tempdir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!("qemu-nvme-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Rig {
+    fn start(qemu: &std::path::Path, tag: &str) -> Rig {
+        let dir = tempdir::Dir::new(tag);
+        let image = dir.0.join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
+        let memory = SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap();
+        let model = QemuModel::start(
+            qemu,
+            Model::Nvme { image: image.clone(), read_only: false },
+            "drvm-test",
+            &memory,
+            0,
+            memory.size(),
+            Arc::new(InterruptRoute::default()),
+        )
+        .unwrap();
+        Rig { _dir: dir, image, memory, model }
+    }
+
+    fn controller(&self, shift: Shift) -> Result<Controller<Bar<'_>, Dma<'_>, Clock>, nvme::Error> {
+        Controller::start(
+            Bar(&self.model),
+            Dma { memory: &self.memory, shift },
+            Clock(Instant::now()),
+            Layout::at(BUFFERS),
+        )
+    }
+}
+
+/// Runs `command` as id `cid` to completion; its status.
+fn run(controller: &mut Controller<Bar<'_>, Dma<'_>, Clock>, cid: u16, command: IoCommand) -> u16 {
+    controller.submit(cid, command).unwrap();
+    controller.ring();
+    let deadline = Instant::now() + BOUND;
+    let mut status = None;
+    while status.is_none() {
+        assert!(Instant::now() < deadline, "no completion for {command:?}");
+        controller.reap(|id, code| {
+            assert_eq!(id, cid, "a completion for a command never sent");
+            status = Some(code);
+        });
+    }
+    status.unwrap()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect()
+}
+
+#[test]
+fn the_driver_core_moves_data_through_qemus_nvme_controller() {
+    let Some(qemu) = qemu() else { return };
+    let rig = Rig::start(&qemu, "io");
+    let mut controller = rig.controller(HONEST).unwrap();
+    let namespace = controller.namespace();
+    assert_eq!((namespace.bytes(), namespace.block_shift), (IMAGE_SIZE, 9));
+    // 128 KiB: PRP1 and a list of 31 entries.
+    let data = pattern(3, 128 << 10);
+    rig.memory.slice(0, data.len()).unwrap().copy_from(&data[..]);
+    let write = IoCommand::Write { offset: 1 << 20, len: data.len() as u32, buffer: 0 };
+    assert_eq!(run(&mut controller, 7, write), 0);
+    assert_eq!(run(&mut controller, 8, IoCommand::Flush), 0);
+    let on_disk = std::fs::read(&rig.image).unwrap();
+    assert_eq!(&on_disk[1 << 20..(1 << 20) + data.len()], &data[..], "the image does not hold what was written");
+    // Two pages (PRP2 is the second page) and one page, read back elsewhere.
+    for (len, cid) in [(8192usize, 9u16), (4096, 10)] {
+        let read = IoCommand::Read { offset: 1 << 20, len: len as u32, buffer: 256 << 10 };
+        assert_eq!(run(&mut controller, cid, read), 0);
+        let mut back = vec![0u8; len];
+        rig.memory.slice(256 << 10, len).unwrap().copy_to(&mut back[..]);
+        assert_eq!(back, data[..len]);
+    }
+    // Requests the driver cannot express are refused before the device.
+    for bad in [
+        IoCommand::Read { offset: 100, len: 512, buffer: 0 },
+        IoCommand::Read { offset: 0, len: 100, buffer: 0 },
+        IoCommand::Read { offset: IMAGE_SIZE, len: 512, buffer: 0 },
+        IoCommand::Read { offset: 0, len: 512, buffer: 1 },
+    ] {
+        assert_eq!(controller.submit(1, bad), Err(nvme::Error::Request), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_quiesced_controller_does_nothing_until_the_next_driver_resets_it() {
+    let Some(qemu) = qemu() else { return };
+    let rig = Rig::start(&qemu, "quiesce");
+    let mut first = rig.controller(HONEST).unwrap();
+    let old = pattern(5, 4096);
+    rig.memory.slice(0, 4096).unwrap().copy_from(&old[..]);
+    assert_eq!(run(&mut first, 1, IoCommand::Write { offset: 0, len: 4096, buffer: 0 }), 0);
+    // The driver dies with a write queued but not rung; the device is
+    // quiesced; what the dead driver rings afterwards is dropped.
+    first.submit(2, IoCommand::Write { offset: 8192, len: 4096, buffer: 0 }).unwrap();
+    rig.model.quiesce().unwrap();
+    first.ring();
+    assert_eq!(rig.model.read32(0x1c).unwrap(), None, "BAR reads answered while quiesced");
+    rig.model.resume().unwrap();
+    let on_disk = std::fs::read(&rig.image).unwrap();
+    assert_eq!(&on_disk[8192..8192 + 4096], &[0u8; 4096][..], "a dead driver's command ran");
+    // The next driver resets the controller and works.
+    let mut next = rig.controller(HONEST).unwrap();
+    assert_eq!(run(&mut next, 1, IoCommand::Read { offset: 0, len: 4096, buffer: 4096 }), 0);
+    let mut back = vec![0u8; 4096];
+    rig.memory.slice(4096, 4096).unwrap().copy_to(&mut back[..]);
+    assert_eq!(back, old);
+}
+
+#[test]
+fn a_driver_pointing_the_controller_outside_its_dma_region_reaches_nothing() {
+    let Some(qemu) = qemu() else { return };
+    let rig = Rig::start(&qemu, "hostile");
+    let outside = rig.memory.size() as u64 + (1 << 20);
+    // Queues outside the region: the controller fails (CSTS.CFS) at the
+    // first command instead of finding commands anywhere else.
+    let refused = rig.controller(Shift { queues: outside, data: 0 });
+    assert!(matches!(refused, Err(nvme::Error::Fatal)), "{:?}", refused.err());
+    // Queues inside, data pointers outside (a hostile driver's PRPs). The
+    // QEMU process's address space holds its own 2 MiB and the DMA region,
+    // nothing of the reflector's: whatever the controller transfers there
+    // comes from, or goes to, no memory at all.
+    let mut controller = rig.controller(Shift { queues: 0, data: outside }).unwrap();
+    let secret = pattern(9, 8192);
+    rig.memory.slice(0, 8192).unwrap().copy_from(&secret[..]);
+    let write = IoCommand::Write { offset: 0, len: 8192, buffer: 0 };
+    let status = run(&mut controller, 1, write);
+    let image = std::fs::read(&rig.image).unwrap();
+    assert!(
+        image[..8192].iter().all(|&byte| byte == image[0]) && image[..8192] != secret[..],
+        "a write from outside the region (status {status:#x}) carried data: {:?}",
+        &image[..16]
+    );
+    std::fs::write(&rig.image, pattern(4, IMAGE_SIZE as usize)).unwrap();
+    let read = IoCommand::Read { offset: 0, len: 8192, buffer: 0 };
+    let _ = run(&mut controller, 2, read);
+    let mut region = vec![0u8; 8192];
+    rig.memory.slice(0, 8192).unwrap().copy_to(&mut region[..]);
+    assert_eq!(region, secret, "a read pointed outside the region changed the region");
+}

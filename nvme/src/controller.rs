@@ -1,0 +1,359 @@
+//! Bringing a controller up (reset, admin queue, Identify, the I/O queue
+//! pair) and moving I/O through it.
+
+use crate::command::{admin, io, Completion, Submission};
+use crate::queue::{QueuePair, CQ_ENTRY, SQ_ENTRY};
+use crate::regs::{self, Capabilities};
+use crate::{Clock, DmaMemory, Error, Registers, PAGE};
+
+/// Entries of the admin queues.
+const ADMIN_DEPTH: u16 = 32;
+/// Entries of the I/O queues: room for [`MAX_COMMANDS`] outstanding
+/// commands (a queue keeps one entry empty).
+const IO_DEPTH: u16 = 256;
+/// Most I/O commands outstanding at once; their ids are `0..MAX_COMMANDS`.
+pub const MAX_COMMANDS: u16 = 128;
+/// Bytes of PRP list per command: 32 entries, so with PRP1 a command moves
+/// up to 33 pages (128 KiB from a page-aligned buffer, the reflector's
+/// largest request).
+const PRP_LIST: usize = 256;
+/// Command id of admin commands (one at a time).
+const ADMIN_CID: u16 = 0;
+
+/// Where the driver's queues live in the device area (offsets from its
+/// start; 16 pages in all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    admin_sq: usize,
+    admin_cq: usize,
+    identify: usize,
+    io_cq: usize,
+    io_sq: usize,
+    prp_lists: usize,
+}
+
+impl Layout {
+    /// Bytes of DMA memory the driver needs for its queues.
+    pub const AREA: usize = 16 * PAGE;
+
+    /// The layout of an area starting at DMA offset `base` (page aligned).
+    pub const fn at(base: usize) -> Layout {
+        Layout {
+            admin_sq: base,
+            admin_cq: base + PAGE,
+            identify: base + 2 * PAGE,
+            io_cq: base + 3 * PAGE,
+            io_sq: base + 4 * PAGE,
+            prp_lists: base + 8 * PAGE,
+        }
+    }
+}
+
+// The queues fit their pages.
+const _: () = assert!(ADMIN_DEPTH as usize * SQ_ENTRY <= PAGE && IO_DEPTH as usize * CQ_ENTRY <= PAGE);
+const _: () = assert!(IO_DEPTH as usize * SQ_ENTRY <= 4 * PAGE && MAX_COMMANDS as usize * PRP_LIST <= 8 * PAGE);
+const _: () = assert!(MAX_COMMANDS < IO_DEPTH);
+
+/// Namespace 1 as Identify describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Namespace {
+    /// Size in logical blocks (NSZE).
+    pub blocks: u64,
+    /// log2 of the logical block size.
+    pub block_shift: u32,
+}
+
+impl Namespace {
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.blocks << self.block_shift
+    }
+}
+
+/// An I/O command as the driver asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoCommand {
+    /// Read `len` bytes at byte `offset` of the namespace into DMA memory
+    /// at `buffer`.
+    Read {
+        /// Byte offset in the namespace (block aligned).
+        offset: u64,
+        /// Bytes (whole blocks).
+        len: u32,
+        /// DMA offset of the data (page aligned).
+        buffer: usize,
+    },
+    /// Write `len` bytes from DMA memory at `buffer` to byte `offset`.
+    Write {
+        /// Byte offset in the namespace (block aligned).
+        offset: u64,
+        /// Bytes (whole blocks).
+        len: u32,
+        /// DMA offset of the data (page aligned).
+        buffer: usize,
+    },
+    /// Make completed writes durable.
+    Flush,
+}
+
+/// An enabled controller with one I/O queue pair.
+pub struct Controller<R, M, C> {
+    registers: R,
+    memory: M,
+    clock: C,
+    layout: Layout,
+    caps: Capabilities,
+    admin: QueuePair,
+    io: QueuePair,
+    namespace: Namespace,
+    /// Largest transfer (MDTS), in bytes.
+    max_transfer: u32,
+    /// A volatile write cache is present (flushes matter).
+    write_cache: bool,
+}
+
+impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
+    /// Resets the controller whatever state a previous driver left it in,
+    /// and brings it up with its queues in the area `layout` describes.
+    pub fn start(registers: R, memory: M, clock: C, layout: Layout) -> Result<Self, Error> {
+        let cap = u64::from(registers.read32(regs::CAP)) | (u64::from(registers.read32(regs::CAP + 4)) << 32);
+        let caps = Capabilities::decode(cap);
+        if !caps.nvm || caps.min_page > PAGE || caps.max_queue_entries < u32::from(IO_DEPTH) {
+            return Err(Error::Unsupported);
+        }
+        let mut controller = Controller {
+            admin: QueuePair::new(0, ADMIN_DEPTH, layout.admin_sq, layout.admin_cq, caps.doorbell_stride),
+            io: QueuePair::new(1, IO_DEPTH, layout.io_sq, layout.io_cq, caps.doorbell_stride),
+            registers,
+            memory,
+            clock,
+            layout,
+            caps,
+            namespace: Namespace { blocks: 0, block_shift: 9 },
+            max_transfer: u32::MAX,
+            write_cache: false,
+        };
+        controller.reset()?;
+        controller.identify()?;
+        controller.create_io_queues()?;
+        Ok(controller)
+    }
+
+    /// Disables the controller (aborting whatever it held), clears the
+    /// queues, and enables it with the admin queue.
+    fn reset(&mut self) -> Result<(), Error> {
+        self.registers.write32(regs::CC, 0);
+        self.wait_ready(false)?;
+        // A previous driver's completions must not look new to this one.
+        let zeros = [0u8; PAGE];
+        for page in [self.layout.admin_sq, self.layout.admin_cq, self.layout.io_cq] {
+            self.memory.write(page, &zeros);
+        }
+        let depth = u32::from(ADMIN_DEPTH - 1);
+        self.registers.write32(regs::AQA, depth | (depth << 16));
+        for (register, offset) in [(regs::ASQ, self.layout.admin_sq), (regs::ACQ, self.layout.admin_cq)] {
+            let address = self.memory.device_address(offset);
+            self.registers.write32(register, address as u32);
+            self.registers.write32(register + 4, (address >> 32) as u32);
+        }
+        // Interrupts stay masked until the driver arms them.
+        self.registers.write32(regs::INTMS, 1);
+        self.registers.write32(regs::CC, regs::CC_CONFIG | regs::CC_ENABLE);
+        self.wait_ready(true)
+    }
+
+    fn wait_ready(&self, ready: bool) -> Result<(), Error> {
+        let deadline = self.clock.now_us() + self.caps.timeout_ms * 1000;
+        loop {
+            let status = self.registers.read32(regs::CSTS);
+            if ready && status & regs::CSTS_FATAL != 0 {
+                return Err(Error::Fatal);
+            }
+            if (status & regs::CSTS_READY != 0) == ready {
+                return Ok(());
+            }
+            if self.clock.now_us() > deadline {
+                return Err(Error::Timeout { ready });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Runs one admin command to completion.
+    fn admin_command(&mut self, command: Submission) -> Result<Completion, Error> {
+        let opcode = command.opcode;
+        self.admin.push(&self.memory, &command);
+        self.admin.ring(&self.registers);
+        let deadline = self.clock.now_us() + self.caps.timeout_ms * 1000;
+        loop {
+            if let Some(done) = self.admin.pop(&self.memory) {
+                self.admin.release(&self.registers);
+                if done.cid != command.cid {
+                    continue;
+                }
+                return match done.ok() {
+                    true => Ok(done),
+                    false => Err(Error::Admin { opcode, status: done.status }),
+                };
+            }
+            // A controller that could not reach its queues says so.
+            if self.registers.read32(regs::CSTS) & regs::CSTS_FATAL != 0 {
+                return Err(Error::Fatal);
+            }
+            if self.clock.now_us() > deadline {
+                return Err(Error::AdminTimeout { opcode });
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    fn identify_page(&mut self, cns: u32, nsid: u32) -> Result<[u8; PAGE], Error> {
+        let mut command = Submission::new(admin::IDENTIFY, ADMIN_CID);
+        command.nsid = nsid;
+        command.prp1 = self.memory.device_address(self.layout.identify);
+        command.cdw[0] = cns;
+        self.admin_command(command)?;
+        let mut page = [0u8; PAGE];
+        self.memory.read(self.layout.identify, &mut page);
+        Ok(page)
+    }
+
+    fn identify(&mut self) -> Result<(), Error> {
+        let controller = self.identify_page(1, 0)?;
+        let mdts = controller[77];
+        if mdts != 0 {
+            self.max_transfer = (PAGE as u64)
+                .checked_shl(u32::from(mdts))
+                .and_then(|bytes| u32::try_from(bytes).ok())
+                .unwrap_or(u32::MAX);
+        }
+        self.write_cache = controller[525] & 1 == 1;
+        let namespace = self.identify_page(0, 1)?;
+        let blocks = u64::from_le_bytes(namespace[0..8].try_into().unwrap_or([0; 8]));
+        let format = usize::from(namespace[26] & 0xf);
+        let lbaf = &namespace[128 + 4 * format..132 + 4 * format];
+        let (metadata, block_shift) = (u16::from_le_bytes([lbaf[0], lbaf[1]]), u32::from(lbaf[2]));
+        if metadata != 0 || !(9..=12).contains(&block_shift) || blocks == 0 {
+            return Err(Error::Format);
+        }
+        self.namespace = Namespace { blocks, block_shift };
+        Ok(())
+    }
+
+    fn create_io_queues(&mut self) -> Result<(), Error> {
+        let size = u32::from(IO_DEPTH - 1) << 16;
+        let mut cq = Submission::new(admin::CREATE_CQ, ADMIN_CID);
+        cq.prp1 = self.memory.device_address(self.layout.io_cq);
+        // Queue 1, physically contiguous, interrupts enabled on vector 0.
+        cq.cdw[0] = 1 | size;
+        cq.cdw[1] = 0b11;
+        self.admin_command(cq)?;
+        let mut sq = Submission::new(admin::CREATE_SQ, ADMIN_CID);
+        sq.prp1 = self.memory.device_address(self.layout.io_sq);
+        // Queue 1, physically contiguous, completions to queue 1.
+        sq.cdw[0] = 1 | size;
+        sq.cdw[1] = 1 | (1 << 16);
+        self.admin_command(sq)?;
+        Ok(())
+    }
+
+    /// Namespace 1.
+    pub fn namespace(&self) -> Namespace {
+        self.namespace
+    }
+
+    /// Whether the controller has a volatile write cache.
+    pub fn write_cache(&self) -> bool {
+        self.write_cache
+    }
+
+    /// Queues I/O command `cid` (below [`MAX_COMMANDS`], not outstanding);
+    /// the controller sees it after [`Controller::ring`].
+    pub fn submit(&mut self, cid: u16, command: IoCommand) -> Result<(), Error> {
+        if cid >= MAX_COMMANDS || !self.io.has_room() {
+            return Err(Error::Request);
+        }
+        let mut entry = match command {
+            IoCommand::Flush => Submission::new(io::FLUSH, cid),
+            IoCommand::Read { offset, len, buffer } => self.transfer(io::READ, cid, offset, len, buffer)?,
+            IoCommand::Write { offset, len, buffer } => self.transfer(io::WRITE, cid, offset, len, buffer)?,
+        };
+        entry.nsid = 1;
+        self.io.push(&self.memory, &entry);
+        Ok(())
+    }
+
+    /// A read or write: its blocks and PRPs.
+    fn transfer(&self, opcode: u8, cid: u16, offset: u64, len: u32, buffer: usize) -> Result<Submission, Error> {
+        let block = 1u64 << self.namespace.block_shift;
+        let blocks = u64::from(len) >> self.namespace.block_shift;
+        let pages = (len as usize).div_ceil(PAGE);
+        let fits = offset.is_multiple_of(block)
+            && u64::from(len).is_multiple_of(block)
+            && blocks > 0
+            && blocks <= 0x1_0000
+            && (offset >> self.namespace.block_shift) + blocks <= self.namespace.blocks
+            && len <= self.max_transfer
+            && buffer.is_multiple_of(PAGE)
+            && pages <= 1 + PRP_LIST / 8;
+        if !fits {
+            return Err(Error::Request);
+        }
+        let mut entry = Submission::new(opcode, cid);
+        entry.prp1 = self.memory.device_address(buffer);
+        entry.prp2 = match pages {
+            1 => 0,
+            2 => self.memory.device_address(buffer + PAGE),
+            _ => {
+                let list = self.layout.prp_lists + usize::from(cid) * PRP_LIST;
+                let mut bytes = [0u8; PRP_LIST];
+                for page in 1..pages {
+                    let address = self.memory.device_address(buffer + page * PAGE);
+                    bytes[8 * (page - 1)..8 * page].copy_from_slice(&address.to_le_bytes());
+                }
+                self.memory.write(list, &bytes[..8 * (pages - 1)]);
+                self.memory.device_address(list)
+            }
+        };
+        let lba = offset >> self.namespace.block_shift;
+        entry.cdw[0] = lba as u32;
+        entry.cdw[1] = (lba >> 32) as u32;
+        entry.cdw[2] = (blocks - 1) as u32;
+        Ok(entry)
+    }
+
+    /// Tells the controller about the commands submitted since the last
+    /// ring: one doorbell write per burst.
+    pub fn ring(&mut self) {
+        self.io.ring(&self.registers);
+    }
+
+    /// Hands every posted completion to `done` (its command id and status,
+    /// SCT << 8 | SC); how many there were.
+    pub fn reap(&mut self, mut done: impl FnMut(u16, u16)) -> usize {
+        let mut count = 0;
+        while let Some(completion) = self.io.pop(&self.memory) {
+            done(completion.cid, completion.status);
+            count += 1;
+        }
+        if count > 0 {
+            self.io.release(&self.registers);
+        }
+        count
+    }
+
+    /// I/O commands outstanding.
+    pub fn outstanding(&self) -> u16 {
+        self.io.outstanding()
+    }
+
+    /// Unmasks (true) or masks the controller's interrupt.
+    pub fn interrupts(&self, on: bool) {
+        self.registers.write32(if on { regs::INTMC } else { regs::INTMS }, 1);
+    }
+
+    /// The DMA memory.
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+}
