@@ -31,11 +31,29 @@ pub struct HardwareWindow {
     pub memory: Arc<SharedMemory>,
 }
 
+/// A window of the device no memory backs: the driver VM's accesses to it
+/// trap, and its vmm forwards them over a connection `connect` makes (one
+/// per driver VM).
+#[derive(Clone)]
+pub struct TrapWindow {
+    /// Name the driver looks it up by.
+    pub name: &'static str,
+    /// Bytes.
+    pub size: u64,
+    /// Makes a new connection; returns the vmm's end.
+    pub connect: Arc<dyn Fn() -> std::io::Result<std::os::fd::OwnedFd> + Send + Sync>,
+}
+
 /// A device as a driver VM sees it, whatever its kind: the seam where a
 /// simulated device, a QEMU device model or a VFIO function plugs in.
 pub trait Hardware: Send + Sync {
     /// Windows to map into the driver VM.
     fn windows(&self) -> Vec<HardwareWindow>;
+    /// Windows whose accesses trap and are forwarded (a device model's
+    /// BAR); none for memory-mapped devices.
+    fn traps(&self) -> Vec<TrapWindow> {
+        Vec::new()
+    }
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
     fn doorbell(&self) -> &EventFd;
     /// Where the device's interrupt goes: the current driver VM's irqfd.

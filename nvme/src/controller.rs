@@ -342,6 +342,11 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         count
     }
 
+    /// Whether a completion is posted and not yet reaped.
+    pub fn completion_posted(&self) -> bool {
+        self.io.posted(&self.memory)
+    }
+
     /// I/O commands outstanding.
     pub fn outstanding(&self) -> u16 {
         self.io.outstanding()

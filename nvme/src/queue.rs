@@ -90,6 +90,13 @@ impl QueuePair {
         Some(Completion::from_bytes(&bytes))
     }
 
+    /// Whether the next completion slot holds a new completion.
+    pub fn posted(&self, memory: &impl DmaMemory) -> bool {
+        let mut bytes = [0u8; CQ_ENTRY];
+        memory.read(self.cq + usize::from(self.head) * CQ_ENTRY, &mut bytes);
+        Completion::from_bytes(&bytes).phase == self.phase
+    }
+
     /// Tells the controller the completions taken so far may be reused.
     pub fn release(&self, registers: &impl Registers) {
         registers.write32(regs::cq_head_doorbell(self.id, self.stride), u32::from(self.head));

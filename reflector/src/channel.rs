@@ -62,6 +62,13 @@ impl Channel {
         self.generation
     }
 
+    /// Tells the driver where its device sees the bounce slots (a device
+    /// behind its own address space, such as a QEMU model); kept across
+    /// generations.
+    pub fn set_dma_address(&self, address: u64) {
+        self.memory.write(header::DMA_ADDRESS, address);
+    }
+
     /// The shared region (mapped into the driver VM as window `channel`).
     pub fn memory(&self) -> &Arc<SharedMemory> {
         &self.memory

@@ -52,7 +52,47 @@ pub struct BlkConfig {
     pub driver_args: String,
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
+    /// The hardware the driver VM drives.
+    pub device: BlkHardware,
 }
+
+/// The hardware behind a block device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlkHardware {
+    /// The project's simulated storage controller (`device=sim`).
+    Sim,
+    /// QEMU's NVMe controller model, in a QEMU process started from `qemu`
+    /// (`device=nvme`).
+    Nvme {
+        /// The `qemu-system-x86_64` binary.
+        qemu: PathBuf,
+    },
+}
+
+impl BlkHardware {
+    /// From `device=` and `qemu=`.
+    fn parse(device: &str, qemu: Option<PathBuf>) -> Result<Self, String> {
+        match (device, qemu) {
+            ("sim", None) => Ok(BlkHardware::Sim),
+            ("sim", Some(_)) => Err("qemu= is for device=nvme".into()),
+            ("nvme", qemu) => Ok(BlkHardware::Nvme { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) }),
+            (other, _) => {
+                Err(format!("device={other}: expected sim (the simulated controller) or nvme (QEMU's NVMe model)"))
+            }
+        }
+    }
+
+    /// The driver a device of this hardware runs unless `driver=` says.
+    fn default_driver(&self) -> &'static str {
+        match self {
+            BlkHardware::Sim => DEFAULT_BLK_DRIVER,
+            BlkHardware::Nvme { .. } => "nvme",
+        }
+    }
+}
+
+/// The QEMU binary `device=nvme` starts unless `qemu=` says.
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
 
 /// One net device.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,7 +265,9 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
         warm_spare: false,
+        device: BlkHardware::Sim,
     };
+    let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
         match key {
@@ -237,7 +279,9 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
                 config.driver_args = value.into();
             }
             "size" => config.size = Some(parse_size(value).map_err(|e| error(format!("size: {e}")))?),
-            "driver" => config.driver = value.into(),
+            "driver" => driver = Some(value.to_owned()),
+            "device" => device = value.to_owned(),
+            "qemu" => qemu = Some(PathBuf::from(value)),
             // `driver_memory`, as in the file; `memory` is its short form.
             "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
@@ -248,11 +292,13 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
     }
+    config.device = BlkHardware::parse(&device, qemu).map_err(error)?;
+    config.driver = driver.unwrap_or_else(|| config.device.default_driver().into());
     check(&config).map_err(error)?;
     Ok(config)
 }
@@ -409,6 +455,8 @@ struct FileBlk {
     driver_args: Option<String>,
     #[serde(default)]
     spare: bool,
+    device: Option<String>,
+    qemu: Option<PathBuf>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -476,6 +524,8 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let driver_args = blk.driver_args.unwrap_or_default();
         check_driver_args(&driver_args)
             .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]] key `driver_args`: {e}")))?;
+        let hardware = BlkHardware::parse(blk.device.as_deref().unwrap_or("sim"), blk.qemu)
+            .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         let device = BlkConfig {
             warm_spare: blk.spare,
             hang_deadline,
@@ -486,10 +536,11 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             socket: blk.socket,
             image: blk.image,
             size,
-            driver: blk.driver.unwrap_or_else(|| DEFAULT_BLK_DRIVER.into()),
+            driver: blk.driver.unwrap_or_else(|| hardware.default_driver().into()),
             driver_memory: blk.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
             read_only: blk.readonly,
             checksums: blk.checksums,
+            device: hardware,
         };
         check(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         config.blk.push(device);

@@ -17,13 +17,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
-use crate::config::{BlkConfig, JailSettings, NetConfig};
+use crate::config::{BlkConfig, BlkHardware, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
+use crate::hw::qemu::QemuNvme;
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
-use crate::hw::{DmaRegion, Hardware, HardwareWindow};
+use crate::hw::{BlockHardware, DmaRegion, Hardware};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
 use crate::net::device::{Net, NetDevice};
@@ -249,12 +250,32 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     let image_lock = lock_image(&config.image, config.read_only)?;
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
-    let hardware_config =
-        SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
-    let hardware = Arc::new(
-        SimStorage::start(&hardware_config, bounce_dma(&channel))
-            .map_err(io(format!("{name}: starting the controller")))?,
-    );
+    let hardware: Arc<dyn BlockHardware> = match &config.device {
+        BlkHardware::Sim => {
+            let hardware_config =
+                SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
+            Arc::new(
+                SimStorage::start(&hardware_config, bounce_dma(&channel))
+                    .map_err(io(format!("{name}: starting the controller")))?,
+            )
+        }
+        BlkHardware::Nvme { qemu } => {
+            // The controller reaches the bounce slots and the driver's
+            // device area, nothing else, at DMA_BASE.
+            channel.set_dma_address(crate::hw::qemu::DMA_BASE);
+            let nvme = QemuNvme::start(
+                qemu,
+                name,
+                &config.image,
+                config.read_only,
+                channel.memory(),
+                channel::BOUNCE_OFFSET,
+                channel::DMA_SIZE,
+            )
+            .map_err(|e| format!("{name}: starting QEMU's NVMe controller on {}: {e}", config.image.display()))?;
+            Arc::new(nvme)
+        }
+    };
     let channel_memory = channel.memory().clone();
     let setup = DriverSetup {
         vmm,
@@ -424,8 +445,7 @@ fn wire(
         memory: setup.memory.to_owned(),
         jail: jail_for(setup.vmm, name, setup.index, setup.jail)?,
     };
-    let launcher =
-        launcher_for(spec, hardware.windows(), hardware.doorbell(), &channel, &completion_doorbell, &driver_exited)?;
+    let launcher = launcher_for(spec, hardware.as_ref(), &channel, &completion_doorbell, &driver_exited)?;
     launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     Ok(DeviceWiring {
         channel,
@@ -453,8 +473,7 @@ fn recovery_config(
 /// reflector's "requests published", 1: the hardware's interrupt).
 fn launcher_for(
     spec: DriverVmSpec,
-    hardware_windows: Vec<HardwareWindow>,
-    hardware_doorbell: &EventFd,
+    hardware: &dyn Hardware,
     channel: &Channel,
     completion_doorbell: &EventFd,
     driver_exited: &EventFd,
@@ -462,8 +481,9 @@ fn launcher_for(
     let name = spec.name.clone();
     let dup = |fd: &EventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
     let mut windows: Vec<Window> =
-        hardware_windows.into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
+        hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
     windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
-    let doorbells = vec![(DOORBELL_GPA, dup(completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware_doorbell)?)];
-    Ok(DriverLauncher::new(spec, windows, doorbells, 2, dup(driver_exited)?))
+    let traps = hardware.traps().into_iter().map(|trap| (REGS_GPA, trap)).collect();
+    let doorbells = vec![(DOORBELL_GPA, dup(completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
+    Ok(DriverLauncher::new(spec, windows, traps, doorbells, 2, dup(driver_exited)?))
 }

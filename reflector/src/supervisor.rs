@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver_vms::{DriverLaunch, DriverProcess};
+use crate::hw::TrapWindow;
 use crate::shm::SharedMemory;
 
 /// What to boot.
@@ -62,6 +63,9 @@ pub struct DriverLauncher {
     /// (a jailed vmm can open no path).
     image_file: Option<std::fs::File>,
     windows: Vec<Window>,
+    /// Trapped windows and where they go; each driver VM gets its own
+    /// connection to each.
+    traps: Vec<(u64, TrapWindow)>,
     doorbells: Vec<(u64, EventFd)>,
     interrupt_lines: usize,
     exited: EventFd,
@@ -263,13 +267,14 @@ impl DriverLauncher {
     pub fn new(
         spec: DriverVmSpec,
         windows: Vec<Window>,
+        traps: Vec<(u64, TrapWindow)>,
         doorbells: Vec<(u64, EventFd)>,
         interrupt_lines: usize,
         exited: EventFd,
     ) -> Self {
         // An unreadable file is reported by the start's `check`.
         let image_file = spec.image.contains('/').then(|| std::fs::File::open(&spec.image).ok()).flatten();
-        DriverLauncher { spec, image_file, windows, doorbells, interrupt_lines, exited }
+        DriverLauncher { spec, image_file, windows, traps, doorbells, interrupt_lines, exited }
     }
 
     /// The driver VM's name.
@@ -301,8 +306,17 @@ impl DriverLauncher {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating an eventfd: {e}"))?;
-        let mut prepared =
-            self.command(&lines.iter().collect::<Vec<_>>(), false).map_err(|e| format!("creating a pipe: {e}"))?;
+        // The check starts no VM: unconnected sockets stand in for the
+        // trapped windows' connections.
+        let traps = self
+            .traps
+            .iter()
+            .map(|_| std::os::unix::net::UnixStream::pair().map(|(end, _)| OwnedFd::from(end)))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| format!("creating a socket: {e}"))?;
+        let mut prepared = self
+            .command(&lines.iter().collect::<Vec<_>>(), &traps, false)
+            .map_err(|e| format!("creating a pipe: {e}"))?;
         prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
         let mut message = String::new();
@@ -322,7 +336,7 @@ impl DriverLauncher {
 
     /// The `vmm run` command line of a driver VM, with its descriptors and
     /// its jail.
-    fn command(&self, lines: &[&EventFd], spare: bool) -> std::io::Result<Prepared> {
+    fn command(&self, lines: &[&EventFd], traps: &[OwnedFd], spare: bool) -> std::io::Result<Prepared> {
         let spec = &self.spec;
         let mut command = match &spec.jail {
             Some(jail) => {
@@ -361,6 +375,10 @@ impl DriverLauncher {
             let arg = format!("{:#x},{},fd={fd},name={}", window.gpa, window.memory.size(), window.name);
             command.arg("--window").arg(arg);
         }
+        for ((gpa, trap), connection) in self.traps.iter().zip(traps) {
+            let fd = fds.pass(connection.as_raw_fd());
+            command.arg("--trap").arg(format!("{gpa:#x},{},fd={fd},name={}", trap.size, trap.name));
+        }
         for (gpa, doorbell) in &self.doorbells {
             let fd = fds.pass(doorbell.as_raw_fd());
             command.arg("--doorbell").arg(format!("mmio={gpa:#x},fd={fd}"));
@@ -398,8 +416,11 @@ impl DriverLauncher {
             .collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
         let lines: Vec<&EventFd> = interrupts.iter().chain(&go).collect();
+        // Each driver VM gets connections of its own (the device revokes a
+        // dead one's).
+        let traps = self.traps.iter().map(|(_, trap)| (trap.connect)()).collect::<std::io::Result<Vec<_>>>()?;
         let (child, pid) = self
-            .command(&lines, go.is_some())?
+            .command(&lines, &traps, go.is_some())?
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;

@@ -32,6 +32,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Windows, in command-line order.
     pub windows: Vec<WindowConfig>,
+    /// Trapped windows: accesses forwarded over a socket.
+    pub traps: Vec<TrapConfig>,
     /// Doorbells, in command-line order.
     pub doorbells: Vec<DoorbellConfig>,
     /// Interrupt lines, in command-line order.
@@ -46,6 +48,7 @@ impl Default for VmConfig {
             name: "vm".into(),
             memory: DEFAULT_MEMORY,
             windows: Vec::new(),
+            traps: Vec::new(),
             doorbells: Vec::new(),
             irqs: Vec::new(),
             cmdline: String::new(),
@@ -70,6 +73,20 @@ pub struct WindowConfig {
     pub offset: u64,
     /// Map read-only (guest writes fault).
     pub read_only: bool,
+    /// Name the guest sees.
+    pub name: String,
+}
+
+/// A window backed by no memory: the guest's accesses exit to the vmm,
+/// which forwards them over an inherited socket (`guest_abi::trap`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrapConfig {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The inherited socket.
+    pub fd: RawFd,
     /// Name the guest sees.
     pub name: String,
 }
@@ -182,6 +199,41 @@ impl WindowConfig {
     }
 }
 
+impl TrapConfig {
+    /// Parses `GPA,SIZE,fd=N[,name=NAME]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let what = "--trap";
+        let mut parts = spec.split(',');
+        let (Some(gpa), Some(size)) = (parts.next(), parts.next()) else {
+            return Err(Error::invalid(what, format!("{spec:?}: expected GPA,SIZE,fd=N[,name=NAME]")));
+        };
+        let (mut fd, mut name) = (None, String::new());
+        for item in parts {
+            match key_value(item) {
+                ("fd", value) => fd = Some(parse_fd("--trap fd", value)?),
+                ("name", value) => name = value.to_owned(),
+                _ => {
+                    return Err(Error::invalid(
+                        what,
+                        format!("{spec:?}: unknown option {item:?} (known: fd=N, name=NAME)"),
+                    ))
+                }
+            }
+        }
+        Ok(TrapConfig {
+            gpa: parse_number("--trap address", gpa)?,
+            size: parse_number("--trap size", size)?,
+            fd: fd.ok_or_else(|| Error::invalid(what, format!("{spec:?}: give fd=N, an inherited socket")))?,
+            name,
+        })
+    }
+
+    /// End (exclusive) of the window in guest physical memory.
+    pub fn end(&self) -> u64 {
+        self.gpa.saturating_add(self.size)
+    }
+}
+
 impl DoorbellConfig {
     /// Parses `mmio=GPA,fd=N[,len=4][,datamatch=V]` or
     /// `port=PORT,fd=N[,len=4][,datamatch=V]`.
@@ -280,12 +332,18 @@ impl VmConfig {
                 format!("{} bytes, at most {}", self.cmdline.len(), abi::CMDLINE_MAX),
             ));
         }
-        let mut fds: Vec<RawFd> = self.doorbells.iter().map(|d| d.fd).chain(self.irqs.iter().map(|i| i.fd)).collect();
+        let mut fds: Vec<RawFd> = self
+            .doorbells
+            .iter()
+            .map(|d| d.fd)
+            .chain(self.irqs.iter().map(|i| i.fd))
+            .chain(self.traps.iter().map(|t| t.fd))
+            .collect();
         fds.sort_unstable();
         if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
             return Err(Error::invalid(
                 "fd",
-                format!("{} is used twice; give each doorbell and line its own eventfd", pair[0]),
+                format!("{} is used twice; give each doorbell, line and trap its own descriptor", pair[0]),
             ));
         }
         Ok(())
@@ -303,11 +361,38 @@ impl VmConfig {
     }
 
     fn validate_windows(&self, ranges: &mut Vec<Range>) -> Result<()> {
-        if self.windows.len() > abi::MAX_WINDOWS {
+        if self.windows.len() + self.traps.len() > abi::MAX_WINDOWS {
             return Err(Error::invalid(
                 "--window",
-                format!("{} given, at most {}", self.windows.len(), abi::MAX_WINDOWS),
+                format!(
+                    "{} windows and traps given, at most {}",
+                    self.windows.len() + self.traps.len(),
+                    abi::MAX_WINDOWS
+                ),
             ));
+        }
+        for (i, trap) in self.traps.iter().enumerate() {
+            let label = format!("trap {i} ({})", trap.name);
+            if trap.size == 0 || trap.size > u64::from(u32::MAX) {
+                return Err(Error::invalid("--trap size", format!("{label}: must be 1 byte to 4 GiB")));
+            }
+            check_aligned(format!("{label} address"), trap.gpa, PAGE_SIZE)?;
+            check_aligned(format!("{label} size"), trap.size, PAGE_SIZE)?;
+            if trap.gpa.checked_add(trap.size).is_none_or(|end| end > abi::GPA_LIMIT) {
+                return Err(Error::invalid(
+                    "--trap",
+                    format!("{label} ends beyond the guest physical address limit {:#x}", abi::GPA_LIMIT),
+                ));
+            }
+            if trap.name.len() >= abi::NAME_LEN || trap.name.contains('\0') {
+                return Err(Error::invalid(
+                    "--trap name",
+                    format!("{:?}: at most {} bytes, no NUL", trap.name, abi::NAME_LEN - 1),
+                ));
+            }
+            let range = Range { what: label, start: trap.gpa, end: trap.end() };
+            check_no_overlap(ranges, &range)?;
+            ranges.push(range);
         }
         for (i, window) in self.windows.iter().enumerate() {
             let label = format!("window {i} ({})", window.path.display());
@@ -456,6 +541,26 @@ mod tests {
         assert!(DoorbellConfig::parse("mmio=0x1000,fd=1").is_err());
         assert_eq!(IrqConfig::parse("fd=9").unwrap(), IrqConfig { fd: 9 });
         assert!(IrqConfig::parse("gsi=9").is_err());
+    }
+
+    #[test]
+    fn trapped_windows_parse_and_are_checked_like_windows() {
+        let trap = TrapConfig::parse("0x20000000,16K,fd=8,name=regs").unwrap();
+        assert_eq!(trap, TrapConfig { gpa: 0x2000_0000, size: 16384, fd: 8, name: "regs".into() });
+        for bad in ["0x20000000", "0x20000000,16K", "0x20000000,16K,fd=1", "0x20000000,16K,fd=8,ro"] {
+            assert!(TrapConfig::parse(bad).is_err(), "{bad}");
+        }
+        let with =
+            |traps: Vec<TrapConfig>, windows: Vec<WindowConfig>| VmConfig { traps, windows, ..VmConfig::default() };
+        assert!(with(vec![trap.clone()], vec![window(1 << 30, 4096)]).validate().is_ok());
+        let over_window = with(vec![trap.clone()], vec![window(0x2000_1000, 4096)]);
+        assert!(matches!(over_window.validate(), Err(Error::Overlap { .. })));
+        let in_ram = with(vec![TrapConfig { gpa: 0x1000, ..trap.clone() }], vec![]);
+        assert!(matches!(in_ram.validate(), Err(Error::Overlap { .. })));
+        let unaligned = with(vec![TrapConfig { size: 100, ..trap.clone() }], vec![]);
+        assert!(matches!(unaligned.validate(), Err(Error::Unaligned { .. })));
+        let shared_fd = VmConfig { irqs: vec![IrqConfig { fd: 8 }], ..with(vec![trap], vec![]) };
+        assert!(matches!(shared_fd.validate(), Err(Error::InvalidValue { .. })));
     }
 
     #[test]

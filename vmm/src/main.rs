@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use kvm_ioctls::Kvm;
 
-use vmm::config::{parse_number, DoorbellConfig, IrqConfig, VmConfig, WindowConfig, DEFAULT_MEMORY};
+use vmm::config::{parse_number, DoorbellConfig, IrqConfig, TrapConfig, VmConfig, WindowConfig, DEFAULT_MEMORY};
 use vmm::console::{Console, ConsoleSink};
 use vmm::error::status;
 use vmm::outcome::{ErrorReport, Report};
@@ -52,7 +52,7 @@ struct Cli {
 enum Command {
     /// Boot a driver VM image and report how it ended.
     #[command(after_help = RUN_EXAMPLES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List the built-in images.
     Images,
     /// Measure boot times: process spawn to guest ready, and in-process VM re-create.
@@ -74,6 +74,12 @@ struct RunArgs {
     /// Example: --window 0x40000000,64K,/dev/shm/regs,name=regs
     #[arg(long, value_name = "SPEC")]
     window: Vec<String>,
+    /// A window no memory backs: every guest access to it exits, and the
+    /// vmm forwards it over an inherited socket (a device BAR the
+    /// supervisor mediates): GPA,SIZE,fd=N[,name=NAME]. Repeatable.
+    /// Example: --trap 0x20000000,16K,fd=8,name=regs
+    #[arg(long, value_name = "SPEC")]
+    trap: Vec<String>,
     /// Bind an MMIO address or I/O port to an inherited eventfd (KVM
     /// ioeventfd): mmio=GPA|port=PORT,fd=N[,len=1|2|4|8][,datamatch=V]. Repeatable.
     /// Example: --doorbell mmio=0x40200000,fd=5
@@ -170,7 +176,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Images => {
             for name in image::builtin_names() {
                 say_out(name);
@@ -229,6 +235,7 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
         name: name.to_owned(),
         memory: parse_number("--memory", &args.memory)?,
         windows: args.window.iter().map(|s| WindowConfig::parse(s)).collect::<Result<_, _>>()?,
+        traps: args.trap.iter().map(|s| TrapConfig::parse(s)).collect::<Result<_, _>>()?,
         doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
         irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
         cmdline: args.cmdline.clone(),

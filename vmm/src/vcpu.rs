@@ -81,6 +81,53 @@ pub struct Vcpu {
     fd: VcpuFd,
     memory: GuestMemoryMmap,
     console: Console,
+    traps: Vec<Trap>,
+}
+
+/// A trapped window: its accesses go over a socket to the supervisor
+/// (`guest_abi::trap`), which performs them.
+pub struct Trap {
+    start: u64,
+    end: u64,
+    socket: std::fs::File,
+    name: String,
+}
+
+impl Trap {
+    /// The window `[gpa, gpa + size)` served over `socket`.
+    pub fn new(gpa: u64, size: u64, socket: std::fs::File, name: &str) -> Self {
+        Trap { start: gpa, end: gpa.saturating_add(size), socket, name: name.to_owned() }
+    }
+
+    fn covers(&self, address: u64, len: usize) -> bool {
+        address >= self.start && address.saturating_add(len as u64) <= self.end
+    }
+
+    /// Forwards one access; for a read, fills `data` with the answer.
+    fn forward(&self, kind: u8, address: u64, data: &mut [u8]) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        if !matches!(data.len(), 1 | 2 | 4 | 8) {
+            return Err(std::io::Error::other(format!("a {}-byte access", data.len())));
+        }
+        let mut value = [0u8; 8];
+        if kind == abi::trap::WRITE {
+            value[..data.len()].copy_from_slice(data);
+        }
+        let access = abi::trap::Access {
+            kind,
+            size: data.len() as u8,
+            offset: (address - self.start) as u32,
+            value: u64::from_le_bytes(value),
+        };
+        (&self.socket).write_all(&access.encode())?;
+        if kind == abi::trap::READ {
+            let mut reply = [0u8; abi::trap::REPLY_LEN];
+            (&self.socket).read_exact(&mut reply)?;
+            let len = data.len();
+            data.copy_from_slice(&reply[..len]);
+        }
+        Ok(())
+    }
 }
 
 /// An exit copied out of `kvm_run`, so that handling it may use the vCPU.
@@ -92,8 +139,8 @@ enum Exit {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console) -> Self {
-        Vcpu { fd, memory, console }
+    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console, traps: Vec<Trap>) -> Self {
+        Vcpu { fd, memory, console, traps }
     }
 
     /// Runs until the guest ends, signals ready (if asked), or `stop` is set.
@@ -148,8 +195,19 @@ impl Vcpu {
                 Exit::Handled
             }
             VcpuExit::IoIn(port, data) => Exit::Ended(invalid("port_read", port.into(), data.len())),
-            VcpuExit::MmioRead(address, data) => Exit::Ended(invalid("mmio_read", address, data.len())),
-            VcpuExit::MmioWrite(address, data) => Exit::Ended(invalid("mmio_write", address, data.len())),
+            VcpuExit::MmioRead(address, data) => match self.traps.iter().find(|t| t.covers(address, data.len())) {
+                Some(trap) => trapped(trap, abi::trap::READ, address, data),
+                None => Exit::Ended(invalid("mmio_read", address, data.len())),
+            },
+            VcpuExit::MmioWrite(address, data) => match self.traps.iter().find(|t| t.covers(address, data.len())) {
+                Some(trap) => {
+                    let mut bytes = [0u8; 8];
+                    let len = data.len().min(8);
+                    bytes[..len].copy_from_slice(&data[..len]);
+                    trapped(trap, abi::trap::WRITE, address, &mut bytes[..data.len().min(8)])
+                }
+                None => Exit::Ended(invalid("mmio_write", address, data.len())),
+            },
             VcpuExit::Hlt => Exit::Ended(Outcome::Halted),
             VcpuExit::Shutdown => Exit::Ended(Outcome::TripleFault),
             VcpuExit::InternalError => Exit::Ended(self.internal_error()),
@@ -230,4 +288,18 @@ impl Vcpu {
 
 fn invalid(access: &'static str, address: u64, size: usize) -> Outcome {
     Outcome::InvalidAccess { access, address, size }
+}
+
+/// Performs a trapped access; a supervisor that stopped answering ends the
+/// VM (it is being replaced, or the device behind the window is gone).
+fn trapped(trap: &Trap, kind: u8, address: u64, data: &mut [u8]) -> Exit {
+    match trap.forward(kind, address, data) {
+        Ok(()) => Exit::Handled,
+        Err(error) => Exit::Ended(Outcome::InternalError {
+            reason: format!(
+                "the supervisor of trapped window {:?} did not serve an access at {address:#x}: {error}",
+                trap.name
+            ),
+        }),
+    }
 }

@@ -17,7 +17,7 @@ use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::Vcpu;
+use crate::vcpu::{Trap, Vcpu};
 use crate::x86::{self, PageTables};
 
 /// PIC lines handed out to `--irq` lines, in order. Skipped: 0 (timer),
@@ -90,7 +90,13 @@ impl Vm {
         let sregs = vcpu_fd.get_sregs().map_err(Error::kvm("reading special registers"))?;
         vcpu_fd.set_sregs(&x86::sregs(sregs, cr3)).map_err(Error::kvm("setting special registers"))?;
         vcpu_fd.set_regs(&x86::regs(image.layout.entry, boot.stack_top)).map_err(Error::kvm("setting registers"))?;
-        Ok(Vm { name: config.name.clone(), vm_fd, vcpu: Vcpu::new(vcpu_fd, guest.memory, console), eventfds })
+        let traps = config
+            .traps
+            .iter()
+            .map(|trap| Ok(Trap::new(trap.gpa, trap.size, take_socket(trap.fd)?, &trap.name)))
+            .collect::<Result<Vec<_>>>()?;
+        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps);
+        Ok(Vm { name: config.name.clone(), vm_fd, vcpu, eventfds })
     }
 }
 
@@ -112,6 +118,21 @@ fn register_slots(vm_fd: &VmFd, guest: &GuestMemory) -> Result<()> {
 }
 
 /// Duplicates an inherited eventfd after checking that it is one.
+/// A private close-on-exec duplicate of the inherited socket `fd` of a
+/// trapped window.
+fn take_socket(fd: RawFd) -> Result<std::fs::File> {
+    // SAFETY: F_DUPFD_CLOEXEC on a number; fails with EBADF if not open.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(Error::invalid(
+            "--trap fd",
+            format!("file descriptor {fd} is not open in the vmm: pass it open (without CLOEXEC)"),
+        ));
+    }
+    // SAFETY: `copy` is a fresh descriptor nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(copy) })
+}
+
 fn take_eventfd(fd: RawFd, what: &str) -> Result<EventFd> {
     // SAFETY: F_GETFD only queries the descriptor.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -201,6 +222,9 @@ fn build_page_tables(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64>
     for window in &config.windows {
         tables.map(window.gpa, window.end(), window.read_only)?;
     }
+    for trap in &config.traps {
+        tables.map(trap.gpa, trap.end(), false)?;
+    }
     let mut pages: Vec<u64> = config
         .doorbells
         .iter()
@@ -221,7 +245,7 @@ fn boot_info(config: &VmConfig, image: &Image, tsc_khz: u64, gsis: &[u32]) -> Bo
     let mut boot = BootInfo {
         magic: abi::BOOT_MAGIC,
         abi_version: abi::ABI_VERSION,
-        window_count: config.windows.len() as u32,
+        window_count: (config.windows.len() + config.traps.len()) as u32,
         doorbell_count: config.doorbells.len() as u32,
         irq_count: config.irqs.len() as u32,
         ram_size: config.memory,
@@ -243,6 +267,11 @@ fn boot_info(config: &VmConfig, image: &Image, tsc_khz: u64, gsis: &[u32]) -> Bo
             reserved: 0,
             name,
         };
+    }
+    for (slot, trap) in boot.windows.iter_mut().skip(config.windows.len()).zip(&config.traps) {
+        let mut name = [0u8; abi::NAME_LEN];
+        name[..trap.name.len()].copy_from_slice(trap.name.as_bytes());
+        *slot = WindowInfo { gpa: trap.gpa, size: trap.size, flags: abi::WINDOW_TRAPPED, reserved: 0, name };
     }
     for (slot, doorbell) in boot.doorbells.iter_mut().zip(&config.doorbells) {
         *slot = match doorbell.address {

@@ -8,6 +8,7 @@
 //! 0x1000  request ring:    RING_SIZE x RequestEntry    (reflector -> driver)
 //!         completion ring: RING_SIZE x CompletionEntry (driver -> reflector)
 //! BOUNCE_OFFSET  bounce slots: SLOT_COUNT x SLOT_SIZE (the device's DMA region)
+//! DEVICE_AREA_OFFSET  the device area: the driver's queues for its device
 //! ```
 //!
 //! Data never passes through the driver: the reflector copies a write's
@@ -22,7 +23,7 @@
 /// [`MAGIC`] at offset 0.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"DRVMCHAN");
 /// Layout version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Entries in each ring and number of bounce slots: the most requests in
 /// flight in one driver VM. 128 covers QD32 from four queues, and a deeper
@@ -71,6 +72,10 @@ pub mod header {
     /// commit: bit `1 << kind` (driver writes at attach). The reflector
     /// refuses to inject any other kind into an attached driver.
     pub const DRIVER_INJECTABLE: usize = 0x1c8;
+    /// u64: the address at which the device sees [`super::BOUNCE_OFFSET`]
+    /// (its DMA range continues through the device area); 0 when the
+    /// device uses the driver's own addresses. Written by the reflector.
+    pub const DMA_ADDRESS: usize = 0x1d0;
     /// u32 fault the driver must commit, for tests ([`super::inject`]);
     /// written by the reflector, cleared when the channel is reset.
     pub const INJECT_KIND: usize = 0x200;
@@ -135,8 +140,16 @@ pub const COMPLETION_RING_OFFSET: usize = REQUEST_RING_OFFSET + RING_SIZE as usi
 /// Offset of the bounce slots (page aligned).
 pub const BOUNCE_OFFSET: usize =
     (COMPLETION_RING_OFFSET + RING_SIZE as usize * COMPLETION_ENTRY_SIZE).next_multiple_of(4096);
+/// Offset of the device area: memory the driver gives its device for its
+/// own structures (an NVMe controller's queues and PRP lists), right after
+/// the bounce slots, so that one DMA range covers both.
+pub const DEVICE_AREA_OFFSET: usize = BOUNCE_OFFSET + SLOT_COUNT as usize * SLOT_SIZE as usize;
+/// Size of the device area.
+pub const DEVICE_AREA_SIZE: usize = 64 * 1024;
 /// Total size of the region.
-pub const REGION_SIZE: usize = BOUNCE_OFFSET + SLOT_COUNT as usize * SLOT_SIZE as usize;
+pub const REGION_SIZE: usize = DEVICE_AREA_OFFSET + DEVICE_AREA_SIZE;
+/// Bytes a device may reach by DMA: the bounce slots and the device area.
+pub const DMA_SIZE: usize = REGION_SIZE - BOUNCE_OFFSET;
 
 /// Request operations (block ones in virtio-blk numbering).
 pub mod op {

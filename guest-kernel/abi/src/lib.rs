@@ -36,6 +36,7 @@
 pub mod channel;
 pub mod nic;
 pub mod storage;
+pub mod trap;
 
 /// Version of this contract. The image header and the boot information both
 /// carry it; the vmm refuses an image built against another version.
@@ -186,7 +187,7 @@ pub struct WindowInfo {
     pub gpa: u64,
     /// Size in bytes.
     pub size: u64,
-    /// [`WINDOW_READ_ONLY`] or 0.
+    /// [`WINDOW_READ_ONLY`], [`WINDOW_TRAPPED`] or 0.
     pub flags: u32,
     /// Reserved, zero.
     pub reserved: u32,
@@ -196,6 +197,9 @@ pub struct WindowInfo {
 
 /// [`WindowInfo::flags`]: the window is mapped read-only.
 pub const WINDOW_READ_ONLY: u32 = 1;
+/// [`WindowInfo::flags`]: no memory backs the window; every access exits
+/// to the vmm, which forwards it to its supervisor ([`trap`]).
+pub const WINDOW_TRAPPED: u32 = 2;
 
 /// [`DoorbellInfo::kind`]: unused slot.
 pub const DOORBELL_NONE: u32 = 0;

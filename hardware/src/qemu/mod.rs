@@ -14,6 +14,8 @@
 //! what of BAR0 a driver VM reaches), and the NVMe protocol (the `nvme`
 //! crate, in the driver).
 
+mod nvme;
+mod proxy;
 mod qtest;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -24,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub use nvme::QemuNvme;
 pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
 
 use crate::shm::SharedMemory;
@@ -72,7 +75,7 @@ impl Model {
             Model::Nvme { image, read_only } => vec![
                 "-drive".into(),
                 format!(
-                    "file={},if=none,id=disk,format=raw,cache=writeback,read-only={}",
+                    "file={},if=none,id=disk,format=raw,cache=writeback,file.locking=off,read-only={}",
                     escape(image),
                     if *read_only { "on" } else { "off" }
                 ),
@@ -134,6 +137,8 @@ pub struct QemuModel {
     bar0_size: u64,
     /// Bus mastering and BAR accesses are off (the driver VM died).
     quiesced: AtomicBool,
+    /// Driver VMs' connections to BAR0 (`proxy`).
+    connections: proxy::Connections,
 }
 
 impl QemuModel {
@@ -171,11 +176,19 @@ impl QemuModel {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let (qtest_source, dma_source) = (theirs.as_raw_fd(), dma.as_raw_fd());
-        // SAFETY: between fork and exec the closure only calls fcntl and
-        // dup2, which are async-signal-safe, on descriptors that stay open
-        // in the parent across the spawn; it allocates nothing.
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec the closure only calls prctl,
+        // getppid, fcntl and dup2, which are async-signal-safe, on
+        // descriptors that stay open in the parent across the spawn; it
+        // allocates nothing.
         unsafe {
             command.pre_exec(move || {
+                // QEMU dies with the reflector, whatever kills it (qtest
+                // does not end QEMU when its connection closes); a parent
+                // gone before the request took effect ends the start.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 // Each source is first copied above every target, so that
                 // placing one cannot overwrite another still to be placed
                 // (a source may be numbered 3 or 4 itself).
@@ -211,6 +224,7 @@ impl QemuModel {
             slot: 0,
             bar0_size: 0,
             quiesced: AtomicBool::new(false),
+            connections: proxy::Connections::default(),
         };
         match started.set_up() {
             Ok(()) => Ok(started),
@@ -300,6 +314,8 @@ impl QemuModel {
     /// [`QemuModel::resume`].
     pub fn quiesce(&self) -> Result<(), QtestError> {
         self.quiesced.store(true, Ordering::Release);
+        // What a dead driver left in its connection never reaches the device.
+        self.connections.revoke_used();
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
         match self.model {
             // CC.EN = 0: a controller reset.

@@ -1,0 +1,135 @@
+//! `nvme`: a block driver for NVMe controllers (the `nvme` crate's core),
+//! here QEMU's model. BAR0 is window `regs`, a trapped window: every
+//! register access exits to the vmm and reaches the controller through the
+//! reflector, so the driver rings one doorbell per burst. The controller
+//! reaches only the channel's bounce slots and device area, at the address
+//! the channel header gives (`DMA_ADDRESS`): the driver's queues and PRP
+//! lists live in the device area, data in the request's bounce slot.
+//! Interrupt line 1 is the controller's (INTx through the reflector).
+#![no_std]
+#![no_main]
+
+use driver_vm::channel::{Channel, ChannelDriver, Device};
+use driver_vm::kernel::abi::channel::{self, header, op, status, RequestEntry, SLOT_COUNT};
+use driver_vm::kernel::device::Window;
+use driver_vm::kernel::time::Instant;
+use driver_vm::{println, Error, Kernel};
+use nvme::{Controller, IoCommand, Layout};
+
+/// BAR0 in a (trapped) window.
+struct Bar(Window);
+
+impl nvme::Registers for Bar {
+    fn read32(&self, offset: usize) -> u32 {
+        self.0.read(offset)
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        self.0.write(offset, value)
+    }
+}
+
+/// The channel's DMA range: offsets from its bounce slots.
+struct Dma {
+    channel: Window,
+    /// The controller's address of the bounce slots.
+    base: u64,
+}
+
+impl nvme::DmaMemory for Dma {
+    fn device_address(&self, offset: usize) -> u64 {
+        self.base + offset as u64
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        let at = channel::BOUNCE_OFFSET + offset;
+        self.channel.as_mut_slice()[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+
+    fn read(&self, offset: usize, bytes: &mut [u8]) {
+        let at = channel::BOUNCE_OFFSET + offset;
+        bytes.copy_from_slice(&self.channel.as_slice()[at..at + bytes.len()]);
+    }
+}
+
+struct Clock(Instant);
+
+impl nvme::Clock for Clock {
+    fn now_us(&self) -> u64 {
+        self.0.elapsed_us()
+    }
+}
+
+struct Nvme {
+    controller: Controller<Bar, Dma, Clock>,
+    /// Request id and length per command id (= bounce slot).
+    in_flight: [Option<(u64, u32)>; SLOT_COUNT as usize],
+}
+
+impl ChannelDriver for Nvme {
+    const NAME: &'static str = "nvme";
+
+    fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error> {
+        let bar = Bar(kernel.window("regs").ok_or(Error::MissingWindow("regs"))?);
+        kernel.interrupt_line(1).ok_or(Error::MissingInterrupt(1))?;
+        let base = channel.window().read::<u64>(header::DMA_ADDRESS);
+        let dma = Dma { channel: *channel.window(), base };
+        let area = channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
+        const _: () = assert!(Layout::AREA <= channel::DEVICE_AREA_SIZE);
+        let controller = Controller::start(bar, dma, Clock(Instant::now()), Layout::at(area)).map_err(|error| {
+            println!("nvme: the controller did not come up: {error:?}");
+            Error::Device("the NVMe controller did not come up")
+        })?;
+        let namespace = controller.namespace();
+        println!(
+            "nvme: controller ready, namespace 1: {} blocks of {} bytes",
+            namespace.blocks,
+            1u32 << namespace.block_shift
+        );
+        Ok(Nvme { controller, in_flight: [None; SLOT_COUNT as usize] })
+    }
+}
+
+impl Device for Nvme {
+    fn submit(&mut self, channel: &mut Channel, request: RequestEntry) {
+        if !Channel::slot_ok(&request) || self.in_flight[request.slot as usize].is_some() {
+            return channel.complete(request.id, status::IO_ERROR, 0);
+        }
+        let buffer = channel::slot_offset(request.slot) - channel::BOUNCE_OFFSET;
+        let offset = request.sector.saturating_mul(512);
+        let command = match request.op {
+            op::READ => IoCommand::Read { offset, len: request.len, buffer },
+            op::WRITE => IoCommand::Write { offset, len: request.len, buffer },
+            op::FLUSH => IoCommand::Flush,
+            _ => return channel.complete(request.id, status::UNSUPPORTED, 0),
+        };
+        match self.controller.submit(request.slot as u16, command) {
+            Ok(()) => self.in_flight[request.slot as usize] = Some((request.id, request.len)),
+            Err(_) => channel.complete(request.id, status::IO_ERROR, 0),
+        }
+    }
+
+    fn kick(&mut self) {
+        self.controller.ring();
+    }
+
+    fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
+        let in_flight = &mut self.in_flight;
+        let reaped = self.controller.reap(|cid, code| {
+            let Some((id, len)) = in_flight.get_mut(usize::from(cid)).and_then(Option::take) else { return };
+            match code {
+                0 => channel.complete(id, status::OK, len),
+                _ => channel.complete(id, status::IO_ERROR, 0),
+            }
+        });
+        Ok(reaped > 0)
+    }
+
+    fn arm(&mut self, armed: bool) -> bool {
+        let busy = self.in_flight.iter().any(Option::is_some);
+        self.controller.interrupts(armed && busy);
+        !self.controller.completion_posted()
+    }
+}
+
+driver_vm::channel_driver_main!(Nvme);

@@ -1,0 +1,169 @@
+//! A disk on hardware nobody here wrote: the reflector serves it through a
+//! driver VM running the NVMe driver, whose controller is QEMU's NVMe model
+//! in a QEMU process (`device=nvme`); BAR0 is a trapped window the
+//! reflector forwards over qtest. Driven by `blk-load` with verification,
+//! also while driver VMs are killed.
+//!
+//! Needs /dev/kvm, `qemu-system-x86_64` and the workspace's binaries built
+//! next to the reflector (`cargo build --release`; `ci/test.sh` does it).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+mod common;
+
+use common::{blk_arg, kvm_available, sibling, Reflector, Scratch};
+
+fn available(test: &str) -> bool {
+    if !kvm_available(test) {
+        return false;
+    }
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !qemu {
+        assert!(std::env::var_os("CI").is_none(), "{test}: qemu-system-x86_64 is missing and CI is set");
+        eprintln!("\n*** SKIPPING {test}: qemu-system-x86_64 is missing ***\n");
+    }
+    qemu
+}
+
+fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
+    common::blk_load(socket, &[&["--queue-size", "1024", "--timeout", "30"], args].concat())
+}
+
+/// QEMU processes whose command line names `image`.
+fn qemu_pids(image: &Path) -> Vec<i32> {
+    let wanted = image.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(&wanted)
+        })
+        .filter(|pid| {
+            // A zombie waiting to be reaped is gone.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        })
+        .collect()
+}
+
+#[test]
+fn verified_io_through_an_nvme_driver_vm_on_qemus_controller() {
+    let test = "verified_io_through_an_nvme_driver_vm_on_qemus_controller";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-verify");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=32M,name=nvme0,device=nvme,checksums=on");
+    let reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let (output, jobs) = blk_load(
+        &socket,
+        &[
+            "--job",
+            "randwrite,randread,write,read",
+            "--bs",
+            "4k,128k",
+            "--qd",
+            "1,8",
+            "--ios",
+            "300",
+            "--verify",
+            "--size",
+            "16M",
+            "--get-id",
+            "--flush",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "blk-load failed: {stderr}");
+    assert_eq!(jobs.len(), 16, "{stderr}");
+    for job in &jobs {
+        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
+    }
+    assert!(stderr.contains("flush OK") || String::from_utf8_lossy(&output.stdout).contains("flush OK"));
+    let log = reflector.stop();
+    assert!(log.contains("QEMU device model ready"), "{log}");
+    assert!(!log.contains("driver VM fault"), "{log}");
+    let written = std::fs::read(&image).unwrap();
+    assert!(written[..16 << 20].iter().any(|b| *b != 0), "the writes did not reach the image");
+    assert!(written[16 << 20..].iter().all(|b| *b == 0), "something was written outside the region used");
+}
+
+#[test]
+fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflector() {
+    let test = "nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflector";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-kill");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let load = Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--json", "--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread", "--bs", "4k"])
+        .args(["--qd", "8", "--ios", "30000", "--size", "8M", "--verify"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut killed = 0;
+    while killed < 10 {
+        let log = reflector.log_text();
+        if log.matches("serving channel generation").count() > killed {
+            // SAFETY: kill(2) on the current driver VM, our reflector's child.
+            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
+            killed += 1;
+        }
+        reflector.wait_for(
+            |r| r.log_text().matches("serving channel generation").count() > killed,
+            "a replacement NVMe driver serving",
+        );
+    }
+    let output = load.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
+    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+        let job: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
+    }
+    let log = reflector.log_text();
+    assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
+    assert!(!log.contains("violation"), "an honest driver was judged lying: {log}");
+    // QEMU holds the image until the reflector dies, however it dies.
+    assert_eq!(qemu_pids(&image).len(), 1, "one QEMU per NVMe device");
+    reflector.child.kill().unwrap();
+    reflector.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !qemu_pids(&image).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "QEMU outlived the reflector");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
+    let scratch = Scratch::new("nvme-refuse");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    for (extra, expected) in [
+        (",size=8M,device=nvme,qemu=/nonexistent/qemu", "/nonexistent/qemu"),
+        (",size=8M,device=floppy", "device=floppy: expected sim"),
+        (",size=8M,qemu=/usr/bin/qemu-system-x86_64", "qemu= is for device=nvme"),
+    ] {
+        let output = Command::new(sibling("reflector"))
+            .arg("serve")
+            .arg("--no-jail")
+            .args(blk_arg(&socket, &image, extra))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{extra}: the reflector started: {stderr}");
+        assert!(stderr.contains(expected), "{extra}: {stderr}");
+    }
+}
