@@ -162,6 +162,11 @@ impl QemuModel {
             .args(["-machine", "q35", "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-no-user-config"])
             .args(["-chardev", &format!("socket,id=qtest,fd={QTEST_FD}"), "-qtest", "chardev:qtest"])
             .args(["-qtest-log", "none"])
+            // QEMU parses what a hostile driver writes into its queues: it
+            // runs under its own seccomp filter, which forbids obsolete
+            // syscalls, gaining privileges, spawning processes and
+            // changing resource controls.
+            .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             .args(["-m", &format!("{QEMU_RAM},slots=1,maxmem={maxmem_mib}M")])
             .args([
                 "-object",
