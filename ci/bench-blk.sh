@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Block benchmark (not a test): in one invocation, on the same image, drives
-#   - the reflector (its driver in a driver VM, the simulated controller), and
+#   - the reflector (its driver in a driver VM, the simulated controller),
+#   - the reflector on QEMU's NVMe controller model (device=nvme: the nvme
+#     driver in a driver VM, BAR0 a trapped window), and
 #   - qemu-storage-daemon (--export type=vhost-user-blk), the peer,
 # with the project's vhost-user frontend (blk-load), and prints IOPS, MB/s,
 # p50/p99 latency and the reflector/peer ratios.
@@ -63,6 +65,13 @@ start_reflector() {
     wait_for_socket "controller ready"
 }
 
+start_nvme() {
+    rm -f "$sock"
+    timeout 3600 "$bin/reflector" serve --blk "socket=$sock,image=$img,name=bench,device=nvme" >"$tmp/backend.log" 2>&1 &
+    backend_pid=$!
+    wait_for_socket "nvme: serving channel generation"
+}
+
 start_qsd() {
     rm -f "$sock"
     timeout 3600 qemu-storage-daemon \
@@ -83,7 +92,7 @@ run_jobs() { # backend round
 }
 
 for round in $(seq "$rounds"); do
-    for backend in reflector qsd; do
+    for backend in reflector nvme qsd; do
         log "round $round/$rounds: $backend"
         "start_$backend"
         run_jobs "$backend" "$round"
@@ -102,16 +111,20 @@ def load(backend):
             runs.setdefault((j["job"], j["bs"], j["qd"]), []).append(j)
     return {k: {f: statistics.median(x[f] for x in v) for f in ("iops", "mb_s", "lat_p50_us", "lat_p99_us", "errors")}
             for k, v in runs.items()}
-ours, peer = load("reflector"), load("qsd")
-print(f"\nblock benchmark: blk-load, median of {rounds} round(s); reflector = driver VM + simulated controller, peer = qemu-storage-daemon")
-print(f"{'job':<10}{'bs':>6}{'qd':>4} | {'reflector IOPS':>14}{'MB/s':>8}{'p50us':>8}{'p99us':>9} | {'qsd IOPS':>9}{'MB/s':>8}{'p50us':>8}{'p99us':>9} | {'IOPS ratio':>10}")
+ours, nvme, peer = load("reflector"), load("nvme"), load("qsd")
+print(f"\nblock benchmark: blk-load, median of {rounds} round(s); sim = driver VM + simulated controller, "
+      f"nvme = driver VM + QEMU's NVMe model (device=nvme), peer = qemu-storage-daemon")
+print(f"{'job':<10}{'bs':>6}{'qd':>4} | {'sim IOPS':>9}{'p50us':>8}{'p99us':>9} | {'nvme IOPS':>9}{'p50us':>8}{'p99us':>9} | "
+      f"{'qsd IOPS':>9}{'p50us':>8}{'p99us':>9} | {'sim/qsd':>8}{'nvme/qsd':>9}")
 for key in ours:
-    a, b = ours[key], peer.get(key)
-    if not b:
+    a, n, b = ours[key], nvme.get(key), peer.get(key)
+    if not b or not n:
         continue
     job, bs, qd = key
-    print(f"{job:<10}{bs // 1024:>5}k{qd:>4} | {a['iops']:>14.0f}{a['mb_s']:>8.1f}{a['lat_p50_us']:>8.0f}{a['lat_p99_us']:>9.0f} | "
-          f"{b['iops']:>9.0f}{b['mb_s']:>8.1f}{b['lat_p50_us']:>8.0f}{b['lat_p99_us']:>9.0f} | {a['iops'] / max(b['iops'], 1):>9.2f}x")
-errors = sum(v["errors"] for v in ours.values()) + sum(v["errors"] for v in peer.values())
+    print(f"{job:<10}{bs // 1024:>5}k{qd:>4} | {a['iops']:>9.0f}{a['lat_p50_us']:>8.0f}{a['lat_p99_us']:>9.0f} | "
+          f"{n['iops']:>9.0f}{n['lat_p50_us']:>8.0f}{n['lat_p99_us']:>9.0f} | "
+          f"{b['iops']:>9.0f}{b['lat_p50_us']:>8.0f}{b['lat_p99_us']:>9.0f} | "
+          f"{a['iops'] / max(b['iops'], 1):>7.2f}x{n['iops'] / max(b['iops'], 1):>8.2f}x")
+errors = sum(v["errors"] for d in (ours, nvme, peer) for v in d.values())
 print(f"\nerrors: {errors:.0f}")
 PY

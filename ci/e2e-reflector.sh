@@ -7,14 +7,19 @@
 #      checks the image while the reflector still runs;
 #   3. run 2: QEMU restarted: a fresh guest reconnects and re-verifies the
 #      same data through the reflector;
-#   4. run 3: fio-verify again while the driver VM is SIGKILLed every 0.5 s:
-#      fio must pass and the guest kernel must log no I/O error;
+#   4. run 3: fio-verify again while the driver VM is SIGKILLed every 0.5 s
+#      (with --device nvme, kills alternate with injected faults: a panic, a
+#      lie about a length, a page fault, a hang): fio must pass and the guest
+#      kernel must log no I/O error;
 #   5. stop the reflector (by pid) and check the image once more on the host.
 # Exits 0 when everything passed. Without QEMU or fio it skips loudly, unless
 # CI is set, where it fails. Temporary files live in /tmp/e2e-reflector.*,
 # removed on success and kept (path printed) on failure.
 #
-# Usage: ci/e2e-reflector.sh [--timeout SEC] [--fiosize MIB]
+# --device nvme serves the disk on QEMU's NVMe controller model through the
+# nvme driver (device=nvme) instead of the simulated controller.
+#
+# Usage: ci/e2e-reflector.sh [--timeout SEC] [--fiosize MIB] [--device sim|nvme]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,15 +27,17 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'e2e-reflector: %s\n' "$*" >&2; }
 die() { printf 'e2e-reflector: FAIL: %s\n' "$*" >&2; exit 1; }
 
-tmo=300 fiosize=48
+tmo=300 fiosize=48 device=sim
 while (($#)); do
     case $1 in
+    --device) device=${2:?--device needs sim or nvme}; shift 2 ;;
     --timeout) tmo=${2:?--timeout needs seconds}; shift 2 ;;
     --fiosize) fiosize=${2:?--fiosize needs MiB}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
+[[ $device == sim || $device == nvme ]] || die "--device $device: expected sim or nvme"
 
 for tool in qemu-system-x86_64 fio qemu-img; do
     if ! command -v "$tool" >/dev/null; then
@@ -56,9 +63,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "starting the reflector on $img"
+log "starting the reflector on $img (device=$device)"
 ctl=$tmp/ctl
-timeout -k 5 $((tmo * 4 + 120)) "$reflector" serve --control "$ctl" --blk "socket=$sock,image=$img,size=256M,name=e2e" \
+timeout -k 5 $((tmo * 4 + 120)) "$reflector" serve --control "$ctl" --blk "socket=$sock,image=$img,size=256M,name=e2e,device=$device" \
     >"$tmp/reflector.log" 2>&1 &
 reflector_pid=$!
 for _ in $(seq 300); do
@@ -81,14 +88,21 @@ timeout $((tmo + 120)) "$here/qemu-blk-fio.sh" --socket "$sock" --job verify-onl
     die "run 2 failed: see above and $tmp/console-run2.log"
 
 seed=$(od -An -N4 -tu4 /dev/urandom | tr -d ' ') fiosize=96
-log "run 3: fio-verify (seed $seed, ${fiosize} MiB) while the driver VM is SIGKILLed every 0.5 s"
+faults=(panic lie page-fault hang)
+log "run 3: fio-verify (seed $seed, ${fiosize} MiB) while the driver VM is SIGKILLed every 0.5 s$([[ $device == nvme ]] && echo ", alternating with injected faults (${faults[*]})")"
 "$here/qemu-blk-fio.sh" --socket "$sock" --job fio-verify --seed "$seed" --fiosize "$fiosize" \
     --timeout "$tmo" --log "$tmp/console-run3.log" >"$tmp/run3.summary" &
 guest_pid=$!
-kills=0
+kills=0 injected=0 round=0
 while kill -0 "$guest_pid" 2>/dev/null; do
     sleep 0.5
-    if "$reflector" kill --control "$ctl" e2e >/dev/null 2>&1; then kills=$((kills + 1)); fi
+    round=$((round + 1))
+    if [[ $device == nvme ]] && ((round % 2 == 0)); then
+        fault=${faults[$(((round / 2) % ${#faults[@]}))]}
+        if "$reflector" inject --control "$ctl" e2e "$fault" >/dev/null 2>&1; then injected=$((injected + 1)); fi
+    elif "$reflector" kill --control "$ctl" e2e >/dev/null 2>&1; then
+        kills=$((kills + 1))
+    fi
 done
 wait "$guest_pid" || die "run 3 failed across $kills driver VM kills: see above and $tmp/console-run3.log"
 if grep -E "E2E-DMESG: .*(I/O error|blk_update_request|critical)" "$tmp/console-run3.log"; then
@@ -97,7 +111,7 @@ fi
 ((kills >= 3)) || die "only $kills kills landed during run 3: the guest finished too fast to test anything"
 status=$("$reflector" status --control "$ctl")
 log "run 3: $(sed 's/^E2E-SUMMARY: //; s/ log=.*//' "$tmp/run3.summary")"
-log "run 3: passed across $kills SIGKILLs of the driver VM; reflector status:"
+log "run 3: passed across $kills SIGKILLs of the driver VM and $injected injected faults; reflector status:"
 printf '%s\n' "$status" >&2
 
 grep -q "client connected" "$tmp/reflector.log" || die "the reflector never logged a client"

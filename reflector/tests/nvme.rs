@@ -147,6 +147,49 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
 }
 
 #[test]
+fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() {
+    let test = "a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-qemu-death");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let load = Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--json", "--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread", "--bs", "4k"])
+        .args(["--qd", "8", "--ios", "20000", "--size", "8M", "--verify"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    for round in 1..=2 {
+        reflector.wait_for(
+            |r| r.log_text().matches("serving channel generation").count() >= round,
+            "an NVMe driver serving",
+        );
+        let pids = qemu_pids(&image);
+        assert_eq!(pids.len(), 1, "one QEMU per NVMe device");
+        // SAFETY: kill(2) on the reflector's QEMU child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+        reflector.wait_for(
+            |r| r.log_text().matches("starting it again").count() >= round,
+            "the QEMU device model started again",
+        );
+    }
+    let output = load.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
+    for line in stdout.lines().filter(|l| l.starts_with('{')) {
+        let job: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
+    }
+    assert_eq!(qemu_pids(&image).len(), 1, "the QEMU started again is the device's only one: {}", reflector.log_text());
+}
+
+#[test]
 fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
     let scratch = Scratch::new("nvme-refuse");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));

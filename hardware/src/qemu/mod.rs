@@ -24,7 +24,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 pub use nvme::QemuNvme;
 pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
@@ -92,6 +92,36 @@ impl Model {
             Model::Nvme { .. } => 0x0010_1b36,
         }
     }
+}
+
+/// Spawns `command` from a thread that lives as long as the process.
+///
+/// QEMU gets PR_SET_PDEATHSIG, which the kernel fires when the *thread*
+/// that forked it exits, not the process: QEMU started again by a device's
+/// worker thread (which ends when its client disconnects) would otherwise
+/// die with that thread.
+fn spawn_lasting(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        let started = std::thread::Builder::new().name("qemu-spawner".into()).spawn(move || {
+            for (mut command, reply) in incoming {
+                let _ = reply.send(command.spawn());
+            }
+        });
+        if let Err(error) = started {
+            tracing::error!(%error, "cannot start the QEMU spawner thread");
+        }
+        Mutex::new(requests)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .map_err(|_| std::io::Error::other("the QEMU spawner's lock is poisoned"))?
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the QEMU spawner thread is gone"))?;
+    answer.recv().map_err(|_| std::io::Error::other("the QEMU spawner thread is gone"))?
 }
 
 /// QEMU's option syntax doubles commas in values.
@@ -213,7 +243,8 @@ impl QemuModel {
                 Ok(())
             });
         }
-        let child = command.spawn().map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
+        let child =
+            spawn_lasting(command).map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
         drop(theirs);
         let route = interrupt.clone();
         let qtest = Qtest::new(ours, move |_line, raised| {

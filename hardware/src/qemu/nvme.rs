@@ -1,11 +1,16 @@
 //! QEMU's NVMe controller as the block hardware of a device: the model in
 //! its QEMU process, reached by the driver VM through a trapped BAR0
 //! window (`proxy`), DMA into the channel's bounce slots and device area.
+//!
+//! The QEMU process is supervised like a driver VM: one found dead when
+//! the next driver VM starts (`resume`) is started again, on the same
+//! image, DMA region and interrupt route; the new driver resets the new
+//! controller and the reflector replays what the old one held.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -15,7 +20,7 @@ use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute,
 
 /// An NVMe controller (QEMU's model) on a raw image.
 pub struct QemuNvme {
-    model: Arc<QemuModel>,
+    process: Arc<Process>,
     interrupt: Arc<InterruptRoute>,
     /// NVMe doorbells are in BAR0: nothing rings this one.
     doorbell: EventFd,
@@ -23,6 +28,39 @@ pub struct QemuNvme {
     capacity_sectors: u64,
     read_only: bool,
     flushes: Mutex<FlushCount>,
+}
+
+/// The QEMU process behind the controller, and how to start it again.
+struct Process {
+    current: RwLock<Arc<QemuModel>>,
+    qemu: PathBuf,
+    model: Model,
+    serial: String,
+    dma: Arc<SharedMemory>,
+    offset: usize,
+    len: usize,
+    interrupt: Arc<InterruptRoute>,
+}
+
+impl Process {
+    fn start(&self) -> Result<QemuModel, ModelError> {
+        QemuModel::start(
+            &self.qemu,
+            self.model.clone(),
+            &self.serial,
+            &self.dma,
+            self.offset,
+            self.len,
+            self.interrupt.clone(),
+        )
+    }
+
+    fn current(&self) -> Arc<QemuModel> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
 }
 
 impl QemuNvme {
@@ -33,7 +71,7 @@ impl QemuNvme {
         name: &str,
         image: &Path,
         read_only: bool,
-        dma: &SharedMemory,
+        dma: &Arc<SharedMemory>,
         offset: usize,
         len: usize,
     ) -> Result<QemuNvme, ModelError> {
@@ -42,9 +80,19 @@ impl QemuNvme {
         let interrupt = Arc::new(InterruptRoute::default());
         let model = Model::Nvme { image: image.to_owned(), read_only };
         let serial: String = name.chars().filter(char::is_ascii_alphanumeric).take(20).collect();
-        let model = QemuModel::start(qemu, model, &serial, dma, offset, len, interrupt.clone())?;
+        let first = QemuModel::start(qemu, model.clone(), &serial, dma, offset, len, interrupt.clone())?;
+        let process = Process {
+            current: RwLock::new(Arc::new(first)),
+            qemu: qemu.to_owned(),
+            model,
+            serial,
+            dma: dma.clone(),
+            offset,
+            len,
+            interrupt: interrupt.clone(),
+        };
         Ok(QemuNvme {
-            model: Arc::new(model),
+            process: Arc::new(process),
             interrupt,
             doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             image: file,
@@ -54,9 +102,9 @@ impl QemuNvme {
         })
     }
 
-    /// The QEMU model.
-    pub fn model(&self) -> &Arc<QemuModel> {
-        &self.model
+    /// The QEMU model now serving.
+    pub fn model(&self) -> Arc<QemuModel> {
+        self.process.current()
     }
 }
 
@@ -66,8 +114,13 @@ impl Hardware for QemuNvme {
     }
 
     fn traps(&self) -> Vec<TrapWindow> {
-        let model = self.model.clone();
-        vec![TrapWindow { name: "regs", size: self.model.bar0_size(), connect: Arc::new(move || model.connect()) }]
+        let process = self.process.clone();
+        vec![TrapWindow {
+            name: "regs",
+            size: self.process.current().bar0_size(),
+            // Each driver VM connects to the QEMU serving when it starts.
+            connect: Arc::new(move || process.current().connect()),
+        }]
     }
 
     fn doorbell(&self) -> &EventFd {
@@ -79,14 +132,23 @@ impl Hardware for QemuNvme {
     }
 
     fn quiesce(&self) {
-        if let Err(error) = self.model.quiesce() {
-            tracing::error!(%error, "cannot quiesce the NVMe controller");
+        let model = self.process.current();
+        if let Err(error) = model.quiesce() {
+            tracing::error!(%error, running = model.running(), "cannot quiesce the NVMe controller");
         }
     }
 
     fn resume(&self) {
-        if let Err(error) = self.model.resume() {
-            tracing::error!(%error, "cannot resume the NVMe controller");
+        let model = self.process.current();
+        if !model.running() || model.resume().is_err() {
+            tracing::warn!(image = ?self.process.model, "the QEMU device model is gone; starting it again");
+            match self.process.start() {
+                Ok(fresh) => match self.process.current.write() {
+                    Ok(mut current) => *current = Arc::new(fresh),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+                },
+                Err(error) => tracing::error!(%error, "cannot start the QEMU device model again"),
+            }
         }
     }
 }
