@@ -7,11 +7,11 @@
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 mod common;
 
-use common::{blk_arg, kvm_available, sibling, Reflector, Scratch};
+use common::{assert_clean_load, blk_arg, kvm_available, spawn_blk_load, Reflector, Scratch};
 
 /// Runs blk-load with this file's queue size and timeout.
 fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
@@ -93,15 +93,13 @@ fn killed_driver_vms_are_replaced_without_client_errors() {
     let scratch = Scratch::new("kill");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
     let mut reflector = Reflector::start(&blk_arg(&socket, &image, ",size=16M"), scratch.join("log"), &socket);
-    let load = Command::new(sibling("blk-load"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--json", "--queue-size", "1024", "--timeout", "20", "--job", "randwrite,randread", "--bs", "4k"])
-        .args(["--qd", "8", "--ios", "200000", "--size", "8M", "--verify"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = spawn_blk_load(
+        &socket,
+        &["--queue-size", "1024", "--timeout", "20", "--job", "randwrite,randread", "--bs", "4k", "--qd", "8"]
+            .into_iter()
+            .chain(["--ios", "200000", "--size", "8M", "--verify"])
+            .collect::<Vec<_>>(),
+    );
     let mut killed = 0;
     while killed < 10 {
         let log = reflector.log_text();
@@ -113,14 +111,7 @@ fn killed_driver_vms_are_replaced_without_client_errors() {
         }
         reflector.wait_for(|r| r.log_text().matches("driver VM started").count() > killed, "a replacement driver VM");
     }
-    let output = load.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
-        let job: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!(job["errors"], 0, "{job}");
-        assert_eq!(job["mismatches"], 0, "{job}");
-    }
+    assert_clean_load(load);
     let log = reflector.stop();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(log.contains("errors=0"), "the reflector completed no request with an error: {log}");

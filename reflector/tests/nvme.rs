@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
-use common::{blk_arg, kvm_available, sibling, Reflector, Scratch};
+use common::{assert_clean_load, blk_arg, kvm_available, sibling, spawn_blk_load, Reflector, Scratch};
 
 fn available(test: &str) -> bool {
     if !kvm_available(test) {
@@ -103,15 +103,26 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
     let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
     let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
-    let load = Command::new(sibling("blk-load"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--json", "--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread", "--bs", "4k"])
-        .args(["--qd", "8", "--ios", "30000", "--size", "8M", "--verify"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = spawn_blk_load(
+        &socket,
+        &[
+            "--queue-size",
+            "1024",
+            "--timeout",
+            "30",
+            "--job",
+            "randwrite,randread",
+            "--bs",
+            "4k",
+            "--qd",
+            "8",
+            "--ios",
+            "30000",
+            "--size",
+            "8M",
+            "--verify",
+        ],
+    );
     let mut killed = 0;
     while killed < 10 {
         let log = reflector.log_text();
@@ -125,13 +136,7 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
             "a replacement NVMe driver serving",
         );
     }
-    let output = load.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
-        let job: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
-    }
+    assert_clean_load(load);
     let log = reflector.log_text();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(!log.contains("violation"), "an honest driver was judged lying: {log}");
@@ -156,15 +161,26 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
     let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
     let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
-    let load = Command::new(sibling("blk-load"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--json", "--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread", "--bs", "4k"])
-        .args(["--qd", "8", "--ios", "20000", "--size", "8M", "--verify"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let load = spawn_blk_load(
+        &socket,
+        &[
+            "--queue-size",
+            "1024",
+            "--timeout",
+            "30",
+            "--job",
+            "randwrite,randread",
+            "--bs",
+            "4k",
+            "--qd",
+            "8",
+            "--ios",
+            "20000",
+            "--size",
+            "8M",
+            "--verify",
+        ],
+    );
     for round in 1..=2 {
         reflector.wait_for(
             |r| r.log_text().matches("serving channel generation").count() >= round,
@@ -179,13 +195,7 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
             "the QEMU device model started again",
         );
     }
-    let output = load.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
-    for line in stdout.lines().filter(|l| l.starts_with('{')) {
-        let job: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
-    }
+    assert_clean_load(load);
     assert_eq!(qemu_pids(&image).len(), 1, "the QEMU started again is the device's only one: {}", reflector.log_text());
 }
 

@@ -301,6 +301,41 @@ fn check_aligned(what: impl Into<String>, value: u64, align: u64) -> Result<()> 
     Ok(())
 }
 
+/// Where a window (mapped or trapped) goes, for the checks both share.
+struct Placement<'a> {
+    /// The option it came from.
+    flag: &'static str,
+    /// How errors name it.
+    label: String,
+    /// The name the guest sees.
+    name: &'a str,
+}
+
+impl Placement<'_> {
+    /// Checks a window of `size` bytes at `gpa` against the address space
+    /// and `ranges`; returns its range.
+    fn check(self, gpa: u64, size: u64, ranges: &[Range]) -> Result<Range> {
+        let Placement { flag, label, name } = self;
+        if size == 0 {
+            return Err(Error::invalid(flag, format!("{label}: size is zero")));
+        }
+        check_aligned(format!("{label} address"), gpa, PAGE_SIZE)?;
+        check_aligned(format!("{label} size"), size, PAGE_SIZE)?;
+        if gpa.checked_add(size).is_none_or(|end| end > abi::GPA_LIMIT) {
+            return Err(Error::invalid(
+                flag,
+                format!("{label} ends beyond the guest physical address limit {:#x}", abi::GPA_LIMIT),
+            ));
+        }
+        if name.len() >= abi::NAME_LEN || name.contains('\0') {
+            return Err(Error::invalid(flag, format!("{name:?}: at most {} bytes, no NUL", abi::NAME_LEN - 1)));
+        }
+        let range = Range { what: label, start: gpa, end: gpa.saturating_add(size) };
+        check_no_overlap(ranges, &range)?;
+        Ok(range)
+    }
+}
+
 fn check_no_overlap(ranges: &[Range], new: &Range) -> Result<()> {
     match ranges.iter().find(|r| new.start < r.end && r.start < new.end) {
         Some(other) => Err(Error::Overlap {
@@ -372,51 +407,17 @@ impl VmConfig {
             ));
         }
         for (i, trap) in self.traps.iter().enumerate() {
-            let label = format!("trap {i} ({})", trap.name);
-            if trap.size == 0 || trap.size > u64::from(u32::MAX) {
-                return Err(Error::invalid("--trap size", format!("{label}: must be 1 byte to 4 GiB")));
+            if trap.size > u64::from(u32::MAX) {
+                return Err(Error::invalid("--trap size", format!("trap {i} ({}): at most 4 GiB", trap.name)));
             }
-            check_aligned(format!("{label} address"), trap.gpa, PAGE_SIZE)?;
-            check_aligned(format!("{label} size"), trap.size, PAGE_SIZE)?;
-            if trap.gpa.checked_add(trap.size).is_none_or(|end| end > abi::GPA_LIMIT) {
-                return Err(Error::invalid(
-                    "--trap",
-                    format!("{label} ends beyond the guest physical address limit {:#x}", abi::GPA_LIMIT),
-                ));
-            }
-            if trap.name.len() >= abi::NAME_LEN || trap.name.contains('\0') {
-                return Err(Error::invalid(
-                    "--trap name",
-                    format!("{:?}: at most {} bytes, no NUL", trap.name, abi::NAME_LEN - 1),
-                ));
-            }
-            let range = Range { what: label, start: trap.gpa, end: trap.end() };
-            check_no_overlap(ranges, &range)?;
-            ranges.push(range);
+            let place = Placement { flag: "--trap", label: format!("trap {i} ({})", trap.name), name: &trap.name };
+            ranges.push(place.check(trap.gpa, trap.size, ranges)?);
         }
         for (i, window) in self.windows.iter().enumerate() {
             let label = format!("window {i} ({})", window.path.display());
-            if window.size == 0 {
-                return Err(Error::invalid("--window size", format!("{label}: size is zero")));
-            }
-            check_aligned(format!("{label} address"), window.gpa, PAGE_SIZE)?;
-            check_aligned(format!("{label} size"), window.size, PAGE_SIZE)?;
             check_aligned(format!("{label} offset"), window.offset, PAGE_SIZE)?;
-            if window.gpa.checked_add(window.size).is_none_or(|end| end > abi::GPA_LIMIT) {
-                return Err(Error::invalid(
-                    "--window",
-                    format!("{label} ends beyond the guest physical address limit {:#x}", abi::GPA_LIMIT),
-                ));
-            }
-            if window.name.len() >= abi::NAME_LEN || window.name.contains('\0') {
-                return Err(Error::invalid(
-                    "--window name",
-                    format!("{:?}: at most {} bytes, no NUL", window.name, abi::NAME_LEN - 1),
-                ));
-            }
-            let range = Range { what: label, start: window.gpa, end: window.end() };
-            check_no_overlap(ranges, &range)?;
-            ranges.push(range);
+            let place = Placement { flag: "--window", label, name: &window.name };
+            ranges.push(place.check(window.gpa, window.size, ranges)?);
         }
         Ok(())
     }

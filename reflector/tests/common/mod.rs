@@ -183,3 +183,30 @@ pub fn blk_load(socket: &Path, args: &[&str]) -> (std::process::Output, Vec<serd
         .collect();
     (output, jobs)
 }
+
+/// Starts blk-load with `--json` and `args` in the background: the load a
+/// test kills driver VMs (or their devices) under.
+#[allow(dead_code)]
+pub fn spawn_blk_load(socket: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a blk-load started by [`spawn_blk_load`]: it must succeed
+/// with no error and no mismatch in any job.
+#[allow(dead_code)]
+pub fn assert_clean_load(load: std::process::Child) {
+    let output = load.wait_with_output().unwrap();
+    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
+    for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
+        let job: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
+    }
+}
