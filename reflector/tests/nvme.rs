@@ -50,6 +50,22 @@ fn qemu_pids(image: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// A reflector serving an NVMe-backed disk with checksums, and a verified
+/// random write and read load of `ios` requests per job running on it.
+fn nvme_under_load(scratch: &Scratch, ios: &str) -> (std::path::PathBuf, Reflector, std::process::Child) {
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
+    let reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let load = spawn_blk_load(
+        &socket,
+        &["--queue-size", "1024", "--timeout", "30", "--job", "randwrite,randread", "--bs", "4k", "--qd", "8"]
+            .into_iter()
+            .chain(["--ios", ios, "--size", "8M", "--verify"])
+            .collect::<Vec<_>>(),
+    );
+    (image, reflector, load)
+}
+
 #[test]
 fn verified_io_through_an_nvme_driver_vm_on_qemus_controller() {
     let test = "verified_io_through_an_nvme_driver_vm_on_qemus_controller";
@@ -100,29 +116,7 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
         return;
     }
     let scratch = Scratch::new("nvme-kill");
-    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
-    let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
-    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
-    let load = spawn_blk_load(
-        &socket,
-        &[
-            "--queue-size",
-            "1024",
-            "--timeout",
-            "30",
-            "--job",
-            "randwrite,randread",
-            "--bs",
-            "4k",
-            "--qd",
-            "8",
-            "--ios",
-            "30000",
-            "--size",
-            "8M",
-            "--verify",
-        ],
-    );
+    let (image, mut reflector, load) = nvme_under_load(&scratch, "30000");
     let mut killed = 0;
     while killed < 10 {
         let log = reflector.log_text();
@@ -158,29 +152,7 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
         return;
     }
     let scratch = Scratch::new("nvme-qemu-death");
-    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
-    let args = blk_arg(&socket, &image, ",size=16M,device=nvme,checksums=on");
-    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
-    let load = spawn_blk_load(
-        &socket,
-        &[
-            "--queue-size",
-            "1024",
-            "--timeout",
-            "30",
-            "--job",
-            "randwrite,randread",
-            "--bs",
-            "4k",
-            "--qd",
-            "8",
-            "--ios",
-            "20000",
-            "--size",
-            "8M",
-            "--verify",
-        ],
-    );
+    let (image, mut reflector, load) = nvme_under_load(&scratch, "20000");
     for round in 1..=2 {
         reflector.wait_for(
             |r| r.log_text().matches("serving channel generation").count() >= round,
