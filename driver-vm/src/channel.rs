@@ -37,6 +37,9 @@ pub struct Lies {
     pub spin: bool,
     /// Ring the reflector's doorbell continuously while idle.
     pub flood: bool,
+    /// Point the device's data DMA outside the region it was given (a
+    /// driver of a device that DMAs by address offers it).
+    pub wild_dma: bool,
 }
 
 /// The faults every driver can commit through this module (none without
@@ -244,6 +247,7 @@ impl Channel {
             inject::SKIP_FLUSHES => self.lies.skip_flushes = true,
             inject::SPIN => self.lies.spin = true,
             inject::FLOOD => self.lies.flood = true,
+            inject::WILD_DMA => self.lies.wild_dma = true,
             _ => {}
         }
         false

@@ -291,12 +291,14 @@ pub enum FaultKind {
     Spin,
     /// Ring the doorbell continuously from now on.
     Flood,
+    /// Point the device's data DMA outside its region from now on.
+    WildDma,
 }
 
 impl FaultKind {
     /// Every kind, by its name (`panic`, `page-fault`, ...).
     pub const NAMES: &'static str =
-        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin or flood";
+        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin, flood or wild-dma";
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<FaultKind> {
@@ -316,6 +318,7 @@ impl FaultKind {
             FaultKind::SkipFlushes => inject::SKIP_FLUSHES,
             FaultKind::Spin => inject::SPIN,
             FaultKind::Flood => inject::FLOOD,
+            FaultKind::WildDma => inject::WILD_DMA,
         }
     }
 }

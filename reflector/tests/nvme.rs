@@ -172,6 +172,41 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
 }
 
 #[test]
+fn a_driver_pointing_its_controller_outside_the_dma_region_is_caught_and_replaced() {
+    let test = "a_driver_pointing_its_controller_outside_the_dma_region_is_caught_and_replaced";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-wild");
+    let (socket, image, control) = (scratch.join("d.sock"), scratch.join("d.img"), scratch.join("ctl"));
+    let mut args = blk_arg(&socket, &image, ",size=16M,name=wild,device=nvme,checksums=on");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    let region = ["--bs", "4k", "--qd", "4", "--size", "4M", "--ios", "2000", "--verify", "--seed", "7"];
+    // An honest driver fills the region (blk-load's read job writes it first).
+    let (output, jobs) = blk_load(&socket, &[["--job", "read"].as_slice(), &region].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(jobs[0]["mismatches"], 0);
+    let before = std::fs::read(&image).unwrap();
+    // From now on the driver points every data transfer outside the region
+    // its controller may reach; the reads it answers OK carry no data.
+    let inject = Command::new(sibling("reflector"))
+        .args(["inject", "wild", "wild-dma", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(inject.status.success(), "inject: {}", String::from_utf8_lossy(&inject.stderr));
+    let (output, jobs) = blk_load(&socket, &[["--job", "randread", "--assume-filled"].as_slice(), &region].concat());
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!((jobs[0]["errors"].as_u64(), jobs[0]["mismatches"].as_u64()), (Some(0), Some(0)), "{}", jobs[0]);
+    let log = reflector.log_text();
+    assert!(log.contains("is not what was written there"), "the checksums did not catch the driver: {log}");
+    assert!(log.contains("driver VM restarted"), "{log}");
+    assert!(std::fs::read(&image).unwrap() == before, "reads through a wild driver changed the image");
+}
+
+#[test]
 fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
     let scratch = Scratch::new("nvme-refuse");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));

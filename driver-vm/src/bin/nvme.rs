@@ -6,11 +6,16 @@
 //! the channel header gives (`DMA_ADDRESS`): the driver's queues and PRP
 //! lists live in the device area, data in the request's bounce slot.
 //! Interrupt line 1 is the controller's (INTx through the reflector).
+//!
+//! Besides the generic faults it can be asked (tests) to point its data DMA
+//! outside the region it was given (`wild-dma`).
 #![no_std]
 #![no_main]
 
+use core::cell::Cell;
 use driver_vm::channel::{Channel, ChannelDriver, Device};
-use driver_vm::kernel::abi::channel::{self, header, op, status, RequestEntry, SLOT_COUNT};
+
+use driver_vm::kernel::abi::channel::{self, header, inject, op, status, RequestEntry, SLOT_COUNT};
 use driver_vm::kernel::device::Window;
 use driver_vm::kernel::time::Instant;
 use driver_vm::{println, Error, Kernel};
@@ -34,11 +39,15 @@ struct Dma {
     channel: Window,
     /// The controller's address of the bounce slots.
     base: u64,
+    /// Data addresses point outside the range (an injected lie, tests).
+    wild: Cell<bool>,
 }
 
 impl nvme::DmaMemory for Dma {
     fn device_address(&self, offset: usize) -> u64 {
-        self.base + offset as u64
+        let data = offset < channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
+        let wild = if data && self.wild.get() { channel::DMA_SIZE as u64 + (1 << 20) } else { 0 };
+        self.base + offset as u64 + wild
     }
 
     fn write(&self, offset: usize, bytes: &[u8]) {
@@ -68,12 +77,13 @@ struct Nvme {
 
 impl ChannelDriver for Nvme {
     const NAME: &'static str = "nvme";
+    const FAULTS: &'static [u32] = &[inject::WILD_DMA];
 
     fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error> {
         let bar = Bar(kernel.window("regs").ok_or(Error::MissingWindow("regs"))?);
         kernel.interrupt_line(1).ok_or(Error::MissingInterrupt(1))?;
         let base = channel.window().read::<u64>(header::DMA_ADDRESS);
-        let dma = Dma { channel: *channel.window(), base };
+        let dma = Dma { channel: *channel.window(), base, wild: Cell::new(false) };
         let area = channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
         const _: () = assert!(Layout::AREA <= channel::DEVICE_AREA_SIZE);
         let controller = Controller::start(bar, dma, Clock(Instant::now()), Layout::at(area)).map_err(|error| {
@@ -95,6 +105,7 @@ impl Device for Nvme {
         if !Channel::slot_ok(&request) || self.in_flight[request.slot as usize].is_some() {
             return channel.complete(request.id, status::IO_ERROR, 0);
         }
+        self.controller.memory().wild.set(channel.lies.wild_dma);
         let buffer = channel::slot_offset(request.slot) - channel::BOUNCE_OFFSET;
         let offset = request.sector.saturating_mul(512);
         let command = match request.op {

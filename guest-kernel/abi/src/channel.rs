@@ -112,6 +112,9 @@ pub mod inject {
     pub const SPIN: u32 = 9;
     /// From now on, ring the reflector's doorbell continuously while idle.
     pub const FLOOD: u32 = 10;
+    /// From now on, point the device's DMA for data outside the region the
+    /// reflector gave it (a driver reaching for memory it was not given).
+    pub const WILD_DMA: u32 = 11;
 }
 
 /// The [`header::DRIVER_INJECTABLE`] mask of `kinds`.
