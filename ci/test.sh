@@ -23,10 +23,10 @@ step "cargo clippy -D warnings (driver VM images and guest-kernel)"
 step "cargo build --release"
 timeout 1500 cargo build --release --locked
 
-step "a production vmm (--no-default-features: no test images, drivers without fault injection) embeds only blk, net, null and nvme"
+step "a production vmm (--no-default-features: no test images, drivers without fault injection) embeds only blk, e1000e, net, null and nvme"
 timeout 1500 cargo build --release --locked -p vmm --no-default-features --target-dir target/production
 production=$(target/production/release/vmm images | tr '\n' ' ')
-[[ $production == "blk net null nvme " ]] || { echo "the production vmm embeds: $production" >&2; exit 1; }
+[[ $production == "blk e1000e net null nvme " ]] || { echo "the production vmm embeds: $production" >&2; exit 1; }
 if [[ -e /dev/kvm ]]; then
     prod=$(mktemp -d)
     target/release/reflector serve --vmm target/production/release/vmm --control "$prod/ctl" \
@@ -39,7 +39,7 @@ if [[ -e /dev/kvm ]]; then
     grep -q "cannot commit" "$prod/inject" || { cat "$prod/inject" "$prod/log" >&2; kill "$reflector_pid"; exit 1; }
     kill "$reflector_pid"; wait "$reflector_pid" || true
     rm -rf "$prod"
-    echo "production: blk net null nvme; inject refused"
+    echo "production: blk e1000e net null nvme; inject refused"
 fi
 
 step "end-to-end: a QEMU guest runs fio --verify on a disk served through a driver VM"

@@ -18,7 +18,7 @@ use std::process::Command;
 /// driver-vm/.cargo/config.toml for why it is named explicitly).
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The images a production vmm (without the `test-images` feature) embeds.
-const PRODUCTION_IMAGES: &[&str] = &["blk", "net", "null", "nvme"];
+const PRODUCTION_IMAGES: &[&str] = &["blk", "e1000e", "net", "null", "nvme"];
 
 /// Environment the outer cargo sets for build scripts that would change how
 /// the nested build compiles (flags, wrappers such as clippy-driver, targets).

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hardware::qemu::{Model, QemuModel, DMA_BASE};
+use hardware::qemu::{Dma as DmaRange, Model, QemuModel, DMA_BASE};
 use hardware::shm::SharedMemory;
 use hardware::InterruptRoute;
 use nvme::{Controller, IoCommand, Layout};
@@ -119,10 +119,9 @@ impl Rig {
             qemu,
             Model::Nvme { image: image.clone(), read_only: false },
             "drvm-test",
-            &memory,
-            0,
-            memory.size(),
+            DmaRange { memory: &memory, offset: 0, len: memory.size() },
             Arc::new(InterruptRoute::default()),
+            None,
         )
         .unwrap();
         Rig { _dir: dir, image, memory, model }

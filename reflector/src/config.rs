@@ -115,6 +115,43 @@ pub struct NetConfig {
     pub fault_budget: u32,
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
+    /// The card the driver VM drives.
+    pub device: NetHardware,
+}
+
+/// The card behind a net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetHardware {
+    /// The project's simulated card (`device=sim`).
+    Sim,
+    /// QEMU's e1000e (Intel 82574L) model, in a QEMU process started from
+    /// `qemu` (`device=e1000e`).
+    E1000e {
+        /// The `qemu-system-x86_64` binary.
+        qemu: PathBuf,
+    },
+}
+
+impl NetHardware {
+    /// From `device=` and `qemu=`.
+    fn parse(device: &str, qemu: Option<PathBuf>) -> Result<Self, String> {
+        match (device, qemu) {
+            ("sim", None) => Ok(NetHardware::Sim),
+            ("sim", Some(_)) => Err("qemu= is for device=e1000e".into()),
+            ("e1000e", qemu) => Ok(NetHardware::E1000e { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) }),
+            (other, _) => {
+                Err(format!("device={other}: expected sim (the simulated card) or e1000e (QEMU's e1000e model)"))
+            }
+        }
+    }
+
+    /// The driver a device of this card runs unless `driver=` says.
+    fn default_driver(&self) -> &'static str {
+        match self {
+            NetHardware::Sim => DEFAULT_NET_DRIVER,
+            NetHardware::E1000e { .. } => "e1000e",
+        }
+    }
 }
 
 /// A host TAP device bridged into a switch.
@@ -338,14 +375,18 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
+        device: NetHardware::Sim,
     };
+    let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
         match key {
             "socket" => config.socket = PathBuf::from(value),
+            "device" => device = value.to_owned(),
+            "qemu" => qemu = Some(PathBuf::from(value)),
             "mac" => config.mac = parse_mac(value).map_err(|e| error(format!("mac: {e}")))?,
             "switch" => config.switch = value.into(),
-            "driver" => config.driver = value.into(),
+            "driver" => driver = Some(value.to_owned()),
             // `driver_memory`, as in the file; `memory` is its short form.
             "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
@@ -354,11 +395,13 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                "unknown key {key:?} (known: socket, mac, switch, driver, driver_memory (or memory), name, spare, hang_ms, fault_budget)"
+                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_memory (or memory), name, spare, hang_ms, fault_budget)"
             )))
             }
         }
     }
+    config.device = NetHardware::parse(&device, qemu).map_err(error)?;
+    config.driver = driver.unwrap_or_else(|| config.device.default_driver().into());
     check_net(&config).map_err(error)?;
     Ok(config)
 }
@@ -433,6 +476,8 @@ struct FileNet {
     fault_budget: Option<u32>,
     #[serde(default)]
     spare: bool,
+    device: Option<String>,
+    qemu: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -571,12 +616,14 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
         Some(ms) => parse_millis(&ms.get_ref().to_string()).map_err(|e| key_error("hang_ms", ms.span().start, e))?,
         None => crate::recovery::DEFAULT_HANG_DEADLINE,
     };
+    let hardware = NetHardware::parse(net.device.as_deref().unwrap_or("sim"), net.qemu)
+        .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
     let device = NetConfig {
         name: net.name.unwrap_or_else(|| format!("net{index}")),
         socket: net.socket,
         mac,
         switch: net.switch.unwrap_or_else(|| DEFAULT_SWITCH.into()),
-        driver: net.driver.unwrap_or_else(|| DEFAULT_NET_DRIVER.into()),
+        driver: net.driver.unwrap_or_else(|| hardware.default_driver().into()),
         driver_memory: net.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
         hang_deadline,
         fault_budget: match net.fault_budget {
@@ -585,6 +632,7 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
             None => crate::recovery::RestartPolicy::default().budget,
         },
         warm_spare: net.spare,
+        device: hardware,
     };
     check_net(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
     Ok(device)

@@ -17,14 +17,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
-use crate::config::{BlkConfig, BlkHardware, JailSettings, NetConfig};
+use crate::config::{BlkConfig, BlkHardware, JailSettings, NetConfig, NetHardware as NetHardwareConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
-use crate::hw::qemu::QemuNvme;
+use crate::hw::qemu::{QemuNic, QemuNvme};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
-use crate::hw::{BlockHardware, DmaRegion, Hardware};
+use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
 use crate::net::device::{Net, NetDevice};
@@ -380,10 +380,28 @@ pub fn start_net(
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let switch = switches.get(&config.switch);
-    let hardware = Arc::new(
-        SimNic::start(name, config.mac, bounce_dma(&channel), switch)
-            .map_err(io(format!("{name}: starting the network card")))?,
-    );
+    let hardware: Arc<dyn NetHardware> = match &config.device {
+        NetHardwareConfig::Sim => Arc::new(
+            SimNic::start(name, config.mac, bounce_dma(&channel), switch)
+                .map_err(io(format!("{name}: starting the network card")))?,
+        ),
+        NetHardwareConfig::E1000e { qemu } => {
+            // The card reaches the bounce slots and the driver's rings in
+            // the device area, nothing else, at DMA_BASE.
+            channel.set_dma_address(crate::hw::qemu::DMA_BASE);
+            let nic = QemuNic::start(
+                qemu,
+                name,
+                config.mac,
+                channel.memory(),
+                channel::BOUNCE_OFFSET,
+                channel::DMA_SIZE,
+                switch,
+            )
+            .map_err(|e| format!("{name}: starting QEMU's e1000e: {e}"))?;
+            Arc::new(nic)
+        }
+    };
     let channel_memory = channel.memory().clone();
     let setup = DriverSetup { vmm, jail, index, driver: &config.driver, args: "", memory: &config.driver_memory };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;

@@ -13,18 +13,10 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
-use common::{assert_clean_load, blk_arg, kvm_available, sibling, spawn_blk_load, Reflector, Scratch};
+use common::{assert_clean_load, blk_arg, kvm_available, qemu_available, sibling, spawn_blk_load, Reflector, Scratch};
 
 fn available(test: &str) -> bool {
-    if !kvm_available(test) {
-        return false;
-    }
-    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !qemu {
-        assert!(std::env::var_os("CI").is_none(), "{test}: qemu-system-x86_64 is missing and CI is set");
-        eprintln!("\n*** SKIPPING {test}: qemu-system-x86_64 is missing ***\n");
-    }
-    qemu
+    kvm_available(test) && qemu_available(test)
 }
 
 fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {

@@ -1,7 +1,9 @@
 //! Devices nobody here wrote: a QEMU device model (NVMe, e1000e) in a QEMU
-//! process that runs no guest CPU, used as the card a driver VM drives.
+//! process that runs no guest code, used as the card a driver VM drives.
 //!
-//! The QEMU process (`-accel tcg -S`: its vCPU never runs) holds one PCI
+//! The QEMU process (`-accel tcg -S`: its vCPU never runs; for a NIC, whose
+//! frames QEMU delivers only to a running machine, a vCPU halted for good
+//! in a 64 KiB firmware of `hlt`) holds one PCI
 //! function. The reflector reaches it over qtest on a socketpair: PCI
 //! configuration through ports 0xcf8/0xcfc (done here, once, never by a
 //! driver), BAR accesses as `readl`/`writel`, interrupts as `IRQ raise`
@@ -14,6 +16,7 @@
 //! what of BAR0 a driver VM reaches), and the NVMe protocol (the `nvme`
 //! crate, in the driver).
 
+mod nic;
 mod nvme;
 mod proxy;
 mod qtest;
@@ -26,6 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
+pub use nic::QemuNic;
 pub use nvme::QemuNvme;
 pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
 
@@ -44,6 +48,25 @@ const QEMU_RAM: &str = "2M";
 /// region's memfd.
 const QTEST_FD: RawFd = 3;
 const DMA_FD: RawFd = 4;
+/// A NIC's network side.
+const WIRE_FD: RawFd = 5;
+/// The halting firmware of a running machine.
+const FIRMWARE_FD: RawFd = 6;
+
+/// Firmware for a machine whose vCPU must run but do nothing: 64 KiB of
+/// `hlt`, and at the reset vector `cli; hlt; jmp .-1`. With interrupts off
+/// the vCPU halts for good and costs no CPU; nothing programs PCI but the
+/// reflector.
+fn halt_firmware() -> std::io::Result<SharedMemory> {
+    let firmware = SharedMemory::new("halt-firmware", 64 * 1024)?;
+    if let Some(bytes) = firmware.slice(0, 64 * 1024) {
+        bytes.copy_from(&[0xf4u8; 64 * 1024][..]);
+    }
+    if let Some(reset) = firmware.slice(0xfff0, 4) {
+        reset.copy_from(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    }
+    Ok(firmware)
+}
 
 /// PCI configuration space offsets and bits.
 mod pci {
@@ -67,6 +90,12 @@ pub enum Model {
         /// Refuse writes.
         read_only: bool,
     },
+    /// `-device e1000e` (Intel 82574L), its network side a datagram socket
+    /// (one frame per datagram) the reflector joins to a switch.
+    E1000e {
+        /// Its MAC address.
+        mac: [u8; 6],
+    },
 }
 
 impl Model {
@@ -82,7 +111,23 @@ impl Model {
                 "-device".into(),
                 format!("nvme,serial={serial},drive=disk"),
             ],
+            Model::E1000e { mac } => vec![
+                "-netdev".into(),
+                format!("dgram,id=wire,local.type=fd,local.str={WIRE_FD}"),
+                "-device".into(),
+                format!(
+                    "e1000e,netdev=wire,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
+                ),
+            ],
         }
+    }
+
+    /// Whether QEMU's vCPU must run (halted in [`HALT_FIRMWARE`]) rather
+    /// than stay stopped (`-S`): QEMU's network layer delivers no frame to
+    /// a NIC while the machine is stopped.
+    fn needs_running_machine(&self) -> bool {
+        matches!(self, Model::E1000e { .. })
     }
 
     /// The PCI vendor and device id the model answers with.
@@ -90,6 +135,8 @@ impl Model {
         match self {
             // Red Hat, QEMU NVMe controller.
             Model::Nvme { .. } => 0x0010_1b36,
+            // Intel, 82574L.
+            Model::E1000e { .. } => 0x10d3_8086,
         }
     }
 }
@@ -127,6 +174,18 @@ fn spawn_lasting(command: Command) -> std::io::Result<Child> {
 /// QEMU's option syntax doubles commas in values.
 fn escape(path: &Path) -> String {
     path.display().to_string().replace(',', ",,")
+}
+
+/// The part of a shared region a device model may reach by DMA: `len`
+/// bytes from `offset` (page aligned), seen by the device at [`DMA_BASE`].
+#[derive(Clone, Copy)]
+pub struct Dma<'a> {
+    /// The region.
+    pub memory: &'a SharedMemory,
+    /// Where the device's range starts in it.
+    pub offset: usize,
+    /// Bytes.
+    pub len: usize,
 }
 
 /// What went wrong starting or driving a QEMU model.
@@ -172,24 +231,24 @@ pub struct QemuModel {
 }
 
 impl QemuModel {
-    /// Starts `qemu` (a `qemu-system-x86_64`) with `model`, its DMA region
-    /// `dma` (`len` bytes from offset `offset`, page aligned) at
-    /// [`DMA_BASE`]; its interrupt goes to `interrupt`.
+    /// Starts `qemu` (a `qemu-system-x86_64`) with `model`, able to reach
+    /// `dma` at [`DMA_BASE`]; its interrupt goes to `interrupt`; a NIC's
+    /// network side is `wire`.
     pub fn start(
         qemu: &Path,
         model: Model,
         serial: &str,
-        dma: &SharedMemory,
-        offset: usize,
-        len: usize,
+        dma: Dma<'_>,
         interrupt: Arc<InterruptRoute>,
+        wire: Option<&OwnedFd>,
     ) -> Result<QemuModel, ModelError> {
+        let Dma { memory: dma, offset, len } = dma;
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
         let mut command = Command::new(qemu);
         let maxmem_mib = 2 + len.div_ceil(1 << 20) + 1;
         command
-            .args(["-machine", "q35", "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-no-user-config"])
+            .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
             .args(["-chardev", &format!("socket,id=qtest,fd={QTEST_FD}"), "-qtest", "chardev:qtest"])
             .args(["-qtest-log", "none"])
             // QEMU parses what a hostile driver writes into its queues: it
@@ -207,10 +266,19 @@ impl QemuModel {
                 &format!("pc-dimm,memdev=dma,addr={DMA_BASE:#x}"),
             ])
             .args(model.arguments(serial))
+            .args(match model.needs_running_machine() {
+                true => vec!["-bios".to_owned(), format!("/proc/self/fd/{FIRMWARE_FD}")],
+                false => vec!["-S".to_owned()],
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let (qtest_source, dma_source) = (theirs.as_raw_fd(), dma.as_raw_fd());
+        let firmware = if model.needs_running_machine() { Some(halt_firmware()?) } else { None };
+        // (source in this process, number in QEMU), fixed before the fork:
+        // the child only walks it.
+        let mut passed = vec![(theirs.as_raw_fd(), QTEST_FD), (dma.as_raw_fd(), DMA_FD)];
+        passed.extend(wire.map(|fd| (fd.as_raw_fd(), WIRE_FD)));
+        passed.extend(firmware.as_ref().map(|f| (f.as_raw_fd(), FIRMWARE_FD)));
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only calls prctl,
         // getppid, fcntl and dup2, which are async-signal-safe, on
@@ -227,16 +295,16 @@ impl QemuModel {
                 // Each source is first copied above every target, so that
                 // placing one cannot overwrite another still to be placed
                 // (a source may be numbered 3 or 4 itself).
-                let mut copies = [0; 2];
-                for (copy, source) in copies.iter_mut().zip([qtest_source, dma_source]) {
-                    *copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, 10);
+                let mut copies = [0; 4];
+                for (copy, (source, _)) in copies.iter_mut().zip(&passed) {
+                    *copy = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 10);
                     if *copy < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                for (copy, target) in copies.into_iter().zip([QTEST_FD, DMA_FD]) {
+                for (copy, (_, target)) in copies.into_iter().zip(&passed) {
                     // dup2 leaves close-on-exec clear on the target.
-                    if libc::dup2(copy, target) < 0 {
+                    if libc::dup2(copy, *target) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -246,6 +314,7 @@ impl QemuModel {
         let child =
             spawn_lasting(command).map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
         drop(theirs);
+        drop(firmware);
         let route = interrupt.clone();
         let qtest = Qtest::new(ours, move |_line, raised| {
             if raised {
@@ -282,10 +351,13 @@ impl QemuModel {
             .transpose()?
             .ok_or_else(|| ModelError::NoDevice { model: self.model.clone(), detail: "not on PCI bus 0".into() })?;
         self.config_write(self.slot, pci::BAR0, 0xffff_ffff)?;
-        let mask = self.config_read(self.slot, pci::BAR0)? & !0xf;
-        self.bar0_size = u64::from((!mask).wrapping_add(1));
+        let sized = self.config_read(self.slot, pci::BAR0)?;
+        self.bar0_size = u64::from((!(sized & !0xf)).wrapping_add(1));
         self.config_write(self.slot, pci::BAR0, BAR0_ADDRESS as u32)?;
-        self.config_write(self.slot, pci::BAR1, (BAR0_ADDRESS >> 32) as u32)?;
+        // A 64-bit BAR0 takes BAR1 as its upper half.
+        if sized & 0b110 == 0b100 {
+            self.config_write(self.slot, pci::BAR1, (BAR0_ADDRESS >> 32) as u32)?;
+        }
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY | pci::BUS_MASTER)?;
         tracing::info!(model = ?self.model, slot = self.slot, bar0_size = self.bar0_size, "QEMU device model ready");
         Ok(())
@@ -356,6 +428,8 @@ impl QemuModel {
         match self.model {
             // CC.EN = 0: a controller reset.
             Model::Nvme { .. } => self.qtest.writel(BAR0_ADDRESS + 0x14, 0),
+            // CTRL.RST: a device reset, which empties the rings.
+            Model::E1000e { .. } => self.qtest.writel(BAR0_ADDRESS, 1 << 26),
         }
     }
 

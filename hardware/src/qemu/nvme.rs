@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Model, ModelError, QemuModel};
+use super::{Dma, Model, ModelError, QemuModel};
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute, TrapWindow};
 
@@ -44,15 +44,8 @@ struct Process {
 
 impl Process {
     fn start(&self) -> Result<QemuModel, ModelError> {
-        QemuModel::start(
-            &self.qemu,
-            self.model.clone(),
-            &self.serial,
-            &self.dma,
-            self.offset,
-            self.len,
-            self.interrupt.clone(),
-        )
+        let dma = Dma { memory: &self.dma, offset: self.offset, len: self.len };
+        QemuModel::start(&self.qemu, self.model.clone(), &self.serial, dma, self.interrupt.clone(), None)
     }
 
     fn current(&self) -> Arc<QemuModel> {
@@ -80,7 +73,8 @@ impl QemuNvme {
         let interrupt = Arc::new(InterruptRoute::default());
         let model = Model::Nvme { image: image.to_owned(), read_only };
         let serial: String = name.chars().filter(char::is_ascii_alphanumeric).take(20).collect();
-        let first = QemuModel::start(qemu, model.clone(), &serial, dma, offset, len, interrupt.clone())?;
+        let region = Dma { memory: dma, offset, len };
+        let first = QemuModel::start(qemu, model.clone(), &serial, region, interrupt.clone(), None)?;
         let process = Process {
             current: RwLock::new(Arc::new(first)),
             qemu: qemu.to_owned(),

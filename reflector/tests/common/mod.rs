@@ -210,3 +210,15 @@ pub fn assert_clean_load(load: std::process::Child) {
         assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
     }
 }
+
+/// Whether `qemu-system-x86_64` runs here (QEMU device models); with CI
+/// set it must.
+#[allow(dead_code)]
+pub fn qemu_available(test: &str) -> bool {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !qemu {
+        assert!(std::env::var_os("CI").is_none(), "{test}: qemu-system-x86_64 is missing and CI is set");
+        eprintln!("\n*** SKIPPING {test}: qemu-system-x86_64 is missing ***\n");
+    }
+    qemu
+}

@@ -1,0 +1,153 @@
+//! QEMU's e1000e (Intel 82574L) as the network card of a device: the model
+//! in its QEMU process, reached by the driver VM through a trapped BAR0
+//! window (`proxy`), DMA into the channel's bounce slots and device area;
+//! its network side a datagram socketpair (one frame per datagram) whose
+//! other end is a port of the project's switch.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Dma, Model, ModelError, QemuModel};
+use crate::shm::SharedMemory;
+use crate::switch::{Mac, PortId, Switch, SwitchPort};
+use crate::{Hardware, HardwareWindow, InterruptRoute, NetHardware, TrapWindow};
+
+/// A network card (QEMU's e1000e) plugged into a switch.
+pub struct QemuNic {
+    model: Arc<QemuModel>,
+    interrupt: Arc<InterruptRoute>,
+    /// The card's doorbells are in BAR0: nothing rings this one.
+    doorbell: EventFd,
+    mac: Mac,
+    wire: Arc<Wire>,
+    switch: Arc<Switch>,
+    port_id: PortId,
+}
+
+/// The switch's side of the card's network cable.
+struct Wire {
+    socket: UnixDatagram,
+    /// Frames the card could not take (its socket buffer was full).
+    dropped: AtomicU64,
+}
+
+impl SwitchPort for Wire {
+    fn receive(&self, frame: &[u8]) {
+        if self.socket.send(frame).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl QemuNic {
+    /// Starts QEMU (`qemu`) with an e1000e of address `mac`, able to reach
+    /// `len` bytes of `dma` from `offset`, its cable plugged into `switch`.
+    pub fn start(
+        qemu: &Path,
+        name: &str,
+        mac: Mac,
+        dma: &Arc<SharedMemory>,
+        offset: usize,
+        len: usize,
+        switch: Arc<Switch>,
+    ) -> Result<QemuNic, ModelError> {
+        let (ours, theirs) = UnixDatagram::pair()?;
+        ours.set_nonblocking(true)?;
+        let theirs = OwnedFd::from(theirs);
+        let interrupt = Arc::new(InterruptRoute::default());
+        let serial: String = name.chars().filter(char::is_ascii_alphanumeric).take(20).collect();
+        let region = Dma { memory: dma, offset, len };
+        let model = QemuModel::start(qemu, Model::E1000e { mac }, &serial, region, interrupt.clone(), Some(&theirs))?;
+        drop(theirs);
+        let reader = ours.try_clone()?;
+        reader.set_nonblocking(false)?;
+        let wire = Arc::new(Wire { socket: ours, dropped: AtomicU64::new(0) });
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
+        let port_id = switch.attach(weak, Some(mac)).map_err(std::io::Error::other)?;
+        let thread_switch = switch.clone();
+        std::thread::Builder::new()
+            .name(format!("{name}-wire"))
+            .spawn(move || carry_frames(&reader, &thread_switch, port_id))?;
+        Ok(QemuNic {
+            model: Arc::new(model),
+            interrupt,
+            doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            mac,
+            wire,
+            switch,
+            port_id,
+        })
+    }
+
+    /// Frames the card could not take.
+    pub fn dropped(&self) -> u64 {
+        self.wire.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Moves the frames the card sends into the switch until its socket closes.
+fn carry_frames(socket: &UnixDatagram, switch: &Switch, port_id: PortId) {
+    let mut frame = vec![0u8; 65536];
+    loop {
+        match socket.recv(&mut frame) {
+            Ok(0) => return,
+            Ok(len) if len <= guest_abi::nic::MAX_FRAME as usize => switch.forward(port_id, &frame[..len]),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Hardware for QemuNic {
+    fn windows(&self) -> Vec<HardwareWindow> {
+        Vec::new()
+    }
+
+    fn traps(&self) -> Vec<TrapWindow> {
+        let model = self.model.clone();
+        vec![TrapWindow { name: "regs", size: self.model.bar0_size(), connect: Arc::new(move || model.connect()) }]
+    }
+
+    fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
+    }
+
+    fn quiesce(&self) {
+        if let Err(error) = self.model.quiesce() {
+            tracing::error!(%error, "cannot quiesce the e1000e");
+        }
+    }
+
+    fn resume(&self) {
+        if let Err(error) = self.model.resume() {
+            tracing::error!(%error, "cannot resume the e1000e");
+        }
+    }
+}
+
+impl NetHardware for QemuNic {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn link_up(&self) -> bool {
+        self.model.running()
+    }
+}
+
+impl Drop for QemuNic {
+    fn drop(&mut self) {
+        self.switch.detach(self.port_id);
+        let _ = self.wire.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
