@@ -13,10 +13,12 @@
 # files live in /tmp/e2e-net.*, removed on success, kept (path printed) on
 # failure.
 #
-# Usage: ci/e2e-net.sh [--timeout SEC] [--mib N] [--spare]
+# Usage: ci/e2e-net.sh [--timeout SEC] [--mib N] [--spare] [--device sim|e1000e]
 #   --mib N    MiB of the first transfer (default 32); the second, under
 #              kills, sends three times as much (so that it lasts long enough)
 #   --spare    serve with spare=on (warm spare driver VMs)
+#   --device e1000e  the cards are QEMU's e1000e models, driven by the
+#              e1000e driver, instead of the simulated card
 # Prints the two E2E-NET-SUMMARY lines of the runs on stdout.
 set -euo pipefail
 
@@ -30,7 +32,10 @@ while (($#)); do
     case $1 in
     --timeout) tmo=${2:?--timeout needs seconds}; shift 2 ;;
     --mib) mib=${2:?--mib needs MiB}; shift 2 ;;
-    --spare) extra=,spare=on; shift ;;
+    --spare) extra=$extra,spare=on; shift ;;
+    --device)
+        [[ ${2:-} == sim || ${2:-} == e1000e ]] || die "--device needs sim or e1000e"
+        extra=$extra,device=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -58,7 +63,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "starting the reflector: two net devices on switch lan"
+log "starting the reflector: two net devices on switch lan${extra:+ ($extra)}"
 timeout -k 5 $((tmo * 2 + 120)) "$reflector" serve --control "$ctl" \
     --net "socket=$sock_a,mac=52:54:00:00:00:01,switch=lan,name=neta$extra" \
     --net "socket=$sock_b,mac=52:54:00:00:00:02,switch=lan,name=netb$extra" \

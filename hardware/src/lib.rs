@@ -67,6 +67,11 @@ pub trait Hardware: Send + Sync {
     /// Lets the next driver VM (started after the old one can no longer
     /// run) reset and use the device.
     fn resume(&self);
+    /// Hardware that can fail on its own (a device model's process dying)
+    /// writes `failure` when it does: the device kills its driver VM, and
+    /// the hardware is restarted in [`Hardware::resume`] before the next
+    /// one starts. Simulated devices never fail so.
+    fn watch_failure(&self, _failure: EventFd) {}
 }
 
 /// A block device: its medium.
@@ -78,7 +83,15 @@ pub trait BlockHardware: Hardware {
     /// How many cache flushes of the medium the device has started and
     /// completed, counted by the device itself (never by the driver): the
     /// reflector's evidence that a flush a driver acknowledges really ran.
+    /// A cheap read: the reflector asks for it with every completion.
     fn flushes(&self) -> FlushCount;
+    /// Called once when a flush request goes to the driver: the mark it is
+    /// judged against (acknowledged truthfully once `flushes().completed`
+    /// exceeds it). By default the flushes the device has started so far;
+    /// a device whose flushes the host performs itself does one here.
+    fn flush_mark(&self) -> u64 {
+        self.flushes().started
+    }
 }
 
 /// Flushes of a medium, counted by its device. One at a time: a flush

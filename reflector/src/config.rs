@@ -53,40 +53,67 @@ pub struct BlkConfig {
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
     /// The hardware the driver VM drives.
-    pub device: BlkHardware,
+    pub device: DeviceHardware,
 }
 
-/// The hardware behind a block device.
+/// The hardware behind a device, whatever its kind.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BlkHardware {
-    /// The project's simulated storage controller (`device=sim`).
+pub enum DeviceHardware {
+    /// The project's simulated device (`device=sim`).
     Sim,
-    /// QEMU's NVMe controller model, in a QEMU process started from `qemu`
-    /// (`device=nvme`).
-    Nvme {
+    /// QEMU's model of a real device of the kind (`device=nvme` for a
+    /// block device, `device=e1000e` for a net device), in a QEMU process
+    /// started from `qemu`.
+    QemuModel {
         /// The `qemu-system-x86_64` binary.
         qemu: PathBuf,
     },
 }
 
-impl BlkHardware {
-    /// From `device=` and `qemu=`.
-    fn parse(device: &str, qemu: Option<PathBuf>) -> Result<Self, String> {
+/// The hardware a device kind can have, for `device=` and the default
+/// driver.
+pub struct KindHardware {
+    /// What the simulated device is, for errors.
+    sim: &'static str,
+    /// `device=` value and description of the QEMU model.
+    model: (&'static str, &'static str),
+    /// Default drivers: of the simulated device, of the QEMU model.
+    drivers: (&'static str, &'static str),
+}
+
+/// What a block device can be.
+pub const BLK_HARDWARE: KindHardware = KindHardware {
+    sim: "the simulated controller",
+    model: ("nvme", "QEMU's NVMe model"),
+    drivers: (DEFAULT_BLK_DRIVER, "nvme"),
+};
+
+/// What a net device can be.
+pub const NET_HARDWARE: KindHardware = KindHardware {
+    sim: "the simulated card",
+    model: ("e1000e", "QEMU's e1000e model"),
+    drivers: (DEFAULT_NET_DRIVER, "e1000e"),
+};
+
+impl DeviceHardware {
+    /// From `device=` and `qemu=`, for a device of `kind`.
+    fn parse(kind: &KindHardware, device: &str, qemu: Option<PathBuf>) -> Result<Self, String> {
+        let (model, model_description) = kind.model;
         match (device, qemu) {
-            ("sim", None) => Ok(BlkHardware::Sim),
-            ("sim", Some(_)) => Err("qemu= is for device=nvme".into()),
-            ("nvme", qemu) => Ok(BlkHardware::Nvme { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) }),
-            (other, _) => {
-                Err(format!("device={other}: expected sim (the simulated controller) or nvme (QEMU's NVMe model)"))
+            ("sim", None) => Ok(DeviceHardware::Sim),
+            ("sim", Some(_)) => Err(format!("qemu= is for device={model}")),
+            (named, qemu) if named == model => {
+                Ok(DeviceHardware::QemuModel { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) })
             }
+            (other, _) => Err(format!("device={other}: expected sim ({}) or {model} ({model_description})", kind.sim)),
         }
     }
 
     /// The driver a device of this hardware runs unless `driver=` says.
-    fn default_driver(&self) -> &'static str {
+    fn default_driver(&self, kind: &KindHardware) -> &'static str {
         match self {
-            BlkHardware::Sim => DEFAULT_BLK_DRIVER,
-            BlkHardware::Nvme { .. } => "nvme",
+            DeviceHardware::Sim => kind.drivers.0,
+            DeviceHardware::QemuModel { .. } => kind.drivers.1,
         }
     }
 }
@@ -116,42 +143,7 @@ pub struct NetConfig {
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
     /// The card the driver VM drives.
-    pub device: NetHardware,
-}
-
-/// The card behind a net device.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NetHardware {
-    /// The project's simulated card (`device=sim`).
-    Sim,
-    /// QEMU's e1000e (Intel 82574L) model, in a QEMU process started from
-    /// `qemu` (`device=e1000e`).
-    E1000e {
-        /// The `qemu-system-x86_64` binary.
-        qemu: PathBuf,
-    },
-}
-
-impl NetHardware {
-    /// From `device=` and `qemu=`.
-    fn parse(device: &str, qemu: Option<PathBuf>) -> Result<Self, String> {
-        match (device, qemu) {
-            ("sim", None) => Ok(NetHardware::Sim),
-            ("sim", Some(_)) => Err("qemu= is for device=e1000e".into()),
-            ("e1000e", qemu) => Ok(NetHardware::E1000e { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) }),
-            (other, _) => {
-                Err(format!("device={other}: expected sim (the simulated card) or e1000e (QEMU's e1000e model)"))
-            }
-        }
-    }
-
-    /// The driver a device of this card runs unless `driver=` says.
-    fn default_driver(&self) -> &'static str {
-        match self {
-            NetHardware::Sim => DEFAULT_NET_DRIVER,
-            NetHardware::E1000e { .. } => "e1000e",
-        }
-    }
+    pub device: DeviceHardware,
 }
 
 /// A host TAP device bridged into a switch.
@@ -302,7 +294,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
         warm_spare: false,
-        device: BlkHardware::Sim,
+        device: DeviceHardware::Sim,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
@@ -334,8 +326,8 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             }
         }
     }
-    config.device = BlkHardware::parse(&device, qemu).map_err(error)?;
-    config.driver = driver.unwrap_or_else(|| config.device.default_driver().into());
+    config.device = DeviceHardware::parse(&BLK_HARDWARE, &device, qemu).map_err(error)?;
+    config.driver = driver.unwrap_or_else(|| config.device.default_driver(&BLK_HARDWARE).into());
     check(&config).map_err(error)?;
     Ok(config)
 }
@@ -375,7 +367,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
-        device: NetHardware::Sim,
+        device: DeviceHardware::Sim,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
@@ -400,8 +392,8 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             }
         }
     }
-    config.device = NetHardware::parse(&device, qemu).map_err(error)?;
-    config.driver = driver.unwrap_or_else(|| config.device.default_driver().into());
+    config.device = DeviceHardware::parse(&NET_HARDWARE, &device, qemu).map_err(error)?;
+    config.driver = driver.unwrap_or_else(|| config.device.default_driver(&NET_HARDWARE).into());
     check_net(&config).map_err(error)?;
     Ok(config)
 }
@@ -569,7 +561,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let driver_args = blk.driver_args.unwrap_or_default();
         check_driver_args(&driver_args)
             .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]] key `driver_args`: {e}")))?;
-        let hardware = BlkHardware::parse(blk.device.as_deref().unwrap_or("sim"), blk.qemu)
+        let hardware = DeviceHardware::parse(&BLK_HARDWARE, blk.device.as_deref().unwrap_or("sim"), blk.qemu)
             .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         let device = BlkConfig {
             warm_spare: blk.spare,
@@ -581,7 +573,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             socket: blk.socket,
             image: blk.image,
             size,
-            driver: blk.driver.unwrap_or_else(|| hardware.default_driver().into()),
+            driver: blk.driver.unwrap_or_else(|| hardware.default_driver(&BLK_HARDWARE).into()),
             driver_memory: blk.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
             read_only: blk.readonly,
             checksums: blk.checksums,
@@ -616,14 +608,14 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
         Some(ms) => parse_millis(&ms.get_ref().to_string()).map_err(|e| key_error("hang_ms", ms.span().start, e))?,
         None => crate::recovery::DEFAULT_HANG_DEADLINE,
     };
-    let hardware = NetHardware::parse(net.device.as_deref().unwrap_or("sim"), net.qemu)
+    let hardware = DeviceHardware::parse(&NET_HARDWARE, net.device.as_deref().unwrap_or("sim"), net.qemu)
         .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
     let device = NetConfig {
         name: net.name.unwrap_or_else(|| format!("net{index}")),
         socket: net.socket,
         mac,
         switch: net.switch.unwrap_or_else(|| DEFAULT_SWITCH.into()),
-        driver: net.driver.unwrap_or_else(|| hardware.default_driver().into()),
+        driver: net.driver.unwrap_or_else(|| hardware.default_driver(&NET_HARDWARE).into()),
         driver_memory: net.driver_memory.unwrap_or_else(|| DEFAULT_DRIVER_MEMORY.into()),
         hang_deadline,
         fault_budget: match net.fault_budget {

@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
-use crate::config::{BlkConfig, BlkHardware, JailSettings, NetConfig, NetHardware as NetHardwareConfig};
+use crate::config::{BlkConfig, DeviceHardware, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
 use crate::hw::qemu::{QemuNic, QemuNvme};
@@ -251,7 +251,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let hardware: Arc<dyn BlockHardware> = match &config.device {
-        BlkHardware::Sim => {
+        DeviceHardware::Sim => {
             let hardware_config =
                 SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
             Arc::new(
@@ -259,7 +259,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
                     .map_err(io(format!("{name}: starting the controller")))?,
             )
         }
-        BlkHardware::Nvme { qemu } => {
+        DeviceHardware::QemuModel { qemu } => {
             // The controller reaches the bounce slots and the driver's
             // device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
@@ -289,6 +289,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, config.poison_deaths);
     let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths);
     let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
+    hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
     let metrics = device.metrics();
     Ok(BlkService {
         name: config.name.clone(),
@@ -381,11 +382,11 @@ pub fn start_net(
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let switch = switches.get(&config.switch);
     let hardware: Arc<dyn NetHardware> = match &config.device {
-        NetHardwareConfig::Sim => Arc::new(
+        DeviceHardware::Sim => Arc::new(
             SimNic::start(name, config.mac, bounce_dma(&channel), switch)
                 .map_err(io(format!("{name}: starting the network card")))?,
         ),
-        NetHardwareConfig::E1000e { qemu } => {
+        DeviceHardware::QemuModel { qemu } => {
             // The card reaches the bounce slots and the driver's rings in
             // the device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
@@ -409,6 +410,7 @@ pub fn start_net(
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, u32::MAX);
     let kind = Net::new(hardware.clone());
     let device = NetDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
+    hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
     let metrics = device.metrics();
     Ok(NetService {
         name: config.name.clone(),

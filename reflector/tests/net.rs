@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{kvm_available, qemu_available, sibling, Reflector, Scratch, START_TIMEOUT};
+use common::{kvm_available, qemu_available, qemu_pids, sibling, Reflector, Scratch, START_TIMEOUT};
 
 /// Two net devices on switch `lan`, with a control socket.
 struct Pair {
@@ -191,6 +191,39 @@ fn killed_and_faulty_e1000e_driver_vms_never_duplicate_or_corrupt_a_frame() {
         return;
     }
     kills_and_faults("net-e1000e-kill", ",hang_ms=200,device=e1000e");
+}
+
+#[test]
+fn a_killed_e1000e_qemu_is_started_again_on_the_same_switch_port() {
+    let test = "a_killed_e1000e_qemu_is_started_again_on_the_same_switch_port";
+    if !kvm_available(test) || !qemu_available(test) {
+        return;
+    }
+    let mut pair = Pair::start("net-e1000e-qemu-death", ",hang_ms=200,device=e1000e");
+    let load = net_load(&pair.a, &pair.b, &["--size", "256", "--seconds", "6", "--bidir"]);
+    pair.wait_counter("neta", "tx_frames", 1);
+    for round in 1..=2 {
+        let pids = qemu_pids("mac=52:54:00:00:00:0a", Some(pair.reflector.child.id()));
+        assert_eq!(pids.len(), 1, "one QEMU per card");
+        // SAFETY: kill(2) on the reflector's QEMU child.
+        unsafe { libc::kill(pids[0], libc::SIGKILL) };
+        // Each card's first QEMU said it once, then each one started again.
+        pair.reflector.wait_for(
+            |r| r.log_text().matches("QEMU device model ready").count() >= 2 + round,
+            "the card's QEMU started again",
+        );
+    }
+    assert_clean(&finish_within(load, Duration::from_secs(60)));
+    // The new card is plugged into the same port: frames cross both ways.
+    let after = finish_within(net_load(&pair.a, &pair.b, &["--pingpong", "--count", "100"]), Duration::from_secs(60));
+    assert_eq!(assert_clean(&after)[0]["received"], 100);
+    assert_eq!(
+        qemu_pids("mac=52:54:00:00:00:0a", Some(pair.reflector.child.id())).len(),
+        1,
+        "the card's only QEMU: {}",
+        pair.reflector.log_text()
+    );
+    assert_eq!(pair.status("neta")["state"].as_str(), Some("running"));
 }
 
 /// Kills and injected faults of both cards' driver VMs (kind `extra`)

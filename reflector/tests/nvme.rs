@@ -13,7 +13,9 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
-use common::{assert_clean_load, blk_arg, kvm_available, qemu_available, sibling, spawn_blk_load, Reflector, Scratch};
+use common::{
+    assert_clean_load, blk_arg, kvm_available, qemu_available, qemu_pids, sibling, spawn_blk_load, Reflector, Scratch,
+};
 
 fn available(test: &str) -> bool {
     kvm_available(test) && qemu_available(test)
@@ -24,24 +26,6 @@ fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
 }
 
 /// QEMU processes whose command line names `image`.
-fn qemu_pids(image: &Path) -> Vec<i32> {
-    let wanted = image.display().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("qemu-system") && cmdline.contains(&wanted)
-        })
-        .filter(|pid| {
-            // A zombie waiting to be reaped is gone.
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        })
-        .collect()
-}
-
 /// A reflector serving an NVMe-backed disk with checksums, and a verified
 /// random write and read load of `ios` requests per job running on it.
 fn nvme_under_load(scratch: &Scratch, ios: &str) -> (std::path::PathBuf, Reflector, std::process::Child) {
@@ -127,11 +111,11 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(!log.contains("violation"), "an honest driver was judged lying: {log}");
     // QEMU holds the image until the reflector dies, however it dies.
-    assert_eq!(qemu_pids(&image).len(), 1, "one QEMU per NVMe device");
+    assert_eq!(qemu_pids(&image.display().to_string(), None).len(), 1, "one QEMU per NVMe device");
     reflector.child.kill().unwrap();
     reflector.child.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !qemu_pids(&image).is_empty() {
+    while !qemu_pids(&image.display().to_string(), None).is_empty() {
         assert!(std::time::Instant::now() < deadline, "QEMU outlived the reflector");
         std::thread::yield_now();
     }
@@ -150,7 +134,7 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
             |r| r.log_text().matches("serving channel generation").count() >= round,
             "an NVMe driver serving",
         );
-        let pids = qemu_pids(&image);
+        let pids = qemu_pids(&image.display().to_string(), None);
         assert_eq!(pids.len(), 1, "one QEMU per NVMe device");
         // SAFETY: kill(2) on the reflector's QEMU child.
         unsafe { libc::kill(pids[0], libc::SIGKILL) };
@@ -160,7 +144,12 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
         );
     }
     assert_clean_load(load);
-    assert_eq!(qemu_pids(&image).len(), 1, "the QEMU started again is the device's only one: {}", reflector.log_text());
+    assert_eq!(
+        qemu_pids(&image.display().to_string(), None).len(),
+        1,
+        "the QEMU started again is the device's only one: {}",
+        reflector.log_text()
+    );
 }
 
 #[test]

@@ -20,6 +20,7 @@ mod nic;
 mod nvme;
 mod proxy;
 mod qtest;
+mod supervised;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -32,6 +33,9 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 pub use nic::QemuNic;
 pub use nvme::QemuNvme;
 pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
+pub use supervised::{ProcessSpec, SupervisedModel};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
 use crate::InterruptRoute;
@@ -228,6 +232,12 @@ pub struct QemuModel {
     quiesced: AtomicBool,
     /// Driver VMs' connections to BAR0 (`proxy`).
     connections: proxy::Connections,
+    /// Where the device's interrupt goes.
+    interrupt: Arc<InterruptRoute>,
+    /// The level of the device's INTx line, as QEMU last reported it.
+    line_asserted: Arc<AtomicBool>,
+    /// Written when the QEMU process exits (its qtest connection closed).
+    exit_notice: Arc<Mutex<Option<EventFd>>>,
 }
 
 impl QemuModel {
@@ -315,12 +325,26 @@ impl QemuModel {
             spawn_lasting(command).map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
         drop(theirs);
         drop(firmware);
-        let route = interrupt.clone();
-        let qtest = Qtest::new(ours, move |_line, raised| {
-            if raised {
-                route.raise();
-            }
-        })?;
+        let (route, level) = (interrupt.clone(), Arc::new(AtomicBool::new(false)));
+        let line = level.clone();
+        let exit_notice: Arc<Mutex<Option<EventFd>>> = Arc::default();
+        let notice = exit_notice.clone();
+        let qtest = Qtest::new(
+            ours,
+            move |_line, raised| {
+                line.store(raised, Ordering::Release);
+                if raised {
+                    route.raise();
+                }
+            },
+            move || {
+                if let Ok(notice) = notice.lock() {
+                    if let Some(notice) = notice.as_ref() {
+                        let _ = notice.write(1);
+                    }
+                }
+            },
+        )?;
         // Built before it is set up, so that an error kills QEMU (Drop).
         let mut started = QemuModel {
             model: model.clone(),
@@ -330,6 +354,9 @@ impl QemuModel {
             bar0_size: 0,
             quiesced: AtomicBool::new(false),
             connections: proxy::Connections::default(),
+            interrupt,
+            line_asserted: level,
+            exit_notice,
         };
         match started.set_up() {
             Ok(()) => Ok(started),
@@ -409,7 +436,23 @@ impl QemuModel {
         if !self.allowed(offset) {
             return Ok(false);
         }
-        self.qtest.writel(BAR0_ADDRESS + offset, value).map(|()| true)
+        self.qtest.writel(BAR0_ADDRESS + offset, value)?;
+        // QEMU reports the line's changes the write caused before it
+        // answers the write.
+        self.resample();
+        Ok(true)
+    }
+
+    /// Delivers the interrupt again if the device's line is still
+    /// asserted after a driver's write, as a level-triggered line is
+    /// sampled again after its end of interrupt: a completion posted while
+    /// the line was already high (the driver's acknowledgement not yet
+    /// performed) raises no new edge, and the driver, asleep by then,
+    /// would never learn of it. The driver's write is its acknowledgement.
+    fn resample(&self) {
+        if self.line_asserted.load(Ordering::Acquire) {
+            self.interrupt.raise();
+        }
     }
 
     fn allowed(&self, offset: u64) -> bool {
@@ -441,6 +484,14 @@ impl QemuModel {
         Ok(())
     }
 
+    /// Writes `notice` when the QEMU process exits, whatever kills it
+    /// (not when this model is dropped).
+    pub fn notify_exit(&self, notice: Option<EventFd>) {
+        if let Ok(mut current) = self.exit_notice.lock() {
+            *current = notice;
+        }
+    }
+
     /// Whether the QEMU process still runs.
     pub fn running(&self) -> bool {
         self.child.lock().is_ok_and(|mut child| matches!(child.try_wait(), Ok(None)))
@@ -449,6 +500,7 @@ impl QemuModel {
 
 impl Drop for QemuModel {
     fn drop(&mut self) {
+        self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
             let _ = child.wait();

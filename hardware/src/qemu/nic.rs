@@ -2,9 +2,11 @@
 //! in its QEMU process, reached by the driver VM through a trapped BAR0
 //! window (`proxy`), DMA into the channel's bounce slots and device area;
 //! its network side a datagram socketpair (one frame per datagram) whose
-//! other end is a port of the project's switch.
+//! other end is a port of the project's switch. The QEMU process is
+//! supervised ([`SupervisedModel`]): restarted, the card is plugged into
+//! the same port.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,14 +14,15 @@ use std::sync::{Arc, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Dma, Model, ModelError, QemuModel};
+use super::supervised::{ProcessSpec, SupervisedModel};
+use super::{Model, ModelError};
 use crate::shm::SharedMemory;
 use crate::switch::{Mac, PortId, Switch, SwitchPort};
 use crate::{Hardware, HardwareWindow, InterruptRoute, NetHardware, TrapWindow};
 
 /// A network card (QEMU's e1000e) plugged into a switch.
 pub struct QemuNic {
-    model: Arc<QemuModel>,
+    process: Arc<SupervisedModel>,
     interrupt: Arc<InterruptRoute>,
     /// The card's doorbells are in BAR0: nothing rings this one.
     doorbell: EventFd,
@@ -38,7 +41,14 @@ struct Wire {
 
 impl SwitchPort for Wire {
     fn receive(&self, frame: &[u8]) {
-        if self.socket.send(frame).is_err() {
+        // Never blocks (the reader's clone shares the socket's blocking
+        // mode): a card whose QEMU is dead or slow drops the frame, as a
+        // full receive ring does.
+        // SAFETY: send from a valid buffer of `frame.len()` bytes on a
+        // socket this port owns.
+        let sent =
+            unsafe { libc::send(self.socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), libc::MSG_DONTWAIT) };
+        if sent < 0 {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -57,15 +67,19 @@ impl QemuNic {
         switch: Arc<Switch>,
     ) -> Result<QemuNic, ModelError> {
         let (ours, theirs) = UnixDatagram::pair()?;
-        ours.set_nonblocking(true)?;
         let theirs = OwnedFd::from(theirs);
         let interrupt = Arc::new(InterruptRoute::default());
-        let serial: String = name.chars().filter(char::is_ascii_alphanumeric).take(20).collect();
-        let region = Dma { memory: dma, offset, len };
-        let model = QemuModel::start(qemu, Model::E1000e { mac }, &serial, region, interrupt.clone(), Some(&theirs))?;
-        drop(theirs);
+        let process = SupervisedModel::start(ProcessSpec {
+            qemu: qemu.to_owned(),
+            model: Model::E1000e { mac },
+            serial: name.chars().filter(char::is_ascii_alphanumeric).take(20).collect(),
+            dma: dma.clone(),
+            offset,
+            len,
+            interrupt: interrupt.clone(),
+            wire: Some(theirs),
+        })?;
         let reader = ours.try_clone()?;
-        reader.set_nonblocking(false)?;
         let wire = Arc::new(Wire { socket: ours, dropped: AtomicU64::new(0) });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
         let port_id = switch.attach(weak, Some(mac)).map_err(std::io::Error::other)?;
@@ -74,7 +88,7 @@ impl QemuNic {
             .name(format!("{name}-wire"))
             .spawn(move || carry_frames(&reader, &thread_switch, port_id))?;
         Ok(QemuNic {
-            model: Arc::new(model),
+            process: Arc::new(process),
             interrupt,
             doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             mac,
@@ -82,6 +96,11 @@ impl QemuNic {
             switch,
             port_id,
         })
+    }
+
+    /// How many times its QEMU process was started again.
+    pub fn restarts(&self) -> u64 {
+        self.process.restarts()
     }
 
     /// Frames the card could not take.
@@ -110,8 +129,7 @@ impl Hardware for QemuNic {
     }
 
     fn traps(&self) -> Vec<TrapWindow> {
-        let model = self.model.clone();
-        vec![TrapWindow { name: "regs", size: self.model.bar0_size(), connect: Arc::new(move || model.connect()) }]
+        vec![self.process.trap()]
     }
 
     fn doorbell(&self) -> &EventFd {
@@ -123,15 +141,15 @@ impl Hardware for QemuNic {
     }
 
     fn quiesce(&self) {
-        if let Err(error) = self.model.quiesce() {
-            tracing::error!(%error, "cannot quiesce the e1000e");
-        }
+        self.process.quiesce();
     }
 
     fn resume(&self) {
-        if let Err(error) = self.model.resume() {
-            tracing::error!(%error, "cannot resume the e1000e");
-        }
+        self.process.resume();
+    }
+
+    fn watch_failure(&self, failure: EventFd) {
+        self.process.watch_failure(failure);
     }
 }
 
@@ -141,7 +159,7 @@ impl NetHardware for QemuNic {
     }
 
     fn link_up(&self) -> bool {
-        self.model.running()
+        self.process.running()
     }
 }
 

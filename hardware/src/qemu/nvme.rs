@@ -2,25 +2,23 @@
 //! its QEMU process, reached by the driver VM through a trapped BAR0
 //! window (`proxy`), DMA into the channel's bounce slots and device area.
 //!
-//! The QEMU process is supervised like a driver VM: one found dead when
-//! the next driver VM starts (`resume`) is started again, on the same
-//! image, DMA region and interrupt route; the new driver resets the new
-//! controller and the reflector replays what the old one held.
+//! The QEMU process is supervised like a driver VM ([`SupervisedModel`]).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Dma, Model, ModelError, QemuModel};
+use super::supervised::{ProcessSpec, SupervisedModel};
+use super::{Model, ModelError, QemuModel};
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute, TrapWindow};
 
 /// An NVMe controller (QEMU's model) on a raw image.
 pub struct QemuNvme {
-    process: Arc<Process>,
+    process: Arc<SupervisedModel>,
     interrupt: Arc<InterruptRoute>,
     /// NVMe doorbells are in BAR0: nothing rings this one.
     doorbell: EventFd,
@@ -28,32 +26,6 @@ pub struct QemuNvme {
     capacity_sectors: u64,
     read_only: bool,
     flushes: Mutex<FlushCount>,
-}
-
-/// The QEMU process behind the controller, and how to start it again.
-struct Process {
-    current: RwLock<Arc<QemuModel>>,
-    qemu: PathBuf,
-    model: Model,
-    serial: String,
-    dma: Arc<SharedMemory>,
-    offset: usize,
-    len: usize,
-    interrupt: Arc<InterruptRoute>,
-}
-
-impl Process {
-    fn start(&self) -> Result<QemuModel, ModelError> {
-        let dma = Dma { memory: &self.dma, offset: self.offset, len: self.len };
-        QemuModel::start(&self.qemu, self.model.clone(), &self.serial, dma, self.interrupt.clone(), None)
-    }
-
-    fn current(&self) -> Arc<QemuModel> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
 }
 
 impl QemuNvme {
@@ -71,20 +43,16 @@ impl QemuNvme {
         let file = File::options().read(true).write(!read_only).open(image)?;
         let capacity_sectors = file.metadata()?.len() / 512;
         let interrupt = Arc::new(InterruptRoute::default());
-        let model = Model::Nvme { image: image.to_owned(), read_only };
-        let serial: String = name.chars().filter(char::is_ascii_alphanumeric).take(20).collect();
-        let region = Dma { memory: dma, offset, len };
-        let first = QemuModel::start(qemu, model.clone(), &serial, region, interrupt.clone(), None)?;
-        let process = Process {
-            current: RwLock::new(Arc::new(first)),
+        let process = SupervisedModel::start(ProcessSpec {
             qemu: qemu.to_owned(),
-            model,
-            serial,
+            model: Model::Nvme { image: image.to_owned(), read_only },
+            serial: name.chars().filter(char::is_ascii_alphanumeric).take(20).collect(),
             dma: dma.clone(),
             offset,
             len,
             interrupt: interrupt.clone(),
-        };
+            wire: None,
+        })?;
         Ok(QemuNvme {
             process: Arc::new(process),
             interrupt,
@@ -100,6 +68,11 @@ impl QemuNvme {
     pub fn model(&self) -> Arc<QemuModel> {
         self.process.current()
     }
+
+    /// How many times its QEMU process was started again.
+    pub fn restarts(&self) -> u64 {
+        self.process.restarts()
+    }
 }
 
 impl Hardware for QemuNvme {
@@ -108,13 +81,7 @@ impl Hardware for QemuNvme {
     }
 
     fn traps(&self) -> Vec<TrapWindow> {
-        let process = self.process.clone();
-        vec![TrapWindow {
-            name: "regs",
-            size: self.process.current().bar0_size(),
-            // Each driver VM connects to the QEMU serving when it starts.
-            connect: Arc::new(move || process.current().connect()),
-        }]
+        vec![self.process.trap()]
     }
 
     fn doorbell(&self) -> &EventFd {
@@ -126,24 +93,15 @@ impl Hardware for QemuNvme {
     }
 
     fn quiesce(&self) {
-        let model = self.process.current();
-        if let Err(error) = model.quiesce() {
-            tracing::error!(%error, running = model.running(), "cannot quiesce the NVMe controller");
-        }
+        self.process.quiesce();
     }
 
     fn resume(&self) {
-        let model = self.process.current();
-        if !model.running() || model.resume().is_err() {
-            tracing::warn!(image = ?self.process.model, "the QEMU device model is gone; starting it again");
-            match self.process.start() {
-                Ok(fresh) => match self.process.current.write() {
-                    Ok(mut current) => *current = Arc::new(fresh),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
-                },
-                Err(error) => tracing::error!(%error, "cannot start the QEMU device model again"),
-            }
-        }
+        self.process.resume();
+    }
+
+    fn watch_failure(&self, failure: EventFd) {
+        self.process.watch_failure(failure);
     }
 }
 
@@ -156,15 +114,20 @@ impl BlockHardware for QemuNvme {
         self.read_only
     }
 
-    /// The evidence a flush is judged on, made by the reflector itself:
-    /// QEMU's controller keeps no count a driver could not fake, so each
-    /// call syncs the image (`fdatasync`, on the reflector's own
-    /// descriptor of the file QEMU writes through the page cache) and
-    /// counts it. A flush the driver acknowledges is judged after a sync
-    /// that began after it was sent, so every write completed before it is
-    /// on the medium whatever the driver did.
+    /// The reflector's own syncs of the image (see `flush_mark`).
     fn flushes(&self) -> FlushCount {
-        let Ok(mut flushes) = self.flushes.lock() else { return FlushCount::default() };
+        self.flushes.lock().map(|flushes| *flushes).unwrap_or_default()
+    }
+
+    /// The evidence a flush is judged on, made by the reflector itself:
+    /// QEMU's controller keeps no count a driver could not fake, so when a
+    /// flush is sent the image is synced (`fdatasync`, on the reflector's
+    /// own descriptor of the file QEMU writes through the page cache) and
+    /// counted. Every write completed before the flush was sent is then on
+    /// the medium whatever the driver does; one sync per flush request.
+    fn flush_mark(&self) -> u64 {
+        let Ok(mut flushes) = self.flushes.lock() else { return u64::MAX };
+        let mark = flushes.started;
         flushes.started += 1;
         // SAFETY: fdatasync on a descriptor this struct owns.
         if unsafe { libc::fdatasync(self.image.as_raw_fd()) } == 0 {
@@ -172,6 +135,6 @@ impl BlockHardware for QemuNvme {
         } else {
             tracing::error!(error = %std::io::Error::last_os_error(), "cannot sync the NVMe image");
         }
-        *flushes
+        mark
     }
 }

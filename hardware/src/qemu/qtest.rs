@@ -45,8 +45,13 @@ pub struct Qtest {
 
 impl Qtest {
     /// Talks qtest over `stream`; `interrupt(line, raised)` is called from
-    /// a reader thread for each intercepted interrupt change.
-    pub fn new(stream: UnixStream, interrupt: impl Fn(u32, bool) + Send + 'static) -> std::io::Result<Self> {
+    /// a reader thread for each intercepted interrupt change, and `closed`
+    /// once QEMU's end closed (it exited).
+    pub fn new(
+        stream: UnixStream,
+        interrupt: impl Fn(u32, bool) + Send + 'static,
+        closed: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Self> {
         let reader = BufReader::new(stream.try_clone()?);
         let (answers, answered) = mpsc::channel();
         std::thread::Builder::new().name("qtest-reader".into()).spawn(move || {
@@ -61,6 +66,7 @@ impl Qtest {
                     }
                 }
             }
+            closed();
         })?;
         Ok(Qtest { writer: Mutex::new((stream, answered)) })
     }

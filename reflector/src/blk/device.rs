@@ -216,7 +216,7 @@ impl Blk {
         };
         match kind {
             RequestKind::Flush => {
-                let mark = self.hardware.flushes().started;
+                let mark = self.hardware.flush_mark();
                 if let Some(entry) = self.in_flight.get_mut(slot) {
                     entry.flush_mark = mark;
                 }

@@ -222,3 +222,27 @@ pub fn qemu_available(test: &str) -> bool {
     }
     qemu
 }
+
+/// Live (not zombie) QEMU processes whose command line contains `needle`
+/// (an image path, a MAC address) and, if given, whose parent is `parent`
+/// (tests running at once use the same MACs): a device's QEMU, found to
+/// be killed.
+#[allow(dead_code)]
+pub fn qemu_pids(needle: &str, parent: Option<u32>) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.starts_with("qemu-system") && cmdline.contains(needle)
+        })
+        .filter(|pid| {
+            // After the command name: state, then the parent's pid.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
+            state.is_some_and(|state| state != "Z") && parent.is_none_or(|parent| ppid == Some(parent))
+        })
+        .collect()
+}

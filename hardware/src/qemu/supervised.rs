@@ -1,0 +1,137 @@
+//! A QEMU device model's process, supervised like a driver VM: one found
+//! dead when the next driver VM starts (`resume`) is started again with
+//! the same model, DMA region, interrupt route and (for a NIC) the same
+//! end of its network cable; the new driver resets the new device and the
+//! reflector replays what the old one held. Every QEMU-backed device
+//! (NVMe, e1000e) holds one of these, so a dead device process is never a
+//! dead device.
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Dma, Model, ModelError, QemuModel};
+use crate::shm::SharedMemory;
+use crate::{InterruptRoute, TrapWindow};
+
+/// Everything needed to start the device's QEMU (again).
+pub struct ProcessSpec {
+    /// The `qemu-system-x86_64` binary.
+    pub qemu: PathBuf,
+    /// The device model.
+    pub model: Model,
+    /// Serial number (NVMe) or name shown in logs.
+    pub serial: String,
+    /// The shared region the DMA range is part of.
+    pub dma: Arc<SharedMemory>,
+    /// Where the device's range starts in it.
+    pub offset: usize,
+    /// Bytes of the range.
+    pub len: usize,
+    /// Where the device's interrupts go.
+    pub interrupt: Arc<InterruptRoute>,
+    /// QEMU's end of a NIC's cable, kept here so that a restarted card is
+    /// plugged into the same switch port.
+    pub wire: Option<OwnedFd>,
+}
+
+/// The QEMU process serving a device now, restarted when found dead.
+pub struct SupervisedModel {
+    current: RwLock<Arc<QemuModel>>,
+    spec: ProcessSpec,
+    restarts: AtomicU64,
+    /// Written when a serving QEMU process exits (`watch_failure`).
+    failure: Mutex<Option<EventFd>>,
+}
+
+impl SupervisedModel {
+    /// Starts the first QEMU process.
+    pub fn start(spec: ProcessSpec) -> Result<SupervisedModel, ModelError> {
+        let first = Self::launch(&spec)?;
+        Ok(SupervisedModel {
+            current: RwLock::new(Arc::new(first)),
+            spec,
+            restarts: AtomicU64::new(0),
+            failure: Mutex::new(None),
+        })
+    }
+
+    fn launch(spec: &ProcessSpec) -> Result<QemuModel, ModelError> {
+        let dma = Dma { memory: &spec.dma, offset: spec.offset, len: spec.len };
+        QemuModel::start(&spec.qemu, spec.model.clone(), &spec.serial, dma, spec.interrupt.clone(), spec.wire.as_ref())
+    }
+
+    /// Writes `failure` whenever the QEMU process serving exits: the
+    /// device kills its driver VM at once (its hardware is gone), and the
+    /// next driver VM's start (`resume`) starts QEMU again.
+    pub fn watch_failure(&self, failure: EventFd) {
+        self.current().notify_exit(failure.try_clone().ok());
+        if let Ok(mut current) = self.failure.lock() {
+            *current = Some(failure);
+        }
+    }
+
+    /// The QEMU model serving now.
+    pub fn current(&self) -> Arc<QemuModel> {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// How many times the process was started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// BAR0 as a trapped window: each driver VM connects to the QEMU
+    /// serving when it starts.
+    pub fn trap(self: &Arc<Self>) -> TrapWindow {
+        let supervised = self.clone();
+        TrapWindow {
+            name: "regs",
+            size: self.current().bar0_size(),
+            connect: Arc::new(move || supervised.current().connect()),
+        }
+    }
+
+    /// Stops the device's DMA (see [`QemuModel::quiesce`]); a process
+    /// already dead has none.
+    pub fn quiesce(&self) {
+        let model = self.current();
+        if let Err(error) = model.quiesce() {
+            tracing::error!(%error, model = ?self.spec.model, running = model.running(), "cannot quiesce the device");
+        }
+    }
+
+    /// Lets the next driver use the device; a QEMU process that died or
+    /// does not answer is replaced by a new one first.
+    pub fn resume(&self) {
+        let model = self.current();
+        if model.running() && model.resume().is_ok() {
+            return;
+        }
+        tracing::warn!(model = ?self.spec.model, "the QEMU device model is gone; starting it again");
+        match Self::launch(&self.spec) {
+            Ok(fresh) => {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+                if let Ok(failure) = self.failure.lock() {
+                    fresh.notify_exit(failure.as_ref().and_then(|fd| fd.try_clone().ok()));
+                }
+                match self.current.write() {
+                    Ok(mut current) => *current = Arc::new(fresh),
+                    Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+                }
+            }
+            Err(error) => tracing::error!(%error, model = ?self.spec.model, "cannot start the QEMU device model again"),
+        }
+    }
+
+    /// Whether the process serving now runs.
+    pub fn running(&self) -> bool {
+        self.current().running()
+    }
+}
