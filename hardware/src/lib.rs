@@ -15,6 +15,7 @@ pub mod sim_nic;
 pub mod sim_storage;
 pub mod switch;
 pub mod tap;
+pub mod vfio;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};

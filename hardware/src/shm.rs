@@ -45,8 +45,15 @@ impl SharedMemory {
         // SAFETY: `fd` is a fresh descriptor owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size as u64)?;
-        // SAFETY: maps `size` bytes of the memfd we just sized; the kernel
-        // picks the address. Checked for MAP_FAILED below.
+        Self::map_file(file, size)
+    }
+
+    /// Maps `size` bytes of an existing `file` shared (a PCI BAR's sysfs
+    /// `resourceN` file: device registers, read and written only through
+    /// this type's volatile and atomic accessors).
+    pub fn map_file(file: File, size: usize) -> std::io::Result<Self> {
+        // SAFETY: maps `size` bytes of a file we own; the kernel picks the
+        // address. Checked for MAP_FAILED below.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),

@@ -68,6 +68,12 @@ pub enum DeviceHardware {
         /// The `qemu-system-x86_64` binary.
         qemu: PathBuf,
     },
+    /// A real PCI function bound to vfio-pci (`device=vfio:DDDD:BB:DD.F`;
+    /// block devices: an NVMe controller).
+    Vfio {
+        /// Its PCI address.
+        address: String,
+    },
 }
 
 /// The hardware a device kind can have, for `device=` and the default
@@ -79,6 +85,9 @@ pub struct KindHardware {
     model: (&'static str, &'static str),
     /// Default drivers: of the simulated device, of the QEMU model.
     drivers: (&'static str, &'static str),
+    /// Whether a VFIO function can back it (driven by the QEMU model's
+    /// driver: the same device, real).
+    vfio: bool,
 }
 
 /// What a block device can be.
@@ -86,6 +95,7 @@ pub const BLK_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated controller",
     model: ("nvme", "QEMU's NVMe model"),
     drivers: (DEFAULT_BLK_DRIVER, "nvme"),
+    vfio: true,
 };
 
 /// What a net device can be.
@@ -93,6 +103,7 @@ pub const NET_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated card",
     model: ("e1000e", "QEMU's e1000e model"),
     drivers: (DEFAULT_NET_DRIVER, "e1000e"),
+    vfio: false,
 };
 
 impl DeviceHardware {
@@ -105,7 +116,24 @@ impl DeviceHardware {
             (named, qemu) if named == model => {
                 Ok(DeviceHardware::QemuModel { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) })
             }
-            (other, _) => Err(format!("device={other}: expected sim ({}) or {model} ({model_description})", kind.sim)),
+            (vfio, _) if vfio.starts_with("vfio:") && !kind.vfio => {
+                Err(format!("device={vfio}: VFIO functions back block devices (NVMe) only, for now"))
+            }
+            (vfio, Some(_)) if vfio.starts_with("vfio:") => Err(format!("qemu= is for device={model}")),
+            (vfio, None) if vfio.starts_with("vfio:") => {
+                let address = &vfio["vfio:".len()..];
+                if !crate::hw::vfio::is_pci_address(address) {
+                    return Err(format!(
+                        "device={vfio}: {address:?} is not a PCI address (expected vfio:DDDD:BB:DD.F, e.g. vfio:0000:01:00.0)"
+                    ));
+                }
+                Ok(DeviceHardware::Vfio { address: address.to_owned() })
+            }
+            (other, _) => Err(format!(
+                "device={other}: expected sim ({}) or {model} ({model_description}){}",
+                kind.sim,
+                if kind.vfio { " or vfio:DDDD:BB:DD.F (a PCI function bound to vfio-pci)" } else { "" }
+            )),
         }
     }
 
@@ -113,7 +141,7 @@ impl DeviceHardware {
     fn default_driver(&self, kind: &KindHardware) -> &'static str {
         match self {
             DeviceHardware::Sim => kind.drivers.0,
-            DeviceHardware::QemuModel { .. } => kind.drivers.1,
+            DeviceHardware::QemuModel { .. } | DeviceHardware::Vfio { .. } => kind.drivers.1,
         }
     }
 }
@@ -333,8 +361,16 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
 }
 
 fn check(config: &BlkConfig) -> Result<(), String> {
-    if config.image.as_os_str().is_empty() {
-        return Err("image=PATH is required".into());
+    match (&config.device, config.image.as_os_str().is_empty()) {
+        (DeviceHardware::Vfio { .. }, false) => {
+            return Err("image= is not for a VFIO function: the device is its own disk".into())
+        }
+        (DeviceHardware::Vfio { .. }, true) if config.size.is_some() => {
+            return Err("size= is not for a VFIO function: its capacity is the device's".into())
+        }
+        (DeviceHardware::Vfio { .. }, true) => {}
+        (_, true) => return Err("image=PATH is required".into()),
+        (_, false) => {}
     }
     check_common(&config.name, &config.socket, &config.driver)
 }
@@ -683,6 +719,26 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vfio_function_is_named_by_its_pci_address_and_has_no_image() {
+        let vfio = parse_blk("socket=/s,device=vfio:0000:01:00.0", 0).unwrap();
+        assert_eq!(vfio.device, DeviceHardware::Vfio { address: "0000:01:00.0".into() });
+        assert_eq!(vfio.driver, "nvme", "the NVMe driver is the default");
+        for (spec, expected) in [
+            ("socket=/s,device=vfio:1:0.0", "is not a PCI address"),
+            ("socket=/s,device=vfio:", "is not a PCI address"),
+            ("socket=/s,image=/i,device=vfio:0000:01:00.0", "image= is not for a VFIO function"),
+            ("socket=/s,size=1G,device=vfio:0000:01:00.0", "size= is not for a VFIO function"),
+            ("socket=/s,device=vfio:0000:01:00.0,qemu=/q", "qemu= is for device=nvme"),
+            ("socket=/s", "image=PATH is required"),
+        ] {
+            let error = parse_blk(spec, 0).unwrap_err().to_string();
+            assert!(error.contains(expected), "{spec}: {error}");
+        }
+        let error = parse_net("socket=/s,device=vfio:0000:01:00.0", 0).unwrap_err().to_string();
+        assert!(error.contains("block devices (NVMe) only"), "{error}");
+    }
 
     #[test]
     fn blk_one_liner() {

@@ -24,6 +24,7 @@ use crate::hw::qemu::{QemuNic, QemuNvme};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
+use crate::hw::vfio::VfioNvme;
 use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
@@ -172,8 +173,12 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("{context}: {e}")
 }
 
-/// Creates the disk image if it is missing (and a size was given); checks it.
-pub fn prepare_image(config: &BlkConfig) -> Result<u64, String> {
+/// Creates the disk image if it is missing (and a size was given); checks
+/// it. A VFIO function has no image: it is its own disk.
+pub fn prepare_image(config: &BlkConfig) -> Result<(), String> {
+    if matches!(config.device, DeviceHardware::Vfio { .. }) {
+        return Ok(());
+    }
     let path = &config.image;
     if !path.exists() {
         let size = config
@@ -202,7 +207,7 @@ pub fn prepare_image(config: &BlkConfig) -> Result<u64, String> {
             metadata.len()
         ));
     }
-    Ok(metadata.len())
+    Ok(())
 }
 
 /// Locks the disk image against every other writer (another reflector,
@@ -247,7 +252,12 @@ fn claim_socket(name: &str, path: &Path) -> Result<(std::os::unix::net::UnixList
 pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32) -> Result<BlkService, String> {
     prepare_image(config)?;
     let name = &config.name;
-    let image_lock = lock_image(&config.image, config.read_only)?;
+    // A VFIO function's group is exclusive (a second opener gets EBUSY):
+    // its own lock.
+    let image_lock = match config.device {
+        DeviceHardware::Vfio { .. } => None,
+        _ => Some(lock_image(&config.image, config.read_only)?),
+    };
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let hardware: Arc<dyn BlockHardware> = match &config.device {
@@ -275,6 +285,22 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             .map_err(|e| format!("{name}: starting QEMU's NVMe controller on {}: {e}", config.image.display()))?;
             Arc::new(nvme)
         }
+        DeviceHardware::Vfio { address } => {
+            // The IOMMU maps the bounce slots and the driver's device area,
+            // nothing else, at DMA_BASE; the reflector's one identify uses
+            // the device area before any driver runs.
+            channel.set_dma_address(crate::hw::vfio::DMA_BASE);
+            let nvme = VfioNvme::start(
+                address,
+                config.read_only,
+                channel.memory(),
+                channel::BOUNCE_OFFSET,
+                channel::DMA_SIZE,
+                channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET,
+            )
+            .map_err(|e| format!("{name}: starting the VFIO NVMe controller: {e}"))?;
+            Arc::new(nvme)
+        }
     };
     let channel_memory = channel.memory().clone();
     let setup = DriverSetup {
@@ -295,7 +321,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         name: config.name.clone(),
         socket: config.socket.clone(),
         listener: std::sync::Mutex::new(Some(listener)),
-        _locks: vec![socket_lock, image_lock],
+        _locks: std::iter::once(socket_lock).chain(image_lock).collect(),
         device: Arc::new(RwLock::new(device)),
         metrics,
         channel_memory,
@@ -401,6 +427,10 @@ pub fn start_net(
             )
             .map_err(|e| format!("{name}: starting QEMU's e1000e: {e}"))?;
             Arc::new(nic)
+        }
+        // The configuration refuses it (`NET_HARDWARE`).
+        DeviceHardware::Vfio { address } => {
+            return Err(format!("{name}: device=vfio:{address}: VFIO functions back block devices only"))
         }
     };
     let channel_memory = channel.memory().clone();

@@ -1,11 +1,12 @@
-//! `nvme`: a block driver for NVMe controllers (the `nvme` crate's core),
-//! here QEMU's model. BAR0 is window `regs`, a trapped window: every
-//! register access exits to the vmm and reaches the controller through the
-//! reflector, so the driver rings one doorbell per burst. The controller
+//! `nvme`: a block driver for NVMe controllers (the `nvme` crate's core):
+//! QEMU's model, or a real controller through VFIO. BAR0 is window `regs`:
+//! on QEMU's model a trapped window (every register access exits to the
+//! vmm and reaches the controller through the reflector), on VFIO the BAR
+//! mapped directly; either way the driver rings one doorbell per burst. The controller
 //! reaches only the channel's bounce slots and device area, at the address
 //! the channel header gives (`DMA_ADDRESS`): the driver's queues and PRP
 //! lists live in the device area, data in the request's bounce slot.
-//! Interrupt line 1 is the controller's (INTx through the reflector).
+//! Interrupt line 1 is the controller's (INTx or MSI-X, through the reflector).
 //!
 //! Besides the generic faults it can be asked (tests) to point its data DMA
 //! outside the region it was given (`wild-dma`).
@@ -21,7 +22,7 @@ use driver_vm::kernel::time::Instant;
 use driver_vm::{println, Error, Kernel};
 use nvme::{Controller, IoCommand, Layout};
 
-/// BAR0 in a (trapped) window.
+/// BAR0 in a window (trapped or mapped).
 struct Bar(Window);
 
 impl nvme::Registers for Bar {

@@ -1,0 +1,222 @@
+//! An NVMe controller behind VFIO as the block hardware of a device: BAR0
+//! mapped into the driver VM (doorbells without exits), DMA through the
+//! IOMMU into the channel's bounce slots and device area only, MSI-X
+//! vector 0 forwarded to the current driver VM.
+//!
+//! At start the reflector itself brings the controller up once (the `nvme`
+//! core, in the device area no driver uses yet) to learn the namespace's
+//! size, the capacity the vhost-user client is told, then resets it.
+//!
+//! Flush evidence: a real controller keeps no flush count the host can
+//! read, so on VFIO hardware the reflector cannot witness a flush; a
+//! driver's flush acknowledgement is taken as given (docs/threat-model.md).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{VfioError, VfioFunction, DMA_BASE};
+use crate::shm::SharedMemory;
+use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
+
+/// An NVMe controller bound to vfio-pci.
+pub struct VfioNvme {
+    function: VfioFunction,
+    regs: Arc<SharedMemory>,
+    interrupt: Arc<InterruptRoute>,
+    /// NVMe doorbells are in BAR0: nothing rings this one.
+    doorbell: EventFd,
+    /// MSI-X vector 0's eventfd, and the forwarding thread's stop.
+    _vector: Arc<EventFd>,
+    stop: EventFd,
+    capacity_sectors: u64,
+    read_only: bool,
+}
+
+/// BAR0 as the `nvme` core reaches it.
+pub struct MappedRegisters<'a>(pub &'a SharedMemory);
+
+impl nvme::Registers for MappedRegisters<'_> {
+    fn read32(&self, offset: usize) -> u32 {
+        if offset.is_multiple_of(4) && offset + 4 <= self.0.size() {
+            self.0.atomic_u32(offset).load(std::sync::atomic::Ordering::Acquire)
+        } else {
+            u32::MAX
+        }
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        if offset.is_multiple_of(4) && offset + 4 <= self.0.size() {
+            self.0.atomic_u32(offset).store(value, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// The DMA range as the `nvme` core reaches it: region offsets from
+/// `offset`, seen by the controller at [`DMA_BASE`].
+pub struct MappedDma<'a> {
+    /// The region.
+    pub memory: &'a SharedMemory,
+    /// Where the range starts in it.
+    pub offset: usize,
+}
+
+impl nvme::DmaMemory for MappedDma<'_> {
+    fn device_address(&self, offset: usize) -> u64 {
+        DMA_BASE + offset as u64
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        if let Some(slice) = self.memory.slice(self.offset + offset, bytes.len()) {
+            slice.copy_from(bytes);
+        }
+    }
+
+    fn read(&self, offset: usize, bytes: &mut [u8]) {
+        if let Some(slice) = self.memory.slice(self.offset + offset, bytes.len()) {
+            slice.copy_to(bytes);
+        }
+    }
+}
+
+/// Microseconds since it was made.
+pub struct Stopwatch(pub Instant);
+
+impl nvme::Clock for Stopwatch {
+    fn now_us(&self) -> u64 {
+        self.0.elapsed().as_micros() as u64
+    }
+}
+
+impl VfioNvme {
+    /// Opens the NVMe controller at PCI `address`, lets it reach `len`
+    /// bytes of `dma` from `offset` (at [`DMA_BASE`]), and reads its
+    /// namespace's size using `area` (an offset in that range, at least
+    /// `nvme::Layout::AREA` bytes no driver uses yet) for the admin queue.
+    pub fn start(
+        address: &str,
+        read_only: bool,
+        dma: &Arc<SharedMemory>,
+        offset: usize,
+        len: usize,
+        area: usize,
+    ) -> Result<VfioNvme, VfioError> {
+        let function = VfioFunction::open(address)?;
+        let unsuitable = |detail: String| VfioError::Unsuitable { address: address.to_owned(), detail };
+        if area.checked_add(nvme::Layout::AREA).is_none_or(|end| end > len) {
+            return Err(unsuitable(format!("the admin area {area:#x} does not fit the DMA range of {len:#x} bytes")));
+        }
+        if function.msix_vectors()? == 0 {
+            return Err(unsuitable("no MSI-X vector: the driver's interrupts need one".into()));
+        }
+        // Whatever a previous user left running stops before the IOMMU
+        // maps anything.
+        function.set_bus_master(false)?;
+        function.reset()?;
+        function.map_dma(dma, offset, len, DMA_BASE)?;
+        let regs = Arc::new(function.bar_window(0)?);
+        function.set_bus_master(true)?;
+        let namespace = {
+            let memory = MappedDma { memory: dma, offset };
+            let controller = nvme::Controller::start(
+                MappedRegisters(&regs),
+                memory,
+                Stopwatch(Instant::now()),
+                nvme::Layout::at(area),
+            )
+            .map_err(|error| unsuitable(format!("the NVMe controller did not come up: {error:?}")))?;
+            controller.namespace()
+        };
+        // The reflector's queues are forgotten: the first driver resets
+        // the controller, as every driver does.
+        function.set_bus_master(false)?;
+        function.reset()?;
+        function.set_bus_master(true)?;
+        let interrupt = Arc::new(InterruptRoute::default());
+        let vector =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?);
+        function.msix_trigger(Some(&vector))?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?;
+        let (thread_vector, thread_stop, route) =
+            (vector.clone(), stop.try_clone().map_err(|e| unsuitable(e.to_string()))?, interrupt.clone());
+        std::thread::Builder::new()
+            .name(format!("{address}-msix"))
+            .spawn(move || {
+                while crate::wait_for_doorbell(&thread_vector, &thread_stop) {
+                    route.raise();
+                }
+            })
+            .map_err(|e| unsuitable(e.to_string()))?;
+        tracing::info!(address, bytes = namespace.bytes(), fd = vector.as_raw_fd(), "VFIO NVMe controller ready");
+        Ok(VfioNvme {
+            function,
+            regs,
+            interrupt,
+            doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?,
+            _vector: vector,
+            stop,
+            capacity_sectors: namespace.bytes() / 512,
+            read_only,
+        })
+    }
+
+    /// The function.
+    pub fn function(&self) -> &VfioFunction {
+        &self.function
+    }
+}
+
+impl Hardware for VfioNvme {
+    fn windows(&self) -> Vec<HardwareWindow> {
+        vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
+    }
+
+    fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
+    }
+
+    /// Bus mastering off, then a function reset: nothing the dead driver
+    /// queued runs after the replay begins.
+    fn quiesce(&self) {
+        if let Err(error) = self.function.set_bus_master(false).and_then(|()| self.function.reset()) {
+            tracing::error!(%error, "cannot quiesce the VFIO function");
+        }
+    }
+
+    fn resume(&self) {
+        if let Err(error) = self.function.set_bus_master(true) {
+            tracing::error!(%error, "cannot resume the VFIO function");
+        }
+    }
+}
+
+impl BlockHardware for VfioNvme {
+    fn capacity_sectors(&self) -> u64 {
+        self.capacity_sectors
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Unwitnessed (see the module's doc): every flush counts as done.
+    fn flushes(&self) -> FlushCount {
+        FlushCount { started: 0, completed: u64::MAX }
+    }
+
+    fn flush_mark(&self) -> u64 {
+        0
+    }
+}
+
+impl Drop for VfioNvme {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+    }
+}
