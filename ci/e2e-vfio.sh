@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The VFIO door, exercised as far as a machine without /dev/vfio allows: a
 # TCG guest (q35, QEMU's emulated Intel IOMMU with interrupt remapping, an
-# emulated NVMe controller on a raw image) boots the e2e kernel, binds the
-# controller to vfio-pci and runs `vfio-check` (hardware/src/bin), which
+# emulated NVMe controller on a raw image, an e1000e NIC) boots the e2e
+# kernel, binds both to vfio-pci and runs `vfio-check` (hardware/src/bin), which
 # drives it through the project's VFIO code (hardware::vfio: container,
 # group, IOMMU mapping of the DMA region only, the BAR0 window from sysfs,
 # MSI-X, bus mastering off and a function reset at quiesce) with the NVMe
 # driver core hosted in the process (no KVM inside that guest, so no
-# driver VM). Afterwards the host checks the image holds what was written.
+# driver VM); for the NIC (VfioNic): its MAC through the BAR0 window, MSI,
+# a frame sent through a ring in the DMA region, quiesce resetting the card.
+# Afterwards the host checks the image holds what was written.
 #
 # Usage: ci/e2e-vfio.sh [--timeout SEC]
 # Env:   E2E_QEMU (default qemu-system-x86_64)
@@ -40,9 +42,10 @@ moddir=$(ls -d "$guest"/cache/kernel-*/lib/modules/"$kver" | head -1)
 [[ -d $moddir ]] || die "the guest kernel's modules are not in $guest/cache: delete $guest and retry"
 
 work=$(mktemp -d /tmp/e2e-vfio.XXXXXX)
-qpid=''
+qpid='' wire_pid=''
 cleanup() {
     [[ -n $qpid ]] && kill "$qpid" 2>/dev/null && wait "$qpid" 2>/dev/null
+    [[ -n $wire_pid ]] && kill "$wire_pid" 2>/dev/null && wait "$wire_pid" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -113,7 +116,19 @@ echo vfio-pci >"/sys/bus/pci/devices/$nvme/driver_override"
 [ -e "/sys/bus/pci/devices/$nvme/driver" ] && echo "$nvme" >"/sys/bus/pci/devices/$nvme/driver/unbind"
 echo "$nvme" >/sys/bus/pci/drivers_probe
 [ "$(basename "$(readlink "/sys/bus/pci/devices/$nvme/driver")")" = vfio-pci ] || finish fail "$nvme did not bind to vfio-pci"
-if /vfio-check "$nvme"; then finish pass; else finish fail "vfio-check failed"; fi
+/vfio-check "$nvme" || finish fail "vfio-check failed on the NVMe controller"
+nic=''
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x8086:0x10d3 ] && nic=${d##*/}
+done
+[ -n "$nic" ] || finish fail "no e1000e on the PCI bus"
+echo "E2E-VFIO: binding $nic to vfio-pci"
+echo vfio-pci >"/sys/bus/pci/devices/$nic/driver_override"
+[ -e "/sys/bus/pci/devices/$nic/driver" ] && echo "$nic" >"/sys/bus/pci/devices/$nic/driver/unbind"
+echo "$nic" >/sys/bus/pci/drivers_probe
+[ "$(basename "$(readlink "/sys/bus/pci/devices/$nic/driver")")" = vfio-pci ] || finish fail "$nic did not bind to vfio-pci"
+/vfio-check --nic "$nic" 52:54:00:12:34:99 || finish fail "vfio-check failed on the e1000e"
+finish pass
 INIT
 chmod +x "$stage/init"
 (cd "$stage" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 >"$work/overlay.cpio") ||
@@ -124,7 +139,10 @@ cat "$guest/initramfs.cpio" "$work/overlay.cpio" >"$work/initramfs.cpio"
 image=$work/disk.img
 truncate -s 64M "$image"
 logf=$work/console.log
-log "booting a TCG guest with an emulated IOMMU and NVMe controller (bound ${tmo}s)"
+# The far end of the NIC's cable: the frame vfio-check sends must arrive.
+"$check_bin" --receive "$work/peer.sock" 52:54:00:12:34:99 >"$work/wire.log" 2>&1 &
+wire_pid=$!
+log "booting a TCG guest with an emulated IOMMU, an NVMe controller and an e1000e (bound ${tmo}s)"
 t0=$EPOCHREALTIME
 timeout -k 10 "$tmo" "$qemu" \
     -nodefaults -no-user-config -display none -no-reboot -monitor none \
@@ -133,6 +151,7 @@ timeout -k 10 "$tmo" "$qemu" \
     -kernel "$guest/vmlinuz" -initrd "$work/initramfs.cpio" \
     -append "console=ttyS0 quiet panic=-1 intel_iommu=on" \
     -drive "file=$image,if=none,id=disk,format=raw" -device nvme,serial=vfiocheck,drive=disk \
+    -netdev "dgram,id=wire,local.type=unix,local.path=$work/nic.sock,remote.type=unix,remote.path=$work/peer.sock" -device e1000e,netdev=wire,mac=52:54:00:12:34:99 \
     -serial "file:$logf" &
 qpid=$!
 wait "$qpid" || true
@@ -140,6 +159,7 @@ qpid=''
 seconds=$(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')
 grep -E '^(E2E-|VFIO-CHECK)' "$logf" | sed 's/^/  /' >&2 || true
 grep -q '^E2E-RESULT: pass' "$logf" || {
+    cat "$work/wire.log" >&2
     tail -40 "$logf" >&2
     die "the guest's VFIO check did not pass (${seconds}s)"
 }
@@ -147,6 +167,14 @@ grep -q '^E2E-RESULT: pass' "$logf" || {
 # 0x104000000) were stopped by the IOMMU, not merely ignored by the device.
 grep -q 'DMAR: \[DMA \(Read\|Write\).*fault addr 0x104000000' "$logf" ||
     die "no IOMMU fault for the hostile driver's PRPs in the guest's log"
+# The NIC's frame left through the IOMMU-mapped ring and the card's wire.
+if ! timeout 10 tail --pid="$wire_pid" -f /dev/null; then
+    kill "$wire_pid" 2>/dev/null
+    die "the frame the e1000e sent never reached the far end of its cable"
+fi
+wire_pid=''
+cat "$work/wire.log" >&2
+grep -q '^VFIO-CHECK: pass wire' "$work/wire.log" || die "the e1000e's frame: $(cat "$work/wire.log")"
 # The image holds what vfio-check wrote through the controller.
 "$check_bin" --pattern >"$work/expected"
 dd if="$image" of="$work/written" bs=4096 skip=256 count=32 status=none

@@ -162,6 +162,7 @@ fn the_driver_core_moves_data_through_qemus_nvme_controller() {
     let Some(qemu) = qemu() else { return };
     let rig = Rig::start(&qemu, "io");
     let mut controller = rig.controller(HONEST).unwrap();
+    assert!(controller.shadow_doorbells(), "QEMU's controller offers the shadow doorbell buffer (OACS bit 8)");
     let namespace = controller.namespace();
     assert_eq!((namespace.bytes(), namespace.block_shift), (IMAGE_SIZE, 9));
     // 128 KiB: PRP1 and a list of 31 entries.

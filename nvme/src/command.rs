@@ -9,6 +9,8 @@ pub mod admin {
     pub const CREATE_CQ: u8 = 0x05;
     /// Identify.
     pub const IDENTIFY: u8 = 0x06;
+    /// Doorbell Buffer Config (shadow doorbells and EventIdx).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7c;
 }
 
 /// NVM command set opcodes.

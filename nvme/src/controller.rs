@@ -9,8 +9,8 @@ use crate::{Clock, DmaMemory, Error, Registers, PAGE};
 /// Entries of the admin queues.
 const ADMIN_DEPTH: u16 = 32;
 /// Entries of the I/O queues: room for [`MAX_COMMANDS`] outstanding
-/// commands (a queue keeps one entry empty).
-const IO_DEPTH: u16 = 256;
+/// commands (a queue keeps one entry empty), in three pages.
+const IO_DEPTH: u16 = 192;
 /// Most I/O commands outstanding at once; their ids are `0..MAX_COMMANDS`.
 pub const MAX_COMMANDS: u16 = 128;
 /// Bytes of PRP list per command: 32 entries, so with PRP1 a command moves
@@ -21,14 +21,20 @@ const PRP_LIST: usize = 256;
 const ADMIN_CID: u16 = 0;
 
 /// Where the driver's queues live in the device area (offsets from its
-/// start; 16 pages in all).
+/// start; 16 pages in all): page 0 the admin submission queue, 1 the admin
+/// completion queue (each page aligned, as ASQ and ACQ require), 2 the
+/// Identify data and, once identified, the EventIdx buffer, 3 the I/O
+/// completion queue, 4-6 the I/O submission queue, 7 the shadow doorbells,
+/// 8-15 the PRP lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     admin_sq: usize,
     admin_cq: usize,
     identify: usize,
+    events: usize,
     io_cq: usize,
     io_sq: usize,
+    doorbells: usize,
     prp_lists: usize,
 }
 
@@ -42,8 +48,10 @@ impl Layout {
             admin_sq: base,
             admin_cq: base + PAGE,
             identify: base + 2 * PAGE,
+            events: base + 2 * PAGE,
             io_cq: base + 3 * PAGE,
             io_sq: base + 4 * PAGE,
+            doorbells: base + 7 * PAGE,
             prp_lists: base + 8 * PAGE,
         }
     }
@@ -51,7 +59,7 @@ impl Layout {
 
 // The queues fit their pages.
 const _: () = assert!(ADMIN_DEPTH as usize * SQ_ENTRY <= PAGE && IO_DEPTH as usize * CQ_ENTRY <= PAGE);
-const _: () = assert!(IO_DEPTH as usize * SQ_ENTRY <= 4 * PAGE && MAX_COMMANDS as usize * PRP_LIST <= 8 * PAGE);
+const _: () = assert!(IO_DEPTH as usize * SQ_ENTRY <= 3 * PAGE && MAX_COMMANDS as usize * PRP_LIST <= 8 * PAGE);
 const _: () = assert!(MAX_COMMANDS < IO_DEPTH);
 
 /// Namespace 1 as Identify describes it.
@@ -110,6 +118,8 @@ pub struct Controller<R, M, C> {
     max_transfer: u32,
     /// A volatile write cache is present (flushes matter).
     write_cache: bool,
+    /// The controller offers the shadow doorbell buffer (OACS bit 8).
+    shadow_doorbells: bool,
 }
 
 impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
@@ -132,9 +142,13 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
             namespace: Namespace { blocks: 0, block_shift: 9 },
             max_transfer: u32::MAX,
             write_cache: false,
+            shadow_doorbells: false,
         };
         controller.reset()?;
         controller.identify()?;
+        if controller.shadow_doorbells {
+            controller.configure_shadow_doorbells()?;
+        }
         controller.create_io_queues()?;
         Ok(controller)
     }
@@ -146,7 +160,7 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         self.wait_ready(false)?;
         // A previous driver's completions must not look new to this one.
         let zeros = [0u8; PAGE];
-        for page in [self.layout.admin_sq, self.layout.admin_cq, self.layout.io_cq] {
+        for page in [self.layout.admin_sq, self.layout.admin_cq, self.layout.io_cq, self.layout.doorbells] {
             self.memory.write(page, &zeros);
         }
         let depth = u32::from(ADMIN_DEPTH - 1);
@@ -183,11 +197,11 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
     fn admin_command(&mut self, command: Submission) -> Result<Completion, Error> {
         let opcode = command.opcode;
         self.admin.push(&self.memory, &command);
-        self.admin.ring(&self.registers);
+        self.admin.ring(&self.registers, &self.memory);
         let deadline = self.clock.now_us() + self.caps.timeout_ms * 1000;
         loop {
             if let Some(done) = self.admin.pop(&self.memory) {
-                self.admin.release(&self.registers);
+                self.admin.release(&self.registers, &self.memory);
                 if done.cid != command.cid {
                     continue;
                 }
@@ -228,6 +242,7 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
                 .unwrap_or(u32::MAX);
         }
         self.write_cache = controller[525] & 1 == 1;
+        self.shadow_doorbells = u16::from_le_bytes([controller[256], controller[257]]) & (1 << 8) != 0;
         let namespace = self.identify_page(0, 1)?;
         let blocks = u64::from_le_bytes(namespace[0..8].try_into().unwrap_or([0; 8]));
         let format = usize::from(namespace[26] & 0xf);
@@ -238,6 +253,31 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         }
         self.namespace = Namespace { blocks, block_shift };
         Ok(())
+    }
+
+    /// Doorbell Buffer Config: from here on every queue's indices go to
+    /// the shadow doorbells, and a register is written only when the
+    /// controller's EventIdx asks (each register write is a trapped exit
+    /// on an emulated controller).
+    fn configure_shadow_doorbells(&mut self) -> Result<(), Error> {
+        // The Identify data is read: its page becomes the EventIdx buffer,
+        // zeroed so that no stale index suppresses a doorbell.
+        self.memory.write(self.layout.events, &[0u8; PAGE]);
+        let mut command = Submission::new(admin::DOORBELL_BUFFER_CONFIG, ADMIN_CID);
+        command.prp1 = self.memory.device_address(self.layout.doorbells);
+        command.prp2 = self.memory.device_address(self.layout.events);
+        self.admin_command(command)?;
+        // The controller now reads the admin queue's indices from the
+        // shadow too: publish the current ones before the next command.
+        self.admin.use_shadow(self.layout.doorbells, self.layout.events);
+        self.admin.sync_shadow(&self.memory);
+        self.io.use_shadow(self.layout.doorbells, self.layout.events);
+        Ok(())
+    }
+
+    /// Whether the shadow doorbell buffer is in use.
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow_doorbells
     }
 
     fn create_io_queues(&mut self) -> Result<(), Error> {
@@ -325,7 +365,7 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
     /// Tells the controller about the commands submitted since the last
     /// ring: one doorbell write per burst.
     pub fn ring(&mut self) {
-        self.io.ring(&self.registers);
+        self.io.ring(&self.registers, &self.memory);
     }
 
     /// Hands every posted completion to `done` (its command id and status,
@@ -337,7 +377,7 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
             count += 1;
         }
         if count > 0 {
-            self.io.release(&self.registers);
+            self.io.release(&self.registers, &self.memory);
         }
         count
     }

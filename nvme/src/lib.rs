@@ -1,6 +1,8 @@
 //! An NVMe controller driver core, written to the NVMe base specification
 //! (1.4): controller reset and enable, the admin queue, Identify, one I/O
-//! queue pair, read, write and flush with PRP lists, interrupt masking.
+//! queue pair, read, write and flush with PRP lists, interrupt masking, and
+//! the shadow doorbell buffer (Doorbell Buffer Config) when the controller
+//! offers it.
 //!
 //! It is `no_std` and reaches the controller only through two traits, so
 //! the same code drives QEMU's NVMe model from a driver VM (registers in a

@@ -68,8 +68,9 @@ pub enum DeviceHardware {
         /// The `qemu-system-x86_64` binary.
         qemu: PathBuf,
     },
-    /// A real PCI function bound to vfio-pci (`device=vfio:DDDD:BB:DD.F`;
-    /// block devices: an NVMe controller).
+    /// A real PCI function bound to vfio-pci (`device=vfio:DDDD:BB:DD.F`):
+    /// an NVMe controller for a block device, an e1000e for a net device,
+    /// driven by the same driver as QEMU's model of it.
     Vfio {
         /// Its PCI address.
         address: String,
@@ -85,9 +86,6 @@ pub struct KindHardware {
     model: (&'static str, &'static str),
     /// Default drivers: of the simulated device, of the QEMU model.
     drivers: (&'static str, &'static str),
-    /// Whether a VFIO function can back it (driven by the QEMU model's
-    /// driver: the same device, real).
-    vfio: bool,
 }
 
 /// What a block device can be.
@@ -95,7 +93,6 @@ pub const BLK_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated controller",
     model: ("nvme", "QEMU's NVMe model"),
     drivers: (DEFAULT_BLK_DRIVER, "nvme"),
-    vfio: true,
 };
 
 /// What a net device can be.
@@ -103,7 +100,6 @@ pub const NET_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated card",
     model: ("e1000e", "QEMU's e1000e model"),
     drivers: (DEFAULT_NET_DRIVER, "e1000e"),
-    vfio: false,
 };
 
 impl DeviceHardware {
@@ -116,9 +112,6 @@ impl DeviceHardware {
             (named, qemu) if named == model => {
                 Ok(DeviceHardware::QemuModel { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) })
             }
-            (vfio, _) if vfio.starts_with("vfio:") && !kind.vfio => {
-                Err(format!("device={vfio}: VFIO functions back block devices (NVMe) only, for now"))
-            }
             (vfio, Some(_)) if vfio.starts_with("vfio:") => Err(format!("qemu= is for device={model}")),
             (vfio, None) if vfio.starts_with("vfio:") => {
                 let address = &vfio["vfio:".len()..];
@@ -130,9 +123,9 @@ impl DeviceHardware {
                 Ok(DeviceHardware::Vfio { address: address.to_owned() })
             }
             (other, _) => Err(format!(
-                "device={other}: expected sim ({}) or {model} ({model_description}){}",
-                kind.sim,
-                if kind.vfio { " or vfio:DDDD:BB:DD.F (a PCI function bound to vfio-pci)" } else { "" }
+                "device={other}: expected sim ({}), {model} ({model_description}) or vfio:DDDD:BB:DD.F (a real \
+                 {model} bound to vfio-pci)",
+                kind.sim
             )),
         }
     }
@@ -736,8 +729,11 @@ mod tests {
             let error = parse_blk(spec, 0).unwrap_err().to_string();
             assert!(error.contains(expected), "{spec}: {error}");
         }
-        let error = parse_net("socket=/s,device=vfio:0000:01:00.0", 0).unwrap_err().to_string();
-        assert!(error.contains("block devices (NVMe) only"), "{error}");
+        let nic = parse_net("socket=/s,device=vfio:0000:02:00.0", 0).unwrap();
+        assert_eq!(
+            (nic.device, nic.driver.as_str()),
+            (DeviceHardware::Vfio { address: "0000:02:00.0".into() }, "e1000e")
+        );
     }
 
     #[test]

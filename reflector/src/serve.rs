@@ -24,7 +24,7 @@ use crate::hw::qemu::{QemuNic, QemuNvme};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
-use crate::hw::vfio::VfioNvme;
+use crate::hw::vfio::{VfioNic, VfioNvme};
 use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
 use crate::jail::{Jail, JailLimits};
 use crate::metrics::Metrics;
@@ -428,9 +428,16 @@ pub fn start_net(
             .map_err(|e| format!("{name}: starting QEMU's e1000e: {e}"))?;
             Arc::new(nic)
         }
-        // The configuration refuses it (`NET_HARDWARE`).
         DeviceHardware::Vfio { address } => {
-            return Err(format!("{name}: device=vfio:{address}: VFIO functions back block devices only"))
+            // The IOMMU maps the bounce slots and the driver's rings in the
+            // device area, nothing else; the card's wire is its own port.
+            channel.set_dma_address(crate::hw::vfio::DMA_BASE);
+            let nic = VfioNic::start(address, channel.memory(), channel::BOUNCE_OFFSET, channel::DMA_SIZE)
+                .map_err(|e| format!("{name}: starting the VFIO NIC: {e}"))?;
+            if nic.mac() != config.mac {
+                tracing::info!(device = %name, mac = ?nic.mac(), "a VFIO NIC keeps its own MAC address; mac= is ignored");
+            }
+            Arc::new(nic)
         }
     };
     let channel_memory = channel.memory().clone();

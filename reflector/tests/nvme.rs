@@ -208,14 +208,14 @@ fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
         assert!(stderr.contains(expected), "{extra}: {stderr}");
     }
     // The VFIO door: a PCI function that is not there, or not a PCI
-    // address, an image given to a device that is its own disk, a NIC.
+    // address, an image given to a device that is its own disk.
     let socket = socket.display();
     for (kind, spec, expected) in [
         ("--blk", format!("socket={socket},device=vfio:ffff:ff:1f.7"), "ffff:ff:1f.7: no such PCI device"),
         ("--blk", format!("socket={socket},device=vfio:01:00.0"), "\"01:00.0\" is not a PCI address"),
         ("--blk", format!("socket={socket},image=/i,device=vfio:0000:01:00.0"), "image= is not for a VFIO function"),
         ("--blk", format!("socket={socket},size=1G,device=vfio:0000:01:00.0"), "size= is not for a VFIO function"),
-        ("--net", format!("socket={socket},device=vfio:0000:01:00.0"), "block devices (NVMe) only"),
+        ("--net", format!("socket={socket},device=vfio:ffff:ff:1f.6"), "ffff:ff:1f.6: no such PCI device"),
     ] {
         let output = Command::new(sibling("reflector"))
             .args(["serve", "--no-jail", kind, &spec])

@@ -18,14 +18,20 @@
 //!
 //! `vfio-check --pattern` prints the 128 KiB written in stage 3, for the
 //! host to compare with the image afterwards.
+//!
+//! `vfio-check --nic ADDRESS MAC` does the same for an e1000e NIC
+//! (`VfioNic`): its MAC address read through the BAR0 window, MSI reaching
+//! the route (an interrupt cause set by hand), a frame sent through a
+//! transmit ring in the DMA region (the card writes the descriptor back
+//! through the IOMMU), and quiesce resetting the card.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hardware::shm::SharedMemory;
-use hardware::vfio::{MappedDma, MappedRegisters, Stopwatch, VfioError, VfioFunction, VfioNvme, DMA_BASE};
-use hardware::{BlockHardware, Hardware};
+use hardware::vfio::{MappedDma, MappedRegisters, Stopwatch, VfioError, VfioFunction, VfioNic, VfioNvme, DMA_BASE};
+use hardware::{BlockHardware, Hardware, NetHardware};
 use nvme::{Controller, IoCommand, Layout};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -251,6 +257,143 @@ fn check(address: &str) -> Result<(), String> {
     }
 }
 
+/// e1000e registers and bits (Intel 82574L datasheet, section 10).
+mod e1000e {
+    pub const ICR: usize = 0x00c0;
+    pub const ICS: usize = 0x00c8;
+    pub const IMS: usize = 0x00d0;
+    pub const TCTL: usize = 0x0400;
+    pub const TDBAL: usize = 0x3800;
+    pub const TDBAH: usize = 0x3804;
+    pub const TDLEN: usize = 0x3808;
+    pub const TDH: usize = 0x3810;
+    pub const TDT: usize = 0x3818;
+    /// Interrupt cause: link status change.
+    pub const LSC: u32 = 1 << 2;
+    /// TCTL: enable, pad short packets.
+    pub const TCTL_EN_PSP: u32 = (1 << 1) | (1 << 3);
+    /// Descriptor command: end of packet, insert FCS, report status.
+    pub const CMD_EOP_IFCS_RS: u8 = 0b1011;
+    /// Descriptor status: done.
+    pub const STA_DD: u8 = 1;
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + BOUND;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not within {BOUND:?}"));
+        }
+        std::thread::yield_now();
+    }
+    Ok(())
+}
+
+fn check_nic(address: &str, expected_mac: &str) -> Result<(), String> {
+    use std::sync::atomic::Ordering::{Acquire, Release};
+    let dma = Arc::new(SharedMemory::new("vfio-nic-dma", DMA_LEN).map_err(|e| e.to_string())?);
+    let nic = VfioNic::start(address, &dma, 0, DMA_LEN).map_err(|e| e.to_string())?;
+    let mac = nic.mac().iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let mut passed = stage(
+        "nic start",
+        if mac == expected_mac {
+            Ok(format!("MAC {mac}, link up {}", nic.link_up()))
+        } else {
+            Err(format!("MAC {mac}, expected {expected_mac}"))
+        },
+    );
+    let interrupts = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+    nic.interrupt().route(interrupts.try_clone().map_err(|e| e.to_string())?);
+    let windows = nic.windows();
+    let regs = windows.iter().find(|w| w.name == "regs").ok_or("no regs window")?.memory.clone();
+    let set = |offset: usize, value: u32| regs.atomic_u32(offset).store(value, Release);
+    let get = |offset: usize| regs.atomic_u32(offset).load(Acquire);
+    passed &= stage(
+        "nic interrupt",
+        (|| {
+            set(e1000e::IMS, e1000e::LSC);
+            set(e1000e::ICS, e1000e::LSC);
+            let mut raised = 0;
+            wait_until("an MSI from the card", || {
+                raised += interrupts.read().unwrap_or(0);
+                raised > 0
+            })?;
+            let cause = get(e1000e::ICR);
+            Ok(format!("{raised} MSI delivered, cause {cause:#x}"))
+        })(),
+    );
+    passed &= stage(
+        "nic transmit",
+        (|| {
+            // A ring of 8 descriptors at 512 KiB, one 60-byte frame at 0.
+            let (ring, frame) = (512usize << 10, 0usize);
+            dma.slice(ring, 8 * 16).ok_or("slice")?.copy_from(&[0u8; 128][..]);
+            let mut bytes = [0u8; 60];
+            bytes[..6].copy_from_slice(&[0xff; 6]);
+            bytes[6..12].copy_from_slice(&nic.mac());
+            bytes[12..14].copy_from_slice(&[0x88, 0xb5]);
+            dma.slice(frame, 60).ok_or("slice")?.copy_from(&bytes[..]);
+            let mut descriptor = [0u8; 16];
+            descriptor[..8].copy_from_slice(&(DMA_BASE + frame as u64).to_le_bytes());
+            descriptor[8..10].copy_from_slice(&60u16.to_le_bytes());
+            descriptor[11] = e1000e::CMD_EOP_IFCS_RS;
+            dma.slice(ring, 16).ok_or("slice")?.copy_from(&descriptor[..]);
+            let address = DMA_BASE + ring as u64;
+            set(e1000e::TDBAL, address as u32);
+            set(e1000e::TDBAH, (address >> 32) as u32);
+            set(e1000e::TDLEN, 8 * 16);
+            set(e1000e::TDH, 0);
+            set(e1000e::TDT, 0);
+            set(e1000e::TCTL, e1000e::TCTL_EN_PSP);
+            set(e1000e::TDT, 1);
+            let status = || dma.read::<u8>(ring + 12).unwrap_or(0);
+            wait_until("the card writing the descriptor back", || status() & e1000e::STA_DD != 0)?;
+            Ok(format!(
+                "frame sent; descriptor written back through the IOMMU (status {:#x}), TDH {}",
+                status(),
+                get(e1000e::TDH)
+            ))
+        })(),
+    );
+    passed &= stage(
+        "nic quiesce",
+        (|| {
+            set(e1000e::IMS, e1000e::LSC);
+            nic.quiesce();
+            if nic.function().bus_master().map_err(|e| e.to_string())? {
+                return Err("bus mastering still on after quiesce".into());
+            }
+            let (tctl, tdbal) = (get(e1000e::TCTL), get(e1000e::TDBAL));
+            nic.resume();
+            if tctl & 2 != 0 || tdbal != 0 {
+                return Err(format!("the reset left the transmitter set up (TCTL {tctl:#x}, TDBAL {tdbal:#x})"));
+            }
+            Ok(format!("bus mastering off, card reset (TCTL {tctl:#x}, TDBAL {tdbal:#x})"))
+        })(),
+    );
+    if passed {
+        Ok(())
+    } else {
+        Err("a stage failed".into())
+    }
+}
+
+/// The host's end of the guest NIC's cable (a datagram socket at `path`):
+/// waits for the frame `check_nic` sends, from `mac`, with the test's
+/// EtherType.
+fn receive_frame(path: &str, mac: &str) -> Result<usize, String> {
+    let socket = std::os::unix::net::UnixDatagram::bind(path).map_err(|e| format!("binding {path}: {e}"))?;
+    socket.set_read_timeout(Some(Duration::from_secs(300))).map_err(|e| e.to_string())?;
+    let mut frame = [0u8; 2048];
+    loop {
+        let len = socket.recv(&mut frame).map_err(|e| format!("no frame on {path}: {e}"))?;
+        let source = frame[6..12].iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        if len >= 14 && source == mac && frame[12..14] == [0x88, 0xb5] {
+            return Ok(len);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
@@ -259,6 +402,26 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().write_all(&pattern(DATA_LEN));
             ExitCode::SUCCESS
         }
+        ["--receive", path, mac] => match receive_frame(path, mac) {
+            Ok(len) => {
+                println!("VFIO-CHECK: pass wire: a {len}-byte frame from {mac} arrived");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                println!("VFIO-CHECK: FAIL wire: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        ["--nic", address, mac] => match check_nic(address, mac) {
+            Ok(()) => {
+                println!("VFIO-CHECK: pass nic");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                println!("VFIO-CHECK: FAIL {error}");
+                ExitCode::FAILURE
+            }
+        },
         [address] => match check(address) {
             Ok(()) => {
                 println!("VFIO-CHECK: pass");
@@ -270,7 +433,7 @@ fn main() -> ExitCode {
             }
         },
         _ => {
-            eprintln!("usage: vfio-check ADDRESS (a function bound to vfio-pci) | vfio-check --pattern");
+            eprintln!("usage: vfio-check ADDRESS (an NVMe function bound to vfio-pci) | --nic ADDRESS MAC | --pattern");
             ExitCode::from(2)
         }
     }

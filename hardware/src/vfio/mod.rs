@@ -19,7 +19,9 @@
 //! Not here: the device's protocol (the driver's, and `nvme` for the
 //! reflector's one identify at start, [`VfioNvme`]).
 
+mod nic;
 mod nvme;
+mod passthrough;
 mod sys;
 
 use std::ffi::CString;
@@ -31,7 +33,9 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
+pub use nic::VfioNic;
 pub use nvme::{MappedDma, MappedRegisters, Stopwatch, VfioNvme};
+pub use passthrough::Passthrough;
 
 use crate::shm::SharedMemory;
 
@@ -115,6 +119,8 @@ pub struct VfioFunction {
     config: sys::RegionInfo,
     /// IOMMU mappings made, unmapped when dropped.
     mapped: Mutex<Vec<(u64, u64)>>,
+    /// The interrupts routed, turned off when dropped.
+    routed: Mutex<Option<Interrupts>>,
 }
 
 /// PCI configuration space offsets and bits.
@@ -226,6 +232,7 @@ impl VfioFunction {
             flags: info.flags,
             config: sys::RegionInfo::default(),
             mapped: Mutex::new(Vec::new()),
+            routed: Mutex::new(None),
         };
         function.config = function.region(sys::PCI_CONFIG_REGION_INDEX)?;
         Ok(function)
@@ -339,24 +346,23 @@ impl VfioFunction {
         Ok(())
     }
 
-    /// How many MSI-X vectors the function has.
-    pub fn msix_vectors(&self) -> Result<u32, VfioError> {
-        let mut info =
-            sys::IrqInfo { argsz: sys::argsz::<sys::IrqInfo>(), index: sys::PCI_MSIX_IRQ_INDEX, ..Default::default() };
+    /// How many vectors the function has of `kind`.
+    pub fn vectors(&self, kind: Interrupts) -> Result<u32, VfioError> {
+        let mut info = sys::IrqInfo { argsz: sys::argsz::<sys::IrqInfo>(), index: kind.index(), ..Default::default() };
         // SAFETY: the ioctl writes a vfio_irq_info we own.
         check(unsafe { libc::ioctl(self.device.as_raw_fd(), sys::DEVICE_GET_IRQ_INFO as _, &mut info) })
-            .map_err(self.call("reading its MSI-X information"))?;
+            .map_err(self.call("reading its interrupt information"))?;
         Ok(info.count)
     }
 
-    /// Sends MSI-X vector 0 to `trigger` (none: interrupts off).
-    pub fn msix_trigger(&self, trigger: Option<&EventFd>) -> Result<(), VfioError> {
+    /// Sends vector 0 of `kind` to `trigger`; none: that kind off.
+    pub fn route_vector(&self, kind: Interrupts, trigger: Option<&EventFd>) -> Result<(), VfioError> {
         let result = match trigger {
             Some(eventfd) => {
                 let set = sys::IrqSetOne {
                     argsz: sys::argsz::<sys::IrqSetOne>(),
                     flags: sys::IRQ_SET_DATA_EVENTFD | sys::IRQ_SET_ACTION_TRIGGER,
-                    index: sys::PCI_MSIX_IRQ_INDEX,
+                    index: kind.index(),
                     start: 0,
                     count: 1,
                     fd: eventfd.as_raw_fd(),
@@ -368,7 +374,7 @@ impl VfioFunction {
                 let set = sys::IrqSetNone {
                     argsz: sys::argsz::<sys::IrqSetNone>(),
                     flags: sys::IRQ_SET_DATA_NONE | sys::IRQ_SET_ACTION_TRIGGER,
-                    index: sys::PCI_MSIX_IRQ_INDEX,
+                    index: kind.index(),
                     start: 0,
                     count: 0,
                 };
@@ -376,13 +382,37 @@ impl VfioFunction {
                 unsafe { libc::ioctl(self.device.as_raw_fd(), sys::DEVICE_SET_IRQS as _, &set) }
             }
         };
-        check(result).map_err(self.call("routing MSI-X vector 0"))
+        check(result).map_err(self.call("routing an interrupt vector"))?;
+        if let Ok(mut routed) = self.routed.lock() {
+            *routed = trigger.map(|_| kind);
+        }
+        Ok(())
+    }
+}
+
+/// Which message-signalled interrupts a function's vector 0 is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Interrupts {
+    /// MSI (one message: a NIC whose driver reads the cause register).
+    Msi,
+    /// MSI-X (an NVMe controller's completion queue vector 0).
+    MsiX,
+}
+
+impl Interrupts {
+    fn index(self) -> u32 {
+        match self {
+            Interrupts::Msi => sys::PCI_MSI_IRQ_INDEX,
+            Interrupts::MsiX => sys::PCI_MSIX_IRQ_INDEX,
+        }
     }
 }
 
 impl Drop for VfioFunction {
     fn drop(&mut self) {
-        let _ = self.msix_trigger(None);
+        if let Some(kind) = self.routed.lock().ok().and_then(|routed| *routed) {
+            let _ = self.route_vector(kind, None);
+        }
         let _ = self.set_bus_master(false);
         let mapped = self.mapped.lock().map(|mapped| mapped.clone()).unwrap_or_default();
         for (iova, size) in mapped {

@@ -11,28 +11,26 @@
 //! read, so on VFIO hardware the reflector cannot witness a flush; a
 //! driver's flush acknowledgement is taken as given (docs/threat-model.md).
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VfioError, VfioFunction, DMA_BASE};
+use super::{Interrupts, Passthrough, VfioError, VfioFunction, DMA_BASE};
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
 
 /// An NVMe controller bound to vfio-pci.
 pub struct VfioNvme {
-    function: VfioFunction,
-    regs: Arc<SharedMemory>,
-    interrupt: Arc<InterruptRoute>,
-    /// NVMe doorbells are in BAR0: nothing rings this one.
-    doorbell: EventFd,
-    /// MSI-X vector 0's eventfd, and the forwarding thread's stop.
-    _vector: Arc<EventFd>,
-    stop: EventFd,
+    passthrough: Passthrough,
     capacity_sectors: u64,
     read_only: bool,
+}
+
+/// CC.EN = 0: the controller drops its queues (done after the function
+/// reset too, for controllers without FLR).
+fn disable(regs: &SharedMemory) {
+    regs.atomic_u32(nvme::regs::CC).store(0, std::sync::atomic::Ordering::Release);
 }
 
 /// BAR0 as the `nvme` core reaches it.
@@ -103,26 +101,15 @@ impl VfioNvme {
         len: usize,
         area: usize,
     ) -> Result<VfioNvme, VfioError> {
-        let function = VfioFunction::open(address)?;
         let unsuitable = |detail: String| VfioError::Unsuitable { address: address.to_owned(), detail };
         if area.checked_add(nvme::Layout::AREA).is_none_or(|end| end > len) {
             return Err(unsuitable(format!("the admin area {area:#x} does not fit the DMA range of {len:#x} bytes")));
         }
-        if function.msix_vectors()? == 0 {
-            return Err(unsuitable("no MSI-X vector: the driver's interrupts need one".into()));
-        }
-        // Whatever a previous user left running stops before the IOMMU
-        // maps anything.
-        function.set_bus_master(false)?;
-        function.reset()?;
-        function.map_dma(dma, offset, len, DMA_BASE)?;
-        let regs = Arc::new(function.bar_window(0)?);
-        function.set_bus_master(true)?;
+        let mut passthrough = Passthrough::open(address, dma, offset, len)?;
         let namespace = {
-            let memory = MappedDma { memory: dma, offset };
             let controller = nvme::Controller::start(
-                MappedRegisters(&regs),
-                memory,
+                MappedRegisters(passthrough.regs()),
+                MappedDma { memory: dma, offset },
                 Stopwatch(Instant::now()),
                 nvme::Layout::at(area),
             )
@@ -131,68 +118,38 @@ impl VfioNvme {
         };
         // The reflector's queues are forgotten: the first driver resets
         // the controller, as every driver does.
-        function.set_bus_master(false)?;
-        function.reset()?;
-        function.set_bus_master(true)?;
-        let interrupt = Arc::new(InterruptRoute::default());
-        let vector =
-            Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?);
-        function.msix_trigger(Some(&vector))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?;
-        let (thread_vector, thread_stop, route) =
-            (vector.clone(), stop.try_clone().map_err(|e| unsuitable(e.to_string()))?, interrupt.clone());
-        std::thread::Builder::new()
-            .name(format!("{address}-msix"))
-            .spawn(move || {
-                while crate::wait_for_doorbell(&thread_vector, &thread_stop) {
-                    route.raise();
-                }
-            })
-            .map_err(|e| unsuitable(e.to_string()))?;
-        tracing::info!(address, bytes = namespace.bytes(), fd = vector.as_raw_fd(), "VFIO NVMe controller ready");
-        Ok(VfioNvme {
-            function,
-            regs,
-            interrupt,
-            doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()))?,
-            _vector: vector,
-            stop,
-            capacity_sectors: namespace.bytes() / 512,
-            read_only,
-        })
+        passthrough.quiesce(disable);
+        passthrough.resume();
+        passthrough.route(Interrupts::MsiX)?;
+        tracing::info!(address, bytes = namespace.bytes(), "VFIO NVMe controller ready");
+        Ok(VfioNvme { passthrough, capacity_sectors: namespace.bytes() / 512, read_only })
     }
 
     /// The function.
     pub fn function(&self) -> &VfioFunction {
-        &self.function
+        self.passthrough.function()
     }
 }
 
 impl Hardware for VfioNvme {
     fn windows(&self) -> Vec<HardwareWindow> {
-        vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
+        self.passthrough.windows()
     }
 
     fn doorbell(&self) -> &EventFd {
-        &self.doorbell
+        self.passthrough.doorbell()
     }
 
     fn interrupt(&self) -> Arc<InterruptRoute> {
-        self.interrupt.clone()
+        self.passthrough.interrupt()
     }
 
-    /// Bus mastering off, then a function reset: nothing the dead driver
-    /// queued runs after the replay begins.
     fn quiesce(&self) {
-        if let Err(error) = self.function.set_bus_master(false).and_then(|()| self.function.reset()) {
-            tracing::error!(%error, "cannot quiesce the VFIO function");
-        }
+        self.passthrough.quiesce(disable);
     }
 
     fn resume(&self) {
-        if let Err(error) = self.function.set_bus_master(true) {
-            tracing::error!(%error, "cannot resume the VFIO function");
-        }
+        self.passthrough.resume();
     }
 }
 
@@ -212,11 +169,5 @@ impl BlockHardware for VfioNvme {
 
     fn flush_mark(&self) -> u64 {
         0
-    }
-}
-
-impl Drop for VfioNvme {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
     }
 }

@@ -35,6 +35,7 @@ pub const DEVICE_FLAGS_RESET: u32 = 1 << 0;
 pub const DEVICE_FLAGS_PCI: u32 = 1 << 1;
 
 pub const PCI_CONFIG_REGION_INDEX: u32 = 7;
+pub const PCI_MSI_IRQ_INDEX: u32 = 1;
 pub const PCI_MSIX_IRQ_INDEX: u32 = 2;
 
 pub const IRQ_SET_DATA_NONE: u32 = 1 << 0;

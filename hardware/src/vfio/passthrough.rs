@@ -1,0 +1,121 @@
+//! What every VFIO-backed device shares: the function opened and quiet,
+//! the IOMMU mapping only the DMA range, BAR0 as the driver VM's window,
+//! vector 0 forwarded to the current driver VM, and the quiesce and resume
+//! of a driver VM's death. The device kinds (`VfioNvme`, `VfioNic`) add only
+//! what the reflector must know of their device.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupts, VfioError, VfioFunction, DMA_BASE};
+use crate::shm::SharedMemory;
+use crate::{HardwareWindow, InterruptRoute};
+
+/// A PCI function bound to vfio-pci, wired as a driver VM's hardware.
+pub struct Passthrough {
+    function: VfioFunction,
+    regs: Arc<SharedMemory>,
+    interrupt: Arc<InterruptRoute>,
+    /// The device's doorbells are in BAR0: nothing rings this one.
+    doorbell: EventFd,
+    /// Vector 0's eventfd, while a thread forwards it; its stop.
+    vector: Option<(Arc<EventFd>, EventFd)>,
+}
+
+impl Passthrough {
+    /// Opens the function at `address`, stops whatever a previous user left
+    /// running (bus mastering off, a function reset), lets it reach `len`
+    /// bytes of `dma` from `offset` at [`DMA_BASE`], maps BAR0 and turns bus
+    /// mastering on. Interrupts are routed later ([`Passthrough::route`]).
+    pub fn open(address: &str, dma: &SharedMemory, offset: usize, len: usize) -> Result<Passthrough, VfioError> {
+        let function = VfioFunction::open(address)?;
+        function.set_bus_master(false)?;
+        function.reset()?;
+        function.map_dma(dma, offset, len, DMA_BASE)?;
+        let regs = Arc::new(function.bar_window(0)?);
+        function.set_bus_master(true)?;
+        let unsuitable = |error: std::io::Error| VfioError::Unsuitable {
+            address: address.to_owned(),
+            detail: format!("cannot make an eventfd: {error}"),
+        };
+        let doorbell = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(unsuitable)?;
+        Ok(Passthrough { function, regs, interrupt: Arc::new(InterruptRoute::default()), doorbell, vector: None })
+    }
+
+    /// Sends vector 0 of `kind` to the current driver VM (through a thread
+    /// that forwards its eventfd to the interrupt route).
+    pub fn route(&mut self, kind: Interrupts) -> Result<(), VfioError> {
+        let address = self.function.address().to_owned();
+        let unsuitable = |detail: String| VfioError::Unsuitable { address: address.clone(), detail };
+        if self.function.vectors(kind)? == 0 {
+            return Err(unsuitable(format!("no {kind:?} vector: the driver's interrupts need one")));
+        }
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| unsuitable(e.to_string()));
+        let (vector, stop) = (Arc::new(eventfd()?), eventfd()?);
+        self.function.route_vector(kind, Some(&vector))?;
+        let (thread_vector, route) = (vector.clone(), self.interrupt.clone());
+        let thread_stop = stop.try_clone().map_err(|e| unsuitable(e.to_string()))?;
+        std::thread::Builder::new()
+            .name(format!("{address}-irq"))
+            .spawn(move || {
+                while crate::wait_for_doorbell(&thread_vector, &thread_stop) {
+                    route.raise();
+                }
+            })
+            .map_err(|e| unsuitable(e.to_string()))?;
+        self.vector = Some((vector, stop));
+        Ok(())
+    }
+
+    /// The function.
+    pub fn function(&self) -> &VfioFunction {
+        &self.function
+    }
+
+    /// BAR0, as mapped.
+    pub fn regs(&self) -> &Arc<SharedMemory> {
+        &self.regs
+    }
+
+    /// BAR0 as the driver VM's window `regs`.
+    pub fn windows(&self) -> Vec<HardwareWindow> {
+        vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
+    }
+
+    /// The (unused) doorbell.
+    pub fn doorbell(&self) -> &EventFd {
+        &self.doorbell
+    }
+
+    /// Where vector 0 goes.
+    pub fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.interrupt.clone()
+    }
+
+    /// Bus mastering off, a function reset, then `device_reset` (the
+    /// device's own reset through BAR0, for functions whose reset the
+    /// kernel cannot do or does not reach the device's state): nothing the
+    /// dead driver queued runs after the replay begins.
+    pub fn quiesce(&self, device_reset: impl FnOnce(&SharedMemory)) {
+        if let Err(error) = self.function.set_bus_master(false).and_then(|_| self.function.reset()) {
+            tracing::error!(%error, "cannot quiesce the VFIO function");
+        }
+        device_reset(&self.regs);
+    }
+
+    /// Bus mastering on for the next driver, which resets the device.
+    pub fn resume(&self) {
+        if let Err(error) = self.function.set_bus_master(true) {
+            tracing::error!(%error, "cannot resume the VFIO function");
+        }
+    }
+}
+
+impl Drop for Passthrough {
+    fn drop(&mut self) {
+        if let Some((_, stop)) = &self.vector {
+            let _ = stop.write(1);
+        }
+    }
+}
