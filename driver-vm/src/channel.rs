@@ -40,6 +40,9 @@ pub struct Lies {
     /// Point the device's data DMA outside the region it was given (a
     /// driver of a device that DMAs by address offers it).
     pub wild_dma: bool,
+    /// Set the device up again with its queues outside that region (a
+    /// driver of such a device offers it; it acts on it once).
+    pub wild_queues: bool,
 }
 
 /// The faults every driver can commit through this module (none without
@@ -248,6 +251,7 @@ impl Channel {
             inject::SPIN => self.lies.spin = true,
             inject::FLOOD => self.lies.flood = true,
             inject::WILD_DMA => self.lies.wild_dma = true,
+            inject::WILD_QUEUES => self.lies.wild_queues = true,
             _ => {}
         }
         false

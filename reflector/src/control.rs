@@ -293,12 +293,14 @@ pub enum FaultKind {
     Flood,
     /// Point the device's data DMA outside its region from now on.
     WildDma,
+    /// Set the device up again with its queues outside its region.
+    WildQueues,
 }
 
 impl FaultKind {
     /// Every kind, by its name (`panic`, `page-fault`, ...).
     pub const NAMES: &'static str =
-        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin, flood or wild-dma";
+        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin, flood, wild-dma or wild-queues";
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<FaultKind> {
@@ -319,6 +321,7 @@ impl FaultKind {
             FaultKind::Spin => inject::SPIN,
             FaultKind::Flood => inject::FLOOD,
             FaultKind::WildDma => inject::WILD_DMA,
+            FaultKind::WildQueues => inject::WILD_QUEUES,
         }
     }
 }

@@ -188,6 +188,46 @@ fn a_driver_pointing_its_controller_outside_the_dma_region_is_caught_and_replace
 }
 
 #[test]
+fn a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and_nothing_is_lost() {
+    let test = "a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and_nothing_is_lost";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-wild-queues");
+    let (socket, image, control) = (scratch.join("d.sock"), scratch.join("d.img"), scratch.join("ctl"));
+    let mut args = blk_arg(&socket, &image, ",size=16M,name=wildq,device=nvme,checksums=on,hang_ms=500");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    let load = spawn_blk_load(
+        &socket,
+        &["--queue-size", "1024", "--timeout", "60", "--job", "randwrite,randread", "--bs", "4k", "--qd", "8"]
+            .into_iter()
+            .chain(["--ios", "6000", "--size", "8M", "--verify"])
+            .collect::<Vec<_>>(),
+    );
+    reflector.wait_for(|r| r.log_text().contains("client connected"), "the load");
+    // The driver resets its controller and gives it queues outside the
+    // region; the controller can reach none of them (CSTS.CFS), the
+    // commands in flight never complete, the hang deadline replaces the
+    // driver and the next one resets the controller.
+    let inject = Command::new(sibling("reflector"))
+        .args(["inject", "wildq", "wild-queues", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(inject.status.success(), "inject: {}", String::from_utf8_lossy(&inject.stderr));
+    reflector.wait_for(
+        |r| r.log_text().contains("queues moved outside the region") || r.log_text().contains("took queues outside"),
+        "the driver acting on wild-queues",
+    );
+    reflector.wait_for(|r| r.log_text().matches("serving channel generation").count() >= 2, "a new driver VM");
+    assert_clean_load(load);
+    let log = reflector.log_text();
+    assert!(log.contains("queues moved outside the region: Fatal"), "the controller reached its wild queues: {log}");
+}
+
+#[test]
 fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
     let scratch = Scratch::new("nvme-refuse");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));

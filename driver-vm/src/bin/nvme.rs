@@ -9,7 +9,8 @@
 //! Interrupt line 1 is the controller's (INTx or MSI-X, through the reflector).
 //!
 //! Besides the generic faults it can be asked (tests) to point its data DMA
-//! outside the region it was given (`wild-dma`).
+//! outside the region it was given (`wild-dma`), or to set its controller
+//! up again with its queues outside that region (`wild-queues`).
 #![no_std]
 #![no_main]
 
@@ -42,12 +43,18 @@ struct Dma {
     base: u64,
     /// Data addresses point outside the range (an injected lie, tests).
     wild: Cell<bool>,
+    /// Queue addresses point outside the range (an injected lie, tests).
+    wild_queues: bool,
 }
 
 impl nvme::DmaMemory for Dma {
     fn device_address(&self, offset: usize) -> u64 {
         let data = offset < channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
-        let wild = if data && self.wild.get() { channel::DMA_SIZE as u64 + (1 << 20) } else { 0 };
+        let wild = if (data && self.wild.get()) || (!data && self.wild_queues) {
+            channel::DMA_SIZE as u64 + (1 << 20)
+        } else {
+            0
+        };
         self.base + offset as u64 + wild
     }
 
@@ -72,19 +79,24 @@ impl nvme::Clock for Clock {
 
 struct Nvme {
     controller: Controller<Bar, Dma, Clock>,
+    /// BAR0, to set the controller up again (`wild-queues`).
+    regs: Window,
+    /// The `wild-queues` lie was acted on.
+    queues_moved: bool,
     /// Request id and length per command id (= bounce slot).
     in_flight: [Option<(u64, u32)>; SLOT_COUNT as usize],
 }
 
 impl ChannelDriver for Nvme {
     const NAME: &'static str = "nvme";
-    const FAULTS: &'static [u32] = &[inject::WILD_DMA];
+    const FAULTS: &'static [u32] = &[inject::WILD_DMA, inject::WILD_QUEUES];
 
     fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error> {
-        let bar = Bar(kernel.window("regs").ok_or(Error::MissingWindow("regs"))?);
+        let regs = kernel.window("regs").ok_or(Error::MissingWindow("regs"))?;
+        let bar = Bar(regs);
         kernel.interrupt_line(1).ok_or(Error::MissingInterrupt(1))?;
         let base = channel.window().read::<u64>(header::DMA_ADDRESS);
-        let dma = Dma { channel: *channel.window(), base, wild: Cell::new(false) };
+        let dma = Dma { channel: *channel.window(), base, wild: Cell::new(false), wild_queues: false };
         let area = channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
         const _: () = assert!(Layout::AREA <= channel::DEVICE_AREA_SIZE);
         let controller = Controller::start(bar, dma, Clock(Instant::now()), Layout::at(area)).map_err(|error| {
@@ -101,7 +113,23 @@ impl ChannelDriver for Nvme {
             namespace.blocks,
             1u32 << namespace.block_shift
         );
-        Ok(Nvme { controller, in_flight: [None; SLOT_COUNT as usize] })
+        Ok(Nvme { controller, regs, queues_moved: false, in_flight: [None; SLOT_COUNT as usize] })
+    }
+}
+
+impl Nvme {
+    /// The `wild-queues` lie: the controller is reset and set up with its
+    /// queues outside the region, and the driver goes on submitting to the
+    /// queues it had, which the controller no longer reads.
+    fn move_queues_outside(&mut self) {
+        self.queues_moved = true;
+        let memory = self.controller.memory();
+        let dma = Dma { channel: memory.channel, base: memory.base, wild: Cell::new(false), wild_queues: true };
+        let area = channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
+        match Controller::start(Bar(self.regs), dma, Clock(Instant::now()), Layout::at(area)) {
+            Ok(_) => println!("nvme: (injected) the controller took queues outside its region"),
+            Err(error) => println!("nvme: (injected) queues moved outside the region: {error:?}"),
+        }
     }
 }
 
@@ -111,6 +139,9 @@ impl Device for Nvme {
             return channel.complete(request.id, status::IO_ERROR, 0);
         }
         self.controller.memory().wild.set(channel.lies.wild_dma);
+        if channel.lies.wild_queues && !self.queues_moved {
+            self.move_queues_outside();
+        }
         let buffer = channel::slot_offset(request.slot) - channel::BOUNCE_OFFSET;
         let offset = request.sector.saturating_mul(512);
         let command = match request.op {

@@ -115,6 +115,10 @@ pub mod inject {
     /// From now on, point the device's DMA for data outside the region the
     /// reflector gave it (a driver reaching for memory it was not given).
     pub const WILD_DMA: u32 = 11;
+    /// Now, set the device up again with its queues outside the region
+    /// the reflector gave it (a driver reaching for memory it was not
+    /// given with the device's own structures), and go on as if it worked.
+    pub const WILD_QUEUES: u32 = 12;
 }
 
 /// The [`header::DRIVER_INJECTABLE`] mask of `kinds`.
