@@ -60,6 +60,10 @@ fn main() {
         "guest-kernel/link.ld",
         "guest-kernel/abi/src",
         "guest-kernel/abi/Cargo.toml",
+        // Every path dependency of the images: a change to the NVMe core
+        // must rebuild the nvme image.
+        "nvme/src",
+        "nvme/Cargo.toml",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }

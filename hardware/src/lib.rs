@@ -9,6 +9,7 @@
 //! `driver_answers`), nor a reader of client memory. It trusts the driver
 //! with nothing: every register a driver writes is checked by the device.
 
+pub mod descriptors;
 pub mod qemu;
 pub mod shm;
 pub mod sim_nic;

@@ -122,6 +122,7 @@ impl Rig {
             DmaRange { memory: &memory, offset: 0, len: memory.size() },
             Arc::new(InterruptRoute::default()),
             None,
+            None,
         )
         .unwrap();
         Rig { _dir: dir, image, memory, model }

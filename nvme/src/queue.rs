@@ -176,14 +176,16 @@ impl QueuePair {
     }
 
     /// Tells the controller the completions taken so far may be reused.
+    ///
+    /// The register is written even when the EventIdx would let the shadow
+    /// alone do: a pin-based (INTx) interrupt is deasserted only by that
+    /// write, and a line left asserted gives the next completion no new
+    /// edge, so a sleeping driver would never hear of it.
     pub fn release(&mut self, registers: &impl Registers, memory: &impl DmaMemory) {
-        let needed = match self.shadow {
-            Some(shadow) => Self::publish(memory, shadow.cq_head, shadow.cq_event, self.head, self.released),
-            None => true,
-        };
-        if needed {
-            registers.write32(regs::cq_head_doorbell(self.id, self.stride), u32::from(self.head));
+        if let Some(shadow) = self.shadow {
+            Self::publish(memory, shadow.cq_head, shadow.cq_event, self.head, self.released);
         }
+        registers.write32(regs::cq_head_doorbell(self.id, self.stride), u32::from(self.head));
         self.released = self.head;
     }
 }

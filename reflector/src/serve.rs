@@ -20,13 +20,13 @@ use crate::channel::Channel;
 use crate::config::{BlkConfig, DeviceHardware, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
-use crate::hw::qemu::{QemuNic, QemuNvme};
+use crate::hw::qemu::{ProcessJail, QemuNic, QemuNvme, QemuProcess};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
 use crate::hw::vfio::{VfioNic, VfioNvme};
 use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
-use crate::jail::{Jail, JailLimits};
+use crate::jail::{Jail, JailLimits, Jailed};
 use crate::metrics::Metrics;
 use crate::net::device::{Net, NetDevice};
 use crate::recovery::{RecoveryConfig, RestartPolicy};
@@ -243,6 +243,26 @@ fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Resu
     Ok(Some(Arc::new(jail)))
 }
 
+/// How device `index`'s QEMU processes start: `qemu`, in a jail of their
+/// own unless jailing is off.
+fn qemu_process(qemu: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<QemuProcess, String> {
+    let jail: Option<Arc<dyn ProcessJail>> = if settings.enabled {
+        let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
+        let jail =
+            Jail::prepare_for(Jailed::DeviceModel(qemu), name, index, base, JailLimits::DEVICE_MODEL, settings.user)
+                .map_err(|e| {
+                    format!(
+                        "{name}: jailing QEMU ({}): {e} (install QEMU, e.g. the Debian package qemu-system-x86)",
+                        qemu.display()
+                    )
+                })?;
+        Some(Arc::new(jail))
+    } else {
+        None
+    };
+    Ok(QemuProcess { binary: qemu.to_owned(), jail })
+}
+
 /// Claims a device's socket path (see `sockets`).
 fn claim_socket(name: &str, path: &Path) -> Result<(std::os::unix::net::UnixListener, std::fs::File), String> {
     crate::sockets::claim(path).map(crate::sockets::ClaimedSocket::into_listener).map_err(|e| format!("{name}: {e}"))
@@ -274,7 +294,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             // device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
             let nvme = QemuNvme::start(
-                qemu,
+                &qemu_process(qemu, name, index, jail)?,
                 name,
                 &config.image,
                 config.read_only,
@@ -417,7 +437,7 @@ pub fn start_net(
             // the device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
             let nic = QemuNic::start(
-                qemu,
+                &qemu_process(qemu, name, index, jail)?,
                 name,
                 config.mac,
                 channel.memory(),

@@ -366,8 +366,8 @@ impl DriverLauncher {
             Some(file) => command.arg("--image").arg(format!("fd={}", fds.pass(file.as_raw_fd()))),
             None => command.args(["--image", &spec.image]),
         };
-        if let Some(jail) = &spec.jail {
-            let fd = fds.pass(jail.kvm());
+        if let Some(kvm) = spec.jail.as_ref().and_then(|jail| jail.kvm()) {
+            let fd = fds.pass(kvm);
             command.arg("--kvm-fd").arg(fd.to_string());
         }
         for window in &self.windows {
@@ -390,6 +390,9 @@ impl DriverLauncher {
         let report = match &spec.jail {
             Some(jail) => {
                 let (read, write) = pipe()?;
+                // The keeper writes it after the descriptors are placed
+                // from 3: kept above them all.
+                let write = hardware::descriptors::lift(write)?;
                 fds.apply(&mut command, Some((jail.clone(), write.as_raw_fd())));
                 Some((read, write))
             }

@@ -14,7 +14,8 @@ use std::process::{Command, Output, Stdio};
 mod common;
 
 use common::{
-    assert_clean_load, blk_arg, kvm_available, qemu_available, qemu_pids, sibling, spawn_blk_load, Reflector, Scratch,
+    assert_clean_load_of, blk_arg, kvm_available, qemu_available, qemu_pids, sibling, spawn_blk_load, Reflector,
+    Scratch,
 };
 
 fn available(test: &str) -> bool {
@@ -106,7 +107,7 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
             "a replacement NVMe driver serving",
         );
     }
-    assert_clean_load(load);
+    assert_clean_load_of(load, Some(&reflector));
     let log = reflector.log_text();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(!log.contains("violation"), "an honest driver was judged lying: {log}");
@@ -143,7 +144,7 @@ fn a_qemu_device_model_killed_under_load_is_started_again_and_nothing_is_lost() 
             "the QEMU device model started again",
         );
     }
-    assert_clean_load(load);
+    assert_clean_load_of(load, Some(&reflector));
     assert_eq!(
         qemu_pids(&image.display().to_string(), None).len(),
         1,
@@ -222,9 +223,57 @@ fn a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and
         "the driver acting on wild-queues",
     );
     reflector.wait_for(|r| r.log_text().matches("serving channel generation").count() >= 2, "a new driver VM");
-    assert_clean_load(load);
+    assert_clean_load_of(load, Some(&reflector));
     let log = reflector.log_text();
     assert!(log.contains("queues moved outside the region: Fatal"), "the controller reached its wild queues: {log}");
+}
+
+#[test]
+fn the_qemu_device_model_runs_in_a_jail_of_its_own() {
+    let test = "the_qemu_device_model_runs_in_a_jail_of_its_own";
+    if !available(test) {
+        return;
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPING {test}: jails need root ***\n");
+        return;
+    }
+    let scratch = Scratch::new("nvme-jail");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=8M,device=nvme");
+    let reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let pids = qemu_pids(&image.display().to_string(), None);
+    assert_eq!(pids.len(), 1, "{}", reflector.log_text());
+    let pid = pids[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or_default().to_owned();
+    let uid: u32 = field("Uid:").split_whitespace().next().unwrap().parse().unwrap();
+    assert!(uid >= 1000, "QEMU runs as uid {uid}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "QEMU holds capabilities");
+    assert_eq!(field("NoNewPrivs:"), "1");
+    assert_eq!(field("Seccomp:"), "2", "QEMU runs without a seccomp filter");
+    // Its root holds QEMU, its libraries and a /proc of its own, nothing else.
+    let mut root: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    root.sort();
+    assert!(
+        root.iter().all(|e| ["lib", "lib64", "usr", "proc", "qemu-system-x86_64"].contains(&e.as_str())),
+        "{root:?}"
+    );
+    assert!(!root.iter().any(|e| e == "tmp" || e == "dev" || e == "etc"), "{root:?}");
+    // Its /proc shows its own PID namespace: itself alone.
+    let own_proc: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(own_proc, vec!["1".to_owned()], "QEMU sees other processes");
+    // And the image it serves is not among its files (it got a descriptor).
+    assert!(!std::path::Path::new(&format!("/proc/{pid}/root{}", image.display())).exists());
 }
 
 #[test]

@@ -166,7 +166,11 @@ impl Device for Nvme {
             let Some((id, len)) = in_flight.get_mut(usize::from(cid)).and_then(Option::take) else { return };
             match code {
                 0 => channel.complete(id, status::OK, len),
-                _ => channel.complete(id, status::IO_ERROR, 0),
+                _ => {
+                    // The controller's own word, for the operator: SCT<<8|SC.
+                    println!("nvme: request {id} (command {cid}) failed with status {code:#x}");
+                    channel.complete(id, status::IO_ERROR, 0)
+                }
             }
         });
         Ok(reaped > 0)

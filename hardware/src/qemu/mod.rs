@@ -22,7 +22,7 @@ mod proxy;
 mod qtest;
 mod supervised;
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -54,8 +54,26 @@ const QTEST_FD: RawFd = 3;
 const DMA_FD: RawFd = 4;
 /// A NIC's network side.
 const WIRE_FD: RawFd = 5;
-/// The halting firmware of a running machine.
+/// The halting firmware (every machine gets it: a jailed QEMU can read no
+/// firmware file).
 const FIRMWARE_FD: RawFd = 6;
+/// A disk image, opened by the reflector (a jailed QEMU can open no path):
+/// read-write (absent for a read-only disk) and read-only, both in QEMU's
+/// descriptor set 1.
+const IMAGE_RW_FD: RawFd = 7;
+const IMAGE_RO_FD: RawFd = 8;
+
+/// A sandbox the QEMU process starts in (the reflector's jail: namespaces,
+/// an empty root with QEMU and its libraries, its own uid, cgroup,
+/// seccomp). `None` runs QEMU unconfined but for its own `-sandbox`.
+pub trait ProcessJail: Send + Sync {
+    /// The binary to execute, as the jail sees it.
+    fn program(&self) -> &Path;
+    /// Enters the jail, in the forked child before exec: only
+    /// async-signal-safe calls. A keeper process stays behind as the
+    /// reflector's child and writes the jailed process's pid to `report`.
+    fn enter(&self, report: RawFd) -> std::io::Result<()>;
+}
 
 /// Firmware for a machine whose vCPU must run but do nothing: 64 KiB of
 /// `hlt`, and at the reset vector `cli; hlt; jmp .-1`. With interrupts off
@@ -84,6 +102,16 @@ mod pci {
     pub const BUS_MASTER: u32 = 1 << 2;
 }
 
+/// How a device's QEMU processes are started: the binary, and the jail
+/// each starts in.
+#[derive(Clone)]
+pub struct QemuProcess {
+    /// The `qemu-system-x86_64` binary.
+    pub binary: PathBuf,
+    /// The jail (`None`: unconfined but for QEMU's own `-sandbox`).
+    pub jail: Option<Arc<dyn ProcessJail>>,
+}
+
 /// Which QEMU device model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Model {
@@ -104,27 +132,61 @@ pub enum Model {
 
 impl Model {
     fn arguments(&self, serial: &str) -> Vec<String> {
-        match self {
-            Model::Nvme { image, read_only } => vec![
-                "-drive".into(),
-                format!(
-                    "file={},if=none,id=disk,format=raw,cache=writeback,file.locking=off,read-only={}",
-                    escape(image),
-                    if *read_only { "on" } else { "off" }
-                ),
-                "-device".into(),
-                format!("nvme,serial={serial},drive=disk"),
-            ],
+        let mut arguments = vec!["-name".to_owned(), format!("guest={}", self.label().replace(',', ",,"))];
+        arguments.extend(match self {
+            Model::Nvme { read_only, .. } => {
+                let mut nvme = Vec::new();
+                if !*read_only {
+                    nvme.extend(["-add-fd".to_owned(), format!("fd={IMAGE_RW_FD},set=1")]);
+                }
+                nvme.extend([
+                    "-add-fd".to_owned(),
+                    format!("fd={IMAGE_RO_FD},set=1"),
+                    "-drive".into(),
+                    format!(
+                        "file=/dev/fdset/1,if=none,id=disk,format=raw,cache=writeback,file.locking=off,read-only={}",
+                        if *read_only { "on" } else { "off" }
+                    ),
+                    "-device".into(),
+                    format!("nvme,serial={serial},drive=disk"),
+                ]);
+                nvme
+            }
             Model::E1000e { mac } => vec![
                 "-netdev".into(),
                 format!("dgram,id=wire,local.type=fd,local.str={WIRE_FD}"),
                 "-device".into(),
+                // No option ROM: nothing would run it, and a jailed QEMU
+                // could not read it.
                 format!(
-                    "e1000e,netdev=wire,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    "e1000e,netdev=wire,romfile=,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
                     mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
                 ),
             ],
+        });
+        arguments
+    }
+
+    /// What the process serves, for `ps` and logs: the image, the MAC.
+    fn label(&self) -> String {
+        match self {
+            Model::Nvme { image, .. } => image.display().to_string(),
+            Model::E1000e { mac } => {
+                format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5])
+            }
         }
+    }
+
+    /// The image's descriptors (read-write unless read-only, and
+    /// read-only), for a disk.
+    fn image_files(&self) -> std::io::Result<Vec<(std::fs::File, RawFd)>> {
+        let Model::Nvme { image, read_only } = self else { return Ok(Vec::new()) };
+        let mut files = Vec::new();
+        if !*read_only {
+            files.push((std::fs::File::options().read(true).write(true).open(image)?, IMAGE_RW_FD));
+        }
+        files.push((std::fs::File::open(image)?, IMAGE_RO_FD));
+        Ok(files)
     }
 
     /// Whether QEMU's vCPU must run (halted in [`HALT_FIRMWARE`]) rather
@@ -175,9 +237,15 @@ fn spawn_lasting(command: Command) -> std::io::Result<Child> {
     answer.recv().map_err(|_| std::io::Error::other("the QEMU spawner thread is gone"))?
 }
 
-/// QEMU's option syntax doubles commas in values.
-fn escape(path: &Path) -> String {
-    path.display().to_string().replace(',', ",,")
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut ends = [-1; 2];
+    // SAFETY: pipe2(2) into a local array; on success both are ours.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh descriptors nothing else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
 }
 
 /// The part of a shared region a device model may reach by DMA: `len`
@@ -251,11 +319,20 @@ impl QemuModel {
         dma: Dma<'_>,
         interrupt: Arc<InterruptRoute>,
         wire: Option<&OwnedFd>,
+        jail: Option<Arc<dyn ProcessJail>>,
     ) -> Result<QemuModel, ModelError> {
         let Dma { memory: dma, offset, len } = dma;
         let (ours, theirs) = UnixStream::pair()?;
         let theirs = OwnedFd::from(theirs);
-        let mut command = Command::new(qemu);
+        let mut command = match &jail {
+            Some(jail) => {
+                let mut command = Command::new(jail.program());
+                // Nothing of the reflector's environment reaches the jail.
+                command.env_clear();
+                command
+            }
+            None => Command::new(qemu),
+        };
         let maxmem_mib = 2 + len.div_ceil(1 << 20) + 1;
         command
             .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
@@ -266,6 +343,8 @@ impl QemuModel {
             // syscalls, gaining privileges, spawning processes and
             // changing resource controls.
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
+            // A bounded I/O thread pool: the jail bounds its tasks.
+            .args(["-object", "main-loop,id=main-loop,thread-pool-max=8"])
             .args(["-m", &format!("{QEMU_RAM},slots=1,maxmem={maxmem_mib}M")])
             .args([
                 "-object",
@@ -276,38 +355,45 @@ impl QemuModel {
                 &format!("pc-dimm,memdev=dma,addr={DMA_BASE:#x}"),
             ])
             .args(model.arguments(serial))
-            .args(match model.needs_running_machine() {
-                true => vec!["-bios".to_owned(), format!("/proc/self/fd/{FIRMWARE_FD}")],
-                false => vec!["-S".to_owned()],
-            })
+            .args(["-bios", &format!("/proc/self/fd/{FIRMWARE_FD}")])
+            .args(if model.needs_running_machine() { None } else { Some("-S") })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let firmware = if model.needs_running_machine() { Some(halt_firmware()?) } else { None };
+        let firmware = halt_firmware()?;
+        let images = model.image_files()?;
         // (source in this process, number in QEMU), fixed before the fork:
         // the child only walks it.
         let mut passed = vec![(theirs.as_raw_fd(), QTEST_FD), (dma.as_raw_fd(), DMA_FD)];
         passed.extend(wire.map(|fd| (fd.as_raw_fd(), WIRE_FD)));
-        passed.extend(firmware.as_ref().map(|f| (f.as_raw_fd(), FIRMWARE_FD)));
+        passed.push((firmware.as_raw_fd(), FIRMWARE_FD));
+        passed.extend(images.iter().map(|(file, number)| (file.as_raw_fd(), *number)));
+        // The jail's keeper reports the jailed pid here (not read: the
+        // keeper is the child the reflector kills and waits for).
+        let (report_read, report_write) = pipe()?;
+        // Above every number a descriptor is placed at below.
+        let report_write = crate::descriptors::lift(report_write)?;
+        let report = report_write.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only calls prctl,
-        // getppid, fcntl and dup2, which are async-signal-safe, on
-        // descriptors that stay open in the parent across the spawn; it
-        // allocates nothing.
+        // getppid, fcntl and dup2, and the jail's entry, which are
+        // async-signal-safe, on descriptors and data that stay alive in the
+        // parent across the spawn; it allocates nothing.
         unsafe {
             command.pre_exec(move || {
-                // QEMU dies with the reflector, whatever kills it (qtest
-                // does not end QEMU when its connection closes); a parent
-                // gone before the request took effect ends the start.
+                // QEMU (or its jail's keeper, which QEMU dies with) dies
+                // with the reflector, whatever kills it (qtest does not end
+                // QEMU when its connection closes); a parent gone before
+                // the request took effect ends the start.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 // Each source is first copied above every target, so that
                 // placing one cannot overwrite another still to be placed
                 // (a source may be numbered 3 or 4 itself).
-                let mut copies = [0; 4];
+                let mut copies = [0; 8];
                 for (copy, (source, _)) in copies.iter_mut().zip(&passed) {
-                    *copy = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 10);
+                    *copy = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 16);
                     if *copy < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -318,13 +404,22 @@ impl QemuModel {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Ok(())
+                // Nothing else reaches QEMU, whatever the reflector itself
+                // inherited without close-on-exec.
+                let first_other = (IMAGE_RO_FD + 1) as libc::c_uint;
+                if libc::syscall(libc::SYS_close_range, first_other, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                match &jail {
+                    Some(jail) => jail.enter(report),
+                    None => Ok(()),
+                }
             });
         }
         let child =
             spawn_lasting(command).map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
-        drop(theirs);
-        drop(firmware);
+        drop((theirs, firmware, images, report_read, report_write));
         let (route, level) = (interrupt.clone(), Arc::new(AtomicBool::new(false)));
         let line = level.clone();
         let exit_notice: Arc<Mutex<Option<EventFd>>> = Arc::default();
@@ -470,9 +565,27 @@ impl QemuModel {
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
         match self.model {
             // CC.EN = 0: a controller reset.
-            Model::Nvme { .. } => self.qtest.writel(BAR0_ADDRESS + 0x14, 0),
+            Model::Nvme { .. } => self.qtest.writel(BAR0_ADDRESS + 0x14, 0)?,
             // CTRL.RST: a device reset, which empties the rings.
-            Model::E1000e { .. } => self.qtest.writel(BAR0_ADDRESS, 1 << 26),
+            Model::E1000e { .. } => self.qtest.writel(BAR0_ADDRESS, 1 << 26)?,
+        }
+        Ok(())
+    }
+
+    /// Whether the device's interrupt line is asserted: after a reset it
+    /// must not be (QEMU's NVMe model can keep it asserted across a reset
+    /// that found completions pending, and a line stuck high gives no new
+    /// edge to any later driver).
+    pub fn line_asserted(&self) -> bool {
+        self.line_asserted.load(Ordering::Acquire)
+    }
+
+    /// Kills the QEMU process now (not reported as its failure).
+    pub fn kill(&self) {
+        self.notify_exit(None);
+        if let Ok(mut child) = self.child.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

@@ -8,14 +8,13 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::supervised::{ProcessSpec, SupervisedModel};
-use super::{Model, ModelError};
+use super::{Model, ModelError, QemuProcess};
 use crate::shm::SharedMemory;
 use crate::switch::{Mac, PortId, Switch, SwitchPort};
 use crate::{Hardware, HardwareWindow, InterruptRoute, NetHardware, TrapWindow};
@@ -58,7 +57,7 @@ impl QemuNic {
     /// Starts QEMU (`qemu`) with an e1000e of address `mac`, able to reach
     /// `len` bytes of `dma` from `offset`, its cable plugged into `switch`.
     pub fn start(
-        qemu: &Path,
+        qemu: &QemuProcess,
         name: &str,
         mac: Mac,
         dma: &Arc<SharedMemory>,
@@ -70,7 +69,8 @@ impl QemuNic {
         let theirs = OwnedFd::from(theirs);
         let interrupt = Arc::new(InterruptRoute::default());
         let process = SupervisedModel::start(ProcessSpec {
-            qemu: qemu.to_owned(),
+            qemu: qemu.binary.clone(),
+            jail: qemu.jail.clone(),
             model: Model::E1000e { mac },
             serial: name.chars().filter(char::is_ascii_alphanumeric).take(20).collect(),
             dma: dma.clone(),

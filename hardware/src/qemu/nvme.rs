@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::supervised::{ProcessSpec, SupervisedModel};
-use super::{Model, ModelError, QemuModel};
+use super::{Model, ModelError, QemuModel, QemuProcess};
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute, TrapWindow};
 
@@ -32,7 +32,7 @@ impl QemuNvme {
     /// Starts QEMU (`qemu`) with an NVMe controller on `image`, able to
     /// reach `len` bytes of `dma` from `offset`.
     pub fn start(
-        qemu: &Path,
+        qemu: &QemuProcess,
         name: &str,
         image: &Path,
         read_only: bool,
@@ -44,7 +44,8 @@ impl QemuNvme {
         let capacity_sectors = file.metadata()?.len() / 512;
         let interrupt = Arc::new(InterruptRoute::default());
         let process = SupervisedModel::start(ProcessSpec {
-            qemu: qemu.to_owned(),
+            qemu: qemu.binary.clone(),
+            jail: qemu.jail.clone(),
             model: Model::Nvme { image: image.to_owned(), read_only },
             serial: name.chars().filter(char::is_ascii_alphanumeric).take(20).collect(),
             dma: dma.clone(),

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Dma, Model, ModelError, QemuModel};
+use super::{Dma, Model, ModelError, ProcessJail, QemuModel};
 use crate::shm::SharedMemory;
 use crate::{InterruptRoute, TrapWindow};
 
@@ -36,6 +36,8 @@ pub struct ProcessSpec {
     /// QEMU's end of a NIC's cable, kept here so that a restarted card is
     /// plugged into the same switch port.
     pub wire: Option<OwnedFd>,
+    /// The jail each QEMU process starts in.
+    pub jail: Option<Arc<dyn ProcessJail>>,
 }
 
 /// The QEMU process serving a device now, restarted when found dead.
@@ -61,7 +63,8 @@ impl SupervisedModel {
 
     fn launch(spec: &ProcessSpec) -> Result<QemuModel, ModelError> {
         let dma = Dma { memory: &spec.dma, offset: spec.offset, len: spec.len };
-        QemuModel::start(&spec.qemu, spec.model.clone(), &spec.serial, dma, spec.interrupt.clone(), spec.wire.as_ref())
+        let (model, interrupt, jail) = (spec.model.clone(), spec.interrupt.clone(), spec.jail.clone());
+        QemuModel::start(&spec.qemu, model, &spec.serial, dma, interrupt, spec.wire.as_ref(), jail)
     }
 
     /// Writes `failure` whenever the QEMU process serving exits: the
@@ -102,8 +105,21 @@ impl SupervisedModel {
     /// already dead has none.
     pub fn quiesce(&self) {
         let model = self.current();
-        if let Err(error) = model.quiesce() {
-            tracing::error!(%error, model = ?self.spec.model, running = model.running(), "cannot quiesce the device");
+        match model.quiesce() {
+            // A device whose interrupt line stays asserted through its
+            // reset is in a state no driver can recover from (see
+            // `QemuModel::line_asserted`): this process is replaced.
+            Ok(()) if model.line_asserted() => {
+                tracing::warn!(
+                    model = ?self.spec.model,
+                    "the device's interrupt line stayed asserted through its reset; starting its QEMU again"
+                );
+                model.kill();
+            }
+            Ok(()) => {}
+            Err(error) => {
+                tracing::error!(%error, model = ?self.spec.model, running = model.running(), "cannot quiesce the device")
+            }
         }
     }
 

@@ -70,6 +70,11 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits) -> Result<(Vec<File>, 
             .write(true)
             .open(dir.join("cgroup.procs"))
             .map_err(io_error(format!("opening {}", dir.join("cgroup.procs").display())))?;
+        // Written by the child after its descriptors are placed from 3:
+        // kept above them all.
+        let procs_file = hardware::descriptors::lift(procs_file.into())
+            .map(std::fs::File::from)
+            .map_err(io_error("moving a cgroup.procs descriptor"))?;
         procs.push(procs_file);
     }
     Ok((procs, dirs))

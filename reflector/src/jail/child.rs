@@ -261,6 +261,21 @@ impl Jail {
             let read_only = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
             named(mount(None, &bind.target, None, read_only, None), b"making a bound file read-only")?;
         }
+        if let Some(proc) = &self.proc {
+            // Its own PID namespace's processes only (itself), and nothing
+            // else of /proc: no /proc/sys, no kernel symbols. Mounted while
+            // the host's /proc is still visible, as the kernel requires.
+            named(
+                mount(
+                    Some(c"proc"),
+                    proc,
+                    Some(c"proc"),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    Some(c"subset=pid,hidepid=invisible"),
+                ),
+                b"mounting the jail's /proc",
+            )?;
+        }
         // SAFETY: chdir(2) into the new root, pivot_root(2) onto itself (the
         // old root ends up stacked below and is detached), chdir back to /.
         unsafe {

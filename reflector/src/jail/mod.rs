@@ -65,6 +65,11 @@ use libraries::libraries_of;
 pub const JAIL_ROOT: &str = "/run/driver-vms/jail";
 /// The vmm binary inside the jail.
 pub const JAILED_VMM: &str = "/vmm";
+/// A device model's QEMU binary inside its jail.
+pub const JAILED_QEMU: &str = "/qemu-system-x86_64";
+/// Ids of devices' QEMU processes: this far above the device's own (its
+/// driver VMs'), so that the two never share a uid.
+pub const DEVICE_MODEL_IDS: u32 = IDS_PER_REFLECTOR / 2;
 /// First uid (and gid) of driver VM jails. Far above any account a
 /// distribution creates.
 pub const DEFAULT_UID_BASE: u32 = 0x7b00_0000;
@@ -93,6 +98,13 @@ pub struct JailLimits {
     pub memory: u64,
     /// Task limit for the device's cgroup.
     pub tasks: u64,
+}
+
+impl JailLimits {
+    /// A device model's QEMU: a core (it does the device's I/O), 512 MiB
+    /// (45 MiB of its own plus the page cache of the image it writes), and
+    /// tasks for its threads (an I/O pool bounded at 8).
+    pub const DEVICE_MODEL: JailLimits = JailLimits { cpu: 1.0, memory: 512 << 20, tasks: 64 };
 }
 
 impl Default for JailLimits {
@@ -155,8 +167,24 @@ pub enum JailIds {
     },
 }
 
+/// What a jail holds.
+#[derive(Clone, Copy, Debug)]
+pub enum Jailed<'a> {
+    /// A driver VM's vmm (this binary): /dev/kvm handed in, no /proc.
+    Vmm(&'a Path),
+    /// A device model's QEMU (this binary): no /dev/kvm; a /proc of its own
+    /// PID namespace with nothing but its own process (`subset=pid`), for
+    /// the `/proc/self/fd/N` paths its memory and firmware are named by;
+    /// ids and cgroup of its own.
+    DeviceModel(&'a Path),
+}
+
 /// Everything the child needs to jail itself, prepared in the parent.
 pub struct Jail {
+    /// The program to exec, inside the jail.
+    program: &'static str,
+    /// Where a /proc of its own is mounted, if it gets one.
+    proc: Option<CString>,
     root: CString,
     directories: Vec<CString>,
     binds: Vec<Bind>,
@@ -165,7 +193,7 @@ pub struct Jail {
     cgroup_dirs: Vec<PathBuf>,
     ids: JailIds,
     /// The device's `/dev/kvm`, handed to each of its vmms.
-    kvm: File,
+    kvm: Option<File>,
     /// The outer seccomp filters (see the module doc), compiled before fork.
     filters: Vec<seccompiler::BpfProgram>,
 }
@@ -184,10 +212,27 @@ impl Jail {
         limits: JailLimits,
         user: Option<(u32, u32)>,
     ) -> Result<Jail, JailError> {
+        Self::prepare_for(Jailed::Vmm(vmm), name, index, uid_base, limits, user)
+    }
+
+    /// Prepares a jail holding `what` for device number `index` named
+    /// `name` (see [`Jail::prepare`]).
+    pub fn prepare_for(
+        what: Jailed<'_>,
+        name: &str,
+        index: u32,
+        uid_base: u32,
+        limits: JailLimits,
+        user: Option<(u32, u32)>,
+    ) -> Result<Jail, JailError> {
+        let (program, jailed, cgroup, id_offset) = match what {
+            Jailed::Vmm(vmm) => (vmm, JAILED_VMM, name.to_owned(), 0),
+            Jailed::DeviceModel(qemu) => (qemu, JAILED_QEMU, format!("{name}-qemu"), DEVICE_MODEL_IDS),
+        };
         make_searchable_dir(Path::new(JAIL_ROOT))?;
-        let vmm = vmm.canonicalize().map_err(io_error(format!("resolving {}", vmm.display())))?;
-        let mut files = vec![(vmm.clone(), PathBuf::from(JAILED_VMM))];
-        for library in libraries_of(&vmm)? {
+        let program = resolve_program(program)?;
+        let mut files = vec![(program.clone(), PathBuf::from(jailed))];
+        for library in libraries_of(&program)? {
             let source = library.canonicalize().map_err(io_error(format!("resolving {}", library.display())))?;
             files.push((source, library));
         }
@@ -206,42 +251,66 @@ impl Jail {
             }
             binds.push(Bind { source: c_path(&source)?, target: c_path(&inside)? });
         }
+        let proc = match what {
+            Jailed::Vmm(_) => None,
+            Jailed::DeviceModel(_) => {
+                let proc = c_path(&Path::new(JAIL_ROOT).join("proc"))?;
+                directories.push(proc.clone());
+                Some(proc)
+            }
+        };
         // Parents before children.
         directories.sort_by_key(|d| d.as_bytes().len());
-        let kvm = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .map_err(io_error("opening /dev/kvm for the driver VMs"))?;
-        let (cgroups, cgroup_dirs) = match cgroups_for(name, limits) {
+        let kvm = match what {
+            Jailed::Vmm(_) => Some(
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .map_err(io_error("opening /dev/kvm for the driver VMs"))?,
+            ),
+            Jailed::DeviceModel(_) => None,
+        };
+        let (cgroups, cgroup_dirs) = match cgroups_for(&cgroup, limits) {
             Ok(found) => found,
             Err(error) => {
-                tracing::warn!(device = name, %error, "no cgroup limits for this device's driver VMs");
+                tracing::warn!(device = name, %error, "no cgroup limits for this device's jailed processes");
                 (Vec::new(), Vec::new())
             }
         };
-        if index >= IDS_PER_REFLECTOR {
+        if index >= DEVICE_MODEL_IDS {
             return Err(JailError::Io {
                 what: format!("device {name}"),
-                source: std::io::Error::other(format!("at most {IDS_PER_REFLECTOR} devices can be jailed")),
+                source: std::io::Error::other(format!("at most {DEVICE_MODEL_IDS} devices can be jailed")),
             });
         }
         let ids = match user {
             Some((uid, gid)) => JailIds::Reflector { uid, gid },
-            None => JailIds::Device { id: uid_base.saturating_add(index) },
+            None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
         };
         let filters = outer_filters()?;
-        Ok(Jail { root: c_path(Path::new(JAIL_ROOT))?, directories, binds, cgroups, cgroup_dirs, ids, kvm, filters })
+        Ok(Jail {
+            program: jailed,
+            proc,
+            root: c_path(Path::new(JAIL_ROOT))?,
+            directories,
+            binds,
+            cgroups,
+            cgroup_dirs,
+            ids,
+            kvm,
+            filters,
+        })
     }
 
     /// The program to exec once jailed.
     pub fn program(&self) -> &'static str {
-        JAILED_VMM
+        self.program
     }
 
-    /// /dev/kvm, to pass to the child.
-    pub fn kvm(&self) -> RawFd {
-        self.kvm.as_raw_fd()
+    /// /dev/kvm, to pass to a vmm.
+    pub fn kvm(&self) -> Option<RawFd> {
+        self.kvm.as_ref().map(AsRawFd::as_raw_fd)
     }
 
     /// Whose ids its vmms run with.
@@ -291,9 +360,32 @@ fn make_searchable_dir(path: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
+/// `program` as an absolute, resolved path (a bare name is looked up in
+/// PATH, as `Command` would).
+fn resolve_program(program: &Path) -> Result<PathBuf, JailError> {
+    let found = if program.components().count() == 1 {
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()))
+            .unwrap_or_else(|| program.to_owned())
+    } else {
+        program.to_owned()
+    };
+    found.canonicalize().map_err(io_error(format!("resolving {}", program.display())))
+}
+
 fn c_path(path: &Path) -> Result<CString, JailError> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| JailError::Io {
         what: format!("{}", path.display()),
         source: std::io::Error::other("NUL in path"),
     })
+}
+
+impl hardware::qemu::ProcessJail for Jail {
+    fn program(&self) -> &Path {
+        Path::new(self.program)
+    }
+
+    fn enter(&self, report: RawFd) -> std::io::Result<()> {
+        Jail::enter(self, report)
+    }
 }

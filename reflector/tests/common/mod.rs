@@ -203,8 +203,15 @@ pub fn spawn_blk_load(socket: &Path, args: &[&str]) -> std::process::Child {
 /// with no error and no mismatch in any job.
 #[allow(dead_code)]
 pub fn assert_clean_load(load: std::process::Child) {
+    assert_clean_load_of(load, None);
+}
+
+/// [`assert_clean_load`], showing `reflector`'s log if it fails.
+#[allow(dead_code)]
+pub fn assert_clean_load_of(load: std::process::Child, reflector: Option<&Reflector>) {
     let output = load.wait_with_output().unwrap();
-    assert!(output.status.success(), "blk-load: {}", String::from_utf8_lossy(&output.stderr));
+    let log = || reflector.map(Reflector::log_text).unwrap_or_default();
+    assert!(output.status.success(), "blk-load: {}\nreflector:\n{}", String::from_utf8_lossy(&output.stderr), log());
     for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
         let job: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
@@ -224,9 +231,10 @@ pub fn qemu_available(test: &str) -> bool {
 }
 
 /// Live (not zombie) QEMU processes whose command line contains `needle`
-/// (an image path, a MAC address) and, if given, whose parent is `parent`
-/// (tests running at once use the same MACs): a device's QEMU, found to
-/// be killed.
+/// (an image path, a MAC address) and, if given, that descend from
+/// `parent` (tests running at once use the same MACs; a jailed QEMU's
+/// parent is its jail's keeper, the reflector's child): a device's QEMU,
+/// found to be killed.
 #[allow(dead_code)]
 pub fn qemu_pids(needle: &str, parent: Option<u32>) -> Vec<i32> {
     std::fs::read_dir("/proc")
@@ -235,14 +243,29 @@ pub fn qemu_pids(needle: &str, parent: Option<u32>) -> Vec<i32> {
         .filter(|pid| {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.starts_with("qemu-system") && cmdline.contains(needle)
+            // Jailed, QEMU runs as /qemu-system-x86_64.
+            let program = cmdline.split('\0').next().unwrap_or("");
+            let name = program.rsplit('/').next().unwrap_or("");
+            name.starts_with("qemu-system") && cmdline.contains(needle)
         })
         .filter(|pid| {
-            // After the command name: state, then the parent's pid.
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-            let (state, ppid) = (fields.next(), fields.next().and_then(|p| p.parse::<u32>().ok()));
-            state.is_some_and(|state| state != "Z") && parent.is_none_or(|parent| ppid == Some(parent))
+            let (state, _) = state_and_parent(*pid as u32);
+            let descends = |parent: u32| {
+                let mut at = *pid as u32;
+                (0..3).any(|_| {
+                    at = state_and_parent(at).1.unwrap_or(0);
+                    at == parent
+                })
+            };
+            state.is_some_and(|state| state != "Z") && parent.is_none_or(descends)
         })
         .collect()
+}
+
+/// A process's state letter and its parent's pid.
+fn state_and_parent(pid: u32) -> (Option<String>, Option<u32>) {
+    // After the command name: state, then the parent's pid.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+    (fields.next().map(str::to_owned), fields.next().and_then(|p| p.parse().ok()))
 }
