@@ -238,7 +238,7 @@ fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Resu
         return Ok(None);
     }
     let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
-    let jail = Jail::prepare(vmm, name, index, base, JailLimits::default(), settings.user)
+    let jail = Jail::prepare_for(Jailed::Vmm(vmm), name, index, base, JailLimits::default(), settings.user)
         .map_err(|e| format!("{name}: {e}"))?;
     Ok(Some(Arc::new(jail)))
 }

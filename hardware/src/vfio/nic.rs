@@ -8,11 +8,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::EventFd;
-
+use super::passthrough::PassedThrough;
 use super::{Interrupts, Passthrough, VfioError, VfioFunction};
 use crate::shm::SharedMemory;
-use crate::{Hardware, HardwareWindow, InterruptRoute, NetHardware};
+use crate::NetHardware;
 
 /// Registers the reflector reads (Intel 82574L datasheet, section 10).
 mod reg {
@@ -78,25 +77,13 @@ fn read(regs: &SharedMemory, offset: usize) -> u32 {
     regs.atomic_u32(offset).load(Ordering::Acquire)
 }
 
-impl Hardware for VfioNic {
-    fn windows(&self) -> Vec<HardwareWindow> {
-        self.passthrough.windows()
+impl PassedThrough for VfioNic {
+    fn passthrough(&self) -> &Passthrough {
+        &self.passthrough
     }
 
-    fn doorbell(&self) -> &EventFd {
-        self.passthrough.doorbell()
-    }
-
-    fn interrupt(&self) -> Arc<InterruptRoute> {
-        self.passthrough.interrupt()
-    }
-
-    fn quiesce(&self) {
-        self.passthrough.quiesce(reset);
-    }
-
-    fn resume(&self) {
-        self.passthrough.resume();
+    fn device_reset(regs: &SharedMemory) {
+        reset(regs);
     }
 }
 

@@ -14,11 +14,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use vmm_sys_util::eventfd::EventFd;
-
+use super::passthrough::PassedThrough;
 use super::{Interrupts, Passthrough, VfioError, VfioFunction, DMA_BASE};
 use crate::shm::SharedMemory;
-use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
+use crate::{BlockHardware, FlushCount};
 
 /// An NVMe controller bound to vfio-pci.
 pub struct VfioNvme {
@@ -131,25 +130,13 @@ impl VfioNvme {
     }
 }
 
-impl Hardware for VfioNvme {
-    fn windows(&self) -> Vec<HardwareWindow> {
-        self.passthrough.windows()
+impl PassedThrough for VfioNvme {
+    fn passthrough(&self) -> &Passthrough {
+        &self.passthrough
     }
 
-    fn doorbell(&self) -> &EventFd {
-        self.passthrough.doorbell()
-    }
-
-    fn interrupt(&self) -> Arc<InterruptRoute> {
-        self.passthrough.interrupt()
-    }
-
-    fn quiesce(&self) {
-        self.passthrough.quiesce(disable);
-    }
-
-    fn resume(&self) {
-        self.passthrough.resume();
+    fn device_reset(regs: &SharedMemory) {
+        disable(regs);
     }
 }
 

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupts, VfioError, VfioFunction, DMA_BASE};
 use crate::shm::SharedMemory;
-use crate::{HardwareWindow, InterruptRoute};
+use crate::{Hardware, HardwareWindow, InterruptRoute};
 
 /// A PCI function bound to vfio-pci, wired as a driver VM's hardware.
 pub struct Passthrough {
@@ -117,5 +117,36 @@ impl Drop for Passthrough {
         if let Some((_, stop)) = &self.vector {
             let _ = stop.write(1);
         }
+    }
+}
+
+/// A device kind behind a [`Passthrough`]: the [`Hardware`] of every such
+/// kind is its passthrough's, with the kind's own register-level reset.
+pub trait PassedThrough: Send + Sync {
+    /// The function, wired.
+    fn passthrough(&self) -> &Passthrough;
+    /// The device's own reset through BAR0, after the function reset.
+    fn device_reset(regs: &SharedMemory);
+}
+
+impl<T: PassedThrough> Hardware for T {
+    fn windows(&self) -> Vec<HardwareWindow> {
+        self.passthrough().windows()
+    }
+
+    fn doorbell(&self) -> &EventFd {
+        self.passthrough().doorbell()
+    }
+
+    fn interrupt(&self) -> Arc<InterruptRoute> {
+        self.passthrough().interrupt()
+    }
+
+    fn quiesce(&self) {
+        self.passthrough().quiesce(T::device_reset);
+    }
+
+    fn resume(&self) {
+        self.passthrough().resume();
     }
 }

@@ -199,24 +199,11 @@ pub struct Jail {
 }
 
 impl Jail {
-    /// Prepares the jail for device number `index` named `name`, whose
-    /// driver VMs run `vmm`: the jail directory, the list of files to bind
-    /// (the vmm and its libraries), the device's cgroups with `limits`, and
-    /// /dev/kvm opened for it. `user`: the unprivileged user the reflector
-    /// will run as, if any: its vmms run as that user.
-    pub fn prepare(
-        vmm: &Path,
-        name: &str,
-        index: u32,
-        uid_base: u32,
-        limits: JailLimits,
-        user: Option<(u32, u32)>,
-    ) -> Result<Jail, JailError> {
-        Self::prepare_for(Jailed::Vmm(vmm), name, index, uid_base, limits, user)
-    }
-
     /// Prepares a jail holding `what` for device number `index` named
-    /// `name` (see [`Jail::prepare`]).
+    /// `name`: the jail directory, the list of files to bind (the program
+    /// and its libraries), the device's cgroups with `limits`, and for a
+    /// vmm /dev/kvm opened for it. `user`: the unprivileged user the
+    /// reflector will run as, if any: what it jails runs as that user.
     pub fn prepare_for(
         what: Jailed<'_>,
         name: &str,
