@@ -88,6 +88,11 @@ impl Image {
         Ok(Image { name, bytes, layout })
     }
 
+    /// The ELF file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// Guest RAM this image needs: itself, a minimal heap and the stack.
     pub fn ram_needed(&self) -> u64 {
         self.layout.end.next_multiple_of(PAGE_SIZE) + MIN_HEAP + abi::RING3_STACK_SIZE
@@ -266,8 +271,17 @@ mod tests {
         assert!(parse_elf(b"hello world").unwrap_err().contains("not an ELF"));
         let image = hello();
         assert!(parse_elf(&image[..63]).is_err());
-        // Cut inside the segments: the headers now point beyond the end.
-        let cut = &image[..image.len() / 2];
+        // Cut inside the last loaded segment (line tables follow the
+        // segments in the file): the headers now point beyond the end.
+        let word = |at: usize| u64::from_le_bytes(image[at..at + 8].try_into().unwrap());
+        let (phoff, phnum) = (word(32) as usize, u16::from_le_bytes([image[56], image[57]]) as usize);
+        let segments_end = (0..phnum)
+            .map(|i| phoff + i * 56)
+            .filter(|&at| u32::from_le_bytes(image[at..at + 4].try_into().unwrap()) == 1)
+            .map(|at| word(at + 8) + word(at + 32))
+            .max()
+            .unwrap() as usize;
+        let cut = &image[..segments_end - 1];
         assert!(parse_elf(cut).unwrap_err().contains("beyond the end"));
     }
 

@@ -25,6 +25,7 @@ pub mod memory;
 pub mod outcome;
 pub mod runner;
 pub mod seccomp;
+pub mod symbols;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -296,9 +296,13 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         seccomp: args.seccomp,
     };
     let result = runner::run(vm, options)?;
+    let mut outcome = result.outcome;
+    if let vmm::outcome::Outcome::Exception { rip, location, .. } = &mut outcome {
+        *location = vmm::symbols::locate(image.bytes(), *rip);
+    }
     Ok(Report {
         name: name.to_owned(),
-        outcome: result.outcome,
+        outcome,
         ready_us: result.ready_at.map(|t| t.duration_since(start).as_micros() as u64),
         elapsed_us: start.elapsed().as_micros() as u64,
     })

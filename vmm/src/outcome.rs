@@ -34,6 +34,10 @@ pub enum Outcome {
         fault_address: Option<u64>,
         /// Privilege level the fault happened in (3: the driver, 0: a handler).
         ring: u8,
+        /// Where `rip` is in the driver's source, from the image's line
+        /// tables (`symbols`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        location: Option<crate::symbols::Location>,
     },
     /// A fault occurred while delivering a double fault; the CPU shut down.
     TripleFault,
@@ -80,9 +84,12 @@ impl Outcome {
         match self {
             Outcome::Exit { code } => format!("exited with code {code}"),
             Outcome::Panic { message } => format!("panicked: {message}"),
-            Outcome::Exception { vector, name, rip, error_code, fault_address, ring } => {
+            Outcome::Exception { vector, name, rip, error_code, fault_address, ring, location } => {
                 let address = fault_address.map(|a| format!(" accessing {a:#x}")).unwrap_or_default();
-                format!("took exception {vector} ({name}) at rip {rip:#x} in ring {ring}{address}, error code {error_code:#x}")
+                let place = location.as_ref().map(|l| format!(" in {l}")).unwrap_or_default();
+                format!(
+                    "took exception {vector} ({name}) at rip {rip:#x}{place} in ring {ring}{address}, error code {error_code:#x}"
+                )
             }
             Outcome::TripleFault => "triple-faulted".into(),
             Outcome::InternalError { reason } => format!("stopped on a KVM internal error: {reason}"),
@@ -160,6 +167,7 @@ mod tests {
                 error_code: 4,
                 fault_address: Some(0xdead_0000),
                 ring: 3,
+                location: None,
             },
             ready_us: Some(10),
             elapsed_us: 20,
@@ -181,7 +189,15 @@ mod tests {
             Outcome::Exit { code: 0 },
             Outcome::Exit { code: 5 },
             Outcome::Panic { message: String::new() },
-            Outcome::Exception { vector: 6, name: String::new(), rip: 0, error_code: 0, fault_address: None, ring: 3 },
+            Outcome::Exception {
+                vector: 6,
+                name: String::new(),
+                rip: 0,
+                error_code: 0,
+                fault_address: None,
+                ring: 3,
+                location: None,
+            },
             Outcome::TripleFault,
             Outcome::InternalError { reason: String::new() },
             Outcome::Timeout { after_ms: 1 },

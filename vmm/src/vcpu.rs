@@ -267,6 +267,8 @@ impl Vcpu {
             error_code: frame.error_code,
             fault_address,
             ring: (frame.cs & 3) as u8,
+            // Filled in by the caller, which holds the image.
+            location: None,
         }
     }
 

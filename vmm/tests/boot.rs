@@ -81,6 +81,18 @@ fn page_fault_reports_vector_address_and_ring() {
     assert_eq!(error_code & 0b101, 0b100, "a user-mode read of a non-present page: {error_code:#x}");
     let rip = report["rip"].as_u64().unwrap();
     assert!((0x10_0000..0x20_0000).contains(&rip), "rip {rip:#x} must be inside the image");
+    // The crash names the source line of the planted bug (issue 13): the
+    // line of faulty.rs that reads the unmapped address.
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../driver-vm/src/bin/faulty.rs")).unwrap();
+    let planted =
+        source.lines().position(|l| l.contains("(UNMAPPED_ADDRESS as *const u64).read_volatile()")).unwrap() + 1;
+    let location = &report["location"];
+    assert!(location["file"].as_str().unwrap().ends_with("driver-vm/src/bin/faulty.rs"), "{report}");
+    assert_eq!(location["line"].as_u64(), Some(planted as u64), "{report}");
+    let text = output(vmm().args(["run", "--image", "faulty", "--cmdline", "page-fault"]));
+    let text = String::from_utf8_lossy(&text.stderr);
+    assert!(text.contains(&format!("faulty.rs:{planted})")), "the text report names the line: {text}");
 }
 
 #[test]
