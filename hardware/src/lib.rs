@@ -25,6 +25,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
 
+/// Where a device that reaches its DMA region by address sees its first
+/// byte, whether a QEMU model (the region is a memory device there) or a
+/// VFIO function (the IOMMU maps it there): above 4 GiB, clear of the
+/// legacy holes below 1 MiB that would swallow DMA into low RAM. The
+/// driver learns it from the channel header.
+pub const DMA_BASE: u64 = 0x1_0000_0000;
+
 /// A window of the device mapped into the driver VM.
 pub struct HardwareWindow {
     /// Name the driver looks it up by.

@@ -234,33 +234,34 @@ fn lock_image(path: &Path, read_only: bool) -> Result<std::fs::File, String> {
 
 /// The jail of device `index`'s driver VMs, unless jailing is off.
 fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<Option<Arc<Jail>>, String> {
-    if !settings.enabled {
-        return Ok(None);
-    }
-    let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
-    let jail = Jail::prepare_for(Jailed::Vmm(vmm), name, index, base, JailLimits::default(), settings.user)
-        .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Some(Arc::new(jail)))
+    jail_of(Jailed::Vmm(vmm), JailLimits::default(), name, index, settings).map_err(|e| format!("{name}: {e}"))
 }
 
 /// How device `index`'s QEMU processes start: `qemu`, in a jail of their
 /// own unless jailing is off.
 fn qemu_process(qemu: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<QemuProcess, String> {
-    let jail: Option<Arc<dyn ProcessJail>> = if settings.enabled {
-        let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
-        let jail =
-            Jail::prepare_for(Jailed::DeviceModel(qemu), name, index, base, JailLimits::DEVICE_MODEL, settings.user)
-                .map_err(|e| {
-                    format!(
-                        "{name}: jailing QEMU ({}): {e} (install QEMU, e.g. the Debian package qemu-system-x86)",
-                        qemu.display()
-                    )
-                })?;
-        Some(Arc::new(jail))
-    } else {
-        None
-    };
-    Ok(QemuProcess { binary: qemu.to_owned(), jail })
+    let jail = jail_of(Jailed::DeviceModel(qemu), JailLimits::DEVICE_MODEL, name, index, settings).map_err(|e| {
+        format!(
+            "{name}: jailing QEMU ({}): {e} (install QEMU, e.g. the Debian package qemu-system-x86)",
+            qemu.display()
+        )
+    })?;
+    Ok(QemuProcess { binary: qemu.to_owned(), jail: jail.map(|jail| jail as Arc<dyn ProcessJail>) })
+}
+
+/// A jail holding `what` for device `index`, unless jailing is off.
+fn jail_of(
+    what: Jailed<'_>,
+    limits: JailLimits,
+    name: &str,
+    index: u32,
+    settings: &JailSettings,
+) -> Result<Option<Arc<Jail>>, crate::jail::JailError> {
+    if !settings.enabled {
+        return Ok(None);
+    }
+    let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
+    Jail::prepare_for(what, name, index, base, limits, settings.user).map(|jail| Some(Arc::new(jail)))
 }
 
 /// Claims a device's socket path (see `sockets`).

@@ -101,17 +101,6 @@ impl Prepared {
     }
 }
 
-/// A pipe (read end, write end), close-on-exec.
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut ends = [-1; 2];
-    // SAFETY: pipe2(2) into a local array.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: two fresh descriptors this process owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
-}
-
 /// A running driver VM process.
 pub struct DriverVm {
     name: String,
@@ -235,20 +224,7 @@ impl ChildFds {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        let first_other = (Self::FIRST + count) as libc::c_uint;
-        // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on
-        // descriptors from `first_other` up.
-        let marked =
-            unsafe { libc::syscall(libc::SYS_close_range, first_other, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-        if marked != 0 {
-            // Kernels before 5.11: mark them one by one, up to the limit.
-            // SAFETY: sysconf has no preconditions.
-            let limit = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(1024, 1 << 20) as RawFd;
-            for fd in first_other as RawFd..limit {
-                // SAFETY: F_SETFD on any number; EBADF for unused ones is fine.
-                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-            }
-        }
+        hardware::descriptors::close_on_exec_from(Self::FIRST + count);
         Ok(())
     }
 }
@@ -389,7 +365,7 @@ impl DriverLauncher {
         }
         let report = match &spec.jail {
             Some(jail) => {
-                let (read, write) = pipe()?;
+                let (read, write) = hardware::descriptors::pipe()?;
                 // The keeper writes it after the descriptors are placed
                 // from 3: kept above them all.
                 let write = hardware::descriptors::lift(write)?;

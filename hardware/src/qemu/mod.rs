@@ -22,7 +22,7 @@ mod proxy;
 mod qtest;
 mod supervised;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -40,10 +40,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::shm::SharedMemory;
 use crate::InterruptRoute;
 
-/// Where the device sees its DMA region: QEMU maps it as a memory device
-/// above 4 GiB, clear of the legacy holes below 1 MiB that would swallow
-/// DMA into low RAM.
-pub const DMA_BASE: u64 = 0x1_0000_0000;
+/// Where the device sees its DMA region (QEMU maps it as a memory device
+/// there).
+pub use crate::DMA_BASE;
 /// Where BAR0 is placed in QEMU's address space (the q35 PCI hole).
 const BAR0_ADDRESS: u64 = 0xfe00_0000;
 /// RAM QEMU needs besides the DMA region (it runs no guest).
@@ -237,17 +236,6 @@ fn spawn_lasting(command: Command) -> std::io::Result<Child> {
     answer.recv().map_err(|_| std::io::Error::other("the QEMU spawner thread is gone"))?
 }
 
-/// A close-on-exec pipe: (read end, write end).
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut ends = [-1; 2];
-    // SAFETY: pipe2(2) into a local array; on success both are ours.
-    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh descriptors nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
-}
-
 /// The part of a shared region a device model may reach by DMA: `len`
 /// bytes from `offset` (page aligned), seen by the device at [`DMA_BASE`].
 #[derive(Clone, Copy)]
@@ -368,16 +356,18 @@ impl QemuModel {
         passed.extend(wire.map(|fd| (fd.as_raw_fd(), WIRE_FD)));
         passed.push((firmware.as_raw_fd(), FIRMWARE_FD));
         passed.extend(images.iter().map(|(file, number)| (file.as_raw_fd(), *number)));
-        // The jail's keeper reports the jailed pid here (not read: the
-        // keeper is the child the reflector kills and waits for).
-        let (report_read, report_write) = pipe()?;
+        // The jail's keeper reports the jailed pid here. Not read: the
+        // keeper is the child the reflector kills and waits for. The keeper
+        // writes before it lets QEMU exec, and the spawn returns only after
+        // that exec, so the read end is still open when it writes.
+        let (report_read, report_write) = crate::descriptors::pipe()?;
         // Above every number a descriptor is placed at below.
         let report_write = crate::descriptors::lift(report_write)?;
         let report = report_write.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only calls prctl,
-        // getppid, fcntl and dup2, and the jail's entry, which are
-        // async-signal-safe, on descriptors and data that stay alive in the
+        // getppid, fcntl, dup2 and close_range, and the jail's entry, which
+        // are async-signal-safe, on descriptors and data that stay alive in the
         // parent across the spawn; it allocates nothing.
         unsafe {
             command.pre_exec(move || {
@@ -406,11 +396,7 @@ impl QemuModel {
                 }
                 // Nothing else reaches QEMU, whatever the reflector itself
                 // inherited without close-on-exec.
-                let first_other = (IMAGE_RO_FD + 1) as libc::c_uint;
-                if libc::syscall(libc::SYS_close_range, first_other, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                crate::descriptors::close_on_exec_from(IMAGE_RO_FD + 1);
                 match &jail {
                     Some(jail) => jail.enter(report),
                     None => Ok(()),

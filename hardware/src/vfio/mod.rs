@@ -39,9 +39,8 @@ pub use passthrough::Passthrough;
 
 use crate::shm::SharedMemory;
 
-/// Where the function sees the DMA region (the IOMMU address of its first
-/// byte), as QEMU's models do: the driver learns it from the channel.
-pub const DMA_BASE: u64 = 0x1_0000_0000;
+/// Where the function sees the DMA region (the IOMMU maps it there).
+pub use crate::DMA_BASE;
 
 /// What went wrong opening or driving a VFIO function. Each names the PCI
 /// address and says what to do.
