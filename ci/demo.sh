@@ -74,7 +74,7 @@ wait "$reflector_pid" 2>/dev/null || true
 reflector_pid=''
 
 say "every way a driver can fail is reported precisely by vmm (one JSON line each)"
-for failure in panic page-fault illegal triple-fault; do
+for failure in panic page-fault illegal write-idt stack-overflow; do
     "$bin/vmm" run --image faulty --cmdline "$failure" --json --console none || true
 done
 "$bin/vmm" run --image faulty --cmdline hang --timeout 500ms --json --console none || true

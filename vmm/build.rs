@@ -95,7 +95,7 @@ fn main() {
     for name in &names {
         let path = image_dir.join(name);
         assert!(path.is_file(), "image {} was not built", path.display());
-        writeln!(table, "    ({name:?}, include_bytes!({:?})),", path.display().to_string()).expect("write to String");
+        writeln!(table, "    ({name:?}, aligned_image!({:?})),", path.display().to_string()).expect("write to String");
     }
     table.push_str("];\n");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("images.rs");

@@ -88,6 +88,8 @@ pub struct DeviceStatus {
     pub poisoned: u64,
     /// The last fault.
     pub last_fault: String,
+    /// Where in the driver's source it happened, if known.
+    pub last_fault_location: String,
     /// The last poison request.
     pub last_poison: String,
     /// Counter `stall_p50_us` (see `Metrics`).
@@ -140,6 +142,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         replayed: get(&m.replayed),
         poisoned: get(&m.poisoned),
         last_fault: m.last_fault.lock().map(|s| s.clone()).unwrap_or_default(),
+        last_fault_location: m.last_fault_location.lock().map(|s| s.clone()).unwrap_or_default(),
         last_poison: m.last_poison.lock().map(|s| s.clone()).unwrap_or_default(),
         stall_p50_us: p50,
         stall_p99_us: p99,

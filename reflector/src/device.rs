@@ -422,12 +422,25 @@ impl<K: DeviceKind> Device<K> {
     fn retire(&mut self, vrings: &[VringRwLock], fault: &Fault) {
         let core = &mut self.core;
         let pid = core.drivers.current_pid();
-        tracing::warn!(device = %core.name, driver_vm = %core.drivers.name(), ?pid, kind = fault.kind(), %fault, "driver VM fault");
+        // A hung driver VM is first asked where it is; a crashed one said
+        // so in its exit report.
+        let report = core.drivers.drop_current(matches!(fault, Fault::Hang(_)));
+        let report = report.as_deref().or(match fault {
+            Fault::Exited(report) => Some(report.as_str()),
+            _ => None,
+        });
+        let site = report.and_then(crate::supervisor::crash_site).unwrap_or_default();
+        tracing::warn!(device = %core.name, driver_vm = %core.drivers.name(), ?pid, kind = fault.kind(), %fault, location = %site, "driver VM fault");
+        if matches!(fault, Fault::Hang(_)) {
+            tracing::warn!(device = %core.name, report = report.unwrap_or("none"), "where the hung driver VM was");
+        }
         core.metrics.faults.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = core.metrics.last_fault.lock() {
             *last = format!("{}: {fault}", fault.kind());
         }
-        core.drivers.drop_current();
+        if let Ok(mut last) = core.metrics.last_fault_location.lock() {
+            *last = site;
+        }
         // Nothing the dead driver queued may run once the replay reuses its
         // bounce slots.
         core.hardware.quiesce();

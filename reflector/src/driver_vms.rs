@@ -49,7 +49,18 @@ pub trait DriverProcess: Send + Sync {
     /// Kills it and waits, at most `bound`, until it can no longer run;
     /// whether it got there.
     fn kill_and_wait(&self, bound: std::time::Duration) -> bool;
+    /// Asks it to stop where it is and report where (before it is killed
+    /// for a missed deadline) and waits at most `bound`; whether it ended.
+    fn stop_and_report(&self, bound: std::time::Duration) -> bool {
+        let _ = bound;
+        false
+    }
 }
+
+/// Longest wait for a hung driver VM's report of where it was before it is
+/// killed: a vmm stops its vCPU and writes one line in well under a
+/// millisecond; a hostile one that ignores the request costs this much.
+pub const REPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Longest wait for a killed driver VM to stop running. SIGKILL to closed
 /// files takes about a millisecond here; a process that takes longer is
@@ -121,16 +132,21 @@ impl DriverVms {
 
     /// Kills the current driver VM after a fault and waits until it can no
     /// longer run (bounded by [`EXIT_WAIT`]); none runs until `replace`.
-    pub fn drop_current(&mut self) {
-        if let Some(driver) = self.current.take() {
-            if !driver.kill_and_wait(EXIT_WAIT) {
-                tracing::error!(
-                    driver_vm = %self.name(),
-                    pid = driver.pid(),
-                    "the killed driver VM has not exited after {EXIT_WAIT:?}; recovering anyway"
-                );
-            }
+    /// With `report_first` (a hang), first asks it where it is (bounded by
+    /// [`REPORT_WAIT`]). Returns its report.
+    pub fn drop_current(&mut self, report_first: bool) -> Option<String> {
+        let driver = self.current.take()?;
+        if report_first && !driver.stop_and_report(REPORT_WAIT) {
+            tracing::debug!(driver_vm = %self.name(), pid = driver.pid(), "no report from the hung driver VM");
         }
+        if !driver.kill_and_wait(EXIT_WAIT) {
+            tracing::error!(
+                driver_vm = %self.name(),
+                pid = driver.pid(),
+                "the killed driver VM has not exited after {EXIT_WAIT:?}; recovering anyway"
+            );
+        }
+        driver.exit_report().filter(|report| !report.is_empty())
     }
 
     /// Kills every driver VM for good (the reflector is stopping).

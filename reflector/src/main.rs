@@ -308,7 +308,11 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
             ms(d.stall_p50_us),
             ms(d.stall_p99_us),
             ms(d.stall_max_us),
-            d.last_fault
+            if d.last_fault_location.is_empty() {
+                d.last_fault.clone()
+            } else {
+                format!("{} at {}", d.last_fault, d.last_fault_location)
+            }
         );
     }
     Ok(())

@@ -68,6 +68,9 @@ pub struct Metrics {
     pub state: AtomicU64,
     /// The last fault, for operators.
     pub last_fault: Mutex<String>,
+    /// Where in the driver's source the last fault happened (from the
+    /// driver VM's report: `function (file:line) [build ID]`), if known.
+    pub last_fault_location: Mutex<String>,
     /// Recovery stalls, in microseconds: from the fault (or the first request
     /// after it, if none was pending) to the next completion.
     pub stalls_us: Mutex<VecDeque<u64>>,

@@ -118,6 +118,10 @@ pub struct DriverVm {
     go: Option<EventFd>,
     /// This VM's interrupt lines, in order.
     interrupts: Vec<EventFd>,
+    /// The write end of its standard input (the watcher holds it too:
+    /// the vmm ends when the last holder goes), for asking it to stop and
+    /// report where it was.
+    lifeline: Option<Arc<std::process::ChildStdin>>,
 }
 
 /// Set once a driver VM's process has closed its files: its vCPU can no
@@ -412,7 +416,10 @@ impl DriverLauncher {
         let reaped = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(String::new()));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, spare = go.is_some(), "driver VM started");
+        let mut child = child;
+        let lifeline = child.stdin.take().map(Arc::new);
         let watcher = Watcher {
+            lifeline: lifeline.clone(),
             name: spec.name.clone(),
             gone: gone.clone(),
             reaped: reaped.clone(),
@@ -420,7 +427,18 @@ impl DriverLauncher {
             exited: self.exited.try_clone()?,
         };
         std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
-        Ok(DriverVm { name: spec.name.clone(), pid, pidfd, child: child_pid, gone, reaped, report, go, interrupts })
+        Ok(DriverVm {
+            name: spec.name.clone(),
+            pid,
+            pidfd,
+            child: child_pid,
+            gone,
+            reaped,
+            report,
+            go,
+            interrupts,
+            lifeline,
+        })
     }
 }
 
@@ -458,6 +476,17 @@ impl DriverVm {
         self.gone.wait(bound)
     }
 
+    /// Asks the vmm to stop its guest where it is and report where (a `w`
+    /// on its standard input: outcome `stopped`, with registers, source
+    /// location and backtrace), and waits at most `bound` for it to end;
+    /// whether it did. A vmm that ignores the request is killed all the
+    /// same by the caller: the request costs isolation nothing.
+    pub fn stop_and_report(&self, bound: Duration) -> bool {
+        use std::io::Write;
+        let asked = self.lifeline.as_ref().is_some_and(|stdin| (&**stdin).write_all(b"w").is_ok());
+        asked && self.gone.wait(bound)
+    }
+
     /// Kills the process (SIGKILL) if it is still running. Through a pidfd,
     /// so a pid reused after reaping is never hit.
     pub fn kill(&self) {
@@ -480,6 +509,8 @@ impl DriverVm {
 
 /// Follows one driver VM process to its end.
 struct Watcher {
+    /// Standard input's write end, held until the vmm is gone.
+    lifeline: Option<Arc<std::process::ChildStdin>>,
     name: String,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
@@ -496,7 +527,7 @@ impl Watcher {
     /// destroyed, which blocks about 15 ms (DESIGN.md). Recovery must not
     /// wait for that.
     fn watch(self, mut child: Child) {
-        let _lifeline = child.stdin.take();
+        let _lifeline = self.lifeline;
         let mut output = String::new();
         if let Some(mut stdout) = child.stdout.take() {
             let _ = stdout.read_to_string(&mut output);
@@ -573,4 +604,29 @@ impl DriverProcess for DriverVm {
     fn kill_and_wait(&self, bound: Duration) -> bool {
         DriverVm::kill_and_wait(self, bound)
     }
+
+    fn stop_and_report(&self, bound: Duration) -> bool {
+        DriverVm::stop_and_report(self, bound)
+    }
+}
+
+/// Where a driver VM's report says it crashed or stopped, for the fault
+/// log and `status`: `function (file:line)`, with the image's build-id.
+/// The report comes from an untrusted vmm: only its `location` and
+/// `build_id` are taken, bounded and with control characters dropped.
+pub fn crash_site(report: &str) -> Option<String> {
+    let report: serde_json::Value = serde_json::from_str(report).ok()?;
+    let location = report.get("location")?;
+    let text = |value: Option<&serde_json::Value>| -> String {
+        let raw = value.and_then(serde_json::Value::as_str).unwrap_or("");
+        raw.chars().filter(|c| !c.is_control()).take(200).collect()
+    };
+    let line = location.get("line").and_then(serde_json::Value::as_u64)?;
+    let (function, file) = (text(location.get("function")), text(location.get("file")));
+    let build = text(report.get("build_id"));
+    let mut site = if function.is_empty() { format!("{file}:{line}") } else { format!("{function} ({file}:{line})") };
+    if !build.is_empty() {
+        site.push_str(&format!(" [build {build}]"));
+    }
+    Some(site)
 }

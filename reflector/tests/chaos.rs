@@ -115,6 +115,64 @@ fn two_hundred_faults_of_every_kind_cost_no_client_error() {
     assert!(!served.log().contains("panicked"));
 }
 
+/// The 1-based line of driver-vm/src/channel.rs containing `marker`.
+fn channel_line(marker: &str) -> u64 {
+    let source = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../driver-vm/src/channel.rs")).unwrap();
+    source.lines().position(|line| line.contains(marker)).unwrap() as u64 + 1
+}
+
+#[test]
+fn a_hung_or_crashed_driver_is_reported_with_its_source_line() {
+    if !kvm_available("a_hung_or_crashed_driver_is_reported_with_its_source_line") {
+        return;
+    }
+    let served = Served::start("where", ",hang_ms=200");
+    let hang = channel_line("inject::HANG => loop");
+    let page_fault = channel_line("(0x7f00_dead_0000 as *const u64).read_volatile()");
+    for (fault, kind, lines) in [("hang", "hang", hang..=hang + 1), ("page-fault", "exited", page_fault..=page_fault)] {
+        let injected = Command::new(reflector_bin())
+            .args(["inject", "disk0", fault, "--control"])
+            .arg(served.ctl())
+            .output()
+            .unwrap();
+        assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
+        // The next request commits the fault; the load completes after the
+        // recovery (blk-load's own timeout bounds it).
+        let load = Command::new(reflector_bin().with_file_name("blk-load"))
+            .arg("--socket")
+            .arg(served.dir.join("d.sock"))
+            .args([
+                "--job",
+                "randwrite,randread",
+                "--bs",
+                "4k",
+                "--qd",
+                "1",
+                "--ios",
+                "20",
+                "--verify",
+                "--timeout",
+                "30",
+            ])
+            .output()
+            .unwrap();
+        assert!(load.status.success(), "{fault}: {}\n{}", String::from_utf8_lossy(&load.stderr), served.log());
+        let status = served.status().unwrap();
+        assert!(status["last_fault"].as_str().unwrap().starts_with(kind), "{fault}: {status}");
+        let site = status["last_fault_location"].as_str().unwrap().to_owned();
+        let line = site
+            .split("driver-vm/src/channel.rs:")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|line| line.parse::<u64>().ok());
+        assert!(line.is_some_and(|line| lines.contains(&line)), "{fault}: lines {lines:?}: {status}\n{}", served.log());
+        assert!(site.contains("[build "), "{fault}: the build is named: {status}");
+    }
+    let log = served.log();
+    assert!(log.contains("where the hung driver VM was"), "{log}");
+    assert!(log.contains(r#"\"outcome\":\"stopped\""#), "the stopped report is logged: {log}");
+}
+
 #[test]
 fn exhausting_the_fault_budget_fails_requests_then_an_operator_recovers_the_device() {
     if !kvm_available("exhausting_the_fault_budget_fails_requests_then_an_operator_recovers_the_device") {

@@ -28,6 +28,8 @@ pub mod status {
     pub const TIMEOUT: u8 = 14;
     /// The guest accessed an address or port it was not given.
     pub const INVALID_ACCESS: u8 = 15;
+    /// The guest was stopped where it was at its supervisor's request.
+    pub const STOPPED: u8 = 16;
     /// The image was not found.
     pub const IMAGE_NOT_FOUND: u8 = 20;
     /// The image is not a valid driver VM image.

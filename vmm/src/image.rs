@@ -17,6 +17,18 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::config::PAGE_SIZE;
 use crate::error::{Error, Result};
 
+/// An image file embedded at an 8-byte aligned address: ELF readers
+/// (`object`, for the crash reports' symbols) read its headers in place and
+/// refuse a misaligned file.
+macro_rules! aligned_image {
+    ($path:expr) => {{
+        #[repr(C, align(8))]
+        struct Aligned<Bytes: ?Sized>(Bytes);
+        static ALIGNED: &Aligned<[u8]> = &Aligned(*include_bytes!($path));
+        &ALIGNED.0
+    }};
+}
+
 include!(concat!(env!("OUT_DIR"), "/images.rs"));
 
 /// Heap an image gets at least, beyond its own size and the ring-3 stack.
@@ -26,7 +38,7 @@ pub const MIN_HEAP: u64 = 64 * 1024;
 const MAX_PROGRAM_HEADERS: u16 = 64;
 
 /// Where an image's loadable segments go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ElfLayout {
     /// Entry point.
     pub entry: u64,
@@ -34,6 +46,40 @@ pub struct ElfLayout {
     pub start: u64,
     /// End (exclusive) of the highest segment, including its bss.
     pub end: u64,
+    /// The loadable segments, for the page permissions.
+    pub segments: Vec<Segment>,
+}
+
+/// One loadable segment: where, and what the guest may do with its pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// First address.
+    pub start: u64,
+    /// End (exclusive), including its bss.
+    pub end: u64,
+    /// Writable (PF_W).
+    pub writable: bool,
+    /// Executable (PF_X).
+    pub executable: bool,
+}
+
+impl Segment {
+    /// The pages it touches: `[first, end)`, page aligned.
+    pub fn pages(&self) -> (u64, u64) {
+        (self.start & !(PAGE_SIZE - 1), self.end.next_multiple_of(PAGE_SIZE))
+    }
+}
+
+impl ElfLayout {
+    /// Permissions of the image page at `page`: (writable, executable).
+    /// Pages no segment touches are plain data.
+    pub fn page_permissions(&self, page: u64) -> (bool, bool) {
+        let touching = self.segments.iter().filter(|segment| {
+            let (first, end) = segment.pages();
+            (first..end).contains(&page)
+        });
+        touching.fold((false, false), |(w, x), segment| (w || segment.writable, x || segment.executable))
+    }
 }
 
 /// An image ready to load.
@@ -93,9 +139,10 @@ impl Image {
         &self.bytes
     }
 
-    /// Guest RAM this image needs: itself, a minimal heap and the stack.
+    /// Guest RAM this image needs: itself, a minimal heap, the stack and
+    /// its guard.
     pub fn ram_needed(&self) -> u64 {
-        self.layout.end.next_multiple_of(PAGE_SIZE) + MIN_HEAP + abi::RING3_STACK_SIZE
+        self.layout.end.next_multiple_of(PAGE_SIZE) + MIN_HEAP + abi::STACK_GUARD_SIZE + abi::RING3_STACK_SIZE
     }
 
     /// Loads the segments into `memory` and validates the image header.
@@ -127,6 +174,8 @@ fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
 /// where it loads. Input is untrusted: every offset and size is checked.
 pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
     const PT_LOAD: u32 = 1;
+    const PF_X: u32 = 1;
+    const PF_W: u32 = 2;
     const PHDR_SIZE: usize = 56;
     if bytes.len() < 64 || bytes[..4] != *b"\x7fELF" {
         return Err("not an ELF file (no ELF magic)".into());
@@ -146,6 +195,7 @@ pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
         return Err(format!("unexpected program headers ({phnum} of {phentsize} bytes)"));
     }
     let (mut start, mut end) = (u64::MAX, 0u64);
+    let mut segments = Vec::new();
     for index in 0..usize::from(phnum) {
         let base = phoff
             .checked_add(index * PHDR_SIZE)
@@ -170,8 +220,25 @@ pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
                 abi::GPA_LIMIT
             ));
         }
+        let flags = u32_at(bytes, base + 4).unwrap_or(0);
+        let (writable, executable) = (flags & PF_W != 0, flags & PF_X != 0);
+        if writable && executable {
+            return Err(format!(
+                "segment {index} is writable and executable: images are W^X (link it with guest-kernel/link.ld)"
+            ));
+        }
         start = start.min(paddr);
         end = end.max(segment_end);
+        segments.push(Segment { start: paddr, end: segment_end, writable, executable });
+    }
+    for (a, b) in segments.iter().flat_map(|a| segments.iter().map(move |b| (a, b))) {
+        let ((a_first, a_end), (b_first, b_end)) = (a.pages(), b.pages());
+        if a.writable && b.executable && a_first < b_end && b_first < a_end {
+            return Err(format!(
+                "a writable segment at {:#x} shares a page with code at {:#x}: images are W^X (link it with guest-kernel/link.ld)",
+                a.start, b.start
+            ));
+        }
     }
     if start != abi::IMAGE_BASE {
         return Err(format!("no loadable segment at {:#x} (link it with guest-kernel/link.ld)", abi::IMAGE_BASE));
@@ -179,7 +246,7 @@ pub fn parse_elf(bytes: &[u8]) -> std::result::Result<ElfLayout, String> {
     if !(start..end).contains(&entry) {
         return Err(format!("entry point {entry:#x} is outside the image [{start:#x}, {end:#x})"));
     }
-    Ok(ElfLayout { entry, start, end })
+    Ok(ElfLayout { entry, start, end, segments })
 }
 
 /// Checks the image header read from `IMAGE_BASE`.
@@ -283,6 +350,37 @@ mod tests {
             .unwrap() as usize;
         let cut = &image[..segments_end - 1];
         assert!(parse_elf(cut).unwrap_err().contains("beyond the end"));
+    }
+
+    /// Offsets of the PT_LOAD program headers of `image`.
+    fn load_headers(image: &[u8]) -> Vec<usize> {
+        let phoff = u64::from_le_bytes(image[32..40].try_into().unwrap()) as usize;
+        let phnum = u16::from_le_bytes([image[56], image[57]]) as usize;
+        (0..phnum).map(|i| phoff + i * 56).filter(|&at| image[at..at + 4] == [1, 0, 0, 0]).collect()
+    }
+
+    #[test]
+    fn built_in_images_are_w_xor_x_and_their_code_is_read_only() {
+        for (name, bytes) in BUILT_IN {
+            let layout = parse_elf(bytes).unwrap();
+            let code = layout.segments.iter().find(|s| s.executable).unwrap_or_else(|| panic!("{name}: no code"));
+            assert_eq!(layout.page_permissions(code.start & !(PAGE_SIZE - 1)), (false, true), "{name}");
+            assert!(layout.segments.iter().any(|s| !s.writable && !s.executable), "{name}: no read-only data");
+        }
+    }
+
+    #[test]
+    fn rejects_writable_code_and_code_sharing_a_page_with_data() {
+        let mut image = hello().to_vec();
+        let headers = load_headers(&image);
+        let code = *headers.iter().find(|&&at| image[at + 4] & 1 != 0).unwrap();
+        image[code + 4] |= 2; // PF_W on the code segment
+        assert!(parse_elf(&image).unwrap_err().contains("W^X"));
+        // The header segment (read-only) made writable: it shares its page
+        // with the code.
+        let mut image = hello().to_vec();
+        image[headers[0] + 4] |= 2;
+        assert!(parse_elf(&image).unwrap_err().contains("shares a page with code"));
     }
 
     #[test]

@@ -32,13 +32,15 @@ Exit status:
                                             13  KVM internal error
                                             14  timeout (or halted for good)
                                             15  invalid access (address or port not given)
+                                            16  stopped at the supervisor's request (`w` on stdin)
   20  image not found        21  not a valid image      22  image larger than RAM
   23  overlapping ranges     24  unaligned value        25  window file unusable
   26  invalid value          27  KVM unavailable/error  28  other I/O error
 
 With --json, one line on stdout reports the outcome: {\"outcome\": \"exit\" | \"panic\" |
 \"exception\" | \"triple_fault\" | \"internal_error\" | \"timeout\" | \"invalid_access\" |
-\"halted\" | \"setup_error\", ...}.";
+\"halted\" | \"stopped\" | \"setup_error\", ...}, with the image's \"build_id\"; crashes carry
+\"location\" (function, file, line) and \"backtrace\" (frame-pointer chain, symbolised).";
 
 /// A small KVM VMM for driver VMs.
 #[derive(Parser, Debug)]
@@ -113,7 +115,9 @@ struct RunArgs {
     #[arg(long, value_name = "FD")]
     ready_fd: Option<i32>,
     /// End when standard input closes: a supervisor passes a pipe only it
-    /// holds, so the VM never outlives it. Example: --exit-on-stdin-close
+    /// holds, so the VM never outlives it. A `w` written on it stops the
+    /// guest where it is and reports where (outcome `stopped`: registers,
+    /// source location, backtrace). Example: --exit-on-stdin-close
     #[arg(long)]
     exit_on_stdin_close: bool,
     /// Check the options and the image (it fits the memory, the windows
@@ -297,14 +301,14 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     };
     let result = runner::run(vm, options)?;
     let mut outcome = result.outcome;
-    if let vmm::outcome::Outcome::Exception { rip, location, .. } = &mut outcome {
-        *location = vmm::symbols::locate(image.bytes(), *rip);
-    }
+    let symbols = vmm::symbols::Symbols::new(image.bytes());
+    outcome.symbolize(&symbols);
     Ok(Report {
         name: name.to_owned(),
         outcome,
         ready_us: result.ready_at.map(|t| t.duration_since(start).as_micros() as u64),
         elapsed_us: start.elapsed().as_micros() as u64,
+        build_id: symbols.build_id().map(str::to_owned),
     })
 }
 

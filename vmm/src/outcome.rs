@@ -4,6 +4,50 @@
 use serde::Serialize;
 
 use crate::error::{status, Error};
+use crate::symbols::{Location, Symbols};
+
+/// One frame of a backtrace: an address in the image (the faulting
+/// instruction first, then return addresses from the frame-pointer chain)
+/// and where it is in the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The instruction address.
+    pub address: u64,
+    /// Where it is in the driver's source.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+}
+
+impl Frame {
+    /// A frame at `address`, not yet located.
+    pub fn at(address: u64) -> Self {
+        Frame { address, location: None }
+    }
+}
+
+/// The general registers where the vCPU stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[allow(missing_docs)]
+pub struct Registers {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rbp: u64,
+    pub rflags: u64,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
 
 /// How the guest ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -18,6 +62,9 @@ pub enum Outcome {
     Panic {
         /// The panic message (untrusted text, control characters escaped).
         message: String,
+        /// The panic handler's callers, innermost first.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        backtrace: Vec<Frame>,
     },
     /// The guest took an exception it does not handle.
     Exception {
@@ -37,7 +84,28 @@ pub enum Outcome {
         /// Where `rip` is in the driver's source, from the image's line
         /// tables (`symbols`).
         #[serde(skip_serializing_if = "Option::is_none")]
-        location: Option<crate::symbols::Location>,
+        location: Option<Location>,
+        /// The fault hit the unmapped guard page below the ring-3 stack.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        stack_overflow: bool,
+        /// `rip`, then the callers from the frame-pointer chain.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        backtrace: Vec<Frame>,
+    },
+    /// Stopped where it was because its supervisor asked (a byte `w` on
+    /// standard input): the reflector asks a driver VM it is about to
+    /// kill for missing its deadline.
+    Stopped {
+        /// Privilege level it was running in.
+        ring: u8,
+        /// Where `rip` is in the source.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        location: Option<Location>,
+        /// `rip`, then the callers from the frame-pointer chain.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        backtrace: Vec<Frame>,
+        /// The general registers.
+        registers: Box<Registers>,
     },
     /// A fault occurred while delivering a double fault; the CPU shut down.
     TripleFault,
@@ -72,6 +140,7 @@ impl Outcome {
             Outcome::Exit { .. } => status::GUEST_EXIT_NONZERO,
             Outcome::Panic { .. } => status::PANIC,
             Outcome::Exception { .. } => status::EXCEPTION,
+            Outcome::Stopped { .. } => status::STOPPED,
             Outcome::TripleFault => status::TRIPLE_FAULT,
             Outcome::InternalError { .. } => status::INTERNAL_ERROR,
             Outcome::Timeout { .. } | Outcome::Halted => status::TIMEOUT,
@@ -83,12 +152,36 @@ impl Outcome {
     pub fn describe(&self) -> String {
         match self {
             Outcome::Exit { code } => format!("exited with code {code}"),
-            Outcome::Panic { message } => format!("panicked: {message}"),
-            Outcome::Exception { vector, name, rip, error_code, fault_address, ring, location } => {
+            Outcome::Panic { message, backtrace } => format!("panicked: {message}{}", describe_backtrace(backtrace)),
+            Outcome::Exception {
+                vector,
+                name,
+                rip,
+                error_code,
+                fault_address,
+                ring,
+                location,
+                stack_overflow,
+                backtrace,
+            } => {
                 let address = fault_address.map(|a| format!(" accessing {a:#x}")).unwrap_or_default();
                 let place = location.as_ref().map(|l| format!(" in {l}")).unwrap_or_default();
+                let what = if *stack_overflow {
+                    "overflowed its stack (a page fault in the guard page below it)".to_owned()
+                } else {
+                    format!("took exception {vector} ({name})")
+                };
                 format!(
-                    "took exception {vector} ({name}) at rip {rip:#x}{place} in ring {ring}{address}, error code {error_code:#x}"
+                    "{what} at rip {rip:#x}{place} in ring {ring}{address}, error code {error_code:#x}{}",
+                    describe_backtrace(backtrace)
+                )
+            }
+            Outcome::Stopped { ring, location, backtrace, registers } => {
+                let place = location.as_ref().map(|l| format!(" in {l}")).unwrap_or_default();
+                format!(
+                    "was stopped by its supervisor at rip {:#x}{place} in ring {ring}{}",
+                    registers.rip,
+                    describe_backtrace(backtrace)
                 )
             }
             Outcome::TripleFault => "triple-faulted".into(),
@@ -98,6 +191,38 @@ impl Outcome {
                 format!("made an invalid {access} of {size} bytes at {address:#x}")
             }
             Outcome::Halted => "halted with no interrupt line to wake it".into(),
+        }
+    }
+}
+
+/// The backtrace as text: one `#N address in location` per frame.
+fn describe_backtrace(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .enumerate()
+        .map(|(i, frame)| match &frame.location {
+            Some(location) => format!("\n  #{i} {:#x} in {location}", frame.address),
+            None => format!("\n  #{i} {:#x}", frame.address),
+        })
+        .collect()
+}
+
+impl Outcome {
+    /// Fills in the source locations from the image's line tables.
+    pub fn symbolize(&mut self, symbols: &Symbols<'_>) {
+        let (location, rip, backtrace) = match self {
+            Outcome::Exception { location, rip, backtrace, .. } => (Some(location), *rip, backtrace),
+            Outcome::Stopped { location, registers, backtrace, .. } => (Some(location), registers.rip, backtrace),
+            Outcome::Panic { backtrace, .. } => (None, 0, backtrace),
+            _ => return,
+        };
+        if let Some(location) = location {
+            *location = symbols.locate(rip);
+        }
+        for (i, frame) in backtrace.iter_mut().enumerate() {
+            // A return address points after its call: look up the call.
+            let address = if i == 0 { frame.address } else { frame.address.saturating_sub(1) };
+            frame.location = symbols.locate(address);
         }
     }
 }
@@ -116,6 +241,9 @@ pub struct Report {
     pub ready_us: Option<u64>,
     /// Microseconds from the start of setup to the end.
     pub elapsed_us: u64,
+    /// The image's build-id (hex), naming the exact build a report is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_id: Option<String>,
 }
 
 /// The JSON line for a setup error.
@@ -168,9 +296,12 @@ mod tests {
                 fault_address: Some(0xdead_0000),
                 ring: 3,
                 location: None,
+                stack_overflow: false,
+                backtrace: vec![Frame::at(0x10_0000)],
             },
             ready_us: Some(10),
             elapsed_us: 20,
+            build_id: Some("ab12".into()),
         };
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["outcome"], "exception");
@@ -178,6 +309,9 @@ mod tests {
         assert_eq!(json["fault_address"], 0xdead_0000u64);
         assert_eq!(json["vm"], "vm0");
         assert_eq!(json["name"], "page_fault");
+        assert_eq!(json["build_id"], "ab12");
+        assert_eq!(json["backtrace"][0]["address"], 0x10_0000);
+        assert!(json.get("stack_overflow").is_none(), "false is left out");
         let exit = serde_json::to_value(Outcome::Exit { code: 3 }).unwrap();
         assert_eq!(exit, serde_json::json!({"outcome": "exit", "code": 3}));
         assert_eq!(serde_json::to_value(Outcome::TripleFault).unwrap(), serde_json::json!({"outcome": "triple_fault"}));
@@ -188,7 +322,7 @@ mod tests {
         let outcomes = [
             Outcome::Exit { code: 0 },
             Outcome::Exit { code: 5 },
-            Outcome::Panic { message: String::new() },
+            Outcome::Panic { message: String::new(), backtrace: Vec::new() },
             Outcome::Exception {
                 vector: 6,
                 name: String::new(),
@@ -197,7 +331,10 @@ mod tests {
                 fault_address: None,
                 ring: 3,
                 location: None,
+                stack_overflow: false,
+                backtrace: Vec::new(),
             },
+            Outcome::Stopped { ring: 3, location: None, backtrace: Vec::new(), registers: Box::default() },
             Outcome::TripleFault,
             Outcome::InternalError { reason: String::new() },
             Outcome::Timeout { after_ms: 1 },

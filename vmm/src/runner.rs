@@ -65,14 +65,31 @@ impl MutEventSubscriber for VcpuDone {
     }
 }
 
-/// Ends the process when standard input reaches end-of-file or hangs up.
-struct Lifeline;
+/// The byte a supervisor writes on standard input to stop the guest where
+/// it is and have it reported (outcome `stopped`: registers, location,
+/// backtrace), before it kills a driver VM that missed its deadline.
+pub const STOP_AND_REPORT: u8 = b'w';
+
+/// Ends the process when standard input reaches end-of-file or hangs up;
+/// stops the vCPU when it carries [`STOP_AND_REPORT`].
+struct Lifeline {
+    stop: Arc<AtomicBool>,
+    asked: Arc<AtomicBool>,
+    vcpu_thread: libc::pthread_t,
+}
 
 impl MutEventSubscriber for Lifeline {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut byte = [0u8; 64];
+        let mut bytes = [0u8; 64];
         // SAFETY: read(2) into a local buffer from standard input.
-        let n = unsafe { libc::read(0, byte.as_mut_ptr() as *mut libc::c_void, byte.len()) };
+        let n = unsafe { libc::read(0, bytes.as_mut_ptr() as *mut libc::c_void, bytes.len()) };
+        if n > 0 && bytes[..n as usize].contains(&STOP_AND_REPORT) && !self.asked.swap(true, Ordering::AcqRel) {
+            self.stop.store(true, Ordering::Release);
+            // SAFETY: the vCPU thread has not been joined yet (the event
+            // loop joins it only after it finishes), so its pthread_t is valid.
+            unsafe { libc::pthread_kill(self.vcpu_thread, vcpu::kick_signal()) };
+            return;
+        }
         if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
             tracing::warn!("the supervisor is gone (standard input closed): stopping");
             std::process::exit(i32::from(crate::error::status::IO));
@@ -128,6 +145,8 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     let done = EventFd::new(EFD_NONBLOCK).map_err(io_error("creating an eventfd"))?;
     let done_signal = done.try_clone().map_err(io_error("duplicating an eventfd"))?;
     let thread_stop = stop.clone();
+    let asked = Arc::new(AtomicBool::new(false));
+    let thread_asked = asked.clone();
     let mut ready_file = options.ready_file;
     // Built before any thread runs guest code; installed by each thread on
     // itself.
@@ -156,7 +175,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
                 }
             }
             let mut ready_at = None;
-            let stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
+            let mut stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
                 ready_at = Some(Instant::now());
                 if let Some(file) = ready_file.as_mut() {
                     if let Err(error) = file.write_all(&1u64.to_ne_bytes()) {
@@ -164,6 +183,11 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
                     }
                 }
             });
+            // Stopped on request: where it was, read on this thread (the
+            // vCPU thread's filter allows reading its registers).
+            if stop_reason == VcpuStop::Stopped && thread_asked.load(Ordering::Acquire) {
+                stop_reason = VcpuStop::Ended(vcpu.stopped_here());
+            }
             let _ = done_signal.write(1);
             (stop_reason, ready_at, vcpu)
         })
@@ -177,7 +201,11 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     })?;
     manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
     if options.exit_on_stdin_close {
-        manager.add_subscriber(Box::new(Lifeline));
+        manager.add_subscriber(Box::new(Lifeline {
+            stop: stop.clone(),
+            asked: asked.clone(),
+            vcpu_thread: handle.as_pthread_t(),
+        }));
     }
     if let Some(timeout) = options.timeout {
         let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;

@@ -2,11 +2,13 @@
 //! tables (images are built with `debug = "line-tables-only"`), read with
 //! `addr2line`, so a crash is reported as a function, file and line instead
 //! of a bare instruction address. Inlined frames are walked outward to the
-//! first one in the driver's own code (not the standard library's).
+//! first one in the driver's own code (not the standard library's). Also
+//! the image's build-id, and the frame-pointer chain a backtrace follows.
 
 use addr2line::gimli;
 use object::{Object, ObjectSection};
 use serde::Serialize;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A source location.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -29,26 +31,128 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// The location of `address` in the ELF `image`: the innermost frame in
-/// the driver's own code (inlined standard-library frames are skipped), or
-/// the innermost frame if all are the library's. None when the image has no
-/// line tables or the address is in none.
-pub fn locate(image: &[u8], address: u64) -> Option<Location> {
-    let file = object::File::parse(image).ok()?;
-    let load = |id: gimli::SectionId| -> Result<gimli::EndianSlice<'_, gimli::RunTimeEndian>, gimli::Error> {
-        let data = file.section_by_name(id.name()).and_then(|section| section.data().ok()).unwrap_or(&[]);
-        Ok(gimli::EndianSlice::new(data, gimli::RunTimeEndian::Little))
-    };
-    let dwarf = gimli::Dwarf::load(load).ok()?;
-    let context = addr2line::Context::from_dwarf(dwarf).ok()?;
-    let mut frames = context.find_frames(address).skip_all_loads().ok()?;
-    let mut stack = Vec::new();
-    while let Ok(Some(frame)) = frames.next() {
-        let Some(location) = frame.location else { continue };
-        let (Some(file), Some(line)) = (location.file, location.line) else { continue };
-        let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|name| name.into_owned());
-        stack.push(Location { function, file: file.to_owned(), line });
+type Reader<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
+
+/// An image's symbols: its line tables (if it has them) and build-id.
+pub struct Symbols<'a> {
+    context: Option<addr2line::Context<Reader<'a>>>,
+    build_id: Option<String>,
+}
+
+impl<'a> Symbols<'a> {
+    /// Reads the line tables and build-id of the ELF `image` (untrusted: a
+    /// malformed file yields no symbols, never an error or a panic). The
+    /// bytes must be 8-byte aligned, as the built-in images and heap
+    /// buffers are.
+    pub fn new(image: &'a [u8]) -> Self {
+        let Ok(file) = object::File::parse(image) else { return Symbols { context: None, build_id: None } };
+        let build_id = file.build_id().ok().flatten().map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
+        let load = |id: gimli::SectionId| -> Result<Reader<'a>, gimli::Error> {
+            let data = file.section_by_name(id.name()).and_then(|section| section.data().ok()).unwrap_or(&[]);
+            Ok(gimli::EndianSlice::new(data, gimli::RunTimeEndian::Little))
+        };
+        let context = gimli::Dwarf::load(load).ok().and_then(|dwarf| addr2line::Context::from_dwarf(dwarf).ok());
+        Symbols { context, build_id }
     }
-    let own = stack.iter().position(|frame| !frame.file.starts_with("/rustc/"));
-    own.or((!stack.is_empty()).then_some(0)).map(|at| stack.swap_remove(at))
+
+    /// The build-id, in hex.
+    pub fn build_id(&self) -> Option<&str> {
+        self.build_id.as_deref()
+    }
+
+    /// The location of `address`: the innermost frame in the driver's own
+    /// code (inlined standard-library frames are skipped), or the innermost
+    /// frame if all are the library's. None without line tables or when
+    /// the address is in none.
+    pub fn locate(&self, address: u64) -> Option<Location> {
+        let mut frames = self.context.as_ref()?.find_frames(address).skip_all_loads().ok()?;
+        let mut stack = Vec::new();
+        while let Ok(Some(frame)) = frames.next() {
+            let Some(location) = frame.location else { continue };
+            let (Some(file), Some(line)) = (location.file, location.line) else { continue };
+            let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|name| name.into_owned());
+            stack.push(Location { function, file: file.to_owned(), line });
+        }
+        let own = stack.iter().position(|frame| !frame.file.starts_with("/rustc/"));
+        own.or((!stack.is_empty()).then_some(0)).map(|at| stack.swap_remove(at))
+    }
+}
+
+/// The location of `address` in the ELF `image` (see [`Symbols::locate`]).
+pub fn locate(image: &[u8], address: u64) -> Option<Location> {
+    Symbols::new(image).locate(address)
+}
+
+/// Most frames a backtrace follows.
+pub const MAX_FRAMES: usize = 32;
+
+/// The return addresses on the frame-pointer chain from `rbp` (images are
+/// built with frame pointers): `[rbp]` is the caller's `rbp`, `[rbp + 8]`
+/// the return address. Guest memory is untrusted: every frame must lie in
+/// `stack` (the ring-3 stack), be aligned and sit above the one before, and
+/// the walk stops after [`MAX_FRAMES`].
+pub fn return_addresses(memory: &GuestMemoryMmap, mut rbp: u64, stack: std::ops::Range<u64>) -> Vec<u64> {
+    let read = |at: u64| {
+        let mut raw = [0u8; 8];
+        memory.read_slice(&mut raw, GuestAddress(at)).ok().map(|()| u64::from_le_bytes(raw))
+    };
+    let mut addresses = Vec::new();
+    while addresses.len() < MAX_FRAMES && rbp.is_multiple_of(8) && stack.contains(&rbp) && rbp + 16 <= stack.end {
+        let (Some(caller_rbp), Some(return_address)) = (read(rbp), read(rbp + 8)) else { break };
+        if return_address == 0 {
+            break;
+        }
+        addresses.push(return_address);
+        if caller_rbp <= rbp {
+            break;
+        }
+        rbp = caller_rbp;
+    }
+    addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_frame_chain_is_followed_within_the_stack_and_stops_at_garbage() {
+        let memory = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let write = |at: u64, value: u64| memory.write_slice(&value.to_le_bytes(), GuestAddress(at)).unwrap();
+        // Three frames, the last pointing back down (a loop a hostile guest
+        // could build): followed once each.
+        write(0x8000, 0x8100);
+        write(0x8008, 0x1111);
+        write(0x8100, 0x8200);
+        write(0x8108, 0x2222);
+        write(0x8200, 0x8000);
+        write(0x8208, 0x3333);
+        assert_eq!(return_addresses(&memory, 0x8000, 0x8000..0x9000), vec![0x1111, 0x2222, 0x3333]);
+        // Outside the stack, unaligned, or beyond memory: nothing.
+        assert!(return_addresses(&memory, 0x7ff8, 0x8000..0x9000).is_empty());
+        assert!(return_addresses(&memory, 0x8004, 0x8000..0x9000).is_empty());
+        assert!(return_addresses(&memory, 0xfff8, 0x8000..0x20000).is_empty());
+    }
+
+    #[test]
+    fn every_built_in_image_has_a_build_id_and_line_tables() {
+        for (name, bytes) in crate::image::BUILT_IN {
+            if let Err(error) = object::File::parse(*bytes) {
+                panic!("{name}: {error}");
+            }
+            let symbols = Symbols::new(bytes);
+            assert_eq!(symbols.build_id().map(str::len), Some(40), "{name}");
+            let layout = crate::image::parse_elf(bytes).unwrap();
+            let code = layout.segments.iter().find(|segment| segment.executable).unwrap();
+            let located = (code.start..code.end).step_by(64).filter(|&at| symbols.locate(at).is_some()).count();
+            assert!(located > 0, "{name}: its code has line tables");
+        }
+    }
+
+    #[test]
+    fn garbage_is_no_image() {
+        let symbols = Symbols::new(b"not an elf file");
+        assert_eq!(symbols.locate(0x1000), None);
+        assert_eq!(symbols.build_id(), None);
+    }
 }

@@ -20,7 +20,11 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::console::Console;
-use crate::outcome::{sanitize, Outcome};
+use crate::outcome::{sanitize, Frame, Outcome, Registers};
+use crate::symbols;
+
+/// Page-fault error code bit: the fault was an instruction fetch.
+const PF_INSTRUCTION_FETCH: u64 = 1 << 4;
 
 /// COM1 line status: transmitter holding register and shift register empty.
 const LSR_TX_EMPTY: u8 = 0x60;
@@ -82,6 +86,8 @@ pub struct Vcpu {
     memory: GuestMemoryMmap,
     console: Console,
     traps: Vec<Trap>,
+    /// Guest RAM size: the ring-3 stack and its guard are at its top.
+    ram_size: u64,
 }
 
 /// A trapped window: its accesses go over a socket to the supervisor
@@ -139,8 +145,60 @@ enum Exit {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console, traps: Vec<Trap>) -> Self {
-        Vcpu { fd, memory, console, traps }
+    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console, traps: Vec<Trap>, ram_size: u64) -> Self {
+        Vcpu { fd, memory, console, traps, ram_size }
+    }
+
+    /// `rip` and the return addresses on the ring-3 stack's frame-pointer
+    /// chain from `rbp`.
+    fn backtrace(&self, rip: u64, rbp: u64) -> Vec<Frame> {
+        let stack = abi::stack_guard(self.ram_size).1..self.ram_size;
+        std::iter::once(rip).chain(symbols::return_addresses(&self.memory, rbp, stack)).map(Frame::at).collect()
+    }
+
+    /// The backtrace of an exception. The stubs leave rbp alone: it is the
+    /// faulting code's. A fetch that faulted (a call through a bad
+    /// pointer) has not built a frame yet: its caller's return address is
+    /// at the top of the stack.
+    fn exception_backtrace(&self, frame: &ExceptionFrame, rbp: u64) -> Vec<Frame> {
+        let mut frames = self.backtrace(frame.rip, rbp);
+        let stack = abi::stack_guard(self.ram_size).1..self.ram_size;
+        let fetch = frame.vector == 14 && frame.error_code & PF_INSTRUCTION_FETCH != 0;
+        if fetch && stack.contains(&frame.rsp) {
+            let mut raw = [0u8; 8];
+            if self.memory.read_slice(&mut raw, GuestAddress(frame.rsp)).is_ok() {
+                frames.insert(1, Frame::at(u64::from_le_bytes(raw)));
+            }
+        }
+        frames
+    }
+
+    /// Where the vCPU is (it must not be running): for a supervisor that
+    /// asked before killing it.
+    pub fn stopped_here(&self) -> Outcome {
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let ring = self.fd.get_sregs().map(|s| (s.cs.selector & 3) as u8).unwrap_or(0);
+        let registers = Box::new(Registers {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rbp: regs.rbp,
+            rflags: regs.rflags,
+            rax: regs.rax,
+            rbx: regs.rbx,
+            rcx: regs.rcx,
+            rdx: regs.rdx,
+            rsi: regs.rsi,
+            rdi: regs.rdi,
+            r8: regs.r8,
+            r9: regs.r9,
+            r10: regs.r10,
+            r11: regs.r11,
+            r12: regs.r12,
+            r13: regs.r13,
+            r14: regs.r14,
+            r15: regs.r15,
+        });
+        Outcome::Stopped { ring, location: None, backtrace: self.backtrace(regs.rip, regs.rbp), registers }
     }
 
     /// Runs until the guest ends, signals ready (if asked), or `stop` is set.
@@ -244,12 +302,16 @@ impl Vcpu {
         if self.memory.read_slice(&mut message, GuestAddress(abi::PANIC_BUF_GPA)).is_err() {
             message.clear();
         }
-        Outcome::Panic { message: sanitize(&message) }
+        // The panic handler's `out`: its frame chain leads to the caller.
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let backtrace = self.backtrace(regs.rip, regs.rbp).into_iter().skip(1).collect();
+        Outcome::Panic { message: sanitize(&message), backtrace }
     }
 
     /// Reads the frame the exception stub left on the ring-0 stack.
     fn exception(&self) -> Outcome {
-        let rsp = self.fd.get_regs().map(|regs| regs.rsp).unwrap_or(0);
+        let regs = self.fd.get_regs().unwrap_or_default();
+        let rsp = regs.rsp;
         let mut raw = [0u8; std::mem::size_of::<ExceptionFrame>()];
         let frame = match self.memory.read_slice(&mut raw, GuestAddress(rsp)) {
             Ok(()) => ExceptionFrame::from_bytes(&raw).unwrap_or_default(),
@@ -260,6 +322,8 @@ impl Vcpu {
             }
         };
         let fault_address = (frame.vector == 14).then(|| self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0));
+        let (guard_start, guard_end) = abi::stack_guard(self.ram_size);
+        let stack_overflow = fault_address.is_some_and(|address| (guard_start..guard_end).contains(&address));
         Outcome::Exception {
             vector: frame.vector,
             name: abi::exception_name(frame.vector).into(),
@@ -269,6 +333,8 @@ impl Vcpu {
             ring: (frame.cs & 3) as u8,
             // Filled in by the caller, which holds the image.
             location: None,
+            stack_overflow,
+            backtrace: self.exception_backtrace(&frame, regs.rbp),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::memory::{self, GuestMemory};
 use crate::vcpu::{Trap, Vcpu};
-use crate::x86::{self, PageTables};
+use crate::x86::{self, Access, PageTables};
 
 /// PIC lines handed out to `--irq` lines, in order. Skipped: 0 (timer),
 /// 1 (keyboard), 2 (cascade), 3 and 4 (serial), 8 (RTC), 13 (FPU), so a
@@ -75,7 +75,7 @@ impl Vm {
         }
         let header = image.load(&guest.memory)?;
         x86::write_system_tables(&guest.memory, header.isr_stubs)?;
-        let cr3 = build_page_tables(&guest.memory, config)?;
+        let cr3 = build_page_tables(&guest.memory, config, image)?;
         let vcpu_fd = vm_fd.create_vcpu(0).map_err(Error::kvm("creating the vCPU"))?;
         if !config.irqs.is_empty() {
             route_pic_to_vcpu(&vcpu_fd)?;
@@ -95,7 +95,7 @@ impl Vm {
             .iter()
             .map(|trap| Ok(Trap::new(trap.gpa, trap.size, take_socket(trap.fd)?, &trap.name)))
             .collect::<Result<Vec<_>>>()?;
-        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps);
+        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory);
         Ok(Vm { name: config.name.clone(), vm_fd, vcpu, eventfds })
     }
 }
@@ -215,15 +215,34 @@ fn route_pic_to_vcpu(vcpu_fd: &VcpuFd) -> Result<()> {
     vcpu_fd.set_lapic(&lapic).map_err(Error::kvm("programming the local APIC"))
 }
 
-/// Maps RAM (except the null page), windows and doorbell pages; nothing else.
-fn build_page_tables(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64> {
+/// Maps RAM (except the null page and the stack guard), windows and
+/// doorbell pages; nothing else. Ring 3 gets what it needs and no more
+/// (guest-abi's layout): a wild write cannot rewrite the IDT, the page
+/// tables or the code, and so cannot turn into a misleading report.
+fn build_page_tables(memory: &GuestMemoryMmap, config: &VmConfig, image: &Image) -> Result<u64> {
     let mut tables = PageTables::new(memory);
-    tables.map(PAGE_SIZE, config.memory, false)?;
+    tables.map(PAGE_SIZE, abi::BOOT_INFO_GPA, Access::SUPERVISOR)?;
+    tables.map(abi::BOOT_INFO_GPA, abi::PANIC_BUF_GPA, Access::USER_READ_ONLY)?;
+    tables.map(abi::PANIC_BUF_GPA, abi::PANIC_BUF_GPA + abi::PANIC_BUF_LEN as u64, Access::USER_DATA)?;
+    tables.map(abi::PANIC_BUF_GPA + abi::PANIC_BUF_LEN as u64, abi::IMAGE_BASE, Access::SUPERVISOR)?;
+    let image_end = image.layout.end.next_multiple_of(PAGE_SIZE);
+    for page in (abi::IMAGE_BASE..image_end).step_by(PAGE_SIZE as usize) {
+        let access = match image.layout.page_permissions(page) {
+            (_, true) => Access::USER_CODE,
+            (true, false) => Access::USER_DATA,
+            (false, false) => Access::USER_READ_ONLY,
+        };
+        tables.map(page, page + PAGE_SIZE, access)?;
+    }
+    let (guard_start, guard_end) = abi::stack_guard(config.memory);
+    tables.map(image_end, guard_start, Access::USER_DATA)?;
+    tables.map(guard_end, config.memory, Access::USER_DATA)?;
     for window in &config.windows {
-        tables.map(window.gpa, window.end(), window.read_only)?;
+        let access = if window.read_only { Access::USER_READ_ONLY } else { Access::USER_DATA };
+        tables.map(window.gpa, window.end(), access)?;
     }
     for trap in &config.traps {
-        tables.map(trap.gpa, trap.end(), false)?;
+        tables.map(trap.gpa, trap.end(), Access::USER_DATA)?;
     }
     let mut pages: Vec<u64> = config
         .doorbells
@@ -236,7 +255,7 @@ fn build_page_tables(memory: &GuestMemoryMmap, config: &VmConfig) -> Result<u64>
     pages.sort_unstable();
     pages.dedup();
     for page in pages {
-        tables.map(page, page + PAGE_SIZE, false)?;
+        tables.map(page, page + PAGE_SIZE, Access::USER_DATA)?;
     }
     Ok(tables.root())
 }
@@ -251,7 +270,7 @@ fn boot_info(config: &VmConfig, image: &Image, tsc_khz: u64, gsis: &[u32]) -> Bo
         ram_size: config.memory,
         image_end: image.layout.end,
         heap_start: image.layout.end.next_multiple_of(PAGE_SIZE),
-        heap_end: config.memory - abi::RING3_STACK_SIZE,
+        heap_end: abi::stack_guard(config.memory).0,
         stack_top: config.memory,
         tsc_khz,
         cmdline_len: config.cmdline.len() as u64,

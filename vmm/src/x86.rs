@@ -32,6 +32,7 @@ const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+const EFER_NXE: u64 = 1 << 11;
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IF: u64 = 1 << 9;
 
@@ -39,6 +40,7 @@ const PTE_PRESENT: u64 = 1 << 0;
 const PTE_WRITABLE: u64 = 1 << 1;
 const PTE_USER: u64 = 1 << 2;
 const PTE_HUGE: u64 = 1 << 7;
+const PTE_NO_EXECUTE: u64 = 1 << 63;
 const HUGE_PAGE: u64 = 2 << 20;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -104,6 +106,36 @@ pub fn write_system_tables(memory: &GuestMemoryMmap, isr_stubs: u64) -> Result<(
     Ok(())
 }
 
+/// What the guest may do with a mapped range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// Ring 3 may reach it (else only the ring-0 stubs and the CPU itself).
+    pub user: bool,
+    /// Writes are allowed.
+    pub writable: bool,
+    /// Instructions may be fetched from it.
+    pub executable: bool,
+}
+
+impl Access {
+    /// Ring-3 data: heap, stack, windows, doorbells.
+    pub const USER_DATA: Access = Access { user: true, writable: true, executable: false };
+    /// Ring-3 read-only data (boot information, read-only windows, constants).
+    pub const USER_READ_ONLY: Access = Access { user: true, writable: false, executable: false };
+    /// The image's code.
+    pub const USER_CODE: Access = Access { user: true, writable: false, executable: true };
+    /// Kernel structures ring 3 must not reach: GDT, IDT, TSS, ring-0
+    /// stacks, page tables.
+    pub const SUPERVISOR: Access = Access { user: false, writable: true, executable: false };
+
+    fn leaf_bits(self) -> u64 {
+        PTE_PRESENT
+            | if self.user { PTE_USER } else { 0 }
+            | if self.writable { PTE_WRITABLE } else { 0 }
+            | if self.executable { 0 } else { PTE_NO_EXECUTE }
+    }
+}
+
 /// Identity page tables built in the page-table area of guest RAM.
 pub struct PageTables<'a> {
     memory: &'a GuestMemoryMmap,
@@ -122,9 +154,10 @@ impl<'a> PageTables<'a> {
     }
 
     /// Maps `[start, end)` to itself with 2 MiB pages where aligned, 4 KiB
-    /// pages elsewhere; user accessible, writable unless `read_only`.
-    pub fn map(&mut self, start: u64, end: u64, read_only: bool) -> Result<()> {
-        let leaf = PTE_PRESENT | PTE_USER | if read_only { 0 } else { PTE_WRITABLE };
+    /// pages elsewhere, with `access`. Intermediate tables allow everything:
+    /// the leaf decides.
+    pub fn map(&mut self, start: u64, end: u64, access: Access) -> Result<()> {
+        let leaf = access.leaf_bits();
         let mut addr = start;
         while addr < end {
             let pdpt = self.child(self.root(), (addr >> 39) & 0x1ff)?;
@@ -198,7 +231,7 @@ pub fn sregs(mut sregs: kvm_sregs, cr3: u64) -> kvm_sregs {
     sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
     sregs.cr3 = cr3;
     sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
-    sregs.efer = EFER_LME | EFER_LMA;
+    sregs.efer = EFER_LME | EFER_LMA | EFER_NXE;
     sregs
 }
 
@@ -241,8 +274,10 @@ mod tests {
     fn page_tables_map_exactly_what_was_asked() {
         let memory = memory();
         let mut tables = PageTables::new(&memory);
-        tables.map(0x1000, 4 << 20, false).unwrap();
-        tables.map(0x4000_0000, 0x4000_3000, true).unwrap();
+        tables.map(0x1000, 4 << 20, Access::USER_DATA).unwrap();
+        tables.map(0x4000_0000, 0x4000_3000, Access::USER_READ_ONLY).unwrap();
+        tables.map(0x5000_0000, 0x5000_1000, Access::USER_CODE).unwrap();
+        tables.map(0x6000_0000, 0x6000_1000, Access::SUPERVISOR).unwrap();
         let cr3 = tables.root();
         assert_eq!(translate(&memory, cr3, 0), None, "null page must stay unmapped");
         let low = translate(&memory, cr3, 0x1000).unwrap();
@@ -252,6 +287,11 @@ mod tests {
         assert_ne!(huge & PTE_HUGE, 0);
         let window = translate(&memory, cr3, 0x4000_2000).unwrap();
         assert_eq!(window & PTE_WRITABLE, 0, "read-only window must not be writable");
+        assert_ne!(window & PTE_NO_EXECUTE, 0, "data must not be executable");
+        let code = translate(&memory, cr3, 0x5000_0000).unwrap();
+        assert_eq!(code & (PTE_WRITABLE | PTE_NO_EXECUTE), 0, "code: executable, not writable");
+        let kernel = translate(&memory, cr3, 0x6000_0000).unwrap();
+        assert_eq!(kernel & PTE_USER, 0, "kernel structures are supervisor-only");
         assert_eq!(translate(&memory, cr3, 0x4000_3000), None);
         assert_eq!(translate(&memory, cr3, 4 << 20), None);
     }
@@ -263,7 +303,7 @@ mod tests {
         // 4 KiB pages spread one per 2 MiB region need one table each.
         let mut result = Ok(());
         for i in 0..1000u64 {
-            result = tables.map(0x4000_0000 + i * HUGE_PAGE, 0x4000_1000 + i * HUGE_PAGE, false);
+            result = tables.map(0x4000_0000 + i * HUGE_PAGE, 0x4000_1000 + i * HUGE_PAGE, Access::USER_DATA);
             if result.is_err() {
                 break;
             }

@@ -108,14 +108,144 @@ fn invalid_instruction_is_reported() {
     assert!(report.get("fault_address").is_none());
 }
 
+/// The 1-based line of `driver-vm/src/bin/faulty.rs` whose text contains
+/// `marker` (the planted bugs are marked `planted: ...`).
+fn planted_line(marker: &str) -> u64 {
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../driver-vm/src/bin/faulty.rs")).unwrap();
+    let index = source.lines().position(|line| line.contains(marker));
+    index.unwrap_or_else(|| panic!("no line with {marker:?} in faulty.rs")) as u64 + 1
+}
+
+/// Asserts `location` (a report's) is in faulty.rs, at a line in `lines`.
+fn assert_in_faulty(location: &serde_json::Value, lines: std::ops::RangeInclusive<u64>, report: &serde_json::Value) {
+    let file = location["file"].as_str().unwrap_or_default();
+    assert!(file.ends_with("driver-vm/src/bin/faulty.rs"), "{location} in {report}");
+    let line = location["line"].as_u64().unwrap_or_default();
+    assert!(lines.contains(&line), "line {line} not in {lines:?}: {report}");
+}
+
+/// Whether some frame of the report's backtrace is at `line` of faulty.rs.
+fn backtrace_has(report: &serde_json::Value, line: u64) -> bool {
+    let frames = report["backtrace"].as_array().cloned().unwrap_or_default();
+    frames.iter().any(|frame| {
+        frame["location"]["file"].as_str().is_some_and(|f| f.ends_with("faulty.rs"))
+            && frame["location"]["line"].as_u64() == Some(line)
+    })
+}
+
 #[test]
-fn triple_fault_is_reported() {
-    if !kvm_available("triple_fault_is_reported") {
+fn every_report_names_the_build() {
+    if !kvm_available("every_report_names_the_build") {
         return;
     }
-    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "triple-fault"]);
-    assert_eq!(status, 12, "{report}");
-    assert_eq!(report["outcome"], "triple_fault");
+    let (_, report) = run_json(&["--image", "faulty", "--cmdline", "exit=3"]);
+    let build_id = report["build_id"].as_str().unwrap_or_default();
+    assert_eq!(build_id.len(), 40, "a sha1 build-id in hex: {report}");
+    assert!(build_id.chars().all(|c| c.is_ascii_hexdigit()), "{report}");
+    let (_, hello) = run_json(&["--image", "hello"]);
+    assert_ne!(hello["build_id"], report["build_id"], "two images, two builds");
+}
+
+#[test]
+fn a_panic_reports_the_backtrace_to_its_line() {
+    if !kvm_available("a_panic_reports_the_backtrace_to_its_line") {
+        return;
+    }
+    let (_, report) = run_json(&["--image", "faulty", "--cmdline", "panic"]);
+    let line = planted_line("planted: panic");
+    assert!(report["message"].as_str().unwrap().contains(&format!("faulty.rs:{line}")), "{report}");
+    assert!(backtrace_has(&report, line), "a frame at faulty.rs:{line}: {report}");
+}
+
+#[test]
+fn ring_3_cannot_write_its_idt_or_its_code_nor_execute_its_stack() {
+    if !kvm_available("ring_3_cannot_write_its_idt_or_its_code_nor_execute_its_stack") {
+        return;
+    }
+    // Error code bits: 0 present (protection, not absence), 1 write, 2 user,
+    // 4 instruction fetch.
+    for (failure, address_check, bits) in
+        [("write-idt", Some(0x2000u64), 0b00111u64), ("write-code", None, 0b00111), ("execute-stack", None, 0b10101)]
+    {
+        let (status, report) = run_json(&["--image", "faulty", "--cmdline", failure]);
+        assert_eq!(status, 11, "{failure}: {report}");
+        assert_eq!(report["name"], "page_fault", "{failure}: {report}");
+        assert_eq!(report["ring"], 3, "{failure}: {report}");
+        let error_code = report["error_code"].as_u64().unwrap();
+        assert_eq!(error_code & 0b10111, bits, "{failure}: error code {error_code:#b}: {report}");
+        if let Some(address) = address_check {
+            assert_eq!(report["fault_address"], address, "{failure}: {report}");
+        }
+        let line = planted_line(&format!("planted: {failure}"));
+        // An instruction fetch faults at the target: the call is a frame.
+        if failure == "execute-stack" {
+            assert!(backtrace_has(&report, line), "{failure}: a frame at line {line}: {report}");
+        } else {
+            assert_in_faulty(&report["location"], line..=line, &report);
+        }
+    }
+}
+
+#[test]
+fn a_stack_overflow_is_reported_as_one_with_its_line() {
+    if !kvm_available("a_stack_overflow_is_reported_as_one_with_its_line") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "stack-overflow"]);
+    assert_eq!(status, 11, "{report}");
+    assert_eq!(report["stack_overflow"], true, "{report}");
+    assert_eq!(report["ring"], 3, "{report}");
+    let (begins, ends) = (planted_line("planted: stack-overflow begins"), planted_line("planted: stack-overflow ends"));
+    assert_in_faulty(&report["location"], begins - 2..=ends, &report);
+    let frames = report["backtrace"].as_array().unwrap();
+    assert!(frames.len() >= 8, "the recursion shows in the backtrace: {report}");
+    let text = output(vmm().args(["run", "--image", "faulty", "--cmdline", "stack-overflow"]));
+    let text = String::from_utf8_lossy(&text.stderr);
+    assert!(text.contains("overflowed its stack"), "{text}");
+}
+
+#[test]
+fn a_hung_guest_stopped_by_its_supervisor_reports_where_it_was() {
+    if !kvm_available("a_hung_guest_stopped_by_its_supervisor_reports_where_it_was") {
+        return;
+    }
+    use std::io::{BufRead, Read, Write};
+    let mut child = vmm()
+        .args(["run", "--image", "faulty", "--cmdline", "hang", "--json", "--exit-on-stdin-close"])
+        .args(["--timeout", "60s"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The watchdog bounds the wait for the guest's own word that it hangs.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("faulty: hanging") {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the vmm ended before the guest hung");
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"w").unwrap();
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    let status = child.wait().unwrap();
+    drop(stdin);
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(status.code(), Some(16), "{report}");
+    assert_eq!(report["outcome"], "stopped", "{report}");
+    assert!(report["registers"]["rip"].as_u64().is_some(), "{report}");
+    // Stopped in the loop, or (the request can overtake the guest) still
+    // in the print before it: in hang() or in the console code it calls.
+    let (begins, hang) = (planted_line("planted: hang begins"), planted_line("planted: hang"));
+    let location = &report["location"];
+    let file = location["file"].as_str().unwrap_or_default();
+    let line = location["line"].as_u64().unwrap_or_default();
+    let in_hang = file.ends_with("driver-vm/src/bin/faulty.rs") && (begins..=hang + 1).contains(&line);
+    assert!(in_hang || file.contains("guest-kernel/src/"), "in hang(), lines {begins}..={}: {report}", hang + 1);
+    let call = planted_line("Failure::Hang => hang(),");
+    assert!(backtrace_has(&report, call), "the caller at line {call}: {report}");
 }
 
 #[test]

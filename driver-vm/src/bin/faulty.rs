@@ -4,10 +4,17 @@
 //! - `panic`: panics with a message.
 //! - `page-fault`: reads an address outside its memory.
 //! - `illegal`: executes an invalid instruction.
-//! - `triple-fault`: clears its IDT, then faults.
-//! - `hang`: spins forever.
+//! - `write-idt`: writes to its IDT (supervisor-only: a page fault).
+//! - `write-code`: writes to its own code (read-only: a page fault).
+//! - `execute-stack`: jumps to code it wrote on its stack (not executable:
+//!   a page fault).
+//! - `stack-overflow`: recurses without end (the guard page below the
+//!   stack: reported as a stack overflow).
+//! - `hang`: spins forever (after printing `faulty: hanging`).
 //! - `write-window`: writes to its first window (a fault if read-only).
 //! - `exit=N`: exits with code N.
+//!
+//! Tests find the planted bugs' lines by the `planted:` comments.
 #![no_std]
 #![no_main]
 
@@ -21,7 +28,10 @@ enum Failure {
     Panic,
     PageFault,
     Illegal,
-    TripleFault,
+    WriteIdt,
+    WriteCode,
+    ExecuteStack,
+    StackOverflow,
     Hang,
     WriteWindow,
     Exit(u32),
@@ -39,14 +49,17 @@ impl Driver for Faulty {
             "panic" => Failure::Panic,
             "page-fault" => Failure::PageFault,
             "illegal" => Failure::Illegal,
-            "triple-fault" => Failure::TripleFault,
+            "write-idt" => Failure::WriteIdt,
+            "write-code" => Failure::WriteCode,
+            "execute-stack" => Failure::ExecuteStack,
+            "stack-overflow" => Failure::StackOverflow,
             "hang" => Failure::Hang,
             "write-window" => Failure::WriteWindow,
             other => match other.strip_prefix("exit=").and_then(|code| code.parse().ok()) {
                 Some(code) => Failure::Exit(code),
                 None => {
                     return Err(Error::BadCommandLine(
-                        "expected panic, page-fault, illegal, triple-fault, hang, write-window or exit=N",
+                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window or exit=N",
                     ))
                 }
             },
@@ -56,17 +69,22 @@ impl Driver for Faulty {
 
     fn run(self, kernel: &Kernel) -> Result<u32, Error> {
         match self.failure {
-            Failure::Panic => panic!("faulty driver: panic requested"),
+            Failure::Panic => panic!("faulty driver: panic requested"), // planted: panic
             Failure::PageFault => {
                 // SAFETY: deliberately invalid; the page fault ends the VM.
                 let _ = unsafe { (UNMAPPED_ADDRESS as *const u64).read_volatile() };
+                // planted: page-fault
             }
             // SAFETY: ud2 raises #UD, which ends the VM.
             Failure::Illegal => unsafe { core::arch::asm!("ud2") },
-            Failure::TripleFault => triple_fault(),
-            Failure::Hang => loop {
-                core::hint::spin_loop();
-            },
+            Failure::WriteIdt => write_idt(),
+            Failure::WriteCode => write_code(),
+            Failure::ExecuteStack => execute_stack(),
+            Failure::StackOverflow => {
+                let depth = recurse(0); // planted: stack-overflow caller
+                driver_vm::println!("faulty: {depth}");
+            }
+            Failure::Hang => hang(),
             Failure::WriteWindow => {
                 let window = kernel.windows().next().ok_or(Error::MissingWindow("any"))?;
                 // SAFETY: the window is mapped for the VM's lifetime; if it
@@ -80,23 +98,55 @@ impl Driver for Faulty {
     }
 }
 
-/// Zeroes the IDT (ring 3 can read its address with `sidt` and the vmm maps
-/// it like all RAM), then faults: the #UD finds no gate, nor does the double
-/// fault that follows, so the CPU shuts down.
-fn triple_fault() {
+/// Writes to the IDT (ring 3 can read its address with `sidt`): the page
+/// is supervisor-only, so the write faults instead of corrupting the
+/// handlers that report faults.
+fn write_idt() {
     let mut idtr = [0u8; 10];
     // SAFETY: sidt stores 10 bytes into `idtr`.
     unsafe { core::arch::asm!("sidt [{}]", in(reg) idtr.as_mut_ptr(), options(nostack)) };
-    let limit = u16::from_le_bytes([idtr[0], idtr[1]]) as usize;
     let mut base = [0u8; 8];
     base.copy_from_slice(&idtr[2..10]);
     let base = u64::from_le_bytes(base) as *mut u8;
-    for i in 0..=limit {
-        // SAFETY: the IDT lies in mapped, writable guest RAM.
-        unsafe { base.add(i).write_volatile(0) };
+    // SAFETY: deliberately forbidden; the page fault ends the VM.
+    unsafe { base.write_volatile(0) }; // planted: write-idt
+}
+
+/// Writes over this very function's code: read-only, so it faults.
+fn write_code() {
+    let code = write_code as *const () as *mut u8;
+    // SAFETY: deliberately forbidden; the page fault ends the VM.
+    unsafe { code.write_volatile(0xc3) }; // planted: write-code
+}
+
+/// Writes a `ret` on the stack and calls it: the stack is not executable.
+fn execute_stack() {
+    let code = [0xc3u8; 16];
+    // SAFETY: deliberately forbidden: the instruction fetch faults.
+    let function: extern "C" fn() = unsafe { core::mem::transmute(code.as_ptr()) };
+    function(); // planted: execute-stack
+}
+
+/// Recurses without end: each frame holds a buffer the optimiser cannot
+/// drop, and the call is not a tail call.
+#[inline(never)]
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    // planted: stack-overflow begins
+    let mut frame = [depth as u8; 512];
+    core::hint::black_box(&mut frame);
+    let below = recurse(depth + 1);
+    below + u64::from(core::hint::black_box(frame)[7])
+    // planted: stack-overflow ends
+}
+
+/// Spins forever, where a supervisor's report must find it.
+#[inline(never)]
+fn hang() -> ! {
+    driver_vm::println!("faulty: hanging"); // planted: hang begins
+    loop {
+        core::hint::spin_loop(); // planted: hang
     }
-    // SAFETY: raises #UD with no handler left.
-    unsafe { core::arch::asm!("ud2") };
 }
 
 driver_vm::driver_main!(Faulty);

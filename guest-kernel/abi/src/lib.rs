@@ -26,10 +26,18 @@
 //! 0x0000_9000  ring-0 stack         (top at RING0_STACK_TOP)
 //! 0x0000_c000  double-fault stack   (top at DOUBLE_FAULT_STACK_TOP)
 //! 0x0001_0000  page tables          (up to PAGE_TABLES_END)
-//! 0x0010_0000  image (IMAGE_BASE), then heap, then the ring-3 stack
+//! 0x0010_0000  image (IMAGE_BASE), then heap, then an unmapped guard
+//!              page (STACK_GUARD_SIZE), then the ring-3 stack
 //!              (RING3_STACK_SIZE) at the top of RAM
 //! RAM end ..   windows, doorbell pages (placed by the user, checked by the vmm)
 //! ```
+//!
+//! Ring 3 reaches only what it needs (the vmm's page tables): the boot
+//! information and command line read-only, the panic buffer, the image
+//! (code read and execute, read-only data, data), heap, stack, windows and
+//! doorbells. GDT, IDT, TSS, ring-0 stacks and page tables are
+//! supervisor-only; nothing but the image's code is executable; the guard
+//! page is unmapped, so a stack overflow faults there and is reported as one.
 #![no_std]
 #![deny(missing_docs)]
 
@@ -75,6 +83,16 @@ pub const PAGE_TABLES_END: u64 = 0x10_0000;
 pub const IMAGE_BASE: u64 = 0x10_0000;
 /// Size of the ring-3 stack at the top of RAM.
 pub const RING3_STACK_SIZE: u64 = 256 * 1024;
+/// Size of the unmapped guard below the ring-3 stack (Rust probes every
+/// page of a large frame, so an overflow always touches it).
+pub const STACK_GUARD_SIZE: u64 = 4096;
+
+/// The guard below the ring-3 stack of a guest with `ram_size` bytes of RAM:
+/// `[start, end)`.
+pub const fn stack_guard(ram_size: u64) -> (u64, u64) {
+    let end = ram_size - RING3_STACK_SIZE;
+    (end - STACK_GUARD_SIZE, end)
+}
 /// Guest physical addresses at or above this are not usable for windows:
 /// one PML4 entry (512 GiB) of identity mapping covers everything.
 pub const GPA_LIMIT: u64 = 1 << 39;
