@@ -16,17 +16,23 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings (host workspace: builds the images too)"
 timeout 1500 cargo clippy --release --all-targets --locked -- -D warnings
 
-step "cargo clippy -D warnings (driver VM images and guest-kernel)"
-(cd driver-vm && timeout 600 cargo clippy --release --locked --target-dir ../target/guest -- -D warnings)
-(cd guest-kernel && timeout 600 cargo clippy --release --target-dir ../target/guest-lint -- -D warnings)
+step "cargo clippy -D warnings (driver VM images and guest-kernel, isolated and hosted)"
+(cd driver-vm && timeout 600 cargo clippy --release --locked --config isolated.toml --features fault-injection --target-dir ../target/guest -- -D warnings)
+(cd driver-vm && timeout 600 cargo clippy --all-targets --locked --target-dir ../target/hosted -- -D warnings)
+(cd guest-kernel && timeout 600 cargo clippy --release --config ../driver-vm/isolated.toml --target-dir ../target/guest-lint -- -D warnings)
+(cd guest-kernel && timeout 600 cargo clippy --all-targets --target-dir ../target/hosted -- -D warnings)
+
+step "driver unit tests without KVM (cargo test in driver-vm and guest-kernel: fake devices and channel)"
+(cd driver-vm && timeout 600 cargo test --locked --target-dir ../target/hosted)
+(cd guest-kernel && timeout 600 cargo test --target-dir ../target/hosted)
 
 step "cargo build --release"
 timeout 1500 cargo build --release --locked
 
-step "a production vmm (--no-default-features: no test images, drivers without fault injection) embeds only blk, e1000e, net, null and nvme"
+step "a production vmm (--no-default-features: no test images, drivers without fault injection) embeds only blk, e1000e, net, null, nvme and vmdisk"
 timeout 1500 cargo build --release --locked -p vmm --no-default-features --target-dir target/production
 production=$(target/production/release/vmm images | tr '\n' ' ')
-[[ $production == "blk e1000e net null nvme " ]] || { echo "the production vmm embeds: $production" >&2; exit 1; }
+[[ $production == "blk e1000e net null nvme vmdisk " ]] || { echo "the production vmm embeds: $production" >&2; exit 1; }
 if [[ -e /dev/kvm ]]; then
     prod=$(mktemp -d)
     target/release/reflector serve --vmm target/production/release/vmm --control "$prod/ctl" \
@@ -39,7 +45,7 @@ if [[ -e /dev/kvm ]]; then
     grep -q "cannot commit" "$prod/inject" || { cat "$prod/inject" "$prod/log" >&2; kill "$reflector_pid"; exit 1; }
     kill "$reflector_pid"; wait "$reflector_pid" || true
     rm -rf "$prod"
-    echo "production: blk e1000e net null nvme; inject refused"
+    echo "production: blk e1000e net null nvme vmdisk; inject refused"
 fi
 
 step "end-to-end: a QEMU guest runs fio --verify on a disk served through a driver VM"

@@ -18,7 +18,7 @@ use std::process::Command;
 /// driver-vm/.cargo/config.toml for why it is named explicitly).
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The images a production vmm (without the `test-images` feature) embeds.
-const PRODUCTION_IMAGES: &[&str] = &["blk", "e1000e", "net", "null", "nvme"];
+const PRODUCTION_IMAGES: &[&str] = &["blk", "e1000e", "net", "null", "nvme", "vmdisk"];
 
 /// Environment the outer cargo sets for build scripts that would change how
 /// the nested build compiles (flags, wrappers such as clippy-driver, targets).
@@ -54,7 +54,7 @@ fn main() {
         "driver-vm/Cargo.toml",
         "driver-vm/Cargo.lock",
         "driver-vm/build.rs",
-        "driver-vm/.cargo/config.toml",
+        "driver-vm/isolated.toml",
         "guest-kernel/src",
         "guest-kernel/Cargo.toml",
         "guest-kernel/link.ld",
@@ -72,7 +72,9 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(&driver_dir)
-        .args(["build", "--release", "--bins", "--target", GUEST_TARGET, "--target-dir"])
+        .args(["build", "--release", "--bins", "--target", GUEST_TARGET, "--config"])
+        .arg(driver_dir.join("isolated.toml"))
+        .arg("--target-dir")
         .arg(&target_dir);
     if testing {
         command.args(["--features", "fault-injection"]);

@@ -14,6 +14,8 @@ use core::fmt;
 
 pub mod channel;
 pub mod registers;
+#[cfg(not(driver_vm_isolated))]
+pub mod testing;
 
 pub use guest_kernel::{self as kernel, print, println, Kernel};
 

@@ -208,6 +208,11 @@ pub fn wait_for_interrupt() {
     }
 }
 
+/// Consumes the pending bits in `mask`; whether any was set.
+pub fn take_line(mask: u64) -> bool {
+    IRQ_PENDING.fetch_and(!mask, Ordering::AcqRel) & mask != 0
+}
+
 /// Returns and clears the set of interrupts taken since the last call
 /// (bit N: vector `IRQ_VECTOR_BASE + N`).
 pub fn take_interrupts() -> u64 {

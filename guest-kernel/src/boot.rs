@@ -1,26 +1,31 @@
 //! Boot: from the vmm's boot information to the image's entry point.
 
-use core::ptr;
-
-use guest_abi::{exit_code, port, BootInfo, BOOT_MAGIC, CMDLINE_GPA};
+use guest_abi::BootInfo;
 
 use crate::device::{Doorbell, InterruptLine, Window};
-use crate::{arch, heap, time};
-
-extern "Rust" {
-    fn __driver_vm_main(kernel: &Kernel) -> u32;
-}
 
 /// What the kernel gives a driver: its command line and its device
 /// resources, as the vmm described them in the boot information.
 pub struct Kernel {
-    boot: BootInfo,
+    pub(crate) boot: BootInfo,
+    /// Where a hosted driver reaches its windows and doorbells.
+    #[cfg(not(driver_vm_isolated))]
+    pub(crate) hosted: crate::hosted::Mapped,
 }
 
 impl Kernel {
     /// The command line passed with `vmm run --cmdline` (empty if none, or
     /// if it was not UTF-8).
+    #[cfg(not(driver_vm_isolated))]
     pub fn cmdline(&self) -> &str {
+        &self.hosted.cmdline
+    }
+
+    /// The command line passed with `vmm run --cmdline` (empty if none, or
+    /// if it was not UTF-8).
+    #[cfg(driver_vm_isolated)]
+    pub fn cmdline(&self) -> &str {
+        use guest_abi::CMDLINE_GPA;
         let len = (self.boot.cmdline_len as usize).min(guest_abi::CMDLINE_MAX);
         // SAFETY: the vmm wrote `len` bytes at CMDLINE_GPA, which is mapped
         // and never written again while the guest runs.
@@ -36,7 +41,17 @@ impl Kernel {
     /// The windows, in command-line order.
     pub fn windows(&self) -> impl Iterator<Item = Window> + '_ {
         let count = (self.boot.window_count as usize).min(guest_abi::MAX_WINDOWS);
-        self.boot.windows[..count].iter().map(Window::from_info)
+        self.boot.windows[..count].iter().enumerate().map(|(i, info)| Window::from_info(info, self.window_base(i)))
+    }
+
+    #[cfg(driver_vm_isolated)]
+    fn window_base(&self, index: usize) -> u64 {
+        self.boot.windows[index].gpa
+    }
+
+    #[cfg(not(driver_vm_isolated))]
+    fn window_base(&self, index: usize) -> u64 {
+        self.hosted.window_bases.get(index).copied().unwrap_or(0)
     }
 
     /// The window called `name` on the command line.
@@ -45,6 +60,13 @@ impl Kernel {
     }
 
     /// Doorbell number `index` (command-line order).
+    #[cfg(not(driver_vm_isolated))]
+    pub fn doorbell(&self, index: usize) -> Option<Doorbell> {
+        self.hosted.doorbells.get(index).map(|fd| Doorbell::eventfd(*fd))
+    }
+
+    /// Doorbell number `index` (command-line order).
+    #[cfg(driver_vm_isolated)]
     pub fn doorbell(&self, index: usize) -> Option<Doorbell> {
         let count = (self.boot.doorbell_count as usize).min(guest_abi::MAX_DOORBELLS);
         self.boot.doorbells[..count].get(index).and_then(Doorbell::from_info)
@@ -57,8 +79,20 @@ impl Kernel {
     }
 }
 
+#[cfg(driver_vm_isolated)]
+extern "Rust" {
+    fn __driver_vm_main(kernel: &Kernel) -> u32;
+}
+
 /// First Rust code to run, called by `_start` with `rdi` = boot information.
+#[cfg(driver_vm_isolated)]
 pub(crate) extern "C" fn kernel_entry(boot: *const BootInfo) -> ! {
+    use core::ptr;
+
+    use guest_abi::{exit_code, port, BOOT_MAGIC};
+
+    use crate::{arch, heap, time};
+
     // SAFETY: the vmm maps the boot information page at BOOT_INFO_GPA and
     // passes its address; `BootInfo` is plain data (every bit pattern valid).
     let boot = unsafe { ptr::read_volatile(boot) };

@@ -1,20 +1,26 @@
-//! Console output on COM1, which the vmm prefixes with the VM's name.
+//! Console output on COM1, which the vmm prefixes with the VM's name
+//! (hosted: standard output).
 
 use core::fmt;
 
-use guest_abi::port;
-
-use crate::arch;
-
 /// Longest chunk sent in one exit: the vmm receives `rep outsb` data a page
 /// at a time.
+#[cfg(driver_vm_isolated)]
 const CHUNK: usize = 4096;
 
 /// Writes raw bytes to the console.
+#[cfg(driver_vm_isolated)]
 pub fn write_bytes(bytes: &[u8]) {
     for chunk in bytes.chunks(CHUNK) {
-        arch::outsb(port::CONSOLE, chunk);
+        crate::arch::outsb(guest_abi::port::CONSOLE, chunk);
     }
+}
+
+/// Writes raw bytes to the console.
+#[cfg(not(driver_vm_isolated))]
+pub fn write_bytes(bytes: &[u8]) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(bytes);
 }
 
 /// The console as a `fmt::Write` sink.

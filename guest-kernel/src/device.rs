@@ -5,7 +5,9 @@
 use core::mem::size_of;
 use core::sync::atomic::AtomicU32;
 
-use guest_abi::{DoorbellInfo, IrqInfo, Plain, WindowInfo, DOORBELL_MMIO, DOORBELL_PORT, NAME_LEN, WINDOW_READ_ONLY};
+use guest_abi::{DoorbellInfo, IrqInfo, Plain, WindowInfo, NAME_LEN, WINDOW_READ_ONLY};
+#[cfg(driver_vm_isolated)]
+use guest_abi::{DOORBELL_MMIO, DOORBELL_PORT};
 
 use crate::arch;
 
@@ -13,11 +15,14 @@ use crate::arch;
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
     info: WindowInfo,
+    /// Where this code reaches it: its guest-physical address in a driver
+    /// VM (identity mapped), the mapping's address in a hosted driver.
+    base: u64,
 }
 
 impl Window {
-    pub(crate) fn from_info(info: &WindowInfo) -> Self {
-        Window { info: *info }
+    pub(crate) fn from_info(info: &WindowInfo, base: u64) -> Self {
+        Window { info: *info, base }
     }
 
     /// Name given on the command line ("" if none).
@@ -26,7 +31,8 @@ impl Window {
         core::str::from_utf8(&self.info.name[..end]).unwrap_or("")
     }
 
-    /// Guest physical address (identity mapped).
+    /// Guest physical address: what the device's DMA uses (also where this
+    /// code reaches it in a driver VM, which is identity mapped).
     pub fn addr(&self) -> u64 {
         self.info.gpa
     }
@@ -43,10 +49,11 @@ impl Window {
 
     /// The window's bytes.
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the vmm maps `size` bytes at `gpa` for the VM's lifetime.
+        // SAFETY: the vmm (or the hosted start) maps `size` bytes at `base`
+        // for the driver's lifetime.
         // Device memory may change under us; callers that care read it with
         // volatile accesses through `as_ptr`.
-        unsafe { core::slice::from_raw_parts(self.info.gpa as *const u8, self.info.size as usize) }
+        unsafe { core::slice::from_raw_parts(self.base as *const u8, self.info.size as usize) }
     }
 
     /// The window's bytes, writable. Writing to a read-only window faults.
@@ -54,12 +61,12 @@ impl Window {
     pub fn as_mut_slice(&self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; the window is device memory owned by this
         // driver, which is single-threaded.
-        unsafe { core::slice::from_raw_parts_mut(self.info.gpa as *mut u8, self.info.size as usize) }
+        unsafe { core::slice::from_raw_parts_mut(self.base as *mut u8, self.info.size as usize) }
     }
 
     /// Base pointer for volatile register access.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.info.gpa as *mut u8
+        self.base as *mut u8
     }
 
     /// The 32-bit shared word at `offset`, for fields both sides of a
@@ -95,12 +102,34 @@ pub struct Doorbell {
     info: DoorbellInfo,
 }
 
+/// A hosted doorbell: an eventfd (its number in `addr`), signalled once per
+/// ring as KVM's ioeventfd would.
+#[cfg(not(driver_vm_isolated))]
+pub(crate) const DOORBELL_EVENTFD: u32 = 0x100;
+
 impl Doorbell {
+    #[cfg(driver_vm_isolated)]
     pub(crate) fn from_info(info: &DoorbellInfo) -> Option<Self> {
         matches!(info.kind, DOORBELL_MMIO | DOORBELL_PORT).then_some(Doorbell { info: *info })
     }
 
+    /// A hosted doorbell on eventfd `fd`.
+    #[cfg(not(driver_vm_isolated))]
+    pub(crate) fn eventfd(fd: i32) -> Self {
+        Doorbell { info: DoorbellInfo { kind: DOORBELL_EVENTFD, len: 8, addr: fd as u64 } }
+    }
+
     /// Rings the doorbell with `value` (truncated to the doorbell's width).
+    #[cfg(not(driver_vm_isolated))]
+    pub fn ring(&self, value: u64) {
+        let _ = value;
+        if self.info.kind == DOORBELL_EVENTFD {
+            crate::hosted::signal(self.info.addr as i32);
+        }
+    }
+
+    /// Rings the doorbell with `value` (truncated to the doorbell's width).
+    #[cfg(driver_vm_isolated)]
     pub fn ring(&self, value: u64) {
         let addr = self.info.addr;
         match (self.info.kind, self.info.len) {
@@ -154,7 +183,7 @@ impl InterruptLine {
         if mask == 0 {
             return;
         }
-        while arch::IRQ_PENDING.fetch_and(!mask, core::sync::atomic::Ordering::AcqRel) & mask == 0 {
+        while !arch::take_line(mask) {
             arch::wait_for_interrupt();
         }
     }

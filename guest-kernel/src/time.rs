@@ -1,11 +1,27 @@
-//! Time from the TSC, whose frequency the vmm reads from KVM.
+//! Time from the TSC, whose frequency the vmm reads from KVM (hosted: the
+//! monotonic clock, in nanoseconds).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+#[cfg(driver_vm_isolated)]
 use crate::arch::rdtsc;
 
-static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+/// Nanoseconds of the monotonic clock, as the hosted kernel's ticks (its
+/// tick rate is set to 1 GHz).
+#[cfg(not(driver_vm_isolated))]
+fn rdtsc() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into `now`.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    (now.tv_sec as u64).wrapping_mul(1_000_000_000).wrapping_add(now.tv_nsec as u64)
+}
 
+#[cfg(driver_vm_isolated)]
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1);
+#[cfg(not(driver_vm_isolated))]
+static TSC_KHZ: AtomicU64 = AtomicU64::new(1_000_000);
+
+#[cfg(driver_vm_isolated)]
 pub(crate) fn init(tsc_khz: u64) {
     TSC_KHZ.store(tsc_khz.max(1), Ordering::Relaxed);
 }

@@ -238,7 +238,7 @@ fn a_hung_guest_stopped_by_its_supervisor_reports_where_it_was() {
     assert!(report["registers"]["rip"].as_u64().is_some(), "{report}");
     // Stopped in the loop, or (the request can overtake the guest) still
     // in the print before it: in hang() or in the console code it calls.
-    let (begins, hang) = (planted_line("planted: hang begins"), planted_line("planted: hang"));
+    let (begins, hang) = (planted_line("planted: hang begins"), planted_line("planted: hang loop"));
     let location = &report["location"];
     let file = location["file"].as_str().unwrap_or_default();
     let line = location["line"].as_u64().unwrap_or_default();

@@ -5,7 +5,7 @@
 //!
 //! Parameters (`driver_args`): `panic-on-sector=N` (see `driver_vm::channel`).
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use core::sync::atomic::{fence, Ordering};
 

@@ -9,7 +9,7 @@
 //! in the slot) and `NET_RX` (an empty slot to receive into). Interrupt
 //! line 1 is the card's (INTx through the reflector).
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use core::sync::atomic::{fence, Ordering};
 

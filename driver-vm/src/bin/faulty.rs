@@ -16,7 +16,7 @@
 //!
 //! Tests find the planted bugs' lines by the `planted:` comments.
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use driver_vm::{Driver, Error, Kernel};
 
@@ -145,7 +145,7 @@ fn recurse(depth: u64) -> u64 {
 fn hang() -> ! {
     driver_vm::println!("faulty: hanging"); // planted: hang begins
     loop {
-        core::hint::spin_loop(); // planted: hang
+        core::hint::spin_loop(); // planted: hang loop
     }
 }
 

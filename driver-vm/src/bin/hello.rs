@@ -1,7 +1,7 @@
 //! `hello`: prints a greeting and its command line, shows that the heap and
 //! ring-3 floating point (SSE) work, exits 0.
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 extern crate alloc;
 

@@ -2,7 +2,7 @@
 //! then exits 0. Tests use it to check that windows map files at their
 //! addresses, that guest writes reach the file, and read-only mappings.
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use driver_vm::kernel::device::Window;
 use driver_vm::{println, Driver, Error, Kernel};

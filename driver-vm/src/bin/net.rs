@@ -5,7 +5,7 @@
 //! a descriptor of the card's TX or RX ring, each card completion a channel
 //! completion. The card DMAs straight from and into the slots.
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use core::sync::atomic::{fence, Ordering};
 

@@ -12,7 +12,7 @@
 //! outside the region it was given (`wild-dma`), or to set its controller
 //! up again with its queues outside that region (`wild-queues`).
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use core::cell::Cell;
 use driver_vm::channel::{Channel, ChannelDriver, Device};

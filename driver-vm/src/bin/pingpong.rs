@@ -3,7 +3,7 @@
 //! doorbells (ioeventfd) and interrupt lines (irqfd) reach the guest and its
 //! supervisor without the vmm.
 #![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_main)]
 
 use driver_vm::kernel::device::{Doorbell, InterruptLine};
 use driver_vm::{println, Driver, Error, Kernel};
