@@ -131,8 +131,8 @@ fn pairs(text: &str) -> Vec<(&str, &str)> {
 }
 
 /// Parses the hosted command line (module docs); windows are not mapped
-/// yet: `(resources, [(fd, offset)] per window)`.
-pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<i32>), String> {
+/// yet: `(resources, (fd, offset) per window)`.
+pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<(i32, u64)>), String> {
     let mut resources = Resources { ram_size: 16 << 20, ..Default::default() };
     let mut fds = Vec::new();
     let mut args = args.iter();
@@ -150,7 +150,11 @@ pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<i32>), String> {
             "--window" => {
                 let pairs = pairs(value);
                 let get = |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
-                let bad = || format!("--window {value}: expected name=NAME,gpa=GPA,size=SIZE,fd=FD[,ro]");
+                let bad = || format!("--window {value}: expected name=NAME,gpa=GPA,size=SIZE,fd=FD[,offset=N][,ro]");
+                let offset = match get("offset") {
+                    Some(offset) => number(offset).filter(|o| o % 4096 == 0).ok_or_else(bad)?,
+                    None => 0,
+                };
                 let size = get("size").and_then(number).filter(|size| *size > 0).ok_or_else(bad)?;
                 resources.windows.push(HostedWindow {
                     name: get("name").ok_or_else(bad)?.to_string(),
@@ -159,7 +163,7 @@ pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<i32>), String> {
                     size,
                     read_only: get("ro").is_some(),
                 });
-                fds.push(fd_of(&pairs)?);
+                fds.push((fd_of(&pairs)?, offset));
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -167,12 +171,14 @@ pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<i32>), String> {
     Ok((resources, fds))
 }
 
-/// Maps window descriptor `fd` (shared).
-fn map(fd: i32, window: &HostedWindow) -> Result<*mut u8, String> {
+/// Maps window descriptor `fd` from `offset` (shared).
+fn map(fd: i32, offset: u64, window: &HostedWindow) -> Result<*mut u8, String> {
     let protection = if window.read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
     // SAFETY: maps `size` bytes of a descriptor this process was given; the
     // kernel picks the address; the mapping lives as long as the process.
-    let base = unsafe { libc::mmap(core::ptr::null_mut(), window.size as usize, protection, libc::MAP_SHARED, fd, 0) };
+    let base = unsafe {
+        libc::mmap(core::ptr::null_mut(), window.size as usize, protection, libc::MAP_SHARED, fd, offset as libc::off_t)
+    };
     if base == libc::MAP_FAILED {
         let error = std::io::Error::last_os_error();
         return Err(format!("mapping window {:?} (fd {fd}, {} bytes): {error}", window.name, window.size));
@@ -186,8 +192,8 @@ fn map(fd: i32, window: &HostedWindow) -> Result<*mut u8, String> {
 pub fn start(main: fn(&Kernel) -> u32) -> i32 {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let kernel = parse_args(&args).and_then(|(mut resources, fds)| {
-        for (window, fd) in resources.windows.iter_mut().zip(fds) {
-            window.base = map(fd, window)?;
+        for (window, (fd, offset)) in resources.windows.iter_mut().zip(fds) {
+            window.base = map(fd, offset, window)?;
         }
         Kernel::hosted(resources)
     });
@@ -196,7 +202,7 @@ pub fn start(main: fn(&Kernel) -> u32) -> i32 {
         Err(error) => {
             let program = std::env::args().next().unwrap_or_default();
             std::eprintln!("{program}: {error}");
-            std::eprintln!("usage: {program} [--cmdline WORDS] [--memory BYTES] [--window name=NAME,gpa=GPA,size=SIZE,fd=FD[,ro]]... [--doorbell fd=FD]... [--irq fd=FD]...");
+            std::eprintln!("usage: {program} [--cmdline WORDS] [--memory BYTES] [--window name=NAME,gpa=GPA,size=SIZE,fd=FD[,offset=N][,ro]]... [--doorbell fd=FD]... [--irq fd=FD]...");
             2
         }
     }
@@ -219,7 +225,7 @@ mod tests {
             "--window",
             "name=channel,gpa=0x40000000,size=4096,fd=5",
             "--window",
-            "name=regs,gpa=0x50000000,size=0x2000,fd=6,ro",
+            "name=regs,gpa=0x50000000,size=0x2000,fd=6,ro,offset=0x1000",
             "--doorbell",
             "fd=7",
             "--irq",
@@ -227,7 +233,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(resources.cmdline, "a b");
-        assert_eq!(fds, vec![5, 6]);
+        assert_eq!(fds, vec![(5, 0), (6, 0x1000)]);
         assert_eq!(resources.windows[1].size, 0x2000);
         assert!(resources.windows[1].read_only && !resources.windows[0].read_only);
         assert_eq!((resources.doorbells.clone(), resources.irqs.clone()), (vec![7], vec![8]));

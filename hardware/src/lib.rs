@@ -10,6 +10,7 @@
 //! with nothing: every register a driver writes is checked by the device.
 
 pub mod descriptors;
+pub mod memory_disk;
 pub mod qemu;
 pub mod shm;
 pub mod sim_nic;

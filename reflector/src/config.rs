@@ -52,6 +52,9 @@ pub struct BlkConfig {
     pub driver_args: String,
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
+    /// Run the driver hosted (a plain process, `vmm run --hosted`), for
+    /// development only: needs `--no-jail`.
+    pub hosted: bool,
     /// The hardware the driver VM drives.
     pub device: DeviceHardware,
 }
@@ -68,6 +71,10 @@ pub enum DeviceHardware {
         /// The `qemu-system-x86_64` binary.
         qemu: PathBuf,
     },
+    /// The disk image itself as device memory (`device=memory`, block
+    /// only): the `vmdisk` driver copies to and from it; its data survives
+    /// every restart of the driver.
+    Memory,
     /// A real PCI function bound to vfio-pci (`device=vfio:DDDD:BB:DD.F`):
     /// an NVMe controller for a block device, an e1000e for a net device,
     /// driven by the same driver as QEMU's model of it.
@@ -86,6 +93,8 @@ pub struct KindHardware {
     model: (&'static str, &'static str),
     /// Default drivers: of the simulated device, of the QEMU model.
     drivers: (&'static str, &'static str),
+    /// The driver of `device=memory`, for kinds that have it.
+    memory: Option<&'static str>,
 }
 
 /// What a block device can be.
@@ -93,6 +102,7 @@ pub const BLK_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated controller",
     model: ("nvme", "QEMU's NVMe model"),
     drivers: (DEFAULT_BLK_DRIVER, "nvme"),
+    memory: Some("vmdisk"),
 };
 
 /// What a net device can be.
@@ -100,6 +110,7 @@ pub const NET_HARDWARE: KindHardware = KindHardware {
     sim: "the simulated card",
     model: ("e1000e", "QEMU's e1000e model"),
     drivers: (DEFAULT_NET_DRIVER, "e1000e"),
+    memory: None,
 };
 
 impl DeviceHardware {
@@ -109,6 +120,8 @@ impl DeviceHardware {
         match (device, qemu) {
             ("sim", None) => Ok(DeviceHardware::Sim),
             ("sim", Some(_)) => Err(format!("qemu= is for device={model}")),
+            ("memory", None) if kind.memory.is_some() => Ok(DeviceHardware::Memory),
+            ("memory", Some(_)) if kind.memory.is_some() => Err(format!("qemu= is for device={model}")),
             (named, qemu) if named == model => {
                 Ok(DeviceHardware::QemuModel { qemu: qemu.unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU)) })
             }
@@ -123,9 +136,10 @@ impl DeviceHardware {
                 Ok(DeviceHardware::Vfio { address: address.to_owned() })
             }
             (other, _) => Err(format!(
-                "device={other}: expected sim ({}), {model} ({model_description}) or vfio:DDDD:BB:DD.F (a real \
+                "device={other}: expected sim ({}), {model} ({model_description}){} or vfio:DDDD:BB:DD.F (a real \
                  {model} bound to vfio-pci)",
-                kind.sim
+                kind.sim,
+                if kind.memory.is_some() { ", memory (the image as device memory, driver vmdisk)" } else { "" }
             )),
         }
     }
@@ -135,6 +149,7 @@ impl DeviceHardware {
         match self {
             DeviceHardware::Sim => kind.drivers.0,
             DeviceHardware::QemuModel { .. } | DeviceHardware::Vfio { .. } => kind.drivers.1,
+            DeviceHardware::Memory => kind.memory.unwrap_or(kind.drivers.0),
         }
     }
 }
@@ -163,6 +178,8 @@ pub struct NetConfig {
     pub fault_budget: u32,
     /// Keep a booted driver VM waiting to replace a failed one.
     pub warm_spare: bool,
+    /// Run the driver hosted (see [`BlkConfig::hosted`]).
+    pub hosted: bool,
     /// The card the driver VM drives.
     pub device: DeviceHardware,
 }
@@ -315,6 +332,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
         warm_spare: false,
+        hosted: false,
         device: DeviceHardware::Sim,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
@@ -338,11 +356,12 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
+            "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hosted, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -364,6 +383,11 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         (DeviceHardware::Vfio { .. }, true) => {}
         (_, true) => return Err("image=PATH is required".into()),
         (_, false) => {}
+    }
+    if config.device == DeviceHardware::Memory && config.read_only {
+        // The driver maps the whole disk: read-only would take a read-only
+        // window, which the memory device does not offer yet.
+        return Err("readonly=on is not available with device=memory: use device=sim for a read-only disk".into());
     }
     check_common(&config.name, &config.socket, &config.driver)
 }
@@ -396,6 +420,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
+        hosted: false,
         device: DeviceHardware::Sim,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
@@ -412,11 +437,12 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
+            "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_memory (or memory), name, spare, hang_ms, fault_budget)"
+                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_memory (or memory), name, spare, hosted, hang_ms, fault_budget)"
             )))
             }
         }
@@ -497,6 +523,8 @@ struct FileNet {
     fault_budget: Option<u32>,
     #[serde(default)]
     spare: bool,
+    #[serde(default)]
+    hosted: bool,
     device: Option<String>,
     qemu: Option<PathBuf>,
 }
@@ -521,6 +549,8 @@ struct FileBlk {
     driver_args: Option<String>,
     #[serde(default)]
     spare: bool,
+    #[serde(default)]
+    hosted: bool,
     device: Option<String>,
     qemu: Option<PathBuf>,
 }
@@ -594,6 +624,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         let device = BlkConfig {
             warm_spare: blk.spare,
+            hosted: blk.hosted,
             hang_deadline,
             fault_budget: number("fault_budget", blk.fault_budget, crate::recovery::RestartPolicy::default().budget)?,
             poison_deaths: number("poison_deaths", blk.poison_deaths, crate::recovery::DEFAULT_POISON_DEATHS)?,
@@ -653,6 +684,7 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
             None => crate::recovery::RestartPolicy::default().budget,
         },
         warm_spare: net.spare,
+        hosted: net.hosted,
         device: hardware,
     };
     check_net(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
@@ -712,6 +744,16 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_memory_is_the_vmdisk_drivers_and_only_for_block_devices() {
+        let memory = parse_blk("socket=/s,image=/i,device=memory", 0).unwrap();
+        assert_eq!((memory.device, memory.driver.as_str()), (DeviceHardware::Memory, "vmdisk"));
+        let error = parse_blk("socket=/s,image=/i,device=memory,readonly=on", 0).unwrap_err();
+        assert!(error.to_string().contains("readonly=on is not available with device=memory"), "{error}");
+        let error = parse_net("socket=/s,device=memory", 0).unwrap_err();
+        assert!(error.to_string().contains("expected sim"), "{error}");
+    }
 
     #[test]
     fn a_vfio_function_is_named_by_its_pci_address_and_has_no_image() {

@@ -20,6 +20,7 @@ use crate::channel::Channel;
 use crate::config::{BlkConfig, DeviceHardware, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
+use crate::hw::memory_disk::MemoryDisk;
 use crate::hw::qemu::{ProcessJail, QemuNic, QemuNvme, QemuProcess};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
@@ -306,6 +307,17 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             .map_err(|e| format!("{name}: starting QEMU's NVMe controller on {}: {e}", config.image.display()))?;
             Arc::new(nvme)
         }
+        DeviceHardware::Memory => {
+            let image = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&config.image)
+                .map_err(io(format!("{name}: opening disk image {}", config.image.display())))?;
+            Arc::new(
+                MemoryDisk::start(image)
+                    .map_err(io(format!("{name}: serving {} as device memory", config.image.display())))?,
+            )
+        }
         DeviceHardware::Vfio { address } => {
             // The IOMMU maps the bounce slots and the driver's device area,
             // nothing else, at DMA_BASE; the reflector's one identify uses
@@ -331,6 +343,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         driver: &config.driver,
         args: &config.driver_args,
         memory: &config.driver_memory,
+        hosted: config.hosted,
     };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, config.poison_deaths);
@@ -429,6 +442,8 @@ pub fn start_net(
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let switch = switches.get(&config.switch);
     let hardware: Arc<dyn NetHardware> = match &config.device {
+        // The parser gives device=memory to block devices only.
+        DeviceHardware::Memory => return Err(format!("{name}: device=memory is for block devices")),
         DeviceHardware::Sim => Arc::new(
             SimNic::start(name, config.mac, bounce_dma(&channel), switch)
                 .map_err(io(format!("{name}: starting the network card")))?,
@@ -462,7 +477,15 @@ pub fn start_net(
         }
     };
     let channel_memory = channel.memory().clone();
-    let setup = DriverSetup { vmm, jail, index, driver: &config.driver, args: "", memory: &config.driver_memory };
+    let setup = DriverSetup {
+        vmm,
+        jail,
+        index,
+        driver: &config.driver,
+        args: "",
+        memory: &config.driver_memory,
+        hosted: config.hosted,
+    };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
     // Frames are never replayed: no poison limit applies.
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, u32::MAX);
@@ -502,6 +525,8 @@ struct DriverSetup<'a> {
     driver: &'a str,
     args: &'a str,
     memory: &'a str,
+    /// The driver runs hosted (development only, without the jail).
+    hosted: bool,
 }
 
 /// Wires `hardware` and `channel` to driver VMs of `setup`: their eventfds,
@@ -515,7 +540,14 @@ fn wire(
 ) -> Result<DeviceWiring, String> {
     let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
     let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
+    if setup.hosted && setup.jail.enabled {
+        return Err(format!(
+            "{name}: hosted=on runs the driver as a plain process, without a VM or a jail: a development mode \
+             only, which needs the reflector started with --no-jail"
+        ));
+    }
     let spec = DriverVmSpec {
+        hosted: setup.hosted,
         name: name.to_owned(),
         vmm: setup.vmm.to_owned(),
         image: setup.driver.to_owned(),

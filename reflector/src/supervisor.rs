@@ -42,6 +42,8 @@ pub struct DriverVmSpec {
     pub memory: String,
     /// The jail its vmms start in; None only for development (`--no-jail`).
     pub jail: Option<Arc<crate::jail::Jail>>,
+    /// The driver runs hosted (`vmm run --hosted`): development only.
+    pub hosted: bool,
 }
 
 /// A window to map: guest address, memory, name.
@@ -332,6 +334,9 @@ impl DriverLauncher {
         };
         command.args(["run", "--json", "--exit-on-stdin-close", "--seccomp", "--name", &spec.name]);
         command.args(["--memory", &spec.memory]);
+        if spec.hosted {
+            command.arg("--hosted");
+        }
         let cmdline = match (spec.args.is_empty(), spare) {
             (true, false) => String::new(),
             (true, true) => "spare".to_owned(),

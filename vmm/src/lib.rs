@@ -20,6 +20,7 @@ pub mod bench;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod hosted;
 pub mod image;
 pub mod memory;
 pub mod outcome;

@@ -136,6 +136,12 @@ struct RunArgs {
     /// Example: --seccomp
     #[arg(long)]
     seccomp: bool,
+    /// Run the driver as a plain Linux process instead of a driver VM:
+    /// --image is then a hosted build of it (cargo build in driver-vm),
+    /// given the same windows, doorbells and interrupt lines. For
+    /// development (gdb, println); nothing is isolated. Example: --hosted
+    #[arg(long)]
+    hosted: bool,
 }
 
 /// Writes a line to standard output. A reader that went away (the
@@ -198,6 +204,9 @@ fn run(args: RunArgs) -> ExitCode {
     });
     let json = args.json;
     let start = Instant::now();
+    if args.hosted {
+        return report(&name, json, run_hosted(&name, args, start));
+    }
     if args.check {
         return match configure(&name, &args) {
             Ok(_) => {
@@ -213,7 +222,11 @@ fn run(args: RunArgs) -> ExitCode {
             }
         };
     }
-    let result = setup_and_run(&name, args, start);
+    report(&name, json, setup_and_run(&name, args, start))
+}
+
+/// Prints how the run ended; its exit status.
+fn report(name: &str, json: bool, result: vmm::Result<Report>) -> ExitCode {
     match result {
         Ok(report) => {
             if json {
@@ -226,15 +239,39 @@ fn run(args: RunArgs) -> ExitCode {
         Err(error) => {
             say_err(&format!("vmm: {error}"));
             if json {
-                say_out(&serde_json::to_string(&ErrorReport::new(&name, &error)).unwrap_or_default());
+                say_out(&serde_json::to_string(&ErrorReport::new(name, &error)).unwrap_or_default());
             }
             ExitCode::from(error.exit_status())
         }
     }
 }
 
-/// The VM's configuration and image from the options, checked.
-fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
+/// `vmm run --hosted`: the driver as a process (see `vmm::hosted`). With
+/// --check, reports a usable configuration as a `check` outcome.
+fn run_hosted(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
+    let config = vm_config(name, &args)?;
+    let image = vmm::hosted::resolve(&args.image)?;
+    vmm::hosted::check(&config)?;
+    if args.check {
+        say_err(&format!("vmm: {name}: the configuration and hosted driver are usable"));
+        std::process::exit(0);
+    }
+    tracing::warn!("running the driver HOSTED: a plain process, not isolated (development only)");
+    let ready_file = args.ready_fd.map(ready_file).transpose()?;
+    let options =
+        vmm::hosted::HostedOptions { exit_on_stdin_close: args.exit_on_stdin_close, ready_file, timeout: args.timeout };
+    let outcome = vmm::hosted::run(&config, &image, options)?;
+    Ok(Report {
+        name: name.to_owned(),
+        outcome,
+        ready_us: None,
+        elapsed_us: start.elapsed().as_micros() as u64,
+        build_id: None,
+    })
+}
+
+/// The VM's configuration from the options, checked.
+fn vm_config(name: &str, args: &RunArgs) -> vmm::Result<VmConfig> {
     let config = VmConfig {
         name: name.to_owned(),
         memory: parse_number("--memory", &args.memory)?,
@@ -245,6 +282,12 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
         cmdline: args.cmdline.clone(),
     };
     config.validate()?;
+    Ok(config)
+}
+
+/// The VM's configuration and image from the options, checked.
+fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
+    let config = vm_config(name, args)?;
     let image = Image::resolve(&args.image)?;
     if image.ram_needed() > config.memory {
         return Err(Error::ImageTooLarge {

@@ -78,7 +78,9 @@ fn window_error(window: &WindowConfig, reason: impl Into<String>) -> Error {
     Error::WindowFile { path: window.path.clone(), reason: reason.into() }
 }
 
-fn open_window_file(window: &WindowConfig) -> Result<File> {
+/// Opens (or duplicates) the file behind `window`, checked to be one a
+/// window can map.
+pub fn open_window_file(window: &WindowConfig) -> Result<File> {
     let opened = match window.fd {
         Some(fd) => inherited_file(fd),
         None => OpenOptions::new().read(true).write(!window.read_only).open(&window.path),

@@ -107,6 +107,13 @@ pub enum Outcome {
         /// The general registers.
         registers: Box<Registers>,
     },
+    /// A hosted driver (`--hosted`: a process, not a VM) died of a signal.
+    Signalled {
+        /// The signal number.
+        signal: i32,
+        /// Its name.
+        name: String,
+    },
     /// A fault occurred while delivering a double fault; the CPU shut down.
     TripleFault,
     /// KVM could not run the guest.
@@ -141,6 +148,7 @@ impl Outcome {
             Outcome::Panic { .. } => status::PANIC,
             Outcome::Exception { .. } => status::EXCEPTION,
             Outcome::Stopped { .. } => status::STOPPED,
+            Outcome::Signalled { .. } => status::EXCEPTION,
             Outcome::TripleFault => status::TRIPLE_FAULT,
             Outcome::InternalError { .. } => status::INTERNAL_ERROR,
             Outcome::Timeout { .. } | Outcome::Halted => status::TIMEOUT,
@@ -184,6 +192,7 @@ impl Outcome {
                     describe_backtrace(backtrace)
                 )
             }
+            Outcome::Signalled { signal, name } => format!("(hosted) died of signal {signal} ({name})"),
             Outcome::TripleFault => "triple-faulted".into(),
             Outcome::InternalError { reason } => format!("stopped on a KVM internal error: {reason}"),
             Outcome::Timeout { after_ms } => format!("did not finish within the {after_ms} ms timeout"),

@@ -1,0 +1,232 @@
+//! Hosted mode (`vmm run --hosted`): the driver as a plain Linux process
+//! instead of a driver VM, wired to the same resources: each window's file
+//! is passed as a descriptor it maps, doorbells and interrupt lines are the
+//! same eventfds (guest-kernel's hosted backend reads its command line).
+//! For developing and debugging a driver (gdb, `println!`): nothing is
+//! isolated, and the reflector offers it only without its jail.
+//!
+//! The image is a hosted build of a driver (`cargo build` in `driver-vm`,
+//! without `--config isolated.toml`), given by path or inherited
+//! descriptor. The vmm stays the supervisor's child: it waits for the
+//! driver, ends it when standard input closes (or on `w`), and reports how
+//! it ended like a driver VM's outcome.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::config::{DoorbellConfig, VmConfig};
+use crate::error::{Error, Result};
+use crate::outcome::Outcome;
+
+/// A hosted driver executable.
+pub struct HostedImage {
+    /// What to execute.
+    program: PathBuf,
+    /// The image as given, for messages.
+    pub name: String,
+}
+
+/// Reads `--image` for hosted mode: a path, or `fd=N`. The file must be an
+/// x86-64 Linux executable, not an isolated driver VM image.
+pub fn resolve(arg: &str) -> Result<HostedImage> {
+    let invalid = |reason: String| Error::ImageInvalid { image: arg.into(), reason };
+    let program = match arg.strip_prefix("fd=") {
+        Some(number) => {
+            let fd: RawFd = number.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+                Error::invalid("--image", format!("{arg:?}: expected fd=N, an inherited descriptor above 2"))
+            })?;
+            PathBuf::from(format!("/proc/self/fd/{fd}"))
+        }
+        None => PathBuf::from(arg),
+    };
+    let mut header = [0u8; 64];
+    let read = File::open(&program).and_then(|file| {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut header, 0)
+    });
+    if let Err(source) = read {
+        return Err(Error::ImageRead { path: arg.into(), source });
+    }
+    let e_type = u16::from_le_bytes([header[16], header[17]]);
+    let machine = u16::from_le_bytes([header[18], header[19]]);
+    if header[..4] != *b"\x7fELF" || header[4] != 2 || machine != 62 || !matches!(e_type, 2 | 3) {
+        return Err(invalid("not an x86-64 Linux executable".into()));
+    }
+    let bytes = std::fs::read(&program).map_err(|source| Error::ImageRead { path: arg.into(), source })?;
+    if crate::image::parse_elf(&bytes).is_ok() {
+        return Err(invalid(
+            "an isolated driver VM image: --hosted runs a hosted build of the driver (cargo build --release in \
+             driver-vm, without --config isolated.toml)"
+                .into(),
+        ));
+    }
+    Ok(HostedImage { program, name: arg.into() })
+}
+
+/// The driver's command line and the descriptors it keeps, for `config`.
+fn driver_args(config: &VmConfig) -> Result<(Vec<String>, Vec<File>, Vec<RawFd>)> {
+    if let Some(trap) = config.traps.first() {
+        return Err(Error::invalid(
+            "--hosted",
+            format!(
+                "window {:?} is trapped (a QEMU device model's registers): hosted drivers reach memory windows only",
+                trap.name
+            ),
+        ));
+    }
+    let mut args = vec!["--cmdline".to_owned(), config.cmdline.clone(), "--memory".into(), config.memory.to_string()];
+    let (mut files, mut kept) = (Vec::new(), Vec::new());
+    for window in &config.windows {
+        let file = crate::memory::open_window_file(window)?;
+        let ro = if window.read_only { ",ro" } else { "" };
+        args.push("--window".into());
+        args.push(format!(
+            "name={},gpa={:#x},size={:#x},offset={:#x},fd={}{ro}",
+            window.name,
+            window.gpa,
+            window.size,
+            window.offset,
+            file.as_raw_fd()
+        ));
+        kept.push(file.as_raw_fd());
+        files.push(file);
+    }
+    for DoorbellConfig { fd, .. } in &config.doorbells {
+        args.push("--doorbell".into());
+        args.push(format!("fd={fd}"));
+        kept.push(*fd);
+    }
+    for irq in &config.irqs {
+        args.push("--irq".into());
+        args.push(format!("fd={}", irq.fd));
+        kept.push(irq.fd);
+    }
+    Ok((args, files, kept))
+}
+
+/// How to run a hosted driver.
+pub struct HostedOptions {
+    /// End (and end the driver) when standard input closes; a `w` on it
+    /// ends the driver (outcome `signalled`, 9).
+    pub exit_on_stdin_close: bool,
+    /// Written when the driver has started.
+    pub ready_file: Option<File>,
+    /// End the driver after this long (outcome `timeout`).
+    pub timeout: Option<std::time::Duration>,
+}
+
+/// Checks that `config` can be served hosted (no trapped windows, every
+/// window file usable).
+pub fn check(config: &VmConfig) -> Result<()> {
+    driver_args(config).map(|_| ())
+}
+
+/// Starts `image` with `config`'s resources and waits for its end.
+pub fn run(config: &VmConfig, image: &HostedImage, options: HostedOptions) -> Result<Outcome> {
+    let io = |operation: &str| {
+        let operation = operation.to_owned();
+        move |source| Error::Io { operation, source }
+    };
+    let (args, _files, kept) = driver_args(config)?;
+    let stdout = std::io::stderr().as_raw_fd();
+    // SAFETY: F_DUPFD_CLOEXEC on standard error.
+    let console = unsafe { libc::fcntl(stdout, libc::F_DUPFD_CLOEXEC, 3) };
+    if console < 0 {
+        return Err(io("duplicating standard error")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor this process owns.
+    let console = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(console) };
+    let mut command = Command::new(&image.program);
+    command.args(&args).stdin(Stdio::null()).stdout(Stdio::from(console));
+    // SAFETY: the closure runs between fork and exec and makes only
+    // async-signal-safe system calls (prctl, close_range, fcntl) on a list
+    // built before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            // The driver never outlives this vmm (killed with it).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Nothing but its resources crosses the exec.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            for fd in &kept {
+                if libc::fcntl(*fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(io(&format!("starting the hosted driver {}", image.name)))?;
+    if let Some(mut file) = options.ready_file {
+        use std::io::Write;
+        let _ = file.write_all(&1u64.to_ne_bytes());
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: pidfd_open on our own unreaped child.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as RawFd;
+    if pidfd < 0 {
+        let error = std::io::Error::last_os_error();
+        let _ = child.kill();
+        return Err(io("watching the hosted driver (pidfd_open)")(error));
+    }
+    // SAFETY: a fresh descriptor this process owns.
+    let pidfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
+    let deadline = options.timeout.map(|timeout| std::time::Instant::now() + timeout);
+    loop {
+        let mut fds = vec![libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if options.exit_on_stdin_close {
+            fds.push(libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 });
+        }
+        let wait_ms = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(std::time::Instant::now()).as_millis() as i32,
+            None => -1,
+        };
+        // SAFETY: poll(2) on an array this function owns.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
+        if ready == 0 && deadline.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(Outcome::Timeout { after_ms: options.timeout.unwrap_or_default().as_millis() as u64 });
+        }
+        if fds.get(1).is_some_and(|stdin| stdin.revents != 0) {
+            let mut bytes = [0u8; 64];
+            // SAFETY: read(2) into a local buffer from standard input.
+            let n = unsafe { libc::read(0, bytes.as_mut_ptr().cast(), bytes.len()) };
+            if n <= 0 {
+                let _ = child.kill();
+                tracing::warn!("the supervisor is gone (standard input closed): stopping");
+                std::process::exit(i32::from(crate::error::status::IO));
+            }
+            if bytes[..n as usize].contains(&crate::runner::STOP_AND_REPORT) {
+                // A process has no registers to report from here: a
+                // debugger attached to it has them (gdb -p PID).
+                let _ = child.kill();
+            }
+        }
+        if fds[0].revents != 0 {
+            let status = child.wait().map_err(io("waiting for the hosted driver"))?;
+            return Ok(match (status.code(), status.signal()) {
+                (Some(code), _) => Outcome::Exit { code: code as u32 },
+                (None, Some(signal)) => Outcome::Signalled { signal, name: signal_name(signal).into() },
+                (None, None) => Outcome::InternalError { reason: format!("the hosted driver ended with {status}") },
+            });
+        }
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT (a panic, or abort)",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        _ => "another signal",
+    }
+}
