@@ -69,29 +69,56 @@ fn main() {
     }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .current_dir(&driver_dir)
-        .args(["build", "--release", "--bins", "--target", GUEST_TARGET, "--config"])
-        .arg(driver_dir.join("isolated.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir);
-    if testing {
-        command.args(["--features", "fault-injection"]);
-    }
-    for var in SCRUBBED_ENV {
-        command.env_remove(var);
-    }
-    let output = command.output().expect("failed to run cargo for the driver VM images");
-    if !output.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-        panic!("building the driver VM images in {} failed (output above)", driver_dir.display());
-    }
+    let build = |bins: &[&str]| -> std::process::Output {
+        let mut command = Command::new(&cargo);
+        command
+            .current_dir(&driver_dir)
+            .args(["build", "--release", "--target", GUEST_TARGET, "--config"])
+            .arg(driver_dir.join("isolated.toml"))
+            .arg("--target-dir")
+            .arg(&target_dir);
+        match bins {
+            [] => command.arg("--bins"),
+            names => names.iter().fold(&mut command, |command, name| command.args(["--bin", name])),
+        };
+        if testing {
+            command.args(["--features", "fault-injection"]);
+        }
+        for var in SCRUBBED_ENV {
+            command.env_remove(var);
+        }
+        command.output().expect("failed to run cargo for the driver VM images")
+    };
 
-    let image_dir = target_dir.join(GUEST_TARGET).join("release");
     let mut names = image_names(&driver_dir.join("src/bin"));
     names.retain(|name| testing || PRODUCTION_IMAGES.contains(&name.as_str()));
     names.sort();
+    let output = build(&[]);
+    if !output.status.success() {
+        // One broken driver must not break the host binaries: build the
+        // images one by one and leave out (loudly) those that do not build.
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !stderr.contains("could not compile `driver-vm` (bin") {
+            eprintln!("{stderr}");
+            panic!("building the driver VM images in {} failed (output above)", driver_dir.display());
+        }
+        names.retain(|name| {
+            let output = build(&[name]);
+            if !output.status.success() {
+                let first_error = String::from_utf8_lossy(&output.stderr)
+                    .lines()
+                    .find(|line| line.starts_with("error"))
+                    .unwrap_or("see cargo build in driver-vm")
+                    .to_owned();
+                println!(
+                    "cargo:warning=driver image `{name}` does not build and is left out of the vmm: {first_error}"
+                );
+            }
+            output.status.success()
+        });
+    }
+
+    let image_dir = target_dir.join(GUEST_TARGET).join("release");
     let mut table =
         String::from("/// Built-in images: (name, ELF bytes).\npub static BUILT_IN: &[(&str, &[u8])] = &[\n");
     for name in &names {

@@ -23,6 +23,7 @@ pub mod error;
 pub mod hosted;
 pub mod image;
 pub mod memory;
+pub mod new_driver;
 pub mod outcome;
 pub mod runner;
 pub mod seccomp;

@@ -59,6 +59,24 @@ enum Command {
     Images,
     /// Measure boot times: process spawn to guest ready, and in-process VM re-create.
     Bench(bench::BenchArgs),
+    /// Create a driver crate of your own (outside this repository), started
+    /// from the vmdisk sample: `cargo test`, `cargo image`, then serve it
+    /// with the reflector's driver=PATH (docs/writing-a-driver.md).
+    NewDriver(NewDriverArgs),
+}
+
+#[derive(Args, Debug)]
+struct NewDriverArgs {
+    /// The driver's name (lower-case letters, digits, - and _): the crate,
+    /// its directory and its image. Example: mydisk
+    name: String,
+    /// Where to create its directory. Example: --dir ~/drivers
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// The SDK (a checkout of this project; default: the one this vmm was
+    /// built from). Example: --sdk ~/src/driver-vms
+    #[arg(long)]
+    sdk: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -194,6 +212,26 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(args) => bench::main(args),
+        Command::NewDriver(args) => {
+            let sdk = args.sdk.unwrap_or_else(vmm::new_driver::default_sdk);
+            match vmm::new_driver::create(&args.name, &args.dir, &sdk) {
+                Ok(dir) => {
+                    let name = &args.name;
+                    say_out(&format!("created {}: a RAM disk driver to start from (the vmdisk sample)", dir.display()));
+                    say_out(&format!("  cd {} && cargo test     # its unit tests, no KVM", dir.display()));
+                    say_out("  cargo image                # the isolated driver VM image");
+                    say_out(&format!(
+                        "  reflector serve --blk socket=/tmp/{name}.sock,image=/tmp/{name}.img,size=64M,device=memory,\
+                         driver=$PWD/target/x86_64-unknown-linux-gnu/release/{name}"
+                    ));
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    say_err(&format!("vmm: {error}"));
+                    ExitCode::from(error.exit_status())
+                }
+            }
+        }
     }
 }
 
