@@ -27,6 +27,7 @@ use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
 use crate::hw::vfio::{VfioNic, VfioNvme};
 use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
+use crate::inline_driver::{InlineNull, INLINE_NULL};
 use crate::jail::{Jail, JailLimits, Jailed};
 use crate::metrics::Metrics;
 use crate::net::device::{Net, NetDevice};
@@ -441,6 +442,9 @@ pub fn start_net(
     let (listener, socket_lock) = claim_socket(name, &config.socket)?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let switch = switches.get(&config.switch);
+    if config.driver == INLINE_NULL {
+        return Err(format!("{name}: driver={INLINE_NULL} is a block benchmark baseline, not a network driver"));
+    }
     let hardware: Arc<dyn NetHardware> = match &config.device {
         // The parser gives device=memory to block devices only.
         DeviceHardware::Memory => return Err(format!("{name}: device=memory is for block devices")),
@@ -545,6 +549,19 @@ fn wire(
             "{name}: hosted=on runs the driver as a plain process, without a VM or a jail: a development mode \
              only, which needs the reflector started with --no-jail"
         ));
+    }
+    if setup.driver == INLINE_NULL {
+        tracing::warn!(device = %name, "driver=inline-null: no driver; the reflector completes every request itself (a benchmark baseline)");
+        let launcher = InlineNull::new(name, channel.memory().clone(), &completion_doorbell, &driver_exited)
+            .map_err(io(format!("{name}: creating an eventfd")))?;
+        return Ok(DeviceWiring {
+            channel,
+            device_interrupt: hardware.interrupt(),
+            hardware,
+            completion_doorbell,
+            driver_exited,
+            launcher: Box::new(launcher),
+        });
     }
     let spec = DriverVmSpec {
         hosted: setup.hosted,

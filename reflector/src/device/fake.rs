@@ -7,11 +7,11 @@
 //! vhost-user-backend would run).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use guest_abi::channel::{self, driver_state, header, op, status, CompletionEntry, RequestEntry};
+use guest_abi::channel::{self, op, status, RequestEntry};
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver_vms::{DriverLaunch, DriverProcess};
 use crate::hw::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
+use crate::inline_driver::{spawn_thread, Answer, ThreadDriver};
 use crate::shm::SharedMemory;
 
 /// What a fake driver does once started.
@@ -43,10 +44,6 @@ pub enum Script {
 /// A fake driver's exit report when it panics: what a vmm reports for a
 /// guest panic (non-empty: the death blames the requests it held).
 const PANIC_REPORT: &str = r#"{"exit":"panic","message":"fake driver panicked"}"#;
-
-/// A pid no process can have (above the kernel's PID_MAX_LIMIT), so the
-/// resource watch finds nothing to read and nothing can be signalled.
-const FIRST_FAKE_PID: libc::pid_t = 4_194_304 + 1;
 
 /// A block medium in memory that counts its flushes, the hardware of the
 /// fake drivers: they read and write it as a driver's DMA would.
@@ -175,7 +172,7 @@ impl FakeLaunch {
         self.scripts.clone()
     }
 
-    fn start(&self, spare: bool) -> std::io::Result<FakeDriver> {
+    fn start(&self, spare: bool) -> std::io::Result<ThreadDriver> {
         let number = self.launches.fetch_add(1, Ordering::SeqCst);
         let script = {
             let mut scripts = self.scripts.lock().unwrap();
@@ -185,25 +182,33 @@ impl FakeLaunch {
                 _ => scripts.pop_front().unwrap_or(Script::Serve),
             }
         };
-        let lines = vec![EventFd::new(libc::EFD_NONBLOCK)?, EventFd::new(libc::EFD_NONBLOCK)?];
-        let state = Arc::new(DriverState::default());
-        let go = Arc::new(AtomicBool::new(!spare));
-        let run = FakeRun {
-            channel: self.channel.clone(),
-            doorbell: self.completion_doorbell.try_clone()?,
-            request_interrupt: lines[0].try_clone()?,
-            disk: self.disk.clone(),
-            script,
-            state: state.clone(),
-            go: go.clone(),
-        };
-        let exited = self.driver_exited.try_clone()?;
-        std::thread::Builder::new().name(format!("fake-driver-{number}")).spawn(move || {
-            let report = run.run();
-            run.state.end(report);
-            exited.write(1).unwrap();
-        })?;
-        Ok(FakeDriver { pid: FIRST_FAKE_PID + number as libc::pid_t, lines, state, go: spare.then_some(go) })
+        let disk = self.disk.clone();
+        spawn_thread(&self.channel, &self.completion_doorbell, &self.driver_exited, number, spare, move |thread| {
+            let memory = thread.channel.clone();
+            thread.run(
+                || (script == Script::DieAtStart).then(|| PANIC_REPORT.to_owned()),
+                |request| {
+                    let touches = |sector: u64| {
+                        request.op != op::FLUSH
+                            && (request.sector..request.sector + u64::from(request.len).div_ceil(512)).contains(&sector)
+                    };
+                    match script {
+                        Script::PanicOnSector(sector) if touches(sector) => Answer::Die(PANIC_REPORT.into()),
+                        Script::Hang => Answer::Ignore,
+                        Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),
+                        Script::CorruptReads if request.op == op::READ => {
+                            let status = disk.serve(&memory, request);
+                            if let Some(bounce) = memory.slice(channel::slot_offset(request.slot), 1) {
+                                let byte: u8 = bounce.read_obj(0).unwrap();
+                                bounce.write_obj(byte ^ 1, 0).unwrap();
+                            }
+                            Answer::Complete(status, request.len)
+                        }
+                        _ => Answer::Complete(disk.serve(&memory, request), request.len),
+                    }
+                },
+            )
+        })
     }
 }
 
@@ -223,140 +228,6 @@ impl DriverLaunch for FakeLaunch {
 
     fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
         Ok(Box::new(self.start(true)?))
-    }
-}
-
-/// How a fake driver's thread and its handle meet.
-#[derive(Default)]
-struct DriverState {
-    killed: AtomicBool,
-    report: Mutex<Option<String>>,
-    ended: Condvar,
-}
-
-impl DriverState {
-    fn end(&self, report: String) {
-        *self.report.lock().unwrap() = Some(report);
-        self.ended.notify_all();
-    }
-}
-
-/// A running fake driver.
-struct FakeDriver {
-    pid: libc::pid_t,
-    lines: Vec<EventFd>,
-    state: Arc<DriverState>,
-    go: Option<Arc<AtomicBool>>,
-}
-
-impl DriverProcess for FakeDriver {
-    fn pid(&self) -> libc::pid_t {
-        self.pid
-    }
-
-    fn interrupt(&self, index: usize) -> Option<&EventFd> {
-        self.lines.get(index)
-    }
-
-    fn activate(&mut self) -> bool {
-        self.go.take().map(|go| go.store(true, Ordering::SeqCst)).is_some()
-    }
-
-    fn exit_report(&self) -> Option<String> {
-        self.state.report.lock().unwrap().clone()
-    }
-
-    fn kill(&self) {
-        self.state.killed.store(true, Ordering::SeqCst);
-    }
-
-    fn kill_and_wait(&self, bound: Duration) -> bool {
-        self.kill();
-        let report = self.state.report.lock().unwrap();
-        let (report, _) = self.state.ended.wait_timeout_while(report, bound, |report| report.is_none()).unwrap();
-        report.is_some()
-    }
-}
-
-/// The thread of one fake driver.
-struct FakeRun {
-    channel: Arc<SharedMemory>,
-    doorbell: EventFd,
-    request_interrupt: EventFd,
-    disk: Arc<FakeDisk>,
-    script: Script,
-    state: Arc<DriverState>,
-    go: Arc<AtomicBool>,
-}
-
-impl FakeRun {
-    /// Serves until killed (an empty report, as a vmm killed from outside
-    /// gives) or until its script makes it die (a panic report).
-    fn run(&self) -> String {
-        while !self.go.load(Ordering::SeqCst) {
-            if !self.wait() {
-                return String::new();
-            }
-        }
-        if self.script == Script::DieAtStart {
-            return PANIC_REPORT.into();
-        }
-        let word = |offset| self.channel.atomic_u32(offset);
-        let generation = word(header::GENERATION).load(Ordering::Acquire);
-        word(header::DRIVER_GENERATION).store(generation, Ordering::Release);
-        word(header::DRIVER_STATE).store(driver_state::READY, Ordering::Release);
-        let (mut taken, mut answered) = (0u32, 0u32);
-        loop {
-            let published = word(header::REQ_PROD).load(Ordering::Acquire);
-            while taken != published {
-                let at =
-                    channel::REQUEST_RING_OFFSET + (taken % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
-                let request: RequestEntry = self.channel.read(at).unwrap();
-                taken = taken.wrapping_add(1);
-                word(header::REQ_CONS).store(taken, Ordering::Release);
-                let touches = |sector: u64| {
-                    request.op != op::FLUSH
-                        && (request.sector..request.sector + u64::from(request.len).div_ceil(512)).contains(&sector)
-                };
-                let (status, len) = match self.script {
-                    Script::PanicOnSector(sector) if touches(sector) => return PANIC_REPORT.into(),
-                    Script::Hang => continue,
-                    Script::Lie => (self.disk.serve(&self.channel, &request), request.len + 1),
-                    Script::CorruptReads if request.op == op::READ => {
-                        let status = self.disk.serve(&self.channel, &request);
-                        if let Some(bounce) = self.channel.slice(channel::slot_offset(request.slot), 1) {
-                            let byte: u8 = bounce.read_obj(0).unwrap();
-                            bounce.write_obj(byte ^ 1, 0).unwrap();
-                        }
-                        (status, request.len)
-                    }
-                    _ => (self.disk.serve(&self.channel, &request), request.len),
-                };
-                let at = channel::COMPLETION_RING_OFFSET
-                    + (answered % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
-                self.channel.write(at, CompletionEntry { id: request.id, status, len });
-                answered = answered.wrapping_add(1);
-                word(header::CMP_PROD).store(answered, Ordering::Release);
-                self.doorbell.write(1).unwrap();
-            }
-            if !self.wait() {
-                return String::new();
-            }
-        }
-    }
-
-    /// Waits for the request interrupt, at most a millisecond (the fake
-    /// polls rather than announcing sleep); false once killed.
-    fn wait(&self) -> bool {
-        let mut poll = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&self.request_interrupt),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) on one pollfd that lives across the call.
-        unsafe { libc::poll(&mut poll, 1, 1) };
-        let _ = self.request_interrupt.read();
-        !self.state.killed.load(Ordering::SeqCst)
     }
 }
 
