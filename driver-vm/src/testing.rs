@@ -37,10 +37,13 @@ pub const CHANNEL_GPA: u64 = 0x4000_0000;
 /// Where the reflector maps the device's window (`regs`, or `disk`).
 pub const DEVICE_GPA: u64 = 0x2000_0000;
 
-/// Zeroed, page-aligned memory standing in for a shared region.
+/// Page-aligned memory standing in for a shared region: zeroed memory of
+/// the test's own, or a shared mapping of a real device's descriptor.
 pub struct Memory {
     base: *mut u8,
     layout: Layout,
+    /// Mapped from a descriptor (unmapped on drop), not allocated.
+    mapped: bool,
 }
 
 impl Memory {
@@ -50,7 +53,20 @@ impl Memory {
         // SAFETY: a non-zero size with a valid alignment.
         let base = unsafe { alloc_zeroed(layout) };
         assert!(!base.is_null(), "allocating {size} bytes of fake device memory");
-        Memory { base, layout }
+        Memory { base, layout, mapped: false }
+    }
+
+    /// `size` bytes of descriptor `fd` (a device's memfd), mapped shared:
+    /// what the device writes, the driver sees.
+    pub fn map(fd: i32, size: usize) -> Memory {
+        // SAFETY: maps `size` bytes of a descriptor the caller holds; the
+        // kernel picks the address; checked below.
+        let base = unsafe {
+            libc::mmap(core::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        assert!(base != libc::MAP_FAILED, "mapping fd {fd}: {}", std::io::Error::last_os_error());
+        let layout = Layout::from_size_align(size, 4096).expect("a page-aligned layout");
+        Memory { base: base.cast(), layout, mapped: true }
     }
 
     /// The bytes.
@@ -72,8 +88,13 @@ impl Memory {
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.base, self.layout) };
+        if self.mapped {
+            // SAFETY: mapped in `map` with this size.
+            unsafe { libc::munmap(self.base.cast(), self.layout.size()) };
+        } else {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { dealloc(self.base, self.layout) };
+        }
     }
 }
 
@@ -146,6 +167,9 @@ pub struct Bench {
     pub requests_line: EventFd,
     /// Interrupt line 1: the device's.
     pub device_line: EventFd,
+    /// A real device's doorbell and interrupt eventfds, given in place of
+    /// `device_doorbell` and `device_line`.
+    device_fds: Option<(i32, i32)>,
     cmdline: String,
     next_id: u64,
     cmp_cons: u32,
@@ -160,13 +184,21 @@ impl Default for Bench {
 impl Bench {
     /// A channel as the reflector sets it up, generation 1, no device.
     pub fn new() -> Bench {
+        Bench::on_channel(Memory::new(channel::REGION_SIZE))
+    }
+
+    /// The same on channel memory the test made: a memfd a real device
+    /// DMAs into, mapped with [`Memory::map`].
+    pub fn on_channel(channel: Memory) -> Bench {
+        assert!(channel.layout.size() >= channel::REGION_SIZE, "the channel is smaller than its layout");
         let mut bench = Bench {
-            channel: Memory::new(channel::REGION_SIZE),
+            channel,
             devices: Vec::new(),
             completions_rung: EventFd::new(),
             device_doorbell: EventFd::new(),
             requests_line: EventFd::new(),
             device_line: EventFd::new(),
+            device_fds: None,
             cmdline: String::new(),
             next_id: 1,
             cmp_cons: 0,
@@ -187,6 +219,20 @@ impl Bench {
     /// bench, as a device outlives a driver VM.
     pub fn with_device_memory(mut self, name: &str, size: usize) -> Bench {
         self.devices.push((name.into(), Memory::new(size)));
+        self
+    }
+
+    /// Adds a real device's window `name` (mapped from its descriptor).
+    pub fn with_device_window(mut self, name: &str, memory: Memory) -> Bench {
+        self.devices.push((name.into(), memory));
+        self
+    }
+
+    /// Wires a real device: its doorbell eventfd becomes the driver's
+    /// doorbell 1, and `line` (the eventfd its interrupt is routed to) the
+    /// driver's interrupt line 1.
+    pub fn with_device_eventfds(mut self, doorbell: i32, line: i32) -> Bench {
+        self.device_fds = Some((doorbell, line));
         self
     }
 
@@ -211,8 +257,11 @@ impl Bench {
             cmdline: self.cmdline.clone(),
             ram_size: 16 << 20,
             windows,
-            doorbells: alloc::vec![self.completions_rung.0, self.device_doorbell.0],
-            irqs: alloc::vec![self.requests_line.0, self.device_line.0],
+            doorbells: alloc::vec![
+                self.completions_rung.0,
+                self.device_fds.map_or(self.device_doorbell.0, |fds| fds.0)
+            ],
+            irqs: alloc::vec![self.requests_line.0, self.device_fds.map_or(self.device_line.0, |fds| fds.1)],
         };
         Kernel::hosted(resources).expect("the bench's resources fit a driver VM")
     }
@@ -301,9 +350,28 @@ pub struct Running<D> {
     pub device: D,
 }
 
+/// Longest [`Running::drain_until`] waits for a device of its own.
+const DEVICE_BOUND: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl<D: ChannelDriver> Running<D> {
     /// Serves everything published so far (never sleeps).
     pub fn drain(&mut self) -> Result<(), Error> {
         crate::channel::drain(&mut self.channel, &mut self.device)
+    }
+
+    /// Serves until `done` holds, for a device that completes on its own
+    /// time (a simulated controller's thread); an error after 10 s.
+    pub fn drain_until(&mut self, mut done: impl FnMut() -> bool) -> Result<(), Error> {
+        let start = std::time::Instant::now();
+        loop {
+            self.drain()?;
+            if done() {
+                return Ok(());
+            }
+            if start.elapsed() > DEVICE_BOUND {
+                return Err(Error::Device("the device did not complete within 10 s"));
+            }
+            std::thread::yield_now();
+        }
     }
 }
