@@ -180,6 +180,8 @@ pub struct NetConfig {
     pub warm_spare: bool,
     /// Run the driver hosted (see [`BlkConfig::hosted`]).
     pub hosted: bool,
+    /// Words added to the driver's command line (a driver's parameters).
+    pub driver_args: String,
     /// The card the driver VM drives.
     pub device: DeviceHardware,
 }
@@ -421,6 +423,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         warm_spare: false,
         hosted: false,
+        driver_args: String::new(),
         device: DeviceHardware::Sim,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
@@ -438,11 +441,15 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             "name" => config.name = value.into(),
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
+            "driver_args" => {
+                check_driver_args(value).map_err(error)?;
+                config.driver_args = value.into();
+            }
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_memory (or memory), name, spare, hosted, hang_ms, fault_budget)"
+                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_args, driver_memory (or memory), name, spare, hosted, hang_ms, fault_budget)"
             )))
             }
         }
@@ -521,6 +528,7 @@ struct FileNet {
     driver_memory: Option<String>,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
+    driver_args: Option<String>,
     #[serde(default)]
     spare: bool,
     #[serde(default)]
@@ -685,6 +693,12 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
         },
         warm_spare: net.spare,
         hosted: net.hosted,
+        driver_args: {
+            let args = net.driver_args.unwrap_or_default();
+            check_driver_args(&args)
+                .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]] key `driver_args`: {e}")))?;
+            args
+        },
         device: hardware,
     };
     check_net(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]]: {e}")))?;
@@ -865,6 +879,11 @@ mod tests {
         assert_eq!((n.mac, n.switch.as_str(), n.driver.as_str()), ([0x52, 0x54, 0, 0x12, 0x34, 0x56], "lan", "net"));
         let d = parse_net("socket=/s", 2).unwrap();
         assert_eq!((d.name.as_str(), d.mac, d.switch.as_str()), ("net2", default_mac(2), "default"));
+        // A net driver takes parameters too, checked as a block driver's.
+        assert_eq!(parse_net("socket=/s,driver_args=verbose=1", 0).unwrap().driver_args, "verbose=1");
+        assert!(parse_net("socket=/s,driver_args=a;rm", 0).unwrap_err().0.contains("driver_args"));
+        let file = parse_file("[[net]]\nsocket = \"/s\"\ndriver_args = \"verbose=1\"\n", "r.toml").unwrap();
+        assert_eq!(file.net[0].driver_args, "verbose=1");
         for bad in [
             "mac=52:54:00:12:34:56",
             "socket=/s,mac=52:54:00:12:34",

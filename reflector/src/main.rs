@@ -43,7 +43,10 @@ of every sector written through the device, 4 bytes per 512-byte sector, and tre
 returns other data as a driver lie: the driver VM is replaced and the read replayed),
 poison_deaths=N (a request in flight in N dying driver VMs in a row completes with an I/O
 error instead of being replayed again; default 3), driver_args=WORDS (the driver's
-parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests).
+parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests),
+device=sim|nvme|memory|vfio:ADDRESS (memory: the image itself as the vmdisk driver's device
+memory), hosted=on (run a hosted build of the driver, given by driver=PATH, as a plain process
+instead of a driver VM: development only, without isolation; needs --no-jail).
 
 --tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
 with `ip link set IFNAME up`) into a switch that --net devices use, so their guests reach
@@ -51,7 +54,8 @@ the host.
 
 --net keys: socket=PATH (required), mac=MAC (default 52:54:00:d5:00:N for the N-th net
 device), switch=NAME (devices on one switch are connected; default \"default\"), name=NAME,
-driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=on (as for --blk).
+driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=on, driver_args=WORDS,
+hosted=on (as for --blk).
 
 Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector

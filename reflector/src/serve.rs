@@ -486,7 +486,7 @@ pub fn start_net(
         jail,
         index,
         driver: &config.driver,
-        args: "",
+        args: &config.driver_args,
         memory: &config.driver_memory,
         hosted: config.hosted,
     };
