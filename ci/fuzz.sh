@@ -67,6 +67,9 @@ struct.pack_into("<HHH", memory, 0x100, 0, 1, 0)
 open(path, "wb").write(prefix + bytes(memory))
 PY
             ;;
+        crash_report)
+            cp ../target/guest/x86_64-unknown-linux-gnu/release/faulty "$dir/faulty" 2>/dev/null || true
+            printf '%s' '{"vm":"d0","outcome":"stopped","location":{"function":"run","file":"/src/channel.rs","line":239},"build_id":"ab12"}' >"$dir/report" ;;
         control)
             local n=0
             for line in '{"request":"status"}' '{"request":"metrics"}' \
