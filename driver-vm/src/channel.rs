@@ -311,16 +311,7 @@ pub fn run_driver<D: ChannelDriver>(kernel: &Kernel) -> Result<u32, Error> {
 pub fn serve<D: Device>(channel: &mut Channel, device: &mut D, poll_window_us: u64) -> Result<u32, Error> {
     let mut idle_since = time::Instant::now();
     loop {
-        let mut submitted = false;
-        while let Some(request) = channel.next_request() {
-            device.submit(channel, request);
-            submitted = true;
-        }
-        if submitted {
-            device.kick();
-        }
-        let reaped = device.reap(channel)?;
-        channel.publish();
+        let (submitted, reaped) = turn(channel, device)?;
         if submitted || reaped {
             idle_since = time::Instant::now();
         } else if channel.lies.flood {
@@ -334,6 +325,23 @@ pub fn serve<D: Device>(channel: &mut Channel, device: &mut D, poll_window_us: u
     }
 }
 
+/// One turn of serving: every published request to the device (told once
+/// for the burst), the device's completions into the channel, published
+/// with one doorbell; whether anything was (submitted, reaped).
+fn turn<D: Device>(channel: &mut Channel, device: &mut D) -> Result<(bool, bool), Error> {
+    let mut submitted = false;
+    while let Some(request) = channel.next_request() {
+        device.submit(channel, request);
+        submitted = true;
+    }
+    if submitted {
+        device.kick();
+    }
+    let reaped = device.reap(channel)?;
+    channel.publish();
+    Ok((submitted, reaped))
+}
+
 /// Most rounds [`drain`] makes: a device that always claims progress is a
 /// bug the caller hears about instead of a test that never ends.
 const DRAIN_ROUNDS: usize = 100_000;
@@ -343,17 +351,7 @@ const DRAIN_ROUNDS: usize = 100_000;
 /// moves. Unit tests drive a driver with it (`driver_vm::testing`).
 pub fn drain<D: Device>(channel: &mut Channel, device: &mut D) -> Result<(), Error> {
     for _ in 0..DRAIN_ROUNDS {
-        let mut submitted = false;
-        while let Some(request) = channel.next_request() {
-            device.submit(channel, request);
-            submitted = true;
-        }
-        if submitted {
-            device.kick();
-        }
-        let reaped = device.reap(channel)?;
-        channel.publish();
-        if !submitted && !reaped {
+        if turn(channel, device)? == (false, false) {
             return Ok(());
         }
     }

@@ -11,23 +11,21 @@
 //! at most [`MemoryDisk::MAX_SIZE`]).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
-use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
+use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, InterruptRoute};
 
 /// The disk image as device memory.
 pub struct MemoryDisk {
     disk: Arc<SharedMemory>,
-    /// The image, for `fdatasync` (the mapping shares its page cache).
-    image: File,
     /// Rung by no one: the device does nothing on its own.
     doorbell: EventFd,
     interrupt: Arc<InterruptRoute>,
-    flushes: Mutex<FlushCount>,
+    /// The image synced per flush (the mapping shares its page cache).
+    flushes: HostSync,
 }
 
 impl MemoryDisk {
@@ -50,10 +48,9 @@ impl MemoryDisk {
         let doorbell = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         Ok(MemoryDisk {
             disk,
-            image,
             doorbell,
             interrupt: Arc::new(InterruptRoute::default()),
-            flushes: Mutex::new(FlushCount::default()),
+            flushes: HostSync::new(image, "the memory disk's image"),
         })
     }
 }
@@ -89,23 +86,14 @@ impl BlockHardware for MemoryDisk {
     }
 
     fn flushes(&self) -> FlushCount {
-        self.flushes.lock().map(|flushes| *flushes).unwrap_or_default()
+        self.flushes.counts()
     }
 
     /// Syncs the image now: every write the driver completed before the
     /// flush was sent is in the shared mapping, hence in the image's page
     /// cache, and reaches the medium whatever the driver does.
     fn flush_mark(&self) -> u64 {
-        let Ok(mut flushes) = self.flushes.lock() else { return u64::MAX };
-        let mark = flushes.started;
-        flushes.started += 1;
-        // SAFETY: fdatasync on a descriptor this struct owns.
-        if unsafe { libc::fdatasync(self.image.as_raw_fd()) } == 0 {
-            flushes.completed = flushes.started;
-        } else {
-            tracing::error!(error = %std::io::Error::last_os_error(), "cannot sync the memory disk's image");
-        }
-        mark
+        self.flushes.mark()
     }
 }
 

@@ -258,6 +258,12 @@ impl InlineNull {
             launches: AtomicUsize::new(0),
         })
     }
+}
+
+impl ThreadLaunch for InlineNull {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
     fn start(&self, spare: bool) -> std::io::Result<ThreadDriver> {
         let number = self.launches.fetch_add(1, Ordering::SeqCst);
@@ -267,9 +273,18 @@ impl InlineNull {
     }
 }
 
-impl DriverLaunch for InlineNull {
+/// Starts drivers that are channel threads; every such launcher is a
+/// [`DriverLaunch`].
+pub trait ThreadLaunch: Send + Sync {
+    /// The drivers' name.
+    fn name(&self) -> &str;
+    /// Starts one (a warm spare if `spare`).
+    fn start(&self, spare: bool) -> std::io::Result<ThreadDriver>;
+}
+
+impl<T: ThreadLaunch> DriverLaunch for T {
     fn name(&self) -> &str {
-        &self.name
+        ThreadLaunch::name(self)
     }
 
     fn launch(

@@ -5,16 +5,15 @@
 //! The QEMU process is supervised like a driver VM ([`SupervisedModel`]).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::supervised::{ProcessSpec, SupervisedModel};
 use super::{Model, ModelError, QemuModel, QemuProcess};
 use crate::shm::SharedMemory;
-use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute, TrapWindow};
+use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, InterruptRoute, TrapWindow};
 
 /// An NVMe controller (QEMU's model) on a raw image.
 pub struct QemuNvme {
@@ -22,10 +21,9 @@ pub struct QemuNvme {
     interrupt: Arc<InterruptRoute>,
     /// NVMe doorbells are in BAR0: nothing rings this one.
     doorbell: EventFd,
-    image: File,
     capacity_sectors: u64,
     read_only: bool,
-    flushes: Mutex<FlushCount>,
+    flushes: HostSync,
 }
 
 impl QemuNvme {
@@ -58,10 +56,9 @@ impl QemuNvme {
             process: Arc::new(process),
             interrupt,
             doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            image: file,
             capacity_sectors,
             read_only,
-            flushes: Mutex::new(FlushCount::default()),
+            flushes: HostSync::new(file, "the NVMe image"),
         })
     }
 
@@ -115,27 +112,13 @@ impl BlockHardware for QemuNvme {
         self.read_only
     }
 
-    /// The reflector's own syncs of the image (see `flush_mark`).
+    /// The reflector's own syncs of the image: QEMU's controller keeps no
+    /// count a driver could not fake ([`HostSync`]).
     fn flushes(&self) -> FlushCount {
-        self.flushes.lock().map(|flushes| *flushes).unwrap_or_default()
+        self.flushes.counts()
     }
 
-    /// The evidence a flush is judged on, made by the reflector itself:
-    /// QEMU's controller keeps no count a driver could not fake, so when a
-    /// flush is sent the image is synced (`fdatasync`, on the reflector's
-    /// own descriptor of the file QEMU writes through the page cache) and
-    /// counted. Every write completed before the flush was sent is then on
-    /// the medium whatever the driver does; one sync per flush request.
     fn flush_mark(&self) -> u64 {
-        let Ok(mut flushes) = self.flushes.lock() else { return u64::MAX };
-        let mark = flushes.started;
-        flushes.started += 1;
-        // SAFETY: fdatasync on a descriptor this struct owns.
-        if unsafe { libc::fdatasync(self.image.as_raw_fd()) } == 0 {
-            flushes.completed = flushes.started;
-        } else {
-            tracing::error!(error = %std::io::Error::last_os_error(), "cannot sync the NVMe image");
-        }
-        mark
+        self.flushes.mark()
     }
 }

@@ -19,9 +19,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::driver_vms::{DriverLaunch, DriverProcess};
 use crate::hw::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
-use crate::inline_driver::{spawn_thread, Answer, ThreadDriver};
+use crate::inline_driver::{spawn_thread, Answer, ThreadDriver, ThreadLaunch};
 use crate::shm::SharedMemory;
 
 /// What a fake driver does once started.
@@ -171,6 +170,12 @@ impl FakeLaunch {
     pub fn scripts(&self) -> Arc<Mutex<VecDeque<Script>>> {
         self.scripts.clone()
     }
+}
+
+impl ThreadLaunch for FakeLaunch {
+    fn name(&self) -> &str {
+        "fake"
+    }
 
     fn start(&self, spare: bool) -> std::io::Result<ThreadDriver> {
         let number = self.launches.fetch_add(1, Ordering::SeqCst);
@@ -209,25 +214,6 @@ impl FakeLaunch {
                 },
             )
         })
-    }
-}
-
-impl DriverLaunch for FakeLaunch {
-    fn name(&self) -> &str {
-        "fake"
-    }
-
-    fn launch(
-        &self,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
-    ) -> std::io::Result<Box<dyn DriverProcess>> {
-        let driver = self.start(false)?;
-        route(&driver.lines)?;
-        Ok(Box::new(driver))
-    }
-
-    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
-        Ok(Box::new(self.start(true)?))
     }
 }
 
