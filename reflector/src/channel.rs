@@ -103,6 +103,21 @@ impl Channel {
         }
     }
 
+    /// Whether the driver published completions not taken yet.
+    pub fn completions_pending(&self) -> bool {
+        self.memory.atomic_u32(header::CMP_PROD).load(Ordering::Acquire) != self.cmp_cons
+    }
+
+    /// Tells the driver whether the reflector waits for its doorbell
+    /// (`true`: it sleeps in epoll) or is polling the completion ring
+    /// (`false`: a doorbell would be a wasted exit). Fenced: a check of the
+    /// ring that follows sees every completion published before a driver
+    /// read the flag as `false`.
+    pub fn set_host_waiting(&self, waiting: bool) {
+        self.memory.atomic_u32(header::HOST_WAITING).store(u32::from(waiting), Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
     /// Asks the driver to commit fault `kind` after `after` more requests
     /// (tests and the chaos command).
     pub fn inject(memory: &SharedMemory, kind: u32, after: u32) {

@@ -120,11 +120,58 @@ pub struct DeviceWiring {
     pub driver_exited: EventFd,
     /// Starts driver VMs wired to this device.
     pub launcher: Box<dyn DriverLaunch>,
+    /// How long the worker polls for completions after handing requests
+    /// to the driver, before it sleeps on the driver's doorbell (see
+    /// [`Device::poll_for_completions`]); zero never polls.
+    pub poll_window: std::time::Duration,
+}
+
+/// Whether polling for completions pays off on this device: a driver
+/// whose answers come within the poll window (a null or memory driver)
+/// earns credit; one whose device takes longer (the simulated controller's
+/// thread, QEMU's models) loses it, and is polled only once in
+/// [`PollCredit::PROBE_EVERY`] kicks, to notice when that changes. Polling
+/// in vain costs the window in CPU, which on two cores is the device
+/// thread's and the driver's time.
+#[derive(Debug, Default)]
+pub struct PollCredit {
+    credit: u32,
+    kicks_since_probe: u32,
+}
+
+impl PollCredit {
+    /// Most credit kept: four misses in a row (each costs two) stop
+    /// polling.
+    const MAX: u32 = 8;
+    /// Kicks between probes while polling has no credit.
+    const PROBE_EVERY: u32 = 16;
+
+    /// Whether to poll after this kick.
+    pub fn should_poll(&mut self) -> bool {
+        if self.credit > 0 {
+            return true;
+        }
+        self.kicks_since_probe += 1;
+        if self.kicks_since_probe >= Self::PROBE_EVERY {
+            self.kicks_since_probe = 0;
+            return true;
+        }
+        false
+    }
+
+    /// Whether the poll found completions within the window.
+    pub fn record(&mut self, hit: bool) {
+        self.credit = if hit { (self.credit + 1).min(Self::MAX) } else { self.credit.saturating_sub(2) };
+    }
 }
 
 /// What every kind shares: a kind's methods get it alongside their own
 /// state.
 pub struct DeviceCore {
+    /// See [`DeviceWiring::poll_window`].
+    poll_window: std::time::Duration,
+    /// Whether polling has been paying off.
+    poll_credit: PollCredit,
     /// The device's name.
     pub name: String,
     /// The client negotiated VIRTIO_RING_F_EVENT_IDX.
@@ -305,6 +352,8 @@ impl<K: DeviceKind> Device<K> {
             fault_idle: false,
             reported: None,
             cut: None,
+            poll_window: wiring.poll_window,
+            poll_credit: PollCredit::default(),
         };
         let mut device = Device { core, kind };
         device.kind.launched(&mut device.core, &[]);
@@ -522,6 +571,35 @@ impl<K: DeviceKind> Device<K> {
         }
     }
 
+    /// After handing requests to the driver: polls the completion ring for
+    /// up to the poll window, with the driver told not to ring (a doorbell
+    /// from a driver VM is an exit, and waking this worker a cross-CPU
+    /// wake-up). Returns at the first completions, taken, so the client
+    /// hears of them at once; or when the window ends, after telling the
+    /// driver to ring again and looking once more (a completion published
+    /// meanwhile was not rung for).
+    fn poll_for_completions(&mut self, vrings: &[VringRwLock]) -> std::io::Result<()> {
+        let window = self.core.poll_window;
+        if window.is_zero() || self.kind.in_driver() == 0 || !self.core.session.running() {
+            return Ok(());
+        }
+        if !self.core.poll_credit.should_poll() {
+            return Ok(());
+        }
+        self.core.channel.set_host_waiting(false);
+        let start = Instant::now();
+        while !self.core.channel.completions_pending() && start.elapsed() < window {
+            std::hint::spin_loop();
+        }
+        let hit = self.core.channel.completions_pending();
+        self.core.poll_credit.record(hit);
+        self.core.channel.set_host_waiting(true);
+        if hit || self.core.channel.completions_pending() {
+            return self.kind.completions(&mut self.core, vrings);
+        }
+        Ok(())
+    }
+
     fn on_source(&mut self, source: Source, vrings: &[VringRwLock]) -> std::io::Result<()> {
         match source {
             Source::Completion => {
@@ -638,7 +716,8 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         tracing::trace!(device = %self.core.name, device_event, memory = self.core.memory.is_some(), "worker event");
         let result = match Self::source_of(device_event) {
             _ if usize::from(device_event) < K::QUEUES => {
-                self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings)
+                let kicked = self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings);
+                kicked.and_then(|()| self.poll_for_completions(vrings))
             }
             Some(source) => self.on_source(source, vrings),
             None => Ok(()),

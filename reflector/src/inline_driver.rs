@@ -114,8 +114,13 @@ impl ChannelThread {
                 answered = answered.wrapping_add(1);
             }
             if answered != before {
+                // As a driver VM's driver: rung only while the reflector
+                // waits (not while it polls the ring).
                 word(header::CMP_PROD).store(answered, Ordering::Release);
-                let _ = self.doorbell.write(1);
+                fence(Ordering::SeqCst);
+                if word(header::HOST_WAITING).load(Ordering::Acquire) != 0 {
+                    let _ = self.doorbell.write(1);
+                }
                 continue;
             }
             if !self.wait(taken) {

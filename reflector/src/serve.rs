@@ -561,6 +561,7 @@ fn wire(
             completion_doorbell,
             driver_exited,
             launcher: Box::new(launcher),
+            poll_window: poll_window(),
         });
     }
     let spec = DriverVmSpec {
@@ -581,7 +582,22 @@ fn wire(
         completion_doorbell,
         driver_exited,
         launcher: Box::new(launcher),
+        poll_window: poll_window(),
     })
+}
+
+/// How long a device's worker polls for completions after a kick
+/// (`Device::poll_for_completions`): a null driver in a driver VM answers
+/// within 9 us (p50) when polled, against 34-41 us through its doorbell
+/// (an exit here) and the worker's wake-up; 30 us catches such answers, and
+/// polling 30, 60 or 100 us made no further difference (measured with
+/// 4k QD1 reads: 11k IOPS without polling, 27-34k with). Devices slower
+/// than the window (the simulated controller answers in about 70 us) lose
+/// their poll credit and are left to their doorbell.
+const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(30);
+
+fn poll_window() -> std::time::Duration {
+    POLL_WINDOW
 }
 
 fn recovery_config(

@@ -53,6 +53,17 @@ fn quick_recovery() -> RecoveryConfig {
 
 impl<'a> Bench<'a> {
     fn new(memory: &'a GuestMemoryMmap, scripts: &[Script], checksums: bool, recovery: RecoveryConfig) -> Self {
+        Bench::polling(memory, scripts, checksums, recovery, Duration::ZERO)
+    }
+
+    /// As `new`, with the worker polling for completions for `poll_window`.
+    fn polling(
+        memory: &'a GuestMemoryMmap,
+        scripts: &[Script],
+        checksums: bool,
+        recovery: RecoveryConfig,
+        poll_window: Duration,
+    ) -> Self {
         let disk = FakeDisk::new(4096);
         let channel = Channel::new("fake").unwrap();
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -67,6 +78,7 @@ impl<'a> Bench<'a> {
             completion_doorbell,
             driver_exited,
             launcher: Box::new(launch),
+            poll_window,
         };
         let mut device =
             Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths), wiring, recovery).unwrap();
@@ -325,4 +337,40 @@ fn answers_for_a_client_that_left_never_reach_the_next_one() {
         "the old client's data was written into the new client's memory"
     );
     assert_eq!(bench.count(&bench.metrics.completed), 0);
+}
+
+#[test]
+fn a_worker_polling_for_completions_completes_every_request_once_with_its_data() {
+    let memory = client_memory();
+    let mut bench = Bench::polling(&memory, &[Script::Serve], false, RecoveryConfig::default(), BOUND);
+    for round in 0..20u64 {
+        let data = pattern(round as u8, 4096);
+        let write = bench.submit(&[(true, round * 8, data.clone())]);
+        bench.complete(&write, "a polled write");
+        let read = bench.submit(&[(false, round * 8, vec![0; 4096])]);
+        bench.complete(&read, "a polled read");
+        assert_eq!(bench.client.data(&read[0]), data, "round {round}");
+    }
+    assert_eq!(bench.count(&bench.metrics.errors), 0);
+}
+
+#[test]
+fn poll_credit_follows_hits_and_probes_when_polling_stopped_paying() {
+    let mut credit = crate::device::PollCredit::default();
+    // No credit yet: one probe in PROBE_EVERY kicks.
+    let probes = (0..32).filter(|_| credit.should_poll()).count();
+    assert_eq!(probes, 2);
+    credit.record(true);
+    assert!((0..10).all(|_| credit.should_poll()), "a hit earns polling on every kick");
+    credit.record(false);
+    assert!(!credit.should_poll(), "a miss costs two: the one hit's credit is gone");
+    for _ in 0..20 {
+        credit.record(true);
+    }
+    for _ in 0..3 {
+        credit.record(false);
+    }
+    assert!(credit.should_poll(), "credit is capped at MAX (8): three misses leave two");
+    credit.record(false);
+    assert!(!credit.should_poll(), "the fourth miss in a row stops polling");
 }
