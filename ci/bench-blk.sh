@@ -4,14 +4,19 @@
 #   - the reflector on QEMU's NVMe controller model (device=nvme: the nvme
 #     driver in a driver VM, BAR0 a trapped window), and
 #   - qemu-storage-daemon (--export type=vhost-user-blk), the peer,
-# with the project's vhost-user frontend (blk-load), and prints IOPS, MB/s,
-# p50/p99 latency and the reflector/peer ratios.
+# with the project's vhost-user frontend (blk-load), and prints per backend
+# and job: IOPS, MB/s, p50/p99/p99.9 latency, and the CPU time per request
+# of each process involved (reflector, driver VM, device model, peer: user +
+# system time of its process tree over the job, ci/cpu-tree.py), then the
+# ratios against the peer with their spread across rounds.
 # Jobs: 4k random read and write at QD1 and QD32; 128k sequential read and
 # write at QD1 and QD16 (QD16 x 34 descriptors fills a 1024-entry queue).
-# Each backend runs the jobs ROUNDS times, alternating with the peer, and the
-# median is reported: this machine's 2 cores are shared, so single runs vary.
+# Each round runs every backend in turn (interleaved, nothing pinned); the
+# median of the rounds is reported with the spread (min-max, % of the
+# median), and a figure whose spread exceeds 15% is marked noisy: this
+# machine's 2 cores are shared, so single runs vary.
 #
-# Usage: ci/bench-blk.sh [--seconds S] [--rounds N] [--size MIB]
+# Usage: ci/bench-blk.sh [--seconds S] [--rounds N] [--size MIB] [--json FILE]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,12 +24,13 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'bench-blk: %s\n' "$*" >&2; }
 die() { printf 'bench-blk: FAIL: %s\n' "$*" >&2; exit 1; }
 
-seconds=3 rounds=2 size_mib=256
+seconds=3 rounds=2 size_mib=256 json=''
 while (($#)); do
     case $1 in
     --seconds) seconds=${2:?}; shift 2 ;;
     --rounds) rounds=${2:?}; shift 2 ;;
     --size) size_mib=${2:?}; shift 2 ;;
+    --json) json=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -83,12 +89,20 @@ start_qsd() {
     wait_for_socket
 }
 
+# One blk-load per job, so that each job's CPU time is its own.
+jobs=("randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32"
+    "read 128k 1" "read 128k 16" "write 128k 1" "write 128k 16")
 run_jobs() { # backend round
-    local out=$tmp/$1.$2.json
-    timeout 600 "$bin/blk-load" --socket "$sock" --json --queue-size 1024 --seconds "$seconds" \
-        --job randread,randwrite --bs 4k --qd 1,32 >>"$out" || die "$1: blk-load failed"
-    timeout 600 "$bin/blk-load" --socket "$sock" --json --queue-size 1024 --seconds "$seconds" \
-        --job read,write --bs 128k --qd 1,16 >>"$out" || die "$1: blk-load failed"
+    local out=$tmp/$1.$2.json spec job bs qd before after
+    for spec in "${jobs[@]}"; do
+        read -r job bs qd <<<"$spec"
+        before=$("$here/cpu-tree.py" "$backend_pid")
+        timeout 600 "$bin/blk-load" --socket "$sock" --json --queue-size 1024 --seconds "$seconds" \
+            --job "$job" --bs "$bs" --qd "$qd" 2>>"$tmp/blk-load.log" >"$tmp/job.json" || die "$1: blk-load failed"
+        after=$("$here/cpu-tree.py" "$backend_pid")
+        python3 -c 'import json,sys; j=json.loads(open(sys.argv[1]).read()); b,a=json.loads(sys.argv[2]),json.loads(sys.argv[3]); j["cpu_us"]={k: a.get(k,0)-b.get(k,0) for k in a}; print(json.dumps(j))' \
+            "$tmp/job.json" "$before" "$after" >>"$out"
+    done
 }
 
 for round in $(seq "$rounds"); do
@@ -100,31 +114,59 @@ for round in $(seq "$rounds"); do
     done
 done
 
-python3 - "$tmp" "$rounds" <<'PY'
+python3 - "$tmp" "$rounds" "$json" <<'PY'
 import json, sys, statistics, pathlib
-tmp, rounds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
-def load(backend):
-    runs = {}
+tmp, rounds, out = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+BACKENDS = ("reflector", "nvme", "qsd")
+ROLES = ("reflector", "driver_vm", "device", "peer")
+runs = {}
+for backend in BACKENDS:
     for r in range(1, rounds + 1):
         for line in (tmp / f"{backend}.{r}.json").read_text().splitlines():
             j = json.loads(line)
-            runs.setdefault((j["job"], j["bs"], j["qd"]), []).append(j)
-    return {k: {f: statistics.median(x[f] for x in v) for f in ("iops", "mb_s", "lat_p50_us", "lat_p99_us", "errors")}
-            for k, v in runs.items()}
-ours, nvme, peer = load("reflector"), load("nvme"), load("qsd")
-print(f"\nblock benchmark: blk-load, median of {rounds} round(s); sim = driver VM + simulated controller, "
-      f"nvme = driver VM + QEMU's NVMe model (device=nvme), peer = qemu-storage-daemon")
-print(f"{'job':<10}{'bs':>6}{'qd':>4} | {'sim IOPS':>9}{'p50us':>8}{'p99us':>9} | {'nvme IOPS':>9}{'p50us':>8}{'p99us':>9} | "
-      f"{'qsd IOPS':>9}{'p50us':>8}{'p99us':>9} | {'sim/qsd':>8}{'nvme/qsd':>9}")
-for key in ours:
-    a, n, b = ours[key], nvme.get(key), peer.get(key)
-    if not b or not n:
-        continue
+            runs.setdefault((j["job"], j["bs"], j["qd"]), {}).setdefault(backend, []).append(j)
+def med(values):
+    return statistics.median(values) if values else 0.0
+def spread(values):
+    m = med(values)
+    return (max(values) - min(values)) / m * 100 if m and len(values) > 1 else 0.0
+def cpu_per_request(rs, role):
+    return med([r["cpu_us"].get(role, 0.0) / max(r["ios"], 1) for r in rs])
+report = []
+print(f"\nblock benchmark: blk-load, median of {rounds} round(s), spread = (max - min) / median across rounds")
+print("  sim = driver VM + simulated controller, nvme = driver VM + QEMU's NVMe model, qsd = qemu-storage-daemon (the peer)")
+print("  CPU us/req: reflector / driver VM / device model (sim: in the reflector) | peer")
+print(f"{'job':<10}{'bs':>5}{'qd':>4} {'backend':<5}{'IOPS':>9}{'spread':>8}{'p50us':>8}{'p99us':>8}{'p99.9us':>9}   CPU us/req")
+for key, by_backend in runs.items():
     job, bs, qd = key
-    print(f"{job:<10}{bs // 1024:>5}k{qd:>4} | {a['iops']:>9.0f}{a['lat_p50_us']:>8.0f}{a['lat_p99_us']:>9.0f} | "
-          f"{n['iops']:>9.0f}{n['lat_p50_us']:>8.0f}{n['lat_p99_us']:>9.0f} | "
-          f"{b['iops']:>9.0f}{b['lat_p50_us']:>8.0f}{b['lat_p99_us']:>9.0f} | "
-          f"{a['iops'] / max(b['iops'], 1):>7.2f}x{n['iops'] / max(b['iops'], 1):>8.2f}x")
-errors = sum(v["errors"] for d in (ours, nvme, peer) for v in d.values())
+    row = {"job": job, "bs": bs, "qd": qd}
+    for backend, label in zip(BACKENDS, ("sim", "nvme", "qsd")):
+        rs = by_backend.get(backend, [])
+        if not rs:
+            continue
+        iops = [r["iops"] for r in rs]
+        cpu = {role: cpu_per_request(rs, role) for role in ROLES}
+        noisy = spread(iops) > 15
+        row[label] = {"iops": med(iops), "iops_spread_pct": round(spread(iops), 1), "noisy": noisy,
+                      "mb_s": med([r["mb_s"] for r in rs]), "lat_p50_us": med([r["lat_p50_us"] for r in rs]),
+                      "lat_p99_us": med([r["lat_p99_us"] for r in rs]), "lat_p999_us": med([r.get("lat_p999_us", 0) for r in rs]),
+                      "cpu_us_per_request": cpu, "errors": sum(r["errors"] for r in rs)}
+        b = row[label]
+        cpus = f"{cpu['peer']:.1f}" if backend == "qsd" else f"{cpu['reflector']:.1f} / {cpu['driver_vm']:.1f} / {cpu['device']:.1f}"
+        print(f"{job:<10}{bs // 1024:>4}k{qd:>4} {label:<5}{b['iops']:>9.0f}{b['iops_spread_pct']:>7.1f}%{b['lat_p50_us']:>8.0f}"
+              f"{b['lat_p99_us']:>8.0f}{b['lat_p999_us']:>9.0f}   {cpus}{'  NOISY' if noisy else ''}")
+    peer = by_backend.get("qsd", [])
+    for backend, label in (("reflector", "sim"), ("nvme", "nvme")):
+        ours = by_backend.get(backend, [])
+        if ours and peer:
+            ratios = [a["iops"] / max(b["iops"], 1) for a, b in zip(ours, peer)]
+            row[f"{label}_over_qsd"] = {"median": round(med(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
+    print(" " * 19 + "ratio " + "   ".join(f"{l}/qsd {row[l + '_over_qsd']['median']:.2f}x ({row[l + '_over_qsd']['min']:.2f}-{row[l + '_over_qsd']['max']:.2f})"
+                                          for l in ("sim", "nvme") if l + "_over_qsd" in row))
+    report.append(row)
+errors = sum(row[l]["errors"] for row in report for l in ("sim", "nvme", "qsd") if l in row)
 print(f"\nerrors: {errors:.0f}")
+if out:
+    json.dump({"rounds": rounds, "jobs": report}, open(out, "w"), indent=1)
+    print(f"results: {out}")
 PY

@@ -114,6 +114,8 @@ pub struct JobResult {
     pub lat_p50_us: f64,
     /// 99th percentile completion latency, microseconds.
     pub lat_p99_us: f64,
+    /// 99.9th percentile completion latency, microseconds.
+    pub lat_p999_us: f64,
     /// Mean completion latency, microseconds.
     pub lat_mean_us: f64,
     /// Largest completion latency, microseconds.
@@ -461,6 +463,7 @@ impl<'a> Runner<'a> {
             mb_s: (out.bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
             lat_p50_us: us(hist.quantile(0.5) as f64),
             lat_p99_us: us(hist.quantile(0.99) as f64),
+            lat_p999_us: us(hist.quantile(0.999) as f64),
             lat_mean_us: us(hist.mean()),
             lat_max_us: us(hist.max() as f64),
             errors: out.errors,

@@ -20,8 +20,8 @@ pub const WATCH_PERIOD: Duration = Duration::from_secs(1);
 /// CPU share above which a driver VM that had nothing to do during a whole
 /// period is spinning. An idle sample driver uses well under 1 % (it polls
 /// 100 us after its last work, then sleeps on an interrupt); a spinning one
-/// gets all its jail's CPU quota allows (half a core), so the limit must be
-/// well below that quota.
+/// gets all its vCPU and its jail's CPU quota allow (a core), so the limit
+/// must be well below that.
 pub const IDLE_CPU_LIMIT: f64 = 0.2;
 
 /// Doorbell rings per period beyond twice the completions that are a
@@ -156,7 +156,7 @@ mod tests {
         // Busy: it may use the CPU.
         watch.note_busy();
         assert_eq!(watch.tick(7, s(2.0), cpu(0.95), 5000, 4000), None);
-        // Idle, yet all its jail allows (under half a core).
+        // Idle, yet spinning its vCPU.
         let caught = watch.tick(7, s(3.0), cpu(1.4), 5001, 4000);
         assert!(matches!(caught, Some(Abuse::SpinningIdle { cpu }) if cpu > 0.4), "{caught:?}");
         // Ringing without completing.
