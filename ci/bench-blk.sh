@@ -100,8 +100,8 @@ run_jobs() { # backend round
         timeout 600 "$bin/blk-load" --socket "$sock" --json --queue-size 1024 --seconds "$seconds" \
             --job "$job" --bs "$bs" --qd "$qd" 2>>"$tmp/blk-load.log" >"$tmp/job.json" || die "$1: blk-load failed"
         after=$("$here/cpu-tree.py" "$backend_pid")
-        python3 -c 'import json,sys; j=json.loads(open(sys.argv[1]).read()); b,a=json.loads(sys.argv[2]),json.loads(sys.argv[3]); j["cpu_us"]={k: a.get(k,0)-b.get(k,0) for k in a}; print(json.dumps(j))' \
-            "$tmp/job.json" "$before" "$after" >>"$out"
+        python3 -c 'import json,sys; j=json.loads(open(sys.argv[1]).read()); j["cpu_us"]=json.loads(sys.argv[2]); print(json.dumps(j))' \
+            "$tmp/job.json" "$("$here/cpu-tree.py" --delta "$before" "$after")" >>"$out"
     done
 }
 

@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
-"""CPU time of a process tree, by role, for the benchmarks: prints one JSON
-object {role: microseconds} of user+system time so far of ROOT and all its
-descendants (threads included), each process classified by its name:
-reflector, driver_vm (vmm), device (QEMU's device models), peer
-(qemu-storage-daemon, dpdk-testpmd), other (a jail's keeper, ...).
+"""CPU time of a process tree, by role, for the benchmarks.
 
-Usage: ci/cpu-tree.py ROOT_PID"""
+  ci/cpu-tree.py ROOT_PID            one JSON object {pid: [role, microseconds]}:
+                                     user+system time so far of ROOT and all its
+                                     descendants (threads included)
+  ci/cpu-tree.py --delta BEFORE AFTER  {role: microseconds} spent between two
+                                     snapshots: a process gone by AFTER (a driver
+                                     VM replaced) counts for nothing, one new by
+                                     AFTER for all its time
+
+Roles by process name: reflector, driver_vm (vmm), device (QEMU's device
+models), peer (qemu-storage-daemon, dpdk-testpmd), other."""
 import json
 import os
 import sys
@@ -41,7 +46,18 @@ def role(name):
     return "other"
 
 
+def delta(before, after):
+    totals = {}
+    for pid, (role_name, cpu) in after.items():
+        spent = cpu - before.get(pid, [role_name, 0.0])[1]
+        totals[role_name] = totals.get(role_name, 0.0) + max(spent, 0.0)
+    return totals
+
+
 def main():
+    if sys.argv[1] == "--delta":
+        print(json.dumps(delta(json.loads(sys.argv[2]), json.loads(sys.argv[3]))))
+        return
     root = int(sys.argv[1])
     procs = {}
     for entry in os.listdir("/proc"):
@@ -52,16 +68,15 @@ def main():
     children = {}
     for pid, (_, ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    totals, stack = {}, [root]
+    tree, stack = {}, [root]
     while stack:
         pid = stack.pop()
         if pid not in procs:
             continue
         name, _, cpu = procs[pid]
-        key = role(name)
-        totals[key] = totals.get(key, 0.0) + cpu
+        tree[str(pid)] = [role(name), cpu]
         stack.extend(children.get(pid, []))
-    print(json.dumps(totals))
+    print(json.dumps(tree))
 
 
 if __name__ == "__main__":
