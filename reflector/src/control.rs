@@ -66,6 +66,8 @@ pub struct DeviceStatus {
     pub completed: u64,
     /// Counter `in_flight` (see `Metrics`).
     pub in_flight: u64,
+    /// The current driver VM's resident memory, KiB (see `Metrics`).
+    pub driver_rss_kib: u64,
     /// Counter `errors` (see `Metrics`).
     pub errors: u64,
     /// Counter `malformed` (see `Metrics`).
@@ -131,6 +133,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         requests: get(&m.requests),
         completed: get(&m.completed),
         in_flight: get(&m.in_flight),
+        driver_rss_kib: get(&m.driver_rss_kib),
         errors: get(&m.errors),
         malformed: get(&m.malformed),
         client_memory_faults: get(&m.client_memory_faults),
@@ -188,6 +191,9 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("restarts_total", "counter", "Driver VMs started after a fault.", &|s| s.restarts as f64);
     family("replayed_total", "counter", "Requests replayed to a new driver VM.", &|s| s.replayed as f64);
     family("in_flight", "gauge", "Requests in the driver VM.", &|s| s.in_flight as f64);
+    family("driver_rss_bytes", "gauge", "Resident memory of the current driver VM's vmm.", &|s| {
+        (s.driver_rss_kib * 1024) as f64
+    });
     family("failed", "gauge", "1 while the device fails its requests.", &|s| f64::from(u8::from(s.state == "failed")));
     family("read_bytes_total", "counter", "Bytes read for the client.", &|s| s.bytes_read as f64);
     family("written_bytes_total", "counter", "Bytes written for the client.", &|s| s.bytes_written as f64);

@@ -562,6 +562,9 @@ impl<K: DeviceKind> Device<K> {
             return;
         }
         let Some(pid) = core.drivers.current_pid() else { return };
+        if let Ok(rss) = crate::driver_watch::process_rss_kib(pid) {
+            core.metrics.driver_rss_kib.store(rss, Ordering::Relaxed);
+        }
         if self.kind.in_driver() > 0 {
             core.watch.note_busy();
         }

@@ -121,6 +121,17 @@ impl ResourceWatch {
     }
 }
 
+/// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`),
+/// for `status` and the metrics (same caveat as [`process_cpu_time`]).
+pub fn process_rss_kib(pid: i32) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no VmRSS"))
+}
+
 /// CPU time (user and system) process `pid` has used, from
 /// `/proc/PID/stat`. Meant for the reflector's own children: a child is
 /// not reaped before its watcher sees it gone, so the pid is still its.

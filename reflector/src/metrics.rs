@@ -62,6 +62,9 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// The current driver VM's pid (0 while none runs).
     pub driver_pid: AtomicU64,
+    /// The current driver VM's resident memory in KiB (its vmm's VmRSS),
+    /// sampled once per watch period.
+    pub driver_rss_kib: AtomicU64,
     /// The warm spare's pid (0 if none).
     pub spare_pid: AtomicU64,
     /// `state_name` index of the device's driver state.

@@ -134,6 +134,24 @@ fn every_running_driver_vm_is_confined() {
         root.sort();
         assert_eq!(root, ["lib", "lib64", "vmm"], "driver VM {pid}");
     }
+    // Each device reports its driver VM's resident memory once its watch
+    // has looked (once a second), as the kernel counts it.
+    let rss_of_all = || -> Option<Vec<u64>> {
+        let output = Command::new(env!("CARGO_BIN_EXE_reflector"))
+            .args(["status", "--json", "--control"])
+            .arg(&control)
+            .output();
+        let devices: serde_json::Value = serde_json::from_slice(&output.ok()?.stdout).ok()?;
+        devices.as_array()?.iter().map(|device| device["driver_rss_kib"].as_u64().filter(|kib| *kib > 0)).collect()
+    };
+    reflector.wait_for(|_| rss_of_all().is_some(), "every device's driver VM memory in status");
+    for (device, kib) in rss_of_all().unwrap().into_iter().enumerate() {
+        let pid = devices[device]["driver_pid"].as_u64().unwrap();
+        let kernel: u64 = status_line(pid, "VmRSS:").trim_end_matches(" kB").parse().unwrap();
+        assert!(kib < 64 * 1024, "device {device}: {kib} KiB");
+        // The same process as the kernel sees it (its memory moves a little).
+        assert!(kib.abs_diff(kernel) < 4096, "device {device}: status {kib} KiB, the kernel {kernel} KiB");
+    }
     reflector.stop();
 }
 
