@@ -39,6 +39,72 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
 }
 
+/// The descriptors a child gets, at the numbers it expects them at; in the
+/// child, [`Placement::install_in_child`] puts them there and marks every
+/// other descriptor above standard error close-on-exec. The one placement
+/// every child of the reflector gets (driver VMs numbered from 3, QEMU at
+/// the numbers its command line names).
+#[derive(Debug, Default)]
+pub struct Placement {
+    /// (source in this process, number in the child).
+    placed: Vec<(RawFd, RawFd)>,
+    /// Scratch for the child: each source copied above every target first
+    /// (so placing one cannot overwrite another still to be placed; a
+    /// source may itself be numbered like a target). Allocated here: the
+    /// child may not allocate between fork and exec.
+    parked: Vec<RawFd>,
+}
+
+impl Placement {
+    /// Nothing placed yet.
+    pub fn new() -> Self {
+        Placement::default()
+    }
+
+    /// Gives the child `source` as descriptor `target` (3 up to
+    /// [`CHILD_FLOOR`]).
+    pub fn place(&mut self, source: RawFd, target: RawFd) {
+        debug_assert!((3..CHILD_FLOOR).contains(&target), "descriptor {target} outside a child's numbering");
+        self.placed.push((source, target));
+        self.parked.push(-1);
+    }
+
+    /// How many are placed.
+    pub fn len(&self) -> usize {
+        self.placed.len()
+    }
+
+    /// Whether none is placed.
+    pub fn is_empty(&self) -> bool {
+        self.placed.is_empty()
+    }
+
+    /// In the child, between fork and exec (async-signal-safe calls only,
+    /// no allocation): moves every source to its number, then marks every
+    /// descriptor above the highest number close-on-exec. Closing them
+    /// instead would also close the standard library's exec-error pipe.
+    pub fn install_in_child(&mut self) -> std::io::Result<()> {
+        let above = self.placed.iter().map(|(_, target)| *target).max().unwrap_or(2) + 1;
+        for ((source, _), parked) in self.placed.iter().zip(self.parked.iter_mut()) {
+            // SAFETY: duplicates a descriptor this process holds, at a free
+            // number above every target.
+            *parked = unsafe { libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, above) };
+            if *parked < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        for ((_, target), parked) in self.placed.iter().zip(&self.parked) {
+            // SAFETY: dup2 onto a number this child owns; the copy is not
+            // close-on-exec, so it survives the exec.
+            if unsafe { libc::dup2(*parked, *target) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        close_on_exec_from(above);
+        Ok(())
+    }
+}
+
 /// In a child between fork and exec (async-signal-safe): marks every
 /// descriptor from `first` up close-on-exec, so that nothing the parent
 /// itself inherited reaches the program. Closing them here would also
@@ -62,6 +128,87 @@ pub fn close_on_exec_from(first: RawFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `placement` in a forked child and reports, for `numbers`, the
+    /// device and inode behind each and whether it survives an exec.
+    fn in_child(mut placement: Placement, numbers: &[RawFd]) -> Vec<Option<(u64, u64, bool)>> {
+        let (read, write) = pipe().unwrap();
+        // SAFETY: fork in a test; the child only makes system calls on
+        // memory allocated before the fork and exits with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = placement.install_in_child().is_ok();
+            let mut out = [0u8; 8 * 3 * 8 + 1];
+            out[0] = u8::from(ok);
+            for (i, fd) in numbers.iter().enumerate() {
+                // SAFETY: an all-zero stat is a valid value of the C struct.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                // SAFETY: fstat into a local struct.
+                let open = unsafe { libc::fstat(*fd, &mut st) } == 0;
+                // SAFETY: F_GETFD on any number only reads flags.
+                let cloexec = unsafe { libc::fcntl(*fd, libc::F_GETFD) } & libc::FD_CLOEXEC != 0;
+                let at = 1 + i * 24;
+                let values = if open { [st.st_dev, st.st_ino, u64::from(!cloexec)] } else { [0, 0, 0] };
+                for (j, value) in values.iter().enumerate() {
+                    out[at + j * 8..at + j * 8 + 8].copy_from_slice(&value.to_le_bytes());
+                }
+            }
+            // SAFETY: write to the pipe, then _exit without unwinding.
+            unsafe {
+                libc::write(write.as_raw_fd(), out.as_ptr().cast(), out.len());
+                libc::_exit(0);
+            }
+        }
+        drop(write);
+        let mut out = vec![0u8; 8 * 3 * 8 + 1];
+        std::io::Read::read_exact(&mut std::fs::File::from(read), &mut out).unwrap();
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        assert_eq!(out[0], 1, "the placement failed in the child");
+        let word = |at: usize| u64::from_le_bytes(out[at..at + 8].try_into().unwrap());
+        (0..numbers.len())
+            .map(|i| {
+                let at = 1 + i * 24;
+                (word(at) != 0 || word(at + 8) != 0).then(|| (word(at), word(at + 8), word(at + 16) == 1))
+            })
+            .collect()
+    }
+
+    fn identity(fd: RawFd) -> (u64, u64) {
+        // SAFETY: an all-zero stat is a valid value of the C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat into a local struct.
+        let found = unsafe { libc::fstat(fd, &mut st) };
+        assert_eq!(found, 0);
+        (st.st_dev, st.st_ino)
+    }
+
+    #[test]
+    fn placed_descriptors_land_at_their_numbers_even_when_sources_sit_on_targets() {
+        // Two files whose own numbers are likely low (3, 4, ...): placed
+        // crosswise, each onto the other's number.
+        let a = std::fs::File::open("/dev/null").unwrap();
+        let b = tempfile_in_tmp();
+        let (fa, fb) = (a.as_raw_fd(), b.as_raw_fd());
+        let mut placement = Placement::new();
+        placement.place(fa, fb);
+        placement.place(fb, fa);
+        let extra = std::fs::File::open("/dev/zero").unwrap();
+        let seen = in_child(placement, &[fb, fa, extra.as_raw_fd()]);
+        assert_eq!(seen[0].map(|(d, i, _)| (d, i)), Some(identity(fa)), "a at b's number");
+        assert_eq!(seen[1].map(|(d, i, _)| (d, i)), Some(identity(fb)), "b at a's number");
+        assert!(seen[0].unwrap().2 && seen[1].unwrap().2, "placed ones survive the exec");
+        if extra.as_raw_fd() > fa.max(fb) {
+            assert!(!seen[2].unwrap().2, "anything else is close-on-exec");
+        }
+    }
+
+    fn tempfile_in_tmp() -> std::fs::File {
+        let path = std::env::temp_dir().join(format!("placement-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
 
     #[test]
     fn a_lifted_descriptor_is_out_of_every_childs_numbering() {

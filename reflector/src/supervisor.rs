@@ -164,14 +164,11 @@ impl Gone {
     }
 }
 
-/// The descriptors a child gets: `sources[i]` becomes its descriptor
-/// `FIRST + i`; nothing else above standard error survives its exec.
+/// The descriptors a child gets: the `i`th passed becomes its descriptor
+/// `FIRST + i`; nothing else above standard error survives its exec
+/// (`hardware::descriptors::Placement`, which QEMU's placement shares).
 pub struct ChildFds {
-    sources: Vec<RawFd>,
-    /// Scratch for the child: the sources moved out of the way first (so a
-    /// source numbered like a target is not overwritten before it moves).
-    /// Allocated here: the child may not allocate between fork and exec.
-    parked: Vec<RawFd>,
+    placement: hardware::descriptors::Placement,
 }
 
 impl ChildFds {
@@ -181,57 +178,33 @@ impl ChildFds {
 
     /// No descriptors yet.
     pub fn new() -> Self {
-        ChildFds { sources: Vec::new(), parked: Vec::new() }
+        ChildFds { placement: hardware::descriptors::Placement::new() }
     }
 
     /// Passes `fd`; returns its number in the child.
     pub fn pass(&mut self, fd: RawFd) -> RawFd {
-        self.sources.push(fd);
-        self.parked.push(-1);
-        Self::FIRST + self.sources.len() as RawFd - 1
+        let number = Self::FIRST + self.placement.len() as RawFd;
+        self.placement.place(fd, number);
+        number
     }
 
     /// Makes `command`'s child receive exactly these descriptors, then
     /// enter `jail` if given (its keeper reports the vmm's pid on the
     /// descriptor given with it).
     pub fn apply(self, command: &mut Command, jail: Option<(Arc<crate::jail::Jail>, RawFd)>) {
-        let mut fds = self;
+        let mut placement = self.placement;
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (fcntl, dup2,
         // close_range, and the jail's) on memory allocated before the fork.
         unsafe {
             command.pre_exec(move || {
-                fds.install_in_child()?;
+                placement.install_in_child()?;
                 match &jail {
                     Some((jail, report)) => jail.enter(*report),
                     None => Ok(()),
                 }
             });
         }
-    }
-
-    /// In the child: moves the sources to FIRST.. and marks every other
-    /// descriptor above standard error close-on-exec. Closing them here
-    /// would also close the standard library's exec-error pipe.
-    fn install_in_child(&mut self) -> std::io::Result<()> {
-        let count = self.sources.len() as RawFd;
-        let above = self.sources.iter().copied().max().unwrap_or(0).max(Self::FIRST + count);
-        for (source, parked) in self.sources.iter().zip(self.parked.iter_mut()) {
-            // SAFETY: duplicates a descriptor this process holds.
-            *parked = unsafe { libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, above) };
-            if *parked < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        for (i, parked) in self.parked.iter().enumerate() {
-            // SAFETY: dup2 onto a number this child owns; the copy is not
-            // close-on-exec, so it survives the exec.
-            if unsafe { libc::dup2(*parked, Self::FIRST + i as RawFd) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        hardware::descriptors::close_on_exec_from(Self::FIRST + count);
-        Ok(())
     }
 }
 

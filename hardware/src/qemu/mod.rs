@@ -350,12 +350,18 @@ impl QemuModel {
             .stderr(Stdio::piped());
         let firmware = halt_firmware()?;
         let images = model.image_files()?;
-        // (source in this process, number in QEMU), fixed before the fork:
-        // the child only walks it.
-        let mut passed = vec![(theirs.as_raw_fd(), QTEST_FD), (dma.as_raw_fd(), DMA_FD)];
-        passed.extend(wire.map(|fd| (fd.as_raw_fd(), WIRE_FD)));
-        passed.push((firmware.as_raw_fd(), FIRMWARE_FD));
-        passed.extend(images.iter().map(|(file, number)| (file.as_raw_fd(), *number)));
+        // Each source at the number QEMU's command line names, fixed
+        // before the fork: the child only walks it.
+        let mut placement = crate::descriptors::Placement::new();
+        placement.place(theirs.as_raw_fd(), QTEST_FD);
+        placement.place(dma.as_raw_fd(), DMA_FD);
+        if let Some(wire) = wire {
+            placement.place(wire.as_raw_fd(), WIRE_FD);
+        }
+        placement.place(firmware.as_raw_fd(), FIRMWARE_FD);
+        for (file, number) in &images {
+            placement.place(file.as_raw_fd(), *number);
+        }
         // The jail's keeper reports the jailed pid here. Not read: the
         // keeper is the child the reflector kills and waits for. The keeper
         // writes before it lets QEMU exec, and the spawn returns only after
@@ -366,9 +372,10 @@ impl QemuModel {
         let report = report_write.as_raw_fd();
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only calls prctl,
-        // getppid, fcntl, dup2 and close_range, and the jail's entry, which
-        // are async-signal-safe, on descriptors and data that stay alive in the
-        // parent across the spawn; it allocates nothing.
+        // getppid, the placement's fcntl, dup2 and close_range, and the
+        // jail's entry, which are async-signal-safe, on descriptors and data
+        // that stay alive in the parent across the spawn; it allocates
+        // nothing.
         unsafe {
             command.pre_exec(move || {
                 // QEMU (or its jail's keeper, which QEMU dies with) dies
@@ -378,25 +385,9 @@ impl QemuModel {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
-                // Each source is first copied above every target, so that
-                // placing one cannot overwrite another still to be placed
-                // (a source may be numbered 3 or 4 itself).
-                let mut copies = [0; 8];
-                for (copy, (source, _)) in copies.iter_mut().zip(&passed) {
-                    *copy = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, 16);
-                    if *copy < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (copy, (_, target)) in copies.into_iter().zip(&passed) {
-                    // dup2 leaves close-on-exec clear on the target.
-                    if libc::dup2(copy, *target) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
                 // Nothing else reaches QEMU, whatever the reflector itself
                 // inherited without close-on-exec.
-                crate::descriptors::close_on_exec_from(IMAGE_RO_FD + 1);
+                placement.install_in_child()?;
                 match &jail {
                     Some(jail) => jail.enter(report),
                     None => Ok(()),
