@@ -550,39 +550,34 @@ fn wire(
              only, which needs the reflector started with --no-jail"
         ));
     }
-    if setup.driver == INLINE_NULL {
+    let launcher: Box<dyn crate::driver_vms::DriverLaunch> = if setup.driver == INLINE_NULL {
         tracing::warn!(device = %name, "driver=inline-null: no driver; the reflector completes every request itself (a benchmark baseline)");
-        let launcher = InlineNull::new(name, channel.memory().clone(), &completion_doorbell, &driver_exited)
-            .map_err(io(format!("{name}: creating an eventfd")))?;
-        return Ok(DeviceWiring {
-            channel,
-            device_interrupt: hardware.interrupt(),
-            hardware,
-            completion_doorbell,
-            driver_exited,
-            launcher: Box::new(launcher),
-            poll_window: poll_window(),
-        });
-    }
-    let spec = DriverVmSpec {
-        hosted: setup.hosted,
-        name: name.to_owned(),
-        vmm: setup.vmm.to_owned(),
-        image: setup.driver.to_owned(),
-        args: setup.args.to_owned(),
-        memory: setup.memory.to_owned(),
-        jail: jail_for(setup.vmm, name, setup.index, setup.jail)?,
+        Box::new(
+            InlineNull::new(name, channel.memory().clone(), &completion_doorbell, &driver_exited)
+                .map_err(io(format!("{name}: creating an eventfd")))?,
+        )
+    } else {
+        let spec = DriverVmSpec {
+            hosted: setup.hosted,
+            name: name.to_owned(),
+            vmm: setup.vmm.to_owned(),
+            image: setup.driver.to_owned(),
+            args: setup.args.to_owned(),
+            memory: setup.memory.to_owned(),
+            jail: jail_for(setup.vmm, name, setup.index, setup.jail)?,
+        };
+        let launcher = launcher_for(spec, hardware.as_ref(), &channel, &completion_doorbell, &driver_exited)?;
+        launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
+        Box::new(launcher)
     };
-    let launcher = launcher_for(spec, hardware.as_ref(), &channel, &completion_doorbell, &driver_exited)?;
-    launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
     Ok(DeviceWiring {
         channel,
         device_interrupt: hardware.interrupt(),
         hardware,
         completion_doorbell,
         driver_exited,
-        launcher: Box::new(launcher),
-        poll_window: poll_window(),
+        launcher,
+        poll_window: POLL_WINDOW,
     })
 }
 
@@ -595,10 +590,6 @@ fn wire(
 /// than the window (the simulated controller answers in about 70 us) lose
 /// their poll credit and are left to their doorbell.
 const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(30);
-
-fn poll_window() -> std::time::Duration {
-    POLL_WINDOW
-}
 
 fn recovery_config(
     hang_deadline: std::time::Duration,

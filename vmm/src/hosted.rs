@@ -33,29 +33,20 @@ pub struct HostedImage {
 /// x86-64 Linux executable, not an isolated driver VM image.
 pub fn resolve(arg: &str) -> Result<HostedImage> {
     let invalid = |reason: String| Error::ImageInvalid { image: arg.into(), reason };
+    let bytes = crate::image::read_file(arg)?;
     let program = match arg.strip_prefix("fd=") {
-        Some(number) => {
-            let fd: RawFd = number.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
-                Error::invalid("--image", format!("{arg:?}: expected fd=N, an inherited descriptor above 2"))
-            })?;
-            PathBuf::from(format!("/proc/self/fd/{fd}"))
-        }
+        Some(fd) => PathBuf::from(format!("/proc/self/fd/{fd}")),
         None => PathBuf::from(arg),
     };
-    let mut header = [0u8; 64];
-    let read = File::open(&program).and_then(|file| {
-        use std::os::unix::fs::FileExt;
-        file.read_exact_at(&mut header, 0)
-    });
-    if let Err(source) = read {
-        return Err(Error::ImageRead { path: arg.into(), source });
-    }
-    let e_type = u16::from_le_bytes([header[16], header[17]]);
-    let machine = u16::from_le_bytes([header[18], header[19]]);
-    if header[..4] != *b"\x7fELF" || header[4] != 2 || machine != 62 || !matches!(e_type, 2 | 3) {
+    let field = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let (e_type, machine) = (field(16), field(18));
+    if !bytes.starts_with(b"\x7fELF")
+        || bytes.get(4) != Some(&2)
+        || machine != Some(62)
+        || !matches!(e_type, Some(2 | 3))
+    {
         return Err(invalid("not an x86-64 Linux executable".into()));
     }
-    let bytes = std::fs::read(&program).map_err(|source| Error::ImageRead { path: arg.into(), source })?;
     if crate::image::parse_elf(&bytes).is_ok() {
         return Err(invalid(
             "an isolated driver VM image: --hosted runs a hosted build of the driver (cargo build --release in \
@@ -192,18 +183,12 @@ pub fn run(config: &VmConfig, image: &HostedImage, options: HostedOptions) -> Re
             let _ = child.wait();
             return Ok(Outcome::Timeout { after_ms: options.timeout.unwrap_or_default().as_millis() as u64 });
         }
-        if fds.get(1).is_some_and(|stdin| stdin.revents != 0) {
-            let mut bytes = [0u8; 64];
-            // SAFETY: read(2) into a local buffer from standard input.
-            let n = unsafe { libc::read(0, bytes.as_mut_ptr().cast(), bytes.len()) };
-            if n <= 0 {
-                let _ = child.kill();
-                tracing::warn!("the supervisor is gone (standard input closed): stopping");
-                std::process::exit(i32::from(crate::error::status::IO));
-            }
-            if bytes[..n as usize].contains(&crate::runner::STOP_AND_REPORT) {
-                // A process has no registers to report from here: a
-                // debugger attached to it has them (gdb -p PID).
+        if let Some(stdin) = fds.get(1).filter(|stdin| stdin.revents != 0) {
+            // A process has no registers to report from here (a debugger
+            // attached to it has them: gdb -p PID): asked where it is, it
+            // ends. A supervisor gone ends this vmm, and with it the driver
+            // (PR_SET_PDEATHSIG).
+            if crate::runner::read_lifeline(stdin.revents & libc::POLLHUP != 0) {
                 let _ = child.kill();
             }
         }

@@ -105,27 +105,12 @@ impl Image {
     /// Resolves `--image`: a built-in name, else a path. A name containing a
     /// `/` is always a path.
     pub fn resolve(arg: &str) -> Result<Image> {
-        if let Some(number) = arg.strip_prefix("fd=") {
-            let fd: std::os::fd::RawFd = number.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
-                Error::invalid("--image", format!("{arg:?}: expected fd=N, an inherited descriptor above 2"))
-            })?;
-            let bytes = read_inherited(fd).map_err(|source| Error::ImageRead { path: arg.into(), source })?;
-            return Image::from_bytes(arg.into(), Cow::Owned(bytes));
-        }
-        if !arg.contains('/') {
+        if !arg.contains('/') && !arg.starts_with("fd=") {
             if let Some((name, bytes)) = BUILT_IN.iter().find(|(name, _)| *name == arg) {
                 return Image::from_bytes(name.to_string(), Cow::Borrowed(bytes));
             }
         }
-        let path = Path::new(arg);
-        if !path.exists() {
-            return Err(Error::ImageNotFound {
-                name: arg.into(),
-                builtins: builtin_names().collect::<Vec<_>>().join(", "),
-            });
-        }
-        let bytes = read_bounded(path).map_err(|source| Error::ImageRead { path: path.into(), source })?;
-        Image::from_bytes(arg.into(), Cow::Owned(bytes))
+        Image::from_bytes(arg.into(), Cow::Owned(read_file(arg)?))
     }
 
     /// Checks `bytes` as an image.
@@ -274,6 +259,26 @@ pub fn check_header(raw: &[u8], layout: &ElfLayout) -> std::result::Result<Image
         return Err(format!("interrupt stubs at {:#x} are outside the image", header.isr_stubs));
     }
     Ok(header)
+}
+
+/// Reads an image file given as `fd=N` (an inherited descriptor) or a
+/// path, bounded by [`Image::MAX_FILE`]: for driver VM images and hosted
+/// drivers alike.
+pub fn read_file(arg: &str) -> Result<Vec<u8>> {
+    if let Some(number) = arg.strip_prefix("fd=") {
+        let fd: std::os::fd::RawFd = number.parse().ok().filter(|fd| *fd > 2).ok_or_else(|| {
+            Error::invalid("--image", format!("{arg:?}: expected fd=N, an inherited descriptor above 2"))
+        })?;
+        return read_inherited(fd).map_err(|source| Error::ImageRead { path: arg.into(), source });
+    }
+    let path = Path::new(arg);
+    if !path.exists() {
+        return Err(Error::ImageNotFound {
+            name: arg.into(),
+            builtins: builtin_names().collect::<Vec<_>>().join(", "),
+        });
+    }
+    read_bounded(path).map_err(|source| Error::ImageRead { path: path.into(), source })
 }
 
 /// Reads an image from inherited descriptor `fd` (a jailed vmm opens no

@@ -78,21 +78,31 @@ struct Lifeline {
     vcpu_thread: libc::pthread_t,
 }
 
+/// Reads the supervisor's lifeline (standard input), for a driver VM or a
+/// hosted driver alike: ends the process when it closed or hung up (the
+/// supervisor is gone); otherwise whether it carried [`STOP_AND_REPORT`].
+pub fn read_lifeline(hung_up: bool) -> bool {
+    let mut bytes = [0u8; 64];
+    // SAFETY: read(2) into a local buffer from standard input.
+    let n = unsafe { libc::read(0, bytes.as_mut_ptr() as *mut libc::c_void, bytes.len()) };
+    if n > 0 && bytes[..n as usize].contains(&STOP_AND_REPORT) {
+        return true;
+    }
+    if n == 0 || hung_up {
+        tracing::warn!("the supervisor is gone (standard input closed): stopping");
+        std::process::exit(i32::from(crate::error::status::IO));
+    }
+    false
+}
+
 impl MutEventSubscriber for Lifeline {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut bytes = [0u8; 64];
-        // SAFETY: read(2) into a local buffer from standard input.
-        let n = unsafe { libc::read(0, bytes.as_mut_ptr() as *mut libc::c_void, bytes.len()) };
-        if n > 0 && bytes[..n as usize].contains(&STOP_AND_REPORT) && !self.asked.swap(true, Ordering::AcqRel) {
+        let asked = read_lifeline(events.event_set().contains(EventSet::HANG_UP));
+        if asked && !self.asked.swap(true, Ordering::AcqRel) {
             self.stop.store(true, Ordering::Release);
             // SAFETY: the vCPU thread has not been joined yet (the event
             // loop joins it only after it finishes), so its pthread_t is valid.
             unsafe { libc::pthread_kill(self.vcpu_thread, vcpu::kick_signal()) };
-            return;
-        }
-        if n == 0 || events.event_set().contains(EventSet::HANG_UP) {
-            tracing::warn!("the supervisor is gone (standard input closed): stopping");
-            std::process::exit(i32::from(crate::error::status::IO));
         }
     }
 
