@@ -106,7 +106,20 @@ impl Channel {
         let panic_sector =
             kernel.cmdline().split_whitespace().find_map(|word| word.strip_prefix("panic-on-sector=")?.parse().ok());
         let ops = [0; channel::SLOT_COUNT as usize];
-        Ok(Channel { window, doorbell, req_cons: 0, cmp_prod: 0, name, lies: Lies::default(), ops, panic_sector })
+        let channel =
+            Channel { window, doorbell, req_cons: 0, cmp_prod: 0, name, lies: Lies::default(), ops, panic_sector };
+        channel.announce(channel::driver_state::OPENED);
+        Ok(channel)
+    }
+
+    /// Says where the driver is in its start (`driver_state`), for the
+    /// current generation, with one doorbell ring so the reflector hears it
+    /// when it does (it times failovers by these marks).
+    fn announce(&self, state: u32) {
+        let generation = self.window.atomic_u32(header::GENERATION).load(Ordering::Acquire);
+        self.window.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
+        self.window.atomic_u32(header::DRIVER_STATE).store(state, Ordering::Release);
+        self.doorbell.ring(1);
     }
 
     /// Starts serving the current generation, announcing the faults this
@@ -116,11 +129,10 @@ impl Channel {
         self.req_cons = window.atomic_u32(header::REQ_CONS).load(Ordering::Acquire);
         self.cmp_prod = window.atomic_u32(header::CMP_PROD).load(Ordering::Acquire);
         let generation = window.atomic_u32(header::GENERATION).load(Ordering::Acquire);
-        window.atomic_u32(header::DRIVER_GENERATION).store(generation, Ordering::Release);
         let extra = if cfg!(feature = "fault-injection") { channel::injectable(extra_faults) } else { 0 };
         let faults = channel::injectable(&GENERIC_FAULTS) | extra;
         window.atomic_u32(header::DRIVER_INJECTABLE).store(faults, Ordering::Release);
-        window.atomic_u32(header::DRIVER_STATE).store(channel::driver_state::READY, Ordering::Release);
+        self.announce(channel::driver_state::READY);
         generation
     }
 

@@ -178,16 +178,6 @@ pub fn outw(port: u16, value: u16) {
     unsafe { core::arch::asm!("out dx, ax", in("dx") port, in("ax") value, options(nostack, preserves_flags)) };
 }
 
-/// Writes `bytes` to an I/O port with one `rep outsb`, which the vmm sees as
-/// a single exit carrying up to a page of data instead of one exit per byte.
-pub fn outsb(port: u16, bytes: &[u8]) {
-    // SAFETY: reads `bytes.len()` bytes from a valid slice; no memory is written.
-    unsafe {
-        core::arch::asm!("rep outsb", in("dx") port, inout("rsi") bytes.as_ptr() => _,
-            inout("rcx") bytes.len() => _, options(nostack, readonly, preserves_flags));
-    }
-}
-
 /// Reads the time-stamp counter.
 #[inline]
 pub fn rdtsc() -> u64 {

@@ -103,6 +103,15 @@ impl Channel {
         }
     }
 
+    /// Where the current generation's driver says it is in its start
+    /// (`driver_state`), if it said anything for this generation.
+    /// Untrusted: for figures only (`failover`).
+    pub fn driver_mark(&self) -> Option<u32> {
+        let generation = self.memory.atomic_u32(header::DRIVER_GENERATION).load(Ordering::Acquire);
+        let state = self.memory.atomic_u32(header::DRIVER_STATE).load(Ordering::Acquire);
+        (generation == self.generation && state != channel::driver_state::STARTING).then_some(state)
+    }
+
     /// Whether the driver published completions not taken yet.
     pub fn completions_pending(&self) -> bool {
         self.memory.atomic_u32(header::CMP_PROD).load(Ordering::Acquire) != self.cmp_cons

@@ -55,6 +55,8 @@ pub struct ChaosReport {
     pub device_errors: u64,
     /// Recovery stall percentiles from the device (p50, p99, max), µs.
     pub stall_us: (u64, u64, u64),
+    /// Where the failovers' time went, phase by phase (from the device).
+    pub failover: Vec<crate::control::PhaseFigures>,
     /// Load runs completed.
     pub load_runs: u32,
     /// I/O errors the load saw.
@@ -210,6 +212,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     report.restarts = end_status.restarts - start_status.restarts;
     report.device_errors = end_status.errors - start_status.errors;
     report.stall_us = (end_status.stall_p50_us, end_status.stall_p99_us, end_status.stall_max_us);
+    report.failover = end_status.failover;
     report.elapsed = start.elapsed();
     Ok(report)
 }
@@ -233,6 +236,20 @@ pub fn print(options: &ChaosOptions, report: &ChaosReport) {
         ms(report.stall_us.1),
         ms(report.stall_us.2)
     );
+    if !report.failover.is_empty() {
+        println!("  failover phases (recent failovers a client waited on):");
+        println!("    {:<14} {:>6} {:>9} {:>9} {:>9}", "phase", "count", "p50 ms", "p99 ms", "max ms");
+        for figures in &report.failover {
+            println!(
+                "    {:<14} {:>6} {:>9.3} {:>9.3} {:>9.3}",
+                figures.phase,
+                figures.count,
+                ms(figures.p50_us),
+                ms(figures.p99_us),
+                ms(figures.max_us)
+            );
+        }
+    }
     println!(
         "  client errors: {} (device), load: {} runs, {} I/O errors, {} verification mismatches, {} failed runs",
         report.device_errors, report.load_runs, report.load_errors, report.load_mismatches, report.load_failures

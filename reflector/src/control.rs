@@ -102,6 +102,10 @@ pub struct DeviceStatus {
     pub stall_max_us: u64,
     /// Recovery stalls recorded.
     pub stalls: usize,
+    /// Where recent failovers' time went, phase by phase, then the whole
+    /// (`failover`); empty before the first.
+    #[serde(default)]
+    pub failover: Vec<PhaseFigures>,
     /// Counter `bytes_read` (see `Metrics`).
     pub bytes_read: u64,
     /// Counter `bytes_written` (see `Metrics`).
@@ -118,6 +122,22 @@ pub struct DeviceStatus {
     pub tx_lost: u64,
     /// Counter `rx_dropped` (see `Metrics`).
     pub rx_dropped: u64,
+}
+
+/// One failover phase's figures over recent failovers, microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseFigures {
+    /// `detection`, `retire`, `replacement`, `device_reset`, `replay` or
+    /// `total`.
+    pub phase: String,
+    /// Failovers in which it was observed.
+    pub count: usize,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// Longest.
+    pub max_us: u64,
 }
 
 fn status_of(target: &ControlTarget) -> DeviceStatus {
@@ -151,6 +171,17 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         stall_p99_us: p99,
         stall_max_us: max,
         stalls: m.stalls_us.lock().map(|s| s.len()).unwrap_or(0),
+        failover: m
+            .failover_percentiles()
+            .into_iter()
+            .map(|(phase, count, (p50_us, p99_us, max_us))| PhaseFigures {
+                phase: phase.to_owned(),
+                count,
+                p50_us,
+                p99_us,
+                max_us,
+            })
+            .collect(),
         bytes_read: get(&m.bytes_read),
         bytes_written: get(&m.bytes_written),
         tx_frames: get(&m.tx_frames),
@@ -214,6 +245,24 @@ fn prometheus(targets: &[ControlTarget]) -> String {
             ));
         }
         out.push_str(&format!("reflector_recovery_stall_seconds_count{{device=\"{}\"}} {}\n", s.device, s.stalls));
+    }
+    out.push_str("# HELP reflector_failover_phase_seconds Recent failovers, phase by phase (detection, retire, replacement, device_reset, replay, total).\n");
+    out.push_str("# TYPE reflector_failover_phase_seconds summary\n");
+    for s in &statuses {
+        for figures in &s.failover {
+            for (q, v) in [("0.5", figures.p50_us), ("0.99", figures.p99_us), ("1", figures.max_us)] {
+                out.push_str(&format!(
+                    "reflector_failover_phase_seconds{{device=\"{}\",phase=\"{}\",quantile=\"{q}\"}} {}\n",
+                    s.device,
+                    figures.phase,
+                    v as f64 / 1e6
+                ));
+            }
+            out.push_str(&format!(
+                "reflector_failover_phase_seconds_count{{device=\"{}\",phase=\"{}\"}} {}\n",
+                s.device, figures.phase, figures.count
+            ));
+        }
     }
     out
 }

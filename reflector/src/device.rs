@@ -24,6 +24,7 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_vms::{DriverLaunch, DriverVms};
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
+use crate::failover::Timeline;
 use crate::hw::{Hardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Fault, RecoveryConfig};
@@ -214,6 +215,12 @@ pub struct DeviceCore {
     /// A fault happened with nothing pending; the stall clock starts at the
     /// next request.
     fault_idle: bool,
+    /// The current driver VM has attached to its channel generation.
+    attached: bool,
+    /// The failover under way, for its breakdown (`failover`).
+    failover: Option<Timeline>,
+    /// When the reflector last sent its driver VM a SIGKILL.
+    kill_sent: Option<Instant>,
     /// A fault a kind reported, handled once the kind's method returns.
     reported: Option<Fault>,
     /// Why the client is to be cut off, likewise.
@@ -267,12 +274,45 @@ impl DeviceCore {
     pub fn progress(&mut self) {
         let now = Instant::now();
         self.session.progress(now);
+        self.note_driver_marks(now);
+        if let Some(breakdown) = self.failover.take().and_then(|timeline| timeline.finish(now)) {
+            self.metrics.record_failover(breakdown);
+        }
         if let Some(fault_at) = self.fault_at.take() {
             let stall = now.duration_since(fault_at).as_micros() as u64;
             self.metrics.record_stall(stall);
             tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
         }
         self.drivers.launch_wanted_spare();
+    }
+
+    /// Takes the current driver's marks of its start (it rings once for
+    /// each): its attach starts its hang deadline, and both time the
+    /// failover under way.
+    fn note_driver_marks(&mut self, now: Instant) {
+        if self.attached {
+            return;
+        }
+        let mark = self.channel.driver_mark();
+        if mark == Some(guest_abi::channel::driver_state::READY) {
+            self.attached = true;
+            self.session.progress(now);
+        }
+        if let Some(timeline) = self.failover.as_mut() {
+            match mark {
+                Some(guest_abi::channel::driver_state::OPENED) => timeline.opened(now),
+                Some(guest_abi::channel::driver_state::READY) => timeline.attached(now),
+                _ => {}
+            }
+        }
+    }
+
+    /// Whether the current driver VM has attached to its channel: one that
+    /// has not has taken no request, so its death is no evidence against
+    /// any (poison requests).
+    pub fn driver_attached(&mut self) -> bool {
+        self.note_driver_marks(Instant::now());
+        self.attached
     }
 
     /// A client request arrived: if a fault found nothing pending, the
@@ -350,6 +390,9 @@ impl<K: DeviceKind> Device<K> {
             kill: new_eventfd()?,
             fault_at: None,
             fault_idle: false,
+            attached: false,
+            failover: None,
+            kill_sent: None,
             reported: None,
             cut: None,
             poll_window: wiring.poll_window,
@@ -454,13 +497,19 @@ impl<K: DeviceKind> Device<K> {
                         let delay_ms = delay.as_millis() as u64;
                         tracing::info!(device = %self.core.name, delay_ms, "restart delayed (backoff)");
                     }
+                    if let Some(timeline) = self.core.failover.as_mut() {
+                        timeline.delayed();
+                    }
                     self.core.arm_restart_timer(delay);
                 }
                 Effect::FailPending => {
                     tracing::error!(device = %self.core.name, "too many driver VM faults: the device fails its requests until the cool-down ends or an operator recovers it");
                     self.kind.fail_pending(&mut self.core, vrings);
                 }
-                Effect::Kill => self.core.drivers.kill_current(),
+                Effect::Kill => {
+                    self.core.kill_sent = Some(Instant::now());
+                    self.core.drivers.kill_current();
+                }
             }
         }
         self.publish_state();
@@ -469,6 +518,7 @@ impl<K: DeviceKind> Device<K> {
     /// Kills the faulty driver VM and waits until it cannot run, quiesces
     /// the hardware, and lets the kind keep what it finished correctly.
     fn retire(&mut self, vrings: &[VringRwLock], fault: &Fault) {
+        let detected = Instant::now();
         let core = &mut self.core;
         let pid = core.drivers.current_pid();
         // A hung driver VM is first asked where it is; a crashed one said
@@ -495,13 +545,21 @@ impl<K: DeviceKind> Device<K> {
         core.hardware.quiesce();
         core.disarm_hang_watch();
         // The stall the client sees; with no client there is none.
+        let waiting = core.memory.is_some() && !self.kind.idle();
         if core.fault_at.is_none() && core.memory.is_some() {
-            if self.kind.idle() {
-                core.fault_idle = true;
-            } else {
+            if waiting {
                 core.fault_at = Some(Instant::now());
+            } else {
+                core.fault_idle = true;
             }
         }
+        // The failover is timed when a client waits on it (a later fault
+        // during it starts a new one: its phases are the last attempt's).
+        core.failover = waiting.then(|| {
+            let mut timeline = Timeline::new(detected, core.kill_sent.take());
+            timeline.retired(Instant::now());
+            timeline
+        });
         self.kind.retired(&mut self.core, vrings, fault);
         // A kind's own fault while salvaging is the same fault.
         self.core.reported = None;
@@ -512,11 +570,15 @@ impl<K: DeviceKind> Device<K> {
     fn launch(&mut self, vrings: &[VringRwLock]) {
         let core = &mut self.core;
         let generation = core.channel.reset();
+        core.attached = false;
         // The old driver VM can no longer run (`drop_current` waited).
         core.hardware.resume();
         match core.drivers.replace() {
             Ok((pid, warm)) => {
                 tracing::info!(device = %core.name, pid, generation, warm, "driver VM restarted");
+                if let Some(timeline) = core.failover.as_mut() {
+                    timeline.replaced(Instant::now());
+                }
                 core.session.on(Event::Launched, Instant::now());
                 // Observers that see the new restart count must also see
                 // the new driver VM (the chaos command kills by pid).
@@ -613,6 +675,7 @@ impl<K: DeviceKind> Device<K> {
                 if !self.core.session.running() {
                     return Ok(());
                 }
+                self.core.note_driver_marks(Instant::now());
                 self.kind.completions(&mut self.core, vrings)
             }
             Source::DriverExit => {
@@ -628,7 +691,8 @@ impl<K: DeviceKind> Device<K> {
                     self.core.disarm_hang_watch();
                     return Ok(());
                 }
-                self.handle(vrings, Event::HangCheck { pending: true });
+                let attached = self.core.driver_attached();
+                self.handle(vrings, Event::HangCheck { pending: true, attached });
                 Ok(())
             }
             Source::Restart => {

@@ -26,6 +26,7 @@ pub mod device;
 pub mod driver_answers;
 pub mod driver_vms;
 pub mod driver_watch;
+pub mod failover;
 pub mod inline_driver;
 pub mod jail;
 pub mod metrics;

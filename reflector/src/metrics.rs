@@ -5,6 +5,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
+use crate::failover::{Breakdown, Phase, PHASES};
+
 /// Recovery stalls kept for percentiles (the most recent ones).
 const STALL_HISTORY: usize = 4096;
 
@@ -77,6 +79,8 @@ pub struct Metrics {
     /// Recovery stalls, in microseconds: from the fault (or the first request
     /// after it, if none was pending) to the next completion.
     pub stalls_us: Mutex<VecDeque<u64>>,
+    /// Where the recent failovers' time went ([`crate::failover`]).
+    pub failovers: Mutex<VecDeque<Breakdown>>,
 }
 
 /// Names of the driver states, indexed by `Metrics::state`.
@@ -95,12 +99,44 @@ impl Metrics {
 
     /// Median, p99 and max of the recorded recovery stalls, in microseconds.
     pub fn stall_percentiles(&self) -> Option<(u64, u64, u64)> {
-        let mut stalls: Vec<u64> = self.stalls_us.lock().ok()?.iter().copied().collect();
-        if stalls.is_empty() {
-            return None;
-        }
-        stalls.sort_unstable();
-        let at = |q: f64| stalls[((q * stalls.len() as f64).ceil() as usize).clamp(1, stalls.len()) - 1];
-        Some((at(0.5), at(0.99), stalls[stalls.len() - 1]))
+        percentiles(self.stalls_us.lock().ok()?.iter().copied().collect())
     }
+
+    /// Records one failover's breakdown, keeping the most recent ones.
+    pub fn record_failover(&self, breakdown: Breakdown) {
+        if let Ok(mut failovers) = self.failovers.lock() {
+            if failovers.len() == STALL_HISTORY {
+                failovers.pop_front();
+            }
+            failovers.push_back(breakdown);
+        }
+    }
+
+    /// Median, p99 and max of each failover phase (in [`PHASES`] order) and
+    /// of the whole, in microseconds, with how many failovers each counts.
+    pub fn failover_percentiles(&self) -> Vec<(&'static str, usize, (u64, u64, u64))> {
+        let Ok(failovers) = self.failovers.lock() else { return Vec::new() };
+        let phase = |phase: Phase| -> Vec<u64> {
+            let index = PHASES.iter().position(|p| *p == phase).unwrap_or(0);
+            failovers.iter().filter_map(|b| b.phases_us[index]).collect()
+        };
+        let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES.iter().map(|p| (p.name(), phase(*p))).collect();
+        rows.push(("total", failovers.iter().map(|b| b.total_us).collect()));
+        rows.into_iter()
+            .filter_map(|(name, values)| {
+                let count = values.len();
+                Some((name, count, percentiles(values)?))
+            })
+            .collect()
+    }
+}
+
+/// Median, p99 and max of `values` (nearest rank).
+fn percentiles(mut values: Vec<u64>) -> Option<(u64, u64, u64)> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_unstable();
+    let at = |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+    Some((at(0.5), at(0.99), values[values.len() - 1]))
 }

@@ -61,16 +61,29 @@ impl Lifecycle {
     }
 }
 
+/// Longest a driver VM may take from its start to attaching to the
+/// channel (booting and resetting its device) while requests wait, before
+/// it counts as hung. A driver VM attaches 2-8 ms after its start here
+/// (`ready_us` in its reports), but with the two cores shared by parallel
+/// tests one was seen still at its entry point 100 ms after its start: a
+/// hang deadline tuned for attached drivers (tests use 100 ms) must not
+/// apply to a boot. A request never waits longer than this for a driver
+/// that never comes up.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(2);
+
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The driver VM failed (exited, answered wrongly, abused its share).
     Fault(Fault),
     /// The periodic hang check: whether requests are pending in the driver
-    /// VM.
+    /// VM, and whether it has attached to the channel (before that it is
+    /// booting and resetting its device, and has [`BOOT_DEADLINE`]).
     HangCheck {
         /// Requests are pending.
         pending: bool,
+        /// The driver VM has attached.
+        attached: bool,
     },
     /// The restart (or cool-down) timer fired.
     TimerFired,
@@ -118,6 +131,16 @@ impl Session {
         Session { state: Lifecycle::Running { since: now, last_progress: now }, tracker, hang_deadline }
     }
 
+    /// How long pending requests may see no progress: the hang deadline
+    /// once the driver VM has attached, at least [`BOOT_DEADLINE`] before.
+    fn deadline(&self, attached: bool) -> Duration {
+        if attached {
+            self.hang_deadline
+        } else {
+            self.hang_deadline.max(BOOT_DEADLINE)
+        }
+    }
+
     /// The current state.
     pub fn state(&self) -> &Lifecycle {
         &self.state
@@ -146,10 +169,10 @@ impl Session {
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Effect> {
         match (event, &self.state) {
             (Event::Fault(fault), Lifecycle::Running { .. }) => self.fault(fault, now),
-            (Event::HangCheck { pending: true }, Lifecycle::Running { last_progress, .. })
-                if now.saturating_duration_since(*last_progress) >= self.hang_deadline =>
+            (Event::HangCheck { pending: true, attached }, Lifecycle::Running { last_progress, .. })
+                if now.saturating_duration_since(*last_progress) >= self.deadline(attached) =>
             {
-                self.fault(Fault::Hang(self.hang_deadline), now)
+                self.fault(Fault::Hang(self.deadline(attached)), now)
             }
             (Event::TimerFired, Lifecycle::BackingOff { until, why }) if now >= *until => {
                 self.state = Lifecycle::Restarting { why: why.clone() };
@@ -305,15 +328,26 @@ mod tests {
     fn a_hang_is_a_fault_only_with_requests_pending_past_the_deadline() {
         let t0 = Instant::now();
         let mut session = session(t0);
-        assert_eq!(session.on(Event::HangCheck { pending: false }, t0 + ms(10_000)), vec![]);
+        assert_eq!(session.on(Event::HangCheck { pending: false, attached: true }, t0 + ms(10_000)), vec![]);
         session.progress(t0 + ms(10_000));
-        assert_eq!(session.on(Event::HangCheck { pending: true }, t0 + ms(10_499)), vec![]);
+        assert_eq!(session.on(Event::HangCheck { pending: true, attached: true }, t0 + ms(10_499)), vec![]);
         let hang = Fault::Hang(ms(500));
         assert_eq!(
-            session.on(Event::HangCheck { pending: true }, t0 + ms(10_500)),
+            session.on(Event::HangCheck { pending: true, attached: true }, t0 + ms(10_500)),
             vec![Effect::Retire(hang.clone()), Effect::Launch]
         );
         assert_eq!(session.state(), &Lifecycle::Restarting { why: hang });
+    }
+
+    #[test]
+    fn a_driver_vm_still_booting_has_the_boot_deadline() {
+        let t0 = Instant::now();
+        let mut session = Session::new(RestartPolicy::default(), ms(100), t0);
+        let pending_booting = Event::HangCheck { pending: true, attached: false };
+        assert_eq!(session.on(pending_booting.clone(), t0 + ms(100)), vec![], "a boot is not a hang");
+        assert_eq!(session.on(pending_booting.clone(), t0 + BOOT_DEADLINE - ms(1)), vec![]);
+        let hang = Fault::Hang(BOOT_DEADLINE);
+        assert_eq!(session.on(pending_booting, t0 + BOOT_DEADLINE), vec![Effect::Retire(hang), Effect::Launch]);
     }
 
     #[test]

@@ -288,6 +288,13 @@ impl Vcpu {
                 self.console.write(data);
                 None
             }
+            port::CONSOLE_LINE => {
+                let mut line = vec![0; (value as usize).min(abi::PANIC_BUF_LEN)];
+                if self.memory.read_slice(&mut line, GuestAddress(abi::PANIC_BUF_GPA)).is_ok() {
+                    self.console.write(&line);
+                }
+                None
+            }
             port::EXIT => Some(Outcome::Exit { code: value }),
             port::PANIC => Some(self.panic(value)),
             port::EXCEPTION => Some(self.exception()),

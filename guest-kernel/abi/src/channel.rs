@@ -138,6 +138,10 @@ pub mod driver_state {
     pub const STARTING: u32 = 0;
     /// Serving requests of generation `DRIVER_GENERATION`.
     pub const READY: u32 = 1;
+    /// Booted and found the channel of generation `DRIVER_GENERATION`;
+    /// bringing its device to a known state. (Announced, like `READY`,
+    /// with one doorbell ring: the reflector times its failovers by them.)
+    pub const OPENED: u32 = 2;
 }
 
 /// Offset of the request ring.

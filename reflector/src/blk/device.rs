@@ -519,8 +519,11 @@ impl DeviceKind for Blk {
 
     fn retired(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock], fault: &Fault) {
         self.take_answers(core, vrings.first(), true);
-        // What it still held was in a dying driver VM.
-        self.in_flight.blame_sent(fault.blames_requests());
+        // What it still held was in a dying driver VM; one that had not
+        // attached had taken none of it (it was booting or resetting its
+        // device: a slow boot on a loaded machine is no request's doing).
+        let blame = fault.blames_requests() && core.driver_attached();
+        self.in_flight.blame_sent(blame);
     }
 
     fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {

@@ -296,6 +296,24 @@ fn kills_from_outside_never_make_a_request_poison() {
 }
 
 #[test]
+fn drivers_that_die_before_attaching_make_no_request_poison() {
+    // The first driver takes the write and hangs (a death that counts
+    // against it); the next three die while starting, before they could
+    // take anything (as slow boots on a loaded machine did, timed out as
+    // hangs); the fifth serves. Dying before the attach is no evidence
+    // against the write: it must not reach the poison limit (3).
+    let scripts = [[Script::Hang].as_slice(), &[Script::DieAtStart; 3], &[Script::Serve]].concat();
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &scripts, false, quick_recovery());
+    let data = pattern(13, 4096);
+    let sent = bench.submit(&[(true, 300, data.clone())]);
+    bench.complete(&sent, "the write through four deaths");
+    assert_eq!(bench.client.status(&sent[0]), OK, "a request failed for deaths it had no part in");
+    assert_eq!(bench.disk.read(300, 4096), data);
+    assert_eq!((bench.count(&bench.metrics.poisoned), bench.count(&bench.metrics.faults)), (0, 4));
+}
+
+#[test]
 fn a_warm_spare_takes_over_and_is_replaced() {
     // The first start serves as the current driver VM and hangs; the
     // second is the spare, which serves.
