@@ -76,6 +76,28 @@ impl SharedMemory {
         self.size
     }
 
+    /// Gives the pages of `offset..offset + len` back to the kernel (they
+    /// read as zeros afterwards, in every mapping): memory that holds
+    /// nothing anyone needs any more stops counting against the processes
+    /// that touched it.
+    pub fn release(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        self.check(offset, len).ok_or_else(|| std::io::Error::other("release out of range"))?;
+        // SAFETY: fallocate(2) on our memfd over a checked range; punching
+        // a hole keeps the size and maps stay valid (they read zeros).
+        let done = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if done < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     fn check(&self, offset: usize, len: usize) -> Option<()> {
         (offset.checked_add(len)? <= self.size).then_some(())
     }
@@ -195,6 +217,28 @@ mod tests {
         let reopened = std::fs::read(format!("/proc/self/fd/{}", shm.as_raw_fd())).unwrap();
         assert_eq!(reopened.len(), 8192);
         assert_eq!(reopened[4096], 7);
+    }
+
+    #[test]
+    fn released_pages_read_as_zeros_and_stop_being_resident() {
+        let shm = SharedMemory::new("test", 64 * 4096).unwrap();
+        for page in 0..64 {
+            shm.write::<u64>(page * 4096, 0x5a);
+        }
+        let resident = || {
+            let mut pages = vec![0u8; 64];
+            // SAFETY: mincore(2) over our own page-aligned mapping, one byte per page.
+            assert_eq!(unsafe { libc::mincore(shm.base.as_ptr().cast(), 64 * 4096, pages.as_mut_ptr()) }, 0);
+            pages.iter().filter(|p| **p & 1 == 1).count()
+        };
+        assert_eq!(resident(), 64);
+        shm.release(4096, 62 * 4096).unwrap();
+        assert_eq!(resident(), 2, "the released pages are still resident");
+        assert_eq!(
+            (shm.read::<u64>(0), shm.read::<u64>(4096), shm.read::<u64>(63 * 4096)),
+            (Some(0x5a), Some(0), Some(0x5a))
+        );
+        assert!(shm.release(60 * 4096, 8 * 4096).is_err(), "a range past the end was released");
     }
 
     #[test]

@@ -103,6 +103,12 @@ impl Channel {
         }
     }
 
+    /// Gives the bounce slots' pages back to the kernel. Only while no
+    /// request holds a slot: they then hold stale data nobody reads.
+    pub fn release_bounce_slots(&self) -> std::io::Result<()> {
+        self.memory.release(channel::BOUNCE_OFFSET, channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET)
+    }
+
     /// Where the current generation's driver says it is in its start
     /// (`driver_state`), if it said anything for this generation.
     /// Untrusted: for figures only (`failover`).

@@ -68,6 +68,12 @@ pub struct DeviceStatus {
     pub in_flight: u64,
     /// The current driver VM's resident memory, KiB (see `Metrics`).
     pub driver_rss_kib: u64,
+    /// The memory cap of the device's driver VMs together, bytes (0: none).
+    #[serde(default)]
+    pub memory_cap_bytes: u64,
+    /// Its current driver VM has attached to the channel (serves).
+    #[serde(default)]
+    pub attached: bool,
     /// Counter `errors` (see `Metrics`).
     pub errors: u64,
     /// Counter `malformed` (see `Metrics`).
@@ -124,6 +130,45 @@ pub struct DeviceStatus {
     pub rx_dropped: u64,
 }
 
+/// The fleet's memory as a whole, as Windows CE's paging pool reported its
+/// target and use: what the driver VMs and the reflector hold against what
+/// they may.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetStatus {
+    /// Devices served.
+    pub devices: usize,
+    /// Devices whose driver has attached (serving).
+    pub attached: usize,
+    /// Resident memory of the current driver VMs together, KiB.
+    pub driver_rss_kib: u64,
+    /// Their memory caps together, bytes (devices without one count 0).
+    pub memory_cap_bytes: u64,
+    /// The reflector's own resident memory, KiB.
+    pub reflector_rss_kib: u64,
+    /// What the reflector should stay under: [`REFLECTOR_BASE_KIB`] plus
+    /// [`REFLECTOR_PER_DEVICE_KIB`] per device, KiB.
+    pub reflector_budget_kib: u64,
+}
+
+/// The reflector's own memory budget without devices, KiB.
+pub const REFLECTOR_BASE_KIB: u64 = 10 * 1024;
+/// Its budget per device served, KiB.
+pub const REFLECTOR_PER_DEVICE_KIB: u64 = 256;
+
+impl FleetStatus {
+    /// The fleet of `devices`, with this process's memory.
+    fn of(devices: &[DeviceStatus]) -> FleetStatus {
+        FleetStatus {
+            devices: devices.len(),
+            attached: devices.iter().filter(|d| d.attached).count(),
+            driver_rss_kib: devices.iter().map(|d| d.driver_rss_kib).sum(),
+            memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes).sum(),
+            reflector_rss_kib: crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0),
+            reflector_budget_kib: REFLECTOR_BASE_KIB + REFLECTOR_PER_DEVICE_KIB * devices.len() as u64,
+        }
+    }
+}
+
 /// One failover phase's figures over recent failovers, microseconds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseFigures {
@@ -154,6 +199,8 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         completed: get(&m.completed),
         in_flight: get(&m.in_flight),
         driver_rss_kib: get(&m.driver_rss_kib),
+        memory_cap_bytes: get(&m.memory_cap_bytes),
+        attached: attached(target),
         errors: get(&m.errors),
         malformed: get(&m.malformed),
         client_memory_faults: get(&m.client_memory_faults),
@@ -225,6 +272,10 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("driver_rss_bytes", "gauge", "Resident memory of the current driver VM's vmm.", &|s| {
         (s.driver_rss_kib * 1024) as f64
     });
+    family("memory_cap_bytes", "gauge", "Memory cap of the device's driver VMs together (0: none).", &|s| {
+        s.memory_cap_bytes as f64
+    });
+    family("attached", "gauge", "1 while the current driver says it serves.", &|s| f64::from(u8::from(s.attached)));
     family("failed", "gauge", "1 while the device fails its requests.", &|s| f64::from(u8::from(s.state == "failed")));
     family("read_bytes_total", "counter", "Bytes read for the client.", &|s| s.bytes_read as f64);
     family("written_bytes_total", "counter", "Bytes written for the client.", &|s| s.bytes_written as f64);
@@ -245,6 +296,21 @@ fn prometheus(targets: &[ControlTarget]) -> String {
             ));
         }
         out.push_str(&format!("reflector_recovery_stall_seconds_count{{device=\"{}\"}} {}\n", s.device, s.stalls));
+    }
+    let fleet = FleetStatus::of(&statuses);
+    for (name, help, value) in [
+        ("fleet_driver_rss_bytes", "Resident memory of every current driver VM together.", fleet.driver_rss_kib * 1024),
+        ("fleet_memory_cap_bytes", "Memory caps of every device's driver VMs together.", fleet.memory_cap_bytes),
+        ("rss_bytes", "The reflector's own resident memory.", fleet.reflector_rss_kib * 1024),
+        (
+            "memory_budget_bytes",
+            "What the reflector's own memory should stay under.",
+            fleet.reflector_budget_kib * 1024,
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP reflector_{name} {help}\n# TYPE reflector_{name} gauge\nreflector_{name} {value}\n"
+        ));
     }
     out.push_str("# HELP reflector_failover_phase_seconds Recent failovers, phase by phase (detection, retire, replacement, device_reset, replay, total).\n");
     out.push_str("# TYPE reflector_failover_phase_seconds summary\n");
@@ -305,6 +371,9 @@ pub enum Response {
     Status {
         /// One per device.
         devices: Vec<DeviceStatus>,
+        /// The fleet as a whole.
+        #[serde(default)]
+        fleet: FleetStatus,
     },
     /// To `metrics`.
     Metrics {
@@ -388,15 +457,21 @@ fn target<'a>(targets: &'a [ControlTarget], name: &str) -> Result<&'a ControlTar
     targets.iter().find(|t| t.name == name).ok_or_else(|| format!("no device named {name:?}"))
 }
 
+/// Whether the device's current driver says it has attached to the
+/// channel's current generation (it serves; untrusted, for operators).
+fn attached(target: &ControlTarget) -> bool {
+    use guest_abi::channel::{driver_state, header};
+    let read = |offset| target.channel.atomic_u32(offset).load(Ordering::Acquire);
+    read(header::DRIVER_STATE) == driver_state::READY && read(header::DRIVER_GENERATION) == read(header::GENERATION)
+}
+
 /// Refuses `fault` if the device's attached driver said it cannot commit
 /// it (`DRIVER_INJECTABLE`); before the driver attaches, the request waits
 /// in the channel as before.
 fn refuse_unknown_fault(target: &ControlTarget, fault: FaultKind) -> Result<(), String> {
-    use guest_abi::channel::{driver_state, header};
+    use guest_abi::channel::header;
     let read = |offset| target.channel.atomic_u32(offset).load(Ordering::Acquire);
-    let attached = read(header::DRIVER_STATE) == driver_state::READY
-        && read(header::DRIVER_GENERATION) == read(header::GENERATION);
-    if attached && read(header::DRIVER_INJECTABLE) & (1 << fault.code()) == 0 {
+    if attached(target) && read(header::DRIVER_INJECTABLE) & (1 << fault.code()) == 0 {
         let name = serde_json::to_value(fault).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         return Err(format!(
             "the driver of {} cannot commit `{name}` (it implements no such fault); nothing was injected",
@@ -409,7 +484,11 @@ fn refuse_unknown_fault(target: &ControlTarget, fault: FaultKind) -> Result<(), 
 /// Carries out `request`.
 pub fn respond(targets: &[ControlTarget], request: &Request) -> Response {
     let result = match request {
-        Request::Status => Ok(Response::Status { devices: targets.iter().map(status_of).collect() }),
+        Request::Status => {
+            let devices: Vec<DeviceStatus> = targets.iter().map(status_of).collect();
+            let fleet = FleetStatus::of(&devices);
+            Ok(Response::Status { devices, fleet })
+        }
         Request::Metrics => Ok(Response::Metrics { text: prometheus(targets) }),
         Request::Inject { device, fault, after } => target(targets, device).and_then(|t| {
             refuse_unknown_fault(t, *fault)?;
@@ -519,8 +598,13 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
 
 /// Every device's status, from the control socket at `path`.
 pub fn status(path: &Path) -> Result<Vec<DeviceStatus>, String> {
+    fleet_status(path).map(|(devices, _)| devices)
+}
+
+/// Every device's status and the fleet's, from the control socket at `path`.
+pub fn fleet_status(path: &Path) -> Result<(Vec<DeviceStatus>, FleetStatus), String> {
     match request(path, &Request::Status)? {
-        Response::Status { devices } => Ok(devices),
+        Response::Status { devices, fleet } => Ok((devices, fleet)),
         other => Err(format!("unexpected answer to status: {other:?}")),
     }
 }
@@ -547,7 +631,7 @@ mod tests {
     #[test]
     fn requests_and_answers_are_typed_json_lines() {
         let targets = targets();
-        let Response::Status { devices } = ask(&targets, r#"{"request":"status"}"#) else { panic!("not a status") };
+        let Response::Status { devices, .. } = ask(&targets, r#"{"request":"status"}"#) else { panic!("not a status") };
         assert_eq!((devices.len(), devices[0].device.as_str(), devices[0].state.as_str()), (1, "d0", "running"));
         assert!(
             matches!(ask(&targets, r#"{"request":"metrics"}"#), Response::Metrics { text } if text.contains("reflector_requests_total"))
@@ -584,6 +668,32 @@ mod tests {
         let panic = Request::Inject { device: "d0".into(), fault: FaultKind::Panic, after: 0 };
         assert_eq!(respond(&targets, &panic), Response::Done);
         assert_eq!(channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire), inject::PANIC);
+    }
+
+    #[test]
+    fn status_says_whether_the_driver_attached_and_sums_the_fleet() {
+        use guest_abi::channel::{driver_state, header};
+        let targets = targets();
+        targets[0].metrics.driver_rss_kib.store(3000, Ordering::Relaxed);
+        targets[0].metrics.memory_cap_bytes.store(256 << 20, Ordering::Relaxed);
+        let status = |targets: &[ControlTarget]| match respond(targets, &Request::Status) {
+            Response::Status { devices, fleet } => (devices, fleet),
+            other => panic!("{other:?}"),
+        };
+        let (devices, fleet) = status(&targets);
+        assert!(!devices[0].attached, "attached before the driver said so");
+        assert_eq!((fleet.devices, fleet.attached, fleet.driver_rss_kib), (1, 0, 3000));
+        assert_eq!((fleet.memory_cap_bytes, fleet.reflector_budget_kib), (256 << 20, 10 * 1024 + 256));
+        assert!(fleet.reflector_rss_kib > 0);
+        let channel = &targets[0].channel;
+        channel.atomic_u32(header::GENERATION).store(2, Ordering::Release);
+        channel.atomic_u32(header::DRIVER_GENERATION).store(2, Ordering::Release);
+        channel.atomic_u32(header::DRIVER_STATE).store(driver_state::READY, Ordering::Release);
+        assert_eq!(status(&targets).1.attached, 1);
+        // A driver of an older generation does not serve this one.
+        channel.atomic_u32(header::GENERATION).store(3, Ordering::Release);
+        assert!(!status(&targets).0[0].attached);
+        assert!(prometheus(&targets).contains("reflector_fleet_driver_rss_bytes 3072000"));
     }
 
     #[test]

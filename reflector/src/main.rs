@@ -289,19 +289,30 @@ fn control_command(path: &std::path::Path, request: &Request) -> Result<(), Stri
 }
 
 fn show_status(args: &StatusArgs) -> Result<(), String> {
-    let statuses = control::status(&args.control.control)?;
+    let (statuses, fleet) = control::fleet_status(&args.control.control)?;
     if args.json {
         println!("{}", serde_json::to_string(&statuses).map_err(|e| e.to_string())?);
         return Ok(());
     }
     println!(
-        "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  last fault",
-        "device", "kind", "state", "pid", "in-flight", "faults", "restarts", "stall p50", "stall p99", "stall max"
+        "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11} {:>9}  last fault",
+        "device",
+        "kind",
+        "state",
+        "pid",
+        "in-flight",
+        "faults",
+        "restarts",
+        "stall p50",
+        "stall p99",
+        "stall max",
+        "rss"
     );
     let ms = |us: u64| format!("{:.2}ms", us as f64 / 1000.0);
+    let mib = |kib: u64| format!("{:.1}MiB", kib as f64 / 1024.0);
     for d in &statuses {
         println!(
-            "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11}  {}",
+            "{:<10} {:<4} {:<17} {:>8} {:>9} {:>8} {:>8} {:>11} {:>11} {:>11} {:>9}  {}",
             d.device,
             d.kind,
             d.state,
@@ -312,6 +323,7 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
             ms(d.stall_p50_us),
             ms(d.stall_p99_us),
             ms(d.stall_max_us),
+            mib(d.driver_rss_kib),
             if d.last_fault_location.is_empty() {
                 d.last_fault.clone()
             } else {
@@ -319,6 +331,19 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
             }
         );
     }
+    let cap = if fleet.memory_cap_bytes == 0 {
+        "no cap".to_owned()
+    } else {
+        format!("cap {}", mib(fleet.memory_cap_bytes / 1024))
+    };
+    println!(
+        "fleet: {} devices, {} attached; driver VMs {} resident ({cap}); reflector {} (budget {})",
+        fleet.devices,
+        fleet.attached,
+        mib(fleet.driver_rss_kib),
+        mib(fleet.reflector_rss_kib),
+        mib(fleet.reflector_budget_kib)
+    );
     Ok(())
 }
 

@@ -65,8 +65,11 @@ pub struct Metrics {
     /// The current driver VM's pid (0 while none runs).
     pub driver_pid: AtomicU64,
     /// The current driver VM's resident memory in KiB (its vmm's VmRSS),
-    /// sampled once per watch period.
+    /// sampled every ten watch periods and at the first after each start.
     pub driver_rss_kib: AtomicU64,
+    /// The memory cap of the device's driver VMs (their cgroup), bytes; 0
+    /// when they have none (unjailed).
+    pub memory_cap_bytes: AtomicU64,
     /// The warm spare's pid (0 if none).
     pub spare_pid: AtomicU64,
     /// `state_name` index of the device's driver state.

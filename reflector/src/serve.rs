@@ -550,6 +550,7 @@ fn wire(
              only, which needs the reflector started with --no-jail"
         ));
     }
+    let mut memory_cap = None;
     let launcher: Box<dyn crate::driver_vms::DriverLaunch> = if setup.driver == INLINE_NULL {
         tracing::warn!(device = %name, "driver=inline-null: no driver; the reflector completes every request itself (a benchmark baseline)");
         Box::new(
@@ -557,6 +558,8 @@ fn wire(
                 .map_err(io(format!("{name}: creating an eventfd")))?,
         )
     } else {
+        let jail = jail_for(setup.vmm, name, setup.index, setup.jail)?;
+        memory_cap = jail.as_ref().and_then(|jail| jail.memory_cap());
         let spec = DriverVmSpec {
             hosted: setup.hosted,
             name: name.to_owned(),
@@ -564,7 +567,7 @@ fn wire(
             image: setup.driver.to_owned(),
             args: setup.args.to_owned(),
             memory: setup.memory.to_owned(),
-            jail: jail_for(setup.vmm, name, setup.index, setup.jail)?,
+            jail,
         };
         let launcher = launcher_for(spec, hardware.as_ref(), &channel, &completion_doorbell, &driver_exited)?;
         launcher.check().map_err(|e| format!("{name}: the driver VM cannot start: {e}"))?;
@@ -578,6 +581,7 @@ fn wire(
         driver_exited,
         launcher,
         poll_window: POLL_WINDOW,
+        memory_cap,
     })
 }
 

@@ -113,6 +113,11 @@ pub struct DriverVm {
     pidfd: Option<OwnedFd>,
     /// Our child's pid (for kill(2) where pidfds are missing).
     child: libc::pid_t,
+    /// The jailed vmm's own pidfd, when it could be opened and proved to be
+    /// the keeper's child: a kill reaches it at once instead of through the
+    /// keeper's death and its parent-death signal (a second process exit
+    /// in series, about half a millisecond of every failover here).
+    vmm_pidfd: Option<OwnedFd>,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
@@ -390,6 +395,7 @@ impl DriverLauncher {
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid, 0) } as libc::c_int;
         // SAFETY: a fresh descriptor we own when non-negative.
         let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
+        let vmm_pidfd = if pid == child_pid { None } else { jailed_vmm_pidfd(pid, child_pid) };
         let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(String::new()));
@@ -410,6 +416,7 @@ impl DriverLauncher {
             pid,
             pidfd,
             child: child_pid,
+            vmm_pidfd,
             gone,
             reaped,
             report,
@@ -471,6 +478,14 @@ impl DriverVm {
         if self.reaped.load(Ordering::Acquire) {
             return;
         }
+        if let Some(vmm) = &self.vmm_pidfd {
+            // SAFETY: pidfd_send_signal on a pidfd we own. It may fail (a
+            // reflector without the right to signal the jail's uid): the
+            // keeper's death below kills the vmm all the same.
+            unsafe {
+                libc::syscall(libc::SYS_pidfd_send_signal, vmm.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
+            }
+        }
         match &self.pidfd {
             // SAFETY: pidfd_send_signal on a pidfd we own.
             Some(pidfd) => unsafe {
@@ -483,6 +498,28 @@ impl DriverVm {
         }
         tracing::debug!(driver_vm = %self.name, pid = self.pid, "driver VM killed");
     }
+}
+
+/// A pidfd of the jailed vmm `pid`, if it is still the child of `keeper`.
+///
+/// Why the check makes it safe: the keeper is our child and unreaped, so
+/// its pid is its own; it reaps the vmm only as it ends itself. If the vmm
+/// had ended and its pid been reused before the pidfd was opened, the
+/// process under that pid could not be the keeper's child (a dead keeper
+/// has no new children), so a pidfd that passes names the vmm.
+fn jailed_vmm_pidfd(pid: libc::pid_t, keeper: libc::pid_t) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open(2) with plain values; returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor we own.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may itself hold spaces and
+    // parentheses: state, then the parent's pid.
+    let parent: libc::pid_t = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+    (parent == keeper).then_some(pidfd)
 }
 
 /// Follows one driver VM process to its end.

@@ -429,6 +429,9 @@ fn complete(
 impl DeviceKind for Blk {
     const QUEUES: usize = NUM_QUEUES;
     const MAX_QUEUE_SIZE: usize = QUEUE_SIZE;
+    // A request holds a slot from its marshalling to its completion, and
+    // an idle device has none in flight.
+    const SLOTS_FREE_WHEN_IDLE: bool = true;
 
     fn features(&self) -> u64 {
         let mut features = 1 << VIRTIO_F_VERSION_1

@@ -79,6 +79,7 @@ impl<'a> Bench<'a> {
             driver_exited,
             launcher: Box::new(launch),
             poll_window,
+            memory_cap: None,
         };
         let mut device =
             Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths), wiring, recovery).unwrap();

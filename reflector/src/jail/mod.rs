@@ -197,6 +197,8 @@ pub struct Jail {
     /// `cgroup.procs` of the device's cgroups, written "0" by the child.
     cgroups: Vec<File>,
     cgroup_dirs: Vec<PathBuf>,
+    /// The cgroups' memory limit, bytes.
+    memory: u64,
     ids: JailIds,
     /// The device's `/dev/kvm`, handed to each of its vmms.
     kvm: Option<File>,
@@ -290,10 +292,17 @@ impl Jail {
             binds,
             cgroups,
             cgroup_dirs,
+            memory: limits.memory,
             ids,
             kvm,
             filters,
         })
+    }
+
+    /// The memory its processes may use together, if its cgroups are in
+    /// place (the kernel's OOM killer stops them beyond it).
+    pub fn memory_cap(&self) -> Option<u64> {
+        (!self.cgroups.is_empty()).then_some(self.memory)
     }
 
     /// The program to exec once jailed.
