@@ -16,7 +16,10 @@
 # median), and a figure whose spread exceeds 15% is marked noisy: this
 # machine's 2 cores are shared, so single runs vary.
 #
-# Usage: ci/bench-blk.sh [--seconds S] [--rounds N] [--size MIB] [--json FILE]
+# With --chart FILE, the results are also drawn as an SVG (ci/chart.py):
+# per job, the latency CDFs side by side and the CPU per request by process.
+#
+# Usage: ci/bench-blk.sh [--seconds S] [--rounds N] [--size MIB] [--json FILE] [--chart FILE.svg]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,17 +27,19 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'bench-blk: %s\n' "$*" >&2; }
 die() { printf 'bench-blk: FAIL: %s\n' "$*" >&2; exit 1; }
 
-seconds=3 rounds=2 size_mib=256 json=''
+seconds=3 rounds=2 size_mib=256 json='' chart=''
 while (($#)); do
     case $1 in
     --seconds) seconds=${2:?}; shift 2 ;;
     --rounds) rounds=${2:?}; shift 2 ;;
     --size) size_mib=${2:?}; shift 2 ;;
     --json) json=${2:?}; shift 2 ;;
+    --chart) chart=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
     esac
 done
+[[ -z $chart || -n $json ]] || die "--chart needs --json FILE (the chart is drawn from it)"
 bin=$repo/target/release
 for tool in "$bin/reflector" "$bin/vmm" "$bin/blk-load"; do
     [[ -x $tool ]] || die "$tool missing: cargo build --release"
@@ -150,6 +155,7 @@ for key, by_backend in runs.items():
         row[label] = {"iops": med(iops), "iops_spread_pct": round(spread(iops), 1), "noisy": noisy,
                       "mb_s": med([r["mb_s"] for r in rs]), "lat_p50_us": med([r["lat_p50_us"] for r in rs]),
                       "lat_p99_us": med([r["lat_p99_us"] for r in rs]), "lat_p999_us": med([r.get("lat_p999_us", 0) for r in rs]),
+                      "lat_cdf_us": [[q, med([r["lat_cdf_us"][i][1] for r in rs])] for i, (q, _) in enumerate(rs[0].get("lat_cdf_us", []))],
                       "cpu_us_per_request": cpu, "errors": sum(r["errors"] for r in rs)}
         b = row[label]
         cpus = f"{cpu['peer']:.1f}" if backend == "qsd" else f"{cpu['reflector']:.1f} / {cpu['driver_vm']:.1f} / {cpu['device']:.1f}"
@@ -170,3 +176,6 @@ if out:
     json.dump({"rounds": rounds, "jobs": report}, open(out, "w"), indent=1)
     print(f"results: {out}")
 PY
+if [[ -n $chart ]]; then
+    python3 "$here/chart.py" "$json" "$chart"
+fi

@@ -92,6 +92,10 @@ pub struct Region {
 }
 
 /// What one job measured.
+/// Quantiles at which a job's latency distribution is reported.
+pub const CDF_QUANTILES: [f64; 15] =
+    [0.001, 0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999];
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct JobResult {
     /// Job name (randread, randwrite, read, write).
@@ -116,6 +120,9 @@ pub struct JobResult {
     pub lat_p99_us: f64,
     /// 99.9th percentile completion latency, microseconds.
     pub lat_p999_us: f64,
+    /// The latency distribution: `[quantile, microseconds]` at
+    /// [`CDF_QUANTILES`], for charts (a CDF).
+    pub lat_cdf_us: Vec<[f64; 2]>,
     /// Mean completion latency, microseconds.
     pub lat_mean_us: f64,
     /// Largest completion latency, microseconds.
@@ -464,6 +471,7 @@ impl<'a> Runner<'a> {
             lat_p50_us: us(hist.quantile(0.5) as f64),
             lat_p99_us: us(hist.quantile(0.99) as f64),
             lat_p999_us: us(hist.quantile(0.999) as f64),
+            lat_cdf_us: CDF_QUANTILES.iter().map(|q| [*q, us(hist.quantile(*q) as f64)]).collect(),
             lat_mean_us: us(hist.mean()),
             lat_max_us: us(hist.max() as f64),
             errors: out.errors,

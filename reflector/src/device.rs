@@ -574,7 +574,7 @@ impl<K: DeviceKind> Device<K> {
         // so in its exit report.
         let report = core.drivers.drop_current(matches!(fault, Fault::Hang(_)));
         let report = report.as_deref().or(match fault {
-            Fault::Exited(report) => Some(report.as_str()),
+            Fault::Exited(report) | Fault::OutOfMemory(report) => Some(report.as_str()),
             _ => None,
         });
         let site = report.and_then(crate::supervisor::crash_site).unwrap_or_default();
@@ -763,8 +763,8 @@ impl<K: DeviceKind> Device<K> {
             }
             Source::DriverExit => {
                 let _ = self.core.driver_exited.read();
-                if let Some(report) = self.core.drivers.exited() {
-                    self.handle(vrings, Event::Fault(Fault::Exited(report)));
+                if let Some((report, capped)) = self.core.drivers.exited() {
+                    self.handle(vrings, Event::Fault(Fault::of_exit(report, capped)));
                 }
                 Ok(())
             }

@@ -44,6 +44,10 @@ pub trait DriverProcess: Send + Sync {
     /// How it ended (its report, empty if it gave none) once it can no
     /// longer run; None while it may still run.
     fn exit_report(&self) -> Option<String>;
+    /// Whether its jail's memory cap killed it (once it has ended).
+    fn capped(&self) -> bool {
+        false
+    }
     /// Kills it if it still runs; its end is then reported as an exit.
     fn kill(&self);
     /// Kills it and waits, at most `bound`, until it can no longer run;
@@ -189,14 +193,16 @@ impl DriverVms {
     }
 
     /// After "a driver VM exited": forgets a dead spare, and returns the
-    /// current driver VM's exit report if it is the one that exited (exits
-    /// of driver VMs killed on purpose arrive too, and are not faults).
-    pub fn exited(&mut self) -> Option<String> {
+    /// current driver VM's exit report, and whether its memory cap killed
+    /// it, if it is the one that exited (exits of driver VMs killed on
+    /// purpose arrive too, and are not faults).
+    pub fn exited(&mut self) -> Option<(String, bool)> {
         if let Some(report) = self.spare.as_ref().and_then(|spare| spare.exit_report()) {
             tracing::warn!(driver_vm = %self.name(), %report, "the warm spare exited");
             self.spare = None;
         }
-        self.current.as_ref().and_then(|driver| driver.exit_report())
+        let current = self.current.as_ref()?;
+        Some((current.exit_report()?, current.capped()))
     }
 
     /// Routes interrupts to a warm spare, then lets it go; a cold start if

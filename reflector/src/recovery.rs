@@ -18,6 +18,11 @@ pub enum Fault {
     Hang(Duration),
     /// An answer broke the channel protocol.
     Violation(String),
+    /// The driver VM ran out of memory: its guest used all of its RAM (the
+    /// guest's allocator failed: its report says so), or its vmm was
+    /// killed by its jail's memory cap (the cgroup's OOM kill count rose
+    /// while it lived). Its report, if it gave one.
+    OutOfMemory(String),
     /// The driver VM took more than its share (see `driver_watch`).
     Abuse(String),
 }
@@ -27,6 +32,7 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Exited(_) => "exited",
+            Fault::OutOfMemory(_) => "out_of_memory",
             Fault::Hang(_) => "hang",
             Fault::Violation(_) => "violation",
             Fault::Abuse(_) => "abuse",
@@ -44,8 +50,26 @@ impl Fault {
     pub fn blames_requests(&self) -> bool {
         match self {
             Fault::Exited(report) => !report.is_empty(),
-            Fault::Hang(_) | Fault::Violation(_) => true,
+            Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Violation(_) => true,
             Fault::Abuse(_) => false,
+        }
+    }
+}
+
+impl Fault {
+    /// The fault of a driver VM that exited with `report`; `capped` if its
+    /// jail's memory cap killed it. A guest whose allocator failed panics
+    /// with Rust's "memory allocation of N bytes failed" (the report is
+    /// untrusted: the classification only names the fault).
+    pub fn of_exit(report: String, capped: bool) -> Fault {
+        let allocation_failed = serde_json::from_str::<serde_json::Value>(&report).is_ok_and(|value| {
+            value["outcome"] == "panic"
+                && value["message"].as_str().is_some_and(|message| message.contains("memory allocation of"))
+        });
+        if capped || allocation_failed {
+            Fault::OutOfMemory(report)
+        } else {
+            Fault::Exited(report)
         }
     }
 }
@@ -55,6 +79,10 @@ impl fmt::Display for Fault {
         match self {
             Fault::Exited(report) if report.is_empty() => write!(f, "the driver VM exited"),
             Fault::Exited(report) => write!(f, "the driver VM exited: {report}"),
+            Fault::OutOfMemory(report) if report.is_empty() => {
+                write!(f, "the driver VM ran out of memory: killed by its memory cap")
+            }
+            Fault::OutOfMemory(report) => write!(f, "the driver VM ran out of memory: {report}"),
             Fault::Hang(deadline) => write!(f, "no progress on pending requests for {} ms", deadline.as_millis()),
             Fault::Violation(what) => write!(f, "protocol violation: {what}"),
             Fault::Abuse(what) => write!(f, "{what}"),
@@ -211,6 +239,18 @@ impl RestartTracker {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn running_out_of_memory_is_named_as_such() {
+        let allocation = r#"{"outcome":"panic","message":"memory allocation of 262144 bytes failed at faulty.rs:9"}"#;
+        assert_eq!(Fault::of_exit(allocation.into(), false).kind(), "out_of_memory");
+        assert_eq!(Fault::of_exit(String::new(), true).kind(), "out_of_memory");
+        assert!(Fault::of_exit(String::new(), true).to_string().contains("killed by its memory cap"));
+        let panic = r#"{"outcome":"panic","message":"index out of bounds"}"#;
+        assert_eq!(Fault::of_exit(panic.into(), false).kind(), "exited");
+        assert_eq!(Fault::of_exit("not json".into(), false).kind(), "exited");
+        assert!(Fault::of_exit(allocation.into(), false).blames_requests());
+    }
+
     use super::*;
 
     fn ms(n: u64) -> Duration {

@@ -118,6 +118,8 @@ pub struct DriverVm {
     /// keeper's death and its parent-death signal (a second process exit
     /// in series, about half a millisecond of every failover here).
     vmm_pidfd: Option<OwnedFd>,
+    /// Its jail's memory cap killed it (set when it is gone).
+    capped: Arc<AtomicBool>,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
@@ -398,6 +400,8 @@ impl DriverLauncher {
         let vmm_pidfd = if pid == child_pid { None } else { jailed_vmm_pidfd(pid, child_pid) };
         let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
+        let capped = Arc::new(AtomicBool::new(false));
+        let oom_kills = spec.jail.as_ref().map(|jail| (jail.clone(), jail.oom_kills()));
         let report = Arc::new(Mutex::new(String::new()));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, spare = go.is_some(), "driver VM started");
         let mut child = child;
@@ -409,6 +413,8 @@ impl DriverLauncher {
             reaped: reaped.clone(),
             report: report.clone(),
             exited: self.exited.try_clone()?,
+            oom_kills,
+            capped: capped.clone(),
         };
         std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
         Ok(DriverVm {
@@ -417,6 +423,7 @@ impl DriverLauncher {
             pidfd,
             child: child_pid,
             vmm_pidfd,
+            capped,
             gone,
             reaped,
             report,
@@ -531,6 +538,9 @@ struct Watcher {
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
     exited: EventFd,
+    /// Its jail and the jail's OOM kill count when it started.
+    oom_kills: Option<(Arc<crate::jail::Jail>, Option<u64>)>,
+    capped: Arc<AtomicBool>,
 }
 
 impl Watcher {
@@ -550,6 +560,14 @@ impl Watcher {
         let report = output.lines().last().unwrap_or("").trim().to_owned();
         if let Ok(mut text) = self.report.lock() {
             *text = report.clone();
+        }
+        // The kernel counts an OOM kill before the process it kills can
+        // end, so the count is final by now. (The spare shares the cgroup:
+        // its OOM kill during this one's life would be blamed here too.)
+        let capped = self.oom_kills.as_ref().is_some_and(|(jail, before)| jail.oom_kills() > *before);
+        self.capped.store(capped, Ordering::Release);
+        if capped {
+            tracing::warn!(driver_vm = %self.name, "the driver VM was killed by its memory cap");
         }
         self.gone.set();
         let _ = self.exited.write(1);
@@ -614,6 +632,10 @@ impl DriverProcess for DriverVm {
 
     fn kill(&self) {
         DriverVm::kill(self)
+    }
+
+    fn capped(&self) -> bool {
+        self.capped.load(Ordering::Acquire)
     }
 
     fn kill_and_wait(&self, bound: Duration) -> bool {

@@ -34,6 +34,8 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
         r.log_text().lines().any(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
     };
     reflector.wait_for(exited, "the hostile vmm's report");
+    let capped = |r: &Reflector| r.log_text().contains("kind=\"out_of_memory\"");
+    reflector.wait_for(capped, "the memory cap's kill reported as an out-of-memory fault");
     let log = reflector.stop();
     let line = log.lines().find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={")).unwrap();
     let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
@@ -69,6 +71,8 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     let share = report["cpu share of three threads spinning 1 s"].as_f64().unwrap();
     assert!(share < 1.4, "its CPU quota is one core: three spinning threads got {share:.2} cores");
     assert!(line.contains("SIGKILL") && !log.contains("was not stopped"), "the memory limit must stop it: {line}");
+    // ... and the fault says so.
+    assert!(log.contains("killed by its memory cap"), "the memory cap's kill is not reported as one: {log}");
 }
 
 fn status_line(pid: u64, key: &str) -> String {

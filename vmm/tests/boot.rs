@@ -148,6 +148,25 @@ fn every_report_names_the_build() {
 }
 
 #[test]
+fn a_driver_allocating_without_bound_is_stopped_by_its_ram_and_says_so() {
+    if !kvm_available("a_driver_allocating_without_bound_is_stopped_by_its_ram_and_says_so") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--memory", "16M", "--cmdline", "hog"]);
+    assert_ne!(status, 0, "{report}");
+    assert_eq!(report["outcome"], "panic", "{report}");
+    assert!(report["message"].as_str().unwrap().contains("memory allocation of 262144 bytes failed"), "{report}");
+    assert!(backtrace_has(&report, planted_line("planted: hog")), "a frame at the allocation: {report}");
+    // The guest's RAM is its cap: the vmm never grew past it and its own
+    // few MiB (the largest child this test process has reaped so far).
+    // SAFETY: rusage is plain data, valid all zeros.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) into a local struct.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) }, 0);
+    assert!(usage.ru_maxrss < 40 * 1024, "a vmm reached {} KiB", usage.ru_maxrss);
+}
+
+#[test]
 fn a_panic_reports_the_backtrace_to_its_line() {
     if !kvm_available("a_panic_reports_the_backtrace_to_its_line") {
         return;

@@ -12,11 +12,15 @@
 //!   stack: reported as a stack overflow).
 //! - `hang`: spins forever (after printing `faulty: hanging`).
 //! - `write-window`: writes to its first window (a fault if read-only).
+//! - `hog`: allocates without bound (its RAM is its cap: the allocation
+//!   that no longer fits panics, reported as out of memory).
 //! - `exit=N`: exits with code N.
 //!
 //! Tests find the planted bugs' lines by the `planted:` comments.
 #![no_std]
 #![cfg_attr(not(test), no_main)]
+
+extern crate alloc;
 
 use driver_vm::{Driver, Error, Kernel};
 
@@ -34,6 +38,7 @@ enum Failure {
     StackOverflow,
     Hang,
     WriteWindow,
+    Hog,
     Exit(u32),
 }
 
@@ -55,11 +60,12 @@ impl Driver for Faulty {
             "stack-overflow" => Failure::StackOverflow,
             "hang" => Failure::Hang,
             "write-window" => Failure::WriteWindow,
+            "hog" => Failure::Hog,
             other => match other.strip_prefix("exit=").and_then(|code| code.parse().ok()) {
                 Some(code) => Failure::Exit(code),
                 None => {
                     return Err(Error::BadCommandLine(
-                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window or exit=N",
+                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog or exit=N",
                     ))
                 }
             },
@@ -92,6 +98,7 @@ impl Driver for Faulty {
                 unsafe { window.as_ptr().write_volatile(0x5a) };
                 return Ok(0);
             }
+            Failure::Hog => hog(),
             Failure::Exit(code) => return Ok(code),
         };
         Err(Error::Device("the requested failure did not happen"))
@@ -150,3 +157,11 @@ fn hang() -> ! {
 }
 
 driver_vm::driver_main!(Faulty);
+
+/// Allocates 256 KiB chunks, zeroed (so touched), and keeps them all.
+fn hog() -> ! {
+    let mut held = alloc::vec::Vec::new();
+    loop {
+        held.push(alloc::vec![0u8; 256 * 1024]); // planted: hog
+    }
+}

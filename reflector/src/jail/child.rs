@@ -99,8 +99,9 @@ impl Jail {
     /// i32) to `report` and ends as the vmm ends.
     pub fn enter(&self, report: RawFd) -> std::io::Result<()> {
         for procs in &self.cgroups {
-            // Moves this process (0 = the writer) into the device's cgroup;
-            // the vmm, cloned next, starts there.
+            // Moves this process (0 = the writer; single-threaded, so its
+            // one thread is all of it) into the device's cgroup; the vmm,
+            // cloned next, starts there.
             step(
                 // SAFETY: write(2) of a static buffer to a descriptor we hold.
                 unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } as libc::c_int,

@@ -194,7 +194,8 @@ pub struct Jail {
     root: CString,
     directories: Vec<CString>,
     binds: Vec<Bind>,
-    /// `cgroup.procs` of the device's cgroups, written "0" by the child.
+    /// The files through which a process joins the device's cgroups (v2's
+    /// `cgroup.procs`, v1's `tasks`), written "0" by the keeper.
     cgroups: Vec<File>,
     cgroup_dirs: Vec<PathBuf>,
     /// The cgroups' memory limit, bytes.
@@ -303,6 +304,18 @@ impl Jail {
     /// place (the kernel's OOM killer stops them beyond it).
     pub fn memory_cap(&self) -> Option<u64> {
         (!self.cgroups.is_empty()).then_some(self.memory)
+    }
+
+    /// How many processes the memory cap of its cgroup has killed so far
+    /// (v2's `memory.events`, v1's `memory.oom_control`: `oom_kill N`);
+    /// None without a memory cgroup or where the kernel does not count.
+    pub fn oom_kills(&self) -> Option<u64> {
+        self.cgroup_dirs.iter().find_map(|dir| {
+            let text = ["memory.events", "memory.oom_control"]
+                .iter()
+                .find_map(|file| std::fs::read_to_string(dir.join(file)).ok())?;
+            text.lines().find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
+        })
     }
 
     /// The program to exec once jailed.
