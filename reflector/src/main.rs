@@ -477,11 +477,11 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     if config.jail.enabled {
         reflector::jail::sweep_stale_cgroups();
     }
-    let mut index = 0;
-    for blk in &config.blk {
-        services.push(Box::leak(Box::new(serve::start_blk(blk, &vmm, &config.jail, index)?)));
-        index += 1;
+    let started = start_concurrently(&config.blk, |i, blk| serve::start_blk(blk, &vmm, &config.jail, i as u32))?;
+    for service in started {
+        services.push(Box::leak(Box::new(service)));
     }
+    let mut index = config.blk.len() as u32;
     let switches = Switches::default();
     // TAPs are bridged before any card starts, so an operator's TAP error
     // fails the start before a driver VM runs, and "TAP device bridged" is
@@ -555,4 +555,40 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Devices started at once: starting one is forking, jailing and
+/// executing its first driver VM, kernel work that scales with the cores.
+/// 100 block devices, measured to the control socket: 1.04 s one at a time,
+/// 0.71-0.80 s two at a time, 0.66-0.88 s four at a time (two cores here).
+const STARTERS: usize = 2;
+
+/// Starts `items` (devices) with `start`, a few at once; returns what each
+/// started, in order, or the first error (then no further one is begun).
+fn start_concurrently<T: Sync, S: Send>(
+    items: &[T],
+    start: impl Fn(usize, &T) -> Result<S, String> + Sync,
+) -> Result<Vec<S>, String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<S, String>>>> =
+        items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..STARTERS.min(items.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let result = start(i, item);
+                let failed = result.is_err();
+                if let Ok(mut slot) = results[i].lock() {
+                    *slot = Some(result);
+                }
+                if failed {
+                    next.store(items.len(), Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    results.into_iter().filter_map(|slot| slot.into_inner().ok().flatten()).collect()
 }

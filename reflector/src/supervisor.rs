@@ -264,6 +264,42 @@ impl DriverLauncher {
     /// `driver=` or `memory=` fails the device's start instead of becoming
     /// a restart loop.
     pub fn check(&self) -> Result<(), String> {
+        // A fleet of like devices would start one jailed vmm each only to
+        // check the same thing (half the forks of a fleet's start): one
+        // check per configuration that passed.
+        static PASSED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        let key = self.check_key();
+        if PASSED.lock().is_ok_and(|passed| passed.contains(&key)) {
+            return Ok(());
+        }
+        self.run_check()?;
+        if let Ok(mut passed) = PASSED.lock() {
+            passed.push(key);
+        }
+        Ok(())
+    }
+
+    /// What `check` depends on: launchers with the same key pass or fail it
+    /// alike (the descriptors differ, never their layout).
+    fn check_key(&self) -> String {
+        let spec = &self.spec;
+        let windows: Vec<(u64, usize, &str)> = self.windows.iter().map(|w| (w.gpa, w.memory.size(), w.name)).collect();
+        let traps: Vec<(u64, u64, &str)> = self.traps.iter().map(|(gpa, t)| (*gpa, t.size, t.name)).collect();
+        let doorbells: Vec<u64> = self.doorbells.iter().map(|(gpa, _)| *gpa).collect();
+        format!(
+            "{:?} {:?} {:?} {:?} hosted={} jailed={} {windows:?} {traps:?} {doorbells:?} lines={}",
+            spec.vmm,
+            spec.image,
+            spec.args,
+            spec.memory,
+            spec.hosted,
+            spec.jail.is_some(),
+            self.interrupt_lines
+        )
+    }
+
+    /// Runs `vmm run --check` for this configuration.
+    fn run_check(&self) -> Result<(), String> {
         let lines = (0..self.interrupt_lines)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
