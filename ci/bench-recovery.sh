@@ -2,7 +2,9 @@
 # Recovery benchmark (not a test): the distribution of recovery stalls over
 # many SIGKILLs of a driver VM while verified load (blk-load) runs, measured
 # by the reflector from the fault (or the first request after it) to the next
-# completion. Restarts are cold (a fresh vmm process each time).
+# completion, and each failover split into its phases (detection, retire,
+# replacement, device reset, replay: reflector::failover). Restarts are cold
+# (a fresh vmm process each time).
 # For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #
