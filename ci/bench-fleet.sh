@@ -6,7 +6,8 @@
 #   - verified I/O on every device (blk-load --verify, a short run each);
 #   - the CPU the idle fleet uses (reflector and driver VMs, from /proc over
 #     --idle-seconds, via ci/cpu-tree.py), in percent of one core;
-#   - memory: each driver VM's resident set (min/median/max), the reflector's
+#   - memory: each driver VM's resident set and the part of it that is its
+#     own (min/median/max; the rest is shared code), the reflector's
 #     against its budget (10 MiB + 256 KiB per device), the fleet as a whole
 #     (`reflector status`'s fleet line), and the per-device cap.
 # Goals (issue 14): all ready within 2 s, idle under 1 % CPU, each driver VM
@@ -95,6 +96,9 @@ rss = sorted(d["driver_rss_kib"] for d in devices)
 def mib(kib): return f"{kib / 1024:.2f} MiB"
 print(f"driver VM RSS: min {mib(rss[0])}, median {mib(rss[len(rss) // 2])}, max {mib(rss[-1])} "
       f"(goal: each under 4 MiB; {sum(r >= 4096 for r in rss)} over)")
+own = sorted(d.get("driver_own_kib", 0) for d in devices)
+print(f"driver VM own memory (anonymous; the rest is the vmm's code and libraries, shared): min {mib(own[0])}, "
+      f"median {mib(own[len(own) // 2])}, max {mib(own[-1])}; the fleet's own {mib(sum(own))}")
 fields = {l.split(":")[0]: (l.split()[1:] or ["0"])[0] for l in open(f"/proc/{sys.argv[2]}/status") if ":" in l}
 reflector = int(fields["VmRSS"])
 budget = 10 * 1024 + 256 * int(sys.argv[3])

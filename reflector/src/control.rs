@@ -68,6 +68,9 @@ pub struct DeviceStatus {
     pub in_flight: u64,
     /// The current driver VM's resident memory, KiB (see `Metrics`).
     pub driver_rss_kib: u64,
+    /// The part of it that is the driver VM's own, KiB (see `Metrics`).
+    #[serde(default)]
+    pub driver_own_kib: u64,
     /// The memory cap of the device's driver VMs together, bytes (0: none).
     #[serde(default)]
     pub memory_cap_bytes: u64,
@@ -139,8 +142,13 @@ pub struct FleetStatus {
     pub devices: usize,
     /// Devices whose driver has attached (serving).
     pub attached: usize,
-    /// Resident memory of the current driver VMs together, KiB.
+    /// Resident memory of the current driver VMs together, KiB (their
+    /// shared code counted once per driver VM).
     pub driver_rss_kib: u64,
+    /// The part of it that is each driver VM's own, together, KiB: what
+    /// the fleet costs beyond one copy of the vmm's code.
+    #[serde(default)]
+    pub driver_own_kib: u64,
     /// Their memory caps together, bytes (devices without one count 0).
     pub memory_cap_bytes: u64,
     /// The reflector's own resident memory, KiB.
@@ -162,6 +170,7 @@ impl FleetStatus {
             devices: devices.len(),
             attached: devices.iter().filter(|d| d.attached).count(),
             driver_rss_kib: devices.iter().map(|d| d.driver_rss_kib).sum(),
+            driver_own_kib: devices.iter().map(|d| d.driver_own_kib).sum(),
             memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes).sum(),
             reflector_rss_kib: crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0),
             reflector_budget_kib: REFLECTOR_BASE_KIB + REFLECTOR_PER_DEVICE_KIB * devices.len() as u64,
@@ -199,6 +208,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         completed: get(&m.completed),
         in_flight: get(&m.in_flight),
         driver_rss_kib: get(&m.driver_rss_kib),
+        driver_own_kib: get(&m.driver_own_kib),
         memory_cap_bytes: get(&m.memory_cap_bytes),
         attached: attached(target),
         errors: get(&m.errors),
@@ -272,6 +282,9 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("driver_rss_bytes", "gauge", "Resident memory of the current driver VM's vmm.", &|s| {
         (s.driver_rss_kib * 1024) as f64
     });
+    family("driver_own_bytes", "gauge", "The current driver VM's own memory (anonymous: not shared code).", &|s| {
+        (s.driver_own_kib * 1024) as f64
+    });
     family("memory_cap_bytes", "gauge", "Memory cap of the device's driver VMs together (0: none).", &|s| {
         s.memory_cap_bytes as f64
     });
@@ -300,6 +313,11 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     let fleet = FleetStatus::of(&statuses);
     for (name, help, value) in [
         ("fleet_driver_rss_bytes", "Resident memory of every current driver VM together.", fleet.driver_rss_kib * 1024),
+        (
+            "fleet_driver_own_bytes",
+            "The driver VMs' own memory together (not shared code).",
+            fleet.driver_own_kib * 1024,
+        ),
         ("fleet_memory_cap_bytes", "Memory caps of every device's driver VMs together.", fleet.memory_cap_bytes),
         ("rss_bytes", "The reflector's own resident memory.", fleet.reflector_rss_kib * 1024),
         (

@@ -706,8 +706,9 @@ impl<K: DeviceKind> Device<K> {
         // 100 devices spent 1.8 % of a core on its watches).
         core.watch_ticks = core.watch_ticks.wrapping_add(1);
         if core.watch_ticks % RSS_PERIODS == 1 || core.metrics.driver_rss_kib.load(Ordering::Relaxed) == 0 {
-            if let Ok(rss) = crate::driver_watch::process_rss_kib(pid) {
-                core.metrics.driver_rss_kib.store(rss, Ordering::Relaxed);
+            if let Ok(memory) = crate::driver_watch::process_memory_kib(pid) {
+                core.metrics.driver_rss_kib.store(memory.resident, Ordering::Relaxed);
+                core.metrics.driver_own_kib.store(memory.own, Ordering::Relaxed);
             }
         }
         if self.kind.in_driver() > 0 {

@@ -124,12 +124,30 @@ impl ResourceWatch {
 /// Resident memory of process `pid` in KiB (`VmRSS` in `/proc/PID/status`),
 /// for `status` and the metrics (same caveat as [`process_cpu_time`]).
 pub fn process_rss_kib(pid: i32) -> std::io::Result<u64> {
+    process_memory_kib(pid).map(|memory| memory.resident)
+}
+
+/// A process's resident memory, KiB, and the part of it that is its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessMemory {
+    /// All of it (`VmRSS`).
+    pub resident: u64,
+    /// Its anonymous memory (`RssAnon`): what no other process shares.
+    /// The rest is file pages (a vmm's code and libraries, shared by every
+    /// driver VM: 3.4 of a driver VM's 3.8 MiB here) and shared memory
+    /// (the channel, the reflector's too).
+    pub own: u64,
+}
+
+/// [`ProcessMemory`] of `pid`, from `/proc/PID/status` (readable without
+/// the right to trace it, unlike `smaps`).
+pub fn process_memory_kib(pid: i32) -> std::io::Result<ProcessMemory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| value.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no VmRSS"))
+    let field = |name: &str| -> Option<u64> {
+        status.lines().find_map(|line| line.strip_prefix(name))?.split_whitespace().next()?.parse().ok()
+    };
+    let resident = field("VmRSS:").ok_or_else(|| std::io::Error::other("no VmRSS"))?;
+    Ok(ProcessMemory { resident, own: field("RssAnon:").unwrap_or(resident) })
 }
 
 /// CPU time (user and system) process `pid` has used, from

@@ -67,6 +67,10 @@ pub struct Metrics {
     /// The current driver VM's resident memory in KiB (its vmm's VmRSS),
     /// sampled every ten watch periods and at the first after each start.
     pub driver_rss_kib: AtomicU64,
+    /// The part of it that is the driver VM's own (its anonymous memory;
+    /// the rest is code and libraries every vmm shares, and the channel),
+    /// KiB, sampled with it.
+    pub driver_own_kib: AtomicU64,
     /// The memory cap of the device's driver VMs (their cgroup), bytes; 0
     /// when they have none (unjailed).
     pub memory_cap_bytes: AtomicU64,

@@ -46,6 +46,16 @@ fn a_hundred_driver_vms_each_serve_verified_io_and_the_fleet_is_accounted_for() 
         assert_eq!(jobs.len(), 1, "{name}");
         assert_eq!((jobs[0]["errors"].as_u64(), jobs[0]["mismatches"].as_u64()), (Some(0), Some(0)), "{name}");
     }
+    // Each driver VM's memory is sampled by its device's watch: its own
+    // part (anonymous) is some of it, never all (its code is shared).
+    let sampled = |_: &common::Reflector| {
+        status(&ctl).as_array().is_some_and(|devices| devices.iter().all(|d| d["driver_rss_kib"].as_u64() > Some(0)))
+    };
+    reflector.wait_for(sampled, "every driver VM's memory sampled");
+    for device in status(&ctl).as_array().unwrap() {
+        let (rss, own) = (device["driver_rss_kib"].as_u64().unwrap(), device["driver_own_kib"].as_u64().unwrap());
+        assert!(0 < own && own < rss, "own {own} KiB of {rss} KiB resident: {device}");
+    }
     let text = Command::new(env!("CARGO_BIN_EXE_reflector")).args(["status", "--control"]).arg(&ctl).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains(&format!("fleet: {DEVICES} devices, {DEVICES} attached")), "{text}");
