@@ -263,6 +263,32 @@ fn run(args: RunArgs) -> ExitCode {
     report(&name, json, setup_and_run(&name, args, start))
 }
 
+/// Keeps a second descriptor of standard output at the highest number this
+/// process may hold, for as long as it lives.
+///
+/// Why: when the process ends (SIGKILL included), the kernel closes its
+/// descriptors in number order and then releases their files in the
+/// reverse order: the file whose last descriptor is closed last is released
+/// first. With a copy at the top, standard output's pipe is released before
+/// the VM's descriptors, whose release waits for RCU grace periods and
+/// KVM's irqfd cleanup (about 1.4 ms of a killed driver VM's end in a
+/// kernel trace here). A supervisor takes end-of-file on that pipe as the
+/// sign that the guest can no longer run, which holds whatever the order:
+/// descriptors are closed only once every thread, the vCPU's included, has
+/// exited.
+fn keep_stdout_released_first() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit(2) into a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    // At most 1024 entries: a higher number would grow the table for nothing.
+    let top = limit.rlim_cur.saturating_sub(1).min(1023) as libc::c_int;
+    // SAFETY: fcntl(2) F_DUPFD_CLOEXEC on standard output; returns a new
+    // descriptor (deliberately never closed) or -1, which changes nothing.
+    let _ = unsafe { libc::fcntl(1, libc::F_DUPFD_CLOEXEC, top) };
+}
+
 /// Prints how the run ended; its exit status.
 fn report(name: &str, json: bool, result: vmm::Result<Report>) -> ExitCode {
     match result {
@@ -338,6 +364,7 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
 }
 
 fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
+    keep_stdout_released_first();
     let (config, image) = configure(name, &args)?;
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
