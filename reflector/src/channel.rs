@@ -111,11 +111,18 @@ impl Channel {
 
     /// Where the current generation's driver says it is in its start
     /// (`driver_state`), if it said anything for this generation.
-    /// Untrusted: for figures only (`failover`).
+    /// Untrusted: for figures, the hang deadline and blame only.
     pub fn driver_mark(&self) -> Option<u32> {
-        let generation = self.memory.atomic_u32(header::DRIVER_GENERATION).load(Ordering::Acquire);
-        let state = self.memory.atomic_u32(header::DRIVER_STATE).load(Ordering::Acquire);
-        (generation == self.generation && state != channel::driver_state::STARTING).then_some(state)
+        Channel::driver_mark_in(&self.memory, self.generation)
+    }
+
+    /// [`Channel::driver_mark`] of the channel in `memory` for
+    /// `generation` (the control socket holds the memory, not the channel,
+    /// and reads the generation from its header).
+    pub fn driver_mark_in(memory: &SharedMemory, generation: u32) -> Option<u32> {
+        let read = |offset| memory.atomic_u32(offset).load(Ordering::Acquire);
+        let (attached_to, state) = (read(header::DRIVER_GENERATION), read(header::DRIVER_STATE));
+        (attached_to == generation && state != channel::driver_state::STARTING).then_some(state)
     }
 
     /// Whether the driver published completions not taken yet.

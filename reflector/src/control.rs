@@ -478,9 +478,8 @@ fn target<'a>(targets: &'a [ControlTarget], name: &str) -> Result<&'a ControlTar
 /// Whether the device's current driver says it has attached to the
 /// channel's current generation (it serves; untrusted, for operators).
 fn attached(target: &ControlTarget) -> bool {
-    use guest_abi::channel::{driver_state, header};
-    let read = |offset| target.channel.atomic_u32(offset).load(Ordering::Acquire);
-    read(header::DRIVER_STATE) == driver_state::READY && read(header::DRIVER_GENERATION) == read(header::GENERATION)
+    let generation = target.channel.atomic_u32(guest_abi::channel::header::GENERATION).load(Ordering::Acquire);
+    Channel::driver_mark_in(&target.channel, generation) == Some(guest_abi::channel::driver_state::READY)
 }
 
 /// Refuses `fault` if the device's attached driver said it cannot commit
