@@ -154,19 +154,28 @@ pub fn process_memory_kib(pid: i32) -> std::io::Result<ProcessMemory> {
 /// `/proc/PID/stat`. Meant for the reflector's own children: a child is
 /// not reaped before its watcher sees it gone, so the pid is still its.
 pub fn process_cpu_time(pid: i32) -> std::io::Result<Duration> {
+    let fields = process_stat(pid, &[14, 15])?;
+    let (user, system) = (fields[0], fields[1]);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos((user + system).saturating_mul(1_000_000_000 / hz)))
+}
+
+/// Numeric fields `numbers` (1-based, as proc(5) numbers them, from 3 on)
+/// of `/proc/PID/stat`, in the order asked.
+pub fn process_stat(pid: i32, numbers: &[usize]) -> std::io::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) may hold spaces and parentheses: fields
     // are counted after its closing parenthesis, which is the last one.
     let rest = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| std::io::Error::other("bad stat"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state is field 3, utime field 14, stime field 15.
-    let ticks = |index: usize| fields.get(index - 3).and_then(|f| f.parse::<u64>().ok());
-    let (Some(user), Some(system)) = (ticks(14), ticks(15)) else {
-        return Err(std::io::Error::other("bad stat"));
-    };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Duration::from_nanos((user + system).saturating_mul(1_000_000_000 / hz)))
+    numbers
+        .iter()
+        .map(|number| {
+            let field = number.checked_sub(3).and_then(|index| fields.get(index));
+            field.and_then(|f| f.parse().ok()).ok_or_else(|| std::io::Error::other("bad stat"))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -428,11 +428,8 @@ impl DriverLauncher {
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;
-        // SAFETY: pidfd_open on our own, not yet reaped child (the vmm, or
-        // its keeper when jailed); returns a new descriptor or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid, 0) } as libc::c_int;
-        // SAFETY: a fresh descriptor we own when non-negative.
-        let pidfd = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) });
+        // Our own, not yet reaped child (the vmm, or its keeper when jailed).
+        let pidfd = pidfd_open(child_pid);
         let vmm_pidfd = if pid == child_pid { None } else { jailed_vmm_pidfd(pid, child_pid) };
         let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
@@ -521,19 +518,13 @@ impl DriverVm {
         if self.reaped.load(Ordering::Acquire) {
             return;
         }
+        // The vmm's own pidfd may refuse (a reflector without the right to
+        // signal the jail's uid): the keeper's death kills it all the same.
         if let Some(vmm) = &self.vmm_pidfd {
-            // SAFETY: pidfd_send_signal on a pidfd we own. It may fail (a
-            // reflector without the right to signal the jail's uid): the
-            // keeper's death below kills the vmm all the same.
-            unsafe {
-                libc::syscall(libc::SYS_pidfd_send_signal, vmm.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
-            }
+            sigkill(vmm);
         }
         match &self.pidfd {
-            // SAFETY: pidfd_send_signal on a pidfd we own.
-            Some(pidfd) => unsafe {
-                libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0);
-            },
+            Some(pidfd) => sigkill(pidfd),
             // SAFETY: kill(2) on our own child, not reaped yet (checked above).
             None => unsafe {
                 libc::kill(self.child, libc::SIGKILL);
@@ -551,18 +542,24 @@ impl DriverVm {
 /// process under that pid could not be the keeper's child (a dead keeper
 /// has no new children), so a pidfd that passes names the vmm.
 fn jailed_vmm_pidfd(pid: libc::pid_t, keeper: libc::pid_t) -> Option<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
+    // Field 4: the parent's pid.
+    let parent = crate::driver_watch::process_stat(pid, &[4]).ok()?;
+    (parent == [keeper as u64]).then_some(pidfd)
+}
+
+/// A pidfd of process `pid`, or None (no such process, or no pidfds).
+fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
     // SAFETY: pidfd_open(2) with plain values; returns a new descriptor or -1.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: a fresh descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which may itself hold spaces and
-    // parentheses: state, then the parent's pid.
-    let parent: libc::pid_t = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-    (parent == keeper).then_some(pidfd)
+    // SAFETY: a fresh descriptor we own when non-negative.
+    (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// SIGKILLs the process `pidfd` names; a failure changes nothing.
+fn sigkill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal(2) on a pidfd we own, no siginfo.
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0) };
 }
 
 /// Follows one driver VM process to its end.
