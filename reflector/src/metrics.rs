@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
-use crate::failover::{Breakdown, Phase, PHASES};
+use crate::failover::{Breakdown, PHASES};
 
 /// Recovery stalls kept for percentiles (the most recent ones).
 const STALL_HISTORY: usize = 4096;
@@ -123,11 +123,11 @@ impl Metrics {
     /// of the whole, in microseconds, with how many failovers each counts.
     pub fn failover_percentiles(&self) -> Vec<(&'static str, usize, (u64, u64, u64))> {
         let Ok(failovers) = self.failovers.lock() else { return Vec::new() };
-        let phase = |phase: Phase| -> Vec<u64> {
-            let index = PHASES.iter().position(|p| *p == phase).unwrap_or(0);
-            failovers.iter().filter_map(|b| b.phases_us[index]).collect()
-        };
-        let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES.iter().map(|p| (p.name(), phase(*p))).collect();
+        let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES
+            .iter()
+            .enumerate()
+            .map(|(index, phase)| (phase.name(), failovers.iter().filter_map(|b| b.phases_us[index]).collect()))
+            .collect();
         rows.push(("total", failovers.iter().map(|b| b.total_us).collect()));
         rows.into_iter()
             .filter_map(|(name, values)| {
