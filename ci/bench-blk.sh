@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Block benchmark (not a test): in one invocation, on the same image, drives
 #   - the reflector (its driver in a driver VM, the simulated controller),
+#   - the same with dma=direct (per-request DMA windows: the controller
+#     reaches each request's client buffers, no bounce copy),
 #   - the reflector on QEMU's NVMe controller model (device=nvme: the nvme
 #     driver in a driver VM, BAR0 a trapped window), and
 #   - qemu-storage-daemon (--export type=vhost-user-blk), the peer,
@@ -76,6 +78,13 @@ start_reflector() {
     wait_for_socket "controller ready"
 }
 
+start_direct() {
+    rm -f "$sock"
+    timeout 3600 "$bin/reflector" serve --blk "socket=$sock,image=$img,name=bench,dma=direct" >"$tmp/backend.log" 2>&1 &
+    backend_pid=$!
+    wait_for_socket "controller ready"
+}
+
 start_nvme() {
     rm -f "$sock"
     timeout 3600 "$bin/reflector" serve --blk "socket=$sock,image=$img,name=bench,device=nvme" >"$tmp/backend.log" 2>&1 &
@@ -111,7 +120,7 @@ run_jobs() { # backend round
 }
 
 for round in $(seq "$rounds"); do
-    for backend in reflector nvme qsd; do
+    for backend in reflector direct nvme qsd; do
         log "round $round/$rounds: $backend"
         "start_$backend"
         run_jobs "$backend" "$round"
@@ -122,7 +131,8 @@ done
 python3 - "$tmp" "$rounds" "$json" <<'PY'
 import json, sys, statistics, pathlib
 tmp, rounds, out = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-BACKENDS = ("reflector", "nvme", "qsd")
+BACKENDS = ("reflector", "direct", "nvme", "qsd")
+LABELS = ("sim", "direct", "nvme", "qsd")
 ROLES = ("reflector", "driver_vm", "device", "peer")
 runs = {}
 for backend in BACKENDS:
@@ -139,13 +149,14 @@ def cpu_per_request(rs, role):
     return med([r["cpu_us"].get(role, 0.0) / max(r["ios"], 1) for r in rs])
 report = []
 print(f"\nblock benchmark: blk-load, median of {rounds} round(s), spread = (max - min) / median across rounds")
-print("  sim = driver VM + simulated controller, nvme = driver VM + QEMU's NVMe model, qsd = qemu-storage-daemon (the peer)")
+print("  sim = driver VM + simulated controller (bounce slots), direct = the same with dma=direct (per-request DMA windows),")
+print("  nvme = driver VM + QEMU's NVMe model, qsd = qemu-storage-daemon (the peer)")
 print("  CPU us/req: reflector / driver VM / device model (sim: in the reflector) | peer")
-print(f"{'job':<10}{'bs':>5}{'qd':>4} {'backend':<5}{'IOPS':>9}{'spread':>8}{'p50us':>8}{'p99us':>8}{'p99.9us':>9}   CPU us/req")
+print(f"{'job':<10}{'bs':>5}{'qd':>4} {'backend':<7}{'IOPS':>9}{'spread':>8}{'p50us':>8}{'p99us':>8}{'p99.9us':>9}   CPU us/req")
 for key, by_backend in runs.items():
     job, bs, qd = key
     row = {"job": job, "bs": bs, "qd": qd}
-    for backend, label in zip(BACKENDS, ("sim", "nvme", "qsd")):
+    for backend, label in zip(BACKENDS, LABELS):
         rs = by_backend.get(backend, [])
         if not rs:
             continue
@@ -159,18 +170,18 @@ for key, by_backend in runs.items():
                       "cpu_us_per_request": cpu, "errors": sum(r["errors"] for r in rs)}
         b = row[label]
         cpus = f"{cpu['peer']:.1f}" if backend == "qsd" else f"{cpu['reflector']:.1f} / {cpu['driver_vm']:.1f} / {cpu['device']:.1f}"
-        print(f"{job:<10}{bs // 1024:>4}k{qd:>4} {label:<5}{b['iops']:>9.0f}{b['iops_spread_pct']:>7.1f}%{b['lat_p50_us']:>8.0f}"
+        print(f"{job:<10}{bs // 1024:>4}k{qd:>4} {label:<7}{b['iops']:>9.0f}{b['iops_spread_pct']:>7.1f}%{b['lat_p50_us']:>8.0f}"
               f"{b['lat_p99_us']:>8.0f}{b['lat_p999_us']:>9.0f}   {cpus}{'  NOISY' if noisy else ''}")
     peer = by_backend.get("qsd", [])
-    for backend, label in (("reflector", "sim"), ("nvme", "nvme")):
+    for backend, label in (("reflector", "sim"), ("direct", "direct"), ("nvme", "nvme")):
         ours = by_backend.get(backend, [])
         if ours and peer:
             ratios = [a["iops"] / max(b["iops"], 1) for a, b in zip(ours, peer)]
             row[f"{label}_over_qsd"] = {"median": round(med(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
     print(" " * 19 + "ratio " + "   ".join(f"{l}/qsd {row[l + '_over_qsd']['median']:.2f}x ({row[l + '_over_qsd']['min']:.2f}-{row[l + '_over_qsd']['max']:.2f})"
-                                          for l in ("sim", "nvme") if l + "_over_qsd" in row))
+                                          for l in ("sim", "direct", "nvme") if l + "_over_qsd" in row))
     report.append(row)
-errors = sum(row[l]["errors"] for row in report for l in ("sim", "nvme", "qsd") if l in row)
+errors = sum(row[l]["errors"] for row in report for l in LABELS if l in row)
 print(f"\nerrors: {errors:.0f}")
 if out:
     json.dump({"rounds": rounds, "jobs": report}, open(out, "w"), indent=1)

@@ -13,6 +13,7 @@ import sys
 from xml.sax.saxutils import escape
 
 BACKENDS = (("sim", "driver VM + simulated controller", "#1f77b4"),
+            ("direct", "the same, dma=direct", "#9467bd"),
             ("nvme", "driver VM + QEMU NVMe model", "#ff7f0e"),
             ("qsd", "qemu-storage-daemon (peer)", "#2ca02c"))
 ROLES = (("reflector", "#4c72b0"), ("driver_vm", "#dd8452"), ("device", "#937860"), ("peer", "#55a868"))
@@ -72,7 +73,7 @@ def panel(job, x0, y0):
             out.append(text(x + bar_w / 2, top + h + 12, key, 9, "middle"))
             out.append(text(x + bar_w / 2, y - 3, f"{sum(cpu.values()):.0f}", 9, "middle"))
         out.append(text(left + w / 2, top + h + 24, "CPU us/request", 9, "middle"))
-    ratios = "  ".join(f"{k}/qsd {job[k + '_over_qsd']['median']:.2f}x" for k in ("sim", "nvme") if k + "_over_qsd" in job)
+    ratios = "  ".join(f"{k}/qsd {job[k + '_over_qsd']['median']:.2f}x" for k in ("sim", "direct", "nvme") if k + "_over_qsd" in job)
     out.append(text(x0, y0 + PANEL_H - 6, ratios, 10, weight="bold"))
     return out
 

@@ -6,10 +6,14 @@
 //! VFIO functions plug in at the same seam.
 //!
 //! What it is not: a judge of anything a driver says (the reflector's
-//! `driver_answers`), nor a reader of client memory. It trusts the driver
-//! with nothing: every register a driver writes is checked by the device.
+//! `driver_answers`), nor a reader of client memory by any address of its
+//! own: a device reaches client memory only through the per-request
+//! windows the reflector maps for it ([`dma_windows`], `dma=direct`). It
+//! trusts the driver with nothing: every register a driver writes is
+//! checked by the device.
 
 pub mod descriptors;
+pub mod dma_windows;
 pub mod memory_disk;
 pub mod qemu;
 pub mod shm;
@@ -101,6 +105,13 @@ pub trait BlockHardware: Hardware {
     /// a device whose flushes the host performs itself does one here.
     fn flush_mark(&self) -> u64 {
         self.flushes().started
+    }
+    /// The per-request DMA windows the device's data transfers go through
+    /// instead of the bounce slots (`dma=direct`), if it was started with
+    /// them: the reflector then maps each request's client buffers there
+    /// rather than copying its payload.
+    fn dma_windows(&self) -> Option<Arc<dma_windows::DmaWindows>> {
+        None
     }
 }
 

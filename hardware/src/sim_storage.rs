@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use guest_abi::storage::{self, completion, reg, Command, Completion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::dma_windows::{self, DeviceAccess, DmaWindows};
 use super::{BlockHardware, DmaRegion, FlushCount, Hardware, HardwareWindow, InterruptRoute};
 use crate::shm::SharedMemory;
 
@@ -63,11 +64,37 @@ pub struct SimStorage {
     thread: Option<JoinHandle<()>>,
     capacity_sectors: u64,
     read_only: bool,
+    /// The per-request windows its data goes through, if started direct.
+    windows: Option<Arc<DmaWindows>>,
+}
+
+/// Where a command's data goes.
+enum DataPath {
+    /// Into the DMA region (the bounce slots).
+    Bounce(DmaRegion),
+    /// Through per-request windows only: an address no window maps faults.
+    Windows(Arc<DmaWindows>),
 }
 
 impl SimStorage {
-    /// Opens the medium and starts the controller, with DMA into `dma`.
+    /// Opens the medium and starts the controller, with DMA into `dma`
+    /// (the bounce slots).
     pub fn start(config: &SimStorageConfig, dma: DmaRegion) -> std::io::Result<SimStorage> {
+        SimStorage::start_on(config, DataPath::Bounce(dma))
+    }
+
+    /// Opens the medium and starts the controller, its data transfers going
+    /// through `windows` only (`dma=direct`): per-request windows onto
+    /// client buffers, mapped and revoked by the reflector.
+    pub fn start_direct(config: &SimStorageConfig, windows: Arc<DmaWindows>) -> std::io::Result<SimStorage> {
+        SimStorage::start_on(config, DataPath::Windows(windows))
+    }
+
+    fn start_on(config: &SimStorageConfig, data: DataPath) -> std::io::Result<SimStorage> {
+        let windows = match &data {
+            DataPath::Windows(windows) => Some(windows.clone()),
+            DataPath::Bounce(_) => None,
+        };
         let medium = File::options().read(true).write(!config.read_only).open(&config.image).map_err(|e| {
             std::io::Error::new(e.kind(), format!("opening disk image {}: {e}", config.image.display()))
         })?;
@@ -90,7 +117,7 @@ impl SimStorage {
             flushes: flushes.clone(),
             status: 0,
             medium,
-            dma,
+            data,
             read_only: config.read_only,
             capacity_sectors,
             interrupt: interrupt.clone(),
@@ -112,6 +139,7 @@ impl SimStorage {
             thread: Some(thread),
             capacity_sectors,
             read_only: config.read_only,
+            windows,
         })
     }
 }
@@ -154,6 +182,10 @@ impl BlockHardware for SimStorage {
         let completed = self.flushes.completed.load(Ordering::Acquire);
         FlushCount { started: self.flushes.started.load(Ordering::Acquire), completed }
     }
+
+    fn dma_windows(&self) -> Option<Arc<DmaWindows>> {
+        self.windows.clone()
+    }
 }
 
 impl Drop for SimStorage {
@@ -175,7 +207,7 @@ struct Engine {
     /// cannot clear FATAL or fake READY.
     status: u32,
     medium: File,
-    dma: DmaRegion,
+    data: DataPath,
     read_only: bool,
     capacity_sectors: u64,
     interrupt: Arc<InterruptRoute>,
@@ -346,16 +378,37 @@ impl Engine {
         if command.lba.checked_add(sectors).is_none_or(|end| end > self.capacity_sectors) {
             return (completion::OUT_OF_RANGE, 0);
         }
-        let Some(offset) = self.dma.translate(command.dma, len) else {
-            return (completion::DMA_ERROR, 0);
-        };
-        let medium_offset = command.lba * u64::from(storage::SECTOR_SIZE);
-        let result = if command.opcode == storage::opcode::READ {
-            self.dma.memory.read_from_file(&self.medium, medium_offset, offset, len as usize)
-        } else if self.read_only {
+        if command.opcode == storage::opcode::WRITE && self.read_only {
             return (completion::READ_ONLY, 0);
-        } else {
-            self.dma.memory.write_to_file(&self.medium, medium_offset, offset, len as usize)
+        }
+        let medium_offset = command.lba * u64::from(storage::SECTOR_SIZE);
+        let reading = command.opcode == storage::opcode::READ;
+        let result = match &self.data {
+            DataPath::Bounce(dma) => {
+                let Some(offset) = dma.translate(command.dma, len) else {
+                    return (completion::DMA_ERROR, 0);
+                };
+                match reading {
+                    true => dma.memory.read_from_file(&self.medium, medium_offset, offset, len as usize),
+                    false => dma.memory.write_to_file(&self.medium, medium_offset, offset, len as usize),
+                }
+            }
+            DataPath::Windows(windows) => {
+                // The device writes the window for a read, reads it for a write.
+                let direction = if reading { DeviceAccess::Write } else { DeviceAccess::Read };
+                let medium = &self.medium;
+                let done = windows.with(command.dma, len, direction, |slices| match reading {
+                    true => dma_windows::read_file_into(medium, medium_offset, slices),
+                    false => dma_windows::write_file_from(medium, medium_offset, slices),
+                });
+                match done {
+                    Ok(result) => result,
+                    Err(fault) => {
+                        tracing::debug!(%fault, lba = command.lba, len, "DMA refused");
+                        return (completion::DMA_ERROR, 0);
+                    }
+                }
+            }
         };
         match result {
             Ok(()) => (completion::SUCCESS, len),
@@ -390,7 +443,7 @@ impl EngineHarness {
             flushes: Arc::new(FlushCounters::default()),
             status: 0,
             medium,
-            dma,
+            data: DataPath::Bounce(dma),
             read_only,
             capacity_sectors,
             interrupt: Arc::new(InterruptRoute::default()),
@@ -399,6 +452,19 @@ impl EngineHarness {
             cq_tail: 0,
         };
         Ok(EngineHarness { engine })
+    }
+
+    /// As `new`, its data going through `windows` only (`dma=direct`).
+    pub fn new_direct(
+        regs: Arc<SharedMemory>,
+        windows: Arc<DmaWindows>,
+        medium: File,
+        read_only: bool,
+    ) -> std::io::Result<Self> {
+        let unused = DmaRegion { memory: regs.clone(), offset: 0, len: 0, gpa: 0 };
+        let mut harness = EngineHarness::new(regs, unused, medium, read_only)?;
+        harness.engine.data = DataPath::Windows(windows);
+        Ok(harness)
     }
 
     /// One round of work; whether there was any.
@@ -433,12 +499,21 @@ mod tests {
     const DMA_GPA: u64 = 0x4000_0000;
 
     fn rig(tag: &str, read_only: bool) -> Rig {
+        rig_on(tag, read_only, None)
+    }
+
+    /// A controller whose data goes through `windows` if given, else into
+    /// the rig's DMA region.
+    fn rig_on(tag: &str, read_only: bool, windows: Option<Arc<DmaWindows>>) -> Rig {
         let image = std::env::temp_dir().join(format!("sim-storage-{tag}-{}", std::process::id()));
         std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
         let dma = Arc::new(SharedMemory::new("dma", 64 * 1024).unwrap());
         let region = DmaRegion { memory: dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA };
         let config = SimStorageConfig { name: tag.into(), image: image.clone(), read_only };
-        let device = SimStorage::start(&config, region).unwrap();
+        let device = match windows {
+            Some(windows) => SimStorage::start_direct(&config, windows).unwrap(),
+            None => SimStorage::start(&config, region).unwrap(),
+        };
         let interrupt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
         device.interrupt().route(interrupt.try_clone().unwrap());
         Rig { device, interrupt, dma, image }
@@ -590,7 +665,7 @@ mod tests {
             flushes: rig.device.flushes.clone(),
             status: rig.reg(reg::STATUS).load(Ordering::SeqCst),
             medium: File::options().read(true).write(true).open(&rig.image).unwrap(),
-            dma: DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA },
+            data: DataPath::Bounce(DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA }),
             read_only: false,
             capacity_sectors: 2048,
             interrupt: Arc::new(InterruptRoute::default()),
@@ -650,5 +725,58 @@ mod tests {
         std::fs::OpenOptions::new().write(true).open(&rig.image).unwrap().set_len(4096).unwrap();
         let done = rig.submit(&[command(storage::opcode::READ, 1, 16, 4096, DMA_GPA)]);
         assert_eq!(done[0].status, completion::MEDIUM_ERROR);
+    }
+
+    #[test]
+    fn direct_transfers_reach_only_the_mapped_windows_in_their_direction() {
+        use crate::dma_windows::Window;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        const GRANULE: u32 = 16 * 1024;
+        let client = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let windows = DmaWindows::new(DMA_GPA, GRANULE, 4);
+        let rig = rig_on("direct", false, Some(windows.clone()));
+        rig.reset_and_enable(8);
+        let window = |buffers: Vec<(u64, u32)>, access| {
+            let buffers = buffers.into_iter().map(|(at, len)| (GuestAddress(at), len)).collect();
+            Window::new(client.clone(), buffers, access, GRANULE).unwrap()
+        };
+        let slot = |index: u64| DMA_GPA + index * u64::from(GRANULE);
+        // A write request's scattered buffers reach the medium in order.
+        client.write_slice(&[0x11u8; 4096], GuestAddress(0x8000)).unwrap();
+        client.write_slice(&[0x22u8; 4096], GuestAddress(0x2000)).unwrap();
+        windows.map(1, window(vec![(0x8000, 4096), (0x2000, 4096)], DeviceAccess::Read));
+        let done = rig.submit(&[command(storage::opcode::WRITE, 1, 8, 8192, slot(1))]);
+        assert_eq!(done[0].status, completion::SUCCESS);
+        let medium = std::fs::read(&rig.image).unwrap();
+        assert!(medium[4096..8192].iter().all(|b| *b == 0x11) && medium[8192..12288].iter().all(|b| *b == 0x22));
+        // A read aimed at the write's window is refused: its buffers are
+        // device-readable only, and stay as the client wrote them.
+        let done = rig.submit(&[command(storage::opcode::READ, 2, 0, 4096, slot(1))]);
+        assert_eq!(done[0].status, completion::DMA_ERROR);
+        let mut kept = vec![0u8; 4096];
+        client.read_slice(&mut kept, GuestAddress(0x8000)).unwrap();
+        assert!(kept.iter().all(|b| *b == 0x11));
+        // A read request's buffers take the medium's data; a write from
+        // them is refused (the device may not read what they held).
+        windows.map(2, window(vec![(0x20000, 8192)], DeviceAccess::Write));
+        let done = rig.submit(&[command(storage::opcode::READ, 3, 8, 8192, slot(2))]);
+        assert_eq!(done[0].status, completion::SUCCESS);
+        let mut read = vec![0u8; 8192];
+        client.read_slice(&mut read, GuestAddress(0x20000)).unwrap();
+        assert_eq!(read[..], medium[4096..12288]);
+        let done = rig.submit(&[command(storage::opcode::WRITE, 4, 100, 4096, slot(2))]);
+        assert_eq!(done[0].status, completion::DMA_ERROR);
+        // No window (none mapped, or revoked), past a window, or the bounce
+        // region's own addresses: refused, nothing falls back to memory.
+        windows.unmap(2);
+        for (cid, dma, len) in [(5, slot(2), 4096), (6, slot(0), 512), (7, slot(1) + 4096, 8192), (8, slot(4), 512)] {
+            let done = rig.submit(&[command(storage::opcode::READ, cid, 0, len, dma)]);
+            assert_eq!(done[0].status, completion::DMA_ERROR, "command {cid}");
+        }
+        let after = std::fs::read(&rig.image).unwrap();
+        assert!(after[100 * 512..108 * 512].iter().all(|b| *b == 0), "the refused write reached nothing");
+        let mut bounce = vec![0u8; 64 * 1024];
+        rig.dma.slice(0, 64 * 1024).unwrap().copy_to(&mut bounce[..]);
+        assert!(bounce.iter().all(|b| *b == 0), "the bounce region is never touched");
     }
 }

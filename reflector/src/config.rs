@@ -57,6 +57,35 @@ pub struct BlkConfig {
     pub hosted: bool,
     /// The hardware the driver VM drives.
     pub device: DeviceHardware,
+    /// How request payloads reach the device.
+    pub dma: DmaMode,
+}
+
+/// How a block device's payloads travel between the client and the device
+/// (`dma=`; DESIGN.md, "Per-request DMA windows"; threat model).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DmaMode {
+    /// The device reaches only the channel's bounce slots; the reflector
+    /// copies each payload between a slot and client memory (`dma=bounce`,
+    /// the default: client memory is touched by the reflector alone).
+    #[default]
+    Bounce,
+    /// The device reaches a request's own client buffers through a window
+    /// mapped while the request is in flight, in its direction only, and
+    /// revoked before it completes or when its driver VM dies
+    /// (`dma=direct`): one copy fewer. `device=sim` only; not with
+    /// `checksums=on` (the judge checks a copy that then does not exist).
+    Direct,
+}
+
+impl DmaMode {
+    fn parse(value: &str) -> Result<DmaMode, String> {
+        match value {
+            "bounce" => Ok(DmaMode::Bounce),
+            "direct" => Ok(DmaMode::Direct),
+            _ => Err(format!("dma={value}: expected bounce or direct")),
+        }
+    }
 }
 
 /// The hardware behind a device, whatever its kind.
@@ -336,6 +365,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         warm_spare: false,
         hosted: false,
         device: DeviceHardware::Sim,
+        dma: DmaMode::Bounce,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
@@ -357,13 +387,14 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "name" => config.name = value.into(),
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
+            "dma" => config.dma = DmaMode::parse(value).map_err(error)?,
             "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, spare, hosted, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, dma, spare, hosted, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -390,6 +421,19 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         // The driver maps the whole disk: read-only would take a read-only
         // window, which the memory device does not offer yet.
         return Err("readonly=on is not available with device=memory: use device=sim for a read-only disk".into());
+    }
+    if config.dma == DmaMode::Direct {
+        if config.device != DeviceHardware::Sim {
+            // QEMU's models and VFIO functions reach memory through their own
+            // address spaces, and the memory disk is copied by its driver.
+            return Err("dma=direct needs device=sim: other devices reach only the bounce slots".into());
+        }
+        if config.checksums {
+            return Err(
+                "dma=direct cannot be combined with checksums=on: the checksums judge the copy that direct DMA removes"
+                    .into(),
+            );
+        }
     }
     check_common(&config.name, &config.socket, &config.driver)
 }
@@ -551,6 +595,7 @@ struct FileBlk {
     readonly: bool,
     #[serde(default)]
     checksums: bool,
+    dma: Option<toml::Spanned<String>>,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
     poison_deaths: Option<u32>,
@@ -646,6 +691,12 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             read_only: blk.readonly,
             checksums: blk.checksums,
             device: hardware,
+            dma: match blk.dma {
+                Some(dma) => DmaMode::parse(dma.get_ref()).map_err(|e| {
+                    ConfigError(format!("{origin}, line {}: [[blk]] key `dma`: {e}", line_of(text, dma.span().start)))
+                })?,
+                None => DmaMode::Bounce,
+            },
         };
         check(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         config.blk.push(device);
@@ -767,6 +818,28 @@ mod tests {
         assert!(error.to_string().contains("readonly=on is not available with device=memory"), "{error}");
         let error = parse_net("socket=/s,device=memory", 0).unwrap_err();
         assert!(error.to_string().contains("expected sim"), "{error}");
+    }
+
+    #[test]
+    fn direct_dma_is_for_the_simulated_controller_without_checksums() {
+        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().dma, DmaMode::Bounce);
+        assert_eq!(parse_blk("socket=/s,image=/i,dma=direct", 0).unwrap().dma, DmaMode::Direct);
+        assert_eq!(parse_blk("socket=/s,image=/i,dma=bounce,checksums=on", 0).unwrap().dma, DmaMode::Bounce);
+        for (spec, expected) in [
+            ("socket=/s,image=/i,dma=direct,checksums=on", "cannot be combined with checksums=on"),
+            ("socket=/s,image=/i,dma=direct,device=memory", "dma=direct needs device=sim"),
+            ("socket=/s,image=/i,dma=direct,device=nvme", "dma=direct needs device=sim"),
+            ("socket=/s,image=/i,dma=fast", "dma=fast: expected bounce or direct"),
+        ] {
+            let error = parse_blk(spec, 0).unwrap_err().to_string();
+            assert!(error.contains(expected), "{spec}: {error}");
+        }
+        let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\ndma = \"direct\"\n";
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].dma, DmaMode::Direct);
+        let error = parse_file(&file.replace("direct", "zero-copy"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("line 4") && error.contains("key `dma`"), "{error}");
+        let error = parse_file(&format!("{file}checksums = true\n"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("cannot be combined with checksums=on"), "{error}");
     }
 
     #[test]

@@ -41,7 +41,9 @@ driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tol
 booted driver VM waiting, so that a restart skips the boot), checksums=on (remember a checksum
 of every sector written through the device, 4 bytes per 512-byte sector, and treat a read that
 returns other data as a driver lie: the driver VM is replaced and the read replayed),
-poison_deaths=N (a request in flight in N dying driver VMs in a row completes with an I/O
+dma=bounce|direct (direct: the simulated controller reaches each request's own buffers through
+a window mapped only while it is in flight, instead of a bounce slot copied by the reflector;
+one copy fewer; not with checksums=on; default bounce), poison_deaths=N (a request in flight in N dying driver VMs in a row completes with an I/O
 error instead of being replayed again; default 3), driver_args=WORDS (the driver's
 parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests),
 device=sim|nvme|memory|vfio:ADDRESS (memory: the image itself as the vmdisk driver's device
@@ -70,6 +72,7 @@ Configuration file (TOML):
   size = \"1G\"                   # create the image if missing
   readonly = false
   checksums = false             # check reads against what was written
+  dma = \"bounce\"                # or \"direct\": per-request DMA windows, no bounce copy
   driver = \"blk\"                # driver VM image: built-in name or path
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long

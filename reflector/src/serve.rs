@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
-use crate::config::{BlkConfig, DeviceHardware, JailSettings, NetConfig};
+use crate::config::{BlkConfig, DeviceHardware, DmaMode, JailSettings, NetConfig};
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
 use crate::hw::memory_disk::MemoryDisk;
@@ -287,10 +287,16 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         DeviceHardware::Sim => {
             let hardware_config =
                 SimStorageConfig { name: name.clone(), image: config.image.clone(), read_only: config.read_only };
-            Arc::new(
-                SimStorage::start(&hardware_config, bounce_dma(&channel))
-                    .map_err(io(format!("{name}: starting the controller")))?,
-            )
+            let started = match config.dma {
+                DmaMode::Bounce => SimStorage::start(&hardware_config, bounce_dma(&channel)),
+                // The windows sit where the bounce slots are: the driver
+                // names the same addresses either way.
+                DmaMode::Direct => {
+                    tracing::info!(device = %name, "payloads go through per-request DMA windows (dma=direct)");
+                    SimStorage::start_direct(&hardware_config, request_windows())
+                }
+            };
+            Arc::new(started.map_err(io(format!("{name}: starting the controller")))?)
         }
         DeviceHardware::QemuModel { qemu } => {
             // The controller reaches the bounce slots and the driver's
@@ -518,6 +524,16 @@ fn bounce_dma(channel: &Channel) -> DmaRegion {
         len: channel::SLOT_COUNT as usize * channel::SLOT_SIZE as usize,
         gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
     }
+}
+
+/// Per-request DMA windows (`dma=direct`), one per bounce slot at the
+/// slot's address.
+fn request_windows() -> Arc<crate::hw::dma_windows::DmaWindows> {
+    crate::hw::dma_windows::DmaWindows::new(
+        CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
+        channel::SLOT_SIZE,
+        channel::SLOT_COUNT,
+    )
 }
 
 /// What a device's driver VMs start as.

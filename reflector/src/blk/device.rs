@@ -87,9 +87,9 @@ impl Blk {
                 read_only,
             },
             config: virtio_blk_config(capacity_sectors),
-            hardware,
+            hardware: hardware.clone(),
             written: checksums.then(|| WrittenSums::new(capacity_sectors)),
-            in_flight: InFlightTable::default(),
+            in_flight: InFlightTable::with_windows(hardware.dma_windows()),
             waiting: VecDeque::new(),
             poison_deaths,
         }
@@ -168,7 +168,15 @@ impl Blk {
             _ => channel::op::FLUSH,
         };
         let mut sums = Vec::new();
-        if request.kind == RequestKind::Write {
+        if let (Some(limit), RequestKind::Read | RequestKind::Write) = (self.in_flight.window_limit(), request.kind) {
+            // dma=direct: the device reaches the client's buffers through a
+            // window while the request is in flight; nothing is copied.
+            let snapshot = core.memory.as_ref().map(|atomic| atomic.memory().into_inner());
+            let window = snapshot.and_then(|memory| marshal::dma_window(memory, request, limit));
+            if !window.is_some_and(|window| self.in_flight.map_window(slot, window)) {
+                return false;
+            }
+        } else if request.kind == RequestKind::Write {
             let copied = match self.written.is_some() {
                 // Checksums are taken of what the client wrote, staged here:
                 // the driver can change its bounce slot at any time.
@@ -375,6 +383,13 @@ impl Blk {
         };
         let mut written = 0;
         let code = match (code, entry.request.kind) {
+            // The device wrote the client's buffers itself, and can no
+            // longer: the window went with the request's table entry.
+            (marshal::VIRTIO_BLK_S_OK, RequestKind::Read) if self.in_flight.direct() => {
+                written = entry.data_len;
+                core.metrics.bytes_read.fetch_add(u64::from(entry.data_len), Ordering::Relaxed);
+                code
+            }
             (marshal::VIRTIO_BLK_S_OK, RequestKind::Read) => {
                 let copied = match verified {
                     Some(mut data) => {
@@ -527,6 +542,9 @@ impl DeviceKind for Blk {
         // device: a slow boot on a loaded machine is no request's doing).
         let blame = fault.blames_requests() && core.driver_attached();
         self.in_flight.blame_sent(blame);
+        // The device is quiesced; no request of the dead driver's may be
+        // reached again until a replay maps it anew.
+        self.in_flight.revoke_windows();
     }
 
     fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {

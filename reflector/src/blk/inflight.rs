@@ -1,9 +1,16 @@
 //! The table of requests handed to a driver VM, one per bounce slot. The
 //! reflector owns it: it is what makes completions checkable and, after a
-//! driver VM dies, replayable.
+//! driver VM dies, replayable. With per-request DMA windows (`dma=direct`)
+//! it also owns their lifetime: a slot's window is revoked whenever its
+//! request leaves the table, however it leaves, so no path can complete a
+//! request to the client while the device can still reach its buffers.
+
+use std::sync::Arc;
 
 use guest_abi::channel::{self, CompletionEntry};
 use vm_memory::GuestAddress;
+
+use crate::hw::dma_windows::{DmaWindows, Window};
 
 use super::marshal::{BlkRequest, RequestKind};
 use crate::driver_answers::{self, Answer, Claim, Expected, Length, Violation};
@@ -101,19 +108,56 @@ pub struct InFlightTable {
     slots: Vec<Option<InFlight>>,
     free: Vec<u32>,
     sequence: u64,
+    /// The device's per-request DMA windows, one per slot (`dma=direct`).
+    windows: Option<Arc<DmaWindows>>,
 }
 
 impl Default for InFlightTable {
     fn default() -> Self {
-        InFlightTable {
-            slots: vec![None; channel::SLOT_COUNT as usize],
-            free: (0..channel::SLOT_COUNT).rev().collect(),
-            sequence: 0,
-        }
+        InFlightTable::with_windows(None)
     }
 }
 
 impl InFlightTable {
+    /// An empty table; `windows`, if given, are the device's per-request
+    /// DMA windows, indexed by slot.
+    pub fn with_windows(windows: Option<Arc<DmaWindows>>) -> Self {
+        InFlightTable {
+            slots: vec![None; channel::SLOT_COUNT as usize],
+            free: (0..channel::SLOT_COUNT).rev().collect(),
+            sequence: 0,
+            windows,
+        }
+    }
+
+    /// Whether payloads go through per-request DMA windows.
+    pub fn direct(&self) -> bool {
+        self.windows.is_some()
+    }
+
+    /// The most a window holds, if payloads go through windows.
+    pub fn window_limit(&self) -> Option<u32> {
+        self.windows.as_ref().map(|windows| windows.granule())
+    }
+
+    /// Lets the device reach `window` through `slot`'s address, while the
+    /// request in `slot` stays in the table; false if there is no request
+    /// there or no windows.
+    pub fn map_window(&self, slot: u32, window: Window) -> bool {
+        match (&self.windows, self.get(slot)) {
+            (Some(windows), Some(_)) => windows.map(slot, window),
+            _ => false,
+        }
+    }
+
+    /// Revokes every request's window (its driver VM died: a replay maps
+    /// it again), each after the device's access in progress on it ends.
+    pub fn revoke_windows(&self) {
+        if let Some(windows) = &self.windows {
+            windows.unmap_all();
+        }
+    }
+
     /// Takes a free slot for `entry` and gives it a fresh id; gives the
     /// entry back if every slot is taken.
     pub fn insert(&mut self, mut entry: InFlight) -> Result<(u32, u64), InFlight> {
@@ -152,9 +196,12 @@ impl InFlightTable {
         self.slots.get(slot as usize)?.as_ref()
     }
 
-    /// Frees `slot` and returns its request.
+    /// Frees `slot` and returns its request, its DMA window revoked.
     pub fn remove(&mut self, slot: u32) -> Option<InFlight> {
         let entry = self.slots.get_mut(slot as usize)?.take()?;
+        if let Some(windows) = &self.windows {
+            windows.unmap(slot);
+        }
         self.free.push(slot);
         Some(entry)
     }

@@ -1,13 +1,18 @@
 //! The one place that reads and writes a client's memory (the QEMU guest's
-//! RAM, shared over vhost-user): parsing virtio-blk descriptor chains and
-//! copying payloads between client memory and bounce slots.
+//! RAM, shared over vhost-user): parsing virtio-blk descriptor chains,
+//! copying payloads between client memory and bounce slots, and (with
+//! `dma=direct`) choosing the client buffers a request's DMA window covers.
 //!
 //! A client is untrusted: every descriptor is checked against the client's
 //! memory table and the virtio-blk rules (direction, lengths, alignment,
 //! capacity) before anything is copied, and a malformed request completes
 //! with the virtio-blk status the spec asks for instead of reaching a driver.
 
+use std::sync::Arc;
+
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+
+use crate::hw::dma_windows::{DeviceAccess, Window};
 
 use virtio::blk::HEADER_LEN;
 pub use virtio::blk::{
@@ -285,6 +290,18 @@ pub fn copy_to_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &Volat
 /// Copies a read's payload from its bounce slot into client memory.
 pub fn copy_from_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &VolatileSlice) -> Result<(), Malformed> {
     for_each_segment(memory, request, slot, |client, bounce| bounce.copy_to_volatile_slice(client))
+}
+
+/// The DMA window onto a read's or write's data buffers (`dma=direct`):
+/// exactly the buffers the client gave, in order, writable by the device for
+/// a read and readable for a write; none for other kinds.
+pub fn dma_window(memory: Arc<GuestMemoryMmap>, request: &BlkRequest, limit: u32) -> Option<Window> {
+    let access = match request.kind {
+        RequestKind::Read => DeviceAccess::Write,
+        RequestKind::Write => DeviceAccess::Read,
+        RequestKind::Flush | RequestKind::GetId => return None,
+    };
+    Window::new(memory, request.data.clone(), access, limit).ok()
 }
 
 /// Writes the device id (NUL padded to 20 bytes, truncated to the buffer)

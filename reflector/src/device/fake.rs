@@ -19,6 +19,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::hw::dma_windows::{DeviceAccess, DmaWindows};
 use crate::hw::{BlockHardware, FlushCount, Hardware, HardwareWindow, InterruptRoute};
 use crate::inline_driver::{spawn_thread, Answer, ThreadDriver, ThreadLaunch};
 use crate::shm::SharedMemory;
@@ -53,18 +54,41 @@ pub struct FakeDisk {
     interrupt: Arc<InterruptRoute>,
     /// Times the device quiesced its (fake) DMA after a driver's death.
     pub quiesced: AtomicU32,
+    /// Per-request DMA windows its transfers go through (`dma=direct`),
+    /// one per slot at `slot * SLOT_SIZE`; else the bounce slots.
+    pub windows: Option<Arc<DmaWindows>>,
+    /// The most windows ever found mapped when a new driver VM was let at
+    /// the device (each should have been revoked at the death before).
+    pub mapped_at_resume: AtomicUsize,
 }
 
 impl FakeDisk {
     /// A zeroed medium of `sectors` 512-byte sectors.
     pub fn new(sectors: u64) -> Arc<Self> {
+        FakeDisk::with_windows(sectors, None)
+    }
+
+    /// As `new`, its transfers going through per-request DMA windows.
+    pub fn direct(sectors: u64) -> Arc<Self> {
+        FakeDisk::with_windows(sectors, Some(DmaWindows::new(0, channel::SLOT_SIZE, channel::SLOT_COUNT)))
+    }
+
+    fn with_windows(sectors: u64, windows: Option<Arc<DmaWindows>>) -> Arc<Self> {
         Arc::new(FakeDisk {
             sectors: Mutex::new(vec![0; sectors as usize * 512]),
             flushes: Mutex::new(FlushCount::default()),
             doorbell: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             interrupt: Arc::new(InterruptRoute::default()),
             quiesced: AtomicU32::new(0),
+            windows,
+            mapped_at_resume: AtomicUsize::new(0),
         })
+    }
+
+    /// Puts `data` on the medium at `sector`.
+    pub fn write(&self, sector: u64, data: &[u8]) {
+        let at = sector as usize * 512;
+        self.sectors.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
     }
 
     /// The medium's bytes at `sector`.
@@ -78,12 +102,34 @@ impl FakeDisk {
     fn serve(&self, memory: &SharedMemory, request: &RequestEntry) -> u32 {
         let at = request.sector as usize * 512;
         let mut sectors = self.sectors.lock().unwrap();
-        let Some(bounce) = memory.slice(channel::slot_offset(request.slot), request.len as usize) else {
-            return status::IO_ERROR;
-        };
         if at + request.len as usize > sectors.len() {
             return status::IO_ERROR;
         }
+        if let (Some(windows), op::READ | op::WRITE) = (&self.windows, request.op) {
+            let (address, len) = (u64::from(request.slot) * u64::from(channel::SLOT_SIZE), request.len);
+            let medium = &mut sectors[at..at + len as usize];
+            let done = match request.op {
+                op::READ => windows.with(address, len, DeviceAccess::Write, |slices| {
+                    let mut from = &medium[..];
+                    for slice in slices {
+                        slice.copy_from(&from[..slice.len()]);
+                        from = &from[slice.len()..];
+                    }
+                }),
+                _ => windows.with(address, len, DeviceAccess::Read, |slices| {
+                    let mut to = &mut medium[..];
+                    for slice in slices {
+                        let (now, rest) = to.split_at_mut(slice.len());
+                        slice.copy_to(now);
+                        to = rest;
+                    }
+                }),
+            };
+            return if done.is_ok() { status::OK } else { status::IO_ERROR };
+        }
+        let Some(bounce) = memory.slice(channel::slot_offset(request.slot), request.len as usize) else {
+            return status::IO_ERROR;
+        };
         match request.op {
             op::READ => bounce.copy_from(&sectors[at..at + request.len as usize]),
             op::WRITE => {
@@ -117,7 +163,10 @@ impl Hardware for FakeDisk {
         self.quiesced.fetch_add(1, Ordering::SeqCst);
     }
 
-    fn resume(&self) {}
+    fn resume(&self) {
+        let mapped = self.windows.as_ref().map_or(0, |windows| windows.mapped());
+        self.mapped_at_resume.fetch_max(mapped, Ordering::SeqCst);
+    }
 }
 
 impl BlockHardware for FakeDisk {
@@ -131,6 +180,10 @@ impl BlockHardware for FakeDisk {
 
     fn flushes(&self) -> FlushCount {
         *self.flushes.lock().unwrap()
+    }
+
+    fn dma_windows(&self) -> Option<Arc<DmaWindows>> {
+        self.windows.clone()
     }
 }
 

@@ -35,6 +35,8 @@ struct Bench<'a> {
     scripts: Arc<std::sync::Mutex<std::collections::VecDeque<Script>>>,
     listeners: Vec<(std::os::fd::RawFd, u16)>,
     metrics: Arc<Metrics>,
+    /// The channel's memory (ring and bounce slots).
+    channel_memory: Arc<crate::shm::SharedMemory>,
 }
 
 /// A policy that backs off briefly, so a crash loop is given up on in well
@@ -64,8 +66,24 @@ impl<'a> Bench<'a> {
         recovery: RecoveryConfig,
         poll_window: Duration,
     ) -> Self {
-        let disk = FakeDisk::new(4096);
+        Bench::on(FakeDisk::new(4096), memory, scripts, checksums, recovery, poll_window)
+    }
+
+    /// As `new`, payloads going through per-request DMA windows (`dma=direct`).
+    fn direct(memory: &'a GuestMemoryMmap, scripts: &[Script], recovery: RecoveryConfig) -> Self {
+        Bench::on(FakeDisk::direct(4096), memory, scripts, false, recovery, Duration::ZERO)
+    }
+
+    fn on(
+        disk: Arc<FakeDisk>,
+        memory: &'a GuestMemoryMmap,
+        scripts: &[Script],
+        checksums: bool,
+        recovery: RecoveryConfig,
+        poll_window: Duration,
+    ) -> Self {
         let channel = Channel::new("fake").unwrap();
+        let channel_memory = channel.memory().clone();
         let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
         let launch =
@@ -86,7 +104,7 @@ impl<'a> Bench<'a> {
         let client = Client::attach(memory, &mut device);
         let listeners = device.listeners();
         let metrics = device.metrics();
-        Bench { device, client, disk, launch_count, scripts, listeners, metrics }
+        Bench { device, client, disk, launch_count, scripts, listeners, metrics, channel_memory }
     }
 
     fn count(&self, counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -165,6 +183,60 @@ fn requests_pass_through_a_serving_driver() {
     bench.complete(&read, "the read");
     assert_eq!((bench.client.status(&read[0]), bench.client.data(&read[0])), (OK, data));
     assert_eq!((bench.count(&bench.metrics.faults), bench.launches()), (0, 1));
+}
+
+#[test]
+fn direct_dma_moves_payloads_without_the_bounce_slots_and_leaves_no_window_behind() {
+    let memory = client_memory();
+    let mut bench = Bench::direct(&memory, &[Script::Serve], quick_recovery());
+    let windows = bench.disk.windows.clone().unwrap();
+    let data = pattern(11, 8192);
+    let write = bench.submit(&[(true, 8, data.clone())]);
+    bench.complete(&write, "the write");
+    assert_eq!(bench.disk.read(8, 8192), data);
+    let read = bench.submit(&[(false, 8, vec![0; 8192])]);
+    bench.complete(&read, "the read");
+    assert_eq!((bench.client.status(&read[0]), bench.client.data(&read[0])), (OK, data));
+    assert_eq!(windows.mapped(), 0, "a completed request's window is revoked");
+    let bounce_len = 2 * guest_abi::channel::SLOT_SIZE as usize;
+    let bounce = bench.channel_memory.slice(guest_abi::channel::BOUNCE_OFFSET, bounce_len).unwrap();
+    let mut seen = vec![0u8; bounce.len()];
+    bounce.copy_to(&mut seen[..]);
+    assert!(seen.iter().all(|b| *b == 0), "the payloads never passed through a bounce slot");
+}
+
+#[test]
+fn direct_dma_windows_are_revoked_at_a_death_and_mapped_again_for_the_replay() {
+    // The first driver takes a write and a read and never answers; it is
+    // killed. Its requests' windows must be gone before the next driver
+    // may touch the device, and the replays must land.
+    let memory = client_memory();
+    let mut bench = Bench::direct(&memory, &[Script::Hang, Script::Serve], RecoveryConfig::default());
+    let windows = bench.disk.windows.clone().unwrap();
+    let data = pattern(12, 4096);
+    bench.disk.write(300, &data);
+    let written = pattern(13, 8192);
+    let sent = bench.submit(&[(true, 0, written.clone()), (false, 300, vec![0; 4096])]);
+    bench.run_until("the hung driver to hold both", |_, _| windows.mapped() == 2);
+    bench.kill_driver();
+    bench.complete(&sent, "the replayed requests");
+    assert_eq!(bench.disk.mapped_at_resume.load(Ordering::SeqCst), 0, "a window outlived its driver VM");
+    assert_eq!(bench.disk.read(0, 8192), written);
+    assert_eq!((bench.client.status(&sent[1]), bench.client.data(&sent[1])), (OK, data));
+    assert_eq!((bench.count(&bench.metrics.replayed), bench.count(&bench.metrics.errors)), (2, 0));
+    assert_eq!(windows.mapped(), 0);
+}
+
+#[test]
+fn a_lying_driver_under_direct_dma_is_caught_and_its_request_replayed() {
+    let memory = client_memory();
+    let mut bench = Bench::direct(&memory, &[Script::Lie, Script::Serve], quick_recovery());
+    let data = pattern(14, 2048);
+    let sent = bench.submit(&[(true, 40, data.clone())]);
+    bench.complete(&sent, "the write after the lie");
+    assert_eq!((bench.client.status(&sent[0]), bench.disk.read(40, 2048)), (OK, data));
+    assert_eq!(bench.count(&bench.metrics.violations), 1);
+    assert_eq!(bench.disk.windows.as_ref().unwrap().mapped(), 0);
 }
 
 #[test]
