@@ -91,6 +91,38 @@ fn a_driver_returning_other_data_is_caught_by_checksums() {
     reflector.stop();
 }
 
+/// Under `dma=direct` the controller moves payloads straight between the
+/// medium and the client's buffers: a driver that alters read data in its
+/// bounce slots (the same lie as above, without checksums) alters nothing
+/// the client sees. The same lie under bounce slots reaches the client
+/// (which is why `checksums=on` exists), so the test can tell the modes
+/// apart.
+#[test]
+fn a_driver_altering_its_slots_reaches_no_data_under_direct_dma() {
+    if !kvm_available("a_driver_altering_its_slots_reaches_no_data_under_direct_dma") {
+        return;
+    }
+    let verified_under_lie = |tag: &str, extra: &str| {
+        let scratch = Scratch::new(tag);
+        let (reflector, socket, control) = serve(&scratch, extra);
+        let injected = reflector_command(&control, &["inject", "d0", "corrupt-reads"]);
+        assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
+        let load = blk_load(
+            &socket,
+            &["--job", "write,read", "--bs", "4k", "--qd", "4", "--size", "1M", "--ios", "256", "--verify"],
+        );
+        let status = status(&control);
+        reflector.stop();
+        (load, status)
+    };
+    let (direct, status) = verified_under_lie("lie-direct", ",dma=direct");
+    assert!(direct.status.success(), "the lie reached the client: {}", String::from_utf8_lossy(&direct.stderr));
+    assert_eq!((status["errors"].as_u64(), status["violations"].as_u64()), (Some(0), Some(0)), "{status}");
+    let (bounce, _) = verified_under_lie("lie-bounce", "");
+    let stderr = String::from_utf8_lossy(&bounce.stderr);
+    assert!(!bounce.status.success() && stderr.contains("mismatch"), "bounce slots without checksums: {stderr}");
+}
+
 #[test]
 fn a_driver_acknowledging_a_flush_it_did_not_do_is_caught() {
     if !kvm_available("a_driver_acknowledging_a_flush_it_did_not_do_is_caught") {
