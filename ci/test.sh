@@ -51,6 +51,9 @@ fi
 step "end-to-end: a QEMU guest runs fio --verify on a disk served through a driver VM"
 timeout 1500 ci/e2e-reflector.sh
 
+step "end-to-end: the same with per-request DMA windows (dma=direct): the controller reaches the guest's own buffers"
+timeout 1500 ci/e2e-reflector.sh --dma direct
+
 step "end-to-end: the same on QEMU's NVMe controller model through the nvme driver, also across kills and injected faults"
 timeout 1500 ci/e2e-reflector.sh --device nvme
 
@@ -62,7 +65,7 @@ timeout 1500 ci/e2e-net.sh --device e1000e
 
 step "the VFIO door: a TCG guest with an emulated IOMMU binds an NVMe controller to vfio-pci; vfio-check drives it through hardware::vfio"
 timeout 900 ci/e2e-vfio.sh
-e2e_passed=$([[ -n $(command -v qemu-system-x86_64) ]] && echo 5 || echo 0)
+e2e_passed=$([[ -n $(command -v qemu-system-x86_64) ]] && echo 6 || echo 0)
 
 step "fuzz smoke: every fuzz target for a few seconds with AddressSanitizer (ci/fuzz.sh)"
 fuzz_log=$(mktemp)
