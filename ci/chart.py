@@ -70,9 +70,10 @@ def panel(job, x0, y0):
                 height = h * value / top_cpu
                 y -= height
                 out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w:.1f}" height="{height:.1f}" fill="{role_colour}"/>')
-            out.append(text(x + bar_w / 2, top + h + 12, key, 9, "middle"))
+            # Alternate rows, so that neighbouring names never overlap.
+            out.append(text(x + bar_w / 2, top + h + 11 + (i % 2) * 9, key, 8, "middle"))
             out.append(text(x + bar_w / 2, y - 3, f"{sum(cpu.values()):.0f}", 9, "middle"))
-        out.append(text(left + w / 2, top + h + 24, "CPU us/request", 9, "middle"))
+        out.append(text(left + w / 2, top + h + 32, "CPU us/request", 9, "middle"))
     ratios = "  ".join(f"{k}/qsd {job[k + '_over_qsd']['median']:.2f}x" for k in ("sim", "direct", "nvme") if k + "_over_qsd" in job)
     out.append(text(x0, y0 + PANEL_H - 6, ratios, 10, weight="bold"))
     return out
