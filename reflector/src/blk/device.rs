@@ -583,6 +583,10 @@ impl DeviceKind for Blk {
 
     fn client_gone(&mut self, _core: &mut DeviceCore) {
         self.waiting.clear();
+        // What is still in the driver VM completes into nothing, and its
+        // device may no longer reach the departed client's buffers: a QEMU
+        // that reconnects brings the same guest RAM back, already reused.
+        self.in_flight.revoke_windows();
     }
 }
 

@@ -228,6 +228,17 @@ fn direct_dma_windows_are_revoked_at_a_death_and_mapped_again_for_the_replay() {
 }
 
 #[test]
+fn direct_dma_windows_close_when_their_client_leaves() {
+    let memory = client_memory();
+    let mut bench = Bench::direct(&memory, &[Script::Hang], quick_recovery());
+    let windows = bench.disk.windows.clone().unwrap();
+    bench.submit(&[(false, 0, vec![0; 4096]), (true, 8, pattern(15, 4096))]);
+    bench.run_until("the driver to hold both", |_, _| windows.mapped() == 2);
+    bench.device.client_gone();
+    assert_eq!(windows.mapped(), 0, "the device can still reach a departed client's memory");
+}
+
+#[test]
 fn a_lying_driver_under_direct_dma_is_caught_and_its_request_replayed() {
     let memory = client_memory();
     let mut bench = Bench::direct(&memory, &[Script::Lie, Script::Serve], quick_recovery());
