@@ -77,6 +77,10 @@ pub struct DeviceStatus {
     /// Its current driver VM has attached to the channel (serves).
     #[serde(default)]
     pub attached: bool,
+    /// How a block device's payloads reach its device: "bounce" or
+    /// "direct" (`dma=`); empty for a net device.
+    #[serde(default)]
+    pub dma: String,
     /// Counter `errors` (see `Metrics`).
     pub errors: u64,
     /// Counter `malformed` (see `Metrics`).
@@ -211,6 +215,12 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         driver_own_kib: get(&m.driver_own_kib),
         memory_cap_bytes: get(&m.memory_cap_bytes),
         attached: attached(target),
+        dma: match (target.kind, get(&m.direct_dma)) {
+            ("blk", 0) => "bounce",
+            ("blk", _) => "direct",
+            _ => "",
+        }
+        .to_owned(),
         errors: get(&m.errors),
         malformed: get(&m.malformed),
         client_memory_faults: get(&m.client_memory_faults),

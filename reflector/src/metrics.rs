@@ -74,6 +74,9 @@ pub struct Metrics {
     /// The memory cap of the device's driver VMs (their cgroup), bytes; 0
     /// when they have none (unjailed).
     pub memory_cap_bytes: AtomicU64,
+    /// 1 when a block device's payloads go through per-request DMA
+    /// windows (`dma=direct`), 0 with bounce slots.
+    pub direct_dma: AtomicU64,
     /// The warm spare's pid (0 if none).
     pub spare_pid: AtomicU64,
     /// `state_name` index of the device's driver state.

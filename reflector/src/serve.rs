@@ -358,6 +358,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
     let metrics = device.metrics();
+    metrics.direct_dma.store(u64::from(config.dma == DmaMode::Direct), std::sync::atomic::Ordering::Relaxed);
     Ok(BlkService {
         name: config.name.clone(),
         socket: config.socket.clone(),

@@ -116,9 +116,11 @@ fn a_driver_altering_its_slots_reaches_no_data_under_direct_dma() {
         (load, status)
     };
     let (direct, status) = verified_under_lie("lie-direct", ",dma=direct");
+    assert_eq!(status["dma"], "direct", "{status}");
     assert!(direct.status.success(), "the lie reached the client: {}", String::from_utf8_lossy(&direct.stderr));
     assert_eq!((status["errors"].as_u64(), status["violations"].as_u64()), (Some(0), Some(0)), "{status}");
-    let (bounce, _) = verified_under_lie("lie-bounce", "");
+    let (bounce, status) = verified_under_lie("lie-bounce", "");
+    assert_eq!(status["dma"], "bounce", "{status}");
     let stderr = String::from_utf8_lossy(&bounce.stderr);
     assert!(!bounce.status.success() && stderr.contains("mismatch"), "bounce slots without checksums: {stderr}");
 }
