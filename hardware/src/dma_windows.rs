@@ -16,8 +16,9 @@
 //!   driver cannot make the device read what stale memory the client's
 //!   read buffers hold);
 //! - only inside the window: an access that runs past it faults whole;
-//! - [`DmaWindows::unmap`] waits for an access in progress on the window,
-//!   so after it returns the device cannot touch those buffers again.
+//! - [`DmaWindows::unmap`] waits for the one access in progress on the
+//!   window (none starts while it waits), so after it returns the device
+//!   cannot touch those buffers again.
 //!
 //! The driver VM never maps client memory either way: it only names slot
 //! addresses. What it can still do is what it could do with bounce slots
@@ -32,6 +33,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
@@ -159,20 +161,31 @@ impl Window {
     }
 }
 
+/// One window's place in the table.
+#[derive(Default)]
+struct Slot {
+    /// Held by the device for the length of an access, so that `unmap`
+    /// waits for it.
+    window: Mutex<Option<Window>>,
+    /// Set while `unmap` waits: the device starts no new access meanwhile,
+    /// so a driver keeping the device busy on one window cannot starve its
+    /// revocation (the lock is not fair); `unmap` waits for at most the one
+    /// access in progress.
+    revoking: AtomicBool,
+}
+
 /// The windows of one device: `count` of `granule` bytes from device
 /// address `base` (the bounce slots' addresses), each empty or mapped.
 pub struct DmaWindows {
     base: u64,
     granule: u32,
-    /// Held by the device for the length of an access, so that `unmap`
-    /// waits for it.
-    windows: Vec<Mutex<Option<Window>>>,
+    slots: Vec<Slot>,
 }
 
 impl DmaWindows {
-    /// `count` empty windows of `granule` bytes from `base`.
+    /// `count` empty windows of `granule` (at least one) bytes from `base`.
     pub fn new(base: u64, granule: u32, count: u32) -> Arc<DmaWindows> {
-        Arc::new(DmaWindows { base, granule, windows: (0..count).map(|_| Mutex::new(None)).collect() })
+        Arc::new(DmaWindows { base, granule: granule.max(1), slots: (0..count).map(|_| Slot::default()).collect() })
     }
 
     /// The most one window can hold.
@@ -181,8 +194,8 @@ impl DmaWindows {
     }
 
     fn lock(&self, index: u32) -> Option<MutexGuard<'_, Option<Window>>> {
-        let window = self.windows.get(index as usize)?;
-        Some(window.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        let slot = self.slots.get(index as usize)?;
+        Some(slot.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 
     /// Maps `window` at window `index` (replacing what was there); false if
@@ -197,16 +210,18 @@ impl DmaWindows {
         }
     }
 
-    /// Revokes window `index`, after any access in progress on it ends.
+    /// Revokes window `index`, after the access in progress on it (if any)
+    /// ends; no new access starts meanwhile.
     pub fn unmap(&self, index: u32) {
-        if let Some(mut slot) = self.lock(index) {
-            *slot = None;
-        }
+        let Some(slot) = self.slots.get(index as usize) else { return };
+        slot.revoking.store(true, Ordering::SeqCst);
+        *slot.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+        slot.revoking.store(false, Ordering::SeqCst);
     }
 
     /// Revokes every window.
     pub fn unmap_all(&self) {
-        for index in 0..self.windows.len() as u32 {
+        for index in 0..self.slots.len() as u32 {
             self.unmap(index);
         }
     }
@@ -218,7 +233,7 @@ impl DmaWindows {
 
     /// How many windows are mapped.
     pub fn mapped(&self) -> usize {
-        (0..self.windows.len() as u32).filter(|index| self.is_mapped(*index)).count()
+        (0..self.slots.len() as u32).filter(|index| self.is_mapped(*index)).count()
     }
 
     /// Runs `access` on the client memory behind `[address, address + len)`
@@ -234,7 +249,16 @@ impl DmaWindows {
         let relative = address.checked_sub(self.base).ok_or(DmaFault::Outside(address))?;
         let index = u32::try_from(relative / u64::from(self.granule)).map_err(|_| DmaFault::Outside(address))?;
         let offset = (relative % u64::from(self.granule)) as u32;
-        let slot = self.lock(index).ok_or(DmaFault::Outside(address))?;
+        let place = self.slots.get(index as usize).ok_or(DmaFault::Outside(address))?;
+        // Checked before and after taking the lock: a revocation under way
+        // wins over any access not yet started.
+        if place.revoking.load(Ordering::SeqCst) {
+            return Err(DmaFault::NotMapped(address));
+        }
+        let slot = place.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if place.revoking.load(Ordering::SeqCst) {
+            return Err(DmaFault::NotMapped(address));
+        }
         let window = slot.as_ref().ok_or(DmaFault::NotMapped(address))?;
         if window.access != direction {
             return Err(DmaFault::Direction { address, allowed: window.access });
@@ -454,9 +478,16 @@ mod tests {
                 unmapped.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         };
-        // The access still holds the window: the revocation cannot have
-        // finished (whatever the scheduling), until the access ends.
-        assert!(!unmapped.load(std::sync::atomic::Ordering::SeqCst));
+        // Once the revoker waits (its flag is up), the access in progress
+        // still holds the window, and no new access may start: a busy
+        // device cannot starve the revocation.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !windows.slots[0].revoking.load(Ordering::SeqCst) {
+            assert!(std::time::Instant::now() < deadline, "the revoker never started");
+            std::thread::yield_now();
+        }
+        assert!(!unmapped.load(Ordering::SeqCst), "the revocation finished under an access");
+        assert_eq!(windows.with(BASE, 4096, DeviceAccess::Write, |_| ()), Err(DmaFault::NotMapped(BASE)));
         release.0.send(()).unwrap();
         device.join().unwrap();
         revoker.join().unwrap();

@@ -10,7 +10,7 @@
 //! outside the DMA region fails the command instead of touching host memory.
 
 use std::fs::File;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,6 +57,9 @@ pub struct SimStorage {
     regs: Arc<SharedMemory>,
     /// True while quiesced; held by the engine while it executes commands.
     quiesced: Arc<Mutex<bool>>,
+    /// Set by `quiesce`: the engine drops what the dead driver left queued
+    /// before it runs anything again (see `Engine::forget_queues`).
+    wipe: Arc<AtomicBool>,
     flushes: Arc<FlushCounters>,
     doorbell: EventFd,
     interrupt: Arc<InterruptRoute>,
@@ -110,10 +113,12 @@ impl SimStorage {
         let interrupt = Arc::new(InterruptRoute::default());
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let quiesced = Arc::new(Mutex::new(false));
+        let wipe = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(FlushCounters::default());
         let mut engine = Engine {
             regs: regs.clone(),
             quiesced: quiesced.clone(),
+            wipe: wipe.clone(),
             flushes: flushes.clone(),
             status: 0,
             medium,
@@ -132,6 +137,7 @@ impl SimStorage {
         Ok(SimStorage {
             regs,
             quiesced,
+            wipe,
             flushes,
             doorbell,
             interrupt,
@@ -159,7 +165,9 @@ impl Hardware for SimStorage {
 
     fn quiesce(&self) {
         // Taking the lock waits for a batch of commands under way.
-        *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = true;
+        let mut quiesced = self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *quiesced = true;
+        self.wipe.store(true, Ordering::Release);
     }
 
     fn resume(&self) {
@@ -201,6 +209,7 @@ impl Drop for SimStorage {
 struct Engine {
     regs: Arc<SharedMemory>,
     quiesced: Arc<Mutex<bool>>,
+    wipe: Arc<AtomicBool>,
     flushes: Arc<FlushCounters>,
     /// The controller's status (0, READY or FATAL). Kept here and only
     /// mirrored into the window: a driver writing the STATUS register
@@ -260,6 +269,9 @@ impl Engine {
             // Even a reset waits: a dying driver must not re-arm the device.
             return false;
         }
+        if self.wipe.swap(false, Ordering::AcqRel) {
+            self.forget_queues();
+        }
         let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
         if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
             self.reset(reset_request);
@@ -295,6 +307,20 @@ impl Engine {
         (self.depth, self.sq_head, self.cq_tail, self.status) = (0, 0, 0, 0);
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
         self.raise_interrupt();
+    }
+
+    /// First thing after a quiesce: commands the dead driver left in the
+    /// submission queue (written, doorbell or not) would otherwise run once
+    /// the device resumes, into bounce slots the replay has reused; the
+    /// controller is disabled instead, its queues empty, until the next
+    /// driver resets and enables it (as a real controller after CC.EN = 0).
+    fn forget_queues(&mut self) {
+        for offset in
+            [reg::CONTROL, reg::STATUS, reg::QUEUE_DEPTH, reg::SQ_TAIL, reg::SQ_HEAD, reg::CQ_TAIL, reg::CQ_HEAD]
+        {
+            self.reg(offset).store(0, Ordering::Release);
+        }
+        (self.depth, self.sq_head, self.cq_tail, self.status) = (0, 0, 0, 0);
     }
 
     fn enable(&mut self) {
@@ -440,6 +466,7 @@ impl EngineHarness {
         let engine = Engine {
             regs,
             quiesced: Arc::new(Mutex::new(false)),
+            wipe: Arc::new(AtomicBool::new(false)),
             flushes: Arc::new(FlushCounters::default()),
             status: 0,
             medium,
@@ -480,6 +507,9 @@ impl EngineHarness {
     /// Quiesces or resumes it.
     pub fn set_quiesced(&self, quiesced: bool) {
         *self.engine.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = quiesced;
+        if quiesced {
+            self.engine.wipe.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -531,6 +561,13 @@ mod tests {
             // SAFETY: one valid pollfd.
             assert_eq!(unsafe { libc::poll(&mut fd, 1, 10_000) }, 1, "no interrupt from the device");
             self.interrupt.read().unwrap();
+        }
+
+        /// Ends the device thread, so that a test stepping an engine of its
+        /// own over the same window is not raced by it.
+        fn stop_thread(&mut self) {
+            self.device.stop.write(1).unwrap();
+            self.device.thread.take().unwrap().join().unwrap();
         }
 
         fn reset_and_enable(&self, depth: u32) {
@@ -662,6 +699,7 @@ mod tests {
         Engine {
             regs: rig.device.regs.clone(),
             quiesced: rig.device.quiesced.clone(),
+            wipe: rig.device.wipe.clone(),
             flushes: rig.device.flushes.clone(),
             status: rig.reg(reg::STATUS).load(Ordering::SeqCst),
             medium: File::options().read(true).write(true).open(&rig.image).unwrap(),
@@ -677,9 +715,10 @@ mod tests {
 
     #[test]
     fn a_quiesced_controller_runs_nothing_a_dead_driver_queued_even_after_its_reset() {
-        let rig = rig("quiesce", false);
+        let mut rig = rig("quiesce", false);
         rig.reset_and_enable(8);
         rig.device.quiesce();
+        rig.stop_thread();
         // The dying driver queues a write of what is in the bounce slot...
         rig.dma.slice(0, 4096).unwrap().copy_from(&[0xeeu8; 4096]);
         let at = storage::SQ_OFFSET + (rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst) % 8) as usize * 32;
@@ -700,6 +739,34 @@ mod tests {
         assert_eq!(rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst), 0);
         let medium = std::fs::read(&rig.image).unwrap();
         assert!(medium[16 * 512..17 * 512].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn commands_a_dead_driver_queued_without_a_reset_never_run_after_resume() {
+        let mut rig = rig("stale", false);
+        rig.reset_and_enable(8);
+        rig.device.quiesce();
+        rig.stop_thread();
+        let mut engine = engine(&rig);
+        // The dead driver had queued a write of its bounce slot (no reset:
+        // it died mid-stream); the replay then reuses that slot.
+        rig.dma.slice(0, 4096).unwrap().copy_from(&[0xeeu8; 4096]);
+        let at = storage::SQ_OFFSET + (rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst) % 8) as usize * 32;
+        rig.device.regs.write(at, command(storage::opcode::WRITE, 9, 16, 4096, DMA_GPA));
+        rig.reg(reg::SQ_TAIL).fetch_add(1, Ordering::SeqCst);
+        *rig.device.quiesced.lock().unwrap() = false;
+        engine.step();
+        let medium = std::fs::read(&rig.image).unwrap();
+        assert!(medium[16 * 512..17 * 512].iter().all(|b| *b == 0), "the dead driver's write ran after resume");
+        assert_eq!(rig.reg(reg::STATUS).load(Ordering::SeqCst), 0, "the controller waits for a reset and enable");
+        assert_eq!((engine.sq_head, rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst)), (0, 0));
+        // The next driver brings it up as usual.
+        rig.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+        assert!(engine.step(), "the reset");
+        rig.reg(reg::QUEUE_DEPTH).store(8, Ordering::SeqCst);
+        rig.reg(reg::CONTROL).store(storage::control::ENABLE, Ordering::SeqCst);
+        assert!(engine.step(), "the enable");
+        assert_eq!(rig.reg(reg::STATUS).load(Ordering::SeqCst), storage::status::READY);
     }
 
     #[test]

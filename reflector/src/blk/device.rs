@@ -299,6 +299,12 @@ impl Blk {
     /// after a death, then the rest: `InFlightTable::next_to_send`).
     fn send_held(&mut self, core: &mut DeviceCore, vring: &VringRwLock, memory: &GuestMemoryMmap) {
         for slot in self.in_flight.next_to_send() {
+            // A request of a client that left is never sent again: its
+            // addresses would be read in the next client's memory.
+            if self.in_flight.get(slot).is_some_and(|entry| entry.client != core.client) {
+                self.in_flight.remove(slot);
+                continue;
+            }
             let replayed = self.in_flight.get_mut(slot).is_some_and(|entry| std::mem::take(&mut entry.orphaned));
             if self.send(core, memory, slot) {
                 if replayed {
@@ -583,6 +589,10 @@ impl DeviceKind for Blk {
 
     fn client_gone(&mut self, _core: &mut DeviceCore) {
         self.waiting.clear();
+        // Requests held back after a death are in no driver VM: forgotten
+        // now, they can neither be replayed with the next client's memory
+        // nor keep its requests waiting behind them.
+        self.in_flight.take_held();
         // What is still in the driver VM completes into nothing, and its
         // device may no longer reach the departed client's buffers: a QEMU
         // that reconnects brings the same guest RAM back, already reused.

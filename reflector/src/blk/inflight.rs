@@ -273,6 +273,13 @@ impl InFlightTable {
         chosen
     }
 
+    /// Removes and returns the requests held back by the reflector (in no
+    /// driver VM: see [`blame_sent`](Self::blame_sent)).
+    pub fn take_held(&mut self) -> Vec<(u32, InFlight)> {
+        let held: Vec<u32> = self.iter().filter(|(_, entry)| !entry.sent).map(|(slot, _)| slot).collect();
+        held.into_iter().filter_map(|slot| Some((slot, self.remove(slot)?))).collect()
+    }
+
     /// Removes and returns every request, oldest id first.
     pub fn drain(&mut self) -> Vec<(u32, InFlight)> {
         let mut all: Vec<(u32, InFlight)> =

@@ -238,6 +238,47 @@ fn direct_dma_windows_close_when_their_client_leaves() {
     assert_eq!(windows.mapped(), 0, "the device can still reach a departed client's memory");
 }
 
+/// Requests held back after a death belong to their client: if it leaves
+/// before they are replayed, they are forgotten, never replayed with the
+/// next client's memory (its RAM at the old client's addresses: with
+/// `dma=direct` the device would write and read it, with bounce slots its
+/// bytes would reach the disk) nor completed in its queue.
+fn held_requests_of_a_departed_client_never_reach_the_next(direct: bool) {
+    let memory = client_memory();
+    let scripts = [Script::PanicOnSector(64), Script::Serve];
+    let mut bench = match direct {
+        true => Bench::direct(&memory, &scripts, quick_recovery()),
+        false => Bench::new(&memory, &scripts, false, quick_recovery()),
+    };
+    bench.disk.write(8, &pattern(16, 4096));
+    // The write at sector 64 kills the first driver; the three are then
+    // suspects, replayed one at a time: the others wait, held.
+    let sent = bench.submit(&[(true, 64, pattern(17, 512)), (false, 8, vec![0; 4096]), (true, 16, pattern(18, 4096))]);
+    bench.run_until("the replacement driver", |_, device| device.metrics().restarts.load(Ordering::SeqCst) == 1);
+    bench.device.client_gone();
+    let other_memory = client_memory();
+    let mut other = Client::attach(&other_memory, &mut bench.device);
+    for request in &sent {
+        other.scribble(request);
+    }
+    let listeners = bench.listeners.clone();
+    other.run_until(&mut bench.device, &listeners, BOUND, &|| "the old requests to be done".into(), |_, device| {
+        device.metrics().in_flight.load(Ordering::SeqCst) == 0
+    });
+    assert!(other.take_used().is_empty(), "an old request was completed in the new client's queue");
+    assert!(other.data(&sent[1]).iter().all(|b| *b == 0xee), "the old read was written into the new client's memory");
+    assert!(bench.disk.read(16, 4096).iter().all(|b| *b == 0), "the old write took the new client's bytes to the disk");
+    if let Some(windows) = &bench.disk.windows {
+        assert_eq!(windows.mapped(), 0);
+    }
+}
+
+#[test]
+fn held_requests_of_a_departed_client_never_reach_the_next_client() {
+    held_requests_of_a_departed_client_never_reach_the_next(false);
+    held_requests_of_a_departed_client_never_reach_the_next(true);
+}
+
 #[test]
 fn a_lying_driver_under_direct_dma_is_caught_and_its_request_replayed() {
     let memory = client_memory();
