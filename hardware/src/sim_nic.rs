@@ -286,9 +286,14 @@ impl Engine {
         self.interrupt.raise();
     }
 
+    /// Stops DMA for good until a reset: not ready and not enabled, so that
+    /// resuming does not re-enable it with the dead driver's rings (a TX
+    /// descriptor it left would go out, its frame read from a slot the
+    /// reflector may have reused).
     fn quiesce(&mut self) {
         self.quiesced = true;
         self.reg(reg::STATUS).fetch_and(!nic::status::READY, Ordering::AcqRel);
+        self.reg(reg::CONTROL).store(0, Ordering::Release);
     }
 
     fn fail(&mut self, error: u32) {
@@ -680,6 +685,29 @@ mod tests {
             b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 0),
             Completion { id: 11, status: 0, len: 64 }
         );
+    }
+
+    #[test]
+    fn a_dead_drivers_transmit_descriptors_never_go_out_after_resume() {
+        let switch = Switch::new("t4");
+        let (a, b) = (card("nic-a4", 1, &switch), card("nic-b4", 2, &switch));
+        a.reset_and_enable();
+        b.reset_and_enable();
+        b.post_rx(0x3000, 1);
+        a.nic.quiesce();
+        // The dying driver had written a frame and its descriptor, no doorbell.
+        a.dma.slice(0x1000, 64).unwrap().copy_from(&frame(2, 1, 64)[..]);
+        a.post(nic::TX_RING_OFFSET, reg::TX_TAIL, Descriptor { addr: DMA_GPA + 0x1000, len: 64, id: 7, reserved: 0 });
+        a.nic.resume();
+        for _ in 0..3 {
+            let (sent, _) = a.nic.port.lock().step();
+            assert!(sent.is_empty(), "a dead driver's frame went out after resume");
+        }
+        assert_eq!(a.status() & nic::status::READY, 0, "the card waits for the next driver's reset");
+        assert_eq!(b.reg(reg::RXC_TAIL).load(Ordering::SeqCst), 0, "nothing reached the other card");
+        // The next driver brings it up as usual.
+        a.reset_and_enable();
+        assert_eq!(a.status() & nic::status::READY, nic::status::READY);
     }
 
     #[test]
