@@ -84,12 +84,11 @@ pub struct Channel {
 
 impl Channel {
     /// Finds the channel; as a warm spare (`spare` on the command line),
-    /// first waits on line 2 until the reflector lets it go.
+    /// first waits until the reflector lets it go (`Kernel::wait_for_go`).
     pub fn open(kernel: &Kernel, name: &'static str) -> Result<Channel, Error> {
         if kernel.cmdline().split_whitespace().any(|word| word == "spare") {
-            let go = kernel.interrupt_line(2).ok_or(Error::MissingInterrupt(2))?;
             println!("{name}: warm spare ready");
-            go.wait();
+            kernel.wait_for_go();
         }
         let window = kernel.window("channel").ok_or(Error::MissingWindow("channel"))?;
         let doorbell = kernel.doorbell(0).ok_or(Error::MissingDoorbell(0))?;

@@ -262,6 +262,7 @@ impl Bench {
                 self.device_fds.map_or(self.device_doorbell.0, |fds| fds.0)
             ],
             irqs: alloc::vec![self.requests_line.0, self.device_fds.map_or(self.device_line.0, |fds| fds.1)],
+            go: None,
         };
         Kernel::hosted(resources).expect("the bench's resources fit a driver VM")
     }

@@ -72,6 +72,23 @@ impl Kernel {
         self.boot.doorbells[..count].get(index).and_then(Doorbell::from_info)
     }
 
+    /// A warm spare's wait until its supervisor lets it go: the `WAIT_GO`
+    /// hypercall, which blocks in the vmm (no halt, no interrupt through
+    /// ring 0); returns at once if the vmm was given no go signal.
+    #[cfg(driver_vm_isolated)]
+    pub fn wait_for_go(&self) {
+        crate::arch::outl(guest_abi::port::WAIT_GO, 0);
+    }
+
+    /// A warm spare's wait until its supervisor lets it go: blocks on the
+    /// go eventfd it was given (`--go fd=N`); returns at once without one.
+    #[cfg(not(driver_vm_isolated))]
+    pub fn wait_for_go(&self) {
+        if let Some(fd) = self.hosted.go {
+            crate::hosted::wait_readable(fd);
+        }
+    }
+
     /// Interrupt line number `index` (command-line order).
     pub fn interrupt_line(&self, index: usize) -> Option<InterruptLine> {
         let count = (self.boot.irq_count as usize).min(guest_abi::MAX_IRQS);

@@ -7,7 +7,7 @@
 //! ```text
 //! DRIVER [--cmdline WORDS] [--memory BYTES]
 //!        [--window name=NAME,gpa=GPA,size=SIZE,fd=FD[,ro]]...
-//!        [--doorbell fd=FD]... [--irq fd=FD]...
+//!        [--doorbell fd=FD]... [--irq fd=FD]... [--go fd=FD]
 //! ```
 //!
 //! Windows are mapped from their descriptors (shared, so the device and
@@ -56,6 +56,8 @@ pub struct Resources {
     pub doorbells: Vec<i32>,
     /// Interrupt line eventfds, in order.
     pub irqs: Vec<i32>,
+    /// A warm spare's go eventfd ([`Kernel::wait_for_go`]).
+    pub go: Option<i32>,
 }
 
 /// The hosted part of a [`Kernel`].
@@ -63,6 +65,7 @@ pub(crate) struct Mapped {
     pub(crate) cmdline: String,
     pub(crate) window_bases: Vec<u64>,
     pub(crate) doorbells: Vec<i32>,
+    pub(crate) go: Option<i32>,
 }
 
 impl Kernel {
@@ -105,9 +108,24 @@ impl Kernel {
             cmdline: resources.cmdline,
             window_bases: resources.windows.iter().map(|window| window.base as u64).collect(),
             doorbells: resources.doorbells,
+            go: resources.go,
         };
         Ok(Kernel { boot, hosted })
     }
+}
+
+/// Blocks until eventfd `fd` is signalled, and consumes it (a warm
+/// spare's go).
+pub(crate) fn wait_readable(fd: i32) {
+    let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: poll on one pollfd of a descriptor this process was given; a
+    // bad one fails and the spare goes on.
+    while unsafe { libc::poll(&mut pollfd, 1, -1) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+    let mut count = 0u64;
+    // SAFETY: reads 8 bytes into a local from the descriptor.
+    unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
 }
 
 /// Signals eventfd `fd` once (a doorbell rung).
@@ -147,6 +165,7 @@ pub fn parse_args(args: &[String]) -> Result<(Resources, Vec<(i32, u64)>), Strin
             "--memory" => resources.ram_size = number(value).ok_or_else(|| format!("--memory {value}: a number"))?,
             "--doorbell" => resources.doorbells.push(fd_of(&pairs(value))?),
             "--irq" => resources.irqs.push(fd_of(&pairs(value))?),
+            "--go" => resources.go = Some(fd_of(&pairs(value))?),
             "--window" => {
                 let pairs = pairs(value);
                 let get = |key: &str| pairs.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
@@ -202,7 +221,7 @@ pub fn start(main: fn(&Kernel) -> u32) -> i32 {
         Err(error) => {
             let program = std::env::args().next().unwrap_or_default();
             std::eprintln!("{program}: {error}");
-            std::eprintln!("usage: {program} [--cmdline WORDS] [--memory BYTES] [--window name=NAME,gpa=GPA,size=SIZE,fd=FD[,offset=N][,ro]]... [--doorbell fd=FD]... [--irq fd=FD]...");
+            std::eprintln!("usage: {program} [--cmdline WORDS] [--memory BYTES] [--window name=NAME,gpa=GPA,size=SIZE,fd=FD[,offset=N][,ro]]... [--doorbell fd=FD]... [--irq fd=FD]... [--go fd=FD]");
             2
         }
     }
@@ -230,13 +249,34 @@ mod tests {
             "fd=7",
             "--irq",
             "fd=8",
+            "--go",
+            "fd=9",
         ]))
         .unwrap();
+        assert_eq!(resources.go, Some(9));
         assert_eq!(resources.cmdline, "a b");
         assert_eq!(fds, vec![(5, 0), (6, 0x1000)]);
         assert_eq!(resources.windows[1].size, 0x2000);
         assert!(resources.windows[1].read_only && !resources.windows[0].read_only);
         assert_eq!((resources.doorbells.clone(), resources.irqs.clone()), (vec![7], vec![8]));
+    }
+
+    #[test]
+    fn a_spare_goes_once_its_go_eventfd_is_written_and_consumes_it() {
+        // SAFETY: eventfd(2) with valid flags; the descriptor is closed below.
+        let go = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(go >= 0);
+        let kernel = Kernel::hosted(Resources { go: Some(go), ..Default::default() }).unwrap();
+        signal(go);
+        kernel.wait_for_go();
+        let mut count = 0u64;
+        // SAFETY: reads 8 bytes into a local from our own eventfd.
+        let left = unsafe { libc::read(go, (&mut count as *mut u64).cast(), 8) };
+        assert_eq!(left, -1, "the go signal was not consumed");
+        // Without a go signal, a kernel goes at once.
+        Kernel::hosted(Resources::default()).unwrap().wait_for_go();
+        // SAFETY: closes the descriptor opened above.
+        unsafe { libc::close(go) };
     }
 
     #[test]

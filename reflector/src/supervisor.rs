@@ -123,7 +123,7 @@ pub struct DriverVm {
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
-    /// A warm spare's "go" interrupt line.
+    /// A warm spare's go signal (the vmm's `--go-fd`).
     go: Option<EventFd>,
     /// This VM's interrupt lines, in order.
     interrupts: Vec<EventFd>,
@@ -313,7 +313,7 @@ impl DriverLauncher {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating a socket: {e}"))?;
         let mut prepared = self
-            .command(&lines.iter().collect::<Vec<_>>(), &traps, false)
+            .command(&lines.iter().collect::<Vec<_>>(), &traps, None)
             .map_err(|e| format!("creating a pipe: {e}"))?;
         prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
@@ -334,7 +334,10 @@ impl DriverLauncher {
 
     /// The `vmm run` command line of a driver VM, with its descriptors and
     /// its jail.
-    fn command(&self, lines: &[&EventFd], traps: &[OwnedFd], spare: bool) -> std::io::Result<Prepared> {
+    /// The vmm's command line; `go` makes it a warm spare (its `WAIT_GO`
+    /// blocks until `go` is written).
+    fn command(&self, lines: &[&EventFd], traps: &[OwnedFd], go: Option<&EventFd>) -> std::io::Result<Prepared> {
+        let spare = go.is_some();
         let spec = &self.spec;
         let mut command = match &spec.jail {
             Some(jail) => {
@@ -388,6 +391,10 @@ impl DriverLauncher {
             let fd = fds.pass(line.as_raw_fd());
             command.arg("--irq").arg(format!("fd={fd}"));
         }
+        if let Some(go) = go {
+            let fd = fds.pass(go.as_raw_fd());
+            command.arg("--go-fd").arg(format!("fd={fd}"));
+        }
         let report = match &spec.jail {
             Some(jail) => {
                 let (read, write) = hardware::descriptors::pipe()?;
@@ -419,12 +426,12 @@ impl DriverLauncher {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
-        let lines: Vec<&EventFd> = interrupts.iter().chain(&go).collect();
+        let lines: Vec<&EventFd> = interrupts.iter().collect();
         // Each driver VM gets connections of its own (the device revokes a
         // dead one's).
         let traps = self.traps.iter().map(|(_, trap)| (trap.connect)()).collect::<std::io::Result<Vec<_>>>()?;
         let (child, pid) = self
-            .command(&lines, &traps, go.is_some())?
+            .command(&lines, &traps, go.as_ref())?
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;
@@ -479,7 +486,7 @@ impl DriverVm {
     }
 
     /// Lets a warm spare start serving; false if this is not one or the
-    /// interrupt could not be raised.
+    /// go signal could not be given.
     pub fn activate(&mut self) -> bool {
         match self.go.take() {
             Some(go) => go.write(1).is_ok(),

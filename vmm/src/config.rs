@@ -38,6 +38,9 @@ pub struct VmConfig {
     pub doorbells: Vec<DoorbellConfig>,
     /// Interrupt lines, in command-line order.
     pub irqs: Vec<IrqConfig>,
+    /// A warm spare's "go" eventfd: the guest's `WAIT_GO` hypercall
+    /// blocks until it is signalled.
+    pub go: Option<RawFd>,
     /// Command line handed to the guest.
     pub cmdline: String,
 }
@@ -51,6 +54,7 @@ impl Default for VmConfig {
             traps: Vec::new(),
             doorbells: Vec::new(),
             irqs: Vec::new(),
+            go: None,
             cmdline: String::new(),
         }
     }
@@ -372,6 +376,7 @@ impl VmConfig {
             .iter()
             .map(|d| d.fd)
             .chain(self.irqs.iter().map(|i| i.fd))
+            .chain(self.go)
             .chain(self.traps.iter().map(|t| t.fd))
             .collect();
         fds.sort_unstable();

@@ -95,6 +95,11 @@ fn driver_args(config: &VmConfig) -> Result<(Vec<String>, Vec<File>, Vec<RawFd>)
         args.push(format!("fd={}", irq.fd));
         kept.push(irq.fd);
     }
+    if let Some(go) = config.go {
+        args.push("--go".into());
+        args.push(format!("fd={go}"));
+        kept.push(go);
+    }
     Ok((args, files, kept))
 }
 

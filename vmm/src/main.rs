@@ -110,6 +110,11 @@ struct RunArgs {
     /// Example: --irq fd=6
     #[arg(long, value_name = "SPEC")]
     irq: Vec<String>,
+    /// A warm spare's go signal: an inherited eventfd, fd=N. The guest's
+    /// WAIT_GO hypercall blocks until it is written.
+    /// Example: --go-fd fd=9
+    #[arg(long, value_name = "SPEC")]
+    go_fd: Option<String>,
     /// Command line handed to the guest. Example: --cmdline page-fault
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
@@ -343,6 +348,7 @@ fn vm_config(name: &str, args: &RunArgs) -> vmm::Result<VmConfig> {
         traps: args.trap.iter().map(|s| TrapConfig::parse(s)).collect::<Result<_, _>>()?,
         doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
         irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
+        go: args.go_fd.as_deref().map(|spec| IrqConfig::parse(spec).map(|irq| irq.fd)).transpose()?,
         cmdline: args.cmdline.clone(),
     };
     config.validate()?;

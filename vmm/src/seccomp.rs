@@ -95,10 +95,15 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Seccomp
     Ok(filter.try_into()?)
 }
 
+/// Only the vCPU thread: a warm spare's wait for its go signal
+/// (`port::WAIT_GO`), one descriptor polled.
+const VCPU_ONLY: &[libc::c_long] = &[libc::SYS_poll, libc::SYS_ppoll];
+
 /// The vCPU thread's filter: KVM_RUN and reading registers for reports,
-/// console and eventfd writes, and what every thread needs.
+/// console and eventfd writes, a spare's wait, and what every thread needs.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|call| (*call, Vec::new())).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().chain(VCPU_ONLY).map(|call| (*call, Vec::new())).collect();
     no_exec(&mut rules)?;
     let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS]
         .into_iter()

@@ -11,6 +11,7 @@
 //! that lands just before `KVM_RUN` is not lost.
 
 use std::cell::Cell;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
@@ -18,6 +19,7 @@ use guest_abi::{self as abi, port, ExceptionFrame, Plain};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
 use crate::outcome::{sanitize, Frame, Outcome, Registers};
@@ -88,6 +90,8 @@ pub struct Vcpu {
     traps: Vec<Trap>,
     /// Guest RAM size: the ring-3 stack and its guard are at its top.
     ram_size: u64,
+    /// A warm spare's go signal (`--go-fd`), until used.
+    go: Option<EventFd>,
 }
 
 /// A trapped window: its accesses go over a socket to the supervisor
@@ -145,8 +149,41 @@ enum Exit {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(fd: VcpuFd, memory: GuestMemoryMmap, console: Console, traps: Vec<Trap>, ram_size: u64) -> Self {
-        Vcpu { fd, memory, console, traps, ram_size }
+    pub fn new(
+        fd: VcpuFd,
+        memory: GuestMemoryMmap,
+        console: Console,
+        traps: Vec<Trap>,
+        ram_size: u64,
+        go: Option<EventFd>,
+    ) -> Self {
+        Vcpu { fd, memory, console, traps, ram_size, go }
+    }
+
+    /// The guest's `WAIT_GO`: blocks until the go eventfd is signalled (at
+    /// once without one), or until a kick asks the vCPU to stop.
+    fn wait_for_go(&mut self, stop: &AtomicBool) {
+        let Some(go) = self.go.as_ref() else { return };
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            let mut fd = libc::pollfd { fd: go.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll on one valid pollfd we own; a kick (signal)
+            // interrupts it with EINTR, and the loop looks at `stop`.
+            let ready = unsafe { libc::poll(&mut fd, 1, -1) };
+            if ready > 0 {
+                let _ = go.read();
+                // Used once: a later WAIT_GO returns at once.
+                self.go = None;
+                return;
+            }
+            let error = std::io::Error::last_os_error();
+            if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
+                tracing::warn!(%error, "waiting for the go signal failed; letting the guest go");
+                return;
+            }
+        }
     }
 
     /// `rip` and the return addresses on the ring-3 stack's frame-pointer
@@ -225,6 +262,7 @@ impl Vcpu {
                         return VcpuStop::Ready;
                     }
                 }
+                Exit::PortWrite(port::WAIT_GO, _) => self.wait_for_go(stop),
                 Exit::PortWrite(port, data) => {
                     if let Some(outcome) = self.port_write(port, &data) {
                         return VcpuStop::Ended(outcome);

@@ -95,7 +95,8 @@ impl Vm {
             .iter()
             .map(|trap| Ok(Trap::new(trap.gpa, trap.size, take_socket(trap.fd)?, &trap.name)))
             .collect::<Result<Vec<_>>>()?;
-        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory);
+        let go = config.go.map(|fd| take_eventfd(fd, "--go-fd fd")).transpose()?;
+        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory, go);
         Ok(Vm { name: config.name.clone(), vm_fd, vcpu, eventfds })
     }
 }

@@ -149,6 +149,12 @@ pub mod port {
     /// a 45-byte line took 2.2 ms there (one exit about 40 us), on the
     /// recovery path of every driver VM start.
     pub const CONSOLE_LINE: u16 = 0x504;
+    /// `eax` = 0: a warm spare waits here until its supervisor lets it go
+    /// (the vmm blocks the vCPU thread on its `--go-fd` eventfd and
+    /// returns once it is signalled; at once if it has none). Waking a
+    /// halted vCPU takes an interrupt through the emulated ring 0 on
+    /// kvm-pvm; this wakes a thread and re-enters ring 3.
+    pub const WAIT_GO: u16 = 0x505;
     /// First and last port reserved for hypercalls; doorbells may not use
     /// them.
     pub const RESERVED: (u16, u16) = (0x500, 0x50f);
