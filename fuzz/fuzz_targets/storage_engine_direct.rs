@@ -10,7 +10,8 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
-use guest_abi::storage::{self, reg, Command};
+use driver_vms_fuzz::{clear_storage_window, memfd_medium, storage_step, StorageStep};
+use guest_abi::storage;
 use libfuzzer_sys::fuzz_target;
 use reflector::hw::dma_windows::{DeviceAccess, DmaWindows, Window};
 use reflector::hw::sim_storage::EngineHarness;
@@ -19,12 +20,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 #[derive(Arbitrary, Debug)]
 enum Step {
-    Register { offset: u8, value: u32 },
-    Submit { at: u8, opcode: u16, cid: u16, len: u32, lba: u64, dma: u64 },
+    Driver(StorageStep),
     Map { index: u8, device_writes: bool, buffers: Vec<(u16, u16)> },
     Unmap { index: u8 },
-    Step,
-    Quiesce(bool),
 }
 
 const BASE: u64 = 0x4000_0000;
@@ -42,18 +40,13 @@ static RIG: OnceLock<Mutex<Rig>> = OnceLock::new();
 
 fuzz_target!(|steps: Vec<Step>| {
     let rig = RIG.get_or_init(|| {
-        // SAFETY: memfd_create with a static name; checked below.
-        let fd = unsafe { libc::memfd_create(c"fuzz-medium".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create");
-        // SAFETY: a fresh descriptor we own.
-        let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        file.set_len(1 << 20).expect("sizing the medium");
-        Mutex::new(Rig { regs: Arc::new(SharedMemory::new("regs", storage::WINDOW_SIZE).expect("regs")), image: file })
+        Mutex::new(Rig {
+            regs: Arc::new(SharedMemory::new("regs", storage::WINDOW_SIZE).expect("regs")),
+            image: memfd_medium(1 << 20),
+        })
     });
     let rig = rig.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    for offset in (0..storage::WINDOW_SIZE).step_by(4) {
-        rig.regs.atomic_u32(offset).store(0, std::sync::atomic::Ordering::SeqCst);
-    }
+    clear_storage_window(&rig.regs);
     let client = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 * QUARTER as usize)]).expect("memory"));
     client.write_slice(&[PATTERN; QUARTER as usize], GuestAddress(0)).expect("pattern");
     let windows = DmaWindows::new(BASE, GRANULE, WINDOWS);
@@ -61,21 +54,9 @@ fuzz_target!(|steps: Vec<Step>| {
     let Ok(mut engine) = EngineHarness::new_direct(rig.regs.clone(), windows.clone(), medium, false) else { return };
     for step in steps.into_iter().take(128) {
         match step {
-            Step::Register { offset, value } => {
-                let offset = usize::from(offset) * 4;
-                if offset + 4 <= storage::SQ_OFFSET {
-                    rig.regs.atomic_u32(offset).store(value, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-            Step::Submit { at, opcode, cid, len, lba, dma } => {
-                let depth = rig.regs.atomic_u32(reg::QUEUE_DEPTH).load(std::sync::atomic::Ordering::SeqCst).max(1);
-                let offset = storage::SQ_OFFSET + (u32::from(at) % depth.min(storage::MAX_QUEUE_DEPTH)) as usize * 32;
+            Step::Driver(step) => {
                 let span = u64::from(GRANULE) * u64::from(WINDOWS + 1);
-                let dma = if dma & 1 == 0 { BASE + (dma >> 1) % span } else { dma };
-                rig.regs.write(
-                    offset,
-                    Command { opcode: opcode % 4, cid, len: len % (256 << 10), lba: lba % 4096, dma, reserved: 0 },
-                );
+                storage_step(&mut engine, &rig.regs, step, BASE, span);
             }
             Step::Map { index, device_writes, buffers } => {
                 // Device-readable buffers in the first quarter, writable
@@ -96,11 +77,6 @@ fuzz_target!(|steps: Vec<Step>| {
                 }
             }
             Step::Unmap { index } => windows.unmap(u32::from(index) % (WINDOWS + 1)),
-            Step::Step => {
-                engine.step();
-                let _ = engine.has_pending_work();
-            }
-            Step::Quiesce(on) => engine.set_quiesced(on),
         }
     }
     let mut readable = vec![0u8; QUARTER as usize];

@@ -18,6 +18,29 @@ fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
     common::blk_load(socket, &[&["--queue-size", "256", "--timeout", "20"], args].concat())
 }
 
+/// SIGKILLs the driver VM `kills` times, each after its replacement
+/// started, while blk-load writes and reads back blocks of `sizes` at QD8;
+/// the load must end without an error or a mismatch.
+fn kill_under_verified_load(reflector: &mut Reflector, socket: &Path, sizes: &str, kills: usize) {
+    let load = spawn_blk_load(
+        socket,
+        &["--queue-size", "1024", "--timeout", "20", "--job", "randwrite,randread", "--bs", sizes, "--qd", "8"]
+            .into_iter()
+            .chain(["--ios", "200000", "--size", "8M", "--verify"])
+            .collect::<Vec<_>>(),
+    );
+    let mut killed = 0;
+    while killed < kills {
+        if reflector.log_text().matches("driver VM started").count() > killed {
+            // SAFETY: kill(2) on the current driver VM, our reflector's child.
+            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
+            killed += 1;
+        }
+        reflector.wait_for(|r| r.log_text().matches("driver VM started").count() > killed, "a replacement driver VM");
+    }
+    assert_clean_load(load);
+}
+
 #[test]
 fn verified_reads_and_writes_through_a_driver_vm() {
     if !kvm_available("verified_reads_and_writes_through_a_driver_vm") {
@@ -93,25 +116,7 @@ fn killed_driver_vms_are_replaced_without_client_errors() {
     let scratch = Scratch::new("kill");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
     let mut reflector = Reflector::start(&blk_arg(&socket, &image, ",size=16M"), scratch.join("log"), &socket);
-    let load = spawn_blk_load(
-        &socket,
-        &["--queue-size", "1024", "--timeout", "20", "--job", "randwrite,randread", "--bs", "4k", "--qd", "8"]
-            .into_iter()
-            .chain(["--ios", "200000", "--size", "8M", "--verify"])
-            .collect::<Vec<_>>(),
-    );
-    let mut killed = 0;
-    while killed < 10 {
-        let log = reflector.log_text();
-        let started = log.matches("driver VM started").count();
-        if started > killed {
-            // SAFETY: kill(2) on the current driver VM, our reflector's child.
-            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
-            killed += 1;
-        }
-        reflector.wait_for(|r| r.log_text().matches("driver VM started").count() > killed, "a replacement driver VM");
-    }
-    assert_clean_load(load);
+    kill_under_verified_load(&mut reflector, &socket, "4k", 10);
     let log = reflector.stop();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(log.contains("errors=0"), "the reflector completed no request with an error: {log}");
@@ -142,23 +147,7 @@ fn direct_dma_serves_verified_io_and_survives_killed_driver_vms() {
     for job in &jobs {
         assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
     }
-    let load = spawn_blk_load(
-        &socket,
-        &["--queue-size", "1024", "--timeout", "20", "--job", "randwrite,randread", "--bs", "4k,64k", "--qd", "8"]
-            .into_iter()
-            .chain(["--ios", "200000", "--size", "8M", "--verify"])
-            .collect::<Vec<_>>(),
-    );
-    let mut killed = 0;
-    while killed < 6 {
-        if reflector.log_text().matches("driver VM started").count() > killed {
-            // SAFETY: kill(2) on the current driver VM, our reflector's child.
-            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
-            killed += 1;
-        }
-        reflector.wait_for(|r| r.log_text().matches("driver VM started").count() > killed, "a replacement driver VM");
-    }
-    assert_clean_load(load);
+    kill_under_verified_load(&mut reflector, &socket, "4k,64k", 6);
     let log = reflector.stop();
     assert!(log.contains("per-request DMA windows (dma=direct)"), "{log}");
     assert!(log.contains("errors=0"), "the reflector completed no request with an error: {log}");
