@@ -310,6 +310,10 @@ pub trait ChannelDriver: Device + Sized {
     /// Finds the device among the kernel's resources and brings it to a
     /// known state: a driver VM that died may have left it in any.
     fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error>;
+    /// Called once the driver serves (after its first turn on the channel):
+    /// where it says what it found. A console line is an exit (about 50
+    /// us); said during the probe, it would lengthen every failover.
+    fn serving(&self) {}
 }
 
 /// Opens the channel, probes `D`, attaches and serves until it fails.
@@ -317,6 +321,11 @@ pub fn run_driver<D: ChannelDriver>(kernel: &Kernel) -> Result<u32, Error> {
     let mut channel = Channel::open(kernel, D::NAME)?;
     let mut device = D::probe(kernel, &channel)?;
     let generation = channel.attach(D::FAULTS);
+    // What the reflector replays after a failover goes to the device before
+    // the console line: a line is an exit (about 50 us), and the client
+    // waits on this turn.
+    turn(&mut channel, &mut device)?;
+    device.serving();
     println!("{}: serving channel generation {generation}", D::NAME);
     // `poll-us=N` in driver_args overrides the driver's poll window.
     let poll_us = kernel.cmdline().split_whitespace().find_map(|word| word.strip_prefix("poll-us=")?.parse().ok());

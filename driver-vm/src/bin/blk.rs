@@ -62,8 +62,11 @@ impl ChannelDriver for Blk {
         if blk.regs.get(reg::STATUS) & storage::status::FATAL != 0 {
             return Err(Error::Device("the controller refused its configuration"));
         }
-        println!("blk: controller ready, {} sectors", blk.regs.read::<u64>(reg::CAPACITY));
         Ok(blk)
+    }
+
+    fn serving(&self) {
+        println!("blk: controller ready, {} sectors", self.regs.read::<u64>(reg::CAPACITY));
     }
 }
 

@@ -66,9 +66,12 @@ impl ChannelDriver for Net {
         if net.regs.get(reg::STATUS) & nic::status::FATAL != 0 {
             return Err(Error::Device("the card refused its configuration"));
         }
-        let m = nic::mac_from_register(net.regs.read::<u64>(reg::MAC));
-        println!("net: card ready, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
         Ok(net)
+    }
+
+    fn serving(&self) {
+        let m = nic::mac_from_register(self.regs.read::<u64>(reg::MAC));
+        println!("net: card ready, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5]);
     }
 }
 
