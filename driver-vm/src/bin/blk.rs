@@ -50,14 +50,14 @@ impl ChannelDriver for Blk {
         // A previous driver VM may have left the controller in any state.
         let reset = blk.regs.get(reg::RESET_REQUEST).wrapping_add(1);
         blk.regs.set(reg::RESET_REQUEST, reset);
-        blk.doorbell.ring(1);
+        blk.ring_unless_polling();
         blk.regs.wait_for(|regs| regs.get(reg::RESET_DONE) == reset);
         if (blk.regs.get(reg::SQ_TAIL), blk.regs.get(reg::CQ_HEAD)) != (0, 0) {
             return Err(Error::Device("the controller did not clear its queues on reset"));
         }
         blk.regs.set(reg::QUEUE_DEPTH, DEPTH);
         blk.regs.set(reg::CONTROL, storage::control::ENABLE);
-        blk.doorbell.ring(1);
+        blk.ring_unless_polling();
         blk.regs.wait_for(|regs| regs.get(reg::STATUS) & (storage::status::READY | storage::status::FATAL) != 0);
         if blk.regs.get(reg::STATUS) & storage::status::FATAL != 0 {
             return Err(Error::Device("the controller refused its configuration"));
@@ -67,6 +67,19 @@ impl ChannelDriver for Blk {
 
     fn serving(&self) {
         println!("blk: controller ready, {} sectors", self.regs.read::<u64>(reg::CAPACITY));
+    }
+}
+
+impl Blk {
+    /// Tells the controller about what was just written, with its doorbell
+    /// (an exit) only if it is not polling: it clears DEVICE_POLLING before
+    /// it looks for work one last time and sleeps, so either it sees the
+    /// write or this sees it asleep (both sides fence).
+    fn ring_unless_polling(&self) {
+        fence(Ordering::SeqCst);
+        if self.regs.get(reg::DEVICE_POLLING) == 0 {
+            self.doorbell.ring(1);
+        }
     }
 }
 
@@ -92,11 +105,7 @@ impl Device for Blk {
 
     fn kick(&mut self) {
         self.regs.set(reg::SQ_TAIL, self.sq_tail);
-        fence(Ordering::SeqCst);
-        // Rung unless the controller polls anyway.
-        if self.regs.get(reg::DEVICE_POLLING) == 0 {
-            self.doorbell.ring(1);
-        }
+        self.ring_unless_polling();
     }
 
     fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
