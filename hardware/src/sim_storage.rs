@@ -292,28 +292,18 @@ impl Engine {
     }
 
     fn reset(&mut self, request: u32) {
-        for offset in [
-            reg::CONTROL,
-            reg::STATUS,
-            reg::QUEUE_DEPTH,
-            reg::ERROR,
-            reg::SQ_TAIL,
-            reg::SQ_HEAD,
-            reg::CQ_TAIL,
-            reg::CQ_HEAD,
-        ] {
-            self.reg(offset).store(0, Ordering::Release);
-        }
-        (self.depth, self.sq_head, self.cq_tail, self.status) = (0, 0, 0, 0);
+        self.forget_queues();
+        self.reg(reg::ERROR).store(0, Ordering::Release);
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
         self.raise_interrupt();
     }
 
-    /// First thing after a quiesce: commands the dead driver left in the
-    /// submission queue (written, doorbell or not) would otherwise run once
-    /// the device resumes, into bounce slots the replay has reused; the
-    /// controller is disabled instead, its queues empty, until the next
-    /// driver resets and enables it (as a real controller after CC.EN = 0).
+    /// Disables the controller and empties its queues: part of a reset,
+    /// and the first thing after a quiesce: commands the dead driver left in
+    /// the submission queue (written, doorbell or not) would otherwise run
+    /// once the device resumes, into bounce slots the replay has reused; the
+    /// controller waits instead until the next driver resets and enables it
+    /// (as a real controller after CC.EN = 0).
     fn forget_queues(&mut self) {
         for offset in
             [reg::CONTROL, reg::STATUS, reg::QUEUE_DEPTH, reg::SQ_TAIL, reg::SQ_HEAD, reg::CQ_TAIL, reg::CQ_HEAD]
@@ -461,24 +451,7 @@ pub struct EngineHarness {
 impl EngineHarness {
     /// An engine over `medium`, its window in `regs`, DMA into `dma`.
     pub fn new(regs: Arc<SharedMemory>, dma: DmaRegion, medium: File, read_only: bool) -> std::io::Result<Self> {
-        let capacity_sectors = medium.metadata()?.len() / u64::from(storage::SECTOR_SIZE);
-        regs.write(reg::CAPACITY, capacity_sectors);
-        let engine = Engine {
-            regs,
-            quiesced: Arc::new(Mutex::new(false)),
-            wipe: Arc::new(AtomicBool::new(false)),
-            flushes: Arc::new(FlushCounters::default()),
-            status: 0,
-            medium,
-            data: DataPath::Bounce(dma),
-            read_only,
-            capacity_sectors,
-            interrupt: Arc::new(InterruptRoute::default()),
-            depth: 0,
-            sq_head: 0,
-            cq_tail: 0,
-        };
-        Ok(EngineHarness { engine })
+        EngineHarness::on(regs, DataPath::Bounce(dma), medium, read_only)
     }
 
     /// As `new`, its data going through `windows` only (`dma=direct`).
@@ -488,10 +461,28 @@ impl EngineHarness {
         medium: File,
         read_only: bool,
     ) -> std::io::Result<Self> {
-        let unused = DmaRegion { memory: regs.clone(), offset: 0, len: 0, gpa: 0 };
-        let mut harness = EngineHarness::new(regs, unused, medium, read_only)?;
-        harness.engine.data = DataPath::Windows(windows);
-        Ok(harness)
+        EngineHarness::on(regs, DataPath::Windows(windows), medium, read_only)
+    }
+
+    fn on(regs: Arc<SharedMemory>, data: DataPath, medium: File, read_only: bool) -> std::io::Result<Self> {
+        let capacity_sectors = medium.metadata()?.len() / u64::from(storage::SECTOR_SIZE);
+        regs.write(reg::CAPACITY, capacity_sectors);
+        let engine = Engine {
+            regs,
+            quiesced: Arc::new(Mutex::new(false)),
+            wipe: Arc::new(AtomicBool::new(false)),
+            flushes: Arc::new(FlushCounters::default()),
+            status: 0,
+            medium,
+            data,
+            read_only,
+            capacity_sectors,
+            interrupt: Arc::new(InterruptRoute::default()),
+            depth: 0,
+            sq_head: 0,
+            cq_tail: 0,
+        };
+        Ok(EngineHarness { engine })
     }
 
     /// One round of work; whether there was any.
