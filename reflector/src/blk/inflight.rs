@@ -150,8 +150,9 @@ impl InFlightTable {
         }
     }
 
-    /// Revokes every request's window (its driver VM died: a replay maps
-    /// it again), each after the device's access in progress on it ends.
+    /// Revokes every request's window (its driver VM died, and a replay
+    /// maps it again; or its client left), each after the device's access
+    /// in progress on it ends.
     pub fn revoke_windows(&self) {
         if let Some(windows) = &self.windows {
             windows.unmap_all();

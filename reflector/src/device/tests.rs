@@ -55,18 +55,7 @@ fn quick_recovery() -> RecoveryConfig {
 
 impl<'a> Bench<'a> {
     fn new(memory: &'a GuestMemoryMmap, scripts: &[Script], checksums: bool, recovery: RecoveryConfig) -> Self {
-        Bench::polling(memory, scripts, checksums, recovery, Duration::ZERO)
-    }
-
-    /// As `new`, with the worker polling for completions for `poll_window`.
-    fn polling(
-        memory: &'a GuestMemoryMmap,
-        scripts: &[Script],
-        checksums: bool,
-        recovery: RecoveryConfig,
-        poll_window: Duration,
-    ) -> Self {
-        Bench::on(FakeDisk::new(4096), memory, scripts, checksums, recovery, poll_window)
+        Bench::on(FakeDisk::new(4096), memory, scripts, checksums, recovery, Duration::ZERO)
     }
 
     /// As `new`, payloads going through per-request DMA windows (`dma=direct`).
@@ -74,6 +63,8 @@ impl<'a> Bench<'a> {
         Bench::on(FakeDisk::direct(4096), memory, scripts, false, recovery, Duration::ZERO)
     }
 
+    /// A bench on `disk`, the worker polling for completions for
+    /// `poll_window` after each kick.
     fn on(
         disk: Arc<FakeDisk>,
         memory: &'a GuestMemoryMmap,
@@ -485,7 +476,7 @@ fn answers_for_a_client_that_left_never_reach_the_next_one() {
 #[test]
 fn a_worker_polling_for_completions_completes_every_request_once_with_its_data() {
     let memory = client_memory();
-    let mut bench = Bench::polling(&memory, &[Script::Serve], false, RecoveryConfig::default(), BOUND);
+    let mut bench = Bench::on(FakeDisk::new(4096), &memory, &[Script::Serve], false, RecoveryConfig::default(), BOUND);
     for round in 0..20u64 {
         let data = pattern(round as u8, 4096);
         let write = bench.submit(&[(true, round * 8, data.clone())]);
