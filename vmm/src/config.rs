@@ -284,10 +284,16 @@ impl DoorbellConfig {
 impl IrqConfig {
     /// Parses `fd=N`.
     pub fn parse(spec: &str) -> Result<Self> {
-        match key_value(spec) {
-            ("fd", value) => Ok(IrqConfig { fd: parse_fd("--irq fd", value)? }),
-            _ => Err(Error::invalid("--irq", format!("{spec:?}: expected fd=N, an inherited eventfd"))),
-        }
+        Ok(IrqConfig { fd: parse_eventfd_spec("--irq", spec)? })
+    }
+}
+
+/// Parses `fd=N`, an inherited eventfd given with `option` (`--irq`,
+/// `--go-fd`), whose name the errors carry.
+pub fn parse_eventfd_spec(option: &str, spec: &str) -> Result<RawFd> {
+    match key_value(spec) {
+        ("fd", value) => parse_fd(&format!("{option} fd"), value),
+        _ => Err(Error::invalid(option, format!("{spec:?}: expected fd=N, an inherited eventfd"))),
     }
 }
 

@@ -348,7 +348,7 @@ fn vm_config(name: &str, args: &RunArgs) -> vmm::Result<VmConfig> {
         traps: args.trap.iter().map(|s| TrapConfig::parse(s)).collect::<Result<_, _>>()?,
         doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
         irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
-        go: args.go_fd.as_deref().map(|spec| IrqConfig::parse(spec).map(|irq| irq.fd)).transpose()?,
+        go: args.go_fd.as_deref().map(|spec| vmm::config::parse_eventfd_spec("--go-fd", spec)).transpose()?,
         cmdline: args.cmdline.clone(),
     };
     config.validate()?;
