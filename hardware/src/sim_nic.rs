@@ -67,6 +67,8 @@ pub struct SimNic {
 /// The card's wire side and execution state, shared by its thread and the
 /// switch.
 struct NicPort {
+    /// The register window (the engine's too): for `DEVICE_POLLING`.
+    regs: Arc<SharedMemory>,
     engine: Mutex<Engine>,
     counters: Arc<NicCounters>,
 }
@@ -84,7 +86,8 @@ impl SimNic {
         let interrupt = Arc::new(InterruptRoute::default());
         let counters = Arc::new(NicCounters::default());
         let engine = Engine::new(regs.clone(), dma, interrupt.clone(), counters.clone());
-        let port = Arc::new(NicPort { engine: Mutex::new(engine), counters });
+        regs.atomic_u32(reg::DEVICE_POLLING).store(1, Ordering::SeqCst);
+        let port = Arc::new(NicPort { regs: regs.clone(), engine: Mutex::new(engine), counters });
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
         let port_id = switch.attach(weak, Some(mac)).map_err(std::io::Error::other)?;
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
@@ -157,20 +160,30 @@ impl NicPort {
         self.engine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The device thread: sleeps on the doorbell, then works until there is
-    /// nothing left, sending what it transmitted to the switch outside the
-    /// lock.
+    /// The device thread: works while there is work, then sleeps on the
+    /// doorbell. While awake it says so in `DEVICE_POLLING` (it will look
+    /// at the rings again before it sleeps), so the driver skips its
+    /// doorbell. It does not poll on: spinning here for 100 us after the
+    /// last work took a core from the driver VMs and the reflector on this
+    /// two-core machine (net-load 64 B: 0.09 against 0.15 Mpps, round trip
+    /// 400 against 280 us). Frames it transmitted go to the switch outside
+    /// the lock.
     fn run(&self, switch: &Switch, port_id: PortId, doorbell: &EventFd, stop: &EventFd) {
-        while wait_for_doorbell(doorbell, stop) {
-            loop {
-                let (frames, more) = self.lock().step();
-                for frame in &frames {
-                    switch.forward(port_id, frame);
-                }
-                if !more {
-                    break;
-                }
+        let awake = self.regs.atomic_u32(reg::DEVICE_POLLING);
+        loop {
+            let (frames, worked) = self.lock().step();
+            for frame in &frames {
+                switch.forward(port_id, frame);
             }
+            if worked {
+                continue;
+            }
+            awake.store(0, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if !self.lock().has_pending_work() && !wait_for_doorbell(doorbell, stop) {
+                return;
+            }
+            awake.store(1, Ordering::SeqCst);
         }
     }
 }
@@ -223,7 +236,7 @@ impl Engine {
     }
 
     /// One round of doorbell work: returns the frames transmitted and
-    /// whether more work may be pending.
+    /// whether it did anything (so more may be pending).
     fn step(&mut self) -> (Vec<Vec<u8>>, bool) {
         // Quiesced, the card ignores even a reset: a dying driver must not
         // be able to re-arm it before the reflector resumes it.
@@ -239,16 +252,40 @@ impl Engine {
         if status & (nic::status::READY | nic::status::FATAL) == 0 {
             if self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0 {
                 self.enable();
+                return (Vec::new(), true);
             }
             return (Vec::new(), false);
         }
         if !self.ready() {
             return (Vec::new(), false);
         }
-        self.drain_fifo();
-        let frames = self.transmit();
-        let more = frames.len() == TX_BATCH as usize;
-        (frames, more)
+        let delivered = self.drain_fifo();
+        let (frames, transmitted) = self.transmit();
+        (frames, delivered || transmitted)
+    }
+
+    /// Whether the doorbell would find work: a reset or an enable to do,
+    /// TX descriptors, or FIFO frames and RX buffers for them.
+    fn has_pending_work(&self) -> bool {
+        if self.quiesced {
+            return false;
+        }
+        if self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
+            return true;
+        }
+        let status = self.reg(reg::STATUS).load(Ordering::Acquire);
+        if status & (nic::status::READY | nic::status::FATAL) == 0 {
+            return self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0;
+        }
+        // Work only with room in the completion ring: a driver that never
+        // takes its completions must not keep this thread polling.
+        let room = |tail: usize, head: u32, completion_head: usize, completion_tail: u32| {
+            self.reg(tail).load(Ordering::Acquire) != head
+                && completion_tail.wrapping_sub(self.reg(completion_head).load(Ordering::Acquire)) < self.ring_size
+        };
+        self.ready()
+            && (room(reg::TX_TAIL, self.tx_head, reg::TXC_HEAD, self.txc_tail)
+                || !self.fifo.is_empty() && room(reg::RX_TAIL, self.rx_head, reg::RXC_HEAD, self.rxc_tail))
     }
 
     fn reset(&mut self, request: u32) {
@@ -268,8 +305,10 @@ impl Engine {
         ] {
             self.reg(offset).store(0, Ordering::Release);
         }
-        // The link is the wire's, not the driver's: a reset keeps it.
+        // The link is the wire's, not the driver's: a reset keeps it, and
+        // the FIFO (the port's, not the driver's) keeps its frames.
         self.reg(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
+        self.reg(reg::RX_WAITING).store(u32::from(!self.fifo.is_empty()), Ordering::SeqCst);
         (self.ring_size, self.tx_head, self.txc_tail, self.rx_head, self.rxc_tail) = (0, 0, 0, 0, 0);
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
         self.interrupt.raise();
@@ -327,12 +366,13 @@ impl Engine {
         Some((tail, completion_head))
     }
 
-    /// Sends up to TX_BATCH frames; returns them for the switch.
-    fn transmit(&mut self) -> Vec<Vec<u8>> {
+    /// Sends up to TX_BATCH frames; returns them for the switch, and
+    /// whether it took any descriptor.
+    fn transmit(&mut self) -> (Vec<Vec<u8>>, bool) {
         let Some((tail, completion_head)) =
             self.checked_indices(reg::TX_TAIL, self.tx_head, reg::TXC_HEAD, self.txc_tail)
         else {
-            return Vec::new();
+            return (Vec::new(), false);
         };
         let start = self.tx_head;
         let mut frames = Vec::new();
@@ -358,7 +398,7 @@ impl Engine {
             self.publish_completions(true);
         }
         self.counters.tx_frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
-        frames
+        (frames, self.tx_head != start)
     }
 
     fn read_frame(&self, descriptor: &Descriptor) -> Result<Vec<u8>, u16> {
@@ -391,10 +431,17 @@ impl Engine {
         } else {
             self.drop_frame();
         }
+        // Say that frames wait, then look at the RX tail once more: a
+        // driver that posted buffers meanwhile without a doorbell (it had
+        // not seen RX_WAITING yet) has them used now.
+        self.reg(reg::RX_WAITING).store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.drain_fifo();
     }
 
-    /// Delivers FIFO frames into newly posted buffers.
-    fn drain_fifo(&mut self) {
+    /// Delivers FIFO frames into newly posted buffers; whether it
+    /// delivered any.
+    fn drain_fifo(&mut self) -> bool {
         let mut delivered = false;
         while let Some(frame) = self.fifo.pop_front() {
             if !self.deliver(&frame) {
@@ -404,8 +451,12 @@ impl Engine {
             delivered = true;
         }
         if delivered {
+            if self.fifo.is_empty() {
+                self.reg(reg::RX_WAITING).store(0, Ordering::SeqCst);
+            }
             self.publish_completions(false);
         }
+        delivered
     }
 
     /// Writes a frame into the next posted RX buffer; false if none is
@@ -510,7 +561,7 @@ impl EngineHarness {
         EngineHarness { engine }
     }
 
-    /// One round of doorbell work: the frames it sent, whether more may be pending.
+    /// One round of doorbell work: the frames it sent, whether it did anything.
     pub fn step(&mut self) -> (Vec<Vec<u8>>, bool) {
         self.engine.step()
     }
@@ -579,6 +630,15 @@ mod tests {
             self.reg(reg::STATUS).load(Ordering::SeqCst)
         }
 
+        /// Waits (bounded) until the card says frames wait for buffers.
+        fn until_rx_waiting(&self) {
+            let start = std::time::Instant::now();
+            while self.reg(reg::RX_WAITING).load(Ordering::SeqCst) == 0 {
+                assert!(start.elapsed() < std::time::Duration::from_secs(10), "no frame came to wait in the FIFO");
+                std::thread::yield_now();
+            }
+        }
+
         fn reset_and_enable(&self) {
             let request = self.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst) + 1;
             self.ring_until(|card| card.reg(reg::RESET_DONE).load(Ordering::SeqCst) == request);
@@ -645,6 +705,38 @@ mod tests {
         let mut received = vec![0u8; 1000];
         b.dma.slice(0x2000, 1000).unwrap().copy_to(&mut received[..]);
         assert_eq!(received, sent);
+    }
+
+    #[test]
+    fn receive_buffers_need_a_doorbell_only_while_frames_wait() {
+        let switch = Switch::new("t-rxw");
+        let (a, b) = (card("nic-a-rxw", 1, &switch), card("nic-b-rxw", 2, &switch));
+        a.reset_and_enable();
+        b.reset_and_enable();
+        assert_eq!(b.reg(reg::RX_WAITING).load(Ordering::SeqCst), 0);
+        // A buffer posted without a doorbell: the next frame finds it.
+        let descriptor = Descriptor { addr: DMA_GPA + 0x2000, len: nic::MAX_FRAME, id: 4, reserved: 0 };
+        b.post(nic::RX_RING_OFFSET, reg::RX_TAIL, descriptor);
+        a.send(&frame(2, 1, 200), 0x1000, 1);
+        assert_eq!(
+            b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 0),
+            Completion { id: 4, status: 0, len: 200 }
+        );
+        assert_eq!(b.reg(reg::RX_WAITING).load(Ordering::SeqCst), 0, "nothing waits");
+        // With no buffer the frame waits and the card says so; the buffer
+        // posted then (with its doorbell) takes it and the flag clears.
+        a.send(&frame(2, 1, 300), 0x1000, 2);
+        // The card completes a send before the switch carries the frame.
+        b.until_rx_waiting();
+        b.post_rx(0x3000, 5);
+        assert_eq!(b.completion(nic::RX_COMPLETION_OFFSET, reg::RXC_TAIL, 1).len, 300);
+        assert_eq!(b.reg(reg::RX_WAITING).load(Ordering::SeqCst), 0);
+        // A reset keeps the FIFO's frames, and says they wait.
+        a.send(&frame(2, 1, 100), 0x1000, 3);
+        b.until_rx_waiting();
+        b.reg(reg::RX_WAITING).store(0, Ordering::SeqCst); // a driver scribbling on it
+        b.reset_and_enable();
+        assert_eq!(b.reg(reg::RX_WAITING).load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -27,6 +27,8 @@ struct Net {
     /// Request id per descriptor id (= bounce slot), while the card has it.
     in_flight: [Option<u64>; RING_SIZE as usize],
     tx_tail: u32,
+    /// TX tail as the card was last told (rung for, or seen polling).
+    tx_told: u32,
     txc_head: u32,
     rx_tail: u32,
     rxc_head: u32,
@@ -42,6 +44,7 @@ impl ChannelDriver for Net {
             doorbell: kernel.doorbell(1).ok_or(Error::MissingDoorbell(1))?,
             in_flight: [None; RING_SIZE as usize],
             tx_tail: 0,
+            tx_told: 0,
             txc_head: 0,
             rx_tail: 0,
             rxc_head: 0,
@@ -57,11 +60,11 @@ impl ChannelDriver for Net {
         // empties its rings.
         let reset = net.regs.get(reg::RESET_REQUEST).wrapping_add(1);
         net.regs.set(reg::RESET_REQUEST, reset);
-        net.doorbell.ring(1);
+        net.ring_unless_polling();
         net.regs.wait_for(|regs| regs.get(reg::RESET_DONE) == reset);
         net.regs.set(reg::RING_SIZE, RING_SIZE);
         net.regs.set(reg::CONTROL, nic::control::ENABLE);
-        net.doorbell.ring(1);
+        net.ring_unless_polling();
         net.regs.wait_for(|regs| regs.get(reg::STATUS) & (nic::status::READY | nic::status::FATAL) != 0);
         if net.regs.get(reg::STATUS) & nic::status::FATAL != 0 {
             return Err(Error::Device("the card refused its configuration"));
@@ -76,6 +79,16 @@ impl ChannelDriver for Net {
 }
 
 impl Net {
+    /// Rings the card's doorbell (an exit) unless it is awake: it clears
+    /// DEVICE_POLLING before it looks for work one last time and sleeps, so
+    /// either it sees what was written or this sees it asleep (both fence).
+    fn ring_unless_polling(&self) {
+        fence(Ordering::SeqCst);
+        if self.regs.get(reg::DEVICE_POLLING) == 0 {
+            self.doorbell.ring(1);
+        }
+    }
+
     /// Moves one completion ring's entries into the channel; whether any.
     fn drain(&mut self, channel: &mut Channel, ring: usize, tail_reg: usize, head_reg: usize, tx: bool) -> bool {
         let tail = self.regs.get(tail_reg);
@@ -119,11 +132,18 @@ impl Device for Net {
         self.in_flight[request.slot as usize] = Some(request.id);
     }
 
+    /// Tells the card of new descriptors, with its doorbell (an exit) only
+    /// when it needs one: not while it is awake, and for receive buffers alone
+    /// only when frames wait for them (the next frame finds them anyway).
     fn kick(&mut self) {
         self.regs.set(reg::TX_TAIL, self.tx_tail);
         self.regs.set(reg::RX_TAIL, self.rx_tail);
+        let sending = self.tx_tail != self.tx_told;
+        self.tx_told = self.tx_tail;
         fence(Ordering::SeqCst);
-        self.doorbell.ring(1);
+        if sending || self.regs.get(reg::RX_WAITING) != 0 {
+            self.ring_unless_polling();
+        }
     }
 
     fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {

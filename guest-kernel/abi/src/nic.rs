@@ -18,6 +18,13 @@
 //! region it was given (the analogue of an IOMMU mapping) and fails the
 //! descriptor otherwise. Frames that arrive while no RX buffer is posted
 //! wait in the port's small FIFO, then are dropped and counted.
+//!
+//! A doorbell is a VM exit, so the device says when it needs none: while it
+//! is awake ([`reg::DEVICE_POLLING`]), and, for RX buffers alone, unless
+//! frames wait for them ([`reg::RX_WAITING`]). The driver writes its tails,
+//! then (after a full fence) reads those registers; the device sets them,
+//! then (after a full fence) reads the tails once more before it sleeps, so
+//! one of the two always sees the other.
 
 /// [`reg::MAGIC`] value: "SNIC".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"SNIC");
@@ -76,6 +83,14 @@ pub mod reg {
     pub const RXC_HEAD: usize = 0x200;
     /// u32 nonzero while the driver wants a completion interrupt (driver).
     pub const INTERRUPT_WANTED: usize = 0x240;
+    /// u32 nonzero while the device is awake and will look at its TX tail
+    /// (and, with frames waiting, its RX tail) again before it sleeps, so a
+    /// doorbell is not needed (device).
+    pub const DEVICE_POLLING: usize = 0x280;
+    /// u32 nonzero while frames wait in the port's FIFO for RX buffers
+    /// (device): posting RX buffers needs a doorbell only then. Otherwise
+    /// the next frame from the wire finds them.
+    pub const RX_WAITING: usize = 0x2c0;
 }
 
 /// Bits of [`reg::CONTROL`].
