@@ -333,8 +333,8 @@ pub fn run_driver<D: ChannelDriver>(kernel: &Kernel) -> Result<u32, Error> {
 }
 
 /// Serves the channel with `device` until it fails: polls while busy,
-/// sleeps (ring-0 `hlt`, no exit to the vmm) after `poll_window_us` of
-/// idleness.
+/// sleeps (one hypercall: its vmm waits on the interrupt lines) after
+/// `poll_window_us` of idleness.
 pub fn serve<D: Device>(channel: &mut Channel, device: &mut D, poll_window_us: u64) -> Result<u32, Error> {
     let mut idle_since = time::Instant::now();
     loop {

@@ -5,11 +5,16 @@
 //! 1,800x slower on kvm-pvm). Ring 0 is entered only through the stubs below,
 //! which are written to run as few instructions as possible there:
 //! - exceptions report themselves to the vmm and never return;
-//! - interrupts set a bit in [`IRQ_PENDING`] and return (the PIC is in
-//!   auto-EOI mode, so no EOI write is needed);
-//! - a ring-3 `hlt` raises #GP, and the #GP stub turns it into a real
-//!   `sti; hlt` in ring 0 unless an interrupt is already pending. That is how
-//!   the guest sleeps without an exit to the vmm.
+//! - interrupts set a bit in [`IRQ_PENDING`] and return (none arrives: the
+//!   vmm delivers interrupt lines through [`wait_for_interrupt`]'s
+//!   hypercall, not through ring 0; the stub stays for a vector nobody
+//!   expects).
+//!
+//! The guest sleeps with one exit: [`wait_for_interrupt`] reads
+//! `port::WAIT_LINES`, on which the vmm blocks until a line fires. A `hlt`
+//! (and the interrupt that ended it) went through the emulated ring 0, and
+//! cost a waking driver VM several hundred microseconds; now a ring-3 `hlt`
+//! is a fatal #GP like any other privileged instruction.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -49,9 +54,7 @@ __isr_stubs:
     .endif
     .byte 0x68
     .long vec
-    .if vec == 13
-    jmp __gp_entry
-    .elseif vec < 32
+    .if vec < 32
     jmp __fatal_exception
     .else
     jmp __irq_entry
@@ -65,28 +68,6 @@ __fatal_exception:
     out dx, eax
 .Lfatal_hang:
     jmp .Lfatal_hang
-
-__gp_entry:
-    push rax
-    mov rax, qword ptr [rsp + 32]
-    test al, 3
-    jz .Lgp_fatal
-    mov rax, qword ptr [rsp + 24]
-    cmp byte ptr [rax], 0xf4
-    jne .Lgp_fatal
-    add qword ptr [rsp + 24], 1
-    cmp qword ptr [rip + {irq_pending}], 0
-    jne .Lgp_return
-    sti
-    hlt
-    cli
-.Lgp_return:
-    pop rax
-    add rsp, 16
-    iretq
-.Lgp_fatal:
-    pop rax
-    jmp __fatal_exception
 
 __irq_entry:
     push rax
@@ -185,16 +166,27 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// Sleeps until an interrupt arrives, unless one is already pending.
+/// Reads a dword from an I/O port.
+#[inline]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `outl`; the value lands in a register.
+    unsafe {
+        core::arch::asm!("in eax, dx", in("dx") port, out("eax") value, options(nostack, preserves_flags));
+    }
+    value
+}
+
+/// Sleeps until an interrupt line fires, unless one is already pending,
+/// and marks the lines that fired in [`IRQ_PENDING`].
 ///
-/// The ring-3 `hlt` faults into the #GP stub, which sleeps in ring 0 with
-/// interrupts enabled. A wake-up that races with the check below is not lost:
-/// the stub checks [`IRQ_PENDING`] again with interrupts disabled.
+/// One exit (`port::WAIT_LINES`): the vmm blocks on the lines' eventfds. A
+/// wake-up that races with the check below is not lost: a line's eventfd
+/// keeps its count until the vmm reads it.
 pub fn wait_for_interrupt() {
     if IRQ_PENDING.load(Ordering::Acquire) == 0 {
-        // SAFETY: `hlt` in ring 3 raises #GP, handled by `__gp_entry`, which
-        // returns to the next instruction; no memory or registers change.
-        unsafe { core::arch::asm!("hlt", options(nostack, nomem)) };
+        let fired = inl(port::WAIT_LINES);
+        IRQ_PENDING.fetch_or(u64::from(fired), Ordering::AcqRel);
     }
 }
 

@@ -70,7 +70,7 @@ pub trait Hardware: Send + Sync {
     }
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
     fn doorbell(&self) -> &EventFd;
-    /// Where the device's interrupt goes: the current driver VM's irqfd.
+    /// Where the device's interrupt goes: the current driver VM's line.
     fn interrupt(&self) -> Arc<InterruptRoute>;
     /// Stops all DMA, finishing any command under way first, and ignores
     /// the window (resets included) until [`Hardware::resume`]: the host's
@@ -176,9 +176,9 @@ pub trait NetHardware: Hardware {
 }
 
 /// Where a device's interrupt is delivered, like a programmable MSI: each
-/// driver VM binds its own eventfd as irqfd (the kernel lets an eventfd be
-/// an irqfd of one VM at a time), and the reflector routes the interrupt to
-/// the driver VM that currently owns the device.
+/// driver VM has an eventfd of its own per line (its vmm waits on them when
+/// the guest sleeps), and the reflector routes the interrupt to the driver
+/// VM that currently owns the device.
 #[derive(Default)]
 pub struct InterruptRoute {
     target: Mutex<Option<EventFd>>,

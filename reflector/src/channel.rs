@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use guest_abi::channel::{self, header, CompletionEntry, RequestEntry};
 use vm_memory::VolatileSlice;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver_answers::Violation;
 use crate::shm::SharedMemory;
@@ -91,16 +90,12 @@ impl Channel {
         self.req_prod = self.req_prod.wrapping_add(1);
     }
 
-    /// Makes pushed requests visible and interrupts the driver if it may be
-    /// asleep.
-    pub fn publish(&self, interrupt: &EventFd) {
+    /// Makes pushed requests visible; whether the driver may be asleep (and
+    /// must be woken: `DeviceCore::wake_sleeping_driver`).
+    pub fn publish(&self) -> bool {
         self.memory.atomic_u32(header::REQ_PROD).store(self.req_prod, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.memory.atomic_u32(header::DRIVER_SLEEPING).load(Ordering::Acquire) != 0 {
-            if let Err(error) = interrupt.write(1) {
-                tracing::warn!(%error, "cannot interrupt the driver VM");
-            }
-        }
+        self.memory.atomic_u32(header::DRIVER_SLEEPING).load(Ordering::Acquire) != 0
     }
 
     /// Gives the bounce slots' pages back to the kernel. Only while no
@@ -196,7 +191,7 @@ mod tests {
             len: 512,
             reserved: 0,
         });
-        channel.publish(&EventFd::new(0).unwrap());
+        channel.publish();
     }
 
     #[test]

@@ -240,6 +240,9 @@ pub struct DeviceCore {
     reported: Option<Fault>,
     /// Why the client is to be cut off, likewise.
     cut: Option<String>,
+    /// Requests were published to a driver VM that sleeps: it is woken at
+    /// the end of the event ([`DeviceCore::wake_sleeping_driver`]).
+    wake_pending: bool,
 }
 
 impl DeviceCore {
@@ -352,9 +355,23 @@ impl DeviceCore {
         }
     }
 
-    /// Publishes new requests to the driver VM (and wakes it if it sleeps).
-    pub fn publish(&self) {
-        self.channel.publish(self.drivers.request_interrupt());
+    /// Publishes new requests to the driver VM. One that sleeps is woken
+    /// by [`DeviceCore::wake_sleeping_driver`] once the worker has told
+    /// the client about its used buffers: a woken driver VM's vCPU thread
+    /// may run on this CPU and poll there for its window, and the client's
+    /// signal behind it waited that long (two QEMU guests' ping: each
+    /// delivered frame's signal came 0.5-0.9 ms after the frame).
+    pub fn publish(&mut self) {
+        self.wake_pending |= self.channel.publish();
+    }
+
+    /// Wakes the driver VM if requests were published while it slept.
+    pub fn wake_sleeping_driver(&mut self) {
+        if std::mem::take(&mut self.wake_pending) {
+            if let Err(error) = self.drivers.request_interrupt().write(1) {
+                tracing::warn!(device = %self.name, %error, "cannot wake the driver VM");
+            }
+        }
     }
 
     /// Watches for a hang while `in_driver` requests are in the driver VM.
@@ -443,6 +460,7 @@ impl<K: DeviceKind> Device<K> {
             kill_sent: None,
             reported: None,
             cut: None,
+            wake_pending: false,
             poll_window: wiring.poll_window,
             poll_credit: PollCredit::default(),
         };
@@ -868,6 +886,8 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         let result = match Self::source_of(device_event) {
             _ if usize::from(device_event) < K::QUEUES => {
                 let kicked = self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings);
+                // The driver must be awake for the poll to find anything.
+                self.core.wake_sleeping_driver();
                 kicked.and_then(|()| self.poll_for_completions(vrings))
             }
             Some(source) => self.on_source(source, vrings),
@@ -878,6 +898,7 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         for vring in vrings {
             let _ = signal_used(vring);
         }
+        self.core.wake_sleeping_driver();
         // An error returned here would end vhost-user-backend's worker loop
         // for good, and with it the connection's I/O: report it instead.
         if let Err(error) = result {

@@ -223,9 +223,8 @@ impl Default for ChildFds {
 
 impl DriverLauncher {
     /// A launcher of driver VMs with `interrupt_lines` interrupt lines
-    /// each (every VM gets eventfds of its own: the kernel binds an eventfd
-    /// as an irqfd of one VM at a time); `exited` is signalled whenever one
-    /// of its VMs exits.
+    /// each (every VM gets eventfds of its own, so a dead VM's line never
+    /// wakes the next); `exited` is signalled whenever one of its VMs exits.
     pub fn new(
         spec: DriverVmSpec,
         windows: Vec<Window>,
@@ -480,7 +479,7 @@ impl DriverVm {
         self.pid
     }
 
-    /// Interrupt line `index` of this VM (an eventfd bound as its irqfd).
+    /// Interrupt line `index` of this VM (an eventfd its vmm waits on).
     pub fn interrupt(&self, index: usize) -> Option<&EventFd> {
         self.interrupts.get(index)
     }

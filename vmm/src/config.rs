@@ -117,7 +117,8 @@ pub struct DoorbellConfig {
     pub fd: RawFd,
 }
 
-/// An interrupt line: signalling the eventfd `fd` raises it (KVM irqfd).
+/// An interrupt line: signalling the eventfd `fd` raises it (the guest's
+/// `WAIT_LINES` returns with its bit).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IrqConfig {
     /// An eventfd inherited from the parent.

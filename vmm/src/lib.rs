@@ -3,10 +3,12 @@
 //!
 //! A driver VM is given RAM, the windows of its device (files mapped at
 //! guest physical addresses), doorbells (KVM ioeventfd) and interrupt lines
-//! (KVM irqfd), and nothing else. Its vCPU starts in guest ring 3 (see
-//! DESIGN.md for why). The vmm is on the data path only for console output
-//! and the guest's final hypercall: doorbells and interrupts connect the
-//! guest to its supervisor directly through KVM.
+//! (eventfds), and nothing else. Its vCPU starts in guest ring 3 (see
+//! DESIGN.md for why). The vmm is on the data path for console output, the
+//! guest's final hypercall and its sleep: doorbells reach the supervisor
+//! directly through KVM, and a guest with nothing to do asks its vmm to wait
+//! on its interrupt lines (`port::WAIT_LINES`; no interrupt is delivered
+//! through the emulated ring 0, and the VM has no interrupt controller).
 //!
 //! What it is not: a general-purpose VMM. There are no emulated devices, no
 //! firmware, no SMP; an image must be built with `guest-kernel`.

@@ -105,8 +105,9 @@ struct RunArgs {
     /// Example: --doorbell mmio=0x40200000,fd=5
     #[arg(long, value_name = "SPEC")]
     doorbell: Vec<String>,
-    /// Add an interrupt line raised by writing an inherited eventfd (KVM
-    /// irqfd): fd=N. The guest sees lines in the order given. Repeatable.
+    /// Add an interrupt line raised by writing an inherited eventfd (the
+    /// guest's sleep, port::WAIT_LINES, returns with its bit): fd=N. The
+    /// guest sees lines in the order given. Repeatable.
     /// Example: --irq fd=6
     #[arg(long, value_name = "SPEC")]
     irq: Vec<String>,
@@ -275,9 +276,9 @@ fn run(args: RunArgs) -> ExitCode {
 /// descriptors in number order and then releases their files in the
 /// reverse order: the file whose last descriptor is closed last is released
 /// first. With a copy at the top, standard output's pipe is released before
-/// the VM's descriptors, whose release waits for RCU grace periods and
-/// KVM's irqfd cleanup (about 1.4 ms of a killed driver VM's end in a
-/// kernel trace here). A supervisor takes end-of-file on that pipe as the
+/// the VM's descriptors, whose release waits for RCU grace periods (with
+/// KVM's irqfd cleanup, before lines stopped being irqfds, about 1.4 ms of
+/// a killed driver VM's end in a kernel trace here). A supervisor takes end-of-file on that pipe as the
 /// sign that the guest can no longer run, which holds whatever the order:
 /// descriptors are closed only once every thread, the vCPU's included, has
 /// exited.

@@ -96,11 +96,13 @@ fn compile(rules: BTreeMap<i64, Vec<SeccompRule>>) -> Result<BpfProgram, Seccomp
 }
 
 /// Only the vCPU thread: a warm spare's wait for its go signal
-/// (`port::WAIT_GO`), one descriptor polled.
+/// (`port::WAIT_GO`) and the guest's sleep on its interrupt lines
+/// (`port::WAIT_LINES`): eventfds polled, then read.
 const VCPU_ONLY: &[libc::c_long] = &[libc::SYS_poll, libc::SYS_ppoll];
 
 /// The vCPU thread's filter: KVM_RUN and reading registers for reports,
-/// console and eventfd writes, a spare's wait, and what every thread needs.
+/// console and eventfd writes, a spare's wait and the guest's sleep, and
+/// what every thread needs.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(VCPU_ONLY).map(|call| (*call, Vec::new())).collect();

@@ -92,6 +92,9 @@ pub struct Vcpu {
     ram_size: u64,
     /// A warm spare's go signal (`--go-fd`), until used.
     go: Option<EventFd>,
+    /// The interrupt lines (`--irq`): each eventfd with the bit it sets in
+    /// the answer to `WAIT_LINES`.
+    lines: Vec<(EventFd, u32)>,
 }
 
 /// A trapped window: its accesses go over a socket to the supervisor
@@ -156,8 +159,41 @@ impl Vcpu {
         traps: Vec<Trap>,
         ram_size: u64,
         go: Option<EventFd>,
+        lines: Vec<(EventFd, u32)>,
     ) -> Self {
-        Vcpu { fd, memory, console, traps, ram_size, go }
+        Vcpu { fd, memory, console, traps, ram_size, go, lines }
+    }
+
+    /// The guest's `WAIT_LINES`: blocks until one of its interrupt lines
+    /// fires and returns their bits (consuming the eventfds' counts), or 0
+    /// when a kick asks the vCPU to stop (or the guest has no line: it
+    /// would wait forever).
+    fn wait_lines(lines: &[(EventFd, u32)], stop: &AtomicBool) -> u32 {
+        let mut fds: Vec<libc::pollfd> =
+            lines.iter().map(|(fd, _)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        while !fds.is_empty() && !stop.load(Ordering::Acquire) {
+            // SAFETY: poll on valid pollfds we own, as many as the slice
+            // holds; a kick (signal) interrupts it with EINTR, and the loop
+            // looks at `stop`.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            if ready > 0 {
+                let fired = fds
+                    .iter()
+                    .zip(lines)
+                    .filter(|(fd, (line, _))| fd.revents & libc::POLLIN != 0 && line.read().is_ok())
+                    .fold(0, |bits, (_, (_, bit))| bits | bit);
+                if fired != 0 {
+                    return fired;
+                }
+                continue;
+            }
+            let error = std::io::Error::last_os_error();
+            if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
+                tracing::warn!(%error, "waiting for the interrupt lines failed; waking the guest");
+                return lines.iter().fold(0, |bits, (_, bit)| bits | bit);
+            }
+        }
+        0
     }
 
     /// The guest's `WAIT_GO`: blocks until the go eventfd is signalled (at
@@ -253,7 +289,7 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Stopped;
             }
-            match self.next_exit() {
+            match self.next_exit(stop) {
                 Exit::Handled => {}
                 Exit::Ended(outcome) => return VcpuStop::Ended(outcome),
                 Exit::PortWrite(port::READY, _) => {
@@ -272,7 +308,7 @@ impl Vcpu {
         }
     }
 
-    fn next_exit(&mut self) -> Exit {
+    fn next_exit(&mut self, stop: &AtomicBool) -> Exit {
         let exit = match self.fd.run() {
             Ok(exit) => exit,
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
@@ -288,6 +324,10 @@ impl Vcpu {
                 if port == port::CONSOLE_LSR {
                     data[0] = LSR_TX_EMPTY;
                 }
+                Exit::Handled
+            }
+            VcpuExit::IoIn(port::WAIT_LINES, data) if data.len() == 4 => {
+                data.copy_from_slice(&Self::wait_lines(&self.lines, stop).to_le_bytes());
                 Exit::Handled
             }
             VcpuExit::IoIn(port, data) => Exit::Ended(invalid("port_read", port.into(), data.len())),

@@ -1,5 +1,9 @@
-//! Assembling a driver VM: memory slots, interrupt controller, doorbells,
-//! the image, the system tables, the boot information and the vCPU.
+//! Assembling a driver VM: memory slots, doorbells, interrupt lines, the
+//! image, the system tables, the boot information and the vCPU.
+//!
+//! A VM has no interrupt controller: its interrupt lines are eventfds the
+//! vCPU thread waits on when the guest asks (`port::WAIT_LINES`), so no
+//! interrupt is ever delivered through the emulated ring 0 (DESIGN.md).
 //!
 //! Everything a VM is given is listed in its [`VmConfig`]; nothing else
 //! enters its guest physical address space (invariant 1 in DESIGN.md).
@@ -7,8 +11,8 @@
 use std::os::fd::{FromRawFd, RawFd};
 
 use guest_abi::{self as abi, BootInfo, DoorbellInfo, IrqInfo, Plain, WindowInfo};
-use kvm_bindings::{kvm_irqchip, kvm_userspace_memory_region, KVM_MEM_READONLY};
-use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,17 +24,11 @@ use crate::memory::{self, GuestMemory};
 use crate::vcpu::{Trap, Vcpu};
 use crate::x86::{self, Access, PageTables};
 
-/// PIC lines handed out to `--irq` lines, in order. Skipped: 0 (timer),
-/// 1 (keyboard), 2 (cascade), 3 and 4 (serial), 8 (RTC), 13 (FPU), so a
-/// reader of a trace sees no familiar line used for something else.
-const FREE_PIC_LINES: [u32; abi::MAX_IRQS] = [5, 6, 7, 9, 10, 11, 12, 14];
-/// The slave PIC is wired to line 2 of the master.
-const PIC_CASCADE_LINE: u32 = 2;
-/// Local APIC LVT registers and delivery modes (Intel SDM vol. 3, 11.5.1).
-const APIC_LVT0: usize = 0x350;
-const APIC_LVT1: usize = 0x360;
-const APIC_MODE_EXTINT: u32 = 0x7 << 8;
-const APIC_MODE_NMI: u32 = 0x4 << 8;
+/// Line numbers handed out to `--irq` lines, in order (each the bit a line
+/// sets in `WAIT_LINES`'s answer, and its vector from `IRQ_VECTOR_BASE`):
+/// the free lines of a PC's PICs, as before the lines bypassed them, so
+/// the boot information a driver reads did not change.
+const LINE_NUMBERS: [u32; abi::MAX_IRQS] = [5, 6, 7, 9, 10, 11, 12, 14];
 
 /// A VM ready to run: its KVM handles, memory and vCPU.
 pub struct Vm {
@@ -40,8 +38,8 @@ pub struct Vm {
     pub vm_fd: VmFd,
     /// The one vCPU.
     pub vcpu: Vcpu,
-    /// Doorbell and interrupt eventfds (KVM holds its own references; these
-    /// keep the registrations' fds alive for symmetry with teardown).
+    /// Doorbell eventfds (KVM holds its own references; these keep the
+    /// registrations' fds alive for symmetry with teardown).
     pub eventfds: Vec<EventFd>,
 }
 
@@ -56,18 +54,12 @@ impl Vm {
         let guest = memory::build(config)?;
         let vm_fd = kvm.create_vm().map_err(Error::kvm("creating the VM"))?;
         register_slots(&vm_fd, &guest)?;
-        let gsis: Vec<u32> = FREE_PIC_LINES[..config.irqs.len()].to_vec();
-        let mut eventfds = Vec::new();
-        if !config.irqs.is_empty() {
-            // Only VMs with interrupt lines get an irqchip: destroying one
-            // costs about 15 ms (an RCU wait, DESIGN.md).
-            setup_pic(&vm_fd, &gsis)?;
-            for (irq, gsi) in config.irqs.iter().zip(&gsis) {
-                let eventfd = take_eventfd(irq.fd, "--irq fd")?;
-                vm_fd.register_irqfd(&eventfd, *gsi).map_err(Error::kvm("registering an irqfd"))?;
-                eventfds.push(eventfd);
-            }
+        let gsis: Vec<u32> = LINE_NUMBERS[..config.irqs.len()].to_vec();
+        let mut lines = Vec::new();
+        for (irq, gsi) in config.irqs.iter().zip(&gsis) {
+            lines.push((take_eventfd(irq.fd, "--irq fd")?, 1 << gsi));
         }
+        let mut eventfds = Vec::new();
         for doorbell in &config.doorbells {
             let eventfd = take_eventfd(doorbell.fd, "--doorbell fd")?;
             register_doorbell(&vm_fd, doorbell, &eventfd)?;
@@ -77,9 +69,6 @@ impl Vm {
         x86::write_system_tables(&guest.memory, header.isr_stubs)?;
         let cr3 = build_page_tables(&guest.memory, config, image)?;
         let vcpu_fd = vm_fd.create_vcpu(0).map_err(Error::kvm("creating the vCPU"))?;
-        if !config.irqs.is_empty() {
-            route_pic_to_vcpu(&vcpu_fd)?;
-        }
         let tsc_khz = vcpu_fd.get_tsc_khz().map_err(Error::kvm("reading the TSC frequency"))?;
         let boot = boot_info(config, image, u64::from(tsc_khz), &gsis);
         guest
@@ -96,7 +85,7 @@ impl Vm {
             .map(|trap| Ok(Trap::new(trap.gpa, trap.size, take_socket(trap.fd)?, &trap.name)))
             .collect::<Result<Vec<_>>>()?;
         let go = config.go.map(|fd| take_eventfd(fd, "--go-fd fd")).transpose()?;
-        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory, go);
+        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory, go, lines);
         Ok(Vm { name: config.name.clone(), vm_fd, vcpu, eventfds })
     }
 }
@@ -175,45 +164,6 @@ fn register_doorbell(vm_fd: &VmFd, doorbell: &DoorbellConfig, eventfd: &EventFd)
         (Some(value), _) => vm_fd.register_ioevent(eventfd, &address, value),
     };
     result.map_err(Error::kvm("registering a doorbell (ioeventfd)"))
-}
-
-/// Creates the in-kernel irqchip and programs the two 8259 PICs: vectors
-/// from `IRQ_VECTOR_BASE`, auto-EOI (so the guest's ring-0 handler needs no
-/// EOI write), and only the lines in use unmasked.
-fn setup_pic(vm_fd: &VmFd, gsis: &[u32]) -> Result<()> {
-    vm_fd.create_irq_chip().map_err(Error::kvm("creating the interrupt controller"))?;
-    let mut unmasked: u16 = gsis.iter().fold(0, |mask, gsi| mask | 1 << gsi);
-    if gsis.iter().any(|gsi| *gsi >= 8) {
-        unmasked |= 1 << PIC_CASCADE_LINE;
-    }
-    for (chip_id, base, lines) in
-        [(0u32, abi::IRQ_VECTOR_BASE, unmasked as u8), (1, abi::IRQ_VECTOR_BASE + 8, (unmasked >> 8) as u8)]
-    {
-        let mut chip = kvm_irqchip { chip_id, ..Default::default() };
-        vm_fd.get_irqchip(&mut chip).map_err(Error::kvm("reading the PIC state"))?;
-        // SAFETY: chip ids 0 and 1 are the master and slave PIC, so `pic` is
-        // the active member of the union.
-        let pic = unsafe { &mut chip.chip.pic };
-        pic.irq_base = base;
-        pic.imr = !lines;
-        pic.auto_eoi = 1;
-        pic.init4 = 1;
-        pic.init_state = 0;
-        vm_fd.set_irqchip(&chip).map_err(Error::kvm("programming the PIC"))?;
-    }
-    Ok(())
-}
-
-/// Routes the PIC's output through LINT0 of the local APIC (ExtINT), as on
-/// a PC at reset.
-fn route_pic_to_vcpu(vcpu_fd: &VcpuFd) -> Result<()> {
-    let mut lapic = vcpu_fd.get_lapic().map_err(Error::kvm("reading the local APIC"))?;
-    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
-        for (i, byte) in mode.to_le_bytes().iter().enumerate() {
-            lapic.regs[offset + i] = *byte as libc::c_char;
-        }
-    }
-    vcpu_fd.set_lapic(&lapic).map_err(Error::kvm("programming the local APIC"))
 }
 
 /// Maps RAM (except the null page and the stack guard), windows and

@@ -108,6 +108,35 @@ fn invalid_instruction_is_reported() {
     assert!(report.get("fault_address").is_none());
 }
 
+#[test]
+fn a_ring3_hlt_is_a_general_protection_fault() {
+    if !kvm_available("a_ring3_hlt_is_a_general_protection_fault") {
+        return;
+    }
+    // The guest sleeps with `port::WAIT_LINES`; nothing in ring 0 turns a
+    // `hlt` into a sleep any more.
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "halt"]);
+    assert_eq!(status, 11, "{report}");
+    assert_eq!(report["outcome"], "exception");
+    assert_eq!(report["name"], "general_protection", "{report}");
+}
+
+#[test]
+fn a_driver_vm_has_no_interrupt_controller_to_poke() {
+    if !kvm_available("a_driver_vm_has_no_interrupt_controller_to_poke") {
+        return;
+    }
+    // The master PIC's command port: with an in-kernel irqchip (a VM with
+    // interrupt lines had one) KVM would answer it; a driver VM has none,
+    // so the access ends the VM.
+    let line = common::inheritable_eventfd();
+    let irq = format!("fd={}", std::os::fd::AsRawFd::as_raw_fd(&line));
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "poke-pic", "--irq", &irq]);
+    assert_eq!(status, 15, "{report}");
+    assert_eq!(report["outcome"], "invalid_access", "{report}");
+    assert_eq!(report["address"], 0x20, "{report}");
+}
+
 /// The 1-based line of `driver-vm/src/bin/faulty.rs` whose text contains
 /// `marker` (the planted bugs are marked `planted: ...`).
 fn planted_line(marker: &str) -> u64 {

@@ -1,4 +1,4 @@
-//! Doorbells (ioeventfd), interrupt lines (irqfd) and windows (file
+//! Doorbells (ioeventfd), interrupt lines (eventfds the guest waits on) and windows (file
 //! mappings) in real KVM guests.
 
 #![allow(clippy::unwrap_used)]

@@ -14,6 +14,10 @@
 //! - `write-window`: writes to its first window (a fault if read-only).
 //! - `hog`: allocates without bound (its RAM is its cap: the allocation
 //!   that no longer fits panics, reported as out of memory).
+//! - `halt`: executes `hlt` (privileged: a general-protection fault; the
+//!   guest sleeps with a hypercall, never by halting).
+//! - `poke-pic`: writes the PIC's command port (a driver VM has no
+//!   interrupt controller: an invalid access).
 //! - `exit=N`: exits with code N.
 //!
 //! Tests find the planted bugs' lines by the `planted:` comments.
@@ -39,6 +43,8 @@ enum Failure {
     Hang,
     WriteWindow,
     Hog,
+    Halt,
+    PokePic,
     Exit(u32),
 }
 
@@ -61,11 +67,13 @@ impl Driver for Faulty {
             "hang" => Failure::Hang,
             "write-window" => Failure::WriteWindow,
             "hog" => Failure::Hog,
+            "halt" => Failure::Halt,
+            "poke-pic" => Failure::PokePic,
             other => match other.strip_prefix("exit=").and_then(|code| code.parse().ok()) {
                 Some(code) => Failure::Exit(code),
                 None => {
                     return Err(Error::BadCommandLine(
-                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog or exit=N",
+                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog, halt, poke-pic or exit=N",
                     ))
                 }
             },
@@ -99,6 +107,13 @@ impl Driver for Faulty {
                 return Ok(0);
             }
             Failure::Hog => hog(),
+            // SAFETY: `hlt` in ring 3 raises #GP, which ends the VM.
+            Failure::Halt => unsafe { core::arch::asm!("hlt", options(nostack, nomem)) },
+            // SAFETY: a port write with no memory effect; the vmm ends the
+            // VM on it (no interrupt controller answers it in the kernel).
+            Failure::PokePic => unsafe {
+                core::arch::asm!("out dx, al", in("dx") 0x20u16, in("al") 0x20u8, options(nostack, nomem))
+            },
             Failure::Exit(code) => return Ok(code),
         };
         Err(Error::Device("the requested failure did not happen"))

@@ -107,13 +107,16 @@ impl ChannelDriver for Nvme {
         // posts a completion the driver has not released, so no register is
         // written per sleep (each would be a trapped exit).
         controller.interrupts(true);
-        let namespace = controller.namespace();
+        Ok(Nvme { controller, regs, queues_moved: false, in_flight: [None; SLOT_COUNT as usize] })
+    }
+
+    fn serving(&self) {
+        let namespace = self.controller.namespace();
         println!(
             "nvme: controller ready, namespace 1: {} blocks of {} bytes",
             namespace.blocks,
             1u32 << namespace.block_shift
         );
-        Ok(Nvme { controller, regs, queues_moved: false, in_flight: [None; SLOT_COUNT as usize] })
     }
 }
 

@@ -1,6 +1,6 @@
 //! `pingpong`: rings doorbell 0, waits for interrupt line 0, N times
 //! (command line `N`, default 10), then exits 0. Tests use it to check that
-//! doorbells (ioeventfd) and interrupt lines (irqfd) reach the guest and its
+//! doorbells (ioeventfd) and interrupt lines (eventfds, `WAIT_LINES`) reach the guest and its
 //! supervisor without the vmm.
 #![no_std]
 #![cfg_attr(not(test), no_main)]

@@ -48,7 +48,7 @@ pub mod trap;
 
 /// Version of this contract. The image header and the boot information both
 /// carry it; the vmm refuses an image built against another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Guest physical address of the GDT.
 pub const GDT_GPA: u64 = 0x1000;
@@ -69,7 +69,7 @@ pub const PANIC_BUF_LEN: usize = 4096;
 pub const TSS_GPA: u64 = 0x6000;
 /// Top of the ring-0 stack used by exception and interrupt handlers
 /// (TSS.RSP0). 12 KiB: handlers are a few dozen instructions and nest at
-/// most twice (an interrupt inside the idle `hlt` of the #GP handler).
+/// most once (an exception in a handler is fatal).
 pub const RING0_STACK_TOP: u64 = 0xc000;
 /// Top of the stack the double-fault handler runs on (TSS.IST1), so that a
 /// ring-0 stack overflow is reported as a double fault, not a triple fault.
@@ -155,6 +155,15 @@ pub mod port {
     /// halted vCPU takes an interrupt through the emulated ring 0 on
     /// kvm-pvm; this wakes a thread and re-enters ring 3.
     pub const WAIT_GO: u16 = 0x505;
+    /// `in` dword: the guest sleeps until one of its interrupt lines fires
+    /// (at once if one already has); the value read is the set of lines
+    /// that fired, one bit per [`super::IrqInfo::vector`] from
+    /// [`super::IRQ_VECTOR_BASE`]. The vmm blocks the vCPU thread on the
+    /// lines' eventfds and re-enters ring 3: a line is not a KVM irqfd, and
+    /// no interrupt goes through the emulated ring 0 (on kvm-pvm, a `hlt`
+    /// and the interrupt that ended it cost a driver VM's wake-up several
+    /// hundred microseconds there). 0 when the vmm was asked to stop.
+    pub const WAIT_LINES: u16 = 0x506;
     /// First and last port reserved for hypercalls; doorbells may not use
     /// them.
     pub const RESERVED: (u16, u16) = (0x500, 0x50f);
@@ -252,8 +261,9 @@ pub struct DoorbellInfo {
     pub addr: u64,
 }
 
-/// An interrupt line: the host signals an eventfd (KVM irqfd) and the guest
-/// takes an interrupt on `vector`.
+/// An interrupt line: the host signals an eventfd, and the guest's
+/// [`port::WAIT_LINES`] returns with the line's bit (`vector` minus
+/// [`IRQ_VECTOR_BASE`]) set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IrqInfo {
