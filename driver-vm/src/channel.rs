@@ -11,7 +11,7 @@
 //! Resources, as the reflector wires every driver: window `channel` (rings
 //! and bounce slots, also the device's DMA region), doorbell 0 (completions
 //! published), interrupt line 0 (requests published) and, for a warm spare,
-//! line 2 (go).
+//! its vmm's go signal (`Kernel::wait_for_go`).
 
 use core::sync::atomic::{fence, Ordering};
 
