@@ -7,6 +7,8 @@
 #![no_std]
 #![cfg_attr(not(test), no_main)]
 
+use core::sync::atomic::{fence, Ordering};
+
 use driver_vm::channel::{Channel, ChannelDriver, Device};
 use driver_vm::kernel::abi::channel::{inject, op, status, RequestEntry, SLOT_COUNT, SLOT_SIZE};
 use driver_vm::kernel::abi::storage::{self, reg, Command, Completion};
@@ -70,9 +72,14 @@ impl ChannelDriver for Blk {
 
 impl Blk {
     /// Tells the controller about what was just written, with its doorbell
-    /// only if it is not polling.
+    /// (an exit) only if it is not polling: it clears DEVICE_POLLING before
+    /// it looks for work one last time and sleeps, so either it sees the
+    /// write or this sees it asleep (both sides fence).
     fn ring_unless_polling(&self) {
-        self.regs.ring_unless_awake(&self.doorbell, reg::DEVICE_POLLING);
+        fence(Ordering::SeqCst);
+        if self.regs.get(reg::DEVICE_POLLING) == 0 {
+            self.doorbell.ring(1);
+        }
     }
 }
 

@@ -79,10 +79,14 @@ impl ChannelDriver for Net {
 }
 
 impl Net {
-    /// Tells the card about what was just written, with its doorbell only
-    /// if it is asleep.
+    /// Rings the card's doorbell (an exit) unless it is awake: it clears
+    /// DEVICE_POLLING before it looks for work one last time and sleeps, so
+    /// either it sees what was written or this sees it asleep (both fence).
     fn ring_unless_polling(&self) {
-        self.regs.ring_unless_awake(&self.doorbell, reg::DEVICE_POLLING);
+        fence(Ordering::SeqCst);
+        if self.regs.get(reg::DEVICE_POLLING) == 0 {
+            self.doorbell.ring(1);
+        }
     }
 
     /// Moves one completion ring's entries into the channel; whether any.
