@@ -5,7 +5,7 @@
 use core::sync::atomic::{fence, Ordering};
 
 use guest_kernel::abi::Plain;
-use guest_kernel::device::{InterruptLine, Window};
+use guest_kernel::device::{Doorbell, InterruptLine, Window};
 use guest_kernel::{time, Kernel};
 
 use crate::Error;
@@ -56,6 +56,17 @@ impl Registers {
     /// Writes a structure at `offset` (a queue entry).
     pub fn write<T: Plain>(&self, offset: usize, value: T) {
         self.window.write(offset, value)
+    }
+
+    /// Tells the device about what was just written, with `doorbell` (an
+    /// exit) only if its register `awake` is clear: a device clears it
+    /// before it looks for work one last time and sleeps, so either it sees
+    /// the write or this sees it asleep (both sides fence).
+    pub fn ring_unless_awake(&self, doorbell: &Doorbell, awake: usize) {
+        fence(Ordering::SeqCst);
+        if self.get(awake) == 0 {
+            doorbell.ring(1);
+        }
     }
 
     /// Asks the device to interrupt (or not) when it completes something;

@@ -169,8 +169,14 @@ impl Vcpu {
     /// when a kick asks the vCPU to stop (or the guest has no line: it
     /// would wait forever).
     fn wait_lines(lines: &[(EventFd, u32)], stop: &AtomicBool) -> u32 {
-        let mut fds: Vec<libc::pollfd> =
-            lines.iter().map(|(fd, _)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        // No allocation per sleep: at most MAX_IRQS lines (the config
+        // checks), the rest of the array unused.
+        let unused = libc::pollfd { fd: -1, events: 0, revents: 0 };
+        let mut all = [unused; abi::MAX_IRQS];
+        for (slot, (fd, _)) in all.iter_mut().zip(lines) {
+            *slot = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        }
+        let fds = &mut all[..lines.len().min(abi::MAX_IRQS)];
         while !fds.is_empty() && !stop.load(Ordering::Acquire) {
             // SAFETY: poll on valid pollfds we own, as many as the slice
             // holds; a kick (signal) interrupts it with EINTR, and the loop

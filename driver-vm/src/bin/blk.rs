@@ -7,8 +7,6 @@
 #![no_std]
 #![cfg_attr(not(test), no_main)]
 
-use core::sync::atomic::{fence, Ordering};
-
 use driver_vm::channel::{Channel, ChannelDriver, Device};
 use driver_vm::kernel::abi::channel::{inject, op, status, RequestEntry, SLOT_COUNT, SLOT_SIZE};
 use driver_vm::kernel::abi::storage::{self, reg, Command, Completion};
@@ -72,14 +70,9 @@ impl ChannelDriver for Blk {
 
 impl Blk {
     /// Tells the controller about what was just written, with its doorbell
-    /// (an exit) only if it is not polling: it clears DEVICE_POLLING before
-    /// it looks for work one last time and sleeps, so either it sees the
-    /// write or this sees it asleep (both sides fence).
+    /// only if it is not polling.
     fn ring_unless_polling(&self) {
-        fence(Ordering::SeqCst);
-        if self.regs.get(reg::DEVICE_POLLING) == 0 {
-            self.doorbell.ring(1);
-        }
+        self.regs.ring_unless_awake(&self.doorbell, reg::DEVICE_POLLING);
     }
 }
 

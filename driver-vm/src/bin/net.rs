@@ -79,14 +79,10 @@ impl ChannelDriver for Net {
 }
 
 impl Net {
-    /// Rings the card's doorbell (an exit) unless it is awake: it clears
-    /// DEVICE_POLLING before it looks for work one last time and sleeps, so
-    /// either it sees what was written or this sees it asleep (both fence).
+    /// Tells the card about what was just written, with its doorbell only
+    /// if it is asleep.
     fn ring_unless_polling(&self) {
-        fence(Ordering::SeqCst);
-        if self.regs.get(reg::DEVICE_POLLING) == 0 {
-            self.doorbell.ring(1);
-        }
+        self.regs.ring_unless_awake(&self.doorbell, reg::DEVICE_POLLING);
     }
 
     /// Moves one completion ring's entries into the channel; whether any.
