@@ -108,8 +108,11 @@ impl Reflector {
         }
     }
 
-    /// The driver VM's pid, from the reflector's log.
-    pub fn driver_pid(&self) -> i32 {
+    /// The driver VM's pid, from the reflector's log; waits (bounded) for
+    /// the first start to be logged, which may follow the socket and the
+    /// readiness line the reflector was started with.
+    pub fn driver_pid(&mut self) -> i32 {
+        self.wait_for(|r| r.log_text().contains("driver VM started"), "a driver VM to start");
         let log = self.log_text();
         let line = log.lines().rev().find(|l| l.contains("driver VM started")).expect("driver VM start logged");
         // The last started driver VM is the current one.
