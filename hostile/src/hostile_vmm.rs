@@ -4,7 +4,7 @@
 //! what a compromised vmm would: read host files and other devices' images,
 //! reach sockets and the network, trace or signal other processes, gain
 //! privileges, write its root, fork without bound, take more CPU or memory
-//! than its share. It prints one JSON line saying how each attempt ended
+//! than its share, flood its standard output. It prints one JSON line saying how each attempt ended
 //! (the reflector logs it as the driver VM's report), then tries to take
 //! more memory than its cgroup allows, which should get it killed.
 //!
@@ -108,6 +108,20 @@ fn cpu_share(wall: Duration) -> f64 {
     (cpu() - cpu_start).as_secs_f64() / start.elapsed().as_secs_f64()
 }
 
+/// MiB written to standard output before the report: several times the
+/// reflector's whole memory budget for a device.
+const FLOOD_MIB: usize = 256;
+
+/// Writes `mib` MiB of one byte as one line to standard output (ended, so
+/// that the report after it is a line of its own); how many MiB went out.
+fn flood_stdout(mib: usize) -> usize {
+    let chunk = vec![b'x'; 1 << 20];
+    let mut out = std::io::stdout().lock();
+    let written = (0..mib).take_while(|_| out.write_all(&chunk).is_ok()).count();
+    let _ = out.write_all(b"\n");
+    written
+}
+
 /// Threads spinning in the CPU test: three, on a machine of two cores, so
 /// only the jail's quota (one core) keeps it below two.
 const SPINNING_THREADS: usize = 3;
@@ -168,6 +182,9 @@ fn main() {
     }
     note("forked of 200", json!(fork_many(200)));
     note("cpu share of three threads spinning 1 s", json!(cpu_share(Duration::from_secs(1))));
+    // Standard output without end (as far as the reflector can tell): a
+    // supervisor that kept all of it would run out of memory.
+    note("flooded stdout MiB", json!(flood_stdout(FLOOD_MIB)));
     println!("{}", Value::Object(report));
     let _ = std::io::stdout().flush();
     // Last: more memory than its cgroup allows (256 MiB); each page touched.

@@ -592,11 +592,10 @@ impl Watcher {
     /// wait for that.
     fn watch(self, mut child: Child) {
         let _lifeline = self.lifeline;
-        let mut output = String::new();
-        if let Some(mut stdout) = child.stdout.take() {
-            let _ = stdout.read_to_string(&mut output);
-        }
-        let report = output.lines().last().unwrap_or("").trim().to_owned();
+        let report = match child.stdout.take() {
+            Some(stdout) => last_line(stdout, REPORT_LIMIT),
+            None => String::new(),
+        };
         if let Ok(mut text) = self.report.lock() {
             *text = report.clone();
         }
@@ -616,6 +615,38 @@ impl Watcher {
         }
         self.reaped.store(true, Ordering::Release);
     }
+}
+
+/// The most of a vmm's standard output kept while it runs: its report (one
+/// JSON line at its end, a few KiB with a backtrace) must fit. A vmm is
+/// assumed compromised and may write without end; the reflector keeps only
+/// this much of it, so a flood costs it nothing but the reading.
+pub const REPORT_LIMIT: usize = 64 * 1024;
+
+/// The last line of what `output` gives until its end, from at most its
+/// last `limit` bytes (lossily decoded, trimmed); memory stays within
+/// three times `limit` whatever the writer sends.
+fn last_line(mut output: impl Read, limit: usize) -> String {
+    let mut tail: Vec<u8> = Vec::with_capacity(limit);
+    let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
+    loop {
+        match output.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => {
+                tail.extend_from_slice(&chunk[..read]);
+                // Compacted only past twice the limit: each byte is moved
+                // at most once on average, however long the flood.
+                if tail.len() > 2 * limit {
+                    tail.drain(..tail.len() - limit);
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let kept = &tail[tail.len().saturating_sub(limit)..];
+    let text = String::from_utf8_lossy(kept);
+    text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or("").to_owned()
 }
 
 /// The `vmm` binary: `explicit` if given, else the one next to this
@@ -705,4 +736,50 @@ pub fn crash_site(report: &str) -> Option<String> {
         site.push_str(&format!(" [build {build}]"));
     }
     Some(site)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_line;
+
+    /// A reader that gives `flood` bytes of `fill` in small pieces, then
+    /// `end`, then end-of-file, without ever holding the flood.
+    struct Flood {
+        left: usize,
+        fill: u8,
+        end: std::io::Cursor<Vec<u8>>,
+    }
+
+    impl std::io::Read for Flood {
+        fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+            if self.left == 0 {
+                return self.end.read(buffer);
+            }
+            let n = buffer.len().min(self.left).min(4096);
+            buffer[..n].fill(self.fill);
+            self.left -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_report_after_a_flood_is_kept_and_the_flood_is_not() {
+        let report = b"\n{\"outcome\":\"panic\"}\n".to_vec();
+        let flood = Flood { left: 64 << 20, fill: b'x', end: std::io::Cursor::new(report) };
+        assert_eq!(last_line(flood, 1024), "{\"outcome\":\"panic\"}");
+    }
+
+    #[test]
+    fn the_last_non_empty_line_is_the_report() {
+        assert_eq!(last_line(&b"started\n{\"a\":1}\n\n"[..], 1024), "{\"a\":1}");
+        assert_eq!(last_line(&b""[..], 1024), "");
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_keeps_only_its_end() {
+        let flood = Flood { left: 10_000, fill: b'y', end: std::io::Cursor::new(b"END".to_vec()) };
+        let line = last_line(flood, 100);
+        assert_eq!(line.len(), 100);
+        assert!(line.ends_with("yyyEND"), "{line}");
+    }
 }

@@ -36,6 +36,12 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     reflector.wait_for(exited, "the hostile vmm's report");
     let capped = |r: &Reflector| r.log_text().contains("kind=\"out_of_memory\"");
     reflector.wait_for(capped, "the memory cap's kill reported as an out-of-memory fault");
+    // It flooded its standard output before its report: the reflector read
+    // it all (the report came through) and kept none of it.
+    let peak_kib: u64 = status_line(u64::from(reflector.child.id()), "VmHWM:")
+        .trim_end_matches(" kB")
+        .parse()
+        .expect("the reflector's peak resident memory");
     let log = reflector.stop();
     let line = log.lines().find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={")).unwrap();
     let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
@@ -71,6 +77,12 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     let share = report["cpu share of three threads spinning 1 s"].as_f64().unwrap();
     assert!(share < 1.4, "its CPU quota is one core: three spinning threads got {share:.2} cores");
     assert!(line.contains("SIGKILL") && !log.contains("was not stopped"), "the memory limit must stop it: {line}");
+    let flooded = report["flooded stdout MiB"].as_u64().unwrap();
+    assert_eq!(flooded, 256, "{report}");
+    assert!(
+        peak_kib < 64 * 1024,
+        "the reflector's memory must not grow with a vmm's output: peak {peak_kib} KiB after {flooded} MiB"
+    );
     // ... and the fault says so.
     assert!(log.contains("killed by its memory cap"), "the memory cap's kill is not reported as one: {log}");
 }

@@ -481,8 +481,9 @@ impl QemuModel {
         let Ok(mut child) = self.child.lock() else { return error.to_string() };
         let _ = child.kill();
         let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        // Bounded: what a device model writes is not trusted.
+        if let Some(pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut std::io::Read::take(pipe, 64 * 1024), &mut stderr);
         }
         let _ = child.wait();
         format!("{error}; QEMU said: {}", stderr.trim())
