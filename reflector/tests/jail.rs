@@ -135,7 +135,8 @@ fn every_running_driver_vm_is_confined() {
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();
-    for pid in pids {
+    let mut holders = Vec::new();
+    for &pid in &pids {
         assert_eq!(status_line(pid, "Seccomp:"), "2", "driver VM {pid}");
         assert_eq!(status_line(pid, "NoNewPrivs:"), "1", "driver VM {pid}");
         assert_eq!(status_line(pid, "CapEff:"), "0000000000000000", "driver VM {pid}");
@@ -149,6 +150,28 @@ fn every_running_driver_vm_is_confined() {
             .collect();
         root.sort();
         assert_eq!(root, ["lib", "lib64", "vmm"], "driver VM {pid}");
+        // Its one child, the address-space holder (vmm::address_space):
+        // confined, no descriptor of the vmm's, lowest priority.
+        // (started first thing in the vmm, which may not have got there yet)
+        let children = |pid: u64| -> Vec<u64> {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+            text.split_whitespace().map(|c| c.parse().unwrap()).collect()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while children(pid).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let children = children(pid);
+        let [holder] = children[..] else { panic!("driver VM {pid}: children {children:?}, not one holder") };
+        assert_eq!(status_line(holder, "Seccomp:"), "2", "holder {holder}");
+        assert_eq!(status_line(holder, "NoNewPrivs:"), "1", "holder {holder}");
+        assert_ne!(status_line(holder, "SigBlk:"), "0000000000000000", "holder {holder}: every signal blocked");
+        let stat = std::fs::read_to_string(format!("/proc/{holder}/stat")).unwrap();
+        let nice = stat.rsplit(')').next().unwrap().split_whitespace().nth(16).unwrap();
+        assert_eq!(nice, "19", "holder {holder}: {stat}");
+        let fds = std::fs::read_dir(format!("/proc/{holder}/fd")).unwrap().count();
+        assert_eq!(fds, 2, "holder {holder}: only its own pipe");
+        holders.push(holder);
     }
     // Each device reports its driver VM's resident memory once its watch
     // has looked (once a second), as the kernel counts it.
@@ -169,6 +192,12 @@ fn every_running_driver_vm_is_confined() {
         assert!(kib.abs_diff(kernel) < 4096, "device {device}: status {kib} KiB, the kernel {kernel} KiB");
     }
     reflector.stop();
+    // The holders end with their vmms.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while holders.iter().any(|h| Path::new(&format!("/proc/{h}")).exists()) {
+        assert!(std::time::Instant::now() < deadline, "a holder outlived its vmm: {holders:?}");
+        std::thread::yield_now();
+    }
 }
 
 /// Runs blk-load with verification; panics unless every request succeeded.

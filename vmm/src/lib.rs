@@ -18,6 +18,7 @@
 //! reported as untrusted data.
 #![deny(missing_docs)]
 
+pub mod address_space;
 pub mod bench;
 pub mod config;
 pub mod console;

@@ -372,6 +372,15 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
 
 fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
     keep_stdout_released_first();
+    // Supervised, its end is watched: an address-space holder lets it end
+    // sooner (`vmm::address_space`). Started while this is the only thread.
+    let holder = match args.exit_on_stdin_close.then(vmm::address_space::hold).transpose() {
+        Ok(holder) => holder,
+        Err(error) => {
+            tracing::warn!(%error, "no address-space holder: a kill of this vmm is seen later");
+            None
+        }
+    };
     let (config, image) = configure(name, &args)?;
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
@@ -414,6 +423,12 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         exit_on_stdin_close: args.exit_on_stdin_close,
         seccomp: args.seccomp,
     };
+    // No guest code runs before the holder is confined.
+    if let Some(holder) = holder {
+        if let Err(error) = holder.confined(Duration::from_millis(100)) {
+            tracing::warn!(%error, "no address-space holder: a kill of this vmm is seen later");
+        }
+    }
     let result = runner::run(vm, options)?;
     let mut outcome = result.outcome;
     let symbols = vmm::symbols::Symbols::new(image.bytes());
