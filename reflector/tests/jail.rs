@@ -157,20 +157,13 @@ fn every_running_driver_vm_is_confined() {
             let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
             text.split_whitespace().map(|c| c.parse().unwrap()).collect()
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while children(pid).is_empty() && std::time::Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        reflector.wait_for(|_| !children(pid).is_empty(), &format!("driver VM {pid}'s holder"));
         let children = children(pid);
         let [holder] = children[..] else { panic!("driver VM {pid}: children {children:?}, not one holder") };
         // It confines itself, then blocks in `read` (system call 0) for good.
         let in_read =
             || std::fs::read_to_string(format!("/proc/{holder}/syscall")).is_ok_and(|text| text.starts_with("0 "));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !in_read() {
-            assert!(std::time::Instant::now() < deadline, "holder {holder} never settled in its read");
-            std::thread::yield_now();
-        }
+        reflector.wait_for(|_| in_read(), &format!("holder {holder} to settle in its read"));
         assert_eq!(status_line(holder, "Seccomp:"), "2", "holder {holder}");
         assert_eq!(status_line(holder, "NoNewPrivs:"), "1", "holder {holder}");
         assert_ne!(status_line(holder, "SigBlk:"), "0000000000000000", "holder {holder}: every signal blocked");

@@ -56,16 +56,11 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// The holder's pid.
-    pub fn pid(&self) -> libc::pid_t {
-        self.pid
-    }
-
     /// Waits at most `bound` for the holder to have confined itself; if it
     /// has not, kills it (the vmm then goes on without one). Call before any
     /// guest code runs: until confined, the holder could be steered through
     /// the memory it shares.
-    pub fn confined(self, bound: Duration) -> io::Result<Holder> {
+    pub fn confined(&self, bound: Duration) -> io::Result<()> {
         let deadline = Instant::now() + bound;
         while !CONFINED.load(Ordering::Acquire) {
             if Instant::now() >= deadline {
@@ -76,7 +71,7 @@ impl Holder {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        Ok(self)
+        Ok(())
     }
 }
 
