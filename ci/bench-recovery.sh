@@ -9,12 +9,14 @@
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #
 # With --spare, the reflector keeps a warm spare (a booted driver VM waiting),
-# so a restart skips the boot.
+# so a restart skips the boot. With --standby, it keeps a standby (a jailed
+# vmm with its VM built, waiting before the guest's first instruction), so a
+# restart skips starting and jailing a vmm but still boots the driver.
 #
 # With --no-jail, driver VMs are not jailed (to measure what the jail costs:
 # each cold restart builds a new one).
 #
-# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare] [--no-jail]
+# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare | --standby] [--no-jail]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -22,6 +24,7 @@ kills=1000 seed=1 spare=off jail=
 while (($#)); do
     case $1 in
     --spare) spare=on; shift ;;
+    --standby) spare=standby; shift ;;
     --no-jail) jail=--no-jail; shift ;;
     --kills) kills=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
@@ -37,7 +40,7 @@ trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"'
     --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done
-echo "bench-recovery: $kills SIGKILLs under verified load, warm spare $spare" >&2
+echo "bench-recovery: $kills SIGKILLs under verified load, spare=$spare" >&2
 # Gaps above 100 ms: a driver VM that served that long is not in a crash
 # loop, so every restart is immediate (no backoff), which is what we measure.
 "$bin/reflector" chaos --control "$tmp/ctl" --device bench --socket "$tmp/d.sock" --kinds kill \

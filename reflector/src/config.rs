@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::driver_vms::Spare;
+
 /// Default driver image for block devices.
 pub const DEFAULT_BLK_DRIVER: &str = "blk";
 /// Default driver image for net devices.
@@ -50,8 +52,9 @@ pub struct BlkConfig {
     pub poison_deaths: u32,
     /// Words added to the driver's command line (a driver's parameters).
     pub driver_args: String,
-    /// Keep a booted driver VM waiting to replace a failed one.
-    pub warm_spare: bool,
+    /// What to keep ready to replace a failed driver VM: nothing, a
+    /// standby vmm, or a booted driver VM (`spare=off|standby|warm`).
+    pub spare: Spare,
     /// Run the driver hosted (a plain process, `vmm run --hosted`), for
     /// development only: needs `--no-jail`.
     pub hosted: bool,
@@ -205,8 +208,9 @@ pub struct NetConfig {
     pub hang_deadline: std::time::Duration,
     /// Driver VM faults tolerated per 10 s before the device fails.
     pub fault_budget: u32,
-    /// Keep a booted driver VM waiting to replace a failed one.
-    pub warm_spare: bool,
+    /// What to keep ready to replace a failed driver VM: nothing, a
+    /// standby vmm, or a booted driver VM (`spare=off|standby|warm`).
+    pub spare: Spare,
     /// Run the driver hosted (see [`BlkConfig::hosted`]).
     pub hosted: bool,
     /// Words added to the driver's command line (a driver's parameters).
@@ -362,7 +366,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
-        warm_spare: false,
+        spare: Spare::Off,
         hosted: false,
         device: DeviceHardware::Sim,
         dma: DmaMode::Bounce,
@@ -388,7 +392,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "dma" => config.dma = DmaMode::parse(value).map_err(error)?,
-            "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
+            "spare" => config.spare = Spare::parse(value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
@@ -452,7 +456,7 @@ fn check_common(name: &str, socket: &Path, driver: &str) -> Result<(), String> {
 }
 
 /// Parses `socket=PATH[,mac=MAC][,switch=NAME][,driver=IMAGE][,name=NAME][,memory=SIZE]
-/// [,spare=on][,hang_ms=MS][,fault_budget=N]`; `index` names the device
+/// [,spare=off|standby|warm][,hang_ms=MS][,fault_budget=N]`; `index` names the device
 /// (and picks its MAC) when none is given.
 pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
     let error = |reason: String| ConfigError(format!("--net {spec:?}: {reason}"));
@@ -465,7 +469,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
-        warm_spare: false,
+        spare: Spare::Off,
         hosted: false,
         driver_args: String::new(),
         device: DeviceHardware::Sim,
@@ -483,7 +487,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             // `driver_memory`, as in the file; `memory` is its short form.
             "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
-            "spare" => config.warm_spare = parse_bool(key, value).map_err(error)?,
+            "spare" => config.spare = Spare::parse(value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "driver_args" => {
                 check_driver_args(value).map_err(error)?;
@@ -573,8 +577,7 @@ struct FileNet {
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
     driver_args: Option<String>,
-    #[serde(default)]
-    spare: bool,
+    spare: Option<FileSpare>,
     #[serde(default)]
     hosted: bool,
     device: Option<String>,
@@ -600,12 +603,29 @@ struct FileBlk {
     fault_budget: Option<u32>,
     poison_deaths: Option<u32>,
     driver_args: Option<String>,
-    #[serde(default)]
-    spare: bool,
+    spare: Option<FileSpare>,
     #[serde(default)]
     hosted: bool,
     device: Option<String>,
     qemu: Option<PathBuf>,
+}
+
+/// `spare = true | false | "off" | "standby" | "warm"`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileSpare {
+    On(bool),
+    Kind(String),
+}
+
+impl FileSpare {
+    fn kind(spare: Option<FileSpare>) -> Result<Spare, String> {
+        match spare {
+            None | Some(FileSpare::On(false)) => Ok(Spare::Off),
+            Some(FileSpare::On(true)) => Ok(Spare::Warm),
+            Some(FileSpare::Kind(kind)) => Spare::parse(&kind),
+        }
+    }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -676,7 +696,8 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let hardware = DeviceHardware::parse(&BLK_HARDWARE, blk.device.as_deref().unwrap_or("sim"), blk.qemu)
             .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
         let device = BlkConfig {
-            warm_spare: blk.spare,
+            spare: FileSpare::kind(blk.spare)
+                .map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]] key `spare`: {e}")))?,
             hosted: blk.hosted,
             hang_deadline,
             fault_budget: number("fault_budget", blk.fault_budget, crate::recovery::RestartPolicy::default().budget)?,
@@ -742,7 +763,8 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
                 .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]] key `fault_budget`: {e}")))?,
             None => crate::recovery::RestartPolicy::default().budget,
         },
-        warm_spare: net.spare,
+        spare: FileSpare::kind(net.spare)
+            .map_err(|e| ConfigError(format!("{origin}, line {line}: [[net]] key `spare`: {e}")))?,
         hosted: net.hosted,
         driver_args: {
             let args = net.driver_args.unwrap_or_default();
@@ -818,6 +840,29 @@ mod tests {
         assert!(error.to_string().contains("readonly=on is not available with device=memory"), "{error}");
         let error = parse_net("socket=/s,device=memory", 0).unwrap_err();
         assert!(error.to_string().contains("expected sim"), "{error}");
+    }
+
+    #[test]
+    fn a_spare_is_off_standby_or_warm_on_the_command_line_and_in_a_file() {
+        for (value, expected) in
+            [("off", Spare::Off), ("standby", Spare::Standby), ("warm", Spare::Warm), ("on", Spare::Warm)]
+        {
+            assert_eq!(parse_blk(&format!("socket=/s,image=/i,spare={value}"), 0).unwrap().spare, expected);
+            assert_eq!(parse_net(&format!("socket=/s,spare={value}"), 0).unwrap().spare, expected);
+        }
+        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().spare, Spare::Off);
+        let error = parse_blk("socket=/s,image=/i,spare=hot", 0).unwrap_err().to_string();
+        assert!(error.contains("expected off, standby or warm"), "{error}");
+        let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\n";
+        for (value, expected) in [("true", Spare::Warm), ("false", Spare::Off), ("\"standby\"", Spare::Standby)] {
+            let config = parse_file(&format!("{file}spare = {value}\n"), "r.toml").unwrap();
+            assert_eq!(config.blk[0].spare, expected, "spare = {value}");
+        }
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Spare::Off);
+        let error = parse_file(&format!("{file}spare = \"hot\"\n"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("key `spare`") && error.contains("expected off, standby or warm"), "{error}");
+        let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";
+        assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Spare::Standby);
     }
 
     #[test]

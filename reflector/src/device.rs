@@ -424,7 +424,7 @@ impl<K: DeviceKind> Device<K> {
     /// A device of `kind` served through `wiring`; starts its first driver
     /// VM (and a spare, if configured).
     pub fn new(name: &str, kind: K, wiring: DeviceWiring, recovery: RecoveryConfig) -> std::io::Result<Self> {
-        let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.warm_spare)?;
+        let drivers = DriverVms::start(wiring.launcher, wiring.device_interrupt, recovery.spare)?;
         let new_eventfd = || EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK | libc::EFD_CLOEXEC);
         let core = DeviceCore {
             name: name.to_owned(),
@@ -641,8 +641,8 @@ impl<K: DeviceKind> Device<K> {
         // The old driver VM can no longer run (`drop_current` waited).
         core.hardware.resume();
         match core.drivers.replace() {
-            Ok((pid, warm)) => {
-                tracing::info!(device = %core.name, pid, generation, warm, "driver VM restarted");
+            Ok((pid, started)) => {
+                tracing::info!(device = %core.name, pid, generation, %started, "driver VM restarted");
                 if let Some(timeline) = core.failover.as_mut() {
                     timeline.replaced(Instant::now());
                 }

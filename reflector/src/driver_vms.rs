@@ -12,6 +12,56 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::hw::InterruptRoute;
 
+/// What a device keeps ready to replace its driver VM (`spare=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Spare {
+    /// Nothing: a restart starts, jails and boots a new vmm (`spare=off`).
+    #[default]
+    Off,
+    /// A started, jailed vmm whose VM is built and confined, waiting
+    /// before its guest's first instruction (`spare=standby`): a restart
+    /// skips the fork, the jail, the exec and the VM's construction, and
+    /// still boots the driver from its first instruction. It costs a
+    /// blocked process and its page tables, not a booted guest.
+    Standby,
+    /// A booted driver VM waiting before it touches the device or the
+    /// channel (`spare=warm`, or `on`): a restart skips the boot too.
+    Warm,
+}
+
+impl Spare {
+    /// Parses a `spare=` value.
+    pub fn parse(value: &str) -> Result<Spare, String> {
+        match value {
+            "on" | "true" | "yes" | "warm" | "" => Ok(Spare::Warm),
+            "standby" => Ok(Spare::Standby),
+            "off" | "false" | "no" => Ok(Spare::Off),
+            _ => Err(format!("spare={value}: expected off, standby or warm (on)")),
+        }
+    }
+}
+
+/// How a driver VM came to serve after a restart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// A warm spare was let go.
+    Warm,
+    /// A standby was let go: its guest booted then.
+    Standby,
+    /// A new vmm was started.
+    Cold,
+}
+
+impl std::fmt::Display for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Started::Warm => "warm",
+            Started::Standby => "standby",
+            Started::Cold => "cold",
+        })
+    }
+}
+
 /// Starts the driver VMs of one device: the seam between a device and how
 /// its drivers run. In the reflector a [`crate::supervisor::DriverLauncher`]
 /// starts `vmm` processes; the device's unit tests plug in drivers that run
@@ -26,10 +76,10 @@ pub trait DriverLaunch: Send + Sync {
         &self,
         route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<Box<dyn DriverProcess>>;
-    /// Starts a warm spare: it boots, then waits for
+    /// Starts a spare of `kind` (never [`Spare::Off`]): it waits for
     /// [`DriverProcess::activate`] before it touches the device or the
-    /// channel.
-    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>>;
+    /// channel; a warm one boots first, a standby runs no guest code.
+    fn launch_spare(&self, kind: Spare) -> std::io::Result<Box<dyn DriverProcess>>;
 }
 
 /// One running driver (a driver VM process).
@@ -78,29 +128,32 @@ pub struct DriverVms {
     /// The current driver VM's request interrupt (its line 0).
     request_interrupt: EventFd,
     current: Option<Box<dyn DriverProcess>>,
-    /// A booted driver VM waiting to replace `current` (when configured).
+    /// A spare waiting to replace `current` (when configured).
     spare: Option<Box<dyn DriverProcess>>,
-    warm_spare: bool,
+    spare_kind: Spare,
     /// A spare is to be started once the current recovery has completed.
     spare_wanted: bool,
 }
 
 impl DriverVms {
-    /// Starts the first driver VM (and a spare, if `warm_spare`).
+    /// Starts the first driver VM (and a spare of `spare_kind`).
     pub fn start(
         launcher: Box<dyn DriverLaunch>,
         device_interrupt: Arc<InterruptRoute>,
-        warm_spare: bool,
+        spare_kind: Spare,
     ) -> std::io::Result<Self> {
         let (current, request_interrupt) = launch_routed(launcher.as_ref(), &device_interrupt)?;
-        let spare = if warm_spare { Some(launcher.launch_spare()?) } else { None };
+        let spare = match spare_kind {
+            Spare::Off => None,
+            kind => Some(launcher.launch_spare(kind)?),
+        };
         Ok(DriverVms {
             launcher,
             device_interrupt,
             request_interrupt,
             current: Some(current),
             spare,
-            warm_spare,
+            spare_kind,
             spare_wanted: false,
         })
     }
@@ -120,7 +173,7 @@ impl DriverVms {
         self.current.as_ref().map(|driver| driver.pid())
     }
 
-    /// The warm spare's pid, if one is booted.
+    /// The spare's pid, if one is started.
     pub fn spare_pid(&self) -> Option<libc::pid_t> {
         self.spare.as_ref().map(|driver| driver.pid())
     }
@@ -160,25 +213,25 @@ impl DriverVms {
         }
     }
 
-    /// Makes a new driver VM current: the warm spare if one is alive, else a
-    /// cold boot. Returns its pid and whether it was warm. The next spare is
-    /// wanted, to be booted by [`DriverVms::launch_wanted_spare`] once the
-    /// recovery has completed a request: its boot would otherwise compete for
-    /// the two cores with the new driver's reset and the replay.
-    pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, bool)> {
-        let (driver, warm) = match self.spare.take() {
-            Some(spare) if spare.exit_report().is_none() => (self.activate_spare(spare)?, true),
+    /// Makes a new driver VM current: the spare if one is alive, else a
+    /// cold start. Returns its pid and how it started. The next spare is
+    /// wanted, to be started by [`DriverVms::launch_wanted_spare`] once the
+    /// recovery has completed a request: its start would otherwise compete
+    /// for the two cores with the new driver's reset and the replay.
+    pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Started)> {
+        let (driver, started) = match self.spare.take() {
+            Some(spare) if spare.exit_report().is_none() => self.activate_spare(spare)?,
             dead => {
                 if let Some(dead) = dead {
                     dead.kill();
                 }
-                (self.launch_cold()?, false)
+                (self.launch_cold()?, Started::Cold)
             }
         };
         let pid = driver.pid();
         self.current = Some(driver);
-        self.spare_wanted = self.warm_spare;
-        Ok((pid, warm))
+        self.spare_wanted = self.spare_kind != Spare::Off;
+        Ok((pid, started))
     }
 
     /// Boots the spare that `replace` asked for, if any.
@@ -186,9 +239,9 @@ impl DriverVms {
         if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
             return;
         }
-        match self.launcher.launch_spare() {
+        match self.launcher.launch_spare(self.spare_kind) {
             Ok(spare) => self.spare = Some(spare),
-            Err(error) => tracing::error!(driver_vm = %self.name(), %error, "cannot start a warm spare"),
+            Err(error) => tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare"),
         }
     }
 
@@ -198,24 +251,28 @@ impl DriverVms {
     /// purpose arrive too, and are not faults).
     pub fn exited(&mut self) -> Option<(String, bool)> {
         if let Some(report) = self.spare.as_ref().and_then(|spare| spare.exit_report()) {
-            tracing::warn!(driver_vm = %self.name(), %report, "the warm spare exited");
+            tracing::warn!(driver_vm = %self.name(), %report, "the spare exited");
             self.spare = None;
         }
         let current = self.current.as_ref()?;
         Some((current.exit_report()?, current.capped()))
     }
 
-    /// Routes interrupts to a warm spare, then lets it go; a cold start if
+    /// Routes interrupts to a spare, then lets it go; a cold start if
     /// that fails.
-    fn activate_spare(&mut self, mut spare: Box<dyn DriverProcess>) -> std::io::Result<Box<dyn DriverProcess>> {
+    fn activate_spare(
+        &mut self,
+        mut spare: Box<dyn DriverProcess>,
+    ) -> std::io::Result<(Box<dyn DriverProcess>, Started)> {
         match take_over(spare.as_ref(), &self.device_interrupt) {
             Ok(request) if spare.activate() => {
                 self.request_interrupt = request;
-                Ok(spare)
+                let started = if self.spare_kind == Spare::Standby { Started::Standby } else { Started::Warm };
+                Ok((spare, started))
             }
             _ => {
                 spare.kill();
-                self.launch_cold()
+                Ok((self.launch_cold()?, Started::Cold))
             }
         }
     }
@@ -238,7 +295,7 @@ fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io:
     request.try_clone()
 }
 
-/// Makes a running (warm spare) driver VM the interrupts' target.
+/// Makes a running (spare) driver VM the interrupts' target.
 fn take_over(driver: &dyn DriverProcess, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
     let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
     route_lines(&lines, device_interrupt)

@@ -301,7 +301,8 @@ impl<T: ThreadLaunch> DriverLaunch for T {
         Ok(Box::new(driver))
     }
 
-    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
-        Ok(Box::new(self.start(true)?))
+    /// A thread has no boot to skip: both kinds of spare wait alike.
+    fn launch_spare(&self, kind: crate::driver_vms::Spare) -> std::io::Result<Box<dyn DriverProcess>> {
+        Ok(Box::new(self.start(kind != crate::driver_vms::Spare::Off)?))
     }
 }

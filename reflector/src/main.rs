@@ -37,8 +37,10 @@ Examples:
 if missing), readonly=on, name=NAME, driver=IMAGE (default blk), driver_memory=SIZE or memory=SIZE (driver VM RAM,
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
-10 s before the device fails its requests for a 10 s cool-down; default 20), spare=on (keep a
-booted driver VM waiting, so that a restart skips the boot), checksums=on (remember a checksum
+10 s before the device fails its requests for a 10 s cool-down; default 20), spare=off|standby|warm
+(standby: keep a started, jailed vmm with its VM built waiting before its guest's first
+instruction, so that a restart skips starting one and boots the driver there; warm, or on: keep a
+booted driver VM waiting, so that a restart skips the boot too; default off), checksums=on (remember a checksum
 of every sector written through the device, 4 bytes per 512-byte sector, and treat a read that
 returns other data as a driver lie: the driver VM is replaced and the read replayed),
 dma=bounce|direct (direct: the simulated controller reaches each request's own buffers through
@@ -56,7 +58,7 @@ the host.
 
 --net keys: socket=PATH (required), mac=MAC (default 52:54:00:d5:00:N for the N-th net
 device), switch=NAME (devices on one switch are connected; default \"default\"), name=NAME,
-driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=on, driver_args=WORDS,
+driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=off|standby|warm, driver_args=WORDS,
 hosted=on (as for --blk).
 
 Configuration file (TOML):
@@ -79,7 +81,7 @@ Configuration file (TOML):
   fault_budget = 20             # faults per 10 s before the device is declared failed
   poison_deaths = 3             # a request in this many dying driver VMs in a row fails alone
   driver_args = \"\"              # the driver's parameters
-  spare = true                  # keep a booted driver VM waiting (faster recovery)
+  spare = \"standby\"             # keep a vmm waiting (\"warm\" or true: a booted driver VM)
 
   [[net]]
   name = \"net0\"

@@ -108,8 +108,8 @@ pub struct RecoveryConfig {
     pub hang_deadline: Duration,
     /// Restart budget and backoff.
     pub policy: RestartPolicy,
-    /// Keep a booted driver VM waiting, so a restart skips the boot.
-    pub warm_spare: bool,
+    /// What to keep ready to replace the driver VM (`spare=`).
+    pub spare: crate::driver_vms::Spare,
     /// A request in flight in this many dying driver VMs completes with an
     /// error (block: requests are replayed; net frames never are).
     pub poison_deaths: u32,
@@ -120,7 +120,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             hang_deadline: DEFAULT_HANG_DEADLINE,
             policy: RestartPolicy::default(),
-            warm_spare: false,
+            spare: crate::driver_vms::Spare::Off,
             poison_deaths: DEFAULT_POISON_DEATHS,
         }
     }

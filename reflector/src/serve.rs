@@ -353,7 +353,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         hosted: config.hosted,
     };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
-    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, config.poison_deaths);
+    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.spare, config.poison_deaths);
     let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths);
     let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
@@ -499,7 +499,7 @@ pub fn start_net(
     };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
     // Frames are never replayed: no poison limit applies.
-    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.warm_spare, u32::MAX);
+    let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.spare, u32::MAX);
     let kind = Net::new(hardware.clone());
     let device = NetDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
@@ -615,11 +615,11 @@ const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(30);
 fn recovery_config(
     hang_deadline: std::time::Duration,
     budget: u32,
-    warm_spare: bool,
+    spare: crate::driver_vms::Spare,
     poison_deaths: u32,
 ) -> RecoveryConfig {
     let policy = RestartPolicy { budget, ..RestartPolicy::default() };
-    RecoveryConfig { hang_deadline, policy, warm_spare, poison_deaths }
+    RecoveryConfig { hang_deadline, policy, spare, poison_deaths }
 }
 
 /// A launcher wiring driver VMs the way both drivers expect: the hardware's

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::driver_vms::{DriverLaunch, DriverProcess};
+use crate::driver_vms::{DriverLaunch, DriverProcess, Spare};
 use crate::hw::TrapWindow;
 use crate::shm::SharedMemory;
 
@@ -123,7 +123,8 @@ pub struct DriverVm {
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
-    /// A warm spare's go signal (the vmm's `--go-fd`).
+    /// A spare's go signal (a warm spare's `--go-fd`, a standby's
+    /// `--start-fd`).
     go: Option<EventFd>,
     /// This VM's interrupt lines, in order.
     interrupts: Vec<EventFd>,
@@ -250,11 +251,18 @@ impl DriverLauncher {
         self.start(None, route)
     }
 
-    /// Starts a warm spare: a driver VM that boots, then waits until
-    /// [`DriverVm::activate`] before it touches the device or the channel
-    /// (route its interrupts with [`DriverVm::interrupt`] before that).
-    pub fn launch_spare(&self) -> std::io::Result<DriverVm> {
-        self.start(Some(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?), &mut |_| Ok(()))
+    /// Starts a spare: a driver VM that waits until [`DriverVm::activate`]
+    /// before it touches the device or the channel (route its interrupts
+    /// with [`DriverVm::interrupt`] before that). A warm one boots first
+    /// (its guest's `WAIT_GO`); a standby waits before its guest's first
+    /// instruction (the vmm's `--start-fd`). `Spare::Off` starts one that
+    /// serves at once, like [`DriverLauncher::launch`] without routing.
+    pub fn launch_spare(&self, kind: Spare) -> std::io::Result<DriverVm> {
+        let go = match kind {
+            Spare::Off => None,
+            kind => Some((kind, EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?)),
+        };
+        self.start(go, &mut |_| Ok(()))
     }
 
     /// Checks that a driver VM of this configuration would start (`vmm run
@@ -332,11 +340,17 @@ impl DriverLauncher {
     }
 
     /// The `vmm run` command line of a driver VM, with its descriptors and
-    /// its jail.
-    /// The vmm's command line; `go` makes it a warm spare (its `WAIT_GO`
-    /// blocks until `go` is written).
-    fn command(&self, lines: &[&EventFd], traps: &[OwnedFd], go: Option<&EventFd>) -> std::io::Result<Prepared> {
-        let spare = go.is_some();
+    /// its jail; `go` makes it a spare of that kind, which waits until `go`
+    /// is written (a warm one in its guest's `WAIT_GO`, a standby before
+    /// its guest's first instruction).
+    fn command(
+        &self,
+        lines: &[&EventFd],
+        traps: &[OwnedFd],
+        go: Option<(Spare, &EventFd)>,
+    ) -> std::io::Result<Prepared> {
+        // The guest learns it is a warm spare from its command line.
+        let spare = matches!(go, Some((Spare::Warm, _)));
         let spec = &self.spec;
         let mut command = match &spec.jail {
             Some(jail) => {
@@ -390,9 +404,10 @@ impl DriverLauncher {
             let fd = fds.pass(line.as_raw_fd());
             command.arg("--irq").arg(format!("fd={fd}"));
         }
-        if let Some(go) = go {
+        if let Some((kind, go)) = go {
             let fd = fds.pass(go.as_raw_fd());
-            command.arg("--go-fd").arg(format!("fd={fd}"));
+            let option = if kind == Spare::Warm { "--go-fd" } else { "--start-fd" };
+            command.arg(option).arg(format!("fd={fd}"));
         }
         let report = match &spec.jail {
             Some(jail) => {
@@ -417,7 +432,7 @@ impl DriverLauncher {
 
     fn start(
         &self,
-        go: Option<EventFd>,
+        go: Option<(Spare, EventFd)>,
         route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
@@ -430,7 +445,7 @@ impl DriverLauncher {
         // dead one's).
         let traps = self.traps.iter().map(|(_, trap)| (trap.connect)()).collect::<std::io::Result<Vec<_>>>()?;
         let (child, pid) = self
-            .command(&lines, &traps, go.as_ref())?
+            .command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)))?
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;
@@ -442,7 +457,9 @@ impl DriverLauncher {
         let capped = Arc::new(AtomicBool::new(false));
         let oom_kills = spec.jail.as_ref().map(|jail| (jail.clone(), jail.oom_kills()));
         let report = Arc::new(Mutex::new(String::new()));
-        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, spare = go.is_some(), "driver VM started");
+        let spare = go.as_ref().map_or(Spare::Off, |(kind, _)| *kind);
+        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, ?spare, "driver VM started");
+        let go = go.map(|(_, go)| go);
         let mut child = child;
         let lifeline = child.stdin.take().map(Arc::new);
         let watcher = Watcher {
@@ -678,8 +695,8 @@ impl DriverLaunch for DriverLauncher {
         Ok(Box::new(DriverLauncher::launch(self, route)?))
     }
 
-    fn launch_spare(&self) -> std::io::Result<Box<dyn DriverProcess>> {
-        Ok(Box::new(DriverLauncher::launch_spare(self)?))
+    fn launch_spare(&self, kind: Spare) -> std::io::Result<Box<dyn DriverProcess>> {
+        Ok(Box::new(DriverLauncher::launch_spare(self, kind)?))
     }
 }
 

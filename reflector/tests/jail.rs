@@ -113,7 +113,7 @@ fn every_running_driver_vm_is_confined() {
         "--blk".to_string(),
         format!("socket={},image={},size=4M,name=d0,spare=on", d0.display(), scratch.join("d0.img").display()),
         "--net".to_string(),
-        format!("socket={},switch=s,name=n0", n0.display()),
+        format!("socket={},switch=s,name=n0,spare=standby", n0.display()),
         "--net".to_string(),
         format!("socket={},switch=s,name=n1,spare=on", n1.display()),
     ];
@@ -131,7 +131,7 @@ fn every_running_driver_vm_is_confined() {
             }
         }
     }
-    assert_eq!(pids.len(), 5, "three driver VMs and two spares: {text}\n{}", reflector.log_text());
+    assert_eq!(pids.len(), 6, "three driver VMs, two warm spares and a standby: {text}\n{}", reflector.log_text());
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();

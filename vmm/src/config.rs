@@ -41,6 +41,9 @@ pub struct VmConfig {
     /// A warm spare's "go" eventfd: the guest's `WAIT_GO` hypercall
     /// blocks until it is signalled.
     pub go: Option<RawFd>,
+    /// A standby's start eventfd: the vCPU waits for it before the guest's
+    /// first instruction (the VM is built, no guest code has run).
+    pub start: Option<RawFd>,
     /// Command line handed to the guest.
     pub cmdline: String,
 }
@@ -55,6 +58,7 @@ impl Default for VmConfig {
             doorbells: Vec::new(),
             irqs: Vec::new(),
             go: None,
+            start: None,
             cmdline: String::new(),
         }
     }
@@ -290,7 +294,7 @@ impl IrqConfig {
 }
 
 /// Parses `fd=N`, an inherited eventfd given with `option` (`--irq`,
-/// `--go-fd`), whose name the errors carry.
+/// `--go-fd`, `--start-fd`), whose name the errors carry.
 pub fn parse_eventfd_spec(option: &str, spec: &str) -> Result<RawFd> {
     match key_value(spec) {
         ("fd", value) => parse_fd(&format!("{option} fd"), value),
@@ -384,6 +388,7 @@ impl VmConfig {
             .map(|d| d.fd)
             .chain(self.irqs.iter().map(|i| i.fd))
             .chain(self.go)
+            .chain(self.start)
             .chain(self.traps.iter().map(|t| t.fd))
             .collect();
         fds.sort_unstable();

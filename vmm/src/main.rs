@@ -116,6 +116,13 @@ struct RunArgs {
     /// Example: --go-fd fd=9
     #[arg(long, value_name = "SPEC")]
     go_fd: Option<String>,
+    /// A standby's start signal: an inherited eventfd, fd=N. The VM is
+    /// built and confined, then its vCPU waits until this is written before
+    /// the guest's first instruction (a supervisor keeps a standby so that
+    /// a restart skips starting, jailing and loading a vmm).
+    /// Example: --start-fd fd=10
+    #[arg(long, value_name = "SPEC")]
+    start_fd: Option<String>,
     /// Command line handed to the guest. Example: --cmdline page-fault
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
@@ -350,6 +357,7 @@ fn vm_config(name: &str, args: &RunArgs) -> vmm::Result<VmConfig> {
         doorbells: args.doorbell.iter().map(|s| DoorbellConfig::parse(s)).collect::<Result<_, _>>()?,
         irqs: args.irq.iter().map(|s| IrqConfig::parse(s)).collect::<Result<_, _>>()?,
         go: args.go_fd.as_deref().map(|spec| vmm::config::parse_eventfd_spec("--go-fd", spec)).transpose()?,
+        start: args.start_fd.as_deref().map(|spec| vmm::config::parse_eventfd_spec("--start-fd", spec)).transpose()?,
         cmdline: args.cmdline.clone(),
     };
     config.validate()?;

@@ -92,9 +92,22 @@ pub struct Vcpu {
     ram_size: u64,
     /// A warm spare's go signal (`--go-fd`), until used.
     go: Option<EventFd>,
+    /// A standby's start signal (`--start-fd`), until used.
+    start: Option<EventFd>,
     /// The interrupt lines (`--irq`): each eventfd with the bit it sets in
     /// the answer to `WAIT_LINES`.
     lines: Vec<(EventFd, u32)>,
+}
+
+/// What a vCPU waits for besides its interrupt lines.
+#[derive(Default)]
+pub struct Signals {
+    /// A warm spare's go signal (`--go-fd`): the guest's `WAIT_GO` blocks
+    /// until it is written.
+    pub go: Option<EventFd>,
+    /// A standby's start signal (`--start-fd`): the guest's first
+    /// instruction waits until it is written.
+    pub start: Option<EventFd>,
 }
 
 /// A trapped window: its accesses go over a socket to the supervisor
@@ -158,10 +171,11 @@ impl Vcpu {
         console: Console,
         traps: Vec<Trap>,
         ram_size: u64,
-        go: Option<EventFd>,
+        signals: Signals,
         lines: Vec<(EventFd, u32)>,
     ) -> Self {
-        Vcpu { fd, memory, console, traps, ram_size, go, lines }
+        let Signals { go, start } = signals;
+        Vcpu { fd, memory, console, traps, ram_size, go, start, lines }
     }
 
     /// The guest's `WAIT_LINES`: blocks until one of its interrupt lines
@@ -202,29 +216,35 @@ impl Vcpu {
         0
     }
 
-    /// The guest's `WAIT_GO`: blocks until the go eventfd is signalled (at
-    /// once without one), or until a kick asks the vCPU to stop.
-    fn wait_for_go(&mut self, stop: &AtomicBool) {
-        let Some(go) = self.go.as_ref() else { return };
+    /// Blocks until `signal` is written (consuming it), or until a kick
+    /// asks the vCPU to stop; a failed wait lets the vCPU go on.
+    fn wait_for(signal: &EventFd, what: &str, stop: &AtomicBool) {
         loop {
             if stop.load(Ordering::Acquire) {
                 return;
             }
-            let mut fd = libc::pollfd { fd: go.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut fd = libc::pollfd { fd: signal.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: poll on one valid pollfd we own; a kick (signal)
             // interrupts it with EINTR, and the loop looks at `stop`.
             let ready = unsafe { libc::poll(&mut fd, 1, -1) };
             if ready > 0 {
-                let _ = go.read();
-                // Used once: a later WAIT_GO returns at once.
-                self.go = None;
+                let _ = signal.read();
                 return;
             }
             let error = std::io::Error::last_os_error();
             if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
-                tracing::warn!(%error, "waiting for the go signal failed; letting the guest go");
+                tracing::warn!(%error, "waiting for the {what} signal failed; letting the guest go");
                 return;
             }
+        }
+    }
+
+    /// The guest's `WAIT_GO`: blocks until the go eventfd is signalled (at
+    /// once without one), or until a kick asks the vCPU to stop. Used
+    /// once: a later `WAIT_GO` returns at once.
+    fn wait_for_go(&mut self, stop: &AtomicBool) {
+        if let Some(go) = self.go.take() {
+            Self::wait_for(&go, "go", stop);
         }
     }
 
@@ -291,6 +311,12 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, until: RunUntil, stop: &AtomicBool, on_ready: &mut dyn FnMut()) -> VcpuStop {
+        // A standby: built and confined (this thread's filter is in place),
+        // it waits here until it is wanted; no guest code has run yet.
+        if let Some(start) = self.start.take() {
+            tracing::info!("standing by: the guest starts when the start signal is written");
+            Self::wait_for(&start, "start", stop);
+        }
         loop {
             if stop.load(Ordering::Acquire) {
                 return VcpuStop::Stopped;

@@ -21,7 +21,7 @@ use crate::console::Console;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::memory::{self, GuestMemory};
-use crate::vcpu::{Trap, Vcpu};
+use crate::vcpu::{Signals, Trap, Vcpu};
 use crate::x86::{self, Access, PageTables};
 
 /// Line numbers handed out to `--irq` lines, in order (each the bit a line
@@ -85,7 +85,8 @@ impl Vm {
             .map(|trap| Ok(Trap::new(trap.gpa, trap.size, take_socket(trap.fd)?, &trap.name)))
             .collect::<Result<Vec<_>>>()?;
         let go = config.go.map(|fd| take_eventfd(fd, "--go-fd fd")).transpose()?;
-        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory, go, lines);
+        let start = config.start.map(|fd| take_eventfd(fd, "--start-fd fd")).transpose()?;
+        let vcpu = Vcpu::new(vcpu_fd, guest.memory, console, traps, config.memory, Signals { go, start }, lines);
         Ok(Vm { name: config.name.clone(), vm_fd, vcpu, eventfds })
     }
 }

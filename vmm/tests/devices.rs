@@ -137,3 +137,76 @@ fn a_memfd_window_is_shared_with_its_creator() {
         .unwrap();
     assert_eq!(contents, vec![0xabu8; 4096], "the guest's writes must be visible through the memfd");
 }
+
+/// Starts `hello` as a standby (`--start-fd`), logging at info level, and
+/// waits (bounded) until it says it stands by. Returns the child, its start
+/// eventfd and the standard error read so far, still being read.
+fn standby(name: &str) -> (std::process::Child, std::os::fd::OwnedFd, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let start = inheritable_eventfd();
+    let mut child = vmm()
+        .args(["run", "--json", "--exit-on-stdin-close", "--image", "hello", "--name", name])
+        .args(["--cmdline", "standby-marker", "--start-fd", &format!("fd={}", start.as_raw_fd())])
+        .env("VMM_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn vmm");
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("standing by") {
+        // A hang guard, not a timing assertion.
+        match received.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => seen.push_str(&(line + "\n")),
+            Err(_) => panic!("the standby never said it stands by: {seen}"),
+        }
+    }
+    assert!(!seen.contains("standby-marker"), "the guest ran before its start signal: {seen}");
+    (child, start, received)
+}
+
+#[test]
+fn a_standby_runs_no_guest_code_until_started() {
+    use std::io::Write;
+    if !kvm_available("a_standby_runs_no_guest_code_until_started") {
+        return;
+    }
+    // Asked to stop and report while standing by: it ends without its guest
+    // having printed anything.
+    let (mut child, _start, _) = standby("idle");
+    // Kept open until it has ended: a closed lifeline ends it without a report.
+    let mut lifeline = child.stdin.take().unwrap();
+    lifeline.write_all(b"w").unwrap();
+    let status = child.wait().unwrap();
+    drop(lifeline);
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap();
+    assert_eq!(report["outcome"], "stopped", "{report} ({status})");
+    assert!(report["ready_us"].is_null(), "a standby's guest never ran: {report}");
+
+    // Started: the guest boots and runs to its end.
+    let (mut child, start, lines) = standby("started");
+    let lifeline = child.stdin.take().unwrap();
+    signal_eventfd(&start);
+    let status = child.wait().unwrap();
+    drop(lifeline);
+    let console: String = lines.iter().collect::<Vec<_>>().join("\n");
+    assert!(status.success(), "{status}: {console}");
+    assert!(console.contains("command line: standby-marker"), "{console}");
+}
+
+#[test]
+fn a_start_fd_that_is_not_an_open_descriptor_is_refused() {
+    let out = output(vmm().args(["run", "--image", "hello", "--start-fd", "fd=77"]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--start-fd"), "{stderr}");
+}
