@@ -13,16 +13,20 @@
 # Goals (issue 14): all ready within 2 s, idle under 1 % CPU, each driver VM
 # under 4 MiB, the reflector within its budget.
 #
-# Usage: ci/bench-fleet.sh [--devices N] [--idle-seconds S] [--no-jail]
+# With --spare KIND, every device keeps a spare of that kind (off, standby,
+# warm): what it costs the fleet.
+#
+# Usage: ci/bench-fleet.sh [--devices N] [--idle-seconds S] [--spare KIND] [--no-jail]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-devices=100 idle=5 jail=
+devices=100 idle=5 jail= spare=
 while (($#)); do
     case $1 in
     --devices) devices=${2:?}; shift 2 ;;
     --idle-seconds) idle=${2:?}; shift 2 ;;
     --no-jail) jail=--no-jail; shift ;;
+    --spare) spare=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-fleet: unknown argument '$1'" >&2; exit 2 ;;
     esac
@@ -36,11 +40,13 @@ pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
 config=$tmp/fleet.toml
 for i in $(seq 0 $((devices - 1))); do
-    printf '[[blk]]\nname = "d%d"\nsocket = "%s/d%d.sock"\nimage = "%s/d%d.img"\nsize = "16M"\n\n' \
+    printf '[[blk]]\nname = "d%d"\nsocket = "%s/d%d.sock"\nimage = "%s/d%d.img"\nsize = "16M"\n' \
         "$i" "$tmp" "$i" "$tmp" "$i" >>"$config"
+    [[ -z $spare ]] || printf 'spare = "%s"\n' "$spare" >>"$config"
+    echo >>"$config"
 done
 status() { timeout 20 "$bin/reflector" status --json --control "$tmp/ctl"; }
-echo "bench-fleet: starting $devices block devices${jail:+ (not jailed)}" >&2
+echo "bench-fleet: starting $devices block devices${jail:+ (not jailed)}${spare:+, spare=$spare}" >&2
 start=$(date +%s%N)
 "$bin/reflector" serve $jail --control "$tmp/ctl" --config "$config" 2>"$tmp/log" &
 pid=$!

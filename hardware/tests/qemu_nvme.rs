@@ -249,3 +249,58 @@ fn a_driver_pointing_the_controller_outside_its_dma_region_reaches_nothing() {
     rig.memory.slice(0, 8192).unwrap().copy_to(&mut region[..]);
     assert_eq!(region, secret, "a read pointed outside the region changed the region");
 }
+
+/// Reads a BAR0 register through a driver VM's trapped-window connection
+/// (`guest_abi::trap`); None once the connection is closed.
+fn trapped_read32(stream: &std::os::unix::net::UnixStream, offset: u32) -> Option<u32> {
+    use std::io::{Read, Write};
+    let access = guest_abi::trap::Access { kind: guest_abi::trap::READ, size: 4, offset, value: 0 };
+    (&*stream).write_all(&access.encode()).ok()?;
+    let mut reply = [0u8; guest_abi::trap::REPLY_LEN];
+    (&*stream).read_exact(&mut reply).ok()?;
+    Some(u64::from_le_bytes(reply) as u32)
+}
+
+#[test]
+fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
+    use hardware::qemu::{ProcessSpec, SupervisedModel};
+    let Some(qemu) = qemu() else { return };
+    let dir = tempdir::Dir::new("handover");
+    let image = dir.0.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
+    let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
+    let supervised = Arc::new(
+        SupervisedModel::start(ProcessSpec {
+            qemu,
+            model: Model::Nvme { image, read_only: false },
+            serial: "drvm-handover".into(),
+            dma: memory.clone(),
+            offset: 0,
+            len: memory.size(),
+            interrupt: Arc::new(InterruptRoute::default()),
+            wire: None,
+            jail: None,
+        })
+        .unwrap(),
+    );
+    let trap = supervised.trap();
+    let connect = || {
+        let stream = std::os::unix::net::UnixStream::from((trap.connect)().unwrap());
+        // A hang guard, not a timing assertion.
+        stream.set_read_timeout(Some(BOUND)).unwrap();
+        stream
+    };
+    // The serving driver's connection, which carries accesses, and a
+    // spare's, silent until it serves.
+    let (serving, spare) = (connect(), connect());
+    let cap = trapped_read32(&serving, 0).expect("the serving driver reads CAP");
+    assert_ne!(cap, u32::MAX, "CAP read as all ones");
+    // The device's QEMU process dies with its driver; the device is
+    // quiesced and, for the next driver, resumed on a new process.
+    supervised.current().kill();
+    supervised.quiesce();
+    supervised.resume();
+    assert_eq!(supervised.restarts(), 1);
+    assert_eq!(trapped_read32(&spare, 0), Some(cap), "the spare must reach the new process");
+    assert_eq!(trapped_read32(&serving, 0), None, "the dead driver's connection must be revoked");
+}

@@ -53,7 +53,8 @@ pub struct BlkConfig {
     /// Words added to the driver's command line (a driver's parameters).
     pub driver_args: String,
     /// What to keep ready to replace a failed driver VM: nothing, a
-    /// standby vmm, or a booted driver VM (`spare=off|standby|warm`).
+    /// standby vmm (the default), or a booted driver VM
+    /// (`spare=off|standby|warm`).
     pub spare: Spare,
     /// Run the driver hosted (a plain process, `vmm run --hosted`), for
     /// development only: needs `--no-jail`.
@@ -209,7 +210,8 @@ pub struct NetConfig {
     /// Driver VM faults tolerated per 10 s before the device fails.
     pub fault_budget: u32,
     /// What to keep ready to replace a failed driver VM: nothing, a
-    /// standby vmm, or a booted driver VM (`spare=off|standby|warm`).
+    /// standby vmm (the default), or a booted driver VM
+    /// (`spare=off|standby|warm`).
     pub spare: Spare,
     /// Run the driver hosted (see [`BlkConfig::hosted`]).
     pub hosted: bool,
@@ -366,7 +368,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
-        spare: Spare::Off,
+        spare: Spare::Standby,
         hosted: false,
         device: DeviceHardware::Sim,
         dma: DmaMode::Bounce,
@@ -469,7 +471,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
-        spare: Spare::Off,
+        spare: Spare::Standby,
         hosted: false,
         driver_args: String::new(),
         device: DeviceHardware::Sim,
@@ -621,7 +623,8 @@ enum FileSpare {
 impl FileSpare {
     fn kind(spare: Option<FileSpare>) -> Result<Spare, String> {
         match spare {
-            None | Some(FileSpare::On(false)) => Ok(Spare::Off),
+            None => Ok(Spare::Standby),
+            Some(FileSpare::On(false)) => Ok(Spare::Off),
             Some(FileSpare::On(true)) => Ok(Spare::Warm),
             Some(FileSpare::Kind(kind)) => Spare::parse(&kind),
         }
@@ -850,7 +853,8 @@ mod tests {
             assert_eq!(parse_blk(&format!("socket=/s,image=/i,spare={value}"), 0).unwrap().spare, expected);
             assert_eq!(parse_net(&format!("socket=/s,spare={value}"), 0).unwrap().spare, expected);
         }
-        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().spare, Spare::Off);
+        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().spare, Spare::Standby);
+        assert_eq!(parse_net("socket=/s", 0).unwrap().spare, Spare::Standby);
         let error = parse_blk("socket=/s,image=/i,spare=hot", 0).unwrap_err().to_string();
         assert!(error.contains("expected off, standby or warm"), "{error}");
         let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\n";
@@ -858,7 +862,7 @@ mod tests {
             let config = parse_file(&format!("{file}spare = {value}\n"), "r.toml").unwrap();
             assert_eq!(config.blk[0].spare, expected, "spare = {value}");
         }
-        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Spare::Off);
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Spare::Standby);
         let error = parse_file(&format!("{file}spare = \"hot\"\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("key `spare`") && error.contains("expected off, standby or warm"), "{error}");
         let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";

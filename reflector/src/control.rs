@@ -58,7 +58,7 @@ pub struct DeviceStatus {
     pub state: String,
     /// The driver VM's pid (0: none runs).
     pub driver_pid: u64,
-    /// The warm spare's pid (0: none).
+    /// The spare's pid (0: none).
     pub spare_pid: u64,
     /// Counter `requests` (see `Metrics`).
     pub requests: u64,
@@ -71,6 +71,12 @@ pub struct DeviceStatus {
     /// The part of it that is the driver VM's own, KiB (see `Metrics`).
     #[serde(default)]
     pub driver_own_kib: u64,
+    /// The spare's resident memory, KiB (0: none; see `Metrics`).
+    #[serde(default)]
+    pub spare_rss_kib: u64,
+    /// The part of it that is the spare's own, KiB.
+    #[serde(default)]
+    pub spare_own_kib: u64,
     /// The memory cap of the device's driver VMs together, bytes (0: none).
     #[serde(default)]
     pub memory_cap_bytes: u64,
@@ -153,6 +159,13 @@ pub struct FleetStatus {
     /// the fleet costs beyond one copy of the vmm's code.
     #[serde(default)]
     pub driver_own_kib: u64,
+    /// Resident memory of the spares together, KiB (a standby or warm
+    /// spare per device that keeps one).
+    #[serde(default)]
+    pub spare_rss_kib: u64,
+    /// The part of it that is the spares' own, KiB.
+    #[serde(default)]
+    pub spare_own_kib: u64,
     /// Their memory caps together, bytes (devices without one count 0).
     pub memory_cap_bytes: u64,
     /// The reflector's own resident memory, KiB.
@@ -175,6 +188,8 @@ impl FleetStatus {
             attached: devices.iter().filter(|d| d.attached).count(),
             driver_rss_kib: devices.iter().map(|d| d.driver_rss_kib).sum(),
             driver_own_kib: devices.iter().map(|d| d.driver_own_kib).sum(),
+            spare_rss_kib: devices.iter().map(|d| d.spare_rss_kib).sum(),
+            spare_own_kib: devices.iter().map(|d| d.spare_own_kib).sum(),
             memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes).sum(),
             reflector_rss_kib: crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0),
             reflector_budget_kib: REFLECTOR_BASE_KIB + REFLECTOR_PER_DEVICE_KIB * devices.len() as u64,
@@ -213,6 +228,8 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         in_flight: get(&m.in_flight),
         driver_rss_kib: get(&m.driver_rss_kib),
         driver_own_kib: get(&m.driver_own_kib),
+        spare_rss_kib: get(&m.spare_rss_kib),
+        spare_own_kib: get(&m.spare_own_kib),
         memory_cap_bytes: get(&m.memory_cap_bytes),
         attached: attached(target),
         dma: match (target.kind, get(&m.direct_dma)) {
@@ -295,6 +312,9 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("driver_own_bytes", "gauge", "The current driver VM's own memory (anonymous: not shared code).", &|s| {
         (s.driver_own_kib * 1024) as f64
     });
+    family("spare_rss_bytes", "gauge", "Resident memory of the device's spare (0: none).", &|s| {
+        (s.spare_rss_kib * 1024) as f64
+    });
     family("memory_cap_bytes", "gauge", "Memory cap of the device's driver VMs together (0: none).", &|s| {
         s.memory_cap_bytes as f64
     });
@@ -328,6 +348,8 @@ fn prometheus(targets: &[ControlTarget]) -> String {
             "The driver VMs' own memory together (not shared code).",
             fleet.driver_own_kib * 1024,
         ),
+        ("fleet_spare_rss_bytes", "Resident memory of every spare together.", fleet.spare_rss_kib * 1024),
+        ("fleet_spare_own_bytes", "The spares' own memory together (not shared code).", fleet.spare_own_kib * 1024),
         ("fleet_memory_cap_bytes", "Memory caps of every device's driver VMs together.", fleet.memory_cap_bytes),
         ("rss_bytes", "The reflector's own resident memory.", fleet.reflector_rss_kib * 1024),
         (

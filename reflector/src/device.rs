@@ -718,6 +718,9 @@ impl<K: DeviceKind> Device<K> {
         if !core.session.running() {
             return;
         }
+        // A standby wanted since the start (an idle device completes no
+        // request to start it).
+        core.drivers.launch_wanted_spare();
         let Some(pid) = core.drivers.current_pid() else { return };
         // Resident memory changes slowly: sampled every RSS_PERIODS (each
         // /proc read costs the worker a wake-up's worth; an idle fleet of
@@ -728,6 +731,9 @@ impl<K: DeviceKind> Device<K> {
                 core.metrics.driver_rss_kib.store(memory.resident, Ordering::Relaxed);
                 core.metrics.driver_own_kib.store(memory.own, Ordering::Relaxed);
             }
+            let spare = core.drivers.spare_pid().and_then(|pid| crate::driver_watch::process_memory_kib(pid).ok());
+            core.metrics.spare_rss_kib.store(spare.as_ref().map_or(0, |m| m.resident), Ordering::Relaxed);
+            core.metrics.spare_own_kib.store(spare.as_ref().map_or(0, |m| m.own), Ordering::Relaxed);
         }
         if self.kind.in_driver() > 0 {
             core.watch.note_busy();

@@ -29,6 +29,16 @@ pub enum Spare {
     Warm,
 }
 
+impl std::fmt::Display for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Spare::Off => "off",
+            Spare::Standby => "standby",
+            Spare::Warm => "warm",
+        })
+    }
+}
+
 impl Spare {
     /// Parses a `spare=` value.
     pub fn parse(value: &str) -> Result<Spare, String> {
@@ -136,7 +146,11 @@ pub struct DriverVms {
 }
 
 impl DriverVms {
-    /// Starts the first driver VM (and a spare of `spare_kind`).
+    /// Starts the first driver VM, and a warm spare if `spare_kind` asks
+    /// for one. A standby is only wanted: [`DriverVms::launch_wanted_spare`]
+    /// starts it once the device serves (a fleet's start would otherwise
+    /// take twice the jailed starts: 100 devices attached after 1.6 s
+    /// instead of 0.8 s).
     pub fn start(
         launcher: Box<dyn DriverLaunch>,
         device_interrupt: Arc<InterruptRoute>,
@@ -144,8 +158,8 @@ impl DriverVms {
     ) -> std::io::Result<Self> {
         let (current, request_interrupt) = launch_routed(launcher.as_ref(), &device_interrupt)?;
         let spare = match spare_kind {
-            Spare::Off => None,
-            kind => Some(launcher.launch_spare(kind)?),
+            Spare::Warm => Some(launcher.launch_spare(Spare::Warm)?),
+            Spare::Off | Spare::Standby => None,
         };
         Ok(DriverVms {
             launcher,
@@ -154,7 +168,7 @@ impl DriverVms {
             current: Some(current),
             spare,
             spare_kind,
-            spare_wanted: false,
+            spare_wanted: spare_kind == Spare::Standby,
         })
     }
 
@@ -234,7 +248,7 @@ impl DriverVms {
         Ok((pid, started))
     }
 
-    /// Boots the spare that `replace` asked for, if any.
+    /// Starts the spare that `start` or `replace` asked for, if any.
     pub fn launch_wanted_spare(&mut self) {
         if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
             return;

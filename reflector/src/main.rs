@@ -342,11 +342,14 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
         format!("cap {}", mib(fleet.memory_cap_bytes / 1024))
     };
     println!(
-        "fleet: {} devices, {} attached; driver VMs {} resident, {} their own ({cap}); reflector {} (budget {})",
+        "fleet: {} devices, {} attached; driver VMs {} resident, {} their own; spares {} resident, {} their own \
+         ({cap}); reflector {} (budget {})",
         fleet.devices,
         fleet.attached,
         mib(fleet.driver_rss_kib),
         mib(fleet.driver_own_kib),
+        mib(fleet.spare_rss_kib),
+        mib(fleet.spare_own_kib),
         mib(fleet.reflector_rss_kib),
         mib(fleet.reflector_budget_kib)
     );

@@ -77,8 +77,13 @@ pub struct Metrics {
     /// 1 when a block device's payloads go through per-request DMA
     /// windows (`dma=direct`), 0 with bounce slots.
     pub direct_dma: AtomicU64,
-    /// The warm spare's pid (0 if none).
+    /// The spare's pid (0 if none).
     pub spare_pid: AtomicU64,
+    /// The spare's resident memory in KiB (0 if none), sampled with the
+    /// current driver VM's.
+    pub spare_rss_kib: AtomicU64,
+    /// The part of it that is the spare's own, KiB.
+    pub spare_own_kib: AtomicU64,
     /// `state_name` index of the device's driver state.
     pub state: AtomicU64,
     /// The last fault, for operators.

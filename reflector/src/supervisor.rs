@@ -458,7 +458,7 @@ impl DriverLauncher {
         let oom_kills = spec.jail.as_ref().map(|jail| (jail.clone(), jail.oom_kills()));
         let report = Arc::new(Mutex::new(String::new()));
         let spare = go.as_ref().map_or(Spare::Off, |(kind, _)| *kind);
-        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, ?spare, "driver VM started");
+        tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, %spare, "driver VM started");
         let go = go.map(|(_, go)| go);
         let mut child = child;
         let lifeline = child.stdin.take().map(Arc::new);

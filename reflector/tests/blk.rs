@@ -29,14 +29,10 @@ fn kill_under_verified_load(reflector: &mut Reflector, socket: &Path, sizes: &st
             .chain(["--ios", "200000", "--size", "8M", "--verify"])
             .collect::<Vec<_>>(),
     );
-    let mut killed = 0;
-    while killed < kills {
-        if reflector.log_text().matches("driver VM started").count() > killed {
-            // SAFETY: kill(2) on the current driver VM, our reflector's child.
-            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
-            killed += 1;
-        }
-        reflector.wait_for(|r| r.log_text().matches("driver VM started").count() > killed, "a replacement driver VM");
+    for killed in 0..kills {
+        // SAFETY: kill(2) on the current driver VM, our reflector's child.
+        unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
+        reflector.wait_for(|r| r.log_text().matches("driver VM restarted").count() > killed, "a replacement driver VM");
     }
     assert_clean_load(load);
 }

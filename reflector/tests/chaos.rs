@@ -282,8 +282,16 @@ fn a_standby_takes_over_and_is_replaced() {
 /// replaced by a new one.
 fn a_spare_takes_over_and_is_replaced(value: &str, started: &str) {
     let served = Served::start(&format!("spare-{value}"), &format!(",spare={value},fault_budget=100000"));
-    let first = served.status().unwrap();
-    assert_ne!(first["spare_pid"].as_u64().unwrap_or(0), 0, "a spare must be started: {first}");
+    // A warm spare starts with the device, a standby once it serves.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let first = loop {
+        let status = served.status().unwrap();
+        if status["spare_pid"].as_u64().unwrap_or(0) != 0 {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "a spare must be started: {status}\n{}", served.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let output = Command::new(reflector_bin())
         .args(["chaos", "--device", "disk0", "--faults", "20", "--seed", "5", "--kinds", "kill,panic,lie"])
         .args(["--min-gap-ms", "110", "--max-gap-ms", "150", "--control"])

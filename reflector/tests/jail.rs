@@ -119,18 +119,26 @@ fn every_running_driver_vm_is_confined() {
     ];
     let mut reflector = Reflector::start(&args, scratch.join("log"), &n1);
     reflector.wait_for(|_| control.exists(), "the control socket");
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_reflector")).args(["status", "--json", "--control"]).arg(&control).output();
-    let text = String::from_utf8(output.unwrap().stdout).unwrap();
-    let devices: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
-    let mut pids = Vec::new();
-    for device in devices.as_array().unwrap() {
-        for key in ["driver_pid", "spare_pid"] {
-            if let Some(pid) = device[key].as_u64().filter(|pid| *pid != 0) {
-                pids.push(pid);
+    let status = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_reflector"))
+            .args(["status", "--json", "--control"])
+            .arg(&control)
+            .output();
+        let text = String::from_utf8(output.unwrap().stdout).unwrap();
+        let devices: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        let mut pids = Vec::new();
+        for device in devices.as_array().unwrap() {
+            for key in ["driver_pid", "spare_pid"] {
+                if let Some(pid) = device[key].as_u64().filter(|pid| *pid != 0) {
+                    pids.push(pid);
+                }
             }
         }
-    }
+        (text, devices, pids)
+    };
+    // Warm spares start with their devices, a standby once its device serves.
+    reflector.wait_for(|_| status().2.len() == 6, "three driver VMs, two warm spares and a standby");
+    let (text, devices, pids) = status();
     assert_eq!(pids.len(), 6, "three driver VMs, two warm spares and a standby: {text}\n{}", reflector.log_text());
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");

@@ -69,7 +69,12 @@ impl Pair {
             .arg(&self.control)
             .output()
             .unwrap();
-        assert!(output.status.success(), "{words:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{words:?}: {}\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            self.reflector.log_text()
+        );
     }
 
     /// Waits until `device`'s counter `field` reaches `at_least`.

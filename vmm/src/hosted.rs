@@ -120,6 +120,39 @@ pub fn check(config: &VmConfig) -> Result<()> {
     driver_args(config).map(|_| ())
 }
 
+/// A hosted standby (`--start-fd`): waits, before the driver process
+/// exists, until `start` is written. A `w` on standard input (watched with
+/// `watch_stdin`) ends the wait with the outcome a hosted driver ended by
+/// one has; a closed standard input ends this process, as it would the
+/// running driver's.
+pub fn wait_for_start(start: RawFd, watch_stdin: bool) -> Option<Outcome> {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: start, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: if watch_stdin { 0 } else { -1 }, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: poll on two pollfds we own (a negative fd is ignored).
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::warn!(%error, "waiting for the start signal failed; starting the driver");
+            return None;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            let mut count = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a local buffer.
+            let _ = unsafe { libc::read(start, count.as_mut_ptr().cast(), count.len()) };
+            return None;
+        }
+        if fds[1].revents != 0 && crate::runner::read_lifeline(fds[1].revents & libc::POLLHUP != 0) {
+            return Some(Outcome::Signalled { signal: libc::SIGKILL, name: signal_name(libc::SIGKILL).into() });
+        }
+    }
+}
+
 /// Starts `image` with `config`'s resources and waits for its end.
 pub fn run(config: &VmConfig, image: &HostedImage, options: HostedOptions) -> Result<Outcome> {
     let io = |operation: &str| {

@@ -337,7 +337,15 @@ fn run_hosted(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> 
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let options =
         vmm::hosted::HostedOptions { exit_on_stdin_close: args.exit_on_stdin_close, ready_file, timeout: args.timeout };
-    let outcome = vmm::hosted::run(&config, &image, options)?;
+    // A standby: the driver process starts when the start signal comes.
+    let stopped = config.start.and_then(|start| {
+        tracing::info!("standing by: the driver starts when the start signal is written");
+        vmm::hosted::wait_for_start(start, args.exit_on_stdin_close)
+    });
+    let outcome = match stopped {
+        Some(outcome) => outcome,
+        None => vmm::hosted::run(&config, &image, options)?,
+    };
     Ok(Report {
         name: name.to_owned(),
         outcome,

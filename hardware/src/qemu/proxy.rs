@@ -10,14 +10,16 @@
 //! A connection that carried any access is revoked when the device is
 //! quiesced (its driver VM died): accesses still queued in it are never
 //! performed, so nothing a dead driver asked for reaches the device after
-//! the replay began. A warm spare's connection, silent until it is
-//! activated, survives.
+//! the replay began. A spare's connection, silent until it is activated,
+//! survives; and when the device's QEMU process is replaced
+//! (`SupervisedModel::resume`), a silent connection is handed over to the
+//! new process, so that the spare serves it.
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use guest_abi::trap::{self, Access};
 
@@ -31,6 +33,18 @@ struct Connection {
     revoked: AtomicBool,
     /// The proxy's end, to wake its thread when revoked.
     stream: UnixStream,
+    /// The QEMU process it reaches: the one it was made on, or the one
+    /// that replaced it while the connection was silent.
+    model: RwLock<Weak<QemuModel>>,
+}
+
+impl Connection {
+    fn model(&self) -> Option<Arc<QemuModel>> {
+        match self.model.read() {
+            Ok(model) => model.upgrade(),
+            Err(poisoned) => poisoned.into_inner().upgrade(),
+        }
+    }
 }
 
 /// The connections of one device.
@@ -51,6 +65,27 @@ impl Connections {
             }
         }
     }
+
+    /// Hands every connection that never carried an access over to
+    /// `successor`, a new process of the same device: a spare's connection
+    /// must reach the device it will drive, not the process that died.
+    /// Connections that did carry one stay with the old process (they were
+    /// revoked when it was quiesced).
+    pub(super) fn hand_over_silent(&self, successor: &Arc<QemuModel>) {
+        let Ok(mut live) = self.live.lock() else { return };
+        live.retain(|weak| weak.strong_count() > 0);
+        let Ok(mut theirs) = successor.connections.live.lock() else { return };
+        for connection in live.iter().filter_map(Weak::upgrade) {
+            if connection.used.load(Ordering::Acquire) || connection.revoked.load(Ordering::Acquire) {
+                continue;
+            }
+            match connection.model.write() {
+                Ok(mut model) => *model = Arc::downgrade(successor),
+                Err(poisoned) => *poisoned.into_inner() = Arc::downgrade(successor),
+            }
+            theirs.push(Arc::downgrade(&connection));
+        }
+    }
 }
 
 impl QemuModel {
@@ -63,22 +98,22 @@ impl QemuModel {
             used: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
             stream: ours.try_clone()?,
+            model: RwLock::new(Arc::downgrade(self)),
         });
         if let Ok(mut live) = self.connections.live.lock() {
             live.push(Arc::downgrade(&connection));
         }
-        let model = Arc::downgrade(self);
-        std::thread::Builder::new().name("bar0-proxy".into()).spawn(move || serve(&model, &connection, ours))?;
+        std::thread::Builder::new().name("bar0-proxy".into()).spawn(move || serve(&connection, ours))?;
         Ok(OwnedFd::from(theirs))
     }
 }
 
 /// Serves one connection's accesses in order.
-fn serve(model: &Weak<QemuModel>, connection: &Connection, mut stream: UnixStream) {
+fn serve(connection: &Connection, mut stream: UnixStream) {
     let mut request = [0u8; trap::REQUEST_LEN];
     while stream.read_exact(&mut request).is_ok() {
         connection.used.store(true, Ordering::Release);
-        let Some(model) = model.upgrade() else { return };
+        let Some(model) = connection.model() else { return };
         if connection.revoked.load(Ordering::Acquire) {
             return;
         }

@@ -137,9 +137,12 @@ impl SupervisedModel {
                 if let Ok(failure) = self.failure.lock() {
                     fresh.notify_exit(failure.as_ref().and_then(|fd| fd.try_clone().ok()));
                 }
+                let fresh = Arc::new(fresh);
+                // A spare connected to the old process drives this one.
+                model.connections.hand_over_silent(&fresh);
                 match self.current.write() {
-                    Ok(mut current) => *current = Arc::new(fresh),
-                    Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+                    Ok(mut current) => *current = fresh,
+                    Err(poisoned) => *poisoned.into_inner() = fresh,
                 }
             }
             Err(error) => tracing::error!(%error, model = ?self.spec.model, "cannot start the QEMU device model again"),

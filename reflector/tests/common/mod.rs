@@ -108,14 +108,19 @@ impl Reflector {
         }
     }
 
-    /// The driver VM's pid, from the reflector's log; waits (bounded) for
+    /// The current driver VM's pid, from the reflector's log: the last one
+    /// a restart made current, else the first started (spares, started
+    /// later, serve only once a restart lets them go). Waits (bounded) for
     /// the first start to be logged, which may follow the socket and the
     /// readiness line the reflector was started with.
     pub fn driver_pid(&mut self) -> i32 {
         self.wait_for(|r| r.log_text().contains("driver VM started"), "a driver VM to start");
         let log = self.log_text();
-        let line = log.lines().rev().find(|l| l.contains("driver VM started")).expect("driver VM start logged");
-        // The last started driver VM is the current one.
+        let line = log
+            .lines()
+            .rfind(|l| l.contains("driver VM restarted"))
+            .or_else(|| log.lines().find(|l| l.contains("driver VM started")))
+            .expect("driver VM start logged");
         let pid = line.split("pid=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap();
         pid.parse().unwrap()
     }
