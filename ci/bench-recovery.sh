@@ -3,28 +3,30 @@
 # many SIGKILLs of a driver VM while verified load (blk-load) runs, measured
 # by the reflector from the fault (or the first request after it) to the next
 # completion, and each failover split into its phases (detection, retire,
-# replacement, device reset, replay: reflector::failover). Restarts are cold
-# (a fresh vmm process each time).
+# replacement, device reset, replay: reflector::failover).
 # For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #
-# With --spare, the reflector keeps a warm spare (a booted driver VM waiting),
-# so a restart skips the boot. With --standby, it keeps a standby (a jailed
-# vmm with its VM built, waiting before the guest's first instruction), so a
-# restart skips starting and jailing a vmm but still boots the driver.
+# By default the device keeps what the reflector keeps by default: a standby
+# (a jailed vmm with its VM built, waiting before the guest's first
+# instruction), so a restart skips starting and jailing a vmm but still boots
+# the driver. With --cold, it keeps nothing (spare=off: a fresh vmm each
+# time); with --spare (or --warm), a warm spare (a booted driver VM waiting),
+# so a restart skips the boot too.
 #
 # With --no-jail, driver VMs are not jailed (to measure what the jail costs:
 # each cold restart builds a new one).
 #
-# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--spare | --standby] [--no-jail]
+# Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--cold | --standby | --spare] [--no-jail]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-kills=1000 seed=1 spare=off jail=
+kills=1000 seed=1 spare=standby jail=
 while (($#)); do
     case $1 in
-    --spare) spare=on; shift ;;
+    --spare | --warm) spare=warm; shift ;;
     --standby) spare=standby; shift ;;
+    --cold) spare=off; shift ;;
     --no-jail) jail=--no-jail; shift ;;
     --kills) kills=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;

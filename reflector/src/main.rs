@@ -40,7 +40,7 @@ driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tol
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=off|standby|warm
 (standby: keep a started, jailed vmm with its VM built waiting before its guest's first
 instruction, so that a restart skips starting one and boots the driver there; warm, or on: keep a
-booted driver VM waiting, so that a restart skips the boot too; default off), checksums=on (remember a checksum
+booted driver VM waiting, so that a restart skips the boot too; off: nothing; default standby), checksums=on (remember a checksum
 of every sector written through the device, 4 bytes per 512-byte sector, and treat a read that
 returns other data as a driver lie: the driver VM is replaced and the read replayed),
 dma=bounce|direct (direct: the simulated controller reaches each request's own buffers through
