@@ -1,6 +1,6 @@
 //! One device served through a driver VM, whatever its kind: the
 //! vhost-user backend and event handler, the driver VMs and their
-//! lifecycle ([`Session`]), recovery, warm spare, hang and cost watches,
+//! lifecycle ([`Session`]), recovery, spares, hang and cost watches,
 //! the client's memory and the metrics plumbing exist once, here. A kind
 //! ([`DeviceKind`]: block, net) keeps only its intake, its marshaling, its
 //! config space and what recovery means for its requests.
@@ -549,7 +549,12 @@ impl<K: DeviceKind> Device<K> {
         let metrics = &self.core.metrics;
         metrics.state.store(self.core.session.state().index(), Ordering::Relaxed);
         metrics.driver_pid.store(self.driver_pid().unwrap_or(0) as u64, Ordering::Relaxed);
-        metrics.spare_pid.store(self.core.drivers.spare_pid().unwrap_or(0) as u64, Ordering::Relaxed);
+        let spare = self.core.drivers.spare_pid();
+        metrics.spare_pid.store(spare.unwrap_or(0) as u64, Ordering::Relaxed);
+        if spare.is_none() {
+            metrics.spare_rss_kib.store(0, Ordering::Relaxed);
+            metrics.spare_own_kib.store(0, Ordering::Relaxed);
+        }
         metrics.in_flight.store(self.kind.in_driver() as u64, Ordering::Relaxed);
     }
 
@@ -719,14 +724,19 @@ impl<K: DeviceKind> Device<K> {
             return;
         }
         // A standby wanted since the start (an idle device completes no
-        // request to start it).
-        core.drivers.launch_wanted_spare();
+        // request to start it), or a spare that failed; never during a
+        // recovery, whose first completion starts the next spare.
+        if core.fault_at.is_none() && core.failover.is_none() {
+            core.drivers.launch_wanted_spare();
+        }
         let Some(pid) = core.drivers.current_pid() else { return };
         // Resident memory changes slowly: sampled every RSS_PERIODS (each
         // /proc read costs the worker a wake-up's worth; an idle fleet of
         // 100 devices spent 1.8 % of a core on its watches).
         core.watch_ticks = core.watch_ticks.wrapping_add(1);
-        if core.watch_ticks % RSS_PERIODS == 1 || core.metrics.driver_rss_kib.load(Ordering::Relaxed) == 0 {
+        let unsampled = |kib: &std::sync::atomic::AtomicU64| kib.load(Ordering::Relaxed) == 0;
+        let new_spare = core.drivers.spare_pid().is_some() && unsampled(&core.metrics.spare_rss_kib);
+        if core.watch_ticks % RSS_PERIODS == 1 || unsampled(&core.metrics.driver_rss_kib) || new_spare {
             if let Ok(memory) = crate::driver_watch::process_memory_kib(pid) {
                 core.metrics.driver_rss_kib.store(memory.resident, Ordering::Relaxed);
                 core.metrics.driver_own_kib.store(memory.own, Ordering::Relaxed);

@@ -1,5 +1,5 @@
-//! The driver VMs behind one device: the one serving it, an optional warm
-//! spare, and the interrupt routing that makes a replacement the device's
+//! The driver VMs behind one device: the one serving it, an optional
+//! spare (a standby or a warm one), and the interrupt routing that makes a replacement the device's
 //! new owner. Shared by the block and net devices, which decide *when* to
 //! replace a driver VM (their recovery); this decides *how*.
 //!
@@ -143,7 +143,15 @@ pub struct DriverVms {
     spare_kind: Spare,
     /// A spare is to be started once the current recovery has completed.
     spare_wanted: bool,
+    /// Spares that failed to start or died waiting, in a row: past
+    /// [`SPARE_FAILURES`] no more is wanted until the next restart.
+    spare_failures: u32,
 }
+
+/// Spares that may fail in a row (not start, or die before they are used)
+/// before a device stops asking for one until its next restart: a spare
+/// whose driver cannot boot must not become a start loop in the watch.
+pub const SPARE_FAILURES: u32 = 3;
 
 impl DriverVms {
     /// Starts the first driver VM, and a warm spare if `spare_kind` asks
@@ -169,6 +177,7 @@ impl DriverVms {
             spare,
             spare_kind,
             spare_wanted: spare_kind == Spare::Standby,
+            spare_failures: 0,
         })
     }
 
@@ -245,6 +254,7 @@ impl DriverVms {
         let pid = driver.pid();
         self.current = Some(driver);
         self.spare_wanted = self.spare_kind != Spare::Off;
+        self.spare_failures = 0;
         Ok((pid, started))
     }
 
@@ -255,7 +265,24 @@ impl DriverVms {
         }
         match self.launcher.launch_spare(self.spare_kind) {
             Ok(spare) => self.spare = Some(spare),
-            Err(error) => tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare"),
+            Err(error) => {
+                tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare");
+                self.spare_failed();
+            }
+        }
+    }
+
+    /// A spare did not start or died waiting: another is wanted, up to
+    /// [`SPARE_FAILURES`] in a row.
+    fn spare_failed(&mut self) {
+        self.spare_failures += 1;
+        self.spare_wanted = self.spare_kind != Spare::Off && self.spare_failures < SPARE_FAILURES;
+        if !self.spare_wanted {
+            tracing::warn!(
+                driver_vm = %self.name(),
+                failures = self.spare_failures,
+                "no spare until the next restart: the last ones failed"
+            );
         }
     }
 
@@ -267,6 +294,7 @@ impl DriverVms {
         if let Some(report) = self.spare.as_ref().and_then(|spare| spare.exit_report()) {
             tracing::warn!(driver_vm = %self.name(), %report, "the spare exited");
             self.spare = None;
+            self.spare_failed();
         }
         let current = self.current.as_ref()?;
         Some((current.exit_report()?, current.capped()))

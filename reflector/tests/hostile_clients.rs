@@ -131,27 +131,38 @@ fn a_driver_vm_holds_only_its_own_descriptors() {
     let restarted = "driver VM restarted device=d1";
     let kill = Command::new(env!("CARGO_BIN_EXE_reflector")).args(["kill", "d1", "--control"]).arg(&control).output();
     assert!(kill.unwrap().status.success());
-    reflector.wait_for(|r| r.log_text().contains(restarted), "d1's new driver VM");
-    let log = reflector.log_text();
-    let line = log.lines().find(|l| l.contains(restarted)).unwrap();
-    let pid: i32 = line.split("pid=").nth(1).and_then(|rest| rest.split_whitespace().next()).unwrap().parse().unwrap();
-    let table = fd_table(pid);
-    let described = format!("{table:#?}");
-    for (number, target) in &table {
-        assert!(!target.contains("blk-load"), "fd {number} of d1's vmm is the client's memory: {described}");
-        assert!(!target.contains("d0-"), "fd {number} of d1's vmm belongs to d0: {described}");
+    // The vmm that took over (a standby, started before the client came,
+    // or a cold start), and the standby started after it, while the
+    // client holds d0.
+    let after_restart = |log: &str| -> Option<(i32, i32)> {
+        let pid_of = |line: &str| line.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok();
+        let (_, after) = log.split_once(restarted)?;
+        let current = pid_of(after.lines().next()?)?;
+        let standby = after.lines().find(|l| l.contains("driver VM started driver_vm=d1")).and_then(pid_of)?;
+        Some((current, standby))
+    };
+    reflector.wait_for(|r| after_restart(&r.log_text()).is_some(), "d1's new driver VM and its next standby");
+    let (current, standby) = after_restart(&reflector.log_text()).unwrap();
+    for pid in [current, standby] {
+        let table = fd_table(pid);
+        let described = format!("{table:#?}");
+        for (number, target) in &table {
+            assert!(!target.contains("blk-load"), "fd {number} of d1's vmm {pid} is the client's memory: {described}");
+            assert!(!target.contains("d0-"), "fd {number} of d1's vmm {pid} belongs to d0: {described}");
+        }
+        // What it was given, numbered from 3 in a fixed order: /dev/kvm (it
+        // opens no path in its jail), its windows, doorbells and interrupt
+        // lines (then a standby's start signal).
+        let given: Vec<&str> = table.iter().filter(|(n, _)| (3..=9).contains(n)).map(|(_, t)| t.as_str()).collect();
+        assert_eq!(
+            given,
+            ["/dev/kvm", "/memfd:d1-regs (deleted)", "/memfd:d1-channel (deleted)"]
+                .into_iter()
+                .chain(["anon_inode:[eventfd]"; 4])
+                .collect::<Vec<_>>(),
+            "vmm {pid}: {described}"
+        );
     }
-    // What it was given, numbered from 3 in a fixed order: /dev/kvm (it
-    // opens no path in its jail), its windows, doorbells and interrupt lines.
-    let given: Vec<&str> = table.iter().filter(|(n, _)| (3..=9).contains(n)).map(|(_, t)| t.as_str()).collect();
-    assert_eq!(
-        given,
-        ["/dev/kvm", "/memfd:d1-regs (deleted)", "/memfd:d1-channel (deleted)"]
-            .into_iter()
-            .chain(["anon_inode:[eventfd]"; 4])
-            .collect::<Vec<_>>(),
-        "{described}"
-    );
     client.finish();
     reflector.stop();
 }

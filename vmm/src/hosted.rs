@@ -121,11 +121,13 @@ pub fn check(config: &VmConfig) -> Result<()> {
 }
 
 /// A hosted standby (`--start-fd`): waits, before the driver process
-/// exists, until `start` is written. A `w` on standard input (watched with
-/// `watch_stdin`) ends the wait with the outcome a hosted driver ended by
-/// one has; a closed standard input ends this process, as it would the
-/// running driver's.
+/// exists, until `start` is written (None: start it). A `w` on standard
+/// input (watched with `watch_stdin`) ends the wait with the outcome a
+/// hosted driver ended by one has; a closed standard input ends this
+/// process, as it would the running driver's. A wait that fails ends it
+/// too (an internal error): the driver never starts unasked.
 pub fn wait_for_start(start: RawFd, watch_stdin: bool) -> Option<Outcome> {
+    let failed = |reason: String| Some(Outcome::InternalError { reason });
     loop {
         let mut fds = [
             libc::pollfd { fd: start, events: libc::POLLIN, revents: 0 },
@@ -138,14 +140,19 @@ pub fn wait_for_start(start: RawFd, watch_stdin: bool) -> Option<Outcome> {
             if error.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            tracing::warn!(%error, "waiting for the start signal failed; starting the driver");
-            return None;
+            return failed(format!("waiting for the start signal failed: {error}"));
         }
         if fds[0].revents & libc::POLLIN != 0 {
             let mut count = [0u8; 8];
             // SAFETY: reads at most 8 bytes into a local buffer.
-            let _ = unsafe { libc::read(start, count.as_mut_ptr().cast(), count.len()) };
-            return None;
+            let read = unsafe { libc::read(start, count.as_mut_ptr().cast(), count.len()) };
+            if read == 8 {
+                return None;
+            }
+            return failed(format!("reading the start signal: {}", std::io::Error::last_os_error()));
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
+            return failed(format!("the start signal's descriptor {start} is not usable"));
         }
         if fds[1].revents != 0 && crate::runner::read_lifeline(fds[1].revents & libc::POLLHUP != 0) {
             return Some(Outcome::Signalled { signal: libc::SIGKILL, name: signal_name(libc::SIGKILL).into() });

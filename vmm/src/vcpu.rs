@@ -99,6 +99,50 @@ pub struct Vcpu {
     lines: Vec<(EventFd, u32)>,
 }
 
+/// Blocks the vCPU thread until one of `fds` is ready: true; false once
+/// `stop` is set. The kick signal (which a stopper sends after setting
+/// `stop`) is blocked while `stop` is looked at and unblocked only inside
+/// the wait (`ppoll`), so a kick that lands between the two interrupts the
+/// wait instead of being lost before it: no stop request is missed.
+fn wait_readable(fds: &mut [libc::pollfd], stop: &AtomicBool) -> std::io::Result<bool> {
+    // SAFETY: sigset_t is plain data; sigemptyset and sigaddset initialise
+    // and fill it.
+    let mut kick: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on a local set.
+    unsafe {
+        libc::sigemptyset(&mut kick);
+        libc::sigaddset(&mut kick, kick_signal());
+    }
+    // SAFETY: as above; filled by pthread_sigmask.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: changes this thread's mask with valid sets.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &kick, &mut previous) };
+    if blocked != 0 {
+        return Err(std::io::Error::from_raw_os_error(blocked));
+    }
+    let mut during = previous;
+    // SAFETY: on a local, initialised set.
+    unsafe { libc::sigdelset(&mut during, kick_signal()) };
+    let result = loop {
+        if stop.load(Ordering::Acquire) {
+            break Ok(false);
+        }
+        // SAFETY: ppoll on valid pollfds we own, as many as the slice
+        // holds, with this thread's mask minus the kick while it waits.
+        let ready = unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, std::ptr::null(), &during) };
+        if ready > 0 {
+            break Ok(true);
+        }
+        let error = std::io::Error::last_os_error();
+        if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
+            break Err(error);
+        }
+    };
+    // SAFETY: restores this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    result
+}
+
 /// What a vCPU waits for besides its interrupt lines.
 #[derive(Default)]
 pub struct Signals {
@@ -191,50 +235,41 @@ impl Vcpu {
             *slot = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         }
         let fds = &mut all[..lines.len().min(abi::MAX_IRQS)];
-        while !fds.is_empty() && !stop.load(Ordering::Acquire) {
-            // SAFETY: poll on valid pollfds we own, as many as the slice
-            // holds; a kick (signal) interrupts it with EINTR, and the loop
-            // looks at `stop`.
-            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if ready > 0 {
-                let fired = fds
-                    .iter()
-                    .zip(lines)
-                    .filter(|(fd, (line, _))| fd.revents & libc::POLLIN != 0 && line.read().is_ok())
-                    .fold(0, |bits, (_, (_, bit))| bits | bit);
-                if fired != 0 {
-                    return fired;
+        while !fds.is_empty() {
+            match wait_readable(fds, stop) {
+                Ok(true) => {
+                    let fired = fds
+                        .iter()
+                        .zip(lines)
+                        .filter(|(fd, (line, _))| fd.revents & libc::POLLIN != 0 && line.read().is_ok())
+                        .fold(0, |bits, (_, (_, bit))| bits | bit);
+                    if fired != 0 {
+                        return fired;
+                    }
                 }
-                continue;
-            }
-            let error = std::io::Error::last_os_error();
-            if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
-                tracing::warn!(%error, "waiting for the interrupt lines failed; waking the guest");
-                return lines.iter().fold(0, |bits, (_, bit)| bits | bit);
+                Ok(false) => return 0,
+                Err(error) => {
+                    tracing::warn!(%error, "waiting for the interrupt lines failed; waking the guest");
+                    return lines.iter().fold(0, |bits, (_, bit)| bits | bit);
+                }
             }
         }
         0
     }
 
-    /// Blocks until `signal` is written (consuming it), or until a kick
-    /// asks the vCPU to stop; a failed wait lets the vCPU go on.
-    fn wait_for(signal: &EventFd, what: &str, stop: &AtomicBool) {
+    /// Blocks until `signal` is written (consuming it): true; false when a
+    /// kick asks the vCPU to stop. A wait that fails is an error.
+    fn wait_for(signal: &EventFd, stop: &AtomicBool) -> std::io::Result<bool> {
+        let mut fds = [libc::pollfd { fd: signal.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         loop {
-            if stop.load(Ordering::Acquire) {
-                return;
+            if !wait_readable(&mut fds, stop)? {
+                return Ok(false);
             }
-            let mut fd = libc::pollfd { fd: signal.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: poll on one valid pollfd we own; a kick (signal)
-            // interrupts it with EINTR, and the loop looks at `stop`.
-            let ready = unsafe { libc::poll(&mut fd, 1, -1) };
-            if ready > 0 {
-                let _ = signal.read();
-                return;
+            if fds[0].revents & libc::POLLIN != 0 && signal.read().is_ok() {
+                return Ok(true);
             }
-            let error = std::io::Error::last_os_error();
-            if ready < 0 && error.kind() != std::io::ErrorKind::Interrupted {
-                tracing::warn!(%error, "waiting for the {what} signal failed; letting the guest go");
-                return;
+            if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
+                return Err(std::io::Error::other("the signal's descriptor failed"));
             }
         }
     }
@@ -244,7 +279,9 @@ impl Vcpu {
     /// once: a later `WAIT_GO` returns at once.
     fn wait_for_go(&mut self, stop: &AtomicBool) {
         if let Some(go) = self.go.take() {
-            Self::wait_for(&go, "go", stop);
+            if let Err(error) = Self::wait_for(&go, stop) {
+                tracing::warn!(%error, "waiting for the go signal failed; letting the guest go");
+            }
         }
     }
 
@@ -313,9 +350,17 @@ impl Vcpu {
     fn run_loop(&mut self, until: RunUntil, stop: &AtomicBool, on_ready: &mut dyn FnMut()) -> VcpuStop {
         // A standby: built and confined (this thread's filter is in place),
         // it waits here until it is wanted; no guest code has run yet.
+        // A failed wait ends the VM: a standby's guest never runs unasked.
         if let Some(start) = self.start.take() {
             tracing::info!("standing by: the guest starts when the start signal is written");
-            Self::wait_for(&start, "start", stop);
+            match Self::wait_for(&start, stop) {
+                Ok(true) => {}
+                Ok(false) => return VcpuStop::Stopped,
+                Err(error) => {
+                    let reason = format!("waiting for the start signal failed: {error}");
+                    return VcpuStop::Ended(Outcome::InternalError { reason });
+                }
+            }
         }
         loop {
             if stop.load(Ordering::Acquire) {

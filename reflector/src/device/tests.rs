@@ -449,6 +449,30 @@ fn a_warm_spare_takes_over_and_is_replaced() {
 }
 
 #[test]
+fn a_standby_is_started_once_the_device_serves_and_takes_over() {
+    let recovery = RecoveryConfig { spare: crate::driver_vms::Spare::Standby, ..RecoveryConfig::default() };
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve, Script::Serve, Script::Serve], false, recovery);
+    // Not started with the device (a fleet's start would take twice as
+    // long), but once it has served.
+    assert_eq!(bench.device.core.drivers.spare_pid(), None, "a standby started with its device");
+    let sent = bench.submit(&[(true, 100, pattern(14, 512))]);
+    bench.complete(&sent, "the first write");
+    let standby = bench.device.core.drivers.spare_pid().expect("no standby after the first completion");
+    bench.kill_driver();
+    bench.run_until("the restart", |_, device| device.core.metrics.restarts.load(Ordering::SeqCst) == 1);
+    let data = pattern(15, 512);
+    let sent = bench.submit(&[(true, 300, data.clone())]);
+    bench.complete(&sent, "a write after the restart");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(300, 512), data);
+    assert_eq!(bench.device.driver_pid(), Some(standby), "the standby did not take over");
+    // The recovery's first completion starts the next one.
+    bench.run_until("a new standby", |_, device| device.core.drivers.spare_pid().is_some_and(|pid| pid != standby));
+    assert_eq!(bench.launches(), 3);
+}
+
+#[test]
 fn answers_for_a_client_that_left_never_reach_the_next_one() {
     let memory = client_memory();
     let mut bench = Bench::new(&memory, &[Script::Serve], false, quick_recovery());
