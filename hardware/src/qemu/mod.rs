@@ -43,6 +43,10 @@ use crate::InterruptRoute;
 /// Where the device sees its DMA region (QEMU maps it as a memory device
 /// there).
 pub use crate::DMA_BASE;
+/// The first IOAPIC input a PCI device's INTx can reach on q35 (its
+/// PIRQ lines are GSIs 16 to 23); below are the ISA interrupts of the
+/// machine itself.
+const FIRST_PCI_GSI: u32 = 16;
 /// Where BAR0 is placed in QEMU's address space (the q35 PCI hole).
 const BAR0_ADDRESS: u64 = 0xfe00_0000;
 /// RAM QEMU needs besides the DMA region (it runs no guest).
@@ -286,6 +290,12 @@ pub struct QemuModel {
     bar0_size: u64,
     /// Bus mastering and BAR accesses are off (the driver VM died).
     quiesced: AtomicBool,
+    /// Held (shared) by each BAR access from its admission check to its
+    /// end, and (exclusive) by the quiesce while it sets `quiesced`: no
+    /// access admitted before the quiesce reaches the device after it
+    /// (a dead driver's write of its interrupt mask, landing after the
+    /// reset, raised the line again).
+    admission: std::sync::RwLock<()>,
     /// Driver VMs' connections to BAR0 (`proxy`).
     connections: proxy::Connections,
     /// Where the device's interrupt goes.
@@ -323,7 +333,10 @@ impl QemuModel {
         };
         let maxmem_mib = 2 + len.div_ceil(1 << 20) + 1;
         command
-            .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
+            // No PIT: its ticks (18 a second) woke QEMU and this process's
+            // qtest reader for nothing (the device's line is not the
+            // timer's).
+            .args(["-machine", "q35,pit=off", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
             .args(["-chardev", &format!("socket,id=qtest,fd={QTEST_FD}"), "-qtest", "chardev:qtest"])
             .args(["-qtest-log", "none"])
             // QEMU parses what a hostile driver writes into its queues: it
@@ -403,7 +416,12 @@ impl QemuModel {
         let notice = exit_notice.clone();
         let qtest = Qtest::new(
             ours,
-            move |_line, raised| {
+            move |gsi, raised| {
+                // The IOAPIC's ISA inputs are the machine's own (its
+                // timer's, 18 times a second): not the device's line.
+                if gsi < FIRST_PCI_GSI {
+                    return;
+                }
                 line.store(raised, Ordering::Release);
                 if raised {
                     route.raise();
@@ -425,6 +443,7 @@ impl QemuModel {
             slot: 0,
             bar0_size: 0,
             quiesced: AtomicBool::new(false),
+            admission: std::sync::RwLock::new(()),
             connections: proxy::Connections::default(),
             interrupt,
             line_asserted: level,
@@ -497,6 +516,7 @@ impl QemuModel {
     /// Reads the BAR0 dword at `offset` (None past its end or while
     /// quiesced: a read the driver is not allowed answers all ones).
     pub fn read32(&self, offset: u64) -> Result<Option<u32>, QtestError> {
+        let _admitted = self.admission.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.allowed(offset) {
             return Ok(None);
         }
@@ -506,6 +526,7 @@ impl QemuModel {
     /// Writes the BAR0 dword at `offset` (dropped past its end or while
     /// quiesced); whether it was written.
     pub fn write32(&self, offset: u64, value: u32) -> Result<bool, QtestError> {
+        let _admitted = self.admission.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.allowed(offset) {
             return Ok(false);
         }
@@ -537,7 +558,12 @@ impl QemuModel {
     /// held before it answers; BAR accesses are dropped until
     /// [`QemuModel::resume`].
     pub fn quiesce(&self) -> Result<(), QtestError> {
-        self.quiesced.store(true, Ordering::Release);
+        // Every access admitted before this has ended once the write lock
+        // is held; none is admitted after.
+        {
+            let _exclusive = self.admission.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.quiesced.store(true, Ordering::Release);
+        }
         // What a dead driver left in its connection never reaches the device.
         self.connections.revoke_used();
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
