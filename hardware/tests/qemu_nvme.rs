@@ -18,6 +18,7 @@ use hardware::qemu::{Dma as DmaRange, Model, QemuModel, DMA_BASE};
 use hardware::shm::SharedMemory;
 use hardware::InterruptRoute;
 use nvme::{Controller, IoCommand, Layout};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Bytes of data buffers before the driver's queue area.
 const BUFFERS: usize = 1 << 20;
@@ -248,6 +249,88 @@ fn a_driver_pointing_the_controller_outside_its_dma_region_reaches_nothing() {
     let mut region = vec![0u8; 8192];
     rig.memory.slice(0, 8192).unwrap().copy_to(&mut region[..]);
     assert_eq!(region, secret, "a read pointed outside the region changed the region");
+}
+
+/// Waits (bounded) until `controller` has a completion posted.
+fn wait_for_completion(controller: &Controller<Bar<'_>, Dma<'_>, Clock>) {
+    let deadline = Instant::now() + BOUND;
+    while !controller.completion_posted() {
+        assert!(Instant::now() < deadline, "no completion posted");
+        std::thread::yield_now();
+    }
+}
+
+/// QEMU's controller counts completion queues with completions pending
+/// (for its INTx line) and a controller reset frees the queues without
+/// uncounting them: a driver that dies with a completion unreaped leaves
+/// the count up for good, and the line then stays asserted whenever the
+/// next driver unmasks its interrupt, reaped or not: an interrupt on every
+/// unmask, so a successor never sleeps, and no edge for its completions.
+/// Whatever the dead driver's mask, the supervisor must hand the next
+/// driver a device whose line is low once its completions are reaped (it
+/// starts QEMU again when the reset cannot give one).
+#[test]
+fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_interrupt() {
+    use hardware::qemu::{ProcessSpec, SupervisedModel};
+    let Some(qemu) = qemu() else { return };
+    for (mode, masked_at_death) in [("unmasked", false), ("masked", true)] {
+        let dir = tempdir::Dir::new(&format!("stale-interrupt-{mode}"));
+        let image = dir.0.join("disk.img");
+        std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
+        let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
+        let route = Arc::new(InterruptRoute::default());
+        let interrupts = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        route.route(interrupts.try_clone().unwrap());
+        let supervised = SupervisedModel::start(ProcessSpec {
+            qemu: qemu.clone(),
+            model: Model::Nvme { image, read_only: false },
+            serial: "drvm-stale".into(),
+            dma: memory.clone(),
+            offset: 0,
+            len: memory.size(),
+            interrupt: route,
+            wire: None,
+            jail: None,
+        })
+        .unwrap();
+        fn driver<'a>(model: &'a QemuModel, memory: &'a SharedMemory) -> Controller<Bar<'a>, Dma<'a>, Clock> {
+            let dma = Dma { memory, shift: HONEST };
+            Controller::start(Bar(model), dma, Clock(Instant::now()), Layout::at(BUFFERS)).unwrap()
+        }
+        let read = IoCommand::Read { offset: 0, len: 4096, buffer: 0 };
+        {
+            let model = supervised.current();
+            let mut first = driver(&model, &memory);
+            first.interrupts(true);
+            first.submit(1, read).unwrap();
+            first.ring();
+            wait_for_completion(&first);
+            if masked_at_death {
+                first.interrupts(false);
+            }
+            // The driver dies here, its completion never reaped.
+        }
+        supervised.quiesce();
+        supervised.resume();
+        let model = supervised.current();
+        let mut next = driver(&model, &memory);
+        for cid in 1..=3u16 {
+            while interrupts.read().is_ok() {}
+            // Idle and unmasked: a low line raises nothing.
+            next.interrupts(true);
+            assert!(
+                interrupts.read().is_err() && !model.line_asserted(),
+                "{mode}: command {cid}: the line is asserted with nothing to reap"
+            );
+            next.submit(cid, read).unwrap();
+            next.ring();
+            wait_for_completion(&next);
+            next.interrupts(false);
+            let mut done = Vec::new();
+            next.reap(|id, status| done.push((id, status)));
+            assert_eq!(done, [(cid, 0)], "{mode}");
+        }
+    }
 }
 
 /// Reads a BAR0 register through a driver VM's trapped-window connection

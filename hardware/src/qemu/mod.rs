@@ -35,6 +35,7 @@ pub use nvme::QemuNvme;
 pub use qtest::{Qtest, QtestError, ANSWER_TIMEOUT};
 pub use supervised::{ProcessSpec, SupervisedModel};
 
+use ::nvme::regs as nvme_regs;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
@@ -568,8 +569,23 @@ impl QemuModel {
         self.connections.revoke_used();
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
         match self.model {
-            // CC.EN = 0: a controller reset.
-            Model::Nvme { .. } => self.qtest.writel(BAR0_ADDRESS + 0x14, 0)?,
+            Model::Nvme { .. } => {
+                // CC.EN = 0: a controller reset.
+                self.qtest.writel(BAR0_ADDRESS + nvme_regs::CC as u64, 0)?;
+                // QEMU's controller counts the completion queues with
+                // completions pending, for its INTx line, and the reset
+                // frees the queues without uncounting them: a driver that
+                // died with a completion unreaped leaves the count up for
+                // good, and the line asserted whenever vector 0 is
+                // unmasked, reaped or not (its successor would take an
+                // interrupt at every unmask and never sleep). The reset
+                // unmasks every vector (INTMS = 0) without looking at the
+                // line; setting no mask bit makes the controller look, so
+                // that such a device shows its line high here and its
+                // supervisor starts QEMU again (`SupervisedModel::quiesce`),
+                // also when the dead driver had masked its interrupt.
+                self.qtest.writel(BAR0_ADDRESS + nvme_regs::INTMS as u64, 0)?;
+            }
             // CTRL.RST: a device reset, which empties the rings.
             Model::E1000e { .. } => {
                 self.qtest.writel(BAR0_ADDRESS, 1 << 26)?;
@@ -589,10 +605,10 @@ impl QemuModel {
         Ok(())
     }
 
-    /// Whether the device's interrupt line is asserted: after a reset it
-    /// must not be (QEMU's NVMe model can keep it asserted across a reset
-    /// that found completions pending, and a line stuck high gives no new
-    /// edge to any later driver).
+    /// Whether the device's interrupt line is asserted: after a quiesce it
+    /// must not be (QEMU's NVMe model keeps it asserted across a reset that
+    /// found completions pending, see [`QemuModel::quiesce`], and a line
+    /// stuck high gives no new edge to any later driver).
     pub fn line_asserted(&self) -> bool {
         self.line_asserted.load(Ordering::Acquire)
     }
