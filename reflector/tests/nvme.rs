@@ -111,6 +111,9 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
     let log = reflector.log_text();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");
     assert!(!log.contains("violation"), "an honest driver was judged lying: {log}");
+    // Each quiesce left the controller clean (`QemuModel::reset_nvme`): no
+    // failover paid for a new QEMU process.
+    assert!(!log.contains("stayed asserted through its reset"), "a device model was started again:\n{log}");
     // QEMU holds the image until the reflector dies, however it dies.
     assert_eq!(qemu_pids(&image.display().to_string(), None).len(), 1, "one QEMU per NVMe device");
     reflector.child.kill().unwrap();
