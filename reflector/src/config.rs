@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::driver_vms::Spare;
+use crate::driver_vms::SpareKind;
 
 /// Default driver image for block devices.
 pub const DEFAULT_BLK_DRIVER: &str = "blk";
@@ -55,7 +55,7 @@ pub struct BlkConfig {
     /// What to keep ready to replace a failed driver VM: nothing, a
     /// standby vmm (the default), or a booted driver VM
     /// (`spare=off|standby|warm`).
-    pub spare: Spare,
+    pub spare: Option<SpareKind>,
     /// Run the driver hosted (a plain process, `vmm run --hosted`), for
     /// development only: needs `--no-jail`.
     pub hosted: bool,
@@ -212,7 +212,7 @@ pub struct NetConfig {
     /// What to keep ready to replace a failed driver VM: nothing, a
     /// standby vmm (the default), or a booted driver VM
     /// (`spare=off|standby|warm`).
-    pub spare: Spare,
+    pub spare: Option<SpareKind>,
     /// Run the driver hosted (see [`BlkConfig::hosted`]).
     pub hosted: bool,
     /// Words added to the driver's command line (a driver's parameters).
@@ -343,6 +343,17 @@ fn parse_millis(text: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// A `spare=` value: a kind, or on (warm) or off (none).
+fn parse_spare(value: &str) -> Result<Option<SpareKind>, String> {
+    match value {
+        "standby" => Ok(Some(SpareKind::Standby)),
+        "warm" => Ok(Some(SpareKind::Warm)),
+        _ => parse_bool("spare", value)
+            .map(|on| on.then_some(SpareKind::Warm))
+            .map_err(|_| format!("spare={value}: expected off, standby or warm (on)")),
+    }
+}
+
 fn parse_bool(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "yes" | "" => Ok(true),
@@ -368,7 +379,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         fault_budget: crate::recovery::RestartPolicy::default().budget,
         poison_deaths: crate::recovery::DEFAULT_POISON_DEATHS,
         driver_args: String::new(),
-        spare: Spare::Standby,
+        spare: Some(SpareKind::Standby),
         hosted: false,
         device: DeviceHardware::Sim,
         dma: DmaMode::Bounce,
@@ -394,7 +405,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "dma" => config.dma = DmaMode::parse(value).map_err(error)?,
-            "spare" => config.spare = Spare::parse(value).map_err(error)?,
+            "spare" => config.spare = parse_spare(value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
@@ -471,7 +482,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         driver_memory: DEFAULT_DRIVER_MEMORY.into(),
         hang_deadline: crate::recovery::DEFAULT_HANG_DEADLINE,
         fault_budget: crate::recovery::RestartPolicy::default().budget,
-        spare: Spare::Standby,
+        spare: Some(SpareKind::Standby),
         hosted: false,
         driver_args: String::new(),
         device: DeviceHardware::Sim,
@@ -489,7 +500,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             // `driver_memory`, as in the file; `memory` is its short form.
             "driver_memory" | "memory" => config.driver_memory = value.into(),
             "name" => config.name = value.into(),
-            "spare" => config.spare = Spare::parse(value).map_err(error)?,
+            "spare" => config.spare = parse_spare(value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "driver_args" => {
                 check_driver_args(value).map_err(error)?;
@@ -621,12 +632,11 @@ enum FileSpare {
 }
 
 impl FileSpare {
-    fn kind(spare: Option<FileSpare>) -> Result<Spare, String> {
+    fn kind(spare: Option<FileSpare>) -> Result<Option<SpareKind>, String> {
         match spare {
-            None => Ok(Spare::Standby),
-            Some(FileSpare::On(false)) => Ok(Spare::Off),
-            Some(FileSpare::On(true)) => Ok(Spare::Warm),
-            Some(FileSpare::Kind(kind)) => Spare::parse(&kind),
+            None => Ok(Some(SpareKind::Standby)),
+            Some(FileSpare::On(on)) => Ok(on.then_some(SpareKind::Warm)),
+            Some(FileSpare::Kind(kind)) => parse_spare(&kind),
         }
     }
 }
@@ -847,26 +857,31 @@ mod tests {
 
     #[test]
     fn a_spare_is_off_standby_or_warm_on_the_command_line_and_in_a_file() {
-        for (value, expected) in
-            [("off", Spare::Off), ("standby", Spare::Standby), ("warm", Spare::Warm), ("on", Spare::Warm)]
-        {
+        for (value, expected) in [
+            ("off", None),
+            ("standby", Some(SpareKind::Standby)),
+            ("warm", Some(SpareKind::Warm)),
+            ("on", Some(SpareKind::Warm)),
+        ] {
             assert_eq!(parse_blk(&format!("socket=/s,image=/i,spare={value}"), 0).unwrap().spare, expected);
             assert_eq!(parse_net(&format!("socket=/s,spare={value}"), 0).unwrap().spare, expected);
         }
-        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().spare, Spare::Standby);
-        assert_eq!(parse_net("socket=/s", 0).unwrap().spare, Spare::Standby);
+        assert_eq!(parse_blk("socket=/s,image=/i", 0).unwrap().spare, Some(SpareKind::Standby));
+        assert_eq!(parse_net("socket=/s", 0).unwrap().spare, Some(SpareKind::Standby));
         let error = parse_blk("socket=/s,image=/i,spare=hot", 0).unwrap_err().to_string();
         assert!(error.contains("expected off, standby or warm"), "{error}");
         let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\n";
-        for (value, expected) in [("true", Spare::Warm), ("false", Spare::Off), ("\"standby\"", Spare::Standby)] {
+        for (value, expected) in
+            [("true", Some(SpareKind::Warm)), ("false", None), ("\"standby\"", Some(SpareKind::Standby))]
+        {
             let config = parse_file(&format!("{file}spare = {value}\n"), "r.toml").unwrap();
             assert_eq!(config.blk[0].spare, expected, "spare = {value}");
         }
-        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Spare::Standby);
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Some(SpareKind::Standby));
         let error = parse_file(&format!("{file}spare = \"hot\"\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("key `spare`") && error.contains("expected off, standby or warm"), "{error}");
         let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";
-        assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Spare::Standby);
+        assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Some(SpareKind::Standby));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::channel::Channel;
 use crate::client_memory;
-use crate::driver_vms::{DriverLaunch, DriverVms};
+use crate::driver_vms::{DriverLaunch, DriverVms, SpareKind};
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::failover::Timeline;
 use crate::hw::{Hardware, InterruptRoute};
@@ -647,6 +647,7 @@ impl<K: DeviceKind> Device<K> {
         core.hardware.resume();
         match core.drivers.replace() {
             Ok((pid, started)) => {
+                let started = started.map_or("cold", SpareKind::name);
                 tracing::info!(device = %core.name, pid, generation, %started, "driver VM restarted");
                 if let Some(timeline) = core.failover.as_mut() {
                     timeline.replaced(Instant::now());

@@ -12,63 +12,34 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::hw::InterruptRoute;
 
-/// What a device keeps ready to replace its driver VM (`spare=`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Spare {
-    /// Nothing: a restart starts, jails and boots a new vmm (`spare=off`).
-    #[default]
-    Off,
+/// The spare a device keeps ready to replace its driver VM (`spare=`;
+/// `off`, none, is `Option::None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpareKind {
     /// A started, jailed vmm whose VM is built and confined, waiting
-    /// before its guest's first instruction (`spare=standby`): a restart
-    /// skips the fork, the jail, the exec and the VM's construction, and
-    /// still boots the driver from its first instruction. It costs a
-    /// blocked process and its page tables, not a booted guest.
+    /// before its guest's first instruction (`spare=standby`, the
+    /// default): a restart skips the fork, the jail, the exec and the VM's
+    /// construction, and still boots the driver from its first
+    /// instruction. It costs a blocked process and its page tables, not a
+    /// booted guest.
     Standby,
     /// A booted driver VM waiting before it touches the device or the
     /// channel (`spare=warm`, or `on`): a restart skips the boot too.
     Warm,
 }
 
-impl std::fmt::Display for Spare {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Spare::Off => "off",
-            Spare::Standby => "standby",
-            Spare::Warm => "warm",
-        })
-    }
-}
-
-impl Spare {
-    /// Parses a `spare=` value.
-    pub fn parse(value: &str) -> Result<Spare, String> {
-        match value {
-            "on" | "true" | "yes" | "warm" | "" => Ok(Spare::Warm),
-            "standby" => Ok(Spare::Standby),
-            "off" | "false" | "no" => Ok(Spare::Off),
-            _ => Err(format!("spare={value}: expected off, standby or warm (on)")),
+impl SpareKind {
+    /// Its `spare=` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            SpareKind::Standby => "standby",
+            SpareKind::Warm => "warm",
         }
     }
-}
 
-/// How a driver VM came to serve after a restart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Started {
-    /// A warm spare was let go.
-    Warm,
-    /// A standby was let go: its guest booted then.
-    Standby,
-    /// A new vmm was started.
-    Cold,
-}
-
-impl std::fmt::Display for Started {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Started::Warm => "warm",
-            Started::Standby => "standby",
-            Started::Cold => "cold",
-        })
+    /// A `spare=` setting's name (`off` for none).
+    pub fn setting(spare: Option<SpareKind>) -> &'static str {
+        spare.map_or("off", SpareKind::name)
     }
 }
 
@@ -86,10 +57,10 @@ pub trait DriverLaunch: Send + Sync {
         &self,
         route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<Box<dyn DriverProcess>>;
-    /// Starts a spare of `kind` (never [`Spare::Off`]): it waits for
-    /// [`DriverProcess::activate`] before it touches the device or the
-    /// channel; a warm one boots first, a standby runs no guest code.
-    fn launch_spare(&self, kind: Spare) -> std::io::Result<Box<dyn DriverProcess>>;
+    /// Starts a spare of `kind`: it waits for [`DriverProcess::activate`]
+    /// before it touches the device or the channel; a warm one boots
+    /// first, a standby runs no guest code.
+    fn launch_spare(&self, kind: SpareKind) -> std::io::Result<Box<dyn DriverProcess>>;
 }
 
 /// One running driver (a driver VM process).
@@ -140,7 +111,7 @@ pub struct DriverVms {
     current: Option<Box<dyn DriverProcess>>,
     /// A spare waiting to replace `current` (when configured).
     spare: Option<Box<dyn DriverProcess>>,
-    spare_kind: Spare,
+    spare_kind: Option<SpareKind>,
     /// A spare is to be started once the current recovery has completed.
     spare_wanted: bool,
     /// Spares that failed to start or died waiting, in a row: past
@@ -162,12 +133,12 @@ impl DriverVms {
     pub fn start(
         launcher: Box<dyn DriverLaunch>,
         device_interrupt: Arc<InterruptRoute>,
-        spare_kind: Spare,
+        spare_kind: Option<SpareKind>,
     ) -> std::io::Result<Self> {
         let (current, request_interrupt) = launch_routed(launcher.as_ref(), &device_interrupt)?;
         let spare = match spare_kind {
-            Spare::Warm => Some(launcher.launch_spare(Spare::Warm)?),
-            Spare::Off | Spare::Standby => None,
+            Some(SpareKind::Warm) => Some(launcher.launch_spare(SpareKind::Warm)?),
+            None | Some(SpareKind::Standby) => None,
         };
         Ok(DriverVms {
             launcher,
@@ -176,7 +147,7 @@ impl DriverVms {
             current: Some(current),
             spare,
             spare_kind,
-            spare_wanted: spare_kind == Spare::Standby,
+            spare_wanted: spare_kind == Some(SpareKind::Standby),
             spare_failures: 0,
         })
     }
@@ -237,23 +208,24 @@ impl DriverVms {
     }
 
     /// Makes a new driver VM current: the spare if one is alive, else a
-    /// cold start. Returns its pid and how it started. The next spare is
+    /// cold start. Returns its pid and the kind of the spare it was (None:
+    /// a new vmm was started). The next spare is
     /// wanted, to be started by [`DriverVms::launch_wanted_spare`] once the
     /// recovery has completed a request: its start would otherwise compete
     /// for the two cores with the new driver's reset and the replay.
-    pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Started)> {
+    pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Option<SpareKind>)> {
         let (driver, started) = match self.spare.take() {
             Some(spare) if spare.exit_report().is_none() => self.activate_spare(spare)?,
             dead => {
                 if let Some(dead) = dead {
                     dead.kill();
                 }
-                (self.launch_cold()?, Started::Cold)
+                (self.launch_cold()?, None)
             }
         };
         let pid = driver.pid();
         self.current = Some(driver);
-        self.spare_wanted = self.spare_kind != Spare::Off;
+        self.spare_wanted = self.spare_kind.is_some();
         self.spare_failures = 0;
         Ok((pid, started))
     }
@@ -263,7 +235,8 @@ impl DriverVms {
         if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
             return;
         }
-        match self.launcher.launch_spare(self.spare_kind) {
+        let Some(kind) = self.spare_kind else { return };
+        match self.launcher.launch_spare(kind) {
             Ok(spare) => self.spare = Some(spare),
             Err(error) => {
                 tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare");
@@ -276,7 +249,7 @@ impl DriverVms {
     /// [`SPARE_FAILURES`] in a row.
     fn spare_failed(&mut self) {
         self.spare_failures += 1;
-        self.spare_wanted = self.spare_kind != Spare::Off && self.spare_failures < SPARE_FAILURES;
+        self.spare_wanted = self.spare_kind.is_some() && self.spare_failures < SPARE_FAILURES;
         if !self.spare_wanted {
             tracing::warn!(
                 driver_vm = %self.name(),
@@ -305,16 +278,15 @@ impl DriverVms {
     fn activate_spare(
         &mut self,
         mut spare: Box<dyn DriverProcess>,
-    ) -> std::io::Result<(Box<dyn DriverProcess>, Started)> {
+    ) -> std::io::Result<(Box<dyn DriverProcess>, Option<SpareKind>)> {
         match take_over(spare.as_ref(), &self.device_interrupt) {
             Ok(request) if spare.activate() => {
                 self.request_interrupt = request;
-                let started = if self.spare_kind == Spare::Standby { Started::Standby } else { Started::Warm };
-                Ok((spare, started))
+                Ok((spare, self.spare_kind))
             }
             _ => {
                 spare.kill();
-                Ok((self.launch_cold()?, Started::Cold))
+                Ok((self.launch_cold()?, None))
             }
         }
     }

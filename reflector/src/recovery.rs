@@ -109,7 +109,7 @@ pub struct RecoveryConfig {
     /// Restart budget and backoff.
     pub policy: RestartPolicy,
     /// What to keep ready to replace the driver VM (`spare=`).
-    pub spare: crate::driver_vms::Spare,
+    pub spare: Option<crate::driver_vms::SpareKind>,
     /// A request in flight in this many dying driver VMs completes with an
     /// error (block: requests are replayed; net frames never are).
     pub poison_deaths: u32,
@@ -120,7 +120,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             hang_deadline: DEFAULT_HANG_DEADLINE,
             policy: RestartPolicy::default(),
-            spare: crate::driver_vms::Spare::Off,
+            spare: None,
             poison_deaths: DEFAULT_POISON_DEATHS,
         }
     }

@@ -615,7 +615,7 @@ const POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(30);
 fn recovery_config(
     hang_deadline: std::time::Duration,
     budget: u32,
-    spare: crate::driver_vms::Spare,
+    spare: Option<crate::driver_vms::SpareKind>,
     poison_deaths: u32,
 ) -> RecoveryConfig {
     let policy = RestartPolicy { budget, ..RestartPolicy::default() };

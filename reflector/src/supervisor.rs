@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::driver_vms::{DriverLaunch, DriverProcess, Spare};
+use crate::driver_vms::{DriverLaunch, DriverProcess, SpareKind};
 use crate::hw::TrapWindow;
 use crate::shm::SharedMemory;
 
@@ -255,14 +255,10 @@ impl DriverLauncher {
     /// before it touches the device or the channel (route its interrupts
     /// with [`DriverVm::interrupt`] before that). A warm one boots first
     /// (its guest's `WAIT_GO`); a standby waits before its guest's first
-    /// instruction (the vmm's `--start-fd`). `Spare::Off` starts one that
-    /// serves at once, like [`DriverLauncher::launch`] without routing.
-    pub fn launch_spare(&self, kind: Spare) -> std::io::Result<DriverVm> {
-        let go = match kind {
-            Spare::Off => None,
-            kind => Some((kind, EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?)),
-        };
-        self.start(go, &mut |_| Ok(()))
+    /// instruction (the vmm's `--start-fd`).
+    pub fn launch_spare(&self, kind: SpareKind) -> std::io::Result<DriverVm> {
+        let go = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        self.start(Some((kind, go)), &mut |_| Ok(()))
     }
 
     /// Checks that a driver VM of this configuration would start (`vmm run
@@ -347,10 +343,10 @@ impl DriverLauncher {
         &self,
         lines: &[&EventFd],
         traps: &[OwnedFd],
-        go: Option<(Spare, &EventFd)>,
+        go: Option<(SpareKind, &EventFd)>,
     ) -> std::io::Result<Prepared> {
         // The guest learns it is a warm spare from its command line.
-        let spare = matches!(go, Some((Spare::Warm, _)));
+        let spare = matches!(go, Some((SpareKind::Warm, _)));
         let spec = &self.spec;
         let mut command = match &spec.jail {
             Some(jail) => {
@@ -406,7 +402,10 @@ impl DriverLauncher {
         }
         if let Some((kind, go)) = go {
             let fd = fds.pass(go.as_raw_fd());
-            let option = if kind == Spare::Warm { "--go-fd" } else { "--start-fd" };
+            let option = match kind {
+                SpareKind::Warm => "--go-fd",
+                SpareKind::Standby => "--start-fd",
+            };
             command.arg(option).arg(format!("fd={fd}"));
         }
         let report = match &spec.jail {
@@ -432,7 +431,7 @@ impl DriverLauncher {
 
     fn start(
         &self,
-        go: Option<(Spare, EventFd)>,
+        go: Option<(SpareKind, EventFd)>,
         route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
@@ -457,7 +456,7 @@ impl DriverLauncher {
         let capped = Arc::new(AtomicBool::new(false));
         let oom_kills = spec.jail.as_ref().map(|jail| (jail.clone(), jail.oom_kills()));
         let report = Arc::new(Mutex::new(String::new()));
-        let spare = go.as_ref().map_or(Spare::Off, |(kind, _)| *kind);
+        let spare = SpareKind::setting(go.as_ref().map(|(kind, _)| *kind));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, %spare, "driver VM started");
         let go = go.map(|(_, go)| go);
         let mut child = child;
@@ -695,7 +694,7 @@ impl DriverLaunch for DriverLauncher {
         Ok(Box::new(DriverLauncher::launch(self, route)?))
     }
 
-    fn launch_spare(&self, kind: Spare) -> std::io::Result<Box<dyn DriverProcess>> {
+    fn launch_spare(&self, kind: SpareKind) -> std::io::Result<Box<dyn DriverProcess>> {
         Ok(Box::new(DriverLauncher::launch_spare(self, kind)?))
     }
 }

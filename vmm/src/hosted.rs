@@ -142,17 +142,10 @@ pub fn wait_for_start(start: RawFd, watch_stdin: bool) -> Option<Outcome> {
             }
             return failed(format!("waiting for the start signal failed: {error}"));
         }
-        if fds[0].revents & libc::POLLIN != 0 {
-            let mut count = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into a local buffer.
-            let read = unsafe { libc::read(start, count.as_mut_ptr().cast(), count.len()) };
-            if read == 8 {
-                return None;
-            }
-            return failed(format!("reading the start signal: {}", std::io::Error::last_os_error()));
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
-            return failed(format!("the start signal's descriptor {start} is not usable"));
+        match crate::vcpu::take_signal(start, fds[0].revents) {
+            Some(Ok(())) => return None,
+            Some(Err(error)) => return failed(format!("reading the start signal: {error}")),
+            None => {}
         }
         if fds[1].revents != 0 && crate::runner::read_lifeline(fds[1].revents & libc::POLLHUP != 0) {
             return Some(Outcome::Signalled { signal: libc::SIGKILL, name: signal_name(libc::SIGKILL).into() });

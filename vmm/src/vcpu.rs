@@ -99,6 +99,30 @@ pub struct Vcpu {
     lines: Vec<(EventFd, u32)>,
 }
 
+/// What a wait found on a go or start signal's eventfd `fd` (`revents`
+/// from its poll): its count consumed, `Some(Ok)`; its descriptor
+/// unusable, `Some(Err)`; nothing yet, `None`. Shared by the vCPU's waits
+/// and the hosted mode's start wait.
+pub(crate) fn take_signal(fd: std::os::fd::RawFd, revents: libc::c_short) -> Option<std::io::Result<()>> {
+    if revents & libc::POLLIN != 0 {
+        let mut count = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into a local buffer.
+        let read = unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) };
+        if read == 8 {
+            return Some(Ok(()));
+        }
+        let error = std::io::Error::last_os_error();
+        return match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
+            _ => Some(Err(error)),
+        };
+    }
+    if revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
+        return Some(Err(std::io::Error::other(format!("the signal's descriptor {fd} is not usable"))));
+    }
+    None
+}
+
 /// Blocks the vCPU thread until one of `fds` is ready: true; false once
 /// `stop` is set. The kick signal (which a stopper sends after setting
 /// `stop`) is blocked while `stop` is looked at and unblocked only inside
@@ -265,11 +289,8 @@ impl Vcpu {
             if !wait_readable(&mut fds, stop)? {
                 return Ok(false);
             }
-            if fds[0].revents & libc::POLLIN != 0 && signal.read().is_ok() {
-                return Ok(true);
-            }
-            if fds[0].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
-                return Err(std::io::Error::other("the signal's descriptor failed"));
+            if let Some(taken) = take_signal(signal.as_raw_fd(), fds[0].revents) {
+                return taken.map(|()| true);
             }
         }
     }

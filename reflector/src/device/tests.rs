@@ -433,7 +433,7 @@ fn drivers_that_die_before_attaching_make_no_request_poison() {
 fn a_warm_spare_takes_over_and_is_replaced() {
     // The first start serves as the current driver VM and hangs; the
     // second is the spare, which serves.
-    let recovery = RecoveryConfig { spare: crate::driver_vms::Spare::Warm, ..RecoveryConfig::default() };
+    let recovery = RecoveryConfig { spare: Some(crate::driver_vms::SpareKind::Warm), ..RecoveryConfig::default() };
     let memory = client_memory();
     let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, recovery);
     let spare = bench.device.core.drivers.spare_pid().expect("no warm spare");
@@ -450,7 +450,7 @@ fn a_warm_spare_takes_over_and_is_replaced() {
 
 #[test]
 fn a_standby_is_started_once_the_device_serves_and_takes_over() {
-    let recovery = RecoveryConfig { spare: crate::driver_vms::Spare::Standby, ..RecoveryConfig::default() };
+    let recovery = RecoveryConfig { spare: Some(crate::driver_vms::SpareKind::Standby), ..RecoveryConfig::default() };
     let memory = client_memory();
     let mut bench = Bench::new(&memory, &[Script::Serve, Script::Serve, Script::Serve], false, recovery);
     // Not started with the device (a fleet's start would take twice as
