@@ -5,8 +5,9 @@
 #     core (lcore 1; lcore 0 only waits on its input), and
 #   - the reflector: two --net devices (driver VMs) on one switch,
 # and prints Mpps, Gbit/s and loss for 64-byte and 1514-byte frames, the
-# ping-pong round-trip time p50/p99 (64-byte frames, one at a time), and the
-# reflector/testpmd ratios. Each peer runs ROUNDS times, alternating, and
+# ping-pong round-trip time p50/p99 (64-byte frames, one at a time), the CPU
+# time per frame of each process involved (the backend's tree by role, from
+# /proc, ci/cpu-tree.py; net-load's own), and the reflector/testpmd ratios. Each peer runs ROUNDS times, alternating, and
 # the median is reported: this machine's 2 cores are shared, so single runs
 # vary (another spinning testpmd halves the figures: one is warned about).
 # net-load is pinned to CPU 0 (testpmd's forwarding core is CPU 1).
@@ -124,14 +125,37 @@ start_reflector() {
 }
 
 # net-load waits (bounded by --timeout) for the backend to answer and for a warm-up frame to
-# come through before it measures.
-run_net_load() { # backend round
-    local out=$tmp/$1.$2.json limit
+# come through before it measures. One net-load per size and mode, so that each run's CPU
+# time is its own: the backend's process tree by role (ci/cpu-tree.py) and net-load's own.
+run_one() { # out_file net-load-args...
+    local out=$1 limit before after
+    shift
     limit=$(awk -v s="$seconds" 'BEGIN { printf "%d", s * 3 + 60 }')
-    timeout -k 5 "$limit" "${pin[@]}" "$net_load" --tx "$sock0" --rx "$sock1" --json --quiet \
-        --size 64,1514 --seconds "$seconds" >>"$out" || return 1
-    timeout -k 5 "$limit" "${pin[@]}" "$net_load" --tx "$sock0" --rx "$sock1" --json --quiet \
-        --pingpong --size 64 --seconds "$seconds" >>"$out" || return 1
+    before=$("$here/cpu-tree.py" "$backend_pid")
+    python3 -c '
+import json, resource, subprocess, sys
+run = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    f.write(json.dumps({"netload_us": (usage.ru_utime + usage.ru_stime) * 1e6, "lines": run.stdout.decode()}))
+sys.exit(run.returncode)' "$tmp/run.json" timeout -k 5 "$limit" "${pin[@]}" "$net_load" --tx "$sock0" --rx "$sock1" --json --quiet \
+        --seconds "$seconds" "$@" || return 1
+    after=$("$here/cpu-tree.py" "$backend_pid")
+    python3 -c '
+import json, sys
+run = json.load(open(sys.argv[1]))
+cpu = json.loads(sys.argv[2])
+cpu["net_load"] = run["netload_us"]
+for line in run["lines"].splitlines():
+    j = json.loads(line)
+    j["cpu_us"] = cpu
+    print(json.dumps(j))' "$tmp/run.json" "$("$here/cpu-tree.py" --delta "$before" "$after")" >>"$out"
+}
+run_net_load() { # backend round
+    local out=$tmp/$1.$2.json
+    run_one "$out" --size 64 || return 1
+    run_one "$out" --size 1514 || return 1
+    run_one "$out" --pingpong --size 64 || return 1
 }
 
 backends=(testpmd)
@@ -171,6 +195,10 @@ import json, sys, statistics, pathlib
 tmp, rounds, with_reflector, failed = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 contended = sys.argv[5] == "1"
 FIELDS = ("mpps", "gbps", "loss_pct", "lat_p50_us", "lat_p99_us", "rate", "rtt_p50_us", "rtt_p99_us", "corrupted", "duplicates")
+ROLES = ("reflector", "driver_vm", "peer", "net_load")
+def per_frame(j, role):
+    # CPU time per frame received (per round trip for pingpong), microseconds.
+    return j.get("cpu_us", {}).get(role, 0.0) / max(j.get("received", 0), 1)
 def load(backend):
     runs = {}
     for r in range(1, rounds + 1):
@@ -179,7 +207,11 @@ def load(backend):
             for line in f.read_text().splitlines():
                 j = json.loads(line)
                 runs.setdefault((j["mode"], j["size"]), []).append(j)
-    return {k: {f: statistics.median(x.get(f, 0) for x in v) for f in FIELDS} for k, v in runs.items()}
+    out = {}
+    for k, v in runs.items():
+        out[k] = {f: statistics.median(x.get(f, 0) for x in v) for f in FIELDS}
+        out[k]["cpu"] = {role: statistics.median(per_frame(x, role) for x in v) for role in ROLES}
+    return out
 peer = load("testpmd")
 ours = load("reflector") if with_reflector else {}
 def cells(mode, m):
@@ -202,6 +234,25 @@ for mode, size in [("throughput", 64), ("throughput", 1514), ("pingpong", 64)]:
     elif a and b:
         ratio = f"{a['rtt_p50_us'] / max(b['rtt_p50_us'], 1e-9):.2f}x RTT p50, {a['rtt_p99_us'] / max(b['rtt_p99_us'], 1e-9):.2f}x p99"
     print(f"{mode + ' ' + str(size) + ' B':<18}| {cells(mode, a)} | {cells(mode, b)} | {ratio}")
+print("\nCPU time per frame (pingpong: per round trip), us, user + system, by process:")
+print(f"{'run':<18}| {'reflector':>9} {'drv VMs':>8} {'net-load':>8} {'total':>8} | {'testpmd':>8} {'net-load':>8} {'total':>8} | ratio")
+for mode, size in [("throughput", 64), ("throughput", 1514), ("pingpong", 64)]:
+    a, b = ours.get((mode, size)), peer.get((mode, size))
+    left = right = f"{'-':>8}"
+    if a:
+        c = a["cpu"]
+        total_a = c["reflector"] + c["driver_vm"] + c["net_load"]
+        left = f"{c['reflector']:>9.2f} {c['driver_vm']:>8.2f} {c['net_load']:>8.2f} {total_a:>8.2f}"
+    else:
+        left = f"{'-':>9} {'-':>8} {'-':>8} {'-':>8}"
+    if b:
+        c = b["cpu"]
+        total_b = c["peer"] + c["net_load"]
+        right = f"{c['peer']:>8.2f} {c['net_load']:>8.2f} {total_b:>8.2f}"
+    else:
+        right = f"{'-':>8} {'-':>8} {'-':>8}"
+    ratio = f"{total_a / max(total_b, 1e-9):.1f}x" if a and b else "-"
+    print(f"{mode + ' ' + str(size) + ' B':<18}| {left} | {right} | {ratio}")
 if not with_reflector:
     print("\nreflector: skipped (see above); testpmd figures only")
 if failed:
