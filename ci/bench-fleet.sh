@@ -112,6 +112,6 @@ print(f"reflector RSS: {mib(reflector)} (budget {mib(budget)}: 10 MiB + 256 KiB 
       f"anonymous {mib(int(fields['RssAnon']))}, files {mib(int(fields['RssFile']))}, "
       f"shared memory {mib(int(fields['RssShmem']))}; {fields['Threads']} threads")
 caps = {d["memory_cap_bytes"] for d in devices}
-print("memory cap per device: " + ", ".join(f"{c >> 20} MiB" if c else "none" for c in sorted(caps)))
+print("memory cap per driver VM (current and spare, each its own): " + ", ".join(f"{c >> 20} MiB" if c else "none" for c in sorted(caps)))
 EOF
 ((failed == 0))

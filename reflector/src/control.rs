@@ -77,7 +77,8 @@ pub struct DeviceStatus {
     /// The part of it that is the spare's own, KiB.
     #[serde(default)]
     pub spare_own_kib: u64,
-    /// The memory cap of the device's driver VMs together, bytes (0: none).
+    /// The memory cap of each of the device's driver VMs, bytes (0: none;
+    /// each has a memory cgroup of its own).
     #[serde(default)]
     pub memory_cap_bytes: u64,
     /// Its current driver VM has attached to the channel (serves).
@@ -166,7 +167,8 @@ pub struct FleetStatus {
     /// The part of it that is the spares' own, KiB.
     #[serde(default)]
     pub spare_own_kib: u64,
-    /// Their memory caps together, bytes (devices without one count 0).
+    /// The memory caps of the driver VMs running, current ones and
+    /// spares, together, bytes (devices without one count 0).
     pub memory_cap_bytes: u64,
     /// The reflector's own resident memory, KiB.
     pub reflector_rss_kib: u64,
@@ -190,7 +192,7 @@ impl FleetStatus {
             driver_own_kib: devices.iter().map(|d| d.driver_own_kib).sum(),
             spare_rss_kib: devices.iter().map(|d| d.spare_rss_kib).sum(),
             spare_own_kib: devices.iter().map(|d| d.spare_own_kib).sum(),
-            memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes).sum(),
+            memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes * (1 + u64::from(d.spare_pid != 0))).sum(),
             reflector_rss_kib: crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0),
             reflector_budget_kib: REFLECTOR_BASE_KIB + REFLECTOR_PER_DEVICE_KIB * devices.len() as u64,
         }
@@ -315,7 +317,7 @@ fn prometheus(targets: &[ControlTarget]) -> String {
     family("spare_rss_bytes", "gauge", "Resident memory of the device's spare (0: none).", &|s| {
         (s.spare_rss_kib * 1024) as f64
     });
-    family("memory_cap_bytes", "gauge", "Memory cap of the device's driver VMs together (0: none).", &|s| {
+    family("memory_cap_bytes", "gauge", "Memory cap of each of the device's driver VMs (0: none).", &|s| {
         s.memory_cap_bytes as f64
     });
     family("attached", "gauge", "1 while the current driver says it serves.", &|s| f64::from(u8::from(s.attached)));
@@ -350,7 +352,11 @@ fn prometheus(targets: &[ControlTarget]) -> String {
         ),
         ("fleet_spare_rss_bytes", "Resident memory of every spare together.", fleet.spare_rss_kib * 1024),
         ("fleet_spare_own_bytes", "The spares' own memory together (not shared code).", fleet.spare_own_kib * 1024),
-        ("fleet_memory_cap_bytes", "Memory caps of every device's driver VMs together.", fleet.memory_cap_bytes),
+        (
+            "fleet_memory_cap_bytes",
+            "Memory caps of the driver VMs running (current ones and spares) together.",
+            fleet.memory_cap_bytes,
+        ),
         ("rss_bytes", "The reflector's own resident memory.", fleet.reflector_rss_kib * 1024),
         (
             "memory_budget_bytes",
@@ -733,6 +739,10 @@ mod tests {
         assert!(!devices[0].attached, "attached before the driver said so");
         assert_eq!((fleet.devices, fleet.attached, fleet.driver_rss_kib), (1, 0, 3000));
         assert_eq!((fleet.memory_cap_bytes, fleet.reflector_budget_kib), (256 << 20, 10 * 1024 + 256));
+        // A spare has a cap of its own.
+        targets[0].metrics.spare_pid.store(42, Ordering::Relaxed);
+        assert_eq!(status(&targets).1.memory_cap_bytes, 2 * (256 << 20), "the spare's cap is not counted");
+        targets[0].metrics.spare_pid.store(0, Ordering::Relaxed);
         assert!(fleet.reflector_rss_kib > 0);
         let channel = &targets[0].channel;
         channel.atomic_u32(header::GENERATION).store(2, Ordering::Release);

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver_vms::{DriverLaunch, DriverProcess, SpareKind};
 use crate::hw::TrapWindow;
+use crate::jail::{Jail, MemorySlot};
 use crate::shm::SharedMemory;
 
 /// What to boot.
@@ -197,9 +198,9 @@ impl ChildFds {
     }
 
     /// Makes `command`'s child receive exactly these descriptors, then
-    /// enter `jail` if given (its keeper reports the vmm's pid on the
-    /// descriptor given with it).
-    pub fn apply(self, command: &mut Command, jail: Option<(Arc<crate::jail::Jail>, RawFd)>) {
+    /// enter `jail` if given, in the memory cgroup given with it (its
+    /// keeper reports the vmm's pid on the descriptor given with it).
+    pub fn apply(self, command: &mut Command, jail: Option<(Arc<crate::jail::Jail>, usize, RawFd)>) {
         let mut placement = self.placement;
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (fcntl, dup2,
@@ -208,7 +209,7 @@ impl ChildFds {
             command.pre_exec(move || {
                 placement.install_in_child()?;
                 match &jail {
-                    Some((jail, report)) => jail.enter(*report),
+                    Some((jail, memory_slot, report)) => jail.enter(*report, *memory_slot),
                     None => Ok(()),
                 }
             });
@@ -315,8 +316,10 @@ impl DriverLauncher {
             .map(|_| std::os::unix::net::UnixStream::pair().map(|(end, _)| OwnedFd::from(end)))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating a socket: {e}"))?;
+        let memory_slot = self.spec.jail.as_ref().and_then(Jail::lease);
+        let slot = memory_slot.as_ref().map_or(0, MemorySlot::index);
         let mut prepared = self
-            .command(&lines.iter().collect::<Vec<_>>(), &traps, None)
+            .command(&lines.iter().collect::<Vec<_>>(), &traps, None, slot)
             .map_err(|e| format!("creating a pipe: {e}"))?;
         prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
@@ -338,12 +341,14 @@ impl DriverLauncher {
     /// The `vmm run` command line of a driver VM, with its descriptors and
     /// its jail; `go` makes it a spare of that kind, which waits until `go`
     /// is written (a warm one in its guest's `WAIT_GO`, a standby before
-    /// its guest's first instruction).
+    /// its guest's first instruction); `memory_slot`: the memory cgroup
+    /// it starts in, if jailed.
     fn command(
         &self,
         lines: &[&EventFd],
         traps: &[OwnedFd],
         go: Option<(SpareKind, &EventFd)>,
+        memory_slot: usize,
     ) -> std::io::Result<Prepared> {
         // The guest learns it is a warm spare from its command line.
         let spare = matches!(go, Some((SpareKind::Warm, _)));
@@ -414,7 +419,7 @@ impl DriverLauncher {
                 // The keeper writes it after the descriptors are placed
                 // from 3: kept above them all.
                 let write = hardware::descriptors::lift(write)?;
-                fds.apply(&mut command, Some((jail.clone(), write.as_raw_fd())));
+                fds.apply(&mut command, Some((jail.clone(), memory_slot, write.as_raw_fd())));
                 Some((read, write))
             }
             None => {
@@ -443,8 +448,15 @@ impl DriverLauncher {
         // Each driver VM gets connections of its own (the device revokes a
         // dead one's).
         let traps = self.traps.iter().map(|(_, trap)| (trap.connect)()).collect::<std::io::Result<Vec<_>>>()?;
+        // Its memory cgroup, and that cgroup's OOM kills so far: a kill
+        // counted there from now on is this driver VM's.
+        let memory_slot = spec.jail.as_ref().and_then(Jail::lease).map(|slot| {
+            let before = slot.oom_kills();
+            (slot, before)
+        });
+        let slot = memory_slot.as_ref().map_or(0, |(slot, _)| slot.index());
         let (child, pid) = self
-            .command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)))?
+            .command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)), slot)?
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;
@@ -454,7 +466,6 @@ impl DriverLauncher {
         let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
         let capped = Arc::new(AtomicBool::new(false));
-        let oom_kills = spec.jail.as_ref().map(|jail| (jail.clone(), jail.oom_kills()));
         let report = Arc::new(Mutex::new(String::new()));
         let spare = SpareKind::setting(go.as_ref().map(|(kind, _)| *kind));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, %spare, "driver VM started");
@@ -464,11 +475,12 @@ impl DriverLauncher {
         let watcher = Watcher {
             lifeline: lifeline.clone(),
             name: spec.name.clone(),
+            pid,
             gone: gone.clone(),
             reaped: reaped.clone(),
             report: report.clone(),
             exited: self.exited.try_clone()?,
-            oom_kills,
+            memory_slot,
             capped: capped.clone(),
         };
         std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
@@ -589,12 +601,14 @@ struct Watcher {
     /// Standard input's write end, held until the vmm is gone.
     lifeline: Option<Arc<std::process::ChildStdin>>,
     name: String,
+    pid: libc::pid_t,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     report: Arc<Mutex<String>>,
     exited: EventFd,
-    /// Its jail and the jail's OOM kill count when it started.
-    oom_kills: Option<(Arc<crate::jail::Jail>, Option<u64>)>,
+    /// Its memory cgroup, held until it is reaped, and the cgroup's OOM
+    /// kill count when it started.
+    memory_slot: Option<(MemorySlot, Option<u64>)>,
     capped: Arc<AtomicBool>,
 }
 
@@ -616,12 +630,14 @@ impl Watcher {
             *text = report.clone();
         }
         // The kernel counts an OOM kill before the process it kills can
-        // end, so the count is final by now. (The spare shares the cgroup:
-        // its OOM kill during this one's life would be blamed here too.)
-        let capped = self.oom_kills.as_ref().is_some_and(|(jail, before)| jail.oom_kills() > *before);
+        // end, so the count is final by now. The cgroup is this driver
+        // VM's own (its spare, or its predecessor, has another), unless
+        // every slot was held when it started.
+        let capped = self.memory_slot.as_ref().is_some_and(|(slot, before)| slot.oom_kills() > *before);
         self.capped.store(capped, Ordering::Release);
         if capped {
-            tracing::warn!(driver_vm = %self.name, "the driver VM was killed by its memory cap");
+            let shared = self.memory_slot.as_ref().is_some_and(|(slot, _)| !slot.exclusive());
+            tracing::warn!(driver_vm = %self.name, pid = self.pid, shared, "the driver VM was killed by its memory cap");
         }
         self.gone.set();
         let _ = self.exited.write(1);
@@ -630,6 +646,8 @@ impl Watcher {
             Err(error) => tracing::error!(driver_vm = %self.name, %error, "cannot wait for the driver VM"),
         }
         self.reaped.store(true, Ordering::Release);
+        // Its memory cgroup is free for the next driver VM.
+        drop(self.memory_slot);
     }
 }
 

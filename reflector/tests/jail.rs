@@ -280,3 +280,83 @@ fn a_reflector_that_became_an_unprivileged_user_still_jails_and_recovers() {
     let log = reflector.stop();
     assert!(!log.contains("jail:"), "no jail step failed:\n{log}");
 }
+
+/// Each driver VM has a memory cap of its own: a device's current driver
+/// VM and its spare run at once, and one that stays within its cap is never
+/// killed for the other's allocation, nor blamed for the other's kill.
+/// (Before each had a cgroup of its own, two driver VMs each taking 40 of a
+/// 64 MiB cap got one of them killed, whichever was larger.)
+#[test]
+fn each_driver_vm_has_a_memory_cap_of_its_own() {
+    use reflector::driver_vms::DriverProcess;
+    use reflector::jail::{default_uid_base, Jail, JailLimits, Jailed};
+    use reflector::supervisor::{DriverLauncher, DriverVm, DriverVmSpec};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vmm_sys_util::eventfd::EventFd;
+
+    if !kvm_available("each_driver_vm_has_a_memory_cap_of_its_own") {
+        return;
+    }
+    const CAP_MIB: u64 = 64;
+    let hoarder = sibling("hoarding-vmm");
+    let limits = JailLimits { memory: CAP_MIB << 20, ..JailLimits::default() };
+    let jail =
+        Arc::new(Jail::prepare_for(Jailed::Vmm(&hoarder), "hoard", 7, default_uid_base(), limits, None).unwrap());
+    assert_eq!(jail.memory_cap(), Some(CAP_MIB << 20), "this test needs the memory cgroup");
+    let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+    // A launcher whose driver VMs each take `mib` MiB.
+    let launcher = |mib: u64| {
+        let spec = DriverVmSpec {
+            name: format!("hoard-{mib}"),
+            vmm: hoarder.clone(),
+            image: "null".into(),
+            args: String::new(),
+            memory: format!("{mib}M"),
+            jail: Some(jail.clone()),
+            hosted: false,
+        };
+        DriverLauncher::new(spec, Vec::new(), Vec::new(), Vec::new(), 0, exited.try_clone().unwrap())
+    };
+    let resident_mib = |vm: &DriverVm| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap_or_default();
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap_or("0 kB");
+        kib.trim().trim_end_matches(" kB").parse::<u64>().unwrap_or(0) >> 10
+    };
+    // Until `vm` holds `mib` MiB or is gone.
+    let settle = |vm: &DriverVm, mib: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while resident_mib(vm) < mib && vm.exit_report().is_none() {
+            assert!(Instant::now() < deadline, "driver VM {} took {} of {mib} MiB in 30 s", vm.pid(), resident_mib(vm));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    // The current driver VM and its spare, each within the cap, together
+    // above it.
+    let (current, spare) = (launcher(40), launcher(40));
+    let current = current.launch(&mut |_| Ok(())).unwrap();
+    settle(&current, 40);
+    let spare = spare.launch(&mut |_| Ok(())).unwrap();
+    settle(&spare, 40);
+    for (role, vm) in [("current", &current), ("spare", &spare)] {
+        assert!(vm.exit_report().is_none(), "the {role} driver VM, within its own cap, was killed");
+        assert!(!DriverProcess::capped(vm), "the {role} driver VM is blamed for a kill");
+        assert!(resident_mib(vm) >= 40, "the {role} driver VM holds {} MiB", resident_mib(vm));
+    }
+    // A third that takes more than the cap is stopped, and only it is
+    // blamed.
+    let greedy = launcher(CAP_MIB * 2).launch(&mut |_| Ok(())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while greedy.exit_report().is_none() {
+        assert!(Instant::now() < deadline, "a driver VM taking {} MiB was not stopped in 30 s", CAP_MIB * 2);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(DriverProcess::capped(&greedy), "the driver VM above its cap is not reported as killed by it");
+    for (role, vm) in [("current", &current), ("spare", &spare)] {
+        assert!(vm.exit_report().is_none(), "the {role} driver VM died with another's allocation");
+        assert!(!DriverProcess::capped(vm), "the {role} driver VM is blamed for another's kill");
+    }
+    for vm in [&current, &spare] {
+        assert!(vm.kill_and_wait(Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
+    }
+}

@@ -1,6 +1,13 @@
-//! A cgroup per device for its driver VMs: CPU quota, memory limit, task
-//! limit; cgroup v2 where the unified hierarchy has the controllers, else
-//! v1's cpu, memory and pids hierarchies.
+//! A cgroup per device for its driver VMs (CPU quota, task limit), and in
+//! it a memory cgroup per driver VM slot (memory limit, OOM count); cgroup
+//! v2 where the unified hierarchy has the controllers, else v1's cpu,
+//! memory and pids hierarchies.
+//!
+//! Why memory per driver VM and not per device: a device runs two driver
+//! VMs at once (the current one and its spare), and a cap they shared was
+//! neither's: one that stayed within its share could be killed for the
+//! other's allocation, and a kill could not be told apart from the other's
+//! (the OOM count is the cgroup's).
 
 use std::fs::File;
 use std::io::Write;
@@ -8,10 +15,41 @@ use std::path::{Path, PathBuf};
 
 use super::{io_error, JailError, JailLimits};
 
-/// Creates the device's cgroups with `limits`; returns the opened files
-/// through which a process joins them and their directories. cgroup v2 if
-/// the unified hierarchy has the controllers, else v1's cpu, memory and
-/// pids hierarchies.
+/// One driver VM's memory cgroup.
+pub(super) struct MemoryLeaf {
+    /// The file through which a process joins it.
+    pub join: File,
+    /// Its OOM counter (v2's `memory.events`, v1's `memory.oom_control`),
+    /// opened once: it is read on every driver VM's exit, before the exit
+    /// is reported, and finding and opening it each time took 60-70 us of
+    /// every failover here.
+    pub events: Option<File>,
+}
+
+/// A device's cgroups, opened.
+pub(super) struct Cgroups {
+    /// The files through which a process joins the device's CPU and task
+    /// cgroups (none on v2: joining a leaf joins its parent's limits).
+    pub joins: Vec<File>,
+    /// The memory leaves, one per driver VM slot.
+    pub memory: Vec<MemoryLeaf>,
+    /// Every directory created, parents before children.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// A directory to create, its settings, and whether a process joins it.
+struct Dir {
+    path: PathBuf,
+    settings: Vec<(&'static str, String)>,
+    joined: bool,
+    /// It is a memory leaf.
+    leaf: bool,
+}
+
+/// Creates the device's cgroups with `limits`, with `slots` memory leaves;
+/// returns the opened files through which a process joins them and their
+/// directories. cgroup v2 if the unified hierarchy has the controllers,
+/// else v1's cpu, memory and pids hierarchies.
 ///
 /// Each file is opened here, as root, and written later by the keeper
 /// through that descriptor: the kernel judges a migration by the
@@ -29,68 +67,93 @@ use super::{io_error, JailError, JailLimits};
 /// and jailed cold restarts stalled p50 22 ms against 7 ms unjailed. (v2
 /// has no such file outside threaded cgroups: there the write stays, and
 /// mounting cgroup2 with `favordynmods` removes the wait.)
-pub(super) fn cgroups_for(name: &str, limits: JailLimits) -> Result<(Vec<File>, Vec<PathBuf>), JailError> {
+pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Result<Cgroups, JailError> {
     let own = std::fs::read_to_string("/proc/self/cgroup").map_err(io_error("reading /proc/self/cgroup"))?;
     // The reflector's pid keeps two reflectors' devices apart.
-    let leaf = format!("driver-vms-{}-{name}", std::process::id());
+    let device = format!("driver-vms-{}-{name}", std::process::id());
     let period: u64 = 100_000;
     let quota = ((limits.cpu * period as f64) as u64).max(1000);
     let unified = Path::new("/sys/fs/cgroup/cgroup.controllers");
     let v2 = std::fs::read_to_string(unified).is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
-    let mut procs = Vec::new();
-    let mut dirs = Vec::new();
-    let mut settings: Vec<(PathBuf, Vec<(&str, String)>)> = Vec::new();
+    let leaf = |parent: &Path, slot: usize, limit: &'static str| Dir {
+        path: parent.join(format!("vm{slot}")),
+        settings: vec![(limit, limits.memory.to_string())],
+        joined: true,
+        leaf: true,
+    };
+    let mut plan = Vec::new();
     if v2 {
         let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
         let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
         let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory +pids");
-        settings.push((
-            parent.join(&leaf),
-            vec![
+        let dir = parent.join(&device);
+        plan.push(Dir {
+            path: dir.clone(),
+            settings: vec![
                 ("cpu.max", format!("{quota} {period}")),
-                ("memory.max", limits.memory.to_string()),
                 ("pids.max", limits.tasks.to_string()),
+                // Its processes live in the leaves (v2 allows none here
+                // once a controller is enabled for its children).
+                ("cgroup.subtree_control", "+memory".to_owned()),
             ],
-        ));
+            joined: false,
+            leaf: false,
+        });
+        plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.max")));
     } else {
-        for (controller, files) in [
-            ("cpu", vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())]),
-            ("memory", vec![("memory.limit_in_bytes", limits.memory.to_string())]),
-            ("pids", vec![("pids.max", limits.tasks.to_string())]),
-        ] {
+        for controller in ["cpu", "pids", "memory"] {
             let path = own
                 .lines()
                 .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
                 .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
                 .map(|(_, path)| path)
                 .unwrap_or("/");
-            let parent = Path::new("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/'));
-            settings.push((parent.join(&leaf), files));
+            let dir = Path::new("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/')).join(&device);
+            let settings = match controller {
+                "cpu" => vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())],
+                "pids" => vec![("pids.max", limits.tasks.to_string())],
+                _ => Vec::new(),
+            };
+            let joined = controller != "memory";
+            plan.push(Dir { path: dir.clone(), settings, joined, leaf: false });
+            if controller == "memory" {
+                plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.limit_in_bytes")));
+            }
         }
     }
-    for (dir, files) in settings {
-        std::fs::create_dir_all(&dir).map_err(io_error(format!("creating cgroup {}", dir.display())))?;
-        dirs.push(dir.clone());
-        for (file, value) in files {
+    let mut cgroups = Cgroups { joins: Vec::new(), memory: Vec::new(), dirs: Vec::new() };
+    for dir in plan {
+        let path = &dir.path;
+        std::fs::create_dir_all(path).map_err(io_error(format!("creating cgroup {}", path.display())))?;
+        cgroups.dirs.push(path.clone());
+        for (file, value) in dir.settings {
             let mut handle = std::fs::OpenOptions::new()
                 .write(true)
-                .open(dir.join(file))
-                .map_err(io_error(format!("opening {}", dir.join(file).display())))?;
-            handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", dir.join(file).display())))?;
+                .open(path.join(file))
+                .map_err(io_error(format!("opening {}", path.join(file).display())))?;
+            handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", path.join(file).display())))?;
+        }
+        if !dir.joined {
+            continue;
         }
         let join = if v2 { "cgroup.procs" } else { "tasks" };
-        let procs_file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
-            .open(dir.join(join))
-            .map_err(io_error(format!("opening {}", dir.join(join).display())))?;
+            .open(path.join(join))
+            .map_err(io_error(format!("opening {}", path.join(join).display())))?;
         // Written by the child after its descriptors are placed from 3:
         // kept above them all.
-        let procs_file = hardware::descriptors::lift(procs_file.into())
+        let file = hardware::descriptors::lift(file.into())
             .map(std::fs::File::from)
             .map_err(io_error("moving a cgroup membership descriptor"))?;
-        procs.push(procs_file);
+        if dir.leaf {
+            let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
+            cgroups.memory.push(MemoryLeaf { join: file, events });
+        } else {
+            cgroups.joins.push(file);
+        }
     }
-    Ok((procs, dirs))
+    Ok(cgroups)
 }
 
 /// Removes the cgroups of reflectors that are gone (killed before they
@@ -116,6 +179,12 @@ pub fn sweep_stale_cgroups() {
             let Some(rest) = name.strip_prefix("driver-vms-") else { continue };
             let owner = rest.split('-').next().and_then(|pid| pid.parse::<u32>().ok());
             if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                // Its driver VMs' memory leaves first.
+                for leaf in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                    if leaf.file_name().to_string_lossy().starts_with("vm") {
+                        let _ = std::fs::remove_dir(leaf.path());
+                    }
+                }
                 let _ = std::fs::remove_dir(entry.path());
             }
         }

@@ -96,11 +96,13 @@ impl Jail {
     /// process that is to exec the vmm, once it is confined. The forked
     /// child itself becomes the keeper (module doc) and never returns: it
     /// writes the vmm's pid (as seen by the reflector, a native-endian
-    /// i32) to `report` and ends as the vmm ends.
-    pub fn enter(&self, report: RawFd) -> std::io::Result<()> {
-        for procs in &self.cgroups {
+    /// i32) to `report` and ends as the vmm ends. `memory_slot`: which of
+    /// the device's memory cgroups it joins ([`super::Jail::lease`]).
+    pub fn enter(&self, report: RawFd, memory_slot: usize) -> std::io::Result<()> {
+        let memory = self.memory_leaves.get(memory_slot).map(|leaf| &leaf.join);
+        for procs in self.cgroups.iter().chain(memory) {
             // Moves this process (0 = the writer; single-threaded, so its
-            // one thread is all of it) into the device's cgroup; the vmm,
+            // one thread is all of it) into the device's cgroups; the vmm,
             // cloned next, starts there.
             step(
                 // SAFETY: write(2) of a static buffer to a descriptor we hold.

@@ -1,0 +1,42 @@
+//! `hoarding-vmm`: stands in for a vmm that takes memory (guest code that
+//! took over its vmm, or a leak). The reflector starts it exactly as it
+//! starts the real vmm, jail included; it reads the size its `--memory`
+//! argument gives (as `16M`, `1G` or bytes), takes that much and touches
+//! every page, then holds it until its standard input closes (the
+//! reflector's lifeline, as for the real vmm) and exits. It prints nothing:
+//! the test watches its resident memory.
+//!
+//! Not a test by itself: `reflector/tests/jail.rs` starts it to check that
+//! each driver VM's memory cap is its own. Never installed anywhere a real
+//! deployment would use it.
+
+use std::io::Read;
+
+/// `16M`, `1G`, `4096`: bytes; None if malformed.
+fn size(text: &str) -> Option<usize> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let wanted = args.iter().position(|a| a == "--memory").and_then(|i| args.get(i + 1)).and_then(|s| size(s));
+    let Some(wanted) = wanted else {
+        eprintln!("hoarding-vmm: no --memory SIZE among {args:?}");
+        std::process::exit(2);
+    };
+    // Chunks of 1 MiB, each page written: resident, not just reserved.
+    let mut hoard: Vec<Vec<u8>> = Vec::new();
+    for _ in 0..wanted.div_ceil(1 << 20) {
+        hoard.push(vec![0x5a; 1 << 20]);
+    }
+    // Holds it until the reflector lets go (end of file) or dies.
+    let mut byte = [0u8; 1];
+    while matches!(std::io::stdin().read(&mut byte), Ok(n) if n > 0) {}
+    drop(hoard);
+}
