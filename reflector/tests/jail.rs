@@ -360,3 +360,35 @@ fn each_driver_vm_has_a_memory_cap_of_its_own() {
         assert!(vm.kill_and_wait(Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
     }
 }
+
+/// A driver VM's memory cgroup is its own from its start until it is
+/// reaped: slots are handed out once each, a freed one is handed out
+/// again, and only when every slot is held are they shared (and a shared
+/// slot's release frees nothing its holder still uses).
+#[test]
+fn memory_slots_are_held_until_released_and_shared_only_when_all_are_held() {
+    use reflector::jail::{default_uid_base, Jail, JailLimits, Jailed, MemorySlot, MEMORY_SLOTS};
+    use std::sync::Arc;
+
+    if !kvm_available("memory_slots_are_held_until_released_and_shared_only_when_all_are_held") {
+        return;
+    }
+    let program = sibling("hoarding-vmm");
+    let limits = JailLimits::default();
+    let jail =
+        Arc::new(Jail::prepare_for(Jailed::Vmm(&program), "slots", 8, default_uid_base(), limits, None).unwrap());
+    let mut held: Vec<MemorySlot> = (0..MEMORY_SLOTS).map(|_| Jail::lease(&jail).unwrap()).collect();
+    let mut indices: Vec<usize> = held.iter().map(MemorySlot::index).collect();
+    indices.sort_unstable();
+    assert_eq!(indices, (0..MEMORY_SLOTS).collect::<Vec<_>>(), "each driver VM gets a slot of its own");
+    assert!(held.iter().all(MemorySlot::exclusive));
+    // All held: the next is shared, and letting it go frees no slot.
+    let shared = Jail::lease(&jail).unwrap();
+    assert!(!shared.exclusive(), "slot {} handed out twice as exclusive", shared.index());
+    drop(shared);
+    assert!(!Jail::lease(&jail).unwrap().exclusive(), "a shared slot's release freed its holder's slot");
+    // A reaped driver VM's slot is the next one's.
+    let freed = held.remove(1).index();
+    let next = Jail::lease(&jail).unwrap();
+    assert_eq!((next.index(), next.exclusive()), (freed, true));
+}
