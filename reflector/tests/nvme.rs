@@ -94,19 +94,22 @@ fn nvme_driver_vms_killed_under_load_lose_nothing_and_qemu_dies_with_the_reflect
     }
     let scratch = Scratch::new("nvme-kill");
     let (image, mut reflector, load) = nvme_under_load(&scratch, "30000");
-    let mut killed = 0;
-    while killed < 10 {
-        let log = reflector.log_text();
-        if log.matches("serving channel generation").count() > killed {
-            // SAFETY: kill(2) on the current driver VM, our reflector's child.
-            unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
-            killed += 1;
+    // Each driver is killed once it serves, and once the restart that made
+    // it current is logged (with its pid): a spare is let go before that
+    // line is written, and can print its serving line first.
+    let serving_and_current = |killed: usize| {
+        move |r: &common::Reflector| {
+            let log = r.log_text();
+            log.matches("serving channel generation").count() > killed
+                && log.matches("driver VM restarted").count() >= killed
         }
-        reflector.wait_for(
-            |r| r.log_text().matches("serving channel generation").count() > killed,
-            "a replacement NVMe driver serving",
-        );
+    };
+    for killed in 0..10 {
+        reflector.wait_for(serving_and_current(killed), "a replacement NVMe driver serving");
+        // SAFETY: kill(2) on the current driver VM, our reflector's child.
+        unsafe { libc::kill(reflector.driver_pid(), libc::SIGKILL) };
     }
+    reflector.wait_for(serving_and_current(10), "a replacement NVMe driver serving");
     assert_clean_load_of(load, Some(&reflector));
     let log = reflector.log_text();
     assert!(log.matches("driver VM restarted").count() >= 10, "{log}");

@@ -112,7 +112,9 @@ impl Reflector {
     /// a restart made current, else the first started (spares, started
     /// later, serve only once a restart lets them go). Waits (bounded) for
     /// the first start to be logged, which may follow the socket and the
-    /// readiness line the reflector was started with.
+    /// readiness line the reflector was started with. The restart line is
+    /// written after the spare is let go: a caller that waited for a
+    /// driver's own console line must wait for its restart line too.
     pub fn driver_pid(&mut self) -> i32 {
         self.wait_for(|r| r.log_text().contains("driver VM started"), "a driver VM to start");
         let log = self.log_text();
