@@ -1,7 +1,7 @@
 //! `hoarding-vmm`: stands in for a vmm that takes memory (guest code that
 //! took over its vmm, or a leak). The reflector starts it exactly as it
 //! starts the real vmm, jail included; it reads the size its `--memory`
-//! argument gives (as `16M`, `1G` or bytes), takes that much and touches
+//! argument gives (as the reflector's `memory=`: `16M`, `1G`), takes that much and touches
 //! every page, then holds it until its standard input closes (the
 //! reflector's lifeline, as for the real vmm) and exits. It prints nothing:
 //! the test watches its resident memory.
@@ -12,20 +12,16 @@
 
 use std::io::Read;
 
-/// `16M`, `1G`, `4096`: bytes; None if malformed.
-fn size(text: &str) -> Option<usize> {
-    let (digits, shift) = match text.as_bytes().last()? {
-        b'K' | b'k' => (&text[..text.len() - 1], 10),
-        b'M' | b'm' => (&text[..text.len() - 1], 20),
-        b'G' | b'g' => (&text[..text.len() - 1], 30),
-        _ => (text, 0),
-    };
-    digits.parse::<usize>().ok()?.checked_mul(1 << shift)
-}
+use reflector::config::parse_size;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let wanted = args.iter().position(|a| a == "--memory").and_then(|i| args.get(i + 1)).and_then(|s| size(s));
+    let wanted = args
+        .iter()
+        .position(|a| a == "--memory")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| parse_size(s).ok())
+        .and_then(|bytes| usize::try_from(bytes).ok());
     let Some(wanted) = wanted else {
         eprintln!("hoarding-vmm: no --memory SIZE among {args:?}");
         std::process::exit(2);

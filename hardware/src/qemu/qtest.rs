@@ -147,7 +147,6 @@ fn wait_readable(fd: RawFd, timeout: Option<Duration>) {
 pub struct Qtest {
     conversation: Arc<Mutex<Conversation>>,
     interrupt: Arc<OnInterrupt>,
-    fd: RawFd,
     /// How long a command's sender spins for the answer before it sleeps.
     answer_spin: Duration,
 }
@@ -172,7 +171,7 @@ impl Qtest {
             watch(&watched, fd, &*notify);
             closed();
         })?;
-        Ok(Qtest { conversation, interrupt, fd, answer_spin })
+        Ok(Qtest { conversation, interrupt, answer_spin })
     }
 
     /// Sends `command` and returns the words of QEMU's `OK` answer after
@@ -209,7 +208,7 @@ impl Qtest {
             if sent.elapsed() < self.answer_spin {
                 std::hint::spin_loop();
             } else {
-                wait_readable(self.fd, Some(left));
+                wait_readable(conversation.stream.as_raw_fd(), Some(left));
             }
             conversation.fill_or_break()?;
         }

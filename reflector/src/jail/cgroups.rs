@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 
 use super::{io_error, JailError, JailLimits};
 
@@ -24,6 +25,8 @@ pub(super) struct MemoryLeaf {
     /// is reported, and finding and opening it each time took 60-70 us of
     /// every failover here.
     pub events: Option<File>,
+    /// A driver VM holds it (`super::Jail::lease`).
+    pub held: AtomicBool,
 }
 
 /// A device's cgroups, opened.
@@ -37,13 +40,22 @@ pub(super) struct Cgroups {
     pub dirs: Vec<PathBuf>,
 }
 
-/// A directory to create, its settings, and whether a process joins it.
+/// A directory to create, its settings, and what a process does with it.
 struct Dir {
     path: PathBuf,
     settings: Vec<(&'static str, String)>,
-    joined: bool,
-    /// It is a memory leaf.
-    leaf: bool,
+    role: Role,
+}
+
+/// What a cgroup directory is to the processes of a device.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    /// Only a parent of the cgroups joined (v1's memory, v2's device).
+    Parent,
+    /// Every process of the device joins it (v1's cpu and pids).
+    Device,
+    /// One driver VM at a time joins it (a memory slot).
+    MemoryLeaf,
 }
 
 /// Creates the device's cgroups with `limits`, with `slots` memory leaves;
@@ -78,8 +90,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
     let leaf = |parent: &Path, slot: usize, limit: &'static str| Dir {
         path: parent.join(format!("vm{slot}")),
         settings: vec![(limit, limits.memory.to_string())],
-        joined: true,
-        leaf: true,
+        role: Role::MemoryLeaf,
     };
     let mut plan = Vec::new();
     if v2 {
@@ -96,8 +107,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
                 // once a controller is enabled for its children).
                 ("cgroup.subtree_control", "+memory".to_owned()),
             ],
-            joined: false,
-            leaf: false,
+            role: Role::Parent,
         });
         plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.max")));
     } else {
@@ -114,8 +124,8 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
                 "pids" => vec![("pids.max", limits.tasks.to_string())],
                 _ => Vec::new(),
             };
-            let joined = controller != "memory";
-            plan.push(Dir { path: dir.clone(), settings, joined, leaf: false });
+            let role = if controller == "memory" { Role::Parent } else { Role::Device };
+            plan.push(Dir { path: dir.clone(), settings, role });
             if controller == "memory" {
                 plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.limit_in_bytes")));
             }
@@ -133,7 +143,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
                 .map_err(io_error(format!("opening {}", path.join(file).display())))?;
             handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", path.join(file).display())))?;
         }
-        if !dir.joined {
+        if dir.role == Role::Parent {
             continue;
         }
         let join = if v2 { "cgroup.procs" } else { "tasks" };
@@ -146,9 +156,9 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
         let file = hardware::descriptors::lift(file.into())
             .map(std::fs::File::from)
             .map_err(io_error("moving a cgroup membership descriptor"))?;
-        if dir.leaf {
+        if dir.role == Role::MemoryLeaf {
             let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
-            cgroups.memory.push(MemoryLeaf { join: file, events });
+            cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false) });
         } else {
             cgroups.joins.push(file);
         }

@@ -55,7 +55,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cgroups::{cgroups_for, Cgroups, MemoryLeaf};
@@ -202,8 +202,6 @@ pub struct Jail {
     cgroups: Vec<File>,
     /// The memory cgroups, one per driver VM slot ([`MemorySlot`]).
     memory_leaves: Vec<MemoryLeaf>,
-    /// Which slots a driver VM holds.
-    leased: Vec<AtomicBool>,
     /// Where a driver VM goes when every slot is held.
     overflow: AtomicUsize,
     cgroup_dirs: Vec<PathBuf>,
@@ -302,7 +300,6 @@ impl Jail {
             root: c_path(Path::new(JAIL_ROOT))?,
             directories,
             binds,
-            leased: cgroups.memory.iter().map(|_| AtomicBool::new(false)).collect(),
             overflow: AtomicUsize::new(0),
             cgroups: cgroups.joins,
             memory_leaves: cgroups.memory,
@@ -331,9 +328,9 @@ impl Jail {
             return None;
         }
         let free = jail
-            .leased
+            .memory_leaves
             .iter()
-            .position(|held| held.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok());
+            .position(|leaf| leaf.held.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok());
         let (index, held) = match free {
             Some(index) => (index, true),
             None => {
@@ -411,8 +408,8 @@ impl MemorySlot {
 impl Drop for MemorySlot {
     fn drop(&mut self) {
         if self.held {
-            if let Some(held) = self.jail.leased.get(self.index) {
-                held.store(false, Ordering::Release);
+            if let Some(leaf) = self.jail.memory_leaves.get(self.index) {
+                leaf.held.store(false, Ordering::Release);
             }
         }
     }
