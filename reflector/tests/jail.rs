@@ -392,3 +392,76 @@ fn memory_slots_are_held_until_released_and_shared_only_when_all_are_held() {
     let next = Jail::lease(&jail).unwrap();
     assert_eq!((next.index(), next.exclusive()), (freed, true));
 }
+
+/// A jailed driver VM runs under its device's limits, whichever cgroup
+/// hierarchy the host has: its memory cgroup caps it at the device's
+/// `memory=`, and the cgroups of its CPU quota and task limit hold it. Run
+/// on this machine (cgroup v1) by the test command, and on a pure cgroup v2
+/// kernel, from a service's cgroup as systemd makes one, by
+/// `ci/e2e-cgroup2.sh` (before it ran there, a reflector in such a cgroup
+/// jailed its driver VMs with no limit at all: the kernel refuses
+/// controllers to the children of a cgroup that holds processes).
+#[test]
+fn a_jailed_driver_vm_runs_under_its_devices_limits() {
+    use reflector::jail::{default_uid_base, Jail, JailLimits, Jailed};
+    use reflector::supervisor::{DriverLauncher, DriverVmSpec};
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::EventFd;
+
+    if !kvm_available("a_jailed_driver_vm_runs_under_its_devices_limits") {
+        return;
+    }
+    let hoarder = sibling("hoarding-vmm");
+    let limits = JailLimits { cpu: 0.5, memory: 48 << 20, tasks: 24 };
+    let jail =
+        Arc::new(Jail::prepare_for(Jailed::Vmm(&hoarder), "limits", 9, default_uid_base(), limits, None).unwrap());
+    assert_eq!(jail.memory_cap(), Some(48 << 20), "no memory cgroups for the jail (see the reflector's warning)");
+    let spec = DriverVmSpec {
+        name: "limits".into(),
+        vmm: hoarder.clone(),
+        image: "null".into(),
+        args: String::new(),
+        memory: "1M".into(),
+        jail: Some(jail.clone()),
+        hosted: false,
+    };
+    let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+    let vm = DriverLauncher::new(spec, Vec::new(), Vec::new(), Vec::new(), 0, exited).launch(&mut |_| Ok(())).unwrap();
+    let membership = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid())).unwrap();
+    let read = |dir: &PathBuf, file: &str| -> String {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}: {e} (membership: {membership})", dir.join(file).display()))
+            .trim()
+            .to_owned()
+    };
+    // cgroup v2: one line, `0::/path`; v1: a line per hierarchy.
+    let unified = membership.lines().find_map(|l| l.strip_prefix("0::")).filter(|_| membership.lines().count() == 1);
+    let (memory, cpu, tasks) = match unified {
+        Some(path) => {
+            let leaf = PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+            let device = leaf.parent().unwrap().to_path_buf();
+            let (quota, period) =
+                read(&device, "cpu.max").split_once(' ').map(|(q, p)| (q.to_owned(), p.to_owned())).unwrap();
+            (read(&leaf, "memory.max"), (quota, period), read(&device, "pids.max"))
+        }
+        None => {
+            let dir = |controller: &str| {
+                let path = membership
+                    .lines()
+                    .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
+                    .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
+                    .map(|(_, path)| path.trim_start_matches('/').to_owned())
+                    .unwrap_or_else(|| panic!("no {controller} hierarchy in {membership}"));
+                PathBuf::from("/sys/fs/cgroup").join(controller).join(path)
+            };
+            let cpu = dir("cpu");
+            let quota = (read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us"));
+            (read(&dir("memory"), "memory.limit_in_bytes"), quota, read(&dir("pids"), "pids.max"))
+        }
+    };
+    assert_eq!(memory, (48u64 << 20).to_string(), "memory cap; membership: {membership}");
+    assert_eq!(cpu, ("50000".to_owned(), "100000".to_owned()), "CPU quota and period; membership: {membership}");
+    assert_eq!(tasks, "24", "task limit; membership: {membership}");
+    assert!(vm.kill_and_wait(std::time::Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
+}

@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use std::sync::OnceLock;
 
 use super::{io_error, JailError, JailLimits};
 
@@ -80,24 +81,19 @@ enum Role {
 /// has no such file outside threaded cgroups: there the write stays, and
 /// mounting cgroup2 with `favordynmods` removes the wait.)
 pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Result<Cgroups, JailError> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(io_error("reading /proc/self/cgroup"))?;
     // The reflector's pid keeps two reflectors' devices apart.
     let device = format!("driver-vms-{}-{name}", std::process::id());
     let period: u64 = 100_000;
     let quota = ((limits.cpu * period as f64) as u64).max(1000);
-    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers");
-    let v2 = std::fs::read_to_string(unified).is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
     let leaf = |parent: &Path, slot: usize, limit: &'static str| Dir {
         path: parent.join(format!("vm{slot}")),
         settings: vec![(limit, limits.memory.to_string())],
         role: Role::MemoryLeaf,
     };
     let mut plan = Vec::new();
+    let v2 = unified();
     if v2 {
-        let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
-        let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-        let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory +pids");
-        let dir = parent.join(&device);
+        let dir = unified_parent()?.join(&device);
         plan.push(Dir {
             path: dir.clone(),
             settings: vec![
@@ -111,6 +107,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
         });
         plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.max")));
     } else {
+        let own = started_in()?;
         for controller in ["cpu", "pids", "memory"] {
             let path = own
                 .lines()
@@ -133,43 +130,153 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
     }
     let mut cgroups = Cgroups { joins: Vec::new(), memory: Vec::new(), dirs: Vec::new() };
     for dir in plan {
-        let path = &dir.path;
-        std::fs::create_dir_all(path).map_err(io_error(format!("creating cgroup {}", path.display())))?;
-        cgroups.dirs.push(path.clone());
-        for (file, value) in dir.settings {
-            let mut handle = std::fs::OpenOptions::new()
-                .write(true)
-                .open(path.join(file))
-                .map_err(io_error(format!("opening {}", path.join(file).display())))?;
-            handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", path.join(file).display())))?;
-        }
-        if dir.role == Role::Parent {
-            continue;
-        }
-        let join = if v2 { "cgroup.procs" } else { "tasks" };
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path.join(join))
-            .map_err(io_error(format!("opening {}", path.join(join).display())))?;
-        // Written by the child after its descriptors are placed from 3:
-        // kept above them all.
-        let file = hardware::descriptors::lift(file.into())
-            .map(std::fs::File::from)
-            .map_err(io_error("moving a cgroup membership descriptor"))?;
-        if dir.role == Role::MemoryLeaf {
-            let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
-            cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false) });
-        } else {
-            cgroups.joins.push(file);
+        if let Err(error) = make(dir, v2, &mut cgroups) {
+            // None of it is used: nothing is left behind either.
+            for path in cgroups.dirs.iter().rev() {
+                let _ = std::fs::remove_dir(path);
+            }
+            return Err(error);
         }
     }
     Ok(cgroups)
 }
 
+/// Creates one directory of the plan with its settings and, unless it only
+/// parents others, opens the file through which a process joins it.
+fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
+    let path = &dir.path;
+    std::fs::create_dir_all(path).map_err(io_error(format!("creating cgroup {}", path.display())))?;
+    cgroups.dirs.push(path.clone());
+    for (file, value) in dir.settings {
+        let mut handle = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path.join(file))
+            .map_err(io_error(format!("opening {}", path.join(file).display())))?;
+        handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", path.join(file).display())))?;
+    }
+    if dir.role == Role::Parent {
+        return Ok(());
+    }
+    let join = if v2 { "cgroup.procs" } else { "tasks" };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path.join(join))
+        .map_err(io_error(format!("opening {}", path.join(join).display())))?;
+    // Written by the child after its descriptors are placed from 3:
+    // kept above them all.
+    let file = hardware::descriptors::lift(file.into())
+        .map(std::fs::File::from)
+        .map_err(io_error("moving a cgroup membership descriptor"))?;
+    if dir.role == Role::MemoryLeaf {
+        let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
+        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false) });
+    } else {
+        cgroups.joins.push(file);
+    }
+    Ok(())
+}
+
+/// The controllers a device's cgroups use.
+const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+
+/// Whether the host has only the unified hierarchy (cgroup v2) at
+/// /sys/fs/cgroup; otherwise v1's hierarchies are there (a hybrid host's
+/// unified hierarchy, at /sys/fs/cgroup/unified, has no controllers).
+fn unified() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+/// /proc/self/cgroup as it was at the reflector's first look: on cgroup v2
+/// the reflector may then move itself into a leaf ([`unified_parent`]),
+/// and its devices' cgroups (and stale ones to sweep) stay where it started.
+fn started_in() -> Result<String, JailError> {
+    static STARTED_IN: OnceLock<Result<String, String>> = OnceLock::new();
+    STARTED_IN
+        .get_or_init(|| std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string()))
+        .clone()
+        .map_err(|e| io_error("reading /proc/self/cgroup")(std::io::Error::other(e)))
+}
+
+/// Where the reflector's own processes go on cgroup v2 when the cgroup it
+/// started in must parent its devices' cgroups.
+pub const OWN_LEAF: &str = "reflector";
+
+/// On cgroup v2, the cgroup under which the devices' cgroups go: the one
+/// the reflector started in, with the CPU, memory and task controllers
+/// enabled for its children. The kernel enables controllers for the
+/// children of a cgroup only if the cgroup holds no process itself (the
+/// root excepted), and the reflector's own cgroup holds the reflector (a
+/// systemd service's cgroup holds the service's processes): so the
+/// reflector first moves itself into a leaf of it, [`OWN_LEAF`], as
+/// systemd asks of a service that delegates (`Delegate=yes`). Done once;
+/// the outcome is kept.
+fn unified_parent() -> Result<PathBuf, JailError> {
+    static PARENT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PARENT.get_or_init(enable_controllers).clone().map_err(|reason| JailError::Io {
+        what: "setting up cgroup v2 for the driver VMs".to_owned(),
+        source: std::io::Error::other(reason),
+    })
+}
+
+fn enable_controllers() -> Result<PathBuf, String> {
+    let own = started_in().map_err(|e| e.to_string())?;
+    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
+    let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let words = |file: &str| -> Vec<String> {
+        std::fs::read_to_string(parent.join(file)).unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+    };
+    let available = words("cgroup.controllers");
+    let missing: Vec<&str> = CONTROLLERS.into_iter().filter(|c| !available.iter().any(|a| a == c)).collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the controllers {} are not available in the reflector's cgroup {} (it has: {}); \
+             give it them (systemd: Delegate=yes in its unit) or run it with --no-jail",
+            missing.join(", "),
+            parent.display(),
+            available.join(" ")
+        ));
+    }
+    // All at once: the kernel enables all of them or none.
+    let enable = || -> std::io::Result<()> {
+        let enabled = words("cgroup.subtree_control");
+        let wanted: Vec<String> =
+            CONTROLLERS.into_iter().filter(|c| !enabled.iter().any(|e| e == c)).map(|c| format!("+{c}")).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        std::fs::write(parent.join("cgroup.subtree_control"), wanted.join(" "))
+    };
+    match enable() {
+        Ok(()) => return Ok(parent),
+        // Processes in it (EBUSY; EOPNOTSUPP once a threaded controller
+        // such as cpu is on for a cgroup with processes): the reflector's
+        // own, perhaps others'.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EOPNOTSUPP)) => {}
+        Err(e) => {
+            return Err(format!("enabling {} for the children of {}: {e}", CONTROLLERS.join(", "), parent.display()))
+        }
+    }
+    let leaf = parent.join(OWN_LEAF);
+    std::fs::create_dir_all(&leaf).map_err(|e| format!("creating {}: {e}", leaf.display()))?;
+    // "0": the writer's whole process, every thread of the reflector.
+    std::fs::write(leaf.join("cgroup.procs"), "0")
+        .map_err(|e| format!("moving the reflector into {}: {e}", leaf.display()))?;
+    tracing::info!(cgroup = %leaf.display(), "the reflector moved into a leaf of its cgroup, which now parents its driver VMs' cgroups");
+    enable().map_err(|e| {
+        format!(
+            "enabling {} for the children of {}: {e} (other processes than the reflector's are in it: \
+             run the reflector in a cgroup of its own, such as a systemd service's)",
+            CONTROLLERS.join(", "),
+            parent.display()
+        )
+    })?;
+    Ok(parent)
+}
+
 /// Removes the cgroups of reflectors that are gone (killed before they
 /// could clean up); cgroups still holding processes stay.
 pub fn sweep_stale_cgroups() {
-    let Ok(own) = std::fs::read_to_string("/proc/self/cgroup") else { return };
+    let Ok(own) = started_in() else { return };
     let mut parents = Vec::new();
     for line in own.lines() {
         let mut fields = line.splitn(3, ':');
