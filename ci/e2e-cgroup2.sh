@@ -20,7 +20,7 @@ root=$(cd "$here/.." && pwd)
 log() { printf 'e2e-cgroup2: %s\n' "$*" >&2; }
 die() { printf 'e2e-cgroup2: ERROR: %s\n' "$*" >&2; exit 1; }
 
-tmo=900
+tmo=600
 while (($#)); do
     case $1 in
     --timeout) tmo=${2:?}; shift 2 ;;
@@ -40,17 +40,6 @@ for program in reflector vmm hoarding-vmm; do
     [[ -x $release/$program ]] || die "$release/$program missing: cargo build --release"
 done
 log "building the jail tests (cargo test --release --no-run)"
-tests=$(cd "$root" && timeout 1200 cargo test --release --locked -p reflector --test jail --no-run --message-format=json 2>/dev/null |
-    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep '/jail-' | tail -1)
-[[ -x $tests ]] || die "the jail test binary was not built (cargo test --release -p reflector --test jail --no-run)"
-
-guest=$root/target/e2e-guest
-log "building the guest kernel (cached in target/e2e-guest)"
-timeout 1200 "$here/build-guest.sh" "$guest" >&2 || die "ci/build-guest.sh failed"
-kver=$(cat "$guest/kernel-release")
-moddir=$(ls -d "$guest"/cache/kernel-*/lib/modules/"$kver" | head -1)
-[[ -d $moddir ]] || die "the guest kernel's modules are not in $guest/cache: delete $guest and retry"
-
 work=$(mktemp -d /tmp/e2e-cgroup2.XXXXXX)
 qpid=''
 cleanup() {
@@ -58,6 +47,16 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+tests=$(cd "$root" && timeout 600 cargo test --release --locked -p reflector --test jail --no-run --message-format=json 2>"$work/cargo.log" |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | grep '/jail-' | tail -1) || true
+[[ -n $tests && -x $tests ]] || { cat "$work/cargo.log" >&2; die "the jail test binary was not built (cargo test --release -p reflector --test jail --no-run)"; }
+
+guest=$root/target/e2e-guest
+log "building the guest kernel (cached in target/e2e-guest)"
+timeout 600 "$here/build-guest.sh" "$guest" >&2 || die "ci/build-guest.sh failed"
+kver=$(cat "$guest/kernel-release")
+moddir=$(ls -d "$guest"/cache/kernel-*/lib/modules/"$kver" 2>/dev/null | head -1) || true
+[[ -n $moddir && -d $moddir ]] || die "the guest kernel's modules are not in $guest/cache: delete $guest and retry"
 
 # --- the guest: busybox, the binaries at their host paths, their libraries,
 # KVM's modules, an /init that moves it all to a tmpfs root (the jail's

@@ -67,7 +67,7 @@ step "the VFIO door: a TCG guest with an emulated IOMMU binds an NVMe controller
 timeout 900 ci/e2e-vfio.sh
 
 step "cgroup v2: a TCG guest with only the unified hierarchy runs the jail's limit tests from a systemd-style service cgroup"
-timeout 900 ci/e2e-cgroup2.sh
+timeout 1500 ci/e2e-cgroup2.sh --timeout 600
 # The end-to-end steps above (each skips loudly without QEMU, outside CI).
 e2e_steps=7
 e2e_passed=$([[ -n $(command -v qemu-system-x86_64) ]] && echo "$e2e_steps" || echo 0)

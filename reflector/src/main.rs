@@ -484,7 +484,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         );
     }
     if config.jail.enabled {
-        reflector::jail::sweep_stale_cgroups();
+        reflector::jail::prepare_cgroups();
     }
     let started = start_concurrently(&config.blk, |i, blk| serve::start_blk(blk, &vmm, &config.jail, i as u32))?;
     for service in started {

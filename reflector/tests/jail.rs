@@ -437,12 +437,19 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
     };
     // cgroup v2: one line, `0::/path`; v1: a line per hierarchy.
     let unified = membership.lines().find_map(|l| l.strip_prefix("0::")).filter(|_| membership.lines().count() == 1);
+    // The swap limit, where the kernel accounts swap: none beyond the cap.
+    let swap = |dir: &PathBuf, file: &str, expected: String| {
+        if dir.join(file).exists() {
+            assert_eq!(read(dir, file), expected, "{file}: swap past the cap; membership: {membership}");
+        }
+    };
     let (memory, cpu, tasks) = match unified {
         Some(path) => {
             let leaf = PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'));
             let device = leaf.parent().unwrap().to_path_buf();
             let (quota, period) =
                 read(&device, "cpu.max").split_once(' ').map(|(q, p)| (q.to_owned(), p.to_owned())).unwrap();
+            swap(&leaf, "memory.swap.max", "0".to_owned());
             (read(&leaf, "memory.max"), (quota, period), read(&device, "pids.max"))
         }
         None => {
@@ -457,6 +464,7 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
             };
             let cpu = dir("cpu");
             let quota = (read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us"));
+            swap(&dir("memory"), "memory.memsw.limit_in_bytes", (48u64 << 20).to_string());
             (read(&dir("memory"), "memory.limit_in_bytes"), quota, read(&dir("pids"), "pids.max"))
         }
     };

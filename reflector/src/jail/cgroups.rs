@@ -85,9 +85,12 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
     let device = format!("driver-vms-{}-{name}", std::process::id());
     let period: u64 = 100_000;
     let quota = ((limits.cpu * period as f64) as u64).max(1000);
-    let leaf = |parent: &Path, slot: usize, limit: &'static str| Dir {
+    // Swap counts against the cap too (else a vmm past it would be
+    // swapped out rather than stopped): v2's swap limit 0, v1's memory and
+    // swap limit the memory limit (files present only with swap accounting).
+    let leaf = |parent: &Path, slot: usize, limit: &'static str, swap: (&'static str, String)| Dir {
         path: parent.join(format!("vm{slot}")),
-        settings: vec![(limit, limits.memory.to_string())],
+        settings: vec![(limit, limits.memory.to_string()), swap],
         role: Role::MemoryLeaf,
     };
     let mut plan = Vec::new();
@@ -105,7 +108,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
             ],
             role: Role::Parent,
         });
-        plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.max")));
+        plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.max", ("memory.swap.max", "0".to_owned()))));
     } else {
         let own = started_in()?;
         for controller in ["cpu", "pids", "memory"] {
@@ -124,7 +127,8 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
             let role = if controller == "memory" { Role::Parent } else { Role::Device };
             plan.push(Dir { path: dir.clone(), settings, role });
             if controller == "memory" {
-                plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.limit_in_bytes")));
+                let swap = ("memory.memsw.limit_in_bytes", limits.memory.to_string());
+                plan.extend((0..slots).map(|slot| leaf(&dir, slot, "memory.limit_in_bytes", swap.clone())));
             }
         }
     }
@@ -148,10 +152,12 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
     std::fs::create_dir_all(path).map_err(io_error(format!("creating cgroup {}", path.display())))?;
     cgroups.dirs.push(path.clone());
     for (file, value) in dir.settings {
-        let mut handle = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path.join(file))
-            .map_err(io_error(format!("opening {}", path.join(file).display())))?;
+        let mut handle = match std::fs::OpenOptions::new().write(true).open(path.join(file)) {
+            Ok(handle) => handle,
+            // No swap accounting: no swap limit to set.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && SWAP_LIMITS.contains(&file) => continue,
+            Err(e) => return Err(io_error(format!("opening {}", path.join(file).display()))(e)),
+        };
         handle.write_all(value.as_bytes()).map_err(io_error(format!("writing {}", path.join(file).display())))?;
     }
     if dir.role == Role::Parent {
@@ -175,6 +181,9 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
     }
     Ok(())
 }
+
+/// Swap limit files, present only where the kernel accounts swap.
+const SWAP_LIMITS: [&str; 2] = ["memory.swap.max", "memory.memsw.limit_in_bytes"];
 
 /// The controllers a device's cgroups use.
 const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
@@ -222,39 +231,83 @@ fn enable_controllers() -> Result<PathBuf, String> {
     let own = started_in().map_err(|e| e.to_string())?;
     let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
     let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-    let words = |file: &str| -> Vec<String> {
-        std::fs::read_to_string(parent.join(file)).unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+    let read = |file: &str| -> Result<String, String> {
+        std::fs::read_to_string(parent.join(file)).map_err(|e| format!("reading {}: {e}", parent.join(file).display()))
     };
-    let available = words("cgroup.controllers");
+    // The processes of the cgroup, named (pid and command).
+    let members = || -> Result<Vec<(u32, String)>, String> {
+        Ok(read("cgroup.procs")?
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<u32>().ok())
+            .map(|pid| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                (pid, comm.trim().to_owned())
+            })
+            .collect())
+    };
+    // Where /proc/self/cgroup says the reflector is must be where it is
+    // in this mount (a private cgroup namespace with the host's hierarchy
+    // mounted says `/` of the wrong root): else the devices' cgroups would
+    // land outside the reflector's own limits.
+    let me = std::process::id();
+    if !members()?.iter().any(|(pid, _)| *pid == me) {
+        return Err(format!(
+            "/proc/self/cgroup names {path}, but the reflector (pid {me}) is not in {}: \
+             /sys/fs/cgroup is not its cgroup namespace's hierarchy; mount the cgroup2 of its own namespace there",
+            parent.join("cgroup.procs").display()
+        ));
+    }
+    let available: Vec<String> = read("cgroup.controllers")?.split_whitespace().map(str::to_owned).collect();
     let missing: Vec<&str> = CONTROLLERS.into_iter().filter(|c| !available.iter().any(|a| a == c)).collect();
     if !missing.is_empty() {
         return Err(format!(
             "the controllers {} are not available in the reflector's cgroup {} (it has: {}); \
-             give it them (systemd: Delegate=yes in its unit) or run it with --no-jail",
+             delegate them to it (systemd: Delegate=yes in its unit)",
             missing.join(", "),
             parent.display(),
             available.join(" ")
         ));
     }
     // All at once: the kernel enables all of them or none.
-    let enable = || -> std::io::Result<()> {
-        let enabled = words("cgroup.subtree_control");
-        let wanted: Vec<String> =
-            CONTROLLERS.into_iter().filter(|c| !enabled.iter().any(|e| e == c)).map(|c| format!("+{c}")).collect();
+    let enable = || -> Result<(), std::io::Error> {
+        let enabled = read("cgroup.subtree_control").unwrap_or_default();
+        let wanted: Vec<String> = CONTROLLERS
+            .into_iter()
+            .filter(|c| !enabled.split_whitespace().any(|e| e == *c))
+            .map(|c| format!("+{c}"))
+            .collect();
         if wanted.is_empty() {
             return Ok(());
         }
         std::fs::write(parent.join("cgroup.subtree_control"), wanted.join(" "))
     };
+    let failed = |e: std::io::Error| {
+        let kind = read("cgroup.type").unwrap_or_default();
+        format!(
+            "enabling {} for the children of {} (cgroup.type {}): {e}",
+            CONTROLLERS.join(", "),
+            parent.display(),
+            kind.trim()
+        )
+    };
     match enable() {
         Ok(()) => return Ok(parent),
-        // Processes in it (EBUSY; EOPNOTSUPP once a threaded controller
-        // such as cpu is on for a cgroup with processes): the reflector's
-        // own, perhaps others'.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EOPNOTSUPP)) => {}
-        Err(e) => {
-            return Err(format!("enabling {} for the children of {}: {e}", CONTROLLERS.join(", "), parent.display()))
-        }
+        // Processes in it (the root cgroup alone may have both).
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+        Err(e) => return Err(failed(e)),
+    }
+    // Only the reflector's own process may be moved: moving into a leaf of
+    // a cgroup that others share (a login session's scope, a container's
+    // init, a wrapper script) would leave them there and help nothing.
+    let others: Vec<String> =
+        members()?.into_iter().filter(|(pid, _)| *pid != me).map(|(pid, comm)| format!("{pid} ({comm})")).collect();
+    if !others.is_empty() {
+        return Err(format!(
+            "its cgroup {} holds other processes than the reflector: {}; run the reflector alone in a cgroup \
+             of its own (a systemd service that execs it, with Delegate=yes)",
+            parent.display(),
+            others.join(", ")
+        ));
     }
     let leaf = parent.join(OWN_LEAF);
     std::fs::create_dir_all(&leaf).map_err(|e| format!("creating {}: {e}", leaf.display()))?;
@@ -262,20 +315,29 @@ fn enable_controllers() -> Result<PathBuf, String> {
     std::fs::write(leaf.join("cgroup.procs"), "0")
         .map_err(|e| format!("moving the reflector into {}: {e}", leaf.display()))?;
     tracing::info!(cgroup = %leaf.display(), "the reflector moved into a leaf of its cgroup, which now parents its driver VMs' cgroups");
-    enable().map_err(|e| {
-        format!(
-            "enabling {} for the children of {}: {e} (other processes than the reflector's are in it: \
-             run the reflector in a cgroup of its own, such as a systemd service's)",
-            CONTROLLERS.join(", "),
-            parent.display()
-        )
-    })?;
+    enable().map_err(failed)?;
     Ok(parent)
+}
+
+/// Sets up what the devices' cgroups need, once, before any device starts
+/// (while the reflector has one thread and no child: a child forked by
+/// another device's setup would still be in the cgroup the reflector
+/// leaves, and keep it from parenting the devices' cgroups): removes stale
+/// cgroups and, on cgroup v2, makes the reflector's cgroup their parent
+/// ([`unified_parent`]). A failure is logged; each device then says it has
+/// no limits.
+pub fn prepare_cgroups() {
+    sweep_stale_cgroups();
+    if unified() {
+        if let Err(error) = unified_parent() {
+            tracing::warn!(%error, "driver VMs will run jailed without CPU, memory or task limits");
+        }
+    }
 }
 
 /// Removes the cgroups of reflectors that are gone (killed before they
 /// could clean up); cgroups still holding processes stay.
-pub fn sweep_stale_cgroups() {
+fn sweep_stale_cgroups() {
     let Ok(own) = started_in() else { return };
     let mut parents = Vec::new();
     for line in own.lines() {

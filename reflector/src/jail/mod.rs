@@ -47,7 +47,7 @@ mod child;
 mod filters;
 mod libraries;
 
-pub use cgroups::sweep_stale_cgroups;
+pub use cgroups::prepare_cgroups;
 pub use filters::confine_reflector;
 
 use std::ffi::CString;
@@ -230,7 +230,8 @@ impl Jail {
     ) -> Result<Jail, JailError> {
         let (program, jailed, cgroup, id_offset) = match what {
             Jailed::Vmm(vmm) => (vmm, JAILED_VMM, name.to_owned(), 0),
-            Jailed::DeviceModel(qemu) => (qemu, JAILED_QEMU, format!("{name}-qemu"), DEVICE_MODEL_IDS),
+            // `.`: no device name has one, so no device's cgroup is another's QEMU's.
+            Jailed::DeviceModel(qemu) => (qemu, JAILED_QEMU, format!("{name}.qemu"), DEVICE_MODEL_IDS),
         };
         make_searchable_dir(Path::new(JAIL_ROOT))?;
         let program = resolve_program(program)?;
