@@ -73,32 +73,10 @@ for binary in "$tests" "$release/vmm" "$release/hoarding-vmm"; do
         cp -L "$lib" "$payload$lib"
     done
 done
-order=()
-declare -A seen=()
-add_module() {
-    local name=${1//-/_} f deps d
-    [[ -n ${seen[$name]:-} ]] && return 0
-    seen[$name]=1
-    grep -q "/${name}.ko" <(sed 's/-/_/g' "$moddir/modules.builtin") && return 0
-    f=''
-    while IFS= read -r m; do
-        b=${m##*/}
-        b=${b%%.ko*}
-        [[ -z $f && ${b//-/_} == "$name" ]] && f=$m
-    done < <(find "$moddir/kernel" -name '*.ko*')
-    [[ -n $f ]] || die "kernel module $name not found under $moddir"
-    case $f in
-    *.ko.xz) xz -dc "$f" >"$payload/lib/modules/kvm/$name.ko" ;;
-    *.ko.zst) zstd -qdc "$f" >"$payload/lib/modules/kvm/$name.ko" ;;
-    *) cp "$f" "$payload/lib/modules/kvm/$name.ko" ;;
-    esac
-    deps=$(tr '\0' '\n' <"$payload/lib/modules/kvm/$name.ko" | sed -n 's/^depends=//p' | head -1 | tr ',' ' ')
-    for d in $deps; do add_module "$d"; done
-    order+=("$name")
-}
-add_module kvm_amd
-printf '%s\n' "${order[@]}" >"$payload/lib/modules/kvm/order"
-log "modules: ${order[*]}"
+# shellcheck source=ci/guest-modules.sh
+. "$here/guest-modules.sh"
+stage_modules "$moddir" "$payload/lib/modules/kvm" kvm_amd
+log "modules: $(tr '\n' ' ' <"$payload/lib/modules/kvm"/order)"
 
 cat >"$work/stage/init" <<'INIT'
 #!/bin/busybox sh

@@ -58,32 +58,10 @@ for lib in $(ldd "$check_bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ 
     mkdir -p "$stage$(dirname "$lib")"
     cp -L "$lib" "$stage$lib"
 done
-order=()
-declare -A seen=()
-add_module() {
-    local name=${1//-/_} f deps d
-    [[ -n ${seen[$name]:-} ]] && return 0
-    seen[$name]=1
-    grep -q "/${name}.ko" <(sed 's/-/_/g' "$moddir/modules.builtin") && return 0
-    f=''
-    while IFS= read -r m; do
-        b=${m##*/}
-        b=${b%%.ko*}
-        [[ -z $f && ${b//-/_} == "$name" ]] && f=$m
-    done < <(find "$moddir/kernel" -name '*.ko*')
-    [[ -n $f ]] || die "kernel module $name not found under $moddir"
-    case $f in
-    *.ko.xz) xz -dc "$f" >"$stage/lib/modules/vfio/$name.ko" ;;
-    *.ko.zst) zstd -qdc "$f" >"$stage/lib/modules/vfio/$name.ko" ;;
-    *) cp "$f" "$stage/lib/modules/vfio/$name.ko" ;;
-    esac
-    deps=$(tr '\0' '\n' <"$stage/lib/modules/vfio/$name.ko" | sed -n 's/^depends=//p' | head -1 | tr ',' ' ')
-    for d in $deps; do add_module "$d"; done
-    order+=("$name")
-}
-for m in vfio vfio_iommu_type1 vfio_pci_core vfio_pci; do add_module "$m"; done
-printf '%s\n' "${order[@]}" >"$stage/lib/modules/vfio/order"
-log "modules: ${order[*]}"
+# shellcheck source=ci/guest-modules.sh
+. "$here/guest-modules.sh"
+stage_modules "$moddir" "$stage/lib/modules/vfio" vfio vfio_iommu_type1 vfio_pci_core vfio_pci
+log "modules: $(tr '\n' ' ' <"$stage/lib/modules/vfio"/order)"
 
 cat >"$stage/init" <<'INIT'
 #!/bin/sh
