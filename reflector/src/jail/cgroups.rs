@@ -28,6 +28,9 @@ pub(super) struct MemoryLeaf {
     pub events: Option<File>,
     /// A driver VM holds it (`super::Jail::lease`).
     pub held: AtomicBool,
+    /// On cgroup v2, its directory: the vmm is cloned into it
+    /// (`CLONE_INTO_CGROUP`) instead of its keeper joining it first.
+    pub dir: Option<File>,
 }
 
 /// A device's cgroups, opened.
@@ -175,7 +178,17 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
         .map_err(io_error("moving a cgroup membership descriptor"))?;
     if dir.role == Role::MemoryLeaf {
         let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
-        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false) });
+        let dir = if v2 {
+            Some(
+                File::open(path)
+                    .and_then(|dir| hardware::descriptors::lift(dir.into()))
+                    .map(File::from)
+                    .map_err(io_error(format!("opening {}", path.display())))?,
+            )
+        } else {
+            None
+        };
+        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false), dir });
     } else {
         cgroups.joins.push(file);
     }
