@@ -153,6 +153,45 @@ impl Drop for Registration {
     }
 }
 
+/// The address ranges of every client memory table mapped now (start,
+/// end): the clients' RAM, which their QEMU owns and the reflector only
+/// maps; its pages the reflector touched count in its resident set.
+pub fn mapped_ranges() -> Vec<(usize, usize)> {
+    SLOTS
+        .iter()
+        .filter(|slot| slot.owner.load(Ordering::Acquire))
+        .map(|slot| (slot.start.load(Ordering::Acquire), slot.end.load(Ordering::Acquire)))
+        .filter(|&(start, end)| end > start)
+        .collect()
+}
+
+/// Resident KiB of this process's mappings that lie inside `ranges`
+/// (from `/proc/self/smaps`: a mapping's `Rss`).
+pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<u64> {
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        // A mapping's first line: `start-end perms offset dev inode path`.
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) {
+                inside = ranges.iter().any(|&(s, e)| s <= start && end <= e);
+                continue;
+            }
+        }
+        if inside {
+            if let Some(rss) = line.strip_prefix("Rss:") {
+                kib += rss.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            }
+        }
+    }
+    Ok(kib)
+}
+
 /// Checks a client's table ([`check_table`]) and registers its mappings
 /// with the SIGBUS guard, installing the guard on first use.
 pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {

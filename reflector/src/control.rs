@@ -170,8 +170,15 @@ pub struct FleetStatus {
     /// The memory caps of the driver VMs running, current ones and
     /// spares, together, bytes (devices without one count 0).
     pub memory_cap_bytes: u64,
-    /// The reflector's own resident memory, KiB.
+    /// The reflector's own resident memory, KiB: its resident set less
+    /// [`FleetStatus::client_memory_kib`].
     pub reflector_rss_kib: u64,
+    /// Pages of the clients' memory the reflector maps and has touched,
+    /// KiB: in its resident set, but the clients' RAM (their QEMU's), not
+    /// the reflector's; at most the clients' RAM, however small the
+    /// reflector.
+    #[serde(default)]
+    pub client_memory_kib: u64,
     /// What the reflector should stay under: [`REFLECTOR_BASE_KIB`] plus
     /// [`REFLECTOR_PER_DEVICE_KIB`] per device, KiB.
     pub reflector_budget_kib: u64,
@@ -184,7 +191,9 @@ pub const REFLECTOR_PER_DEVICE_KIB: u64 = 256;
 
 impl FleetStatus {
     /// The fleet of `devices`, with this process's memory.
-    fn of(devices: &[DeviceStatus]) -> FleetStatus {
+    pub fn of(devices: &[DeviceStatus]) -> FleetStatus {
+        let resident = crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0);
+        let clients = crate::client_memory::resident_in(&crate::client_memory::mapped_ranges()).unwrap_or(0);
         FleetStatus {
             devices: devices.len(),
             attached: devices.iter().filter(|d| d.attached).count(),
@@ -193,7 +202,8 @@ impl FleetStatus {
             spare_rss_kib: devices.iter().map(|d| d.spare_rss_kib).sum(),
             spare_own_kib: devices.iter().map(|d| d.spare_own_kib).sum(),
             memory_cap_bytes: devices.iter().map(|d| d.memory_cap_bytes * (1 + u64::from(d.spare_pid != 0))).sum(),
-            reflector_rss_kib: crate::driver_watch::process_rss_kib(std::process::id() as libc::pid_t).unwrap_or(0),
+            reflector_rss_kib: resident.saturating_sub(clients),
+            client_memory_kib: clients,
             reflector_budget_kib: REFLECTOR_BASE_KIB + REFLECTOR_PER_DEVICE_KIB * devices.len() as u64,
         }
     }
@@ -357,7 +367,16 @@ fn prometheus(targets: &[ControlTarget]) -> String {
             "Memory caps of the driver VMs running (current ones and spares) together.",
             fleet.memory_cap_bytes,
         ),
-        ("rss_bytes", "The reflector's own resident memory.", fleet.reflector_rss_kib * 1024),
+        (
+            "rss_bytes",
+            "The reflector's own resident memory (its clients' memory it maps excluded).",
+            fleet.reflector_rss_kib * 1024,
+        ),
+        (
+            "client_memory_resident_bytes",
+            "Pages of the clients' memory the reflector maps and has touched (their RAM, not the reflector's).",
+            fleet.client_memory_kib * 1024,
+        ),
         (
             "memory_budget_bytes",
             "What the reflector's own memory should stay under.",

@@ -343,7 +343,7 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
     };
     println!(
         "fleet: {} devices, {} attached; driver VMs {} resident, {} their own; spares {} resident, {} their own \
-         ({cap}); reflector {} (budget {})",
+         ({cap}); reflector {} (budget {}; its clients' memory it maps {})",
         fleet.devices,
         fleet.attached,
         mib(fleet.driver_rss_kib),
@@ -351,7 +351,8 @@ fn show_status(args: &StatusArgs) -> Result<(), String> {
         mib(fleet.spare_rss_kib),
         mib(fleet.spare_own_kib),
         mib(fleet.reflector_rss_kib),
-        mib(fleet.reflector_budget_kib)
+        mib(fleet.reflector_budget_kib),
+        mib(fleet.client_memory_kib)
     );
     Ok(())
 }
