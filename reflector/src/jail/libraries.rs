@@ -48,24 +48,50 @@ fn libraries(vmm: &Path) -> Result<Vec<PathBuf>, JailError> {
 }
 
 /// The ELF program interpreter (PT_INTERP) of `binary`, if it has one.
+///
+/// Reads only the ELF header, the program headers and the interpreter's
+/// name: reading the whole binary (the vmm is 4.6 MB, QEMU more) left its
+/// pages resident in the reflector for good, in the heap of the thread
+/// that started the device (a device on QEMU's NVMe model idled at 9.7 MiB
+/// against 5.1 MiB, of a budget of 10.25).
 fn interpreter(binary: &Path) -> std::io::Result<Option<PathBuf>> {
-    let bytes = std::fs::read(binary)?;
-    let field = |at: usize, len: usize| -> std::io::Result<u64> {
-        let slice = bytes.get(at..at + len).ok_or_else(|| std::io::Error::other("truncated ELF"))?;
-        let mut value = [0u8; 8];
-        value[..len].copy_from_slice(slice);
-        Ok(u64::from_le_bytes(value))
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(binary)?;
+    let read = |at: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(&mut bytes, at).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => std::io::Error::other("truncated ELF"),
+            _ => e,
+        })?;
+        Ok(bytes)
     };
-    if bytes.get(0..4) != Some(b"\x7fELF") || bytes.get(4) != Some(&2) {
+    let field = |bytes: &[u8], at: usize, len: usize| -> u64 {
+        let mut value = [0u8; 8];
+        value[..len].copy_from_slice(&bytes[at..at + len]);
+        u64::from_le_bytes(value)
+    };
+    // Shorter than a 64-bit ELF header: not one.
+    let header = if file.metadata()?.len() < 0x40 { Vec::new() } else { read(0, 0x40)? };
+    if header.get(0..4) != Some(b"\x7fELF") || header.get(4) != Some(&2) {
         return Err(std::io::Error::other("not a 64-bit ELF file"));
     }
-    let (phoff, phentsize, phnum) = (field(0x20, 8)?, field(0x36, 2)?, field(0x38, 2)?);
+    let (phoff, phentsize, phnum) = (field(&header, 0x20, 8), field(&header, 0x36, 2), field(&header, 0x38, 2));
+    if phentsize < 0x38 {
+        return Err(std::io::Error::other("ELF program headers too small"));
+    }
+    // At most 65535 headers of at most 65535 bytes: 4 GiB at worst from a
+    // hostile file, so read them one at a time.
     for i in 0..phnum {
-        let header = (phoff + i * phentsize) as usize;
-        if field(header, 4)? == 3 {
-            let (offset, size) = (field(header + 8, 8)? as usize, field(header + 32, 8)? as usize);
-            let raw = bytes.get(offset..offset + size).ok_or_else(|| std::io::Error::other("truncated ELF"))?;
-            let text = raw.split(|b| *b == 0).next().unwrap_or(raw);
+        let entry = read(phoff.saturating_add(i * phentsize), 0x38)?;
+        if field(&entry, 0, 4) == 3 {
+            let (offset, size) = (field(&entry, 8, 8), field(&entry, 32, 8));
+            // A path, not a file: PATH_MAX bounds it.
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|&s| s <= 4096)
+                .ok_or_else(|| std::io::Error::other("ELF interpreter name longer than a path"))?;
+            let raw = read(offset, size)?;
+            let text = raw.split(|b| *b == 0).next().unwrap_or(&raw);
             return Ok(Some(PathBuf::from(std::ffi::OsStr::from_bytes(text))));
         }
     }
@@ -75,6 +101,57 @@ fn interpreter(binary: &Path) -> std::io::Result<Option<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 64-bit ELF header with one program header, PT_INTERP naming
+    /// `interp`, at the start of a sparse file of `size` bytes.
+    fn elf_with_interpreter(name: &str, interp: &[u8], size: u64) -> PathBuf {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("reflector-elf-{}-{name}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(size).unwrap();
+        let mut header = vec![0u8; 0x40];
+        header[0..4].copy_from_slice(b"\x7fELF");
+        header[4] = 2;
+        header[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes());
+        header[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
+        header[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        let mut program = vec![0u8; 0x38];
+        program[0..4].copy_from_slice(&3u32.to_le_bytes());
+        program[8..16].copy_from_slice(&0x78u64.to_le_bytes());
+        program[32..40].copy_from_slice(&(interp.len() as u64).to_le_bytes());
+        file.write_all_at(&header, 0).unwrap();
+        file.write_all_at(&program, 0x40).unwrap();
+        file.write_all_at(interp, 0x78).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_interpreter_is_read_from_the_headers_alone() {
+        // 1 GiB, sparse: reading it whole would take a gigabyte.
+        let path = elf_with_interpreter("big", b"/lib64/ld-test.so.2\0", 1 << 30);
+        assert_eq!(interpreter(&path).unwrap(), Some(PathBuf::from("/lib64/ld-test.so.2")));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_broken_binary_is_refused_with_a_reason() {
+        let long = vec![b'a'; 8192];
+        let path = elf_with_interpreter("long", &long, 16384);
+        let error = interpreter(&path).unwrap_err().to_string();
+        assert!(error.contains("longer than a path"), "{error}");
+        std::fs::remove_file(&path).unwrap();
+        // Cut inside its program header.
+        let path = elf_with_interpreter("short", b"/lib/ld.so\0", 0x78);
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0x60).unwrap();
+        let error = interpreter(&path).unwrap_err().to_string();
+        assert!(error.contains("truncated ELF"), "{error}");
+        std::fs::remove_file(&path).unwrap();
+        let path = std::env::temp_dir().join(format!("reflector-elf-{}-text", std::process::id()));
+        std::fs::write(&path, b"#!/bin/sh\necho not an ELF file\n").unwrap();
+        let error = interpreter(&path).unwrap_err().to_string();
+        assert!(error.contains("not a 64-bit ELF"), "{error}");
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn the_libraries_of_a_dynamic_binary_are_found() {
