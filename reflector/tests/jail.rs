@@ -473,3 +473,47 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
     assert_eq!(tasks, "24", "task limit; membership: {membership}");
     assert!(vm.kill_and_wait(std::time::Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
 }
+
+/// The cgroups a reflector that was killed left behind are removed when
+/// the next one starts (`jail::prepare_cgroups`), and those of a reflector
+/// still running are not; only in the cgroup the reflector is in (v1's
+/// memory hierarchy here, the unified one in `ci/e2e-cgroup2.sh`).
+#[test]
+fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
+    use std::path::PathBuf;
+
+    if !kvm_available("cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others") {
+        return;
+    }
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let parent = if v2 {
+        let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/');
+        // Once moved into its own leaf, the devices' cgroups are beside it.
+        let path = path.strip_suffix(reflector::jail::OWN_LEAF).unwrap_or(path).trim_end_matches('/');
+        PathBuf::from("/sys/fs/cgroup").join(path)
+    } else {
+        let path = own
+            .lines()
+            .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
+            .find(|(controllers, _)| controllers.split(',').any(|c| c == "memory"))
+            .map(|(_, path)| path.trim_start_matches('/').to_owned())
+            .unwrap();
+        PathBuf::from("/sys/fs/cgroup/memory").join(path)
+    };
+    // A pid no process has: the owner of the stale cgroups is gone.
+    let gone = (1..).map(|i| 4_000_000 - i).find(|pid| !PathBuf::from(format!("/proc/{pid}")).exists()).unwrap();
+    let stale = parent.join(format!("driver-vms-{gone}-swept"));
+    let live = parent.join(format!("driver-vms-{}-kept", std::process::id()));
+    for dir in [&stale, &live] {
+        std::fs::create_dir_all(dir.join("vm0")).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    }
+    reflector::jail::prepare_cgroups();
+    let (stale_left, live_left) = (stale.exists(), live.join("vm0").exists());
+    for dir in [&stale, &live] {
+        let _ = std::fs::remove_dir(dir.join("vm0"));
+        let _ = std::fs::remove_dir(dir);
+    }
+    assert!(!stale_left, "the cgroups of a reflector that is gone were left: {}", stale.display());
+    assert!(live_left, "the cgroups of a running reflector were swept: {}", live.display());
+}

@@ -263,7 +263,7 @@ fn enable_controllers() -> Result<PathBuf, String> {
     // mounted says `/` of the wrong root): else the devices' cgroups would
     // land outside the reflector's own limits.
     let me = std::process::id();
-    if !members()?.iter().any(|(pid, _)| *pid == me) {
+    if !member_of(&parent) {
         return Err(format!(
             "/proc/self/cgroup names {path}, but the reflector (pid {me}) is not in {}: \
              /sys/fs/cgroup is not its cgroup namespace's hierarchy; mount the cgroup2 of its own namespace there",
@@ -348,6 +348,13 @@ pub fn prepare_cgroups() {
     }
 }
 
+/// Whether this process is in the cgroup directory `dir` (its
+/// `cgroup.procs` lists it).
+fn member_of(dir: &Path) -> bool {
+    let me = std::process::id().to_string();
+    std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.split_whitespace().any(|pid| pid == me))
+}
+
 /// Removes the cgroups of reflectors that are gone (killed before they
 /// could clean up); cgroups still holding processes stay.
 fn sweep_stale_cgroups() {
@@ -365,6 +372,12 @@ fn sweep_stale_cgroups() {
         }
     }
     for parent in parents {
+        // Only where this reflector is: a hierarchy mounted from outside
+        // its cgroup namespace names another cgroup by the same path, and
+        // the owners of what it holds are not in this PID namespace.
+        if !member_of(&parent) && !member_of(&parent.join(OWN_LEAF)) {
+            continue;
+        }
         let Ok(entries) = std::fs::read_dir(&parent) else { continue };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -47,7 +47,7 @@ mod child;
 mod filters;
 mod libraries;
 
-pub use cgroups::prepare_cgroups;
+pub use cgroups::{prepare_cgroups, OWN_LEAF};
 pub use filters::confine_reflector;
 
 use std::ffi::CString;
