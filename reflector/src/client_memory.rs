@@ -160,8 +160,14 @@ pub fn mapped_ranges() -> Vec<(usize, usize)> {
     SLOTS
         .iter()
         .filter(|slot| slot.owner.load(Ordering::Acquire))
-        .map(|slot| (slot.start.load(Ordering::Acquire), slot.end.load(Ordering::Acquire)))
-        .filter(|&(start, end)| end > start)
+        .filter_map(|slot| {
+            // A slot being claimed or released writes start before end and
+            // clears end first: a range read between the two ends' loads
+            // agreeing, with a start, is whole.
+            let end = slot.end.load(Ordering::Acquire);
+            let start = slot.start.load(Ordering::Acquire);
+            (start != 0 && end > start && slot.end.load(Ordering::Acquire) == end).then_some((start, end))
+        })
         .collect()
 }
 
@@ -171,15 +177,22 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<u64> {
     if ranges.is_empty() {
         return Ok(0);
     }
-    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    use std::io::BufRead;
+    // Line by line: with hundreds of devices the file is megabytes.
+    let smaps = std::io::BufReader::new(std::fs::File::open("/proc/self/smaps")?);
     let mut inside = false;
     let mut kib = 0;
     for line in smaps.lines() {
+        let line = line?;
         // A mapping's first line: `start-end perms offset dev inode path`.
-        let first = line.split_whitespace().next().unwrap_or("");
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
         if let Some((start, end)) = first.split_once('-') {
             if let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16)) {
-                inside = ranges.iter().any(|&(s, e)| s <= start && end <= e);
+                // Clients' memory is mapped shared: a private mapping (the
+                // reflector's heap, stacks) is never theirs.
+                let shared = words.next().is_some_and(|perms| perms.ends_with('s'));
+                inside = shared && ranges.iter().any(|&(s, e)| s <= start && end <= e);
                 continue;
             }
         }

@@ -886,6 +886,9 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         tracing::trace!(device = %self.core.name, "client memory table");
         self.core.memory = None;
+        // The old table is unmapped already: its ranges must not stay
+        // registered (they would name whatever is mapped there next).
+        self.core.memory_guard = None;
         let registration = client_memory::accept(&self.core.name, &memory.memory())?;
         self.core.memory = Some(memory);
         self.core.memory_guard = Some(registration);

@@ -490,7 +490,8 @@ fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
     let parent = if v2 {
         let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_start_matches('/');
         // Once moved into its own leaf, the devices' cgroups are beside it.
-        let path = path.strip_suffix(reflector::jail::OWN_LEAF).unwrap_or(path).trim_end_matches('/');
+        let leaf = format!("/{}", reflector::jail::OWN_LEAF);
+        let path = path.strip_suffix(leaf.as_str()).unwrap_or(path);
         PathBuf::from("/sys/fs/cgroup").join(path)
     } else {
         let path = own

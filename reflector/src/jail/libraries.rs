@@ -56,6 +56,11 @@ fn libraries(vmm: &Path) -> Result<Vec<PathBuf>, JailError> {
 /// against 5.1 MiB, of a budget of 10.25).
 fn interpreter(binary: &Path) -> std::io::Result<Option<PathBuf>> {
     use std::os::unix::fs::FileExt;
+    // Not a FIFO or a device: opening a FIFO would wait for a writer, with
+    // every device's start waiting behind it.
+    if !std::fs::metadata(binary)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let file = std::fs::File::open(binary)?;
     let read = |at: u64, len: usize| -> std::io::Result<Vec<u8>> {
         let mut bytes = vec![0u8; len];
@@ -146,6 +151,14 @@ mod tests {
         let error = interpreter(&path).unwrap_err().to_string();
         assert!(error.contains("truncated ELF"), "{error}");
         std::fs::remove_file(&path).unwrap();
+        // A FIFO is refused, not opened (that would wait for a writer).
+        let fifo = std::env::temp_dir().join(format!("reflector-elf-{}-fifo", std::process::id()));
+        let name = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo(3) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        let error = interpreter(&fifo).unwrap_err().to_string();
+        assert!(error.contains("not a regular file"), "{error}");
+        std::fs::remove_file(&fifo).unwrap();
         let path = std::env::temp_dir().join(format!("reflector-elf-{}-text", std::process::id()));
         std::fs::write(&path, b"#!/bin/sh\necho not an ELF file\n").unwrap();
         let error = interpreter(&path).unwrap_err().to_string();
