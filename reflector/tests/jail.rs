@@ -8,7 +8,7 @@
 //! Needs root, /dev/kvm and the workspace's binaries.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 mod common;
@@ -405,7 +405,6 @@ fn memory_slots_are_held_until_released_and_shared_only_when_all_are_held() {
 fn a_jailed_driver_vm_runs_under_its_devices_limits() {
     use reflector::jail::{default_uid_base, Jail, JailLimits, Jailed};
     use reflector::supervisor::{DriverLauncher, DriverVmSpec};
-    use std::path::PathBuf;
     use std::sync::Arc;
     use vmm_sys_util::eventfd::EventFd;
 
@@ -453,15 +452,7 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
             (read(&leaf, "memory.max"), (quota, period), read(&device, "pids.max"))
         }
         None => {
-            let dir = |controller: &str| {
-                let path = membership
-                    .lines()
-                    .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
-                    .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
-                    .map(|(_, path)| path.trim_start_matches('/').to_owned())
-                    .unwrap_or_else(|| panic!("no {controller} hierarchy in {membership}"));
-                PathBuf::from("/sys/fs/cgroup").join(controller).join(path)
-            };
+            let dir = |controller: &str| v1_cgroup_dir(&membership, controller);
             let cpu = dir("cpu");
             let quota = (read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us"));
             swap(&dir("memory"), "memory.memsw.limit_in_bytes", (48u64 << 20).to_string());
@@ -480,8 +471,6 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
 /// memory hierarchy here, the unified one in `ci/e2e-cgroup2.sh`).
 #[test]
 fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
-    use std::path::PathBuf;
-
     if !kvm_available("cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others") {
         return;
     }
@@ -494,13 +483,7 @@ fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
         let path = path.strip_suffix(leaf.as_str()).unwrap_or(path);
         PathBuf::from("/sys/fs/cgroup").join(path)
     } else {
-        let path = own
-            .lines()
-            .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
-            .find(|(controllers, _)| controllers.split(',').any(|c| c == "memory"))
-            .map(|(_, path)| path.trim_start_matches('/').to_owned())
-            .unwrap();
-        PathBuf::from("/sys/fs/cgroup/memory").join(path)
+        v1_cgroup_dir(&own, "memory")
     };
     // A pid no process has: the owner of the stale cgroups is gone.
     let gone = (1..).map(|i| 4_000_000 - i).find(|pid| !PathBuf::from(format!("/proc/{pid}")).exists()).unwrap();
@@ -517,4 +500,16 @@ fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
     }
     assert!(!stale_left, "the cgroups of a reflector that is gone were left: {}", stale.display());
     assert!(live_left, "the cgroups of a running reflector were swept: {}", live.display());
+}
+
+/// The directory, in `controller`'s cgroup v1 hierarchy, of the cgroup
+/// `membership` (a /proc/PID/cgroup) names.
+fn v1_cgroup_dir(membership: &str, controller: &str) -> PathBuf {
+    let path = membership
+        .lines()
+        .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
+        .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
+        .map(|(_, path)| path.trim_start_matches('/').to_owned())
+        .unwrap_or_else(|| panic!("no {controller} hierarchy in {membership}"));
+    PathBuf::from("/sys/fs/cgroup").join(controller).join(path)
 }

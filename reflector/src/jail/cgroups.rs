@@ -115,13 +115,8 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
     } else {
         let own = started_in()?;
         for controller in ["cpu", "pids", "memory"] {
-            let path = own
-                .lines()
-                .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
-                .find(|(controllers, _)| controllers.split(',').any(|c| c == controller))
-                .map(|(_, path)| path)
-                .unwrap_or("/");
-            let dir = Path::new("/sys/fs/cgroup").join(controller).join(path.trim_start_matches('/')).join(&device);
+            let hierarchy = own_dir(&own, Some(controller));
+            let dir = hierarchy.unwrap_or_else(|| Path::new("/sys/fs/cgroup").join(controller)).join(&device);
             let settings = match controller {
                 "cpu" => vec![("cpu.cfs_period_us", period.to_string()), ("cpu.cfs_quota_us", quota.to_string())],
                 "pids" => vec![("pids.max", limits.tasks.to_string())],
@@ -178,7 +173,7 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
         .map_err(io_error("moving a cgroup membership descriptor"))?;
     if dir.role == Role::MemoryLeaf {
         let events = ["memory.events", "memory.oom_control"].iter().find_map(|f| File::open(path.join(f)).ok());
-        let dir = if v2 {
+        let directory = if v2 {
             Some(
                 File::open(path)
                     .and_then(|dir| hardware::descriptors::lift(dir.into()))
@@ -188,7 +183,7 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
         } else {
             None
         };
-        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false), dir });
+        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false), dir: directory });
     } else {
         cgroups.joins.push(file);
     }
@@ -242,8 +237,7 @@ fn unified_parent() -> Result<PathBuf, JailError> {
 
 fn enable_controllers() -> Result<PathBuf, String> {
     let own = started_in().map_err(|e| e.to_string())?;
-    let path = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/");
-    let parent = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+    let parent = own_dir(&own, None).unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup"));
     let read = |file: &str| -> Result<String, String> {
         std::fs::read_to_string(parent.join(file)).map_err(|e| format!("reading {}: {e}", parent.join(file).display()))
     };
@@ -265,9 +259,9 @@ fn enable_controllers() -> Result<PathBuf, String> {
     let me = std::process::id();
     if !member_of(&parent) {
         return Err(format!(
-            "/proc/self/cgroup names {path}, but the reflector (pid {me}) is not in {}: \
+            "/proc/self/cgroup names {}, but the reflector (pid {me}) is not in its cgroup.procs: \
              /sys/fs/cgroup is not its cgroup namespace's hierarchy; mount the cgroup2 of its own namespace there",
-            parent.join("cgroup.procs").display()
+            parent.display()
         ));
     }
     let available: Vec<String> = read("cgroup.controllers")?.split_whitespace().map(str::to_owned).collect();
@@ -348,6 +342,22 @@ pub fn prepare_cgroups() {
     }
 }
 
+/// The directory of this process's cgroup, from `own` (/proc/self/cgroup):
+/// in `controller`'s v1 hierarchy, or in the unified one (`None`, the
+/// `0::` line) mounted at /sys/fs/cgroup; None if `own` names none.
+fn own_dir(own: &str, controller: Option<&str>) -> Option<PathBuf> {
+    let path = own.lines().find_map(|line| {
+        let (_, rest) = line.split_once(':')?;
+        let (controllers, path) = rest.split_once(':')?;
+        let wanted = match controller {
+            Some(controller) => controllers.split(',').any(|c| c == controller),
+            None => controllers.is_empty(),
+        };
+        wanted.then_some(path.trim_start_matches('/'))
+    })?;
+    Some(Path::new("/sys/fs/cgroup").join(controller.unwrap_or("")).join(path))
+}
+
 /// Whether this process is in the cgroup directory `dir` (its
 /// `cgroup.procs` lists it).
 fn member_of(dir: &Path) -> bool {
@@ -359,19 +369,8 @@ fn member_of(dir: &Path) -> bool {
 /// could clean up); cgroups still holding processes stay.
 fn sweep_stale_cgroups() {
     let Ok(own) = started_in() else { return };
-    let mut parents = Vec::new();
-    for line in own.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else { continue };
-        let relative = path.trim_start_matches('/');
-        if controllers.is_empty() {
-            parents.push(Path::new("/sys/fs/cgroup").join(relative));
-        }
-        for controller in controllers.split(',').filter(|c| ["cpu", "memory", "pids"].contains(c)) {
-            parents.push(Path::new("/sys/fs/cgroup").join(controller).join(relative));
-        }
-    }
-    for parent in parents {
+    let hierarchies = std::iter::once(None).chain(CONTROLLERS.map(Some));
+    for parent in hierarchies.filter_map(|controller| own_dir(&own, controller)) {
         // Only where this reflector is: a hierarchy mounted from outside
         // its cgroup namespace names another cgroup by the same path, and
         // the owners of what it holds are not in this PID namespace.

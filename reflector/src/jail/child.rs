@@ -192,14 +192,12 @@ impl Jail {
             None => -1,
         };
         if pid < 0 {
-            if into.is_some() {
-                // No clone3, or a cgroup this user may not clone into (a
-                // reflector that became an unprivileged user: the kernel
-                // judges CLONE_INTO_CGROUP by the caller's credentials, a
-                // write by the opener's): joining first still works.
-                if let Some(leaf) = leaf {
-                    join(leaf.join.as_raw_fd())?;
-                }
+            // No clone3, or a cgroup this user may not clone into (a
+            // reflector that became an unprivileged user: the kernel judges
+            // CLONE_INTO_CGROUP by the caller's credentials, a write by the
+            // opener's): joining first still works.
+            if let (Some(_), Some(leaf)) = (into, leaf) {
+                join(leaf.join.as_raw_fd())?;
             }
             // SAFETY: clone(2) without CLONE_VM and with a null stack behaves
             // as fork(2): the child runs on a copy of this single-threaded
