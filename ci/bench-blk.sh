@@ -21,6 +21,9 @@
 # With --chart FILE, the results are also drawn as an SVG (ci/chart.py):
 # per job, the latency CDFs side by side and the CPU per request by process.
 #
+# The binaries are target/release's (cargo build --release); BIN=DIR takes
+# reflector, vmm and blk-load from DIR instead (to compare two builds).
+#
 # Usage: ci/bench-blk.sh [--seconds S] [--rounds N] [--size MIB] [--json FILE] [--chart FILE.svg]
 set -euo pipefail
 
@@ -42,7 +45,7 @@ while (($#)); do
     esac
 done
 [[ -z $chart || -n $json ]] || die "--chart needs --json FILE (the chart is drawn from it)"
-bin=$repo/target/release
+bin=${BIN:-$repo/target/release}
 for tool in "$bin/reflector" "$bin/vmm" "$bin/blk-load"; do
     [[ -x $tool ]] || die "$tool missing: cargo build --release"
 done

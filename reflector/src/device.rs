@@ -773,7 +773,10 @@ impl<K: DeviceKind> Device<K> {
         self.core.channel.set_host_waiting(false);
         let start = Instant::now();
         while !self.core.channel.completions_pending() && start.elapsed() < window {
-            std::hint::spin_loop();
+            // Yielding, not spinning: the threads this worker waits for
+            // (the device's, the client's) may be runnable on this very
+            // core, and a spin would hold it from them until preempted.
+            std::thread::yield_now();
         }
         let hit = self.core.channel.completions_pending();
         self.core.poll_credit.record(hit);

@@ -140,7 +140,9 @@ impl ChannelThread {
             if word(header::REQ_PROD).load(Ordering::Acquire) != taken {
                 return !self.state.killed.load(Ordering::SeqCst);
             }
-            std::hint::spin_loop();
+            // Yielding, as the reflector's own polls do: the worker that
+            // publishes requests may be waiting for this core.
+            std::thread::yield_now();
         }
         word(header::DRIVER_SLEEPING).store(1, Ordering::SeqCst);
         fence(Ordering::SeqCst);

@@ -206,7 +206,9 @@ impl Qtest {
                 return Err(QtestError::Timeout { command: command.into() });
             }
             if sent.elapsed() < self.answer_spin {
-                std::hint::spin_loop();
+                // Yielding: QEMU, which owes the answer, may be waiting
+                // for this very core.
+                std::thread::yield_now();
             } else {
                 wait_readable(conversation.stream.as_raw_fd(), Some(left));
             }
