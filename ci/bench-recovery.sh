@@ -21,6 +21,9 @@
 # process, needs qemu-system-x86_64) instead of the simulated one: the
 # failover of a driver of hardware nobody here wrote, its quiesce included.
 #
+# The binaries are target/release's; BIN=DIR takes them from DIR instead
+# (to compare two builds).
+#
 # Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--cold | --standby | --spare] [--no-jail]
 #                             [--device sim|nvme]
 set -euo pipefail
@@ -44,7 +47,7 @@ case $device in
 sim | nvme) ;;
 *) echo "bench-recovery: --device wants sim or nvme, not '$device'" >&2; exit 2 ;;
 esac
-bin=$repo/target/release
+bin=${BIN:-$repo/target/release}
 tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
 pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
