@@ -12,7 +12,11 @@
 # runs every mode once per job, interleaved; the median of the rounds is
 # reported. This machine's 2 cores are shared: figures vary between runs.
 #
-# Usage: ci/bench-null.sh [--seconds S] [--rounds N] [--json FILE]
+# The client sleeps on its call eventfd between completions, as a guest's
+# driver waits for its interrupt; --client-spin US has it poll the used
+# ring for up to US first (blk-load's own default is 50), as ci/bench-blk.sh.
+#
+# Usage: ci/bench-null.sh [--seconds S] [--rounds N] [--client-spin US] [--json FILE]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,11 +24,12 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'bench-null: %s\n' "$*" >&2; }
 die() { printf 'bench-null: FAIL: %s\n' "$*" >&2; exit 1; }
 
-seconds=2 rounds=2 json=''
+seconds=2 rounds=2 client_spin=0 json=''
 while (($#)); do
     case $1 in
     --seconds) seconds=${2:?}; shift 2 ;;
     --rounds) rounds=${2:?}; shift 2 ;;
+    --client-spin) client_spin=${2:?}; shift 2 ;;
     --json) json=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -77,21 +82,21 @@ for round in $(seq "$rounds"); do
         for mode in a b c; do
             log "round $round/$rounds: $bs ($mode)"
             timeout 600 "$bin/blk-load" --socket "$tmp/$mode.sock" --json --queue-size 1024 --seconds "$seconds" \
-                --job read --bs "$bs" --qd "1,$deep" --size 32M 2>>"$tmp/blk-load.log" \
+                --spin-us "$client_spin" --job read --bs "$bs" --qd "1,$deep" --size 32M 2>>"$tmp/blk-load.log" \
                 | sed "s/^{/{\"mode\":\"$mode\",/" >>"$tmp/results.json" || die "$mode: blk-load failed"
         done
     done
 done
 
-python3 - "$tmp/results.json" "$rounds" "${json:-}" <<'PY'
+python3 - "$tmp/results.json" "$rounds" "${json:-}" "$client_spin" <<'PY'
 import json, sys, statistics
-path, rounds, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+path, rounds, out, client_spin = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 runs = {}
 for line in open(path):
     j = json.loads(line)
     runs.setdefault((j["bs"], j["qd"], j["mode"]), []).append(j)
 med = {k: {f: statistics.median(x[f] for x in v) for f in ("iops", "mb_s", "lat_p50_us", "errors")} for k, v in runs.items()}
-print(f"\nnull driver (the Proxy Driver's Figure 3), sequential reads, median of {rounds} round(s):")
+print(f"\nnull driver (the Proxy Driver's Figure 3), sequential reads, client poll {client_spin} us, median of {rounds} round(s):")
 print("  a = driver VM (jailed), b = hosted process (same source), c = no driver (inline-null)")
 print(f"{'bs':>7}{'qd':>4} | {'a MB/s':>8}{'IOPS':>8} | {'b MB/s':>8}{'IOPS':>8} | {'c MB/s':>8}{'IOPS':>8} | {'a/b':>6}{'a/c':>6}")
 table = []
