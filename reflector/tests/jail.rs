@@ -126,8 +126,10 @@ fn every_running_driver_vm_is_confined() {
         let output = Command::new(env!("CARGO_BIN_EXE_reflector"))
             .args(["status", "--json", "--control"])
             .arg(&control)
-            .output();
-        let text = String::from_utf8(output.unwrap().stdout).unwrap();
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "reflector status failed: {}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8(output.stdout).unwrap();
         let devices: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         let mut pids = Vec::new();
         for device in devices.as_array().unwrap() {
