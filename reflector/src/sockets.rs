@@ -10,8 +10,8 @@
 //! - Sockets are created owner-only (mode 0600), whatever the caller's umask:
 //!   a vhost-user client gets to hand the reflector its memory, and the
 //!   control socket can kill driver VMs.
-//! - A path appears only once its socket listens: it is bound under a
-//!   staging name and renamed into place, so a client that sees the path
+//! - A path appears only once its socket listens: it is bound in a private
+//!   directory beside it and renamed into place, so a client that sees the path
 //!   (QEMU, `reflector status`, a script waiting for the file) can connect
 //!   at once, never in the moment between bind(2) and listen(2).
 //! - Every failure is an error at start, naming the path and what to do.
@@ -144,28 +144,33 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
 const SUN_PATH_MAX: usize = 107;
 
 /// Binds a listening, owner-only socket that appears at `path` only once
-/// it listens: bound at `PATH.new`, then renamed onto `path` without
-/// replacing anything there. A path too long for the staging name is
-/// bound in place. The caller holds `path`'s lock, so the staging name is
-/// its own; one left by a reflector that died is removed.
+/// it listens: bound in a new private directory beside it (`PATH.XXXXXX`,
+/// made by mkdtemp(3), so no other path can be touched), then renamed onto
+/// `path` without replacing anything there. A path too long for that is
+/// bound in place.
 fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut staging = path.as_os_str().to_owned();
-    staging.push(".new");
-    let staging = PathBuf::from(staging);
-    if staging.as_os_str().len() > SUN_PATH_MAX {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut template = path.as_os_str().as_bytes().to_vec();
+    template.extend_from_slice(b".XXXXXX");
+    if template.len() + "/s".len() > SUN_PATH_MAX {
         let listener = UnixListener::bind(path)?;
         // The process umask is 077 (see `restrict_umask`); this also
         // covers a library that bound with another one.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         return Ok(listener);
     }
-    match std::fs::remove_file(&staging) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-        _ => {}
+    template.push(0);
+    // SAFETY: mkdtemp(3) rewrites the trailing XXXXXX of this NUL-terminated
+    // buffer, which we own and which outlives the call, and creates that
+    // directory (mode 0700).
+    if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
+        return Err(std::io::Error::last_os_error());
     }
-    let listener = UnixListener::bind(&staging)?;
-    let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600)).and_then(|()| {
+    template.pop();
+    let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
+    let staging = dir.join("s");
+    let placed = UnixListener::bind(&staging).and_then(|listener| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
         let from = std::ffi::CString::new(staging.as_os_str().as_bytes())?;
         let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
         // SAFETY: renameat2(2) on two NUL-terminated paths that live across
@@ -174,17 +179,16 @@ fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
         let renamed = unsafe {
             libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
         };
-        if renamed == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
+        if renamed != 0 {
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(listener)
     });
-    if let Err(error) = placed {
+    if placed.is_err() {
         let _ = std::fs::remove_file(&staging);
-        return Err(error);
     }
-    Ok(listener)
+    let _ = std::fs::remove_dir(&dir);
+    placed
 }
 
 /// Makes every file and socket this process creates owner-only.
@@ -228,24 +232,27 @@ mod tests {
     fn a_socket_path_appears_only_listening_and_its_placing_replaces_nothing() {
         let dir = scratch("placed");
         let path = dir.join("s.sock");
-        let staging = dir.join("s.sock.new");
-        // A staging socket left by a reflector that died is removed.
-        drop(UnixListener::bind(&staging).unwrap());
+        // Another path that looks like a staging name is never touched.
+        let neighbour = dir.join("s.sock.new");
+        let _neighbour = UnixListener::bind(&neighbour).unwrap();
         let claimed = claim(&path).unwrap();
         UnixStream::connect(&path).expect("the path accepts as soon as it exists");
-        assert!(!staging.exists(), "no staging name is left behind");
+        UnixStream::connect(&neighbour).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let mut names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["s.sock", "s.sock.lock", "s.sock.new"], "no staging directory is left behind");
         drop(claimed);
         // A file that appears at the path between the claim's check and
-        // the placing stays, and the staging socket goes.
+        // the placing stays.
         let image = dir.join("disk.img");
         std::fs::write(&image, b"precious").unwrap();
         assert!(bind_listening(&image).is_err());
         assert_eq!(std::fs::read(&image).unwrap(), b"precious");
-        assert!(!dir.join("disk.img.new").exists());
-        // A path too long for the staging name is bound in place.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4, "no staging directory is left behind");
+        // A path too long for the staging directory is bound in place.
         let long = dir.join("x".repeat(SUN_PATH_MAX - dir.as_os_str().len() - 3));
-        assert!(long.as_os_str().len() <= SUN_PATH_MAX && long.as_os_str().len() + 4 > SUN_PATH_MAX);
+        assert!(long.as_os_str().len() <= SUN_PATH_MAX && long.as_os_str().len() + 9 > SUN_PATH_MAX);
         let _listener = bind_listening(&long).unwrap();
         UnixStream::connect(&long).unwrap();
         let _ = std::fs::remove_dir_all(&dir);
