@@ -282,6 +282,11 @@ pub trait Device {
         let _ = channel;
         Ok(false)
     }
+    /// After the completions `reap` moved were published (and the
+    /// reflector rung): hands their entries back to the device. A device
+    /// whose release costs an exit (an NVMe completion queue's head
+    /// doorbell) does it here, so that the reflector hears of them first.
+    fn released(&mut self) {}
     /// Before sleeping: asks the device to interrupt when it completes
     /// something (`armed`), or not; returns whether it has nothing to reap.
     fn arm(&mut self, armed: bool) -> bool {
@@ -366,6 +371,9 @@ fn turn<D: Device>(channel: &mut Channel, device: &mut D) -> Result<(bool, bool)
     }
     let reaped = device.reap(channel)?;
     channel.publish();
+    if reaped {
+        device.released();
+    }
     Ok((submitted, reaped))
 }
 

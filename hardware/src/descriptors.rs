@@ -28,6 +28,19 @@ pub fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(lifted) })
 }
 
+/// A descriptor of its own (close-on-exec) for `fd`, an open descriptor
+/// the caller holds (an eventfd to hand a child while keeping it).
+pub fn copy(fd: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open
+    // returns a new one or -1.
+    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+}
+
 /// A pipe (read end, write end), close-on-exec.
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     let mut ends = [-1; 2];

@@ -54,8 +54,20 @@ pub struct TrapWindow {
     pub name: &'static str,
     /// Bytes.
     pub size: u64,
-    /// Makes a new connection; returns the vmm's end.
-    pub connect: Arc<dyn Fn() -> std::io::Result<std::os::fd::OwnedFd> + Send + Sync>,
+    /// Its posted registers (offsets): writes the vmm signals by KVM
+    /// ioeventfd instead of forwarding (`guest_abi::trap`).
+    pub posted: Vec<u64>,
+    /// Makes a new connection; returns the vmm's ends.
+    pub connect: Arc<dyn Fn() -> std::io::Result<TrapConnection> + Send + Sync>,
+}
+
+/// The vmm's ends of one driver VM's connection to a trapped window.
+pub struct TrapConnection {
+    /// The socket its accesses come over (`--trap ...,fd=`).
+    pub socket: std::os::fd::OwnedFd,
+    /// One eventfd per posted register, in [`TrapWindow::posted`]'s order
+    /// (`--trap ...,posted=OFFSET:FD`).
+    pub posted: Vec<std::os::fd::OwnedFd>,
 }
 
 /// A device as a driver VM sees it, whatever its kind: the seam where a

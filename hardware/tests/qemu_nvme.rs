@@ -337,6 +337,7 @@ fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_
             interrupt: route,
             wire: None,
             jail: None,
+            posted_mirror: None,
         })
         .unwrap();
         fn driver<'a>(model: &'a QemuModel, memory: &'a SharedMemory) -> Controller<Bar<'a>, Dma<'a>, Clock> {
@@ -428,12 +429,13 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
             interrupt: Arc::new(InterruptRoute::default()),
             wire: None,
             jail: None,
+            posted_mirror: None,
         })
         .unwrap(),
     );
     let trap = supervised.trap();
     let connect = || {
-        let stream = std::os::unix::net::UnixStream::from((trap.connect)().unwrap());
+        let stream = std::os::unix::net::UnixStream::from((trap.connect)().unwrap().socket);
         // A hang guard, not a timing assertion.
         stream.set_read_timeout(Some(BOUND)).unwrap();
         stream
@@ -451,4 +453,114 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     assert_eq!(supervised.restarts(), 1);
     assert_eq!(trapped_read32(&spare, 0), Some(cap), "the spare must reach the new process");
     assert_eq!(trapped_read32(&serving, 0), None, "the dead driver's connection must be revoked");
+}
+
+/// BAR0 as a driver VM's vmm presents it: accesses go over the trapped
+/// window's socket, but a write to a posted register only signals its
+/// eventfd (KVM's ioeventfd), and its value is lost on the way.
+struct TrappedBar {
+    socket: std::os::unix::net::UnixStream,
+    posted: Vec<(usize, EventFd)>,
+    /// Writes that went to an eventfd.
+    signalled: std::rc::Rc<std::cell::Cell<u32>>,
+}
+
+impl nvme::Registers for TrappedBar {
+    fn read32(&self, offset: usize) -> u32 {
+        trapped_read32(&self.socket, offset as u32).expect("the proxy answers reads")
+    }
+
+    fn write32(&self, offset: usize, value: u32) {
+        use std::io::Write;
+        if let Some((_, signal)) = self.posted.iter().find(|(posted, _)| *posted == offset) {
+            signal.write(1).unwrap();
+            self.signalled.set(self.signalled.get() + 1);
+            return;
+        }
+        let access = guest_abi::trap::Access {
+            kind: guest_abi::trap::WRITE,
+            size: 4,
+            offset: offset as u32,
+            value: value.into(),
+        };
+        (&self.socket).write_all(&access.encode()).unwrap();
+    }
+}
+
+#[test]
+fn a_posted_doorbell_reaches_the_controller_by_its_eventfd_alone() {
+    use hardware::qemu::{ProcessSpec, SupervisedModel};
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let Some(qemu) = qemu() else { return };
+    let dir = tempdir::Dir::new("posted");
+    let image = dir.0.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
+    let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
+    let layout = Layout::at(BUFFERS);
+    let supervised = Arc::new(
+        SupervisedModel::start(ProcessSpec {
+            qemu,
+            model: Model::Nvme { image: image.clone(), read_only: false },
+            serial: "drvm-posted".into(),
+            dma: memory.clone(),
+            offset: 0,
+            len: memory.size(),
+            interrupt: Arc::new(InterruptRoute::default()),
+            wire: None,
+            jail: None,
+            posted_mirror: Some(layout.doorbells()),
+        })
+        .unwrap(),
+    );
+    let trap = supervised.trap();
+    let sq_doorbell = nvme::regs::sq_tail_doorbell(1, 4);
+    assert_eq!(trap.posted, vec![sq_doorbell as u64], "the I/O submission doorbell is posted, nothing else");
+    let connection = (trap.connect)().unwrap();
+    assert_eq!(connection.posted.len(), 1, "one eventfd per posted register");
+    let socket = std::os::unix::net::UnixStream::from(connection.socket);
+    // A hang guard, not a timing assertion.
+    socket.set_read_timeout(Some(BOUND)).unwrap();
+    let posted = connection
+        .posted
+        .into_iter()
+        // SAFETY: each descriptor is an eventfd this test now owns.
+        .map(|fd| (sq_doorbell, unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }))
+        .collect();
+    let signalled = std::rc::Rc::new(std::cell::Cell::new(0));
+    let bar = TrappedBar { socket, posted, signalled: signalled.clone() };
+    let dma = Dma { memory: &memory, shift: HONEST };
+    let mut controller = Controller::start(bar, dma, Clock(Instant::now()), layout).unwrap();
+    // Each command is rung by the eventfd alone (the value written is
+    // lost): the proxy must ring the register itself for it to run at all.
+    let data = pattern(9, 64 << 10);
+    memory.slice(0, data.len()).unwrap().copy_from(&data[..]);
+    let commands = [
+        IoCommand::Write { offset: 2 << 20, len: data.len() as u32, buffer: 0 },
+        IoCommand::Flush,
+        IoCommand::Read { offset: 2 << 20, len: data.len() as u32, buffer: 512 << 10 },
+    ];
+    for (cid, command) in (1u16..).zip(commands) {
+        controller.submit(cid, command).unwrap();
+        controller.ring();
+        let deadline = Instant::now() + BOUND;
+        let mut status = None;
+        while status.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{command:?}: no completion; the posted doorbell did not reach the controller"
+            );
+            controller.reap(|id, code| {
+                assert_eq!(id, cid, "a completion for a command never sent");
+                status = Some(code);
+            });
+        }
+        assert_eq!(status, Some(0), "{command:?}");
+    }
+    let mut back = vec![0u8; data.len()];
+    memory.slice(512 << 10, data.len()).unwrap().copy_to(&mut back[..]);
+    assert_eq!(back, data, "the data read back is not what was written");
+    assert_eq!(&std::fs::read(&image).unwrap()[2 << 20..(2 << 20) + data.len()], &data[..]);
+    // QEMU's EventIdx asks for a ring per burst here: every command was
+    // rung, and only through the eventfd.
+    assert!(signalled.get() >= commands.len() as u32, "{} rings by eventfd", signalled.get());
 }

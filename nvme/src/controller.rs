@@ -24,8 +24,10 @@ const ADMIN_CID: u16 = 0;
 /// start; 16 pages in all): page 0 the admin submission queue, 1 the admin
 /// completion queue (each page aligned, as ASQ and ACQ require), 2 the
 /// Identify data and, once identified, the EventIdx buffer, 3 the I/O
-/// completion queue, 4-6 the I/O submission queue, 7 the shadow doorbells,
-/// 8-15 the PRP lists.
+/// completion queue, 4-6 the I/O submission queue, 7 the shadow doorbells
+/// (where the I/O queue's indices are written before each doorbell, even
+/// when the controller does not read them there: a trapped window's posted
+/// doorbells take their values from that page), 8-15 the PRP lists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     admin_sq: usize,
@@ -54,6 +56,11 @@ impl Layout {
             doorbells: base + 7 * PAGE,
             prp_lists: base + 8 * PAGE,
         }
+    }
+
+    /// The DMA offset of the shadow doorbell page.
+    pub const fn doorbells(&self) -> usize {
+        self.doorbells
     }
 }
 
@@ -131,9 +138,11 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         if !caps.nvm || caps.min_page > PAGE || caps.max_queue_entries < u32::from(IO_DEPTH) {
             return Err(Error::Unsupported);
         }
+        let mut io = QueuePair::new(1, IO_DEPTH, layout.io_sq, layout.io_cq, caps.doorbell_stride);
+        io.use_mirror(layout.doorbells);
         let mut controller = Controller {
             admin: QueuePair::new(0, ADMIN_DEPTH, layout.admin_sq, layout.admin_cq, caps.doorbell_stride),
-            io: QueuePair::new(1, IO_DEPTH, layout.io_sq, layout.io_cq, caps.doorbell_stride),
+            io,
             registers,
             memory,
             clock,
@@ -369,17 +378,43 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
     }
 
     /// Hands every posted completion to `done` (its command id and status,
-    /// SCT << 8 | SC); how many there were.
-    pub fn reap(&mut self, mut done: impl FnMut(u16, u16)) -> usize {
+    /// SCT << 8 | SC) and releases their entries; how many there were.
+    pub fn reap(&mut self, done: impl FnMut(u16, u16)) -> usize {
+        let count = self.take_completions(done);
+        self.release();
+        count
+    }
+
+    // (`take_completions`, `publish_head` and `release` split `reap` for a
+    // driver that polls: see the `nvme` driver image.)
+
+    /// Hands every posted completion to `done`, as [`Controller::reap`],
+    /// but leaves their entries to [`Controller::publish_head`]: a driver
+    /// tells its client first.
+    pub fn take_completions(&mut self, mut done: impl FnMut(u16, u16)) -> usize {
         let mut count = 0;
         while let Some(completion) = self.io.pop(&self.memory) {
             done(completion.cid, completion.status);
             count += 1;
         }
-        if count > 0 {
-            self.io.release(&self.registers, &self.memory);
-        }
         count
+    }
+
+    /// Hands the completions taken back to the controller: through the
+    /// shadow doorbell alone when the controller reads it (no register
+    /// write, so no exit on an emulated controller), else by the register.
+    /// A pin-based interrupt then stays asserted until
+    /// [`Controller::release`].
+    pub fn publish_head(&mut self) {
+        self.io.publish_head(&self.registers, &self.memory);
+    }
+
+    /// Writes the completion queue's head doorbell register if completions
+    /// were taken since it was last written: before a driver sleeps, so
+    /// that a pin-based interrupt is deasserted and the next completion
+    /// raises it again.
+    pub fn release(&mut self) {
+        self.io.release_taken(&self.registers, &self.memory);
     }
 
     /// Whether a completion is posted and not yet reaped.

@@ -28,21 +28,32 @@ pub struct QueuePair {
     phase: bool,
     /// Commands submitted and not completed.
     outstanding: u16,
-    /// The head the controller was last told.
+    /// The head the completion doorbell register was last written with.
     released: u16,
-    /// The shadow doorbell buffer, if the controller offered one.
-    shadow: Option<Shadow>,
+    /// Completions were taken since the register was last written.
+    taken: bool,
+    /// Where each new index is written before its register.
+    mirror: Option<Mirror>,
+    /// The controller's EventIdx entries, if it took the shadow doorbell
+    /// buffer (the mirror is then its shadow doorbells).
+    events: Option<Events>,
 }
 
-/// Where a queue pair's shadow doorbells and EventIdx entries are (DMA
-/// offsets, NVMe 1.4 section 5.8: Doorbell Buffer Config). The driver
-/// writes each new index into its shadow doorbell and writes the register
-/// only when the controller's EventIdx asks for it (it then reads the
-/// shadow itself), as virtio's event index works.
+/// Where a queue pair's doorbell values are kept in memory (DMA offsets):
+/// its shadow doorbells (NVMe 1.4 section 5.8: Doorbell Buffer Config),
+/// which a host-side supervisor also reads for a doorbell it receives
+/// without its value (a trapped window's posted register).
 #[derive(Clone, Copy, Debug)]
-pub struct Shadow {
+struct Mirror {
     sq_tail: usize,
     cq_head: usize,
+}
+
+/// Where the controller says which index it wants to hear about: the
+/// driver writes the register only when a move passes it (it then reads
+/// the shadow itself), as virtio's event index works.
+#[derive(Clone, Copy, Debug)]
+struct Events {
     sq_event: usize,
     cq_event: usize,
 }
@@ -70,37 +81,58 @@ impl QueuePair {
             phase: true,
             outstanding: 0,
             released: 0,
-            shadow: None,
+            taken: false,
+            mirror: None,
+            events: None,
         }
+    }
+
+    /// Their offsets from the start of a doorbell page.
+    fn doorbell_offsets(&self) -> (usize, usize) {
+        let sq = regs::sq_tail_doorbell(self.id, self.stride) - regs::DOORBELLS;
+        let cq = regs::cq_head_doorbell(self.id, self.stride) - regs::DOORBELLS;
+        (sq, cq)
+    }
+
+    /// Writes each new index into the doorbell page at DMA offset
+    /// `doorbells` (zeroed by the caller) before its register, whether or
+    /// not the controller reads it there.
+    pub fn use_mirror(&mut self, doorbells: usize) {
+        let (sq, cq) = self.doorbell_offsets();
+        self.mirror = Some(Mirror { sq_tail: doorbells + sq, cq_head: doorbells + cq });
     }
 
     /// Uses the shadow doorbell buffer at DMA offset `doorbells` and the
     /// EventIdx buffer at `events` (zeroed pages the controller was told).
     pub fn use_shadow(&mut self, doorbells: usize, events: usize) {
-        let sq = regs::sq_tail_doorbell(self.id, self.stride) - regs::DOORBELLS;
-        let cq = regs::cq_head_doorbell(self.id, self.stride) - regs::DOORBELLS;
-        self.shadow = Some(Shadow {
-            sq_tail: doorbells + sq,
-            cq_head: doorbells + cq,
-            sq_event: events + sq,
-            cq_event: events + cq,
-        });
+        self.use_mirror(doorbells);
+        let (sq, cq) = self.doorbell_offsets();
+        self.events = Some(Events { sq_event: events + sq, cq_event: events + cq });
     }
 
     /// Writes the current indices into the shadow doorbells (when they
     /// are first used, the controller reads them from there).
     pub fn sync_shadow(&self, memory: &impl DmaMemory) {
-        if let Some(shadow) = self.shadow {
-            memory.write(shadow.sq_tail, &u32::from(self.tail).to_le_bytes());
-            memory.write(shadow.cq_head, &u32::from(self.head).to_le_bytes());
+        if let Some(mirror) = self.mirror {
+            memory.write(mirror.sq_tail, &u32::from(self.tail).to_le_bytes());
+            memory.write(mirror.cq_head, &u32::from(self.head).to_le_bytes());
             fence(Ordering::SeqCst);
         }
     }
 
-    /// Publishes `value` (moved from `old`) in the shadow doorbell at
-    /// `shadow`; whether the register must be written too.
-    fn publish(memory: &impl DmaMemory, shadow: usize, event: usize, value: u16, old: u16) -> bool {
-        memory.write(shadow, &u32::from(value).to_le_bytes());
+    /// Publishes `value` (moved from `old`) in the mirror at `at`;
+    /// whether the register must be written too: unless the controller's
+    /// EventIdx at `event` says it need not hear of this move.
+    fn publish(memory: &impl DmaMemory, at: Option<usize>, event: Option<usize>, value: u16, old: u16) -> bool {
+        if let Some(at) = at {
+            memory.write(at, &u32::from(value).to_le_bytes());
+        }
+        let Some(event) = event else {
+            // The mirror is in memory before the register is written (a
+            // supervisor reads it once it sees the write).
+            fence(Ordering::SeqCst);
+            return true;
+        };
         // The shadow is written before the EventIdx is read (a full
         // barrier: a store then a load).
         fence(Ordering::SeqCst);
@@ -137,10 +169,13 @@ impl QueuePair {
         if self.tail != self.rung {
             // The entries must be in memory before the controller looks.
             fence(Ordering::SeqCst);
-            let needed = match self.shadow {
-                Some(shadow) => Self::publish(memory, shadow.sq_tail, shadow.sq_event, self.tail, self.rung),
-                None => true,
-            };
+            let needed = Self::publish(
+                memory,
+                self.mirror.map(|m| m.sq_tail),
+                self.events.map(|e| e.sq_event),
+                self.tail,
+                self.rung,
+            );
             if needed {
                 registers.write32(regs::sq_tail_doorbell(self.id, self.stride), u32::from(self.tail));
             }
@@ -165,6 +200,7 @@ impl QueuePair {
             self.phase = !self.phase;
         }
         self.outstanding = self.outstanding.saturating_sub(1);
+        self.taken = true;
         Some(Completion::from_bytes(&bytes))
     }
 
@@ -182,17 +218,149 @@ impl QueuePair {
     /// write, and a line left asserted gives the next completion no new
     /// edge, so a sleeping driver would never hear of it.
     pub fn release(&mut self, registers: &impl Registers, memory: &impl DmaMemory) {
-        if let Some(shadow) = self.shadow {
-            Self::publish(memory, shadow.cq_head, shadow.cq_event, self.head, self.released);
-        }
+        Self::publish(
+            memory,
+            self.mirror.map(|m| m.cq_head),
+            self.events.map(|e| e.cq_event),
+            self.head,
+            self.released,
+        );
         registers.write32(regs::cq_head_doorbell(self.id, self.stride), u32::from(self.head));
         self.released = self.head;
+        self.taken = false;
+    }
+
+    /// Tells the controller the completions taken so far may be reused,
+    /// through its shadow doorbell alone when it reads them there (it
+    /// reads the head before it posts each completion), else by the
+    /// register. The shadow leaves a pin-based interrupt asserted: a
+    /// driver that polls needs no new edge, and one about to sleep calls
+    /// [`QueuePair::release_taken`] first.
+    pub fn publish_head(&mut self, registers: &impl Registers, memory: &impl DmaMemory) {
+        match (self.events, self.mirror) {
+            (Some(_), Some(mirror)) => {
+                memory.write(mirror.cq_head, &u32::from(self.head).to_le_bytes());
+                fence(Ordering::SeqCst);
+            }
+            _ => self.release(registers, memory),
+        }
+    }
+
+    /// [`QueuePair::release`], if completions were taken since the
+    /// register was last written: once per batch, never twice for one
+    /// (a controller may count each write that finds its queue empty, as
+    /// QEMU's does for its INTx level), and even when the head has come
+    /// round to the value last written.
+    pub fn release_taken(&mut self, registers: &impl Registers, memory: &impl DmaMemory) {
+        if self.taken {
+            self.release(registers, memory);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::need_event;
+    use super::{need_event, QueuePair, CQ_ENTRY};
+    use crate::command::Submission;
+    use crate::{regs, DmaMemory, Registers};
+    use core::cell::{Cell, RefCell};
+
+    /// DMA memory: 16 KiB.
+    struct Memory(RefCell<[u8; 16384]>);
+
+    impl DmaMemory for Memory {
+        fn device_address(&self, offset: usize) -> u64 {
+            offset as u64
+        }
+        fn write(&self, offset: usize, bytes: &[u8]) {
+            self.0.borrow_mut()[offset..offset + bytes.len()].copy_from_slice(bytes);
+        }
+        fn read(&self, offset: usize, bytes: &mut [u8]) {
+            bytes.copy_from_slice(&self.0.borrow()[offset..offset + bytes.len()]);
+        }
+    }
+
+    /// Counts the completion head register's writes and keeps the last.
+    #[derive(Default)]
+    struct HeadRegister {
+        writes: Cell<u32>,
+        last: Cell<u32>,
+    }
+
+    impl Registers for HeadRegister {
+        fn read32(&self, _offset: usize) -> u32 {
+            0
+        }
+        fn write32(&self, offset: usize, value: u32) {
+            if offset == regs::cq_head_doorbell(1, 4) {
+                self.writes.set(self.writes.get() + 1);
+                self.last.set(value);
+            }
+        }
+    }
+
+    const SQ: usize = 0;
+    const CQ: usize = 0x1000;
+    const DOORBELLS: usize = 0x2000;
+    const EVENTS: usize = 0x3000;
+
+    /// Posts the completion of command `cid` in slot `slot` with `phase`.
+    fn post(memory: &Memory, slot: u16, phase: bool, cid: u16) {
+        let dw3 = u32::from(cid) | (u32::from(phase) << 16);
+        memory.write(CQ + usize::from(slot) * CQ_ENTRY + 12, &dw3.to_le_bytes());
+    }
+
+    fn shadow_head(memory: &Memory) -> u32 {
+        let mut bytes = [0u8; 4];
+        memory.read(DOORBELLS + regs::cq_head_doorbell(1, 4) - regs::DOORBELLS, &mut bytes);
+        u32::from_le_bytes(bytes)
+    }
+
+    #[test]
+    fn a_polling_driver_hands_completions_back_through_the_shadow_and_rings_the_head_once_per_batch() {
+        let memory = Memory(RefCell::new([0; 16384]));
+        let register = HeadRegister::default();
+        let mut queue = QueuePair::new(1, 4, SQ, CQ, 4);
+        queue.use_shadow(DOORBELLS, EVENTS);
+        // Four commands, one at a time: the head comes round to 0, the
+        // value the register holds.
+        for n in 0..4u16 {
+            assert!(queue.push(&memory, &Submission::new(0, n)));
+            queue.ring(&register, &memory);
+            post(&memory, n, true, n);
+            assert_eq!(queue.pop(&memory).map(|c| c.cid), Some(n));
+            queue.publish_head(&register, &memory);
+            assert_eq!(register.writes.get(), 0, "a polling driver writes no head register");
+            assert_eq!(shadow_head(&memory), u32::from((n + 1) % 4), "the shadow holds the head");
+        }
+        // Before a sleep: one write, though the value is the one last written.
+        queue.release_taken(&register, &memory);
+        assert_eq!((register.writes.get(), register.last.get()), (1, 0));
+        // Nothing taken since: no second write (a controller may count each).
+        queue.release_taken(&register, &memory);
+        assert_eq!(register.writes.get(), 1);
+        assert!(queue.push(&memory, &Submission::new(0, 9)));
+        post(&memory, 0, false, 9);
+        assert_eq!(queue.pop(&memory).map(|c| c.cid), Some(9));
+        queue.release_taken(&register, &memory);
+        assert_eq!((register.writes.get(), register.last.get()), (2, 1));
+    }
+
+    #[test]
+    fn without_the_shadow_every_hand_back_writes_the_register() {
+        let memory = Memory(RefCell::new([0; 16384]));
+        let register = HeadRegister::default();
+        let mut queue = QueuePair::new(1, 4, SQ, CQ, 4);
+        queue.use_mirror(DOORBELLS);
+        assert!(queue.push(&memory, &Submission::new(0, 1)));
+        post(&memory, 0, true, 1);
+        assert!(queue.pop(&memory).is_some());
+        queue.publish_head(&register, &memory);
+        assert_eq!((register.writes.get(), register.last.get()), (1, 1));
+        assert_eq!(shadow_head(&memory), 1, "the mirror holds it too");
+        queue.release_taken(&register, &memory);
+        assert_eq!(register.writes.get(), 1, "already written");
+    }
 
     #[test]
     fn the_event_index_asks_for_a_doorbell_only_when_passed() {

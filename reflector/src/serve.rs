@@ -310,6 +310,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
                 channel.memory(),
                 channel::BOUNCE_OFFSET,
                 channel::DMA_SIZE,
+                Some(channel::POSTED_MIRROR_OFFSET),
             )
             .map_err(|e| format!("{name}: starting QEMU's NVMe controller on {}: {e}", config.image.display()))?;
             Arc::new(nvme)

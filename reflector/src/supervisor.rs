@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::driver_vms::{DriverLaunch, DriverProcess, SpareKind};
-use crate::hw::TrapWindow;
+use crate::hw::{TrapConnection, TrapWindow};
 use crate::jail::{Jail, MemorySlot};
 use crate::shm::SharedMemory;
 
@@ -308,14 +308,14 @@ impl DriverLauncher {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating an eventfd: {e}"))?;
-        // The check starts no VM: unconnected sockets stand in for the
-        // trapped windows' connections.
+        // The check starts no VM: unconnected sockets and fresh eventfds
+        // stand in for the trapped windows' connections.
         let traps = self
             .traps
             .iter()
-            .map(|_| std::os::unix::net::UnixStream::pair().map(|(end, _)| OwnedFd::from(end)))
+            .map(|(_, trap)| stand_in_connection(trap.posted.len()))
             .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| format!("creating a socket: {e}"))?;
+            .map_err(|e| format!("creating a socket or an eventfd: {e}"))?;
         let memory_slot = self.spec.jail.as_ref().and_then(Jail::lease);
         let slot = memory_slot.as_ref().map_or(0, MemorySlot::index);
         let mut prepared = self
@@ -346,7 +346,7 @@ impl DriverLauncher {
     fn command(
         &self,
         lines: &[&EventFd],
-        traps: &[OwnedFd],
+        traps: &[TrapConnection],
         go: Option<(SpareKind, &EventFd)>,
         memory_slot: usize,
     ) -> std::io::Result<Prepared> {
@@ -394,8 +394,13 @@ impl DriverLauncher {
             command.arg("--window").arg(arg);
         }
         for ((gpa, trap), connection) in self.traps.iter().zip(traps) {
-            let fd = fds.pass(connection.as_raw_fd());
-            command.arg("--trap").arg(format!("{gpa:#x},{},fd={fd},name={}", trap.size, trap.name));
+            let fd = fds.pass(connection.socket.as_raw_fd());
+            let mut arg = format!("{gpa:#x},{},fd={fd},name={}", trap.size, trap.name);
+            for (offset, signal) in trap.posted.iter().zip(&connection.posted) {
+                let fd = fds.pass(signal.as_raw_fd());
+                arg.push_str(&format!(",posted={offset:#x}:{fd}"));
+            }
+            command.arg("--trap").arg(arg);
         }
         for (gpa, doorbell) in &self.doorbells {
             let fd = fds.pass(doorbell.as_raw_fd());
@@ -575,6 +580,16 @@ impl DriverVm {
 /// had ended and its pid been reused before the pidfd was opened, the
 /// process under that pid could not be the keeper's child (a dead keeper
 /// has no new children), so a pidfd that passes names the vmm.
+/// An unconnected socket and `posted` fresh eventfds: what a trapped
+/// window's connection looks like to a `vmm run --check`.
+fn stand_in_connection(posted: usize) -> std::io::Result<TrapConnection> {
+    let (socket, _) = std::os::unix::net::UnixStream::pair()?;
+    let posted = (0..posted)
+        .map(|_| hardware::descriptors::copy(&EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(TrapConnection { socket: OwnedFd::from(socket), posted })
+}
+
 fn jailed_vmm_pidfd(pid: libc::pid_t, keeper: libc::pid_t) -> Option<OwnedFd> {
     let pidfd = pidfd_open(pid)?;
     // Field 4: the parent's pid.

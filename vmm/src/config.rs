@@ -22,6 +22,9 @@ pub const DEFAULT_MEMORY: u64 = 16 << 20;
 pub const MIN_MEMORY: u64 = 2 << 20;
 /// Largest RAM: it must end below the 32-bit MMIO hole where the APICs live.
 pub const MAX_MEMORY: u64 = 3 << 30;
+/// Posted registers a trapped window may have: an NVMe queue pair's two
+/// doorbells need two; each is a KVM ioeventfd and a descriptor.
+pub const MAX_POSTED: usize = 8;
 
 /// A VM description.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +100,10 @@ pub struct TrapConfig {
     pub fd: RawFd,
     /// Name the guest sees.
     pub name: String,
+    /// Posted registers: (offset in the window, inherited eventfd). A
+    /// guest write there signals the eventfd in KVM instead of coming
+    /// over the socket (`guest_abi::trap`).
+    pub posted: Vec<(u64, RawFd)>,
 }
 
 /// Where a doorbell sits.
@@ -209,22 +216,35 @@ impl WindowConfig {
 }
 
 impl TrapConfig {
-    /// Parses `GPA,SIZE,fd=N[,name=NAME]`.
+    /// Parses `GPA,SIZE,fd=N[,name=NAME][,posted=OFFSET:FD]...`.
     pub fn parse(spec: &str) -> Result<Self> {
         let what = "--trap";
         let mut parts = spec.split(',');
         let (Some(gpa), Some(size)) = (parts.next(), parts.next()) else {
-            return Err(Error::invalid(what, format!("{spec:?}: expected GPA,SIZE,fd=N[,name=NAME]")));
+            return Err(Error::invalid(
+                what,
+                format!("{spec:?}: expected GPA,SIZE,fd=N[,name=NAME][,posted=OFFSET:FD]"),
+            ));
         };
-        let (mut fd, mut name) = (None, String::new());
+        let (mut fd, mut name, mut posted) = (None, String::new(), Vec::new());
         for item in parts {
             match key_value(item) {
                 ("fd", value) => fd = Some(parse_fd("--trap fd", value)?),
                 ("name", value) => name = value.to_owned(),
+                ("posted", value) => {
+                    let Some((offset, eventfd)) = value.split_once(':') else {
+                        return Err(Error::invalid(
+                            "--trap posted",
+                            format!("{value:?}: expected OFFSET:FD, a register's offset and an inherited eventfd"),
+                        ));
+                    };
+                    posted
+                        .push((parse_number("--trap posted offset", offset)?, parse_fd("--trap posted fd", eventfd)?));
+                }
                 _ => {
                     return Err(Error::invalid(
                         what,
-                        format!("{spec:?}: unknown option {item:?} (known: fd=N, name=NAME)"),
+                        format!("{spec:?}: unknown option {item:?} (known: fd=N, name=NAME, posted=OFFSET:FD)"),
                     ))
                 }
             }
@@ -234,7 +254,35 @@ impl TrapConfig {
             size: parse_number("--trap size", size)?,
             fd: fd.ok_or_else(|| Error::invalid(what, format!("{spec:?}: give fd=N, an inherited socket")))?,
             name,
+            posted,
         })
+    }
+
+    /// Checks its posted registers: dwords inside the window, each once,
+    /// at most [`MAX_POSTED`].
+    fn validate_posted(&self, index: usize) -> Result<()> {
+        if self.posted.len() > MAX_POSTED {
+            return Err(Error::invalid(
+                "--trap posted",
+                format!("trap {index} ({}): {} posted registers, at most {MAX_POSTED}", self.name, self.posted.len()),
+            ));
+        }
+        for (i, (offset, _)) in self.posted.iter().enumerate() {
+            check_aligned(format!("trap {index} ({}) posted register {offset:#x}", self.name), *offset, 4)?;
+            if offset.checked_add(4).is_none_or(|end| end > self.size) {
+                return Err(Error::invalid(
+                    "--trap posted",
+                    format!("trap {index} ({}): register {offset:#x} is outside its {} bytes", self.name, self.size),
+                ));
+            }
+            if self.posted[..i].iter().any(|(other, _)| other == offset) {
+                return Err(Error::invalid(
+                    "--trap posted",
+                    format!("trap {index} ({}): register {offset:#x} is posted twice", self.name),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// End (exclusive) of the window in guest physical memory.
@@ -390,6 +438,7 @@ impl VmConfig {
             .chain(self.go)
             .chain(self.start)
             .chain(self.traps.iter().map(|t| t.fd))
+            .chain(self.traps.iter().flat_map(|t| t.posted.iter().map(|(_, fd)| *fd)))
             .collect();
         fds.sort_unstable();
         if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
@@ -429,6 +478,7 @@ impl VmConfig {
             }
             let place = Placement { flag: "--trap", label: format!("trap {i} ({})", trap.name), name: &trap.name };
             ranges.push(place.check(trap.gpa, trap.size, ranges)?);
+            trap.validate_posted(i)?;
         }
         for (i, window) in self.windows.iter().enumerate() {
             let label = format!("window {i} ({})", window.path.display());
@@ -564,8 +614,16 @@ mod tests {
     #[test]
     fn trapped_windows_parse_and_are_checked_like_windows() {
         let trap = TrapConfig::parse("0x20000000,16K,fd=8,name=regs").unwrap();
-        assert_eq!(trap, TrapConfig { gpa: 0x2000_0000, size: 16384, fd: 8, name: "regs".into() });
-        for bad in ["0x20000000", "0x20000000,16K", "0x20000000,16K,fd=1", "0x20000000,16K,fd=8,ro"] {
+        assert_eq!(trap, TrapConfig { gpa: 0x2000_0000, size: 16384, fd: 8, name: "regs".into(), posted: vec![] });
+        for bad in [
+            "0x20000000",
+            "0x20000000,16K",
+            "0x20000000,16K,fd=1",
+            "0x20000000,16K,fd=8,ro",
+            "0x20000000,16K,fd=8,posted=0x1008",
+            "0x20000000,16K,fd=8,posted=0x1008:2",
+            "0x20000000,16K,fd=8,posted=x:9",
+        ] {
             assert!(TrapConfig::parse(bad).is_err(), "{bad}");
         }
         let with =
@@ -577,8 +635,31 @@ mod tests {
         assert!(matches!(in_ram.validate(), Err(Error::Overlap { .. })));
         let unaligned = with(vec![TrapConfig { size: 100, ..trap.clone() }], vec![]);
         assert!(matches!(unaligned.validate(), Err(Error::Unaligned { .. })));
-        let shared_fd = VmConfig { irqs: vec![IrqConfig { fd: 8 }], ..with(vec![trap], vec![]) };
+        let shared_fd = VmConfig { irqs: vec![IrqConfig { fd: 8 }], ..with(vec![trap.clone()], vec![]) };
         assert!(matches!(shared_fd.validate(), Err(Error::InvalidValue { .. })));
+    }
+
+    #[test]
+    fn posted_registers_are_dwords_inside_their_window_each_with_its_own_eventfd() {
+        let posted = TrapConfig::parse("0x20000000,16K,fd=8,name=regs,posted=0x1008:9,posted=0x100c:10").unwrap();
+        assert_eq!(posted.posted, vec![(0x1008, 9), (0x100c, 10)]);
+        let with = |posted: Vec<(u64, RawFd)>| VmConfig {
+            traps: vec![TrapConfig { posted, ..TrapConfig::parse("0x20000000,16K,fd=8").unwrap() }],
+            ..VmConfig::default()
+        };
+        assert!(with(vec![(0x1008, 9), (0x100c, 10)]).validate().is_ok());
+        assert!(with(vec![(0x3ffc, 9)]).validate().is_ok());
+        for (bad, why) in [
+            (vec![(0x1006, 9)], "unaligned"),
+            (vec![(0x4000, 9)], "outside the window"),
+            (vec![(u64::MAX - 3, 9)], "wraps"),
+            (vec![(0x1008, 9), (0x1008, 10)], "posted twice"),
+            (vec![(0x1008, 8)], "the socket's descriptor"),
+            (vec![(0x1008, 9), (0x100c, 9)], "one eventfd twice"),
+            ((0..=MAX_POSTED as u64).map(|i| (4 * i, 9 + i as RawFd)).collect(), "too many"),
+        ] {
+            assert!(with(bad).validate().is_err(), "{why}");
+        }
     }
 
     #[test]

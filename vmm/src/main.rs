@@ -96,8 +96,10 @@ struct RunArgs {
     window: Vec<String>,
     /// A window no memory backs: every guest access to it exits, and the
     /// vmm forwards it over an inherited socket (a device BAR the
-    /// supervisor mediates): GPA,SIZE,fd=N[,name=NAME]. Repeatable.
-    /// Example: --trap 0x20000000,16K,fd=8,name=regs
+    /// supervisor mediates): GPA,SIZE,fd=N[,name=NAME][,posted=OFFSET:FD]...
+    /// A posted register's writes signal eventfd FD in KVM instead (a
+    /// doorbell whose value the driver leaves in memory). Repeatable.
+    /// Example: --trap 0x20000000,16K,fd=8,name=regs,posted=0x1008:9
     #[arg(long, value_name = "SPEC")]
     trap: Vec<String>,
     /// Bind an MMIO address or I/O port to an inherited eventfd (KVM

@@ -65,6 +65,21 @@ impl Vm {
             register_doorbell(&vm_fd, doorbell, &eventfd)?;
             eventfds.push(eventfd);
         }
+        // A trapped window's posted registers: KVM signals their eventfds
+        // on a write, so those never reach the trap's socket.
+        for trap in &config.traps {
+            for (offset, fd) in &trap.posted {
+                let eventfd = take_eventfd(*fd, "--trap posted fd")?;
+                let register = DoorbellConfig {
+                    address: DoorbellAddress::Mmio(trap.gpa + offset),
+                    len: 0,
+                    datamatch: None,
+                    fd: *fd,
+                };
+                register_doorbell(&vm_fd, &register, &eventfd)?;
+                eventfds.push(eventfd);
+            }
+        }
         let header = image.load(&guest.memory)?;
         x86::write_system_tables(&guest.memory, header.isr_stubs)?;
         let cr3 = build_page_tables(&guest.memory, config, image)?;

@@ -1,8 +1,13 @@
 //! `nvme`: a block driver for NVMe controllers (the `nvme` crate's core):
 //! QEMU's model, or a real controller through VFIO. BAR0 is window `regs`:
 //! on QEMU's model a trapped window (every register access exits to the
-//! vmm and reaches the controller through the reflector), on VFIO the BAR
-//! mapped directly; either way the driver rings one doorbell per burst. The controller
+//! vmm and reaches the controller through the reflector, but for the I/O
+//! submission doorbell: a posted register, a KVM ioeventfd whose value the
+//! reflector reads from the driver's shadow doorbell), on VFIO the BAR
+//! mapped directly; either way the driver rings one doorbell per burst.
+//! While it polls, it hands completions back through the shadow doorbell
+//! alone (on a controller that reads it) and writes the completion
+//! doorbell only before it sleeps. The controller
 //! reaches only the channel's bounce slots and device area, at the address
 //! the channel header gives (`DMA_ADDRESS`): the driver's queues and PRP
 //! lists live in the device area, data in the request's bounce slot.
@@ -99,6 +104,12 @@ impl ChannelDriver for Nvme {
         let dma = Dma { channel: *channel.window(), base, wild: Cell::new(false), wild_queues: false };
         let area = channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET;
         const _: () = assert!(Layout::AREA <= channel::DEVICE_AREA_SIZE);
+        // The I/O queue's doorbell values (its shadow doorbells) are where
+        // the reflector reads a posted doorbell's value from.
+        const _: () = assert!(
+            Layout::at(channel::DEVICE_AREA_OFFSET - channel::BOUNCE_OFFSET).doorbells() + channel::BOUNCE_OFFSET
+                == channel::POSTED_MIRROR_OFFSET
+        );
         let controller = Controller::start(bar, dma, Clock(Instant::now()), Layout::at(area)).map_err(|error| {
             println!("nvme: the controller did not come up: {error:?}");
             Error::Device("the NVMe controller did not come up")
@@ -165,7 +176,7 @@ impl Device for Nvme {
 
     fn reap(&mut self, channel: &mut Channel) -> Result<bool, Error> {
         let in_flight = &mut self.in_flight;
-        let reaped = self.controller.reap(|cid, code| {
+        let reaped = self.controller.take_completions(|cid, code| {
             let Some((id, len)) = in_flight.get_mut(usize::from(cid)).and_then(Option::take) else { return };
             match code {
                 0 => channel.complete(id, status::OK, len),
@@ -179,7 +190,21 @@ impl Device for Nvme {
         Ok(reaped > 0)
     }
 
-    fn arm(&mut self, _armed: bool) -> bool {
+    fn released(&mut self) {
+        // The shadow head alone while the driver polls: the controller's
+        // interrupt line stays up, which no one listens to until the
+        // driver sleeps.
+        self.controller.publish_head();
+    }
+
+    fn arm(&mut self, armed: bool) -> bool {
+        if armed {
+            // The head register (an exit) only before sleeping: it lowers
+            // the line if the queue is empty, so the next completion
+            // raises it again; one already posted keeps it up, and the
+            // reflector delivers it again after this write.
+            self.controller.release();
+        }
         // Read from memory: a completion posted after the last reap keeps
         // the driver awake; one posted later raises the interrupt.
         !self.controller.completion_posted()

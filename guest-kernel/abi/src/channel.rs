@@ -23,7 +23,7 @@
 /// [`MAGIC`] at offset 0.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"DRVMCHAN");
 /// Layout version.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Entries in each ring and number of bounce slots: the most requests in
 /// flight in one driver VM. 128 covers QD32 from four queues, and a deeper
@@ -157,6 +157,13 @@ pub const BOUNCE_OFFSET: usize =
 pub const DEVICE_AREA_OFFSET: usize = BOUNCE_OFFSET + SLOT_COUNT as usize * SLOT_SIZE as usize;
 /// Size of the device area.
 pub const DEVICE_AREA_SIZE: usize = 64 * 1024;
+/// The posted mirror: the page of the device area where a driver leaves
+/// the value of each posted register write (`trap`: the dword at the
+/// register's offset modulo 4096) before it writes the register. The
+/// `nvme` driver's shadow doorbells live here, so an NVMe doorbell's
+/// mirror is its shadow doorbell.
+pub const POSTED_MIRROR_OFFSET: usize = DEVICE_AREA_OFFSET + 7 * 4096;
+const _: () = assert!(POSTED_MIRROR_OFFSET + 4096 <= DEVICE_AREA_OFFSET + DEVICE_AREA_SIZE);
 /// Total size of the region.
 pub const REGION_SIZE: usize = DEVICE_AREA_OFFSET + DEVICE_AREA_SIZE;
 /// Bytes a device may reach by DMA: the bounce slots and the device area.

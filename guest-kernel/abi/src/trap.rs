@@ -11,6 +11,18 @@
 //! value read, [`REPLY_LEN`] bytes; a write has no reply (it is posted, so
 //! a burst of doorbell writes costs the guest its exits only). Requests are
 //! served in order, so a read after writes sees them done.
+//!
+//! A window may also have *posted registers* (`posted=OFFSET:FD` on
+//! `--trap`): the vmm registers a KVM ioeventfd on each, so a guest write
+//! to one (of any width, at its offset) signals that eventfd inside KVM, without the exit to the vmm's
+//! userspace a socket request costs (about 23 against 66 us here), and the
+//! value written is lost on the way. The supervisor then writes the
+//! register itself with the value the driver left in the channel's posted
+//! mirror ([`super::channel::POSTED_MIRROR_OFFSET`], the dword at the
+//! register's offset modulo 4096) before it wrote the register: a doorbell
+//! whose value lives in memory, as an NVMe shadow doorbell does. Reads of a
+//! posted register still come as requests. Before each request the supervisor performs the posted writes
+//! already signalled, so a read after a posted write sees it done.
 
 /// A guest read.
 pub const READ: u8 = 1;

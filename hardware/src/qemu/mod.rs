@@ -33,6 +33,7 @@ use std::time::Duration;
 
 pub use nic::QemuNic;
 pub use nvme::QemuNvme;
+pub use proxy::PostedRegisters;
 pub use qtest::{Qtest, QtestError, ANSWER_SPIN, ANSWER_TIMEOUT};
 pub use supervised::{ProcessSpec, SupervisedModel};
 
@@ -203,6 +204,22 @@ impl Model {
         }
         files.push((std::fs::File::open(image)?, IMAGE_RO_FD));
         Ok(files)
+    }
+
+    /// The registers a driver's writes reach by a posted write
+    /// (`guest_abi::trap`): an NVMe controller's I/O submission doorbell
+    /// (queue 1; QEMU's doorbells are 4 bytes apart), whose value the
+    /// `nvme` driver keeps in its shadow doorbell. Not the completion
+    /// doorbell: QEMU's model counts, at each write of it that finds the
+    /// queue empty, one queue fewer holding completions (its INTx level),
+    /// so two writes of one value, which the coalescing of posted writes
+    /// makes, would leave its line high for good; its writes stay trapped,
+    /// each with its own value. None for the NIC.
+    pub fn posted_registers(&self) -> Vec<u64> {
+        match self {
+            Model::Nvme { .. } => vec![nvme_regs::sq_tail_doorbell(1, 4) as u64],
+            Model::E1000e { .. } => Vec::new(),
+        }
     }
 
     /// Whether QEMU's vCPU must run (halted in [`HALT_FIRMWARE`]) rather
@@ -551,14 +568,30 @@ impl QemuModel {
     /// Writes the BAR0 dword at `offset` (dropped past its end or while
     /// quiesced); whether it was written.
     pub fn write32(&self, offset: u64, value: u32) -> Result<bool, QtestError> {
+        let written = self.write32_only(offset, value)?;
+        if written {
+            // QEMU reports the line's changes the write caused before it
+            // answers the write.
+            self.resample();
+        }
+        Ok(written)
+    }
+
+    /// Writes a posted doorbell (`proxy`): as [`QemuModel::write32`] but
+    /// without the resample. Ringing a submission doorbell acknowledges no
+    /// interrupt, and the line of a driver that polls stays high (it
+    /// releases completions through its shadow doorbells), so a resample
+    /// per ring would only leave it a spurious wake-up at its next sleep.
+    pub fn ring32(&self, offset: u64, value: u32) -> Result<bool, QtestError> {
+        self.write32_only(offset, value)
+    }
+
+    fn write32_only(&self, offset: u64, value: u32) -> Result<bool, QtestError> {
         let _admitted = self.admission.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         if !self.allowed(offset) {
             return Ok(false);
         }
         self.qtest.writel(BAR0_ADDRESS + offset, value)?;
-        // QEMU reports the line's changes the write caused before it
-        // answers the write.
-        self.resample();
         Ok(true)
     }
 

@@ -69,6 +69,7 @@ impl QemuNic {
         let theirs = OwnedFd::from(theirs);
         let interrupt = Arc::new(InterruptRoute::default());
         let process = SupervisedModel::start(ProcessSpec {
+            posted_mirror: None,
             qemu: qemu.binary.clone(),
             jail: qemu.jail.clone(),
             model: Model::E1000e { mac },

@@ -28,7 +28,11 @@ pub struct QemuNvme {
 
 impl QemuNvme {
     /// Starts QEMU (`qemu`) with an NVMe controller on `image`, able to
-    /// reach `len` bytes of `dma` from `offset`.
+    /// reach `len` bytes of `dma` from `offset`. With `posted_mirror` (an
+    /// offset in `dma`: `channel::POSTED_MIRROR_OFFSET`), the I/O queue's
+    /// doorbells are posted registers whose values the driver leaves
+    /// there (its shadow doorbells); without, every access is trapped.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         qemu: &QemuProcess,
         name: &str,
@@ -37,6 +41,7 @@ impl QemuNvme {
         dma: &Arc<SharedMemory>,
         offset: usize,
         len: usize,
+        posted_mirror: Option<usize>,
     ) -> Result<QemuNvme, ModelError> {
         let file = File::options().read(true).write(!read_only).open(image)?;
         let capacity_sectors = file.metadata()?.len() / 512;
@@ -51,6 +56,7 @@ impl QemuNvme {
             len,
             interrupt: interrupt.clone(),
             wire: None,
+            posted_mirror,
         })?;
         Ok(QemuNvme {
             process: Arc::new(process),

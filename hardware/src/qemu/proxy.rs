@@ -7,6 +7,14 @@
 //! other BARs, QEMU's memory and every other qtest command stay out of its
 //! reach. Anything else reads as all ones and is not written.
 //!
+//! Posted registers (`guest_abi::trap`: an NVMe queue's doorbells) come
+//! as eventfd signals the vmm's KVM raises without an exit to its
+//! userspace; this thread then writes the register with the value the
+//! driver left in the posted mirror, a page of the channel's device area.
+//! Before each socket request it performs the posted writes already
+//! signalled, so the driver's program order holds where it matters: a
+//! read after a posted write sees it done.
+//!
 //! A connection that carried any access is revoked when the device is
 //! quiesced (its driver VM died): accesses still queued in it are never
 //! performed, so nothing a dead driver asked for reaches the device after
@@ -16,14 +24,38 @@
 //! new process, so that the spare serves it.
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use guest_abi::trap::{self, Access};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::QemuModel;
+use crate::shm::SharedMemory;
+use crate::TrapConnection;
+
+/// A device's posted registers and where their values are.
+#[derive(Clone)]
+pub struct PostedRegisters {
+    /// The region the mirror page is in (the channel).
+    pub memory: Arc<SharedMemory>,
+    /// The mirror page's offset in it (`channel::POSTED_MIRROR_OFFSET`).
+    pub mirror: usize,
+    /// The registers' offsets in BAR0.
+    pub offsets: Vec<u64>,
+}
+
+impl PostedRegisters {
+    /// The value the driver left for register `offset`: the dword at its
+    /// offset modulo a page in the mirror (driver memory: any value, which
+    /// the device judges as it would the register's).
+    fn value(&self, offset: u64) -> u32 {
+        let at = self.mirror + (offset % 4096) as usize;
+        self.memory.read::<u32>(at).unwrap_or(0)
+    }
+}
 
 /// One driver VM's connection.
 struct Connection {
@@ -89,11 +121,18 @@ impl Connections {
 }
 
 impl QemuModel {
-    /// A new connection to BAR0 for a driver VM: returns the vmm's end (its
-    /// `--trap` descriptor); a thread serves the other until either end
-    /// closes or the connection is revoked.
-    pub fn connect(self: &Arc<Self>) -> std::io::Result<OwnedFd> {
+    /// A new connection to BAR0 for a driver VM: returns the vmm's ends
+    /// (its `--trap` socket and one eventfd per posted register); a thread
+    /// serves them until either end closes or the connection is revoked.
+    pub fn connect(self: &Arc<Self>, posted: Option<&PostedRegisters>) -> std::io::Result<TrapConnection> {
         let (ours, theirs) = UnixStream::pair()?;
+        let mut signals = Vec::new();
+        let mut vmm_ends = Vec::new();
+        for offset in posted.map(|p| p.offsets.as_slice()).unwrap_or_default() {
+            let signal = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+            vmm_ends.push(crate::descriptors::copy(&signal)?);
+            signals.push((*offset, signal));
+        }
         let connection = Arc::new(Connection {
             used: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
@@ -103,39 +142,134 @@ impl QemuModel {
         if let Ok(mut live) = self.connections.live.lock() {
             live.push(Arc::downgrade(&connection));
         }
-        std::thread::Builder::new().name("bar0-proxy".into()).spawn(move || serve(&connection, ours))?;
-        Ok(OwnedFd::from(theirs))
+        let posted = posted.cloned().map(|registers| Posted { registers, signals });
+        std::thread::Builder::new()
+            .name("bar0-proxy".into())
+            .spawn(move || serve(&connection, ours, posted.as_ref()))?;
+        Ok(TrapConnection { socket: OwnedFd::from(theirs), posted: vmm_ends })
     }
 }
 
-/// Serves one connection's accesses in order.
-fn serve(connection: &Connection, mut stream: UnixStream) {
-    let mut request = [0u8; trap::REQUEST_LEN];
-    while stream.read_exact(&mut request).is_ok() {
-        connection.used.store(true, Ordering::Release);
-        let Some(model) = connection.model() else { return };
-        if connection.revoked.load(Ordering::Acquire) {
+/// One connection's posted registers: their values and their signals.
+struct Posted {
+    registers: PostedRegisters,
+    signals: Vec<(u64, EventFd)>,
+}
+
+/// What serving an access or a signal came to.
+enum Served {
+    Done,
+    /// The connection ends: revoked, its device gone, or broken.
+    End,
+}
+
+/// Serves one connection: its requests in order, and its posted writes
+/// as they are signalled (those signalled before a request first).
+fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted>) {
+    let signals = posted.map(|p| p.signals.as_slice()).unwrap_or_default();
+    let mut watched: Vec<libc::pollfd> = std::iter::once(stream.as_raw_fd())
+        .chain(signals.iter().map(|(_, signal)| signal.as_raw_fd()))
+        .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .collect();
+    loop {
+        // SAFETY: `watched` is a live array of pollfd of the length given.
+        let ready = unsafe { libc::poll(watched.as_mut_ptr(), watched.len() as libc::nfds_t, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
             return;
         }
-        let Some(access) = Access::decode(&request) else {
-            tracing::warn!("a driver VM sent a malformed trapped access; closing its connection");
-            return;
-        };
-        let result = match (access.kind, access.size) {
-            (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
-            (trap::READ, _) => Ok(u32::MAX),
-            (trap::WRITE, 4) => model.write32(u64::from(access.offset), access.value as u32).map(|_| 0),
-            _ => Ok(0),
-        };
-        let value = match result {
-            Ok(value) => value,
-            Err(error) => {
-                tracing::error!(%error, "the QEMU device model did not answer; closing the driver VM's connection");
+        if let Some(posted) = posted {
+            if let Served::End = perform_posted(connection, posted) {
                 return;
             }
-        };
-        if access.kind == trap::READ && stream.write_all(&u64::from(value).to_le_bytes()).is_err() {
+        }
+        if watched[0].revents == 0 {
+            continue;
+        }
+        let mut request = [0u8; trap::REQUEST_LEN];
+        if stream.read_exact(&mut request).is_err() {
             return;
         }
+        // Posted writes signalled while the request was on its way came
+        // before it.
+        if let Some(posted) = posted {
+            if let Served::End = perform_posted(connection, posted) {
+                return;
+            }
+        }
+        if let Served::End = perform(connection, &mut stream, &request) {
+            return;
+        }
+    }
+}
+
+/// Performs each posted write signalled so far, once, with the value its
+/// mirror holds now (signals that came together are one write: the last
+/// value is the one that counts, as for a doorbell).
+fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
+    for (offset, signal) in &posted.signals {
+        if signal.read().is_err() {
+            continue;
+        }
+        connection.used.store(true, Ordering::Release);
+        let Some(model) = connection.model() else { return Served::End };
+        if connection.revoked.load(Ordering::Acquire) {
+            return Served::End;
+        }
+        if let Err(error) = model.ring32(*offset, posted.registers.value(*offset)) {
+            tracing::error!(%error, "the QEMU device model did not answer; closing the driver VM's connection");
+            return Served::End;
+        }
+    }
+    Served::Done
+}
+
+/// Performs one request from the socket.
+fn perform(connection: &Connection, stream: &mut UnixStream, request: &[u8; trap::REQUEST_LEN]) -> Served {
+    connection.used.store(true, Ordering::Release);
+    let Some(model) = connection.model() else { return Served::End };
+    if connection.revoked.load(Ordering::Acquire) {
+        return Served::End;
+    }
+    let Some(access) = Access::decode(request) else {
+        tracing::warn!("a driver VM sent a malformed trapped access; closing its connection");
+        return Served::End;
+    };
+    let result = match (access.kind, access.size) {
+        (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
+        (trap::READ, _) => Ok(u32::MAX),
+        (trap::WRITE, 4) => model.write32(u64::from(access.offset), access.value as u32).map(|_| 0),
+        _ => Ok(0),
+    };
+    let value = match result {
+        Ok(value) => value,
+        Err(error) => {
+            tracing::error!(%error, "the QEMU device model did not answer; closing the driver VM's connection");
+            return Served::End;
+        }
+    };
+    if access.kind == trap::READ && stream.write_all(&u64::from(value).to_le_bytes()).is_err() {
+        return Served::End;
+    }
+    Served::Done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_posted_registers_value_is_its_mirror_dword_at_its_offset_within_a_page() {
+        let memory = Arc::new(SharedMemory::new("mirror", 3 * 4096).unwrap());
+        let posted = PostedRegisters { memory: memory.clone(), mirror: 4096, offsets: vec![0x1008, 0x100c] };
+        assert!(memory.write(4096 + 8, 0x1234_u32));
+        assert!(memory.write(4096 + 12, 0x56_u32));
+        assert_eq!(posted.value(0x1008), 0x1234, "SQ 1 tail: its shadow doorbell");
+        assert_eq!(posted.value(0x100c), 0x56, "CQ 1 head: its shadow doorbell");
+        // A mirror at the region's end reads as zero past it, never out of bounds.
+        let edge = PostedRegisters { memory, mirror: 3 * 4096 - 4, offsets: vec![0x1008] };
+        assert_eq!(edge.value(0x1008), 0);
     }
 }

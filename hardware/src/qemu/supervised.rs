@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Dma, Model, ModelError, ProcessJail, QemuModel};
+use super::{Dma, Model, ModelError, PostedRegisters, ProcessJail, QemuModel};
 use crate::shm::SharedMemory;
 use crate::{InterruptRoute, TrapWindow};
 
@@ -38,6 +38,9 @@ pub struct ProcessSpec {
     pub wire: Option<OwnedFd>,
     /// The jail each QEMU process starts in.
     pub jail: Option<Arc<dyn ProcessJail>>,
+    /// Where in `dma` the driver leaves its posted registers' values
+    /// (`channel::POSTED_MIRROR_OFFSET`); `None`: every access is trapped.
+    pub posted_mirror: Option<usize>,
 }
 
 /// The QEMU process serving a device now, restarted when found dead.
@@ -91,13 +94,20 @@ impl SupervisedModel {
     }
 
     /// BAR0 as a trapped window: each driver VM connects to the QEMU
-    /// serving when it starts.
+    /// serving when it starts. With a posted mirror, the model's doorbells
+    /// are posted registers.
     pub fn trap(self: &Arc<Self>) -> TrapWindow {
+        let posted = self.spec.posted_mirror.map(|mirror| PostedRegisters {
+            memory: self.spec.dma.clone(),
+            mirror,
+            offsets: self.spec.model.posted_registers(),
+        });
         let supervised = self.clone();
         TrapWindow {
             name: "regs",
             size: self.current().bar0_size(),
-            connect: Arc::new(move || supervised.current().connect()),
+            posted: posted.as_ref().map(|p| p.offsets.clone()).unwrap_or_default(),
+            connect: Arc::new(move || supervised.current().connect(posted.as_ref())),
         }
     }
 
