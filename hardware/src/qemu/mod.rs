@@ -753,3 +753,28 @@ impl Drop for QemuModel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_models_posted_registers_have_mirror_dwords_of_their_own() {
+        let models =
+            [Model::Nvme { image: PathBuf::from("disk.img"), read_only: false }, Model::E1000e { mac: [0; 6] }];
+        for model in models {
+            let posted = model.posted_registers();
+            for (i, offset) in posted.iter().enumerate() {
+                assert!(offset.is_multiple_of(4), "{model:?}: {offset:#x} is not a dword");
+                let mirror = offset % 4096;
+                assert!(
+                    posted[..i].iter().all(|other| other % 4096 != mirror),
+                    "{model:?}: {offset:#x} shares its mirror dword {mirror:#x}"
+                );
+            }
+        }
+        // The NVMe I/O submission doorbell's mirror is its shadow doorbell.
+        let nvme = Model::Nvme { image: PathBuf::from("disk.img"), read_only: false };
+        assert_eq!(nvme.posted_registers(), vec![0x1008]);
+    }
+}
