@@ -410,29 +410,38 @@ fn trapped_read32(stream: &std::os::unix::net::UnixStream, offset: u32) -> Optio
     Some(u64::from_le_bytes(reply) as u32)
 }
 
-#[test]
-fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
+/// A supervised QEMU process with an NVMe controller on a new image, its
+/// DMA region a new shared memory (`posted_mirror`: see `ProcessSpec`).
+fn supervised_nvme(
+    qemu: PathBuf,
+    tag: &str,
+    posted_mirror: Option<usize>,
+) -> (tempdir::Dir, PathBuf, Arc<SharedMemory>, Arc<hardware::qemu::SupervisedModel>) {
     use hardware::qemu::{ProcessSpec, SupervisedModel};
-    let Some(qemu) = qemu() else { return };
-    let dir = tempdir::Dir::new("handover");
+    let dir = tempdir::Dir::new(tag);
     let image = dir.0.join("disk.img");
     std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
     let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
-    let supervised = Arc::new(
-        SupervisedModel::start(ProcessSpec {
-            qemu,
-            model: Model::Nvme { image, read_only: false },
-            serial: "drvm-handover".into(),
-            dma: memory.clone(),
-            offset: 0,
-            len: memory.size(),
-            interrupt: Arc::new(InterruptRoute::default()),
-            wire: None,
-            jail: None,
-            posted_mirror: None,
-        })
-        .unwrap(),
-    );
+    let supervised = SupervisedModel::start(ProcessSpec {
+        qemu,
+        model: Model::Nvme { image: image.clone(), read_only: false },
+        serial: format!("drvm-{tag}"),
+        dma: memory.clone(),
+        offset: 0,
+        len: memory.size(),
+        interrupt: Arc::new(InterruptRoute::default()),
+        wire: None,
+        jail: None,
+        posted_mirror,
+    })
+    .unwrap();
+    (dir, image, memory, Arc::new(supervised))
+}
+
+#[test]
+fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
+    let Some(qemu) = qemu() else { return };
+    let (_dir, _image, _memory, supervised) = supervised_nvme(qemu, "handover", None);
     let trap = supervised.trap();
     let connect = || {
         let stream = std::os::unix::net::UnixStream::from((trap.connect)().unwrap().socket);
@@ -489,29 +498,10 @@ impl nvme::Registers for TrappedBar {
 
 #[test]
 fn a_posted_doorbell_reaches_the_controller_by_its_eventfd_alone() {
-    use hardware::qemu::{ProcessSpec, SupervisedModel};
     use std::os::fd::{FromRawFd, IntoRawFd};
     let Some(qemu) = qemu() else { return };
-    let dir = tempdir::Dir::new("posted");
-    let image = dir.0.join("disk.img");
-    std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
-    let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
     let layout = Layout::at(BUFFERS);
-    let supervised = Arc::new(
-        SupervisedModel::start(ProcessSpec {
-            qemu,
-            model: Model::Nvme { image: image.clone(), read_only: false },
-            serial: "drvm-posted".into(),
-            dma: memory.clone(),
-            offset: 0,
-            len: memory.size(),
-            interrupt: Arc::new(InterruptRoute::default()),
-            wire: None,
-            jail: None,
-            posted_mirror: Some(layout.doorbells()),
-        })
-        .unwrap(),
-    );
+    let (_dir, image, memory, supervised) = supervised_nvme(qemu, "posted", Some(layout.doorbells()));
     let trap = supervised.trap();
     let sq_doorbell = nvme::regs::sq_tail_doorbell(1, 4);
     assert_eq!(trap.posted, vec![sq_doorbell as u64], "the I/O submission doorbell is posted, nothing else");
