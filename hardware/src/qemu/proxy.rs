@@ -7,10 +7,13 @@
 //! other BARs, QEMU's memory and every other qtest command stay out of its
 //! reach. Anything else reads as all ones and is not written.
 //!
-//! Posted registers (`guest_abi::trap`: an NVMe queue's doorbells) come
-//! as eventfd signals the vmm's KVM raises without an exit to its
-//! userspace; this thread then writes the register with the value the
-//! driver left in the posted mirror, a page of the channel's device area.
+//! Posted registers (`guest_abi::trap`: an NVMe controller's I/O
+//! submission doorbell, `Model::posted_registers`) come as eventfd signals
+//! the vmm's KVM raises without an exit to its userspace; this thread then
+//! writes the register with the value the driver left in the posted
+//! mirror, a page of the channel's device area. A vmm that stalls its
+//! socket mid-request stalls only its own connection, posted writes
+//! included, until it is revoked.
 //! Before each socket request it performs the posted writes already
 //! signalled, so the driver's program order holds where it matters: a
 //! read after a posted write sees it done.
