@@ -385,9 +385,6 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         count
     }
 
-    // (`take_completions`, `publish_head` and `release` split `reap` for a
-    // driver that polls: see the `nvme` driver image.)
-
     /// Hands every posted completion to `done`, as [`Controller::reap`],
     /// but leaves their entries to [`Controller::publish_head`]: a driver
     /// tells its client first.

@@ -573,13 +573,6 @@ impl DriverVm {
     }
 }
 
-/// A pidfd of the jailed vmm `pid`, if it is still the child of `keeper`.
-///
-/// Why the check makes it safe: the keeper is our child and unreaped, so
-/// its pid is its own; it reaps the vmm only as it ends itself. If the vmm
-/// had ended and its pid been reused before the pidfd was opened, the
-/// process under that pid could not be the keeper's child (a dead keeper
-/// has no new children), so a pidfd that passes names the vmm.
 /// An unconnected socket and `posted` fresh eventfds: what a trapped
 /// window's connection looks like to a `vmm run --check`.
 fn stand_in_connection(posted: usize) -> std::io::Result<TrapConnection> {
@@ -590,6 +583,13 @@ fn stand_in_connection(posted: usize) -> std::io::Result<TrapConnection> {
     Ok(TrapConnection { socket: OwnedFd::from(socket), posted })
 }
 
+/// A pidfd of the jailed vmm `pid`, if it is still the child of `keeper`.
+///
+/// Why the check makes it safe: the keeper is our child and unreaped, so
+/// its pid is its own; it reaps the vmm only as it ends itself. If the vmm
+/// had ended and its pid been reused before the pidfd was opened, the
+/// process under that pid could not be the keeper's child (a dead keeper
+/// has no new children), so a pidfd that passes names the vmm.
 fn jailed_vmm_pidfd(pid: libc::pid_t, keeper: libc::pid_t) -> Option<OwnedFd> {
     let pidfd = pidfd_open(pid)?;
     // Field 4: the parent's pid.
