@@ -19,26 +19,25 @@ pub fn lift(fd: OwnedFd) -> std::io::Result<OwnedFd> {
     if fd.as_raw_fd() >= CHILD_FLOOR {
         return Ok(fd);
     }
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
-    let lifted = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, CHILD_FLOOR) };
-    if lifted < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(lifted) })
+    duplicate_at_or_above(&fd, CHILD_FLOOR)
 }
 
 /// A descriptor of its own (close-on-exec) for `fd`, an open descriptor
 /// the caller holds (an eventfd to hand a child while keeping it).
 pub fn copy(fd: &impl AsRawFd) -> std::io::Result<OwnedFd> {
+    duplicate_at_or_above(fd, 3)
+}
+
+/// A close-on-exec duplicate of `fd` numbered `floor` or above.
+fn duplicate_at_or_above(fd: &impl AsRawFd, floor: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller keeps open
     // returns a new one or -1.
-    let copy = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
-    if copy < 0 {
+    let duplicate = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, floor) };
+    if duplicate < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
+    Ok(unsafe { OwnedFd::from_raw_fd(duplicate) })
 }
 
 /// A pipe (read end, write end), close-on-exec.
