@@ -4,8 +4,11 @@
 #   - the same with dma=direct (per-request DMA windows: the controller
 #     reaches each request's client buffers, no bounce copy),
 #   - the reflector on QEMU's NVMe controller model (device=nvme: the nvme
-#     driver in a driver VM, BAR0 a trapped window), and
-#   - qemu-storage-daemon (--export type=vhost-user-blk), the peer,
+#     driver in a driver VM, BAR0 a trapped window),
+#   - the same with QEMU reaching the image through io_uring (aio=io_uring)
+#     instead of its thread pool, and
+#   - qemu-storage-daemon (--export type=vhost-user-blk), the peer, with
+#     its default aio=threads and with aio=io_uring,
 # with the project's vhost-user frontend (blk-load), and prints per backend
 # and job: IOPS, MB/s, p50/p99/p99.9 latency, and the CPU time per request
 # of each process involved (reflector, driver VM, device model, peer: user +
@@ -106,10 +109,20 @@ start_nvme() {
     wait_for_socket "nvme: serving channel generation"
 }
 
-start_qsd() {
+start_uring() {
+    rm -f "$sock"
+    timeout 3600 "$bin/reflector" serve --blk "socket=$sock,image=$img,name=bench,device=nvme,aio=io_uring" >"$tmp/backend.log" 2>&1 &
+    backend_pid=$!
+    wait_for_socket "nvme: serving channel generation"
+}
+
+start_qsd() { start_qsd_with threads; }
+start_qsdu() { start_qsd_with io_uring; }
+
+start_qsd_with() { # aio
     rm -f "$sock"
     timeout 3600 qemu-storage-daemon \
-        --blockdev "driver=file,node-name=f0,filename=$img,aio=threads,cache.direct=off" \
+        --blockdev "driver=file,node-name=f0,filename=$img,aio=$1,cache.direct=off" \
         --blockdev driver=raw,node-name=d0,file=f0 \
         --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
         >"$tmp/backend.log" 2>&1 &
@@ -134,7 +147,7 @@ run_jobs() { # backend round
 }
 
 for round in $(seq "$rounds"); do
-    for backend in reflector direct nvme qsd; do
+    for backend in reflector direct nvme uring qsd qsdu; do
         log "round $round/$rounds: $backend"
         "start_$backend"
         run_jobs "$backend" "$round"
@@ -145,8 +158,9 @@ done
 python3 - "$tmp" "$rounds" "$json" "$client_spin" <<'PY'
 import json, sys, statistics, pathlib
 tmp, rounds, out, client_spin = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-BACKENDS = ("reflector", "direct", "nvme", "qsd")
-LABELS = ("sim", "direct", "nvme", "qsd")
+BACKENDS = ("reflector", "direct", "nvme", "uring", "qsd", "qsdu")
+LABELS = ("sim", "direct", "nvme", "uring", "qsd", "qsd-u")
+OURS = (("reflector", "sim"), ("direct", "direct"), ("nvme", "nvme"), ("uring", "uring"))
 ROLES = ("reflector", "driver_vm", "device", "peer", "client")
 runs = {}
 for backend in BACKENDS:
@@ -166,7 +180,8 @@ def cpu_per_request(rs, role):
 report = []
 print(f"\nblock benchmark: blk-load (client poll {client_spin} us), median of {rounds} round(s), spread = (max - min) / median across rounds")
 print("  sim = driver VM + simulated controller (bounce slots), direct = the same with dma=direct (per-request DMA windows),")
-print("  nvme = driver VM + QEMU's NVMe model, qsd = qemu-storage-daemon (the peer)")
+print("  nvme = driver VM + QEMU's NVMe model, uring = the same with aio=io_uring,")
+print("  qsd = qemu-storage-daemon (the peer, aio=threads), qsd-u = the same with aio=io_uring")
 print("  CPU us/req: reflector / driver VM / device model (sim: in the reflector) | peer; then the client's (blk-load)")
 print(f"{'job':<10}{'bs':>5}{'qd':>4} {'backend':<7}{'IOPS':>9}{'spread':>8}{'p50us':>8}{'p99us':>8}{'p99.9us':>9}   CPU us/req")
 for key, by_backend in runs.items():
@@ -185,18 +200,21 @@ for key, by_backend in runs.items():
                       "lat_cdf_us": [[q, med([r["lat_cdf_us"][i][1] for r in rs])] for i, (q, _) in enumerate(rs[0].get("lat_cdf_us", []))],
                       "cpu_us_per_request": cpu, "errors": sum(r["errors"] for r in rs)}
         b = row[label]
-        cpus = f"{cpu['peer']:.1f}" if backend == "qsd" else f"{cpu['reflector']:.1f} / {cpu['driver_vm']:.1f} / {cpu['device']:.1f}"
+        cpus = f"{cpu['peer']:.1f}" if backend.startswith("qsd") else f"{cpu['reflector']:.1f} / {cpu['driver_vm']:.1f} / {cpu['device']:.1f}"
         cpus += f"  client {cpu['client']:.1f}"
         print(f"{job:<10}{bs // 1024:>4}k{qd:>4} {label:<7}{b['iops']:>9.0f}{b['iops_spread_pct']:>7.1f}%{b['lat_p50_us']:>8.0f}"
               f"{b['lat_p99_us']:>8.0f}{b['lat_p999_us']:>9.0f}   {cpus}{'  NOISY' if noisy else ''}")
-    peer = by_backend.get("qsd", [])
-    for backend, label in (("reflector", "sim"), ("direct", "direct"), ("nvme", "nvme")):
-        ours = by_backend.get(backend, [])
+    # Each of ours against the peer, and io_uring against io_uring.
+    pairs = [(backend, label, "qsd", "qsd") for backend, label in OURS] + [("uring", "uring", "qsdu", "qsd_u")]
+    shown = []
+    for backend, label, peer_backend, peer_label in pairs:
+        ours, peer = by_backend.get(backend, []), by_backend.get(peer_backend, [])
         if ours and peer:
             ratios = [a["iops"] / max(b["iops"], 1) for a, b in zip(ours, peer)]
-            row[f"{label}_over_qsd"] = {"median": round(med(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
-    print(" " * 19 + "ratio " + "   ".join(f"{l}/qsd {row[l + '_over_qsd']['median']:.2f}x ({row[l + '_over_qsd']['min']:.2f}-{row[l + '_over_qsd']['max']:.2f})"
-                                          for l in ("sim", "direct", "nvme") if l + "_over_qsd" in row))
+            key = f"{label}_over_{peer_label}"
+            row[key] = {"median": round(med(ratios), 2), "min": round(min(ratios), 2), "max": round(max(ratios), 2)}
+            shown.append(f"{label}/{peer_label.replace('_', '-')} {row[key]['median']:.2f}x ({row[key]['min']:.2f}-{row[key]['max']:.2f})")
+    print(" " * 19 + "ratio " + "   ".join(shown))
     report.append(row)
 errors = sum(row[l]["errors"] for row in report for l in LABELS if l in row)
 print(f"\nerrors: {errors:.0f}")

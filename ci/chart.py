@@ -15,7 +15,9 @@ from xml.sax.saxutils import escape
 BACKENDS = (("sim", "driver VM + simulated controller", "#1f77b4"),
             ("direct", "the same, dma=direct", "#9467bd"),
             ("nvme", "driver VM + QEMU NVMe model", "#ff7f0e"),
-            ("qsd", "qemu-storage-daemon (peer)", "#2ca02c"))
+            ("uring", "the same, aio=io_uring", "#d62728"),
+            ("qsd", "qemu-storage-daemon (peer)", "#2ca02c"),
+            ("qsd-u", "the same, aio=io_uring", "#17becf"))
 ROLES = (("reflector", "#4c72b0"), ("driver_vm", "#dd8452"), ("device", "#937860"), ("peer", "#55a868"))
 PANEL_W, PANEL_H, GAP = 300, 210, 26
 CDF_W = 190
@@ -74,8 +76,12 @@ def panel(job, x0, y0):
             out.append(text(x + bar_w / 2, top + h + 11 + (i % 2) * 9, key, 8, "middle"))
             out.append(text(x + bar_w / 2, y - 3, f"{sum(cpu.values()):.0f}", 9, "middle"))
         out.append(text(left + w / 2, top + h + 32, "CPU us/request", 9, "middle"))
-    ratios = "  ".join(f"{k}/qsd {job[k + '_over_qsd']['median']:.2f}x" for k in ("sim", "direct", "nvme") if k + "_over_qsd" in job)
-    out.append(text(x0, y0 + PANEL_H - 6, ratios, 10, weight="bold"))
+    ratios = [f"{k}/qsd {job[k + '_over_qsd']['median']:.2f}x" for k in ("sim", "direct", "nvme", "uring") if k + "_over_qsd" in job]
+    if "uring_over_qsd_u" in job:
+        ratios.append(f"uring/qsd-u {job['uring_over_qsd_u']['median']:.2f}x")
+    # Two lines: a panel is too narrow for more than three ratios on one.
+    for line, at in ((ratios[:3], PANEL_H - 16), (ratios[3:], PANEL_H - 4)):
+        out.append(text(x0, y0 + at, "  ".join(line), 9, weight="bold"))
     return out
 
 
@@ -87,22 +93,23 @@ def main():
     columns = 4
     rows = math.ceil(len(jobs) / columns)
     width = columns * (PANEL_W + GAP) + GAP
-    height = rows * (PANEL_H + GAP) + 70
+    height = rows * (PANEL_H + GAP) + 84
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            text(GAP, 20, f"ci/bench-blk.sh: latency CDF and CPU per request against qemu-storage-daemon "
                 f"(median of {results.get('rounds', '?')} rounds)", 13, weight="bold")]
-    x = GAP
-    for key, label, colour in BACKENDS:
-        out.append(f'<rect x="{x}" y="30" width="12" height="4" fill="{colour}"/>')
-        out.append(text(x + 16, 35, label, 10))
-        x += 230
+    # The backends in rows of three, then the roles.
+    for i, (key, label, colour) in enumerate(BACKENDS):
+        x, y = GAP + (i % 3) * 230, 30 + (i // 3) * 14
+        out.append(f'<rect x="{x}" y="{y}" width="12" height="4" fill="{colour}"/>')
+        out.append(text(x + 16, y + 5, label, 10))
+    x = GAP + 3 * 230
     for role, colour in ROLES:
         out.append(f'<rect x="{x}" y="28" width="10" height="8" fill="{colour}"/>')
         out.append(text(x + 13, 35, role.replace("_", " "), 10))
         x += 80
     for i, job in enumerate(jobs):
-        out += panel(job, GAP + (i % columns) * (PANEL_W + GAP), 50 + (i // columns) * (PANEL_H + GAP))
+        out += panel(job, GAP + (i % columns) * (PANEL_W + GAP), 64 + (i // columns) * (PANEL_H + GAP))
     out.append("</svg>")
     with open(sys.argv[2], "w") as f:
         f.write("\n".join(out) + "\n")

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hardware::qemu::{Dma as DmaRange, Model, QemuModel, DMA_BASE};
+use hardware::qemu::{Dma as DmaRange, Drive, DriveAio, Model, QemuModel, DMA_BASE};
 use hardware::shm::SharedMemory;
 use hardware::InterruptRoute;
 use nvme::{Controller, IoCommand, Layout};
@@ -112,13 +112,17 @@ mod tempdir {
 
 impl Rig {
     fn start(qemu: &std::path::Path, tag: &str) -> Rig {
+        Rig::start_with(qemu, tag, DriveAio::Threads)
+    }
+
+    fn start_with(qemu: &std::path::Path, tag: &str, aio: DriveAio) -> Rig {
         let dir = tempdir::Dir::new(tag);
         let image = dir.0.join("disk.img");
         std::fs::File::create(&image).unwrap().set_len(IMAGE_SIZE).unwrap();
         let memory = SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap();
         let model = QemuModel::start(
             qemu,
-            Model::Nvme { image: image.clone(), read_only: false },
+            Model::Nvme(Drive { aio, ..Drive::new(image.clone()) }),
             "drvm-test",
             DmaRange { memory: &memory, offset: 0, len: memory.size() },
             Arc::new(InterruptRoute::default()),
@@ -162,7 +166,12 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
 #[test]
 fn the_driver_core_moves_data_through_qemus_nvme_controller() {
     let Some(qemu) = qemu() else { return };
-    let rig = Rig::start(&qemu, "io");
+    for aio in [DriveAio::Threads, DriveAio::IoUring] {
+        moves_data_through_qemus_nvme_controller(&Rig::start_with(&qemu, "io", aio));
+    }
+}
+
+fn moves_data_through_qemus_nvme_controller(rig: &Rig) {
     let mut controller = rig.controller(HONEST).unwrap();
     assert!(controller.shadow_doorbells(), "QEMU's controller offers the shadow doorbell buffer (OACS bit 8)");
     let namespace = controller.namespace();
@@ -329,7 +338,7 @@ fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_
         route.route(interrupts.try_clone().unwrap());
         let supervised = SupervisedModel::start(ProcessSpec {
             qemu: qemu.clone(),
-            model: Model::Nvme { image, read_only: false },
+            model: Model::Nvme(Drive::new(image)),
             serial: "drvm-stale".into(),
             dma: memory.clone(),
             offset: 0,
@@ -424,7 +433,7 @@ fn supervised_nvme(
     let memory = Arc::new(SharedMemory::new("dma", BUFFERS + Layout::AREA).unwrap());
     let supervised = SupervisedModel::start(ProcessSpec {
         qemu,
-        model: Model::Nvme { image: image.clone(), read_only: false },
+        model: Model::Nvme(Drive::new(image.clone())),
         serial: format!("drvm-{tag}"),
         dma: memory.clone(),
         offset: 0,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::driver_vms::SpareKind;
+use crate::hw::qemu::DriveAio;
 
 /// Default driver image for block devices.
 pub const DEFAULT_BLK_DRIVER: &str = "blk";
@@ -63,6 +64,18 @@ pub struct BlkConfig {
     pub device: DeviceHardware,
     /// How request payloads reach the device.
     pub dma: DmaMode,
+    /// How QEMU's block layer reaches the image (`aio=threads|io_uring`,
+    /// `device=nvme` only; None: QEMU's thread pool).
+    pub aio: Option<DriveAio>,
+}
+
+/// Parses `aio=`.
+fn parse_aio(value: &str) -> Result<DriveAio, String> {
+    match value {
+        "threads" => Ok(DriveAio::Threads),
+        "io_uring" => Ok(DriveAio::IoUring),
+        _ => Err(format!("aio={value}: expected threads or io_uring")),
+    }
 }
 
 /// How a block device's payloads travel between the client and the device
@@ -383,6 +396,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         hosted: false,
         device: DeviceHardware::Sim,
         dma: DmaMode::Bounce,
+        aio: None,
     };
     let (mut device, mut qemu, mut driver) = ("sim".to_owned(), None, None);
     for item in spec.split(',') {
@@ -405,13 +419,14 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "readonly" => config.read_only = parse_bool(key, value).map_err(error)?,
             "checksums" => config.checksums = parse_bool(key, value).map_err(error)?,
             "dma" => config.dma = DmaMode::parse(value).map_err(error)?,
+            "aio" => config.aio = Some(parse_aio(value).map_err(error)?),
             "spare" => config.spare = parse_spare(value).map_err(error)?,
             "hosted" => config.hosted = parse_bool(key, value).map_err(error)?,
             "hang_ms" => config.hang_deadline = parse_millis(value).map_err(|e| error(format!("hang_ms: {e}")))?,
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, dma, spare, hosted, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, dma, aio, spare, hosted, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -438,6 +453,10 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         // The driver maps the whole disk: read-only would take a read-only
         // window, which the memory device does not offer yet.
         return Err("readonly=on is not available with device=memory: use device=sim for a read-only disk".into());
+    }
+    if config.aio.is_some() && !matches!(config.device, DeviceHardware::QemuModel { .. }) {
+        // Only QEMU's block layer has an aio= to choose.
+        return Err("aio= is for device=nvme (how QEMU reaches the image): other devices do their own I/O".into());
     }
     if config.dma == DmaMode::Direct {
         if config.device != DeviceHardware::Sim {
@@ -612,6 +631,7 @@ struct FileBlk {
     #[serde(default)]
     checksums: bool,
     dma: Option<toml::Spanned<String>>,
+    aio: Option<toml::Spanned<String>>,
     hang_ms: Option<toml::Spanned<u64>>,
     fault_budget: Option<u32>,
     poison_deaths: Option<u32>,
@@ -730,6 +750,12 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
                     ConfigError(format!("{origin}, line {}: [[blk]] key `dma`: {e}", line_of(text, dma.span().start)))
                 })?,
                 None => DmaMode::Bounce,
+            },
+            aio: match blk.aio {
+                Some(aio) => Some(parse_aio(aio.get_ref()).map_err(|e| {
+                    ConfigError(format!("{origin}, line {}: [[blk]] key `aio`: {e}", line_of(text, aio.span().start)))
+                })?),
+                None => None,
             },
         };
         check(&device).map_err(|e| ConfigError(format!("{origin}, line {line}: [[blk]]: {e}")))?;
@@ -904,6 +930,29 @@ mod tests {
         assert!(error.contains("line 4") && error.contains("key `dma`"), "{error}");
         let error = parse_file(&format!("{file}checksums = true\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("cannot be combined with checksums=on"), "{error}");
+    }
+
+    #[test]
+    fn aio_is_qemus_and_so_for_device_nvme_only() {
+        assert_eq!(parse_blk("socket=/s,image=/i,device=nvme", 0).unwrap().aio, None);
+        let uring = parse_blk("socket=/s,image=/i,device=nvme,aio=io_uring", 0).unwrap();
+        assert_eq!(uring.aio, Some(DriveAio::IoUring));
+        assert_eq!(parse_blk("socket=/s,image=/i,device=nvme,aio=threads", 0).unwrap().aio, Some(DriveAio::Threads));
+        for (spec, expected) in [
+            ("socket=/s,image=/i,aio=io_uring", "aio= is for device=nvme"),
+            ("socket=/s,image=/i,device=memory,aio=threads", "aio= is for device=nvme"),
+            ("socket=/s,device=vfio:0000:01:00.0,aio=io_uring", "aio= is for device=nvme"),
+            ("socket=/s,image=/i,device=nvme,aio=native", "aio=native: expected threads or io_uring"),
+        ] {
+            let error = parse_blk(spec, 0).unwrap_err().to_string();
+            assert!(error.contains(expected), "{spec}: {error}");
+        }
+        let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\ndevice = \"nvme\"\naio = \"io_uring\"\n";
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].aio, Some(DriveAio::IoUring));
+        let error = parse_file(&file.replace("io_uring", "fast"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("line 5") && error.contains("key `aio`"), "{error}");
+        let error = parse_file(&file.replace("nvme", "sim"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("aio= is for device=nvme"), "{error}");
     }
 
     #[test]

@@ -459,7 +459,15 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     config.jail.user = user.as_ref().map(|user| (user.uid, user.gid));
     let vmm = supervisor::find_vmm(config.vmm.as_deref())?;
     let signals = block_termination_signals();
-    reflector::jail::confine_reflector().map_err(|e| e.to_string())?;
+    // io_uring stays denied to every process unless a disk's QEMU uses it
+    // (the reflector's filter binds its children; their jails deny it again
+    // but to that QEMU).
+    let io_uring = if config.blk.iter().any(|blk| blk.aio == Some(reflector::hw::qemu::DriveAio::IoUring)) {
+        reflector::jail::IoUring::Allowed
+    } else {
+        reflector::jail::IoUring::Denied
+    };
+    reflector::jail::confine_reflector(io_uring).map_err(|e| e.to_string())?;
     reflector::sockets::restrict_umask();
     match reflector::sockets::raise_fd_limit() {
         Ok(limit) => tracing::debug!(limit, "open descriptor limit"),

@@ -21,14 +21,14 @@ use crate::config::{BlkConfig, DeviceHardware, DmaMode, JailSettings, NetConfig}
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
 use crate::hw::memory_disk::MemoryDisk;
-use crate::hw::qemu::{ProcessJail, QemuNic, QemuNvme, QemuProcess};
+use crate::hw::qemu::{Drive, DriveAio, ProcessJail, QemuNic, QemuNvme, QemuProcess};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
 use crate::hw::vfio::{VfioNic, VfioNvme};
 use crate::hw::{BlockHardware, DmaRegion, Hardware, NetHardware};
 use crate::inline_driver::{InlineNull, INLINE_NULL};
-use crate::jail::{Jail, JailLimits, Jailed};
+use crate::jail::{IoUring, Jail, JailLimits, Jailed};
 use crate::metrics::Metrics;
 use crate::net::device::{Net, NetDevice};
 use crate::recovery::{RecoveryConfig, RestartPolicy};
@@ -240,9 +240,17 @@ fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Resu
 }
 
 /// How device `index`'s QEMU processes start: `qemu`, in a jail of their
-/// own unless jailing is off.
-fn qemu_process(qemu: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<QemuProcess, String> {
-    let jail = jail_of(Jailed::DeviceModel(qemu), JailLimits::DEVICE_MODEL, name, index, settings).map_err(|e| {
+/// own unless jailing is off, which lets them set up io_uring only if
+/// `io_uring` says so.
+fn qemu_process(
+    qemu: &Path,
+    io_uring: IoUring,
+    name: &str,
+    index: u32,
+    settings: &JailSettings,
+) -> Result<QemuProcess, String> {
+    let jailed = Jailed::DeviceModel { qemu, io_uring };
+    let jail = jail_of(jailed, JailLimits::DEVICE_MODEL, name, index, settings).map_err(|e| {
         format!(
             "{name}: jailing QEMU ({}): {e} (install QEMU, e.g. the Debian package qemu-system-x86)",
             qemu.display()
@@ -302,11 +310,13 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             // The controller reaches the bounce slots and the driver's
             // device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
+            let aio = config.aio.unwrap_or_default();
+            let io_uring = if aio == DriveAio::IoUring { IoUring::Allowed } else { IoUring::Denied };
+            let drive = Drive { image: config.image.clone(), read_only: config.read_only, aio };
             let nvme = QemuNvme::start(
-                &qemu_process(qemu, name, index, jail)?,
+                &qemu_process(qemu, io_uring, name, index, jail)?,
                 name,
-                &config.image,
-                config.read_only,
+                drive,
                 channel.memory(),
                 channel::BOUNCE_OFFSET,
                 channel::DMA_SIZE,
@@ -465,7 +475,7 @@ pub fn start_net(
             // the device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
             let nic = QemuNic::start(
-                &qemu_process(qemu, name, index, jail)?,
+                &qemu_process(qemu, IoUring::Denied, name, index, jail)?,
                 name,
                 config.mac,
                 channel.memory(),

@@ -68,6 +68,7 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     assert_eq!(report["parent"], 0, "{report}");
     assert_eq!(report["other processes visible"], serde_json::json!([]), "{report}");
     expect("ptrace parent", "EPERM");
+    expect("io_uring_setup", "EPERM");
     // No new privileges, no new namespaces, no mounts, a read-only root.
     // (Root's id is not even mapped in its user namespace: EINVAL.)
     assert!(["EPERM", "EINVAL"].contains(&report["setuid 0"].as_str().unwrap()), "{report}");

@@ -129,16 +129,54 @@ pub struct QemuProcess {
     pub jail: Option<Arc<dyn ProcessJail>>,
 }
 
+/// A disk model's image, and how QEMU's block layer reaches it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drive {
+    /// The image file.
+    pub image: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// How QEMU performs its reads and writes.
+    pub aio: DriveAio,
+}
+
+impl Drive {
+    /// `image`, writable, through QEMU's thread pool.
+    pub fn new(image: PathBuf) -> Drive {
+        Drive { image, read_only: false, aio: DriveAio::Threads }
+    }
+}
+
+/// How QEMU's block layer performs a disk model's reads and writes (its
+/// `-drive aio=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DriveAio {
+    /// QEMU's thread pool: each request is handed to a worker thread and
+    /// its completion back to the main loop, two wake-ups inside QEMU.
+    #[default]
+    Threads,
+    /// An io_uring of QEMU's main loop: reads the page cache holds
+    /// complete as they are submitted, other requests in the kernel's
+    /// io_uring workers. The jail must allow the io_uring calls (the
+    /// reflector's jail denies them to every other process).
+    IoUring,
+}
+
+impl DriveAio {
+    /// Its name in QEMU's `aio=` option (and the reflector's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriveAio::Threads => "threads",
+            DriveAio::IoUring => "io_uring",
+        }
+    }
+}
+
 /// Which QEMU device model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Model {
     /// `-device nvme` on a raw image.
-    Nvme {
-        /// The image file.
-        image: PathBuf,
-        /// Refuse writes.
-        read_only: bool,
-    },
+    Nvme(Drive),
     /// `-device e1000e` (Intel 82574L), its network side a datagram socket
     /// (one frame per datagram) the reflector joins to a switch.
     E1000e {
@@ -151,9 +189,9 @@ impl Model {
     fn arguments(&self, serial: &str) -> Vec<String> {
         let mut arguments = vec!["-name".to_owned(), format!("guest={}", self.label().replace(',', ",,"))];
         arguments.extend(match self {
-            Model::Nvme { read_only, .. } => {
+            Model::Nvme(drive) => {
                 let mut nvme = Vec::new();
-                if !*read_only {
+                if !drive.read_only {
                     nvme.extend(["-add-fd".to_owned(), format!("fd={IMAGE_RW_FD},set=1")]);
                 }
                 nvme.extend([
@@ -161,8 +199,9 @@ impl Model {
                     format!("fd={IMAGE_RO_FD},set=1"),
                     "-drive".into(),
                     format!(
-                        "file=/dev/fdset/1,if=none,id=disk,format=raw,cache=writeback,file.locking=off,read-only={}",
-                        if *read_only { "on" } else { "off" }
+                        "file=/dev/fdset/1,if=none,id=disk,format=raw,cache=writeback,file.locking=off,aio={},read-only={}",
+                        drive.aio.as_str(),
+                        if drive.read_only { "on" } else { "off" }
                     ),
                     "-device".into(),
                     format!("nvme,serial={serial},drive=disk"),
@@ -187,7 +226,7 @@ impl Model {
     /// What the process serves, for `ps` and logs: the image, the MAC.
     fn label(&self) -> String {
         match self {
-            Model::Nvme { image, .. } => image.display().to_string(),
+            Model::Nvme(drive) => drive.image.display().to_string(),
             Model::E1000e { mac } => {
                 format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5])
             }
@@ -197,12 +236,12 @@ impl Model {
     /// The image's descriptors (read-write unless read-only, and
     /// read-only), for a disk.
     fn image_files(&self) -> std::io::Result<Vec<(std::fs::File, RawFd)>> {
-        let Model::Nvme { image, read_only } = self else { return Ok(Vec::new()) };
+        let Model::Nvme(drive) = self else { return Ok(Vec::new()) };
         let mut files = Vec::new();
-        if !*read_only {
-            files.push((std::fs::File::options().read(true).write(true).open(image)?, IMAGE_RW_FD));
+        if !drive.read_only {
+            files.push((std::fs::File::options().read(true).write(true).open(&drive.image)?, IMAGE_RW_FD));
         }
-        files.push((std::fs::File::open(image)?, IMAGE_RO_FD));
+        files.push((std::fs::File::open(&drive.image)?, IMAGE_RO_FD));
         Ok(files)
     }
 
@@ -217,7 +256,7 @@ impl Model {
     /// each with its own value. None for the NIC.
     pub fn posted_registers(&self) -> Vec<u64> {
         match self {
-            Model::Nvme { .. } => vec![nvme_regs::sq_tail_doorbell(1, 4) as u64],
+            Model::Nvme(_) => vec![nvme_regs::sq_tail_doorbell(1, 4) as u64],
             Model::E1000e { .. } => Vec::new(),
         }
     }
@@ -233,7 +272,7 @@ impl Model {
     fn pci_id(&self) -> u32 {
         match self {
             // Red Hat, QEMU NVMe controller.
-            Model::Nvme { .. } => 0x0010_1b36,
+            Model::Nvme(_) => 0x0010_1b36,
             // Intel, 82574L.
             Model::E1000e { .. } => 0x10d3_8086,
         }
@@ -452,7 +491,7 @@ impl QemuModel {
         // frame (half take over 100 us), and spinning on two cores slowed
         // net-load's ping-pong round trips, p50 367-408 to 428-594 us.
         let answer_spin = match model {
-            Model::Nvme { .. } => ANSWER_SPIN,
+            Model::Nvme(_) => ANSWER_SPIN,
             Model::E1000e { .. } => Duration::ZERO,
         };
         let qtest = Qtest::new(
@@ -626,7 +665,7 @@ impl QemuModel {
         self.connections.revoke_used();
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY)?;
         match self.model {
-            Model::Nvme { .. } => self.reset_nvme()?,
+            Model::Nvme(_) => self.reset_nvme()?,
             // CTRL.RST: a device reset, which empties the rings.
             Model::E1000e { .. } => {
                 self.qtest.writel(BAR0_ADDRESS, 1 << 26)?;
@@ -760,8 +799,7 @@ mod tests {
 
     #[test]
     fn each_models_posted_registers_have_mirror_dwords_of_their_own() {
-        let models =
-            [Model::Nvme { image: PathBuf::from("disk.img"), read_only: false }, Model::E1000e { mac: [0; 6] }];
+        let models = [Model::Nvme(Drive::new(PathBuf::from("disk.img"))), Model::E1000e { mac: [0; 6] }];
         for model in models {
             let posted = model.posted_registers();
             for (i, offset) in posted.iter().enumerate() {
@@ -774,7 +812,22 @@ mod tests {
             }
         }
         // The NVMe I/O submission doorbell's mirror is its shadow doorbell.
-        let nvme = Model::Nvme { image: PathBuf::from("disk.img"), read_only: false };
+        let nvme = Model::Nvme(Drive::new(PathBuf::from("disk.img")));
         assert_eq!(nvme.posted_registers(), vec![0x1008]);
+    }
+
+    #[test]
+    fn a_drives_aio_reaches_qemus_command_line() {
+        let drive_option = |model: &Model| {
+            let arguments = model.arguments("serial");
+            let at = arguments.iter().position(|a| a == "-drive").expect("a -drive option");
+            arguments[at + 1].clone()
+        };
+        let mut drive = Drive::new(PathBuf::from("disk.img"));
+        assert!(drive_option(&Model::Nvme(drive.clone())).contains(",aio=threads,"));
+        drive.aio = DriveAio::IoUring;
+        drive.read_only = true;
+        let option = drive_option(&Model::Nvme(drive));
+        assert!(option.contains(",aio=io_uring,") && option.ends_with(",read-only=on"), "{option}");
     }
 }

@@ -5,13 +5,12 @@
 //! The QEMU process is supervised like a driver VM ([`SupervisedModel`]).
 
 use std::fs::File;
-use std::path::Path;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use super::supervised::{ProcessSpec, SupervisedModel};
-use super::{Model, ModelError, QemuModel, QemuProcess};
+use super::{Drive, Model, ModelError, QemuModel, QemuProcess};
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, InterruptRoute, TrapWindow};
 
@@ -27,29 +26,28 @@ pub struct QemuNvme {
 }
 
 impl QemuNvme {
-    /// Starts QEMU (`qemu`) with an NVMe controller on `image`, able to
+    /// Starts QEMU (`qemu`) with an NVMe controller on `drive`, able to
     /// reach `len` bytes of `dma` from `offset`. With `posted_mirror` (an
     /// offset in `dma`: `channel::POSTED_MIRROR_OFFSET`), the I/O queue's
     /// doorbells are posted registers whose values the driver leaves
     /// there (its shadow doorbells); without, every access is trapped.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         qemu: &QemuProcess,
         name: &str,
-        image: &Path,
-        read_only: bool,
+        drive: Drive,
         dma: &Arc<SharedMemory>,
         offset: usize,
         len: usize,
         posted_mirror: Option<usize>,
     ) -> Result<QemuNvme, ModelError> {
-        let file = File::options().read(true).write(!read_only).open(image)?;
+        let read_only = drive.read_only;
+        let file = File::options().read(true).write(!read_only).open(&drive.image)?;
         let capacity_sectors = file.metadata()?.len() / 512;
         let interrupt = Arc::new(InterruptRoute::default());
         let process = SupervisedModel::start(ProcessSpec {
             qemu: qemu.binary.clone(),
             jail: qemu.jail.clone(),
-            model: Model::Nvme { image: image.to_owned(), read_only },
+            model: Model::Nvme(drive),
             serial: name.chars().filter(char::is_ascii_alphanumeric).take(20).collect(),
             dma: dma.clone(),
             offset,

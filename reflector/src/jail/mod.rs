@@ -34,7 +34,8 @@
 //!   that it binds whatever binary runs: the calls that widen a process's
 //!   reach (new namespaces, mounts, ptrace and cross-process memory access,
 //!   BPF, perf, userfaultfd, keyrings, kernel modules, kexec, reboot, swap)
-//!   fail with EPERM.
+//!   fail with EPERM, and so does io_uring, whose submissions no filter
+//!   sees (a device model's QEMU may use it when its drive asks to).
 //!
 //! The vmm then confines its own threads with seccomp allow-lists once its
 //! VM is set up (`vmm run --seccomp`).
@@ -48,7 +49,7 @@ mod filters;
 mod libraries;
 
 pub use cgroups::{prepare_cgroups, OWN_LEAF};
-pub use filters::confine_reflector;
+pub use filters::{confine_reflector, IoUring};
 
 use std::ffi::CString;
 use std::fs::File;
@@ -184,8 +185,13 @@ pub enum Jailed<'a> {
     /// A device model's QEMU (this binary): no /dev/kvm; a /proc of its own
     /// PID namespace with nothing but its own process (`subset=pid`), for
     /// the `/proc/self/fd/N` paths its memory and firmware are named by;
-    /// ids and cgroup of its own.
-    DeviceModel(&'a Path),
+    /// ids and cgroup of its own; io_uring only if its drive uses it.
+    DeviceModel {
+        /// The binary.
+        qemu: &'a Path,
+        /// Whether it may set up io_uring (`aio=io_uring`).
+        io_uring: IoUring,
+    },
 }
 
 /// Everything the child needs to jail itself, prepared in the parent.
@@ -231,7 +237,7 @@ impl Jail {
         let (program, jailed, cgroup, id_offset) = match what {
             Jailed::Vmm(vmm) => (vmm, JAILED_VMM, name.to_owned(), 0),
             // `.`: no device name has one, so no device's cgroup is another's QEMU's.
-            Jailed::DeviceModel(qemu) => (qemu, JAILED_QEMU, format!("{name}.qemu"), DEVICE_MODEL_IDS),
+            Jailed::DeviceModel { qemu, .. } => (qemu, JAILED_QEMU, format!("{name}.qemu"), DEVICE_MODEL_IDS),
         };
         make_searchable_dir(Path::new(JAIL_ROOT))?;
         let program = resolve_program(program)?;
@@ -257,7 +263,7 @@ impl Jail {
         }
         let proc = match what {
             Jailed::Vmm(_) => None,
-            Jailed::DeviceModel(_) => {
+            Jailed::DeviceModel { .. } => {
                 let proc = c_path(&Path::new(JAIL_ROOT).join("proc"))?;
                 directories.push(proc.clone());
                 Some(proc)
@@ -273,12 +279,12 @@ impl Jail {
                     .open("/dev/kvm")
                     .map_err(io_error("opening /dev/kvm for the driver VMs"))?,
             ),
-            Jailed::DeviceModel(_) => None,
+            Jailed::DeviceModel { .. } => None,
         };
         let slots = match what {
             Jailed::Vmm(_) => MEMORY_SLOTS,
             // One QEMU at a time (its supervisor reaps one before the next).
-            Jailed::DeviceModel(_) => 1,
+            Jailed::DeviceModel { .. } => 1,
         };
         let cgroups = cgroups_for(&cgroup, limits, slots).unwrap_or_else(|error| {
             tracing::warn!(device = name, %error, "no cgroup limits for this device's jailed processes");
@@ -294,7 +300,10 @@ impl Jail {
             Some((uid, gid)) => JailIds::Reflector { uid, gid },
             None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
         };
-        let filters = outer_filters()?;
+        let filters = outer_filters(match what {
+            Jailed::Vmm(_) => IoUring::Denied,
+            Jailed::DeviceModel { io_uring, .. } => io_uring,
+        })?;
         Ok(Jail {
             program: jailed,
             proc,
