@@ -49,7 +49,9 @@ one copy fewer; not with checksums=on; default bounce), poison_deaths=N (a reque
 error instead of being replayed again; default 3), driver_args=WORDS (the driver's
 parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests),
 device=sim|nvme|memory|vfio:ADDRESS (memory: the image itself as the vmdisk driver's device
-memory), hosted=on (run a hosted build of the driver, given by driver=PATH, as a plain process
+memory), aio=threads|io_uring (device=nvme: how QEMU reaches the image; io_uring skips its
+thread pool but lets that QEMU, and the reflector, use io_uring, denied otherwise; default
+threads), hosted=on (run a hosted build of the driver, given by driver=PATH, as a plain process
 instead of a driver VM: development only, without isolation; needs --no-jail).
 
 --tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
@@ -75,6 +77,7 @@ Configuration file (TOML):
   readonly = false
   checksums = false             # check reads against what was written
   dma = \"bounce\"                # or \"direct\": per-request DMA windows, no bounce copy
+  # device = \"nvme\"             # QEMU's NVMe model; then aio = \"io_uring\" skips QEMU's thread pool
   driver = \"blk\"                # driver VM image: built-in name or path
   driver_memory = \"16M\"
   hang_ms = 500                 # replace a driver VM that makes no progress this long
