@@ -70,8 +70,17 @@ const JAIL_ONLY: &[libc::c_long] =
 /// io_uring calls unless `io_uring` allows them. Call once at start,
 /// before it starts threads.
 pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
-    let fail = |e: &dyn std::fmt::Display| JailError::Io {
+    let program = reflector_filter(io_uring)?;
+    seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Io {
         what: "confining the reflector with seccomp".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// The reflector's own filter (see [`confine_reflector`]).
+fn reflector_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailError> {
+    let fail = |e: &dyn std::fmt::Display| JailError::Io {
+        what: "building the reflector's seccomp filter".into(),
         source: std::io::Error::other(e.to_string()),
     };
     let rules = NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
@@ -82,12 +91,12 @@ pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
         seccompiler::TargetArch::x86_64,
     )
     .map_err(|e| fail(&e))?;
-    let program = seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| fail(&e))
+    seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
 }
 
 /// The outer filters: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
-/// `io_uring` allows them, and clone with any namespace flag fail with EPERM; clone3 (whose flags sit in memory a filter cannot read) with
+/// `io_uring` allows them, and clone with any namespace flag fail with
+/// EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone. Two filters: the kernel
 /// runs both and the stricter answer wins.
 pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
@@ -160,14 +169,17 @@ mod tests {
     }
 
     #[test]
-    fn a_jail_denies_io_uring_unless_it_holds_a_qemu_that_uses_it() {
+    fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
+        let reflector = |io_uring| vec![reflector_filter(io_uring).unwrap()];
         assert_eq!(io_uring_setup_under(outer_filters(IoUring::Denied).unwrap()), libc::EPERM);
-        // Allowed: whatever the kernel answers, it is not the filter's EPERM
-        // (a kernel with io_uring turned off says ENOSYS or EPERM itself,
-        // so this half needs one that has it).
+        assert_eq!(io_uring_setup_under(reflector(IoUring::Denied)), libc::EPERM);
+        // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
+        // with io_uring turned off refuses it unfiltered, so this half needs
+        // one that has it).
         let unfiltered = io_uring_setup_under(Vec::new());
         if unfiltered == 0 {
             assert_eq!(io_uring_setup_under(outer_filters(IoUring::Allowed).unwrap()), 0);
+            assert_eq!(io_uring_setup_under(reflector(IoUring::Allowed)), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
         }
