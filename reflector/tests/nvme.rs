@@ -341,6 +341,39 @@ fn the_qemu_device_model_runs_in_a_jail_of_its_own() {
 }
 
 #[test]
+fn a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it() {
+    let test = "a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it";
+    if !available(test) {
+        return;
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPING {test}: jails need root ***\n");
+        return;
+    }
+    let scratch = Scratch::new("nvme-uring-jail");
+    // The first disk's QEMU (a real one) uses io_uring, so the reflector's
+    // own filter, which every child inherits, lets io_uring through; the
+    // second disk's QEMU is hostile-qemu, which says whether its jail did.
+    let first = blk_arg(&scratch.join("a.sock"), &scratch.join("a.img"), ",size=8M,name=a,device=nvme,aio=io_uring");
+    let hostile = sibling("hostile-qemu");
+    for (aio, expected) in [("", "io_uring_setup EPERM"), (",aio=io_uring", "io_uring_setup ok")] {
+        let options = format!(",size=8M,name=b,device=nvme{aio},qemu={}", hostile.display());
+        let second = blk_arg(&scratch.join("b.sock"), &scratch.join("b.img"), &options);
+        let output = Command::new(sibling("reflector"))
+            .arg("serve")
+            .args(&first)
+            .args(&second)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{aio}: the reflector started on hostile-qemu: {stderr}");
+        assert!(stderr.contains(expected), "{aio}: expected {expected:?}: {stderr}");
+    }
+}
+
+#[test]
 fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
     let scratch = Scratch::new("nvme-refuse");
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));

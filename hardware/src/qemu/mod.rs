@@ -129,6 +129,22 @@ pub struct QemuProcess {
     pub jail: Option<Arc<dyn ProcessJail>>,
 }
 
+impl std::fmt::Display for Model {
+    /// For logs and errors: the model and what it serves.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Model::Nvme(drive) => write!(
+                f,
+                "NVMe controller on {} (aio={}{})",
+                drive.image.display(),
+                drive.aio.as_str(),
+                if drive.read_only { ", read-only" } else { "" }
+            ),
+            Model::E1000e { .. } => write!(f, "e1000e {}", self.label()),
+        }
+    }
+}
+
 /// A disk model's image, and how QEMU's block layer reaches it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Drive {
@@ -223,7 +239,7 @@ impl Model {
         arguments
     }
 
-    /// What the process serves, for `ps` and logs: the image, the MAC.
+    /// What the process serves, for `ps`: the image, the MAC.
     fn label(&self) -> String {
         match self {
             Model::Nvme(drive) => drive.image.display().to_string(),
@@ -336,7 +352,7 @@ pub enum ModelError {
     #[error(transparent)]
     Qtest(#[from] QtestError),
     /// QEMU started, but the device is not where it was put.
-    #[error("QEMU started but holds no {model:?} device: {detail}")]
+    #[error("QEMU started, but not its {model}: {detail}")]
     NoDevice {
         /// The model.
         model: Model,
@@ -558,7 +574,7 @@ impl QemuModel {
             self.config_write(self.slot, pci::BAR1, (BAR0_ADDRESS >> 32) as u32)?;
         }
         self.config_write(self.slot, pci::COMMAND, pci::MEMORY | pci::BUS_MASTER)?;
-        tracing::info!(model = ?self.model, slot = self.slot, bar0_size = self.bar0_size, "QEMU device model ready");
+        tracing::info!(model = %self.model, slot = self.slot, bar0_size = self.bar0_size, "QEMU device model ready");
         Ok(())
     }
 
