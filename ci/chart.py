@@ -13,11 +13,11 @@ import sys
 from xml.sax.saxutils import escape
 
 BACKENDS = (("sim", "driver VM + simulated controller", "#1f77b4"),
-            ("direct", "the same, dma=direct", "#9467bd"),
+            ("direct", "simulated controller, dma=direct", "#9467bd"),
             ("nvme", "driver VM + QEMU NVMe model", "#ff7f0e"),
-            ("uring", "the same, aio=io_uring", "#d62728"),
+            ("uring", "QEMU NVMe model, aio=io_uring", "#d62728"),
             ("qsd", "qemu-storage-daemon (peer)", "#2ca02c"),
-            ("qsd-u", "the same, aio=io_uring", "#17becf"))
+            ("qsd-u", "qemu-storage-daemon, aio=io_uring", "#17becf"))
 ROLES = (("reflector", "#4c72b0"), ("driver_vm", "#dd8452"), ("device", "#937860"), ("peer", "#55a868"))
 PANEL_W, PANEL_H, GAP = 300, 210, 26
 CDF_W = 190
@@ -37,7 +37,7 @@ def panel(job, x0, y0):
     if lats:
         lo = 10 ** math.floor(math.log10(min(lats)))
         hi = 10 ** math.ceil(math.log10(max(lats)))
-        left, top, w, h = x0 + 28, y0 + 22, CDF_W - 34, PANEL_H - 78
+        left, top, w, h = x0 + 28, y0 + 22, CDF_W - 34, PANEL_H - 88
         out.append(f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#999"/>')
         decade = lo
         while decade <= hi:
@@ -62,7 +62,7 @@ def panel(job, x0, y0):
     bars = [(key, colour, job[key]["cpu_us_per_request"]) for key, _, colour in BACKENDS if key in job]
     if bars:
         top_cpu = max(sum(c.values()) for _, _, c in bars) or 1.0
-        left, top, w, h = x0 + CDF_W + 8, y0 + 22, PANEL_W - CDF_W - 12, PANEL_H - 78
+        left, top, w, h = x0 + CDF_W + 8, y0 + 22, PANEL_W - CDF_W - 12, PANEL_H - 88
         bar_w = w / len(bars) - 6
         for i, (key, colour, cpu) in enumerate(bars):
             x = left + i * (bar_w + 6)

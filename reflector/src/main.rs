@@ -50,8 +50,8 @@ error instead of being replayed again; default 3), driver_args=WORDS (the driver
 parameters, added to its command line; the blk driver takes panic-on-sector=N, a bug for tests),
 device=sim|nvme|memory|vfio:ADDRESS (memory: the image itself as the vmdisk driver's device
 memory), aio=threads|io_uring (device=nvme: how QEMU reaches the image; io_uring skips its
-thread pool but lets that QEMU, and the reflector, use io_uring, denied otherwise; default
-threads), hosted=on (run a hosted build of the driver, given by driver=PATH, as a plain process
+thread pool but lets that QEMU, and the reflector, use io_uring, which the jail otherwise
+denies; default threads), hosted=on (run a hosted build of the driver, given by driver=PATH, as a plain process
 instead of a driver VM: development only, without isolation; needs --no-jail).
 
 --tap name=IFNAME[,switch=NAME] bridges a host TAP device (created if missing; bring it up
@@ -471,6 +471,15 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         reflector::jail::IoUring::Denied
     };
     reflector::jail::confine_reflector(io_uring).map_err(|e| e.to_string())?;
+    if io_uring == reflector::jail::IoUring::Allowed {
+        if let Some(error) = reflector::jail::io_uring_refused() {
+            tracing::warn!(
+                %error,
+                "aio=io_uring: this kernel refuses io_uring to the reflector (kernel.io_uring_disabled, or a seccomp \
+                 profile around it); QEMU will reach the image through its thread pool instead"
+            );
+        }
+    }
     reflector::sockets::restrict_umask();
     match reflector::sockets::raise_fd_limit() {
         Ok(limit) => tracing::debug!(limit, "open descriptor limit"),

@@ -129,6 +129,16 @@ pub struct QemuProcess {
     pub jail: Option<Arc<dyn ProcessJail>>,
 }
 
+impl Model {
+    /// What the model is, for errors that already name what it serves.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Model::Nvme(_) => "NVMe controller",
+            Model::E1000e { .. } => "e1000e",
+        }
+    }
+}
+
 impl std::fmt::Display for Model {
     /// For logs and errors: the model and what it serves.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -352,7 +362,7 @@ pub enum ModelError {
     #[error(transparent)]
     Qtest(#[from] QtestError),
     /// QEMU started, but the device is not where it was put.
-    #[error("QEMU started, but not its {model}: {detail}")]
+    #[error("QEMU exited or did not offer its {}: {detail}", model.kind())]
     NoDevice {
         /// The model.
         model: Model,

@@ -60,6 +60,22 @@ impl IoUring {
     }
 }
 
+/// Why this kernel refuses io_uring to the reflector (`kernel.io_uring_disabled`,
+/// a seccomp profile around it, a kernel without it), if it does: a disk's
+/// QEMU asked to use io_uring then falls back to its thread pool.
+pub fn io_uring_refused() -> Option<std::io::Error> {
+    // struct io_uring_params: 120 bytes, zero but for what the kernel fills in.
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup(2) with a writable params buffer of its size.
+    let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if ring < 0 {
+        return Some(std::io::Error::last_os_error());
+    }
+    // SAFETY: the ring's descriptor, just made and ours alone.
+    unsafe { libc::close(ring as libc::c_int) };
+    None
+}
+
 /// What a vmm may not do besides [`NEVER`]: build namespaces and mounts
 /// (the reflector needs these to build jails, so only the jail denies them).
 const JAIL_ONLY: &[libc::c_long] =
@@ -70,15 +86,18 @@ const JAIL_ONLY: &[libc::c_long] =
 /// io_uring calls unless `io_uring` allows them. Call once at start,
 /// before it starts threads.
 pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
-    let program = reflector_filter(io_uring)?;
-    seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Io {
-        what: "confining the reflector with seccomp".into(),
-        source: std::io::Error::other(e.to_string()),
-    })
+    for program in reflector_filters(io_uring)? {
+        seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Io {
+            what: "confining the reflector with seccomp".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
+    Ok(())
 }
 
-/// The reflector's own filter (see [`confine_reflector`]).
-fn reflector_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailError> {
+/// The reflector's own filters (see [`confine_reflector`]): its deny list
+/// and [`x32_filter`].
+fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
     let fail = |e: &dyn std::fmt::Display| JailError::Io {
         what: "building the reflector's seccomp filter".into(),
         source: std::io::Error::other(e.to_string()),
@@ -91,14 +110,40 @@ fn reflector_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailEr
         seccompiler::TargetArch::x86_64,
     )
     .map_err(|e| fail(&e))?;
-    seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
+    Ok(vec![seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))?, x32_filter()])
+}
+
+/// Where the x32 ABI's system call numbers start: the same calls as
+/// x86-64's, their numbers with this bit set, under the same audit
+/// architecture.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// Fails every x32 system call with EPERM. seccompiler's filters check the
+/// audit architecture, which x32 shares with x86-64, and match numbers
+/// without the x32 bit, so a deny list alone lets `syscall(0x40000000 |
+/// nr)` through on a kernel built with x32 (CONFIG_X86_X32_ABI). Nothing
+/// here uses x32.
+fn x32_filter() -> seccompiler::BpfProgram {
+    use seccompiler::sock_filter;
+    // struct seccomp_data: the system call number is its first word.
+    const LOAD_NUMBER: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_AT_LEAST: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    vec![
+        sock_filter { code: LOAD_NUMBER, jt: 0, jf: 0, k: 0 },
+        // At or above the bit: the next instruction; below it: the one after.
+        sock_filter { code: JUMP_IF_AT_LEAST, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
+        sock_filter { code: RETURN, jt: 0, jf: 0, k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32 },
+        sock_filter { code: RETURN, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
+    ]
 }
 
 /// The outer filters: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
 /// `io_uring` allows them, and clone with any namespace flag fail with
 /// EPERM; clone3 (whose flags sit in memory a filter cannot read) with
-/// ENOSYS, so the C library falls back to clone. Two filters: the kernel
-/// runs both and the stricter answer wins.
+/// ENOSYS, so the C library falls back to clone; and x32 calls fail with
+/// EPERM ([`x32_filter`]). Three filters: the kernel runs them all and
+/// the strictest answer wins.
 pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
     use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| JailError::Io {
@@ -138,7 +183,7 @@ pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfPro
         .collect::<Result<Vec<_>, JailError>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
     let clone3 = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
-    Ok(vec![compile(rules, libc::EPERM)?, compile(clone3, libc::ENOSYS)?])
+    Ok(vec![compile(rules, libc::EPERM)?, compile(clone3, libc::ENOSYS)?, x32_filter()])
 }
 
 #[cfg(test)]
@@ -170,7 +215,7 @@ mod tests {
 
     #[test]
     fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
-        let reflector = |io_uring| vec![reflector_filter(io_uring).unwrap()];
+        let reflector = |io_uring| reflector_filters(io_uring).unwrap();
         assert_eq!(io_uring_setup_under(outer_filters(IoUring::Denied).unwrap()), libc::EPERM);
         assert_eq!(io_uring_setup_under(reflector(IoUring::Denied)), libc::EPERM);
         // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
@@ -183,5 +228,41 @@ mod tests {
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
         }
+    }
+}
+
+#[cfg(test)]
+mod x32_tests {
+    use super::*;
+
+    /// `getpid` by its x32 number, in a thread of its own under `filters`:
+    /// its errno, or 0 if it ran.
+    fn x32_getpid_under(filters: Vec<seccompiler::BpfProgram>) -> i32 {
+        std::thread::spawn(move || {
+            for filter in &filters {
+                seccompiler::apply_filter(filter).expect("installing the filter in the test thread");
+            }
+            // SAFETY: getpid(2) through the x32 ABI's number: no argument,
+            // no effect; a kernel without x32 answers ENOSYS.
+            let pid = unsafe { libc::syscall(libc::c_long::from(X32_SYSCALL_BIT) | libc::SYS_getpid) };
+            if pid < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+            } else {
+                0
+            }
+        })
+        .join()
+        .expect("the test thread")
+    }
+
+    #[test]
+    fn x32_calls_are_denied_by_the_jail_and_the_reflector_whatever_the_kernel() {
+        // The filters answer before the kernel looks at the number, so
+        // this holds on kernels with x32 (where it would run) and without
+        // (ENOSYS).
+        assert_eq!(x32_getpid_under(outer_filters(IoUring::Denied).unwrap()), libc::EPERM);
+        assert_eq!(x32_getpid_under(outer_filters(IoUring::Allowed).unwrap()), libc::EPERM);
+        assert_eq!(x32_getpid_under(reflector_filters(IoUring::Allowed).unwrap()), libc::EPERM);
+        assert_ne!(x32_getpid_under(Vec::new()), libc::EPERM, "unfiltered, the kernel answers for itself");
     }
 }

@@ -35,7 +35,8 @@
 //!   reach (new namespaces, mounts, ptrace and cross-process memory access,
 //!   BPF, perf, userfaultfd, keyrings, kernel modules, kexec, reboot, swap)
 //!   fail with EPERM, and so does io_uring, whose submissions no filter
-//!   sees (a device model's QEMU may use it when its drive asks to).
+//!   sees (a device model's QEMU may use it when its drive asks to), and
+//!   every x32 system call (which a deny list of x86-64 numbers misses).
 //!
 //! The vmm then confines its own threads with seccomp allow-lists once its
 //! VM is set up (`vmm run --seccomp`).
@@ -49,7 +50,7 @@ mod filters;
 mod libraries;
 
 pub use cgroups::{prepare_cgroups, OWN_LEAF};
-pub use filters::{confine_reflector, IoUring};
+pub use filters::{confine_reflector, io_uring_refused, IoUring};
 
 use std::ffi::CString;
 use std::fs::File;
