@@ -190,69 +190,52 @@ pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfPro
 mod tests {
     use super::*;
 
-    /// io_uring_setup(2) for a ring of one entry, in a thread of its own
-    /// under `filters` (seccompiler's `apply_filter` binds the calling
-    /// thread only): its errno, or 0 when it made a ring.
-    fn io_uring_setup_under(filters: Vec<seccompiler::BpfProgram>) -> i32 {
+    /// Runs `call` in a thread of its own under `filters` (seccompiler's
+    /// `apply_filter` binds the calling thread only): the errno it failed
+    /// with, or 0.
+    fn errno_under(filters: Vec<seccompiler::BpfProgram>, call: fn() -> i32) -> i32 {
         std::thread::spawn(move || {
             for filter in &filters {
                 seccompiler::apply_filter(filter).expect("installing the filter in the test thread");
             }
-            // struct io_uring_params: 120 bytes, zero but for what the kernel fills in.
-            let mut params = [0u8; 120];
-            // SAFETY: io_uring_setup(2) with a valid, writable params buffer of its size.
-            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-            if fd < 0 {
-                return std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
-            }
-            // SAFETY: the ring's descriptor, ours alone.
-            unsafe { libc::close(fd as libc::c_int) };
-            0
+            call()
         })
         .join()
         .expect("the test thread")
+    }
+
+    /// io_uring_setup(2) for a ring of one entry.
+    fn io_uring_setup() -> i32 {
+        io_uring_refused().map_or(0, |error| error.raw_os_error().unwrap_or(-1))
+    }
+
+    /// getpid(2) by its x32 number.
+    fn x32_getpid() -> i32 {
+        // SAFETY: getpid(2) through the x32 ABI's number: no argument, no
+        // effect; a kernel without x32 answers ENOSYS.
+        let pid = unsafe { libc::syscall(libc::c_long::from(X32_SYSCALL_BIT) | libc::SYS_getpid) };
+        if pid < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
     }
 
     #[test]
     fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
         let reflector = |io_uring| reflector_filters(io_uring).unwrap();
-        assert_eq!(io_uring_setup_under(outer_filters(IoUring::Denied).unwrap()), libc::EPERM);
-        assert_eq!(io_uring_setup_under(reflector(IoUring::Denied)), libc::EPERM);
+        assert_eq!(errno_under(outer_filters(IoUring::Denied).unwrap(), io_uring_setup), libc::EPERM);
+        assert_eq!(errno_under(reflector(IoUring::Denied), io_uring_setup), libc::EPERM);
         // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
         // with io_uring turned off refuses it unfiltered, so this half needs
         // one that has it).
-        let unfiltered = io_uring_setup_under(Vec::new());
+        let unfiltered = errno_under(Vec::new(), io_uring_setup);
         if unfiltered == 0 {
-            assert_eq!(io_uring_setup_under(outer_filters(IoUring::Allowed).unwrap()), 0);
-            assert_eq!(io_uring_setup_under(reflector(IoUring::Allowed)), 0);
+            assert_eq!(errno_under(outer_filters(IoUring::Allowed).unwrap(), io_uring_setup), 0);
+            assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
         }
-    }
-}
-
-#[cfg(test)]
-mod x32_tests {
-    use super::*;
-
-    /// `getpid` by its x32 number, in a thread of its own under `filters`:
-    /// its errno, or 0 if it ran.
-    fn x32_getpid_under(filters: Vec<seccompiler::BpfProgram>) -> i32 {
-        std::thread::spawn(move || {
-            for filter in &filters {
-                seccompiler::apply_filter(filter).expect("installing the filter in the test thread");
-            }
-            // SAFETY: getpid(2) through the x32 ABI's number: no argument,
-            // no effect; a kernel without x32 answers ENOSYS.
-            let pid = unsafe { libc::syscall(libc::c_long::from(X32_SYSCALL_BIT) | libc::SYS_getpid) };
-            if pid < 0 {
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-            } else {
-                0
-            }
-        })
-        .join()
-        .expect("the test thread")
     }
 
     #[test]
@@ -260,9 +243,9 @@ mod x32_tests {
         // The filters answer before the kernel looks at the number, so
         // this holds on kernels with x32 (where it would run) and without
         // (ENOSYS).
-        assert_eq!(x32_getpid_under(outer_filters(IoUring::Denied).unwrap()), libc::EPERM);
-        assert_eq!(x32_getpid_under(outer_filters(IoUring::Allowed).unwrap()), libc::EPERM);
-        assert_eq!(x32_getpid_under(reflector_filters(IoUring::Allowed).unwrap()), libc::EPERM);
-        assert_ne!(x32_getpid_under(Vec::new()), libc::EPERM, "unfiltered, the kernel answers for itself");
+        assert_eq!(errno_under(outer_filters(IoUring::Denied).unwrap(), x32_getpid), libc::EPERM);
+        assert_eq!(errno_under(outer_filters(IoUring::Allowed).unwrap(), x32_getpid), libc::EPERM);
+        assert_eq!(errno_under(reflector_filters(IoUring::Allowed).unwrap(), x32_getpid), libc::EPERM);
+        assert_ne!(errno_under(Vec::new(), x32_getpid), libc::EPERM, "unfiltered, the kernel answers for itself");
     }
 }
