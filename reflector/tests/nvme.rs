@@ -22,6 +22,19 @@ fn available(test: &str) -> bool {
     kvm_available(test) && qemu_available(test)
 }
 
+/// [`available`], and jails (root).
+fn jails_available(test: &str) -> bool {
+    if !available(test) {
+        return false;
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPING {test}: jails need root ***\n");
+        return false;
+    }
+    true
+}
+
 fn blk_load(socket: &Path, args: &[&str]) -> (Output, Vec<serde_json::Value>) {
     common::blk_load(socket, &[&["--queue-size", "1024", "--timeout", "30"], args].concat())
 }
@@ -299,12 +312,7 @@ fn a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and
 #[test]
 fn the_qemu_device_model_runs_in_a_jail_of_its_own() {
     let test = "the_qemu_device_model_runs_in_a_jail_of_its_own";
-    if !available(test) {
-        return;
-    }
-    // SAFETY: geteuid(2) cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPING {test}: jails need root ***\n");
+    if !jails_available(test) {
         return;
     }
     let scratch = Scratch::new("nvme-jail");
@@ -347,12 +355,7 @@ fn the_qemu_device_model_runs_in_a_jail_of_its_own() {
 #[test]
 fn a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it() {
     let test = "a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it";
-    if !available(test) {
-        return;
-    }
-    // SAFETY: geteuid(2) cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPING {test}: jails need root ***\n");
+    if !jails_available(test) {
         return;
     }
     if let Some(error) = reflector::jail::io_uring_refused() {
