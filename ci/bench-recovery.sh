@@ -19,17 +19,18 @@
 #
 # With --device nvme, the disk is QEMU's NVMe controller (its own QEMU
 # process, needs qemu-system-x86_64) instead of the simulated one: the
-# failover of a driver of hardware nobody here wrote, its quiesce included.
+# failover of a driver of hardware nobody here wrote, its quiesce included;
+# --aio io_uring has that QEMU reach the image through io_uring.
 #
 # The binaries are target/release's; BIN=DIR takes them from DIR instead
 # (to compare two builds).
 #
 # Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--cold | --standby | --spare] [--no-jail]
-#                             [--device sim|nvme]
+#                             [--device sim|nvme] [--aio threads|io_uring]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
-kills=1000 seed=1 spare=standby jail= device=sim
+kills=1000 seed=1 spare=standby jail= device=sim aio=
 while (($#)); do
     case $1 in
     --spare | --warm) spare=warm; shift ;;
@@ -39,6 +40,7 @@ while (($#)); do
     --kills) kills=${2:?}; shift 2 ;;
     --seed) seed=${2:?}; shift 2 ;;
     --device) device=${2:?}; shift 2 ;;
+    --aio) aio=${2:?}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-recovery: unknown argument '$1'" >&2; exit 2 ;;
     esac
@@ -47,15 +49,19 @@ case $device in
 sim | nvme) ;;
 *) echo "bench-recovery: --device wants sim or nvme, not '$device'" >&2; exit 2 ;;
 esac
+case $device/$aio in
+*/ | nvme/threads | nvme/io_uring) ;;
+*) echo "bench-recovery: --aio wants threads or io_uring, with --device nvme" >&2; exit 2 ;;
+esac
 bin=${BIN:-$repo/target/release}
 tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
 pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
 "$bin/reflector" serve $jail --control "$tmp/ctl" \
-    --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare,device=$device" 2>"$tmp/log" &
+    --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare,device=$device${aio:+,aio=$aio}" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done
-echo "bench-recovery: $kills SIGKILLs under verified load, spare=$spare, device=$device" >&2
+echo "bench-recovery: $kills SIGKILLs under verified load, spare=$spare, device=$device${aio:+, aio=$aio}" >&2
 # Gaps above 100 ms: a driver VM that served that long is not in a crash
 # loop, so every restart is immediate (no backoff), which is what we measure.
 "$bin/reflector" chaos --control "$tmp/ctl" --device bench --socket "$tmp/d.sock" --kinds kill \
