@@ -17,11 +17,13 @@
 # removed on success and kept (path printed) on failure.
 #
 # --device nvme serves the disk on QEMU's NVMe controller model through the
-# nvme driver (device=nvme) instead of the simulated controller.
+# nvme driver (device=nvme) instead of the simulated controller; --aio
+# io_uring has that QEMU reach the image through io_uring (aio=io_uring).
 # --dma direct serves it with per-request DMA windows (dma=direct: the
 # simulated controller reaches the guest's own buffers, no bounce copy).
 #
 # Usage: ci/e2e-reflector.sh [--timeout SEC] [--fiosize MIB] [--device sim|nvme] [--dma bounce|direct]
+#                            [--aio threads|io_uring]
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,11 +31,12 @@ repo=$(cd "$here/.." && pwd)
 log() { printf 'e2e-reflector: %s\n' "$*" >&2; }
 die() { printf 'e2e-reflector: FAIL: %s\n' "$*" >&2; exit 1; }
 
-tmo=300 fiosize=48 device=sim dma=bounce
+tmo=300 fiosize=48 device=sim dma=bounce aio=
 while (($#)); do
     case $1 in
     --device) device=${2:?--device needs sim or nvme}; shift 2 ;;
     --dma) dma=${2:?--dma needs bounce or direct}; shift 2 ;;
+    --aio) aio=${2:?--aio needs threads or io_uring}; shift 2 ;;
     --timeout) tmo=${2:?--timeout needs seconds}; shift 2 ;;
     --fiosize) fiosize=${2:?--fiosize needs MiB}; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -43,6 +46,8 @@ done
 [[ $device == sim || $device == nvme ]] || die "--device $device: expected sim or nvme"
 [[ $dma == bounce || $dma == direct ]] || die "--dma $dma: expected bounce or direct"
 [[ $dma == bounce || $device == sim ]] || die "--dma direct is for --device sim only"
+[[ -z $aio || ($device == nvme && ($aio == threads || $aio == io_uring)) ]] ||
+    die "--aio $aio: expected threads or io_uring, with --device nvme"
 
 for tool in qemu-system-x86_64 fio qemu-img; do
     if ! command -v "$tool" >/dev/null; then
@@ -71,9 +76,9 @@ trap cleanup EXIT
 # Run 3 makes a fault every 0.5 s, at the edge of the default budget (20
 # per 10 s, after which the device fails its requests): the budget is the
 # unit and KVM tests' business, the replay this test's.
-log "starting the reflector on $img (device=$device, dma=$dma)"
+log "starting the reflector on $img (device=$device, dma=$dma${aio:+, aio=$aio})"
 ctl=$tmp/ctl
-timeout -k 5 $((tmo * 4 + 120)) "$reflector" serve --control "$ctl" --blk "socket=$sock,image=$img,size=256M,name=e2e,device=$device,dma=$dma,fault_budget=100" \
+timeout -k 5 $((tmo * 4 + 120)) "$reflector" serve --control "$ctl" --blk "socket=$sock,image=$img,size=256M,name=e2e,device=$device,dma=$dma${aio:+,aio=$aio},fault_budget=100" \
     >"$tmp/reflector.log" 2>&1 &
 reflector_pid=$!
 for _ in $(seq 300); do

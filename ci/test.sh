@@ -57,6 +57,9 @@ timeout 1500 ci/e2e-reflector.sh --dma direct
 step "end-to-end: the same on QEMU's NVMe controller model through the nvme driver, also across kills and injected faults"
 timeout 1500 ci/e2e-reflector.sh --device nvme
 
+step "end-to-end: the same with QEMU reaching the image through io_uring (aio=io_uring)"
+timeout 1500 ci/e2e-reflector.sh --device nvme --aio io_uring
+
 step "end-to-end: two QEMU guests ping and send a checksummed TCP transfer through net driver VMs, also while they are killed"
 timeout 1500 ci/e2e-net.sh
 
