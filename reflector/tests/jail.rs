@@ -91,6 +91,44 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     assert!(log.contains("killed by its memory cap"), "the memory cap's kill is not reported as one: {log}");
 }
 
+#[test]
+fn a_vmm_gets_no_io_uring_even_beside_a_qemu_that_uses_it() {
+    let test = "a_vmm_gets_no_io_uring_even_beside_a_qemu_that_uses_it";
+    if !kvm_available(test) || !common::qemu_available(test) {
+        return;
+    }
+    if reflector::jail::io_uring_refused().is_some() {
+        eprintln!("\n*** SKIPPING {test}: this kernel refuses io_uring: nothing to tell apart ***\n");
+        return;
+    }
+    // The disk's QEMU uses io_uring, so the reflector's own filter lets it
+    // through: only the vmm's jail can deny it to the (hostile) vmm.
+    let scratch = Scratch::new("jail-uring");
+    let socket = scratch.join("d0.sock");
+    let args = vec![
+        "--vmm".to_string(),
+        sibling("hostile-vmm").display().to_string(),
+        "--blk".to_string(),
+        format!(
+            "socket={},image={},size=4M,name=d0,spare=off,device=nvme,aio=io_uring",
+            socket.display(),
+            scratch.join("d0.img").display()
+        ),
+    ];
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    let report_line = |r: &Reflector| {
+        r.log_text()
+            .lines()
+            .find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
+            .map(str::to_owned)
+    };
+    reflector.wait_for(|r| report_line(r).is_some(), "the hostile vmm's report");
+    let line = report_line(&reflector).unwrap();
+    reflector.stop();
+    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
+    assert_eq!(report["io_uring_setup"], "EPERM", "{report}");
+}
+
 fn status_line(pid: u64, key: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
