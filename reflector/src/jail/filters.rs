@@ -98,19 +98,29 @@ pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
 /// The reflector's own filters (see [`confine_reflector`]): its deny list
 /// and [`x32_filter`].
 fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
+    let rules = NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
+    Ok(vec![deny(rules, libc::EPERM, "the reflector's")?, x32_filter()])
+}
+
+/// A filter that fails the calls `rules` match with `errno` and lets
+/// everything else through; `whose` names it in an error.
+fn deny(
+    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    errno: i32,
+    whose: &str,
+) -> Result<seccompiler::BpfProgram, JailError> {
     let fail = |e: &dyn std::fmt::Display| JailError::Io {
-        what: "building the reflector's seccomp filter".into(),
+        what: format!("building {whose} seccomp filter"),
         source: std::io::Error::other(e.to_string()),
     };
-    let rules = NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
     let filter = seccompiler::SeccompFilter::new(
         rules,
         seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::SeccompAction::Errno(errno as u32),
         seccompiler::TargetArch::x86_64,
     )
     .map_err(|e| fail(&e))?;
-    Ok(vec![seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))?, x32_filter()])
+    seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
 }
 
 /// Where the x32 ABI's system call numbers start: the same calls as
@@ -145,20 +155,10 @@ fn x32_filter() -> seccompiler::BpfProgram {
 /// EPERM ([`x32_filter`]). Three filters: the kernel runs them all and
 /// the strictest answer wins.
 pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
-    use seccompiler::{SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| JailError::Io {
         what: "building the jail's seccomp filter".into(),
         source: std::io::Error::other(e.to_string()),
-    };
-    let compile = |rules: std::collections::BTreeMap<i64, Vec<SeccompRule>>, errno: i32| {
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(errno as u32),
-            seccompiler::TargetArch::x86_64,
-        )
-        .map_err(|e| fail(&e))?;
-        seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
     };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
@@ -183,7 +183,7 @@ pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfPro
         .collect::<Result<Vec<_>, JailError>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
     let clone3 = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
-    Ok(vec![compile(rules, libc::EPERM)?, compile(clone3, libc::ENOSYS)?, x32_filter()])
+    Ok(vec![deny(rules, libc::EPERM, "the jail's")?, deny(clone3, libc::ENOSYS, "the jail's")?, x32_filter()])
 }
 
 #[cfg(test)]
