@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use crate::driver_vms::SpareKind;
 use crate::hw::qemu::DriveAio;
+use crate::jail::IoUring;
 
 /// Default driver image for block devices.
 pub const DEFAULT_BLK_DRIVER: &str = "blk";
@@ -69,13 +70,23 @@ pub struct BlkConfig {
     pub aio: Option<DriveAio>,
 }
 
-/// Parses `aio=`.
-fn parse_aio(value: &str) -> Result<DriveAio, String> {
-    match value {
-        "threads" => Ok(DriveAio::Threads),
-        "io_uring" => Ok(DriveAio::IoUring),
-        _ => Err(format!("aio={value}: expected threads or io_uring")),
+impl BlkConfig {
+    /// Whether this disk's QEMU may use io_uring: only with `aio=io_uring`.
+    pub fn io_uring(&self) -> IoUring {
+        if self.aio == Some(DriveAio::IoUring) {
+            IoUring::Allowed
+        } else {
+            IoUring::Denied
+        }
     }
+}
+
+/// Parses `aio=`: QEMU's names ([`DriveAio::as_str`]).
+fn parse_aio(value: &str) -> Result<DriveAio, String> {
+    [DriveAio::Threads, DriveAio::IoUring]
+        .into_iter()
+        .find(|aio| aio.as_str() == value)
+        .ok_or_else(|| format!("aio={value}: expected threads or io_uring"))
 }
 
 /// How a block device's payloads travel between the client and the device
@@ -936,7 +947,8 @@ mod tests {
     fn aio_is_qemus_and_so_for_device_nvme_only() {
         assert_eq!(parse_blk("socket=/s,image=/i,device=nvme", 0).unwrap().aio, None);
         let uring = parse_blk("socket=/s,image=/i,device=nvme,aio=io_uring", 0).unwrap();
-        assert_eq!(uring.aio, Some(DriveAio::IoUring));
+        assert_eq!((uring.aio, uring.io_uring()), (Some(DriveAio::IoUring), IoUring::Allowed));
+        assert_eq!(parse_blk("socket=/s,image=/i,device=nvme", 0).unwrap().io_uring(), IoUring::Denied);
         assert_eq!(parse_blk("socket=/s,image=/i,device=nvme,aio=threads", 0).unwrap().aio, Some(DriveAio::Threads));
         for (spec, expected) in [
             ("socket=/s,image=/i,aio=io_uring", "aio= is for device=nvme"),

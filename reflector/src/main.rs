@@ -465,11 +465,12 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     // io_uring stays denied to every process unless a disk's QEMU uses it
     // (the reflector's filter binds its children; their jails deny it again
     // but to that QEMU).
-    let io_uring = if config.blk.iter().any(|blk| blk.aio == Some(reflector::hw::qemu::DriveAio::IoUring)) {
-        reflector::jail::IoUring::Allowed
-    } else {
-        reflector::jail::IoUring::Denied
-    };
+    let io_uring = config
+        .blk
+        .iter()
+        .map(reflector::config::BlkConfig::io_uring)
+        .find(|io_uring| *io_uring == reflector::jail::IoUring::Allowed)
+        .unwrap_or(reflector::jail::IoUring::Denied);
     reflector::jail::confine_reflector(io_uring).map_err(|e| e.to_string())?;
     if io_uring == reflector::jail::IoUring::Allowed {
         if let Some(error) = reflector::jail::io_uring_refused() {

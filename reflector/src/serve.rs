@@ -21,7 +21,7 @@ use crate::config::{BlkConfig, DeviceHardware, DmaMode, JailSettings, NetConfig}
 use crate::control::ControlTarget;
 use crate::device::{Device, DeviceKind, DeviceWiring};
 use crate::hw::memory_disk::MemoryDisk;
-use crate::hw::qemu::{Drive, DriveAio, ProcessJail, QemuNic, QemuNvme, QemuProcess};
+use crate::hw::qemu::{Drive, ProcessJail, QemuNic, QemuNvme, QemuProcess};
 use crate::hw::sim_nic::SimNic;
 use crate::hw::sim_storage::{SimStorage, SimStorageConfig};
 use crate::hw::switch::Switches;
@@ -311,10 +311,9 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             // device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
             let aio = config.aio.unwrap_or_default();
-            let io_uring = if aio == DriveAio::IoUring { IoUring::Allowed } else { IoUring::Denied };
             let drive = Drive { image: config.image.clone(), read_only: config.read_only, aio };
             let nvme = QemuNvme::start(
-                &qemu_process(qemu, io_uring, name, index, jail)?,
+                &qemu_process(qemu, config.io_uring(), name, index, jail)?,
                 name,
                 drive,
                 channel.memory(),
