@@ -9,19 +9,12 @@
 //! it said. Never installed anywhere a real deployment would use it.
 
 fn main() {
-    // struct io_uring_params: 120 bytes, zero but for what the kernel fills in.
-    let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup(2) with a writable params buffer of its size;
-    // a ring it made is released at the exit below.
-    let ring = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    let outcome = if ring >= 0 {
-        "ok".to_owned()
-    } else {
-        match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EPERM) => "EPERM".to_owned(),
-            Some(errno) => format!("errno {errno}"),
-            None => "failed".to_owned(),
-        }
+    // The reflector's own probe: io_uring_setup(2) for a ring of one entry.
+    let outcome = match reflector::jail::io_uring_refused().map(|error| error.raw_os_error()) {
+        None => "ok".to_owned(),
+        Some(Some(libc::EPERM)) => "EPERM".to_owned(),
+        Some(Some(errno)) => format!("errno {errno}"),
+        Some(None) => "failed".to_owned(),
     };
     eprintln!("hostile-qemu: io_uring_setup {outcome}");
     std::process::exit(1);
