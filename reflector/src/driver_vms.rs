@@ -61,6 +61,9 @@ pub trait DriverLaunch: Send + Sync {
     /// before it touches the device or the channel; a warm one boots
     /// first, a standby runs no guest code.
     fn launch_spare(&self, kind: SpareKind) -> std::io::Result<Box<dyn DriverProcess>>;
+    /// Takes down what its drivers ran in (a jail's cgroups), once every
+    /// driver it started has been released (the reflector is stopping).
+    fn end(&self) {}
 }
 
 /// One running driver (a driver VM process).
@@ -90,12 +93,23 @@ pub trait DriverProcess: Send + Sync {
         let _ = bound;
         false
     }
+    /// Waits, at most `bound`, until it is reaped and has let go of what
+    /// it was lent (its memory cgroup); whether it got there.
+    fn wait_released(&self, bound: std::time::Duration) -> bool {
+        let _ = bound;
+        true
+    }
 }
 
 /// Longest wait for a hung driver VM's report of where it was before it is
 /// killed: a vmm stops its vCPU and writes one line in well under a
 /// millisecond; a hostile one that ignores the request costs this much.
 pub const REPORT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Longest wait at shutdown for the killed driver VMs of a device to be
+/// reaped: the VM's teardown after its files close takes about 15 ms here
+/// (DESIGN.md); a process stuck longer is left to end with the reflector.
+pub const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Longest wait for a killed driver VM to stop running. SIGKILL to closed
 /// files takes about a millisecond here; a process that takes longer is
@@ -200,11 +214,23 @@ impl DriverVms {
         driver.exit_report().filter(|report| !report.is_empty())
     }
 
-    /// Kills every driver VM for good (the reflector is stopping).
+    /// Kills every driver VM for good (the reflector is stopping), waits
+    /// (at most [`RELEASE_WAIT`] in all) until they are reaped, and takes
+    /// down their jail's cgroups, which would otherwise outlive the
+    /// reflector until the next one's sweep.
     pub fn shutdown(&mut self) {
-        for driver in [self.current.take(), self.spare.take()].into_iter().flatten() {
+        let drivers: Vec<_> = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
+        for driver in &drivers {
             driver.kill();
         }
+        let deadline = std::time::Instant::now() + RELEASE_WAIT;
+        for driver in &drivers {
+            if !driver.wait_released(deadline.saturating_duration_since(std::time::Instant::now())) {
+                tracing::warn!(driver_vm = %self.name(), pid = driver.pid(), "a killed driver VM was not reaped in {RELEASE_WAIT:?}");
+            }
+        }
+        drop(drivers);
+        self.launcher.end();
     }
 
     /// Makes a new driver VM current: the spare if one is alive, else a

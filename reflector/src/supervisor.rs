@@ -123,6 +123,8 @@ pub struct DriverVm {
     capped: Arc<AtomicBool>,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
+    /// Reaped, and its memory cgroup let go of (set by the watcher).
+    released: Arc<Gone>,
     report: Arc<Mutex<String>>,
     /// A spare's go signal (a warm spare's `--go-fd`, a standby's
     /// `--start-fd`).
@@ -470,6 +472,7 @@ impl DriverLauncher {
         let vmm_pidfd = if pid == child_pid { None } else { jailed_vmm_pidfd(pid, child_pid) };
         let gone = Arc::new(Gone::default());
         let reaped = Arc::new(AtomicBool::new(false));
+        let released = Arc::new(Gone::default());
         let capped = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(String::new()));
         let spare = SpareKind::setting(go.as_ref().map(|(kind, _)| *kind));
@@ -483,6 +486,7 @@ impl DriverLauncher {
             pid,
             gone: gone.clone(),
             reaped: reaped.clone(),
+            released: released.clone(),
             report: report.clone(),
             exited: self.exited.try_clone()?,
             memory_slot,
@@ -498,6 +502,7 @@ impl DriverLauncher {
             capped,
             gone,
             reaped,
+            released,
             report,
             go,
             interrupts,
@@ -538,6 +543,14 @@ impl DriverVm {
     pub fn kill_and_wait(&self, bound: Duration) -> bool {
         self.kill();
         self.gone.wait(bound)
+    }
+
+    /// Waits, at most `bound`, until the process is reaped and has let go
+    /// of its memory cgroup (and with it its share of the jail); whether
+    /// it got there. Later than [`DriverVm::kill_and_wait`]: the VM's
+    /// teardown comes between.
+    pub fn wait_released(&self, bound: Duration) -> bool {
+        self.released.wait(bound)
     }
 
     /// Asks the vmm to stop its guest where it is and report where (a `w`
@@ -619,6 +632,7 @@ struct Watcher {
     pid: libc::pid_t,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
+    released: Arc<Gone>,
     report: Arc<Mutex<String>>,
     exited: EventFd,
     /// Its memory cgroup, held until it is reaped, and the cgroup's OOM
@@ -663,6 +677,7 @@ impl Watcher {
         self.reaped.store(true, Ordering::Release);
         // Its memory cgroup is free for the next driver VM.
         drop(self.memory_slot);
+        self.released.set();
     }
 }
 
@@ -730,6 +745,12 @@ impl DriverLaunch for DriverLauncher {
     fn launch_spare(&self, kind: SpareKind) -> std::io::Result<Box<dyn DriverProcess>> {
         Ok(Box::new(DriverLauncher::launch_spare(self, kind)?))
     }
+
+    fn end(&self) {
+        if let Some(jail) = &self.spec.jail {
+            jail.remove_cgroups();
+        }
+    }
 }
 
 impl DriverProcess for DriverVm {
@@ -763,6 +784,10 @@ impl DriverProcess for DriverVm {
 
     fn stop_and_report(&self, bound: Duration) -> bool {
         DriverVm::stop_and_report(self, bound)
+    }
+
+    fn wait_released(&self, bound: Duration) -> bool {
+        DriverVm::wait_released(self, bound)
     }
 }
 

@@ -400,6 +400,11 @@ fn each_driver_vm_has_a_memory_cap_of_its_own() {
     for vm in [&current, &spare] {
         assert!(vm.kill_and_wait(Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
     }
+    // Reaped before the test ends, so that the jail ends here and takes
+    // its cgroups with it (ci/e2e-cgroup2.sh looks for any left behind).
+    for vm in [&current, &spare, &greedy] {
+        assert!(vm.wait_released(Duration::from_secs(10)), "driver VM {} was not reaped", vm.pid());
+    }
 }
 
 /// A driver VM's memory cgroup is its own from its start until it is
@@ -483,27 +488,41 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
             assert_eq!(read(dir, file), expected, "{file}: swap past the cap; membership: {membership}");
         }
     };
-    let (memory, cpu, tasks) = match unified {
+    let (memory, cpu, tasks, dirs) = match unified {
         Some(path) => {
             let leaf = PathBuf::from("/sys/fs/cgroup").join(path.trim_start_matches('/'));
             let device = leaf.parent().unwrap().to_path_buf();
             let (quota, period) =
                 read(&device, "cpu.max").split_once(' ').map(|(q, p)| (q.to_owned(), p.to_owned())).unwrap();
             swap(&leaf, "memory.swap.max", "0".to_owned());
-            (read(&leaf, "memory.max"), (quota, period), read(&device, "pids.max"))
+            (read(&leaf, "memory.max"), (quota, period), read(&device, "pids.max"), vec![device])
         }
         None => {
             let dir = |controller: &str| v1_cgroup_dir(&membership, controller);
             let cpu = dir("cpu");
             let quota = (read(&cpu, "cpu.cfs_quota_us"), read(&cpu, "cpu.cfs_period_us"));
             swap(&dir("memory"), "memory.memsw.limit_in_bytes", (48u64 << 20).to_string());
-            (read(&dir("memory"), "memory.limit_in_bytes"), quota, read(&dir("pids"), "pids.max"))
+            let memory = dir("memory");
+            let dirs = vec![cpu, dir("pids"), memory.clone(), memory.parent().unwrap().to_path_buf()];
+            (read(&memory, "memory.limit_in_bytes"), quota, read(&dir("pids"), "pids.max"), dirs)
         }
     };
     assert_eq!(memory, (48u64 << 20).to_string(), "memory cap; membership: {membership}");
     assert_eq!(cpu, ("50000".to_owned(), "100000".to_owned()), "CPU quota and period; membership: {membership}");
     assert_eq!(tasks, "24", "task limit; membership: {membership}");
     assert!(vm.kill_and_wait(std::time::Duration::from_secs(10)), "driver VM {} did not end when killed", vm.pid());
+    // The vmm has closed its files, which is what a kill waits for; its
+    // last threads and the holder of its address space may still be
+    // exiting in the cgroups. The jail's end waits for them and removes
+    // every cgroup it made (they were left behind, found by
+    // ci/e2e-cgroup2.sh).
+    assert!(vm.wait_released(std::time::Duration::from_secs(10)), "driver VM {} was not reaped", vm.pid());
+    drop(vm);
+    assert_eq!(Arc::strong_count(&jail), 1, "the driver VM let go of its jail");
+    drop(jail);
+    for dir in dirs {
+        assert!(!dir.exists(), "{} is left behind after its jail ended", dir.display());
+    }
 }
 
 /// The cgroups a reflector that was killed left behind are removed when
@@ -541,6 +560,58 @@ fn cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others() {
     }
     assert!(!stale_left, "the cgroups of a reflector that is gone were left: {}", stale.display());
     assert!(live_left, "the cgroups of a running reflector were swept: {}", live.display());
+}
+
+/// A reflector that stops (SIGTERM) takes its devices' cgroups with it,
+/// whichever hierarchy holds them: before, every stop left each device's
+/// CPU, task and memory cgroups behind until the next start's sweep (the
+/// devices still held their jails when the process ended).
+#[test]
+fn a_reflector_that_stops_leaves_no_cgroup_behind() {
+    if !kvm_available("a_reflector_that_stops_leaves_no_cgroup_behind") {
+        return;
+    }
+    let scratch = Scratch::new("jail-stop");
+    let (d0, d1) = (scratch.join("d0.sock"), scratch.join("d1.sock"));
+    let args = vec![
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d0,spare=warm", d0.display(), scratch.join("d0.img").display()),
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d1", d1.display(), scratch.join("d1.img").display()),
+    ];
+    let reflector = Reflector::start(&args, scratch.join("log"), &d1);
+    let pid = reflector.child.id();
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    // Where its devices' cgroups are: beside it in each hierarchy it is in
+    // (v2: beside its own leaf).
+    let parents: Vec<PathBuf> = membership
+        .lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            let hierarchy = controllers.split(',').find(|c| ["cpu", "pids", "memory"].contains(c)).unwrap_or("");
+            if hierarchy.is_empty() && !controllers.is_empty() {
+                return None;
+            }
+            let path = path.trim_start_matches('/');
+            let leaf = reflector::jail::OWN_LEAF;
+            let path = path.strip_suffix(leaf).map(|p| p.trim_end_matches('/')).unwrap_or(path);
+            Some(PathBuf::from("/sys/fs/cgroup").join(hierarchy).join(path))
+        })
+        .collect();
+    let prefix = format!("driver-vms-{pid}-");
+    let ours = || -> Vec<PathBuf> {
+        parents
+            .iter()
+            .filter_map(|parent| std::fs::read_dir(parent).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|entry| entry.path())
+            .collect()
+    };
+    assert!(!ours().is_empty(), "no cgroup of the reflector's devices in {parents:?}: is it jailing with limits?");
+    let log = reflector.stop();
+    assert_eq!(ours(), Vec::<PathBuf>::new(), "cgroups left behind by a reflector that stopped; its log:\n{log}");
 }
 
 /// The directory, in `controller`'s cgroup v1 hierarchy, of the cgroup

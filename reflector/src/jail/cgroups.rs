@@ -11,9 +11,12 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use super::{io_error, JailError, JailLimits};
 
@@ -134,9 +137,7 @@ pub(super) fn cgroups_for(name: &str, limits: JailLimits, slots: usize) -> Resul
     for dir in plan {
         if let Err(error) = make(dir, v2, &mut cgroups) {
             // None of it is used: nothing is left behind either.
-            for path in cgroups.dirs.iter().rev() {
-                let _ = std::fs::remove_dir(path);
-            }
+            remove_dirs(&cgroups.dirs, Duration::ZERO);
             return Err(error);
         }
     }
@@ -326,6 +327,108 @@ fn enable_controllers() -> Result<PathBuf, String> {
     Ok(parent)
 }
 
+/// How long removing a device's cgroups waits for processes still exiting
+/// in them. A jail ends when the last of its holders lets go: the device
+/// and, until each is reaped, its driver VMs' memory slots; where a jail
+/// has no memory cgroups nothing holds it past a kill, and its keeper and
+/// vmm leave the CPU and task cgroups only as they are reaped. Removing a
+/// cgroup with a process in it fails (EBUSY) and would leave it behind
+/// until the next start's sweep. An exit takes milliseconds (a VM's
+/// teardown about 15 ms here); seconds mean a process that does not end.
+pub(super) const EXIT_BOUND: Duration = Duration::from_secs(5);
+
+/// Removes a device's cgroup directories (`dirs`: parents before
+/// children, as created), children first, each once no process is left in
+/// it, waiting at most until `bound` from now in all. One still busy then
+/// is left, with a warning, for the next reflector's sweep.
+pub(super) fn remove_dirs(dirs: &[PathBuf], bound: Duration) {
+    let deadline = Instant::now() + bound;
+    for dir in dirs.iter().rev() {
+        if !wait_until_empty(dir, deadline) {
+            tracing::warn!(cgroup = %dir.display(), "processes of a driver VM are still in its cgroup; it is left for the next start's sweep");
+            continue;
+        }
+        match std::fs::remove_dir(dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            // A reflector that became an unprivileged user (`--user`) may
+            // not remove what it made as root: the next start sweeps it.
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::debug!(cgroup = %dir.display(), "not ours to remove any more; left for the next start's sweep")
+            }
+            Err(error) => tracing::warn!(cgroup = %dir.display(), %error, "cannot remove a driver VM cgroup"),
+        }
+    }
+}
+
+/// Waits until no process is left in cgroup `dir` (or it is gone), at most
+/// until `deadline`; whether it is empty. cgroup v2 says so in
+/// `cgroup.events` (`populated 0`, its descendants included) and signals
+/// each change of that file to inotify; v1 has no such file, so its
+/// `cgroup.procs` is read again after a growing pause.
+fn wait_until_empty(dir: &Path, deadline: Instant) -> bool {
+    let events = dir.join("cgroup.events");
+    if !events.exists() {
+        return wait_until_no_procs(dir, deadline);
+    }
+    let populated = || match std::fs::read_to_string(&events) {
+        Ok(text) => text.lines().any(|line| line.trim() == "populated 1"),
+        // Gone with its directory: nothing in it.
+        Err(_) => false,
+    };
+    let Some(watch) = watch_modify(&events) else { return wait_until_no_procs(dir, deadline) };
+    loop {
+        if !populated() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut ready = libc::pollfd { fd: watch.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: poll(2) on one pollfd we own, for at most `ms`.
+        if unsafe { libc::poll(&mut ready, 1, ms) } > 0 {
+            let mut drained = [0u8; 4096];
+            // SAFETY: read(2) of the inotify events into a buffer of its
+            // length (non-blocking: only what is queued).
+            unsafe { libc::read(watch.as_raw_fd(), drained.as_mut_ptr().cast(), drained.len()) };
+        }
+    }
+}
+
+/// An inotify descriptor watching `file` for modifications.
+fn watch_modify(file: &Path) -> Option<OwnedFd> {
+    let path = std::ffi::CString::new(file.as_os_str().as_bytes()).ok()?;
+    // SAFETY: inotify_init1(2) with flags only; the descriptor is owned below.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let watch = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: a NUL-terminated path that outlives the call.
+    (unsafe { libc::inotify_add_watch(watch.as_raw_fd(), path.as_ptr(), libc::IN_MODIFY) } >= 0).then_some(watch)
+}
+
+/// cgroup v1's wait: `cgroup.procs` read until empty, 1 ms apart at first,
+/// then twice as long each time up to 32 ms.
+fn wait_until_no_procs(dir: &Path, deadline: Instant) -> bool {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match std::fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(procs) if !procs.trim().is_empty() => {}
+            _ => return true,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(32));
+    }
+}
+
 /// Sets up what the devices' cgroups need, once, before any device starts
 /// (while the reflector has one thread and no child: a child forked by
 /// another device's setup would still be in the cgroup the reflector
@@ -392,5 +495,62 @@ fn sweep_stale_cgroups() {
                 let _ = std::fs::remove_dir(entry.path());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory standing in for a cgroup: its files are plain files
+    /// (inotify reports their modifications as the kernel's do).
+    fn fake_cgroup(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fake-cgroup-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_v2_cgroup_is_waited_for_until_its_events_say_it_is_unpopulated() {
+        let dir = fake_cgroup("v2");
+        let events = dir.join("cgroup.events");
+        std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
+        assert!(!wait_until_empty(&dir, Instant::now() + Duration::from_millis(20)), "populated: not empty");
+        // The last process leaves while the wait is on (or before it
+        // begins: either way the wait ends with the cgroup empty).
+        let writer = std::thread::spawn({
+            let events = events.clone();
+            move || std::fs::write(events, "populated 0\nfrozen 0\n").unwrap()
+        });
+        assert!(wait_until_empty(&dir, Instant::now() + Duration::from_secs(30)));
+        writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(wait_until_empty(&dir, Instant::now()), "a cgroup that is gone holds nothing");
+    }
+
+    #[test]
+    fn a_v1_cgroup_is_waited_for_until_its_procs_are_gone() {
+        let dir = fake_cgroup("v1");
+        std::fs::write(dir.join("cgroup.procs"), "1234\n").unwrap();
+        assert!(!wait_until_empty(&dir, Instant::now() + Duration::from_millis(20)), "a process in it");
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert!(wait_until_empty(&dir, Instant::now() + Duration::from_secs(30)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn removal_takes_children_first_and_leaves_a_busy_cgroup_in_place() {
+        let parent = fake_cgroup("tree");
+        let busy = parent.join("vm0");
+        let idle = parent.join("vm1");
+        for leaf in [&busy, &idle] {
+            std::fs::create_dir(leaf).unwrap();
+        }
+        std::fs::write(busy.join("cgroup.procs"), "1234\n").unwrap();
+        remove_dirs(&[parent.clone(), busy.clone(), idle.clone()], Duration::from_millis(20));
+        assert!(!idle.exists(), "an empty child is removed");
+        assert!(busy.exists() && parent.exists(), "a busy child stays, and so does its parent");
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 }

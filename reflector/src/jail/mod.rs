@@ -322,6 +322,16 @@ impl Jail {
         })
     }
 
+    /// Removes the jail's cgroups once the processes still exiting in
+    /// them are gone (waiting at most a few seconds; see
+    /// `cgroups::EXIT_BOUND`); again, or after the jail's end, nothing.
+    /// Its last holder's drop does it; a reflector that stops while its
+    /// devices still hold their jails calls it after killing their driver
+    /// VMs.
+    pub fn remove_cgroups(&self) {
+        cgroups::remove_dirs(&self.cgroup_dirs, cgroups::EXIT_BOUND);
+    }
+
     /// The memory each of its processes may use (with what it starts),
     /// if its memory cgroups are in place (the kernel's OOM killer stops
     /// it beyond).
@@ -428,10 +438,8 @@ impl Drop for MemorySlot {
 
 impl Drop for Jail {
     fn drop(&mut self) {
-        // Empty once its driver VMs are gone; a busy one stays (harmless).
-        for directory in self.cgroup_dirs.iter().rev() {
-            let _ = std::fs::remove_dir(directory);
-        }
+        // Its driver VMs are killed by now, but may still be exiting.
+        self.remove_cgroups();
     }
 }
 
