@@ -98,6 +98,10 @@ pub trait Hardware: Send + Sync {
     /// the hardware is restarted in [`Hardware::resume`] before the next
     /// one starts. Simulated devices never fail so.
     fn watch_failure(&self, _failure: EventFd) {}
+    /// The reflector is stopping: ends for good what runs the hardware (a
+    /// device model's process, never started again) and what it ran in.
+    /// Simulated devices have nothing of the kind.
+    fn shut_down(&self) {}
 }
 
 /// A block device: its medium.

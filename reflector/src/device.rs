@@ -501,6 +501,7 @@ impl<K: DeviceKind> Device<K> {
     /// Kills the driver VMs for good (the reflector is stopping).
     pub fn shutdown(&mut self) {
         self.core.drivers.shutdown();
+        self.core.hardware.shut_down();
     }
 
     /// The file descriptors the vhost-user worker must watch, with their

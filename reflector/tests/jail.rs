@@ -581,35 +581,9 @@ fn a_reflector_that_stops_leaves_no_cgroup_behind() {
     ];
     let reflector = Reflector::start(&args, scratch.join("log"), &d1);
     let pid = reflector.child.id();
-    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    // Where its devices' cgroups are: beside it in each hierarchy it is in
-    // (v2: beside its own leaf).
-    let parents: Vec<PathBuf> = membership
-        .lines()
-        .filter_map(|line| {
-            let (_, rest) = line.split_once(':')?;
-            let (controllers, path) = rest.split_once(':')?;
-            let hierarchy = controllers.split(',').find(|c| ["cpu", "pids", "memory"].contains(c)).unwrap_or("");
-            if hierarchy.is_empty() && !controllers.is_empty() {
-                return None;
-            }
-            let path = path.trim_start_matches('/');
-            let leaf = reflector::jail::OWN_LEAF;
-            let path = path.strip_suffix(leaf).map(|p| p.trim_end_matches('/')).unwrap_or(path);
-            Some(PathBuf::from("/sys/fs/cgroup").join(hierarchy).join(path))
-        })
-        .collect();
-    let prefix = format!("driver-vms-{pid}-");
-    let ours = || -> Vec<PathBuf> {
-        parents
-            .iter()
-            .filter_map(|parent| std::fs::read_dir(parent).ok())
-            .flat_map(|entries| entries.flatten())
-            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
-            .map(|entry| entry.path())
-            .collect()
-    };
-    assert!(!ours().is_empty(), "no cgroup of the reflector's devices in {parents:?}: is it jailing with limits?");
+    let cgroups = common::DeviceCgroups::of(pid);
+    let ours = || cgroups.list();
+    assert!(!ours().is_empty(), "no cgroup of the reflector's devices: is it jailing with limits?");
     let log = reflector.stop();
     assert_eq!(ours(), Vec::<PathBuf>::new(), "cgroups left behind by a reflector that stopped; its log:\n{log}");
 }

@@ -427,3 +427,41 @@ fn a_missing_qemu_or_a_bad_device_is_a_clear_start_error() {
         assert!(stderr.contains(expected), "{spec}: {stderr}");
     }
 }
+
+/// A reflector that stops (SIGTERM) ends its device's QEMU process and
+/// takes every cgroup it made with it, the QEMU jail's (`*.qemu`)
+/// included: before, that QEMU ended only with the reflector (its
+/// parent-death signal), after the reflector could remove its cgroups,
+/// which stayed until the next start's sweep.
+#[test]
+fn a_reflector_that_stops_ends_its_qemu_and_leaves_no_cgroup_behind() {
+    let test = "a_reflector_that_stops_ends_its_qemu_and_leaves_no_cgroup_behind";
+    if !jails_available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-stop");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let args = blk_arg(&socket, &image, ",size=16M,device=nvme");
+    let reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    let pid = reflector.child.id();
+    let cgroups = common::DeviceCgroups::of(pid);
+    let before = cgroups.list();
+    assert!(
+        before.iter().any(|dir| dir.to_string_lossy().ends_with(".qemu")),
+        "no cgroup of the device's QEMU among {before:?}: is it jailing with limits?"
+    );
+    let qemu = qemu_pids(&image.display().to_string(), None);
+    assert!(!qemu.is_empty(), "no QEMU process serves {}", image.display());
+    let log = reflector.stop();
+    assert_eq!(
+        cgroups.list(),
+        Vec::<std::path::PathBuf>::new(),
+        "cgroups left behind by a reflector that stopped; its log:\n{log}"
+    );
+    for pid in qemu {
+        // Gone, or a zombie its new parent has not reaped yet.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]).unwrap_or("");
+        assert!(state.is_empty() || state == "Z", "QEMU {pid} outlived the reflector (state {state})");
+    }
+}

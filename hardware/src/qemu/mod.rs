@@ -90,6 +90,9 @@ pub trait ProcessJail: Send + Sync {
     /// async-signal-safe calls. A keeper process stays behind as the
     /// reflector's child and writes the jailed process's pid to `report`.
     fn enter(&self, report: RawFd) -> std::io::Result<()>;
+    /// Takes down what the jail made for its processes (its cgroups), once
+    /// they have ended; nothing by default.
+    fn end(&self) {}
 }
 
 /// Firmware for a machine whose vCPU must run but do nothing: 64 KiB of

@@ -152,6 +152,10 @@ impl Hardware for QemuNic {
     fn watch_failure(&self, failure: EventFd) {
         self.process.watch_failure(failure);
     }
+
+    fn shut_down(&self) {
+        self.process.shut_down();
+    }
 }
 
 impl NetHardware for QemuNic {

@@ -105,6 +105,10 @@ impl Hardware for QemuNvme {
     fn watch_failure(&self, failure: EventFd) {
         self.process.watch_failure(failure);
     }
+
+    fn shut_down(&self) {
+        self.process.shut_down();
+    }
 }
 
 impl BlockHardware for QemuNvme {

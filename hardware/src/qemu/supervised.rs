@@ -8,7 +8,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -50,6 +50,8 @@ pub struct SupervisedModel {
     restarts: AtomicU64,
     /// Written when a serving QEMU process exits (`watch_failure`).
     failure: Mutex<Option<EventFd>>,
+    /// Shut down for good: no process is started again.
+    stopped: AtomicBool,
 }
 
 impl SupervisedModel {
@@ -61,6 +63,7 @@ impl SupervisedModel {
             spec,
             restarts: AtomicU64::new(0),
             failure: Mutex::new(None),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -137,7 +140,7 @@ impl SupervisedModel {
     /// does not answer is replaced by a new one first.
     pub fn resume(&self) {
         let model = self.current();
-        if model.running() && model.resume().is_ok() {
+        if self.stopped.load(Ordering::Acquire) || model.running() && model.resume().is_ok() {
             return;
         }
         tracing::warn!(model = ?self.spec.model, "the QEMU device model is gone; starting it again");
@@ -156,6 +159,16 @@ impl SupervisedModel {
                 }
             }
             Err(error) => tracing::error!(%error, model = ?self.spec.model, "cannot start the QEMU device model again"),
+        }
+    }
+
+    /// The reflector is stopping: kills the QEMU process (not reported as
+    /// a failure), starts none again, and ends its jail's cgroups.
+    pub fn shut_down(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.current().kill();
+        if let Some(jail) = &self.spec.jail {
+            jail.end();
         }
     }
 

@@ -503,4 +503,8 @@ impl hardware::qemu::ProcessJail for Jail {
     fn enter(&self, report: RawFd) -> std::io::Result<()> {
         Jail::enter(self, report, 0)
     }
+
+    fn end(&self) {
+        self.remove_cgroups();
+    }
 }

@@ -279,3 +279,45 @@ fn state_and_parent(pid: u32) -> (Option<String>, Option<u32>) {
     let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
     (fields.next().map(str::to_owned), fields.next().and_then(|p| p.parse().ok()))
 }
+
+/// Where reflector `pid`'s devices have their cgroups
+/// (`driver-vms-<pid>-*`, its driver VMs' and its QEMU processes'): beside
+/// it in each cgroup hierarchy it is in (v2: beside its own leaf). Made
+/// while it runs; [`DeviceCgroups::list`] works after it is gone.
+pub struct DeviceCgroups {
+    parents: Vec<PathBuf>,
+    prefix: String,
+}
+
+impl DeviceCgroups {
+    pub fn of(pid: u32) -> DeviceCgroups {
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let parents = membership
+            .lines()
+            .filter_map(|line| {
+                let (_, rest) = line.split_once(':')?;
+                let (controllers, path) = rest.split_once(':')?;
+                let hierarchy = controllers.split(',').find(|c| ["cpu", "pids", "memory"].contains(c)).unwrap_or("");
+                if hierarchy.is_empty() && !controllers.is_empty() {
+                    return None;
+                }
+                let path = path.trim_start_matches('/');
+                let leaf = reflector::jail::OWN_LEAF;
+                let path = path.strip_suffix(leaf).map(|p| p.trim_end_matches('/')).unwrap_or(path);
+                Some(PathBuf::from("/sys/fs/cgroup").join(hierarchy).join(path))
+            })
+            .collect();
+        DeviceCgroups { parents, prefix: format!("driver-vms-{pid}-") }
+    }
+
+    /// Those that exist now.
+    pub fn list(&self) -> Vec<PathBuf> {
+        self.parents
+            .iter()
+            .filter_map(|parent| std::fs::read_dir(parent).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|entry| entry.file_name().to_string_lossy().starts_with(&self.prefix))
+            .map(|entry| entry.path())
+            .collect()
+    }
+}
