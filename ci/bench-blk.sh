@@ -42,6 +42,8 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=ci/peers.sh
+source "$here/peers.sh"
 log() { printf 'bench-blk: %s\n' "$*" >&2; }
 die() { printf 'bench-blk: FAIL: %s\n' "$*" >&2; exit 1; }
 
@@ -121,11 +123,8 @@ start_qsdu() { start_qsd_with io_uring; }
 
 start_qsd_with() { # aio
     rm -f "$sock"
-    timeout 3600 qemu-storage-daemon \
-        --blockdev "driver=file,node-name=f0,filename=$img,aio=$1,cache.direct=off" \
-        --blockdev driver=raw,node-name=d0,file=f0 \
-        --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-        >"$tmp/backend.log" 2>&1 &
+    qsd_command "$img" "$sock" "$1"
+    timeout 3600 "${qsd[@]}" >"$tmp/backend.log" 2>&1 &
     backend_pid=$!
     wait_for_socket
 }

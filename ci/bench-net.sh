@@ -25,6 +25,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=ci/peers.sh
+source "$here/peers.sh"
 repo=$(cd "$here/.." && pwd)
 log() { printf 'bench-net: %s\n' "$*" >&2; }
 die() { printf 'bench-net: FAIL: %s\n' "$*" >&2; exit 1; }
@@ -47,13 +49,7 @@ net_load=${NET_LOAD:-$bin/net-load}
 reflector=${REFLECTOR:-$bin/reflector}
 [[ -x $net_load ]] || die "$net_load missing: cargo build --release -p loadgen"
 testpmd=$(command -v dpdk-testpmd) || die "dpdk-testpmd missing (apt-get install dpdk)"
-pmds=${DPDK_PMDS:-}
-if [[ -z $pmds ]]; then
-    for d in /usr/lib/*/dpdk/pmds-*; do
-        [[ -e $d/librte_net_vhost.so && -e $d/librte_mempool_ring.so ]] && pmds=$d
-    done
-fi
-[[ -n $pmds && -e $pmds/librte_net_vhost.so ]] || die "DPDK's vhost driver not found (set DPDK_PMDS=DIR)"
+pmds=$(dpdk_pmds) || die "DPDK's vhost driver not found (set DPDK_PMDS=DIR)"
 pin=()
 command -v taskset >/dev/null && pin=(taskset -c 0)
 
@@ -105,11 +101,8 @@ start_testpmd() {
     # Non-interactive testpmd forwards until a line or the end of its input: a fifo only this
     # script writes, so testpmd also ends if the script dies.
     mkfifo -m 600 "$tmp/testpmd.in"
-    timeout -k 5 3600 "$testpmd" -l 0-1 --no-huge -m 1024 --no-pci --file-prefix="$prefix" \
-        -d "$pmds/librte_mempool_ring.so" -d "$pmds/librte_net_vhost.so" \
-        --vdev "net_vhost0,iface=$sock0" --vdev "net_vhost1,iface=$sock1" \
-        -- --forward-mode=io --nb-cores=1 --total-num-mbufs=16384 --no-mlockall --auto-start \
-        <"$tmp/testpmd.in" >"$tmp/backend.log" 2>&1 &
+    testpmd_command "$testpmd" "$pmds" "$prefix" "$sock0" "$sock1"
+    timeout -k 5 3600 "${testpmd_args[@]}" <"$tmp/testpmd.in" >"$tmp/backend.log" 2>&1 &
     backend_pid=$!
     exec {input_fd}>"$tmp/testpmd.in"
     wait_for_sockets testpmd

@@ -34,6 +34,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/.." && pwd)
+# shellcheck source=ci/peers.sh
+source "$here/peers.sh"
 log() { printf 'profile: %s\n' "$*" >&2; }
 die() { printf 'profile: FAIL: %s\n' "$*" >&2; exit 1; }
 
@@ -104,11 +106,8 @@ start_blk() { # reflector --blk extras, or qsd AIO
     case $target in
     qsd | qsd-u)
         command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon missing: ci/install-e2e-deps.sh"
-        timeout 3600 qemu-storage-daemon \
-            --blockdev "driver=file,node-name=f0,filename=$img,aio=$1,cache.direct=off" \
-            --blockdev driver=raw,node-name=d0,file=f0 \
-            --export "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-            >"$tmp/backend.log" 2>&1 &
+        qsd_command "$img" "$sock" "$1"
+        timeout 3600 "${qsd[@]}" >"$tmp/backend.log" 2>&1 &
         pids+=($!)
         wait_for "$!" "$sock"
         ;;
@@ -126,18 +125,12 @@ start_net() { # reflector --net extras
     local s0=$tmp/n0.sock s1=$tmp/n1.sock pin=()
     command -v taskset >/dev/null && pin=(taskset -c 0)
     if [[ $target == testpmd ]]; then
-        local pmds=${DPDK_PMDS:-}
-        command -v dpdk-testpmd >/dev/null || die "dpdk-testpmd missing (apt-get install dpdk)"
-        if [[ -z $pmds ]]; then
-            for d in /usr/lib/*/dpdk/pmds-*; do [[ -e $d/librte_net_vhost.so ]] && pmds=$d; done
-        fi
-        [[ -n $pmds ]] || die "DPDK's vhost driver not found (set DPDK_PMDS=DIR)"
+        local pmds testpmd
+        testpmd=$(command -v dpdk-testpmd) || die "dpdk-testpmd missing (apt-get install dpdk)"
+        pmds=$(dpdk_pmds) || die "DPDK's vhost driver not found (set DPDK_PMDS=DIR)"
         mkfifo -m 600 "$tmp/testpmd.in"
-        timeout -k 5 3600 dpdk-testpmd -l 0-1 --no-huge -m 1024 --no-pci --file-prefix="profile$$" \
-            -d "$pmds/librte_mempool_ring.so" -d "$pmds/librte_net_vhost.so" \
-            --vdev "net_vhost0,iface=$s0" --vdev "net_vhost1,iface=$s1" \
-            -- --forward-mode=io --nb-cores=1 --total-num-mbufs=16384 --no-mlockall --auto-start \
-            <"$tmp/testpmd.in" >"$tmp/backend.log" 2>&1 &
+        testpmd_command "$testpmd" "$pmds" "profile$$" "$s0" "$s1"
+        timeout -k 5 3600 "${testpmd_args[@]}" <"$tmp/testpmd.in" >"$tmp/backend.log" 2>&1 &
         pids+=($!)
         exec {testpmd_input}>"$tmp/testpmd.in"
     else

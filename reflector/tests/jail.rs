@@ -582,10 +582,13 @@ fn a_reflector_that_stops_leaves_no_cgroup_behind() {
     let reflector = Reflector::start(&args, scratch.join("log"), &d1);
     let pid = reflector.child.id();
     let cgroups = common::DeviceCgroups::of(pid);
-    let ours = || cgroups.list();
-    assert!(!ours().is_empty(), "no cgroup of the reflector's devices: is it jailing with limits?");
+    assert!(!cgroups.list().is_empty(), "no cgroup of the reflector's devices: is it jailing with limits?");
     let log = reflector.stop();
-    assert_eq!(ours(), Vec::<PathBuf>::new(), "cgroups left behind by a reflector that stopped; its log:\n{log}");
+    assert_eq!(
+        cgroups.list(),
+        Vec::<PathBuf>::new(),
+        "cgroups left behind by a reflector that stopped; its log:\n{log}"
+    );
 }
 
 /// The directory, in `controller`'s cgroup v1 hierarchy, of the cgroup
