@@ -3,8 +3,11 @@
 //! starts the real vmm, jail included; it reads the size its `--memory`
 //! argument gives (as the reflector's `memory=`: `16M`, `1G`), takes that much and touches
 //! every page, then holds it until its standard input closes (the
-//! reflector's lifeline, as for the real vmm) and exits. It prints nothing:
-//! the test watches its resident memory.
+//! reflector's lifeline, as for the real vmm) and exits; with
+//! `ignore-lifeline` in its `--cmdline` (the device's `driver_args`) it
+//! holds it for ever instead, as a vmm its guest took over would. It
+//! prints nothing: the test watches its resident memory, or whether it
+//! outlives the reflector.
 //!
 //! Not a test by itself: `reflector/tests/jail.rs` starts it to check that
 //! each driver VM's memory cap is its own. Never installed anywhere a real
@@ -16,6 +19,11 @@ use reflector::config::parse_size;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // The reflector's start-up check of a configuration (`vmm run --check`)
+    // passes: there is nothing to hoard for.
+    if args.iter().any(|a| a == "--check") {
+        return;
+    }
     let wanted = args
         .iter()
         .position(|a| a == "--memory")
@@ -34,5 +42,11 @@ fn main() {
     // Holds it until the reflector lets go (end of file) or dies.
     let mut byte = [0u8; 1];
     while matches!(std::io::stdin().read(&mut byte), Ok(n) if n > 0) {}
+    let cmdline = args.iter().position(|a| a == "--cmdline").and_then(|i| args.get(i + 1));
+    if cmdline.is_some_and(|line| line.split(' ').any(|word| word == "ignore-lifeline")) {
+        loop {
+            std::thread::park();
+        }
+    }
     drop(hoard);
 }

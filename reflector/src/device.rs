@@ -499,7 +499,11 @@ impl<K: DeviceKind> Device<K> {
     }
 
     /// Kills the driver VMs for good (the reflector is stopping).
+    /// Once: a second call does nothing.
     pub fn shutdown(&mut self) {
+        if self.core.drivers.stopped() {
+            return;
+        }
         self.core.drivers.shutdown();
         self.core.hardware.shut_down();
     }
@@ -660,6 +664,12 @@ impl<K: DeviceKind> Device<K> {
                 // the new driver VM (the chaos command kills by pid).
                 self.publish_state();
                 self.core.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) if core.drivers.stopped() => {
+                // Stopping: its requests stay unanswered (the client sees
+                // the device go, not an I/O error), and no timer restarts.
+                tracing::info!(device = %core.name, %error, "no restart");
+                return;
             }
             Err(error) => {
                 tracing::error!(device = %core.name, %error, "cannot start a driver VM");

@@ -131,6 +131,10 @@ pub struct DriverVms {
     /// Spares that failed to start or died waiting, in a row: past
     /// [`SPARE_FAILURES`] no more is wanted until the next restart.
     spare_failures: u32,
+    /// Shut down for good: no driver VM is started again (a hang timer, a
+    /// restart timer or a recover that fires while the reflector stops
+    /// its other devices finds none to start).
+    stopped: bool,
 }
 
 /// Spares that may fail in a row (not start, or die before they are used)
@@ -163,12 +167,18 @@ impl DriverVms {
             spare_kind,
             spare_wanted: spare_kind == Some(SpareKind::Standby),
             spare_failures: 0,
+            stopped: false,
         })
     }
 
     /// The driver VMs' name.
     pub fn name(&self) -> &str {
         self.launcher.name()
+    }
+
+    /// Whether they were shut down for good ([`DriverVms::shutdown`]).
+    pub fn stopped(&self) -> bool {
+        self.stopped
     }
 
     /// Raised after publishing requests, when the driver may sleep.
@@ -216,9 +226,14 @@ impl DriverVms {
 
     /// Kills every driver VM for good (the reflector is stopping), waits
     /// (at most [`RELEASE_WAIT`] in all) until they are reaped, and takes
-    /// down their jail's cgroups, which would otherwise outlive the
-    /// reflector until the next one's sweep.
+    /// down their jail's cgroups (waiting at most the jail's own bound for
+    /// each to empty), which would otherwise outlive the reflector until
+    /// the next one's sweep. None is started again.
     pub fn shutdown(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        self.spare_wanted = false;
         let drivers: Vec<_> = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
         for driver in &drivers {
             driver.kill();
@@ -240,6 +255,9 @@ impl DriverVms {
     /// recovery has completed a request: its start would otherwise compete
     /// for the two cores with the new driver's reset and the replay.
     pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Option<SpareKind>)> {
+        if self.stopped {
+            return Err(stopping());
+        }
         let (driver, started) = match self.spare.take() {
             Some(spare) if spare.exit_report().is_none() => self.activate_spare(spare)?,
             dead => {
@@ -258,7 +276,7 @@ impl DriverVms {
 
     /// Starts the spare that `start` or `replace` asked for, if any.
     pub fn launch_wanted_spare(&mut self) {
-        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() {
+        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() || self.stopped {
             return;
         }
         let Some(kind) = self.spare_kind else { return };
@@ -319,10 +337,18 @@ impl DriverVms {
 
     /// Starts a fresh driver VM, its interrupts routed before it runs.
     fn launch_cold(&mut self) -> std::io::Result<Box<dyn DriverProcess>> {
+        if self.stopped {
+            return Err(stopping());
+        }
         let (driver, request) = launch_routed(self.launcher.as_ref(), &self.device_interrupt)?;
         self.request_interrupt = request;
         Ok(driver)
     }
+}
+
+/// Why a device that was shut down starts no driver VM.
+fn stopping() -> std::io::Error {
+    std::io::Error::other("the device was shut down (the reflector is stopping): no driver VM is started again")
 }
 
 /// Makes the VM owning `lines` the target of the device's interrupt (its

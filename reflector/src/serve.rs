@@ -7,6 +7,7 @@
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use guest_abi::channel;
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -34,6 +35,12 @@ use crate::net::device::{Net, NetDevice};
 use crate::recovery::{RecoveryConfig, RestartPolicy};
 use crate::shm::SharedMemory;
 use crate::supervisor::{DriverLauncher, DriverVmSpec, Window};
+
+/// Longest a stopping reflector waits for a worker to let go of its
+/// device: a worker holds it for one event at a time (microseconds, or its
+/// 30 us completion poll), so under load the device is free again within
+/// a few of the growing pauses; a worker that holds it longer is stuck.
+const SHUTDOWN_LOCK_WAIT: Duration = Duration::from_secs(1);
 
 /// Driver guest-physical address of the controller's window.
 pub const REGS_GPA: u64 = 0x2000_0000;
@@ -135,12 +142,27 @@ impl<D: ServedDevice> Service for DeviceService<D> {
     }
 
     fn shutdown(&self) {
-        // Stopping must never wait on a worker: if it holds the device, the
-        // driver VMs end with the reflector's process (stdin lifeline).
-        match self.device.try_write() {
-            Ok(mut device) => device.shutdown(),
-            Err(_) => {
-                tracing::warn!(device = %self.name, "device busy at shutdown; its driver VMs end with the reflector")
+        // A worker holds the device for each event it handles (under load,
+        // nearly always): wait for a moment it lets go, but never for ever
+        // on a worker that does not (its driver VMs then end with their
+        // keepers, which watch the reflector).
+        let deadline = Instant::now() + SHUTDOWN_LOCK_WAIT;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            match self.device.try_write() {
+                Ok(mut device) => return device.shutdown(),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => return poisoned.into_inner().shutdown(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    tracing::warn!(
+                        device = %self.name,
+                        "device still busy after {SHUTDOWN_LOCK_WAIT:?} at shutdown; its driver VMs end with the reflector"
+                    );
+                    return;
+                }
             }
         }
     }

@@ -518,10 +518,17 @@ mod tests {
         std::fs::write(&events, "populated 1\nfrozen 0\n").unwrap();
         assert!(!wait_until_empty(&dir, Instant::now() + Duration::from_millis(20)), "populated: not empty");
         // The last process leaves while the wait is on (or before it
-        // begins: either way the wait ends with the cgroup empty).
+        // begins: either way the wait ends with the cgroup empty). Written
+        // in place, as the kernel changes the file: a truncating write
+        // would show the wait an empty file, which it takes for "not
+        // populated", and end it before the change it is to wait for.
         let writer = std::thread::spawn({
             let events = events.clone();
-            move || std::fs::write(events, "populated 0\nfrozen 0\n").unwrap()
+            move || {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new().write(true).open(events).unwrap();
+                file.write_all(b"populated 0\nfrozen 0\n").unwrap();
+            }
         });
         assert!(wait_until_empty(&dir, Instant::now() + Duration::from_secs(30)));
         writer.join().unwrap();

@@ -227,7 +227,8 @@ impl Jail {
             libc::close(lifeline[0]);
             libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
         }
-        keep(pid as libc::pid_t, (uid, gid), may_set_groups, keeper_becomes, report, lifeline[1])
+        let lifeline = lifeline[1];
+        keep(pid as libc::pid_t, (uid, gid), may_set_groups, keeper_becomes, report, lifeline, self.reflector)
     }
 
     /// In the process that becomes the vmm: waits for its id maps, then
@@ -387,7 +388,8 @@ fn drop_capabilities() -> std::io::Result<()> {
 }
 
 /// The keeper: maps the vmm's ids, reports its pid, lets it go on, closes
-/// every descriptor but the lifeline, and ends as the vmm ends.
+/// every descriptor but the lifeline, kills the vmm if `reflector` ends
+/// first, and ends as the vmm ends.
 fn keep(
     vmm: libc::pid_t,
     (uid, gid): (u32, u32),
@@ -395,6 +397,7 @@ fn keep(
     becomes: Option<(u32, u32)>,
     report: RawFd,
     lifeline: RawFd,
+    reflector: libc::pid_t,
 ) -> ! {
     let mapped = map_ids(vmm, uid, gid, may_set_groups).and_then(|()| match becomes {
         // SAFETY: setgroups(2), setresgid(2), setresuid(2) with plain values.
@@ -435,6 +438,7 @@ fn keep(
         }
         libc::syscall(libc::SYS_close_range, (lifeline + 1) as u32, u32::MAX, 0u32);
     }
+    outlive_no_reflector(vmm, reflector);
     let mut status = 0;
     loop {
         // SAFETY: waitpid(2) for our own child, into a local.
@@ -448,6 +452,52 @@ fn keep(
         }
     }
     end_as(status)
+}
+
+/// Returns once the vmm has ended, killing it first if the reflector ends
+/// before it: the vmm's own watch of its lifeline (`--exit-on-stdin-close`)
+/// binds only a vmm that cooperates. Without pidfds (Linux before 5.3),
+/// returns at once and the lifeline alone ends the vmm.
+fn outlive_no_reflector(vmm: libc::pid_t, reflector: libc::pid_t) {
+    // SAFETY: pidfd_open(2) with a plain pid and no flags; a pidfd is
+    // close-on-exec, and this process execs nothing.
+    let (watched, child) = unsafe {
+        (
+            libc::syscall(libc::SYS_pidfd_open, reflector, 0) as RawFd,
+            libc::syscall(libc::SYS_pidfd_open, vmm, 0) as RawFd,
+        )
+    };
+    // The reflector's pidfd is its own only if it was still our parent
+    // once the pidfd was open (a pid is not reused while it has children).
+    // SAFETY: getppid(2) cannot fail.
+    let reflector_alive = watched >= 0 && unsafe { libc::getppid() } == reflector;
+    if watched >= 0 && !reflector_alive {
+        // SAFETY: kill(2) of our own child.
+        unsafe { libc::kill(vmm, libc::SIGKILL) };
+    }
+    if reflector_alive && child >= 0 {
+        let mut fds = [
+            libc::pollfd { fd: watched, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: child, events: libc::POLLIN, revents: 0 },
+        ];
+        loop {
+            // SAFETY: poll(2) on two local pollfds of descriptors we hold.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if ready < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            if ready > 0 && fds[1].revents == 0 && fds[0].revents != 0 {
+                // SAFETY: kill(2) of our own child, not yet reaped.
+                unsafe { libc::kill(vmm, libc::SIGKILL) };
+            }
+            break;
+        }
+    }
+    // SAFETY: close(2) of descriptors this function opened (or -1).
+    unsafe {
+        libc::close(watched);
+        libc::close(child);
+    }
 }
 
 /// Writes the vmm's user namespace maps: `uid` and `gid` map to themselves.

@@ -11,7 +11,11 @@
 //!   namespace, closes every descriptor, waits for the vmm and ends as it
 //!   ended (same exit code or signal), so the reflector's view of "its
 //!   child" is unchanged; if the keeper dies, the vmm is killed
-//!   (PR_SET_PDEATHSIG). See [`Jail::enter`] (module `child`).
+//!   (PR_SET_PDEATHSIG), and if the reflector dies, the keeper kills the
+//!   vmm (it watches the reflector through a pidfd): a vmm ends on its
+//!   lifeline's end-of-file only if it cooperates, and one its guest took
+//!   over would otherwise outlive the reflector, its cgroups with it. See
+//!   [`Jail::enter`] (module `child`).
 //! - **an empty root**: the mount namespace's root is an empty read-only
 //!   tmpfs holding only the vmm binary and the shared libraries its loader
 //!   needs, bind-mounted read-only: no /proc, no /dev, no images, no
@@ -219,6 +223,9 @@ pub struct Jail {
     kvm: Option<File>,
     /// The outer seccomp filters (see the module doc), compiled before fork.
     filters: Vec<seccompiler::BpfProgram>,
+    /// The reflector's pid: each keeper kills its vmm if this process ends
+    /// first (module `child`).
+    reflector: libc::pid_t,
 }
 
 impl Jail {
@@ -240,6 +247,12 @@ impl Jail {
             // `.`: no device name has one, so no device's cgroup is another's QEMU's.
             Jailed::DeviceModel { qemu, .. } => (qemu, JAILED_QEMU, format!("{name}.qemu"), DEVICE_MODEL_IDS),
         };
+        if index >= DEVICE_MODEL_IDS {
+            return Err(JailError::Io {
+                what: format!("device {name}"),
+                source: std::io::Error::other(format!("at most {DEVICE_MODEL_IDS} devices can be jailed")),
+            });
+        }
         make_searchable_dir(Path::new(JAIL_ROOT))?;
         let program = resolve_program(program)?;
         let mut files = vec![(program.clone(), PathBuf::from(jailed))];
@@ -287,16 +300,6 @@ impl Jail {
             // One QEMU at a time (its supervisor reaps one before the next).
             Jailed::DeviceModel { .. } => 1,
         };
-        let cgroups = cgroups_for(&cgroup, limits, slots).unwrap_or_else(|error| {
-            tracing::warn!(device = name, %error, "no cgroup limits for this device's jailed processes");
-            Cgroups { joins: Vec::new(), memory: Vec::new(), dirs: Vec::new() }
-        });
-        if index >= DEVICE_MODEL_IDS {
-            return Err(JailError::Io {
-                what: format!("device {name}"),
-                source: std::io::Error::other(format!("at most {DEVICE_MODEL_IDS} devices can be jailed")),
-            });
-        }
         let ids = match user {
             Some((uid, gid)) => JailIds::Reflector { uid, gid },
             None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
@@ -305,10 +308,17 @@ impl Jail {
             Jailed::Vmm(_) => IoUring::Denied,
             Jailed::DeviceModel { io_uring, .. } => io_uring,
         })?;
+        let root = c_path(Path::new(JAIL_ROOT))?;
+        // Last: nothing after this fails, so no cgroup is made for a jail
+        // that is then not returned (a jail's drop removes its cgroups).
+        let cgroups = cgroups_for(&cgroup, limits, slots).unwrap_or_else(|error| {
+            tracing::warn!(device = name, %error, "no cgroup limits for this device's jailed processes");
+            Cgroups { joins: Vec::new(), memory: Vec::new(), dirs: Vec::new() }
+        });
         Ok(Jail {
             program: jailed,
             proc,
-            root: c_path(Path::new(JAIL_ROOT))?,
+            root,
             directories,
             binds,
             overflow: AtomicUsize::new(0),
@@ -319,6 +329,7 @@ impl Jail {
             ids,
             kvm,
             filters,
+            reflector: std::process::id() as libc::pid_t,
         })
     }
 
