@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use nic::QemuNic;
 pub use nvme::QemuNvme;
@@ -65,6 +65,11 @@ const ADMIN_CQ_HEAD_DOORBELL: u64 = nvme_regs::DOORBELLS as u64 + 4;
 const MAX_NVME_QUEUES: usize = 65;
 /// RAM QEMU needs besides the DMA region (it runs no guest).
 const QEMU_RAM: &str = "2M";
+/// Longest [`QemuModel::kill`] waits for the killed QEMU to be reaped: a
+/// SIGKILL ends it in milliseconds unless it is stuck in the kernel
+/// (uninterruptible I/O on hung storage), and the device's thread, which
+/// kills it in a failover and at shutdown, must not wait for that for ever.
+const KILL_WAIT: Duration = Duration::from_secs(2);
 /// The descriptors the QEMU child gets: its qtest socket and the DMA
 /// region's memfd.
 const QTEST_FD: RawFd = 3;
@@ -786,7 +791,19 @@ impl QemuModel {
         self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
-            let _ = child.wait();
+            let deadline = Instant::now() + KILL_WAIT;
+            let mut pause = Duration::from_micros(100);
+            while matches!(child.try_wait(), Ok(None)) {
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        pid = child.id(),
+                        "the killed QEMU process has not exited after {KILL_WAIT:?} (stuck in the kernel?); going on without it"
+                    );
+                    break;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
         }
     }
 
