@@ -98,9 +98,14 @@ pub trait Hardware: Send + Sync {
     /// the hardware is restarted in [`Hardware::resume`] before the next
     /// one starts. Simulated devices never fail so.
     fn watch_failure(&self, _failure: EventFd) {}
-    /// The reflector is stopping: ends for good what runs the hardware (a
-    /// device model's process, never started again) and what it ran in.
+    /// The reflector is stopping: ends what runs the hardware now (a device
+    /// model's process: killed, never started again), leaving what it ran
+    /// in to [`Hardware::shut_down`], so that a reflector stops all its
+    /// devices' processes at once and then waits for them together.
     /// Simulated devices have nothing of the kind.
+    fn stop(&self) {}
+    /// The reflector is stopping: [`Hardware::stop`] if not yet done, then
+    /// ends what the hardware's process ran in (its jail's cgroups).
     fn shut_down(&self) {}
 }
 

@@ -498,12 +498,20 @@ impl<K: DeviceKind> Device<K> {
         self.core.drivers.current_pid()
     }
 
-    /// Kills the driver VMs for good (the reflector is stopping).
-    /// Once: a second call does nothing.
+    /// Kills the driver VMs and the hardware's process for good, without
+    /// waiting for them (the reflector is stopping every device at once).
+    pub fn stop(&mut self) {
+        self.core.drivers.stop();
+        self.core.hardware.stop();
+    }
+
+    /// [`Device::stop`], then waits (bounded) for what it killed and takes
+    /// down what they ran in. A second call does nothing.
     pub fn shutdown(&mut self) {
-        if self.core.drivers.stopped() {
+        if self.core.drivers.ended() {
             return;
         }
+        self.stop();
         self.core.drivers.shutdown();
         self.core.hardware.shut_down();
     }

@@ -131,10 +131,12 @@ pub struct DriverVms {
     /// Spares that failed to start or died waiting, in a row: past
     /// [`SPARE_FAILURES`] no more is wanted until the next restart.
     spare_failures: u32,
-    /// Shut down for good: no driver VM is started again (a hang timer, a
+    /// Stopped for good: no driver VM is started again (a hang timer, a
     /// restart timer or a recover that fires while the reflector stops
     /// its other devices finds none to start).
     stopped: bool,
+    /// Shut down: its driver VMs released and its jail ended.
+    ended: bool,
 }
 
 /// Spares that may fail in a row (not start, or die before they are used)
@@ -168,6 +170,7 @@ impl DriverVms {
             spare_wanted: spare_kind == Some(SpareKind::Standby),
             spare_failures: 0,
             stopped: false,
+            ended: false,
         })
     }
 
@@ -176,9 +179,14 @@ impl DriverVms {
         self.launcher.name()
     }
 
-    /// Whether they were shut down for good ([`DriverVms::shutdown`]).
+    /// Whether they were stopped for good ([`DriverVms::stop`]).
     pub fn stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// Whether they were shut down ([`DriverVms::shutdown`]).
+    pub fn ended(&self) -> bool {
+        self.ended
     }
 
     /// Raised after publishing requests, when the driver may sleep.
@@ -224,20 +232,30 @@ impl DriverVms {
         driver.exit_report().filter(|report| !report.is_empty())
     }
 
-    /// Kills every driver VM for good (the reflector is stopping), waits
-    /// (at most [`RELEASE_WAIT`] in all) until they are reaped, and takes
-    /// down their jail's cgroups (waiting at most the jail's own bound for
-    /// each to empty), which would otherwise outlive the reflector until
-    /// the next one's sweep. None is started again.
-    pub fn shutdown(&mut self) {
+    /// Kills every driver VM for good (the reflector is stopping), without
+    /// waiting: a reflector stops all its devices' driver VMs at once, then
+    /// waits for them ([`DriverVms::shutdown`]). None is started again.
+    pub fn stop(&mut self) {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
         self.spare_wanted = false;
-        let drivers: Vec<_> = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
-        for driver in &drivers {
+        for driver in self.current.iter().chain(&self.spare) {
             driver.kill();
         }
+    }
+
+    /// [`DriverVms::stop`], then waits (at most [`RELEASE_WAIT`] in all)
+    /// until the driver VMs are reaped, and takes down their jail's cgroups
+    /// (waiting at most the jail's own bound for each to empty), which
+    /// would otherwise outlive the reflector until the next one's sweep.
+    /// Once: a second call does nothing.
+    pub fn shutdown(&mut self) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        self.stop();
+        let drivers: Vec<_> = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
         let deadline = std::time::Instant::now() + RELEASE_WAIT;
         for driver in &drivers {
             if !driver.wait_released(deadline.saturating_duration_since(std::time::Instant::now())) {

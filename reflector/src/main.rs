@@ -558,6 +558,11 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     if let Some(path) = &args.control {
         let _ = std::fs::remove_file(path);
     }
+    // Every device's driver VMs and device models are killed first, so
+    // that they end together; then each device waits for its own.
+    for service in &services {
+        service.stop();
+    }
     for service in services {
         service.shutdown();
         let _ = std::fs::remove_file(service.socket());

@@ -82,7 +82,9 @@ pub trait ServedDevice:
     fn listeners(&self) -> Vec<(RawFd, u16)>;
     /// The client went away.
     fn client_gone(&mut self);
-    /// Kills the driver VMs for good.
+    /// Kills the driver VMs for good, without waiting for them.
+    fn stop(&mut self);
+    /// Kills the driver VMs for good and waits (bounded) for them.
     fn shutdown(&mut self);
     /// An eventfd that makes a failed device try a new driver VM.
     fn recover_trigger(&self) -> std::io::Result<EventFd>;
@@ -98,6 +100,9 @@ impl<K: ServedKind> ServedDevice for Device<K> {
     }
     fn client_gone(&mut self) {
         Device::client_gone(self)
+    }
+    fn stop(&mut self) {
+        Device::stop(self)
     }
     fn shutdown(&mut self) {
         Device::shutdown(self)
@@ -128,30 +133,18 @@ impl ServedKind for Net {
     const PROTOCOL: &'static str = "vhost-user-net";
 }
 
-impl<D: ServedDevice> Service for DeviceService<D> {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    fn shutdown(&self) {
-        // A worker holds the device for each event it handles (under load,
-        // nearly always): wait for a moment it lets go, but never for ever
-        // on a worker that does not (its driver VMs then end with their
-        // keepers, which watch the reflector).
+impl<D: ServedDevice> DeviceService<D> {
+    /// Runs `stopping` on the device, once its worker lets go of it. A
+    /// worker holds it for each event it handles: this waits for a moment
+    /// it does, but never for ever on a worker that does not (its driver
+    /// VMs then end with their keepers, which watch the reflector).
+    fn with_device(&self, stopping: impl FnOnce(&mut D)) {
         let deadline = Instant::now() + SHUTDOWN_LOCK_WAIT;
         let mut pause = Duration::from_micros(50);
         loop {
             match self.device.try_write() {
-                Ok(mut device) => return device.shutdown(),
-                Err(std::sync::TryLockError::Poisoned(poisoned)) => return poisoned.into_inner().shutdown(),
+                Ok(mut device) => return stopping(&mut device),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => return stopping(&mut poisoned.into_inner()),
                 Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(5));
@@ -165,6 +158,28 @@ impl<D: ServedDevice> Service for DeviceService<D> {
                 }
             }
         }
+    }
+}
+
+impl<D: ServedDevice> Service for DeviceService<D> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn stop(&self) {
+        self.with_device(ServedDevice::stop);
+    }
+
+    fn shutdown(&self) {
+        self.with_device(ServedDevice::shutdown);
     }
 
     fn control_target(&self) -> Result<ControlTarget, String> {
@@ -411,7 +426,11 @@ pub trait Service: Send + Sync {
     fn socket(&self) -> &Path;
     /// Its counters.
     fn metrics(&self) -> &Arc<Metrics>;
-    /// Kills its driver VMs for good.
+    /// Kills its driver VMs and its hardware's process for good, without
+    /// waiting for them: the reflector stops every device so first.
+    fn stop(&self);
+    /// Stops it if not yet done, waits (bounded) for what it killed, and
+    /// takes down what they ran in (their cgroups).
     fn shutdown(&self);
     /// What the control socket may reach of it.
     fn control_target(&self) -> Result<ControlTarget, String>;

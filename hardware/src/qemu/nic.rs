@@ -153,6 +153,10 @@ impl Hardware for QemuNic {
         self.process.watch_failure(failure);
     }
 
+    fn stop(&self) {
+        self.process.stop();
+    }
+
     fn shut_down(&self) {
         self.process.shut_down();
     }

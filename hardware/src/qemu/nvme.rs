@@ -106,6 +106,10 @@ impl Hardware for QemuNvme {
         self.process.watch_failure(failure);
     }
 
+    fn stop(&self) {
+        self.process.stop();
+    }
+
     fn shut_down(&self) {
         self.process.shut_down();
     }

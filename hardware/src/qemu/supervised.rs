@@ -163,10 +163,16 @@ impl SupervisedModel {
     }
 
     /// The reflector is stopping: kills the QEMU process (not reported as
-    /// a failure), starts none again, and ends its jail's cgroups.
+    /// a failure) and starts none again.
+    pub fn stop(&self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            self.current().kill();
+        }
+    }
+
+    /// [`SupervisedModel::stop`], then ends its jail's cgroups.
     pub fn shut_down(&self) {
-        self.stopped.store(true, Ordering::Release);
-        self.current().kill();
+        self.stop();
         if let Some(jail) = &self.spec.jail {
             jail.end();
         }
