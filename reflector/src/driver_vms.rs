@@ -137,6 +137,9 @@ pub struct DriverVms {
     stopped: bool,
     /// Shut down: its driver VMs released and its jail ended.
     ended: bool,
+    /// Driver VMs killed by [`DriverVms::stop`], for `shutdown` to wait
+    /// for: no longer current nor spare, so their exits are no faults.
+    ending: Vec<Box<dyn DriverProcess>>,
 }
 
 /// Spares that may fail in a row (not start, or die before they are used)
@@ -171,6 +174,7 @@ impl DriverVms {
             spare_failures: 0,
             stopped: false,
             ended: false,
+            ending: Vec::new(),
         })
     }
 
@@ -240,7 +244,8 @@ impl DriverVms {
             return;
         }
         self.spare_wanted = false;
-        for driver in self.current.iter().chain(&self.spare) {
+        self.ending = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
+        for driver in &self.ending {
             driver.kill();
         }
     }
@@ -255,7 +260,7 @@ impl DriverVms {
             return;
         }
         self.stop();
-        let drivers: Vec<_> = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
+        let drivers = std::mem::take(&mut self.ending);
         let deadline = std::time::Instant::now() + RELEASE_WAIT;
         for driver in &drivers {
             if !driver.wait_released(deadline.saturating_duration_since(std::time::Instant::now())) {
@@ -364,9 +369,9 @@ impl DriverVms {
     }
 }
 
-/// Why a device that was shut down starts no driver VM.
+/// Why a device that was stopped starts no driver VM.
 fn stopping() -> std::io::Error {
-    std::io::Error::other("the device was shut down (the reflector is stopping): no driver VM is started again")
+    std::io::Error::other("the device was stopped (the reflector is stopping): no driver VM is started again")
 }
 
 /// Makes the VM owning `lines` the target of the device's interrupt (its
@@ -398,4 +403,96 @@ fn launch_routed(
     })?;
     let request = request.ok_or_else(|| std::io::Error::other("the launcher did not route interrupts"))?;
     Ok((driver, request))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A driver that ends when killed.
+    struct Process {
+        lines: [EventFd; 2],
+        ended: AtomicBool,
+    }
+
+    impl DriverProcess for Process {
+        fn pid(&self) -> libc::pid_t {
+            1
+        }
+        fn interrupt(&self, index: usize) -> Option<&EventFd> {
+            self.lines.get(index)
+        }
+        fn activate(&mut self) -> bool {
+            true
+        }
+        fn exit_report(&self) -> Option<String> {
+            self.ended.load(Ordering::SeqCst).then(String::new)
+        }
+        fn kill(&self) {
+            self.ended.store(true, Ordering::SeqCst);
+        }
+        fn kill_and_wait(&self, _bound: std::time::Duration) -> bool {
+            self.kill();
+            true
+        }
+    }
+
+    #[derive(Default)]
+    struct Launch {
+        started: Arc<AtomicUsize>,
+        ended: Arc<AtomicUsize>,
+    }
+
+    impl Launch {
+        fn process(&self) -> std::io::Result<Box<dyn DriverProcess>> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let line = || EventFd::new(libc::EFD_NONBLOCK);
+            Ok(Box::new(Process { lines: [line()?, line()?], ended: AtomicBool::new(false) }))
+        }
+    }
+
+    impl DriverLaunch for Launch {
+        fn name(&self) -> &str {
+            "fake"
+        }
+        fn launch(
+            &self,
+            route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+        ) -> std::io::Result<Box<dyn DriverProcess>> {
+            let process = self.process()?;
+            let lines: Vec<EventFd> = (0..2).filter_map(|i| process.interrupt(i)?.try_clone().ok()).collect();
+            route(&lines)?;
+            Ok(process)
+        }
+        fn launch_spare(&self, _kind: SpareKind) -> std::io::Result<Box<dyn DriverProcess>> {
+            self.process()
+        }
+        fn end(&self) {
+            self.ended.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn stopped_driver_vms_are_killed_at_once_their_exits_are_no_faults_and_none_starts_again() {
+        let launch = Launch::default();
+        let (started, ended) = (launch.started.clone(), launch.ended.clone());
+        let mut drivers =
+            DriverVms::start(Box::new(launch), Arc::new(InterruptRoute::default()), Some(SpareKind::Warm)).unwrap();
+        assert_eq!(started.load(Ordering::SeqCst), 2, "the driver VM and its warm spare");
+        drivers.stop();
+        // Both are killed and have ended: the worker that sees their exits
+        // before the shutdown must not take them for a fault (a fault
+        // retires the device's hardware, which is being stopped too).
+        assert_eq!(drivers.exited(), None);
+        assert_eq!((drivers.current_pid(), drivers.spare_pid()), (None, None));
+        assert!(drivers.replace().is_err(), "a driver VM was started after the stop");
+        drivers.launch_wanted_spare();
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        assert_eq!(ended.load(Ordering::SeqCst), 0, "the stop waits for nothing and ends nothing");
+        drivers.shutdown();
+        drivers.shutdown();
+        assert_eq!(ended.load(Ordering::SeqCst), 1, "the jail ends once");
+    }
 }

@@ -117,6 +117,11 @@ impl SupervisedModel {
     /// Stops the device's DMA (see [`QemuModel::quiesce`]); a process
     /// already dead has none.
     pub fn quiesce(&self) {
+        // Stopped (the reflector is going): its process is killed, and
+        // nothing runs on it any more that could need quiescing.
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
         let model = self.current();
         match model.quiesce() {
             // A device whose interrupt line stays asserted through its
