@@ -25,6 +25,7 @@ pub mod vfio;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -270,6 +271,32 @@ pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
+/// Calls `attempt` until it gives a value or `deadline` passes, sleeping
+/// between tries: `first` at first, then twice as long each time up to
+/// `longest`, never past the deadline; `attempt` runs at least once. For
+/// waits on something that ends soon but tells no descriptor: a killed
+/// process's reaping, a lock a worker holds for one event at a time, the
+/// last process of a cgroup v1.
+pub fn poll_until<T>(
+    deadline: Instant,
+    first: Duration,
+    longest: Duration,
+    mut attempt: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let mut pause = first;
+    loop {
+        if let Some(value) = attempt() {
+            return Some(value);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(longest);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +310,23 @@ mod tests {
         assert_eq!(region.translate(0x1000_0200, 4096), None);
         assert_eq!(region.translate(0x0fff_ffff, 1), None);
         assert_eq!(region.translate(u64::MAX, 4096), None);
+    }
+
+    #[test]
+    fn poll_until_tries_at_least_once_and_gives_up_at_its_deadline() {
+        let pause = Duration::from_millis(1);
+        assert_eq!(poll_until(Instant::now(), pause, pause, || Some(7)), Some(7), "a past deadline still tries once");
+        let mut tries = 0;
+        let found = poll_until(Instant::now() + Duration::from_secs(30), pause, pause, || {
+            tries += 1;
+            (tries == 3).then_some(tries)
+        });
+        assert_eq!(found, Some(3));
+        let mut tries = 0;
+        let never = poll_until(Instant::now(), pause, pause, || {
+            tries += 1;
+            None::<()>
+        });
+        assert_eq!((never, tries), (None, 1));
     }
 }

@@ -140,23 +140,20 @@ impl<D: ServedDevice> DeviceService<D> {
     /// VMs then end with their keepers, which watch the reflector).
     fn with_device(&self, stopping: impl FnOnce(&mut D)) {
         let deadline = Instant::now() + SHUTDOWN_LOCK_WAIT;
-        let mut pause = Duration::from_micros(50);
-        loop {
-            match self.device.try_write() {
-                Ok(mut device) => return stopping(&mut device),
-                Err(std::sync::TryLockError::Poisoned(poisoned)) => return stopping(&mut poisoned.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(5));
+        let device =
+            crate::hw::poll_until(deadline, Duration::from_micros(50), Duration::from_millis(5), || {
+                match self.device.try_write() {
+                    Ok(device) => Some(device),
+                    Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
                 }
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    tracing::warn!(
-                        device = %self.name,
-                        "device still busy after {SHUTDOWN_LOCK_WAIT:?} at shutdown; its driver VMs end with the reflector"
-                    );
-                    return;
-                }
-            }
+            });
+        match device {
+            Some(mut device) => stopping(&mut device),
+            None => tracing::warn!(
+                device = %self.name,
+                "device still busy after {SHUTDOWN_LOCK_WAIT:?} at shutdown; its driver VMs end with the reflector"
+            ),
         }
     }
 }

@@ -792,17 +792,14 @@ impl QemuModel {
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
             let deadline = Instant::now() + KILL_WAIT;
-            let mut pause = Duration::from_micros(100);
-            while matches!(child.try_wait(), Ok(None)) {
-                if Instant::now() >= deadline {
-                    tracing::warn!(
-                        pid = child.id(),
-                        "the killed QEMU process has not exited after {KILL_WAIT:?} (stuck in the kernel?); going on without it"
-                    );
-                    break;
-                }
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(10));
+            let reaped = crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
+                (!matches!(child.try_wait(), Ok(None))).then_some(())
+            });
+            if reaped.is_none() {
+                tracing::warn!(
+                    pid = child.id(),
+                    "the killed QEMU process has not exited after {KILL_WAIT:?} (stuck in the kernel?); going on without it"
+                );
             }
         }
     }

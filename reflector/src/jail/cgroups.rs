@@ -414,19 +414,12 @@ fn watch_modify(file: &Path) -> Option<OwnedFd> {
 /// cgroup v1's wait: `cgroup.procs` read until empty, 1 ms apart at first,
 /// then twice as long each time up to 32 ms.
 fn wait_until_no_procs(dir: &Path, deadline: Instant) -> bool {
-    let mut pause = Duration::from_millis(1);
-    loop {
-        match std::fs::read_to_string(dir.join("cgroup.procs")) {
-            Ok(procs) if !procs.trim().is_empty() => {}
-            _ => return true,
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        std::thread::sleep(pause.min(left));
-        pause = (pause * 2).min(Duration::from_millis(32));
-    }
+    let procs = dir.join("cgroup.procs");
+    let empty = || match std::fs::read_to_string(&procs) {
+        Ok(listed) if !listed.trim().is_empty() => None,
+        _ => Some(()),
+    };
+    crate::hw::poll_until(deadline, Duration::from_millis(1), Duration::from_millis(32), empty).is_some()
 }
 
 /// Sets up what the devices' cgroups need, once, before any device starts
