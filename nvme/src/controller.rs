@@ -1,7 +1,7 @@
 //! Bringing a controller up (reset, admin queue, Identify, the I/O queue
 //! pair) and moving I/O through it.
 
-use crate::command::{admin, io, Completion, Submission};
+use crate::command::{admin, io, Submission};
 use crate::queue::{QueuePair, CQ_ENTRY, SQ_ENTRY};
 use crate::regs::{self, Capabilities};
 use crate::{Clock, DmaMemory, Error, Registers, PAGE};
@@ -210,17 +210,12 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         }
     }
 
-    /// Runs one admin command to completion.
-    fn admin_command(&mut self, command: Submission) -> Result<Completion, Error> {
-        let done = self.admin_commands([command])?;
-        Ok(done[0])
-    }
-
-    /// Runs a burst of admin commands, their ids `ADMIN_CID..`, with one
-    /// doorbell write, to their completions (in order). The completion
-    /// queue's head is not written back here but once at the end of the
-    /// bring-up (`start`): each register write is a trapped exit.
-    fn admin_commands<const N: usize>(&mut self, mut commands: [Submission; N]) -> Result<[Completion; N], Error> {
+    /// Runs a burst of admin commands (one or more), their ids
+    /// `ADMIN_CID..`, with one doorbell write, to their completions; the
+    /// first failed one in order is the error. The completion queue's head
+    /// is not written back here but once at the end of the bring-up
+    /// (`start`): each register write is a trapped exit.
+    fn admin_commands<const N: usize>(&mut self, mut commands: [Submission; N]) -> Result<(), Error> {
         for (cid, command) in (ADMIN_CID..).zip(commands.iter_mut()) {
             command.cid = cid;
             self.admin.push(&self.memory, command);
@@ -229,13 +224,14 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         let start = self.clock.now_us();
         let deadline = start + self.caps.timeout_ms * 1000;
         let mut fatal_check = start + FATAL_CHECK_US;
-        let mut done: [Option<Completion>; N] = [None; N];
+        // Each command's completion status, once it has one.
+        let mut done: [Option<u16>; N] = [None; N];
         while done.iter().any(Option::is_none) {
             if let Some(completion) = self.admin.pop(&self.memory) {
                 // An id not of this burst (a stale entry) is skipped.
                 let index = usize::from(completion.cid.wrapping_sub(ADMIN_CID));
                 if let Some(slot) = done.get_mut(index) {
-                    *slot = Some(completion);
+                    *slot = Some(completion.status);
                 }
                 continue;
             }
@@ -253,13 +249,10 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
             }
             core::hint::spin_loop();
         }
-        let done = done.map(|completion| completion.unwrap_or(Completion::from_bytes(&[0; 16])));
-        for (command, completion) in commands.iter().zip(&done) {
-            if !completion.ok() {
-                return Err(Error::Admin { opcode: command.opcode, status: completion.status });
-            }
+        match commands.iter().zip(done).find(|(_, status)| *status != Some(0)) {
+            Some((command, status)) => Err(Error::Admin { opcode: command.opcode, status: status.unwrap_or(0) }),
+            None => Ok(()),
         }
-        Ok(done)
     }
 
     /// An Identify command for `cns` and `nsid` into the page at `page`.
@@ -313,7 +306,7 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         let mut command = Submission::new(admin::DOORBELL_BUFFER_CONFIG, ADMIN_CID);
         command.prp1 = self.memory.device_address(self.layout.doorbells);
         command.prp2 = self.memory.device_address(self.layout.events);
-        self.admin_command(command)?;
+        self.admin_commands([command])?;
         // The controller now reads the admin queue's indices from the
         // shadow too: publish the current ones before the next command.
         self.admin.use_shadow(self.layout.doorbells, self.layout.events);
@@ -334,13 +327,13 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         // Queue 1, physically contiguous, interrupts enabled on vector 0.
         cq.cdw[0] = 1 | size;
         cq.cdw[1] = 0b11;
-        self.admin_command(cq)?;
+        self.admin_commands([cq])?;
         let mut sq = Submission::new(admin::CREATE_SQ, ADMIN_CID);
         sq.prp1 = self.memory.device_address(self.layout.io_sq);
         // Queue 1, physically contiguous, completions to queue 1.
         sq.cdw[0] = 1 | size;
         sq.cdw[1] = 1 | (1 << 16);
-        self.admin_command(sq)?;
+        self.admin_commands([sq])?;
         Ok(())
     }
 

@@ -506,11 +506,8 @@ impl<K: DeviceKind> Device<K> {
     }
 
     /// [`Device::stop`], then waits (bounded) for what it killed and takes
-    /// down what they ran in. A second call does nothing.
+    /// down what they ran in. Again, it finds nothing left to do.
     pub fn shutdown(&mut self) {
-        if self.core.drivers.ended() {
-            return;
-        }
         self.stop();
         self.core.drivers.shutdown();
         self.core.hardware.shut_down();

@@ -188,11 +188,6 @@ impl DriverVms {
         self.stopped
     }
 
-    /// Whether they were shut down ([`DriverVms::shutdown`]).
-    pub fn ended(&self) -> bool {
-        self.ended
-    }
-
     /// Raised after publishing requests, when the driver may sleep.
     pub fn request_interrupt(&self) -> &EventFd {
         &self.request_interrupt
@@ -243,7 +238,6 @@ impl DriverVms {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
-        self.spare_wanted = false;
         self.ending = [self.current.take(), self.spare.take()].into_iter().flatten().collect();
         for driver in &self.ending {
             driver.kill();
@@ -278,9 +272,6 @@ impl DriverVms {
     /// recovery has completed a request: its start would otherwise compete
     /// for the two cores with the new driver's reset and the replay.
     pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Option<SpareKind>)> {
-        if self.stopped {
-            return Err(stopping());
-        }
         let (driver, started) = match self.spare.take() {
             Some(spare) if spare.exit_report().is_none() => self.activate_spare(spare)?,
             dead => {
