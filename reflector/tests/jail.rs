@@ -73,6 +73,7 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     // (Root's id is not even mapped in its user namespace: EINVAL.)
     assert!(["EPERM", "EINVAL"].contains(&report["setuid 0"].as_str().unwrap()), "{report}");
     expect("unshare user", "EPERM");
+    expect("setns", "EPERM");
     expect("mount tmpfs", "EPERM");
     expect("create /escape", "EROFS");
     // Bounded processes and CPU; more memory than allowed gets it killed.
@@ -226,6 +227,24 @@ fn every_running_driver_vm_is_confined() {
         assert_eq!(fds, 2, "holder {holder}: only its own pipe");
         holders.push(holder);
     }
+    // Each device's driver VMs share a network namespace of the device's
+    // own (made once, joined by every restart): a spare shares its current
+    // one's, no other device's.
+    let mut networks = Vec::new();
+    for device in devices.as_array().unwrap() {
+        let mut of_device: Vec<_> = ["driver_pid", "spare_pid"]
+            .iter()
+            .filter_map(|key| device[key].as_u64().filter(|pid| *pid != 0))
+            .map(|pid| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap())
+            .collect();
+        of_device.dedup();
+        assert_eq!(of_device.len(), 1, "device {}: its driver VMs in {of_device:?}", device["device"]);
+        networks.push(of_device.remove(0));
+    }
+    let mut distinct = networks.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), networks.len(), "two devices share a network namespace: {networks:?}");
     // Each device reports its driver VM's resident memory once its watch
     // has looked (once a second), as the kernel counts it.
     let rss_of_all = || -> Option<Vec<u64>> {
@@ -702,7 +721,13 @@ fn a_reflector_stopped_under_load_ends_its_driver_vms_and_leaves_no_cgroup_behin
     assert!(!log.contains("busy at shutdown"), "the stop gave up on the busy device:\n{log}");
     for pid in pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        assert!(stat.is_empty() || stat.contains(") Z"), "driver VM {pid} outlived the reflector's stop: {stat}");
+        // Gone, a zombie, or in its exit (PF_EXITING: a killed vmm whose
+        // keeper was killed too may still be releasing its files, and never
+        // runs its own code again).
+        const PF_EXITING: u64 = 0x4;
+        let flags = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+        let ended = stat.is_empty() || stat.contains(") Z") || flags.is_some_and(|flags| flags & PF_EXITING != 0);
+        assert!(ended, "driver VM {pid} outlived the reflector's stop: {stat}");
     }
     assert_eq!(cgroups.list(), Vec::<PathBuf>::new(), "cgroups left behind by a reflector stopped under load:\n{log}");
 }

@@ -15,13 +15,10 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use super::{mount, Jail, JailIds, MAX_FILES, MAX_TASKS};
 
-/// The namespaces every vmm starts in.
-const NAMESPACES: libc::c_int = libc::CLONE_NEWUSER
-    | libc::CLONE_NEWPID
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWIPC
-    | libc::CLONE_NEWUTS;
+/// The namespaces every vmm starts in, new; and a network namespace, new
+/// unless its device has one (`Jail::network`).
+const NAMESPACES: libc::c_int =
+    libc::CLONE_NEWUSER | libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
 
 /// A failed step: its name (written to standard error, since an errno alone
 /// would not say which of twenty calls failed) and the error.
@@ -87,9 +84,9 @@ const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 /// threadgroup lock for writing and first waits for an RCU grace period
 /// (19.6 ms of a 22 ms cold restart, measured through v1's `cgroup.procs`);
 /// a child cloned into its cgroup is never moved.
-fn clone_into(cgroup: RawFd) -> libc::c_long {
+fn clone_into(cgroup: RawFd, namespaces: libc::c_int) -> libc::c_long {
     let args = CloneArgs {
-        flags: NAMESPACES as u64 | CLONE_INTO_CGROUP,
+        flags: namespaces as u64 | CLONE_INTO_CGROUP,
         pidfd: 0,
         child_tid: 0,
         parent_tid: 0,
@@ -184,11 +181,25 @@ impl Jail {
         // flag from here; both clear it again at once.
         // SAFETY: prctl(2) with constant arguments.
         step(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) }, b"making the vmm's maps writable")?;
+        // The vmm is cloned into its device's network namespace, joined
+        // here (the keeper stays in it too, and needs no network), or into
+        // a new one.
+        let namespaces = match &self.network {
+            Some(network) => {
+                step(
+                    // SAFETY: setns(2) with a descriptor the jail holds.
+                    unsafe { libc::setns(network.as_raw_fd(), libc::CLONE_NEWNET) },
+                    b"joining the device's network namespace",
+                )?;
+                NAMESPACES
+            }
+            None => NAMESPACES | libc::CLONE_NEWNET,
+        };
         let mut lifeline = [-1; 2];
         // SAFETY: pipe2(2) into a local array.
         step(unsafe { libc::pipe2(lifeline.as_mut_ptr(), libc::O_CLOEXEC) }, b"creating the keeper's pipe")?;
         let mut pid = match into {
-            Some(cgroup) => clone_into(cgroup),
+            Some(cgroup) => clone_into(cgroup, namespaces),
             None => -1,
         };
         if pid < 0 {
@@ -205,7 +216,7 @@ impl Jail {
             pid = unsafe {
                 libc::syscall(
                     libc::SYS_clone,
-                    (NAMESPACES | libc::SIGCHLD) as libc::c_ulong,
+                    (namespaces | libc::SIGCHLD) as libc::c_ulong,
                     0usize,
                     0usize,
                     0usize,

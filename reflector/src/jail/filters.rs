@@ -31,7 +31,6 @@ const NEVER: &[libc::c_long] = &[
     libc::SYS_swapoff,
     libc::SYS_open_by_handle_at,
     libc::SYS_name_to_handle_at,
-    libc::SYS_setns,
 ];
 
 /// io_uring: what a process submits through a ring never passes a
@@ -76,10 +75,12 @@ pub fn io_uring_refused() -> Option<std::io::Error> {
     None
 }
 
-/// What a vmm may not do besides [`NEVER`]: build namespaces and mounts
-/// (the reflector needs these to build jails, so only the jail denies them).
+/// What a vmm may not do besides [`NEVER`]: build or enter namespaces, and
+/// mount (the reflector needs these to build jails, so only the jail denies
+/// them; the reflector's own filter lets `setns` enter network namespaces
+/// only, [`reflector_filters`]).
 const JAIL_ONLY: &[libc::c_long] =
-    &[libc::SYS_unshare, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
+    &[libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
 
 /// Confines the reflector process (all its threads, and children before
 /// their own jail adds more): [`NEVER`] fails with EPERM, and so do the
@@ -95,10 +96,24 @@ pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
     Ok(())
 }
 
-/// The reflector's own filters (see [`confine_reflector`]): its deny list
-/// and [`x32_filter`].
+/// The reflector's own filters (see [`confine_reflector`]): its deny list,
+/// `setns` into anything but a network namespace (a keeper joins its
+/// device's, `Jail::enter`; entering another process's mount, PID or user
+/// namespace is what a compromised reflector would want), and
+/// [`x32_filter`].
 fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
-    let rules = NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    let fail = |e: &dyn std::fmt::Display| JailError::Io {
+        what: "building the reflector's seccomp filter".into(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
+    // setns(fd, nstype): denied unless nstype names a network namespace (0,
+    // "whatever fd is", is denied too).
+    let not_network = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::CLONE_NEWNET as u64)
+        .map_err(|e| fail(&e))?;
+    rules.insert(libc::SYS_setns, vec![SeccompRule::new(vec![not_network]).map_err(|e| fail(&e))?]);
     Ok(vec![deny(rules, libc::EPERM, "the reflector's")?, x32_filter()])
 }
 
@@ -193,7 +208,7 @@ mod tests {
     /// Runs `call` in a thread of its own under `filters` (seccompiler's
     /// `apply_filter` binds the calling thread only): the errno it failed
     /// with, or 0.
-    fn errno_under(filters: Vec<seccompiler::BpfProgram>, call: fn() -> i32) -> i32 {
+    fn errno_under(filters: Vec<seccompiler::BpfProgram>, call: impl FnOnce() -> i32 + Send + 'static) -> i32 {
         std::thread::spawn(move || {
             for filter in &filters {
                 seccompiler::apply_filter(filter).expect("installing the filter in the test thread");
@@ -235,6 +250,34 @@ mod tests {
             assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
+        }
+    }
+
+    /// setns(2) into this thread's own network namespace (which changes
+    /// nothing) with `nstype`: the errno, or 0.
+    fn setns_own_network(nstype: libc::c_int) -> i32 {
+        let own = std::fs::File::open("/proc/thread-self/ns/net").expect("this thread's network namespace");
+        // SAFETY: setns(2) with a descriptor this function holds; joining
+        // the namespace the thread is already in.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&own), nstype) } < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn the_reflector_may_enter_network_namespaces_only_and_a_jail_none() {
+        let reflector = || reflector_filters(IoUring::Denied).unwrap();
+        assert_eq!(errno_under(reflector(), || setns_own_network(libc::CLONE_NEWNET)), 0);
+        // "Whatever the descriptor is" and every other kind: denied before
+        // the kernel would look at the descriptor.
+        for nstype in [0, libc::CLONE_NEWNS, libc::CLONE_NEWUSER, libc::CLONE_NEWPID, libc::CLONE_NEWIPC] {
+            assert_eq!(errno_under(reflector(), move || setns_own_network(nstype)), libc::EPERM, "nstype {nstype:#x}");
+        }
+        for io_uring in [IoUring::Denied, IoUring::Allowed] {
+            let jail = outer_filters(io_uring).unwrap();
+            assert_eq!(errno_under(jail, || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
         }
     }
 
