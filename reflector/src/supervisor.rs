@@ -325,15 +325,30 @@ impl DriverLauncher {
             .map_err(|e| format!("creating a pipe: {e}"))?;
         prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
-        let mut message = String::new();
-        // Bounded: the check creates no VM and reads at most one image file.
-        if let Some(stderr) = child.stderr.take() {
-            let _ = stderr.take(64 * 1024).read_to_string(&mut message);
+        let deadline = Instant::now() + CHECK_DEADLINE;
+        let mut message = Vec::new();
+        if let Some(mut stderr) = child.stderr.take() {
+            read_until(&mut stderr, CHECK_MESSAGE_LIMIT, deadline, &mut message);
         }
-        let status = child.wait().map_err(|e| format!("waiting for {}: {e}", self.spec.vmm.display()))?;
+        let ended = hardware::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
+            child.try_wait().transpose()
+        });
+        let Some(status) = ended else {
+            // The keeper, or the unjailed vmm itself: a jailed vmm dies with
+            // its keeper (its parent-death signal).
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} run --check did not end within {} s (is it this project's vmm?); it was killed",
+                self.spec.vmm.display(),
+                CHECK_DEADLINE.as_secs()
+            ));
+        };
+        let status = status.map_err(|e| format!("waiting for {}: {e}", self.spec.vmm.display()))?;
         if status.success() {
             Ok(())
         } else {
+            let message = String::from_utf8_lossy(&message);
             let message = message.trim().trim_start_matches("vmm: ");
             let message = if message.is_empty() { format!("the vmm ended with {status}") } else { message.to_owned() };
             Err(format!("driver={} memory={}: {message}", self.spec.image, self.spec.memory))
@@ -678,6 +693,46 @@ impl Watcher {
         // Its memory cgroup is free for the next driver VM.
         drop(self.memory_slot);
         self.released.set();
+    }
+}
+
+/// How long `vmm run --check` may take. It creates no VM and reads at most
+/// one image file (a few milliseconds); a binary that has not ended by then
+/// (not this project's vmm, or one that hangs) fails the start with that
+/// said, instead of hanging it.
+const CHECK_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What is kept of a failed check's standard error (its message).
+const CHECK_MESSAGE_LIMIT: usize = 64 * 1024;
+
+/// Reads `from` into `into` (at most `limit` bytes kept, the rest read and
+/// dropped, so that the writer never blocks) until its end or `deadline`.
+fn read_until(from: &mut (impl Read + AsRawFd), limit: usize, deadline: Instant, into: &mut Vec<u8>) {
+    let mut buffer = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut ready = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // Rounded up, so that a wait never ends just short of the deadline.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: poll(2) of one local pollfd.
+        match unsafe { libc::poll(&mut ready, 1, ms) } {
+            0 => return,
+            n if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted => return,
+            n if n < 0 => continue,
+            _ => {}
+        }
+        match from.read(&mut buffer) {
+            Ok(0) => return,
+            Ok(read) => {
+                let keep = read.min(limit.saturating_sub(into.len()));
+                into.extend_from_slice(&buffer[..keep]);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 

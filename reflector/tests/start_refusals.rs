@@ -2,7 +2,8 @@
 //! never destroy or share a file: a socket path naming a regular file, a
 //! socket or image another reflector serves, a socket that cannot be bound,
 //! an unusable driver image or memory size, an image whose size differs
-//! from `size=`. Sockets are owner-only whatever the umask.
+//! from `size=`, a vmm binary whose start check never ends. Sockets are
+//! owner-only whatever the umask.
 //!
 //! Needs the workspace's binaries (`vmm`) and /dev/kvm for the cases that
 //! start a device.
@@ -225,4 +226,25 @@ fn a_failed_image_creation_leaves_no_file() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("sizing disk image"), "{stderr}");
     assert!(!image.exists(), "a 0-byte image was left behind");
+}
+
+/// A `--vmm` that never ends its start check (not this project's vmm, or
+/// one that hangs) fails the start within the check's deadline, with that
+/// said, instead of hanging it; the hung process is killed.
+#[test]
+fn a_vmm_whose_check_never_ends_fails_the_start() {
+    let scratch = Scratch::new("refuse-hung-check");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let marker = scratch.join("hung-check-ran");
+    let hung = scratch.join("hung-vmm");
+    // Its standard error stays open too: the check must not wait for it.
+    std::fs::write(&hung, format!("#!/bin/sh\necho $$ > {}\nexec sleep 600\n", marker.display())).unwrap();
+    std::fs::set_permissions(&hung, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut args = vec!["--no-jail".to_string(), "--vmm".to_string(), hung.display().to_string()];
+    args.extend(blk(&socket, &image, ",size=1M"));
+    let stderr = refused(&args);
+    assert!(stderr.contains("did not end within") && stderr.contains("hung-vmm"), "{stderr}");
+    let pid = std::fs::read_to_string(&marker).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    assert!(stat.is_empty() || stat.contains(") Z"), "the hung check outlived the start: {stat}");
 }
