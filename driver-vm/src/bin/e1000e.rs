@@ -69,11 +69,11 @@ const MAX_TX: u32 = 16 * 1024;
 
 /// Descriptors per ring: more than the channel's slots, so neither ring
 /// fills whatever mix of sends and receive buffers the reflector posts.
-const RING: u32 = 256;
+const RING: u32 = 512;
 const DESCRIPTOR: usize = 16;
 const TX_RING: usize = channel::DEVICE_AREA_OFFSET;
 const RX_RING: usize = TX_RING + RING as usize * DESCRIPTOR;
-const _: () = assert!(RX_RING + RING as usize * DESCRIPTOR <= channel::REGION_SIZE);
+const _: () = assert!(RX_RING + RING as usize * DESCRIPTOR <= channel::POSTED_MIRROR_OFFSET);
 const _: () = assert!(RING > channel::SLOT_COUNT);
 
 /// One descriptor ring: which request each descriptor carries.

@@ -103,7 +103,7 @@ pub fn check(completion: &CompletionEntry, table: &InFlightTable) -> Result<Answ
     })
 }
 
-/// Requests in flight, indexed by bounce slot.
+/// Requests in flight, indexed by bounce slot (the first [`channel::BLOCK_SLOTS`]).
 pub struct InFlightTable {
     slots: Vec<Option<InFlight>>,
     free: Vec<u32>,
@@ -123,8 +123,8 @@ impl InFlightTable {
     /// DMA windows, indexed by slot.
     pub fn with_windows(windows: Option<Arc<DmaWindows>>) -> Self {
         InFlightTable {
-            slots: vec![None; channel::SLOT_COUNT as usize],
-            free: (0..channel::SLOT_COUNT).rev().collect(),
+            slots: vec![None; channel::BLOCK_SLOTS as usize],
+            free: (0..channel::BLOCK_SLOTS).rev().collect(),
             sequence: 0,
             windows,
         }
@@ -284,7 +284,7 @@ impl InFlightTable {
     /// Removes and returns every request, oldest id first.
     pub fn drain(&mut self) -> Vec<(u32, InFlight)> {
         let mut all: Vec<(u32, InFlight)> =
-            (0..channel::SLOT_COUNT).filter_map(|slot| Some((slot, self.remove(slot)?))).collect();
+            (0..channel::BLOCK_SLOTS).filter_map(|slot| Some((slot, self.remove(slot)?))).collect();
         all.sort_by_key(|(_, entry)| entry.id);
         all
     }
@@ -427,14 +427,15 @@ pub(crate) mod tests {
     fn slots_are_unique_and_recycled() {
         let mut table = InFlightTable::default();
         let mut ids = Vec::new();
-        for _ in 0..channel::SLOT_COUNT {
+        for _ in 0..channel::BLOCK_SLOTS {
             ids.push(table.insert(request(512)).unwrap());
         }
         assert_eq!(table.insert(request(1024)).unwrap_err().data_len, 1024, "a full table gives the entry back");
         let mut slots: Vec<u32> = ids.iter().map(|(slot, _)| *slot).collect();
         slots.sort_unstable();
         slots.dedup();
-        assert_eq!(slots.len(), channel::SLOT_COUNT as usize);
+        assert_eq!(slots.len(), channel::BLOCK_SLOTS as usize);
+        assert!(slots.iter().all(|slot| *slot < channel::BLOCK_SLOTS), "{slots:?}");
         for (slot, id) in &ids {
             assert_eq!(channel::slot_of(*id), *slot);
         }
@@ -444,7 +445,7 @@ pub(crate) mod tests {
         assert_eq!(new_slot, slot);
         assert_ne!(new_id, old_id, "a recycled slot gets a new id");
         let drained = table.drain();
-        assert_eq!(drained.len(), channel::SLOT_COUNT as usize);
+        assert_eq!(drained.len(), channel::BLOCK_SLOTS as usize);
         assert!(drained.windows(2).all(|pair| pair[0].1.id < pair[1].1.id), "oldest first");
         assert!(table.is_empty());
         let (slot, old) = (drained[3].0, drained[3].1.clone());
