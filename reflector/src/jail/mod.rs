@@ -4,8 +4,11 @@
 //! confined:
 //!
 //! - **a keeper and namespaces**: the forked child (the *keeper*) joins the
-//!   device's cgroup and clones the process that becomes the vmm into new
-//!   user, PID, mount, network, IPC and UTS namespaces. The vmm is PID 1 of
+//!   device's cgroup and network namespace (made once per device, shared by
+//!   its vmms one after another and by a spare, no other device's:
+//!   `device_network`; without root, each vmm gets one of its own) and
+//!   clones the process that becomes the vmm into new user, PID, mount, IPC
+//!   and UTS namespaces. The vmm is PID 1 of
 //!   its own PID namespace: it sees no other process, so it can name none
 //!   to signal or trace. The keeper maps the vmm's one id into its user
 //!   namespace, closes every descriptor, waits for the vmm and ends as it
@@ -514,6 +517,7 @@ fn make_searchable_dir(path: &Path) -> Result<(), JailError> {
 /// kill. The device's processes share it, one after another and a spare
 /// beside its current one; no other device's do. Made on a thread of its
 /// own, since unshare(2) moves only the calling thread.
+///
 /// Its descriptor sits where no child's placement reaches (the keeper uses
 /// it after its moves, `hardware::descriptors::lift`).
 fn device_network() -> std::io::Result<OwnedFd> {
