@@ -271,6 +271,26 @@ pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
+/// Waits until `fd` is readable or closed, at most `timeout` (None:
+/// without end); whether it is (false: the time ran out, or poll failed).
+/// A signal does not end the wait early. The timeout is rounded up to
+/// poll's milliseconds, so that a wait never ends before its deadline.
+pub fn wait_readable(fd: std::os::fd::RawFd, timeout: Option<Duration>) -> bool {
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    loop {
+        let left = deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        let ms = left.map_or(-1, |left| i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX));
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one pollfd on the stack.
+        match unsafe { libc::poll(&mut poll, 1, ms) } {
+            ready if ready > 0 => return true,
+            0 => return false,
+            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Calls `attempt` until it gives a value or `deadline` passes, sleeping
 /// between tries: `first` at first, then twice as long each time up to
 /// `longest`, never past the deadline; `attempt` runs at least once. For
@@ -310,6 +330,24 @@ mod tests {
         assert_eq!(region.translate(0x1000_0200, 4096), None);
         assert_eq!(region.translate(0x0fff_ffff, 1), None);
         assert_eq!(region.translate(u64::MAX, 4096), None);
+    }
+
+    #[test]
+    fn wait_readable_says_whether_a_descriptor_became_readable_or_closed_in_time() {
+        let mut ends = [0; 2];
+        // SAFETY: pipe2(2) into a local array; both ends closed below.
+        assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let [reader, writer] = ends;
+        assert!(!wait_readable(reader, Some(Duration::from_millis(1))), "nothing written yet");
+        // SAFETY: write(2) of one byte to the pipe's write end.
+        assert_eq!(unsafe { libc::write(writer, b"x".as_ptr().cast(), 1) }, 1);
+        assert!(wait_readable(reader, Some(Duration::ZERO)));
+        assert!(wait_readable(reader, None));
+        // SAFETY: closing the ends made above, once each.
+        unsafe {
+            libc::close(writer);
+            libc::close(reader);
+        }
     }
 
     #[test]

@@ -714,15 +714,9 @@ fn read_until(from: &mut (impl Read + AsRawFd), limit: usize, deadline: Instant,
         if left.is_zero() {
             return;
         }
-        let mut ready = libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // Rounded up, so that a wait never ends just short of the deadline.
-        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: poll(2) of one local pollfd.
-        match unsafe { libc::poll(&mut ready, 1, ms) } {
-            0 => return,
-            n if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted => return,
-            n if n < 0 => continue,
-            _ => {}
+        // Not readable by the deadline (or poll failed): the check is over.
+        if !hardware::wait_readable(from.as_raw_fd(), Some(left)) {
+            return;
         }
         match from.read(&mut buffer) {
             Ok(0) => return,

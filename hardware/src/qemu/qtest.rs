@@ -133,16 +133,6 @@ impl Conversation {
     }
 }
 
-/// Waits until `fd` is readable or closed, at most `timeout` (None:
-/// without end).
-fn wait_readable(fd: RawFd, timeout: Option<Duration>) {
-    let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    // Rounded up: a wait never ends before its deadline.
-    let ms = timeout.map_or(-1, |t| i32::try_from(t.as_micros().div_ceil(1000)).unwrap_or(i32::MAX));
-    // SAFETY: poll(2) on one pollfd on the stack.
-    unsafe { libc::poll(&mut poll, 1, ms) };
-}
-
 /// One qtest connection: commands one at a time, answers in order.
 pub struct Qtest {
     conversation: Arc<Mutex<Conversation>>,
@@ -210,7 +200,7 @@ impl Qtest {
                 // for this very core.
                 std::thread::yield_now();
             } else {
-                wait_readable(conversation.stream.as_raw_fd(), Some(left));
+                crate::wait_readable(conversation.stream.as_raw_fd(), Some(left));
             }
             conversation.fill_or_break()?;
         }
@@ -252,7 +242,7 @@ impl Qtest {
 /// closed or broke.
 fn watch(conversation: &Mutex<Conversation>, fd: RawFd, interrupt: &OnInterrupt) {
     loop {
-        wait_readable(fd, None);
+        crate::wait_readable(fd, None);
         let Ok(mut conversation) = conversation.lock() else { return };
         if conversation.fill_or_break().is_err() {
             return;

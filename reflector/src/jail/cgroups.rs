@@ -385,10 +385,7 @@ fn wait_until_empty(dir: &Path, deadline: Instant) -> bool {
         if left.is_zero() {
             return false;
         }
-        let mut ready = libc::pollfd { fd: watch.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: poll(2) on one pollfd we own, for at most `ms`.
-        if unsafe { libc::poll(&mut ready, 1, ms) } > 0 {
+        if crate::hw::wait_readable(watch.as_raw_fd(), Some(left)) {
             let mut drained = [0u8; 4096];
             // SAFETY: read(2) of the inotify events into a buffer of its
             // length (non-blocking: only what is queued).
