@@ -103,10 +103,7 @@ pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
 /// [`x32_filter`].
 fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    let fail = |e: &dyn std::fmt::Display| JailError::Io {
-        what: "building the reflector's seccomp filter".into(),
-        source: std::io::Error::other(e.to_string()),
-    };
+    let fail = |e: &dyn std::fmt::Display| building("the reflector's", e);
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
     // setns(fd, nstype): denied unless nstype names a network namespace (0,
@@ -117,6 +114,11 @@ fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, 
     Ok(vec![deny(rules, libc::EPERM, "the reflector's")?, x32_filter()])
 }
 
+/// Why a seccomp filter, `whose`, could not be built.
+fn building(whose: &str, error: &dyn std::fmt::Display) -> JailError {
+    JailError::Io { what: format!("building {whose} seccomp filter"), source: std::io::Error::other(error.to_string()) }
+}
+
 /// A filter that fails the calls `rules` match with `errno` and lets
 /// everything else through; `whose` names it in an error.
 fn deny(
@@ -124,10 +126,7 @@ fn deny(
     errno: i32,
     whose: &str,
 ) -> Result<seccompiler::BpfProgram, JailError> {
-    let fail = |e: &dyn std::fmt::Display| JailError::Io {
-        what: format!("building {whose} seccomp filter"),
-        source: std::io::Error::other(e.to_string()),
-    };
+    let fail = |e: &dyn std::fmt::Display| building(whose, e);
     let filter = seccompiler::SeccompFilter::new(
         rules,
         seccompiler::SeccompAction::Allow,
@@ -171,10 +170,7 @@ fn x32_filter() -> seccompiler::BpfProgram {
 /// the strictest answer wins.
 pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-    let fail = |e: &dyn std::fmt::Display| JailError::Io {
-        what: "building the jail's seccomp filter".into(),
-        source: std::io::Error::other(e.to_string()),
-    };
+    let fail = |e: &dyn std::fmt::Display| building("the jail's", e);
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
     let namespaces = [
