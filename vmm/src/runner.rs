@@ -139,6 +139,14 @@ impl MutEventSubscriber for Watchdog {
     }
 }
 
+/// The vCPU thread's `pthread_t`, for `pthread_kill`: std hands out an
+/// integer, which is libc's `pthread_t` on glibc and a pointer's value on
+/// musl (the static production build).
+#[allow(clippy::unnecessary_cast, clippy::useless_conversion)]
+fn pthread_of<T>(handle: &thread::JoinHandle<T>) -> libc::pthread_t {
+    handle.as_pthread_t() as libc::pthread_t
+}
+
 fn io_error(operation: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { operation: operation.into(), source }
 }
@@ -214,7 +222,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
         manager.add_subscriber(Box::new(Lifeline {
             stop: stop.clone(),
             asked: asked.clone(),
-            vcpu_thread: handle.as_pthread_t(),
+            vcpu_thread: pthread_of(&handle),
         }));
     }
     if let Some(timeout) = options.timeout {
@@ -224,14 +232,14 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
             timer,
             stop: stop.clone(),
             expired: expired.clone(),
-            vcpu_thread: handle.as_pthread_t(),
+            vcpu_thread: pthread_of(&handle),
         }));
     }
     if let Some(filter) = main_filter {
         if let Err(error) = crate::seccomp::apply(&filter) {
             stop.store(true, Ordering::Release);
             // SAFETY: the vCPU thread is not joined yet; its pthread_t is valid.
-            unsafe { libc::pthread_kill(handle.as_pthread_t(), vcpu::kick_signal()) };
+            unsafe { libc::pthread_kill(pthread_of(&handle), vcpu::kick_signal()) };
             return Err(Error::Io {
                 operation: "confining the main thread".into(),
                 source: std::io::Error::other(error),
