@@ -23,7 +23,8 @@
 # --aio io_uring has that QEMU reach the image through io_uring.
 #
 # The binaries are target/release's; BIN=DIR takes them from DIR instead
-# (to compare two builds).
+# (to compare two builds), and VMM=PATH the vmm alone (the reflector's
+# --vmm: the README's static production vmm, say).
 #
 # Usage: ci/bench-recovery.sh [--kills N] [--seed S] [--cold | --standby | --spare] [--no-jail]
 #                             [--device sim|nvme] [--aio threads|io_uring]
@@ -57,7 +58,7 @@ bin=${BIN:-$repo/target/release}
 tmp=$(mktemp -d /tmp/bench-recovery.XXXXXX)
 pid=''
 trap '[[ -n $pid ]] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$tmp"' EXIT
-"$bin/reflector" serve $jail --control "$tmp/ctl" \
+"$bin/reflector" serve $jail ${VMM:+--vmm "$VMM"} --control "$tmp/ctl" \
     --blk "socket=$tmp/d.sock,image=$tmp/d.img,size=256M,name=bench,fault_budget=1000000,spare=$spare,device=$device${aio:+,aio=$aio}" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 300); do [[ -S $tmp/ctl ]] && break; sleep 0.1; done

@@ -16,6 +16,11 @@ if [[ -r /dev/kvm && -w /dev/kvm ]]; then
 else
     echo "install-deps: WARNING: /dev/kvm is not usable; KVM tests will skip (or fail under CI)" >&2
 fi
+# The production vmm is built for musl (static; README "Build").
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    echo "install-deps: adding the Rust target x86_64-unknown-linux-musl (rustup)"
+    timeout 600 rustup target add x86_64-unknown-linux-musl
+fi
 # cargo fuzz (libFuzzer) for the fuzz smoke in the test command; built from
 # crates.io once (a few minutes), then found on PATH.
 if ! command -v cargo-fuzz >/dev/null; then
