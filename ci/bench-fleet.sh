@@ -16,6 +16,9 @@
 # With --spare KIND, every device keeps a spare of that kind (off, standby,
 # warm): what it costs the fleet.
 #
+# The binaries are target/release's; VMM=PATH serves with that vmm instead
+# (the reflector's --vmm: the README's static production vmm, say).
+#
 # Usage: ci/bench-fleet.sh [--devices N] [--idle-seconds S] [--spare KIND] [--no-jail]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -48,7 +51,7 @@ done
 status() { timeout 20 "$bin/reflector" status --json --control "$tmp/ctl"; }
 echo "bench-fleet: starting $devices block devices${jail:+ (not jailed)}${spare:+, spare=$spare}" >&2
 start=$(date +%s%N)
-"$bin/reflector" serve $jail --control "$tmp/ctl" --config "$config" 2>"$tmp/log" &
+"$bin/reflector" serve $jail ${VMM:+--vmm "$VMM"} --control "$tmp/ctl" --config "$config" 2>"$tmp/log" &
 pid=$!
 for _ in $(seq 600); do [[ -S $tmp/ctl ]] && break; kill -0 "$pid" 2>/dev/null || break; sleep 0.01; done
 [[ -S $tmp/ctl ]] || { echo "bench-fleet: the reflector did not start:" >&2; tail -20 "$tmp/log" >&2; exit 1; }
