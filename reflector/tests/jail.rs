@@ -130,14 +130,6 @@ fn a_vmm_gets_no_io_uring_even_beside_a_qemu_that_uses_it() {
     assert_eq!(report["io_uring_setup"], "EPERM", "{report}");
 }
 
-/// Whether the ELF executable at `path` names a program interpreter
-/// (PT_INTERP): a dynamically linked one.
-fn has_interpreter(path: &Path) -> bool {
-    let output = Command::new("readelf").arg("-lW").arg(path).env("LC_ALL", "C").output().unwrap();
-    assert!(output.status.success(), "readelf -l {}: {}", path.display(), String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout).contains("INTERP")
-}
-
 fn status_line(pid: u64, key: &str) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -196,7 +188,7 @@ fn every_running_driver_vm_is_confined() {
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();
-    let dynamic_vmm = has_interpreter(&sibling("vmm"));
+    let dynamic_vmm = reflector::jail::interpreter(&sibling("vmm")).unwrap().is_some();
     let mut holders = Vec::new();
     for &pid in &pids {
         assert_eq!(status_line(pid, "Seccomp:"), "2", "driver VM {pid}");

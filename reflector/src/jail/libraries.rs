@@ -54,7 +54,7 @@ fn libraries(vmm: &Path) -> Result<Vec<PathBuf>, JailError> {
 /// pages resident in the reflector for good, in the heap of the thread
 /// that started the device (a device on QEMU's NVMe model idled at 9.7 MiB
 /// against 5.1 MiB, of a budget of 10.25).
-fn interpreter(binary: &Path) -> std::io::Result<Option<PathBuf>> {
+pub fn interpreter(binary: &Path) -> std::io::Result<Option<PathBuf>> {
     use std::os::unix::fs::FileExt;
     // Not a FIFO or a device: opening a FIFO would wait for a writer, with
     // every device's start waiting behind it.

@@ -58,6 +58,7 @@ mod libraries;
 
 pub use cgroups::{prepare_cgroups, OWN_LEAF};
 pub use filters::{confine_reflector, io_uring_refused, IoUring};
+pub use libraries::interpreter;
 
 use std::ffi::CString;
 use std::fs::File;
