@@ -473,6 +473,72 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     assert_eq!(trapped_read32(&serving, 0), None, "the dead driver's connection must be revoked");
 }
 
+/// What this test binary logged (`captured_log`).
+static LOG: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+/// Everything logged so far, by every thread of this binary (the BAR0
+/// proxy logs from its own): a subscriber that writes into [`LOG`] is
+/// installed the first time.
+fn captured_log() -> String {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        struct Capture;
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                LOG.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(|| Capture)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+    String::from_utf8_lossy(&LOG.lock().unwrap()).into_owned()
+}
+
+/// The error lines logged about the QEMU process `pid`.
+fn errors_about(pid: u32) -> Vec<String> {
+    let tag = format!("qemu_pid={pid}");
+    captured_log().lines().filter(|line| line.contains("ERROR") && line.contains(&tag)).map(str::to_owned).collect()
+}
+
+#[test]
+fn an_access_the_stopped_device_model_leaves_unanswered_is_no_error_a_crashed_ones_is() {
+    let Some(qemu) = qemu() else { return };
+    captured_log();
+    let connect = |supervised: &Arc<hardware::qemu::SupervisedModel>| {
+        let stream = std::os::unix::net::UnixStream::from((supervised.trap().connect)().unwrap().socket);
+        // A hang guard, not a timing assertion.
+        stream.set_read_timeout(Some(BOUND)).unwrap();
+        assert!(trapped_read32(&stream, 0).is_some_and(|cap| cap != u32::MAX), "the driver reads CAP");
+        stream
+    };
+    // The reflector stops: it kills the driver VMs and then the device's
+    // QEMU, while a driver's access may still be on its way (CI saw one
+    // logged as an error at shutdown).
+    let (_dir, _image, _memory, stopped) = supervised_nvme(qemu.clone(), "stopped", None);
+    let driver = connect(&stopped);
+    let pid = stopped.current().pid();
+    stopped.stop();
+    assert_eq!(trapped_read32(&driver, 0), None, "the stopped device's connection must close");
+    assert_eq!(errors_about(pid), Vec::<String>::new(), "the stop was taken for the device's failure");
+    // The same access to a QEMU that crashed is the device's failure.
+    let (_dir, _image, _memory, crashed) = supervised_nvme(qemu, "crashed", None);
+    let driver = connect(&crashed);
+    let pid = crashed.current().pid();
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    assert_eq!(trapped_read32(&driver, 0), None, "the crashed device's connection must close");
+    assert_eq!(errors_about(pid).len(), 1, "the crash went unreported: {}", captured_log());
+    crashed.stop();
+}
+
 /// BAR0 as a driver VM's vmm presents it: accesses go over the trapped
 /// window's socket, but a write to a posted register only signals its
 /// eventfd (KVM's ioeventfd), and its value is lost on the way.

@@ -407,6 +407,9 @@ pub struct QemuModel {
     line_asserted: Arc<AtomicBool>,
     /// Written when the QEMU process exits (its qtest connection closed).
     exit_notice: Arc<Mutex<Option<EventFd>>>,
+    /// Killed on purpose ([`QemuModel::kill`]): an access it no longer
+    /// answers is expected, not a failure to report.
+    killed: AtomicBool,
 }
 
 impl QemuModel {
@@ -563,6 +566,7 @@ impl QemuModel {
             interrupt,
             line_asserted: level,
             exit_notice,
+            killed: AtomicBool::new(false),
         };
         match started.set_up() {
             Ok(()) => Ok(started),
@@ -788,6 +792,7 @@ impl QemuModel {
 
     /// Kills the QEMU process now (not reported as its failure).
     pub fn kill(&self) {
+        self.killed.store(true, Ordering::Release);
         self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
@@ -818,6 +823,16 @@ impl QemuModel {
         if let Ok(mut current) = self.exit_notice.lock() {
             *current = notice;
         }
+    }
+
+    /// Whether the process was killed on purpose ([`QemuModel::kill`]).
+    pub fn killed(&self) -> bool {
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// The QEMU process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().map(|child| child.id()).unwrap_or_else(|poisoned| poisoned.into_inner().id())
     }
 
     /// Whether the QEMU process still runs.

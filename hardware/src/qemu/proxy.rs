@@ -222,11 +222,23 @@ fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
             return Served::End;
         }
         if let Err(error) = model.ring32(*offset, posted.registers.value(*offset)) {
-            tracing::error!(%error, "the QEMU device model did not answer; closing the driver VM's connection");
+            report_unanswered(&model, &error);
             return Served::End;
         }
     }
     Served::Done
+}
+
+/// Reports an access the device model did not answer. A process killed
+/// on purpose (the reflector stopping, or a device replaced after a reset
+/// that failed) leaves accesses of driver VMs killed with it unanswered:
+/// expected, so not an error. Any other death is the device's failure.
+fn report_unanswered(model: &QemuModel, error: &super::QtestError) {
+    if model.killed() {
+        tracing::debug!(%error, qemu_pid = model.pid(), "an access met the device model killed on purpose; closing the driver VM's connection");
+    } else {
+        tracing::error!(%error, qemu_pid = model.pid(), "the QEMU device model did not answer; closing the driver VM's connection");
+    }
 }
 
 /// Performs one request from the socket.
@@ -249,7 +261,7 @@ fn perform(connection: &Connection, stream: &mut UnixStream, request: &[u8; trap
     let value = match result {
         Ok(value) => value,
         Err(error) => {
-            tracing::error!(%error, "the QEMU device model did not answer; closing the driver VM's connection");
+            report_unanswered(&model, &error);
             return Served::End;
         }
     };

@@ -135,6 +135,9 @@ impl SupervisedModel {
                 model.kill();
             }
             Ok(()) => {}
+            // Killed on purpose while it was being quiesced (the reflector
+            // stopping): nothing is left to quiesce.
+            Err(error) if model.killed() => tracing::debug!(%error, "the device model was killed while quiesced"),
             Err(error) => {
                 tracing::error!(%error, model = ?self.spec.model, running = model.running(), "cannot quiesce the device")
             }
