@@ -187,6 +187,9 @@ fn every_running_driver_vm_is_confined() {
     assert_eq!(pids.len(), 6, "three driver VMs, two warm spares and a standby: {text}\n{}", reflector.log_text());
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
+    // One program each (`jail::filters::screened`): the kernel prepares
+    // each filter it attaches, on every cold restart for the jail's.
+    assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp_filters:"), "1");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();
     let dynamic_vmm = reflector::jail::interpreter(&sibling("vmm")).unwrap().is_some();
     let mut holders = Vec::new();
@@ -221,6 +224,8 @@ fn every_running_driver_vm_is_confined() {
             || std::fs::read_to_string(format!("/proc/{holder}/syscall")).is_ok_and(|text| text.starts_with("0 "));
         reflector.wait_for(|_| in_read(), &format!("holder {holder} to settle in its read"));
         assert_eq!(status_line(holder, "Seccomp:"), "2", "holder {holder}");
+        // The reflector's, the jail's and its own.
+        assert_eq!(status_line(holder, "Seccomp_filters:"), "3", "holder {holder}");
         assert_eq!(status_line(holder, "NoNewPrivs:"), "1", "holder {holder}");
         assert_ne!(status_line(holder, "SigBlk:"), "0000000000000000", "holder {holder}: every signal blocked");
         let stat = std::fs::read_to_string(format!("/proc/{holder}/stat")).unwrap();

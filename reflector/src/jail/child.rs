@@ -289,9 +289,7 @@ impl Jail {
         drop_capabilities()?;
         // SAFETY: prctl(2) with constant arguments.
         step(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, b"setting no_new_privs")?;
-        for filter in &self.filters {
-            seccompiler::apply_filter(filter).map_err(|_| failed(b"installing the seccomp filter"))?;
-        }
+        seccompiler::apply_filter(&self.filter).map_err(|_| failed(b"installing the seccomp filter"))?;
         // Dies with the keeper. Set last: a change of credentials clears it.
         step(
             // SAFETY: prctl(2) with constant arguments.

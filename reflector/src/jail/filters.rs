@@ -78,7 +78,7 @@ pub fn io_uring_refused() -> Option<std::io::Error> {
 /// What a vmm may not do besides [`NEVER`]: build or enter namespaces, and
 /// mount (the reflector needs these to build jails, so only the jail denies
 /// them; the reflector's own filter lets `setns` enter network namespaces
-/// only, [`reflector_filters`]).
+/// only, [`reflector_filter`]).
 const JAIL_ONLY: &[libc::c_long] =
     &[libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
 
@@ -87,21 +87,18 @@ const JAIL_ONLY: &[libc::c_long] =
 /// io_uring calls unless `io_uring` allows them. Call once at start,
 /// before it starts threads.
 pub fn confine_reflector(io_uring: IoUring) -> Result<(), JailError> {
-    for program in reflector_filters(io_uring)? {
-        seccompiler::apply_filter_all_threads(&program).map_err(|e| JailError::Io {
-            what: "confining the reflector with seccomp".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    }
-    Ok(())
+    seccompiler::apply_filter_all_threads(&reflector_filter(io_uring)?).map_err(|e| JailError::Io {
+        what: "confining the reflector with seccomp".into(),
+        source: std::io::Error::other(e.to_string()),
+    })
 }
 
-/// The reflector's own filters (see [`confine_reflector`]): its deny list,
+/// The reflector's own filter (see [`confine_reflector`]): its deny list,
 /// `setns` into anything but a network namespace (a keeper joins its
 /// device's, `Jail::enter`; entering another process's mount, PID or user
-/// namespace is what a compromised reflector would want), and
-/// [`x32_filter`].
-fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
+/// namespace is what a compromised reflector would want), and x32 calls
+/// ([`deny`]).
+fn reflector_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| building("the reflector's", e);
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
@@ -111,7 +108,7 @@ fn reflector_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, 
     let not_network = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::CLONE_NEWNET as u64)
         .map_err(|e| fail(&e))?;
     rules.insert(libc::SYS_setns, vec![SeccompRule::new(vec![not_network]).map_err(|e| fail(&e))?]);
-    Ok(vec![deny(rules, libc::EPERM, "the reflector's")?, x32_filter()])
+    deny(rules, &[], "the reflector's")
 }
 
 /// Why a seccomp filter, `whose`, could not be built.
@@ -119,56 +116,42 @@ fn building(whose: &str, error: &dyn std::fmt::Display) -> JailError {
     JailError::Io { what: format!("building {whose} seccomp filter"), source: std::io::Error::other(error.to_string()) }
 }
 
-/// A filter that fails the calls `rules` match with `errno` and lets
-/// everything else through; `whose` names it in an error.
-fn deny(
-    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
-    errno: i32,
-    whose: &str,
-) -> Result<seccompiler::BpfProgram, JailError> {
-    let fail = |e: &dyn std::fmt::Display| building(whose, e);
-    let filter = seccompiler::SeccompFilter::new(
-        rules,
-        seccompiler::SeccompAction::Allow,
-        seccompiler::SeccompAction::Errno(errno as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .map_err(|e| fail(&e))?;
-    seccompiler::BpfProgram::try_from(filter).map_err(|e| fail(&e))
-}
-
 /// Where the x32 ABI's system call numbers start: the same calls as
 /// x86-64's, their numbers with this bit set, under the same audit
 /// architecture.
 const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
-/// Fails every x32 system call with EPERM. seccompiler's filters check the
-/// audit architecture, which x32 shares with x86-64, and match numbers
-/// without the x32 bit, so a deny list alone lets `syscall(0x40000000 |
-/// nr)` through on a kernel built with x32 (CONFIG_X86_X32_ABI). Nothing
-/// here uses x32.
-fn x32_filter() -> seccompiler::BpfProgram {
-    use seccompiler::sock_filter;
-    // struct seccomp_data: the system call number is its first word.
-    const LOAD_NUMBER: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
-    const JUMP_IF_AT_LEAST: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
-    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
-    vec![
-        sock_filter { code: LOAD_NUMBER, jt: 0, jf: 0, k: 0 },
-        // At or above the bit: the next instruction; below it: the one after.
-        sock_filter { code: JUMP_IF_AT_LEAST, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
-        sock_filter { code: RETURN, jt: 0, jf: 0, k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32 },
-        sock_filter { code: RETURN, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
-    ]
+/// One program (`seccomp_index`: its calls found by binary search, so
+/// that the kernel's emulation of it for each system call number at
+/// install is short) that fails the calls `rules` match with EPERM, each
+/// call of `answers` with its errno, and every x32 system call with EPERM,
+/// and lets everything else through; `whose` names it in an error.
+///
+/// x32: seccompiler's lists check the audit architecture, which x32
+/// shares with x86-64, and match numbers without the x32 bit, so a deny
+/// list alone lets `syscall(0x40000000 | nr)` through on a kernel built
+/// with x32 (CONFIG_X86_X32_ABI). Nothing here uses x32.
+fn deny(
+    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+    answers: &[(libc::c_long, i32)],
+    whose: &str,
+) -> Result<seccompiler::BpfProgram, JailError> {
+    use seccomp_index::Early;
+    use seccompiler::SeccompAction;
+    let eperm = SeccompAction::Errno(libc::EPERM as u32);
+    let early: Vec<Early> = std::iter::once(Early::From(X32_SYSCALL_BIT, eperm.clone()))
+        .chain(answers.iter().map(|(call, errno)| Early::Call(*call, SeccompAction::Errno(*errno as u32))))
+        .collect();
+    seccomp_index::compile(rules, SeccompAction::Allow, eperm, &early).map_err(|e| building(whose, &e))
 }
 
-/// The outer filters: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
+/// The outer filter: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
 /// `io_uring` allows them, and clone with any namespace flag fail with
 /// EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone; and x32 calls fail with
-/// EPERM ([`x32_filter`]). Three filters: the kernel runs them all and
-/// the strictest answer wins.
-pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfProgram>, JailError> {
+/// EPERM ([`deny`]). One program: the kernel prepares each filter it
+/// attaches, and a cold restart installed three where one does.
+pub(super) fn outer_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| building("the jail's", e);
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
@@ -193,20 +176,19 @@ pub(super) fn outer_filters(io_uring: IoUring) -> Result<Vec<seccompiler::BpfPro
         })
         .collect::<Result<Vec<_>, JailError>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
-    let clone3 = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
-    Ok(vec![deny(rules, libc::EPERM, "the jail's")?, deny(clone3, libc::ENOSYS, "the jail's")?, x32_filter()])
+    deny(rules, &[(libc::SYS_clone3, libc::ENOSYS)], "the jail's")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Runs `call` in a thread of its own under `filters` (seccompiler's
+    /// Runs `call` in a thread of its own under `filter` (seccompiler's
     /// `apply_filter` binds the calling thread only): the errno it failed
     /// with, or 0.
-    fn errno_under(filters: Vec<seccompiler::BpfProgram>, call: impl FnOnce() -> i32 + Send + 'static) -> i32 {
+    fn errno_under(filter: Option<seccompiler::BpfProgram>, call: impl FnOnce() -> i32 + Send + 'static) -> i32 {
         std::thread::spawn(move || {
-            for filter in &filters {
+            if let Some(filter) = &filter {
                 seccompiler::apply_filter(filter).expect("installing the filter in the test thread");
             }
             call()
@@ -234,15 +216,15 @@ mod tests {
 
     #[test]
     fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
-        let reflector = |io_uring| reflector_filters(io_uring).unwrap();
-        assert_eq!(errno_under(outer_filters(IoUring::Denied).unwrap(), io_uring_setup), libc::EPERM);
+        let reflector = |io_uring| Some(reflector_filter(io_uring).unwrap());
+        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied).unwrap()), io_uring_setup), libc::EPERM);
         assert_eq!(errno_under(reflector(IoUring::Denied), io_uring_setup), libc::EPERM);
         // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
         // with io_uring turned off refuses it unfiltered, so this half needs
         // one that has it).
-        let unfiltered = errno_under(Vec::new(), io_uring_setup);
+        let unfiltered = errno_under(None, io_uring_setup);
         if unfiltered == 0 {
-            assert_eq!(errno_under(outer_filters(IoUring::Allowed).unwrap(), io_uring_setup), 0);
+            assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed).unwrap()), io_uring_setup), 0);
             assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
@@ -264,7 +246,7 @@ mod tests {
 
     #[test]
     fn the_reflector_may_enter_network_namespaces_only_and_a_jail_none() {
-        let reflector = || reflector_filters(IoUring::Denied).unwrap();
+        let reflector = || Some(reflector_filter(IoUring::Denied).unwrap());
         assert_eq!(errno_under(reflector(), || setns_own_network(libc::CLONE_NEWNET)), 0);
         // "Whatever the descriptor is" and every other kind: denied before
         // the kernel would look at the descriptor.
@@ -272,7 +254,7 @@ mod tests {
             assert_eq!(errno_under(reflector(), move || setns_own_network(nstype)), libc::EPERM, "nstype {nstype:#x}");
         }
         for io_uring in [IoUring::Denied, IoUring::Allowed] {
-            let jail = outer_filters(io_uring).unwrap();
+            let jail = Some(outer_filter(io_uring).unwrap());
             assert_eq!(errno_under(jail, || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
         }
     }
@@ -282,9 +264,57 @@ mod tests {
         // The filters answer before the kernel looks at the number, so
         // this holds on kernels with x32 (where it would run) and without
         // (ENOSYS).
-        assert_eq!(errno_under(outer_filters(IoUring::Denied).unwrap(), x32_getpid), libc::EPERM);
-        assert_eq!(errno_under(outer_filters(IoUring::Allowed).unwrap(), x32_getpid), libc::EPERM);
-        assert_eq!(errno_under(reflector_filters(IoUring::Allowed).unwrap(), x32_getpid), libc::EPERM);
-        assert_ne!(errno_under(Vec::new(), x32_getpid), libc::EPERM, "unfiltered, the kernel answers for itself");
+        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied).unwrap()), x32_getpid), libc::EPERM);
+        assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);
+        assert_eq!(errno_under(Some(reflector_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);
+        assert_ne!(errno_under(None, x32_getpid), libc::EPERM, "unfiltered, the kernel answers for itself");
+    }
+
+    /// The errno of a system call's return `value` (-1 and errno), or 0.
+    fn errno_of(value: libc::c_long) -> i32 {
+        if value < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    }
+
+    /// clone3(2) with no arguments: the kernel refuses it (EINVAL: too
+    /// small) before it makes anything.
+    fn clone3_without_arguments() -> i32 {
+        // SAFETY: clone3(2) with a null argument block of size 0, which the
+        // kernel rejects without making a process.
+        errno_of(unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) })
+    }
+
+    /// clone(2) into a new user namespace, with a flag the kernel refuses
+    /// beside it (CLONE_FS: EINVAL), so that it makes nothing if let through.
+    fn clone_into_a_new_user_namespace() -> i32 {
+        let flags = (libc::CLONE_NEWUSER | libc::CLONE_FS | libc::SIGCHLD) as libc::c_ulong;
+        // SAFETY: clone(2) with flags the kernel rejects (EINVAL) before
+        // making a process; no stack or pointers are passed.
+        errno_of(unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) })
+    }
+
+    #[test]
+    fn one_program_gives_each_of_the_jails_answers_and_the_reflector_builds_jails() {
+        let jail = || Some(outer_filter(IoUring::Denied).unwrap());
+        let reflector = || Some(reflector_filter(IoUring::Denied).unwrap());
+        // Unfiltered, the kernel answers both for itself.
+        assert_eq!(errno_under(None, clone3_without_arguments), libc::EINVAL);
+        assert_eq!(errno_under(None, clone_into_a_new_user_namespace), libc::EINVAL);
+        // The jail: clone3 is not there (the C library falls back to
+        // clone), and clone with a namespace flag is not allowed.
+        assert_eq!(errno_under(jail(), clone3_without_arguments), libc::ENOSYS);
+        assert_eq!(errno_under(jail(), clone_into_a_new_user_namespace), libc::EPERM);
+        assert_eq!(errno_under(jail(), x32_getpid), libc::EPERM);
+        assert_eq!(errno_under(jail(), io_uring_setup), libc::EPERM);
+        assert_eq!(errno_under(jail(), || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
+        // The reflector clones jails: both reach the kernel.
+        assert_eq!(errno_under(reflector(), clone3_without_arguments), libc::EINVAL);
+        assert_eq!(errno_under(reflector(), clone_into_a_new_user_namespace), libc::EINVAL);
+        // What every other call meets: nothing (getpid is let through).
+        // SAFETY: getpid(2) has no arguments and no effect.
+        assert_eq!(errno_under(jail(), || errno_of(unsafe { libc::syscall(libc::SYS_getpid) })), 0);
     }
 }

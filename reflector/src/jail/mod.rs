@@ -69,7 +69,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cgroups::{cgroups_for, Cgroups, MemoryLeaf};
-use filters::outer_filters;
+use filters::outer_filter;
 use libraries::libraries_of;
 
 /// Where the jail's tmpfs is mounted (in each vmm's own mount namespace;
@@ -225,8 +225,8 @@ pub struct Jail {
     ids: JailIds,
     /// The device's `/dev/kvm`, handed to each of its vmms.
     kvm: Option<File>,
-    /// The outer seccomp filters (see the module doc), compiled before fork.
-    filters: Vec<seccompiler::BpfProgram>,
+    /// The outer seccomp filter (see the module doc), compiled before fork.
+    filter: seccompiler::BpfProgram,
     /// The reflector's pid: each keeper kills its vmm if this process ends
     /// first (module `child`).
     reflector: libc::pid_t,
@@ -312,7 +312,7 @@ impl Jail {
             Some((uid, gid)) => JailIds::Reflector { uid, gid },
             None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
         };
-        let filters = outer_filters(match what {
+        let filter = outer_filter(match what {
             Jailed::Vmm(_) => IoUring::Denied,
             Jailed::DeviceModel { io_uring, .. } => io_uring,
         })?;
@@ -347,7 +347,7 @@ impl Jail {
             memory: limits.memory,
             ids,
             kvm,
-            filters,
+            filter,
             reflector: std::process::id() as libc::pid_t,
             network,
         })
