@@ -33,8 +33,13 @@ use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, Seccomp
 /// architecture are.
 const NUMBER_AT: u32 = 0;
 const ARCH_AT: u32 = 4;
-/// x86-64's audit architecture (`AUDIT_ARCH_X86_64`).
+/// x86-64's audit architecture (`AUDIT_ARCH_X86_64`: EM_X86_64 with the
+/// 64-bit and little-endian flags).
 pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+/// Where the x32 ABI's system call numbers start: the same calls as
+/// x86-64's, their numbers with this bit set, under the same audit
+/// architecture.
+pub const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 /// Classic BPF opcodes (linux/bpf_common.h) of the instructions made here.
 const LOAD_WORD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
@@ -45,7 +50,7 @@ const RETURN: u16 = 0x06; // BPF_RET | BPF_K
 /// An answer given before the index, in the order given.
 #[derive(Clone, Debug)]
 pub enum Early {
-    /// Every number at or above this one (x32's: `0x4000_0000`).
+    /// Every number at or above this one (x32's: [`X32_SYSCALL_BIT`]).
     From(u32, SeccompAction),
     /// This call, whatever its arguments.
     Call(i64, SeccompAction),

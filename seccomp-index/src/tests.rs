@@ -7,7 +7,7 @@ use super::*;
 
 /// i386's audit architecture: another architecture's numbers.
 const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
-const X32: u32 = 0x4000_0000;
+const X32: u32 = X32_SYSCALL_BIT;
 /// BPF_JMP | BPF_JA: seccompiler's rules use it past long conditions.
 const JUMP: u16 = 0x05;
 

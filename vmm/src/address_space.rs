@@ -162,7 +162,7 @@ extern "C" fn holder(parent: *mut libc::c_void) -> libc::c_int {
 const ONLY_READ_AND_EXIT: [libc::sock_filter; 9] = [
     // The architecture (seccomp_data.arch, offset 4).
     bpf_statement(BPF_LD_W_ABS, 4),
-    bpf_jump(BPF_JEQ_K, AUDIT_ARCH_X86_64, 1, 0),
+    bpf_jump(BPF_JEQ_K, seccomp_index::AUDIT_ARCH_X86_64, 1, 0),
     bpf_statement(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS),
     // The call's number (seccomp_data.nr, offset 0).
     bpf_statement(BPF_LD_W_ABS, 0),
@@ -175,8 +175,6 @@ const ONLY_READ_AND_EXIT: [libc::sock_filter; 9] = [
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-/// `AUDIT_ARCH_X86_64`: EM_X86_64 with the 64-bit and little-endian flags.
-const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
 
 const fn bpf_statement(code: u16, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt: 0, jf: 0, k }

@@ -410,6 +410,9 @@ pub struct QemuModel {
     /// Killed on purpose ([`QemuModel::kill`]): an access it no longer
     /// answers is expected, not a failure to report.
     killed: AtomicBool,
+    /// The process's pid, read without `child`'s lock (which a kill holds
+    /// while it waits for the process to be reaped).
+    pid: u32,
 }
 
 impl QemuModel {
@@ -556,6 +559,7 @@ impl QemuModel {
         // Built before it is set up, so that an error kills QEMU (Drop).
         let mut started = QemuModel {
             model: model.clone(),
+            pid: child.id(),
             child: Mutex::new(child),
             qtest,
             slot: 0,
@@ -832,7 +836,7 @@ impl QemuModel {
 
     /// The QEMU process's pid.
     pub fn pid(&self) -> u32 {
-        self.child.lock().map(|child| child.id()).unwrap_or_else(|poisoned| poisoned.into_inner().id())
+        self.pid
     }
 
     /// Whether the QEMU process still runs.

@@ -6,6 +6,8 @@
 //! adds its own per-thread allow lists once its VM is built
 //! (`vmm/src/seccomp.rs`).
 
+use seccomp_index::X32_SYSCALL_BIT;
+
 use super::JailError;
 
 /// System calls neither the reflector nor a vmm makes, and a compromised
@@ -115,11 +117,6 @@ fn reflector_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailEr
 fn building(whose: &str, error: &dyn std::fmt::Display) -> JailError {
     JailError::Io { what: format!("building {whose} seccomp filter"), source: std::io::Error::other(error.to_string()) }
 }
-
-/// Where the x32 ABI's system call numbers start: the same calls as
-/// x86-64's, their numbers with this bit set, under the same audit
-/// architecture.
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 
 /// One program (`seccomp_index`: its calls found by binary search, so
 /// that the kernel's emulation of it for each system call number at
