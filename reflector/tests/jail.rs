@@ -187,7 +187,7 @@ fn every_running_driver_vm_is_confined() {
     assert_eq!(pids.len(), 6, "three driver VMs, two warm spares and a standby: {text}\n{}", reflector.log_text());
     // The reflector has its own (deny) filter too.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp:"), "2");
-    // One program each (`jail::filters::screened`): the kernel prepares
+    // One program each (`jail::filters::DenyList`): the kernel prepares
     // each filter it attaches, on every cold restart for the jail's.
     assert_eq!(status_line(u64::from(reflector.child.id()), "Seccomp_filters:"), "1");
     let my_net = std::fs::read_link("/proc/self/ns/net").unwrap();

@@ -20,19 +20,29 @@
 //!
 //! What it is not: a seccomp compiler of its own. The code of each rule
 //! (the argument comparisons) is seccompiler's, and the program answers
-//! every call as seccompiler's program of the same rules does (the tests
-//! run both on every number, architecture and telling argument); only the
-//! way to a call's rules changes. It is also shorter: the jail's 186
+//! every call as seccompiler's program of the same rules does; only the
+//! way to a call's rules changes. [`verify::against_seccompiler`] runs
+//! both in an interpreter over every listed call and its neighbours, the
+//! first 1,024 numbers of x86-64 and x32 and the range's edges, six
+//! architecture values and arguments made of the rules' constants: this
+//! crate's tests with rules of their own, and the tests of the jail's and
+//! the vmm's filters with their real ones. It is also shorter: the jail's 186
 //! instructions against 224 in its three filters before.
 
 use std::collections::BTreeMap;
 
 use seccompiler::{sock_filter, BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
 
+pub mod verify;
+
 /// `struct seccomp_data`: where the system call number and the audit
 /// architecture are.
 const NUMBER_AT: u32 = 0;
 const ARCH_AT: u32 = 4;
+/// The most instructions the kernel takes in one program (BPF_MAXINSNS).
+pub const MAX_PROGRAM: usize = 4096;
+/// The farthest a classic BPF conditional jump reaches (8 bits).
+const MAX_JUMP: usize = u8::MAX as usize;
 /// x86-64's audit architecture (`AUDIT_ARCH_X86_64`: EM_X86_64 with the
 /// 64-bit and little-endian flags).
 pub const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
@@ -65,10 +75,17 @@ pub enum IndexError {
     /// A call number that is not one (negative, or past 32 bits).
     #[error("{0} is not a system call number")]
     Number(i64),
-    /// The index outgrew classic BPF's 8-bit conditional jumps (hundreds
-    /// of listed calls).
-    #[error("too many listed calls for the index ({0})")]
-    TooMany(usize),
+    /// One call's rules take more instructions than a conditional jump
+    /// passes: the call is not found past them.
+    #[error("the rules of system call {call} take {instructions} instructions, more than a classic BPF conditional jump passes ({MAX_JUMP}): give it fewer rules or conditions")]
+    CallTooLong { call: u32, instructions: usize },
+    /// Half of the index takes more instructions than a conditional jump
+    /// passes (about 130 calls without rules, fewer with).
+    #[error("{calls} listed calls take {instructions} instructions, more than a classic BPF conditional jump passes ({MAX_JUMP}): list fewer calls or rules")]
+    TooMany { calls: usize, instructions: usize },
+    /// The program is longer than the kernel takes.
+    #[error("the program has {0} instructions, more than the kernel takes ({MAX_PROGRAM})")]
+    TooLong(usize),
 }
 
 fn insn(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
@@ -113,6 +130,9 @@ pub fn compile(
         .map(|(call, rules)| Ok((number(call)?, chain(rules, matched, otherwise))))
         .collect::<Result<Vec<_>, IndexError>>()?;
     index(&listed, otherwise, &mut program)?;
+    if program.len() > MAX_PROGRAM {
+        return Err(IndexError::TooLong(program.len()));
+    }
     Ok(program)
 }
 
@@ -135,11 +155,11 @@ fn chain(rules: Vec<SeccompRule>, matched: u32, otherwise: u32) -> Vec<sock_filt
 /// A binary search over `listed` (sorted by number, each with its chain):
 /// a listed number runs its chain, any other returns `otherwise`.
 fn index(listed: &[(u32, Vec<sock_filter>)], otherwise: u32, out: &mut Vec<sock_filter>) -> Result<(), IndexError> {
-    let too_many = || IndexError::TooMany(listed.len());
     match listed {
         [] => out.push(insn(RETURN, 0, 0, otherwise)),
         [(number, chain)] => {
-            let past_chain = u8::try_from(chain.len()).map_err(|_| too_many())?;
+            let past_chain = u8::try_from(chain.len())
+                .map_err(|_| IndexError::CallTooLong { call: *number, instructions: chain.len() })?;
             out.push(insn(JUMP_IF_EQUAL, 0, past_chain, *number));
             out.extend_from_slice(chain);
             out.push(insn(RETURN, 0, 0, otherwise));
@@ -148,7 +168,8 @@ fn index(listed: &[(u32, Vec<sock_filter>)], otherwise: u32, out: &mut Vec<sock_
             let (below, from) = listed.split_at(listed.len() / 2);
             let mut lower = Vec::new();
             index(below, otherwise, &mut lower)?;
-            let past_lower = u8::try_from(lower.len()).map_err(|_| too_many())?;
+            let past_lower = u8::try_from(lower.len())
+                .map_err(|_| IndexError::TooMany { calls: below.len(), instructions: lower.len() })?;
             // At or above the middle: past the lower half.
             out.push(insn(JUMP_IF_AT_LEAST, past_lower, 0, from[0].0));
             out.extend(lower);

@@ -1,61 +1,26 @@
 // Test helpers outside #[test] functions unwrap too: a failure is the test's.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeSet;
+
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
 
+use super::verify::{against_seccompiler, run, VerifyError};
 use super::*;
 
-/// i386's audit architecture: another architecture's numbers.
-const AUDIT_ARCH_I386: u32 = 3 | 0x4000_0000;
 const X32: u32 = X32_SYSCALL_BIT;
-/// BPF_JMP | BPF_JA: seccompiler's rules use it past long conditions.
-const JUMP: u16 = 0x05;
-
-/// Runs `program` as the kernel would on a system call `number` of `arch`
-/// with `args`: its answer and how many instructions it ran. Knows the
-/// instructions seccompiler and this crate emit.
-fn run(program: &[sock_filter], number: u32, arch: u32, args: [u64; 6]) -> (u32, usize) {
-    let word = |at: u32| -> u32 {
-        match at {
-            NUMBER_AT => number,
-            ARCH_AT => arch,
-            16..=63 => {
-                let arg = args[(at as usize - 16) / 8];
-                if (at - 16) % 8 == 4 {
-                    (arg >> 32) as u32
-                } else {
-                    arg as u32
-                }
-            }
-            other => panic!("a load from {other}"),
-        }
-    };
-    let (mut accumulator, mut at, mut steps) = (0u32, 0usize, 0usize);
-    loop {
-        let insn = &program[at];
-        steps += 1;
-        at += 1;
-        let jump = |taken: bool| usize::from(if taken { insn.jt } else { insn.jf });
-        match insn.code {
-            LOAD_WORD => accumulator = word(insn.k),
-            0x54 => accumulator &= insn.k, // BPF_ALU | BPF_AND | BPF_K
-            JUMP => at += insn.k as usize,
-            JUMP_IF_EQUAL => at += jump(accumulator == insn.k),
-            0x25 => at += jump(accumulator > insn.k), // BPF_JMP | BPF_JGT | BPF_K
-            JUMP_IF_AT_LEAST => at += jump(accumulator >= insn.k),
-            RETURN => return (insn.k, steps),
-            other => panic!("opcode {other:#x} at {}", at - 1),
-        }
-    }
-}
 
 fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
     SeccompRule::new(conditions).unwrap()
 }
 
-/// A deny list shaped like the jail's: calls denied outright, clone
-/// denied when any of some flags is set, setns unless its type is a
-/// network namespace.
+fn condition(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> SeccompCondition {
+    SeccompCondition::new(arg, len, op, value).unwrap()
+}
+
+/// A deny list of this crate's own (the jail's real one is checked by the
+/// reflector's tests): calls denied outright, clone denied when any of
+/// some flags is set, setns unless its type is a network namespace.
 fn deny_list() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_ptrace,
@@ -77,17 +42,18 @@ fn deny_list() -> BTreeMap<i64, Vec<SeccompRule>> {
     .collect();
     let flags = [libc::CLONE_NEWUSER, libc::CLONE_NEWNS, libc::CLONE_NEWPID].map(|flag| {
         let flag = flag as u64;
-        rule(vec![SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag).unwrap()])
+        rule(vec![condition(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)])
     });
     rules.insert(libc::SYS_clone, flags.to_vec());
-    let not_network =
-        SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::CLONE_NEWNET as u64).unwrap();
+    let not_network = condition(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::CLONE_NEWNET as u64);
     rules.insert(libc::SYS_setns, vec![rule(vec![not_network])]);
     rules
 }
 
-/// An allow list shaped like the vmm's: plain calls, mmap without
-/// PROT_EXEC, ioctl with two requests.
+/// An allow list of this crate's own (the vmm's real ones are checked by
+/// its tests): plain calls, mmap without PROT_EXEC, ioctl with two
+/// requests, and a call whose one rule ANDs comparisons of every kind,
+/// 32- and 64-bit.
 fn allow_list() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_read,
@@ -112,96 +78,73 @@ fn allow_list() -> BTreeMap<i64, Vec<SeccompRule>> {
     .map(|call| (call, Vec::new()))
     .collect();
     let exec = libc::PROT_EXEC as u64;
-    let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0).unwrap();
-    rules.insert(libc::SYS_mmap, vec![rule(vec![no_exec])]);
-    let request =
-        |value| rule(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value).unwrap()]);
+    rules.insert(
+        libc::SYS_mmap,
+        vec![rule(vec![condition(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(exec), 0)])],
+    );
+    let request = |value| rule(vec![condition(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)]);
     rules.insert(libc::SYS_ioctl, vec![request(0xae80), request(0x8090_ae81)]);
+    let every_kind = rule(vec![
+        condition(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Ge, 0x1_0000_0000),
+        condition(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Lt, 0x2_0000_0005),
+        condition(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Gt, 7),
+        condition(3, SeccompCmpArgLen::Dword, SeccompCmpOp::Le, 9),
+        condition(4, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, 0xffff_ffff_0000_0001),
+        condition(5, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(0xff00_0000_0000_00ff), 0x0100_0000_0000_0001),
+    ]);
+    rules.insert(libc::SYS_fcntl, vec![every_kind]);
     rules
-}
-
-/// Argument sets that take each rule above both ways.
-fn argument_sets() -> Vec<[u64; 6]> {
-    let mut sets = vec![[0; 6], [u64::MAX; 6]];
-    for value in [
-        libc::CLONE_NEWUSER as u64,
-        libc::CLONE_NEWNET as u64,
-        (libc::CLONE_NEWNS | libc::CLONE_FS) as u64,
-        libc::PROT_EXEC as u64,
-        (libc::PROT_READ | libc::PROT_WRITE) as u64,
-        0xae80,
-        0x8090_ae81,
-        0xffff_ffff_8090_ae81,
-    ] {
-        for position in 0..3 {
-            let mut set = [0; 6];
-            set[position] = value;
-            sets.push(set);
-        }
-    }
-    sets
-}
-
-/// Every number the kernel could see: x86-64's and past them, x32's,
-/// the top of the range.
-fn numbers() -> impl Iterator<Item = u32> {
-    (0..600).chain(X32..X32 + 600).chain([X32 - 1, u32::MAX - 1, u32::MAX])
-}
-
-/// Checks that `compile` answers exactly as seccompiler's own program for
-/// every number, architecture and argument set, but where `early` answers.
-fn answers_as_seccompiler(
-    rules: BTreeMap<i64, Vec<SeccompRule>>,
-    otherwise: SeccompAction,
-    matched: SeccompAction,
-    early: &[Early],
-) {
-    let plain: BpfProgram = SeccompFilter::new(rules.clone(), otherwise.clone(), matched.clone(), TargetArch::x86_64)
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let indexed = compile(rules, otherwise, matched, early).unwrap();
-    let sets = argument_sets();
-    for number in numbers() {
-        for arch in [AUDIT_ARCH_X86_64, AUDIT_ARCH_I386] {
-            let answered_early = early.iter().find_map(|early| match early {
-                Early::From(first, action) if number >= *first => Some(u32::from(action.clone())),
-                Early::Call(call, action) if i64::from(number) == *call => Some(u32::from(action.clone())),
-                _ => None,
-            });
-            for args in &sets {
-                let expected = match answered_early {
-                    Some(answer) if arch == AUDIT_ARCH_X86_64 => answer,
-                    _ => run(&plain, number, arch, *args).0,
-                };
-                assert_eq!(
-                    run(&indexed, number, arch, *args).0,
-                    expected,
-                    "call {number:#x}, arch {arch:#x}, {args:x?}"
-                );
-            }
-        }
-    }
 }
 
 #[test]
 fn a_deny_list_behind_the_index_answers_every_call_as_seccompilers_own() {
     let eperm = || SeccompAction::Errno(libc::EPERM as u32);
-    answers_as_seccompiler(deny_list(), SeccompAction::Allow, eperm(), &[]);
-    answers_as_seccompiler(
+    against_seccompiler(deny_list(), SeccompAction::Allow, eperm(), &[]).unwrap();
+    let checked = against_seccompiler(
         deny_list(),
         SeccompAction::Allow,
         eperm(),
         &[Early::From(X32, eperm()), Early::Call(libc::SYS_clone3, SeccompAction::Errno(libc::ENOSYS as u32))],
-    );
+    )
+    .unwrap();
+    // Past 2,000 numbers, each under six architecture values.
+    assert!(checked.calls > 12_000, "{checked:?}");
 }
 
 #[test]
 fn an_allow_list_behind_the_index_answers_every_call_as_seccompilers_own() {
-    answers_as_seccompiler(allow_list(), SeccompAction::KillProcess, SeccompAction::Allow, &[]);
-    answers_as_seccompiler(BTreeMap::new(), SeccompAction::KillProcess, SeccompAction::Allow, &[]);
+    against_seccompiler(allow_list(), SeccompAction::KillProcess, SeccompAction::Allow, &[]).unwrap();
+    against_seccompiler(BTreeMap::new(), SeccompAction::KillProcess, SeccompAction::Allow, &[]).unwrap();
     let one = [(libc::SYS_read, Vec::new())].into_iter().collect();
-    answers_as_seccompiler(one, SeccompAction::KillProcess, SeccompAction::Allow, &[]);
+    against_seccompiler(one, SeccompAction::KillProcess, SeccompAction::Allow, &[]).unwrap();
+}
+
+#[test]
+fn the_comparison_sees_a_program_that_answers_one_call_wrongly() {
+    let rules = allow_list();
+    let plain: BpfProgram =
+        SeccompFilter::new(rules.clone(), SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let listed: BTreeSet<u32> = rules.keys().map(|call| *call as u32).collect();
+    let mut indexed = compile(rules, SeccompAction::KillProcess, SeccompAction::Allow, &[]).unwrap();
+    verify::compare(&plain, &indexed, &listed, &[]).unwrap();
+    // The fcntl rule's "matched": only one argument set in hundreds takes it.
+    let (answer, _) = run(&indexed, libc::SYS_fcntl as u32, AUDIT_ARCH_X86_64, [0; 6]).unwrap();
+    assert_eq!(answer, libc::SECCOMP_RET_KILL_PROCESS);
+    let allow = u32::from(SeccompAction::Allow);
+    let fcntl = indexed.iter().position(|insn| insn.code == JUMP_IF_EQUAL && insn.k == libc::SYS_fcntl as u32).unwrap();
+    let answer =
+        fcntl + indexed[fcntl + 1..].iter().position(|insn| insn.code == RETURN && insn.k == allow).unwrap() + 1;
+    indexed[answer].k = libc::SECCOMP_RET_KILL_PROCESS;
+    assert!(
+        matches!(verify::compare(&plain, &indexed, &listed, &[]), Err(VerifyError::Differs { number, .. }) if number == libc::SYS_fcntl as u32)
+    );
+    // And one that jumps out of itself.
+    indexed[answer].code = JUMP_IF_EQUAL;
+    indexed[answer].jt = 255;
+    assert!(matches!(verify::compare(&plain, &indexed, &listed, &[]), Err(VerifyError::Program { .. })));
 }
 
 #[test]
@@ -212,7 +155,7 @@ fn a_call_the_list_does_not_name_is_answered_in_a_handful_of_steps() {
     let indexed = compile(rules, SeccompAction::Allow, SeccompAction::Errno(1), &[]).unwrap();
     let longest = (0..600)
         .filter(|number| !(100..130).contains(number))
-        .map(|number| run(&indexed, number, AUDIT_ARCH_X86_64, [0; 6]).1)
+        .map(|number| run(&indexed, number, AUDIT_ARCH_X86_64, [0; 6]).unwrap().1)
         .max()
         .unwrap();
     // The architecture (2), the number (1), five levels, a last test and
@@ -229,6 +172,30 @@ fn numbers_that_are_not_system_calls_are_refused() {
         compile(BTreeMap::new(), SeccompAction::Allow, SeccompAction::Errno(1), &early),
         Err(IndexError::Number(_))
     ));
+}
+
+#[test]
+fn programs_classic_bpf_cannot_hold_are_refused_and_say_why() {
+    let deny = || (SeccompAction::Allow, SeccompAction::Errno(1));
+    // Calls without rules: two instructions each and a test per level.
+    let calls = |n: i64| -> BTreeMap<i64, Vec<SeccompRule>> { (0..n).map(|call| (call, Vec::new())).collect() };
+    let (allow, errno) = deny();
+    let fits = compile(calls(120), allow, errno, &[]).unwrap();
+    assert!(fits.len() < MAX_PROGRAM);
+    let (allow, errno) = deny();
+    let error = compile(calls(200), allow, errno, &[]).unwrap_err();
+    assert!(matches!(error, IndexError::TooMany { calls: 100, .. }), "{error}");
+    // One call with more rules than a jump passes.
+    let ge = |value| rule(vec![condition(0, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, value)]);
+    let long: BTreeMap<i64, Vec<SeccompRule>> = [(7, (0..40).map(ge).collect())].into_iter().collect();
+    let (allow, errno) = deny();
+    let error = compile(long, allow, errno, &[]).unwrap_err();
+    assert!(matches!(error, IndexError::CallTooLong { call: 7, .. }), "{error}");
+    // Early answers without bound: longer than the kernel takes.
+    let early: Vec<Early> = (0..2100).map(|call| Early::Call(call, SeccompAction::Errno(2))).collect();
+    let (allow, errno) = deny();
+    let error = compile(BTreeMap::new(), allow, errno, &early).unwrap_err();
+    assert!(matches!(error, IndexError::TooLong(4205)), "{error}");
 }
 
 #[test]

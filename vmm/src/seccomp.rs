@@ -123,6 +123,11 @@ const VCPU_ONLY: &[libc::c_long] = &[libc::SYS_poll, libc::SYS_ppoll];
 /// console and eventfd writes, a spare's wait and the guest's sleep, and
 /// what every thread needs.
 pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
+    compile(vcpu_rules()?)
+}
+
+/// The rules of [`vcpu_filter`].
+fn vcpu_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(VCPU_ONLY).map(|call| (*call, Vec::new())).collect();
     no_exec(&mut rules)?;
@@ -131,16 +136,21 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
         .map(|request| Ok(SeccompRule::new(vec![ioctl_request(request)?])?))
         .collect::<Result<Vec<_>, SeccompError>>()?;
     rules.insert(libc::SYS_ioctl, ioctls);
-    compile(rules)
+    Ok(rules)
 }
 
 /// The main thread's filter: its event loop and what every thread needs;
 /// no ioctl at all.
 pub fn main_filter() -> Result<BpfProgram, SeccompError> {
+    compile(main_rules()?)
+}
+
+/// The rules of [`main_filter`].
+fn main_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(MAIN_ONLY).map(|call| (*call, Vec::new())).collect();
     no_exec(&mut rules)?;
-    compile(rules)
+    Ok(rules)
 }
 
 /// Installs `filter` on the calling thread (with no_new_privs).
@@ -151,6 +161,23 @@ pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each real program answers every call tried (seccomp-index's
+    /// `verify`: every path through each rule, past 2,000 numbers, six
+    /// architectures) as seccompiler's own program of the same rules does.
+    #[test]
+    fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
+        for (whose, rules) in [("vCPU", vcpu_rules().unwrap()), ("main", main_rules().unwrap())] {
+            let checked = seccomp_index::verify::against_seccompiler(
+                rules,
+                SeccompAction::KillProcess,
+                SeccompAction::Allow,
+                &[],
+            )
+            .unwrap_or_else(|error| panic!("the {whose} thread's filter: {error}"));
+            assert!(checked.calls > 12_000, "{whose}: {checked:?}");
+        }
+    }
 
     #[test]
     fn the_filters_compile() {
