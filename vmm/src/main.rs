@@ -202,15 +202,32 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+/// The production vmm's allocator (static on musl): musl's malloc maps a
+/// group of pages for small allocations and unmaps it when its last one is
+/// freed, and each unmap is a TLB shootdown across the CPUs; dlmalloc keeps
+/// what it mapped. From the exec to the end of argument parsing, 45 mmap,
+/// munmap and brk calls became 6, and the time 413-524 us became 195-278
+/// (the cold restart's path).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+    let output = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // A filter of directives only when asked for: building one took 50-70
+    // us of every start, the level alone none.
+    if std::env::var_os("VMM_LOG").is_some() {
+        output
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .init();
+    } else {
+        output.with_max_level(tracing::Level::WARN).init();
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
