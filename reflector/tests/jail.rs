@@ -209,6 +209,15 @@ fn every_running_driver_vm_is_confined() {
         // The vmm and its libraries; a static vmm (the production build) has none.
         let expected: &[&str] = if dynamic_vmm { &["lib", "lib64", "vmm"] } else { &["vmm"] };
         assert_eq!(root, expected, "driver VM {pid}");
+        // Its mounts: the jail's tmpfs as its root and the files bound into
+        // it, every one read-only; none of the host's.
+        let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        for line in mounts.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert!(fields[5].split(',').any(|option| option == "ro"), "driver VM {pid}: a writable mount: {line}");
+            let root_mount = fields[4] == "/";
+            assert_eq!(line.contains(" - tmpfs drvm-jail "), root_mount, "driver VM {pid}: {line}");
+        }
         // Its one child, the address-space holder (vmm::address_space):
         // confined, no descriptor of the vmm's, lowest priority.
         // (started first thing in the vmm, which may not have got there yet)
