@@ -153,11 +153,15 @@ impl DenyList {
         DenyList { rules, early }
     }
 
+    /// What a call its rules do not match gets, and what one they match.
+    fn answers() -> (seccompiler::SeccompAction, seccompiler::SeccompAction) {
+        (seccompiler::SeccompAction::Allow, seccompiler::SeccompAction::Errno(libc::EPERM as u32))
+    }
+
     /// The program; `whose` names it in an error.
     fn compile(self, whose: &str) -> Result<seccompiler::BpfProgram, JailError> {
-        use seccompiler::SeccompAction;
-        let eperm = SeccompAction::Errno(libc::EPERM as u32);
-        seccomp_index::compile(self.rules, SeccompAction::Allow, eperm, &self.early).map_err(|e| building(whose, &e))
+        let (otherwise, matched) = Self::answers();
+        seccomp_index::compile(self.rules, otherwise, matched, &self.early).map_err(|e| building(whose, &e))
     }
 }
 
@@ -240,15 +244,13 @@ mod tests {
     /// architectures) as seccompiler's own program of the same rules does.
     #[test]
     fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
-        use seccompiler::SeccompAction;
         for io_uring in [IoUring::Denied, IoUring::Allowed] {
             for (whose, list) in
                 [("jail", outer_deny_list(io_uring).unwrap()), ("reflector", reflector_deny_list(io_uring).unwrap())]
             {
-                let eperm = SeccompAction::Errno(libc::EPERM as u32);
-                let checked =
-                    seccomp_index::verify::against_seccompiler(list.rules, SeccompAction::Allow, eperm, &list.early)
-                        .unwrap_or_else(|error| panic!("the {whose}'s filter ({io_uring:?}): {error}"));
+                let (otherwise, matched) = DenyList::answers();
+                let checked = seccomp_index::verify::against_seccompiler(list.rules, otherwise, matched, &list.early)
+                    .unwrap_or_else(|error| panic!("the {whose}'s filter ({io_uring:?}): {error}"));
                 assert!(checked.calls > 12_000, "{whose}: {checked:?}");
             }
         }
