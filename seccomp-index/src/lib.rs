@@ -24,10 +24,11 @@
 //! way to a call's rules changes. [`verify::against_seccompiler`] runs
 //! both in an interpreter over every listed call and its neighbours, the
 //! first 1,024 numbers of x86-64 and x32 and the range's edges, six
-//! architecture values and arguments made of the rules' constants: this
-//! crate's tests with rules of their own, and the tests of the jail's and
-//! the vmm's filters with their real ones. It is also shorter: the jail's 186
-//! instructions against 224 in its three filters before.
+//! architecture values and arguments that take every path through each
+//! call's rules: this crate's tests with rules of their own, and the
+//! tests of the jail's and the vmm's filters with their real ones. It is
+//! also shorter: the jail's 186 instructions against 224 in its three
+//! filters before.
 
 use std::collections::BTreeMap;
 
