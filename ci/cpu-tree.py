@@ -8,6 +8,19 @@
                                      snapshots: a process gone by AFTER (a driver
                                      VM replaced) counts for nothing, one new by
                                      AFTER for all its time
+  ci/cpu-tree.py --threads ROOT_PID...  one JSON object {tid: [thread name,
+                                     process name, microseconds, guest
+                                     microseconds]}: every thread of the trees
+  ci/cpu-tree.py --threads-delta BEFORE AFTER SECONDS [CORES]
+                                     a table of each thread's CPU between two
+                                     such snapshots, in cores, busiest first
+                                     (gone by AFTER: not counted; new: all of
+                                     its time)
+
+A thread's time here is the kernel's account (user+system, which includes
+the time a vCPU thread ran its guest, shown apart): perf's clock does not
+reliably sample a kvm-pvm guest, whose timer interrupts land after the
+switch back to the host (README, Performance).
 
 Roles by process name: reflector, driver_vm (vmm), device (QEMU's device
 models), peer (qemu-storage-daemon, dpdk-testpmd), other."""
@@ -29,6 +42,45 @@ def stat(pid):
     fields = text[text.rindex(")") + 2:].split()
     ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
     return name, ppid, (utime + stime) * TICK_US
+
+
+def threads_of(pid):
+    """{tid: [thread name, process name, us, guest us]} of one process."""
+    found = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    process = (stat(pid) or ("?",))[0]
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 2:].split()
+        cpu = (int(fields[11]) + int(fields[12])) * TICK_US
+        # guest_time (field 43 of stat(5), the 41st after the name).
+        guest = int(fields[40]) * TICK_US if len(fields) > 40 else 0.0
+        found[tid] = [name, process, cpu, guest]
+    return found
+
+
+def threads_delta(before, after, seconds, cores):
+    rows = []
+    for tid, (name, process, cpu, guest) in after.items():
+        _, _, cpu0, guest0 = before.get(tid, [name, process, 0.0, 0.0])
+        rows.append((max(cpu - cpu0, 0.0) / 1e6 / seconds, max(guest - guest0, 0.0) / 1e6 / seconds, name, process))
+    rows.sort(reverse=True)
+    busy = sum(row[0] for row in rows)
+    lines = [f"by thread, in cores (the kernel's account of user+system time, a vCPU's guest time included and "
+             f"shown apart); the machine has {cores}, {busy:.2f} of them were busy in these processes:"]
+    for cpu, guest, name, process in rows:
+        if cpu >= 0.01:
+            inside = f" (guest {guest:.2f})" if guest >= 0.01 else ""
+            lines.append(f"  {cpu:5.2f}{inside:<13}  {name}  [{process}]")
+    return "\n".join(lines)
 
 
 def role(name):
@@ -54,28 +106,48 @@ def delta(before, after):
     return totals
 
 
-def main():
-    if sys.argv[1] == "--delta":
-        print(json.dumps(delta(json.loads(sys.argv[2]), json.loads(sys.argv[3]))))
-        return
-    root = int(sys.argv[1])
+def all_stats():
     procs = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             info = stat(int(entry))
             if info:
                 procs[int(entry)] = info
+    return procs
+
+
+def descendants(procs, roots):
     children = {}
     for pid, (_, ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
-    tree, stack = {}, [root]
+    found, stack = [], list(roots)
     while stack:
         pid = stack.pop()
-        if pid not in procs:
-            continue
+        if pid in procs:
+            found.append(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
+def main():
+    if sys.argv[1] == "--threads":
+        snapshot = {}
+        for pid in descendants(all_stats(), [int(arg) for arg in sys.argv[2:]]):
+            snapshot.update(threads_of(pid))
+        print(json.dumps(snapshot))
+        return
+    if sys.argv[1] == "--threads-delta":
+        cores = int(sys.argv[5]) if len(sys.argv) > 5 else os.cpu_count()
+        print(threads_delta(json.loads(sys.argv[2]), json.loads(sys.argv[3]), float(sys.argv[4]), cores))
+        return
+    if sys.argv[1] == "--delta":
+        print(json.dumps(delta(json.loads(sys.argv[2]), json.loads(sys.argv[3]))))
+        return
+    procs = all_stats()
+    tree = {}
+    for pid in descendants(procs, [int(sys.argv[1])]):
         name, _, cpu = procs[pid]
         tree[str(pid)] = [role(name), cpu]
-        stack.extend(children.get(pid, []))
     print(json.dumps(tree))
 
 
