@@ -21,6 +21,7 @@ use guest_kernel::abi::channel::{self, header, CompletionEntry, RequestEntry};
 use guest_kernel::device::{Doorbell, Window};
 use guest_kernel::{arch, time, Kernel};
 
+use crate::poll::PollWindow;
 use crate::{println, Error};
 
 /// The lies a driver tells from now on once asked (tests). This module
@@ -302,7 +303,8 @@ pub trait ChannelDriver: Device + Sized {
     const NAME: &'static str;
     /// Faults it can commit besides [`GENERIC_FAULTS`] (its lies).
     const FAULTS: &'static [u32] = &[];
-    /// Polling before sleeping, in microseconds: waking a sleeping driver
+    /// The longest poll before sleeping, in microseconds (the window
+    /// starts there and shrinks while sleeps outlast it, [`PollWindow`]): waking a sleeping driver
     /// costs a cross-CPU wake-up and the emulated interrupt path; at 4k QD1
     /// 80 us left the block driver asleep for nearly every request and 300
     /// us keeps it awake through a busy stream, while an idle one sleeps.
@@ -310,7 +312,8 @@ pub trait ChannelDriver: Device + Sized {
     /// controller at 4k QD1, `poll-us=` 300 / 100 / 30 / 0 gave 12.3k /
     /// 11.8k / 11.5k / 5.6k IOPS for 138 / 143 / 151 / 295 us of reflector
     /// and driver VM CPU per request (each sleep and wake-up costs more
-    /// than the polling it saves). `poll-us=N` in `driver_args` overrides it.
+    /// than the polling it saves). `poll-us=N` in `driver_args` overrides it
+    /// (0: never poll).
     const POLL_WINDOW_US: u64 = 300;
     /// Finds the device among the kernel's resources and brings it to a
     /// known state: a driver VM that died may have left it in any.
@@ -345,8 +348,9 @@ pub fn run_driver<D: ChannelDriver>(kernel: &Kernel) -> Result<u32, Error> {
 pub const GREETING_DEADLINE_US: u64 = 10_000;
 
 /// Serves the channel with `device` until it fails: polls while busy,
-/// sleeps (one hypercall: its vmm waits on the interrupt lines) after
-/// `poll_window_us` of idleness.
+/// sleeps (one hypercall: its vmm waits on the interrupt lines) once idle
+/// for its poll window, at most `poll_window_us` and shorter while its
+/// sleeps are long ([`PollWindow`]).
 pub fn serve<D: Device>(channel: &mut Channel, device: &mut D, poll_window_us: u64) -> Result<u32, Error> {
     serve_then_greet(channel, device, poll_window_us, None::<fn(&D)>)
 }
@@ -361,13 +365,14 @@ fn serve_then_greet<D: Device>(
 ) -> Result<u32, Error> {
     let started = time::Instant::now();
     let mut idle_since = started;
+    let mut window = PollWindow::new(poll_window_us);
     loop {
         let (submitted, reaped) = turn(channel, device)?;
         if submitted || reaped {
             idle_since = time::Instant::now();
         } else if channel.lies.flood {
             channel.doorbell.ring(1);
-        } else if channel.lies.spin || idle_since.elapsed_us() < poll_window_us {
+        } else if channel.lies.spin || idle_since.elapsed_us() < window.us() {
             core::hint::spin_loop();
         } else {
             if let Some(greet) = greeting.take() {
@@ -376,6 +381,7 @@ fn serve_then_greet<D: Device>(
                 continue;
             }
             sleep(channel, device);
+            window.slept(idle_since.elapsed_us());
             idle_since = time::Instant::now();
         }
         if greeting.is_some() && started.elapsed_us() >= GREETING_DEADLINE_US {

@@ -13,6 +13,7 @@
 use core::fmt;
 
 pub mod channel;
+pub mod poll;
 pub mod registers;
 #[cfg(not(driver_vm_isolated))]
 pub mod testing;
