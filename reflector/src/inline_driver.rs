@@ -20,8 +20,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::driver_vms::{DriverLaunch, DriverProcess};
 use crate::shm::SharedMemory;
 
-/// Polling before sleeping, as a driver VM's driver does
-/// (`driver_vm::channel::ChannelDriver::POLL_WINDOW_US`).
+/// Polling before sleeping, as a driver VM's driver does under a stream of
+/// requests (`driver_vm::channel::ChannelDriver::POLL_WINDOW_US`, the
+/// longest of its adaptive window, where a stream keeps it): fixed, since a
+/// baseline for benchmarks and a fake for tests need no more.
 const POLL_WINDOW: Duration = Duration::from_micros(300);
 
 /// The `driver=` name of the inline null driver.
