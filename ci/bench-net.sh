@@ -21,7 +21,8 @@
 #   --seconds S   seconds per throughput run (default 5)
 #   --rounds N    runs per peer, alternating; medians are reported (default 1)
 #   --guests      also the ping RTT between two QEMU guests (TCG) through each
-#                 peer (ci/qemu-net-pair.sh --ping-only, 50 pings)
+#                 peer (ci/qemu-net-pair.sh --ping-only, 50 pings), ROUNDS times
+#                 each, alternating; the median p50 and the ratio are reported
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -168,18 +169,22 @@ for round in $(seq "$rounds"); do
     done
 done
 
-guest_rtt() { # backend: ping RTT between two QEMU guests through it
+guest_rtt() { # backend round: ping RTT between two QEMU guests through it
     "start_$1"
     if ! timeout 700 "$here/qemu-net-pair.sh" --sock-a "$sock0" --sock-b "$sock1" --ping-only --pings 50 \
-        --timeout 600 >"$tmp/$1.guests"; then
-        log "WARNING: the guest ping run through $1 failed"
+        --timeout 600 >"$tmp/$1.$2.guests"; then
+        log "WARNING: the guest ping run through $1 failed (round $2)"
     fi
     stop_backend
 }
 if ((guests)); then
-    for backend in "${backends[@]}"; do
-        log "guest ping RTT through $backend (two QEMU guests)"
-        guest_rtt "$backend"
+    # As the throughput runs: each round runs every backend in turn, so
+    # that a noisy minute weighs on both.
+    for round in $(seq "$rounds"); do
+        for backend in "${backends[@]}"; do
+            log "round $round/$rounds: guest ping RTT through $backend (two QEMU guests)"
+            guest_rtt "$backend" "$round"
+        done
     done
 fi
 
@@ -256,10 +261,31 @@ bad = sum(m["corrupted"] + m["duplicates"] for d in (ours, peer) for m in d.valu
 print(f"\ncorrupted + duplicated frames (medians): {bad:.0f}")
 PY
 if ((guests)); then
-    field() { sed -n "s/.* $2=\([^ ]*\).*/\1/p" "$tmp/$1.guests" 2>/dev/null | head -1; }
-    printf '\nping between two QEMU guests (TCG, 50 pings, ms): %-10s %8s %8s %8s %8s\n' peer p50 avg max loss
-    for backend in "${backends[@]}"; do
-        printf '%52s %-10s %8s %8s %8s %8s\n' '' "$backend" "$(field "$backend" ping_rtt_p50_ms)" \
-            "$(field "$backend" ping_rtt_avg_ms)" "$(field "$backend" ping_rtt_max_ms)" "$(field "$backend" ping_loss)"
-    done
+    python3 - "$tmp" "$rounds" "${backends[@]}" <<'PY'
+import pathlib, re, statistics, sys
+tmp, rounds, backends = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+def runs(backend):
+    for round in range(1, rounds + 1):
+        text = (tmp / f"{backend}.{round}.guests").read_text() if (tmp / f"{backend}.{round}.guests").exists() else ""
+        fields = dict(re.findall(r"(\w+)=([^ \n]+)", text))
+        if "ping_rtt_p50_ms" in fields:
+            yield fields
+print(f"\nping between two QEMU guests (TCG, 50 pings a run, ms; median of {rounds} round(s), each round both peers in turn):")
+print(f"  {'peer':<10} {'p50':>8} {'avg':>8} {'max':>8} {'loss':>6}   p50 of each round")
+medians = {}
+for backend in backends:
+    done = list(runs(backend))
+    if not done:
+        print(f"  {backend:<10} failed (see the warnings above)")
+        continue
+    p50s = [float(f["ping_rtt_p50_ms"]) for f in done]
+    medians[backend] = (statistics.median(p50s), min(p50s), max(p50s))
+    avg = statistics.median(float(f["ping_rtt_avg_ms"]) for f in done)
+    worst = max(float(f["ping_rtt_max_ms"]) for f in done)
+    loss = max(float(f["ping_loss"].rstrip("%")) for f in done if "ping_loss" in f) if any("ping_loss" in f for f in done) else float("nan")
+    print(f"  {backend:<10} {medians[backend][0]:8.3f} {avg:8.3f} {worst:8.3f} {loss:5.0f}%   {' '.join(f'{p:.3f}' for p in p50s)}")
+if "reflector" in medians and "testpmd" in medians:
+    ours, peer = medians["reflector"], medians["testpmd"]
+    print(f"  reflector/testpmd p50: {ours[0] / peer[0]:.2f}x (rounds' extremes {ours[1] / peer[2]:.2f}-{ours[2] / peer[1]:.2f}x; the goal is 1.2x)")
+PY
 fi
