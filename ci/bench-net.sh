@@ -266,8 +266,8 @@ import pathlib, re, statistics, sys
 tmp, rounds, backends = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 def runs(backend):
     for round in range(1, rounds + 1):
-        text = (tmp / f"{backend}.{round}.guests").read_text() if (tmp / f"{backend}.{round}.guests").exists() else ""
-        fields = dict(re.findall(r"(\w+)=([^ \n]+)", text))
+        run = tmp / f"{backend}.{round}.guests"
+        fields = dict(re.findall(r"(\w+)=([^ \n]+)", run.read_text() if run.exists() else ""))
         if "ping_rtt_p50_ms" in fields:
             yield fields
 print(f"\nping between two QEMU guests (TCG, 50 pings a run, ms; median of {rounds} round(s), each round both peers in turn):")
@@ -282,7 +282,7 @@ for backend in backends:
     medians[backend] = (statistics.median(p50s), min(p50s), max(p50s))
     avg = statistics.median(float(f["ping_rtt_avg_ms"]) for f in done)
     worst = max(float(f["ping_rtt_max_ms"]) for f in done)
-    loss = max(float(f["ping_loss"].rstrip("%")) for f in done if "ping_loss" in f) if any("ping_loss" in f for f in done) else float("nan")
+    loss = max((float(f["ping_loss"].rstrip("%")) for f in done if "ping_loss" in f), default=float("nan"))
     print(f"  {backend:<10} {medians[backend][0]:8.3f} {avg:8.3f} {worst:8.3f} {loss:5.0f}%   {' '.join(f'{p:.3f}' for p in p50s)}")
 if "reflector" in medians and "testpmd" in medians:
     ours, peer = medians["reflector"], medians["testpmd"]

@@ -18,9 +18,9 @@
                                      its time)
 
 A thread's time here is the kernel's account (user+system, which includes
-the time a vCPU thread ran its guest, shown apart): perf's clock does not
-reliably sample a kvm-pvm guest, whose timer interrupts land after the
-switch back to the host (README, Performance).
+the time a vCPU thread ran its guest, shown apart): perf files the samples
+it takes in a kvm-pvm guest under the guest, and its host report leaves
+them out (README, Performance).
 
 Roles by process name: reflector, driver_vm (vmm), device (QEMU's device
 models), peer (qemu-storage-daemon, dpdk-testpmd), other."""
@@ -31,39 +31,45 @@ import sys
 TICK_US = 1e6 / os.sysconf("SC_CLK_TCK")
 
 
-def stat(pid):
+def read_stat(path):
+    """A stat(5) file's name and the fields after it; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             text = f.read()
     except OSError:
         return None
     # comm may contain spaces and parentheses: split around the last ')'.
-    name = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 2:].split()
-    ppid, utime, stime = int(fields[1]), int(fields[11]), int(fields[12])
-    return name, ppid, (utime + stime) * TICK_US
+    return text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
 
 
-def threads_of(pid):
-    """{tid: [thread name, process name, us, guest us]} of one process."""
+def cpu_us(fields):
+    """User plus system time of a stat(5) line's fields, in microseconds."""
+    return (int(fields[11]) + int(fields[12])) * TICK_US
+
+
+def stat(pid):
+    found = read_stat(f"/proc/{pid}/stat")
+    if found is None:
+        return None
+    name, fields = found
+    return name, int(fields[1]), cpu_us(fields)
+
+
+def threads_of(pid, process):
+    """{tid: [thread name, process name, us, guest us]} of process `pid`."""
     found = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return found
-    process = (stat(pid) or ("?",))[0]
     for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except OSError:
+        thread = read_stat(f"/proc/{pid}/task/{tid}/stat")
+        if thread is None:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
-        cpu = (int(fields[11]) + int(fields[12])) * TICK_US
+        name, fields = thread
         # guest_time (field 43 of stat(5), the 41st after the name).
         guest = int(fields[40]) * TICK_US if len(fields) > 40 else 0.0
-        found[tid] = [name, process, cpu, guest]
+        found[tid] = [name, process, cpu_us(fields), guest]
     return found
 
 
@@ -131,9 +137,9 @@ def descendants(procs, roots):
 
 def main():
     if sys.argv[1] == "--threads":
-        snapshot = {}
-        for pid in descendants(all_stats(), [int(arg) for arg in sys.argv[2:]]):
-            snapshot.update(threads_of(pid))
+        procs, snapshot = all_stats(), {}
+        for pid in descendants(procs, [int(arg) for arg in sys.argv[2:]]):
+            snapshot.update(threads_of(pid, procs[pid][0]))
         print(json.dumps(snapshot))
         return
     if sys.argv[1] == "--threads-delta":

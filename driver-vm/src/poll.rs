@@ -39,11 +39,6 @@ impl PollWindow {
         self.us
     }
 
-    /// The longest it may grow to.
-    pub fn max_us(&self) -> u64 {
-        self.max_us
-    }
-
     /// After a sleep: `idle_us` is how long the driver had nothing to do,
     /// from the end of its last work to the wake-up (its poll included).
     pub fn slept(&mut self, idle_us: u64) {
