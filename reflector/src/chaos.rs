@@ -69,6 +69,11 @@ pub struct ChaosReport {
     pub load_mismatches: u64,
     /// Load runs that could not run at all.
     pub load_failures: u32,
+    /// The slowest request of each load job, µs (a job is 2 s of one
+    /// pattern, a dozen failovers at the chaos's pace): what the client
+    /// waited at worst, which a stall measured inside the reflector could
+    /// understate.
+    pub load_slowest_us: Vec<u64>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -107,10 +112,20 @@ fn device_status(options: &ChaosOptions) -> Result<DeviceStatus, String> {
         .ok_or_else(|| format!("the reflector has no device named {:?}", options.device))
 }
 
-/// Runs `blk-load --verify` in a loop until `stop`; returns (runs, errors,
-/// mismatches, failures).
-fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>) -> (u32, u64, u64, u32) {
-    let (mut runs, mut errors, mut mismatches, mut failures) = (0, 0, 0, 0);
+/// What the load saw.
+#[derive(Debug, Default)]
+struct LoadOutcome {
+    runs: u32,
+    errors: u64,
+    mismatches: u64,
+    failures: u32,
+    slowest_us: Vec<u64>,
+}
+
+/// Runs `blk-load --verify` in a loop until `stop`.
+fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>) -> LoadOutcome {
+    let mut load = LoadOutcome::default();
+    let LoadOutcome { runs, errors, mismatches, failures, slowest_us } = &mut load;
     while !stop.load(Ordering::Acquire) {
         let output = Command::new(&options.blk_load)
             .arg("--socket")
@@ -121,24 +136,27 @@ fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>) -> (
             .stderr(Stdio::piped())
             .output();
         let Ok(output) = output else {
-            failures += 1;
+            *failures += 1;
             break;
         };
-        runs += 1;
+        *runs += 1;
         for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
             if let Ok(job) = serde_json::from_str::<serde_json::Value>(line) {
-                errors += job["errors"].as_u64().unwrap_or(0);
-                mismatches += job["mismatches"].as_u64().unwrap_or(0);
+                *errors += job["errors"].as_u64().unwrap_or(0);
+                *mismatches += job["mismatches"].as_u64().unwrap_or(0);
+                if let Some(slowest) = job["lat_max_us"].as_f64() {
+                    slowest_us.push(slowest as u64);
+                }
             }
         }
         if output.status.code() == Some(2) {
-            failures += 1;
+            *failures += 1;
             tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load could not run");
         } else if !output.status.success() {
             tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load saw errors");
         }
     }
-    (runs, errors, mismatches, failures)
+    load
 }
 
 /// Runs the chaos.
@@ -213,9 +231,10 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     })();
     stop.store(true, Ordering::Release);
     if let Some(load) = load {
-        let (runs, errors, mismatches, failures) = load.join().unwrap_or((0, 0, 0, 1));
+        let load = load.join().unwrap_or(LoadOutcome { failures: 1, ..LoadOutcome::default() });
         (report.load_runs, report.load_errors, report.load_mismatches, report.load_failures) =
-            (runs, errors, mismatches, failures);
+            (load.runs, load.errors, load.mismatches, load.failures);
+        report.load_slowest_us = load.slowest_us;
     }
     result?;
     let end_status = device_status(options)?;
@@ -259,6 +278,16 @@ pub fn print(options: &ChaosOptions, report: &ChaosReport) {
                 ms(figures.max_us)
             );
         }
+    }
+    if !report.load_slowest_us.is_empty() {
+        let mut slowest = report.load_slowest_us.clone();
+        slowest.sort_unstable();
+        println!(
+            "  the client's slowest request in each 2 s load job (failovers included): median {:.2} ms, max {:.2} ms ({} jobs)",
+            ms(slowest[slowest.len() / 2]),
+            ms(slowest[slowest.len() - 1]),
+            slowest.len()
+        );
     }
     println!(
         "  client errors: {} (device), load: {} runs, {} I/O errors, {} verification mismatches, {} failed runs",

@@ -212,8 +212,8 @@ impl FleetStatus {
 /// One failover phase's figures over recent failovers, microseconds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhaseFigures {
-    /// `detection`, `retire`, `replacement`, `device_reset`, `replay` or
-    /// `total`.
+    /// `detection`, `retire`, `replacement`, `device_reset`, `replay`,
+    /// `drain` or `total`.
     pub phase: String,
     /// Failovers in which it was observed.
     pub count: usize,
@@ -387,7 +387,7 @@ fn prometheus(targets: &[ControlTarget]) -> String {
             "# HELP reflector_{name} {help}\n# TYPE reflector_{name} gauge\nreflector_{name} {value}\n"
         ));
     }
-    out.push_str("# HELP reflector_failover_phase_seconds Recent failovers, phase by phase (detection, retire, replacement, device_reset, replay, total).\n");
+    out.push_str("# HELP reflector_failover_phase_seconds Recent failovers, phase by phase (detection, retire, replacement, device_reset, replay, drain, total).\n");
     out.push_str("# TYPE reflector_failover_phase_seconds summary\n");
     for s in &statuses {
         for figures in &s.failover {

@@ -24,7 +24,7 @@ use crate::channel::Channel;
 use crate::client_memory;
 use crate::driver_vms::{DriverLaunch, DriverVms, SpareKind};
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
-use crate::failover::Timeline;
+use crate::failover::{Draining, Timeline};
 use crate::hw::{Hardware, InterruptRoute};
 use crate::metrics::Metrics;
 use crate::recovery::{Fault, RecoveryConfig};
@@ -57,9 +57,11 @@ pub enum Source {
     Kill,
     /// The periodic look at the driver VM's costs.
     Watch,
+    /// A spare's start ended (`spare_starter`): take it.
+    SpareStarted,
 }
 
-const SOURCES: [Source; 7] = [
+const SOURCES: [Source; 8] = [
     Source::Completion,
     Source::DriverExit,
     Source::Hang,
@@ -67,6 +69,7 @@ const SOURCES: [Source; 7] = [
     Source::Recover,
     Source::Kill,
     Source::Watch,
+    Source::SpareStarted,
 ];
 
 /// What differs between kinds of device.
@@ -234,6 +237,9 @@ pub struct DeviceCore {
     attached: bool,
     /// The failover under way, for its breakdown (`failover`).
     failover: Option<Timeline>,
+    /// The failover past its first completion, until the last request it
+    /// caught is answered (its drain phase).
+    draining: Option<Draining>,
     /// When the reflector last sent its driver VM a SIGKILL.
     kill_sent: Option<Instant>,
     /// A fault a kind reported, handled once the kind's method returns.
@@ -294,7 +300,7 @@ impl DeviceCore {
         self.session.progress(now);
         self.note_driver_marks(now);
         if let Some(breakdown) = self.failover.take().and_then(|timeline| timeline.finish(now)) {
-            self.metrics.record_failover(breakdown);
+            self.draining = Some(Draining::new(breakdown, now));
         }
         if let Some(fault_at) = self.fault_at.take() {
             let stall = now.duration_since(fault_at).as_micros() as u64;
@@ -302,6 +308,22 @@ impl DeviceCore {
             tracing::info!(device = %self.name, stall_us = stall, "recovered: first completion after the fault");
         }
         self.drivers.launch_wanted_spare();
+    }
+
+    /// Whether a failover waits for the last request it caught to be
+    /// answered ([`DeviceCore::drained`]).
+    pub fn draining(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    /// The last request a failover caught has been answered to the client
+    /// (a kind calls this once it has delivered the answer; a net device,
+    /// which replays nothing, at its first completion): the failover's
+    /// breakdown is complete.
+    pub fn drained(&mut self) {
+        if let Some(draining) = self.draining.take() {
+            self.metrics.record_failover(draining.drained(Instant::now()));
+        }
     }
 
     /// Takes the current driver's marks of its start (it rings once for
@@ -457,6 +479,7 @@ impl<K: DeviceKind> Device<K> {
             fault_idle: false,
             attached: false,
             failover: None,
+            draining: None,
             kill_sent: None,
             reported: None,
             cut: None,
@@ -529,6 +552,7 @@ impl<K: DeviceKind> Device<K> {
                     Source::Recover => core.recover.as_raw_fd(),
                     Source::Kill => core.kill.as_raw_fd(),
                     Source::Watch => core.watch_timer.as_raw_fd(),
+                    Source::SpareStarted => core.drivers.spare_event().as_raw_fd(),
                 };
                 (fd, Self::event_id(*source))
             })
@@ -637,6 +661,9 @@ impl<K: DeviceKind> Device<K> {
         }
         // The failover is timed when a client waits on it (a later fault
         // during it starts a new one: its phases are the last attempt's).
+        if let Some(draining) = core.draining.take() {
+            core.metrics.record_failover(draining.abandoned());
+        }
         core.failover = waiting.then(|| {
             let mut timeline = Timeline::new(detected, core.kill_sent.take());
             timeline.retired(Instant::now());
@@ -852,6 +879,11 @@ impl<K: DeviceKind> Device<K> {
             Source::Watch => {
                 let _ = self.core.watch_timer.wait();
                 self.watch_driver(vrings);
+                Ok(())
+            }
+            Source::SpareStarted => {
+                self.core.drivers.collect_spare();
+                self.publish_state();
                 Ok(())
             }
         }

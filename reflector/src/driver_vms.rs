@@ -11,6 +11,7 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::hw::InterruptRoute;
+use crate::spare_starter::SpareStarter;
 
 /// The spare a device keeps ready to replace its driver VM (`spare=`;
 /// `off`, none, is `Option::None`).
@@ -118,7 +119,7 @@ pub const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The current driver VM of a device and its spare.
 pub struct DriverVms {
-    launcher: Box<dyn DriverLaunch>,
+    launcher: Arc<dyn DriverLaunch>,
     device_interrupt: Arc<InterruptRoute>,
     /// The current driver VM's request interrupt (its line 0).
     request_interrupt: EventFd,
@@ -128,6 +129,8 @@ pub struct DriverVms {
     spare_kind: Option<SpareKind>,
     /// A spare is to be started once the current recovery has completed.
     spare_wanted: bool,
+    /// Starts spares off the worker (`spare_starter`).
+    starter: SpareStarter,
     /// Spares that failed to start or died waiting, in a row: past
     /// [`SPARE_FAILURES`] no more is wanted until the next restart.
     spare_failures: u32,
@@ -158,12 +161,14 @@ impl DriverVms {
         device_interrupt: Arc<InterruptRoute>,
         spare_kind: Option<SpareKind>,
     ) -> std::io::Result<Self> {
+        let launcher: Arc<dyn DriverLaunch> = Arc::from(launcher);
         let (current, request_interrupt) = launch_routed(launcher.as_ref(), &device_interrupt)?;
         let spare = match spare_kind {
             Some(SpareKind::Warm) => Some(launcher.launch_spare(SpareKind::Warm)?),
             None | Some(SpareKind::Standby) => None,
         };
         Ok(DriverVms {
+            starter: SpareStarter::new()?,
             launcher,
             device_interrupt,
             request_interrupt,
@@ -254,6 +259,11 @@ impl DriverVms {
             return;
         }
         self.stop();
+        // A spare still starting is killed as soon as it has started.
+        if let Some(Ok(spare)) = self.starter.wait() {
+            spare.kill();
+            self.ending.push(spare);
+        }
         let drivers = std::mem::take(&mut self.ending);
         let deadline = std::time::Instant::now() + RELEASE_WAIT;
         for driver in &drivers {
@@ -272,6 +282,9 @@ impl DriverVms {
     /// recovery has completed a request: its start would otherwise compete
     /// for the two cores with the new driver's reset and the replay.
     pub fn replace(&mut self) -> std::io::Result<(libc::pid_t, Option<SpareKind>)> {
+        // A spare still starting is not waited for: a cold start now, and
+        // it becomes the spare when it is ready.
+        self.collect_spare();
         let (driver, started) = match self.spare.take() {
             Some(spare) if spare.exit_report().is_none() => self.activate_spare(spare)?,
             dead => {
@@ -283,19 +296,48 @@ impl DriverVms {
         };
         let pid = driver.pid();
         self.current = Some(driver);
-        self.spare_wanted = self.spare_kind.is_some();
+        self.spare_wanted = self.spare_kind.is_some() && !self.starter.busy();
         self.spare_failures = 0;
         Ok((pid, started))
     }
 
-    /// Starts the spare that `start` or `replace` asked for, if any.
+    /// Starts the spare that `start` or `replace` asked for, if any, on the
+    /// starter's thread: this returns at once, and the spare is taken when
+    /// [`DriverVms::spare_event`] fires ([`DriverVms::collect_spare`]).
     pub fn launch_wanted_spare(&mut self) {
-        if !std::mem::take(&mut self.spare_wanted) || self.spare.is_some() || self.stopped {
+        if !self.spare_wanted || self.spare.is_some() || self.starter.busy() || self.stopped {
             return;
         }
+        self.spare_wanted = false;
         let Some(kind) = self.spare_kind else { return };
-        match self.launcher.launch_spare(kind) {
-            Ok(spare) => self.spare = Some(spare),
+        if let Err(error) = self.starter.start(self.launcher.clone(), kind) {
+            tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare");
+            self.spare_failed();
+        }
+    }
+
+    /// Signalled when a spare's start has ended: the worker then calls
+    /// [`DriverVms::collect_spare`].
+    pub fn spare_event(&self) -> &EventFd {
+        self.starter.event()
+    }
+
+    /// Takes the spare whose start has ended, if one has: it becomes the
+    /// spare, or counts as a failed one. Never waits.
+    pub fn collect_spare(&mut self) {
+        let Some(started) = self.starter.take_finished() else { return };
+        match started {
+            Ok(spare) if self.stopped || self.spare.is_some() => {
+                spare.kill();
+                self.ending.push(spare);
+            }
+            Ok(spare) => match spare.exit_report() {
+                None => self.spare = Some(spare),
+                Some(report) => {
+                    tracing::warn!(driver_vm = %self.name(), %report, "the spare exited as it started");
+                    self.spare_failed();
+                }
+            },
             Err(error) => {
                 tracing::error!(driver_vm = %self.name(), %error, "cannot start a spare");
                 self.spare_failed();
@@ -322,6 +364,7 @@ impl DriverVms {
     /// it, if it is the one that exited (exits of driver VMs killed on
     /// purpose arrive too, and are not faults).
     pub fn exited(&mut self) -> Option<(String, bool)> {
+        self.collect_spare();
         if let Some(report) = self.spare.as_ref().and_then(|spare| spare.exit_report()) {
             tracing::warn!(driver_vm = %self.name(), %report, "the spare exited");
             self.spare = None;

@@ -7,7 +7,12 @@
 //!   ─replacement─▶ new driver running (spare let go / cold boot), channel opened
 //!   ─device reset─▶ driver attached (its device in a known state)
 //!   ─replay─▶ first completion
+//!   ─drain─▶ the last request the fault caught answered to the client
 //! ```
+//!
+//! The stall a client sees ends at the first completion only if it had one
+//! request in flight; with several, it waits for the last (`drain`). The
+//! whole (`total`) is kill (or exit seen) to first completion.
 //!
 //! Detection is known only for kills the reflector sent itself (an operator's
 //! `reflector kill`, the chaos command): for any other fault the moment the
@@ -35,10 +40,15 @@ pub enum Phase {
     DeviceReset,
     /// From the attach to the first completion of a replayed request.
     Replay,
+    /// From the first completion to the answer, delivered to the client, of
+    /// the last request that was in flight at the fault (none for a net
+    /// device, which replays nothing).
+    Drain,
 }
 
 /// Every phase, in order.
-pub const PHASES: [Phase; 5] = [Phase::Detection, Phase::Retire, Phase::Replacement, Phase::DeviceReset, Phase::Replay];
+pub const PHASES: [Phase; 6] =
+    [Phase::Detection, Phase::Retire, Phase::Replacement, Phase::DeviceReset, Phase::Replay, Phase::Drain];
 
 impl Phase {
     /// The phase's name in reports.
@@ -49,6 +59,7 @@ impl Phase {
             Phase::Replacement => "replacement",
             Phase::DeviceReset => "device_reset",
             Phase::Replay => "replay",
+            Phase::Drain => "drain",
         }
     }
 }
@@ -77,7 +88,7 @@ pub struct Timeline {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Breakdown {
     /// Per phase, in [`PHASES`] order, microseconds.
-    pub phases_us: [Option<u64>; 5],
+    pub phases_us: [Option<u64>; 6],
     /// From the earliest known moment (the kill, else the exit seen) to
     /// the first completion, microseconds.
     pub total_us: u64,
@@ -144,9 +155,38 @@ impl Timeline {
             span(retired, opened.max(replaced)),
             span(opened, attached),
             span(attached, now),
+            None,
         ];
         let start = self.killed.unwrap_or(self.detected);
         Some(Breakdown { phases_us, total_us: now.saturating_duration_since(start).as_micros() as u64 })
+    }
+}
+
+/// A failover past its first completion, until the last request the
+/// fault caught has been answered.
+#[derive(Clone, Debug)]
+pub struct Draining {
+    breakdown: Breakdown,
+    first_completion: Instant,
+}
+
+impl Draining {
+    /// `breakdown` ([`Timeline::finish`]) ended at `first_completion`.
+    pub fn new(breakdown: Breakdown, first_completion: Instant) -> Draining {
+        Draining { breakdown, first_completion }
+    }
+
+    /// Every request the fault caught was answered by `now`.
+    pub fn drained(mut self, now: Instant) -> Breakdown {
+        let drain = now.saturating_duration_since(self.first_completion).as_micros() as u64;
+        self.breakdown.phases_us[PHASES.len() - 1] = Some(drain);
+        self.breakdown
+    }
+
+    /// The failover ended otherwise (another fault came first): its
+    /// phases, without the drain.
+    pub fn abandoned(self) -> Breakdown {
+        self.breakdown
     }
 }
 
@@ -167,8 +207,12 @@ mod tests {
         timeline.opened(at(t0, 1_350));
         timeline.attached(at(t0, 1_850));
         let breakdown = timeline.finish(at(t0, 2_000)).expect("a finished failover");
-        assert_eq!(breakdown.phases_us, [Some(100), Some(200), Some(1_050), Some(500), Some(150)]);
+        assert_eq!(breakdown.phases_us, [Some(100), Some(200), Some(1_050), Some(500), Some(150), None]);
         assert_eq!(breakdown.total_us, 2_000);
+        let drained = Draining::new(breakdown, at(t0, 2_000)).drained(at(t0, 2_700));
+        assert_eq!(drained.phases_us[5], Some(700));
+        assert_eq!(drained.total_us, 2_000, "the whole still ends at the first completion");
+        assert_eq!(Draining::new(breakdown, at(t0, 2_000)).abandoned().phases_us[5], None);
     }
 
     #[test]
@@ -193,7 +237,7 @@ mod tests {
         timeline.retired(at(t0, 10));
         timeline.replaced(at(t0, 20));
         let breakdown = timeline.finish(at(t0, 1_000)).expect("a finished failover");
-        assert_eq!(breakdown.phases_us, [None, Some(10), Some(990), Some(0), Some(0)]);
+        assert_eq!(breakdown.phases_us, [None, Some(10), Some(990), Some(0), Some(0), None]);
     }
 
     #[test]
@@ -206,7 +250,7 @@ mod tests {
         timeline.replaced(at(t0, 20));
         timeline.attached(at(t0, 30));
         let breakdown = timeline.finish(at(t0, 40)).expect("a finished failover");
-        assert_eq!(breakdown.phases_us, [None, Some(10), Some(20), Some(0), Some(10)]);
+        assert_eq!(breakdown.phases_us, [None, Some(10), Some(20), Some(0), Some(10), None]);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod recovery;
 pub mod serve;
 pub mod session;
 pub mod sockets;
+pub mod spare_starter;
 pub mod supervisor;
 pub mod worker;
 

@@ -305,7 +305,7 @@ impl Blk {
                 self.in_flight.remove(slot);
                 continue;
             }
-            let replayed = self.in_flight.get_mut(slot).is_some_and(|entry| std::mem::take(&mut entry.orphaned));
+            let replayed = self.in_flight.get(slot).is_some_and(|entry| entry.orphaned);
             if self.send(core, memory, slot) {
                 if replayed {
                     core.metrics.replayed.fetch_add(1, Ordering::Relaxed);
@@ -355,6 +355,9 @@ impl Blk {
                             (vring, memory.as_deref(), entry.client == core.client)
                         {
                             self.finish(core, vring, memory, answer.slot, entry, answer.status, verified);
+                        }
+                        if !salvaging && core.draining() && !self.in_flight.replays_pending() {
+                            core.drained();
                         }
                     }
                 }

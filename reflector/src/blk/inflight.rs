@@ -45,8 +45,8 @@ pub struct InFlight {
     /// In the current driver VM's channel (false: held back by the
     /// reflector, see [`InFlightTable::next_to_send`]).
     pub sent: bool,
-    /// It was in a driver VM that died (blamed or not): its next send is a
-    /// replay.
+    /// It was in a driver VM that died (blamed or not): each send since is
+    /// a replay, and its client has waited since before that fault.
     pub orphaned: bool,
 }
 
@@ -272,6 +272,12 @@ impl InFlightTable {
             }
         }
         chosen
+    }
+
+    /// Whether a request that was in a driver VM that died is still
+    /// unanswered (a failover's drain is not over).
+    pub fn replays_pending(&self) -> bool {
+        self.iter().any(|(_, entry)| entry.orphaned)
     }
 
     /// Removes and returns the requests held back by the reflector (in no

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use guest_abi::channel::{self, op, status, RequestEntry};
@@ -187,6 +187,57 @@ impl BlockHardware for FakeDisk {
     }
 }
 
+/// Holds the starts of spares while held (each for at most
+/// [`SpareGate::BOUND`]), so that a test can see what the device does
+/// while its next spare is starting.
+#[derive(Default)]
+pub struct SpareGate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    held: bool,
+    waiting: usize,
+    timed_out: bool,
+}
+
+impl SpareGate {
+    /// Longest a start waits: a device that waits for its spare's start
+    /// on its worker then goes on, late, and the test sees it.
+    pub const BOUND: Duration = Duration::from_secs(10);
+
+    /// Holds the next starts until [`SpareGate::release`].
+    pub fn hold(&self) {
+        self.state.lock().unwrap().held = true;
+    }
+
+    /// Lets the held starts go.
+    pub fn release(&self) {
+        self.state.lock().unwrap().held = false;
+        self.changed.notify_all();
+    }
+
+    /// Starts waiting at the gate now.
+    pub fn waiting(&self) -> usize {
+        self.state.lock().unwrap().waiting
+    }
+
+    /// Whether a start gave up waiting for the release.
+    pub fn timed_out(&self) -> bool {
+        self.state.lock().unwrap().timed_out
+    }
+
+    fn pass(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.waiting += 1;
+        let (mut state, wait) = self.changed.wait_timeout_while(state, Self::BOUND, |state| state.held).unwrap();
+        state.timed_out |= wait.timed_out();
+        state.waiting -= 1;
+    }
+}
+
 /// Starts fake drivers on a device's channel: the `n`th start follows the
 /// `n`th script given, the last one for every later start.
 pub struct FakeLaunch {
@@ -197,6 +248,8 @@ pub struct FakeLaunch {
     scripts: Arc<Mutex<VecDeque<Script>>>,
     /// Drivers started so far (spares included).
     pub launches: Arc<AtomicUsize>,
+    /// Where the starts of spares wait while a test holds them.
+    pub spare_gate: Arc<SpareGate>,
 }
 
 impl FakeLaunch {
@@ -216,6 +269,7 @@ impl FakeLaunch {
             disk,
             scripts: Arc::new(Mutex::new(scripts.iter().copied().collect())),
             launches: Arc::new(AtomicUsize::new(0)),
+            spare_gate: Arc::default(),
         }
     }
 
@@ -231,6 +285,9 @@ impl ThreadLaunch for FakeLaunch {
     }
 
     fn start(&self, spare: bool) -> std::io::Result<ThreadDriver> {
+        if spare {
+            self.spare_gate.pass();
+        }
         let number = self.launches.fetch_add(1, Ordering::SeqCst);
         let script = {
             let mut scripts = self.scripts.lock().unwrap();

@@ -37,6 +37,8 @@ struct Bench<'a> {
     metrics: Arc<Metrics>,
     /// The channel's memory (ring and bounce slots).
     channel_memory: Arc<crate::shm::SharedMemory>,
+    /// Where the starts of spares wait while held.
+    spare_gate: Arc<super::fake::SpareGate>,
 }
 
 /// A policy that backs off briefly, so a crash loop is given up on in well
@@ -79,7 +81,8 @@ impl<'a> Bench<'a> {
         let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
         let launch =
             FakeLaunch::new(channel.memory().clone(), &completion_doorbell, &driver_exited, disk.clone(), scripts);
-        let (launch_count, scripts) = (launch.launches.clone(), launch.scripts());
+        let (launch_count, scripts, spare_gate) =
+            (launch.launches.clone(), launch.scripts(), launch.spare_gate.clone());
         let wiring = DeviceWiring {
             channel,
             hardware: disk.clone(),
@@ -95,7 +98,7 @@ impl<'a> Bench<'a> {
         let client = Client::attach(memory, &mut device);
         let listeners = device.listeners();
         let metrics = device.metrics();
-        Bench { device, client, disk, launch_count, scripts, listeners, metrics, channel_memory }
+        Bench { device, client, disk, launch_count, scripts, listeners, metrics, channel_memory, spare_gate }
     }
 
     fn count(&self, counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -449,6 +452,39 @@ fn a_warm_spare_takes_over_and_is_replaced() {
 }
 
 #[test]
+fn the_recovery_answers_its_client_while_the_next_spare_starts() {
+    // The next spare is wanted at the recovery's first completion. Its
+    // start (fork, jail, exec: milliseconds) once ran on the worker, so
+    // that completion, and every other replayed request, reached the
+    // client only after it, while the stall reported had already ended.
+    // (Restarted at once, though its driver dies young: a failover that
+    // waited for a backoff is not timed.)
+    let policy = RestartPolicy { stable_after: Duration::ZERO, ..RestartPolicy::default() };
+    let recovery =
+        RecoveryConfig { spare: Some(crate::driver_vms::SpareKind::Warm), policy, ..RecoveryConfig::default() };
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, recovery);
+    let spare = bench.device.core.drivers.spare_pid().expect("no warm spare");
+    bench.spare_gate.hold();
+    let sent = bench.submit(&[(true, 300, pattern(21, 512)), (true, 900, pattern(22, 4096))]);
+    bench.kill_driver();
+    bench.complete(&sent, "the writes replayed on the spare");
+    assert!(!bench.spare_gate.timed_out(), "the client's answers waited for the next spare's start");
+    assert_eq!(bench.device.driver_pid(), Some(spare));
+    // Both writes were caught by the fault: the failover's breakdown ends
+    // with the drain to the second answer.
+    let phases = bench.metrics.failover_percentiles();
+    let count = |phase: &str| phases.iter().find(|(name, ..)| *name == phase).map(|(_, count, _)| *count);
+    assert_eq!((count("replay"), count("drain")), (Some(1), Some(1)), "{phases:?}");
+    // The start was asked for, and waits; once it ends, the device takes it.
+    let gate = bench.spare_gate.clone();
+    bench.run_until("the next spare's start", |_, _| gate.waiting() == 1);
+    gate.release();
+    bench.run_until("a new spare", |_, device| device.core.drivers.spare_pid().is_some_and(|pid| pid != spare));
+    assert_eq!(bench.launches(), 3);
+}
+
+#[test]
 fn a_standby_is_started_once_the_device_serves_and_takes_over() {
     let recovery = RecoveryConfig { spare: Some(crate::driver_vms::SpareKind::Standby), ..RecoveryConfig::default() };
     let memory = client_memory();
@@ -458,6 +494,8 @@ fn a_standby_is_started_once_the_device_serves_and_takes_over() {
     assert_eq!(bench.device.core.drivers.spare_pid(), None, "a standby started with its device");
     let sent = bench.submit(&[(true, 100, pattern(14, 512))]);
     bench.complete(&sent, "the first write");
+    // Started off the worker (`spare_starter`), and taken when it is ready.
+    bench.run_until("a standby after the first completion", |_, device| device.core.drivers.spare_pid().is_some());
     let standby = bench.device.core.drivers.spare_pid().expect("no standby after the first completion");
     bench.kill_driver();
     bench.run_until("the restart", |_, device| device.core.metrics.restarts.load(Ordering::SeqCst) == 1);

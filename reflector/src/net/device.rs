@@ -278,6 +278,8 @@ impl Net {
     fn take_answer(&mut self, core: &mut DeviceCore, answer: NetAnswer, salvaging: bool) {
         if !salvaging {
             core.progress();
+            // A net device replays nothing: its failover ends here.
+            core.drained();
         }
         match answer {
             NetAnswer::Sent { slot, sent } => {
