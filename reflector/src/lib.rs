@@ -8,7 +8,8 @@
 //! joins cards and the TAP port that bridges a switch to the host.
 //!
 //! A driver VM that exits, hangs or breaks the channel protocol is replaced
-//! (`recovery` decides when, `driver_vms` how): a block device replays the
+//! (`recovery` decides when, `driver_vms` how, `spare_starter` starts its
+//! spares off the device's worker): a block device replays the
 //! requests it had (`blk::device`), a net device loses at most the frames
 //! it was sending and keeps its link up (`net::device`). The control socket
 //! (`control`) reports state and counters, and `chaos` exercises recovery
