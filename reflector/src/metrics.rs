@@ -114,7 +114,10 @@ impl Metrics {
 
     /// Median, p99 and max of the recorded recovery stalls, in microseconds.
     pub fn stall_percentiles(&self) -> Option<(u64, u64, u64)> {
-        percentiles(self.stalls_us.lock().ok()?.iter().copied().collect())
+        // Copied out first: the worker records a stall under this lock, and
+        // must never wait for a status request's sort.
+        let stalls: Vec<u64> = self.stalls_us.lock().ok()?.iter().copied().collect();
+        percentiles(stalls)
     }
 
     /// Records one failover's breakdown, keeping the most recent ones.
@@ -130,7 +133,12 @@ impl Metrics {
     /// Median, p99 and max of each failover phase (in [`PHASES`] order) and
     /// of the whole, in microseconds, with how many failovers each counts.
     pub fn failover_percentiles(&self) -> Vec<(&'static str, usize, (u64, u64, u64))> {
-        let Ok(failovers) = self.failovers.lock() else { return Vec::new() };
+        // Copied out first, then sorted: the worker records a failover under
+        // this lock, and must never wait for a status request's sorts.
+        let failovers: Vec<Breakdown> = match self.failovers.lock() {
+            Ok(failovers) => failovers.iter().copied().collect(),
+            Err(_) => return Vec::new(),
+        };
         let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES
             .iter()
             .enumerate()
