@@ -3,7 +3,9 @@
 # many SIGKILLs of a driver VM while verified load (blk-load) runs, measured
 # by the reflector from the fault (or the first request after it) to the next
 # completion, and each failover split into its phases (detection, retire,
-# replacement, device reset, replay: reflector::failover).
+# replacement, device reset, replay, then drain: to the last request the
+# fault caught; reflector::failover), and the client's own slowest request
+# in each of the load's 2-second jobs.
 # For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #

@@ -259,10 +259,15 @@ impl DriverVms {
             return;
         }
         self.stop();
-        // A spare still starting is killed as soon as it has started.
-        if let Some(Ok(spare)) = self.starter.wait() {
-            spare.kill();
-            self.ending.push(spare);
+        // A spare still starting is killed as soon as it has started (a
+        // start stuck past the bound ends with the reflector).
+        match self.starter.wait(RELEASE_WAIT) {
+            Some(Ok(spare)) => {
+                spare.kill();
+                self.ending.push(spare);
+            }
+            Some(Err(error)) => tracing::warn!(driver_vm = %self.name(), %error, "the spare being started at shutdown"),
+            None => {}
         }
         let drivers = std::mem::take(&mut self.ending);
         let deadline = std::time::Instant::now() + RELEASE_WAIT;

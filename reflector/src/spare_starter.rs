@@ -13,8 +13,10 @@
 //! What it is not: a pool. One start runs at a time, and what it starts is
 //! the caller's to keep or kill.
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -83,13 +85,32 @@ impl SpareStarter {
         Some(started)
     }
 
-    /// Waits for the start under way, if any, and gives its outcome (the
-    /// device is shutting down: whatever it started must be killed).
-    pub fn wait(&mut self) -> Option<Started> {
+    /// Waits, at most `bound`, for the start under way, if any, and gives
+    /// its outcome (the device is shutting down: whatever it started must
+    /// be killed). A start still running after `bound` (a keeper stuck in
+    /// the kernel) is left to end with the reflector, and its outcome is an
+    /// error: a stopping reflector never waits for it forever.
+    pub fn wait(&mut self, bound: Duration) -> Option<Started> {
         let thread = self.running.take()?;
-        let _ = thread.join();
-        let _ = self.done.read();
-        self.take_outcome()
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(started) = self.take_outcome() {
+                // It has stored its outcome: it only has to return.
+                let _ = thread.join();
+                let _ = self.done.read();
+                return Some(started);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(Err(std::io::Error::other(format!("the spare's start did not end within {bound:?}"))));
+            }
+            let mut ready = libc::pollfd { fd: self.done.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let timeout = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            // SAFETY: poll(2) on one pollfd that lives across the call; the
+            // eventfd it names is ours and open.
+            unsafe { libc::poll(&mut ready, 1, timeout) };
+            let _ = self.done.read();
+        }
     }
 
     fn take_outcome(&self) -> Option<Started> {
@@ -101,7 +122,6 @@ impl SpareStarter {
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::mpsc;
-    use std::time::Duration;
 
     use super::*;
 
@@ -202,17 +222,29 @@ mod tests {
         assert!(error.to_string().contains("would not start"), "{error}");
         starter.start(launcher, SpareKind::Standby).unwrap();
         go.send(()).unwrap();
-        assert!(starter.wait().unwrap().is_err());
+        assert!(starter.wait(BOUND).unwrap().is_err());
     }
 
     #[test]
     fn a_shutdown_waits_for_the_start_under_way_and_gets_its_spare() {
         let (launcher, go) = gated(false);
         let mut starter = SpareStarter::new().unwrap();
-        assert!(starter.wait().is_none(), "nothing was started");
+        assert!(starter.wait(BOUND).is_none(), "nothing was started");
         starter.start(launcher, SpareKind::Warm).unwrap();
         go.send(()).unwrap();
-        assert_eq!(starter.wait().unwrap().unwrap().pid(), 7);
+        assert_eq!(starter.wait(BOUND).unwrap().unwrap().pid(), 7);
         assert!(!starter.busy());
+    }
+
+    #[test]
+    fn a_shutdown_does_not_wait_forever_for_a_start_that_never_ends() {
+        let (launcher, go) = gated(false);
+        let mut starter = SpareStarter::new().unwrap();
+        starter.start(launcher, SpareKind::Warm).unwrap();
+        let error = starter.wait(Duration::from_millis(1)).unwrap().err().expect("a start that had not ended");
+        assert!(error.to_string().contains("did not end"), "{error}");
+        assert!(!starter.busy());
+        // Let the stuck start end, so the test leaves no thread behind.
+        go.send(()).unwrap();
     }
 }
