@@ -301,7 +301,7 @@ impl DriverVms {
         };
         let pid = driver.pid();
         self.current = Some(driver);
-        self.spare_wanted = self.spare_kind.is_some() && !self.starter.busy();
+        self.spare_wanted = self.spare_kind.is_some();
         self.spare_failures = 0;
         Ok((pid, started))
     }

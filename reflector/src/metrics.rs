@@ -133,18 +133,19 @@ impl Metrics {
     /// Median, p99 and max of each failover phase (in [`PHASES`] order) and
     /// of the whole, in microseconds, with how many failovers each counts.
     pub fn failover_percentiles(&self) -> Vec<(&'static str, usize, (u64, u64, u64))> {
-        // Copied out first, then sorted: the worker records a failover under
-        // this lock, and must never wait for a status request's sorts.
-        let failovers: Vec<Breakdown> = match self.failovers.lock() {
-            Ok(failovers) => failovers.iter().copied().collect(),
-            Err(_) => return Vec::new(),
+        // Each phase's figures are taken under the lock and sorted after it:
+        // the worker records a failover under this lock, and must never wait
+        // for a status request's sorts.
+        let rows: Vec<(&'static str, Vec<u64>)> = {
+            let Ok(failovers) = self.failovers.lock() else { return Vec::new() };
+            let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES
+                .iter()
+                .enumerate()
+                .map(|(index, phase)| (phase.name(), failovers.iter().filter_map(|b| b.phases_us[index]).collect()))
+                .collect();
+            rows.push(("total", failovers.iter().map(|b| b.total_us).collect()));
+            rows
         };
-        let mut rows: Vec<(&'static str, Vec<u64>)> = PHASES
-            .iter()
-            .enumerate()
-            .map(|(index, phase)| (phase.name(), failovers.iter().filter_map(|b| b.phases_us[index]).collect()))
-            .collect();
-        rows.push(("total", failovers.iter().map(|b| b.total_us).collect()));
         rows.into_iter()
             .filter_map(|(name, values)| {
                 let count = values.len();

@@ -15,7 +15,6 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -31,7 +30,8 @@ pub struct SpareStarter {
     done: Arc<EventFd>,
     /// The outcome of the start that ended, until taken.
     outcome: Arc<Mutex<Option<Started>>>,
-    running: Option<JoinHandle<()>>,
+    /// A start is under way, or ended without its outcome taken.
+    running: bool,
 }
 
 impl SpareStarter {
@@ -40,7 +40,7 @@ impl SpareStarter {
         Ok(SpareStarter {
             done: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
             outcome: Arc::new(Mutex::new(None)),
-            running: None,
+            running: false,
         })
     }
 
@@ -51,7 +51,7 @@ impl SpareStarter {
 
     /// Whether a start is under way or ended without being taken.
     pub fn busy(&self) -> bool {
-        self.running.is_some()
+        self.running
     }
 
     /// Starts a spare of `kind` with `launcher` on a new thread and returns
@@ -62,7 +62,9 @@ impl SpareStarter {
             return Err(std::io::Error::other("a spare is already being started"));
         }
         let (done, outcome) = (self.done.clone(), self.outcome.clone());
-        let thread = std::thread::Builder::new().name(format!("{}-spare", launcher.name())).spawn(move || {
+        // The thread is not joined: it has only to return once it has stored
+        // its outcome and said so.
+        std::thread::Builder::new().name(format!("{}-spare", launcher.name())).spawn(move || {
             // A start that panicked is a start that failed: the outcome is
             // always stored, so the device never waits for a spare forever.
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| launcher.launch_spare(kind)))
@@ -72,7 +74,7 @@ impl SpareStarter {
             // then the worker has a wake-up pending anyway.
             let _ = done.write(1);
         })?;
-        self.running = Some(thread);
+        self.running = true;
         Ok(())
     }
 
@@ -80,8 +82,7 @@ impl SpareStarter {
     pub fn take_finished(&mut self) -> Option<Started> {
         let _ = self.done.read();
         let started = self.take_outcome()?;
-        // Its thread only has to return now: let it end on its own.
-        self.running = None;
+        self.running = false;
         Some(started)
     }
 
@@ -91,12 +92,12 @@ impl SpareStarter {
     /// the kernel) is left to end with the reflector, and its outcome is an
     /// error: a stopping reflector never waits for it forever.
     pub fn wait(&mut self, bound: Duration) -> Option<Started> {
-        let thread = self.running.take()?;
+        if !std::mem::take(&mut self.running) {
+            return None;
+        }
         let deadline = Instant::now() + bound;
         loop {
             if let Some(started) = self.take_outcome() {
-                // It has stored its outcome: it only has to return.
-                let _ = thread.join();
                 let _ = self.done.read();
                 return Some(started);
             }
@@ -104,11 +105,7 @@ impl SpareStarter {
             if left.is_zero() {
                 return Some(Err(std::io::Error::other(format!("the spare's start did not end within {bound:?}"))));
             }
-            let mut ready = libc::pollfd { fd: self.done.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            let timeout = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            // SAFETY: poll(2) on one pollfd that lives across the call; the
-            // eventfd it names is ours and open.
-            unsafe { libc::poll(&mut ready, 1, timeout) };
+            wait_readable(&self.done, left);
             let _ = self.done.read();
         }
     }
@@ -116,6 +113,15 @@ impl SpareStarter {
     fn take_outcome(&self) -> Option<Started> {
         self.outcome.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
+}
+
+/// Waits at most `bound` for `event` to be readable; whether it is.
+fn wait_readable(event: &EventFd, bound: Duration) -> bool {
+    let mut ready = libc::pollfd { fd: event.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let timeout = i32::try_from(bound.as_millis().max(1)).unwrap_or(i32::MAX);
+    // SAFETY: poll(2) on one pollfd that lives across the call; the eventfd
+    // it names is borrowed, so open.
+    unsafe { libc::poll(&mut ready, 1, timeout) == 1 }
 }
 
 #[cfg(test)]
@@ -186,11 +192,7 @@ mod tests {
 
     /// Blocks until the starter's eventfd says a start ended.
     fn wait_for_event(starter: &SpareStarter) {
-        let mut poll =
-            libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(starter.event()), events: libc::POLLIN, revents: 0 };
-        // SAFETY: poll(2) on one valid pollfd that lives across the call.
-        let ready = unsafe { libc::poll(&mut poll, 1, BOUND.as_millis() as i32) };
-        assert_eq!(ready, 1, "the starter never said its start ended");
+        assert!(wait_readable(starter.event(), BOUND), "the starter never said its start ended");
     }
 
     #[test]
