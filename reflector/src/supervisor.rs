@@ -137,8 +137,9 @@ pub struct DriverVm {
     lifeline: Option<Arc<std::process::ChildStdin>>,
 }
 
-/// Set once a driver VM's process has closed its files: its vCPU can no
-/// longer run.
+/// Set once a driver VM's process has ended, as the kernel says (its pidfd,
+/// or its reap): its vCPU can no longer run. Never on what the process
+/// itself controls, such as its standard output closing ([`Watcher`]).
 #[derive(Default)]
 struct Gone {
     flag: AtomicBool,
@@ -495,10 +496,20 @@ impl DriverLauncher {
         let go = go.map(|(_, go)| go);
         let mut child = child;
         let lifeline = child.stdin.take().map(Arc::new);
+        // What proves that the vmm has ended: its own pidfd (a jailed one's
+        // keeper may die first, and the vmm only after, of its parent-death
+        // signal), or our child's when that is the vmm. None: the reap of
+        // our child, the keeper, which ends after the vmm it waits for.
+        let vmm_end = match (&vmm_pidfd, pid == child_pid) {
+            (Some(vmm), _) => Some(vmm.try_clone()?),
+            (None, true) => pidfd.as_ref().map(OwnedFd::try_clone).transpose()?,
+            (None, false) => None,
+        };
         let watcher = Watcher {
             lifeline: lifeline.clone(),
             name: spec.name.clone(),
             pid,
+            vmm_end,
             gone: gone.clone(),
             reaped: reaped.clone(),
             released: released.clone(),
@@ -553,7 +564,7 @@ impl DriverVm {
     }
 
     /// Kills the process and waits, at most `bound`, until its guest can no
-    /// longer run (its files are closed); whether it got there. Then
+    /// longer run (the process has ended); whether it got there. Then
     /// nothing it queued can race what the reflector does next.
     pub fn kill_and_wait(&self, bound: Duration) -> bool {
         self.kill();
@@ -645,6 +656,9 @@ struct Watcher {
     lifeline: Option<Arc<std::process::ChildStdin>>,
     name: String,
     pid: libc::pid_t,
+    /// A pidfd of the vmm itself, readable once it has ended; None where
+    /// the kernel has no pidfds or a jailed vmm's could not be opened.
+    vmm_end: Option<OwnedFd>,
     gone: Arc<Gone>,
     reaped: Arc<AtomicBool>,
     released: Arc<Gone>,
@@ -657,22 +671,40 @@ struct Watcher {
 }
 
 impl Watcher {
-    /// Reports the process gone as soon as its stdout closes, then reaps it.
+    /// Reads the vmm's report, reports the process gone once it has ended,
+    /// then reaps it.
     ///
-    /// Why not wait for the reap: a dying vmm closes its files only after
-    /// its last thread (the vCPU included) has exited, so the guest can no
-    /// longer run; but the process becomes reapable only after its VM is
-    /// destroyed, which blocks about 15 ms (DESIGN.md). Recovery must not
-    /// wait for that.
+    /// Gone means ended, as the kernel says, not that its standard output
+    /// closed: a compromised vmm may close that itself and run on, and
+    /// taken for its end, recovery would have let the next driver VM and
+    /// the replay into the channel while it still wrote there
+    /// (`the_closing_of_a_driver_vms_output_is_not_taken_for_its_end`).
+    /// At the end-of-file, every thread of the vmm must be past its last
+    /// write to its memory ([`vmm_threads_ended`]); if one is not, its
+    /// pidfd decides. Why not wait for the reap: a jailed vmm's keeper ends
+    /// after it, a second process exit in series, and its pidfd only after
+    /// its address-space holder's teardown (`vmm::address_space`).
     fn watch(self, mut child: Child) {
         let _lifeline = self.lifeline;
-        let report = match child.stdout.take() {
-            Some(stdout) => last_line(stdout, REPORT_LIMIT),
-            None => String::new(),
+        let (report, ended) = match child.stdout.take() {
+            Some(stdout) => read_report(stdout, self.vmm_end.as_ref(), self.pid, REPORT_LIMIT),
+            None => (String::new(), false),
         };
         if let Ok(mut text) = self.report.lock() {
             *text = report.clone();
         }
+        // Else its pidfd says when it has ended (a jailed vmm's comes after
+        // its holder's teardown: it is process 1 of its PID namespace);
+        // without one, the reap of our child (the vmm, or the keeper that
+        // waited for it).
+        let reaped_first = match (&self.vmm_end, ended) {
+            (_, true) => None,
+            (Some(end), false) => {
+                hardware::wait_readable(end.as_raw_fd(), None);
+                None
+            }
+            (None, false) => Some(child.wait()),
+        };
         // The kernel counts an OOM kill before the process it kills can
         // end, so the count is final by now. The cgroup is this driver
         // VM's own (its spare, or its predecessor, has another), unless
@@ -685,7 +717,7 @@ impl Watcher {
         }
         self.gone.set();
         let _ = self.exited.write(1);
-        match child.wait() {
+        match reaped_first.unwrap_or_else(|| child.wait()) {
             Ok(status) => tracing::info!(driver_vm = %self.name, %status, report = %report, "driver VM exited"),
             Err(error) => tracing::error!(driver_vm = %self.name, %error, "cannot wait for the driver VM"),
         }
@@ -736,30 +768,162 @@ fn read_until(from: &mut (impl Read + AsRawFd), limit: usize, deadline: Instant,
 /// this much of it, so a flood costs it nothing but the reading.
 pub const REPORT_LIMIT: usize = 64 * 1024;
 
+/// The vmm's report: the last line of its standard output, read until the
+/// pipe's end, or, given `end` (the vmm's pidfd), until the vmm has ended
+/// and the pipe holds nothing more: a process the vmm left behind with the
+/// pipe open (an unjailed vmm's child; a jailed vmm's die with it, in its
+/// PID namespace) does not hold the report back.
+///
+/// Also returns whether the vmm has ended by then: its pidfd said so, or
+/// at the end-of-file every one of its threads was past its last write to
+/// its memory ([`vmm_threads_ended`]).
+fn read_report(
+    output: std::process::ChildStdout,
+    end: Option<&OwnedFd>,
+    pid: libc::pid_t,
+    limit: usize,
+) -> (String, bool) {
+    let Some(end) = end else {
+        let report = last_line(output, limit);
+        return (report, vmm_threads_ended(pid));
+    };
+    let mut tail = Tail::new(limit);
+    let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
+    let mut output = std::fs::File::from(OwnedFd::from(output));
+    let mut open = true;
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: end.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: output.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        let watched = if open { 2 } else { 1 };
+        // SAFETY: poll(2) on pollfds on the stack, of descriptors we hold.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), watched, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if open && fds[1].revents != 0 {
+            match output.read(&mut chunk) {
+                Ok(0) => {
+                    open = false;
+                    if vmm_threads_ended(pid) {
+                        return (tail.last_line(), true);
+                    }
+                }
+                Ok(read) => tail.push(&chunk[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => open = false,
+            }
+            continue;
+        }
+        if fds[0].revents != 0 {
+            // Ended: what it wrote is in the pipe; take what is there.
+            while open && hardware::wait_readable(output.as_raw_fd(), Some(Duration::ZERO)) {
+                match output.read(&mut chunk) {
+                    Ok(0) | Err(_) => open = false,
+                    Ok(read) => tail.push(&chunk[..read]),
+                }
+            }
+            return (tail.last_line(), true);
+        }
+    }
+    (tail.last_line(), false)
+}
+
+/// `PF_EXITING` (include/linux/sched.h): the task is in `do_exit` and never
+/// returns to user mode.
+const PF_EXITING: u64 = 0x4;
+
+/// Whether every thread of process `pid` is past its last write to the
+/// process's memory: gone, or exiting (`PF_EXITING`) with no address space
+/// left (`exit_mm` done, which makes the kernel's own last writes there on
+/// its behalf, the robust futex list and `clear_child_tid`). What the
+/// process did with its files cannot say that: a vmm that closed its
+/// standard output runs on. The threads are listed again after the check,
+/// until two lists agree: a new thread comes only from one that is not
+/// exiting, and shows in the next list. A process already reaped (no
+/// `/proc` entry) has ended; one whose pid was reused since shows threads
+/// that are not exiting, and the caller waits for its pidfd instead.
+fn vmm_threads_ended(pid: libc::pid_t) -> bool {
+    let list = || -> Option<Vec<libc::pid_t>> {
+        let entries = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut tids: Vec<libc::pid_t> =
+            entries.filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok()).collect();
+        tids.sort_unstable();
+        Some(tids)
+    };
+    let mut before = match list() {
+        Some(tids) => tids,
+        None => return !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    };
+    // A thread that keeps making threads keeps the lists apart: bounded,
+    // and then the pidfd decides.
+    for _ in 0..8 {
+        for &tid in &before {
+            // Field 9: flags; 23: the address space's size, 0 without one.
+            match crate::driver_watch::process_stat(tid, &[9, 23]) {
+                Ok(fields) if fields[0] & PF_EXITING != 0 && fields[1] == 0 => {}
+                Ok(_) => return false,
+                // Gone since the list.
+                Err(_) => {}
+            }
+        }
+        match list() {
+            Some(after) if after == before => return true,
+            Some(after) => before = after,
+            None => return true,
+        }
+    }
+    false
+}
+
+/// The end of a stream, at most `limit` bytes of it kept; memory stays
+/// within three times `limit` whatever the writer sends.
+struct Tail {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Tail {
+    fn new(limit: usize) -> Self {
+        Tail { bytes: Vec::with_capacity(limit), limit }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        self.bytes.extend_from_slice(chunk);
+        // Compacted only past twice the limit: each byte is moved at most
+        // once on average, however long the flood.
+        if self.bytes.len() > 2 * self.limit {
+            self.bytes.drain(..self.bytes.len() - self.limit);
+        }
+    }
+
+    /// Its last non-empty line (lossily decoded, trimmed).
+    fn last_line(&self) -> String {
+        let kept = &self.bytes[self.bytes.len().saturating_sub(self.limit)..];
+        let text = String::from_utf8_lossy(kept);
+        text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or("").to_owned()
+    }
+}
+
 /// The last line of what `output` gives until its end, from at most its
 /// last `limit` bytes (lossily decoded, trimmed); memory stays within
 /// three times `limit` whatever the writer sends.
 fn last_line(mut output: impl Read, limit: usize) -> String {
-    let mut tail: Vec<u8> = Vec::with_capacity(limit);
+    let mut tail = Tail::new(limit);
     let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
     loop {
         match output.read(&mut chunk) {
             Ok(0) => break,
-            Ok(read) => {
-                tail.extend_from_slice(&chunk[..read]);
-                // Compacted only past twice the limit: each byte is moved
-                // at most once on average, however long the flood.
-                if tail.len() > 2 * limit {
-                    tail.drain(..tail.len() - limit);
-                }
-            }
+            Ok(read) => tail.push(&chunk[..read]),
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    let kept = &tail[tail.len().saturating_sub(limit)..];
-    let text = String::from_utf8_lossy(kept);
-    text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or("").to_owned()
+    tail.last_line()
 }
 
 /// The `vmm` binary: `explicit` if given, else the one next to this
@@ -904,5 +1068,98 @@ mod tests {
         let line = last_line(flood, 100);
         assert_eq!(line.len(), 100);
         assert!(line.ends_with("yyyEND"), "{line}");
+    }
+}
+
+#[cfg(test)]
+mod process_tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::{DriverLauncher, DriverVm, DriverVmSpec};
+    use crate::driver_vms::EXIT_WAIT;
+
+    /// A vmm stand-in: a shell script (it runs unjailed) that does `body`.
+    fn stand_in(name: &str, body: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("supervisor-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("marker");
+        let script = dir.join("vmm");
+        let body = body.replace("MARKER", &marker.display().to_string());
+        std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        (script, marker)
+    }
+
+    fn launch(vmm: PathBuf, exited: &EventFd) -> DriverVm {
+        let spec = DriverVmSpec {
+            name: "stand-in".into(),
+            vmm,
+            image: "blk".into(),
+            args: String::new(),
+            memory: "16M".into(),
+            jail: None,
+            hosted: false,
+        };
+        let launcher = DriverLauncher::new(spec, Vec::new(), Vec::new(), Vec::new(), 1, exited.try_clone().unwrap());
+        launcher.launch(&mut |_| Ok(())).unwrap()
+    }
+
+    /// The state letter of `/proc/PID/stat`, or None once the process is
+    /// reaped.
+    fn state(pid: libc::pid_t) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.split_whitespace().next()?.chars().next()
+    }
+
+    /// A compromised vmm may close its standard output (where its report
+    /// comes) and run on. Taken for its end, a failover would let the next
+    /// driver VM and the replay into the channel while it still wrote there.
+    #[test]
+    fn the_closing_of_a_driver_vms_output_is_not_taken_for_its_end() {
+        let (script, marker) = stand_in("closes-output", "exec 1>&-\n: > MARKER\nexec sleep 60");
+        let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let driver = launch(script, &exited);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the stand-in did not start");
+            std::thread::yield_now();
+        }
+        // Its output is closed; the watcher has read its end by now or
+        // will soon. It must not report the driver VM gone: it runs.
+        let reported = hardware::wait_readable(std::os::fd::AsRawFd::as_raw_fd(&exited), Some(Duration::from_secs(1)));
+        let running = state(driver.pid());
+        assert!(!reported && driver.exit_report().is_none(), "reported gone while it runs ({running:?})");
+        assert!(matches!(running, Some('S' | 'R')), "the stand-in is {running:?}");
+        // Once killed and waited for, it has ended.
+        assert!(driver.kill_and_wait(EXIT_WAIT), "not gone after a kill");
+        let after = state(driver.pid());
+        assert!(matches!(after, None | Some('Z' | 'X')), "reported gone, but it is {after:?}");
+        assert!(driver.exit_report().is_some());
+        let _ = std::fs::remove_dir_all(marker.parent().unwrap());
+    }
+
+    /// A live process's threads are not past their end; a reaped one's are.
+    #[test]
+    fn only_threads_past_their_end_count_as_ended() {
+        assert!(!super::vmm_threads_ended(std::process::id() as libc::pid_t));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        child.wait().unwrap();
+        assert!(super::vmm_threads_ended(pid) || std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    /// Its report still comes through when the vmm writes it and ends.
+    #[test]
+    fn a_driver_vms_report_is_read_to_its_end() {
+        let (script, _) = stand_in("reports", "echo 'starting'\necho '{\"outcome\":\"exit\",\"code\":0}'");
+        let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let driver = launch(script.clone(), &exited);
+        assert!(hardware::wait_readable(std::os::fd::AsRawFd::as_raw_fd(&exited), Some(EXIT_WAIT)), "no exit seen");
+        assert_eq!(driver.exit_report().as_deref(), Some("{\"outcome\":\"exit\",\"code\":0}"));
+        let _ = std::fs::remove_dir_all(script.parent().unwrap());
     }
 }
