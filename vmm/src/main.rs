@@ -407,15 +407,6 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
 
 fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
     keep_stdout_released_first();
-    // Supervised, its end is watched: an address-space holder lets it end
-    // sooner (`vmm::address_space`). Started while this is the only thread.
-    let holder = match args.exit_on_stdin_close.then(vmm::address_space::hold).transpose() {
-        Ok(holder) => holder,
-        Err(error) => {
-            tracing::warn!(%error, "no address-space holder: a kill of this vmm is seen later");
-            None
-        }
-    };
     let (config, image) = configure(name, &args)?;
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
@@ -446,6 +437,17 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         }
     }
     let vm = Vm::create(&kvm, &config, &image, Console::new(name, sink))?;
+    // Supervised, its end is watched: an address-space holder lets it end
+    // sooner, and holds the VM so that its teardown waits for the recovery
+    // (`vmm::address_space`). Started while this is the only thread.
+    let kept = [std::os::fd::AsRawFd::as_raw_fd(&vm.vm_fd), vm.vcpu.raw_fd()];
+    let holder = match args.exit_on_stdin_close.then(|| vmm::address_space::hold(&kept)).transpose() {
+        Ok(holder) => holder,
+        Err(error) => {
+            tracing::warn!(%error, "no address-space holder: a kill of this vmm is seen later");
+            None
+        }
+    };
     if !args.seccomp {
         tracing::warn!(
             "running UNCONFINED (no --seccomp, no jail): guest code that escapes into this process has its \

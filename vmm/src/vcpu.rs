@@ -232,6 +232,11 @@ enum Exit {
 }
 
 impl Vcpu {
+    /// The vCPU's descriptor (for the address-space holder to keep).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.fd)
+    }
+
     /// Wraps a configured vCPU.
     pub fn new(
         fd: VcpuFd,
