@@ -5,7 +5,8 @@
 # completion, and each failover split into its phases (detection, retire,
 # replacement, device reset, replay, then drain: to the last request the
 # fault caught; reflector::failover), and the client's own slowest request
-# in each of the load's 2-second jobs.
+# in each of the load's 2-second jobs, against the same with no fault (two
+# load runs, 8 jobs, before the first kill).
 # For scale: QEMU with qemu-storage-daemon and reconnect-ms=1000 stalls
 # seconds when its backend is killed (ci/e2e-qsd.sh measures it).
 #
@@ -68,4 +69,4 @@ echo "bench-recovery: $kills SIGKILLs under verified load, spare=$spare, device=
 # Gaps above 100 ms: a driver VM that served that long is not in a crash
 # loop, so every restart is immediate (no backoff), which is what we measure.
 "$bin/reflector" chaos --control "$tmp/ctl" --device bench --socket "$tmp/d.sock" --kinds kill \
-    --faults "$kills" --seed "$seed" --min-gap-ms 110 --max-gap-ms 130
+    --faults "$kills" --seed "$seed" --min-gap-ms 110 --max-gap-ms 130 --quiet-runs 2

@@ -44,6 +44,10 @@ pub struct ChaosOptions {
     pub recovery_timeout: Duration,
     /// The `blk-load` binary.
     pub blk_load: PathBuf,
+    /// Load runs (4 jobs of 2 s each) before the first fault, with no
+    /// fault: the client's own figures on the same device and machine,
+    /// against which the failovers' are read.
+    pub quiet_runs: u32,
 }
 
 /// What happened.
@@ -74,6 +78,9 @@ pub struct ChaosReport {
     /// waited at worst, which a stall measured inside the reflector could
     /// understate.
     pub load_slowest_us: Vec<u64>,
+    /// The slowest request of each job of the quiet runs before the first
+    /// fault ([`ChaosOptions::quiet_runs`]), µs.
+    pub quiet_slowest_us: Vec<u64>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -122,11 +129,11 @@ struct LoadOutcome {
     slowest_us: Vec<u64>,
 }
 
-/// Runs `blk-load --verify` in a loop until `stop`.
-fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>) -> LoadOutcome {
+/// Runs `blk-load --verify` in a loop until `stop`, or `max_runs` runs.
+fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>, max_runs: Option<u32>) -> LoadOutcome {
     let mut load = LoadOutcome::default();
     let LoadOutcome { runs, errors, mismatches, failures, slowest_us } = &mut load;
-    while !stop.load(Ordering::Acquire) {
+    while !stop.load(Ordering::Acquire) && max_runs.is_none_or(|max| *runs + *failures < max) {
         let output = Command::new(&options.blk_load)
             .arg("--socket")
             .arg(&socket)
@@ -181,13 +188,21 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
         ));
     }
     let start = Instant::now();
+    let mut report = ChaosReport::default();
+    let quiet = match &options.socket {
+        Some(socket) if options.quiet_runs > 0 => {
+            eprintln!("chaos: {} load runs with no fault first", options.quiet_runs);
+            run_load(options, socket.clone(), Arc::new(AtomicBool::new(false)), Some(options.quiet_runs))
+        }
+        _ => LoadOutcome::default(),
+    };
+    report.quiet_slowest_us = quiet.slowest_us.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let load = options.socket.clone().map(|socket| {
         let (options, stop) = (options.clone(), stop.clone());
-        std::thread::spawn(move || run_load(&options, socket, stop))
+        std::thread::spawn(move || run_load(&options, socket, stop, None))
     });
     let mut rng = Rng(options.seed | 1);
-    let mut report = ChaosReport::default();
     let result = (|| -> Result<(), String> {
         for i in 0..options.faults {
             let (low, high) = (options.gap.0.as_micros() as u64, options.gap.1.as_micros() as u64);
@@ -232,8 +247,13 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     stop.store(true, Ordering::Release);
     if let Some(load) = load {
         let load = load.join().unwrap_or(LoadOutcome { failures: 1, ..LoadOutcome::default() });
-        (report.load_runs, report.load_errors, report.load_mismatches, report.load_failures) =
-            (load.runs, load.errors, load.mismatches, load.failures);
+        // What the quiet runs saw counts too.
+        (report.load_runs, report.load_errors, report.load_mismatches, report.load_failures) = (
+            load.runs + quiet.runs,
+            load.errors + quiet.errors,
+            load.mismatches + quiet.mismatches,
+            load.failures + quiet.failures,
+        );
         report.load_slowest_us = load.slowest_us;
     }
     result?;
@@ -279,14 +299,30 @@ pub fn print(options: &ChaosOptions, report: &ChaosReport) {
             );
         }
     }
-    if !report.load_slowest_us.is_empty() {
-        let mut slowest = report.load_slowest_us.clone();
-        slowest.sort_unstable();
+    let median_and_max = |jobs: &[u64]| -> Option<(u64, u64)> {
+        let mut sorted = jobs.to_vec();
+        sorted.sort_unstable();
+        Some((*sorted.get(sorted.len() / 2)?, *sorted.last()?))
+    };
+    let quiet = median_and_max(&report.quiet_slowest_us);
+    if let Some((median, max)) = quiet {
         println!(
-            "  the client's slowest request in each 2 s load job (failovers included): median {:.2} ms, max {:.2} ms ({} jobs)",
-            ms(slowest[slowest.len() / 2]),
-            ms(slowest[slowest.len() - 1]),
-            slowest.len()
+            "  the client's slowest request in each 2 s load job with no fault (before the first): median {:.2} ms, max {:.2} ms ({} jobs)",
+            ms(median),
+            ms(max),
+            report.quiet_slowest_us.len()
+        );
+    }
+    if let Some((median, max)) = median_and_max(&report.load_slowest_us) {
+        let ratio = match quiet {
+            Some((quiet, _)) if quiet > 0 => format!(", {:.2}x the median with no fault", median as f64 / quiet as f64),
+            _ => String::new(),
+        };
+        println!(
+            "  the client's slowest request in each 2 s load job (failovers included): median {:.2} ms, max {:.2} ms ({} jobs){ratio}",
+            ms(median),
+            ms(max),
+            report.load_slowest_us.len()
         );
     }
     println!(

@@ -201,6 +201,10 @@ struct ChaosArgs {
     /// Longest wait for a recovery, s.
     #[arg(long, default_value_t = 20)]
     recovery_timeout_s: u64,
+    /// Load runs (4 jobs of 2 s each) with no fault before the first one: the client's
+    /// figures to read the failovers' against (needs --socket).
+    #[arg(long, default_value_t = 0)]
+    quiet_runs: u32,
 }
 
 #[derive(Args, Debug)]
@@ -384,6 +388,7 @@ fn run_chaos(args: ChaosArgs) -> ExitCode {
         ),
         recovery_timeout: std::time::Duration::from_secs(args.recovery_timeout_s),
         blk_load,
+        quiet_runs: args.quiet_runs,
     };
     match chaos::run(&options) {
         Ok(report) => {

@@ -298,7 +298,7 @@ fn a_spare_takes_over_and_is_replaced(value: &str, started: &str) {
     };
     let output = Command::new(reflector_bin())
         .args(["chaos", "--device", "disk0", "--faults", "20", "--seed", "5", "--kinds", "kill,panic,lie"])
-        .args(["--min-gap-ms", "110", "--max-gap-ms", "150", "--control"])
+        .args(["--min-gap-ms", "110", "--max-gap-ms", "150", "--quiet-runs", "1", "--control"])
         .arg(served.ctl())
         .arg("--socket")
         .arg(served.dir.join("d.sock"))
@@ -306,6 +306,11 @@ fn a_spare_takes_over_and_is_replaced(value: &str, started: &str) {
         .unwrap();
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chaos failed:\n{report}\n{}", served.log());
+    // The client's figures with no fault came first, from one load run (its
+    // four jobs), and the failovers' are read against them.
+    assert!(report.contains("with no fault (before the first): median "), "{report}");
+    assert!(report.contains("ms (4 jobs)"), "{report}");
+    assert!(report.contains("x the median with no fault"), "{report}");
     let log = served.log();
     let marker = format!("started={started}");
     let used = log.lines().filter(|l| l.contains("driver VM restarted") && l.contains(&marker)).count();
