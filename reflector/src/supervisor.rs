@@ -844,9 +844,10 @@ const PF_EXITING: u64 = 0x4;
 /// process did with its files cannot say that: a vmm that closed its
 /// standard output runs on. The threads are listed again after the check,
 /// until two lists agree: a new thread comes only from one that is not
-/// exiting, and shows in the next list. A process already reaped (no
-/// `/proc` entry) has ended; one whose pid was reused since shows threads
-/// that are not exiting, and the caller waits for its pidfd instead.
+/// exiting, and shows in the next list. A process whose threads cannot be
+/// listed (reaped already, or hidden by a `/proc` mounted `hidepid`) is not
+/// judged here, nor one whose pid was reused (its threads are not
+/// exiting): the caller waits for its pidfd instead.
 fn vmm_threads_ended(pid: libc::pid_t) -> bool {
     let list = || -> Option<Vec<libc::pid_t>> {
         let entries = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
@@ -855,9 +856,8 @@ fn vmm_threads_ended(pid: libc::pid_t) -> bool {
         tids.sort_unstable();
         Some(tids)
     };
-    let mut before = match list() {
-        Some(tids) => tids,
-        None => return !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    let Some(mut before) = list() else {
+        return false;
     };
     // A thread that keeps making threads keeps the lists apart: bounded,
     // and then the pidfd decides.
@@ -874,7 +874,7 @@ fn vmm_threads_ended(pid: libc::pid_t) -> bool {
         match list() {
             Some(after) if after == before => return true,
             Some(after) => before = after,
-            None => return true,
+            None => return false,
         }
     }
     false
@@ -1142,14 +1142,21 @@ mod process_tests {
         let _ = std::fs::remove_dir_all(marker.parent().unwrap());
     }
 
-    /// A live process's threads are not past their end; a reaped one's are.
+    /// A live process's threads are not past their end; an exited one's
+    /// (a zombie, not yet reaped) are; a reaped one is left to its pidfd.
     #[test]
     fn only_threads_past_their_end_count_as_ended() {
         assert!(!super::vmm_threads_ended(std::process::id() as libc::pid_t));
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id() as libc::pid_t;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state(pid) != Some('Z') {
+            assert!(Instant::now() < deadline, "`true` did not end: {:?}", state(pid));
+            std::thread::yield_now();
+        }
+        assert!(super::vmm_threads_ended(pid), "an exited process's threads are past their end");
         child.wait().unwrap();
-        assert!(super::vmm_threads_ended(pid) || std::path::Path::new(&format!("/proc/{pid}")).exists());
+        assert!(!super::vmm_threads_ended(pid), "a reaped process is left to its pidfd");
     }
 
     /// Its report still comes through when the vmm writes it and ends.
