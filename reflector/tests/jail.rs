@@ -312,6 +312,49 @@ fn control(control: &Path, args: &[&str]) -> String {
     String::from_utf8(output.unwrap().stdout).unwrap()
 }
 
+/// A jailed vmm that closes its standard output (where its report comes)
+/// and runs on is not taken for ended: no fault, no recovery while it runs
+/// (which would let the next driver VM and the replay into the channel
+/// beside it). Killed, it has ended, and then its exit is a fault.
+#[test]
+fn a_jailed_vmm_that_closes_its_output_is_not_taken_for_ended() {
+    if !kvm_available("a_jailed_vmm_that_closes_its_output_is_not_taken_for_ended") {
+        return;
+    }
+    let scratch = Scratch::new("jail-mute");
+    let (socket, ctl) = (scratch.join("d0.sock"), scratch.join("ctl"));
+    let args = vec![
+        "--vmm".to_string(),
+        sibling("mute-vmm").display().to_string(),
+        "--control".to_string(),
+        ctl.display().to_string(),
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d0,spare=off", socket.display(), scratch.join("d0.img").display()),
+    ];
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    reflector
+        .wait_for(|r| r.log_text().contains("mute-vmm: closed its standard output"), "the vmm to close its output");
+    // The reflector has read the pipe's end by now, or will within this
+    // second; it must not take it for the vmm's end.
+    let watched_until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < watched_until {
+        assert!(
+            !reflector.log_text().contains("driver VM fault"),
+            "a fault while the vmm runs:\n{}",
+            reflector.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = reflector.driver_pid();
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(["S", "R"].contains(&state.as_str()), "the vmm {pid} runs: {state}");
+    control(&ctl, &["kill", "d0"]);
+    reflector.wait_for(|r| r.log_text().contains("driver VM fault"), "the killed vmm's exit as a fault");
+    reflector.wait_for(|r| r.log_text().contains("driver VM restarted"), "a restart");
+    reflector.stop();
+}
+
 #[test]
 fn a_reflector_that_became_an_unprivileged_user_still_jails_and_recovers() {
     if !kvm_available("a_reflector_that_became_an_unprivileged_user_still_jails_and_recovers") {
