@@ -346,9 +346,8 @@ fn a_jailed_vmm_that_closes_its_output_is_not_taken_for_ended() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let pid = reflector.driver_pid();
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let state = state.rsplit(')').next().unwrap().split_whitespace().next().unwrap().to_owned();
-    assert!(["S", "R"].contains(&state.as_str()), "the vmm {pid} runs: {state}");
+    let state = status_line(pid as u64, "State:");
+    assert!(state.starts_with('S') || state.starts_with('R'), "the vmm {pid} runs: {state}");
     control(&ctl, &["kill", "d0"]);
     reflector.wait_for(|r| r.log_text().contains("driver VM fault"), "the killed vmm's exit as a fault");
     reflector.wait_for(|r| r.log_text().contains("driver VM restarted"), "a restart");
