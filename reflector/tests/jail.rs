@@ -218,7 +218,29 @@ fn every_running_driver_vm_is_confined() {
             let root_mount = fields[4] == "/";
             assert_eq!(line.contains(" - tmpfs drvm-jail "), root_mount, "driver VM {pid}: {line}");
         }
-        // Its one child, the address-space holder (vmm::address_space):
+        // Each of its threads carries a filter of its own besides the
+        // reflector's and the jail's (vmm::seccomp), so none can make a
+        // thread or a process that shares its memory and would outlive
+        // them: the reflector takes a killed vmm for ended once its threads
+        // are past their end. The main and vCPU threads install theirs (a
+        // standby's main thread just after starting its vCPU thread); a
+        // newer kernel also runs KVM's huge-page recovery worker as a
+        // thread of the VM's process (`kvm-nx-lpage-recovery`, kernel code
+        // only), which inherits the filters of the thread it is made from.
+        let filters_of_threads = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .map(|task| task.unwrap().file_name().to_string_lossy().parse::<u64>().unwrap())
+                .map(|tid| status_line(tid, "Seccomp_filters:"))
+                .collect()
+        };
+        reflector.wait_for(
+            |_| {
+                let filters = filters_of_threads();
+                filters.len() >= 2 && filters.iter().all(|count| count == "3")
+            },
+            &format!("driver VM {pid}'s threads, each under its own filter"),
+        );
         // confined, no descriptor of the vmm's, lowest priority.
         // (started first thing in the vmm, which may not have got there yet)
         let children = |pid: u64| -> Vec<u64> {

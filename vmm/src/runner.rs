@@ -147,6 +147,16 @@ fn pthread_of<T>(handle: &thread::JoinHandle<T>) -> libc::pthread_t {
     handle.as_pthread_t() as libc::pthread_t
 }
 
+/// Tests widen the window between the vCPU thread's start and the main
+/// thread's confinement (`VMM_TEST_CONFINE_DELAY_MS`), to show that no
+/// guest code runs in it. Only in builds with the test images.
+#[cfg(feature = "test-images")]
+fn delay_confinement_for_tests() {
+    if let Some(ms) = std::env::var("VMM_TEST_CONFINE_DELAY_MS").ok().and_then(|ms| ms.parse::<u64>().ok()) {
+        thread::sleep(Duration::from_millis(ms.min(10_000)));
+    }
+}
+
 fn io_error(operation: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { operation: operation.into(), source }
 }
@@ -182,6 +192,27 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
         }
         None => (None, None),
     };
+    // Guest code runs only once both threads are confined: a guest that
+    // escaped into this process on its first exit must not find the main
+    // thread still free to make threads or processes (which would share
+    // the channel's memory past the vCPU thread's end, where the reflector
+    // takes the vmm for ended) or the main thread's filter still in
+    // writable memory before it is installed.
+    let main_confined = Arc::new(AtomicBool::new(main_filter.is_none()));
+    let vcpu_may_run = main_confined.clone();
+    // What the main thread needs that its filter denies, made first.
+    let mut manager: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(|e| Error::Io {
+        operation: "creating the event loop".into(),
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let watchdog_timer = match options.timeout {
+        Some(timeout) => {
+            let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;
+            timer.reset(timeout, None).map_err(errno_error("arming the watchdog timer"))?;
+            Some(timer)
+        }
+        None => None,
+    };
     let handle = thread::Builder::new()
         .name(format!("{name}-vcpu"))
         .spawn(move || {
@@ -191,6 +222,15 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
                     let _ = done_signal.write(1);
                     return (VcpuStop::Ended(Outcome::InternalError { reason }), None, vcpu);
                 }
+            }
+            // A few tens of microseconds: the main thread installs its
+            // filter right after starting this thread.
+            while !vcpu_may_run.load(Ordering::Acquire) {
+                if thread_stop.load(Ordering::Acquire) {
+                    let _ = done_signal.write(1);
+                    return (VcpuStop::Stopped, None, vcpu);
+                }
+                thread::yield_now();
             }
             let mut ready_at = None;
             let mut stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
@@ -211,31 +251,9 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
         })
         .map_err(io_error("starting the vCPU thread"))?;
 
-    let finished = Arc::new(AtomicBool::new(false));
-    let expired = Arc::new(AtomicBool::new(false));
-    let mut manager: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new().map_err(|e| Error::Io {
-        operation: "creating the event loop".into(),
-        source: std::io::Error::other(format!("{e:?}")),
-    })?;
-    manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
-    if options.exit_on_stdin_close {
-        manager.add_subscriber(Box::new(Lifeline {
-            stop: stop.clone(),
-            asked: asked.clone(),
-            vcpu_thread: pthread_of(&handle),
-        }));
-    }
-    if let Some(timeout) = options.timeout {
-        let mut timer = TimerFd::new().map_err(errno_error("creating the watchdog timer"))?;
-        timer.reset(timeout, None).map_err(errno_error("arming the watchdog timer"))?;
-        manager.add_subscriber(Box::new(Watchdog {
-            timer,
-            stop: stop.clone(),
-            expired: expired.clone(),
-            vcpu_thread: pthread_of(&handle),
-        }));
-    }
     if let Some(filter) = main_filter {
+        #[cfg(feature = "test-images")]
+        delay_confinement_for_tests();
         if let Err(error) = crate::seccomp::apply(&filter) {
             stop.store(true, Ordering::Release);
             // SAFETY: the vCPU thread is not joined yet; its pthread_t is valid.
@@ -245,6 +263,26 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
                 source: std::io::Error::other(error),
             });
         }
+        tracing::debug!("main thread confined: the guest may run");
+        main_confined.store(true, Ordering::Release);
+    }
+    let finished = Arc::new(AtomicBool::new(false));
+    let expired = Arc::new(AtomicBool::new(false));
+    manager.add_subscriber(Box::new(VcpuDone { event: done, finished: finished.clone() }));
+    if options.exit_on_stdin_close {
+        manager.add_subscriber(Box::new(Lifeline {
+            stop: stop.clone(),
+            asked: asked.clone(),
+            vcpu_thread: pthread_of(&handle),
+        }));
+    }
+    if let Some(timer) = watchdog_timer {
+        manager.add_subscriber(Box::new(Watchdog {
+            timer,
+            stop: stop.clone(),
+            expired: expired.clone(),
+            vcpu_thread: pthread_of(&handle),
+        }));
     }
     while !finished.load(Ordering::Acquire) {
         manager.run().map_err(|e| Error::Io {

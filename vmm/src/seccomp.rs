@@ -272,4 +272,54 @@ mod tests {
         let status = in_child(&filter, get_regs(0xffff_ffff_0000_ae01));
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "status {status:#x}");
     }
+
+    /// The reflector takes a killed vmm for ended once each of its threads
+    /// is past its end (`reflector::supervisor`): that holds only if guest
+    /// code that escaped into the vmm cannot make another thread, nor a
+    /// process sharing its memory (the channel's bounce slots are mapped
+    /// there), that would outlive those threads and write on into a
+    /// replay. So once its filters are in, every way to clone kills.
+    #[test]
+    fn a_filtered_thread_is_killed_when_it_makes_a_thread_or_a_process() {
+        let clone = |flags: libc::c_long| {
+            move || {
+                // SAFETY: a raw clone with a null stack: where the filter
+                // let it through, the child runs on a copy of (or, with
+                // CLONE_VM, on) this stack until it `_exit`s in `in_child`,
+                // and the test fails on the status; it never returns here
+                // into Rust code that shares state.
+                unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+            }
+        };
+        let clone3 = || {
+            let mut args = [0u64; 11];
+            // Its exit_signal.
+            args[4] = libc::SIGCHLD as u64;
+            // SAFETY: clone3 with a valid, sized argument block; the filter
+            // decides before the kernel reads it.
+            unsafe { libc::syscall(libc::SYS_clone3, args.as_mut_ptr(), std::mem::size_of_val(&args)) };
+        };
+        let fork = || {
+            // SAFETY: fork; the filter kills first (a child would `_exit`).
+            unsafe { libc::fork() };
+        };
+        let thread = libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM;
+        let killed = |status: libc::c_int| libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS;
+        for (whose, filter) in [("vCPU", vcpu_filter().unwrap()), ("main", main_filter().unwrap())] {
+            for (what, status) in [
+                ("a process", in_child(&filter, clone(libc::SIGCHLD as libc::c_long))),
+                ("a process sharing its memory", in_child(&filter, clone((libc::CLONE_VM | libc::SIGCHLD) as _))),
+                ("a thread", in_child(&filter, clone(thread as _))),
+                ("anything through clone3", in_child(&filter, clone3)),
+                ("a process through fork", in_child(&filter, fork)),
+            ] {
+                assert!(killed(status), "the {whose} thread's filter let it make {what}: status {status:#x}");
+            }
+        }
+    }
 }

@@ -375,3 +375,41 @@ fn vms_can_be_recreated_in_process_without_leaking() {
         assert!(fds < base + 20, "round {round}: {fds} fds open, {base} after the first VM");
     }
 }
+
+/// A confined vmm runs no guest code until both of its threads are
+/// confined: a guest that escaped into the vmm on its first exit must not
+/// find the main thread still free to make a thread or a process that
+/// shares the vmm's memory (the reflector takes a killed vmm for ended once
+/// its threads are past their end, and replays into the channel mapped
+/// there), nor its filter still waiting in writable memory. The test build
+/// widens the window with `VMM_TEST_CONFINE_DELAY_MS`; the vmm's log says
+/// when the main thread is confined, and its guest's console lines come on
+/// the same pipe, so their order is the order of the events.
+#[test]
+fn no_guest_code_runs_before_the_main_thread_is_confined() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !kvm_available("no_guest_code_runs_before_the_main_thread_is_confined") {
+        return;
+    }
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 fills two descriptors, owned below.
+    assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both were just made by pipe2 and are owned by no one else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    let mut child = vmm()
+        .args(["run", "--seccomp", "--timeout", "60s", "--image", "hello", "--cmdline", "confine-marker"])
+        .env("VMM_LOG", "debug")
+        .env("VMM_TEST_CONFINE_DELAY_MS", "300")
+        .stdout(std::process::Stdio::from(writer.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(writer))
+        .spawn()
+        .expect("spawn vmm");
+    let mut text = String::new();
+    std::fs::File::from(reader).read_to_string(&mut text).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {text}");
+    let confined = text.find("main thread confined").unwrap_or_else(|| panic!("no confinement logged: {text}"));
+    let guest = text.find("hello from a driver VM").unwrap_or_else(|| panic!("the guest never printed: {text}"));
+    assert!(confined < guest, "guest code ran before the main thread was confined:\n{text}");
+}
