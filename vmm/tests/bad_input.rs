@@ -177,14 +177,7 @@ fn a_vanished_supervisor_is_not_a_panic() {
         return;
     }
     // Standard output is a pipe nobody reads any more: the supervisor died.
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 into a two-element array.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors we own.
-    let (read_end, write_end) = unsafe {
-        use std::os::fd::FromRawFd;
-        (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1]))
-    };
+    let (read_end, write_end) = common::pipe();
     drop(read_end);
     let out = output(vmm().args(["run", "--image", "hello", "--json"]).stdout(std::process::Stdio::from(write_end)));
     let stderr = String::from_utf8_lossy(&out.stderr);

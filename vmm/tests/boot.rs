@@ -388,15 +388,10 @@ fn vms_can_be_recreated_in_process_without_leaking() {
 #[test]
 fn no_guest_code_runs_before_the_main_thread_is_confined() {
     use std::io::Read;
-    use std::os::fd::{FromRawFd, OwnedFd};
     if !kvm_available("no_guest_code_runs_before_the_main_thread_is_confined") {
         return;
     }
-    let mut ends = [0; 2];
-    // SAFETY: pipe2 fills two descriptors, owned below.
-    assert_eq!(unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: both were just made by pipe2 and are owned by no one else.
-    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    let (reader, writer) = common::pipe();
     let mut child = vmm()
         .args(["run", "--seccomp", "--timeout", "60s", "--image", "hello", "--cmdline", "confine-marker"])
         .env("VMM_LOG", "debug")

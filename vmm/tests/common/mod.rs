@@ -90,6 +90,17 @@ pub fn inheritable_eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
+/// A pipe, both ends close-on-exec (a child gets one through `Stdio`):
+/// (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into a two-element array.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptors we own.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
 /// Waits up to `timeout_ms` for the eventfd to be signalled; returns its
 /// counter, or None on timeout (a hang guard, not a timing assertion).
 pub fn wait_eventfd(fd: &OwnedFd, timeout_ms: i32) -> Option<u64> {
