@@ -164,7 +164,8 @@ struct RunArgs {
     #[arg(long, value_name = "FD")]
     kvm_fd: Option<i32>,
     /// Confine the vCPU and main threads with seccomp filters once the VM
-    /// is set up: they can then open, map or create nothing new (any other
+    /// is set up, both before any guest code runs: they can then open, map
+    /// or create nothing new, threads and processes included (any other
     /// system call kills the process). Supervisors always pass it.
     /// Example: --seccomp
     #[arg(long)]
