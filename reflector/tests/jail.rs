@@ -241,6 +241,7 @@ fn every_running_driver_vm_is_confined() {
             },
             &format!("driver VM {pid}'s threads, each under its own filter"),
         );
+        // Its one child, the address-space holder (vmm::address_space):
         // confined, no descriptor of the vmm's, lowest priority.
         // (started first thing in the vmm, which may not have got there yet)
         let children = |pid: u64| -> Vec<u64> {

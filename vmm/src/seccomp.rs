@@ -190,6 +190,11 @@ mod tests {
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
     }
 
+    /// Whether a child `in_child` waited for was killed by its filter.
+    fn killed(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
     /// Forks a child that installs `filter` and makes `call`; how it ended.
     fn in_child(filter: &BpfProgram, call: impl Fn()) -> libc::c_int {
         // SAFETY: fork; the child only makes system calls and _exits.
@@ -243,7 +248,6 @@ mod tests {
             };
         };
         for filter in [vcpu_filter().unwrap(), main_filter().unwrap()] {
-            let killed = |status: libc::c_int| libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS;
             assert!(killed(in_child(&filter, open)), "openat must kill");
             assert!(killed(in_child(&filter, map_code)), "mmap with PROT_EXEC must kill");
             let fine = in_child(&filter, map_data);
@@ -270,7 +274,7 @@ mod tests {
         }
         // A request the thread may not make still kills, whatever its upper half.
         let status = in_child(&filter, get_regs(0xffff_ffff_0000_ae01));
-        assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS, "status {status:#x}");
+        assert!(killed(status), "status {status:#x}");
     }
 
     /// The reflector takes a killed vmm for ended once each of its threads
@@ -309,7 +313,6 @@ mod tests {
             | libc::CLONE_SIGHAND
             | libc::CLONE_THREAD
             | libc::CLONE_SYSVSEM;
-        let killed = |status: libc::c_int| libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS;
         for (whose, filter) in [("vCPU", vcpu_filter().unwrap()), ("main", main_filter().unwrap())] {
             for (what, status) in [
                 ("a process", in_child(&filter, clone(libc::SIGCHLD as libc::c_long))),
