@@ -26,9 +26,13 @@
 # sampling window (ci/cpu-tree.py --threads), a vCPU's guest time shown
 # apart: perf files the samples it takes in a kvm-pvm guest under the guest
 # (`perf kvm --guest --host report -i DIR/perf.data` shows them as the
-# vmm's ":PID"), so its host report, where the functions come from, leaves
-# them out. A thread's `[k]` symbols are its system calls and wake-ups, `[.]`
-# its own code; a vCPU's `[k]` its exits and kvm-pvm's world switches.
+# vCPU's ":TID", with bare guest addresses), so its host report, where the
+# functions come from, leaves them out. A thread's `[k]` symbols are its
+# system calls and wake-ups, `[.]` its own code; a vCPU's `[k]` its exits
+# and kvm-pvm's world switches. The guests' samples come last, named by
+# source location from the image each vCPU ran (ci/guest-profile.py, `vmm
+# locate`); a world switch is filed under the guest instruction that caused
+# it (a doorbell's write, the sleep's `in`).
 #
 # The binaries are target/release's (cargo build --release); BIN=DIR takes
 # them from DIR instead.
@@ -197,6 +201,9 @@ log "$target: $what; sampling every CPU for $seconds s"
 # (1.3 of the 1.9 busy cores under 64-byte net load) is counted here.
 roots=("${pids[@]}" "$load_pid")
 threads_before=$("$here/cpu-tree.py" --threads "${roots[@]}")
+# Which image each vCPU ran, to name its guest samples' addresses
+# (ci/guest-profile.py): at both ends, as driver VMs come and go.
+"$here/guest-profile.py" --images "${roots[@]}" >"$tmp/images.before"
 started=$(date +%s.%N)
 perf record -a -g -F 999 -o "$out/perf.data" -- sleep "$seconds" 2>"$tmp/perf.log" >/dev/null &
 pids+=($!)
@@ -205,6 +212,7 @@ pids+=($!)
 {
     sleep "$seconds"
     "$here/cpu-tree.py" --threads "${roots[@]}" >"$tmp/threads.after"
+    "$here/guest-profile.py" --images "${roots[@]}" >"$tmp/images.after"
     date +%s.%N >"$tmp/threads.ended"
 } &
 snapshot_pid=$!
@@ -243,4 +251,7 @@ with open(report) as f:
     for share, rest in list(rows(f))[:top]:
         print(f"  {share:5.2f}  {rest}")
 ' "$top" "$out/report.txt" "$seconds"
+# The guests' samples, named from the images' line tables (`vmm locate`).
+"$here/guest-profile.py" --report "$out/perf.data" "$seconds" "$top" "$bin/vmm" \
+    "$tmp/images.before" "$tmp/images.after" --names "$tmp/threads.after"
 [[ $out == "$tmp/out" ]] || log "perf.data and the full report (report.txt) are in $out"

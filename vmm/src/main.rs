@@ -59,10 +59,27 @@ enum Command {
     Images,
     /// Measure boot times: process spawn to guest ready, and in-process VM re-create.
     Bench(bench::BenchArgs),
+    /// Name the source location of guest addresses in an image (from its
+    /// line tables): one line per address, `ADDRESS<tab>LOCATION` (`?`
+    /// where it has none). Profilers give a driver VM's guest time as bare
+    /// addresses (`perf kvm --guest`); `ci/profile.sh` names them with this.
+    Locate(LocateArgs),
     /// Create a driver crate of your own (outside this repository), started
     /// from the vmdisk sample: `cargo test`, `cargo image`, then serve it
     /// with the reflector's driver=PATH (docs/writing-a-driver.md).
     NewDriver(NewDriverArgs),
+}
+
+#[derive(Args, Debug)]
+struct LocateArgs {
+    /// Built-in image name (see `vmm images`) or path to an image ELF file.
+    /// Example: --image net
+    #[arg(long, value_name = "NAME|PATH")]
+    image: String,
+    /// Guest addresses, hex with 0x or decimal; without any, they are read
+    /// from standard input (whitespace-separated). Example: 0x102b51
+    #[arg(value_name = "ADDRESS")]
+    addresses: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +209,42 @@ fn say_err(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// `vmm locate`: names each address's source location in the image.
+fn locate(args: LocateArgs) -> ExitCode {
+    let image = match Image::resolve(&args.image) {
+        Ok(image) => image,
+        Err(error) => {
+            say_err(&format!("vmm: {error}"));
+            return ExitCode::from(error.exit_status());
+        }
+    };
+    let mut addresses = args.addresses;
+    if addresses.is_empty() {
+        let mut input = String::new();
+        if let Err(error) = std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut input) {
+            say_err(&format!("vmm: cannot read the addresses from standard input: {error}"));
+            return ExitCode::from(status::USAGE);
+        }
+        addresses = input.split_whitespace().map(str::to_owned).collect();
+    }
+    let symbols = vmm::symbols::Symbols::new(image.bytes());
+    for text in &addresses {
+        let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => text.parse(),
+        };
+        let Ok(address) = parsed else {
+            say_err(&format!("vmm: {text:?} is not an address: give hex with 0x (0x102b51) or decimal"));
+            return ExitCode::from(status::USAGE);
+        };
+        match symbols.locate(address) {
+            Some(location) => say_out(&format!("{address:#x}\t{location}")),
+            None => say_out(&format!("{address:#x}\t?")),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let bad = || format!("{text:?}: expected a duration such as 500ms, 2s or 1.5");
     let (number, scale) =
@@ -245,6 +298,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Bench(args) => bench::main(args),
+        Command::Locate(args) => locate(args),
         Command::NewDriver(args) => {
             let sdk = args.sdk.unwrap_or_else(vmm::new_driver::default_sdk);
             match vmm::new_driver::create(&args.name, &args.dir, &sdk) {

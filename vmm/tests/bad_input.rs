@@ -28,6 +28,13 @@ fn missing_image() {
 }
 
 #[test]
+fn locate_refuses_what_is_not_an_address_or_an_image() {
+    rejects(&["locate", "--image", "hello", "0x10zz"], 2, "is not an address");
+    rejects(&["locate", "--image", "hello", "0x"], 2, "is not an address");
+    rejects(&["locate", "--image", "no-such-image", "0x100000"], 20, "not a built-in image");
+}
+
+#[test]
 fn not_an_elf() {
     let dir = TempDir::new("not-elf");
     let path = dir.file("text.elf", b"this is not an ELF file at all, just text....................................");

@@ -350,6 +350,55 @@ fn every_builtin_image_is_listed() {
     }
 }
 
+/// `vmm locate` names a guest address as a crash report does: the same
+/// function, file and line for every address of the report's backtrace
+/// (a return address is looked up at its call, one byte before), given as
+/// arguments or on standard input, and `?` for an address the image's
+/// line tables do not cover.
+#[test]
+fn locate_names_an_address_as_the_crash_report_does() {
+    use std::io::Write;
+    if !kvm_available("locate_names_an_address_as_the_crash_report_does") {
+        return;
+    }
+    let (status, report) = run_json(&["--image", "faulty", "--cmdline", "page-fault"]);
+    assert_eq!(report["outcome"], "exception", "status {status}: {report}");
+    let mut expected = Vec::new();
+    for (i, frame) in report["backtrace"].as_array().unwrap().iter().enumerate() {
+        let address = frame["address"].as_u64().unwrap() - u64::from(i > 0);
+        let location = &frame["location"];
+        let named = match location["function"].as_str() {
+            Some(function) => format!("{function} ({}:{})", location["file"].as_str().unwrap(), location["line"]),
+            None if location.is_null() => "?".to_owned(),
+            None => format!("{}:{}", location["file"].as_str().unwrap(), location["line"]),
+        };
+        expected.push((format!("{address:#x}"), named));
+    }
+    assert!(expected.iter().filter(|(_, named)| named != "?").count() >= 2, "{report}");
+    expected.push(("0x1".to_owned(), "?".to_owned()));
+    let lines = |stdout: &[u8]| -> Vec<(String, String)> {
+        let text = String::from_utf8_lossy(stdout).into_owned();
+        text.lines().map(|line| line.split_once('\t').map(|(a, b)| (a.into(), b.into())).unwrap_or_default()).collect()
+    };
+    let mut args = vec!["locate".to_owned(), "--image".to_owned(), "faulty".to_owned()];
+    args.extend(expected.iter().map(|(address, _)| address.clone()));
+    let out = output(vmm().args(&args));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines(&out.stdout), expected);
+
+    let mut child = vmm()
+        .args(["locate", "--image", "faulty"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: Vec<String> = expected.iter().map(|(address, _)| address.clone()).collect();
+    child.stdin.take().unwrap().write_all(input.join("\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(lines(&out.stdout), expected);
+}
+
 #[test]
 fn vms_can_be_recreated_in_process_without_leaking() {
     use std::sync::atomic::AtomicBool;
