@@ -24,6 +24,9 @@ import re
 import subprocess
 import sys
 
+# Source paths are shown from the repository's root.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def vmm_images(roots):
     """{tid: image} of every thread of the vmm processes under `roots`."""
@@ -86,7 +89,7 @@ def report(perf_data, seconds, top, vmm, snapshots, names):
             if place == "?":
                 place = f"{address:#x} (not in {image})" if image else f"{address:#x} (image not known)"
             # The function and file:line, shortened to the repository's path.
-            place = re.sub(r"\(/[^()]*?/((?:driver-vm|guest-kernel|template)/)", r"(\1", place)
+            place = place.replace(f"({REPO}/", "(")
             place = re.sub(r"\(/rustc/[0-9a-f]+/library/", "(library/", place)
             by_place[(thread, place)] += ns
             total += ns

@@ -35,7 +35,9 @@
 # it (a doorbell's write, the sleep's `in`).
 #
 # The binaries are target/release's (cargo build --release); BIN=DIR takes
-# them from DIR instead.
+# them from DIR instead. EXTRA=",KEY=VALUE..." adds options to the devices
+# of sim, direct and net (EXTRA=",driver_args=poll-us=0": a driver that
+# sleeps as soon as it is idle).
 #
 # Usage: ci/profile.sh TARGET [--seconds S] [--job J --bs B --qd Q] [--size BYTES] [--pingpong]
 #                             [--kills N] [--sched] [--top N] [--out DIR]
@@ -170,7 +172,7 @@ nvme) start_blk ",device=nvme" "nvme: serving channel generation" ;;
 uring) start_blk ",device=nvme,aio=io_uring" "nvme: serving channel generation" ;;
 qsd) start_blk threads ;;
 qsd-u) start_blk io_uring ;;
-net) start_net "" ;;
+net) start_net "${EXTRA:-}" ;;
 e1000e) start_net ",device=e1000e" ;;
 testpmd) start_net "" ;;
 failover) start_failover ;;
