@@ -55,6 +55,15 @@ def vmm_images(roots):
     return found
 
 
+def without_generics(frame):
+    """`serve<net::Net, ...> (file:line)` as `serve (file:line)`."""
+    while True:
+        shorter = re.sub(r"<[^<>]*>", "", frame)
+        if shorter == frame:
+            return frame
+        frame = shorter
+
+
 def report(perf_data, seconds, top, vmm, snapshots, names):
     images = {}
     for path in snapshots:
@@ -79,13 +88,16 @@ def report(perf_data, seconds, top, vmm, snapshots, names):
         image = images.get(tid)
         located = {}
         if image is not None and not image.startswith("fd="):
-            out = subprocess.run([vmm, "locate", "--image", image], input="\n".join(map(hex, addresses)),
+            out = subprocess.run([vmm, "locate", "--inlined", "--image", image],
+                                 input="\n".join(map(hex, addresses)),
                                  capture_output=True, text=True, check=False)
             for line in out.stdout.splitlines():
                 address, _, place = line.partition("\t")
                 located[int(address, 16)] = place
         for address, ns in addresses.items():
-            place = located.get(address, "?")
+            # The place and the function it was inlined into: a doorbell's
+            # write is then told apart by its caller.
+            place = " < ".join(map(without_generics, located.get(address, "?").split(" < ")[:2]))
             if place == "?":
                 place = f"{address:#x} (not in {image})" if image else f"{address:#x} (image not known)"
             # The function and file:line, shortened to the repository's path.

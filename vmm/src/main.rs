@@ -80,6 +80,11 @@ struct LocateArgs {
     /// from standard input (whitespace-separated). Example: 0x102b51
     #[arg(value_name = "ADDRESS")]
     addresses: Vec<String>,
+    /// Also the driver's own functions each place was inlined into,
+    /// innermost first, joined by ` < ` (a doorbell's write inlined into
+    /// two callers is then two places).
+    #[arg(long)]
+    inlined: bool,
 }
 
 #[derive(Args, Debug)]
@@ -237,10 +242,21 @@ fn locate(args: LocateArgs) -> ExitCode {
             say_err(&format!("vmm: {text:?} is not an address: give hex with 0x (0x102b51) or decimal"));
             return ExitCode::from(status::USAGE);
         };
-        match symbols.locate(address) {
-            Some(location) => say_out(&format!("{address:#x}\t{location}")),
-            None => say_out(&format!("{address:#x}\t?")),
-        }
+        let named = match symbols.locate(address) {
+            Some(location) if args.inlined => {
+                let frames = symbols.frames(address);
+                let own = frames.iter().filter(|frame| vmm::symbols::is_own(frame));
+                let chain: Vec<String> = own.map(ToString::to_string).collect();
+                if chain.is_empty() {
+                    location.to_string()
+                } else {
+                    chain.join(" < ")
+                }
+            }
+            Some(location) => location.to_string(),
+            None => "?".to_owned(),
+        };
+        say_out(&format!("{address:#x}\t{named}"));
     }
     ExitCode::SUCCESS
 }

@@ -65,7 +65,18 @@ impl<'a> Symbols<'a> {
     /// frame if all are the library's. None without line tables or when
     /// the address is in none.
     pub fn locate(&self, address: u64) -> Option<Location> {
-        let mut frames = self.context.as_ref()?.find_frames(address).skip_all_loads().ok()?;
+        let mut stack = self.frames(address);
+        let own = stack.iter().position(is_own);
+        own.or((!stack.is_empty()).then_some(0)).map(|at| stack.swap_remove(at))
+    }
+
+    /// Every frame at `address`, innermost first: the function it is in and
+    /// those it was inlined into, each with its call's line. A doorbell's
+    /// write, inlined into the driver's code, is told apart by its callers.
+    pub fn frames(&self, address: u64) -> Vec<Location> {
+        let Some(mut frames) = self.context.as_ref().and_then(|c| c.find_frames(address).skip_all_loads().ok()) else {
+            return Vec::new();
+        };
         let mut stack = Vec::new();
         while let Ok(Some(frame)) = frames.next() {
             let Some(location) = frame.location else { continue };
@@ -73,9 +84,13 @@ impl<'a> Symbols<'a> {
             let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|name| name.into_owned());
             stack.push(Location { function, file: file.to_owned(), line });
         }
-        let own = stack.iter().position(|frame| !frame.file.starts_with("/rustc/"));
-        own.or((!stack.is_empty()).then_some(0)).map(|at| stack.swap_remove(at))
+        stack
     }
+}
+
+/// Whether a frame is in the driver's own code, not the standard library's.
+pub fn is_own(frame: &Location) -> bool {
+    !frame.file.starts_with("/rustc/")
 }
 
 /// The location of `address` in the ELF `image` (see [`Symbols::locate`]).

@@ -354,7 +354,8 @@ fn every_builtin_image_is_listed() {
 /// function, file and line for every address of the report's backtrace
 /// (a return address is looked up at its call, one byte before), given as
 /// arguments or on standard input, and `?` for an address the image's
-/// line tables do not cover.
+/// line tables do not cover; with `--inlined`, followed by the driver's own
+/// functions it was inlined into.
 #[test]
 fn locate_names_an_address_as_the_crash_report_does() {
     use std::io::Write;
@@ -397,6 +398,17 @@ fn locate_names_an_address_as_the_crash_report_does() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(lines(&out.stdout), expected);
+
+    // --inlined: the same place first, then only the driver's own code.
+    args.push("--inlined".to_owned());
+    let out = output(vmm().args(&args));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for ((address, chain), (expected_address, place)) in lines(&out.stdout).iter().zip(&expected) {
+        assert_eq!(address, expected_address);
+        let frames: Vec<&str> = chain.split(" < ").collect();
+        assert_eq!(frames[0], place, "{chain}");
+        assert!(frames.iter().all(|frame| !frame.contains("(/rustc/")), "{chain}");
+    }
 }
 
 #[test]
