@@ -223,42 +223,33 @@ fn locate(args: LocateArgs) -> ExitCode {
             return ExitCode::from(error.exit_status());
         }
     };
-    let mut addresses = args.addresses;
-    if addresses.is_empty() {
-        let mut input = String::new();
-        if let Err(error) = std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut input) {
-            say_err(&format!("vmm: cannot read the addresses from standard input: {error}"));
-            return ExitCode::from(status::USAGE);
-        }
-        addresses = input.split_whitespace().map(str::to_owned).collect();
-    }
     let symbols = vmm::symbols::Symbols::new(image.bytes());
-    for text in &addresses {
+    let name = |text: &str| -> Result<(), ExitCode> {
         let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
             Some(hex) => u64::from_str_radix(hex, 16),
             None => text.parse(),
         };
         let Ok(address) = parsed else {
             say_err(&format!("vmm: {text:?} is not an address: give hex with 0x (0x102b51) or decimal"));
-            return ExitCode::from(status::USAGE);
+            return Err(ExitCode::from(status::USAGE));
         };
-        let named = match symbols.locate(address) {
-            Some(location) if args.inlined => {
-                let frames = symbols.frames(address);
-                let own = frames.iter().filter(|frame| vmm::symbols::is_own(frame));
-                let chain: Vec<String> = own.map(ToString::to_string).collect();
-                if chain.is_empty() {
-                    location.to_string()
-                } else {
-                    chain.join(" < ")
-                }
+        say_out(&format!("{address:#x}\t{}", symbols.name(address, args.inlined)));
+        Ok(())
+    };
+    let named = if args.addresses.is_empty() {
+        // Line by line, so a profile's many addresses take no more memory
+        // than one line.
+        std::io::BufRead::lines(std::io::stdin().lock()).try_for_each(|line| match line {
+            Ok(line) => line.split_whitespace().try_for_each(name),
+            Err(error) => {
+                say_err(&format!("vmm: cannot read the addresses from standard input: {error}"));
+                Err(ExitCode::from(status::USAGE))
             }
-            Some(location) => location.to_string(),
-            None => "?".to_owned(),
-        };
-        say_out(&format!("{address:#x}\t{named}"));
-    }
-    ExitCode::SUCCESS
+        })
+    } else {
+        args.addresses.iter().map(String::as_str).try_for_each(name)
+    };
+    named.err().unwrap_or(ExitCode::SUCCESS)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

@@ -86,6 +86,23 @@ impl<'a> Symbols<'a> {
         }
         stack
     }
+
+    /// How `vmm locate` names `address`: its [`Symbols::locate`] place, or
+    /// `?`; with `inlined`, followed by the driver's own functions it was
+    /// inlined into, joined by ` < `.
+    pub fn name(&self, address: u64, inlined: bool) -> String {
+        let Some(place) = self.locate(address) else { return "?".to_owned() };
+        let chain: Vec<String> = if inlined {
+            self.frames(address).iter().filter(|frame| is_own(frame)).map(ToString::to_string).collect()
+        } else {
+            Vec::new()
+        };
+        if chain.is_empty() {
+            place.to_string()
+        } else {
+            chain.join(" < ")
+        }
+    }
 }
 
 /// Whether a frame is in the driver's own code, not the standard library's.

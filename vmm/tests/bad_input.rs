@@ -34,6 +34,30 @@ fn locate_refuses_what_is_not_an_address_or_an_image() {
     rejects(&["locate", "--image", "no-such-image", "0x100000"], 20, "not a built-in image");
 }
 
+/// Addresses on standard input are judged as those given as arguments; a
+/// stream that is not text ends in an error, not a panic.
+#[test]
+fn locate_refuses_bad_standard_input() {
+    use std::io::Write;
+    for (input, needle) in
+        [(&b"0x100000\nnot-an-address\n"[..], "is not an address"), (b"0x10\xff\n", "standard input")]
+    {
+        let mut child = vmm()
+            .args(["locate", "--image", "hello"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("vmm: ") && stderr.contains(needle), "{stderr}");
+    }
+}
+
 #[test]
 fn not_an_elf() {
     let dir = TempDir::new("not-elf");
