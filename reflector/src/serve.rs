@@ -566,7 +566,7 @@ pub fn start_net(
 
 /// The memory a device may reach by DMA: the channel's bounce slots (the
 /// IOMMU of this design).
-fn bounce_dma(channel: &Channel) -> DmaRegion {
+pub(crate) fn bounce_dma(channel: &Channel) -> DmaRegion {
     DmaRegion {
         memory: channel.memory().clone(),
         offset: channel::BOUNCE_OFFSET,

@@ -61,6 +61,18 @@ pub fn avail_overrun(vring: &VringRwLock, memory: &GuestMemoryMmap) -> bool {
     }
 }
 
+/// Whether taking one more chain from `vring` would give the device more
+/// chains of this client than its queue has descriptors: the client then
+/// offered a head the device still holds (virtio: a head is the driver's
+/// again only once used). Each chain kept costs the reflector memory, so a
+/// client that reuses heads could make it hold without bound.
+pub fn exceeds_queue(vring: &VringRwLock, held: usize) -> bool {
+    held >= usize::from(vring.get_ref().get_queue().size())
+}
+
+/// What a device says when [`exceeds_queue`] cuts its client off.
+pub const HEAD_REUSED: &str = "it offers more chains than its queue holds: a head reused while the device has it";
+
 /// The `size` bytes at `offset` of a virtio config space, as a client reads
 /// them: zeros past its end (a read the device cannot answer is not an
 /// error in vhost-user).

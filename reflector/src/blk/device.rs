@@ -36,7 +36,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::avail_overrun;
+use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -511,6 +511,14 @@ impl DeviceKind for Blk {
             };
             tracing::trace!(device = %core.name, chains = chains.len(), "queue processed");
             for (head, segments) in chains {
+                if exceeds_queue(vring, self.waiting.len() + self.in_flight.len_for(core.client)) {
+                    core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                    core.cut_off(HEAD_REUSED);
+                    // What this kick already sent goes out; it completes
+                    // into nothing once the client is gone.
+                    core.publish();
+                    return Ok(());
+                }
                 match segments {
                     Some(segments) => self.accept(core, vring, &memory, head, &segments),
                     None => {

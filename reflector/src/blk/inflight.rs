@@ -212,6 +212,12 @@ impl InFlightTable {
         self.slots.len() - self.free.len()
     }
 
+    /// Number of requests in flight from client connection `client` (those
+    /// of a departed client may still be in the driver VM).
+    pub fn len_for(&self, client: u64) -> usize {
+        self.slots.iter().flatten().filter(|entry| entry.client == client).count()
+    }
+
     /// Whether nothing is in flight.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

@@ -328,7 +328,7 @@ impl ThreadLaunch for FakeLaunch {
 }
 
 /// Entries in the client's queue.
-const QUEUE_SIZE: u16 = 256;
+pub const QUEUE_SIZE: u16 = 256;
 /// Where the client's request buffers start (after the queue).
 const BUFFERS: u64 = 0x10_0000;
 /// Bytes of buffer per request (header, data up to 64 KiB, status).
@@ -414,6 +414,29 @@ impl<'a> Client<'a> {
         self.queue.add_desc_chains(&descriptors, head).unwrap();
         self.next_descriptor = (self.next_descriptor + 3) % (QUEUE_SIZE - QUEUE_SIZE % 3);
         Sent { head, data: data_at, len: data.len() as u32, status: status_at }
+    }
+
+    /// Offers `head` again, `times` times, as a client that breaks virtio
+    /// would: avail entries naming a chain the device may still hold. Not
+    /// kicked.
+    pub fn republish(&mut self, head: u16, times: u16) {
+        let avail = self.queue.avail();
+        for _ in 0..times {
+            let idx = avail.idx().load();
+            avail.ring().ref_at(usize::from(idx % QUEUE_SIZE)).unwrap().store(head);
+            avail.idx().store(idx.wrapping_add(1));
+        }
+    }
+
+    /// Puts one device-writable buffer of `len` bytes on the queue (a
+    /// receive buffer, to a net device); its head. Not kicked.
+    pub fn writable(&mut self, len: u32) -> u16 {
+        let head = self.next_descriptor;
+        let at = GuestAddress(BUFFERS + u64::from(head / 3) * BUFFER_STRIDE);
+        let descriptor = RawDescriptor::from(SplitDescriptor::new(at.0, len, 2, 0));
+        self.queue.add_desc_chains(&[descriptor], head).unwrap();
+        self.next_descriptor = (self.next_descriptor + 3) % (QUEUE_SIZE - QUEUE_SIZE % 3);
+        head
     }
 
     /// The status byte the device wrote for `sent` (0xff: none yet).

@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::fake::{client_memory, Client, FakeDisk, FakeLaunch, Script, Sent};
+use super::fake::{client_memory, Client, FakeDisk, FakeLaunch, Script, Sent, QUEUE_SIZE};
 use super::{Device, DeviceWiring};
 use crate::blk::device::{Blk, BlkDevice};
 use crate::channel::Channel;
@@ -590,4 +590,66 @@ fn a_device_that_was_stopped_starts_no_driver_vm_when_its_driver_then_hangs() {
     bench.device.shutdown();
     bench.device.shutdown();
     assert_eq!(bench.launches(), 1);
+}
+
+/// A client that offers a request's head again while the device still
+/// holds it (virtio: a head is the driver's again only once used) is cut
+/// off once it would pass its queue's size, instead of making the
+/// reflector keep a request per offer without bound. Before the fix the
+/// device took every offer: 385 requests from a queue of 256.
+#[test]
+fn a_client_reoffering_a_request_the_device_holds_is_cut_off_at_its_queue_size() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang], false, RecoveryConfig::default());
+    let sent = bench.submit(&[(false, 0, vec![0; 512])]);
+    for _ in 0..3 {
+        bench.client.republish(sent[0].head, QUEUE_SIZE / 2);
+        bench.client.kick(&mut bench.device);
+    }
+    assert!(bench.device.core.memory.is_none(), "the client reusing a held head was not cut off");
+    assert!(bench.count(&bench.metrics.malformed) >= 1);
+}
+
+/// The same for a net device's receive buffers, which it keeps until a
+/// frame comes: without the cut, one writable buffer offered again and
+/// again made the reflector hold a chain per offer.
+#[test]
+fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() {
+    use crate::net::device::Net;
+    let memory = client_memory();
+    let channel = Channel::new("fake-net").unwrap();
+    let switch = hardware::switch::Switch::new("fake-net");
+    let card = Arc::new(
+        hardware::sim_nic::SimNic::start("fake-net", [2, 0, 0, 0, 0, 1], crate::serve::bounce_dma(&channel), switch)
+            .unwrap(),
+    );
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
+    let launch = FakeLaunch::new(
+        channel.memory().clone(),
+        &completion_doorbell,
+        &driver_exited,
+        FakeDisk::new(8),
+        &[Script::Hang],
+    );
+    let wiring = DeviceWiring {
+        channel,
+        hardware: card.clone(),
+        device_interrupt: card.interrupt(),
+        completion_doorbell,
+        driver_exited,
+        launcher: Box::new(launch),
+        poll_window: Duration::ZERO,
+        memory_cap: None,
+    };
+    let mut device = Device::new("fake-net", Net::new(card), wiring, RecoveryConfig::default()).unwrap();
+    let mut client = Client::attach(&memory, &mut device);
+    let head = client.writable(2048);
+    client.kick(&mut device);
+    for _ in 0..3 {
+        client.republish(head, QUEUE_SIZE / 2);
+        client.kick(&mut device);
+    }
+    assert!(device.core.memory.is_none(), "the client reusing a held receive buffer was not cut off");
+    device.shutdown();
 }

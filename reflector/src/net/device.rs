@@ -35,7 +35,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::avail_overrun;
+use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -197,6 +197,11 @@ impl Net {
                 rx.disable_notification().map_err(std::io::Error::other)?;
             }
             while let Some((head, segments)) = pop_chain(rx, &memory) {
+                if exceeds_queue(rx, self.rx_buffers.len()) {
+                    core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                    core.cut_off(HEAD_REUSED);
+                    return Ok(());
+                }
                 match segments.and_then(|segments| marshal::rx_capacity(&memory, &segments).map(|c| (segments, c))) {
                     Ok((segments, capacity)) => self.rx_buffers.push_back(RxBuffer { head, segments, capacity }),
                     Err(reason) => {
