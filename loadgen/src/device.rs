@@ -346,6 +346,17 @@ impl BlkDevice {
         }
     }
 
+    /// A second handle on the kick eventfd (a hostile client kicks from
+    /// another thread while it changes the memory table).
+    pub fn kick_handle(&self) -> Result<EventFd> {
+        self.kick.try_clone().map_err(|e| Error::sys("duplicating the kick eventfd", e))
+    }
+
+    /// The vhost-user session (a hostile client sends its own messages).
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
     /// The memfd behind the shared memory (a hostile client shrinks it).
     pub fn memory_file(&self) -> &std::fs::File {
         self.mem.file()

@@ -13,6 +13,11 @@
 //!   serving this client.
 //! - `avail-overrun`: the avail index is set to the queue size plus 5 past what was consumed
 //!   (with EVENT_IDX if offered). The backend must neither spin nor crash.
+//! - `swap-memory`: while a second thread kicks the queue without pause, a new memory table
+//!   whose region lies past the end of its (one page) memfd, over the rings, so that any touch
+//!   of the queue through it raises SIGBUS; [`SWAP_ATTEMPTS`] times, on a fresh connection
+//!   each. The backend must refuse every table without touching it, though its worker is busy
+//!   with the queue when the table arrives.
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -34,13 +39,16 @@ pub enum Case {
     ShrinkMemory,
     /// An avail index beyond the queue size.
     AvailOverrun,
+    /// A bad memory table while the queue is kicked without pause.
+    SwapMemory,
     /// A well-behaved client that stays connected.
     Idle,
 }
 
 impl Case {
     /// Every case's name, for help and errors.
-    pub const NAMES: [&'static str; 4] = ["memory-beyond-file", "shrink-memory", "avail-overrun", "idle"];
+    pub const NAMES: [&'static str; 5] =
+        ["memory-beyond-file", "shrink-memory", "avail-overrun", "swap-memory", "idle"];
 
     /// Parses a case name.
     pub fn parse(name: &str) -> std::result::Result<Case, String> {
@@ -48,6 +56,7 @@ impl Case {
             "memory-beyond-file" => Ok(Case::MemoryBeyondFile),
             "shrink-memory" => Ok(Case::ShrinkMemory),
             "avail-overrun" => Ok(Case::AvailOverrun),
+            "swap-memory" => Ok(Case::SwapMemory),
             "idle" => Ok(Case::Idle),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
@@ -119,6 +128,16 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
                 format!("avail index set to {bogus} with {consumed} consumed (queue size {})", device.queue_size());
             (Outcome { case: name, refused, detail }, Box::new(device))
         }
+        Case::SwapMemory => {
+            let mut refused = 0;
+            for _ in 0..SWAP_ATTEMPTS {
+                if swap_memory_under_kicks(path, opts)? {
+                    refused += 1;
+                }
+            }
+            let detail = format!("{refused} of {SWAP_ATTEMPTS} bad tables refused while the queue was kicked");
+            (Outcome { case: name, refused: refused == SWAP_ATTEMPTS, detail }, Box::new(()))
+        }
         Case::Idle => {
             let mut device = BlkDevice::connect(path, opts)?;
             let (write, read) = (device.run_one(0, Op::Write, 0, 4096)?, device.run_one(0, Op::Read, 0, 4096)?);
@@ -131,6 +150,39 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
     hold_until_stdin_closes(opts.timeout);
     drop(hold);
     Ok(outcome)
+}
+
+/// How many bad tables `swap-memory` sends, each on a fresh connection: the backend's worker is
+/// in the middle of an event when most of them arrive.
+pub const SWAP_ATTEMPTS: u32 = 20;
+
+/// One `swap-memory` attempt: connects, kicks the queue from another thread without pause,
+/// sends a table whose region runs past its one-page memfd over the rings, and says whether
+/// the backend refused it (ended the connection).
+fn swap_memory_under_kicks(path: &Path, opts: &DeviceOptions) -> Result<bool> {
+    let mut device = BlkDevice::connect(path, opts)?;
+    device.run_one(0, Op::Write, 0, 4096)?;
+    let kick = device.kick_handle()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let kicker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = kick.write(1);
+                std::thread::yield_now();
+            }
+        })
+    };
+    // The rings start at the memory's first byte: everything past the first page is past the
+    // new file's end.
+    let page = GuestMem::new(4096)?;
+    let size = device.mem_size() as u64;
+    let sent = device.session_mut().set_mem_table_sized(&page, size);
+    let negotiated = *device.negotiated();
+    let after = sent.and_then(|()| device.session_mut().get_config(&negotiated).map(|_| ()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = kicker.join();
+    Ok(after.is_err())
 }
 
 /// Keeps the connection (held by the caller) open until standard input reaches its end, at

@@ -131,7 +131,7 @@ struct Cli {
     /// input closes (at most --timeout): memory-beyond-file (a memory table region of 64 TiB on a
     /// 1 MiB memfd), shrink-memory (truncate the memfd under the backend, then submit a write
     /// whose payload lies past the new end), avail-overrun (an avail index beyond the queue
-    /// size), or idle (a well-behaved client that just stays connected). Prints one line (JSON with --json) saying whether the backend refused. For tests
+    /// size), swap-memory (tables past their memfd's end while the queue is kicked), or idle (a well-behaved client that just stays connected). Prints one line (JSON with --json) saying whether the backend refused. For tests
     /// that check a backend survives such a client. Example: blk-load -s /tmp/d.sock --hostile
     /// shrink-memory --timeout 30 < /dev/null
     #[arg(long, value_name = "CASE", value_parser = loadgen::hostile::Case::parse, conflicts_with = "malformed")]

@@ -126,6 +126,52 @@ static SLOTS: [Slot; REGISTRY_SLOTS] = [FREE; REGISTRY_SLOTS];
 
 static INSTALL: Once = Once::new();
 
+/// A client's memory table as the reflector uses it: the mapping
+/// [`accept`] checked, registered with the SIGBUS guard for as long as any
+/// clone of this lives.
+///
+/// vhost-user-backend swaps a new table into its own view (the vrings'
+/// too) before it tells the device, and a worker may be inside an event
+/// then: the reflector touches client memory only through this snapshot,
+/// never through a vring's own view (`clippy.toml` forbids the vring
+/// methods that use it), so nothing reads a table before it is checked and
+/// registered.
+#[derive(Clone)]
+pub struct ClientMemory(std::sync::Arc<Checked>);
+
+struct Checked {
+    // Declared first, so dropped first: the mapping goes before its
+    // registration.
+    mapping: std::sync::Arc<GuestMemoryMmap>,
+    registration: Registration,
+}
+
+impl ClientMemory {
+    /// Whether a touch of this memory faulted (see [`Registration::poisoned`]).
+    pub fn poisoned(&self) -> bool {
+        self.0.registration.poisoned()
+    }
+
+    /// The mapping, for what outlives a call (a DMA window).
+    pub fn mapping(&self) -> std::sync::Arc<GuestMemoryMmap> {
+        self.0.mapping.clone()
+    }
+}
+
+impl std::ops::Deref for ClientMemory {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.0.mapping
+    }
+}
+
+impl std::fmt::Debug for ClientMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientMemory").field("registration", &self.0.registration).finish()
+    }
+}
+
 /// A client's memory table, registered with the SIGBUS guard for as long as
 /// this lives.
 #[derive(Debug)]
@@ -230,11 +276,14 @@ pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {
 /// A device accepting `device`'s client's new memory table: [`guard`],
 /// with the refusal logged. Refusing the table ends the connection
 /// (vhost-user-backend).
-pub fn accept(device: &str, memory: &GuestMemoryMmap) -> std::io::Result<Registration> {
-    guard(memory).map_err(|error| {
-        tracing::error!(device, %error, "refusing the client's memory table");
-        std::io::Error::other(error)
-    })
+pub fn accept(device: &str, mapping: std::sync::Arc<GuestMemoryMmap>) -> std::io::Result<ClientMemory> {
+    match guard(&mapping) {
+        Ok(registration) => Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration }))),
+        Err(error) => {
+            tracing::error!(device, %error, "refusing the client's memory table");
+            Err(std::io::Error::other(error))
+        }
+    }
 }
 
 fn install_handler() {

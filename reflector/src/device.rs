@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::channel::Channel;
-use crate::client_memory;
+use crate::client_memory::{self, ClientMemory};
 use crate::driver_vms::{DriverLaunch, DriverVms, SpareKind};
 use crate::driver_watch::{ResourceWatch, WATCH_PERIOD};
 use crate::failover::{Draining, Timeline};
@@ -187,11 +187,12 @@ pub struct DeviceCore {
     pub name: String,
     /// The client negotiated VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
-    /// The client's memory, once its table arrived.
-    pub memory: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    /// The client's memory table registered with the SIGBUS guard; kept
-    /// after a cut-off, while the mapping may still be touched.
-    memory_guard: Option<client_memory::Registration>,
+    /// The client's memory, once its table arrived and was checked: the
+    /// only way the device touches it (see [`ClientMemory`]).
+    pub memory: Option<ClientMemory>,
+    /// The last table accepted, kept registered with the SIGBUS guard after
+    /// a cut-off while the mapping may still be touched.
+    memory_guard: Option<ClientMemory>,
     /// Which client connection this is: answers for an earlier one are
     /// dropped, not written into the new client's memory.
     pub client: u64,
@@ -266,7 +267,7 @@ impl DeviceCore {
 
     /// Whether touching the client's memory has faulted.
     pub fn client_memory_poisoned(&self) -> bool {
-        self.memory_guard.as_ref().is_some_and(client_memory::Registration::poisoned)
+        self.memory_guard.as_ref().is_some_and(ClientMemory::poisoned)
     }
 
     /// The driver VM's new completions; None (reported as a fault, unless
@@ -936,13 +937,17 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         tracing::trace!(device = %self.core.name, "client memory table");
+        // The old table leaves vhost-user-backend's view before this is
+        // called; dropping the device's snapshot of it unmaps it, and then
+        // its ranges leave the guard (they would name whatever is mapped
+        // there next).
         self.core.memory = None;
-        // The old table is unmapped already: its ranges must not stay
-        // registered (they would name whatever is mapped there next).
         self.core.memory_guard = None;
-        let registration = client_memory::accept(&self.core.name, &memory.memory())?;
-        self.core.memory = Some(memory);
-        self.core.memory_guard = Some(registration);
+        // The new table, as the handler has just mapped it: nothing of the
+        // device has touched it (it reads only its checked snapshot).
+        let checked = client_memory::accept(&self.core.name, memory.memory().into_inner())?;
+        self.core.memory = Some(checked.clone());
+        self.core.memory_guard = Some(checked);
         Ok(())
     }
 
@@ -967,7 +972,7 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         self.settle(vrings);
         self.publish_state();
         for vring in vrings {
-            let _ = signal_used(vring);
+            let _ = signal_used(vring, self.core.memory.as_deref());
         }
         self.core.wake_sleeping_driver();
         // An error returned here would end vhost-user-backend's worker loop

@@ -32,16 +32,41 @@ pub fn periodic_timer(period: std::time::Duration) -> std::io::Result<TimerFd> {
     Ok(timer)
 }
 
+// The queue operations below take the client's memory from the caller: the
+// device's checked snapshot (`client_memory::ClientMemory`), never the
+// vring's own view, which vhost-user-backend points at a new table before
+// the device has checked it (clippy.toml forbids the vring's methods that
+// use its view).
+
 /// Tells the client about used buffers, if it asked to be told. Nothing to
-/// do while its queue is not set up (a timer may fire between two clients).
-pub fn signal_used(vring: &VringRwLock) -> std::io::Result<()> {
+/// do while its queue is not set up (a timer may fire between two clients)
+/// or without a checked memory table.
+pub fn signal_used(vring: &VringRwLock, memory: Option<&GuestMemoryMmap>) -> std::io::Result<()> {
+    let Some(memory) = memory else { return Ok(()) };
     if !vring.get_ref().get_queue().ready() {
         return Ok(());
     }
-    if vring.needs_notification().map_err(std::io::Error::other)? {
+    let needed = vring.get_mut().get_queue_mut().needs_notification(memory).map_err(std::io::Error::other)?;
+    if needed {
         vring.signal_used_queue()?;
     }
     Ok(())
+}
+
+/// Puts chain `head` in the used ring with `len` bytes written.
+pub fn add_used(vring: &VringRwLock, memory: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+    vring.get_mut().get_queue_mut().add_used(memory, head, len)
+}
+
+/// Asks the client to kick again (EVENT_IDX: past what was taken); whether
+/// more chains came meanwhile.
+pub fn enable_notification(vring: &VringRwLock, memory: &GuestMemoryMmap) -> std::io::Result<bool> {
+    vring.get_mut().get_queue_mut().enable_notification(memory).map_err(std::io::Error::other)
+}
+
+/// Asks the client not to kick while the device takes chains anyway.
+pub fn disable_notification(vring: &VringRwLock, memory: &GuestMemoryMmap) -> std::io::Result<()> {
+    vring.get_mut().get_queue_mut().disable_notification(memory).map_err(std::io::Error::other)
 }
 
 /// Whether the client published more available entries than its queue

@@ -100,6 +100,19 @@ fn an_avail_index_beyond_the_queue_cuts_the_client_off_without_spinning() {
     }
 }
 
+/// A bad memory table that arrives while the worker is inside an event:
+/// vhost-user-backend maps it and points the vrings at it before the
+/// device checks it, so a worker that touched the queue through the
+/// vrings' own view took SIGBUS from the table it was about to refuse (an
+/// adversarial review found it). The device reads client memory only
+/// through its checked snapshot now.
+#[test]
+fn a_bad_memory_table_sent_while_the_queue_is_kicked_is_refused_untouched() {
+    if kvm_available("a_bad_memory_table_sent_while_the_queue_is_kicked_is_refused_untouched") {
+        survives("swap-memory", "refusing the client's memory table", true);
+    }
+}
+
 /// The descriptors of process `pid`: number -> what it points at.
 fn fd_table(pid: i32) -> Vec<(i32, String)> {
     let mut table: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -178,7 +178,7 @@ fn frames_cross(tag: &str, extra: &str) {
     assert!(a["tx_frames"].as_u64().unwrap() > 0 && b["tx_frames"].as_u64().unwrap() > 0, "{a} {b}");
     let delivered = a["rx_frames"].as_u64().unwrap() + b["rx_frames"].as_u64().unwrap();
     assert!(delivered >= received, "the devices delivered {delivered} frames, net-load saw {received}");
-    assert_eq!((a["faults"].as_u64(), a["malformed"].as_u64()), (Some(0), Some(0)));
+    assert_eq!((a["faults"].as_u64(), a["malformed"].as_u64()), (Some(0), Some(0)), "{a}");
 }
 
 #[test]

@@ -27,16 +27,17 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 use super::inflight::{self, InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use crate::channel::Channel;
+use crate::client_memory::ClientMemory;
 use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
+use crate::worker::{add_used, avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -171,7 +172,7 @@ impl Blk {
         if let (Some(limit), RequestKind::Read | RequestKind::Write) = (self.in_flight.window_limit(), request.kind) {
             // dma=direct: the device reaches the client's buffers through a
             // window while the request is in flight; nothing is copied.
-            let snapshot = core.memory.as_ref().map(|atomic| atomic.memory().into_inner());
+            let snapshot = core.memory.as_ref().map(ClientMemory::mapping);
             let window = snapshot.and_then(|memory| marshal::dma_window(memory, request, limit));
             if !window.is_some_and(|window| self.in_flight.map_window(slot, window)) {
                 return false;
@@ -338,8 +339,7 @@ impl Blk {
     /// Judges and completes the driver VM's answers; false at the first
     /// that fails a check (reported as a fault unless `salvaging`).
     fn take_answers(&mut self, core: &mut DeviceCore, vring: Option<&VringRwLock>, salvaging: bool) -> bool {
-        let atomic = core.memory.clone();
-        let memory = atomic.as_ref().map(|m| m.memory());
+        let memory = core.memory.clone();
         let Some(completions) = core.take_completions(salvaging) else { return false };
         for completion in completions {
             let judged = inflight::check(&completion, &self.in_flight).and_then(|answer| {
@@ -445,7 +445,7 @@ fn complete(
         core.metrics.errors.fetch_add(1, Ordering::Relaxed);
     }
     core.metrics.completed.fetch_add(1, Ordering::Relaxed);
-    if let Err(error) = vring.add_used(head, used_len) {
+    if let Err(error) = add_used(vring, memory, head, used_len) {
         tracing::warn!(device = %core.name, head, %error, "cannot complete a request in the client's queue");
     }
 }
@@ -486,11 +486,10 @@ impl DeviceKind for Blk {
 
     fn queue_kicked(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[VringRwLock]) -> std::io::Result<()> {
         let Some(vring) = vrings.first() else { return Ok(()) };
-        let Some(atomic) = core.memory.clone() else {
+        let Some(memory) = core.memory.clone() else {
             tracing::debug!(device = %core.name, "queue kicked before the client's memory table arrived");
             return Ok(());
         };
-        let memory = atomic.memory();
         loop {
             if avail_overrun(vring, &memory) {
                 core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
@@ -498,7 +497,7 @@ impl DeviceKind for Blk {
                 return Ok(());
             }
             if core.event_idx {
-                vring.disable_notification().map_err(std::io::Error::other)?;
+                disable_notification(vring, &memory)?;
             }
             let chains: Vec<(u16, Option<Vec<Segment>>)> = {
                 let mut state = vring.get_mut();
@@ -530,7 +529,7 @@ impl DeviceKind for Blk {
                     }
                 }
             }
-            if !core.event_idx || !vring.enable_notification().map_err(std::io::Error::other)? {
+            if !core.event_idx || !enable_notification(vring, &memory)? {
                 break;
             }
         }
@@ -543,10 +542,10 @@ impl DeviceKind for Blk {
         if !self.take_answers(core, vrings.first(), false) {
             return Ok(());
         }
-        let atomic = core.memory.clone();
-        if let (Some(vring), Some(memory)) = (vrings.first(), atomic.as_ref().map(|m| m.memory())) {
-            self.send_held(core, vring, &memory);
-            self.submit_waiting(core, vring, &memory);
+        let memory = core.memory.clone();
+        if let (Some(vring), Some(memory)) = (vrings.first(), memory.as_deref()) {
+            self.send_held(core, vring, memory);
+            self.submit_waiting(core, vring, memory);
         }
         core.publish();
         Ok(())
@@ -565,8 +564,7 @@ impl DeviceKind for Blk {
     }
 
     fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
-        let atomic = core.memory.clone();
-        let memory = atomic.as_ref().map(|m| m.memory());
+        let memory = core.memory.clone();
         self.fail_poisoned(core, vrings.first(), memory.as_deref());
         for (slot, entry) in self.in_flight.drain() {
             if memory.is_none() || entry.client != core.client {
@@ -583,8 +581,7 @@ impl DeviceKind for Blk {
     }
 
     fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
-        let atomic = core.memory.clone();
-        let memory = atomic.as_ref().map(|m| m.memory());
+        let memory = core.memory.clone();
         let client = core.client;
         for (_, entry) in self.in_flight.drain() {
             if let (Some(vring), Some(memory), true) = (vrings.first(), memory.as_deref(), entry.client == client) {

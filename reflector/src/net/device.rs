@@ -27,7 +27,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::marshal::{self, Malformed, Segment};
 use super::slots::{self, NetAnswer, NetSlots, SlotState};
@@ -35,7 +35,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
+use crate::worker::{add_used, avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -97,8 +97,7 @@ impl Net {
     /// Takes the client's transmit chains while TX slots are free (or drops
     /// them while the device has failed).
     fn process_tx(&mut self, core: &mut DeviceCore, tx: &VringRwLock) -> std::io::Result<()> {
-        let Some(atomic) = core.memory.clone() else { return Ok(()) };
-        let memory = atomic.memory();
+        let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !tx.get_ref().get_queue().ready() {
             return Ok(());
         }
@@ -110,18 +109,18 @@ impl Net {
                 return Ok(());
             }
             if core.event_idx {
-                tx.disable_notification().map_err(std::io::Error::other)?;
+                disable_notification(tx, &memory)?;
             }
             while self.can_take_tx(core) {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
                 sent |= self.transmit(core, &memory, head, segments.as_deref());
-                if let Err(error) = tx.add_used(head, 0) {
+                if let Err(error) = add_used(tx, &memory, head, 0) {
                     tracing::warn!(device = %core.name, head, %error, "cannot return a transmit chain");
                 }
             }
             // Chains left while no slot (or no driver VM) can take them wait
             // for a completion or a restart, not for a kick.
-            if !self.can_take_tx(core) || !core.event_idx || !tx.enable_notification().map_err(std::io::Error::other)? {
+            if !self.can_take_tx(core) || !core.event_idx || !enable_notification(tx, &memory)? {
                 break;
             }
         }
@@ -182,8 +181,7 @@ impl Net {
 
     /// Takes every receive chain the client offers, then delivers held frames.
     fn process_rx(&mut self, core: &mut DeviceCore, rx: &VringRwLock) -> std::io::Result<()> {
-        let Some(atomic) = core.memory.clone() else { return Ok(()) };
-        let memory = atomic.memory();
+        let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !rx.get_ref().get_queue().ready() {
             return Ok(());
         }
@@ -194,7 +192,7 @@ impl Net {
                 return Ok(());
             }
             if core.event_idx {
-                rx.disable_notification().map_err(std::io::Error::other)?;
+                disable_notification(rx, &memory)?;
             }
             while let Some((head, segments)) = pop_chain(rx, &memory) {
                 if exceeds_queue(rx, self.rx_buffers.len()) {
@@ -207,11 +205,11 @@ impl Net {
                     Err(reason) => {
                         core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(device = %core.name, head, %reason, "malformed receive chain returned unused");
-                        let _ = rx.add_used(head, 0);
+                        let _ = add_used(rx, &memory, head, 0);
                     }
                 }
             }
-            if !core.event_idx || !rx.enable_notification().map_err(std::io::Error::other)? {
+            if !core.event_idx || !enable_notification(rx, &memory)? {
                 break;
             }
         }
@@ -254,7 +252,7 @@ impl Net {
                 }
             };
             for (chain, used) in chains.iter().zip(used) {
-                if let Err(error) = rx.add_used(chain.head, used) {
+                if let Err(error) = add_used(rx, memory, chain.head, used) {
                     tracing::warn!(device = %core.name, head = chain.head, %error, "cannot return a receive chain");
                 }
             }
@@ -329,7 +327,7 @@ impl Net {
             return Ok(());
         };
         match core.memory.clone() {
-            Some(atomic) if rx.get_ref().get_queue().ready() => self.deliver_held(core, rx, &atomic.memory()),
+            Some(memory) if rx.get_ref().get_queue().ready() => self.deliver_held(core, rx, &memory),
             _ => self.post_rx_buffers(core),
         }
         self.process_tx(core, tx)
