@@ -38,13 +38,22 @@ impl SharedMemory {
     pub fn new(name: &str, size: usize) -> std::io::Result<Self> {
         let cname = std::ffi::CString::new(name).map_err(|_| std::io::Error::other("NUL in memfd name"))?;
         // SAFETY: memfd_create with a valid C string; returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: `fd` is a fresh descriptor owned by nothing else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size as u64)?;
+        // Its size is sealed for good: whoever else holds it (a driver VM's
+        // vmm, a device model's QEMU; untrusted) could otherwise shrink it,
+        // and the reflector's next touch of the mapping would fault
+        // (SIGBUS). Punching holes (`release`) stays allowed.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: fcntl(2) F_ADD_SEALS on the memfd just made.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Self::map_file(file, size)
     }
 
@@ -203,6 +212,32 @@ impl Drop for SharedMemory {
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
+
+    /// Nobody holding the memfd (a driver VM's vmm, QEMU) can change its
+    /// size: a shrunk file would make the reflector's next touch fault.
+    #[test]
+    fn no_holder_can_change_the_size_of_a_region() {
+        use std::os::unix::fs::FileExt;
+        let region = SharedMemory::new("sealed", 8192).unwrap();
+        // What another process would get: the same open file.
+        let file = region.file.try_clone().unwrap();
+        for size in [0, 4096, 16384] {
+            let error = file.set_len(size).unwrap_err();
+            assert_eq!(error.raw_os_error(), Some(libc::EPERM), "set_len({size})");
+        }
+        let grown = file.write_at(&[1], 8192).unwrap_err();
+        assert_eq!(grown.raw_os_error(), Some(libc::EPERM), "a write past the end");
+        // SAFETY: fallocate(2) and fcntl(2) on a descriptor this test holds.
+        let (allocated, resealed) = unsafe {
+            (libc::fallocate(file.as_raw_fd(), 0, 0, 16384), libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, 0))
+        };
+        assert_eq!((allocated, resealed), (-1, -1), "fallocate growing it, or a change of its seals");
+        assert_eq!(file.metadata().unwrap().len(), 8192);
+        // Its own pages are still released (a punched hole keeps the size).
+        region.write(0, 7u32);
+        region.release(0, 4096).unwrap();
+        assert_eq!(region.read::<u32>(0), Some(0));
+    }
 
     #[test]
     fn accessors_check_bounds() {

@@ -130,6 +130,33 @@ fn flood_stdout(mib: usize) -> usize {
 /// only the jail's quota (one core) keeps it below two.
 const SPINNING_THREADS: usize = 3;
 
+/// Tries to shrink, grow and write past the end of each regular file among
+/// `fds` (its windows: the channel, the device's registers, a memory disk's
+/// image), which the reflector maps too: {fd: [ftruncate to 0, fallocate
+/// past the end, pwrite past the end]}.
+fn resize_files(fds: &[i32]) -> Value {
+    let mut tried = Map::new();
+    for &fd in fds.iter().filter(|fd| **fd > 2) {
+        // SAFETY: fstat(2) into a local struct, then ftruncate(2),
+        // fallocate(2) and pwrite(2) of one local byte on a descriptor this
+        // process holds: what a compromised vmm would try.
+        let outcomes = unsafe {
+            let mut stat: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd, &mut stat) < 0 || stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+                continue;
+            }
+            let end = stat.st_size;
+            [
+                outcome(libc::ftruncate(fd, 0).into()),
+                outcome(libc::fallocate(fd, 0, end, 4096).into()),
+                outcome(libc::pwrite(fd, [0u8].as_ptr().cast(), 1, end) as libc::c_long),
+            ]
+        };
+        tried.insert(fd.to_string(), json!(outcomes));
+    }
+    Value::Object(tried)
+}
+
 fn main() {
     // It passes the supervisor's start check, as a compromised binary would.
     if std::env::args().any(|arg| arg == "--check") {
@@ -150,6 +177,7 @@ fn main() {
         // SAFETY: F_GETFD only queries a descriptor number.
         (0..1024).filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0).collect();
     note("open fds", json!(open_fds));
+    note("resize window files", resize_files(&open_fds));
     note("tcp 127.0.0.1:22", json!(connect_tcp(22)));
     note("tcp 127.0.0.1:80", json!(connect_tcp(80)));
     // An io_uring would submit calls no seccomp filter sees (the probe

@@ -59,6 +59,15 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     assert!(!Path::new(&image).to_string_lossy().is_empty());
     // Only its own descriptors: stdio, /dev/kvm, two windows, two doorbells, two interrupt lines.
     assert_eq!(report["open fds"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), "{report}");
+    // Its windows' files (the channel, the registers) are the reflector's
+    // too: none can be shrunk or grown (a shrunk one would make the
+    // reflector's next touch of it fault). Before the seals and the
+    // filter's ban, each of the three calls worked.
+    let resized = report["resize window files"].as_object().unwrap();
+    assert!(resized.len() >= 2, "the windows were not found among its files: {report}");
+    for (fd, outcomes) in resized {
+        assert!(outcomes.as_array().unwrap().iter().all(|o| o != "ok"), "fd {fd} changed size: {outcomes}");
+    }
     // No network (its namespace's loopback is down), no process it may touch.
     expect("tcp 127.0.0.1:22", "ENETUNREACH");
     expect("tcp 127.0.0.1:80", "ENETUNREACH");

@@ -84,6 +84,23 @@ pub fn io_uring_refused() -> Option<std::io::Error> {
 const JAIL_ONLY: &[libc::c_long] =
     &[libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
 
+/// What a vmm may not do besides [`JAIL_ONLY`]: change a file's size. Its
+/// windows' files are shared with the reflector (the channel, a memory
+/// disk's image) and a shrunk one would make the reflector's next touch
+/// fault; the vmm never resizes a file. (The memfds are sealed as well,
+/// `hardware::shm`, against every holder.) QEMU keeps these: its block
+/// layer may resize its disk image.
+const VMM_ONLY: &[libc::c_long] = &[libc::SYS_ftruncate, libc::SYS_truncate, libc::SYS_fallocate];
+
+/// Whether the jailed process may change files' sizes ([`VMM_ONLY`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileSizes {
+    /// ftruncate, truncate and fallocate fail with EPERM (a vmm).
+    Fixed,
+    /// They are let through (a device model's QEMU).
+    Free,
+}
+
 /// Confines the reflector process (all its threads, and children before
 /// their own jail adds more): [`NEVER`] fails with EPERM, and so do the
 /// io_uring calls unless `io_uring` allows them. Call once at start,
@@ -166,21 +183,25 @@ impl DenyList {
 }
 
 /// The outer filter: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
-/// `io_uring` allows them, and clone with any namespace flag fail with
+/// `io_uring` allows them, [`VMM_ONLY`] unless `sizes` is free, and clone with any namespace flag fail with
 /// EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone; and x32 calls fail with
 /// EPERM ([`DenyList`]). One program: the kernel prepares each filter it
 /// attaches, and a cold restart installed three where one does.
-pub(super) fn outer_filter(io_uring: IoUring) -> Result<seccompiler::BpfProgram, JailError> {
-    outer_deny_list(io_uring)?.compile("the jail's")
+pub(super) fn outer_filter(io_uring: IoUring, sizes: FileSizes) -> Result<seccompiler::BpfProgram, JailError> {
+    outer_deny_list(io_uring, sizes)?.compile("the jail's")
 }
 
 /// The rules of [`outer_filter`].
-fn outer_deny_list(io_uring: IoUring) -> Result<DenyList, JailError> {
+fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| building("the jail's", e);
+    let fixed = match sizes {
+        FileSizes::Fixed => VMM_ONLY,
+        FileSizes::Free => &[],
+    };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).map(|call| (*call, Vec::new())).collect();
+        NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).chain(fixed).map(|call| (*call, Vec::new())).collect();
     let namespaces = [
         libc::CLONE_NEWNS,
         libc::CLONE_NEWUSER,
@@ -244,10 +265,11 @@ mod tests {
     /// architectures) as seccompiler's own program of the same rules does.
     #[test]
     fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
-        for io_uring in [IoUring::Denied, IoUring::Allowed] {
-            for (whose, list) in
-                [("jail", outer_deny_list(io_uring).unwrap()), ("reflector", reflector_deny_list(io_uring).unwrap())]
-            {
+        for (io_uring, sizes) in [(IoUring::Denied, FileSizes::Fixed), (IoUring::Allowed, FileSizes::Free)] {
+            for (whose, list) in [
+                ("jail", outer_deny_list(io_uring, sizes).unwrap()),
+                ("reflector", reflector_deny_list(io_uring).unwrap()),
+            ] {
                 let (otherwise, matched) = DenyList::answers();
                 let checked = seccomp_index::verify::against_seccompiler(list.rules, otherwise, matched, &list.early)
                     .unwrap_or_else(|error| panic!("the {whose}'s filter ({io_uring:?}): {error}"));
@@ -259,14 +281,17 @@ mod tests {
     #[test]
     fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
         let reflector = |io_uring| Some(reflector_filter(io_uring).unwrap());
-        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied).unwrap()), io_uring_setup), libc::EPERM);
+        assert_eq!(
+            errno_under(Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap()), io_uring_setup),
+            libc::EPERM
+        );
         assert_eq!(errno_under(reflector(IoUring::Denied), io_uring_setup), libc::EPERM);
         // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
         // with io_uring turned off refuses it unfiltered, so this half needs
         // one that has it).
         let unfiltered = errno_under(None, io_uring_setup);
         if unfiltered == 0 {
-            assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed).unwrap()), io_uring_setup), 0);
+            assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::Free).unwrap()), io_uring_setup), 0);
             assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
@@ -296,9 +321,49 @@ mod tests {
             assert_eq!(errno_under(reflector(), move || setns_own_network(nstype)), libc::EPERM, "nstype {nstype:#x}");
         }
         for io_uring in [IoUring::Denied, IoUring::Allowed] {
-            let jail = Some(outer_filter(io_uring).unwrap());
+            let jail = Some(outer_filter(io_uring, FileSizes::Free).unwrap());
             assert_eq!(errno_under(jail, || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
         }
+    }
+
+    /// ftruncate(2) of a memfd to its own size, which changes nothing: the
+    /// errno, or 0.
+    fn ftruncate_a_memfd() -> i32 {
+        // SAFETY: memfd_create(2), ftruncate(2) and close(2) of a
+        // descriptor this function makes and owns.
+        unsafe {
+            let fd = libc::memfd_create(c"size-probe".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            let result = errno_of(libc::ftruncate(fd, 0).into());
+            libc::close(fd);
+            result
+        }
+    }
+
+    /// fallocate(2) of a memfd's first page (it grows it): the errno, or 0.
+    fn fallocate_a_memfd() -> i32 {
+        // SAFETY: as in `ftruncate_a_memfd`.
+        unsafe {
+            let fd = libc::memfd_create(c"size-probe".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            let result = errno_of(libc::fallocate(fd, 0, 0, 4096).into());
+            libc::close(fd);
+            result
+        }
+    }
+
+    /// A jailed vmm changes no file's size (its windows' files are the
+    /// reflector's too); QEMU's jail lets it resize its disk image.
+    #[test]
+    fn a_vmm_may_not_change_a_files_size_and_qemu_may() {
+        assert_eq!(errno_under(None, ftruncate_a_memfd), 0);
+        assert_eq!(errno_under(None, fallocate_a_memfd), 0);
+        let vmm = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
+        assert_eq!(errno_under(vmm(), ftruncate_a_memfd), libc::EPERM);
+        assert_eq!(errno_under(vmm(), fallocate_a_memfd), libc::EPERM);
+        let qemu = || Some(outer_filter(IoUring::Denied, FileSizes::Free).unwrap());
+        assert_eq!(errno_under(qemu(), ftruncate_a_memfd), 0);
+        assert_eq!(errno_under(qemu(), fallocate_a_memfd), 0);
     }
 
     #[test]
@@ -306,8 +371,14 @@ mod tests {
         // The filters answer before the kernel looks at the number, so
         // this holds on kernels with x32 (where it would run) and without
         // (ENOSYS).
-        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied).unwrap()), x32_getpid), libc::EPERM);
-        assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);
+        assert_eq!(
+            errno_under(Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap()), x32_getpid),
+            libc::EPERM
+        );
+        assert_eq!(
+            errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::Free).unwrap()), x32_getpid),
+            libc::EPERM
+        );
         assert_eq!(errno_under(Some(reflector_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);
         assert_ne!(errno_under(None, x32_getpid), libc::EPERM, "unfiltered, the kernel answers for itself");
     }
@@ -340,7 +411,7 @@ mod tests {
 
     #[test]
     fn one_program_gives_each_of_the_jails_answers_and_the_reflector_builds_jails() {
-        let jail = || Some(outer_filter(IoUring::Denied).unwrap());
+        let jail = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
         let reflector = || Some(reflector_filter(IoUring::Denied).unwrap());
         // Unfiltered, the kernel answers both for itself.
         assert_eq!(errno_under(None, clone3_without_arguments), libc::EINVAL);

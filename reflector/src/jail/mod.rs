@@ -69,7 +69,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cgroups::{cgroups_for, Cgroups, MemoryLeaf};
-use filters::outer_filter;
+use filters::{outer_filter, FileSizes};
 use libraries::libraries_of;
 
 /// Where the jail's tmpfs is mounted (in each vmm's own mount namespace;
@@ -312,10 +312,10 @@ impl Jail {
             Some((uid, gid)) => JailIds::Reflector { uid, gid },
             None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
         };
-        let filter = outer_filter(match what {
-            Jailed::Vmm(_) => IoUring::Denied,
-            Jailed::DeviceModel { io_uring, .. } => io_uring,
-        })?;
+        let filter = match what {
+            Jailed::Vmm(_) => outer_filter(IoUring::Denied, FileSizes::Fixed)?,
+            Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, FileSizes::Free)?,
+        };
         let root = c_path(Path::new(JAIL_ROOT))?;
         // A keeper can join a namespace the reflector made only while it is
         // root in the host's user namespace: not after `--user`'s switch.
