@@ -196,7 +196,7 @@ impl Message {
 /// counts, a 60-byte config space, and its memory acceptance.
 struct StandIn {
     config: Vec<u8>,
-    memory: Option<reflector::client_memory::Registration>,
+    memory: Option<reflector::client_memory::ClientMemory>,
 }
 
 impl VhostUserBackendMut for StandIn {
@@ -227,7 +227,7 @@ impl VhostUserBackendMut for StandIn {
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         self.memory = None;
-        self.memory = Some(reflector::client_memory::accept("fuzz", &memory.memory())?);
+        self.memory = Some(reflector::client_memory::accept("fuzz", memory.memory().into_inner())?);
         Ok(())
     }
 
