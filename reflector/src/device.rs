@@ -95,6 +95,9 @@ pub trait DeviceKind: Send + Sync + 'static {
     /// Requests (or frames) the driver VM holds: what the hang watch waits
     /// on.
     fn in_driver(&self) -> usize;
+    /// When the request that has been in the current driver VM longest was
+    /// sent to it; none for what may wait for ever (a receive buffer).
+    fn oldest_in_driver(&self) -> Option<Instant>;
     /// Nothing at all is pending for the client.
     fn idle(&self) -> bool;
     /// The client kicked queue `queue`.
@@ -630,14 +633,14 @@ impl<K: DeviceKind> Device<K> {
         let pid = core.drivers.current_pid();
         // A hung driver VM is first asked where it is; a crashed one said
         // so in its exit report.
-        let report = core.drivers.drop_current(matches!(fault, Fault::Hang(_)));
+        let report = core.drivers.drop_current(matches!(fault, Fault::Hang(_) | Fault::Withheld(_)));
         let report = report.as_deref().or(match fault {
             Fault::Exited(report) | Fault::OutOfMemory(report) => Some(report.as_str()),
             _ => None,
         });
         let site = report.and_then(crate::supervisor::crash_site).unwrap_or_default();
         tracing::warn!(device = %core.name, driver_vm = %core.drivers.name(), ?pid, kind = fault.kind(), %fault, location = %site, "driver VM fault");
-        if matches!(fault, Fault::Hang(_)) {
+        if matches!(fault, Fault::Hang(_) | Fault::Withheld(_)) {
             tracing::warn!(device = %core.name, report = report.unwrap_or("none"), "where the hung driver VM was");
         }
         core.metrics.faults.fetch_add(1, Ordering::Relaxed);
@@ -858,7 +861,8 @@ impl<K: DeviceKind> Device<K> {
                     return Ok(());
                 }
                 let attached = self.core.driver_attached();
-                self.handle(vrings, Event::HangCheck { pending: true, attached });
+                let oldest = self.kind.oldest_in_driver();
+                self.handle(vrings, Event::HangCheck { pending: true, attached, oldest });
                 Ok(())
             }
             Source::Restart => {

@@ -16,6 +16,10 @@ pub enum Fault {
     Exited(String),
     /// Pending requests made no progress within the deadline.
     Hang(Duration),
+    /// One request went unanswered this long while others were answered
+    /// (a driver that withholds it would otherwise keep it waiting for
+    /// ever: the hang deadline counts from the last answer of any).
+    Withheld(Duration),
     /// An answer broke the channel protocol.
     Violation(String),
     /// The driver VM ran out of memory: its guest used all of its RAM (the
@@ -33,7 +37,7 @@ impl Fault {
         match self {
             Fault::Exited(_) => "exited",
             Fault::OutOfMemory(_) => "out_of_memory",
-            Fault::Hang(_) => "hang",
+            Fault::Hang(_) | Fault::Withheld(_) => "hang",
             Fault::Violation(_) => "violation",
             Fault::Abuse(_) => "abuse",
         }
@@ -50,7 +54,7 @@ impl Fault {
     pub fn blames_requests(&self) -> bool {
         match self {
             Fault::Exited(report) => !report.is_empty(),
-            Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Violation(_) => true,
+            Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Withheld(_) | Fault::Violation(_) => true,
             Fault::Abuse(_) => false,
         }
     }
@@ -84,6 +88,9 @@ impl fmt::Display for Fault {
             }
             Fault::OutOfMemory(report) => write!(f, "the driver VM ran out of memory: {report}"),
             Fault::Hang(deadline) => write!(f, "no progress on pending requests for {} ms", deadline.as_millis()),
+            Fault::Withheld(waited) => {
+                write!(f, "a request went unanswered for {} ms while others were answered", waited.as_millis())
+            }
             Fault::Violation(what) => write!(f, "protocol violation: {what}"),
             Fault::Abuse(what) => write!(f, "{what}"),
         }

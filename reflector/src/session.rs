@@ -71,6 +71,10 @@ impl Lifecycle {
 /// that never comes up.
 pub const BOOT_DEADLINE: Duration = Duration::from_secs(2);
 
+/// A request's own deadline, in hang deadlines (see `Session::request_deadline`):
+/// 2 s with the default 500 ms.
+pub const REQUEST_DEADLINE_FACTOR: u32 = 4;
+
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -84,6 +88,9 @@ pub enum Event {
         pending: bool,
         /// The driver VM has attached.
         attached: bool,
+        /// When the request that has been in the driver VM longest was
+        /// sent to it (a receive buffer, which waits for frames, is none).
+        oldest: Option<Instant>,
     },
     /// The restart (or cool-down) timer fired.
     TimerFired,
@@ -141,6 +148,14 @@ impl Session {
         }
     }
 
+    /// How long one request may stay in an attached driver VM while others
+    /// are answered: [`REQUEST_DEADLINE_FACTOR`] hang deadlines, so that a
+    /// request queued behind a slow one (a flush behind many writes) on a
+    /// loaded machine is not taken for withheld.
+    fn request_deadline(&self) -> Duration {
+        self.hang_deadline * REQUEST_DEADLINE_FACTOR
+    }
+
     /// The current state.
     pub fn state(&self) -> &Lifecycle {
         &self.state
@@ -169,10 +184,15 @@ impl Session {
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Effect> {
         match (event, &self.state) {
             (Event::Fault(fault), Lifecycle::Running { .. }) => self.fault(fault, now),
-            (Event::HangCheck { pending: true, attached }, Lifecycle::Running { last_progress, .. })
+            (Event::HangCheck { pending: true, attached, .. }, Lifecycle::Running { last_progress, .. })
                 if now.saturating_duration_since(*last_progress) >= self.deadline(attached) =>
             {
                 self.fault(Fault::Hang(self.deadline(attached)), now)
+            }
+            (Event::HangCheck { pending: true, attached: true, oldest: Some(sent) }, Lifecycle::Running { .. })
+                if now.saturating_duration_since(sent) >= self.request_deadline() =>
+            {
+                self.fault(Fault::Withheld(now.saturating_duration_since(sent)), now)
             }
             (Event::TimerFired, Lifecycle::BackingOff { until, why }) if now >= *until => {
                 self.state = Lifecycle::Restarting { why: why.clone() };
@@ -328,22 +348,54 @@ mod tests {
     fn a_hang_is_a_fault_only_with_requests_pending_past_the_deadline() {
         let t0 = Instant::now();
         let mut session = session(t0);
-        assert_eq!(session.on(Event::HangCheck { pending: false, attached: true }, t0 + ms(10_000)), vec![]);
+        assert_eq!(
+            session.on(Event::HangCheck { pending: false, attached: true, oldest: None }, t0 + ms(10_000)),
+            vec![]
+        );
         session.progress(t0 + ms(10_000));
-        assert_eq!(session.on(Event::HangCheck { pending: true, attached: true }, t0 + ms(10_499)), vec![]);
+        assert_eq!(
+            session.on(Event::HangCheck { pending: true, attached: true, oldest: None }, t0 + ms(10_499)),
+            vec![]
+        );
         let hang = Fault::Hang(ms(500));
         assert_eq!(
-            session.on(Event::HangCheck { pending: true, attached: true }, t0 + ms(10_500)),
+            session.on(Event::HangCheck { pending: true, attached: true, oldest: None }, t0 + ms(10_500)),
             vec![Effect::Retire(hang.clone()), Effect::Launch]
         );
         assert_eq!(session.state(), &Lifecycle::Restarting { why: hang });
+    }
+
+    /// A driver that answers every request but one keeps the device making
+    /// progress, so the hang deadline never passes; the request it
+    /// withholds has a deadline of its own.
+    #[test]
+    fn a_request_withheld_while_others_are_answered_is_a_fault_past_its_own_deadline() {
+        let t0 = Instant::now();
+        let mut driver = session(t0);
+        let withheld = REQUEST_DEADLINE_FACTOR * ms(500);
+        let check = |oldest| Event::HangCheck { pending: true, attached: true, oldest: Some(oldest) };
+        // Others are answered all along.
+        driver.progress(t0 + withheld);
+        assert_eq!(driver.on(check(t0 + ms(1)), t0 + withheld), vec![], "not yet past its own deadline");
+        driver.progress(t0 + withheld + ms(1));
+        let fault = Fault::Withheld(withheld);
+        assert_eq!(
+            driver.on(check(t0 + ms(1)), t0 + withheld + ms(1)),
+            vec![Effect::Retire(fault.clone()), Effect::Launch]
+        );
+        assert_eq!(driver.state(), &Lifecycle::Restarting { why: fault });
+        // A booting driver VM has none yet (its device may be resetting).
+        let mut booting = session(t0);
+        let early = Event::HangCheck { pending: true, attached: false, oldest: Some(t0) };
+        booting.progress(t0 + withheld * 2);
+        assert_eq!(booting.on(early, t0 + withheld * 2), vec![]);
     }
 
     #[test]
     fn a_driver_vm_still_booting_has_the_boot_deadline() {
         let t0 = Instant::now();
         let mut session = Session::new(RestartPolicy::default(), ms(100), t0);
-        let pending_booting = Event::HangCheck { pending: true, attached: false };
+        let pending_booting = Event::HangCheck { pending: true, attached: false, oldest: None };
         assert_eq!(session.on(pending_booting.clone(), t0 + ms(100)), vec![], "a boot is not a hang");
         assert_eq!(session.on(pending_booting.clone(), t0 + BOOT_DEADLINE - ms(1)), vec![]);
         let hang = Fault::Hang(BOOT_DEADLINE);

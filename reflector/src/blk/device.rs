@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use guest_abi::channel::{self, RequestEntry};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -145,7 +146,8 @@ impl Blk {
             let entry = InFlight::new(waiting.head, waiting.request, waiting.status, core.client);
             let (slot, _) = match self.in_flight.insert(entry) {
                 Ok(taken) => taken,
-                Err(InFlight { head, request, status, .. }) => {
+                Err(entry) => {
+                    let InFlight { head, request, status, .. } = *entry;
                     self.waiting.push_front(Waiting { head, request, status });
                     return;
                 }
@@ -205,6 +207,9 @@ impl Blk {
         let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
         core.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
+        if let Some(entry) = self.in_flight.get_mut(slot) {
+            entry.sent_at = Some(Instant::now());
+        }
         true
     }
 
@@ -478,6 +483,10 @@ impl DeviceKind for Blk {
 
     fn in_driver(&self) -> usize {
         self.in_flight.len()
+    }
+
+    fn oldest_in_driver(&self) -> Option<Instant> {
+        self.in_flight.oldest_sent()
     }
 
     fn idle(&self) -> bool {

@@ -48,6 +48,9 @@ pub struct InFlight {
     /// It was in a driver VM that died (blamed or not): each send since is
     /// a replay, and its client has waited since before that fault.
     pub orphaned: bool,
+    /// When it was last put into a driver VM's channel (its own deadline
+    /// counts from there: `Session`'s withheld-request check).
+    pub sent_at: Option<std::time::Instant>,
 }
 
 impl InFlight {
@@ -67,6 +70,7 @@ impl InFlight {
             deaths: 0,
             sent: true,
             orphaned: false,
+            sent_at: None,
         }
     }
 
@@ -160,9 +164,10 @@ impl InFlightTable {
     }
 
     /// Takes a free slot for `entry` and gives it a fresh id; gives the
-    /// entry back if every slot is taken.
-    pub fn insert(&mut self, mut entry: InFlight) -> Result<(u32, u64), InFlight> {
-        let Some(slot) = self.free.pop() else { return Err(entry) };
+    /// entry back (boxed: it is large, and the table is full only under a
+    /// deep queue) if every slot is taken.
+    pub fn insert(&mut self, mut entry: InFlight) -> Result<(u32, u64), Box<InFlight>> {
+        let Some(slot) = self.free.pop() else { return Err(Box::new(entry)) };
         self.sequence += 1;
         entry.id = self.sequence * u64::from(channel::SLOT_COUNT) + u64::from(slot);
         let id = entry.id;
@@ -216,6 +221,12 @@ impl InFlightTable {
     /// of a departed client may still be in the driver VM).
     pub fn len_for(&self, client: u64) -> usize {
         self.slots.iter().flatten().filter(|entry| entry.client == client).count()
+    }
+
+    /// When the request that has been in the current driver VM longest
+    /// was put there (those held back are in none).
+    pub fn oldest_sent(&self) -> Option<std::time::Instant> {
+        self.slots.iter().flatten().filter(|entry| entry.sent).filter_map(|entry| entry.sent_at).min()
     }
 
     /// Whether nothing is in flight.

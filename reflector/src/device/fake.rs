@@ -35,6 +35,9 @@ pub enum Script {
     PanicOnSector(u64),
     /// Takes requests and never answers them.
     Hang,
+    /// Serves every request but those for this sector, which it takes and
+    /// never answers.
+    WithholdSector(u64),
     /// Answers every request with a length it did not have.
     Lie,
     /// Answers every read OK with a bit of its data flipped.
@@ -310,6 +313,7 @@ impl ThreadLaunch for FakeLaunch {
                     match script {
                         Script::PanicOnSector(sector) if touches(sector) => Answer::Die(PANIC_REPORT.into()),
                         Script::Hang => Answer::Ignore,
+                        Script::WithholdSector(sector) if touches(sector) => Answer::Ignore,
                         Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),
                         Script::CorruptReads if request.op == op::READ => {
                             let status = disk.serve(&memory, request);

@@ -317,6 +317,36 @@ fn a_hung_driver_is_replaced_after_the_deadline() {
     assert_eq!(bench.launches(), 2);
 }
 
+/// A driver that answers every request but one keeps the device making
+/// progress: the hang deadline (from the last answer of any) never passes,
+/// and before the request's own deadline the withheld request waited for
+/// ever. It is caught and the request replayed into the next driver VM.
+#[test]
+fn a_request_withheld_while_others_are_answered_is_caught_and_replayed() {
+    let memory = client_memory();
+    let recovery = RecoveryConfig { hang_deadline: Duration::from_millis(300), ..quick_recovery() };
+    let mut bench = Bench::new(&memory, &[Script::WithholdSector(7), Script::Serve], false, recovery);
+    let withheld = bench.submit(&[(true, 7, pattern(7, 512))]);
+    // Others keep coming and being answered meanwhile, one each 20 ms (the
+    // hang deadline is 15 times that), for longer than the request's own
+    // deadline (the mock queue takes fewer than 128 requests in all). Once
+    // they stop, a plain hang would replay it too, but say so.
+    let (mut sector, mut last) = (100, std::time::Instant::now());
+    bench.run_until("the withheld write", |client, device| {
+        if client.status(&withheld[0]) == 0xff && sector < 180 && last.elapsed() >= Duration::from_millis(20) {
+            client.request(false, sector, &[0; 512]);
+            client.kick(device);
+            (sector, last) = (sector + 1, std::time::Instant::now());
+        }
+        client.status(&withheld[0]) != 0xff
+    });
+    assert_eq!(bench.client.status(&withheld[0]), OK);
+    assert_eq!(bench.disk.read(7, 512), pattern(7, 512));
+    assert!(bench.launches() >= 2, "the withholding driver VM was not replaced");
+    let last = bench.metrics.last_fault.lock().unwrap().clone();
+    assert!(last.contains("unanswered"), "{last}");
+}
+
 #[test]
 fn a_lying_driver_is_caught_and_its_request_replayed() {
     let memory = client_memory();

@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use guest_abi::channel::{self, RequestEntry};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -365,6 +366,10 @@ impl DeviceKind for Net {
 
     fn in_driver(&self) -> usize {
         self.slots.tx_in_flight()
+    }
+
+    fn oldest_in_driver(&self) -> Option<Instant> {
+        self.slots.oldest_tx()
     }
 
     fn idle(&self) -> bool {

@@ -71,6 +71,8 @@ pub struct NetSlots {
     ids: Vec<u64>,
     states: Vec<SlotState>,
     free_tx: Vec<u32>,
+    /// When each TX slot was last given a frame to send.
+    tx_started: Vec<Option<std::time::Instant>>,
 }
 
 impl Default for NetSlots {
@@ -79,6 +81,7 @@ impl Default for NetSlots {
             ids: (0..u64::from(SLOT_COUNT)).collect(),
             states: vec![SlotState::Idle; SLOT_COUNT as usize],
             free_tx: (RX_SLOTS..SLOT_COUNT).rev().collect(),
+            tx_started: vec![None; SLOT_COUNT as usize],
         }
     }
 }
@@ -104,6 +107,7 @@ impl NetSlots {
     pub fn start_tx(&mut self, len: u32) -> Option<(u32, u64)> {
         let slot = self.free_tx.pop()?;
         self.states[slot as usize] = SlotState::TxSending(len);
+        self.tx_started[slot as usize] = Some(std::time::Instant::now());
         Some((slot, self.next_id(slot)))
     }
 
@@ -150,6 +154,12 @@ impl NetSlots {
             }
         }
         lost
+    }
+
+    /// When the frame that has been sending longest was given its slot.
+    pub fn oldest_tx(&self) -> Option<std::time::Instant> {
+        let sending = |slot: &usize| matches!(self.states[*slot], SlotState::TxSending(_));
+        (0..SLOT_COUNT as usize).filter(sending).filter_map(|slot| self.tx_started[slot]).min()
     }
 
     /// Slots the driver holds (TX being sent).
