@@ -72,7 +72,7 @@ fuzz_target!(|steps: Vec<Step>| {
                         (GuestAddress(start + at), len)
                     })
                     .collect();
-                if let Ok(window) = Window::new(client.clone(), buffers, access, GRANULE) {
+                if let Ok(window) = Window::new(client.clone(), None, buffers, access, GRANULE) {
                     windows.map(u32::from(index) % (WINDOWS + 1), window);
                 }
             }

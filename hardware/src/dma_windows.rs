@@ -98,6 +98,11 @@ pub struct Window {
     /// Keeps the client's memory mapped while the window exists, even if the
     /// client sends a new memory table meanwhile.
     memory: Arc<GuestMemoryMmap>,
+    /// Kept as long as the mapping: what makes a fault in it survivable
+    /// (the reflector's SIGBUS registration of the table), so that a
+    /// client that shrinks a table it has replaced cannot fault the
+    /// device's access through a window still open on it.
+    _guard: Option<Arc<dyn std::any::Any + Send + Sync>>,
     buffers: Vec<(GuestAddress, u32)>,
     len: u32,
     access: DeviceAccess,
@@ -105,9 +110,11 @@ pub struct Window {
 
 impl Window {
     /// A window onto `buffers` (client address, length) of `memory`; each
-    /// must lie inside it, and all together within `limit` bytes.
+    /// must lie inside it, and all together within `limit` bytes. `guard`
+    /// lives as long as the window.
     pub fn new(
         memory: Arc<GuestMemoryMmap>,
+        guard: Option<Arc<dyn std::any::Any + Send + Sync>>,
         buffers: Vec<(GuestAddress, u32)>,
         access: DeviceAccess,
         limit: u32,
@@ -122,7 +129,7 @@ impl Window {
         if len > u64::from(limit) {
             return Err(WindowError::TooLarge(len, limit));
         }
-        Ok(Window { memory, buffers, len: len as u32, access })
+        Ok(Window { memory, _guard: guard, buffers, len: len as u32, access })
     }
 
     /// Its length.
@@ -375,7 +382,7 @@ mod tests {
         let memory = memory();
         let windows = DmaWindows::new(BASE, GRANULE, 4);
         let buffers = vec![(GuestAddress(0x3000), 512), (GuestAddress(0x9000), 1024)];
-        assert!(windows.map(2, Window::new(memory.clone(), buffers, DeviceAccess::Write, GRANULE).unwrap()));
+        assert!(windows.map(2, Window::new(memory.clone(), None, buffers, DeviceAccess::Write, GRANULE).unwrap()));
         let source: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         let file = medium(&source);
         let at = BASE + 2 * u64::from(GRANULE);
@@ -402,7 +409,7 @@ mod tests {
         memory.write_slice(&[2u8; 512], GuestAddress(0x1000)).unwrap();
         let windows = DmaWindows::new(BASE, GRANULE, 4);
         let buffers = vec![(GuestAddress(0x5000), 512), (GuestAddress(0x1000), 512)];
-        windows.map(0, Window::new(memory, buffers, DeviceAccess::Read, GRANULE).unwrap());
+        windows.map(0, Window::new(memory, None, buffers, DeviceAccess::Read, GRANULE).unwrap());
         let mut file = medium(&[0u8; 2048]);
         windows.with(BASE, 1024, DeviceAccess::Read, |slices| write_file_from(&file, 1024, slices)).unwrap().unwrap();
         let mut written = Vec::new();
@@ -415,7 +422,8 @@ mod tests {
     fn accesses_outside_a_mapped_window_its_direction_or_its_length_fault() {
         let memory = memory();
         let windows = DmaWindows::new(BASE, GRANULE, 4);
-        let one = |access| Window::new(memory.clone(), vec![(GuestAddress(0x4000), 4096)], access, GRANULE).unwrap();
+        let one =
+            |access| Window::new(memory.clone(), None, vec![(GuestAddress(0x4000), 4096)], access, GRANULE).unwrap();
         windows.map(1, one(DeviceAccess::Read));
         let at = BASE + u64::from(GRANULE);
         let touch = |address, len, direction| windows.with(address, len, direction, |_| ());
@@ -445,9 +453,9 @@ mod tests {
     fn a_window_must_lie_in_client_memory_and_fit() {
         let memory = memory();
         let outside =
-            Window::new(memory.clone(), vec![(GuestAddress((1 << 20) - 256), 512)], DeviceAccess::Read, GRANULE);
+            Window::new(memory.clone(), None, vec![(GuestAddress((1 << 20) - 256), 512)], DeviceAccess::Read, GRANULE);
         assert_eq!(outside.err(), Some(WindowError::OutsideMemory { addr: (1 << 20) - 256, len: 512 }));
-        let large = Window::new(memory, vec![(GuestAddress(0), 4096); 17], DeviceAccess::Read, GRANULE);
+        let large = Window::new(memory, None, vec![(GuestAddress(0), 4096); 17], DeviceAccess::Read, GRANULE);
         assert_eq!(large.err(), Some(WindowError::TooLarge(17 * 4096, GRANULE)));
     }
 
@@ -455,7 +463,7 @@ mod tests {
     fn unmapping_waits_for_an_access_in_progress() {
         let memory = memory();
         let windows = DmaWindows::new(BASE, GRANULE, 1);
-        windows.map(0, Window::new(memory, vec![(GuestAddress(0), 4096)], DeviceAccess::Write, GRANULE).unwrap());
+        windows.map(0, Window::new(memory, None, vec![(GuestAddress(0), 4096)], DeviceAccess::Write, GRANULE).unwrap());
         let (entered, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
         let device = {
             let windows = windows.clone();

@@ -802,7 +802,7 @@ mod tests {
         rig.reset_and_enable(8);
         let window = |buffers: Vec<(u64, u32)>, access| {
             let buffers = buffers.into_iter().map(|(at, len)| (GuestAddress(at), len)).collect();
-            Window::new(client.clone(), buffers, access, GRANULE).unwrap()
+            Window::new(client.clone(), None, buffers, access, GRANULE).unwrap()
         };
         let slot = |index: u64| DMA_GPA + index * u64::from(GRANULE);
         // A write request's scattered buffers reach the medium in order.

@@ -273,6 +273,15 @@ pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {
     Ok(registration)
 }
 
+/// Whether `address` lies in a range registered with the guard.
+#[cfg(test)]
+pub fn registered(address: usize) -> bool {
+    SLOTS.iter().any(|slot| {
+        slot.owner.load(Ordering::Acquire)
+            && (slot.start.load(Ordering::Acquire)..slot.end.load(Ordering::Acquire)).contains(&address)
+    })
+}
+
 /// A device accepting `device`'s client's new memory table: [`guard`],
 /// with the refusal logged. Refusing the table ends the connection
 /// (vhost-user-backend).

@@ -33,7 +33,6 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, VolatileSlice};
 use super::inflight::{self, InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
 use crate::channel::Channel;
-use crate::client_memory::ClientMemory;
 use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::hw::BlockHardware;
@@ -174,8 +173,7 @@ impl Blk {
         if let (Some(limit), RequestKind::Read | RequestKind::Write) = (self.in_flight.window_limit(), request.kind) {
             // dma=direct: the device reaches the client's buffers through a
             // window while the request is in flight; nothing is copied.
-            let snapshot = core.memory.as_ref().map(ClientMemory::mapping);
-            let window = snapshot.and_then(|memory| marshal::dma_window(memory, request, limit));
+            let window = core.memory.as_ref().and_then(|memory| marshal::dma_window(memory, request, limit));
             if !window.is_some_and(|window| self.in_flight.map_window(slot, window)) {
                 return false;
             }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 
+use crate::client_memory::ClientMemory;
 use crate::hw::dma_windows::{DeviceAccess, Window};
 
 use virtio::blk::HEADER_LEN;
@@ -295,13 +296,16 @@ pub fn copy_from_slot(memory: &GuestMemoryMmap, request: &BlkRequest, slot: &Vol
 /// The DMA window onto a read's or write's data buffers (`dma=direct`):
 /// exactly the buffers the client gave, in order, writable by the device for
 /// a read and readable for a write; none for other kinds.
-pub fn dma_window(memory: Arc<GuestMemoryMmap>, request: &BlkRequest, limit: u32) -> Option<Window> {
+pub fn dma_window(memory: &ClientMemory, request: &BlkRequest, limit: u32) -> Option<Window> {
     let access = match request.kind {
         RequestKind::Read => DeviceAccess::Write,
         RequestKind::Write => DeviceAccess::Read,
         RequestKind::Flush | RequestKind::GetId => return None,
     };
-    Window::new(memory, request.data.clone(), access, limit).ok()
+    // The window keeps the table's SIGBUS registration as long as its
+    // mapping (a client may replace the table and shrink the old one).
+    let guard: Arc<dyn std::any::Any + Send + Sync> = Arc::new(memory.clone());
+    Window::new(memory.mapping(), Some(guard), request.data.clone(), access, limit).ok()
 }
 
 /// Writes the device id (NUL padded to 20 bytes, truncated to the buffer)

@@ -232,6 +232,26 @@ fn direct_dma_windows_close_when_their_client_leaves() {
     assert_eq!(windows.mapped(), 0, "the device can still reach a departed client's memory");
 }
 
+/// A DMA window keeps its client's table mapped after the client replaces
+/// the table, and so must keep the table's SIGBUS registration: a client
+/// that then shrinks the old table's file would otherwise fault the
+/// device's access through the window, outside any registered range, and
+/// kill the reflector. Before, the registration went with the table.
+#[test]
+fn a_dma_window_keeps_its_tables_sigbus_guard_after_the_table_is_replaced() {
+    use vhost_user_backend::VhostUserBackendMut;
+    let memory = client_memory();
+    let old = vm_memory::GuestMemoryBackend::get_host_address(&memory, vm_memory::GuestAddress(0)).unwrap() as usize;
+    let mut bench = Bench::direct(&memory, &[Script::Hang], RecoveryConfig::default());
+    let windows = bench.disk.windows.clone().unwrap();
+    bench.submit(&[(true, 8, pattern(19, 4096))]);
+    bench.run_until("the driver to hold the write", |_, _| windows.mapped() == 1);
+    let replacement = client_memory();
+    bench.device.update_memory(vm_memory::GuestMemoryAtomic::new(replacement)).unwrap();
+    assert_eq!(windows.mapped(), 1);
+    assert!(crate::client_memory::registered(old), "the window's table is no longer guarded");
+}
+
 /// Requests held back after a death belong to their client: if it leaves
 /// before they are replayed, they are forgotten, never replayed with the
 /// next client's memory (its RAM at the old client's addresses: with
