@@ -13,7 +13,7 @@
 //! The socket is as privileged as the reflector: create it where only the
 //! operator can reach it.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -606,17 +606,41 @@ pub fn answer(targets: &[ControlTarget], line: &str) -> String {
 /// Control clients served at once; more are told to try again.
 const MAX_CLIENTS: usize = 8;
 
+/// How long a control client has to send its whole request line (and
+/// then to take the answer): a deadline for the line, not for each read,
+/// so that [`MAX_CLIENTS`] clients sending a byte every few seconds cannot
+/// hold every slot for hours.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Reads one request line (bounded in size and time) and answers it.
 fn answer_client(stream: &UnixStream, targets: &[ControlTarget]) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-    let mut line = String::new();
-    if BufReader::new(stream.take(MAX_LINE)).read_line(&mut line).is_err() {
-        return;
-    }
+    let _ = stream.set_write_timeout(Some(CLIENT_DEADLINE));
+    let Some(line) = read_request(stream, std::time::Instant::now() + CLIENT_DEADLINE) else { return };
     let reply = answer(targets, line.trim());
     let _ = (&*stream).write_all(reply.as_bytes());
     let _ = (&*stream).write_all(b"\n");
+}
+
+/// The request line: up to its newline, the end of the stream or
+/// [`MAX_LINE`] bytes, whichever comes first; None once `deadline` passes
+/// or the stream fails.
+fn read_request(stream: &UnixStream, deadline: std::time::Instant) -> Option<String> {
+    let mut line = Vec::new();
+    let mut chunk = [0u8; 512];
+    while !line.contains(&b'\n') && (line.len() as u64) < MAX_LINE {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero())?;
+        stream.set_read_timeout(Some(left)).ok()?;
+        let want = chunk.len().min((MAX_LINE as usize).saturating_sub(line.len()));
+        match (&*stream).read(&mut chunk[..want]) {
+            Ok(0) => break,
+            Ok(read) => line.extend_from_slice(&chunk[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let end = line.iter().position(|&byte| byte == b'\n').map_or(line.len(), |at| at + 1);
+    line.truncate(end);
+    Some(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// Serves the control socket at `path` on a thread of its own.

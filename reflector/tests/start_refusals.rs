@@ -203,6 +203,58 @@ fn idle_control_clients_delay_nobody() {
     reflector.stop();
 }
 
+/// Control clients that send a byte now and then, never a whole line, are
+/// cut off once their time for the line is up: each read's timeout was
+/// the only bound, so eight such clients held every slot for as long as
+/// they kept dribbling (4096 bytes, hours) and nobody could ask `status`.
+#[test]
+fn dribbling_control_clients_are_cut_off_and_status_answers() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    if !kvm_available("dribbling_control_clients_are_cut_off_and_status_answers") {
+        return;
+    }
+    let scratch = Scratch::new("control-dribble");
+    let (socket, control) = (scratch.join("d.sock"), scratch.join("ctl"));
+    let mut args = blk(&socket, &scratch.join("d.img"), ",size=1M");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    let mut reflector = Reflector::start(&args, scratch.join("log"), &socket);
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    // Eight (every slot), each sending a byte every 100 ms until the
+    // reflector closes it; bounded at 30 s, far past the 5 s deadline.
+    let dribblers: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = std::os::unix::net::UnixStream::connect(&control).unwrap();
+            std::thread::spawn(move || {
+                client.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(30) {
+                    if client.write_all(b" ").is_err() {
+                        return true;
+                    }
+                    // Its 100 ms read timeout paces the bytes; an end of
+                    // stream, an answer or a reset is the reflector done
+                    // with it.
+                    match client.read(&mut [0u8; 64]) {
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        }
+                        _ => return true,
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    for dribbler in dribblers {
+        assert!(dribbler.join().unwrap(), "a control client sending a byte every 100 ms was never cut off");
+    }
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_reflector")).args(["status", "--json", "--control"]).arg(&control).output();
+    let status = status.unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    reflector.stop();
+}
+
 #[test]
 fn a_failed_image_creation_leaves_no_file() {
     let scratch = Scratch::new("refuse-create");
