@@ -191,11 +191,11 @@ pub struct DeviceCore {
     /// The client negotiated VIRTIO_RING_F_EVENT_IDX.
     pub event_idx: bool,
     /// The client's memory, once its table arrived and was checked: the
-    /// only way the device touches it (see [`ClientMemory`]).
+    /// only way the device touches it (see [`ClientMemory`]). Dropped when
+    /// the client is cut off or leaves, so that its memory is unmapped
+    /// (what still reaches it, a DMA window, holds a clone and with it the
+    /// SIGBUS registration).
     pub memory: Option<ClientMemory>,
-    /// The last table accepted, kept registered with the SIGBUS guard after
-    /// a cut-off while the mapping may still be touched.
-    memory_guard: Option<ClientMemory>,
     /// Which client connection this is: answers for an earlier one are
     /// dropped, not written into the new client's memory.
     pub client: u64,
@@ -270,7 +270,7 @@ impl DeviceCore {
 
     /// Whether touching the client's memory has faulted.
     pub fn client_memory_poisoned(&self) -> bool {
-        self.memory_guard.as_ref().is_some_and(ClientMemory::poisoned)
+        self.memory.as_ref().is_some_and(ClientMemory::poisoned)
     }
 
     /// The driver VM's new completions; None (reported as a fault, unless
@@ -456,7 +456,6 @@ impl<K: DeviceKind> Device<K> {
             name: name.to_owned(),
             event_idx: false,
             memory: None,
-            memory_guard: None,
             client: 0,
             channel: wiring.channel,
             hardware: wiring.hardware,
@@ -946,12 +945,9 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         // its ranges leave the guard (they would name whatever is mapped
         // there next).
         self.core.memory = None;
-        self.core.memory_guard = None;
         // The new table, as the handler has just mapped it: nothing of the
         // device has touched it (it reads only its checked snapshot).
-        let checked = client_memory::accept(&self.core.name, memory.memory().into_inner())?;
-        self.core.memory = Some(checked.clone());
-        self.core.memory_guard = Some(checked);
+        self.core.memory = Some(client_memory::accept(&self.core.name, memory.memory().into_inner())?);
         Ok(())
     }
 
