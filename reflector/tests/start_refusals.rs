@@ -180,17 +180,23 @@ fn an_endless_configuration_file_is_refused() {
     assert!(stderr.contains("/dev/zero") && stderr.contains("not a regular file"), "{stderr}");
 }
 
-#[test]
-fn idle_control_clients_delay_nobody() {
-    if !kvm_available("idle_control_clients_delay_nobody") {
-        return;
-    }
-    let scratch = Scratch::new("control-idle");
+/// A reflector serving one small disk, with a control socket (its path).
+fn with_control(tag: &str) -> (Scratch, Reflector, std::path::PathBuf) {
+    let scratch = Scratch::new(tag);
     let (socket, control) = (scratch.join("d.sock"), scratch.join("ctl"));
     let mut args = blk(&socket, &scratch.join("d.img"), ",size=1M");
     args.extend(["--control".to_string(), control.display().to_string()]);
     let mut reflector = Reflector::start(&args, scratch.join("log"), &socket);
     reflector.wait_for(|_| control.exists(), "the control socket");
+    (scratch, reflector, control)
+}
+
+#[test]
+fn idle_control_clients_delay_nobody() {
+    if !kvm_available("idle_control_clients_delay_nobody") {
+        return;
+    }
+    let (_scratch, reflector, control) = with_control("control-idle");
     // Three clients that never send a line: served one after the other,
     // each held the socket for its 5 s read timeout, and `status` (which
     // gives up after 10 s) failed.
@@ -214,12 +220,7 @@ fn dribbling_control_clients_are_cut_off_and_status_answers() {
     if !kvm_available("dribbling_control_clients_are_cut_off_and_status_answers") {
         return;
     }
-    let scratch = Scratch::new("control-dribble");
-    let (socket, control) = (scratch.join("d.sock"), scratch.join("ctl"));
-    let mut args = blk(&socket, &scratch.join("d.img"), ",size=1M");
-    args.extend(["--control".to_string(), control.display().to_string()]);
-    let mut reflector = Reflector::start(&args, scratch.join("log"), &socket);
-    reflector.wait_for(|_| control.exists(), "the control socket");
+    let (_scratch, reflector, control) = with_control("control-dribble");
     // Eight (every slot), each sending a byte every 100 ms until the
     // reflector closes it; bounded at 30 s, far past the 5 s deadline.
     let dribblers: Vec<_> = (0..8)

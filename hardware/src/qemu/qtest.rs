@@ -193,7 +193,11 @@ impl Qtest {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(QtestError::Timeout { command: command.into() });
+                // Its answer may still come, and would be taken for the
+                // next command's: nothing is asked of this QEMU again.
+                let timeout = QtestError::Timeout { command: command.into() };
+                conversation.broken = Some(timeout.to_string());
+                return Err(timeout);
             }
             if sent.elapsed() < self.answer_spin {
                 // Yielding: QEMU, which owes the answer, may be waiting
@@ -350,6 +354,35 @@ mod tests {
         closed.recv_timeout(BOUND).expect("a line longer than any answer breaks the connection");
         assert!(matches!(qtest.readl(0), Err(QtestError::Gone(_))));
         drop(flood.join());
+    }
+
+    /// A QEMU that answers after the timeout: its late answer would have
+    /// been taken for the next command's (a write that never happened
+    /// reported done, the rest of the conversation one answer off). The
+    /// connection is broken instead, and the device model replaced.
+    #[test]
+    fn an_answer_after_the_timeout_is_never_taken_for_the_next_commands() {
+        let (qtest, qemu, _interrupts, _closed) = client();
+        let (asked, answer) = (mpsc::channel(), mpsc::channel::<()>());
+        let fake = std::thread::spawn(move || {
+            let mut commands = BufReader::new(qemu.try_clone().unwrap());
+            let mut line = String::new();
+            commands.read_line(&mut line).unwrap();
+            let _ = asked.0.send(());
+            // Answers only once told the client gave up.
+            let _ = answer.1.recv_timeout(BOUND);
+            (&qemu).write_all(b"OK\n").unwrap();
+            qemu
+        });
+        assert!(matches!(qtest.writel(0x14, 1), Err(QtestError::Timeout { .. })));
+        asked.1.recv_timeout(BOUND).unwrap();
+        answer.0.send(()).unwrap();
+        let qemu = fake.join().unwrap();
+        assert!(
+            matches!(qtest.writel(0x14, 0), Err(QtestError::Gone(_))),
+            "a QEMU that missed its deadline was asked again"
+        );
+        drop(qemu);
     }
 
     #[test]

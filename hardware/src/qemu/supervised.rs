@@ -138,8 +138,12 @@ impl SupervisedModel {
             // Killed on purpose while it was being quiesced (the reflector
             // stopping): nothing is left to quiesce.
             Err(error) if model.killed() => tracing::debug!(%error, "the device model was killed while quiesced"),
+            // A device that could not be quiesced may still reach the
+            // bounce slots the replay is about to reuse: its process is
+            // killed (and reaped) now, and `resume` starts a new one.
             Err(error) => {
-                tracing::error!(%error, model = ?self.spec.model, running = model.running(), "cannot quiesce the device")
+                tracing::error!(%error, model = ?self.spec.model, "cannot quiesce the device; starting its QEMU again");
+                model.kill();
             }
         }
     }
