@@ -521,6 +521,7 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
         ready_file,
         exit_on_stdin_close: args.exit_on_stdin_close,
         seccomp: args.seccomp,
+        window_fds: config.windows.iter().filter_map(|window| window.fd).collect(),
     };
     // No guest code runs before the holder is confined.
     if let Some(holder) = holder {

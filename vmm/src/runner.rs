@@ -35,6 +35,9 @@ pub struct RunOptions {
     /// Confine the vCPU and main threads with their seccomp filters once
     /// the VM is set up (see `seccomp`).
     pub seccomp: bool,
+    /// Inherited descriptors of the windows' files (`--window fd=N`), which
+    /// the filters forbid writing, as they do the VM's own copies.
+    pub window_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// What happened.
@@ -179,7 +182,13 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     // Built before any thread runs guest code; installed by each thread on
     // itself.
     let filters = match options.seccomp {
-        true => Some((crate::seccomp::vcpu_filter(), crate::seccomp::main_filter())),
+        true => {
+            let mut no_writes_to = vcpu.memory_files();
+            no_writes_to.extend(&options.window_fds);
+            no_writes_to.sort_unstable();
+            no_writes_to.dedup();
+            Some((crate::seccomp::vcpu_filter(&no_writes_to), crate::seccomp::main_filter(&no_writes_to)))
+        }
         false => None,
     };
     let (vcpu_filter, main_filter) = match filters {

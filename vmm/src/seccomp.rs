@@ -21,6 +21,7 @@
 //! is in docs/threat-model.md.
 
 use std::collections::BTreeMap;
+use std::os::fd::RawFd;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
@@ -55,7 +56,6 @@ const KVM_GET_VCPU_EVENTS: u64 = kvm_ior(0x9f, size_of::<kvm_bindings::kvm_vcpu_
 /// Syscalls both threads make: memory, signals, locks, time, ending.
 const COMMON: &[libc::c_long] = &[
     libc::SYS_read,
-    libc::SYS_write,
     libc::SYS_close,
     libc::SYS_futex,
     libc::SYS_brk,
@@ -106,6 +106,25 @@ fn no_exec(rules: &mut BTreeMap<i64, Vec<SeccompRule>>) -> Result<(), SeccompErr
     Ok(())
 }
 
+/// `write`, to any descriptor but those in `not_to` (the files behind the
+/// guest's windows: the vmm never writes them, the guest reaches them
+/// through memory; a memory disk's image is a regular file no seal keeps
+/// from growing, and a vmm taken over could otherwise `write` past its end).
+fn write_rule(rules: &mut BTreeMap<i64, Vec<SeccompRule>>, not_to: &[RawFd]) -> Result<(), SeccompError> {
+    let allowed = match not_to {
+        [] => Vec::new(),
+        fds => {
+            let other = |fd: &RawFd| {
+                Ok(SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, *fd as u32 as u64)?)
+            };
+            let conditions = fds.iter().map(other).collect::<Result<Vec<_>, SeccompError>>()?;
+            vec![SeccompRule::new(conditions)?]
+        }
+    };
+    rules.insert(libc::SYS_write, allowed);
+    Ok(())
+}
+
 /// An allow list: `rules` let through, anything else kills the process.
 /// Indexed (`seccomp_index`): installing a filter makes the kernel run it
 /// once for each system call number, and behind seccompiler's chain each
@@ -127,17 +146,18 @@ fn answers() -> (SeccompAction, SeccompAction) {
 const VCPU_ONLY: &[libc::c_long] = &[libc::SYS_poll, libc::SYS_ppoll];
 
 /// The vCPU thread's filter: KVM_RUN and reading registers for reports,
-/// console and eventfd writes, a spare's wait and the guest's sleep, and
-/// what every thread needs.
-pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
-    compile(vcpu_rules()?)
+/// console and eventfd writes (none to `no_writes_to`), a spare's wait and
+/// the guest's sleep, and what every thread needs.
+pub fn vcpu_filter(no_writes_to: &[RawFd]) -> Result<BpfProgram, SeccompError> {
+    compile(vcpu_rules(no_writes_to)?)
 }
 
 /// The rules of [`vcpu_filter`].
-fn vcpu_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+fn vcpu_rules(no_writes_to: &[RawFd]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(VCPU_ONLY).map(|call| (*call, Vec::new())).collect();
     no_exec(&mut rules)?;
+    write_rule(&mut rules, no_writes_to)?;
     let ioctls = [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_VCPU_EVENTS]
         .into_iter()
         .map(|request| Ok(SeccompRule::new(vec![ioctl_request(request)?])?))
@@ -146,17 +166,18 @@ fn vcpu_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     Ok(rules)
 }
 
-/// The main thread's filter: its event loop and what every thread needs;
-/// no ioctl at all.
-pub fn main_filter() -> Result<BpfProgram, SeccompError> {
-    compile(main_rules()?)
+/// The main thread's filter: its event loop, writes (none to
+/// `no_writes_to`) and what every thread needs; no ioctl at all.
+pub fn main_filter(no_writes_to: &[RawFd]) -> Result<BpfProgram, SeccompError> {
+    compile(main_rules(no_writes_to)?)
 }
 
 /// The rules of [`main_filter`].
-fn main_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+fn main_rules(no_writes_to: &[RawFd]) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         COMMON.iter().chain(MAIN_ONLY).map(|call| (*call, Vec::new())).collect();
     no_exec(&mut rules)?;
+    write_rule(&mut rules, no_writes_to)?;
     Ok(rules)
 }
 
@@ -174,7 +195,12 @@ mod tests {
     /// architectures) as seccompiler's own program of the same rules does.
     #[test]
     fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
-        for (whose, rules) in [("vCPU", vcpu_rules().unwrap()), ("main", main_rules().unwrap())] {
+        for (whose, rules) in [
+            ("vCPU", vcpu_rules(&[]).unwrap()),
+            ("main", main_rules(&[]).unwrap()),
+            ("vCPU with windows", vcpu_rules(&[5, 6]).unwrap()),
+            ("main with windows", main_rules(&[5, 6]).unwrap()),
+        ] {
             let (otherwise, matched) = answers();
             let checked = seccomp_index::verify::against_seccompiler(rules, otherwise, matched, &[])
                 .unwrap_or_else(|error| panic!("the {whose} thread's filter: {error}"));
@@ -184,8 +210,8 @@ mod tests {
 
     #[test]
     fn the_filters_compile() {
-        assert!(!vcpu_filter().unwrap().is_empty());
-        assert!(!main_filter().unwrap().is_empty());
+        assert!(!vcpu_filter(&[]).unwrap().is_empty());
+        assert!(!main_filter(&[]).unwrap().is_empty());
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
     }
@@ -247,13 +273,53 @@ mod tests {
                 )
             };
         };
-        for filter in [vcpu_filter().unwrap(), main_filter().unwrap()] {
+        for filter in [vcpu_filter(&[]).unwrap(), main_filter(&[]).unwrap()] {
             assert!(killed(in_child(&filter, open)), "openat must kill");
             assert!(killed(in_child(&filter, map_code)), "mmap with PROT_EXEC must kill");
             let fine = in_child(&filter, map_data);
             assert!(libc::WIFEXITED(fine) && libc::WEXITSTATUS(fine) == 0, "status {fine:#x}");
         }
     }
+    /// The files behind the guest's windows are never written by the vmm:
+    /// a vmm taken over could otherwise grow a memory disk's image (a
+    /// regular file, which no seal covers) by writing past its end. Other
+    /// writes (standard error, eventfds, a trapped window's socket) pass,
+    /// even with the window's number in a register's upper half.
+    #[test]
+    fn a_filtered_thread_is_killed_when_it_writes_a_window_file() {
+        let window = tempfile_like();
+        let other = tempfile_like();
+        let (window_fd, other_fd) = (std::os::fd::AsRawFd::as_raw_fd(&window), std::os::fd::AsRawFd::as_raw_fd(&other));
+        let write_to = |fd: u64| {
+            move || {
+                // SAFETY: write(2) of one byte from a static buffer.
+                unsafe { libc::syscall(libc::SYS_write, fd, b"x".as_ptr(), 1usize) };
+            }
+        };
+        for filter in [vcpu_filter(&[window_fd]).unwrap(), main_filter(&[window_fd]).unwrap()] {
+            assert!(killed(in_child(&filter, write_to(window_fd as u64))), "a write to the window's file must kill");
+            let upper = (1u64 << 32) | window_fd as u64;
+            assert!(killed(in_child(&filter, write_to(upper))), "the kernel reads only the low half");
+            let fine = in_child(&filter, write_to(other_fd as u64));
+            assert!(libc::WIFEXITED(fine) && libc::WEXITSTATUS(fine) == 0, "status {fine:#x}");
+        }
+        // Without windows, every descriptor may be written.
+        let fine = in_child(&vcpu_filter(&[]).unwrap(), write_to(window_fd as u64));
+        assert!(libc::WIFEXITED(fine) && libc::WEXITSTATUS(fine) == 0, "status {fine:#x}");
+    }
+
+    /// A memfd standing in for a window's file.
+    fn tempfile_like() -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: memfd_create with a static C string; the new descriptor
+        // is owned by the File.
+        unsafe {
+            let fd = libc::memfd_create(c"window".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            std::fs::File::from_raw_fd(fd)
+        }
+    }
+
     #[test]
     fn the_vcpu_thread_may_read_registers_whether_its_c_library_sign_extends_the_request_or_not() {
         let null = std::fs::File::open("/dev/null").unwrap();
@@ -266,7 +332,7 @@ mod tests {
                 unsafe { libc::syscall(libc::SYS_ioctl, fd, request, &mut regs as *mut kvm_bindings::kvm_regs) };
             }
         };
-        let filter = vcpu_filter().unwrap();
+        let filter = vcpu_filter(&[]).unwrap();
         // glibc passes the request zero-extended, musl (an int) sign-extended.
         for request in [KVM_GET_REGS, KVM_GET_REGS as u32 as i32 as i64 as u64] {
             let status = in_child(&filter, get_regs(request));
@@ -313,7 +379,7 @@ mod tests {
             | libc::CLONE_SIGHAND
             | libc::CLONE_THREAD
             | libc::CLONE_SYSVSEM;
-        for (whose, filter) in [("vCPU", vcpu_filter().unwrap()), ("main", main_filter().unwrap())] {
+        for (whose, filter) in [("vCPU", vcpu_filter(&[]).unwrap()), ("main", main_filter(&[]).unwrap())] {
             for (what, status) in [
                 ("a process", in_child(&filter, clone(libc::SIGCHLD as libc::c_long))),
                 ("a process sharing its memory", in_child(&filter, clone((libc::CLONE_VM | libc::SIGCHLD) as _))),

@@ -232,6 +232,15 @@ enum Exit {
 }
 
 impl Vcpu {
+    /// The descriptors of the files behind guest memory (its windows; RAM
+    /// is anonymous): the vmm never `write`s them (`seccomp`).
+    pub fn memory_files(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let files = self.memory.iter().filter_map(|region| region.file_offset().map(|f| f.file().as_raw_fd()));
+        files.collect()
+    }
+
     /// The vCPU's descriptor (for the address-space holder to keep).
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
         std::os::fd::AsRawFd::as_raw_fd(&self.fd)
