@@ -287,8 +287,8 @@ mod tests {
     /// even with the window's number in a register's upper half.
     #[test]
     fn a_filtered_thread_is_killed_when_it_writes_a_window_file() {
-        let window = tempfile_like();
-        let other = tempfile_like();
+        let window = a_memfd();
+        let other = a_memfd();
         let (window_fd, other_fd) = (std::os::fd::AsRawFd::as_raw_fd(&window), std::os::fd::AsRawFd::as_raw_fd(&other));
         let write_to = |fd: u64| {
             move || {
@@ -309,7 +309,7 @@ mod tests {
     }
 
     /// A memfd standing in for a window's file.
-    fn tempfile_like() -> std::fs::File {
+    fn a_memfd() -> std::fs::File {
         use std::os::fd::FromRawFd;
         // SAFETY: memfd_create with a static C string; the new descriptor
         // is owned by the File.

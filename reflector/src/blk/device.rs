@@ -517,7 +517,12 @@ impl DeviceKind for Blk {
             };
             tracing::trace!(device = %core.name, chains = chains.len(), "queue processed");
             for (head, segments) in chains {
-                if exceeds_queue(vring, self.waiting.len() + self.in_flight.len_for(core.client)) {
+                // The table's whole count bounds the client's own: its scan
+                // (`len_for`) is needed only near the queue's size.
+                let held = |in_flight| self.waiting.len() + in_flight;
+                if exceeds_queue(vring, held(self.in_flight.len()))
+                    && exceeds_queue(vring, held(self.in_flight.len_for(core.client)))
+                {
                     core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                     core.cut_off(HEAD_REUSED);
                     // What this kick already sent goes out; it completes

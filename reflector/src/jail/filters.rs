@@ -326,30 +326,30 @@ mod tests {
         }
     }
 
-    /// ftruncate(2) of a memfd to its own size, which changes nothing: the
+    /// `resize` (ftruncate or fallocate) on a fresh, empty memfd: the
     /// errno, or 0.
-    fn ftruncate_a_memfd() -> i32 {
-        // SAFETY: memfd_create(2), ftruncate(2) and close(2) of a
+    fn on_a_memfd(resize: fn(libc::c_int) -> libc::c_int) -> i32 {
+        // SAFETY: memfd_create(2), then `resize` and close(2) of the
         // descriptor this function makes and owns.
         unsafe {
             let fd = libc::memfd_create(c"size-probe".as_ptr(), libc::MFD_CLOEXEC);
             assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-            let result = errno_of(libc::ftruncate(fd, 0).into());
+            let result = errno_of(resize(fd).into());
             libc::close(fd);
             result
         }
     }
 
-    /// fallocate(2) of a memfd's first page (it grows it): the errno, or 0.
+    /// ftruncate(2) of a memfd to its own size (0), which changes nothing.
+    fn ftruncate_a_memfd() -> i32 {
+        // SAFETY: ftruncate(2) of the probe's own descriptor.
+        on_a_memfd(|fd| unsafe { libc::ftruncate(fd, 0) })
+    }
+
+    /// fallocate(2) of a memfd's first page (it grows it).
     fn fallocate_a_memfd() -> i32 {
-        // SAFETY: as in `ftruncate_a_memfd`.
-        unsafe {
-            let fd = libc::memfd_create(c"size-probe".as_ptr(), libc::MFD_CLOEXEC);
-            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-            let result = errno_of(libc::fallocate(fd, 0, 0, 4096).into());
-            libc::close(fd);
-            result
-        }
+        // SAFETY: fallocate(2) of the probe's own descriptor.
+        on_a_memfd(|fd| unsafe { libc::fallocate(fd, 0, 0, 4096) })
     }
 
     /// A jailed vmm changes no file's size (its windows' files are the
