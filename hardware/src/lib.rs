@@ -69,6 +69,36 @@ pub struct TrapConnection {
     /// One eventfd per posted register, in [`TrapWindow::posted`]'s order
     /// (`--trap ...,posted=OFFSET:FD`).
     pub posted: Vec<std::os::fd::OwnedFd>,
+    /// The driver VM's right to reach the device through this connection.
+    pub grant: AccessGrant,
+}
+
+/// One driver VM's right to reach a trapped window: dropping it revokes
+/// the connection, used or not, and returns only once no access of it is
+/// under way or can come. Its driver VM's record holds it, so a driver
+/// VM's connection ends with the driver VM (whatever it left queued in its
+/// socket, or signalled on its posted registers, never reaches the device
+/// its successor drives), even one whose process has not been seen to end.
+pub struct AccessGrant(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl AccessGrant {
+    /// A grant that runs `revoke` when dropped.
+    pub fn new(revoke: impl FnOnce() + Send + Sync + 'static) -> Self {
+        AccessGrant(Some(Box::new(revoke)))
+    }
+
+    /// A grant of nothing (a connection that reaches no device).
+    pub fn none() -> Self {
+        AccessGrant(None)
+    }
+}
+
+impl Drop for AccessGrant {
+    fn drop(&mut self) {
+        if let Some(revoke) = self.0.take() {
+            revoke();
+        }
+    }
 }
 
 /// A device as a driver VM sees it, whatever its kind: the seam where a

@@ -419,6 +419,23 @@ fn trapped_read32(stream: &std::os::unix::net::UnixStream, offset: u32) -> Optio
     Some(u64::from_le_bytes(reply) as u32)
 }
 
+/// A driver VM's connection to `trap` (a read timeout as its hang guard,
+/// not a timing assertion) and the grant that keeps it.
+fn trapped_connection(trap: &hardware::TrapWindow) -> (std::os::unix::net::UnixStream, hardware::AccessGrant) {
+    let connection = (trap.connect)().unwrap();
+    let stream = std::os::unix::net::UnixStream::from(connection.socket);
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    (stream, connection.grant)
+}
+
+/// Writes a BAR0 register through a driver VM's trapped-window connection;
+/// whether the connection took it.
+fn trapped_write32(stream: &std::os::unix::net::UnixStream, offset: u32, value: u32) -> bool {
+    use std::io::Write;
+    let access = guest_abi::trap::Access { kind: guest_abi::trap::WRITE, size: 4, offset, value: u64::from(value) };
+    (&*stream).write_all(&access.encode()).is_ok()
+}
+
 /// A supervised QEMU process with an NVMe controller on a new image, its
 /// DMA region a new shared memory (`posted_mirror`: see `ProcessSpec`).
 fn supervised_nvme(
@@ -452,15 +469,10 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     let Some(qemu) = qemu() else { return };
     let (_dir, _image, _memory, supervised) = supervised_nvme(qemu, "handover", None);
     let trap = supervised.trap();
-    let connect = || {
-        let stream = std::os::unix::net::UnixStream::from((trap.connect)().unwrap().socket);
-        // A hang guard, not a timing assertion.
-        stream.set_read_timeout(Some(BOUND)).unwrap();
-        stream
-    };
     // The serving driver's connection, which carries accesses, and a
-    // spare's, silent until it serves.
-    let (serving, spare) = (connect(), connect());
+    // spare's, silent until it serves; their driver VMs' records hold
+    // them throughout.
+    let ((serving, _serving_grant), (spare, _spare_grant)) = (trapped_connection(&trap), trapped_connection(&trap));
     let cap = trapped_read32(&serving, 0).expect("the serving driver reads CAP");
     assert_ne!(cap, u32::MAX, "CAP read as all ones");
     // The device's QEMU process dies with its driver; the device is
@@ -471,6 +483,35 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     assert_eq!(supervised.restarts(), 1);
     assert_eq!(trapped_read32(&spare, 0), Some(cap), "the spare must reach the new process");
     assert_eq!(trapped_read32(&serving, 0), None, "the dead driver's connection must be revoked");
+}
+
+#[test]
+fn a_dead_drivers_connection_reaches_nothing_once_its_record_lets_go_used_or_not() {
+    let Some(qemu) = qemu() else { return };
+    let (_dir, _image, _memory, supervised) = supervised_nvme(qemu, "revoke", None);
+    let trap = supervised.trap();
+    let connect = || trapped_connection(&trap);
+    // AQA: read-write while the controller is disabled, as it is after a
+    // quiesce.
+    const AQA: u32 = 0x24;
+    // A driver VM that used its connection, one killed before its proxy
+    // read its first access (the access still in its socket), and the
+    // next driver VM's.
+    let (used, used_grant) = connect();
+    let (silent, silent_grant) = connect();
+    let (next, _next_grant) = connect();
+    let before = trapped_read32(&used, AQA).expect("the serving driver reads AQA");
+    // Both die: their records let go of their connections, the device is
+    // quiesced and resumed for the next driver.
+    drop((used_grant, silent_grant));
+    supervised.quiesce();
+    supervised.resume();
+    // What they left queued is read by the proxy only now.
+    trapped_write32(&silent, AQA, 0x001f_001f);
+    trapped_write32(&used, AQA, 0x000f_000f);
+    assert_eq!(trapped_read32(&silent, AQA), None, "a dead driver's silent connection still answers");
+    assert_eq!(trapped_read32(&used, AQA), None, "a dead driver's used connection still answers");
+    assert_eq!(trapped_read32(&next, AQA), Some(before), "a dead driver's queued write reached the device");
 }
 
 /// What this test binary logged (`captured_log`).
@@ -513,24 +554,22 @@ fn an_access_the_stopped_device_model_leaves_unanswered_is_no_error_a_crashed_on
     let Some(qemu) = qemu() else { return };
     captured_log();
     let connect = |supervised: &Arc<hardware::qemu::SupervisedModel>| {
-        let stream = std::os::unix::net::UnixStream::from((supervised.trap().connect)().unwrap().socket);
-        // A hang guard, not a timing assertion.
-        stream.set_read_timeout(Some(BOUND)).unwrap();
+        let (stream, grant) = trapped_connection(&supervised.trap());
         assert!(trapped_read32(&stream, 0).is_some_and(|cap| cap != u32::MAX), "the driver reads CAP");
-        stream
+        (stream, grant)
     };
     // The reflector stops: it kills the driver VMs and then the device's
     // QEMU, while a driver's access may still be on its way (CI saw one
     // logged as an error at shutdown).
     let (_dir, _image, _memory, stopped) = supervised_nvme(qemu.clone(), "stopped", None);
-    let driver = connect(&stopped);
+    let (driver, _grant) = connect(&stopped);
     let pid = stopped.current().pid();
     stopped.stop();
     assert_eq!(trapped_read32(&driver, 0), None, "the stopped device's connection must close");
     assert_eq!(errors_about(pid), Vec::<String>::new(), "the stop was taken for the device's failure");
     // The same access to a QEMU that crashed is the device's failure.
     let (_dir, _image, _memory, crashed) = supervised_nvme(qemu, "crashed", None);
-    let driver = connect(&crashed);
+    let (driver, _grant) = connect(&crashed);
     let pid = crashed.current().pid();
     // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);

@@ -131,6 +131,11 @@ pub struct DriverVm {
     go: Option<EventFd>,
     /// This VM's interrupt lines, in order.
     interrupts: Vec<EventFd>,
+    /// Its connections' rights to its trapped windows: revoked when this
+    /// record is dropped (once the VM was killed, or never started), so
+    /// that nothing it left in them reaches the device its successor
+    /// drives, whether or not it ever used them.
+    _grants: Vec<hardware::AccessGrant>,
     /// The write end of its standard input (the watcher holds it too:
     /// the vmm ends when the last holder goes), for asking it to stop and
     /// report where it was.
@@ -533,6 +538,7 @@ impl DriverLauncher {
             go,
             interrupts,
             lifeline,
+            _grants: traps.into_iter().map(|trap| trap.grant).collect(),
         })
     }
 }
@@ -619,7 +625,7 @@ fn stand_in_connection(posted: usize) -> std::io::Result<TrapConnection> {
     let posted = (0..posted)
         .map(|_| hardware::descriptors::copy(&EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?))
         .collect::<std::io::Result<Vec<_>>>()?;
-    Ok(TrapConnection { socket: OwnedFd::from(socket), posted })
+    Ok(TrapConnection { socket: OwnedFd::from(socket), posted, grant: hardware::AccessGrant::none() })
 }
 
 /// A pidfd of the jailed vmm `pid`, if it is still the child of `keeper`.
@@ -1095,6 +1101,10 @@ mod process_tests {
     }
 
     fn launch(vmm: PathBuf, exited: &EventFd) -> DriverVm {
+        launch_with_traps(vmm, exited, Vec::new())
+    }
+
+    fn launch_with_traps(vmm: PathBuf, exited: &EventFd, traps: Vec<(u64, crate::hw::TrapWindow)>) -> DriverVm {
         let spec = DriverVmSpec {
             name: "stand-in".into(),
             vmm,
@@ -1104,7 +1114,7 @@ mod process_tests {
             jail: None,
             hosted: false,
         };
-        let launcher = DriverLauncher::new(spec, Vec::new(), Vec::new(), Vec::new(), 1, exited.try_clone().unwrap());
+        let launcher = DriverLauncher::new(spec, Vec::new(), traps, Vec::new(), 1, exited.try_clone().unwrap());
         launcher.launch(&mut |_| Ok(())).unwrap()
     }
 
@@ -1157,6 +1167,45 @@ mod process_tests {
         assert!(super::vmm_threads_ended(pid), "an exited process's threads are past their end");
         child.wait().unwrap();
         assert!(!super::vmm_threads_ended(pid), "a reaped process is left to its pidfd");
+    }
+
+    /// A driver VM's connections to its trapped windows end with its
+    /// record, whether it used them or not: a driver VM killed before its
+    /// first access was read could otherwise leave it to reach the device
+    /// its successor drives.
+    #[test]
+    fn a_driver_vms_trapped_window_connections_are_revoked_with_its_record_and_not_before() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let revoked = Arc::new(AtomicUsize::new(0));
+        let connect = {
+            let revoked = revoked.clone();
+            move || {
+                let (socket, _) = std::os::unix::net::UnixStream::pair()?;
+                let revoked = revoked.clone();
+                Ok(crate::hw::TrapConnection {
+                    socket: socket.into(),
+                    posted: Vec::new(),
+                    grant: hardware::AccessGrant::new(move || {
+                        revoked.fetch_add(1, Ordering::SeqCst);
+                    }),
+                })
+            }
+        };
+        let trap = crate::hw::TrapWindow { name: "regs", size: 4096, posted: Vec::new(), connect: Arc::new(connect) };
+        let (script, marker) = stand_in("trapped", ": > MARKER\nexec sleep 60");
+        let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let driver = launch_with_traps(script, &exited, vec![(0x4000_0000, trap)]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the stand-in did not start");
+            std::thread::yield_now();
+        }
+        assert_eq!(revoked.load(Ordering::SeqCst), 0, "a running driver VM's connection was revoked");
+        assert!(driver.kill_and_wait(EXIT_WAIT), "not gone after a kill");
+        drop(driver);
+        assert_eq!(revoked.load(Ordering::SeqCst), 1, "a dead driver VM's connection outlived its record");
+        let _ = std::fs::remove_dir_all(marker.parent().unwrap());
     }
 
     /// Its report still comes through when the vmm writes it and ends.

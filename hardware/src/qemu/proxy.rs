@@ -18,11 +18,18 @@
 //! signalled, so the driver's program order holds where it matters: a
 //! read after a posted write sees it done.
 //!
-//! A connection that carried any access is revoked when the device is
-//! quiesced (its driver VM died): accesses still queued in it are never
-//! performed, so nothing a dead driver asked for reaches the device after
-//! the replay began. A spare's connection, silent until it is activated,
-//! survives; and when the device's QEMU process is replaced
+//! A connection is revoked when its driver VM's record lets go of it
+//! (`AccessGrant`, dropped once the driver VM was killed), used or not,
+//! and, as a backstop, when the device is quiesced if it carried any
+//! access: accesses still queued in it are never performed, so nothing a
+//! dead driver asked for reaches the device after the replay began. Each
+//! access holds its connection's gate from the check that it is not
+//! revoked to its end, and a revocation takes the same gate: once it
+//! returns, no access of the connection is under way or to come (a check
+//! apart from the access let a proxy thread preempted between the two
+//! perform a dead driver's write on the device its successor drives). A
+//! spare's connection, silent until it is activated, survives the
+//! quiesce; and when the device's QEMU process is replaced
 //! (`SupervisedModel::resume`), a silent connection is handed over to the
 //! new process, so that the spare serves it.
 
@@ -37,7 +44,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::QemuModel;
 use crate::shm::SharedMemory;
-use crate::TrapConnection;
+use crate::{AccessGrant, TrapConnection};
 
 /// A device's posted registers and where their values are.
 #[derive(Clone)]
@@ -64,8 +71,9 @@ impl PostedRegisters {
 struct Connection {
     /// It carried an access.
     used: AtomicBool,
-    /// It may no longer reach the device.
-    revoked: AtomicBool,
+    /// Whether it may no longer reach the device: held by each access from
+    /// its check to its end, and by its revocation.
+    gate: Mutex<bool>,
     /// The proxy's end, to wake its thread when revoked.
     stream: UnixStream,
     /// The QEMU process it reaches: the one it was made on, or the one
@@ -74,11 +82,46 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(stream: UnixStream, model: &Arc<QemuModel>) -> Self {
+        Self::reaching(stream, Arc::downgrade(model))
+    }
+
+    fn reaching(stream: UnixStream, model: Weak<QemuModel>) -> Self {
+        Connection { used: AtomicBool::new(false), gate: Mutex::new(false), stream, model: RwLock::new(model) }
+    }
+
     fn model(&self) -> Option<Arc<QemuModel>> {
         match self.model.read() {
             Ok(model) => model.upgrade(),
             Err(poisoned) => poisoned.into_inner().upgrade(),
         }
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.gate.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn revoked(&self) -> bool {
+        *self.gate()
+    }
+
+    /// Revokes it: waits for an access under way to end, refuses every
+    /// later one, and wakes its thread, which then ends.
+    fn revoke(&self) {
+        *self.gate() = true;
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Runs `access` on the device it reaches unless it is revoked (None),
+    /// its revocation waiting meanwhile.
+    fn admitted<T>(&self, access: impl FnOnce(&QemuModel) -> T) -> Option<T> {
+        self.unless_revoked(|| self.model().map(|model| access(&model))).flatten()
+    }
+
+    /// Runs `work` unless the connection is revoked, holding its gate.
+    fn unless_revoked<T>(&self, work: impl FnOnce() -> T) -> Option<T> {
+        let revoked = self.gate();
+        (!*revoked).then(work)
     }
 }
 
@@ -95,8 +138,7 @@ impl Connections {
         live.retain(|weak| weak.strong_count() > 0);
         for connection in live.iter().filter_map(Weak::upgrade) {
             if connection.used.load(Ordering::Acquire) {
-                connection.revoked.store(true, Ordering::Release);
-                let _ = connection.stream.shutdown(std::net::Shutdown::Both);
+                connection.revoke();
             }
         }
     }
@@ -111,7 +153,7 @@ impl Connections {
         live.retain(|weak| weak.strong_count() > 0);
         let Ok(mut theirs) = successor.connections.live.lock() else { return };
         for connection in live.iter().filter_map(Weak::upgrade) {
-            if connection.used.load(Ordering::Acquire) || connection.revoked.load(Ordering::Acquire) {
+            if connection.used.load(Ordering::Acquire) || connection.revoked() {
                 continue;
             }
             match connection.model.write() {
@@ -125,8 +167,9 @@ impl Connections {
 
 impl QemuModel {
     /// A new connection to BAR0 for a driver VM: returns the vmm's ends
-    /// (its `--trap` socket and one eventfd per posted register); a thread
-    /// serves them until either end closes or the connection is revoked.
+    /// (its `--trap` socket and one eventfd per posted register) and the
+    /// grant that revokes it; a thread serves them until either end closes
+    /// or the connection is revoked.
     pub fn connect(self: &Arc<Self>, posted: Option<&PostedRegisters>) -> std::io::Result<TrapConnection> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut signals = Vec::new();
@@ -136,20 +179,21 @@ impl QemuModel {
             vmm_ends.push(crate::descriptors::copy(&signal)?);
             signals.push((*offset, signal));
         }
-        let connection = Arc::new(Connection {
-            used: AtomicBool::new(false),
-            revoked: AtomicBool::new(false),
-            stream: ours.try_clone()?,
-            model: RwLock::new(Arc::downgrade(self)),
-        });
+        let connection = Arc::new(Connection::new(ours.try_clone()?, self));
         if let Ok(mut live) = self.connections.live.lock() {
             live.push(Arc::downgrade(&connection));
         }
+        let held = Arc::downgrade(&connection);
+        let grant = AccessGrant::new(move || {
+            if let Some(connection) = held.upgrade() {
+                connection.revoke();
+            }
+        });
         let posted = posted.cloned().map(|registers| Posted { registers, signals });
         std::thread::Builder::new()
             .name("bar0-proxy".into())
             .spawn(move || serve(&connection, ours, posted.as_ref()))?;
-        Ok(TrapConnection { socket: OwnedFd::from(theirs), posted: vmm_ends })
+        Ok(TrapConnection { socket: OwnedFd::from(theirs), posted: vmm_ends, grant })
     }
 }
 
@@ -217,12 +261,10 @@ fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
             continue;
         }
         connection.used.store(true, Ordering::Release);
-        let Some(model) = connection.model() else { return Served::End };
-        if connection.revoked.load(Ordering::Acquire) {
-            return Served::End;
-        }
-        if let Err(error) = model.ring32(*offset, posted.registers.value(*offset)) {
-            report_unanswered(&model, &error);
+        let rung = connection.admitted(|model| {
+            model.ring32(*offset, posted.registers.value(*offset)).map_err(|error| report_unanswered(model, &error))
+        });
+        if !matches!(rung, Some(Ok(_))) {
             return Served::End;
         }
     }
@@ -244,27 +286,20 @@ fn report_unanswered(model: &QemuModel, error: &super::QtestError) {
 /// Performs one request from the socket.
 fn perform(connection: &Connection, stream: &mut UnixStream, request: &[u8; trap::REQUEST_LEN]) -> Served {
     connection.used.store(true, Ordering::Release);
-    let Some(model) = connection.model() else { return Served::End };
-    if connection.revoked.load(Ordering::Acquire) {
-        return Served::End;
-    }
     let Some(access) = Access::decode(request) else {
         tracing::warn!("a driver VM sent a malformed trapped access; closing its connection");
         return Served::End;
     };
-    let result = match (access.kind, access.size) {
-        (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
-        (trap::READ, _) => Ok(u32::MAX),
-        (trap::WRITE, 4) => model.write32(u64::from(access.offset), access.value as u32).map(|_| 0),
-        _ => Ok(0),
-    };
-    let value = match result {
-        Ok(value) => value,
-        Err(error) => {
-            report_unanswered(&model, &error);
-            return Served::End;
-        }
-    };
+    let result = connection.admitted(|model| {
+        let result = match (access.kind, access.size) {
+            (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
+            (trap::READ, _) => Ok(u32::MAX),
+            (trap::WRITE, 4) => model.write32(u64::from(access.offset), access.value as u32).map(|_| 0),
+            _ => Ok(0),
+        };
+        result.map_err(|error| report_unanswered(model, &error))
+    });
+    let Some(Ok(value)) = result else { return Served::End };
     if access.kind == trap::READ && stream.write_all(&u64::from(value).to_le_bytes()).is_err() {
         return Served::End;
     }
@@ -286,5 +321,45 @@ mod tests {
         // A mirror at the region's end reads as zero past it, never out of bounds.
         let edge = PostedRegisters { memory, mirror: 3 * 4096 - 4, offsets: vec![0x1008] };
         assert_eq!(edge.value(0x1008), 0);
+    }
+
+    #[test]
+    fn a_revocation_waits_for_the_access_under_way_and_refuses_every_later_one() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        // A hang guard, not a timing assertion.
+        const BOUND: Duration = Duration::from_secs(10);
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let connection = Arc::new(Connection::reaching(ours, Weak::new()));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (entered, inside) = mpsc::channel();
+        let (go, wait) = mpsc::channel::<()>();
+        let access = {
+            let (connection, order) = (connection.clone(), order.clone());
+            std::thread::spawn(move || {
+                connection.unless_revoked(|| {
+                    entered.send(()).unwrap();
+                    wait.recv_timeout(BOUND).unwrap();
+                    order.lock().unwrap().push("access");
+                })
+            })
+        };
+        inside.recv_timeout(BOUND).unwrap();
+        let revocation = {
+            let (connection, order) = (connection.clone(), order.clone());
+            std::thread::spawn(move || {
+                connection.revoke();
+                order.lock().unwrap().push("revoked");
+            })
+        };
+        // The access holds the gate its revocation takes, so the revocation
+        // cannot end before it.
+        assert!(connection.gate.try_lock().is_err(), "an access under way must hold its connection's gate");
+        go.send(()).unwrap();
+        assert_eq!(access.join().unwrap(), Some(()));
+        revocation.join().unwrap();
+        assert_eq!(*order.lock().unwrap(), ["access", "revoked"]);
+        assert!(connection.revoked());
+        assert_eq!(connection.unless_revoked(|| ()), None, "an access after the revocation ran");
     }
 }
