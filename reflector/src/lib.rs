@@ -22,6 +22,7 @@ pub mod channel;
 pub mod chaos;
 pub mod client_memory;
 pub mod config;
+pub mod console_relay;
 pub mod control;
 pub mod device;
 pub mod driver_answers;

@@ -483,8 +483,12 @@ impl DriverLauncher {
             (slot, before)
         });
         let slot = memory_slot.as_ref().map_or(0, |(slot, _)| slot.index());
-        let (child, pid) = self
-            .command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)), slot)?
+        let mut prepared = self.command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)), slot)?;
+        // A jailed vmm may write no regular file (its jail's `RLIMIT_FSIZE`).
+        if spec.jail.is_some() {
+            prepared.command.stderr(crate::console_relay::stderr_for_jailed_vmm()?);
+        }
+        let (child, pid) = prepared
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;

@@ -275,8 +275,11 @@ impl Jail {
             step(libc::setresuid(uid, uid, uid), b"setting the uid")?;
         }
         self.build_root()?;
+        let file_size = self.file_size_limit.map(|limit| (libc::RLIMIT_FSIZE, limit));
         for (resource, limit) in
             [(libc::RLIMIT_NOFILE, MAX_FILES), (libc::RLIMIT_NPROC, MAX_TASKS), (libc::RLIMIT_CORE, 0)]
+                .into_iter()
+                .chain(file_size)
         {
             let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
             // SAFETY: setrlimit(2) with a local struct.

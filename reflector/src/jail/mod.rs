@@ -227,6 +227,13 @@ pub struct Jail {
     kvm: Option<File>,
     /// The outer seccomp filter (see the module doc), compiled before fork.
     filter: seccompiler::BpfProgram,
+    /// The largest file it may write (`RLIMIT_FSIZE`), if limited: 0 for a
+    /// vmm, which writes no regular file (its windows' files are reached
+    /// through memory, its standard error is a pipe when the reflector's
+    /// is a file: `console_relay`), so that one taken over before its own
+    /// filters cannot grow a memory disk's image, the one window file no
+    /// seal covers. A device model's QEMU writes its image.
+    file_size_limit: Option<libc::rlim_t>,
     /// The reflector's pid: each keeper kills its vmm if this process ends
     /// first (module `child`).
     reflector: libc::pid_t,
@@ -316,6 +323,10 @@ impl Jail {
             Jailed::Vmm(_) => outer_filter(IoUring::Denied, FileSizes::Fixed)?,
             Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, FileSizes::Free)?,
         };
+        let file_size_limit = match what {
+            Jailed::Vmm(_) => Some(0),
+            Jailed::DeviceModel { .. } => None,
+        };
         let root = c_path(Path::new(JAIL_ROOT))?;
         // A keeper can join a namespace the reflector made only while it is
         // root in the host's user namespace: not after `--user`'s switch.
@@ -348,6 +359,7 @@ impl Jail {
             ids,
             kvm,
             filter,
+            file_size_limit,
             reflector: std::process::id() as libc::pid_t,
             network,
         })

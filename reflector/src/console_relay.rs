@@ -1,0 +1,140 @@
+//! Carries jailed vmms' standard error to the reflector's own when that is
+//! a regular file.
+//!
+//! Why: a jailed vmm may write no regular file at all (its jail sets
+//! `RLIMIT_FSIZE` to 0, `jail::child`), so that one taken over before its
+//! own filters (by a hostile driver image's ELF, say) cannot grow a
+//! memory disk's image, the one window file no seal covers. Inheriting a
+//! standard error that is a regular file (a log file) would then kill it
+//! at its first log line; such a vmm gets a pipe instead, and one thread
+//! here copies what comes through it to the reflector's standard error,
+//! whole writes at a time (a vmm writes each line at once, and a pipe
+//! keeps writes of up to a page whole), so lines of different driver VMs
+//! do not mix. A standard error that is a pipe, a terminal or a socket (a
+//! journal) is inherited as before.
+//!
+//! What it is not: a filter or a limit. A vmm floods the log exactly as
+//! much as it could when it inherited the descriptor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+/// What a jailed vmm's standard error should be: a pipe into the relay if
+/// the reflector's is a regular file, else the reflector's own.
+pub fn stderr_for_jailed_vmm() -> std::io::Result<Stdio> {
+    if !stderr_is_regular_file() {
+        return Ok(Stdio::inherit());
+    }
+    let (read, write) = hardware::descriptors::pipe()?;
+    relay()
+        .map_err(|error| std::io::Error::new(error.kind(), format!("starting the console relay: {error}")))?
+        .add(read)?;
+    Ok(Stdio::from(write))
+}
+
+/// Whether this process's standard error is a regular file (asked once:
+/// the reflector never changes it).
+fn stderr_is_regular_file() -> bool {
+    static REGULAR: OnceLock<bool> = OnceLock::new();
+    *REGULAR.get_or_init(|| {
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
+        // SAFETY: fstat(2) of descriptor 2 into a local struct it fills.
+        let known = unsafe { libc::fstat(2, stat.as_mut_ptr()) } == 0;
+        // SAFETY: fstat succeeded, so the struct is filled; zeroed otherwise.
+        known && unsafe { stat.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFREG
+    })
+}
+
+/// The relay: its epoll set and the read ends it watches.
+struct Relay {
+    epoll: Epoll,
+    pipes: Mutex<HashMap<RawFd, File>>,
+}
+
+/// The relay, its thread started at the first call.
+fn relay() -> std::io::Result<Arc<Relay>> {
+    static RELAY: Mutex<Option<Arc<Relay>>> = Mutex::new(None);
+    let mut started = RELAY.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(relay) = &*started {
+        return Ok(relay.clone());
+    }
+    let relay = Arc::new(Relay { epoll: Epoll::new()?, pipes: Mutex::default() });
+    let running = relay.clone();
+    std::thread::Builder::new().name("console-relay".into()).spawn(move || running.run())?;
+    *started = Some(relay.clone());
+    Ok(relay)
+}
+
+impl Relay {
+    fn pipes(&self) -> std::sync::MutexGuard<'_, HashMap<RawFd, File>> {
+        self.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Watches `read` until its writers are gone.
+    fn add(&self, read: OwnedFd) -> std::io::Result<()> {
+        let fd = read.as_raw_fd();
+        // SAFETY: fcntl(2) on a descriptor we own: a read never blocks the
+        // relay's other pipes.
+        if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.pipes().insert(fd, File::from(read));
+        let event = EpollEvent::new(EventSet::IN, fd as u64);
+        self.epoll.ctl(ControlOperation::Add, fd, event).inspect_err(|_| {
+            self.pipes().remove(&fd);
+        })
+    }
+
+    fn run(&self) {
+        let mut events = vec![EpollEvent::default(); 32];
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let ready = match self.epoll.wait(-1, &mut events) {
+                Ok(ready) => ready,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::error!(%error, "the console relay cannot wait for driver VMs' output; it stops");
+                    return;
+                }
+            };
+            for event in &events[..ready] {
+                let fd = event.data() as RawFd;
+                let mut pipes = self.pipes();
+                let open = pipes.get(&fd).is_some_and(|pipe| copy(pipe, &mut buffer));
+                if !open {
+                    let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    pipes.remove(&fd);
+                }
+            }
+        }
+    }
+}
+
+/// Reads of one pipe per turn at most: a vmm that writes without pause
+/// cannot keep the relay from the others (epoll reports it again).
+const READS_PER_TURN: usize = 16;
+
+/// Copies what `pipe` holds now (at most [`READS_PER_TURN`] reads) to
+/// standard error; false once its writers are gone (or it failed).
+fn copy(mut pipe: &File, buffer: &mut [u8]) -> bool {
+    for _ in 0..READS_PER_TURN {
+        match pipe.read(buffer) {
+            Ok(0) => return false,
+            Ok(read) => {
+                // Standard error is a regular file: the write does not
+                // block, and one that fails loses only this output.
+                let _ = std::io::stderr().lock().write_all(&buffer[..read]);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
