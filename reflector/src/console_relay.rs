@@ -54,7 +54,9 @@ fn stderr_is_regular_file() -> bool {
 /// The relay: its epoll set and the read ends it watches.
 struct Relay {
     epoll: Epoll,
-    pipes: Mutex<HashMap<RawFd, File>>,
+    /// Shared with the copy under way, so that `add` (a driver VM's
+    /// start) never waits for a copy.
+    pipes: Mutex<HashMap<RawFd, Arc<File>>>,
 }
 
 /// The relay, its thread started at the first call.
@@ -72,7 +74,7 @@ fn relay() -> std::io::Result<Arc<Relay>> {
 }
 
 impl Relay {
-    fn pipes(&self) -> std::sync::MutexGuard<'_, HashMap<RawFd, File>> {
+    fn pipes(&self) -> std::sync::MutexGuard<'_, HashMap<RawFd, Arc<File>>> {
         self.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -84,7 +86,7 @@ impl Relay {
         if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        self.pipes().insert(fd, File::from(read));
+        self.pipes().insert(fd, Arc::new(File::from(read)));
         let event = EpollEvent::new(EventSet::IN, fd as u64);
         self.epoll.ctl(ControlOperation::Add, fd, event).inspect_err(|_| {
             self.pipes().remove(&fd);
@@ -105,11 +107,10 @@ impl Relay {
             };
             for event in &events[..ready] {
                 let fd = event.data() as RawFd;
-                let mut pipes = self.pipes();
-                let open = pipes.get(&fd).is_some_and(|pipe| copy(pipe, &mut buffer));
-                if !open {
+                let pipe = self.pipes().get(&fd).cloned();
+                if !pipe.is_some_and(|pipe| copy(&pipe, &mut buffer)) {
                     let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                    pipes.remove(&fd);
+                    self.pipes().remove(&fd);
                 }
             }
         }

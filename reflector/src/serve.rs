@@ -279,11 +279,20 @@ fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Resu
 fn qemu_process(
     qemu: &Path,
     io_uring: IoUring,
+    image: Option<&Path>,
     name: &str,
     index: u32,
     settings: &JailSettings,
 ) -> Result<QemuProcess, String> {
-    let jailed = Jailed::DeviceModel { qemu, io_uring };
+    // A QEMU taken over (by a driver through its device model) must not
+    // fill the host's filesystem: no file it writes grows past its image.
+    let largest_file = match image {
+        Some(image) => {
+            std::fs::metadata(image).map_err(|e| format!("{name}: reading the size of {}: {e}", image.display()))?.len()
+        }
+        None => 0,
+    };
+    let jailed = Jailed::DeviceModel { qemu, io_uring, largest_file };
     let jail = jail_of(jailed, JailLimits::DEVICE_MODEL, name, index, settings).map_err(|e| {
         format!(
             "{name}: jailing QEMU ({}): {e} (install QEMU, e.g. the Debian package qemu-system-x86)",
@@ -347,7 +356,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             let aio = config.aio.unwrap_or_default();
             let drive = Drive { image: config.image.clone(), read_only: config.read_only, aio };
             let nvme = QemuNvme::start(
-                &qemu_process(qemu, config.io_uring(), name, index, jail)?,
+                &qemu_process(qemu, config.io_uring(), Some(&config.image), name, index, jail)?,
                 name,
                 drive,
                 channel.memory(),
@@ -512,7 +521,7 @@ pub fn start_net(
             // the device area, nothing else, at DMA_BASE.
             channel.set_dma_address(crate::hw::qemu::DMA_BASE);
             let nic = QemuNic::start(
-                &qemu_process(qemu, IoUring::Denied, name, index, jail)?,
+                &qemu_process(qemu, IoUring::Denied, None, name, index, jail)?,
                 name,
                 config.mac,
                 channel.memory(),

@@ -384,6 +384,15 @@ fn a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{aio}: the reflector started on hostile-qemu: {stderr}");
         assert!(stderr.contains(expected), "{aio}: expected {expected:?}: {stderr}");
+        // Nor may it grow a file, its image above all: the host's
+        // filesystem is not its to fill. Before the jail's file size
+        // limit, each attempt worked.
+        let grown: Vec<&str> = stderr.lines().filter(|l| l.contains("hostile-qemu: grow fd")).collect();
+        assert!(!grown.is_empty(), "{aio}: hostile-qemu found no file to grow: {stderr}");
+        for line in grown {
+            assert!(!line.contains("ok"), "{aio}: {line}");
+        }
+        assert_eq!(std::fs::metadata(scratch.join("b.img")).unwrap().len(), 8 << 20, "{aio}: its image grew");
     }
 }
 

@@ -75,6 +75,9 @@ struct Conversation {
     received: Vec<u8>,
     /// Why the connection is unusable (closed, or a line too long).
     broken: Option<String>,
+    /// Answers no command waited for, so far (logged at each power of
+    /// two: a QEMU flooding them cannot flood the log).
+    unasked: u64,
 }
 
 /// What one read without waiting found.
@@ -154,7 +157,13 @@ impl Qtest {
         closed: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<Self> {
         let fd = stream.as_raw_fd();
-        let conversation = Arc::new(Mutex::new(Conversation { stream, received: Vec::new(), broken: None }));
+        // A QEMU that stops reading its commands must not hold a sender,
+        // and the locks it holds (the device's admission, a driver VM's
+        // access gate), for ever: its socket's send buffer fills, and the
+        // write times out as a late answer does.
+        stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+        let conversation =
+            Arc::new(Mutex::new(Conversation { stream, received: Vec::new(), broken: None, unasked: 0 }));
         let interrupt: Arc<OnInterrupt> = Arc::new(interrupt);
         let (watched, notify) = (conversation.clone(), interrupt.clone());
         std::thread::Builder::new().name("qtest-watch".into()).spawn(move || {
@@ -171,10 +180,13 @@ impl Qtest {
         if let Some(why) = &conversation.broken {
             return Err(QtestError::Gone(why.clone()));
         }
-        conversation
-            .stream
-            .write_all(format!("{command}\n").as_bytes())
-            .map_err(|e| QtestError::Gone(e.to_string()))?;
+        if let Err(error) = conversation.stream.write_all(format!("{command}\n").as_bytes()) {
+            // A command sent in part, or not at all: nothing is asked of
+            // this QEMU again.
+            let why = format!("sending `{command}`: {error}");
+            conversation.broken = Some(why.clone());
+            return Err(QtestError::Gone(why));
+        }
         let sent = Instant::now();
         let deadline = sent + ANSWER_TIMEOUT;
         loop {
@@ -262,7 +274,14 @@ fn dispatch(conversation: &mut Conversation, interrupt: &OnInterrupt) {
         match parse_irq(&line) {
             Some((irq, raised)) => interrupt(irq, raised),
             None => {
-                tracing::warn!(line = %line.chars().take(80).collect::<String>(), "QEMU answered no command; dropped")
+                conversation.unasked += 1;
+                if conversation.unasked.is_power_of_two() {
+                    tracing::warn!(
+                        line = %line.chars().take(80).collect::<String>(),
+                        so_far = conversation.unasked,
+                        "QEMU answered no command; dropped (logged at each power of two)"
+                    )
+                }
             }
         }
     }
@@ -383,6 +402,43 @@ mod tests {
             "a QEMU that missed its deadline was asked again"
         );
         drop(qemu);
+    }
+
+    /// A QEMU taken over that answers every command without reading it:
+    /// once its socket's buffer is full, the sender's write blocked for
+    /// ever, holding the device's admission and a driver VM's access gate,
+    /// so that its device never failed over. The write now has the
+    /// answer's deadline, and the connection breaks.
+    #[test]
+    fn a_qemu_that_stops_reading_its_commands_breaks_the_connection_instead_of_blocking_it() {
+        let (qtest, qemu, _interrupts, _closed) = client();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let answers = b"OK 0x0\n".repeat(512);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && (&qemu).write_all(&answers).is_ok() {}
+                qemu
+            })
+        };
+        let (result, outcome) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut answered = 0u64;
+            let error = loop {
+                match qtest.readl(0x1000) {
+                    Ok(_) => answered += 1,
+                    Err(error) => break error,
+                }
+            };
+            let _ = result.send((answered, error, qtest.readl(0x1000).err()));
+        });
+        // A hang guard, not a timing assertion: the deadline is 5 s.
+        let (answered, error, after) = outcome.recv_timeout(6 * BOUND).expect("a sender blocked for ever");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(answered > 0, "{error}");
+        assert!(matches!(error, QtestError::Gone(_)), "{error}");
+        assert!(matches!(after, Some(QtestError::Gone(_))), "a QEMU whose command was cut off was asked again");
+        drop(flood);
     }
 
     #[test]

@@ -97,8 +97,12 @@ const VMM_ONLY: &[libc::c_long] = &[libc::SYS_ftruncate, libc::SYS_truncate, lib
 pub enum FileSizes {
     /// ftruncate, truncate and fallocate fail with EPERM (a vmm).
     Fixed,
-    /// They are let through (a device model's QEMU).
-    Free,
+    /// They are let through, within the jail's `RLIMIT_FSIZE` (a device
+    /// model's QEMU), except a `fallocate` that keeps the size without
+    /// punching a hole: it may allocate blocks past a file's end, which no
+    /// size limit sees (QEMU's block layer keeps the size only to punch
+    /// holes, for discards and zeroed writes).
+    WithinLimit,
 }
 
 /// Confines the reflector process (all its threads, and children before
@@ -198,7 +202,7 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
     let fail = |e: &dyn std::fmt::Display| building("the jail's", e);
     let fixed = match sizes {
         FileSizes::Fixed => VMM_ONLY,
-        FileSizes::Free => &[],
+        FileSizes::WithinLimit => &[],
     };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).chain(fixed).map(|call| (*call, Vec::new())).collect();
@@ -222,6 +226,19 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
         })
         .collect::<Result<Vec<_>, JailError>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    if sizes == FileSizes::WithinLimit {
+        // fallocate(fd, mode, ...): denied when mode keeps the size and
+        // punches no hole.
+        let mask = (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u64;
+        let keeps_size_only = SeccompCondition::new(
+            1,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask),
+            libc::FALLOC_FL_KEEP_SIZE as u64,
+        )
+        .map_err(|e| fail(&e))?;
+        rules.insert(libc::SYS_fallocate, vec![SeccompRule::new(vec![keeps_size_only]).map_err(|e| fail(&e))?]);
+    }
     Ok(DenyList::new(rules, &[(libc::SYS_clone3, libc::ENOSYS)]))
 }
 
@@ -265,7 +282,7 @@ mod tests {
     /// architectures) as seccompiler's own program of the same rules does.
     #[test]
     fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
-        for (io_uring, sizes) in [(IoUring::Denied, FileSizes::Fixed), (IoUring::Allowed, FileSizes::Free)] {
+        for (io_uring, sizes) in [(IoUring::Denied, FileSizes::Fixed), (IoUring::Allowed, FileSizes::WithinLimit)] {
             for (whose, list) in [
                 ("jail", outer_deny_list(io_uring, sizes).unwrap()),
                 ("reflector", reflector_deny_list(io_uring).unwrap()),
@@ -291,7 +308,10 @@ mod tests {
         // one that has it).
         let unfiltered = errno_under(None, io_uring_setup);
         if unfiltered == 0 {
-            assert_eq!(errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::Free).unwrap()), io_uring_setup), 0);
+            assert_eq!(
+                errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::WithinLimit).unwrap()), io_uring_setup),
+                0
+            );
             assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
         } else {
             eprintln!("this kernel refuses io_uring_setup unfiltered (errno {unfiltered}): only the denial is checked");
@@ -321,7 +341,7 @@ mod tests {
             assert_eq!(errno_under(reflector(), move || setns_own_network(nstype)), libc::EPERM, "nstype {nstype:#x}");
         }
         for io_uring in [IoUring::Denied, IoUring::Allowed] {
-            let jail = Some(outer_filter(io_uring, FileSizes::Free).unwrap());
+            let jail = Some(outer_filter(io_uring, FileSizes::WithinLimit).unwrap());
             assert_eq!(errno_under(jail, || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
         }
     }
@@ -352,8 +372,24 @@ mod tests {
         on_a_memfd(|fd| unsafe { libc::fallocate(fd, 0, 0, 4096) })
     }
 
+    /// fallocate(2) of a memfd's first page keeping its size (0): blocks
+    /// past its end.
+    fn fallocate_past_the_end_of_a_memfd() -> i32 {
+        // SAFETY: fallocate(2) of the probe's own descriptor.
+        on_a_memfd(|fd| unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, 0, 4096) })
+    }
+
+    /// fallocate(2) punching a hole in a memfd's first page (within its
+    /// size of 0: nothing to punch), as QEMU's discards do.
+    fn punch_a_hole_in_a_memfd() -> i32 {
+        // SAFETY: fallocate(2) of the probe's own descriptor.
+        on_a_memfd(|fd| unsafe { libc::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE, 0, 4096) })
+    }
+
     /// A jailed vmm changes no file's size (its windows' files are the
-    /// reflector's too); QEMU's jail lets it resize its disk image.
+    /// reflector's too); QEMU's jail lets it resize its disk image (its
+    /// file size limit bounds that) and punch holes in it, but not
+    /// allocate past a file's end without growing it, which no limit sees.
     #[test]
     fn a_vmm_may_not_change_a_files_size_and_qemu_may() {
         assert_eq!(errno_under(None, ftruncate_a_memfd), 0);
@@ -361,8 +397,11 @@ mod tests {
         let vmm = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
         assert_eq!(errno_under(vmm(), ftruncate_a_memfd), libc::EPERM);
         assert_eq!(errno_under(vmm(), fallocate_a_memfd), libc::EPERM);
-        let qemu = || Some(outer_filter(IoUring::Denied, FileSizes::Free).unwrap());
+        let qemu = || Some(outer_filter(IoUring::Denied, FileSizes::WithinLimit).unwrap());
         assert_eq!(errno_under(qemu(), ftruncate_a_memfd), 0);
+        assert_eq!(errno_under(None, fallocate_past_the_end_of_a_memfd), 0);
+        assert_eq!(errno_under(qemu(), fallocate_past_the_end_of_a_memfd), libc::EPERM);
+        assert_eq!(errno_under(qemu(), punch_a_hole_in_a_memfd), 0);
         assert_eq!(errno_under(qemu(), fallocate_a_memfd), 0);
     }
 
@@ -376,7 +415,7 @@ mod tests {
             libc::EPERM
         );
         assert_eq!(
-            errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::Free).unwrap()), x32_getpid),
+            errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::WithinLimit).unwrap()), x32_getpid),
             libc::EPERM
         );
         assert_eq!(errno_under(Some(reflector_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);

@@ -200,6 +200,9 @@ pub enum Jailed<'a> {
         qemu: &'a Path,
         /// Whether it may set up io_uring (`aio=io_uring`).
         io_uring: IoUring,
+        /// The largest a file it writes may grow (`RLIMIT_FSIZE`): its
+        /// image's size, or 0 for a model without one.
+        largest_file: u64,
     },
 }
 
@@ -232,7 +235,8 @@ pub struct Jail {
     /// through memory, its standard error is a pipe when the reflector's
     /// is a file: `console_relay`), so that one taken over before its own
     /// filters cannot grow a memory disk's image, the one window file no
-    /// seal covers. A device model's QEMU writes its image.
+    /// seal covers. A device model's QEMU writes its image, and no file
+    /// past the image's size.
     file_size_limit: Option<libc::rlim_t>,
     /// The reflector's pid: each keeper kills its vmm if this process ends
     /// first (module `child`).
@@ -321,11 +325,11 @@ impl Jail {
         };
         let filter = match what {
             Jailed::Vmm(_) => outer_filter(IoUring::Denied, FileSizes::Fixed)?,
-            Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, FileSizes::Free)?,
+            Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, FileSizes::WithinLimit)?,
         };
         let file_size_limit = match what {
             Jailed::Vmm(_) => Some(0),
-            Jailed::DeviceModel { .. } => None,
+            Jailed::DeviceModel { largest_file, .. } => Some(largest_file),
         };
         let root = c_path(Path::new(JAIL_ROOT))?;
         // A keeper can join a namespace the reflector made only while it is

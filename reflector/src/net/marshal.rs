@@ -39,6 +39,10 @@ pub enum Malformed {
     /// A receive chain too small for the header.
     #[error("receive chain of {0} bytes cannot hold the 12-byte virtio-net header")]
     TinyRxBuffer(u64),
+    /// A chain of more descriptors than any client's frame needs
+    /// ([`MAX_DESCRIPTORS`]).
+    #[error("the chain has more than {MAX_DESCRIPTORS} descriptors")]
+    TooManyDescriptors,
     /// The chain does not end: a `next` loop, a `next` outside the table, or an invalid
     /// indirect table.
     #[error("the chain does not end (a next loop, a next outside the table, or an invalid indirect table)")]
@@ -52,8 +56,17 @@ fn in_memory(memory: &GuestMemoryMmap, segment: &Segment) -> Result<(), Malforme
         .map_err(|_| Malformed::OutsideMemory { addr: segment.addr.0, len: segment.len })
 }
 
+/// The most descriptors a chain may have. Linux's virtio-net driver puts a
+/// frame in at most `MAX_SKB_FRAGS` + 2 descriptors (19 by default, 47 at
+/// the kernel's largest setting), DPDK's fewer. Without a bound, a client
+/// offering receive chains of zero-length descriptors (an indirect table
+/// may hold 65,535) kept about 1 MiB of segments per chain held, 1 GiB per
+/// device at its queue's size, however few bytes they described.
+pub const MAX_DESCRIPTORS: usize = 64;
+
 /// The descriptors of a chain, read until they hold more than `max_bytes`
-/// (then the chain is too long anyway, and the rest is not read).
+/// (then the chain is too long anyway, and the rest is not read); more
+/// than [`MAX_DESCRIPTORS`] of them is malformed.
 /// virtio-queue ends a walk without a word at a loop (after queue-size
 /// descriptors), at a `next` outside the table, or at an unreadable or
 /// invalid indirect table: the last descriptor it yields then still has
@@ -66,6 +79,9 @@ pub fn chain_segments(
     let mut bytes = 0usize;
     let mut cut_short = false;
     for descriptor in chain {
+        if segments.len() == MAX_DESCRIPTORS {
+            return Err(Malformed::TooManyDescriptors);
+        }
         segments.push(Segment { addr: descriptor.addr(), len: descriptor.len(), writable: descriptor.is_write_only() });
         bytes = bytes.saturating_add(descriptor.len() as usize);
         cut_short = descriptor.has_next();
@@ -260,6 +276,28 @@ mod tests {
 
         assert_eq!(rx_capacity(&memory, &[segment(0x1000, 100, false)]), Err(Malformed::ReadableInRx));
         assert_eq!(rx_capacity(&memory, &[segment(0x1000, 4, true)]), Err(Malformed::TinyRxBuffer(4)));
+    }
+
+    #[test]
+    fn a_chain_of_more_descriptors_than_any_frame_needs_is_refused_however_few_bytes_it_holds() {
+        use virtio_queue::desc::split::Descriptor;
+        const NEXT: u16 = 1;
+        const WRITE: u16 = 2;
+        let chain = |zero_length: usize| {
+            (0..zero_length)
+                .map(|i| Descriptor::new(0x1000, 0, NEXT | WRITE, i as u16 + 1))
+                .chain(std::iter::once(Descriptor::new(0x2000, HEADER_LEN as u32, WRITE, 0)))
+                .collect::<Vec<_>>()
+        };
+        let most = chain_segments(chain(MAX_DESCRIPTORS - 1).into_iter(), 1536).unwrap();
+        assert_eq!(most.len(), MAX_DESCRIPTORS);
+        assert_eq!(
+            chain_segments(chain(MAX_DESCRIPTORS).into_iter(), 1536),
+            Err(Malformed::TooManyDescriptors),
+            "one descriptor more than any frame needs"
+        );
+        // An indirect table's worth: refused without keeping it.
+        assert_eq!(chain_segments(chain(65_534).into_iter(), 1536), Err(Malformed::TooManyDescriptors));
     }
 
     #[test]
