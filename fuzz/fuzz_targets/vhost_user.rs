@@ -227,7 +227,11 @@ impl VhostUserBackendMut for StandIn {
 
     fn update_memory(&mut self, memory: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
         self.memory = None;
-        self.memory = Some(reflector::client_memory::accept("fuzz", memory.memory().into_inner())?);
+        self.memory = Some(reflector::client_memory::accept(
+            "fuzz",
+            memory.memory().into_inner(),
+            &reflector::client_memory::TableCount::default(),
+        )?);
         Ok(())
     }
 

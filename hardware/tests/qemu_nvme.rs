@@ -485,6 +485,25 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     assert_eq!(trapped_read32(&serving, 0), None, "the dead driver's connection must be revoked");
 }
 
+/// A spare that connects while the device's QEMU process is replaced
+/// (its start runs on a thread of its own) could get its connection from
+/// the old process after the hand-over: it then reached a dead process,
+/// and the device paid one more failover once it served.
+#[test]
+fn a_connection_is_never_made_on_a_process_whose_connections_were_handed_over() {
+    let Some(qemu) = qemu() else { return };
+    let (_dir, _image, _memory, supervised) = supervised_nvme(qemu, "replaced", None);
+    let trap = supervised.trap();
+    let old = supervised.current();
+    old.kill();
+    supervised.quiesce();
+    supervised.resume();
+    assert_eq!(supervised.restarts(), 1);
+    assert!(old.connect(None).is_err(), "a connection was made on the replaced process");
+    let (stream, _grant) = trapped_connection(&trap);
+    assert!(trapped_read32(&stream, 0).is_some_and(|cap| cap != u32::MAX), "the spare must reach the new process");
+}
+
 #[test]
 fn a_dead_drivers_connection_reaches_nothing_once_its_record_lets_go_used_or_not() {
     let Some(qemu) = qemu() else { return };

@@ -68,6 +68,46 @@ pub enum TableError {
     /// Every registration slot of the SIGBUS guard is taken.
     #[error("too many client memory regions are mapped at once ({REGISTRY_SLOTS}): cannot guard another")]
     GuardFull,
+    /// The device's client has as many tables mapped as it may: its older
+    /// ones are still held by requests in flight.
+    #[error("the client's earlier memory tables are still held by requests in flight ({TABLES_PER_DEVICE} at most)")]
+    TooManyTables,
+}
+
+/// Most of one device's client's tables mapped at once: the one in use and
+/// older ones that requests in flight still hold (a `dma=direct` window
+/// keeps its table mapped and guarded until its request ends). Without a
+/// bound, a client replacing its table before each request, beside a
+/// driver that withholds its answers, pinned up to 128 tables of 8
+/// regions each: eight such devices took every slot of the guard
+/// ([`REGISTRY_SLOTS`]), and every other device's client was refused.
+/// A client replaces its table when its guest's memory changes (hotplug),
+/// not a fourth time while a request is in flight.
+pub const TABLES_PER_DEVICE: usize = 4;
+
+/// One device's count of its client's tables mapped ([`TABLES_PER_DEVICE`]).
+#[derive(Clone, Default)]
+pub struct TableCount(std::sync::Arc<AtomicUsize>);
+
+/// One table's place in its device's [`TableCount`], given back when the
+/// table is dropped.
+struct Counted(TableCount);
+
+impl Counted {
+    fn take(count: &TableCount) -> Result<Self, TableError> {
+        let taken = count.0.fetch_add(1, Ordering::AcqRel);
+        let counted = Counted(count.clone());
+        if taken >= TABLES_PER_DEVICE {
+            return Err(TableError::TooManyTables);
+        }
+        Ok(counted)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Checks every region of a client's table against its backing file: a
@@ -144,6 +184,7 @@ struct Checked {
     // registration.
     mapping: std::sync::Arc<GuestMemoryMmap>,
     registration: Registration,
+    _counted: Counted,
 }
 
 impl ClientMemory {
@@ -283,11 +324,18 @@ pub fn registered(address: usize) -> bool {
 }
 
 /// A device accepting `device`'s client's new memory table: [`guard`],
-/// with the refusal logged. Refusing the table ends the connection
-/// (vhost-user-backend).
-pub fn accept(device: &str, mapping: std::sync::Arc<GuestMemoryMmap>) -> std::io::Result<ClientMemory> {
-    match guard(&mapping) {
-        Ok(registration) => Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration }))),
+/// within the device's `tables` ([`TABLES_PER_DEVICE`]), with the refusal
+/// logged. Refusing the table ends the connection (vhost-user-backend).
+pub fn accept(
+    device: &str,
+    mapping: std::sync::Arc<GuestMemoryMmap>,
+    tables: &TableCount,
+) -> std::io::Result<ClientMemory> {
+    let accepted = Counted::take(tables).and_then(|counted| Ok((counted, guard(&mapping)?)));
+    match accepted {
+        Ok((counted, registration)) => {
+            Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration, _counted: counted })))
+        }
         Err(error) => {
             tracing::error!(device, %error, "refusing the client's memory table");
             Err(std::io::Error::other(error))
@@ -406,5 +454,23 @@ mod tests {
         file.read_exact_at(&mut byte, 0x10).unwrap();
         assert_eq!(u32::from_le_bytes(byte), 7);
         drop(registration);
+    }
+
+    /// A client that replaces its table while requests in flight hold the
+    /// older ones keeps at most [`TABLES_PER_DEVICE`] mapped and guarded;
+    /// another device's client is not affected, and a table dropped gives
+    /// its place back.
+    #[test]
+    fn a_device_holds_at_most_its_share_of_its_clients_tables() {
+        let (ours, theirs) = (TableCount::default(), TableCount::default());
+        let accept_one = |tables: &TableCount| accept("d", std::sync::Arc::new(table(memfd(4096), 4096)), tables);
+        let mut held: Vec<ClientMemory> = (0..TABLES_PER_DEVICE).map(|_| accept_one(&ours).unwrap()).collect();
+        let Err(refused) = accept_one(&ours) else { panic!("a table past the device's share was mapped") };
+        assert!(refused.to_string().contains("still held by requests in flight"), "{refused}");
+        let other = accept_one(&theirs).expect("another device's client was refused");
+        held.pop();
+        let again = accept_one(&ours).expect("a table dropped did not give its place back");
+        drop((held, other, again));
+        assert_eq!(ours.0.load(Ordering::Acquire), 0);
     }
 }

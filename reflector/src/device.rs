@@ -182,6 +182,9 @@ impl PollCredit {
 /// What every kind shares: a kind's methods get it alongside their own
 /// state.
 pub struct DeviceCore {
+    /// The client's tables mapped now (the current one, and older ones
+    /// requests in flight hold).
+    client_tables: client_memory::TableCount,
     /// See [`DeviceWiring::poll_window`].
     poll_window: std::time::Duration,
     /// Whether polling has been paying off.
@@ -456,6 +459,7 @@ impl<K: DeviceKind> Device<K> {
             name: name.to_owned(),
             event_idx: false,
             memory: None,
+            client_tables: client_memory::TableCount::default(),
             client: 0,
             channel: wiring.channel,
             hardware: wiring.hardware,
@@ -947,7 +951,8 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         self.core.memory = None;
         // The new table, as the handler has just mapped it: nothing of the
         // device has touched it (it reads only its checked snapshot).
-        self.core.memory = Some(client_memory::accept(&self.core.name, memory.memory().into_inner())?);
+        self.core.memory =
+            Some(client_memory::accept(&self.core.name, memory.memory().into_inner(), &self.core.client_tables)?);
         Ok(())
     }
 

@@ -128,15 +128,25 @@ impl Connection {
 /// The connections of one device.
 #[derive(Default)]
 pub(super) struct Connections {
-    live: Mutex<Vec<Weak<Connection>>>,
+    live: Mutex<Live>,
+}
+
+/// A device's connections, and whether they went to a successor.
+#[derive(Default)]
+struct Live {
+    connections: Vec<Weak<Connection>>,
+    /// Its silent connections were handed over to a new process: a
+    /// connection made on this one now (a spare started meanwhile) would
+    /// reach a dead process, so none is.
+    handed_over: bool,
 }
 
 impl Connections {
     /// Revokes every connection that carried an access.
     pub(super) fn revoke_used(&self) {
         let Ok(mut live) = self.live.lock() else { return };
-        live.retain(|weak| weak.strong_count() > 0);
-        for connection in live.iter().filter_map(Weak::upgrade) {
+        live.connections.retain(|weak| weak.strong_count() > 0);
+        for connection in live.connections.iter().filter_map(Weak::upgrade) {
             if connection.used.load(Ordering::Acquire) {
                 connection.revoke();
             }
@@ -150,9 +160,10 @@ impl Connections {
     /// revoked when it was quiesced).
     pub(super) fn hand_over_silent(&self, successor: &Arc<QemuModel>) {
         let Ok(mut live) = self.live.lock() else { return };
-        live.retain(|weak| weak.strong_count() > 0);
+        live.handed_over = true;
+        live.connections.retain(|weak| weak.strong_count() > 0);
         let Ok(mut theirs) = successor.connections.live.lock() else { return };
-        for connection in live.iter().filter_map(Weak::upgrade) {
+        for connection in live.connections.iter().filter_map(Weak::upgrade) {
             if connection.used.load(Ordering::Acquire) || connection.revoked() {
                 continue;
             }
@@ -160,10 +171,14 @@ impl Connections {
                 Ok(mut model) => *model = Arc::downgrade(successor),
                 Err(poisoned) => *poisoned.into_inner() = Arc::downgrade(successor),
             }
-            theirs.push(Arc::downgrade(&connection));
+            theirs.connections.push(Arc::downgrade(&connection));
         }
     }
 }
+
+/// What [`QemuModel::connect`] says on a process whose connections went to
+/// a successor: connect to the current one instead.
+pub(super) const REPLACED: &str = "the device's QEMU process was replaced";
 
 impl QemuModel {
     /// A new connection to BAR0 for a driver VM: returns the vmm's ends
@@ -180,8 +195,12 @@ impl QemuModel {
             signals.push((*offset, signal));
         }
         let connection = Arc::new(Connection::new(ours.try_clone()?, self));
-        if let Ok(mut live) = self.connections.live.lock() {
-            live.push(Arc::downgrade(&connection));
+        {
+            let mut live = self.connections.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if live.handed_over {
+                return Err(std::io::Error::other(REPLACED));
+            }
+            live.connections.push(Arc::downgrade(&connection));
         }
         let held = Arc::downgrade(&connection);
         let grant = AccessGrant::new(move || {

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Dma, Model, ModelError, PostedRegisters, ProcessJail, QemuModel};
 use crate::shm::SharedMemory;
-use crate::{InterruptRoute, TrapWindow};
+use crate::{InterruptRoute, TrapConnection, TrapWindow};
 
 /// Everything needed to start the device's QEMU (again).
 pub struct ProcessSpec {
@@ -110,7 +110,21 @@ impl SupervisedModel {
             name: "regs",
             size: self.current().bar0_size(),
             posted: posted.as_ref().map(|p| p.offsets.clone()).unwrap_or_default(),
-            connect: Arc::new(move || supervised.current().connect(posted.as_ref())),
+            connect: Arc::new(move || supervised.connect(posted.as_ref())),
+        }
+    }
+
+    /// A connection to the process serving now. A spare may connect while
+    /// the process is being replaced: one its connections were already
+    /// handed over from refuses, and the new one, current once the
+    /// hand-over ends (`resume` holds `current` meanwhile), takes it.
+    fn connect(&self, posted: Option<&PostedRegisters>) -> std::io::Result<TrapConnection> {
+        let mut attempts = 0;
+        loop {
+            match self.current().connect(posted) {
+                Err(error) if error.to_string() == super::proxy::REPLACED && attempts < 3 => attempts += 1,
+                result => return result,
+            }
         }
     }
 
@@ -163,12 +177,12 @@ impl SupervisedModel {
                     fresh.notify_exit(failure.as_ref().and_then(|fd| fd.try_clone().ok()));
                 }
                 let fresh = Arc::new(fresh);
+                // Held through the hand-over: a spare connecting meanwhile
+                // is refused by the old process and waits for the new one.
+                let mut current = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner());
                 // A spare connected to the old process drives this one.
                 model.connections.hand_over_silent(&fresh);
-                match self.current.write() {
-                    Ok(mut current) => *current = fresh,
-                    Err(poisoned) => *poisoned.into_inner() = fresh,
-                }
+                *current = fresh;
             }
             Err(error) => tracing::error!(%error, model = ?self.spec.model, "cannot start the QEMU device model again"),
         }
