@@ -5,7 +5,7 @@
 //! Completions come out of driver-writable memory: this module only copies
 //! them out and checks the ring indices; `driver_answers` judges them.
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use guest_abi::channel::{self, header, CompletionEntry, RequestEntry};
@@ -20,28 +20,44 @@ pub struct Channel {
     generation: u32,
     req_prod: u32,
     cmp_cons: u32,
+    /// Where the device sees the bounce slots ([`Channel::set_dma_address`]):
+    /// kept here, since the copy in the header is driver-writable.
+    dma_address: AtomicU64,
 }
 
 impl Channel {
     /// Creates the region for driver VM `name`, with the header filled in.
     pub fn new(name: &str) -> std::io::Result<Channel> {
         let memory = Arc::new(SharedMemory::new(&format!("{name}-channel"), channel::REGION_SIZE)?);
-        memory.write(header::MAGIC, channel::MAGIC);
-        memory.write(header::VERSION, channel::VERSION);
-        memory.write(header::RING_SIZE, channel::RING_SIZE);
-        memory.write(header::SLOT_SIZE, channel::SLOT_SIZE);
-        memory.write(header::SLOT_COUNT, channel::SLOT_COUNT);
         memory.atomic_u32(header::GENERATION).store(1, Ordering::Release);
-        // The reflector always wants to hear about completions: its worker
-        // sleeps in epoll between events.
-        memory.atomic_u32(header::HOST_WAITING).store(1, Ordering::Release);
-        Ok(Channel { memory, generation: 1, req_prod: 0, cmp_cons: 0 })
+        let channel = Channel { memory, generation: 1, req_prod: 0, cmp_cons: 0, dma_address: AtomicU64::new(0) };
+        channel.write_layout();
+        Ok(channel)
+    }
+
+    /// Writes the fields every driver reads and none may change: the
+    /// layout, where the device sees the bounce slots, and that the
+    /// reflector waits for doorbells (its worker sleeps in epoll between
+    /// events until it says otherwise).
+    fn write_layout(&self) {
+        self.memory.write(header::MAGIC, channel::MAGIC);
+        self.memory.write(header::VERSION, channel::VERSION);
+        self.memory.write(header::RING_SIZE, channel::RING_SIZE);
+        self.memory.write(header::SLOT_SIZE, channel::SLOT_SIZE);
+        self.memory.write(header::SLOT_COUNT, channel::SLOT_COUNT);
+        self.memory.write(header::DMA_ADDRESS, self.dma_address.load(Ordering::Acquire));
+        self.memory.atomic_u32(header::HOST_WAITING).store(1, Ordering::Release);
     }
 
     /// Starts a new generation for a new driver VM: empty rings, a new
-    /// generation number (so a driver of another generation is detectable).
-    /// Only call it once the previous driver VM is dead.
+    /// generation number (so a driver of another generation is detectable),
+    /// and every field only the reflector writes written again (a driver
+    /// that scribbled over the layout or the DMA address, and died, would
+    /// otherwise have failed every successor's start, or pointed its
+    /// device elsewhere). Only call it once the previous driver VM is dead.
     pub fn reset(&mut self) -> u32 {
+        self.write_layout();
+        self.memory.atomic_u32(header::DRIVER_GENERATION).store(0, Ordering::Release);
         self.generation = self.generation.wrapping_add(1);
         for offset in [
             header::REQ_PROD,
@@ -65,6 +81,7 @@ impl Channel {
     /// behind its own address space, such as a QEMU model); kept across
     /// generations.
     pub fn set_dma_address(&self, address: u64) {
+        self.dma_address.store(address, Ordering::Release);
         self.memory.write(header::DMA_ADDRESS, address);
     }
 
@@ -145,10 +162,19 @@ impl Channel {
     /// Checks the fields only the reflector writes; the driver writing them
     /// is a protocol violation.
     fn check_reflector_fields(&self) -> Result<(), Violation> {
+        let dma_address = self.dma_address.load(Ordering::Acquire);
         for (field, offset, expected) in [
             ("request producer index", header::REQ_PROD, self.req_prod),
             ("completion consumer index", header::CMP_CONS, self.cmp_cons),
             ("generation", header::GENERATION, self.generation),
+            ("magic number (low half)", header::MAGIC, channel::MAGIC as u32),
+            ("magic number (high half)", header::MAGIC + 4, (channel::MAGIC >> 32) as u32),
+            ("layout version", header::VERSION, channel::VERSION),
+            ("ring size", header::RING_SIZE, channel::RING_SIZE),
+            ("slot size", header::SLOT_SIZE, channel::SLOT_SIZE),
+            ("slot count", header::SLOT_COUNT, channel::SLOT_COUNT),
+            ("DMA address (low half)", header::DMA_ADDRESS, dma_address as u32),
+            ("DMA address (high half)", header::DMA_ADDRESS + 4, (dma_address >> 32) as u32),
         ] {
             let found = self.memory.atomic_u32(offset).load(Ordering::Acquire);
             if found != expected {
@@ -228,5 +254,45 @@ mod tests {
         assert!(channel.take_completions().unwrap().is_empty());
         memory.atomic_u32(header::GENERATION).store(1, Ordering::SeqCst);
         assert!(matches!(channel.take_completions(), Err(Violation::ForeignWrite { field: "generation", .. })));
+    }
+
+    /// A driver that scribbles over the layout every driver checks, or the
+    /// address its device sees the bounce slots at, and dies: before, the
+    /// words stayed for every successor, which then refused the channel
+    /// (the device failed for good) or pointed its device elsewhere.
+    #[test]
+    fn a_driver_scribbling_over_the_layout_is_caught_and_its_successor_finds_it_whole() {
+        let mut channel = Channel::new("test").unwrap();
+        channel.set_dma_address(0x1_0000_0000);
+        let memory = channel.memory().clone();
+        let layout = |memory: &SharedMemory| {
+            (
+                memory.read::<u64>(header::MAGIC).unwrap(),
+                [header::VERSION, header::RING_SIZE, header::SLOT_SIZE, header::SLOT_COUNT, header::HOST_WAITING]
+                    .map(|offset| memory.atomic_u32(offset).load(Ordering::SeqCst)),
+                memory.read::<u64>(header::DMA_ADDRESS).unwrap(),
+            )
+        };
+        let whole = layout(&memory);
+        assert_eq!(whole.0, channel::MAGIC);
+        assert_eq!(whole.2, 0x1_0000_0000);
+        for (field, offset) in [
+            ("magic number (low half)", header::MAGIC),
+            ("slot size", header::SLOT_SIZE),
+            ("DMA address (high half)", header::DMA_ADDRESS + 4),
+        ] {
+            memory.atomic_u32(offset).store(0x5a5a_5a5a, Ordering::SeqCst);
+            match channel.take_completions() {
+                Err(Violation::ForeignWrite { field: caught, .. }) => assert_eq!(caught, field),
+                other => panic!("{field} overwritten, and {other:?}"),
+            }
+            channel.reset();
+            assert_eq!(layout(&memory), whole, "{field}: the successor's channel is not whole");
+            assert!(channel.take_completions().unwrap().is_empty());
+        }
+        memory.write(header::MAGIC, 0u64);
+        memory.atomic_u32(header::HOST_WAITING).store(0, Ordering::SeqCst);
+        channel.reset();
+        assert_eq!(layout(&memory), whole);
     }
 }

@@ -38,6 +38,9 @@ pub const FIRST_THREAD_PID: libc::pid_t = 4_194_304 + 1;
 pub enum Answer {
     /// Complete it.
     Complete(u32, u32),
+    /// Complete it after the rest of the requests taken with it, these
+    /// answers last first (a device that completes out of order).
+    Reversed(u32, u32),
     /// Never answer it.
     Ignore,
     /// End, reporting this (a vmm's JSON report, or empty).
@@ -99,6 +102,7 @@ impl ChannelThread {
         loop {
             let published = word(header::REQ_PROD).load(Ordering::Acquire);
             let before = answered;
+            let mut reversed = Vec::new();
             while taken != published {
                 let at =
                     channel::REQUEST_RING_OFFSET + (taken % channel::RING_SIZE) as usize * channel::REQUEST_ENTRY_SIZE;
@@ -107,12 +111,18 @@ impl ChannelThread {
                 word(header::REQ_CONS).store(taken, Ordering::Release);
                 let (status, len) = match answer(&request) {
                     Answer::Complete(status, len) => (status, len),
+                    Answer::Reversed(status, len) => {
+                        reversed.push(CompletionEntry { id: request.id, status, len });
+                        continue;
+                    }
                     Answer::Ignore => continue,
                     Answer::Die(report) => return report,
                 };
-                let at = channel::COMPLETION_RING_OFFSET
-                    + (answered % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
-                self.channel.write(at, CompletionEntry { id: request.id, status, len });
+                self.answer(answered, CompletionEntry { id: request.id, status, len });
+                answered = answered.wrapping_add(1);
+            }
+            for completion in reversed.into_iter().rev() {
+                self.answer(answered, completion);
                 answered = answered.wrapping_add(1);
             }
             if answered != before {
@@ -129,6 +139,13 @@ impl ChannelThread {
                 return String::new();
             }
         }
+    }
+
+    /// Writes completion number `answered` (not yet published).
+    fn answer(&self, answered: u32, completion: CompletionEntry) {
+        let at =
+            channel::COMPLETION_RING_OFFSET + (answered % channel::RING_SIZE) as usize * channel::COMPLETION_ENTRY_SIZE;
+        self.channel.write(at, completion);
     }
 
     /// Waits for requests beyond `taken` as a driver does: polls for

@@ -148,12 +148,21 @@ impl Session {
         }
     }
 
-    /// How long one request may stay in an attached driver VM while others
-    /// are answered: [`REQUEST_DEADLINE_FACTOR`] hang deadlines, so that a
+    /// How long one request may stay in a driver VM while others are
+    /// answered: [`REQUEST_DEADLINE_FACTOR`] hang deadlines, so that a
     /// request queued behind a slow one (a flush behind many writes) on a
-    /// loaded machine is not taken for withheld.
-    fn request_deadline(&self) -> Duration {
-        self.hang_deadline * REQUEST_DEADLINE_FACTOR
+    /// loaded machine is not taken for withheld; and [`BOOT_DEADLINE`]
+    /// more in one that has not said it attached (a request sent while it
+    /// boots waits for its start). Whatever the driver says: a driver that
+    /// never claimed to attach, and withheld one request while answering
+    /// the others, kept it for ever.
+    fn request_deadline(&self, attached: bool) -> Duration {
+        let deadline = self.hang_deadline * REQUEST_DEADLINE_FACTOR;
+        if attached {
+            deadline
+        } else {
+            deadline + BOOT_DEADLINE
+        }
     }
 
     /// The current state.
@@ -189,8 +198,8 @@ impl Session {
             {
                 self.fault(Fault::Hang(self.deadline(attached)), now)
             }
-            (Event::HangCheck { pending: true, attached: true, oldest: Some(sent) }, Lifecycle::Running { .. })
-                if now.saturating_duration_since(sent) >= self.request_deadline() =>
+            (Event::HangCheck { pending: true, attached, oldest: Some(sent) }, Lifecycle::Running { .. })
+                if now.saturating_duration_since(sent) >= self.request_deadline(attached) =>
             {
                 self.fault(Fault::Withheld(now.saturating_duration_since(sent)), now)
             }
@@ -384,11 +393,17 @@ mod tests {
             vec![Effect::Retire(fault.clone()), Effect::Launch]
         );
         assert_eq!(driver.state(), &Lifecycle::Restarting { why: fault });
-        // A booting driver VM has none yet (its device may be resetting).
+        // A driver VM that has not said it attached has the boot deadline
+        // more (a request sent while it boots waits for its start), and
+        // then the same: before, none at all, whatever it answered.
         let mut booting = session(t0);
-        let early = Event::HangCheck { pending: true, attached: false, oldest: Some(t0) };
-        booting.progress(t0 + withheld * 2);
-        assert_eq!(booting.on(early, t0 + withheld * 2), vec![]);
+        let unattached = Event::HangCheck { pending: true, attached: false, oldest: Some(t0) };
+        let late = t0 + withheld + BOOT_DEADLINE;
+        booting.progress(late - ms(1));
+        assert_eq!(booting.on(unattached.clone(), late - ms(1)), vec![], "not yet past its boot and own deadline");
+        booting.progress(late);
+        let fault = Fault::Withheld(withheld + BOOT_DEADLINE);
+        assert_eq!(booting.on(unattached, late), vec![Effect::Retire(fault), Effect::Launch]);
     }
 
     #[test]

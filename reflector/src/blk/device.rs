@@ -235,6 +235,7 @@ impl Blk {
             }
             RequestKind::Write if self.written.is_some() => {
                 let (sectors, reads) = (entry.sectors(), others_of(RequestKind::Read));
+                let writes = others_of(RequestKind::Write);
                 if let Some(written) = self.written.as_mut() {
                     written.forget(sectors.start, (sectors.end - sectors.start) as usize);
                 }
@@ -243,8 +244,15 @@ impl Blk {
                         read.verifiable = false;
                     }
                 }
+                let raced = !writes.is_empty();
+                for write in writes {
+                    if let Some(write) = self.in_flight.get_mut(write) {
+                        write.raced = true;
+                    }
+                }
                 if let Some(entry) = self.in_flight.get_mut(slot) {
                     entry.sums = write_sums;
+                    entry.raced |= raced;
                 }
             }
             RequestKind::Read if self.written.is_some() => {
@@ -284,7 +292,9 @@ impl Blk {
         let evidence =
             Evidence { flushes: self.hardware.flushes(), written: self.written.as_ref(), read_data: data.as_deref() };
         driver_answers::check_evidence(entry.id, entry.claim(), &evidence)?;
-        if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() {
+        // A write that raced another to the same sectors records nothing:
+        // its sectors stay unknown (`InFlight::raced`).
+        if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() && !entry.raced {
             let (sector, sums) = (entry.request.sector, entry.sums.clone());
             let others: Vec<std::ops::Range<u64>> = self
                 .in_flight

@@ -51,6 +51,12 @@ pub struct InFlight {
     /// When it was last put into a driver VM's channel (its own deadline
     /// counts from there: `Session`'s withheld-request check).
     pub sent_at: Option<std::time::Instant>,
+    /// A write that was in flight beside another write to some of the same
+    /// sectors: which of the two the medium holds is the device's order,
+    /// not their completions' (NVMe may complete them either way), so
+    /// neither's sums are recorded and reads of those sectors go unjudged
+    /// until a later write.
+    pub raced: bool,
 }
 
 impl InFlight {
@@ -71,6 +77,7 @@ impl InFlight {
             sent: true,
             orphaned: false,
             sent_at: None,
+            raced: false,
         }
     }
 
@@ -98,11 +105,13 @@ impl InFlight {
 }
 
 /// Judges one completion against the table (`driver_answers::judge`): its
-/// id must name a request in flight, and a success must carry the
-/// request's length.
+/// id must name a request in the current driver VM's channel (not one the
+/// reflector holds back, whose id a driver can predict: an answer to it
+/// would complete a write or flush no driver VM was given), and a success
+/// must carry the request's length.
 pub fn check(completion: &CompletionEntry, table: &InFlightTable) -> Result<Answer, Violation> {
     driver_answers::judge(completion, |slot| {
-        let request = table.get(slot)?;
+        let request = table.get(slot).filter(|request| request.sent)?;
         Some(Expected { id: request.id, length: Length::Exactly(request.data_len), may_be_unsupported: true })
     })
 }
@@ -396,6 +405,30 @@ pub(crate) mod tests {
         completed.sort_unstable();
         assert_eq!(completed, expected, "the others complete");
         assert!(!table.serializing());
+    }
+
+    /// After a death, one suspect goes alone and the rest are held back
+    /// with fresh ids a driver can predict (consecutive sequence numbers):
+    /// an answer naming a held request was taken, completing a write or a
+    /// flush no driver VM was given.
+    #[test]
+    fn an_answer_naming_a_request_held_back_is_an_unknown_id() {
+        let (mut table, _) = sent(2);
+        table.blame_sent(true);
+        restart(&mut table);
+        let suspect = table.next_to_send();
+        assert_eq!(suspect.len(), 1);
+        let (held, entry) = table.iter().find(|(slot, _)| *slot != suspect[0]).unwrap();
+        assert!(!entry.sent);
+        let answer = CompletionEntry { id: entry.id, status: channel::status::OK, len: entry.data_len };
+        assert_eq!(
+            check(&answer, &table),
+            Err(Violation::UnknownId(answer.id)),
+            "slot {held}, never sent, was answered"
+        );
+        let sent = table.get(suspect[0]).unwrap();
+        let answer = CompletionEntry { id: sent.id, status: channel::status::OK, len: sent.data_len };
+        assert!(check(&answer, &table).is_ok(), "the suspect sent alone is answered");
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum Script {
     Lie,
     /// Answers every read OK with a bit of its data flipped.
     CorruptReads,
+    /// Carries out writes in the order it takes them, and completes those
+    /// taken together last first (as an NVMe controller may).
+    ReverseWrites,
 }
 
 /// A fake driver's exit report when it panics: what a vmm reports for a
@@ -315,6 +318,9 @@ impl ThreadLaunch for FakeLaunch {
                         Script::Hang => Answer::Ignore,
                         Script::WithholdSector(sector) if touches(sector) => Answer::Ignore,
                         Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),
+                        Script::ReverseWrites if request.op == op::WRITE => {
+                            Answer::Reversed(disk.serve(&memory, request), request.len)
+                        }
                         Script::CorruptReads if request.op == op::READ => {
                             let status = disk.serve(&memory, request);
                             if let Some(bounce) = memory.slice(channel::slot_offset(request.slot), 1) {
