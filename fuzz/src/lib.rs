@@ -103,8 +103,10 @@ pub fn storage_step(
             );
         }
         StorageStep::Step => {
-            engine.step();
-            let _ = engine.has_pending_work();
+            let worked = engine.step();
+            // Work it says it has is work a step does: else its thread
+            // would poll for ever instead of sleeping.
+            assert!(worked || !engine.has_pending_work() || engine.step(), "pending work no step does");
         }
         StorageStep::Quiesce(on) => engine.set_quiesced(on),
     }

@@ -301,6 +301,22 @@ pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
     }
 }
 
+/// Counts an event a driver can repeat at will (a device stopping on its
+/// error, a failing medium) and says when to log it: at its 1st, 2nd,
+/// 4th, 8th... occurrence, the count in the line. A driver repeating it in
+/// a loop (tens of thousands a second) cannot flood the reflector's log,
+/// nor push a journal's rate limit into dropping other devices' lines.
+#[derive(Default)]
+pub struct LogEvery(u64);
+
+impl LogEvery {
+    /// Counts one; the count so far if this one is to be logged.
+    pub fn note(&mut self) -> Option<u64> {
+        self.0 += 1;
+        self.0.is_power_of_two().then_some(self.0)
+    }
+}
+
 /// Waits until `fd` is readable or closed, at most `timeout` (None:
 /// without end); whether it is (false: the time ran out, or poll failed).
 /// A signal does not end the wait early. The timeout is rounded up to

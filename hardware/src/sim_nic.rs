@@ -135,7 +135,7 @@ impl NetHardware for SimNic {
     }
 
     fn link_up(&self) -> bool {
-        self.regs.atomic_u32(reg::STATUS).load(Ordering::Acquire) & nic::status::LINK_UP != 0
+        self.port.lock().status & nic::status::LINK_UP != 0
     }
 }
 
@@ -203,6 +203,13 @@ struct Engine {
     /// driver resets it.
     quiesced: bool,
     fifo: VecDeque<Vec<u8>>,
+    /// The status register's value, kept here: the window's copy is
+    /// driver-writable, and a driver clearing FATAL, or a dead one's
+    /// writer setting READY before the resume, would have made the card
+    /// run rings nobody checked.
+    status: u32,
+    /// Its driver's errors so far, for the log.
+    driver_errors: crate::LogEvery,
 }
 
 impl Engine {
@@ -224,6 +231,8 @@ impl Engine {
             rxc_tail: 0,
             quiesced: false,
             fifo: VecDeque::new(),
+            status: nic::status::LINK_UP,
+            driver_errors: crate::LogEvery::default(),
         }
     }
 
@@ -232,7 +241,12 @@ impl Engine {
     }
 
     fn ready(&self) -> bool {
-        !self.quiesced && self.reg(reg::STATUS).load(Ordering::Acquire) & nic::status::READY != 0
+        !self.quiesced && self.status & nic::status::READY != 0
+    }
+
+    fn set_status(&mut self, status: u32) {
+        self.status = status;
+        self.reg(reg::STATUS).store(status, Ordering::Release);
     }
 
     /// One round of doorbell work: returns the frames transmitted and
@@ -248,8 +262,9 @@ impl Engine {
             self.reset(reset_request);
             return (Vec::new(), true);
         }
-        let status = self.reg(reg::STATUS).load(Ordering::Acquire);
-        if status & (nic::status::READY | nic::status::FATAL) == 0 {
+        // Whatever the driver wrote there, the status is ours.
+        self.reg(reg::STATUS).store(self.status, Ordering::Release);
+        if self.status & (nic::status::READY | nic::status::FATAL) == 0 {
             if self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0 {
                 self.enable();
                 return (Vec::new(), true);
@@ -273,8 +288,7 @@ impl Engine {
         if self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
             return true;
         }
-        let status = self.reg(reg::STATUS).load(Ordering::Acquire);
-        if status & (nic::status::READY | nic::status::FATAL) == 0 {
+        if self.status & (nic::status::READY | nic::status::FATAL) == 0 {
             return self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0;
         }
         // Work only with room in the completion ring: a driver that never
@@ -307,7 +321,7 @@ impl Engine {
         }
         // The link is the wire's, not the driver's: a reset keeps it, and
         // the FIFO (the port's, not the driver's) keeps its frames.
-        self.reg(reg::STATUS).store(nic::status::LINK_UP, Ordering::Release);
+        self.set_status(nic::status::LINK_UP);
         self.reg(reg::RX_WAITING).store(u32::from(!self.fifo.is_empty()), Ordering::SeqCst);
         (self.ring_size, self.tx_head, self.txc_tail, self.rx_head, self.rxc_tail) = (0, 0, 0, 0, 0);
         self.reg(reg::RESET_DONE).store(request, Ordering::Release);
@@ -318,7 +332,7 @@ impl Engine {
         let size = self.reg(reg::RING_SIZE).load(Ordering::Acquire);
         if size.is_power_of_two() && size <= nic::MAX_RING {
             self.ring_size = size;
-            self.reg(reg::STATUS).store(nic::status::READY | nic::status::LINK_UP, Ordering::Release);
+            self.set_status(nic::status::READY | nic::status::LINK_UP);
         } else {
             self.fail(nic::error::BAD_RING_SIZE);
         }
@@ -331,14 +345,20 @@ impl Engine {
     /// reflector may have reused).
     fn quiesce(&mut self) {
         self.quiesced = true;
-        self.reg(reg::STATUS).fetch_and(!nic::status::READY, Ordering::AcqRel);
+        self.set_status(self.status & !nic::status::READY);
         self.reg(reg::CONTROL).store(0, Ordering::Release);
     }
 
     fn fail(&mut self, error: u32) {
-        tracing::warn!(error, "simulated NIC stopped on a driver error; it needs a reset");
+        if let Some(times) = self.driver_errors.note() {
+            tracing::warn!(
+                error,
+                times,
+                "simulated NIC stopped on a driver error; it needs a reset (logged at each power of two)"
+            );
+        }
         self.reg(reg::ERROR).store(error, Ordering::Release);
-        self.reg(reg::STATUS).store(nic::status::FATAL | nic::status::LINK_UP, Ordering::Release);
+        self.set_status(nic::status::FATAL | nic::status::LINK_UP);
         self.interrupt.raise();
     }
 
@@ -790,6 +810,10 @@ mod tests {
         // The dying driver had written a frame and its descriptor, no doorbell.
         a.dma.slice(0x1000, 64).unwrap().copy_from(&frame(2, 1, 64)[..]);
         a.post(nic::TX_RING_OFFSET, reg::TX_TAIL, Descriptor { addr: DMA_GPA + 0x1000, len: 64, id: 7, reserved: 0 });
+        // And it (or a writer that outlived it) said the card was ready:
+        // the status is the card's, not the window's (before, this let the
+        // frame out).
+        a.reg(reg::STATUS).store(nic::status::READY | nic::status::LINK_UP, Ordering::SeqCst);
         a.nic.resume();
         for _ in 0..3 {
             let (sent, _) = a.nic.port.lock().step();
@@ -818,6 +842,11 @@ mod tests {
         a.reg(reg::TX_TAIL).store(2 + RING + 1, Ordering::SeqCst);
         a.ring_until(|card| card.status() & nic::status::FATAL != 0);
         assert_eq!(a.reg(reg::ERROR).load(Ordering::SeqCst), nic::error::BAD_TAIL);
+        // A driver clearing FATAL itself does not make the card run again.
+        a.reg(reg::STATUS).store(nic::status::READY | nic::status::LINK_UP, Ordering::SeqCst);
+        let (sent, worked) = a.nic.port.lock().step();
+        assert!(sent.is_empty() && !worked, "a card whose driver cleared FATAL ran its rings");
+        assert_eq!(a.status() & nic::status::FATAL, nic::status::FATAL, "the forged status stayed");
         a.reset_and_enable();
         assert_eq!(a.status() & nic::status::READY, nic::status::READY);
         let request = a.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst) + 1;

@@ -133,6 +133,8 @@ impl SimStorage {
             depth: 0,
             sq_head: 0,
             cq_tail: 0,
+            driver_errors: crate::LogEvery::default(),
+            medium_errors: crate::LogEvery::default(),
         };
         let (wake, quit) = (doorbell.try_clone()?, stop.try_clone()?);
         let thread = std::thread::Builder::new()
@@ -227,6 +229,9 @@ struct Engine {
     depth: u32,
     sq_head: u32,
     cq_tail: u32,
+    /// Its driver's errors, and the medium's, so far, for the log.
+    driver_errors: crate::LogEvery,
+    medium_errors: crate::LogEvery,
 }
 
 impl Engine {
@@ -262,8 +267,22 @@ impl Engine {
             return false;
         }
         self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire)
-            || self.status == storage::status::READY && self.reg(reg::SQ_TAIL).load(Ordering::Acquire) != self.sq_head
+            || self.status == storage::status::READY && self.commands_runnable()
             || self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 && self.status == 0
+    }
+
+    /// Whether [`Engine::process_commands`] would do anything now: run a
+    /// command (one submitted, and room for its completion), or fail on
+    /// an index out of range. Not merely a command submitted: a driver
+    /// that never takes its completions left this thread polling a full
+    /// completion queue for ever, a core of the reflector's, while its own
+    /// vCPU slept.
+    fn commands_runnable(&self) -> bool {
+        let tail = self.reg(reg::SQ_TAIL).load(Ordering::Acquire);
+        let in_completion_queue = self.cq_tail.wrapping_sub(self.reg(reg::CQ_HEAD).load(Ordering::Acquire));
+        tail.wrapping_sub(self.sq_head) > self.depth
+            || in_completion_queue > self.depth
+            || tail != self.sq_head && in_completion_queue < self.depth
     }
 
     /// Does one round of work; returns whether there was any.
@@ -331,7 +350,13 @@ impl Engine {
     }
 
     fn fail(&mut self, error: u32) {
-        tracing::warn!(error, "storage controller stopped on a driver error; it needs a reset");
+        if let Some(times) = self.driver_errors.note() {
+            tracing::warn!(
+                error,
+                times,
+                "storage controller stopped on a driver error; it needs a reset (logged at each power of two)"
+            );
+        }
         self.reg(reg::ERROR).store(error, Ordering::Release);
         self.set_status(storage::status::FATAL);
         self.raise_interrupt();
@@ -381,7 +406,9 @@ impl Engine {
                 match synced {
                     Ok(()) => (completion::SUCCESS, 0),
                     Err(error) => {
-                        tracing::warn!(%error, "flush of the medium failed");
+                        if let Some(times) = self.medium_errors.note() {
+                            tracing::warn!(%error, times, "flush of the medium failed (logged at each power of two)");
+                        }
                         (completion::MEDIUM_ERROR, 0)
                     }
                 }
@@ -435,7 +462,9 @@ impl Engine {
         match result {
             Ok(()) => (completion::SUCCESS, len),
             Err(error) => {
-                tracing::warn!(%error, lba = command.lba, len, "medium I/O failed");
+                if let Some(times) = self.medium_errors.note() {
+                    tracing::warn!(%error, lba = command.lba, len, times, "medium I/O failed (logged at each power of two)");
+                }
                 (completion::MEDIUM_ERROR, 0)
             }
         }
@@ -487,6 +516,8 @@ impl EngineHarness {
             depth: 0,
             sq_head: 0,
             cq_tail: 0,
+            driver_errors: crate::LogEvery::default(),
+            medium_errors: crate::LogEvery::default(),
         };
         Ok(EngineHarness { engine })
     }
@@ -611,6 +642,40 @@ mod tests {
         Command { opcode, cid, len, lba, dma, reserved: 0 }
     }
 
+    /// A driver that leaves its completion queue full with a command
+    /// still submitted, and sleeps: the device has nothing it can do, and
+    /// must sleep too (before, its thread polled for ever, a core of the
+    /// reflector's). Once the driver takes a completion, the command runs.
+    #[test]
+    fn a_full_completion_queue_is_no_work_until_the_driver_takes_from_it() {
+        let mut rig = rig("cq-full", false);
+        rig.reset_and_enable(1);
+        rig.stop_thread();
+        let regs = rig.device.regs.clone();
+        let region = DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA };
+        let medium = std::fs::OpenOptions::new().read(true).write(true).open(&rig.image).unwrap();
+        let mut engine = EngineHarness::new(regs.clone(), region, medium, false).unwrap();
+        // The harness's own engine starts afresh: reset and enable it.
+        regs.atomic_u32(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+        while engine.step() {}
+        regs.atomic_u32(reg::QUEUE_DEPTH).store(1, Ordering::SeqCst);
+        regs.atomic_u32(reg::CONTROL).store(storage::control::ENABLE, Ordering::SeqCst);
+        while engine.step() {}
+        assert_eq!(regs.atomic_u32(reg::STATUS).load(Ordering::SeqCst), storage::status::READY);
+        // One command completed and never taken, one more submitted.
+        for tail in 1..=2u32 {
+            regs.write(storage::SQ_OFFSET, command(0, tail as u16, 0, 0, 0));
+            regs.atomic_u32(reg::SQ_TAIL).store(tail, Ordering::SeqCst);
+            while engine.step() {}
+        }
+        assert_eq!(regs.atomic_u32(reg::CQ_TAIL).load(Ordering::SeqCst), 1, "the second command ran into a full queue");
+        assert!(!engine.has_pending_work(), "a full completion queue kept the device polling");
+        regs.atomic_u32(reg::CQ_HEAD).store(1, Ordering::SeqCst);
+        assert!(engine.has_pending_work());
+        assert!(engine.step());
+        assert_eq!(regs.atomic_u32(reg::CQ_TAIL).load(Ordering::SeqCst), 2);
+    }
+
     #[test]
     fn writes_reach_the_medium_and_read_back() {
         let rig = rig("rw", false);
@@ -707,7 +772,48 @@ mod tests {
             depth: 8,
             sq_head: rig.reg(reg::SQ_HEAD).load(Ordering::SeqCst),
             cq_tail: rig.reg(reg::CQ_TAIL).load(Ordering::SeqCst),
+            driver_errors: crate::LogEvery::default(),
+            medium_errors: crate::LogEvery::default(),
         }
+    }
+
+    /// A driver that makes the controller fail in a loop (a reset, then a
+    /// queue depth it may not have, over and over, all through memory)
+    /// leaves a line at each power of two, not one a failure: before, tens
+    /// of thousands a second reached the reflector's log.
+    #[test]
+    fn a_driver_failing_the_controller_in_a_loop_does_not_flood_the_log() {
+        use std::sync::Mutex as StdMutex;
+        static LINES: StdMutex<Vec<u8>> = StdMutex::new(Vec::new());
+        struct Capture;
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                LINES.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut rig = rig("log-flood", false);
+        rig.reset_and_enable(8);
+        rig.stop_thread();
+        let mut engine = engine(&rig);
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(|| Capture).finish();
+        tracing::subscriber::with_default(subscriber, || {
+            for _ in 0..1000 {
+                rig.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+                assert!(engine.step(), "the reset");
+                rig.reg(reg::QUEUE_DEPTH).store(3, Ordering::SeqCst);
+                rig.reg(reg::CONTROL).store(storage::control::ENABLE, Ordering::SeqCst);
+                assert!(engine.step(), "the failed enable");
+                assert_eq!(engine.status, storage::status::FATAL);
+            }
+        });
+        let log = String::from_utf8_lossy(&LINES.lock().unwrap()).into_owned();
+        let lines = log.lines().filter(|line| line.contains("stopped on a driver error")).count();
+        assert_eq!(lines, 10, "1,000 failures, logged at 1, 2, 4 ... 512: {log}");
+        assert!(log.contains("times=512"), "{log}");
     }
 
     #[test]

@@ -11,6 +11,13 @@
 //! learn as usual, but cannot claim a pinned address either. Dropped frames
 //! are counted (`spoofed`).
 //!
+//! Storm control: the frames a port floods (broadcast, multicast, unknown
+//! destinations) are limited to [`FLOOD_RATE`] a second, in bursts of
+//! [`FLOOD_BURST`]; the rest are dropped and counted (`storm_dropped`). A
+//! driver flooding broadcasts would otherwise fill every other port's
+//! queue, so that their own frames were dropped, on CPU charged to no one
+//! (delivery runs on the sender's device thread, in the reflector).
+//!
 //! Frames are delivered synchronously on the sender's thread, never while
 //! the switch's own lock is held, so a port may transmit from inside its
 //! receive path without deadlocking.
@@ -21,6 +28,45 @@ use std::sync::{Arc, Mutex, Weak};
 /// Most MAC addresses remembered; the table starts over when it is full (a
 /// flood of made-up source addresses must not grow the reflector's memory).
 const MAX_LEARNED: usize = 4096;
+
+/// Frames a second a port may flood. A VM's own broadcasts and multicasts
+/// (ARP, neighbour discovery, DHCP, mDNS) are a few a second; the whole
+/// switch moves about 0.4 M frames a second here (README), so a port
+/// flooding at its own rate would take that from every other.
+pub const FLOOD_RATE: u64 = 10_000;
+
+/// Frames a port may flood at once, above [`FLOOD_RATE`].
+pub const FLOOD_BURST: u64 = 1_000;
+
+/// One port's allowance of flooded frames (a token bucket).
+struct FloodAllowance {
+    /// Frames it may flood now, in millionths of a frame.
+    tokens: u64,
+    last: std::time::Instant,
+}
+
+impl FloodAllowance {
+    const SCALE: u64 = 1_000_000;
+
+    fn new() -> Self {
+        FloodAllowance { tokens: FLOOD_BURST * Self::SCALE, last: std::time::Instant::now() }
+    }
+
+    /// Whether one more frame may be flooded now (taken if so).
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * FLOOD_RATE;
+        self.last = now;
+        self.tokens = self.tokens.saturating_add(earned).min(FLOOD_BURST * Self::SCALE);
+        match self.tokens.checked_sub(Self::SCALE) {
+            Some(left) => {
+                self.tokens = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// Something attached to a switch port.
 pub trait SwitchPort: Send + Sync {
@@ -50,6 +96,9 @@ struct State {
     pinned: HashMap<[u8; 6], PortId>,
     learned: HashMap<[u8; 6], PortId>,
     spoofed: u64,
+    /// Each port's allowance of flooded frames.
+    floods: HashMap<PortId, FloodAllowance>,
+    storm_dropped: u64,
 }
 
 impl Switch {
@@ -92,11 +141,17 @@ impl Switch {
         state.ports.retain(|(port, _, _)| *port != id);
         state.pinned.retain(|_, port| *port != id);
         state.learned.retain(|_, port| *port != id);
+        state.floods.remove(&id);
     }
 
     /// Frames dropped because their source address was not their port's.
     pub fn spoofed(&self) -> u64 {
         self.lock().spoofed
+    }
+
+    /// Frames dropped because their port flooded more than its allowance.
+    pub fn storm_dropped(&self) -> u64 {
+        self.lock().storm_dropped
     }
 
     /// Carries `frame`, sent by port `from`, to its destination port(s).
@@ -125,6 +180,10 @@ impl Switch {
             } else {
                 state.pinned.get(&destination).or_else(|| state.learned.get(&destination)).copied()
             };
+            if known.is_none() && !state.floods.entry(from).or_insert_with(FloodAllowance::new).take() {
+                state.storm_dropped += 1;
+                return;
+            }
             state
                 .ports
                 .iter()
@@ -209,6 +268,29 @@ mod tests {
             })
             .collect();
         (switch, ports)
+    }
+
+    /// A port flooding broadcasts as fast as it can: the others get its
+    /// burst and its rate, not all of it, and still get each other's
+    /// frames (before, all 10,000 went to every port).
+    #[test]
+    fn a_port_flooding_broadcasts_is_held_to_its_allowance() {
+        let (switch, ports) = rig();
+        let mut broadcast = frame(0, 1);
+        broadcast[0..6].copy_from_slice(&[0xff; 6]);
+        let started = std::time::Instant::now();
+        for _ in 0..10_000 {
+            switch.forward(ports[0].0, &broadcast);
+        }
+        let allowed = FLOOD_BURST + started.elapsed().as_micros() as u64 * FLOOD_RATE / 1_000_000 + 1;
+        let received = ports[1].1.take().len() as u64;
+        assert!(received <= allowed, "{received} flooded frames reached a port, {allowed} allowed");
+        assert_eq!(switch.storm_dropped(), 10_000 - received);
+        assert_eq!(ports[2].1.take().len() as u64, received);
+        // Another port's floods still go through: the allowance is each
+        // port's own.
+        switch.forward(ports[2].0, &frame(9, 3));
+        assert_eq!(ports[1].1.take().len(), 1, "a quiet port's frame was dropped");
     }
 
     #[test]
