@@ -101,24 +101,17 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     assert!(log.contains("killed by its memory cap"), "the memory cap's kill is not reported as one: {log}");
 }
 
-/// A memory disk's image is a regular file, which no seal covers: a vmm
-/// taken over before its own filters (a substitute binary here) tries to
-/// grow it by writing past its end. Its jail lets it write no regular file
-/// (`RLIMIT_FSIZE` 0), and its log lines still reach the reflector's log
-/// file (`console_relay`). Before the limit, the write grew the image.
-#[test]
-fn a_hostile_vmm_cannot_grow_a_memory_disks_image_and_jailed_vmms_still_log_to_a_file() {
-    if !kvm_available("a_hostile_vmm_cannot_grow_a_memory_disks_image") {
-        return;
-    }
-    let scratch = Scratch::new("jail-fsize");
+/// Serves one block device `d0` (`size=4M,spare=off` and `options`) with
+/// `hostile-vmm` as its vmm, until its first report: that report, and the
+/// reflector's log, once it stopped.
+fn hostile_vmm_report(scratch: &Scratch, options: &str) -> (serde_json::Value, String) {
     let socket = scratch.join("d0.sock");
     let image = scratch.join("d0.img");
     let args = vec![
         "--vmm".to_string(),
         sibling("hostile-vmm").display().to_string(),
         "--blk".to_string(),
-        format!("socket={},image={},size=4M,name=d0,spare=off,device=memory", socket.display(), image.display()),
+        format!("socket={},image={},size=4M,name=d0,spare=off{options}", socket.display(), image.display()),
     ];
     let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
     let report_line = |r: &Reflector| {
@@ -130,14 +123,32 @@ fn a_hostile_vmm_cannot_grow_a_memory_disks_image_and_jailed_vmms_still_log_to_a
     reflector.wait_for(|r| report_line(r).is_some(), "the hostile vmm's report");
     let line = report_line(&reflector).unwrap();
     let log = reflector.stop();
+    (serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap(), log)
+}
+
+/// A memory disk's image is a regular file, which no seal covers: a vmm
+/// taken over before its own filters (a substitute binary here) tries to
+/// grow it by writing past its end. Its jail lets it write no regular file
+/// (`RLIMIT_FSIZE` 0), and its log lines still reach the reflector's log
+/// file (`console_relay`). Before the limit, the write grew the image.
+#[test]
+fn a_hostile_vmm_cannot_grow_a_memory_disks_image_and_jailed_vmms_still_log_to_a_file() {
+    if !kvm_available("a_hostile_vmm_cannot_grow_a_memory_disks_image") {
+        return;
+    }
+    let scratch = Scratch::new("jail-fsize");
+    let (report, log) = hostile_vmm_report(&scratch, ",device=memory");
     assert!(log.contains("hostile-vmm: trying the jail's walls"), "the vmm's log line is not in the log file: {log}");
-    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
     let tried = report["resize window files"].as_object().unwrap();
     assert!(tried.len() >= 2, "the channel and the disk were not both found among its files: {report}");
     for (fd, outcomes) in tried {
         assert!(outcomes.as_array().unwrap().iter().all(|o| o != "ok"), "fd {fd} changed size: {outcomes}");
     }
-    assert_eq!(std::fs::metadata(&image).unwrap().len(), 4 << 20, "the memory disk's image changed size");
+    assert_eq!(
+        std::fs::metadata(scratch.join("d0.img")).unwrap().len(),
+        4 << 20,
+        "the memory disk's image changed size"
+    );
 }
 
 #[test]
@@ -153,28 +164,7 @@ fn a_vmm_gets_no_io_uring_even_beside_a_qemu_that_uses_it() {
     // The disk's QEMU uses io_uring, so the reflector's own filter lets it
     // through: only the vmm's jail can deny it to the (hostile) vmm.
     let scratch = Scratch::new("jail-uring");
-    let socket = scratch.join("d0.sock");
-    let args = vec![
-        "--vmm".to_string(),
-        sibling("hostile-vmm").display().to_string(),
-        "--blk".to_string(),
-        format!(
-            "socket={},image={},size=4M,name=d0,spare=off,device=nvme,aio=io_uring",
-            socket.display(),
-            scratch.join("d0.img").display()
-        ),
-    ];
-    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
-    let report_line = |r: &Reflector| {
-        r.log_text()
-            .lines()
-            .find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
-            .map(str::to_owned)
-    };
-    reflector.wait_for(|r| report_line(r).is_some(), "the hostile vmm's report");
-    let line = report_line(&reflector).unwrap();
-    reflector.stop();
-    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
+    let (report, _) = hostile_vmm_report(&scratch, ",device=nvme,aio=io_uring");
     assert_eq!(report["io_uring_setup"], "EPERM", "{report}");
 }
 
