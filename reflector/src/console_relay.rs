@@ -13,8 +13,13 @@
 //! do not mix. A standard error that is a pipe, a terminal or a socket (a
 //! journal) is inherited as before.
 //!
-//! What it is not: a filter or a limit. A vmm floods the log exactly as
-//! much as it could when it inherited the descriptor.
+//! What it is not: a filter. It is a limit: each driver VM's output may
+//! add [`RATE`] bytes a second to the log, in bursts of [`BURST`] (its
+//! start, a crash report); what comes beyond is dropped, and a line says
+//! how much, so that a hostile vmm cannot fill the host's disk through the
+//! reflector's log. A vmm that inherits the reflector's standard error (a
+//! pipe, a terminal, a journal) is not limited here: a journal limits it
+//! itself.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -56,7 +61,54 @@ struct Relay {
     epoll: Epoll,
     /// Shared with the copy under way, so that `add` (a driver VM's
     /// start) never waits for a copy.
-    pipes: Mutex<HashMap<RawFd, Arc<File>>>,
+    pipes: Mutex<HashMap<RawFd, Arc<Pipe>>>,
+}
+
+/// One driver VM's output: its pipe and what it may still add to the log.
+struct Pipe {
+    file: File,
+    budget: Mutex<Budget>,
+}
+
+/// Bytes a second one driver VM's output may add to the log: a driver's
+/// console and the vmm's own lines are a few a second.
+pub const RATE: u64 = 64 * 1024;
+
+/// Bytes one driver VM's output may add at once above [`RATE`].
+pub const BURST: u64 = 1 << 20;
+
+/// What one driver VM's output may still add to the log (a token bucket),
+/// and what it lost since it last could.
+struct Budget {
+    bytes: u64,
+    last: std::time::Instant,
+    dropped: u64,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Budget { bytes: BURST, last: std::time::Instant::now(), dropped: 0 }
+    }
+
+    /// Whether `len` more bytes may go to the log now (taken if so).
+    fn take(&mut self, len: usize) -> bool {
+        let now = std::time::Instant::now();
+        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * RATE / 1_000_000;
+        if earned > 0 {
+            self.last = now;
+        }
+        self.bytes = self.bytes.saturating_add(earned).min(BURST);
+        match self.bytes.checked_sub(len as u64) {
+            Some(left) => {
+                self.bytes = left;
+                true
+            }
+            None => {
+                self.dropped += len as u64;
+                false
+            }
+        }
+    }
 }
 
 /// The relay, its thread started at the first call.
@@ -74,7 +126,7 @@ fn relay() -> std::io::Result<Arc<Relay>> {
 }
 
 impl Relay {
-    fn pipes(&self) -> std::sync::MutexGuard<'_, HashMap<RawFd, Arc<File>>> {
+    fn pipes(&self) -> std::sync::MutexGuard<'_, HashMap<RawFd, Arc<Pipe>>> {
         self.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -86,7 +138,7 @@ impl Relay {
         if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        self.pipes().insert(fd, Arc::new(File::from(read)));
+        self.pipes().insert(fd, Arc::new(Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) }));
         let event = EpollEvent::new(EventSet::IN, fd as u64);
         self.epoll.ctl(ControlOperation::Add, fd, event).inspect_err(|_| {
             self.pipes().remove(&fd);
@@ -108,7 +160,7 @@ impl Relay {
             for event in &events[..ready] {
                 let fd = event.data() as RawFd;
                 let pipe = self.pipes().get(&fd).cloned();
-                if !pipe.is_some_and(|pipe| copy(&pipe, &mut buffer)) {
+                if !pipe.is_some_and(|pipe| copy(&pipe, &mut buffer, &mut std::io::stderr().lock())) {
                     let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                     self.pipes().remove(&fd);
                 }
@@ -122,15 +174,28 @@ impl Relay {
 const READS_PER_TURN: usize = 16;
 
 /// Copies what `pipe` holds now (at most [`READS_PER_TURN`] reads) to
-/// standard error; false once its writers are gone (or it failed).
-fn copy(mut pipe: &File, buffer: &mut [u8]) -> bool {
+/// `log` (standard error) within its budget; false once its writers are
+/// gone (or it failed).
+fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> bool {
+    let mut budget = pipe.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..READS_PER_TURN {
-        match pipe.read(buffer) {
+        match (&pipe.file).read(buffer) {
             Ok(0) => return false,
             Ok(read) => {
-                // Standard error is a regular file: the write does not
-                // block, and one that fails loses only this output.
-                let _ = std::io::stderr().lock().write_all(&buffer[..read]);
+                let dropped = budget.dropped;
+                if budget.take(read) {
+                    if dropped > 0 {
+                        budget.dropped = 0;
+                        let _ = writeln!(
+                            log,
+                            "reflector: {dropped} bytes of a driver VM's output dropped (over {} KiB a second)",
+                            RATE / 1024
+                        );
+                    }
+                    // Standard error is a regular file: the write does not
+                    // block, and one that fails loses only this output.
+                    let _ = log.write_all(&buffer[..read]);
+                }
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
@@ -138,4 +203,39 @@ fn copy(mut pipe: &File, buffer: &mut [u8]) -> bool {
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vmm writing without pause adds its burst and its rate to the
+    /// log, not all it writes, and the log says how much it lost.
+    #[test]
+    fn a_flooding_vmm_adds_at_most_its_budget_to_the_log() {
+        let (read, write) = hardware::descriptors::pipe().unwrap();
+        // SAFETY: fcntl(2) on a descriptor this test owns.
+        assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
+        let pipe = Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) };
+        let started = std::time::Instant::now();
+        let flood = std::thread::spawn(move || {
+            let mut write = File::from(write);
+            let line = [b'x'; 4096];
+            for _ in 0..(8 * BURST / 4096) {
+                write.write_all(&line).unwrap();
+            }
+        });
+        let (mut buffer, mut log) = (vec![0u8; 64 * 1024], Vec::new());
+        while copy(&pipe, &mut buffer, &mut log) {
+            std::thread::yield_now();
+        }
+        flood.join().unwrap();
+        let allowed = BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000 + 64 * 1024;
+        let logged = log.iter().filter(|&&byte| byte == b'x').count() as u64;
+        assert!(logged <= allowed, "{logged} bytes logged of {}, {allowed} allowed", 8 * BURST);
+        assert!(logged >= BURST / 2, "the burst itself was not logged: {logged} bytes");
+        let budget = pipe.budget.lock().unwrap();
+        let noted = String::from_utf8_lossy(&log).lines().filter(|line| line.contains("output dropped")).count();
+        assert!(budget.dropped > 0 || noted > 0, "nothing said of what was dropped");
+    }
 }
