@@ -75,9 +75,9 @@ struct Conversation {
     received: Vec<u8>,
     /// Why the connection is unusable (closed, or a line too long).
     broken: Option<String>,
-    /// Answers no command waited for, so far (logged at each power of
-    /// two: a QEMU flooding them cannot flood the log).
-    unasked: u64,
+    /// Answers no command waited for, so far (a QEMU flooding them cannot
+    /// flood the log).
+    unasked: crate::LogEvery,
 }
 
 /// What one read without waiting found.
@@ -162,8 +162,12 @@ impl Qtest {
         // access gate), for ever: its socket's send buffer fills, and the
         // write times out as a late answer does.
         stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-        let conversation =
-            Arc::new(Mutex::new(Conversation { stream, received: Vec::new(), broken: None, unasked: 0 }));
+        let conversation = Arc::new(Mutex::new(Conversation {
+            stream,
+            received: Vec::new(),
+            broken: None,
+            unasked: crate::LogEvery::default(),
+        }));
         let interrupt: Arc<OnInterrupt> = Arc::new(interrupt);
         let (watched, notify) = (conversation.clone(), interrupt.clone());
         std::thread::Builder::new().name("qtest-watch".into()).spawn(move || {
@@ -274,11 +278,10 @@ fn dispatch(conversation: &mut Conversation, interrupt: &OnInterrupt) {
         match parse_irq(&line) {
             Some((irq, raised)) => interrupt(irq, raised),
             None => {
-                conversation.unasked += 1;
-                if conversation.unasked.is_power_of_two() {
+                if let Some(so_far) = conversation.unasked.note() {
                     tracing::warn!(
                         line = %line.chars().take(80).collect::<String>(),
-                        so_far = conversation.unasked,
+                        so_far,
                         "QEMU answered no command; dropped (logged at each power of two)"
                     )
                 }
