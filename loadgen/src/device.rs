@@ -374,6 +374,30 @@ impl BlkDevice {
         self.kick.write(1).map_err(|e| Error::sys("kicking the device (eventfd write)", e))
     }
 
+    /// Points the queue at its ring again (SET_VRING_ADDR): for a hostile client.
+    pub fn readdress_queue(&mut self) -> Result<()> {
+        let layout = RingLayout::new(self.queue_size())?;
+        self.session.readdress_vring(0, &self.mem, 0, layout)
+    }
+
+    /// Waits at most `timeout` for the backend to hang up the control socket; whether it did.
+    pub fn wait_for_hangup(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut fd = libc::pollfd { fd: self.session.socket().as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+            let millis = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: `fd` is one valid pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(&mut fd, 1, millis) };
+            if rc > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                return true;
+            }
+            if left.is_zero() || (rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted) {
+                return false;
+            }
+        }
+    }
+
     /// Checks, without blocking, that the backend has not hung up the control socket (or sent
     /// something unexpected on it).
     pub fn check_connection(&self) -> Result<()> {

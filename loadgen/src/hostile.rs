@@ -18,6 +18,17 @@
 //!   of the queue through it raises SIGBUS; [`SWAP_ATTEMPTS`] times, on a fresh connection
 //!   each. The backend must refuse every table without touching it, though its worker is busy
 //!   with the queue when the table arrives.
+//! - `cut-then-shrink`: `avail-overrun`, which makes the backend cut the client off; then,
+//!   once the backend ended the connection or [`CUT_WAIT`] passed, the memfd truncated to
+//!   nothing and the queue's addresses sent again (SET_VRING_ADDR), which makes a backend read
+//!   the used index. A backend that unregistered the memory from its SIGBUS guard while its
+//!   vhost-user handler still mapped it died here.
+//! - `unoffered-features`: SET_PROTOCOL_FEATURES acknowledging `CONFIGURE_MEM_SLOTS`, which the
+//!   backend did not offer (it would allow ADD_MEM_REG without limit). The backend must end
+//!   the connection.
+//! - `timer-kick`: a timerfd firing every microsecond sent as the queue's kick descriptor. A
+//!   backend that takes it polls the queue for ever at no cost to the client; it must refuse
+//!   it (end the connection).
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -43,12 +54,26 @@ pub enum Case {
     SwapMemory,
     /// A well-behaved client that stays connected.
     Idle,
+    /// Cut off, then its memfd truncated and the queue's addresses sent again.
+    CutThenShrink,
+    /// A protocol feature the backend did not offer, acknowledged.
+    UnofferedFeatures,
+    /// A timerfd as the queue's kick.
+    TimerKick,
 }
 
 impl Case {
-    /// Every case's name, for help and errors.
-    pub const NAMES: [&'static str; 5] =
-        ["memory-beyond-file", "shrink-memory", "avail-overrun", "swap-memory", "idle"];
+    /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
+    pub const NAMES: [&'static str; 8] = [
+        "memory-beyond-file",
+        "shrink-memory",
+        "avail-overrun",
+        "swap-memory",
+        "idle",
+        "cut-then-shrink",
+        "unoffered-features",
+        "timer-kick",
+    ];
 
     /// Parses a case name.
     pub fn parse(name: &str) -> std::result::Result<Case, String> {
@@ -58,6 +83,9 @@ impl Case {
             "avail-overrun" => Ok(Case::AvailOverrun),
             "swap-memory" => Ok(Case::SwapMemory),
             "idle" => Ok(Case::Idle),
+            "cut-then-shrink" => Ok(Case::CutThenShrink),
+            "unoffered-features" => Ok(Case::UnofferedFeatures),
+            "timer-kick" => Ok(Case::TimerKick),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -145,11 +173,73 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let detail = format!("write status {}, read status {}", write.status, read.status);
             (Outcome { case: name, refused, detail }, Box::new(device))
         }
+        Case::CutThenShrink => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let bogus = 1u16.wrapping_add(device.queue_size()).wrapping_add(5);
+            device.force_avail_index(bogus)?;
+            let hung_up = device.wait_for_hangup(CUT_WAIT);
+            device.memory_file().set_len(0).map_err(|e| Error::sys("truncating the guest memory memfd", e))?;
+            // Nothing of the client touches its memory from here on: it would fault too.
+            let readdressed = device.readdress_queue();
+            let detail = format!(
+                "the backend ended the connection: {hung_up}; SET_VRING_ADDR after truncating the memory: {}",
+                readdressed.as_ref().map_or_else(|e| format!("failed ({e})"), |()| "accepted".into())
+            );
+            (Outcome { case: name, refused: hung_up && readdressed.is_err(), detail }, Box::new(device))
+        }
+        Case::UnofferedFeatures => {
+            let mut session = Session::connect(path, opts.timeout)?;
+            let negotiated = session.negotiate(opts.event_idx)?;
+            let slots = vhost::vhost_user::VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits();
+            let sent = session.set_protocol_features_raw(negotiated.protocol | slots);
+            let after = sent.and_then(|()| session.get_config(&negotiated).map(|_| ()));
+            let outcome = match after {
+                Ok(()) => Outcome { case: name, refused: false, detail: "CONFIGURE_MEM_SLOTS was accepted".into() },
+                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
+            };
+            (outcome, Box::new(session))
+        }
+        Case::TimerKick => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let timer = ticking_timer()?;
+            let negotiated = *device.negotiated();
+            let sent = device.session_mut().set_vring_kick(0, &timer);
+            let after = sent.and_then(|()| device.session_mut().get_config(&negotiated).map(|_| ()));
+            let outcome = match after {
+                Ok(()) => Outcome { case: name, refused: false, detail: "the timerfd kick was accepted".into() },
+                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
+            };
+            (outcome, Box::new((device, timer)))
+        }
     };
     done(&outcome);
     hold_until_stdin_closes(opts.timeout);
     drop(hold);
     Ok(outcome)
+}
+
+/// How long `cut-then-shrink` waits for the backend to end its connection before it goes on.
+pub const CUT_WAIT: Duration = Duration::from_secs(2);
+
+/// A timerfd that fires every microsecond, as an `EventFd` (which only wraps a descriptor).
+fn ticking_timer() -> Result<vmm_sys_util::eventfd::EventFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: timerfd_create with constant arguments; checked below.
+    let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::last_os("timerfd_create"));
+    }
+    // SAFETY: a fresh descriptor this owns from here on.
+    let timer = unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(fd) };
+    let every = libc::timespec { tv_sec: 0, tv_nsec: 1000 };
+    let spec = libc::itimerspec { it_interval: every, it_value: every };
+    // SAFETY: arms the timer just created with a valid itimerspec.
+    if unsafe { libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()) } != 0 {
+        return Err(Error::last_os("timerfd_settime"));
+    }
+    Ok(timer)
 }
 
 /// How many bad tables `swap-memory` sends, each on a fresh connection: the backend's worker is

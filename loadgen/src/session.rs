@@ -425,6 +425,32 @@ impl Session {
         Ok(())
     }
 
+    /// Points queue `index` at its ring at `ring_off` in `mem` again (SET_VRING_ADDR alone): for a
+    /// hostile client, whose backend then reads the used index through its map of `mem`.
+    pub fn readdress_vring(&mut self, index: usize, mem: &GuestMem, ring_off: usize, layout: RingLayout) -> Result<()> {
+        let cfg = VringConfigData {
+            queue_max_size: layout.size,
+            queue_size: layout.size,
+            flags: 0,
+            desc_table_addr: mem.uaddr(ring_off + layout.desc),
+            used_ring_addr: mem.uaddr(ring_off + layout.used),
+            avail_ring_addr: mem.uaddr(ring_off + layout.avail),
+            log_addr: None,
+        };
+        self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &cfg))
+    }
+
+    /// Sends SET_VRING_KICK for queue `index` with `kick`, whatever it is: for a hostile client.
+    pub fn set_vring_kick(&mut self, index: usize, kick: &EventFd) -> Result<()> {
+        self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(index, kick))
+    }
+
+    /// Sends SET_PROTOCOL_FEATURES with `bits`, offered or not: for a hostile client.
+    pub fn set_protocol_features_raw(&mut self, bits: u64) -> Result<()> {
+        let features = VhostUserProtocolFeatures::from_bits_retain(bits);
+        self.call("SET_PROTOCOL_FEATURES", |fe| fe.set_protocol_features(features))
+    }
+
     /// Stops queue 0 (GET_VRING_BASE, as QEMU does when a device stops); returns the backend's
     /// next avail index.
     pub fn stop_vring(&mut self) -> Result<u32> {

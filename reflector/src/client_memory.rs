@@ -72,7 +72,21 @@ pub enum TableError {
     /// ones are still held by requests in flight.
     #[error("the client's earlier memory tables are still held by requests in flight ({TABLES_PER_DEVICE} at most)")]
     TooManyTables,
+    /// A table of more regions than the device offered memory slots.
+    #[error("the client's memory table has {regions} regions, more than the {REGIONS_PER_TABLE} a client may send")]
+    TooManyRegions {
+        /// Regions in the table.
+        regions: usize,
+    },
 }
+
+/// Most regions in one client's table: vhost-user's baseline, which QEMU
+/// keeps to unless the backend offers `CONFIGURE_MEM_SLOTS` (none here
+/// does, and the vhost-user handler refuses protocol features it did not
+/// offer). Without it, a client adding regions one message at a time took
+/// every slot of the guard ([`REGISTRY_SLOTS`]) and every other device's
+/// client was refused.
+pub const REGIONS_PER_TABLE: usize = 8;
 
 /// Most of one device's client's tables mapped at once: the one in use and
 /// older ones that requests in flight still hold (a `dma=direct` window
@@ -137,10 +151,9 @@ pub fn check_table(memory: &GuestMemoryMmap) -> Result<(), TableError> {
     Ok(())
 }
 
-/// How many client regions can be guarded at once: vhost-user allows 8
-/// regions per client (we do not offer more memory slots), so this covers
-/// 512 devices whose clients all use every region, with one replacement
-/// table each in flight.
+/// How many client regions can be guarded at once: a table holds at most
+/// [`REGIONS_PER_TABLE`] (8), so this covers 512 devices whose clients all
+/// use every region, with one replacement table each in flight.
 pub const REGISTRY_SLOTS: usize = 8192;
 
 /// One guarded address range. `end == 0` marks a free slot; a slot is
@@ -184,7 +197,49 @@ struct Checked {
     // registration.
     mapping: std::sync::Arc<GuestMemoryMmap>,
     registration: Registration,
-    _counted: Counted,
+    counted: Option<Counted>,
+}
+
+/// A table the device let go of while vhost-user-backend still maps it:
+/// its registration lives on until the mapping does not. A client the
+/// device cut off keeps its connection, and the handler touches the table
+/// it holds (`SET_VRING_ADDR` reads the used index): a guard released
+/// with the device's snapshot let that client's truncated memfd kill the
+/// reflector with SIGBUS.
+struct Retired {
+    // Dropped first, as in `Checked`.
+    mapping: std::sync::Arc<GuestMemoryMmap>,
+    _registration: Registration,
+    _counted: Option<Counted>,
+}
+
+/// The tables retired and still mapped elsewhere ([`Retired`]).
+static RETIRED: std::sync::Mutex<Vec<Retired>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for Checked {
+    fn drop(&mut self) {
+        // The count is exact: arc-swap turns the loads it lent out into
+        // counted references before it lets go of a value.
+        if std::sync::Arc::strong_count(&self.mapping) > 1 {
+            let retired = Retired {
+                mapping: self.mapping.clone(),
+                _registration: Registration { slots: std::mem::take(&mut self.registration.slots) },
+                _counted: self.counted.take(),
+            };
+            RETIRED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(retired);
+        }
+    }
+}
+
+/// Unmaps and unregisters the retired tables nobody else maps any more;
+/// how many are left. Called with every table accepted, each device's
+/// watch period, and after each connection's end.
+pub fn reap_retired() -> usize {
+    let mut retired = RETIRED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Dropping one whose count is 1 unmaps it (no other holder can appear:
+    // nothing else keeps a weak reference) and then releases its slots.
+    retired.retain(|table| std::sync::Arc::strong_count(&table.mapping) > 1);
+    retired.len()
 }
 
 impl ClientMemory {
@@ -296,6 +351,9 @@ pub fn resident_in(ranges: &[(usize, usize)]) -> std::io::Result<u64> {
 /// with the SIGBUS guard, installing the guard on first use.
 pub fn guard(memory: &GuestMemoryMmap) -> Result<Registration, TableError> {
     check_table(memory)?;
+    if memory.num_regions() > REGIONS_PER_TABLE {
+        return Err(TableError::TooManyRegions { regions: memory.num_regions() });
+    }
     install_handler();
     let mut registration = Registration { slots: Vec::new() };
     for region in memory.iter() {
@@ -331,10 +389,11 @@ pub fn accept(
     mapping: std::sync::Arc<GuestMemoryMmap>,
     tables: &TableCount,
 ) -> std::io::Result<ClientMemory> {
+    reap_retired();
     let accepted = Counted::take(tables).and_then(|counted| Ok((counted, guard(&mapping)?)));
     match accepted {
         Ok((counted, registration)) => {
-            Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration, _counted: counted })))
+            Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration, counted: Some(counted) })))
         }
         Err(error) => {
             tracing::error!(device, %error, "refusing the client's memory table");
@@ -472,5 +531,51 @@ mod tests {
         let again = accept_one(&ours).expect("a table dropped did not give its place back");
         drop((held, other, again));
         assert_eq!(ours.0.load(Ordering::Acquire), 0);
+    }
+
+    /// A device that lets go of its client's table (it cut the client off)
+    /// while vhost-user-backend still maps it: a touch through the
+    /// handler's copy after the client shrank its memfd must be absorbed,
+    /// as long as that copy lives, and the table is unmapped and its slots
+    /// released once it does not.
+    #[test]
+    fn a_table_stays_guarded_while_anything_still_maps_it() {
+        use vm_memory::Bytes;
+        let file = memfd(64 << 10);
+        let handlers = std::sync::Arc::new(table(file.try_clone().unwrap(), 64 << 10));
+        let tables = TableCount::default();
+        let accepted = accept("d", handlers.clone(), &tables).unwrap();
+        let address = handlers.get_host_address(GuestAddress(0x8000)).unwrap() as usize;
+        drop(accepted);
+        assert!(registered(address), "the guard let go of a table the handler still maps");
+        file.set_len(4096).unwrap();
+        // Before the fix this read took SIGBUS and ended the test binary.
+        let value: u32 = handlers.read_obj(GuestAddress(0x8000)).unwrap();
+        assert_eq!(value, 0, "the faulting page reads as zeros");
+        assert_eq!(tables.0.load(Ordering::Acquire), 1, "a table still mapped counts against its device");
+        drop(handlers);
+        reap_retired();
+        assert!(!registered(address), "a table nobody maps is still registered");
+        assert_eq!(tables.0.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_table_of_more_regions_than_a_client_may_send_is_refused() {
+        let regions = |count: u64| {
+            let regions = (0..count)
+                .map(|i| {
+                    let region = MmapRegion::from_file(FileOffset::new(memfd(4096), 0), 4096).unwrap();
+                    GuestRegionMmap::new(region, GuestAddress(i * 0x10000)).unwrap()
+                })
+                .collect();
+            std::sync::Arc::new(GuestMemoryMmap::from_regions(regions).unwrap())
+        };
+        let tables = TableCount::default();
+        let most = accept("d", regions(REGIONS_PER_TABLE as u64), &tables).expect("a table of 8 regions was refused");
+        drop(most);
+        let Err(refused) = accept("d", regions(REGIONS_PER_TABLE as u64 + 1), &tables) else {
+            panic!("a table of 9 regions was accepted")
+        };
+        assert!(refused.to_string().contains("more than the 8"), "{refused}");
     }
 }

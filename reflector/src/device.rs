@@ -253,6 +253,11 @@ pub struct DeviceCore {
     reported: Option<Fault>,
     /// Why the client is to be cut off, likewise.
     cut: Option<String>,
+    /// Why the connected client was cut off: it is refused any new memory
+    /// table (which ends its connection) until it reconnects.
+    cut_client: Option<String>,
+    /// Ends the connected client's connection.
+    connection: Option<vhost_user_backend::ShutdownHandle>,
     /// Requests were published to a driver VM that sleeps: it is woken at
     /// the end of the event ([`DeviceCore::wake_sleeping_driver`]).
     wake_pending: bool,
@@ -490,6 +495,8 @@ impl<K: DeviceKind> Device<K> {
             kill_sent: None,
             reported: None,
             cut: None,
+            cut_client: None,
+            connection: None,
             wake_pending: false,
             poll_window: wiring.poll_window,
             poll_credit: PollCredit::default(),
@@ -576,9 +583,24 @@ impl<K: DeviceKind> Device<K> {
         SOURCES.get(usize::from(index)).copied()
     }
 
-    /// Forgets a client that went away: its queues are gone, so what is
-    /// still in the driver VM completes into nothing.
+    /// Forgets a client whose connection ended: its queues are gone, so
+    /// what is still in the driver VM completes into nothing; the next
+    /// client starts afresh.
     pub fn client_gone(&mut self) {
+        self.forget_client();
+        self.core.cut_client = None;
+        self.core.connection = None;
+        client_memory::reap_retired();
+    }
+
+    /// A client connected; `connection` ends its connection, which the
+    /// device does when it cuts the client off.
+    pub fn client_connected(&mut self, connection: vhost_user_backend::ShutdownHandle) {
+        self.core.connection = Some(connection);
+    }
+
+    /// Forgets the current client (it left or was cut off).
+    fn forget_client(&mut self) {
         tracing::trace!(device = %self.core.name, "client gone");
         self.core.memory = None;
         self.core.client += 1;
@@ -738,7 +760,13 @@ impl<K: DeviceKind> Device<K> {
         }
         if let Some(why) = self.core.cut.take() {
             tracing::error!(device = %self.core.name, why, "no longer serving this client; it must reconnect");
-            self.client_gone();
+            self.forget_client();
+            self.core.cut_client = Some(why);
+            // Ended, so that the client cannot go on sending messages the
+            // handler acts on; until it is, every new table is refused.
+            if let Some(connection) = self.core.connection.take() {
+                connection.shutdown();
+            }
         }
     }
 
@@ -886,6 +914,7 @@ impl<K: DeviceKind> Device<K> {
             }
             Source::Watch => {
                 let _ = self.core.watch_timer.wait();
+                client_memory::reap_retired();
                 self.watch_driver(vrings);
                 Ok(())
             }
@@ -949,6 +978,9 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         // its ranges leave the guard (they would name whatever is mapped
         // there next).
         self.core.memory = None;
+        if let Some(why) = &self.core.cut_client {
+            return Err(std::io::Error::other(format!("the client was cut off ({why}): it must reconnect")));
+        }
         // The new table, as the handler has just mapped it: nothing of the
         // device has touched it (it reads only its checked snapshot).
         self.core.memory =

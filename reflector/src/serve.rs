@@ -80,6 +80,8 @@ pub trait ServedDevice:
     const PROTOCOL: &'static str;
     /// The device's own event sources for the vhost-user worker, with their ids.
     fn listeners(&self) -> Vec<(RawFd, u16)>;
+    /// A client connected; `connection` ends its connection.
+    fn client_connected(&mut self, connection: vhost_user_backend::ShutdownHandle);
     /// The client went away.
     fn client_gone(&mut self);
     /// Kills the driver VMs for good, without waiting for them.
@@ -100,6 +102,9 @@ impl<K: ServedKind> ServedDevice for Device<K> {
     }
     fn client_gone(&mut self) {
         Device::client_gone(self)
+    }
+    fn client_connected(&mut self, connection: vhost_user_backend::ShutdownHandle) {
+        Device::client_connected(self, connection)
     }
     fn stop(&mut self) {
         Device::stop(self)
@@ -201,7 +206,8 @@ impl<D: ServedDevice> Service for DeviceService<D> {
             .map_err(|_| format!("{}: listener lock poisoned", self.name))?
             .take()
             .ok_or_else(|| format!("{}: served twice", self.name))?;
-        serve_socket(&self.name, listener, D::PROTOCOL, &self.device, D::listeners, D::client_gone)
+        let hooks = ConnectionHooks { listeners: D::listeners, connected: D::client_connected, gone: D::client_gone };
+        serve_socket(&self.name, listener, D::PROTOCOL, &self.device, hooks)
     }
 }
 
@@ -444,16 +450,24 @@ pub trait Service: Send + Sync {
     fn serve(&self) -> Result<(), String>;
 }
 
-/// Serves `socket` with `device`, one client at a time, forever: the
-/// device's own event sources (`listeners`) join the vhost-user worker's
-/// epoll, and `gone` tells the device when a client left.
+/// What [`serve_socket`] tells a device about its connections.
+struct ConnectionHooks<D> {
+    /// The device's own event sources, for the connection's worker.
+    listeners: fn(&D) -> Vec<(RawFd, u16)>,
+    /// A client connected: the handle ends its connection.
+    connected: fn(&mut D, vhost_user_backend::ShutdownHandle),
+    /// The client's connection ended.
+    gone: fn(&mut D),
+}
+
+/// Serves `socket` with `device`, one client at a time, forever, telling
+/// the device of each connection through `hooks`.
 fn serve_socket<D>(
     name: &str,
     listener: std::os::unix::net::UnixListener,
     protocol: &str,
     device: &Arc<RwLock<D>>,
-    listeners: impl Fn(&D) -> Vec<(RawFd, u16)>,
-    gone: impl Fn(&mut D),
+    hooks: ConnectionHooks<D>,
 ) -> Result<(), String>
 where
     D: vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
@@ -471,7 +485,7 @@ where
             let handlers = daemon.get_epoll_handlers();
             let handler = handlers.first().ok_or_else(|| format!("{name}: no vhost-user worker"))?;
             let device = device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
-            for (fd, event) in listeners(&device) {
+            for (fd, event) in (hooks.listeners)(&device) {
                 handler
                     .register_listener(fd, EventSet::IN, u64::from(event))
                     .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
@@ -479,6 +493,9 @@ where
         }
         daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
         tracing::info!(device = %name, "client connected");
+        if let (Some(connection), Ok(mut device)) = (daemon.shutdown_handle(), device.write()) {
+            (hooks.connected)(&mut device, connection);
+        }
         match daemon.wait() {
             Ok(()) | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {}
             Err(error) => tracing::warn!(device = %name, %error, "client connection ended with an error"),
@@ -486,8 +503,11 @@ where
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
+        // Its worker joined and its view of the client's memory gone, so
+        // the device's is the last and unmaps the table.
+        drop(daemon);
         if let Ok(mut device) = device.write() {
-            gone(&mut device);
+            (hooks.gone)(&mut device);
         }
         tracing::info!(device = %name, "client disconnected; waiting for the next one");
     }

@@ -113,6 +113,41 @@ fn a_bad_memory_table_sent_while_the_queue_is_kicked_is_refused_untouched() {
     }
 }
 
+/// A client cut off (here for an avail index beyond its queue) that then
+/// truncates its memory and sends its queue's addresses again: the
+/// vhost-user handler reads the used index through its own map of the
+/// table, which the device had unregistered from the SIGBUS guard when it
+/// let go of the client, so the reflector died of SIGBUS (an adversarial
+/// review found it). A table stays guarded while anything maps it, and a
+/// client cut off has its connection ended.
+#[test]
+fn a_cut_off_client_truncating_its_memory_cannot_fault_the_reflector() {
+    if kvm_available("a_cut_off_client_truncating_its_memory_cannot_fault_the_reflector") {
+        survives("cut-then-shrink", "avail index runs beyond the queue size", true);
+    }
+}
+
+/// A client acknowledging a protocol feature the device never offered
+/// (`CONFIGURE_MEM_SLOTS`, which lets it add memory regions without
+/// limit, each a slot of the SIGBUS guard every device shares) has its
+/// connection ended.
+#[test]
+fn a_client_acknowledging_features_it_was_not_offered_is_refused() {
+    if kvm_available("a_client_acknowledging_features_it_was_not_offered_is_refused") {
+        survives("unoffered-features", "client connection ended with an error", true);
+    }
+}
+
+/// A kick descriptor that is not an eventfd (a timerfd firing every
+/// microsecond kept the worker handling kicks for ever, a reflector core
+/// the client paid nothing for) has the connection ended.
+#[test]
+fn a_kick_that_is_not_an_eventfd_is_refused() {
+    if kvm_available("a_kick_that_is_not_an_eventfd_is_refused") {
+        survives("timer-kick", "client connection ended with an error", true);
+    }
+}
+
 /// The descriptors of process `pid`: number -> what it points at.
 fn fd_table(pid: i32) -> Vec<(i32, String)> {
     let mut table: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))

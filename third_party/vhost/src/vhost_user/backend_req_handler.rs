@@ -588,6 +588,20 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             Ok(FrontendReq::SET_VRING_CALL) => {
                 self.check_request_size(&hdr, size, mem::size_of::<VhostUserU64>())?;
                 let (index, file) = self.handle_vring_fd_request(&buf, files)?;
+                // driver-vms patch: the backend's writes to the call eventfd
+                // never block, whatever count the client left in it.
+                if let Some(file) = &file {
+                    // SAFETY: F_GETFL and F_SETFL on a descriptor this owns.
+                    let set = unsafe {
+                        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+                        flags >= 0
+                            && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+                                == 0
+                    };
+                    if !set {
+                        return Err(Error::SocketError(std::io::Error::last_os_error()));
+                    }
+                }
                 let res = self.backend.set_vring_call(index, file);
                 self.send_ack_message(&hdr, res)?;
             }
@@ -619,6 +633,15 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             }
             Ok(FrontendReq::SET_PROTOCOL_FEATURES) => {
                 let msg = self.extract_request_body::<VhostUserU64>(&hdr, size, &buf)?;
+                // driver-vms patch: a frontend may acknowledge only what the
+                // backend offered. Upstream takes any value, so a client
+                // could enable requests the backend never offered
+                // (CONFIGURE_MEM_SLOTS: ADD_MEM_REG without limit).
+                let offered =
+                    self.backend.get_protocol_features()? | VhostUserProtocolFeatures::REPLY_ACK;
+                if msg.value & !offered.bits() != 0 {
+                    return Err(Error::FeatureMismatch);
+                }
                 let res = self.backend.set_protocol_features(msg.value);
                 self.acked_protocol_features = msg.value;
                 self.update_reply_ack_flag();
@@ -1093,6 +1116,18 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
 
         if has_fd && file.is_none() || !has_fd && file.is_some() {
             return Err(Error::InvalidMessage);
+        }
+        // driver-vms patch: kick, call and err descriptors must be
+        // eventfds. Upstream takes any descriptor: a timerfd as the kick
+        // kept the backend's worker busy for ever at no cost to the client,
+        // and a pipe as the call blocked the backend's write.
+        if let Some(file) = &file {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            if !link.is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]") {
+                return Err(Error::InvalidOperation(
+                    "a vring's kick, call and err descriptors must be eventfds",
+                ));
+            }
         }
 
         Ok((msg.value as u8, file))
