@@ -67,7 +67,7 @@ struct Dma<'a> {
 impl nvme::DmaMemory for Dma<'_> {
     fn device_address(&self, offset: usize) -> u64 {
         let shift = if offset < BUFFERS { self.shift.data } else { self.shift.queues };
-        DMA_BASE + offset as u64 + shift
+        (DMA_BASE + offset as u64).wrapping_add(shift)
     }
 
     fn write(&self, offset: usize, bytes: &[u8]) {
@@ -238,9 +238,9 @@ fn a_driver_pointing_the_controller_outside_its_dma_region_reaches_nothing() {
     let refused = rig.controller(Shift { queues: outside, data: 0 });
     assert!(matches!(refused, Err(nvme::Error::Fatal)), "{:?}", refused.err());
     // Queues inside, data pointers outside (a hostile driver's PRPs). The
-    // QEMU process's address space holds its own 2 MiB and the DMA region,
-    // nothing of the reflector's: whatever the controller transfers there
-    // comes from, or goes to, no memory at all.
+    // QEMU machine holds its own read-only RAM and the DMA region, nothing
+    // of the reflector's: whatever the controller transfers there comes
+    // from, or goes to, no memory at all.
     let mut controller = rig.controller(Shift { queues: 0, data: outside }).unwrap();
     let secret = pattern(9, 8192);
     rig.memory.slice(0, 8192).unwrap().copy_from(&secret[..]);
@@ -258,6 +258,45 @@ fn a_driver_pointing_the_controller_outside_its_dma_region_reaches_nothing() {
     let mut region = vec![0u8; 8192];
     rig.memory.slice(0, 8192).unwrap().copy_to(&mut region[..]);
     assert_eq!(region, secret, "a read pointed outside the region changed the region");
+}
+
+/// A device model is a bus master of its whole machine, not only of its
+/// DMA region: a hostile driver's data pointers (or, on the e1000e, a
+/// frame looped back to any address) reach the machine's RAM and devices.
+/// Its RAM takes no write (a NIC machine's vCPU runs, and an interrupt
+/// table and code written there ran on it, past every reset of the device
+/// and every driver after it: an adversarial review found it), and it has
+/// no HPET, whose timers a dead driver could leave raising the device's
+/// interrupt line for its successors.
+#[test]
+fn the_machine_outside_the_dma_region_takes_no_write_and_has_no_timer() {
+    let Some(qemu) = qemu() else { return };
+    let rig = Rig::start(&qemu, "machine");
+    let aimed_at = |address: u64| rig.controller(Shift { queues: 0, data: address.wrapping_sub(DMA_BASE) }).unwrap();
+    let code = pattern(5, 4096);
+    let mut image = std::fs::read(&rig.image).unwrap();
+    image[..4096].copy_from_slice(&code);
+    std::fs::write(&rig.image, &image).unwrap();
+    // The machine's RAM: the image's block read into it, then written out
+    // of it to another block.
+    let mut controller = aimed_at(0x1000);
+    let _ = run(&mut controller, 1, IoCommand::Read { offset: 0, len: 4096, buffer: 0 });
+    let _ = run(&mut controller, 2, IoCommand::Write { offset: 4096, len: 4096, buffer: 0 });
+    let _ = run(&mut controller, 3, IoCommand::Flush);
+    let image = std::fs::read(&rig.image).unwrap();
+    assert_ne!(&image[4096..8192], &code[..], "the device wrote the machine's RAM");
+    assert!(
+        image[4096..8192].iter().all(|&byte| byte == 0xf4),
+        "the machine's RAM is not all hlt: {:?}",
+        &image[4096..4112]
+    );
+    // Where q35 puts its HPET: its capabilities (vendor 0x8086 in bits
+    // 16-31) must not come back.
+    let mut controller = aimed_at(0xfed0_0000);
+    let _ = run(&mut controller, 4, IoCommand::Write { offset: 8192, len: 4096, buffer: 0 });
+    let _ = run(&mut controller, 5, IoCommand::Flush);
+    let image = std::fs::read(&rig.image).unwrap();
+    assert_ne!(&image[8194..8196], &[0x86, 0x80], "the machine has an HPET: {:?}", &image[8192..8200]);
 }
 
 /// Waits (bounded) until `controller` has a completion posted.

@@ -7,10 +7,13 @@
 //! function. The reflector reaches it over qtest on a socketpair: PCI
 //! configuration through ports 0xcf8/0xcfc (done here, once, never by a
 //! driver), BAR accesses as `readl`/`writel`, interrupts as `IRQ raise`
-//! lines after `irq_intercept_in ioapic`. Its memory is only the DMA
-//! region the reflector gives it, a file QEMU maps as a memory device at
-//! [`DMA_BASE`]: the controller can reach that region and nothing else of
-//! the reflector or the driver VM (the IOMMU of this design).
+//! lines after `irq_intercept_in ioapic`. Its memory for data is only the
+//! DMA region the reflector gives it, a file QEMU maps as a memory device
+//! at [`DMA_BASE`]: the controller can reach that region and nothing else
+//! of the reflector or the driver VM (the IOMMU of this design). Its DMA
+//! does reach the rest of its own machine, which is why that machine's
+//! RAM is read-only to it and all `hlt` ([`machine_ram`]) and it has no
+//! HPET.
 //!
 //! Not here: which driver accesses are allowed (the window proxy decides
 //! what of BAR0 a driver VM reaches), and the NVMe protocol (the `nvme`
@@ -63,8 +66,8 @@ const ADMIN_CQ_HEAD_DOORBELL: u64 = nvme_regs::DOORBELLS as u64 + 4;
 /// Completion queues a QEMU NVMe controller can hold (its default
 /// `max_ioqpairs`, 64, and the admin queue), so counted pending at most.
 const MAX_NVME_QUEUES: usize = 65;
-/// RAM QEMU needs besides the DMA region (it runs no guest).
-const QEMU_RAM: &str = "2M";
+/// RAM, in MiB, QEMU needs besides the DMA region (it runs no guest).
+const QEMU_RAM_MIB: usize = 2;
 /// Longest [`QemuModel::kill`] waits for the killed QEMU to be reaped: a
 /// SIGKILL ends it in milliseconds unless it is stuck in the kernel
 /// (uninterruptible I/O on hung storage), and the device's thread, which
@@ -79,6 +82,8 @@ const WIRE_FD: RawFd = 5;
 /// The halting firmware (every machine gets it: a jailed QEMU can read no
 /// firmware file).
 const FIRMWARE_FD: RawFd = 6;
+/// The machine's RAM ([`machine_ram`]), read-only to the machine.
+const RAM_FD: RawFd = 9;
 /// A disk image, opened by the reflector (a jailed QEMU can open no path):
 /// read-write (absent for a read-only disk) and read-only, both in QEMU's
 /// descriptor set 1.
@@ -113,6 +118,27 @@ fn halt_firmware() -> std::io::Result<SharedMemory> {
         reset.copy_from(&[0xfa, 0xf4, 0xeb, 0xfd]);
     }
     Ok(firmware)
+}
+
+/// The machine's RAM: [`QEMU_RAM_MIB`] of `hlt`, which QEMU maps read-only
+/// (`readonly=on`: a ROM to the machine, whose writes, the device's DMA
+/// included, are dropped). A device model is a bus master of the whole
+/// machine, not only of its DMA region: a hostile e1000e driver can loop
+/// a frame back into any address (MAC loopback). Into writable RAM it
+/// could write an interrupt table and code, and then, with an NMI sent
+/// through the MSI window, run that code on the NIC machine's vCPU (which
+/// runs: QEMU delivers frames only to a running machine), past every
+/// reset of the device and every driver VM after it (an adversarial review
+/// found it). In RAM that is all `hlt`, every interrupt, NMI, SMI or INIT
+/// the vCPU can be sent ends in a `hlt`: its interrupt table's entries
+/// (`f4f4:f4f4`) point into the same RAM.
+fn machine_ram() -> std::io::Result<SharedMemory> {
+    const BYTES: usize = QEMU_RAM_MIB << 20;
+    let ram = SharedMemory::new("machine-ram", BYTES)?;
+    if let Some(bytes) = ram.slice(0, BYTES) {
+        bytes.copy_from(&vec![0xf4u8; BYTES][..]);
+    }
+    Ok(ram)
 }
 
 /// PCI configuration space offsets and bits.
@@ -440,12 +466,17 @@ impl QemuModel {
             }
             None => Command::new(qemu),
         };
-        let maxmem_mib = 2 + len.div_ceil(1 << 20) + 1;
+        let maxmem_mib = QEMU_RAM_MIB + len.div_ceil(1 << 20) + 1;
         command
             // No PIT: its ticks (18 a second) woke QEMU and this process's
             // qtest reader for nothing (the device's line is not the
             // timer's).
-            .args(["-machine", "q35,pit=off", "-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
+            // No HPET either: a device's DMA could program its timers,
+            // which then raised interrupts on the device's line for every
+            // driver after the one that died (their state survives the
+            // device's reset). No SMM: nothing here needs it.
+            .args(["-machine", "q35,pit=off,hpet=off,smm=off,memory-backend=ram"])
+            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-no-user-config"])
             .args(["-chardev", &format!("socket,id=qtest,fd={QTEST_FD}"), "-qtest", "chardev:qtest"])
             .args(["-qtest-log", "none"])
             // QEMU parses what a hostile driver writes into its queues: it
@@ -455,7 +486,11 @@ impl QemuModel {
             .args(["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"])
             // A bounded I/O thread pool: the jail bounds its tasks.
             .args(["-object", "main-loop,id=main-loop,thread-pool-max=8"])
-            .args(["-m", &format!("{QEMU_RAM},slots=1,maxmem={maxmem_mib}M")])
+            .args(["-m", &format!("{QEMU_RAM_MIB}M,slots=1,maxmem={maxmem_mib}M")])
+            .args([
+                "-object",
+                &format!("memory-backend-file,id=ram,mem-path=/proc/self/fd/{RAM_FD},size={QEMU_RAM_MIB}M,readonly=on"),
+            ])
             .args([
                 "-object",
                 &format!(
@@ -470,7 +505,7 @@ impl QemuModel {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let firmware = halt_firmware()?;
+        let (firmware, ram) = (halt_firmware()?, machine_ram()?);
         let images = model.image_files()?;
         // Each source at the number QEMU's command line names, fixed
         // before the fork: the child only walks it.
@@ -481,6 +516,7 @@ impl QemuModel {
             placement.place(wire.as_raw_fd(), WIRE_FD);
         }
         placement.place(firmware.as_raw_fd(), FIRMWARE_FD);
+        placement.place(ram.as_raw_fd(), RAM_FD);
         for (file, number) in &images {
             placement.place(file.as_raw_fd(), *number);
         }
@@ -518,7 +554,7 @@ impl QemuModel {
         }
         let child =
             spawn_lasting(command).map_err(|error| ModelError::Spawn { qemu: qemu.display().to_string(), error })?;
-        drop((theirs, firmware, images, report_read, report_write));
+        drop((theirs, firmware, ram, images, report_read, report_write));
         let (route, level) = (interrupt.clone(), Arc::new(AtomicBool::new(false)));
         let line = level.clone();
         let exit_notice: Arc<Mutex<Option<EventFd>>> = Arc::default();
