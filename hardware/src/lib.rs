@@ -124,6 +124,12 @@ pub trait Hardware: Send + Sync {
     /// Lets the next driver VM (started after the old one can no longer
     /// run) reset and use the device.
     fn resume(&self);
+    /// Drivers keep dying as they start: the device may hold state a dead
+    /// driver left that outlives its reset (a device model's namespace
+    /// formatted to another block format). Hardware that can, starts
+    /// afresh at the next [`Hardware::resume`] (a device model: a new QEMU
+    /// process); a simulated device has no such state.
+    fn renew(&self) {}
     /// Hardware that can fail on its own (a device model's process dying)
     /// writes `failure` when it does: the device kills its driver VM, and
     /// the hardware is restarted in [`Hardware::resume`] before the next

@@ -331,6 +331,15 @@ const IN_FLIGHT: u16 = 120;
 /// writes its own admin commands would, and waits for its completion,
 /// which is never reaped.
 fn leave_an_admin_completion(model: &QemuModel, memory: &SharedMemory) {
+    let mut command = nvme::Submission::new(0x0a, 0x55);
+    command.cdw[0] = 0x07;
+    submit_admin(model, memory, command);
+}
+
+/// Submits `command` on the admin queue the controller `start` set up at
+/// `Layout::at(BUFFERS)`, as a driver that writes its own admin commands
+/// would, and waits for its completion, which is never reaped.
+fn submit_admin(model: &QemuModel, memory: &SharedMemory, command: nvme::Submission) {
     let (admin_sq, admin_cq) = (BUFFERS, BUFFERS + nvme::PAGE);
     // The admin queue has not wrapped: the entries bringing up the
     // controller took the first slots, each with phase 1.
@@ -341,8 +350,6 @@ fn leave_an_admin_completion(model: &QemuModel, memory: &SharedMemory) {
     };
     let tail = (0..32).take_while(|&slot| phase(slot)).count();
     assert!(tail < 31, "the admin queue wrapped during bring-up");
-    let mut command = nvme::Submission::new(0x0a, 0x55);
-    command.cdw[0] = 0x07;
     memory.slice(admin_sq + 64 * tail, 64).unwrap().copy_from(&command.to_bytes());
     model.write32(nvme::regs::DOORBELLS as u64, tail as u32 + 1).unwrap();
     let deadline = Instant::now() + BOUND;
@@ -445,6 +452,40 @@ fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_
         // And without the cost of a new QEMU process.
         assert_eq!(supervised.restarts(), 0, "{death:?}: the device's QEMU was started again");
     }
+}
+
+/// A dying driver that formatted its namespace to another LBA format
+/// (Format NVM, 512-byte blocks with 8 bytes of metadata) leaves it so
+/// through the controller's reset: every later driver's `Identify` finds a
+/// format it refuses, and the device failed for good (an adversarial
+/// review found it). Renewing the model (what the device does once drivers
+/// keep dying at their start, `session::RENEW_AFTER`) gives the next
+/// driver a namespace as it was configured.
+#[test]
+fn a_namespace_a_dead_driver_formatted_is_as_configured_once_the_model_is_renewed() {
+    let Some(qemu) = qemu() else { return };
+    let (_dir, _image, memory, supervised) = supervised_nvme(qemu, "format", None);
+    let start = |model: &QemuModel| {
+        let dma = Dma { memory: &memory, shift: HONEST };
+        Controller::start(Bar(model), dma, Clock(Instant::now()), Layout::at(BUFFERS)).map(|_| ())
+    };
+    let model = supervised.current();
+    start(&model).unwrap();
+    let mut format = nvme::Submission::new(0x80, 0x66);
+    format.nsid = 1;
+    format.cdw[0] = 1;
+    submit_admin(&model, &memory, format);
+    supervised.quiesce();
+    supervised.resume();
+    assert!(
+        matches!(start(&supervised.current()), Err(nvme::Error::Format)),
+        "the format a dead driver left no longer outlives the reset: this test no longer tests anything"
+    );
+    supervised.quiesce();
+    supervised.renew();
+    supervised.resume();
+    assert_eq!(supervised.restarts(), 1);
+    start(&supervised.current()).expect("the renewed model's namespace is not as configured");
 }
 
 /// Reads a BAR0 register through a driver VM's trapped-window connection

@@ -645,6 +645,7 @@ impl<K: DeviceKind> Device<K> {
                     self.core.kill_sent = Some(Instant::now());
                     self.core.drivers.kill_current();
                 }
+                Effect::Renew => self.core.hardware.renew(),
             }
         }
         self.publish_state();

@@ -236,6 +236,11 @@ impl RestartTracker {
         Decision::Restart(self.policy.backoff_start.saturating_mul(factor).min(self.policy.backoff_max))
     }
 
+    /// Driver VMs in a row that died within `stable_after` of their start.
+    pub fn early_deaths(&self) -> u32 {
+        self.consecutive
+    }
+
     /// Forgets past faults: after a cool-down, or when an operator asks.
     pub fn reset(&mut self) {
         self.faults.clear();

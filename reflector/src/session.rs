@@ -120,7 +120,21 @@ pub enum Effect {
     FailPending,
     /// SIGKILL the driver VM (its exit arrives as a fault).
     Kill,
+    /// Have the hardware start afresh at the next launch
+    /// ([`RENEW_AFTER`] driver VMs in a row died at their start).
+    Renew,
 }
+
+/// Driver VMs in a row that die at their start (within the policy's
+/// `stable_after`) of their own doing (a panic, an exception, a hang, a
+/// broken protocol: `Fault::blames_requests`) after which the hardware is
+/// renewed before the next launch: a dead driver may have left state that
+/// outlives the device's reset and makes every successor fail (a device
+/// model's namespace formatted to a block format the driver refuses).
+/// Kills from outside do not count. Three: a driver that never comes up
+/// gets a fresh device four times (a device model: a new QEMU process,
+/// about 50 ms each) before the device fails (`crash_loop_limit`, twelve).
+pub const RENEW_AFTER: u32 = 3;
 
 /// The state machine.
 #[derive(Debug)]
@@ -128,6 +142,9 @@ pub struct Session {
     state: Lifecycle,
     tracker: RestartTracker,
     hang_deadline: Duration,
+    /// Driver VMs in a row that died at their start of their own doing
+    /// (`Fault::blames_requests`), for [`Effect::Renew`].
+    own_early_deaths: u32,
 }
 
 impl Session {
@@ -135,7 +152,12 @@ impl Session {
     pub fn new(policy: RestartPolicy, hang_deadline: Duration, now: Instant) -> Self {
         let mut tracker = RestartTracker::new(policy);
         tracker.started(now);
-        Session { state: Lifecycle::Running { since: now, last_progress: now }, tracker, hang_deadline }
+        Session {
+            state: Lifecycle::Running { since: now, last_progress: now },
+            tracker,
+            hang_deadline,
+            own_early_deaths: 0,
+        }
     }
 
     /// How long pending requests may see no progress: the hang deadline
@@ -244,7 +266,18 @@ impl Session {
 
     /// The policy's answer to a fault at `now`, after `effects`.
     fn decide(&mut self, why: Fault, now: Instant, mut effects: Vec<Effect>) -> Vec<Effect> {
-        match self.tracker.on_fault(now) {
+        let decision = self.tracker.on_fault(now);
+        // Only deaths of the drivers' own doing count: a storm of kills from
+        // outside says nothing about the device.
+        self.own_early_deaths = match self.tracker.early_deaths() {
+            0 => 0,
+            _ if why.blames_requests() => self.own_early_deaths + 1,
+            _ => self.own_early_deaths,
+        };
+        if why.blames_requests() && self.own_early_deaths > 0 && self.own_early_deaths.is_multiple_of(RENEW_AFTER) {
+            effects.push(Effect::Renew);
+        }
+        match decision {
             Decision::Restart(delay) if delay.is_zero() => {
                 self.state = Lifecycle::Restarting { why };
                 effects.push(Effect::Launch);
@@ -436,6 +469,37 @@ mod tests {
             session.on(Event::LaunchFailed("no vmm".into()), now);
         }
         assert!(session.failed(), "{:?}", session.state());
+    }
+
+    /// Drivers that die as they start may be dying of what a predecessor
+    /// left in the device: every [`RENEW_AFTER`]th such death in a row
+    /// renews the hardware before the next launch; a driver that served
+    /// for a while, or one killed from outside, does not count.
+    #[test]
+    fn drivers_dying_at_their_start_renew_the_hardware_every_third_death() {
+        let t0 = Instant::now();
+        let mut session = Session::new(RestartPolicy { budget: 100, ..RestartPolicy::default() }, ms(500), t0);
+        let mut now = t0 + ms(1000);
+        let panicked = Fault::Exited(r#"{"outcome":"panic"}"#.into());
+        let first = session.on(Event::Fault(panicked.clone()), now);
+        assert!(!first.contains(&Effect::Renew), "a driver that served is no sign of a broken device: {first:?}");
+        let mut renewed = Vec::new();
+        // Deaths 1 to 7 of their own doing, then 8 to 10 killed from outside.
+        for death in 1..=10u32 {
+            // Started when the backoff ended, dead a millisecond later.
+            if !matches!(session.state(), Lifecycle::Restarting { .. }) {
+                now += Duration::from_secs(1);
+                assert_eq!(session.on(Event::TimerFired, now), vec![Effect::Launch]);
+            }
+            launch(&mut session, now);
+            now += ms(1);
+            // A kill from outside: no report.
+            let fault = if death <= 7 { panicked.clone() } else { Fault::Exited(String::new()) };
+            if session.on(Event::Fault(fault), now).contains(&Effect::Renew) {
+                renewed.push(death);
+            }
+        }
+        assert_eq!(renewed, [3, 6]);
     }
 
     #[test]

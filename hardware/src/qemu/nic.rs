@@ -149,6 +149,10 @@ impl Hardware for QemuNic {
         self.process.resume();
     }
 
+    fn renew(&self) {
+        self.process.renew();
+    }
+
     fn watch_failure(&self, failure: EventFd) {
         self.process.watch_failure(failure);
     }

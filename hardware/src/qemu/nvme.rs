@@ -102,6 +102,10 @@ impl Hardware for QemuNvme {
         self.process.resume();
     }
 
+    fn renew(&self) {
+        self.process.renew();
+    }
+
     fn watch_failure(&self, failure: EventFd) {
         self.process.watch_failure(failure);
     }

@@ -162,6 +162,17 @@ impl SupervisedModel {
         }
     }
 
+    /// Has the next [`SupervisedModel::resume`] start a new QEMU process:
+    /// drivers keep dying at their start, and what a dead one left in the
+    /// machine may outlive the device's reset (Format NVM to another LBA
+    /// format: every later `Identify` finds a namespace the driver refuses).
+    pub fn renew(&self) {
+        if !self.stopped.load(Ordering::Acquire) {
+            tracing::warn!(model = ?self.spec.model, "drivers keep failing at their start; starting the device's QEMU again");
+            self.current().kill();
+        }
+    }
+
     /// Lets the next driver use the device; a QEMU process that died or
     /// does not answer is replaced by a new one first.
     pub fn resume(&self) {
