@@ -258,8 +258,9 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     }
     result?;
     let end_status = device_status(options)?;
-    report.restarts = end_status.restarts - start_status.restarts;
-    report.device_errors = end_status.errors - start_status.errors;
+    // A reflector restarted meanwhile starts its counters again.
+    report.restarts = end_status.restarts.saturating_sub(start_status.restarts);
+    report.device_errors = end_status.errors.saturating_sub(start_status.errors);
     report.stall_us = (end_status.stall_p50_us, end_status.stall_p99_us, end_status.stall_max_us);
     report.failover = end_status.failover;
     report.elapsed = start.elapsed();

@@ -485,12 +485,27 @@ fn check(config: &BlkConfig) -> Result<(), String> {
     check_common(&config.name, &config.socket, &config.driver)
 }
 
+/// Longest device name. A name goes into its driver VMs' cgroup directory
+/// (`driver-vms-PID-NAME.N`, a path component of at most 255 bytes) and
+/// memfd names: a name of 240 characters made the cgroup's creation fail,
+/// and the device ran its driver VMs without a CPU, memory or task limit
+/// (a warning was all).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Lowest `jail_uid_base`: the driver VMs' and device models' ids must be
+/// no account's (login users, system and dynamic service users all lie
+/// below 65,536) and root is never one of them.
+pub const MIN_UID_BASE: u32 = 65_536;
+
 fn check_common(name: &str, socket: &Path, driver: &str) -> Result<(), String> {
     if socket.as_os_str().is_empty() {
         return Err("socket=PATH is required".into());
     }
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!("name {name:?}: use letters, digits, - and _"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!("name {name:?} is {} characters long: use at most {MAX_NAME_LEN}", name.len()));
     }
     if driver.is_empty() {
         return Err("driver must not be empty".into());
@@ -689,7 +704,9 @@ pub const MAX_CONFIG_FILE: u64 = 4 << 20;
 
 fn read_bounded(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: opening a FIFO for reading waits for a writer for ever.
+    let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
@@ -836,6 +853,18 @@ impl Config {
                 "nothing to serve: give --blk, --net or --config (see reflector serve --help)".into(),
             ));
         }
+        if let Some(base) = self.jail.uid_base {
+            let ids = crate::jail::IDS_PER_REFLECTOR;
+            // The last id of the range stays below (uid_t)-1, which means "no id".
+            if base < MIN_UID_BASE || base.checked_add(ids).is_none_or(|end| end == u32::MAX) {
+                return Err(ConfigError(format!(
+                    "jail_uid_base {base}: the driver VMs' ids ({ids} from it) must lie between {MIN_UID_BASE} and \
+                     {}, where no account's are (default: a range per reflector from {})",
+                    u32::MAX - 1,
+                    crate::jail::DEFAULT_UID_BASE
+                )));
+            }
+        }
         let devices: Vec<(&str, &Path)> = self
             .blk
             .iter()
@@ -881,6 +910,33 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Device N's driver VMs run as `jail_uid_base` + N: a base of 0 made
+    /// device 0's vmm root on the host, one of 1000 shared a login user's
+    /// ids (who could then signal it), one near 2^32 ran out of ids.
+    #[test]
+    fn a_uid_base_overlapping_accounts_or_running_out_of_ids_is_refused() {
+        let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\n";
+        for base in [0u32, 1000, 65_535, u32::MAX - 10] {
+            let config = parse_file(&format!("jail_uid_base = {base}\n{file}"), "r.toml").unwrap();
+            let error = config.validate().unwrap_err().0;
+            assert!(error.contains(&format!("jail_uid_base {base}")), "{error}");
+        }
+        let config = parse_file(&format!("jail_uid_base = 3000000\n{file}"), "r.toml").unwrap();
+        config.validate().unwrap();
+    }
+
+    /// A name too long for its driver VMs' cgroup directory left the device
+    /// running them with no limit (a warning was all).
+    #[test]
+    fn a_name_too_long_for_its_cgroup_is_refused() {
+        let long = "a".repeat(MAX_NAME_LEN + 1);
+        let error = parse_blk(&format!("socket=/s,image=/i,name={long}"), 0).unwrap_err().to_string();
+        assert!(error.contains("use at most 64"), "{error}");
+        let error = parse_net(&format!("socket=/s,name={long}"), 0).unwrap_err().to_string();
+        assert!(error.contains("use at most 64"), "{error}");
+        parse_blk(&format!("socket=/s,image=/i,name={}", "a".repeat(MAX_NAME_LEN)), 0).unwrap();
+    }
 
     #[test]
     fn device_memory_is_the_vmdisk_drivers_and_only_for_block_devices() {

@@ -643,37 +643,66 @@ fn read_request(stream: &UnixStream, deadline: std::time::Instant) -> Option<Str
     Some(String::from_utf8_lossy(&line).into_owned())
 }
 
-/// Serves the control socket at `path` on a thread of its own.
-pub fn serve(path: &Path, targets: Vec<ControlTarget>) -> Result<(), String> {
+/// The control socket, claimed (bound, listening) but not yet answered:
+/// a reflector claims it as root and answers only once it dropped its
+/// privileges (`--user`).
+pub struct ControlSocket {
+    listener: std::os::unix::net::UnixListener,
+    lock: std::fs::File,
+}
+
+/// Claims the control socket at `path` (see `sockets::claim`).
+pub fn claim(path: &Path) -> Result<ControlSocket, String> {
     let (listener, lock) = crate::sockets::claim(path).map_err(|e| e.to_string())?.into_listener();
-    let targets = Arc::new(targets);
-    std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let _lock = lock;
-            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            for stream in listener.incoming().flatten() {
-                // Each client on a thread of its own, so that one that never
-                // sends its line delays nobody else; a bounded number of them.
-                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    busy.fetch_sub(1, Ordering::AcqRel);
-                    let busy = Response::Error { message: "too many control clients at once; try again".into() };
-                    let _ = (&stream)
-                        .write_all(format!("{}\n", serde_json::to_string(&busy).unwrap_or_default()).as_bytes());
-                    continue;
+    Ok(ControlSocket { listener, lock })
+}
+
+impl ControlSocket {
+    /// Answers requests about `targets` on a thread of its own.
+    pub fn serve(self, targets: Vec<ControlTarget>) -> Result<(), String> {
+        let ControlSocket { listener, lock } = self;
+        let targets = Arc::new(targets);
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                let _lock = lock;
+                let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+                let mut accept_failures = crate::hw::LogEvery::default();
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    // Out of descriptors, say: the pending connection stays
+                    // and fails again at once, so pause instead of spinning.
+                    Err(error) => {
+                        if let Some(failures) = accept_failures.note() {
+                            tracing::error!(%error, failures, "control socket: cannot accept a client; trying again");
+                        }
+                        std::thread::sleep(crate::serve::ACCEPT_RETRY);
+                        continue;
+                    }
+                };
+                    // Each client on a thread of its own, so that one that never
+                    // sends its line delays nobody else; a bounded number of them.
+                    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                        let busy = Response::Error { message: "too many control clients at once; try again".into() };
+                        let _ = (&stream)
+                            .write_all(format!("{}\n", serde_json::to_string(&busy).unwrap_or_default()).as_bytes());
+                        continue;
+                    }
+                    let (targets, done) = (targets.clone(), busy.clone());
+                    let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+                        answer_client(&stream, &targets);
+                        done.fetch_sub(1, Ordering::AcqRel);
+                    });
+                    if spawned.is_err() {
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
-                let (targets, done) = (targets.clone(), busy.clone());
-                let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
-                    answer_client(&stream, &targets);
-                    done.fetch_sub(1, Ordering::AcqRel);
-                });
-                if spawned.is_err() {
-                    busy.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-        })
-        .map_err(|e| format!("starting the control thread: {e}"))?;
-    Ok(())
+            })
+            .map_err(|e| format!("starting the control thread: {e}"))?;
+        Ok(())
+    }
 }
 
 /// Sends `request` to the control socket at `path`; returns the answer (an

@@ -238,7 +238,10 @@ pub fn spawn_thread(
     spare: bool,
     serve: impl FnOnce(&ChannelThread) -> String + Send + 'static,
 ) -> std::io::Result<ThreadDriver> {
-    let lines = vec![EventFd::new(libc::EFD_NONBLOCK)?, EventFd::new(libc::EFD_NONBLOCK)?];
+    let lines = vec![
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+    ];
     let state = Arc::new(ThreadState::default());
     let go = Arc::new(AtomicBool::new(!spare));
     let thread = ChannelThread {

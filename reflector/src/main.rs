@@ -198,8 +198,8 @@ struct ChaosArgs {
     /// Longest pause between faults, ms.
     #[arg(long, default_value_t = 100)]
     max_gap_ms: u64,
-    /// Longest wait for a recovery, s.
-    #[arg(long, default_value_t = 20)]
+    /// Longest wait for a recovery, s (1 to 3600).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
     recovery_timeout_s: u64,
     /// Load runs (4 jobs of 2 s each) with no fault before the first one: the client's
     /// figures to read the failovers' against (needs --socket).
@@ -535,6 +535,18 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     let mut targets = Vec::new();
     for &service in &services {
         targets.push(service.control_target()?);
+    }
+    // Every socket is claimed as root (its directory may be root's); no
+    // client is answered before the switch to `--user`.
+    let control_socket = match &args.control {
+        Some(path) => Some(control::claim(path).map_err(|e| format!("control socket: {e}"))?),
+        None => None,
+    };
+    if let Some(user) = &user {
+        user.become_it().map_err(|e| e.to_string())?;
+        tracing::info!(user = %user, "set up; now running unprivileged");
+    }
+    for &service in &services {
         std::thread::Builder::new()
             .name(format!("{}-serve", service.name()))
             .spawn(move || {
@@ -544,13 +556,9 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
             })
             .map_err(|e| format!("starting a thread: {e}"))?;
     }
-    if let Some(path) = &args.control {
-        control::serve(path, targets).map_err(|e| format!("control socket: {e}"))?;
+    if let (Some(path), Some(socket)) = (&args.control, control_socket) {
+        socket.serve(targets).map_err(|e| format!("control socket: {e}"))?;
         tracing::info!(control = %path.display(), "control socket ready");
-    }
-    if let Some(user) = &user {
-        user.become_it().map_err(|e| e.to_string())?;
-        tracing::info!(user = %user, "set up; now running unprivileged");
     }
     let mut signal = 0;
     // SAFETY: sigwait on the set blocked above.

@@ -450,6 +450,10 @@ pub trait Service: Send + Sync {
     fn serve(&self) -> Result<(), String>;
 }
 
+/// How long a device's socket waits after a failed accept (no descriptor
+/// or memory left) before it accepts again.
+pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// What [`serve_socket`] tells a device about its connections.
 struct ConnectionHooks<D> {
     /// The device's own event sources, for the connection's worker.
@@ -476,6 +480,7 @@ where
         + 'static,
 {
     let mut listener = Listener::from(listener);
+    let mut accept_failures = crate::hw::LogEvery::default();
     tracing::info!(device = %name, "serving {protocol}");
     loop {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -491,7 +496,16 @@ where
                     .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
             }
         }
-        daemon.start(&mut listener).map_err(|e| format!("{name}: accepting a client: {e}"))?;
+        if let Err(error) = daemon.start(&mut listener) {
+            // Out of descriptors or memory, say: the device serves again
+            // once they are back, instead of never (its thread used to end
+            // here). The pause keeps a persistent failure from spinning.
+            if let Some(failures) = accept_failures.note() {
+                tracing::error!(device = %name, %error, failures, "cannot accept a client; trying again");
+            }
+            std::thread::sleep(ACCEPT_RETRY);
+            continue;
+        }
         tracing::info!(device = %name, "client connected");
         if let (Some(connection), Ok(mut device)) = (daemon.shutdown_handle(), device.write()) {
             (hooks.connected)(&mut device, connection);

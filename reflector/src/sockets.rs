@@ -19,7 +19,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 /// Why a path cannot be served.
@@ -28,6 +28,14 @@ pub enum ClaimError {
     /// Something other than a socket is there.
     #[error("{path} exists and is not a socket: refusing to replace it (remove it or choose another path)")]
     NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The path cannot name a socket file.
+    #[error(
+        "{path:?} names no socket file (it is empty or ends with '/'): give a path such as /run/reflector/d0.sock"
+    )]
+    NotAPath {
         /// The path.
         path: PathBuf,
     },
@@ -108,6 +116,11 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
         let path = path.to_owned();
         move |source| ClaimError::Io { what, path, source }
     };
+    // `PATH.lock` must be a sibling of the socket, never a file inside a
+    // directory named by the path (`/run/` would lock `/run/.lock`).
+    if path.as_os_str().is_empty() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        return Err(ClaimError::NotAPath { path: path.to_owned() });
+    }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -127,7 +140,7 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
         Ok(metadata) if metadata.file_type().is_socket() => {
             // A socket left by a process that did not hold the lock (an
             // older reflector, or another program) may still be served.
-            if UnixStream::connect(path).is_ok() {
+            if served(path).map_err(io("checking whether a process still serves", path))? {
                 return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
             }
             std::fs::remove_file(path).map_err(io("removing the stale socket", path))?;
@@ -138,6 +151,49 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
     }
     let listener = bind_listening(path).map_err(io("binding a socket at", path))?;
     Ok(ClaimedSocket { listener, path: path.to_owned(), _lock: lock })
+}
+
+/// Whether a process serves the socket at `path`, of any type. Only a
+/// refused connection says nobody does (the kernel finds no socket bound
+/// to it); a connection taken or queued, or a full backlog (the probe
+/// never blocks), says one does. Any other answer (no permission, say) is
+/// an error: a socket nobody can vouch for is never removed. Before, any
+/// failed stream connect meant stale: another program's live datagram
+/// socket (journald's, say) was removed, and a listener with a full
+/// backlog blocked the start for ever.
+fn served(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.len() >= address.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (to, from) in address.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    for kind in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM] {
+        // SAFETY: socket(2) with constant arguments; checked below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor this owns, closed when dropped.
+        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
+        let connected = unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) } == 0;
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            _ if connected => return Ok(true),
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => return Ok(true),
+            Some(libc::ECONNREFUSED) => return Ok(false),
+            Some(libc::EPROTOTYPE) => continue,
+            _ => return Err(error),
+        }
+    }
+    Err(std::io::Error::other("a socket of no type this can connect to"))
 }
 
 /// Longest socket path the kernel takes (`sun_path`, less its NUL).
@@ -220,6 +276,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixStream;
 
     fn scratch(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sockets-{tag}-{}", std::process::id()));
@@ -287,6 +344,74 @@ mod tests {
         let other = dir.join("live.sock");
         let _live = UnixListener::bind(&other).unwrap();
         assert!(matches!(claim(&other), Err(ClaimError::InUse { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Another program's live socket of another type (journald's datagram
+    /// socket) is not stale: a stream connect fails on it with EPROTOTYPE,
+    /// which was taken for stale, and the socket was removed.
+    #[test]
+    fn a_live_socket_of_another_type_is_never_replaced() {
+        let dir = scratch("other-type");
+        let path = dir.join("dgram.sock");
+        let _live = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let claimed = claim(&path);
+        assert!(matches!(claimed, Err(ClaimError::InUse { .. })), "{claimed:?}");
+        assert!(std::fs::symlink_metadata(&path).is_ok(), "the live datagram socket was removed");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A listener whose backlog is full is in use, and the claim says so at
+    /// once: a blocking connect waited for ever (and the start with it).
+    #[test]
+    fn a_listener_with_a_full_backlog_is_in_use_not_a_hang() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = scratch("backlog");
+        let path = dir.join("full.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // SAFETY: a zeroed sockaddr_un is valid; the path is copied in.
+        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (to, from) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *to = *from as libc::c_char;
+        }
+        // Connections it never accepts, until its backlog is full.
+        let mut queued = Vec::new();
+        loop {
+            // SAFETY: socket(2) with constant arguments; checked below.
+            let fd =
+                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+            assert!(fd >= 0);
+            // SAFETY: a fresh descriptor this owns.
+            let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
+            if unsafe { libc::connect(fd, std::ptr::addr_of!(address).cast(), length) } != 0 {
+                assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN));
+                break;
+            }
+            queued.push(socket);
+            assert!(queued.len() < 100_000, "the backlog never filled");
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        let probe = path.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(claim(&probe).map(|_| ()));
+        });
+        let claimed = finished.recv_timeout(std::time::Duration::from_secs(20)).expect("the claim hung");
+        assert!(matches!(claimed, Err(ClaimError::InUse { .. })), "{claimed:?}");
+        drop((queued, listener));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_or_an_empty_path_is_refused_without_a_lock_file() {
+        let dir = scratch("dir-path");
+        let mut slashed = dir.clone().into_os_string();
+        slashed.push("/");
+        assert!(matches!(claim(Path::new(&slashed)), Err(ClaimError::NotAPath { .. })));
+        assert!(matches!(claim(Path::new("")), Err(ClaimError::NotAPath { .. })));
+        assert!(!dir.join(".lock").exists(), "a lock file was made inside the directory");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

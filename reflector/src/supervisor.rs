@@ -243,8 +243,14 @@ impl DriverLauncher {
         interrupt_lines: usize,
         exited: EventFd,
     ) -> Self {
-        // An unreadable file is reported by the start's `check`.
-        let image_file = spec.image.contains('/').then(|| std::fs::File::open(&spec.image).ok()).flatten();
+        // An unreadable file, or one that is not a regular file, is
+        // reported by the start's `check` (the vmm reads it). Non-blocking:
+        // opening a FIFO for reading waits for a writer for ever.
+        let open = |path: &str| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()
+        };
+        let image_file = spec.image.contains('/').then(|| open(&spec.image)).flatten();
         DriverLauncher { spec, image_file, windows, traps, doorbells, interrupt_lines, exited }
     }
 

@@ -148,6 +148,53 @@ fn a_kick_that_is_not_an_eventfd_is_refused() {
     }
 }
 
+/// A client arriving while the reflector has no descriptor left is not
+/// accepted, and the device serves the next one once descriptors are back:
+/// before, the failed accept ended the device's serving thread, and the
+/// device never accepted a client again.
+#[test]
+fn a_failed_accept_does_not_end_a_devices_service() {
+    if !kvm_available("a_failed_accept_does_not_end_a_devices_service") {
+        return;
+    }
+    let scratch = Scratch::new("accept-failure");
+    let mut reflector = serve_disks(&scratch, &["d0"], false);
+    let socket = scratch.join("d0.sock");
+    let pid = reflector.child.id() as libc::pid_t;
+    let limit = |soft: u64, hard: u64| {
+        let new = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+        // SAFETY: prlimit(2) on the reflector this test started, with a valid struct.
+        assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0);
+    };
+    let mut before = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit(2) reading the reflector's limit into a valid struct.
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut before) }, 0);
+    // Its lowest free descriptor number: a new descriptor takes the lowest
+    // free number, which the limit then forbids, so the next accept fails.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|number| !open.contains(number)).unwrap();
+    limit(lowest_free, before.rlim_max);
+    let refused = Command::new(sibling("blk-load"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--timeout", "2", "--job", "randread", "--bs", "4k", "--qd", "1", "--ios", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a client was served with no descriptor left");
+    // Logged as either, before the fix and after.
+    let failed =
+        |r: &common::Reflector| ["cannot accept a client", "serving stopped"].iter().any(|l| r.log_text().contains(l));
+    reflector.wait_for(failed, "the failed accept");
+    limit(before.rlim_cur, before.rlim_max);
+    verified_io(&socket, "the next client, descriptors back");
+    let log = reflector.stop();
+    assert!(!log.contains("serving stopped"), "{log}");
+}
+
 /// The descriptors of process `pid`: number -> what it points at.
 fn fd_table(pid: i32) -> Vec<(i32, String)> {
     let mut table: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -434,6 +434,14 @@ fn a_reflector_that_became_an_unprivileged_user_still_jails_and_recovers() {
     ];
     let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "now running unprivileged");
     reflector.wait_for(|_| ctl.exists(), "the control socket");
+    // No client is answered before the switch: a client waiting at the
+    // start was served as root while the switch was under way.
+    reflector.wait_for(|r| r.log_text().contains("control socket ready"), "the control socket served");
+    let log = reflector.log_text();
+    let switched = log.find("now running unprivileged").unwrap();
+    for serving in ["serving vhost-user-blk", "control socket ready"] {
+        assert!(log.find(serving).is_some_and(|at| at > switched), "{serving:?} before the switch:\n{log}");
+    }
     let uid = status_line(u64::from(reflector.child.id()), "Uid:");
     assert!(uid.split(' ').all(|id| id == "4077"), "the reflector runs as its user: {uid}");
     assert_eq!(status_line(u64::from(reflector.child.id()), "CapEff:"), "0000000000000000");

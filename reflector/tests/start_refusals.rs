@@ -98,6 +98,16 @@ fn an_unusable_driver_or_memory_fails_the_start() {
     assert!(stderr.contains("memory=600M") && stderr.contains("overlaps"), "{stderr}");
     let stderr = refused(&["--net".into(), format!("socket={},driver=/dev/null", scratch.join("n.sock").display())]);
     assert!(stderr.contains("/dev/null"), "{stderr}");
+    // A FIFO: opening it for reading waited for a writer for ever, and the
+    // start hung with its termination signals blocked.
+    let fifo = scratch.join("driver.fifo");
+    let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let stderr = refused(&blk(&socket, &image, &format!(",size=1M,driver={}", fifo.display())));
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+    let stderr = refused(&["--config".into(), fifo.display().to_string()]);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
 }
 
 #[test]

@@ -399,6 +399,22 @@ impl Placement<'_> {
     }
 }
 
+/// Refuses a descriptor number given to two owners (doorbells, lines,
+/// traps, `--kvm-fd`, `--ready-fd`).
+pub fn check_owned_once(mut fds: Vec<RawFd>) -> Result<()> {
+    fds.sort_unstable();
+    if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(Error::invalid(
+            "fd",
+            format!(
+                "{} is used twice; give each doorbell, line, trap, --kvm-fd and --ready-fd its own descriptor",
+                pair[0]
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_no_overlap(ranges: &[Range], new: &Range) -> Result<()> {
     match ranges.iter().find(|r| new.start < r.end && r.start < new.end) {
         Some(other) => Err(Error::Overlap {
@@ -430,8 +446,13 @@ impl VmConfig {
                 format!("{} bytes, at most {}", self.cmdline.len(), abi::CMDLINE_MAX),
             ));
         }
-        let mut fds: Vec<RawFd> = self
-            .doorbells
+        check_owned_once(self.owned_descriptors())
+    }
+
+    /// The inherited descriptors the VM takes ownership of (each must be
+    /// given once: two owners close one number twice).
+    pub fn owned_descriptors(&self) -> Vec<RawFd> {
+        self.doorbells
             .iter()
             .map(|d| d.fd)
             .chain(self.irqs.iter().map(|i| i.fd))
@@ -439,15 +460,7 @@ impl VmConfig {
             .chain(self.start)
             .chain(self.traps.iter().map(|t| t.fd))
             .chain(self.traps.iter().flat_map(|t| t.posted.iter().map(|(_, fd)| *fd)))
-            .collect();
-        fds.sort_unstable();
-        if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
-            return Err(Error::invalid(
-                "fd",
-                format!("{} is used twice; give each doorbell, line and trap its own descriptor", pair[0]),
-            ));
-        }
-        Ok(())
+            .collect()
     }
 
     fn validate_memory(&self) -> Result<()> {

@@ -309,7 +309,9 @@ fn read_inherited(fd: std::os::fd::RawFd) -> std::io::Result<Vec<u8>> {
 /// Reads an image file: a regular file of at most [`Image::MAX_FILE`] bytes.
 fn read_bounded(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let file = std::fs::File::open(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: opening a FIFO for reading waits for a writer for ever.
+    let file = std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
     if !file.metadata()?.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }

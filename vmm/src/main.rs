@@ -257,7 +257,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, scale) =
         if let Some(ms) = text.strip_suffix("ms") { (ms, 1e-3) } else { (text.strip_suffix('s').unwrap_or(text), 1.0) };
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
-    if !value.is_finite() || value <= 0.0 || value * scale > 1e9 {
+    // Below a microsecond a timer rounds to none, which would disarm the
+    // watchdog instead of arming it.
+    if !value.is_finite() || value * scale < 1e-6 || value * scale > 1e9 {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(value * scale))
@@ -478,6 +480,11 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
                 .map_err(|source| Error::Io { operation: format!("creating console file {path}"), source })?,
         ),
     };
+    // `--kvm-fd` and `--ready-fd` are owned like the VM's own descriptors:
+    // one number given to two owners was closed twice.
+    let mut owned = config.owned_descriptors();
+    owned.extend(args.ready_fd.into_iter().chain(args.kvm_fd));
+    vmm::config::check_owned_once(owned)?;
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let kvm = match args.kvm_fd {
         Some(fd) => inherited_kvm(fd)?,

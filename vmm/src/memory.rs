@@ -6,7 +6,7 @@
 //! memfd shared with a supervisor, a regular file).
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
@@ -83,7 +83,11 @@ fn window_error(window: &WindowConfig, reason: impl Into<String>) -> Error {
 pub fn open_window_file(window: &WindowConfig) -> Result<File> {
     let opened = match window.fd {
         Some(fd) => inherited_file(fd),
-        None => OpenOptions::new().read(true).write(!window.read_only).open(&window.path),
+        // Non-blocking: opening a FIFO for reading waits for a writer for
+        // ever (it is then refused as a file no window can map).
+        None => {
+            OpenOptions::new().read(true).write(!window.read_only).custom_flags(libc::O_NONBLOCK).open(&window.path)
+        }
     };
     let file = opened.map_err(|e| {
         window_error(

@@ -173,7 +173,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     vcpu::install_kick_handler().map_err(io_error("installing the vCPU kick signal handler"))?;
     let Vm { name, vm_fd, mut vcpu, eventfds } = vm;
     let stop = Arc::new(AtomicBool::new(false));
-    let done = EventFd::new(EFD_NONBLOCK).map_err(io_error("creating an eventfd"))?;
+    let done = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io_error("creating an eventfd"))?;
     let done_signal = done.try_clone().map_err(io_error("duplicating an eventfd"))?;
     let thread_stop = stop.clone();
     let asked = Arc::new(AtomicBool::new(false));

@@ -58,6 +58,41 @@ fn locate_refuses_bad_standard_input() {
     }
 }
 
+/// A FIFO as the image, or as a window: opening one for reading waited
+/// for a writer for ever, so the vmm hung instead of refusing it.
+#[test]
+fn a_fifo_is_no_image_and_no_window() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.path().join("fifo");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    let window = format!("0x40000000,4K,{fifo},ro");
+    for (args, status, needle) in [
+        (vec!["run", "--image", fifo], 21, "not a regular file"),
+        (vec!["run", "--image", "hello", "--window", &window], 25, "not a regular file or device"),
+    ] {
+        let mut child =
+            vmm().args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let exit = loop {
+            if let Some(exit) = child.try_wait().unwrap() {
+                break exit;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("vmm {args:?} hung on a FIFO");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(exit.code(), Some(status), "vmm {args:?}: {stderr}");
+        assert!(stderr.contains(needle), "vmm {args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn not_an_elf() {
     let dir = TempDir::new("not-elf");
@@ -104,6 +139,11 @@ fn invalid_sizes_and_numbers() {
     rejects(&["run", "--image", "hello", "--cmdline", &"x".repeat(5000)], 26, "--cmdline");
     rejects(&["run", "--image", "hello", "--doorbell", "mmio=0x50000000"], 26, "fd=N");
     rejects(&["run", "--image", "hello", "--irq", "fd=2"], 26, "above 2");
+    // Rounded to no time, it disarmed the watchdog instead of arming it.
+    let out = output(vmm().args(["run", "--image", "hello", "--timeout", "1e-10"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("expected a duration"), "{stderr}");
 }
 
 #[test]
@@ -187,6 +227,11 @@ fn doorbell_fd_must_be_an_open_eventfd() {
     let eventfd = inheritable_eventfd();
     let spec = format!("fd={}", eventfd.as_raw_fd());
     rejects(&["run", "--image", "hello", "--irq", &spec, "--irq", &spec], 26, "used twice");
+    // One number as --kvm-fd and --ready-fd, or as a line and --ready-fd:
+    // two owners closed it twice (a debug build aborted on it).
+    let number = eventfd.as_raw_fd().to_string();
+    rejects(&["run", "--image", "hello", "--kvm-fd", &number, "--ready-fd", &number], 26, "used twice");
+    rejects(&["run", "--image", "hello", "--irq", &spec, "--ready-fd", &number], 26, "used twice");
 }
 
 #[test]

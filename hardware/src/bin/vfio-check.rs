@@ -145,7 +145,7 @@ fn check(address: &str) -> Result<(), String> {
             passed &= stage("exclusive", Err(format!("a second open: {:?}", other.map(|_| "opened"))));
         }
     }
-    let interrupts = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+    let interrupts = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?;
     nvme.interrupt().route(interrupts.try_clone().map_err(|e| e.to_string())?);
     let windows = nvme.windows();
     let regs = windows.iter().find(|w| w.name == "regs").ok_or("no regs window")?.memory.clone();
@@ -302,7 +302,7 @@ fn check_nic(address: &str, expected_mac: &str) -> Result<(), String> {
             Err(format!("MAC {mac}, expected {expected_mac}"))
         },
     );
-    let interrupts = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| e.to_string())?;
+    let interrupts = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?;
     nic.interrupt().route(interrupts.try_clone().map_err(|e| e.to_string())?);
     let windows = nic.windows();
     let regs = windows.iter().find(|w| w.name == "regs").ok_or("no regs window")?.memory.clone();
