@@ -374,6 +374,38 @@ impl BlkDevice {
         self.kick.write(1).map_err(|e| Error::sys("kicking the device (eventfd write)", e))
     }
 
+    /// Makes the call eventfd blocking (the backend shares its file description) and fills its
+    /// count to the most it holds, then asks for interrupts: a backend that then writes to it
+    /// blocks. For a hostile client, which must never read the call eventfd afterwards
+    /// ([`Self::poll_used`] instead of [`Self::wait`]).
+    pub fn fill_call_count(&mut self) -> Result<()> {
+        let fd = self.call.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on our own eventfd.
+        let cleared = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(Error::last_os("clearing O_NONBLOCK on the call eventfd"));
+        }
+        self.call.write(u64::MAX - 1).map_err(|e| Error::sys("filling the call eventfd", e))?;
+        self.ring.enable_notify();
+        Ok(())
+    }
+
+    /// Waits at most `timeout` for a used entry by looking at the used ring alone; whether one
+    /// came.
+    pub fn poll_used(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.ring.has_used() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
     /// Points the queue at its ring again (SET_VRING_ADDR): for a hostile client.
     pub fn readdress_queue(&mut self) -> Result<()> {
         let layout = RingLayout::new(self.queue_size())?;

@@ -29,6 +29,14 @@
 //! - `timer-kick`: a timerfd firing every microsecond sent as the queue's kick descriptor. A
 //!   backend that takes it polls the queue for ever at no cost to the client; it must refuse
 //!   it (end the connection).
+//! - `semaphore-kick`: a semaphore-mode eventfd, its count at its most, as the queue's kick:
+//!   readable for as many reads as its count, it kept the worker handling kicks for ever. The
+//!   backend must refuse it.
+//! - `full-call`: the call eventfd made blocking again (the backend shares its file
+//!   description) and its count filled to the most it holds, then a request: a backend whose
+//!   write to it blocks holds its device for as long as the client likes, and for ever after it
+//!   disconnects. The request must complete (seen in the used ring), and the next client must
+//!   be served.
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -60,11 +68,15 @@ pub enum Case {
     UnofferedFeatures,
     /// A timerfd as the queue's kick.
     TimerKick,
+    /// A semaphore eventfd as the queue's kick.
+    SemaphoreKick,
+    /// The call eventfd blocking and full.
+    FullCall,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 8] = [
+    pub const NAMES: [&'static str; 10] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -73,6 +85,8 @@ impl Case {
         "cut-then-shrink",
         "unoffered-features",
         "timer-kick",
+        "semaphore-kick",
+        "full-call",
     ];
 
     /// Parses a case name.
@@ -86,6 +100,8 @@ impl Case {
             "cut-then-shrink" => Ok(Case::CutThenShrink),
             "unoffered-features" => Ok(Case::UnofferedFeatures),
             "timer-kick" => Ok(Case::TimerKick),
+            "semaphore-kick" => Ok(Case::SemaphoreKick),
+            "full-call" => Ok(Case::FullCall),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -200,18 +216,29 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             };
             (outcome, Box::new(session))
         }
-        Case::TimerKick => {
+        Case::SemaphoreKick | Case::TimerKick => {
             let mut device = BlkDevice::connect(path, opts)?;
             device.run_one(0, Op::Write, 0, 4096)?;
-            let timer = ticking_timer()?;
+            let timer = if case == Case::TimerKick { ticking_timer()? } else { full_semaphore()? };
             let negotiated = *device.negotiated();
             let sent = device.session_mut().set_vring_kick(0, &timer);
             let after = sent.and_then(|()| device.session_mut().get_config(&negotiated).map(|_| ()));
             let outcome = match after {
-                Ok(()) => Outcome { case: name, refused: false, detail: "the timerfd kick was accepted".into() },
+                Ok(()) => Outcome { case: name, refused: false, detail: "the kick was accepted".into() },
                 Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
             };
             (outcome, Box::new((device, timer)))
+        }
+        Case::FullCall => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            device.fill_call_count()?;
+            device.submit(0, Op::Read, 0, 4096);
+            device.kick()?;
+            let completed = device.poll_used(Duration::from_secs(5));
+            let detail = format!("the request after the call eventfd filled up completed: {completed}");
+            // Not refused: served, and the backend did not block.
+            (Outcome { case: name, refused: !completed, detail }, Box::new(device))
         }
     };
     done(&outcome);
@@ -240,6 +267,14 @@ fn ticking_timer() -> Result<vmm_sys_util::eventfd::EventFd> {
         return Err(Error::last_os("timerfd_settime"));
     }
     Ok(timer)
+}
+
+/// A semaphore-mode eventfd whose count is at its most, as an `EventFd`.
+fn full_semaphore() -> Result<vmm_sys_util::eventfd::EventFd> {
+    let semaphore = vmm_sys_util::eventfd::EventFd::new(libc::EFD_SEMAPHORE | libc::EFD_NONBLOCK)
+        .map_err(|e| Error::sys("creating a semaphore eventfd", e))?;
+    semaphore.write(u64::MAX - 1).map_err(|e| Error::sys("filling the semaphore eventfd", e))?;
+    Ok(semaphore)
 }
 
 /// How many bad tables `swap-memory` sends, each on a fresh connection: the backend's worker is

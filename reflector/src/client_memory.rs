@@ -152,8 +152,11 @@ pub fn check_table(memory: &GuestMemoryMmap) -> Result<(), TableError> {
 }
 
 /// How many client regions can be guarded at once: a table holds at most
-/// [`REGIONS_PER_TABLE`] (8), so this covers 512 devices whose clients all
-/// use every region, with one replacement table each in flight.
+/// [`REGIONS_PER_TABLE`] (8) and a device at most [`TABLES_PER_DEVICE`]
+/// (4), so this covers 256 devices whose clients all hold their most, and
+/// 1,024 whose clients each use every region of one table (QEMU uses 1 to
+/// 3). Past that, a new table is refused (`GuardFull`) and its client's
+/// connection ends.
 pub const REGISTRY_SLOTS: usize = 8192;
 
 /// One guarded address range. `end == 0` marks a free slot; a slot is

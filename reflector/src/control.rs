@@ -660,48 +660,49 @@ pub fn claim(path: &Path) -> Result<ControlSocket, String> {
 impl ControlSocket {
     /// Answers requests about `targets` on a thread of its own.
     pub fn serve(self, targets: Vec<ControlTarget>) -> Result<(), String> {
-        let ControlSocket { listener, lock } = self;
-        let targets = Arc::new(targets);
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
-                let _lock = lock;
-                let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-                let mut accept_failures = crate::hw::LogEvery::default();
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(stream) => stream,
-                    // Out of descriptors, say: the pending connection stays
-                    // and fails again at once, so pause instead of spinning.
-                    Err(error) => {
-                        if let Some(failures) = accept_failures.note() {
-                            tracing::error!(%error, failures, "control socket: cannot accept a client; trying again");
-                        }
-                        std::thread::sleep(crate::serve::ACCEPT_RETRY);
-                        continue;
-                    }
-                };
-                    // Each client on a thread of its own, so that one that never
-                    // sends its line delays nobody else; a bounded number of them.
-                    if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                        busy.fetch_sub(1, Ordering::AcqRel);
-                        let busy = Response::Error { message: "too many control clients at once; try again".into() };
-                        let _ = (&stream)
-                            .write_all(format!("{}\n", serde_json::to_string(&busy).unwrap_or_default()).as_bytes());
-                        continue;
-                    }
-                    let (targets, done) = (targets.clone(), busy.clone());
-                    let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
-                        answer_client(&stream, &targets);
-                        done.fetch_sub(1, Ordering::AcqRel);
-                    });
-                    if spawned.is_err() {
-                        busy.fetch_sub(1, Ordering::AcqRel);
-                    }
-                }
+                let ControlSocket { listener, lock: _lock } = self;
+                accept_clients(&listener, &Arc::new(targets));
             })
             .map_err(|e| format!("starting the control thread: {e}"))?;
         Ok(())
+    }
+}
+
+/// Answers each client of `listener` on a thread of its own, so that one
+/// that never sends its line delays nobody else; a bounded number of them.
+fn accept_clients(listener: &std::os::unix::net::UnixListener, targets: &Arc<Vec<ControlTarget>>) {
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut accept_failures = crate::hw::LogEvery::default();
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(stream) => stream,
+            // Out of descriptors, say: the pending connection stays and
+            // fails again at once, so pause instead of spinning.
+            Err(error) => {
+                if let Some(failures) = accept_failures.note() {
+                    tracing::error!(%error, failures, "control socket: cannot accept a client; trying again");
+                }
+                std::thread::sleep(crate::serve::ACCEPT_RETRY);
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            let busy = Response::Error { message: "too many control clients at once; try again".into() };
+            let _ = (&stream).write_all(format!("{}\n", serde_json::to_string(&busy).unwrap_or_default()).as_bytes());
+            continue;
+        }
+        let (targets, done) = (targets.clone(), busy.clone());
+        let spawned = std::thread::Builder::new().name("control-client".into()).spawn(move || {
+            answer_client(&stream, &targets);
+            done.fetch_sub(1, Ordering::AcqRel);
+        });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 

@@ -596,6 +596,11 @@ impl<K: DeviceKind> Device<K> {
     /// A client connected; `connection` ends its connection, which the
     /// device does when it cuts the client off.
     pub fn client_connected(&mut self, connection: vhost_user_backend::ShutdownHandle) {
+        // The connection's handler runs before this is told: a client cut
+        // off meanwhile found no handle to end its connection.
+        if self.core.cut_client.is_some() {
+            connection.shutdown();
+        }
         self.core.connection = Some(connection);
     }
 

@@ -143,7 +143,16 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
             if served(path).map_err(io("checking whether a process still serves", path))? {
                 return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
             }
-            std::fs::remove_file(path).map_err(io("removing the stale socket", path))?;
+            match std::fs::remove_file(path) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(ClaimError::Io {
+                        what: "removing the stale socket",
+                        path: path.to_owned(),
+                        source: error,
+                    });
+                }
+                _ => {}
+            }
         }
         Ok(_) => return Err(ClaimError::NotASocket { path: path.to_owned() }),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
@@ -188,7 +197,8 @@ fn served(path: &Path) -> std::io::Result<bool> {
         match error.raw_os_error() {
             _ if connected => return Ok(true),
             Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => return Ok(true),
-            Some(libc::ECONNREFUSED) => return Ok(false),
+            // Refused, or gone since it was looked at: nobody serves it.
+            Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => return Ok(false),
             Some(libc::EPROTOTYPE) => continue,
             _ => return Err(error),
         }

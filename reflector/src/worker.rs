@@ -1,6 +1,7 @@
 //! Small helpers for the vhost-user worker threads of every device.
 
 use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use vhost_user_backend::{VringRwLock, VringT};
@@ -12,7 +13,6 @@ use vmm_sys_util::timerfd::TimerFd;
 /// may disarm a timer whose expiry is already queued, and a blocking read of
 /// a disarmed timer would stall the worker for good.
 pub fn nonblocking_timer() -> std::io::Result<TimerFd> {
-    use std::os::fd::AsRawFd;
     let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     // SAFETY: F_GETFL/F_SETFL on the timer's own descriptor.
     let ok = unsafe {
@@ -48,7 +48,35 @@ pub fn signal_used(vring: &VringRwLock, memory: Option<&GuestMemoryMmap>) -> std
     }
     let needed = vring.get_mut().get_queue_mut().needs_notification(memory).map_err(std::io::Error::other)?;
     if needed {
-        vring.signal_used_queue()?;
+        if let Some(call) = vring.get_ref().get_call() {
+            notify_client(call.as_raw_fd())?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds 1 to a client's call eventfd, only when poll says it fits: the
+/// client shares the descriptor's file description, so it can clear the
+/// `O_NONBLOCK` the reflector set and leave the count at its most, and a
+/// write would then block the worker, with its device's lock held, for as
+/// long as the client liked (vhost-user-backend's own `signal_used_queue`
+/// did). A full count already tells the client to look. Left: a client
+/// that fills the count between the poll and the write still blocks its
+/// own device's worker.
+pub fn notify_client(call: std::os::fd::RawFd) -> std::io::Result<()> {
+    let mut poll = libc::pollfd { fd: call, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: poll(2) on one pollfd on the stack, without waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready <= 0 || poll.revents & libc::POLLOUT == 0 {
+        return Ok(());
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: write(2) of the 8 bytes of `one`, which outlives the call.
+    if unsafe { libc::write(call, one.as_ptr().cast(), one.len()) } < 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(error);
+        }
     }
     Ok(())
 }

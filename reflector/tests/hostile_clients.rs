@@ -148,6 +148,35 @@ fn a_kick_that_is_not_an_eventfd_is_refused() {
     }
 }
 
+/// A semaphore eventfd as the kick stays readable for as many reads as its
+/// count: like a timerfd, it kept the worker busy for ever.
+#[test]
+fn a_semaphore_eventfd_as_the_kick_is_refused() {
+    if kvm_available("a_semaphore_eventfd_as_the_kick_is_refused") {
+        survives("semaphore-kick", "client connection ended with an error", true);
+    }
+}
+
+/// A client that makes its call eventfd blocking again and fills its
+/// count: the worker's write to it blocked, with the device held, for as
+/// long as the client liked and for ever after it left (the next client
+/// was never served). The notification is skipped when it would block.
+#[test]
+fn a_full_blocking_call_eventfd_never_blocks_the_device() {
+    if kvm_available("a_full_blocking_call_eventfd_never_blocks_the_device") {
+        let scratch = Scratch::new("full-call");
+        let mut reflector = serve_disks(&scratch, &["d0"], false);
+        let socket = scratch.join("d0.sock");
+        let hostile = Hostile::start(&socket, "full-call");
+        assert_eq!(hostile.outcome["refused"], false, "{}", hostile.outcome);
+        hostile.finish();
+        verified_io(&socket, "the next client, after the full call eventfd");
+        assert!(reflector.child.try_wait().unwrap().is_none(), "the reflector died:\n{}", reflector.log_text());
+        let log = reflector.stop();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
 /// A client arriving while the reflector has no descriptor left is not
 /// accepted, and the device serves the next one once descriptors are back:
 /// before, the failed accept ended the device's serving thread, and the

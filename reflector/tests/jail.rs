@@ -436,7 +436,9 @@ fn a_reflector_that_became_an_unprivileged_user_still_jails_and_recovers() {
     reflector.wait_for(|_| ctl.exists(), "the control socket");
     // No client is answered before the switch: a client waiting at the
     // start was served as root while the switch was under way.
-    reflector.wait_for(|r| r.log_text().contains("control socket ready"), "the control socket served");
+    let serving =
+        |r: &Reflector| ["control socket ready", "serving vhost-user-blk"].iter().all(|l| r.log_text().contains(l));
+    reflector.wait_for(serving, "the device and control sockets served");
     let log = reflector.log_text();
     let switched = log.find("now running unprivileged").unwrap();
     for serving in ["serving vhost-user-blk", "control socket ready"] {

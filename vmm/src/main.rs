@@ -417,6 +417,9 @@ fn run_hosted(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> 
         std::process::exit(0);
     }
     tracing::warn!("running the driver HOSTED: a plain process, not isolated (development only)");
+    let mut owned = config.owned_descriptors();
+    owned.extend(args.ready_fd);
+    vmm::config::check_owned_once(owned)?;
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let options =
         vmm::hosted::HostedOptions { exit_on_stdin_close: args.exit_on_stdin_close, ready_file, timeout: args.timeout };

@@ -1118,14 +1118,23 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
             return Err(Error::InvalidMessage);
         }
         // driver-vms patch: kick, call and err descriptors must be
-        // eventfds. Upstream takes any descriptor: a timerfd as the kick
-        // kept the backend's worker busy for ever at no cost to the client,
+        // eventfds, and not in semaphore mode. Upstream takes any
+        // descriptor: a timerfd as the kick kept the backend's worker busy
+        // for ever at no cost to the client (and so did a semaphore
+        // eventfd, which stays readable for as many reads as its count),
         // and a pipe as the call blocked the backend's write.
         if let Some(file) = &file {
-            let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()));
-            if !link.is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]") {
+            let fd = file.as_raw_fd();
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            let eventfd = link.is_ok_and(|target| target.as_os_str() == "anon_inode:[eventfd]");
+            // Kernels before 6.7 do not say (`eventfd-semaphore:`): their
+            // semaphore eventfds pass.
+            let semaphore = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+                .map(|info| info.lines().any(|line| line.replace(' ', "") == "eventfd-semaphore:1"))
+                .unwrap_or(true);
+            if !eventfd || semaphore {
                 return Err(Error::InvalidOperation(
-                    "a vring's kick, call and err descriptors must be eventfds",
+                    "a vring's kick, call and err descriptors must be eventfds, not in semaphore mode",
                 ));
             }
         }
