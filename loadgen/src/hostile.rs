@@ -130,10 +130,7 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let sent = session.set_mem_table_sized(&mem, 64 << 40);
             // A round trip tells whether the backend kept the connection.
             let after = sent.and_then(|()| session.get_config(&negotiated).map(|_| ()));
-            let outcome = match after {
-                Ok(()) => Outcome { case: name, refused: false, detail: "the table was accepted".into() },
-                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
-            };
+            let outcome = refused_or_not(name, after, "the table was accepted");
             (outcome, Box::new((session, mem)))
         }
         Case::ShrinkMemory => {
@@ -210,10 +207,7 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let slots = vhost::vhost_user::VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS.bits();
             let sent = session.set_protocol_features_raw(negotiated.protocol | slots);
             let after = sent.and_then(|()| session.get_config(&negotiated).map(|_| ()));
-            let outcome = match after {
-                Ok(()) => Outcome { case: name, refused: false, detail: "CONFIGURE_MEM_SLOTS was accepted".into() },
-                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
-            };
+            let outcome = refused_or_not(name, after, "CONFIGURE_MEM_SLOTS was accepted");
             (outcome, Box::new(session))
         }
         Case::SemaphoreKick | Case::TimerKick => {
@@ -223,10 +217,7 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let negotiated = *device.negotiated();
             let sent = device.session_mut().set_vring_kick(0, &timer);
             let after = sent.and_then(|()| device.session_mut().get_config(&negotiated).map(|_| ()));
-            let outcome = match after {
-                Ok(()) => Outcome { case: name, refused: false, detail: "the kick was accepted".into() },
-                Err(error) => Outcome { case: name, refused: true, detail: format!("refused: {error}") },
-            };
+            let outcome = refused_or_not(name, after, "the kick was accepted");
             (outcome, Box::new((device, timer)))
         }
         Case::FullCall => {
@@ -245,6 +236,15 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
     hold_until_stdin_closes(opts.timeout);
     drop(hold);
     Ok(outcome)
+}
+
+/// The outcome of an action the backend either refused (`after`, a round trip, failed: the
+/// connection ended) or took (`accepted` says what).
+fn refused_or_not(case: &'static str, after: Result<()>, accepted: &str) -> Outcome {
+    match after {
+        Ok(()) => Outcome { case, refused: false, detail: accepted.into() },
+        Err(error) => Outcome { case, refused: true, detail: format!("refused: {error}") },
+    }
 }
 
 /// How long `cut-then-shrink` waits for the backend to end its connection before it goes on.

@@ -390,15 +390,7 @@ impl Session {
         kick: &EventFd,
         call: &EventFd,
     ) -> Result<()> {
-        let cfg = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: mem.uaddr(ring_off + layout.desc),
-            used_ring_addr: mem.uaddr(ring_off + layout.used),
-            avail_ring_addr: mem.uaddr(ring_off + layout.avail),
-            log_addr: None,
-        };
+        let cfg = vring_config(mem, ring_off, layout);
         self.call("SET_VRING_NUM", |fe| fe.set_vring_num(index, layout.size))?;
         self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &cfg))?;
         self.call("SET_VRING_BASE", |fe| fe.set_vring_base(index, 0))?;
@@ -428,15 +420,7 @@ impl Session {
     /// Points queue `index` at its ring at `ring_off` in `mem` again (SET_VRING_ADDR alone): for a
     /// hostile client, whose backend then reads the used index through its map of `mem`.
     pub fn readdress_vring(&mut self, index: usize, mem: &GuestMem, ring_off: usize, layout: RingLayout) -> Result<()> {
-        let cfg = VringConfigData {
-            queue_max_size: layout.size,
-            queue_size: layout.size,
-            flags: 0,
-            desc_table_addr: mem.uaddr(ring_off + layout.desc),
-            used_ring_addr: mem.uaddr(ring_off + layout.used),
-            avail_ring_addr: mem.uaddr(ring_off + layout.avail),
-            log_addr: None,
-        };
+        let cfg = vring_config(mem, ring_off, layout);
         self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &cfg))
     }
 
@@ -460,6 +444,20 @@ impl Session {
     /// Stops queue `index` (GET_VRING_BASE); returns the backend's next avail index.
     pub fn stop_vring_index(&mut self, index: usize) -> Result<u32> {
         self.call("GET_VRING_BASE", |fe| fe.get_vring_base(index))
+    }
+}
+
+/// The addresses of a ring laid out as `layout` at `ring_off` in `mem`, as SET_VRING_ADDR
+/// gives them.
+fn vring_config(mem: &GuestMem, ring_off: usize, layout: RingLayout) -> VringConfigData {
+    VringConfigData {
+        queue_max_size: layout.size,
+        queue_size: layout.size,
+        flags: 0,
+        desc_table_addr: mem.uaddr(ring_off + layout.desc),
+        used_ring_addr: mem.uaddr(ring_off + layout.used),
+        avail_ring_addr: mem.uaddr(ring_off + layout.avail),
+        log_addr: None,
     }
 }
 
