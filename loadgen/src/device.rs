@@ -379,6 +379,18 @@ impl BlkDevice {
     /// blocks. For a hostile client, which must never read the call eventfd afterwards
     /// ([`Self::poll_used`] instead of [`Self::wait`]).
     pub fn fill_call_count(&mut self) -> Result<()> {
+        // Filled while still non-blocking: a notification the backend adds
+        // meanwhile makes the write fail (EAGAIN) instead of blocking this
+        // client for good; then the count is read back to 0 and filled again.
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let _ = self.call.read();
+            match self.call.write(u64::MAX - 1) {
+                Ok(()) => break,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {}
+                Err(error) => return Err(Error::sys("filling the call eventfd", error)),
+            }
+        }
         let fd = self.call.as_raw_fd();
         // SAFETY: F_GETFL/F_SETFL on our own eventfd.
         let cleared = unsafe {
@@ -388,7 +400,6 @@ impl BlkDevice {
         if !cleared {
             return Err(Error::last_os("clearing O_NONBLOCK on the call eventfd"));
         }
-        self.call.write(u64::MAX - 1).map_err(|e| Error::sys("filling the call eventfd", e))?;
         self.ring.enable_notify();
         Ok(())
     }

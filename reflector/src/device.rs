@@ -349,6 +349,7 @@ impl DeviceCore {
         if mark == Some(guest_abi::channel::driver_state::READY) {
             self.attached = true;
             self.session.progress(now);
+            self.session.attached();
         }
         if let Some(timeline) = self.failover.as_mut() {
             match mark {

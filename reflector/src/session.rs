@@ -125,8 +125,9 @@ pub enum Effect {
     Renew,
 }
 
-/// Driver VMs in a row that die at their start (within the policy's
-/// `stable_after`) of their own doing (a panic, an exception, a hang, a
+/// Driver VMs in a row that die before they attach to their channel (their
+/// device never came up), or at their start (within the policy's
+/// `stable_after`), of their own doing (a panic, an exception, a hang, a
 /// broken protocol: `Fault::blames_requests`) after which the hardware is
 /// renewed before the next launch: a dead driver may have left state that
 /// outlives the device's reset and makes every successor fail (a device
@@ -142,9 +143,12 @@ pub struct Session {
     state: Lifecycle,
     tracker: RestartTracker,
     hang_deadline: Duration,
-    /// Driver VMs in a row that died at their start of their own doing
-    /// (`Fault::blames_requests`), for [`Effect::Renew`].
+    /// Driver VMs in a row that died before they attached, or at their
+    /// start, of their own doing (`Fault::blames_requests`), for
+    /// [`Effect::Renew`].
     own_early_deaths: u32,
+    /// The running driver VM has attached to its channel.
+    driver_attached: bool,
 }
 
 impl Session {
@@ -157,6 +161,7 @@ impl Session {
             tracker,
             hang_deadline,
             own_early_deaths: 0,
+            driver_attached: false,
         }
     }
 
@@ -210,6 +215,12 @@ impl Session {
         }
     }
 
+    /// The running driver VM attached to its channel: it brought its
+    /// device up.
+    pub fn attached(&mut self) {
+        self.driver_attached = true;
+    }
+
     /// Handles `event`, which happened at `now`; returns the effects to
     /// carry out, in order.
     pub fn on(&mut self, event: Event, now: Instant) -> Vec<Effect> {
@@ -243,6 +254,7 @@ impl Session {
             (Event::Kill, Lifecycle::Running { .. }) => vec![Effect::Kill],
             (Event::Launched, Lifecycle::Restarting { .. }) => {
                 self.tracker.started(now);
+                self.driver_attached = false;
                 self.state = Lifecycle::Running { since: now, last_progress: now };
                 Vec::new()
             }
@@ -267,12 +279,14 @@ impl Session {
     /// The policy's answer to a fault at `now`, after `effects`.
     fn decide(&mut self, why: Fault, now: Instant, mut effects: Vec<Effect>) -> Vec<Effect> {
         let decision = self.tracker.on_fault(now);
-        // Only deaths of the drivers' own doing count: a storm of kills from
-        // outside says nothing about the device.
-        self.own_early_deaths = match self.tracker.early_deaths() {
-            0 => 0,
-            _ if why.blames_requests() => self.own_early_deaths + 1,
-            _ => self.own_early_deaths,
+        // A death counts if the driver never brought its device up, or
+        // died at its start; only deaths of the drivers' own doing count:
+        // a storm of kills from outside says nothing about the device.
+        let early = !self.driver_attached || self.tracker.early_deaths() > 0;
+        self.own_early_deaths = match (early, why.blames_requests()) {
+            (false, _) => 0,
+            (true, true) => self.own_early_deaths + 1,
+            (true, false) => self.own_early_deaths,
         };
         if why.blames_requests() && self.own_early_deaths > 0 && self.own_early_deaths.is_multiple_of(RENEW_AFTER) {
             effects.push(Effect::Renew);
@@ -304,17 +318,25 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A session whose first driver VM attached.
     fn session(t0: Instant) -> Session {
-        Session::new(RestartPolicy { budget: 3, ..RestartPolicy::default() }, ms(500), t0)
+        let mut session = Session::new(RestartPolicy { budget: 3, ..RestartPolicy::default() }, ms(500), t0);
+        session.attached();
+        session
     }
 
     fn exited() -> Fault {
         Fault::Exited("killed".into())
     }
 
-    /// Runs `session` from a fault at `now` until a driver VM runs again
-    /// (timers fire on time); returns the effects seen.
+    /// The driver VM asked for runs at `now`, and attaches.
     fn launch(session: &mut Session, now: Instant) {
+        launch_unattached(session, now);
+        session.attached();
+    }
+
+    /// The driver VM asked for runs at `now`; it has not attached yet.
+    fn launch_unattached(session: &mut Session, now: Instant) {
         assert_eq!(session.on(Event::Launched, now), vec![]);
         assert!(session.running());
     }
@@ -479,6 +501,7 @@ mod tests {
     fn drivers_dying_at_their_start_renew_the_hardware_every_third_death() {
         let t0 = Instant::now();
         let mut session = Session::new(RestartPolicy { budget: 100, ..RestartPolicy::default() }, ms(500), t0);
+        session.attached();
         let mut now = t0 + ms(1000);
         let panicked = Fault::Exited(r#"{"outcome":"panic"}"#.into());
         let first = session.on(Event::Fault(panicked.clone()), now);
@@ -500,6 +523,25 @@ mod tests {
             }
         }
         assert_eq!(renewed, [3, 6]);
+        // A driver that attached and served a while resets the count; ones
+        // that live long but never attach (a bring-up that fails slowly)
+        // count however long they lived.
+        let mut renewed = Vec::new();
+        for death in 1..=4u32 {
+            if !matches!(session.state(), Lifecycle::Restarting { .. }) {
+                now += Duration::from_secs(2);
+                session.on(Event::TimerFired, now);
+            }
+            launch_unattached(&mut session, now);
+            if death == 1 {
+                session.attached();
+            }
+            now += Duration::from_secs(1);
+            if session.on(Event::Fault(panicked.clone()), now).contains(&Effect::Renew) {
+                renewed.push(death);
+            }
+        }
+        assert_eq!(renewed, [4], "the attached driver's death counted, or slow ones did not");
     }
 
     #[test]
