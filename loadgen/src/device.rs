@@ -419,8 +419,7 @@ impl BlkDevice {
 
     /// Points the queue at its ring again (SET_VRING_ADDR): for a hostile client.
     pub fn readdress_queue(&mut self) -> Result<()> {
-        let layout = RingLayout::new(self.queue_size())?;
-        self.session.readdress_vring(0, &self.mem, 0, layout)
+        self.session.readdress_vring(0, &self.mem, 0, self.ring.layout())
     }
 
     /// Waits at most `timeout` for the backend to hang up the control socket; whether it did.

@@ -682,10 +682,7 @@ fn accept_clients(listener: &std::os::unix::net::UnixListener, targets: &Arc<Vec
             // Out of descriptors, say: the pending connection stays and
             // fails again at once, so pause instead of spinning.
             Err(error) => {
-                if let Some(failures) = accept_failures.note() {
-                    tracing::error!(%error, failures, "control socket: cannot accept a client; trying again");
-                }
-                std::thread::sleep(crate::serve::ACCEPT_RETRY);
+                crate::serve::accept_failed(&mut accept_failures, "control", &error);
                 continue;
             }
         };

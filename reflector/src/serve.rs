@@ -454,6 +454,16 @@ pub trait Service: Send + Sync {
 /// or memory left) before it accepts again.
 pub const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// A socket's accept failed (no descriptor or memory left): logged at each
+/// power of two of `failures`, then a pause of [`ACCEPT_RETRY`] before
+/// the next accept, so that a failure that persists does not spin.
+pub(crate) fn accept_failed(failures: &mut crate::hw::LogEvery, socket: &str, error: &dyn std::fmt::Display) {
+    if let Some(failures) = failures.note() {
+        tracing::error!(socket, %error, failures, "cannot accept a client; trying again");
+    }
+    std::thread::sleep(ACCEPT_RETRY);
+}
+
 /// What [`serve_socket`] tells a device about its connections.
 struct ConnectionHooks<D> {
     /// The device's own event sources, for the connection's worker.
@@ -500,10 +510,7 @@ where
             // Out of descriptors or memory, say: the device serves again
             // once they are back, instead of never (its thread used to end
             // here). The pause keeps a persistent failure from spinning.
-            if let Some(failures) = accept_failures.note() {
-                tracing::error!(device = %name, %error, failures, "cannot accept a client; trying again");
-            }
-            std::thread::sleep(ACCEPT_RETRY);
+            accept_failed(&mut accept_failures, name, &error);
             continue;
         }
         tracing::info!(device = %name, "client connected");

@@ -145,11 +145,7 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
             }
             match std::fs::remove_file(path) {
                 Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(ClaimError::Io {
-                        what: "removing the stale socket",
-                        path: path.to_owned(),
-                        source: error,
-                    });
+                    return Err(io("removing the stale socket", path)(error));
                 }
                 _ => {}
             }
@@ -171,6 +167,25 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
 /// socket (journald's, say) was removed, and a listener with a full
 /// backlog blocked the start for ever.
 fn served(path: &Path) -> std::io::Result<bool> {
+    for kind in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM] {
+        let error = match connect_nonblocking(path, kind) {
+            Ok(_connected) => return Ok(true),
+            Err(error) => error,
+        };
+        match error.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => return Ok(true),
+            // Refused, or gone since it was looked at: nobody serves it.
+            Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => return Ok(false),
+            Some(libc::EPROTOTYPE) => continue,
+            _ => return Err(error),
+        }
+    }
+    Err(std::io::Error::other("a socket of no type this can connect to"))
+}
+
+/// Connects a new non-blocking socket of `kind` to the socket at `path`:
+/// the socket, connected or queued, or why not (EAGAIN: a full backlog).
+fn connect_nonblocking(path: &Path, kind: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
@@ -182,28 +197,19 @@ fn served(path: &Path) -> std::io::Result<bool> {
     for (to, from) in address.sun_path.iter_mut().zip(bytes) {
         *to = *from as libc::c_char;
     }
-    for kind in [libc::SOCK_STREAM, libc::SOCK_SEQPACKET, libc::SOCK_DGRAM] {
-        // SAFETY: socket(2) with constant arguments; checked below.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor this owns, closed when dropped.
-        let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-        // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
-        let connected = unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) } == 0;
-        let error = std::io::Error::last_os_error();
-        match error.raw_os_error() {
-            _ if connected => return Ok(true),
-            Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => return Ok(true),
-            // Refused, or gone since it was looked at: nobody serves it.
-            Some(libc::ECONNREFUSED) | Some(libc::ENOENT) => return Ok(false),
-            Some(libc::EPROTOTYPE) => continue,
-            _ => return Err(error),
-        }
+    // SAFETY: socket(2) with constant arguments; checked below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    Err(std::io::Error::other("a socket of no type this can connect to"))
+    // SAFETY: a fresh descriptor this owns, closed when dropped.
+    let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
+    if unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(socket)
 }
 
 /// Longest socket path the kernel takes (`sun_path`, less its NUL).
@@ -375,32 +381,19 @@ mod tests {
     /// once: a blocking connect waited for ever (and the start with it).
     #[test]
     fn a_listener_with_a_full_backlog_is_in_use_not_a_hang() {
-        use std::os::unix::ffi::OsStrExt;
         let dir = scratch("backlog");
         let path = dir.join("full.sock");
         let listener = UnixListener::bind(&path).unwrap();
-        // SAFETY: a zeroed sockaddr_un is valid; the path is copied in.
-        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (to, from) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *to = *from as libc::c_char;
-        }
         // Connections it never accepts, until its backlog is full.
         let mut queued = Vec::new();
         loop {
-            // SAFETY: socket(2) with constant arguments; checked below.
-            let fd =
-                unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-            assert!(fd >= 0);
-            // SAFETY: a fresh descriptor this owns.
-            let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
-            if unsafe { libc::connect(fd, std::ptr::addr_of!(address).cast(), length) } != 0 {
-                assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EAGAIN));
-                break;
+            match connect_nonblocking(&path, libc::SOCK_STREAM) {
+                Ok(socket) => queued.push(socket),
+                Err(error) => {
+                    assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
+                    break;
+                }
             }
-            queued.push(socket);
             assert!(queued.len() < 100_000, "the backlog never filled");
         }
         let (done, finished) = std::sync::mpsc::channel();

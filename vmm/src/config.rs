@@ -401,7 +401,7 @@ impl Placement<'_> {
 
 /// Refuses a descriptor number given to two owners (doorbells, lines,
 /// traps, `--kvm-fd`, `--ready-fd`).
-pub fn check_owned_once(mut fds: Vec<RawFd>) -> Result<()> {
+fn check_owned_once(mut fds: Vec<RawFd>) -> Result<()> {
     fds.sort_unstable();
     if let Some(pair) = fds.windows(2).find(|pair| pair[0] == pair[1]) {
         return Err(Error::invalid(
@@ -446,12 +446,18 @@ impl VmConfig {
                 format!("{} bytes, at most {}", self.cmdline.len(), abi::CMDLINE_MAX),
             ));
         }
-        check_owned_once(self.owned_descriptors())
+        self.check_descriptors_with([])
     }
 
-    /// The inherited descriptors the VM takes ownership of (each must be
-    /// given once: two owners close one number twice).
-    pub fn owned_descriptors(&self) -> Vec<RawFd> {
+    /// Refuses a descriptor number the VM takes ownership of given twice,
+    /// among its own and `others` the vmm owns besides (`--kvm-fd`,
+    /// `--ready-fd`): two owners close one number twice.
+    pub fn check_descriptors_with(&self, others: impl IntoIterator<Item = RawFd>) -> Result<()> {
+        check_owned_once(self.owned_descriptors().chain(others).collect())
+    }
+
+    /// The inherited descriptors the VM takes ownership of.
+    fn owned_descriptors(&self) -> impl Iterator<Item = RawFd> + '_ {
         self.doorbells
             .iter()
             .map(|d| d.fd)
@@ -460,7 +466,6 @@ impl VmConfig {
             .chain(self.start)
             .chain(self.traps.iter().map(|t| t.fd))
             .chain(self.traps.iter().flat_map(|t| t.posted.iter().map(|(_, fd)| *fd)))
-            .collect()
     }
 
     fn validate_memory(&self) -> Result<()> {

@@ -417,9 +417,7 @@ fn run_hosted(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> 
         std::process::exit(0);
     }
     tracing::warn!("running the driver HOSTED: a plain process, not isolated (development only)");
-    let mut owned = config.owned_descriptors();
-    owned.extend(args.ready_fd);
-    vmm::config::check_owned_once(owned)?;
+    config.check_descriptors_with(args.ready_fd)?;
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let options =
         vmm::hosted::HostedOptions { exit_on_stdin_close: args.exit_on_stdin_close, ready_file, timeout: args.timeout };
@@ -485,9 +483,7 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     };
     // `--kvm-fd` and `--ready-fd` are owned like the VM's own descriptors:
     // one number given to two owners was closed twice.
-    let mut owned = config.owned_descriptors();
-    owned.extend(args.ready_fd.into_iter().chain(args.kvm_fd));
-    vmm::config::check_owned_once(owned)?;
+    config.check_descriptors_with(args.ready_fd.into_iter().chain(args.kvm_fd))?;
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let kvm = match args.kvm_fd {
         Some(fd) => inherited_kvm(fd)?,

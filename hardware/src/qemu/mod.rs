@@ -110,10 +110,7 @@ pub trait ProcessJail: Send + Sync {
 /// the vCPU halts for good and costs no CPU; nothing programs PCI but the
 /// reflector.
 fn halt_firmware() -> std::io::Result<SharedMemory> {
-    let firmware = SharedMemory::new("halt-firmware", 64 * 1024)?;
-    if let Some(bytes) = firmware.slice(0, 64 * 1024) {
-        bytes.copy_from(&[0xf4u8; 64 * 1024][..]);
-    }
+    let firmware = all_hlt("halt-firmware", 64 * 1024)?;
     if let Some(reset) = firmware.slice(0xfff0, 4) {
         reset.copy_from(&[0xfa, 0xf4, 0xeb, 0xfd]);
     }
@@ -133,12 +130,16 @@ fn halt_firmware() -> std::io::Result<SharedMemory> {
 /// the vCPU can be sent ends in a `hlt`: its interrupt table's entries
 /// (`f4f4:f4f4`) point into the same RAM.
 fn machine_ram() -> std::io::Result<SharedMemory> {
-    const BYTES: usize = QEMU_RAM_MIB << 20;
-    let ram = SharedMemory::new("machine-ram", BYTES)?;
-    if let Some(bytes) = ram.slice(0, BYTES) {
-        bytes.copy_from(&vec![0xf4u8; BYTES][..]);
+    all_hlt("machine-ram", QEMU_RAM_MIB << 20)
+}
+
+/// Shared memory of `bytes` bytes, every one `hlt` (0xf4).
+fn all_hlt(name: &str, bytes: usize) -> std::io::Result<SharedMemory> {
+    let memory = SharedMemory::new(name, bytes)?;
+    if let Some(all) = memory.slice(0, bytes) {
+        all.copy_from(&vec![0xf4u8; bytes][..]);
     }
-    Ok(ram)
+    Ok(memory)
 }
 
 /// PCI configuration space offsets and bits.
