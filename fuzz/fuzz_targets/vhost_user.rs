@@ -19,9 +19,10 @@ use std::sync::{Arc, Once, RwLock};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use reflector::client_vring::ClientVring;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -201,7 +202,7 @@ struct StandIn {
 
 impl VhostUserBackendMut for StandIn {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = ClientVring;
 
     fn num_queues(&self) -> usize {
         1
@@ -239,7 +240,7 @@ impl VhostUserBackendMut for StandIn {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
-    fn handle_event(&mut self, _: u16, _: EventSet, vrings: &[VringRwLock], _: usize) -> std::io::Result<()> {
+    fn handle_event(&mut self, _: u16, _: EventSet, vrings: &[ClientVring], _: usize) -> std::io::Result<()> {
         // A kick: look at the queue as a device would before walking it.
         for vring in vrings {
             let _ = vring.get_ref().get_queue().ready();

@@ -37,6 +37,13 @@
 //!   write to it blocks holds its device for as long as the client likes, and for ever after it
 //!   disconnects. The request must complete (seen in the used ring), and the next client must
 //!   be served.
+//! - `drained-kick`: the kick eventfd made blocking again, then kicked and drained (its count
+//!   read back before the backend could) over and over for [`DRAIN_RACE`], each drain a little
+//!   later than the one before, until the client sees, in `/proc`, a thread of the backend (the
+//!   socket's peer) asleep in a read of that kick. A backend whose worker reads a kick its
+//!   epoll reported, after the client took it, sleeps there, with the queue locked, until the
+//!   client kicks again, and for ever after it disconnects. No thread may be seen asleep there,
+//!   and the next client must be served.
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -72,11 +79,13 @@ pub enum Case {
     SemaphoreKick,
     /// The call eventfd blocking and full.
     FullCall,
+    /// The kick blocking, and drained before the backend reads it.
+    DrainedKick,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -87,6 +96,7 @@ impl Case {
         "timer-kick",
         "semaphore-kick",
         "full-call",
+        "drained-kick",
     ];
 
     /// Parses a case name.
@@ -102,6 +112,7 @@ impl Case {
             "timer-kick" => Ok(Case::TimerKick),
             "semaphore-kick" => Ok(Case::SemaphoreKick),
             "full-call" => Ok(Case::FullCall),
+            "drained-kick" => Ok(Case::DrainedKick),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -231,6 +242,18 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             // Not refused: served, and the backend did not block.
             (Outcome { case: name, refused: !completed, detail }, Box::new(device))
         }
+        Case::DrainedKick => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let kick = device.kick_handle()?;
+            let (rounds, asleep) = drain_kicks(&kick, device.session_mut().socket())?;
+            let detail = format!(
+                "{rounds} kicks drained; a backend thread seen asleep in a read of the kick: {}",
+                asleep.as_deref().unwrap_or("none")
+            );
+            // Not refused: no thread of the backend waited for the client.
+            (Outcome { case: name, refused: asleep.is_some(), detail }, Box::new((device, kick)))
+        }
     };
     done(&outcome);
     hold_until_stdin_closes(opts.timeout);
@@ -275,6 +298,98 @@ fn full_semaphore() -> Result<vmm_sys_util::eventfd::EventFd> {
         .map_err(|e| Error::sys("creating a semaphore eventfd", e))?;
     semaphore.write(u64::MAX - 1).map_err(|e| Error::sys("filling the semaphore eventfd", e))?;
     Ok(semaphore)
+}
+
+/// How long `drained-kick` races the backend for its kicks.
+pub const DRAIN_RACE: Duration = Duration::from_secs(2);
+
+/// `drained-kick`'s race: kicks and drains `kick` (made blocking) until a thread of the
+/// backend at the other end of `socket` is seen asleep reading it, or [`DRAIN_RACE`] passes.
+/// Returns the rounds raced and the thread seen, if any.
+fn drain_kicks(
+    kick: &vmm_sys_util::eventfd::EventFd,
+    socket: &std::os::unix::net::UnixStream,
+) -> Result<(u64, Option<String>)> {
+    use std::os::fd::AsRawFd;
+    let fd = kick.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on our own eventfd.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(Error::last_os("clearing O_NONBLOCK on the kick eventfd"));
+    }
+    let backend = peer_pid(socket)?;
+    let id = eventfd_id(std::process::id() as libc::pid_t, fd)
+        .ok_or_else(|| Error::Protocol("the kick's eventfd-id is not in /proc/self/fdinfo".into()))?;
+    let deadline = Instant::now() + DRAIN_RACE;
+    let mut rounds = 0u64;
+    while Instant::now() < deadline {
+        kick.write(1).map_err(|e| Error::sys("kicking", e))?;
+        // Each drain a little later, up to 64 us: the backend's wake-up
+        // takes that long, and the race is won by a drain between its
+        // epoll's look at the kick and its read.
+        let wait = Instant::now() + Duration::from_micros(rounds % 64);
+        while Instant::now() < wait {
+            std::hint::spin_loop();
+        }
+        let mut count = 0u64;
+        let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: 8 };
+        // SAFETY: preadv2(2) into the 8 bytes of `count`, without waiting
+        // (the description is blocking now, for the backend too).
+        unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) };
+        rounds += 1;
+        if let Some(thread) = asleep_on_eventfd(backend, id) {
+            return Ok((rounds, Some(thread)));
+        }
+    }
+    Ok((rounds, None))
+}
+
+/// The pid of the process at the other end of a unix socket.
+fn peer_pid(socket: &std::os::unix::net::UnixStream) -> Result<libc::pid_t> {
+    use std::os::fd::AsRawFd;
+    let mut credentials = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) SO_PEERCRED into a ucred of the length given.
+    let got = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut credentials).cast(),
+            &mut len,
+        )
+    };
+    if got != 0 {
+        return Err(Error::last_os("SO_PEERCRED on the vhost-user socket"));
+    }
+    Ok(credentials.pid)
+}
+
+/// The `eventfd-id` of descriptor `fd` of process `pid` (the same eventfd has the same id in
+/// every process that holds it).
+fn eventfd_id(pid: libc::pid_t, fd: i32) -> Option<u64> {
+    let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    fdinfo.lines().find_map(|line| line.strip_prefix("eventfd-id:")?.trim().parse().ok())
+}
+
+/// A thread of `pid` asleep in a read(2) or write(2) of the eventfd whose id is `id`, named by
+/// its tid and its wait; none when nothing is, or `/proc` does not tell.
+fn asleep_on_eventfd(pid: libc::pid_t, id: u64) -> Option<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.filter_map(|task| task.ok()).find_map(|task| {
+        let syscall = std::fs::read_to_string(task.path().join("syscall")).ok()?;
+        let mut fields = syscall.split_whitespace();
+        let number = fields.next()?;
+        let fd = i32::from_str_radix(fields.next()?.trim_start_matches("0x"), 16).ok()?;
+        let read_or_write = ["0", "1"].contains(&number);
+        (read_or_write && eventfd_id(pid, fd) == Some(id)).then(|| {
+            let wchan = std::fs::read_to_string(task.path().join("wchan")).unwrap_or_default();
+            format!("{} in syscall {number} ({wchan})", task.file_name().to_string_lossy())
+        })
+    })
 }
 
 /// How many bad tables `swap-memory` sends, each on a fresh connection: the backend's worker is

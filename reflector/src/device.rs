@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock};
+use vhost_user_backend::VhostUserBackendMut;
+
+use crate::client_vring::ClientVring;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
@@ -101,18 +103,18 @@ pub trait DeviceKind: Send + Sync + 'static {
     /// Nothing at all is pending for the client.
     fn idle(&self) -> bool;
     /// The client kicked queue `queue`.
-    fn queue_kicked(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[VringRwLock]) -> std::io::Result<()>;
+    fn queue_kicked(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[ClientVring]) -> std::io::Result<()>;
     /// The driver VM rang: take its completions (a bad one: `core.fault`).
-    fn completions(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) -> std::io::Result<()>;
+    fn completions(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) -> std::io::Result<()>;
     /// The driver VM was killed for `fault` and can no longer run: keep the
     /// answers it gave that pass every check, then settle what it still
     /// held.
-    fn retired(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock], fault: &Fault);
+    fn retired(&mut self, core: &mut DeviceCore, vrings: &[ClientVring], fault: &Fault);
     /// A new driver VM runs on a new channel generation: give it what it
     /// must have (replays, receive buffers).
-    fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]);
+    fn launched(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]);
     /// The device failed: complete (or drop) everything pending.
-    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]);
+    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]);
     /// The client went away (or was cut off): forget its requests.
     fn client_gone(&mut self, core: &mut DeviceCore);
 }
@@ -628,7 +630,7 @@ impl<K: DeviceKind> Device<K> {
     }
 
     /// Feeds `event` to the session and carries out its effects, in order.
-    fn handle(&mut self, vrings: &[VringRwLock], event: Event) {
+    fn handle(&mut self, vrings: &[ClientVring], event: Event) {
         for effect in self.core.session.on(event, Instant::now()) {
             match effect {
                 Effect::Retire(fault) => self.retire(vrings, &fault),
@@ -659,7 +661,7 @@ impl<K: DeviceKind> Device<K> {
 
     /// Kills the faulty driver VM and waits until it cannot run, quiesces
     /// the hardware, and lets the kind keep what it finished correctly.
-    fn retire(&mut self, vrings: &[VringRwLock], fault: &Fault) {
+    fn retire(&mut self, vrings: &[ClientVring], fault: &Fault) {
         let detected = Instant::now();
         let core = &mut self.core;
         let pid = core.drivers.current_pid();
@@ -712,7 +714,7 @@ impl<K: DeviceKind> Device<K> {
 
     /// Starts a new driver VM on a new channel generation and lets the kind
     /// give it what it must have.
-    fn launch(&mut self, vrings: &[VringRwLock]) {
+    fn launch(&mut self, vrings: &[ClientVring]) {
         let core = &mut self.core;
         let generation = core.channel.reset();
         core.attached = false;
@@ -754,7 +756,7 @@ impl<K: DeviceKind> Device<K> {
     }
 
     /// Handles what a kind's method reported: a fault, a client to cut off.
-    fn settle(&mut self, vrings: &[VringRwLock]) {
+    fn settle(&mut self, vrings: &[ClientVring]) {
         if let Some(fault) = self.core.reported.take() {
             if matches!(fault, Fault::Violation(_)) {
                 self.core.metrics.violations.fetch_add(1, Ordering::Relaxed);
@@ -803,7 +805,7 @@ impl<K: DeviceKind> Device<K> {
     }
 
     /// Judges what the current driver VM cost over the last period.
-    fn watch_driver(&mut self, vrings: &[VringRwLock]) {
+    fn watch_driver(&mut self, vrings: &[ClientVring]) {
         self.release_idle_slots();
         let core = &mut self.core;
         if !core.session.running() {
@@ -847,7 +849,7 @@ impl<K: DeviceKind> Device<K> {
     /// hears of them at once; or when the window ends, after telling the
     /// driver to ring again and looking once more (a completion published
     /// meanwhile was not rung for).
-    fn poll_for_completions(&mut self, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn poll_for_completions(&mut self, vrings: &[ClientVring]) -> std::io::Result<()> {
         let window = self.core.poll_window;
         if window.is_zero() || self.kind.in_driver() == 0 || !self.core.session.running() {
             return Ok(());
@@ -872,7 +874,7 @@ impl<K: DeviceKind> Device<K> {
         Ok(())
     }
 
-    fn on_source(&mut self, source: Source, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn on_source(&mut self, source: Source, vrings: &[ClientVring]) -> std::io::Result<()> {
         match source {
             Source::Completion => {
                 if let Ok(rings) = self.core.completion_doorbell.read() {
@@ -936,7 +938,7 @@ impl<K: DeviceKind> Device<K> {
 
 impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = ClientVring;
 
     fn num_queues(&self) -> usize {
         K::QUEUES
@@ -999,7 +1001,7 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         &mut self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[ClientVring],
         _thread_id: usize,
     ) -> std::io::Result<()> {
         tracing::trace!(device = %self.core.name, device_event, memory = self.core.memory.is_some(), "worker event");

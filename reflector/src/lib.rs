@@ -21,6 +21,7 @@ pub mod blk;
 pub mod channel;
 pub mod chaos;
 pub mod client_memory;
+pub mod client_vring;
 pub mod config;
 pub mod console_relay;
 pub mod control;

@@ -72,7 +72,7 @@ pub type NetService = DeviceService<NetDevice>;
 
 /// What the serving loop and the control socket need of a device, block or net.
 pub trait ServedDevice:
-    vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + Send + Sync + 'static
+    vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = crate::client_vring::ClientVring> + Send + Sync + 'static
 {
     /// "blk" or "net", for `reflector status`.
     const KIND: &'static str;
@@ -484,7 +484,7 @@ fn serve_socket<D>(
     hooks: ConnectionHooks<D>,
 ) -> Result<(), String>
 where
-    D: vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
+    D: vhost_user_backend::VhostUserBackendMut<Bitmap = (), Vring = crate::client_vring::ClientVring>
         + Send
         + Sync
         + 'static,

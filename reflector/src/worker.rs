@@ -4,7 +4,8 @@ use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
-use vhost_user_backend::{VringRwLock, VringT};
+use crate::client_vring::ClientVring;
+use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
@@ -41,7 +42,7 @@ pub fn periodic_timer(period: std::time::Duration) -> std::io::Result<TimerFd> {
 /// Tells the client about used buffers, if it asked to be told. Nothing to
 /// do while its queue is not set up (a timer may fire between two clients)
 /// or without a checked memory table.
-pub fn signal_used(vring: &VringRwLock, memory: Option<&GuestMemoryMmap>) -> std::io::Result<()> {
+pub fn signal_used(vring: &ClientVring, memory: Option<&GuestMemoryMmap>) -> std::io::Result<()> {
     let Some(memory) = memory else { return Ok(()) };
     if !vring.get_ref().get_queue().ready() {
         return Ok(());
@@ -49,51 +50,25 @@ pub fn signal_used(vring: &VringRwLock, memory: Option<&GuestMemoryMmap>) -> std
     let needed = vring.get_mut().get_queue_mut().needs_notification(memory).map_err(std::io::Error::other)?;
     if needed {
         if let Some(call) = vring.get_ref().get_call() {
-            notify_client(call.as_raw_fd())?;
-        }
-    }
-    Ok(())
-}
-
-/// Adds 1 to a client's call eventfd, only when poll says it fits: the
-/// client shares the descriptor's file description, so it can clear the
-/// `O_NONBLOCK` the reflector set and leave the count at its most, and a
-/// write would then block the worker, with its device's lock held, for as
-/// long as the client liked (vhost-user-backend's own `signal_used_queue`
-/// did). A full count already tells the client to look. Left: a client
-/// that fills the count between the poll and the write still blocks its
-/// own device's worker.
-pub fn notify_client(call: std::os::fd::RawFd) -> std::io::Result<()> {
-    let mut poll = libc::pollfd { fd: call, events: libc::POLLOUT, revents: 0 };
-    // SAFETY: poll(2) on one pollfd on the stack, without waiting.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    if ready <= 0 || poll.revents & libc::POLLOUT == 0 {
-        return Ok(());
-    }
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: write(2) of the 8 bytes of `one`, which outlives the call.
-    if unsafe { libc::write(call, one.as_ptr().cast(), one.len()) } < 0 {
-        let error = std::io::Error::last_os_error();
-        if error.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(error);
+            crate::client_vring::notify_client(call.as_raw_fd())?;
         }
     }
     Ok(())
 }
 
 /// Puts chain `head` in the used ring with `len` bytes written.
-pub fn add_used(vring: &VringRwLock, memory: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
+pub fn add_used(vring: &ClientVring, memory: &GuestMemoryMmap, head: u16, len: u32) -> Result<(), virtio_queue::Error> {
     vring.get_mut().get_queue_mut().add_used(memory, head, len)
 }
 
 /// Asks the client to kick again (EVENT_IDX: past what was taken); whether
 /// more chains came meanwhile.
-pub fn enable_notification(vring: &VringRwLock, memory: &GuestMemoryMmap) -> std::io::Result<bool> {
+pub fn enable_notification(vring: &ClientVring, memory: &GuestMemoryMmap) -> std::io::Result<bool> {
     vring.get_mut().get_queue_mut().enable_notification(memory).map_err(std::io::Error::other)
 }
 
 /// Asks the client not to kick while the device takes chains anyway.
-pub fn disable_notification(vring: &VringRwLock, memory: &GuestMemoryMmap) -> std::io::Result<()> {
+pub fn disable_notification(vring: &ClientVring, memory: &GuestMemoryMmap) -> std::io::Result<()> {
     vring.get_mut().get_queue_mut().disable_notification(memory).map_err(std::io::Error::other)
 }
 
@@ -102,7 +77,7 @@ pub fn disable_notification(vring: &VringRwLock, memory: &GuestMemoryMmap) -> st
 /// client. virtio-queue then yields no chain, while re-enabling
 /// notifications (EVENT_IDX) keeps reporting more work, so a worker that
 /// did not check would spin forever.
-pub fn avail_overrun(vring: &VringRwLock, memory: &GuestMemoryMmap) -> bool {
+pub fn avail_overrun(vring: &ClientVring, memory: &GuestMemoryMmap) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
     if !queue.ready() {
@@ -119,7 +94,7 @@ pub fn avail_overrun(vring: &VringRwLock, memory: &GuestMemoryMmap) -> bool {
 /// offered a head the device still holds (virtio: a head is the driver's
 /// again only once used). Each chain kept costs the reflector memory, so a
 /// client that reuses heads could make it hold without bound.
-pub fn exceeds_queue(vring: &VringRwLock, held: usize) -> bool {
+pub fn exceeds_queue(vring: &ClientVring, held: usize) -> bool {
     held >= usize::from(vring.get_ref().get_queue().size())
 }
 

@@ -177,6 +177,27 @@ fn a_full_blocking_call_eventfd_never_blocks_the_device() {
     }
 }
 
+/// A client that makes its kick eventfd blocking again and drains each
+/// kick before the worker reads it: the worker's read, after its epoll
+/// had seen the kick, slept with the queue locked until the client kicked
+/// again, and for ever once it left (the next client was never served).
+/// The kick is read without waiting (`RWF_NOWAIT`).
+#[test]
+fn a_client_draining_its_own_kick_never_blocks_the_device() {
+    if kvm_available("a_client_draining_its_own_kick_never_blocks_the_device") {
+        let scratch = Scratch::new("drained-kick");
+        let mut reflector = serve_disks(&scratch, &["d0"], false);
+        let socket = scratch.join("d0.sock");
+        let hostile = Hostile::start(&socket, "drained-kick");
+        assert_eq!(hostile.outcome["refused"], false, "{}", hostile.outcome);
+        hostile.finish();
+        verified_io(&socket, "the next client, after the drained kicks");
+        assert!(reflector.child.try_wait().unwrap().is_none(), "the reflector died:\n{}", reflector.log_text());
+        let log = reflector.stop();
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
 /// A client arriving while the reflector has no descriptor left is not
 /// accepted, and the device serves the next one once descriptors are back:
 /// before, the failed accept ended the device's serving thread, and the

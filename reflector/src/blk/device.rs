@@ -19,9 +19,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::client_vring::ClientVring;
 use guest_abi::channel::{self, RequestEntry};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };
@@ -99,7 +100,7 @@ impl Blk {
     fn accept(
         &mut self,
         core: &mut DeviceCore,
-        vring: &VringRwLock,
+        vring: &ClientVring,
         memory: &GuestMemoryMmap,
         head: u16,
         segments: &[Segment],
@@ -137,7 +138,7 @@ impl Blk {
 
     /// Moves waiting requests into free bounce slots and the channel, while
     /// a driver VM runs.
-    fn submit_waiting(&mut self, core: &mut DeviceCore, vring: &VringRwLock, memory: &GuestMemoryMmap) {
+    fn submit_waiting(&mut self, core: &mut DeviceCore, vring: &ClientVring, memory: &GuestMemoryMmap) {
         // While a request that was in a dying driver VM is pending, requests
         // go one at a time (`send_held`); new ones wait.
         while core.session.running() && !self.in_flight.serializing() {
@@ -311,7 +312,7 @@ impl Blk {
 
     /// Sends the held requests the table releases (one suspect at a time
     /// after a death, then the rest: `InFlightTable::next_to_send`).
-    fn send_held(&mut self, core: &mut DeviceCore, vring: &VringRwLock, memory: &GuestMemoryMmap) {
+    fn send_held(&mut self, core: &mut DeviceCore, vring: &ClientVring, memory: &GuestMemoryMmap) {
         for slot in self.in_flight.next_to_send() {
             // A request of a client that left is never sent again: its
             // addresses would be read in the next client's memory.
@@ -332,7 +333,7 @@ impl Blk {
 
     /// Completes with an error every request that was in `poison_deaths`
     /// dying driver VMs (DESIGN.md, invariant 5), saying what it was.
-    fn fail_poisoned(&mut self, core: &mut DeviceCore, vring: Option<&VringRwLock>, memory: Option<&GuestMemoryMmap>) {
+    fn fail_poisoned(&mut self, core: &mut DeviceCore, vring: Option<&ClientVring>, memory: Option<&GuestMemoryMmap>) {
         for (_, entry) in self.in_flight.take_poisoned(self.poison_deaths) {
             let what = format!(
                 "{:?} of {} bytes at sector {} was in {} dying driver VMs in a row",
@@ -351,7 +352,7 @@ impl Blk {
 
     /// Judges and completes the driver VM's answers; false at the first
     /// that fails a check (reported as a fault unless `salvaging`).
-    fn take_answers(&mut self, core: &mut DeviceCore, vring: Option<&VringRwLock>, salvaging: bool) -> bool {
+    fn take_answers(&mut self, core: &mut DeviceCore, vring: Option<&ClientVring>, salvaging: bool) -> bool {
         let memory = core.memory.clone();
         let Some(completions) = core.take_completions(salvaging) else { return false };
         for completion in completions {
@@ -391,7 +392,7 @@ impl Blk {
     fn finish(
         &mut self,
         core: &DeviceCore,
-        vring: &VringRwLock,
+        vring: &ClientVring,
         memory: &GuestMemoryMmap,
         slot: u32,
         entry: InFlight,
@@ -443,7 +444,7 @@ impl Blk {
 /// Completes a chain in the client's used ring.
 fn complete(
     core: &DeviceCore,
-    vring: &VringRwLock,
+    vring: &ClientVring,
     memory: &GuestMemoryMmap,
     head: u16,
     status: Option<GuestAddress>,
@@ -501,7 +502,7 @@ impl DeviceKind for Blk {
         self.in_flight.is_empty() && self.waiting.is_empty()
     }
 
-    fn queue_kicked(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn queue_kicked(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[ClientVring]) -> std::io::Result<()> {
         let Some(vring) = vrings.first() else { return Ok(()) };
         let Some(memory) = core.memory.clone() else {
             tracing::debug!(device = %core.name, "queue kicked before the client's memory table arrived");
@@ -560,7 +561,7 @@ impl DeviceKind for Blk {
         Ok(())
     }
 
-    fn completions(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn completions(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) -> std::io::Result<()> {
         if !self.take_answers(core, vrings.first(), false) {
             return Ok(());
         }
@@ -573,7 +574,7 @@ impl DeviceKind for Blk {
         Ok(())
     }
 
-    fn retired(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock], fault: &Fault) {
+    fn retired(&mut self, core: &mut DeviceCore, vrings: &[ClientVring], fault: &Fault) {
         self.take_answers(core, vrings.first(), true);
         // What it still held was in a dying driver VM; one that had not
         // attached had taken none of it (it was booting or resetting its
@@ -585,7 +586,7 @@ impl DeviceKind for Blk {
         self.in_flight.revoke_windows();
     }
 
-    fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
+    fn launched(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) {
         let memory = core.memory.clone();
         self.fail_poisoned(core, vrings.first(), memory.as_deref());
         for (slot, entry) in self.in_flight.drain() {
@@ -602,7 +603,7 @@ impl DeviceKind for Blk {
         }
     }
 
-    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
+    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) {
         let memory = core.memory.clone();
         let client = core.client;
         for (_, entry) in self.in_flight.drain() {

@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::client_vring::ClientVring;
 use guest_abi::channel::{self, op, status, RequestEntry};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VringT};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
@@ -372,7 +373,7 @@ pub struct Client<'a> {
     memory: &'a GuestMemoryMmap,
     queue: MockSplitQueue<'a, GuestMemoryMmap>,
     /// The client's queue as the device sees it.
-    pub vrings: Vec<VringRwLock>,
+    pub vrings: Vec<ClientVring>,
     next_descriptor: u16,
     used_seen: u16,
 }
@@ -380,13 +381,13 @@ pub struct Client<'a> {
 impl<'a> Client<'a> {
     /// A client in `memory` with one ready queue of [`QUEUE_SIZE`], its
     /// memory table given to `device`.
-    pub fn attach<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(
+    pub fn attach<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(
         memory: &'a GuestMemoryMmap,
         device: &mut D,
     ) -> Client<'a> {
         let atomic = GuestMemoryAtomic::new(memory.clone());
         let queue = MockSplitQueue::create(memory, GuestAddress(0), QUEUE_SIZE);
-        let vring = VringRwLock::new(atomic.clone(), QUEUE_SIZE).unwrap();
+        let vring = ClientVring::new(atomic.clone(), QUEUE_SIZE).unwrap();
         vring.set_queue_size(QUEUE_SIZE);
         vring.set_queue_info(queue.desc_table_addr().0, queue.avail_addr().0, queue.used_addr().0).unwrap();
         vring.set_queue_ready(true);
@@ -483,7 +484,7 @@ impl<'a> Client<'a> {
     /// Runs the worker loop vhost-user-backend would run on `device`'s
     /// event sources (`listeners`) until `done` holds; panics after
     /// `bound`, saying `what` it waited for.
-    pub fn run_until<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(
+    pub fn run_until<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(
         &mut self,
         device: &mut D,
         listeners: &[(std::os::fd::RawFd, u16)],
@@ -508,7 +509,7 @@ impl<'a> Client<'a> {
     }
 
     /// Kicks the client's queue.
-    pub fn kick<D: VhostUserBackendMut<Bitmap = (), Vring = VringRwLock>>(&self, device: &mut D) {
+    pub fn kick<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(&self, device: &mut D) {
         device.handle_event(0, EventSet::IN, &self.vrings, 0).unwrap();
     }
 }

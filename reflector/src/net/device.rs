@@ -21,9 +21,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::client_vring::ClientVring;
 use guest_abi::channel::{self, RequestEntry};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -97,7 +98,7 @@ impl Net {
 
     /// Takes the client's transmit chains while TX slots are free (or drops
     /// them while the device has failed).
-    fn process_tx(&mut self, core: &mut DeviceCore, tx: &VringRwLock) -> std::io::Result<()> {
+    fn process_tx(&mut self, core: &mut DeviceCore, tx: &ClientVring) -> std::io::Result<()> {
         let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !tx.get_ref().get_queue().ready() {
             return Ok(());
@@ -181,7 +182,7 @@ impl Net {
     }
 
     /// Takes every receive chain the client offers, then delivers held frames.
-    fn process_rx(&mut self, core: &mut DeviceCore, rx: &VringRwLock) -> std::io::Result<()> {
+    fn process_rx(&mut self, core: &mut DeviceCore, rx: &ClientVring) -> std::io::Result<()> {
         let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !rx.get_ref().get_queue().ready() {
             return Ok(());
@@ -220,7 +221,7 @@ impl Net {
 
     /// Writes held frames into the client's receive chains, oldest first,
     /// and posts the freed slots again.
-    fn deliver_held(&mut self, core: &mut DeviceCore, rx: &VringRwLock, memory: &GuestMemoryMmap) {
+    fn deliver_held(&mut self, core: &mut DeviceCore, rx: &ClientVring, memory: &GuestMemoryMmap) {
         while let Some(&slot) = self.held.front() {
             let Some((SlotState::RxHeld(len), _)) = self.slots.get(slot) else {
                 self.held.pop_front();
@@ -322,7 +323,7 @@ impl Net {
     }
 
     /// After answers: deliver frames, send what waited for slots.
-    fn after_answers(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn after_answers(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) -> std::io::Result<()> {
         let (Some(rx), Some(tx)) = (vrings.get(virtio::net::RX_QUEUE), vrings.get(virtio::net::TX_QUEUE)) else {
             self.post_rx_buffers(core);
             return Ok(());
@@ -376,7 +377,7 @@ impl DeviceKind for Net {
         self.slots.tx_in_flight() == 0
     }
 
-    fn queue_kicked(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn queue_kicked(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[ClientVring]) -> std::io::Result<()> {
         match (queue, vrings.get(queue)) {
             (virtio::net::RX_QUEUE, Some(rx)) => self.process_rx(core, rx),
             (virtio::net::TX_QUEUE, Some(tx)) => self.process_tx(core, tx),
@@ -384,27 +385,27 @@ impl DeviceKind for Net {
         }
     }
 
-    fn completions(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) -> std::io::Result<()> {
+    fn completions(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) -> std::io::Result<()> {
         if !self.take_answers(core, false) {
             return Ok(());
         }
         self.after_answers(core, vrings)
     }
 
-    fn retired(&mut self, core: &mut DeviceCore, _vrings: &[VringRwLock], _fault: &Fault) {
+    fn retired(&mut self, core: &mut DeviceCore, _vrings: &[ClientVring], _fault: &Fault) {
         self.take_answers(core, true);
         // Frames it was sending are lost: never sent twice.
         let lost = self.slots.driver_gone();
         core.metrics.tx_lost.fetch_add(lost, Ordering::Relaxed);
     }
 
-    fn launched(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
+    fn launched(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) {
         if let Err(error) = self.after_answers(core, vrings) {
             tracing::warn!(device = %core.name, %error, "resuming the queues after a restart failed");
         }
     }
 
-    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[VringRwLock]) {
+    fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]) {
         if let Some(tx) = vrings.get(virtio::net::TX_QUEUE) {
             let _ = self.process_tx(core, tx);
         }
@@ -422,7 +423,7 @@ impl DeviceKind for Net {
 
 /// Pops one chain with its descriptors (at most MAX_CHAIN bytes' worth are
 /// kept: a longer chain is refused by `marshal` for its length anyway).
-fn pop_chain(vring: &VringRwLock, memory: &GuestMemoryMmap) -> Option<(u16, Result<Vec<Segment>, Malformed>)> {
+fn pop_chain(vring: &ClientVring, memory: &GuestMemoryMmap) -> Option<(u16, Result<Vec<Segment>, Malformed>)> {
     let mut state = vring.get_mut();
     let chain = state.get_queue_mut().pop_descriptor_chain(memory)?;
     let head = chain.head_index();

@@ -1,0 +1,418 @@
+//! A client's queue ([`ClientVring`]) and the two descriptors of it that the
+//! client shares with the reflector: its kick eventfd, which the worker
+//! reads, and its call eventfd, which the worker adds to. This is the one
+//! place the reflector touches either.
+//!
+//! The client keeps its end of both descriptors, and with it the *file
+//! description*: it can clear the `O_NONBLOCK` the reflector sets, drain a
+//! kick between the worker's wake-up and its read, and fill its call
+//! count. A plain `read(2)` or `write(2)` of them can then sleep for as long
+//! as the client likes, inside the device's event, with its vring locked,
+//! and for ever after the client leaves (the next client is never served).
+//! So neither is ever a plain `read(2)` or `write(2)`:
+//!
+//! - the kick is read with `preadv2(RWF_NOWAIT)`, which never sleeps
+//!   whatever the description's flags (eventfds take it since Linux 5.12):
+//!   a drained kick is a spurious wake-up, nothing more;
+//! - the call is added to by the kernel's own eventfd signal, which never
+//!   sleeps either (it saturates at the count's most): the completion of an
+//!   AIO poll of an always-ready eventfd of the worker's own, submitted with
+//!   `IOCB_FLAG_RESFD` naming the client's call ([`notify_client`]).
+//!
+//! It is not the queue's logic: vhost-user-backend's `VringRwLock` keeps
+//! the queue's state, and [`crate::worker`] reads client memory through the
+//! device's checked snapshot.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
+use virtio_queue::Error as VirtQueError;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// The client memory every vring of the reflector is typed with.
+type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// A client's queue: vhost-user-backend's `VringRwLock`, but its kick is
+/// read without ever waiting ([`read_kick_without_waiting`]).
+#[derive(Clone)]
+pub struct ClientVring(VringRwLock);
+
+impl<'a> VringStateGuard<'a, Memory> for ClientVring {
+    type G = <VringRwLock as VringStateGuard<'a, Memory>>::G;
+}
+
+impl<'a> VringStateMutGuard<'a, Memory> for ClientVring {
+    type G = <VringRwLock as VringStateMutGuard<'a, Memory>>::G;
+}
+
+// vhost-user-backend's own handler calls these (clippy.toml forbids the
+// device to, as they use the vring's unchecked view of client memory); the
+// wrapper only passes them on.
+#[allow(clippy::disallowed_methods)]
+impl VringT<Memory> for ClientVring {
+    fn new(mem: Memory, max_queue_size: u16) -> Result<Self, VirtQueError> {
+        VringRwLock::new(mem, max_queue_size).map(ClientVring)
+    }
+
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
+        self.0.get_ref()
+    }
+
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, Memory>>::G {
+        self.0.get_mut()
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), VirtQueError> {
+        self.0.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        match self.0.get_ref().get_call() {
+            Some(call) => notify_client(call.as_raw_fd()),
+            None => Ok(()),
+        }
+    }
+
+    fn enable_notification(&self) -> Result<bool, VirtQueError> {
+        self.0.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), VirtQueError> {
+        self.0.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, VirtQueError> {
+        self.0.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.0.set_enabled(enabled)
+    }
+
+    fn set_queue_info(&self, desc_table: u64, avail_ring: u64, used_ring: u64) -> Result<(), VirtQueError> {
+        self.0.set_queue_info(desc_table, avail_ring, used_ring)
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.0.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.0.set_queue_next_avail(base)
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.0.set_queue_next_used(idx)
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
+        self.0.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        self.0.set_queue_size(num)
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.0.set_queue_event_idx(enabled)
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.0.set_queue_ready(ready)
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.0.set_kick(file)
+    }
+
+    /// Whether the queue is enabled, having consumed the kick if one is
+    /// there: a kick the client drained first is not waited for.
+    fn read_kick(&self) -> io::Result<bool> {
+        let state: <VringRwLock as VringStateGuard<'_, Memory>>::G = self.0.get_ref();
+        let state: &VringState<Memory> = &state;
+        if let Some(kick) = state.get_kick() {
+            read_kick_without_waiting(kick.as_raw_fd())?;
+        }
+        Ok(state.is_enabled())
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        self.0.set_call(file)
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.0.set_err(file)
+    }
+}
+
+/// Consumes a kick eventfd's count if it has one; returns at once if not,
+/// whatever the client did to the descriptor's flags.
+pub fn read_kick_without_waiting(kick: RawFd) -> io::Result<()> {
+    let mut count = 0u64;
+    let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: std::mem::size_of::<u64>() };
+    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the
+    // call; offset -1 is the descriptor's position (an eventfd has none).
+    let read = unsafe { libc::preadv2(kick, &iov, 1, -1, libc::RWF_NOWAIT) };
+    if read >= 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(()),
+        // A kernel before 5.12, whose eventfds refuse RWF_NOWAIT: read only
+        // what poll finds (a client can still drain it in between there).
+        Some(libc::EOPNOTSUPP) => {
+            let mut poll = libc::pollfd { fd: kick, events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one pollfd on the stack, without waiting.
+            if unsafe { libc::poll(&mut poll, 1, 0) } == 1 && poll.revents & libc::POLLIN != 0 {
+                // SAFETY: read(2) into the 8 bytes of `count`.
+                if unsafe { libc::read(kick, (&raw mut count).cast(), 8) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        }
+        _ => Err(error),
+    }
+}
+
+/// Adds 1 to a client's call eventfd without ever waiting, however full its
+/// count and whatever its flags: the kernel adds it, as it completes an AIO
+/// poll of the worker's own always-ready eventfd (`IOCB_FLAG_RESFD`); its
+/// signal saturates instead of waiting. On a kernel where this thread can
+/// have no AIO context (`fs.aio-max-nr` reached), a write only when poll
+/// says it fits, which a client that fills its count in between can still
+/// block.
+pub fn notify_client(call: RawFd) -> io::Result<()> {
+    NOTIFIER.with(|notifier| {
+        let mut notifier = notifier.borrow_mut();
+        if notifier.is_none() {
+            *notifier = Some(Notifier::new().map_err(|error| {
+                tracing::warn!(%error, "no AIO context for client notifications: writing them instead");
+            }));
+        }
+        match notifier.as_mut() {
+            Some(Ok(notifier)) => notifier.notify(call),
+            _ => write_if_it_fits(call),
+        }
+    })
+}
+
+thread_local! {
+    /// Each worker thread's AIO context (made at its first notification);
+    /// `Err` once making one failed.
+    static NOTIFIER: RefCell<Option<Result<Notifier, ()>>> = const { RefCell::new(None) };
+}
+
+/// `struct iocb` of `<linux/aio_abi.h>` (little-endian x86_64).
+#[repr(C)]
+#[derive(Default)]
+struct Iocb {
+    data: u64,
+    key: u32,
+    rw_flags: i32,
+    opcode: u16,
+    reqprio: i16,
+    fildes: u32,
+    buf: u64,
+    nbytes: u64,
+    offset: i64,
+    reserved2: u64,
+    flags: u32,
+    resfd: u32,
+}
+
+/// `struct io_event` of `<linux/aio_abi.h>`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+const IOCB_CMD_POLL: u16 = 5;
+const IOCB_FLAG_RESFD: u32 = 1;
+/// Completions an AIO context holds before they must be reaped: each
+/// notification completes at once, so this only spaces the reaps.
+const AIO_EVENTS: usize = 64;
+
+/// One worker thread's AIO context and the eventfd its polls find ready.
+struct Notifier {
+    context: libc::c_ulong,
+    always_ready: OwnedFd,
+}
+
+impl Notifier {
+    fn new() -> io::Result<Notifier> {
+        // SAFETY: eventfd(2) with a count of 1 that nothing ever reads.
+        let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor this owns from here on.
+        let always_ready = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut context: libc::c_ulong = 0;
+        // SAFETY: io_setup(2) writing the new context's id into `context`.
+        if unsafe { libc::syscall(libc::SYS_io_setup, AIO_EVENTS as libc::c_long, &raw mut context) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Notifier { context, always_ready })
+    }
+
+    fn notify(&mut self, call: RawFd) -> io::Result<()> {
+        let mut iocb = Iocb {
+            opcode: IOCB_CMD_POLL,
+            fildes: self.always_ready.as_raw_fd() as u32,
+            buf: libc::POLLIN as u64,
+            flags: IOCB_FLAG_RESFD,
+            resfd: call as u32,
+            ..Iocb::default()
+        };
+        let mut iocbs = [&raw mut iocb];
+        for _ in 0..2 {
+            // SAFETY: io_submit(2) of one iocb on the stack, which the kernel
+            // copies in before returning (a poll of a ready descriptor also
+            // completes before it returns).
+            let submitted =
+                unsafe { libc::syscall(libc::SYS_io_submit, self.context, 1 as libc::c_long, iocbs.as_mut_ptr()) };
+            if submitted == 1 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(error);
+            }
+            // The context holds its most completions: reap them, try again.
+            self.reap();
+        }
+        Err(io::Error::other("the AIO context stays full after its completions were reaped"))
+    }
+
+    /// Takes every completion the context holds, without waiting.
+    fn reap(&mut self) {
+        let mut events = [IoEvent::default(); AIO_EVENTS];
+        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: io_getevents(2) into `events`, AIO_EVENTS long, not waiting.
+        unsafe {
+            libc::syscall(
+                libc::SYS_io_getevents,
+                self.context,
+                0 as libc::c_long,
+                AIO_EVENTS as libc::c_long,
+                events.as_mut_ptr(),
+                &raw const zero,
+            )
+        };
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        // SAFETY: io_destroy(2) of this notifier's own context, once.
+        unsafe { libc::syscall(libc::SYS_io_destroy, self.context) };
+    }
+}
+
+/// The fallback: a write of 1 only when poll says it fits.
+fn write_if_it_fits(call: RawFd) -> io::Result<()> {
+    let mut poll = libc::pollfd { fd: call, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: poll(2) on one pollfd on the stack, without waiting.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    if ready <= 0 || poll.revents & libc::POLLOUT == 0 {
+        return Ok(());
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: write(2) of the 8 bytes of `one`, which outlives the call.
+    if unsafe { libc::write(call, one.as_ptr().cast(), one.len()) } < 0 {
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::WouldBlock {
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn eventfd(count: u32, flags: libc::c_int) -> OwnedFd {
+        // SAFETY: eventfd(2); checked below.
+        let fd = unsafe { libc::eventfd(count, libc::EFD_CLOEXEC | flags) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor this owns from here on.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn count(fd: &OwnedFd) -> u64 {
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let line = fdinfo.lines().find_map(|l| l.strip_prefix("eventfd-count:")).unwrap();
+        u64::from_str_radix(line.trim(), 16).unwrap()
+    }
+
+    /// Runs `f` on a thread; whether it returned within 5 s (a thread that
+    /// sleeps for good is left behind: the test has failed).
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+        finished.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    /// A client whose call eventfd is blocking and full (its count at the
+    /// most a write may leave) still gets its notification, and the worker
+    /// does not wait: a write would have to, or skip it (and a client that
+    /// filled the count between a poll and the write still blocked it).
+    #[test]
+    fn a_notification_to_a_full_blocking_call_never_waits_and_is_not_lost() {
+        let call = eventfd(0, 0);
+        let most = u64::MAX - 1;
+        // SAFETY: write(2) of 8 bytes from a local.
+        assert_eq!(unsafe { libc::write(call.as_raw_fd(), (&raw const most).cast(), 8) }, 8);
+        let raw = call.as_raw_fd();
+        assert!(returns(move || notify_client(raw).unwrap()), "the notification waited on a full call eventfd");
+        assert_eq!(count(&call), u64::MAX, "the notification was not added");
+        let emptied = eventfd(0, 0);
+        notify_client(emptied.as_raw_fd()).unwrap();
+        notify_client(emptied.as_raw_fd()).unwrap();
+        assert_eq!(count(&emptied), 2);
+    }
+
+    /// Many notifications from one thread: its AIO context's completions are
+    /// reaped as it fills.
+    #[test]
+    fn notifications_outnumbering_the_aio_context_all_arrive() {
+        let call = eventfd(0, libc::EFD_NONBLOCK);
+        for _ in 0..AIO_EVENTS * 5 {
+            notify_client(call.as_raw_fd()).unwrap();
+        }
+        assert_eq!(count(&call), (AIO_EVENTS * 5) as u64);
+    }
+
+    /// A kick the client drained (its descriptor blocking, its count 0) is
+    /// a spurious wake-up: the read returns at once, the queue still
+    /// enabled; a kick still there is consumed.
+    #[test]
+    fn a_drained_blocking_kick_is_not_waited_for() {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let vring = ClientVring::new(memory, 256).unwrap();
+        let kick = eventfd(0, 0);
+        vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
+        vring.set_enabled(true);
+        let reader = vring.clone();
+        assert!(returns(move || assert!(reader.read_kick().unwrap())), "the read waited on a drained kick");
+        let one = 1u64;
+        // SAFETY: write(2) of 8 bytes from a local.
+        assert_eq!(unsafe { libc::write(kick.as_raw_fd(), (&raw const one).cast(), 8) }, 8);
+        assert!(vring.read_kick().unwrap());
+        assert_eq!(count(&kick), 0);
+    }
+}
