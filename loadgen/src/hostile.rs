@@ -44,6 +44,11 @@
 //!   epoll reported, after the client took it, sleeps there, with the queue locked, until the
 //!   client kicks again, and for ever after it disconnects. No thread may be seen asleep there,
 //!   and the next client must be served.
+//! - `call-is-kick`: without EVENT_IDX (which makes a backend notify after every event), the
+//!   queue's kick eventfd sent as its call too, then [`CALL_IS_KICK_REQUESTS`] requests, one at
+//!   a time, each seen in the used ring. A backend that notifies without a used buffer added
+//!   kicks itself with each notification, and its worker never rests; the test counts the kicks
+//!   it handled (`reflector status`).
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -81,11 +86,13 @@ pub enum Case {
     FullCall,
     /// The kick blocking, and drained before the backend reads it.
     DrainedKick,
+    /// The kick eventfd as the call too.
+    CallIsKick,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -97,6 +104,7 @@ impl Case {
         "semaphore-kick",
         "full-call",
         "drained-kick",
+        "call-is-kick",
     ];
 
     /// Parses a case name.
@@ -113,6 +121,7 @@ impl Case {
             "semaphore-kick" => Ok(Case::SemaphoreKick),
             "full-call" => Ok(Case::FullCall),
             "drained-kick" => Ok(Case::DrainedKick),
+            "call-is-kick" => Ok(Case::CallIsKick),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -254,6 +263,25 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             // Not refused: no thread of the backend waited for the client.
             (Outcome { case: name, refused: asleep.is_some(), detail }, Box::new((device, kick)))
         }
+        Case::CallIsKick => {
+            let opts = DeviceOptions { event_idx: false, ..opts.clone() };
+            let mut device = BlkDevice::connect(path, &opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let kick = device.kick_handle()?;
+            device.session_mut().set_vring_call(0, &kick)?;
+            let mut completed = 0;
+            let mut completions = Vec::new();
+            for _ in 0..CALL_IS_KICK_REQUESTS {
+                device.submit(0, Op::Read, 0, 4096);
+                device.kick()?;
+                if !device.poll_used(Duration::from_secs(5)) {
+                    break;
+                }
+                completed += device.reap(&mut completions)?;
+            }
+            let detail = format!("{completed} of {CALL_IS_KICK_REQUESTS} requests completed with the kick as the call");
+            (Outcome { case: name, refused: completed != CALL_IS_KICK_REQUESTS, detail }, Box::new((device, kick)))
+        }
     };
     done(&outcome);
     hold_until_stdin_closes(opts.timeout);
@@ -299,6 +327,9 @@ fn full_semaphore() -> Result<vmm_sys_util::eventfd::EventFd> {
     semaphore.write(u64::MAX - 1).map_err(|e| Error::sys("filling the semaphore eventfd", e))?;
     Ok(semaphore)
 }
+
+/// The requests `call-is-kick` makes after it sent its kick as the call.
+pub const CALL_IS_KICK_REQUESTS: usize = 20;
 
 /// How long `drained-kick` races the backend for its kicks.
 pub const DRAIN_RACE: Duration = Duration::from_secs(2);

@@ -429,6 +429,11 @@ impl Session {
         self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(index, kick))
     }
 
+    /// Sends SET_VRING_CALL for queue `index` with `call`, whatever it is: for a hostile client.
+    pub fn set_vring_call(&mut self, index: usize, call: &EventFd) -> Result<()> {
+        self.call("SET_VRING_CALL", |fe| fe.set_vring_call(index, call))
+    }
+
     /// Sends SET_PROTOCOL_FEATURES with `bits`, offered or not: for a hostile client.
     pub fn set_protocol_features_raw(&mut self, bits: u64) -> Result<()> {
         let features = VhostUserProtocolFeatures::from_bits_retain(bits);

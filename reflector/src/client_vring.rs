@@ -16,17 +16,22 @@
 //!   a drained kick is a spurious wake-up, nothing more;
 //! - the call is added to by the kernel's own eventfd signal, which never
 //!   sleeps either (it saturates at the count's most): the completion of an
-//!   AIO poll of an always-ready eventfd of the worker's own, submitted with
-//!   `IOCB_FLAG_RESFD` naming the client's call ([`notify_client`]).
+//!   AIO poll of an always-ready eventfd of the reflector's own, submitted
+//!   with `IOCB_FLAG_RESFD` naming the client's call ([`notify_client`]),
+//!   on one AIO context made before any client is served ([`prepare`]).
 //!
 //! It is not the queue's logic: vhost-user-backend's `VringRwLock` keeps
 //! the queue's state, and [`crate::worker`] reads client memory through the
 //! device's checked snapshot.
 
-use std::cell::RefCell;
+// The one place vhost-user-backend's vring may be named (clippy.toml).
+#![allow(clippy::disallowed_types)]
+
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
@@ -36,9 +41,28 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// A client's queue: vhost-user-backend's `VringRwLock`, but its kick is
-/// read without ever waiting ([`read_kick_without_waiting`]).
+/// read without ever waiting ([`read_kick_without_waiting`]), and it
+/// remembers the used index its client was last notified at.
 #[derive(Clone)]
-pub struct ClientVring(VringRwLock);
+pub struct ClientVring(VringRwLock, Arc<AtomicU32>);
+
+impl ClientVring {
+    /// No notification yet: no used index is `u32::MAX`.
+    const NEVER: u32 = u32::MAX;
+
+    /// Whether the used index moved since the client was last notified:
+    /// a notification without a used buffer added tells a client nothing,
+    /// and one whose call is also a kick (its own or another queue's)
+    /// would wake the worker again for ever.
+    pub fn used_since_notified(&self, next_used: u16) -> bool {
+        self.1.load(Ordering::Relaxed) != u32::from(next_used)
+    }
+
+    /// The client was notified at used index `next_used`.
+    pub fn notified_at(&self, next_used: u16) {
+        self.1.store(u32::from(next_used), Ordering::Relaxed);
+    }
+}
 
 impl<'a> VringStateGuard<'a, Memory> for ClientVring {
     type G = <VringRwLock as VringStateGuard<'a, Memory>>::G;
@@ -54,7 +78,8 @@ impl<'a> VringStateMutGuard<'a, Memory> for ClientVring {
 #[allow(clippy::disallowed_methods)]
 impl VringT<Memory> for ClientVring {
     fn new(mem: Memory, max_queue_size: u16) -> Result<Self, VirtQueError> {
-        VringRwLock::new(mem, max_queue_size).map(ClientVring)
+        let vring = VringRwLock::new(mem, max_queue_size)?;
+        Ok(ClientVring(vring, Arc::new(AtomicU32::new(Self::NEVER))))
     }
 
     fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
@@ -170,7 +195,11 @@ pub fn read_kick_without_waiting(kick: RawFd) -> io::Result<()> {
             if unsafe { libc::poll(&mut poll, 1, 0) } == 1 && poll.revents & libc::POLLIN != 0 {
                 // SAFETY: read(2) into the 8 bytes of `count`.
                 if unsafe { libc::read(kick, (&raw mut count).cast(), 8) } < 0 {
-                    return Err(io::Error::last_os_error());
+                    let error = io::Error::last_os_error();
+                    // Drained meanwhile, the descriptor non-blocking.
+                    if error.kind() != io::ErrorKind::WouldBlock {
+                        return Err(error);
+                    }
                 }
             }
             Ok(())
@@ -181,30 +210,35 @@ pub fn read_kick_without_waiting(kick: RawFd) -> io::Result<()> {
 
 /// Adds 1 to a client's call eventfd without ever waiting, however full its
 /// count and whatever its flags: the kernel adds it, as it completes an AIO
-/// poll of the worker's own always-ready eventfd (`IOCB_FLAG_RESFD`); its
-/// signal saturates instead of waiting. On a kernel where this thread can
-/// have no AIO context (`fs.aio-max-nr` reached), a write only when poll
-/// says it fits, which a client that fills its count in between can still
-/// block.
+/// poll of an always-ready eventfd of the reflector's own
+/// (`IOCB_FLAG_RESFD`); its signal saturates instead of waiting. Never a
+/// write(2), not even as a fallback: a client could force one (by using
+/// up the host's `fs.aio-max-nr` before it connects) and then block it.
 pub fn notify_client(call: RawFd) -> io::Result<()> {
-    NOTIFIER.with(|notifier| {
-        let mut notifier = notifier.borrow_mut();
-        if notifier.is_none() {
-            *notifier = Some(Notifier::new().map_err(|error| {
-                tracing::warn!(%error, "no AIO context for client notifications: writing them instead");
-            }));
-        }
-        match notifier.as_mut() {
-            Some(Ok(notifier)) => notifier.notify(call),
-            _ => write_if_it_fits(call),
-        }
+    match notifier() {
+        Ok(notifier) => notifier.notify(call),
+        Err(why) => Err(io::Error::other(format!("no AIO context for client notifications: {why}"))),
+    }
+}
+
+/// Makes the notification context now, so that a failure fails the start
+/// (the reflector calls this before it serves a client) instead of every
+/// notification later, and no client can make it fail by using up the
+/// host's AIO contexts first.
+pub fn prepare() -> io::Result<()> {
+    notifier().map(|_| ()).map_err(|why| {
+        io::Error::other(format!(
+            "cannot create the AIO context client notifications go through ({why}): is fs.aio-max-nr reached? \
+             (sysctl fs.aio-nr fs.aio-max-nr)"
+        ))
     })
 }
 
-thread_local! {
-    /// Each worker thread's AIO context (made at its first notification);
-    /// `Err` once making one failed.
-    static NOTIFIER: RefCell<Option<Result<Notifier, ()>>> = const { RefCell::new(None) };
+/// The process's notification context: one, shared by every worker thread
+/// (io_submit and io_getevents may run concurrently on one context).
+fn notifier() -> Result<&'static Notifier, &'static str> {
+    static NOTIFIER: OnceLock<Result<Notifier, String>> = OnceLock::new();
+    NOTIFIER.get_or_init(|| Notifier::new().map_err(|error| error.to_string())).as_ref().map_err(String::as_str)
 }
 
 /// `struct iocb` of `<linux/aio_abi.h>` (little-endian x86_64).
@@ -237,11 +271,16 @@ struct IoEvent {
 
 const IOCB_CMD_POLL: u16 = 5;
 const IOCB_FLAG_RESFD: u32 = 1;
-/// Completions an AIO context holds before they must be reaped: each
-/// notification completes at once, so this only spaces the reaps.
-const AIO_EVENTS: usize = 64;
+/// Completions the context holds before they must be reaped: each
+/// notification completes at once, so this only spaces the reaps (one
+/// io_getevents per this many notifications, of every device).
+const AIO_EVENTS: usize = 256;
+/// Submissions tried before a notification is given up: each failed one
+/// reaps the context first, so only other threads' notifications filling
+/// it again in between make a second one fail.
+const SUBMIT_TRIES: usize = 4;
 
-/// One worker thread's AIO context and the eventfd its polls find ready.
+/// The notification context and the eventfd its polls find ready.
 struct Notifier {
     context: libc::c_ulong,
     always_ready: OwnedFd,
@@ -264,7 +303,7 @@ impl Notifier {
         Ok(Notifier { context, always_ready })
     }
 
-    fn notify(&mut self, call: RawFd) -> io::Result<()> {
+    fn notify(&self, call: RawFd) -> io::Result<()> {
         let mut iocb = Iocb {
             opcode: IOCB_CMD_POLL,
             fildes: self.always_ready.as_raw_fd() as u32,
@@ -274,7 +313,7 @@ impl Notifier {
             ..Iocb::default()
         };
         let mut iocbs = [&raw mut iocb];
-        for _ in 0..2 {
+        for _ in 0..SUBMIT_TRIES {
             // SAFETY: io_submit(2) of one iocb on the stack, which the kernel
             // copies in before returning (a poll of a ready descriptor also
             // completes before it returns).
@@ -290,11 +329,11 @@ impl Notifier {
             // The context holds its most completions: reap them, try again.
             self.reap();
         }
-        Err(io::Error::other("the AIO context stays full after its completions were reaped"))
+        Err(io::Error::other("the AIO context stayed full after its completions were reaped"))
     }
 
-    /// Takes every completion the context holds, without waiting.
-    fn reap(&mut self) {
+    /// Takes the completions the context holds, without waiting.
+    fn reap(&self) {
         let mut events = [IoEvent::default(); AIO_EVENTS];
         let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: io_getevents(2) into `events`, AIO_EVENTS long, not waiting.
@@ -309,32 +348,6 @@ impl Notifier {
             )
         };
     }
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        // SAFETY: io_destroy(2) of this notifier's own context, once.
-        unsafe { libc::syscall(libc::SYS_io_destroy, self.context) };
-    }
-}
-
-/// The fallback: a write of 1 only when poll says it fits.
-fn write_if_it_fits(call: RawFd) -> io::Result<()> {
-    let mut poll = libc::pollfd { fd: call, events: libc::POLLOUT, revents: 0 };
-    // SAFETY: poll(2) on one pollfd on the stack, without waiting.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    if ready <= 0 || poll.revents & libc::POLLOUT == 0 {
-        return Ok(());
-    }
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: write(2) of the 8 bytes of `one`, which outlives the call.
-    if unsafe { libc::write(call, one.as_ptr().cast(), one.len()) } < 0 {
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::WouldBlock {
-            return Err(error);
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

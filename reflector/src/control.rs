@@ -100,6 +100,9 @@ pub struct DeviceStatus {
     pub abuses: u64,
     /// Counter `doorbells` (see `Metrics`).
     pub doorbells: u64,
+    /// Counter `kicks` (see `Metrics`).
+    #[serde(default)]
+    pub kicks: u64,
     /// Counter `faults` (see `Metrics`).
     pub faults: u64,
     /// Counter `restarts` (see `Metrics`).
@@ -255,6 +258,7 @@ fn status_of(target: &ControlTarget) -> DeviceStatus {
         client_memory_faults: get(&m.client_memory_faults),
         abuses: get(&m.abuses),
         doorbells: get(&m.doorbells),
+        kicks: get(&m.kicks),
         violations: get(&m.violations),
         faults: get(&m.faults),
         restarts: get(&m.restarts),
@@ -314,6 +318,7 @@ fn prometheus(targets: &[ControlTarget]) -> String {
         s.abuses as f64
     });
     family("doorbells_total", "counter", "Doorbell rings from driver VMs.", &|s| s.doorbells as f64);
+    family("kicks_total", "counter", "Kicks from the client handled by its worker.", &|s| s.kicks as f64);
     family("faults_total", "counter", "Driver VM faults.", &|s| s.faults as f64);
     family("restarts_total", "counter", "Driver VMs started after a fault.", &|s| s.restarts as f64);
     family("replayed_total", "counter", "Requests replayed to a new driver VM.", &|s| s.replayed as f64);

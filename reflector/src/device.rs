@@ -263,6 +263,8 @@ pub struct DeviceCore {
     /// Requests were published to a driver VM that sleeps: it is woken at
     /// the end of the event ([`DeviceCore::wake_sleeping_driver`]).
     wake_pending: bool,
+    /// Notifications the client could not be sent, for the log.
+    notify_failures: crate::hw::LogEvery,
 }
 
 impl DeviceCore {
@@ -501,6 +503,7 @@ impl<K: DeviceKind> Device<K> {
             cut_client: None,
             connection: None,
             wake_pending: false,
+            notify_failures: crate::hw::LogEvery::default(),
             poll_window: wiring.poll_window,
             poll_credit: PollCredit::default(),
         };
@@ -1007,6 +1010,7 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         tracing::trace!(device = %self.core.name, device_event, memory = self.core.memory.is_some(), "worker event");
         let result = match Self::source_of(device_event) {
             _ if usize::from(device_event) < K::QUEUES => {
+                self.core.metrics.kicks.fetch_add(1, Ordering::Relaxed);
                 let kicked = self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings);
                 // The driver must be awake for the poll to find anything.
                 self.core.wake_sleeping_driver();
@@ -1018,7 +1022,11 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         self.settle(vrings);
         self.publish_state();
         for vring in vrings {
-            let _ = signal_used(vring, self.core.memory.as_deref());
+            if let Err(error) = signal_used(vring, self.core.memory.as_deref()) {
+                if let Some(failures) = self.core.notify_failures.note() {
+                    tracing::warn!(device = %self.core.name, %error, failures, "cannot notify the client");
+                }
+            }
         }
         self.core.wake_sleeping_driver();
         // An error returned here would end vhost-user-backend's worker loop

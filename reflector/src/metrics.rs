@@ -26,6 +26,8 @@ pub struct Metrics {
     pub client_memory_faults: AtomicU64,
     /// Doorbell rings from driver VMs.
     pub doorbells: AtomicU64,
+    /// Kicks from the client (queue events its worker handled).
+    pub kicks: AtomicU64,
     /// Driver VMs replaced for taking more than their share (spinning
     /// while idle, flooding the doorbell).
     pub abuses: AtomicU64,

@@ -39,18 +39,28 @@ pub fn periodic_timer(period: std::time::Duration) -> std::io::Result<TimerFd> {
 // the device has checked it (clippy.toml forbids the vring's methods that
 // use its view).
 
-/// Tells the client about used buffers, if it asked to be told. Nothing to
-/// do while its queue is not set up (a timer may fire between two clients)
-/// or without a checked memory table.
+/// Tells the client about used buffers, if it asked to be told and any
+/// were added since it was last told. Nothing to do while its queue is not
+/// set up (a timer may fire between two clients) or without a checked
+/// memory table.
 pub fn signal_used(vring: &ClientVring, memory: Option<&GuestMemoryMmap>) -> std::io::Result<()> {
     let Some(memory) = memory else { return Ok(()) };
-    if !vring.get_ref().get_queue().ready() {
+    let next_used = {
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        if !queue.ready() {
+            return Ok(());
+        }
+        queue.next_used()
+    };
+    if !vring.used_since_notified(next_used) {
         return Ok(());
     }
     let needed = vring.get_mut().get_queue_mut().needs_notification(memory).map_err(std::io::Error::other)?;
     if needed {
         if let Some(call) = vring.get_ref().get_call() {
             crate::client_vring::notify_client(call.as_raw_fd())?;
+            vring.notified_at(next_used);
         }
     }
     Ok(())

@@ -198,6 +198,37 @@ fn a_client_draining_its_own_kick_never_blocks_the_device() {
     }
 }
 
+/// A client without EVENT_IDX whose call eventfd is its kick: the worker
+/// notified every queue after every event, so each notification kicked it
+/// again and it never rested (a core the client paid nothing for). It
+/// notifies only when a used buffer was added since the last notification:
+/// the kicks it handles stay a few per request.
+#[test]
+fn a_call_that_is_the_kick_does_not_keep_the_worker_busy() {
+    if !kvm_available("a_call_that_is_the_kick_does_not_keep_the_worker_busy") {
+        return;
+    }
+    let scratch = Scratch::new("call-is-kick");
+    let reflector = serve_disks(&scratch, &["d0"], true);
+    let socket = scratch.join("d0.sock");
+    let hostile = Hostile::start(&socket, "call-is-kick");
+    assert_eq!(hostile.outcome["refused"], false, "{}", hostile.outcome);
+    let status = Command::new(env!("CARGO_BIN_EXE_reflector"))
+        .args(["status", "--json", "--control"])
+        .arg(scratch.join("ctl"))
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let kicks = status[0]["kicks"].as_u64().unwrap();
+    // The warm-up request and 20 more, each kicked once and notified once
+    // (each notification one kick more): 42 at most, and a margin.
+    assert!(kicks <= 64, "the worker handled {kicks} kicks for 21 requests: it kicks itself");
+    hostile.finish();
+    verified_io(&socket, "the next client, after the call that was the kick");
+    let log = reflector.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// A client arriving while the reflector has no descriptor left is not
 /// accepted, and the device serves the next one once descriptors are back:
 /// before, the failed accept ended the device's serving thread, and the
