@@ -58,6 +58,11 @@ impl ClientVring {
         self.1.load(Ordering::Relaxed) != u32::from(next_used)
     }
 
+    /// Whether `other` is this very queue (a clone of it), not another one.
+    pub fn same(&self, other: &ClientVring) -> bool {
+        Arc::ptr_eq(&self.1, &other.1)
+    }
+
     /// The client was notified at used index `next_used`.
     pub fn notified_at(&self, next_used: u16) {
         self.1.store(u32::from(next_used), Ordering::Relaxed);

@@ -117,6 +117,11 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn fail_pending(&mut self, core: &mut DeviceCore, vrings: &[ClientVring]);
     /// The client went away (or was cut off): forget its requests.
     fn client_gone(&mut self, core: &mut DeviceCore);
+    /// The client stopped queue `queue` (GET_VRING_BASE: its device stops,
+    /// is reset, or its guest reboots): nothing the device still holds of
+    /// that queue may be written to later, when its memory may be the next
+    /// kernel's and its ring another one.
+    fn queue_stopped(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) {}
 }
 
 /// What a device is wired to, whatever its kind.
@@ -265,6 +270,9 @@ pub struct DeviceCore {
     wake_pending: bool,
     /// Notifications the client could not be sent, for the log.
     notify_failures: crate::hw::LogEvery,
+    /// The current connection's queues, as its worker's last event gave
+    /// them ([`VhostUserBackendMut::stop_vring`] is not given them).
+    vrings: Vec<ClientVring>,
 }
 
 impl DeviceCore {
@@ -504,6 +512,7 @@ impl<K: DeviceKind> Device<K> {
             connection: None,
             wake_pending: false,
             notify_failures: crate::hw::LogEvery::default(),
+            vrings: Vec::new(),
             poll_window: wiring.poll_window,
             poll_credit: PollCredit::default(),
         };
@@ -596,6 +605,8 @@ impl<K: DeviceKind> Device<K> {
         self.forget_client();
         self.core.cut_client = None;
         self.core.connection = None;
+        // They hold the client's memory and descriptors.
+        self.core.vrings.clear();
         client_memory::reap_retired();
     }
 
@@ -967,6 +978,13 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         self.core.event_idx = enabled;
     }
 
+    fn stop_vring(&mut self, queue_index: u32) -> std::io::Result<()> {
+        let vrings = std::mem::take(&mut self.core.vrings);
+        self.kind.queue_stopped(&mut self.core, queue_index as usize, &vrings);
+        self.core.vrings = vrings;
+        Ok(())
+    }
+
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         crate::worker::config_read(&self.kind.config_space(), offset, size)
     }
@@ -1008,6 +1026,11 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         _thread_id: usize,
     ) -> std::io::Result<()> {
         tracing::trace!(device = %self.core.name, device_event, memory = self.core.memory.is_some(), "worker event");
+        let known =
+            self.core.vrings.len() == vrings.len() && self.core.vrings.iter().zip(vrings).all(|(a, b)| a.same(b));
+        if !known {
+            self.core.vrings = vrings.to_vec();
+        }
         let result = match Self::source_of(device_event) {
             _ if usize::from(device_event) < K::QUEUES => {
                 self.core.metrics.kicks.fetch_add(1, Ordering::Relaxed);

@@ -721,3 +721,52 @@ fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() 
     assert!(device.core.memory.is_none(), "the client reusing a held receive buffer was not cut off");
     device.shutdown();
 }
+
+/// A receive queue the client stops (GET_VRING_BASE: its guest reboots,
+/// say) gets back the receive chains the device held, unused, at once:
+/// kept, they took frames after the restart, written where the old
+/// kernel's buffers were (into the next kernel's memory), their heads put
+/// in the new ring (an adversarial review found it).
+#[test]
+fn a_stopped_receive_queue_gets_its_held_buffers_back_unused() {
+    use crate::net::device::Net;
+    let memory = client_memory();
+    let channel = Channel::new("fake-net-stop").unwrap();
+    let switch = hardware::switch::Switch::new("fake-net-stop");
+    let card = Arc::new(
+        hardware::sim_nic::SimNic::start(
+            "fake-net-stop",
+            [2, 0, 0, 0, 0, 2],
+            crate::serve::bounce_dma(&channel),
+            switch,
+        )
+        .unwrap(),
+    );
+    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
+    let launch = FakeLaunch::new(
+        channel.memory().clone(),
+        &completion_doorbell,
+        &driver_exited,
+        FakeDisk::new(8),
+        &[Script::Hang],
+    );
+    let wiring = DeviceWiring {
+        channel,
+        hardware: card.clone(),
+        device_interrupt: card.interrupt(),
+        completion_doorbell,
+        driver_exited,
+        launcher: Box::new(launch),
+        poll_window: Duration::ZERO,
+        memory_cap: None,
+    };
+    let mut device = Device::new("fake-net-stop", Net::new(card), wiring, RecoveryConfig::default()).unwrap();
+    let mut client = Client::attach(&memory, &mut device);
+    let heads: Vec<u16> = (0..3).map(|_| client.writable(2048)).collect();
+    client.kick(&mut device);
+    assert!(client.take_used().is_empty(), "the receive buffers were not held");
+    vhost_user_backend::VhostUserBackendMut::stop_vring(&mut device, virtio::net::RX_QUEUE as u32).unwrap();
+    assert_eq!(client.take_used(), heads.iter().map(|&head| (head, 0)).collect::<Vec<_>>());
+    device.shutdown();
+}

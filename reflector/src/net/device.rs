@@ -411,6 +411,28 @@ impl DeviceKind for Net {
         }
     }
 
+    /// The receive chains taken from a stopped RX queue go back to it
+    /// unused (length 0), now, while its ring is still the one they came
+    /// from: kept, they would take frames after a reboot, written where
+    /// the old kernel's buffers were, into the next kernel's memory, and
+    /// put their heads in the new ring. Returned, the ring's state is
+    /// whole again for a client that starts it again as it was.
+    fn queue_stopped(&mut self, core: &mut DeviceCore, queue: usize, vrings: &[ClientVring]) {
+        if queue != virtio::net::RX_QUEUE || self.rx_buffers.is_empty() {
+            return;
+        }
+        let returned = self.rx_buffers.len();
+        match (vrings.get(queue), core.memory.clone()) {
+            (Some(rx), Some(memory)) => {
+                for buffer in self.rx_buffers.drain(..) {
+                    let _ = add_used(rx, &memory, buffer.head, 0);
+                }
+            }
+            _ => self.rx_buffers.clear(),
+        }
+        tracing::debug!(device = %core.name, returned, "receive queue stopped: its buffers returned unused");
+    }
+
     fn client_gone(&mut self, core: &mut DeviceCore) {
         self.rx_buffers.clear();
         core.metrics.rx_dropped.fetch_add(self.held.len() as u64, Ordering::Relaxed);
