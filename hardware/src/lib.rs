@@ -240,6 +240,11 @@ pub trait NetHardware: Hardware {
 #[derive(Default)]
 pub struct InterruptRoute {
     target: Mutex<Option<EventFd>>,
+    /// Interrupts that could not be raised, for the log: a vmm can fill
+    /// its own line's count, and each interrupt then fails, on the thread
+    /// of whichever device raised it (another tenant's card, delivering a
+    /// frame).
+    failures: std::sync::atomic::AtomicU64,
 }
 
 impl InterruptRoute {
@@ -255,7 +260,10 @@ impl InterruptRoute {
         if let Ok(current) = self.target.lock() {
             if let Some(target) = current.as_ref() {
                 if let Err(error) = target.write(1) {
-                    tracing::warn!(%error, "cannot raise a device interrupt");
+                    let failures = self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(%error, failures, "cannot raise a device interrupt");
+                    }
                 }
             }
         }

@@ -11,6 +11,13 @@
 //! learn as usual, but cannot claim a pinned address either. Dropped frames
 //! are counted (`spoofed`).
 //!
+//! A unicast frame to an address the switch does not know goes only to the
+//! ports that learn (a TAP device's): every card's address is pinned, so it
+//! cannot be behind another card, and flooding it to the cards would show
+//! one tenant's frames to the others whenever the table forgot a host's
+//! address (a flood of made-up source addresses from the TAP's side empties
+//! it, [`MAX_LEARNED`]).
+//!
 //! Storm control: the frames a port floods (broadcast, multicast, unknown
 //! destinations) are limited to [`FLOOD_RATE`] a second, in bursts of
 //! [`FLOOD_BURST`]; the rest are dropped and counted (`storm_dropped`). A
@@ -175,21 +182,32 @@ impl Switch {
                 }
                 state.learned.insert(source, from);
             }
-            let known = if is_multicast(&destination) {
+            let group = is_multicast(&destination);
+            let known = if group {
                 None
             } else {
                 state.pinned.get(&destination).or_else(|| state.learned.get(&destination)).copied()
             };
-            if known.is_none() && !state.floods.entry(from).or_insert_with(FloodAllowance::new).take() {
+            let targets: Vec<Arc<dyn SwitchPort>> = state
+                .ports
+                .iter()
+                .filter(|(id, _, pinned)| {
+                    *id != from
+                        && match known {
+                            Some(target) => target == *id,
+                            None => group || pinned.is_none(),
+                        }
+                })
+                .filter_map(|(_, port, _)| port.upgrade())
+                .collect();
+            if known.is_none()
+                && targets.len() > 1
+                && !state.floods.entry(from).or_insert_with(FloodAllowance::new).take()
+            {
                 state.storm_dropped += 1;
                 return;
             }
-            state
-                .ports
-                .iter()
-                .filter(|(id, _, _)| *id != from && known.is_none_or(|target| target == *id))
-                .filter_map(|(_, port, _)| port.upgrade())
-                .collect()
+            targets
         };
         for target in targets {
             target.receive(frame);
@@ -334,6 +352,37 @@ mod tests {
             switch.forward(ports[0].0, &f);
         }
         assert!(switch.lock().learned.len() <= MAX_LEARNED);
+    }
+
+    /// A card's frame to a host address the switch forgot (a flood of
+    /// made-up source addresses through the TAP emptied its table) goes to
+    /// the TAP alone: before, it was flooded to every card, and another
+    /// tenant's driver saw it.
+    #[test]
+    fn a_frame_to_a_forgotten_host_address_reaches_no_other_card() {
+        let switch = Switch::new("forgetful");
+        let (a, b) = (card(&switch, 0xa), card(&switch, 0xb));
+        let tap = {
+            let port = Arc::new(Recorder::default());
+            let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(port.clone() as Arc<dyn SwitchPort>));
+            (switch.attach(weak, None).unwrap(), port)
+        };
+        switch.forward(tap.0, &frame(0xa, 0x77));
+        for i in 0..MAX_LEARNED as u32 {
+            let mut churn = frame(0xa, 0);
+            churn[8..12].copy_from_slice(&(i + 0x100).to_be_bytes());
+            switch.forward(tap.0, &churn);
+        }
+        assert!(!switch.lock().learned.contains_key(&[2, 0, 0, 0, 0, 0x77]), "the table did not forget");
+        a.1.take();
+        switch.forward(a.0, &frame(0x77, 0xa));
+        assert_eq!(tap.1.take().len(), 1, "the host lost the frame");
+        assert!(b.1.take().is_empty(), "another card got a frame to a host address");
+        // Broadcasts still reach every other port.
+        let mut broadcast = frame(0, 0xa);
+        broadcast[0..6].copy_from_slice(&[0xff; 6]);
+        switch.forward(a.0, &broadcast);
+        assert_eq!((b.1.take().len(), tap.1.take().len()), (1, 1));
     }
 
     fn card(switch: &Switch, mac: u8) -> (PortId, Arc<Recorder>) {

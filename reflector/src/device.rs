@@ -268,8 +268,11 @@ pub struct DeviceCore {
     /// Requests were published to a driver VM that sleeps: it is woken at
     /// the end of the event ([`DeviceCore::wake_sleeping_driver`]).
     wake_pending: bool,
-    /// Notifications the client could not be sent, for the log.
+    /// Notifications the client could not be sent, and events whose
+    /// handling failed, for the log (a client can cause either at every
+    /// kick).
     notify_failures: crate::hw::LogEvery,
+    event_failures: crate::hw::LogEvery,
     /// The current connection's queues, as its worker's last event gave
     /// them ([`VhostUserBackendMut::stop_vring`] is not given them).
     vrings: Vec<ClientVring>,
@@ -286,6 +289,18 @@ impl DeviceCore {
     /// memory faulted, or its queue is broken. Only it suffers.
     pub fn cut_off(&mut self, why: &str) {
         self.cut.get_or_insert_with(|| why.to_owned());
+    }
+
+    /// Puts chain `head` in the client's used ring with `len` bytes
+    /// written. A ring that cannot take it (a head past the queue, a used
+    /// ring past the client's memory) is the client's: it is cut off,
+    /// once, instead of a log line per chain it sends.
+    pub fn add_used(&mut self, vring: &ClientVring, memory: &GuestMemoryMmap, head: u16, len: u32) {
+        if let Err(error) = crate::worker::add_used(vring, memory, head, len) {
+            self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(device = %self.name, head, %error, "cannot put a chain in the client's used ring");
+            self.cut_off("its used ring cannot take the chains it sent");
+        }
     }
 
     /// Whether touching the client's memory has faulted.
@@ -512,6 +527,7 @@ impl<K: DeviceKind> Device<K> {
             connection: None,
             wake_pending: false,
             notify_failures: crate::hw::LogEvery::default(),
+            event_failures: crate::hw::LogEvery::default(),
             vrings: Vec::new(),
             poll_window: wiring.poll_window,
             poll_credit: PollCredit::default(),
@@ -1055,7 +1071,9 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         // An error returned here would end vhost-user-backend's worker loop
         // for good, and with it the connection's I/O: report it instead.
         if let Err(error) = result {
-            tracing::warn!(device = %self.core.name, device_event, %error, "event handling failed");
+            if let Some(failures) = self.core.event_failures.note() {
+                tracing::warn!(device = %self.core.name, device_event, %error, failures, "event handling failed");
+            }
         }
         Ok(())
     }

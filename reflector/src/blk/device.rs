@@ -38,7 +38,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::{add_used, avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
+use crate::worker::{avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -391,7 +391,7 @@ impl Blk {
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
-        core: &DeviceCore,
+        core: &mut DeviceCore,
         vring: &ClientVring,
         memory: &GuestMemoryMmap,
         slot: u32,
@@ -443,7 +443,7 @@ impl Blk {
 
 /// Completes a chain in the client's used ring.
 fn complete(
-    core: &DeviceCore,
+    core: &mut DeviceCore,
     vring: &ClientVring,
     memory: &GuestMemoryMmap,
     head: u16,
@@ -459,9 +459,7 @@ fn complete(
         core.metrics.errors.fetch_add(1, Ordering::Relaxed);
     }
     core.metrics.completed.fetch_add(1, Ordering::Relaxed);
-    if let Err(error) = add_used(vring, memory, head, used_len) {
-        tracing::warn!(device = %core.name, head, %error, "cannot complete a request in the client's queue");
-    }
+    core.add_used(vring, memory, head, used_len);
 }
 
 impl DeviceKind for Blk {

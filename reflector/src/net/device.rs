@@ -37,7 +37,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::{add_used, avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
+use crate::worker::{avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -116,9 +116,7 @@ impl Net {
             while self.can_take_tx(core) {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
                 sent |= self.transmit(core, &memory, head, segments.as_deref());
-                if let Err(error) = add_used(tx, &memory, head, 0) {
-                    tracing::warn!(device = %core.name, head, %error, "cannot return a transmit chain");
-                }
+                core.add_used(tx, &memory, head, 0);
             }
             // Chains left while no slot (or no driver VM) can take them wait
             // for a completion or a restart, not for a kick.
@@ -207,7 +205,7 @@ impl Net {
                     Err(reason) => {
                         core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(device = %core.name, head, %reason, "malformed receive chain returned unused");
-                        let _ = add_used(rx, &memory, head, 0);
+                        core.add_used(rx, &memory, head, 0);
                     }
                 }
             }
@@ -254,9 +252,7 @@ impl Net {
                 }
             };
             for (chain, used) in chains.iter().zip(used) {
-                if let Err(error) = add_used(rx, memory, chain.head, used) {
-                    tracing::warn!(device = %core.name, head = chain.head, %error, "cannot return a receive chain");
-                }
+                core.add_used(rx, memory, chain.head, used);
             }
         }
         self.post_rx_buffers(core);
@@ -425,7 +421,7 @@ impl DeviceKind for Net {
         match (vrings.get(queue), core.memory.clone()) {
             (Some(rx), Some(memory)) => {
                 for buffer in self.rx_buffers.drain(..) {
-                    let _ = add_used(rx, &memory, buffer.head, 0);
+                    core.add_used(rx, &memory, buffer.head, 0);
                 }
             }
             _ => self.rx_buffers.clear(),
