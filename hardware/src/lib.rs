@@ -189,8 +189,10 @@ pub struct FlushCount {
 /// of its own a driver could not fake (QEMU's NVMe model, the memory
 /// disk): each flush request syncs the image (`fdatasync` on the host's own
 /// descriptor, through the page cache the device writes) and is counted.
-/// Every write completed before the flush was sent is then on the medium,
-/// whatever the driver answers; one sync per flush request.
+/// Every write the device performed before the flush was sent is then on
+/// the medium, whatever the driver answers; one sync per flush request. (A
+/// write the driver answered without having the device perform it is not:
+/// nothing proves a write was done, see the threat model.)
 pub struct HostSync {
     image: std::fs::File,
     counts: Mutex<FlushCount>,

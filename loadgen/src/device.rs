@@ -422,6 +422,14 @@ impl BlkDevice {
         self.session.readdress_vring(0, &self.mem, 0, self.ring.layout())
     }
 
+    /// Points the queue's used ring at the very end of its memory (SET_VRING_ADDR), so that the
+    /// `avail_event` field after it (EVENT_IDX) lies outside: for a hostile client.
+    pub fn used_ring_at_memory_end(&mut self) -> Result<()> {
+        let mut layout = self.ring.layout();
+        layout.used = self.mem.len() - (4 + 8 * usize::from(layout.size));
+        self.session.readdress_vring(0, &self.mem, 0, layout)
+    }
+
     /// Waits at most `timeout` for the backend to hang up the control socket; whether it did.
     pub fn wait_for_hangup(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

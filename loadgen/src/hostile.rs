@@ -49,6 +49,11 @@
 //!   a time, each seen in the used ring. A backend that notifies without a used buffer added
 //!   kicks itself with each notification, and its worker never rests; the test counts the kicks
 //!   it handled (`reflector status`).
+//! - `unwritable-avail-event`: with EVENT_IDX, the used ring moved to the very end of the
+//!   client's memory, so that its `avail_event` field lies outside, then a request kicked. A
+//!   backend that took the request and then failed to ask for the next kick left it unsent to its
+//!   driver, which was later blamed for it. The backend must cut the client off (end the
+//!   connection), blaming no driver.
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -88,11 +93,13 @@ pub enum Case {
     DrainedKick,
     /// The kick eventfd as the call too.
     CallIsKick,
+    /// The used ring's `avail_event` outside the client's memory.
+    UnwritableAvailEvent,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 13] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -105,6 +112,7 @@ impl Case {
         "full-call",
         "drained-kick",
         "call-is-kick",
+        "unwritable-avail-event",
     ];
 
     /// Parses a case name.
@@ -122,6 +130,7 @@ impl Case {
             "full-call" => Ok(Case::FullCall),
             "drained-kick" => Ok(Case::DrainedKick),
             "call-is-kick" => Ok(Case::CallIsKick),
+            "unwritable-avail-event" => Ok(Case::UnwritableAvailEvent),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -281,6 +290,17 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             }
             let detail = format!("{completed} of {CALL_IS_KICK_REQUESTS} requests completed with the kick as the call");
             (Outcome { case: name, refused: completed != CALL_IS_KICK_REQUESTS, detail }, Box::new((device, kick)))
+        }
+        Case::UnwritableAvailEvent => {
+            let opts = DeviceOptions { event_idx: true, ..opts.clone() };
+            let mut device = BlkDevice::connect(path, &opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            device.used_ring_at_memory_end()?;
+            device.submit(0, Op::Read, 0, 4096);
+            device.kick()?;
+            let hung_up = device.wait_for_hangup(CUT_WAIT);
+            let detail = format!("the backend ended the connection: {hung_up}");
+            (Outcome { case: name, refused: hung_up, detail }, Box::new(device))
         }
     };
     done(&outcome);

@@ -303,6 +303,31 @@ impl DeviceCore {
         }
     }
 
+    /// Asks the client not to kick while the device takes its chains
+    /// (EVENT_IDX); false, and the client cut off, if its used ring cannot
+    /// take the request (its notification field lies outside its memory).
+    pub fn quiet_client(&mut self, vring: &ClientVring, memory: &GuestMemoryMmap) -> bool {
+        let quiet = crate::worker::disable_notification(vring, memory).is_ok();
+        if !quiet {
+            self.cut_off("its used ring's notification field cannot be written");
+        }
+        quiet
+    }
+
+    /// Asks the client to kick again (EVENT_IDX); whether more chains came
+    /// meanwhile. A used ring that cannot take the request cuts the client
+    /// off (false): before, the error left the requests the event had
+    /// taken unpublished, and the driver was blamed for them.
+    pub fn rearm_client(&mut self, vring: &ClientVring, memory: &GuestMemoryMmap) -> bool {
+        match crate::worker::enable_notification(vring, memory) {
+            Ok(more) => more,
+            Err(_) => {
+                self.cut_off("its used ring's notification field cannot be written");
+                false
+            }
+        }
+    }
+
     /// Whether touching the client's memory has faulted.
     pub fn client_memory_poisoned(&self) -> bool {
         self.memory.as_ref().is_some_and(ClientMemory::poisoned)

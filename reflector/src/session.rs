@@ -147,6 +147,13 @@ pub struct Session {
     /// start, of their own doing (`Fault::blames_requests`), for
     /// [`Effect::Renew`].
     own_early_deaths: u32,
+    /// Driver VMs in a row that died of their own doing (any fault but a
+    /// kill from outside) before they attached, however long each lived.
+    /// At the policy's `crash_loop_limit` the device fails, as in a crash
+    /// loop: drivers that each live past `stable_after` and never bring the
+    /// device up blame no request (`Blk::retired`), so without this a
+    /// request would be replayed to them for ever.
+    unattached_deaths: u32,
     /// The running driver VM has attached to its channel.
     driver_attached: bool,
 }
@@ -161,6 +168,7 @@ impl Session {
             tracker,
             hang_deadline,
             own_early_deaths: 0,
+            unattached_deaths: 0,
             driver_attached: false,
         }
     }
@@ -248,6 +256,7 @@ impl Session {
             }
             (Event::Recover, Lifecycle::Failed { why, .. } | Lifecycle::BackingOff { why, .. }) => {
                 self.tracker.reset();
+                self.unattached_deaths = 0;
                 self.state = Lifecycle::Restarting { why: why.clone() };
                 vec![Effect::Launch]
             }
@@ -291,6 +300,16 @@ impl Session {
         if why.blames_requests() && self.own_early_deaths > 0 && self.own_early_deaths.is_multiple_of(RENEW_AFTER) {
             effects.push(Effect::Renew);
         }
+        let own_doing = why.blames_requests() || matches!(why, Fault::Abuse(_));
+        self.unattached_deaths = match (self.driver_attached, own_doing) {
+            (true, _) => 0,
+            (false, true) => self.unattached_deaths + 1,
+            (false, false) => self.unattached_deaths,
+        };
+        let decision = match decision {
+            Decision::Restart(_) if self.unattached_deaths >= self.tracker.policy().crash_loop_limit => Decision::Fail,
+            decision => decision,
+        };
         match decision {
             Decision::Restart(delay) if delay.is_zero() => {
                 self.state = Lifecycle::Restarting { why };
@@ -497,6 +516,37 @@ mod tests {
     /// left in the device: every [`RENEW_AFTER`]th such death in a row
     /// renews the hardware before the next launch; a driver that served
     /// for a while, or one killed from outside, does not count.
+    /// Drivers that never attach, each killed for a hang after seconds
+    /// (past `stable_after`, and under the fault budget): none blames the
+    /// request it withheld, so before, the request was replayed to them
+    /// for ever (an adversarial review found it). They fail the device at
+    /// the crash-loop limit, which fails what is pending; kills from
+    /// outside do not count.
+    #[test]
+    fn drivers_that_never_attach_fail_the_device_at_the_crash_loop_limit() {
+        let t0 = Instant::now();
+        let mut session = Session::new(RestartPolicy::default(), ms(500), t0);
+        let limit = RestartPolicy::default().crash_loop_limit;
+        let mut now = t0;
+        let mut failed_at = None;
+        for death in 1..=limit + 5 {
+            if !matches!(session.state(), Lifecycle::Running { .. }) {
+                launch_unattached(&mut session, now);
+            }
+            now += Duration::from_secs(3);
+            let fault = if death == 2 { Fault::Exited(String::new()) } else { Fault::Hang(ms(2000)) };
+            let effects = session.on(Event::Fault(fault), now);
+            if effects.contains(&Effect::FailPending) {
+                failed_at = Some(death);
+                break;
+            }
+            assert!(matches!(session.state(), Lifecycle::Restarting { .. }), "death {death}: {:?}", session.state());
+        }
+        // The outside kill (death 2) did not count.
+        assert_eq!(failed_at, Some(limit + 1));
+        assert!(matches!(session.state(), Lifecycle::Failed { .. }));
+    }
+
     #[test]
     fn drivers_dying_at_their_start_renew_the_hardware_every_third_death() {
         let t0 = Instant::now();

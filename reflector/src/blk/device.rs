@@ -38,7 +38,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::{avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
+use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -512,8 +512,8 @@ impl DeviceKind for Blk {
                 core.cut_off("its queue's avail index runs beyond the queue size");
                 return Ok(());
             }
-            if core.event_idx {
-                disable_notification(vring, &memory)?;
+            if core.event_idx && !core.quiet_client(vring, &memory) {
+                break;
             }
             let chains: Vec<(u16, Option<Vec<Segment>>)> = {
                 let mut state = vring.get_mut();
@@ -550,7 +550,7 @@ impl DeviceKind for Blk {
                     }
                 }
             }
-            if !core.event_idx || !enable_notification(vring, &memory)? {
+            if !core.event_idx || !core.rearm_client(vring, &memory) {
                 break;
             }
         }

@@ -678,17 +678,13 @@ fn a_client_reoffering_a_request_the_device_holds_is_cut_off_at_its_queue_size()
     assert!(bench.count(&bench.metrics.malformed) >= 1);
 }
 
-/// The same for a net device's receive buffers, which it keeps until a
-/// frame comes: without the cut, one writable buffer offered again and
-/// again made the reflector hold a chain per offer.
-#[test]
-fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() {
-    use crate::net::device::Net;
-    let memory = client_memory();
-    let channel = Channel::new("fake-net").unwrap();
-    let switch = hardware::switch::Switch::new("fake-net");
+/// A net device on a simulated card of address 02:00:00:00:00:`mac`,
+/// alone on a switch of its own, whose driver VM never answers.
+fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
+    let channel = Channel::new(name).unwrap();
+    let switch = hardware::switch::Switch::new(name);
     let card = Arc::new(
-        hardware::sim_nic::SimNic::start("fake-net", [2, 0, 0, 0, 0, 1], crate::serve::bounce_dma(&channel), switch)
+        hardware::sim_nic::SimNic::start(name, [2, 0, 0, 0, 0, mac], crate::serve::bounce_dma(&channel), switch)
             .unwrap(),
     );
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -710,7 +706,16 @@ fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() 
         poll_window: Duration::ZERO,
         memory_cap: None,
     };
-    let mut device = Device::new("fake-net", Net::new(card), wiring, RecoveryConfig::default()).unwrap();
+    Device::new(name, crate::net::device::Net::new(card), wiring, RecoveryConfig::default()).unwrap()
+}
+
+/// The same for a net device's receive buffers, which it keeps until a
+/// frame comes: without the cut, one writable buffer offered again and
+/// again made the reflector hold a chain per offer.
+#[test]
+fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() {
+    let memory = client_memory();
+    let mut device = fake_net_device("fake-net", 1);
     let mut client = Client::attach(&memory, &mut device);
     let head = client.writable(2048);
     client.kick(&mut device);
@@ -729,39 +734,8 @@ fn a_net_client_reoffering_a_held_receive_buffer_is_cut_off_at_its_queue_size() 
 /// in the new ring (an adversarial review found it).
 #[test]
 fn a_stopped_receive_queue_gets_its_held_buffers_back_unused() {
-    use crate::net::device::Net;
     let memory = client_memory();
-    let channel = Channel::new("fake-net-stop").unwrap();
-    let switch = hardware::switch::Switch::new("fake-net-stop");
-    let card = Arc::new(
-        hardware::sim_nic::SimNic::start(
-            "fake-net-stop",
-            [2, 0, 0, 0, 0, 2],
-            crate::serve::bounce_dma(&channel),
-            switch,
-        )
-        .unwrap(),
-    );
-    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
-    let launch = FakeLaunch::new(
-        channel.memory().clone(),
-        &completion_doorbell,
-        &driver_exited,
-        FakeDisk::new(8),
-        &[Script::Hang],
-    );
-    let wiring = DeviceWiring {
-        channel,
-        hardware: card.clone(),
-        device_interrupt: card.interrupt(),
-        completion_doorbell,
-        driver_exited,
-        launcher: Box::new(launch),
-        poll_window: Duration::ZERO,
-        memory_cap: None,
-    };
-    let mut device = Device::new("fake-net-stop", Net::new(card), wiring, RecoveryConfig::default()).unwrap();
+    let mut device = fake_net_device("fake-net-stop", 2);
     let mut client = Client::attach(&memory, &mut device);
     let heads: Vec<u16> = (0..3).map(|_| client.writable(2048)).collect();
     client.kick(&mut device);

@@ -37,7 +37,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::{avail_overrun, disable_notification, enable_notification, exceeds_queue, HEAD_REUSED};
+use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -110,8 +110,8 @@ impl Net {
                 core.cut_off("its TX queue's avail index runs beyond the queue size");
                 return Ok(());
             }
-            if core.event_idx {
-                disable_notification(tx, &memory)?;
+            if core.event_idx && !core.quiet_client(tx, &memory) {
+                break;
             }
             while self.can_take_tx(core) {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
@@ -120,7 +120,7 @@ impl Net {
             }
             // Chains left while no slot (or no driver VM) can take them wait
             // for a completion or a restart, not for a kick.
-            if !self.can_take_tx(core) || !core.event_idx || !enable_notification(tx, &memory)? {
+            if !self.can_take_tx(core) || !core.event_idx || !core.rearm_client(tx, &memory) {
                 break;
             }
         }
@@ -191,8 +191,8 @@ impl Net {
                 core.cut_off("its RX queue's avail index runs beyond the queue size");
                 return Ok(());
             }
-            if core.event_idx {
-                disable_notification(rx, &memory)?;
+            if core.event_idx && !core.quiet_client(rx, &memory) {
+                break;
             }
             while let Some((head, segments)) = pop_chain(rx, &memory) {
                 if exceeds_queue(rx, self.rx_buffers.len()) {
@@ -209,7 +209,7 @@ impl Net {
                     }
                 }
             }
-            if !core.event_idx || !enable_notification(rx, &memory)? {
+            if !core.event_idx || !core.rearm_client(rx, &memory) {
                 break;
             }
         }
