@@ -26,6 +26,7 @@ use crate::{println, Error};
 
 /// The lies a driver tells from now on once asked (tests). This module
 /// tells them all (data of reads flipped, flushes acknowledged unflushed,
+/// writes acknowledged unwritten,
 /// spinning, flooding); a driver whose device has reads and flushes offers
 /// the first two to [`Channel::attach`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,6 +35,8 @@ pub struct Lies {
     pub corrupt_reads: bool,
     /// Answer flushes OK without flushing.
     pub skip_flushes: bool,
+    /// Answer writes OK without writing.
+    pub skip_writes: bool,
     /// Never sleep.
     pub spin: bool,
     /// Ring the reflector's doorbell continuously while idle.
@@ -177,6 +180,10 @@ impl Channel {
                 self.complete(request.id, channel::status::OK, 0);
                 continue;
             }
+            if self.lies.skip_writes && request.op == channel::op::WRITE {
+                self.complete(request.id, channel::status::OK, request.len);
+                continue;
+            }
             if Channel::slot_ok(&request) {
                 self.ops[request.slot as usize] = request.op;
             }
@@ -260,6 +267,7 @@ impl Channel {
             inject::STOP => guest_kernel::exit(0),
             inject::CORRUPT_READS => self.lies.corrupt_reads = true,
             inject::SKIP_FLUSHES => self.lies.skip_flushes = true,
+            inject::SKIP_WRITES => self.lies.skip_writes = true,
             inject::SPIN => self.lies.spin = true,
             inject::FLOOD => self.lies.flood = true,
             inject::WILD_DMA => self.lies.wild_dma = true,

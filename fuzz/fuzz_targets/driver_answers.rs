@@ -45,6 +45,7 @@ fuzz_target!(|steps: Vec<Step>| {
     let mut table = InFlightTable::default();
     let mut slots = NetSlots::default();
     let mut written = WrittenSums::new(1 << 16);
+    let writes = reflector::hw::write_ledger::WriteLedger::new(channel::SLOT_COUNT);
     for step in steps.into_iter().take(256) {
         match step {
             Step::Send { kind, sector, sectors } => {
@@ -90,8 +91,13 @@ fuzz_target!(|steps: Vec<Step>| {
                         let entry = table.get(answer.slot).expect("a passed answer names a request in flight");
                         assert_eq!(entry.id, completion.id);
                         let data = vec![0u8; entry.data_len as usize];
-                        let evidence = Evidence { flushes, written: Some(&written), read_data: Some(&data) };
-                        let _ = driver_answers::check_evidence(entry.id, entry.claim(), &evidence);
+                        let evidence = Evidence {
+                            flushes,
+                            written: Some(&written),
+                            read_data: Some(&data),
+                            writes: Some(&writes),
+                        };
+                        let _ = driver_answers::check_evidence(entry.id, entry.claim(answer.slot), &evidence);
                         if entry.request.kind == RequestKind::Write {
                             let sums = WrittenSums::sums_of(&data);
                             written.record(entry.request.sector, &sums, |_| false);

@@ -190,6 +190,11 @@ pub struct DmaWindows {
 }
 
 impl DmaWindows {
+    /// The device address of the first window.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
     /// `count` empty windows of `granule` (at least one) bytes from `base`.
     pub fn new(base: u64, granule: u32, count: u32) -> Arc<DmaWindows> {
         Arc::new(DmaWindows { base, granule: granule.max(1), slots: (0..count).map(|_| Slot::default()).collect() })

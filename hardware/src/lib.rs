@@ -22,6 +22,7 @@ pub mod sim_storage;
 pub mod switch;
 pub mod tap;
 pub mod vfio;
+pub mod write_ledger;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -169,6 +170,13 @@ pub trait BlockHardware: Hardware {
     /// them: the reflector then maps each request's client buffers there
     /// rather than copying its payload.
     fn dma_windows(&self) -> Option<Arc<dma_windows::DmaWindows>> {
+        None
+    }
+    /// The device's own record of the writes it performed, by slot
+    /// ([`write_ledger::WriteLedger`]): the reflector's evidence that a
+    /// write a driver acknowledges was done. None where the device keeps
+    /// none the host can read (a write's answer is then taken on trust).
+    fn write_ledger(&self) -> Option<&write_ledger::WriteLedger> {
         None
     }
 }

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::dma_windows::{self, DeviceAccess, DmaWindows};
 use super::{BlockHardware, DmaRegion, FlushCount, Hardware, HardwareWindow, InterruptRoute};
 use crate::shm::SharedMemory;
+use crate::write_ledger::WriteLedger;
 
 /// How long the device keeps polling its submission queue after the last
 /// command before it sleeps on the doorbell. A doorbell costs the driver
@@ -65,6 +66,7 @@ pub struct SimStorage {
     /// before it runs anything again (see `Engine::forget_queues`).
     wipe: Arc<AtomicBool>,
     flushes: Arc<FlushCounters>,
+    writes: Arc<WriteLedger>,
     doorbell: EventFd,
     interrupt: Arc<InterruptRoute>,
     stop: EventFd,
@@ -81,6 +83,16 @@ enum DataPath {
     Bounce(DmaRegion),
     /// Through per-request windows only: an address no window maps faults.
     Windows(Arc<DmaWindows>),
+}
+
+impl DataPath {
+    /// How far past the first slot's start the device address `address` is.
+    fn relative(&self, address: u64) -> Option<u64> {
+        match self {
+            DataPath::Bounce(dma) => address.checked_sub(dma.gpa),
+            DataPath::Windows(windows) => address.checked_sub(windows.base()),
+        }
+    }
 }
 
 impl SimStorage {
@@ -119,11 +131,13 @@ impl SimStorage {
         let quiesced = Arc::new(Mutex::new(false));
         let wipe = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(FlushCounters::default());
+        let writes = Arc::new(WriteLedger::new(guest_abi::channel::SLOT_COUNT));
         let mut engine = Engine {
             regs: regs.clone(),
             quiesced: quiesced.clone(),
             wipe: wipe.clone(),
             flushes: flushes.clone(),
+            writes: writes.clone(),
             status: 0,
             medium,
             data,
@@ -145,6 +159,7 @@ impl SimStorage {
             quiesced,
             wipe,
             flushes,
+            writes,
             doorbell,
             interrupt,
             stop,
@@ -177,6 +192,7 @@ impl Hardware for SimStorage {
     }
 
     fn resume(&self) {
+        self.writes.forget_use();
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         let _ = self.doorbell.write(1);
     }
@@ -195,6 +211,10 @@ impl BlockHardware for SimStorage {
         // Completed first: a count pair never shows more completed than started.
         let completed = self.flushes.completed.load(Ordering::Acquire);
         FlushCount { started: self.flushes.started.load(Ordering::Acquire), completed }
+    }
+
+    fn write_ledger(&self) -> Option<&WriteLedger> {
+        Some(&self.writes)
     }
 
     fn dma_windows(&self) -> Option<Arc<DmaWindows>> {
@@ -217,6 +237,8 @@ struct Engine {
     quiesced: Arc<Mutex<bool>>,
     wipe: Arc<AtomicBool>,
     flushes: Arc<FlushCounters>,
+    /// The writes it performed, by slot ([`WriteLedger`]).
+    writes: Arc<WriteLedger>,
     /// The controller's status (0, READY or FATAL). Kept here and only
     /// mirrored into the window: a driver writing the STATUS register
     /// cannot clear FATAL or fake READY.
@@ -339,6 +361,9 @@ impl Engine {
     }
 
     fn enable(&mut self) {
+        // A driver that enables the controller drives it: its writes are
+        // judged by the ledger from now on (a device-less one never does).
+        self.writes.note_use();
         let depth = self.reg(reg::QUEUE_DEPTH).load(Ordering::Acquire);
         if depth.is_power_of_two() && depth <= storage::MAX_QUEUE_DEPTH {
             self.depth = depth;
@@ -460,7 +485,14 @@ impl Engine {
             }
         };
         match result {
-            Ok(()) => (completion::SUCCESS, len),
+            Ok(()) => {
+                if !reading {
+                    if let Some(relative) = self.data.relative(command.dma) {
+                        self.writes.record(relative, command.lba, len);
+                    }
+                }
+                (completion::SUCCESS, len)
+            }
             Err(error) => {
                 if let Some(times) = self.medium_errors.note() {
                     tracing::warn!(%error, lba = command.lba, len, times, "medium I/O failed (logged at each power of two)");
@@ -507,6 +539,7 @@ impl EngineHarness {
             quiesced: Arc::new(Mutex::new(false)),
             wipe: Arc::new(AtomicBool::new(false)),
             flushes: Arc::new(FlushCounters::default()),
+            writes: Arc::new(WriteLedger::new(guest_abi::channel::SLOT_COUNT)),
             status: 0,
             medium,
             data,
@@ -763,6 +796,7 @@ mod tests {
             quiesced: rig.device.quiesced.clone(),
             wipe: rig.device.wipe.clone(),
             flushes: rig.device.flushes.clone(),
+            writes: rig.device.writes.clone(),
             status: rig.reg(reg::STATUS).load(Ordering::SeqCst),
             medium: File::options().read(true).write(true).open(&rig.image).unwrap(),
             data: DataPath::Bounce(DmaRegion { memory: rig.dma.clone(), offset: 0, len: 64 * 1024, gpa: DMA_GPA }),

@@ -494,6 +494,8 @@ pub enum FaultKind {
     CorruptReads,
     /// Acknowledge flushes without flushing from now on.
     SkipFlushes,
+    /// Acknowledge writes without writing from now on.
+    SkipWrites,
     /// Never sleep from now on.
     Spin,
     /// Ring the doorbell continuously from now on.
@@ -507,7 +509,8 @@ pub enum FaultKind {
 impl FaultKind {
     /// Every kind, by its name (`panic`, `page-fault`, ...).
     pub const NAMES: &'static str =
-        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, spin, flood, wild-dma or wild-queues";
+        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, skip-writes, spin, flood, wild-dma or \
+         wild-queues";
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<FaultKind> {
@@ -525,6 +528,7 @@ impl FaultKind {
             FaultKind::Stop => inject::STOP,
             FaultKind::CorruptReads => inject::CORRUPT_READS,
             FaultKind::SkipFlushes => inject::SKIP_FLUSHES,
+            FaultKind::SkipWrites => inject::SKIP_WRITES,
             FaultKind::Spin => inject::SPIN,
             FaultKind::Flood => inject::FLOOD,
             FaultKind::WildDma => inject::WILD_DMA,

@@ -49,6 +49,13 @@ pub enum Violation {
         /// The status.
         status: u32,
     },
+    /// A write acknowledged although the device did not write every one of
+    /// its sectors, from its slot, since it was sent: the write is lost.
+    #[error("request id {id}: write acknowledged before the device wrote it")]
+    WriteNotExecuted {
+        /// Request id.
+        id: u64,
+    },
     /// A flush acknowledged although no device flush that started after it
     /// was submitted has finished: its writes may not be on the medium.
     #[error(
@@ -215,6 +222,8 @@ pub struct Evidence<'a> {
     pub written: Option<&'a WrittenSums>,
     /// The data a read returned (its bounce slot), if it is to be checked.
     pub read_data: Option<&'a [u8]>,
+    /// The device's record of the writes it performed, if it keeps one.
+    pub writes: Option<&'a hardware::write_ledger::WriteLedger>,
 }
 
 /// What a successful block answer claims, to be judged by the evidence.
@@ -233,6 +242,13 @@ pub enum Claim {
         /// Whether its data must match the known checksums.
         verifiable: bool,
     },
+    /// A write of `len` bytes whose data is in `slot`: done by the device.
+    Written {
+        /// Its slot (a bounce slot, or its DMA window).
+        slot: u32,
+        /// Its length.
+        len: u32,
+    },
     /// Nothing the evidence can judge.
     Nothing,
 }
@@ -243,6 +259,11 @@ pub fn check_evidence(id: u64, claim: Claim, evidence: &Evidence) -> Result<(), 
     match claim {
         Claim::Flushed { mark } if evidence.flushes.completed <= mark => {
             Err(Violation::FlushNotExecuted { id, mark, completed: evidence.flushes.completed })
+        }
+        Claim::Written { slot, len }
+            if evidence.writes.is_some_and(|writes| writes.device_used() && !writes.done(slot, len)) =>
+        {
+            Err(Violation::WriteNotExecuted { id })
         }
         Claim::Read { sector, verifiable: true } => match (evidence.written, evidence.read_data) {
             (Some(written), Some(data)) => {
@@ -294,6 +315,23 @@ mod tests {
         assert!(judge(&unsupported, may).is_ok());
     }
 
+    /// A write acknowledged is judged by the device's own record of what
+    /// it wrote, where it keeps one (before, on the driver's word: a write
+    /// acknowledged and never done was lost).
+    #[test]
+    fn a_write_must_have_been_done_by_the_device() {
+        let writes = hardware::write_ledger::WriteLedger::new(4);
+        let evidence = |writes| Evidence { flushes: FlushCount::default(), written: None, read_data: None, writes };
+        let write = Claim::Written { slot: 1, len: 4096 };
+        writes.expect(1, 40);
+        assert!(check_evidence(3, write, &evidence(Some(&writes))).is_ok(), "a device-less driver: its word");
+        writes.note_use();
+        assert_eq!(check_evidence(3, write, &evidence(Some(&writes))), Err(Violation::WriteNotExecuted { id: 3 }));
+        assert!(check_evidence(3, write, &evidence(None)).is_ok(), "no record: the driver's word");
+        writes.record(u64::from(channel::SLOT_SIZE), 40, 4096);
+        assert!(check_evidence(3, write, &evidence(Some(&writes))).is_ok());
+    }
+
     #[test]
     fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
         let flush = Claim::Flushed { mark: 3 };
@@ -301,6 +339,7 @@ mod tests {
             flushes: FlushCount { started, completed },
             written: None,
             read_data: None,
+            writes: None,
         };
         assert!(matches!(check_evidence(1, flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
         assert!(
@@ -314,7 +353,7 @@ mod tests {
         written.record(8, &WrittenSums::sums_of(&data), |_| false);
         let mut read = Claim::Read { sector: 8, verifiable: true };
         fn with<'a>(written: &'a WrittenSums, data: &'a [u8]) -> Evidence<'a> {
-            Evidence { flushes: FlushCount::default(), written: Some(written), read_data: Some(data) }
+            Evidence { flushes: FlushCount::default(), written: Some(written), read_data: Some(data), writes: None }
         }
         assert!(check_evidence(2, read, &with(&written, &data)).is_ok());
         let mut lie = data.clone();

@@ -165,7 +165,7 @@ struct InjectArgs {
     /// Device name.
     device: String,
     /// panic, page-fault, illegal, hang, lie, stop; or lies only evidence
-    /// catches: corrupt-reads (needs checksums=on), skip-flushes; or costs the
+    /// catches: corrupt-reads (needs checksums=on), skip-flushes, skip-writes; or costs the
     /// CPU watch catches: spin (never sleep), flood (ring the doorbell in a loop).
     fault: String,
     /// Requests to serve first.

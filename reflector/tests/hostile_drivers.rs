@@ -148,6 +148,34 @@ fn a_driver_acknowledging_a_flush_it_did_not_do_is_caught() {
     reflector.stop();
 }
 
+/// A driver that acknowledges writes without giving them to the device:
+/// before, the writes were lost and the client's verified reads found the
+/// old data (an adversarial review found it). The device's own record of
+/// the writes it did catches each such answer; the write is replayed to
+/// the next driver VM and every block verifies.
+#[test]
+fn a_driver_acknowledging_a_write_it_did_not_do_is_caught() {
+    if !kvm_available("a_driver_acknowledging_a_write_it_did_not_do_is_caught") {
+        return;
+    }
+    let scratch = Scratch::new("lie-write");
+    let (reflector, socket, control) = serve(&scratch, "");
+    let injected = reflector_command(&control, &["inject", "d0", "skip-writes"]);
+    assert!(injected.status.success(), "{}", String::from_utf8_lossy(&injected.stderr));
+    let load = blk_load(
+        &socket,
+        &["--job", "randwrite,randread", "--bs", "4k", "--qd", "1", "--size", "64k", "--ios", "32", "--verify"],
+    );
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    let status = status(&control);
+    assert!(status["violations"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["last_fault"].as_str().unwrap().contains("write acknowledged before the device wrote it"),
+        "{status}"
+    );
+    reflector.stop();
+}
+
 /// IOPS of a verified random-write/read job on `socket` (must pass).
 fn verified_iops(socket: &Path, seconds: &str) -> f64 {
     let output = blk_load(

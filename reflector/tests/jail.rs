@@ -393,6 +393,7 @@ fn a_jailed_vmm_that_closes_its_output_is_not_taken_for_ended() {
         format!("socket={},image={},size=4M,name=d0,spare=off", socket.display(), scratch.join("d0.img").display()),
     ];
     let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    reflector.wait_for(|_| ctl.exists(), "the control socket");
     reflector
         .wait_for(|r| r.log_text().contains("mute-vmm: closed its standard output"), "the vmm to close its output");
     // The reflector has read the pipe's end by now, or will within this

@@ -48,6 +48,9 @@ impl Pair {
         let reflector = Reflector::start_with(&args, scratch.join("log"), &b, "card ready");
         let mut pair = Pair { _scratch: scratch, reflector, a, b, control };
         pair.reflector.wait_for(|r| r.log_text().matches("card ready").count() >= 2, "both driver VMs");
+        // Claimed after the devices start (and their cards are ready).
+        let control = pair.control.clone();
+        pair.reflector.wait_for(|_| control.exists(), "the control socket");
         pair
     }
 

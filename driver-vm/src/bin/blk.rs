@@ -29,7 +29,7 @@ struct Blk {
 
 impl ChannelDriver for Blk {
     const NAME: &'static str = "blk";
-    const FAULTS: &'static [u32] = &[inject::CORRUPT_READS, inject::SKIP_FLUSHES];
+    const FAULTS: &'static [u32] = &[inject::CORRUPT_READS, inject::SKIP_FLUSHES, inject::SKIP_WRITES];
 
     fn probe(kernel: &Kernel, _channel: &Channel) -> Result<Self, Error> {
         let blk = Blk {

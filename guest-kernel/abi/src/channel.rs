@@ -130,6 +130,10 @@ pub mod inject {
     /// the reflector gave it (a driver reaching for memory it was not
     /// given with the device's own structures), and go on as if it worked.
     pub const WILD_QUEUES: u32 = 12;
+    /// From now on, answer every write OK without giving it to the device
+    /// (a driver that loses writes: only the device's own record of the
+    /// writes it did shows it).
+    pub const SKIP_WRITES: u32 = 13;
 }
 
 /// The [`header::DRIVER_INJECTABLE`] mask of `kinds`.

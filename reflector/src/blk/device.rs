@@ -205,6 +205,9 @@ impl Blk {
         let Some(entry) = self.in_flight.get(slot) else { return false };
         let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
+        if let (RequestKind::Write, Some(writes)) = (request.kind, self.hardware.write_ledger()) {
+            writes.expect(slot, sector);
+        }
         core.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
         if let Some(entry) = self.in_flight.get_mut(slot) {
             entry.sent_at = Some(Instant::now());
@@ -290,9 +293,13 @@ impl Blk {
             }
             _ => None,
         };
-        let evidence =
-            Evidence { flushes: self.hardware.flushes(), written: self.written.as_ref(), read_data: data.as_deref() };
-        driver_answers::check_evidence(entry.id, entry.claim(), &evidence)?;
+        let evidence = Evidence {
+            flushes: self.hardware.flushes(),
+            written: self.written.as_ref(),
+            read_data: data.as_deref(),
+            writes: self.hardware.write_ledger(),
+        };
+        driver_answers::check_evidence(entry.id, entry.claim(slot), &evidence)?;
         // A write that raced another to the same sectors records nothing:
         // its sectors stay unknown (`InFlight::raced`).
         if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() && !entry.raced {

@@ -94,11 +94,13 @@ impl InFlight {
 }
 
 impl InFlight {
-    /// What its answer claims, for the evidence (`driver_answers`).
-    pub fn claim(&self) -> Claim {
+    /// What its answer claims, for the evidence (`driver_answers`); `slot`
+    /// is the slot it was sent in.
+    pub fn claim(&self, slot: u32) -> Claim {
         match self.request.kind {
             RequestKind::Flush => Claim::Flushed { mark: self.flush_mark },
             RequestKind::Read => Claim::Read { sector: self.request.sector, verifiable: self.verifiable },
+            RequestKind::Write => Claim::Written { slot, len: self.data_len },
             _ => Claim::Nothing,
         }
     }
