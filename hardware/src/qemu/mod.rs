@@ -848,6 +848,20 @@ impl QemuModel {
                 );
             }
         }
+        // Jailed, the child reaped is QEMU's keeper, and QEMU dies of its
+        // parent-death signal a moment later: a transfer it had under way
+        // could still land in a bounce slot the replay refills. Its end of
+        // the qtest connection closes once its threads and memory are gone.
+        let deadline = Instant::now() + KILL_WAIT;
+        let gone = crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
+            self.qtest.peer_gone().then_some(())
+        });
+        if gone.is_none() {
+            tracing::warn!(
+                pid = self.pid,
+                "the killed QEMU's connection is still open after {KILL_WAIT:?}; going on without it"
+            );
+        }
     }
 
     /// Turns bus mastering back on for the next driver, which resets the

@@ -226,6 +226,19 @@ impl Qtest {
         }
     }
 
+    /// Whether QEMU's end of the connection is gone: every descriptor of
+    /// it closed, which a process's exit does only after its threads and
+    /// memory are gone. Looks at the socket itself (hang-up), not at what
+    /// the watcher read, which also stops at a broken protocol.
+    pub fn peer_gone(&self) -> bool {
+        // Not waiting for a command under way: it ends once QEMU is gone.
+        let Ok(conversation) = self.conversation.try_lock() else { return false };
+        let mut poll = libc::pollfd { fd: conversation.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: poll(2) on one pollfd on the stack, without waiting.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        ready == 1 && poll.revents & libc::POLLHUP != 0
+    }
+
     fn value(&self, command: &str) -> Result<u64, QtestError> {
         let answer = self.command(command)?;
         answer
@@ -331,6 +344,20 @@ mod tests {
         )
         .unwrap();
         (qtest, theirs, interrupted, closed)
+    }
+
+    /// QEMU's end gone is seen on the socket itself, also after the
+    /// watcher stopped at a broken protocol (before, a kill reaped a jailed
+    /// QEMU's keeper and went on while QEMU itself still ran).
+    #[test]
+    fn the_peer_is_gone_only_once_its_end_is_closed() {
+        let (qtest, qemu, _, closed) = client();
+        // A line longer than any answer: the watcher stops reading.
+        (&qemu).write_all(&[b'x'; MAX_LINE + 1]).unwrap();
+        closed.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(!qtest.peer_gone(), "the watcher stopped, but QEMU's end is still open");
+        drop(qemu);
+        assert!(qtest.peer_gone());
     }
 
     #[test]
