@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use reflector::blk::inflight::{InFlight, InFlightTable};
 use reflector::blk::marshal::{BlkRequest, RequestKind};
 use reflector::channel::Channel;
-use reflector::driver_answers::{self, Evidence, WrittenSums};
+use reflector::driver_answers::{self, Evidence, ReadBack, WrittenSums};
 use reflector::hw::FlushCount;
 use reflector::net::slots::NetSlots;
 use vm_memory::GuestAddress;
@@ -91,11 +91,16 @@ fuzz_target!(|steps: Vec<Step>| {
                         let entry = table.get(answer.slot).expect("a passed answer names a request in flight");
                         assert_eq!(entry.id, completion.id);
                         let data = vec![0u8; entry.data_len as usize];
+                        // A part of a write read back: what the medium holds
+                        // is the input's (the driver's doing).
+                        let read_back =
+                            [ReadBack { sector: entry.request.sector, sent: 0, found: u32::from(flushes_completed) }];
                         let evidence = Evidence {
                             flushes,
                             written: Some(&written),
                             read_data: Some(&data),
                             writes: Some(&writes),
+                            read_back: &read_back,
                         };
                         let _ = driver_answers::check_evidence(entry.id, entry.claim(answer.slot), &evidence);
                         if entry.request.kind == RequestKind::Write {

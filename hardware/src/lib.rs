@@ -179,6 +179,16 @@ pub trait BlockHardware: Hardware {
     fn write_ledger(&self) -> Option<&write_ledger::WriteLedger> {
         None
     }
+    /// The medium as the host itself reads it, where it can: a raw image
+    /// whose sector N is at byte 512·N, which the device writes through
+    /// the page cache (QEMU's NVMe model, the memory disk). The reflector's
+    /// evidence that a write a driver acknowledges is on it: each one is
+    /// read back and compared with what was sent. None where only the
+    /// device reaches its medium (a VFIO function) or where the device
+    /// keeps its own record of its writes ([`BlockHardware::write_ledger`]).
+    fn medium(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// Flushes of a medium, counted by its device. One at a time: a flush
@@ -199,8 +209,9 @@ pub struct FlushCount {
 /// descriptor, through the page cache the device writes) and is counted.
 /// Every write the device performed before the flush was sent is then on
 /// the medium, whatever the driver answers; one sync per flush request. (A
-/// write the driver answered without having the device perform it is not:
-/// nothing proves a write was done, see the threat model.)
+/// write the driver answered without having the device perform it is not;
+/// the reflector reads each acknowledged write back from this image,
+/// [`BlockHardware::medium`].)
 pub struct HostSync {
     image: std::fs::File,
     counts: Mutex<FlushCount>,
@@ -212,6 +223,11 @@ impl HostSync {
     /// Syncs `image` (called `what` in the log) on every mark.
     pub fn new(image: std::fs::File, what: &'static str) -> Self {
         HostSync { image, counts: Mutex::new(FlushCount::default()), what }
+    }
+
+    /// The image it syncs ([`BlockHardware::medium`]).
+    pub fn image(&self) -> &std::fs::File {
+        &self.image
     }
 
     /// The syncs so far ([`BlockHardware::flushes`]).

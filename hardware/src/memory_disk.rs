@@ -95,6 +95,10 @@ impl BlockHardware for MemoryDisk {
     fn flush_mark(&self) -> u64 {
         self.flushes.mark()
     }
+    /// The image the driver writes through the shared mapping.
+    fn medium(&self) -> Option<&std::fs::File> {
+        Some(self.flushes.image())
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,15 @@ pub enum Violation {
         /// Request id.
         id: u64,
     },
+    /// A write acknowledged although the medium, read back by the host,
+    /// does not hold what was sent: the write is lost.
+    #[error("request id {id}: write acknowledged, but the medium does not hold its data (from sector {sector})")]
+    WriteNotOnMedium {
+        /// Request id.
+        id: u64,
+        /// The first sector of the part read back that differs.
+        sector: u64,
+    },
     /// A flush acknowledged although no device flush that started after it
     /// was submitted has finished: its writes may not be on the medium.
     #[error(
@@ -214,7 +223,9 @@ impl WrittenSums {
 
 /// What the reflector knows without asking the driver, to judge a
 /// successful completion the protocol checks cannot: a flush must have
-/// reached the device, and a read must return what was written.
+/// reached the device, a read must return what was written, and a write
+/// must be on the medium.
+#[derive(Default)]
 pub struct Evidence<'a> {
     /// The device's flush counts now.
     pub flushes: FlushCount,
@@ -224,6 +235,22 @@ pub struct Evidence<'a> {
     pub read_data: Option<&'a [u8]>,
     /// The device's record of the writes it performed, if it keeps one.
     pub writes: Option<&'a hardware::write_ledger::WriteLedger>,
+    /// Parts of a write read back from the medium as its answer came
+    /// (`hardware::BlockHardware::medium`; none where the host cannot read
+    /// it, or another write of its sectors was in flight with it and either
+    /// may be there).
+    pub read_back: &'a [ReadBack],
+}
+
+/// A part of a write as the host read it back from the medium.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadBack {
+    /// Its first sector on the medium.
+    pub sector: u64,
+    /// The CRC-32 of what was sent there.
+    pub sent: u32,
+    /// The CRC-32 of what the medium holds there.
+    pub found: u32,
 }
 
 /// What a successful block answer claims, to be judged by the evidence.
@@ -242,12 +269,15 @@ pub enum Claim {
         /// Whether its data must match the known checksums.
         verifiable: bool,
     },
-    /// A write of `len` bytes whose data is in `slot`: done by the device.
+    /// A write of `len` bytes to `sector` whose data is in `slot`: done by
+    /// the device.
     Written {
         /// Its slot (a bounce slot, or its DMA window).
         slot: u32,
         /// Its length.
         len: u32,
+        /// First sector.
+        sector: u64,
     },
     /// Nothing the evidence can judge.
     Nothing,
@@ -260,11 +290,15 @@ pub fn check_evidence(id: u64, claim: Claim, evidence: &Evidence) -> Result<(), 
         Claim::Flushed { mark } if evidence.flushes.completed <= mark => {
             Err(Violation::FlushNotExecuted { id, mark, completed: evidence.flushes.completed })
         }
-        Claim::Written { slot, len }
+        Claim::Written { slot, len, .. }
             if evidence.writes.is_some_and(|writes| writes.device_used() && !writes.done(slot, len)) =>
         {
             Err(Violation::WriteNotExecuted { id })
         }
+        Claim::Written { .. } => match evidence.read_back.iter().find(|part| part.sent != part.found) {
+            Some(lost) => Err(Violation::WriteNotOnMedium { id, sector: lost.sector }),
+            None => Ok(()),
+        },
         Claim::Read { sector, verifiable: true } => match (evidence.written, evidence.read_data) {
             (Some(written), Some(data)) => {
                 written.verify(sector, data).map_err(|sector| Violation::DataMismatch { id, sector })
@@ -321,8 +355,8 @@ mod tests {
     #[test]
     fn a_write_must_have_been_done_by_the_device() {
         let writes = hardware::write_ledger::WriteLedger::new(4);
-        let evidence = |writes| Evidence { flushes: FlushCount::default(), written: None, read_data: None, writes };
-        let write = Claim::Written { slot: 1, len: 4096 };
+        let evidence = |writes| Evidence { writes, ..Evidence::default() };
+        let write = Claim::Written { slot: 1, len: 4096, sector: 40 };
         writes.expect(1, 40);
         assert!(check_evidence(3, write, &evidence(Some(&writes))).is_ok(), "a device-less driver: its word");
         writes.note_use();
@@ -332,15 +366,24 @@ mod tests {
         assert!(check_evidence(3, write, &evidence(Some(&writes))).is_ok());
     }
 
+    /// A write acknowledged on a device whose medium the host reads (QEMU's
+    /// NVMe model, the memory disk) must be there, as read back (before, on
+    /// the driver's word).
+    #[test]
+    fn a_write_must_be_on_the_medium() {
+        let write = Claim::Written { slot: 1, len: 65536, sector: 8 };
+        let part = |sector, found| ReadBack { sector, sent: 7, found };
+        let evidence = |read_back| Evidence { read_back, ..Evidence::default() };
+        let (lost, done) = ([part(8, 7), part(40, 9), part(128, 7)], [part(8, 7), part(128, 7)]);
+        assert_eq!(check_evidence(3, write, &evidence(&lost)), Err(Violation::WriteNotOnMedium { id: 3, sector: 40 }));
+        assert!(check_evidence(3, write, &evidence(&done)).is_ok());
+        assert!(check_evidence(3, write, &evidence(&[])).is_ok(), "nothing read back: not judged");
+    }
+
     #[test]
     fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
         let flush = Claim::Flushed { mark: 3 };
-        let at = |started, completed| Evidence {
-            flushes: FlushCount { started, completed },
-            written: None,
-            read_data: None,
-            writes: None,
-        };
+        let at = |started, completed| Evidence { flushes: FlushCount { started, completed }, ..Evidence::default() };
         assert!(matches!(check_evidence(1, flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
         assert!(
             matches!(check_evidence(1, flush, &at(4, 3)), Err(Violation::FlushNotExecuted { .. })),
@@ -353,7 +396,7 @@ mod tests {
         written.record(8, &WrittenSums::sums_of(&data), |_| false);
         let mut read = Claim::Read { sector: 8, verifiable: true };
         fn with<'a>(written: &'a WrittenSums, data: &'a [u8]) -> Evidence<'a> {
-            Evidence { flushes: FlushCount::default(), written: Some(written), read_data: Some(data), writes: None }
+            Evidence { written: Some(written), read_data: Some(data), ..Evidence::default() }
         }
         assert!(check_evidence(2, read, &with(&written, &data)).is_ok());
         let mut lie = data.clone();

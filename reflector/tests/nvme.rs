@@ -269,6 +269,44 @@ fn a_driver_pointing_its_controller_outside_the_dma_region_is_caught_and_replace
     assert!(std::fs::read(&image).unwrap() == before, "reads through a wild driver changed the image");
 }
 
+/// A driver that acknowledges writes without giving them to QEMU's
+/// controller: before, each was lost (a later read found the old data, and
+/// only `checksums=on` noticed, at that read; without it the client got
+/// the old data). QEMU's model keeps no record of its writes, so the
+/// reflector reads each acknowledged write back from the image: the lie is
+/// a violation, the write is replayed to the next driver VM, and every
+/// block verifies.
+#[test]
+fn a_driver_acknowledging_a_write_it_did_not_do_is_caught_on_the_image() {
+    let test = "a_driver_acknowledging_a_write_it_did_not_do_is_caught_on_the_image";
+    if !available(test) {
+        return;
+    }
+    let scratch = Scratch::new("nvme-skip");
+    let (socket, image, control) = (scratch.join("d.sock"), scratch.join("d.img"), scratch.join("ctl"));
+    let mut args = blk_arg(&socket, &image, ",size=16M,name=liar,device=nvme");
+    args.extend(["--control".to_string(), control.display().to_string()]);
+    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "nvme: serving channel generation");
+    reflector.wait_for(|_| control.exists(), "the control socket");
+    let inject = Command::new(sibling("reflector"))
+        .args(["inject", "liar", "skip-writes", "--control"])
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(inject.status.success(), "inject: {}", String::from_utf8_lossy(&inject.stderr));
+    let (output, jobs) = blk_load(
+        &socket,
+        &["--job", "randwrite,randread", "--bs", "4k", "--qd", "1", "--size", "64k", "--ios", "32", "--verify"],
+    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for job in &jobs {
+        assert_eq!((job["errors"].as_u64(), job["mismatches"].as_u64()), (Some(0), Some(0)), "{job}");
+    }
+    let log = reflector.stop();
+    assert!(log.contains("the medium does not hold its data"), "the lie was not caught: {log}");
+    assert!(log.contains("driver VM restarted"), "{log}");
+}
+
 #[test]
 fn a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and_nothing_is_lost() {
     let test = "a_driver_moving_its_controllers_queues_outside_the_dma_region_is_replaced_and_nothing_is_lost";

@@ -94,7 +94,7 @@ struct Nvme {
 
 impl ChannelDriver for Nvme {
     const NAME: &'static str = "nvme";
-    const FAULTS: &'static [u32] = &[inject::WILD_DMA, inject::WILD_QUEUES];
+    const FAULTS: &'static [u32] = &[inject::WILD_DMA, inject::WILD_QUEUES, inject::SKIP_WRITES];
 
     fn probe(kernel: &Kernel, channel: &Channel) -> Result<Self, Error> {
         let regs = kernel.window("regs").ok_or(Error::MissingWindow("regs"))?;

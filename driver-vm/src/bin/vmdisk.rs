@@ -9,7 +9,7 @@
 #![cfg_attr(not(test), no_main)]
 
 use driver_vm::channel::{Channel, ChannelDriver, Device};
-use driver_vm::kernel::abi::channel::{op, slot_offset, status, RequestEntry, SLOT_SIZE};
+use driver_vm::kernel::abi::channel::{inject, op, slot_offset, status, RequestEntry, SLOT_SIZE};
 use driver_vm::kernel::device::Window;
 use driver_vm::{Error, Kernel};
 
@@ -22,6 +22,7 @@ struct VmDisk {
 
 impl ChannelDriver for VmDisk {
     const NAME: &'static str = "vmdisk";
+    const FAULTS: &'static [u32] = &[inject::SKIP_WRITES];
 
     fn probe(kernel: &Kernel, _channel: &Channel) -> Result<Self, Error> {
         let disk = kernel.window("disk").ok_or(Error::MissingWindow("disk"))?;

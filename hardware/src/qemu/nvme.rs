@@ -137,4 +137,9 @@ impl BlockHardware for QemuNvme {
     fn flush_mark(&self) -> u64 {
         self.flushes.mark()
     }
+    /// The image QEMU writes through the page cache (`cache=writeback`,
+    /// raw), read through the host's own descriptor.
+    fn medium(&self) -> Option<&std::fs::File> {
+        Some(self.flushes.image())
+    }
 }

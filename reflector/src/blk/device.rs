@@ -33,9 +33,10 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, VolatileSlice};
 
 use super::inflight::{self, InFlight, InFlightTable};
 use super::marshal::{self, BlkRequest, Limits, RequestKind, Segment};
+use super::read_back;
 use crate::channel::Channel;
 use crate::device::{Device, DeviceCore, DeviceKind};
-use crate::driver_answers::{self, Evidence, WrittenSums};
+use crate::driver_answers::{self, Evidence, ReadBack, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
 use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
@@ -73,6 +74,11 @@ pub struct Blk {
     waiting: VecDeque<Waiting>,
     /// Deaths a request may be in before it is a poison request.
     poison_deaths: u32,
+    /// Where the middle part of a long write read back from the medium is
+    /// drawn (keys from the OS: a driver cannot predict it), and the
+    /// failures to read the medium, for the log.
+    draws: std::hash::RandomState,
+    unreadable_medium: crate::hw::LogEvery,
 }
 
 impl Blk {
@@ -94,6 +100,8 @@ impl Blk {
             in_flight: InFlightTable::with_windows(hardware.dma_windows()),
             waiting: VecDeque::new(),
             poison_deaths,
+            draws: std::hash::RandomState::new(),
+            unreadable_medium: crate::hw::LogEvery::default(),
         }
     }
 
@@ -170,7 +178,7 @@ impl Blk {
             RequestKind::Write => channel::op::WRITE,
             _ => channel::op::FLUSH,
         };
-        let mut sums = Vec::new();
+        let (mut sums, mut read_back) = (Vec::new(), Vec::new());
         if let (Some(limit), RequestKind::Read | RequestKind::Write) = (self.in_flight.window_limit(), request.kind) {
             // dma=direct: the device reaches the client's buffers through a
             // window while the request is in flight; nothing is copied.
@@ -200,8 +208,12 @@ impl Blk {
             if !matches!(copied, Some(Ok(()))) || core.client_memory_poisoned() {
                 return false;
             }
+            if self.hardware.medium().is_some() {
+                let len = entry.data_len;
+                read_back = self.sent_stretches(&core.channel, slot, len);
+            }
         }
-        self.gather_evidence(slot, sums);
+        self.gather_evidence(slot, sums, read_back);
         let Some(entry) = self.in_flight.get(slot) else { return false };
         let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
@@ -219,8 +231,11 @@ impl Blk {
     /// judged against: the device's flush count for a flush; with
     /// checksums, a write's data sums (`write_sums`; its sectors become
     /// unknown until it completes, and reads of them in flight
-    /// unverifiable), and whether a read can be verified.
-    fn gather_evidence(&mut self, slot: u32, write_sums: Vec<u32>) {
+    /// unverifiable), and whether a read can be verified; where the medium
+    /// is read back, what a write sent to the parts read back. A write that
+    /// overlaps another in flight is `raced`: either may end up on the
+    /// medium, so neither is judged by what it sent.
+    fn gather_evidence(&mut self, slot: u32, write_sums: Vec<u32>, read_back: Vec<read_back::Stretch>) {
         let Some(entry) = self.in_flight.get(slot) else { return };
         let kind = entry.request.kind;
         let others_of = |wanted: RequestKind| -> Vec<u32> {
@@ -237,7 +252,7 @@ impl Blk {
                     entry.flush_mark = mark;
                 }
             }
-            RequestKind::Write if self.written.is_some() => {
+            RequestKind::Write if self.written.is_some() || !read_back.is_empty() => {
                 let (sectors, reads) = (entry.sectors(), others_of(RequestKind::Read));
                 let writes = others_of(RequestKind::Write);
                 if let Some(written) = self.written.as_mut() {
@@ -256,6 +271,7 @@ impl Blk {
                 }
                 if let Some(entry) = self.in_flight.get_mut(slot) {
                     entry.sums = write_sums;
+                    entry.read_back = read_back;
                     entry.raced |= raced;
                 }
             }
@@ -293,16 +309,26 @@ impl Blk {
             }
             _ => None,
         };
+        let unraced_write = entry.request.kind == RequestKind::Write && !entry.raced;
+        let read_back = match unraced_write {
+            true => {
+                let (sector, parts) = (entry.request.sector, entry.read_back.clone());
+                self.read_back(sector, &parts)
+            }
+            false => Vec::new(),
+        };
+        let Some(entry) = self.in_flight.get(slot) else { return Ok(None) };
         let evidence = Evidence {
             flushes: self.hardware.flushes(),
             written: self.written.as_ref(),
             read_data: data.as_deref(),
             writes: self.hardware.write_ledger(),
+            read_back: &read_back,
         };
         driver_answers::check_evidence(entry.id, entry.claim(slot), &evidence)?;
         // A write that raced another to the same sectors records nothing:
         // its sectors stay unknown (`InFlight::raced`).
-        if entry.request.kind == RequestKind::Write && !entry.sums.is_empty() && !entry.raced {
+        if unraced_write && !entry.sums.is_empty() {
             let (sector, sums) = (entry.request.sector, entry.sums.clone());
             let others: Vec<std::ops::Range<u64>> = self
                 .in_flight
@@ -315,6 +341,54 @@ impl Blk {
             }
         }
         Ok(data)
+    }
+
+    /// The parts of a write of `len` bytes in `slot` to read back from the
+    /// medium, with the CRC-32 of what the slot holds there now, just after
+    /// the copy into it ([`read_back`]).
+    fn sent_stretches(&mut self, channel: &Channel, slot: u32, len: u32) -> Vec<read_back::Stretch> {
+        use std::hash::BuildHasher;
+        let draw = self.draws.hash_one(self.in_flight.get(slot).map(|entry| entry.id));
+        let Some(bounce) = channel.slot(slot, len as usize) else { return Vec::new() };
+        let mut chunk = [0u8; 4096];
+        let stretches = read_back::stretches(len / 512, draw);
+        stretches
+            .map(|(first, count)| {
+                let mut crc = crc32fast::Hasher::new();
+                let (start, end) = (first as usize * 512, (first + count) as usize * 512);
+                for at in (start..end).step_by(chunk.len()) {
+                    let n = (end - at).min(chunk.len());
+                    if let Ok(part) = bounce.subslice(at, n) {
+                        part.copy_to(&mut chunk[..n]);
+                    }
+                    crc.update(&chunk[..n]);
+                }
+                read_back::Stretch { first, count, crc: crc.finalize() }
+            })
+            .collect()
+    }
+
+    /// Reads `parts` of a write at `sector` back from the medium. A part the
+    /// host cannot read is left out (its fault, not the driver's: logged at
+    /// powers of two).
+    fn read_back(&mut self, sector: u64, parts: &[read_back::Stretch]) -> Vec<ReadBack> {
+        use std::os::unix::fs::FileExt;
+        let Some(medium) = self.hardware.medium() else { return Vec::new() };
+        let mut data = [0u8; read_back::WHOLE_UP_TO as usize * 512];
+        let mut read = Vec::with_capacity(parts.len());
+        for part in parts {
+            let at = sector + u64::from(part.first);
+            let data = &mut data[..(part.count as usize * 512).min(read_back::WHOLE_UP_TO as usize * 512)];
+            match medium.read_exact_at(data, at * 512) {
+                Ok(()) => read.push(ReadBack { sector: at, sent: part.crc, found: crc32fast::hash(data) }),
+                Err(error) => {
+                    if let Some(failures) = self.unreadable_medium.note() {
+                        tracing::warn!(%error, sector = at, failures, "cannot read a write back from the medium; that part goes unjudged");
+                    }
+                }
+            }
+        }
+        read
     }
 
     /// Sends the held requests the table releases (one suspect at a time

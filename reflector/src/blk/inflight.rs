@@ -35,6 +35,9 @@ pub struct InFlight {
     pub flush_mark: u64,
     /// Write (with checksums): the checksums of the data sent.
     pub sums: Vec<u32>,
+    /// Write, where the host reads the medium back: the parts of it read
+    /// back, with what was sent there ([`crate::blk::read_back`]).
+    pub read_back: Vec<crate::blk::read_back::Stretch>,
     /// Read (with checksums): no write of its sectors was in flight since
     /// it was sent, so its data must match the known checksums.
     pub verifiable: bool,
@@ -72,6 +75,7 @@ impl InFlight {
             client,
             flush_mark: 0,
             sums: Vec::new(),
+            read_back: Vec::new(),
             verifiable: false,
             deaths: 0,
             sent: true,
@@ -100,7 +104,7 @@ impl InFlight {
         match self.request.kind {
             RequestKind::Flush => Claim::Flushed { mark: self.flush_mark },
             RequestKind::Read => Claim::Read { sector: self.request.sector, verifiable: self.verifiable },
-            RequestKind::Write => Claim::Written { slot, len: self.data_len },
+            RequestKind::Write => Claim::Written { slot, len: self.data_len, sector: self.request.sector },
             _ => Claim::Nothing,
         }
     }
