@@ -93,8 +93,11 @@ fuzz_target!(|steps: Vec<Step>| {
                         let data = vec![0u8; entry.data_len as usize];
                         // A part of a write read back: what the medium holds
                         // is the input's (the driver's doing).
-                        let read_back =
-                            [ReadBack { sector: entry.request.sector, sent: 0, found: u32::from(flushes_completed) }];
+                        let read_back = [ReadBack {
+                            sector: entry.request.sector,
+                            sent: 0,
+                            found: Some(u32::from(flushes_completed)),
+                        }];
                         let evidence = Evidence {
                             flushes,
                             written: Some(&written),

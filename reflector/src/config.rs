@@ -465,6 +465,17 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         // window, which the memory device does not offer yet.
         return Err("readonly=on is not available with device=memory: use device=sim for a read-only disk".into());
     }
+    let medium_read_back = matches!(config.device, DeviceHardware::Memory | DeviceHardware::QemuModel { .. });
+    if medium_read_back && matches!(config.driver.as_str(), "null" | crate::inline_driver::INLINE_NULL) {
+        // Each write a driver answers OK is read back from these devices'
+        // images (`blk::read_back`): a driver that keeps nothing would be
+        // caught lying at every write, and its device fail.
+        return Err(format!(
+            "driver={} keeps no data, and device={} has every write read back from its image: use the default device (device=sim)",
+            config.driver,
+            if config.device == DeviceHardware::Memory { "memory" } else { "nvme" }
+        ));
+    }
     if config.aio.is_some() && !matches!(config.device, DeviceHardware::QemuModel { .. }) {
         // Only QEMU's block layer has an aio= to choose.
         return Err("aio= is for device=nvme (how QEMU reaches the image): other devices do their own I/O".into());
@@ -975,6 +986,23 @@ mod tests {
         assert!(error.contains("key `spare`") && error.contains("expected off, standby or warm"), "{error}");
         let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";
         assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Some(SpareKind::Standby));
+    }
+
+    /// A device whose writes are read back from its image refuses the
+    /// drivers that keep no data (before, every write they answered was a
+    /// violation, and the device failed its requests).
+    #[test]
+    fn drivers_that_keep_no_data_are_refused_where_writes_are_read_back() {
+        for spec in [
+            "socket=/s,image=/i,device=nvme,driver=null",
+            "socket=/s,image=/i,device=memory,driver=null",
+            "socket=/s,image=/i,device=nvme,driver=inline-null",
+        ] {
+            let error = parse_blk(spec, 0).unwrap_err().to_string();
+            assert!(error.contains("keeps no data") && error.contains("device=sim"), "{spec}: {error}");
+        }
+        assert!(parse_blk("socket=/s,image=/i,driver=null", 0).is_ok());
+        assert!(parse_blk("socket=/s,image=/i,driver=inline-null", 0).is_ok());
     }
 
     #[test]

@@ -249,8 +249,9 @@ pub struct ReadBack {
     pub sector: u64,
     /// The CRC-32 of what was sent there.
     pub sent: u32,
-    /// The CRC-32 of what the medium holds there.
-    pub found: u32,
+    /// The CRC-32 of what the medium holds there (None: the medium ends
+    /// before it).
+    pub found: Option<u32>,
 }
 
 /// What a successful block answer claims, to be judged by the evidence.
@@ -269,15 +270,12 @@ pub enum Claim {
         /// Whether its data must match the known checksums.
         verifiable: bool,
     },
-    /// A write of `len` bytes to `sector` whose data is in `slot`: done by
-    /// the device.
+    /// A write of `len` bytes whose data is in `slot`: done by the device.
     Written {
         /// Its slot (a bounce slot, or its DMA window).
         slot: u32,
         /// Its length.
         len: u32,
-        /// First sector.
-        sector: u64,
     },
     /// Nothing the evidence can judge.
     Nothing,
@@ -290,12 +288,12 @@ pub fn check_evidence(id: u64, claim: Claim, evidence: &Evidence) -> Result<(), 
         Claim::Flushed { mark } if evidence.flushes.completed <= mark => {
             Err(Violation::FlushNotExecuted { id, mark, completed: evidence.flushes.completed })
         }
-        Claim::Written { slot, len, .. }
+        Claim::Written { slot, len }
             if evidence.writes.is_some_and(|writes| writes.device_used() && !writes.done(slot, len)) =>
         {
             Err(Violation::WriteNotExecuted { id })
         }
-        Claim::Written { .. } => match evidence.read_back.iter().find(|part| part.sent != part.found) {
+        Claim::Written { .. } => match evidence.read_back.iter().find(|part| part.found != Some(part.sent)) {
             Some(lost) => Err(Violation::WriteNotOnMedium { id, sector: lost.sector }),
             None => Ok(()),
         },
@@ -356,7 +354,7 @@ mod tests {
     fn a_write_must_have_been_done_by_the_device() {
         let writes = hardware::write_ledger::WriteLedger::new(4);
         let evidence = |writes| Evidence { writes, ..Evidence::default() };
-        let write = Claim::Written { slot: 1, len: 4096, sector: 40 };
+        let write = Claim::Written { slot: 1, len: 4096 };
         writes.expect(1, 40);
         assert!(check_evidence(3, write, &evidence(Some(&writes))).is_ok(), "a device-less driver: its word");
         writes.note_use();
@@ -371,11 +369,13 @@ mod tests {
     /// the driver's word).
     #[test]
     fn a_write_must_be_on_the_medium() {
-        let write = Claim::Written { slot: 1, len: 65536, sector: 8 };
+        let write = Claim::Written { slot: 1, len: 65536 };
         let part = |sector, found| ReadBack { sector, sent: 7, found };
         let evidence = |read_back| Evidence { read_back, ..Evidence::default() };
-        let (lost, done) = ([part(8, 7), part(40, 9), part(128, 7)], [part(8, 7), part(128, 7)]);
+        let lost = [part(8, Some(7)), part(40, Some(9)), part(128, Some(7))];
+        let (cut, done) = ([part(8, Some(7)), part(128, None)], [part(8, Some(7)), part(128, Some(7))]);
         assert_eq!(check_evidence(3, write, &evidence(&lost)), Err(Violation::WriteNotOnMedium { id: 3, sector: 40 }));
+        assert_eq!(check_evidence(3, write, &evidence(&cut)), Err(Violation::WriteNotOnMedium { id: 3, sector: 128 }));
         assert!(check_evidence(3, write, &evidence(&done)).is_ok());
         assert!(check_evidence(3, write, &evidence(&[])).is_ok(), "nothing read back: not judged");
     }

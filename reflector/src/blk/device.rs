@@ -179,6 +179,12 @@ impl Blk {
             _ => channel::op::FLUSH,
         };
         let (mut sums, mut read_back) = (Vec::new(), Vec::new());
+        // Where writes are read back from the medium, the draw that places
+        // the middle part of a long one.
+        let draw = self.hardware.medium().map(|_| {
+            use std::hash::BuildHasher;
+            self.draws.hash_one(entry.id)
+        });
         if let (Some(limit), RequestKind::Read | RequestKind::Write) = (self.in_flight.window_limit(), request.kind) {
             // dma=direct: the device reaches the client's buffers through a
             // window while the request is in flight; nothing is copied.
@@ -194,6 +200,11 @@ impl Blk {
                     let mut data = vec![0u8; entry.data_len as usize];
                     let staged = marshal::copy_to_slot(memory, request, &VolatileSlice::from(&mut data[..]));
                     sums = WrittenSums::sums_of(&data);
+                    if let Some(draw) = draw {
+                        read_back = read_back::sent(data.len(), draw, |at, part| {
+                            part.copy_from_slice(&data[at..at + part.len()]);
+                        });
+                    }
                     staged.ok().and_then(|()| core.channel.slot(slot, data.len())).map(|bounce| {
                         bounce.copy_from(&data[..]);
                         Ok(())
@@ -208,9 +219,17 @@ impl Blk {
             if !matches!(copied, Some(Ok(()))) || core.client_memory_poisoned() {
                 return false;
             }
-            if self.hardware.medium().is_some() {
-                let len = entry.data_len;
-                read_back = self.sent_stretches(&core.channel, slot, len);
+            // Without a staged copy, what the slot holds just after the copy
+            // (a driver could change it meanwhile; it can write any sector
+            // anyway: the read-back catches lost writes, not forged data).
+            if let (Some(draw), None) = (draw, self.written.as_ref()) {
+                read_back = core.channel.slot(slot, entry.data_len as usize).map_or_else(Vec::new, |bounce| {
+                    read_back::sent(bounce.len(), draw, |at, part| {
+                        if let Ok(from) = bounce.subslice(at, part.len()) {
+                            from.copy_to(part);
+                        }
+                    })
+                });
             }
         }
         self.gather_evidence(slot, sums, read_back);
@@ -343,31 +362,6 @@ impl Blk {
         Ok(data)
     }
 
-    /// The parts of a write of `len` bytes in `slot` to read back from the
-    /// medium, with the CRC-32 of what the slot holds there now, just after
-    /// the copy into it ([`read_back`]).
-    fn sent_stretches(&mut self, channel: &Channel, slot: u32, len: u32) -> Vec<read_back::Stretch> {
-        use std::hash::BuildHasher;
-        let draw = self.draws.hash_one(self.in_flight.get(slot).map(|entry| entry.id));
-        let Some(bounce) = channel.slot(slot, len as usize) else { return Vec::new() };
-        let mut chunk = [0u8; 4096];
-        let stretches = read_back::stretches(len / 512, draw);
-        stretches
-            .map(|(first, count)| {
-                let mut crc = crc32fast::Hasher::new();
-                let (start, end) = (first as usize * 512, (first + count) as usize * 512);
-                for at in (start..end).step_by(chunk.len()) {
-                    let n = (end - at).min(chunk.len());
-                    if let Ok(part) = bounce.subslice(at, n) {
-                        part.copy_to(&mut chunk[..n]);
-                    }
-                    crc.update(&chunk[..n]);
-                }
-                read_back::Stretch { first, count, crc: crc.finalize() }
-            })
-            .collect()
-    }
-
     /// Reads `parts` of a write at `sector` back from the medium. A part the
     /// host cannot read is left out (its fault, not the driver's: logged at
     /// powers of two).
@@ -380,7 +374,12 @@ impl Blk {
             let at = sector + u64::from(part.first);
             let data = &mut data[..(part.count as usize * 512).min(read_back::WHOLE_UP_TO as usize * 512)];
             match medium.read_exact_at(data, at * 512) {
-                Ok(()) => read.push(ReadBack { sector: at, sent: part.crc, found: crc32fast::hash(data) }),
+                Ok(()) => read.push(ReadBack { sector: at, sent: part.crc, found: Some(crc32fast::hash(data)) }),
+                // Inside the device's capacity (the write was checked
+                // against it): the image was cut short under the device.
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    read.push(ReadBack { sector: at, sent: part.crc, found: None })
+                }
                 Err(error) => {
                     if let Some(failures) = self.unreadable_medium.note() {
                         tracing::warn!(%error, sector = at, failures, "cannot read a write back from the medium; that part goes unjudged");

@@ -104,7 +104,7 @@ impl InFlight {
         match self.request.kind {
             RequestKind::Flush => Claim::Flushed { mark: self.flush_mark },
             RequestKind::Read => Claim::Read { sector: self.request.sector, verifiable: self.verifiable },
-            RequestKind::Write => Claim::Written { slot, len: self.data_len, sector: self.request.sector },
+            RequestKind::Write => Claim::Written { slot, len: self.data_len },
             _ => Claim::Nothing,
         }
     }

@@ -56,9 +56,44 @@ pub fn stretches(sectors: u32, draw: u64) -> impl Iterator<Item = (u32, u32)> {
     whole.into_iter().chain(head).chain(middle).chain(tail)
 }
 
+/// The parts of a write of `len` bytes to read back, with the CRC-32 of
+/// what was sent there: `read(at, part)` fills `part` with the payload's
+/// bytes from offset `at` (at most 4 KiB at a time); `draw` places the
+/// middle part of a long write.
+pub fn sent(len: usize, draw: u64, mut read: impl FnMut(usize, &mut [u8])) -> Vec<Stretch> {
+    let mut chunk = [0u8; 4096];
+    let sectors = u32::try_from(len / 512).unwrap_or(u32::MAX);
+    stretches(sectors, draw)
+        .map(|(first, count)| {
+            let mut crc = crc32fast::Hasher::new();
+            let (start, end) = (first as usize * 512, (first + count) as usize * 512);
+            for at in (start..end).step_by(chunk.len()) {
+                let part = &mut chunk[..(end - at).min(4096)];
+                read(at, part);
+                crc.update(part);
+            }
+            Stretch { first, count, crc: crc.finalize() }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_was_sent_is_summed_part_by_part() {
+        let payload: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        let parts = sent(payload.len(), 3, |at, part| part.copy_from_slice(&payload[at..at + part.len()]));
+        let places: Vec<_> = stretches(128, 3).collect();
+        assert_eq!(parts.len(), places.len());
+        for (part, (first, count)) in parts.iter().zip(places) {
+            let bytes = &payload[first as usize * 512..(first + count) as usize * 512];
+            assert_eq!(*part, Stretch { first, count, crc: crc32fast::hash(bytes) });
+        }
+        let short = sent(1024, 3, |at, part| part.copy_from_slice(&payload[at..at + part.len()]));
+        assert_eq!(short, [Stretch { first: 0, count: 2, crc: crc32fast::hash(&payload[..1024]) }]);
+    }
 
     #[test]
     fn short_writes_are_read_back_whole() {
