@@ -47,6 +47,9 @@ pub struct Lies {
     /// Set the device up again with its queues outside that region (a
     /// driver of such a device offers it; it acts on it once).
     pub wild_queues: bool,
+    /// Keep the device busy with work no request asked for (a driver whose
+    /// device can be given such work offers it).
+    pub junk_io: bool,
 }
 
 /// The faults every driver can commit through this module (none without
@@ -272,6 +275,7 @@ impl Channel {
             inject::FLOOD => self.lies.flood = true,
             inject::WILD_DMA => self.lies.wild_dma = true,
             inject::WILD_QUEUES => self.lies.wild_queues = true,
+            inject::JUNK_IO => self.lies.junk_io = true,
             _ => {}
         }
         false
@@ -376,11 +380,14 @@ fn serve_then_greet<D: Device>(
     let mut window = PollWindow::new(poll_window_us);
     loop {
         let (submitted, reaped) = turn(channel, device)?;
+        // A driver giving its device work nobody asked for (`junk_io`)
+        // sleeps at once, so that its own vCPU stays under every watch.
+        let polling = !channel.lies.junk_io && idle_since.elapsed_us() < window.us();
         if submitted || reaped {
             idle_since = time::Instant::now();
         } else if channel.lies.flood {
             channel.doorbell.ring(1);
-        } else if channel.lies.spin || idle_since.elapsed_us() < window.us() {
+        } else if channel.lies.spin || polling {
             core::hint::spin_loop();
         } else {
             if let Some(greet) = greeting.take() {

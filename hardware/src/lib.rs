@@ -142,6 +142,17 @@ pub trait Hardware: Send + Sync {
     /// devices' processes at once and then waits for them together.
     /// Simulated devices have nothing of the kind.
     fn stop(&self) {}
+    /// The work the device did for its drivers on the reflector's own
+    /// threads, counted by the device itself: each data transfer's bytes,
+    /// and [`COMMAND_WORK`] for each command or frame besides. The
+    /// reflector holds it against the work it asked of the driver, so that
+    /// a driver cannot spend the host's CPU through its device while its
+    /// own vCPU sleeps under its quota. None where the device's work is not
+    /// the reflector's (a device model's process, under its jail's limits;
+    /// a real device; a memory disk, which the driver's vCPU copies).
+    fn work_done(&self) -> Option<u64> {
+        None
+    }
     /// The reflector is stopping: [`Hardware::stop`] if not yet done, then
     /// ends what the hardware's process ran in (its jail's cgroups).
     fn shut_down(&self) {}
@@ -250,6 +261,12 @@ impl HostSync {
         mark
     }
 }
+
+/// What one command or frame costs a device besides its bytes, in the
+/// units of [`Hardware::work_done`]: a command's own handling (a
+/// completion, a `pread` or `pwrite` call, a flush's `fdatasync`) costs
+/// about what a 4 KiB copy does.
+pub const COMMAND_WORK: u64 = 4096;
 
 /// A network card: its address and link.
 pub trait NetHardware: Hardware {

@@ -49,6 +49,10 @@ pub struct NicCounters {
     pub rx_dropped: AtomicU64,
     /// Descriptors failed (bad length or DMA address).
     pub bad_descriptors: AtomicU64,
+    /// The card's work for its driver ([`Hardware::work_done`]): each
+    /// transmit descriptor's bytes and [`crate::COMMAND_WORK`]. Received
+    /// frames are the wire's doing, not the driver's.
+    pub tx_work: AtomicU64,
 }
 
 /// The card.
@@ -117,6 +121,10 @@ impl Hardware for SimNic {
 
     fn interrupt(&self) -> Arc<InterruptRoute> {
         self.interrupt.clone()
+    }
+
+    fn work_done(&self) -> Option<u64> {
+        Some(self.port.counters.tx_work.load(Ordering::Relaxed))
     }
 
     fn quiesce(&self) {
@@ -411,6 +419,7 @@ impl Engine {
                 Err(status) => status,
             };
             let len = if status == completion::SUCCESS { descriptor.len } else { 0 };
+            self.counters.tx_work.fetch_add(u64::from(len) + crate::COMMAND_WORK, Ordering::Relaxed);
             self.push_completion(true, Completion { id: descriptor.id, status, len });
         }
         if self.tx_head != start {
@@ -725,6 +734,10 @@ mod tests {
         let mut received = vec![0u8; 1000];
         b.dma.slice(0x2000, 1000).unwrap().copy_to(&mut received[..]);
         assert_eq!(received, sent);
+        // The sender's card did the work of one frame for its driver; the
+        // receiver's, none (what arrives is the wire's doing).
+        assert_eq!(a.nic.work_done(), Some(1000 + crate::COMMAND_WORK));
+        assert_eq!(b.nic.work_done(), Some(0));
     }
 
     #[test]

@@ -504,13 +504,15 @@ pub enum FaultKind {
     WildDma,
     /// Set the device up again with its queues outside its region.
     WildQueues,
+    /// Keep the device busy with work no request asked for from now on.
+    JunkIo,
 }
 
 impl FaultKind {
     /// Every kind, by its name (`panic`, `page-fault`, ...).
     pub const NAMES: &'static str =
-        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, skip-writes, spin, flood, wild-dma or \
-         wild-queues";
+        "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, skip-writes, spin, flood, wild-dma, \
+         wild-queues or junk-io";
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<FaultKind> {
@@ -533,6 +535,7 @@ impl FaultKind {
             FaultKind::Flood => inject::FLOOD,
             FaultKind::WildDma => inject::WILD_DMA,
             FaultKind::WildQueues => inject::WILD_QUEUES,
+            FaultKind::JunkIo => inject::JUNK_IO,
         }
     }
 }

@@ -94,6 +94,13 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn acked_features(&mut self, _features: u64) {}
     /// The virtio config space.
     fn config_space(&self) -> Vec<u8>;
+    /// The work the device did for its drivers so far and the work the
+    /// reflector asked of them, in the units of
+    /// [`crate::hw::Hardware::work_done`], where the device counts its own
+    /// (`driver_watch` holds the one against the other).
+    fn work(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Requests (or frames) the driver VM holds: what the hang watch waits
     /// on.
     fn in_driver(&self) -> usize;
@@ -891,7 +898,7 @@ impl<K: DeviceKind> Device<K> {
         if self.kind.in_driver() > 0 {
             core.watch.note_busy();
         }
-        if let Some(abuse) = core.watch.look(pid, core.rings, core.answers) {
+        if let Some(abuse) = core.watch.look(pid, core.rings, core.answers, self.kind.work()) {
             core.metrics.abuses.fetch_add(1, Ordering::Relaxed);
             self.handle(vrings, Event::Fault(Fault::Abuse(abuse.to_string())));
         }

@@ -1,7 +1,10 @@
 //! Judges what a driver VM costs, not what it answers: a driver can be
 //! correct in every answer and still take a core by spinning while it has
-//! nothing to do, or by ringing the reflector's doorbell in a loop (each
-//! ring wakes a reflector worker). Either is a fault like a hang: the
+//! nothing to do, by ringing the reflector's doorbell in a loop (each
+//! ring wakes a reflector worker), or by giving its device work no request
+//! asked for (a simulated device works on the reflector's own threads,
+//! outside the driver's CPU quota: a driver sleeping under its quota could
+//! keep a host core busy copying). Each is a fault like a hang: the
 //! driver VM is replaced, and one that keeps doing it exhausts its fault
 //! budget. A CPU quota per driver VM (its jail) bounds the damage in the
 //! meantime; this makes it visible and ends it.
@@ -30,6 +33,14 @@ pub const IDLE_CPU_LIMIT: f64 = 0.2;
 /// (an ioeventfd exit costs about 23 us).
 pub const SPARE_RINGS: u64 = 1000;
 
+/// Device work per period beyond twice the work asked of the driver
+/// (`hw::Hardware::work_done` units: bytes, and 4 KiB a command) that is
+/// abuse. Twice: a driver may retry what failed. The margin covers work
+/// asked in one period and done in the next (at most every slot in flight:
+/// 128 block slots of 128 KiB, 17 MiB with their commands' share) and a
+/// driver's own set-up; 64 MiB of copying is about 5 ms of a core here.
+pub const SPARE_WORK: u64 = 64 << 20;
+
 /// What a driver VM was caught doing.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Abuse {
@@ -45,6 +56,13 @@ pub enum Abuse {
         /// Completions in the period.
         completions: u64,
     },
+    /// Its device worked far beyond what was asked of it.
+    DeviceOverwork {
+        /// The device's work in the period (bytes, and 4 KiB a command).
+        done: u64,
+        /// The work asked of the driver in the period.
+        asked: u64,
+    },
 }
 
 impl std::fmt::Display for Abuse {
@@ -55,6 +73,9 @@ impl std::fmt::Display for Abuse {
             }
             Abuse::DoorbellFlood { rings, completions } => {
                 write!(f, "the driver VM rang the reflector {rings} times for {completions} completions")
+            }
+            Abuse::DeviceOverwork { done, asked } => {
+                write!(f, "the driver VM had its device work {} MiB for {} MiB of requests", done >> 20, asked >> 20)
             }
         }
     }
@@ -67,6 +88,8 @@ struct Mark {
     cpu: Duration,
     rings: u64,
     completions: u64,
+    /// The device's work and the work asked, where the device counts it.
+    work: Option<(u64, u64)>,
 }
 
 /// Watches one device's current driver VM.
@@ -84,10 +107,19 @@ impl ResourceWatch {
         self.busy = true;
     }
 
-    /// Ends a period of driver VM `pid` with its counters now; what it was
-    /// caught doing, if anything. A new pid starts a new period unjudged.
-    pub fn tick(&mut self, pid: i32, now: Instant, cpu: Duration, rings: u64, completions: u64) -> Option<Abuse> {
-        let current = Mark { at: now, cpu, rings, completions };
+    /// Ends a period of driver VM `pid` with its counters now (`work`: the
+    /// device's work so far and the work asked of its drivers so far, where
+    /// the device counts it); what it was caught doing, if anything. A new
+    /// pid starts a new period unjudged.
+    pub fn tick(
+        &mut self,
+        pid: i32,
+        now: Instant,
+        cpu: Duration,
+        (rings, completions): (u64, u64),
+        work: Option<(u64, u64)>,
+    ) -> Option<Abuse> {
+        let current = Mark { at: now, cpu, rings, completions, work };
         let busy = std::mem::replace(&mut self.busy, false);
         let previous = match self.mark.replace((pid, current)) {
             Some((watched, previous)) if watched == pid => previous,
@@ -99,6 +131,12 @@ impl ResourceWatch {
         if rings > completions.saturating_mul(2).saturating_add(SPARE_RINGS) {
             return Some(Abuse::DoorbellFlood { rings, completions });
         }
+        if let (Some((done, asked)), Some((done_before, asked_before))) = (work, previous.work) {
+            let (done, asked) = (done.wrapping_sub(done_before), asked.wrapping_sub(asked_before));
+            if done > asked.saturating_mul(2).saturating_add(SPARE_WORK) {
+                return Some(Abuse::DeviceOverwork { done, asked });
+            }
+        }
         let used = cpu.saturating_sub(previous.cpu).as_secs_f64();
         if !busy && wall > 0.0 && used / wall > IDLE_CPU_LIMIT {
             return Some(Abuse::SpinningIdle { cpu: used / wall });
@@ -107,11 +145,11 @@ impl ResourceWatch {
     }
 
     /// Ends a period of the running driver VM `pid` (the device's child):
-    /// reads its CPU time and judges it with `rings` and `completions` (see
-    /// [`ResourceWatch::tick`]). Nothing if its CPU time cannot be read.
-    pub fn look(&mut self, pid: i32, rings: u64, completions: u64) -> Option<Abuse> {
+    /// reads its CPU time and judges it with `rings`, `completions` and
+    /// `work` (see [`ResourceWatch::tick`]). Nothing if its CPU time cannot be read.
+    pub fn look(&mut self, pid: i32, rings: u64, completions: u64, work: Option<(u64, u64)>) -> Option<Abuse> {
         let cpu = process_cpu_time(pid).ok()?;
-        self.tick(pid, Instant::now(), cpu, rings, completions)
+        self.tick(pid, Instant::now(), cpu, (rings, completions), work)
     }
 
     /// Forgets the driver VM watched (it was replaced).
@@ -188,22 +226,45 @@ mod tests {
         let start = Instant::now();
         let s = |secs: f64| start + Duration::from_secs_f64(secs);
         let cpu = Duration::from_secs_f64;
-        assert_eq!(watch.tick(7, s(0.0), cpu(0.0), 0, 0), None, "the first period starts unjudged");
+        assert_eq!(watch.tick(7, s(0.0), cpu(0.0), (0, 0), None), None, "the first period starts unjudged");
         // Idle and quiet.
-        assert_eq!(watch.tick(7, s(1.0), cpu(0.01), 1, 1), None);
+        assert_eq!(watch.tick(7, s(1.0), cpu(0.01), (1, 1), None), None);
         // Busy: it may use the CPU.
         watch.note_busy();
-        assert_eq!(watch.tick(7, s(2.0), cpu(0.95), 5000, 4000), None);
+        assert_eq!(watch.tick(7, s(2.0), cpu(0.95), (5000, 4000), None), None);
         // Idle, yet spinning its vCPU.
-        let caught = watch.tick(7, s(3.0), cpu(1.4), 5001, 4000);
+        let caught = watch.tick(7, s(3.0), cpu(1.4), (5001, 4000), None);
         assert!(matches!(caught, Some(Abuse::SpinningIdle { cpu }) if cpu > 0.4), "{caught:?}");
         // Ringing without completing.
-        let caught = watch.tick(7, s(4.0), cpu(1.95), 45_001, 4010);
+        let caught = watch.tick(7, s(4.0), cpu(1.95), (45_001, 4010), None);
         assert_eq!(caught, Some(Abuse::DoorbellFlood { rings: 40_000, completions: 10 }));
         // A new driver VM starts unjudged.
-        assert_eq!(watch.tick(8, s(5.0), cpu(0.5), 0, 0), None);
+        assert_eq!(watch.tick(8, s(5.0), cpu(0.5), (0, 0), None), None);
         watch.forget();
-        assert_eq!(watch.tick(8, s(6.0), cpu(5.0), 0, 0), None);
+        assert_eq!(watch.tick(8, s(6.0), cpu(5.0), (0, 0), None), None);
+    }
+
+    /// A device worked for its driver far beyond the requests it was
+    /// given: the driver spent the reflector's CPU through it (before, only
+    /// its own vCPU was judged).
+    #[test]
+    fn a_device_working_beyond_what_was_asked_is_caught() {
+        let mut watch = ResourceWatch::default();
+        let start = Instant::now();
+        let s = |secs: f64| start + Duration::from_secs_f64(secs);
+        let idle = Duration::ZERO;
+        let mib = |n: u64| n << 20;
+        assert_eq!(watch.tick(7, s(0.0), idle, (0, 0), Some((0, 0))), None);
+        // Work for what was asked, twice over (retries), and the margin.
+        let done = 2 * mib(300) + SPARE_WORK;
+        assert_eq!(watch.tick(7, s(1.0), idle, (0, 0), Some((done, mib(300)))), None);
+        // Work no request asked for.
+        let caught = watch.tick(7, s(2.0), idle, (0, 0), Some((done + SPARE_WORK + 1, mib(300))));
+        assert_eq!(caught, Some(Abuse::DeviceOverwork { done: SPARE_WORK + 1, asked: 0 }));
+        assert!(caught.unwrap().to_string().contains("had its device work 64 MiB for 0 MiB of requests"));
+        // A device that counts nothing is not judged so.
+        assert_eq!(watch.tick(7, s(3.0), idle, (0, 0), None), None);
+        assert_eq!(watch.tick(7, s(4.0), idle, (0, 0), Some((u64::MAX, 0))), None, "a period starts unjudged");
     }
 
     #[test]

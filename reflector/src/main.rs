@@ -166,7 +166,8 @@ struct InjectArgs {
     device: String,
     /// panic, page-fault, illegal, hang, lie, stop; or lies only evidence
     /// catches: corrupt-reads (needs checksums=on), skip-flushes, skip-writes; or costs the
-    /// CPU watch catches: spin (never sleep), flood (ring the doorbell in a loop).
+    /// CPU watch catches: spin (never sleep), flood (ring the doorbell in a loop), junk-io (keep
+    /// the device busy with work no request asked for).
     fault: String,
     /// Requests to serve first.
     #[arg(long, default_value_t = 0)]

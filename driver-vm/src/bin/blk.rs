@@ -8,7 +8,7 @@
 #![cfg_attr(not(test), no_main)]
 
 use driver_vm::channel::{Channel, ChannelDriver, Device};
-use driver_vm::kernel::abi::channel::{inject, op, status, RequestEntry, SLOT_COUNT, SLOT_SIZE};
+use driver_vm::kernel::abi::channel::{inject, op, status, RequestEntry, BLOCK_SLOTS, SLOT_COUNT, SLOT_SIZE};
 use driver_vm::kernel::abi::storage::{self, reg, Command, Completion};
 use driver_vm::kernel::device::Doorbell;
 use driver_vm::registers::Registers;
@@ -16,6 +16,11 @@ use driver_vm::{println, Error, Kernel};
 
 /// One controller command per bounce slot.
 const DEPTH: u32 = SLOT_COUNT;
+
+/// Commands of work no request asked for kept in the controller at once
+/// (fault injection `junk-io`), with command ids from [`BLOCK_SLOTS`] on,
+/// which no request's slot has.
+const JUNK_DEPTH: u32 = 128;
 const _: () = assert!(DEPTH <= storage::MAX_QUEUE_DEPTH && DEPTH.is_power_of_two());
 
 struct Blk {
@@ -25,11 +30,13 @@ struct Blk {
     in_flight: [Option<u64>; DEPTH as usize],
     sq_tail: u32,
     cq_head: u32,
+    /// Commands of work no request asked for in the controller (`junk-io`).
+    junk: u32,
 }
 
 impl ChannelDriver for Blk {
     const NAME: &'static str = "blk";
-    const FAULTS: &'static [u32] = &[inject::CORRUPT_READS, inject::SKIP_FLUSHES, inject::SKIP_WRITES];
+    const FAULTS: &'static [u32] = &[inject::CORRUPT_READS, inject::SKIP_FLUSHES, inject::SKIP_WRITES, inject::JUNK_IO];
 
     fn probe(kernel: &Kernel, _channel: &Channel) -> Result<Self, Error> {
         let blk = Blk {
@@ -38,6 +45,7 @@ impl ChannelDriver for Blk {
             in_flight: [None; DEPTH as usize],
             sq_tail: 0,
             cq_head: 0,
+            junk: 0,
         };
         if blk.regs.window().size() < storage::WINDOW_SIZE as u64
             || blk.regs.get(reg::MAGIC) != storage::MAGIC
@@ -74,6 +82,25 @@ impl Blk {
     fn ring_unless_polling(&self) {
         self.regs.ring_unless_awake(&self.doorbell, reg::DEVICE_POLLING);
     }
+
+    /// Fault injection `junk-io`: once the last batch is done, gives the
+    /// controller [`JUNK_DEPTH`] commands no request asked for, each a read
+    /// of a whole slot of the disk's start into the last slot, which no
+    /// request uses (whole batches: the driver sleeps while each runs).
+    fn add_junk(&mut self, channel: &Channel) {
+        let added = if self.junk == 0 { JUNK_DEPTH } else { 0 };
+        for n in 0..added {
+            let cid = (BLOCK_SLOTS + (self.junk + n) % (DEPTH - BLOCK_SLOTS)) as u16;
+            let dma = channel.slot_addr(SLOT_COUNT - 1);
+            let command = Command { opcode: storage::opcode::READ, cid, len: SLOT_SIZE, lba: 0, dma, reserved: 0 };
+            self.regs.write(storage::SQ_OFFSET + (self.sq_tail % DEPTH) as usize * 32, command);
+            self.sq_tail = self.sq_tail.wrapping_add(1);
+        }
+        if added > 0 {
+            self.junk += added;
+            self.kick();
+        }
+    }
 }
 
 impl Device for Blk {
@@ -105,10 +132,18 @@ impl Device for Blk {
         if self.regs.get(reg::STATUS) & storage::status::FATAL != 0 {
             return Err(Error::Device("the controller stopped with a fatal error"));
         }
-        let (tail, start) = (self.regs.get(reg::CQ_TAIL), self.cq_head);
+        let tail = self.regs.get(reg::CQ_TAIL);
+        let mut reaped = false;
         while self.cq_head != tail {
             let done: Completion = self.regs.read(storage::CQ_OFFSET + (self.cq_head % DEPTH) as usize * 16);
             self.cq_head = self.cq_head.wrapping_add(1);
+            if u32::from(done.cid) >= BLOCK_SLOTS {
+                // Work no request asked for is no progress: the driver
+                // sleeps while its device does it.
+                self.junk = self.junk.saturating_sub(1);
+                continue;
+            }
+            reaped = true;
             let Some(id) = self.in_flight.get_mut(done.cid as usize).and_then(Option::take) else { continue };
             let answer = match done.status {
                 storage::completion::SUCCESS => status::OK,
@@ -118,11 +153,14 @@ impl Device for Blk {
             channel.complete(id, answer, done.len);
         }
         self.regs.set(reg::CQ_HEAD, self.cq_head);
-        Ok(self.cq_head != start)
+        if channel.lies.junk_io {
+            self.add_junk(channel);
+        }
+        Ok(reaped)
     }
 
     fn arm(&mut self, armed: bool) -> bool {
-        let busy = self.in_flight.iter().any(Option::is_some);
+        let busy = self.in_flight.iter().any(Option::is_some) || self.junk > 0;
         self.regs.want_interrupt(armed && busy);
         self.regs.get(reg::CQ_TAIL) == self.cq_head
     }

@@ -134,6 +134,11 @@ pub mod inject {
     /// (a driver that loses writes: only the device's own record of the
     /// writes it did shows it).
     pub const SKIP_WRITES: u32 = 13;
+    /// From now on, keep the device busy with work no request asked for
+    /// (reads of its own disk into a slot no request uses), sleeping while
+    /// it works: a driver that spends the host's device threads instead of
+    /// its own vCPU.
+    pub const JUNK_IO: u32 = 14;
 }
 
 /// The [`header::DRIVER_INJECTABLE`] mask of `kinds`.

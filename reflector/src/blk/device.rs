@@ -74,6 +74,9 @@ pub struct Blk {
     waiting: VecDeque<Waiting>,
     /// Deaths a request may be in before it is a poison request.
     poison_deaths: u32,
+    /// The work asked of the driver VMs: each request sent (replays
+    /// too), its bytes and `COMMAND_WORK` ([`DeviceKind::work`]).
+    asked: u64,
     /// Where the middle part of a long write read back from the medium is
     /// drawn (keys from the OS: a driver cannot predict it), and the
     /// failures to read the medium, for the log.
@@ -100,6 +103,7 @@ impl Blk {
             in_flight: InFlightTable::with_windows(hardware.dma_windows()),
             waiting: VecDeque::new(),
             poison_deaths,
+            asked: 0,
             draws: std::hash::RandomState::new(),
             unreadable_medium: crate::hw::LogEvery::default(),
         }
@@ -240,6 +244,7 @@ impl Blk {
             writes.expect(slot, sector);
         }
         core.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
+        self.asked = self.asked.wrapping_add(u64::from(len) + crate::hw::COMMAND_WORK);
         if let Some(entry) = self.in_flight.get_mut(slot) {
             entry.sent_at = Some(Instant::now());
         }
@@ -566,6 +571,10 @@ impl DeviceKind for Blk {
 
     fn config_space(&self) -> Vec<u8> {
         self.config.clone()
+    }
+
+    fn work(&self) -> Option<(u64, u64)> {
+        self.hardware.work_done().map(|done| (done, self.asked))
     }
 
     fn in_driver(&self) -> usize {

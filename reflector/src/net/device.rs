@@ -66,6 +66,9 @@ pub struct Net {
     held: VecDeque<u32>,
     /// Client receive chains taken from its queue, oldest first.
     rx_buffers: VecDeque<RxBuffer>,
+    /// The work asked of the driver VMs: each frame sent, its bytes and
+    /// `COMMAND_WORK` ([`DeviceKind::work`]).
+    asked: u64,
 }
 
 impl Net {
@@ -77,6 +80,7 @@ impl Net {
             slots: NetSlots::default(),
             held: VecDeque::new(),
             rx_buffers: VecDeque::new(),
+            asked: 0,
         }
     }
 
@@ -174,6 +178,7 @@ impl Net {
         }
         core.request_arrived();
         core.channel.push(RequestEntry { id, op: channel::op::NET_TX, slot, sector: 0, len, reserved: 0 });
+        self.asked = self.asked.wrapping_add(u64::from(len) + crate::hw::COMMAND_WORK);
         core.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
         core.metrics.tx_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         true
@@ -359,6 +364,10 @@ impl DeviceKind for Net {
         bytes[config::STATUS..config::STATUS + 2].copy_from_slice(&status.to_le_bytes());
         bytes[config::MAX_VIRTQUEUE_PAIRS..config::MAX_VIRTQUEUE_PAIRS + 2].copy_from_slice(&1u16.to_le_bytes());
         bytes
+    }
+
+    fn work(&self) -> Option<(u64, u64)> {
+        self.hardware.work_done().map(|done| (done, self.asked))
     }
 
     fn in_driver(&self) -> usize {
