@@ -142,15 +142,13 @@ pub trait Hardware: Send + Sync {
     /// devices' processes at once and then waits for them together.
     /// Simulated devices have nothing of the kind.
     fn stop(&self) {}
-    /// The work the device did for its drivers on the reflector's own
-    /// threads, counted by the device itself: each data transfer's bytes,
-    /// and [`COMMAND_WORK`] for each command or frame besides. The
-    /// reflector holds it against the work it asked of the driver, so that
-    /// a driver cannot spend the host's CPU through its device while its
-    /// own vCPU sleeps under its quota. None where the device's work is not
-    /// the reflector's (a device model's process, under its jail's limits;
-    /// a real device; a memory disk, which the driver's vCPU copies).
-    fn work_done(&self) -> Option<u64> {
+    /// The work the device does for its drivers on the reflector's own
+    /// threads, and what it may do ([`WorkAllowance`]), so that a driver
+    /// cannot spend the host's CPU through its device while its own vCPU
+    /// sleeps under its quota. None where the device's work is not the
+    /// reflector's (a device model's process, under its jail's limits; a
+    /// real device; a memory disk, which the driver's vCPU copies).
+    fn work(&self) -> Option<&WorkAllowance> {
         None
     }
     /// The reflector is stopping: [`Hardware::stop`] if not yet done, then
@@ -263,10 +261,77 @@ impl HostSync {
 }
 
 /// What one command or frame costs a device besides its bytes, in the
-/// units of [`Hardware::work_done`]: a command's own handling (a
-/// completion, a `pread` or `pwrite` call, a flush's `fdatasync`) costs
-/// about what a 4 KiB copy does.
+/// units of [`WorkAllowance`]: a command's own handling (a completion, a
+/// `pread` or `pwrite` call) costs about what a 4 KiB copy does.
 pub const COMMAND_WORK: u64 = 4096;
+
+/// What a flush costs a block device, in the same units: an `fdatasync`
+/// of the image, from tens of microseconds to milliseconds, about what a
+/// 1 MiB copy does.
+pub const FLUSH_WORK: u64 = 1 << 20;
+
+/// The work of one block command: a flush's, or `len` bytes moved.
+pub fn block_work(flush: bool, len: u32) -> u64 {
+    if flush {
+        FLUSH_WORK
+    } else {
+        u64::from(len) + COMMAND_WORK
+    }
+}
+
+/// Work a block device may do beyond what the reflector granted, for each
+/// driver VM: a driver's own set-up, and what was granted and done in
+/// another order. 64 MiB of copying is about 5 ms of a core here.
+pub const WORK_SPARE: u64 = 64 << 20;
+
+/// The work a simulated device does for its drivers, counted by the device
+/// itself (each data transfer's bytes, and [`COMMAND_WORK`] for each
+/// command or transmitted frame; received frames are the wire's doing),
+/// and the work the reflector granted as it handed requests to the driver.
+/// The device runs a command only while its work is within the grant and a
+/// spare ([`WORK_SPARE`] for a block device): past that it waits for more to be granted, so a driver
+/// giving its device work no request asked for gets at most the spare, and
+/// whatever it saved of the grants of requests it served with less.
+#[derive(Debug)]
+pub struct WorkAllowance {
+    done: std::sync::atomic::AtomicU64,
+    granted: std::sync::atomic::AtomicU64,
+    spare: u64,
+}
+
+impl WorkAllowance {
+    /// An allowance with `spare` beyond the grants, for each driver VM.
+    pub fn with_spare(spare: u64) -> Self {
+        WorkAllowance { done: Default::default(), granted: Default::default(), spare }
+    }
+
+    /// The reflector grants `work` more (a request handed to the driver).
+    pub fn grant(&self, work: u64) {
+        self.granted.fetch_add(work, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The device did `work`.
+    pub fn spend(&self, work: u64) {
+        self.done.fetch_add(work, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The work done so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A new driver starts with the spare whole: what a dead one overspent
+    /// is forgiven (the device resumes for the next).
+    pub fn forgive(&self) {
+        self.granted.fetch_max(self.done(), std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether the device must wait for a grant before it does more.
+    pub fn exhausted(&self) -> bool {
+        let granted = self.granted.load(std::sync::atomic::Ordering::Acquire);
+        self.done() > granted.saturating_add(self.spare)
+    }
+}
 
 /// A network card: its address and link.
 pub trait NetHardware: Hardware {

@@ -38,8 +38,14 @@ const RX_FIFO_FRAMES: usize = 256;
 /// lets receivers run.
 const TX_BATCH: u32 = 64;
 
+/// Frames a card may send beyond those the reflector handed its driver,
+/// for each driver VM, in [`crate::WorkAllowance`] units: 1 MiB is about
+/// 250 frames. The card sends each frame it was given once, never a
+/// duplicate, so an honest driver never needs it.
+pub const TX_WORK_SPARE: u64 = 1 << 20;
+
 /// Counters of the device.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NicCounters {
     /// Frames sent to the wire.
     pub tx_frames: AtomicU64,
@@ -49,10 +55,23 @@ pub struct NicCounters {
     pub rx_dropped: AtomicU64,
     /// Descriptors failed (bad length or DMA address).
     pub bad_descriptors: AtomicU64,
-    /// The card's work for its driver ([`Hardware::work_done`]): each
-    /// transmit descriptor's bytes and [`crate::COMMAND_WORK`]. Received
-    /// frames are the wire's doing, not the driver's.
-    pub tx_work: AtomicU64,
+    /// The card's work for its driver and what it may do
+    /// ([`Hardware::work`]): each transmit descriptor's bytes and
+    /// [`crate::COMMAND_WORK`]. Received frames are the wire's doing, not
+    /// the driver's. Its spare is [`TX_WORK_SPARE`].
+    pub work: crate::WorkAllowance,
+}
+
+impl Default for NicCounters {
+    fn default() -> Self {
+        NicCounters {
+            tx_frames: AtomicU64::new(0),
+            rx_frames: AtomicU64::new(0),
+            rx_dropped: AtomicU64::new(0),
+            bad_descriptors: AtomicU64::new(0),
+            work: crate::WorkAllowance::with_spare(TX_WORK_SPARE),
+        }
+    }
 }
 
 /// The card.
@@ -123,8 +142,8 @@ impl Hardware for SimNic {
         self.interrupt.clone()
     }
 
-    fn work_done(&self) -> Option<u64> {
-        Some(self.port.counters.tx_work.load(Ordering::Relaxed))
+    fn work(&self) -> Option<&crate::WorkAllowance> {
+        Some(&self.port.counters.work)
     }
 
     fn quiesce(&self) {
@@ -132,6 +151,7 @@ impl Hardware for SimNic {
     }
 
     fn resume(&self) {
+        self.port.counters.work.forgive();
         self.port.lock().quiesced = false;
         let _ = self.doorbell.write(1);
     }
@@ -306,7 +326,7 @@ impl Engine {
                 && completion_tail.wrapping_sub(self.reg(completion_head).load(Ordering::Acquire)) < self.ring_size
         };
         self.ready()
-            && (room(reg::TX_TAIL, self.tx_head, reg::TXC_HEAD, self.txc_tail)
+            && (room(reg::TX_TAIL, self.tx_head, reg::TXC_HEAD, self.txc_tail) && !self.counters.work.exhausted()
                 || !self.fifo.is_empty() && room(reg::RX_TAIL, self.rx_head, reg::RXC_HEAD, self.rxc_tail))
     }
 
@@ -407,6 +427,7 @@ impl Engine {
         while self.tx_head != tail
             && self.txc_tail.wrapping_sub(completion_head) < self.ring_size
             && frames.len() < TX_BATCH as usize
+            && !self.counters.work.exhausted()
         {
             let at = nic::ring_entry(nic::TX_RING_OFFSET, self.tx_head, self.ring_size, size_of::<Descriptor>());
             let descriptor: Descriptor = self.regs.read(at).unwrap_or_default();
@@ -419,7 +440,7 @@ impl Engine {
                 Err(status) => status,
             };
             let len = if status == completion::SUCCESS { descriptor.len } else { 0 };
-            self.counters.tx_work.fetch_add(u64::from(len) + crate::COMMAND_WORK, Ordering::Relaxed);
+            self.counters.work.spend(u64::from(len) + crate::COMMAND_WORK);
             self.push_completion(true, Completion { id: descriptor.id, status, len });
         }
         if self.tx_head != start {
@@ -736,8 +757,8 @@ mod tests {
         assert_eq!(received, sent);
         // The sender's card did the work of one frame for its driver; the
         // receiver's, none (what arrives is the wire's doing).
-        assert_eq!(a.nic.work_done(), Some(1000 + crate::COMMAND_WORK));
-        assert_eq!(b.nic.work_done(), Some(0));
+        assert_eq!(a.nic.work().map(crate::WorkAllowance::done), Some(1000 + crate::COMMAND_WORK));
+        assert_eq!(b.nic.work().map(crate::WorkAllowance::done), Some(0));
     }
 
     #[test]

@@ -60,8 +60,8 @@ struct FlushCounters {
 /// The controller.
 pub struct SimStorage {
     regs: Arc<SharedMemory>,
-    /// The engine's work so far ([`Hardware::work_done`]).
-    work: Arc<AtomicU64>,
+    /// The engine's work and what it may do ([`Hardware::work`]).
+    work: Arc<crate::WorkAllowance>,
     /// True while quiesced; held by the engine while it executes commands.
     quiesced: Arc<Mutex<bool>>,
     /// Set by `quiesce`: the engine drops what the dead driver left queued
@@ -134,7 +134,7 @@ impl SimStorage {
         let wipe = Arc::new(AtomicBool::new(false));
         let flushes = Arc::new(FlushCounters::default());
         let writes = Arc::new(WriteLedger::new(guest_abi::channel::SLOT_COUNT));
-        let work = Arc::new(AtomicU64::new(0));
+        let work = Arc::new(crate::WorkAllowance::with_spare(crate::WORK_SPARE));
         let mut engine = Engine {
             regs: regs.clone(),
             quiesced: quiesced.clone(),
@@ -196,12 +196,13 @@ impl Hardware for SimStorage {
         self.wipe.store(true, Ordering::Release);
     }
 
-    fn work_done(&self) -> Option<u64> {
-        Some(self.work.load(Ordering::Relaxed))
+    fn work(&self) -> Option<&crate::WorkAllowance> {
+        Some(&self.work)
     }
 
     fn resume(&self) {
         self.writes.forget_use();
+        self.work.forgive();
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         let _ = self.doorbell.write(1);
     }
@@ -248,8 +249,8 @@ struct Engine {
     flushes: Arc<FlushCounters>,
     /// The writes it performed, by slot ([`WriteLedger`]).
     writes: Arc<WriteLedger>,
-    /// Its work so far ([`Hardware::work_done`]).
-    work: Arc<AtomicU64>,
+    /// Its work and what it may do ([`Hardware::work`]).
+    work: Arc<crate::WorkAllowance>,
     /// The controller's status (0, READY or FATAL). Kept here and only
     /// mirrored into the window: a driver writing the STATUS register
     /// cannot clear FATAL or fake READY.
@@ -315,7 +316,7 @@ impl Engine {
         let in_completion_queue = self.cq_tail.wrapping_sub(self.reg(reg::CQ_HEAD).load(Ordering::Acquire));
         tail.wrapping_sub(self.sq_head) > self.depth
             || in_completion_queue > self.depth
-            || tail != self.sq_head && in_completion_queue < self.depth
+            || tail != self.sq_head && in_completion_queue < self.depth && !self.work.exhausted()
     }
 
     /// Does one round of work; returns whether there was any.
@@ -410,12 +411,16 @@ impl Engine {
             return true;
         }
         let mut done = 0;
-        while self.sq_head != tail && self.cq_tail.wrapping_sub(cq_head) < self.depth && done < BATCH {
+        while self.sq_head != tail
+            && self.cq_tail.wrapping_sub(cq_head) < self.depth
+            && done < BATCH
+            && !self.work.exhausted()
+        {
             let at = storage::SQ_OFFSET + (self.sq_head % self.depth) as usize * size_of::<Command>();
             let command: Command = self.regs.read(at).unwrap_or_default();
             self.sq_head = self.sq_head.wrapping_add(1);
             let (status, len) = self.execute(&command);
-            self.work.fetch_add(u64::from(len) + crate::COMMAND_WORK, Ordering::Relaxed);
+            self.work.spend(crate::block_work(command.opcode == storage::opcode::FLUSH, len));
             let at = storage::CQ_OFFSET + (self.cq_tail % self.depth) as usize * size_of::<Completion>();
             self.regs.write(at, Completion { cid: command.cid, status, len, reserved: 0 });
             self.cq_tail = self.cq_tail.wrapping_add(1);
@@ -552,7 +557,7 @@ impl EngineHarness {
             wipe: Arc::new(AtomicBool::new(false)),
             flushes: Arc::new(FlushCounters::default()),
             writes: Arc::new(WriteLedger::new(guest_abi::channel::SLOT_COUNT)),
-            work: Arc::new(AtomicU64::new(0)),
+            work: Arc::new(crate::WorkAllowance::with_spare(crate::WORK_SPARE)),
             status: 0,
             medium,
             data,
@@ -778,7 +783,8 @@ mod tests {
     fn the_controller_counts_the_work_it_does() {
         let rig = rig("work", false);
         rig.reset_and_enable(4);
-        assert_eq!(rig.device.work_done(), Some(0));
+        let work = || rig.device.work().map(crate::WorkAllowance::done);
+        assert_eq!(work(), Some(0));
         let done = rig.submit(&[
             command(storage::opcode::WRITE, 1, 0, 4096, DMA_GPA),
             command(storage::opcode::READ, 2, 0, 8192, DMA_GPA),
@@ -786,8 +792,40 @@ mod tests {
             command(storage::opcode::READ, 4, 0, 4096, DMA_GPA - 4096),
         ]);
         assert_eq!(done.iter().filter(|c| c.status == completion::SUCCESS).count(), 3);
-        // A failed command moved nothing but was handled.
-        assert_eq!(rig.device.work_done(), Some(4096 + 8192 + 4 * crate::COMMAND_WORK));
+        // A failed command moved nothing but was handled; a flush weighs
+        // what an fdatasync costs.
+        assert_eq!(work(), Some(4096 + 8192 + 3 * crate::COMMAND_WORK + crate::FLUSH_WORK));
+    }
+
+    /// Past what the reflector granted and the spare, the controller runs
+    /// nothing more until a grant comes (a request handed to its driver),
+    /// and sleeps meanwhile: a driver giving it work no request asked for
+    /// gets the spare, not a host core (before, as much as it liked).
+    #[test]
+    fn the_controller_waits_for_a_grant_once_its_spare_is_spent() {
+        let mut rig = rig("grant", false);
+        rig.reset_and_enable(8);
+        rig.stop_thread();
+        let mut engine = engine(&rig);
+        let submit = |engine: &mut Engine| {
+            let tail = rig.reg(reg::SQ_TAIL).load(Ordering::SeqCst);
+            rig.device.regs.write(
+                storage::SQ_OFFSET + (tail % 8) as usize * 32,
+                command(storage::opcode::READ, 1, 0, 65536, DMA_GPA),
+            );
+            rig.reg(reg::SQ_TAIL).store(tail.wrapping_add(1), Ordering::SeqCst);
+            let ran = engine.step();
+            rig.reg(reg::CQ_HEAD).store(engine.cq_tail, Ordering::SeqCst);
+            ran
+        };
+        let cost = 65536 + crate::COMMAND_WORK;
+        for _ in 0..=crate::WORK_SPARE / cost {
+            assert!(submit(&mut engine), "within the spare");
+        }
+        assert!(!submit(&mut engine), "past the spare: nothing runs");
+        assert!(!engine.has_pending_work(), "and the controller sleeps");
+        rig.device.work().unwrap().grant(2 * cost);
+        assert!(engine.step(), "a grant lets the waiting command run");
     }
 
     #[test]

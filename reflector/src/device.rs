@@ -94,11 +94,10 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn acked_features(&mut self, _features: u64) {}
     /// The virtio config space.
     fn config_space(&self) -> Vec<u8>;
-    /// The work the device did for its drivers so far and the work the
-    /// reflector asked of them, in the units of
-    /// [`crate::hw::Hardware::work_done`], where the device counts its own
-    /// (`driver_watch` holds the one against the other).
-    fn work(&self) -> Option<(u64, u64)> {
+    /// The work the device did for its drivers so far, the work the
+    /// reflector asked of them, and whether the device waits for a grant
+    /// ([`crate::hw::WorkAllowance`]), where the device counts its own.
+    fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
         None
     }
     /// Requests (or frames) the driver VM holds: what the hang watch waits

@@ -3,11 +3,11 @@
 //! nothing to do, by ringing the reflector's doorbell in a loop (each
 //! ring wakes a reflector worker), or by giving its device work no request
 //! asked for (a simulated device works on the reflector's own threads,
-//! outside the driver's CPU quota: a driver sleeping under its quota could
-//! keep a host core busy copying). Each is a fault like a hang: the
+//! outside the driver's CPU quota; the device stops at its allowance,
+//! `hw::WorkAllowance`, and waits). Each is a fault like a hang: the
 //! driver VM is replaced, and one that keeps doing it exhausts its fault
-//! budget. A CPU quota per driver VM (its jail) bounds the damage in the
-//! meantime; this makes it visible and ends it.
+//! budget. A CPU quota per driver VM (its jail) and the device's allowance
+//! bound the damage in the meantime; this makes it visible and ends it.
 //!
 //! Sans-IO: the device feeds [`ResourceWatch::tick`] the numbers (CPU time,
 //! doorbell rings, completions) once per [`WATCH_PERIOD`]; reading them is
@@ -33,13 +33,19 @@ pub const IDLE_CPU_LIMIT: f64 = 0.2;
 /// (an ioeventfd exit costs about 23 us).
 pub const SPARE_RINGS: u64 = 1000;
 
-/// Device work per period beyond twice the work asked of the driver
-/// (`hw::Hardware::work_done` units: bytes, and 4 KiB a command) that is
-/// abuse. Twice: a driver may retry what failed. The margin covers work
-/// asked in one period and done in the next (at most every slot in flight:
-/// 128 block slots of 128 KiB, 17 MiB with their commands' share) and a
-/// driver's own set-up; 64 MiB of copying is about 5 ms of a core here.
-pub const SPARE_WORK: u64 = 64 << 20;
+/// A simulated device's work for its drivers (`hw::WorkAllowance`, in
+/// bytes and 4 KiB a command), for the watch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceWork {
+    /// The work it has done so far.
+    pub done: u64,
+    /// The work asked of its drivers so far (each request or frame).
+    pub asked: u64,
+    /// It waits for a grant: its driver gave it more work than its
+    /// requests allow (twice them for a block device, once for a card)
+    /// and the spare besides. An honest driver never gets there.
+    pub waiting: bool,
+}
 
 /// What a driver VM was caught doing.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,11 +62,12 @@ pub enum Abuse {
         /// Completions in the period.
         completions: u64,
     },
-    /// Its device worked far beyond what was asked of it.
+    /// It gave its device more work than its requests allow: the device
+    /// waits for a grant.
     DeviceOverwork {
-        /// The device's work in the period (bytes, and 4 KiB a command).
+        /// The device's work so far (bytes, and 4 KiB a command).
         done: u64,
-        /// The work asked of the driver in the period.
+        /// The work asked of its drivers so far.
         asked: u64,
     },
 }
@@ -74,9 +81,13 @@ impl std::fmt::Display for Abuse {
             Abuse::DoorbellFlood { rings, completions } => {
                 write!(f, "the driver VM rang the reflector {rings} times for {completions} completions")
             }
-            Abuse::DeviceOverwork { done, asked } => {
-                write!(f, "the driver VM had its device work {} MiB for {} MiB of requests", done >> 20, asked >> 20)
-            }
+            Abuse::DeviceOverwork { done, asked } => write!(
+                f,
+                "the driver VM gave its device work no request asked for ({} MiB done for {} MiB of requests, past \
+                 its allowance)",
+                done >> 20,
+                asked >> 20
+            ),
         }
     }
 }
@@ -88,8 +99,6 @@ struct Mark {
     cpu: Duration,
     rings: u64,
     completions: u64,
-    /// The device's work and the work asked, where the device counts it.
-    work: Option<(u64, u64)>,
 }
 
 /// Watches one device's current driver VM.
@@ -107,21 +116,26 @@ impl ResourceWatch {
         self.busy = true;
     }
 
-    /// Ends a period of driver VM `pid` with its counters now (`work`: the
-    /// device's work so far and the work asked of its drivers so far, where
-    /// the device counts it); what it was caught doing, if anything. A new
-    /// pid starts a new period unjudged.
+    /// Ends a period of driver VM `pid` with its counters now (`work`:
+    /// its device's, where the device counts it); what it was caught doing,
+    /// if anything. A new pid starts a new period unjudged, except for its
+    /// device's work (the device forgives what a dead driver overspent
+    /// when it resumes for the next).
     pub fn tick(
         &mut self,
         pid: i32,
         now: Instant,
         cpu: Duration,
         (rings, completions): (u64, u64),
-        work: Option<(u64, u64)>,
+        work: Option<DeviceWork>,
     ) -> Option<Abuse> {
-        let current = Mark { at: now, cpu, rings, completions, work };
+        let current = Mark { at: now, cpu, rings, completions };
         let busy = std::mem::replace(&mut self.busy, false);
-        let previous = match self.mark.replace((pid, current)) {
+        let previous = self.mark.replace((pid, current));
+        if let Some(work) = work.filter(|work| work.waiting) {
+            return Some(Abuse::DeviceOverwork { done: work.done, asked: work.asked });
+        }
+        let previous = match previous {
             Some((watched, previous)) if watched == pid => previous,
             _ => return None,
         };
@@ -130,12 +144,6 @@ impl ResourceWatch {
         let completions = completions.saturating_sub(previous.completions);
         if rings > completions.saturating_mul(2).saturating_add(SPARE_RINGS) {
             return Some(Abuse::DoorbellFlood { rings, completions });
-        }
-        if let (Some((done, asked)), Some((done_before, asked_before))) = (work, previous.work) {
-            let (done, asked) = (done.wrapping_sub(done_before), asked.wrapping_sub(asked_before));
-            if done > asked.saturating_mul(2).saturating_add(SPARE_WORK) {
-                return Some(Abuse::DeviceOverwork { done, asked });
-            }
         }
         let used = cpu.saturating_sub(previous.cpu).as_secs_f64();
         if !busy && wall > 0.0 && used / wall > IDLE_CPU_LIMIT {
@@ -147,7 +155,7 @@ impl ResourceWatch {
     /// Ends a period of the running driver VM `pid` (the device's child):
     /// reads its CPU time and judges it with `rings`, `completions` and
     /// `work` (see [`ResourceWatch::tick`]). Nothing if its CPU time cannot be read.
-    pub fn look(&mut self, pid: i32, rings: u64, completions: u64, work: Option<(u64, u64)>) -> Option<Abuse> {
+    pub fn look(&mut self, pid: i32, rings: u64, completions: u64, work: Option<DeviceWork>) -> Option<Abuse> {
         let cpu = process_cpu_time(pid).ok()?;
         self.tick(pid, Instant::now(), cpu, (rings, completions), work)
     }
@@ -244,27 +252,24 @@ mod tests {
         assert_eq!(watch.tick(8, s(6.0), cpu(5.0), (0, 0), None), None);
     }
 
-    /// A device worked for its driver far beyond the requests it was
-    /// given: the driver spent the reflector's CPU through it (before, only
-    /// its own vCPU was judged).
+    /// A device that waits for a grant (its driver gave it more work than
+    /// its requests allow) is the driver's abuse, in any period, the first
+    /// of a new driver VM's too (before, only the driver VM's own CPU was
+    /// judged).
     #[test]
-    fn a_device_working_beyond_what_was_asked_is_caught() {
+    fn a_device_given_work_beyond_its_allowance_is_caught() {
         let mut watch = ResourceWatch::default();
         let start = Instant::now();
         let s = |secs: f64| start + Duration::from_secs_f64(secs);
         let idle = Duration::ZERO;
-        let mib = |n: u64| n << 20;
-        assert_eq!(watch.tick(7, s(0.0), idle, (0, 0), Some((0, 0))), None);
-        // Work for what was asked, twice over (retries), and the margin.
-        let done = 2 * mib(300) + SPARE_WORK;
-        assert_eq!(watch.tick(7, s(1.0), idle, (0, 0), Some((done, mib(300)))), None);
-        // Work no request asked for.
-        let caught = watch.tick(7, s(2.0), idle, (0, 0), Some((done + SPARE_WORK + 1, mib(300))));
-        assert_eq!(caught, Some(Abuse::DeviceOverwork { done: SPARE_WORK + 1, asked: 0 }));
-        assert!(caught.unwrap().to_string().contains("had its device work 64 MiB for 0 MiB of requests"));
-        // A device that counts nothing is not judged so.
-        assert_eq!(watch.tick(7, s(3.0), idle, (0, 0), None), None);
-        assert_eq!(watch.tick(7, s(4.0), idle, (0, 0), Some((u64::MAX, 0))), None, "a period starts unjudged");
+        let work = |waiting| Some(DeviceWork { done: 200 << 20, asked: 10 << 20, waiting });
+        assert_eq!(watch.tick(7, s(0.0), idle, (0, 0), work(false)), None);
+        assert_eq!(watch.tick(7, s(1.0), idle, (0, 0), work(false)), None, "within its allowance");
+        let caught = watch.tick(7, s(2.0), idle, (0, 0), work(true));
+        assert_eq!(caught, Some(Abuse::DeviceOverwork { done: 200 << 20, asked: 10 << 20 }));
+        assert!(caught.unwrap().to_string().contains("(200 MiB done for 10 MiB of requests"));
+        assert!(watch.tick(8, s(3.0), idle, (0, 0), work(true)).is_some(), "a new driver VM's first period too");
+        assert_eq!(watch.tick(8, s(4.0), idle, (0, 0), None), None, "a device that counts nothing");
     }
 
     #[test]

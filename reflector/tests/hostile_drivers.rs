@@ -293,7 +293,7 @@ fn a_driver_flooding_the_doorbell_is_caught_and_replaced() {
 #[test]
 fn a_driver_giving_its_device_work_nobody_asked_for_is_caught_and_replaced() {
     if kvm_available("a_driver_giving_its_device_work_nobody_asked_for_is_caught_and_replaced") {
-        a_cpu_hog_is_caught("hog-junk", "junk-io", "had its device work");
+        a_cpu_hog_is_caught("hog-junk", "junk-io", "gave its device work no request asked for");
     }
 }
 

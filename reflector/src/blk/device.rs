@@ -243,8 +243,14 @@ impl Blk {
         if let (RequestKind::Write, Some(writes)) = (request.kind, self.hardware.write_ledger()) {
             writes.expect(slot, sector);
         }
+        // The device may do twice the work of what its driver is given (a
+        // retry of everything), and no more (`hw::WorkAllowance`).
+        let work = crate::hw::block_work(op == channel::op::FLUSH, len);
+        if let Some(allowance) = self.hardware.work() {
+            allowance.grant(2 * work);
+        }
         core.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
-        self.asked = self.asked.wrapping_add(u64::from(len) + crate::hw::COMMAND_WORK);
+        self.asked = self.asked.wrapping_add(work);
         if let Some(entry) = self.in_flight.get_mut(slot) {
             entry.sent_at = Some(Instant::now());
         }
@@ -573,8 +579,13 @@ impl DeviceKind for Blk {
         self.config.clone()
     }
 
-    fn work(&self) -> Option<(u64, u64)> {
-        self.hardware.work_done().map(|done| (done, self.asked))
+    fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
+        let work = |allowance: &crate::hw::WorkAllowance| crate::driver_watch::DeviceWork {
+            done: allowance.done(),
+            asked: self.asked,
+            waiting: allowance.exhausted(),
+        };
+        self.hardware.work().map(work)
     }
 
     fn in_driver(&self) -> usize {

@@ -177,8 +177,14 @@ impl Net {
             return false;
         }
         core.request_arrived();
+        // The card may send each frame once (never a duplicate), and no
+        // more (`hw::WorkAllowance`).
+        let work = u64::from(len) + crate::hw::COMMAND_WORK;
+        if let Some(allowance) = self.hardware.work() {
+            allowance.grant(work);
+        }
         core.channel.push(RequestEntry { id, op: channel::op::NET_TX, slot, sector: 0, len, reserved: 0 });
-        self.asked = self.asked.wrapping_add(u64::from(len) + crate::hw::COMMAND_WORK);
+        self.asked = self.asked.wrapping_add(work);
         core.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
         core.metrics.tx_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         true
@@ -366,8 +372,13 @@ impl DeviceKind for Net {
         bytes
     }
 
-    fn work(&self) -> Option<(u64, u64)> {
-        self.hardware.work_done().map(|done| (done, self.asked))
+    fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
+        let work = |allowance: &crate::hw::WorkAllowance| crate::driver_watch::DeviceWork {
+            done: allowance.done(),
+            asked: self.asked,
+            waiting: allowance.exhausted(),
+        };
+        self.hardware.work().map(work)
     }
 
     fn in_driver(&self) -> usize {
