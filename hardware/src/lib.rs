@@ -294,9 +294,25 @@ pub const WORK_SPARE: u64 = 64 << 20;
 /// whatever it saved of the grants of requests it served with less.
 #[derive(Debug)]
 pub struct WorkAllowance {
-    done: std::sync::atomic::AtomicU64,
-    granted: std::sync::atomic::AtomicU64,
+    /// Written by the device's thread for each command...
+    done: OwnLine,
+    /// ... and by the reflector's worker for each request: kept on cache
+    /// lines of their own, so that neither write takes the other's line.
+    granted: OwnLine,
     spare: u64,
+}
+
+/// A counter alone on its cache line.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct OwnLine(std::sync::atomic::AtomicU64);
+
+impl std::ops::Deref for OwnLine {
+    type Target = std::sync::atomic::AtomicU64;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl WorkAllowance {
