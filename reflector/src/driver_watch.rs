@@ -47,6 +47,13 @@ pub struct DeviceWork {
     pub waiting: bool,
 }
 
+impl DeviceWork {
+    /// A device's `allowance` now, `asked` of its drivers so far.
+    pub fn of(allowance: &crate::hw::WorkAllowance, asked: u64) -> Self {
+        DeviceWork { done: allowance.done(), asked, waiting: allowance.exhausted() }
+    }
+}
+
 /// What a driver VM was caught doing.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Abuse {

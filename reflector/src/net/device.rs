@@ -373,12 +373,7 @@ impl DeviceKind for Net {
     }
 
     fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
-        let work = |allowance: &crate::hw::WorkAllowance| crate::driver_watch::DeviceWork {
-            done: allowance.done(),
-            asked: self.asked,
-            waiting: allowance.exhausted(),
-        };
-        self.hardware.work().map(work)
+        self.hardware.work().map(|allowance| crate::driver_watch::DeviceWork::of(allowance, self.asked))
     }
 
     fn in_driver(&self) -> usize {
