@@ -289,9 +289,10 @@ pub const WORK_SPARE: u64 = 64 << 20;
 /// command or transmitted frame; received frames are the wire's doing),
 /// and the work the reflector granted as it handed requests to the driver.
 /// The device runs a command only while its work is within the grant and a
-/// spare ([`WORK_SPARE`] for a block device): past that it waits for more to be granted, so a driver
-/// giving its device work no request asked for gets at most the spare, and
-/// whatever it saved of the grants of requests it served with less.
+/// spare ([`WORK_SPARE`] for a block device): past that it waits for more
+/// to be granted, so a driver giving its device work no request asked for
+/// gets at most the spare, and whatever it saved of the grants of requests
+/// it served with less.
 #[derive(Debug)]
 pub struct WorkAllowance {
     /// Written by the device's thread for each command...
