@@ -337,6 +337,12 @@ impl WorkAllowance {
         self.done.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The work granted so far (raised to what was done at each
+    /// [`WorkAllowance::forgive`]).
+    pub fn granted(&self) -> u64 {
+        self.granted.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A new driver starts with the spare whole: what a dead one overspent
     /// is forgiven (the device resumes for the next).
     pub fn forgive(&self) {
@@ -345,8 +351,7 @@ impl WorkAllowance {
 
     /// Whether the device must wait for a grant before it does more.
     pub fn exhausted(&self) -> bool {
-        let granted = self.granted.load(std::sync::atomic::Ordering::Acquire);
-        self.done() > granted.saturating_add(self.spare)
+        self.done() > self.granted().saturating_add(self.spare)
     }
 }
 

@@ -94,9 +94,9 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn acked_features(&mut self, _features: u64) {}
     /// The virtio config space.
     fn config_space(&self) -> Vec<u8>;
-    /// The work the device did for its drivers so far, the work the
-    /// reflector asked of them, and whether the device waits for a grant
-    /// ([`crate::hw::WorkAllowance`]), where the device counts its own.
+    /// The work the device did for its drivers so far, the work granted
+    /// it, and whether it waits for a grant ([`crate::hw::WorkAllowance`]),
+    /// where the device counts its own.
     fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
         None
     }

@@ -39,8 +39,9 @@ pub const SPARE_RINGS: u64 = 1000;
 pub struct DeviceWork {
     /// The work it has done so far.
     pub done: u64,
-    /// The work asked of its drivers so far (each request or frame).
-    pub asked: u64,
+    /// The work granted it so far (for each request or frame handed to
+    /// its drivers).
+    pub granted: u64,
     /// It waits for a grant: its driver gave it more work than its
     /// requests allow (twice them for a block device, once for a card)
     /// and the spare besides. An honest driver never gets there.
@@ -48,9 +49,9 @@ pub struct DeviceWork {
 }
 
 impl DeviceWork {
-    /// A device's `allowance` now, `asked` of its drivers so far.
-    pub fn of(allowance: &crate::hw::WorkAllowance, asked: u64) -> Self {
-        DeviceWork { done: allowance.done(), asked, waiting: allowance.exhausted() }
+    /// A device's `allowance` now.
+    pub fn of(allowance: &crate::hw::WorkAllowance) -> Self {
+        DeviceWork { done: allowance.done(), granted: allowance.granted(), waiting: allowance.exhausted() }
     }
 }
 
@@ -74,8 +75,8 @@ pub enum Abuse {
     DeviceOverwork {
         /// The device's work so far (bytes, and 4 KiB a command).
         done: u64,
-        /// The work asked of its drivers so far.
-        asked: u64,
+        /// The work granted it so far.
+        granted: u64,
     },
 }
 
@@ -88,12 +89,12 @@ impl std::fmt::Display for Abuse {
             Abuse::DoorbellFlood { rings, completions } => {
                 write!(f, "the driver VM rang the reflector {rings} times for {completions} completions")
             }
-            Abuse::DeviceOverwork { done, asked } => write!(
+            Abuse::DeviceOverwork { done, granted } => write!(
                 f,
-                "the driver VM gave its device work no request asked for ({} MiB done for {} MiB of requests, past \
-                 its allowance)",
+                "the driver VM gave its device work no request asked for ({} MiB done, {} MiB granted for its \
+                 requests: past its allowance)",
                 done >> 20,
-                asked >> 20
+                granted >> 20
             ),
         }
     }
@@ -140,7 +141,7 @@ impl ResourceWatch {
         let busy = std::mem::replace(&mut self.busy, false);
         let previous = self.mark.replace((pid, current));
         if let Some(work) = work.filter(|work| work.waiting) {
-            return Some(Abuse::DeviceOverwork { done: work.done, asked: work.asked });
+            return Some(Abuse::DeviceOverwork { done: work.done, granted: work.granted });
         }
         let previous = match previous {
             Some((watched, previous)) if watched == pid => previous,
@@ -269,12 +270,12 @@ mod tests {
         let start = Instant::now();
         let s = |secs: f64| start + Duration::from_secs_f64(secs);
         let idle = Duration::ZERO;
-        let work = |waiting| Some(DeviceWork { done: 200 << 20, asked: 10 << 20, waiting });
+        let work = |waiting| Some(DeviceWork { done: 200 << 20, granted: 10 << 20, waiting });
         assert_eq!(watch.tick(7, s(0.0), idle, (0, 0), work(false)), None);
         assert_eq!(watch.tick(7, s(1.0), idle, (0, 0), work(false)), None, "within its allowance");
         let caught = watch.tick(7, s(2.0), idle, (0, 0), work(true));
-        assert_eq!(caught, Some(Abuse::DeviceOverwork { done: 200 << 20, asked: 10 << 20 }));
-        assert!(caught.unwrap().to_string().contains("(200 MiB done for 10 MiB of requests"));
+        assert_eq!(caught, Some(Abuse::DeviceOverwork { done: 200 << 20, granted: 10 << 20 }));
+        assert!(caught.unwrap().to_string().contains("(200 MiB done, 10 MiB granted for its requests"));
         assert!(watch.tick(8, s(3.0), idle, (0, 0), work(true)).is_some(), "a new driver VM's first period too");
         assert_eq!(watch.tick(8, s(4.0), idle, (0, 0), None), None, "a device that counts nothing");
     }

@@ -74,9 +74,6 @@ pub struct Blk {
     waiting: VecDeque<Waiting>,
     /// Deaths a request may be in before it is a poison request.
     poison_deaths: u32,
-    /// The work asked of the driver VMs: each request sent (replays
-    /// too), its bytes and `COMMAND_WORK` ([`DeviceKind::work`]).
-    asked: u64,
     /// Where the middle part of a long write read back from the medium is
     /// drawn (keys from the OS: a driver cannot predict it), and the
     /// failures to read the medium, for the log.
@@ -103,7 +100,6 @@ impl Blk {
             in_flight: InFlightTable::with_windows(hardware.dma_windows()),
             waiting: VecDeque::new(),
             poison_deaths,
-            asked: 0,
             draws: std::hash::RandomState::new(),
             unreadable_medium: crate::hw::LogEvery::default(),
         }
@@ -184,8 +180,8 @@ impl Blk {
         };
         let (mut sums, mut read_back) = (Vec::new(), Vec::new());
         // Where writes are read back from the medium, the draw that places
-        // the middle part of a long one.
-        let draw = self.hardware.medium().map(|_| {
+        // the middle part of a long one (a write's only).
+        let draw = (request.kind == RequestKind::Write && self.hardware.medium().is_some()).then(|| {
             use std::hash::BuildHasher;
             self.draws.hash_one(entry.id)
         });
@@ -245,12 +241,10 @@ impl Blk {
         }
         // The device may do twice the work of what its driver is given (a
         // retry of everything), and no more (`hw::WorkAllowance`).
-        let work = crate::hw::block_work(op == channel::op::FLUSH, len);
         if let Some(allowance) = self.hardware.work() {
-            allowance.grant(2 * work);
+            allowance.grant(2 * crate::hw::block_work(op == channel::op::FLUSH, len));
         }
         core.channel.push(RequestEntry { id, op, slot, sector, len, reserved: 0 });
-        self.asked = self.asked.wrapping_add(work);
         if let Some(entry) = self.in_flight.get_mut(slot) {
             entry.sent_at = Some(Instant::now());
         }
@@ -580,7 +574,7 @@ impl DeviceKind for Blk {
     }
 
     fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
-        self.hardware.work().map(|allowance| crate::driver_watch::DeviceWork::of(allowance, self.asked))
+        self.hardware.work().map(crate::driver_watch::DeviceWork::of)
     }
 
     fn in_driver(&self) -> usize {

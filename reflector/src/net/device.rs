@@ -66,9 +66,6 @@ pub struct Net {
     held: VecDeque<u32>,
     /// Client receive chains taken from its queue, oldest first.
     rx_buffers: VecDeque<RxBuffer>,
-    /// The work asked of the driver VMs: each frame sent, its bytes and
-    /// `COMMAND_WORK` ([`DeviceKind::work`]).
-    asked: u64,
 }
 
 impl Net {
@@ -80,7 +77,6 @@ impl Net {
             slots: NetSlots::default(),
             held: VecDeque::new(),
             rx_buffers: VecDeque::new(),
-            asked: 0,
         }
     }
 
@@ -179,12 +175,10 @@ impl Net {
         core.request_arrived();
         // The card may send each frame once (never a duplicate), and no
         // more (`hw::WorkAllowance`).
-        let work = u64::from(len) + crate::hw::COMMAND_WORK;
         if let Some(allowance) = self.hardware.work() {
-            allowance.grant(work);
+            allowance.grant(u64::from(len) + crate::hw::COMMAND_WORK);
         }
         core.channel.push(RequestEntry { id, op: channel::op::NET_TX, slot, sector: 0, len, reserved: 0 });
-        self.asked = self.asked.wrapping_add(work);
         core.metrics.tx_frames.fetch_add(1, Ordering::Relaxed);
         core.metrics.tx_bytes.fetch_add(u64::from(len), Ordering::Relaxed);
         true
@@ -373,7 +367,7 @@ impl DeviceKind for Net {
     }
 
     fn work(&self) -> Option<crate::driver_watch::DeviceWork> {
-        self.hardware.work().map(|allowance| crate::driver_watch::DeviceWork::of(allowance, self.asked))
+        self.hardware.work().map(crate::driver_watch::DeviceWork::of)
     }
 
     fn in_driver(&self) -> usize {
