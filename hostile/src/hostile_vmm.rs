@@ -4,9 +4,10 @@
 //! what a compromised vmm would: read host files and other devices' images,
 //! reach sockets and the network, trace or signal other processes, gain
 //! privileges, write its root, fork without bound, take more CPU or memory
-//! than its share, flood its standard output. It prints one JSON line saying how each attempt ended
-//! (the reflector logs it as the driver VM's report), then tries to take
-//! more memory than its cgroup allows, which should get it killed.
+//! than its share, flood its standard output and its standard error. It
+//! prints one JSON line saying how each attempt ended (the reflector logs
+//! it as the driver VM's report), then tries to take more memory than its
+//! cgroup allows, which should get it killed.
 //!
 //! Not a test by itself: `reflector/tests/jail.rs` runs it and judges the
 //! report. Never installed anywhere a real deployment would use it.
@@ -126,6 +127,23 @@ fn flood_stdout(mib: usize) -> usize {
     written
 }
 
+/// MiB written to standard error before the report: far more than a
+/// driver VM's share of the reflector's log.
+const FLOOD_STDERR_MIB: usize = 16;
+
+/// Writes `mib` MiB to standard error in lines of 4 KiB, each starting
+/// with "hostile-vmm flood" (`reflector/tests/jail.rs` counts them); how
+/// many MiB went out.
+fn flood_stderr(mib: usize) -> usize {
+    let mut line = b"hostile-vmm flood ".to_vec();
+    line.resize(4095, b'x');
+    line.push(b'\n');
+    let mut err = std::io::stderr().lock();
+    let lines = mib << 20 >> 12;
+    let written = (0..lines).take_while(|_| err.write_all(&line).is_ok()).count();
+    written >> 8
+}
+
 /// Threads spinning in the CPU test: three, on a machine of two cores, so
 /// only the jail's quota (one core) keeps it below two.
 const SPINNING_THREADS: usize = 3;
@@ -231,6 +249,7 @@ fn main() {
     // Standard output without end (as far as the reflector can tell): a
     // supervisor that kept all of it would run out of memory.
     note("flooded stdout MiB", json!(flood_stdout(FLOOD_MIB)));
+    note("flooded stderr MiB", json!(flood_stderr(FLOOD_STDERR_MIB)));
     println!("{}", Value::Object(report));
     let _ = std::io::stdout().flush();
     // Last: more memory than its cgroup allows (256 MiB); each page touched.

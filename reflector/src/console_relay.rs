@@ -1,59 +1,47 @@
-//! Carries jailed vmms' standard error to the reflector's own when that is
-//! a regular file.
+//! Carries jailed vmms' standard error to the reflector's own, each driver
+//! VM's within a budget.
 //!
-//! Why: a jailed vmm may write no regular file at all (its jail sets
-//! `RLIMIT_FSIZE` to 0, `jail::child`), so that one taken over before its
-//! own filters (by a hostile driver image's ELF, say) cannot grow a
+//! Why a pipe: a jailed vmm may write no regular file at all (its jail
+//! sets `RLIMIT_FSIZE` to 0, `jail::child`), so that one taken over before
+//! its own filters (by a hostile driver image's ELF, say) cannot grow a
 //! memory disk's image, the one window file no seal covers. Inheriting a
 //! standard error that is a regular file (a log file) would then kill it
-//! at its first log line; such a vmm gets a pipe instead, and one thread
+//! at its first log line.
+//!
+//! Why a budget: the reflector's log is every device's. A vmm that
+//! inherited it (a pipe, a terminal, a journal's socket) could write
+//! without pause, and a journal then rate-limits the reflector's whole
+//! service, dropping other devices' lines with the flood; a log file would
+//! fill the host's disk. So every jailed vmm gets a pipe, and one thread
 //! here copies what comes through it to the reflector's standard error,
 //! whole writes at a time (a vmm writes each line at once, and a pipe
 //! keeps writes of up to a page whole), so lines of different driver VMs
-//! do not mix. A standard error that is a pipe, a terminal or a socket (a
-//! journal) is inherited as before.
+//! do not mix. Each driver VM's output may add [`RATE`] bytes a second to
+//! the log, in bursts of [`BURST`] (its start, a crash report); what comes
+//! beyond is dropped, and a line says how much.
 //!
-//! What it is not: a filter. It is a limit: each driver VM's output may
-//! add [`RATE`] bytes a second to the log, in bursts of [`BURST`] (its
-//! start, a crash report); what comes beyond is dropped, and a line says
-//! how much, so that a hostile vmm cannot fill the host's disk through the
-//! reflector's log. A vmm that inherits the reflector's standard error (a
-//! pipe, a terminal, a journal) is not limited here: a journal limits it
-//! itself.
+//! What it is not: a filter, nor a guard against a log that does not take
+//! what it is given. A standard error that blocks (a pipe nobody reads)
+//! holds this thread, and then each vmm at its next line once its pipe is
+//! full, as it would hold them had they inherited it. Unjailed vmms
+//! (`--no-jail`, which trusts its drivers) inherit the reflector's.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// What a jailed vmm's standard error should be: a pipe into the relay if
-/// the reflector's is a regular file, else the reflector's own.
+/// A jailed vmm's standard error: a pipe into the relay.
 pub fn stderr_for_jailed_vmm() -> std::io::Result<Stdio> {
-    if !stderr_is_regular_file() {
-        return Ok(Stdio::inherit());
-    }
     let (read, write) = hardware::descriptors::pipe()?;
     relay()
         .map_err(|error| std::io::Error::new(error.kind(), format!("starting the console relay: {error}")))?
         .add(read)?;
     Ok(Stdio::from(write))
-}
-
-/// Whether this process's standard error is a regular file (asked once:
-/// the reflector never changes it).
-fn stderr_is_regular_file() -> bool {
-    static REGULAR: OnceLock<bool> = OnceLock::new();
-    *REGULAR.get_or_init(|| {
-        let mut stat = std::mem::MaybeUninit::<libc::stat>::zeroed();
-        // SAFETY: fstat(2) of descriptor 2 into a local struct it fills.
-        let known = unsafe { libc::fstat(2, stat.as_mut_ptr()) } == 0;
-        // SAFETY: fstat succeeded, so the struct is filled; zeroed otherwise.
-        known && unsafe { stat.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFREG
-    })
 }
 
 /// The relay: its epoll set and the read ends it watches.
@@ -175,34 +163,43 @@ const READS_PER_TURN: usize = 16;
 
 /// Copies what `pipe` holds now (at most [`READS_PER_TURN`] reads) to
 /// `log` (standard error) within its budget; false once its writers are
-/// gone (or it failed).
+/// gone (or it failed), having said what it dropped since it last could.
 fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> bool {
     let mut budget = pipe.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..READS_PER_TURN {
         match (&pipe.file).read(buffer) {
-            Ok(0) => return false,
-            Ok(read) => {
+            Ok(read) if read > 0 => {
                 let dropped = budget.dropped;
                 if budget.take(read) {
-                    if dropped > 0 {
-                        budget.dropped = 0;
-                        let _ = writeln!(
-                            log,
-                            "reflector: {dropped} bytes of a driver VM's output dropped (over {} KiB a second)",
-                            RATE / 1024
-                        );
-                    }
-                    // Standard error is a regular file: the write does not
-                    // block, and one that fails loses only this output.
+                    note_dropped(&mut budget, dropped, log);
+                    // One that fails (a reader gone) loses only this output.
                     let _ = log.write_all(&buffer[..read]);
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            _ => {
+                // The end of its output (a flood is often a driver VM's
+                // last act): what it lost is said now or never.
+                let dropped = budget.dropped;
+                note_dropped(&mut budget, dropped, log);
+                return false;
+            }
         }
     }
     true
+}
+
+/// Says in the log that `dropped` bytes of a driver VM's output were lost.
+fn note_dropped(budget: &mut Budget, dropped: u64, log: &mut impl Write) {
+    if dropped > 0 {
+        budget.dropped = 0;
+        let _ = writeln!(
+            log,
+            "reflector: {dropped} bytes of a driver VM's output dropped (over {} KiB a second)",
+            RATE / 1024
+        );
+    }
 }
 
 #[cfg(test)]
@@ -210,7 +207,8 @@ mod tests {
     use super::*;
 
     /// A vmm writing without pause adds its burst and its rate to the
-    /// log, not all it writes, and the log says how much it lost.
+    /// log, not all it writes, and the log says how much it lost, up to
+    /// its last byte.
     #[test]
     fn a_flooding_vmm_adds_at_most_its_budget_to_the_log() {
         let (read, write) = hardware::descriptors::pipe().unwrap();
@@ -220,7 +218,8 @@ mod tests {
         let started = std::time::Instant::now();
         let flood = std::thread::spawn(move || {
             let mut write = File::from(write);
-            let line = [b'x'; 4096];
+            let mut line = [b'x'; 4096];
+            line[4095] = b'\n';
             for _ in 0..(8 * BURST / 4096) {
                 write.write_all(&line).unwrap();
             }
@@ -231,11 +230,18 @@ mod tests {
         }
         flood.join().unwrap();
         let allowed = BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000 + 64 * 1024;
-        let logged = log.iter().filter(|&&byte| byte == b'x').count() as u64;
+        let text = String::from_utf8_lossy(&log);
+        let flood = |line: &&str| line.bytes().all(|byte| byte == b'x');
+        let logged = text.lines().filter(flood).map(|line| line.len() as u64 + 1).sum::<u64>();
         assert!(logged <= allowed, "{logged} bytes logged of {}, {allowed} allowed", 8 * BURST);
         assert!(logged >= BURST / 2, "the burst itself was not logged: {logged} bytes");
-        let budget = pipe.budget.lock().unwrap();
-        let noted = String::from_utf8_lossy(&log).lines().filter(|line| line.contains("output dropped")).count();
-        assert!(budget.dropped > 0 || noted > 0, "nothing said of what was dropped");
+        // Every byte is either in the log or said to be dropped, the last
+        // drops too, though no output followed them.
+        let noted: u64 = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("reflector: ")?.split(" bytes of a driver VM's output dropped").next())
+            .map(|count| count.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(logged + noted, 8 * BURST, "{logged} bytes logged and {noted} said to be dropped");
     }
 }

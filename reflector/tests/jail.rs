@@ -14,6 +14,7 @@ use std::process::Command;
 mod common;
 
 use common::{kvm_available, sibling, Reflector, Scratch};
+use reflector::console_relay::{BURST, RATE};
 
 #[test]
 fn a_hostile_vmm_cannot_escape_its_jail() {
@@ -149,6 +150,48 @@ fn a_hostile_vmm_cannot_grow_a_memory_disks_image_and_jailed_vmms_still_log_to_a
         4 << 20,
         "the memory disk's image changed size"
     );
+}
+
+/// The reflector's log is every device's: a vmm that writes to its
+/// standard error without pause adds at most its budget to it (its burst,
+/// then its rate), even where the reflector's standard error is a pipe
+/// (a journal's socket, a terminal), which a vmm could write itself.
+/// Before, a vmm inherited such a standard error, and all 16 MiB of its
+/// flood reached the log.
+#[test]
+fn a_vmm_flooding_its_standard_error_adds_at_most_its_budget_to_a_piped_log() {
+    let test = "a_vmm_flooding_its_standard_error_adds_at_most_its_budget_to_a_piped_log";
+    if !kvm_available(test) {
+        return;
+    }
+    let scratch = Scratch::new("jail-stderr");
+    let socket = scratch.join("d0.sock");
+    let args = vec![
+        "--vmm".to_string(),
+        sibling("hostile-vmm").display().to_string(),
+        "--blk".to_string(),
+        format!("socket={},image={},size=4M,name=d0,spare=off", socket.display(), scratch.join("d0.img").display()),
+    ];
+    let started = std::time::Instant::now();
+    let mut reflector = Reflector::start_piped(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    let report_line = |r: &Reflector| {
+        r.log_text()
+            .lines()
+            .find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
+            .map(str::to_owned)
+    };
+    reflector.wait_for(|r| report_line(r).is_some(), "the hostile vmm's report");
+    let line = report_line(&reflector).unwrap();
+    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
+    let log = reflector.stop();
+    let elapsed = started.elapsed();
+    assert_eq!(report["flooded stderr MiB"], 16, "{report}");
+    assert!(log.contains("hostile-vmm: trying the jail's walls"), "the vmm's log line is not in the log: {log}");
+    let logged: u64 = log.lines().filter(|l| l.starts_with("hostile-vmm flood")).map(|l| l.len() as u64 + 1).sum();
+    // Its burst, its rate over the whole run, and a pipe's worth in flight.
+    let allowed = BURST + elapsed.as_micros() as u64 * RATE / 1_000_000 + 64 * 1024;
+    assert!(logged <= allowed, "{logged} bytes of a 16 MiB flood reached the log, {allowed} allowed");
+    assert!(log.contains("output dropped"), "the log does not say what was dropped");
 }
 
 #[test]

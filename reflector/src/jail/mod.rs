@@ -232,8 +232,8 @@ pub struct Jail {
     filter: seccompiler::BpfProgram,
     /// The largest file it may write (`RLIMIT_FSIZE`), if limited: 0 for a
     /// vmm, which writes no regular file (its windows' files are reached
-    /// through memory, its standard error is a pipe when the reflector's
-    /// is a file: `console_relay`), so that one taken over before its own
+    /// through memory, its standard error is a pipe into the reflector's
+    /// `console_relay`), so that one taken over before its own
     /// filters cannot grow a memory disk's image, the one window file no
     /// seal covers. A device model's QEMU writes its image, and no file
     /// past the image's size.

@@ -91,6 +91,28 @@ impl Reflector {
         reflector
     }
 
+    /// As `start_with`, but its standard error is a pipe (as a journal's
+    /// socket or a terminal would be, not a file), which a thread copies
+    /// into `log` until every writer is gone.
+    #[allow(dead_code)]
+    pub fn start_piped(args: &[String], log: PathBuf, socket: &Path, ready: &str) -> Reflector {
+        let mut file = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_reflector"))
+            .arg("serve")
+            .args(args)
+            .env("REFLECTOR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut pipe, &mut file));
+        let mut reflector = Reflector { child, log };
+        reflector.wait_for(|r| socket.exists() && r.log_text().contains(ready), "the device to be served");
+        reflector
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
