@@ -430,6 +430,17 @@ impl BlkDevice {
         self.session.readdress_vring(0, &self.mem, 0, layout)
     }
 
+    /// Points the queue's avail ring at the last 4 bytes of its memory (SET_VRING_ADDR), so that
+    /// its flags and index lie inside and its entries outside, sets that index to `idx` and
+    /// kicks: for a hostile client.
+    pub fn avail_ring_at_memory_end(&mut self, idx: u16) -> Result<()> {
+        let mut layout = self.ring.layout();
+        layout.avail = self.mem.len() - 4;
+        self.session.readdress_vring(0, &self.mem, 0, layout)?;
+        self.mem.slice_mut(layout.avail + 2, 2).copy_from_slice(&idx.to_le_bytes());
+        self.kick.write(1).map_err(|e| Error::sys("kicking the device (eventfd write)", e))
+    }
+
     /// Waits at most `timeout` for the backend to hang up the control socket; whether it did.
     pub fn wait_for_hangup(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

@@ -54,6 +54,16 @@
 //!   backend that took the request and then failed to ask for the next kick left it unsent to its
 //!   driver, which was later blamed for it. The backend must cut the client off (end the
 //!   connection), blaming no driver.
+//! - `avail-ring-past-memory`: with EVENT_IDX, the avail ring moved to the last 4 bytes of the
+//!   client's memory, so that its index can be read and its entries cannot, the index one past
+//!   what was consumed, then a kick. virtio-queue yields no chain from such a ring, while asking
+//!   for the next kick reports one more: a backend that did not check spun for ever, its device
+//!   locked, logging a line at each turn. The backend must cut the client off.
+//! - `replaced-kick`: a new kick eventfd sent for the queue while it is served (no client that
+//!   follows vhost-user does: it stops the queue first), then a request kicked through the old
+//!   one. A backend that closed the old kick without taking it out of its epoll set found it
+//!   readable for ever (the client holds it) and never read it again: its worker spun. The
+//!   backend must cut the client off.
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
@@ -95,11 +105,15 @@ pub enum Case {
     CallIsKick,
     /// The used ring's `avail_event` outside the client's memory.
     UnwritableAvailEvent,
+    /// The avail ring's entries outside the client's memory, its index inside.
+    AvailRingPastMemory,
+    /// A new kick for a queue being served.
+    ReplacedKick,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 13] = [
+    pub const NAMES: [&'static str; 15] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -113,6 +127,8 @@ impl Case {
         "drained-kick",
         "call-is-kick",
         "unwritable-avail-event",
+        "avail-ring-past-memory",
+        "replaced-kick",
     ];
 
     /// Parses a case name.
@@ -131,6 +147,8 @@ impl Case {
             "drained-kick" => Ok(Case::DrainedKick),
             "call-is-kick" => Ok(Case::CallIsKick),
             "unwritable-avail-event" => Ok(Case::UnwritableAvailEvent),
+            "avail-ring-past-memory" => Ok(Case::AvailRingPastMemory),
+            "replaced-kick" => Ok(Case::ReplacedKick),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -301,6 +319,28 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let hung_up = device.wait_for_hangup(CUT_WAIT);
             let detail = format!("the backend ended the connection: {hung_up}");
             (Outcome { case: name, refused: hung_up, detail }, Box::new(device))
+        }
+        Case::AvailRingPastMemory => {
+            let opts = DeviceOptions { event_idx: true, ..opts.clone() };
+            let mut device = BlkDevice::connect(path, &opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            // One request consumed: the index says one more.
+            device.avail_ring_at_memory_end(2)?;
+            let hung_up = device.wait_for_hangup(CUT_WAIT);
+            let detail = format!("the backend ended the connection: {hung_up}");
+            (Outcome { case: name, refused: hung_up, detail }, Box::new(device))
+        }
+        Case::ReplacedKick => {
+            let mut device = BlkDevice::connect(path, opts)?;
+            device.run_one(0, Op::Write, 0, 4096)?;
+            let replacement = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| Error::sys("creating an eventfd", e))?;
+            device.session_mut().set_vring_kick(0, &replacement)?;
+            device.submit(0, Op::Read, 0, 4096);
+            device.kick()?;
+            let hung_up = device.wait_for_hangup(CUT_WAIT);
+            let detail = format!("the backend ended the connection: {hung_up}");
+            (Outcome { case: name, refused: hung_up, detail }, Box::new((device, replacement)))
         }
     };
     done(&outcome);

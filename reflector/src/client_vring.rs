@@ -30,21 +30,23 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
+use virtio_queue::QueueT;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// The client memory every vring of the reflector is typed with.
 type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// A client's queue: vhost-user-backend's `VringRwLock`, but its kick is
-/// read without ever waiting ([`read_kick_without_waiting`]), and it
+/// read without ever waiting ([`read_kick_without_waiting`]) and never
+/// replaced while served ([`ClientVring::kick_replaced`]), and it
 /// remembers the used index its client was last notified at.
 #[derive(Clone)]
-pub struct ClientVring(VringRwLock, Arc<AtomicU32>);
+pub struct ClientVring(VringRwLock, Arc<AtomicU32>, Arc<AtomicBool>);
 
 impl ClientVring {
     /// No notification yet: no used index is `u32::MAX`.
@@ -67,6 +69,19 @@ impl ClientVring {
     pub fn notified_at(&self, next_used: u16) {
         self.1.store(u32::from(next_used), Ordering::Relaxed);
     }
+
+    /// Whether the client sent a new kick (or none) for this queue while
+    /// it was served, which no client that follows vhost-user does (it
+    /// stops the queue first). vhost-user-backend's handler would close
+    /// the old kick without taking it out of the worker's epoll set, where
+    /// it stays as long as the client holds its own end, readable for ever
+    /// once the client writes it and never read again: the worker would
+    /// spin. So the old kick is kept (and read), the new one dropped, and
+    /// the device cuts the client off at its next event
+    /// ([`crate::worker::broken_queue`]).
+    pub fn kick_replaced(&self) -> bool {
+        self.2.load(Ordering::Relaxed)
+    }
 }
 
 impl<'a> VringStateGuard<'a, Memory> for ClientVring {
@@ -84,7 +99,7 @@ impl<'a> VringStateMutGuard<'a, Memory> for ClientVring {
 impl VringT<Memory> for ClientVring {
     fn new(mem: Memory, max_queue_size: u16) -> Result<Self, VirtQueError> {
         let vring = VringRwLock::new(mem, max_queue_size)?;
-        Ok(ClientVring(vring, Arc::new(AtomicU32::new(Self::NEVER))))
+        Ok(ClientVring(vring, Arc::new(AtomicU32::new(Self::NEVER)), Arc::default()))
     }
 
     fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
@@ -155,6 +170,15 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_kick(&self, file: Option<File>) {
+        let served = {
+            let state = self.0.get_ref();
+            state.get_queue().ready() && state.is_enabled() && state.get_kick().is_some()
+        };
+        if served {
+            // See `kick_replaced`: the new descriptor (if any) is closed.
+            self.2.store(true, Ordering::Relaxed);
+            return;
+        }
         self.0.set_kick(file)
     }
 
@@ -366,6 +390,28 @@ mod tests {
         assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
         // SAFETY: a fresh descriptor this owns from here on.
         unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// A queue's kick may be replaced while the queue is stopped or
+    /// disabled (its kick then out of the worker's epoll set), not while it
+    /// is served: the old one is kept, read, and the replacement noted.
+    #[test]
+    fn a_kick_replaced_while_served_is_kept_and_noted() {
+        let memory = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let vring = ClientVring::new(GuestMemoryAtomic::new(memory), 256).unwrap();
+        let kick = |fd: &OwnedFd| Some(File::from(fd.try_clone().unwrap()));
+        let kept_fd = |vring: &ClientVring| vring.get_ref().get_kick().as_ref().map(|kick| kick.as_raw_fd());
+        let (first, second, third) = (eventfd(0, 0), eventfd(0, 0), eventfd(1, 0));
+        vring.set_kick(kick(&first));
+        vring.set_queue_ready(true);
+        vring.set_enabled(false);
+        vring.set_kick(kick(&second));
+        assert!(!vring.kick_replaced(), "a disabled queue's kick may be replaced");
+        vring.set_enabled(true);
+        let served = kept_fd(&vring);
+        vring.set_kick(kick(&third));
+        assert!(vring.kick_replaced(), "a served queue's kick was replaced unnoticed");
+        assert_eq!(kept_fd(&vring), served, "the served kick was not kept");
     }
 
     fn count(fd: &OwnedFd) -> u64 {

@@ -309,6 +309,20 @@ impl DeviceCore {
         }
     }
 
+    /// Whether the client's queue can be served; if not
+    /// ([`crate::worker::broken_queue`]), the client is cut off. Checked
+    /// before every pass over a queue.
+    pub fn queue_servable(&mut self, vring: &ClientVring, memory: &GuestMemoryMmap) -> bool {
+        match crate::worker::broken_queue(vring, memory) {
+            None => true,
+            Some(why) => {
+                self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                self.cut_off(why);
+                false
+            }
+        }
+    }
+
     /// Asks the client not to kick while the device takes its chains
     /// (EVENT_IDX); false, and the client cut off, if its used ring cannot
     /// take the request (its notification field lies outside its memory).

@@ -82,22 +82,48 @@ pub fn disable_notification(vring: &ClientVring, memory: &GuestMemoryMmap) -> st
     vring.get_mut().get_queue_mut().disable_notification(memory).map_err(std::io::Error::other)
 }
 
-/// Whether the client published more available entries than its queue
-/// holds, or an avail index that cannot be read: a broken or hostile
-/// client. virtio-queue then yields no chain, while re-enabling
-/// notifications (EVENT_IDX) keeps reporting more work, so a worker that
-/// did not check would spin forever.
-pub fn avail_overrun(vring: &ClientVring, memory: &GuestMemoryMmap) -> bool {
+/// Why the client's queue cannot be served, if it cannot: virtio-queue
+/// then yields no chain while re-enabling notifications (EVENT_IDX) keeps
+/// reporting more work, so a worker that did not check would spin for
+/// ever, its device locked, a line logged at each turn. Checked before
+/// every pass over the queue, so that a pass that finds a chain finds it
+/// whole:
+/// - its kick replaced while the queue is served (the old one stays in the
+///   worker's epoll set, readable for ever while the client holds it);
+/// - its avail ring at guest address 0, which virtio-queue takes for a
+///   ring never set and refuses to pop;
+/// - a ring that does not lie whole in its memory (the avail index
+///   readable, its entries not);
+/// - more available entries than the queue holds, or an avail index that
+///   cannot be read.
+pub fn broken_queue(vring: &ClientVring, memory: &GuestMemoryMmap) -> Option<&'static str> {
+    if vring.kick_replaced() {
+        return Some("it replaced the kick of a queue being served");
+    }
     let state = vring.get_ref();
     let queue = state.get_queue();
     if !queue.ready() {
-        return false;
+        return None;
+    }
+    if queue.avail_ring() == 0 {
+        return Some("its queue's avail ring is at guest address 0 (a ring never set)");
+    }
+    if !queue.is_valid(memory) {
+        return Some("its queue's rings do not lie in its memory");
     }
     match queue.avail_idx(memory, Ordering::Acquire) {
-        Ok(avail) => (avail - Wrapping(queue.next_avail())).0 > queue.size(),
-        Err(_) => true,
+        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 > queue.size() => {
+            Some("its queue's avail index runs beyond the queue size")
+        }
+        Ok(_) => None,
+        Err(_) => Some("its queue's avail index cannot be read"),
     }
 }
+
+/// Why a client is cut off whose queue, asked again after a pass (EVENT_IDX
+/// re-enabled), reports chains that the next pass cannot take: whatever
+/// the cause, a worker that went on would spin.
+pub const STUCK_QUEUE: &str = "its queue reports chains that cannot be taken";
 
 /// Whether taking one more chain from `vring` would give the device more
 /// chains of this client than its queue has descriptors: the client then

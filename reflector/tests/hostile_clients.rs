@@ -147,11 +147,35 @@ fn a_cut_off_client_truncating_its_memory_cannot_fault_the_reflector() {
 /// its memory: the device's request for the next kick failed after it had
 /// taken the kicked request, which was then never sent to the driver, and
 /// the driver was blamed for it (an adversarial review found it). The
-/// client is cut off, and no driver VM is replaced.
+/// client is cut off before any request is taken (its rings must lie whole
+/// in its memory, `avail_event` included), and no driver VM is replaced.
 #[test]
 fn a_used_ring_whose_notification_field_is_outside_memory_cuts_the_client_off() {
     if kvm_available("a_used_ring_whose_notification_field_is_outside_memory_cuts_the_client_off") {
-        survives("unwritable-avail-event", "its used ring's notification field cannot be written", true);
+        survives("unwritable-avail-event", "its queue's rings do not lie in its memory", true);
+    }
+}
+
+/// An avail ring whose index lies in the client's memory and whose
+/// entries do not: virtio-queue yields no chain from it, while asking for
+/// the next kick (EVENT_IDX) reports one more. Before, the worker spun on
+/// it for ever, its device locked (the next client was never served), a
+/// line logged at each turn.
+#[test]
+fn an_avail_ring_past_the_clients_memory_cuts_the_client_off_without_spinning() {
+    if kvm_available("an_avail_ring_past_the_clients_memory_cuts_the_client_off_without_spinning") {
+        survives("avail-ring-past-memory", "its queue's rings do not lie in its memory", true);
+    }
+}
+
+/// A new kick for a queue being served: vhost-user-backend's handler
+/// closed the old one without taking it out of the worker's epoll set,
+/// where it stayed readable for ever (the client holds it) and was never
+/// read again. Before, the worker spun from the client's next kick on.
+#[test]
+fn a_kick_replaced_while_its_queue_is_served_cuts_the_client_off() {
+    if kvm_available("a_kick_replaced_while_its_queue_is_served_cuts_the_client_off") {
+        survives("replaced-kick", "it replaced the kick of a queue being served", true);
     }
 }
 

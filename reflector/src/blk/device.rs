@@ -39,7 +39,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, ReadBack, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
+use crate::worker::{exceeds_queue, HEAD_REUSED, STUCK_QUEUE};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -595,25 +595,35 @@ impl DeviceKind for Blk {
             tracing::debug!(device = %core.name, "queue kicked before the client's memory table arrived");
             return Ok(());
         };
-        loop {
-            if avail_overrun(vring, &memory) {
-                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                core.cut_off("its queue's avail index runs beyond the queue size");
-                return Ok(());
+        for pass in 0.. {
+            // What an earlier pass sent goes out (unpublished, the driver
+            // would be blamed for it); it completes into nothing once the
+            // client is cut off.
+            if !core.queue_servable(vring, &memory) {
+                break;
             }
             if core.event_idx && !core.quiet_client(vring, &memory) {
                 break;
             }
+            // A queue's worth a pass: a client that publishes as fast as
+            // the worker pops cannot grow the list without bound.
             let chains: Vec<(u16, Option<Vec<Segment>>)> = {
                 let mut state = vring.get_mut();
+                let queue = state.get_queue_mut();
                 let mut chains = Vec::new();
-                while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(memory.clone()) {
+                while chains.len() < usize::from(queue.size()) {
+                    let Some(chain) = queue.pop_descriptor_chain(memory.clone()) else { break };
                     let head = chain.head_index();
                     chains.push((head, marshal::chain_segments(chain, SEG_MAX as usize + 2)));
                 }
                 chains
             };
             tracing::trace!(device = %core.name, chains = chains.len(), "queue processed");
+            if pass > 0 && chains.is_empty() {
+                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                core.cut_off(STUCK_QUEUE);
+                break;
+            }
             for (head, segments) in chains {
                 // The table's whole count bounds the client's own: its scan
                 // (`len_for`) is needed only near the queue's size.

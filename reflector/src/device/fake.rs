@@ -345,7 +345,7 @@ const BUFFERS: u64 = 0x10_0000;
 /// Bytes of buffer per request (header, data up to 64 KiB, status).
 const BUFFER_STRIDE: u64 = 0x1_1000;
 /// The client's memory.
-const CLIENT_MEMORY: usize = 0x100_0000;
+pub const CLIENT_MEMORY: usize = 0x100_0000;
 
 /// A virtio-blk request as the client wrote it.
 #[derive(Clone, Copy, Debug)]
@@ -506,6 +506,21 @@ impl<'a> Client<'a> {
                 }
             }
         }
+    }
+
+    /// Moves the queue's avail ring to `to` (as SET_VRING_ADDR would) and
+    /// sets the index there to `idx`, with EVENT_IDX on for `device`: for
+    /// a client whose ring cannot be popped. Not kicked.
+    pub fn move_avail_ring<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(
+        &self,
+        device: &mut D,
+        to: u64,
+        idx: u16,
+    ) {
+        device.set_event_idx(true);
+        self.vrings[0].set_queue_event_idx(true);
+        self.vrings[0].set_queue_info(self.queue.desc_table_addr().0, to, self.queue.used_addr().0).unwrap();
+        self.memory.write_obj(idx, GuestAddress(to + 2)).unwrap();
     }
 
     /// Kicks the client's queue.

@@ -678,6 +678,33 @@ fn a_client_reoffering_a_request_the_device_holds_is_cut_off_at_its_queue_size()
     assert!(bench.count(&bench.metrics.malformed) >= 1);
 }
 
+/// A queue whose avail ring virtio-queue cannot pop (at guest address 0,
+/// which it takes for a ring never set, or with its entries past the
+/// client's memory, its index inside) while its index says there is a
+/// chain: with EVENT_IDX, asking for the next kick reports that chain
+/// again and again. The client is cut off at the kick; before, the
+/// worker's kick never returned (its device locked for good, a line
+/// logged at each turn).
+#[test]
+fn a_queue_whose_avail_ring_cannot_be_popped_cuts_the_client_off_instead_of_spinning() {
+    for avail in [0, super::fake::CLIENT_MEMORY as u64 - 4] {
+        let memory = client_memory();
+        let mut bench = Bench::new(&memory, &[Script::Hang], false, RecoveryConfig::default());
+        bench.client.move_avail_ring(&mut bench.device, avail, 1);
+        bench.client.kick(&mut bench.device);
+        assert!(bench.device.core.memory.is_none(), "avail ring at {avail:#x}: the client was not cut off");
+        assert!(bench.count(&bench.metrics.malformed) >= 1);
+    }
+    // The same for a net device's receive queue.
+    let memory = client_memory();
+    let mut device = fake_net_device("fake-net-unpoppable", 3);
+    let client = Client::attach(&memory, &mut device);
+    client.move_avail_ring(&mut device, super::fake::CLIENT_MEMORY as u64 - 4, 1);
+    client.kick(&mut device);
+    assert!(device.core.memory.is_none(), "the net client was not cut off");
+    device.shutdown();
+}
+
 /// A net device on a simulated card of address 02:00:00:00:00:`mac`,
 /// alone on a switch of its own, whose driver VM never answers.
 fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {

@@ -37,7 +37,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::{avail_overrun, exceeds_queue, HEAD_REUSED};
+use crate::worker::{exceeds_queue, HEAD_REUSED, STUCK_QUEUE};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -104,19 +104,26 @@ impl Net {
             return Ok(());
         }
         let mut sent = false;
-        loop {
-            if avail_overrun(tx, &memory) {
-                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                core.cut_off("its TX queue's avail index runs beyond the queue size");
-                return Ok(());
+        for pass in 0.. {
+            // What an earlier pass sent goes out (unpublished, the driver
+            // would be blamed for it).
+            if !core.queue_servable(tx, &memory) {
+                break;
             }
             if core.event_idx && !core.quiet_client(tx, &memory) {
                 break;
             }
+            let mut taken = 0;
             while self.can_take_tx(core) {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
                 sent |= self.transmit(core, &memory, head, segments.as_deref());
                 core.add_used(tx, &memory, head, 0);
+                taken += 1;
+            }
+            if pass > 0 && taken == 0 && self.can_take_tx(core) {
+                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                core.cut_off(STUCK_QUEUE);
+                break;
             }
             // Chains left while no slot (or no driver VM) can take them wait
             // for a completion or a restart, not for a kick.
@@ -190,16 +197,16 @@ impl Net {
         if !rx.get_ref().get_queue().ready() {
             return Ok(());
         }
-        loop {
-            if avail_overrun(rx, &memory) {
-                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                core.cut_off("its RX queue's avail index runs beyond the queue size");
+        for pass in 0.. {
+            if !core.queue_servable(rx, &memory) {
                 return Ok(());
             }
             if core.event_idx && !core.quiet_client(rx, &memory) {
                 break;
             }
+            let mut taken = 0;
             while let Some((head, segments)) = pop_chain(rx, &memory) {
+                taken += 1;
                 if exceeds_queue(rx, self.rx_buffers.len()) {
                     core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
                     core.cut_off(HEAD_REUSED);
@@ -213,6 +220,11 @@ impl Net {
                         core.add_used(rx, &memory, head, 0);
                     }
                 }
+            }
+            if pass > 0 && taken == 0 {
+                core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+                core.cut_off(STUCK_QUEUE);
+                return Ok(());
             }
             if !core.event_idx || !core.rearm_client(rx, &memory) {
                 break;
