@@ -64,10 +64,17 @@
 //!   one. A backend that closed the old kick without taking it out of its epoll set found it
 //!   readable for ever (the client holds it) and never read it again: its worker spun. The
 //!   backend must cut the client off.
+//! - `early-enables`: [`EARLY_ENABLES`] SET_VRING_ENABLE messages for queue 0 before any
+//!   SET_FEATURES (which the backend must remember: QEMU's virtio-net sends one then), then a
+//!   GET_FEATURES whose answer shows they were all read; the connection is then held. A
+//!   backend that kept every one grew without bound (the test watches its memory).
+//! - `early-enable-of-a-missing-queue`: one SET_VRING_ENABLE before SET_FEATURES for queue 1000,
+//!   which the device does not have. The backend must end the connection (it would otherwise
+//!   keep one entry per queue index a client names, four billion of them).
 //! - `idle` (not hostile: the baseline): one write and read, then the connection is held, for
 //!   tests that need a client connected while they look at something else.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -109,11 +116,15 @@ pub enum Case {
     AvailRingPastMemory,
     /// A new kick for a queue being served.
     ReplacedKick,
+    /// SET_VRING_ENABLE without end before SET_FEATURES.
+    EarlyEnables,
+    /// SET_VRING_ENABLE before SET_FEATURES for a queue the device lacks.
+    EarlyEnableOfAMissingQueue,
 }
 
 impl Case {
     /// Every case's name, for help and errors (in the order of [`Case`]'s variants).
-    pub const NAMES: [&'static str; 15] = [
+    pub const NAMES: [&'static str; 17] = [
         "memory-beyond-file",
         "shrink-memory",
         "avail-overrun",
@@ -129,6 +140,8 @@ impl Case {
         "unwritable-avail-event",
         "avail-ring-past-memory",
         "replaced-kick",
+        "early-enables",
+        "early-enable-of-a-missing-queue",
     ];
 
     /// Parses a case name.
@@ -149,6 +162,8 @@ impl Case {
             "unwritable-avail-event" => Ok(Case::UnwritableAvailEvent),
             "avail-ring-past-memory" => Ok(Case::AvailRingPastMemory),
             "replaced-kick" => Ok(Case::ReplacedKick),
+            "early-enables" => Ok(Case::EarlyEnables),
+            "early-enable-of-a-missing-queue" => Ok(Case::EarlyEnableOfAMissingQueue),
             other => Err(format!("unknown hostile case {other:?} (known: {})", Case::NAMES.join(", "))),
         }
     }
@@ -342,6 +357,35 @@ pub fn run(path: &Path, case: Case, opts: &DeviceOptions, done: impl FnOnce(&Out
             let detail = format!("the backend ended the connection: {hung_up}");
             (Outcome { case: name, refused: hung_up, detail }, Box::new((device, replacement)))
         }
+        Case::EarlyEnables => {
+            let session = Session::connect(path, opts.timeout)?;
+            let batch: Vec<u8> = (0..1024).flat_map(|_| early_enable(0)).collect();
+            let mut sent = Ok(());
+            for _ in 0..EARLY_ENABLES / 1024 {
+                sent = session.socket().write_all(&batch);
+                if sent.is_err() {
+                    break;
+                }
+            }
+            // GET_FEATURES, answered once every enable before it was read.
+            let answered = sent.and_then(|()| {
+                let mut socket = session.socket();
+                socket.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0])?;
+                socket.read_exact(&mut [0u8; 20])
+            });
+            let detail = match &answered {
+                Ok(()) => format!("{EARLY_ENABLES} enables sent before SET_FEATURES, all read"),
+                Err(error) => format!("the backend ended the connection: {error}"),
+            };
+            (Outcome { case: name, refused: answered.is_err(), detail }, Box::new(session))
+        }
+        Case::EarlyEnableOfAMissingQueue => {
+            let session = Session::connect(path, opts.timeout)?;
+            let sent = session.socket().write_all(&early_enable(1000));
+            let hung_up = sent.is_err() || hung_up(session.socket(), CUT_WAIT);
+            let detail = format!("the backend ended the connection: {hung_up}");
+            (Outcome { case: name, refused: hung_up, detail }, Box::new(session))
+        }
     };
     done(&outcome);
     hold_until_stdin_closes(opts.timeout);
@@ -355,6 +399,32 @@ fn refused_or_not(case: &'static str, after: Result<()>, accepted: &str) -> Outc
     match after {
         Ok(()) => Outcome { case, refused: false, detail: accepted.into() },
         Err(error) => Outcome { case, refused: true, detail: format!("refused: {error}") },
+    }
+}
+
+/// SET_VRING_ENABLE messages `early-enables` sends before SET_FEATURES: 16 MiB, kept whole.
+pub const EARLY_ENABLES: usize = 2 << 20;
+
+/// A SET_VRING_ENABLE message (request 18, version 1, no reply asked) enabling queue `index`.
+fn early_enable(index: u32) -> Vec<u8> {
+    [18u32, 1, 8, index, 1].iter().flat_map(|word| word.to_le_bytes()).collect()
+}
+
+/// Waits at most `timeout` for the backend to hang up `socket`; whether it did.
+fn hung_up(socket: &std::os::unix::net::UnixStream, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut fd = libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+        // SAFETY: `fd` is one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut fd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if rc > 0 && fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return true;
+        }
+        if left.is_zero() {
+            return false;
+        }
     }
 }
 

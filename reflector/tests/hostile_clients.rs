@@ -179,6 +179,39 @@ fn a_kick_replaced_while_its_queue_is_served_cuts_the_client_off() {
     }
 }
 
+/// SET_VRING_ENABLE before SET_FEATURES is remembered (QEMU's virtio-net
+/// sends it then), but only the last for each queue: two million of them
+/// grew the reflector, which serves every device, by 16 MiB, without
+/// bound. One for a queue the device lacks ends the connection.
+#[test]
+fn early_queue_enables_are_remembered_once_a_queue_and_only_for_queues_the_device_has() {
+    if !kvm_available("early_queue_enables_are_remembered_once_a_queue_and_only_for_queues_the_device_has") {
+        return;
+    }
+    let scratch = Scratch::new("hostile-early-enables");
+    let mut reflector = serve_disks(&scratch, &["d0", "d1"], false);
+    let d0 = scratch.join("d0.sock");
+    let resident_kib = |pid: u32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let before = resident_kib(reflector.child.id());
+    let hostile = Hostile::start(&d0, "early-enables");
+    assert_eq!(hostile.outcome["refused"], false, "{}", hostile.outcome);
+    let grown = resident_kib(reflector.child.id()).saturating_sub(before);
+    assert!(grown < 4 << 10, "the reflector grew by {grown} KiB while it read 2 million early enables");
+    hostile.finish();
+    verified_io(&d0, "the next client, after early-enables");
+    let missing = Hostile::start(&d0, "early-enable-of-a-missing-queue");
+    assert_eq!(missing.outcome["refused"], true, "{}", missing.outcome);
+    missing.finish();
+    verified_io(&d0, "the next client, after early-enable-of-a-missing-queue");
+    assert!(reflector.child.try_wait().unwrap().is_none(), "the reflector died:\n{}", reflector.log_text());
+    let log = reflector.stop();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// A client acknowledging a protocol feature the device never offered
 /// (`CONFIGURE_MEM_SLOTS`, which lets it add memory regions without
 /// limit, each a slot of the SIGBUS guard every device shares) has its

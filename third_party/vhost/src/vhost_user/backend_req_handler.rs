@@ -664,9 +664,19 @@ impl<S: VhostUserBackendReqHandler> BackendReqHandler<S> {
                 // VHOST_USER_F_PROTOCOL_FEATURES, before any SET_FEATURES.
                 // Acknowledge it and apply it once SET_FEATURES has arrived
                 // (QEMU does not send it again). Once features are set,
-                // handling is as upstream.
+                // handling is as upstream. Only the last one for each queue
+                // the backend has is kept, and one for a queue it lacks
+                // ends the connection: kept whole, a client's messages
+                // grew the list without bound.
                 if !self.features_set {
-                    self.early_vring_enables.push((msg.index, msg.num == 1));
+                    if u64::from(msg.index) >= self.backend.get_queue_num()? {
+                        return Err(Error::InvalidParam);
+                    }
+                    let enable = msg.num == 1;
+                    match self.early_vring_enables.iter_mut().find(|(index, _)| *index == msg.index) {
+                        Some(kept) => kept.1 = enable,
+                        None => self.early_vring_enables.push((msg.index, enable)),
+                    }
                     self.send_ack_message(&hdr, Ok(()))?;
                     return Ok(());
                 }
