@@ -16,6 +16,7 @@ pub mod descriptors;
 pub mod dma_windows;
 pub mod memory_disk;
 pub mod qemu;
+pub mod shared_eventfd;
 pub mod shm;
 pub mod sim_nic;
 pub mod sim_storage;
@@ -370,10 +371,12 @@ pub trait NetHardware: Hardware {
 #[derive(Default)]
 pub struct InterruptRoute {
     target: Mutex<Option<EventFd>>,
-    /// Interrupts that could not be raised, for the log: a vmm can fill
-    /// its own line's count, and each interrupt then fails, on the thread
-    /// of whichever device raised it (another tenant's card, delivering a
-    /// frame).
+    /// Interrupts that could not be raised, for the log. The vmm holds
+    /// the line too, so it is raised only through
+    /// [`shared_eventfd::signal`], which never waits: with a write, a vmm
+    /// that made its line blocking and filled its count held whichever
+    /// thread raised it (another tenant's card, delivering a frame) for
+    /// good.
     failures: std::sync::atomic::AtomicU64,
 }
 
@@ -389,7 +392,7 @@ impl InterruptRoute {
     pub fn raise(&self) {
         if let Ok(current) = self.target.lock() {
             if let Some(target) = current.as_ref() {
-                if let Err(error) = target.write(1) {
+                if let Err(error) = shared_eventfd::signal(target.as_raw_fd()) {
                     let failures = self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     if failures.is_power_of_two() {
                         tracing::warn!(%error, failures, "cannot raise a device interrupt");
@@ -440,7 +443,8 @@ pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
         if fds[1].revents != 0 || ready < 0 {
             return false;
         }
-        let _ = doorbell.read();
+        // The vmm holds the doorbell too, and may have drained it.
+        let _ = shared_eventfd::take(doorbell.as_raw_fd());
         return true;
     }
 }

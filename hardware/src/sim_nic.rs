@@ -153,7 +153,8 @@ impl Hardware for SimNic {
     fn resume(&self) {
         self.port.counters.work.forgive();
         self.port.lock().quiesced = false;
-        let _ = self.doorbell.write(1);
+        // The next driver VM's vmm holds the doorbell too.
+        let _ = crate::shared_eventfd::signal(std::os::fd::AsRawFd::as_raw_fd(&self.doorbell));
     }
 }
 
@@ -759,6 +760,46 @@ mod tests {
         // receiver's, none (what arrives is the wire's doing).
         assert_eq!(a.nic.work().map(crate::WorkAllowance::done), Some(1000 + crate::COMMAND_WORK));
         assert_eq!(b.nic.work().map(crate::WorkAllowance::done), Some(0));
+    }
+
+    /// A vmm holds its card's interrupt line, and a hostile one may make it
+    /// blocking and fill its count: the card of another tenant delivering
+    /// a frame to it must not wait on it. Before, its thread wrote the line
+    /// and slept there for good, and with it every card that sent to that
+    /// one (an adversarial review found it).
+    #[test]
+    fn a_frame_to_a_card_whose_vmm_filled_its_line_does_not_hold_the_sender() {
+        // On a thread of its own: a card stuck in the write could not be
+        // dropped (its thread is joined), and the test would hang instead
+        // of failing.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let switch = Switch::new("t-full");
+            let (a, b) = (card("nic-a-full", 1, &switch), card("nic-b-full", 2, &switch));
+            a.reset_and_enable();
+            b.reset_and_enable();
+            b.post_rx(0x2000, 7);
+            b.post_rx(0x3000, 8);
+            let line = b.interrupt.as_raw_fd();
+            let most = u64::MAX - 1;
+            // SAFETY: fcntl(2) and write(2) of 8 bytes from a local, on the
+            // line's descriptor: what the hostile vmm does to its own copy.
+            unsafe {
+                assert_eq!(libc::fcntl(line, libc::F_SETFL, 0), 0);
+                assert_eq!(libc::write(line, (&raw const most).cast(), 8), 8);
+            }
+            for (id, at) in [(3, 0x1000), (4, 0x1800)] {
+                a.send(&frame(2, 1, 100), at, id);
+                let sent = a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, u32::from(id - 3));
+                assert_eq!(sent, Completion { id, status: 0, len: 100 });
+            }
+            while b.reg(reg::RXC_TAIL).load(Ordering::SeqCst) < 2 {
+                std::thread::yield_now();
+            }
+            let _ = done.send(());
+        });
+        let waited = finished.recv_timeout(std::time::Duration::from_secs(20));
+        assert!(waited.is_ok(), "the sending card waited on the receiving card's full line (or failed)");
     }
 
     #[test]

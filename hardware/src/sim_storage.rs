@@ -204,7 +204,8 @@ impl Hardware for SimStorage {
         self.writes.forget_use();
         self.work.forgive();
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
-        let _ = self.doorbell.write(1);
+        // The next driver VM's vmm holds the doorbell too.
+        let _ = crate::shared_eventfd::signal(std::os::fd::AsRawFd::as_raw_fd(&self.doorbell));
     }
 }
 

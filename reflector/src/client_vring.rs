@@ -9,16 +9,12 @@
 //! count. A plain `read(2)` or `write(2)` of them can then sleep for as long
 //! as the client likes, inside the device's event, with its vring locked,
 //! and for ever after the client leaves (the next client is never served).
-//! So neither is ever a plain `read(2)` or `write(2)`:
-//!
-//! - the kick is read with `preadv2(RWF_NOWAIT)`, which never sleeps
-//!   whatever the description's flags (eventfds take it since Linux 5.12):
-//!   a drained kick is a spurious wake-up, nothing more;
-//! - the call is added to by the kernel's own eventfd signal, which never
-//!   sleeps either (it saturates at the count's most): the completion of an
-//!   AIO poll of an always-ready eventfd of the reflector's own, submitted
-//!   with `IOCB_FLAG_RESFD` naming the client's call ([`notify_client`]),
-//!   on one AIO context made before any client is served ([`prepare`]).
+//! So neither is ever a plain `read(2)` or `write(2)`: the kick is read
+//! with [`hardware::shared_eventfd::take`] (a drained kick is a spurious
+//! wake-up, nothing more) and the call added to with
+//! [`hardware::shared_eventfd::signal`] (the kernel's own eventfd signal,
+//! which saturates instead of waiting), the two ways the reflector touches
+//! any eventfd another process holds.
 //!
 //! It is not the queue's logic: vhost-user-backend's `VringRwLock` keeps
 //! the queue's state, and [`crate::worker`] reads client memory through the
@@ -29,9 +25,9 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::Error as VirtQueError;
@@ -205,183 +201,19 @@ impl VringT<Memory> for ClientVring {
 /// Consumes a kick eventfd's count if it has one; returns at once if not,
 /// whatever the client did to the descriptor's flags.
 pub fn read_kick_without_waiting(kick: RawFd) -> io::Result<()> {
-    let mut count = 0u64;
-    let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: std::mem::size_of::<u64>() };
-    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the
-    // call; offset -1 is the descriptor's position (an eventfd has none).
-    let read = unsafe { libc::preadv2(kick, &iov, 1, -1, libc::RWF_NOWAIT) };
-    if read >= 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    match error.raw_os_error() {
-        Some(libc::EAGAIN) => Ok(()),
-        // A kernel before 5.12, whose eventfds refuse RWF_NOWAIT: read only
-        // what poll finds (a client can still drain it in between there).
-        Some(libc::EOPNOTSUPP) => {
-            let mut poll = libc::pollfd { fd: kick, events: libc::POLLIN, revents: 0 };
-            // SAFETY: poll(2) on one pollfd on the stack, without waiting.
-            if unsafe { libc::poll(&mut poll, 1, 0) } == 1 && poll.revents & libc::POLLIN != 0 {
-                // SAFETY: read(2) into the 8 bytes of `count`.
-                if unsafe { libc::read(kick, (&raw mut count).cast(), 8) } < 0 {
-                    let error = io::Error::last_os_error();
-                    // Drained meanwhile, the descriptor non-blocking.
-                    if error.kind() != io::ErrorKind::WouldBlock {
-                        return Err(error);
-                    }
-                }
-            }
-            Ok(())
-        }
-        _ => Err(error),
-    }
+    hardware::shared_eventfd::take(kick).map(|_| ())
 }
 
 /// Adds 1 to a client's call eventfd without ever waiting, however full its
-/// count and whatever its flags: the kernel adds it, as it completes an AIO
-/// poll of an always-ready eventfd of the reflector's own
-/// (`IOCB_FLAG_RESFD`); its signal saturates instead of waiting. Never a
-/// write(2), not even as a fallback: a client could force one (by using
-/// up the host's `fs.aio-max-nr` before it connects) and then block it.
+/// count and whatever its flags (`hardware::shared_eventfd::signal`).
 pub fn notify_client(call: RawFd) -> io::Result<()> {
-    match notifier() {
-        Ok(notifier) => notifier.notify(call),
-        Err(why) => Err(io::Error::other(format!("no AIO context for client notifications: {why}"))),
-    }
-}
-
-/// Makes the notification context now, so that a failure fails the start
-/// (the reflector calls this before it serves a client) instead of every
-/// notification later, and no client can make it fail by using up the
-/// host's AIO contexts first.
-pub fn prepare() -> io::Result<()> {
-    notifier().map(|_| ()).map_err(|why| {
-        io::Error::other(format!(
-            "cannot create the AIO context client notifications go through ({why}): is fs.aio-max-nr reached? \
-             (sysctl fs.aio-nr fs.aio-max-nr)"
-        ))
-    })
-}
-
-/// The process's notification context: one, shared by every worker thread
-/// (io_submit and io_getevents may run concurrently on one context).
-fn notifier() -> Result<&'static Notifier, &'static str> {
-    static NOTIFIER: OnceLock<Result<Notifier, String>> = OnceLock::new();
-    NOTIFIER.get_or_init(|| Notifier::new().map_err(|error| error.to_string())).as_ref().map_err(String::as_str)
-}
-
-/// `struct iocb` of `<linux/aio_abi.h>` (little-endian x86_64).
-#[repr(C)]
-#[derive(Default)]
-struct Iocb {
-    data: u64,
-    key: u32,
-    rw_flags: i32,
-    opcode: u16,
-    reqprio: i16,
-    fildes: u32,
-    buf: u64,
-    nbytes: u64,
-    offset: i64,
-    reserved2: u64,
-    flags: u32,
-    resfd: u32,
-}
-
-/// `struct io_event` of `<linux/aio_abi.h>`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct IoEvent {
-    data: u64,
-    obj: u64,
-    res: i64,
-    res2: i64,
-}
-
-const IOCB_CMD_POLL: u16 = 5;
-const IOCB_FLAG_RESFD: u32 = 1;
-/// Completions the context holds before they must be reaped: each
-/// notification completes at once, so this only spaces the reaps (one
-/// io_getevents per this many notifications, of every device).
-const AIO_EVENTS: usize = 256;
-/// Submissions tried before a notification is given up: each failed one
-/// reaps the context first, so only other threads' notifications filling
-/// it again in between make a second one fail.
-const SUBMIT_TRIES: usize = 4;
-
-/// The notification context and the eventfd its polls find ready.
-struct Notifier {
-    context: libc::c_ulong,
-    always_ready: OwnedFd,
-}
-
-impl Notifier {
-    fn new() -> io::Result<Notifier> {
-        // SAFETY: eventfd(2) with a count of 1 that nothing ever reads.
-        let fd = unsafe { libc::eventfd(1, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh descriptor this owns from here on.
-        let always_ready = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut context: libc::c_ulong = 0;
-        // SAFETY: io_setup(2) writing the new context's id into `context`.
-        if unsafe { libc::syscall(libc::SYS_io_setup, AIO_EVENTS as libc::c_long, &raw mut context) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Notifier { context, always_ready })
-    }
-
-    fn notify(&self, call: RawFd) -> io::Result<()> {
-        let mut iocb = Iocb {
-            opcode: IOCB_CMD_POLL,
-            fildes: self.always_ready.as_raw_fd() as u32,
-            buf: libc::POLLIN as u64,
-            flags: IOCB_FLAG_RESFD,
-            resfd: call as u32,
-            ..Iocb::default()
-        };
-        let mut iocbs = [&raw mut iocb];
-        for _ in 0..SUBMIT_TRIES {
-            // SAFETY: io_submit(2) of one iocb on the stack, which the kernel
-            // copies in before returning (a poll of a ready descriptor also
-            // completes before it returns).
-            let submitted =
-                unsafe { libc::syscall(libc::SYS_io_submit, self.context, 1 as libc::c_long, iocbs.as_mut_ptr()) };
-            if submitted == 1 {
-                return Ok(());
-            }
-            let error = io::Error::last_os_error();
-            if error.raw_os_error() != Some(libc::EAGAIN) {
-                return Err(error);
-            }
-            // The context holds its most completions: reap them, try again.
-            self.reap();
-        }
-        Err(io::Error::other("the AIO context stayed full after its completions were reaped"))
-    }
-
-    /// Takes the completions the context holds, without waiting.
-    fn reap(&self) {
-        let mut events = [IoEvent::default(); AIO_EVENTS];
-        let zero = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: io_getevents(2) into `events`, AIO_EVENTS long, not waiting.
-        unsafe {
-            libc::syscall(
-                libc::SYS_io_getevents,
-                self.context,
-                0 as libc::c_long,
-                AIO_EVENTS as libc::c_long,
-                events.as_mut_ptr(),
-                &raw const zero,
-            )
-        };
-    }
+    hardware::shared_eventfd::signal(call)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
     use std::time::Duration;
 
     fn eventfd(count: u32, flags: libc::c_int) -> OwnedFd {
@@ -429,36 +261,6 @@ mod tests {
             let _ = done.send(());
         });
         finished.recv_timeout(Duration::from_secs(5)).is_ok()
-    }
-
-    /// A client whose call eventfd is blocking and full (its count at the
-    /// most a write may leave) still gets its notification, and the worker
-    /// does not wait: a write would have to, or skip it (and a client that
-    /// filled the count between a poll and the write still blocked it).
-    #[test]
-    fn a_notification_to_a_full_blocking_call_never_waits_and_is_not_lost() {
-        let call = eventfd(0, 0);
-        let most = u64::MAX - 1;
-        // SAFETY: write(2) of 8 bytes from a local.
-        assert_eq!(unsafe { libc::write(call.as_raw_fd(), (&raw const most).cast(), 8) }, 8);
-        let raw = call.as_raw_fd();
-        assert!(returns(move || notify_client(raw).unwrap()), "the notification waited on a full call eventfd");
-        assert_eq!(count(&call), u64::MAX, "the notification was not added");
-        let emptied = eventfd(0, 0);
-        notify_client(emptied.as_raw_fd()).unwrap();
-        notify_client(emptied.as_raw_fd()).unwrap();
-        assert_eq!(count(&emptied), 2);
-    }
-
-    /// Many notifications from one thread: its AIO context's completions are
-    /// reaped as it fills.
-    #[test]
-    fn notifications_outnumbering_the_aio_context_all_arrive() {
-        let call = eventfd(0, libc::EFD_NONBLOCK);
-        for _ in 0..AIO_EVENTS * 5 {
-            notify_client(call.as_raw_fd()).unwrap();
-        }
-        assert_eq!(count(&call), (AIO_EVENTS * 5) as u64);
     }
 
     /// A kick the client drained (its descriptor blocking, its count 0) is

@@ -8,6 +8,7 @@
 //! Not here: reading client memory (each kind's `marshal`) and judging
 //! driver answers (`driver_answers`), the two trust boundaries.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -475,7 +476,8 @@ impl DeviceCore {
     /// Wakes the driver VM if requests were published while it slept.
     pub fn wake_sleeping_driver(&mut self) {
         if std::mem::take(&mut self.wake_pending) {
-            if let Err(error) = self.drivers.request_interrupt().write(1) {
+            // The vmm holds the line too: never a write (`shared_eventfd`).
+            if let Err(error) = hardware::shared_eventfd::signal(self.drivers.request_interrupt().as_raw_fd()) {
                 tracing::warn!(device = %self.name, %error, "cannot wake the driver VM");
             }
         }
@@ -952,7 +954,9 @@ impl<K: DeviceKind> Device<K> {
     fn on_source(&mut self, source: Source, vrings: &[ClientVring]) -> std::io::Result<()> {
         match source {
             Source::Completion => {
-                if let Ok(rings) = self.core.completion_doorbell.read() {
+                // The vmm holds the doorbell too (its ioeventfd), and may have
+                // drained it: never a plain read (`shared_eventfd`).
+                if let Ok(rings @ 1..) = hardware::shared_eventfd::take(self.core.completion_doorbell.as_raw_fd()) {
                     self.core.rings = self.core.rings.wrapping_add(rings);
                     self.core.metrics.doorbells.fetch_add(rings, Ordering::Relaxed);
                 }

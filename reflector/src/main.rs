@@ -492,7 +492,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         Ok(limit) => tracing::debug!(limit, "open descriptor limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open descriptor limit"),
     }
-    reflector::client_vring::prepare().map_err(|e| e.to_string())?;
+    hardware::shared_eventfd::prepare().map_err(|e| e.to_string())?;
     for blk in &config.blk {
         serve::prepare_image(blk)?;
     }

@@ -568,7 +568,8 @@ impl DriverVm {
     /// go signal could not be given.
     pub fn activate(&mut self) -> bool {
         match self.go.take() {
-            Some(go) => go.write(1).is_ok(),
+            // The spare's vmm holds it too: never a write (`shared_eventfd`).
+            Some(go) => hardware::shared_eventfd::signal(go.as_raw_fd()).is_ok(),
             None => false,
         }
     }

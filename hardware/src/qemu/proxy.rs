@@ -276,7 +276,8 @@ fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted
 /// value is the one that counts, as for a doorbell).
 fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
     for (offset, signal) in &posted.signals {
-        if signal.read().is_err() {
+        // The vmm holds the posted register's eventfd too (its ioeventfd).
+        if !matches!(crate::shared_eventfd::take(signal.as_raw_fd()), Ok(1..)) {
             continue;
         }
         connection.used.store(true, Ordering::Release);

@@ -705,6 +705,33 @@ fn a_queue_whose_avail_ring_cannot_be_popped_cuts_the_client_off_instead_of_spin
     device.shutdown();
 }
 
+/// The vmm holds its completion doorbell (its ioeventfd) and may make it
+/// blocking and drain it between the worker's wake-up and its read: the
+/// worker must not wait there. Before, it read it with a plain read and
+/// slept, its device held, until the vmm rang again, and the hang watch
+/// that would have replaced that driver VM runs on the same worker.
+#[test]
+fn a_completion_doorbell_its_vmm_drained_does_not_hold_the_worker() {
+    use std::os::fd::AsRawFd;
+    use vhost_user_backend::VhostUserBackendMut;
+    // On a thread of its own: a worker stuck in the read would hang the
+    // test instead of failing it.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let memory: &'static GuestMemoryMmap = Box::leak(Box::new(client_memory()));
+        let mut bench = Bench::new(memory, &[Script::Hang], false, RecoveryConfig::default());
+        let doorbell = bench.device.core.completion_doorbell.as_raw_fd();
+        // SAFETY: fcntl(2) on the doorbell's descriptor: what the hostile
+        // vmm does to its own copy (the count is 0: drained).
+        assert_eq!(unsafe { libc::fcntl(doorbell, libc::F_SETFL, 0) }, 0);
+        let event = bench.listeners.iter().find(|(fd, _)| *fd == doorbell).unwrap().1;
+        bench.device.handle_event(event, vmm_sys_util::epoll::EventSet::IN, &bench.client.vrings, 0).unwrap();
+        let _ = done.send(());
+    });
+    let waited = finished.recv_timeout(Duration::from_secs(20));
+    assert!(waited.is_ok(), "the worker waited on a drained completion doorbell (or failed)");
+}
+
 /// A net device on a simulated card of address 02:00:00:00:00:`mac`,
 /// alone on a switch of its own, whose driver VM never answers.
 fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
