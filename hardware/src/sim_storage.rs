@@ -201,7 +201,6 @@ impl Hardware for SimStorage {
     }
 
     fn resume(&self) {
-        self.writes.forget_use();
         self.work.forgive();
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         // The next driver VM's vmm holds the doorbell too.
@@ -374,9 +373,6 @@ impl Engine {
     }
 
     fn enable(&mut self) {
-        // A driver that enables the controller drives it: its writes are
-        // judged by the ledger from now on (a device-less one never does).
-        self.writes.note_use();
         let depth = self.reg(reg::QUEUE_DEPTH).load(Ordering::Acquire);
         if depth.is_power_of_two() && depth <= storage::MAX_QUEUE_DEPTH {
             self.depth = depth;

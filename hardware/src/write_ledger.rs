@@ -13,17 +13,18 @@
 //! sector of the request has since been written from that slot to its own
 //! sector ([`WriteLedger::done`]).
 //!
-//! A driver that never sets its device up (a device-less driver
-//! such as `null`, which answers every request at once) is taken at its
-//! word ([`WriteLedger::device_used`]): its reads cannot come from the
-//! device either, so the ledger would only fail it for being what it is.
+//! Every driver of a device with a ledger is judged by it, from its first
+//! answer: a driver configured as keeping no data (`null`, which answers
+//! every request at once) is given no ledger by the reflector. Before, a
+//! driver that had not enabled the device was taken for such a driver and
+//! at its word, so one that answered writes before it enabled the device
+//! (at every start) had each acknowledged and lost.
 //!
 //! What it is not: a check of the data. A driver may change its bounce slot
 //! before the device reads it (a driver writes what it likes to its own
 //! disk; `checksums=on` catches the reads). Only a device that records its
 //! writes here offers a ledger (the simulated controller).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use guest_abi::channel::SLOT_SIZE;
@@ -43,14 +44,12 @@ struct SlotRecord {
 /// The record of every slot.
 pub struct WriteLedger {
     slots: Vec<Mutex<SlotRecord>>,
-    /// Whether the current driver has set the device up.
-    used: AtomicBool,
 }
 
 impl WriteLedger {
     /// A ledger of `slots` slots, none expecting a write.
     pub fn new(slots: u32) -> WriteLedger {
-        WriteLedger { slots: (0..slots).map(|_| Mutex::default()).collect(), used: AtomicBool::new(false) }
+        WriteLedger { slots: (0..slots).map(|_| Mutex::default()).collect() }
     }
 
     fn lock(&self, slot: usize) -> Option<std::sync::MutexGuard<'_, SlotRecord>> {
@@ -88,24 +87,6 @@ impl WriteLedger {
             }
             done += run;
         }
-    }
-
-    /// The current driver set the device up (enabled it).
-    pub fn note_use(&self) {
-        self.used.store(true, Ordering::Release);
-    }
-
-    /// A new driver takes the device: it has given it nothing yet.
-    pub fn forget_use(&self) {
-        self.used.store(false, Ordering::Release);
-    }
-
-    /// Whether the current driver has set the device up: a driver that
-    /// never does (a device-less driver, `null`) is taken at its word, as
-    /// on a device that keeps no record (its reads cannot come from the
-    /// device either).
-    pub fn device_used(&self) -> bool {
-        self.used.load(Ordering::Acquire)
     }
 
     /// Whether every sector of the `len` bytes of the write expected in

@@ -71,6 +71,15 @@ pub struct BlkConfig {
 }
 
 impl BlkConfig {
+    /// Whether the configured driver answers without its device, keeping
+    /// no data: `null` (the built-in image, or a build of it named so, as
+    /// `hosted=on` takes) and `inline-null`, the one kind of driver no
+    /// record of the device's writes judges.
+    pub fn driver_keeps_no_data(&self) -> bool {
+        let name = std::path::Path::new(&self.driver).file_name().and_then(|name| name.to_str());
+        matches!(name.unwrap_or(&self.driver), "null" | crate::inline_driver::INLINE_NULL)
+    }
+
     /// Whether this disk's QEMU may use io_uring: only with `aio=io_uring`.
     pub fn io_uring(&self) -> IoUring {
         if self.aio == Some(DriveAio::IoUring) {
@@ -466,7 +475,7 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         return Err("readonly=on is not available with device=memory: use device=sim for a read-only disk".into());
     }
     let medium_read_back = matches!(config.device, DeviceHardware::Memory | DeviceHardware::QemuModel { .. });
-    if medium_read_back && matches!(config.driver.as_str(), "null" | crate::inline_driver::INLINE_NULL) {
+    if medium_read_back && config.driver_keeps_no_data() {
         // Each write a driver answers OK is read back from these devices'
         // images (`blk::read_back`): a driver that keeps nothing would be
         // caught lying at every write, and its device fail.

@@ -413,7 +413,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.spare, config.poison_deaths);
-    let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths);
+    let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths, config.driver_keeps_no_data());
     let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
     let metrics = device.metrics();

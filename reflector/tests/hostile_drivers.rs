@@ -175,6 +175,34 @@ fn a_memory_disk_driver_acknowledging_a_write_it_did_not_do_is_caught() {
     lost_writes_are_caught("lie-write-memory", ",device=memory", "the medium does not hold its data");
 }
 
+/// A driver that answers its writes before it ever enables its controller,
+/// as a hostile image would at every start (`lie-before-enable`): the
+/// simulated controller's record of its writes took a driver that had not
+/// enabled it for one that keeps no data, at its word, and each write was
+/// acknowledged and lost (an adversarial review found it). Now only a
+/// driver configured as keeping no data (`null`) is taken at its word:
+/// each lie is a violation, and no write is acknowledged that was not done.
+#[test]
+fn a_driver_answering_writes_before_it_enables_its_controller_gets_none_acknowledged() {
+    if !kvm_available("a_driver_answering_writes_before_it_enables_its_controller_gets_none_acknowledged") {
+        return;
+    }
+    let scratch = Scratch::new("lie-before-enable");
+    let (reflector, socket, control) = serve(&scratch, ",driver_args=lie-before-enable");
+    let load =
+        blk_load(&socket, &["--job", "randwrite", "--bs", "4k", "--qd", "1", "--size", "64k", "--ios", "4", "--json"]);
+    let stdout = String::from_utf8_lossy(&load.stdout);
+    let job: serde_json::Value = stdout
+        .lines()
+        .find(|line| line.starts_with('{'))
+        .map(|line| serde_json::from_str(line).unwrap())
+        .unwrap_or_else(|| panic!("no job reported: {}", String::from_utf8_lossy(&load.stderr)));
+    assert_eq!(job["errors"], 4, "a write the device never did was acknowledged: {job}");
+    assert!(status(&control)["violations"].as_u64().unwrap() >= 1);
+    let log = reflector.stop();
+    assert!(log.contains("write acknowledged before the device wrote it"), "the lie was not caught: {log}");
+}
+
 /// Serves d0 with `extra` options, makes its driver acknowledge writes it
 /// does not do (`skip-writes`), and checks that a verified load loses
 /// nothing and that the lie was caught as `caught_as` says.

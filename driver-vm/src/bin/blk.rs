@@ -3,7 +3,11 @@
 //! line 1; the channel is `driver_vm::channel`'s. The controller DMAs
 //! straight into the request's bounce slot: the driver never touches data.
 //!
-//! Parameters (`driver_args`): `panic-on-sector=N` (see `driver_vm::channel`).
+//! Parameters (`driver_args`): `panic-on-sector=N` (see `driver_vm::channel`);
+//! `lie-before-enable`, a hostile image's stand-in for tests: the driver
+//! never resets or enables its controller and answers every request OK at
+//! once, so its writes are acknowledged and never done (only in images with
+//! fault injection, which production images are built without).
 #![no_std]
 #![cfg_attr(not(test), no_main)]
 
@@ -32,6 +36,9 @@ struct Blk {
     cq_head: u32,
     /// Commands of work no request asked for in the controller (`junk-io`).
     junk: u32,
+    /// `lie-before-enable`: the controller is never enabled, and every
+    /// request answered OK at once.
+    lying: bool,
 }
 
 impl ChannelDriver for Blk {
@@ -46,12 +53,18 @@ impl ChannelDriver for Blk {
             sq_tail: 0,
             cq_head: 0,
             junk: 0,
+            // Test images only: production images are built without it.
+            lying: cfg!(feature = "fault-injection")
+                && kernel.cmdline().split_whitespace().any(|word| word == "lie-before-enable"),
         };
         if blk.regs.window().size() < storage::WINDOW_SIZE as u64
             || blk.regs.get(reg::MAGIC) != storage::MAGIC
             || blk.regs.get(reg::VERSION) != storage::VERSION
         {
             return Err(Error::Device("window `regs` is not a storage controller of a known version"));
+        }
+        if blk.lying {
+            return Ok(blk);
         }
         // A previous driver VM may have left the controller in any state.
         let reset = blk.regs.get(reg::RESET_REQUEST).wrapping_add(1);
@@ -105,6 +118,9 @@ impl Blk {
 
 impl Device for Blk {
     fn submit(&mut self, channel: &mut Channel, request: RequestEntry) {
+        if self.lying {
+            return channel.complete(request.id, status::OK, request.len);
+        }
         let opcode = match request.op {
             op::READ => storage::opcode::READ,
             op::WRITE => storage::opcode::WRITE,

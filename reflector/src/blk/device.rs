@@ -79,13 +79,19 @@ pub struct Blk {
     /// failures to read the medium, for the log.
     draws: std::hash::RandomState,
     unreadable_medium: crate::hw::LogEvery,
+    /// The configured driver keeps no data (`null`): no ledger judges it.
+    keeps_no_data: bool,
 }
 
 impl Blk {
     /// The block side of a device on `hardware`: `checksums` keeps a
     /// checksum of every written sector to judge reads; a request in
     /// `poison_deaths` dying driver VMs completes with an error.
-    pub fn new(hardware: Arc<dyn BlockHardware>, checksums: bool, poison_deaths: u32) -> Self {
+    /// `keeps_no_data`: the configured driver answers without its device
+    /// (`null`, `inline-null`), so the device's record of its writes does
+    /// not judge it; every other driver is judged by it from its first
+    /// answer.
+    pub fn new(hardware: Arc<dyn BlockHardware>, checksums: bool, poison_deaths: u32, keeps_no_data: bool) -> Self {
         let (capacity_sectors, read_only) = (hardware.capacity_sectors(), hardware.read_only());
         Blk {
             limits: Limits {
@@ -102,7 +108,14 @@ impl Blk {
             poison_deaths,
             draws: std::hash::RandomState::new(),
             unreadable_medium: crate::hw::LogEvery::default(),
+            keeps_no_data,
         }
+    }
+
+    /// The device's record of the writes it did, if it keeps one and the
+    /// driver is to be judged by it.
+    fn write_ledger(&self) -> Option<&crate::hw::write_ledger::WriteLedger> {
+        self.hardware.write_ledger().filter(|_| !self.keeps_no_data)
     }
 
     fn accept(
@@ -236,7 +249,7 @@ impl Blk {
         let Some(entry) = self.in_flight.get(slot) else { return false };
         let request = &entry.request;
         let (id, sector, len) = (entry.id, request.sector, entry.data_len);
-        if let (RequestKind::Write, Some(writes)) = (request.kind, self.hardware.write_ledger()) {
+        if let (RequestKind::Write, Some(writes)) = (request.kind, self.write_ledger()) {
             writes.expect(slot, sector);
         }
         // The device may do twice the work of what its driver is given (a
@@ -346,7 +359,7 @@ impl Blk {
             flushes: self.hardware.flushes(),
             written: self.written.as_ref(),
             read_data: data.as_deref(),
-            writes: self.hardware.write_ledger(),
+            writes: self.write_ledger(),
             read_back: &read_back,
         };
         driver_answers::check_evidence(entry.id, entry.claim(slot), &evidence)?;

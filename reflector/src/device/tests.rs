@@ -94,7 +94,8 @@ impl<'a> Bench<'a> {
             memory_cap: None,
         };
         let mut device =
-            Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths), wiring, recovery).unwrap();
+            Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths, false), wiring, recovery)
+                .unwrap();
         let client = Client::attach(memory, &mut device);
         let listeners = device.listeners();
         let metrics = device.metrics();
