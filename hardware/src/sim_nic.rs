@@ -286,8 +286,16 @@ impl Engine {
         if self.quiesced {
             return (Vec::new(), false);
         }
+        // A reset and an enable are work too, a frame's command worth each:
+        // a driver resetting its card in a loop of plain stores kept this
+        // thread busy, a host core outside its quota, for nothing (an
+        // adversarial review found it).
         let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
         if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
+            if self.counters.work.exhausted() {
+                return (Vec::new(), false);
+            }
+            self.counters.work.spend(crate::COMMAND_WORK);
             self.reset(reset_request);
             return (Vec::new(), true);
         }
@@ -295,6 +303,10 @@ impl Engine {
         self.reg(reg::STATUS).store(self.status, Ordering::Release);
         if self.status & (nic::status::READY | nic::status::FATAL) == 0 {
             if self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0 {
+                if self.counters.work.exhausted() {
+                    return (Vec::new(), false);
+                }
+                self.counters.work.spend(crate::COMMAND_WORK);
                 self.enable();
                 return (Vec::new(), true);
             }
@@ -315,10 +327,11 @@ impl Engine {
             return false;
         }
         if self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
-            return true;
+            return !self.counters.work.exhausted();
         }
         if self.status & (nic::status::READY | nic::status::FATAL) == 0 {
-            return self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0;
+            return self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0
+                && !self.counters.work.exhausted();
         }
         // Work only with room in the completion ring: a driver that never
         // takes its completions must not keep this thread polling.
@@ -758,8 +771,10 @@ mod tests {
         assert_eq!(received, sent);
         // The sender's card did the work of one frame for its driver; the
         // receiver's, none (what arrives is the wire's doing).
-        assert_eq!(a.nic.work().map(crate::WorkAllowance::done), Some(1000 + crate::COMMAND_WORK));
-        assert_eq!(b.nic.work().map(crate::WorkAllowance::done), Some(0));
+        // (Each card's reset and enable, a command's worth each, before.)
+        let setup = 2 * crate::COMMAND_WORK;
+        assert_eq!(a.nic.work().map(crate::WorkAllowance::done), Some(setup + 1000 + crate::COMMAND_WORK));
+        assert_eq!(b.nic.work().map(crate::WorkAllowance::done), Some(setup));
     }
 
     /// A vmm holds its card's interrupt line, and a hostile one may make it
@@ -800,6 +815,30 @@ mod tests {
         });
         let waited = finished.recv_timeout(std::time::Duration::from_secs(20));
         assert!(waited.is_ok(), "the sending card waited on the receiving card's full line (or failed)");
+    }
+
+    /// A reset is work too: a driver resetting its card in a loop of plain
+    /// stores gets its spare's worth of resets, then the card stops. Before,
+    /// its thread reset it as fast as the driver asked, a host core outside
+    /// the driver's quota (an adversarial review found it).
+    #[test]
+    fn a_card_reset_in_a_loop_stops_once_its_spare_is_spent() {
+        let regs = Arc::new(SharedMemory::new("nic-reset-loop", nic::WINDOW_SIZE).unwrap());
+        let dma = Arc::new(SharedMemory::new("nic-reset-loop-dma", DMA_SIZE).unwrap());
+        let region = DmaRegion { memory: dma, offset: 0, len: DMA_SIZE, gpa: DMA_GPA };
+        let mut engine = EngineHarness::new(regs.clone(), region);
+        let most = TX_WORK_SPARE / crate::COMMAND_WORK + 1;
+        let mut resets = 0;
+        loop {
+            regs.atomic_u32(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+            if !engine.step().1 {
+                break;
+            }
+            resets += 1;
+            assert!(resets <= most, "the card kept resetting past its spare");
+        }
+        assert!(resets >= most - 1, "the spare's resets were refused: {resets} of {most}");
+        assert!(!engine.engine.has_pending_work(), "the card does not sleep");
     }
 
     #[test]

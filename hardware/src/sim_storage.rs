@@ -300,9 +300,17 @@ impl Engine {
         if *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) {
             return false;
         }
-        self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire)
+        self.reset_requested() && !self.work.exhausted()
             || self.status == storage::status::READY && self.commands_runnable()
-            || self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 && self.status == 0
+            || self.enable_requested() && !self.work.exhausted()
+    }
+
+    fn reset_requested(&self) -> bool {
+        self.reg(reg::RESET_REQUEST).load(Ordering::Acquire) != self.reg(reg::RESET_DONE).load(Ordering::Acquire)
+    }
+
+    fn enable_requested(&self) -> bool {
+        self.status == 0 && self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0
     }
 
     /// Whether [`Engine::process_commands`] would do anything now: run a
@@ -331,14 +339,25 @@ impl Engine {
         if self.wipe.swap(false, Ordering::AcqRel) {
             self.forget_queues();
         }
-        let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
-        if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
-            self.reset(reset_request);
+        // A reset and an enable are work too, a command's worth each: a
+        // driver resetting its controller in a loop of plain stores kept
+        // this thread busy, a host core outside its quota, for nothing
+        // (an adversarial review found it).
+        if self.reset_requested() {
+            if self.work.exhausted() {
+                return false;
+            }
+            self.work.spend(crate::COMMAND_WORK);
+            self.reset(self.reg(reg::RESET_REQUEST).load(Ordering::Acquire));
             return true;
         }
         // Whatever the driver wrote there, the status is ours.
         self.reg(reg::STATUS).store(self.status, Ordering::Release);
-        if self.status == 0 && self.reg(reg::CONTROL).load(Ordering::Acquire) & storage::control::ENABLE != 0 {
+        if self.enable_requested() {
+            if self.work.exhausted() {
+                return false;
+            }
+            self.work.spend(crate::COMMAND_WORK);
             self.enable();
             return true;
         }
@@ -781,7 +800,9 @@ mod tests {
         let rig = rig("work", false);
         rig.reset_and_enable(4);
         let work = || rig.device.work().map(crate::WorkAllowance::done);
-        assert_eq!(work(), Some(0));
+        // Its reset and its enable, a command's worth each.
+        let setup = 2 * crate::COMMAND_WORK;
+        assert_eq!(work(), Some(setup));
         let done = rig.submit(&[
             command(storage::opcode::WRITE, 1, 0, 4096, DMA_GPA),
             command(storage::opcode::READ, 2, 0, 8192, DMA_GPA),
@@ -791,7 +812,7 @@ mod tests {
         assert_eq!(done.iter().filter(|c| c.status == completion::SUCCESS).count(), 3);
         // A failed command moved nothing but was handled; a flush weighs
         // what an fdatasync costs.
-        assert_eq!(work(), Some(4096 + 8192 + 3 * crate::COMMAND_WORK + crate::FLUSH_WORK));
+        assert_eq!(work(), Some(setup + 4096 + 8192 + 3 * crate::COMMAND_WORK + crate::FLUSH_WORK));
     }
 
     /// Past what the reflector granted and the spare, the controller runs
@@ -823,6 +844,32 @@ mod tests {
         assert!(!engine.has_pending_work(), "and the controller sleeps");
         rig.device.work().unwrap().grant(2 * cost);
         assert!(engine.step(), "a grant lets the waiting command run");
+    }
+
+    /// A reset is work too: a driver resetting its controller in a loop of
+    /// plain stores gets its spare's worth of resets, then the controller
+    /// waits for a grant. Before, its thread reset it as fast as the driver
+    /// asked, a host core outside the driver's quota (an adversarial review
+    /// found it).
+    #[test]
+    fn a_controller_reset_in_a_loop_waits_once_its_spare_is_spent() {
+        let mut rig = rig("reset-loop", false);
+        rig.stop_thread();
+        let mut engine = engine(&rig);
+        let most = crate::WORK_SPARE / crate::COMMAND_WORK + 1;
+        let mut resets = 0;
+        loop {
+            rig.reg(reg::RESET_REQUEST).fetch_add(1, Ordering::SeqCst);
+            if !engine.step() {
+                break;
+            }
+            resets += 1;
+            assert!(resets <= most, "the controller kept resetting past its spare");
+        }
+        assert!(resets >= most - 1, "the spare's resets were refused: {resets} of {most}");
+        assert!(!engine.has_pending_work(), "the controller does not sleep");
+        rig.device.work().unwrap().grant(2 * crate::COMMAND_WORK);
+        assert!(engine.step(), "a grant lets the waiting reset run");
     }
 
     #[test]
