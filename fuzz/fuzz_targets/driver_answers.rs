@@ -85,6 +85,7 @@ fuzz_target!(|steps: Vec<Step>| {
                 let flushes = FlushCount {
                     started: u64::from(flushes_started.max(flushes_completed)),
                     completed: u64::from(flushes_completed),
+                    medium_failed: false,
                 };
                 for completion in completions {
                     if let Ok(answer) = reflector::blk::inflight::check(&completion, &table) {

@@ -211,6 +211,11 @@ pub struct FlushCount {
     /// Flushes finished (successfully or not: a failed one the driver
     /// reports as an error).
     pub completed: u64,
+    /// A sync of the medium has failed (a host write-back error): what it
+    /// covered may be lost, and the host reports such an error once per
+    /// descriptor, so a later sync may pass all the same. No flush can be
+    /// acknowledged from then on, whatever the driver answers.
+    pub medium_failed: bool,
 }
 
 /// Flushes the host makes itself, for a device that keeps no flush count
@@ -255,7 +260,12 @@ impl HostSync {
         if unsafe { libc::fdatasync(self.image.as_raw_fd()) } == 0 {
             counts.completed = counts.started;
         } else {
-            tracing::error!(error = %std::io::Error::last_os_error(), "cannot sync {}", self.what);
+            tracing::error!(
+                error = %std::io::Error::last_os_error(),
+                "cannot sync {}: every flush fails from now on (check the host's storage, then serve the disk again)",
+                self.what
+            );
+            counts.medium_failed = true;
         }
         mark
     }

@@ -120,7 +120,7 @@ mod tests {
         let windows = disk.windows();
         assert_eq!((windows[0].name, windows[0].memory.size()), ("disk", 1 << 20));
         assert_eq!(disk.flush_mark(), 0);
-        assert_eq!(disk.flushes(), FlushCount { started: 1, completed: 1 });
+        assert_eq!(disk.flushes(), FlushCount { started: 1, completed: 1, medium_failed: false });
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct SimStorageConfig {
 struct FlushCounters {
     started: AtomicU64,
     completed: AtomicU64,
+    /// A sync of the medium failed ([`FlushCount::medium_failed`]).
+    medium_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The controller.
@@ -220,7 +222,8 @@ impl BlockHardware for SimStorage {
     fn flushes(&self) -> FlushCount {
         // Completed first: a count pair never shows more completed than started.
         let completed = self.flushes.completed.load(Ordering::Acquire);
-        FlushCount { started: self.flushes.started.load(Ordering::Acquire), completed }
+        let medium_failed = self.flushes.medium_failed.load(Ordering::Acquire);
+        FlushCount { started: self.flushes.started.load(Ordering::Acquire), completed, medium_failed }
     }
 
     fn write_ledger(&self) -> Option<&WriteLedger> {
@@ -464,6 +467,9 @@ impl Engine {
                 match synced {
                     Ok(()) => (completion::SUCCESS, 0),
                     Err(error) => {
+                        // A driver that answers it OK all the same must not
+                        // pass, nor a later flush whose sync passes.
+                        self.flushes.medium_failed.store(true, Ordering::Release);
                         if let Some(times) = self.medium_errors.note() {
                             tracing::warn!(%error, times, "flush of the medium failed (logged at each power of two)");
                         }

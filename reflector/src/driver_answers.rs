@@ -286,6 +286,10 @@ pub enum Claim {
 /// request `id` against the evidence.
 pub fn check_evidence(id: u64, claim: Claim, evidence: &Evidence) -> Result<(), Violation> {
     match claim {
+        // A failed sync of the medium fails the flush whatever the driver
+        // answered (the block device completes it with an error), and is
+        // not the driver's doing.
+        Claim::Flushed { .. } if evidence.flushes.medium_failed => Ok(()),
         Claim::Flushed { mark } if evidence.flushes.completed <= mark => {
             Err(Violation::FlushNotExecuted { id, mark, completed: evidence.flushes.completed })
         }
@@ -382,7 +386,10 @@ mod tests {
     #[test]
     fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
         let flush = Claim::Flushed { mark: 3 };
-        let at = |started, completed| Evidence { flushes: FlushCount { started, completed }, ..Evidence::default() };
+        let at = |started, completed| Evidence {
+            flushes: FlushCount { started, completed, medium_failed: false },
+            ..Evidence::default()
+        };
         assert!(matches!(check_evidence(1, flush, &at(3, 3)), Err(Violation::FlushNotExecuted { .. })));
         assert!(
             matches!(check_evidence(1, flush, &at(4, 3)), Err(Violation::FlushNotExecuted { .. })),

@@ -463,10 +463,16 @@ impl Blk {
                         if !salvaging {
                             core.progress();
                         }
+                        // Once a sync of the medium failed, no flush is
+                        // acknowledged, whatever the driver answered.
+                        let status = match entry.request.kind {
+                            RequestKind::Flush if self.hardware.flushes().medium_failed => channel::status::IO_ERROR,
+                            _ => answer.status,
+                        };
                         if let (Some(vring), Some(memory), true) =
                             (vring, memory.as_deref(), entry.client == core.client)
                         {
-                            self.finish(core, vring, memory, answer.slot, entry, answer.status, verified);
+                            self.finish(core, vring, memory, answer.slot, entry, status, verified);
                         }
                         if !salvaging && core.draining() && !self.in_flight.replays_pending() {
                             core.drained();

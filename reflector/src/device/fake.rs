@@ -67,6 +67,10 @@ pub struct FakeDisk {
     /// The most windows ever found mapped when a new driver VM was let at
     /// the device (each should have been revoked at the death before).
     pub mapped_at_resume: AtomicUsize,
+    /// The next flush's sync of the medium fails (once: as the host reports
+    /// a write-back error once per descriptor), and the driver answers OK,
+    /// as a driver whose device's own flush passed does.
+    pub fail_next_sync: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDisk {
@@ -89,6 +93,7 @@ impl FakeDisk {
             quiesced: AtomicU32::new(0),
             windows,
             mapped_at_resume: AtomicUsize::new(0),
+            fail_next_sync: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -145,7 +150,11 @@ impl FakeDisk {
             op::FLUSH => {
                 let mut flushes = self.flushes.lock().unwrap();
                 flushes.started += 1;
-                flushes.completed = flushes.started;
+                if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+                    flushes.medium_failed = true;
+                } else {
+                    flushes.completed = flushes.started;
+                }
             }
             _ => return status::UNSUPPORTED,
         }
@@ -425,6 +434,27 @@ impl<'a> Client<'a> {
         self.queue.add_desc_chains(&descriptors, head).unwrap();
         self.next_descriptor = (self.next_descriptor + 3) % (QUEUE_SIZE - QUEUE_SIZE % 3);
         Sent { head, data: data_at, len: data.len() as u32, status: status_at }
+    }
+
+    /// Puts a flush on the queue (not yet kicked).
+    pub fn flush(&mut self) -> Sent {
+        let memory = self.memory;
+        assert!(self.queue.avail().idx().load() < QUEUE_SIZE / 2, "the mock's avail ring is full");
+        let header = GuestAddress(BUFFERS + u64::from(self.next_descriptor / 3) * BUFFER_STRIDE);
+        let status_at = header.unchecked_add(BUFFER_STRIDE - 16);
+        memory.write_obj(virtio::blk::T_FLUSH, header).unwrap();
+        memory.write_obj(0u32, header.unchecked_add(4)).unwrap();
+        memory.write_obj(0u64, header.unchecked_add(8)).unwrap();
+        memory.write_obj(0xffu8, status_at).unwrap();
+        let head = self.next_descriptor;
+        let descriptors = [
+            SplitDescriptor::new(header.0, 16, virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16, head + 1),
+            SplitDescriptor::new(status_at.0, 1, 2, 0),
+        ]
+        .map(RawDescriptor::from);
+        self.queue.add_desc_chains(&descriptors, head).unwrap();
+        self.next_descriptor = (self.next_descriptor + 3) % (QUEUE_SIZE - QUEUE_SIZE % 3);
+        Sent { head, data: status_at, len: 0, status: status_at }
     }
 
     /// Offers `head` again, `times` times, as a client that breaks virtio

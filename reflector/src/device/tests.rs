@@ -733,6 +733,29 @@ fn a_completion_doorbell_its_vmm_drained_does_not_hold_the_worker() {
     assert!(waited.is_ok(), "the worker waited on a drained completion doorbell (or failed)");
 }
 
+/// A sync of the medium that fails (a host write-back error) fails the
+/// flush, and every flush after it: the host reports such an error once
+/// per descriptor, so a later sync passes while what the failed one covered
+/// may be lost. The driver, which did its part, is not blamed. Before, the
+/// flush was judged not done: the driver was replaced, the flush replayed,
+/// and the replay's sync passed: the client was told its data was durable
+/// (an adversarial review found it).
+#[test]
+fn a_failed_sync_of_the_medium_fails_every_flush_from_then_on_and_blames_no_driver() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], false, quick_recovery());
+    let write = bench.submit(&[(true, 0, vec![7; 4096])]);
+    bench.complete(&write, "the write");
+    bench.disk.fail_next_sync.store(true, Ordering::SeqCst);
+    for attempt in ["the flush whose sync failed", "a flush after it"] {
+        let flush = bench.client.flush();
+        bench.client.kick(&mut bench.device);
+        bench.complete(std::slice::from_ref(&flush), attempt);
+        assert_eq!(bench.client.status(&flush), crate::blk::marshal::VIRTIO_BLK_S_IOERR, "{attempt}");
+    }
+    assert_eq!(bench.count(&bench.metrics.faults), 0, "a driver was blamed for the medium's failure");
+}
+
 /// A net device on a simulated card of address 02:00:00:00:00:`mac`,
 /// alone on a switch of its own, whose driver VM never answers.
 fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
