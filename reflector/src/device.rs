@@ -422,7 +422,7 @@ impl DeviceCore {
         if mark == Some(guest_abi::channel::driver_state::READY) {
             self.attached = true;
             self.session.progress(now);
-            self.session.attached();
+            self.session.attached(now);
         }
         if let Some(timeline) = self.failover.as_mut() {
             match mark {

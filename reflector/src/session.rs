@@ -154,8 +154,8 @@ pub struct Session {
     /// device up blame no request (`Blk::retired`), so without this a
     /// request would be replayed to them for ever.
     unattached_deaths: u32,
-    /// The running driver VM has attached to its channel.
-    driver_attached: bool,
+    /// When the running driver VM attached to its channel, if it has.
+    attached_at: Option<Instant>,
 }
 
 impl Session {
@@ -169,7 +169,7 @@ impl Session {
             hang_deadline,
             own_early_deaths: 0,
             unattached_deaths: 0,
-            driver_attached: false,
+            attached_at: None,
         }
     }
 
@@ -223,10 +223,17 @@ impl Session {
         }
     }
 
-    /// The running driver VM attached to its channel: it brought its
-    /// device up.
-    pub fn attached(&mut self) {
-        self.driver_attached = true;
+    /// The running driver VM attached to its channel at `now`: it brought
+    /// its device up.
+    pub fn attached(&mut self, now: Instant) {
+        self.attached_at.get_or_insert(now);
+    }
+
+    /// Since when a request sent at `sent` has waited on the running driver
+    /// VM: one sent before it attached (a replay, sent as it was launched)
+    /// waited for its boot, which is not the driver's withholding.
+    fn waiting_since(&self, sent: Instant) -> Instant {
+        self.attached_at.map_or(sent, |attached| sent.max(attached))
     }
 
     /// Handles `event`, which happened at `now`; returns the effects to
@@ -240,9 +247,9 @@ impl Session {
                 self.fault(Fault::Hang(self.deadline(attached)), now)
             }
             (Event::HangCheck { pending: true, attached, oldest: Some(sent) }, Lifecycle::Running { .. })
-                if now.saturating_duration_since(sent) >= self.request_deadline(attached) =>
+                if now.saturating_duration_since(self.waiting_since(sent)) >= self.request_deadline(attached) =>
             {
-                self.fault(Fault::Withheld(now.saturating_duration_since(sent)), now)
+                self.fault(Fault::Withheld(now.saturating_duration_since(self.waiting_since(sent))), now)
             }
             (Event::TimerFired, Lifecycle::BackingOff { until, why }) if now >= *until => {
                 self.state = Lifecycle::Restarting { why: why.clone() };
@@ -263,7 +270,7 @@ impl Session {
             (Event::Kill, Lifecycle::Running { .. }) => vec![Effect::Kill],
             (Event::Launched, Lifecycle::Restarting { .. }) => {
                 self.tracker.started(now);
-                self.driver_attached = false;
+                self.attached_at = None;
                 self.state = Lifecycle::Running { since: now, last_progress: now };
                 Vec::new()
             }
@@ -291,7 +298,7 @@ impl Session {
         // A death counts if the driver never brought its device up, or
         // died at its start; only deaths of the drivers' own doing count:
         // a storm of kills from outside says nothing about the device.
-        let early = !self.driver_attached || self.tracker.early_deaths() > 0;
+        let early = self.attached_at.is_none() || self.tracker.early_deaths() > 0;
         self.own_early_deaths = match (early, why.blames_requests()) {
             (false, _) => 0,
             (true, true) => self.own_early_deaths + 1,
@@ -301,7 +308,7 @@ impl Session {
             effects.push(Effect::Renew);
         }
         let own_doing = why.blames_requests() || matches!(why, Fault::Abuse(_));
-        self.unattached_deaths = match (self.driver_attached, own_doing) {
+        self.unattached_deaths = match (self.attached_at.is_some(), own_doing) {
             (true, _) => 0,
             (false, true) => self.unattached_deaths + 1,
             (false, false) => self.unattached_deaths,
@@ -340,7 +347,7 @@ mod tests {
     /// A session whose first driver VM attached.
     fn session(t0: Instant) -> Session {
         let mut session = Session::new(RestartPolicy { budget: 3, ..RestartPolicy::default() }, ms(500), t0);
-        session.attached();
+        session.attached(t0);
         session
     }
 
@@ -351,7 +358,7 @@ mod tests {
     /// The driver VM asked for runs at `now`, and attaches.
     fn launch(session: &mut Session, now: Instant) {
         launch_unattached(session, now);
-        session.attached();
+        session.attached(now);
     }
 
     /// The driver VM asked for runs at `now`; it has not attached yet.
@@ -480,6 +487,28 @@ mod tests {
         assert_eq!(booting.on(unattached, late), vec![Effect::Retire(fault), Effect::Launch]);
     }
 
+    /// A request sent as its driver VM was launched (a replay) waits for
+    /// that driver VM's boot: its own deadline counts from the attach.
+    /// Before, it counted from the send, and with a short hang deadline a
+    /// boot of 440 ms had the replays taken for withheld at the first look
+    /// after the attach, the driver blamed, and the requests a death closer
+    /// to their poisoning (an adversarial review found it).
+    #[test]
+    fn a_request_sent_while_its_driver_vm_booted_has_its_deadline_from_the_attach() {
+        let t0 = Instant::now();
+        let mut session = Session::new(RestartPolicy::default(), ms(100), t0);
+        let attach = t0 + ms(440);
+        session.progress(attach);
+        session.attached(attach);
+        let check = Event::HangCheck { pending: true, attached: true, oldest: Some(t0) };
+        session.progress(attach + ms(10));
+        assert_eq!(session.on(check.clone(), attach + ms(10)), vec![], "its boot is no withholding");
+        let deadline = attach + REQUEST_DEADLINE_FACTOR * ms(100);
+        session.progress(deadline);
+        let fault = Fault::Withheld(REQUEST_DEADLINE_FACTOR * ms(100));
+        assert_eq!(session.on(check, deadline), vec![Effect::Retire(fault), Effect::Launch]);
+    }
+
     #[test]
     fn a_driver_vm_still_booting_has_the_boot_deadline() {
         let t0 = Instant::now();
@@ -551,7 +580,7 @@ mod tests {
     fn drivers_dying_at_their_start_renew_the_hardware_every_third_death() {
         let t0 = Instant::now();
         let mut session = Session::new(RestartPolicy { budget: 100, ..RestartPolicy::default() }, ms(500), t0);
-        session.attached();
+        session.attached(t0);
         let mut now = t0 + ms(1000);
         let panicked = Fault::Exited(r#"{"outcome":"panic"}"#.into());
         let first = session.on(Event::Fault(panicked.clone()), now);
@@ -584,7 +613,7 @@ mod tests {
             }
             launch_unattached(&mut session, now);
             if death == 1 {
-                session.attached();
+                session.attached(now);
             }
             now += Duration::from_secs(1);
             if session.on(Event::Fault(panicked.clone()), now).contains(&Effect::Renew) {
