@@ -104,6 +104,8 @@ pub trait DeviceKind: Send + Sync + 'static {
     /// Requests (or frames) the driver VM holds: what the hang watch waits
     /// on.
     fn in_driver(&self) -> usize;
+    /// A watch period ended (the device's periodic look at its driver VM).
+    fn watched(&mut self, _core: &mut DeviceCore) {}
     /// When the request that has been in the current driver VM longest was
     /// sent to it; none for what may wait for ever (a receive buffer).
     fn oldest_in_driver(&self) -> Option<Instant>;
@@ -324,6 +326,13 @@ impl DeviceCore {
         }
     }
 
+    /// The driver VM answered work it had been given: it may spend CPU
+    /// this watch period (a kind decides which answers are work: a net
+    /// driver's receive buffers answered with an error are not).
+    pub fn note_busy(&mut self) {
+        self.watch.note_busy();
+    }
+
     /// Asks the client not to kick while the device takes its chains
     /// (EVENT_IDX); false, and the client cut off, if its used ring cannot
     /// take the request (its notification field lies outside its memory).
@@ -362,9 +371,6 @@ impl DeviceCore {
             Ok(completions) => {
                 if !salvaging {
                     self.answers = self.answers.wrapping_add(completions.len() as u64);
-                    if !completions.is_empty() {
-                        self.watch.note_busy();
-                    }
                 }
                 Some(completions)
             }
@@ -884,6 +890,7 @@ impl<K: DeviceKind> Device<K> {
     /// Judges what the current driver VM cost over the last period.
     fn watch_driver(&mut self, vrings: &[ClientVring]) {
         self.release_idle_slots();
+        self.kind.watched(&mut self.core);
         let core = &mut self.core;
         if !core.session.running() {
             return;

@@ -453,6 +453,10 @@ impl Blk {
     fn take_answers(&mut self, core: &mut DeviceCore, vring: Option<&ClientVring>, salvaging: bool) -> bool {
         let memory = core.memory.clone();
         let Some(completions) = core.take_completions(salvaging) else { return false };
+        // Every answer of a block driver is to a client's request.
+        if !salvaging && !completions.is_empty() {
+            core.note_busy();
+        }
         for completion in completions {
             let judged = inflight::check(&completion, &self.in_flight).and_then(|answer| {
                 self.judge_evidence(&core.channel, answer.slot, answer.status).map(|data| (answer, data))

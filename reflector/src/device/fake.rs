@@ -46,6 +46,8 @@ pub enum Script {
     /// Carries out writes in the order it takes them, and completes those
     /// taken together last first (as an NVMe controller may).
     ReverseWrites,
+    /// Answers every request at once with an I/O error, doing nothing.
+    FailAll,
 }
 
 /// A fake driver's exit report when it panics: what a vmm reports for a
@@ -326,6 +328,7 @@ impl ThreadLaunch for FakeLaunch {
                     match script {
                         Script::PanicOnSector(sector) if touches(sector) => Answer::Die(PANIC_REPORT.into()),
                         Script::Hang => Answer::Ignore,
+                        Script::FailAll => Answer::Complete(status::IO_ERROR, 0),
                         Script::WithholdSector(sector) if touches(sector) => Answer::Ignore,
                         Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),
                         Script::ReverseWrites if request.op == op::WRITE => {

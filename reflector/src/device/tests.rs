@@ -759,6 +759,11 @@ fn a_failed_sync_of_the_medium_fails_every_flush_from_then_on_and_blames_no_driv
 /// A net device on a simulated card of address 02:00:00:00:00:`mac`,
 /// alone on a switch of its own, whose driver VM never answers.
 fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
+    fake_net_device_with(name, mac, Script::Hang)
+}
+
+/// The same, its driver VM doing what `script` says.
+fn fake_net_device_with(name: &str, mac: u8, script: Script) -> Device<crate::net::device::Net> {
     let channel = Channel::new(name).unwrap();
     let switch = hardware::switch::Switch::new(name);
     let card = Arc::new(
@@ -767,13 +772,8 @@ fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
     );
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
-    let launch = FakeLaunch::new(
-        channel.memory().clone(),
-        &completion_doorbell,
-        &driver_exited,
-        FakeDisk::new(8),
-        &[Script::Hang],
-    );
+    let launch =
+        FakeLaunch::new(channel.memory().clone(), &completion_doorbell, &driver_exited, FakeDisk::new(8), &[script]);
     let wiring = DeviceWiring {
         channel,
         hardware: card.clone(),
@@ -785,6 +785,44 @@ fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
         memory_cap: None,
     };
     Device::new(name, crate::net::device::Net::new(card), wiring, RecoveryConfig::default()).unwrap()
+}
+
+/// A net driver answering every receive buffer with an error at once
+/// (no frame came, nothing was asked) gets them back at the next watch
+/// period, not at once: before, the worker re-posted each as it came back,
+/// and the driver kept it doing so, a host core outside its quota, while
+/// the answers made it look busy to the idle watch (an adversarial review
+/// found it).
+#[test]
+fn receive_buffers_a_net_driver_fails_come_back_only_at_the_next_watch() {
+    let memory = client_memory();
+    let mut device = fake_net_device_with("fake-net-rx-errors", 4, Script::FailAll);
+    let mut client = Client::attach(&memory, &mut device);
+    let listeners = device.listeners();
+    let metrics = device.metrics();
+    let errors = || metrics.errors.load(Ordering::SeqCst);
+    let rx = u64::from(crate::net::slots::RX_SLOTS);
+    let what = || format!("receive errors: {}", metrics.errors.load(Ordering::SeqCst));
+    client.run_until(&mut device, &listeners, BOUND, &what, |_, _| errors() >= rx);
+    // Long enough for the buffers to go round many times, were they posted
+    // again at once (the worker's loop is microseconds a turn).
+    let started = std::time::Instant::now();
+    client.run_until(&mut device, &listeners, BOUND, &what, |_, _| {
+        errors() > rx || started.elapsed() > Duration::from_millis(200)
+    });
+    assert_eq!(errors(), rx, "failed receive buffers were posted again before the next watch");
+    let timer = std::os::fd::AsRawFd::as_raw_fd(&device.core.watch_timer);
+    let watch = listeners.iter().find(|(fd, _)| *fd == timer).unwrap().1;
+    vhost_user_backend::VhostUserBackendMut::handle_event(
+        &mut device,
+        watch,
+        vmm_sys_util::epoll::EventSet::IN,
+        &client.vrings,
+        0,
+    )
+    .unwrap();
+    client.run_until(&mut device, &listeners, BOUND, &what, |_, _| errors() >= 2 * rx);
+    device.shutdown();
 }
 
 /// The same for a net device's receive buffers, which it keeps until a

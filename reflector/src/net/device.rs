@@ -304,15 +304,19 @@ impl Net {
                 if !sent {
                     core.metrics.errors.fetch_add(1, Ordering::Relaxed);
                 }
+                core.note_busy();
                 self.slots.release(slot);
             }
             NetAnswer::Received { slot, len: Some(len) } => {
+                core.note_busy();
                 self.slots.hold(slot, len);
                 self.held.push_back(slot);
             }
+            // Work nobody asked for, and no sign the driver had any: it
+            // cools until the next watch period (`SlotState::RxCooling`).
             NetAnswer::Received { slot, len: None } => {
                 core.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                self.slots.release(slot);
+                self.slots.cool(slot);
             }
         }
     }
@@ -384,6 +388,12 @@ impl DeviceKind for Net {
 
     fn in_driver(&self) -> usize {
         self.slots.tx_in_flight()
+    }
+
+    fn watched(&mut self, core: &mut DeviceCore) {
+        if self.slots.warm() > 0 {
+            self.post_rx_buffers(core);
+        }
     }
 
     fn oldest_in_driver(&self) -> Option<Instant> {

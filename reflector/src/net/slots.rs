@@ -38,7 +38,7 @@ pub fn check_net(completion: &CompletionEntry, slots: &NetSlots) -> Result<NetAn
         let length = match state {
             SlotState::TxSending(len) => Length::Exactly(len),
             SlotState::RxPosted => Length::Within { min: MIN_FRAME, max: MAX_FRAME },
-            SlotState::Idle | SlotState::RxHeld(_) => return None,
+            SlotState::Idle | SlotState::RxHeld(_) | SlotState::RxCooling => return None,
         };
         Some(Expected { id, length, may_be_unsupported: false })
     })?;
@@ -64,6 +64,11 @@ pub enum SlotState {
     RxHeld(u32),
     /// A frame of this length the driver is sending.
     TxSending(u32),
+    /// A receive buffer the driver answered with an error: posted again
+    /// only at the next watch period ([`NetSlots::warm`]), so that a driver
+    /// answering every buffer with an error at once cannot keep the worker
+    /// re-posting them, a host core outside its quota.
+    RxCooling,
 }
 
 /// The slot table.
@@ -137,6 +142,20 @@ impl NetSlots {
         if slot >= RX_SLOTS && was != SlotState::Idle {
             self.free_tx.push(slot);
         }
+    }
+
+    /// A posted RX slot the driver answered with an error cools until the
+    /// next [`NetSlots::warm`].
+    pub fn cool(&mut self, slot: u32) {
+        if slot < RX_SLOTS {
+            self.states[slot as usize] = SlotState::RxCooling;
+        }
+    }
+
+    /// Cooling RX slots become idle, to be posted again; how many.
+    pub fn warm(&mut self) -> usize {
+        let cooling = self.states.iter_mut().filter(|state| **state == SlotState::RxCooling);
+        cooling.map(|state| *state = SlotState::Idle).count()
     }
 
     /// The driver VM is gone: every slot it held is released (held frames
