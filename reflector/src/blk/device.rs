@@ -409,22 +409,37 @@ impl Blk {
     }
 
     /// Sends the held requests the table releases (one suspect at a time
-    /// after a death, then the rest: `InFlightTable::next_to_send`).
+    /// after a death, then the rest: `InFlightTable::next_to_send`). One
+    /// that cannot be sent (its client left, its memory failed) leaves the
+    /// table, and the next are released at once: before, they waited for a
+    /// completion that could not come (nothing was in the driver), and the
+    /// hang deadline blamed the innocent driver for each.
     fn send_held(&mut self, core: &mut DeviceCore, vring: &ClientVring, memory: &GuestMemoryMmap) {
-        for slot in self.in_flight.next_to_send() {
-            // A request of a client that left is never sent again: its
-            // addresses would be read in the next client's memory.
-            if self.in_flight.get(slot).is_some_and(|entry| entry.client != core.client) {
-                self.in_flight.remove(slot);
-                continue;
+        loop {
+            let chosen = self.in_flight.next_to_send();
+            if chosen.is_empty() {
+                return;
             }
-            let replayed = self.in_flight.get(slot).is_some_and(|entry| entry.orphaned);
-            if self.send(core, memory, slot) {
-                if replayed {
-                    core.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+            let mut sent_any = false;
+            for slot in chosen {
+                // A request of a client that left is never sent again: its
+                // addresses would be read in the next client's memory.
+                if self.in_flight.get(slot).is_some_and(|entry| entry.client != core.client) {
+                    self.in_flight.remove(slot);
+                    continue;
                 }
-            } else if let Some(entry) = self.in_flight.remove(slot) {
-                complete(core, vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+                let replayed = self.in_flight.get(slot).is_some_and(|entry| entry.orphaned);
+                if self.send(core, memory, slot) {
+                    sent_any = true;
+                    if replayed {
+                        core.metrics.replayed.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if let Some(entry) = self.in_flight.remove(slot) {
+                    complete(core, vring, memory, entry.head, Some(entry.status), marshal::VIRTIO_BLK_S_IOERR, 0);
+                }
+            }
+            if sent_any {
+                return;
             }
         }
     }

@@ -288,6 +288,41 @@ fn held_requests_of_a_departed_client_never_reach_the_next(direct: bool) {
     }
 }
 
+/// A suspect that cannot be sent (the client's new memory table no longer
+/// holds its buffer) fails alone, and releases the next suspect at once:
+/// before, the next waited for a completion that could not come (nothing
+/// was in the driver), and the hang deadline blamed the innocent driver
+/// (an adversarial review found it).
+#[test]
+fn a_suspect_that_cannot_be_sent_releases_the_next_at_once() {
+    use std::os::fd::FromRawFd;
+    use vm_memory::{FileOffset, GuestAddress, GuestMemoryAtomic};
+    // SAFETY: memfd_create with a static name; checked below.
+    let fd = unsafe { libc::memfd_create(c"client".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor this test owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(super::fake::CLIENT_MEMORY as u64).unwrap();
+    let mapped = |len: usize| {
+        let offset = FileOffset::new(file.try_clone().unwrap(), 0);
+        GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), len, Some(offset))]).unwrap()
+    };
+    let memory = mapped(super::fake::CLIENT_MEMORY);
+    let mut bench = Bench::new(&memory, &[Script::PanicOnSector(64), Script::Serve], false, quick_recovery());
+    // The write at sector 64 kills the first driver: both are suspects.
+    bench.submit(&[(true, 64, pattern(20, 512)), (false, 8, vec![0; 512])]);
+    bench.run_until("the death", |_, device| device.metrics().faults.load(Ordering::SeqCst) == 1);
+    // A table of the rings only: the write's payload is outside it now.
+    vhost_user_backend::VhostUserBackendMut::update_memory(
+        &mut bench.device,
+        GuestMemoryAtomic::new(mapped(0x10_0000)),
+    )
+    .unwrap();
+    bench.run_until("both done", |_, device| device.metrics().in_flight.load(Ordering::SeqCst) == 0);
+    assert_eq!(bench.count(&bench.metrics.faults), 1, "an innocent driver was blamed for a request it never had");
+    // (Their status bytes lie outside the new table too: nothing to see.)
+}
+
 #[test]
 fn held_requests_of_a_departed_client_never_reach_the_next_client() {
     held_requests_of_a_departed_client_never_reach_the_next(false);
