@@ -303,7 +303,8 @@ pub const WORK_SPARE: u64 = 64 << 20;
 /// spare ([`WORK_SPARE`] for a block device): past that it waits for more
 /// to be granted, so a driver giving its device work no request asked for
 /// gets at most the spare, and whatever it saved of the grants of requests
-/// it served with less.
+/// it served with less (for as long as it lives: a new driver gets the
+/// spare alone, [`WorkAllowance::forgive`]).
 #[derive(Debug)]
 pub struct WorkAllowance {
     /// Written by the device's thread for each command...
@@ -354,10 +355,13 @@ impl WorkAllowance {
         self.granted.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// A new driver starts with the spare whole: what a dead one overspent
-    /// is forgiven (the device resumes for the next).
+    /// A new driver starts with the spare, no more and no less: what a dead
+    /// one overspent is forgiven, and what it saved (grants of requests it
+    /// answered without doing them, frames it never sent) is forgotten, so
+    /// that no later driver of the device may spend it (the device resumes
+    /// for the next; the worker that grants is the one that resumes).
     pub fn forgive(&self) {
-        self.granted.fetch_max(self.done(), std::sync::atomic::Ordering::AcqRel);
+        self.granted.store(self.done(), std::sync::atomic::Ordering::Release);
     }
 
     /// Whether the device must wait for a grant before it does more.
@@ -524,6 +528,25 @@ pub fn poll_until<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new driver gets the spare, and not what a dead one saved of its
+    /// grants: before, a driver that answered requests without doing them
+    /// banked their grants for any later driver of the device to spend (an
+    /// adversarial review found it).
+    #[test]
+    fn a_new_driver_gets_the_spare_and_not_what_the_last_one_saved() {
+        let work = WorkAllowance::with_spare(4096);
+        work.grant(1 << 20);
+        work.spend(4096);
+        work.forgive();
+        work.spend(4096);
+        assert!(!work.exhausted(), "the spare is the new driver's");
+        work.spend(1);
+        assert!(work.exhausted(), "the dead driver's saved grants were kept");
+        // And what a dead one overspent is forgiven.
+        work.forgive();
+        assert!(!work.exhausted());
+    }
 
     #[test]
     fn dma_translation_is_bounded() {
