@@ -797,18 +797,33 @@ mod tests {
             b.post_rx(0x3000, 8);
             let line = b.interrupt.as_raw_fd();
             let most = u64::MAX - 1;
-            // SAFETY: fcntl(2) and write(2) of 8 bytes from a local, on the
-            // line's descriptor: what the hostile vmm does to its own copy.
+            // Filled while still non-blocking (an interrupt the card raises
+            // meanwhile makes the write fail instead of blocking the test),
+            // then made blocking: what the hostile vmm does to its own copy.
+            // SAFETY: read(2) and write(2) of 8 bytes to and from locals,
+            // and fcntl(2), on the line's descriptor.
             unsafe {
+                let mut count = 0u64;
+                while {
+                    libc::read(line, (&raw mut count).cast(), 8);
+                    libc::write(line, (&raw const most).cast(), 8) != 8
+                } {}
                 assert_eq!(libc::fcntl(line, libc::F_SETFL, 0), 0);
-                assert_eq!(libc::write(line, (&raw const most).cast(), 8), 8);
             }
             for (id, at) in [(3, 0x1000), (4, 0x1800)] {
                 a.send(&frame(2, 1, 100), at, id);
                 let sent = a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, u32::from(id - 3));
                 assert_eq!(sent, Completion { id, status: 0, len: 100 });
             }
+            let start = std::time::Instant::now();
             while b.reg(reg::RXC_TAIL).load(Ordering::SeqCst) < 2 {
+                assert!(
+                    start.elapsed() < std::time::Duration::from_secs(10),
+                    "the frames were not delivered: RXC_TAIL {} RX_WAITING {} RX_TAIL {}",
+                    b.reg(reg::RXC_TAIL).load(Ordering::SeqCst),
+                    b.reg(reg::RX_WAITING).load(Ordering::SeqCst),
+                    b.reg(reg::RX_TAIL).load(Ordering::SeqCst)
+                );
                 std::thread::yield_now();
             }
             let _ = done.send(());
