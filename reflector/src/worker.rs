@@ -121,9 +121,18 @@ pub fn broken_queue(vring: &ClientVring, memory: &GuestMemoryMmap) -> Option<&'s
 }
 
 /// Why a client is cut off whose queue, asked again after a pass (EVENT_IDX
-/// re-enabled), reports chains that the next pass cannot take: whatever
-/// the cause, a worker that went on would spin.
+/// re-enabled), reports chains that the next pass cannot take while it is
+/// still ready: whatever the cause, a worker that went on would spin. (A
+/// queue the client stopped meanwhile, GET_VRING_BASE, yields nothing
+/// either: that pass just ends, see [`queue_ready`].)
 pub const STUCK_QUEUE: &str = "its queue reports chains that cannot be taken";
+
+/// Whether the client's queue is set up and not stopped: vhost-user-backend
+/// marks it not ready at GET_VRING_BASE before the device hears of the
+/// stop, so a pass under way may find it so.
+pub fn queue_ready(vring: &ClientVring) -> bool {
+    vring.get_ref().get_queue().ready()
+}
 
 /// Whether taking one more chain from `vring` would give the device more
 /// chains of this client than its queue has descriptors: the client then

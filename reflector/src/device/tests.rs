@@ -791,6 +791,37 @@ fn a_failed_sync_of_the_medium_fails_every_flush_from_then_on_and_blames_no_driv
     assert_eq!(bench.count(&bench.metrics.faults), 0, "a driver was blamed for the medium's failure");
 }
 
+/// A client that stops its queue (GET_VRING_BASE: vhost-user-backend marks
+/// it not ready before the device hears of it) while chains are published
+/// and a kick is being handled is not cut off: the pass finds nothing to
+/// pop, and ends. Before, the guard against a queue that reports chains it
+/// cannot yield cut off an honest QEMU stopping its VM under I/O (an
+/// adversarial review of that guard found it).
+#[test]
+fn a_queue_stopped_under_a_kick_ends_the_pass_without_cutting_the_client_off() {
+    use vhost_user_backend::{VhostUserBackendMut, VringT};
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Hang], false, RecoveryConfig::default());
+    bench.device.set_event_idx(true);
+    bench.client.vrings[0].set_queue_event_idx(true);
+    bench.client.request(false, 0, &[0; 512]);
+    bench.client.vrings[0].set_queue_ready(false);
+    bench.client.kick(&mut bench.device);
+    assert!(bench.device.core.memory.is_some(), "an honest client stopping its queue was cut off");
+    assert_eq!(bench.count(&bench.metrics.malformed), 0);
+    // The same for a net device's receive queue.
+    let memory = client_memory();
+    let mut device = fake_net_device("fake-net-stopped", 5);
+    let mut client = Client::attach(&memory, &mut device);
+    device.set_event_idx(true);
+    client.vrings[0].set_queue_event_idx(true);
+    client.writable(2048);
+    client.vrings[0].set_queue_ready(false);
+    client.kick(&mut device);
+    assert!(device.core.memory.is_some(), "an honest net client stopping its queue was cut off");
+    device.shutdown();
+}
+
 /// A net device on a simulated card of address 02:00:00:00:00:`mac`,
 /// alone on a switch of its own, whose driver VM never answers.
 fn fake_net_device(name: &str, mac: u8) -> Device<crate::net::device::Net> {
