@@ -66,7 +66,17 @@ pub struct Net {
     held: VecDeque<u32>,
     /// Client receive chains taken from its queue, oldest first.
     rx_buffers: VecDeque<RxBuffer>,
+    /// Receive buffers the driver answered with an error this watch period
+    /// and that were posted again at once (at most [`RX_ERRORS_AT_ONCE`]).
+    rx_errors_reposted: u32,
 }
+
+/// Receive buffers answered with an error that are posted again at once in
+/// a watch period; past that they cool until the next
+/// (`SlotState::RxCooling`). As many as a driver holds: an honest driver
+/// whose card reports a bad frame now and then never waits for a buffer,
+/// and one that fails them all in a loop gets two rounds a period.
+const RX_ERRORS_AT_ONCE: u32 = crate::net::slots::RX_SLOTS;
 
 impl Net {
     /// The net side of a device on the card `hardware`.
@@ -77,6 +87,7 @@ impl Net {
             slots: NetSlots::default(),
             held: VecDeque::new(),
             rx_buffers: VecDeque::new(),
+            rx_errors_reposted: 0,
         }
     }
 
@@ -319,11 +330,16 @@ impl Net {
                 self.slots.hold(slot, len);
                 self.held.push_back(slot);
             }
-            // Work nobody asked for, and no sign the driver had any: it
-            // cools until the next watch period (`SlotState::RxCooling`).
+            // No sign the driver had work: past a few, the buffer cools
+            // until the next watch period (`SlotState::RxCooling`).
             NetAnswer::Received { slot, len: None } => {
                 core.metrics.errors.fetch_add(1, Ordering::Relaxed);
-                self.slots.cool(slot);
+                if self.rx_errors_reposted < RX_ERRORS_AT_ONCE {
+                    self.rx_errors_reposted += 1;
+                    self.slots.release(slot);
+                } else {
+                    self.slots.cool(slot);
+                }
             }
         }
     }
@@ -398,6 +414,7 @@ impl DeviceKind for Net {
     }
 
     fn watched(&mut self, core: &mut DeviceCore) {
+        self.rx_errors_reposted = 0;
         if self.slots.warm() > 0 {
             self.post_rx_buffers(core);
         }
