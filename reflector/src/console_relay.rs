@@ -17,8 +17,12 @@
 //! whole writes at a time (a vmm writes each line at once, and a pipe
 //! keeps writes of up to a page whole), so lines of different driver VMs
 //! do not mix. Each driver VM's output may add [`RATE`] bytes a second to
-//! the log, in bursts of [`BURST`] (its start, a crash report); what comes
-//! beyond is dropped, and a line says how much.
+//! the log, in bursts of [`BURST`] (its start, a crash report), a line
+//! costing [`LINE_COST`] at least (a journal counts lines); what comes
+//! beyond is dropped, and a line says how much. The relay reads each pipe
+//! at most [`READ_RATE`] a second, and leaves it meanwhile, so that a vmm
+//! writing without pause waits on its full pipe, in its own CPU quota,
+//! instead of costing the relay a core.
 //!
 //! What it is not: a filter, nor a guard against a log that does not take
 //! what it is given. A standard error that blocks (a pipe nobody reads)
@@ -65,37 +69,83 @@ pub const RATE: u64 = 64 * 1024;
 /// Bytes one driver VM's output may add at once above [`RATE`].
 pub const BURST: u64 = 1 << 20;
 
-/// What one driver VM's output may still add to the log (a token bucket),
-/// and what it lost since it last could.
-struct Budget {
-    bytes: u64,
+/// What a line costs of the log's budget at least, whatever its length: a
+/// journal limits a service by lines (10,000 per 30 s by default), and a
+/// driver printing empty lines had 70,000 of them in its burst alone (a
+/// review found it). 256 bytes: at [`RATE`], 256 lines a second.
+pub const LINE_COST: u64 = 256;
+
+/// Bytes a second the relay reads of one driver VM's output, logged or
+/// dropped: past that it stops reading the pipe until the time has come,
+/// and the vmm waits on its full pipe, in its own CPU quota. Reading and
+/// dropping all that a vmm can write cost the relay a core.
+pub const READ_RATE: u64 = 16 << 20;
+
+/// What the relay reads at once: a pipe's worth, so that a line (a whole
+/// write of up to a page) is never split between two reads.
+const CHUNK: usize = 64 * 1024;
+
+/// A token bucket: `rate` a second, at most `burst` saved.
+struct Bucket {
+    tokens: u64,
+    rate: u64,
+    burst: u64,
     last: std::time::Instant,
+}
+
+impl Bucket {
+    fn full(rate: u64, burst: u64) -> Self {
+        Bucket { tokens: burst, rate, burst, last: std::time::Instant::now() }
+    }
+
+    /// The tokens now.
+    fn tokens(&mut self) -> u64 {
+        let now = std::time::Instant::now();
+        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * self.rate / 1_000_000;
+        if earned > 0 {
+            self.last = now;
+        }
+        self.tokens = self.tokens.saturating_add(earned).min(self.burst);
+        self.tokens
+    }
+
+    /// How long until there are `n`.
+    fn until(&mut self, n: u64) -> std::time::Duration {
+        let missing = n.saturating_sub(self.tokens());
+        std::time::Duration::from_micros(missing * 1_000_000 / self.rate.max(1) + 1)
+    }
+}
+
+/// What one driver VM's output may still add to the log, what the relay
+/// may still read of it, and what it lost since it last could say so.
+struct Budget {
+    log: Bucket,
+    reads: Bucket,
     dropped: u64,
 }
 
 impl Budget {
     fn new() -> Self {
-        Budget { bytes: BURST, last: std::time::Instant::now(), dropped: 0 }
+        Budget { log: Bucket::full(RATE, BURST), reads: Bucket::full(READ_RATE, READ_RATE), dropped: 0 }
     }
 
-    /// Whether `len` more bytes may go to the log now (taken if so).
-    fn take(&mut self, len: usize) -> bool {
-        let now = std::time::Instant::now();
-        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * RATE / 1_000_000;
-        if earned > 0 {
-            self.last = now;
-        }
-        self.bytes = self.bytes.saturating_add(earned).min(BURST);
-        match self.bytes.checked_sub(len as u64) {
-            Some(left) => {
-                self.bytes = left;
-                true
+    /// How much of `data`, just read, may go to the log now: the whole
+    /// lines that fit the budget, each costing its bytes or [`LINE_COST`]
+    /// if more (taken); the rest is dropped.
+    fn take(&mut self, data: &[u8]) -> usize {
+        let mut tokens = self.log.tokens();
+        let mut allowed = 0;
+        for line in data.split_inclusive(|&byte| byte == b'\n') {
+            let cost = (line.len() as u64).max(LINE_COST);
+            if cost > tokens {
+                break;
             }
-            None => {
-                self.dropped += len as u64;
-                false
-            }
+            tokens -= cost;
+            allowed += line.len();
         }
+        self.log.tokens = tokens;
+        self.dropped += (data.len() - allowed) as u64;
+        allowed
     }
 }
 
@@ -135,9 +185,18 @@ impl Relay {
 
     fn run(&self) {
         let mut events = vec![EpollEvent::default(); 32];
-        let mut buffer = vec![0u8; 64 * 1024];
+        let mut buffer = vec![0u8; CHUNK];
+        // Pipes read up to their read budget, out of the epoll set until
+        // the time given.
+        let mut paused: Vec<(RawFd, std::time::Instant)> = Vec::new();
         loop {
-            let ready = match self.epoll.wait(-1, &mut events) {
+            let now = std::time::Instant::now();
+            let timeout = paused
+                .iter()
+                .map(|(_, until)| until.saturating_duration_since(now).as_millis().min(1000) as i32 + 1)
+                .min()
+                .unwrap_or(-1);
+            let ready = match self.epoll.wait(timeout, &mut events) {
                 Ok(ready) => ready,
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(error) => {
@@ -145,12 +204,31 @@ impl Relay {
                     return;
                 }
             };
+            let now = std::time::Instant::now();
+            paused.retain(|&(fd, until)| {
+                if until > now {
+                    return true;
+                }
+                let event = EpollEvent::new(EventSet::IN, fd as u64);
+                if self.pipes().contains_key(&fd) && self.epoll.ctl(ControlOperation::Add, fd, event).is_err() {
+                    self.pipes().remove(&fd);
+                }
+                false
+            });
             for event in &events[..ready] {
                 let fd = event.data() as RawFd;
                 let pipe = self.pipes().get(&fd).cloned();
-                if !pipe.is_some_and(|pipe| copy(&pipe, &mut buffer, &mut std::io::stderr().lock())) {
-                    let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                    self.pipes().remove(&fd);
+                let flow = pipe.map_or(Flow::Gone, |pipe| copy(&pipe, &mut buffer, &mut std::io::stderr().lock()));
+                match flow {
+                    Flow::Open => {}
+                    Flow::Pause(wait) => {
+                        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        paused.push((fd, now + wait));
+                    }
+                    Flow::Gone => {
+                        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        self.pipes().remove(&fd);
+                    }
                 }
             }
         }
@@ -161,39 +239,59 @@ impl Relay {
 /// cannot keep the relay from the others (epoll reports it again).
 const READS_PER_TURN: usize = 16;
 
-/// Copies what `pipe` holds now (at most [`READS_PER_TURN`] reads) to
-/// `log` (standard error) within its budget; false once its writers are
-/// gone (or it failed), having said what it dropped since it last could.
-fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> bool {
+/// What became of a pipe after a turn.
+#[derive(Debug, PartialEq)]
+enum Flow {
+    /// Still open: read it when it has more.
+    Open,
+    /// Its read budget is spent: read it again after this long.
+    Pause(std::time::Duration),
+    /// Its writers are gone (or it failed).
+    Gone,
+}
+
+/// Copies what `pipe` holds now (at most [`READS_PER_TURN`] reads, within
+/// its read budget) to `log` (standard error) within its budget; once its
+/// writers are gone (or it failed), says what it dropped since it last
+/// could.
+fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> Flow {
     let mut budget = pipe.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     for _ in 0..READS_PER_TURN {
+        // Room for a whole read, charged for what it brings.
+        if budget.reads.tokens() < buffer.len() as u64 {
+            return Flow::Pause(budget.reads.until(buffer.len() as u64));
+        }
         match (&pipe.file).read(buffer) {
             Ok(read) if read > 0 => {
+                budget.reads.tokens -= read as u64;
                 let dropped = budget.dropped;
-                if budget.take(read) {
-                    note_dropped(&mut budget, dropped, log);
+                let allowed = budget.take(&buffer[..read]);
+                if allowed > 0 {
+                    // What was lost before these lines is said before them;
+                    // what this read loses, later.
+                    budget.dropped -= dropped;
+                    say_dropped(dropped, log);
                     // One that fails (a reader gone) loses only this output.
-                    let _ = log.write_all(&buffer[..read]);
+                    let _ = log.write_all(&buffer[..allowed]);
                 }
             }
-            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Flow::Open,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             _ => {
                 // The end of its output (a flood is often a driver VM's
                 // last act): what it lost is said now or never.
-                let dropped = budget.dropped;
-                note_dropped(&mut budget, dropped, log);
-                return false;
+                say_dropped(std::mem::take(&mut budget.dropped), log);
+                return Flow::Gone;
             }
         }
     }
-    true
+    Flow::Open
 }
 
-/// Says in the log that `dropped` bytes of a driver VM's output were lost.
-fn note_dropped(budget: &mut Budget, dropped: u64, log: &mut impl Write) {
+/// Says in the log that `dropped` bytes of a driver VM's output were lost
+/// (nothing if none).
+fn say_dropped(dropped: u64, log: &mut impl Write) {
     if dropped > 0 {
-        budget.dropped = 0;
         let _ = writeln!(
             log,
             "reflector: {dropped} bytes of a driver VM's output dropped (over {} KiB a second)",
@@ -224,8 +322,9 @@ mod tests {
                 write.write_all(&line).unwrap();
             }
         });
-        let (mut buffer, mut log) = (vec![0u8; 64 * 1024], Vec::new());
-        while copy(&pipe, &mut buffer, &mut log) {
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+        // 8 MiB: within the read budget's burst, so never paused.
+        while copy(&pipe, &mut buffer, &mut log) == Flow::Open {
             std::thread::yield_now();
         }
         flood.join().unwrap();
@@ -243,5 +342,66 @@ mod tests {
             .map(|count| count.parse::<u64>().unwrap())
             .sum();
         assert_eq!(logged + noted, 8 * BURST, "{logged} bytes logged and {noted} said to be dropped");
+    }
+
+    /// A pipe of the test's own, non-blocking at its read end as the
+    /// relay's are, and the relay's record of it.
+    fn pipe() -> (Pipe, File) {
+        let (read, write) = hardware::descriptors::pipe().unwrap();
+        // SAFETY: fcntl(2) on a descriptor this test owns.
+        assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
+        (Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) }, File::from(write))
+    }
+
+    /// Lines cost [`LINE_COST`] each at least: a vmm printing empty lines
+    /// adds a few thousand to the log, not a million (a journal limits a
+    /// service by lines: before, all of a 1 MiB flood of empty lines came
+    /// through, about 70,000 lines of a driver's console).
+    #[test]
+    fn a_vmm_printing_empty_lines_adds_at_most_its_budget_of_lines() {
+        let (pipe, mut write) = pipe();
+        let started = std::time::Instant::now();
+        let flood = std::thread::spawn(move || write.write_all(&vec![b'\n'; 1 << 20]).unwrap());
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+        while copy(&pipe, &mut buffer, &mut log) == Flow::Open {
+            std::thread::yield_now();
+        }
+        flood.join().unwrap();
+        // 256 bytes a line: a journal's default limit is 333 lines a second.
+        let allowed = (BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000) / 256;
+        let lines = log.iter().filter(|&&byte| byte == b'\n').count() as u64;
+        assert!(lines <= allowed + 1, "{lines} lines logged, {allowed} allowed");
+        assert!(lines >= BURST / 256 / 2, "the burst's lines were not logged: {lines}");
+    }
+
+    /// The relay reads a flooding vmm's output no faster than its read
+    /// budget, and then leaves the pipe until the time comes: the vmm
+    /// waits on its full pipe, in its own CPU quota. Before, the relay read
+    /// and dropped all it could write, a reflector core (a review found it).
+    #[test]
+    fn a_flooding_vmm_is_read_no_faster_than_its_read_budget() {
+        let (pipe, mut write) = pipe();
+        let started = std::time::Instant::now();
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![b'x'; CHUNK];
+            (0..4 * READ_RATE / CHUNK as u64).take_while(|_| write.write_all(&chunk).is_ok()).count()
+        });
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], std::io::sink());
+        let mut read = 0;
+        let paused = loop {
+            let before = pipe.budget.lock().unwrap().reads.tokens();
+            match copy(&pipe, &mut buffer, &mut log) {
+                Flow::Pause(wait) => break wait,
+                Flow::Open => std::thread::yield_now(),
+                Flow::Gone => panic!("all of the flood was read without a pause"),
+            }
+            read += before.saturating_sub(pipe.budget.lock().unwrap().reads.tokens());
+        };
+        let allowed = READ_RATE + started.elapsed().as_micros() as u64 * READ_RATE / 1_000_000 + CHUNK as u64;
+        assert!(read <= allowed, "{read} bytes read before the pause, {allowed} allowed");
+        assert!(!paused.is_zero());
+        assert!(!flood.is_finished(), "the flooding writer was not held by its full pipe");
+        drop(pipe);
+        assert!(flood.join().unwrap() < (4 * READ_RATE / CHUNK as u64) as usize);
     }
 }
