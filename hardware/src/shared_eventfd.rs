@@ -82,12 +82,37 @@ pub fn signal(eventfd: RawFd) -> io::Result<()> {
 /// VM) instead of every signal later, and no client or driver can make it
 /// fail by using up the host's AIO contexts first.
 pub fn prepare() -> io::Result<()> {
+    if !takes_without_waiting() {
+        tracing::warn!(
+            "this kernel's eventfds refuse RWF_NOWAIT (Linux before 5.12): an eventfd a client or a vmm drains \
+             between the reflector's poll and its read can hold a reflector thread until it is written again; \
+             run on Linux 5.12 or later"
+        );
+    }
     notifier().map(|_| ()).map_err(|why| {
         io::Error::other(format!(
             "cannot create the AIO context eventfd signals go through ({why}): is fs.aio-max-nr reached? \
              (sysctl fs.aio-nr fs.aio-max-nr)"
         ))
     })
+}
+
+/// Whether this kernel's eventfds take `preadv2(RWF_NOWAIT)` (Linux 5.12):
+/// else [`take`] falls back to a poll and a read, between which the other
+/// holder can drain the eventfd.
+pub fn takes_without_waiting() -> bool {
+    // SAFETY: eventfd(2); checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut count = 0u64;
+    let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: std::mem::size_of::<u64>() };
+    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the call.
+    let read = unsafe { libc::preadv2(probe.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    read >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
 }
 
 /// The process's signalling context: one, shared by every thread
@@ -263,6 +288,13 @@ mod tests {
             signal(target.as_raw_fd()).unwrap();
         }
         assert_eq!(count(&target), (AIO_EVENTS * 5) as u64);
+    }
+
+    /// This kernel takes RWF_NOWAIT on eventfds (the machines the tests
+    /// run on are 5.12 or later; older ones are warned about at start).
+    #[test]
+    fn this_kernel_takes_eventfds_without_waiting() {
+        assert!(takes_without_waiting());
     }
 
     /// An eventfd its other holder made blocking and drained gives 0 at
