@@ -333,6 +333,19 @@ impl DeviceCore {
         self.watch.note_busy();
     }
 
+    /// A pass over a queue took no chain after the ring reported more
+    /// ([`crate::worker::STUCK_QUEUE`]): the client is cut off, unless it
+    /// stopped the queue meanwhile (GET_VRING_BASE), which ends the pass
+    /// quietly. Whether it was cut off.
+    pub fn stuck_pass(&mut self, vring: &ClientVring) -> bool {
+        let stuck = crate::worker::queue_ready(vring);
+        if stuck {
+            self.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+            self.cut_off(crate::worker::STUCK_QUEUE);
+        }
+        stuck
+    }
+
     /// Asks the client not to kick while the device takes its chains
     /// (EVENT_IDX); false, and the client cut off, if its used ring cannot
     /// take the request (its notification field lies outside its memory).

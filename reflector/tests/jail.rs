@@ -106,6 +106,16 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
 /// `hostile-vmm` as its vmm, until its first report: that report, and the
 /// reflector's log, once it stopped.
 fn hostile_vmm_report(scratch: &Scratch, options: &str) -> (serde_json::Value, String) {
+    hostile_vmm_report_on(scratch, options, Reflector::start_with)
+}
+
+/// As `hostile_vmm_report`, the reflector started by `start` (its log
+/// a file, or its standard error a pipe).
+fn hostile_vmm_report_on(
+    scratch: &Scratch,
+    options: &str,
+    start: fn(&[String], PathBuf, &Path, &str) -> Reflector,
+) -> (serde_json::Value, String) {
     let socket = scratch.join("d0.sock");
     let image = scratch.join("d0.img");
     let args = vec![
@@ -114,7 +124,7 @@ fn hostile_vmm_report(scratch: &Scratch, options: &str) -> (serde_json::Value, S
         "--blk".to_string(),
         format!("socket={},image={},size=4M,name=d0,spare=off{options}", socket.display(), image.display()),
     ];
-    let mut reflector = Reflector::start_with(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
+    let mut reflector = start(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
     let report_line = |r: &Reflector| {
         r.log_text()
             .lines()
@@ -165,25 +175,8 @@ fn a_vmm_flooding_its_standard_error_adds_at_most_its_budget_to_a_piped_log() {
         return;
     }
     let scratch = Scratch::new("jail-stderr");
-    let socket = scratch.join("d0.sock");
-    let args = vec![
-        "--vmm".to_string(),
-        sibling("hostile-vmm").display().to_string(),
-        "--blk".to_string(),
-        format!("socket={},image={},size=4M,name=d0,spare=off", socket.display(), scratch.join("d0.img").display()),
-    ];
     let started = std::time::Instant::now();
-    let mut reflector = Reflector::start_piped(&args, scratch.join("log"), &socket, "serving vhost-user-blk");
-    let report_line = |r: &Reflector| {
-        r.log_text()
-            .lines()
-            .find(|l| l.contains("driver VM exited driver_vm=") && l.contains("report={"))
-            .map(str::to_owned)
-    };
-    reflector.wait_for(|r| report_line(r).is_some(), "the hostile vmm's report");
-    let line = report_line(&reflector).unwrap();
-    let report: serde_json::Value = serde_json::from_str(line.split("report=").nth(1).unwrap()).unwrap();
-    let log = reflector.stop();
+    let (report, log) = hostile_vmm_report_on(&scratch, "", Reflector::start_piped);
     let elapsed = started.elapsed();
     assert_eq!(report["flooded stderr MiB"], 16, "{report}");
     assert!(log.contains("hostile-vmm: trying the jail's walls"), "the vmm's log line is not in the log: {log}");

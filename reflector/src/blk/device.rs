@@ -39,7 +39,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::driver_answers::{self, Evidence, ReadBack, WrittenSums};
 use crate::hw::BlockHardware;
 use crate::recovery::Fault;
-use crate::worker::{exceeds_queue, queue_ready, HEAD_REUSED, STUCK_QUEUE};
+use crate::worker::{exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client.
 pub const NUM_QUEUES: usize = 1;
@@ -658,12 +658,7 @@ impl DeviceKind for Blk {
             };
             tracing::trace!(device = %core.name, chains = chains.len(), "queue processed");
             if pass > 0 && chains.is_empty() {
-                // A client that stops its queue (GET_VRING_BASE) meanwhile
-                // is not cut off: the pass just ends.
-                if queue_ready(vring) {
-                    core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                    core.cut_off(STUCK_QUEUE);
-                }
+                core.stuck_pass(vring);
                 break;
             }
             for (head, segments) in chains {

@@ -37,7 +37,7 @@ use crate::device::{Device, DeviceCore, DeviceKind};
 use crate::hw::NetHardware;
 use crate::recovery::Fault;
 use crate::session::Lifecycle;
-use crate::worker::{exceeds_queue, queue_ready, HEAD_REUSED, STUCK_QUEUE};
+use crate::worker::{exceeds_queue, HEAD_REUSED};
 
 /// Queues offered to the client: one receive/transmit pair.
 pub const NUM_QUEUES: usize = 2;
@@ -132,11 +132,7 @@ impl Net {
                 taken += 1;
             }
             if pass > 0 && taken == 0 && self.can_take_tx(core) {
-                // A queue the client stopped meanwhile just ends the pass.
-                if queue_ready(tx) {
-                    core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                    core.cut_off(STUCK_QUEUE);
-                }
+                core.stuck_pass(tx);
                 break;
             }
             // Chains left while no slot (or no driver VM) can take them wait
@@ -236,10 +232,7 @@ impl Net {
                 }
             }
             if pass > 0 && taken == 0 {
-                // A queue the client stopped meanwhile just ends the pass.
-                if queue_ready(rx) {
-                    core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-                    core.cut_off(STUCK_QUEUE);
+                if core.stuck_pass(rx) {
                     return Ok(());
                 }
                 break;
