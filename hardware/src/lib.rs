@@ -368,6 +368,16 @@ impl WorkAllowance {
     pub fn exhausted(&self) -> bool {
         self.done() > self.granted().saturating_add(self.spare)
     }
+
+    /// Spends `work` on a command the device may run now: false, spending
+    /// nothing, when it must wait for a grant first.
+    pub fn try_spend(&self, work: u64) -> bool {
+        if self.exhausted() {
+            return false;
+        }
+        self.spend(work);
+        true
+    }
 }
 
 /// A network card: its address and link.

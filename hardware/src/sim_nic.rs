@@ -292,10 +292,9 @@ impl Engine {
         // adversarial review found it).
         let reset_request = self.reg(reg::RESET_REQUEST).load(Ordering::Acquire);
         if reset_request != self.reg(reg::RESET_DONE).load(Ordering::Acquire) {
-            if self.counters.work.exhausted() {
+            if !self.counters.work.try_spend(crate::COMMAND_WORK) {
                 return (Vec::new(), false);
             }
-            self.counters.work.spend(crate::COMMAND_WORK);
             self.reset(reset_request);
             return (Vec::new(), true);
         }
@@ -303,10 +302,9 @@ impl Engine {
         self.reg(reg::STATUS).store(self.status, Ordering::Release);
         if self.status & (nic::status::READY | nic::status::FATAL) == 0 {
             if self.reg(reg::CONTROL).load(Ordering::Acquire) & nic::control::ENABLE != 0 {
-                if self.counters.work.exhausted() {
+                if !self.counters.work.try_spend(crate::COMMAND_WORK) {
                     return (Vec::new(), false);
                 }
-                self.counters.work.spend(crate::COMMAND_WORK);
                 self.enable();
                 return (Vec::new(), true);
             }

@@ -347,20 +347,18 @@ impl Engine {
         // this thread busy, a host core outside its quota, for nothing
         // (an adversarial review found it).
         if self.reset_requested() {
-            if self.work.exhausted() {
+            if !self.work.try_spend(crate::COMMAND_WORK) {
                 return false;
             }
-            self.work.spend(crate::COMMAND_WORK);
             self.reset(self.reg(reg::RESET_REQUEST).load(Ordering::Acquire));
             return true;
         }
         // Whatever the driver wrote there, the status is ours.
         self.reg(reg::STATUS).store(self.status, Ordering::Release);
         if self.enable_requested() {
-            if self.work.exhausted() {
+            if !self.work.try_spend(crate::COMMAND_WORK) {
                 return false;
             }
-            self.work.spend(crate::COMMAND_WORK);
             self.enable();
             return true;
         }
