@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::shared_eventfd::SharedEventFd;
 use crate::shm::SharedMemory;
 
 /// Where a device that reaches its DMA region by address sees its first
@@ -114,7 +115,7 @@ pub trait Hardware: Send + Sync {
         Vec::new()
     }
     /// Written by the driver VM (KVM ioeventfd) to notify the device.
-    fn doorbell(&self) -> &EventFd;
+    fn doorbell(&self) -> &SharedEventFd;
     /// Where the device's interrupt goes: the current driver VM's line.
     fn interrupt(&self) -> Arc<InterruptRoute>;
     /// Stops all DMA, finishing any command under way first, and ignores
@@ -394,10 +395,10 @@ pub trait NetHardware: Hardware {
 /// VM that currently owns the device.
 #[derive(Default)]
 pub struct InterruptRoute {
-    target: Mutex<Option<EventFd>>,
+    target: Mutex<Option<SharedEventFd>>,
     /// Interrupts that could not be raised, for the log. The vmm holds
     /// the line too, so it is raised only through
-    /// [`shared_eventfd::signal`], which never waits: with a write, a vmm
+    /// [`SharedEventFd::signal`], which never waits: with a write, a vmm
     /// that made its line blocking and filled its count held whichever
     /// thread raised it (another tenant's card, delivering a frame) for
     /// good.
@@ -406,7 +407,7 @@ pub struct InterruptRoute {
 
 impl InterruptRoute {
     /// Sends future interrupts to `target`.
-    pub fn route(&self, target: EventFd) {
+    pub fn route(&self, target: SharedEventFd) {
         if let Ok(mut current) = self.target.lock() {
             *current = Some(target);
         }
@@ -416,7 +417,7 @@ impl InterruptRoute {
     pub fn raise(&self) {
         if let Ok(current) = self.target.lock() {
             if let Some(target) = current.as_ref() {
-                if let Err(error) = shared_eventfd::signal(target.as_raw_fd()) {
+                if let Err(error) = target.signal() {
                     let failures = self.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     if failures.is_power_of_two() {
                         tracing::warn!(%error, failures, "cannot raise a device interrupt");
@@ -453,7 +454,7 @@ impl DmaRegion {
 
 /// Sleeps until `doorbell` rings (true) or `stop` is signalled (false): a
 /// simulated device's thread between bursts of work.
-pub(crate) fn wait_for_doorbell(doorbell: &EventFd, stop: &EventFd) -> bool {
+pub(crate) fn wait_for_doorbell(doorbell: &impl AsRawFd, stop: &EventFd) -> bool {
     let mut fds = [
         libc::pollfd { fd: doorbell.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },

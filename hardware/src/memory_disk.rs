@@ -10,10 +10,9 @@
 //! disk), nor a fast path for large images (the window is the image's size,
 //! at most [`MemoryDisk::MAX_SIZE`]).
 
+use crate::shared_eventfd::SharedEventFd;
 use std::fs::File;
 use std::sync::Arc;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::shm::SharedMemory;
 use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, InterruptRoute};
@@ -22,7 +21,7 @@ use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, Inter
 pub struct MemoryDisk {
     disk: Arc<SharedMemory>,
     /// Rung by no one: the device does nothing on its own.
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     interrupt: Arc<InterruptRoute>,
     /// The image synced per flush (the mapping shares its page cache).
     flushes: HostSync,
@@ -45,7 +44,7 @@ impl MemoryDisk {
             )));
         }
         let disk = Arc::new(SharedMemory::map_file(image.try_clone()?, size as usize)?);
-        let doorbell = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let doorbell = SharedEventFd::new()?;
         Ok(MemoryDisk {
             disk,
             doorbell,
@@ -60,7 +59,7 @@ impl Hardware for MemoryDisk {
         vec![HardwareWindow { name: "disk", memory: self.disk.clone() }]
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 

@@ -19,11 +19,65 @@
 //!   with `IOCB_FLAG_RESFD` naming the target, on one AIO context made
 //!   before anything is served ([`prepare`]).
 //!
+//! An eventfd the reflector makes and hands to a vmm (a doorbell, an
+//! interrupt line, a start signal) is a [`SharedEventFd`], which has no
+//! other read or write than these two: a plain one cannot be written by
+//! mistake. A client's kick and call come from the vhost-user library as
+//! its own type, so they go through the two functions by descriptor.
+//!
 //! It is not an event loop: callers poll the descriptors as before.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
+
+/// An eventfd the reflector shares with a process it does not trust (a
+/// vmm): counted only by [`SharedEventFd::take`] and raised only by
+/// [`SharedEventFd::signal`], neither of which ever waits, whatever the
+/// other holder does to the descriptor. Polled through its descriptor,
+/// and handed to a child as a copy of it.
+#[derive(Debug)]
+pub struct SharedEventFd(OwnedFd);
+
+impl SharedEventFd {
+    /// A new eventfd, its count 0, non-blocking and close-on-exec.
+    pub fn new() -> io::Result<SharedEventFd> {
+        // SAFETY: eventfd(2); checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor owned from here on.
+        Ok(SharedEventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds 1 to the count without ever waiting ([`signal`]).
+    pub fn signal(&self) -> io::Result<()> {
+        signal(self.0.as_raw_fd())
+    }
+
+    /// Takes the count, 0 at once if it has none ([`take`]).
+    pub fn take(&self) -> io::Result<u64> {
+        take(self.0.as_raw_fd())
+    }
+
+    /// Another descriptor of the same eventfd (close-on-exec).
+    pub fn try_clone(&self) -> io::Result<SharedEventFd> {
+        self.0.try_clone().map(SharedEventFd)
+    }
+}
+
+impl AsRawFd for SharedEventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl AsFd for SharedEventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
 
 /// Takes the eventfd's count: 0 at once if it has none, whatever the other
 /// holder did to the descriptor's flags.

@@ -9,6 +9,7 @@
 //! queue indices are checked, commands are validated, and a DMA address
 //! outside the DMA region fails the command instead of touching host memory.
 
+use crate::shared_eventfd::SharedEventFd;
 use std::fs::File;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,7 +72,7 @@ pub struct SimStorage {
     wipe: Arc<AtomicBool>,
     flushes: Arc<FlushCounters>,
     writes: Arc<WriteLedger>,
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     interrupt: Arc<InterruptRoute>,
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -129,7 +130,7 @@ impl SimStorage {
         regs.write(reg::MAX_TRANSFER, guest_abi::channel::SLOT_SIZE);
         regs.write(reg::FEATURES, if config.read_only { storage::features::READ_ONLY } else { 0 });
         regs.atomic_u32(reg::DEVICE_POLLING).store(1, Ordering::SeqCst);
-        let doorbell = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let doorbell = SharedEventFd::new()?;
         let interrupt = Arc::new(InterruptRoute::default());
         let stop = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let quiesced = Arc::new(Mutex::new(false));
@@ -183,7 +184,7 @@ impl Hardware for SimStorage {
         vec![HardwareWindow { name: "regs", memory: self.regs.clone() }]
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 
@@ -206,7 +207,7 @@ impl Hardware for SimStorage {
         self.work.forgive();
         *self.quiesced.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = false;
         // The next driver VM's vmm holds the doorbell too.
-        let _ = crate::shared_eventfd::signal(std::os::fd::AsRawFd::as_raw_fd(&self.doorbell));
+        let _ = self.doorbell.signal();
     }
 }
 
@@ -276,7 +277,7 @@ impl Engine {
         self.regs.atomic_u32(offset)
     }
 
-    fn run(&mut self, doorbell: &EventFd, stop: &EventFd) {
+    fn run(&mut self, doorbell: &SharedEventFd, stop: &EventFd) {
         let mut last_work = Instant::now();
         loop {
             if self.step() {
@@ -620,7 +621,7 @@ mod tests {
 
     struct Rig {
         device: SimStorage,
-        interrupt: EventFd,
+        interrupt: SharedEventFd,
         dma: Arc<SharedMemory>,
         image: std::path::PathBuf,
     }
@@ -643,7 +644,7 @@ mod tests {
             Some(windows) => SimStorage::start_direct(&config, windows).unwrap(),
             None => SimStorage::start(&config, region).unwrap(),
         };
-        let interrupt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
+        let interrupt = SharedEventFd::new().unwrap();
         device.interrupt().route(interrupt.try_clone().unwrap());
         Rig { device, interrupt, dma, image }
     }
@@ -655,11 +656,11 @@ mod tests {
 
         /// Rings the doorbell and waits (bounded) for the interrupt.
         fn ring_and_wait(&self) {
-            self.device.doorbell.write(1).unwrap();
+            self.device.doorbell.signal().unwrap();
             let mut fd = libc::pollfd { fd: self.interrupt.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
             assert_eq!(unsafe { libc::poll(&mut fd, 1, 10_000) }, 1, "no interrupt from the device");
-            self.interrupt.read().unwrap();
+            self.interrupt.take().unwrap();
         }
 
         /// Ends the device thread, so that a test stepping an engine of its

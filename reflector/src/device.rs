@@ -8,7 +8,7 @@
 //! Not here: reading client memory (each kind's `marshal`) and judging
 //! driver answers (`driver_answers`), the two trust boundaries.
 
-use std::os::fd::AsRawFd;
+use hardware::shared_eventfd::SharedEventFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,7 +142,7 @@ pub struct DeviceWiring {
     /// Where the hardware's interrupt goes (routed to the driver VM's line 1).
     pub device_interrupt: Arc<InterruptRoute>,
     /// Signalled by the driver VM's completion doorbell (its doorbell 0).
-    pub completion_doorbell: EventFd,
+    pub completion_doorbell: SharedEventFd,
     /// Signalled when a driver VM process exits.
     pub driver_exited: EventFd,
     /// Starts driver VMs wired to this device.
@@ -227,7 +227,7 @@ pub struct DeviceCore {
     pub session: Session,
     /// The device's counters.
     pub metrics: Arc<Metrics>,
-    completion_doorbell: EventFd,
+    completion_doorbell: SharedEventFd,
     driver_exited: EventFd,
     hang_timer: TimerFd,
     hang_armed: bool,
@@ -496,7 +496,7 @@ impl DeviceCore {
     pub fn wake_sleeping_driver(&mut self) {
         if std::mem::take(&mut self.wake_pending) {
             // The vmm holds the line too: never a write (`shared_eventfd`).
-            if let Err(error) = hardware::shared_eventfd::signal(self.drivers.request_interrupt().as_raw_fd()) {
+            if let Err(error) = self.drivers.request_interrupt().signal() {
                 tracing::warn!(device = %self.name, %error, "cannot wake the driver VM");
             }
         }
@@ -976,7 +976,7 @@ impl<K: DeviceKind> Device<K> {
             Source::Completion => {
                 // The vmm holds the doorbell too (its ioeventfd), and may have
                 // drained it: never a plain read (`shared_eventfd`).
-                if let Ok(rings @ 1..) = hardware::shared_eventfd::take(self.core.completion_doorbell.as_raw_fd()) {
+                if let Ok(rings @ 1..) = self.core.completion_doorbell.take() {
                     self.core.rings = self.core.rings.wrapping_add(rings);
                     self.core.metrics.doorbells.fetch_add(rings, Ordering::Relaxed);
                 }

@@ -6,6 +6,7 @@
 //! Wiring convention (both drivers): interrupt line 0 is the reflector's
 //! "requests published", line 1 the hardware's interrupt.
 
+use hardware::shared_eventfd::SharedEventFd;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -56,7 +57,7 @@ pub trait DriverLaunch: Send + Sync {
     /// runs, so that no device interrupt can be lost.
     fn launch(
         &self,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+        route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<Box<dyn DriverProcess>>;
     /// Starts a spare of `kind`: it waits for [`DriverProcess::activate`]
     /// before it touches the device or the channel; a warm one boots
@@ -72,7 +73,7 @@ pub trait DriverProcess: Send + Sync {
     /// Its process id, for status and the resource watch.
     fn pid(&self) -> libc::pid_t;
     /// Its interrupt line `index` (an eventfd).
-    fn interrupt(&self, index: usize) -> Option<&EventFd>;
+    fn interrupt(&self, index: usize) -> Option<&SharedEventFd>;
     /// Lets a warm spare start serving; false if this is not one or it
     /// could not be told.
     fn activate(&mut self) -> bool;
@@ -122,7 +123,7 @@ pub struct DriverVms {
     launcher: Arc<dyn DriverLaunch>,
     device_interrupt: Arc<InterruptRoute>,
     /// The current driver VM's request interrupt (its line 0).
-    request_interrupt: EventFd,
+    request_interrupt: SharedEventFd,
     current: Option<Box<dyn DriverProcess>>,
     /// A spare waiting to replace `current` (when configured).
     spare: Option<Box<dyn DriverProcess>>,
@@ -194,7 +195,7 @@ impl DriverVms {
     }
 
     /// Raised after publishing requests, when the driver may sleep.
-    pub fn request_interrupt(&self) -> &EventFd {
+    pub fn request_interrupt(&self) -> &SharedEventFd {
         &self.request_interrupt
     }
 
@@ -415,7 +416,7 @@ fn stopping() -> std::io::Error {
 
 /// Makes the VM owning `lines` the target of the device's interrupt (its
 /// line 1); returns its request interrupt (line 0) for the reflector to raise.
-fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
+fn route_lines(lines: &[SharedEventFd], device_interrupt: &InterruptRoute) -> std::io::Result<SharedEventFd> {
     let (Some(request), Some(device)) = (lines.first(), lines.get(1)) else {
         return Err(std::io::Error::other("driver VM without interrupt lines"));
     };
@@ -424,8 +425,8 @@ fn route_lines(lines: &[EventFd], device_interrupt: &InterruptRoute) -> std::io:
 }
 
 /// Makes a running (spare) driver VM the interrupts' target.
-fn take_over(driver: &dyn DriverProcess, device_interrupt: &InterruptRoute) -> std::io::Result<EventFd> {
-    let lines: Vec<EventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
+fn take_over(driver: &dyn DriverProcess, device_interrupt: &InterruptRoute) -> std::io::Result<SharedEventFd> {
+    let lines: Vec<SharedEventFd> = (0..2).filter_map(|i| driver.interrupt(i)?.try_clone().ok()).collect();
     route_lines(&lines, device_interrupt)
 }
 
@@ -434,7 +435,7 @@ fn take_over(driver: &dyn DriverProcess, device_interrupt: &InterruptRoute) -> s
 fn launch_routed(
     launcher: &dyn DriverLaunch,
     device_interrupt: &InterruptRoute,
-) -> std::io::Result<(Box<dyn DriverProcess>, EventFd)> {
+) -> std::io::Result<(Box<dyn DriverProcess>, SharedEventFd)> {
     let mut request = None;
     let driver = launcher.launch(&mut |lines| {
         request = Some(route_lines(lines, device_interrupt)?);
@@ -452,7 +453,7 @@ mod tests {
 
     /// A driver that ends when killed.
     struct Process {
-        lines: [EventFd; 2],
+        lines: [SharedEventFd; 2],
         ended: AtomicBool,
     }
 
@@ -460,7 +461,7 @@ mod tests {
         fn pid(&self) -> libc::pid_t {
             1
         }
-        fn interrupt(&self, index: usize) -> Option<&EventFd> {
+        fn interrupt(&self, index: usize) -> Option<&SharedEventFd> {
             self.lines.get(index)
         }
         fn activate(&mut self) -> bool {
@@ -487,7 +488,7 @@ mod tests {
     impl Launch {
         fn process(&self) -> std::io::Result<Box<dyn DriverProcess>> {
             self.started.fetch_add(1, Ordering::SeqCst);
-            let line = || EventFd::new(libc::EFD_NONBLOCK);
+            let line = SharedEventFd::new;
             Ok(Box::new(Process { lines: [line()?, line()?], ended: AtomicBool::new(false) }))
         }
     }
@@ -498,10 +499,10 @@ mod tests {
         }
         fn launch(
             &self,
-            route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+            route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>,
         ) -> std::io::Result<Box<dyn DriverProcess>> {
             let process = self.process()?;
-            let lines: Vec<EventFd> = (0..2).filter_map(|i| process.interrupt(i)?.try_clone().ok()).collect();
+            let lines: Vec<SharedEventFd> = (0..2).filter_map(|i| process.interrupt(i)?.try_clone().ok()).collect();
             route(&lines)?;
             Ok(process)
         }

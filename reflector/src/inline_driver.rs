@@ -10,6 +10,7 @@
 //! What it is not: a way to run a driver. Nothing here isolates anything;
 //! it is never used unless asked for by name.
 
+use hardware::shared_eventfd::SharedEventFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -69,9 +70,9 @@ pub struct ChannelThread {
     /// The channel.
     pub channel: Arc<SharedMemory>,
     /// Rung after publishing completions (the reflector's doorbell).
-    pub doorbell: EventFd,
+    pub doorbell: SharedEventFd,
     /// Raised by the reflector after publishing requests.
-    pub request_interrupt: EventFd,
+    pub request_interrupt: SharedEventFd,
     /// Shared with its handle.
     pub state: Arc<ThreadState>,
     /// Cleared for a warm spare until it is activated.
@@ -131,7 +132,7 @@ impl ChannelThread {
                 word(header::CMP_PROD).store(answered, Ordering::Release);
                 fence(Ordering::SeqCst);
                 if word(header::HOST_WAITING).load(Ordering::Acquire) != 0 {
-                    let _ = self.doorbell.write(1);
+                    let _ = self.doorbell.signal();
                 }
                 continue;
             }
@@ -180,7 +181,7 @@ impl ChannelThread {
         };
         // SAFETY: poll(2) on one pollfd that lives across the call.
         unsafe { libc::poll(&mut poll, 1, 10) };
-        let _ = self.request_interrupt.read();
+        let _ = self.request_interrupt.take();
         !self.state.killed.load(Ordering::SeqCst)
     }
 }
@@ -190,7 +191,7 @@ pub struct ThreadDriver {
     /// Its made-up pid.
     pub pid: libc::pid_t,
     /// Its interrupt lines (0: requests, 1: the device's).
-    pub lines: Vec<EventFd>,
+    pub lines: Vec<SharedEventFd>,
     /// Shared with the thread.
     pub state: Arc<ThreadState>,
     /// A spare's go flag, until activated.
@@ -202,7 +203,7 @@ impl DriverProcess for ThreadDriver {
         self.pid
     }
 
-    fn interrupt(&self, index: usize) -> Option<&EventFd> {
+    fn interrupt(&self, index: usize) -> Option<&SharedEventFd> {
         self.lines.get(index)
     }
 
@@ -232,16 +233,13 @@ impl DriverProcess for ThreadDriver {
 /// thread's channel side) and returns its report.
 pub fn spawn_thread(
     channel: &Arc<SharedMemory>,
-    completion_doorbell: &EventFd,
+    completion_doorbell: &SharedEventFd,
     driver_exited: &EventFd,
     number: usize,
     spare: bool,
     serve: impl FnOnce(&ChannelThread) -> String + Send + 'static,
 ) -> std::io::Result<ThreadDriver> {
-    let lines = vec![
-        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-        EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-    ];
+    let lines = vec![SharedEventFd::new()?, SharedEventFd::new()?];
     let state = Arc::new(ThreadState::default());
     let go = Arc::new(AtomicBool::new(!spare));
     let thread = ChannelThread {
@@ -266,7 +264,7 @@ pub fn spawn_thread(
 pub struct InlineNull {
     name: String,
     channel: Arc<SharedMemory>,
-    completion_doorbell: EventFd,
+    completion_doorbell: SharedEventFd,
     driver_exited: EventFd,
     launches: AtomicUsize,
 }
@@ -276,7 +274,7 @@ impl InlineNull {
     pub fn new(
         name: &str,
         channel: Arc<SharedMemory>,
-        completion_doorbell: &EventFd,
+        completion_doorbell: &SharedEventFd,
         driver_exited: &EventFd,
     ) -> std::io::Result<Self> {
         Ok(InlineNull {
@@ -318,7 +316,7 @@ impl<T: ThreadLaunch> DriverLaunch for T {
 
     fn launch(
         &self,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+        route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<Box<dyn DriverProcess>> {
         let driver = self.start(false)?;
         route(&driver.lines)?;

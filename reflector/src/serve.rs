@@ -4,6 +4,7 @@
 //! switch. A socket is served again after a client disconnects (QEMU
 //! restarted).
 
+use hardware::shared_eventfd::SharedEventFd;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -657,8 +658,9 @@ fn wire(
     hardware: Arc<dyn Hardware>,
     setup: &DriverSetup,
 ) -> Result<DeviceWiring, String> {
-    let eventfd = || EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(io(format!("{name}: creating an eventfd")));
-    let (completion_doorbell, driver_exited) = (eventfd()?, eventfd()?);
+    let creating = || io(format!("{name}: creating an eventfd"));
+    let completion_doorbell = SharedEventFd::new().map_err(creating())?;
+    let driver_exited = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(creating())?;
     if setup.hosted && setup.jail.enabled {
         return Err(format!(
             "{name}: hosted=on runs the driver as a plain process, without a VM or a jail: a development mode \
@@ -728,15 +730,16 @@ fn launcher_for(
     spec: DriverVmSpec,
     hardware: &dyn Hardware,
     channel: &Channel,
-    completion_doorbell: &EventFd,
+    completion_doorbell: &SharedEventFd,
     driver_exited: &EventFd,
 ) -> Result<DriverLauncher, String> {
     let name = spec.name.clone();
-    let dup = |fd: &EventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
+    let dup = |fd: &SharedEventFd| fd.try_clone().map_err(io(format!("{name}: duplicating an eventfd")));
     let mut windows: Vec<Window> =
         hardware.windows().into_iter().map(|w| Window { gpa: REGS_GPA, memory: w.memory, name: w.name }).collect();
     windows.push(Window { gpa: CHANNEL_GPA, memory: channel.memory().clone(), name: "channel" });
     let traps = hardware.traps().into_iter().map(|trap| (REGS_GPA, trap)).collect();
     let doorbells = vec![(DOORBELL_GPA, dup(completion_doorbell)?), (DOORBELL_GPA + 8, dup(hardware.doorbell())?)];
-    Ok(DriverLauncher::new(spec, windows, traps, doorbells, 2, dup(driver_exited)?))
+    let exited = driver_exited.try_clone().map_err(io(format!("{name}: duplicating an eventfd")))?;
+    Ok(DriverLauncher::new(spec, windows, traps, doorbells, 2, exited))
 }

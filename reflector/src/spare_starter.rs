@@ -141,7 +141,7 @@ mod tests {
         fn pid(&self) -> libc::pid_t {
             7
         }
-        fn interrupt(&self, _index: usize) -> Option<&EventFd> {
+        fn interrupt(&self, _index: usize) -> Option<&hardware::shared_eventfd::SharedEventFd> {
             None
         }
         fn activate(&mut self) -> bool {
@@ -170,7 +170,7 @@ mod tests {
         }
         fn launch(
             &self,
-            _route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+            _route: &mut dyn FnMut(&[hardware::shared_eventfd::SharedEventFd]) -> std::io::Result<()>,
         ) -> std::io::Result<Box<dyn DriverProcess>> {
             Err(std::io::Error::other("not used"))
         }

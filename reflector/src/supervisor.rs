@@ -12,6 +12,7 @@
 //! reflector. Windows are opened by the child as `/proc/self/fd/N`: it is
 //! never told a path into the reflector's descriptor table.
 
+use hardware::shared_eventfd::SharedEventFd;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
@@ -69,7 +70,7 @@ pub struct DriverLauncher {
     /// Trapped windows and where they go; each driver VM gets its own
     /// connection to each.
     traps: Vec<(u64, TrapWindow)>,
-    doorbells: Vec<(u64, EventFd)>,
+    doorbells: Vec<(u64, SharedEventFd)>,
     interrupt_lines: usize,
     exited: EventFd,
 }
@@ -128,9 +129,9 @@ pub struct DriverVm {
     report: Arc<Mutex<String>>,
     /// A spare's go signal (a warm spare's `--go-fd`, a standby's
     /// `--start-fd`).
-    go: Option<EventFd>,
+    go: Option<SharedEventFd>,
     /// This VM's interrupt lines, in order.
-    interrupts: Vec<EventFd>,
+    interrupts: Vec<SharedEventFd>,
     /// Its connections' rights to its trapped windows: revoked when this
     /// record is dropped (once the VM was killed, or never started), so
     /// that nothing it left in them reaches the device its successor
@@ -239,7 +240,7 @@ impl DriverLauncher {
         spec: DriverVmSpec,
         windows: Vec<Window>,
         traps: Vec<(u64, TrapWindow)>,
-        doorbells: Vec<(u64, EventFd)>,
+        doorbells: Vec<(u64, SharedEventFd)>,
         interrupt_lines: usize,
         exited: EventFd,
     ) -> Self {
@@ -262,7 +263,7 @@ impl DriverLauncher {
     /// Starts a driver VM (`vmm run`) that serves at once. `route` gets its
     /// interrupt lines before the VM exists, so that the device's interrupts
     /// reach it from its first instruction on.
-    pub fn launch(&self, route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>) -> std::io::Result<DriverVm> {
+    pub fn launch(&self, route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>) -> std::io::Result<DriverVm> {
         self.start(None, route)
     }
 
@@ -272,7 +273,7 @@ impl DriverLauncher {
     /// (its guest's `WAIT_GO`); a standby waits before its guest's first
     /// instruction (the vmm's `--start-fd`).
     pub fn launch_spare(&self, kind: SpareKind) -> std::io::Result<DriverVm> {
-        let go = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let go = SharedEventFd::new()?;
         self.start(Some((kind, go)), &mut |_| Ok(()))
     }
 
@@ -319,7 +320,7 @@ impl DriverLauncher {
     /// Runs `vmm run --check` for this configuration.
     fn run_check(&self) -> Result<(), String> {
         let lines = (0..self.interrupt_lines)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .map(|_| SharedEventFd::new())
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| format!("creating an eventfd: {e}"))?;
         // The check starts no VM: unconnected sockets and fresh eventfds
@@ -374,9 +375,9 @@ impl DriverLauncher {
     /// it starts in, if jailed.
     fn command(
         &self,
-        lines: &[&EventFd],
+        lines: &[&SharedEventFd],
         traps: &[TrapConnection],
-        go: Option<(SpareKind, &EventFd)>,
+        go: Option<(SpareKind, &SharedEventFd)>,
         memory_slot: usize,
     ) -> std::io::Result<Prepared> {
         // The guest learns it is a warm spare from its command line.
@@ -470,15 +471,14 @@ impl DriverLauncher {
 
     fn start(
         &self,
-        go: Option<(SpareKind, EventFd)>,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+        go: Option<(SpareKind, SharedEventFd)>,
+        route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<DriverVm> {
         let spec = &self.spec;
-        let interrupts = (0..self.interrupt_lines)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let interrupts =
+            (0..self.interrupt_lines).map(|_| SharedEventFd::new()).collect::<std::io::Result<Vec<_>>>()?;
         route(&interrupts)?;
-        let lines: Vec<&EventFd> = interrupts.iter().collect();
+        let lines: Vec<&SharedEventFd> = interrupts.iter().collect();
         // Each driver VM gets connections of its own (the device revokes a
         // dead one's).
         let traps = self.traps.iter().map(|(_, trap)| (trap.connect)()).collect::<std::io::Result<Vec<_>>>()?;
@@ -560,7 +560,7 @@ impl DriverVm {
     }
 
     /// Interrupt line `index` of this VM (an eventfd its vmm waits on).
-    pub fn interrupt(&self, index: usize) -> Option<&EventFd> {
+    pub fn interrupt(&self, index: usize) -> Option<&SharedEventFd> {
         self.interrupts.get(index)
     }
 
@@ -569,7 +569,7 @@ impl DriverVm {
     pub fn activate(&mut self) -> bool {
         match self.go.take() {
             // The spare's vmm holds it too: never a write (`shared_eventfd`).
-            Some(go) => hardware::shared_eventfd::signal(go.as_raw_fd()).is_ok(),
+            Some(go) => go.signal().is_ok(),
             None => false,
         }
     }
@@ -634,7 +634,7 @@ impl DriverVm {
 fn stand_in_connection(posted: usize) -> std::io::Result<TrapConnection> {
     let (socket, _) = std::os::unix::net::UnixStream::pair()?;
     let posted = (0..posted)
-        .map(|_| hardware::descriptors::copy(&EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?))
+        .map(|_| hardware::descriptors::copy(&SharedEventFd::new()?))
         .collect::<std::io::Result<Vec<_>>>()?;
     Ok(TrapConnection { socket: OwnedFd::from(socket), posted, grant: hardware::AccessGrant::none() })
 }
@@ -967,7 +967,7 @@ impl DriverLaunch for DriverLauncher {
 
     fn launch(
         &self,
-        route: &mut dyn FnMut(&[EventFd]) -> std::io::Result<()>,
+        route: &mut dyn FnMut(&[SharedEventFd]) -> std::io::Result<()>,
     ) -> std::io::Result<Box<dyn DriverProcess>> {
         Ok(Box::new(DriverLauncher::launch(self, route)?))
     }
@@ -988,7 +988,7 @@ impl DriverProcess for DriverVm {
         DriverVm::pid(self)
     }
 
-    fn interrupt(&self, index: usize) -> Option<&EventFd> {
+    fn interrupt(&self, index: usize) -> Option<&SharedEventFd> {
         DriverVm::interrupt(self, index)
     }
 

@@ -197,10 +197,10 @@ mod tests {
 
     use driver_vm::kernel::abi::channel::{self, status};
     use driver_vm::testing::{Bench, Memory, CHANNEL_GPA};
+    use hardware::shared_eventfd::SharedEventFd;
     use hardware::shm::SharedMemory;
     use hardware::sim_storage::{SimStorage, SimStorageConfig};
     use hardware::{BlockHardware, DmaRegion, Hardware};
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::Blk;
 
@@ -212,7 +212,7 @@ mod tests {
         bench: Bench,
         storage: SimStorage,
         image: PathBuf,
-        _line: EventFd,
+        _line: SharedEventFd,
         _channel: Arc<SharedMemory>,
     }
 
@@ -234,7 +234,7 @@ mod tests {
         };
         let config = SimStorageConfig { name: tag.into(), image: image.clone(), read_only: false };
         let storage = SimStorage::start(&config, dma).unwrap();
-        let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let line = SharedEventFd::new().unwrap();
         storage.interrupt().route(line.try_clone().unwrap());
         let regs = storage.windows()[0].memory.clone();
         let bench = Bench::on_channel(Memory::map(channel.as_raw_fd(), channel::REGION_SIZE))

@@ -177,11 +177,11 @@ mod tests {
 
     use driver_vm::kernel::abi::channel::{self, op, status, SLOT_SIZE};
     use driver_vm::testing::{Bench, Completion, Memory, Running, CHANNEL_GPA};
+    use hardware::shared_eventfd::SharedEventFd;
     use hardware::shm::SharedMemory;
     use hardware::sim_nic::SimNic;
     use hardware::switch::Switch;
     use hardware::{DmaRegion, Hardware};
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::Net;
 
@@ -190,7 +190,7 @@ mod tests {
     struct Card {
         bench: Bench,
         _card: SimNic,
-        _line: EventFd,
+        _line: SharedEventFd,
         _channel: Arc<SharedMemory>,
     }
 
@@ -203,7 +203,7 @@ mod tests {
             gpa: CHANNEL_GPA + channel::BOUNCE_OFFSET as u64,
         };
         let nic = SimNic::start(name, mac, dma, switch.clone()).unwrap();
-        let line = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let line = SharedEventFd::new().unwrap();
         nic.interrupt().route(line.try_clone().unwrap());
         let regs = nic.windows()[0].memory.clone();
         let bench = Bench::on_channel(Memory::map(channel.as_raw_fd(), channel::REGION_SIZE))

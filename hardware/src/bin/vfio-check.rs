@@ -29,11 +29,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hardware::shared_eventfd::SharedEventFd;
 use hardware::shm::SharedMemory;
 use hardware::vfio::{MappedDma, MappedRegisters, Stopwatch, VfioError, VfioFunction, VfioNic, VfioNvme, DMA_BASE};
 use hardware::{BlockHardware, Hardware, NetHardware};
 use nvme::{Controller, IoCommand, Layout};
-use vmm_sys_util::eventfd::EventFd;
 
 /// Data buffers, then the driver's queue area, then the reflector's.
 const BUFFERS: usize = 1 << 20;
@@ -145,7 +145,7 @@ fn check(address: &str) -> Result<(), String> {
             passed &= stage("exclusive", Err(format!("a second open: {:?}", other.map(|_| "opened"))));
         }
     }
-    let interrupts = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?;
+    let interrupts = SharedEventFd::new().map_err(|e| e.to_string())?;
     nvme.interrupt().route(interrupts.try_clone().map_err(|e| e.to_string())?);
     let windows = nvme.windows();
     let regs = windows.iter().find(|w| w.name == "regs").ok_or("no regs window")?.memory.clone();
@@ -174,7 +174,7 @@ fn check(address: &str) -> Result<(), String> {
             if back != data {
                 return Err("the data read back differs".into());
             }
-            let raised = interrupts.read().unwrap_or(0);
+            let raised = interrupts.take().unwrap_or(0);
             if raised == 0 {
                 return Err("no MSI-X interrupt reached the route".into());
             }
@@ -302,7 +302,7 @@ fn check_nic(address: &str, expected_mac: &str) -> Result<(), String> {
             Err(format!("MAC {mac}, expected {expected_mac}"))
         },
     );
-    let interrupts = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| e.to_string())?;
+    let interrupts = SharedEventFd::new().map_err(|e| e.to_string())?;
     nic.interrupt().route(interrupts.try_clone().map_err(|e| e.to_string())?);
     let windows = nic.windows();
     let regs = windows.iter().find(|w| w.name == "regs").ok_or("no regs window")?.memory.clone();
@@ -315,7 +315,7 @@ fn check_nic(address: &str, expected_mac: &str) -> Result<(), String> {
             set(e1000e::ICS, e1000e::LSC);
             let mut raised = 0;
             wait_until("an MSI from the card", || {
-                raised += interrupts.read().unwrap_or(0);
+                raised += interrupts.take().unwrap_or(0);
                 raised > 0
             })?;
             let cause = get(e1000e::ICR);

@@ -6,6 +6,7 @@
 //! supervised ([`SupervisedModel`]): restarted, the card is plugged into
 //! the same port.
 
+use crate::shared_eventfd::SharedEventFd;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ pub struct QemuNic {
     process: Arc<SupervisedModel>,
     interrupt: Arc<InterruptRoute>,
     /// The card's doorbells are in BAR0: nothing rings this one.
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     mac: Mac,
     wire: Arc<Wire>,
     switch: Arc<Switch>,
@@ -91,7 +92,7 @@ impl QemuNic {
         Ok(QemuNic {
             process: Arc::new(process),
             interrupt,
-            doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            doorbell: SharedEventFd::new()?,
             mac,
             wire,
             switch,
@@ -133,7 +134,7 @@ impl Hardware for QemuNic {
         vec![self.process.trap()]
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 

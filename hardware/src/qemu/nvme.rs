@@ -4,6 +4,7 @@
 //!
 //! The QEMU process is supervised like a driver VM ([`SupervisedModel`]).
 
+use crate::shared_eventfd::SharedEventFd;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ pub struct QemuNvme {
     process: Arc<SupervisedModel>,
     interrupt: Arc<InterruptRoute>,
     /// NVMe doorbells are in BAR0: nothing rings this one.
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     capacity_sectors: u64,
     read_only: bool,
     flushes: HostSync,
@@ -59,7 +60,7 @@ impl QemuNvme {
         Ok(QemuNvme {
             process: Arc::new(process),
             interrupt,
-            doorbell: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            doorbell: SharedEventFd::new()?,
             capacity_sectors,
             read_only,
             flushes: HostSync::new(file, "the NVMe image"),
@@ -86,7 +87,7 @@ impl Hardware for QemuNvme {
         vec![self.process.trap()]
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 

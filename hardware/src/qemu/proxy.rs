@@ -40,9 +40,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use guest_abi::trap::{self, Access};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::QemuModel;
+use crate::shared_eventfd::SharedEventFd;
 use crate::shm::SharedMemory;
 use crate::{AccessGrant, TrapConnection};
 
@@ -190,7 +190,7 @@ impl QemuModel {
         let mut signals = Vec::new();
         let mut vmm_ends = Vec::new();
         for offset in posted.map(|p| p.offsets.as_slice()).unwrap_or_default() {
-            let signal = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+            let signal = SharedEventFd::new()?;
             vmm_ends.push(crate::descriptors::copy(&signal)?);
             signals.push((*offset, signal));
         }
@@ -219,7 +219,7 @@ impl QemuModel {
 /// One connection's posted registers: their values and their signals.
 struct Posted {
     registers: PostedRegisters,
-    signals: Vec<(u64, EventFd)>,
+    signals: Vec<(u64, SharedEventFd)>,
 }
 
 /// What serving an access or a signal came to.
@@ -277,7 +277,7 @@ fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted
 fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
     for (offset, signal) in &posted.signals {
         // The vmm holds the posted register's eventfd too (its ioeventfd).
-        if !matches!(crate::shared_eventfd::take(signal.as_raw_fd()), Ok(1..)) {
+        if !matches!(signal.take(), Ok(1..)) {
             continue;
         }
         connection.used.store(true, Ordering::Release);

@@ -4,6 +4,7 @@
 //! of a driver VM's death. The device kinds (`VfioNvme`, `VfioNic`) add only
 //! what the reflector must know of their device.
 
+use crate::shared_eventfd::SharedEventFd;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -18,7 +19,7 @@ pub struct Passthrough {
     regs: Arc<SharedMemory>,
     interrupt: Arc<InterruptRoute>,
     /// The device's doorbells are in BAR0: nothing rings this one.
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     /// Vector 0's eventfd, while a thread forwards it; its stop.
     vector: Option<(Arc<EventFd>, EventFd)>,
 }
@@ -39,7 +40,7 @@ impl Passthrough {
             address: address.to_owned(),
             detail: format!("cannot make an eventfd: {error}"),
         };
-        let doorbell = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(unsuitable)?;
+        let doorbell = SharedEventFd::new().map_err(unsuitable)?;
         Ok(Passthrough { function, regs, interrupt: Arc::new(InterruptRoute::default()), doorbell, vector: None })
     }
 
@@ -84,7 +85,7 @@ impl Passthrough {
     }
 
     /// The (unused) doorbell.
-    pub fn doorbell(&self) -> &EventFd {
+    pub fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 
@@ -134,7 +135,7 @@ impl<T: PassedThrough> Hardware for T {
         self.passthrough().windows()
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         self.passthrough().doorbell()
     }
 

@@ -6,6 +6,7 @@
 //! memory written with virtio-queue's mock, and the event loop
 //! vhost-user-backend would run).
 
+use hardware::shared_eventfd::SharedEventFd;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -59,7 +60,7 @@ const PANIC_REPORT: &str = r#"{"exit":"panic","message":"fake driver panicked"}"
 pub struct FakeDisk {
     sectors: Mutex<Vec<u8>>,
     flushes: Mutex<FlushCount>,
-    doorbell: EventFd,
+    doorbell: SharedEventFd,
     interrupt: Arc<InterruptRoute>,
     /// Times the device quiesced its (fake) DMA after a driver's death.
     pub quiesced: AtomicU32,
@@ -90,7 +91,7 @@ impl FakeDisk {
         Arc::new(FakeDisk {
             sectors: Mutex::new(vec![0; sectors as usize * 512]),
             flushes: Mutex::new(FlushCount::default()),
-            doorbell: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            doorbell: SharedEventFd::new().unwrap(),
             interrupt: Arc::new(InterruptRoute::default()),
             quiesced: AtomicU32::new(0),
             windows,
@@ -169,7 +170,7 @@ impl Hardware for FakeDisk {
         Vec::new()
     }
 
-    fn doorbell(&self) -> &EventFd {
+    fn doorbell(&self) -> &SharedEventFd {
         &self.doorbell
     }
 
@@ -260,7 +261,7 @@ impl SpareGate {
 /// `n`th script given, the last one for every later start.
 pub struct FakeLaunch {
     channel: Arc<SharedMemory>,
-    completion_doorbell: EventFd,
+    completion_doorbell: SharedEventFd,
     driver_exited: EventFd,
     disk: Arc<FakeDisk>,
     scripts: Arc<Mutex<VecDeque<Script>>>,
@@ -275,7 +276,7 @@ impl FakeLaunch {
     /// `completion_doorbell` and signalling `driver_exited` as a vmm would.
     pub fn new(
         channel: Arc<SharedMemory>,
-        completion_doorbell: &EventFd,
+        completion_doorbell: &SharedEventFd,
         driver_exited: &EventFd,
         disk: Arc<FakeDisk>,
         scripts: &[Script],

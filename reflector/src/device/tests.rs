@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hardware::shared_eventfd::SharedEventFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use vm_memory::GuestMemoryMmap;
@@ -77,8 +78,8 @@ impl<'a> Bench<'a> {
     ) -> Self {
         let channel = Channel::new("fake").unwrap();
         let channel_memory = channel.memory().clone();
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
+        let completion_doorbell = SharedEventFd::new().unwrap();
+        let driver_exited = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let launch =
             FakeLaunch::new(channel.memory().clone(), &completion_doorbell, &driver_exited, disk.clone(), scripts);
         let (launch_count, scripts, spare_gate) =
@@ -836,8 +837,8 @@ fn fake_net_device_with(name: &str, mac: u8, script: Script) -> Device<crate::ne
         hardware::sim_nic::SimNic::start(name, [2, 0, 0, 0, 0, mac], crate::serve::bounce_dma(&channel), switch)
             .unwrap(),
     );
-    let eventfd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let (completion_doorbell, driver_exited) = (eventfd(), eventfd());
+    let completion_doorbell = SharedEventFd::new().unwrap();
+    let driver_exited = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let launch =
         FakeLaunch::new(channel.memory().clone(), &completion_doorbell, &driver_exited, FakeDisk::new(8), &[script]);
     let wiring = DeviceWiring {
