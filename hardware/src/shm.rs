@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use guest_abi::Plain;
 use vm_memory::VolatileSlice;
@@ -18,6 +18,8 @@ pub struct SharedMemory {
     file: File,
     base: NonNull<u8>,
     size: usize,
+    /// A device reaches it through an IOMMU mapping ([`SharedMemory::pin`]).
+    pinned: AtomicBool,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics
@@ -77,7 +79,7 @@ impl SharedMemory {
             return Err(std::io::Error::last_os_error());
         }
         let base = NonNull::new(base as *mut u8).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
-        Ok(SharedMemory { file, base, size })
+        Ok(SharedMemory { file, base, size, pinned: AtomicBool::new(false) })
     }
 
     /// Size in bytes.
@@ -89,8 +91,16 @@ impl SharedMemory {
     /// read as zeros afterwards, in every mapping): memory that holds
     /// nothing anyone needs any more stops counting against the processes
     /// that touched it.
+    ///
+    /// Refused once the memory is [pinned](SharedMemory::pin).
     pub fn release(&self, offset: usize, len: usize) -> std::io::Result<()> {
         self.check(offset, len).ok_or_else(|| std::io::Error::other("release out of range"))?;
+        if self.pinned() {
+            return Err(std::io::Error::other(
+                "the memory is pinned for a device's DMA (an IOMMU mapping): released pages would be new ones to \
+                 the host while the device kept the old",
+            ));
+        }
         // SAFETY: fallocate(2) on our memfd over a checked range; punching
         // a hole keeps the size and maps stay valid (they read zeros).
         let done = unsafe {
@@ -105,6 +115,21 @@ impl SharedMemory {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())
+    }
+
+    /// Marks the memory as reached by a device through an IOMMU mapping
+    /// (VFIO), which pins the pages it maps: from now on, for good, no
+    /// page is released. A released page would be replaced by a fresh one
+    /// in every mapping but the IOMMU's, which keeps the old: the device
+    /// would write to disk what the host never wrote, and the host read
+    /// zeros where the device put data.
+    pub fn pin(&self) {
+        self.pinned.store(true, Ordering::Release);
+    }
+
+    /// Whether a device reaches it through an IOMMU mapping.
+    pub fn pinned(&self) -> bool {
+        self.pinned.load(Ordering::Acquire)
     }
 
     fn check(&self, offset: usize, len: usize) -> Option<()> {
@@ -274,6 +299,17 @@ mod tests {
             (Some(0x5a), Some(0), Some(0x5a))
         );
         assert!(shm.release(60 * 4096, 8 * 4096).is_err(), "a range past the end was released");
+    }
+
+    /// Memory an IOMMU maps keeps its pages: the device would go on using
+    /// the old ones after a release.
+    #[test]
+    fn pinned_memory_is_never_released() {
+        let shm = SharedMemory::new("test", 4 * 4096).unwrap();
+        shm.write::<u64>(4096, 0x5a);
+        shm.pin();
+        assert!(shm.release(0, 4 * 4096).is_err(), "pinned memory was released");
+        assert_eq!(shm.read::<u64>(4096), Some(0x5a));
     }
 
     #[test]

@@ -893,6 +893,12 @@ impl<K: DeviceKind> Device<K> {
         core.idle_periods = core.idle_periods.saturating_add(1);
         if core.idle_periods == IDLE_RELEASE_PERIODS {
             core.set_watch_period(true);
+            // A device reaching the slots through an IOMMU (VFIO) pinned
+            // them: released, the host would get fresh pages and the
+            // device keep the old (an adversarial review found it).
+            if core.channel.memory().pinned() {
+                return;
+            }
             match core.channel.release_bounce_slots() {
                 Ok(()) => tracing::debug!(device = %core.name, "idle: bounce slots' memory released"),
                 Err(error) => tracing::warn!(device = %core.name, %error, "cannot release the idle bounce slots"),

@@ -334,6 +334,9 @@ impl VfioFunction {
             iova,
             size: len as u64,
         };
+        // Before the mapping: from here on, no page of it is released
+        // (the IOMMU would keep the old ones).
+        memory.pin();
         // SAFETY: the ioctl reads a vfio_iommu_type1_dma_map we own; the
         // mapping it pins lives in `memory`, which the caller keeps alive
         // as long as this function (see `Drop`, which unmaps it).

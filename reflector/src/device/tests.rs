@@ -928,3 +928,32 @@ fn a_stopped_receive_queue_gets_its_held_buffers_back_unused() {
     assert_eq!(client.take_used(), heads.iter().map(|&head| (head, 0)).collect::<Vec<_>>());
     device.shutdown();
 }
+
+/// An idle block device gives its bounce slots' pages back, unless a
+/// device reaches them through an IOMMU (VFIO), which pinned them: the
+/// IOMMU would keep the old pages, so the device would write to disk what
+/// the host never wrote, and the host read zeros where the device put data
+/// (an adversarial review found it: the release was decided by the
+/// device's kind alone).
+#[test]
+fn bounce_slots_a_device_pinned_are_kept_when_the_device_goes_idle() {
+    use std::os::fd::AsRawFd;
+    use vhost_user_backend::VhostUserBackendMut;
+    let memory = client_memory();
+    for pinned in [false, true] {
+        let mut bench = Bench::new(&memory, &[Script::Serve], false, quick_recovery());
+        let marker = guest_abi::channel::BOUNCE_OFFSET + 4096;
+        bench.channel_memory.write::<u64>(marker, 0x5a5a);
+        if pinned {
+            bench.channel_memory.pin();
+        }
+        let timer = bench.device.core.watch_timer.as_raw_fd();
+        let watch = bench.listeners.iter().find(|(fd, _)| *fd == timer).unwrap().1;
+        for _ in 0..=super::IDLE_RELEASE_PERIODS {
+            bench.device.handle_event(watch, vmm_sys_util::epoll::EventSet::IN, &bench.client.vrings, 0).unwrap();
+        }
+        let expected = if pinned { 0x5a5a } else { 0 };
+        assert_eq!(bench.channel_memory.read::<u64>(marker), Some(expected), "pinned: {pinned}");
+        bench.device.shutdown();
+    }
+}
