@@ -63,6 +63,12 @@ fn connect_tcp(port: u16) -> String {
     }
 }
 
+/// A socket of `domain` (stream): how its making ended.
+fn make_socket(domain: libc::c_int) -> String {
+    // SAFETY: socket(2); the descriptor, if any, is left open.
+    outcome(unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) } as libc::c_long)
+}
+
 /// Forks up to `limit` children that wait; how many it got.
 fn fork_many(limit: usize) -> usize {
     let mut children = Vec::new();
@@ -205,6 +211,9 @@ fn main() {
     note("resize window files", resize_files(&open_fds));
     note("tcp 127.0.0.1:22", json!(connect_tcp(22)));
     note("tcp 127.0.0.1:80", json!(connect_tcp(80)));
+    // A vsock address family ignores network namespaces.
+    note("vsock socket", json!(make_socket(libc::AF_VSOCK)));
+    note("unix socket", json!(make_socket(libc::AF_UNIX)));
     // An io_uring would submit calls no seccomp filter sees (the probe
     // closes a ring it made).
     let io_uring = reflector::jail::io_uring_refused().map_or_else(|| "ok".to_owned(), |e| errno_name(&e));

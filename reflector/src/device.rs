@@ -995,7 +995,8 @@ impl<K: DeviceKind> Device<K> {
             Source::DriverExit => {
                 let _ = self.core.driver_exited.read();
                 if let Some((report, capped)) = self.core.drivers.exited() {
-                    self.handle(vrings, Event::Fault(Fault::of_exit(report, capped)));
+                    let killed = self.core.kill_sent.is_some();
+                    self.handle(vrings, Event::Fault(Fault::of_exit(report, capped, killed)));
                 }
                 Ok(())
             }

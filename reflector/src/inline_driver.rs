@@ -80,7 +80,7 @@ pub struct ChannelThread {
 }
 
 impl ChannelThread {
-    /// Serves until killed (an empty report, as a vmm killed from outside
+    /// Serves until killed (an empty report, as a killed vmm
     /// gives) or until `answer` says to die; returns the report.
     pub fn run(
         &self,

@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 /// Why a driver VM was replaced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The vmm process exited (killed, guest panic, exception, triple fault,
-    /// internal error): its report, if it gave one.
+    /// The vmm process exited (guest panic, exception, triple fault,
+    /// internal error; or killed by anyone but the reflector, or it ended
+    /// itself, without a report): its report, if it gave one.
     Exited(String),
+    /// The reflector killed it, as an operator asked (`reflector kill`,
+    /// the chaos command's kills).
+    Killed,
     /// Pending requests made no progress within the deadline.
     Hang(Duration),
     /// One request went unanswered this long while others were answered
@@ -36,6 +40,7 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Exited(_) => "exited",
+            Fault::Killed => "killed",
             Fault::OutOfMemory(_) => "out_of_memory",
             Fault::Hang(_) | Fault::Withheld(_) => "hang",
             Fault::Violation(_) => "violation",
@@ -45,27 +50,70 @@ impl Fault {
 }
 
 impl Fault {
-    /// Whether the driver VM's death may be the doing of a request it held:
-    /// it died on its own (a panic, an exception, an exit: the vmm's report
-    /// says so), hung, or broke the protocol. A vmm killed from outside
-    /// (SIGKILL by an operator, the chaos command, the OOM killer: no
-    /// report) or replaced for its idle behaviour is no evidence against
-    /// any request, so a storm of kills never makes a request poison.
-    pub fn blames_requests(&self) -> bool {
+    /// How much the driver VM's death counts against the requests it held
+    /// ([`Blame`]).
+    pub fn blame(&self) -> Blame {
         match self {
-            Fault::Exited(report) => !report.is_empty(),
-            Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Withheld(_) | Fault::Violation(_) => true,
-            Fault::Abuse(_) => false,
+            Fault::Exited(report) if report.is_empty() => Blame::Silent,
+            Fault::Exited(_) | Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Withheld(_) | Fault::Violation(_) => {
+                Blame::Death
+            }
+            Fault::Killed | Fault::Abuse(_) => Blame::None,
         }
     }
+
+    /// Whether the death is evidence against the requests the driver VM
+    /// held ([`Blame::Death`]).
+    pub fn blames_requests(&self) -> bool {
+        self.blame() == Blame::Death
+    }
+
+    /// Whether the driver VM ended of its own doing, as far as the
+    /// reflector can tell: anything but a kill it sent as an operator
+    /// asked. Such deaths before an attach count toward the crash-loop
+    /// limit.
+    pub fn own_doing(&self) -> bool {
+        !matches!(self, Fault::Killed)
+    }
 }
+
+/// How much a driver VM's death counts against the requests it held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// None: the reflector killed it as an operator asked (the `kill`
+    /// command, the chaos command), or replaced it for its idle behaviour;
+    /// a storm of such kills never makes a request poison.
+    None,
+    /// A death it reported (a panic, an exception), a hang or a protocol
+    /// violation: the request may be its cause; a request in
+    /// `poison_deaths` such deaths in a row fails.
+    Death,
+    /// An end without a report, not at the reflector's hand: a SIGKILL
+    /// from anyone else, or a compromised vmm ending itself (exit, or
+    /// SIGKILL of its own process), which the reflector cannot tell apart.
+    /// It counts, [`SILENT_DEATHS_PER_DEATH`] of them as one death: taken
+    /// for a kill from outside, a vmm that ended itself before each
+    /// request's deadline, as often as it liked under the fault budget,
+    /// kept a request it held waiting for ever (an adversarial review
+    /// found it); counted in full, a few kills from outside in quick
+    /// succession would fail a request.
+    Silent,
+}
+
+/// How many deaths without a report ([`Blame::Silent`]) count as one
+/// death against the requests in flight.
+pub const SILENT_DEATHS_PER_DEATH: u32 = 4;
 
 impl Fault {
     /// The fault of a driver VM that exited with `report`; `capped` if its
     /// jail's memory cap killed it. A guest whose allocator failed panics
     /// with Rust's "memory allocation of N bytes failed" (the report is
-    /// untrusted: the classification only names the fault).
-    pub fn of_exit(report: String, capped: bool) -> Fault {
+    /// untrusted: the classification only names the fault). `killed`: the
+    /// reflector killed it as an operator asked, and it gave no report.
+    pub fn of_exit(report: String, capped: bool, killed: bool) -> Fault {
+        if killed && report.is_empty() && !capped {
+            return Fault::Killed;
+        }
         let allocation_failed = serde_json::from_str::<serde_json::Value>(&report).is_ok_and(|value| {
             value["outcome"] == "panic"
                 && value["message"].as_str().is_some_and(|message| message.contains("memory allocation of"))
@@ -81,8 +129,9 @@ impl Fault {
 impl fmt::Display for Fault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Fault::Exited(report) if report.is_empty() => write!(f, "the driver VM exited"),
+            Fault::Exited(report) if report.is_empty() => write!(f, "the driver VM exited without a report"),
             Fault::Exited(report) => write!(f, "the driver VM exited: {report}"),
+            Fault::Killed => write!(f, "the driver VM was killed as an operator asked"),
             Fault::OutOfMemory(report) if report.is_empty() => {
                 write!(f, "the driver VM ran out of memory: killed by its memory cap")
             }
@@ -254,13 +303,20 @@ mod tests {
     #[test]
     fn running_out_of_memory_is_named_as_such() {
         let allocation = r#"{"outcome":"panic","message":"memory allocation of 262144 bytes failed at faulty.rs:9"}"#;
-        assert_eq!(Fault::of_exit(allocation.into(), false).kind(), "out_of_memory");
-        assert_eq!(Fault::of_exit(String::new(), true).kind(), "out_of_memory");
-        assert!(Fault::of_exit(String::new(), true).to_string().contains("killed by its memory cap"));
+        assert_eq!(Fault::of_exit(allocation.into(), false, false).kind(), "out_of_memory");
+        assert_eq!(Fault::of_exit(String::new(), true, false).kind(), "out_of_memory");
+        assert!(Fault::of_exit(String::new(), true, false).to_string().contains("killed by its memory cap"));
         let panic = r#"{"outcome":"panic","message":"index out of bounds"}"#;
-        assert_eq!(Fault::of_exit(panic.into(), false).kind(), "exited");
-        assert_eq!(Fault::of_exit("not json".into(), false).kind(), "exited");
-        assert!(Fault::of_exit(allocation.into(), false).blames_requests());
+        assert_eq!(Fault::of_exit(panic.into(), false, false).kind(), "exited");
+        assert_eq!(Fault::of_exit("not json".into(), false, false).kind(), "exited");
+        // Without a report: killed as an operator asked only if the
+        // reflector sent the kill; else it may have ended itself.
+        assert_eq!(Fault::of_exit(String::new(), false, true), Fault::Killed);
+        assert!(!Fault::Killed.blames_requests());
+        assert_eq!(Fault::of_exit(String::new(), false, false).blame(), Blame::Silent);
+        assert!(Fault::of_exit(String::new(), false, false).own_doing());
+        assert_eq!(Fault::of_exit(panic.into(), false, true).kind(), "exited");
+        assert!(Fault::of_exit(allocation.into(), false, false).blames_requests());
     }
 
     use super::*;
@@ -351,6 +407,7 @@ mod tests {
     fn faults_describe_themselves() {
         assert_eq!(Fault::Hang(ms(500)).to_string(), "no progress on pending requests for 500 ms");
         assert_eq!(Fault::Exited(String::new()).kind(), "exited");
+        assert_eq!(Fault::Killed.kind(), "killed");
         assert!(Fault::Violation("bad id".into()).to_string().contains("bad id"));
     }
 }

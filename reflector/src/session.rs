@@ -148,7 +148,7 @@ pub struct Session {
     /// [`Effect::Renew`].
     own_early_deaths: u32,
     /// Driver VMs in a row that died of their own doing (any fault but a
-    /// kill from outside) before they attached, however long each lived.
+    /// kill an operator asked for) before they attached, however long each lived.
     /// At the policy's `crash_loop_limit` the device fails, as in a crash
     /// loop: drivers that each live past `stable_after` and never bring the
     /// device up blame no request (`Blk::retired`), so without this a
@@ -307,7 +307,7 @@ impl Session {
         if why.blames_requests() && self.own_early_deaths > 0 && self.own_early_deaths.is_multiple_of(RENEW_AFTER) {
             effects.push(Effect::Renew);
         }
-        let own_doing = why.blames_requests() || matches!(why, Fault::Abuse(_));
+        let own_doing = why.own_doing();
         self.unattached_deaths = match (self.attached_at.is_some(), own_doing) {
             (true, _) => 0,
             (false, true) => self.unattached_deaths + 1,
@@ -544,7 +544,7 @@ mod tests {
     /// Drivers that die as they start may be dying of what a predecessor
     /// left in the device: every [`RENEW_AFTER`]th such death in a row
     /// renews the hardware before the next launch; a driver that served
-    /// for a while, or one killed from outside, does not count.
+    /// for a while, or one killed as an operator asked, does not count.
     /// Drivers that never attach, each killed for a hang after seconds
     /// (past `stable_after`, and under the fault budget): none blames the
     /// request it withheld, so before, the request was replayed to them
@@ -563,7 +563,7 @@ mod tests {
                 launch_unattached(&mut session, now);
             }
             now += Duration::from_secs(3);
-            let fault = if death == 2 { Fault::Exited(String::new()) } else { Fault::Hang(ms(2000)) };
+            let fault = if death == 2 { Fault::Killed } else { Fault::Hang(ms(2000)) };
             let effects = session.on(Event::Fault(fault), now);
             if effects.contains(&Effect::FailPending) {
                 failed_at = Some(death);
@@ -571,9 +571,35 @@ mod tests {
             }
             assert!(matches!(session.state(), Lifecycle::Restarting { .. }), "death {death}: {:?}", session.state());
         }
-        // The outside kill (death 2) did not count.
+        // The kill an operator asked for (death 2) did not count.
         assert_eq!(failed_at, Some(limit + 1));
         assert!(matches!(session.state(), Lifecycle::Failed { .. }));
+    }
+
+    /// A vmm that ends without a report, and not at the reflector's
+    /// hand, may have ended itself: a compromised one can, as often as it
+    /// likes. Taken for a kill from outside, drivers that did so before
+    /// attaching, each living long enough to be restarted at once and
+    /// spaced under the fault budget, were restarted for ever, and a
+    /// request they held waited for ever (an adversarial review found it).
+    #[test]
+    fn drivers_that_end_without_a_report_before_attaching_fail_the_device() {
+        let t0 = Instant::now();
+        let mut session = Session::new(RestartPolicy::default(), ms(500), t0);
+        let limit = RestartPolicy::default().crash_loop_limit;
+        let mut now = t0;
+        let mut failed_at = None;
+        for death in 1..=100 {
+            if !matches!(session.state(), Lifecycle::Running { .. }) {
+                launch_unattached(&mut session, now);
+            }
+            now += ms(600);
+            if session.on(Event::Fault(Fault::Exited(String::new())), now).contains(&Effect::FailPending) {
+                failed_at = Some(death);
+                break;
+            }
+        }
+        assert_eq!(failed_at, Some(limit), "silent deaths before attaching never failed the device");
     }
 
     #[test]
@@ -586,7 +612,8 @@ mod tests {
         let first = session.on(Event::Fault(panicked.clone()), now);
         assert!(!first.contains(&Effect::Renew), "a driver that served is no sign of a broken device: {first:?}");
         let mut renewed = Vec::new();
-        // Deaths 1 to 7 of their own doing, then 8 to 10 killed from outside.
+        // Deaths 1 to 7 of their own doing, then 8 to 10 killed as an
+        // operator asked.
         for death in 1..=10u32 {
             // Started when the backoff ended, dead a millisecond later.
             if !matches!(session.state(), Lifecycle::Restarting { .. }) {
@@ -595,8 +622,7 @@ mod tests {
             }
             launch(&mut session, now);
             now += ms(1);
-            // A kill from outside: no report.
-            let fault = if death <= 7 { panicked.clone() } else { Fault::Exited(String::new()) };
+            let fault = if death <= 7 { panicked.clone() } else { Fault::Killed };
             if session.on(Event::Fault(fault), now).contains(&Effect::Renew) {
                 renewed.push(death);
             }

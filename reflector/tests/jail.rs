@@ -70,8 +70,12 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
         assert!(outcomes.as_array().unwrap().iter().all(|o| o != "ok"), "fd {fd} changed size: {outcomes}");
     }
     // No network (its namespace's loopback is down), no process it may touch.
-    expect("tcp 127.0.0.1:22", "ENETUNREACH");
-    expect("tcp 127.0.0.1:80", "ENETUNREACH");
+    // No socket but a local one: none of the network's (its namespace is
+    // empty besides), none of vsock's (which ignores namespaces).
+    expect("tcp 127.0.0.1:22", "EPERM");
+    expect("tcp 127.0.0.1:80", "EPERM");
+    expect("vsock socket", "EPERM");
+    expect("unix socket", "ok");
     // Alone in its PID namespace: it is process 1, its parent is outside,
     // and no other process id names anything it could signal or trace.
     assert_eq!(report["own pid"], 1, "{report}");

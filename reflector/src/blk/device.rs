@@ -449,8 +449,16 @@ impl Blk {
     fn fail_poisoned(&mut self, core: &mut DeviceCore, vring: Option<&ClientVring>, memory: Option<&GuestMemoryMmap>) {
         for (_, entry) in self.in_flight.take_poisoned(self.poison_deaths) {
             let what = format!(
-                "{:?} of {} bytes at sector {} was in {} dying driver VMs in a row",
-                entry.request.kind, entry.data_len, entry.request.sector, entry.deaths
+                "{:?} of {} bytes at sector {} was in {} dying driver VMs in a row{}",
+                entry.request.kind,
+                entry.data_len,
+                entry.request.sector,
+                entry.deaths + entry.silent_deaths,
+                if entry.silent_deaths > 0 {
+                    format!(" ({} of them ended without a report)", entry.silent_deaths)
+                } else {
+                    String::new()
+                }
             );
             tracing::error!(device = %core.name, request = %what, "poison request: completed with an I/O error");
             core.metrics.poisoned.fetch_add(1, Ordering::Relaxed);
@@ -713,7 +721,7 @@ impl DeviceKind for Blk {
         // What it still held was in a dying driver VM; one that had not
         // attached had taken none of it (it was booting or resetting its
         // device: a slow boot on a loaded machine is no request's doing).
-        let blame = fault.blames_requests() && core.driver_attached();
+        let blame = if core.driver_attached() { fault.blame() } else { crate::recovery::Blame::None };
         self.in_flight.blame_sent(blame);
         // The device is quiesced; no request of the dead driver's may be
         // reached again until a replay maps it anew.

@@ -5,6 +5,7 @@
 //! request leaves the table, however it leaves, so no path can complete a
 //! request to the client while the device can still reach its buffers.
 
+use crate::recovery::{Blame, SILENT_DEATHS_PER_DEATH};
 use std::sync::Arc;
 
 use guest_abi::channel::{self, CompletionEntry};
@@ -45,6 +46,10 @@ pub struct InFlight {
     /// poison limit is completed with an error instead of being replayed
     /// again (DESIGN.md, invariant 5).
     pub deaths: u32,
+    /// Driver VMs that ended without a report while it was in them
+    /// (`Blame::Silent`): `SILENT_DEATHS_PER_DEATH` of them count as one
+    /// death.
+    pub silent_deaths: u32,
     /// In the current driver VM's channel (false: held back by the
     /// reflector, see [`InFlightTable::next_to_send`]).
     pub sent: bool,
@@ -78,11 +83,18 @@ impl InFlight {
             read_back: Vec::new(),
             verifiable: false,
             deaths: 0,
+            silent_deaths: 0,
             sent: true,
             orphaned: false,
             sent_at: None,
             raced: false,
         }
+    }
+
+    /// It was in a driver VM whose death counts against it (silently
+    /// or not): sent alone until it is answered.
+    pub fn suspect(&self) -> bool {
+        self.deaths > 0 || self.silent_deaths > 0
     }
 
     /// The 512-byte sectors it covers.
@@ -251,12 +263,12 @@ impl InFlightTable {
 
     /// A driver VM died: every request it held is held back until
     /// [`next_to_send`](Self::next_to_send) releases it, and gains a death
-    /// if `blame` (the death may be a request's doing: see
-    /// `Fault::blames_requests`).
-    pub fn blame_sent(&mut self, blame: bool) {
+    /// or a silent one as `blame` says (`Fault::blame`).
+    pub fn blame_sent(&mut self, blame: Blame) {
         for entry in self.slots.iter_mut().flatten() {
             if entry.sent {
-                entry.deaths += u32::from(blame);
+                entry.deaths += u32::from(blame == Blame::Death);
+                entry.silent_deaths += u32::from(blame == Blame::Silent);
                 entry.sent = false;
                 entry.orphaned = true;
             }
@@ -264,9 +276,11 @@ impl InFlightTable {
     }
 
     /// Removes and returns the requests that were in `limit` or more dying
-    /// driver VMs (poison requests), oldest first.
+    /// driver VMs (poison requests), `SILENT_DEATHS_PER_DEATH` silent
+    /// deaths counting as one, oldest first.
     pub fn take_poisoned(&mut self, limit: u32) -> Vec<(u32, InFlight)> {
-        let mut poisoned: Vec<u32> = self.iter().filter(|(_, e)| e.deaths >= limit).map(|(slot, _)| slot).collect();
+        let poison = |e: &InFlight| e.deaths.saturating_add(e.silent_deaths / SILENT_DEATHS_PER_DEATH) >= limit;
+        let mut poisoned: Vec<u32> = self.iter().filter(|(_, e)| poison(e)).map(|(slot, _)| slot).collect();
         poisoned.sort_by_key(|slot| self.get(*slot).map(|e| e.id));
         poisoned.into_iter().filter_map(|slot| Some((slot, self.remove(slot)?))).collect()
     }
@@ -274,7 +288,7 @@ impl InFlightTable {
     /// Whether a request that was in a dying driver VM is still pending:
     /// until none is, requests go to the driver VM one at a time.
     pub fn serializing(&self) -> bool {
-        self.iter().any(|(_, entry)| entry.deaths > 0)
+        self.iter().any(|(_, entry)| entry.suspect())
     }
 
     /// The held requests to send now, marked sent. While a suspect (a
@@ -284,10 +298,10 @@ impl InFlightTable {
     /// merely shared a driver VM with it get through. With no suspect left,
     /// every held request.
     pub fn next_to_send(&mut self) -> Vec<u32> {
-        if self.iter().any(|(_, entry)| entry.sent && entry.deaths > 0) {
+        if self.iter().any(|(_, entry)| entry.sent && entry.suspect()) {
             return Vec::new();
         }
-        let suspect = self.iter().filter(|(_, e)| !e.sent && e.deaths > 0).min_by_key(|(_, e)| e.id).map(|(s, _)| s);
+        let suspect = self.iter().filter(|(_, e)| !e.sent && e.suspect()).min_by_key(|(_, e)| e.id).map(|(s, _)| s);
         let chosen: Vec<u32> = match suspect {
             Some(_) if self.iter().any(|(_, entry)| entry.sent) => Vec::new(),
             Some(slot) => vec![slot],
@@ -383,7 +397,7 @@ pub(crate) mod tests {
         let mut poisoned = Vec::new();
         let mut completed = Vec::new();
         for _death in 0..10 {
-            table.blame_sent(true);
+            table.blame_sent(Blame::Death);
             poisoned.extend(table.take_poisoned(3).into_iter().map(|(slot, _)| slot));
             restart(&mut table);
             // The new driver VM serves what it is given until it gets the
@@ -420,7 +434,7 @@ pub(crate) mod tests {
     #[test]
     fn an_answer_naming_a_request_held_back_is_an_unknown_id() {
         let (mut table, _) = sent(2);
-        table.blame_sent(true);
+        table.blame_sent(Blame::Death);
         restart(&mut table);
         let suspect = table.next_to_send();
         assert_eq!(suspect.len(), 1);
@@ -440,7 +454,7 @@ pub(crate) mod tests {
     #[test]
     fn suspects_are_released_one_at_a_time_then_everything_held() {
         let (mut table, slots) = sent(2);
-        table.blame_sent(true);
+        table.blame_sent(Blame::Death);
         // A request that arrived after the death: never in a dying driver.
         let (late, _) = table.insert(request(512)).unwrap();
         table.get_mut(late).unwrap().sent = false;
@@ -463,11 +477,11 @@ pub(crate) mod tests {
     fn only_requests_in_the_dying_driver_vm_are_blamed() {
         let (mut table, slots) = sent(2);
         table.get_mut(slots[1]).unwrap().sent = false;
-        table.blame_sent(true);
+        table.blame_sent(Blame::Death);
         assert_eq!(table.get(slots[0]).unwrap().deaths, 1);
         assert_eq!(table.get(slots[1]).unwrap().deaths, 0);
-        table.blame_sent(true);
-        table.blame_sent(true);
+        table.blame_sent(Blame::Death);
+        table.blame_sent(Blame::Death);
         assert_eq!(table.get(slots[0]).unwrap().deaths, 1, "held back, it cannot be blamed again");
         assert!(table.take_poisoned(1).iter().map(|(s, _)| *s).eq([slots[0]]));
     }
@@ -476,7 +490,7 @@ pub(crate) mod tests {
     fn a_death_that_blames_no_request_only_holds_them_back() {
         let (mut table, slots) = sent(2);
         for _ in 0..10 {
-            table.blame_sent(false);
+            table.blame_sent(Blame::None);
             assert!(table.take_poisoned(1).is_empty());
             restart(&mut table);
             assert!(!table.serializing(), "no suspect: everything goes at once");
@@ -516,5 +530,20 @@ pub(crate) mod tests {
         let replayed = table.get(slot).unwrap();
         assert_ne!(replayed.id, old.id, "a replayed request gets a new id");
         assert_eq!(channel::slot_of(replayed.id), slot);
+    }
+
+    /// Deaths without a report count a quarter each: twelve in a row make
+    /// a request poison at a limit of three, as three deaths do.
+    #[test]
+    fn silent_deaths_count_as_one_death_per_four() {
+        let mut table = InFlightTable::with_windows(None);
+        let (slot, _) = table.insert(request(512)).unwrap();
+        let limit = 3;
+        for death in 1..=limit * SILENT_DEATHS_PER_DEATH {
+            assert!(table.take_poisoned(limit).is_empty(), "poison after {} silent deaths", death - 1);
+            table.get_mut(slot).unwrap().sent = true;
+            table.blame_sent(Blame::Silent);
+        }
+        assert!(table.take_poisoned(limit).iter().map(|(s, _)| *s).eq([slot]));
     }
 }

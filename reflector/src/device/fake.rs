@@ -49,6 +49,9 @@ pub enum Script {
     ReverseWrites,
     /// Answers every request at once with an I/O error, doing nothing.
     FailAll,
+    /// Ends without a report when it takes a request for this sector (a
+    /// compromised vmm ending itself, as a kill from outside would look).
+    EndSilentlyOnSector(u64),
 }
 
 /// A fake driver's exit report when it panics: what a vmm reports for a
@@ -329,6 +332,7 @@ impl ThreadLaunch for FakeLaunch {
                     match script {
                         Script::PanicOnSector(sector) if touches(sector) => Answer::Die(PANIC_REPORT.into()),
                         Script::Hang => Answer::Ignore,
+                        Script::EndSilentlyOnSector(sector) if touches(sector) => Answer::Die(String::new()),
                         Script::FailAll => Answer::Complete(status::IO_ERROR, 0),
                         Script::WithholdSector(sector) if touches(sector) => Answer::Ignore,
                         Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),

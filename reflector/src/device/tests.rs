@@ -498,8 +498,36 @@ fn a_request_that_kills_every_driver_fails_alone_and_the_others_succeed() {
     assert_eq!(bench.client.status(&next[0]), OK);
 }
 
+/// A driver VM that ends without a report whenever it holds one request
+/// (a compromised vmm ending itself, before the request's own deadline):
+/// the request fails alone after `SILENT_DEATHS_PER_DEATH` times the
+/// poison limit of such ends, and the others succeed. Before, each end was
+/// taken for a kill from outside, blamed nothing, and the request was
+/// replayed for ever under the fault budget (an adversarial review found
+/// it).
 #[test]
-fn kills_from_outside_never_make_a_request_poison() {
+fn a_request_held_by_drivers_that_end_without_a_report_fails_alone() {
+    let memory = client_memory();
+    // Each lives past `stable_after`, as such a vmm can (its deaths are
+    // then no crash loop, and each restart is at once).
+    let policy = RestartPolicy { budget: 100, stable_after: Duration::ZERO, ..quick_recovery().policy };
+    let recovery = RecoveryConfig { policy, ..quick_recovery() };
+    let mut bench = Bench::new(&memory, &[Script::EndSilentlyOnSector(64)], false, recovery);
+    let (before, after) = (pattern(9, 512), pattern(10, 4096));
+    let sent = bench.submit(&[(true, 0, before.clone()), (true, 64, pattern(11, 512)), (true, 128, after.clone())]);
+    bench.complete(&sent, "the request drivers end on and its neighbours");
+    let statuses: Vec<u8> = sent.iter().map(|s| bench.client.status(s)).collect();
+    assert_eq!(statuses, [OK, IOERR, OK]);
+    assert_eq!((bench.disk.read(0, 512), bench.disk.read(128, 4096)), (before, after));
+    let silent = crate::recovery::DEFAULT_POISON_DEATHS * crate::recovery::SILENT_DEATHS_PER_DEATH;
+    assert_eq!((bench.count(&bench.metrics.poisoned), bench.count(&bench.metrics.faults)), (1, u64::from(silent)));
+    assert!(bench.metrics.last_poison.lock().unwrap().contains("ended without a report"));
+}
+
+/// Kills an operator asks the reflector for (`reflector kill`, chaos)
+/// blame no request, however many.
+#[test]
+fn kills_an_operator_asked_for_never_make_a_request_poison() {
     // Six drivers in a row hold the request without answering and are
     // killed (no report: not the request's doing); the seventh serves.
     let scripts = [[Script::Hang; 6].as_slice(), &[Script::Serve]].concat();

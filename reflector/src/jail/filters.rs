@@ -226,6 +226,18 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
         })
         .collect::<Result<Vec<_>, JailError>>()?;
     rules.insert(libc::SYS_clone, clone_rules);
+    // socket(domain, ...) and socketpair: denied but for AF_UNIX. A jailed
+    // process gets its sockets inherited (a trapped window's, QEMU's qtest
+    // socket and cable) and makes none but local ones; its network
+    // namespace is empty, but a vsock address family ignores namespaces
+    // (it reaches the host's and the hypervisor's vsock services), and the
+    // others are kernel surface it has no use for (AF_ALG, AF_KEY, AF_PACKET,
+    // netlink...) (an adversarial review found `socket` allowed).
+    for call in [libc::SYS_socket, libc::SYS_socketpair] {
+        let not_unix = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, libc::AF_UNIX as u64)
+            .map_err(|e| fail(&e))?;
+        rules.insert(call, vec![SeccompRule::new(vec![not_unix]).map_err(|e| fail(&e))?]);
+    }
     if sizes == FileSizes::WithinLimit {
         // fallocate(fd, mode, ...): denied when mode keeps the size and
         // punches no hole.
@@ -450,6 +462,18 @@ mod tests {
 
     #[test]
     fn one_program_gives_each_of_the_jails_answers_and_the_reflector_builds_jails() {
+        /// socket(2): the errno it failed with, or 0 (the socket closed).
+        fn socket(domain: libc::c_int, kind: libc::c_int) -> i32 {
+            // SAFETY: socket(2) with plain arguments; the descriptor, if
+            // any, is closed at once.
+            let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, 0) };
+            if fd < 0 {
+                return std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+            }
+            // SAFETY: the descriptor just made, ours alone.
+            unsafe { libc::close(fd) };
+            0
+        }
         let jail = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
         let reflector = || Some(reflector_filter(IoUring::Denied).unwrap());
         // Unfiltered, the kernel answers both for itself.
@@ -462,6 +486,13 @@ mod tests {
         assert_eq!(errno_under(jail(), x32_getpid), libc::EPERM);
         assert_eq!(errno_under(jail(), io_uring_setup), libc::EPERM);
         assert_eq!(errno_under(jail(), || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
+        // Sockets: local ones only (a vsock one would reach the host's and
+        // the hypervisor's vsock services, whatever its namespace).
+        for (domain, kind) in [(libc::AF_VSOCK, libc::SOCK_STREAM), (libc::AF_INET, libc::SOCK_DGRAM)] {
+            assert_eq!(errno_under(jail(), move || socket(domain, kind)), libc::EPERM, "domain {domain}");
+            assert_ne!(errno_under(None, move || socket(domain, kind)), libc::EPERM, "domain {domain}");
+        }
+        assert_eq!(errno_under(jail(), || socket(libc::AF_UNIX, libc::SOCK_STREAM)), 0);
         // The reflector clones jails: both reach the kernel.
         assert_eq!(errno_under(reflector(), clone3_without_arguments), libc::EINVAL);
         assert_eq!(errno_under(reflector(), clone_into_a_new_user_namespace), libc::EINVAL);
