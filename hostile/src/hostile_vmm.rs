@@ -119,18 +119,43 @@ fn cpu_share(wall: Duration) -> f64 {
     (cpu() - cpu_start).as_secs_f64() / start.elapsed().as_secs_f64()
 }
 
-/// MiB written to standard output before the report: several times the
-/// reflector's whole memory budget for a device.
+/// How long it floods its standard output: the reflector reads it within a
+/// rate (`supervisor::REPORT_READ_RATE`), so what goes out in this time is
+/// what the reflector read.
+const FLOOD_TIME: Duration = Duration::from_secs(1);
+
+/// The most it writes to standard output before the report: several times
+/// the reflector's whole memory budget for a device.
 const FLOOD_MIB: usize = 256;
 
-/// Writes `mib` MiB of one byte as one line to standard output (ended, so
-/// that the report after it is a line of its own); how many MiB went out.
-fn flood_stdout(mib: usize) -> usize {
-    let chunk = vec![b'x'; 1 << 20];
+/// Writes to standard output for `time`, without waiting (non-blocking),
+/// at most `mib` MiB of one byte as one line (ended, so that the report
+/// after it is a line of its own); how many KiB went out. A reflector
+/// that reads all it can costs itself a core; one that reads within its
+/// rate leaves the pipe full, and the writer waits.
+fn flood_stdout(time: Duration, mib: usize) -> usize {
+    let chunk = vec![b'x'; 64 << 10];
     let mut out = std::io::stdout().lock();
-    let written = (0..mib).take_while(|_| out.write_all(&chunk).is_ok()).count();
+    let _ = out.flush();
+    // SAFETY: fcntl(2) on standard output's descriptor.
+    let flags = unsafe { libc::fcntl(1, libc::F_GETFL) };
+    // SAFETY: as above.
+    unsafe { libc::fcntl(1, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    let started = Instant::now();
+    let mut written = 0usize;
+    while started.elapsed() < time && written < mib << 20 {
+        // SAFETY: write(2) of a live buffer to standard output.
+        let n = unsafe { libc::write(1, chunk.as_ptr().cast(), chunk.len()) };
+        if n > 0 {
+            written += n as usize;
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    // SAFETY: as above: blocking again, for the report.
+    unsafe { libc::fcntl(1, libc::F_SETFL, flags) };
     let _ = out.write_all(b"\n");
-    written
+    written >> 10
 }
 
 /// MiB written to standard error before the report: far more than a
@@ -257,7 +282,7 @@ fn main() {
     note("cpu share of three threads spinning 1 s", json!(cpu_share(Duration::from_secs(1))));
     // Standard output without end (as far as the reflector can tell): a
     // supervisor that kept all of it would run out of memory.
-    note("flooded stdout MiB", json!(flood_stdout(FLOOD_MIB)));
+    note("flooded stdout KiB in 1 s", json!(flood_stdout(FLOOD_TIME, FLOOD_MIB)));
     note("flooded stderr MiB", json!(flood_stderr(FLOOD_STDERR_MIB)));
     println!("{}", Value::Object(report));
     let _ = std::io::stdout().flush();

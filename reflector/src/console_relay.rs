@@ -30,6 +30,7 @@
 //! full, as it would hold them had they inherited it. Unjailed vmms
 //! (`--no-jail`, which trusts its drivers) inherit the reflector's.
 
+use crate::token_bucket::TokenBucket;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
@@ -85,65 +86,32 @@ pub const READ_RATE: u64 = 16 << 20;
 /// write of up to a page) is never split between two reads.
 const CHUNK: usize = 64 * 1024;
 
-/// A token bucket: `rate` a second, at most `burst` saved.
-struct Bucket {
-    tokens: u64,
-    rate: u64,
-    burst: u64,
-    last: std::time::Instant,
-}
-
-impl Bucket {
-    fn full(rate: u64, burst: u64) -> Self {
-        Bucket { tokens: burst, rate, burst, last: std::time::Instant::now() }
-    }
-
-    /// The tokens now.
-    fn tokens(&mut self) -> u64 {
-        let now = std::time::Instant::now();
-        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * self.rate / 1_000_000;
-        if earned > 0 {
-            self.last = now;
-        }
-        self.tokens = self.tokens.saturating_add(earned).min(self.burst);
-        self.tokens
-    }
-
-    /// How long until there are `n`.
-    fn until(&mut self, n: u64) -> std::time::Duration {
-        let missing = n.saturating_sub(self.tokens());
-        std::time::Duration::from_micros(missing * 1_000_000 / self.rate.max(1) + 1)
-    }
-}
-
 /// What one driver VM's output may still add to the log, what the relay
 /// may still read of it, and what it lost since it last could say so.
 struct Budget {
-    log: Bucket,
-    reads: Bucket,
+    log: TokenBucket,
+    reads: TokenBucket,
     dropped: u64,
 }
 
 impl Budget {
     fn new() -> Self {
-        Budget { log: Bucket::full(RATE, BURST), reads: Bucket::full(READ_RATE, READ_RATE), dropped: 0 }
+        Budget { log: TokenBucket::full(RATE, BURST), reads: TokenBucket::full(READ_RATE, READ_RATE), dropped: 0 }
     }
 
     /// How much of `data`, just read, may go to the log now: the whole
     /// lines that fit the budget, each costing its bytes or [`LINE_COST`]
     /// if more (taken); the rest is dropped.
     fn take(&mut self, data: &[u8]) -> usize {
-        let mut tokens = self.log.tokens();
         let mut allowed = 0;
         for line in data.split_inclusive(|&byte| byte == b'\n') {
             let cost = (line.len() as u64).max(LINE_COST);
-            if cost > tokens {
+            if cost > self.log.tokens() {
                 break;
             }
-            tokens -= cost;
+            self.log.spend(cost);
             allowed += line.len();
         }
-        self.log.tokens = tokens;
         self.dropped += (data.len() - allowed) as u64;
         allowed
     }
@@ -263,7 +231,7 @@ fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> Flow {
         }
         match (&pipe.file).read(buffer) {
             Ok(read) if read > 0 => {
-                budget.reads.tokens -= read as u64;
+                budget.reads.spend(read as u64);
                 let dropped = budget.dropped;
                 let allowed = budget.take(&buffer[..read]);
                 if allowed > 0 {

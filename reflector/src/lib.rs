@@ -41,6 +41,7 @@ pub mod session;
 pub mod sockets;
 pub mod spare_starter;
 pub mod supervisor;
+pub mod token_bucket;
 pub mod worker;
 
 /// The devices driver VMs drive (the `hardware` crate).

@@ -28,6 +28,7 @@ use crate::driver_vms::{DriverLaunch, DriverProcess, SpareKind};
 use crate::hw::{TrapConnection, TrapWindow};
 use crate::jail::{Jail, MemorySlot};
 use crate::shm::SharedMemory;
+use crate::token_bucket::TokenBucket;
 
 /// What to boot.
 #[derive(Clone)]
@@ -704,7 +705,9 @@ impl Watcher {
     fn watch(self, mut child: Child) {
         let _lifeline = self.lifeline;
         let (report, ended) = match child.stdout.take() {
-            Some(stdout) => read_report(stdout, self.vmm_end.as_ref(), self.pid, REPORT_LIMIT),
+            Some(stdout) => {
+                read_report(OwnedFd::from(stdout), self.vmm_end.as_ref(), self.pid, REPORT_LIMIT, REPORT_READ_RATE)
+            }
             None => (String::new(), false),
         };
         if let Ok(mut text) = self.report.lock() {
@@ -782,66 +785,86 @@ fn read_until(from: &mut (impl Read + AsRawFd), limit: usize, deadline: Instant,
 /// The most of a vmm's standard output kept while it runs: its report (one
 /// JSON line at its end, a few KiB with a backtrace) must fit. A vmm is
 /// assumed compromised and may write without end; the reflector keeps only
-/// this much of it, so a flood costs it nothing but the reading.
+/// this much of it, and reads it within [`REPORT_READ_RATE`].
 pub const REPORT_LIMIT: usize = 64 * 1024;
+
+/// How fast a vmm's standard output is read, in bytes a second, after a
+/// burst of [`REPORT_LIMIT`]: an honest vmm writes one line, at its end. A
+/// compromised one writing without pause then waits on its full pipe, in
+/// its own CPU quota; read as fast as it wrote, it cost a reflector thread
+/// two copies a byte, outside any quota (an adversarial review found it).
+pub const REPORT_READ_RATE: u64 = 64 * 1024;
 
 /// The vmm's report: the last line of its standard output, read until the
 /// pipe's end, or, given `end` (the vmm's pidfd), until the vmm has ended
 /// and the pipe holds nothing more: a process the vmm left behind with the
 /// pipe open (an unjailed vmm's child; a jailed vmm's die with it, in its
-/// PID namespace) does not hold the report back.
+/// PID namespace) does not hold the report back. At most `rate` bytes a
+/// second are read, after a burst of `limit`.
 ///
 /// Also returns whether the vmm has ended by then: its pidfd said so, or
 /// at the end-of-file every one of its threads was past its last write to
 /// its memory ([`vmm_threads_ended`]).
-fn read_report(
-    output: std::process::ChildStdout,
-    end: Option<&OwnedFd>,
-    pid: libc::pid_t,
-    limit: usize,
-) -> (String, bool) {
-    let Some(end) = end else {
-        let report = last_line(output, limit);
-        return (report, vmm_threads_ended(pid));
-    };
+fn read_report(output: OwnedFd, end: Option<&OwnedFd>, pid: libc::pid_t, limit: usize, rate: u64) -> (String, bool) {
     let mut tail = Tail::new(limit);
     let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
-    let mut output = std::fs::File::from(OwnedFd::from(output));
+    let mut reads = TokenBucket::full(rate, limit as u64);
+    let mut output = std::fs::File::from(output);
     let mut open = true;
     loop {
-        let mut fds = [
-            libc::pollfd { fd: end.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: output.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        let watched = if open { 2 } else { 1 };
-        // SAFETY: poll(2) on pollfds on the stack, of descriptors we hold.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), watched, -1) };
+        // The output is read only with room for a whole chunk; meanwhile
+        // only the end is watched, until the room comes.
+        let wait = (open && reads.tokens() < chunk.len() as u64).then(|| reads.until(chunk.len() as u64));
+        let mut fds = Vec::with_capacity(2);
+        if open && wait.is_none() {
+            fds.push(libc::pollfd { fd: output.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if let Some(end) = end {
+            fds.push(libc::pollfd { fd: end.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        if !open && end.is_none() {
+            break;
+        }
+        let timeout = wait.map_or(-1, |wait| i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(i32::MAX));
+        // SAFETY: poll(2) on pollfds in a live vector, of descriptors we hold.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if ready < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
             break;
         }
-        if open && fds[1].revents != 0 {
+        let readable = |fd: RawFd| fds.iter().any(|p| p.fd == fd && p.revents != 0);
+        if open && readable(output.as_raw_fd()) {
             match output.read(&mut chunk) {
                 Ok(0) => {
                     open = false;
-                    if vmm_threads_ended(pid) {
-                        return (tail.last_line(), true);
+                    let ended = vmm_threads_ended(pid);
+                    if ended || end.is_none() {
+                        return (tail.last_line(), ended);
                     }
                 }
-                Ok(read) => tail.push(&chunk[..read]),
+                Ok(read) => {
+                    reads.spend(read as u64);
+                    tail.push(&chunk[..read]);
+                }
                 Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => open = false,
             }
             continue;
         }
-        if fds[0].revents != 0 {
-            // Ended: what it wrote is in the pipe; take what is there.
-            while open && hardware::wait_readable(output.as_raw_fd(), Some(Duration::ZERO)) {
+        if end.is_some_and(|end| readable(end.as_raw_fd())) {
+            // Ended: what it wrote is in the pipe; take what is there, at
+            // most a pipe's worth and the kept tail (a process it left
+            // behind may write on).
+            let mut left = 2 * limit + 64 * 1024;
+            while open && left > 0 && hardware::wait_readable(output.as_raw_fd(), Some(Duration::ZERO)) {
                 match output.read(&mut chunk) {
                     Ok(0) | Err(_) => open = false,
-                    Ok(read) => tail.push(&chunk[..read]),
+                    Ok(read) => {
+                        tail.push(&chunk[..read]);
+                        left = left.saturating_sub(read);
+                    }
                 }
             }
             return (tail.last_line(), true);
@@ -959,6 +982,7 @@ fn escape_unprintable(text: &str) -> String {
 /// The last line of what `output` gives until its end, from at most its
 /// last `limit` bytes (lossily decoded, trimmed); memory stays within
 /// three times `limit` whatever the writer sends.
+#[cfg(test)]
 fn last_line(mut output: impl Read, limit: usize) -> String {
     let mut tail = Tail::new(limit);
     let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
@@ -1107,6 +1131,38 @@ mod tests {
     fn the_last_non_empty_line_is_the_report() {
         assert_eq!(last_line(&b"started\n{\"a\":1}\n\n"[..], 1024), "{\"a\":1}");
         assert_eq!(last_line(&b""[..], 1024), "");
+    }
+
+    /// A vmm writing without pause is read no faster than the rate: it
+    /// waits on its full pipe, in its own CPU quota, and its report still
+    /// comes through. Before, the watcher read all it wrote as fast as it
+    /// came, a reflector thread's CPU outside any quota (an adversarial
+    /// review found it). A bound, not a timing: the bucket cannot give
+    /// more than its burst and its rate over the time it took.
+    #[test]
+    fn a_flooding_vmms_output_is_read_no_faster_than_its_rate() {
+        use std::io::Write;
+        use std::os::fd::{FromRawFd, OwnedFd};
+        const LIMIT: usize = 16 * 1024;
+        const RATE: u64 = 256 * 1024;
+        const FLOOD: usize = 384 * 1024;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into two ints; checked.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: two fresh descriptors, each owned once from here on.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let writer = std::thread::spawn(move || {
+            let mut write = std::fs::File::from(write);
+            write.write_all(&vec![b'x'; FLOOD]).unwrap();
+            write.write_all(b"\n{\"outcome\":\"exit\"}\n").unwrap();
+        });
+        let started = std::time::Instant::now();
+        let (report, _) = super::read_report(read, None, std::process::id() as libc::pid_t, LIMIT, RATE);
+        let took = started.elapsed();
+        writer.join().unwrap();
+        assert_eq!(report, "{\"outcome\":\"exit\"}");
+        let at_least = std::time::Duration::from_secs_f64((FLOOD - 2 * LIMIT) as f64 / RATE as f64);
+        assert!(took >= at_least, "{FLOOD} bytes read in {took:?}: faster than {RATE} bytes a second");
     }
 
     /// What a vmm writes reaches the log and `reflector status`: no escape
