@@ -92,9 +92,15 @@ impl Placement {
     }
 
     /// In the child, between fork and exec (async-signal-safe calls only,
-    /// no allocation): moves every source to its number, then marks every
-    /// descriptor above the highest number close-on-exec. Closing them
-    /// instead would also close the standard library's exec-error pipe.
+    /// no allocation): marks every descriptor above standard error
+    /// close-on-exec, then moves every source to its number (`dup2` clears
+    /// the mark on its copy alone). Closing them instead would also close
+    /// the standard library's exec-error pipe. Every number the child is
+    /// not given is marked, gaps between targets included: a descriptor
+    /// the parent inherited without close-on-exec at such a number (QEMU's
+    /// targets leave gaps; a directory inherited there would open the
+    /// jail's empty root) reached the child when only the numbers above the
+    /// highest target were marked (an adversarial review found it).
     pub fn install_in_child(&mut self) -> std::io::Result<()> {
         let above = self.placed.iter().map(|(_, target)| *target).max().unwrap_or(2) + 1;
         for ((source, _), parked) in self.placed.iter().zip(self.parked.iter_mut()) {
@@ -105,6 +111,7 @@ impl Placement {
                 return Err(std::io::Error::last_os_error());
             }
         }
+        close_on_exec_from(3);
         for ((_, target), parked) in self.placed.iter().zip(&self.parked) {
             // SAFETY: dup2 onto a number this child owns; the copy is not
             // close-on-exec, so it survives the exec.
@@ -112,7 +119,6 @@ impl Placement {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        close_on_exec_from(above);
         Ok(())
     }
 }
@@ -213,6 +219,26 @@ mod tests {
         if extra.as_raw_fd() > fa.max(fb) {
             assert!(!seen[2].unwrap().2, "anything else is close-on-exec");
         }
+    }
+
+    /// A descriptor the parent holds without close-on-exec, at a number
+    /// between two targets, does not reach the program.
+    #[test]
+    fn a_descriptor_in_a_gap_between_targets_does_not_survive_the_exec() {
+        let inherited = std::fs::File::open("/dev/null").unwrap();
+        // SAFETY: F_DUPFD (not close-on-exec) of a descriptor we hold, at
+        // 200 or above; checked below.
+        let gap = unsafe { libc::fcntl(inherited.as_raw_fd(), libc::F_DUPFD, 200) };
+        assert!(gap >= 200);
+        // SAFETY: a fresh descriptor owned from here on.
+        let _gap = unsafe { OwnedFd::from_raw_fd(gap) };
+        let (a, b) = (std::fs::File::open("/dev/zero").unwrap(), tempfile_in_tmp());
+        let mut placement = Placement::new();
+        placement.place(a.as_raw_fd(), gap - 1);
+        placement.place(b.as_raw_fd(), gap + 1);
+        let seen = in_child(placement, &[gap - 1, gap, gap + 1]);
+        assert!(seen[0].unwrap().2 && seen[2].unwrap().2, "placed ones survive the exec");
+        assert!(!seen[1].unwrap().2, "the descriptor between the targets survives the exec");
     }
 
     fn tempfile_in_tmp() -> std::fs::File {
