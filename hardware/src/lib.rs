@@ -149,7 +149,9 @@ pub trait Hardware: Send + Sync {
     /// cannot spend the host's CPU through its device while its own vCPU
     /// sleeps under its quota. None where the device's work is not the
     /// reflector's (a device model's process, under its jail's limits; a
-    /// real device; a memory disk, which the driver's vCPU copies).
+    /// real device; a memory disk, which the driver's vCPU copies); a
+    /// device model's card has one, for the frames the reflector's thread
+    /// carries from it into the switch.
     fn work(&self) -> Option<&WorkAllowance> {
         None
     }

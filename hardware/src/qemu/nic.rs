@@ -9,7 +9,7 @@
 use crate::shared_eventfd::SharedEventFd;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -37,7 +37,24 @@ struct Wire {
     socket: UnixDatagram,
     /// Frames the card could not take (its socket buffer was full).
     dropped: AtomicU64,
+    /// What the card may send into the switch: the frames the reflector
+    /// handed its driver, and [`crate::sim_nic::TX_WORK_SPARE`] more per
+    /// driver VM. Each frame is carried on the reflector's wire thread, and
+    /// delivered on it into the receiving card (another tenant's); a
+    /// driver that wrote a ring of frames nobody asked for and rang once
+    /// had QEMU send them all, a reflector core and the switch's lock (an
+    /// adversarial review found it). Past it, the thread stops reading the
+    /// cable until more is granted, so QEMU's sends wait, in its own quota.
+    work: crate::WorkAllowance,
+    /// The card is gone: the thread ends.
+    unplugged: AtomicBool,
 }
+
+/// How long the wire thread waits before it looks at the allowance again
+/// once it is spent: the next grant comes with the next frame the reflector
+/// hands the driver, and a millisecond's wait is a thousand wake-ups a
+/// second of an idle thread at most.
+const WORK_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 impl SwitchPort for Wire {
     fn receive(&self, frame: &[u8]) {
@@ -82,13 +99,13 @@ impl QemuNic {
             wire: Some(theirs),
         })?;
         let reader = ours.try_clone()?;
-        let wire = Arc::new(Wire { socket: ours, dropped: AtomicU64::new(0) });
+        let wire = Arc::new(Wire::new(ours));
         let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
         let port_id = switch.attach(weak, Some(mac)).map_err(std::io::Error::other)?;
-        let thread_switch = switch.clone();
+        let (thread_switch, thread_wire) = (switch.clone(), wire.clone());
         std::thread::Builder::new()
             .name(format!("{name}-wire"))
-            .spawn(move || carry_frames(&reader, &thread_switch, port_id))?;
+            .spawn(move || carry_frames(|frame| reader.recv(frame), &thread_wire, &thread_switch, port_id))?;
         Ok(QemuNic {
             process: Arc::new(process),
             interrupt,
@@ -111,13 +128,40 @@ impl QemuNic {
     }
 }
 
-/// Moves the frames the card sends into the switch until its socket closes.
-fn carry_frames(socket: &UnixDatagram, switch: &Switch, port_id: PortId) {
+impl Wire {
+    fn new(socket: UnixDatagram) -> Wire {
+        Wire {
+            socket,
+            dropped: AtomicU64::new(0),
+            work: crate::WorkAllowance::with_spare(crate::sim_nic::TX_WORK_SPARE),
+            unplugged: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Moves the frames the card sends (`recv`: its socket's) into the switch,
+/// each within the card's allowance, until its socket closes or the card is
+/// unplugged.
+fn carry_frames(
+    mut recv: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
+    wire: &Wire,
+    switch: &Switch,
+    port_id: PortId,
+) {
     let mut frame = vec![0u8; 65536];
     loop {
-        match socket.recv(&mut frame) {
+        while wire.work.exhausted() {
+            if wire.unplugged.load(Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(WORK_WAIT);
+        }
+        match recv(&mut frame) {
             Ok(0) => return,
-            Ok(len) if len <= guest_abi::nic::MAX_FRAME as usize => switch.forward(port_id, &frame[..len]),
+            Ok(len) if len <= guest_abi::nic::MAX_FRAME as usize => {
+                wire.work.spend(len as u64 + crate::COMMAND_WORK);
+                switch.forward(port_id, &frame[..len]);
+            }
             Ok(_) => {}
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
@@ -147,7 +191,13 @@ impl Hardware for QemuNic {
     }
 
     fn resume(&self) {
+        // A new driver starts with the spare alone.
+        self.wire.work.forgive();
         self.process.resume();
+    }
+
+    fn work(&self) -> Option<&crate::WorkAllowance> {
+        Some(&self.wire.work)
     }
 
     fn renew(&self) {
@@ -180,6 +230,69 @@ impl NetHardware for QemuNic {
 impl Drop for QemuNic {
     fn drop(&mut self) {
         self.switch.detach(self.port_id);
+        self.wire.unplugged.store(true, Ordering::Release);
         let _ = self.wire.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter(AtomicU64);
+
+    impl SwitchPort for Counter {
+        fn receive(&self, _frame: &[u8]) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A card whose driver had QEMU send a ring of frames nobody asked
+    /// for gets into the switch its spare's worth and no more: the cable
+    /// is not read again until the reflector grants more; then the rest
+    /// follows. Before, the wire thread carried every frame QEMU sent,
+    /// into another tenant's card. The card's side is a stand-in that
+    /// notes any read made while the allowance was spent.
+    #[test]
+    fn a_card_sends_into_the_switch_only_what_it_was_granted_and_its_spare() {
+        let switch = Switch::new("wire-test");
+        let (card_mac, victim_mac) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let victim = Arc::new(Counter::default());
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(victim.clone() as Arc<dyn SwitchPort>));
+        switch.attach(weak, Some(victim_mac)).unwrap();
+        let (ours, _qemu) = UnixDatagram::pair().unwrap();
+        let wire = Arc::new(Wire::new(ours));
+        let weak: Weak<dyn SwitchPort> = Arc::downgrade(&(wire.clone() as Arc<dyn SwitchPort>));
+        let port = switch.attach(weak, Some(card_mac)).unwrap();
+        let mut frame = vec![0u8; 1000];
+        frame[0..6].copy_from_slice(&victim_mac);
+        frame[6..12].copy_from_slice(&card_mac);
+        let per_frame = frame.len() as u64 + crate::COMMAND_WORK;
+        let sent = 4 * (crate::sim_nic::TX_WORK_SPARE / per_frame + 1);
+        let (thread_wire, thread_switch) = (wire.clone(), switch.clone());
+        let carrier = std::thread::spawn(move || {
+            let (mut given, mut read_while_spent) = (0, 0);
+            let card = |buffer: &mut [u8]| {
+                if given == sent {
+                    return Ok(0);
+                }
+                read_while_spent += u64::from(thread_wire.work.exhausted());
+                given += 1;
+                buffer[..frame.len()].copy_from_slice(&frame);
+                Ok(frame.len())
+            };
+            carry_frames(card, &thread_wire, &thread_switch, port);
+            read_while_spent
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !wire.work.exhausted() {
+            assert!(std::time::Instant::now() < deadline, "the spare was never spent");
+            std::thread::yield_now();
+        }
+        // Granted the rest, the rest follows.
+        wire.work.grant(sent * per_frame);
+        assert_eq!(carrier.join().unwrap(), 0, "the cable was read while the card's allowance was spent");
+        assert_eq!(victim.0.load(Ordering::Relaxed), sent);
     }
 }
