@@ -243,6 +243,13 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
             }
             let mut ready_at = None;
             let mut stop_reason = vcpu.run(RunUntil::End, &thread_stop, &mut || {
+                // Once: a guest saying it again and again would otherwise
+                // have this thread write again and again, and block on a
+                // supervisor's full pipe, past the watchdog and a stop
+                // request (an adversarial review found it).
+                if ready_at.is_some() {
+                    return;
+                }
                 ready_at = Some(Instant::now());
                 if let Some(file) = ready_file.as_mut() {
                     if let Err(error) = file.write_all(&1u64.to_ne_bytes()) {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
 use common::{kvm_available, output, run_json, vmm, TempDir};
 
 /// Where `faulty page-fault` reads (driver-vm/src/bin/faulty.rs).
@@ -305,6 +307,48 @@ fn hang_is_stopped_by_the_watchdog() {
     assert_eq!(status, 14, "{report}");
     assert_eq!(report["outcome"], "timeout");
     assert_eq!(report["after_ms"], 300);
+}
+
+/// A guest that says it is ready again and again does not hold its vmm
+/// on a `--ready-fd` pipe nobody reads: the vmm signals readiness once,
+/// and the watchdog still ends the guest. Before, each READY was a
+/// blocking write, and once the pipe was full the vCPU thread slept in it
+/// past the watchdog (an adversarial review found it).
+#[test]
+fn a_guest_saying_ready_again_and_again_is_still_stopped_by_the_watchdog() {
+    if !kvm_available("a_guest_saying_ready_again_and_again_is_still_stopped_by_the_watchdog") {
+        return;
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 into a two-element array; the write end is inherited
+    // (no O_CLOEXEC), the read end is marked close-on-exec below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), 0) }, 0);
+    // SAFETY: fresh descriptors we own from here on.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETFD on a descriptor we own.
+    unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let ready = write.as_raw_fd().to_string();
+    let child = vmm()
+        .args(["run", "--json", "--image", "faulty", "--cmdline", "ready-flood", "--timeout", "2s"])
+        .args(["--ready-fd", &ready])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run vmm");
+    drop(write);
+    let pid = child.id() as libc::pid_t;
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let Ok(output) = finished.recv_timeout(std::time::Duration::from_secs(20)) else {
+        // SAFETY: kill(2) of our own child, still unreaped.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!("the vmm was still running 20 s after its 2 s watchdog");
+    };
+    let report = common::report(&output.unwrap());
+    assert_eq!(report["outcome"], "timeout", "{report}");
+    drop(read);
 }
 
 #[test]

@@ -45,6 +45,7 @@ enum Failure {
     Hog,
     Halt,
     PokePic,
+    ReadyFlood,
     Exit(u32),
 }
 
@@ -69,11 +70,12 @@ impl Driver for Faulty {
             "hog" => Failure::Hog,
             "halt" => Failure::Halt,
             "poke-pic" => Failure::PokePic,
+            "ready-flood" => Failure::ReadyFlood,
             other => match other.strip_prefix("exit=").and_then(|code| code.parse().ok()) {
                 Some(code) => Failure::Exit(code),
                 None => {
                     return Err(Error::BadCommandLine(
-                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog, halt, poke-pic or exit=N",
+                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog, halt, poke-pic, ready-flood or exit=N",
                     ))
                 }
             },
@@ -114,6 +116,7 @@ impl Driver for Faulty {
             Failure::PokePic => unsafe {
                 core::arch::asm!("out dx, al", in("dx") 0x20u16, in("al") 0x20u8, options(nostack, nomem))
             },
+            Failure::ReadyFlood => ready_flood(),
             Failure::Exit(code) => return Ok(code),
         };
         Err(Error::Device("the requested failure did not happen"))
@@ -172,6 +175,17 @@ fn hang() -> ! {
 }
 
 driver_vm::driver_main!(Faulty);
+
+/// Says it is ready again and again, for ever (a supervisor that waited on
+/// each one would be held).
+fn ready_flood() -> ! {
+    loop {
+        // SAFETY: a port write with no memory effect (the vmm's READY port).
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") driver_vm::kernel::abi::port::READY, in("al") 1u8, options(nostack, nomem))
+        };
+    }
+}
 
 /// Allocates 256 KiB chunks, zeroed (so touched), and keeps them all.
 fn hog() -> ! {
