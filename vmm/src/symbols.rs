@@ -46,13 +46,19 @@ impl<'a> Symbols<'a> {
     /// buffers are.
     pub fn new(image: &'a [u8]) -> Self {
         let Ok(file) = object::File::parse(image) else { return Symbols { context: None, build_id: None } };
-        let build_id = file.build_id().ok().flatten().map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
+        // A GNU build-id is 20 bytes; a longer one (a hostile image's
+        // megabytes) is none.
+        let build_id = file
+            .build_id()
+            .ok()
+            .flatten()
+            .filter(|id| id.len() <= MAX_BUILD_ID)
+            .map(|id| id.iter().map(|b| format!("{b:02x}")).collect());
         let load = |id: gimli::SectionId| -> Result<Reader<'a>, gimli::Error> {
             let data = file.section_by_name(id.name()).and_then(|section| section.data().ok()).unwrap_or(&[]);
             Ok(gimli::EndianSlice::new(data, gimli::RunTimeEndian::Little))
         };
-        let context = gimli::Dwarf::load(load).ok().and_then(|dwarf| addr2line::Context::from_dwarf(dwarf).ok());
-        Symbols { context, build_id }
+        Symbols { context: gimli::Dwarf::load(load).ok().and_then(context), build_id }
     }
 
     /// The build-id, in hex.
@@ -103,6 +109,36 @@ impl<'a> Symbols<'a> {
             chain.join(" < ")
         }
     }
+}
+
+/// The longest build-id taken, in bytes (a GNU one is 20).
+const MAX_BUILD_ID: usize = 64;
+
+/// The deepest nesting of debugging entries an image's DWARF may have for
+/// its addresses to be looked up: `addr2line` walks a function's inlined
+/// calls recursively, so entries nested 100,000 deep (a hostile image's,
+/// a byte each) overflowed the vmm's stack as it wrote its report, and it
+/// ended without one (an adversarial review found it). The compiler's nest
+/// a few tens deep.
+const MAX_ENTRY_DEPTH: isize = 256;
+
+/// The lookup context of `dwarf`, if its entries are no deeper than
+/// [`MAX_ENTRY_DEPTH`] (read without recursion) and it parses.
+fn context(dwarf: gimli::Dwarf<Reader<'_>>) -> Option<addr2line::Context<Reader<'_>>> {
+    let mut headers = dwarf.units();
+    while let Some(header) = headers.next().ok()? {
+        let unit = dwarf.unit(header).ok()?;
+        let mut entries = unit.entries_raw(None).ok()?;
+        while !entries.is_empty() {
+            if entries.next_depth() > MAX_ENTRY_DEPTH {
+                return None;
+            }
+            if let Some(abbreviation) = entries.read_abbreviation().ok()? {
+                entries.skip_attributes(abbreviation.attributes()).ok()?;
+            }
+        }
+    }
+    addr2line::Context::from_dwarf(dwarf).ok()
 }
 
 /// Whether a frame is in the driver's own code, not the standard library's.
@@ -164,6 +200,71 @@ mod tests {
         assert!(return_addresses(&memory, 0x7ff8, 0x8000..0x9000).is_empty());
         assert!(return_addresses(&memory, 0x8004, 0x8000..0x9000).is_empty());
         assert!(return_addresses(&memory, 0xfff8, 0x8000..0x20000).is_empty());
+    }
+
+    /// DWARF of one compile unit and one function covering 0x1000..0x2000,
+    /// with `depth` inlined calls nested inside it.
+    fn nested_dwarf(depth: usize) -> (Vec<u8>, Vec<u8>) {
+        const CHILDREN: u8 = 1;
+        // Abbreviations: 1 compile unit, 2 subprogram (both low_pc as an
+        // address, high_pc as an 8-byte length), 3 inlined subroutine.
+        let abbrev = vec![
+            1, 0x11, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
+            2, 0x2e, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
+            3, 0x1d, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
+            0,
+        ];
+        let range = |entries: &mut Vec<u8>| {
+            entries.extend_from_slice(&0x1000u64.to_le_bytes());
+            entries.extend_from_slice(&0x1000u64.to_le_bytes());
+        };
+        let mut entries = vec![1];
+        range(&mut entries);
+        entries.push(2);
+        range(&mut entries);
+        for _ in 0..depth {
+            entries.push(3);
+            range(&mut entries);
+        }
+        entries.extend(std::iter::repeat_n(0, depth + 2));
+        // A DWARF 4 unit header: length, version, abbreviations at 0,
+        // addresses of 8 bytes.
+        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
+        info.extend_from_slice(&4u16.to_le_bytes());
+        info.extend_from_slice(&0u32.to_le_bytes());
+        info.push(8);
+        info.extend_from_slice(&entries);
+        (info, abbrev)
+    }
+
+    fn symbols_of<'a>(info: &'a [u8], abbrev: &'a [u8]) -> Symbols<'a> {
+        let load = |id: gimli::SectionId| -> Result<Reader<'a>, gimli::Error> {
+            let data = match id {
+                gimli::SectionId::DebugInfo => info,
+                gimli::SectionId::DebugAbbrev => abbrev,
+                _ => &[],
+            };
+            Ok(gimli::EndianSlice::new(data, gimli::RunTimeEndian::Little))
+        };
+        Symbols { context: gimli::Dwarf::load(load).ok().and_then(context), build_id: None }
+    }
+
+    /// An image whose debugging entries nest without end gives no symbols,
+    /// and looking an address up in it returns, on a thread of an ordinary
+    /// stack. Before, the lookup recursed through every level and
+    /// overflowed the stack.
+    #[test]
+    fn dwarf_nested_without_end_gives_no_symbols_instead_of_overflowing_the_stack() {
+        let (info, abbrev) = nested_dwarf(4);
+        assert!(symbols_of(&info, &abbrev).context.is_some(), "shallow DWARF was refused");
+        let (info, abbrev) = nested_dwarf(200_000);
+        let looked_up = std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(move || symbols_of(&info, &abbrev).frames(0x1800).len())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(looked_up, 0);
     }
 
     #[test]
