@@ -393,6 +393,7 @@ fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_
             wire: None,
             jail: None,
             posted_mirror: None,
+            work: None,
         })
         .unwrap();
         fn driver<'a>(model: &'a QemuModel, memory: &'a SharedMemory) -> Controller<Bar<'a>, Dma<'a>, Clock> {
@@ -523,6 +524,16 @@ fn supervised_nvme(
     tag: &str,
     posted_mirror: Option<usize>,
 ) -> (tempdir::Dir, PathBuf, Arc<SharedMemory>, Arc<hardware::qemu::SupervisedModel>) {
+    supervised_nvme_within(qemu, tag, posted_mirror, None)
+}
+
+/// As [`supervised_nvme`], its driver's accesses charged to `work`.
+fn supervised_nvme_within(
+    qemu: PathBuf,
+    tag: &str,
+    posted_mirror: Option<usize>,
+    work: Option<Arc<hardware::WorkAllowance>>,
+) -> (tempdir::Dir, PathBuf, Arc<SharedMemory>, Arc<hardware::qemu::SupervisedModel>) {
     use hardware::qemu::{ProcessSpec, SupervisedModel};
     let dir = tempdir::Dir::new(tag);
     let image = dir.0.join("disk.img");
@@ -539,9 +550,57 @@ fn supervised_nvme(
         wire: None,
         jail: None,
         posted_mirror,
+        work,
     })
     .unwrap();
     (dir, image, memory, Arc::new(supervised))
+}
+
+/// A driver writing accesses to BAR0 without pause gets the proxy to
+/// perform its allowance's worth and no more: the proxy takes nothing more
+/// until more is granted, and then goes on. Before, the proxy performed
+/// every access a driver wrote, each a qtest round trip on a reflector
+/// thread, at no cost of the driver's (an adversarial review found it).
+#[test]
+fn a_driver_flooding_bar0_gets_its_allowances_worth_of_accesses_and_no_more() {
+    use hardware::qemu::ACCESS_WORK;
+    use std::io::{Read, Write};
+    let Some(qemu) = qemu() else { return };
+    const SPARE: u64 = 64;
+    let work = Arc::new(hardware::WorkAllowance::with_spare(SPARE * ACCESS_WORK));
+    let (_dir, _image, _memory, supervised) = supervised_nvme_within(qemu, "flood", None, Some(work.clone()));
+    let trap = supervised.trap();
+    let (stream, _grant) = trapped_connection(&trap);
+    // A hang guard: a socket the proxy stopped reading fills.
+    stream.set_write_timeout(Some(BOUND)).unwrap();
+    // INTMS: setting interrupt mask bits, harmless to a disabled controller;
+    // then a read of it, answered only once every write before it is done.
+    // Fewer than the socket holds unread (each write is a buffer of its
+    // own), more than the spare.
+    const INTMS: u32 = 0x0c;
+    const WRITES: u64 = 150;
+    for _ in 0..WRITES {
+        assert!(trapped_write32(&stream, INTMS, 1), "the proxy's socket filled");
+    }
+    let read = guest_abi::trap::Access { kind: guest_abi::trap::READ, size: 4, offset: INTMS, value: 0 };
+    (&stream).write_all(&read.encode()).unwrap();
+    let deadline = std::time::Instant::now() + BOUND;
+    while !work.exhausted() {
+        assert!(std::time::Instant::now() < deadline, "the spare was never spent");
+        std::thread::yield_now();
+    }
+    // Not a timing assertion: a proxy that goes on past its allowance
+    // answers the read within milliseconds; one that stops never does.
+    stream.set_read_timeout(Some(std::time::Duration::from_millis(500))).unwrap();
+    let mut reply = [0u8; guest_abi::trap::REPLY_LEN];
+    assert!((&stream).read_exact(&mut reply).is_err(), "the proxy went on past its allowance");
+    assert_eq!(work.done(), (SPARE + 1) * ACCESS_WORK, "accesses were taken past the spare");
+    // Granted the rest, it goes on, and the read is answered.
+    work.grant((WRITES + 1 - (SPARE + 1)) * ACCESS_WORK);
+    stream.set_read_timeout(Some(BOUND)).unwrap();
+    (&stream).read_exact(&mut reply).expect("the read after the grant");
+    assert_eq!(work.done(), (WRITES + 1) * ACCESS_WORK);
+    supervised.stop();
 }
 
 #[test]
@@ -579,7 +638,7 @@ fn a_connection_is_never_made_on_a_process_whose_connections_were_handed_over() 
     supervised.quiesce();
     supervised.resume();
     assert_eq!(supervised.restarts(), 1);
-    assert!(old.connect(None).is_err(), "a connection was made on the replaced process");
+    assert!(old.connect(None, None).is_err(), "a connection was made on the replaced process");
     let (stream, _grant) = trapped_connection(&trap);
     assert!(trapped_read32(&stream, 0).is_some_and(|cap| cap != u32::MAX), "the spare must reach the new process");
 }

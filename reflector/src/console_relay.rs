@@ -14,9 +14,11 @@
 //! service, dropping other devices' lines with the flood; a log file would
 //! fill the host's disk. So every jailed vmm gets a pipe, and one thread
 //! here copies what comes through it to the reflector's standard error,
-//! whole writes at a time (a vmm writes each line at once, and a pipe
-//! keeps writes of up to a page whole), so lines of different driver VMs
-//! do not mix. Each driver VM's output may add [`RATE`] bytes a second to
+//! whole lines only (a read may end anywhere in one: the start waits for
+//! its end), each starting with the driver VM's name as the reflector
+//! knows it and its unprintable characters escaped, so lines of different
+//! driver VMs do not mix and none passes for another's. Each driver VM's
+//! output may add [`RATE`] bytes a second to
 //! the log, in bursts of [`BURST`] (its start, a crash report), a line
 //! costing [`LINE_COST`] at least (a journal counts lines); what comes
 //! beyond is dropped, and a line says how much. The relay reads each pipe
@@ -24,7 +26,7 @@
 //! writing without pause waits on its full pipe, in its own CPU quota,
 //! instead of costing the relay a core.
 //!
-//! What it is not: a filter, nor a guard against a log that does not take
+//! What it is not: a filter of what a line says, nor a guard against a log that does not take
 //! what it is given. A standard error that blocks (a pipe nobody reads)
 //! holds this thread, and then each vmm at its next line once its pipe is
 //! full, as it would hold them had they inherited it. Unjailed vmms
@@ -40,12 +42,13 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-/// A jailed vmm's standard error: a pipe into the relay.
-pub fn stderr_for_jailed_vmm() -> std::io::Result<Stdio> {
+/// A jailed vmm's standard error, driver VM `name`'s: a pipe into the
+/// relay.
+pub fn stderr_for_jailed_vmm(name: &str) -> std::io::Result<Stdio> {
     let (read, write) = hardware::descriptors::pipe()?;
     relay()
         .map_err(|error| std::io::Error::new(error.kind(), format!("starting the console relay: {error}")))?
-        .add(read)?;
+        .add(read, name)?;
     Ok(Stdio::from(write))
 }
 
@@ -57,10 +60,20 @@ struct Relay {
     pipes: Mutex<HashMap<RawFd, Arc<Pipe>>>,
 }
 
-/// One driver VM's output: its pipe and what it may still add to the log.
+/// One driver VM's output: its pipe, whose it is, and what it may still
+/// add to the log.
 struct Pipe {
     file: File,
+    /// The driver VM's name: every line it adds to the log starts with it
+    /// in brackets, whatever it wrote.
+    name: String,
     budget: Mutex<Budget>,
+}
+
+impl Pipe {
+    fn new(file: File, name: &str) -> Pipe {
+        Pipe { file, name: name.to_owned(), budget: Mutex::new(Budget::new()) }
+    }
 }
 
 /// Bytes a second one driver VM's output may add to the log: a driver's
@@ -82,38 +95,98 @@ pub const LINE_COST: u64 = 256;
 /// dropping all that a vmm can write cost the relay a core.
 pub const READ_RATE: u64 = 16 << 20;
 
-/// What the relay reads at once: a pipe's worth, so that a line (a whole
-/// write of up to a page) is never split between two reads.
+/// What the relay reads at once: a pipe's worth.
 const CHUNK: usize = 64 * 1024;
 
+/// The longest line the relay passes on: a longer one is cut there, and
+/// the rest of it, up to its end, dropped (a vmm's own lines are at most
+/// 4 KiB of a guest's console, escaped).
+const MAX_LINE: usize = 32 * 1024;
+
 /// What one driver VM's output may still add to the log, what the relay
-/// may still read of it, and what it lost since it last could say so.
+/// may still read of it, what it lost since it last could say so, and the
+/// line it has begun and not ended.
 struct Budget {
     log: TokenBucket,
     reads: TokenBucket,
     dropped: u64,
+    /// The start of a line a read ended in the middle of: a vmm's write
+    /// is not whole in a pipe past a page, nor when the pipe was full, so
+    /// a read may end anywhere. Passed on only with its end, so that
+    /// another driver VM's line never follows it on the same log line, and
+    /// the rest of it never starts one.
+    unfinished: Vec<u8>,
+    /// The line under way was cut at [`MAX_LINE`]: the rest of it, up to
+    /// its end, is dropped.
+    cut: bool,
 }
 
 impl Budget {
     fn new() -> Self {
-        Budget { log: TokenBucket::full(RATE, BURST), reads: TokenBucket::full(READ_RATE, READ_RATE), dropped: 0 }
+        Budget {
+            log: TokenBucket::full(RATE, BURST),
+            reads: TokenBucket::full(READ_RATE, READ_RATE),
+            dropped: 0,
+            unfinished: Vec::new(),
+            cut: false,
+        }
     }
 
-    /// How much of `data`, just read, may go to the log now: the whole
-    /// lines that fit the budget, each costing its bytes or [`LINE_COST`]
-    /// if more (taken); the rest is dropped.
-    fn take(&mut self, data: &[u8]) -> usize {
-        let mut allowed = 0;
-        for line in data.split_inclusive(|&byte| byte == b'\n') {
-            let cost = (line.len() as u64).max(LINE_COST);
-            if cost > self.log.tokens() {
-                break;
+    /// The lines `data` (just read) ends, after what earlier reads began,
+    /// for driver VM `name`: each that fits the budget (its bytes, or
+    /// [`LINE_COST`] if more) is appended to `out` as `[name] ` and its
+    /// text, its unprintable characters escaped; the others are dropped,
+    /// whole. `ended`: its writers are gone, and a line begun is a line.
+    fn lines(&mut self, data: &[u8], name: &str, ended: bool, out: &mut Vec<u8>) {
+        let mut rest = data;
+        while let Some(at) = rest.iter().position(|&byte| byte == b'\n') {
+            let line = &rest[..at];
+            rest = &rest[at + 1..];
+            if std::mem::take(&mut self.cut) {
+                self.dropped += line.len() as u64 + 1;
+            } else if self.unfinished.is_empty() {
+                self.line(line, name, out);
+            } else {
+                let mut whole = std::mem::take(&mut self.unfinished);
+                whole.extend_from_slice(line);
+                self.line(&whole, name, out);
             }
-            self.log.spend(cost);
-            allowed += line.len();
         }
-        self.dropped += (data.len() - allowed) as u64;
-        allowed
+        if self.cut {
+            self.dropped += rest.len() as u64;
+        } else {
+            self.unfinished.extend_from_slice(rest);
+            if self.unfinished.len() >= MAX_LINE {
+                let mut whole = std::mem::take(&mut self.unfinished);
+                self.dropped += whole.len().saturating_sub(MAX_LINE) as u64;
+                whole.truncate(MAX_LINE);
+                self.line(&whole, name, out);
+                self.cut = !ended;
+            }
+        }
+        if ended && !self.unfinished.is_empty() {
+            let whole = std::mem::take(&mut self.unfinished);
+            self.line(&whole, name, out);
+        }
+    }
+
+    /// One line (without its end), passed on to `out` if it fits.
+    fn line(&mut self, line: &[u8], name: &str, out: &mut Vec<u8>) {
+        let cost = (line.len() as u64 + 1).max(LINE_COST);
+        if cost > self.log.tokens() {
+            self.dropped += line.len() as u64 + 1;
+            return;
+        }
+        self.log.spend(cost);
+        let text = String::from_utf8_lossy(line);
+        // The vmm names its own lines so; any other start is kept, behind
+        // the name the relay knows (a line claiming another's name shows
+        // whose it is).
+        let prefix = format!("[{name}] ");
+        let text = text.strip_prefix(prefix.as_str()).unwrap_or(&text);
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(crate::untrusted_text::escape(text).as_bytes());
+        out.push(b'\n');
     }
 }
 
@@ -136,15 +209,16 @@ impl Relay {
         self.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Watches `read` until its writers are gone.
-    fn add(&self, read: OwnedFd) -> std::io::Result<()> {
+    /// Watches `read`, driver VM `name`'s output, until its writers are
+    /// gone.
+    fn add(&self, read: OwnedFd, name: &str) -> std::io::Result<()> {
         let fd = read.as_raw_fd();
         // SAFETY: fcntl(2) on a descriptor we own: a read never blocks the
         // relay's other pipes.
         if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        self.pipes().insert(fd, Arc::new(Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) }));
+        self.pipes().insert(fd, Arc::new(Pipe::new(File::from(read), name)));
         let event = EpollEvent::new(EventSet::IN, fd as u64);
         self.epoll.ctl(ControlOperation::Add, fd, event).inspect_err(|_| {
             self.pipes().remove(&fd);
@@ -224,6 +298,7 @@ enum Flow {
 /// could.
 fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> Flow {
     let mut budget = pipe.budget.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut lines = Vec::new();
     for _ in 0..READS_PER_TURN {
         // Room for a whole read, charged for what it brings.
         if budget.reads.tokens() < buffer.len() as u64 {
@@ -233,21 +308,25 @@ fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> Flow {
             Ok(read) if read > 0 => {
                 budget.reads.spend(read as u64);
                 let dropped = budget.dropped;
-                let allowed = budget.take(&buffer[..read]);
-                if allowed > 0 {
+                lines.clear();
+                budget.lines(&buffer[..read], &pipe.name, false, &mut lines);
+                if !lines.is_empty() {
                     // What was lost before these lines is said before them;
                     // what this read loses, later.
                     budget.dropped -= dropped;
                     say_dropped(dropped, log);
                     // One that fails (a reader gone) loses only this output.
-                    let _ = log.write_all(&buffer[..allowed]);
+                    let _ = log.write_all(&lines);
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return Flow::Open,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             _ => {
                 // The end of its output (a flood is often a driver VM's
-                // last act): what it lost is said now or never.
+                // last act): its last line, and what it lost, now or never.
+                lines.clear();
+                budget.lines(&[], &pipe.name, true, &mut lines);
+                let _ = log.write_all(&lines);
                 say_dropped(std::mem::take(&mut budget.dropped), log);
                 return Flow::Gone;
             }
@@ -280,7 +359,7 @@ mod tests {
         let (read, write) = hardware::descriptors::pipe().unwrap();
         // SAFETY: fcntl(2) on a descriptor this test owns.
         assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
-        let pipe = Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) };
+        let pipe = Pipe::new(File::from(read), "vm");
         let started = std::time::Instant::now();
         let flood = std::thread::spawn(move || {
             let mut write = File::from(write);
@@ -298,8 +377,13 @@ mod tests {
         flood.join().unwrap();
         let allowed = BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000 + 64 * 1024;
         let text = String::from_utf8_lossy(&log);
-        let flood = |line: &&str| line.bytes().all(|byte| byte == b'x');
-        let logged = text.lines().filter(flood).map(|line| line.len() as u64 + 1).sum::<u64>();
+        let flood = |text: &&str| text.bytes().all(|byte| byte == b'x');
+        let logged = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("[vm] "))
+            .filter(flood)
+            .map(|line| line.len() as u64 + 1)
+            .sum::<u64>();
         assert!(logged <= allowed, "{logged} bytes logged of {}, {allowed} allowed", 8 * BURST);
         assert!(logged >= BURST / 2, "the burst itself was not logged: {logged} bytes");
         // Every byte is either in the log or said to be dropped, the last
@@ -318,7 +402,7 @@ mod tests {
         let (read, write) = hardware::descriptors::pipe().unwrap();
         // SAFETY: fcntl(2) on a descriptor this test owns.
         assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
-        (Pipe { file: File::from(read), budget: Mutex::new(Budget::new()) }, File::from(write))
+        (Pipe::new(File::from(read), "vm"), File::from(write))
     }
 
     /// Lines cost [`LINE_COST`] each at least: a vmm printing empty lines
@@ -338,7 +422,7 @@ mod tests {
         // 256 bytes a line: a journal's default limit is 333 lines a second.
         let allowed = (BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000) / 256;
         // The flood's (empty) lines, not the notes of what was dropped.
-        let lines = String::from_utf8_lossy(&log).lines().filter(|line| line.is_empty()).count() as u64;
+        let lines = String::from_utf8_lossy(&log).lines().filter(|line| *line == "[vm] ").count() as u64;
         assert!(lines <= allowed + 1, "{lines} lines logged, {allowed} allowed");
         assert!(lines >= BURST / 256 / 2, "the burst's lines were not logged: {lines}");
     }
@@ -372,5 +456,48 @@ mod tests {
         assert!(!flood.is_finished(), "the flooding writer was not held by its full pipe");
         drop(pipe);
         assert!(flood.join().unwrap() < (4 * READ_RATE / CHUNK as u64) as usize);
+    }
+
+    /// Every line a driver VM adds to the log starts with its name, is
+    /// whole, and holds nothing a terminal acts on, however the vmm wrote
+    /// it: in pieces a read ends in the middle of, claiming another driver
+    /// VM's name, with escape sequences, or past the longest line. Before,
+    /// the relay copied its bytes as they came, so a line cut by a read
+    /// was ended by another driver VM's output, and a compromised vmm could
+    /// write lines that looked like another's (an adversarial review
+    /// found it).
+    #[test]
+    fn every_line_a_driver_vm_adds_is_whole_named_and_printable() {
+        let (honest, mut honest_end) = pipe();
+        let (mut hostile, mut hostile_end) = pipe();
+        hostile.name = "bad".into();
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+        hostile_end.write_all(b"the start of a line, then\x1b[2J").unwrap();
+        assert_eq!(copy(&hostile, &mut buffer, &mut log), Flow::Open);
+        honest_end.write_all(b"[vm] an honest line\n").unwrap();
+        assert_eq!(copy(&honest, &mut buffer, &mut log), Flow::Open);
+        let writer = std::thread::spawn(move || {
+            hostile_end.write_all(b" its end\n[vm] attached, all verified\r\x1b[1A\n").unwrap();
+            hostile_end.write_all(&vec![b'y'; 3 * MAX_LINE]).unwrap();
+            hostile_end.write_all(b"\nafter the long line\n").unwrap();
+        });
+        while copy(&hostile, &mut buffer, &mut log) != Flow::Gone {
+            std::thread::yield_now();
+        }
+        writer.join().unwrap();
+        drop(honest_end);
+        let text = String::from_utf8(log).unwrap();
+        let (notes, lines): (Vec<&str>, Vec<&str>) = text.lines().partition(|line| line.starts_with("reflector: "));
+        assert_eq!(lines[0], "[vm] an honest line", "{text}");
+        assert_eq!(lines[1], "[bad] the start of a line, then\\u001b[2J its end", "{text}");
+        assert_eq!(lines[2], "[bad] [vm] attached, all verified\\u000d\\u001b[1A", "{text}");
+        assert_eq!(lines[3], format!("[bad] {}", "y".repeat(MAX_LINE)), "the long line is cut at the longest");
+        assert_eq!(lines[4], "[bad] after the long line", "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
+        let noted: usize = notes
+            .iter()
+            .filter_map(|line| line.strip_prefix("reflector: ")?.split(' ').next()?.parse::<usize>().ok())
+            .sum();
+        assert_eq!(noted, 2 * MAX_LINE + 1, "the rest of the long line is said to be dropped: {notes:?}");
     }
 }

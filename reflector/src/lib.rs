@@ -42,6 +42,7 @@ pub mod sockets;
 pub mod spare_starter;
 pub mod supervisor;
 pub mod token_bucket;
+pub mod untrusted_text;
 pub mod worker;
 
 /// The devices driver VMs drive (the `hardware` crate).

@@ -493,7 +493,7 @@ impl DriverLauncher {
         let mut prepared = self.command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)), slot)?;
         // A jailed vmm may write no regular file (its jail's `RLIMIT_FSIZE`).
         if spec.jail.is_some() {
-            prepared.command.stderr(crate::console_relay::stderr_for_jailed_vmm()?);
+            prepared.command.stderr(crate::console_relay::stderr_for_jailed_vmm(&spec.name)?);
         }
         let (child, pid) = prepared
             .spawn()
@@ -942,41 +942,12 @@ impl Tail {
     }
 
     /// Its last non-empty line (lossily decoded, trimmed), every character
-    /// that is not [`printable`] escaped ([`escape_unprintable`]).
+    /// that is not printable escaped ([`crate::untrusted_text::escape`]).
     fn last_line(&self) -> String {
         let kept = &self.bytes[self.bytes.len().saturating_sub(self.limit)..];
         let text = String::from_utf8_lossy(kept);
-        escape_unprintable(text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or(""))
+        crate::untrusted_text::escape(text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or(""))
     }
-}
-
-/// Whether `c`, from text a vmm or its guest wrote, may reach a log line
-/// or an operator's terminal as it is: not a control character (C0, DEL,
-/// C1: escape sequences, carriage returns) nor one that reorders or hides
-/// text (bidirectional controls, zero-width characters, line and
-/// paragraph separators).
-pub fn printable(c: char) -> bool {
-    !c.is_control()
-        && !matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
-}
-
-/// `text` with each character that is not [`printable`] written as its
-/// JSON escape (`\u001b`). A vmm's report is one JSON line, whose strings
-/// never hold a raw control character: an honest report keeps its
-/// meaning, and a hostile one can no longer move an operator's cursor,
-/// retitle their terminal or forge a line when the reflector logs it or
-/// `reflector status` prints it (an adversarial review found the report
-/// went there raw).
-fn escape_unprintable(text: &str) -> String {
-    let mut escaped = String::with_capacity(text.len());
-    for c in text.chars() {
-        if printable(c) {
-            escaped.push(c);
-        } else {
-            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
-        }
-    }
-    escaped
 }
 
 /// The last line of what `output` gives until its end, from at most its
@@ -1084,7 +1055,7 @@ pub fn crash_site(report: &str) -> Option<String> {
     let location = report.get("location")?;
     let text = |value: Option<&serde_json::Value>| -> String {
         let raw = value.and_then(serde_json::Value::as_str).unwrap_or("");
-        raw.chars().filter(|&c| printable(c)).take(200).collect()
+        raw.chars().filter(|&c| crate::untrusted_text::printable(c)).take(200).collect()
     };
     let line = location.get("line").and_then(serde_json::Value::as_u64)?;
     let (function, file) = (text(location.get("function")), text(location.get("file")));
@@ -1174,7 +1145,7 @@ mod tests {
         assert_eq!(last_line(honest.as_bytes(), 1024), honest);
         let hostile = "{\"outcome\":\"exit\"}\x1b]0;pwned\x07\r\x1b[1A\u{9b}2J\u{202e}\u{2028}x";
         let line = last_line(hostile.as_bytes(), 1024);
-        assert!(line.chars().all(super::printable), "{line:?}");
+        assert!(line.chars().all(crate::untrusted_text::printable), "{line:?}");
         assert_eq!(line, r#"{"outcome":"exit"}\u001b]0;pwned\u0007\u000d\u001b[1A\u009b2J\u202e\u2028x"#);
     }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 pub use nic::QemuNic;
 pub use nvme::QemuNvme;
-pub use proxy::PostedRegisters;
+pub use proxy::{PostedRegisters, ACCESS_WORK};
 pub use qtest::{Qtest, QtestError, ANSWER_SPIN, ANSWER_TIMEOUT};
 pub use supervised::{ProcessSpec, SupervisedModel};
 

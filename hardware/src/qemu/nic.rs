@@ -97,6 +97,9 @@ impl QemuNic {
             len,
             interrupt: interrupt.clone(),
             wire: Some(theirs),
+            // Its accesses are not judged: its driver's receive path has
+            // no grants (received frames are the wire's doing).
+            work: None,
         })?;
         let reader = ours.try_clone()?;
         let wire = Arc::new(Wire::new(ours));

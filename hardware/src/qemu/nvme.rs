@@ -18,6 +18,10 @@ use crate::{BlockHardware, FlushCount, Hardware, HardwareWindow, HostSync, Inter
 /// An NVMe controller (QEMU's model) on a raw image.
 pub struct QemuNvme {
     process: Arc<SupervisedModel>,
+    /// What its driver's accesses to BAR0 cost the proxy's threads
+    /// (`proxy::ACCESS_WORK` each), within the grants of the requests
+    /// handed to it and a spare.
+    work: Arc<crate::WorkAllowance>,
     interrupt: Arc<InterruptRoute>,
     /// NVMe doorbells are in BAR0: nothing rings this one.
     doorbell: SharedEventFd,
@@ -45,6 +49,7 @@ impl QemuNvme {
         let file = File::options().read(true).write(!read_only).open(&drive.image)?;
         let capacity_sectors = file.metadata()?.len() / 512;
         let interrupt = Arc::new(InterruptRoute::default());
+        let work = Arc::new(crate::WorkAllowance::with_spare(crate::WORK_SPARE));
         let process = SupervisedModel::start(ProcessSpec {
             qemu: qemu.binary.clone(),
             jail: qemu.jail.clone(),
@@ -56,9 +61,11 @@ impl QemuNvme {
             interrupt: interrupt.clone(),
             wire: None,
             posted_mirror,
+            work: Some(work.clone()),
         })?;
         Ok(QemuNvme {
             process: Arc::new(process),
+            work,
             interrupt,
             doorbell: SharedEventFd::new()?,
             capacity_sectors,
@@ -100,7 +107,13 @@ impl Hardware for QemuNvme {
     }
 
     fn resume(&self) {
+        // A new driver starts with the spare alone.
+        self.work.forgive();
         self.process.resume();
+    }
+
+    fn work(&self) -> Option<&crate::WorkAllowance> {
+        Some(&self.work)
     }
 
     fn renew(&self) {

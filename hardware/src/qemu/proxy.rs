@@ -44,7 +44,7 @@ use guest_abi::trap::{self, Access};
 use super::QemuModel;
 use crate::shared_eventfd::SharedEventFd;
 use crate::shm::SharedMemory;
-use crate::{AccessGrant, TrapConnection};
+use crate::{AccessGrant, TrapConnection, WorkAllowance};
 
 /// A device's posted registers and where their values are.
 #[derive(Clone)]
@@ -113,9 +113,25 @@ impl Connection {
     }
 
     /// Runs `access` on the device it reaches unless it is revoked (None),
-    /// its revocation waiting meanwhile.
-    fn admitted<T>(&self, access: impl FnOnce(&QemuModel) -> T) -> Option<T> {
+    /// its revocation waiting meanwhile; charged to `work` if given.
+    fn admitted<T>(&self, work: Option<&WorkAllowance>, access: impl FnOnce(&QemuModel) -> T) -> Option<T> {
+        if let Some(work) = work {
+            work.spend(ACCESS_WORK);
+        }
         self.unless_revoked(|| self.model().map(|model| access(&model))).flatten()
+    }
+
+    /// Waits while `work` is spent, until it is granted more (Done) or the
+    /// connection is revoked (End).
+    fn within(&self, work: Option<&WorkAllowance>) -> Served {
+        let Some(work) = work else { return Served::Done };
+        while work.exhausted() {
+            if self.revoked() {
+                return Served::End;
+            }
+            std::thread::sleep(ALLOWANCE_WAIT);
+        }
+        Served::Done
     }
 
     /// Runs `work` unless the connection is revoked, holding its gate.
@@ -185,7 +201,11 @@ impl QemuModel {
     /// (its `--trap` socket and one eventfd per posted register) and the
     /// grant that revokes it; a thread serves them until either end closes
     /// or the connection is revoked.
-    pub fn connect(self: &Arc<Self>, posted: Option<&PostedRegisters>) -> std::io::Result<TrapConnection> {
+    pub fn connect(
+        self: &Arc<Self>,
+        posted: Option<&PostedRegisters>,
+        work: Option<Arc<WorkAllowance>>,
+    ) -> std::io::Result<TrapConnection> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut signals = Vec::new();
         let mut vmm_ends = Vec::new();
@@ -211,10 +231,26 @@ impl QemuModel {
         let posted = posted.cloned().map(|registers| Posted { registers, signals });
         std::thread::Builder::new()
             .name("bar0-proxy".into())
-            .spawn(move || serve(&connection, ours, posted.as_ref()))?;
+            .spawn(move || serve(&connection, ours, posted.as_ref(), work.as_deref()))?;
         Ok(TrapConnection { socket: OwnedFd::from(theirs), posted: vmm_ends, grant })
     }
 }
+
+/// What one access to the device model costs of its allowance (in
+/// [`WorkAllowance`] units, where a 4 KiB command is 8 KiB of grant): each
+/// is a qtest round trip on this proxy's thread, tens of microseconds of
+/// the reflector's CPU that no request may have asked for. A driver
+/// writing accesses without pause (a trapped window's socket takes 4,096
+/// in one write, unanswered) kept a proxy thread busy for good at no cost
+/// of its own (an adversarial review found it). An honest NVMe driver makes
+/// a few per request (a doorbell or two, the interrupt mask); its
+/// request's grant covers 16 for 4 KiB, more for more data, and the spare
+/// its controller's start.
+pub const ACCESS_WORK: u64 = 1024;
+
+/// How long the proxy waits before it looks at a spent allowance again:
+/// the next grant comes with the next request handed to the driver.
+const ALLOWANCE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One connection's posted registers: their values and their signals.
 struct Posted {
@@ -230,8 +266,10 @@ enum Served {
 }
 
 /// Serves one connection: its requests in order, and its posted writes
-/// as they are signalled (those signalled before a request first).
-fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted>) {
+/// as they are signalled (those signalled before a request first), each
+/// within `work` (the device's allowance, if it has one): while that is
+/// spent, neither is taken, and the vmm waits on its full socket.
+fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted>, work: Option<&WorkAllowance>) {
     let signals = posted.map(|p| p.signals.as_slice()).unwrap_or_default();
     let mut watched: Vec<libc::pollfd> = std::iter::once(stream.as_raw_fd())
         .chain(signals.iter().map(|(_, signal)| signal.as_raw_fd()))
@@ -246,8 +284,11 @@ fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted
             }
             return;
         }
+        if let Served::End = connection.within(work) {
+            return;
+        }
         if let Some(posted) = posted {
-            if let Served::End = perform_posted(connection, posted) {
+            if let Served::End = perform_posted(connection, posted, work) {
                 return;
             }
         }
@@ -261,11 +302,11 @@ fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted
         // Posted writes signalled while the request was on its way came
         // before it.
         if let Some(posted) = posted {
-            if let Served::End = perform_posted(connection, posted) {
+            if let Served::End = perform_posted(connection, posted, work) {
                 return;
             }
         }
-        if let Served::End = perform(connection, &mut stream, &request) {
+        if let Served::End = perform(connection, &mut stream, &request, work) {
             return;
         }
     }
@@ -274,14 +315,14 @@ fn serve(connection: &Connection, mut stream: UnixStream, posted: Option<&Posted
 /// Performs each posted write signalled so far, once, with the value its
 /// mirror holds now (signals that came together are one write: the last
 /// value is the one that counts, as for a doorbell).
-fn perform_posted(connection: &Connection, posted: &Posted) -> Served {
+fn perform_posted(connection: &Connection, posted: &Posted, work: Option<&WorkAllowance>) -> Served {
     for (offset, signal) in &posted.signals {
         // The vmm holds the posted register's eventfd too (its ioeventfd).
         if !matches!(signal.take(), Ok(1..)) {
             continue;
         }
         connection.used.store(true, Ordering::Release);
-        let rung = connection.admitted(|model| {
+        let rung = connection.admitted(work, |model| {
             model.ring32(*offset, posted.registers.value(*offset)).map_err(|error| report_unanswered(model, &error))
         });
         if !matches!(rung, Some(Ok(_))) {
@@ -304,13 +345,18 @@ fn report_unanswered(model: &QemuModel, error: &super::QtestError) {
 }
 
 /// Performs one request from the socket.
-fn perform(connection: &Connection, stream: &mut UnixStream, request: &[u8; trap::REQUEST_LEN]) -> Served {
+fn perform(
+    connection: &Connection,
+    stream: &mut UnixStream,
+    request: &[u8; trap::REQUEST_LEN],
+    work: Option<&WorkAllowance>,
+) -> Served {
     connection.used.store(true, Ordering::Release);
     let Some(access) = Access::decode(request) else {
         tracing::warn!("a driver VM sent a malformed trapped access; closing its connection");
         return Served::End;
     };
-    let result = connection.admitted(|model| {
+    let result = connection.admitted(work, |model| {
         let result = match (access.kind, access.size) {
             (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
             (trap::READ, _) => Ok(u32::MAX),
@@ -381,5 +427,35 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), ["access", "revoked"]);
         assert!(connection.revoked());
         assert_eq!(connection.unless_revoked(|| ()), None, "an access after the revocation ran");
+    }
+
+    /// A connection whose device's allowance is spent takes no access
+    /// until more is granted, and ends if revoked meanwhile.
+    #[test]
+    fn a_connection_waits_while_its_allowance_is_spent() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let connection = Arc::new(Connection::reaching(ours, Weak::new()));
+        let work = Arc::new(WorkAllowance::with_spare(0));
+        assert!(matches!(connection.within(Some(&work)), Served::Done), "an allowance not spent held an access");
+        work.spend(ACCESS_WORK);
+        let waiting = |connection: Arc<Connection>, work: Arc<WorkAllowance>| {
+            let (done, finished) = mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done.send(matches!(connection.within(Some(&work)), Served::Done));
+            });
+            finished
+        };
+        let finished = waiting(connection.clone(), work.clone());
+        // Not a timing assertion: a gate that lets the access through does
+        // so at once; one that holds it never lets it go unprompted.
+        assert!(finished.recv_timeout(Duration::from_millis(50)).is_err(), "an access went through a spent allowance");
+        work.grant(ACCESS_WORK);
+        assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(true), "a grant did not let the access go");
+        work.spend(2 * ACCESS_WORK);
+        let finished = waiting(connection.clone(), work);
+        connection.revoke();
+        assert_eq!(finished.recv_timeout(Duration::from_secs(10)), Ok(false), "a revoked connection went on waiting");
     }
 }

@@ -41,6 +41,9 @@ pub struct ProcessSpec {
     /// Where in `dma` the driver leaves its posted registers' values
     /// (`channel::POSTED_MIRROR_OFFSET`); `None`: every access is trapped.
     pub posted_mirror: Option<usize>,
+    /// What the driver's accesses to BAR0 may cost the proxy's threads
+    /// (`proxy::ACCESS_WORK` each), if they are judged so.
+    pub work: Option<Arc<crate::WorkAllowance>>,
 }
 
 /// The QEMU process serving a device now, restarted when found dead.
@@ -121,7 +124,7 @@ impl SupervisedModel {
     fn connect(&self, posted: Option<&PostedRegisters>) -> std::io::Result<TrapConnection> {
         let mut attempts = 0;
         loop {
-            match self.current().connect(posted) {
+            match self.current().connect(posted, self.spec.work.clone()) {
                 Err(error) if error.to_string() == super::proxy::REPLACED && attempts < 3 => attempts += 1,
                 result => return result,
             }
