@@ -170,22 +170,32 @@ impl Budget {
         }
     }
 
-    /// One line (without its end), passed on to `out` if it fits.
+    /// One line (without its end), cut at [`MAX_LINE`], passed on to `out`
+    /// if it fits: charged what it adds to the log, escapes included (a
+    /// control byte is six bytes escaped; charged its raw bytes, a line of
+    /// them added six times the rate, a review found).
     fn line(&mut self, line: &[u8], name: &str, out: &mut Vec<u8>) {
-        let cost = (line.len() as u64 + 1).max(LINE_COST);
-        if cost > self.log.tokens() {
-            self.dropped += line.len() as u64 + 1;
-            return;
-        }
-        self.log.spend(cost);
+        let line = match line.len().checked_sub(MAX_LINE) {
+            Some(over) if over > 0 => {
+                self.dropped += over as u64;
+                &line[..MAX_LINE]
+            }
+            _ => line,
+        };
         let text = String::from_utf8_lossy(line);
         // The vmm names its own lines so; any other start is kept, behind
         // the name the relay knows (a line claiming another's name shows
         // whose it is).
         let prefix = format!("[{name}] ");
-        let text = text.strip_prefix(prefix.as_str()).unwrap_or(&text);
+        let text = crate::untrusted_text::escape(text.strip_prefix(prefix.as_str()).unwrap_or(&text));
+        let cost = (text.len() as u64 + 1).max(LINE_COST);
+        if cost > self.log.tokens() {
+            self.dropped += line.len() as u64 + 1;
+            return;
+        }
+        self.log.spend(cost);
         out.extend_from_slice(prefix.as_bytes());
-        out.extend_from_slice(crate::untrusted_text::escape(text).as_bytes());
+        out.extend_from_slice(text.as_bytes());
         out.push(b'\n');
     }
 }
@@ -499,5 +509,32 @@ mod tests {
             .filter_map(|line| line.strip_prefix("reflector: ")?.split(' ').next()?.parse::<usize>().ok())
             .sum();
         assert_eq!(noted, 2 * MAX_LINE + 1, "the rest of the long line is said to be dropped: {notes:?}");
+    }
+
+    /// A line is cut at the longest however it came (in one read too),
+    /// and charged what it adds to the log, escapes included.
+    #[test]
+    fn a_line_is_cut_at_the_longest_and_charged_as_escaped() {
+        let (pipe, mut write) = pipe();
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+        let mut line = vec![1u8; MAX_LINE + 8 * 1024];
+        line.push(b'\n');
+        let writer = std::thread::spawn(move || write.write_all(&line).unwrap());
+        while copy(&pipe, &mut buffer, &mut log) != Flow::Gone {
+            std::thread::yield_now();
+        }
+        writer.join().unwrap();
+        let text = String::from_utf8(log).unwrap();
+        let first = text.lines().next().unwrap();
+        assert_eq!(first, format!("[vm] {}", "\\u0001".repeat(MAX_LINE)), "the line was not cut at the longest");
+        // Six bytes a control byte went to the log, and were charged: what
+        // is left of the burst is less by that (refilled meanwhile at most
+        // a second's rate).
+        let left = pipe.budget.lock().unwrap().log.tokens();
+        assert!(
+            left <= BURST - 6 * MAX_LINE as u64 + RATE,
+            "{left} of {BURST} left after {} bytes logged",
+            first.len()
+        );
     }
 }

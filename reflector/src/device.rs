@@ -798,8 +798,12 @@ impl<K: DeviceKind> Device<K> {
         if let Some(draining) = core.draining.take() {
             core.metrics.record_failover(draining.abandoned());
         }
+        // Taken whether or not a client waits: left, an operator's kill of
+        // an idle device had every later end without a report taken for
+        // one (an adversarial review found it).
+        let kill_sent = core.kill_sent.take();
         core.failover = waiting.then(|| {
-            let mut timeline = Timeline::new(detected, core.kill_sent.take());
+            let mut timeline = Timeline::new(detected, kill_sent);
             timeline.retired(Instant::now());
             timeline
         });

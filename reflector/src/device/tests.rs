@@ -524,6 +524,40 @@ fn a_request_held_by_drivers_that_end_without_a_report_fails_alone() {
     assert!(bench.metrics.last_poison.lock().unwrap().contains("ended without a report"));
 }
 
+/// An operator's kill of an idle device is that kill's alone: the ends
+/// without a report that come later are the drivers' own. Before, the
+/// kill's mark stayed when no client waited on the failover, and every
+/// later silent end was taken for an operator's kill: none counted, and a
+/// request held by drivers ending so was replayed until the fault budget
+/// failed the device (an adversarial review found it).
+#[test]
+fn an_operators_kill_of_an_idle_device_excuses_no_later_end() {
+    let memory = client_memory();
+    let policy = RestartPolicy { budget: 100, stable_after: Duration::ZERO, ..quick_recovery().policy };
+    let recovery = RecoveryConfig { policy, ..quick_recovery() };
+    let mut bench = Bench::new(&memory, &[Script::Serve, Script::EndSilentlyOnSector(64)], false, recovery);
+    bench.kill_driver();
+    bench.run_until("the restart after the kill", |_, device| device.metrics().restarts.load(Ordering::SeqCst) == 1);
+    assert!(bench.metrics.last_fault.lock().unwrap().starts_with("killed"), "{:?}", bench.metrics.last_fault);
+    let sent = bench.submit(&[(true, 0, pattern(10, 512)), (true, 64, pattern(11, 512))]);
+    bench.complete(&sent, "the request drivers end on, and one before it");
+    let statuses: Vec<u8> = sent.iter().map(|s| bench.client.status(s)).collect();
+    assert_eq!(statuses, [OK, IOERR]);
+    assert_eq!(
+        bench.count(&bench.metrics.poisoned),
+        1,
+        "the silent ends were taken for the operator's kill: {} faults, last {:?}, state {}",
+        bench.count(&bench.metrics.faults),
+        bench.metrics.last_fault.lock().unwrap(),
+        bench.state()
+    );
+    assert!(bench.metrics.last_fault.lock().unwrap().starts_with("exited"), "{:?}", bench.metrics.last_fault);
+    // The kill, and the silent ends the poison limit takes: not one more,
+    // which the first end after the kill was, taken for the kill.
+    let silent = crate::recovery::DEFAULT_POISON_DEATHS * crate::recovery::SILENT_DEATHS_PER_DEATH;
+    assert_eq!(bench.count(&bench.metrics.faults), 1 + u64::from(silent));
+}
+
 /// Kills an operator asks the reflector for (`reflector kill`, chaos)
 /// blame no request, however many.
 #[test]

@@ -238,6 +238,14 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
             .map_err(|e| fail(&e))?;
         rules.insert(call, vec![SeccompRule::new(vec![not_unix]).map_err(|e| fail(&e))?]);
     }
+    // madvise(addr, len, MADV_REMOVE): a hole punched through a shared
+    // mapping, as `fallocate` punches one, past the seals: in memory an
+    // IOMMU pinned (a VFIO function's bounce slots) the host would get
+    // fresh pages and the device keep the old, for every later driver
+    // (`SharedMemory::pin`; an adversarial review found it allowed).
+    let remove = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::MADV_REMOVE as u64)
+        .map_err(|e| fail(&e))?;
+    rules.insert(libc::SYS_madvise, vec![SeccompRule::new(vec![remove]).map_err(|e| fail(&e))?]);
     if sizes == FileSizes::WithinLimit {
         // fallocate(fd, mode, ...): denied when mode keeps the size and
         // punches no hole.
@@ -462,6 +470,19 @@ mod tests {
 
     #[test]
     fn one_program_gives_each_of_the_jails_answers_and_the_reflector_builds_jails() {
+        /// madvise(2) with `advice` over a page of a shared mapping of a
+        /// memfd, made here (a jail may not size a file): the errno it
+        /// failed with, or 0.
+        fn advise_a_shared_memfd(advice: libc::c_int) -> impl FnOnce() -> i32 + Send + 'static {
+            let memory = std::sync::Arc::new(crate::shm::SharedMemory::new("advice", 4096).unwrap());
+            move || {
+                let page = memory.slice(0, 4096).unwrap().ptr_guard_mut().as_ptr();
+                // SAFETY: madvise(2) over the page of a mapping this
+                // closure holds; MADV_REMOVE and MADV_DONTNEED leave it
+                // mapped (reading zeros).
+                errno_of(unsafe { libc::madvise(page.cast(), 4096, advice) } as libc::c_long)
+            }
+        }
         /// socket(2): the errno it failed with, or 0 (the socket closed).
         fn socket(domain: libc::c_int, kind: libc::c_int) -> i32 {
             // SAFETY: socket(2) with plain arguments; the descriptor, if
@@ -493,6 +514,11 @@ mod tests {
             assert_ne!(errno_under(None, move || socket(domain, kind)), libc::EPERM, "domain {domain}");
         }
         assert_eq!(errno_under(jail(), || socket(libc::AF_UNIX, libc::SOCK_STREAM)), 0);
+        // No hole punched through a shared mapping (a pinned one's pages
+        // would part from the device's); other advice passes.
+        assert_eq!(errno_under(None, advise_a_shared_memfd(libc::MADV_REMOVE)), 0);
+        assert_eq!(errno_under(jail(), advise_a_shared_memfd(libc::MADV_REMOVE)), libc::EPERM);
+        assert_eq!(errno_under(jail(), advise_a_shared_memfd(libc::MADV_DONTNEED)), 0);
         // The reflector clones jails: both reach the kernel.
         assert_eq!(errno_under(reflector(), clone3_without_arguments), libc::EINVAL);
         assert_eq!(errno_under(reflector(), clone_into_a_new_user_namespace), libc::EINVAL);
