@@ -298,6 +298,12 @@ pub fn block_work(flush: bool, len: u32) -> u64 {
 /// another order. 64 MiB of copying is about 5 ms of a core here.
 pub const WORK_SPARE: u64 = 64 << 20;
 
+/// How long [`WorkAllowance::wait_for_grant`] waits before it looks at a
+/// spent allowance again: the next grant comes with the next request handed
+/// to the driver, and a millisecond's wait is a thousand wake-ups a second
+/// of an idle thread at most.
+pub const GRANT_WAIT: Duration = Duration::from_millis(1);
+
 /// The work a simulated device does for its drivers, counted by the device
 /// itself (each data transfer's bytes, and [`COMMAND_WORK`] for each
 /// command or transmitted frame; received frames are the wire's doing),
@@ -370,6 +376,21 @@ impl WorkAllowance {
     /// Whether the device must wait for a grant before it does more.
     pub fn exhausted(&self) -> bool {
         self.done() > self.granted().saturating_add(self.spare)
+    }
+
+    /// Waits while the allowance is spent, looking again every
+    /// [`GRANT_WAIT`], until more is granted (true) or `gone` says there
+    /// is no longer anything to wait for (false): a thread that carries a
+    /// driver's work without a doorbell of its own to sleep on (a device
+    /// model's wire, its BAR0 proxy).
+    pub fn wait_for_grant(&self, gone: impl Fn() -> bool) -> bool {
+        while self.exhausted() {
+            if gone() {
+                return false;
+            }
+            std::thread::sleep(GRANT_WAIT);
+        }
+        true
     }
 
     /// Spends `work` on a command the device may run now: false, spending

@@ -84,14 +84,7 @@ impl AsFd for SharedEventFd {
 pub fn take(eventfd: RawFd) -> io::Result<u64> {
     let kick = eventfd;
     let mut count = 0u64;
-    let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: std::mem::size_of::<u64>() };
-    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the
-    // call; offset -1 is the descriptor's position (an eventfd has none).
-    let read = unsafe { libc::preadv2(kick, &iov, 1, -1, libc::RWF_NOWAIT) };
-    if read >= 0 {
-        return Ok(count);
-    }
-    let error = io::Error::last_os_error();
+    let Err(error) = read_without_waiting(kick, &mut count) else { return Ok(count) };
     match error.raw_os_error() {
         Some(libc::EAGAIN) => Ok(0),
         // A kernel before 5.12, whose eventfds refuse RWF_NOWAIT: read only
@@ -155,18 +148,22 @@ pub fn prepare() -> io::Result<()> {
 /// else [`take`] falls back to a poll and a read, between which the other
 /// holder can drain the eventfd.
 pub fn takes_without_waiting() -> bool {
-    // SAFETY: eventfd(2); checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return false;
+    let Ok(probe) = SharedEventFd::new() else { return false };
+    match read_without_waiting(probe.as_raw_fd(), &mut 0) {
+        Ok(()) => true,
+        Err(error) => error.raw_os_error() != Some(libc::EOPNOTSUPP),
     }
-    // SAFETY: a fresh descriptor this function owns.
-    let probe = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut count = 0u64;
-    let iov = libc::iovec { iov_base: (&raw mut count).cast(), iov_len: std::mem::size_of::<u64>() };
-    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the call.
-    let read = unsafe { libc::preadv2(probe.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
-    read >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EOPNOTSUPP)
+}
+
+/// `preadv2(RWF_NOWAIT)` of an eventfd's count into `count`.
+fn read_without_waiting(eventfd: RawFd, count: &mut u64) -> io::Result<()> {
+    let iov = libc::iovec { iov_base: std::ptr::from_mut(count).cast(), iov_len: std::mem::size_of::<u64>() };
+    // SAFETY: preadv2(2) into the 8 bytes of `count`, which outlive the
+    // call; offset -1 is the descriptor's position (an eventfd has none).
+    if unsafe { libc::preadv2(eventfd, &iov, 1, -1, libc::RWF_NOWAIT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The process's signalling context: one, shared by every thread

@@ -950,24 +950,6 @@ impl Tail {
     }
 }
 
-/// The last line of what `output` gives until its end, from at most its
-/// last `limit` bytes (lossily decoded, trimmed); memory stays within
-/// three times `limit` whatever the writer sends.
-#[cfg(test)]
-fn last_line(mut output: impl Read, limit: usize) -> String {
-    let mut tail = Tail::new(limit);
-    let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
-    loop {
-        match output.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(read) => tail.push(&chunk[..read]),
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    tail.last_line()
-}
-
 /// The `vmm` binary: `explicit` if given, else the one next to this
 /// executable (both are built by `cargo build --release`).
 pub fn find_vmm(explicit: Option<&Path>) -> Result<PathBuf, String> {
@@ -1069,7 +1051,26 @@ pub fn crash_site(report: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::last_line;
+    use std::io::Read;
+
+    use super::Tail;
+
+    /// The last line of what `output` gives until its end, from at most its
+    /// last `limit` bytes (lossily decoded, trimmed); memory stays within
+    /// three times `limit` whatever the writer sends.
+    fn last_line(mut output: impl Read, limit: usize) -> String {
+        let mut tail = Tail::new(limit);
+        let mut chunk = vec![0u8; limit.clamp(1, 16 * 1024)];
+        loop {
+            match output.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(read) => tail.push(&chunk[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        tail.last_line()
+    }
 
     /// A reader that gives `flood` bytes of `fill` in small pieces, then
     /// `end`, then end-of-file, without ever holding the flood.

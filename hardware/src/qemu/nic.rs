@@ -50,12 +50,6 @@ struct Wire {
     unplugged: AtomicBool,
 }
 
-/// How long the wire thread waits before it looks at the allowance again
-/// once it is spent: the next grant comes with the next frame the reflector
-/// hands the driver, and a millisecond's wait is a thousand wake-ups a
-/// second of an idle thread at most.
-const WORK_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
-
 impl SwitchPort for Wire {
     fn receive(&self, frame: &[u8]) {
         // Never blocks (the reader's clone shares the socket's blocking
@@ -153,11 +147,8 @@ fn carry_frames(
 ) {
     let mut frame = vec![0u8; 65536];
     loop {
-        while wire.work.exhausted() {
-            if wire.unplugged.load(Ordering::Acquire) {
-                return;
-            }
-            std::thread::sleep(WORK_WAIT);
+        if !wire.work.wait_for_grant(|| wire.unplugged.load(Ordering::Acquire)) {
+            return;
         }
         match recv(&mut frame) {
             Ok(0) => return,

@@ -124,14 +124,10 @@ impl Connection {
     /// Waits while `work` is spent, until it is granted more (Done) or the
     /// connection is revoked (End).
     fn within(&self, work: Option<&WorkAllowance>) -> Served {
-        let Some(work) = work else { return Served::Done };
-        while work.exhausted() {
-            if self.revoked() {
-                return Served::End;
-            }
-            std::thread::sleep(ALLOWANCE_WAIT);
+        match work {
+            Some(work) if !work.wait_for_grant(|| self.revoked()) => Served::End,
+            _ => Served::Done,
         }
-        Served::Done
     }
 
     /// Runs `work` unless the connection is revoked, holding its gate.
@@ -247,10 +243,6 @@ impl QemuModel {
 /// request's grant covers 16 for 4 KiB, more for more data, and the spare
 /// its controller's start.
 pub const ACCESS_WORK: u64 = 1024;
-
-/// How long the proxy waits before it looks at a spent allowance again:
-/// the next grant comes with the next request handed to the driver.
-const ALLOWANCE_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One connection's posted registers: their values and their signals.
 struct Posted {
