@@ -131,6 +131,16 @@ pub trait DeviceKind: Send + Sync + 'static {
     /// that queue may be written to later, when its memory may be the next
     /// kernel's and its ring another one.
     fn queue_stopped(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) {}
+    /// Chains of queue `queue` the device holds for the current client and
+    /// completes later (a block request in a driver VM): a stopped queue
+    /// waits for them ([`Device::finish_stopped_queue`]).
+    fn held_of_queue(&self, _core: &DeviceCore, _queue: usize) -> usize {
+        0
+    }
+    /// A stopped queue can wait no longer for what the device holds of it:
+    /// complete all of it now with an error, so that none of it reaches the
+    /// client later.
+    fn abandon_queue(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) {}
 }
 
 /// What a device is wired to, whatever its kind.
@@ -233,6 +243,9 @@ pub struct DeviceCore {
     hang_armed: bool,
     /// How often the hang watch looks (a quarter of the deadline).
     hang_period: Duration,
+    /// The longest a stopped queue waits for what the device holds of it
+    /// ([`Device::finish_stopped_queue`]).
+    stop_bound: Duration,
     restart_timer: TimerFd,
     /// What the driver VM costs, judged once per `WATCH_PERIOD`.
     watch: ResourceWatch,
@@ -542,6 +555,30 @@ const IDLE_WATCH_PERIOD: Duration = Duration::from_secs(5);
 /// Watch periods between samples of a driver VM's resident memory.
 const RSS_PERIODS: u32 = 10;
 
+/// The longest a queue the client stops waits for the requests the device
+/// holds of it: a request's own deadline in one driver VM that has not
+/// attached yet (`Session::request_deadline`), 4 s with the default hang
+/// deadline. The device's watches fail over a driver VM that holds one
+/// longer, so an answer or a replay normally comes well within it; what a
+/// crash loop's backoff holds back longer fails instead.
+fn stop_bound(hang_deadline: Duration) -> Duration {
+    hang_deadline * crate::session::REQUEST_DEADLINE_FACTOR + crate::session::BOOT_DEADLINE
+}
+
+/// The event ids of `listeners` (descriptor, id) readable within `bound`
+/// (none if it passes or poll fails).
+fn readable(listeners: &[(std::os::fd::RawFd, u16)], bound: Duration) -> Vec<u16> {
+    let mut fds: Vec<libc::pollfd> =
+        listeners.iter().map(|(fd, _)| libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 }).collect();
+    let ms = i32::try_from(bound.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+    // SAFETY: poll(2) on a vector of pollfds that lives across the call.
+    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if ready <= 0 {
+        return Vec::new();
+    }
+    fds.iter().zip(listeners).filter(|(fd, _)| fd.revents & libc::POLLIN != 0).map(|(_, (_, id))| *id).collect()
+}
+
 /// A device of kind `K`.
 pub struct Device<K> {
     core: DeviceCore,
@@ -570,6 +607,7 @@ impl<K: DeviceKind> Device<K> {
             hang_timer: nonblocking_timer()?,
             hang_armed: false,
             hang_period: recovery.hang_deadline / 4,
+            stop_bound: stop_bound(recovery.hang_deadline),
             restart_timer: nonblocking_timer()?,
             watch: ResourceWatch::default(),
             watch_timer: periodic_timer(WATCH_PERIOD)?,
@@ -981,6 +1019,75 @@ impl<K: DeviceKind> Device<K> {
         Ok(())
     }
 
+    /// What follows every event: faults and cut-offs it brought are
+    /// handled, the state is published, the client told of its used
+    /// chains and a sleeping driver VM of new requests. A failure is
+    /// logged, not returned: returned, it would end vhost-user-backend's
+    /// worker loop for good, and with it the connection's I/O.
+    fn after_event(&mut self, vrings: &[ClientVring], device_event: u16, result: std::io::Result<()>) {
+        self.settle(vrings);
+        self.publish_state();
+        for vring in vrings {
+            if let Err(error) = signal_used(vring, self.core.memory.as_deref()) {
+                if let Some(failures) = self.core.notify_failures.note() {
+                    tracing::warn!(device = %self.core.name, %error, failures, "cannot notify the client");
+                }
+            }
+        }
+        self.core.wake_sleeping_driver();
+        if let Err(error) = result {
+            if let Some(failures) = self.core.event_failures.note() {
+                tracing::warn!(device = %self.core.name, device_event, %error, failures, "event handling failed");
+            }
+        }
+    }
+
+    /// The client stopped queue `queue` (GET_VRING_BASE) and takes its ring
+    /// back once this returns. The vhost-user spec asks that every request
+    /// taken from it be completed first ("the back-end must complete all
+    /// inflight I/O requests for the specified vring before stopping it"):
+    /// completed later, a read's data and each status byte landed in
+    /// memory that may by then be the next kernel's (its guest rebooted)
+    /// or in a ring the client had moved on from. So the device runs its
+    /// own events here, as the worker would (the worker waits meanwhile on
+    /// the lock this runs under), until it holds nothing of the queue: the
+    /// driver VM's answers, a failover and its replay, a failed device's
+    /// errors. Its watches bound each of these; past `stop_bound`, what
+    /// is still held completes with an I/O error now, and nowhere later.
+    fn finish_stopped_queue(&mut self, queue: usize, vrings: &[ClientVring]) {
+        let held = self.kind.held_of_queue(&self.core, queue);
+        if held == 0 {
+            return;
+        }
+        tracing::debug!(device = %self.core.name, queue, held, "queue stopped: completing what it gave first");
+        let deadline = Instant::now() + self.core.stop_bound;
+        let listeners = self.listeners();
+        while self.kind.held_of_queue(&self.core, queue) > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let held = self.kind.held_of_queue(&self.core, queue);
+                tracing::warn!(
+                    device = %self.core.name, queue, held, bound = ?self.core.stop_bound,
+                    "queue stopped: requests still unanswered complete with an I/O error"
+                );
+                self.kind.abandon_queue(&mut self.core, queue, vrings);
+                break;
+            }
+            for event in readable(&listeners, left) {
+                if let Some(source) = Self::source_of(event) {
+                    let result = self.on_source(source, vrings);
+                    self.after_event(vrings, event, result);
+                }
+            }
+        }
+        // `signal_used` tells no stopped queue.
+        if let (Some(vring), Some(memory)) = (vrings.get(queue), self.core.memory.as_deref()) {
+            if let Err(error) = crate::worker::signal_used_anyway(vring, memory) {
+                tracing::debug!(device = %self.core.name, %error, "cannot notify the client of its stopped queue");
+            }
+        }
+    }
+
     fn on_source(&mut self, source: Source, vrings: &[ClientVring]) -> std::io::Result<()> {
         match source {
             Source::Completion => {
@@ -1074,9 +1181,12 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
         self.core.event_idx = enabled;
     }
 
+    /// GET_VRING_BASE. The client takes the ring back when this returns,
+    /// so every request taken from it completes first.
     fn stop_vring(&mut self, queue_index: u32) -> std::io::Result<()> {
         let vrings = std::mem::take(&mut self.core.vrings);
         self.kind.queue_stopped(&mut self.core, queue_index as usize, &vrings);
+        self.finish_stopped_queue(queue_index as usize, &vrings);
         self.core.vrings = vrings;
         Ok(())
     }
@@ -1138,23 +1248,7 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
             Some(source) => self.on_source(source, vrings),
             None => Ok(()),
         };
-        self.settle(vrings);
-        self.publish_state();
-        for vring in vrings {
-            if let Err(error) = signal_used(vring, self.core.memory.as_deref()) {
-                if let Some(failures) = self.core.notify_failures.note() {
-                    tracing::warn!(device = %self.core.name, %error, failures, "cannot notify the client");
-                }
-            }
-        }
-        self.core.wake_sleeping_driver();
-        // An error returned here would end vhost-user-backend's worker loop
-        // for good, and with it the connection's I/O: report it instead.
-        if let Err(error) = result {
-            if let Some(failures) = self.core.event_failures.note() {
-                tracing::warn!(device = %self.core.name, device_event, %error, failures, "event handling failed");
-            }
-        }
+        self.after_event(vrings, device_event, result);
         Ok(())
     }
 }

@@ -45,14 +45,16 @@ pub fn periodic_timer(period: std::time::Duration) -> std::io::Result<TimerFd> {
 /// memory table.
 pub fn signal_used(vring: &ClientVring, memory: Option<&GuestMemoryMmap>) -> std::io::Result<()> {
     let Some(memory) = memory else { return Ok(()) };
-    let next_used = {
-        let state = vring.get_ref();
-        let queue = state.get_queue();
-        if !queue.ready() {
-            return Ok(());
-        }
-        queue.next_used()
-    };
+    if !vring.get_ref().get_queue().ready() {
+        return Ok(());
+    }
+    signal_used_anyway(vring, memory)
+}
+
+/// As [`signal_used`], for a queue the client is stopping (GET_VRING_BASE)
+/// too: chains completed while the stop waited for them are told of.
+pub fn signal_used_anyway(vring: &ClientVring, memory: &GuestMemoryMmap) -> std::io::Result<()> {
+    let next_used = vring.get_ref().get_queue().next_used();
     if !vring.used_since_notified(next_used) {
         return Ok(());
     }

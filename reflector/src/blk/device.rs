@@ -760,6 +760,22 @@ impl DeviceKind for Blk {
         }
     }
 
+    fn held_of_queue(&self, core: &DeviceCore, _queue: usize) -> usize {
+        self.in_flight.len_for(core.client) + self.waiting.len()
+    }
+
+    fn abandon_queue(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[ClientVring]) {
+        let mut abandoned = self.in_flight.disown(core.client);
+        // The device may no longer reach their buffers (`dma=direct`); the
+        // windows of departed clients' requests were revoked as they left.
+        self.in_flight.revoke_windows();
+        abandoned.extend(self.waiting.drain(..).map(|waiting| (waiting.head, waiting.status)));
+        let (Some(vring), Some(memory)) = (vrings.first(), core.memory.clone()) else { return };
+        for (head, status) in abandoned {
+            complete(core, vring, &memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
+        }
+    }
+
     fn client_gone(&mut self, _core: &mut DeviceCore) {
         self.waiting.clear();
         // Requests held back after a death are in no driver VM: forgotten

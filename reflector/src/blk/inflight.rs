@@ -134,6 +134,10 @@ pub fn check(completion: &CompletionEntry, table: &InFlightTable) -> Result<Answ
     })
 }
 
+/// The client of a request no client waits for any more
+/// ([`InFlightTable::disown`]); connections are numbered up from 0.
+pub const NO_CLIENT: u64 = u64::MAX;
+
 /// Requests in flight, indexed by bounce slot (the first [`channel::BLOCK_SLOTS`]).
 pub struct InFlightTable {
     slots: Vec<Option<InFlight>>,
@@ -331,6 +335,26 @@ impl InFlightTable {
     pub fn take_held(&mut self) -> Vec<(u32, InFlight)> {
         let held: Vec<u32> = self.iter().filter(|(_, entry)| !entry.sent).map(|(slot, _)| slot).collect();
         held.into_iter().filter_map(|slot| Some((slot, self.remove(slot)?))).collect()
+    }
+
+    /// Gives up on client connection `client`'s requests: those held back
+    /// are removed; those in the driver VM stay until it answers or dies
+    /// (their slots are the driver's meanwhile) but belong to no client
+    /// any more ([`NO_CLIENT`]), so that their answers complete into
+    /// nothing and no replay sends them again. Returns each one's chain
+    /// head and status address, to complete now.
+    pub fn disown(&mut self, client: u64) -> Vec<(u16, GuestAddress)> {
+        let mut disowned = Vec::new();
+        for slot in 0..channel::BLOCK_SLOTS {
+            let Some(entry) = self.get_mut(slot).filter(|entry| entry.client == client) else { continue };
+            disowned.push((entry.head, entry.status));
+            if entry.sent {
+                entry.client = NO_CLIENT;
+            } else {
+                self.remove(slot);
+            }
+        }
+        disowned
     }
 
     /// Removes and returns every request, oldest id first.

@@ -1019,3 +1019,60 @@ fn bounce_slots_a_device_pinned_are_kept_when_the_device_goes_idle() {
         bench.device.shutdown();
     }
 }
+
+/// A block queue the client stops (GET_VRING_BASE: its device stops, is
+/// reset, or its guest reboots) has every request it gave completed
+/// before the stop returns, as the vhost-user spec asks ("the back-end
+/// must complete all inflight I/O requests for the specified vring before
+/// stopping it"): completed later, a read's data and its status byte
+/// landed in memory that could by then be the next kernel's. Here the
+/// driver VM withholds the request, so it completes through a failover
+/// and a replay that run during the stop.
+#[test]
+fn a_stopped_queue_has_every_request_it_gave_completed_before_the_stop_returns() {
+    use vhost_user_backend::{VhostUserBackendMut, VringT};
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::WithholdSector(7), Script::Serve], false, quick_recovery());
+    let sent = bench.submit(&[(true, 7, pattern(9, 512)), (true, 8, pattern(8, 512))]);
+    bench.run_until("the other write", |client, _| client.status(&sent[1]) == OK);
+    let mut used = bench.client.take_used();
+    assert_eq!(bench.client.status(&sent[0]), 0xff, "the withheld write completed before the stop");
+    bench.client.vrings[0].set_queue_ready(false);
+    bench.device.stop_vring(0).unwrap();
+    used.extend(bench.client.take_used());
+    assert_eq!(used.iter().filter(|(head, _)| *head == sent[0].head).count(), 1, "used: {used:?}");
+    assert_eq!(bench.client.status(&sent[0]), OK);
+    assert_eq!(bench.disk.read(7, 512), pattern(9, 512));
+    assert!(bench.launches() >= 2, "the withholding driver VM was not replaced");
+}
+
+/// A request a stopped queue can wait for no longer (its driver VM hangs
+/// and the device's own deadlines are further off) completes with an I/O
+/// error before the stop returns, and never again: neither its driver's
+/// late answer nor a replay reaches the client's ring afterwards.
+#[test]
+fn a_request_a_stopped_queue_cannot_wait_for_fails_at_once_and_never_completes_later() {
+    use super::DeviceKind;
+    use vhost_user_backend::{VhostUserBackendMut, VringT};
+    let memory = client_memory();
+    let recovery = RecoveryConfig { hang_deadline: Duration::from_secs(5), ..quick_recovery() };
+    let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, recovery);
+    bench.device.core.stop_bound = Duration::from_millis(50);
+    let sent = bench.submit(&[(false, 3, vec![0; 512])]);
+    bench.run_until("the read in the driver VM", |_, device| device.kind.in_driver() == 1);
+    bench.client.vrings[0].set_queue_ready(false);
+    bench.device.stop_vring(0).unwrap();
+    assert_eq!(bench.client.take_used(), vec![(sent[0].head, 1)]);
+    assert_eq!(bench.client.status(&sent[0]), IOERR);
+    // The hung driver VM is replaced; its request is not replayed.
+    bench.client.vrings[0].set_queue_ready(true);
+    bench.kill_driver();
+    let later = bench.submit(&[(false, 4, vec![0; 512])]);
+    let mut used = Vec::new();
+    bench.run_until("a request after the stop", |client, _| {
+        used.extend(client.take_used());
+        client.status(&later[0]) != 0xff
+    });
+    assert_eq!(used, vec![(later[0].head, 513)], "the abandoned read completed again");
+    assert!(bench.launches() >= 2, "the hung driver VM was not replaced");
+}
