@@ -201,6 +201,8 @@ struct Checked {
     mapping: std::sync::Arc<GuestMemoryMmap>,
     registration: Registration,
     counted: Option<Counted>,
+    /// Its device (that device's count): only its threads reap it.
+    owner: TableCount,
 }
 
 /// A table the device let go of while vhost-user-backend still maps it:
@@ -209,11 +211,18 @@ struct Checked {
 /// it holds (`SET_VRING_ADDR` reads the used index): a guard released
 /// with the device's snapshot let that client's truncated memfd kill the
 /// reflector with SIGBUS.
+///
+/// Only its own device's threads reap it ([`reap_retired`]): unmapping a
+/// table closes the client's descriptors behind it, and the last close of
+/// a file on a FUSE filesystem the client serves waits on the client (its
+/// `FLUSH`), for ever if it never answers. Reaped by another device's
+/// watch, one client held up every device whose watch came next.
 struct Retired {
     // Dropped first, as in `Checked`.
     mapping: std::sync::Arc<GuestMemoryMmap>,
     _registration: Registration,
     _counted: Option<Counted>,
+    owner: TableCount,
 }
 
 /// The tables retired and still mapped elsewhere ([`Retired`]).
@@ -228,21 +237,31 @@ impl Drop for Checked {
                 mapping: self.mapping.clone(),
                 _registration: Registration { slots: std::mem::take(&mut self.registration.slots) },
                 _counted: self.counted.take(),
+                owner: self.owner.clone(),
             };
             RETIRED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(retired);
         }
     }
 }
 
-/// Unmaps and unregisters the retired tables nobody else maps any more;
-/// how many are left. Called with every table accepted, each device's
-/// watch period, and after each connection's end.
-pub fn reap_retired() -> usize {
+/// Unmaps and unregisters the retired tables of the device whose table
+/// count is `owner` that nobody else maps any more; how many of its are
+/// left. Called by that device with every table it accepts, each of its
+/// watch periods, and after each of its connections' end.
+pub fn reap_retired(owner: &TableCount) -> usize {
     let mut retired = RETIRED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ours = |table: &Retired| std::sync::Arc::ptr_eq(&table.owner.0, &owner.0);
+    // Taken out of the list first: the unmapping (and the closes) must not
+    // hold the lock every device takes.
+    let (reaped, kept): (Vec<Retired>, Vec<Retired>) =
+        retired.drain(..).partition(|table| ours(table) && std::sync::Arc::strong_count(&table.mapping) == 1);
+    *retired = kept;
+    let left = retired.iter().filter(|table| ours(table)).count();
+    drop(retired);
     // Dropping one whose count is 1 unmaps it (no other holder can appear:
     // nothing else keeps a weak reference) and then releases its slots.
-    retired.retain(|table| std::sync::Arc::strong_count(&table.mapping) > 1);
-    retired.len()
+    drop(reaped);
+    left
 }
 
 impl ClientMemory {
@@ -392,12 +411,15 @@ pub fn accept(
     mapping: std::sync::Arc<GuestMemoryMmap>,
     tables: &TableCount,
 ) -> std::io::Result<ClientMemory> {
-    reap_retired();
+    reap_retired(tables);
     let accepted = Counted::take(tables).and_then(|counted| Ok((counted, guard(&mapping)?)));
     match accepted {
-        Ok((counted, registration)) => {
-            Ok(ClientMemory(std::sync::Arc::new(Checked { mapping, registration, counted: Some(counted) })))
-        }
+        Ok((counted, registration)) => Ok(ClientMemory(std::sync::Arc::new(Checked {
+            mapping,
+            registration,
+            counted: Some(counted),
+            owner: tables.clone(),
+        }))),
         Err(error) => {
             tracing::error!(device, %error, "refusing the client's memory table");
             Err(std::io::Error::other(error))
@@ -536,6 +558,23 @@ mod tests {
         assert_eq!(ours.0.load(Ordering::Acquire), 0);
     }
 
+    /// A retired table is unmapped, and its client's descriptors closed,
+    /// only by its own device: the last close of a file on the client's
+    /// own FUSE filesystem waits for that client, so another device's
+    /// watch reaping it could be held up for ever.
+    #[test]
+    fn a_device_reaps_only_its_own_retired_tables() {
+        let (ours, theirs) = (TableCount::default(), TableCount::default());
+        let handlers = std::sync::Arc::new(table(memfd(4096), 4096));
+        drop(accept("theirs", handlers.clone(), &theirs).unwrap());
+        // Now only the retired list maps it.
+        drop(handlers);
+        assert_eq!(reap_retired(&ours), 0);
+        assert_eq!(theirs.0.load(Ordering::Acquire), 1, "another device reaped this device's table");
+        assert_eq!(reap_retired(&theirs), 0);
+        assert_eq!(theirs.0.load(Ordering::Acquire), 0, "its own device did not reap it");
+    }
+
     /// A device that lets go of its client's table (it cut the client off)
     /// while vhost-user-backend still maps it: a touch through the
     /// handler's copy after the client shrank its memfd must be absorbed,
@@ -557,7 +596,7 @@ mod tests {
         assert_eq!(value, 0, "the faulting page reads as zeros");
         assert_eq!(tables.0.load(Ordering::Acquire), 1, "a table still mapped counts against its device");
         drop(handlers);
-        reap_retired();
+        reap_retired(&tables);
         assert!(!registered(address), "a table nobody maps is still registered");
         assert_eq!(tables.0.load(Ordering::Acquire), 0);
     }

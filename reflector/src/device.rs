@@ -727,7 +727,7 @@ impl<K: DeviceKind> Device<K> {
         self.core.connection = None;
         // They hold the client's memory and descriptors.
         self.core.vrings.clear();
-        client_memory::reap_retired();
+        client_memory::reap_retired(&self.core.client_tables);
     }
 
     /// A client connected; `connection` ends its connection, which the
@@ -1140,7 +1140,7 @@ impl<K: DeviceKind> Device<K> {
             }
             Source::Watch => {
                 let _ = self.core.watch_timer.wait();
-                client_memory::reap_retired();
+                client_memory::reap_retired(&self.core.client_tables);
                 self.watch_driver(vrings);
                 Ok(())
             }
