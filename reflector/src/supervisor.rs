@@ -84,10 +84,10 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// Starts it; returns the child (the vmm, or its keeper when jailed) and
-    /// the vmm's pid.
-    fn spawn(mut self) -> std::io::Result<(Child, libc::pid_t)> {
-        let child = self.command.spawn()?;
+    /// Starts it; returns the child (the vmm, or its keeper when jailed),
+    /// killed if dropped unwatched, and the vmm's pid.
+    fn spawn(mut self) -> std::io::Result<(Unwatched, libc::pid_t)> {
+        let child = Unwatched(Some(self.command.spawn()?));
         let Some((read, write)) = self.report else {
             let pid = child.id() as libc::pid_t;
             return Ok((child, pid));
@@ -102,6 +102,35 @@ impl Prepared {
             Err(error) => {
                 Err(std::io::Error::other(format!("the jail's keeper did not report the vmm's pid: {error}")))
             }
+        }
+    }
+}
+
+/// A started child (the vmm, or its jail's keeper) that no watcher has
+/// taken yet. Dropped before one does (an error on the way: no descriptor
+/// or thread left), it is killed and reaped: left running, a vmm with the
+/// device's windows and doorbells went unsupervised, its end unseen (a
+/// jailed vmm dies with its keeper, of its parent-death signal).
+struct Unwatched(Option<Child>);
+
+impl Unwatched {
+    /// The child's pid (0 once taken).
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// The child, for what keeps it from now on (its watcher).
+    fn take(&mut self) -> Option<Child> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unwatched {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            tracing::warn!(pid = child.id(), "a started driver VM could not be watched: killed");
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
@@ -338,7 +367,8 @@ impl DriverLauncher {
             .command(&lines.iter().collect::<Vec<_>>(), &traps, None, slot)
             .map_err(|e| format!("creating a pipe: {e}"))?;
         prepared.command.arg("--check").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let (mut child, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
+        let (mut unwatched, _) = prepared.spawn().map_err(|e| format!("starting {}: {e}", self.spec.vmm.display()))?;
+        let mut child = unwatched.take().ok_or_else(|| format!("starting {}: no child", self.spec.vmm.display()))?;
         let deadline = Instant::now() + CHECK_DEADLINE;
         let mut message = Vec::new();
         if let Some(mut stderr) = child.stderr.take() {
@@ -495,7 +525,7 @@ impl DriverLauncher {
         if spec.jail.is_some() {
             prepared.command.stderr(crate::console_relay::stderr_for_jailed_vmm(&spec.name)?);
         }
-        let (child, pid) = prepared
+        let (mut child, pid) = prepared
             .spawn()
             .map_err(|e| std::io::Error::new(e.kind(), format!("starting {}: {e}", spec.vmm.display())))?;
         let child_pid = child.id() as libc::pid_t;
@@ -510,8 +540,7 @@ impl DriverLauncher {
         let spare = SpareKind::setting(go.as_ref().map(|(kind, _)| *kind));
         tracing::info!(driver_vm = %spec.name, pid, image = %spec.image, %spare, "driver VM started");
         let go = go.map(|(_, go)| go);
-        let mut child = child;
-        let lifeline = child.stdin.take().map(Arc::new);
+        let lifeline = child.0.as_mut().and_then(|child| child.stdin.take()).map(Arc::new);
         // What proves that the vmm has ended: its own pidfd (a jailed one's
         // keeper may die first, and the vmm only after, of its parent-death
         // signal), or our child's when that is the vmm. None: the reap of
@@ -534,7 +563,13 @@ impl DriverLauncher {
             memory_slot,
             capped: capped.clone(),
         };
-        std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || watcher.watch(child))?;
+        // Taken inside the thread: if it cannot start, the closure is
+        // dropped, and the child with it, killed.
+        std::thread::Builder::new().name(format!("{}-watch", spec.name)).spawn(move || {
+            if let Some(child) = child.take() {
+                watcher.watch(child);
+            }
+        })?;
         Ok(DriverVm {
             name: spec.name.clone(),
             pid,
@@ -1232,6 +1267,32 @@ mod process_tests {
         assert!(matches!(after, None | Some('Z' | 'X')), "reported gone, but it is {after:?}");
         assert!(driver.exit_report().is_some());
         let _ = std::fs::remove_dir_all(marker.parent().unwrap());
+    }
+
+    /// A started driver VM that could not be handed to its watcher (an
+    /// error on the way) is killed and reaped, not left running
+    /// unsupervised; one taken runs on.
+    #[test]
+    fn a_started_child_dropped_unwatched_is_killed_and_reaped() {
+        use std::os::fd::AsRawFd;
+        let spawn = || super::Unwatched(Some(std::process::Command::new("sleep").arg("30").spawn().unwrap()));
+        let unwatched = spawn();
+        let pid = unwatched.id() as libc::pid_t;
+        let pidfd = super::pidfd_open(pid).unwrap();
+        drop(unwatched);
+        assert!(hardware::wait_readable(pidfd.as_raw_fd(), Some(Duration::ZERO)), "still running");
+        // SAFETY: waitid(2) on our pidfd into a zeroed siginfo; ECHILD once reaped.
+        let reaped = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(libc::P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG)
+        };
+        assert_eq!(reaped, -1, "not reaped");
+        let mut taken = spawn();
+        let mut child = taken.take().unwrap();
+        drop(taken);
+        assert_eq!(child.try_wait().unwrap(), None, "a child its watcher took was killed");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// A live process's threads are not past their end; an exited one's
