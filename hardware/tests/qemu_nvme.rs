@@ -826,3 +826,45 @@ fn a_posted_doorbell_reaches_the_controller_by_its_eventfd_alone() {
     // rung, and only through the eventfd.
     assert!(signalled.get() >= commands.len() as u32, "{} rings by eventfd", signalled.get());
 }
+
+/// A QEMU process killed while it cannot end (stuck in the kernel, its
+/// SIGKILL pending; here frozen by the cgroup v1 freezer, which holds a
+/// fatal signal until the thaw) is not replaced until it has ended: a
+/// read it had under way would still land in the DMA region, in a bounce
+/// slot the replay had refilled (an adversarial review found it; before,
+/// a new process started after two seconds' wait).
+#[test]
+fn a_killed_qemu_that_has_not_ended_is_replaced_only_once_it_has() {
+    let Some(qemu) = qemu() else { return };
+    let freezer = PathBuf::from("/sys/fs/cgroup/freezer");
+    if !freezer.join("cgroup.procs").exists() {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup v1 freezer at {} and CI is set", freezer.display());
+        eprintln!("\n*** SKIPPING: no cgroup v1 freezer ***\n");
+        return;
+    }
+    let (_dir, _image, _memory, supervised) = supervised_nvme(qemu, "stuck", None);
+    let pid = supervised.current().pid();
+    let cgroup = freezer.join(format!("drvm-test-stuck-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup).unwrap();
+    std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+    std::fs::write(cgroup.join("freezer.state"), "FROZEN").unwrap();
+    let frozen =
+        hardware::poll_until(Instant::now() + BOUND, Duration::from_millis(1), Duration::from_millis(50), || {
+            std::fs::read_to_string(cgroup.join("freezer.state")).ok().filter(|state| state.trim() == "FROZEN")
+        });
+    assert!(frozen.is_some(), "QEMU was not frozen");
+    supervised.current().kill();
+    supervised.resume();
+    let restarts_while_stuck = supervised.restarts();
+    std::fs::write(cgroup.join("freezer.state"), "THAWED").unwrap();
+    let ended =
+        hardware::poll_until(Instant::now() + BOUND, Duration::from_millis(1), Duration::from_millis(50), || {
+            supervised.current().ended().then_some(())
+        });
+    let _ = std::fs::remove_dir(&cgroup);
+    assert_eq!(restarts_while_stuck, 0, "a new QEMU started while the killed one could still write the DMA region");
+    assert!(ended.is_some(), "the thawed QEMU did not end");
+    supervised.resume();
+    assert_eq!(supervised.restarts(), 1, "no new QEMU once the killed one had ended");
+    assert!(supervised.running());
+}

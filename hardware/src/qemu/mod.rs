@@ -880,6 +880,14 @@ impl QemuModel {
         }
     }
 
+    /// Whether the process has ended, its memory with it: our child is
+    /// reaped (a jailed QEMU's keeper), and QEMU's end of the qtest
+    /// connection is closed, which happens once its threads and memory are
+    /// gone.
+    pub fn ended(&self) -> bool {
+        !self.running() && self.qtest.peer_gone()
+    }
+
     /// Whether the process was killed on purpose ([`QemuModel::kill`]).
     pub fn killed(&self) -> bool {
         self.killed.load(Ordering::Acquire)
@@ -901,7 +909,15 @@ impl Drop for QemuModel {
         self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
             let _ = child.kill();
-            let _ = child.wait();
+            // Bounded: a process stuck in the kernel would hold the thread
+            // dropping it (a device's worker) for as long.
+            let deadline = Instant::now() + KILL_WAIT;
+            let reaped = crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
+                (!matches!(child.try_wait(), Ok(None))).then_some(())
+            });
+            if reaped.is_none() {
+                tracing::warn!(pid = child.id(), "a QEMU process let go of has not exited (stuck in the kernel?)");
+            }
         }
     }
 }

@@ -177,10 +177,27 @@ impl SupervisedModel {
     }
 
     /// Lets the next driver use the device; a QEMU process that died or
-    /// does not answer is replaced by a new one first.
+    /// does not answer is replaced by a new one first, once it has ended.
     pub fn resume(&self) {
         let model = self.current();
-        if self.stopped.load(Ordering::Acquire) || model.running() && model.resume().is_ok() {
+        if self.stopped.load(Ordering::Acquire) || !model.killed() && model.running() && model.resume().is_ok() {
+            return;
+        }
+        if !model.killed() {
+            model.kill();
+        }
+        // One killed while its storage hung lives on in the kernel, its
+        // SIGKILL pending: a read it had under way still lands in the DMA
+        // region when the storage answers, in a bounce slot a replay has
+        // refilled by then. No new process starts (so no driver gets the
+        // device, and nothing is replayed) until it has ended; each
+        // driver's start looks again.
+        if !model.ended() {
+            tracing::error!(
+                pid = model.pid(),
+                model = ?self.spec.model,
+                "the device's QEMU process was killed but has not ended (stuck in the kernel?): no new one starts until it has"
+            );
             return;
         }
         tracing::warn!(model = ?self.spec.model, "the QEMU device model is gone; starting it again");
