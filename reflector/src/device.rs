@@ -139,8 +139,10 @@ pub trait DeviceKind: Send + Sync + 'static {
     }
     /// A stopped queue can wait no longer for what the device holds of it:
     /// complete all of it now with an error, so that none of it reaches the
-    /// client later.
-    fn abandon_queue(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) {}
+    /// client later. Returns how many of them the driver VM holds.
+    fn abandon_queue(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) -> usize {
+        0
+    }
 }
 
 /// What a device is wired to, whatever its kind.
@@ -558,12 +560,18 @@ const RSS_PERIODS: u32 = 10;
 /// The longest a queue the client stops waits for the requests the device
 /// holds of it: a request's own deadline in one driver VM that has not
 /// attached yet (`Session::request_deadline`), 4 s with the default hang
-/// deadline. The device's watches fail over a driver VM that holds one
-/// longer, so an answer or a replay normally comes well within it; what a
-/// crash loop's backoff holds back longer fails instead.
+/// deadline, and at most [`STOP_BOUND_MOST`]. The device's watches fail
+/// over a driver VM that holds one longer, so an answer or a replay
+/// normally comes well within it; what a crash loop's backoff holds back
+/// longer fails instead.
 fn stop_bound(hang_deadline: Duration) -> Duration {
-    hang_deadline * crate::session::REQUEST_DEADLINE_FACTOR + crate::session::BOOT_DEADLINE
+    (hang_deadline * crate::session::REQUEST_DEADLINE_FACTOR + crate::session::BOOT_DEADLINE).min(STOP_BOUND_MOST)
 }
+
+/// The longest a stopped queue waits, whatever the hang deadline: the
+/// client's QEMU waits for the stop's answer with its main loop held (its
+/// guest frozen through a reset or reboot).
+const STOP_BOUND_MOST: Duration = Duration::from_secs(10);
 
 /// The event ids of `listeners` (descriptor, id) readable within `bound`
 /// (none if it passes or poll fails).
@@ -1053,24 +1061,19 @@ impl<K: DeviceKind> Device<K> {
     /// the lock this runs under), until it holds nothing of the queue: the
     /// driver VM's answers, a failover and its replay, a failed device's
     /// errors. Its watches bound each of these; past `stop_bound`, what
-    /// is still held completes with an I/O error now, and nowhere later.
+    /// is still held completes with an I/O error now, and nowhere later
+    /// ([`Device::abandon_stopped_queue`]).
     fn finish_stopped_queue(&mut self, queue: usize, vrings: &[ClientVring]) {
         let held = self.kind.held_of_queue(&self.core, queue);
-        if held == 0 {
-            return;
+        if held > 0 {
+            tracing::debug!(device = %self.core.name, queue, held, "queue stopped: completing what it gave first");
         }
-        tracing::debug!(device = %self.core.name, queue, held, "queue stopped: completing what it gave first");
         let deadline = Instant::now() + self.core.stop_bound;
         let listeners = self.listeners();
         while self.kind.held_of_queue(&self.core, queue) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                let held = self.kind.held_of_queue(&self.core, queue);
-                tracing::warn!(
-                    device = %self.core.name, queue, held, bound = ?self.core.stop_bound,
-                    "queue stopped: requests still unanswered complete with an I/O error"
-                );
-                self.kind.abandon_queue(&mut self.core, queue, vrings);
+                self.abandon_stopped_queue(queue, vrings);
                 break;
             }
             for event in readable(&listeners, left) {
@@ -1080,7 +1083,8 @@ impl<K: DeviceKind> Device<K> {
                 }
             }
         }
-        // `signal_used` tells no stopped queue.
+        // `signal_used` tells no stopped queue (and an event that ended
+        // as the client stopped it may have left chains untold).
         if let (Some(vring), Some(memory)) = (vrings.get(queue), self.core.memory.as_deref()) {
             if let Err(error) = crate::worker::signal_used_anyway(vring, memory) {
                 tracing::debug!(device = %self.core.name, %error, "cannot notify the client of its stopped queue");
@@ -1088,6 +1092,30 @@ impl<K: DeviceKind> Device<K> {
         }
     }
 
+    /// The stopped queue's bound passed: what the device still holds of it
+    /// completes with an I/O error now ([`DeviceKind::abandon_queue`]). A
+    /// driver VM that holds some of it is retired as withholding them, its
+    /// device quiesced before the stop returns: a write it held would
+    /// otherwise still reach the medium later, after writes the client
+    /// made once told it had failed.
+    fn abandon_stopped_queue(&mut self, queue: usize, vrings: &[ClientVring]) {
+        let held = self.kind.held_of_queue(&self.core, queue);
+        tracing::warn!(
+            device = %self.core.name, queue, held, bound = ?self.core.stop_bound,
+            "queue stopped: requests still unanswered complete with an I/O error"
+        );
+        let in_driver = self.kind.abandon_queue(&mut self.core, queue, vrings);
+        if in_driver > 0 && self.core.session.running() {
+            self.handle(vrings, Event::Fault(Fault::Withheld(self.core.stop_bound)));
+        }
+        self.after_event(vrings, u16::MAX, Ok(()));
+    }
+
+    /// Handles what `source` says. Its timer or eventfd is read first, and
+    /// one that had nothing to read says nothing: a stopped queue's drain
+    /// ([`Device::finish_stopped_queue`]) may have handled the event while
+    /// the worker already held it in its batch, and handled again, a kill
+    /// killed the driver VM that had just replaced the one killed.
     fn on_source(&mut self, source: Source, vrings: &[ClientVring]) -> std::io::Result<()> {
         match source {
             Source::Completion => {
@@ -1112,7 +1140,9 @@ impl<K: DeviceKind> Device<K> {
                 Ok(())
             }
             Source::Hang => {
-                let _ = self.core.hang_timer.wait();
+                if self.core.hang_timer.wait().is_err() {
+                    return Ok(());
+                }
                 if self.kind.in_driver() == 0 || !self.core.session.running() {
                     self.core.disarm_hang_watch();
                     return Ok(());
@@ -1123,23 +1153,31 @@ impl<K: DeviceKind> Device<K> {
                 Ok(())
             }
             Source::Restart => {
-                let _ = self.core.restart_timer.wait();
+                if self.core.restart_timer.wait().is_err() {
+                    return Ok(());
+                }
                 self.handle(vrings, Event::TimerFired);
                 Ok(())
             }
             Source::Recover => {
-                let _ = self.core.recover.read();
+                if self.core.recover.read().is_err() {
+                    return Ok(());
+                }
                 tracing::info!(device = %self.core.name, "recovery requested by an operator");
                 self.handle(vrings, Event::Recover);
                 Ok(())
             }
             Source::Kill => {
-                let _ = self.core.kill.read();
+                if self.core.kill.read().is_err() {
+                    return Ok(());
+                }
                 self.handle(vrings, Event::Kill);
                 Ok(())
             }
             Source::Watch => {
-                let _ = self.core.watch_timer.wait();
+                if self.core.watch_timer.wait().is_err() {
+                    return Ok(());
+                }
                 client_memory::reap_retired(&self.core.client_tables);
                 self.watch_driver(vrings);
                 Ok(())

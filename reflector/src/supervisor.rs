@@ -128,7 +128,7 @@ impl Unwatched {
 impl Drop for Unwatched {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
-            tracing::warn!(pid = child.id(), "a started driver VM could not be watched: killed");
+            tracing::warn!(pid = child.id(), "a driver VM's start failed after its process started: killed");
             let _ = child.kill();
             let _ = child.wait();
         }

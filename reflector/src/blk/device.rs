@@ -764,16 +764,19 @@ impl DeviceKind for Blk {
         self.in_flight.len_for(core.client) + self.waiting.len()
     }
 
-    fn abandon_queue(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[ClientVring]) {
+    fn abandon_queue(&mut self, core: &mut DeviceCore, _queue: usize, vrings: &[ClientVring]) -> usize {
+        let in_driver = self.in_flight.iter().filter(|(_, entry)| entry.client == core.client && entry.sent).count();
         let mut abandoned = self.in_flight.disown(core.client);
         // The device may no longer reach their buffers (`dma=direct`); the
         // windows of departed clients' requests were revoked as they left.
         self.in_flight.revoke_windows();
         abandoned.extend(self.waiting.drain(..).map(|waiting| (waiting.head, waiting.status)));
-        let (Some(vring), Some(memory)) = (vrings.first(), core.memory.clone()) else { return };
-        for (head, status) in abandoned {
-            complete(core, vring, &memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
+        if let (Some(vring), Some(memory)) = (vrings.first(), core.memory.clone()) {
+            for (head, status) in abandoned {
+                complete(core, vring, &memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
         }
+        in_driver
     }
 
     fn client_gone(&mut self, _core: &mut DeviceCore) {

@@ -943,6 +943,9 @@ fn receive_buffers_a_net_driver_fails_come_back_only_at_the_next_watch() {
     assert_eq!(errors(), rx, "failed receive buffers were posted again before the next watch");
     let timer = std::os::fd::AsRawFd::as_raw_fd(&device.core.watch_timer);
     let watch = listeners.iter().find(|(fd, _)| *fd == timer).unwrap().1;
+    // A watch period ends now (a handler acts only on an expiry).
+    device.core.watch_timer.reset(Duration::from_micros(1), None).unwrap();
+    assert!(hardware::wait_readable(timer, Some(BOUND)), "the watch timer did not expire");
     vhost_user_backend::VhostUserBackendMut::handle_event(
         &mut device,
         watch,
@@ -1012,6 +1015,9 @@ fn bounce_slots_a_device_pinned_are_kept_when_the_device_goes_idle() {
         let timer = bench.device.core.watch_timer.as_raw_fd();
         let watch = bench.listeners.iter().find(|(fd, _)| *fd == timer).unwrap().1;
         for _ in 0..=super::IDLE_RELEASE_PERIODS {
+            // A watch period ends now (a handler acts only on an expiry).
+            bench.device.core.watch_timer.reset(Duration::from_micros(1), None).unwrap();
+            assert!(hardware::wait_readable(timer, Some(BOUND)), "the watch timer did not expire");
             bench.device.handle_event(watch, vmm_sys_util::epoll::EventSet::IN, &bench.client.vrings, 0).unwrap();
         }
         let expected = if pinned { 0x5a5a } else { 0 };
@@ -1058,21 +1064,48 @@ fn a_request_a_stopped_queue_cannot_wait_for_fails_at_once_and_never_completes_l
     let recovery = RecoveryConfig { hang_deadline: Duration::from_secs(5), ..quick_recovery() };
     let mut bench = Bench::new(&memory, &[Script::Hang, Script::Serve], false, recovery);
     bench.device.core.stop_bound = Duration::from_millis(50);
-    let sent = bench.submit(&[(false, 3, vec![0; 512])]);
-    bench.run_until("the read in the driver VM", |_, device| device.kind.in_driver() == 1);
+    let sent = bench.submit(&[(true, 3, pattern(3, 512))]);
+    bench.run_until("the write in the driver VM", |_, device| device.kind.in_driver() == 1);
+    let quiesced = bench.disk.quiesced.load(Ordering::SeqCst);
     bench.client.vrings[0].set_queue_ready(false);
     bench.device.stop_vring(0).unwrap();
     assert_eq!(bench.client.take_used(), vec![(sent[0].head, 1)]);
     assert_eq!(bench.client.status(&sent[0]), IOERR);
-    // The hung driver VM is replaced; its request is not replayed.
+    // The driver VM holding it was retired, its device quiesced, before
+    // the stop returned: the write cannot reach the medium afterwards.
+    assert!(bench.disk.quiesced.load(Ordering::SeqCst) > quiesced, "the device was not quiesced");
+    assert_eq!(bench.count(&bench.metrics.faults), 1);
+    // It is not replayed to the next driver VM.
     bench.client.vrings[0].set_queue_ready(true);
-    bench.kill_driver();
     let later = bench.submit(&[(false, 4, vec![0; 512])]);
     let mut used = Vec::new();
     bench.run_until("a request after the stop", |client, _| {
         used.extend(client.take_used());
         client.status(&later[0]) != 0xff
     });
-    assert_eq!(used, vec![(later[0].head, 513)], "the abandoned read completed again");
+    assert_eq!(used, vec![(later[0].head, 513)], "the abandoned write completed again");
     assert!(bench.launches() >= 2, "the hung driver VM was not replaced");
+    assert_eq!(bench.disk.read(3, 512), vec![0; 512], "the abandoned write reached the medium");
+}
+
+/// An event whose timer or eventfd has nothing to read changes nothing:
+/// the worker may hold in its batch an event that a stopped queue's drain
+/// has handled meanwhile, and a kill handled twice killed the driver VM
+/// that had just replaced the one killed.
+#[test]
+fn an_event_already_handled_changes_nothing_when_it_comes_again() {
+    use super::Source;
+    use vhost_user_backend::VhostUserBackendMut;
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], false, quick_recovery());
+    let first = bench.submit(&[(false, 1, vec![0; 512])]);
+    bench.complete(&first, "a read");
+    for source in [Source::Kill, Source::Recover, Source::Hang, Source::Restart, Source::Watch] {
+        let event = BlkDevice::event_id(source);
+        bench.device.handle_event(event, vmm_sys_util::epoll::EventSet::IN, &bench.client.vrings, 0).unwrap();
+    }
+    let second = bench.submit(&[(false, 2, vec![0; 512])]);
+    bench.complete(&second, "a read after");
+    assert_eq!(bench.count(&bench.metrics.faults), 0, "an event with nothing to read killed the driver VM");
+    assert_eq!(bench.launches(), 1);
 }
