@@ -3,7 +3,7 @@
 //! real vmm, jail included; it ignores its arguments and tries, one by one,
 //! what a compromised vmm would: read host files and other devices' images,
 //! reach sockets and the network, trace or signal other processes, gain
-//! privileges, write its root, fork without bound, take more CPU or memory
+//! privileges, write its root, fork, start tasks without bound, take more CPU or memory
 //! than its share, flood its standard output and its standard error. It
 //! prints one JSON line saying how each attempt ended (the reflector logs
 //! it as the driver VM's report), then tries to take more memory than its
@@ -69,27 +69,44 @@ fn make_socket(domain: libc::c_int) -> String {
     outcome(unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) } as libc::c_long)
 }
 
-/// Forks up to `limit` children that wait; how many it got.
-fn fork_many(limit: usize) -> usize {
-    let mut children = Vec::new();
+/// fork(2) once: how it ended. A child (the jail letting it through)
+/// ends at once.
+fn fork_once() -> String {
+    // SAFETY: fork(2); a child only exits.
+    match unsafe { libc::fork() } {
+        // SAFETY: _exit(2) in the child, touching nothing of the parent's.
+        0 => unsafe { libc::_exit(0) },
+        pid if pid > 0 => {
+            // SAFETY: waitpid(2) of our own child.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            "ok".into()
+        }
+        _ => errno_name(&std::io::Error::last_os_error()),
+    }
+}
+
+/// Starts up to `limit` threads (tasks, as a process would be) that
+/// wait; how many it got.
+fn threads_many(limit: usize) -> usize {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut threads = Vec::new();
     for _ in 0..limit {
-        // SAFETY: fork(2); the child only pauses until killed.
-        match unsafe { libc::fork() } {
-            0 => loop {
-                // SAFETY: pause(2) in the child.
-                unsafe { libc::pause() };
-            },
-            pid if pid > 0 => children.push(pid),
-            _ => break,
+        let stop = stop.clone();
+        let waiter = move || {
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::park_timeout(Duration::from_millis(10));
+            }
+        };
+        match std::thread::Builder::new().stack_size(64 << 10).spawn(waiter) {
+            Ok(thread) => threads.push(thread),
+            Err(_) => break,
         }
     }
-    let count = children.len();
-    for pid in children {
-        // SAFETY: kill(2) and waitpid(2) of our own children.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-            libc::waitpid(pid, std::ptr::null_mut(), 0);
-        }
+    let count = threads.len();
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for thread in threads {
+        thread.thread().unpark();
+        let _ = thread.join();
     }
     count
 }
@@ -278,7 +295,8 @@ fn main() {
         let created = libc::open(c"/escape".as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o600);
         note("create /escape", json!(outcome(created as libc::c_long)));
     }
-    note("forked of 200", json!(fork_many(200)));
+    note("fork", json!(fork_once()));
+    note("threads of 200", json!(threads_many(200)));
     note("cpu share of three threads spinning 1 s", json!(cpu_share(Duration::from_secs(1))));
     // Standard output without end (as far as the reflector can tell): a
     // supervisor that kept all of it would run out of memory.

@@ -92,17 +92,26 @@ const JAIL_ONLY: &[libc::c_long] =
 /// layer may resize its disk image.
 const VMM_ONLY: &[libc::c_long] = &[libc::SYS_ftruncate, libc::SYS_truncate, libc::SYS_fallocate];
 
-/// Whether the jailed process may change files' sizes ([`VMM_ONLY`]).
+/// Which process a jail's outer filter binds: what it may do besides the
+/// rest of the filter differs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FileSizes {
-    /// ftruncate, truncate and fallocate fail with EPERM (a vmm).
-    Fixed,
-    /// They are let through, within the jail's `RLIMIT_FSIZE` (a device
-    /// model's QEMU), except a `fallocate` that keeps the size without
+pub enum Inmate {
+    /// A vmm: ftruncate, truncate and fallocate fail with EPERM
+    /// ([`VMM_ONLY`]), and so does every process it would make with an
+    /// address space of its own (`fork`, a `clone` without `CLONE_VM`):
+    /// its threads and its address-space holder share its memory, and a
+    /// forked copy would keep the channel mapped, writing there after the
+    /// vmm's own threads had ended (when its supervisor takes the driver
+    /// VM for gone, `supervisor::vmm_threads_ended`) until its PID
+    /// namespace's end killed it.
+    Vmm,
+    /// A device model's QEMU: files' sizes change within the jail's
+    /// `RLIMIT_FSIZE`, except by a `fallocate` that keeps the size without
     /// punching a hole: it may allocate blocks past a file's end, which no
     /// size limit sees (QEMU's block layer keeps the size only to punch
-    /// holes, for discards and zeroed writes).
-    WithinLimit,
+    /// holes, for discards and zeroed writes). QEMU's own `-sandbox`
+    /// denies it new processes.
+    DeviceModel,
 }
 
 /// Confines the reflector process (all its threads, and children before
@@ -187,22 +196,22 @@ impl DenyList {
 }
 
 /// The outer filter: [`NEVER`], [`JAIL_ONLY`], the io_uring calls unless
-/// `io_uring` allows them, [`VMM_ONLY`] unless `sizes` is free, and clone with any namespace flag fail with
+/// `io_uring` allows them, what `inmate` may not do besides ([`Inmate`]), and clone with any namespace flag fail with
 /// EPERM; clone3 (whose flags sit in memory a filter cannot read) with
 /// ENOSYS, so the C library falls back to clone; and x32 calls fail with
 /// EPERM ([`DenyList`]). One program: the kernel prepares each filter it
 /// attaches, and a cold restart installed three where one does.
-pub(super) fn outer_filter(io_uring: IoUring, sizes: FileSizes) -> Result<seccompiler::BpfProgram, JailError> {
-    outer_deny_list(io_uring, sizes)?.compile("the jail's")
+pub(super) fn outer_filter(io_uring: IoUring, inmate: Inmate) -> Result<seccompiler::BpfProgram, JailError> {
+    outer_deny_list(io_uring, inmate)?.compile("the jail's")
 }
 
 /// The rules of [`outer_filter`].
-fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, JailError> {
+fn outer_deny_list(io_uring: IoUring, inmate: Inmate) -> Result<DenyList, JailError> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let fail = |e: &dyn std::fmt::Display| building("the jail's", e);
-    let fixed = match sizes {
-        FileSizes::Fixed => VMM_ONLY,
-        FileSizes::WithinLimit => &[],
+    let fixed = match inmate {
+        Inmate::Vmm => VMM_ONLY,
+        Inmate::DeviceModel => &[],
     };
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).chain(fixed).map(|call| (*call, Vec::new())).collect();
@@ -225,6 +234,14 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
             SeccompRule::new(vec![set]).map_err(|e| fail(&e))
         })
         .collect::<Result<Vec<_>, JailError>>()?;
+    let mut clone_rules = clone_rules;
+    if inmate == Inmate::Vmm {
+        let own_memory =
+            SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(libc::CLONE_VM as u64), 0)
+                .map_err(|e| fail(&e))?;
+        clone_rules.push(SeccompRule::new(vec![own_memory]).map_err(|e| fail(&e))?);
+        rules.insert(libc::SYS_fork, Vec::new());
+    }
     rules.insert(libc::SYS_clone, clone_rules);
     // socket(domain, ...) and socketpair: denied but for AF_UNIX. A jailed
     // process gets its sockets inherited (a trapped window's, QEMU's qtest
@@ -246,7 +263,7 @@ fn outer_deny_list(io_uring: IoUring, sizes: FileSizes) -> Result<DenyList, Jail
     let remove = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::MADV_REMOVE as u64)
         .map_err(|e| fail(&e))?;
     rules.insert(libc::SYS_madvise, vec![SeccompRule::new(vec![remove]).map_err(|e| fail(&e))?]);
-    if sizes == FileSizes::WithinLimit {
+    if inmate == Inmate::DeviceModel {
         // fallocate(fd, mode, ...): denied when mode keeps the size and
         // punches no hole.
         let mask = (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) as u64;
@@ -302,9 +319,9 @@ mod tests {
     /// architectures) as seccompiler's own program of the same rules does.
     #[test]
     fn each_filter_answers_as_seccompilers_own_program_of_its_rules() {
-        for (io_uring, sizes) in [(IoUring::Denied, FileSizes::Fixed), (IoUring::Allowed, FileSizes::WithinLimit)] {
+        for (io_uring, inmate) in [(IoUring::Denied, Inmate::Vmm), (IoUring::Allowed, Inmate::DeviceModel)] {
             for (whose, list) in [
-                ("jail", outer_deny_list(io_uring, sizes).unwrap()),
+                ("jail", outer_deny_list(io_uring, inmate).unwrap()),
                 ("reflector", reflector_deny_list(io_uring).unwrap()),
             ] {
                 let (otherwise, matched) = DenyList::answers();
@@ -318,10 +335,7 @@ mod tests {
     #[test]
     fn io_uring_is_denied_unless_a_qemu_of_the_reflectors_uses_it() {
         let reflector = |io_uring| Some(reflector_filter(io_uring).unwrap());
-        assert_eq!(
-            errno_under(Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap()), io_uring_setup),
-            libc::EPERM
-        );
+        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied, Inmate::Vmm).unwrap()), io_uring_setup), libc::EPERM);
         assert_eq!(errno_under(reflector(IoUring::Denied), io_uring_setup), libc::EPERM);
         // Allowed: the kernel's own answer, not the filter's EPERM (a kernel
         // with io_uring turned off refuses it unfiltered, so this half needs
@@ -329,7 +343,7 @@ mod tests {
         let unfiltered = errno_under(None, io_uring_setup);
         if unfiltered == 0 {
             assert_eq!(
-                errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::WithinLimit).unwrap()), io_uring_setup),
+                errno_under(Some(outer_filter(IoUring::Allowed, Inmate::DeviceModel).unwrap()), io_uring_setup),
                 0
             );
             assert_eq!(errno_under(reflector(IoUring::Allowed), io_uring_setup), 0);
@@ -361,7 +375,7 @@ mod tests {
             assert_eq!(errno_under(reflector(), move || setns_own_network(nstype)), libc::EPERM, "nstype {nstype:#x}");
         }
         for io_uring in [IoUring::Denied, IoUring::Allowed] {
-            let jail = Some(outer_filter(io_uring, FileSizes::WithinLimit).unwrap());
+            let jail = Some(outer_filter(io_uring, Inmate::DeviceModel).unwrap());
             assert_eq!(errno_under(jail, || setns_own_network(libc::CLONE_NEWNET)), libc::EPERM);
         }
     }
@@ -414,10 +428,10 @@ mod tests {
     fn a_vmm_may_not_change_a_files_size_and_qemu_may() {
         assert_eq!(errno_under(None, ftruncate_a_memfd), 0);
         assert_eq!(errno_under(None, fallocate_a_memfd), 0);
-        let vmm = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
+        let vmm = || Some(outer_filter(IoUring::Denied, Inmate::Vmm).unwrap());
         assert_eq!(errno_under(vmm(), ftruncate_a_memfd), libc::EPERM);
         assert_eq!(errno_under(vmm(), fallocate_a_memfd), libc::EPERM);
-        let qemu = || Some(outer_filter(IoUring::Denied, FileSizes::WithinLimit).unwrap());
+        let qemu = || Some(outer_filter(IoUring::Denied, Inmate::DeviceModel).unwrap());
         assert_eq!(errno_under(qemu(), ftruncate_a_memfd), 0);
         assert_eq!(errno_under(None, fallocate_past_the_end_of_a_memfd), 0);
         assert_eq!(errno_under(qemu(), fallocate_past_the_end_of_a_memfd), libc::EPERM);
@@ -430,12 +444,9 @@ mod tests {
         // The filters answer before the kernel looks at the number, so
         // this holds on kernels with x32 (where it would run) and without
         // (ENOSYS).
+        assert_eq!(errno_under(Some(outer_filter(IoUring::Denied, Inmate::Vmm).unwrap()), x32_getpid), libc::EPERM);
         assert_eq!(
-            errno_under(Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap()), x32_getpid),
-            libc::EPERM
-        );
-        assert_eq!(
-            errno_under(Some(outer_filter(IoUring::Allowed, FileSizes::WithinLimit).unwrap()), x32_getpid),
+            errno_under(Some(outer_filter(IoUring::Allowed, Inmate::DeviceModel).unwrap()), x32_getpid),
             libc::EPERM
         );
         assert_eq!(errno_under(Some(reflector_filter(IoUring::Allowed).unwrap()), x32_getpid), libc::EPERM);
@@ -468,6 +479,44 @@ mod tests {
         errno_of(unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) })
     }
 
+    /// clone(2) with flags the kernel refuses (EINVAL), so that it makes
+    /// nothing if let through: CLONE_SIGHAND without CLONE_VM (`vm`
+    /// false), or CLONE_VM and CLONE_THREAD without CLONE_SIGHAND.
+    fn clone_refused_by_the_kernel(vm: bool) -> impl FnOnce() -> i32 + Send + 'static {
+        move || {
+            let flags = if vm { libc::CLONE_VM | libc::CLONE_THREAD } else { libc::CLONE_SIGHAND | libc::SIGCHLD };
+            // SAFETY: clone(2) with flags the kernel rejects (EINVAL:
+            // CLONE_SIGHAND needs CLONE_VM, CLONE_THREAD needs
+            // CLONE_SIGHAND) before making a process; no stack or pointers.
+            errno_of(unsafe { libc::syscall(libc::SYS_clone, flags as libc::c_ulong, 0usize, 0usize, 0usize, 0usize) })
+        }
+    }
+
+    /// A vmm makes no process with an address space of its own (a forked
+    /// copy would keep its channel mapped past its threads' end); threads
+    /// and its holder, which share its memory, it makes. QEMU's jail
+    /// leaves that to QEMU's own sandbox.
+    #[test]
+    fn a_vmm_makes_no_process_with_memory_of_its_own() {
+        let vmm = || Some(outer_filter(IoUring::Denied, Inmate::Vmm).unwrap());
+        let qemu = || Some(outer_filter(IoUring::Denied, Inmate::DeviceModel).unwrap());
+        for vm in [false, true] {
+            assert_eq!(errno_under(None, clone_refused_by_the_kernel(vm)), libc::EINVAL, "CLONE_VM: {vm}");
+            assert_eq!(errno_under(qemu(), clone_refused_by_the_kernel(vm)), libc::EINVAL, "CLONE_VM: {vm}");
+        }
+        assert_eq!(errno_under(vmm(), clone_refused_by_the_kernel(false)), libc::EPERM);
+        assert_eq!(errno_under(vmm(), clone_refused_by_the_kernel(true)), libc::EINVAL, "a thread's clone was denied");
+        // SAFETY: fork(2) by number; the filter refuses it before any
+        // process is made (were it let through, the child exits at once).
+        let fork = || match unsafe { libc::syscall(libc::SYS_fork) } {
+            // SAFETY: _exit(2) in a child, touching nothing of the parent's.
+            0 => unsafe { libc::_exit(0) },
+            pid if pid > 0 => 0,
+            _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(-1),
+        };
+        assert_eq!(errno_under(vmm(), fork), libc::EPERM);
+    }
+
     #[test]
     fn one_program_gives_each_of_the_jails_answers_and_the_reflector_builds_jails() {
         /// madvise(2) with `advice` over a page of a shared mapping of a
@@ -495,7 +544,7 @@ mod tests {
             unsafe { libc::close(fd) };
             0
         }
-        let jail = || Some(outer_filter(IoUring::Denied, FileSizes::Fixed).unwrap());
+        let jail = || Some(outer_filter(IoUring::Denied, Inmate::Vmm).unwrap());
         let reflector = || Some(reflector_filter(IoUring::Denied).unwrap());
         // Unfiltered, the kernel answers both for itself.
         assert_eq!(errno_under(None, clone3_without_arguments), libc::EINVAL);

@@ -40,8 +40,9 @@
 //! - **an outer seccomp filter** ([`filters`]), installed before exec so
 //!   that it binds whatever binary runs: the calls that widen a process's
 //!   reach (new namespaces, mounts, ptrace and cross-process memory access,
-//!   BPF, perf, userfaultfd, keyrings, kernel modules, kexec, reboot, swap)
-//!   fail with EPERM, and so does io_uring, whose submissions no filter
+//!   BPF, perf, userfaultfd, keyrings, kernel modules, kexec, reboot, swap,
+//!   and for a vmm any process with memory of its own: `fork`, a `clone`
+//!   without `CLONE_VM`) fail with EPERM, and so does io_uring, whose submissions no filter
 //!   sees (a device model's QEMU may use it when its drive asks to), and
 //!   every x32 system call (which a deny list of x86-64 numbers misses).
 //!
@@ -69,7 +70,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cgroups::{cgroups_for, Cgroups, MemoryLeaf};
-use filters::{outer_filter, FileSizes};
+use filters::{outer_filter, Inmate};
 use libraries::libraries_of;
 
 /// Where the jail's tmpfs is mounted (in each vmm's own mount namespace;
@@ -324,8 +325,8 @@ impl Jail {
             None => JailIds::Device { id: uid_base.saturating_add(id_offset + index) },
         };
         let filter = match what {
-            Jailed::Vmm(_) => outer_filter(IoUring::Denied, FileSizes::Fixed)?,
-            Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, FileSizes::WithinLimit)?,
+            Jailed::Vmm(_) => outer_filter(IoUring::Denied, Inmate::Vmm)?,
+            Jailed::DeviceModel { io_uring, .. } => outer_filter(io_uring, Inmate::DeviceModel)?,
         };
         let file_size_limit = match what {
             Jailed::Vmm(_) => Some(0),
