@@ -17,9 +17,11 @@
 //! whole lines only (a read may end anywhere in one: the start waits for
 //! its end), each starting with the driver VM's name as the reflector
 //! knows it and its unprintable characters escaped, so lines of different
-//! driver VMs do not mix and none passes for another's. Each driver VM's
-//! output may add [`RATE`] bytes a second to
-//! the log, in bursts of [`BURST`] (its start, a crash report), a line
+//! driver VMs do not mix and none passes for another's. Each device's
+//! driver VMs together (one after another, and a spare) may add [`RATE`]
+//! bytes a second to the log, in bursts of [`BURST`] (a start, a crash
+//! report): a budget per driver VM gave a driver that crashed at its
+//! start a fresh burst at each restart. A line
 //! costing [`LINE_COST`] at least (a journal counts lines); what comes
 //! beyond is dropped, and a line says how much. The relay reads each pipe
 //! at most [`READ_RATE`] a second, and leaves it meanwhile, so that a vmm
@@ -52,12 +54,24 @@ pub fn stderr_for_jailed_vmm(name: &str) -> std::io::Result<Stdio> {
     Ok(Stdio::from(write))
 }
 
-/// The relay: its epoll set and the read ends it watches.
+/// The relay: its epoll set, the read ends it watches, and each device's
+/// log budget.
 struct Relay {
     epoll: Epoll,
     /// Shared with the copy under way, so that `add` (a driver VM's
     /// start) never waits for a copy.
     pipes: Mutex<HashMap<RawFd, Arc<Pipe>>>,
+    /// What each device's driver VMs may still add to the log, by the
+    /// name they share: one entry a device, kept while the reflector runs.
+    logs: Mutex<HashMap<String, LogBudget>>,
+}
+
+/// What one device's driver VMs may still add to the log ([`RATE`],
+/// [`BURST`]), shared by their pipes.
+type LogBudget = Arc<Mutex<TokenBucket>>;
+
+fn log_budget() -> LogBudget {
+    Arc::new(Mutex::new(TokenBucket::full(RATE, BURST)))
 }
 
 /// One driver VM's output: its pipe, whose it is, and what it may still
@@ -71,16 +85,16 @@ struct Pipe {
 }
 
 impl Pipe {
-    fn new(file: File, name: &str) -> Pipe {
-        Pipe { file, name: name.to_owned(), budget: Mutex::new(Budget::new()) }
+    fn new(file: File, name: &str, log: LogBudget) -> Pipe {
+        Pipe { file, name: name.to_owned(), budget: Mutex::new(Budget::new(log)) }
     }
 }
 
-/// Bytes a second one driver VM's output may add to the log: a driver's
+/// Bytes a second one device's driver VMs may add to the log: a driver's
 /// console and the vmm's own lines are a few a second.
 pub const RATE: u64 = 64 * 1024;
 
-/// Bytes one driver VM's output may add at once above [`RATE`].
+/// Bytes one device's driver VMs may add at once above [`RATE`].
 pub const BURST: u64 = 1 << 20;
 
 /// What a line costs of the log's budget at least, whatever its length: a
@@ -103,11 +117,11 @@ const CHUNK: usize = 64 * 1024;
 /// 4 KiB of a guest's console, escaped).
 const MAX_LINE: usize = 32 * 1024;
 
-/// What one driver VM's output may still add to the log, what the relay
-/// may still read of it, what it lost since it last could say so, and the
-/// line it has begun and not ended.
+/// What one driver VM's output may still add to the log (its device's
+/// budget), what the relay may still read of it, what it lost since it
+/// last could say so, and the line it has begun and not ended.
 struct Budget {
-    log: TokenBucket,
+    log: LogBudget,
     reads: TokenBucket,
     dropped: u64,
     /// The start of a line a read ended in the middle of: a vmm's write
@@ -122,14 +136,8 @@ struct Budget {
 }
 
 impl Budget {
-    fn new() -> Self {
-        Budget {
-            log: TokenBucket::full(RATE, BURST),
-            reads: TokenBucket::full(READ_RATE, READ_RATE),
-            dropped: 0,
-            unfinished: Vec::new(),
-            cut: false,
-        }
+    fn new(log: LogBudget) -> Self {
+        Budget { log, reads: TokenBucket::full(READ_RATE, READ_RATE), dropped: 0, unfinished: Vec::new(), cut: false }
     }
 
     /// The lines `data` (just read) ends, after what earlier reads began,
@@ -188,11 +196,12 @@ impl Budget {
         let prefix = format!("[{name}] ");
         let text = crate::untrusted_text::escape(text.strip_prefix(prefix.as_str()).unwrap_or(&text));
         let cost = (text.len() as u64 + 1).max(LINE_COST);
-        if cost > self.log.tokens() {
+        let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cost > log.tokens() {
             self.dropped += line.len() as u64 + 1;
             return;
         }
-        self.log.spend(cost);
+        log.spend(cost);
         out.extend_from_slice(prefix.as_bytes());
         out.extend_from_slice(text.as_bytes());
         out.push(b'\n');
@@ -206,7 +215,7 @@ fn relay() -> std::io::Result<Arc<Relay>> {
     if let Some(relay) = &*started {
         return Ok(relay.clone());
     }
-    let relay = Arc::new(Relay { epoll: Epoll::new()?, pipes: Mutex::default() });
+    let relay = Arc::new(Relay { epoll: Epoll::new()?, pipes: Mutex::default(), logs: Mutex::default() });
     let running = relay.clone();
     std::thread::Builder::new().name("console-relay".into()).spawn(move || running.run())?;
     *started = Some(relay.clone());
@@ -218,6 +227,12 @@ impl Relay {
         self.pipes.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The log budget of device `name`'s driver VMs.
+    fn log_for(&self, name: &str) -> LogBudget {
+        let mut logs = self.logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        logs.entry(name.to_owned()).or_insert_with(log_budget).clone()
+    }
+
     /// Watches `read`, driver VM `name`'s output, until its writers are
     /// gone.
     fn add(&self, read: OwnedFd, name: &str) -> std::io::Result<()> {
@@ -227,7 +242,7 @@ impl Relay {
         if unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        self.pipes().insert(fd, Arc::new(Pipe::new(File::from(read), name)));
+        self.pipes().insert(fd, Arc::new(Pipe::new(File::from(read), name, self.log_for(name))));
         let event = EpollEvent::new(EventSet::IN, fd as u64);
         self.epoll.ctl(ControlOperation::Add, fd, event).inspect_err(|_| {
             self.pipes().remove(&fd);
@@ -407,7 +422,53 @@ mod tests {
         let (read, write) = hardware::descriptors::pipe().unwrap();
         // SAFETY: fcntl(2) on a descriptor this test owns.
         assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
-        (Pipe::new(File::from(read), "vm"), File::from(write))
+        (Pipe::new(File::from(read), "vm", super::log_budget()), File::from(write))
+    }
+
+    /// A device's driver VMs share one log budget, one after another (a
+    /// driver crashing at its start got a fresh burst at each restart);
+    /// another device's have their own.
+    #[test]
+    fn a_devices_driver_vms_share_one_log_budget() {
+        let relay = Relay { epoll: Epoll::new().unwrap(), pipes: Mutex::default(), logs: Mutex::default() };
+        assert!(Arc::ptr_eq(&relay.log_for("disk0"), &relay.log_for("disk0")));
+        assert!(!Arc::ptr_eq(&relay.log_for("disk0"), &relay.log_for("disk1")));
+        // The first driver VM spends the burst; its successor, on the same
+        // budget, gets at most the rate's refill; another device's, all of
+        // its own.
+        let logged = |log: LogBudget| {
+            let (read, write) = hardware::descriptors::pipe().unwrap();
+            // SAFETY: fcntl(2) on a descriptor this test owns.
+            assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
+            let pipe = Pipe::new(File::from(read), "vm", log);
+            let mut write = File::from(write);
+            let line = [b'x'; 1023];
+            let writer = std::thread::spawn(move || {
+                for _ in 0..2 * BURST / 1024 {
+                    write.write_all(&line).unwrap();
+                    write.write_all(b"\n").unwrap();
+                }
+            });
+            let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+            let started = std::time::Instant::now();
+            loop {
+                match copy(&pipe, &mut buffer, &mut log) {
+                    Flow::Gone => break,
+                    Flow::Pause(_) | Flow::Open => std::thread::yield_now(),
+                }
+            }
+            writer.join().unwrap();
+            let text = String::from_utf8(log).unwrap();
+            (text.lines().filter(|line| line.starts_with("[vm] x")).count() as u64 * 1024, started.elapsed())
+        };
+        let shared = relay.log_for("disk0");
+        let (first, _) = logged(shared.clone());
+        let (next, took) = logged(shared);
+        let (other, _) = logged(relay.log_for("disk1"));
+        assert!(first >= BURST / 2, "the first driver VM's burst was not logged: {first}");
+        let refill = RATE * (took.as_millis() as u64 + 1000) / 1000;
+        assert!(next <= refill, "the next driver VM logged {next} bytes, a fresh burst; its refill was {refill}");
+        assert!(other >= BURST / 2, "another device's driver VM had no burst of its own: {other}");
     }
 
     /// Lines cost [`LINE_COST`] each at least: a vmm printing empty lines
@@ -525,7 +586,7 @@ mod tests {
         // Six bytes a control byte went to the log, and were charged: what
         // is left of the burst is less by that (refilled meanwhile at most
         // a second's rate).
-        let left = pipe.budget.lock().unwrap().log.tokens();
+        let left = pipe.budget.lock().unwrap().log.lock().unwrap().tokens();
         assert!(
             left <= BURST - 6 * MAX_LINE as u64 + RATE,
             "{left} of {BURST} left after {} bytes logged",
