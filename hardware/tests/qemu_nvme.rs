@@ -853,7 +853,18 @@ fn a_killed_qemu_that_has_not_ended_is_replaced_only_once_it_has() {
             std::fs::read_to_string(cgroup.join("freezer.state")).ok().filter(|state| state.trim() == "FROZEN")
         });
     assert!(frozen.is_some(), "QEMU was not frozen");
+    let waits = || {
+        let tag = format!("pid={pid}");
+        captured_log().lines().filter(|line| line.contains("has not exited after") && line.contains(&tag)).count()
+    };
+    let _ = captured_log();
     supervised.current().kill();
+    // Killed, it is asked nothing more, nor killed again (each kill's
+    // waits held the device's worker).
+    let waited = waits();
+    supervised.quiesce();
+    supervised.renew();
+    let waited_again = waits() - waited;
     supervised.resume();
     let restarts_while_stuck = supervised.restarts();
     std::fs::write(cgroup.join("freezer.state"), "THAWED").unwrap();
@@ -863,6 +874,8 @@ fn a_killed_qemu_that_has_not_ended_is_replaced_only_once_it_has() {
         });
     let _ = std::fs::remove_dir(&cgroup);
     assert_eq!(restarts_while_stuck, 0, "a new QEMU started while the killed one could still write the DMA region");
+    assert_eq!(waited, 1, "the kill did not wait for the stuck process");
+    assert_eq!(waited_again, 0, "the killed model was killed again");
     assert!(ended.is_some(), "the thawed QEMU did not end");
     supervised.resume();
     assert_eq!(supervised.restarts(), 1, "no new QEMU once the killed one had ended");

@@ -140,6 +140,12 @@ impl SupervisedModel {
             return;
         }
         let model = self.current();
+        // Killed already (one that has not ended is replaced only once it
+        // has, `resume`): asked, it would keep the device's worker until
+        // the answer's timeout.
+        if model.killed() {
+            return;
+        }
         match model.quiesce() {
             // A device whose interrupt line stays asserted through its
             // reset is in a state no driver can recover from (see
@@ -170,7 +176,10 @@ impl SupervisedModel {
     /// machine may outlive the device's reset (Format NVM to another LBA
     /// format: every later `Identify` finds a namespace the driver refuses).
     pub fn renew(&self) {
-        if !self.stopped.load(Ordering::Acquire) {
+        // Killed already: its next `resume` replaces it once it has ended
+        // (killed again, it would keep the device's worker for the kill's
+        // waits each time).
+        if !self.stopped.load(Ordering::Acquire) && !self.current().killed() {
             tracing::warn!(model = ?self.spec.model, "drivers keep failing at their start; starting the device's QEMU again");
             self.current().kill();
         }
