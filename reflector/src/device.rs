@@ -143,6 +143,12 @@ pub trait DeviceKind: Send + Sync + 'static {
     fn abandon_queue(&mut self, _core: &mut DeviceCore, _queue: usize, _vrings: &[ClientVring]) -> usize {
         0
     }
+    /// Requests of clients that left (or were cut off) the driver VM still
+    /// holds, whose effects could outlast them (a block write): the next
+    /// client waits for them ([`Device::finish_departed`]).
+    fn departed_in_driver(&self, _core: &DeviceCore) -> usize {
+        0
+    }
 }
 
 /// What a device is wired to, whatever its kind.
@@ -735,6 +741,7 @@ impl<K: DeviceKind> Device<K> {
         self.core.connection = None;
         // They hold the client's memory and descriptors.
         self.core.vrings.clear();
+        self.finish_departed();
         client_memory::reap_retired(&self.core.client_tables);
     }
 
@@ -1068,20 +1075,8 @@ impl<K: DeviceKind> Device<K> {
         if held > 0 {
             tracing::debug!(device = %self.core.name, queue, held, "queue stopped: completing what it gave first");
         }
-        let deadline = Instant::now() + self.core.stop_bound;
-        let listeners = self.listeners();
-        while self.kind.held_of_queue(&self.core, queue) > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                self.abandon_stopped_queue(queue, vrings);
-                break;
-            }
-            for event in readable(&listeners, left) {
-                if let Some(source) = Self::source_of(event) {
-                    let result = self.on_source(source, vrings);
-                    self.after_event(vrings, event, result);
-                }
-            }
+        if !self.run_events_until(vrings, |device| device.kind.held_of_queue(&device.core, queue) == 0) {
+            self.abandon_stopped_queue(queue, vrings);
         }
         // `signal_used` tells no stopped queue (and an event that ended
         // as the client stopped it may have left chains untold).
@@ -1090,6 +1085,53 @@ impl<K: DeviceKind> Device<K> {
                 tracing::debug!(device = %self.core.name, %error, "cannot notify the client of its stopped queue");
             }
         }
+    }
+
+    /// Runs the device's own events, as the worker would, until `done`
+    /// holds (true) or `stop_bound` passes (false). For the connection's
+    /// thread, while it holds the device (the worker, if any, waits).
+    fn run_events_until(&mut self, vrings: &[ClientVring], done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = Instant::now() + self.core.stop_bound;
+        let listeners = self.listeners();
+        while !done(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            for event in readable(&listeners, left) {
+                if let Some(source) = Self::source_of(event) {
+                    let result = self.on_source(source, vrings);
+                    self.after_event(vrings, event, result);
+                }
+            }
+        }
+        true
+    }
+
+    /// A client that left (or was cut off) may have left requests in the
+    /// driver VM: a write of its could still reach the medium after the
+    /// next client's writes to the same sectors (a QEMU that reconnects
+    /// resubmits, and writes again), which would then read what it had
+    /// overwritten. Before the next client is served, the driver VM answers
+    /// them (into nothing) within `stop_bound`, or is retired as
+    /// withholding them and its device quiesced.
+    fn finish_departed(&mut self) {
+        let departed = self.kind.departed_in_driver(&self.core);
+        if departed == 0 {
+            return;
+        }
+        tracing::debug!(device = %self.core.name, departed, "the client left requests in the driver VM: waiting for them");
+        if self.run_events_until(&[], |device| device.kind.departed_in_driver(&device.core) == 0) {
+            return;
+        }
+        tracing::warn!(
+            device = %self.core.name, bound = ?self.core.stop_bound,
+            "a departed client's requests are still in the driver VM; retiring it"
+        );
+        if self.core.session.running() {
+            self.handle(&[], Event::Fault(Fault::Withheld(self.core.stop_bound)));
+        }
+        self.after_event(&[], u16::MAX, Ok(()));
     }
 
     /// The stopped queue's bound passed: what the device still holds of it
@@ -1276,6 +1318,15 @@ impl<K: DeviceKind> VhostUserBackendMut for Device<K> {
             self.core.vrings = vrings.to_vec();
         }
         let result = match Self::source_of(device_event) {
+            // A kick the worker read before the client stopped the queue
+            // (GET_VRING_BASE, whose drain may have run meanwhile): the
+            // ring is the client's again, and a pass over it would still
+            // write there (the avail event).
+            _ if usize::from(device_event) < K::QUEUES
+                && !vrings.get(usize::from(device_event)).is_some_and(crate::worker::queue_ready) =>
+            {
+                Ok(())
+            }
             _ if usize::from(device_event) < K::QUEUES => {
                 self.core.metrics.kicks.fetch_add(1, Ordering::Relaxed);
                 let kicked = self.kind.queue_kicked(&mut self.core, usize::from(device_event), vrings);

@@ -779,6 +779,10 @@ impl DeviceKind for Blk {
         in_driver
     }
 
+    fn departed_in_driver(&self, core: &DeviceCore) -> usize {
+        self.in_flight.iter().filter(|(_, entry)| entry.sent && entry.client != core.client).count()
+    }
+
     fn client_gone(&mut self, _core: &mut DeviceCore) {
         self.waiting.clear();
         // Requests held back after a death are in no driver VM: forgotten

@@ -507,6 +507,22 @@ impl<'a> Client<'a> {
         data
     }
 
+    /// The used ring's avail event (EVENT_IDX: where the device asks to be
+    /// kicked next), as the device last wrote it.
+    pub fn avail_event(&self) -> u16 {
+        self.memory.read_obj(self.avail_event_address()).unwrap()
+    }
+
+    /// Writes `value` where the device writes its avail event, to see
+    /// whether it writes there again.
+    pub fn mark_avail_event(&self, value: u16) {
+        self.memory.write_obj(value, self.avail_event_address()).unwrap();
+    }
+
+    fn avail_event_address(&self) -> GuestAddress {
+        GuestAddress(self.queue.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE))
+    }
+
     /// Chains the device completed since the last call (head, length).
     pub fn take_used(&mut self) -> Vec<(u16, u32)> {
         let used = self.queue.used();
