@@ -427,7 +427,7 @@ impl BlkDevice {
     pub fn used_ring_at_memory_end(&mut self) -> Result<()> {
         let mut layout = self.ring.layout();
         layout.used = self.mem.len() - (4 + 8 * usize::from(layout.size));
-        self.session.readdress_vring(0, &self.mem, 0, layout)
+        self.session.move_vring(0, &self.mem, 0, layout)
     }
 
     /// Points the queue's avail ring at the last 4 bytes of its memory (SET_VRING_ADDR), so that
@@ -436,7 +436,7 @@ impl BlkDevice {
     pub fn avail_ring_at_memory_end(&mut self, idx: u16) -> Result<()> {
         let mut layout = self.ring.layout();
         layout.avail = self.mem.len() - 4;
-        self.session.readdress_vring(0, &self.mem, 0, layout)?;
+        self.session.move_vring(0, &self.mem, 0, layout)?;
         self.mem.slice_mut(layout.avail + 2, 2).copy_from_slice(&idx.to_le_bytes());
         self.kick.write(1).map_err(|e| Error::sys("kicking the device (eventfd write)", e))
     }

@@ -424,6 +424,15 @@ impl Session {
         self.call("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &cfg))
     }
 
+    /// As [`Session::readdress_vring`], the queue disabled meanwhile (SET_VRING_ENABLE 0, then
+    /// 1), as a client moving a ring it serves must (protocol features negotiated): a backend
+    /// refuses to move a ring it serves.
+    pub fn move_vring(&mut self, index: usize, mem: &GuestMem, ring_off: usize, layout: RingLayout) -> Result<()> {
+        self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, false))?;
+        self.readdress_vring(index, mem, ring_off, layout)?;
+        self.call("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, true))
+    }
+
     /// Sends SET_VRING_KICK for queue `index` with `kick`, whatever it is: for a hostile client.
     pub fn set_vring_kick(&mut self, index: usize, kick: &EventFd) -> Result<()> {
         self.call("SET_VRING_KICK", |fe| fe.set_vring_kick(index, kick))

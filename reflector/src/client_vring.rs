@@ -39,7 +39,7 @@ type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// A client's queue: vhost-user-backend's `VringRwLock`, but its kick is
 /// read without ever waiting ([`read_kick_without_waiting`]) and never
-/// replaced while served ([`ClientVring::kick_replaced`]), and it
+/// reconfigured while served ([`ClientVring::reconfigured_while_served`]), and it
 /// remembers the used index its client was last notified at.
 #[derive(Clone)]
 pub struct ClientVring(VringRwLock, Arc<AtomicU32>, Arc<AtomicBool>);
@@ -56,6 +56,20 @@ impl ClientVring {
         self.1.load(Ordering::Relaxed) != u32::from(next_used)
     }
 
+    /// Whether the queue is served (set up, enabled, kicked), which a
+    /// change of its kick, rings, size or indices is refused in: then
+    /// noted ([`ClientVring::reconfigured_while_served`]).
+    fn refused_while_served(&self) -> bool {
+        let served = {
+            let state = self.0.get_ref();
+            state.get_queue().ready() && state.is_enabled() && state.get_kick().is_some()
+        };
+        if served {
+            self.2.store(true, Ordering::Relaxed);
+        }
+        served
+    }
+
     /// Whether `other` is this very queue (a clone of it), not another one.
     pub fn same(&self, other: &ClientVring) -> bool {
         Arc::ptr_eq(&self.1, &other.1)
@@ -66,16 +80,16 @@ impl ClientVring {
         self.1.store(u32::from(next_used), Ordering::Relaxed);
     }
 
-    /// Whether the client sent a new kick (or none) for this queue while
-    /// it was served, which no client that follows vhost-user does (it
-    /// stops the queue first). vhost-user-backend's handler would close
-    /// the old kick without taking it out of the worker's epoll set, where
-    /// it stays as long as the client holds its own end, readable for ever
-    /// once the client writes it and never read again: the worker would
-    /// spin. So the old kick is kept (and read), the new one dropped, and
-    /// the device cuts the client off at its next event
-    /// ([`crate::worker::broken_queue`]).
-    pub fn kick_replaced(&self) -> bool {
+    /// Whether the client replaced the kick, moved the rings, resized the
+    /// queue or set its indices while the queue was served (set up,
+    /// enabled, kicked): each is kept as it was and noted, and the client
+    /// is cut off ([`crate::worker::broken_queue`]). A client changes them
+    /// only while the queue is stopped (GET_VRING_BASE) or disabled; the
+    /// device holds chains of the ring as it was, whose heads, put in a
+    /// moved or resized ring, or popped again after a rewound index, would
+    /// be completed into the wrong ring or twice (an adversarial review
+    /// found the rings and indices could change; the kick was caught).
+    pub fn reconfigured_while_served(&self) -> bool {
         self.2.load(Ordering::Relaxed)
     }
 }
@@ -134,6 +148,9 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_queue_info(&self, desc_table: u64, avail_ring: u64, used_ring: u64) -> Result<(), VirtQueError> {
+        if self.refused_while_served() {
+            return Ok(());
+        }
         self.0.set_queue_info(desc_table, avail_ring, used_ring)
     }
 
@@ -142,11 +159,15 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_queue_next_avail(&self, base: u16) {
-        self.0.set_queue_next_avail(base)
+        if !self.refused_while_served() {
+            self.0.set_queue_next_avail(base)
+        }
     }
 
     fn set_queue_next_used(&self, idx: u16) {
-        self.0.set_queue_next_used(idx)
+        if !self.refused_while_served() {
+            self.0.set_queue_next_used(idx)
+        }
     }
 
     fn queue_used_idx(&self) -> Result<u16, VirtQueError> {
@@ -154,7 +175,9 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_queue_size(&self, num: u16) {
-        self.0.set_queue_size(num)
+        if !self.refused_while_served() {
+            self.0.set_queue_size(num)
+        }
     }
 
     fn set_queue_event_idx(&self, enabled: bool) {
@@ -166,16 +189,11 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_kick(&self, file: Option<File>) {
-        let served = {
-            let state = self.0.get_ref();
-            state.get_queue().ready() && state.is_enabled() && state.get_kick().is_some()
-        };
-        if served {
-            // See `kick_replaced`: the new descriptor (if any) is closed.
-            self.2.store(true, Ordering::Relaxed);
-            return;
+        // See `reconfigured_while_served`: the new descriptor (if any) is
+        // closed.
+        if !self.refused_while_served() {
+            self.0.set_kick(file)
         }
-        self.0.set_kick(file)
     }
 
     /// Whether the queue is enabled, having consumed the kick if one is
@@ -238,12 +256,59 @@ mod tests {
         vring.set_queue_ready(true);
         vring.set_enabled(false);
         vring.set_kick(kick(&second));
-        assert!(!vring.kick_replaced(), "a disabled queue's kick may be replaced");
+        assert!(!vring.reconfigured_while_served(), "a disabled queue's kick may be replaced");
         vring.set_enabled(true);
         let served = kept_fd(&vring);
         vring.set_kick(kick(&third));
-        assert!(vring.kick_replaced(), "a served queue's kick was replaced unnoticed");
+        assert!(vring.reconfigured_while_served(), "a served queue's kick was replaced unnoticed");
         assert_eq!(kept_fd(&vring), served, "the served kick was not kept");
+    }
+
+    /// A served queue's rings, size and indices are kept as they are, and
+    /// the change noted; a disabled queue's change (a client restarting it)
+    /// is applied.
+    #[test]
+    fn a_served_queues_rings_size_and_indices_are_kept_and_the_change_noted() {
+        let memory = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        type Change = fn(&ClientVring);
+        let changes: [(&str, Change); 4] = [
+            ("rings", |vring| vring.set_queue_info(0x10000, 0x20000, 0x30000).unwrap()),
+            ("size", |vring| vring.set_queue_size(64)),
+            ("next avail", |vring| vring.set_queue_next_avail(7)),
+            ("next used", |vring| vring.set_queue_next_used(9)),
+        ];
+        let state = |vring: &ClientVring| {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (
+                queue.desc_table(),
+                queue.avail_ring(),
+                queue.used_ring(),
+                queue.size(),
+                queue.next_avail(),
+                queue.next_used(),
+            )
+        };
+        for (what, change) in changes {
+            let vring = ClientVring::new(GuestMemoryAtomic::new(memory.clone()), 256).unwrap();
+            vring.set_queue_size(128);
+            vring.set_queue_info(0x1000, 0x2000, 0x3000).unwrap();
+            vring.set_kick(Some(File::from(eventfd(0, 0))));
+            vring.set_queue_ready(true);
+            vring.set_enabled(false);
+            let before = state(&vring);
+            change(&vring);
+            assert!(!vring.reconfigured_while_served(), "{what}: a disabled queue's change was refused");
+            assert_ne!(state(&vring), before, "{what}: a disabled queue's change was not applied");
+            vring.set_enabled(true);
+            let before = state(&vring);
+            // The same change again, to other values where it has some.
+            change(&vring);
+            vring.set_queue_info(0x4000, 0x5000, 0x6000).unwrap();
+            vring.set_queue_size(32);
+            assert!(vring.reconfigured_while_served(), "{what}: a served queue's change went unnoticed");
+            assert_eq!(state(&vring), before, "{what}: a served queue was changed");
+        }
     }
 
     /// Runs `f` on a thread; whether it returned within 5 s (a thread that

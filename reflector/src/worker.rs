@@ -99,8 +99,8 @@ pub fn disable_notification(vring: &ClientVring, memory: &GuestMemoryMmap) -> st
 /// - more available entries than the queue holds, or an avail index that
 ///   cannot be read.
 pub fn broken_queue(vring: &ClientVring, memory: &GuestMemoryMmap) -> Option<&'static str> {
-    if vring.kick_replaced() {
-        return Some("it replaced the kick of a queue being served");
+    if vring.reconfigured_while_served() {
+        return Some("it replaced the kick, moved the rings, resized or rewound a queue being served");
     }
     let state = vring.get_ref();
     let queue = state.get_queue();

@@ -562,9 +562,11 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// Moves the queue's avail ring to `to` (as SET_VRING_ADDR would) and
-    /// sets the index there to `idx`, with EVENT_IDX on for `device`: for
-    /// a client whose ring cannot be popped. Not kicked.
+    /// Moves the queue's avail ring to `to` (as SET_VRING_ADDR would, the
+    /// queue disabled meanwhile as a client restarting it does: a served
+    /// queue's rings are not moved) and sets the index there to `idx`,
+    /// with EVENT_IDX on for `device`: for a client whose ring cannot be
+    /// popped. Not kicked.
     pub fn move_avail_ring<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(
         &self,
         device: &mut D,
@@ -573,7 +575,10 @@ impl<'a> Client<'a> {
     ) {
         device.set_event_idx(true);
         self.vrings[0].set_queue_event_idx(true);
+        self.vrings[0].set_enabled(false);
         self.vrings[0].set_queue_info(self.queue.desc_table_addr().0, to, self.queue.used_addr().0).unwrap();
+        self.vrings[0].set_enabled(true);
+        assert!(!self.vrings[0].reconfigured_while_served(), "the ring was moved while served");
         self.memory.write_obj(idx, GuestAddress(to + 2)).unwrap();
     }
 
