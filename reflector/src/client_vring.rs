@@ -88,7 +88,10 @@ impl ClientVring {
     /// device holds chains of the ring as it was, whose heads, put in a
     /// moved or resized ring, or popped again after a rewound index, would
     /// be completed into the wrong ring or twice (an adversarial review
-    /// found the rings and indices could change; the kick was caught).
+    /// found the rings and indices could change). A kick replaced would be
+    /// closed by vhost-user-backend's handler without leaving the worker's
+    /// epoll set, where it stays readable for ever while the client holds
+    /// its end, never read again: the worker would spin.
     pub fn reconfigured_while_served(&self) -> bool {
         self.2.load(Ordering::Relaxed)
     }

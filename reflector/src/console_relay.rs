@@ -419,10 +419,15 @@ mod tests {
     /// A pipe of the test's own, non-blocking at its read end as the
     /// relay's are, and the relay's record of it.
     fn pipe() -> (Pipe, File) {
+        pipe_within(super::log_budget())
+    }
+
+    /// As [`pipe`], its lines charged to `log`.
+    fn pipe_within(log: LogBudget) -> (Pipe, File) {
         let (read, write) = hardware::descriptors::pipe().unwrap();
         // SAFETY: fcntl(2) on a descriptor this test owns.
         assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
-        (Pipe::new(File::from(read), "vm", super::log_budget()), File::from(write))
+        (Pipe::new(File::from(read), "vm", log), File::from(write))
     }
 
     /// A device's driver VMs share one log budget, one after another (a
@@ -437,11 +442,7 @@ mod tests {
         // budget, gets at most the rate's refill; another device's, all of
         // its own.
         let logged = |log: LogBudget| {
-            let (read, write) = hardware::descriptors::pipe().unwrap();
-            // SAFETY: fcntl(2) on a descriptor this test owns.
-            assert_eq!(unsafe { libc::fcntl(read.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }, 0);
-            let pipe = Pipe::new(File::from(read), "vm", log);
-            let mut write = File::from(write);
+            let (pipe, mut write) = pipe_within(log);
             let line = [b'x'; 1023];
             let writer = std::thread::spawn(move || {
                 for _ in 0..2 * BURST / 1024 {

@@ -836,12 +836,7 @@ impl QemuModel {
         self.killed.store(true, Ordering::Release);
         self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            let deadline = Instant::now() + KILL_WAIT;
-            let reaped = crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
-                (!matches!(child.try_wait(), Ok(None))).then_some(())
-            });
-            if reaped.is_none() {
+            if !kill_and_reap(&mut child) {
                 tracing::warn!(
                     pid = child.id(),
                     "the killed QEMU process has not exited after {KILL_WAIT:?} (stuck in the kernel?); going on without it"
@@ -904,18 +899,23 @@ impl QemuModel {
     }
 }
 
+/// SIGKILLs `child` and reaps it, waiting at most [`KILL_WAIT`]: a process
+/// stuck in the kernel would hold the thread (a device's worker) for as
+/// long. Whether it was reaped.
+fn kill_and_reap(child: &mut std::process::Child) -> bool {
+    let _ = child.kill();
+    let deadline = Instant::now() + KILL_WAIT;
+    crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
+        (!matches!(child.try_wait(), Ok(None))).then_some(())
+    })
+    .is_some()
+}
+
 impl Drop for QemuModel {
     fn drop(&mut self) {
         self.notify_exit(None);
         if let Ok(mut child) = self.child.lock() {
-            let _ = child.kill();
-            // Bounded: a process stuck in the kernel would hold the thread
-            // dropping it (a device's worker) for as long.
-            let deadline = Instant::now() + KILL_WAIT;
-            let reaped = crate::poll_until(deadline, Duration::from_micros(100), Duration::from_millis(10), || {
-                (!matches!(child.try_wait(), Ok(None))).then_some(())
-            });
-            if reaped.is_none() {
+            if !kill_and_reap(&mut child) {
                 tracing::warn!(pid = child.id(), "a QEMU process let go of has not exited (stuck in the kernel?)");
             }
         }

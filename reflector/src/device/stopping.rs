@@ -114,10 +114,17 @@ impl<K: DeviceKind> Device<K> {
             device = %self.core.name, bound = ?self.core.stop_bound,
             "a departed client's requests are still in the driver VM; retiring it"
         );
+        self.retire_withholding(&[]);
+    }
+
+    /// Retires the running driver VM as withholding requests past
+    /// `stop_bound` (its device quiesced before this returns), and settles
+    /// what that brought.
+    fn retire_withholding(&mut self, vrings: &[ClientVring]) {
         if self.core.session.running() {
-            self.handle(&[], Event::Fault(Fault::Withheld(self.core.stop_bound)));
+            self.handle(vrings, Event::Fault(Fault::Withheld(self.core.stop_bound)));
         }
-        self.after_event(&[], u16::MAX, Ok(()));
+        self.after_event(vrings, u16::MAX, Ok(()));
     }
 
     /// The stopped queue's bound passed: what the device still holds of it
@@ -132,10 +139,10 @@ impl<K: DeviceKind> Device<K> {
             device = %self.core.name, queue, held, bound = ?self.core.stop_bound,
             "queue stopped: requests still unanswered complete with an I/O error"
         );
-        let in_driver = self.kind.abandon_queue(&mut self.core, queue, vrings);
-        if in_driver > 0 && self.core.session.running() {
-            self.handle(vrings, Event::Fault(Fault::Withheld(self.core.stop_bound)));
+        if self.kind.abandon_queue(&mut self.core, queue, vrings) > 0 {
+            self.retire_withholding(vrings);
+        } else {
+            self.after_event(vrings, u16::MAX, Ok(()));
         }
-        self.after_event(vrings, u16::MAX, Ok(()));
     }
 }

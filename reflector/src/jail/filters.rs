@@ -225,7 +225,7 @@ fn outer_deny_list(io_uring: IoUring, inmate: Inmate) -> Result<DenyList, JailEr
         libc::CLONE_NEWCGROUP,
     ];
     // A rule matches (and so denies) when its flag is set.
-    let clone_rules = namespaces
+    let mut clone_rules = namespaces
         .iter()
         .map(|flag| {
             let flag = *flag as u64;
@@ -234,7 +234,6 @@ fn outer_deny_list(io_uring: IoUring, inmate: Inmate) -> Result<DenyList, JailEr
             SeccompRule::new(vec![set]).map_err(|e| fail(&e))
         })
         .collect::<Result<Vec<_>, JailError>>()?;
-    let mut clone_rules = clone_rules;
     if inmate == Inmate::Vmm {
         let own_memory =
             SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(libc::CLONE_VM as u64), 0)
