@@ -8,8 +8,11 @@
 #   ci/fuzz.sh --runs N TARGET... only these targets
 #
 # cargo fuzz passes nightly compiler flags (-Zsanitizer); the machine has one
-# stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1. Crashes are
-# saved in fuzz/artifacts/TARGET/ and make the script fail.
+# stable toolchain, which accepts them with RUSTC_BOOTSTRAP=1. Targets are
+# built optimized with debug assertions (`-a`), so an arithmetic overflow
+# is a crash here as in a debug build, not a silent wrap: the ELF parser
+# had one that only `cargo test` in debug found. Crashes are saved in
+# fuzz/artifacts/TARGET/ and make the script fail.
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
 export RUSTC_BOOTSTRAP=1
@@ -29,7 +32,7 @@ sanitizer=(-s address)
 [[ $mode == long ]] && sanitizer=(-s none)
 
 echo "fuzz: building ${#targets[@]} targets (${sanitizer[*]})"
-timeout 2400 cargo fuzz build -O "${sanitizer[@]}"
+timeout 2400 cargo fuzz build -O -a "${sanitizer[@]}"
 
 # Seeds where a random start would rarely get past the first check: real
 # driver VM images for the ELF loader, real lines for the config and the
@@ -93,7 +96,7 @@ for target in "${targets[@]}"; do
     fi
     log=$(mktemp)
     start=$SECONDS
-    if timeout 7200 cargo fuzz run -O "${sanitizer[@]}" "$target" -- "${limits[@]}" -print_final_stats=1 \
+    if timeout 7200 cargo fuzz run -O -a "${sanitizer[@]}" "$target" -- "${limits[@]}" -print_final_stats=1 \
         >"$log" 2>&1; then
         result=ok
     else

@@ -67,7 +67,7 @@ Configuration file (TOML):
   vmm = \"/usr/local/bin/vmm\"     # optional; default: the vmm next to the reflector
   jail = true                   # jail every driver VM (needs root); false for development only
   jail_uid_base = 2063597568    # device N's driver VMs run as uid/gid BASE + N (default: a range per reflector)
-  user = \"nobody\"               # become this user once set up; driver VMs then run as it too
+  user = \"drvm\"                 # become this user once set up (one of its own: never nobody); driver VMs then run as it too
 
   [[blk]]
   name = \"disk0\"
@@ -245,7 +245,7 @@ struct ServeArgs {
     /// Once set up (sockets claimed, images and /dev/kvm opened, cgroups
     /// made), become this unprivileged user, with no capability left; driver
     /// VMs then run as this user, each in namespaces of its own. A name or
-    /// UID[:GID]. Example: --user nobody
+    /// UID[:GID]; one nothing else runs as (nobody is refused). Example: --user drvm
     #[arg(long, value_name = "USER")]
     user: Option<String>,
 }

@@ -29,6 +29,19 @@ pub enum PrivilegeError {
     /// The configured user is root.
     #[error("user {0:?}: is root; give an unprivileged user")]
     Root(String),
+    /// The configured user is one other processes share: the kernel's
+    /// overflow user (`nobody`), or an id no process can hold.
+    #[error(
+        "user {spec:?}: {why}; whoever runs as it could trace the driver VMs (it would own their user \
+         namespaces): give the reflector a user of its own (e.g. `useradd --system --no-create-home drvm`, \
+         then --user drvm)"
+    )]
+    Shared {
+        /// As configured.
+        spec: String,
+        /// What makes it shared.
+        why: String,
+    },
     /// A system call of the switch failed.
     #[error("becoming user {user}: {what}: {source}")]
     Switch {
@@ -80,7 +93,10 @@ impl fmt::Display for User {
 
 impl User {
     /// Resolves `spec`: a user name of this host, `UID` (its gid is the
-    /// same number) or `UID:GID`. Root is refused.
+    /// same number) or `UID:GID`. Root is refused, and so is a user other
+    /// processes share ([`PrivilegeError::Shared`]): the kernel's overflow
+    /// user (`nobody`), which services run as and every unmapped id shows
+    /// as, and id 4294967295, which means "unchanged" to the kernel.
     pub fn resolve(spec: &str) -> Result<User, PrivilegeError> {
         let numbers = match spec.split_once(':') {
             Some((uid, gid)) => uid.parse::<u32>().ok().zip(gid.parse::<u32>().ok()),
@@ -92,6 +108,18 @@ impl User {
         };
         if uid == 0 || gid == 0 {
             return Err(PrivilegeError::Root(spec.to_owned()));
+        }
+        let shared = |why: String| Err(PrivilegeError::Shared { spec: spec.to_owned(), why });
+        if uid == u32::MAX || gid == u32::MAX {
+            return shared("id 4294967295 is the kernel's \"no change\", not an id".to_owned());
+        }
+        let overflow = (overflow_id("overflowuid"), overflow_id("overflowgid"));
+        if uid == overflow.0 || gid == overflow.1 {
+            return shared(format!(
+                "uid {uid}, gid {gid} is the kernel's overflow user (nobody: uid {}, gid {}), which other \
+                 services run as",
+                overflow.0, overflow.1
+            ));
         }
         Ok(User { name: spec.to_owned(), uid, gid })
     }
@@ -168,6 +196,15 @@ impl User {
     }
 }
 
+/// The kernel's overflow uid or gid (`kind`: `overflowuid`, `overflowgid`),
+/// the id `nobody` has; 65534, the kernel's default, if unreadable.
+fn overflow_id(kind: &str) -> u32 {
+    std::fs::read_to_string(format!("/proc/sys/kernel/{kind}"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(65534)
+}
+
 /// The uid and gid of user `name` in this host's user database.
 fn lookup(name: &str) -> Option<(u32, u32)> {
     let name = CString::new(name).ok()?;
@@ -188,7 +225,7 @@ mod tests {
 
     #[test]
     fn users_resolve_by_name_or_number_and_root_is_refused() {
-        assert_eq!(User::resolve("nobody").map(|u| u.uid).ok(), lookup("nobody").map(|ids| ids.0));
+        assert_eq!(User::resolve("daemon").map(|u| u.uid).ok(), lookup("daemon").map(|ids| ids.0));
         let numeric = User::resolve("4000:4001").unwrap();
         assert_eq!((numeric.uid, numeric.gid), (4000, 4001));
         assert_eq!(User::resolve("4000").map(|u| (u.uid, u.gid)).ok(), Some((4000, 4000)));
@@ -196,5 +233,23 @@ mod tests {
         assert!(matches!(User::resolve("0:5"), Err(PrivilegeError::Root(_))));
         assert!(matches!(User::resolve("no-such-user-here"), Err(PrivilegeError::Unknown(_))));
         assert!(matches!(User::resolve("12:x"), Err(PrivilegeError::Unknown(_))));
+    }
+
+    #[test]
+    fn a_user_other_processes_share_is_refused() {
+        // `nobody` is the overflow user wherever it exists; its ids by
+        // number are refused whether or not the name does.
+        let (uid, gid) = (overflow_id("overflowuid"), overflow_id("overflowgid"));
+        if lookup("nobody").is_some() {
+            assert!(matches!(User::resolve("nobody"), Err(PrivilegeError::Shared { .. })));
+        }
+        for spec in [format!("{uid}"), format!("4000:{gid}"), format!("{uid}:4000")] {
+            assert!(matches!(User::resolve(&spec), Err(PrivilegeError::Shared { .. })), "{spec}");
+        }
+        for spec in ["4294967295", "4000:4294967295", "4294967295:4000"] {
+            assert!(matches!(User::resolve(spec), Err(PrivilegeError::Shared { .. })), "{spec}");
+        }
+        let error = User::resolve(&format!("{uid}")).unwrap_err().to_string();
+        assert!(error.contains("overflow user") && error.contains("--user"), "{error}");
     }
 }
