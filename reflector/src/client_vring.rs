@@ -80,6 +80,15 @@ impl ClientVring {
         self.1.store(u32::from(next_used), Ordering::Relaxed);
     }
 
+    /// A queue set up anew (its rings, size or indices: a guest's reboot,
+    /// a driver reloaded) has never been notified: the index of the last
+    /// notification before would, were the first used index after it the
+    /// same, keep that notification from being sent, and a guest waiting
+    /// on one request would wait for ever (an adversarial review found it).
+    fn forget_notified(&self) {
+        self.1.store(Self::NEVER, Ordering::Relaxed);
+    }
+
     /// Whether the client replaced the kick, moved the rings, resized the
     /// queue or set its indices while the queue was served (set up,
     /// enabled, kicked): each is kept as it was and noted, and the client
@@ -147,13 +156,23 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_enabled(&self, enabled: bool) {
-        self.0.set_enabled(enabled)
+        let was = self.0.get_ref().is_enabled();
+        self.0.set_enabled(enabled);
+        // The kicks of a disabled queue are read and dropped (vhost-user-
+        // backend hands the device a queue event only while it is
+        // enabled), so chains published meanwhile, and frames held for it,
+        // would wait for a kick that may never come: the worker looks
+        // once it is enabled again.
+        if enabled && !was {
+            crate::worker::come_back_to(self);
+        }
     }
 
     fn set_queue_info(&self, desc_table: u64, avail_ring: u64, used_ring: u64) -> Result<(), VirtQueError> {
         if self.refused_while_served() {
             return Ok(());
         }
+        self.forget_notified();
         self.0.set_queue_info(desc_table, avail_ring, used_ring)
     }
 
@@ -163,13 +182,15 @@ impl VringT<Memory> for ClientVring {
 
     fn set_queue_next_avail(&self, base: u16) {
         if !self.refused_while_served() {
-            self.0.set_queue_next_avail(base)
+            self.0.set_queue_next_avail(base);
+            self.forget_notified();
         }
     }
 
     fn set_queue_next_used(&self, idx: u16) {
         if !self.refused_while_served() {
-            self.0.set_queue_next_used(idx)
+            self.0.set_queue_next_used(idx);
+            self.forget_notified();
         }
     }
 
@@ -179,7 +200,8 @@ impl VringT<Memory> for ClientVring {
 
     fn set_queue_size(&self, num: u16) {
         if !self.refused_while_served() {
-            self.0.set_queue_size(num)
+            self.0.set_queue_size(num);
+            self.forget_notified();
         }
     }
 
@@ -333,8 +355,9 @@ mod tests {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let vring = ClientVring::new(memory, 256).unwrap();
         let kick = eventfd(0, 0);
-        vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
+        // Enabled first: enabling a queue with a kick kicks it.
         vring.set_enabled(true);
+        vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
         let reader = vring.clone();
         assert!(returns(move || assert!(reader.read_kick().unwrap())), "the read waited on a drained kick");
         let one = 1u64;
@@ -342,5 +365,47 @@ mod tests {
         assert_eq!(unsafe { libc::write(kick.as_raw_fd(), (&raw const one).cast(), 8) }, 8);
         assert!(vring.read_kick().unwrap());
         assert_eq!(hardware::shared_eventfd::take(kick.as_raw_fd()).unwrap(), 0, "the kick was not consumed");
+    }
+
+    /// A queue enabled again is looked at: the device's own kick, since
+    /// the client's kicks while it was disabled were read and dropped.
+    /// Once only, when it is enabled, not again while it stays so.
+    #[test]
+    fn a_queue_enabled_again_is_kicked_once() {
+        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let vring = ClientVring::new(memory, 256).unwrap();
+        let kick = eventfd(0, libc::EFD_NONBLOCK);
+        vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
+        vring.set_queue_ready(true);
+        let count = || hardware::shared_eventfd::take(kick.as_raw_fd()).unwrap();
+        for enabled in [true, false, true, true] {
+            vring.set_enabled(enabled);
+        }
+        assert_eq!(count(), 2, "enabled twice, the queue was not kicked twice");
+        vring.set_enabled(false);
+        assert_eq!(count(), 0, "a disabled queue was kicked");
+    }
+
+    /// A queue set up anew (its indices rewound: a guest's reboot) has not
+    /// been notified yet, whatever index the last notification was at:
+    /// otherwise a first completion at that same index went untold, and a
+    /// guest waiting on it waited for ever.
+    #[test]
+    fn a_queue_set_up_anew_has_not_been_notified() {
+        let memory = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        type Change = fn(&ClientVring);
+        let changes: [(&str, Change); 4] = [
+            ("rings", |vring| vring.set_queue_info(0x10000, 0x20000, 0x30000).unwrap()),
+            ("size", |vring| vring.set_queue_size(64)),
+            ("next avail", |vring| vring.set_queue_next_avail(0)),
+            ("next used", |vring| vring.set_queue_next_used(0)),
+        ];
+        for (what, change) in changes {
+            let vring = ClientVring::new(GuestMemoryAtomic::new(memory.clone()), 256).unwrap();
+            vring.notified_at(1);
+            assert!(!vring.used_since_notified(1));
+            change(&vring);
+            assert!(vring.used_since_notified(1), "{what}: the last notification before it still counts");
+        }
     }
 }

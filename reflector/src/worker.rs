@@ -136,6 +136,38 @@ pub fn queue_ready(vring: &ClientVring) -> bool {
     vring.get_ref().get_queue().ready()
 }
 
+/// Whether the client's queue is ready and enabled (SET_VRING_ENABLE):
+/// the device passes data through it only then. A disabled queue must be
+/// processed without side effects (vhost-user: a net device supplies no
+/// new receive frame into it and discards what is sent through it).
+pub fn queue_enabled(vring: &ClientVring) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
+}
+
+/// Most chains one queue event takes from a queue: a queue's worth. A
+/// client whose chains are completed as they are taken (malformed, or
+/// discarded) is held back by nothing else, and publishing as fast as the
+/// worker pops (another vCPU raising the avail index) kept one event going
+/// for ever: the device held, its worker and its other events (answers,
+/// watches, a hang) waiting (an adversarial review found it). Past it the
+/// event ends and [`come_back_to`] has the worker return to the queue
+/// after the events waiting.
+pub fn chains_per_event(vring: &ClientVring) -> usize {
+    usize::from(vring.get_ref().get_queue().size())
+}
+
+/// Has the worker handle `vring`'s queue again after the events waiting:
+/// a kick of the device's own, added to the queue's kick eventfd without
+/// ever waiting (the client shares it: [`crate::client_vring::notify_client`]).
+pub fn come_back_to(vring: &ClientVring) {
+    if let Some(kick) = vring.get_ref().get_kick() {
+        if let Err(error) = crate::client_vring::notify_client(kick.as_raw_fd()) {
+            tracing::warn!(%error, "cannot kick a queue again: its chains wait for the client's next kick");
+        }
+    }
+}
+
 /// Whether taking one more chain from `vring` would give the device more
 /// chains of this client than its queue has descriptors: the client then
 /// offered a head the device still holds (virtio: a head is the driver's

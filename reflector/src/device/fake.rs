@@ -52,7 +52,13 @@ pub enum Script {
     /// Ends without a report when it takes a request for this sector (a
     /// compromised vmm ending itself, as a kill from outside would look).
     EndSilentlyOnSector(u64),
+    /// A net driver on a busy wire: answers each receive buffer at once
+    /// with a frame of [`RECEIVED_FRAME`] bytes, and sends each frame.
+    Receive,
 }
+
+/// The length of the frames [`Script::Receive`] receives.
+pub const RECEIVED_FRAME: u32 = 60;
 
 /// A fake driver's exit report when it panics: what a vmm reports for a
 /// guest panic (non-empty: the death blames the requests it held).
@@ -334,6 +340,8 @@ impl ThreadLaunch for FakeLaunch {
                         Script::Hang => Answer::Ignore,
                         Script::EndSilentlyOnSector(sector) if touches(sector) => Answer::Die(String::new()),
                         Script::FailAll => Answer::Complete(status::IO_ERROR, 0),
+                        Script::Receive if request.op == op::NET_RX => Answer::Complete(status::OK, RECEIVED_FRAME),
+                        Script::Receive => Answer::Complete(status::OK, request.len),
                         Script::WithholdSector(sector) if touches(sector) => Answer::Ignore,
                         Script::Lie => Answer::Complete(disk.serve(&memory, request), request.len + 1),
                         Script::ReverseWrites if request.op == op::WRITE => {
@@ -585,5 +593,61 @@ impl<'a> Client<'a> {
     /// Kicks the client's queue.
     pub fn kick<D: VhostUserBackendMut<Bitmap = (), Vring = ClientVring>>(&self, device: &mut D) {
         device.handle_event(0, EventSet::IN, &self.vrings, 0).unwrap();
+    }
+
+    /// Where the queue's avail and used rings are, for a test that plays
+    /// a vCPU of the guest writing them while the device runs.
+    pub fn rings(&self) -> (GuestAddress, GuestAddress) {
+        (self.queue.avail_addr(), self.queue.used_addr())
+    }
+
+    /// A second queue of this client (a net device's transmit queue) at
+    /// [`SECOND_QUEUE`], ready and enabled, added to [`Client::vrings`].
+    pub fn add_queue(&mut self) -> SecondQueue<'a> {
+        let queue = MockSplitQueue::create(self.memory, GuestAddress(SECOND_QUEUE), QUEUE_SIZE);
+        let vring = ClientVring::new(GuestMemoryAtomic::new(self.memory.clone()), QUEUE_SIZE).unwrap();
+        vring.set_queue_size(QUEUE_SIZE);
+        vring.set_queue_info(queue.desc_table_addr().0, queue.avail_addr().0, queue.used_addr().0).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        self.vrings.push(vring);
+        SecondQueue { memory: self.memory, queue, next_descriptor: 0, used_seen: 0 }
+    }
+}
+
+/// Where [`Client::add_queue`] lays out its queue, and its buffers after it.
+const SECOND_QUEUE: u64 = 0x80_0000;
+
+/// A second queue of a [`Client`]: frames to send, for a net device.
+pub struct SecondQueue<'a> {
+    memory: &'a GuestMemoryMmap,
+    queue: MockSplitQueue<'a, GuestMemoryMmap>,
+    next_descriptor: u16,
+    used_seen: u16,
+}
+
+impl SecondQueue<'_> {
+    /// Puts a frame of `len` bytes (after its virtio-net header) on the
+    /// queue, not kicked; its head.
+    pub fn frame(&mut self, len: u32) -> u16 {
+        let head = self.next_descriptor;
+        let at = GuestAddress(SECOND_QUEUE + 0x10_0000 + u64::from(head) * 0x1000);
+        self.memory.write_slice(&vec![0x5a; virtio::net::HEADER_LEN + len as usize], at).unwrap();
+        let descriptor = SplitDescriptor::new(at.0, virtio::net::HEADER_LEN as u32 + len, 0, 0);
+        self.queue.add_desc_chains(&[RawDescriptor::from(descriptor)], head).unwrap();
+        self.next_descriptor += 1;
+        head
+    }
+
+    /// Chains the device completed since the last call (head, length).
+    pub fn take_used(&mut self) -> Vec<(u16, u32)> {
+        let used = self.queue.used();
+        let mut completed = Vec::new();
+        while self.used_seen != used.idx().load() {
+            let element = used.ring().ref_at(usize::from(self.used_seen % QUEUE_SIZE)).unwrap().load();
+            completed.push((element.id() as u16, element.len()));
+            self.used_seen = self.used_seen.wrapping_add(1);
+        }
+        completed
     }
 }

@@ -998,6 +998,118 @@ fn a_stopped_receive_queue_gets_its_held_buffers_back_unused() {
     device.shutdown();
 }
 
+/// A receive queue the client disabled (SET_VRING_ENABLE 0: vhost-user
+/// lets a disabled ring be processed only without side effects) gets no
+/// frame into the buffers the device took from it before, and gets the
+/// frames held meanwhile once enabled again. Before, every answer of the
+/// driver wrote frames into them, marked them used and told the client
+/// (an adversarial review found it).
+#[test]
+fn a_disabled_receive_queue_gets_no_frame_until_it_is_enabled_again() {
+    use vhost_user_backend::VringT;
+    let memory = client_memory();
+    let mut device = fake_net_device_with("fake-net-rx-disabled", 6, Script::Receive);
+    let mut client = Client::attach(&memory, &mut device);
+    let _tx = client.add_queue();
+    let listeners = device.listeners();
+    let metrics = device.metrics();
+    let heads: Vec<u16> = (0..4).map(|_| client.writable(2048)).collect();
+    client.kick(&mut device);
+    assert!(client.take_used().is_empty(), "frames came before the driver's answers were taken");
+    client.vrings[0].set_enabled(false);
+    let answers = || metrics.doorbells.load(Ordering::SeqCst);
+    let what = || format!("driver doorbells: {}", answers());
+    client.run_until(&mut device, &listeners, BOUND, &what, |_, _| answers() > 0);
+    assert_eq!(client.take_used(), vec![], "frames were written into a disabled receive queue");
+    assert_eq!(metrics.rx_frames.load(Ordering::SeqCst), 0);
+    client.vrings[0].set_enabled(true);
+    client.kick(&mut device);
+    let frame = (virtio::net::HEADER_LEN as u32) + super::fake::RECEIVED_FRAME;
+    assert_eq!(client.take_used(), heads.iter().map(|&head| (head, frame)).collect::<Vec<_>>());
+    device.shutdown();
+}
+
+/// A transmit queue the client disabled has its frames discarded, never
+/// sent (vhost-user), and its chains given back. Before, they were sent
+/// whenever an answer of the driver came.
+#[test]
+fn a_disabled_transmit_queues_frames_are_discarded_not_sent() {
+    use vhost_user_backend::VringT;
+    let memory = client_memory();
+    let mut device = fake_net_device_with("fake-net-tx-disabled", 7, Script::Receive);
+    let mut client = Client::attach(&memory, &mut device);
+    let mut tx = client.add_queue();
+    client.vrings[1].set_enabled(false);
+    let head = tx.frame(60);
+    let listeners = device.listeners();
+    let metrics = device.metrics();
+    // The driver answers the receive buffers it is given at once, and each
+    // answer has the device look at the transmit queue.
+    let answers = || metrics.doorbells.load(Ordering::SeqCst);
+    let what = || format!("driver doorbells: {}", answers());
+    client.run_until(&mut device, &listeners, BOUND, &what, |_, _| answers() > 0);
+    assert_eq!(metrics.tx_frames.load(Ordering::SeqCst), 0, "a disabled queue's frame was sent");
+    assert_eq!(metrics.tx_lost.load(Ordering::SeqCst), 1);
+    assert_eq!(tx.take_used(), vec![(head, 0)]);
+    device.shutdown();
+}
+
+/// A client that publishes chains the device completes as it takes them
+/// (malformed ones), as fast as it takes them (another vCPU of its guest),
+/// has one event take a queue's worth, and the worker goes on. Before, the
+/// event took chains for as long as the client published them, its device
+/// and worker held the while (an adversarial review found it).
+#[test]
+fn a_client_publishing_as_fast_as_the_device_takes_has_one_event_take_a_queues_worth() {
+    use std::sync::atomic::AtomicBool;
+    use vhost_user_backend::{VhostUserBackendMut, VringT};
+    use vm_memory::{Address, Bytes, GuestAddress};
+    let memory: &'static GuestMemoryMmap = Box::leak(Box::new(client_memory()));
+    let mut bench = Bench::new(memory, &[Script::Hang], false, RecoveryConfig::default());
+    bench.device.set_event_idx(true);
+    bench.client.vrings[0].set_queue_event_idx(true);
+    // A chain with no readable header: malformed, completed when taken.
+    let head = bench.client.writable(16);
+    let (avail, used) = bench.client.rings();
+    let stop = Arc::new(AtomicBool::new(false));
+    // The guest's vCPU: keeps half a queue of such chains published past
+    // those used (the device takes them faster than one at a time),
+    // until told to stop or 100,000 are published (a bound for the test
+    // to end, not a timing: with the bug one event takes them all).
+    const MOST: u32 = 100_000;
+    let publisher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let index = |at: GuestAddress| memory.read_obj::<u16>(at.unchecked_add(2)).unwrap();
+            let mut count = 0u32;
+            while !stop.load(Ordering::SeqCst) && count < MOST {
+                let (published, completed) = (index(avail), index(used));
+                if published.wrapping_sub(completed) < QUEUE_SIZE / 2 {
+                    let entry = avail.unchecked_add(4 + 2 * u64::from(published % QUEUE_SIZE));
+                    memory.write_obj(head, entry).unwrap();
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    memory.write_obj(published.wrapping_add(1), avail.unchecked_add(2)).unwrap();
+                    count += 1;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        })
+    };
+    let published = || memory.read_obj::<u16>(avail.unchecked_add(2)).unwrap();
+    let deadline = std::time::Instant::now() + BOUND;
+    while published() < QUEUE_SIZE / 2 {
+        assert!(std::time::Instant::now() < deadline, "the guest's vCPU published nothing");
+        std::thread::yield_now();
+    }
+    bench.client.kick(&mut bench.device);
+    stop.store(true, Ordering::SeqCst);
+    publisher.join().unwrap();
+    let taken = bench.count(&bench.metrics.malformed);
+    assert!((1..=u64::from(QUEUE_SIZE)).contains(&taken), "one event took {taken} chains");
+    assert!(bench.device.core.memory.is_some(), "the client was cut off");
+}
+
 /// An idle block device gives its bounce slots' pages back, unless a
 /// device reaches them through an IOMMU (VFIO), which pinned them: the
 /// IOMMU would keep the old pages, so the device would write to disk what

@@ -108,13 +108,20 @@ impl Net {
     }
 
     /// Takes the client's transmit chains while TX slots are free (or drops
-    /// them while the device has failed).
+    /// them while the device has failed, or discards them while the client
+    /// has the queue disabled); a queue's worth at most
+    /// ([`crate::worker::chains_per_event`]).
     fn process_tx(&mut self, core: &mut DeviceCore, tx: &ClientVring) -> std::io::Result<()> {
         let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !tx.get_ref().get_queue().ready() {
             return Ok(());
         }
+        // A disabled queue's frames are discarded, never sent (vhost-user);
+        // before, they went out whenever an answer came.
+        let enabled = crate::worker::queue_enabled(tx);
+        let takes = |net: &Net, core: &DeviceCore| !enabled || net.can_take_tx(core);
         let mut sent = false;
+        let mut budget = crate::worker::chains_per_event(tx);
         for pass in 0.. {
             // What an earlier pass sent goes out (unpublished, the driver
             // would be blamed for it).
@@ -125,19 +132,31 @@ impl Net {
                 break;
             }
             let mut taken = 0;
-            while self.can_take_tx(core) {
+            while takes(self, core) {
+                if budget == 0 {
+                    crate::worker::come_back_to(tx);
+                    break;
+                }
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
-                sent |= self.transmit(core, &memory, head, segments.as_deref());
+                budget -= 1;
+                if enabled {
+                    sent |= self.transmit(core, &memory, head, segments.as_deref());
+                } else {
+                    core.metrics.tx_lost.fetch_add(1, Ordering::Relaxed);
+                }
                 core.add_used(tx, &memory, head, 0);
                 taken += 1;
             }
-            if pass > 0 && taken == 0 && self.can_take_tx(core) {
+            if budget == 0 {
+                break;
+            }
+            if pass > 0 && taken == 0 && takes(self, core) {
                 core.stuck_pass(tx);
                 break;
             }
             // Chains left while no slot (or no driver VM) can take them wait
             // for a completion or a restart, not for a kick.
-            if !self.can_take_tx(core) || !core.event_idx || !core.rearm_client(tx, &memory) {
+            if !takes(self, core) || !core.event_idx || !core.rearm_client(tx, &memory) {
                 break;
             }
         }
@@ -201,12 +220,16 @@ impl Net {
         true
     }
 
-    /// Takes every receive chain the client offers, then delivers held frames.
+    /// Takes every receive chain the client offers (a queue's worth at most
+    /// an event, none while it is disabled), then delivers held frames.
     fn process_rx(&mut self, core: &mut DeviceCore, rx: &ClientVring) -> std::io::Result<()> {
         let Some(memory) = core.memory.clone() else { return Ok(()) };
-        if !rx.get_ref().get_queue().ready() {
+        // A disabled queue's chains stay in its ring: no frame may be
+        // written into them.
+        if !crate::worker::queue_enabled(rx) {
             return Ok(());
         }
+        let mut budget = crate::worker::chains_per_event(rx);
         for pass in 0.. {
             if !core.queue_servable(rx, &memory) {
                 return Ok(());
@@ -215,7 +238,13 @@ impl Net {
                 break;
             }
             let mut taken = 0;
-            while let Some((head, segments)) = pop_chain(rx, &memory) {
+            loop {
+                if budget == 0 {
+                    crate::worker::come_back_to(rx);
+                    break;
+                }
+                let Some((head, segments)) = pop_chain(rx, &memory) else { break };
+                budget -= 1;
                 taken += 1;
                 if exceeds_queue(rx, self.rx_buffers.len()) {
                     core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
@@ -230,6 +259,9 @@ impl Net {
                         core.add_used(rx, &memory, head, 0);
                     }
                 }
+            }
+            if budget == 0 {
+                break;
             }
             if pass > 0 && taken == 0 {
                 if core.stuck_pass(rx) {
@@ -361,8 +393,10 @@ impl Net {
             self.post_rx_buffers(core);
             return Ok(());
         };
+        // Frames for a disabled queue wait in their slots (the card drops
+        // what comes once the slots are full) until it is enabled again.
         match core.memory.clone() {
-            Some(memory) if rx.get_ref().get_queue().ready() => self.deliver_held(core, rx, &memory),
+            Some(memory) if crate::worker::queue_enabled(rx) => self.deliver_held(core, rx, &memory),
             _ => self.post_rx_buffers(core),
         }
         self.process_tx(core, tx)
