@@ -51,6 +51,19 @@ pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) })
 }
 
+/// Sets `O_NONBLOCK` on `fd`'s file description (shared with every copy
+/// of it, a child's included).
+pub fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: fcntl(2) F_GETFL and F_SETFL on a descriptor this process owns.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// The descriptors a child gets, at the numbers it expects them at; in the
 /// child, [`Placement::install_in_child`] puts them there and marks every
 /// other descriptor above standard error close-on-exec. The one placement

@@ -523,7 +523,7 @@ impl Engine {
     }
 
     /// Writes a frame into the next posted RX buffer; false if none is
-    /// posted (or the rings are broken).
+    /// posted, it is bad (returned failed), or the rings are broken.
     fn deliver(&mut self, frame: &[u8]) -> bool {
         if !self.ready() {
             return false;
@@ -533,25 +533,33 @@ impl Engine {
         else {
             return false;
         };
-        while self.rx_head != tail && self.rxc_tail.wrapping_sub(completion_head) < self.ring_size {
-            let at = nic::ring_entry(nic::RX_RING_OFFSET, self.rx_head, self.ring_size, size_of::<Descriptor>());
-            let descriptor: Descriptor = self.regs.read(at).unwrap_or_default();
-            self.rx_head = self.rx_head.wrapping_add(1);
-            self.reg(reg::RX_HEAD).store(self.rx_head, Ordering::Release);
-            match self.write_frame(&descriptor, frame) {
-                Ok(()) => {
-                    self.push_completion(
-                        false,
-                        Completion { id: descriptor.id, status: completion::SUCCESS, len: frame.len() as u32 },
-                    );
-                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    return true;
-                }
-                // A bad buffer is returned failed; the frame tries the next.
-                Err(status) => self.push_completion(false, Completion { id: descriptor.id, status, len: 0 }),
+        if self.rx_head == tail || self.rxc_tail.wrapping_sub(completion_head) >= self.ring_size {
+            return false;
+        }
+        let at = nic::ring_entry(nic::RX_RING_OFFSET, self.rx_head, self.ring_size, size_of::<Descriptor>());
+        let descriptor: Descriptor = self.regs.read(at).unwrap_or_default();
+        self.rx_head = self.rx_head.wrapping_add(1);
+        self.reg(reg::RX_HEAD).store(self.rx_head, Ordering::Release);
+        match self.write_frame(&descriptor, frame) {
+            Ok(()) => {
+                self.push_completion(
+                    false,
+                    Completion { id: descriptor.id, status: completion::SUCCESS, len: frame.len() as u32 },
+                );
+                self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            // A bad buffer is returned failed, and ends this delivery: the
+            // frame waits in the FIFO for the next look. Trying the next
+            // buffer instead had a driver that posts a ring of bad ones (no
+            // honest driver posts one) make each frame sent to it walk the
+            // ring, on the sender's thread (another tenant's card, the
+            // TAP's), at no cost to itself (an adversarial review found it).
+            Err(status) => {
+                self.push_completion(false, Completion { id: descriptor.id, status, len: 0 });
+                false
             }
         }
-        false
     }
 
     fn write_frame(&self, descriptor: &Descriptor, frame: &[u8]) -> Result<(), u16> {
@@ -952,6 +960,26 @@ mod tests {
         // The next driver brings it up as usual.
         a.reset_and_enable();
         assert_eq!(a.status() & nic::status::READY, nic::status::READY);
+    }
+
+    /// A frame sent to a card whose driver posted a ring of bad receive
+    /// buffers fails a few of them, not the ring, on the sender's thread.
+    #[test]
+    fn a_frame_to_a_ring_of_bad_receive_buffers_fails_a_few_not_the_ring() {
+        let switch = Switch::new("t-bad-rx");
+        let (a, b) = (card("nic-a-bad-rx", 1, &switch), card("nic-b-bad-rx", 2, &switch));
+        a.reset_and_enable();
+        b.reset_and_enable();
+        for id in 0..RING as u16 - 1 {
+            let short = Descriptor { addr: DMA_GPA + 0x2000, len: 60, id, reserved: 0 };
+            b.post(nic::RX_RING_OFFSET, reg::RX_TAIL, short);
+        }
+        a.send(&frame(2, 1, 100), 0x1000, 3);
+        // The sender's card completes the frame once it has crossed the
+        // switch (into the receiver's buffers or its FIFO).
+        assert_eq!(a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 0).status, completion::SUCCESS);
+        let failed = b.nic.counters().bad_descriptors.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&failed), "one frame failed {failed} receive buffers");
     }
 
     #[test]

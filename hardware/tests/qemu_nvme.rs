@@ -456,48 +456,60 @@ fn a_driver_that_dies_with_a_completion_unreaped_leaves_its_successor_a_working_
 }
 
 /// A dying driver that formatted its namespace to another LBA format
-/// (Format NVM, 512-byte blocks with 8 bytes of metadata) leaves it so
-/// through the controller's reset: every later driver's `Identify` finds a
-/// format it refuses, and the device failed for good (an adversarial
-/// review found it). Renewing the model (what the device does once drivers
-/// keep dying at their start, `session::RENEW_AFTER`) gives the next
-/// driver a namespace as it was configured.
+/// (Format NVM: 512-byte blocks with 8 bytes of metadata, or 4 KiB
+/// blocks) leaves it so through the controller's reset: every later
+/// driver's `Identify` finds a format it refuses, and the device failed
+/// for good (an adversarial review found it). Renewing the model (what the
+/// device does once drivers keep dying at their start,
+/// `session::RENEW_AFTER`) gives the next driver a namespace as it was
+/// configured. Before, 4 KiB blocks were accepted, and every request not
+/// of whole 4 KiB blocks failed, with no driver dying to renew the model
+/// (a later review found it).
 #[test]
 fn a_namespace_a_dead_driver_formatted_is_as_configured_once_the_model_is_renewed() {
     let Some(qemu) = qemu() else { return };
-    let (_dir, _image, memory, supervised) = supervised_nvme(qemu, "format", None);
-    let start = |model: &QemuModel| {
-        let dma = Dma { memory: &memory, shift: HONEST };
-        Controller::start(Bar(model), dma, Clock(Instant::now()), Layout::at(BUFFERS)).map(|_| ())
-    };
-    let model = supervised.current();
-    start(&model).unwrap();
-    let mut format = nvme::Submission::new(0x80, 0x66);
-    format.nsid = 1;
-    format.cdw[0] = 1;
-    submit_admin(&model, &memory, format);
-    supervised.quiesce();
-    supervised.resume();
-    assert!(
-        matches!(start(&supervised.current()), Err(nvme::Error::Format)),
-        "the format a dead driver left no longer outlives the reset: this test no longer tests anything"
-    );
-    supervised.quiesce();
-    supervised.renew();
-    supervised.resume();
-    assert_eq!(supervised.restarts(), 1);
-    start(&supervised.current()).expect("the renewed model's namespace is not as configured");
+    // QEMU's LBA formats: 1 is 512 bytes and 8 of metadata, 4 is 4 KiB.
+    for lba_format in [1, 4] {
+        let (_dir, _image, memory, supervised) = supervised_nvme(qemu.clone(), "format", None);
+        let start = |model: &QemuModel| {
+            let dma = Dma { memory: &memory, shift: HONEST };
+            Controller::start(Bar(model), dma, Clock(Instant::now()), Layout::at(BUFFERS)).map(|_| ())
+        };
+        let model = supervised.current();
+        start(&model).unwrap();
+        let mut format = nvme::Submission::new(0x80, 0x66);
+        format.nsid = 1;
+        format.cdw[0] = lba_format;
+        submit_admin(&model, &memory, format);
+        supervised.quiesce();
+        supervised.resume();
+        assert!(
+            matches!(start(&supervised.current()), Err(nvme::Error::Format)),
+            "LBA format {lba_format}: the driver after the one that formatted the namespace served it"
+        );
+        supervised.quiesce();
+        supervised.renew();
+        supervised.resume();
+        assert_eq!(supervised.restarts(), 1);
+        start(&supervised.current()).expect("the renewed model's namespace is not as configured");
+    }
 }
 
 /// Reads a BAR0 register through a driver VM's trapped-window connection
 /// (`guest_abi::trap`); None once the connection is closed.
 fn trapped_read32(stream: &std::os::unix::net::UnixStream, offset: u32) -> Option<u32> {
+    trapped_read(stream, 4, offset).map(|value| value as u32)
+}
+
+/// Reads `size` bytes of BAR0 through a driver VM's trapped-window
+/// connection: the whole reply.
+fn trapped_read(stream: &std::os::unix::net::UnixStream, size: u8, offset: u32) -> Option<u64> {
     use std::io::{Read, Write};
-    let access = guest_abi::trap::Access { kind: guest_abi::trap::READ, size: 4, offset, value: 0 };
+    let access = guest_abi::trap::Access { kind: guest_abi::trap::READ, size, offset, value: 0 };
     (&*stream).write_all(&access.encode()).ok()?;
     let mut reply = [0u8; guest_abi::trap::REPLY_LEN];
     (&*stream).read_exact(&mut reply).ok()?;
-    Some(u64::from_le_bytes(reply) as u32)
+    Some(u64::from_le_bytes(reply))
 }
 
 /// A driver VM's connection to `trap` (a read timeout as its hang guard,
@@ -554,6 +566,29 @@ fn supervised_nvme_within(
     })
     .unwrap();
     (dir, image, memory, Arc::new(supervised))
+}
+
+/// QEMU's standard error is a pipe nobody reads while it runs: a QEMU
+/// that writes more than a pipe holds there (its NVMe model reports every
+/// failed I/O so) has the rest dropped and goes on answering. Before, the
+/// write waited for a reader, QEMU's main loop with it, every qtest command
+/// timed out and QEMU was replaced, over and over (an adversarial review
+/// found it). Here a wrapper writes 1 MiB before it execs QEMU.
+#[test]
+fn a_qemu_writing_more_than_a_pipe_holds_to_its_standard_error_goes_on_answering() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(qemu) = qemu() else { return };
+    let dir = tempdir::Dir::new("noisy-qemu");
+    let wrapper = dir.0.join("noisy-qemu");
+    let script = format!("#!/bin/sh\nhead -c 1048576 /dev/zero >&2\nexec '{}' \"$@\"\n", qemu.display());
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (_dir, _image, memory, supervised) = supervised_nvme(wrapper, "noisy", None);
+    let dma = Dma { memory: &memory, shift: HONEST };
+    let model = supervised.current();
+    Controller::start(Bar(&model), dma, Clock(Instant::now()), Layout::at(BUFFERS))
+        .expect("a QEMU that filled its standard error does not answer");
+    assert_eq!(supervised.restarts(), 0);
 }
 
 /// A driver writing accesses to BAR0 without pause gets the proxy to
@@ -614,6 +649,10 @@ fn a_spares_silent_connection_follows_the_device_to_its_next_qemu_process() {
     let ((serving, _serving_grant), (spare, _spare_grant)) = (trapped_connection(&trap), trapped_connection(&trap));
     let cap = trapped_read32(&serving, 0).expect("the serving driver reads CAP");
     assert_ne!(cap, u32::MAX, "CAP read as all ones");
+    // Only dword accesses reach the device: any other read is all ones.
+    for size in [1, 2, 8] {
+        assert_eq!(trapped_read(&serving, size, 0), Some(u64::MAX), "a read of {size} bytes");
+    }
     // The device's QEMU process dies with its driver; the device is
     // quiesced and, for the next driver, resumed on a new process.
     supervised.current().kill();

@@ -6,6 +6,9 @@ use crate::queue::{QueuePair, CQ_ENTRY, SQ_ENTRY};
 use crate::regs::{self, Capabilities};
 use crate::{Clock, DmaMemory, Error, Registers, PAGE};
 
+/// The namespace block size the driver serves (2^9: 512 bytes, a
+/// virtio-blk sector).
+const SECTOR_SHIFT: u32 = 9;
 /// Entries of the admin queues.
 const ADMIN_DEPTH: u16 = 32;
 /// Entries of the I/O queues: room for [`MAX_COMMANDS`] outstanding
@@ -288,7 +291,13 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         let format = usize::from(namespace[26] & 0xf);
         let lbaf = &namespace[128 + 4 * format..132 + 4 * format];
         let (metadata, block_shift) = (u16::from_le_bytes([lbaf[0], lbaf[1]]), u32::from(lbaf[2]));
-        if metadata != 0 || !(9..=12).contains(&block_shift) || blocks == 0 {
+        // 512-byte blocks only, the sectors the reflector serves: a dying
+        // driver could Format NVM the namespace to 4 KiB blocks, which the
+        // controller's reset keeps, and every later driver accepting them
+        // then failed each request not of whole 4 KiB blocks, for good.
+        // Refused, a later driver dies at its start, and the device renews
+        // its model (an adversarial review found it).
+        if metadata != 0 || block_shift != SECTOR_SHIFT || blocks == 0 {
             return Err(Error::Format);
         }
         self.namespace = Namespace { blocks, block_shift };

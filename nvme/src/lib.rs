@@ -82,8 +82,10 @@ pub enum Error {
         /// Opcode.
         opcode: u8,
     },
-    /// The namespace's format is not one the driver handles (LBA size not
-    /// a power of two from 512 to 4096, or metadata).
+    /// The namespace's format is not one the driver serves: blocks of
+    /// other than 512 bytes (the reflector's sectors: a 4 KiB format
+    /// failed every request of a sector or two, a partition table's read),
+    /// or metadata.
     Format,
     /// The device area given is too small for [`Layout`].
     Area,

@@ -425,7 +425,9 @@ fn a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it() {
         // Nor may it grow a file, its image above all: the host's
         // filesystem is not its to fill. Before the jail's file size
         // limit, each attempt worked.
-        let grown: Vec<&str> = stderr.lines().filter(|l| l.contains("hostile-qemu: grow fd")).collect();
+        // QEMU's words come escaped, its line ends as `\n`.
+        let said = stderr.replace("\\n", "\n");
+        let grown: Vec<&str> = said.lines().filter(|l| l.contains("hostile-qemu: grow fd")).collect();
         assert!(!grown.is_empty(), "{aio}: hostile-qemu found no file to grow: {stderr}");
         for line in grown {
             assert!(!line.contains("ok"), "{aio}: {line}");

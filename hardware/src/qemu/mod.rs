@@ -414,6 +414,8 @@ pub enum ModelError {
 pub struct QemuModel {
     model: Model,
     child: Mutex<Child>,
+    /// The read end of QEMU's standard error (non-blocking).
+    stderr: Mutex<OwnedFd>,
     qtest: Qtest,
     /// PCI device number on bus 0.
     slot: u32,
@@ -504,8 +506,20 @@ impl QemuModel {
             .args(["-bios", &format!("/proc/self/fd/{FIRMWARE_FD}")])
             .args(if model.needs_running_machine() { None } else { Some("-S") })
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stdout(Stdio::null());
+        // QEMU's standard error: a pipe nobody reads while it runs, so
+        // non-blocking at both ends (one file description each, QEMU's
+        // included): what it writes past a pipe's worth is dropped, never
+        // waited on. A blocking one filled with 64 KiB (QEMU's NVMe model
+        // reports every failed I/O there) held QEMU's main loop in the
+        // write: every qtest command timed out, and QEMU was replaced, over
+        // and over (an adversarial review found it). Read only to say why
+        // QEMU did not start ([`QemuModel::exit_detail`]).
+        let (stderr_read, stderr_write) = crate::descriptors::pipe()?;
+        for end in [&stderr_read, &stderr_write] {
+            crate::descriptors::set_nonblocking(end)?;
+        }
+        command.stderr(Stdio::from(stderr_write));
         let (firmware, ram) = (halt_firmware()?, machine_ram()?);
         let images = model.image_files()?;
         // Each source at the number QEMU's command line names, fixed
@@ -598,6 +612,7 @@ impl QemuModel {
             model: model.clone(),
             pid: child.id(),
             child: Mutex::new(child),
+            stderr: Mutex::new(stderr_read),
             qtest,
             slot: 0,
             bar0_size: 0,
@@ -655,17 +670,28 @@ impl QemuModel {
         self.qtest.outl(0xcfc, value)
     }
 
-    /// What QEMU said on its way out, for an error.
+    /// What QEMU said on its way out, for an error: the first 4 KiB it
+    /// wrote to its standard error, escaped. Never waits (QEMU is killed
+    /// and reaped within [`KILL_WAIT`], the pipe read without blocking),
+    /// whatever QEMU did or is stuck in.
     fn exit_detail(&self, error: &QtestError) -> String {
-        let Ok(mut child) = self.child.lock() else { return error.to_string() };
-        let _ = child.kill();
-        let mut stderr = String::new();
-        // Bounded: what a device model writes is not trusted.
-        if let Some(pipe) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut std::io::Read::take(pipe, 64 * 1024), &mut stderr);
+        if let Ok(mut child) = self.child.lock() {
+            kill_and_reap(&mut child);
         }
-        let _ = child.wait();
-        format!("{error}; QEMU said: {}", stderr.trim())
+        let mut said = Vec::new();
+        if let Ok(pipe) = self.stderr.lock() {
+            let mut buffer = [0u8; 4096];
+            // Bounded: what a device model writes is not trusted.
+            while said.len() < 4096 {
+                match read_without_waiting(&pipe, &mut buffer) {
+                    Some(read) if read > 0 => said.extend_from_slice(&buffer[..read]),
+                    _ => break,
+                }
+            }
+        }
+        said.truncate(4096);
+        let said: String = String::from_utf8_lossy(&said).trim().escape_debug().collect();
+        format!("{error}; QEMU said: {said}")
     }
 
     /// Bytes of BAR0.
@@ -897,6 +923,15 @@ impl QemuModel {
     pub fn running(&self) -> bool {
         self.child.lock().is_ok_and(|mut child| matches!(child.try_wait(), Ok(None)))
     }
+}
+
+/// One read of what `pipe` holds without waiting (it is non-blocking);
+/// None at an error (nothing there: EAGAIN).
+fn read_without_waiting(pipe: &OwnedFd, buffer: &mut [u8]) -> Option<usize> {
+    // SAFETY: read(2) into a buffer that lives across the call, at most its
+    // length.
+    let read = unsafe { libc::read(pipe.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    usize::try_from(read).ok()
 }
 
 /// SIGKILLs `child` and reaps it, waiting at most [`KILL_WAIT`]: a process

@@ -349,16 +349,18 @@ fn perform(
         return Served::End;
     };
     let result = connection.admitted(work, |model| {
+        // Every read but a dword's reads as all ones, of whatever width:
+        // before, an 8-byte read gave 0x00000000_ffffffff.
         let result = match (access.kind, access.size) {
-            (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| value.unwrap_or(u32::MAX)),
-            (trap::READ, _) => Ok(u32::MAX),
+            (trap::READ, 4) => model.read32(u64::from(access.offset)).map(|value| u64::from(value.unwrap_or(u32::MAX))),
+            (trap::READ, _) => Ok(u64::MAX),
             (trap::WRITE, 4) => model.write32(u64::from(access.offset), access.value as u32).map(|_| 0),
             _ => Ok(0),
         };
         result.map_err(|error| report_unanswered(model, &error))
     });
     let Some(Ok(value)) = result else { return Served::End };
-    if access.kind == trap::READ && stream.write_all(&u64::from(value).to_le_bytes()).is_err() {
+    if access.kind == trap::READ && stream.write_all(&value.to_le_bytes()).is_err() {
         return Served::End;
     }
     Served::Done
