@@ -59,7 +59,7 @@ impl VfioNic {
 
 /// CTRL.RST: the card empties its rings and forgets their addresses (a
 /// function reset may not reach its state: QEMU's e1000e has no FLR).
-fn reset(regs: &SharedMemory) {
+fn reset(regs: &SharedMemory) -> bool {
     // A read and a write: no locked read-modify-write on device memory.
     let ctrl = read(regs, reg::CTRL);
     regs.atomic_u32(reg::CTRL).store(ctrl | reg::CTRL_RST, Ordering::Release);
@@ -67,10 +67,11 @@ fn reset(regs: &SharedMemory) {
     while read(regs, reg::CTRL) & reg::CTRL_RST != 0 {
         if std::time::Instant::now() > deadline {
             tracing::error!("the NIC did not finish its reset within 100 ms");
-            return;
+            return false;
         }
         std::thread::yield_now();
     }
+    true
 }
 
 fn read(regs: &SharedMemory, offset: usize) -> u32 {
@@ -82,8 +83,8 @@ impl PassedThrough for VfioNic {
         &self.passthrough
     }
 
-    fn device_reset(regs: &SharedMemory) {
-        reset(regs);
+    fn device_reset(regs: &SharedMemory) -> bool {
+        reset(regs)
     }
 }
 

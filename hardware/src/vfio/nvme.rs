@@ -12,7 +12,7 @@
 //! driver's flush acknowledgement is taken as given (docs/threat-model.md).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::passthrough::PassedThrough;
 use super::{Interrupts, Passthrough, VfioError, VfioFunction, DMA_BASE};
@@ -26,10 +26,27 @@ pub struct VfioNvme {
     read_only: bool,
 }
 
+/// Longest a quiesce waits for a controller to say it stopped, whatever
+/// its CAP.TO (up to 127.5 s): past it the device is taken for running.
+const DISABLE_WAIT_MOST: Duration = Duration::from_secs(2);
+
 /// CC.EN = 0: the controller drops its queues (done after the function
-/// reset too, for controllers without FLR).
-fn disable(regs: &SharedMemory) {
-    regs.atomic_u32(nvme::regs::CC).store(0, std::sync::atomic::Ordering::Release);
+/// reset too, for controllers without FLR), then waits for CSTS.RDY to
+/// clear: until it does, the controller may still be working through what
+/// a dead driver queued. Bounded by CAP.TO and [`DISABLE_WAIT_MOST`];
+/// whether it cleared. Before, the quiesce returned at the write, and bus
+/// mastering came back on while the controller was still resetting (an
+/// adversarial review found it).
+fn disable(regs: &SharedMemory) -> bool {
+    use std::sync::atomic::Ordering;
+    regs.atomic_u32(nvme::regs::CC).store(0, Ordering::Release);
+    let cap = u64::from(regs.atomic_u32(nvme::regs::CAP).load(Ordering::Acquire));
+    let timeout = Duration::from_millis(nvme::regs::Capabilities::decode(cap).timeout_ms).min(DISABLE_WAIT_MOST);
+    let deadline = Instant::now() + timeout;
+    crate::poll_until(deadline, Duration::from_micros(10), Duration::from_millis(1), || {
+        (regs.atomic_u32(nvme::regs::CSTS).load(Ordering::Acquire) & nvme::regs::CSTS_READY == 0).then_some(())
+    })
+    .is_some()
 }
 
 /// BAR0 as the `nvme` core reaches it.
@@ -135,8 +152,8 @@ impl PassedThrough for VfioNvme {
         &self.passthrough
     }
 
-    fn device_reset(regs: &SharedMemory) {
-        disable(regs);
+    fn device_reset(regs: &SharedMemory) -> bool {
+        disable(regs)
     }
 }
 
@@ -156,5 +173,46 @@ impl BlockHardware for VfioNvme {
 
     fn flush_mark(&self) -> u64 {
         0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// A BAR0 in memory: CAP with TO = 1 (500 ms), CSTS.RDY as `ready`.
+    fn bar(ready: bool) -> Arc<SharedMemory> {
+        let regs = Arc::new(SharedMemory::new("fake-nvme-bar", 4096).unwrap());
+        regs.atomic_u32(nvme::regs::CAP).store(1 << 24, Ordering::SeqCst);
+        regs.atomic_u32(nvme::regs::CC).store(nvme::regs::CC_ENABLE, Ordering::SeqCst);
+        regs.atomic_u32(nvme::regs::CSTS).store(u32::from(ready), Ordering::SeqCst);
+        regs
+    }
+
+    /// The quiesce returns only once the controller says it stopped
+    /// (CSTS.RDY clear), and says whether it did within CAP.TO.
+    #[test]
+    fn a_disabled_controller_is_waited_for_until_it_says_it_stopped() {
+        assert!(disable(&bar(false)), "a controller already stopped");
+        // One that stops a while after it is told to: a thread plays it.
+        let regs = bar(true);
+        let controller = {
+            let regs = regs.clone();
+            std::thread::spawn(move || {
+                while regs.atomic_u32(nvme::regs::CC).load(Ordering::SeqCst) & nvme::regs::CC_ENABLE != 0 {
+                    std::thread::yield_now();
+                }
+                for _ in 0..1000 {
+                    std::thread::yield_now();
+                }
+                regs.atomic_u32(nvme::regs::CSTS).store(0, Ordering::SeqCst);
+            })
+        };
+        assert!(disable(&regs), "the controller stopped within CAP.TO");
+        assert_eq!(regs.atomic_u32(nvme::regs::CSTS).load(Ordering::SeqCst), 0, "returned before it stopped");
+        controller.join().unwrap();
+        // One that never stops.
+        assert!(!disable(&bar(true)), "a controller that never stopped was taken for stopped");
     }
 }

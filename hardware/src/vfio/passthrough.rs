@@ -5,6 +5,7 @@
 //! what the reflector must know of their device.
 
 use crate::shared_eventfd::SharedEventFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -22,6 +23,9 @@ pub struct Passthrough {
     doorbell: SharedEventFd,
     /// Vector 0's eventfd, while a thread forwards it; its stop.
     vector: Option<(Arc<EventFd>, EventFd)>,
+    /// The last quiesce could not be sure the device stopped: bus
+    /// mastering stays off ([`Passthrough::resume`]).
+    unstopped: AtomicBool,
 }
 
 impl Passthrough {
@@ -41,7 +45,14 @@ impl Passthrough {
             detail: format!("cannot make an eventfd: {error}"),
         };
         let doorbell = SharedEventFd::new().map_err(unsuitable)?;
-        Ok(Passthrough { function, regs, interrupt: Arc::new(InterruptRoute::default()), doorbell, vector: None })
+        Ok(Passthrough {
+            function,
+            regs,
+            interrupt: Arc::new(InterruptRoute::default()),
+            doorbell,
+            vector: None,
+            unstopped: AtomicBool::new(false),
+        })
     }
 
     /// Sends vector 0 of `kind` to the current driver VM (through a thread
@@ -96,17 +107,38 @@ impl Passthrough {
 
     /// Bus mastering off, a function reset, then `device_reset` (the
     /// device's own reset through BAR0, for functions whose reset the
-    /// kernel cannot do or does not reach the device's state): nothing the
-    /// dead driver queued runs after the replay begins.
-    pub fn quiesce(&self, device_reset: impl FnOnce(&SharedMemory)) {
-        if let Err(error) = self.function.set_bus_master(false).and_then(|_| self.function.reset()) {
-            tracing::error!(%error, "cannot quiesce the VFIO function");
+    /// kernel cannot do or does not reach the device's state, which says
+    /// whether the device has stopped): nothing the dead driver queued runs
+    /// after the replay begins. Each step is tried whatever the one before
+    /// did (before, a failure to turn bus mastering off skipped the
+    /// reset); if the device does not say it stopped, bus mastering stays
+    /// off at [`Passthrough::resume`]: a device still
+    /// working through a dead driver's commands would write its reads into
+    /// slots the replay refilled, and VFIO writes are not read back.
+    pub fn quiesce(&self, device_reset: impl FnOnce(&SharedMemory) -> bool) {
+        let mastering_off = self.function.set_bus_master(false);
+        if let Err(error) = &mastering_off {
+            tracing::error!(%error, "cannot turn the VFIO function's bus mastering off");
         }
-        device_reset(&self.regs);
+        if let Err(error) = self.function.reset() {
+            tracing::error!(%error, "cannot reset the VFIO function");
+        }
+        // The device's own word decides: a function without a reset the
+        // kernel can do reports none done, not a failure.
+        let stopped = device_reset(&self.regs);
+        if !stopped {
+            tracing::error!("the VFIO device did not stop: its bus mastering stays off, and its requests fail");
+        }
+        self.unstopped.store(!stopped, Ordering::SeqCst);
     }
 
-    /// Bus mastering on for the next driver, which resets the device.
+    /// Bus mastering on for the next driver, which resets the device;
+    /// left off after a quiesce that could not stop it.
     pub fn resume(&self) {
+        if self.unstopped.load(Ordering::SeqCst) {
+            tracing::error!("the VFIO device did not stop at its last quiesce: its bus mastering stays off");
+            return;
+        }
         if let Err(error) = self.function.set_bus_master(true) {
             tracing::error!(%error, "cannot resume the VFIO function");
         }
@@ -126,8 +158,9 @@ impl Drop for Passthrough {
 pub trait PassedThrough: Send + Sync {
     /// The function, wired.
     fn passthrough(&self) -> &Passthrough;
-    /// The device's own reset through BAR0, after the function reset.
-    fn device_reset(regs: &SharedMemory);
+    /// The device's own reset through BAR0, after the function reset;
+    /// whether the device says it has stopped.
+    fn device_reset(regs: &SharedMemory) -> bool;
 }
 
 impl<T: PassedThrough> Hardware for T {
