@@ -720,18 +720,42 @@ fn accept_clients(listener: &std::os::unix::net::UnixListener, targets: &Arc<Vec
 pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the reflector's control socket {}: {e}", path.display()))?;
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_read_timeout(Some(ANSWER_WAIT));
+    let _ = stream.set_write_timeout(Some(ANSWER_WAIT));
+    let failed = |what: &str, error: std::io::Error| {
+        let error = match error.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("no answer within {}s", ANSWER_WAIT.as_secs())
+            }
+            _ => error.to_string(),
+        };
+        format!(
+            "control socket {}: {what}: {error} (is it a reflector's, `reflector serve --control {}`?)",
+            path.display(),
+            path.display()
+        )
+    };
     let line = serde_json::to_string(request).map_err(|e| format!("encoding the request: {e}"))?;
-    stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| format!("control socket: {e}"))?;
+    stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| failed("sending the request", e))?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut reply = String::new();
-    stream.take(64 << 20).read_to_string(&mut reply).map_err(|e| format!("control socket: {e}"))?;
+    let mut reply = Vec::new();
+    stream.take(64 << 20).read_to_end(&mut reply).map_err(|e| failed("reading the answer", e))?;
+    let reply = String::from_utf8_lossy(&reply);
     match serde_json::from_str::<Response>(reply.trim_end()) {
         Ok(Response::Error { message }) => Err(message),
         Ok(response) => Ok(response),
-        Err(error) => Err(format!("bad answer from the control socket ({error}): {}", reply.trim_end())),
+        Err(error) => {
+            // Whoever answered is not known to be a reflector: its bytes
+            // reach the terminal escaped, and the first 200 characters only.
+            let said: String = crate::untrusted_text::escape(reply.trim_end()).chars().take(200).collect();
+            Err(format!("control socket {}: not a reflector's answer ({error}): {said}", path.display()))
+        }
     }
 }
+
+/// How long `request` waits for the reflector to take its request and
+/// answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Every device's status, from the control socket at `path`.
 pub fn status(path: &Path) -> Result<Vec<DeviceStatus>, String> {
@@ -749,6 +773,32 @@ pub fn fleet_status(path: &Path) -> Result<(Vec<DeviceStatus>, FleetStatus), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket that is not a reflector's control socket gets a clear error
+    /// naming it, and whatever it sent is escaped and cut short: before,
+    /// its bytes reached the terminal raw (up to 64 MiB, escape sequences
+    /// and all), and a silent one gave only "Resource temporarily
+    /// unavailable".
+    #[test]
+    fn a_foreign_socket_answers_an_error_naming_it_with_its_words_escaped() {
+        let dir = std::env::temp_dir().join(format!("control-foreign-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("other.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            stream.read_to_end(&mut request).unwrap();
+            stream.write_all(format!("\x1b[2J{}", "x".repeat(100_000)).as_bytes()).unwrap();
+        });
+        let error = request(&path, &Request::Status).unwrap_err();
+        peer.join().unwrap();
+        assert!(error.contains(&path.display().to_string()), "{error}");
+        assert!(error.contains("\\u001b") && !error.contains('\x1b'), "{error}");
+        assert!(error.len() < 1000, "{} bytes", error.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn targets() -> Vec<ControlTarget> {
         vec![ControlTarget {

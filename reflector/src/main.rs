@@ -571,7 +571,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     }
     drop(taps);
     if let Some(path) = &args.control {
-        let _ = std::fs::remove_file(path);
+        reflector::sockets::remove_placed(path);
     }
     // Every device's driver VMs and device models are killed first, so
     // that they end together; then each device waits for its own.
@@ -580,7 +580,7 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     }
     for service in services {
         service.shutdown();
-        let _ = std::fs::remove_file(service.socket());
+        reflector::sockets::remove_placed(service.socket());
         let m = service.metrics();
         let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(

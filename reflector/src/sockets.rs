@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +30,18 @@ pub enum ClaimError {
     NotASocket {
         /// The path.
         path: PathBuf,
+    },
+    /// The path is longer than a socket address holds: no client could
+    /// connect to it.
+    #[error(
+        "{path:?} is {len} bytes long, more than a socket address holds ({SUN_PATH_MAX}): no client could connect \
+         to it; choose a shorter path"
+    )]
+    TooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
     },
     /// The path cannot name a socket file.
     #[error(
@@ -121,6 +133,10 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
     if path.as_os_str().is_empty() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
         return Err(ClaimError::NotAPath { path: path.to_owned() });
     }
+    let len = path.as_os_str().len();
+    if len > SUN_PATH_MAX {
+        return Err(ClaimError::TooLong { path: path.to_owned(), len });
+    }
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -155,7 +171,35 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
         Err(error) => return Err(ClaimError::Io { what: "inspecting", path: path.to_owned(), source: error }),
     }
     let listener = bind_listening(path).map_err(io("binding a socket at", path))?;
+    remember_placed(path);
     Ok(ClaimedSocket { listener, path: path.to_owned(), _lock: lock })
+}
+
+/// The sockets this process placed, by path: the device and inode of each
+/// as placed, so that [`remove_placed`] removes only what it placed.
+static PLACED: std::sync::Mutex<Vec<(PathBuf, (u64, u64))>> = std::sync::Mutex::new(Vec::new());
+
+fn remember_placed(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(metadata), Ok(mut placed)) = (std::fs::symlink_metadata(path), PLACED.lock()) {
+        placed.retain(|(other, _)| other != path);
+        placed.push((path.to_owned(), (metadata.dev(), metadata.ino())));
+    }
+}
+
+/// Removes the socket this process placed at `path` ([`claim`]), if it is
+/// still there: whatever has taken its place since (a file, another
+/// program's socket) is left. Before, the reflector's stop removed
+/// whatever was at each path then (an adversarial review found it).
+pub fn remove_placed(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mut placed) = PLACED.lock() else { return };
+    let Some(index) = placed.iter().position(|(other, _)| other == path) else { return };
+    let (_, identity) = placed.swap_remove(index);
+    let there = std::fs::symlink_metadata(path);
+    if there.is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == identity) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// Whether a process serves the socket at `path`, of any type. Only a
@@ -212,55 +256,113 @@ fn connect_nonblocking(path: &Path, kind: libc::c_int) -> std::io::Result<std::o
     Ok(socket)
 }
 
-/// Longest socket path the kernel takes (`sun_path`, less its NUL).
+/// Longest socket path a client can connect to (`sun_path`, less its NUL).
 const SUN_PATH_MAX: usize = 107;
 
 /// Binds a listening, owner-only socket that appears at `path` only once
 /// it listens: bound in a new private directory beside it (`PATH.XXXXXX`,
 /// made by mkdtemp(3), so no other path can be touched), then renamed onto
-/// `path` without replacing anything there. A path too long for that is
-/// bound in place.
+/// `path` without replacing anything there.
 fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::ffi::{OsStrExt, OsStringExt};
-    let mut template = path.as_os_str().as_bytes().to_vec();
-    template.extend_from_slice(b".XXXXXX");
-    if template.len() + "/s".len() > SUN_PATH_MAX {
-        let listener = UnixListener::bind(path)?;
-        // The process umask is 077 (see `restrict_umask`); this also
-        // covers a library that bound with another one.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        return Ok(listener);
-    }
-    template.push(0);
-    // SAFETY: mkdtemp(3) rewrites the trailing XXXXXX of this NUL-terminated
-    // buffer, which we own and which outlives the call, and creates that
-    // directory (mode 0700).
-    if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    template.pop();
-    let dir = PathBuf::from(std::ffi::OsString::from_vec(template));
-    let staging = dir.join("s");
-    let placed = UnixListener::bind(&staging).and_then(|listener| {
-        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
-        let from = std::ffi::CString::new(staging.as_os_str().as_bytes())?;
-        let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-        // SAFETY: renameat2(2) on two NUL-terminated paths that live across
-        // the call; RENAME_NOREPLACE fails rather than replace a file that
-        // appeared at `path` since it was checked.
-        let renamed = unsafe {
-            libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
-        };
-        if renamed != 0 {
+    StagingDir::beside(path)?.place(path)
+}
+
+/// The private directory a socket is bound in before it is renamed into
+/// place, reached only through a descriptor of it: whoever may write the
+/// directory it is made in (QEMU's user, say, in a directory of its own)
+/// can rename it away and put a symlink in its place, and every operation
+/// by its path (the bind, the chmod, the clean-up's unlink, all as root)
+/// then reached wherever the symlink pointed: a file named `s` anywhere
+/// could be removed, or made owner-only (an adversarial review found it).
+/// Through the descriptor, they stay in the directory made here, wherever
+/// it was moved. Binding through `/proc/self/fd/N/s` also keeps the bound
+/// name short, whatever the length of `path` (sun_path holds 107 bytes;
+/// longer paths were bound in place before).
+struct StagingDir {
+    /// Where it was made (it may have been moved since).
+    path: PathBuf,
+    /// The directory itself.
+    fd: std::os::fd::OwnedFd,
+}
+
+impl StagingDir {
+    /// Makes one beside `path` (`PATH.XXXXXX`, mode 0700).
+    fn beside(path: &Path) -> std::io::Result<StagingDir> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut template = path.as_os_str().as_bytes().to_vec();
+        template.extend_from_slice(b".XXXXXX\0");
+        // SAFETY: mkdtemp(3) rewrites the trailing XXXXXX of this
+        // NUL-terminated buffer, which we own and which outlives the call,
+        // and creates that directory (mode 0700).
+        if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(listener)
-    });
-    if placed.is_err() {
-        let _ = std::fs::remove_file(&staging);
+        // SAFETY: open(2) of the NUL-terminated name mkdtemp just made; a
+        // symlink put there meanwhile is refused (O_NOFOLLOW), as is
+        // anything but a directory.
+        let fd = unsafe {
+            libc::open(
+                template.as_ptr().cast(),
+                libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_RDONLY,
+            )
+        };
+        template.pop();
+        let path = PathBuf::from(std::ffi::OsString::from_vec(template));
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor this owns from here on.
+        Ok(StagingDir { path, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
     }
-    let _ = std::fs::remove_dir(&dir);
-    placed
+
+    /// Binds a listening socket `s` in it, owner-only, and renames it onto
+    /// `path` unless something is there (RENAME_NOREPLACE).
+    fn place(&self, path: &Path) -> std::io::Result<UnixListener> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = c"s";
+        let listener = UnixListener::bind(format!("/proc/self/fd/{}/s", self.fd.as_raw_fd()))?;
+        let placed = (|| {
+            // The process umask is 077 (see `restrict_umask`); this also
+            // covers a library that bound with another one.
+            // SAFETY: fchmodat(2) of a name in the directory this owns.
+            if unsafe { libc::fchmodat(self.fd.as_raw_fd(), name.as_ptr(), 0o600, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+            // SAFETY: renameat2(2) of a name in the directory this owns to a
+            // NUL-terminated path that lives across the call; NOREPLACE
+            // fails rather than replace a file that appeared at `path`
+            // since it was checked.
+            let renamed = unsafe {
+                libc::renameat2(self.fd.as_raw_fd(), name.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE)
+            };
+            if renamed != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })();
+        if placed.is_err() {
+            // SAFETY: unlinkat(2) of a name in the directory this owns.
+            unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+        }
+        placed.map(|()| listener)
+    }
+}
+
+impl Drop for StagingDir {
+    /// Removes the directory if its path still names it (moved away, it
+    /// is left where it is, empty).
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = self.fd.try_clone().ok().and_then(|fd| std::fs::File::from(fd).metadata().ok());
+        let there = std::fs::symlink_metadata(&self.path).ok();
+        if let (Some(ours), Some(there)) = (ours, there) {
+            if there.is_dir() && (ours.dev(), ours.ino()) == (there.dev(), there.ino()) {
+                let _ = std::fs::remove_dir(&self.path);
+            }
+        }
+    }
 }
 
 /// Makes every file and socket this process creates owner-only.
@@ -292,6 +394,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream;
 
     fn scratch(tag: &str) -> PathBuf {
@@ -323,11 +426,65 @@ mod tests {
         assert!(bind_listening(&image).is_err());
         assert_eq!(std::fs::read(&image).unwrap(), b"precious");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4, "no staging directory is left behind");
-        // A path too long for the staging directory is bound in place.
-        let long = dir.join("x".repeat(SUN_PATH_MAX - dir.as_os_str().len() - 3));
-        assert!(long.as_os_str().len() <= SUN_PATH_MAX && long.as_os_str().len() + 9 > SUN_PATH_MAX);
-        let _listener = bind_listening(&long).unwrap();
+        // A path as long as a socket address holds, too long for the
+        // staging directory's name beside it to be bound by name, is
+        // placed all the same (bound through the directory's descriptor);
+        // a longer one, which no client could connect to, is refused.
+        let long = dir.join("x".repeat(SUN_PATH_MAX - dir.as_os_str().len() - 1));
+        assert_eq!(long.as_os_str().len(), SUN_PATH_MAX);
+        let _claimed = claim(&long).unwrap();
         UnixStream::connect(&long).unwrap();
+        let longer = dir.join("x".repeat(SUN_PATH_MAX - dir.as_os_str().len()));
+        assert!(matches!(claim(&longer), Err(ClaimError::TooLong { .. })));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The reflector's stop removes the socket it placed, and nothing that
+    /// took its place since.
+    #[test]
+    fn only_the_socket_placed_is_removed() {
+        let dir = scratch("remove");
+        let path = dir.join("d.sock");
+        let claimed = claim(&path).unwrap();
+        remove_placed(&path);
+        assert!(std::fs::symlink_metadata(&path).is_err(), "the socket placed was left");
+        drop(claimed);
+        let claimed = claim(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"precious").unwrap();
+        remove_placed(&path);
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        let _other = UnixListener::bind(&path).unwrap();
+        remove_placed(&path);
+        assert!(std::fs::symlink_metadata(&path).is_ok(), "another socket at the path was removed");
+        drop(claimed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Whoever may write the directory a socket is claimed in, and swaps
+    /// the staging directory for a symlink while the reflector binds, gets
+    /// nothing touched where the symlink points: the socket is bound and
+    /// placed from the directory the reflector made. Before, the bind, its
+    /// chmod and the clean-up's unlink went by path: a file named `s`
+    /// anywhere could be removed (as root), or made owner-only.
+    #[test]
+    fn a_staging_directory_swapped_for_a_symlink_touches_nothing_it_points_to() {
+        let dir = scratch("swapped");
+        let victim = dir.join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("s"), b"precious").unwrap();
+        std::fs::set_permissions(victim.join("s"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = dir.join("d.sock");
+        let staging = StagingDir::beside(&path).unwrap();
+        std::fs::rename(&staging.path, dir.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&victim, &staging.path).unwrap();
+        let _listener = staging.place(&path).expect("placed from the directory made for it");
+        drop(staging);
+        UnixStream::connect(&path).unwrap();
+        assert_eq!(std::fs::read(victim.join("s")).unwrap(), b"precious");
+        assert_eq!(std::fs::metadata(victim.join("s")).unwrap().permissions().mode() & 0o777, 0o644);
+        assert!(std::fs::symlink_metadata(dir.join("moved").join("s")).is_err(), "the socket stayed behind");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

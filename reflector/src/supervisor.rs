@@ -986,13 +986,16 @@ impl Tail {
 }
 
 /// The `vmm` binary: `explicit` if given, else the one next to this
-/// executable (both are built by `cargo build --release`).
+/// executable (both are built by `cargo build --release`); an absolute
+/// path, so that what was checked is what runs: a relative one was
+/// checked in the working directory and then looked for in `$PATH` by the
+/// spawn (an adversarial review found it).
 pub fn find_vmm(explicit: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = explicit {
-        return if path.is_file() {
-            Ok(path.to_owned())
-        } else {
-            Err(format!("--vmm {}: no such file", path.display()))
+        return match std::fs::canonicalize(path) {
+            Ok(path) if path.is_file() => Ok(path),
+            Ok(_) => Err(format!("--vmm {}: not a file", path.display())),
+            Err(error) => Err(format!("--vmm {}: {error}", path.display())),
         };
     }
     let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("vmm")));
@@ -1191,6 +1194,45 @@ mod tests {
         let line = last_line(flood, 100);
         assert_eq!(line.len(), 100);
         assert!(line.ends_with("yyyEND"), "{line}");
+    }
+}
+
+#[cfg(test)]
+mod find_vmm_tests {
+    use super::find_vmm;
+    use std::path::Path;
+
+    /// A vmm named relative to the working directory is the one there,
+    /// named absolutely; a missing one is an error naming it.
+    #[test]
+    fn a_vmm_given_relative_is_found_absolute() {
+        let dir = std::env::temp_dir().join(format!("find-vmm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let vmm = dir.join("vmm");
+        std::fs::write(&vmm, b"").unwrap();
+        let here = std::env::current_dir().unwrap();
+        let relative = pathdiff(&vmm, &here);
+        let found = find_vmm(Some(&relative)).unwrap();
+        assert!(found.is_absolute(), "{}", found.display());
+        assert_eq!(found, std::fs::canonicalize(&vmm).unwrap());
+        let error = find_vmm(Some(Path::new("no-such-vmm-here"))).unwrap_err();
+        assert!(error.contains("no-such-vmm-here"), "{error}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `path` relative to `base` (both absolute): `..` up to their common
+    /// part, then down.
+    fn pathdiff(path: &Path, base: &Path) -> std::path::PathBuf {
+        let (path, base): (Vec<_>, Vec<_>) = (path.components().collect(), base.components().collect());
+        let common = path.iter().zip(&base).take_while(|(a, b)| a == b).count();
+        let mut relative = std::path::PathBuf::new();
+        for _ in common..base.len() {
+            relative.push("..");
+        }
+        for part in &path[common..] {
+            relative.push(part);
+        }
+        relative
     }
 }
 
