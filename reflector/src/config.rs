@@ -294,6 +294,21 @@ pub struct JailSettings {
     pub user: Option<(u32, u32)>,
 }
 
+/// What names the same file as `path` does, however spelled: its
+/// directory resolved (symlinks, `..`, relative to the working directory)
+/// and its own name; the path as given where the directory does not exist
+/// (the start then fails on it anyway).
+pub fn same_file_key(path: &Path) -> PathBuf {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(parent), path.file_name()) {
+        (Ok(parent), Some(name)) => parent.join(name),
+        _ => path.to_owned(),
+    }
+}
+
 impl Default for JailSettings {
     fn default() -> Self {
         JailSettings { enabled: true, uid_base: None, user: None }
@@ -885,19 +900,49 @@ impl Config {
                 )));
             }
         }
-        let devices: Vec<(&str, &Path)> = self
+        // Jailed, each device gets ids of its own from a fixed range: more
+        // were refused only once the first ones had started.
+        let count = self.blk.len() + self.net.len();
+        if self.jail.enabled && count > crate::jail::DEVICE_MODEL_IDS as usize {
+            return Err(ConfigError(format!(
+                "{count} devices: at most {} can be jailed by one reflector (run several)",
+                crate::jail::DEVICE_MODEL_IDS
+            )));
+        }
+        // Sets, not pairs: a configuration of a hundred thousand devices
+        // (a 4 MiB file) took minutes of comparisons before its error.
+        let mut names = std::collections::HashSet::new();
+        let mut sockets = std::collections::HashSet::new();
+        let devices = self
             .blk
             .iter()
             .map(|b| (b.name.as_str(), b.socket.as_path()))
-            .chain(self.net.iter().map(|n| (n.name.as_str(), n.socket.as_path())))
-            .collect();
-        for (i, (name, socket)) in devices.iter().enumerate() {
-            for (other_name, other_socket) in &devices[i + 1..] {
-                if name == other_name {
-                    return Err(ConfigError(format!("two devices are named {name:?}")));
-                }
-                if socket == other_socket {
-                    return Err(ConfigError(format!("two devices use socket {}", socket.display())));
+            .chain(self.net.iter().map(|n| (n.name.as_str(), n.socket.as_path())));
+        for (name, socket) in devices {
+            if !names.insert(name) {
+                return Err(ConfigError(format!("two devices are named {name:?}")));
+            }
+            // Spelled differently (relative, through `..` or a symlinked
+            // directory), one path was refused only at its claim, as
+            // "served by another process".
+            if !sockets.insert(same_file_key(socket)) {
+                return Err(ConfigError(format!("two devices use socket {}", socket.display())));
+            }
+        }
+        // One image under two devices was refused only once the first had
+        // started, as "in use by another process"; readers may share one.
+        let mut images = std::collections::HashMap::new();
+        // (A VFIO function is its own disk: it has no image.)
+        for blk in self.blk.iter().filter(|blk| !blk.image.as_os_str().is_empty()) {
+            if let Some(other) = images.insert(same_file_key(&blk.image), blk) {
+                if !(blk.read_only && other.read_only) {
+                    return Err(ConfigError(format!(
+                        "devices {:?} and {:?} both use image {}: one writer at a time (give each its own, or \
+                         readonly=on to both)",
+                        other.name,
+                        blk.name,
+                        blk.image.display()
+                    )));
                 }
             }
         }
@@ -1229,5 +1274,56 @@ mod tests {
         assert!(Config { blk: vec![a.clone(), b], ..Config::default() }.validate().is_err());
         let c = parse_blk("socket=/s,image=/j,name=y", 1).unwrap();
         assert!(Config { blk: vec![a, c], ..Config::default() }.validate().is_err());
+    }
+
+    /// Two devices on one socket or one image, however the paths are
+    /// spelled, are refused before anything starts: before, the second
+    /// was refused only at its claim or its image's lock, once the first
+    /// had started, and as held by "another process".
+    #[test]
+    fn one_socket_or_image_under_two_spellings_is_refused() {
+        let dir = std::env::temp_dir().join(format!("config-spellings-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let at = |name: &str| dir.join(name).display().to_string();
+        let via = |name: &str| dir.join("sub").join("..").join(name).display().to_string();
+        let blk = |socket: String, image: String, name: &str, extra: &str| {
+            parse_blk(&format!("socket={socket},image={image},name={name}{extra}"), 0).unwrap()
+        };
+        let one_socket = Config {
+            blk: vec![blk(at("a.sock"), at("a.img"), "a", ""), blk(via("a.sock"), at("b.img"), "b", "")],
+            ..Config::default()
+        };
+        assert!(one_socket.validate().unwrap_err().0.contains("socket"));
+        let one_image = Config {
+            blk: vec![blk(at("a.sock"), at("d.img"), "a", ""), blk(at("b.sock"), via("d.img"), "b", "")],
+            ..Config::default()
+        };
+        assert!(one_image.validate().unwrap_err().0.contains("both use image"));
+        let readers = Config {
+            blk: vec![
+                blk(at("a.sock"), at("d.img"), "a", ",readonly=on"),
+                blk(at("b.sock"), via("d.img"), "b", ",readonly=on"),
+            ],
+            ..Config::default()
+        };
+        readers.validate().unwrap();
+        // Functions passed through have no image to share.
+        let vfio = |i: usize| {
+            parse_blk(&format!("socket={},device=vfio:0000:00:0{i}.0,name=v{i}", at(&format!("v{i}.sock"))), i).unwrap()
+        };
+        Config { blk: vec![vfio(1), vfio(2)], ..Config::default() }.validate().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// More devices than a reflector can jail are refused before any starts.
+    #[test]
+    fn more_devices_than_can_be_jailed_are_refused_at_once() {
+        let most = crate::jail::DEVICE_MODEL_IDS as usize;
+        let net = |i: usize| parse_net(&format!("socket=/n{i}.sock,name=n{i}"), i).unwrap();
+        let config = |count: usize| Config { net: (0..count).map(net).collect(), ..Config::default() };
+        config(most).validate().unwrap();
+        assert!(config(most + 1).validate().unwrap_err().0.contains(&format!("at most {most}")));
+        let unjailed = Config { jail: JailSettings { enabled: false, ..JailSettings::default() }, ..config(most + 1) };
+        unjailed.validate().unwrap();
     }
 }
