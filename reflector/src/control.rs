@@ -624,13 +624,37 @@ const MAX_CLIENTS: usize = 8;
 /// hold every slot for hours.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Reads one request line (bounded in size and time) and answers it.
+/// Reads one request line (bounded in size and time) and answers it,
+/// the answer within [`CLIENT_DEADLINE`] too.
 fn answer_client(stream: &UnixStream, targets: &[ControlTarget]) {
-    let _ = stream.set_write_timeout(Some(CLIENT_DEADLINE));
     let Some(line) = read_request(stream, std::time::Instant::now() + CLIENT_DEADLINE) else { return };
-    let reply = answer(targets, line.trim());
-    let _ = (&*stream).write_all(reply.as_bytes());
-    let _ = (&*stream).write_all(b"\n");
+    let mut reply = answer(targets, line.trim());
+    reply.push('\n');
+    write_within(stream, reply.as_bytes(), std::time::Instant::now() + CLIENT_DEADLINE);
+}
+
+/// Writes `bytes` to `stream` until `deadline`, then gives up: a deadline
+/// for the whole answer, not for each write, so that a client taking a
+/// byte every few seconds of a large answer (`metrics` of many devices)
+/// cannot hold its slot for hours (a review found the per-write timeout
+/// allowed it). Whether it was all written.
+fn write_within(stream: &UnixStream, mut bytes: &[u8], deadline: std::time::Instant) -> bool {
+    while !bytes.is_empty() {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero())
+        else {
+            return false;
+        };
+        if stream.set_write_timeout(Some(left)).is_err() {
+            return false;
+        }
+        match (&*stream).write(bytes) {
+            Ok(0) => return false,
+            Ok(written) => bytes = &bytes[written..],
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// The request line: up to its newline, the end of the stream or
@@ -773,6 +797,31 @@ pub fn fleet_status(path: &Path) -> Result<(Vec<DeviceStatus>, FleetStatus), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An answer is written within a deadline for the whole of it: a
+    /// client that takes a byte now and then is cut off at it.
+    #[test]
+    fn a_client_taking_its_answer_slowly_is_cut_off_at_the_deadline() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let done = done.clone();
+            // Slow: a byte a millisecond (each write of the answer then
+            // takes a little), until the writer is done.
+            std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                while !done.load(Ordering::SeqCst) && (&theirs).read(&mut byte).is_ok_and(|read| read == 1) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let answer = vec![b'x'; 4 << 20];
+        let written = write_within(&ours, &answer, std::time::Instant::now() + Duration::from_millis(200));
+        done.store(true, Ordering::SeqCst);
+        drop(ours);
+        reader.join().unwrap();
+        assert!(!written, "4 MiB taken a byte a millisecond were all written within 200 ms");
+    }
 
     /// A socket that is not a reflector's control socket gets a clear error
     /// naming it, and whatever it sent is escaped and cut short: before,
