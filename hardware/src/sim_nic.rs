@@ -963,23 +963,23 @@ mod tests {
     }
 
     /// A frame sent to a card whose driver posted a ring of bad receive
-    /// buffers fails a few of them, not the ring, on the sender's thread.
+    /// buffers fails a few of them, not the ring, on the sender's thread
+    /// (the delivery runs there; here on the test's, the card's own thread
+    /// kept out by its lock).
     #[test]
     fn a_frame_to_a_ring_of_bad_receive_buffers_fails_a_few_not_the_ring() {
         let switch = Switch::new("t-bad-rx");
-        let (a, b) = (card("nic-a-bad-rx", 1, &switch), card("nic-b-bad-rx", 2, &switch));
-        a.reset_and_enable();
+        let b = card("nic-b-bad-rx", 2, &switch);
         b.reset_and_enable();
         for id in 0..RING as u16 - 1 {
             let short = Descriptor { addr: DMA_GPA + 0x2000, len: 60, id, reserved: 0 };
             b.post(nic::RX_RING_OFFSET, reg::RX_TAIL, short);
         }
-        a.send(&frame(2, 1, 100), 0x1000, 3);
-        // The sender's card completes the frame once it has crossed the
-        // switch (into the receiver's buffers or its FIFO).
-        assert_eq!(a.completion(nic::TX_COMPLETION_OFFSET, reg::TXC_TAIL, 0).status, completion::SUCCESS);
-        let failed = b.nic.counters().bad_descriptors.load(Ordering::SeqCst);
-        assert!((1..=3).contains(&failed), "one frame failed {failed} receive buffers");
+        let counters = b.nic.counters();
+        let before = counters.bad_descriptors.load(Ordering::SeqCst);
+        b.nic.port.lock().receive(&frame(2, 1, 100));
+        let failed = counters.bad_descriptors.load(Ordering::SeqCst) - before;
+        assert!((1..=2).contains(&failed), "one frame failed {failed} receive buffers");
     }
 
     #[test]

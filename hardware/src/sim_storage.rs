@@ -462,13 +462,17 @@ impl Engine {
             storage::opcode::FLUSH => {
                 self.flushes.started.fetch_add(1, Ordering::AcqRel);
                 let synced = self.medium.sync_data();
+                // A failure is marked before the flush counts as completed:
+                // a judge reading the two between them passed the flush.
+                if synced.is_err() {
+                    self.flushes.medium_failed.store(true, Ordering::Release);
+                }
                 self.flushes.completed.fetch_add(1, Ordering::AcqRel);
                 match synced {
                     Ok(()) => (completion::SUCCESS, 0),
                     Err(error) => {
                         // A driver that answers it OK all the same must not
                         // pass, nor a later flush whose sync passes.
-                        self.flushes.medium_failed.store(true, Ordering::Release);
                         if let Some(times) = self.medium_errors.note() {
                             tracing::warn!(%error, times, "flush of the medium failed (logged at each power of two)");
                         }

@@ -156,16 +156,11 @@ impl VringT<Memory> for ClientVring {
     }
 
     fn set_enabled(&self, enabled: bool) {
-        let was = self.0.get_ref().is_enabled();
-        self.0.set_enabled(enabled);
-        // The kicks of a disabled queue are read and dropped (vhost-user-
-        // backend hands the device a queue event only while it is
-        // enabled), so chains published meanwhile, and frames held for it,
-        // would wait for a kick that may never come: the worker looks
-        // once it is enabled again.
-        if enabled && !was {
-            crate::worker::come_back_to(self);
-        }
+        // No kick of the device's own is needed when the queue is enabled
+        // again: vhost-user-backend takes a disabled queue's kick out of
+        // the worker's epoll set, and queues an event for it when it puts
+        // it back.
+        self.0.set_enabled(enabled)
     }
 
     fn set_queue_info(&self, desc_table: u64, avail_ring: u64, used_ring: u64) -> Result<(), VirtQueError> {
@@ -355,9 +350,8 @@ mod tests {
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
         let vring = ClientVring::new(memory, 256).unwrap();
         let kick = eventfd(0, 0);
-        // Enabled first: enabling a queue with a kick kicks it.
-        vring.set_enabled(true);
         vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
+        vring.set_enabled(true);
         let reader = vring.clone();
         assert!(returns(move || assert!(reader.read_kick().unwrap())), "the read waited on a drained kick");
         let one = 1u64;
@@ -365,25 +359,6 @@ mod tests {
         assert_eq!(unsafe { libc::write(kick.as_raw_fd(), (&raw const one).cast(), 8) }, 8);
         assert!(vring.read_kick().unwrap());
         assert_eq!(hardware::shared_eventfd::take(kick.as_raw_fd()).unwrap(), 0, "the kick was not consumed");
-    }
-
-    /// A queue enabled again is looked at: the device's own kick, since
-    /// the client's kicks while it was disabled were read and dropped.
-    /// Once only, when it is enabled, not again while it stays so.
-    #[test]
-    fn a_queue_enabled_again_is_kicked_once() {
-        let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-        let vring = ClientVring::new(memory, 256).unwrap();
-        let kick = eventfd(0, libc::EFD_NONBLOCK);
-        vring.set_kick(Some(File::from(kick.try_clone().unwrap())));
-        vring.set_queue_ready(true);
-        let count = || hardware::shared_eventfd::take(kick.as_raw_fd()).unwrap();
-        for enabled in [true, false, true, true] {
-            vring.set_enabled(enabled);
-        }
-        assert_eq!(count(), 2, "enabled twice, the queue was not kicked twice");
-        vring.set_enabled(false);
-        assert_eq!(count(), 0, "a disabled queue was kicked");
     }
 
     /// A queue set up anew (its indices rewound: a guest's reboot) has not

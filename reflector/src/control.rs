@@ -759,13 +759,32 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
             path.display()
         )
     };
+    let deadline = std::time::Instant::now() + ANSWER_WAIT;
     let line = serde_json::to_string(request).map_err(|e| format!("encoding the request: {e}"))?;
     stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| failed("sending the request", e))?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
+    // The whole answer within the deadline, not each read: a peer sending
+    // a byte every few seconds is not waited on for ever.
     let mut reply = Vec::new();
-    stream.take(64 << 20).read_to_end(&mut reply).map_err(|e| failed("reading the answer", e))?;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero());
+        let Some(left) = left else { return Err(failed("reading the answer", std::io::ErrorKind::TimedOut.into())) };
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) if reply.len() + read <= 64 << 20 => reply.extend_from_slice(&chunk[..read]),
+            Ok(_) => return Err(format!("control socket {}: an answer of more than 64 MiB", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(failed("reading the answer", error)),
+        }
+    }
     let reply = String::from_utf8_lossy(&reply);
-    match serde_json::from_str::<Response>(reply.trim_end()) {
+    // Whoever answered is not known to be a reflector: every string of its
+    // answer reaches the terminal escaped (a JSON string may hold an
+    // escape sequence as `\u001b`).
+    let escaped = serde_json::from_str::<serde_json::Value>(reply.trim_end()).map(escape_strings);
+    match escaped.and_then(serde_json::from_value::<Response>) {
         Ok(Response::Error { message }) => Err(message),
         Ok(response) => Ok(response),
         Err(error) => {
@@ -774,6 +793,25 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
             let said: String = crate::untrusted_text::escape(reply.trim_end()).chars().take(200).collect();
             Err(format!("control socket {}: not a reflector's answer ({error}): {said}", path.display()))
         }
+    }
+}
+
+/// `value` with every string in it (keys too) made printable
+/// ([`crate::untrusted_text::escape`]) but for its line ends: the metrics
+/// are lines of text.
+fn escape_strings(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let escape_lines = |text: &str| text.split('\n').map(crate::untrusted_text::escape).collect::<Vec<_>>().join("\n");
+    match value {
+        Value::String(text) => Value::String(escape_lines(&text)),
+        Value::Array(items) => Value::Array(items.into_iter().map(escape_strings).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(key, value)| (crate::untrusted_text::escape(&key), escape_strings(value)))
+                .collect(),
+        ),
+        other => other,
     }
 }
 
@@ -846,6 +884,19 @@ mod tests {
         assert!(error.contains(&path.display().to_string()), "{error}");
         assert!(error.contains("\\u001b") && !error.contains('\x1b'), "{error}");
         assert!(error.len() < 1000, "{} bytes", error.len());
+        // Nor does an answer in the protocol's own words bring its escape
+        // sequences to the terminal.
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("other2.sock")).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            stream.read_to_end(&mut request).unwrap();
+            let answer = Response::Error { message: "\x1b]0;owned\x07".into() };
+            stream.write_all(serde_json::to_string(&answer).unwrap().as_bytes()).unwrap();
+        });
+        let error = request(&dir.join("other2.sock"), &Request::Status).unwrap_err();
+        peer.join().unwrap();
+        assert!(!error.contains('\x1b') && !error.contains('\x07'), "{error:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

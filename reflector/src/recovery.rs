@@ -54,11 +54,18 @@ impl Fault {
     /// ([`Blame`]).
     pub fn blame(&self) -> Blame {
         match self {
+            // Abuse (spinning idle, flooding a doorbell, overworking its
+            // device) is no sign that a request it held caused it, but a
+            // driver that abuses at each watch while it withholds a request
+            // must not keep that request for ever: replaced with no blame,
+            // it had the request replayed about once a second for good,
+            // under the fault budget (an adversarial review found it).
             Fault::Exited(report) if report.is_empty() => Blame::Silent,
+            Fault::Abuse(_) => Blame::Silent,
             Fault::Exited(_) | Fault::OutOfMemory(_) | Fault::Hang(_) | Fault::Withheld(_) | Fault::Violation(_) => {
                 Blame::Death
             }
-            Fault::Killed | Fault::Abuse(_) => Blame::None,
+            Fault::Killed => Blame::None,
         }
     }
 
@@ -81,14 +88,15 @@ impl Fault {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Blame {
     /// None: the reflector killed it as an operator asked (the `kill`
-    /// command, the chaos command), or replaced it for its idle behaviour;
-    /// a storm of such kills never makes a request poison.
+    /// command, the chaos command); a storm of such kills never makes a
+    /// request poison.
     None,
     /// A death it reported (a panic, an exception), a hang or a protocol
     /// violation: the request may be its cause; a request in
     /// `poison_deaths` such deaths in a row fails.
     Death,
-    /// An end without a report, not at the reflector's hand: a SIGKILL
+    /// An end without a report, not at the reflector's hand, or a driver
+    /// replaced for abuse (`Fault::Abuse`): a SIGKILL
     /// from anyone else, or a compromised vmm ending itself (exit, or
     /// SIGKILL of its own process), which the reflector cannot tell apart.
     /// It counts, [`SILENT_DEATHS_PER_DEATH`] of them as one death: taken

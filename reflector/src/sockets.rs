@@ -313,7 +313,25 @@ impl StagingDir {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor this owns from here on.
-        Ok(StagingDir { path, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } })
+        let staging = StagingDir { path, fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) } };
+        // What was opened must be the directory mkdtemp made: a directory
+        // of someone else's, swapped in between the two (whoever may write
+        // the parent can), would let them put a symlink where the socket
+        // goes.
+        use std::os::unix::fs::MetadataExt;
+        let metadata = std::fs::File::from(staging.fd.try_clone()?).metadata()?;
+        // SAFETY: geteuid(2) cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if metadata.uid() != me || metadata.mode() & 0o077 != 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is not the private directory made for the socket (owner {}, mode {:o}): another user may write \
+                 the directory it is in; choose a directory only the reflector's user can write",
+                staging.path.display(),
+                metadata.uid(),
+                metadata.mode() & 0o7777
+            )));
+        }
+        Ok(staging)
     }
 
     /// Binds a listening socket `s` in it, owner-only, and renames it onto
@@ -454,6 +472,10 @@ mod tests {
         std::fs::write(&path, b"precious").unwrap();
         remove_placed(&path);
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        drop(claimed);
+        // Claimed again, then replaced by another program's socket.
+        let claimed = claim(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         let _other = UnixListener::bind(&path).unwrap();
         remove_placed(&path);

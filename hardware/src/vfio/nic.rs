@@ -86,6 +86,10 @@ impl PassedThrough for VfioNic {
     fn device_reset(regs: &SharedMemory) -> bool {
         reset(regs)
     }
+
+    fn device_stopped(regs: &SharedMemory) -> bool {
+        read(regs, reg::CTRL) & reg::CTRL_RST == 0
+    }
 }
 
 impl NetHardware for VfioNic {

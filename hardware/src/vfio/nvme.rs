@@ -43,10 +43,13 @@ fn disable(regs: &SharedMemory) -> bool {
     let cap = u64::from(regs.atomic_u32(nvme::regs::CAP).load(Ordering::Acquire));
     let timeout = Duration::from_millis(nvme::regs::Capabilities::decode(cap).timeout_ms).min(DISABLE_WAIT_MOST);
     let deadline = Instant::now() + timeout;
-    crate::poll_until(deadline, Duration::from_micros(10), Duration::from_millis(1), || {
-        (regs.atomic_u32(nvme::regs::CSTS).load(Ordering::Acquire) & nvme::regs::CSTS_READY == 0).then_some(())
-    })
-    .is_some()
+    crate::poll_until(deadline, Duration::from_micros(10), Duration::from_millis(1), || stopped(regs).then_some(()))
+        .is_some()
+}
+
+/// CSTS.RDY clear: the controller has stopped.
+fn stopped(regs: &SharedMemory) -> bool {
+    regs.atomic_u32(nvme::regs::CSTS).load(std::sync::atomic::Ordering::Acquire) & nvme::regs::CSTS_READY == 0
 }
 
 /// BAR0 as the `nvme` core reaches it.
@@ -135,7 +138,7 @@ impl VfioNvme {
         // The reflector's queues are forgotten: the first driver resets
         // the controller, as every driver does.
         passthrough.quiesce(disable);
-        passthrough.resume();
+        passthrough.resume(stopped);
         passthrough.route(Interrupts::MsiX)?;
         tracing::info!(address, bytes = namespace.bytes(), "VFIO NVMe controller ready");
         Ok(VfioNvme { passthrough, capacity_sectors: namespace.bytes() / 512, read_only })
@@ -154,6 +157,10 @@ impl PassedThrough for VfioNvme {
 
     fn device_reset(regs: &SharedMemory) -> bool {
         disable(regs)
+    }
+
+    fn device_stopped(regs: &SharedMemory) -> bool {
+        stopped(regs)
     }
 }
 

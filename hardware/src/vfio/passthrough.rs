@@ -133,11 +133,16 @@ impl Passthrough {
     }
 
     /// Bus mastering on for the next driver, which resets the device;
-    /// left off after a quiesce that could not stop it.
-    pub fn resume(&self) {
+    /// left off after a quiesce that could not stop it, unless the device
+    /// says by now (`stopped`) that it has (a slow reset, past the
+    /// quiesce's bound).
+    pub fn resume(&self, stopped: impl FnOnce(&SharedMemory) -> bool) {
         if self.unstopped.load(Ordering::SeqCst) {
-            tracing::error!("the VFIO device did not stop at its last quiesce: its bus mastering stays off");
-            return;
+            if !stopped(&self.regs) {
+                tracing::error!("the VFIO device did not stop at its last quiesce: its bus mastering stays off");
+                return;
+            }
+            self.unstopped.store(false, Ordering::SeqCst);
         }
         if let Err(error) = self.function.set_bus_master(true) {
             tracing::error!(%error, "cannot resume the VFIO function");
@@ -161,6 +166,9 @@ pub trait PassedThrough: Send + Sync {
     /// The device's own reset through BAR0, after the function reset;
     /// whether the device says it has stopped.
     fn device_reset(regs: &SharedMemory) -> bool;
+    /// Whether the device says it has stopped (its reset done), without
+    /// waiting.
+    fn device_stopped(regs: &SharedMemory) -> bool;
 }
 
 impl<T: PassedThrough> Hardware for T {
@@ -181,6 +189,6 @@ impl<T: PassedThrough> Hardware for T {
     }
 
     fn resume(&self) {
-        self.passthrough().resume();
+        self.passthrough().resume(T::device_stopped);
     }
 }

@@ -570,4 +570,21 @@ pub(crate) mod tests {
         }
         assert!(table.take_poisoned(limit).iter().map(|(s, _)| *s).eq([slot]));
     }
+
+    /// A driver replaced for abuse at each watch while it withholds a
+    /// request has that request counted against, as a death without a
+    /// report is: before, such faults blamed nothing, and the request was
+    /// replayed about once a second for ever.
+    #[test]
+    fn abuse_counts_against_a_request_held_as_a_silent_death() {
+        let mut table = InFlightTable::with_windows(None);
+        let (slot, _) = table.insert(request(512)).unwrap();
+        let limit = 3;
+        for _ in 0..limit * SILENT_DEATHS_PER_DEATH {
+            table.get_mut(slot).unwrap().sent = true;
+            table.blame_sent(crate::recovery::Fault::Abuse("device overwork".into()).blame());
+        }
+        assert!(table.take_poisoned(limit).iter().map(|(s, _)| *s).eq([slot]), "abuse never made it poison");
+        assert_eq!(crate::recovery::Fault::Killed.blame(), Blame::None, "an operator's kill blames nothing");
+    }
 }
