@@ -494,23 +494,33 @@ where
     let mut accept_failures = crate::hw::LogEvery::default();
     tracing::info!(device = %name, "serving {protocol}");
     loop {
+        // Out of descriptors or memory, say, at any step up to the accept:
+        // the device serves again once they are back, instead of never
+        // (its thread used to end here: at the accept, and later at the
+        // making of the next client's daemon, whose epoll and eventfds
+        // are descriptors too, which a review of the first fix's test
+        // found). The pause keeps a persistent failure from spinning.
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(name.to_owned(), device.clone(), memory)
-            .map_err(|e| format!("{name}: creating the vhost-user daemon: {e}"))?;
-        {
+        let mut daemon = match VhostUserDaemon::new(name.to_owned(), device.clone(), memory) {
+            Ok(daemon) => daemon,
+            Err(error) => {
+                accept_failed(&mut accept_failures, name, &format!("creating the vhost-user daemon: {error}"));
+                continue;
+            }
+        };
+        let watched = {
             let handlers = daemon.get_epoll_handlers();
             let handler = handlers.first().ok_or_else(|| format!("{name}: no vhost-user worker"))?;
             let device = device.read().map_err(|_| format!("{name}: device lock poisoned"))?;
-            for (fd, event) in (hooks.listeners)(&device) {
-                handler
-                    .register_listener(fd, EventSet::IN, u64::from(event))
-                    .map_err(|e| format!("{name}: watching the driver VM: {e}"))?;
-            }
+            (hooks.listeners)(&device)
+                .into_iter()
+                .try_for_each(|(fd, event)| handler.register_listener(fd, EventSet::IN, u64::from(event)))
+        };
+        if let Err(error) = watched {
+            accept_failed(&mut accept_failures, name, &format!("watching the driver VM: {error}"));
+            continue;
         }
         if let Err(error) = daemon.start(&mut listener) {
-            // Out of descriptors or memory, say: the device serves again
-            // once they are back, instead of never (its thread used to end
-            // here). The pause keeps a persistent failure from spinning.
             accept_failed(&mut accept_failures, name, &error);
             continue;
         }

@@ -341,6 +341,10 @@ fn a_failed_accept_does_not_end_a_devices_service() {
     let failed =
         |r: &common::Reflector| ["cannot accept a client", "serving stopped"].iter().any(|l| r.log_text().contains(l));
     reflector.wait_for(failed, "the failed accept");
+    // A second failure while descriptors are still short (the retry's own
+    // daemon needs some): before, that one ended the device's service.
+    reflector.wait_for(|r| r.log_text().contains("failures=2") || r.log_text().contains("serving stopped"), "a retry");
+    assert!(!reflector.log_text().contains("serving stopped"), "{}", reflector.log_text());
     limit(before.rlim_cur, before.rlim_max);
     verified_io(&socket, "the next client, descriptors back");
     let log = reflector.stop();
