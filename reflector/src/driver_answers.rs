@@ -170,9 +170,14 @@ pub fn judge(
 /// has no checksum until a write of it completes with no other write of it
 /// in flight; a write's submission forgets the checksums of its sectors.
 pub struct WrittenSums {
-    /// Per sector: 0 for unknown, else the sector's CRC-32C with bit 0 set.
+    /// Per sector: 0 for unknown, [`LOST`], else the sector's CRC-32C with
+    /// bit 0 set.
     sums: Vec<u32>,
 }
+
+/// A sector whose data is lost: reads of it fail at once until it is
+/// written again ([`WrittenSums::mark_lost`]). Even: no checksum is.
+const LOST: u32 = 2;
 
 /// Bytes per checksummed sector.
 const SECTOR: usize = 512;
@@ -193,6 +198,32 @@ impl WrittenSums {
         let start = (sector as usize).min(self.sums.len());
         let end = start.saturating_add(count).min(self.sums.len());
         self.sums[start..end].fill(0);
+    }
+
+    /// Marks the sectors `sector..sector + count` whose checksums are known
+    /// lost: a read of them was answered with other data by driver VM after
+    /// driver VM, up to the poison limit, so the medium holds other data
+    /// there (a write a dead driver corrupted after its copy was checked).
+    /// Reads of them then fail at once ([`WrittenSums::lost`]) instead of
+    /// killing each honest driver that reads them (each kill a fault, and
+    /// a replay of everything else it held, until the fault budget failed
+    /// the device: an adversarial review found it); a write brings them
+    /// back. Never their data: that is not what was written.
+    pub fn mark_lost(&mut self, sector: u64, count: usize) {
+        let start = (sector as usize).min(self.sums.len());
+        let end = start.saturating_add(count).min(self.sums.len());
+        for sum in &mut self.sums[start..end] {
+            if *sum != 0 {
+                *sum = LOST;
+            }
+        }
+    }
+
+    /// Whether any of the sectors `sector..sector + count` is lost.
+    pub fn lost(&self, sector: u64, count: usize) -> bool {
+        let start = (sector as usize).min(self.sums.len());
+        let end = start.saturating_add(count).min(self.sums.len());
+        self.sums[start..end].contains(&LOST)
     }
 
     /// Records the checksums of a completed write at `sector`, except for

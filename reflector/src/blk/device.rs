@@ -149,6 +149,15 @@ impl Blk {
             _ if core.session.failed() => {
                 complete(core, vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
             }
+            // Sectors whose data is lost (`WrittenSums::mark_lost`): no
+            // driver is asked to read them, and killed for what it finds.
+            RequestKind::Read
+                if self.written.as_ref().is_some_and(|written| {
+                    written.lost(request.sector, u64::from(request.data_len()).div_ceil(512) as usize)
+                }) =>
+            {
+                complete(core, vring, memory, head, Some(status), marshal::VIRTIO_BLK_S_IOERR, 0);
+            }
             _ => {
                 core.request_arrived();
                 self.waiting.push_back(Waiting { head, request, status });
@@ -461,6 +470,19 @@ impl Blk {
                 }
             );
             tracing::error!(device = %core.name, request = %what, "poison request: completed with an I/O error");
+            if let (true, RequestKind::Read, Some(written)) =
+                (entry.mismatched, entry.request.kind, self.written.as_mut())
+            {
+                let sectors = u64::from(entry.data_len).div_ceil(512);
+                written.mark_lost(entry.request.sector, sectors as usize);
+                tracing::error!(
+                    device = %core.name,
+                    sector = entry.request.sector,
+                    sectors,
+                    "driver VM after driver VM read other data there than was written: the sectors' data is lost; \
+                     reads of them fail until they are written again"
+                );
+            }
             core.metrics.poisoned.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut last) = core.metrics.last_poison.lock() {
                 *last = what;
@@ -507,6 +529,11 @@ impl Blk {
                     }
                 }
                 Err(violation) => {
+                    if let driver_answers::Violation::DataMismatch { id, .. } = violation {
+                        if let Some(entry) = self.in_flight.get_mut(channel::slot_of(id)).filter(|e| e.id == id) {
+                            entry.mismatched = true;
+                        }
+                    }
                     if !salvaging {
                         core.fault(Fault::Violation(violation.to_string()));
                     }

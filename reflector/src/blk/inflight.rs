@@ -50,6 +50,11 @@ pub struct InFlight {
     /// (`Blame::Silent`): `SILENT_DEATHS_PER_DEATH` of them count as one
     /// death.
     pub silent_deaths: u32,
+    /// A driver answered it (a read) with data other than what was written
+    /// to its sectors (`checksums=on`): if it fails as poison, the medium,
+    /// not a driver, is taken to hold other data there
+    /// ([`crate::driver_answers::WrittenSums::mark_lost`]).
+    pub mismatched: bool,
     /// In the current driver VM's channel (false: held back by the
     /// reflector, see [`InFlightTable::next_to_send`]).
     pub sent: bool,
@@ -84,6 +89,7 @@ impl InFlight {
             verifiable: false,
             deaths: 0,
             silent_deaths: 0,
+            mismatched: false,
             sent: true,
             orphaned: false,
             sent_at: None,

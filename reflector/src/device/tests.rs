@@ -431,6 +431,40 @@ fn corrupted_read_data_never_reaches_the_client() {
     assert_eq!((bench.count(&bench.metrics.violations), bench.launches()), (1, 2));
 }
 
+/// A sector the medium holds other data in than was written (a write a
+/// dead driver corrupted after its copy was checked) fails its read as
+/// poison after as many honest drivers read it so, and from then on fails
+/// at once, until it is written again: before, every read of it killed
+/// driver after driver, each a fault and a replay of all it held, until
+/// the fault budget failed the device (an adversarial review found it).
+#[test]
+fn a_sector_read_otherwise_than_written_by_driver_after_driver_fails_at_once_until_written() {
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], true, quick_recovery());
+    let data = pattern(21, 4096);
+    let write = bench.submit(&[(true, 8, data.clone())]);
+    bench.complete(&write, "the write");
+    // The medium changes under the checksums.
+    bench.disk.write(8, &pattern(22, 4096));
+    let read = bench.submit(&[(false, 8, vec![0; 4096])]);
+    bench.complete(&read, "the read of the changed sectors");
+    assert_eq!(bench.client.status(&read[0]), IOERR);
+    let faults = bench.count(&bench.metrics.faults);
+    assert!(faults >= 1, "no driver was blamed for the other data");
+    for (attempt, sector, len) in [("a second read", 8, 4096), ("a read of one of its sectors", 9, 512)] {
+        let read = bench.submit(&[(false, sector, vec![0; len])]);
+        bench.complete(&read, attempt);
+        assert_eq!(bench.client.status(&read[0]), IOERR, "{attempt}");
+        assert_eq!(bench.count(&bench.metrics.faults), faults, "{attempt}: another driver was killed for it");
+    }
+    // Written again, it reads as written.
+    let rewrite = bench.submit(&[(true, 8, data.clone())]);
+    bench.complete(&rewrite, "the rewrite");
+    let read = bench.submit(&[(false, 8, vec![0; 4096])]);
+    bench.complete(&read, "the read after the rewrite");
+    assert_eq!((bench.client.status(&read[0]), bench.client.data(&read[0])), (OK, data));
+}
+
 /// Two writes to the same sectors in flight together, carried out in
 /// order and completed last first (NVMe may): the medium holds the second.
 /// Before, the first's completion, with nothing else in flight, recorded
