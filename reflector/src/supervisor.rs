@@ -67,6 +67,9 @@ pub struct DriverLauncher {
     /// A driver image given as a file, opened once and passed to each vmm
     /// (a jailed vmm can open no path).
     image_file: Option<std::fs::File>,
+    /// Why the image file could not be opened: said by [`DriverLauncher::check`]
+    /// (a jailed vmm would only say that no such file exists).
+    image_error: Option<std::io::Error>,
     windows: Vec<Window>,
     /// Trapped windows and where they go; each driver VM gets its own
     /// connection to each.
@@ -279,10 +282,14 @@ impl DriverLauncher {
         // opening a FIFO for reading waits for a writer for ever.
         let open = |path: &str| {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path).ok()
+            std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)
         };
-        let image_file = spec.image.contains('/').then(|| open(&spec.image)).flatten();
-        DriverLauncher { spec, image_file, windows, traps, doorbells, interrupt_lines, exited }
+        let (image_file, image_error) = match spec.image.contains('/').then(|| open(&spec.image)) {
+            Some(Ok(file)) => (Some(file), None),
+            Some(Err(error)) => (None, Some(error)),
+            None => (None, None),
+        };
+        DriverLauncher { spec, image_file, image_error, windows, traps, doorbells, interrupt_lines, exited }
     }
 
     /// The driver VM's name.
@@ -313,6 +320,9 @@ impl DriverLauncher {
     /// `driver=` or `memory=` fails the device's start instead of becoming
     /// a restart loop.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(error) = &self.image_error {
+            return Err(format!("driver={}: {error}", self.spec.image));
+        }
         // A fleet of like devices would start one jailed vmm each only to
         // check the same thing (half the forks of a fleet's start): one
         // check per configuration that passed.
@@ -394,7 +404,16 @@ impl DriverLauncher {
         } else {
             let message = String::from_utf8_lossy(&message);
             let message = message.trim().trim_start_matches("vmm: ");
-            let message = if message.is_empty() { format!("the vmm ended with {status}") } else { message.to_owned() };
+            let mut message =
+                if message.is_empty() { format!("the vmm ended with {status}") } else { message.to_owned() };
+            // A name without a `/` is a built-in image's: a file of that
+            // name here is not looked at (a jailed vmm sees no file).
+            if !self.spec.image.contains('/') && Path::new(&self.spec.image).is_file() {
+                message.push_str(&format!(
+                    " (a file {} is in the working directory: give it as driver=./{})",
+                    self.spec.image, self.spec.image
+                ));
+            }
             Err(format!("driver={} memory={}: {message}", self.spec.image, self.spec.memory))
         }
     }

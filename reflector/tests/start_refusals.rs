@@ -85,6 +85,37 @@ fn a_socket_that_cannot_be_bound_fails_the_start() {
     assert!(stderr.contains("more than a socket address holds"), "{stderr}");
 }
 
+/// A driver image named without a `/` is a built-in one's name: a file of
+/// that name in the working directory, which a jailed vmm never sees, is
+/// named in the error with the spelling that reaches it. Before, the
+/// error said only that no such file exists.
+#[test]
+fn a_driver_file_named_like_a_built_in_image_is_pointed_to_in_the_error() {
+    if !kvm_available("a_driver_file_named_like_a_built_in_image_is_pointed_to_in_the_error") {
+        return;
+    }
+    // SAFETY: geteuid(2) cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPING: jailed driver VMs need root ***\n");
+        return;
+    }
+    let scratch = Scratch::new("refuse-bare-driver");
+    std::fs::write(scratch.join("mydrv.elf"), b"not an image").unwrap();
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let output = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_reflector"))
+        .arg("serve")
+        .args(blk(&socket, &image, ",size=1M,driver=mydrv.elf"))
+        .current_dir(scratch.join("."))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("give it as driver=./mydrv.elf"), "{stderr}");
+}
+
 #[test]
 fn an_unusable_driver_or_memory_fails_the_start() {
     if !kvm_available("an_unusable_driver_or_memory_fails_the_start") {
