@@ -85,10 +85,13 @@ impl<'a> Symbols<'a> {
         };
         let mut stack = Vec::new();
         while let Ok(Some(frame)) = frames.next() {
+            if stack.len() == MAX_INLINED {
+                break;
+            }
             let Some(location) = frame.location else { continue };
             let (Some(file), Some(line)) = (location.file, location.line) else { continue };
-            let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|name| name.into_owned());
-            stack.push(Location { function, file: file.to_owned(), line });
+            let function = frame.function.as_ref().and_then(|f| f.demangle().ok()).map(|name| shown(&name));
+            stack.push(Location { function, file: shown(file), line });
         }
         stack
     }
@@ -122,15 +125,55 @@ const MAX_BUILD_ID: usize = 64;
 /// a few tens deep.
 const MAX_ENTRY_DEPTH: isize = 256;
 
+/// The most debugging entries an image's DWARF may have for its addresses
+/// to be looked up: `addr2line` keeps a record (48 bytes) of each inlined
+/// call of a function it looks in, so a hostile image's tens of millions of
+/// one-byte entries took gigabytes as the vmm wrote its crash report (its
+/// memory cap then killed it, and its report said out of memory instead of
+/// the crash: an adversarial review found it). The built-in drivers have
+/// 3,000-4,000; 1,000,000 is about 50 MiB at most.
+const MAX_ENTRIES: usize = 1_000_000;
+
+/// The most frames given for one address (a function and the calls it was
+/// inlined into; the compiler's are a few deep).
+const MAX_INLINED: usize = 16;
+
+/// The most characters of a function's or file's name kept: names come
+/// from the image, as long as it likes (tens of megabytes, copied for each
+/// frame, made reports of hundreds of megabytes).
+const MAX_NAME: usize = 256;
+
+/// `name`, from an untrusted image, as a report or a terminal may show it:
+/// cut at [`MAX_NAME`] characters, and each control, bidirectional or
+/// zero-width character written as its escape (`\u{1b}`): before, an
+/// image's names reached `vmm run`'s and `vmm locate`'s output raw, escape
+/// sequences and all.
+fn shown(name: &str) -> String {
+    let mut shown = String::new();
+    for c in name.chars().take(MAX_NAME) {
+        let hidden = c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}');
+        if hidden {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
 /// The lookup context of `dwarf`, if its entries are no deeper than
-/// [`MAX_ENTRY_DEPTH`] (read without recursion) and it parses.
+/// [`MAX_ENTRY_DEPTH`] and no more than [`MAX_ENTRIES`] (read without
+/// recursion) and it parses.
 fn context(dwarf: gimli::Dwarf<Reader<'_>>) -> Option<addr2line::Context<Reader<'_>>> {
     let mut headers = dwarf.units();
+    let mut count = 0usize;
     while let Some(header) = headers.next().ok()? {
         let unit = dwarf.unit(header).ok()?;
         let mut entries = unit.entries_raw(None).ok()?;
         while !entries.is_empty() {
-            if entries.next_depth() > MAX_ENTRY_DEPTH {
+            count += 1;
+            if entries.next_depth() > MAX_ENTRY_DEPTH || count > MAX_ENTRIES {
                 return None;
             }
             if let Some(abbreviation) = entries.read_abbreviation().ok()? {
@@ -200,6 +243,57 @@ mod tests {
         assert!(return_addresses(&memory, 0x7ff8, 0x8000..0x9000).is_empty());
         assert!(return_addresses(&memory, 0x8004, 0x8000..0x9000).is_empty());
         assert!(return_addresses(&memory, 0xfff8, 0x8000..0x20000).is_empty());
+    }
+
+    /// DWARF of one compile unit and one function covering 0x1000..0x2000,
+    /// with `siblings` inlined calls side by side in it, each a byte (an
+    /// entry with no attribute and no child).
+    fn wide_dwarf(siblings: usize) -> (Vec<u8>, Vec<u8>) {
+        const CHILDREN: u8 = 1;
+        let abbrev = vec![
+            1, 0x11, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
+            2, 0x2e, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
+            3, 0x1d, 0, 0, 0, //
+            0,
+        ];
+        let range = |entries: &mut Vec<u8>| {
+            entries.extend_from_slice(&0x1000u64.to_le_bytes());
+            entries.extend_from_slice(&0x1000u64.to_le_bytes());
+        };
+        let mut entries = vec![1];
+        range(&mut entries);
+        entries.push(2);
+        range(&mut entries);
+        entries.extend(std::iter::repeat_n(3, siblings));
+        entries.extend([0, 0]);
+        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
+        info.extend_from_slice(&4u16.to_le_bytes());
+        info.extend_from_slice(&0u32.to_le_bytes());
+        info.push(8);
+        info.extend_from_slice(&entries);
+        (info, abbrev)
+    }
+
+    /// An image with more debugging entries than any driver's gives no
+    /// symbols: before, looking an address up kept a record of each.
+    #[test]
+    fn dwarf_of_millions_of_entries_gives_no_symbols() {
+        let (info, abbrev) = wide_dwarf(4);
+        assert!(symbols_of(&info, &abbrev).context.is_some(), "a narrow unit was refused");
+        let (info, abbrev) = wide_dwarf(MAX_ENTRIES + 1);
+        assert!(symbols_of(&info, &abbrev).context.is_none(), "{} entries were taken", MAX_ENTRIES + 1);
+    }
+
+    /// A name from an image is cut short and shown without what would move
+    /// a terminal's cursor or retitle it.
+    #[test]
+    fn names_from_an_image_are_cut_short_and_escaped() {
+        assert_eq!(shown("run"), "run");
+        let hostile = format!("\x1b]0;owned\x07{}", "x".repeat(10_000));
+        let name = shown(&hostile);
+        assert!(!name.contains('\x1b') && !name.contains('\x07'), "{name}");
+        assert!(name.starts_with("\\u{1b}]0;owned\\u{7}"), "{name}");
+        assert!(name.chars().count() <= MAX_NAME * 10);
     }
 
     /// DWARF of one compile unit and one function covering 0x1000..0x2000,
