@@ -245,6 +245,26 @@ mod tests {
         assert!(return_addresses(&memory, 0xfff8, 0x8000..0x20000).is_empty());
     }
 
+    /// low_pc 0x1000 and a length of 0x1000 (abbreviations 1 to 3 below).
+    const RANGE: [u8; 16] = [0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0];
+
+    /// The entries of a compile unit (abbreviation 1) and a function
+    /// (abbreviation 2) in it, both over [`RANGE`], children to follow.
+    fn function_entries() -> Vec<u8> {
+        [&[1][..], &RANGE, &[2], &RANGE].concat()
+    }
+
+    /// A DWARF 4 unit of `entries`: its header (length, version,
+    /// abbreviations at 0, addresses of 8 bytes), then them.
+    fn unit(entries: &[u8]) -> Vec<u8> {
+        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
+        info.extend_from_slice(&4u16.to_le_bytes());
+        info.extend_from_slice(&0u32.to_le_bytes());
+        info.push(8);
+        info.extend_from_slice(entries);
+        info
+    }
+
     /// DWARF of one compile unit and one function covering 0x1000..0x2000,
     /// with `siblings` inlined calls side by side in it, each a byte (an
     /// entry with no attribute and no child).
@@ -256,22 +276,10 @@ mod tests {
             3, 0x1d, 0, 0, 0, //
             0,
         ];
-        let range = |entries: &mut Vec<u8>| {
-            entries.extend_from_slice(&0x1000u64.to_le_bytes());
-            entries.extend_from_slice(&0x1000u64.to_le_bytes());
-        };
-        let mut entries = vec![1];
-        range(&mut entries);
-        entries.push(2);
-        range(&mut entries);
+        let mut entries = function_entries();
         entries.extend(std::iter::repeat_n(3, siblings));
         entries.extend([0, 0]);
-        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
-        info.extend_from_slice(&4u16.to_le_bytes());
-        info.extend_from_slice(&0u32.to_le_bytes());
-        info.push(8);
-        info.extend_from_slice(&entries);
-        (info, abbrev)
+        (unit(&entries), abbrev)
     }
 
     /// An image with more debugging entries than any driver's gives no
@@ -308,27 +316,13 @@ mod tests {
             3, 0x1d, CHILDREN, 0x11, 0x01, 0x12, 0x07, 0, 0, //
             0,
         ];
-        let range = |entries: &mut Vec<u8>| {
-            entries.extend_from_slice(&0x1000u64.to_le_bytes());
-            entries.extend_from_slice(&0x1000u64.to_le_bytes());
-        };
-        let mut entries = vec![1];
-        range(&mut entries);
-        entries.push(2);
-        range(&mut entries);
+        let mut entries = function_entries();
         for _ in 0..depth {
             entries.push(3);
-            range(&mut entries);
+            entries.extend_from_slice(&RANGE);
         }
         entries.extend(std::iter::repeat_n(0, depth + 2));
-        // A DWARF 4 unit header: length, version, abbreviations at 0,
-        // addresses of 8 bytes.
-        let mut info = ((2 + 4 + 1 + entries.len()) as u32).to_le_bytes().to_vec();
-        info.extend_from_slice(&4u16.to_le_bytes());
-        info.extend_from_slice(&0u32.to_le_bytes());
-        info.push(8);
-        info.extend_from_slice(&entries);
-        (info, abbrev)
+        (unit(&entries), abbrev)
     }
 
     fn symbols_of<'a>(info: &'a [u8], abbrev: &'a [u8]) -> Symbols<'a> {

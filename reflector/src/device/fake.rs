@@ -533,14 +533,7 @@ impl<'a> Client<'a> {
 
     /// Chains the device completed since the last call (head, length).
     pub fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let used = self.queue.used();
-        let mut completed = Vec::new();
-        while self.used_seen != used.idx().load() {
-            let element = used.ring().ref_at(usize::from(self.used_seen % QUEUE_SIZE)).unwrap().load();
-            completed.push((element.id() as u16, element.len()));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        completed
+        take_used(&self.queue, &mut self.used_seen)
     }
 
     /// Runs the worker loop vhost-user-backend would run on `device`'s
@@ -641,13 +634,19 @@ impl SecondQueue<'_> {
 
     /// Chains the device completed since the last call (head, length).
     pub fn take_used(&mut self) -> Vec<(u16, u32)> {
-        let used = self.queue.used();
-        let mut completed = Vec::new();
-        while self.used_seen != used.idx().load() {
-            let element = used.ring().ref_at(usize::from(self.used_seen % QUEUE_SIZE)).unwrap().load();
-            completed.push((element.id() as u16, element.len()));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        completed
+        take_used(&self.queue, &mut self.used_seen)
     }
+}
+
+/// The chains the device put in `queue`'s used ring since `used_seen`
+/// (head, length), which moves past them.
+fn take_used(queue: &MockSplitQueue<'_, GuestMemoryMmap>, used_seen: &mut u16) -> Vec<(u16, u32)> {
+    let used = queue.used();
+    let mut completed = Vec::new();
+    while *used_seen != used.idx().load() {
+        let element = used.ring().ref_at(usize::from(*used_seen % QUEUE_SIZE)).unwrap().load();
+        completed.push((element.id() as u16, element.len()));
+        *used_seen = used_seen.wrapping_add(1);
+    }
+    completed
 }
