@@ -268,6 +268,14 @@ fn main() {
         let parent = libc::getppid();
         note("own pid", json!(me));
         note("parent", json!(parent));
+        // Its process group and session: its own, so that kill(0) and the
+        // like (which name the caller's group, whatever its PID namespace)
+        // reach it alone (0: a group led from outside its namespace).
+        note("process group", json!(libc::getpgrp()));
+        note("session", json!(libc::getsid(0)));
+        note("death signal cleared", json!(outcome(libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) as libc::c_long)));
+        let mut context: libc::c_ulong = 0;
+        note("io_setup", json!(outcome(libc::syscall(libc::SYS_io_setup, 65536u32, &raw mut context))));
         note("ptrace parent", json!(outcome(libc::ptrace(libc::PTRACE_ATTACH, parent, 0, 0))));
         if parent > 0 {
             note("signal parent", json!(outcome(libc::kill(parent, 0) as libc::c_long)));

@@ -842,6 +842,15 @@ fn read_until(from: &mut (impl Read + AsRawFd), limit: usize, deadline: Instant,
 /// this much of it, and reads it within [`REPORT_READ_RATE`].
 pub const REPORT_LIMIT: usize = 64 * 1024;
 
+/// The most of a report kept, once escaped: it is logged at each of a
+/// driver VM's deaths, up to three times, and a compromised vmm that wrote
+/// 64 KiB of control characters (six bytes each escaped) dying once a
+/// second added about 1 MiB a second to the log every device shares (an
+/// adversarial review found it). An honest report (a 4 KiB message, its
+/// location and 32 frames) is well under it; a cut one is no JSON, and
+/// names no crash site.
+pub const REPORT_LINE_MOST: usize = 16 * 1024;
+
 /// How fast a vmm's standard output is read, in bytes a second, after a
 /// burst of [`REPORT_LIMIT`]: an honest vmm writes one line, at its end. A
 /// compromised one writing without pause then waits on its full pipe, in
@@ -996,11 +1005,22 @@ impl Tail {
     }
 
     /// Its last non-empty line (lossily decoded, trimmed), every character
-    /// that is not printable escaped ([`crate::untrusted_text::escape`]).
+    /// that is not printable escaped ([`crate::untrusted_text::escape`]),
+    /// cut at [`REPORT_LINE_MOST`] bytes.
     fn last_line(&self) -> String {
         let kept = &self.bytes[self.bytes.len().saturating_sub(self.limit)..];
         let text = String::from_utf8_lossy(kept);
-        crate::untrusted_text::escape(text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or(""))
+        let mut line = crate::untrusted_text::escape(
+            text.lines().rev().map(str::trim).find(|line| !line.is_empty()).unwrap_or(""),
+        );
+        if line.len() > REPORT_LINE_MOST {
+            let mut end = REPORT_LINE_MOST;
+            while !line.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.truncate(end);
+        }
+        line
     }
 }
 
@@ -1111,6 +1131,17 @@ mod tests {
     use std::io::Read;
 
     use super::Tail;
+
+    /// A report line of control characters, each escaped in six bytes, is
+    /// cut at [`super::REPORT_LINE_MOST`].
+    #[test]
+    fn a_report_of_control_characters_is_cut_once_escaped() {
+        let flood = vec![1u8; 64 * 1024];
+        let line = last_line(&flood[..], 64 * 1024);
+        assert!(line.len() <= super::REPORT_LINE_MOST, "{} bytes kept", line.len());
+        assert!(line.starts_with("\\u0001"), "{}", &line[..12]);
+        assert_eq!(last_line(&b"{\"exit\":\"panic\"}\n"[..], 64 * 1024), "{\"exit\":\"panic\"}");
+    }
 
     /// The last line of what `output` gives until its end, from at most its
     /// last `limit` bytes (lossily decoded, trimmed); memory stays within

@@ -80,6 +80,19 @@ fn a_hostile_vmm_cannot_escape_its_jail() {
     // and no other process id names anything it could signal or trace.
     assert_eq!(report["own pid"], 1, "{report}");
     assert_eq!(report["parent"], 0, "{report}");
+    // A session and process group of its own: kill(0, ...) reaches it
+    // alone, not the reflector's group (before, every vmm, keeper and
+    // QEMU was in it, and with --user one kill(0, SIGKILL) ended them all,
+    // an adversarial review found).
+    assert_eq!(
+        (&report["process group"], &report["session"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{report}"
+    );
+    // Its death signal stays (it dies with its keeper), and it takes no
+    // native AIO context from the host's limit.
+    expect("death signal cleared", "EPERM");
+    expect("io_setup", "EPERM");
     assert_eq!(report["other processes visible"], serde_json::json!([]), "{report}");
     expect("ptrace parent", "EPERM");
     expect("io_uring_setup", "EPERM");

@@ -258,6 +258,13 @@ impl Jail {
             say(&[b"reflector: driver VM jail: the keeper could not map the user namespace's ids\n"]);
             return Err(std::io::Error::from_raw_os_error(libc::EPERM));
         }
+        // A session and process group of its own: kill(0, ...),
+        // setpriority(PRIO_PGRP, 0, ...) and the like name the caller's
+        // group whatever its PID namespace, and the reflector's group was
+        // the vmm's (and QEMU's): with --user, one kill(0, SIGKILL) ended
+        // the reflector and every device (an adversarial review found it).
+        // SAFETY: setsid(2); this process, just cloned, leads no group.
+        step(unsafe { libc::setsid() }, b"starting a session of its own")?;
         // SAFETY: prctl(2) with constant arguments (the vmm clears it
         // again for itself after its exec).
         step(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, b"making the process undumpable")?;

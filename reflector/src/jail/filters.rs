@@ -84,6 +84,14 @@ pub fn io_uring_refused() -> Option<std::io::Error> {
 const JAIL_ONLY: &[libc::c_long] =
     &[libc::SYS_unshare, libc::SYS_setns, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root, libc::SYS_chroot];
 
+/// Native AIO, which no jailed process uses (QEMU is run with its thread
+/// pool or io_uring): `io_setup` takes contexts from a host-wide limit
+/// (`fs.aio-max-nr`, 65,536 events), so one call of a compromised vmm or
+/// QEMU left none to the host, a reflector's start included, for as long
+/// as it lived (an adversarial review found it).
+const NATIVE_AIO: &[libc::c_long] =
+    &[libc::SYS_io_setup, libc::SYS_io_submit, libc::SYS_io_getevents, libc::SYS_io_cancel, libc::SYS_io_destroy];
+
 /// What a vmm may not do besides [`JAIL_ONLY`]: change a file's size. Its
 /// windows' files are shared with the reflector (the channel, a memory
 /// disk's image) and a shrunk one would make the reflector's next touch
@@ -213,8 +221,14 @@ fn outer_deny_list(io_uring: IoUring, inmate: Inmate) -> Result<DenyList, JailEr
         Inmate::Vmm => VMM_ONLY,
         Inmate::DeviceModel => &[],
     };
-    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
-        NEVER.iter().chain(JAIL_ONLY).chain(io_uring.denied()).chain(fixed).map(|call| (*call, Vec::new())).collect();
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = NEVER
+        .iter()
+        .chain(JAIL_ONLY)
+        .chain(NATIVE_AIO)
+        .chain(io_uring.denied())
+        .chain(fixed)
+        .map(|call| (*call, Vec::new()))
+        .collect();
     let namespaces = [
         libc::CLONE_NEWNS,
         libc::CLONE_NEWUSER,
@@ -254,6 +268,18 @@ fn outer_deny_list(io_uring: IoUring, inmate: Inmate) -> Result<DenyList, JailEr
             .map_err(|e| fail(&e))?;
         rules.insert(call, vec![SeccompRule::new(vec![not_unix]).map_err(|e| fail(&e))?]);
     }
+    // prctl(PR_SET_PDEATHSIG, sig) for any signal but SIGKILL: the jail's
+    // last step sets SIGKILL, so that a jailed process dies with its
+    // keeper, which is all that some of its ends wait for (a `--check` that
+    // does not end, a QEMU killed while stuck); cleared, a compromised
+    // process outlived them, holding its windows and images (an
+    // adversarial review found it). The vmm's address-space holder sets
+    // SIGKILL too.
+    let pdeathsig = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::PR_SET_PDEATHSIG as u64)
+        .map_err(|e| fail(&e))?;
+    let not_sigkill = SeccompCondition::new(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Ne, libc::SIGKILL as u64)
+        .map_err(|e| fail(&e))?;
+    rules.insert(libc::SYS_prctl, vec![SeccompRule::new(vec![pdeathsig, not_sigkill]).map_err(|e| fail(&e))?]);
     // madvise(addr, len, MADV_REMOVE): a hole punched through a shared
     // mapping, as `fallocate` punches one, past the seals: in memory an
     // IOMMU pinned (a VFIO function's bounce slots) the host would get
@@ -514,6 +540,39 @@ mod tests {
             _ => std::io::Error::last_os_error().raw_os_error().unwrap_or(-1),
         };
         assert_eq!(errno_under(vmm(), fork), libc::EPERM);
+    }
+
+    /// A jailed process keeps the parent-death signal the jail set
+    /// (SIGKILL), and takes no native AIO context from the host's limit.
+    #[test]
+    fn an_inmate_keeps_its_death_signal_and_takes_no_aio_context() {
+        let set_death_signal = |signal: libc::c_ulong| {
+            move || {
+                // SAFETY: prctl(2) PR_SET_PDEATHSIG on the test's own
+                // thread, a plain value.
+                errno_of(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal, 0, 0, 0) } as libc::c_long)
+            }
+        };
+        let io_setup = || {
+            let mut context: libc::c_ulong = 0;
+            // SAFETY: io_setup(2) into a local context id; a context made
+            // is destroyed at once.
+            let made = unsafe { libc::syscall(libc::SYS_io_setup, 1u32, &raw mut context) };
+            if made == 0 {
+                // SAFETY: io_destroy(2) of the context just made.
+                unsafe { libc::syscall(libc::SYS_io_destroy, context) };
+            }
+            errno_of(made)
+        };
+        for inmate in [Inmate::Vmm, Inmate::DeviceModel] {
+            let filter = || Some(outer_filter(IoUring::Denied, inmate).unwrap());
+            assert_eq!(errno_under(filter(), set_death_signal(0)), libc::EPERM, "{inmate:?}: cleared");
+            assert_eq!(errno_under(filter(), set_death_signal(libc::SIGTERM as _)), libc::EPERM, "{inmate:?}");
+            assert_eq!(errno_under(filter(), set_death_signal(libc::SIGKILL as _)), 0, "{inmate:?}: SIGKILL");
+            assert_eq!(errno_under(filter(), io_setup), libc::EPERM, "{inmate:?}: io_setup");
+        }
+        assert_eq!(errno_under(None, set_death_signal(0)), 0);
+        assert_eq!(errno_under(None, io_setup), 0);
     }
 
     #[test]
