@@ -73,6 +73,20 @@ fn a_socket_path_naming_a_file_never_deletes_it() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"the only copy");
 }
 
+/// A control socket on a device's socket path, however spelled, is
+/// refused before anything starts: before, it was refused once every
+/// device had started, as served by "another process".
+#[test]
+fn a_control_socket_on_a_devices_path_is_refused_at_once() {
+    let scratch = Scratch::new("refuse-control");
+    let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
+    let mut args = blk(&socket, &image, ",size=1M");
+    args.extend(["--control".into(), scratch.join(".").join("d.sock").display().to_string()]);
+    let stderr = refused(&args);
+    assert!(stderr.contains("socket too"), "{stderr}");
+    assert!(!std::fs::exists(&image).unwrap(), "a device started: its image was made");
+}
+
 #[test]
 fn a_socket_that_cannot_be_bound_fails_the_start() {
     let scratch = Scratch::new("refuse-bind");
