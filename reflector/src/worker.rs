@@ -145,22 +145,47 @@ pub fn queue_enabled(vring: &ClientVring) -> bool {
     state.get_queue().ready() && state.is_enabled()
 }
 
-/// Most chains one queue event takes from a queue: a queue's worth. A
+/// What one queue event may still take from a queue: a queue's worth. A
 /// client whose chains are completed as they are taken (malformed, or
 /// discarded) is held back by nothing else, and publishing as fast as the
 /// worker pops (another vCPU raising the avail index) kept one event going
 /// for ever: the device held, its worker and its other events (answers,
-/// watches, a hang) waiting (an adversarial review found it). Past it the
-/// event ends and [`come_back_to`] has the worker return to the queue
-/// after the events waiting.
-pub fn chains_per_event(vring: &ClientVring) -> usize {
-    usize::from(vring.get_ref().get_queue().size())
+/// watches, a hang) waiting (an adversarial review found it). Once it is
+/// spent the event ends, and [`come_back_to`] has the worker return to the
+/// queue after the events waiting.
+pub struct ChainBudget(usize);
+
+impl ChainBudget {
+    /// A queue's worth of `vring`.
+    pub fn of(vring: &ClientVring) -> Self {
+        ChainBudget(usize::from(vring.get_ref().get_queue().size()))
+    }
+
+    /// How many more chains the event may take.
+    pub fn left(&self) -> usize {
+        self.0
+    }
+
+    /// Counts `chains` taken.
+    pub fn took(&mut self, chains: usize) {
+        self.0 = self.0.saturating_sub(chains);
+    }
+
+    /// Whether it is spent; if so, the worker comes back to `vring` after
+    /// the events waiting ([`come_back_to`]).
+    pub fn spent(&self, vring: &ClientVring) -> bool {
+        let spent = self.0 == 0;
+        if spent {
+            come_back_to(vring);
+        }
+        spent
+    }
 }
 
 /// Has the worker handle `vring`'s queue again after the events waiting:
 /// a kick of the device's own, added to the queue's kick eventfd without
 /// ever waiting (the client shares it: [`crate::client_vring::notify_client`]).
-pub fn come_back_to(vring: &ClientVring) {
+fn come_back_to(vring: &ClientVring) {
     if let Some(kick) = vring.get_ref().get_kick() {
         // Not logged: a client can make it fail at will (a kick that is
         // not an eventfd), and only its own chains then wait, for its

@@ -668,11 +668,11 @@ impl DeviceKind for Blk {
             tracing::debug!(device = %core.name, "queue kicked before the client's memory table arrived");
             return Ok(());
         };
-        // A queue's worth an event (`worker::chains_per_event`), and so a
-        // pass: a client that publishes as fast as the worker pops cannot
-        // grow the list without bound, nor keep the event going with
-        // chains completed as they are taken (malformed ones).
-        let mut budget = crate::worker::chains_per_event(vring);
+        // A queue's worth an event (`worker::ChainBudget`), and so a pass:
+        // a client that publishes as fast as the worker pops cannot grow
+        // the list without bound, nor keep the event going with chains
+        // completed as they are taken (malformed ones).
+        let mut budget = crate::worker::ChainBudget::of(vring);
         for pass in 0.. {
             // What an earlier pass sent goes out (unpublished, the driver
             // would be blamed for it); it completes into nothing once the
@@ -687,14 +687,14 @@ impl DeviceKind for Blk {
                 let mut state = vring.get_mut();
                 let queue = state.get_queue_mut();
                 let mut chains = Vec::new();
-                while chains.len() < budget {
+                while chains.len() < budget.left() {
                     let Some(chain) = queue.pop_descriptor_chain(memory.clone()) else { break };
                     let head = chain.head_index();
                     chains.push((head, marshal::chain_segments(chain, SEG_MAX as usize + 2)));
                 }
                 chains
             };
-            budget -= chains.len();
+            budget.took(chains.len());
             tracing::trace!(device = %core.name, chains = chains.len(), "queue processed");
             if pass > 0 && chains.is_empty() {
                 core.stuck_pass(vring);
@@ -725,8 +725,7 @@ impl DeviceKind for Blk {
                     }
                 }
             }
-            if budget == 0 {
-                crate::worker::come_back_to(vring);
+            if budget.spent(vring) {
                 break;
             }
             if !core.event_idx || !core.rearm_client(vring, &memory) {

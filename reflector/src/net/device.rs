@@ -110,7 +110,7 @@ impl Net {
     /// Takes the client's transmit chains while TX slots are free (or drops
     /// them while the device has failed, or discards them while the client
     /// has the queue disabled); a queue's worth at most
-    /// ([`crate::worker::chains_per_event`]).
+    /// ([`crate::worker::ChainBudget`]).
     fn process_tx(&mut self, core: &mut DeviceCore, tx: &ClientVring) -> std::io::Result<()> {
         let Some(memory) = core.memory.clone() else { return Ok(()) };
         if !tx.get_ref().get_queue().ready() {
@@ -121,7 +121,7 @@ impl Net {
         let enabled = crate::worker::queue_enabled(tx);
         let takes = |net: &Net, core: &DeviceCore| !enabled || net.can_take_tx(core);
         let mut sent = false;
-        let mut budget = crate::worker::chains_per_event(tx);
+        let mut budget = crate::worker::ChainBudget::of(tx);
         for pass in 0.. {
             // What an earlier pass sent goes out (unpublished, the driver
             // would be blamed for it).
@@ -132,13 +132,9 @@ impl Net {
                 break;
             }
             let mut taken = 0;
-            while takes(self, core) {
-                if budget == 0 {
-                    crate::worker::come_back_to(tx);
-                    break;
-                }
+            while takes(self, core) && budget.left() > 0 {
                 let Some((head, segments)) = pop_chain(tx, &memory) else { break };
-                budget -= 1;
+                budget.took(1);
                 if enabled {
                     sent |= self.transmit(core, &memory, head, segments.as_deref());
                 } else {
@@ -147,7 +143,7 @@ impl Net {
                 core.add_used(tx, &memory, head, 0);
                 taken += 1;
             }
-            if budget == 0 {
+            if budget.spent(tx) {
                 break;
             }
             if pass > 0 && taken == 0 && takes(self, core) {
@@ -229,7 +225,7 @@ impl Net {
         if !crate::worker::queue_enabled(rx) {
             return Ok(());
         }
-        let mut budget = crate::worker::chains_per_event(rx);
+        let mut budget = crate::worker::ChainBudget::of(rx);
         for pass in 0.. {
             if !core.queue_servable(rx, &memory) {
                 return Ok(());
@@ -238,13 +234,9 @@ impl Net {
                 break;
             }
             let mut taken = 0;
-            loop {
-                if budget == 0 {
-                    crate::worker::come_back_to(rx);
-                    break;
-                }
+            while budget.left() > 0 {
                 let Some((head, segments)) = pop_chain(rx, &memory) else { break };
-                budget -= 1;
+                budget.took(1);
                 taken += 1;
                 if exceeds_queue(rx, self.rx_buffers.len()) {
                     core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
@@ -260,7 +252,7 @@ impl Net {
                     }
                 }
             }
-            if budget == 0 {
+            if budget.spent(rx) {
                 break;
             }
             if pass > 0 && taken == 0 {
