@@ -881,6 +881,12 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
 }
 
 impl Config {
+    /// Each device's name and socket path, block devices first.
+    pub fn device_sockets(&self) -> impl Iterator<Item = (&str, &Path)> {
+        let blk = self.blk.iter().map(|b| (b.name.as_str(), b.socket.as_path()));
+        blk.chain(self.net.iter().map(|n| (n.name.as_str(), n.socket.as_path())))
+    }
+
     /// Checks what no single device can: unique names and sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.blk.is_empty() && self.net.is_empty() {
@@ -913,12 +919,7 @@ impl Config {
         // (a 4 MiB file) took minutes of comparisons before its error.
         let mut names = std::collections::HashSet::new();
         let mut sockets = std::collections::HashSet::new();
-        let devices = self
-            .blk
-            .iter()
-            .map(|b| (b.name.as_str(), b.socket.as_path()))
-            .chain(self.net.iter().map(|n| (n.name.as_str(), n.socket.as_path())));
-        for (name, socket) in devices {
+        for (name, socket) in self.device_sockets() {
             if !names.insert(name) {
                 return Err(ConfigError(format!("two devices are named {name:?}")));
             }

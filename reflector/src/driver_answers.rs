@@ -195,9 +195,15 @@ impl WrittenSums {
 
     /// Forgets the sectors `sector..sector + count` (a write of them starts).
     pub fn forget(&mut self, sector: u64, count: usize) {
+        let sectors = self.within(sector, count);
+        self.sums[sectors].fill(0);
+    }
+
+    /// The sectors `sector..sector + count` of the medium, as indices of
+    /// [`WrittenSums::sums`] (what lies past its end left out).
+    fn within(&self, sector: u64, count: usize) -> std::ops::Range<usize> {
         let start = (sector as usize).min(self.sums.len());
-        let end = start.saturating_add(count).min(self.sums.len());
-        self.sums[start..end].fill(0);
+        start..start.saturating_add(count).min(self.sums.len())
     }
 
     /// Marks the sectors `sector..sector + count` whose checksums are known
@@ -210,9 +216,8 @@ impl WrittenSums {
     /// the device: an adversarial review found it); a write brings them
     /// back. Never their data: that is not what was written.
     pub fn mark_lost(&mut self, sector: u64, count: usize) {
-        let start = (sector as usize).min(self.sums.len());
-        let end = start.saturating_add(count).min(self.sums.len());
-        for sum in &mut self.sums[start..end] {
+        let sectors = self.within(sector, count);
+        for sum in &mut self.sums[sectors] {
             if *sum != 0 {
                 *sum = LOST;
             }
@@ -221,9 +226,7 @@ impl WrittenSums {
 
     /// Whether any of the sectors `sector..sector + count` is lost.
     pub fn lost(&self, sector: u64, count: usize) -> bool {
-        let start = (sector as usize).min(self.sums.len());
-        let end = start.saturating_add(count).min(self.sums.len());
-        self.sums[start..end].contains(&LOST)
+        self.sums[self.within(sector, count)].contains(&LOST)
     }
 
     /// Records the checksums of a completed write at `sector`, except for

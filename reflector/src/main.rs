@@ -440,9 +440,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, String> {
     // only once every device had started, as served by "another process".
     if let Some(control) = &args.control {
         let key = config::same_file_key(control);
-        let sockets =
-            config.blk.iter().map(|b| (&b.name, &b.socket)).chain(config.net.iter().map(|n| (&n.name, &n.socket)));
-        for (name, socket) in sockets {
+        for (name, socket) in config.device_sockets() {
             if config::same_file_key(socket) == key {
                 return Err(format!(
                     "--control {} is device {name:?}'s socket too: give the control socket a path of its own",
