@@ -640,10 +640,7 @@ fn answer_client(stream: &UnixStream, targets: &[ControlTarget]) {
 /// allowed it). Whether it was all written.
 fn write_within(stream: &UnixStream, mut bytes: &[u8], deadline: std::time::Instant) -> bool {
     while !bytes.is_empty() {
-        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero())
-        else {
-            return false;
-        };
+        let Some(left) = time_left(deadline) else { return false };
         if stream.set_write_timeout(Some(left)).is_err() {
             return false;
         }
@@ -657,6 +654,11 @@ fn write_within(stream: &UnixStream, mut bytes: &[u8], deadline: std::time::Inst
     true
 }
 
+/// What is left of the time until `deadline`; None once it has passed.
+fn time_left(deadline: std::time::Instant) -> Option<Duration> {
+    deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero())
+}
+
 /// The request line: up to its newline, the end of the stream or
 /// [`MAX_LINE`] bytes, whichever comes first; None once `deadline` passes
 /// or the stream fails.
@@ -664,7 +666,7 @@ fn read_request(stream: &UnixStream, deadline: std::time::Instant) -> Option<Str
     let mut line = Vec::new();
     let mut chunk = [0u8; 512];
     while !line.contains(&b'\n') && (line.len() as u64) < MAX_LINE {
-        let left = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero())?;
+        let left = time_left(deadline)?;
         stream.set_read_timeout(Some(left)).ok()?;
         let want = chunk.len().min((MAX_LINE as usize).saturating_sub(line.len()));
         match (&*stream).read(&mut chunk[..want]) {
@@ -744,7 +746,6 @@ fn accept_clients(listener: &std::os::unix::net::UnixListener, targets: &Arc<Vec
 pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| format!("cannot reach the reflector's control socket {}: {e}", path.display()))?;
-    let _ = stream.set_read_timeout(Some(ANSWER_WAIT));
     let _ = stream.set_write_timeout(Some(ANSWER_WAIT));
     let failed = |what: &str, error: std::io::Error| {
         let error = match error.kind() {
@@ -768,8 +769,9 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
     let mut reply = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
-        let left = deadline.checked_duration_since(std::time::Instant::now()).filter(|left| !left.is_zero());
-        let Some(left) = left else { return Err(failed("reading the answer", std::io::ErrorKind::TimedOut.into())) };
+        let Some(left) = time_left(deadline) else {
+            return Err(failed("reading the answer", std::io::ErrorKind::TimedOut.into()));
+        };
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut chunk) {
             Ok(0) => break,
