@@ -78,10 +78,7 @@ pub const STOP_AND_REPORT: u8 = b'w';
 struct Lifeline {
     stop: Arc<AtomicBool>,
     asked: Arc<AtomicBool>,
-    vcpu_thread: libc::pthread_t,
-    /// The vCPU thread said it ended ([`VcpuDone`]): it is joined after
-    /// that, and its `pthread_t` is then no thread's.
-    vcpu_finished: Arc<AtomicBool>,
+    vcpu: VcpuKick,
 }
 
 /// Reads the supervisor's lifeline (standard input), for a driver VM or a
@@ -106,7 +103,7 @@ impl MutEventSubscriber for Lifeline {
         let asked = read_lifeline(events.event_set().contains(EventSet::HANG_UP));
         if asked && !self.asked.swap(true, Ordering::AcqRel) {
             self.stop.store(true, Ordering::Release);
-            kick(self.vcpu_thread, &self.vcpu_finished);
+            self.vcpu.kick();
         }
     }
 
@@ -122,23 +119,29 @@ struct Watchdog {
     timer: TimerFd,
     stop: Arc<AtomicBool>,
     expired: Arc<AtomicBool>,
-    vcpu_thread: libc::pthread_t,
-    /// As [`Lifeline::vcpu_finished`].
-    vcpu_finished: Arc<AtomicBool>,
+    vcpu: VcpuKick,
 }
 
 /// Kicks the vCPU thread out of `KVM_RUN`, unless it said it ended: the
-/// event loop that runs this joins it once it has, and may run on after
-/// that (a halted guest waits for the watchdog), when its `pthread_t` is
-/// no thread's. Before, the watchdog of a guest that halted kicked the
-/// joined thread: undefined, and on musl (the production vmm) a SIGSEGV
-/// instead of the timeout's report (an adversarial review found it).
-fn kick(vcpu_thread: libc::pthread_t, vcpu_finished: &AtomicBool) {
-    if !vcpu_finished.load(Ordering::Acquire) {
-        // SAFETY: the thread has not said it ended, so it has not been
-        // joined (the event loop, on this thread, joins it only once
-        // `VcpuDone` saw it end): its pthread_t is valid.
-        unsafe { libc::pthread_kill(vcpu_thread, vcpu::kick_signal()) };
+/// event loop that runs the kick joins it once it has, and may run on
+/// after that (a halted guest waits for the watchdog), when its
+/// `pthread_t` is no thread's. Before, the watchdog of a guest that halted
+/// kicked the joined thread: undefined, and on musl (the production vmm) a
+/// SIGSEGV instead of the timeout's report (an adversarial review found it).
+struct VcpuKick {
+    thread: libc::pthread_t,
+    /// The vCPU thread said it ended ([`VcpuDone`]).
+    finished: Arc<AtomicBool>,
+}
+
+impl VcpuKick {
+    fn kick(&self) {
+        if !self.finished.load(Ordering::Acquire) {
+            // SAFETY: the thread has not said it ended, so it has not been
+            // joined (the event loop, on this thread, joins it only once
+            // `VcpuDone` saw it end): its pthread_t is valid.
+            unsafe { libc::pthread_kill(self.thread, vcpu::kick_signal()) };
+        }
     }
 }
 
@@ -147,7 +150,7 @@ impl MutEventSubscriber for Watchdog {
         let _ = self.timer.wait();
         self.expired.store(true, Ordering::Release);
         self.stop.store(true, Ordering::Release);
-        kick(self.vcpu_thread, &self.vcpu_finished);
+        self.vcpu.kick();
         let _ = ops.remove(Events::new(&self.timer, EventSet::IN));
     }
 
@@ -305,8 +308,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
         manager.add_subscriber(Box::new(Lifeline {
             stop: stop.clone(),
             asked: asked.clone(),
-            vcpu_thread: pthread_of(&handle),
-            vcpu_finished: finished.clone(),
+            vcpu: VcpuKick { thread: pthread_of(&handle), finished: finished.clone() },
         }));
     }
     if let Some(timer) = watchdog_timer {
@@ -314,8 +316,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
             timer,
             stop: stop.clone(),
             expired: expired.clone(),
-            vcpu_thread: pthread_of(&handle),
-            vcpu_finished: finished.clone(),
+            vcpu: VcpuKick { thread: pthread_of(&handle), finished: finished.clone() },
         }));
     }
     while !finished.load(Ordering::Acquire) {

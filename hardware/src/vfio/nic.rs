@@ -64,7 +64,7 @@ fn reset(regs: &SharedMemory) -> bool {
     let ctrl = read(regs, reg::CTRL);
     regs.atomic_u32(reg::CTRL).store(ctrl | reg::CTRL_RST, Ordering::Release);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(100);
-    while read(regs, reg::CTRL) & reg::CTRL_RST != 0 {
+    while !reset_done(regs) {
         if std::time::Instant::now() > deadline {
             tracing::error!("the NIC did not finish its reset within 100 ms");
             return false;
@@ -72,6 +72,11 @@ fn reset(regs: &SharedMemory) -> bool {
         std::thread::yield_now();
     }
     true
+}
+
+/// CTRL.RST clear: the card's reset is done.
+fn reset_done(regs: &SharedMemory) -> bool {
+    read(regs, reg::CTRL) & reg::CTRL_RST == 0
 }
 
 fn read(regs: &SharedMemory, offset: usize) -> u32 {
@@ -88,7 +93,7 @@ impl PassedThrough for VfioNic {
     }
 
     fn device_stopped(regs: &SharedMemory) -> bool {
-        read(regs, reg::CTRL) & reg::CTRL_RST == 0
+        reset_done(regs)
     }
 }
 

@@ -116,8 +116,7 @@ impl Passthrough {
     /// working through a dead driver's commands would write its reads into
     /// slots the replay refilled, and VFIO writes are not read back.
     pub fn quiesce(&self, device_reset: impl FnOnce(&SharedMemory) -> bool) {
-        let mastering_off = self.function.set_bus_master(false);
-        if let Err(error) = &mastering_off {
+        if let Err(error) = self.function.set_bus_master(false) {
             tracing::error!(%error, "cannot turn the VFIO function's bus mastering off");
         }
         if let Err(error) = self.function.reset() {
