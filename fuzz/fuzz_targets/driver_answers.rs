@@ -44,7 +44,7 @@ fuzz_target!(|steps: Vec<Step>| {
     let memory = channel.memory().clone();
     let mut table = InFlightTable::default();
     let mut slots = NetSlots::default();
-    let mut written = WrittenSums::new(1 << 16);
+    let Ok(mut written) = WrittenSums::new(1 << 16) else { return };
     let writes = reflector::hw::write_ledger::WriteLedger::new(channel::SLOT_COUNT);
     for step in steps.into_iter().take(256) {
         match step {

@@ -504,6 +504,11 @@ fn check(config: &BlkConfig) -> Result<(), String> {
         // Only QEMU's block layer has an aio= to choose.
         return Err("aio= is for device=nvme (how QEMU reaches the image): other devices do their own I/O".into());
     }
+    if config.checksums {
+        if let Some(size) = config.size {
+            crate::driver_answers::WrittenSums::check_capacity(size / 512).map_err(|e| e.to_string())?;
+        }
+    }
     if config.dma == DmaMode::Direct {
         if config.device != DeviceHardware::Sim {
             // QEMU's models and VFIO functions reach memory through their own
@@ -1080,6 +1085,14 @@ mod tests {
         assert!(error.contains("line 4") && error.contains("key `dma`"), "{error}");
         let error = parse_file(&format!("{file}checksums = true\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("cannot be combined with checksums=on"), "{error}");
+    }
+
+    #[test]
+    fn checksums_of_a_medium_asked_too_large_are_refused() {
+        let error = parse_blk("socket=/s,image=/i,size=64T,checksums=on", 0).unwrap_err().to_string();
+        assert!(error.contains("checksums=on keeps 4 bytes per 512-byte sector"), "{error}");
+        assert!(parse_blk("socket=/s,image=/i,size=64T", 0).is_ok(), "without checksums: any size");
+        assert!(parse_blk("socket=/s,image=/i,size=128G,checksums=on", 0).is_ok(), "the most");
     }
 
     #[test]

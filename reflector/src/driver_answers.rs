@@ -182,10 +182,57 @@ const LOST: u32 = 2;
 /// Bytes per checksummed sector.
 const SECTOR: usize = 512;
 
+/// The most sectors whose checksums one device keeps: 128 GiB of medium,
+/// a 1 GiB table. The table lives in the reflector, which serves every
+/// device: a larger medium (a typo in `size=`, or a real disk behind VFIO)
+/// is refused when the device starts, not an allocation that aborts the
+/// reflector and every device with it.
+pub const MOST_CHECKSUMMED_SECTORS: u64 = 1 << 28;
+
+/// Why a device cannot keep checksums of its medium.
+#[derive(Debug, thiserror::Error)]
+pub enum ChecksumTableError {
+    #[error(
+        "checksums=on keeps 4 bytes per 512-byte sector, and this medium has {sectors} sectors ({} MiB of checksums); \
+         the most is {MOST_CHECKSUMMED_SECTORS} sectors (a 128 GiB medium): turn checksums off for this device or use a smaller one",
+        sectors.saturating_mul(4) >> 20
+    )]
+    /// Past [`MOST_CHECKSUMMED_SECTORS`].
+    TooLarge {
+        /// The medium's sectors.
+        sectors: u64,
+    },
+    #[error("cannot allocate the checksums of {sectors} sectors ({} MiB): {source}", sectors.saturating_mul(4) >> 20)]
+    /// Within the most, but the memory could not be had.
+    NoMemory {
+        /// The medium's sectors.
+        sectors: u64,
+        /// The allocator's refusal.
+        source: std::collections::TryReserveError,
+    },
+}
+
 impl WrittenSums {
-    /// No sector known yet, for a medium of `capacity_sectors`.
-    pub fn new(capacity_sectors: u64) -> Self {
-        WrittenSums { sums: vec![0; capacity_sectors as usize] }
+    /// No sector known yet, for a medium of `capacity_sectors`; refused past
+    /// [`MOST_CHECKSUMMED_SECTORS`] or where the memory cannot be had.
+    pub fn new(capacity_sectors: u64) -> Result<Self, ChecksumTableError> {
+        Self::check_capacity(capacity_sectors)?;
+        // In range: at most 2^28, which usize holds.
+        let count = capacity_sectors as usize;
+        let mut sums = Vec::new();
+        sums.try_reserve_exact(count)
+            .map_err(|source| ChecksumTableError::NoMemory { sectors: capacity_sectors, source })?;
+        sums.resize(count, 0);
+        Ok(WrittenSums { sums })
+    }
+
+    /// Whether a medium of `capacity_sectors` is small enough to keep the
+    /// checksums of (the configuration's check, before anything starts).
+    pub fn check_capacity(capacity_sectors: u64) -> Result<(), ChecksumTableError> {
+        if capacity_sectors > MOST_CHECKSUMMED_SECTORS {
+            return Err(ChecksumTableError::TooLarge { sectors: capacity_sectors });
+        }
+        Ok(())
     }
 
     /// The checksum of each 512-byte sector of `data`.
@@ -417,6 +464,18 @@ mod tests {
         assert!(check_evidence(3, write, &evidence(&[])).is_ok(), "nothing read back: not judged");
     }
 
+    /// The checksum table of a medium past the most is refused, not
+    /// allocated (before: `vec!` of 4 bytes a sector, which aborts the
+    /// reflector when the memory is not there).
+    #[test]
+    fn a_medium_past_the_most_gets_no_checksum_table() {
+        assert!(WrittenSums::new(MOST_CHECKSUMMED_SECTORS + 1).is_err());
+        let error = WrittenSums::new(u64::MAX).err().unwrap().to_string();
+        assert!(error.contains("turn checksums off"), "{error}");
+        assert!(WrittenSums::check_capacity(MOST_CHECKSUMMED_SECTORS).is_ok());
+        assert_eq!(WrittenSums::new(8).unwrap().sums.len(), 8);
+    }
+
     #[test]
     fn a_flush_must_reach_the_device_and_a_read_return_what_was_written() {
         let flush = Claim::Flushed { mark: 3 };
@@ -431,7 +490,7 @@ mod tests {
         );
         assert!(check_evidence(1, flush, &at(4, 4)).is_ok());
 
-        let mut written = WrittenSums::new(64);
+        let mut written = WrittenSums::new(64).unwrap();
         let data = vec![7u8; 4096];
         written.record(8, &WrittenSums::sums_of(&data), |_| false);
         let mut read = Claim::Read { sector: 8, verifiable: true };

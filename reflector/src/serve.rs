@@ -402,6 +402,10 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
             Arc::new(nvme)
         }
     };
+    // Before any driver VM starts: a medium too large to keep checksums
+    // of is refused with nothing started.
+    let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths, config.driver_keeps_no_data())
+        .map_err(|e| format!("{name}: {e}"))?;
     let channel_memory = channel.memory().clone();
     let setup = DriverSetup {
         vmm,
@@ -414,7 +418,6 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
     };
     let wiring = wire(name, channel, hardware.clone(), &setup)?;
     let recovery = recovery_config(config.hang_deadline, config.fault_budget, config.spare, config.poison_deaths);
-    let kind = Blk::new(hardware.clone(), config.checksums, config.poison_deaths, config.driver_keeps_no_data());
     let device = BlkDevice::new(name, kind, wiring, recovery).map_err(io(format!("{name}: starting the driver VM")))?;
     hardware.watch_failure(device.kill_trigger().map_err(io(format!("{name}: creating an eventfd")))?);
     let metrics = device.metrics();

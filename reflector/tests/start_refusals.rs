@@ -2,7 +2,8 @@
 //! never destroy or share a file: a socket path naming a regular file, a
 //! socket or image another reflector serves, a socket that cannot be bound,
 //! an unusable driver image or memory size, an image whose size differs
-//! from `size=`, a vmm binary whose start check never ends. Sockets are
+//! from `size=`, a medium too large to keep checksums of, a vmm binary
+//! whose start check never ends. Sockets are
 //! owner-only whatever the umask.
 //!
 //! Needs the workspace's binaries (`vmm`) and /dev/kvm for the cases that
@@ -163,6 +164,25 @@ fn an_image_of_another_size_than_asked_is_refused() {
     let stderr = refused(&blk(&scratch.join("d.sock"), &image, ",size=1M"));
     assert!(stderr.contains("exists with 4096 bytes"), "{stderr}");
     assert_eq!(std::fs::metadata(&image).unwrap().len(), 4096);
+}
+
+/// A medium too large for its sectors' checksums (an existing sparse image
+/// here; a typo in `size=` or a real disk behind VFIO alike) is refused by
+/// name before any driver VM starts: before, the table's allocation (4
+/// bytes a sector, 2 GiB for this 256 GiB image) aborted the reflector,
+/// every device with it, or took the host's memory.
+#[test]
+fn a_medium_too_large_to_keep_checksums_of_is_refused_by_name() {
+    let scratch = Scratch::new("refuse-checksums");
+    let image = scratch.join("d.img");
+    std::fs::File::create(&image).unwrap().set_len(256 << 30).unwrap();
+    let stderr = refused(&blk(&scratch.join("d.sock"), &image, ",checksums=on"));
+    assert!(stderr.contains("checksums=on keeps 4 bytes per 512-byte sector"), "{stderr}");
+    assert!(stderr.contains("turn checksums off"), "{stderr}");
+    // Asked for by size=: refused by the configuration's check.
+    let stderr = refused(&blk(&scratch.join("e.sock"), &scratch.join("e.img"), ",size=64T,checksums=on"));
+    assert!(stderr.contains("checksums=on"), "{stderr}");
+    assert!(!scratch.join("e.img").exists(), "an image was made for a refused device");
 }
 
 #[test]

@@ -91,9 +91,14 @@ impl Blk {
     /// (`null`, `inline-null`), so the device's record of its writes does
     /// not judge it; every other driver is judged by it from its first
     /// answer.
-    pub fn new(hardware: Arc<dyn BlockHardware>, checksums: bool, poison_deaths: u32, keeps_no_data: bool) -> Self {
+    pub fn new(
+        hardware: Arc<dyn BlockHardware>,
+        checksums: bool,
+        poison_deaths: u32,
+        keeps_no_data: bool,
+    ) -> Result<Self, crate::driver_answers::ChecksumTableError> {
         let (capacity_sectors, read_only) = (hardware.capacity_sectors(), hardware.read_only());
-        Blk {
+        Ok(Blk {
             limits: Limits {
                 capacity_sectors,
                 max_data: channel::SLOT_SIZE,
@@ -102,14 +107,14 @@ impl Blk {
             },
             config: virtio_blk_config(capacity_sectors),
             hardware: hardware.clone(),
-            written: checksums.then(|| WrittenSums::new(capacity_sectors)),
+            written: checksums.then(|| WrittenSums::new(capacity_sectors)).transpose()?,
             in_flight: InFlightTable::with_windows(hardware.dma_windows()),
             waiting: VecDeque::new(),
             poison_deaths,
             draws: std::hash::RandomState::new(),
             unreadable_medium: crate::hw::LogEvery::default(),
             keeps_no_data,
-        }
+        })
     }
 
     /// The device's record of the writes it did, if it keeps one and the

@@ -94,9 +94,13 @@ impl<'a> Bench<'a> {
             poll_window,
             memory_cap: None,
         };
-        let mut device =
-            Device::new("fake", Blk::new(disk.clone(), checksums, recovery.poison_deaths, false), wiring, recovery)
-                .unwrap();
+        let mut device = Device::new(
+            "fake",
+            Blk::new(disk.clone(), checksums, recovery.poison_deaths, false).unwrap(),
+            wiring,
+            recovery,
+        )
+        .unwrap();
         let client = Client::attach(memory, &mut device);
         let listeners = device.listeners();
         let metrics = device.metrics();
