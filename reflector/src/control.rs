@@ -744,13 +744,24 @@ fn accept_clients(listener: &std::os::unix::net::UnixListener, targets: &Arc<Vec
 /// Sends `request` to the control socket at `path`; returns the answer (an
 /// `Error` response becomes `Err`).
 pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
-    let mut stream = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the reflector's control socket {}: {e}", path.display()))?;
-    let _ = stream.set_write_timeout(Some(ANSWER_WAIT));
+    request_within(path, request, ANSWER_WAIT)
+}
+
+/// [`request`], the whole exchange (connecting included) within `wait`.
+fn request_within(path: &Path, request: &Request, wait: Duration) -> Result<Response, String> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut stream = crate::sockets::connect_within(path, wait).map_err(|e| {
+        let e = match e.raw_os_error() {
+            // The listener's backlog stayed full: nobody accepts there.
+            Some(libc::EAGAIN) => format!("no connection accepted within {}s", wait.as_secs_f64()),
+            _ => e.to_string(),
+        };
+        format!("cannot reach the reflector's control socket {}: {e}", path.display())
+    })?;
     let failed = |what: &str, error: std::io::Error| {
         let error = match error.kind() {
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                format!("no answer within {}s", ANSWER_WAIT.as_secs())
+                format!("no answer within {}s", wait.as_secs_f64())
             }
             _ => error.to_string(),
         };
@@ -760,7 +771,6 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, String> {
             path.display()
         )
     };
-    let deadline = std::time::Instant::now() + ANSWER_WAIT;
     let line = serde_json::to_string(request).map_err(|e| format!("encoding the request: {e}"))?;
     stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| failed("sending the request", e))?;
     let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -868,6 +878,40 @@ mod tests {
     /// its bytes reached the terminal raw (up to 64 MiB, escape sequences
     /// and all), and a silent one gave only "Resource temporarily
     /// unavailable".
+    /// A socket whose listener never accepts, its backlog full, is given
+    /// up on within the deadline (before, the connect itself blocked for
+    /// ever, before any timeout was set: a review found it).
+    #[test]
+    fn a_socket_that_never_accepts_is_given_up_on_within_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("control-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("full.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            match crate::sockets::connect_within(&path, Duration::from_micros(1)) {
+                Ok(stream) => queued.push(stream),
+                Err(error) => {
+                    assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
+                    break;
+                }
+            }
+            assert!(queued.len() < 100_000, "the backlog never filled");
+        }
+        let (done, finished) = std::sync::mpsc::channel();
+        let probe = path.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(request_within(&probe, &Request::Status, Duration::from_millis(200)));
+        });
+        let answer = finished.recv_timeout(Duration::from_secs(20)).expect("the request hung");
+        let error = answer.unwrap_err();
+        assert!(error.contains("no connection accepted within 0.2s"), "{error}");
+        assert!(error.contains(&path.display().to_string()), "{error}");
+        drop((queued, listener));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_foreign_socket_answers_an_error_naming_it_with_its_words_escaped() {
         let dir = std::env::temp_dir().join(format!("control-foreign-{}", std::process::id()));

@@ -230,6 +230,23 @@ fn served(path: &Path) -> std::io::Result<bool> {
 /// Connects a new non-blocking socket of `kind` to the socket at `path`:
 /// the socket, connected or queued, or why not (EAGAIN: a full backlog).
 fn connect_nonblocking(path: &Path, kind: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
+    connect(path, kind | libc::SOCK_NONBLOCK, None)
+}
+
+/// Connects a stream socket to the socket at `path`, waiting at most
+/// `wait` for room in its backlog (a listener that never accepts, whose
+/// backlog is full, held a plain connect for ever), and with `wait` as its
+/// write timeout from then on.
+pub fn connect_within(path: &Path, wait: std::time::Duration) -> std::io::Result<std::os::unix::net::UnixStream> {
+    // At least a microsecond: a zero timeout means none at all.
+    connect(path, libc::SOCK_STREAM, Some(wait.max(std::time::Duration::from_micros(1))))
+        .map(std::os::unix::net::UnixStream::from)
+}
+
+/// Connects a new socket of `kind` (flags included) to the socket at
+/// `path`; with a send timeout of `wait` set first, which bounds the
+/// kernel's wait for room in the listener's backlog (EAGAIN once passed).
+fn connect(path: &Path, kind: libc::c_int, wait: Option<std::time::Duration>) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::ffi::OsStrExt;
     let bytes = path.as_os_str().as_bytes();
     // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
@@ -242,12 +259,31 @@ fn connect_nonblocking(path: &Path, kind: libc::c_int) -> std::io::Result<std::o
         *to = *from as libc::c_char;
     }
     // SAFETY: socket(2) with constant arguments; checked below.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: a fresh descriptor this owns, closed when dropped.
     let socket = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if let Some(wait) = wait {
+        let timeout = libc::timeval {
+            tv_sec: wait.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_usec: libc::suseconds_t::from(wait.subsec_micros()),
+        };
+        // SAFETY: setsockopt(2) on our socket with a timeval of its size.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::addr_of!(timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
     if unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) } != 0 {
