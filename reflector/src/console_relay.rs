@@ -21,7 +21,9 @@
 //! driver VMs together (one after another, and a spare) may add [`RATE`]
 //! bytes a second to the log, in bursts of [`BURST`] (a start, a crash
 //! report): a budget per driver VM gave a driver that crashed at its
-//! start a fresh burst at each restart. A line
+//! start a fresh burst at each restart. All devices' together may add
+//! [`ALL_RATE`], in bursts of [`ALL_BURST`]: a journal limits the whole
+//! service, the reflector's own lines included. A line
 //! costing [`LINE_COST`] at least (a journal counts lines); what comes
 //! beyond is dropped, and a line says how much. The relay reads each pipe
 //! at most [`READ_RATE`] a second, and leaves it meanwhile, so that a vmm
@@ -54,8 +56,8 @@ pub fn stderr_for_jailed_vmm(name: &str) -> std::io::Result<Stdio> {
     Ok(Stdio::from(write))
 }
 
-/// The relay: its epoll set, the read ends it watches, and each device's
-/// log budget.
+/// The relay: its epoll set, the read ends it watches, and the log
+/// budgets.
 struct Relay {
     epoll: Epoll,
     /// Shared with the copy under way, so that `add` (a driver VM's
@@ -64,14 +66,65 @@ struct Relay {
     /// What each device's driver VMs may still add to the log, by the
     /// name they share: one entry a device, kept while the reflector runs.
     logs: Mutex<HashMap<String, LogBudget>>,
+    /// What all devices' driver VMs together may still add ([`ALL_RATE`],
+    /// [`ALL_BURST`]).
+    all: Arc<Mutex<TokenBucket>>,
 }
 
 /// What one device's driver VMs may still add to the log ([`RATE`],
-/// [`BURST`]), shared by their pipes.
-type LogBudget = Arc<Mutex<TokenBucket>>;
+/// [`BURST`]), shared by their pipes, and what all devices' may together.
+type LogBudget = Arc<LogShare>;
 
-fn log_budget() -> LogBudget {
-    Arc::new(Mutex::new(TokenBucket::full(RATE, BURST)))
+/// A device's share of the log, and the whole it is a share of: a line is
+/// logged only if both have its cost.
+struct LogShare {
+    device: Mutex<TokenBucket>,
+    all: Arc<Mutex<TokenBucket>>,
+}
+
+impl LogShare {
+    /// Both buckets, held for one read's lines.
+    fn lock(&self) -> Spending<'_> {
+        Spending {
+            device: self.device.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+            all: self.all.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+        }
+    }
+}
+
+/// A device's budget and the whole's, held.
+struct Spending<'a> {
+    device: std::sync::MutexGuard<'a, TokenBucket>,
+    all: std::sync::MutexGuard<'a, TokenBucket>,
+}
+
+impl Spending<'_> {
+    /// What a line may cost now.
+    fn tokens(&mut self) -> u64 {
+        self.device.tokens().min(self.all.tokens())
+    }
+
+    fn spend(&mut self, n: u64) {
+        self.device.spend(n);
+        self.all.spend(n);
+    }
+
+    /// Spends what the device has left (not the whole's: one device's
+    /// lines never take the others').
+    fn drain_device(&mut self) {
+        let left = self.device.tokens();
+        self.device.spend(left);
+    }
+}
+
+/// A device's budget, a share of `all`.
+fn log_budget(all: &Arc<Mutex<TokenBucket>>) -> LogBudget {
+    Arc::new(LogShare { device: Mutex::new(TokenBucket::full(RATE, BURST)), all: all.clone() })
+}
+
+/// What all devices' driver VMs may add together.
+fn all_budget() -> Arc<Mutex<TokenBucket>> {
+    Arc::new(Mutex::new(TokenBucket::full(ALL_RATE, ALL_BURST)))
 }
 
 /// One driver VM's output: its pipe, whose it is, and what it may still
@@ -91,16 +144,32 @@ impl Pipe {
 }
 
 /// Bytes a second one device's driver VMs may add to the log: a driver's
-/// console and the vmm's own lines are a few a second.
-pub const RATE: u64 = 64 * 1024;
+/// console and the vmm's own lines are a few a second (a start prints two,
+/// a crash report about forty). 64 lines a second at [`LINE_COST`].
+pub const RATE: u64 = 16 * 1024;
 
-/// Bytes one device's driver VMs may add at once above [`RATE`].
-pub const BURST: u64 = 1 << 20;
+/// Bytes one device's driver VMs may add at once above [`RATE`]: 1,024
+/// lines at [`LINE_COST`].
+pub const BURST: u64 = 256 * 1024;
+
+/// Bytes a second all devices' driver VMs together may add. A journal
+/// limits the reflector's whole service by lines (10,000 per 30 s by
+/// default), its own lines (faults, restarts) included, and one device's
+/// budget alone used to pass that (64 KiB a second and a 1 MiB burst:
+/// 11,776 lines in 30 s, a review found), as did any few devices' together.
+/// Now at most 2,880 lines in 30 s after a burst of 2,048 ([`ALL_BURST`]):
+/// half the journal's limit at most is the drivers', and a device may take
+/// at most two thirds of it.
+pub const ALL_RATE: u64 = 24 * 1024;
+
+/// Bytes all devices' driver VMs together may add at once above
+/// [`ALL_RATE`].
+pub const ALL_BURST: u64 = 512 * 1024;
 
 /// What a line costs of the log's budget at least, whatever its length: a
 /// journal limits a service by lines (10,000 per 30 s by default), and a
 /// driver printing empty lines had 70,000 of them in its burst alone (a
-/// review found it). 256 bytes: at [`RATE`], 256 lines a second.
+/// review found it).
 pub const LINE_COST: u64 = 256;
 
 /// Bytes a second the relay reads of one driver VM's output, logged or
@@ -133,11 +202,22 @@ struct Budget {
     /// The line under way was cut at [`MAX_LINE`]: the rest of it, up to
     /// its end, is dropped.
     cut: bool,
+    /// Lines escaped, logged or not: the relay's work a line.
+    #[cfg(test)]
+    escaped: u64,
 }
 
 impl Budget {
     fn new(log: LogBudget) -> Self {
-        Budget { log, reads: TokenBucket::full(READ_RATE, READ_RATE), dropped: 0, unfinished: Vec::new(), cut: false }
+        Budget {
+            log,
+            reads: TokenBucket::full(READ_RATE, READ_RATE),
+            dropped: 0,
+            unfinished: Vec::new(),
+            cut: false,
+            #[cfg(test)]
+            escaped: 0,
+        }
     }
 
     /// The lines `data` (just read) ends, after what earlier reads began,
@@ -146,18 +226,34 @@ impl Budget {
     /// text, its unprintable characters escaped; the others are dropped,
     /// whole. `ended`: its writers are gone, and a line begun is a line.
     fn lines(&mut self, data: &[u8], name: &str, ended: bool, out: &mut Vec<u8>) {
+        let share = self.log.clone();
+        let mut log = share.lock();
         let mut rest = data;
         while let Some(at) = rest.iter().position(|&byte| byte == b'\n') {
+            if log.tokens() < LINE_COST {
+                // No line fits: every line this read ends is dropped at
+                // once, with no work a line. Before, each went through
+                // escaping and the budget's clock first: a vmm writing
+                // newlines had the relay spend more than a core on lines
+                // it then dropped, the log's lock held meanwhile (a review
+                // found it).
+                let last = rest.iter().rposition(|&byte| byte == b'\n').unwrap_or(at);
+                self.dropped += (self.unfinished.len() + last + 1) as u64;
+                self.unfinished.clear();
+                self.cut = false;
+                rest = &rest[last + 1..];
+                break;
+            }
             let line = &rest[..at];
             rest = &rest[at + 1..];
             if std::mem::take(&mut self.cut) {
                 self.dropped += line.len() as u64 + 1;
             } else if self.unfinished.is_empty() {
-                self.line(line, name, out);
+                self.line(line, name, &mut log, out);
             } else {
                 let mut whole = std::mem::take(&mut self.unfinished);
                 whole.extend_from_slice(line);
-                self.line(&whole, name, out);
+                self.line(&whole, name, &mut log, out);
             }
         }
         if self.cut {
@@ -167,13 +263,13 @@ impl Budget {
             if self.unfinished.len() >= MAX_LINE {
                 // Passed on cut (`line` cuts it), the rest of it dropped.
                 let whole = std::mem::take(&mut self.unfinished);
-                self.line(&whole, name, out);
+                self.line(&whole, name, &mut log, out);
                 self.cut = !ended;
             }
         }
         if ended && !self.unfinished.is_empty() {
             let whole = std::mem::take(&mut self.unfinished);
-            self.line(&whole, name, out);
+            self.line(&whole, name, &mut log, out);
         }
     }
 
@@ -181,7 +277,7 @@ impl Budget {
     /// if it fits: charged what it adds to the log, escapes included (a
     /// control byte is six bytes escaped; charged its raw bytes, a line of
     /// them added six times the rate, a review found).
-    fn line(&mut self, line: &[u8], name: &str, out: &mut Vec<u8>) {
+    fn line(&mut self, line: &[u8], name: &str, log: &mut Spending<'_>, out: &mut Vec<u8>) {
         let line = match line.len().checked_sub(MAX_LINE) {
             Some(over) if over > 0 => {
                 self.dropped += over as u64;
@@ -189,6 +285,17 @@ impl Budget {
             }
             _ => line,
         };
+        let available = log.tokens();
+        // Escaping never shortens a line: one past the budget as it is is
+        // dropped unescaped.
+        if (line.len() as u64 + 1).max(LINE_COST) > available {
+            self.dropped += line.len() as u64 + 1;
+            return;
+        }
+        #[cfg(test)]
+        {
+            self.escaped += 1;
+        }
         let text = String::from_utf8_lossy(line);
         // The vmm names its own lines so; any other start is kept, behind
         // the name the relay knows (a line claiming another's name shows
@@ -196,9 +303,13 @@ impl Budget {
         let prefix = format!("[{name}] ");
         let text = crate::untrusted_text::escape(text.strip_prefix(prefix.as_str()).unwrap_or(&text));
         let cost = (text.len() as u64 + 1).max(LINE_COST);
-        let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cost > log.tokens() {
+        if cost > available {
             self.dropped += line.len() as u64 + 1;
+            // It fit as written, not escaped: its device's budget is spent
+            // on it all the same, so that escaping the next such line waits
+            // for the refill, and the relay's work on lines it drops is
+            // bounded by the device's rate.
+            log.drain_device();
             return;
         }
         log.spend(cost);
@@ -215,7 +326,8 @@ fn relay() -> std::io::Result<Arc<Relay>> {
     if let Some(relay) = &*started {
         return Ok(relay.clone());
     }
-    let relay = Arc::new(Relay { epoll: Epoll::new()?, pipes: Mutex::default(), logs: Mutex::default() });
+    let relay =
+        Arc::new(Relay { epoll: Epoll::new()?, pipes: Mutex::default(), logs: Mutex::default(), all: all_budget() });
     let running = relay.clone();
     std::thread::Builder::new().name("console-relay".into()).spawn(move || running.run())?;
     *started = Some(relay.clone());
@@ -230,7 +342,7 @@ impl Relay {
     /// The log budget of device `name`'s driver VMs.
     fn log_for(&self, name: &str) -> LogBudget {
         let mut logs = self.logs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        logs.entry(name.to_owned()).or_insert_with(log_budget).clone()
+        logs.entry(name.to_owned()).or_insert_with(|| log_budget(&self.all)).clone()
     }
 
     /// Watches `read`, driver VM `name`'s output, until its writers are
@@ -284,7 +396,9 @@ impl Relay {
             for event in &events[..ready] {
                 let fd = event.data() as RawFd;
                 let pipe = self.pipes().get(&fd).cloned();
-                let flow = pipe.map_or(Flow::Gone, |pipe| copy(&pipe, &mut buffer, &mut std::io::stderr().lock()));
+                // Standard error is locked for each write, not the turn:
+                // every thread's log lines go through it.
+                let flow = pipe.map_or(Flow::Gone, |pipe| copy(&pipe, &mut buffer, &mut std::io::stderr()));
                 match flow {
                     Flow::Open => {}
                     Flow::Pause(wait) => {
@@ -419,7 +533,7 @@ mod tests {
     /// A pipe of the test's own, non-blocking at its read end as the
     /// relay's are, and the relay's record of it.
     fn pipe() -> (Pipe, File) {
-        pipe_within(super::log_budget())
+        pipe_within(super::log_budget(&all_budget()))
     }
 
     /// As [`pipe`], its lines charged to `log`.
@@ -435,7 +549,8 @@ mod tests {
     /// another device's have their own.
     #[test]
     fn a_devices_driver_vms_share_one_log_budget() {
-        let relay = Relay { epoll: Epoll::new().unwrap(), pipes: Mutex::default(), logs: Mutex::default() };
+        let relay =
+            Relay { epoll: Epoll::new().unwrap(), pipes: Mutex::default(), logs: Mutex::default(), all: all_budget() };
         assert!(Arc::ptr_eq(&relay.log_for("disk0"), &relay.log_for("disk0")));
         assert!(!Arc::ptr_eq(&relay.log_for("disk0"), &relay.log_for("disk1")));
         // The first driver VM spends the burst; its successor, on the same
@@ -492,6 +607,81 @@ mod tests {
         let lines = String::from_utf8_lossy(&log).lines().filter(|line| *line == "[vm] ").count() as u64;
         assert!(lines <= allowed + 1, "{lines} lines logged, {allowed} allowed");
         assert!(lines >= BURST / 256 / 2, "the burst's lines were not logged: {lines}");
+    }
+
+    /// Copies all `pipe` gets until its writers are gone (never paused:
+    /// floods here are within the read budget's burst); returns the log.
+    fn drain(pipe: &Pipe) -> String {
+        let (mut buffer, mut log) = (vec![0u8; CHUNK], Vec::new());
+        loop {
+            match copy(pipe, &mut buffer, &mut log) {
+                Flow::Gone => return String::from_utf8(log).unwrap(),
+                Flow::Open => std::thread::yield_now(),
+                Flow::Pause(wait) => std::thread::sleep(wait),
+            }
+        }
+    }
+
+    /// Lines past the budget cost the relay no work a line: a flood of
+    /// empty lines has only those logged escaped, and lines of control
+    /// characters that fit as written but not escaped have a few escaped
+    /// a second. Before, every line of either was escaped and its budget's
+    /// clock read: a vmm writing newlines had the relay spend more than a
+    /// core on lines it dropped (a review found it).
+    #[test]
+    fn lines_past_the_budget_cost_the_relay_no_work_a_line() {
+        let (newlines, mut write) = pipe();
+        let started = std::time::Instant::now();
+        let flood = std::thread::spawn(move || write.write_all(&vec![b'\n'; 8 << 20]).unwrap());
+        let text = drain(&newlines);
+        flood.join().unwrap();
+        let logged = text.lines().filter(|line| *line == "[vm] ").count() as u64;
+        let escaped = newlines.budget.lock().unwrap().escaped;
+        let allowed = (BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000) / LINE_COST + 1;
+        assert!(logged >= BURST / LINE_COST / 2, "the burst's lines were not logged: {logged}");
+        assert!(escaped <= allowed, "{escaped} of 8,388,608 lines escaped, {logged} logged, {allowed} allowed");
+
+        let (controls, mut write) = pipe();
+        let started = std::time::Instant::now();
+        let mut line = vec![1u8; 4095];
+        line.push(b'\n');
+        let flood = std::thread::spawn(move || (0..2048).for_each(|_| write.write_all(&line).unwrap()));
+        let text = drain(&controls);
+        flood.join().unwrap();
+        let logged = text.lines().filter(|line| line.starts_with("[vm] \\u0001")).count() as u64;
+        let escaped = controls.budget.lock().unwrap().escaped;
+        // Each escaped and dropped line spends the device's budget: the
+        // next waits for a refill of a line's raw length.
+        let refills = started.elapsed().as_micros() as u64 * RATE / 1_000_000 / 4096 + 1;
+        assert!(logged >= 1, "no line logged");
+        assert!(escaped <= logged + refills + 1, "{escaped} of 2,048 lines escaped, {logged} logged");
+    }
+
+    /// All devices' driver VMs together add at most the whole's budget,
+    /// whatever each device's own allows (before, each device had its own
+    /// only, and one alone passed a journal's limit for the reflector's
+    /// whole service, its own lines included: a review found it).
+    #[test]
+    fn all_devices_together_add_at_most_the_wholes_budget() {
+        let all = all_budget();
+        let started = std::time::Instant::now();
+        let mut logged = 0;
+        for _ in 0..4 {
+            let (pipe, mut write) = pipe_within(log_budget(&all));
+            let writer = std::thread::spawn(move || {
+                let line = [b'x'; 1023];
+                for _ in 0..BURST / 1024 + 16 {
+                    write.write_all(&line).unwrap();
+                    write.write_all(b"\n").unwrap();
+                }
+            });
+            let text = drain(&pipe);
+            writer.join().unwrap();
+            logged += text.lines().filter(|line| line.starts_with("[vm] x")).count() as u64 * 1024;
+        }
+        let allowed = ALL_BURST + started.elapsed().as_micros() as u64 * ALL_RATE / 1_000_000;
+        assert!(logged <= allowed, "four devices logged {logged} bytes, the whole's budget {allowed}");
+        assert!(logged >= ALL_BURST / 2, "the whole's burst was not logged: {logged}");
     }
 
     /// The relay reads a flooding vmm's output no faster than its read
@@ -587,7 +777,7 @@ mod tests {
         // Six bytes a control byte went to the log, and were charged: what
         // is left of the burst is less by that (refilled meanwhile at most
         // a second's rate).
-        let left = pipe.budget.lock().unwrap().log.lock().unwrap().tokens();
+        let left = pipe.budget.lock().unwrap().log.lock().tokens();
         assert!(
             left <= BURST - 6 * MAX_LINE as u64 + RATE,
             "{left} of {BURST} left after {} bytes logged",

@@ -26,7 +26,8 @@ pub fn escape(text: &str) -> String {
         if printable(c) {
             escaped.push(c);
         } else {
-            escaped.push_str(&format!("\\u{:04x}", u32::from(c)));
+            // Into the string itself: no allocation a character.
+            let _ = std::fmt::Write::write_fmt(&mut escaped, format_args!("\\u{:04x}", u32::from(c)));
         }
     }
     escaped
