@@ -23,6 +23,7 @@ pub mod chaos;
 pub mod client_memory;
 pub mod client_vring;
 pub mod config;
+pub mod connection_pace;
 pub mod console_relay;
 pub mod control;
 pub mod device;

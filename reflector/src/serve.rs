@@ -495,6 +495,7 @@ where
 {
     let mut listener = Listener::from(listener);
     let mut accept_failures = crate::hw::LogEvery::default();
+    let mut pace = crate::connection_pace::ConnectionPace::default();
     tracing::info!(device = %name, "serving {protocol}");
     loop {
         // Out of descriptors or memory, say, at any step up to the accept:
@@ -523,17 +524,35 @@ where
             accept_failed(&mut accept_failures, name, &format!("watching the driver VM: {error}"));
             continue;
         }
+        // A client past the pace waits in the backlog for its turn.
+        while let Some(wait) = pace.admit() {
+            if let Some(waits) = pace.note_wait() {
+                tracing::warn!(
+                    device = %name,
+                    waits,
+                    "clients connect faster than {} a second; each waits its turn",
+                    crate::connection_pace::CONNECTIONS_PER_SECOND
+                );
+            }
+            std::thread::sleep(wait);
+        }
         if let Err(error) = daemon.start(&mut listener) {
             accept_failed(&mut accept_failures, name, &error);
             continue;
         }
-        tracing::info!(device = %name, "client connected");
+        if let Some(unlogged) = pace.may_log() {
+            tracing::info!(device = %name, left_out = unlogged, "client connected");
+        }
         if let (Some(connection), Ok(mut device)) = (daemon.shutdown_handle(), device.write()) {
             (hooks.connected)(&mut device, connection);
         }
         match daemon.wait() {
             Ok(()) | Err(vhost_user_backend::Error::HandleRequest(VhostUserError::Disconnected)) => {}
-            Err(error) => tracing::warn!(device = %name, %error, "client connection ended with an error"),
+            Err(error) => {
+                if let Some(unlogged) = pace.may_log() {
+                    tracing::warn!(device = %name, %error, left_out = unlogged, "client connection ended with an error");
+                }
+            }
         }
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
@@ -544,7 +563,9 @@ where
         if let Ok(mut device) = device.write() {
             (hooks.gone)(&mut device);
         }
-        tracing::info!(device = %name, "client disconnected; waiting for the next one");
+        if let Some(unlogged) = pace.may_log() {
+            tracing::info!(device = %name, left_out = unlogged, "client disconnected; waiting for the next one");
+        }
     }
 }
 

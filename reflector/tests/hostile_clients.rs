@@ -351,6 +351,40 @@ fn a_failed_accept_does_not_end_a_devices_service() {
     assert!(!log.contains("serving stopped"), "{log}");
 }
 
+/// A client that connects and leaves in a loop is taken at the device's
+/// pace and has a few of its connection lines logged, not each: before,
+/// every connection cost a vhost-user daemon, a thread and two log lines
+/// as fast as it could connect, and a journal's limit for the reflector's
+/// whole service dropped the other devices' lines (a review found it). The
+/// device serves the next client after it.
+#[test]
+fn a_client_connecting_in_a_loop_is_taken_at_the_pace_and_logged_in_part() {
+    if !kvm_available("a_client_connecting_in_a_loop_is_taken_at_the_pace_and_logged_in_part") {
+        return;
+    }
+    use reflector::connection_pace::{CONNECTION_BURST, LINE_BURST, SECONDS_A_LINE};
+    let scratch = Scratch::new("connect-loop");
+    let mut reflector = serve_disks(&scratch, &["d0"], false);
+    let socket = scratch.join("d0.sock");
+    let started = std::time::Instant::now();
+    let clients = CONNECTION_BURST + 16;
+    for _ in 0..clients {
+        drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+    }
+    reflector.wait_for(|r| r.log_text().contains("each waits its turn"), "the pace");
+    reflector.wait_for(
+        |r| r.log_text().matches("client disconnected").count() as u64 >= 1 && r.log_text().contains("left_out="),
+        "a connection line",
+    );
+    verified_io(&socket, "the next client");
+    let elapsed = started.elapsed().as_secs();
+    let log = reflector.stop();
+    let lines = log.matches("client connected").count() + log.matches("client disconnected").count();
+    let allowed = LINE_BURST + elapsed / SECONDS_A_LINE + 1;
+    assert!(lines as u64 <= allowed, "{lines} connection lines for {clients} clients, {allowed} allowed:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// The descriptors of process `pid`: number -> what it points at.
 fn fd_table(pid: i32) -> Vec<(i32, String)> {
     let mut table: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
