@@ -153,11 +153,18 @@ pub fn check_table(memory: &GuestMemoryMmap) -> Result<(), TableError> {
 
 /// How many client regions can be guarded at once: a table holds at most
 /// [`REGIONS_PER_TABLE`] (8) and a device at most [`TABLES_PER_DEVICE`]
-/// (4), so this covers 256 devices whose clients all hold their most, and
-/// 1,024 whose clients each use every region of one table (QEMU uses 1 to
-/// 3). Past that, a new table is refused (`GuardFull`) and its client's
-/// connection ends.
-pub const REGISTRY_SLOTS: usize = 8192;
+/// (4), so this covers [`MOST_DEVICES`] (512) whose clients all hold their
+/// most, and a reflector serves no more (`Config::validate`): one tenant's
+/// clients can take only their own devices' share. With 8,192, clients of
+/// 256 devices holding their most took every slot of a reflector allowed
+/// 500, and every other device's client was refused (a review found it).
+/// Past it a new table is refused (`GuardFull`) and its client's
+/// connection ends. 32 bytes a slot, 512 KiB in all, touched only as used.
+pub const REGISTRY_SLOTS: usize = 16384;
+
+/// The most devices one reflector serves: each gets its clients' most
+/// tables of regions in the SIGBUS guard ([`REGISTRY_SLOTS`]).
+pub const MOST_DEVICES: usize = REGISTRY_SLOTS / (TABLES_PER_DEVICE * REGIONS_PER_TABLE);
 
 /// One guarded address range. `end == 0` marks a free slot; a slot is
 /// claimed through `owner` before its range is written.

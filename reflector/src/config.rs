@@ -914,6 +914,12 @@ impl Config {
         // Jailed, each device gets ids of its own from a fixed range: more
         // were refused only once the first ones had started.
         let count = self.blk.len() + self.net.len();
+        if count > crate::client_memory::MOST_DEVICES {
+            return Err(ConfigError(format!(
+                "{count} devices: one reflector serves at most {} (run several)",
+                crate::client_memory::MOST_DEVICES
+            )));
+        }
         if self.jail.enabled && count > crate::jail::DEVICE_MODEL_IDS as usize {
             return Err(ConfigError(format!(
                 "{count} devices: at most {} can be jailed by one reflector (run several)",
@@ -1337,7 +1343,15 @@ mod tests {
         let config = |count: usize| Config { net: (0..count).map(net).collect(), ..Config::default() };
         config(most).validate().unwrap();
         assert!(config(most + 1).validate().unwrap_err().0.contains(&format!("at most {most}")));
-        let unjailed = Config { jail: JailSettings { enabled: false, ..JailSettings::default() }, ..config(most + 1) };
-        unjailed.validate().unwrap();
+        let unjailed =
+            |count| Config { jail: JailSettings { enabled: false, ..JailSettings::default() }, ..config(count) };
+        unjailed(most + 1).validate().unwrap();
+        // Unjailed too, no more than the SIGBUS guard holds every client's
+        // most tables for.
+        let served = crate::client_memory::MOST_DEVICES;
+        assert!(served >= most, "a reflector serves fewer devices than it can jail");
+        unjailed(served).validate().unwrap();
+        let error = unjailed(served + 1).validate().unwrap_err().0;
+        assert!(error.contains(&format!("serves at most {served}")), "{error}");
     }
 }
