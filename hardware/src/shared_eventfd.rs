@@ -136,12 +136,35 @@ pub fn prepare() -> io::Result<()> {
              run on Linux 5.12 or later"
         );
     }
+    if !says_semaphore_mode() {
+        tracing::warn!(
+            "this kernel does not say which eventfds are in semaphore mode (Linux before 6.7): a client can give \
+             a semaphore eventfd with a large count as a queue's kick, which stays readable after each read and \
+             keeps that device's worker busy; run on Linux 6.7 or later"
+        );
+    }
     notifier().map(|_| ()).map_err(|why| {
         io::Error::other(format!(
             "cannot create the AIO context eventfd signals go through ({why}): is fs.aio-max-nr reached? \
              (sysctl fs.aio-nr fs.aio-max-nr)"
         ))
     })
+}
+
+/// Whether this kernel says which eventfds are in semaphore mode
+/// (`eventfd-semaphore:` in `/proc/self/fdinfo`, Linux 6.7): else the
+/// vhost-user check that refuses a semaphore eventfd as a queue's kick
+/// (`third_party/vhost`, PATCHED.md) lets it pass.
+pub fn says_semaphore_mode() -> bool {
+    // SAFETY: eventfd(2) with constant flags; checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: a fresh descriptor this owns, closed when dropped.
+    let probe = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", probe.as_raw_fd()))
+        .is_ok_and(|info| info.lines().any(|line| line.replace(' ', "") == "eventfd-semaphore:1"))
 }
 
 /// Whether this kernel's eventfds take `preadv2(RWF_NOWAIT)` (Linux 5.12):
@@ -346,6 +369,9 @@ mod tests {
     #[test]
     fn this_kernel_takes_eventfds_without_waiting() {
         assert!(takes_without_waiting());
+        // And says which are semaphores (Linux 6.7), which the refusal of
+        // a semaphore kick needs.
+        assert!(says_semaphore_mode());
     }
 
     /// An eventfd its other holder made blocking and drained gives 0 at
