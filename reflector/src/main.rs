@@ -238,7 +238,7 @@ struct ServeArgs {
     #[arg(long)]
     no_jail: bool,
     /// Device N's driver VMs run as uid and gid BASE + N (default: a range of
-    /// 1000 ids of this reflector's own from 2063597568 up, chosen by its pid).
+    /// 1000 ids from 2063597568 up that no other running reflector on this host holds).
     /// Example: --jail-uid-base 3000000
     #[arg(long, value_name = "BASE")]
     jail_uid_base: Option<u32>,

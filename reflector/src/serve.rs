@@ -320,7 +320,10 @@ fn jail_of(
     if !settings.enabled {
         return Ok(None);
     }
-    let base = settings.uid_base.unwrap_or_else(crate::jail::default_uid_base);
+    let base = match settings.uid_base {
+        Some(base) => base,
+        None => crate::jail::default_uid_base()?,
+    };
     Jail::prepare_for(what, name, index, base, limits, settings.user).map(|jail| Some(Arc::new(jail)))
 }
 

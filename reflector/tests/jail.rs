@@ -564,8 +564,9 @@ fn each_driver_vm_has_a_memory_cap_of_its_own() {
     const CAP_MIB: u64 = 64;
     let hoarder = sibling("hoarding-vmm");
     let limits = JailLimits { memory: CAP_MIB << 20, ..JailLimits::default() };
-    let jail =
-        Arc::new(Jail::prepare_for(Jailed::Vmm(&hoarder), "hoard", 7, default_uid_base(), limits, None).unwrap());
+    let jail = Arc::new(
+        Jail::prepare_for(Jailed::Vmm(&hoarder), "hoard", 7, default_uid_base().unwrap(), limits, None).unwrap(),
+    );
     assert_eq!(jail.memory_cap(), Some(CAP_MIB << 20), "this test needs the memory cgroup");
     let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
     // A launcher whose driver VMs each take `mib` MiB.
@@ -643,8 +644,9 @@ fn memory_slots_are_held_until_released_and_shared_only_when_all_are_held() {
     }
     let program = sibling("hoarding-vmm");
     let limits = JailLimits::default();
-    let jail =
-        Arc::new(Jail::prepare_for(Jailed::Vmm(&program), "slots", 8, default_uid_base(), limits, None).unwrap());
+    let jail = Arc::new(
+        Jail::prepare_for(Jailed::Vmm(&program), "slots", 8, default_uid_base().unwrap(), limits, None).unwrap(),
+    );
     let mut held: Vec<MemorySlot> = (0..MEMORY_SLOTS).map(|_| Jail::lease(&jail).unwrap()).collect();
     let mut indices: Vec<usize> = held.iter().map(MemorySlot::index).collect();
     indices.sort_unstable();
@@ -681,8 +683,9 @@ fn a_jailed_driver_vm_runs_under_its_devices_limits() {
     }
     let hoarder = sibling("hoarding-vmm");
     let limits = JailLimits { cpu: 0.5, memory: 48 << 20, tasks: 24 };
-    let jail =
-        Arc::new(Jail::prepare_for(Jailed::Vmm(&hoarder), "limits", 9, default_uid_base(), limits, None).unwrap());
+    let jail = Arc::new(
+        Jail::prepare_for(Jailed::Vmm(&hoarder), "limits", 9, default_uid_base().unwrap(), limits, None).unwrap(),
+    );
     assert_eq!(jail.memory_cap(), Some(48 << 20), "no memory cgroups for the jail (see the reflector's warning)");
     let spec = DriverVmSpec {
         name: "limits".into(),
@@ -947,8 +950,14 @@ fn a_jail_that_cannot_be_made_leaves_no_cgroup_behind() {
     }
     let program = sibling("hoarding-vmm");
     let limits = JailLimits::default();
-    let refused =
-        Jail::prepare_for(Jailed::Vmm(&program), "refused", DEVICE_MODEL_IDS, default_uid_base(), limits, None);
+    let refused = Jail::prepare_for(
+        Jailed::Vmm(&program),
+        "refused",
+        DEVICE_MODEL_IDS,
+        default_uid_base().unwrap(),
+        limits,
+        None,
+    );
     assert!(refused.is_err(), "a device index past the ids handed out was accepted");
     let left: Vec<PathBuf> = common::DeviceCgroups::of(std::process::id())
         .list()

@@ -89,11 +89,66 @@ pub const DEFAULT_UID_BASE: u32 = 0x7b00_0000;
 /// Ids each reflector may use: at most this many devices.
 pub const IDS_PER_REFLECTOR: u32 = 1000;
 
-/// The first id of this reflector's range when none is configured: its own
-/// range by its pid, so that the driver VMs of two reflectors never share a
-/// uid (processes of one uid may signal each other).
-pub fn default_uid_base() -> u32 {
-    DEFAULT_UID_BASE + (std::process::id() % 100_000) * IDS_PER_REFLECTOR
+/// Ranges of [`IDS_PER_REFLECTOR`] ids a reflector may take by default,
+/// from [`DEFAULT_UID_BASE`].
+pub const DEFAULT_RANGES: u32 = 100_000;
+
+/// The first id of this reflector's range when none is configured: a range
+/// no other running reflector on this host holds, so that the driver VMs
+/// of two reflectors never share a uid (processes of one uid may signal
+/// each other). Claimed for the reflector's life (the first call claims,
+/// later calls give the same range). Before, the range was the pid modulo
+/// 100,000, and on a host whose `pid_max` is 4,194,304 (systemd's) two
+/// reflectors whose pids differed by a multiple of 100,000 shared every
+/// uid (a review found it).
+pub fn default_uid_base() -> Result<u32, JailError> {
+    static CLAIMED: std::sync::OnceLock<Result<(u32, UidRangeClaim), String>> = std::sync::OnceLock::new();
+    let claimed = CLAIMED.get_or_init(|| {
+        let start = std::process::id() % DEFAULT_RANGES;
+        UidRangeClaim::first_free(start, DEFAULT_RANGES).map(|claim| (claim.base(), claim))
+    });
+    match claimed {
+        Ok((base, _)) => Ok(*base),
+        Err(why) => Err(JailError::Io { what: why.clone(), source: std::io::Error::other("no uid range left") }),
+    }
+}
+
+/// A default uid range held by this process: a listening abstract Unix
+/// socket named after it (`driver-vms-uid-range-N`), which the kernel
+/// gives to one socket at a time on the host (its network namespace) and
+/// frees when the process ends, so a claim is never left stale. Someone
+/// else holding a name only makes a reflector take another range: ids in
+/// a range are root's to hand out, so a squatter gains none.
+pub struct UidRangeClaim {
+    range: u32,
+    _socket: std::os::unix::net::UnixListener,
+}
+
+impl UidRangeClaim {
+    /// Claims range `range` (of [`DEFAULT_RANGES`]); None if it is held.
+    pub fn claim(range: u32) -> Option<Self> {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("driver-vms-uid-range-{range}");
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).ok()?;
+        std::os::unix::net::UnixListener::bind_addr(&address)
+            .ok()
+            .map(|socket| UidRangeClaim { range, _socket: socket })
+    }
+
+    /// The first range free from `start` on (wrapping at `ranges`).
+    fn first_free(start: u32, ranges: u32) -> Result<Self, String> {
+        (0..ranges).map(|step| (start + step) % ranges).find_map(Self::claim).ok_or_else(|| {
+            format!(
+                "every one of the {ranges} default uid ranges is held by another process on this host: \
+                 set jail_uid_base (--jail-uid-base) to a range of {IDS_PER_REFLECTOR} ids of this reflector's own"
+            )
+        })
+    }
+
+    /// Its first id.
+    pub fn base(&self) -> u32 {
+        DEFAULT_UID_BASE + self.range * IDS_PER_REFLECTOR
+    }
 }
 /// Descriptors a jailed vmm may hold: it is given about 10 and opens about
 /// 20 more (KVM objects, eventfd copies, epoll, a timer).
@@ -585,5 +640,28 @@ impl hardware::qemu::ProcessJail for Jail {
 
     fn end(&self) {
         self.remove_cgroups();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A range one process holds is not given to another, and is free again
+    /// once its holder lets go; two reflectors taking their first free range
+    /// from the same start (pids a multiple of 100,000 apart) get two
+    /// (before, the pid modulo 100,000 gave both the same: a review found it).
+    #[test]
+    fn a_uid_range_is_held_by_one_reflector_at_a_time() {
+        // A range far from where test processes' pids start.
+        let range = DEFAULT_RANGES - 1 - std::process::id() % 1000;
+        let first = UidRangeClaim::claim(range).expect("the range is free");
+        assert!(UidRangeClaim::claim(range).is_none(), "a held range was given again");
+        let second = UidRangeClaim::first_free(range, DEFAULT_RANGES).unwrap();
+        assert_ne!(second.base(), first.base());
+        assert_eq!(first.base(), DEFAULT_UID_BASE + range * IDS_PER_REFLECTOR);
+        drop(first);
+        assert!(UidRangeClaim::claim(range).is_some(), "a range let go of stays held");
+        assert_eq!(default_uid_base().unwrap(), default_uid_base().unwrap(), "one process, one range");
     }
 }
