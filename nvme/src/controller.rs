@@ -90,7 +90,8 @@ pub struct Namespace {
 impl Namespace {
     /// Size in bytes.
     pub fn bytes(&self) -> u64 {
-        self.blocks << self.block_shift
+        // Identify's blocks are checked to fit (`Error::Format`).
+        self.blocks.saturating_mul(1u64.checked_shl(self.block_shift).unwrap_or(u64::MAX))
     }
 }
 
@@ -144,7 +145,12 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
     pub fn start(registers: R, memory: M, clock: C, layout: Layout) -> Result<Self, Error> {
         let cap = u64::from(registers.read32(regs::CAP)) | (u64::from(registers.read32(regs::CAP + 4)) << 32);
         let caps = Capabilities::decode(cap);
-        if !caps.nvm || caps.min_page > PAGE || caps.max_queue_entries < u32::from(IO_DEPTH) {
+        // The doorbell mirror and the EventIdx entries of queues 0 and 1
+        // are four strides a page: a larger stride (CAP.DSTRD past 8) put
+        // them past their pages, over the queues the bring-up writes next
+        // (a review found it). Controllers here use 4 bytes (DSTRD 0).
+        let strides_fit = caps.doorbell_stride * 4 <= PAGE;
+        if !caps.nvm || caps.min_page > PAGE || caps.max_queue_entries < u32::from(IO_DEPTH) || !strides_fit {
             return Err(Error::Unsupported);
         }
         let mut io = QueuePair::new(1, IO_DEPTH, layout.io_sq, layout.io_cq, caps.doorbell_stride);
@@ -236,8 +242,10 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
                 if let Some(slot) = done.get_mut(index) {
                     *slot = Some(completion.status);
                 }
-                continue;
             }
+            // Checked after an entry too: a controller posting entries of
+            // other ids without end held the bring-up for ever (a review
+            // found it).
             let now = self.clock.now_us();
             // A controller that could not reach its queues says so.
             if now >= fatal_check {
@@ -297,7 +305,10 @@ impl<R: Registers, M: DmaMemory, C: Clock> Controller<R, M, C> {
         // then failed each request not of whole 4 KiB blocks, for good.
         // Refused, a later driver dies at its start, and the device renews
         // its model (an adversarial review found it).
-        if metadata != 0 || block_shift != SECTOR_SHIFT || blocks == 0 {
+        // A size past 2^64 bytes wrapped into a small one, told to the
+        // client as the disk's (a review found it).
+        let whole_bytes = blocks.checked_mul(1 << SECTOR_SHIFT).is_some();
+        if metadata != 0 || block_shift != SECTOR_SHIFT || blocks == 0 || !whole_bytes {
             return Err(Error::Format);
         }
         self.namespace = Namespace { blocks, block_shift };
@@ -505,6 +516,13 @@ mod tests {
         fatal: bool,
         /// Never answers admin commands.
         mute: bool,
+        /// Posts an entry of an id no command has wherever the driver looks
+        /// for its next completion.
+        babbling: bool,
+        /// CAP's upper half, if not the usual one.
+        cap_high: Option<u32>,
+        /// Identify Namespace's NSZE, if not 2^20.
+        blocks: Option<u64>,
         asq: u64,
         acq: u64,
         sq_head: u16,
@@ -548,21 +566,27 @@ mod tests {
                         (1, 0) => self.memory[page + 77] = 5,
                         // 2^20 blocks of 512 bytes (LBA format 0).
                         (0, 1) => {
-                            self.memory[page..page + 8].copy_from_slice(&(1u64 << 20).to_le_bytes());
+                            let blocks = self.blocks.unwrap_or(1 << 20);
+                            self.memory[page..page + 8].copy_from_slice(&blocks.to_le_bytes());
                             self.memory[page + 130] = 9;
                         }
                         _ => panic!("unexpected Identify cns {cns} nsid {nsid}"),
                     }
                 }
                 self.sq_head = (self.sq_head + 1) % ADMIN_DEPTH;
-                let at = self.offset(self.acq) + usize::from(self.cq_tail) * CQ_ENTRY;
-                let dw3 = u32::from(cid) | (u32::from(self.phase) << 16);
-                self.memory[at + 8..at + 12].copy_from_slice(&u32::from(self.sq_head).to_le_bytes());
-                self.memory[at + 12..at + 16].copy_from_slice(&dw3.to_le_bytes());
-                self.cq_tail += 1;
-                if self.cq_tail == ADMIN_DEPTH {
-                    (self.cq_tail, self.phase) = (0, !self.phase);
-                }
+                self.post(cid);
+            }
+        }
+
+        /// Posts a successful completion of command `cid`.
+        fn post(&mut self, cid: u16) {
+            let at = self.offset(self.acq) + usize::from(self.cq_tail) * CQ_ENTRY;
+            let dw3 = u32::from(cid) | (u32::from(self.phase) << 16);
+            self.memory[at + 8..at + 12].copy_from_slice(&u32::from(self.sq_head).to_le_bytes());
+            self.memory[at + 12..at + 16].copy_from_slice(&dw3.to_le_bytes());
+            self.cq_tail += 1;
+            if self.cq_tail == ADMIN_DEPTH {
+                (self.cq_tail, self.phase) = (0, !self.phase);
             }
         }
     }
@@ -577,7 +601,7 @@ mod tests {
             match offset {
                 // MQES 2047, TO 15 (7.5 s), DSTRD 0, CSS NVM, MPSMIN 4 KiB.
                 regs::CAP => 0x0f00_07ff,
-                o if o == regs::CAP + 4 => 1 << 5,
+                o if o == regs::CAP + 4 => state.cap_high.unwrap_or(1 << 5),
                 regs::CSTS => {
                     state.csts_reads += 1;
                     u32::from(state.enabled) | if state.fatal { regs::CSTS_FATAL } else { 0 }
@@ -626,6 +650,11 @@ mod tests {
             // controller.
             if state.acq != 0 && (state.offset(state.acq)..state.offset(state.acq) + PAGE).contains(&offset) {
                 state.maybe_complete();
+                // An entry just where the driver looks next, each time.
+                let next = state.offset(state.acq) + usize::from(state.cq_tail) * CQ_ENTRY;
+                if state.babbling && offset == next {
+                    state.post(0xbabe);
+                }
             }
             bytes.copy_from_slice(&state.memory[offset..offset + bytes.len()]);
         }
@@ -705,5 +734,46 @@ mod tests {
         let state = fake.0.borrow();
         assert!(state.now_us.get() >= 7_500_000);
         assert!((7_000..=8_000).contains(&state.csts_reads), "{} CSTS reads", state.csts_reads);
+    }
+
+    /// A controller that posts entries of other ids without end is given
+    /// up on at CAP.TO like a mute one (before, each entry skipped the
+    /// deadline's check, and the bring-up never ended: a review found it).
+    #[test]
+    fn a_controller_posting_entries_of_other_ids_without_end_times_out() {
+        let fake = fake();
+        {
+            let mut state = fake.0.borrow_mut();
+            (state.mute, state.babbling) = (true, true);
+        }
+        assert_eq!(start(&fake).err(), Some(Error::AdminTimeout { opcode: admin::IDENTIFY }));
+        assert!(fake.0.borrow().now_us.get() >= 7_500_000);
+    }
+
+    /// A namespace of more than 2^64 bytes is refused (before, its size
+    /// wrapped into a small one, told to the client as the disk's).
+    #[test]
+    fn a_namespace_past_two_to_the_sixty_four_bytes_is_refused() {
+        for (blocks, expected) in
+            [(1u64 << 55, Err(Error::Format)), (u64::MAX, Err(Error::Format)), ((1 << 55) - 1, Ok(()))]
+        {
+            let fake = fake();
+            fake.0.borrow_mut().blocks = Some(blocks);
+            let started = start(&fake).map(|controller| assert_eq!(controller.namespace().bytes(), blocks << 9));
+            assert_eq!(started, expected, "{blocks} blocks");
+        }
+    }
+
+    /// A doorbell stride past a quarter page is refused: the mirror and
+    /// EventIdx entries of the two queue pairs are four strides (before,
+    /// a large CAP.DSTRD put them past their pages, over the queues: a
+    /// review found it).
+    #[test]
+    fn a_doorbell_stride_past_a_quarter_page_is_unsupported() {
+        for (dstrd, expected) in [(9, Err(Error::Unsupported)), (15, Err(Error::Unsupported)), (8, Ok(()))] {
+            let fake = fake();
+            fake.0.borrow_mut().cap_high = Some((1 << 5) | dstrd);
+            assert_eq!(start(&fake).map(|_| ()), expected, "DSTRD {dstrd}");
+        }
     }
 }
