@@ -32,6 +32,12 @@ pub struct BlkConfig {
     pub name: String,
     /// vhost-user socket path.
     pub socket: PathBuf,
+    /// The user whose processes may connect to the socket (`client_user=`,
+    /// a name or uid[:gid]): the socket is theirs, mode 0600. None: the
+    /// reflector's user's (root's), so every client must run as that user,
+    /// and one tenant's QEMU could connect to another's device whenever
+    /// that one's is not connected.
+    pub client_user: Option<String>,
     /// Disk image file.
     pub image: PathBuf,
     /// Create the image with this size if it does not exist.
@@ -230,6 +236,12 @@ pub struct NetConfig {
     pub name: String,
     /// vhost-user socket path.
     pub socket: PathBuf,
+    /// The user whose processes may connect to the socket (`client_user=`,
+    /// a name or uid[:gid]): the socket is theirs, mode 0600. None: the
+    /// reflector's user's (root's), so every client must run as that user,
+    /// and one tenant's QEMU could connect to another's device whenever
+    /// that one's is not connected.
+    pub client_user: Option<String>,
     /// The card's MAC address (what the client sees in its config space).
     pub mac: [u8; 6],
     /// The switch its wire is plugged into (devices on one switch talk).
@@ -417,6 +429,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
     let mut config = BlkConfig {
         name: format!("blk{index}"),
         socket: PathBuf::new(),
+        client_user: None,
         image: PathBuf::new(),
         size: None,
         driver: DEFAULT_BLK_DRIVER.into(),
@@ -438,6 +451,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
         match key {
             "socket" => config.socket = PathBuf::from(value),
+            "client_user" => config.client_user = Some(value.to_owned()),
             "image" => config.image = PathBuf::from(value),
             "poison_deaths" => config.poison_deaths = positive(key, value).map_err(error)?,
             "driver_args" => {
@@ -461,7 +475,7 @@ pub fn parse_blk(spec: &str, index: usize) -> Result<BlkConfig, ConfigError> {
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                    "unknown key {key:?} (known: socket, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, dma, aio, spare, hosted, hang_ms, fault_budget, poison_deaths)"
+                    "unknown key {key:?} (known: socket, client_user, image, size, device, qemu, driver, driver_args, driver_memory (or memory), name, readonly, checksums, dma, aio, spare, hosted, hang_ms, fault_budget, poison_deaths)"
                 )))
             }
         }
@@ -561,6 +575,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
     let mut config = NetConfig {
         name: format!("net{index}"),
         socket: PathBuf::new(),
+        client_user: None,
         mac: default_mac(index),
         switch: DEFAULT_SWITCH.into(),
         driver: DEFAULT_NET_DRIVER.into(),
@@ -577,6 +592,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
         let (key, value) = item.split_once('=').unwrap_or((item, ""));
         match key {
             "socket" => config.socket = PathBuf::from(value),
+            "client_user" => config.client_user = Some(value.to_owned()),
             "device" => device = value.to_owned(),
             "qemu" => qemu = Some(PathBuf::from(value)),
             "mac" => config.mac = parse_mac(value).map_err(|e| error(format!("mac: {e}")))?,
@@ -595,7 +611,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig, ConfigError> {
             "fault_budget" => config.fault_budget = parse_budget(value).map_err(error)?,
             _ => {
                 return Err(error(format!(
-                "unknown key {key:?} (known: socket, mac, switch, device, qemu, driver, driver_args, driver_memory (or memory), name, spare, hosted, hang_ms, fault_budget)"
+                "unknown key {key:?} (known: socket, client_user, mac, switch, device, qemu, driver, driver_args, driver_memory (or memory), name, spare, hosted, hang_ms, fault_budget)"
             )))
             }
         }
@@ -667,6 +683,7 @@ struct FileTap {
 struct FileNet {
     name: Option<String>,
     socket: PathBuf,
+    client_user: Option<String>,
     mac: Option<toml::Spanned<String>>,
     switch: Option<String>,
     driver: Option<String>,
@@ -687,6 +704,7 @@ struct FileNet {
 struct FileBlk {
     name: Option<String>,
     socket: PathBuf,
+    client_user: Option<String>,
     image: PathBuf,
     size: Option<toml::Spanned<String>>,
     driver: Option<String>,
@@ -806,6 +824,7 @@ pub fn parse_file(text: &str, origin: &str) -> Result<Config, ConfigError> {
             driver_args,
             name: blk.name.unwrap_or_else(|| format!("blk{index}")),
             socket: blk.socket,
+            client_user: blk.client_user,
             image: blk.image,
             size,
             driver: blk.driver.unwrap_or_else(|| hardware.default_driver(&BLK_HARDWARE).into()),
@@ -860,6 +879,7 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
     let device = NetConfig {
         name: net.name.unwrap_or_else(|| format!("net{index}")),
         socket: net.socket,
+        client_user: net.client_user,
         mac,
         switch: net.switch.unwrap_or_else(|| DEFAULT_SWITCH.into()),
         driver: net.driver.unwrap_or_else(|| hardware.default_driver(&NET_HARDWARE).into()),
@@ -913,6 +933,13 @@ impl Config {
         }
         // Jailed, each device gets ids of its own from a fixed range: more
         // were refused only once the first ones had started.
+        let clients = self.blk.iter().map(|b| (&b.name, &b.client_user));
+        for (name, user) in clients.chain(self.net.iter().map(|n| (&n.name, &n.client_user))) {
+            if let Some(user) = user {
+                crate::privileges::User::resolve(user)
+                    .map_err(|e| ConfigError(format!("device {name}: client_user={user}: {e}")))?;
+            }
+        }
         let count = self.blk.len() + self.net.len();
         if count > crate::client_memory::MOST_DEVICES {
             return Err(ConfigError(format!(
@@ -1091,6 +1118,23 @@ mod tests {
         assert!(error.contains("line 4") && error.contains("key `dma`"), "{error}");
         let error = parse_file(&format!("{file}checksums = true\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("cannot be combined with checksums=on"), "{error}");
+    }
+
+    /// `client_user=` names the user whose QEMU may connect; one that
+    /// cannot be resolved, or root, is refused before anything starts.
+    #[test]
+    fn a_client_user_is_resolved_before_anything_starts() {
+        let blk = parse_blk("socket=/s,image=/i,client_user=61234:61234", 0).unwrap();
+        assert_eq!(blk.client_user.as_deref(), Some("61234:61234"));
+        let net = parse_net("socket=/n,client_user=61235", 0).unwrap();
+        Config { blk: vec![blk.clone()], net: vec![net], ..Config::default() }.validate().unwrap();
+        for (user, expected) in [("root", "is root"), ("no-such-user-here", "no such user")] {
+            let bad = BlkConfig { client_user: Some(user.into()), ..blk.clone() };
+            let error = Config { blk: vec![bad], ..Config::default() }.validate().unwrap_err().0;
+            assert!(error.contains(&format!("client_user={user}")) && error.contains(expected), "{error}");
+        }
+        let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nclient_user = \"61234\"\n";
+        assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].client_user.as_deref(), Some("61234"));
     }
 
     #[test]

@@ -34,7 +34,8 @@ Examples:
   reflector serve --config /etc/reflector.toml
 
 --blk keys: socket=PATH (required), image=PATH (required), size=SIZE (create the image
-if missing), readonly=on, name=NAME, driver=IMAGE (default blk), driver_memory=SIZE or memory=SIZE (driver VM RAM,
+if missing), client_user=USER (the user whose QEMU connects, a name or UID[:GID]: the socket is
+theirs, mode 0600, so no other tenant's QEMU can connect; default: the reflector's user's), readonly=on, name=NAME, driver=IMAGE (default blk), driver_memory=SIZE or memory=SIZE (driver VM RAM,
 default 16M), hang_ms=MS (pending requests with no progress for this long mean a hung
 driver VM, which is replaced; default 500), fault_budget=N (driver VM faults tolerated per
 10 s before the device fails its requests for a 10 s cool-down; default 20), spare=off|standby|warm
@@ -58,7 +59,7 @@ instead of a driver VM: development only, without isolation; needs --no-jail).
 with `ip link set IFNAME up`) into a switch that --net devices use, so their guests reach
 the host.
 
---net keys: socket=PATH (required), mac=MAC (default 52:54:00:d5:00:N for the N-th net
+--net keys: socket=PATH (required), client_user=USER (as for --blk), mac=MAC (default 52:54:00:d5:00:N for the N-th net
 device), switch=NAME (devices on one switch are connected; default \"default\"), name=NAME,
 driver=IMAGE (default net), memory=SIZE, hang_ms=MS, fault_budget=N, spare=off|standby|warm, driver_args=WORDS,
 hosted=on (as for --blk).

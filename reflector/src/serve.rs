@@ -328,8 +328,22 @@ fn jail_of(
 }
 
 /// Claims a device's socket path (see `sockets`).
-fn claim_socket(name: &str, path: &Path) -> Result<(std::os::unix::net::UnixListener, std::fs::File), String> {
-    crate::sockets::claim(path).map(crate::sockets::ClaimedSocket::into_listener).map_err(|e| format!("{name}: {e}"))
+fn claim_socket(
+    name: &str,
+    path: &Path,
+    client_user: Option<&str>,
+) -> Result<(std::os::unix::net::UnixListener, std::fs::File), String> {
+    let client = match client_user {
+        Some(user) => {
+            let user =
+                crate::privileges::User::resolve(user).map_err(|e| format!("{name}: client_user={user}: {e}"))?;
+            Some((user.uid, user.gid))
+        }
+        None => None,
+    };
+    crate::sockets::claim_for(path, client)
+        .map(crate::sockets::ClaimedSocket::into_listener)
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// Starts everything behind one block device (not yet its socket).
@@ -342,7 +356,7 @@ pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32
         DeviceHardware::Vfio { .. } => None,
         _ => Some(lock_image(&config.image, config.read_only)?),
     };
-    let (listener, socket_lock) = claim_socket(name, &config.socket)?;
+    let (listener, socket_lock) = claim_socket(name, &config.socket, config.client_user.as_deref())?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let hardware: Arc<dyn BlockHardware> = match &config.device {
         DeviceHardware::Sim => {
@@ -582,7 +596,7 @@ pub fn start_net(
     index: u32,
 ) -> Result<NetService, String> {
     let name = &config.name;
-    let (listener, socket_lock) = claim_socket(name, &config.socket)?;
+    let (listener, socket_lock) = claim_socket(name, &config.socket, config.client_user.as_deref())?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let switch = switches.get(&config.switch);
     if config.driver == INLINE_NULL {

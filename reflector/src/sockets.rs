@@ -124,6 +124,13 @@ fn lock(file: &File, kind: libc::c_int) -> std::io::Result<bool> {
 
 /// Claims `path` for listening (see the module doc).
 pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
+    claim_for(path, None)
+}
+
+/// [`claim`], the socket owned by `client` (uid, gid) instead of the
+/// reflector's user: mode 0600 still, so that only that user (and root)
+/// can connect to it, not another tenant's QEMU run as another user.
+pub fn claim_for(path: &Path, client: Option<(u32, u32)>) -> Result<ClaimedSocket, ClaimError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
         move |source| ClaimError::Io { what, path, source }
@@ -170,7 +177,7 @@ pub fn claim(path: &Path) -> Result<ClaimedSocket, ClaimError> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => return Err(ClaimError::Io { what: "inspecting", path: path.to_owned(), source: error }),
     }
-    let listener = bind_listening(path).map_err(io("binding a socket at", path))?;
+    let listener = bind_listening(path, client).map_err(io("binding a socket at", path))?;
     remember_placed(path);
     Ok(ClaimedSocket { listener, path: path.to_owned(), _lock: lock })
 }
@@ -298,9 +305,10 @@ const SUN_PATH_MAX: usize = 107;
 /// Binds a listening, owner-only socket that appears at `path` only once
 /// it listens: bound in a new private directory beside it (`PATH.XXXXXX`,
 /// made by mkdtemp(3), so no other path can be touched), then renamed onto
-/// `path` without replacing anything there.
-fn bind_listening(path: &Path) -> std::io::Result<UnixListener> {
-    StagingDir::beside(path)?.place(path)
+/// `path` without replacing anything there; owned by `client` (uid, gid)
+/// if given.
+fn bind_listening(path: &Path, client: Option<(u32, u32)>) -> std::io::Result<UnixListener> {
+    StagingDir::beside(path)?.place(path, client)
 }
 
 /// The private directory a socket is bound in before it is renamed into
@@ -372,7 +380,7 @@ impl StagingDir {
 
     /// Binds a listening socket `s` in it, owner-only, and renames it onto
     /// `path` unless something is there (RENAME_NOREPLACE).
-    fn place(&self, path: &Path) -> std::io::Result<UnixListener> {
+    fn place(&self, path: &Path, client: Option<(u32, u32)>) -> std::io::Result<UnixListener> {
         use std::os::unix::ffi::OsStrExt;
         let name = c"s";
         let listener = UnixListener::bind(format!("/proc/self/fd/{}/s", self.fd.as_raw_fd()))?;
@@ -382,6 +390,19 @@ impl StagingDir {
             // SAFETY: fchmodat(2) of a name in the directory this owns.
             if unsafe { libc::fchmodat(self.fd.as_raw_fd(), name.as_ptr(), 0o600, 0) } != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = client {
+                // SAFETY: fchownat(2) of a name in the directory this owns,
+                // not following a symlink.
+                let owned =
+                    unsafe { libc::fchownat(self.fd.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+                if owned != 0 {
+                    let error = std::io::Error::last_os_error();
+                    return Err(std::io::Error::new(
+                        error.kind(),
+                        format!("giving the socket to its client's user (uid {uid}, gid {gid}): {error}"),
+                    ));
+                }
             }
             let to = std::ffi::CString::new(path.as_os_str().as_bytes())?;
             // SAFETY: renameat2(2) of a name in the directory this owns to a
@@ -458,6 +479,76 @@ mod tests {
         dir
     }
 
+    /// Connects to `path` as `uid`:`gid` from a child process: 0 connected,
+    /// 1 refused for permission, 2 anything else.
+    fn connect_as(path: &Path, uid: u32, gid: u32) -> i32 {
+        use std::os::unix::ffi::OsStrExt;
+        // Everything the child needs is made before the fork: it only
+        // makes system calls.
+        // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
+        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (to, from) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *to = *from as libc::c_char;
+        }
+        // SAFETY: fork(2); the child calls only async-signal-safe system
+        // calls and _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: the child's own credentials and a socket it owns.
+            unsafe {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setresgid(gid, gid, gid) != 0
+                    || libc::setresuid(uid, uid, uid) != 0
+                {
+                    libc::_exit(3);
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, std::ptr::addr_of!(address).cast(), length) == 0 {
+                    libc::_exit(0);
+                }
+                libc::_exit(if *libc::__errno_location() == libc::EACCES { 1 } else { 2 });
+            }
+        }
+        assert!(pid > 0, "fork failed");
+        let mut status = 0;
+        // SAFETY: waitpid(2) on the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "the child died: {status}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// A socket given to its client's user (`client_user=`) takes that
+    /// user's connections and no other user's: before, every socket was
+    /// the reflector's user's, so every tenant's QEMU had to run as that
+    /// one user, and any of them could connect to another tenant's device
+    /// whenever that one's QEMU was not connected (a review found it).
+    #[test]
+    fn a_socket_given_to_its_clients_user_takes_only_that_users_connections() {
+        // SAFETY: geteuid(2) cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: giving a socket to another user needs root");
+            return;
+        }
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = scratch("client-user");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (tenant, other) = (61_234, 61_235);
+        let path = dir.join("d.sock");
+        let claimed = claim_for(&path, Some((tenant, tenant))).unwrap();
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!((metadata.uid(), metadata.gid(), metadata.mode() & 0o777), (tenant, tenant, 0o600));
+        assert_eq!(connect_as(&path, tenant, tenant), 0, "the client's user was refused");
+        assert_eq!(connect_as(&path, other, other), 1, "another user connected");
+        // Without a client user: the reflector's own, as before.
+        let own = dir.join("own.sock");
+        let _own = claim(&own).unwrap();
+        assert_eq!(connect_as(&own, tenant, tenant), 1, "a socket of the reflector's took another user");
+        drop(claimed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_socket_path_appears_only_listening_and_its_placing_replaces_nothing() {
         let dir = scratch("placed");
@@ -477,7 +568,7 @@ mod tests {
         // the placing stays.
         let image = dir.join("disk.img");
         std::fs::write(&image, b"precious").unwrap();
-        assert!(bind_listening(&image).is_err());
+        assert!(bind_listening(&image, None).is_err());
         assert_eq!(std::fs::read(&image).unwrap(), b"precious");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 4, "no staging directory is left behind");
         // A path as long as a socket address holds, too long for the
@@ -537,7 +628,7 @@ mod tests {
         let staging = StagingDir::beside(&path).unwrap();
         std::fs::rename(&staging.path, dir.join("moved")).unwrap();
         std::os::unix::fs::symlink(&victim, &staging.path).unwrap();
-        let _listener = staging.place(&path).expect("placed from the directory made for it");
+        let _listener = staging.place(&path, None).expect("placed from the directory made for it");
         drop(staging);
         UnixStream::connect(&path).unwrap();
         assert_eq!(std::fs::read(victim.join("s")).unwrap(), b"precious");
