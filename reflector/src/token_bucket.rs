@@ -22,7 +22,10 @@ impl TokenBucket {
     /// The tokens now.
     pub fn tokens(&mut self) -> u64 {
         let now = Instant::now();
-        let earned = now.saturating_duration_since(self.last).as_micros() as u64 * self.rate / 1_000_000;
+        // In u128: a bucket idle for days at a rate of millions overflowed
+        // u64 (a panic in a debug build, a wrong count in a release one).
+        let earned = now.saturating_duration_since(self.last).as_micros() * u128::from(self.rate) / 1_000_000;
+        let earned = u64::try_from(earned).unwrap_or(u64::MAX);
         if earned > 0 {
             self.last = now;
         }
@@ -38,7 +41,7 @@ impl TokenBucket {
     /// How long until there are `n` (a microsecond at least).
     pub fn until(&mut self, n: u64) -> Duration {
         let missing = n.saturating_sub(self.tokens());
-        Duration::from_micros(missing * 1_000_000 / self.rate.max(1) + 1)
+        Duration::from_micros(missing.saturating_mul(1_000_000) / self.rate.max(1) + 1)
     }
 }
 
@@ -53,5 +56,17 @@ mod tests {
         bucket.spend(150);
         assert!(bucket.tokens() < 100);
         assert!(bucket.until(100) >= Duration::from_millis(50), "{:?}", bucket.until(100));
+    }
+
+    /// A bucket idle long at its rate is full, not an overflow (before:
+    /// 12.7 idle days at 16 MiB a second overflowed u64; here a second at
+    /// 2^60 a second does).
+    #[test]
+    fn a_bucket_idle_long_is_full() {
+        let mut bucket = TokenBucket::full(1 << 60, 1 << 20);
+        bucket.spend(1 << 20);
+        bucket.last = Instant::now().checked_sub(Duration::from_secs(1)).unwrap();
+        assert_eq!(bucket.tokens(), 1 << 20);
+        assert!(bucket.until(u64::MAX) > Duration::ZERO);
     }
 }
