@@ -63,7 +63,7 @@ pub use libraries::interpreter;
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -93,6 +93,10 @@ pub const IDS_PER_REFLECTOR: u32 = 1000;
 /// from [`DEFAULT_UID_BASE`].
 pub const DEFAULT_RANGES: u32 = 100_000;
 
+/// Where reflectors claim their default uid ranges: a directory only root
+/// may write, a lock file a range.
+pub const UID_RANGE_CLAIMS: &str = "/run/driver-vms-uid-ranges";
+
 /// The first id of this reflector's range when none is configured: a range
 /// no other running reflector on this host holds, so that the driver VMs
 /// of two reflectors never share a uid (processes of one uid may signal
@@ -104,45 +108,71 @@ pub const DEFAULT_RANGES: u32 = 100_000;
 pub fn default_uid_base() -> Result<u32, JailError> {
     static CLAIMED: std::sync::OnceLock<Result<(u32, UidRangeClaim), String>> = std::sync::OnceLock::new();
     let claimed = CLAIMED.get_or_init(|| {
-        let start = std::process::id() % DEFAULT_RANGES;
-        UidRangeClaim::first_free(start, DEFAULT_RANGES).map(|claim| (claim.base(), claim))
+        UidRangeClaim::first_free(Path::new(UID_RANGE_CLAIMS), DEFAULT_RANGES).map(|claim| (claim.base(), claim))
     });
     match claimed {
         Ok((base, _)) => Ok(*base),
-        Err(why) => Err(JailError::Io { what: why.clone(), source: std::io::Error::other("no uid range left") }),
+        Err(why) => Err(JailError::Io { what: why.clone(), source: std::io::Error::other("no default uid range") }),
     }
 }
 
-/// A default uid range held by this process: a listening abstract Unix
-/// socket named after it (`driver-vms-uid-range-N`), which the kernel
-/// gives to one socket at a time on the host (its network namespace) and
-/// frees when the process ends, so a claim is never left stale. Someone
-/// else holding a name only makes a reflector take another range: ids in
-/// a range are root's to hand out, so a squatter gains none.
+/// A default uid range held by this process: an open-file-description
+/// lock on its file in a directory only root (the reflector, which jails
+/// only as root) may write, so nobody else can hold one, and the kernel
+/// lets go of it when the process ends: a claim is never left stale. A
+/// first version claimed abstract Unix socket names, which any local user
+/// could bind all of, and no reflector could then start (a review found
+/// it). Ranges are taken from 0 up, so the files are as many as reflectors
+/// ever ran at once.
 pub struct UidRangeClaim {
     range: u32,
-    _socket: std::os::unix::net::UnixListener,
+    _lock: std::fs::File,
 }
 
 impl UidRangeClaim {
-    /// Claims range `range` (of [`DEFAULT_RANGES`]); None if it is held.
-    pub fn claim(range: u32) -> Option<Self> {
-        use std::os::linux::net::SocketAddrExt;
-        let name = format!("driver-vms-uid-range-{range}");
-        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).ok()?;
-        std::os::unix::net::UnixListener::bind_addr(&address)
-            .ok()
-            .map(|socket| UidRangeClaim { range, _socket: socket })
+    /// Claims range `range` in the claims directory `claims` (a descriptor
+    /// of it); None if another holds it.
+    pub fn claim(claims: &OwnedFd, range: u32) -> std::io::Result<Option<Self>> {
+        let name = CString::new(range.to_string()).map_err(std::io::Error::other)?;
+        // SAFETY: openat(2) of a NUL-terminated name in a directory we hold
+        // open; never through a symlink.
+        let fd = unsafe {
+            libc::openat(
+                claims.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor this owns from here on.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        Ok(crate::sockets::lock_exclusive(&file)?.then_some(UidRangeClaim { range, _lock: file }))
     }
 
-    /// The first range free from `start` on (wrapping at `ranges`).
-    fn first_free(start: u32, ranges: u32) -> Result<Self, String> {
-        (0..ranges).map(|step| (start + step) % ranges).find_map(Self::claim).ok_or_else(|| {
+    /// The first of `ranges` free in the claims directory at `dir` (made,
+    /// owner-only, if missing).
+    pub fn first_free(dir: &Path, ranges: u32) -> Result<Self, String> {
+        let claims = open_claims(dir).map_err(|e| {
             format!(
-                "every one of the {ranges} default uid ranges is held by another process on this host: \
-                 set jail_uid_base (--jail-uid-base) to a range of {IDS_PER_REFLECTOR} ids of this reflector's own"
+                "claiming a default uid range in {}: {e}; set jail_uid_base (--jail-uid-base) to a range of \
+                 {IDS_PER_REFLECTOR} ids of this reflector's own",
+                dir.display()
             )
-        })
+        })?;
+        for range in 0..ranges {
+            match Self::claim(&claims, range) {
+                Ok(Some(claim)) => return Ok(claim),
+                Ok(None) => {}
+                Err(error) => return Err(format!("claiming uid range {range} in {}: {error}", dir.display())),
+            }
+        }
+        Err(format!(
+            "every one of the {ranges} default uid ranges is held by another reflector on this host: set \
+             jail_uid_base (--jail-uid-base) to a range of {IDS_PER_REFLECTOR} ids of this reflector's own"
+        ))
     }
 
     /// Its first id.
@@ -150,6 +180,37 @@ impl UidRangeClaim {
         DEFAULT_UID_BASE + self.range * IDS_PER_REFLECTOR
     }
 }
+
+/// The claims directory at `dir`, made if missing: it must be a directory
+/// of this process's user that no one else may write.
+fn open_claims(dir: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::AlreadyExists => return Err(error),
+        _ => {}
+    }
+    let path = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: open(2) of a NUL-terminated path; a symlink is refused.
+    let fd =
+        unsafe { libc::open(path.as_ptr(), libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_RDONLY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor this owns from here on.
+    let claims = unsafe { OwnedFd::from_raw_fd(fd) };
+    let metadata = std::fs::File::from(claims.try_clone()?).metadata()?;
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me || metadata.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "it is not a directory of uid {me} that only it may write (owner {}, mode {:o})",
+            metadata.uid(),
+            metadata.mode() & 0o7777
+        )));
+    }
+    Ok(claims)
+}
+
 /// Descriptors a jailed vmm may hold: it is given about 10 and opens about
 /// 20 more (KVM objects, eventfd copies, epoll, a timer).
 const MAX_FILES: u64 = 64;
@@ -647,21 +708,32 @@ impl hardware::qemu::ProcessJail for Jail {
 mod tests {
     use super::*;
 
-    /// A range one process holds is not given to another, and is free again
-    /// once its holder lets go; two reflectors taking their first free range
-    /// from the same start (pids a multiple of 100,000 apart) get two
-    /// (before, the pid modulo 100,000 gave both the same: a review found it).
+    /// A range one reflector holds is not given to another, and is free
+    /// again once its holder lets go (before, the pid modulo 100,000 gave
+    /// two reflectors the same: a review found it); a claims directory
+    /// others may write is refused.
     #[test]
     fn a_uid_range_is_held_by_one_reflector_at_a_time() {
-        // A range far from where test processes' pids start.
-        let range = DEFAULT_RANGES - 1 - std::process::id() % 1000;
-        let first = UidRangeClaim::claim(range).expect("the range is free");
-        assert!(UidRangeClaim::claim(range).is_none(), "a held range was given again");
-        let second = UidRangeClaim::first_free(range, DEFAULT_RANGES).unwrap();
-        assert_ne!(second.base(), first.base());
-        assert_eq!(first.base(), DEFAULT_UID_BASE + range * IDS_PER_REFLECTOR);
+        let dir = std::env::temp_dir().join(format!("uid-ranges-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = UidRangeClaim::first_free(&dir, 4).unwrap();
+        assert_eq!(first.base(), DEFAULT_UID_BASE);
+        // Another open of the same file is another holder.
+        let second = UidRangeClaim::first_free(&dir, 4).unwrap();
+        assert_eq!(second.base(), DEFAULT_UID_BASE + IDS_PER_REFLECTOR);
+        let claims = open_claims(&dir).unwrap();
+        assert!(UidRangeClaim::claim(&claims, 0).unwrap().is_none(), "a held range was given again");
         drop(first);
-        assert!(UidRangeClaim::claim(range).is_some(), "a range let go of stays held");
-        assert_eq!(default_uid_base().unwrap(), default_uid_base().unwrap(), "one process, one range");
+        assert!(UidRangeClaim::claim(&claims, 0).unwrap().is_some(), "a range let go of stays held");
+        let rest: Vec<UidRangeClaim> = (0..3).map(|_| UidRangeClaim::first_free(&dir, 4).unwrap()).collect();
+        assert_eq!(rest.iter().map(UidRangeClaim::base).collect::<Vec<_>>().len(), 3);
+        let error = UidRangeClaim::first_free(&dir, 4).err().unwrap();
+        assert!(error.contains("every one of the 4 default uid ranges is held"), "{error}");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = UidRangeClaim::first_free(&dir, 4).err().unwrap();
+        assert!(error.contains("only it may write"), "{error}");
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
