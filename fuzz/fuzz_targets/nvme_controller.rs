@@ -117,7 +117,9 @@ fuzz_target!(|input: Input| {
     };
     let Ok(mut controller) = Controller::start(&fake, &fake, &fake, Layout::at(0)) else { return };
     let namespace = controller.namespace();
-    assert!(namespace.bytes() >= namespace.blocks, "a namespace's bytes wrapped");
+    // A namespace whose bytes do not fit u64 is refused (`Error::Format`).
+    let shifted = 1u64.checked_shl(namespace.block_shift).and_then(|block| namespace.blocks.checked_mul(block));
+    assert!(shifted.is_some(), "a namespace of more than 2^64 bytes was accepted: {namespace:?}");
     for (cid, (write, block, blocks)) in (0u16..).zip(input.io.into_iter().take(64)) {
         let (offset, len) = (u64::from(block) * 512, u32::from(blocks) * 512);
         let buffer = PAGE;

@@ -906,6 +906,35 @@ fn file_net(net: FileNet, index: usize, text: &str, origin: &str, line: usize) -
 }
 
 impl Config {
+    /// A client's uid must be none of the reflector's own: not the user it
+    /// becomes (`user`), whose processes the reflector and, with it, every
+    /// driver VM are, nor one of the jail's ids, its driver VMs' and device
+    /// models' (a review found a client could be given either, and then
+    /// signal them).
+    fn check_client_uid(&self, uid: u32) -> Result<(), String> {
+        if let Some(user) = &self.user {
+            if crate::privileges::User::resolve(user).is_ok_and(|reflector| reflector.uid == uid) {
+                return Err(format!("uid {uid} is the reflector's own user ({user})"));
+            }
+        }
+        let ids = u64::from(crate::jail::IDS_PER_REFLECTOR);
+        let ranges = match self.jail.uid_base {
+            Some(base) => u64::from(base)..u64::from(base) + ids,
+            None => {
+                let base = u64::from(crate::jail::DEFAULT_UID_BASE);
+                base..base + u64::from(crate::jail::DEFAULT_RANGES) * ids
+            }
+        };
+        if self.jail.enabled && ranges.contains(&u64::from(uid)) {
+            return Err(format!(
+                "uid {uid} is among the jail's ids ({}-{}), its driver VMs' and device models'",
+                ranges.start,
+                ranges.end - 1
+            ));
+        }
+        Ok(())
+    }
+
     /// Each device's name and socket path, block devices first.
     pub fn device_sockets(&self) -> impl Iterator<Item = (&str, &Path)> {
         let blk = self.blk.iter().map(|b| (b.name.as_str(), b.socket.as_path()));
@@ -936,8 +965,9 @@ impl Config {
         let clients = self.blk.iter().map(|b| (&b.name, &b.client_user));
         for (name, user) in clients.chain(self.net.iter().map(|n| (&n.name, &n.client_user))) {
             if let Some(user) = user {
-                crate::privileges::User::resolve(user)
-                    .map_err(|e| ConfigError(format!("device {name}: client_user={user}: {e}")))?;
+                let error = |e: String| ConfigError(format!("device {name}: client_user={user}: {e}"));
+                let client = crate::privileges::User::resolve(user).map_err(|e| error(e.to_string()))?;
+                self.check_client_uid(client.uid).map_err(error)?;
             }
         }
         let count = self.blk.len() + self.net.len();
@@ -1128,11 +1158,17 @@ mod tests {
         assert_eq!(blk.client_user.as_deref(), Some("61234:61234"));
         let net = parse_net("socket=/n,client_user=61235", 0).unwrap();
         Config { blk: vec![blk.clone()], net: vec![net], ..Config::default() }.validate().unwrap();
-        for (user, expected) in [("root", "is root"), ("no-such-user-here", "no such user")] {
+        let in_jail = (crate::jail::DEFAULT_UID_BASE + 7).to_string();
+        for (user, expected) in
+            [("root", "is root"), ("no-such-user-here", "no such user"), (in_jail.as_str(), "among the jail's ids")]
+        {
             let bad = BlkConfig { client_user: Some(user.into()), ..blk.clone() };
             let error = Config { blk: vec![bad], ..Config::default() }.validate().unwrap_err().0;
             assert!(error.contains(&format!("client_user={user}")) && error.contains(expected), "{error}");
         }
+        // Nor the user the reflector becomes.
+        let reflectors = Config { blk: vec![blk.clone()], user: Some("61234".into()), ..Config::default() };
+        assert!(reflectors.validate().unwrap_err().0.contains("the reflector's own user"));
         let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nclient_user = \"61234\"\n";
         assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].client_user.as_deref(), Some("61234"));
     }

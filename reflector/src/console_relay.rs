@@ -109,11 +109,19 @@ impl Spending<'_> {
         self.all.spend(n);
     }
 
-    /// Spends what the device has left (not the whole's: one device's
-    /// lines never take the others').
-    fn drain_device(&mut self) {
-        let left = self.device.tokens();
-        self.device.spend(left);
+    /// Spends `n` if both have it; whether they did.
+    fn charge(&mut self, n: u64) -> bool {
+        let fits = self.tokens() >= n;
+        if fits {
+            self.spend(n);
+        }
+        fits
+    }
+
+    /// Spends `n` of the device's own (not the whole's: one device's lines
+    /// never take the others').
+    fn spend_device(&mut self, n: u64) {
+        self.device.spend(n);
     }
 }
 
@@ -305,11 +313,12 @@ impl Budget {
         let cost = (text.len() as u64 + 1).max(LINE_COST);
         if cost > available {
             self.dropped += line.len() as u64 + 1;
-            // It fit as written, not escaped: its device's budget is spent
-            // on it all the same, so that escaping the next such line waits
-            // for the refill, and the relay's work on lines it drops is
-            // bounded by the device's rate.
-            log.drain_device();
+            // It fit as written, not escaped: its device pays for the
+            // work, its length as written, so that the relay's work on
+            // lines it escapes and drops is bounded by the device's rate
+            // (a device's whole budget was spent so at first, and an honest
+            // device lost its burst where the whole's budget was short).
+            log.spend_device(line.len() as u64 + 1);
             return;
         }
         log.spend(cost);
@@ -449,10 +458,15 @@ fn copy(pipe: &Pipe, buffer: &mut [u8], log: &mut impl Write) -> Flow {
                 lines.clear();
                 budget.lines(&buffer[..read], &pipe.name, false, &mut lines);
                 if !lines.is_empty() {
-                    // What was lost before these lines is said before them;
-                    // what this read loses, later.
-                    budget.dropped -= dropped;
-                    say_dropped(dropped, log);
+                    // What was lost before these lines is said before them,
+                    // a line charged like any (before, notices were free:
+                    // a vmm logging one line a read and dropping the rest
+                    // doubled its lines, a review found); what this read
+                    // loses, or a notice the budget cannot pay, later.
+                    if dropped > 0 && budget.log.lock().charge(LINE_COST) {
+                        budget.dropped -= dropped;
+                        say_dropped(dropped, log);
+                    }
                     // One that fails (a reader gone) loses only this output.
                     let _ = log.write_all(&lines);
                 }
@@ -479,8 +493,10 @@ fn say_dropped(dropped: u64, log: &mut impl Write) {
     if dropped > 0 {
         let _ = writeln!(
             log,
-            "reflector: {dropped} bytes of a driver VM's output dropped (over {} KiB a second)",
-            RATE / 1024
+            "reflector: {dropped} bytes of a driver VM's output dropped (over its log budget: {} KiB a second a \
+             device, {} KiB for all devices together)",
+            RATE / 1024,
+            ALL_RATE / 1024
         );
     }
 }
@@ -603,9 +619,12 @@ mod tests {
         flood.join().unwrap();
         // 256 bytes a line: a journal's default limit is 333 lines a second.
         let allowed = (BURST + started.elapsed().as_micros() as u64 * RATE / 1_000_000) / 256;
-        // The flood's (empty) lines, not the notes of what was dropped.
-        let lines = String::from_utf8_lossy(&log).lines().filter(|line| *line == "[vm] ").count() as u64;
-        assert!(lines <= allowed + 1, "{lines} lines logged, {allowed} allowed");
+        // The flood's (empty) lines, and the notes of what was dropped,
+        // which are lines too (the last one, at the end, free).
+        let text = String::from_utf8_lossy(&log);
+        let lines = text.lines().filter(|line| *line == "[vm] ").count() as u64;
+        let notes = text.lines().filter(|line| line.starts_with("reflector: ")).count() as u64;
+        assert!(lines + notes <= allowed + 2, "{lines} lines and {notes} notes logged, {allowed} allowed");
         assert!(lines >= BURST / 256 / 2, "the burst's lines were not logged: {lines}");
     }
 
@@ -650,11 +669,13 @@ mod tests {
         flood.join().unwrap();
         let logged = text.lines().filter(|line| line.starts_with("[vm] \\u0001")).count() as u64;
         let escaped = controls.budget.lock().unwrap().escaped;
-        // Each escaped and dropped line spends the device's budget: the
-        // next waits for a refill of a line's raw length.
+        // Each escaped and dropped line spends its raw length of the
+        // device's budget: past the lines logged, what was left of the
+        // burst (less than an escaped line, six raw ones) and the refill
+        // pay for a raw line's escaping each.
         let refills = started.elapsed().as_micros() as u64 * RATE / 1_000_000 / 4096 + 1;
         assert!(logged >= 1, "no line logged");
-        assert!(escaped <= logged + refills + 1, "{escaped} of 2,048 lines escaped, {logged} logged");
+        assert!(escaped <= logged + 6 + refills + 1, "{escaped} of 2,048 lines escaped, {logged} logged");
     }
 
     /// All devices' driver VMs together add at most the whole's budget,

@@ -202,28 +202,19 @@ pub enum ChecksumTableError {
         /// The medium's sectors.
         sectors: u64,
     },
-    #[error("cannot allocate the checksums of {sectors} sectors ({} MiB): {source}", sectors.saturating_mul(4) >> 20)]
-    /// Within the most, but the memory could not be had.
-    NoMemory {
-        /// The medium's sectors.
-        sectors: u64,
-        /// The allocator's refusal.
-        source: std::collections::TryReserveError,
-    },
 }
 
 impl WrittenSums {
     /// No sector known yet, for a medium of `capacity_sectors`; refused past
-    /// [`MOST_CHECKSUMMED_SECTORS`] or where the memory cannot be had.
+    /// [`MOST_CHECKSUMMED_SECTORS`].
     pub fn new(capacity_sectors: u64) -> Result<Self, ChecksumTableError> {
         Self::check_capacity(capacity_sectors)?;
-        // In range: at most 2^28, which usize holds.
-        let count = capacity_sectors as usize;
-        let mut sums = Vec::new();
-        sums.try_reserve_exact(count)
-            .map_err(|source| ChecksumTableError::NoMemory { sectors: capacity_sectors, source })?;
-        sums.resize(count, 0);
-        Ok(WrittenSums { sums })
+        // In range: at most 2^28, which usize holds. Zeroed by the kernel
+        // as its pages are first written (`vec!` of zeros allocates zeroed
+        // memory), so a table costs what its written sectors take: filled
+        // at once, a 100 GiB medium took 800 MiB at start (a review found
+        // the first version of this limit did).
+        Ok(WrittenSums { sums: vec![0; capacity_sectors as usize] })
     }
 
     /// Whether a medium of `capacity_sectors` is small enough to keep the
