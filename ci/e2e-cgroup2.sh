@@ -8,7 +8,8 @@
 # QEMU's emulated SVM: the jail hands each vmm /dev/kvm) and runs, from that
 # cgroup, the jail tests that check the limits (reflector/tests/jail.rs:
 # a jailed driver VM's memory cap, CPU quota and task limit, each driver VM's
-# memory cap its own, the memory slots' leases, the sweep of a dead
+# memory cap its own, a driver VM's CPU time counting the processes its
+# vmm makes, the memory slots' leases, the sweep of a dead
 # reflector's cgroups). The test binary and the
 # programs it starts are the host's release builds, at the same paths.
 #
@@ -127,6 +128,7 @@ cd /tmp
 CI=1 timeout 600 sh -c "echo \\\$\\\$ >\$service/cgroup.procs && exec $release/$(basename "$tests") --test-threads=1 \
     a_jailed_driver_vm_runs_under_its_devices_limits \
     each_driver_vm_has_a_memory_cap_of_its_own \
+    a_driver_vms_cpu_time_counts_the_processes_its_vmm_makes \
     memory_slots_are_held_until_released_and_shared_only_when_all_are_held \
     cgroups_of_a_reflector_that_is_gone_are_swept_and_no_others" ||
     finish fail "the jail tests failed on cgroup v2"

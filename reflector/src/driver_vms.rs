@@ -84,6 +84,11 @@ pub trait DriverProcess: Send + Sync {
     fn capped(&self) -> bool {
         false
     }
+    /// The CPU time it has used so far: all of its processes', where its
+    /// jail counts them together (its memory cgroup), else its own.
+    fn cpu_time(&self) -> std::io::Result<std::time::Duration> {
+        crate::driver_watch::process_cpu_time(self.pid())
+    }
     /// Kills it if it still runs; its end is then reported as an exit.
     fn kill(&self);
     /// Kills it and waits, at most `bound`, until it can no longer run;
@@ -197,6 +202,11 @@ impl DriverVms {
     /// Raised after publishing requests, when the driver may sleep.
     pub fn request_interrupt(&self) -> &SharedEventFd {
         &self.request_interrupt
+    }
+
+    /// The current driver VM's pid and the CPU time it has used so far.
+    pub fn current_cpu_time(&self) -> Option<(libc::pid_t, std::io::Result<std::time::Duration>)> {
+        self.current.as_ref().map(|current| (current.pid(), current.cpu_time()))
     }
 
     /// The current driver VM's pid, if one runs.

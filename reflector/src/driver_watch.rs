@@ -160,12 +160,20 @@ impl ResourceWatch {
         None
     }
 
-    /// Ends a period of the running driver VM `pid` (the device's child):
-    /// reads its CPU time and judges it with `rings`, `completions` and
-    /// `work` (see [`ResourceWatch::tick`]). Nothing if its CPU time cannot be read.
-    pub fn look(&mut self, pid: i32, rings: u64, completions: u64, work: Option<DeviceWork>) -> Option<Abuse> {
-        let cpu = process_cpu_time(pid).ok()?;
-        self.tick(pid, Instant::now(), cpu, (rings, completions), work)
+    /// Ends a period of the running driver VM `pid` (the device's child)
+    /// with the CPU time it has used (`DriverProcess::cpu_time`: its
+    /// cgroup's, every process it made counted), judged with `rings`,
+    /// `completions` and `work` (see [`ResourceWatch::tick`]). Nothing if
+    /// its CPU time could not be read.
+    pub fn look(
+        &mut self,
+        pid: i32,
+        cpu: std::io::Result<Duration>,
+        rings: u64,
+        completions: u64,
+        work: Option<DeviceWork>,
+    ) -> Option<Abuse> {
+        self.tick(pid, Instant::now(), cpu.ok()?, (rings, completions), work)
     }
 
     /// Forgets the driver VM watched (it was replaced).

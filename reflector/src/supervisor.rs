@@ -159,6 +159,11 @@ pub struct DriverVm {
     reaped: Arc<AtomicBool>,
     /// Reaped, and its memory cgroup let go of (set by the watcher).
     released: Arc<Gone>,
+    /// Its memory cgroup's CPU time, when the cgroup is its alone: every
+    /// process the vmm makes is counted there (the vmm's own time leaves
+    /// out a child it clones, which could spin unwatched: a review found
+    /// it).
+    cgroup_cpu: Option<crate::jail::CgroupCpu>,
     report: Arc<Mutex<String>>,
     /// A spare's go signal (a warm spare's `--go-fd`, a standby's
     /// `--start-fd`).
@@ -539,6 +544,7 @@ impl DriverLauncher {
             (slot, before)
         });
         let slot = memory_slot.as_ref().map_or(0, |(slot, _)| slot.index());
+        let cgroup_cpu = memory_slot.as_ref().and_then(|(slot, _)| slot.cpu_time());
         let mut prepared = self.command(&lines, &traps, go.as_ref().map(|(kind, go)| (*kind, go)), slot)?;
         // A jailed vmm may write no regular file (its jail's `RLIMIT_FSIZE`).
         if spec.jail.is_some() {
@@ -599,6 +605,7 @@ impl DriverLauncher {
             gone,
             reaped,
             released,
+            cgroup_cpu,
             report,
             go,
             interrupts,
@@ -612,6 +619,16 @@ impl DriverVm {
     /// The process id.
     pub fn pid(&self) -> libc::pid_t {
         self.pid
+    }
+
+    /// The CPU time it has used so far: its memory cgroup's, which counts
+    /// every process it made, where the cgroup is its alone; else the
+    /// vmm's own.
+    pub fn cpu_time(&self) -> std::io::Result<Duration> {
+        match &self.cgroup_cpu {
+            Some(cpu) => cpu.read(),
+            None => crate::driver_watch::process_cpu_time(self.pid),
+        }
     }
 
     /// Interrupt line `index` of this VM (an eventfd its vmm waits on).
@@ -1070,6 +1087,10 @@ impl DriverLaunch for DriverLauncher {
 impl DriverProcess for DriverVm {
     fn pid(&self) -> libc::pid_t {
         DriverVm::pid(self)
+    }
+
+    fn cpu_time(&self) -> std::io::Result<Duration> {
+        DriverVm::cpu_time(self)
     }
 
     fn interrupt(&self, index: usize) -> Option<&SharedEventFd> {

@@ -29,6 +29,9 @@ pub(super) struct MemoryLeaf {
     /// is reported, and finding and opening it each time took 60-70 us of
     /// every failover here.
     pub events: Option<File>,
+    /// Its CPU time (v2's `cpu.stat`, which every cgroup has), opened once:
+    /// the watch reads it every period. None on v1.
+    pub cpu: Option<File>,
     /// A driver VM holds it (`super::Jail::lease`).
     pub held: AtomicBool,
     /// On cgroup v2, its directory: the vmm is cloned into it
@@ -184,7 +187,8 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
         } else {
             None
         };
-        cgroups.memory.push(MemoryLeaf { join: file, events, held: AtomicBool::new(false), dir: directory });
+        let cpu = if v2 { File::open(path.join("cpu.stat")).ok() } else { None };
+        cgroups.memory.push(MemoryLeaf { join: file, events, cpu, held: AtomicBool::new(false), dir: directory });
     } else {
         cgroups.joins.push(file);
     }
