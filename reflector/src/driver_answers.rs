@@ -186,7 +186,10 @@ const SECTOR: usize = 512;
 /// a 1 GiB table. The table lives in the reflector, which serves every
 /// device: a larger medium (a typo in `size=`, or a real disk behind VFIO)
 /// is refused when the device starts, not an allocation that aborts the
-/// reflector and every device with it.
+/// reflector and every device with it. Within it the table's pages are
+/// taken as its sectors are written; a host that does not overcommit
+/// (`vm.overcommit_memory=2`), or an address-space limit on the reflector,
+/// must still grant the whole table's range, or the start aborts.
 pub const MOST_CHECKSUMMED_SECTORS: u64 = 1 << 28;
 
 /// Why a device cannot keep checksums of its medium.

@@ -656,6 +656,7 @@ fn a_driver_vms_cpu_time_counts_the_processes_its_vmm_makes() {
         Jail::prepare_for(Jailed::Vmm(&hoarder), "spin", 10, default_uid_base().unwrap(), JailLimits::default(), None)
             .unwrap(),
     );
+    assert!(jail.memory_cap().is_some(), "this test needs the memory cgroup (a driver VM's own)");
     let exited = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).unwrap();
     let spec = DriverVmSpec {
         name: "spin".into(),
@@ -703,9 +704,22 @@ fn memory_slots_are_held_until_released_and_shared_only_when_all_are_held() {
     indices.sort_unstable();
     assert_eq!(indices, (0..MEMORY_SLOTS).collect::<Vec<_>>(), "each driver VM gets a slot of its own");
     assert!(held.iter().all(MemorySlot::exclusive));
+    // Each holder's CPU count (cgroup v2 only) is good until another
+    // joins its slot.
+    let counts: Vec<_> = held.iter().map(|slot| (slot.index(), slot.cpu_time())).collect();
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    if v2 {
+        assert!(counts.iter().all(|(_, count)| count.as_ref().is_some_and(|c| c.read().is_ok())));
+    }
     // All held: the next is shared, and letting it go frees no slot.
     let shared = Jail::lease(&jail).unwrap();
     assert!(!shared.exclusive(), "slot {} handed out twice as exclusive", shared.index());
+    assert!(shared.cpu_time().is_none(), "a shared slot's CPU time was taken as the newcomer's own");
+    for (index, count) in counts.iter().filter_map(|(index, count)| Some((*index, count.as_ref()?))) {
+        // The holder's count now has the newcomer's time in it (before,
+        // it was read as the holder's own: a review found it).
+        assert_eq!(count.read().is_ok(), index != shared.index(), "slot {index}, shared {}", shared.index());
+    }
     drop(shared);
     assert!(!Jail::lease(&jail).unwrap().exclusive(), "a shared slot's release freed its holder's slot");
     // A reaped driver VM's slot is the next one's.

@@ -34,6 +34,9 @@ pub(super) struct MemoryLeaf {
     pub cpu: Option<File>,
     /// A driver VM holds it (`super::Jail::lease`).
     pub held: AtomicBool,
+    /// Leases of it so far: a driver VM counting its CPU time here knows
+    /// that another has joined it since (`super::CgroupCpu`).
+    pub leases: std::sync::atomic::AtomicU64,
     /// On cgroup v2, its directory: the vmm is cloned into it
     /// (`CLONE_INTO_CGROUP`) instead of its keeper joining it first.
     pub dir: Option<File>,
@@ -188,7 +191,14 @@ fn make(dir: Dir, v2: bool, cgroups: &mut Cgroups) -> Result<(), JailError> {
             None
         };
         let cpu = if v2 { File::open(path.join("cpu.stat")).ok() } else { None };
-        cgroups.memory.push(MemoryLeaf { join: file, events, cpu, held: AtomicBool::new(false), dir: directory });
+        cgroups.memory.push(MemoryLeaf {
+            join: file,
+            events,
+            cpu,
+            held: AtomicBool::new(false),
+            leases: Default::default(),
+            dir: directory,
+        });
     } else {
         cgroups.joins.push(file);
     }

@@ -162,16 +162,20 @@ impl UidRangeClaim {
                 dir.display()
             )
         })?;
+        // A range whose file cannot be locked (something else put there)
+        // is passed over, and said if no range is left.
+        let mut failed = None;
         for range in 0..ranges {
             match Self::claim(&claims, range) {
                 Ok(Some(claim)) => return Ok(claim),
                 Ok(None) => {}
-                Err(error) => return Err(format!("claiming uid range {range} in {}: {error}", dir.display())),
+                Err(error) => failed = Some(format!(" (uid range {range}: {error})")),
             }
         }
         Err(format!(
-            "every one of the {ranges} default uid ranges is held by another reflector on this host: set \
-             jail_uid_base (--jail-uid-base) to a range of {IDS_PER_REFLECTOR} ids of this reflector's own"
+            "every one of the {ranges} default uid ranges is held by another reflector on this host{}: set \
+             jail_uid_base (--jail-uid-base) to a range of {IDS_PER_REFLECTOR} ids of this reflector's own",
+            failed.unwrap_or_default()
         ))
     }
 
@@ -524,6 +528,9 @@ impl Jail {
                 (index, false)
             }
         };
+        if let Some(leaf) = jail.memory_leaves.get(index) {
+            leaf.leases.fetch_add(1, Ordering::AcqRel);
+        }
         Some(MemorySlot { jail: jail.clone(), index, held })
     }
 
@@ -539,10 +546,16 @@ impl Jail {
         text.lines().find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse().ok())
     }
 
-    /// Slot `index`'s CPU-time file (`cpu.stat`), a descriptor of its own;
-    /// None on cgroup v1.
-    fn cpu_stat(&self, index: usize) -> Option<File> {
-        self.memory_leaves.get(index)?.cpu.as_ref()?.try_clone().ok()
+    /// Slot `index`'s CPU-time file (`cpu.stat`), a descriptor of its own,
+    /// and its leases so far; None on cgroup v1.
+    fn cpu_stat(&self, index: usize) -> Option<(File, u64)> {
+        let leaf = self.memory_leaves.get(index)?;
+        Some((leaf.cpu.as_ref()?.try_clone().ok()?, leaf.leases.load(Ordering::Acquire)))
+    }
+
+    /// Slot `index`'s leases so far.
+    fn leases(&self, index: usize) -> u64 {
+        self.memory_leaves.get(index).map_or(0, |leaf| leaf.leases.load(Ordering::Acquire))
     }
 
     /// The program to exec once jailed.
@@ -595,26 +608,43 @@ impl MemorySlot {
         self.held
     }
 
-    /// Its cgroup's CPU time, to read while its driver VM runs: all of it
-    /// is that driver VM's, whatever processes it made (a vmm's own CPU
-    /// time leaves out a child it clones). None where the slot is shared
-    /// (its time is more than one driver VM's) or the kernel has no such
-    /// count (cgroup v1).
+    /// Its cgroup's CPU time, to read while its driver VM runs: that
+    /// driver VM's, whatever processes it made (a vmm's own CPU time leaves
+    /// out a child it clones), for as long as no other driver VM joins the
+    /// slot (`read` then fails: a kill storm made the slots shared, and
+    /// the newcomer's time is not this one's). None where the slot is
+    /// shared from the start or the kernel has no such count (cgroup v1).
+    /// Also counted: with `--user`, the keeper, which joins the cgroup
+    /// itself (a few system calls); and a previous occupant's last
+    /// teardown, in the unjudged first period.
     pub fn cpu_time(&self) -> Option<CgroupCpu> {
-        self.held.then(|| self.jail.cpu_stat(self.index)).flatten().map(CgroupCpu)
+        let (file, leases) = self.held.then(|| self.jail.cpu_stat(self.index)).flatten()?;
+        Some(CgroupCpu { file, jail: self.jail.clone(), index: self.index, leases })
     }
 }
 
-/// A cgroup's `cpu.stat`, open.
-pub struct CgroupCpu(File);
+/// A memory cgroup's `cpu.stat`, open, while one driver VM has it alone.
+pub struct CgroupCpu {
+    file: File,
+    jail: Arc<Jail>,
+    index: usize,
+    /// The slot's leases when its driver VM got it: more since means
+    /// another joined.
+    leases: u64,
+}
 
 impl CgroupCpu {
-    /// The CPU time of every process in it so far (`usage_usec`).
+    /// The CPU time of every process in it so far (`usage_usec`); an
+    /// error once another driver VM has joined it (a review found the
+    /// first version counted a newcomer's time as the holder's).
     pub fn read(&self) -> std::io::Result<std::time::Duration> {
         use std::os::unix::fs::FileExt;
+        if self.jail.leases(self.index) != self.leases {
+            return Err(std::io::Error::other("another driver VM shares its memory cgroup now"));
+        }
         // A few short lines.
         let mut buffer = [0u8; 1024];
-        let read = self.0.read_at(&mut buffer, 0)?;
+        let read = self.file.read_at(&mut buffer, 0)?;
         let text = std::str::from_utf8(buffer.get(..read).unwrap_or_default()).map_err(std::io::Error::other)?;
         text.lines()
             .find_map(|line| line.strip_prefix("usage_usec ")?.trim().parse().ok())
@@ -759,7 +789,8 @@ mod tests {
         drop(first);
         assert!(UidRangeClaim::claim(&claims, 0).unwrap().is_some(), "a range let go of stays held");
         let rest: Vec<UidRangeClaim> = (0..3).map(|_| UidRangeClaim::first_free(&dir, 4).unwrap()).collect();
-        assert_eq!(rest.iter().map(UidRangeClaim::base).collect::<Vec<_>>().len(), 3);
+        let step = |n: u32| DEFAULT_UID_BASE + n * IDS_PER_REFLECTOR;
+        assert_eq!(rest.iter().map(UidRangeClaim::base).collect::<Vec<_>>(), [step(0), step(2), step(3)]);
         let error = UidRangeClaim::first_free(&dir, 4).err().unwrap();
         assert!(error.contains("every one of the 4 default uid ranges is held"), "{error}");
         use std::os::unix::fs::PermissionsExt;
