@@ -885,18 +885,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("full.sock");
-        let listener = crate::sockets::listener_filled_by_one(&path);
-        let mut queued = Vec::new();
-        loop {
-            match crate::sockets::connect_within(&path, Duration::from_micros(1)) {
-                Ok(stream) => queued.push(stream),
-                Err(error) => {
-                    assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
-                    break;
-                }
-            }
-            assert!(queued.len() < 16, "the backlog never filled");
-        }
+        let (listener, queued) = crate::sockets::full_listener(&path);
         let (done, finished) = std::sync::mpsc::channel();
         let probe = path.clone();
         std::thread::spawn(move || {

@@ -299,12 +299,13 @@ fn connect(path: &Path, kind: libc::c_int, wait: Option<std::time::Duration>) ->
     Ok(socket)
 }
 
-/// A listener at `path` whose backlog holds one connection (`listen(2)`
-/// with 0): filled by one connection never accepted. std's listeners take
-/// the host's most (`somaxconn`, 4096), which a test filled only with
-/// more descriptors than a common limit allows (a review found it).
+/// A listener at `path` that never accepts, its backlog full, and the
+/// connections that fill it. Its backlog holds one (`listen(2)` with 0):
+/// std's listeners take the host's most (`somaxconn`, 4096), which a test
+/// filled only with more descriptors than a common limit allows (a review
+/// found it).
 #[cfg(test)]
-pub(crate) fn listener_filled_by_one(path: &Path) -> UnixListener {
+pub(crate) fn full_listener(path: &Path) -> (UnixListener, Vec<std::os::fd::OwnedFd>) {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
     let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -324,7 +325,17 @@ pub(crate) fn listener_filled_by_one(path: &Path) -> UnixListener {
         assert_eq!(libc::bind(fd, std::ptr::addr_of!(address).cast(), length), 0, "bind");
         assert_eq!(libc::listen(fd, 0), 0, "listen");
     }
-    listener
+    let mut queued = Vec::new();
+    loop {
+        match connect_nonblocking(path, libc::SOCK_STREAM) {
+            Ok(socket) => queued.push(socket),
+            Err(error) => {
+                assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
+                break (listener, queued);
+            }
+        }
+        assert!(queued.len() < 16, "the backlog never filled");
+    }
 }
 
 /// Longest socket path a client can connect to (`sun_path`, less its NUL).
@@ -717,19 +728,7 @@ mod tests {
     fn a_listener_with_a_full_backlog_is_in_use_not_a_hang() {
         let dir = scratch("backlog");
         let path = dir.join("full.sock");
-        let listener = listener_filled_by_one(&path);
-        // Connections it never accepts, until its backlog is full.
-        let mut queued = Vec::new();
-        loop {
-            match connect_nonblocking(&path, libc::SOCK_STREAM) {
-                Ok(socket) => queued.push(socket),
-                Err(error) => {
-                    assert_eq!(error.raw_os_error(), Some(libc::EAGAIN), "{error}");
-                    break;
-                }
-            }
-            assert!(queued.len() < 16, "the backlog never filled");
-        }
+        let (listener, queued) = full_listener(&path);
         let (done, finished) = std::sync::mpsc::channel();
         let probe = path.clone();
         std::thread::spawn(move || {
