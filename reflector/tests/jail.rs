@@ -669,15 +669,27 @@ fn a_driver_vms_cpu_time_counts_the_processes_its_vmm_makes() {
     };
     let launcher = DriverLauncher::new(spec, Vec::new(), Vec::new(), Vec::new(), 0, exited.try_clone().unwrap());
     let vm = launcher.launch(&mut |_| Ok(())).unwrap();
+    let own = || reflector::driver_watch::process_cpu_time(vm.pid()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.cpu_time().unwrap() < Duration::from_millis(500) {
-        assert!(vm.exit_report().is_none(), "the spinning vmm ended: {:?}", vm.exit_report());
-        assert!(Instant::now() < deadline, "its child's spinning was not counted: {:?}", vm.cpu_time());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let own = reflector::driver_watch::process_cpu_time(vm.pid()).unwrap();
-    let counted = vm.cpu_time().unwrap();
-    assert!(own * 4 < counted, "the vmm itself took {own:?} of {counted:?}: its child did not spin apart from it");
+    // Until what `beyond` says of the count reaches `more`.
+    let wait_for = |more: Duration, beyond: &dyn Fn() -> Duration| {
+        while vm.cpu_time().unwrap().saturating_sub(beyond()) < more {
+            assert!(vm.exit_report().is_none(), "the spinning vmm ended: {:?}", vm.exit_report());
+            assert!(Instant::now() < deadline, "its child's spinning was not counted: {:?}", vm.cpu_time());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // Past its start, however slow the machine: the count holds 100 ms
+    // more than the vmm's own, its child's (cloned after the start, the vmm
+    // then sleeping on its standard input).
+    wait_for(Duration::from_millis(100), &own);
+    let (own_before, counted_before) = (own(), vm.cpu_time().unwrap());
+    wait_for(Duration::from_millis(500), &|| counted_before);
+    let (own_grew, counted_grew) = (own() - own_before, vm.cpu_time().unwrap() - counted_before);
+    assert!(
+        own_grew * 4 < counted_grew,
+        "the vmm itself took {own_grew:?} of {counted_grew:?}: its child did not spin apart from it"
+    );
     assert!(vm.kill_and_wait(Duration::from_secs(10)), "the vmm did not end when killed");
     assert!(vm.wait_released(Duration::from_secs(10)), "the vmm was not reaped");
 }
