@@ -967,10 +967,7 @@ impl<K: DeviceKind> Device<K> {
         if self.kind.in_driver() > 0 {
             core.watch.note_busy();
         }
-        let cpu = match core.drivers.current_cpu_time() {
-            Some((current, cpu)) if current == pid => cpu,
-            _ => return,
-        };
+        let Some(cpu) = core.drivers.current_cpu_time() else { return };
         if let Some(abuse) = core.watch.look(pid, cpu, core.rings, core.answers, self.kind.work()) {
             core.metrics.abuses.fetch_add(1, Ordering::Relaxed);
             self.handle(vrings, Event::Fault(Fault::Abuse(abuse.to_string())));

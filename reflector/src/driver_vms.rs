@@ -204,9 +204,9 @@ impl DriverVms {
         &self.request_interrupt
     }
 
-    /// The current driver VM's pid and the CPU time it has used so far.
-    pub fn current_cpu_time(&self) -> Option<(libc::pid_t, std::io::Result<std::time::Duration>)> {
-        self.current.as_ref().map(|current| (current.pid(), current.cpu_time()))
+    /// The CPU time the current driver VM has used so far.
+    pub fn current_cpu_time(&self) -> Option<std::io::Result<std::time::Duration>> {
+        self.current.as_ref().map(|current| current.cpu_time())
     }
 
     /// The current driver VM's pid, if one runs.

@@ -254,17 +254,7 @@ pub fn connect_within(path: &Path, wait: std::time::Duration) -> std::io::Result
 /// `path`; with a send timeout of `wait` set first, which bounds the
 /// kernel's wait for room in the listener's backlog (EAGAIN once passed).
 fn connect(path: &Path, kind: libc::c_int, wait: Option<std::time::Duration>) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
-    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if bytes.len() >= address.sun_path.len() {
-        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
-    }
-    for (to, from) in address.sun_path.iter_mut().zip(bytes) {
-        *to = *from as libc::c_char;
-    }
+    let address = unix_address(path)?;
     // SAFETY: socket(2) with constant arguments; checked below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -291,12 +281,30 @@ fn connect(path: &Path, kind: libc::c_int, wait: Option<std::time::Duration>) ->
             return Err(std::io::Error::last_os_error());
         }
     }
-    let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-    // SAFETY: connect(2) with an initialised sockaddr_un of `length`.
-    if unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), length) } != 0 {
+    // SAFETY: connect(2) with an initialised sockaddr_un of its length.
+    if unsafe { libc::connect(socket.as_raw_fd(), std::ptr::addr_of!(address).cast(), UNIX_ADDRESS_LEN) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(socket)
+}
+
+/// The length of a `sockaddr_un`, as `connect(2)` and `bind(2)` take it.
+const UNIX_ADDRESS_LEN: libc::socklen_t = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+
+/// The address of the socket at `path` (ENAMETOOLONG if it does not fit).
+fn unix_address(path: &Path) -> std::io::Result<libc::sockaddr_un> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if bytes.len() >= address.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (to, from) in address.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    Ok(address)
 }
 
 /// A listener at `path` that never accepts, its backlog full, and the
@@ -306,23 +314,16 @@ fn connect(path: &Path, kind: libc::c_int, wait: Option<std::time::Duration>) ->
 /// found it).
 #[cfg(test)]
 pub(crate) fn full_listener(path: &Path) -> (UnixListener, Vec<std::os::fd::OwnedFd>) {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
-    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (to, from) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-        *to = *from as libc::c_char;
-    }
+    let address = unix_address(path).unwrap();
     // SAFETY: socket(2) with constant arguments; checked below.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor this owns from here on.
     let listener = unsafe { <UnixListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
     // SAFETY: bind(2) and listen(2) on our socket, with an initialised
-    // sockaddr_un of `length`.
+    // sockaddr_un of its length.
     unsafe {
-        assert_eq!(libc::bind(fd, std::ptr::addr_of!(address).cast(), length), 0, "bind");
+        assert_eq!(libc::bind(fd, std::ptr::addr_of!(address).cast(), UNIX_ADDRESS_LEN), 0, "bind");
         assert_eq!(libc::listen(fd, 0), 0, "listen");
     }
     let mut queued = Vec::new();
@@ -521,15 +522,9 @@ mod tests {
     /// Connects to `path` as `uid`:`gid` from a child process: 0 connected,
     /// 1 refused for permission, 2 anything else.
     fn connect_as(path: &Path, uid: u32, gid: u32) -> i32 {
-        use std::os::unix::ffi::OsStrExt;
         // Everything the child needs is made before the fork: it only
         // makes system calls.
-        // SAFETY: a zeroed sockaddr_un is valid; the path is copied below.
-        let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        address.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        for (to, from) in address.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
-            *to = *from as libc::c_char;
-        }
+        let address = unix_address(path).unwrap();
         // SAFETY: fork(2); the child calls only async-signal-safe system
         // calls and _exit.
         let pid = unsafe { libc::fork() };
@@ -543,8 +538,7 @@ mod tests {
                     libc::_exit(3);
                 }
                 let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-                if libc::connect(fd, std::ptr::addr_of!(address).cast(), length) == 0 {
+                if libc::connect(fd, std::ptr::addr_of!(address).cast(), UNIX_ADDRESS_LEN) == 0 {
                     libc::_exit(0);
                 }
                 libc::_exit(if *libc::__errno_location() == libc::EACCES { 1 } else { 2 });
