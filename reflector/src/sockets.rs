@@ -525,23 +525,38 @@ mod tests {
         // Everything the child needs is made before the fork: it only
         // makes system calls.
         let address = unix_address(path).unwrap();
-        // SAFETY: fork(2); the child calls only async-signal-safe system
-        // calls and _exit.
-        let pid = unsafe { libc::fork() };
+        // A fork that shares this process's descriptor table (a clone with
+        // CLONE_FILES and no stack of its own): a plain fork held a copy of
+        // every descriptor, the other tests' lock files included, until it
+        // ended, and a test running beside this one found its lock still
+        // held (CI found it). Its credentials are changed by raw system
+        // calls, which change only the calling task.
+        // SAFETY: clone(2) as fork (a copy of this address space, the
+        // child on a copy of this stack); the child makes only system
+        // calls, closes the one descriptor it opens, and _exits.
+        let pid = unsafe {
+            libc::syscall(libc::SYS_clone, libc::CLONE_FILES | libc::SIGCHLD, 0usize, 0usize, 0usize, 0usize)
+        } as libc::pid_t;
         if pid == 0 {
             // SAFETY: the child's own credentials and a socket it owns.
             unsafe {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setresgid(gid, gid, gid) != 0
-                    || libc::setresuid(uid, uid, uid) != 0
+                if libc::syscall(libc::SYS_setgroups, 0usize, 0usize) != 0
+                    || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                    || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
                 {
                     libc::_exit(3);
                 }
                 let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                if libc::connect(fd, std::ptr::addr_of!(address).cast(), UNIX_ADDRESS_LEN) == 0 {
-                    libc::_exit(0);
-                }
-                libc::_exit(if *libc::__errno_location() == libc::EACCES { 1 } else { 2 });
+                let connected = libc::connect(fd, std::ptr::addr_of!(address).cast(), UNIX_ADDRESS_LEN) == 0;
+                let refused = *libc::__errno_location() == libc::EACCES;
+                libc::close(fd);
+                libc::_exit(if connected {
+                    0
+                } else if refused {
+                    1
+                } else {
+                    2
+                });
             }
         }
         assert!(pid > 0, "fork failed");
