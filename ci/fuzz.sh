@@ -73,6 +73,10 @@ PY
         crash_report)
             cp ../target/guest/x86_64-unknown-linux-gnu/release/faulty "$dir/faulty" 2>/dev/null || true
             printf '%s' '{"vm":"d0","outcome":"stopped","location":{"function":"run","file":"/src/channel.rs","line":239},"build_id":"ab12"}' >"$dir/report" ;;
+        qtest_answers)
+            # The first byte picks each command's kind (a bit each: readl or
+            # writel); then what QEMU sends: notices and answers.
+            printf '\xffIRQ raise 16\nOK 0x2a\nIRQ lower 16\nOK 0xffffffff\nFAIL\nOK\n' >"$dir/conversation" ;;
         control)
             local n=0
             for line in '{"request":"status"}' '{"request":"metrics"}' \

@@ -23,6 +23,7 @@ pub mod bench;
 pub mod config;
 pub mod console;
 pub mod error;
+pub mod guest_ending;
 pub mod hosted;
 pub mod image;
 pub mod memory;

@@ -1,6 +1,7 @@
 //! The vCPU run loop: the one place that interprets what the guest does when
 //! it exits to the vmm (hypercalls, console, faults) and turns it into an
-//! [`Outcome`].
+//! [`Outcome`]; what a guest that ends left in its memory (panic message,
+//! exception frame, backtrace) is read by [`crate::guest_ending`].
 //!
 //! Everything read here comes from the guest and is untrusted: lengths are
 //! clamped, guest memory reads are bounds-checked by vm-memory, and text is
@@ -15,18 +16,15 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
-use guest_abi::{self as abi, port, ExceptionFrame, Plain};
+use guest_abi::{self as abi, port};
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::Console;
-use crate::outcome::{sanitize, Frame, Outcome, Registers};
-use crate::symbols;
-
-/// Page-fault error code bit: the fault was an instruction fetch.
-const PF_INSTRUCTION_FETCH: u64 = 1 << 4;
+use crate::guest_ending;
+use crate::outcome::{Outcome, Registers};
 
 /// COM1 line status: transmitter holding register and shift register empty.
 const LSR_TX_EMPTY: u8 = 0x60;
@@ -320,30 +318,6 @@ impl Vcpu {
         }
     }
 
-    /// `rip` and the return addresses on the ring-3 stack's frame-pointer
-    /// chain from `rbp`.
-    fn backtrace(&self, rip: u64, rbp: u64) -> Vec<Frame> {
-        let stack = abi::stack_guard(self.ram_size).1..self.ram_size;
-        std::iter::once(rip).chain(symbols::return_addresses(&self.memory, rbp, stack)).map(Frame::at).collect()
-    }
-
-    /// The backtrace of an exception. The stubs leave rbp alone: it is the
-    /// faulting code's. A fetch that faulted (a call through a bad
-    /// pointer) has not built a frame yet: its caller's return address is
-    /// at the top of the stack.
-    fn exception_backtrace(&self, frame: &ExceptionFrame, rbp: u64) -> Vec<Frame> {
-        let mut frames = self.backtrace(frame.rip, rbp);
-        let stack = abi::stack_guard(self.ram_size).1..self.ram_size;
-        let fetch = frame.vector == 14 && frame.error_code & PF_INSTRUCTION_FETCH != 0;
-        if fetch && stack.contains(&frame.rsp) {
-            let mut raw = [0u8; 8];
-            if self.memory.read_slice(&mut raw, GuestAddress(frame.rsp)).is_ok() {
-                frames.insert(1, Frame::at(u64::from_le_bytes(raw)));
-            }
-        }
-        frames
-    }
-
     /// Where the vCPU is (it must not be running): for a supervisor that
     /// asked before killing it.
     pub fn stopped_here(&self) -> Outcome {
@@ -369,7 +343,12 @@ impl Vcpu {
             r14: regs.r14,
             r15: regs.r15,
         });
-        Outcome::Stopped { ring, location: None, backtrace: self.backtrace(regs.rip, regs.rbp), registers }
+        Outcome::Stopped {
+            ring,
+            location: None,
+            backtrace: guest_ending::backtrace(&self.memory, self.ram_size, regs.rip, regs.rbp),
+            registers,
+        }
     }
 
     /// Runs until the guest ends, signals ready (if asked), or `stop` is set.
@@ -494,45 +473,16 @@ impl Vcpu {
     }
 
     fn panic(&self, length: u32) -> Outcome {
-        let length = (length as usize).min(abi::PANIC_BUF_LEN);
-        let mut message = vec![0u8; length];
-        if self.memory.read_slice(&mut message, GuestAddress(abi::PANIC_BUF_GPA)).is_err() {
-            message.clear();
-        }
-        // The panic handler's `out`: its frame chain leads to the caller.
         let regs = self.fd.get_regs().unwrap_or_default();
-        let backtrace = self.backtrace(regs.rip, regs.rbp).into_iter().skip(1).collect();
-        Outcome::Panic { message: sanitize(&message), backtrace }
+        guest_ending::panic(&self.memory, self.ram_size, length, regs.rip, regs.rbp)
     }
 
     /// Reads the frame the exception stub left on the ring-0 stack.
     fn exception(&self) -> Outcome {
         let regs = self.fd.get_regs().unwrap_or_default();
-        let rsp = regs.rsp;
-        let mut raw = [0u8; std::mem::size_of::<ExceptionFrame>()];
-        let frame = match self.memory.read_slice(&mut raw, GuestAddress(rsp)) {
-            Ok(()) => ExceptionFrame::from_bytes(&raw).unwrap_or_default(),
-            Err(_) => {
-                return Outcome::InternalError {
-                    reason: format!("exception reported with an unreadable stack at {rsp:#x}"),
-                }
-            }
-        };
-        let fault_address = (frame.vector == 14).then(|| self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0));
-        let (guard_start, guard_end) = abi::stack_guard(self.ram_size);
-        let stack_overflow = fault_address.is_some_and(|address| (guard_start..guard_end).contains(&address));
-        Outcome::Exception {
-            vector: frame.vector,
-            name: abi::exception_name(frame.vector).into(),
-            rip: frame.rip,
-            error_code: frame.error_code,
-            fault_address,
-            ring: (frame.cs & 3) as u8,
-            // Filled in by the caller, which holds the image.
-            location: None,
-            stack_overflow,
-            backtrace: self.exception_backtrace(&frame, regs.rbp),
-        }
+        guest_ending::exception(&self.memory, self.ram_size, regs.rsp, regs.rbp, || {
+            self.fd.get_sregs().map(|s| s.cr2).unwrap_or(0)
+        })
     }
 
     fn internal_error(&mut self) -> Outcome {
