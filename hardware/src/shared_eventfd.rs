@@ -136,13 +136,6 @@ pub fn prepare() -> io::Result<()> {
              run on Linux 5.12 or later"
         );
     }
-    if !says_semaphore_mode() {
-        tracing::warn!(
-            "this kernel does not say which eventfds are in semaphore mode (Linux before 6.7): a client can give \
-             a semaphore eventfd with a large count as a queue's kick, which stays readable after each read and \
-             keeps that device's worker busy; run on Linux 6.7 or later"
-        );
-    }
     notifier().map(|_| ()).map_err(|why| {
         io::Error::other(format!(
             "cannot create the AIO context eventfd signals go through ({why}): is fs.aio-max-nr reached? \
@@ -151,20 +144,27 @@ pub fn prepare() -> io::Result<()> {
     })
 }
 
-/// Whether this kernel says which eventfds are in semaphore mode
-/// (`eventfd-semaphore:` in `/proc/self/fdinfo`, Linux 6.7): else the
-/// vhost-user check that refuses a semaphore eventfd as a queue's kick
-/// (`third_party/vhost`, PATCHED.md) lets it pass.
-pub fn says_semaphore_mode() -> bool {
-    // SAFETY: eventfd(2) with constant flags; checked below.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
-    if fd < 0 {
-        return false;
+/// Whether a read of `eventfd` takes its whole count, as a kick's must, on
+/// any kernel. An eventfd in semaphore mode gives 1 a read and stays
+/// readable: a worker woken by one with a large count is woken again for
+/// ever, a reflector core the client pays nothing for. Linux 6.7 and later
+/// say which eventfds are (`eventfd-semaphore:` in `/proc/self/fdinfo`,
+/// the vhost-user check, `third_party/vhost`), older kernels do not, and a
+/// review found the refusal promised for every kernel. So: add 2 without
+/// waiting ([`signal`]) and take the count ([`take`]). A plain eventfd
+/// gives at least 2 (what it held, and whatever its writer added), a
+/// semaphore exactly 1; and 0 means the other holder read it in between,
+/// which no frontend does with a kick it handed over: false too. What the
+/// read took from a plain one (a frontend's first kick, say) is given back
+/// as one kick.
+pub fn reads_whole_count(eventfd: RawFd) -> io::Result<bool> {
+    signal(eventfd)?;
+    signal(eventfd)?;
+    let whole = take(eventfd)? >= 2;
+    if whole {
+        signal(eventfd)?;
     }
-    // SAFETY: a fresh descriptor this owns, closed when dropped.
-    let probe = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", probe.as_raw_fd()))
-        .is_ok_and(|info| info.lines().any(|line| line.replace(' ', "") == "eventfd-semaphore:1"))
+    Ok(whole)
 }
 
 /// Whether this kernel's eventfds take `preadv2(RWF_NOWAIT)` (Linux 5.12):
@@ -369,15 +369,35 @@ mod tests {
     #[test]
     fn this_kernel_takes_eventfds_without_waiting() {
         assert!(takes_without_waiting());
-        // And says which are semaphores (Linux 6.7), which the refusal of
-        // a semaphore kick needs; older kernels are warned about at start.
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut numbers = release.trim().split(['.', '-']).map(|n| n.parse::<u32>().unwrap_or(0));
-        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-        if version >= (6, 7) {
-            assert!(says_semaphore_mode(), "Linux {release} should say which eventfds are semaphores");
-        } else {
-            eprintln!("Linux {}: it does not say which eventfds are semaphores (6.7 does)", release.trim());
+    }
+
+    /// A semaphore eventfd is told from a plain one by reading, not by
+    /// what the kernel says of it (Linux 6.7 and later only), and a plain
+    /// one keeps a kick: whatever it held before is not lost.
+    #[test]
+    fn an_eventfd_in_semaphore_mode_is_told_by_reading_it() {
+        for held in [0, 1, 5, u64::MAX - 2] {
+            let semaphore = eventfd(0, libc::EFD_NONBLOCK | libc::EFD_SEMAPHORE);
+            let plain = eventfd(0, libc::EFD_NONBLOCK);
+            for target in [&semaphore, &plain] {
+                if held > 0 {
+                    // SAFETY: write(2) of the 8 bytes of a local.
+                    assert_eq!(unsafe { libc::write(target.as_raw_fd(), (&raw const held).cast(), 8) }, 8);
+                }
+            }
+            assert!(!reads_whole_count(semaphore.as_raw_fd()).unwrap(), "a semaphore holding {held} passed");
+            assert!(reads_whole_count(plain.as_raw_fd()).unwrap(), "a plain eventfd holding {held} was refused");
+            assert_eq!(take(plain.as_raw_fd()).unwrap(), 1, "holding {held}: the kick given back");
+        }
+        // Not an eventfd at all: an error, never a pass.
+        let mut pipe = [0; 2];
+        // SAFETY: pipe2(2) into a local array; both ends closed below.
+        assert_eq!(unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }, 0);
+        assert!(!reads_whole_count(pipe[0]).unwrap_or(false));
+        // SAFETY: closing the two ends made above.
+        unsafe {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
         }
     }
 

@@ -212,7 +212,7 @@ impl VringT<Memory> for ClientVring {
         // See `reconfigured_while_served`: the new descriptor (if any) is
         // closed.
         if !self.refused_while_served() {
-            self.0.set_kick(file)
+            self.0.set_kick(file.filter(takes_whole_count))
         }
     }
 
@@ -234,6 +234,27 @@ impl VringT<Memory> for ClientVring {
     fn set_err(&self, file: Option<File>) {
         self.0.set_err(file)
     }
+}
+
+/// Whether a kick may be taken: a read of it takes its whole count, on any
+/// kernel ([`hardware::shared_eventfd::reads_whole_count`]). A kick that
+/// is refused is closed, and its queue is never served (it never becomes
+/// ready): a semaphore eventfd with a large count would wake the worker
+/// for ever, a reflector core the client pays nothing for. On Linux 6.7
+/// and later the vhost-user handler refuses one first, and ends the
+/// connection (`third_party/vhost`, PATCHED.md).
+fn takes_whole_count(kick: &File) -> bool {
+    let why = match hardware::shared_eventfd::reads_whole_count(kick.as_raw_fd()) {
+        Ok(true) => return true,
+        Ok(false) => {
+            "a read of it does not take its whole count (an eventfd in semaphore mode, or one the client reads \
+                      itself)"
+                .to_owned()
+        }
+        Err(error) => format!("it cannot be signalled and read without waiting ({error})"),
+    };
+    tracing::warn!("refusing a client's kick: {why}; its queue is not served");
+    false
 }
 
 /// Consumes a kick eventfd's count if it has one; returns at once if not,
@@ -260,6 +281,23 @@ mod tests {
         assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
         // SAFETY: a fresh descriptor this owns from here on.
         unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// A kick in semaphore mode is refused on any kernel, not only where
+    /// the vhost-user handler is told by the kernel (Linux 6.7): its queue
+    /// never becomes ready, so the worker never waits on it. A plain one is
+    /// taken, and a kick it held is kept.
+    #[test]
+    fn a_semaphore_kick_is_refused_on_any_kernel() {
+        let memory = vm_memory::GuestMemoryMmap::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let vring = ClientVring::new(GuestMemoryAtomic::new(memory), 256).unwrap();
+        let semaphore = eventfd(1 << 30, libc::EFD_SEMAPHORE);
+        vring.set_kick(Some(File::from(semaphore.try_clone().unwrap())));
+        assert!(vring.get_ref().get_kick().is_none(), "a semaphore kick was taken");
+        let plain = eventfd(1, 0);
+        vring.set_kick(Some(File::from(plain.try_clone().unwrap())));
+        assert!(vring.get_ref().get_kick().is_some(), "a plain kick was refused");
+        assert_eq!(hardware::shared_eventfd::take(plain.as_raw_fd()).unwrap(), 1, "the kick it held was lost");
     }
 
     /// A queue's kick may be replaced while the queue is stopped or
