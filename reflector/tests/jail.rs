@@ -933,11 +933,31 @@ fn a_vmm_that_ignores_its_lifeline_does_not_outlive_a_killed_reflector() {
             .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
     };
     assert!(alive(vmm), "the driver VM {vmm} is not running");
+    // The keeper holds the reflector's uid range claim until its vmm has
+    // ended: a reflector started meanwhile cannot take the range, and with
+    // it uids a process of the dead one may still run under.
+    let keeper = status_line(vmm as u64, "PPid:");
+    let claim = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .find(|target| target.starts_with(reflector::jail::UID_RANGE_CLAIMS))
+        .unwrap_or_else(|| panic!("the keeper {keeper} of vmm {vmm} holds no uid range claim"));
+    let range: u32 = claim.file_name().unwrap().to_str().unwrap().parse().unwrap();
+    let claims: std::os::fd::OwnedFd = std::fs::File::open(reflector::jail::UID_RANGE_CLAIMS).unwrap().into();
     let cgroups = common::DeviceCgroups::of(reflector.child.id());
     reflector.child.kill().unwrap();
     reflector.child.wait().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while alive(vmm) {
+    loop {
+        // The claim first, then whether the vmm still runs: its keeper
+        // ends only after it, so a vmm seen running after the try means
+        // the keeper held the claim during it.
+        let taken = reflector::jail::UidRangeClaim::claim(&claims, range).unwrap();
+        if !alive(vmm) {
+            break;
+        }
+        assert!(taken.is_none(), "uid range {range} was taken while its vmm {vmm} still ran");
         assert!(std::time::Instant::now() < deadline, "the vmm {vmm} outlived the killed reflector");
         std::thread::yield_now();
     }

@@ -449,14 +449,10 @@ fn keep(
     }
     // The vmm's descriptors, standard streams and the reflector's
     // exec-error pipe are the vmm's business: the keeper holds none of them,
-    // so the pipes close when the vmm ends.
-    // SAFETY: close_range(2) over plain numbers.
-    unsafe {
-        if lifeline > 0 {
-            libc::syscall(libc::SYS_close_range, 0u32, (lifeline - 1) as u32, 0u32);
-        }
-        libc::syscall(libc::SYS_close_range, (lifeline + 1) as u32, u32::MAX, 0u32);
-    }
+    // so the pipes close when the vmm ends. It keeps its lifeline, and the
+    // reflector's uid range claim, held until the vmm has ended
+    // (`super::uid_range_claim_fd`).
+    close_all_but([lifeline, super::uid_range_claim_fd().unwrap_or(-1)]);
     outlive_no_reflector(vmm, reflector);
     let mut status = 0;
     loop {
@@ -471,6 +467,23 @@ fn keep(
         }
     }
     end_as(status)
+}
+
+/// Closes every descriptor of this process but those in `kept` (-1: none),
+/// with close_range(2) over the gaps between them; async-signal-safe.
+fn close_all_but<const N: usize>(mut kept: [RawFd; N]) {
+    kept.sort_unstable();
+    let mut from = 0u32;
+    for fd in kept {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd > from {
+            // SAFETY: close_range(2) over plain numbers.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0u32) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: close_range(2) over plain numbers.
+    unsafe { libc::syscall(libc::SYS_close_range, from, u32::MAX, 0u32) };
 }
 
 /// Returns once the vmm has ended, killing it first if the reflector ends

@@ -106,7 +106,6 @@ pub const UID_RANGE_CLAIMS: &str = "/run/driver-vms-uid-ranges";
 /// reflectors whose pids differed by a multiple of 100,000 shared every
 /// uid (a review found it).
 pub fn default_uid_base() -> Result<u32, JailError> {
-    static CLAIMED: std::sync::OnceLock<Result<(u32, UidRangeClaim), String>> = std::sync::OnceLock::new();
     let claimed = CLAIMED.get_or_init(|| {
         UidRangeClaim::first_free(Path::new(UID_RANGE_CLAIMS), DEFAULT_RANGES).map(|claim| (claim.base(), claim))
     });
@@ -114,6 +113,22 @@ pub fn default_uid_base() -> Result<u32, JailError> {
         Ok((base, _)) => Ok(*base),
         Err(why) => Err(JailError::Io { what: why.clone(), source: std::io::Error::other("no default uid range") }),
     }
+}
+
+/// This reflector's default uid range, once claimed ([`default_uid_base`]).
+static CLAIMED: std::sync::OnceLock<Result<(u32, UidRangeClaim), String>> = std::sync::OnceLock::new();
+
+/// The descriptor of this reflector's default uid range claim, if it holds
+/// one. Each keeper keeps it open until its vmm or QEMU has ended
+/// (`child::keep`): the lock belongs to the open file description, which
+/// the kernel lets go of only when its last descriptor closes, so the
+/// range stays held while any process of it may still run. Before, it was
+/// let go of when the reflector died, while its keepers were still
+/// killing their processes, and a new reflector could take the range (and
+/// its uids) within those milliseconds (a review found it). Only an atomic
+/// load: safe in a forked child.
+pub fn uid_range_claim_fd() -> Option<RawFd> {
+    CLAIMED.get().and_then(|claimed| claimed.as_ref().ok()).map(|(_, claim)| claim._lock.as_raw_fd())
 }
 
 /// A default uid range held by this process: an open-file-description
