@@ -68,6 +68,14 @@ impl MutEventSubscriber for VcpuDone {
     }
 }
 
+/// How long the vCPU thread has to end once the watchdog stopped it. A
+/// kick ends `KVM_RUN` within microseconds; a thread blocked elsewhere (a
+/// console line written into a full pipe that nobody reads: standard
+/// error, a `--console` FIFO) does not end, and without a bound `--timeout`
+/// did not hold (an adversarial review found it). Past this, the guest is
+/// reported timed out without the thread, which ends with the process.
+const STOPPED_VCPU_GRACE: Duration = Duration::from_secs(1);
+
 /// The byte a supervisor writes on standard input to stop the guest where
 /// it is and have it reported (outcome `stopped`: registers, location,
 /// backtrace), before it kills a driver VM that missed its deadline.
@@ -319,8 +327,23 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
             vcpu: VcpuKick { thread: pthread_of(&handle), finished: finished.clone() },
         }));
     }
+    let mut given_up_at = None;
     while !finished.load(Ordering::Acquire) {
-        manager.run().map_err(|e| Error::Io {
+        let ran = match expired.load(Ordering::Acquire) {
+            false => manager.run(),
+            // The watchdog stopped the vCPU: its thread ends within
+            // microseconds of the kick, unless something it does blocks.
+            true => {
+                let deadline = *given_up_at.get_or_insert_with(|| Instant::now() + STOPPED_VCPU_GRACE);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    // Not logged: the log may be the very pipe it blocks on.
+                    return Ok(RunResult { outcome: timeout(&options.timeout), ready_at: None });
+                }
+                manager.run_with_timeout(i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX))
+            }
+        };
+        ran.map_err(|e| Error::Io {
             operation: "running the event loop".into(),
             source: std::io::Error::other(format!("{e:?}")),
         })?;
@@ -331,9 +354,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
     })?;
     let outcome = match stop_reason {
         VcpuStop::Ended(outcome) => outcome,
-        VcpuStop::Stopped | VcpuStop::Ready if expired.load(Ordering::Acquire) => {
-            Outcome::Timeout { after_ms: options.timeout.unwrap_or_default().as_millis() as u64 }
-        }
+        VcpuStop::Stopped | VcpuStop::Ready if expired.load(Ordering::Acquire) => timeout(&options.timeout),
         VcpuStop::Stopped | VcpuStop::Ready => {
             Outcome::InternalError { reason: "the vCPU stopped without a reason".into() }
         }
@@ -361,4 +382,9 @@ fn wait_for_watchdog(
         })?;
     }
     Ok(Outcome::Timeout { after_ms: timeout.as_millis() as u64 })
+}
+
+/// The outcome of a guest the watchdog stopped.
+fn timeout(timeout: &Option<Duration>) -> Outcome {
+    Outcome::Timeout { after_ms: timeout.unwrap_or_default().as_millis() as u64 }
 }

@@ -18,6 +18,8 @@
 //!   guest sleeps with a hypercall, never by halting).
 //! - `poke-pic`: writes the PIC's command port (a driver VM has no
 //!   interrupt controller: an invalid access).
+//! - `ready-flood`: says it is ready again and again.
+//! - `console-flood`: prints console lines without end.
 //! - `exit=N`: exits with code N.
 //!
 //! Tests find the planted bugs' lines by the `planted:` comments.
@@ -46,6 +48,7 @@ enum Failure {
     Halt,
     PokePic,
     ReadyFlood,
+    ConsoleFlood,
     Exit(u32),
 }
 
@@ -71,11 +74,12 @@ impl Driver for Faulty {
             "halt" => Failure::Halt,
             "poke-pic" => Failure::PokePic,
             "ready-flood" => Failure::ReadyFlood,
+            "console-flood" => Failure::ConsoleFlood,
             other => match other.strip_prefix("exit=").and_then(|code| code.parse().ok()) {
                 Some(code) => Failure::Exit(code),
                 None => {
                     return Err(Error::BadCommandLine(
-                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog, halt, poke-pic, ready-flood or exit=N",
+                        "expected panic, page-fault, illegal, write-idt, write-code, execute-stack, stack-overflow, hang, write-window, hog, halt, poke-pic, ready-flood, console-flood or exit=N",
                     ))
                 }
             },
@@ -117,6 +121,7 @@ impl Driver for Faulty {
                 core::arch::asm!("out dx, al", in("dx") 0x20u16, in("al") 0x20u8, options(nostack, nomem))
             },
             Failure::ReadyFlood => ready_flood(),
+            Failure::ConsoleFlood => console_flood(),
             Failure::Exit(code) => return Ok(code),
         };
         Err(Error::Device("the requested failure did not happen"))
@@ -184,6 +189,15 @@ fn ready_flood() -> ! {
         unsafe {
             core::arch::asm!("out dx, al", in("dx") driver_vm::kernel::abi::port::READY, in("al") 1u8, options(nostack, nomem))
         };
+    }
+}
+
+/// Prints console lines without end.
+fn console_flood() -> ! {
+    let mut line = 0u64;
+    loop {
+        driver_vm::println!("faulty: flooding the console, line {line}");
+        line += 1;
     }
 }
 
