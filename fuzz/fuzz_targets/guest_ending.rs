@@ -2,7 +2,8 @@
 //! panic message in the panic buffer, the exception frame at the guest's
 //! `rsp`, and the backtrace along its frame-pointer chain, all guest
 //! memory and registers the fuzzer sets; then the report line the vmm
-//! prints, as the reflector reads it (`supervisor::crash_site`).
+//! prints, with any source location, as the reflector reads it
+//! (`supervisor::crash_site`).
 //!
 //! Besides "no panic": the walk is bounded, the message carries no
 //! control characters, a stack overflow is claimed only for a fault in
@@ -15,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::guest_ending;
 use vmm::outcome::{Outcome, Report};
-use vmm::symbols::MAX_FRAMES;
+use vmm::symbols::{Location, MAX_FRAMES};
 
 #[derive(Arbitrary, Debug)]
 struct Ending {
@@ -34,6 +35,11 @@ struct Ending {
     stack: Vec<u8>,
     /// Written at `rsp`: the exception frame.
     frame: Vec<u8>,
+    /// Where an exception is said to be, as an image's line tables could
+    /// name it (any bytes: the image is the driver's too).
+    function: Option<String>,
+    file: String,
+    line: u32,
 }
 
 /// `value` below the top of RAM (within the top 512 KiB: the ring-3 stack
@@ -59,11 +65,14 @@ fuzz_target!(|ending: Ending| {
         memory.write_slice(frame, GuestAddress(rsp)).expect("checked to fit");
     }
 
-    let outcome = if ending.exception {
+    let mut outcome = if ending.exception {
         guest_ending::exception(&memory, ram_size, rsp, rbp, || ending.cr2)
     } else {
         guest_ending::panic(&memory, ram_size, ending.length, ending.rip, rbp)
     };
+    if let Outcome::Exception { location, .. } = &mut outcome {
+        *location = Some(Location { function: ending.function.clone(), file: ending.file.clone(), line: ending.line });
+    }
     match &outcome {
         Outcome::Panic { message, backtrace } => {
             assert!(backtrace.len() <= MAX_FRAMES, "{} frames", backtrace.len());
@@ -85,7 +94,10 @@ fuzz_target!(|ending: Ending| {
     let line = serde_json::to_string(&report).expect("a report serializes");
     assert!(!line.contains('\n'), "the report is not one line");
     let _: serde_json::Value = serde_json::from_str(&line).expect("the report is JSON");
-    if let Some(site) = reflector::supervisor::crash_site(&line) {
+    let site = reflector::supervisor::crash_site(&line);
+    if let Outcome::Exception { .. } = report.outcome {
+        let site = site.unwrap_or_else(|| panic!("no crash site taken from {line}"));
         assert!(!site.chars().any(char::is_control), "control characters kept: {site:?}");
+        assert!(site.chars().count() <= 3 * 200 + 64, "unbounded: {} characters", site.chars().count());
     }
 });

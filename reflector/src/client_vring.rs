@@ -42,7 +42,7 @@ type Memory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// reconfigured while served ([`ClientVring::reconfigured_while_served`]), and it
 /// remembers the used index its client was last notified at.
 #[derive(Clone)]
-pub struct ClientVring(VringRwLock, Arc<AtomicU32>, Arc<AtomicBool>);
+pub struct ClientVring(VringRwLock, Arc<AtomicU32>, Arc<AtomicBool>, Arc<AtomicBool>);
 
 impl ClientVring {
     /// No notification yet: no used index is `u32::MAX`.
@@ -104,6 +104,16 @@ impl ClientVring {
     pub fn reconfigured_while_served(&self) -> bool {
         self.2.load(Ordering::Relaxed)
     }
+
+    /// Whether the client gave a kick that was refused ([`takes_whole_count`]):
+    /// it is closed, the queue never served, and the device cuts the client
+    /// off at its next event (`Device::settle`), as the vhost-user handler
+    /// ends the connection where the kernel says which eventfds are
+    /// semaphores. Logged once a queue: a client sending such kicks in a
+    /// loop cannot flood the log.
+    pub fn kick_refused(&self) -> bool {
+        self.3.load(Ordering::Relaxed)
+    }
 }
 
 impl<'a> VringStateGuard<'a, Memory> for ClientVring {
@@ -121,7 +131,7 @@ impl<'a> VringStateMutGuard<'a, Memory> for ClientVring {
 impl VringT<Memory> for ClientVring {
     fn new(mem: Memory, max_queue_size: u16) -> Result<Self, VirtQueError> {
         let vring = VringRwLock::new(mem, max_queue_size)?;
-        Ok(ClientVring(vring, Arc::new(AtomicU32::new(Self::NEVER)), Arc::default()))
+        Ok(ClientVring(vring, Arc::new(AtomicU32::new(Self::NEVER)), Arc::default(), Arc::default()))
     }
 
     fn get_ref(&self) -> <Self as VringStateGuard<'_, Memory>>::G {
@@ -212,7 +222,16 @@ impl VringT<Memory> for ClientVring {
         // See `reconfigured_while_served`: the new descriptor (if any) is
         // closed.
         if !self.refused_while_served() {
-            self.0.set_kick(file.filter(takes_whole_count))
+            let file = file.filter(|kick| match takes_whole_count(kick) {
+                Ok(()) => true,
+                Err(why) => {
+                    if !self.3.swap(true, Ordering::Relaxed) {
+                        tracing::warn!("refusing a client's kick: {why}; the client is cut off");
+                    }
+                    false
+                }
+            });
+            self.0.set_kick(file)
         }
     }
 
@@ -237,24 +256,20 @@ impl VringT<Memory> for ClientVring {
 }
 
 /// Whether a kick may be taken: a read of it takes its whole count, on any
-/// kernel ([`hardware::shared_eventfd::reads_whole_count`]). A kick that
-/// is refused is closed, and its queue is never served (it never becomes
-/// ready): a semaphore eventfd with a large count would wake the worker
-/// for ever, a reflector core the client pays nothing for. On Linux 6.7
-/// and later the vhost-user handler refuses one first, and ends the
-/// connection (`third_party/vhost`, PATCHED.md).
-fn takes_whole_count(kick: &File) -> bool {
-    let why = match hardware::shared_eventfd::reads_whole_count(kick.as_raw_fd()) {
-        Ok(true) => return true,
-        Ok(false) => {
-            "a read of it does not take its whole count (an eventfd in semaphore mode, or one the client reads \
-                      itself)"
-                .to_owned()
-        }
-        Err(error) => format!("it cannot be signalled and read without waiting ({error})"),
-    };
-    tracing::warn!("refusing a client's kick: {why}; its queue is not served");
-    false
+/// kernel ([`hardware::shared_eventfd::reads_whole_count`]); else why not.
+/// A kick that is refused is closed, and its queue never served (it never
+/// becomes ready): a semaphore eventfd with a large count would wake the
+/// worker for ever, a reflector core the client pays nothing for. On
+/// Linux 6.7 and later the vhost-user handler refuses one first
+/// (`third_party/vhost`, PATCHED.md).
+fn takes_whole_count(kick: &File) -> Result<(), String> {
+    match hardware::shared_eventfd::reads_whole_count(kick.as_raw_fd()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("a read of it does not take its whole count (an eventfd in semaphore mode, or one the \
+                          client reads itself)"
+            .into()),
+        Err(error) => Err(format!("it cannot be signalled and read without waiting ({error})")),
+    }
 }
 
 /// Consumes a kick eventfd's count if it has one; returns at once if not,
@@ -294,6 +309,7 @@ mod tests {
         let semaphore = eventfd(1 << 30, libc::EFD_SEMAPHORE);
         vring.set_kick(Some(File::from(semaphore.try_clone().unwrap())));
         assert!(vring.get_ref().get_kick().is_none(), "a semaphore kick was taken");
+        assert!(vring.kick_refused(), "a refused kick was not noted");
         let plain = eventfd(1, 0);
         vring.set_kick(Some(File::from(plain.try_clone().unwrap())));
         assert!(vring.get_ref().get_kick().is_some(), "a plain kick was refused");

@@ -887,6 +887,13 @@ impl<K: DeviceKind> Device<K> {
             }
             self.handle(vrings, Event::Fault(fault));
         }
+        if self.core.cut_client.is_none() && vrings.iter().any(ClientVring::kick_refused) {
+            self.core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
+            self.core.cut_off(
+                "it gave a kick whose reads do not take its whole count (an eventfd in semaphore mode, or one it \
+                 reads itself)",
+            );
+        }
         if self.core.memory.is_some() && self.core.client_memory_poisoned() {
             self.core.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
             self.core.cut_off("its memory faulted: the file behind its RAM shrank or ran out of pages");

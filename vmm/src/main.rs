@@ -211,6 +211,10 @@ fn say_out(line: &str) {
 /// Writes a line to standard error, ignoring a closed stream (see `say_out`).
 fn say_err(line: &str) {
     use std::io::Write;
+    // The vCPU thread, given up on, may hold standard error blocked.
+    if vmm::runner::vcpu_thread_abandoned() {
+        return vmm::runner::say_if_room(line);
+    }
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 

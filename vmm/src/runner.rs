@@ -76,6 +76,35 @@ impl MutEventSubscriber for VcpuDone {
 /// reported timed out without the thread, which ends with the process.
 const STOPPED_VCPU_GRACE: Duration = Duration::from_secs(1);
 
+/// Set once [`run`] gave up on a vCPU thread that did not end.
+static VCPU_THREAD_ABANDONED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`run`] gave up on a vCPU thread that did not end after the
+/// watchdog stopped it: it may be blocked writing into a full standard
+/// error, holding std's lock of it, so that nothing more may be written
+/// there but by [`say_if_room`].
+pub fn vcpu_thread_abandoned() -> bool {
+    VCPU_THREAD_ABANDONED.load(Ordering::Acquire)
+}
+
+/// Writes `line` (and a newline) to standard error only if a pipe there
+/// takes it now, past std's lock of it; else drops it. For lines written
+/// where standard error may be a full pipe nobody reads and the vCPU
+/// thread blocked on it ([`vcpu_thread_abandoned`]; the lifeline's end).
+pub fn say_if_room(line: &str) {
+    let text = format!("{line}\n");
+    // A pipe that says it has room takes PIPE_BUF bytes at once.
+    if text.len() > libc::PIPE_BUF {
+        return;
+    }
+    let mut poll = libc::pollfd { fd: 2, events: libc::POLLOUT, revents: 0 };
+    // SAFETY: poll(2) on one pollfd on the stack, without waiting.
+    if unsafe { libc::poll(&mut poll, 1, 0) } == 1 && poll.revents & libc::POLLOUT != 0 {
+        // SAFETY: write(2) of a live buffer of its length to standard error.
+        unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
+    }
+}
+
 /// The byte a supervisor writes on standard input to stop the guest where
 /// it is and have it reported (outcome `stopped`: registers, location,
 /// backtrace), before it kills a driver VM that missed its deadline.
@@ -100,7 +129,9 @@ pub fn read_lifeline(hung_up: bool) -> bool {
         return true;
     }
     if n == 0 || hung_up {
-        tracing::warn!("the supervisor is gone (standard input closed): stopping");
+        // Not through the log: the vCPU thread may hold it, blocked writing
+        // console lines into a full standard error.
+        say_if_room("vmm: the supervisor is gone (standard input closed): stopping");
         std::process::exit(i32::from(crate::error::status::IO));
     }
     false
@@ -338,6 +369,7 @@ pub fn run(vm: Vm, options: RunOptions) -> Result<RunResult> {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     // Not logged: the log may be the very pipe it blocks on.
+                    VCPU_THREAD_ABANDONED.store(true, Ordering::Release);
                     return Ok(RunResult { outcome: timeout(&options.timeout), ready_at: None });
                 }
                 manager.run_with_timeout(i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX))

@@ -361,35 +361,42 @@ fn a_guest_flooding_a_console_nobody_reads_is_still_stopped_by_the_watchdog() {
     if !kvm_available("a_guest_flooding_a_console_nobody_reads_is_still_stopped_by_the_watchdog") {
         return;
     }
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 into a two-element array, both ends close-on-exec (the
-    // write end reaches the child as its standard error, by dup2).
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: fresh descriptors we own from here on.
-    let (unread, stderr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut child = vmm()
-        .args(["run", "--json", "--image", "faulty", "--cmdline", "console-flood", "--timeout", "2s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::from(stderr))
-        .spawn()
-        .expect("run vmm");
-    let pid = child.id() as libc::pid_t;
-    let mut stdout = child.stdout.take().unwrap();
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut report = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut report);
-        let _ = done.send((report, child.wait()));
-    });
-    let Ok((report, status)) = finished.recv_timeout(std::time::Duration::from_secs(20)) else {
-        // SAFETY: kill(2) of our own child, still unreaped.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        panic!("the vmm was still running 20 s after its 2 s watchdog, its console blocked");
-    };
-    let report: serde_json::Value = serde_json::from_str(report.trim()).expect("one JSON report");
-    assert_eq!(report["outcome"], "timeout", "{report}");
-    assert_eq!(status.unwrap().code(), Some(14), "{report}");
-    drop(unread);
+    // The report as JSON on standard output, or as text on the blocked
+    // standard error itself.
+    for json in [true, false] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 into a two-element array, both ends close-on-exec
+        // (the write end reaches the child as its standard error, by dup2).
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors we own from here on.
+        let (unread, stderr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut child = vmm()
+            .args(["run", "--image", "faulty", "--cmdline", "console-flood", "--timeout", "2s"])
+            .args(json.then_some("--json"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::from(stderr))
+            .spawn()
+            .expect("run vmm");
+        let pid = child.id() as libc::pid_t;
+        let mut stdout = child.stdout.take().unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut report = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut report);
+            let _ = done.send((report, child.wait()));
+        });
+        let Ok((report, status)) = finished.recv_timeout(std::time::Duration::from_secs(20)) else {
+            // SAFETY: kill(2) of our own child, still unreaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("json {json}: the vmm was still running 20 s after its 2 s watchdog, its console blocked");
+        };
+        assert_eq!(status.unwrap().code(), Some(14), "json {json}: {report}");
+        if json {
+            let report: serde_json::Value = serde_json::from_str(report.trim()).expect("one JSON report");
+            assert_eq!(report["outcome"], "timeout", "{report}");
+        }
+        drop(unread);
+    }
 }
 
 #[test]

@@ -842,6 +842,33 @@ fn a_queue_whose_avail_ring_cannot_be_popped_cuts_the_client_off_instead_of_spin
     device.shutdown();
 }
 
+/// A kick that a read does not empty (an eventfd in semaphore mode) is
+/// refused by its queue on any kernel, and the client is cut off at the
+/// device's next event, whatever that event is: its queue, never served,
+/// brings none.
+#[test]
+fn a_client_whose_kick_was_refused_is_cut_off_at_the_next_event() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use vhost_user_backend::{VhostUserBackendMut, VringT};
+    let memory = client_memory();
+    let mut bench = Bench::new(&memory, &[Script::Serve], false, RecoveryConfig::default());
+    // SAFETY: eventfd(2); checked, then owned.
+    let semaphore = unsafe { libc::eventfd(1 << 20, libc::EFD_CLOEXEC | libc::EFD_SEMAPHORE) };
+    assert!(semaphore >= 0);
+    // SAFETY: a fresh descriptor owned from here on.
+    let semaphore = unsafe { OwnedFd::from_raw_fd(semaphore) };
+    // Disabled first, as a client replaces a kick.
+    bench.client.vrings[0].set_enabled(false);
+    bench.client.vrings[0].set_kick(Some(std::fs::File::from(semaphore)));
+    assert!(bench.client.vrings[0].kick_refused());
+    assert!(bench.device.core.memory.is_some(), "cut off before any event");
+    let doorbell = bench.device.core.completion_doorbell.as_raw_fd();
+    let event = bench.listeners.iter().find(|(fd, _)| *fd == doorbell).unwrap().1;
+    bench.device.handle_event(event, vmm_sys_util::epoll::EventSet::IN, &bench.client.vrings, 0).unwrap();
+    assert!(bench.device.core.memory.is_none(), "the client whose kick was refused was not cut off");
+    assert!(bench.count(&bench.metrics.malformed) >= 1);
+}
+
 /// The vmm holds its completion doorbell (its ioeventfd) and may make it
 /// blocking and drain it between the worker's wake-up and its read: the
 /// worker must not wait there. Before, it read it with a plain read and
