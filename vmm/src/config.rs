@@ -453,7 +453,22 @@ impl VmConfig {
     /// among its own and `others` the vmm owns besides (`--kvm-fd`,
     /// `--ready-fd`): two owners close one number twice.
     pub fn check_descriptors_with(&self, others: impl IntoIterator<Item = RawFd>) -> Result<()> {
-        check_owned_once(self.owned_descriptors().chain(others).collect())
+        let owned: Vec<RawFd> = self.owned_descriptors().chain(others).collect();
+        // A window's descriptor is mapped, not owned: one also given as a
+        // doorbell, a line or --ready-fd would be written as that too (the
+        // 8 bytes of readiness landed in the window's file).
+        if let Some(window) = self.windows.iter().find(|w| w.fd.is_some_and(|fd| owned.contains(&fd))) {
+            return Err(Error::invalid(
+                "fd",
+                format!(
+                    "{} is the window at {:#x}'s and also a doorbell, line, trap, --kvm-fd or --ready-fd: give each \
+                     its own descriptor",
+                    window.path.display(),
+                    window.gpa
+                ),
+            ));
+        }
+        check_owned_once(owned)
     }
 
     /// The inherited descriptors the VM takes ownership of.

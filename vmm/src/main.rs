@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -158,8 +158,9 @@ struct RunArgs {
     /// Example: --timeout 2s
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     timeout: Option<Duration>,
-    /// Where the guest console goes: stderr, none, or a file path.
-    /// Example: --console /tmp/vm.log
+    /// Where the guest console goes: stderr, none, or a file path (made,
+    /// or emptied; never the image's or a window's file; a FIFO must have
+    /// a reader). Example: --console /tmp/vm.log
     #[arg(long, value_name = "stderr|none|PATH", default_value = "stderr")]
     console: String,
     /// Print one JSON line with the outcome on stdout.
@@ -170,7 +171,8 @@ struct RunArgs {
     #[arg(long, value_name = "FD")]
     ready_fd: Option<i32>,
     /// End when standard input closes: a supervisor passes a pipe only it
-    /// holds, so the VM never outlives it. A `w` written on it stops the
+    /// holds (one that cannot be watched is refused), so the VM never
+    /// outlives it. A `w` written on it stops the
     /// guest where it is and reports where (outcome `stopped`: registers,
     /// source location, backtrace). Example: --exit-on-stdin-close
     #[arg(long)]
@@ -422,6 +424,9 @@ fn run_hosted(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> 
     }
     tracing::warn!("running the driver HOSTED: a plain process, not isolated (development only)");
     config.check_descriptors_with(args.ready_fd)?;
+    if args.exit_on_stdin_close {
+        vmm::runner::check_lifeline()?;
+    }
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let options =
         vmm::hosted::HostedOptions { exit_on_stdin_close: args.exit_on_stdin_close, ready_file, timeout: args.timeout };
@@ -480,14 +485,14 @@ fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Repor
     let sink = match args.console.as_str() {
         "stderr" => ConsoleSink::Stderr,
         "none" => ConsoleSink::Discard,
-        path => ConsoleSink::File(
-            File::create(PathBuf::from(path))
-                .map_err(|source| Error::Io { operation: format!("creating console file {path}"), source })?,
-        ),
+        path => ConsoleSink::File(console_file(Path::new(path), &args.image, &config)?),
     };
     // `--kvm-fd` and `--ready-fd` are owned like the VM's own descriptors:
     // one number given to two owners was closed twice.
     config.check_descriptors_with(args.ready_fd.into_iter().chain(args.kvm_fd))?;
+    if args.exit_on_stdin_close {
+        runner::check_lifeline()?;
+    }
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let kvm = match args.kvm_fd {
         Some(fd) => inherited_kvm(fd)?,
@@ -568,10 +573,76 @@ fn inherited_kvm(fd: i32) -> vmm::Result<Kvm> {
     Ok(kvm)
 }
 
+/// The `--console` file: made if missing, emptied if it is a regular file,
+/// and refused if it is the image or a window's file, which emptying it
+/// would have destroyed (before, it was truncated even when the run then
+/// failed). Opened without waiting: a FIFO nobody reads is refused instead
+/// of blocking the start for ever; its writes then wait as usual.
+fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let error = |operation: String| move |source| Error::Io { operation, source };
+    let file = File::options().write(true).create(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(
+        |source: std::io::Error| {
+            let hint = if source.raw_os_error() == Some(libc::ENXIO) { " (a FIFO nobody reads)" } else { "" };
+            Error::Io { operation: format!("opening console file {}{hint}", path.display()), source }
+        },
+    )?;
+    let console = file.metadata().map_err(error(format!("reading console file {}", path.display())))?;
+    let identity = |dev: u64, ino: u64| (dev, ino) == (console.dev(), console.ino());
+    let fd_identity = |fd: i32| {
+        // SAFETY: fstat(2) into a local; a closed descriptor fails, and is
+        // judged where it is used.
+        let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        (unsafe { libc::fstat(fd, &mut stat) } == 0).then(|| identity(stat.st_dev, stat.st_ino))
+    };
+    let mut taken = config.windows.iter().map(|window| match window.fd {
+        Some(fd) => (fd_identity(fd) == Some(true), format!("the window at {:#x}", window.gpa)),
+        None => (
+            std::fs::metadata(&window.path).is_ok_and(|m| identity(m.dev(), m.ino())),
+            format!("the window at {:#x}", window.gpa),
+        ),
+    });
+    let built_in = !image.contains('/') && vmm::image::builtin_names().any(|name| name == image);
+    let image_is_it = match image.strip_prefix("fd=").and_then(|fd| fd.parse().ok()) {
+        Some(fd) => fd_identity(fd) == Some(true),
+        None => !built_in && std::fs::metadata(image).is_ok_and(|m| identity(m.dev(), m.ino())),
+    };
+    if let Some(what) =
+        image_is_it.then(|| "the image".to_owned()).or_else(|| taken.find(|(is, _)| *is).map(|(_, w)| w))
+    {
+        return Err(Error::invalid(
+            "--console",
+            format!("{} is {what}'s file: give the console a file of its own", path.display()),
+        ));
+    }
+    if console.file_type().is_file() {
+        file.set_len(0).map_err(error(format!("emptying console file {}", path.display())))?;
+    }
+    // Blocking again, as a console's writes always were.
+    // SAFETY: fcntl(2) on a descriptor this owns.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETFL, libc::O_WRONLY) };
+    Ok(file)
+}
+
 fn ready_file(fd: i32) -> vmm::Result<File> {
     // SAFETY: F_GETFD only queries the descriptor.
     if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(Error::invalid("--ready-fd", format!("{fd} is not an open inherited file descriptor above 2")));
+    }
+    // An eventfd (an anonymous inode: no file type), a pipe or a socket:
+    // readiness written into a regular file or a device would overwrite
+    // its first 8 bytes.
+    // SAFETY: fstat(2) of an open descriptor into a local.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0
+        || !matches!(stat.st_mode & libc::S_IFMT, 0 | libc::S_IFIFO | libc::S_IFSOCK)
+    {
+        return Err(Error::invalid(
+            "--ready-fd",
+            format!("{fd} is not an eventfd, a pipe or a socket (readiness is written to it as 8 bytes)"),
+        ));
     }
     // SAFETY: the descriptor is open and inherited for this purpose; the vmm
     // takes ownership of it and nothing else in the process uses it.

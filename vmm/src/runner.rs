@@ -110,6 +110,31 @@ pub fn say_if_room(line: &str) {
 /// backtrace), before it kills a driver VM that missed its deadline.
 pub const STOP_AND_REPORT: u8 = b'w';
 
+/// Checks that standard input can be watched, as `--exit-on-stdin-close`
+/// needs: a pipe or a socket. Standard input closed, a regular file, a
+/// directory or `/dev/null` cannot be polled, and the VM then ran on
+/// without its supervisor's lifeline, one error line the only sign.
+pub fn check_lifeline() -> Result<()> {
+    // SAFETY: epoll_create1(2); checked below, closed at the end.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(Error::Io { operation: "creating an epoll".into(), source: std::io::Error::last_os_error() });
+    }
+    let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+    // SAFETY: epoll_ctl(2) adding standard input to our own epoll.
+    let added = unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, 0, &mut event) };
+    let error = std::io::Error::last_os_error();
+    // SAFETY: closing the epoll made above.
+    unsafe { libc::close(epoll) };
+    if added != 0 {
+        return Err(Error::invalid(
+            "--exit-on-stdin-close",
+            format!("standard input cannot be watched ({error}): give a pipe only the supervisor holds"),
+        ));
+    }
+    Ok(())
+}
+
 /// Ends the process when standard input reaches end-of-file or hangs up;
 /// stops the vCPU when it carries [`STOP_AND_REPORT`].
 struct Lifeline {

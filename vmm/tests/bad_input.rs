@@ -234,6 +234,62 @@ fn doorbell_fd_must_be_an_open_eventfd() {
     rejects(&["run", "--image", "hello", "--irq", &spec, "--ready-fd", &number], 26, "used twice");
 }
 
+/// A window's descriptor is mapped, never written: given as --ready-fd
+/// too, readiness landed in the window's file. --ready-fd itself must be
+/// an eventfd, a pipe or a socket, not a file whose first 8 bytes it
+/// would overwrite (an adversarial review found both).
+#[test]
+fn readiness_is_never_written_into_a_windows_or_any_file() {
+    let dir = TempDir::new("ready-window");
+    let data = dir.file("window", &[0x5a; 65536]);
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&data).unwrap();
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on an fd we own: inheritable for the child.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    let (window, ready) = (format!("0x40000000,64K,fd={fd}"), fd.to_string());
+    rejects(&["run", "--image", "hello", "--window", &window, "--ready-fd", &ready], 26, "the window at 0x40000000");
+    rejects(&["run", "--image", "hello", "--ready-fd", &ready], 26, "not an eventfd, a pipe or a socket");
+    assert_eq!(std::fs::read(&data).unwrap(), vec![0x5a; 65536], "the file was written");
+}
+
+/// `--console` is emptied only once it is known not to be the image or a
+/// window's file (before, a run that then failed had already emptied a
+/// window's data), and a FIFO nobody reads is refused instead of blocking
+/// the start for ever, past --timeout.
+#[test]
+fn the_console_file_is_never_the_images_or_a_windows_and_never_waited_for() {
+    let dir = TempDir::new("console-file");
+    let data = dir.file("window", &[0x5a; 65536]);
+    let window = format!("0x40000000,64K,{}", data.display());
+    let console = data.display().to_string();
+    rejects(&["run", "--image", "hello", "--window", &window, "--console", &console], 26, "the window at 0x40000000");
+    assert_eq!(std::fs::read(&data).unwrap(), vec![0x5a; 65536], "the window's file was emptied");
+    let fifo = dir.path().join("fifo");
+    let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) of a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let mut command = vmm();
+    command.args(["run", "--image", "hello", "--timeout", "2s", "--console"]).arg(&fifo);
+    // Bounded: before, the open waited for a reader for ever.
+    let out =
+        output(std::process::Command::new("timeout").arg("20").arg(command.get_program()).args(command.get_args()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(28), "{stderr}");
+    assert!(stderr.contains("a FIFO nobody reads"), "{stderr}");
+}
+
+/// `--exit-on-stdin-close` needs a standard input that can be watched:
+/// with /dev/null (or a regular file, or none) the VM ran on without its
+/// supervisor's lifeline, one error line the only sign.
+#[test]
+fn a_lifeline_that_cannot_be_watched_is_refused() {
+    let out =
+        output(vmm().args(["run", "--image", "hello", "--exit-on-stdin-close"]).stdin(std::process::Stdio::null()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(26), "{stderr}");
+    assert!(stderr.contains("standard input cannot be watched"), "{stderr}");
+}
+
 #[test]
 fn an_endless_image_file_is_refused_not_read_forever() {
     // `timeout` bounds the run: before the image read was bounded, this
