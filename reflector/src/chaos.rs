@@ -129,10 +129,15 @@ struct LoadOutcome {
     slowest_us: Vec<u64>,
 }
 
-/// Runs `blk-load --verify` in a loop until `stop`, or `max_runs` runs.
+/// Runs of the load in a row that could not start before it is given up.
+const LOAD_START_TRIES: u32 = 3;
+
+/// Runs `blk-load --verify` in a loop until `stop`, or `max_runs` runs, or
+/// until it could not start [`LOAD_START_TRIES`] times in a row.
 fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>, max_runs: Option<u32>) -> LoadOutcome {
     let mut load = LoadOutcome::default();
     let LoadOutcome { runs, errors, mismatches, failures, slowest_us } = &mut load;
+    let mut could_not_run = 0;
     while !stop.load(Ordering::Acquire) && max_runs.is_none_or(|max| *runs + *failures < max) {
         let output = Command::new(&options.blk_load)
             .arg("--socket")
@@ -158,8 +163,20 @@ fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>, max_
         }
         if output.status.code() == Some(2) {
             *failures += 1;
+            could_not_run += 1;
             tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load could not run");
-        } else if !output.status.success() {
+            // A load that cannot start (no such socket, not a reflector's)
+            // will not start the next time either: before, it was started
+            // again at once, hundreds of times a second, each failure a
+            // line.
+            if could_not_run == LOAD_START_TRIES {
+                tracing::error!(tries = LOAD_START_TRIES, "the load could not run, again and again: stopping it");
+                break;
+            }
+            continue;
+        }
+        could_not_run = 0;
+        if !output.status.success() {
             tracing::error!(stderr = %String::from_utf8_lossy(&output.stderr).trim(), "the load saw errors");
         }
     }

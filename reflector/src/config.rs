@@ -306,6 +306,19 @@ pub struct JailSettings {
     pub user: Option<(u32, u32)>,
 }
 
+/// A driver is a built-in image's name (`vmm images`: letters, digits,
+/// `-`, `_`, `.`) or a path with a `/`. Anything else went to `vmm
+/// --image` as it was: `fd=3` had the vmm read whatever its descriptor 3
+/// was, and `--help` became an option (an adversarial review found it).
+fn check_driver(driver: &str) -> Result<(), &'static str> {
+    let name = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    match driver.contains('/') || (driver.chars().all(name) && driver.starts_with(|c: char| c.is_ascii_alphanumeric()))
+    {
+        true => Ok(()),
+        false => Err("give a built-in image's name (vmm images) or a path with a /"),
+    }
+}
+
 /// What names the same file as `path` does, however spelled: its
 /// directory resolved (symlinks, `..`, relative to the working directory)
 /// and its own name; the path as given where the directory does not exist
@@ -1015,6 +1028,10 @@ impl Config {
                 }
             }
         }
+        let drivers = self.blk.iter().map(|b| (&b.name, &b.driver));
+        for (name, driver) in drivers.chain(self.net.iter().map(|n| (&n.name, &n.driver))) {
+            check_driver(driver).map_err(|why| ConfigError(format!("device {name}: driver={driver}: {why}")))?;
+        }
         for (i, a) in self.tap.iter().enumerate() {
             if self.tap[i + 1..].iter().any(|b| b.name == a.name) {
                 return Err(ConfigError(format!("TAP {:?} is given twice", a.name)));
@@ -1171,6 +1188,24 @@ mod tests {
         assert!(reflectors.validate().unwrap_err().0.contains("the reflector's own user"));
         let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nclient_user = \"61234\"\n";
         assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].client_user.as_deref(), Some("61234"));
+    }
+
+    /// A driver is a built-in image's name or a path with a `/`: anything
+    /// else reached `vmm --image` as it was (`fd=3`: the vmm read its
+    /// descriptor 3; `--help`: an option).
+    #[test]
+    fn a_driver_is_a_built_in_name_or_a_path() {
+        for good in ["blk", "nvme", "my-driver_2.elf", "./blk.elf", "/opt/drivers/blk"] {
+            let blk = parse_blk(&format!("socket=/s,image=/i,driver={good}"), 0).unwrap();
+            Config { blk: vec![blk], ..Config::default() }.validate().unwrap();
+        }
+        for bad in ["fd=3", "--help", "-x", ".hidden", "two words"] {
+            let Ok(blk) = parse_blk(&format!("socket=/s,image=/i,driver={bad}"), 0) else { continue };
+            let error = Config { blk: vec![blk], ..Config::default() }.validate().unwrap_err().0;
+            assert!(error.contains(&format!("driver={bad}")) && error.contains("a path with a /"), "{error}");
+        }
+        let net = parse_net("socket=/n,driver=fd=4", 0).unwrap();
+        assert!(Config { net: vec![net], ..Config::default() }.validate().is_err());
     }
 
     #[test]

@@ -194,11 +194,11 @@ struct ChaosArgs {
     /// Seed of the random choices (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
-    /// Shortest pause between faults, ms.
-    #[arg(long, default_value_t = 10)]
+    /// Shortest pause between faults, ms (0 to 3,600,000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     min_gap_ms: u64,
-    /// Longest pause between faults, ms.
-    #[arg(long, default_value_t = 100)]
+    /// Longest pause between faults, ms (0 to 3,600,000; at least --min-gap-ms).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     max_gap_ms: u64,
     /// Longest wait for a recovery, s (1 to 3600).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -319,3 +319,27 @@ fn a_spare_takes_over_and_is_replaced(value: &str, started: &str) {
     assert_ne!(last["spare_pid"].as_u64().unwrap_or(0), 0, "a new spare must be started: {last}");
     assert_ne!(last["spare_pid"], first["spare_pid"]);
 }
+
+/// A load that cannot start (a socket that is not there) is given up after
+/// a few tries, and the chaos fails: before, blk-load was started again at
+/// once for as long as the chaos ran, hundreds of times a second, each
+/// failure an error line (an adversarial pass over the CLIs found it).
+#[test]
+fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
+    if !kvm_available("a_load_that_cannot_start_is_given_up_and_fails_the_chaos") {
+        return;
+    }
+    let served = Served::start("no-socket", "");
+    let output = Command::new(reflector_bin())
+        .args(["chaos", "--device", "disk0", "--faults", "1", "--kinds", "kill", "--recovery-timeout-s", "5"])
+        .arg("--control")
+        .arg(served.ctl())
+        .arg("--socket")
+        .arg(served.dir.join("no-such.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the chaos passed with no load:\n{stderr}");
+    let tries = stderr.lines().filter(|l| l.contains("the load could not run")).count();
+    assert!(tries <= 4, "the load was started {tries} times:\n{stderr}");
+}

@@ -272,7 +272,10 @@ pub fn read_file(arg: &str) -> Result<Vec<u8>> {
         return read_inherited(fd).map_err(|source| Error::ImageRead { path: arg.into(), source });
     }
     let path = Path::new(arg);
-    if !path.exists() {
+    // Only a path that is not there is "not found": one that cannot be
+    // reached (no permission, a file as a directory, too long, a symlink
+    // loop) says why, from the read (before, each was "not found").
+    if std::fs::symlink_metadata(path).is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound) {
         return Err(Error::ImageNotFound {
             name: arg.into(),
             builtins: builtin_names().collect::<Vec<_>>().join(", "),

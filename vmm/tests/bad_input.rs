@@ -25,6 +25,11 @@ fn rejects(args: &[&str], status: i32, needle: &str) {
 fn missing_image() {
     rejects(&["run", "--image", "no-such-image"], 20, "not a built-in image");
     rejects(&["run", "--image", "/no/such/file.elf"], 20, "no such file");
+    // A path that is there but cannot be reached says why, not "not
+    // found" (an adversarial review found every such path reported so).
+    let dir = TempDir::new("image-path");
+    let through_a_file = dir.file("plain", b"x").join("image.elf");
+    rejects(&["run", "--image", through_a_file.to_str().unwrap()], 21, "Not a directory");
 }
 
 #[test]
