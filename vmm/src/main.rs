@@ -177,9 +177,10 @@ struct RunArgs {
     /// source location, backtrace). Example: --exit-on-stdin-close
     #[arg(long)]
     exit_on_stdin_close: bool,
-    /// Check the options and the image (it fits the memory, the windows
-    /// fit the address space) and exit: 0 if a run would start, else the
-    /// setup error's status. No VM is created. Supervisors check a driver
+    /// Check the options, the image (it fits the memory, the windows fit
+    /// the address space), the inherited descriptors, the window files and
+    /// the console's path, and exit: 0 if a run would start, else the
+    /// setup error's status. No VM is created, no file made or changed. Supervisors check a driver
     /// configuration this way before relying on it. Example: --check
     #[arg(long)]
     check: bool,
@@ -348,8 +349,8 @@ fn run(args: RunArgs) -> ExitCode {
         return report(&name, json, run_hosted(&name, args, start));
     }
     if args.check {
-        return match configure(&name, &args) {
-            Ok(_) => {
+        return match check(&name, &args) {
+            Ok(()) => {
                 say_err(&format!("vmm: {name}: the configuration and image are usable"));
                 ExitCode::SUCCESS
             }
@@ -479,6 +480,24 @@ fn configure(name: &str, args: &RunArgs) -> vmm::Result<(VmConfig, Image)> {
     Ok((config, image))
 }
 
+/// `vmm run --check`: what a run judges of its configuration before it
+/// asks KVM anything, with nothing made, emptied or taken: the options and
+/// the image, every inherited descriptor and window file, `--ready-fd`, and
+/// the console's path. Not the lifeline: standard input is the run's, and
+/// a supervisor checks with none.
+fn check(name: &str, args: &RunArgs) -> vmm::Result<()> {
+    let (config, _) = configure(name, args)?;
+    config.check_descriptors_with(args.ready_fd.into_iter().chain(args.kvm_fd))?;
+    vmm::vm::check_inherited(&config)?;
+    if let Some(fd) = args.ready_fd {
+        check_ready_fd(fd)?;
+    }
+    if !matches!(args.console.as_str(), "stderr" | "none") {
+        check_console_path(Path::new(&args.console), &args.image, &config)?;
+    }
+    Ok(())
+}
+
 fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
     keep_stdout_released_first();
     let (config, image) = configure(name, &args)?;
@@ -579,15 +598,52 @@ fn inherited_kvm(fd: i32) -> vmm::Result<Kvm> {
 /// failed). Opened without waiting: a FIFO nobody reads is refused instead
 /// of blocking the start for ever; its writes then wait as usual.
 fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File> {
+    let file = open_console(path, image, config, true)?.ok_or_else(|| Error::Io {
+        operation: format!("making console file {}", path.display()),
+        source: std::io::ErrorKind::NotFound.into(),
+    })?;
+    if file.metadata().is_ok_and(|metadata| metadata.file_type().is_file()) {
+        file.set_len(0)
+            .map_err(|source| Error::Io { operation: format!("emptying console file {}", path.display()), source })?;
+    }
+    // Blocking again, as a console's writes always were.
+    // SAFETY: fcntl(2) on a descriptor this owns.
+    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETFL, libc::O_WRONLY) };
+    Ok(file)
+}
+
+/// `--check` of the console's path: what [`console_file`] would refuse,
+/// with nothing made or emptied (a missing file's directory must take it).
+fn check_console_path(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<()> {
+    open_console(path, image, config, false).map(drop)
+}
+
+/// Opens the console file without waiting (made if missing when `make`;
+/// None if missing and not made), checked not to be the image's or a
+/// window's file.
+fn open_console(path: &Path, image: &str, config: &VmConfig, make: bool) -> vmm::Result<Option<File>> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let error = |operation: String| move |source| Error::Io { operation, source };
-    let file = File::options().write(true).create(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(
-        |source: std::io::Error| {
+    let failed = |what: &str| {
+        let what = format!("{what} console file {}", path.display());
+        move |source: std::io::Error| {
             let hint = if source.raw_os_error() == Some(libc::ENXIO) { " (a FIFO nobody reads)" } else { "" };
-            Error::Io { operation: format!("opening console file {}{hint}", path.display()), source }
-        },
-    )?;
-    let console = file.metadata().map_err(error(format!("reading console file {}", path.display())))?;
+            Error::Io { operation: format!("{what}{hint}"), source }
+        }
+    };
+    let file = match File::options().write(true).create(make).custom_flags(libc::O_NONBLOCK).open(path) {
+        Err(error) if !make && error.kind() == std::io::ErrorKind::NotFound => {
+            let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let c_directory = std::ffi::CString::new(directory.as_os_str().as_encoded_bytes())
+                .map_err(|_| Error::invalid("--console", "a path with a NUL byte"))?;
+            // SAFETY: access(2) of a NUL-terminated path.
+            if unsafe { libc::access(c_directory.as_ptr(), libc::W_OK) } != 0 {
+                return Err(failed("making")(std::io::Error::last_os_error()));
+            }
+            return Ok(None);
+        }
+        opened => opened.map_err(failed("opening"))?,
+    };
+    let console = file.metadata().map_err(failed("reading"))?;
     let identity = |dev: u64, ino: u64| (dev, ino) == (console.dev(), console.ino());
     let fd_identity = |fd: i32| {
         // SAFETY: fstat(2) into a local; a closed descriptor fails, and is
@@ -596,7 +652,7 @@ fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File
         // SAFETY: as above.
         (unsafe { libc::fstat(fd, &mut stat) } == 0).then(|| identity(stat.st_dev, stat.st_ino))
     };
-    let mut taken = config.windows.iter().map(|window| match window.fd {
+    let mut windows = config.windows.iter().map(|window| match window.fd {
         Some(fd) => (fd_identity(fd) == Some(true), format!("the window at {:#x}", window.gpa)),
         None => (
             std::fs::metadata(&window.path).is_ok_and(|m| identity(m.dev(), m.ino())),
@@ -609,23 +665,25 @@ fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File
         None => !built_in && std::fs::metadata(image).is_ok_and(|m| identity(m.dev(), m.ino())),
     };
     if let Some(what) =
-        image_is_it.then(|| "the image".to_owned()).or_else(|| taken.find(|(is, _)| *is).map(|(_, w)| w))
+        image_is_it.then(|| "the image".to_owned()).or_else(|| windows.find(|(is, _)| *is).map(|(_, w)| w))
     {
         return Err(Error::invalid(
             "--console",
             format!("{} is {what}'s file: give the console a file of its own", path.display()),
         ));
     }
-    if console.file_type().is_file() {
-        file.set_len(0).map_err(error(format!("emptying console file {}", path.display())))?;
-    }
-    // Blocking again, as a console's writes always were.
-    // SAFETY: fcntl(2) on a descriptor this owns.
-    unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETFL, libc::O_WRONLY) };
-    Ok(file)
+    Ok(Some(file))
 }
 
 fn ready_file(fd: i32) -> vmm::Result<File> {
+    check_ready_fd(fd)?;
+    // SAFETY: the descriptor is open and inherited for this purpose; the vmm
+    // takes ownership of it and nothing else in the process uses it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// `--ready-fd`: open, above 2, and one readiness may be written to.
+fn check_ready_fd(fd: i32) -> vmm::Result<()> {
     // SAFETY: F_GETFD only queries the descriptor.
     if fd <= 2 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
         return Err(Error::invalid("--ready-fd", format!("{fd} is not an open inherited file descriptor above 2")));
@@ -644,7 +702,5 @@ fn ready_file(fd: i32) -> vmm::Result<File> {
             format!("{fd} is not an eventfd, a pipe or a socket (readiness is written to it as 8 bytes)"),
         ));
     }
-    // SAFETY: the descriptor is open and inherited for this purpose; the vmm
-    // takes ownership of it and nothing else in the process uses it.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    Ok(())
 }

@@ -295,6 +295,36 @@ fn a_lifeline_that_cannot_be_watched_is_refused() {
     assert!(stderr.contains("standard input cannot be watched"), "{stderr}");
 }
 
+/// `--check` says "usable" only of runs that would start: it judges the
+/// descriptors, window files and console path too, and makes or changes
+/// nothing (before, it judged the options and the image alone; an
+/// adversarial review found it saying usable of runs that then failed).
+#[test]
+fn check_refuses_what_the_run_would_and_changes_nothing() {
+    let dir = TempDir::new("check");
+    let check = |extra: &[&str]| {
+        let mut args = vec!["run", "--check", "--image", "hello"];
+        args.extend_from_slice(extra);
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>()
+    };
+    let missing = format!("0x40000000,64K,{}", dir.path().join("no-such-file").display());
+    let console = dir.path().join("console.log");
+    for (extra, status, needle) in [
+        (vec!["--window", missing.as_str()], 25, "cannot open"),
+        (vec!["--irq", "fd=987"], 26, "not open"),
+        (vec!["--doorbell", "mmio=0x50000000,fd=987"], 26, "not open"),
+        (vec!["--ready-fd", "987"], 26, "not an open inherited"),
+        (vec!["--console", "/no/such/dir/console.log"], 28, "console file"),
+    ] {
+        let args = check(&extra);
+        rejects(&args.iter().map(String::as_str).collect::<Vec<_>>(), status, needle);
+    }
+    let args = check(&["--console", console.to_str().unwrap()]);
+    let out = output(vmm().args(&args));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!console.exists(), "--check made the console file");
+}
+
 #[test]
 fn an_endless_image_file_is_refused_not_read_forever() {
     // `timeout` bounds the run: before the image read was bounded, this
