@@ -775,7 +775,11 @@ fn request_within(path: &Path, request: &Request, wait: Duration) -> Result<Resp
         )
     };
     let line = serde_json::to_string(request).map_err(|e| format!("encoding the request: {e}"))?;
-    stream.write_all(format!("{line}\n").as_bytes()).map_err(|e| failed("sending the request", e))?;
+    // A reflector that refuses a request (too many clients at once, a line
+    // too long) answers why and closes without reading it all: the write
+    // then fails, and the answer, already sent, is what to tell (before,
+    // the failed write was, blaming the socket).
+    let sent = stream.write_all(format!("{line}\n").as_bytes());
     let _ = stream.shutdown(std::net::Shutdown::Write);
     // The whole answer within the deadline, not each read: a peer sending
     // a byte every few seconds is not waited on for ever.
@@ -791,8 +795,14 @@ fn request_within(path: &Path, request: &Request, wait: Duration) -> Result<Resp
             Ok(read) if reply.len() + read <= 64 << 20 => reply.extend_from_slice(&chunk[..read]),
             Ok(_) => return Err(format!("control socket {}: an answer of more than 64 MiB", path.display())),
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(failed("reading the answer", error)),
+            Err(error) => match sent {
+                Err(error) => return Err(failed("sending the request", error)),
+                Ok(()) => return Err(failed("reading the answer", error)),
+            },
         }
+    }
+    if let (Err(error), true) = (sent, reply.is_empty()) {
+        return Err(failed("sending the request", error));
     }
     let reply = String::from_utf8_lossy(&reply);
     // Whoever answered is not known to be a reflector: every string of its
@@ -896,6 +906,31 @@ mod tests {
         assert!(error.contains("no connection accepted within 0.2s"), "{error}");
         assert!(error.contains(&path.display().to_string()), "{error}");
         drop((queued, listener));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A reflector that answers why it refuses and closes without reading
+    /// the request (too many clients at once) is heard: the client's write
+    /// fails, and it tells the answer, not the failed write (before: "Broken
+    /// pipe", and a question whether the socket was a reflector's).
+    #[test]
+    fn a_refusal_sent_before_the_request_was_read_is_what_the_client_tells() {
+        let dir = std::env::temp_dir().join(format!("control-refusal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("busy.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let busy = Response::Error { message: "too many control clients at once; try again".into() };
+            (&stream).write_all(format!("{}\n", serde_json::to_string(&busy).unwrap()).as_bytes()).unwrap();
+        });
+        // Longer than the socket's buffer: the write fails once the server
+        // has closed.
+        let request = Request::Kill { device: "d".repeat(4 << 20) };
+        let error = request_within(&path, &request, Duration::from_secs(10)).unwrap_err();
+        server.join().unwrap();
+        assert_eq!(error, "too many control clients at once; try again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
