@@ -169,6 +169,17 @@ fn key_value(item: &str) -> (&str, &str) {
     item.split_once('=').unwrap_or((item, ""))
 }
 
+/// Refuses `key` given a second time in one option's `spec` (`posted=`
+/// may repeat): the last one silently won (`fd=3,fd=4`, `len=4,len=8`),
+/// which is never what was meant (an adversarial review found it).
+fn once<'a>(seen: &mut Vec<&'a str>, key: &'a str, what: &str, spec: &str) -> Result<()> {
+    if seen.contains(&key) {
+        return Err(Error::invalid(what, format!("{spec:?}: {key} is given twice")));
+    }
+    seen.push(key);
+    Ok(())
+}
+
 impl WindowConfig {
     /// Parses `GPA,SIZE,PATH|fd=N[,offset=N][,ro][,name=NAME]`.
     pub fn parse(spec: &str) -> Result<Self> {
@@ -193,7 +204,13 @@ impl WindowConfig {
             read_only: false,
             name: String::new(),
         };
+        let mut seen = Vec::new();
         for item in parts {
+            let key = match key_value(item).0 {
+                "readonly" => "ro",
+                key => key,
+            };
+            once(&mut seen, key, what, spec)?;
             match key_value(item) {
                 ("offset", value) => window.offset = parse_number("--window offset", value)?,
                 ("ro", "") | ("readonly", "on") => window.read_only = true,
@@ -227,7 +244,11 @@ impl TrapConfig {
             ));
         };
         let (mut fd, mut name, mut posted) = (None, String::new(), Vec::new());
+        let mut seen = Vec::new();
         for item in parts {
+            if let key @ ("fd" | "name") = key_value(item).0 {
+                once(&mut seen, key, what, spec)?;
+            }
             match key_value(item) {
                 ("fd", value) => fd = Some(parse_fd("--trap fd", value)?),
                 ("name", value) => name = value.to_owned(),
@@ -297,7 +318,14 @@ impl DoorbellConfig {
     pub fn parse(spec: &str) -> Result<Self> {
         let what = "--doorbell";
         let (mut address, mut fd, mut len, mut datamatch) = (None, None, 4u32, None);
+        let mut seen = Vec::new();
         for item in spec.split(',') {
+            // One address: mmio= or port=, not both.
+            let key = match key_value(item).0 {
+                "mmio" | "port" => "mmio= or port=",
+                key => key,
+            };
+            once(&mut seen, key, what, spec)?;
             match key_value(item) {
                 ("mmio", value) => address = Some(DoorbellAddress::Mmio(parse_number("--doorbell mmio", value)?)),
                 ("port", value) => {
@@ -329,6 +357,14 @@ impl DoorbellConfig {
         };
         if !widths.contains(&len) {
             return Err(Error::invalid("--doorbell len", format!("{len}: must be one of {widths:?}")));
+        }
+        // A value wider than the write can never match: the doorbell would
+        // never ring.
+        if let Some(value) = datamatch.filter(|value| len < 8 && value >> (len * 8) != 0) {
+            return Err(Error::invalid(
+                "--doorbell datamatch",
+                format!("{value:#x} is wider than a {len}-byte write: the doorbell would never ring"),
+            ));
         }
         Ok(DoorbellConfig { address, len, datamatch, fd })
     }
@@ -588,6 +624,28 @@ impl VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A key given twice in one option, or a doorbell value no write of its
+    /// length can carry, is refused: the last key silently won, and such a
+    /// doorbell never rang (an adversarial review found both).
+    #[test]
+    fn a_key_given_twice_or_a_datamatch_wider_than_the_write_is_refused() {
+        let refused = |result: Result<()>, needle: &str| {
+            let error = result.unwrap_err().to_string();
+            assert!(error.contains(needle), "{error} does not say {needle:?}");
+        };
+        refused(DoorbellConfig::parse("mmio=0x5000,fd=3,fd=4").map(drop), "fd is given twice");
+        refused(DoorbellConfig::parse("mmio=0x5000,port=5,fd=3").map(drop), "mmio= or port= is given twice");
+        refused(DoorbellConfig::parse("mmio=0x5000,fd=3,len=4,len=8").map(drop), "len is given twice");
+        refused(DoorbellConfig::parse("mmio=0x5000,fd=3,len=1,datamatch=256").map(drop), "wider than a 1-byte write");
+        refused(DoorbellConfig::parse("port=0xfffe,fd=3,len=2,datamatch=0x10000").map(drop), "2-byte");
+        assert!(DoorbellConfig::parse("mmio=0x5000,fd=3,len=1,datamatch=255").is_ok());
+        assert!(DoorbellConfig::parse("mmio=0x5000,fd=3,len=8,datamatch=0xffffffffffffffff").is_ok());
+        refused(WindowConfig::parse("0x40000000,4K,/f,name=a,name=b").map(drop), "name is given twice");
+        refused(WindowConfig::parse("0x40000000,4K,/f,ro,readonly=on").map(drop), "ro is given twice");
+        refused(TrapConfig::parse("0x40000000,4K,fd=3,fd=4").map(drop), "fd is given twice");
+        assert!(TrapConfig::parse("0x40000000,4K,fd=3,posted=0x8:4,posted=0xc:5").is_ok(), "posted= repeats");
+    }
 
     fn window(gpa: u64, size: u64) -> WindowConfig {
         WindowConfig { gpa, size, path: "/dev/null".into(), fd: None, offset: 0, read_only: false, name: String::new() }
