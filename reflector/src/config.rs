@@ -367,7 +367,8 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     }
     for (byte, octet) in mac.iter_mut().zip(&octets) {
         *byte = match u8::from_str_radix(octet, 16) {
-            Ok(value) if octet.len() == 2 => value,
+            // Two hex digits: from_str_radix also takes a sign (`+2`).
+            Ok(value) if octet.len() == 2 && octet.bytes().all(|b| b.is_ascii_hexdigit()) => value,
             _ => return Err(format!("{text:?} is not a MAC address such as 52:54:00:12:34:56")),
         };
     }
@@ -1188,6 +1189,16 @@ mod tests {
         assert!(reflectors.validate().unwrap_err().0.contains("the reflector's own user"));
         let file = "[[blk]]\nsocket = \"/s\"\nimage = \"/i\"\nclient_user = \"61234\"\n";
         assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].client_user.as_deref(), Some("61234"));
+    }
+
+    /// A MAC address is six pairs of hex digits: `+2` parsed as a number
+    /// was taken for 02 (an adversarial review found it).
+    #[test]
+    fn a_mac_address_is_six_pairs_of_hex_digits() {
+        assert_eq!(parse_mac("52:54:00:12:34:5f"), Ok([0x52, 0x54, 0, 0x12, 0x34, 0x5f]));
+        for bad in ["+2:54:00:00:00:01", "52:54:00:00:00:-1", "52:54:00:00:00:1", "52:54:00:00:00:001"] {
+            assert!(parse_mac(bad).is_err(), "{bad} was taken");
+        }
     }
 
     /// A driver is a built-in image's name or a path with a `/`: anything

@@ -157,7 +157,10 @@ pub fn parse_number(what: &str, text: &str) -> Result<u64> {
 }
 
 fn parse_fd(what: &str, text: &str) -> Result<RawFd> {
-    let fd = parse_number(what, text)?;
+    // Said as a descriptor's error, not a size's (`fd=-1` was "expected a
+    // number such as 4096").
+    let fd = parse_number(what, text)
+        .map_err(|_| Error::invalid(what, format!("{text:?}: expected an inherited file descriptor number above 2")))?;
     RawFd::try_from(fd)
         .ok()
         .filter(|fd| *fd > 2)

@@ -260,7 +260,7 @@ fn locate(args: LocateArgs) -> ExitCode {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?}: expected a duration such as 500ms, 2s or 1.5");
+    let bad = || format!("{text:?}: expected a duration from 1us to 1e9 s, such as 500ms, 2s or 1.5");
     let (number, scale) =
         if let Some(ms) = text.strip_suffix("ms") { (ms, 1e-3) } else { (text.strip_suffix('s').unwrap_or(text), 1.0) };
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
