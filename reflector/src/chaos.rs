@@ -134,7 +134,13 @@ const LOAD_START_TRIES: u32 = 3;
 
 /// Runs `blk-load --verify` in a loop until `stop`, or `max_runs` runs, or
 /// until it could not start [`LOAD_START_TRIES`] times in a row.
-fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>, max_runs: Option<u32>) -> LoadOutcome {
+fn run_load(
+    options: &ChaosOptions,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    gave_up: Arc<AtomicBool>,
+    max_runs: Option<u32>,
+) -> LoadOutcome {
     let mut load = LoadOutcome::default();
     let LoadOutcome { runs, errors, mismatches, failures, slowest_us } = &mut load;
     let mut could_not_run = 0;
@@ -171,6 +177,7 @@ fn run_load(options: &ChaosOptions, socket: PathBuf, stop: Arc<AtomicBool>, max_
             // line.
             if could_not_run == LOAD_START_TRIES {
                 tracing::error!(tries = LOAD_START_TRIES, "the load could not run, again and again: stopping it");
+                gave_up.store(true, Ordering::Release);
                 break;
             }
             continue;
@@ -206,10 +213,13 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     }
     let start = Instant::now();
     let mut report = ChaosReport::default();
+    // Set once the load gave up: the faults that wait for a request would
+    // each wait out the recovery timeout for nothing.
+    let gave_up = Arc::new(AtomicBool::new(false));
     let quiet = match &options.socket {
         Some(socket) if options.quiet_runs > 0 => {
             eprintln!("chaos: {} load runs with no fault first", options.quiet_runs);
-            run_load(options, socket.clone(), Arc::new(AtomicBool::new(false)), Some(options.quiet_runs))
+            run_load(options, socket.clone(), Arc::default(), gave_up.clone(), Some(options.quiet_runs))
         }
         _ => LoadOutcome::default(),
     };
@@ -217,11 +227,15 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let load = options.socket.clone().map(|socket| {
         let (options, stop) = (options.clone(), stop.clone());
-        std::thread::spawn(move || run_load(&options, socket, stop, None))
+        let gave_up = gave_up.clone();
+        std::thread::spawn(move || run_load(&options, socket, stop, gave_up, None))
     });
     let mut rng = Rng(options.seed | 1);
     let result = (|| -> Result<(), String> {
         for i in 0..options.faults {
+            if gave_up.load(Ordering::Acquire) {
+                return Err("the load could not run (see above): no request would trigger the faults".into());
+            }
             let (low, high) = (options.gap.0.as_micros() as u64, options.gap.1.as_micros() as u64);
             std::thread::sleep(Duration::from_micros(low + rng.below(high.saturating_sub(low) + 1)));
             let kind = &options.kinds[rng.below(options.kinds.len() as u64) as usize];
@@ -246,6 +260,9 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
                 let status = device_status(options)?;
                 if status.restarts > before && status.state == "running" {
                     break;
+                }
+                if gave_up.load(Ordering::Acquire) {
+                    return Err("the load could not run (see above): no request would trigger the faults".into());
                 }
                 if Instant::now() > deadline {
                     report.unrecovered += 1;

@@ -795,6 +795,9 @@ fn request_within(path: &Path, request: &Request, wait: Duration) -> Result<Resp
             Ok(read) if reply.len() + read <= 64 << 20 => reply.extend_from_slice(&chunk[..read]),
             Ok(_) => return Err(format!("control socket {}: an answer of more than 64 MiB", path.display())),
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            // A reflector that closed with the request unread resets the
+            // connection once its answer has been read: the answer counts.
+            Err(_) if reply.contains(&b'\n') => break,
             Err(error) => match sent {
                 Err(error) => return Err(failed("sending the request", error)),
                 Ok(()) => return Err(failed("reading the answer", error)),
@@ -929,6 +932,33 @@ mod tests {
         // has closed.
         let request = Request::Kill { device: "d".repeat(4 << 20) };
         let error = request_within(&path, &request, Duration::from_secs(10)).unwrap_err();
+        server.join().unwrap();
+        assert_eq!(error, "too many control clients at once; try again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The same refusal sent once the (small) request has arrived unread:
+    /// the close then resets the connection after the answer, and the
+    /// answer still counts (a review of the first fix found the reset
+    /// taken for the answer).
+    #[test]
+    fn a_refusal_sent_after_the_request_arrived_unread_is_what_the_client_tells() {
+        let dir = std::env::temp_dir().join(format!("control-late-refusal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("busy.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            // The request is there, and stays unread.
+            let mut poll =
+                libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&stream), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one pollfd on the stack.
+            assert_eq!(unsafe { libc::poll(&mut poll, 1, 10_000) }, 1);
+            let busy = Response::Error { message: "too many control clients at once; try again".into() };
+            (&stream).write_all(format!("{}\n", serde_json::to_string(&busy).unwrap()).as_bytes()).unwrap();
+        });
+        let error = request_within(&path, &Request::Status, Duration::from_secs(10)).unwrap_err();
         server.join().unwrap();
         assert_eq!(error, "too many control clients at once; try again");
         let _ = std::fs::remove_dir_all(&dir);

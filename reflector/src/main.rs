@@ -197,7 +197,7 @@ struct ChaosArgs {
     /// Shortest pause between faults, ms (0 to 3,600,000).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     min_gap_ms: u64,
-    /// Longest pause between faults, ms (0 to 3,600,000; at least --min-gap-ms).
+    /// Longest pause between faults, ms (0 to 3,600,000; raised to --min-gap-ms if below it).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     max_gap_ms: u64,
     /// Longest wait for a recovery, s (1 to 3600).

@@ -331,7 +331,7 @@ fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
     }
     let served = Served::start("no-socket", "");
     let output = Command::new(reflector_bin())
-        .args(["chaos", "--device", "disk0", "--faults", "1", "--kinds", "kill", "--recovery-timeout-s", "5"])
+        .args(["chaos", "--device", "disk0", "--faults", "50", "--kinds", "panic", "--recovery-timeout-s", "60"])
         .arg("--control")
         .arg(served.ctl())
         .arg("--socket")
@@ -341,5 +341,7 @@ fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "the chaos passed with no load:\n{stderr}");
     let tries = stderr.lines().filter(|l| l.contains("the load could not run")).count();
-    assert!(tries <= 4, "the load was started {tries} times:\n{stderr}");
+    assert_eq!(tries, 3 + 1 + 1, "three tries, the giving up and the error:\n{stderr}");
+    assert!(stderr.contains("again and again: stopping it"), "{stderr}");
+    assert!(stderr.contains("no request would trigger the faults"), "{stderr}");
 }

@@ -260,7 +260,7 @@ fn locate(args: LocateArgs) -> ExitCode {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("{text:?}: expected a duration from 1us to 1e9 s, such as 500ms, 2s or 1.5");
+    let bad = || format!("{text:?}: expected a duration from 0.001ms to 1e9 s, such as 500ms, 2s or 1.5");
     let (number, scale) =
         if let Some(ms) = text.strip_suffix("ms") { (ms, 1e-3) } else { (text.strip_suffix('s').unwrap_or(text), 1.0) };
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
@@ -501,17 +501,26 @@ fn check(name: &str, args: &RunArgs) -> vmm::Result<()> {
 fn setup_and_run(name: &str, args: RunArgs, start: Instant) -> vmm::Result<Report> {
     keep_stdout_released_first();
     let (config, image) = configure(name, &args)?;
-    let sink = match args.console.as_str() {
-        "stderr" => ConsoleSink::Stderr,
-        "none" => ConsoleSink::Discard,
-        path => ConsoleSink::File(console_file(Path::new(path), &args.image, &config)?),
-    };
     // `--kvm-fd` and `--ready-fd` are owned like the VM's own descriptors:
     // one number given to two owners was closed twice.
     config.check_descriptors_with(args.ready_fd.into_iter().chain(args.kvm_fd))?;
     if args.exit_on_stdin_close {
         runner::check_lifeline()?;
     }
+    if let Some(fd) = args.ready_fd {
+        check_ready_fd(fd)?;
+    }
+    let sink = match args.console.as_str() {
+        "stderr" => ConsoleSink::Stderr,
+        "none" => ConsoleSink::Discard,
+        path => {
+            // Judged before the console file is emptied, and before its
+            // descriptor takes a number a closed inherited one had (it was
+            // then said to be the console's file, not an eventfd).
+            vmm::vm::check_inherited(&config)?;
+            ConsoleSink::File(console_file(Path::new(path), &args.image, &config)?)
+        }
+    };
     let ready_file = args.ready_fd.map(ready_file).transpose()?;
     let kvm = match args.kvm_fd {
         Some(fd) => inherited_kvm(fd)?,
@@ -598,10 +607,7 @@ fn inherited_kvm(fd: i32) -> vmm::Result<Kvm> {
 /// failed). Opened without waiting: a FIFO nobody reads is refused instead
 /// of blocking the start for ever; its writes then wait as usual.
 fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File> {
-    let file = open_console(path, image, config, true)?.ok_or_else(|| Error::Io {
-        operation: format!("making console file {}", path.display()),
-        source: std::io::ErrorKind::NotFound.into(),
-    })?;
+    let file = open_console(path, image, config)?;
     if file.metadata().is_ok_and(|metadata| metadata.file_type().is_file()) {
         file.set_len(0)
             .map_err(|source| Error::Io { operation: format!("emptying console file {}", path.display()), source })?;
@@ -613,66 +619,91 @@ fn console_file(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File
 }
 
 /// `--check` of the console's path: what [`console_file`] would refuse,
-/// with nothing made or emptied (a missing file's directory must take it).
+/// judged from its metadata alone: never opened, since opening a FIFO for
+/// writing and closing it gives its reader end-of-file (the run after the
+/// check then found no reader). A missing file's directory must take it.
 fn check_console_path(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<()> {
-    open_console(path, image, config, false).map(drop)
+    use std::os::unix::fs::MetadataExt;
+    let writable = |at: &Path, what: &str| -> vmm::Result<()> {
+        let c_path = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::invalid("--console", "a path with a NUL byte"))?;
+        // SAFETY: access(2) of a NUL-terminated path.
+        if unsafe { libc::access(c_path.as_ptr(), libc::W_OK) } != 0 {
+            let source = std::io::Error::last_os_error();
+            return Err(Error::Io { operation: format!("{what} console file {}", path.display()), source });
+        }
+        Ok(())
+    };
+    match std::fs::metadata(path) {
+        Ok(metadata) => {
+            console_is_its_own(path, (metadata.dev(), metadata.ino()), image, config)?;
+            writable(path, "writing")
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            writable(directory, "making")
+        }
+        Err(source) => Err(Error::Io { operation: format!("reading console file {}", path.display()), source }),
+    }
 }
 
-/// Opens the console file without waiting (made if missing when `make`;
-/// None if missing and not made), checked not to be the image's or a
-/// window's file.
-fn open_console(path: &Path, image: &str, config: &VmConfig, make: bool) -> vmm::Result<Option<File>> {
+/// Opens the console file without waiting, made if missing, checked not
+/// to be the image's or a window's file.
+fn open_console(path: &Path, image: &str, config: &VmConfig) -> vmm::Result<File> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let failed = |what: &str| {
         let what = format!("{what} console file {}", path.display());
         move |source: std::io::Error| {
-            let hint = if source.raw_os_error() == Some(libc::ENXIO) { " (a FIFO nobody reads)" } else { "" };
+            let hint = match source.raw_os_error() {
+                Some(libc::ENXIO) => " (a FIFO nobody reads, or a socket)",
+                _ => "",
+            };
             Error::Io { operation: format!("{what}{hint}"), source }
         }
     };
-    let file = match File::options().write(true).create(make).custom_flags(libc::O_NONBLOCK).open(path) {
-        Err(error) if !make && error.kind() == std::io::ErrorKind::NotFound => {
-            let directory = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            let c_directory = std::ffi::CString::new(directory.as_os_str().as_encoded_bytes())
-                .map_err(|_| Error::invalid("--console", "a path with a NUL byte"))?;
-            // SAFETY: access(2) of a NUL-terminated path.
-            if unsafe { libc::access(c_directory.as_ptr(), libc::W_OK) } != 0 {
-                return Err(failed("making")(std::io::Error::last_os_error()));
-            }
-            return Ok(None);
-        }
-        opened => opened.map_err(failed("opening"))?,
-    };
+    let file = File::options()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(failed("opening"))?;
     let console = file.metadata().map_err(failed("reading"))?;
-    let identity = |dev: u64, ino: u64| (dev, ino) == (console.dev(), console.ino());
-    let fd_identity = |fd: i32| {
+    console_is_its_own(path, (console.dev(), console.ino()), image, config)?;
+    Ok(file)
+}
+
+/// Refuses a console file (its device and inode) that is the image's or a
+/// window's file.
+fn console_is_its_own(path: &Path, console: (u64, u64), image: &str, config: &VmConfig) -> vmm::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let is_it = |metadata: std::fs::Metadata| (metadata.dev(), metadata.ino()) == console;
+    let fd_is_it = |fd: i32| {
         // SAFETY: fstat(2) into a local; a closed descriptor fails, and is
         // judged where it is used.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
-        (unsafe { libc::fstat(fd, &mut stat) } == 0).then(|| identity(stat.st_dev, stat.st_ino))
+        let stated = unsafe { libc::fstat(fd, &mut stat) } == 0;
+        stated && (stat.st_dev, stat.st_ino) == console
     };
-    let mut windows = config.windows.iter().map(|window| match window.fd {
-        Some(fd) => (fd_identity(fd) == Some(true), format!("the window at {:#x}", window.gpa)),
-        None => (
-            std::fs::metadata(&window.path).is_ok_and(|m| identity(m.dev(), m.ino())),
-            format!("the window at {:#x}", window.gpa),
-        ),
+    let mut windows = config.windows.iter().map(|window| {
+        let is = match window.fd {
+            Some(fd) => fd_is_it(fd),
+            None => std::fs::metadata(&window.path).is_ok_and(is_it),
+        };
+        (is, format!("the window at {:#x}", window.gpa))
     });
     let built_in = !image.contains('/') && vmm::image::builtin_names().any(|name| name == image);
     let image_is_it = match image.strip_prefix("fd=").and_then(|fd| fd.parse().ok()) {
-        Some(fd) => fd_identity(fd) == Some(true),
-        None => !built_in && std::fs::metadata(image).is_ok_and(|m| identity(m.dev(), m.ino())),
+        Some(fd) => fd_is_it(fd),
+        None => !built_in && std::fs::metadata(image).is_ok_and(is_it),
     };
-    if let Some(what) =
-        image_is_it.then(|| "the image".to_owned()).or_else(|| windows.find(|(is, _)| *is).map(|(_, w)| w))
-    {
-        return Err(Error::invalid(
+    match image_is_it.then(|| "the image".to_owned()).or_else(|| windows.find(|(is, _)| *is).map(|(_, w)| w)) {
+        Some(what) => Err(Error::invalid(
             "--console",
             format!("{} is {what}'s file: give the console a file of its own", path.display()),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(Some(file))
 }
 
 fn ready_file(fd: i32) -> vmm::Result<File> {

@@ -323,6 +323,15 @@ fn check_refuses_what_the_run_would_and_changes_nothing() {
     let out = output(vmm().args(&args));
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!console.exists(), "--check made the console file");
+    // Never opened: opening a FIFO for writing and closing it gives its
+    // reader end-of-file (one without a reader is judged at the run).
+    let fifo = dir.path().join("fifo");
+    let path = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+    // SAFETY: mkfifo(3) of a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let args = check(&["--console", fifo.to_str().unwrap()]);
+    let out = output(vmm().args(&args));
+    assert_eq!(out.status.code(), Some(0), "--check opened the FIFO: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
