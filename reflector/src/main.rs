@@ -507,8 +507,11 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         Err(error) => tracing::warn!(%error, "cannot raise the open descriptor limit"),
     }
     hardware::shared_eventfd::prepare().map_err(|e| e.to_string())?;
+    // Images created here are removed again if the start fails before the
+    // devices serve.
+    let mut created_images = serve::CreatedImages::default();
     for blk in &config.blk {
-        serve::prepare_image(blk)?;
+        serve::prepare_image(blk, &mut created_images)?;
     }
     // Services live until the process exits.
     let mut services: Vec<&'static dyn Service> = Vec::new();
@@ -562,6 +565,8 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
         user.become_it().map_err(|e| e.to_string())?;
         tracing::info!(user = %user, "set up; now running unprivileged");
     }
+    // From here on a client may write to an image: it is a disk now.
+    created_images.keep();
     for &service in &services {
         std::thread::Builder::new()
             .name(format!("{}-serve", service.name()))

@@ -216,9 +216,58 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("{context}: {e}")
 }
 
-/// Creates the disk image if it is missing (and a size was given); checks
-/// it. A VFIO function has no image: it is its own disk.
-pub fn prepare_image(config: &BlkConfig) -> Result<(), String> {
+/// The disk images a start created: removed again if the start fails, so
+/// that a refused start leaves no image behind (a retry with another
+/// `size=` met the first attempt's file and was refused for its size);
+/// kept once the devices serve.
+#[derive(Debug, Default)]
+#[must_use = "dropped, it removes the images it holds"]
+pub struct CreatedImages(Vec<CreatedImage>);
+
+#[derive(Debug)]
+struct CreatedImage {
+    path: PathBuf,
+    /// Device and inode of the file created: a path that names another
+    /// file by the time of the removal is left alone.
+    identity: (u64, u64),
+}
+
+impl CreatedImages {
+    /// The start succeeded: the images are the devices' disks now.
+    pub fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for CreatedImages {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        for image in self.0.drain(..) {
+            let same = std::fs::symlink_metadata(&image.path)
+                .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == image.identity);
+            if !same {
+                tracing::warn!(image = %image.path.display(), "the disk image created for this start was replaced; left");
+                continue;
+            }
+            match std::fs::remove_file(&image.path) {
+                Ok(()) => {
+                    tracing::info!(image = %image.path.display(), "removed the disk image created for this start")
+                }
+                Err(error) => tracing::warn!(
+                    image = %image.path.display(),
+                    %error,
+                    "cannot remove the disk image created for this start"
+                ),
+            }
+        }
+    }
+}
+
+/// Creates the disk image if it is missing (and a size was given), noting
+/// it in `created`; checks it. A VFIO function has no image: it is its own
+/// disk.
+pub fn prepare_image(config: &BlkConfig, created: &mut CreatedImages) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     if matches!(config.device, DeviceHardware::Vfio { .. }) {
         return Ok(());
     }
@@ -228,10 +277,16 @@ pub fn prepare_image(config: &BlkConfig) -> Result<(), String> {
             .size
             .ok_or_else(|| format!("disk image {} does not exist: add size=SIZE to create it", path.display()))?;
         let file = std::fs::File::create_new(path).map_err(io(format!("creating disk image {}", path.display())))?;
+        let identity = file.metadata().map(|metadata| (metadata.dev(), metadata.ino()));
         if let Err(error) = file.set_len(size) {
             // Never leave a 0-byte image behind that a retry would accept.
             let _ = std::fs::remove_file(path);
             return Err(format!("sizing disk image {} to {size} bytes: {error}", path.display()));
+        }
+        match identity {
+            Ok(identity) => created.0.push(CreatedImage { path: path.clone(), identity }),
+            Err(error) => tracing::warn!(image = %path.display(), %error, "cannot identify the new disk image: \
+                                         a failed start will leave it"),
         }
         tracing::info!(image = %path.display(), size, "created disk image");
     }
@@ -346,9 +401,9 @@ fn claim_socket(
         .map_err(|e| format!("{name}: {e}"))
 }
 
-/// Starts everything behind one block device (not yet its socket).
+/// Starts everything behind one block device (not yet its socket), whose
+/// image [`prepare_image`] made ready.
 pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32) -> Result<BlkService, String> {
-    prepare_image(config)?;
     let name = &config.name;
     // A VFIO function's group is exclusive (a second opener gets EBUSY):
     // its own lock.

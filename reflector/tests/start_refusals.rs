@@ -65,7 +65,7 @@ fn a_socket_path_naming_a_file_never_deletes_it() {
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"the only copy");
     // The control socket too.
-    let mut args = blk(&scratch.join("d.sock"), &image, "");
+    let mut args = blk(&scratch.join("d.sock"), &image, ",size=1M");
     args.extend(["--control".to_string(), victim.display().to_string()]);
     if kvm_available("a_socket_path_naming_a_file_never_deletes_it") {
         let stderr = refused(&args);
@@ -98,6 +98,35 @@ fn a_socket_that_cannot_be_bound_fails_the_start() {
     let long = scratch.join(&"x".repeat(120));
     let stderr = refused(&blk(&long, &image, ",size=1M"));
     assert!(stderr.contains("more than a socket address holds"), "{stderr}");
+    assert!(!image.exists(), "the refused start left the image it created");
+}
+
+/// A start refused after it created an image removes that image, and only
+/// that one: before, the image stayed, and a retry with another `size=`
+/// was refused for the size the failed attempt had given it.
+#[test]
+fn a_refused_start_removes_the_images_it_created_and_no_other() {
+    let scratch = Scratch::new("refuse-created");
+    let (created, kept) = (scratch.join("new.img"), scratch.join("kept.img"));
+    std::fs::write(&kept, vec![7u8; 4096]).unwrap();
+    // The second device's image exists with another size than asked: the
+    // start fails after making the first's.
+    let mut args = blk(&scratch.join("a.sock"), &created, ",size=1M");
+    args.extend(blk(&scratch.join("b.sock"), &kept, ",size=1M"));
+    let stderr = refused(&args);
+    assert!(stderr.contains("exists with 4096 bytes"), "{stderr}");
+    assert!(!created.exists(), "the refused start left the image it created: {stderr}");
+    assert_eq!(std::fs::read(&kept).unwrap(), vec![7u8; 4096]);
+    // Refused once the devices are being started (the socket's directory
+    // is missing): the same, and the retry with another size starts.
+    let missing = scratch.join("no-such-dir").join("d.sock");
+    let stderr = refused(&blk(&missing, &created, ",size=1M"));
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert!(!created.exists(), "the refused start left the image it created: {stderr}");
+    // An image that was there before is never removed.
+    let stderr = refused(&blk(&missing, &kept, ""));
+    assert!(stderr.contains("no-such-dir"), "{stderr}");
+    assert_eq!(std::fs::read(&kept).unwrap(), vec![7u8; 4096]);
 }
 
 /// A driver image named without a `/` is a built-in one's name: a file of
@@ -140,7 +169,7 @@ fn an_unusable_driver_or_memory_fails_the_start() {
     let (socket, image) = (scratch.join("d.sock"), scratch.join("d.img"));
     let stderr = refused(&blk(&socket, &image, ",size=1M,driver=no-such-driver"));
     assert!(stderr.contains("no-such-driver") && stderr.contains("not found"), "{stderr}");
-    let stderr = refused(&blk(&socket, &image, ",memory=600M"));
+    let stderr = refused(&blk(&socket, &image, ",size=1M,memory=600M"));
     assert!(stderr.contains("memory=600M") && stderr.contains("overlaps"), "{stderr}");
     let stderr = refused(&["--net".into(), format!("socket={},driver=/dev/null", scratch.join("n.sock").display())]);
     assert!(stderr.contains("/dev/null"), "{stderr}");
