@@ -478,6 +478,8 @@ pub enum Response {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FaultKind {
+    /// Withdraw a fault injected and not yet committed.
+    None,
     /// Panic.
     Panic,
     /// Read an unmapped address.
@@ -512,7 +514,7 @@ impl FaultKind {
     /// Every kind, by its name (`panic`, `page-fault`, ...).
     pub const NAMES: &'static str =
         "panic, page-fault, illegal, hang, lie, stop, corrupt-reads, skip-flushes, skip-writes, spin, flood, wild-dma, \
-         wild-queues or junk-io";
+         wild-queues or junk-io; none withdraws one not yet committed";
 
     /// The kind named `name`.
     pub fn parse(name: &str) -> Option<FaultKind> {
@@ -522,6 +524,7 @@ impl FaultKind {
     /// Its code in the channel (`guest_abi::channel::inject`).
     pub fn code(self) -> u32 {
         match self {
+            FaultKind::None => inject::NONE,
             FaultKind::Panic => inject::PANIC,
             FaultKind::PageFault => inject::PAGE_FAULT,
             FaultKind::Illegal => inject::ILLEGAL,
@@ -557,7 +560,7 @@ fn attached(target: &ControlTarget) -> bool {
 fn refuse_unknown_fault(target: &ControlTarget, fault: FaultKind) -> Result<(), String> {
     use guest_abi::channel::header;
     let read = |offset| target.channel.atomic_u32(offset).load(Ordering::Acquire);
-    if attached(target) && read(header::DRIVER_INJECTABLE) & (1 << fault.code()) == 0 {
+    if fault != FaultKind::None && attached(target) && read(header::DRIVER_INJECTABLE) & (1 << fault.code()) == 0 {
         let name = serde_json::to_value(fault).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         return Err(format!(
             "the driver of {} cannot commit `{name}` (it implements no such fault); nothing was injected",
@@ -1058,6 +1061,14 @@ mod tests {
         let panic = Request::Inject { device: "d0".into(), fault: FaultKind::Panic, after: 0 };
         assert_eq!(respond(&targets, &panic), Response::Done);
         assert_eq!(channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire), inject::PANIC);
+        // `none` withdraws it, whatever the driver implements.
+        let none = Request::Inject { device: "d0".into(), fault: FaultKind::None, after: 0 };
+        assert_eq!(
+            serde_json::to_string(&none).unwrap(),
+            r#"{"request":"inject","device":"d0","fault":"none","after":0}"#
+        );
+        assert_eq!(respond(&targets, &none), Response::Done);
+        assert_eq!(channel.atomic_u32(header::INJECT_KIND).load(Ordering::Acquire), inject::NONE);
     }
 
     #[test]

@@ -168,7 +168,8 @@ struct InjectArgs {
     /// panic, page-fault, illegal, hang, lie, stop; or lies only evidence
     /// catches: corrupt-reads (needs checksums=on), skip-flushes, skip-writes; or costs the
     /// CPU watch catches: spin (never sleep), flood (ring the doorbell in a loop), junk-io (keep
-    /// the device busy with work no request asked for).
+    /// the device busy with work no request asked for); wild-dma, wild-queues (DMA outside the device's
+    /// region, caught by the device's bounds); or none, which withdraws a fault not yet committed.
     fault: String,
     /// Requests to serve first.
     #[arg(long, default_value_t = 0)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::kvm_available;
+use common::{blk_load, kvm_available};
 
 fn reflector_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_reflector"))
@@ -344,4 +344,15 @@ fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
     assert_eq!(tries, 3 + 1 + 1, "three tries, the giving up and the error:\n{stderr}");
     assert!(stderr.contains("again and again: stopping it"), "{stderr}");
     assert!(stderr.contains("no request would trigger the faults"), "{stderr}");
+    // The panic injected for a request that never came was withdrawn: the
+    // next client's requests commit no fault. Before, its first request
+    // crashed the driver VM, long after the chaos had ended.
+    let before = served.status().unwrap();
+    let (load, jobs) =
+        blk_load(&served.dir.join("d.sock"), &["--job", "randwrite", "--bs", "4k", "--ios", "32", "--verify"]);
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    let after = served.status().unwrap();
+    assert_eq!(after["restarts"], before["restarts"], "a fault was left armed: {after}\n{}", served.log());
+    assert_eq!(after["faults"], before["faults"], "a fault was left armed: {after}\n{}", served.log());
 }
