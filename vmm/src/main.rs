@@ -39,7 +39,8 @@ Exit status:
 
 With --json, one line on stdout reports the outcome: {\"outcome\": \"exit\" | \"panic\" |
 \"exception\" | \"triple_fault\" | \"internal_error\" | \"timeout\" | \"invalid_access\" |
-\"halted\" | \"stopped\" | \"setup_error\", ...}, with the image's \"build_id\"; crashes carry
+\"halted\" | \"stopped\" | \"setup_error\", ...}, with the image's \"build_id\" (a command line
+refused as syntax is a setup_error of kind \"usage\", status 2); crashes carry
 \"location\" (function, file, line) and \"backtrace\" (frame-pointer chain, symbolised).";
 
 /// A small KVM VMM for driver VMs.
@@ -302,7 +303,21 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            return ExitCode::from(if error.use_stderr() { status::USAGE } else { 0 });
+            if !error.use_stderr() {
+                return ExitCode::SUCCESS;
+            }
+            if let Some(name) = json_run_asked(std::env::args_os().skip(1)) {
+                // A supervisor that reads the outcome from standard output
+                // gets one for a command line it got wrong as well.
+                let report = ErrorReport {
+                    name,
+                    outcome: "setup_error",
+                    kind: "usage",
+                    message: error.render().to_string().trim().to_string(),
+                };
+                say_out(&serde_json::to_string(&report).unwrap_or_default());
+            }
+            return ExitCode::from(status::USAGE);
         }
     };
     match cli.command {
@@ -338,11 +353,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// The VM's name when none is given: the image's file name without `.elf`.
+fn name_of_image(image: &str) -> String {
+    let base = image.rsplit('/').next().unwrap_or(image);
+    base.strip_suffix(".elf").unwrap_or(base).to_string()
+}
+
+/// For a command line clap refused: if it is a `run` with `--json`, the
+/// VM's name as far as the arguments say (`--name`, else `--image`'s),
+/// which the JSON report carries.
+fn json_run_asked(args: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    let args: Vec<String> = args.map(|arg| arg.to_string_lossy().into_owned()).collect();
+    if args.first().map(String::as_str) != Some("run") || !args.iter().any(|arg| arg == "--json") {
+        return None;
+    }
+    let value = |option: &str| {
+        let inline = format!("{option}=");
+        args.iter().enumerate().find_map(|(i, arg)| match arg.strip_prefix(&inline) {
+            Some(value) => Some(value.to_string()),
+            None if arg == option => args.get(i + 1).cloned(),
+            None => None,
+        })
+    };
+    Some(value("--name").or_else(|| value("--image").map(|image| name_of_image(&image))).unwrap_or_default())
+}
+
 fn run(args: RunArgs) -> ExitCode {
-    let name = args.name.clone().unwrap_or_else(|| {
-        let base = args.image.rsplit('/').next().unwrap_or(&args.image);
-        base.strip_suffix(".elf").unwrap_or(base).to_string()
-    });
+    let name = args.name.clone().unwrap_or_else(|| name_of_image(&args.image));
     let json = args.json;
     let start = Instant::now();
     if args.hosted {

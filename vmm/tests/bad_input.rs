@@ -176,6 +176,24 @@ fn usage_errors_are_status_2() {
     let out = output(vmm().args(["run"]));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
+    assert!(out.stdout.is_empty(), "no --json, no report on stdout");
+    // With --json, a supervisor reading the outcome gets one for these
+    // too: before, standard output stayed empty.
+    for (args, name) in [
+        (&["run", "--json", "--image", "./drv.elf", "--no-such-flag"][..], "drv"),
+        (&["run", "--name=d0", "--json", "--memory"][..], "d0"),
+        (&["run", "--json"][..], ""),
+    ] {
+        let out = output(vmm().args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().count(), 1, "{args:?}: {stdout}");
+        let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(report["outcome"], "setup_error", "{report}");
+        assert_eq!(report["kind"], "usage", "{report}");
+        assert_eq!(report["vm"], name, "{report}");
+        assert!(report["message"].as_str().unwrap().starts_with("error:"), "{report}");
+    }
 }
 
 #[test]
