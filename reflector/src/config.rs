@@ -743,7 +743,7 @@ struct FileBlk {
 
 /// `spare = true | false | "off" | "standby" | "warm"`.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "key `spare`: expected true, false, \"off\", \"standby\" or \"warm\"")]
 enum FileSpare {
     On(bool),
     Kind(String),
@@ -958,9 +958,14 @@ impl Config {
     /// Checks what no single device can: unique names and sockets.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.blk.is_empty() && self.net.is_empty() {
-            return Err(ConfigError(
-                "nothing to serve: give --blk, --net or --config (see reflector serve --help)".into(),
-            ));
+            // A TAP alone bridges a switch no device is plugged into.
+            let message = if self.tap.is_empty() {
+                "nothing to serve: give --blk, --net or --config (see reflector serve --help)"
+            } else {
+                "nothing to serve: a TAP device only bridges a switch to the host, and no device is on it: add a \
+                 --net (a [[net]] table in a file) on the TAP's switch"
+            };
+            return Err(ConfigError(message.into()));
         }
         if let Some(base) = self.jail.uid_base {
             let ids = crate::jail::IDS_PER_REFLECTOR;
@@ -1125,8 +1130,24 @@ mod tests {
         assert_eq!(parse_file(file, "r.toml").unwrap().blk[0].spare, Some(SpareKind::Standby));
         let error = parse_file(&format!("{file}spare = \"hot\"\n"), "r.toml").unwrap_err().to_string();
         assert!(error.contains("key `spare`") && error.contains("expected off, standby or warm"), "{error}");
+        // Neither a boolean nor a string: the accepted values are named
+        // (before, serde's "did not match any variant of untagged enum").
+        let error = parse_file(&format!("{file}spare = 5\n"), "r.toml").unwrap_err().to_string();
+        assert!(error.contains("line 4") && error.contains("key `spare`: expected true, false, \"off\""), "{error}");
+        assert!(!error.contains("untagged"), "{error}");
         let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";
         assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Some(SpareKind::Standby));
+    }
+
+    /// A configuration of TAP devices alone is refused for having no
+    /// device, not told to give the `--config` it came from.
+    #[test]
+    fn taps_alone_are_nothing_to_serve_and_said_so() {
+        let config = parse_file("[[tap]]\nname = \"tap0\"\nswitch = \"s\"\n", "r.toml").unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("no device is on it") && !error.contains("--config"), "{error}");
+        let error = Config::default().validate().unwrap_err().to_string();
+        assert!(error.contains("give --blk, --net or --config"), "{error}");
     }
 
     /// A device whose writes are read back from its image refuses the
