@@ -269,7 +269,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => serve_devices(args),
+        // A failed start leaves none of the sockets it placed.
+        Command::Serve(args) => serve_devices(args).inspect_err(|_| reflector::sockets::remove_every_placed()),
         Command::Status(args) => show_status(&args),
         Command::Metrics(args) => control_command(&args.control, &Request::Metrics),
         Command::Recover(args) => control_command(&args.control.control, &Request::Recover { device: args.device }),

@@ -209,6 +209,19 @@ pub fn remove_placed(path: &Path) {
     }
 }
 
+/// Removes every socket this process placed and still finds in place (see
+/// [`remove_placed`]): a start that failed after placing some leaves no
+/// path a client would find refusing connections.
+pub fn remove_every_placed() {
+    let paths: Vec<PathBuf> = match PLACED.lock() {
+        Ok(placed) => placed.iter().map(|(path, _)| path.clone()).collect(),
+        Err(_) => return,
+    };
+    for path in paths {
+        remove_placed(&path);
+    }
+}
+
 /// Whether a process serves the socket at `path`, of any type. Only a
 /// refused connection says nobody does (the kernel finds no socket bound
 /// to it); a connection taken or queued, or a full backlog (the probe

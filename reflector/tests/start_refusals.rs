@@ -171,6 +171,9 @@ fn an_unusable_driver_or_memory_fails_the_start() {
     assert!(stderr.contains("no-such-driver") && stderr.contains("not found"), "{stderr}");
     let stderr = refused(&blk(&socket, &image, ",size=1M,memory=600M"));
     assert!(stderr.contains("memory=600M") && stderr.contains("overlaps"), "{stderr}");
+    // Refused once its socket was placed: the socket is removed with the
+    // image (before, a client found a path that refused connections).
+    assert!(!socket.exists() && !image.exists(), "the refused start left its socket or image");
     let stderr = refused(&["--net".into(), format!("socket={},driver=/dev/null", scratch.join("n.sock").display())]);
     assert!(stderr.contains("/dev/null"), "{stderr}");
     // A FIFO: opening it for reading waited for a writer for ever, and the
