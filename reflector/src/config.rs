@@ -1034,9 +1034,19 @@ impl Config {
                 }
             }
         }
-        let drivers = self.blk.iter().map(|b| (&b.name, &b.driver));
-        for (name, driver) in drivers.chain(self.net.iter().map(|n| (&n.name, &n.driver))) {
+        let drivers = self.blk.iter().map(|b| (&b.name, &b.driver, b.hosted));
+        for (name, driver, hosted) in drivers.chain(self.net.iter().map(|n| (&n.name, &n.driver, n.hosted))) {
             check_driver(driver).map_err(|why| ConfigError(format!("device {name}: driver={driver}: {why}")))?;
+            if hosted && !driver.contains('/') {
+                // The built-in images are isolated builds: the vmm's hosted
+                // mode refused the name as "not found" among the very
+                // names it listed.
+                return Err(ConfigError(format!(
+                    "device {name}: hosted=on runs a hosted build of the driver, given by its path: driver={driver} \
+                     names a built-in image, which runs only in a driver VM (cargo build --release in driver-vm \
+                     builds the hosted ones: driver=driver-vm/target/release/{driver})"
+                )));
+            }
         }
         for (i, a) in self.tap.iter().enumerate() {
             if self.tap[i + 1..].iter().any(|b| b.name == a.name) {
@@ -1137,6 +1147,21 @@ mod tests {
         assert!(!error.contains("untagged"), "{error}");
         let net = "[[net]]\nsocket = \"/s\"\nspare = \"standby\"\n";
         assert_eq!(parse_file(net, "r.toml").unwrap().net[0].spare, Some(SpareKind::Standby));
+    }
+
+    /// `hosted=on` wants the path of a hosted build: a built-in image's
+    /// name (the default driver included) is refused by name.
+    #[test]
+    fn a_hosted_driver_is_given_by_its_path() {
+        for spec in ["socket=/s,image=/i,hosted=on", "socket=/s,image=/i,hosted=on,driver=vmdisk"] {
+            let config = Config { blk: vec![parse_blk(spec, 0).unwrap()], ..Config::default() };
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("hosted=on runs a hosted build") && error.contains("driver-vm/target"), "{error}");
+        }
+        let config = Config { net: vec![parse_net("socket=/s,hosted=on", 0).unwrap()], ..Config::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("driver=net names a built-in image"));
+        let hosted = parse_blk("socket=/s,image=/i,hosted=on,driver=./target/release/blk", 0).unwrap();
+        assert!(Config { blk: vec![hosted], ..Config::default() }.validate().is_ok());
     }
 
     /// A configuration of TAP devices alone is refused for having no

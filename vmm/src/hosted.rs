@@ -33,6 +33,18 @@ pub struct HostedImage {
 /// x86-64 Linux executable, not an isolated driver VM image.
 pub fn resolve(arg: &str) -> Result<HostedImage> {
     let invalid = |reason: String| Error::ImageInvalid { image: arg.into(), reason };
+    let is_builtin = crate::image::builtin_names().any(|name| name == arg);
+    if is_builtin && std::fs::symlink_metadata(arg).is_err() {
+        // Before, "not a built-in image" among the very names it listed.
+        return Err(Error::invalid(
+            "--image",
+            format!(
+                "{arg:?} is a built-in image, which runs only in a driver VM: --hosted runs a hosted build of the \
+                 driver, given by its path (cargo build --release in driver-vm builds them: \
+                 driver-vm/target/release/{arg})"
+            ),
+        ));
+    }
     let bytes = crate::image::read_file(arg)?;
     let program = match arg.strip_prefix("fd=") {
         Some(fd) => PathBuf::from(format!("/proc/self/fd/{fd}")),

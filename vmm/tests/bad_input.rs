@@ -169,6 +169,15 @@ fn unaligned_window() {
     rejects(&["run", "--image", "hello", "--window", "0x40000000,4K,/dev/null,offset=12"], 24, "offset");
 }
 
+/// `--hosted` with a built-in image's name says that it wants a hosted
+/// build's path: before, the name was "not a built-in image" in a list
+/// of the built-in images that held it.
+#[test]
+fn a_hosted_run_of_a_built_in_image_says_what_it_wants() {
+    rejects(&["run", "--hosted", "--image", "blk"], 26, "runs only in a driver VM");
+    rejects(&["run", "--hosted", "--image", "no-such-driver"], 20, "not found");
+}
+
 #[test]
 fn usage_errors_are_status_2() {
     let out = output(vmm().args(["run", "--image", "hello", "--no-such-flag"]));
