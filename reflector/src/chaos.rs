@@ -132,6 +132,9 @@ struct LoadOutcome {
 /// Runs of the load in a row that could not start before it is given up.
 const LOAD_START_TRIES: u32 = 3;
 
+/// The chaos's error once its load gave up.
+const LOAD_GAVE_UP: &str = "the load could not run (see above): no request would trigger the faults";
+
 /// Runs `blk-load --verify` in a loop until `stop`, or `max_runs` runs, or
 /// until it could not start [`LOAD_START_TRIES`] times in a row.
 fn run_load(
@@ -234,7 +237,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
     let result = (|| -> Result<(), String> {
         for i in 0..options.faults {
             if gave_up.load(Ordering::Acquire) {
-                return Err("the load could not run (see above): no request would trigger the faults".into());
+                return Err(LOAD_GAVE_UP.into());
             }
             let (low, high) = (options.gap.0.as_micros() as u64, options.gap.1.as_micros() as u64);
             std::thread::sleep(Duration::from_micros(low + rng.below(high.saturating_sub(low) + 1)));
@@ -262,7 +265,7 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
                     break;
                 }
                 if gave_up.load(Ordering::Acquire) {
-                    return Err("the load could not run (see above): no request would trigger the faults".into());
+                    return Err(LOAD_GAVE_UP.into());
                 }
                 if Instant::now() > deadline {
                     report.unrecovered += 1;

@@ -255,6 +255,9 @@ impl VringT<Memory> for ClientVring {
     }
 }
 
+/// What a kick whose reads do not take its whole count is, for messages.
+pub const PARTIAL_READ_KICK: &str = "an eventfd in semaphore mode, or one the client reads itself";
+
 /// Whether a kick may be taken: a read of it takes its whole count, on any
 /// kernel ([`hardware::shared_eventfd::reads_whole_count`]); else why not.
 /// A kick that is refused is closed, and its queue never served (it never
@@ -265,9 +268,7 @@ impl VringT<Memory> for ClientVring {
 fn takes_whole_count(kick: &File) -> Result<(), String> {
     match hardware::shared_eventfd::reads_whole_count(kick.as_raw_fd()) {
         Ok(true) => Ok(()),
-        Ok(false) => Err("a read of it does not take its whole count (an eventfd in semaphore mode, or one the \
-                          client reads itself)"
-            .into()),
+        Ok(false) => Err(format!("a read of it does not take its whole count ({PARTIAL_READ_KICK})")),
         Err(error) => Err(format!("it cannot be signalled and read without waiting ({error})")),
     }
 }

@@ -889,10 +889,10 @@ impl<K: DeviceKind> Device<K> {
         }
         if self.core.cut_client.is_none() && vrings.iter().any(ClientVring::kick_refused) {
             self.core.metrics.malformed.fetch_add(1, Ordering::Relaxed);
-            self.core.cut_off(
-                "it gave a kick whose reads do not take its whole count (an eventfd in semaphore mode, or one it \
-                 reads itself)",
-            );
+            self.core.cut_off(&format!(
+                "it gave a kick whose reads do not take its whole count ({})",
+                crate::client_vring::PARTIAL_READ_KICK
+            ));
         }
         if self.core.memory.is_some() && self.core.client_memory_poisoned() {
             self.core.metrics.client_memory_faults.fetch_add(1, Ordering::Relaxed);
