@@ -282,10 +282,10 @@ pub fn run(options: &ChaosOptions) -> Result<ChaosReport, String> {
         Ok(())
     })();
     stop.store(true, Ordering::Release);
-    if result.is_err() && options.kinds.iter().any(|kind| kind != "kill") {
-        // A fault injected for a request the load never sent would be
-        // committed at the next client's first request, long after the
-        // chaos: withdrawn.
+    if options.kinds.iter().any(|kind| kind != "kill") {
+        // A fault injected for a request that never came (the load gave up,
+        // or the fault was never committed in time) would be committed at
+        // the next client's first request, long after the chaos: withdrawn.
         let withdraw = Request::Inject { device: options.device.clone(), fault: FaultKind::None, after: 0 };
         if let Err(error) = control::request(&options.control, &withdraw) {
             tracing::error!(%error, device = %options.device, "cannot withdraw the fault injected last: \

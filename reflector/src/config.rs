@@ -1042,9 +1042,9 @@ impl Config {
                 // mode refused the name as "not found" among the very
                 // names it listed.
                 return Err(ConfigError(format!(
-                    "device {name}: hosted=on runs a hosted build of the driver, given by its path: driver={driver} \
-                     names a built-in image, which runs only in a driver VM (cargo build --release in driver-vm \
-                     builds the hosted ones: driver=driver-vm/target/release/{driver})"
+                    "device {name}: driver={driver}: hosted=on runs a hosted build of the driver, given by its path \
+                     (with a /); a name is a built-in image's, which runs only in a driver VM (cargo build \
+                     --release in driver-vm builds the hosted drivers, in driver-vm/target/release)"
                 )));
             }
         }
@@ -1159,7 +1159,7 @@ mod tests {
             assert!(error.contains("hosted=on runs a hosted build") && error.contains("driver-vm/target"), "{error}");
         }
         let config = Config { net: vec![parse_net("socket=/s,hosted=on", 0).unwrap()], ..Config::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("driver=net names a built-in image"));
+        assert!(config.validate().unwrap_err().to_string().contains("driver=net: hosted=on runs a hosted build"));
         let hosted = parse_blk("socket=/s,image=/i,hosted=on,driver=./target/release/blk", 0).unwrap();
         assert!(Config { blk: vec![hosted], ..Config::default() }.validate().is_ok());
     }

@@ -27,6 +27,7 @@ pub mod connection_pace;
 pub mod console_relay;
 pub mod control;
 pub mod device;
+pub mod disk_image;
 pub mod driver_answers;
 pub mod driver_vms;
 pub mod driver_watch;

@@ -511,9 +511,10 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     hardware::shared_eventfd::prepare().map_err(|e| e.to_string())?;
     // Images created here are removed again if the start fails before the
     // devices serve.
-    let mut created_images = serve::CreatedImages::default();
+    let mut created_images = reflector::disk_image::CreatedImages::default();
+    let mut image_locks = Vec::new();
     for blk in &config.blk {
-        serve::prepare_image(blk, &mut created_images)?;
+        image_locks.push(reflector::disk_image::prepare(blk, &mut created_images)?);
     }
     // Services live until the process exits.
     let mut services: Vec<&'static dyn Service> = Vec::new();
@@ -534,7 +535,9 @@ fn serve_devices(args: ServeArgs) -> Result<(), String> {
     if config.jail.enabled {
         reflector::jail::prepare_cgroups();
     }
-    let started = start_concurrently(&config.blk, |i, blk| serve::start_blk(blk, &vmm, &config.jail, i as u32))?;
+    let started = start_concurrently(&config.blk, |i, blk| {
+        serve::start_blk(blk, image_locks[i].as_ref(), &vmm, &config.jail, i as u32)
+    })?;
     for service in started {
         services.push(Box::leak(Box::new(service)));
     }

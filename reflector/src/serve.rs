@@ -216,120 +216,6 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> String {
     move |e| format!("{context}: {e}")
 }
 
-/// The disk images a start created: removed again if the start fails, so
-/// that a refused start leaves no image behind (a retry with another
-/// `size=` met the first attempt's file and was refused for its size);
-/// kept once the devices serve.
-#[derive(Debug, Default)]
-#[must_use = "dropped, it removes the images it holds"]
-pub struct CreatedImages(Vec<CreatedImage>);
-
-#[derive(Debug)]
-struct CreatedImage {
-    path: PathBuf,
-    /// Device and inode of the file created: a path that names another
-    /// file by the time of the removal is left alone.
-    identity: (u64, u64),
-}
-
-impl CreatedImages {
-    /// The start succeeded: the images are the devices' disks now.
-    pub fn keep(mut self) {
-        self.0.clear();
-    }
-}
-
-impl Drop for CreatedImages {
-    fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt;
-        for image in self.0.drain(..) {
-            let same = std::fs::symlink_metadata(&image.path)
-                .is_ok_and(|metadata| (metadata.dev(), metadata.ino()) == image.identity);
-            if !same {
-                tracing::warn!(image = %image.path.display(), "the disk image created for this start was replaced; left");
-                continue;
-            }
-            match std::fs::remove_file(&image.path) {
-                Ok(()) => {
-                    tracing::info!(image = %image.path.display(), "removed the disk image created for this start")
-                }
-                Err(error) => tracing::warn!(
-                    image = %image.path.display(),
-                    %error,
-                    "cannot remove the disk image created for this start"
-                ),
-            }
-        }
-    }
-}
-
-/// Creates the disk image if it is missing (and a size was given), noting
-/// it in `created`; checks it. A VFIO function has no image: it is its own
-/// disk.
-pub fn prepare_image(config: &BlkConfig, created: &mut CreatedImages) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    if matches!(config.device, DeviceHardware::Vfio { .. }) {
-        return Ok(());
-    }
-    let path = &config.image;
-    if !path.exists() {
-        let size = config
-            .size
-            .ok_or_else(|| format!("disk image {} does not exist: add size=SIZE to create it", path.display()))?;
-        let file = std::fs::File::create_new(path).map_err(io(format!("creating disk image {}", path.display())))?;
-        let identity = file.metadata().map(|metadata| (metadata.dev(), metadata.ino()));
-        if let Err(error) = file.set_len(size) {
-            // Never leave a 0-byte image behind that a retry would accept.
-            let _ = std::fs::remove_file(path);
-            return Err(format!("sizing disk image {} to {size} bytes: {error}", path.display()));
-        }
-        match identity {
-            Ok(identity) => created.0.push(CreatedImage { path: path.clone(), identity }),
-            Err(error) => tracing::warn!(image = %path.display(), %error, "cannot identify the new disk image: \
-                                         a failed start will leave it"),
-        }
-        tracing::info!(image = %path.display(), size, "created disk image");
-    }
-    let metadata = std::fs::metadata(path).map_err(io(format!("disk image {}", path.display())))?;
-    if !metadata.is_file() {
-        return Err(format!("disk image {} is not a regular file", path.display()));
-    }
-    if metadata.len() < 512 {
-        return Err(format!("disk image {} is smaller than one sector", path.display()));
-    }
-    if let Some(size) = config.size.filter(|&size| size != metadata.len()) {
-        return Err(format!(
-            "disk image {} exists with {} bytes, but size={size} was given: drop size= to use it as it is, \
-             or resize the image",
-            path.display(),
-            metadata.len()
-        ));
-    }
-    Ok(())
-}
-
-/// Locks the disk image against every other writer (another reflector,
-/// QEMU, qemu-storage-daemon: QEMU's image locks are open file description
-/// locks too, so each side sees the other's).
-/// A read-only device takes a shared lock: several may read one image, no
-/// one may write it meanwhile.
-fn lock_image(path: &Path, read_only: bool) -> Result<std::fs::File, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(io(format!("opening disk image {} to lock it", path.display())))?;
-    let locked = if read_only { crate::sockets::lock_shared(&file) } else { crate::sockets::lock_exclusive(&file) };
-    match locked {
-        Ok(true) => Ok(file),
-        Ok(false) => Err(format!(
-            "disk image {} is in use by another process (it holds a lock on it): one writer at a time",
-            path.display()
-        )),
-        Err(error) => Err(format!("locking disk image {}: {error}", path.display())),
-    }
-}
-
 /// The jail of device `index`'s driver VMs, unless jailing is off.
 fn jail_for(vmm: &Path, name: &str, index: u32, settings: &JailSettings) -> Result<Option<Arc<Jail>>, String> {
     jail_of(Jailed::Vmm(vmm), JailLimits::default(), name, index, settings).map_err(|e| format!("{name}: {e}"))
@@ -402,15 +288,20 @@ fn claim_socket(
 }
 
 /// Starts everything behind one block device (not yet its socket), whose
-/// image [`prepare_image`] made ready.
-pub fn start_blk(config: &BlkConfig, vmm: &Path, jail: &JailSettings, index: u32) -> Result<BlkService, String> {
+/// image [`crate::disk_image::prepare`] made ready and locked (`image_lock`:
+/// a copy is held while the device serves).
+pub fn start_blk(
+    config: &BlkConfig,
+    image_lock: Option<&std::fs::File>,
+    vmm: &Path,
+    jail: &JailSettings,
+    index: u32,
+) -> Result<BlkService, String> {
     let name = &config.name;
-    // A VFIO function's group is exclusive (a second opener gets EBUSY):
-    // its own lock.
-    let image_lock = match config.device {
-        DeviceHardware::Vfio { .. } => None,
-        _ => Some(lock_image(&config.image, config.read_only)?),
-    };
+    let image_lock = image_lock
+        .map(std::fs::File::try_clone)
+        .transpose()
+        .map_err(io(format!("{name}: keeping the lock of disk image {}", config.image.display())))?;
     let (listener, socket_lock) = claim_socket(name, &config.socket, config.client_user.as_deref())?;
     let channel = Channel::new(name).map_err(io(format!("{name}: creating the channel")))?;
     let hardware: Arc<dyn BlockHardware> = match &config.device {

@@ -144,6 +144,8 @@ pub fn claim_for(path: &Path, client: Option<(u32, u32)>) -> Result<ClaimedSocke
     if len > SUN_PATH_MAX {
         return Err(ClaimError::TooLong { path: path.to_owned(), len });
     }
+    // A path this process placed before and let go of is claimed anew.
+    forget_placed(path);
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -178,19 +180,39 @@ pub fn claim_for(path: &Path, client: Option<(u32, u32)>) -> Result<ClaimedSocke
         Err(error) => return Err(ClaimError::Io { what: "inspecting", path: path.to_owned(), source: error }),
     }
     let listener = bind_listening(path, client).map_err(io("binding a socket at", path))?;
-    remember_placed(path);
+    remember_placed(path, &lock);
     Ok(ClaimedSocket { listener, path: path.to_owned(), _lock: lock })
 }
 
-/// The sockets this process placed, by path: the device and inode of each
-/// as placed, so that [`remove_placed`] removes only what it placed.
-static PLACED: std::sync::Mutex<Vec<(PathBuf, (u64, u64))>> = std::sync::Mutex::new(Vec::new());
+/// A socket this process placed.
+struct Placed {
+    path: PathBuf,
+    /// Its device and inode as placed, so that [`remove_placed`] removes
+    /// only what it placed.
+    identity: (u64, u64),
+    /// A copy of its lock's descriptor, which shares the lock: held until
+    /// the socket is removed, so that no other process claims the path
+    /// between the check and the removal (a start that failed let go of its
+    /// claims before it removed their sockets).
+    _lock: Option<File>,
+}
 
-fn remember_placed(path: &Path) {
+/// The sockets this process placed.
+static PLACED: std::sync::Mutex<Vec<Placed>> = std::sync::Mutex::new(Vec::new());
+
+fn remember_placed(path: &Path, lock: &File) {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(metadata), Ok(mut placed)) = (std::fs::symlink_metadata(path), PLACED.lock()) {
-        placed.retain(|(other, _)| other != path);
-        placed.push((path.to_owned(), (metadata.dev(), metadata.ino())));
+        placed.retain(|other| other.path != path);
+        let identity = (metadata.dev(), metadata.ino());
+        placed.push(Placed { path: path.to_owned(), identity, _lock: lock.try_clone().ok() });
+    }
+}
+
+/// Lets go of `path` without removing its socket.
+fn forget_placed(path: &Path) {
+    if let Ok(mut placed) = PLACED.lock() {
+        placed.retain(|other| other.path != path);
     }
 }
 
@@ -201,10 +223,11 @@ fn remember_placed(path: &Path) {
 pub fn remove_placed(path: &Path) {
     use std::os::unix::fs::MetadataExt;
     let Ok(mut placed) = PLACED.lock() else { return };
-    let Some(index) = placed.iter().position(|(other, _)| other == path) else { return };
-    let (_, identity) = placed.swap_remove(index);
+    let Some(index) = placed.iter().position(|other| other.path == path) else { return };
+    // Its lock (dropped last) is held while it is looked at and removed.
+    let ours = placed.swap_remove(index);
     let there = std::fs::symlink_metadata(path);
-    if there.is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == identity) {
+    if there.is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == ours.identity) {
         let _ = std::fs::remove_file(path);
     }
 }
@@ -214,7 +237,7 @@ pub fn remove_placed(path: &Path) {
 /// path a client would find refusing connections.
 pub fn remove_every_placed() {
     let paths: Vec<PathBuf> = match PLACED.lock() {
-        Ok(placed) => placed.iter().map(|(path, _)| path.clone()).collect(),
+        Ok(placed) => placed.iter().map(|placed| placed.path.clone()).collect(),
         Err(_) => return,
     };
     for path in paths {

@@ -330,6 +330,12 @@ fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
         return;
     }
     let served = Served::start("no-socket", "");
+    // A fault waiting for a request, as one the chaos injected before its
+    // load gave up would be (the gap before the first fault is random, so
+    // the chaos's own may come after the giving up).
+    let inject =
+        Command::new(reflector_bin()).args(["inject", "disk0", "panic", "--control"]).arg(served.ctl()).output();
+    assert!(inject.unwrap().status.success());
     let output = Command::new(reflector_bin())
         .args(["chaos", "--device", "disk0", "--faults", "50", "--kinds", "panic", "--recovery-timeout-s", "60"])
         .arg("--control")
@@ -344,7 +350,7 @@ fn a_load_that_cannot_start_is_given_up_and_fails_the_chaos() {
     assert_eq!(tries, 3 + 1 + 1, "three tries, the giving up and the error:\n{stderr}");
     assert!(stderr.contains("again and again: stopping it"), "{stderr}");
     assert!(stderr.contains("no request would trigger the faults"), "{stderr}");
-    // The panic injected for a request that never came was withdrawn: the
+    // The panic waiting for a request that never came was withdrawn: the
     // next client's requests commit no fault. Before, its first request
     // crashed the driver VM, long after the chaos had ended.
     let before = served.status().unwrap();

@@ -118,7 +118,7 @@ fn a_refused_start_removes_the_images_it_created_and_no_other() {
     assert!(!created.exists(), "the refused start left the image it created: {stderr}");
     assert_eq!(std::fs::read(&kept).unwrap(), vec![7u8; 4096]);
     // Refused once the devices are being started (the socket's directory
-    // is missing): the same, and the retry with another size starts.
+    // is missing): the same.
     let missing = scratch.join("no-such-dir").join("d.sock");
     let stderr = refused(&blk(&missing, &created, ",size=1M"));
     assert!(stderr.contains("no-such-dir"), "{stderr}");

@@ -363,7 +363,11 @@ fn name_of_image(image: &str) -> String {
 /// VM's name as far as the arguments say (`--name`, else `--image`'s),
 /// which the JSON report carries.
 fn json_run_asked(args: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
-    let args: Vec<String> = args.map(|arg| arg.to_string_lossy().into_owned()).collect();
+    let mut args: Vec<String> = args.map(|arg| arg.to_string_lossy().into_owned()).collect();
+    // What follows `--` is no option.
+    if let Some(end) = args.iter().position(|arg| arg == "--") {
+        args.truncate(end);
+    }
     if args.first().map(String::as_str) != Some("run") || !args.iter().any(|arg| arg == "--json") {
         return None;
     }
@@ -371,7 +375,7 @@ fn json_run_asked(args: impl Iterator<Item = std::ffi::OsString>) -> Option<Stri
         let inline = format!("{option}=");
         args.iter().enumerate().find_map(|(i, arg)| match arg.strip_prefix(&inline) {
             Some(value) => Some(value.to_string()),
-            None if arg == option => args.get(i + 1).cloned(),
+            None if arg == option => args.get(i + 1).filter(|value| !value.starts_with("--")).cloned(),
             None => None,
         })
     };

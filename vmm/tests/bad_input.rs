@@ -192,6 +192,7 @@ fn usage_errors_are_status_2() {
         (&["run", "--json", "--image", "./drv.elf", "--no-such-flag"][..], "drv"),
         (&["run", "--name=d0", "--json", "--memory"][..], "d0"),
         (&["run", "--json"][..], ""),
+        (&["run", "--json", "--name", "--image", "x.elf"][..], "x"),
     ] {
         let out = output(vmm().args(args));
         assert_eq!(out.status.code(), Some(2), "{args:?}");
