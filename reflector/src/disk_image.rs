@@ -2,21 +2,22 @@
 //! created if missing and asked for (`size=`), checked, and locked against
 //! every other writer for as long as the device serves.
 //!
-//! - The lock is taken the moment the image is created, or before an
-//!   existing one is used: another reflector started at the same moment on
-//!   the same image can never take it between its creation and this
-//!   start's lock.
+//! - The lock is taken the moment the image is created (in the directory
+//!   opened, never through a symlink), or before an existing one is used:
+//!   another reflector started at the same moment on the same image cannot
+//!   take it between its creation and this start's lock.
 //! - An image this start created is removed again if the start fails before
-//!   its devices serve, and only while this start still holds its lock, by
-//!   its directory's descriptor, and only if the name still names the file
-//!   created: never an image that was there before, another process's, or
-//!   a file a swapped directory leads to.
+//!   its devices serve: only if no other process holds a lock on it (a
+//!   read-only device's lock is shared, and another reflector may share
+//!   it), through its directory's descriptor, and only if the name still
+//!   names the file created: never an image that was there before, one
+//!   another process uses, or a file a swapped directory leads to.
 //!
 //! It is not the image's I/O: the devices' hardware opens the image again.
 
 use std::ffi::{CString, OsString};
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -41,9 +42,9 @@ struct CreatedImage {
     /// Device and inode of the file created: a name that names another
     /// file by the time of the removal is left alone.
     identity: (u64, u64),
-    /// This start's lock on the image (a copy of its descriptor, which
-    /// shares the lock), held until the removal.
-    _lock: File,
+    /// This start's lock on the image (a copy of its descriptor, open for
+    /// reading and writing, which shares the lock), held until the removal.
+    lock: File,
 }
 
 impl CreatedImages {
@@ -59,7 +60,10 @@ impl Drop for CreatedImages {
             let shown = image.path.display();
             match image.remove() {
                 Ok(true) => tracing::info!(image = %shown, "removed the disk image created for this start"),
-                Ok(false) => tracing::warn!(image = %shown, "the disk image created for this start was replaced; left"),
+                Ok(false) => tracing::warn!(
+                    image = %shown,
+                    "the disk image created for this start was replaced, or another process uses it; left"
+                ),
                 Err(error) => {
                     tracing::warn!(image = %shown, %error, "cannot remove the disk image created for this start")
                 }
@@ -69,9 +73,15 @@ impl Drop for CreatedImages {
 }
 
 impl CreatedImage {
-    /// Unlinks the image if its name in its directory still names the file
-    /// created; false if it names another (or nothing).
+    /// Unlinks the image if no other process holds a lock on it (another
+    /// reflector serving it: a read-only device shares its lock) and its
+    /// name in its directory still names the file created; false if not.
     fn remove(&self) -> std::io::Result<bool> {
+        // The lock this start holds, made exclusive: refused while another
+        // holds one.
+        if !crate::sockets::lock_exclusive(&self.lock)? {
+            return Ok(false);
+        }
         let dir = self.directory.as_raw_fd();
         // SAFETY: a zeroed stat for fstatat(2) to fill.
         let mut stat: libc::stat = unsafe { std::mem::zeroed() };
@@ -133,35 +143,49 @@ fn create(config: &BlkConfig, created: &mut CreatedImages) -> Result<File, Strin
         .size
         .ok_or_else(|| format!("disk image {} does not exist: add size=SIZE to create it", path.display()))?;
     let (directory, name) = directory_and_name(path)?;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| format!("creating disk image {}: {e}", path.display()))?;
-    // Locked before anything else: a second reflector starting now on the
-    // same image finds it taken, instead of taking it and then losing it to
-    // this start's removal.
-    // Failing, another process took it in the moment since its creation:
-    // it is that process's now, and left.
-    lock(&file, path, config.read_only)?;
-    let identity = file
-        .metadata()
-        .map(|metadata| (metadata.dev(), metadata.ino()))
-        .map_err(|e| format!("disk image {} just created: {e}", path.display()))?;
-    let lock = file.try_clone().map_err(|e| format!("disk image {} just created: {e}", path.display()))?;
-    let image = CreatedImage { path: path.clone(), directory, name, identity, _lock: lock };
-    if let Err(error) = file.set_len(size) {
-        // Never leave a 0-byte image behind that a retry would accept.
-        let _ = image.remove();
-        return Err(format!("sizing disk image {} to {size} bytes: {error}", path.display()));
+    let failed = |what: &str, error: std::io::Error| format!("{what} disk image {}: {error}", path.display());
+    // Created in the directory opened, never through a path a swapped
+    // directory or a symlink put elsewhere.
+    // SAFETY: openat(2) of a NUL-terminated name in a directory descriptor
+    // we hold; the descriptor returned is ours alone.
+    let fd = unsafe {
+        libc::openat(
+            directory.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o666 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(failed("creating", std::io::Error::last_os_error()));
     }
+    // SAFETY: a descriptor openat(2) just returned, owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // Noted at once: from here every failure removes it (unless another
+    // process has taken it since, which its lock says).
+    let noted = file.metadata().and_then(|metadata| Ok(((metadata.dev(), metadata.ino()), file.try_clone()?)));
+    let (identity, held) = match noted {
+        Ok(noted) => noted,
+        Err(error) => {
+            // Nothing to identify it by: removed by its name, as before.
+            let _ = std::fs::remove_file(path);
+            return Err(failed("noting the new", error));
+        }
+    };
+    let image = CreatedImage { path: path.clone(), directory, name, identity, lock: held };
+    let ready = lock(&file, path, config.read_only).and_then(|()| {
+        file.set_len(size).map_err(|error| format!("sizing disk image {} to {size} bytes: {error}", path.display()))
+    });
+    // Noted before anything can fail: a failed start (this one included)
+    // removes it, and never leaves a 0-byte image a retry would accept.
     created.0.push(image);
+    ready?;
     tracing::info!(image = %path.display(), size, "created disk image");
     Ok(file)
 }
 
-/// The directory `path` is in, opened, and the file's name there.
+/// The directory `path` is in, opened (only as a place: no right to list
+/// it is needed), and the file's name there.
 fn directory_and_name(path: &Path) -> Result<(File, CString), String> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -174,7 +198,7 @@ fn directory_and_name(path: &Path) -> Result<(File, CString), String> {
         .map_err(|_| format!("disk image {}: a path holding a NUL byte", path.display()))?;
     let directory = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
         .open(parent)
         .map_err(|e| format!("disk image {}: opening its directory {}: {e}", path.display(), parent.display()))?;
     Ok((directory, name))
@@ -258,6 +282,17 @@ mod tests {
         drop(created);
         assert_eq!(std::fs::read(&other).unwrap(), b"another's");
         std::fs::remove_file(&other).unwrap();
+        // A read-only device's, whose shared lock another start (a second
+        // reflector) shares: left to it.
+        let shared = dir.join("r.img");
+        let read_only = BlkConfig { read_only: true, ..config(&shared, Some(4096)) };
+        let mut created = CreatedImages::default();
+        let lock = prepare(&read_only, &mut created).unwrap();
+        let second = prepare(&read_only, &mut CreatedImages::default()).unwrap();
+        drop(lock);
+        drop(created);
+        assert!(shared.exists(), "an image another start uses was removed");
+        drop(second);
         // Kept: stays.
         let mut created = CreatedImages::default();
         let _lock = prepare(&config(&other, Some(4096)), &mut created).unwrap();

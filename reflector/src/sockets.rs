@@ -144,8 +144,6 @@ pub fn claim_for(path: &Path, client: Option<(u32, u32)>) -> Result<ClaimedSocke
     if len > SUN_PATH_MAX {
         return Err(ClaimError::TooLong { path: path.to_owned(), len });
     }
-    // A path this process placed before and let go of is claimed anew.
-    forget_placed(path);
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let lock_path = PathBuf::from(lock_path);
@@ -159,7 +157,21 @@ pub fn claim_for(path: &Path, client: Option<(u32, u32)>) -> Result<ClaimedSocke
         .open(&lock_path)
         .map_err(io("creating the lock file", &lock_path))?;
     if !lock_exclusive(&lock).map_err(io("locking", &lock_path))? {
-        return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
+        // A path this process placed before (however spelled: found by
+        // its lock file) and let go of holds its lock until its removal:
+        // claimed anew, unless its claim is still live.
+        let earlier = identity_of(&lock).and_then(take_placed).map(|mut earlier| {
+            earlier.lock = None;
+            earlier
+        });
+        if earlier.is_none() || !lock_exclusive(&lock).map_err(io("locking", &lock_path))? {
+            // Held by a live claim (or taken by another process this
+            // moment): its socket is still the one placed, if it is there.
+            if let (Some(earlier), Ok(mut placed)) = (earlier, PLACED.lock()) {
+                placed.push(earlier);
+            }
+            return Err(ClaimError::InUse { path: path.to_owned(), lock: lock_path });
+        }
     }
     match std::fs::symlink_metadata(path) {
         Ok(metadata) if metadata.file_type().is_socket() => {
@@ -194,7 +206,14 @@ struct Placed {
     /// the socket is removed, so that no other process claims the path
     /// between the check and the removal (a start that failed let go of its
     /// claims before it removed their sockets).
-    _lock: Option<File>,
+    lock: Option<File>,
+    /// The lock file's device and inode: the path however spelled.
+    lock_identity: Option<(u64, u64)>,
+}
+
+fn identity_of(file: &File) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().ok().map(|metadata| (metadata.dev(), metadata.ino()))
 }
 
 /// The sockets this process placed.
@@ -203,17 +222,19 @@ static PLACED: std::sync::Mutex<Vec<Placed>> = std::sync::Mutex::new(Vec::new())
 fn remember_placed(path: &Path, lock: &File) {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(metadata), Ok(mut placed)) = (std::fs::symlink_metadata(path), PLACED.lock()) {
-        placed.retain(|other| other.path != path);
         let identity = (metadata.dev(), metadata.ino());
-        placed.push(Placed { path: path.to_owned(), identity, _lock: lock.try_clone().ok() });
+        let (lock_identity, lock) = (identity_of(lock), lock.try_clone().ok());
+        placed.retain(|other| other.path != path && (lock_identity.is_none() || other.lock_identity != lock_identity));
+        placed.push(Placed { path: path.to_owned(), identity, lock, lock_identity });
     }
 }
 
-/// Lets go of `path` without removing its socket.
-fn forget_placed(path: &Path) {
-    if let Ok(mut placed) = PLACED.lock() {
-        placed.retain(|other| other.path != path);
-    }
+/// Takes the socket whose lock file is `lock_identity` out of the sockets
+/// placed, without removing it.
+fn take_placed(lock_identity: (u64, u64)) -> Option<Placed> {
+    let mut placed = PLACED.lock().ok()?;
+    let index = placed.iter().position(|other| other.lock_identity == Some(lock_identity))?;
+    Some(placed.swap_remove(index))
 }
 
 /// Removes the socket this process placed at `path` ([`claim`]), if it is
@@ -692,6 +713,28 @@ mod tests {
         remove_placed(&path);
         assert!(std::fs::symlink_metadata(&path).is_ok(), "another socket at the path was removed");
         drop(claimed);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A placed socket's lock is held until the socket is removed, even
+    /// once its claim is let go of (a failed start does so before its
+    /// clean-up): another process could take the path in between and have
+    /// its own socket removed. This process may claim it again; a second
+    /// claim while one is live is refused and leaves it placed.
+    #[test]
+    fn a_placed_sockets_lock_is_held_until_its_removal() {
+        let dir = scratch("held");
+        let path = dir.join("d.sock");
+        drop(claim(&path).unwrap());
+        // Another open file description: another process, to OFD locks.
+        let other = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("d.sock.lock")).unwrap();
+        assert!(!lock_exclusive(&other).unwrap(), "the lock went with the claim");
+        let again = claim(&path).unwrap();
+        assert!(matches!(claim(&path), Err(ClaimError::InUse { .. })));
+        remove_placed(&path);
+        assert!(std::fs::symlink_metadata(&path).is_err(), "the live claim's socket was no longer placed");
+        drop(again);
+        assert!(lock_exclusive(&other).unwrap(), "the lock outlived the removal");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

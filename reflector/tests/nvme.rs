@@ -406,6 +406,9 @@ fn a_qemu_taken_over_can_set_up_io_uring_only_if_its_own_disk_asked_for_it() {
     // second disk's QEMU is hostile-qemu, which says whether its jail did.
     let first = blk_arg(&scratch.join("a.sock"), &scratch.join("a.img"), ",size=8M,name=a,device=nvme,aio=io_uring");
     let hostile = sibling("hostile-qemu");
+    // Made here, so that the failed starts keep it (they remove an image
+    // they made themselves) and its size can be looked at.
+    std::fs::File::create(scratch.join("b.img")).unwrap().set_len(8 << 20).unwrap();
     for (aio, expected) in [("", "io_uring_setup EPERM"), (",aio=io_uring", "io_uring_setup ok")] {
         let options = format!(",size=8M,name=b,device=nvme{aio},qemu={}", hostile.display());
         let second = blk_arg(&scratch.join("b.sock"), &scratch.join("b.img"), &options);
