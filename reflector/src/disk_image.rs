@@ -113,10 +113,25 @@ pub fn prepare(config: &BlkConfig, created: &mut CreatedImages) -> Result<Option
         return Ok(None);
     }
     let path = &config.image;
-    let new_lock = if path.exists() { None } else { Some(create(config, created)?) };
-    let metadata = std::fs::metadata(path).map_err(|e| format!("disk image {}: {e}", path.display()))?;
+    // The file judged is the file locked: the checks read the descriptor
+    // opened, not the path again.
+    // Nothing but a regular file is opened (opening a device node may do
+    // something).
+    let not_a_file = || format!("disk image {} is not a regular file", path.display());
+    let (file, made) = match std::fs::metadata(path) {
+        Ok(seen) if !seen.is_file() => return Err(not_a_file()),
+        Ok(_) => {
+            let file = open_existing(path, config.read_only)
+                .map_err(|e| format!("opening disk image {}: {e}", path.display()))?;
+            (file, false)
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => (create(config, created)?, true),
+        Err(error) => return Err(format!("disk image {}: {error}", path.display())),
+    };
+    let metadata = file.metadata().map_err(|e| format!("disk image {}: {e}", path.display()))?;
     if !metadata.is_file() {
-        return Err(format!("disk image {} is not a regular file", path.display()));
+        // Swapped since it was looked at.
+        return Err(not_a_file());
     }
     if metadata.len() < 512 {
         return Err(format!("disk image {} is smaller than one sector", path.display()));
@@ -129,10 +144,10 @@ pub fn prepare(config: &BlkConfig, created: &mut CreatedImages) -> Result<Option
             metadata.len()
         ));
     }
-    match new_lock {
-        Some(lock) => Ok(Some(lock)),
-        None => lock_image(path, config.read_only).map(Some),
+    if !made {
+        lock(&file, path, config.read_only)?;
     }
+    Ok(Some(file))
 }
 
 /// Creates and locks the missing image of `config`, sized; notes it in
@@ -204,15 +219,11 @@ fn directory_and_name(path: &Path) -> Result<(File, CString), String> {
     Ok((directory, name))
 }
 
-/// Opens and locks an existing disk image (see [`lock`]).
-fn lock_image(path: &Path, read_only: bool) -> Result<File, String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(!read_only)
-        .open(path)
-        .map_err(|e| format!("opening disk image {} to lock it: {e}", path.display()))?;
-    lock(&file, path, read_only)?;
-    Ok(file)
+/// Opens an existing disk image, never waiting: a FIFO swapped in at the
+/// path since it was looked at is opened at once (and then refused for
+/// what it is), not waited on for a writer.
+fn open_existing(path: &Path, read_only: bool) -> std::io::Result<File> {
+    std::fs::OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
 }
 
 /// Locks the disk image against every other writer (another reflector,
@@ -293,6 +304,15 @@ mod tests {
         drop(created);
         assert!(shared.exists(), "an image another start uses was removed");
         drop(second);
+        // A FIFO is refused, not waited on for a writer; so is a directory.
+        let fifo = dir.join("p.img");
+        let name = CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mkfifo(3) on a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        for path in [&fifo, &dir] {
+            let error = prepare(&config(path, None), &mut CreatedImages::default()).unwrap_err();
+            assert!(error.contains("is not a regular file"), "{error}");
+        }
         // Kept: stays.
         let mut created = CreatedImages::default();
         let _lock = prepare(&config(&other, Some(4096)), &mut created).unwrap();
